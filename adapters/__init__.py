@@ -1,0 +1,1 @@
+"""Backend adapters (installed as ``qlm_plugin.adapters``): one sub-package per backend."""

@@ -1,0 +1,90 @@
+"""The simulator's backend hooks: the same calls a real engine's adapter answers."""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Sequence
+
+import pluggy
+
+from qlm_plugin.adapters.sim.fleet import SimFleet
+from qlm_plugin.hooks import hookimpl
+from qlm_plugin.request import Request
+from qlm_plugin.state import (
+    EvictMode,
+    EvictResult,
+    InstanceInfo,
+    InstanceState,
+    LoadResult,
+    RequestOutcome,
+    RunningView,
+)
+
+
+class SimBackend:
+    """Adapter for simulated instances. ``attach`` wires the instances to a plugin manager's policy
+    hooks (ranking, victim choice, finished notifications)."""
+
+    name = "sim"
+
+    def __init__(self, fleet: SimFleet) -> None:
+        self.fleet = fleet
+        self.outcomes: dict[str, RequestOutcome] = {}
+
+    def attach(self, pm: pluggy.PluginManager) -> None:
+        hook = pm.hook
+
+        def rank_key(request: Request, instance_id: str, now: float) -> Hashable:
+            return hook.qlm_rank_key(request=request, instance_id=instance_id, now=now)
+
+        def select_victim(candidates: Sequence[RunningView], instance_id: str, now: float) -> RunningView:
+            return hook.qlm_select_victim(candidates=candidates, instance_id=instance_id, now=now)  # type: ignore[no-any-return]
+
+        def on_finished(outcome: RequestOutcome) -> None:
+            hook.qlm_request_finished(outcome=outcome, now=self.fleet.now)
+
+        for inst in self.fleet.instances.values():
+            inst.rank_key = rank_key
+            inst.select_victim = select_victim
+            inst.on_finished = on_finished
+
+    @hookimpl
+    def qlm_list_instances(self) -> list[InstanceInfo]:
+        return [
+            InstanceInfo(i.instance_id, "sim", i.gpu, frozenset({"evict", "swap", "load_model", "warm_start"}))
+            for i in self.fleet.instances.values()
+        ]
+
+    @hookimpl
+    def qlm_instance_state(self, instance_id: str, detail: bool) -> InstanceState | None:
+        inst = self.fleet.instances.get(instance_id)
+        return None if inst is None else inst.state(self.fleet.now, detail)
+
+    @hookimpl
+    def qlm_dispatch(self, instance_id: str, request: Request) -> bool | None:
+        inst = self.fleet.instances.get(instance_id)
+        if inst is None:
+            return None
+        outcome = self.outcomes.get(request.id)
+        if outcome is None:
+            outcome = self.outcomes[request.id] = RequestOutcome(request)
+        return inst.dispatch(request, outcome)
+
+    @hookimpl
+    def qlm_evict(self, instance_id: str, request_id: str, mode: EvictMode) -> EvictResult | None:
+        inst = self.fleet.instances.get(instance_id)
+        return None if inst is None else inst.evict(request_id, EvictMode(mode))
+
+    @hookimpl
+    def qlm_swap_in(self, instance_id: str, request_id: str) -> bool | None:
+        inst = self.fleet.instances.get(instance_id)
+        return None if inst is None else inst.swap_in(request_id)
+
+    @hookimpl
+    def qlm_load_model(self, instance_id: str, model: str, target: str) -> LoadResult | None:
+        inst = self.fleet.instances.get(instance_id)
+        return None if inst is None else inst.load_model(model, target)
+
+    @hookimpl
+    def qlm_unload_model(self, instance_id: str, model: str, keep_warm: bool) -> bool | None:
+        inst = self.fleet.instances.get(instance_id)
+        return None if inst is None else inst.unload_model(model, keep_warm)

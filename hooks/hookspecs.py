@@ -1,0 +1,239 @@
+"""Hook specifications: the contract between the core, policies and backends.
+
+Implement any of these in a plugin with the public :data:`qlm_plugin.hooks.hookimpl` marker and
+register the plugin through the ``qlm`` entry-point group (or ``PluginManager.register``).
+
+Two families:
+
+* **policy hooks** the core calls and users may override (register a plugin whose implementation
+  returns a value; for ``firstresult`` hooks the most recently registered implementation that returns
+  something other than ``None`` wins, so a user plugin overrides the built-in one);
+* **backend hooks** an adapter implements for the instances it owns. They are ``firstresult``: an
+  adapter returns ``None`` for an ``instance_id`` that is not its own, and the core asks the next one.
+
+Hooks are called on the core's event loop (or the simulator's) unless a docstring says otherwise; an
+implementation must not block it for long. Times are seconds on the caller's clock (``now``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Sequence
+from typing import TYPE_CHECKING
+
+import pluggy
+
+if TYPE_CHECKING:
+    from qlm_plugin.distributions import LengthDistribution, WaitEstimate
+    from qlm_plugin.plan import Plan
+    from qlm_plugin.policies.registry import PolicyRegistry
+    from qlm_plugin.request import Request
+    from qlm_plugin.state import (
+        EvictMode,
+        EvictResult,
+        InstanceInfo,
+        InstanceState,
+        LoadResult,
+        RequestOutcome,
+        RunningView,
+    )
+
+_hookspec = pluggy.HookspecMarker("qlm")
+
+# ---------------------------------------------------------------------------------------------------
+# Initialization
+# ---------------------------------------------------------------------------------------------------
+
+
+@_hookspec
+def qlm_add_policies(registry: PolicyRegistry) -> None:
+    """Add named scheduling policies (``qlm simulate --policies NAME``).
+
+    Called once per plugin manager, the first time the policy registry is built, after all plugins
+    are registered.
+
+    :param registry: call ``registry.add(name, factory, description)``; ``factory()`` returns a
+        plugin object implementing policy hooks, registered for the runs that use that policy.
+
+    All implementations are called; results are ignored.
+    """
+
+
+# ---------------------------------------------------------------------------------------------------
+# Request lifecycle (notifications)
+# ---------------------------------------------------------------------------------------------------
+
+
+@_hookspec
+def qlm_request_queued(request: Request, instance_id: str | None, now: float) -> None:
+    """A validated request entered a queue: the global queue (``instance_id`` None) or an instance's.
+
+    All implementations are called; results are ignored.
+    """
+
+
+@_hookspec
+def qlm_request_finished(outcome: RequestOutcome, now: float) -> None:
+    """A request ended (finished, rejected or cancelled); ``outcome`` holds its measured times.
+
+    Predictors learn from this hook. All implementations are called; results are ignored.
+    """
+
+
+# ---------------------------------------------------------------------------------------------------
+# Policy hooks
+# ---------------------------------------------------------------------------------------------------
+
+
+@_hookspec(firstresult=True)
+def qlm_predict_output_length(request: Request, generated_tokens: int) -> LengthDistribution | None:
+    """Predict how many output tokens ``request`` still has to generate.
+
+    Called when a request is queued, and again while it runs (``generated_tokens`` > 0) so a
+    predictor can condition on progress.
+
+    :return: a :class:`~qlm_plugin.distributions.LengthDistribution` of the *remaining* tokens
+        (never more than ``request.max_tokens - generated_tokens``).
+
+    firstresult: the first non-None answer is used.
+    """
+
+
+@_hookspec(firstresult=True)
+def qlm_estimate_wait(
+    request: Request, instance: InstanceState, ahead: Sequence[Request], now: float
+) -> WaitEstimate | None:
+    """Estimate how long ``request`` waits and runs on ``instance`` behind the requests ``ahead``.
+
+    :param ahead: the requests that would be served before it on that instance, in order.
+    :return: a :class:`~qlm_plugin.distributions.WaitEstimate` (times relative to ``now``) with the
+        probability of meeting the request's SLOs.
+
+    firstresult: the first non-None answer is used.
+    """
+
+
+@_hookspec(firstresult=True)
+def qlm_rank_key(request: Request, instance_id: str, now: float) -> Hashable | None:
+    """The sort key that ranks ``request`` in a waiting queue: lower keys are served first.
+
+    Called once each time a request enters (or re-enters, after preemption) a waiting queue, and for
+    every queued request when the core re-ranks a queue. Keys computed at different ``now`` are
+    compared with each other, so they must not drift with time (use absolute deadlines, not slack
+    relative to ``now``). Keys must be totally ordered among themselves (tuples of numbers are).
+
+    firstresult: the first non-None answer is used.
+    """
+
+
+@_hookspec(firstresult=True)
+def qlm_select_victim(candidates: Sequence[RunningView], instance_id: str, now: float) -> RunningView | None:
+    """Choose which running request to preempt when the instance runs out of KV cache.
+
+    :param candidates: the running requests that may be preempted (never empty).
+    :return: one element of ``candidates``.
+
+    firstresult: the first non-None answer is used.
+    """
+
+
+@_hookspec(firstresult=True)
+def qlm_choose_instance(request: Request, instances: Sequence[InstanceState], now: float) -> str | None:
+    """Route ``request`` to one of ``instances`` (the healthy ones of the fleet).
+
+    An instance that does not have the request's model loaded may be chosen: the backend then loads
+    it (a model swap) before serving.
+
+    :return: an ``instance_id`` from ``instances``.
+
+    firstresult: the first non-None answer is used.
+    """
+
+
+@_hookspec(firstresult=True)
+def qlm_plan(queue: Sequence[Request], instances: Sequence[InstanceState], now: float) -> Plan | None:
+    """Plan placement, order and serving operations for the global ``queue`` over ``instances``.
+
+    Called on replanning events (arrival bursts, predicted SLO violations, instance changes).
+
+    :return: a :class:`~qlm_plugin.plan.Plan`; ``None`` keeps the current plan.
+
+    firstresult: the first non-None answer is used.
+    """
+
+
+# ---------------------------------------------------------------------------------------------------
+# Backend hooks (adapters)
+# ---------------------------------------------------------------------------------------------------
+
+
+@_hookspec
+def qlm_list_instances() -> list[InstanceInfo]:
+    """The instances this adapter serves.
+
+    All implementations are called; the core concatenates the lists. Instance ids are unique
+    across adapters.
+    """
+
+
+@_hookspec(firstresult=True)
+def qlm_instance_state(instance_id: str, detail: bool) -> InstanceState | None:
+    """Report the state of ``instance_id``: models loaded and warm, queue and running counts, KV
+    blocks used and free, recent step timings.
+
+    :param detail: also fill the request-id tuples (costs a copy of the queues).
+    :return: ``None`` if the instance is not this adapter's.
+    """
+
+
+@_hookspec(firstresult=True)
+def qlm_dispatch(instance_id: str, request: Request) -> bool | None:
+    """Hand ``request`` to ``instance_id`` to serve; the instance queues it in its own waiting queue.
+
+    :return: True when accepted; False when the instance refuses it (full, draining, dead);
+        ``None`` if the instance is not this adapter's.
+    """
+
+
+@_hookspec(firstresult=True)
+def qlm_evict(instance_id: str, request_id: str, mode: EvictMode) -> EvictResult | None:
+    """Preempt a running request at the next step boundary.
+
+    ``mode`` ``swap`` keeps its KV cache in host memory (the request waits in the swapped set until
+    :func:`qlm_swap_in`); ``recompute`` drops it and requeues the request, which re-prefills its
+    prompt and the tokens generated so far. An adapter without a host KV tier answers a swap with a
+    recompute and says so in the result's ``mode``.
+
+    :return: what was done, or ``None`` if the instance is not this adapter's. Raises ``KeyError``
+        if the request is not running there.
+    """
+
+
+@_hookspec(firstresult=True)
+def qlm_swap_in(instance_id: str, request_id: str) -> bool | None:
+    """Bring a swapped-out request's KV cache back so it resumes without recompute.
+
+    :return: True when scheduled, False when it cannot be now (no free KV blocks); ``None`` if the
+        instance is not this adapter's.
+    """
+
+
+@_hookspec(firstresult=True)
+def qlm_load_model(instance_id: str, model: str, target: str) -> LoadResult | None:
+    """Load ``model`` on ``instance_id``.
+
+    :param target: ``"gpu"`` to serve it (from host memory when warm, else from disk; the model
+        that was serving is unloaded, kept warm if host memory allows, once its running requests
+        finish); ``"host"`` to stage its weights in host memory only (warm model start).
+    :return: when it will be ready and whether the load is warm; ``None`` if the instance is not
+        this adapter's.
+    """
+
+
+@_hookspec(firstresult=True)
+def qlm_unload_model(instance_id: str, model: str, keep_warm: bool) -> bool | None:
+    """Unload ``model`` from the GPU of ``instance_id``, keeping its weights in host memory when
+    ``keep_warm`` (and the host-memory budget allows), else dropping them.
+
+    :return: True when unloaded, False when the model was not loaded; ``None`` if the instance is
+        not this adapter's.
+    """

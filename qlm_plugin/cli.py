@@ -1,0 +1,169 @@
+"""The ``qlm`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from typing import NoReturn
+
+from qlm_plugin import __version__
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        # One clear line, not a usage dump.
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _fmt(value: float | None, unit: str = "", digits: int = 2) -> str:
+    return "-" if value is None else f"{value:.{digits}f}{unit}"
+
+
+def _print_table(results: dict[str, object]) -> None:
+    from qlm_plugin.simulate import PolicyResult
+
+    header = (
+        f"{'policy':<10} {'class':<12} {'reqs':>6} {'SLO met':>8} {'goodput':>8} {'thrpt':>8} "
+        f"{'TTFT p50':>9} {'TTFT p99':>9} {'E2E p50':>8} {'E2E p99':>8} {'busy':>5}"
+    )
+    print(header)
+    print("-" * len(header))
+    for name, res in results.items():
+        assert isinstance(res, PolicyResult)
+        label = f"{name}*" if res.reference else name
+        rows = [("overall", res.overall, res.gpu_busy_fraction), *((c, m, None) for c, m in res.classes.items())]
+        for cls, m, busy in rows:
+            print(
+                f"{label:<10} {cls:<12} {m.requests:>6} {m.slo_attainment * 100:>7.1f}% "
+                f"{m.goodput_rps:>7.2f}/s {m.throughput_rps:>6.2f}/s {_fmt(m.ttft_p50_s, 's'):>9} "
+                f"{_fmt(m.ttft_p99_s, 's'):>9} {_fmt(m.e2e_p50_s, 's', 1):>8} {_fmt(m.e2e_p99_s, 's', 1):>8} "
+                f"{'' if busy is None else f'{busy * 100:.0f}%':>5}"
+            )
+            label = ""
+    if any(getattr(r, "reference", False) for r in results.values()):
+        print("* reference: knows true output lengths; not a deployable policy")
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from qlm_plugin.hooks import get_plugin_manager
+    from qlm_plugin.policies.registry import policy_registry
+    from qlm_plugin.scenario import load_scenario
+    from qlm_plugin.simulate import build_requests, run_policy
+
+    scenario = load_scenario(args.scenario)
+    updates: dict[str, object] = {}
+    if args.trace is not None:
+        updates["trace"] = args.trace
+        updates["synthetic"] = None
+    if args.rate_scale is not None:
+        if args.rate_scale <= 0:
+            raise ValueError(f"--rate-scale must be > 0, got {args.rate_scale}")
+        updates["rate_scale"] = args.rate_scale
+        updates["target_rps"] = None
+    if updates:
+        scenario = scenario.model_copy(update={"workload": scenario.workload.model_copy(update=updates)})
+    if args.seed is not None:
+        scenario = scenario.model_copy(update={"seed": args.seed})
+    registry = policy_registry(get_plugin_manager())
+    names = registry.names() if args.policies is None else [p.strip() for p in args.policies.split(",") if p.strip()]
+    for name in names:
+        registry.get(name)  # fail before any work on an unknown name
+    requests, rejected = build_requests(scenario)
+    if not requests:
+        raise ValueError("the workload is empty (check the trace, window and sampling settings)")
+    results = {}
+    show = not args.json and not args.no_progress and sys.stderr.isatty()
+    for name in names:
+        with tqdm(total=len(requests), desc=f"{name:>9}", unit="req", delay=2.0, disable=not show,
+                  leave=False) as bar:
+            done = [0]
+
+            def progress(i: int, bar: tqdm = bar, done: list[int] = done) -> None:
+                bar.update(i - done[0])
+                done[0] = i
+
+            results[name] = run_policy(scenario, name, requests, rejected, on_progress=progress)
+    if args.json:
+        out = {
+            "scenario": scenario.name,
+            "requests": len(requests) + len(rejected),
+            "rejected_at_validation": len(rejected),
+            "policies": {n: r.to_dict() for n, r in results.items()},
+        }
+        json.dump(out, sys.stdout, indent=2)
+        print()
+    else:
+        span = requests[-1].arrival_time - requests[0].arrival_time
+        print(
+            f"scenario {scenario.name!r}: {len(requests)} requests over {span:.0f} s "
+            f"({len(requests) / max(span, 1e-9):.2f} req/s), {len(scenario.instance_ids())} instances, "
+            f"seed {scenario.seed}" + (f"; {len(rejected)} rejected at validation" if rejected else "")
+        )
+        _print_table(dict(results))
+    return 0
+
+
+def cmd_cost_check(args: argparse.Namespace) -> int:
+    from qlm_plugin.costcheck import cost_check
+
+    rows = cost_check(args.model, args.gpu, [int(b) for b in args.batches.split(",")])
+    if args.json:
+        json.dump(rows, sys.stdout, indent=2)
+        print()
+        return 0
+    print(f"{args.model} on {args.gpu}: simulated pure-decode steps vs. b0 + b2*batch")
+    print(f"{'batch':>6} {'TPOT sim':>10} {'TPOT model':>11} {'tok/s sim':>10} {'tok/s model':>12} {'err':>7}")
+    for r in rows:
+        print(
+            f"{r['batch']:>6} {r['tpot_sim_ms']:>8.3f}ms {r['tpot_model_ms']:>9.3f}ms {r['tokens_per_s_sim']:>10.0f} "
+            f"{r['tokens_per_s_model']:>12.0f} {r['rel_error'] * 100:>6.2f}%"
+        )
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="qlm", description="SLO-aware queue management for LLM serving")
+    parser.add_argument("--version", action="version", version=f"qlm-plugin {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    sim = sub.add_parser("simulate", help="replay a trace through simulated instances under several policies")
+    sim.add_argument("--scenario", metavar="FILE", help="scenario YAML (default: the packaged default scenario)")
+    sim.add_argument("--trace", metavar="PATH", help="CSV of the Azure schema, or 'conv'/'code' (packaged samples)")
+    sim.add_argument("--policies", metavar="A,B", help="comma-separated policy names (default: all available)")
+    sim.add_argument("--rate-scale", type=float, metavar="X", help="compress (X>1) or stretch (X<1) arrivals")
+    sim.add_argument("--seed", type=int, help="override the scenario's seed")
+    sim.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    sim.add_argument("--no-progress", action="store_true", help="no progress bar")
+    sim.set_defaults(func=cmd_simulate)
+
+    cc = sub.add_parser("cost-check", help="check the simulator against its cost model (TPOT, throughput)")
+    cc.add_argument("--model", default="llama-3.1-8b")
+    cc.add_argument("--gpu", default="h100")
+    cc.add_argument("--batches", default="1,32,256", metavar="B,B")
+    cc.add_argument("--json", action="store_true")
+    cc.set_defaults(func=cmd_cost_check)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from qlm_plugin.costmodel import UnknownProfileError
+    from qlm_plugin.policies.registry import UnknownPolicyError
+    from qlm_plugin.scenario import ScenarioError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args))
+    except (ScenarioError, UnknownPolicyError, UnknownProfileError, ValueError, OSError) as exc:
+        print(f"qlm {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,47 @@
+"""A plan: where each request group goes and in which order, and the serving operations to run."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from qlm_plugin.state import EvictMode
+
+
+@dataclass(frozen=True, slots=True)
+class Evict:
+    instance_id: str
+    request_id: str
+    mode: EvictMode
+
+
+@dataclass(frozen=True, slots=True)
+class SwapIn:
+    instance_id: str
+    request_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class LoadModel:
+    instance_id: str
+    model: str
+    target: str = "gpu"  # "gpu": serve it; "host": stage weights in host memory (warm start)
+
+
+@dataclass(frozen=True, slots=True)
+class UnloadModel:
+    instance_id: str
+    model: str
+    keep_warm: bool = True
+
+
+LSO = Evict | SwapIn | LoadModel | UnloadModel
+
+
+@dataclass(slots=True)
+class Plan:
+    """Virtual queues (instance -> ordered group keys) and the LSOs that carry the plan out."""
+
+    queues: dict[str, list[tuple[str, str, int]]] = field(default_factory=dict)
+    actions: list[LSO] = field(default_factory=list)
+    solver: str = "none"
+    objective: float = 0.0

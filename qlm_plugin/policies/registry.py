@@ -1,0 +1,65 @@
+"""Named scheduling policies, as plugins contribute them through ``qlm_add_policies``."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+import pluggy
+
+from qlm_plugin.costmodel import CostModel
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyContext:
+    """What a policy may know when it is built for a run: the cost model of each served model (on the
+    fleet's first instance that serves it)."""
+
+    cost_models: Mapping[str, CostModel] = field(default_factory=dict)
+
+
+PolicyFactory = Callable[[PolicyContext], object]
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyInfo:
+    name: str
+    factory: PolicyFactory
+    description: str
+    reference: bool = False  # a yardstick that uses knowledge no deployment has (true output lengths)
+
+
+class UnknownPolicyError(KeyError):
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+class PolicyRegistry:
+    def __init__(self) -> None:
+        self._policies: dict[str, PolicyInfo] = {}
+
+    def add(self, name: str, factory: PolicyFactory, description: str, *, reference: bool = False) -> None:
+        if not name or not name.replace("-", "").replace("_", "").isalnum():
+            raise ValueError(f"policy name must be alphanumeric (with - or _), got {name!r}")
+        if name in self._policies:
+            raise ValueError(f"policy {name!r} is already registered")
+        self._policies[name] = PolicyInfo(name, factory, description, reference)
+
+    def get(self, name: str) -> PolicyInfo:
+        try:
+            return self._policies[name]
+        except KeyError:
+            raise UnknownPolicyError(f"unknown policy {name!r}; available: {', '.join(self.names())}") from None
+
+    def names(self) -> list[str]:
+        return list(self._policies)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._policies
+
+
+def policy_registry(pm: pluggy.PluginManager) -> PolicyRegistry:
+    """All policies the plugins of ``pm`` contribute (the built-ins first: their hook is ``tryfirst``)."""
+    registry = PolicyRegistry()
+    pm.hook.qlm_add_policies(registry=registry)
+    return registry

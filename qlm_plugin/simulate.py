@@ -1,0 +1,169 @@
+"""Replay a workload through simulated instances under named policies (``qlm simulate``)."""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from qlm_plugin import workload as wl
+from qlm_plugin.adapters.sim import SimBackend, SimFleet, SimInstance
+from qlm_plugin.hooks import get_plugin_manager
+from qlm_plugin.metrics import Metrics, run_span, summarize
+from qlm_plugin.policies.registry import PolicyContext, policy_registry
+from qlm_plugin.request import Request
+from qlm_plugin.scenario import Scenario
+from qlm_plugin.state import EvictMode, RequestOutcome, Status
+
+#: After the last arrival, how long the simulation may run before unfinished requests are reported.
+DRAIN_LIMIT_S = 24 * 3600.0
+
+
+@dataclass(slots=True)
+class PolicyResult:
+    policy: str
+    reference: bool
+    overall: Metrics
+    classes: dict[str, Metrics]
+    gpu_busy_fraction: float
+    counters: dict[str, int]
+    wall_s: float
+    outcomes: list[RequestOutcome] = field(repr=False, default_factory=list)
+
+    def to_dict(self) -> dict[str, object]:
+        overall: dict[str, object] = {**self.overall.to_dict(), "gpu_busy_fraction": self.gpu_busy_fraction}
+        return {
+            "reference": self.reference,
+            "overall": overall,
+            "classes": {name: m.to_dict() for name, m in self.classes.items()},
+            "lso": self.counters,
+            "wall_s": self.wall_s,
+        }
+
+
+def _records(scenario: Scenario, rng: random.Random) -> list[wl.TraceRecord]:
+    w = scenario.workload
+    if w.synthetic is not None:
+        s = w.synthetic
+        lengths = None
+        if s.lengths_from:
+            path = wl.packaged_trace_path(s.lengths_from) if s.lengths_from in ("conv", "code") else s.lengths_from
+            lengths = wl.load_azure_trace(path)
+        records = wl.synthetic(
+            rate_rps=s.rate_rps, duration_s=s.duration_s, rng=rng, arrival=s.arrival, cv=s.cv,
+            lengths=lengths, prompt_mean=s.prompt_mean, output_mean=s.output_mean,
+        )
+    else:
+        trace = w.trace or "conv"
+        path = wl.packaged_trace_path(trace) if trace in ("conv", "code") else trace
+        records = wl.load_azure_trace(path)
+    if w.start_s or w.duration_s is not None:
+        records = wl.window(records, start_s=w.start_s, duration_s=w.duration_s)
+    if w.sample_fraction is not None:
+        records = wl.sample(records, fraction=w.sample_fraction, rng=rng)
+    if w.max_requests is not None:
+        records = records[: w.max_requests]
+    if w.target_rps is not None:
+        records = wl.scale_arrivals(records, target_rps=w.target_rps)
+    elif w.rate_scale != 1.0:
+        records = wl.scale_arrivals(records, rate_scale=w.rate_scale)
+    return records
+
+
+def build_requests(scenario: Scenario) -> tuple[list[Request], list[wl.Rejected]]:
+    """The scenario's workload as validated requests (deterministic for the scenario's seed)."""
+    rng = random.Random(scenario.seed)
+    records = _records(scenario, rng)
+    return wl.assign(
+        records,
+        models=[wl.Share(m.name, m.share) for m in scenario.models],
+        classes=[(c.slo_class(), c.share) for c in scenario.classes],
+        tenants=[wl.Share(t.name, t.share) for t in scenario.tenants],
+        rng=rng,
+        model_specs=scenario.model_specs(),
+        max_tokens=scenario.workload.max_tokens,
+    )
+
+
+def build_fleet(scenario: Scenario) -> SimFleet:
+    instances = []
+    for group in scenario.instances:
+        costs = scenario.cost_models_for(group.gpu)
+        for i in range(group.count):
+            instances.append(
+                SimInstance(
+                    f"{group.name or group.gpu}-{i}",
+                    group.gpu,
+                    costs,
+                    initial_model=group.models[0],
+                    warm_models=tuple(group.models[1:]),
+                    host_mem_gb=group.host_mem_gb,
+                    preemption_mode=EvictMode(scenario.engine.preemption),
+                    max_model_residency_s=scenario.engine.max_model_residency_s,
+                    max_num_seqs=group.max_num_seqs,
+                    max_num_batched_tokens=group.max_num_batched_tokens,
+                )
+            )
+    return SimFleet(instances)
+
+
+def run_policy(
+    scenario: Scenario,
+    policy: str,
+    requests: Sequence[Request],
+    rejected: Sequence[wl.Rejected] = (),
+    *,
+    on_progress: Callable[[int], None] | None = None,
+    autoload: bool = True,
+) -> PolicyResult:
+    """Simulate ``requests`` on the scenario's fleet with the named policy."""
+    t0 = time.perf_counter()
+    pm = get_plugin_manager(autoload=autoload)
+    info = policy_registry(pm).get(policy)
+    pm.register(info.factory(PolicyContext(scenario.reference_cost_models())), name=f"policy:{policy}")
+    fleet = build_fleet(scenario)
+    backend = SimBackend(fleet)
+    pm.register(backend, name="sim-backend")
+    backend.attach(pm)
+    hook = pm.hook
+    ids = list(fleet.instances)
+    outcomes: list[RequestOutcome] = []
+
+    def on_arrival(request: Request) -> None:
+        now = fleet.now
+        states = [hook.qlm_instance_state(instance_id=i, detail=False) for i in ids]
+        target = hook.qlm_choose_instance(request=request, instances=[s for s in states if s.healthy], now=now)
+        if target is None or not hook.qlm_dispatch(instance_id=target, request=request):
+            outcome = RequestOutcome(request, Status.REJECTED, reason="no instance accepted the request")
+            outcomes.append(outcome)
+            hook.qlm_request_finished(outcome=outcome, now=now)
+
+    last_arrival = requests[-1].arrival_time if requests else 0.0
+    fleet.run(requests, on_arrival, until=last_arrival + DRAIN_LIMIT_S, on_progress=on_progress)
+    outcomes.extend(backend.outcomes.values())
+    for r in rejected:
+        req = Request(f"rejected-{r.index}", "?", 1, 1, 0.0)
+        outcomes.append(RequestOutcome(req, Status.REJECTED, reason=str(r.error)))
+    span = run_span([o for o in outcomes if o.status is not Status.REJECTED])
+    by_class: dict[str, list[RequestOutcome]] = {}
+    for o in outcomes:
+        if o.status is not Status.REJECTED or o.request.model != "?":
+            by_class.setdefault(o.request.slo_class, []).append(o)
+    counters: dict[str, int] = {}
+    busy = 0.0
+    for inst in fleet.instances.values():
+        busy += inst.busy_s
+        for k, v in inst.counters.items():
+            counters[k] = counters.get(k, 0) + v
+    return PolicyResult(
+        policy=policy,
+        reference=info.reference,
+        overall=summarize(outcomes, span),
+        classes={c: summarize(v, span) for c, v in sorted(by_class.items())},
+        gpu_busy_fraction=min(1.0, busy / (len(ids) * span)) if span > 0 and not math.isinf(span) else 0.0,
+        counters=counters,
+        wall_s=time.perf_counter() - t0,
+        outcomes=outcomes,
+    )

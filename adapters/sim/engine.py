@@ -110,6 +110,7 @@ class SimInstance:
         max_model_residency_s: float = 300.0,
         max_num_seqs: int | None = None,
         max_num_batched_tokens: int | None = None,
+        max_macro_steps: int = _MAX_MACRO_STEPS,
     ) -> None:
         self.instance_id = instance_id
         self.gpu = gpu
@@ -119,6 +120,7 @@ class SimInstance:
         self.max_model_residency_s = max_model_residency_s
         self._max_num_seqs_override = max_num_seqs
         self._max_batched_override = max_num_batched_tokens
+        self.max_macro_steps = max_macro_steps  # 1: one event per engine step (the reference for tests)
         self.fleet: SimFleet | None = None
         self.rank_key: Callable[[Request, str, float], Hashable] = lambda r, i, n: (r.arrival_time, r.id)
         self.select_victim: Callable[[list[RunningView], str, float], RunningView] = lambda c, i, n: c[-1]
@@ -618,20 +620,25 @@ class SimInstance:
                 self.prefilling.append(head)
                 prefill.append((head, chunk))
                 prefill_tokens += chunk
+            # Could the next step admit? (Its token budget is what the decodes leave.)
             head = self._head(model) if model is not None else None
+            next_budget = self.max_batched - len(self.decoding)
             admit_possible = (
                 head is not None
                 and self._running() < self.max_num_seqs
-                and -(-min(head.prefill_target, self.max_batched) // BLOCK_SIZE) <= free - need
+                and next_budget > 0
+                and -(-min(head.prefill_target, next_budget) // BLOCK_SIZE) <= free - need
             )
+        elif preempted:
+            admit_possible = True  # admission was skipped this step: vLLM tries again at the next one
         n_dec = len(self.decoding)
         if n_dec == 0 and not prefill and transfer == 0.0:
             return  # idle until a dispatch or command wakes the instance
         dt = cost.step_s(prefill_tokens, n_dec) + transfer
         k = 1
         if not prefill and transfer == 0.0 and not admit_possible and not self.pending_evictions:
-            k_finish = self.finish_heap[0][0] - self.ctr if self.finish_heap else _MAX_MACRO_STEPS
-            k = max(1, min(k_finish, _MAX_MACRO_STEPS))
+            k_finish = self.finish_heap[0][0] - self.ctr if self.finish_heap else self.max_macro_steps
+            k = max(1, min(k_finish, self.max_macro_steps))
             k = max(1, self._max_steps_fitting(free, k))
             if self.switch_to is None and not self.unload_pending:
                 # wake up for a model swap decision once residency runs out

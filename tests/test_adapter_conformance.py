@@ -1,0 +1,30 @@
+"""The adapter conformance suite, run over every adapter package in the repo."""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from collections.abc import Iterator
+
+import pytest
+
+import qlm_plugin.adapters
+from qlm_plugin.testing.conformance import AdapterConformance, BackendHarness
+
+ADAPTERS = sorted(m.name for m in pkgutil.iter_modules(qlm_plugin.adapters.__path__) if m.ispkg)
+
+
+def test_every_adapter_ships_a_conformance_harness() -> None:
+    assert ADAPTERS, "no adapter package found"
+    for name in ADAPTERS:
+        harness_mod = importlib.import_module(f"qlm_plugin.adapters.{name}.harness")
+        assert callable(getattr(harness_mod, "conformance_harness", None)), f"adapter {name} has no harness"
+
+
+@pytest.mark.parametrize("adapter", ADAPTERS)
+class TestAdapterConformance(AdapterConformance):
+    @pytest.fixture
+    def harness(self, adapter: str) -> Iterator[BackendHarness]:
+        h: BackendHarness = importlib.import_module(f"qlm_plugin.adapters.{adapter}.harness").conformance_harness()
+        yield h
+        h.close()

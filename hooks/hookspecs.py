@@ -48,8 +48,8 @@ _hookspec = pluggy.HookspecMarker("qlm")
 def qlm_add_policies(registry: PolicyRegistry) -> None:
     """Add named scheduling policies (``qlm simulate --policies NAME``).
 
-    Called once per plugin manager, the first time the policy registry is built, after all plugins
-    are registered.
+    Called each time the policy registry is built (``policy_registry(pm)``), after all plugins are
+    registered.
 
     :param registry: call ``registry.add(name, factory, description)``; ``factory()`` returns a
         plugin object implementing policy hooks, registered for the runs that use that policy.
@@ -167,7 +167,7 @@ def qlm_plan(queue: Sequence[Request], instances: Sequence[InstanceState], now: 
 
 
 @_hookspec
-def qlm_list_instances() -> list[InstanceInfo]:
+def qlm_list_instances() -> list[InstanceInfo]:  # type: ignore[empty-body]
     """The instances this adapter serves.
 
     All implementations are called; the core concatenates the lists. Instance ids are unique
@@ -182,6 +182,8 @@ def qlm_instance_state(instance_id: str, detail: bool) -> InstanceState | None:
 
     :param detail: also fill the request-id tuples (costs a copy of the queues).
     :return: ``None`` if the instance is not this adapter's.
+
+    firstresult: the adapter that owns ``instance_id`` answers; the others return None.
     """
 
 
@@ -191,6 +193,8 @@ def qlm_dispatch(instance_id: str, request: Request) -> bool | None:
 
     :return: True when accepted; False when the instance refuses it (full, draining, dead);
         ``None`` if the instance is not this adapter's.
+
+    firstresult: the adapter that owns ``instance_id`` answers; the others return None.
     """
 
 
@@ -205,6 +209,8 @@ def qlm_evict(instance_id: str, request_id: str, mode: EvictMode) -> EvictResult
 
     :return: what was done, or ``None`` if the instance is not this adapter's. Raises ``KeyError``
         if the request is not running there.
+
+    firstresult: the adapter that owns ``instance_id`` answers; the others return None.
     """
 
 
@@ -214,6 +220,8 @@ def qlm_swap_in(instance_id: str, request_id: str) -> bool | None:
 
     :return: True when scheduled, False when it cannot be now (no free KV blocks); ``None`` if the
         instance is not this adapter's.
+
+    firstresult: the adapter that owns ``instance_id`` answers; the others return None.
     """
 
 
@@ -226,6 +234,8 @@ def qlm_load_model(instance_id: str, model: str, target: str) -> LoadResult | No
         finish); ``"host"`` to stage its weights in host memory only (warm model start).
     :return: when it will be ready and whether the load is warm; ``None`` if the instance is not
         this adapter's.
+
+    firstresult: the adapter that owns ``instance_id`` answers; the others return None.
     """
 
 
@@ -236,4 +246,6 @@ def qlm_unload_model(instance_id: str, model: str, keep_warm: bool) -> bool | No
 
     :return: True when unloaded, False when the model was not loaded; ``None`` if the instance is
         not this adapter's.
+
+    firstresult: the adapter that owns ``instance_id`` answers; the others return None.
     """

@@ -42,6 +42,9 @@ def load_entrypoint_plugins(pm: pluggy.PluginManager) -> list[str]:
             plugin = ep.load()
             pm.register(plugin, name=ep.name)
         except Exception:
+            # pluggy may have registered some hookimpls before validation failed: take them all back.
+            if pm.has_plugin(ep.name):
+                pm.unregister(name=ep.name)
             log.exception("qlm plugin %r (%s) failed to load; skipped", ep.name, ep.value)
             continue
         loaded.append(ep.name)

@@ -33,7 +33,10 @@ def _print_table(results: dict[str, object]) -> None:
     for name, res in results.items():
         assert isinstance(res, PolicyResult)
         label = f"{name}*" if res.reference else name
-        rows = [("overall", res.overall, res.gpu_busy_fraction), *((c, m, None) for c, m in res.classes.items())]
+        rows = [
+            ("overall", res.overall, res.gpu_busy_fraction),
+            *((c, m, None) for c, m in res.classes.items()),
+        ]
         for cls, m, busy in rows:
             print(
                 f"{label:<10} {cls:<12} {m.requests:>6} {m.slo_attainment * 100:>7.1f}% "
@@ -69,7 +72,11 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     if args.seed is not None:
         scenario = scenario.model_copy(update={"seed": args.seed})
     registry = policy_registry(get_plugin_manager())
-    names = registry.names() if args.policies is None else [p.strip() for p in args.policies.split(",") if p.strip()]
+    names = (
+        registry.names()
+        if args.policies is None
+        else [p.strip() for p in args.policies.split(",") if p.strip()]
+    )
     for name in names:
         registry.get(name)  # fail before any work on an unknown name
     requests, rejected = build_requests(scenario)
@@ -78,8 +85,9 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     results = {}
     show = not args.json and not args.no_progress and sys.stderr.isatty()
     for name in names:
-        with tqdm(total=len(requests), desc=f"{name:>9}", unit="req", delay=2.0, disable=not show,
-                  leave=False) as bar:
+        with tqdm(
+            total=len(requests), desc=f"{name:>9}", unit="req", delay=2.0, disable=not show, leave=False
+        ) as bar:
             done = [0]
 
             def progress(i: int, bar: tqdm = bar, done: list[int] = done) -> None:
@@ -116,11 +124,13 @@ def cmd_cost_check(args: argparse.Namespace) -> int:
         print()
         return 0
     print(f"{args.model} on {args.gpu}: simulated pure-decode steps vs. b0 + b2*batch")
-    print(f"{'batch':>6} {'TPOT sim':>10} {'TPOT model':>11} {'tok/s sim':>10} {'tok/s model':>12} {'err':>7}")
+    print(
+        f"{'batch':>6} {'TPOT sim':>10} {'TPOT model':>11} {'tok/s sim':>10} {'tok/s model':>12} {'err':>7}"
+    )
     for r in rows:
         print(
-            f"{r['batch']:>6} {r['tpot_sim_ms']:>8.3f}ms {r['tpot_model_ms']:>9.3f}ms {r['tokens_per_s_sim']:>10.0f} "
-            f"{r['tokens_per_s_model']:>12.0f} {r['rel_error'] * 100:>6.2f}%"
+            f"{r['batch']:>6} {r['tpot_sim_ms']:>8.3f}ms {r['tpot_model_ms']:>9.3f}ms "
+            f"{r['tokens_per_s_sim']:>10.0f} {r['tokens_per_s_model']:>12.0f} {r['rel_error'] * 100:>6.2f}%"
         )
     return 0
 
@@ -131,9 +141,15 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     sim = sub.add_parser("simulate", help="replay a trace through simulated instances under several policies")
-    sim.add_argument("--scenario", metavar="FILE", help="scenario YAML (default: the packaged default scenario)")
-    sim.add_argument("--trace", metavar="PATH", help="CSV of the Azure schema, or 'conv'/'code' (packaged samples)")
-    sim.add_argument("--policies", metavar="A,B", help="comma-separated policy names (default: all available)")
+    sim.add_argument(
+        "--scenario", metavar="FILE", help="scenario YAML (default: the packaged default scenario)"
+    )
+    sim.add_argument(
+        "--trace", metavar="PATH", help="CSV of the Azure schema, or 'conv'/'code' (packaged samples)"
+    )
+    sim.add_argument(
+        "--policies", metavar="A,B", help="comma-separated policy names (default: all available)"
+    )
     sim.add_argument("--rate-scale", type=float, metavar="X", help="compress (X>1) or stretch (X<1) arrivals")
     sim.add_argument("--seed", type=int, help="override the scenario's seed")
     sim.add_argument("--json", action="store_true", help="print one JSON object instead of a table")

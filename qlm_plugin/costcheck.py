@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+from functools import partial
+
+import pluggy
+
 from qlm_plugin.adapters.sim import SimBackend, SimFleet, SimInstance
 from qlm_plugin.costmodel import cost_model
 from qlm_plugin.hooks import get_plugin_manager
-from qlm_plugin.request import make_request
+from qlm_plugin.request import Request, make_request
 
 PROMPT_TOKENS = 16  # small enough that a batch of 256 prefills in one step
 OUTPUT_TOKENS = 512
+
+
+def _dispatch(pm: pluggy.PluginManager, instance_id: str, request: Request) -> None:
+    pm.hook.qlm_dispatch(instance_id=instance_id, request=request)
 
 
 def cost_check(model: str, gpu: str, batches: list[int]) -> list[dict[str, float]]:
@@ -29,7 +37,7 @@ def cost_check(model: str, gpu: str, batches: list[int]) -> list[dict[str, float
             make_request(f"c{i}", model, PROMPT_TOKENS, OUTPUT_TOKENS, 0.0, true_output_tokens=OUTPUT_TOKENS)
             for i in range(batch)
         ]
-        fleet.run(requests, lambda r: pm.hook.qlm_dispatch(instance_id="check-0", request=r))
+        fleet.run(requests, partial(_dispatch, pm, "check-0"))
         outcomes = list(backend.outcomes.values())
         tpots = [
             (o.finish_time - o.first_token_time) / (o.output_tokens - 1)  # type: ignore[operator]

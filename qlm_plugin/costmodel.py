@@ -78,8 +78,12 @@ GPUS: dict[str, GPUSpec] = {
 }
 
 MODELS: dict[str, ModelProfile] = {
-    "llama-3.1-8b": ModelProfile("llama-3.1-8b", weights_gb=16.1, kv_bytes_per_token=128 * 1024, context_len=32768),
-    "llama-3.3-70b": ModelProfile("llama-3.3-70b", weights_gb=141.0, kv_bytes_per_token=320 * 1024, context_len=32768),
+    "llama-3.1-8b": ModelProfile(
+        "llama-3.1-8b", weights_gb=16.1, kv_bytes_per_token=128 * 1024, context_len=32768
+    ),
+    "llama-3.3-70b": ModelProfile(
+        "llama-3.3-70b", weights_gb=141.0, kv_bytes_per_token=320 * 1024, context_len=32768
+    ),
     "phi-4": ModelProfile("phi-4", weights_gb=29.3, kv_bytes_per_token=200 * 1024, context_len=16384),
     "mistral-small-24b": ModelProfile(
         "mistral-small-24b", weights_gb=47.1, kv_bytes_per_token=160 * 1024, context_len=32768
@@ -124,7 +128,9 @@ def cost_model(
     m, g = _norm(model), _norm(gpu)
     ov = dict(overrides or {})
     model_fields = {k: ov.pop(k) for k in ("weights_gb", "kv_bytes_per_token", "context_len") if k in ov}
-    gpu_fields = {k: ov.pop(k) for k in ("host_link_gbps", "cold_load_gbps", "cold_start_s", "warm_start_s") if k in ov}
+    gpu_fields = {
+        k: ov.pop(k) for k in ("host_link_gbps", "cold_load_gbps", "cold_start_s", "warm_start_s") if k in ov
+    }
     fit = _FITS.get((m, g))
     if fit is None:
         needed = {"b0_us", "b1_us", "b2_us", "kv_blocks"}
@@ -153,7 +159,15 @@ def cost_model(
         b2_us=b2,
         kv_blocks=blocks,
     )
-    unknown = set(ov) - {"tp", "b0_us", "b1_us", "b2_us", "kv_blocks", "max_num_seqs", "max_num_batched_tokens"}
+    unknown = set(ov) - {
+        "tp",
+        "b0_us",
+        "b1_us",
+        "b2_us",
+        "kv_blocks",
+        "max_num_seqs",
+        "max_num_batched_tokens",
+    }
     if unknown:
         raise UnknownProfileError(f"unknown cost-model field(s): {', '.join(sorted(unknown))}")
     result = replace(result, **ov)

@@ -109,7 +109,9 @@ def validate_request(request: Request, models: Mapping[str, ModelSpec] | None = 
     if not request.model:
         raise RequestValidationError("model", "must be a non-empty string")
     if not isinstance(request.prompt_tokens, int) or request.prompt_tokens < 1:
-        raise RequestValidationError("prompt_tokens", f"must be an integer >= 1, got {request.prompt_tokens!r}")
+        raise RequestValidationError(
+            "prompt_tokens", f"must be an integer >= 1, got {request.prompt_tokens!r}"
+        )
     if not isinstance(request.max_tokens, int) or request.max_tokens < 1:
         raise RequestValidationError("max_tokens", f"must be an integer >= 1, got {request.max_tokens!r}")
     if not math.isfinite(request.weight) or request.weight < 0:
@@ -119,7 +121,9 @@ def validate_request(request: Request, models: Mapping[str, ModelSpec] | None = 
     ttft, e2e = request.slo.ttft_deadline, request.slo.e2e_deadline
     for name, deadline in (("slo.ttft_deadline", ttft), ("slo.e2e_deadline", e2e)):
         if deadline is not None and deadline <= request.arrival_time:
-            raise RequestValidationError(name, f"must be after arrival ({request.arrival_time}), got {deadline}")
+            raise RequestValidationError(
+                name, f"must be after arrival ({request.arrival_time}), got {deadline}"
+            )
     if ttft is not None and e2e is not None and e2e < ttft:
         raise RequestValidationError("slo.e2e_deadline", f"({e2e}) is before slo.ttft_deadline ({ttft})")
     if models is None:
@@ -131,7 +135,8 @@ def validate_request(request: Request, models: Mapping[str, ModelSpec] | None = 
     if request.prompt_tokens >= spec.context_len:
         raise RequestValidationError(
             "prompt_tokens",
-            f"prompt of {request.prompt_tokens} tokens does not fit {spec.name}'s context of {spec.context_len}",
+            f"prompt of {request.prompt_tokens} tokens does not fit "
+            f"{spec.name}'s context of {spec.context_len}",
         )
     if request.prompt_tokens + request.max_tokens > spec.context_len:
         raise RequestValidationError(
@@ -167,7 +172,9 @@ def make_request(
     _check_budget("slo.ttft_s", ttft_budget)
     _check_budget("slo.e2e_s", e2e_budget)
     if ttft_budget is not None and e2e_budget is not None and e2e_budget < ttft_budget:
-        raise RequestValidationError("slo.e2e_s", f"({e2e_budget} s) is shorter than slo.ttft_s ({ttft_budget} s)")
+        raise RequestValidationError(
+            "slo.e2e_s", f"({e2e_budget} s) is shorter than slo.ttft_s ({ttft_budget} s)"
+        )
     request = Request(
         id=id,
         model=model,

@@ -117,7 +117,10 @@ class Scenario(_Strict):
 
     # ---- derived views
     def model_specs(self) -> dict[str, ModelSpec]:
-        return {m.name: ModelSpec(m.name, self._cost(m.name, self._any_gpu(m.name)).model.context_len) for m in self.models}
+        return {
+            m.name: ModelSpec(m.name, self._cost(m.name, self._any_gpu(m.name)).model.context_len)
+            for m in self.models
+        }
 
     def slo_classes(self) -> dict[str, SLOClass]:
         return {c.name: c.slo_class() for c in self.classes}
@@ -194,11 +197,15 @@ def _semantic_errors(sc: Scenario) -> list[tuple[tuple[Any, ...], str]]:
             errors.append((("classes", i, "name"), f"duplicate class name {c.name!r}"))
     for gi, g in enumerate(sc.instances):
         if g.gpu.lower() not in GPUS and not any(k.endswith(f"/{g.gpu}") for k in sc.profiles):
-            errors.append((("instances", gi, "gpu"), f"unknown gpu {g.gpu!r}; known: {', '.join(sorted(GPUS))}"))
+            errors.append(
+                (("instances", gi, "gpu"), f"unknown gpu {g.gpu!r}; known: {', '.join(sorted(GPUS))}")
+            )
             continue
         for mi, model in enumerate(g.models):
             if model not in names:
-                errors.append((("instances", gi, "models", mi), f"unknown model {model!r}; models: {', '.join(names)}"))
+                errors.append(
+                    (("instances", gi, "models", mi), f"unknown model {model!r}; models: {', '.join(names)}")
+                )
                 continue
             try:
                 sc._cost(model, g.gpu)
@@ -242,7 +249,9 @@ def parse_scenario(text: str, source: str = "<string>") -> Scenario:
         raise ScenarioError("\n".join(msgs)) from None
     errors = _semantic_errors(scenario)
     if errors:
-        raise ScenarioError("\n".join(f"{source}:{_line_of(lines, p)}: {_fmt_path(p)}: {m}" for p, m in errors))
+        raise ScenarioError(
+            "\n".join(f"{source}:{_line_of(lines, p)}: {_fmt_path(p)}: {m}" for p, m in errors)
+        )
     return scenario
 
 

@@ -49,11 +49,21 @@ def _records(scenario: Scenario, rng: random.Random) -> list[wl.TraceRecord]:
         s = w.synthetic
         lengths = None
         if s.lengths_from:
-            path = wl.packaged_trace_path(s.lengths_from) if s.lengths_from in ("conv", "code") else s.lengths_from
+            path = (
+                wl.packaged_trace_path(s.lengths_from)
+                if s.lengths_from in ("conv", "code")
+                else s.lengths_from
+            )
             lengths = wl.load_azure_trace(path)
         records = wl.synthetic(
-            rate_rps=s.rate_rps, duration_s=s.duration_s, rng=rng, arrival=s.arrival, cv=s.cv,
-            lengths=lengths, prompt_mean=s.prompt_mean, output_mean=s.output_mean,
+            rate_rps=s.rate_rps,
+            duration_s=s.duration_s,
+            rng=rng,
+            arrival=s.arrival,
+            cv=s.cv,
+            lengths=lengths,
+            prompt_mean=s.prompt_mean,
+            output_mean=s.output_mean,
         )
     else:
         trace = w.trace or "conv"
@@ -134,7 +144,9 @@ def run_policy(
     def on_arrival(request: Request) -> None:
         now = fleet.now
         states = [hook.qlm_instance_state(instance_id=i, detail=False) for i in ids]
-        target = hook.qlm_choose_instance(request=request, instances=[s for s in states if s.healthy], now=now)
+        target = hook.qlm_choose_instance(
+            request=request, instances=[s for s in states if s.healthy], now=now
+        )
         if target is None or not hook.qlm_dispatch(instance_id=target, request=request):
             outcome = RequestOutcome(request, Status.REJECTED, reason="no instance accepted the request")
             outcomes.append(outcome)

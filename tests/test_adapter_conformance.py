@@ -25,6 +25,8 @@ def test_every_adapter_ships_a_conformance_harness() -> None:
 class TestAdapterConformance(AdapterConformance):
     @pytest.fixture
     def harness(self, adapter: str) -> Iterator[BackendHarness]:
-        h: BackendHarness = importlib.import_module(f"qlm_plugin.adapters.{adapter}.harness").conformance_harness()
+        h: BackendHarness = importlib.import_module(
+            f"qlm_plugin.adapters.{adapter}.harness"
+        ).conformance_harness()
         yield h
         h.close()

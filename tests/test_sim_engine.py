@@ -93,7 +93,11 @@ def test_macro_steps_give_the_same_results_as_single_steps(mode: EvictMode, poli
         assert f.status is o.status is Status.FINISHED
         assert f.first_token_time == pytest.approx(o.first_token_time, abs=1e-6)
         assert f.finish_time == pytest.approx(o.finish_time, abs=1e-6)
-        assert (f.preemptions, f.wasted_tokens, f.output_tokens) == (o.preemptions, o.wasted_tokens, o.output_tokens)
+        assert (f.preemptions, f.wasted_tokens, f.output_tokens) == (
+            o.preemptions,
+            o.wasted_tokens,
+            o.output_tokens,
+        )
 
 
 def test_kv_exhaustion_preempts_by_recompute_and_every_request_completes() -> None:
@@ -137,7 +141,9 @@ def test_model_swap_pays_the_cold_load_then_the_warm_one() -> None:
     cold_b = costs["b"].load_s(warm=False)
     warm_a = costs["a"].load_s(warm=True)
     assert outcomes["r0"].first_token_time == pytest.approx(cold_b + costs["b"].step_s(10, 0), rel=1e-6)
-    assert outcomes["r1"].first_token_time == pytest.approx(200.0 + warm_a + costs["a"].step_s(10, 0), rel=1e-6)
+    assert outcomes["r1"].first_token_time == pytest.approx(
+        200.0 + warm_a + costs["a"].step_s(10, 0), rel=1e-6
+    )
     assert warm_a * 10 < cold_b
     assert inst.counters["model_loads_cold"] == 1 and inst.counters["model_loads_warm"] == 1
     assert inst.model == "a" and "b" in inst.warm
@@ -175,3 +181,33 @@ def test_macro_steps_match_single_steps_with_model_swaps() -> None:
         assert fast[rid].status is o.status is Status.FINISHED
         assert fast[rid].first_token_time == pytest.approx(o.first_token_time, abs=1e-6)
         assert fast[rid].finish_time == pytest.approx(o.finish_time, abs=1e-6)
+
+
+def test_macro_steps_match_single_steps_under_state_driven_routing(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The default router reads instance state between events; mid-macro-step reports must show the
+    # decode progress a step-by-step engine would, or placements (and everything after) diverge.
+    import qlm_plugin.simulate as sim
+    from qlm_plugin.scenario import load_scenario
+
+    scenario = load_scenario(None)
+    scenario = scenario.model_copy(
+        update={"workload": scenario.workload.model_copy(update={"rate_scale": 40.0})}
+    )
+    requests, rejected = sim.build_requests(scenario)
+    fast = {o.request.id: o for o in sim.run_policy(scenario, "fcfs", requests, rejected).outcomes}
+    build = sim.build_fleet
+
+    def single_steps(sc):  # type: ignore[no-untyped-def]
+        fleet = build(sc)
+        for inst in fleet.instances.values():
+            inst.max_macro_steps = 1
+        return fleet
+
+    monkeypatch.setattr(sim, "build_fleet", single_steps)
+    slow = sim.run_policy(scenario, "fcfs", requests, rejected).outcomes
+    assert len(slow) == len(fast) == len(requests)
+    for o in slow:
+        f = fast[o.request.id]
+        assert f.instance_id == o.instance_id
+        assert f.first_token_time == pytest.approx(o.first_token_time, abs=1e-6)
+        assert f.finish_time == pytest.approx(o.finish_time, abs=1e-6)

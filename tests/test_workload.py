@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import random
 import statistics
-import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from itertools import pairwise
 from pathlib import Path
 
@@ -87,7 +86,9 @@ def test_full_code_trace_loads_as_documented() -> None:
 # ----------------------------------------------------------------------------------------- packaged samples
 
 
-@pytest.mark.parametrize(("name", "rows", "span_s"), [("conv", 2421, 3496.730227), ("code", 1260, 3434.747322)])
+@pytest.mark.parametrize(
+    ("name", "rows", "span_s"), [("conv", 2421, 3496.730227), ("code", 1260, 3434.747322)]
+)
 def test_packaged_samples_load(name: str, rows: int, span_s: float) -> None:
     path = packaged_trace_path(name)
     assert path.is_file()

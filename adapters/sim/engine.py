@@ -19,7 +19,7 @@ import math
 from collections import OrderedDict, deque
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from qlm_plugin.costmodel import BLOCK_SIZE, CostModel
 from qlm_plugin.request import Request
@@ -69,7 +69,7 @@ class _Run:
         true_out = req.true_output_tokens if req.true_output_tokens is not None else req.max_tokens
         self.out_target = max(1, min(true_out, req.max_tokens))
         self.phase = WAITING
-        self.key: Hashable = None
+        self.key: Any = None  # the policy's sort key (totally ordered, see qlm_rank_key)
         self.generated = 0  # tokens generated, valid outside DECODE
         self.prefill_target = req.prompt_tokens  # tokens to (re)compute before decoding
         self.computed = 0  # prefill progress
@@ -156,8 +156,15 @@ class SimInstance:
         self.step: _Step | None = None
         self.busy_s = 0.0
         self.step_timings: deque[StepTiming] = deque(maxlen=64)
-        self.counters = {"preemptions": 0, "swaps_out": 0, "swaps_in": 0, "wasted_tokens": 0,
-                         "model_loads_cold": 0, "model_loads_warm": 0, "steps": 0}
+        self.counters = {
+            "preemptions": 0,
+            "swaps_out": 0,
+            "swaps_in": 0,
+            "wasted_tokens": 0,
+            "model_loads_cold": 0,
+            "model_loads_warm": 0,
+            "steps": 0,
+        }
         self._seq_by_id: dict[str, _Run] = {}
         self._next_seq = 0
         self._pending_transfer_s = 0.0
@@ -307,8 +314,21 @@ class SimInstance:
     def _running(self) -> int:
         return len(self.decoding) + len(self.prefilling)
 
-    def queued_tokens(self) -> int:
-        return self._queued_static + self._decode_remaining_a - len(self.decoding) * self.ctr
+    def _steps_done(self, now: float) -> int:
+        """Steps of the in-flight macro step that have ended before ``now`` (an observer between
+        events sees the decode progress a step-by-step engine would show)."""
+        st = self.step
+        if st is None or st.k <= 1 or now <= st.start or st.dt <= 0:
+            return 0
+        return min(st.k, max(0, math.ceil((now - st.start) / st.dt) - 1))
+
+    def _ctr_at(self, now: float) -> int:
+        st = self.step
+        return self.ctr if st is None or st.k <= 1 else st.ctr_start + self._steps_done(now)
+
+    def queued_tokens(self, now: float | None = None) -> int:
+        ctr = self.ctr if now is None else self._ctr_at(now)
+        return self._queued_static + self._decode_remaining_a - len(self.decoding) * ctr
 
     # ------------------------------------------------------------------ decode bookkeeping
     def _enter_decode(self, run: _Run, kv: int, c0: int) -> None:
@@ -407,7 +427,7 @@ class SimInstance:
         self.pending_evictions.append((run.seq, mode))
         self._kick(admission=True)
         cost = self.cost
-        kv = run.kv0 + self.ctr - run.c0 if run.phase == DECODE else run.computed
+        kv = run.kv0 + self._ctr_at(self._now()) - run.c0 if run.phase == DECODE else run.computed
         if mode is EvictMode.SWAP and run.phase == DECODE and cost is not None:
             return EvictResult(request_id, mode, 0, cost.kv_transfer_s(kv))
         return EvictResult(request_id, EvictMode.RECOMPUTE, kv)
@@ -455,7 +475,10 @@ class SimInstance:
             self.loading = None
             self._activate(model, now)
         for seq, mode in self.pending_evictions:
-            run = next((r for r in (self.decoding.get(seq), *self.prefilling) if r is not None and r.seq == seq), None)
+            run = next(
+                (r for r in (self.decoding.get(seq), *self.prefilling) if r is not None and r.seq == seq),
+                None,
+            )
             if run is not None:
                 self._preempt(run, mode, now)
         self.pending_evictions.clear()
@@ -467,7 +490,9 @@ class SimInstance:
         elapsed = st.k * st.dt
         self.busy_s += elapsed
         self.counters["steps"] += st.k
-        self.step_timings.append(StepTiming(st.start, st.dt, st.prefill_tokens, st.decode, st.decode + len(st.prefill)))
+        self.step_timings.append(
+            StepTiming(st.start, st.dt, st.prefill_tokens, st.decode, st.decode + len(st.prefill))
+        )
         for run, chunk in st.prefill:
             if run.phase != PREFILL:
                 continue
@@ -534,7 +559,8 @@ class SimInstance:
         overstayed = now - self.model_since >= self.max_model_residency_s
         if cur_has_work and not overstayed:
             return
-        best = min(others, key=lambda m: self._head(m).key)  # type: ignore[union-attr]
+        heads = {m: self._head(m) for m in others}
+        best = min(others, key=lambda m: heads[m].key)  # type: ignore[union-attr]
         self.switch_to = best
         if running == 0:
             self._start_load(best, now)
@@ -652,6 +678,17 @@ class SimInstance:
         self.fleet.schedule(self, now + k * dt)  # type: ignore[union-attr]
 
     # ------------------------------------------------------------------ state
+    def _kv_used_at(self, now: float) -> int:
+        st = self.step
+        if st is None or st.k <= 1:
+            return self.kv_used
+        # blocks reserved for the macro step's later steps are not in use yet
+        return (
+            self.kv_used
+            - st.reserved_decode_blocks
+            + self._new_decode_blocks(self._steps_done(now), st.ctr_start)
+        )
+
     def state(self, now: float, detail: bool) -> InstanceState:
         notes: tuple[str, ...] = ()
         running_ids: tuple[str, ...] = ()
@@ -659,7 +696,12 @@ class SimInstance:
         swapped_ids: tuple[str, ...] = ()
         if detail:
             running_ids = tuple(r.req.id for r in (*self.decoding.values(), *self.prefilling))
-            live = [e[2] for heap in self.waiting.values() for e in heap if e[2].phase == WAITING and e[0] is e[2].key]
+            live = [
+                e[2]
+                for heap in self.waiting.values()
+                for e in heap
+                if e[2].phase == WAITING and e[0] is e[2].key
+            ]
             live.sort(key=lambda r: r.seq)
             waiting_ids = tuple(r.req.id for r in live if not r.swapped)
             swapped_ids = tuple(r.req.id for r in live if r.swapped)
@@ -673,8 +715,8 @@ class SimInstance:
             num_running=self._running(),
             num_waiting=self.num_waiting - self.num_swapped_waiting,
             num_swapped=self.num_swapped_waiting,
-            queued_tokens=self.queued_tokens(),
-            kv_blocks_used=self.kv_used,
+            queued_tokens=self.queued_tokens(now),
+            kv_blocks_used=self._kv_used_at(now),
             kv_blocks_total=self.kv_total,
             max_num_seqs=self.max_num_seqs,
             healthy=self.healthy,

@@ -34,7 +34,8 @@ class SimBackend:
         hook = pm.hook
 
         def rank_key(request: Request, instance_id: str, now: float) -> Hashable:
-            return hook.qlm_rank_key(request=request, instance_id=instance_id, now=now)
+            key: Hashable = hook.qlm_rank_key(request=request, instance_id=instance_id, now=now)
+            return key
 
         def select_victim(candidates: Sequence[RunningView], instance_id: str, now: float) -> RunningView:
             return hook.qlm_select_victim(candidates=candidates, instance_id=instance_id, now=now)  # type: ignore[no-any-return]
@@ -50,7 +51,9 @@ class SimBackend:
     @hookimpl
     def qlm_list_instances(self) -> list[InstanceInfo]:
         return [
-            InstanceInfo(i.instance_id, "sim", i.gpu, frozenset({"evict", "swap", "load_model", "warm_start"}))
+            InstanceInfo(
+                i.instance_id, "sim", i.gpu, frozenset({"evict", "swap", "load_model", "warm_start"})
+            )
             for i in self.fleet.instances.values()
         ]
 

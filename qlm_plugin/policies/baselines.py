@@ -26,7 +26,9 @@ class FCFS:
         return (request.arrival_time, request.id)
 
     @hookimpl
-    def qlm_select_victim(self, candidates: Sequence[RunningView], instance_id: str, now: float) -> RunningView:
+    def qlm_select_victim(
+        self, candidates: Sequence[RunningView], instance_id: str, now: float
+    ) -> RunningView:
         return max(candidates, key=lambda c: (c.admitted_at, c.request.arrival_time, c.request.id))
 
 
@@ -36,7 +38,9 @@ class EDF:
         return (request.slo.first_deadline(), request.arrival_time, request.id)
 
     @hookimpl
-    def qlm_select_victim(self, candidates: Sequence[RunningView], instance_id: str, now: float) -> RunningView:
+    def qlm_select_victim(
+        self, candidates: Sequence[RunningView], instance_id: str, now: float
+    ) -> RunningView:
         return max(
             candidates,
             key=lambda c: (c.request.deadline_after_first_token(), c.request.arrival_time, c.request.id),
@@ -49,7 +53,9 @@ class StaticPriority:
         return (request.priority, request.arrival_time, request.id)
 
     @hookimpl
-    def qlm_select_victim(self, candidates: Sequence[RunningView], instance_id: str, now: float) -> RunningView:
+    def qlm_select_victim(
+        self, candidates: Sequence[RunningView], instance_id: str, now: float
+    ) -> RunningView:
         return max(candidates, key=lambda c: (c.request.priority, c.request.arrival_time, c.request.id))
 
 
@@ -70,7 +76,9 @@ class Oracle:
 
     def _laxity(self, request: Request, generated: int) -> float:
         cost = self._cost.get(request.model)
-        true_out = request.true_output_tokens if request.true_output_tokens is not None else request.max_tokens
+        true_out = (
+            request.true_output_tokens if request.true_output_tokens is not None else request.max_tokens
+        )
         remaining = max(0, true_out - generated)
         if cost is None:
             prefill_s, decode_s = 0.0, float(remaining)
@@ -89,7 +97,9 @@ class Oracle:
         return (self._laxity(request, 0), request.arrival_time, request.id)
 
     @hookimpl
-    def qlm_select_victim(self, candidates: Sequence[RunningView], instance_id: str, now: float) -> RunningView:
+    def qlm_select_victim(
+        self, candidates: Sequence[RunningView], instance_id: str, now: float
+    ) -> RunningView:
         return max(
             candidates,
             key=lambda c: (self._laxity(c.request, c.generated_tokens), c.request.arrival_time, c.request.id),

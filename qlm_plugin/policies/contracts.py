@@ -35,7 +35,9 @@ class VictimPolicy(Protocol):
     Contract: returns one of ``candidates`` (never empty), deterministically for the same input.
     """
 
-    def qlm_select_victim(self, candidates: Sequence[RunningView], instance_id: str, now: float) -> RunningView: ...
+    def qlm_select_victim(
+        self, candidates: Sequence[RunningView], instance_id: str, now: float
+    ) -> RunningView: ...
 
 
 @runtime_checkable
@@ -46,4 +48,6 @@ class RoutingPolicy(Protocol):
     loaded when one exists (a model swap costs seconds to minutes).
     """
 
-    def qlm_choose_instance(self, request: Request, instances: Sequence[InstanceState], now: float) -> str | None: ...
+    def qlm_choose_instance(
+        self, request: Request, instances: Sequence[InstanceState], now: float
+    ) -> str | None: ...

@@ -18,15 +18,23 @@ class Defaults:
         return (request.arrival_time, request.id)
 
     @hookimpl(trylast=True)
-    def qlm_select_victim(self, candidates: Sequence[RunningView], instance_id: str, now: float) -> RunningView:
+    def qlm_select_victim(
+        self, candidates: Sequence[RunningView], instance_id: str, now: float
+    ) -> RunningView:
         return max(candidates, key=lambda c: (c.admitted_at, c.request.arrival_time, c.request.id))
 
     @hookimpl(trylast=True)
-    def qlm_choose_instance(self, request: Request, instances: Sequence[InstanceState], now: float) -> str | None:
+    def qlm_choose_instance(
+        self, request: Request, instances: Sequence[InstanceState], now: float
+    ) -> str | None:
         """Join the shortest queue (outstanding tokens) among instances serving the model, else among
         all (the chosen one swaps the model in)."""
         if not instances:
             return None
-        serving = [i for i in instances if request.model in i.models_loaded or i.loading_model == request.model]
+        serving = [
+            i for i in instances if request.model in i.models_loaded or i.loading_model == request.model
+        ]
         pool = serving or list(instances)
-        return min(pool, key=lambda i: (i.queued_tokens, i.num_running + i.num_waiting, i.instance_id)).instance_id
+        return min(
+            pool, key=lambda i: (i.queued_tokens, i.num_running + i.num_waiting, i.instance_id)
+        ).instance_id

@@ -49,7 +49,9 @@ class PolicyRegistry:
         try:
             return self._policies[name]
         except KeyError:
-            raise UnknownPolicyError(f"unknown policy {name!r}; available: {', '.join(self.names())}") from None
+            raise UnknownPolicyError(
+                f"unknown policy {name!r}; available: {', '.join(self.names())}"
+            ) from None
 
     def names(self) -> list[str]:
         return list(self._policies)

@@ -59,7 +59,9 @@ class _Recorder:
         self.finished.append(outcome)
 
 
-def _wait_until(harness: BackendHarness, cond: Callable[[], bool], budget_s: float, step_s: float = 0.05) -> bool:
+def _wait_until(
+    harness: BackendHarness, cond: Callable[[], bool], budget_s: float, step_s: float = 0.05
+) -> bool:
     waited = 0.0
     deadline = time.monotonic() + max(budget_s, 60.0)
     while not cond():
@@ -94,7 +96,13 @@ class AdapterConformance:
     def _request(self, harness: BackendHarness, prompt: int = 32, out: int = 16) -> Request:
         AdapterConformance._n += 1
         return make_request(
-            f"conf-{AdapterConformance._n}", harness.model(), prompt, out, 0.0, e2e_s=3600.0, true_output_tokens=out
+            f"conf-{AdapterConformance._n}",
+            harness.model(),
+            prompt,
+            out,
+            0.0,
+            e2e_s=3600.0,
+            true_output_tokens=out,
         )
 
     @staticmethod
@@ -109,7 +117,9 @@ class AdapterConformance:
         return infos[0].capabilities if infos else frozenset()
 
     # -------------------------------------------------------------- listing and state
-    def test_lists_its_instances_with_unique_ids(self, wired: tuple[BackendHarness, pluggy.PluginManager, _Recorder]) -> None:
+    def test_lists_its_instances_with_unique_ids(
+        self, wired: tuple[BackendHarness, pluggy.PluginManager, _Recorder]
+    ) -> None:
         harness, pm, _ = wired
         infos: list[InstanceInfo] = [i for lst in pm.hook.qlm_list_instances() for i in lst]
         ids = [i.instance_id for i in infos]
@@ -168,7 +178,9 @@ class AdapterConformance:
     ) -> None:
         self._evict_and_complete(wired, EvictMode.RECOMPUTE)
 
-    def test_evict_swap_then_completes_once(self, wired: tuple[BackendHarness, pluggy.PluginManager, _Recorder]) -> None:
+    def test_evict_swap_then_completes_once(
+        self, wired: tuple[BackendHarness, pluggy.PluginManager, _Recorder]
+    ) -> None:
         harness, pm, _ = wired
         if "swap" not in self._caps(pm, harness.instance_id()):
             pytest.skip("adapter has no host KV tier")
@@ -202,7 +214,9 @@ class AdapterConformance:
     ) -> None:
         harness, pm, _ = wired
         with pytest.raises(KeyError):
-            pm.hook.qlm_evict(instance_id=harness.instance_id(), request_id="never-sent", mode=EvictMode.RECOMPUTE)
+            pm.hook.qlm_evict(
+                instance_id=harness.instance_id(), request_id="never-sent", mode=EvictMode.RECOMPUTE
+            )
 
     def test_swap_in_of_unknown_request_is_refused(
         self, wired: tuple[BackendHarness, pluggy.PluginManager, _Recorder]
@@ -211,7 +225,9 @@ class AdapterConformance:
         assert pm.hook.qlm_swap_in(instance_id=harness.instance_id(), request_id="never-sent") is False
 
     # -------------------------------------------------------------- models
-    def test_load_other_model_then_serve_it(self, wired: tuple[BackendHarness, pluggy.PluginManager, _Recorder]) -> None:
+    def test_load_other_model_then_serve_it(
+        self, wired: tuple[BackendHarness, pluggy.PluginManager, _Recorder]
+    ) -> None:
         harness, pm, recorder = wired
         other = harness.other_model()
         if other is None or "load_model" not in self._caps(pm, harness.instance_id()):
@@ -220,20 +236,30 @@ class AdapterConformance:
         now = self._state(pm, iid).now
         result = pm.hook.qlm_load_model(instance_id=iid, model=other, target="gpu")
         assert result is not None and result.model == other and result.ready_at >= now
-        assert _wait_until(harness, lambda: other in self._state(pm, iid).models_loaded, result.ready_at - now + 60.0, 0.5)
+        assert _wait_until(
+            harness, lambda: other in self._state(pm, iid).models_loaded, result.ready_at - now + 60.0, 0.5
+        )
         assert harness.model() not in self._state(pm, iid).models_loaded
         if "warm_start" in self._caps(pm, iid):
             assert harness.model() in self._state(pm, iid).models_warm, "the swapped-out model stays warm"
-        r = make_request("conf-other", other, 16, 4, self._state(pm, iid).now + 0.0, e2e_s=3600.0, true_output_tokens=4)
+        r = make_request(
+            "conf-other", other, 16, 4, self._state(pm, iid).now + 0.0, e2e_s=3600.0, true_output_tokens=4
+        )
         assert pm.hook.qlm_dispatch(instance_id=iid, request=r) is True
-        assert _wait_until(harness, lambda: any(o.request.id == r.id for o in recorder.finished), self.completion_budget_s)
+        assert _wait_until(
+            harness, lambda: any(o.request.id == r.id for o in recorder.finished), self.completion_budget_s
+        )
 
-    def test_unload_keeps_weights_warm(self, wired: tuple[BackendHarness, pluggy.PluginManager, _Recorder]) -> None:
+    def test_unload_keeps_weights_warm(
+        self, wired: tuple[BackendHarness, pluggy.PluginManager, _Recorder]
+    ) -> None:
         harness, pm, _ = wired
         iid = harness.instance_id()
         if "warm_start" not in self._caps(pm, iid):
             pytest.skip("adapter keeps no weights in host memory")
         assert pm.hook.qlm_unload_model(instance_id=iid, model=harness.model(), keep_warm=True) is True
-        assert _wait_until(harness, lambda: harness.model() not in self._state(pm, iid).models_loaded, 30.0, 0.1)
+        assert _wait_until(
+            harness, lambda: harness.model() not in self._state(pm, iid).models_loaded, 30.0, 0.1
+        )
         assert harness.model() in self._state(pm, iid).models_warm
         assert pm.hook.qlm_unload_model(instance_id=iid, model=harness.model(), keep_warm=True) is False

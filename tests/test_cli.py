@@ -1,0 +1,133 @@
+"""The `qlm` command line, run as a user runs it (the installed console script)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+QLM = shutil.which("qlm") or ""
+pytestmark = pytest.mark.skipif(not QLM, reason="the qlm console script is not installed")
+METRIC_KEYS = {
+    "slo_attainment",
+    "goodput_rps",
+    "throughput_rps",
+    "ttft_p50_s",
+    "ttft_p99_s",
+    "e2e_p50_s",
+    "e2e_p99_s",
+    "requests",
+}
+
+
+def qlm(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([QLM, *args], capture_output=True, text=True, timeout=300, cwd=cwd)
+
+
+@pytest.fixture(scope="module")
+def default_run() -> dict[str, Any]:
+    proc = qlm("simulate", "--json")
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)  # type: ignore[no-any-return]
+
+
+def test_simulate_json_has_every_policy_class_and_metric(default_run: dict[str, Any]) -> None:
+    policies = default_run["policies"]
+    assert list(policies)[:4] == ["fcfs", "edf", "priority", "oracle"]
+    for name, result in policies.items():
+        assert result["overall"].keys() >= METRIC_KEYS, name
+        assert 0.0 <= result["overall"]["slo_attainment"] <= 1.0
+        assert 0.0 <= result["overall"]["gpu_busy_fraction"] <= 1.0
+        assert set(result["classes"]) == {"interactive", "batch"}
+        for m in result["classes"].values():
+            assert m.keys() >= METRIC_KEYS
+        assert sum(m["requests"] for m in result["classes"].values()) == result["overall"]["requests"]
+    assert policies["oracle"]["reference"] is True and policies["fcfs"]["reference"] is False
+
+
+def test_default_scenario_shows_head_of_line_blocking_under_fcfs(default_run: dict[str, Any]) -> None:
+    p = default_run["policies"]
+    fcfs = p["fcfs"]["classes"]["interactive"]["slo_attainment"]
+    edf = p["edf"]["classes"]["interactive"]["slo_attainment"]
+    assert fcfs < 0.7, "the default load must be one where FCFS misses interactive SLOs"
+    assert edf > fcfs + 0.2, "deadline-aware ordering serves interactive requests that FCFS blocks"
+
+
+def test_simulate_is_deterministic(tmp_path: Path) -> None:
+    trace = tmp_path / "t.csv"
+    rows = "\n".join(f"{i * 0.05:.3f},{200 + 37 * i % 900},{1 + 13 * i % 300}" for i in range(300))
+    trace.write_text("TIMESTAMP,ContextTokens,GeneratedTokens\n" + rows + "\n")
+    runs = []
+    for _ in range(2):
+        proc = qlm("simulate", "--json", "--trace", str(trace), "--policies", "fcfs,oracle")
+        assert proc.returncode == 0, proc.stderr
+        out = json.loads(proc.stdout)
+        for res in out["policies"].values():
+            res.pop("wall_s")
+        runs.append(out)
+    assert runs[0] == runs[1]
+    assert runs[0]["requests"] == 300
+
+
+def test_table_output_names_policies_and_classes() -> None:
+    proc = qlm("simulate", "--policies", "fcfs,oracle", "--rate-scale", "20")
+    assert proc.returncode == 0, proc.stderr
+    assert "fcfs" in proc.stdout and "oracle*" in proc.stdout and "interactive" in proc.stdout
+    assert "reference" in proc.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "needle"),
+    [
+        (["simulate", "--bogus"], 2, "unrecognized arguments: --bogus"),
+        (["simulate", "--rate-scale", "fast"], 2, "invalid float value: 'fast'"),
+        (["simulate", "--rate-scale", "-2"], 1, "--rate-scale must be > 0"),
+        (["simulate", "--trace", "/no/such/trace.csv"], 1, "/no/such/trace.csv"),
+        (
+            ["simulate", "--policies", "fcfs,magic"],
+            1,
+            "unknown policy 'magic'; available: fcfs, edf, priority, oracle",
+        ),
+        (["simulate", "--scenario", "/no/such/scenario.yaml"], 1, "cannot read scenario"),
+        (["frobnicate"], 2, "invalid choice: 'frobnicate'"),
+    ],
+)
+def test_bad_input_gives_one_clear_line_and_a_nonzero_exit(args: list[str], code: int, needle: str) -> None:
+    proc = qlm(*args)
+    assert proc.returncode == code
+    assert needle in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_a_malformed_trace_names_file_and_line(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.csv"
+    bad.write_text("TIMESTAMP,ContextTokens,GeneratedTokens\n0.0,10,5\n0.5,ten,5\n")
+    proc = qlm("simulate", "--trace", str(bad))
+    assert proc.returncode == 1
+    assert f"{bad}:3" in proc.stderr and "ContextTokens" in proc.stderr
+
+
+def test_cost_check_agrees_with_the_coefficients() -> None:
+    proc = qlm("cost-check", "--json")
+    assert proc.returncode == 0, proc.stderr
+    rows = json.loads(proc.stdout)
+    assert [r["batch"] for r in rows] == [1, 32, 256]
+    assert all(r["rel_error"] < 1e-9 for r in rows)
+
+
+def test_version() -> None:
+    proc = qlm("--version")
+    assert proc.returncode == 0 and proc.stdout.startswith("qlm-plugin ")
+
+
+def test_module_entry_point_runs_too() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "qlm_plugin.cli", "--version"], capture_output=True, text=True
+    )
+    assert proc.returncode == 0

@@ -1,0 +1,507 @@
+"""The plugin manager with real entry points.
+
+Each test installs real distributions into a temporary directory (``NAME-1.0.dist-info/METADATA`` and
+``entry_points.txt`` next to the plugin modules) and puts it on ``sys.path``; ``importlib.metadata``
+discovers them exactly as it discovers pip-installed packages. Nothing of ``importlib.metadata`` is
+mocked.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import subprocess
+import sys
+import textwrap
+from collections.abc import Iterator
+from pathlib import Path
+
+import pluggy
+import pytest
+
+from qlm_plugin import hooks as qlm_hooks
+from qlm_plugin.policies import registry as policies_registry
+from qlm_plugin.request import Request, make_request
+
+# Not ``from qlm_plugin.hooks import ...``: ruff resolves that path on disk (hooks/ lives at the repo
+# root, mapped by setuptools) and sorts it as third-party.
+DISABLE_AUTOLOAD_ENV = qlm_hooks.DISABLE_AUTOLOAD_ENV
+PLUGINS_ALLOWLIST_ENV = qlm_hooks.PLUGINS_ALLOWLIST_ENV
+ENTRY_POINT_GROUP = qlm_hooks.ENTRY_POINT_GROUP
+get_plugin_manager = qlm_hooks.get_plugin_manager
+hookimpl = qlm_hooks.hookimpl
+load_entrypoint_plugins = qlm_hooks.manager.load_entrypoint_plugins
+policy_registry = policies_registry.policy_registry
+
+BUILTINS = {"qlm-defaults", "qlm-baselines"}
+BUILTIN_POLICIES = ["fcfs", "edf", "priority", "oracle"]
+MANAGER_LOGGER = "qlm_plugin.hooks.manager"
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+# --- plugin module sources -------------------------------------------------------------------------
+
+RANK_PLUGIN = """
+from qlm_plugin.hooks import hookimpl
+
+
+class RankPlugin:
+    @hookimpl
+    def qlm_rank_key(self, request, instance_id, now):
+        return ({tag!r}, request.prompt_tokens)
+
+
+plugin = RankPlugin()
+"""
+
+# A module that is itself the plugin (entry point without ``:attr``).
+MODULE_PLUGIN = """
+from qlm_plugin.hooks import hookimpl
+
+
+@hookimpl
+def qlm_rank_key(request, instance_id, now):
+    return ("module", request.id)
+"""
+
+# Answers only for instance "mine"; None elsewhere, so the next implementation is asked.
+PARTIAL_RANK_PLUGIN = """
+from qlm_plugin.hooks import hookimpl
+
+
+class Partial:
+    @hookimpl
+    def qlm_rank_key(self, request, instance_id, now):
+        return ("partial",) if instance_id == "mine" else None
+
+
+plugin = Partial()
+"""
+
+RAISING_PLUGIN = """
+raise RuntimeError("plugin import exploded")
+"""
+
+POLICY_PLUGIN = """
+from qlm_plugin.hooks import hookimpl
+
+
+class Ordering:
+    @hookimpl
+    def qlm_rank_key(self, request, instance_id, now):
+        return (request.prompt_tokens, request.arrival_time, request.id)
+
+
+class AddsPolicies:
+    @hookimpl
+    def qlm_add_policies(self, registry):
+        for name in {names!r}:
+            registry.add(name, lambda ctx: Ordering(), "shortest prompt first (test plugin)")
+
+
+plugin = AddsPolicies()
+"""
+
+# ``qlm_add_policies`` is valid; ``qlm_rank_key`` names an argument the spec does not have.
+WRONG_ARG_PLUGIN = """
+from qlm_plugin.hooks import hookimpl
+
+
+class WrongArg:
+    @hookimpl
+    def qlm_add_policies(self, registry):
+        registry.add("ghost", lambda ctx: WrongArg(), "must never be listed")
+
+    @hookimpl
+    def qlm_rank_key(self, request, instance, now):
+        return (0,)
+
+
+plugin = WrongArg()
+"""
+
+
+# --- fixtures --------------------------------------------------------------------------------------
+
+
+class Site:
+    """A directory on ``sys.path`` into which tests install distributions with ``qlm`` entry points."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.modules: set[str] = set()
+
+    def install(self, dist: str, entry_points: dict[str, str], modules: dict[str, str]) -> None:
+        """Install distribution ``dist`` 1.0 with ``entry_points`` (name -> ``module[:attr]``, in this
+        order) in the ``qlm`` group and the given top-level modules (name -> source).
+
+        Install everything before the first discovery: on Python 3.11 ``importlib.invalidate_caches()``
+        does not reset importlib.metadata's directory cache, which is keyed by the folder's mtime.
+        """
+        for module, source in modules.items():
+            (self.root / f"{module}.py").write_text(textwrap.dedent(source).lstrip())
+            self.modules.add(module)
+        # Installers escape the name in the folder ("my-plugin" -> "my_plugin-1.0.dist-info"):
+        # importlib.metadata takes the name up to the first "-".
+        info = self.root / f"{dist.replace('-', '_')}-1.0.dist-info"
+        info.mkdir()
+        (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 1.0\n")
+        lines = [f"[{ENTRY_POINT_GROUP}]", *(f"{name} = {value}" for name, value in entry_points.items())]
+        (info / "entry_points.txt").write_text("\n".join(lines) + "\n")
+        importlib.invalidate_caches()
+
+    def install_rank_plugins(self, *names: str) -> None:
+        """One distribution per name, each with a RankPlugin whose key starts with the name."""
+        for name in names:
+            module = f"qlmtest_{name.replace('-', '_')}"
+            self.install(
+                f"qlmtest-{name}", {name: f"{module}:plugin"}, {module: RANK_PLUGIN.format(tag=name)}
+            )
+
+
+@pytest.fixture
+def site(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Site]:
+    monkeypatch.delenv(DISABLE_AUTOLOAD_ENV, raising=False)
+    monkeypatch.delenv(PLUGINS_ALLOWLIST_ENV, raising=False)
+    root = tmp_path / "site-packages"
+    root.mkdir()
+    monkeypatch.syspath_prepend(str(root))
+    importlib.invalidate_caches()
+    s = Site(root)
+    yield s
+    for module in s.modules:
+        sys.modules.pop(module, None)
+    importlib.invalidate_caches()
+
+
+@pytest.fixture
+def request_() -> Request:
+    return make_request("r1", "llama-3.1-8b", prompt_tokens=512, max_tokens=128, arrival_time=3.0)
+
+
+def plugin_names(pm: pluggy.PluginManager) -> set[str]:
+    return {name for name, _ in pm.list_name_plugin()}
+
+
+def manager_errors(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if r.name == MANAGER_LOGGER and r.levelno >= logging.ERROR]
+
+
+# --- discovery and precedence ----------------------------------------------------------------------
+
+
+def test_entry_point_plugin_is_registered_and_overrides_default_rank_key(
+    site: Site, request_: Request
+) -> None:
+    site.install_rank_plugins("good")
+
+    baseline = get_plugin_manager(autoload=False)
+    assert baseline.hook.qlm_rank_key(request=request_, instance_id="i0", now=5.0) == (3.0, "r1")
+
+    pm = get_plugin_manager()
+    assert pm.has_plugin("good")
+    assert plugin_names(pm) >= BUILTINS
+    assert type(pm.get_plugin("good")).__name__ == "RankPlugin"
+    assert pm.hook.qlm_rank_key(request=request_, instance_id="i0", now=5.0) == ("good", 512)
+
+
+def test_module_entry_point_is_registered_as_a_plugin(site: Site, request_: Request) -> None:
+    site.install(
+        "qlmtest-modplugin", {"modplugin": "qlmtest_modplugin"}, {"qlmtest_modplugin": MODULE_PLUGIN}
+    )
+    pm = get_plugin_manager()
+    assert pm.get_plugin("modplugin") is sys.modules["qlmtest_modplugin"]
+    assert pm.hook.qlm_rank_key(request=request_, instance_id="i0", now=0.0) == ("module", "r1")
+
+
+def test_later_registered_firstresult_implementation_wins(site: Site, request_: Request) -> None:
+    # One distribution, entry points registered in file order: "second" is registered last.
+    site.install(
+        "qlmtest-order",
+        {"first": "qlmtest_first:plugin", "second": "qlmtest_second:plugin"},
+        {
+            "qlmtest_first": RANK_PLUGIN.format(tag="first"),
+            "qlmtest_second": RANK_PLUGIN.format(tag="second"),
+        },
+    )
+    pm = get_plugin_manager(autoload=False)
+    assert load_entrypoint_plugins(pm) == ["first", "second"]
+    assert pm.hook.qlm_rank_key(request=request_, instance_id="i0", now=0.0) == ("second", 512)
+
+
+def test_plugin_returning_none_defers_to_the_next_implementation(site: Site, request_: Request) -> None:
+    site.install(
+        "qlmtest-partial", {"partial": "qlmtest_partial:plugin"}, {"qlmtest_partial": PARTIAL_RANK_PLUGIN}
+    )
+    pm = get_plugin_manager()
+    assert pm.hook.qlm_rank_key(request=request_, instance_id="mine", now=0.0) == ("partial",)
+    # Not its instance: falls through to the built-in default (arrival, id).
+    assert pm.hook.qlm_rank_key(request=request_, instance_id="other", now=0.0) == (3.0, "r1")
+
+
+def test_loading_twice_registers_nothing_new(site: Site) -> None:
+    site.install_rank_plugins("good")
+    pm = get_plugin_manager()
+    assert pm.has_plugin("good")
+    assert load_entrypoint_plugins(pm) == []
+
+
+# --- broken plugins --------------------------------------------------------------------------------
+
+
+def test_broken_plugins_are_logged_and_skipped(
+    site: Site, request_: Request, caplog: pytest.LogCaptureFixture
+) -> None:
+    site.install(
+        "qlmtest-mixed",
+        {
+            "explodes": "qlmtest_explodes:plugin",
+            "noattr": "qlmtest_noattr:does_not_exist",
+            "good": "qlmtest_good:plugin",
+        },
+        {
+            "qlmtest_explodes": RAISING_PLUGIN,
+            "qlmtest_noattr": RANK_PLUGIN.format(tag="noattr"),
+            "qlmtest_good": RANK_PLUGIN.format(tag="good"),
+        },
+    )
+    caplog.set_level(logging.DEBUG, logger=MANAGER_LOGGER)
+    pm = get_plugin_manager(autoload=False)
+
+    assert load_entrypoint_plugins(pm) == ["good"]
+
+    assert not pm.has_plugin("explodes")
+    assert not pm.has_plugin("noattr")
+    assert plugin_names(pm) == BUILTINS | {"good"}
+    assert pm.hook.qlm_rank_key(request=request_, instance_id="i0", now=0.0) == ("good", 512)
+
+    errors = manager_errors(caplog)
+    by_plugin = {
+        name: [r for r in errors if repr(name) in r.getMessage()] for name in ("explodes", "noattr", "good")
+    }
+    assert len(by_plugin["explodes"]) == 1
+    assert len(by_plugin["noattr"]) == 1
+    assert by_plugin["good"] == []
+    explodes, noattr = by_plugin["explodes"][0], by_plugin["noattr"][0]
+    assert "skipped" in explodes.getMessage()
+    assert "qlmtest_explodes:plugin" in explodes.getMessage()
+    assert explodes.exc_info is not None and isinstance(explodes.exc_info[1], RuntimeError)
+    assert "qlmtest_noattr:does_not_exist" in noattr.getMessage()
+    assert noattr.exc_info is not None and isinstance(noattr.exc_info[1], AttributeError)
+
+
+def test_broken_plugin_does_not_break_get_plugin_manager(
+    site: Site, caplog: pytest.LogCaptureFixture
+) -> None:
+    site.install(
+        "qlmtest-explodes", {"explodes": "qlmtest_explodes:plugin"}, {"qlmtest_explodes": RAISING_PLUGIN}
+    )
+    site.install_rank_plugins("good")
+    caplog.set_level(logging.DEBUG, logger=MANAGER_LOGGER)
+    pm = get_plugin_manager()
+    assert pm.has_plugin("good")
+    assert not pm.has_plugin("explodes")
+    assert any("'explodes'" in r.getMessage() for r in manager_errors(caplog))
+
+
+# --- autoload switches -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("value", ["1", "true", "yes", "on", "TRUE", " Yes "])
+def test_disable_env_loads_no_entry_point_plugin(
+    site: Site, monkeypatch: pytest.MonkeyPatch, value: str
+) -> None:
+    site.install_rank_plugins("good")
+    monkeypatch.setenv(DISABLE_AUTOLOAD_ENV, value)
+    pm = get_plugin_manager()
+    assert plugin_names(pm) == BUILTINS
+    assert policy_registry(pm).names() == BUILTIN_POLICIES
+
+
+@pytest.mark.parametrize("value", ["", "0", "false", "no", "off"])
+def test_other_disable_env_values_still_autoload(
+    site: Site, monkeypatch: pytest.MonkeyPatch, value: str
+) -> None:
+    site.install_rank_plugins("good")
+    monkeypatch.setenv(DISABLE_AUTOLOAD_ENV, value)
+    assert get_plugin_manager().has_plugin("good")
+
+
+def test_disable_env_wins_over_allow_list(site: Site, monkeypatch: pytest.MonkeyPatch) -> None:
+    site.install_rank_plugins("good")
+    monkeypatch.setenv(DISABLE_AUTOLOAD_ENV, "1")
+    monkeypatch.setenv(PLUGINS_ALLOWLIST_ENV, "good")
+    assert plugin_names(get_plugin_manager()) == BUILTINS
+
+
+def test_autoload_false_loads_no_entry_point_plugin(site: Site) -> None:
+    site.install_rank_plugins("good")
+    pm = get_plugin_manager(autoload=False)
+    assert plugin_names(pm) == BUILTINS
+    assert policy_registry(pm).names() == BUILTIN_POLICIES
+
+
+@pytest.mark.parametrize("allow", ["a,b", " a , b ,", "b,a,unknown"])
+def test_allow_list_loads_only_the_named_plugins(
+    site: Site, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, allow: str
+) -> None:
+    site.install_rank_plugins("a", "b", "c")
+    monkeypatch.setenv(PLUGINS_ALLOWLIST_ENV, allow)
+    caplog.set_level(logging.DEBUG, logger=MANAGER_LOGGER)
+    pm = get_plugin_manager()
+    assert plugin_names(pm) == BUILTINS | {"a", "b"}
+    assert manager_errors(caplog) == []
+
+
+# --- policies contributed by plugins ---------------------------------------------------------------
+
+
+def test_plugin_policy_is_listed_after_the_builtins(site: Site, request_: Request) -> None:
+    site.install(
+        "qlmtest-policies",
+        {"policies": "qlmtest_policies:plugin"},
+        {"qlmtest_policies": POLICY_PLUGIN.format(names=["spf"])},
+    )
+    pm = get_plugin_manager()
+    registry = policy_registry(pm)
+    assert registry.names() == [*BUILTIN_POLICIES, "spf"]
+    info = registry.get("spf")
+    assert info.reference is False
+    policy = info.factory(policies_registry.PolicyContext())
+    assert policy.qlm_rank_key(request_, "i0", 0.0) == (512, 3.0, "r1")
+
+
+def test_builtin_policies_lead_whatever_the_plugin_order(site: Site) -> None:
+    site.install(
+        "qlmtest-policies",
+        {
+            "p1": "qlmtest_p1:plugin",
+            "p2": "qlmtest_p2:plugin",
+        },
+        {
+            "qlmtest_p1": POLICY_PLUGIN.format(names=["one", "uno"]),
+            "qlmtest_p2": POLICY_PLUGIN.format(names=["two"]),
+        },
+    )
+    names = policy_registry(get_plugin_manager()).names()
+    assert names[:4] == BUILTIN_POLICIES
+    assert sorted(names[4:]) == ["one", "two", "uno"]
+    assert names.index("one") < names.index("uno")  # a plugin's own policies keep their order
+
+
+@pytest.mark.parametrize("duplicate", BUILTIN_POLICIES)
+def test_plugin_policy_duplicating_a_builtin_name_raises(site: Site, duplicate: str) -> None:
+    site.install(
+        "qlmtest-dup",
+        {"dup": "qlmtest_dup:plugin"},
+        {"qlmtest_dup": POLICY_PLUGIN.format(names=[duplicate])},
+    )
+    pm = get_plugin_manager()
+    with pytest.raises(ValueError, match=f"policy '{duplicate}' is already registered"):
+        policy_registry(pm)
+
+
+def test_two_plugins_adding_the_same_policy_name_raise(site: Site) -> None:
+    site.install(
+        "qlmtest-dup",
+        {"dup1": "qlmtest_dup1:plugin", "dup2": "qlmtest_dup2:plugin"},
+        {
+            "qlmtest_dup1": POLICY_PLUGIN.format(names=["same"]),
+            "qlmtest_dup2": POLICY_PLUGIN.format(names=["same"]),
+        },
+    )
+    with pytest.raises(ValueError, match="policy 'same' is already registered"):
+        policy_registry(get_plugin_manager())
+
+
+# --- hook validation -------------------------------------------------------------------------------
+
+
+class WrongArgName:
+    @hookimpl
+    def qlm_rank_key(self, request: Request, instance: str, now: float) -> tuple[int]:
+        return (0,)
+
+
+class UnknownQlmHook:
+    @hookimpl
+    def qlm_rank_keys(self, request: Request) -> tuple[int]:  # typo: no such hookspec
+        return (0,)
+
+
+def test_wrong_argument_name_is_rejected_at_registration() -> None:
+    pm = get_plugin_manager(autoload=False)
+    with pytest.raises(pluggy.PluginValidationError, match="instance"):
+        pm.register(WrongArgName(), name="wrong")
+
+
+def test_unknown_hook_name_is_caught_by_check_pending() -> None:
+    pm = get_plugin_manager(autoload=False)
+    pm.register(UnknownQlmHook(), name="typo")
+    with pytest.raises(pluggy.PluginValidationError, match="qlm_rank_keys"):
+        pm.check_pending()
+
+
+def test_wrong_argument_name_from_entry_point_is_logged_not_raised(
+    site: Site, request_: Request, caplog: pytest.LogCaptureFixture
+) -> None:
+    site.install(
+        "qlmtest-wrongarg",
+        {"wrongarg": "qlmtest_wrongarg:plugin", "good": "qlmtest_good:plugin"},
+        {"qlmtest_wrongarg": WRONG_ARG_PLUGIN, "qlmtest_good": RANK_PLUGIN.format(tag="good")},
+    )
+    caplog.set_level(logging.DEBUG, logger=MANAGER_LOGGER)
+    pm = get_plugin_manager(autoload=False)
+
+    assert load_entrypoint_plugins(pm) == ["good"]  # no crash; the bad one is not reported as loaded
+
+    assert pm.hook.qlm_rank_key(request=request_, instance_id="i0", now=0.0) == ("good", 512)
+    errors = [r for r in manager_errors(caplog) if "'wrongarg'" in r.getMessage()]
+    assert len(errors) == 1
+    assert "skipped" in errors[0].getMessage()
+    assert errors[0].exc_info is not None
+    assert isinstance(errors[0].exc_info[1], pluggy.PluginValidationError)
+
+
+def test_plugin_rejected_by_validation_leaves_nothing_registered(site: Site) -> None:
+    site.install(
+        "qlmtest-wrongarg", {"wrongarg": "qlmtest_wrongarg:plugin"}, {"qlmtest_wrongarg": WRONG_ARG_PLUGIN}
+    )
+    pm = get_plugin_manager()
+    assert "ghost" not in policy_registry(pm).names()  # its valid qlm_add_policies must not run
+    assert not pm.has_plugin("wrongarg")
+
+
+# --- import hygiene --------------------------------------------------------------------------------
+
+
+def test_importing_the_package_installs_no_top_level_hooks_or_adapters(tmp_path: Path) -> None:
+    code = textwrap.dedent(
+        f"""
+        import importlib.util, os, sys
+        repo = os.path.realpath({str(REPO_ROOT)!r})
+        on_path = [p for p in sys.path if os.path.realpath(p or os.getcwd()) == repo]
+        assert not on_path, f"repo root on sys.path: {{on_path}}"
+
+        import qlm_plugin.hooks, qlm_plugin.adapters.sim
+
+        assert qlm_plugin.hooks.get_plugin_manager is not None
+        assert "hooks" not in sys.modules, sys.modules.get("hooks")
+        assert "adapters" not in sys.modules, sys.modules.get("adapters")
+        for name in ("hooks", "adapters"):
+            spec = importlib.util.find_spec(name)
+            assert spec is None, f"top-level {{name!r}} importable: {{spec}}"
+
+        # Control: the check does see the repo's folders once the repo root is on sys.path.
+        sys.path.insert(0, repo)
+        importlib.invalidate_caches()
+        assert importlib.util.find_spec("hooks") is not None
+        print("ok")
+        """
+    )
+    env = {k: v for k, v in os.environ.items() if k not in {"PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP"}}
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "ok"

@@ -1,0 +1,144 @@
+"""Every registered policy, built-in or from a plugin, against the contracts of its roles."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Hashable
+
+import pytest
+
+from qlm_plugin.costmodel import cost_model
+from qlm_plugin.hooks import get_plugin_manager
+from qlm_plugin.policies.contracts import OrderingPolicy, RoutingPolicy, VictimPolicy
+from qlm_plugin.policies.defaults import Defaults
+from qlm_plugin.policies.registry import PolicyContext, policy_registry
+from qlm_plugin.request import DEFAULT_CLASSES, Request, make_request
+from qlm_plugin.state import InstanceState, RunningView
+
+CTX = PolicyContext({"m": cost_model("llama-3.1-8b", "h100")})
+REGISTRY = policy_registry(get_plugin_manager())
+POLICIES = REGISTRY.names()
+
+
+def build(name: str) -> object:
+    return REGISTRY.get(name).factory(CTX)
+
+
+def workload(seed: int, n: int = 60) -> list[Request]:
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        cls = DEFAULT_CLASSES[rng.choice(["interactive", "batch"])]
+        out.append(
+            make_request(
+                f"r{i}",
+                "m",
+                rng.randint(1, 4000),
+                2048,
+                rng.uniform(0, 100),
+                slo_class=cls,
+                priority=rng.randint(0, 3),
+                true_output_tokens=rng.randint(1, 2000),
+            )
+        )
+    return out
+
+
+def key(policy: object, r: Request, now: float = 0.0) -> Hashable:
+    assert isinstance(policy, OrderingPolicy)
+    return policy.qlm_rank_key(request=r, instance_id="i0", now=now)
+
+
+def test_the_baselines_are_registered_first() -> None:
+    assert POLICIES[:4] == ["fcfs", "edf", "priority", "oracle"]
+    assert REGISTRY.get("oracle").reference and not REGISTRY.get("fcfs").reference
+
+
+@pytest.mark.parametrize("name", POLICIES)
+def test_every_policy_fills_at_least_one_role(name: str) -> None:
+    p = build(name)
+    assert isinstance(p, (OrderingPolicy, VictimPolicy, RoutingPolicy))
+
+
+@pytest.mark.parametrize("name", POLICIES)
+def test_ordering_keys_are_total_deterministic_and_do_not_drift(name: str) -> None:
+    p = build(name)
+    if not isinstance(p, OrderingPolicy):
+        pytest.skip("not an ordering policy")
+    reqs = workload(1)
+    keys = [key(p, r) for r in reqs]
+    sorted(keys)  # totally ordered: raises TypeError otherwise
+    assert keys == [key(p, r) for r in reqs], "same request, same key"
+    assert keys == [key(p, r, now=12345.0) for r in reqs], "keys must not depend on now"
+    assert len(set(keys)) == len(keys), "ties are broken (arrival, id)"
+
+
+@pytest.mark.parametrize("name", POLICIES)
+def test_equal_standing_is_served_first_come_first_served(name: str) -> None:
+    p = build(name)
+    if not isinstance(p, OrderingPolicy):
+        pytest.skip("not an ordering policy")
+    early = make_request("x1", "m", 100, 100, 5.0, ttft_s=2.0, true_output_tokens=50)
+    late = make_request("x2", "m", 100, 100, 5.0, ttft_s=2.0, true_output_tokens=50)
+    later = make_request("x0", "m", 100, 100, 6.0, ttft_s=1.0, true_output_tokens=50)  # same deadline 7.0
+    assert key(p, early) < key(p, late), "same arrival: id order"
+    if name not in ("fcfs",):
+        # same deadline and work, later arrival: served after
+        assert key(p, early) < key(p, later)
+
+
+@pytest.mark.parametrize("name", POLICIES)
+def test_victim_is_one_of_the_candidates_and_deterministic(name: str) -> None:
+    p = build(name)
+    if not isinstance(p, VictimPolicy):
+        pytest.skip("not a victim policy")
+    reqs = workload(2, 20)
+    views = [
+        RunningView(r, generated_tokens=i * 3, kv_tokens=r.prompt_tokens + i, admitted_at=float(i))
+        for i, r in enumerate(reqs)
+    ]
+    victim = p.qlm_select_victim(candidates=views, instance_id="i0", now=50.0)
+    assert victim in views
+    assert p.qlm_select_victim(candidates=list(views), instance_id="i0", now=50.0) is victim
+    assert p.qlm_select_victim(candidates=views[:1], instance_id="i0", now=50.0) is views[0]
+
+
+def _state(iid: str, models: tuple[str, ...], queued: int) -> InstanceState:
+    return InstanceState(iid, "sim", 0.0, models, (), None, 0, 0, 0, queued, 0, 100, 8)
+
+
+def test_default_router_prefers_instances_serving_the_model_then_the_shortest_queue() -> None:
+    router = Defaults()
+    assert isinstance(router, RoutingPolicy)
+    r = make_request("a", "m", 10, 10, 0.0)
+    states = [_state("i0", ("other",), 0), _state("i1", ("m",), 500), _state("i2", ("m",), 100)]
+    assert router.qlm_choose_instance(request=r, instances=states, now=0.0) == "i2"
+    assert router.qlm_choose_instance(request=r, instances=states[:1], now=0.0) == "i0", (
+        "swap in when none serves it"
+    )
+    assert router.qlm_choose_instance(request=r, instances=[], now=0.0) is None
+
+
+# ---- what distinguishes each baseline
+
+
+def test_edf_serves_the_earliest_deadline_first() -> None:
+    p = build("edf")
+    batch_early = make_request("b", "m", 10, 10, 0.0, slo_class=DEFAULT_CLASSES["batch"])  # deadline 600
+    interactive_late = make_request("i", "m", 10, 10, 50.0, ttft_s=1.0)  # deadline 51
+    assert key(p, interactive_late) < key(p, batch_early)
+
+
+def test_priority_follows_vllm_lower_value_first() -> None:
+    p = build("priority")
+    hi = make_request("hi", "m", 10, 10, 9.0, priority=-1)
+    lo = make_request("lo", "m", 10, 10, 0.0, priority=2)
+    assert key(p, hi) < key(p, lo)
+
+
+def test_oracle_uses_true_output_length() -> None:
+    p = build("oracle")
+    batch = DEFAULT_CLASSES["batch"]
+    long_job = make_request("long", "m", 100, 2048, 0.0, slo_class=batch, true_output_tokens=2000)
+    short_job = make_request("short", "m", 100, 2048, 0.0, slo_class=batch, true_output_tokens=5)
+    assert key(p, long_job) < key(p, short_job), "same deadline: less laxity (more work) first"

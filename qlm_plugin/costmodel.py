@@ -60,7 +60,8 @@ class CostModel:
 
     def kv_transfer_s(self, tokens: int) -> float:
         """Time to copy ``tokens`` tokens of KV cache between GPU and host memory, one way."""
-        return tokens * self.model.kv_bytes_per_token / (self.gpu.host_link_gbps * 1e9 / self.tp)
+        # KV is sharded over the tp GPUs, each copying its shard over its own host link.
+        return tokens * self.model.kv_bytes_per_token / (self.gpu.host_link_gbps * 1e9 * self.tp)
 
     def blocks_for(self, tokens: int) -> int:
         return -(-tokens // BLOCK_SIZE)
@@ -126,7 +127,7 @@ def cost_model(
     missing from the table can be defined.
     """
     m, g = _norm(model), _norm(gpu)
-    ov = dict(overrides or {})
+    ov = {k: _whole(k, v) if k in _WHOLE_FIELDS else v for k, v in (overrides or {}).items()}
     model_fields = {k: ov.pop(k) for k in ("weights_gb", "kv_bytes_per_token", "context_len") if k in ov}
     gpu_fields = {
         k: ov.pop(k) for k in ("host_link_gbps", "cold_load_gbps", "cold_start_s", "warm_start_s") if k in ov
@@ -171,10 +172,45 @@ def cost_model(
     if unknown:
         raise UnknownProfileError(f"unknown cost-model field(s): {', '.join(sorted(unknown))}")
     result = replace(result, **ov)
-    for name in ("b0_us", "b1_us", "b2_us"):
-        value = getattr(result, name)
-        if not math.isfinite(value) or value < 0:
-            raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-    if result.kv_blocks < 1 or result.max_num_seqs < 1 or result.max_num_batched_tokens < 1:
-        raise ValueError("kv_blocks, max_num_seqs and max_num_batched_tokens must be >= 1")
+    _check(result)
     return result
+
+
+_INT_FIELDS = ("tp", "kv_blocks", "max_num_seqs", "max_num_batched_tokens")
+_WHOLE_FIELDS = (*_INT_FIELDS, "kv_bytes_per_token", "context_len")
+
+
+def _whole(name: str, value: Any) -> Any:
+    """Config files give numbers as floats; a whole-number field takes 2048.0 but not 100.5."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, float):
+        raise ValueError(f"{name} must be a whole number, got {value!r}")
+    return value
+
+
+def _check(c: CostModel) -> None:
+    """Reject values that would make times negative or divide by zero later in a run."""
+    for name in ("b0_us", "b1_us", "b2_us"):
+        value = getattr(c, name)
+        if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+            raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    for name in _INT_FIELDS:
+        value = getattr(c, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a whole number >= 1, got {value!r}")
+    m, g = c.model, c.gpu
+    for label, value, whole in (
+        ("weights_gb", m.weights_gb, False),
+        ("kv_bytes_per_token", m.kv_bytes_per_token, True),
+        ("context_len", m.context_len, True),
+        ("host_link_gbps", g.host_link_gbps, False),
+        ("cold_load_gbps", g.cold_load_gbps, False),
+    ):
+        bad_type = isinstance(value, bool) or not isinstance(value, int if whole else (int, float))
+        if bad_type or not math.isfinite(value) or value <= 0:
+            kind = "a whole number" if whole else "a finite number"
+            raise ValueError(f"{label} must be {kind} > 0, got {value!r}")
+    for label, value in (("cold_start_s", g.cold_start_s), ("warm_start_s", g.warm_start_s)):
+        if not math.isfinite(value) or value < 0:
+            raise ValueError(f"{label} must be a finite number >= 0, got {value!r}")

@@ -24,7 +24,7 @@ class ScenarioError(ValueError):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False, strict=False)
 
 
 class SyntheticSpec(_Strict):
@@ -35,6 +35,12 @@ class SyntheticSpec(_Strict):
     lengths_from: str | None = None  # resample prompt/output lengths from this trace (name or path)
     prompt_mean: float = Field(default=1024, gt=0)
     output_mean: float = Field(default=128, gt=0)
+
+    @model_validator(mode="after")
+    def _cv_needs_gamma(self) -> SyntheticSpec:
+        if self.arrival == "poisson" and self.cv != 1.0:
+            raise ValueError("cv applies to arrival: gamma only (Poisson arrivals have cv 1)")
+        return self
 
 
 class WorkloadSpec(_Strict):
@@ -50,7 +56,7 @@ class WorkloadSpec(_Strict):
 
     @model_validator(mode="after")
     def _one_source(self) -> WorkloadSpec:
-        if self.synthetic is not None and self.trace not in (None, "conv"):
+        if self.synthetic is not None and "trace" in self.model_fields_set and self.trace is not None:
             raise ValueError("give either 'trace' or 'synthetic', not both")
         if self.target_rps is not None and self.rate_scale != 1.0:
             raise ValueError("give either 'rate_scale' or 'target_rps', not both")
@@ -218,9 +224,20 @@ def _semantic_errors(sc: Scenario) -> list[tuple[tuple[Any, ...], str]]:
     ids = sc.instance_ids()
     if len(set(ids)) != len(ids):
         errors.append((("instances",), "instance names collide; give each group a distinct 'name'"))
+    known_models = {m.name for m in sc.models} | {m.profile for m in sc.models}
+    known_gpus = {g.gpu for g in sc.instances}
     for key in sc.profiles:
-        if "/" not in key:
+        model, _, gpu = key.partition("/")
+        if not gpu:
             errors.append((("profiles", key), "profile keys are 'model/gpu', e.g. 'llama-3.1-8b/h100'"))
+        elif model not in known_models or gpu not in known_gpus:
+            errors.append(
+                (
+                    ("profiles", key),
+                    f"matches no model and gpu of this scenario (models or profiles: "
+                    f"{', '.join(sorted(known_models))}; gpus: {', '.join(sorted(known_gpus))})",
+                )
+            )
     return errors
 
 
@@ -267,9 +284,21 @@ def load_scenario(path: str | os.PathLike[str] | None = None) -> Scenario:
     except OSError as exc:
         raise ScenarioError(f"{p}: cannot read scenario: {exc.strerror or exc}") from None
     scenario = parse_scenario(text, str(p))
-    trace = scenario.workload.trace
-    if trace and trace not in ("conv", "code") and not Path(trace).is_absolute():
-        scenario = scenario.model_copy(
-            update={"workload": scenario.workload.model_copy(update={"trace": str(p.parent / trace)})}
+    return _resolve_paths(scenario, p.parent)
+
+
+def _resolve(path: str | None, base: Path) -> str | None:
+    if not path or path in ("conv", "code") or Path(path).is_absolute():
+        return path
+    return str(base / path)
+
+
+def _resolve_paths(scenario: Scenario, base: Path) -> Scenario:
+    """Trace paths in a file are relative to the file's folder, not to the working folder."""
+    w = scenario.workload
+    update: dict[str, Any] = {"trace": _resolve(w.trace, base)}
+    if w.synthetic is not None:
+        update["synthetic"] = w.synthetic.model_copy(
+            update={"lengths_from": _resolve(w.synthetic.lengths_from, base)}
         )
-    return scenario
+    return scenario.model_copy(update={"workload": w.model_copy(update=update)})

@@ -31,7 +31,7 @@ from qlm_plugin.scenario import (
     load_scenario,
 )
 from qlm_plugin.simulate import build_fleet, build_requests, run_policy
-from qlm_plugin.workload import TraceError, load_azure_trace, packaged_trace_path
+from qlm_plugin.workload import load_azure_trace, packaged_trace_path
 
 HEADER = "TIMESTAMP,ContextTokens,GeneratedTokens\n"
 
@@ -1078,11 +1078,6 @@ def test_rejected_requests_are_counted_by_the_cli(tmp_path: Path, capsys: pytest
 # Each of these documents a defect in qlm_plugin/scenario.py; remove the marker when it is fixed.
 
 
-@pytest.mark.xfail(
-    raises=AssertionError,
-    reason="Scenario.profiles is dict[str, dict[str, float]], so an int context_len override "
-    "makes clipped max_tokens a float and valid requests are rejected",
-)
 def test_context_len_override_through_profiles_keeps_integers(tmp_path: Path) -> None:
     scenario = _context_scenario(tmp_path, "", "profiles:\n  llama-3.1-8b/h100: {context_len: 2048}\n")
     requests, rejected = build_requests(scenario)
@@ -1090,32 +1085,17 @@ def test_context_len_override_through_profiles_keeps_integers(tmp_path: Path) ->
     assert [(x.index, x.error.field) for x in rejected] == [(1, "prompt_tokens"), (2, "max_tokens")]
 
 
-@pytest.mark.xfail(
-    raises=pytest.fail.Exception,
-    reason="WorkloadSpec._one_source: an explicit 'trace: conv' next to 'synthetic' is not detected "
-    "(conv is the default) and the trace is silently ignored",
-)
 def test_explicit_conv_trace_and_synthetic_is_an_error(tmp_path: Path) -> None:
     text = VALID.replace("  synthetic:                     # 3\n", "  trace: conv\n  synthetic:\n")
     assert [(line, key) for line, key, _ in _errors(_write(tmp_path, _unnumbered(text)))] == [(2, "workload")]
 
 
-@pytest.mark.xfail(
-    raises=pytest.fail.Exception,
-    reason="SyntheticSpec does not check that cv is 1 with arrival poisson; the file loads, then "
-    "build_requests raises a ValueError that names no file or line",
-)
 def test_cv_without_gamma_is_a_scenario_error(tmp_path: Path) -> None:
     text = VALID.replace("    duration_s: 10               # 5\n", "    duration_s: 10\n    cv: 2\n")
     errors = _errors(_write(tmp_path, _unnumbered(text)))
     assert [key for _, key, _ in errors] == ["workload.synthetic"]
 
 
-@pytest.mark.xfail(
-    raises=TraceError,
-    reason="load_scenario resolves only workload.trace against the scenario's folder; "
-    "a relative synthetic.lengths_from is read from the working folder",
-)
 def test_relative_lengths_from_is_resolved_against_the_scenario_folder(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -1131,22 +1111,12 @@ def test_relative_lengths_from_is_resolved_against_the_scenario_folder(
     assert {r.prompt_tokens for r in requests} <= {111, 222}
 
 
-@pytest.mark.xfail(
-    raises=pytest.fail.Exception,
-    reason="_semantic_errors: a profiles key that matches no model/gpu in use (a typo, "
-    "another case) is accepted and silently has no effect",
-)
 def test_profile_key_that_matches_nothing_is_an_error(tmp_path: Path) -> None:
     path = _write(tmp_path, PROFILED + "  llama-3.1-8b/h10: {b0_us: 4000}\n")
     errors = _errors(path)
     assert [(line, key) for line, key, _ in errors] == [(13, "profiles.llama-3.1-8b/h10")]
 
 
-@pytest.mark.xfail(
-    raises=pytest.fail.Exception,
-    reason="costmodel.cost_model does not check tp, weights_gb, kv_bytes_per_token or the "
-    "GPU facts; tp: 0 or host_link_gbps: 0 load fine and divide by zero later",
-)
 def test_non_positive_cost_model_facts_are_rejected(tmp_path: Path) -> None:
     path = _write(tmp_path, PROFILED + "  llama-3.1-8b/h100: {tp: 0}\n")
     errors = _errors(path)

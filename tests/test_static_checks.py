@@ -24,8 +24,9 @@ def _tool(name: str) -> str:
 
 
 def test_ruff_is_clean() -> None:
-    proc = subprocess.run([_tool("ruff"), "check", "--output-format", "concise", "."], cwd=ROOT,
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [_tool("ruff"), "check", "--output-format", "concise", "."], cwd=ROOT, capture_output=True, text=True
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
@@ -38,8 +39,20 @@ def test_mypy_strict_is_clean(tmp_path: Path) -> None:
     shutil.copytree(ROOT / "hooks", stage / "hooks", ignore=ignore)
     shutil.copytree(ROOT / "adapters", stage / "adapters", ignore=ignore)
     proc = subprocess.run(
-        [sys.executable, "-m", "mypy", "--config-file", str(ROOT / "pyproject.toml"),
-         "--cache-dir", str(ROOT / ".mypy_cache"), "-p", "qlm_plugin"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "mypy",
+            "--config-file",
+            str(ROOT / "pyproject.toml"),
+            "--cache-dir",
+            str(ROOT / ".mypy_cache"),
+            "-p",
+            "qlm_plugin",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert proc.returncode == 0, proc.stdout.replace(str(tmp_path) + "/", "") + proc.stderr

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Hashable, Sequence
+from typing import Any
 
 import pluggy
 
@@ -29,9 +30,10 @@ class SimBackend:
     def __init__(self, fleet: SimFleet) -> None:
         self.fleet = fleet
         self.outcomes: dict[str, RequestOutcome] = {}
+        self._hook: Any = None
 
     def attach(self, pm: pluggy.PluginManager) -> None:
-        hook = pm.hook
+        hook = self._hook = pm.hook
 
         def rank_key(request: Request, instance_id: str, now: float) -> Hashable:
             key: Hashable = hook.qlm_rank_key(request=request, instance_id=instance_id, now=now)
@@ -70,7 +72,10 @@ class SimBackend:
         outcome = self.outcomes.get(request.id)
         if outcome is None:
             outcome = self.outcomes[request.id] = RequestOutcome(request)
-        return inst.dispatch(request, outcome)
+        accepted = inst.dispatch(request, outcome)
+        if accepted and self._hook is not None:
+            self._hook.qlm_request_queued(request=request, instance_id=instance_id, now=self.fleet.now)
+        return accepted
 
     @hookimpl
     def qlm_evict(self, instance_id: str, request_id: str, mode: EvictMode) -> EvictResult | None:

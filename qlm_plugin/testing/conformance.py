@@ -53,6 +53,11 @@ class BackendHarness(Protocol):
 class _Recorder:
     def __init__(self) -> None:
         self.finished: list[RequestOutcome] = []
+        self.queued: list[tuple[str, str | None]] = []
+
+    @hookimpl
+    def qlm_request_queued(self, request: Request, instance_id: str | None, now: float) -> None:
+        self.queued.append((request.id, instance_id))
 
     @hookimpl
     def qlm_request_finished(self, outcome: RequestOutcome, now: float) -> None:
@@ -158,6 +163,7 @@ class AdapterConformance:
         requests = [self._request(harness, prompt=16 + 8 * i, out=4 + i) for i in range(6)]
         for r in requests:
             assert pm.hook.qlm_dispatch(instance_id=iid, request=r) is True
+        assert recorder.queued == [(r.id, iid) for r in requests], "qlm_request_queued once per dispatch"
         s = self._state(pm, iid)
         assert s.num_running + s.num_waiting == len(requests)
         assert set(s.running_ids) | set(s.waiting_ids) == {r.id for r in requests}

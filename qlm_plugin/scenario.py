@@ -166,16 +166,20 @@ class Scenario(_Strict):
 # Loading with line numbers
 
 
-def _line_map(node: yaml.Node, path: tuple[Any, ...], out: dict[tuple[Any, ...], int]) -> None:
+def _line_map(
+    node: yaml.Node, path: tuple[Any, ...], out: dict[tuple[Any, ...], int], dupes: list[tuple[Any, ...]]
+) -> None:
     out.setdefault(path, node.start_mark.line + 1)
     if isinstance(node, yaml.MappingNode):
         for key_node, value_node in node.value:
             key = key_node.value
+            if (*path, key) in out:
+                dupes.append((*path, key))  # YAML would silently keep the last one
             out[(*path, key)] = key_node.start_mark.line + 1
-            _line_map(value_node, (*path, key), out)
+            _line_map(value_node, (*path, key), out, dupes)
     elif isinstance(node, yaml.SequenceNode):
         for i, item in enumerate(node.value):
-            _line_map(item, (*path, i), out)
+            _line_map(item, (*path, i), out, dupes)
 
 
 def _fmt_path(path: tuple[Any, ...]) -> str:
@@ -201,6 +205,13 @@ def _semantic_errors(sc: Scenario) -> list[tuple[tuple[Any, ...], str]]:
     for i, c in enumerate(sc.classes):
         if [x.name for x in sc.classes].count(c.name) > 1:
             errors.append((("classes", i, "name"), f"duplicate class name {c.name!r}"))
+    for i, t in enumerate(sc.tenants):
+        if [x.name for x in sc.tenants].count(t.name) > 1:
+            errors.append((("tenants", i, "name"), f"duplicate tenant name {t.name!r}"))
+    for gi, g in enumerate(sc.instances):
+        for mi, model in enumerate(g.models):
+            if g.models.index(model) != mi:
+                errors.append((("instances", gi, "models", mi), f"model {model!r} is listed twice"))
     for gi, g in enumerate(sc.instances):
         if g.gpu.lower() not in GPUS and not any(k.endswith(f"/{g.gpu}") for k in sc.profiles):
             errors.append(
@@ -253,7 +264,15 @@ def parse_scenario(text: str, source: str = "<string>") -> Scenario:
     if not isinstance(data, dict) or node is None:
         raise ScenarioError(f"{source}:1: a scenario is a YAML mapping (models, instances, classes, ...)")
     lines: dict[tuple[Any, ...], int] = {}
-    _line_map(node, (), lines)
+    dupes: list[tuple[Any, ...]] = []
+    _line_map(node, (), lines, dupes)
+    if dupes:
+        raise ScenarioError(
+            "\n".join(
+                f"{source}:{lines[p]}: {_fmt_path(p)}: key given twice (YAML keeps only the last)"
+                for p in dupes
+            )
+        )
     try:
         scenario = Scenario.model_validate({**data, "source": source})
     except ValidationError as exc:

@@ -1250,3 +1250,29 @@ def test_doc_error_examples_are_what_the_cli_prints(
     monkeypatch.chdir(tmp_path)
     assert main(["simulate", "--scenario", name]) == 1
     assert capsys.readouterr().err == shown.group(1)
+
+
+def test_duplicate_keys_tenants_and_listed_twice_models_are_errors(tmp_path: Path) -> None:
+    text = (
+        "models:\n"  # 1
+        "  - name: m\n"  # 2
+        "    profile: llama-3.1-8b\n"  # 3
+        "instances:\n"  # 4
+        "  - gpu: h100\n"  # 5
+        "    models: [m, m]\n"  # 6
+        "classes:\n"  # 7
+        "  - {name: c, share: 1}\n"  # 8
+        "tenants:\n"  # 9
+        "  - {name: t, share: 1}\n"  # 10
+        "  - {name: t, share: 2}\n"  # 11
+    )
+    path = tmp_path / "dupes.yaml"
+    path.write_text(text)
+    with pytest.raises(ScenarioError) as info:
+        load_scenario(path)
+    msg = str(info.value)
+    assert f"{path}:11: tenants[1].name: duplicate tenant name 't'" in msg
+    assert f"{path}:6: instances[0].models[1]: model 'm' is listed twice" in msg
+    path.write_text("seed: 1\n" + text + "seed: 2\n")
+    with pytest.raises(ScenarioError, match=r"dupes.yaml:13: seed: key given twice"):
+        load_scenario(path)

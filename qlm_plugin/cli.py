@@ -60,8 +60,18 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     scenario = load_scenario(args.scenario)
     updates: dict[str, object] = {}
     if args.trace is not None:
-        updates["trace"] = args.trace
-        updates["synthetic"] = None
+        # The scenario's reshaping (rate scale, window, sampling) was chosen for its own trace: a
+        # trace named on the command line replays as recorded unless --rate-scale says otherwise.
+        updates.update(
+            trace=args.trace,
+            synthetic=None,
+            rate_scale=1.0,
+            target_rps=None,
+            start_s=0.0,
+            duration_s=None,
+            sample_fraction=None,
+            max_requests=None,
+        )
     if args.rate_scale is not None:
         if args.rate_scale <= 0:
             raise ValueError(f"--rate-scale must be > 0, got {args.rate_scale}")
@@ -145,7 +155,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--scenario", metavar="FILE", help="scenario YAML (default: the packaged default scenario)"
     )
     sim.add_argument(
-        "--trace", metavar="PATH", help="CSV of the Azure schema, or 'conv'/'code' (packaged samples)"
+        "--trace",
+        metavar="PATH",
+        help="CSV of the Azure schema, or 'conv'/'code' (packaged samples), replayed at its recorded rate "
+        "(the scenario's rate scale, window and sampling do not apply to it)",
     )
     sim.add_argument(
         "--policies", metavar="A,B", help="comma-separated policy names (default: all available)"

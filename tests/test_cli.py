@@ -131,3 +131,16 @@ def test_module_entry_point_runs_too() -> None:
         [sys.executable, "-m", "qlm_plugin.cli", "--version"], capture_output=True, text=True
     )
     assert proc.returncode == 0
+
+
+def test_a_trace_named_on_the_command_line_replays_at_its_recorded_rate(tmp_path: Path) -> None:
+    # The default scenario compresses its own sample 110x; that must not leak onto another trace.
+    trace = tmp_path / "t.csv"
+    trace.write_text(
+        "TIMESTAMP,ContextTokens,GeneratedTokens\n" + "".join(f"{i}.0,100,10\n" for i in range(50))
+    )
+    proc = qlm("simulate", "--trace", str(trace), "--policies", "fcfs")
+    assert proc.returncode == 0, proc.stderr
+    assert "50 requests over 49 s" in proc.stdout
+    proc = qlm("simulate", "--trace", str(trace), "--policies", "fcfs", "--rate-scale", "7")
+    assert "50 requests over 7 s" in proc.stdout

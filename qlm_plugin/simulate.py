@@ -155,14 +155,16 @@ def run_policy(
     last_arrival = requests[-1].arrival_time if requests else 0.0
     fleet.run(requests, on_arrival, until=last_arrival + DRAIN_LIMIT_S, on_progress=on_progress)
     outcomes.extend(backend.outcomes.values())
-    for r in rejected:
-        req = Request(f"rejected-{r.index}", "?", 1, 1, 0.0)
-        outcomes.append(RequestOutcome(req, Status.REJECTED, reason=str(r.error)))
     span = run_span([o for o in outcomes if o.status is not Status.REJECTED])
     by_class: dict[str, list[RequestOutcome]] = {}
     for o in outcomes:
-        if o.status is not Status.REJECTED or o.request.model != "?":
-            by_class.setdefault(o.request.slo_class, []).append(o)
+        by_class.setdefault(o.request.slo_class, []).append(o)
+    # Records that failed validation never became requests (no class): they count, as misses, only
+    # in the overall figures.
+    invalid = [
+        RequestOutcome(Request(f"invalid-{r.index}", "", 1, 1, 0.0), Status.REJECTED, reason=str(r.error))
+        for r in rejected
+    ]
     counters: dict[str, int] = {}
     busy = 0.0
     for inst in fleet.instances.values():
@@ -172,7 +174,7 @@ def run_policy(
     return PolicyResult(
         policy=policy,
         reference=info.reference,
-        overall=summarize(outcomes, span),
+        overall=summarize(outcomes + invalid, span),
         classes={c: summarize(v, span) for c, v in sorted(by_class.items())},
         gpu_busy_fraction=min(1.0, busy / (len(ids) * span)) if span > 0 and not math.isinf(span) else 0.0,
         counters=counters,

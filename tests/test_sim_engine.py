@@ -130,7 +130,7 @@ def test_priority_policy_preempts_the_lowest_priority_request() -> None:
 
 def test_batch_never_exceeds_max_num_seqs() -> None:
     outcomes, (inst,) = run([req(i, 10, 50) for i in range(40)], max_num_seqs=8)
-    assert max(s.batch_size for s in inst.step_timings) <= 8
+    assert inst.max_batch_seen == 8
     assert len(outcomes) == 40
 
 
@@ -211,3 +211,33 @@ def test_macro_steps_match_single_steps_under_state_driven_routing(monkeypatch: 
         assert f.instance_id == o.instance_id
         assert f.first_token_time == pytest.approx(o.first_token_time, abs=1e-6)
         assert f.finish_time == pytest.approx(o.finish_time, abs=1e-6)
+
+
+def test_warm_model_start_stages_weights_in_host_memory_before_the_swap() -> None:
+    costs = {"a": cost_model("llama-3.1-8b", "h100"), "b": cost_model("phi-4", "h100")}
+    inst = SimInstance("i0", "h100", costs, initial_model="a")
+    fleet = SimFleet([inst])
+    staged = inst.load_model("b", target="host")
+    assert not staged.warm and staged.ready_at == pytest.approx(29.3 / 2.0)
+    assert "b" not in inst.state(0.0, False).models_warm, "not warm until the copy is done"
+    fleet.advance_to(staged.ready_at + 1)
+    assert "b" in inst.state(fleet.now, False).models_warm
+    assert inst.state(fleet.now, False).models_loaded == ("a",), "staging does not take the GPU"
+    swap = inst.load_model("b", target="gpu")
+    assert swap.warm and swap.ready_at - fleet.now == pytest.approx(costs["b"].load_s(warm=True))
+    fleet.advance_to(swap.ready_at + 1)
+    assert (
+        inst.model == "b"
+        and inst.counters["model_loads_warm"] == 1
+        and inst.counters["model_loads_cold"] == 0
+    )
+
+
+def test_swapped_in_requests_are_counted_once_against_max_num_seqs() -> None:
+    tight = {"m": replace(H100_8B, kv_blocks=150, max_num_seqs=6)}
+    outcomes, (inst,) = run(
+        [req(i, 300, 300, t=i * 0.01) for i in range(30)], tight, preemption_mode=EvictMode.SWAP
+    )
+    assert inst.counters["swaps_in"] > 0
+    assert inst.max_batch_seen == 6
+    assert all(o.status is Status.FINISHED for o in outcomes.values())

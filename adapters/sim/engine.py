@@ -89,7 +89,6 @@ class _Step:
     ctr_start: int
     decode: int
     prefill: list[tuple[_Run, int]]
-    swapins: list[_Run]
     reserved_decode_blocks: int
     prefill_tokens: int
 
@@ -155,6 +154,7 @@ class SimInstance:
         self.pending_evictions: list[tuple[int, EvictMode]] = []
         self.step: _Step | None = None
         self.busy_s = 0.0
+        self.max_batch_seen = 0
         self.step_timings: deque[StepTiming] = deque(maxlen=64)
         self.counters = {
             "preemptions": 0,
@@ -210,13 +210,20 @@ class SimInstance:
         self.warm[model] = size
         return True
 
+    def _promote_staged(self, now: float) -> None:
+        """Weights staged to host memory (warm model start) count as warm once their copy is done."""
+        for model, ready in list(self.staging.items()):
+            if ready <= now:
+                del self.staging[model]
+                self._cache_warm(model)
+
     def _now(self) -> float:
         return self.fleet.now if self.fleet is not None else 0.0
 
     def _start_load(self, model: str, now: float) -> LoadResult:
         cost = self.cost_models[model]
-        staged = self.staging.get(model)
-        warm = model in self.warm or (staged is not None and staged <= now)
+        self._promote_staged(now)
+        warm = model in self.warm
         if self.model is not None:
             old = self.model
             self.model = None
@@ -243,7 +250,8 @@ class SimInstance:
             return LoadResult(self.instance_id, model, True, now)
         if self.loading is not None and self.loading[0] == model:
             return LoadResult(self.instance_id, model, self._last_load_warm, self.loading[1])
-        warm = model in self.warm or (model in self.staging and self.staging[model] <= now)
+        self._promote_staged(now)
+        warm = model in self.warm
         self.switch_to = model
         self.unload_pending = False
         self._kick()
@@ -490,9 +498,9 @@ class SimInstance:
         elapsed = st.k * st.dt
         self.busy_s += elapsed
         self.counters["steps"] += st.k
-        self.step_timings.append(
-            StepTiming(st.start, st.dt, st.prefill_tokens, st.decode, st.decode + len(st.prefill))
-        )
+        batch = st.decode + len(st.prefill)
+        self.max_batch_seen = max(self.max_batch_seen, batch)
+        self.step_timings.append(StepTiming(st.start, st.dt, st.prefill_tokens, st.decode, batch))
         for run, chunk in st.prefill:
             if run.phase != PREFILL:
                 continue
@@ -605,13 +613,12 @@ class SimInstance:
             prefill.append((run, chunk))
             prefill_tokens += chunk
         # 3. admissions in policy order (none after a preemption in this step, as vLLM does)
-        swapins: list[_Run] = []
         transfer = self._pending_transfer_s
         self._pending_transfer_s = 0.0
         admit_possible = False
         model = self.model
         if not preempted and self.switch_to is None and not self.unload_pending:
-            while self._running() + len(swapins) < self.max_num_seqs and budget > 0:
+            while self._running() < self.max_num_seqs and budget > 0:
                 head = self._head(model)
                 if head is None:
                     break
@@ -629,7 +636,6 @@ class SimInstance:
                     self.counters["swaps_in"] += 1
                     head.admitted_at = now
                     self._enter_decode(head, kv, self.ctr)
-                    swapins.append(head)
                     continue
                 chunk = min(head.prefill_target, budget)
                 blocks = -(-chunk // BLOCK_SIZE)
@@ -674,7 +680,7 @@ class SimInstance:
                     k = max(1, min(k, math.ceil(left / dt) if left > 0 else 1))
         reserved = self._new_decode_blocks(k, self.ctr)
         self.kv_used += reserved
-        self.step = _Step(now, dt, k, self.ctr, n_dec, prefill, swapins, reserved, prefill_tokens)
+        self.step = _Step(now, dt, k, self.ctr, n_dec, prefill, reserved, prefill_tokens)
         self.fleet.schedule(self, now + k * dt)  # type: ignore[union-attr]
 
     # ------------------------------------------------------------------ state
@@ -690,6 +696,7 @@ class SimInstance:
         )
 
     def state(self, now: float, detail: bool) -> InstanceState:
+        self._promote_staged(now)
         notes: tuple[str, ...] = ()
         running_ids: tuple[str, ...] = ()
         waiting_ids: tuple[str, ...] = ()

@@ -25,22 +25,16 @@ needs_trace = pytest.mark.skipif(
 
 @needs_trace
 @pytest.mark.parametrize("macro", [True, False], ids=["macro-steps", "single-steps"])
-def test_full_conversation_trace_on_4_instances(benchmark, macro: bool, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def test_full_conversation_trace_on_4_instances(benchmark, macro: bool) -> None:  # type: ignore[no-untyped-def]
     scenario = load_scenario(FULL)
     requests, rejected = sim.build_requests(scenario)
-    if not macro:
-        build = sim.build_fleet
-
-        def single_steps(sc):  # type: ignore[no-untyped-def]
-            fleet = build(sc)
-            for inst in fleet.instances.values():
-                inst.max_macro_steps = 1
-            return fleet
-
-        monkeypatch.setattr(sim, "build_fleet", single_steps)
     benchmark.group = "full conversation trace (19,366 requests), 4 x H100, fcfs"
     result = benchmark.pedantic(
-        sim.run_policy, args=(scenario, "fcfs", requests, rejected), rounds=3 if macro else 1, iterations=1
+        sim.run_policy,
+        args=(scenario, "fcfs", requests, rejected),
+        kwargs={"macro_steps": macro},
+        rounds=3 if macro else 1,
+        iterations=1,
     )
     assert result.overall.finished == 19366
     benchmark.extra_info["engine_steps"] = result.counters["steps"]

@@ -183,7 +183,7 @@ def test_macro_steps_match_single_steps_with_model_swaps() -> None:
         assert fast[rid].finish_time == pytest.approx(o.finish_time, abs=1e-6)
 
 
-def test_macro_steps_match_single_steps_under_state_driven_routing(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_macro_steps_match_single_steps_under_state_driven_routing() -> None:
     # The default router reads instance state between events; mid-macro-step reports must show the
     # decode progress a step-by-step engine would, or placements (and everything after) diverge.
     import qlm_plugin.simulate as sim
@@ -195,16 +195,7 @@ def test_macro_steps_match_single_steps_under_state_driven_routing(monkeypatch: 
     )
     requests, rejected = sim.build_requests(scenario)
     fast = {o.request.id: o for o in sim.run_policy(scenario, "fcfs", requests, rejected).outcomes}
-    build = sim.build_fleet
-
-    def single_steps(sc):  # type: ignore[no-untyped-def]
-        fleet = build(sc)
-        for inst in fleet.instances.values():
-            inst.max_macro_steps = 1
-        return fleet
-
-    monkeypatch.setattr(sim, "build_fleet", single_steps)
-    slow = sim.run_policy(scenario, "fcfs", requests, rejected).outcomes
+    slow = sim.run_policy(scenario, "fcfs", requests, rejected, macro_steps=False).outcomes
     assert len(slow) == len(fast) == len(requests)
     for o in slow:
         f = fast[o.request.id]

@@ -232,3 +232,34 @@ def test_swapped_in_requests_are_counted_once_against_max_num_seqs() -> None:
     assert inst.counters["swaps_in"] > 0
     assert inst.max_batch_seen == 6
     assert all(o.status is Status.FINISHED for o in outcomes.values())
+
+
+def test_a_request_swapped_in_by_the_planner_can_be_evicted_again() -> None:
+    # The LSO sequence a planner drives: swap out, swap in ahead of the policy order (the promotion
+    # deque), run, swap out again; the request finishes once, with no recompute.
+    inst = SimInstance("i0", "h100", {"m": H100_8B}, initial_model="m", max_num_seqs=1)
+    fleet = SimFleet([inst])
+    backend = SimBackend(fleet)
+    pm = get_plugin_manager(autoload=False)
+    pm.register(StaticPriority())
+    pm.register(backend)
+    backend.attach(pm)
+    low, high = req(0, 100, 2000, priority=0), req(1, 100, 50, t=1.0, priority=-1)
+    for t, r in ((0.0, low), (1.0, high)):
+        fleet.advance_to(t)
+        assert pm.hook.qlm_dispatch(instance_id="i0", request=r)
+    fleet.advance_to(2.0)
+    assert pm.hook.qlm_evict(instance_id="i0", request_id="r0", mode=EvictMode.SWAP).mode is EvictMode.SWAP
+    fleet.advance_to(2.1)
+    assert inst.state(fleet.now, True).swapped_ids == ("r0",) and inst.state(fleet.now, True).running_ids == (
+        "r1",
+    )
+    assert pm.hook.qlm_swap_in(instance_id="i0", request_id="r0") is True
+    fleet.advance_to(4.0)
+    assert backend.outcomes["r1"].status is Status.FINISHED
+    assert inst.state(fleet.now, True).running_ids == ("r0",)
+    pm.hook.qlm_evict(instance_id="i0", request_id="r0", mode=EvictMode.SWAP)
+    fleet.advance_to(100.0)
+    done = backend.outcomes["r0"]
+    assert done.status is Status.FINISHED and done.preemptions == 2 and done.wasted_tokens == 0
+    assert inst.kv_used == 0 and inst.counters["swaps_in"] == inst.counters["swaps_out"] == 2

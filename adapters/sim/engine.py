@@ -57,6 +57,7 @@ class _Run:
         "outcome",
         "phase",
         "prefill_target",
+        "push_id",
         "req",
         "seq",
         "swapped",
@@ -70,6 +71,7 @@ class _Run:
         self.out_target = max(1, min(true_out, req.max_tokens))
         self.phase = WAITING
         self.key: Any = None  # the policy's sort key (totally ordered, see qlm_rank_key)
+        self.push_id = 0  # identifies its live waiting-heap entry; older entries are stale
         self.generated = 0  # tokens generated, valid outside DECODE
         self.prefill_target = req.prompt_tokens  # tokens to (re)compute before decoding
         self.computed = 0  # prefill progress
@@ -167,6 +169,7 @@ class SimInstance:
         }
         self._seq_by_id: dict[str, _Run] = {}
         self._next_seq = 0
+        self._pushes = 0
         self._pending_transfer_s = 0.0
         self._last_load_warm = False
         self._keep_warm_on_unload = True
@@ -271,7 +274,11 @@ class SimInstance:
     def _push_waiting(self, run: _Run, now: float) -> None:
         run.phase = WAITING
         run.key = self.rank_key(run.req, self.instance_id, now)
-        heapq.heappush(self.waiting.setdefault(run.req.model, []), (run.key, run.seq, run))
+        # A unique push id breaks ties, so heap comparisons never reach the run objects, and tells a
+        # run's live entry from stale ones it left behind (promoted swap-ins, earlier pushes).
+        self._pushes += 1
+        run.push_id = self._pushes
+        heapq.heappush(self.waiting.setdefault(run.req.model, []), (run.key, run.push_id, run))
         self.num_waiting += 1
         if run.swapped:
             self.num_swapped_waiting += 1
@@ -288,7 +295,7 @@ class SimInstance:
         heap = self.waiting.get(model)
         while heap:
             run = heap[0][2]
-            if run.phase == WAITING and heap[0][0] is run.key:
+            if run.phase == WAITING and heap[0][1] == run.push_id:
                 return run
             heapq.heappop(heap)  # stale entry (admitted via promotion, cancelled or re-keyed)
         return None
@@ -707,7 +714,7 @@ class SimInstance:
                 e[2]
                 for heap in self.waiting.values()
                 for e in heap
-                if e[2].phase == WAITING and e[0] is e[2].key
+                if e[2].phase == WAITING and e[1] == e[2].push_id
             ]
             live.sort(key=lambda r: r.seq)
             waiting_ids = tuple(r.req.id for r in live if not r.swapped)

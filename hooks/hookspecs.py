@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from qlm_plugin.policies.registry import PolicyRegistry
     from qlm_plugin.request import Request
     from qlm_plugin.state import (
+        Admission,
         EvictMode,
         EvictResult,
         InstanceInfo,
@@ -58,9 +59,61 @@ def qlm_add_policies(registry: PolicyRegistry) -> None:
     """
 
 
+@_hookspec
+def qlm_configure(pm: pluggy.PluginManager) -> None:
+    """All plugins are registered: plugins that call hooks themselves (a queue manager dispatching,
+    a planner issuing LSOs) keep ``pm``.
+
+    Called once by whatever drives the plugin manager (the simulator's driver, the coordinator),
+    before the first request. All implementations are called; results are ignored.
+    """
+
+
+@_hookspec
+def qlm_tick(now: float) -> bool | None:
+    """Periodic wake-up (the driver's timer, a few times a second): replan and run LSOs that no
+    arrival or completion triggered, e.g. a model swap for requests already queued.
+
+    :return: True while the plugin still holds work that needs time to pass (a driver with nothing
+        else to do keeps ticking while any implementation says so).
+
+    All implementations are called; the driver looks at every result.
+    """
+
+
+@_hookspec
+def qlm_stats() -> dict[str, float] | None:
+    """Counters and figures a plugin wants reported with a run (LSOs issued, estimator accuracy).
+
+    All implementations are called; the driver merges the dictionaries.
+    """
+
+
 # ---------------------------------------------------------------------------------------------------
-# Request lifecycle (notifications)
+# Request lifecycle
 # ---------------------------------------------------------------------------------------------------
+
+
+@_hookspec(firstresult=True)
+def qlm_submit(request: Request, now: float) -> Admission | None:
+    """A validated request arrived; a queue manager takes it into the global queue.
+
+    :return: the admission decision (accepted, with the estimate, and whether its SLO can be met);
+        ``None`` when no queue manager is present: the caller then routes the request at once
+        (:func:`qlm_choose_instance`, :func:`qlm_dispatch`), as engines behind a plain load
+        balancer do.
+
+    firstresult: the first non-None answer is used.
+    """
+
+
+@_hookspec
+def qlm_instance_ready(instance_id: str, free_slots: int, now: float) -> None:
+    """An instance can take ``free_slots`` more requests now (request pulling): a queue manager
+    dispatches from that instance's virtual queue. Called by backends between engine steps.
+
+    All implementations are called; results are ignored.
+    """
 
 
 @_hookspec

@@ -145,6 +145,72 @@ def cmd_cost_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from qlm_plugin import bench
+
+    def names(text: str | None) -> list[str] | None:
+        return None if text is None else [n.strip() for n in text.split(",") if n.strip()]
+
+    sweep: list[float] = []
+    if not args.no_sweep:
+        sweep = bench.parse_multipliers(args.sweep) if args.sweep is not None else list(bench.DEFAULT_SWEEP)
+    if not 0.0 <= args.burst_at <= 1.0:
+        raise ValueError(f"--burst-at must be a fraction in [0, 1], got {args.burst_at}")
+    bench.require_matplotlib()  # before minutes of simulation, not after
+    command = (
+        "qlm bench"
+        + "".join(
+            f" {flag} {value}"
+            for flag, value in (
+                ("--scenarios", args.scenarios),
+                ("--policies", args.policies),
+                ("--sweep", args.sweep),
+                ("--seed", args.seed),
+                ("--burst-at", None if args.burst_at == bench.DEFAULT_BURST_AT else args.burst_at),
+            )
+            if value is not None
+        )
+        + (" --no-sweep" if args.no_sweep else "")
+    )
+
+    def progress(scenario: str, policy: str, multiplier: float, res: object) -> None:
+        from qlm_plugin.simulate import PolicyResult
+
+        assert isinstance(res, PolicyResult)
+        print(
+            f"{scenario} {policy} x{multiplier:g}: SLO met {res.overall.slo_attainment * 100:.1f}%, "
+            f"wall {res.wall_s:.1f} s",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    def skipped(scenario: str, why: str) -> None:
+        print(f"qlm bench: skipping scenario {scenario}: {why}", file=sys.stderr, flush=True)
+
+    result = bench.run_bench(
+        names(args.scenarios),
+        names(args.policies),
+        sweep,
+        args.seed,
+        burst_at=args.burst_at,
+        command=command,
+        on_run=progress,
+        on_skip=skipped,
+    )
+    if not result.scenarios:
+        raise ValueError("no scenario could run (every one was skipped; see above)")
+    written = bench.write_report(result, Path(args.out))
+    if args.json:
+        json.dump(result.to_dict(), sys.stdout, indent=2)
+        print()
+    else:
+        print("\n".join(bench.summary_lines(result)))
+    print(f"qlm bench: wrote {', '.join(str(p) for p in written)} in {result.wall_s:.0f} s", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="qlm", description="SLO-aware queue management for LLM serving")
     parser.add_argument("--version", action="version", version=f"qlm-plugin {__version__}")
@@ -175,6 +241,39 @@ def build_parser() -> argparse.ArgumentParser:
     cc.add_argument("--batches", default="1,32,256", metavar="B,B")
     cc.add_argument("--json", action="store_true")
     cc.set_defaults(func=cmd_cost_check)
+
+    bn = sub.add_parser(
+        "bench",
+        help="benchmark policies over the scenarios of scenarios/bench: tables, load sweeps, plots",
+    )
+    bn.add_argument(
+        "--scenarios",
+        metavar="A,B",
+        help="scenario names (files of scenarios/bench) or YAML paths (default: every scenario there)",
+    )
+    bn.add_argument("--policies", metavar="A,B", help="comma-separated policy names (default: all available)")
+    sweep = bn.add_mutually_exclusive_group()
+    sweep.add_argument(
+        "--sweep", metavar="X,Y", help="load multipliers of the sweep (default: 0.5,1,1.5,2,2.5,3)"
+    )
+    sweep.add_argument("--no-sweep", action="store_true", help="base load only: no sweep, no plots")
+    bn.add_argument("--seed", type=int, help="override every scenario's seed")
+    bn.add_argument(
+        "--burst-at",
+        type=float,
+        default=0.3,
+        metavar="F",
+        help="where a scenario's burst (<NAME>_burst.yaml) starts, as a fraction of its span (default 0.3)",
+    )
+    bn.add_argument(
+        "--out",
+        default="docs/benchmarks.md",
+        metavar="FILE",
+        help="Markdown file whose generated section to rewrite; plots go to its img/ folder "
+        "(default: docs/benchmarks.md)",
+    )
+    bn.add_argument("--json", action="store_true", help="print the whole result as one JSON object")
+    bn.set_defaults(func=cmd_bench)
     return parser
 
 

@@ -39,9 +39,12 @@ LSO = Evict | SwapIn | LoadModel | UnloadModel
 
 @dataclass(slots=True)
 class Plan:
-    """Virtual queues (instance -> ordered group keys) and the LSOs that carry the plan out."""
+    """Virtual queues (instance -> request ids in execution order) and the LSOs that carry the plan
+    out. ``solver`` says which solver produced it (``milp`` or ``heuristic``); ``objective`` is the
+    weighted number of SLOs the plan expects to meet."""
 
-    queues: dict[str, list[tuple[str, str, int]]] = field(default_factory=dict)
+    queues: dict[str, list[str]] = field(default_factory=dict)
     actions: list[LSO] = field(default_factory=list)
     solver: str = "none"
     objective: float = 0.0
+    solve_s: float = 0.0

@@ -28,7 +28,7 @@ class PolicyResult:
     overall: Metrics
     classes: dict[str, Metrics]
     gpu_busy_fraction: float
-    counters: dict[str, int]
+    counters: dict[str, float]
     wall_s: float
     outcomes: list[RequestOutcome] = field(repr=False, default_factory=list)
 
@@ -136,17 +136,28 @@ def run_policy(
     t0 = time.perf_counter()
     pm = get_plugin_manager(autoload=autoload)
     info = policy_registry(pm).get(policy)
-    pm.register(info.factory(PolicyContext(scenario.reference_cost_models())), name=f"policy:{policy}")
+    built = info.factory(PolicyContext(scenario.reference_cost_models()))
+    for n, plugin in enumerate(built if isinstance(built, list) else [built]):
+        pm.register(plugin, name=f"policy:{policy}:{n}")
     fleet = build_fleet(scenario, macro_steps=macro_steps)
     backend = SimBackend(fleet)
     pm.register(backend, name="sim-backend")
-    backend.attach(pm)
     hook = pm.hook
+    hook.qlm_configure(pm=pm)
+    backend.attach(pm)
     ids = list(fleet.instances)
     outcomes: list[RequestOutcome] = []
+    queue_manager = bool(hook.qlm_submit.get_hookimpls())
 
     def on_arrival(request: Request) -> None:
         now = fleet.now
+        if queue_manager:
+            admission = hook.qlm_submit(request=request, now=now)
+            if admission is not None and not admission.accepted:
+                outcome = RequestOutcome(request, Status.REJECTED, reason=admission.reason)
+                outcomes.append(outcome)
+                hook.qlm_request_finished(outcome=outcome, now=now)
+            return
         states = [hook.qlm_instance_state(instance_id=i, detail=False) for i in ids]
         target = hook.qlm_choose_instance(
             request=request, instances=[s for s in states if s.healthy], now=now
@@ -157,7 +168,17 @@ def run_policy(
             hook.qlm_request_finished(outcome=outcome, now=now)
 
     last_arrival = requests[-1].arrival_time if requests else 0.0
-    fleet.run(requests, on_arrival, until=last_arrival + DRAIN_LIMIT_S, on_progress=on_progress)
+
+    def on_tick(now: float) -> bool:
+        return any(hook.qlm_tick(now=now))
+
+    fleet.run(
+        requests,
+        on_arrival,
+        until=last_arrival + DRAIN_LIMIT_S,
+        on_progress=on_progress,
+        on_tick=on_tick if queue_manager else None,
+    )
     outcomes.extend(backend.outcomes.values())
     span = run_span([o for o in outcomes if o.status is not Status.REJECTED])
     by_class: dict[str, list[RequestOutcome]] = {}
@@ -169,11 +190,14 @@ def run_policy(
         RequestOutcome(Request(f"invalid-{r.index}", "", 1, 1, 0.0), Status.REJECTED, reason=str(r.error))
         for r in rejected
     ]
-    counters: dict[str, int] = {}
+    counters: dict[str, float] = {}
     busy = 0.0
     for inst in fleet.instances.values():
         busy += inst.busy_s
         for k, v in inst.counters.items():
+            counters[k] = counters.get(k, 0) + v
+    for stats in hook.qlm_stats():
+        for k, v in (stats or {}).items():
             counters[k] = counters.get(k, 0) + v
     return PolicyResult(
         policy=policy,

@@ -96,6 +96,19 @@ class LoadResult:
     ready_at: float  # when the model serves, on the backend's clock
 
 
+@dataclass(frozen=True, slots=True)
+class Admission:
+    """A queue manager's answer to a new request."""
+
+    request_id: str
+    accepted: bool
+    can_meet_slo: bool  # False: even at the head of the best queue the SLO would be missed
+    instance_id: str | None = None  # where it is planned (None: not yet placed)
+    wait_mean_s: float | None = None
+    p_meet: float | None = None
+    reason: str = ""
+
+
 class Status(str, enum.Enum):
     FINISHED = "finished"
     REJECTED = "rejected"  # failed validation or admission; never queued

@@ -35,6 +35,11 @@ SECTIONS = ("Initialization", "Request lifecycle", "Policy hooks", "Backend hook
 #: Which section each hook belongs to (hooks not listed are policy hooks).
 SECTION_OF = {
     "qlm_add_policies": "Initialization",
+    "qlm_configure": "Initialization",
+    "qlm_tick": "Initialization",
+    "qlm_stats": "Initialization",
+    "qlm_submit": "Request lifecycle",
+    "qlm_instance_ready": "Request lifecycle",
     "qlm_request_queued": "Request lifecycle",
     "qlm_request_finished": "Request lifecycle",
     "qlm_list_instances": "Backend hooks",

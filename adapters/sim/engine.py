@@ -126,6 +126,8 @@ class SimInstance:
         self.rank_key: Callable[[Request, str, float], Hashable] = lambda r, i, n: (r.arrival_time, r.id)
         self.select_victim: Callable[[list[RunningView], str, float], RunningView] = lambda c, i, n: c[-1]
         self.on_finished: Callable[[RequestOutcome], None] = lambda o: None
+        # request pulling: (instance id, free slots, now) -> the queue manager may dispatch
+        self.on_room: Callable[[str, int, float], None] | None = None
         self.healthy = True
         # model state
         self.model: str | None = None
@@ -498,7 +500,30 @@ class SimInstance:
                 self._preempt(run, mode, now)
         self.pending_evictions.clear()
         self._manage_models(now)
+        if self.on_room is not None:
+            slots = self.free_slots()
+            if slots > 0:
+                self.on_room(self.instance_id, slots, now)
         self._schedule_step(now)
+
+    #: KV blocks a pulled request is assumed to need (about 1.5k tokens) when counting free slots.
+    PULL_BLOCKS_PER_REQUEST = 96
+
+    def free_slots(self) -> int:
+        """How many more requests this engine could start now: free seats, bounded by free KV, and
+        none while its own waiting queue still holds work for the served model (pull late)."""
+        if (
+            self.model is None
+            or self.loading is not None
+            or self.switch_to is not None
+            or self.unload_pending
+        ):
+            return 0
+        if self._head(self.model) is not None:
+            return 0
+        seats = self.max_num_seqs - self._running()
+        kv = (self.kv_total - self.kv_used) // self.PULL_BLOCKS_PER_REQUEST
+        return max(0, min(seats, kv))
 
     def _finish_step(self, st: _Step, now: float) -> None:
         self.ctr = st.ctr_start + st.k

@@ -56,17 +56,32 @@ class SimFleet:
         *,
         until: float = math.inf,
         on_progress: Callable[[int], None] | None = None,
+        on_tick: Callable[[float], bool] | None = None,
+        tick_s: float = 0.5,
     ) -> None:
         """Replay ``arrivals`` (sorted by arrival time) and run until every instance is idle or the
         clock passes ``until``. An arrival at the same time as a step end is seen first, so it can
-        join the next step."""
+        join the next step. ``on_tick(now)`` runs every ``tick_s`` while it returns True (it has
+        work pending), and once more whenever the fleet falls idle."""
         i, n = 0, len(arrivals)
+        next_tick = tick_s if on_tick is not None else math.inf
         while True:
             next_arrival = arrivals[i].arrival_time if i < n else math.inf
             next_event = self._next_event_time()
-            t = min(next_arrival, next_event)
+            t = min(next_arrival, next_event, next_tick)
+            if t == math.inf and on_tick is not None:
+                # Idle fleet: the queue manager may still hold work (e.g. waiting for a swap).
+                if not on_tick(self.now):
+                    break
+                next_tick = self.now + tick_s
+                continue
             if t == math.inf or t > until:
                 break
+            if next_tick < min(next_arrival, next_event):
+                self.now = max(self.now, next_tick)
+                pending = on_tick(self.now)  # type: ignore[misc]
+                next_tick = self.now + tick_s if pending or i < n else math.inf
+                continue
             if next_arrival <= next_event:
                 self.now = max(self.now, next_arrival)
                 on_arrival(arrivals[i])

@@ -45,10 +45,15 @@ class SimBackend:
         def on_finished(outcome: RequestOutcome) -> None:
             hook.qlm_request_finished(outcome=outcome, now=self.fleet.now)
 
+        def on_room(instance_id: str, free_slots: int, now: float) -> None:
+            hook.qlm_instance_ready(instance_id=instance_id, free_slots=free_slots, now=now)
+
+        pulls = bool(hook.qlm_instance_ready.get_hookimpls())  # no queue manager: nobody pulls
         for inst in self.fleet.instances.values():
             inst.rank_key = rank_key
             inst.select_victim = select_victim
             inst.on_finished = on_finished
+            inst.on_room = on_room if pulls else None
 
     @hookimpl
     def qlm_list_instances(self) -> list[InstanceInfo]:

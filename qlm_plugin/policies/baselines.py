@@ -4,16 +4,15 @@
 * ``edf``: earliest deadline first (the TTFT deadline, else the end-to-end one).
 * ``priority``: static priority, ``(priority, arrival)`` lower first, preempting the lowest priority
   (vLLM's ``--scheduling-policy priority``).
-* ``oracle``: least laxity first on the *true* remaining work. A reference that knows each request's
-  real output length: no deployment can run it; it bounds what prediction could buy.
+* ``qlm``: the queue manager (:mod:`qlm_plugin.core`) with the online length predictor and the planner.
+* ``oracle``: the same queue manager and planner fed each request's *true* output length. A reference
+  no deployment can run: the gap between ``qlm`` and it is the price of prediction.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Hashable, Sequence
 
-from qlm_plugin.costmodel import CostModel
 from qlm_plugin.hooks import hookimpl
 from qlm_plugin.policies.registry import PolicyContext, PolicyRegistry
 from qlm_plugin.request import Request
@@ -59,53 +58,6 @@ class StaticPriority:
         return max(candidates, key=lambda c: (c.request.priority, c.request.arrival_time, c.request.id))
 
 
-#: Decode batch at which the oracle prices a token of work (a mid-size continuous batch).
-ORACLE_REFERENCE_BATCH = 32
-
-
-class Oracle:
-    """Least-laxity-first on true remaining work (a clairvoyant reference, not a deployable policy).
-
-    Laxity = deadline - work still needed before it: the prefill for a TTFT deadline, prefill plus
-    every true output token (priced at a reference batch) for an end-to-end deadline. The key is the
-    smaller laxity; it is absolute, so it does not drift with time.
-    """
-
-    def __init__(self, cost_models: dict[str, CostModel]) -> None:
-        self._cost = cost_models
-
-    def _laxity(self, request: Request, generated: int) -> float:
-        cost = self._cost.get(request.model)
-        true_out = (
-            request.true_output_tokens if request.true_output_tokens is not None else request.max_tokens
-        )
-        remaining = max(0, true_out - generated)
-        if cost is None:
-            prefill_s, decode_s = 0.0, float(remaining)
-        else:
-            prefill_s = cost.step_s(request.prompt_tokens + generated, 0)
-            decode_s = remaining * cost.decode_tpot_s(ORACLE_REFERENCE_BATCH) / 1.0
-        laxity = math.inf
-        if request.slo.ttft_deadline is not None and generated == 0:
-            laxity = request.slo.ttft_deadline - prefill_s
-        if request.slo.e2e_deadline is not None:
-            laxity = min(laxity, request.slo.e2e_deadline - prefill_s - decode_s)
-        return laxity
-
-    @hookimpl
-    def qlm_rank_key(self, request: Request, instance_id: str, now: float) -> Hashable:
-        return (self._laxity(request, 0), request.arrival_time, request.id)
-
-    @hookimpl
-    def qlm_select_victim(
-        self, candidates: Sequence[RunningView], instance_id: str, now: float
-    ) -> RunningView:
-        return max(
-            candidates,
-            key=lambda c: (self._laxity(c.request, c.generated_tokens), c.request.arrival_time, c.request.id),
-        )
-
-
 class BaselinePolicies:
     """Contributes the baselines to the policy registry (first, so they lead every listing)."""
 
@@ -114,8 +66,24 @@ class BaselinePolicies:
         registry.add("fcfs", lambda ctx: FCFS(), "first-come-first-served (vLLM default)")
         registry.add("edf", lambda ctx: EDF(), "earliest deadline first")
         registry.add("priority", lambda ctx: StaticPriority(), "static priority (vLLM priority policy)")
-        registry.add("oracle", _make_oracle, "REFERENCE: least laxity on true output lengths", reference=True)
+        registry.add("qlm", _make_qlm, "QLM: global queue, predicted lengths, RWT estimates, planner, LSOs")
+        registry.add(
+            "oracle", _make_oracle, "REFERENCE: the QLM planner fed true output lengths", reference=True
+        )
 
 
-def _make_oracle(ctx: PolicyContext) -> Oracle:
-    return Oracle(dict(ctx.cost_models))
+def _make_qlm(ctx: PolicyContext) -> list[object]:
+    from qlm_plugin.core import QueueManager
+    from qlm_plugin.planner import Planner
+    from qlm_plugin.predictor import LengthPredictor, PredictorPlugin
+
+    qm = QueueManager(dict(ctx.cost_models))
+    return [PredictorPlugin(LengthPredictor()), qm, Planner(qm)]
+
+
+def _make_oracle(ctx: PolicyContext) -> list[object]:
+    from qlm_plugin.core import QueueManager
+    from qlm_plugin.planner import Planner
+
+    qm = QueueManager(dict(ctx.cost_models), clairvoyant=True)
+    return [qm, Planner(qm)]

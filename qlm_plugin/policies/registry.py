@@ -18,6 +18,7 @@ class PolicyContext:
     cost_models: Mapping[str, CostModel] = field(default_factory=dict)
 
 
+#: Builds the plugin object(s) of a policy for one run: one object, or a list registered in order.
 PolicyFactory = Callable[[PolicyContext], object]
 
 

@@ -1,0 +1,704 @@
+"""The queue manager: QLM's global queue, virtual queues, estimates, plans and serving operations.
+
+One global queue holds every request not yet on an engine, ordered by urgency (least laxity on the
+predicted output length). The planner places requests (by group) in per-instance virtual queues and
+orders model swaps; instances *pull* when they have room, which binds placement late: an instance
+with room takes the most urgent request it can serve, from its own virtual queue or from the
+virtual queue of an instance that cannot start that request now (load balancing). The queue
+manager carries the plan out through the backend hooks: eviction (swap when the backend can, else
+recompute) to make room for a request that would otherwise miss its SLO, model swaps (a model's
+groups batched on one instance), warm starts (weights staged in host memory ahead of a swap), and
+holding batch work back while interactive load needs the seats.
+
+Waiting times come from a pooled, fluid multi-server model: the seats of every instance serving
+the model, freeing as their running requests finish (predicted), working through the queued
+seat-seconds ahead of the request (a Fenwick tree over laxity keeps that O(log n)); the variance is
+the sum of the predicted variances ahead (central limit theorem) over the seats, widened by a
+Student-t when few requests are ahead.
+
+It is a plugin: ``qlm simulate --policies qlm`` registers it with a predictor and the planner; the
+driver calls ``pm.hook.qlm_configure(pm=pm)`` first. Not thread-safe: one event loop owns it.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+from collections import deque
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pluggy
+
+from qlm_plugin.costmodel import CostModel
+from qlm_plugin.distributions import LengthDistribution, WaitEstimate
+from qlm_plugin.estimator import ResidualCalibrator, StepCalibrator, heavy_tail_factor, p_meet, pooled_start_s
+from qlm_plugin.hooks import hookimpl
+from qlm_plugin.plan import Evict, LoadModel, Plan
+from qlm_plugin.request import Request
+from qlm_plugin.state import Admission, EvictMode, InstanceState, RequestOutcome, RunningView
+from qlm_plugin.workindex import WorkIndex
+
+#: A request whose probability of meeting its SLO falls below this is flagged at admission.
+FLAG_BELOW_P = 0.05
+#: Decode batch at which a request's seat time is priced before the instance is known.
+REFERENCE_BATCH = 64
+#: Memory of the arrival-rate estimates, seconds.
+RATE_MEMORY_S = 10.0
+#: Laxity beyond which later TTFT-bound arrivals will overtake a request while it waits.
+OVERTAKE_HORIZON_S = 5.0
+
+
+@dataclass(slots=True)
+class Entry:
+    """A request the queue manager knows: queued (``dispatched_at`` None) or on an engine."""
+
+    request: Request
+    length: LengthDistribution  # predicted output tokens at submission
+    service_s: float  # predicted seat-seconds (prefill + decode at the reference batch)
+    service_var: float
+    key: tuple[float, float, str]  # urgency: lower first
+    planned: str | None = None  # the instance whose virtual queue holds it
+    instance: str | None = None  # the instance serving it, once dispatched
+    dispatched_at: float | None = None
+    late: bool = False  # can no longer meet its SLO: runs after every request that still can
+    finish_at: float = math.inf  # predicted, once dispatched
+
+
+@dataclass(slots=True)
+class InstanceView:
+    instance_id: str
+    costs: dict[str, CostModel]
+    calibrators: dict[str, StepCalibrator] = field(default_factory=dict)
+    state: InstanceState | None = None
+    running: dict[str, Entry] = field(default_factory=dict)
+    switched_at: float = -math.inf
+    running_batch: int = 0  # running requests without a TTFT SLO
+    step_s: float | None = None  # measured time per engine step (decode and mixed-in prefill), EWMA
+    _last_step_start: float = -math.inf
+
+    def observe_steps(self, state: InstanceState) -> None:
+        for s in state.step_timings:
+            if s.start <= self._last_step_start or s.decode_tokens == 0:
+                continue
+            self._last_step_start = s.start
+            self.step_s = s.duration_s if self.step_s is None else 0.9 * self.step_s + 0.1 * s.duration_s
+
+    def model(self) -> str | None:
+        s = self.state
+        if s is None:
+            return None
+        if s.loading_model is not None:
+            return s.loading_model
+        return s.models_loaded[0] if s.models_loaded else None
+
+    def calibrator(self, model: str) -> StepCalibrator:
+        cal = self.calibrators.get(model)
+        if cal is None:
+            cal = self.calibrators[model] = StepCalibrator(self.costs[model])
+        return cal
+
+    def free_slots(self) -> int:
+        s = self.state
+        if s is None or not s.healthy or s.loading_model is not None or not s.models_loaded or s.num_waiting:
+            return 0
+        return max(0, s.max_num_seqs - s.num_running)
+
+
+def laxity_key(
+    request: Request, length: LengthDistribution, cost: CostModel | None
+) -> tuple[float, float, str]:
+    """Least-laxity urgency with predicted work (90th percentile, to be safe): the TTFT deadline
+    less the prefill, and the end-to-end deadline less the whole predicted service, whichever binds.
+    Absolute, so it does not drift with time; requests without deadlines come last, by arrival."""
+    if cost is None:
+        prefill, decode = 0.0, 0.0
+    else:
+        prefill = cost.step_s(request.prompt_tokens, 0)
+        decode = length.quantile(0.9) * cost.decode_tpot_s(32)
+    lax = math.inf
+    if request.slo.ttft_deadline is not None:
+        lax = request.slo.ttft_deadline - prefill
+    if request.slo.e2e_deadline is not None:
+        lax = min(lax, request.slo.e2e_deadline - prefill - decode)
+    return (lax, request.arrival_time, request.id)
+
+
+class ModelQueue:
+    """The global queue of one model: urgency order, a late list, and the work index."""
+
+    def __init__(self) -> None:
+        self.order: list[tuple[tuple[float, float, str], str]] = []  # (key, id), sorted
+        self.late: deque[str] = deque()
+        self.index = WorkIndex()
+
+    def add(self, e: Entry) -> None:
+        bisect.insort(self.order, (e.key, e.request.id))
+        self.index.add(e.key[0], e.service_s, e.service_var)
+
+    def remove(self, e: Entry) -> None:
+        if e.late:
+            self.late.remove(e.request.id)
+            return
+        i = bisect.bisect_left(self.order, (e.key, e.request.id))
+        if i < len(self.order) and self.order[i][1] == e.request.id:
+            del self.order[i]
+            self.index.remove(e.key[0], e.service_s, e.service_var)
+
+    def __len__(self) -> int:
+        return len(self.order) + len(self.late)
+
+
+class QueueManager:
+    """QLM's queue manager as a plugin (see the module docstring).
+
+    ``clairvoyant``: use true output lengths instead of the predictor (the ``oracle`` reference).
+    """
+
+    def __init__(
+        self,
+        cost_models: dict[str, CostModel],
+        *,
+        replan_interval_s: float = 1.0,
+        min_model_residency_s: float = 30.0,
+        evict: bool = True,
+        hold_back_batch: bool = True,
+        clairvoyant: bool = False,
+    ) -> None:
+        self._ref_cost = cost_models
+        self.replan_interval_s = replan_interval_s
+        self.min_model_residency_s = min_model_residency_s
+        self.evict_enabled = evict
+        self.hold_back_batch = hold_back_batch
+        self.clairvoyant = clairvoyant
+        self.pm: pluggy.PluginManager | None = None
+        self._hook: Any = None
+        self.entries: dict[str, Entry] = {}
+        self.queues: dict[str, ModelQueue] = {}
+        self.instances: dict[str, InstanceView] = {}
+        self.last_plan_at = -math.inf
+        self.last_plan: Plan | None = None
+        self.counters: dict[str, float] = {
+            "flagged": 0,
+            "evictions": 0,
+            "pulls": 0,
+            "steals": 0,
+            "swaps_ordered": 0,
+            "replans": 0,
+            "milp_plans": 0,
+            "prefetches": 0,
+            "held_back": 0,
+        }
+        self._arrivals: dict[str, tuple[float, float, float]] = {}  # model -> (req/s, seat-s/s, at)
+        # (request id, admitted at, predicted wait, p_meet): scored when the request finishes
+        self.wait_log: deque[tuple[str, float, float, float]] = deque(maxlen=200_000)
+        self._raw: dict[str, tuple[float, float]] = {}  # id -> raw model (wait, completion) predictions
+        self._calib: dict[tuple[str, str, int], ResidualCalibrator] = {}
+        self._ttft: dict[str, float] = {}
+        self._met: dict[str, bool] = {}
+        self._residuals: dict[str, tuple[float, np.ndarray]] = {}
+        self._finishing: dict[
+            str, list[float]
+        ] = {}  # model -> predicted finish times of running requests, sorted
+
+    # ------------------------------------------------------------------ wiring
+    @hookimpl
+    def qlm_configure(self, pm: pluggy.PluginManager) -> None:
+        self.pm = pm
+        self._hook = pm.hook
+        for lst in pm.hook.qlm_list_instances():
+            for info in lst:
+                self.instances[info.instance_id] = InstanceView(info.instance_id, dict(self._ref_cost))
+        for view in self.instances.values():
+            self._refresh(view)
+
+    def _refresh(self, view: InstanceView, detail: bool = False) -> InstanceState:
+        state: InstanceState = self._hook.qlm_instance_state(instance_id=view.instance_id, detail=detail)
+        view.state = state
+        model = view.model()
+        if detail and state.step_timings and model is not None and model in view.costs:
+            view.calibrator(model).observe(state.step_timings)
+            view.observe_steps(state)
+        return state
+
+    def queue(self, model: str) -> ModelQueue:
+        q = self.queues.get(model)
+        if q is None:
+            q = self.queues[model] = ModelQueue()
+        return q
+
+    # ------------------------------------------------------------------ prediction
+    def _predict(self, request: Request, generated: int = 0) -> LengthDistribution:
+        if self.clairvoyant:
+            true = (
+                request.true_output_tokens if request.true_output_tokens is not None else request.max_tokens
+            )
+            return LengthDistribution.point(max(0, true - generated))
+        dist = self._hook.qlm_predict_output_length(request=request, generated_tokens=generated)
+        if dist is None:  # no predictor installed: half of max_tokens, with wide uncertainty
+            return LengthDistribution(request.max_tokens / 2, (request.max_tokens / 4) ** 2)
+        return dist  # type: ignore[no-any-return]
+
+    def _entry(self, request: Request) -> Entry:
+        length = self._predict(request)
+        cost = self._ref_cost.get(request.model)
+        if cost is None:
+            service, var = 0.0, 0.0
+        else:
+            tpot = cost.decode_tpot_s(REFERENCE_BATCH)
+            service = cost.step_s(request.prompt_tokens, 0) + length.mean * tpot
+            var = length.var * tpot * tpot
+        return Entry(request, length, service, var, laxity_key(request, length, cost))
+
+    # ------------------------------------------------------------------ estimation
+    def _serving(self, model: str) -> list[InstanceView]:
+        return [
+            v
+            for v in self.instances.values()
+            if v.model() == model and v.state is not None and v.state.healthy
+        ]
+
+    def _seat_residuals(self, model: str, now: float) -> np.ndarray:
+        """Seconds from now until each seat of the model's serving instances frees (sorted): free
+        seats at 0, busy ones at their request's predicted finish (kept sorted as requests are
+        dispatched and finish), seats of an instance still loading the model at its ready time."""
+        cached = self._residuals.get(model)
+        if cached is not None and cached[0] == now:
+            return cached[1]
+        busy = self._finishing.get(model, [])
+        seats = 0
+        loading: list[float] = []
+        for view in self._serving(model):
+            s = view.state
+            assert s is not None
+            n = min(s.max_num_seqs, view.costs[model].max_num_seqs)
+            if s.loading_model == model:
+                loading.extend([view.costs[model].load_s(warm=model in s.models_warm)] * n)
+            else:
+                seats += n
+        r = np.array(busy[-seats:] if seats else [], dtype=float) - now if busy else np.zeros(0)
+        r = np.maximum(r, 0.0)
+        out = np.concatenate([np.zeros(max(0, seats - len(r))), r[: max(0, seats)], np.array(loading)])
+        out.sort()
+        self._residuals[model] = (now, out)
+        return out
+
+    def _tpot(self, view: InstanceView, model: str) -> float:
+        """Time per output token on ``view`` now: the measured step time when there is one (it
+        includes the prefill mixed into decode steps under load), else the calibrated cost model."""
+        if view.step_s is not None and view.running:
+            return view.step_s
+        return view.calibrator(model).step_s(0, max(1, len(view.running)))
+
+    def _load_factor(self, model: str) -> float:
+        """Measured step time over the reference step time the queued seat-seconds were priced at."""
+        cost = self._ref_cost.get(model)
+        serving = self._serving(model)
+        if cost is None or not serving:
+            return 1.0
+        tpot = sum(self._tpot(v, model) for v in serving) / len(serving)
+        return max(0.5, tpot / cost.decode_tpot_s(REFERENCE_BATCH))
+
+    def estimate(self, entry: Entry, now: float) -> WaitEstimate:
+        """Wait until first token and completion, pooled over the instances serving the model."""
+        r = entry.request
+        q = self.queue(r.model)
+        count, work, var = q.index.ahead(entry.key[0])
+        residuals = self._seat_residuals(r.model, now)
+        serving = self._serving(r.model)
+        if not serving:
+            # nobody serves it: the cheapest swap, then it runs first
+            cands = [v for v in self.instances.values() if r.model in v.costs and v.state is not None]
+            if not cands:
+                return WaitEstimate("", math.inf, 0.0, math.inf, 0.0, 0.0)
+            load = min(v.costs[r.model].load_s(warm=r.model in v.state.models_warm) for v in cands)  # type: ignore[union-attr]
+            seats = cands[0].costs[r.model].max_num_seqs
+            residuals = np.full(seats, load)
+        seats = max(1, len(residuals))
+        scale = self._load_factor(r.model)
+        inflow = 0.0
+        if entry.key[0] - now > OVERTAKE_HORIZON_S:
+            # capped: a transient burst must not make the wait infinite
+            inflow = min(self._urgent_rates(r.model, now)[1] * scale, 0.9 * seats)
+        start = pooled_start_s(residuals, work * scale, inflow)
+        cost = self._ref_cost.get(r.model)
+        prefill = cost.step_s(r.prompt_tokens, 0) if cost else 0.0
+        tpot = cost.decode_tpot_s(REFERENCE_BATCH) * scale if cost else 0.0
+        wait_std = math.sqrt(var) * scale / seats * heavy_tail_factor(count)
+        wait_mean = start + prefill
+        done_mean = wait_mean + entry.length.mean * tpot
+        done_std = math.sqrt(wait_std * wait_std + entry.length.var * tpot * tpot)
+        pm = p_meet(r, now, wait_mean, wait_std, done_mean, done_std)
+        # Online calibration against outcomes (per class): corrected means, empirical P(meet).
+        raw_wait, raw_done = wait_mean, done_mean
+        cw = self._calibrator(r.slo_class, "wait", raw_wait)
+        cd = self._calibrator(r.slo_class, "done", raw_done)
+        wait_mean, done_mean = cw.corrected(raw_wait), cd.corrected(raw_done)
+        probs = []
+        if r.slo.ttft_deadline is not None:
+            probs.append(cw.p_within(raw_wait, r.slo.ttft_deadline - now))
+        if r.slo.e2e_deadline is not None:
+            probs.append(cd.p_within(raw_done, r.slo.e2e_deadline - now))
+        if probs and all(p is not None for p in probs):
+            pm = min(p for p in probs if p is not None)
+        self._raw[r.id] = (raw_wait, raw_done)
+        iid = serving[0].instance_id if serving else ""
+        return WaitEstimate(iid, wait_mean, wait_std, done_mean, done_std, pm)
+
+    def _calibrator(self, slo_class: str, what: str, raw_s: float) -> ResidualCalibrator:
+        """The calibrator of a class, quantity and magnitude band of the raw prediction (errors of a
+        0.1 s wait and of a 30 s wait have different causes, so they are corrected apart)."""
+        band = -1 if not math.isfinite(raw_s) else max(-3, min(8, math.floor(math.log2(max(raw_s, 0.05)))))
+        key = (slo_class, what, band)
+        c = self._calib.get(key)
+        if c is None:
+            c = self._calib[key] = ResidualCalibrator(min_samples=30)
+        return c
+
+    # ------------------------------------------------------------------ admission
+    @hookimpl
+    def qlm_submit(self, request: Request, now: float) -> Admission:
+        if not any(request.model in v.costs for v in self.instances.values()):
+            return Admission(
+                request.id, False, False, reason=f"no instance can serve model {request.model!r}"
+            )
+        entry = self._entry(request)
+        self.entries[request.id] = entry
+        self._note_arrival(entry, now)
+        for view in self.instances.values():
+            self._refresh(view)
+        est = self.estimate(entry, now)
+        self.wait_log.append((request.id, now, est.wait_mean_s, est.p_meet))
+        flagged = est.p_meet < FLAG_BELOW_P
+        if flagged:
+            self.counters["flagged"] += 1
+        if (
+            self.evict_enabled
+            and request.slo.ttft_deadline is not None
+            and est.p_meet < 0.5
+            and self._evict_for(entry, now)
+        ):
+            return Admission(request.id, True, True, entry.instance, est.wait_mean_s, est.p_meet)
+        self._enqueue(entry)
+        for view in sorted(self.instances.values(), key=lambda v: -v.free_slots()):
+            if view.free_slots() > 0 and view.model() == request.model:
+                self._pull(view, view.free_slots(), now)
+                break
+        if now - self.last_plan_at >= self.replan_interval_s:
+            self.replan(now)
+        return Admission(
+            request.id,
+            True,
+            not flagged,
+            entry.planned,
+            est.wait_mean_s,
+            est.p_meet,
+            reason="SLO cannot be met at the current load" if flagged else "",
+        )
+
+    def _note_arrival(self, entry: Entry, now: float) -> None:
+        """Exponentially decayed rates (10 s memory) of TTFT-bound arrivals per model: requests/s
+        and seat-seconds/s (the urgent inflow that overtakes batch work while it waits)."""
+        if entry.request.slo.ttft_deadline is None:
+            return
+        m = entry.request.model
+        rate, work, last = self._arrivals.get(m, (0.0, 0.0, now))
+        decay = math.exp(-(now - last) / RATE_MEMORY_S)
+        self._arrivals[m] = (
+            rate * decay + 1.0 / RATE_MEMORY_S,
+            work * decay + entry.service_s / RATE_MEMORY_S,
+            now,
+        )
+
+    def _urgent_rates(self, model: str, now: float) -> tuple[float, float]:
+        rate, work, last = self._arrivals.get(model, (0.0, 0.0, now))
+        decay = math.exp(-(now - last) / RATE_MEMORY_S)
+        return rate * decay, work * decay
+
+    def _enqueue(self, entry: Entry) -> None:
+        self.queue(entry.request.model).add(entry)
+        if entry.planned is None:
+            serving = self._serving(entry.request.model)
+            if serving:
+                entry.planned = min(serving, key=lambda v: (-v.free_slots(), v.instance_id)).instance_id
+
+    # ------------------------------------------------------------------ pulling
+    @hookimpl
+    def qlm_instance_ready(self, instance_id: str, free_slots: int, now: float) -> None:
+        view = self.instances.get(instance_id)
+        if view is None:
+            return
+        self._refresh(view)
+        self._pull(view, free_slots, now)
+        if now - self.last_plan_at >= self.replan_interval_s:
+            self.replan(now)
+
+    def _interactive_reserve(self, view: InstanceView, model: str) -> int:
+        """Seats kept free for TTFT-bound arrivals expected on this instance (batch is held back)."""
+        rate = self._urgent_rates(model, 0.0 if view.state is None else view.state.now)[0]
+        cost = view.costs.get(model)
+        if cost is None or rate <= 0:
+            return 0
+        serving = len(self._serving(model)) or 1
+        mean_service = cost.step_s(1024, 0) + 150 * cost.decode_tpot_s(REFERENCE_BATCH)
+        return math.ceil(1.5 * rate / serving * mean_service) + 1
+
+    def _pull(self, view: InstanceView, slots: int, now: float) -> None:
+        """Request pulling: hand ``view`` the most urgent requests it can serve (its own virtual
+        queue first in urgency order; another instance's only if that one cannot start it now)."""
+        model = view.model()
+        if model is None or slots <= 0 or model not in self.queues:
+            return
+        q = self.queues[model]
+        s = view.state
+        seats = s.max_num_seqs if s is not None else slots
+        running_batch = view.running_batch
+        reserve = self._interactive_reserve(view, model) if self.hold_back_batch else 0
+        # Requests past their deadline go to the late list: they still run, after all that can meet.
+        while q.order and self._doomed(self.entries[q.order[0][1]], now):
+            _, rid = q.order.pop(0)
+            e = self.entries[rid]
+            q.index.remove(e.key[0], e.service_s, e.service_var)
+            e.late = True
+            q.late.append(rid)
+        taken: list[Entry] = []
+        busy_elsewhere = {v.instance_id: v.free_slots() == 0 for v in self.instances.values()}
+        for _, rid in q.order:
+            if len(taken) >= slots:
+                break
+            e = self.entries[rid]
+            if e.planned not in (None, view.instance_id) and not busy_elsewhere.get(e.planned, True):
+                continue  # its own instance can start it now: leave it there
+            if e.request.slo.ttft_deadline is None and reserve:
+                urgent = e.key[0] - now < 3 * e.service_s
+                if not urgent and running_batch + 1 > seats - reserve:
+                    self.counters["held_back"] += 1
+                    break  # the rest is batch too (interactive keys sort first)
+                running_batch += 1
+            taken.append(e)
+        for rid in list(q.late):
+            if len(taken) >= slots:
+                break
+            taken.append(self.entries[rid])
+        for e in taken:
+            self._dispatch(view, e, now)
+
+    def _doomed(self, e: Entry, now: float) -> bool:
+        d = e.request.slo.ttft_deadline
+        if d is not None:
+            return now > d
+        d = e.request.slo.e2e_deadline
+        return d is not None and now + e.service_s > d
+
+    def _dispatch(self, view: InstanceView, e: Entry, now: float) -> bool:
+        if e.dispatched_at is None:
+            self.queue(e.request.model).remove(e)
+        ok = bool(self._hook.qlm_dispatch(instance_id=view.instance_id, request=e.request))
+        if not ok:
+            if e.dispatched_at is None:
+                e.late = False
+                self.queue(e.request.model).add(e)
+            return False
+        if e.planned not in (None, view.instance_id):
+            self.counters["steals"] += 1
+        e.instance = e.planned = view.instance_id
+        e.dispatched_at = now
+        view.running[e.request.id] = e
+        view.running_batch += e.request.slo.ttft_deadline is None
+        model = e.request.model
+        e.finish_at = now + e.service_s * self._load_factor(model)
+        bisect.insort(self._finishing.setdefault(model, []), e.finish_at)
+        self.counters["pulls"] += 1
+        self._residuals.pop(e.request.model, None)
+        if view.state is not None:  # keep cached counts honest until the next refresh
+            from dataclasses import replace
+
+            view.state = replace(view.state, num_running=view.state.num_running + 1)
+        return True
+
+    # ------------------------------------------------------------------ eviction
+    def _evict_for(self, entry: Entry, now: float) -> bool:
+        """Make a seat for an urgent request that would otherwise miss its TTFT: preempt the running
+        request with the most slack on an instance serving its model, if it can afford the delay."""
+        deadline = entry.request.slo.ttft_deadline
+        if deadline is None or now >= deadline:
+            return False
+        best: tuple[float, InstanceView, Entry] | None = None
+        for view in self._serving(entry.request.model):
+            if view.state is None or view.state.loading_model:
+                continue
+            for e in view.running.values():
+                d = e.request.slo.e2e_deadline
+                if e.request.slo.ttft_deadline is not None or d is None:
+                    continue
+                spare = d - now - 2.0 * e.service_s  # a recompute costs the whole service again
+                if spare > 0 and (best is None or spare > best[0]):
+                    best = (spare, view, e)
+        if best is None:
+            return False
+        _, view, victim = best
+        caps = view.state.capabilities if view.state is not None else frozenset()
+        mode = EvictMode.SWAP if "swap" in caps else EvictMode.RECOMPUTE
+        try:
+            self._hook.qlm_evict(instance_id=view.instance_id, request_id=victim.request.id, mode=mode)
+        except KeyError:
+            return False  # it finished meanwhile
+        self.counters["evictions"] += 1
+        # The victim waits in the engine's own queue, behind the urgent request handed over now.
+        return self._dispatch(view, entry, now)
+
+    # ------------------------------------------------------------------ completion and reports
+    @hookimpl
+    def qlm_request_finished(self, outcome: RequestOutcome, now: float) -> None:
+        rid = outcome.request.id
+        if outcome.first_token_time is not None:
+            self._ttft[rid] = outcome.first_token_time - outcome.request.arrival_time
+        r = outcome.request
+        self._met[rid] = outcome.met_ttft() if r.slo.ttft_deadline is not None else outcome.met_slo()
+        raw = self._raw.pop(rid, None)
+        if raw is not None and outcome.first_token_time is not None:
+            ttft = outcome.first_token_time - r.arrival_time
+            self._calibrator(r.slo_class, "wait", raw[0]).observe(raw[0], ttft)
+            if outcome.finish_time is not None:
+                self._calibrator(r.slo_class, "done", raw[1]).observe(
+                    raw[1], outcome.finish_time - r.arrival_time
+                )
+        e = self.entries.pop(rid, None)
+        if e is None:
+            return
+        if e.dispatched_at is None:
+            self.queue(r.model).remove(e)
+        elif e.instance is not None and e.instance in self.instances:
+            view = self.instances[e.instance]
+            if view.running.pop(rid, None) is not None:
+                view.running_batch -= r.slo.ttft_deadline is None
+            self._residuals.pop(r.model, None)
+            fin = self._finishing.get(r.model)
+            if fin:
+                i = bisect.bisect_left(fin, e.finish_at)
+                if i < len(fin) and fin[i] == e.finish_at:
+                    del fin[i]
+
+    @hookimpl
+    def qlm_stats(self) -> dict[str, float]:
+        return {**self.counters, **self.estimator_accuracy()}
+
+    def estimator_accuracy(self) -> dict[str, float]:
+        """Predicted (at admission) against measured time to first token: MAPE over waits above
+        1 s, and calibration: of requests given P(meet) near 0.9, the fraction that met."""
+        pairs = [(p, self._ttft[rid]) for rid, _t, p, _pm in self.wait_log if rid in self._ttft]
+        big = [(p, a) for p, a in pairs if a > 1.0]
+        out: dict[str, float] = {"est_samples": float(len(pairs))}
+        if big:
+            out["est_mape_over_1s"] = sum(abs(p - a) / a for p, a in big) / len(big)
+            out["est_samples_over_1s"] = float(len(big))
+        near = [
+            self._met[rid] for rid, _t, _p, pm in self.wait_log if rid in self._met and 0.85 <= pm <= 0.95
+        ]
+        if near:
+            out["est_p09_observed"] = sum(near) / len(near)
+            out["est_p09_samples"] = float(len(near))
+        return out
+
+    # ------------------------------------------------------------------ planning
+    def pending(self) -> bool:
+        return any(len(q) for q in self.queues.values())
+
+    @hookimpl
+    def qlm_tick(self, now: float) -> bool:
+        if not self.pending():
+            return False
+        for view in self.instances.values():
+            self._refresh(view, detail=True)
+        self.replan(now)
+        for view in self.instances.values():
+            if view.free_slots():
+                self._pull(view, view.free_slots(), now)
+        return self.pending()
+
+    def queued_requests(self) -> list[Request]:
+        return [self.entries[rid].request for q in self.queues.values() for _, rid in q.order] + [
+            self.entries[rid].request for q in self.queues.values() for rid in q.late
+        ]
+
+    def replan(self, now: float) -> None:
+        """Ask the planner (``qlm_plan``) for placement and LSOs, and carry them out."""
+        self.last_plan_at = now
+        self.counters["replans"] += 1
+        states = [v.state for v in self.instances.values() if v.state is not None]
+        plan = self._hook.qlm_plan(queue=self.queued_requests(), instances=states, now=now)
+        if plan is None:
+            return
+        self.last_plan = plan
+        if plan.solver == "milp":
+            self.counters["milp_plans"] += 1
+        self.apply(plan, now)
+
+    def apply(self, plan: Plan, now: float) -> None:
+        for iid, rids in plan.queues.items():
+            if iid not in self.instances:
+                continue
+            for rid in rids:
+                e = self.entries.get(rid)
+                if e is not None and e.dispatched_at is None:
+                    e.planned = iid
+        for action in plan.actions:
+            view = self.instances.get(action.instance_id)
+            if view is None:
+                continue
+            if isinstance(action, LoadModel):
+                if action.target == "gpu":
+                    if view.model() == action.model:
+                        continue
+                    if now - view.switched_at < self.min_model_residency_s and view.running:
+                        continue  # no thrashing: a model keeps its instance a while once swapped in
+                    self._hook.qlm_load_model(
+                        instance_id=action.instance_id, model=action.model, target="gpu"
+                    )
+                    view.switched_at = now
+                    self.counters["swaps_ordered"] += 1
+                else:
+                    self._hook.qlm_load_model(
+                        instance_id=action.instance_id, model=action.model, target="host"
+                    )
+                    self.counters["prefetches"] += 1
+                self._refresh(view)
+                self._residuals.clear()
+            elif isinstance(action, Evict):
+                try:
+                    self._hook.qlm_evict(
+                        instance_id=action.instance_id, request_id=action.request_id, mode=action.mode
+                    )
+                    self.counters["evictions"] += 1
+                except KeyError:
+                    pass
+
+    # ------------------------------------------------------------------ engine-local policy
+    @hookimpl
+    def qlm_rank_key(self, request: Request, instance_id: str, now: float) -> Hashable:
+        e = self.entries.get(request.id)
+        if e is not None:
+            return e.key
+        return laxity_key(request, self._predict(request), self._ref_cost.get(request.model))
+
+    @hookimpl
+    def qlm_select_victim(
+        self, candidates: Sequence[RunningView], instance_id: str, now: float
+    ) -> RunningView:
+        def lax(c: RunningView) -> tuple[float, float, str]:
+            return laxity_key(
+                c.request, self._predict(c.request, c.generated_tokens), self._ref_cost.get(c.request.model)
+            )
+
+        return max(candidates, key=lax)
+
+    @hookimpl
+    def qlm_estimate_wait(
+        self, request: Request, instance: InstanceState, ahead: Sequence[Request], now: float
+    ) -> WaitEstimate | None:
+        if request.model not in self._ref_cost:
+            return None
+        e = self.entries.get(request.id) or self._entry(request)
+        return self.estimate(e, now)

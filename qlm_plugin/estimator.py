@@ -1,0 +1,261 @@
+"""Request waiting time (RWT) estimation (QLM), on a seat model of continuous batching.
+
+An instance runs up to ``C`` requests at once (its seats: ``max_num_seqs``, or fewer when KV cache
+binds). A request starts when a seat frees; it then needs its prefill and ``L`` decode steps, each
+taking the instance's current step time. Output lengths are random (the predictor's distributions),
+so the time until a seat frees is a sum of random service times: by the central limit theorem about
+normal, with variance ``sum(var_i) * tpot^2 / C^2`` when ``C`` seats share the work ahead. With few
+requests ahead the sum is far from normal: a Student-t with that many degrees of freedom widens the
+tail (the heavier-tail correction).
+
+Step time is calibrated online: an exponentially weighted fit of ``b0 + b1*prefill + b2*decode`` to
+the step timings the backend reports (:class:`StepCalibrator`), starting from the cost model.
+
+Not thread-safe: owned by the queue manager's loop.
+"""
+
+from __future__ import annotations
+
+import bisect
+import heapq
+import math
+from collections import deque
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+from scipy.stats import t as student_t
+
+from qlm_plugin.costmodel import CostModel
+from qlm_plugin.distributions import LengthDistribution, WaitEstimate
+from qlm_plugin.request import Request
+from qlm_plugin.state import StepTiming
+
+#: Below this many requests ahead, the waiting time's tail is widened (Student-t).
+HEAVY_TAIL_BELOW = 30
+
+
+class StepCalibrator:
+    """Online least-squares fit of step time = b0 + b1*prefill + b2*decode (seconds), exponentially
+    forgetting old steps, with the cost model as the prior (a few pseudo-observations)."""
+
+    def __init__(
+        self, cost: CostModel, *, half_life_steps: float = 2000.0, prior_weight: float = 20.0
+    ) -> None:
+        self._decay = 0.5 ** (1.0 / half_life_steps)
+        prior = np.array([cost.b0_us, cost.b1_us, cost.b2_us]) * 1e-6
+        # Prior as pseudo-observations at representative operating points.
+        self._xtx = np.zeros((3, 3))
+        self._xty = np.zeros(3)
+        for p, d in ((0, 1), (0, 64), (512, 32), (2048, 0), (0, 256)):
+            x = np.array([1.0, p, d])
+            self._xtx += prior_weight * np.outer(x, x)
+            self._xty += prior_weight * x * (x @ prior)
+        self.coef = prior
+        self._seen: set[tuple[float, float]] = set()
+        self.observations = 0
+
+    def observe(self, timings: Iterable[StepTiming]) -> None:
+        changed = False
+        for s in timings:
+            key = (s.start, s.duration_s)
+            if key in self._seen:
+                continue
+            self._seen.add(key)
+            x = np.array([1.0, s.prefill_tokens, s.decode_tokens])
+            self._xtx = self._decay * self._xtx + np.outer(x, x)
+            self._xty = self._decay * self._xty + x * s.duration_s
+            self.observations += 1
+            changed = True
+        if len(self._seen) > 4096:
+            self._seen.clear()  # memory bound; re-reporting the same window is rare and harmless
+        if changed:
+            coef = np.linalg.lstsq(self._xtx, self._xty, rcond=None)[0]
+            self.coef = np.maximum(coef, 0.0)
+
+    def step_s(self, prefill_tokens: float, decode_tokens: float) -> float:
+        b0, b1, b2 = self.coef
+        return float(b0 + b1 * prefill_tokens + b2 * decode_tokens)
+
+
+@dataclass(slots=True)
+class InstanceModel:
+    """What the estimator knows of one instance at one moment."""
+
+    instance_id: str
+    cost: CostModel
+    seats: int  # concurrent requests it runs at saturation
+    calibrator: StepCalibrator
+    # seconds from now until each running request finishes (predicted mean) and their variances
+    running_finish_s: list[float] = field(default_factory=list)
+    running_var_s2: list[float] = field(default_factory=list)
+    model_ready_s: float = 0.0  # seconds until its model serves (a swap in progress or needed)
+
+    def tpot_s(self, batch: int) -> float:
+        # Decode step time at this batch, with the prefill work arriving meanwhile folded in through
+        # the calibrated coefficients (b0 dominates small batches, b2 large ones).
+        return self.calibrator.step_s(0, max(1, batch))
+
+    def prefill_s(self, prompt_tokens: int) -> float:
+        budget = self.cost.max_num_batched_tokens
+        steps = max(1, math.ceil(prompt_tokens / budget))
+        return self.calibrator.step_s(prompt_tokens, 0) + (steps - 1) * self.calibrator.step_s(0, 0)
+
+
+def seats_for(cost: CostModel, mean_tokens_per_request: float) -> int:
+    """Concurrency at saturation: seats, or as many requests as the KV cache holds."""
+    kv_requests = cost.kv_blocks * 16 / max(1.0, mean_tokens_per_request)
+    return max(1, int(min(cost.max_num_seqs, kv_requests)))
+
+
+def service_s(model: InstanceModel, request: Request, length: LengthDistribution) -> tuple[float, float]:
+    """Mean and variance of the time a request holds a seat: prefill plus its decode steps."""
+    tpot = model.tpot_s(model.seats)
+    return model.prefill_s(request.prompt_tokens) + length.mean * tpot, length.var * tpot * tpot
+
+
+def estimate_queue(
+    model: InstanceModel,
+    queue: Sequence[Request],
+    lengths: Sequence[LengthDistribution],
+) -> list[tuple[float, float, float, float]]:
+    """For each request of ``queue`` (in service order): (wait mean, wait std, completion mean,
+    completion std), seconds from now. Wait is until its first token."""
+    seats = model.seats
+    heap = sorted(model.running_finish_s)[:seats]
+    free = seats - len(heap)
+    heap = [0.0] * free + heap
+    heapq.heapify(heap)
+    var_ahead = sum(model.running_var_s2) / (seats * seats)
+    out = []
+    tpot = model.tpot_s(seats)
+    for i, (req, dist) in enumerate(zip(queue, lengths, strict=True)):
+        start = max(heapq.heappop(heap), model.model_ready_s)
+        prefill = model.prefill_s(req.prompt_tokens)
+        mean_service = prefill + dist.mean * tpot
+        var_service = dist.var * tpot * tpot
+        heapq.heappush(heap, start + mean_service)
+        wait_std = math.sqrt(var_ahead)
+        ahead = len(model.running_finish_s) + i
+        if 0 < ahead < HEAVY_TAIL_BELOW and wait_std > 0:
+            # Student-t with `ahead` degrees of freedom: widen to match its 90% quantile.
+            wait_std *= float(student_t.ppf(0.9, ahead) / 1.2815515655446004)
+        out.append((start + prefill, wait_std, start + mean_service, math.sqrt(var_ahead + var_service)))
+        var_ahead += var_service / (seats * seats)
+    return out
+
+
+def p_meet(
+    request: Request, now: float, wait_mean: float, wait_std: float, done_mean: float, done_std: float
+) -> float:
+    """Probability that first token and completion land before the request's deadlines."""
+    p = 1.0
+    if request.slo.ttft_deadline is not None:
+        p = _cdf(request.slo.ttft_deadline - now - wait_mean, wait_std)
+    if request.slo.e2e_deadline is not None:
+        p = min(p, _cdf(request.slo.e2e_deadline - now - done_mean, done_std))
+    return p
+
+
+def _cdf(slack: float, std: float) -> float:
+    """Standard normal CDF of slack/std (math.erf: scipy's per-call overhead dominates here)."""
+    if not math.isfinite(slack):
+        return 1.0 if slack > 0 else 0.0
+    if std <= 1e-9:
+        return 1.0 if slack >= 0 else 0.0
+    return 0.5 * (1.0 + math.erf(slack / (std * math.sqrt(2.0))))
+
+
+def wait_estimate(
+    model: InstanceModel,
+    request: Request,
+    ahead: Sequence[Request],
+    lengths: Sequence[LengthDistribution],
+    own: LengthDistribution,
+    now: float,
+) -> WaitEstimate:
+    rows = estimate_queue(model, [*ahead, request], [*lengths, own])
+    wm, ws, dm, ds = rows[-1]
+    return WaitEstimate(model.instance_id, wm, ws, dm, ds, p_meet(request, now, wm, ws, dm, ds))
+
+
+def pooled_start_s(
+    residuals: Sequence[float] | np.ndarray, ahead_seat_s: float, inflow: float = 0.0
+) -> float:
+    """When a seat takes a request that has ``ahead_seat_s`` seat-seconds queued before it: seats
+    free at ``residuals`` (seconds from now, one per seat, sorted; 0 for a free seat) and then work
+    through the queue (a fluid multi-server queue), while more urgent work keeps arriving at
+    ``inflow`` seat-seconds per second and is served first (a priority queue's lower class sees the
+    capacity the higher one leaves). Solves sum(max(0, t - r_i)) = work + inflow*t for t."""
+    r = np.asarray(residuals, dtype=float)
+    n = len(r)
+    if n == 0:
+        return math.inf
+    if ahead_seat_s <= 0 and inflow <= 0:
+        return float(r[0])
+    # With k+1 seats free by time t (r[k] <= t <= r[k+1]): (k+1)*t - sum(r[:k+1]) = work + inflow*t.
+    active = np.arange(1, n + 1) - inflow
+    prefix = np.cumsum(r)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        t = np.where(active > 0, (ahead_seat_s + prefix) / active, np.inf)
+    upper = np.append(r[1:], np.inf)
+    ok = np.nonzero((active > 0) & (t <= upper))[0]
+    if len(ok) == 0:
+        return math.inf  # more urgent work alone fills every seat
+    k = int(ok[0])
+    return float(max(t[k], r[k]))
+
+
+def heavy_tail_factor(ahead: int) -> float:
+    """Widening of a normal standard deviation so its 90% quantile matches a Student-t with
+    ``ahead`` degrees of freedom (sums of few random lengths are far from normal)."""
+    if ahead <= 0 or ahead >= HEAVY_TAIL_BELOW:
+        return 1.0
+    return _T_FACTORS[ahead]
+
+
+_T_FACTORS = [1.0] + [float(student_t.ppf(0.9, k) / 1.2815515655446004) for k in range(1, HEAVY_TAIL_BELOW)]
+
+
+class ResidualCalibrator:
+    """Online calibration of a time estimate against what happened (conformal-style): keeps the
+    log-ratios actual/predicted of recent requests, corrects new estimates by their median, and
+    answers P(actual <= budget) from their empirical distribution. Until it has ``min_samples`` it
+    answers None and the model's normal approximation is used."""
+
+    def __init__(self, window: int = 512, min_samples: int = 50) -> None:
+        self.window = window
+        self.min_samples = min_samples
+        self._fifo: deque[float] = deque()
+        self._sorted: list[float] = []
+
+    def observe(self, predicted_s: float, actual_s: float) -> None:
+        if not (math.isfinite(predicted_s) and math.isfinite(actual_s)):
+            return
+        r = math.log((actual_s + 0.05) / (predicted_s + 0.05))
+        self._fifo.append(r)
+        bisect.insort(self._sorted, r)
+        if len(self._fifo) > self.window:
+            old = self._fifo.popleft()
+            del self._sorted[bisect.bisect_left(self._sorted, old)]
+
+    @property
+    def ready(self) -> bool:
+        return len(self._sorted) >= self.min_samples
+
+    def corrected(self, predicted_s: float) -> float:
+        if not self.ready:
+            return predicted_s
+        median = self._sorted[len(self._sorted) // 2]
+        return (predicted_s + 0.05) * math.exp(median) - 0.05
+
+    def p_within(self, predicted_s: float, budget_s: float) -> float | None:
+        """P(actual <= budget) for a raw prediction, from the observed ratios; None if not ready."""
+        if not self.ready:
+            return None
+        if budget_s <= 0:
+            return 0.0
+        if not math.isfinite(predicted_s):
+            return 0.0
+        threshold = math.log((budget_s + 0.05) / (predicted_s + 0.05))
+        return bisect.bisect_right(self._sorted, threshold) / len(self._sorted)

@@ -1,0 +1,310 @@
+"""The global planner (QLM): where each request group runs, in which order, and which models swap.
+
+Planning is over *request groups* (same model, same class, first deadlines in one window), not
+requests, which keeps it small. Each instance is modelled as processing its virtual queue's groups
+one after another with all its seats (a fluid model); a group's time is its predicted seat-seconds
+over the seats, after the model is ready (a swap costs its warm or cold load time).
+
+Two solvers behind one interface:
+
+* ``heuristic``: groups in least-laxity order, each placed on the instance where it finishes
+  earliest (load balancing), models swapped onto the least-needed instance when no instance serves
+  them (batching a model's groups there). Always answers; O(groups x instances).
+* ``milp``: assignment and order of groups as a mixed-integer program (scipy.optimize.milp, HiGHS)
+  maximising the weighted number of groups meeting their deadline, then throughput; used when the
+  problem is small enough for its time budget, and only when its plan is at least as good.
+
+Not thread-safe: called from the queue manager's loop.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import numpy as np
+from scipy.optimize import Bounds, LinearConstraint, milp
+from scipy.sparse import lil_matrix
+
+from qlm_plugin.groups import DEFAULT_GROUP_WINDOW_S, GroupKey
+from qlm_plugin.hooks import hookimpl
+from qlm_plugin.plan import LoadModel, Plan
+from qlm_plugin.request import Request
+from qlm_plugin.state import InstanceState
+
+if TYPE_CHECKING:
+    from qlm_plugin.core import QueueManager
+
+
+@dataclass(slots=True)
+class GroupStat:
+    key: GroupKey
+    model: str
+    ids: list[str] = field(default_factory=list)
+    seat_s: float = 0.0  # predicted seat-seconds of all its requests
+    urgency: float = math.inf  # least laxity (absolute time) of its requests
+    deadline: float = math.inf  # earliest first deadline
+    ttft_bound: bool = False
+    weight: float = 0.0  # sum of request weights
+
+
+@dataclass(slots=True)
+class Machine:
+    instance_id: str
+    seats: int
+    busy_until: float  # when its running work frees the seats (absolute)
+    serving: str | None
+    warm: frozenset[str]
+    load_s: dict[str, float]  # model -> load time here (warm or cold)
+    costs: frozenset[str]  # models it can serve
+
+
+def _ready_at(m: Machine, model: str, now: float) -> float:
+    if m.serving == model:
+        return max(now, m.busy_until)
+    return max(now, m.busy_until) + m.load_s.get(model, math.inf)
+
+
+class Planner:
+    """Default ``qlm_plan`` implementation, bound to a queue manager (it reads the predictions the
+    queue manager already holds, so planning 10,000 requests costs no prediction calls)."""
+
+    def __init__(
+        self,
+        qm: QueueManager,
+        *,
+        milp_max_groups: int = 10,
+        milp_max_instances: int = 8,
+        milp_time_limit_s: float = 0.05,
+        window_s: float = DEFAULT_GROUP_WINDOW_S,
+    ) -> None:
+        self.qm = qm
+        self.milp_max_groups = milp_max_groups
+        self.milp_max_instances = milp_max_instances
+        self.milp_time_limit_s = milp_time_limit_s
+        self.window_s = window_s
+
+    # ------------------------------------------------------------------ inputs
+    def groups(self, queue: Sequence[Request]) -> list[GroupStat]:
+        entries = self.qm.entries
+        window = self.window_s
+        out: dict[GroupKey, GroupStat] = {}
+        for r in queue:
+            e = entries[r.id]
+            first = r.slo.first_deadline()
+            key = (r.model, r.slo_class, -1 if math.isinf(first) else int(first // window))
+            g = out.get(key)
+            if g is None:
+                g = out[key] = GroupStat(key, r.model, ttft_bound=r.slo.ttft_deadline is not None)
+            g.ids.append(r.id)
+            g.seat_s += e.service_s
+            g.weight += r.weight
+            if e.key[0] < g.urgency:
+                g.urgency = e.key[0]
+            if first < g.deadline:
+                g.deadline = first
+        return sorted(out.values(), key=lambda g: (g.urgency, g.key))
+
+    def machines(self, states: Sequence[InstanceState], now: float) -> list[Machine]:
+        out = []
+        for s in states:
+            view = self.qm.instances.get(s.instance_id)
+            if view is None or not s.healthy:
+                continue
+            serving = s.loading_model or (s.models_loaded[0] if s.models_loaded else None)
+            anycost = next(iter(view.costs.values()))
+            seats = max(1, min(s.max_num_seqs, anycost.max_num_seqs))
+            running = sum(e.service_s for e in view.running.values()) / 2
+            loads = {m: c.load_s(warm=m in s.models_warm) for m, c in view.costs.items()}
+            out.append(
+                Machine(
+                    s.instance_id,
+                    seats,
+                    now + running / seats,
+                    serving,
+                    frozenset(s.models_warm),
+                    loads,
+                    frozenset(view.costs),
+                )
+            )
+        return out
+
+    # ------------------------------------------------------------------ the hook
+    @hookimpl
+    def qlm_plan(
+        self, queue: Sequence[Request], instances: Sequence[InstanceState], now: float
+    ) -> Plan | None:
+        t0 = time.perf_counter()
+        groups = self.groups(queue)
+        machines = self.machines(instances, now)
+        if not machines:
+            return None
+        plan = self.heuristic(groups, machines, now)
+        if groups and len(groups) <= self.milp_max_groups and len(machines) <= self.milp_max_instances:
+            exact = self.milp(groups, machines, now)
+            if exact is not None and exact.objective >= plan.objective:
+                plan = exact
+        plan.solve_s = time.perf_counter() - t0
+        return plan
+
+    # ------------------------------------------------------------------ heuristic
+    def heuristic(self, groups: Sequence[GroupStat], machines: Sequence[Machine], now: float) -> Plan:
+        plan = Plan(solver="heuristic")
+        avail = {m.instance_id: m for m in machines}
+        clock = {m.instance_id: max(now, m.busy_until) for m in machines}
+        serving = {m.instance_id: m.serving for m in machines}
+        demand: dict[str, float] = {}
+        for g in groups:
+            demand[g.model] = demand.get(g.model, 0.0) + g.seat_s
+        # Models nobody serves: swap one onto the instance whose own model is least needed.
+        for model in sorted(demand, key=lambda m: -demand[m]):
+            if any(s == model for s in serving.values()):
+                continue
+            able = [m for m in machines if model in m.costs]
+            if not able:
+                continue
+            target = min(
+                able,
+                key=lambda m: (
+                    demand.get(serving[m.instance_id] or "", 0.0),
+                    m.load_s.get(model, math.inf),
+                    m.instance_id,
+                ),
+            )
+            if (
+                serving[target.instance_id] is not None
+                and demand.get(serving[target.instance_id] or "", 0.0) > demand[model]
+            ):
+                # its own model needs it more: stage the weights so the later swap is warm
+                if model not in target.warm:
+                    plan.actions.append(LoadModel(target.instance_id, model, target="host"))
+                continue
+            plan.actions.append(LoadModel(target.instance_id, model, target="gpu"))
+            clock[target.instance_id] += target.load_s.get(model, 0.0)
+            serving[target.instance_id] = model
+        objective = 0.0
+        for g in groups:
+            able = [avail[i] for i, s in serving.items() if s == g.model]
+            if not able:
+                continue
+            best = min(able, key=lambda m: (clock[m.instance_id] + g.seat_s / m.seats, m.instance_id))
+            start = clock[best.instance_id]
+            clock[best.instance_id] = start + g.seat_s / best.seats
+            plan.queues.setdefault(best.instance_id, []).extend(g.ids)
+            end = start if g.ttft_bound else clock[best.instance_id]
+            if end <= g.deadline:
+                objective += g.weight
+        plan.objective = objective
+        return plan
+
+    # ------------------------------------------------------------------ exact
+    def milp(self, groups: Sequence[GroupStat], machines: Sequence[Machine], now: float) -> Plan | None:
+        """Assignment x[g,i], pairwise order o[g,h], start S[g], on-time z[g]: maximise
+        sum w_g z_g - eps * sum S_g subject to one instance per group, groups on one instance not
+        overlapping, and z_g only if the group's binding time meets its deadline."""
+        G, M = len(groups), len(machines)
+        pairs = [(a, b) for a in range(G) for b in range(a + 1, G)]
+        nx, no = G * M, len(pairs)
+
+        def ix(g: int, i: int) -> int:
+            return g * M + i
+
+        io = nx
+        iS = nx + no
+        iz = iS + G
+        nvar = iz + G
+        proc = np.array([[g.seat_s / m.seats for m in machines] for g in groups])
+        ready = np.array([[_ready_at(m, g.model, now) - now for m in machines] for g in groups])
+        horizon = float(np.nansum(np.where(np.isfinite(ready), ready, 0)).max() + proc.sum() + 1.0)
+        big = horizon * 2
+        c = np.zeros(nvar)
+        weights = np.array([max(g.weight, 1e-3) for g in groups])
+        c[iz : iz + G] = -weights
+        c[iS : iS + G] = 1e-4 / horizon
+        lb = np.zeros(nvar)
+        ub = np.ones(nvar)
+        ub[iS : iS + G] = horizon
+        integrality = np.ones(nvar)
+        integrality[iS : iS + G] = 0
+        for g in range(G):
+            for i in range(M):
+                if not math.isfinite(ready[g, i]):
+                    ub[ix(g, i)] = 0  # cannot serve that model
+        rows = G + G + 2 * no * M + G
+        A = lil_matrix((rows, nvar))
+        lo = np.full(rows, -np.inf)
+        hi = np.full(rows, np.inf)
+        r = 0
+        for g in range(G):  # exactly one instance
+            for i in range(M):
+                A[r, ix(g, i)] = 1
+            lo[r] = hi[r] = 1
+            r += 1
+        for g in range(G):  # start after the instance (and its model) is ready
+            A[r, iS + g] = 1
+            for i in range(M):
+                if math.isfinite(ready[g, i]):
+                    A[r, ix(g, i)] = -ready[g, i]
+            lo[r] = 0
+            r += 1
+        for p, (a, b) in enumerate(pairs):  # no overlap on a shared instance
+            for i in range(M):
+                pa = proc[a, i]
+                pb = proc[b, i]
+                # S_b >= S_a + p_a - big*(1 - o) - big*(2 - x_a - x_b)
+                A[r, iS + b] = 1
+                A[r, iS + a] = -1
+                A[r, io + p] = -big
+                A[r, ix(a, i)] = -big
+                A[r, ix(b, i)] = -big
+                lo[r] = pa - 3 * big
+                r += 1
+                # S_a >= S_b + p_b - big*o - big*(2 - x_a - x_b)
+                A[r, iS + a] = 1
+                A[r, iS + b] = -1
+                A[r, io + p] = big
+                A[r, ix(a, i)] = -big
+                A[r, ix(b, i)] = -big
+                lo[r] = pb - 2 * big
+                r += 1
+        for g in range(G):  # on time: binding time <= deadline + big*(1 - z)
+            grp = groups[g]
+            deadline = grp.deadline - now if math.isfinite(grp.deadline) else horizon * 4
+            A[r, iS + g] = 1
+            if not grp.ttft_bound:
+                for i in range(M):
+                    A[r, ix(g, i)] = proc[g, i]
+            A[r, iz + g] = big
+            hi[r] = deadline + big
+            r += 1
+        try:
+            res = milp(
+                c,
+                constraints=LinearConstraint(A.tocsr(), lo, hi),
+                integrality=integrality,
+                bounds=Bounds(lb, ub),
+                options={"time_limit": self.milp_time_limit_s, "disp": False},
+            )
+        except ValueError:
+            return None
+        if res.x is None:
+            return None
+        x = res.x
+        plan = Plan(solver="milp")
+        order: dict[str, list[tuple[float, int]]] = {}
+        for g in range(G):
+            i = int(np.argmax([x[ix(g, j)] for j in range(M)]))
+            order.setdefault(machines[i].instance_id, []).append((x[iS + g], g))
+        for iid, items in order.items():
+            items.sort()
+            plan.queues[iid] = [rid for _, g in items for rid in groups[g].ids]
+            m = next(mm for mm in machines if mm.instance_id == iid)
+            for _, g in items:
+                if m.serving != groups[g].model:
+                    plan.actions.append(LoadModel(iid, groups[g].model, target="gpu"))
+                    break
+        plan.objective = float(sum(groups[g].weight for g in range(G) if x[iz + g] > 0.5))
+        return plan

@@ -45,6 +45,8 @@ from qlm_plugin.workindex import WorkIndex
 FLAG_BELOW_P = 0.05
 #: Decode batch at which a request's seat time is priced before the instance is known.
 REFERENCE_BATCH = 64
+#: KV blocks a request is assumed to need when counting free slots (about 1.5k tokens).
+KV_BLOCKS_PER_REQUEST = 96
 #: Memory of the arrival-rate estimates, seconds.
 RATE_MEMORY_S = 10.0
 #: Laxity beyond which later TTFT-bound arrivals will overtake a request while it waits.
@@ -101,10 +103,13 @@ class InstanceView:
         return cal
 
     def free_slots(self) -> int:
+        """Requests this instance could start now: free seats, bounded by free KV cache (a request
+        it cannot start would wait in the engine's own queue, out of the planner's reach)."""
         s = self.state
         if s is None or not s.healthy or s.loading_model is not None or not s.models_loaded or s.num_waiting:
             return 0
-        return max(0, s.max_num_seqs - s.num_running)
+        kv = (s.kv_blocks_total - s.kv_blocks_used) // KV_BLOCKS_PER_REQUEST
+        return max(0, min(s.max_num_seqs - s.num_running, kv))
 
 
 def laxity_key(
@@ -515,7 +520,11 @@ class QueueManager:
         if view.state is not None:  # keep cached counts honest until the next refresh
             from dataclasses import replace
 
-            view.state = replace(view.state, num_running=view.state.num_running + 1)
+            view.state = replace(
+                view.state,
+                num_running=view.state.num_running + 1,
+                kv_blocks_used=view.state.kv_blocks_used + KV_BLOCKS_PER_REQUEST,
+            )
         return True
 
     # ------------------------------------------------------------------ eviction

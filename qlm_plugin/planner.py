@@ -218,6 +218,14 @@ class Planner:
         nvar = iz + G
         proc = np.array([[g.seat_s / m.seats for m in machines] for g in groups])
         ready = np.array([[_ready_at(m, g.model, now) - now for m in machines] for g in groups])
+        # Placement and order only: groups go to instances serving their model (swaps are decided
+        # by the swap rules, which weigh the stranded model's work; the fluid MILP cannot).
+        for gi, g in enumerate(groups):
+            serving = [i for i, m in enumerate(machines) if m.serving == g.model]
+            if serving:
+                for i in range(len(machines)):
+                    if i not in serving:
+                        ready[gi, i] = math.inf
         horizon = float(np.nansum(np.where(np.isfinite(ready), ready, 0)).max() + proc.sum() + 1.0)
         big = horizon * 2
         c = np.zeros(nvar)

@@ -106,6 +106,13 @@ class TenantEntry(_Strict):
 class EngineSpec(_Strict):
     preemption: Literal["recompute", "swap"] = "recompute"
     max_model_residency_s: float = Field(default=300.0, gt=0)
+    min_model_residency_s: float = Field(default=5.0, ge=0)
+
+    @model_validator(mode="after")
+    def _residency_order(self) -> EngineSpec:
+        if self.min_model_residency_s > self.max_model_residency_s:
+            raise ValueError("min_model_residency_s is longer than max_model_residency_s")
+        return self
 
 
 class Scenario(_Strict):

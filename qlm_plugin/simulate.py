@@ -114,6 +114,7 @@ def build_fleet(scenario: Scenario, *, macro_steps: bool = True) -> SimFleet:
                     host_mem_gb=group.host_mem_gb,
                     preemption_mode=EvictMode(scenario.engine.preemption),
                     max_model_residency_s=scenario.engine.max_model_residency_s,
+                    min_model_residency_s=scenario.engine.min_model_residency_s,
                     max_num_seqs=group.max_num_seqs,
                     max_num_batched_tokens=group.max_num_batched_tokens,
                     **({} if macro_steps else {"max_macro_steps": 1}),

@@ -109,6 +109,7 @@ class SimInstance:
         host_mem_gb: float = 256.0,
         preemption_mode: EvictMode = EvictMode.RECOMPUTE,
         max_model_residency_s: float = 300.0,
+        min_model_residency_s: float = 5.0,
         max_num_seqs: int | None = None,
         max_num_batched_tokens: int | None = None,
         max_macro_steps: int = _MAX_MACRO_STEPS,
@@ -119,6 +120,7 @@ class SimInstance:
         self.host_mem_gb = host_mem_gb
         self.preemption_mode = preemption_mode
         self.max_model_residency_s = max_model_residency_s
+        self.min_model_residency_s = min_model_residency_s
         self._max_num_seqs_override = max_num_seqs
         self._max_batched_override = max_num_batched_tokens
         self.max_macro_steps = max_macro_steps  # 1: one event per engine step (the reference for tests)
@@ -507,7 +509,7 @@ class SimInstance:
         self._schedule_step(now)
 
     #: KV blocks a pulled request is assumed to need (about 1.5k tokens) when counting free slots.
-    PULL_BLOCKS_PER_REQUEST = 96
+    PULL_BLOCKS_PER_REQUEST = 96  # as the queue manager assumes (qlm_plugin.core.KV_BLOCKS_PER_REQUEST)
 
     def free_slots(self) -> int:
         """How many more requests this engine could start now: free seats, bounded by free KV, and
@@ -571,9 +573,28 @@ class SimInstance:
         self._seq_by_id.pop(run.req.id, None)
         self.on_finished(out)
 
+    def _swap_due_at(self) -> float | None:
+        """When this engine will swap to another waiting model on its own (None: no model waits).
+
+        It serves its queue in the policy's order across models: once the most urgent waiting
+        request is another model's (head-of-line), it drains and swaps, after holding the GPU at
+        least ``min_model_residency_s``; and whatever the order, after ``max_model_residency_s``
+        while others wait. A queue manager that plans swaps (QLM) hands an engine only requests
+        for its current model, so this engine-local rule is what the baselines get."""
+        cur = self.model
+        heads = {m: h for m in self.waiting if m != cur and (h := self._head(m)) is not None}
+        if not heads:
+            return None
+        cur_head = self._head(cur) if cur is not None else None
+        if cur_head is None:
+            return self.model_since  # nothing left of the current model: now
+        best_other = min(h.key for h in heads.values())
+        wait = self.min_model_residency_s if best_other < cur_head.key else self.max_model_residency_s
+        return self.model_since + wait
+
     def _manage_models(self, now: float) -> None:
-        """Swap the served model when the current one has nothing left, or has held the GPU too long
-        while other models wait (engine-local, work-conserving; the QLM planner does better)."""
+        """Carry out unloads and swaps: ordered ones (load_model), and the engine's own (see
+        :meth:`_swap_due_at`)."""
         if self.loading is not None:
             return
         running = self._running()
@@ -591,16 +612,12 @@ class SimInstance:
                 self._start_load(self.switch_to, now)
                 self.fleet.schedule(self, self.loading[1])  # type: ignore[union-attr,index]
             return
+        due = self._swap_due_at()
+        if due is None or now + 1e-12 < due:
+            return
         cur = self.model
-        others = [m for m in self.waiting if m != cur and self._head(m) is not None]
-        if not others:
-            return
-        cur_has_work = cur is not None and self._head(cur) is not None
-        overstayed = now - self.model_since >= self.max_model_residency_s
-        if cur_has_work and not overstayed:
-            return
-        heads = {m: self._head(m) for m in others}
-        best = min(others, key=lambda m: heads[m].key)  # type: ignore[union-attr]
+        heads = {m: h for m in self.waiting if m != cur and (h := self._head(m)) is not None}
+        best = min(heads, key=lambda m: heads[m].key)
         self.switch_to = best
         if running == 0:
             self._start_load(best, now)
@@ -705,10 +722,10 @@ class SimInstance:
             k = max(1, min(k_finish, self.max_macro_steps))
             k = max(1, self._max_steps_fitting(free, k))
             if self.switch_to is None and not self.unload_pending:
-                # wake up for a model swap decision once residency runs out
-                others_wait = any(m != model and self._head(m) is not None for m in self.waiting)
-                if others_wait:
-                    left = self.model_since + self.max_model_residency_s - now
+                # wake up when a swap falls due (head-of-line or residency)
+                due = self._swap_due_at()
+                if due is not None:
+                    left = due - now
                     k = max(1, min(k, math.ceil(left / dt) if left > 0 else 1))
         reserved = self._new_decode_blocks(k, self.ctr)
         self.kv_used += reserved

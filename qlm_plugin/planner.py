@@ -220,8 +220,8 @@ class Planner:
         ready = np.array([[_ready_at(m, g.model, now) - now for m in machines] for g in groups])
         # Placement and order only: groups go to instances serving their model (swaps are decided
         # by the swap rules, which weigh the stranded model's work; the fluid MILP cannot).
-        for gi, g in enumerate(groups):
-            serving = [i for i, m in enumerate(machines) if m.serving == g.model]
+        for gi, grp in enumerate(groups):
+            serving = [i for i, m in enumerate(machines) if m.serving == grp.model]
             if serving:
                 for i in range(len(machines)):
                     if i not in serving:

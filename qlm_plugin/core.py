@@ -141,7 +141,7 @@ class ModelQueue:
 
     def add(self, e: Entry) -> None:
         bisect.insort(self.order, (e.key, e.request.id))
-        self.index.add(e.key[0], e.service_s, e.service_var)
+        self.index.add(e.key[0], e.service_s, e.service_var, prompt=e.request.prompt_tokens)
 
     def remove(self, e: Entry) -> None:
         if e.late:
@@ -150,7 +150,7 @@ class ModelQueue:
         i = bisect.bisect_left(self.order, (e.key, e.request.id))
         if i < len(self.order) and self.order[i][1] == e.request.id:
             del self.order[i]
-            self.index.remove(e.key[0], e.service_s, e.service_var)
+            self.index.remove(e.key[0], e.service_s, e.service_var, prompt=e.request.prompt_tokens)
 
     def __len__(self) -> int:
         return len(self.order) + len(self.late)
@@ -196,7 +196,7 @@ class QueueManager:
             "prefetches": 0,
             "held_back": 0,
         }
-        self._arrivals: dict[str, tuple[float, float, float]] = {}  # model -> (req/s, seat-s/s, at)
+        self._arrivals: dict[str, tuple[float, float, float, float]] = {}  # (req/s, seat-s/s, tokens/s, at)
         # (request id, admitted at, predicted wait, p_meet): scored when the request finishes
         self.wait_log: deque[tuple[str, float, float, float]] = deque(maxlen=200_000)
         self._raw: dict[str, tuple[float, float]] = {}  # id -> raw model (wait, completion) predictions
@@ -309,6 +309,14 @@ class QueueManager:
     def estimate(self, entry: Entry, now: float) -> WaitEstimate:
         """Wait until first token and completion, pooled over the instances serving the model."""
         r = entry.request
+        if entry.dispatched_at is not None and entry.instance is not None:
+            # on an engine with a seat: its prefill at the next step, then its decode
+            view = self.instances[entry.instance]
+            tpot = self._tpot(view, r.model)
+            wait = view.calibrator(r.model).step_s(r.prompt_tokens, len(view.running)) + tpot
+            done = wait + entry.length.mean * tpot
+            sd = math.sqrt(entry.length.var) * tpot
+            return WaitEstimate(entry.instance, wait, 0.0, done, sd, p_meet(r, now, wait, 0.0, done, sd))
         q = self.queue(r.model)
         count, work, var = q.index.ahead(entry.key[0])
         residuals = self._seat_residuals(r.model, now)
@@ -328,6 +336,13 @@ class QueueManager:
             # capped: a transient burst must not make the wait infinite
             inflow = min(self._urgent_rates(r.model, now)[1] * scale, 0.9 * seats)
         start = pooled_start_s(residuals, work * scale, inflow)
+        # The other bottleneck: the per-step prefill token budget (prompt tokens ahead, plus urgent
+        # prompts arriving meanwhile, at the fleet's prefill rate).
+        capacity = self._prefill_rate(r.model)
+        if capacity > 0:
+            urgent_tokens = self._urgent_rates(r.model, now)[2] if inflow > 0 else 0.0
+            spare = max(capacity - urgent_tokens, 0.1 * capacity)
+            start = max(start, q.index.prompt_ahead(entry.key[0]) / spare)
         cost = self._ref_cost.get(r.model)
         prefill = cost.step_s(r.prompt_tokens, 0) if cost else 0.0
         tpot = cost.decode_tpot_s(REFERENCE_BATCH) * scale if cost else 0.0
@@ -372,10 +387,9 @@ class QueueManager:
         entry = self._entry(request)
         self.entries[request.id] = entry
         self._note_arrival(entry, now)
-        for view in self.instances.values():
-            self._refresh(view)
+        # No state polling here: the cached instance states follow dispatches and completions, and
+        # are refreshed when an instance reports room and on every tick.
         est = self.estimate(entry, now)
-        self.wait_log.append((request.id, now, est.wait_mean_s, est.p_meet))
         flagged = est.p_meet < FLAG_BELOW_P
         if flagged:
             self.counters["flagged"] += 1
@@ -385,7 +399,11 @@ class QueueManager:
             and est.p_meet < 0.5
             and self._evict_for(entry, now)
         ):
-            return Admission(request.id, True, True, entry.instance, est.wait_mean_s, est.p_meet)
+            # Handed to an engine with a seat made for it: it starts at the next step.
+            after = self.estimate(entry, now)
+            self.wait_log.append((request.id, now, after.wait_mean_s, after.p_meet))
+            return Admission(request.id, True, True, entry.instance, after.wait_mean_s, after.p_meet)
+        self.wait_log.append((request.id, now, est.wait_mean_s, est.p_meet))
         self._enqueue(entry)
         for view in sorted(self.instances.values(), key=lambda v: -v.free_slots()):
             if view.free_slots() > 0 and view.model() == request.model:
@@ -409,18 +427,33 @@ class QueueManager:
         if entry.request.slo.ttft_deadline is None:
             return
         m = entry.request.model
-        rate, work, last = self._arrivals.get(m, (0.0, 0.0, now))
+        rate, work, prompt, last = self._arrivals.get(m, (0.0, 0.0, 0.0, now))
         decay = math.exp(-(now - last) / RATE_MEMORY_S)
         self._arrivals[m] = (
             rate * decay + 1.0 / RATE_MEMORY_S,
             work * decay + entry.service_s / RATE_MEMORY_S,
+            prompt * decay + entry.request.prompt_tokens / RATE_MEMORY_S,
             now,
         )
 
-    def _urgent_rates(self, model: str, now: float) -> tuple[float, float]:
-        rate, work, last = self._arrivals.get(model, (0.0, 0.0, now))
+    def _urgent_rates(self, model: str, now: float) -> tuple[float, float, float]:
+        """(requests/s, seat-seconds/s, prompt tokens/s) of recent TTFT-bound arrivals."""
+        rate, work, prompt, last = self._arrivals.get(model, (0.0, 0.0, 0.0, now))
         decay = math.exp(-(now - last) / RATE_MEMORY_S)
-        return rate * decay, work * decay
+        return rate * decay, work * decay, prompt * decay
+
+    def _prefill_rate(self, model: str) -> float:
+        """Prompt tokens per second the model's serving instances can prefill at most: one over
+        the calibrated per-token prefill cost, less the share of each step the decodes take."""
+        total = 0.0
+        for view in self._serving(model):
+            b0, b1, b2 = view.calibrator(model).coef
+            if b1 <= 0:
+                continue
+            step = self._tpot(view, model)
+            decode_share = min(0.9, (b0 + b2 * len(view.running)) / max(step, 1e-6))
+            total += (1.0 - decode_share) / b1
+        return total
 
     def _enqueue(self, entry: Entry) -> None:
         self.queue(entry.request.model).add(entry)
@@ -465,7 +498,7 @@ class QueueManager:
         while q.order and self._doomed(self.entries[q.order[0][1]], now):
             _, rid = q.order.pop(0)
             e = self.entries[rid]
-            q.index.remove(e.key[0], e.service_s, e.service_var)
+            q.index.remove(e.key[0], e.service_s, e.service_var, prompt=e.request.prompt_tokens)
             e.late = True
             q.late.append(rid)
         taken: list[Entry] = []
@@ -583,6 +616,14 @@ class QueueManager:
             view = self.instances[e.instance]
             if view.running.pop(rid, None) is not None:
                 view.running_batch -= r.slo.ttft_deadline is None
+                if view.state is not None:
+                    from dataclasses import replace
+
+                    view.state = replace(
+                        view.state,
+                        num_running=max(0, view.state.num_running - 1),
+                        kv_blocks_used=max(0, view.state.kv_blocks_used - KV_BLOCKS_PER_REQUEST),
+                    )
             self._residuals.pop(r.model, None)
             fin = self._finishing.get(r.model)
             if fin:

@@ -47,6 +47,8 @@ FLAG_BELOW_P = 0.05
 REFERENCE_BATCH = 64
 #: KV blocks a request is assumed to need when counting free slots (about 1.5k tokens).
 KV_BLOCKS_PER_REQUEST = 96
+#: A warm-start staging of the same weights on the same instance is not repeated within this time.
+STAGE_AGAIN_AFTER_S = 300.0
 #: Memory of the arrival-rate estimates, seconds.
 RATE_MEMORY_S = 10.0
 #: Laxity beyond which later TTFT-bound arrivals will overtake a request while it waits.
@@ -204,9 +206,9 @@ class QueueManager:
         self._ttft: dict[str, float] = {}
         self._met: dict[str, bool] = {}
         self._residuals: dict[str, tuple[float, np.ndarray]] = {}
-        self._finishing: dict[
-            str, list[float]
-        ] = {}  # model -> predicted finish times of running requests, sorted
+        self._staged: dict[tuple[str, str], float] = {}  # (instance, model) -> when weights were staged
+        # model -> (predicted finish, request id) of its running requests, sorted
+        self._finishing: dict[str, list[tuple[float, str]]] = {}
 
     # ------------------------------------------------------------------ wiring
     @hookimpl
@@ -272,7 +274,8 @@ class QueueManager:
         cached = self._residuals.get(model)
         if cached is not None and cached[0] == now:
             return cached[1]
-        busy = self._finishing.get(model, [])
+        busy = self._finishing.setdefault(model, [])
+        self._repredict_overdue(busy, now)
         seats = 0
         loading: list[float] = []
         for view in self._serving(model):
@@ -283,12 +286,28 @@ class QueueManager:
                 loading.extend([view.costs[model].load_s(warm=model in s.models_warm)] * n)
             else:
                 seats += n
-        r = np.array(busy[-seats:] if seats else [], dtype=float) - now if busy else np.zeros(0)
-        r = np.maximum(r, 0.0)
+        r = np.maximum(np.array([f for f, _ in busy[:seats]], dtype=float) - now, 0.0)
         out = np.concatenate([np.zeros(max(0, seats - len(r))), r[: max(0, seats)], np.array(loading)])
         out.sort()
         self._residuals[model] = (now, out)
         return out
+
+    def _repredict_overdue(self, busy: list[tuple[float, str]], now: float, limit: int = 64) -> None:
+        """Running requests that outlived their prediction: predict again from their progress
+        (the remaining length given the tokens generated so far), so their seat is not taken for
+        free while they keep running."""
+        while busy and busy[0][0] <= now and limit > 0:
+            _, rid = busy.pop(0)
+            limit -= 1
+            e = self.entries.get(rid)
+            if e is None or e.instance is None:
+                continue
+            view = self.instances[e.instance]
+            tpot = self._tpot(view, e.request.model)
+            generated = int((now - (e.dispatched_at or now)) / max(tpot, 1e-6))
+            remaining = self._predict(e.request, min(generated, e.request.max_tokens - 1))
+            e.finish_at = now + max(remaining.mean, 1.0) * tpot
+            bisect.insort(busy, (e.finish_at, rid))
 
     def _tpot(self, view: InstanceView, model: str) -> float:
         """Time per output token on ``view`` now: the measured step time when there is one (it
@@ -547,7 +566,7 @@ class QueueManager:
         view.running_batch += e.request.slo.ttft_deadline is None
         model = e.request.model
         e.finish_at = now + e.service_s * self._load_factor(model)
-        bisect.insort(self._finishing.setdefault(model, []), e.finish_at)
+        bisect.insort(self._finishing.setdefault(model, []), (e.finish_at, e.request.id))
         self.counters["pulls"] += 1
         self._residuals.pop(e.request.model, None)
         if view.state is not None:  # keep cached counts honest until the next refresh
@@ -627,8 +646,8 @@ class QueueManager:
             self._residuals.pop(r.model, None)
             fin = self._finishing.get(r.model)
             if fin:
-                i = bisect.bisect_left(fin, e.finish_at)
-                if i < len(fin) and fin[i] == e.finish_at:
+                i = bisect.bisect_left(fin, (e.finish_at, rid))
+                if i < len(fin) and fin[i] == (e.finish_at, rid):
                     del fin[i]
 
     @hookimpl
@@ -700,9 +719,11 @@ class QueueManager:
                 continue
             if isinstance(action, LoadModel):
                 if action.target == "gpu":
-                    if view.model() == action.model:
+                    current = view.model()
+                    if current == action.model:
                         continue
-                    if now - view.switched_at < self.min_model_residency_s and view.running:
+                    own_queued = current is not None and len(self.queue(current)) > 0
+                    if now - view.switched_at < self.min_model_residency_s and (view.running or own_queued):
                         continue  # no thrashing: a model keeps its instance a while once swapped in
                     self._hook.qlm_load_model(
                         instance_id=action.instance_id, model=action.model, target="gpu"
@@ -710,6 +731,10 @@ class QueueManager:
                     view.switched_at = now
                     self.counters["swaps_ordered"] += 1
                 else:
+                    staged = self._staged.get((action.instance_id, action.model), -math.inf)
+                    if now - staged < STAGE_AGAIN_AFTER_S:
+                        continue  # already staged (or staging): its weights stay in host memory
+                    self._staged[(action.instance_id, action.model)] = now
                     self._hook.qlm_load_model(
                         instance_id=action.instance_id, model=action.model, target="host"
                     )

@@ -157,34 +157,37 @@ class Planner:
         clock = {m.instance_id: max(now, m.busy_until) for m in machines}
         serving = {m.instance_id: m.serving for m in machines}
         demand: dict[str, float] = {}
+        urgency: dict[str, float] = {}
         for g in groups:
             demand[g.model] = demand.get(g.model, 0.0) + g.seat_s
-        # Models nobody serves: swap one onto the instance whose own model is least needed.
-        for model in sorted(demand, key=lambda m: -demand[m]):
+            urgency[g.model] = min(urgency.get(g.model, math.inf), g.urgency)
+
+        def drain_s(m: Machine) -> float:
+            own = serving[m.instance_id]
+            if own is None:
+                return 0.0
+            sharing = sum(1 for s in serving.values() if s == own)
+            return demand.get(own, 0.0) / max(1, sharing) / m.seats + max(0.0, m.busy_until - now)
+
+        # Models nobody serves get an instance. Swaps are batched: an instance whose own model still
+        # has queued work keeps it (its queue drains first, one swap for the whole batch) unless the
+        # waiting model's most urgent group would miss its deadline by waiting that long.
+        for model in sorted(demand, key=lambda m: (urgency[m], -demand[m])):
             if any(s == model for s in serving.values()):
                 continue
             able = [m for m in machines if model in m.costs]
             if not able:
                 continue
-            target = min(
-                able,
-                key=lambda m: (
-                    demand.get(serving[m.instance_id] or "", 0.0),
-                    m.load_s.get(model, math.inf),
-                    m.instance_id,
-                ),
-            )
-            if (
-                serving[target.instance_id] is not None
-                and demand.get(serving[target.instance_id] or "", 0.0) > demand[model]
-            ):
-                # its own model needs it more: stage the weights so the later swap is warm
-                if model not in target.warm:
-                    plan.actions.append(LoadModel(target.instance_id, model, target="host"))
-                continue
-            plan.actions.append(LoadModel(target.instance_id, model, target="gpu"))
-            clock[target.instance_id] += target.load_s.get(model, 0.0)
-            serving[target.instance_id] = model
+            target = min(able, key=lambda m: (drain_s(m), m.load_s.get(model, math.inf), m.instance_id))
+            idle = demand.get(serving[target.instance_id] or "", 0.0) == 0.0
+            late = urgency[model] - now < drain_s(target) + target.load_s.get(model, 0.0)
+            if idle or late:
+                plan.actions.append(LoadModel(target.instance_id, model, target="gpu"))
+                clock[target.instance_id] += target.load_s.get(model, 0.0)
+                serving[target.instance_id] = model
+            elif model not in target.warm and model != target.serving:  # an unloaded model stays warm
+                # its turn comes once the current batch drains: stage the weights for a warm swap
+                plan.actions.append(LoadModel(target.instance_id, model, target="host"))
         objective = 0.0
         for g in groups:
             able = [avail[i] for i, s in serving.items() if s == g.model]

@@ -1,0 +1,126 @@
+"""The queue manager (qlm policy) end to end on the simulator: SLOs, LSOs, admission, no loss."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+
+from qlm_plugin.adapters.sim import SimBackend, SimFleet, SimInstance
+from qlm_plugin.core import QueueManager
+from qlm_plugin.costmodel import cost_model
+from qlm_plugin.hooks import get_plugin_manager
+from qlm_plugin.planner import Planner
+from qlm_plugin.predictor import LengthPredictor, PredictorPlugin
+from qlm_plugin.request import DEFAULT_CLASSES, make_request
+from qlm_plugin.scenario import load_scenario, parse_scenario
+from qlm_plugin.simulate import build_requests, run_policy
+from qlm_plugin.state import Status
+
+
+@pytest.fixture(scope="module")
+def default_runs() -> dict[str, object]:
+    scenario = load_scenario(None)
+    requests, rejected = build_requests(scenario)
+    return {p: run_policy(scenario, p, requests, rejected) for p in ("fcfs", "qlm", "oracle")}
+
+
+def test_qlm_meets_far_more_interactive_slos_than_fcfs_and_loses_nothing(default_runs: dict) -> None:  # type: ignore[type-arg]
+    fcfs, qlm = default_runs["fcfs"], default_runs["qlm"]
+    assert qlm.classes["interactive"].slo_attainment >= 1.5 * fcfs.classes["interactive"].slo_attainment
+    assert qlm.classes["batch"].slo_attainment >= 0.99
+    ids = Counter(o.request.id for o in qlm.outcomes)
+    assert all(n == 1 for n in ids.values()), "every request reported once"
+    assert all(o.status is Status.FINISHED for o in qlm.outcomes), "every accepted request finishes"
+    assert qlm.overall.finished == fcfs.overall.finished
+
+
+def test_qlm_reports_its_lsos_estimator_and_predictor(default_runs: dict) -> None:  # type: ignore[type-arg]
+    c = default_runs["qlm"].counters
+    assert c["pulls"] == default_runs["qlm"].overall.requests
+    assert c["replans"] > 0 and c["est_samples"] > 0
+    assert 0.0 <= c["pred_coverage_q90"] <= 1.0 and c["pred_samples"] > 100
+    assert "pred_samples" not in default_runs["oracle"].counters, "the oracle predicts nothing: it knows"
+
+
+def test_qlm_is_close_to_the_clairvoyant_oracle(default_runs: dict) -> None:  # type: ignore[type-arg]
+    qlm, oracle = default_runs["qlm"], default_runs["oracle"]
+    assert qlm.overall.slo_attainment >= 0.95 * oracle.overall.slo_attainment
+
+
+def _wired(instances: list[SimInstance], **qm_kw: object) -> tuple[QueueManager, SimBackend, SimFleet]:
+    fleet = SimFleet(instances)
+    backend = SimBackend(fleet)
+    costs = {m: c for inst in instances for m, c in inst.cost_models.items()}
+    qm = QueueManager(costs, **qm_kw)  # type: ignore[arg-type]
+    pm = get_plugin_manager(autoload=False)
+    for n, p in enumerate([PredictorPlugin(LengthPredictor()), qm, Planner(qm), backend]):
+        pm.register(p, name=f"p{n}")
+    pm.hook.qlm_configure(pm=pm)
+    backend.attach(pm)
+    return qm, backend, fleet
+
+
+def test_an_urgent_request_evicts_batch_work_that_can_afford_it() -> None:
+    h100 = {"m": cost_model("llama-3.1-8b", "h100", {"max_num_seqs": 4})}
+    qm, backend, fleet = _wired([SimInstance("i0", "h100", h100, initial_model="m")])
+    batch = DEFAULT_CLASSES["batch"]
+    for i in range(4):
+        r = make_request(f"b{i}", "m", 100, 3000, 0.0, slo_class=batch, true_output_tokens=3000)
+        assert qm.qlm_submit(r, 0.0).accepted
+    fleet.advance_to(2.0)
+    urgent = make_request("u", "m", 100, 20, 2.0, ttft_s=0.5, true_output_tokens=20)
+    admission = qm.qlm_submit(urgent, 2.0)
+    assert admission.accepted and admission.can_meet_slo
+    assert qm.counters["evictions"] == 1
+    fleet.run([], lambda r: None, on_tick=lambda now: any([qm.qlm_tick(now)]))
+    out = backend.outcomes
+    assert out["u"].met_ttft(), "the urgent request started within its 0.5 s"
+    assert sum(o.preemptions for o in out.values()) == 1
+    assert all(o.status is Status.FINISHED and o.output_tokens == o.request.max_tokens for o in out.values())
+
+
+def test_a_request_that_cannot_meet_its_slo_is_flagged_at_admission() -> None:
+    h100 = {"m": cost_model("llama-3.1-8b", "h100", {"max_num_seqs": 1})}
+    qm, _, fleet = _wired([SimInstance("i0", "h100", h100, initial_model="m")], evict=False)
+    long = make_request("long", "m", 100, 4000, 0.0, ttft_s=1.0, true_output_tokens=4000)
+    assert qm.qlm_submit(long, 0.0).can_meet_slo
+    fleet.advance_to(1.0)
+    doomed = make_request("d", "m", 100, 10, 1.0, ttft_s=0.2, true_output_tokens=10)
+    admission = qm.qlm_submit(doomed, 1.0)
+    assert admission.accepted and not admission.can_meet_slo
+    assert "cannot be met" in admission.reason and admission.p_meet is not None and admission.p_meet < 0.05
+
+
+def test_a_model_nobody_serves_is_rejected_with_the_reason() -> None:
+    h100 = {"m": cost_model("llama-3.1-8b", "h100")}
+    qm, _, _ = _wired([SimInstance("i0", "h100", h100, initial_model="m")])
+    admission = qm.qlm_submit(make_request("x", "other", 10, 10, 0.0), 0.0)
+    assert not admission.accepted and "no instance can serve model 'other'" in admission.reason
+
+
+TWO_MODELS_ONE_GPU = """
+name: swap
+seed: 3
+workload:
+  synthetic: {rate_rps: 4, duration_s: 120, lengths_from: conv}
+models:
+  - {name: llama, profile: llama-3.1-8b, share: 1}
+  - {name: phi, profile: phi-4, share: 1}
+instances:
+  - {count: 1, gpu: h100, models: [llama, phi]}
+classes:
+  - {name: batch, share: 1, e2e_s: 900}
+"""
+
+
+def test_qlm_batches_models_to_amortise_swaps() -> None:
+    scenario = parse_scenario(TWO_MODELS_ONE_GPU)
+    requests, rejected = build_requests(scenario)
+    fcfs = run_policy(scenario, "fcfs", requests, rejected)
+    qlm = run_policy(scenario, "qlm", requests, rejected)
+    loads = lambda r: r.counters["model_loads_warm"] + r.counters["model_loads_cold"]  # noqa: E731
+    assert qlm.counters["swaps_ordered"] >= 1
+    assert loads(qlm) < loads(fcfs) / 2, "head-of-line FCFS swaps per arrival; QLM batches"
+    assert qlm.overall.finished == len(requests)
+    assert qlm.overall.slo_attainment >= fcfs.overall.slo_attainment

@@ -1,0 +1,109 @@
+"""The RWT estimator's building blocks: pooled seats, priority inflow, calibration, work index."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import numpy as np
+import pytest
+
+from qlm_plugin.costmodel import cost_model
+from qlm_plugin.estimator import (
+    ResidualCalibrator,
+    StepCalibrator,
+    heavy_tail_factor,
+    p_meet,
+    pooled_start_s,
+)
+from qlm_plugin.request import make_request
+from qlm_plugin.state import StepTiming
+from qlm_plugin.workindex import WorkIndex
+
+
+def brute_force_start(residuals: list[float], work: float, inflow: float = 0.0, dt: float = 4e-3) -> float:
+    """Step a fluid multi-server queue in small time steps until ``work`` is done."""
+    if inflow >= len(residuals):
+        return math.inf  # the seats can never catch up
+    t, done = 0.0, 0.0
+    while done < work + inflow * t:
+        t += dt
+        done = sum(max(0.0, t - r) for r in residuals)
+        if t > 1e4:
+            return math.inf
+    return max(t, residuals[0])
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_pooled_start_matches_a_brute_force_fluid_queue(seed: int) -> None:
+    rng = random.Random(seed)
+    residuals = sorted([0.0] * rng.randint(0, 2) + [rng.uniform(0, 5) for _ in range(rng.randint(1, 6))])
+    work = rng.uniform(0, 10)
+    inflow = rng.choice([0.0, 0.5, 1.5])
+    expected = brute_force_start(residuals, work, inflow)
+    assert pooled_start_s(residuals, work, inflow) == pytest.approx(expected, abs=8e-3)
+
+
+def test_pooled_start_edge_cases() -> None:
+    assert pooled_start_s([0.0, 0.0], 0.0) == 0.0, "a free seat and nothing ahead: now"
+    assert pooled_start_s([3.0, 5.0], 0.0) == 3.0, "nothing ahead: when the first seat frees"
+    assert pooled_start_s([0.0, 0.0], 4.0) == pytest.approx(2.0), "two seats share 4 seat-seconds"
+    assert pooled_start_s([], 1.0) == math.inf
+    assert pooled_start_s([0.0, 0.0], 1.0, inflow=2.5) == math.inf, "urgent work alone fills the seats"
+    assert pooled_start_s(np.array([0.0, 0.0]), 2.0, inflow=1.0) == pytest.approx(2.0), (
+        "half the capacity left"
+    )
+
+
+def test_heavy_tail_widens_only_short_queues() -> None:
+    assert heavy_tail_factor(1) > heavy_tail_factor(5) > heavy_tail_factor(29) > 1.0
+    assert heavy_tail_factor(0) == heavy_tail_factor(30) == heavy_tail_factor(1000) == 1.0
+
+
+def test_p_meet_uses_both_deadlines() -> None:
+    r = make_request("r", "m", 10, 10, 0.0, ttft_s=1.0, e2e_s=10.0)
+    assert p_meet(r, 0.0, 0.5, 0.0, 5.0, 0.0) == 1.0
+    assert p_meet(r, 0.0, 1.5, 0.0, 5.0, 0.0) == 0.0, "TTFT missed"
+    assert p_meet(r, 0.0, 0.5, 0.0, 11.0, 0.0) == 0.0, "end-to-end missed"
+    assert p_meet(r, 0.0, 1.0, 0.5, 5.0, 0.0) == pytest.approx(0.5), "mean on the deadline: a coin flip"
+
+
+def test_step_calibrator_learns_the_engines_real_coefficients() -> None:
+    prior = cost_model("llama-3.1-8b", "h100")
+    cal = StepCalibrator(prior, half_life_steps=200)
+    true = (0.004, 30e-6, 9e-6)  # a slower engine than the catalogue says
+    rng = random.Random(0)
+    steps = []
+    for i in range(2000):
+        p, d = rng.choice([0, 0, 512, 2048]), rng.randint(1, 256)
+        steps.append(StepTiming(float(i), true[0] + true[1] * p + true[2] * d, p, d, d))
+    cal.observe(steps)
+    assert cal.coef == pytest.approx(true, rel=0.05)
+    assert cal.step_s(1000, 100) == pytest.approx(true[0] + true[1] * 1000 + true[2] * 100, rel=0.02)
+
+
+def test_residual_calibrator_corrects_a_biased_estimator_and_its_probabilities() -> None:
+    rng = random.Random(1)
+    cal = ResidualCalibrator(window=400, min_samples=50)
+    assert cal.corrected(2.0) == 2.0 and cal.p_within(2.0, 1.0) is None, "no data: no opinion"
+    for _ in range(400):  # the model says 1 s; reality is 3 s, +-20%
+        cal.observe(1.0, 3.0 * rng.uniform(0.8, 1.2))
+    assert cal.corrected(1.0) == pytest.approx(3.0, rel=0.1)
+    assert cal.p_within(1.0, 2.0) == 0.0
+    assert cal.p_within(1.0, 4.0) == 1.0
+    assert cal.p_within(1.0, 3.0) == pytest.approx(0.5, abs=0.1)
+
+
+def test_work_index_sums_what_is_ahead() -> None:
+    idx = WorkIndex()
+    items = [(5.0, 1.0, 0.1, 100), (2.0, 2.0, 0.2, 200), (9.0, 4.0, 0.4, 400), (2.05, 8.0, 0.8, 800)]
+    for lax, w, v, p in items:
+        idx.add(lax, w, v, prompt=p)
+    assert idx.ahead(1.0) == (0, 0.0, 0.0)
+    count, work, var = idx.ahead(5.0)
+    assert (count, work, var) == (3, pytest.approx(11.0), pytest.approx(1.1))
+    assert idx.prompt_ahead(5.0) == pytest.approx(1100)
+    assert idx.ahead(math.inf)[1] == pytest.approx(15.0), "no deadline: last"
+    idx.remove(2.0, 2.0, 0.2, prompt=200)
+    assert idx.ahead(5.0)[:2] == (2, pytest.approx(9.0))
+    assert idx.count == 3 and idx.work == pytest.approx(13.0)

@@ -357,7 +357,7 @@ def run_bench(
         if not (math.isfinite(m) and m > 0):
             raise BenchError(f"sweep multipliers must be finite numbers > 0, got {m!r}")
     registry = policy_registry(get_plugin_manager())
-    names = registry.names() if policies is None else list(policies)
+    names = registry.names() if policies is None else list(dict.fromkeys(policies))
     if not names:
         raise BenchError("no policies to run")
     for name in names:
@@ -640,15 +640,23 @@ def plot_scenario(s: ScenarioBench, path: Path, target: float = TARGET_ATTAINMEN
     fig = Figure(figsize=(4.2 * len(panels), 3.6), layout="constrained")
     FigureCanvasAgg(fig)
     axes = fig.subplots(1, len(panels), sharey=True, squeeze=False)[0]
+    markers = "osD^vP*X"
     for ax, panel in zip(axes, panels, strict=True):
-        for name, pb in s.policies.items():
+        for n, (name, pb) in enumerate(s.policies.items()):
             xs = [p.multiplier for p in pb.sweep]
             ys = [
                 (p.slo_attainment if panel == "overall" else p.classes.get(panel, math.nan)) * 100
                 for p in pb.sweep
             ]
             label = f"{name}*" if pb.reference else name
-            ax.plot(xs, ys, marker="o", linestyle="--" if pb.reference else "-", label=label)
+            ax.plot(
+                xs,
+                ys,
+                marker=markers[n % len(markers)],
+                markersize=max(3.0, 7.0 - n),  # later lines smaller: coinciding curves stay visible
+                linestyle="--" if pb.reference else "-",
+                label=label,
+            )
         ax.axhline(target * 100, color="grey", linewidth=0.8, linestyle=":")
         ax.set_title(panel)
         ax.set_xlabel(f"load multiplier (1x = {s.base_rps:.1f} req/s)")

@@ -25,7 +25,7 @@ from __future__ import annotations
 import bisect
 import math
 from collections import deque
-from collections.abc import Hashable, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,6 +35,7 @@ import pluggy
 from qlm_plugin.costmodel import CostModel
 from qlm_plugin.distributions import LengthDistribution, WaitEstimate
 from qlm_plugin.estimator import ResidualCalibrator, StepCalibrator, heavy_tail_factor, p_meet, pooled_start_s
+from qlm_plugin.groups import GroupKey, group_key
 from qlm_plugin.hooks import hookimpl
 from qlm_plugin.plan import Evict, LoadModel, Plan
 from qlm_plugin.request import Request
@@ -68,6 +69,7 @@ class Entry:
     instance: str | None = None  # the instance serving it, once dispatched
     dispatched_at: float | None = None
     late: bool = False  # can no longer meet its SLO: runs after every request that still can
+    group: GroupKey = ("", "", -1)  # its request group (model, class, deadline window)
     finish_at: float = math.inf  # predicted, once dispatched
 
 
@@ -133,17 +135,64 @@ def laxity_key(
     return (lax, request.arrival_time, request.id)
 
 
-class ModelQueue:
-    """The global queue of one model: urgency order, a late list, and the work index."""
+@dataclass(slots=True)
+class GroupAgg:
+    """Running totals of one request group's queued requests (kept as requests come and go, so a
+    replanning over 10,000 queued requests reads a few hundred groups, not the requests)."""
 
-    def __init__(self) -> None:
+    ids: dict[str, Entry] = field(default_factory=dict)
+    seat_s: float = 0.0
+    weight: float = 0.0
+    urgency: float = math.inf
+    deadline: float = math.inf
+    stale: bool = False  # the most urgent member left: recompute the minima before use
+
+    def refresh(self) -> None:
+        if self.stale:
+            self.urgency = min((e.key[0] for e in self.ids.values()), default=math.inf)
+            self.deadline = min((e.request.slo.first_deadline() for e in self.ids.values()), default=math.inf)
+            self.stale = False
+
+
+class ModelQueue:
+    """The global queue of one model: urgency order, a late list, the work index, and the running
+    totals of its request groups."""
+
+    def __init__(self, groups: dict[GroupKey, GroupAgg]) -> None:
         self.order: list[tuple[tuple[float, float, str], str]] = []  # (key, id), sorted
         self.late: deque[str] = deque()
         self.index = WorkIndex()
+        self.groups = groups
 
     def add(self, e: Entry) -> None:
         bisect.insort(self.order, (e.key, e.request.id))
         self.index.add(e.key[0], e.service_s, e.service_var, prompt=e.request.prompt_tokens)
+        agg = self.groups.get(e.group)
+        if agg is None:
+            agg = self.groups[e.group] = GroupAgg()
+        agg.ids[e.request.id] = e
+        agg.seat_s += e.service_s
+        agg.weight += e.request.weight
+        agg.urgency = min(agg.urgency, e.key[0])
+        agg.deadline = min(agg.deadline, e.request.slo.first_deadline())
+
+    def _leave_group(self, e: Entry) -> None:
+        agg = self.groups.get(e.group)
+        if agg is None or agg.ids.pop(e.request.id, None) is None:
+            return
+        if not agg.ids:
+            del self.groups[e.group]
+            return
+        agg.seat_s -= e.service_s
+        agg.weight -= e.request.weight
+        if e.key[0] <= agg.urgency or e.request.slo.first_deadline() <= agg.deadline:
+            agg.stale = True
+
+    def make_late(self, e: Entry) -> None:
+        self.index.remove(e.key[0], e.service_s, e.service_var, prompt=e.request.prompt_tokens)
+        self._leave_group(e)
+        e.late = True
+        self.late.append(e.request.id)
 
     def remove(self, e: Entry) -> None:
         if e.late:
@@ -153,6 +202,7 @@ class ModelQueue:
         if i < len(self.order) and self.order[i][1] == e.request.id:
             del self.order[i]
             self.index.remove(e.key[0], e.service_s, e.service_var, prompt=e.request.prompt_tokens)
+            self._leave_group(e)
 
     def __len__(self) -> int:
         return len(self.order) + len(self.late)
@@ -184,6 +234,8 @@ class QueueManager:
         self._hook: Any = None
         self.entries: dict[str, Entry] = {}
         self.queues: dict[str, ModelQueue] = {}
+        self.groups: dict[GroupKey, GroupAgg] = {}  # queued request groups, kept incrementally
+        self.group_plan: dict[GroupKey, str] = {}  # the last plan: group -> instance
         self.instances: dict[str, InstanceView] = {}
         self.last_plan_at = -math.inf
         self.last_plan: Plan | None = None
@@ -206,6 +258,8 @@ class QueueManager:
         self._ttft: dict[str, float] = {}
         self._met: dict[str, bool] = {}
         self._residuals: dict[str, tuple[float, np.ndarray]] = {}
+        self._memo: dict[tuple[str, str], tuple[int, Any]] = {}
+        self._version = 0  # bumped whenever a cached instance state changes
         self._staged: dict[tuple[str, str], float] = {}  # (instance, model) -> when weights were staged
         # model -> (predicted finish, request id) of its running requests, sorted
         self._finishing: dict[str, list[tuple[float, str]]] = {}
@@ -224,6 +278,7 @@ class QueueManager:
     def _refresh(self, view: InstanceView, detail: bool = False) -> InstanceState:
         state: InstanceState = self._hook.qlm_instance_state(instance_id=view.instance_id, detail=detail)
         view.state = state
+        self._version += 1
         model = view.model()
         if detail and state.step_timings and model is not None and model in view.costs:
             view.calibrator(model).observe(state.step_timings)
@@ -233,7 +288,7 @@ class QueueManager:
     def queue(self, model: str) -> ModelQueue:
         q = self.queues.get(model)
         if q is None:
-            q = self.queues[model] = ModelQueue()
+            q = self.queues[model] = ModelQueue(self.groups)
         return q
 
     # ------------------------------------------------------------------ prediction
@@ -257,15 +312,32 @@ class QueueManager:
             tpot = cost.decode_tpot_s(REFERENCE_BATCH)
             service = cost.step_s(request.prompt_tokens, 0) + length.mean * tpot
             var = length.var * tpot * tpot
-        return Entry(request, length, service, var, laxity_key(request, length, cost))
+        return Entry(
+            request, length, service, var, laxity_key(request, length, cost), group=group_key(request)
+        )
 
     # ------------------------------------------------------------------ estimation
+    def _cached(self, what: str, model: str, compute: Callable[[], Any]) -> Any:
+        """Per-model figures that only change when instance states do: computed once per state
+        version (bumped by every refresh, dispatch, completion and swap)."""
+        key = (what, model)
+        hit = self._memo.get(key)
+        if hit is not None and hit[0] == self._version:
+            return hit[1]
+        value = compute()
+        self._memo[key] = (self._version, value)
+        return value
+
     def _serving(self, model: str) -> list[InstanceView]:
-        return [
-            v
-            for v in self.instances.values()
-            if v.model() == model and v.state is not None and v.state.healthy
-        ]
+        return self._cached(  # type: ignore[no-any-return]
+            "serving",
+            model,
+            lambda: [
+                v
+                for v in self.instances.values()
+                if v.model() == model and v.state is not None and v.state.healthy
+            ],
+        )
 
     def _seat_residuals(self, model: str, now: float) -> np.ndarray:
         """Seconds from now until each seat of the model's serving instances frees (sorted): free
@@ -318,6 +390,9 @@ class QueueManager:
 
     def _load_factor(self, model: str) -> float:
         """Measured step time over the reference step time the queued seat-seconds were priced at."""
+        return self._cached("load", model, lambda: self._compute_load_factor(model))  # type: ignore[no-any-return]
+
+    def _compute_load_factor(self, model: str) -> float:
         cost = self._ref_cost.get(model)
         serving = self._serving(model)
         if cost is None or not serving:
@@ -424,10 +499,9 @@ class QueueManager:
             return Admission(request.id, True, True, entry.instance, after.wait_mean_s, after.p_meet)
         self.wait_log.append((request.id, now, est.wait_mean_s, est.p_meet))
         self._enqueue(entry)
-        for view in sorted(self.instances.values(), key=lambda v: -v.free_slots()):
-            if view.free_slots() > 0 and view.model() == request.model:
-                self._pull(view, view.free_slots(), now)
-                break
+        planned = self.instances.get(entry.planned) if entry.planned is not None else None
+        if planned is not None and planned.free_slots() > 0:
+            self._pull(planned, planned.free_slots(), now)  # room now: it binds at once
         if now - self.last_plan_at >= self.replan_interval_s:
             self.replan(now)
         return Admission(
@@ -464,6 +538,9 @@ class QueueManager:
     def _prefill_rate(self, model: str) -> float:
         """Prompt tokens per second the model's serving instances can prefill at most: one over
         the calibrated per-token prefill cost, less the share of each step the decodes take."""
+        return self._cached("prefill", model, lambda: self._compute_prefill_rate(model))  # type: ignore[no-any-return]
+
+    def _compute_prefill_rate(self, model: str) -> float:
         total = 0.0
         for view in self._serving(model):
             b0, b1, b2 = view.calibrator(model).coef
@@ -516,17 +593,15 @@ class QueueManager:
         # Requests past their deadline go to the late list: they still run, after all that can meet.
         while q.order and self._doomed(self.entries[q.order[0][1]], now):
             _, rid = q.order.pop(0)
-            e = self.entries[rid]
-            q.index.remove(e.key[0], e.service_s, e.service_var, prompt=e.request.prompt_tokens)
-            e.late = True
-            q.late.append(rid)
+            q.make_late(self.entries[rid])
         taken: list[Entry] = []
         busy_elsewhere = {v.instance_id: v.free_slots() == 0 for v in self.instances.values()}
         for _, rid in q.order:
             if len(taken) >= slots:
                 break
             e = self.entries[rid]
-            if e.planned not in (None, view.instance_id) and not busy_elsewhere.get(e.planned, True):
+            planned = self.group_plan.get(e.group, e.planned)
+            if planned not in (None, view.instance_id) and not busy_elsewhere.get(planned, True):
                 continue  # its own instance can start it now: leave it there
             if e.request.slo.ttft_deadline is None and reserve:
                 urgent = e.key[0] - now < 3 * e.service_s
@@ -558,7 +633,7 @@ class QueueManager:
                 e.late = False
                 self.queue(e.request.model).add(e)
             return False
-        if e.planned not in (None, view.instance_id):
+        if self.group_plan.get(e.group, e.planned) not in (None, view.instance_id):
             self.counters["steals"] += 1
         e.instance = e.planned = view.instance_id
         e.dispatched_at = now
@@ -572,6 +647,7 @@ class QueueManager:
         if view.state is not None:  # keep cached counts honest until the next refresh
             from dataclasses import replace
 
+            self._version += 1
             view.state = replace(
                 view.state,
                 num_running=view.state.num_running + 1,
@@ -638,6 +714,7 @@ class QueueManager:
                 if view.state is not None:
                     from dataclasses import replace
 
+                    self._version += 1
                     view.state = replace(
                         view.state,
                         num_running=max(0, view.state.num_running - 1),
@@ -697,7 +774,7 @@ class QueueManager:
         self.last_plan_at = now
         self.counters["replans"] += 1
         states = [v.state for v in self.instances.values() if v.state is not None]
-        plan = self._hook.qlm_plan(queue=self.queued_requests(), instances=states, now=now)
+        plan = self._hook.qlm_plan(queue=QueuedView(self), instances=states, now=now)
         if plan is None:
             return
         self.last_plan = plan
@@ -706,6 +783,10 @@ class QueueManager:
         self.apply(plan, now)
 
     def apply(self, plan: Plan, now: float) -> None:
+        for iid, keys in plan.groups.items():
+            if iid in self.instances:
+                for k in keys:
+                    self.group_plan[k] = iid
         for iid, rids in plan.queues.items():
             if iid not in self.instances:
                 continue
@@ -777,3 +858,28 @@ class QueueManager:
             return None
         e = self.entries.get(request.id) or self._entry(request)
         return self.estimate(e, now)
+
+
+class QueuedView(Sequence[Request]):
+    """The queued requests, for ``qlm_plan``, without copying them (a planner bound to the queue
+    manager reads its group totals instead)."""
+
+    def __init__(self, qm: QueueManager) -> None:
+        self._qm = qm
+
+    def __len__(self) -> int:
+        return sum(len(q) for q in self._qm.queues.values())
+
+    def __iter__(self) -> Iterator[Request]:
+        entries = self._qm.entries
+        for q in self._qm.queues.values():
+            for _, rid in q.order:
+                yield entries[rid].request
+            for rid in q.late:
+                yield entries[rid].request
+
+    def __getitem__(self, i: int) -> Request:  # type: ignore[override]
+        for n, r in enumerate(self):
+            if n == i:
+                return r
+        raise IndexError(i)

@@ -39,11 +39,16 @@ LSO = Evict | SwapIn | LoadModel | UnloadModel
 
 @dataclass(slots=True)
 class Plan:
-    """Virtual queues (instance -> request ids in execution order) and the LSOs that carry the plan
-    out. ``solver`` says which solver produced it (``milp`` or ``heuristic``); ``objective`` is the
-    weighted number of SLOs the plan expects to meet."""
+    """Virtual queues and the LSOs that carry the plan out.
+
+    ``queues`` maps an instance to request ids in execution order; ``groups`` to request-group keys
+    (what a planner over groups produces: cheaper to apply than ids). ``solver`` says which solver
+    produced it (``milp`` or ``heuristic``); ``objective`` is the weighted number of SLOs the plan
+    expects to meet.
+    """
 
     queues: dict[str, list[str]] = field(default_factory=dict)
+    groups: dict[str, list[tuple[str, str, int]]] = field(default_factory=dict)  # instance -> group keys
     actions: list[LSO] = field(default_factory=list)
     solver: str = "none"
     objective: float = 0.0

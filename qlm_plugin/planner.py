@@ -89,6 +89,26 @@ class Planner:
 
     # ------------------------------------------------------------------ inputs
     def groups(self, queue: Sequence[Request]) -> list[GroupStat]:
+        """Group statistics: the queue manager's running totals (a few hundred groups), or, for
+        a queue manager without them, computed from the queued requests."""
+        if getattr(self.qm, "groups", None) is not None:
+            out_stats = []
+            for key, agg in self.qm.groups.items():
+                agg.refresh()
+                first = next(iter(agg.ids.values()))
+                out_stats.append(
+                    GroupStat(
+                        key,
+                        key[0],
+                        [],
+                        agg.seat_s,
+                        agg.urgency,
+                        agg.deadline,
+                        first.request.slo.ttft_deadline is not None,
+                        agg.weight,
+                    )
+                )
+            return sorted(out_stats, key=lambda g: (g.urgency, g.key))
         entries = self.qm.entries
         window = self.window_s
         out: dict[GroupKey, GroupStat] = {}
@@ -197,6 +217,7 @@ class Planner:
             start = clock[best.instance_id]
             clock[best.instance_id] = start + g.seat_s / best.seats
             plan.queues.setdefault(best.instance_id, []).extend(g.ids)
+            plan.groups.setdefault(best.instance_id, []).append(g.key)
             end = start if g.ttft_bound else clock[best.instance_id]
             if end <= g.deadline:
                 objective += g.weight
@@ -312,6 +333,7 @@ class Planner:
         for iid, items in order.items():
             items.sort()
             plan.queues[iid] = [rid for _, g in items for rid in groups[g].ids]
+            plan.groups[iid] = [groups[g].key for _, g in items]
             m = next(mm for mm in machines if mm.instance_id == iid)
             for _, g in items:
                 if m.serving != groups[g].model:

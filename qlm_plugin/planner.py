@@ -95,7 +95,7 @@ class Planner:
             out_stats = []
             for key, agg in self.qm.groups.items():
                 agg.refresh()
-                first = next(iter(agg.ids.values()))
+                head = next(iter(agg.ids.values()))
                 out_stats.append(
                     GroupStat(
                         key,
@@ -104,7 +104,7 @@ class Planner:
                         agg.seat_s,
                         agg.urgency,
                         agg.deadline,
-                        first.request.slo.ttft_deadline is not None,
+                        head.request.slo.ttft_deadline is not None,
                         agg.weight,
                     )
                 )

@@ -554,9 +554,15 @@ class QueueManager:
     def _enqueue(self, entry: Entry) -> None:
         self.queue(entry.request.model).add(entry)
         if entry.planned is None:
-            serving = self._serving(entry.request.model)
-            if serving:
-                entry.planned = min(serving, key=lambda v: (-v.free_slots(), v.instance_id)).instance_id
+            entry.planned = self._cached(
+                "roomiest", entry.request.model, lambda: self._roomiest(entry.request.model)
+            )
+
+    def _roomiest(self, model: str) -> str | None:
+        serving = self._serving(model)
+        if not serving:
+            return None
+        return min(serving, key=lambda v: (-v.free_slots(), v.instance_id)).instance_id
 
     # ------------------------------------------------------------------ pulling
     @hookimpl

@@ -187,12 +187,24 @@ def pooled_start_s(
     through the queue (a fluid multi-server queue), while more urgent work keeps arriving at
     ``inflow`` seat-seconds per second and is served first (a priority queue's lower class sees the
     capacity the higher one leaves). Solves sum(max(0, t - r_i)) = work + inflow*t for t."""
-    r = np.asarray(residuals, dtype=float)
-    n = len(r)
+    n = len(residuals)
     if n == 0:
         return math.inf
     if ahead_seat_s <= 0 and inflow <= 0:
-        return float(r[0])
+        return float(residuals[0])
+    if n <= 512:  # numpy's per-call overhead exceeds a plain loop at fleet-of-a-model sizes
+        prefix = 0.0
+        for k in range(n):
+            rk = float(residuals[k])
+            prefix += rk
+            active = k + 1 - inflow
+            if active <= 0:
+                continue
+            t = (ahead_seat_s + prefix) / active
+            if k + 1 == n or t <= residuals[k + 1]:
+                return max(t, rk)
+        return math.inf
+    r = np.asarray(residuals, dtype=float)
     # With k+1 seats free by time t (r[k] <= t <= r[k+1]): (k+1)*t - sum(r[:k+1]) = work + inflow*t.
     active = np.arange(1, n + 1) - inflow
     prefix = np.cumsum(r)

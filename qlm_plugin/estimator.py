@@ -206,16 +206,16 @@ def pooled_start_s(
         return math.inf
     r = np.asarray(residuals, dtype=float)
     # With k+1 seats free by time t (r[k] <= t <= r[k+1]): (k+1)*t - sum(r[:k+1]) = work + inflow*t.
-    active = np.arange(1, n + 1) - inflow
-    prefix = np.cumsum(r)
+    seats_free = np.arange(1, n + 1) - inflow
+    freed = np.cumsum(r)
     with np.errstate(divide="ignore", invalid="ignore"):
-        t = np.where(active > 0, (ahead_seat_s + prefix) / active, np.inf)
+        starts = np.where(seats_free > 0, (ahead_seat_s + freed) / seats_free, np.inf)
     upper = np.append(r[1:], np.inf)
-    ok = np.nonzero((active > 0) & (t <= upper))[0]
+    ok = np.nonzero((seats_free > 0) & (starts <= upper))[0]
     if len(ok) == 0:
         return math.inf  # more urgent work alone fills every seat
-    k = int(ok[0])
-    return float(max(t[k], r[k]))
+    first = int(ok[0])
+    return float(max(starts[first], r[first]))
 
 
 def heavy_tail_factor(ahead: int) -> float:

@@ -32,7 +32,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from qlm_plugin import workload as wl
 from qlm_plugin.hooks import get_plugin_manager
@@ -595,6 +595,7 @@ def render_section(result: BenchResult, images: dict[str, str] | None = None) ->
                 f"{format_rate(pb.highest, result.sweep)} |"
             )
         lines.append("")
+        lines += queue_manager_table(s.to_dict(), policies, marks)
         if s.key in images:
             lines += [f"![{s.key}: SLO attainment against load]({images[s.key]})", ""]
     if result.skipped:
@@ -603,6 +604,57 @@ def render_section(result: BenchResult, images: dict[str, str] | None = None) ->
         lines.append("")
     lines.append(MARK_END)
     return "\n".join(lines) + "\n"
+
+
+#: (counter, column title) of what a queue manager reports through qlm_stats, at base load.
+QM_COLUMNS = (
+    ("evictions", "evictions"),
+    ("steals", "moved (load balancing)"),
+    ("swaps_ordered", "model swaps ordered"),
+    ("prefetches", "weights staged (warm start)"),
+    ("flagged", "flagged at admission"),
+    ("held_back", "batch held back"),
+    ("replans", "replans"),
+    ("milp_plans", "of them MILP"),
+)
+
+
+def queue_manager_table(
+    scenario: dict[str, Any], policies: Sequence[str], marks: dict[str, str]
+) -> list[str]:
+    """LSOs a queue manager issued, and its estimator's and predictor's accuracy, for the policies
+    that have one (works on the JSON form of a scenario's results)."""
+    rows = []
+    for p in policies:
+        lso = scenario["policies"][p]["base"].get("lso", {})
+        if "pulls" not in lso:
+            continue
+        cells = [_count(lso.get(k, 0)) for k, _ in QM_COLUMNS]
+        mape = lso.get("est_mape_over_1s")
+        p09 = lso.get("est_p09_observed")
+        cells.append(
+            "-" if mape is None else f"{mape * 100:.0f}% ({_count(lso.get('est_samples_over_1s', 0))})"
+        )
+        cells.append("-" if p09 is None else f"{p09 * 100:.0f}% ({_count(lso.get('est_p09_samples', 0))})")
+        mae = lso.get("pred_mae_tokens")
+        cov = lso.get("pred_coverage_q90")
+        cells.append("-" if mae is None else f"{mae:.0f} / {cov * 100:.0f}%")
+        rows.append(f"| {marks.get(p, p)} | " + " | ".join(cells) + " |")
+    if not rows:
+        return []
+    titles = [t for _, t in QM_COLUMNS] + [
+        "wait MAPE, waits > 1 s (n)",
+        "met, of P(meet) 0.85-0.95 (n)",
+        "length MAE tokens / q90 coverage",
+    ]
+    return [
+        "Queue manager at base load: the LSOs it ordered, and how good its estimates were.",
+        "",
+        "| policy | " + " | ".join(titles) + " |",
+        "| --- | " + " | ".join("---:" for _ in titles) + " |",
+        *rows,
+        "",
+    ]
 
 
 def update_markdown(text: str | None, section: str) -> str:

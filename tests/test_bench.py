@@ -333,3 +333,33 @@ def test_cli_fails_when_every_scenario_is_skipped(
     assert main(["bench", "--policies", "fcfs", "--no-sweep"]) == 1
     err = capsys.readouterr().err
     assert "skipping scenario S: trace not found" in err and "no scenario could run" in err
+
+
+def test_queue_manager_table_lists_lsos_and_accuracy_only_for_queue_managers() -> None:
+    from qlm_plugin.bench import queue_manager_table
+
+    scenario = {
+        "policies": {
+            "fcfs": {"base": {"lso": {"preemptions": 3}}},
+            "qlm": {
+                "base": {
+                    "lso": {
+                        "pulls": 10,
+                        "evictions": 2,
+                        "swaps_ordered": 1,
+                        "est_mape_over_1s": 0.25,
+                        "est_samples_over_1s": 40,
+                        "est_p09_observed": 0.9,
+                        "est_p09_samples": 12,
+                        "pred_mae_tokens": 101.4,
+                        "pred_coverage_q90": 0.91,
+                    }
+                }
+            },
+        }
+    }
+    lines = queue_manager_table(scenario, ["fcfs", "qlm"], {"fcfs": "fcfs", "qlm": "qlm"})
+    rows = [line for line in lines if line.startswith("| qlm")]
+    assert len(rows) == 1 and not any(line.startswith("| fcfs") for line in lines)
+    assert "| 2 |" in rows[0] and "25% (40)" in rows[0] and "90% (12)" in rows[0] and "101 / 91%" in rows[0]
+    assert queue_manager_table({"policies": {"fcfs": scenario["policies"]["fcfs"]}}, ["fcfs"], {}) == []

@@ -46,6 +46,8 @@ from qlm_plugin.workindex import WorkIndex
 FLAG_BELOW_P = 0.05
 #: Decode batch at which a request's seat time is priced before the instance is known.
 REFERENCE_BATCH = 64
+#: One pull in this many serves the oldest late request first (no starvation under overload).
+LATE_SHARE = 8
 #: KV blocks a request is assumed to need when counting free slots (about 1.5k tokens).
 KV_BLOCKS_PER_REQUEST = 96
 #: A warm-start staging of the same weights on the same instance is not repeated within this time.
@@ -260,6 +262,7 @@ class QueueManager:
         self._residuals: dict[str, tuple[float, np.ndarray]] = {}
         self._memo: dict[tuple[str, str], tuple[int, Any]] = {}
         self._version = 0  # bumped whenever a cached instance state changes
+        self._pull_count = 0
         self._staged: dict[tuple[str, str], float] = {}  # (instance, model) -> when weights were staged
         # model -> (predicted finish, request id) of its running requests, sorted
         self._finishing: dict[str, list[tuple[float, str]]] = {}
@@ -601,6 +604,11 @@ class QueueManager:
             _, rid = q.order.pop(0)
             q.make_late(self.entries[rid])
         taken: list[Entry] = []
+        # No starvation: late requests run after every request that can still meet its SLO, but
+        # one pull in LATE_SHARE serves the oldest late request first, whatever the load.
+        self._pull_count += 1
+        if q.late and self._pull_count % LATE_SHARE == 0:
+            taken.append(self.entries[q.late[0]])
         busy_elsewhere = {v.instance_id: v.free_slots() == 0 for v in self.instances.values()}
         for _, rid in q.order:
             if len(taken) >= slots:
@@ -619,7 +627,8 @@ class QueueManager:
         for rid in list(q.late):
             if len(taken) >= slots:
                 break
-            taken.append(self.entries[rid])
+            if not taken or taken[0].request.id != rid:
+                taken.append(self.entries[rid])
         for e in taken:
             self._dispatch(view, e, now)
 

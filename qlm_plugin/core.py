@@ -46,8 +46,10 @@ from qlm_plugin.workindex import WorkIndex
 FLAG_BELOW_P = 0.05
 #: Decode batch at which a request's seat time is priced before the instance is known.
 REFERENCE_BATCH = 64
+#: A TTFT-bound request binds early to an engine whose own queue is shorter than this.
+EARLY_BIND_MAX_WAITING = 8  # TTFT-bound requests waiting there (batch waiting there does not count)
 #: One pull in this many serves the oldest late request first (no starvation under overload).
-LATE_SHARE = 8
+LATE_SHARE = 16
 #: KV blocks a request is assumed to need when counting free slots (about 1.5k tokens).
 KV_BLOCKS_PER_REQUEST = 96
 #: A warm-start staging of the same weights on the same instance is not repeated within this time.
@@ -505,6 +507,8 @@ class QueueManager:
         planned = self.instances.get(entry.planned) if entry.planned is not None else None
         if planned is not None and planned.free_slots() > 0:
             self._pull(planned, planned.free_slots(), now)  # room now: it binds at once
+        elif request.slo.ttft_deadline is not None and now < request.slo.ttft_deadline:
+            self._bind_early(entry, now)
         if now - self.last_plan_at >= self.replan_interval_s:
             self.replan(now)
         return Admission(
@@ -516,6 +520,32 @@ class QueueManager:
             est.p_meet,
             reason="SLO cannot be met at the current load" if flagged else "",
         )
+
+    def _bind_early(self, entry: Entry, now: float) -> None:
+        """A TTFT-bound request with no room anywhere joins the shortest engine queue at once: the
+        engine ranks it by urgency, so it passes the batch work waiting there the moment KV frees
+        (waiting for a pull would leave it behind work the engine already holds). Only while engine
+        queues are short: under overload the global queue, with its late list, keeps control."""
+        serving = [v for v in self._serving(entry.request.model) if v.state is not None]
+        if not serving:
+            return
+
+        def urgent_waiting(v: InstanceView) -> int:
+            # The engine's own queue, as it reports it: the TTFT-bound requests waiting there.
+            if v.state is None or v.state.num_waiting == 0:
+                return 0
+            state = self._hook.qlm_instance_state(instance_id=v.instance_id, detail=True)
+            entries = self.entries
+            return sum(
+                1
+                for rid in state.waiting_ids
+                if (e := entries.get(rid)) is not None and e.request.slo.ttft_deadline
+            )
+
+        counts = {v.instance_id: urgent_waiting(v) for v in serving}
+        best = min(serving, key=lambda v: (counts[v.instance_id], v.state.num_running, v.instance_id))  # type: ignore[union-attr]
+        if counts[best.instance_id] < EARLY_BIND_MAX_WAITING:
+            self._dispatch(best, entry, now)
 
     def _note_arrival(self, entry: Entry, now: float) -> None:
         """Exponentially decayed rates (10 s memory) of TTFT-bound arrivals per model: requests/s
@@ -610,6 +640,9 @@ class QueueManager:
         if q.late and self._pull_count % LATE_SHARE == 0:
             taken.append(self.entries[q.late[0]])
         busy_elsewhere = {v.instance_id: v.free_slots() == 0 for v in self.instances.values()}
+        # KV budget: hand over only what the engine can hold (prompt and predicted output), so no
+        # request waits in the engine's own queue, where a more urgent later arrival cannot pass it.
+        kv_free = (s.kv_blocks_total - s.kv_blocks_used) if s is not None else math.inf
         for _, rid in q.order:
             if len(taken) >= slots:
                 break
@@ -617,6 +650,10 @@ class QueueManager:
             planned = self.group_plan.get(e.group, e.planned)
             if planned not in (None, view.instance_id) and not busy_elsewhere.get(planned, True):
                 continue  # its own instance can start it now: leave it there
+            blocks = (e.request.prompt_tokens + e.length.mean) / 16.0
+            if taken and blocks > kv_free:
+                break
+            kv_free -= blocks
             if e.request.slo.ttft_deadline is None and reserve:
                 urgent = e.key[0] - now < 3 * e.service_s
                 if not urgent and running_batch + 1 > seats - reserve:

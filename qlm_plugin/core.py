@@ -48,6 +48,8 @@ FLAG_BELOW_P = 0.05
 REFERENCE_BATCH = 64
 #: A TTFT-bound request binds early to an engine whose own queue is shorter than this.
 EARLY_BIND_MAX_WAITING = 8  # TTFT-bound requests waiting there (batch waiting there does not count)
+#: How long rates and step-time factors are reused before being recomputed, seconds.
+RECENT_S = 0.1
 #: One pull in this many serves the oldest late request first (no starvation under overload).
 LATE_SHARE = 16
 #: KV blocks a request is assumed to need when counting free slots (about 1.5k tokens).
@@ -263,7 +265,10 @@ class QueueManager:
         self._met: dict[str, bool] = {}
         self._residuals: dict[str, tuple[float, np.ndarray]] = {}
         self._memo: dict[tuple[str, str], tuple[int, Any]] = {}
+        self._recent_memo: dict[tuple[str, str], tuple[float, float]] = {}
+        self._clock = 0.0  # the latest time the queue manager was called with
         self._version = 0  # bumped whenever a cached instance state changes
+        self._models_version = 0  # bumped when states are refreshed (models may have changed)
         self._pull_count = 0
         self._staged: dict[tuple[str, str], float] = {}  # (instance, model) -> when weights were staged
         # model -> (predicted finish, request id) of its running requests, sorted
@@ -284,6 +289,7 @@ class QueueManager:
         state: InstanceState = self._hook.qlm_instance_state(instance_id=view.instance_id, detail=detail)
         view.state = state
         self._version += 1
+        self._models_version += 1
         model = view.model()
         if detail and state.step_timings and model is not None and model in view.costs:
             view.calibrator(model).observe(state.step_timings)
@@ -322,18 +328,31 @@ class QueueManager:
         )
 
     # ------------------------------------------------------------------ estimation
-    def _cached(self, what: str, model: str, compute: Callable[[], Any]) -> Any:
+    def _cached(self, what: str, model: str, compute: Callable[[], Any], version: int | None = None) -> Any:
         """Per-model figures that only change when instance states do: computed once per state
-        version (bumped by every refresh, dispatch, completion and swap)."""
+        version (bumped by every refresh, dispatch, completion and swap), or per ``version``."""
         key = (what, model)
+        v = self._version if version is None else version
         hit = self._memo.get(key)
-        if hit is not None and hit[0] == self._version:
+        if hit is not None and hit[0] == v:
             return hit[1]
         value = compute()
-        self._memo[key] = (self._version, value)
+        self._memo[key] = (v, value)
+        return value
+
+    def _recent(self, what: str, model: str, now: float, compute: Callable[[], float]) -> float:
+        """Slowly drifting figures (rates, step-time factors): recomputed at most every
+        ``RECENT_S`` of clock time, whatever changed meanwhile."""
+        key = (what, model)
+        hit = self._recent_memo.get(key)
+        if hit is not None and now - hit[0] < RECENT_S:
+            return hit[1]
+        value = compute()
+        self._recent_memo[key] = (now, value)
         return value
 
     def _serving(self, model: str) -> list[InstanceView]:
+        # Which instances serve a model changes only with refreshed states (swaps), not dispatches.
         return self._cached(  # type: ignore[no-any-return]
             "serving",
             model,
@@ -342,6 +361,7 @@ class QueueManager:
                 for v in self.instances.values()
                 if v.model() == model and v.state is not None and v.state.healthy
             ],
+            version=self._models_version,
         )
 
     def _seat_residuals(self, model: str, now: float) -> np.ndarray:
@@ -395,7 +415,7 @@ class QueueManager:
 
     def _load_factor(self, model: str) -> float:
         """Measured step time over the reference step time the queued seat-seconds were priced at."""
-        return self._cached("load", model, lambda: self._compute_load_factor(model))  # type: ignore[no-any-return]
+        return self._recent("load", model, self._clock, lambda: self._compute_load_factor(model))
 
     def _compute_load_factor(self, model: str) -> float:
         cost = self._ref_cost.get(model)
@@ -483,6 +503,7 @@ class QueueManager:
             return Admission(
                 request.id, False, False, reason=f"no instance can serve model {request.model!r}"
             )
+        self._clock = now
         entry = self._entry(request)
         self.entries[request.id] = entry
         self._note_arrival(entry, now)
@@ -542,10 +563,19 @@ class QueueManager:
                 if (e := entries.get(rid)) is not None and e.request.slo.ttft_deadline
             )
 
-        counts = {v.instance_id: urgent_waiting(v) for v in serving}
-        best = min(serving, key=lambda v: (counts[v.instance_id], v.state.num_running, v.instance_id))  # type: ignore[union-attr]
-        if counts[best.instance_id] < EARLY_BIND_MAX_WAITING:
-            self._dispatch(best, entry, now)
+        # Ask at most two engines (the least loaded first): the answer costs a copy of their queue.
+        def load(v: InstanceView) -> tuple[int, int, str]:
+            s = v.state
+            return (
+                (s.num_waiting, s.num_running, v.instance_id)
+                if s is not None
+                else (1 << 30, 0, v.instance_id)
+            )
+
+        for view in sorted(serving, key=load)[:2]:
+            if urgent_waiting(view) < EARLY_BIND_MAX_WAITING:
+                self._dispatch(view, entry, now)
+                return
 
     def _note_arrival(self, entry: Entry, now: float) -> None:
         """Exponentially decayed rates (10 s memory) of TTFT-bound arrivals per model: requests/s
@@ -571,7 +601,7 @@ class QueueManager:
     def _prefill_rate(self, model: str) -> float:
         """Prompt tokens per second the model's serving instances can prefill at most: one over
         the calibrated per-token prefill cost, less the share of each step the decodes take."""
-        return self._cached("prefill", model, lambda: self._compute_prefill_rate(model))  # type: ignore[no-any-return]
+        return self._recent("prefill", model, self._clock, lambda: self._compute_prefill_rate(model))
 
     def _compute_prefill_rate(self, model: str) -> float:
         total = 0.0
@@ -603,6 +633,7 @@ class QueueManager:
         view = self.instances.get(instance_id)
         if view is None:
             return
+        self._clock = now
         self._refresh(view)
         self._pull(view, free_slots, now)
         if now - self.last_plan_at >= self.replan_interval_s:
@@ -806,6 +837,7 @@ class QueueManager:
 
     @hookimpl
     def qlm_tick(self, now: float) -> bool:
+        self._clock = now
         if not self.pending():
             return False
         for view in self.instances.values():

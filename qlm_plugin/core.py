@@ -848,11 +848,6 @@ class QueueManager:
                 self._pull(view, view.free_slots(), now)
         return self.pending()
 
-    def queued_requests(self) -> list[Request]:
-        return [self.entries[rid].request for q in self.queues.values() for _, rid in q.order] + [
-            self.entries[rid].request for q in self.queues.values() for rid in q.late
-        ]
-
     def replan(self, now: float) -> None:
         """Ask the planner (``qlm_plan``) for placement and LSOs, and carry them out."""
         self.last_plan_at = now

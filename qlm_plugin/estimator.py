@@ -1,15 +1,17 @@
-"""Request waiting time (RWT) estimation (QLM), on a seat model of continuous batching.
+"""Building blocks of request waiting time (RWT) estimation (QLM); the queue manager
+(:mod:`qlm_plugin.core`) combines them.
 
-An instance runs up to ``C`` requests at once (its seats: ``max_num_seqs``, or fewer when KV cache
-binds). A request starts when a seat frees; it then needs its prefill and ``L`` decode steps, each
-taking the instance's current step time. Output lengths are random (the predictor's distributions),
-so the time until a seat frees is a sum of random service times: by the central limit theorem about
-normal, with variance ``sum(var_i) * tpot^2 / C^2`` when ``C`` seats share the work ahead. With few
-requests ahead the sum is far from normal: a Student-t with that many degrees of freedom widens the
-tail (the heavier-tail correction).
-
-Step time is calibrated online: an exponentially weighted fit of ``b0 + b1*prefill + b2*decode`` to
-the step timings the backend reports (:class:`StepCalibrator`), starting from the cost model.
+* :func:`pooled_start_s`: when a request gets a seat. The seats of the instances serving its model
+  free as their running requests finish, then work through the seat-seconds queued ahead of it, while
+  more urgent work keeps arriving and is served first (a fluid multi-server priority queue).
+* :func:`heavy_tail_factor`: output lengths are random, so the work ahead is a sum of random service
+  times, about normal by the central limit theorem (variance ``sum(var_i) / seats^2``). With few
+  requests ahead the sum is far from normal: a Student-t with that many degrees of freedom widens
+  the tail.
+* :func:`p_meet`: the probability of meeting the TTFT and end-to-end deadlines.
+* :class:`StepCalibrator`: step time calibrated online, as an exponentially weighted fit of
+  ``b0 + b1*prefill + b2*decode`` to the step timings backends report, starting from the cost model.
+* :class:`ResidualCalibrator`: estimates calibrated online against outcomes (conformal-style).
 
 Not thread-safe: owned by the queue manager's loop.
 """
@@ -17,17 +19,14 @@ Not thread-safe: owned by the queue manager's loop.
 from __future__ import annotations
 
 import bisect
-import heapq
 import math
 from collections import deque
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
 
 import numpy as np
 from scipy.stats import t as student_t
 
 from qlm_plugin.costmodel import CostModel
-from qlm_plugin.distributions import LengthDistribution, WaitEstimate
 from qlm_plugin.request import Request
 from qlm_plugin.state import StepTiming
 
@@ -78,73 +77,6 @@ class StepCalibrator:
         return float(b0 + b1 * prefill_tokens + b2 * decode_tokens)
 
 
-@dataclass(slots=True)
-class InstanceModel:
-    """What the estimator knows of one instance at one moment."""
-
-    instance_id: str
-    cost: CostModel
-    seats: int  # concurrent requests it runs at saturation
-    calibrator: StepCalibrator
-    # seconds from now until each running request finishes (predicted mean) and their variances
-    running_finish_s: list[float] = field(default_factory=list)
-    running_var_s2: list[float] = field(default_factory=list)
-    model_ready_s: float = 0.0  # seconds until its model serves (a swap in progress or needed)
-
-    def tpot_s(self, batch: int) -> float:
-        # Decode step time at this batch, with the prefill work arriving meanwhile folded in through
-        # the calibrated coefficients (b0 dominates small batches, b2 large ones).
-        return self.calibrator.step_s(0, max(1, batch))
-
-    def prefill_s(self, prompt_tokens: int) -> float:
-        budget = self.cost.max_num_batched_tokens
-        steps = max(1, math.ceil(prompt_tokens / budget))
-        return self.calibrator.step_s(prompt_tokens, 0) + (steps - 1) * self.calibrator.step_s(0, 0)
-
-
-def seats_for(cost: CostModel, mean_tokens_per_request: float) -> int:
-    """Concurrency at saturation: seats, or as many requests as the KV cache holds."""
-    kv_requests = cost.kv_blocks * 16 / max(1.0, mean_tokens_per_request)
-    return max(1, int(min(cost.max_num_seqs, kv_requests)))
-
-
-def service_s(model: InstanceModel, request: Request, length: LengthDistribution) -> tuple[float, float]:
-    """Mean and variance of the time a request holds a seat: prefill plus its decode steps."""
-    tpot = model.tpot_s(model.seats)
-    return model.prefill_s(request.prompt_tokens) + length.mean * tpot, length.var * tpot * tpot
-
-
-def estimate_queue(
-    model: InstanceModel,
-    queue: Sequence[Request],
-    lengths: Sequence[LengthDistribution],
-) -> list[tuple[float, float, float, float]]:
-    """For each request of ``queue`` (in service order): (wait mean, wait std, completion mean,
-    completion std), seconds from now. Wait is until its first token."""
-    seats = model.seats
-    heap = sorted(model.running_finish_s)[:seats]
-    free = seats - len(heap)
-    heap = [0.0] * free + heap
-    heapq.heapify(heap)
-    var_ahead = sum(model.running_var_s2) / (seats * seats)
-    out = []
-    tpot = model.tpot_s(seats)
-    for i, (req, dist) in enumerate(zip(queue, lengths, strict=True)):
-        start = max(heapq.heappop(heap), model.model_ready_s)
-        prefill = model.prefill_s(req.prompt_tokens)
-        mean_service = prefill + dist.mean * tpot
-        var_service = dist.var * tpot * tpot
-        heapq.heappush(heap, start + mean_service)
-        wait_std = math.sqrt(var_ahead)
-        ahead = len(model.running_finish_s) + i
-        if 0 < ahead < HEAVY_TAIL_BELOW and wait_std > 0:
-            # Student-t with `ahead` degrees of freedom: widen to match its 90% quantile.
-            wait_std *= float(student_t.ppf(0.9, ahead) / 1.2815515655446004)
-        out.append((start + prefill, wait_std, start + mean_service, math.sqrt(var_ahead + var_service)))
-        var_ahead += var_service / (seats * seats)
-    return out
-
-
 def p_meet(
     request: Request, now: float, wait_mean: float, wait_std: float, done_mean: float, done_std: float
 ) -> float:
@@ -164,19 +96,6 @@ def _cdf(slack: float, std: float) -> float:
     if std <= 1e-9:
         return 1.0 if slack >= 0 else 0.0
     return 0.5 * (1.0 + math.erf(slack / (std * math.sqrt(2.0))))
-
-
-def wait_estimate(
-    model: InstanceModel,
-    request: Request,
-    ahead: Sequence[Request],
-    lengths: Sequence[LengthDistribution],
-    own: LengthDistribution,
-    now: float,
-) -> WaitEstimate:
-    rows = estimate_queue(model, [*ahead, request], [*lengths, own])
-    wm, ws, dm, ds = rows[-1]
-    return WaitEstimate(model.instance_id, wm, ws, dm, ds, p_meet(request, now, wm, ws, dm, ds))
 
 
 def pooled_start_s(

@@ -552,16 +552,11 @@ class QueueManager:
             return
 
         def urgent_waiting(v: InstanceView) -> int:
-            # The engine's own queue, as it reports it: the TTFT-bound requests waiting there.
+            # The engine's own queue, as it reports it now: the TTFT-bound requests waiting there.
             if v.state is None or v.state.num_waiting == 0:
                 return 0
-            state = self._hook.qlm_instance_state(instance_id=v.instance_id, detail=True)
-            entries = self.entries
-            return sum(
-                1
-                for rid in state.waiting_ids
-                if (e := entries.get(rid)) is not None and e.request.slo.ttft_deadline
-            )
+            state = self._hook.qlm_instance_state(instance_id=v.instance_id, detail=False)
+            return int(state.num_waiting_urgent)
 
         # Ask at most two engines (the least loaded first): the answer costs a copy of their queue.
         def load(v: InstanceView) -> tuple[int, int, str]:

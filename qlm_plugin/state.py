@@ -64,6 +64,7 @@ class InstanceState:
     waiting_ids: tuple[str, ...] = ()
     swapped_ids: tuple[str, ...] = ()
     notes: tuple[str, ...] = ()  # what the backend cannot do here, e.g. "no sleep mode on CPU"
+    num_waiting_urgent: int = 0  # of num_waiting, those with a TTFT SLO (a queue manager binds early by it)
 
     @property
     def kv_free_fraction(self) -> float:

@@ -12,7 +12,7 @@ from qlm_plugin.costcheck import cost_check
 from qlm_plugin.costmodel import CostModel, cost_model
 from qlm_plugin.hooks import get_plugin_manager
 from qlm_plugin.policies.baselines import FCFS, StaticPriority
-from qlm_plugin.request import Request, make_request
+from qlm_plugin.request import DEFAULT_CLASSES, Request, make_request
 from qlm_plugin.state import EvictMode, RequestOutcome, Status
 
 H100_8B = cost_model("llama-3.1-8b", "h100")
@@ -263,3 +263,21 @@ def test_a_request_swapped_in_by_the_planner_can_be_evicted_again() -> None:
     done = backend.outcomes["r0"]
     assert done.status is Status.FINISHED and done.preemptions == 2 and done.wasted_tokens == 0
     assert inst.kv_used == 0 and inst.counters["swaps_in"] == inst.counters["swaps_out"] == 2
+
+
+def test_state_counts_the_urgent_requests_waiting_in_the_engine() -> None:
+    inst = SimInstance("i0", "h100", {"m": H100_8B}, initial_model="m", max_num_seqs=1)
+    fleet = SimFleet([inst])
+    batch = DEFAULT_CLASSES["batch"]
+    work = [
+        make_request("b0", "m", 100, 500, 0.0, slo_class=batch, true_output_tokens=500),
+        make_request("b1", "m", 100, 500, 0.0, slo_class=batch, true_output_tokens=500),
+        make_request("i0", "m", 100, 5, 0.0, ttft_s=1.0, true_output_tokens=5),
+        make_request("i1", "m", 100, 5, 0.0, ttft_s=1.0, true_output_tokens=5),
+    ]
+    for r in work:
+        inst.dispatch(r, RequestOutcome(r))
+    fleet.advance_to(0.05)
+    s = inst.state(fleet.now, detail=True)
+    urgent = {"i0", "i1"}
+    assert s.num_waiting == 3 and s.num_waiting_urgent == len(urgent & set(s.waiting_ids)) == 2

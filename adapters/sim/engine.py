@@ -154,6 +154,7 @@ class SimInstance:
         self.kv_used = 0
         self.num_waiting = 0
         self.num_swapped_waiting = 0
+        self.num_waiting_urgent = 0
         # queued-token bookkeeping: waiting/prefilling exact; decoding lazily as A - n*ctr
         self._queued_static = 0
         self._decode_remaining_a = 0
@@ -286,6 +287,8 @@ class SimInstance:
         self.num_waiting += 1
         if run.swapped:
             self.num_swapped_waiting += 1
+        elif run.req.slo.ttft_deadline is not None:
+            self.num_waiting_urgent += 1
 
     def _head(self, model: str) -> _Run | None:
         while self.promoted:
@@ -314,6 +317,8 @@ class SimInstance:
         self.num_waiting -= 1
         if run.swapped:
             self.num_swapped_waiting -= 1
+        elif run.req.slo.ttft_deadline is not None:
+            self.num_waiting_urgent -= 1
 
     def dispatch(self, req: Request, outcome: RequestOutcome) -> bool:
         if not self.healthy or req.model not in self.cost_models:
@@ -771,6 +776,7 @@ class SimInstance:
             num_running=self._running(),
             num_waiting=self.num_waiting - self.num_swapped_waiting,
             num_swapped=self.num_swapped_waiting,
+            num_waiting_urgent=self.num_waiting_urgent,
             queued_tokens=self.queued_tokens(now),
             kv_blocks_used=self._kv_used_at(now),
             kv_blocks_total=self.kv_total,

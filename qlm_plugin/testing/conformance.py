@@ -139,6 +139,7 @@ class AdapterConformance:
         assert harness.model() in s.models_loaded or s.loading_model == harness.model()
         assert min(s.num_running, s.num_waiting, s.num_swapped, s.queued_tokens, s.kv_blocks_used) >= 0
         assert s.kv_blocks_used <= s.kv_blocks_total
+        assert 0 <= s.num_waiting_urgent <= s.num_waiting
         assert s.max_num_seqs >= 1
         assert s.healthy
 

@@ -26,7 +26,7 @@ import bisect
 import math
 from collections import deque
 from collections.abc import Callable, Hashable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -722,16 +722,19 @@ class QueueManager:
         bisect.insort(self._finishing.setdefault(model, []), (e.finish_at, e.request.id))
         self.counters["pulls"] += 1
         self._residuals.pop(e.request.model, None)
-        if view.state is not None:  # keep cached counts honest until the next refresh
-            from dataclasses import replace
-
-            self._version += 1
-            view.state = replace(
-                view.state,
-                num_running=view.state.num_running + 1,
-                kv_blocks_used=view.state.kv_blocks_used + KV_BLOCKS_PER_REQUEST,
-            )
+        self._count_running(view, +1)
         return True
+
+    def _count_running(self, view: InstanceView, delta: int) -> None:
+        """Keep an instance's cached counts honest between refreshes (a dispatch or a completion)."""
+        if view.state is None:
+            return
+        self._version += 1
+        view.state = replace(
+            view.state,
+            num_running=max(0, view.state.num_running + delta),
+            kv_blocks_used=max(0, view.state.kv_blocks_used + delta * KV_BLOCKS_PER_REQUEST),
+        )
 
     # ------------------------------------------------------------------ eviction
     def _evict_for(self, entry: Entry, now: float) -> bool:
@@ -789,15 +792,7 @@ class QueueManager:
             view = self.instances[e.instance]
             if view.running.pop(rid, None) is not None:
                 view.running_batch -= r.slo.ttft_deadline is None
-                if view.state is not None:
-                    from dataclasses import replace
-
-                    self._version += 1
-                    view.state = replace(
-                        view.state,
-                        num_running=max(0, view.state.num_running - 1),
-                        kv_blocks_used=max(0, view.state.kv_blocks_used - KV_BLOCKS_PER_REQUEST),
-                    )
+                self._count_running(view, -1)
             self._residuals.pop(r.model, None)
             fin = self._finishing.get(r.model)
             if fin:

@@ -609,7 +609,7 @@ class SimInstance:
             self.unload_pending = False
             old = self.model
             self.model = None
-            if old is not None and getattr(self, "_keep_warm_on_unload", True):
+            if old is not None and self._keep_warm_on_unload:
                 self._cache_warm(old)
             return
         if self.switch_to is not None:

@@ -133,6 +133,34 @@ def qlm_request_finished(outcome: RequestOutcome, now: float) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------
+# Fleet membership
+# ---------------------------------------------------------------------------------------------------
+
+
+@_hookspec
+def qlm_instance_joined(info: InstanceInfo, now: float) -> None:
+    """An instance joined the fleet after start-up (the coordinator: it registered over gRPC).
+
+    Called before any request is dispatched to it; its state is available through
+    :func:`qlm_instance_state` from then on. A queue manager starts planning for it.
+
+    All implementations are called; results are ignored.
+    """
+
+
+@_hookspec
+def qlm_instance_left(instance_id: str, now: float) -> None:
+    """An instance left the fleet: it stopped heartbeating, its connection broke, or it was removed.
+
+    The requests dispatched to it and not finished are back in the caller's hands: a queue manager
+    that tracks them puts them back in its global queue (same deadlines; they are dispatched again,
+    elsewhere). Backend hooks are not called for ``instance_id`` any more.
+
+    All implementations are called; results are ignored.
+    """
+
+
+# ---------------------------------------------------------------------------------------------------
 # Policy hooks
 # ---------------------------------------------------------------------------------------------------
 

@@ -274,10 +274,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bn.add_argument("--json", action="store_true", help="print the whole result as one JSON object")
     bn.set_defaults(func=cmd_bench)
+
+    from qlm_plugin.coordinator.cli import add_parsers
+
+    add_parsers(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from qlm_plugin.coordinator.config import ConfigError
     from qlm_plugin.costmodel import UnknownProfileError
     from qlm_plugin.policies.registry import UnknownPolicyError
     from qlm_plugin.scenario import ScenarioError
@@ -286,7 +291,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.func(args))
-    except (ScenarioError, UnknownPolicyError, UnknownProfileError, ValueError, OSError) as exc:
+    except (ConfigError, ScenarioError, UnknownPolicyError, UnknownProfileError, ValueError, OSError) as exc:
         print(f"qlm {args.command}: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

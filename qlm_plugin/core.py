@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import bisect
 import math
+import time
 from collections import deque
 from collections.abc import Callable, Hashable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
@@ -39,7 +40,7 @@ from qlm_plugin.groups import GroupKey, group_key
 from qlm_plugin.hooks import hookimpl
 from qlm_plugin.plan import Evict, LoadModel, Plan
 from qlm_plugin.request import Request
-from qlm_plugin.state import Admission, EvictMode, InstanceState, RequestOutcome, RunningView
+from qlm_plugin.state import Admission, EvictMode, InstanceInfo, InstanceState, RequestOutcome, RunningView
 from qlm_plugin.workindex import WorkIndex
 
 #: A request whose probability of meeting its SLO falls below this is flagged at admission.
@@ -229,8 +230,12 @@ class QueueManager:
         evict: bool = True,
         hold_back_batch: bool = True,
         clairvoyant: bool = False,
+        repredict_min_s: float = 0.0,
     ) -> None:
         self._ref_cost = cost_models
+        # An overdue request is predicted again no sooner than this (on a wall clock, every call
+        # comes at a new time: without it the same requests would be re-predicted on every call).
+        self.repredict_min_s = repredict_min_s
         self.replan_interval_s = replan_interval_s
         self.min_model_residency_s = min_model_residency_s
         self.evict_enabled = evict
@@ -245,6 +250,8 @@ class QueueManager:
         self.instances: dict[str, InstanceView] = {}
         self.last_plan_at = -math.inf
         self.last_plan: Plan | None = None
+        # (planning seconds, the plan or None, now): the coordinator's telemetry
+        self.on_replan: Callable[[float, Plan | None, float], None] | None = None
         self.counters: dict[str, float] = {
             "flagged": 0,
             "evictions": 0,
@@ -284,6 +291,50 @@ class QueueManager:
                 self.instances[info.instance_id] = InstanceView(info.instance_id, dict(self._ref_cost))
         for view in self.instances.values():
             self._refresh(view)
+
+    @hookimpl
+    def qlm_instance_joined(self, info: InstanceInfo, now: float) -> None:
+        if info.instance_id in self.instances:
+            return
+        view = self.instances[info.instance_id] = InstanceView(info.instance_id, dict(self._ref_cost))
+        self._refresh(view)
+        self._residuals.clear()
+
+    @hookimpl
+    def qlm_instance_left(self, instance_id: str, now: float) -> None:
+        view = self.instances.pop(instance_id, None)
+        if view is None:
+            return
+        self._version += 1
+        self._models_version += 1
+        self._residuals.clear()
+        for rid in list(view.running):
+            self.requeue(rid, now)
+        for key in [k for k, iid in self.group_plan.items() if iid == instance_id]:
+            del self.group_plan[key]
+
+    def requeue(self, request_id: str, now: float) -> bool:
+        """Put a dispatched request back in the global queue (its engine was lost or gave it back):
+        same deadlines and urgency, dispatched again by the next pull. False if it is not dispatched."""
+        e = self.entries.get(request_id)
+        if e is None or e.dispatched_at is None:
+            return False
+        view = self.instances.get(e.instance) if e.instance is not None else None
+        if view is not None and view.running.pop(request_id, None) is not None:
+            view.running_batch -= e.request.slo.ttft_deadline is None
+            self._count_running(view, -1)
+        fin = self._finishing.get(e.request.model)
+        if fin:
+            i = bisect.bisect_left(fin, (e.finish_at, request_id))
+            if i < len(fin) and fin[i] == (e.finish_at, request_id):
+                del fin[i]
+        e.instance = e.planned = None
+        e.dispatched_at = None
+        e.finish_at = math.inf
+        e.late = False
+        self._residuals_changed(e.request.model)
+        self.queue(e.request.model).add(e)
+        return True
 
     def _refresh(self, view: InstanceView, detail: bool = False) -> InstanceState:
         state: InstanceState = self._hook.qlm_instance_state(instance_id=view.instance_id, detail=detail)
@@ -364,13 +415,24 @@ class QueueManager:
             version=self._models_version,
         )
 
+    def _residuals_changed(self, model: str) -> None:
+        """A dispatch or a completion changed the model's seats. On a wall clock the cached seats
+        expire with time instead (a few ms), or a busy queue would rebuild them on every call."""
+        if self.repredict_min_s == 0:
+            self._residuals.pop(model, None)
+
     def _seat_residuals(self, model: str, now: float) -> np.ndarray:
         """Seconds from now until each seat of the model's serving instances frees (sorted): free
         seats at 0, busy ones at their request's predicted finish (kept sorted as requests are
         dispatched and finish), seats of an instance still loading the model at its ready time."""
         cached = self._residuals.get(model)
-        if cached is not None and cached[0] == now:
-            return cached[1]
+        if cached is not None:
+            age = now - cached[0]
+            if age == 0:
+                return cached[1]
+            if 0 < age < self.repredict_min_s / 4:
+                # Wall clock: reused for a few ms (seats free as time passes), not rebuilt per call.
+                return np.maximum(cached[1] - age, 0.0)
         busy = self._finishing.setdefault(model, [])
         self._repredict_overdue(busy, now)
         seats = 0
@@ -403,7 +465,7 @@ class QueueManager:
             tpot = self._tpot(view, e.request.model)
             generated = int((now - (e.dispatched_at or now)) / max(tpot, 1e-6))
             remaining = self._predict(e.request, min(generated, e.request.max_tokens - 1))
-            e.finish_at = now + max(remaining.mean, 1.0) * tpot
+            e.finish_at = now + max(max(remaining.mean, 1.0) * tpot, self.repredict_min_s)
             bisect.insort(busy, (e.finish_at, rid))
 
     def _tpot(self, view: InstanceView, model: str) -> float:
@@ -721,7 +783,7 @@ class QueueManager:
         e.finish_at = now + e.service_s * self._load_factor(model)
         bisect.insort(self._finishing.setdefault(model, []), (e.finish_at, e.request.id))
         self.counters["pulls"] += 1
-        self._residuals.pop(e.request.model, None)
+        self._residuals_changed(e.request.model)
         self._count_running(view, +1)
         return True
 
@@ -793,7 +855,7 @@ class QueueManager:
             if view.running.pop(rid, None) is not None:
                 view.running_batch -= r.slo.ttft_deadline is None
                 self._count_running(view, -1)
-            self._residuals.pop(r.model, None)
+            self._residuals_changed(r.model)
             fin = self._finishing.get(r.model)
             if fin:
                 i = bisect.bisect_left(fin, (e.finish_at, rid))
@@ -842,14 +904,16 @@ class QueueManager:
         """Ask the planner (``qlm_plan``) for placement and LSOs, and carry them out."""
         self.last_plan_at = now
         self.counters["replans"] += 1
+        t0 = time.perf_counter()
         states = [v.state for v in self.instances.values() if v.state is not None]
         plan = self._hook.qlm_plan(queue=QueuedView(self), instances=states, now=now)
-        if plan is None:
-            return
-        self.last_plan = plan
-        if plan.solver == "milp":
-            self.counters["milp_plans"] += 1
-        self.apply(plan, now)
+        if plan is not None:
+            self.last_plan = plan
+            if plan.solver == "milp":
+                self.counters["milp_plans"] += 1
+            self.apply(plan, now)
+        if self.on_replan is not None:
+            self.on_replan(time.perf_counter() - t0, plan, now)
 
     def apply(self, plan: Plan, now: float) -> None:
         for iid, keys in plan.groups.items():

@@ -111,7 +111,9 @@ def pooled_start_s(
         return math.inf
     if ahead_seat_s <= 0 and inflow <= 0:
         return float(residuals[0])
-    if n <= 512:  # numpy's per-call overhead exceeds a plain loop at fleet-of-a-model sizes
+    if n <= 48:  # numpy's per-call overhead exceeds a plain loop on a few seats
+        if isinstance(residuals, np.ndarray):
+            residuals = residuals.tolist()  # indexing an array element by element is slow
         prefix = 0.0
         for k in range(n):
             rk = float(residuals[k])

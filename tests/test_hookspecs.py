@@ -30,7 +30,7 @@ BACKEND_HOOKS = (
 )
 
 #: Section banners of hookspecs.py, in lifecycle order (each banner title starts with one of these).
-SECTIONS = ("Initialization", "Request lifecycle", "Policy hooks", "Backend hooks")
+SECTIONS = ("Initialization", "Request lifecycle", "Fleet membership", "Policy hooks", "Backend hooks")
 
 #: Which section each hook belongs to (hooks not listed are policy hooks).
 SECTION_OF = {
@@ -42,6 +42,8 @@ SECTION_OF = {
     "qlm_instance_ready": "Request lifecycle",
     "qlm_request_queued": "Request lifecycle",
     "qlm_request_finished": "Request lifecycle",
+    "qlm_instance_joined": "Fleet membership",
+    "qlm_instance_left": "Fleet membership",
     "qlm_list_instances": "Backend hooks",
     **dict.fromkeys(BACKEND_HOOKS, "Backend hooks"),
 }

@@ -3,5 +3,14 @@
 from qlm_plugin.adapters.sim.engine import SimInstance
 from qlm_plugin.adapters.sim.fleet import SimFleet
 from qlm_plugin.adapters.sim.plugin import SimBackend
+from qlm_plugin.adapters.sim.realtime import Progress, RealtimeFleet, RealtimeSim, synthetic_text
 
-__all__ = ["SimBackend", "SimFleet", "SimInstance"]
+__all__ = [
+    "Progress",
+    "RealtimeFleet",
+    "RealtimeSim",
+    "SimBackend",
+    "SimFleet",
+    "SimInstance",
+    "synthetic_text",
+]

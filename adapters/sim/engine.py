@@ -10,6 +10,9 @@ Speed: consecutive pure-decode steps with nothing to admit are simulated as one 
 Decode progress is kept lazily against a per-instance step counter, and KV growth is computed from a
 16-bucket histogram of block phases, so a macro step costs O(1) whatever the batch size. A macro step
 is cut at the next step boundary when something arrives that could change the batch.
+
+Aborts (the client went away, or the request was re-served elsewhere) take a waiting request out at
+once and a running one at the next step boundary, as evictions do; an aborted request never finishes.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import math
 from collections import OrderedDict, deque
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from qlm_plugin.costmodel import BLOCK_SIZE, CostModel
 from qlm_plugin.request import Request
@@ -34,11 +37,18 @@ from qlm_plugin.state import (
     StepTiming,
 )
 
-if TYPE_CHECKING:
-    from qlm_plugin.adapters.sim.fleet import SimFleet
-
 WAITING, PREFILL, DECODE, DONE = range(4)
 _MAX_MACRO_STEPS = 1 << 20
+
+
+class Driver(Protocol):
+    """What drives an instance (:class:`SimFleet`, or a real-time loop): a clock, and one live wake-up
+    per instance that a new ``schedule`` supersedes."""
+
+    @property
+    def now(self) -> float: ...
+
+    def schedule(self, inst: SimInstance, t: float) -> None: ...
 
 
 class _Run:
@@ -48,6 +58,7 @@ class _Run:
         "admitted_at",
         "blocks",
         "c0",
+        "cancelled",
         "computed",
         "g0",
         "generated",
@@ -81,6 +92,7 @@ class _Run:
         self.c0 = 0
         self.admitted_at = 0.0
         self.swapped = False  # KV in host memory (evicted with swap)
+        self.cancelled = False  # aborted: it leaves at the next step boundary and reports nothing more
 
 
 @dataclass(slots=True)
@@ -124,10 +136,11 @@ class SimInstance:
         self._max_num_seqs_override = max_num_seqs
         self._max_batched_override = max_num_batched_tokens
         self.max_macro_steps = max_macro_steps  # 1: one event per engine step (the reference for tests)
-        self.fleet: SimFleet | None = None
+        self.fleet: Driver | None = None
         self.rank_key: Callable[[Request, str, float], Hashable] = lambda r, i, n: (r.arrival_time, r.id)
         self.select_victim: Callable[[list[RunningView], str, float], RunningView] = lambda c, i, n: c[-1]
         self.on_finished: Callable[[RequestOutcome], None] = lambda o: None
+        self.on_first_token: Callable[[RequestOutcome], None] = lambda o: None
         # request pulling: (instance id, free slots, now) -> the queue manager may dispatch
         self.on_room: Callable[[str, int, float], None] | None = None
         self.healthy = True
@@ -159,6 +172,7 @@ class SimInstance:
         self._queued_static = 0
         self._decode_remaining_a = 0
         self.pending_evictions: list[tuple[int, EvictMode]] = []
+        self.pending_aborts: list[_Run] = []  # running when aborted: they leave at the step boundary
         self.step: _Step | None = None
         self.busy_s = 0.0
         self.max_batch_seen = 0
@@ -314,6 +328,9 @@ class SimInstance:
             heap = self.waiting[run.req.model]
             if heap and heap[0][2] is run:
                 heapq.heappop(heap)
+        self._uncount_waiting(run)
+
+    def _uncount_waiting(self, run: _Run) -> None:
         self.num_waiting -= 1
         if run.swapped:
             self.num_swapped_waiting -= 1
@@ -334,6 +351,53 @@ class SimInstance:
             self.switch_to = req.model
         self._kick(admission=req.model == self.model)
         return True
+
+    def abort(self, request_id: str) -> bool:
+        """Cancel a request wherever it is (client gone, or re-served elsewhere); False if unknown
+        or done. A waiting one leaves now; a running one at the next step boundary, as an eviction
+        does (a step in flight computes it either way). It never finishes and reports nothing more:
+        the outcome is marked cancelled and no callback is called for it."""
+        run = self._seq_by_id.pop(request_id, None)
+        if run is None:
+            return False
+        run.cancelled = True
+        run.outcome.status = Status.CANCELLED
+        if run.phase == WAITING:
+            self._uncount_waiting(run)  # its heap or promotion entry goes stale
+            self._release(run)
+        elif self.step is None:
+            self._drop_running(run)  # between steps: nothing is computing it
+        else:
+            self.pending_aborts.append(run)
+        # Its seat, KV or place in the queue may let another request in (or a model swap fall due).
+        self._kick(admission=True)
+        return True
+
+    def _drop_running(self, run: _Run) -> None:
+        if run.phase == DECODE:
+            self._leave_decode(run)  # its finish-heap entry goes stale
+        elif run.phase == PREFILL:
+            self.prefilling.remove(run)
+        else:
+            return  # it ended with the step that was in flight (see _finish)
+        self._release(run)
+
+    def _release(self, run: _Run) -> None:
+        """A cancelled run leaves (outside DECODE): its KV and queued tokens are given back."""
+        run.phase = DONE
+        self.kv_used -= run.blocks
+        run.blocks = 0
+        self._queued_static -= run.prefill_target - run.computed + run.req.max_tokens - run.generated
+
+    def generated_tokens(self, request_id: str) -> int | None:
+        """Tokens generated so far at the driver's current time (None: unknown, done or aborted).
+        During a macro step it counts the steps ended by now, as :meth:`queued_tokens` does."""
+        run = self._seq_by_id.get(request_id)
+        if run is None:
+            return None
+        if run.phase != DECODE:
+            return run.generated
+        return min(run.out_target, run.g0 + self._ctr_at(self._now()) - run.c0)
 
     def _running(self) -> int:
         return len(self.decoding) + len(self.prefilling)
@@ -491,6 +555,9 @@ class SimInstance:
         if st is not None:
             self._finish_step(st, now)
             self.step = None
+        for cancelled in self.pending_aborts:
+            self._drop_running(cancelled)
+        self.pending_aborts.clear()
         if self.loading is not None:
             model, ready = self.loading
             if now + 1e-12 < ready:
@@ -550,8 +617,10 @@ class SimInstance:
                 out = run.outcome
                 if run.generated == 0:
                     run.generated = 1
-                    out.first_token_time = now
                     self._queued_static -= 1
+                    if not run.cancelled:  # the outcome may already serve a re-dispatch elsewhere
+                        out.first_token_time = now
+                        self.on_first_token(out)
                 kv = run.computed
                 if run.generated >= run.out_target:
                     self._finish(run, now, blocks=run.blocks)
@@ -567,6 +636,9 @@ class SimInstance:
             self._finish(run, now, blocks=run.blocks)
 
     def _finish(self, run: _Run, now: float, blocks: int) -> None:
+        if run.cancelled:  # aborted while its last step was in flight: it does not finish
+            self._release(run)
+            return
         run.phase = DONE
         self.kv_used -= blocks
         run.blocks = 0

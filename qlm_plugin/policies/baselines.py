@@ -77,7 +77,7 @@ def _make_qlm(ctx: PolicyContext) -> list[object]:
     from qlm_plugin.planner import Planner
     from qlm_plugin.predictor import LengthPredictor, PredictorPlugin
 
-    qm = QueueManager(dict(ctx.cost_models))
+    qm = QueueManager(dict(ctx.cost_models), repredict_min_s=0.1 if ctx.wall_clock else 0.0)
     return [PredictorPlugin(LengthPredictor()), qm, Planner(qm)]
 
 
@@ -85,5 +85,5 @@ def _make_oracle(ctx: PolicyContext) -> list[object]:
     from qlm_plugin.core import QueueManager
     from qlm_plugin.planner import Planner
 
-    qm = QueueManager(dict(ctx.cost_models), clairvoyant=True)
+    qm = QueueManager(dict(ctx.cost_models), clairvoyant=True, repredict_min_s=0.1 if ctx.wall_clock else 0.0)
     return [qm, Planner(qm)]

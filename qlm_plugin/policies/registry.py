@@ -16,6 +16,9 @@ class PolicyContext:
     fleet's first instance that serves it)."""
 
     cost_models: Mapping[str, CostModel] = field(default_factory=dict)
+    #: The policy runs on a wall clock (the coordinator), not a simulator's event clock: calls come
+    #: at distinct times, so per-time caches never hit and work must be amortised over time instead.
+    wall_clock: bool = False
 
 
 #: Builds the plugin object(s) of a policy for one run: one object, or a list registered in order.

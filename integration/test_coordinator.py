@@ -1,0 +1,402 @@
+"""The coordinator end to end, in one process: real gRPC and HTTP servers on loopback, a real
+SQLite journal, simulated instances connected over gRPC by their agents."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from qlm_plugin.adapters.sim.realtime import synthetic_text
+from qlm_plugin.client import CoordinatorClient
+from qlm_plugin.proto.qlm.v1 import qlm_pb2 as pb
+from qlm_plugin.testing.stack import LocalStack, local_stack
+
+MODEL = "llama-3.1-8b"
+
+
+def run(tmp_path: Path, body: Callable[[LocalStack], Awaitable[None]], **kw: Any) -> None:
+    async def main() -> None:
+        async with local_stack(tmp_path, **kw) as stack:
+            await body(stack)
+
+    asyncio.run(main())
+
+
+async def post(http: aiohttp.ClientSession, url: str, body: Any, **kw: Any) -> tuple[int, Any, Any]:
+    async with http.post(url, json=body, **kw) as r:
+        return r.status, await r.json(content_type=None), r.headers
+
+
+async def sse(http: aiohttp.ClientSession, url: str, body: Any) -> list[Any]:
+    events = []
+    async with http.post(url, json=body) as r:
+        assert r.status == 200, await r.text()
+        assert r.headers["Content-Type"].startswith("text/event-stream")
+        async for line in r.content:
+            text = line.decode().strip()
+            if text.startswith("data: "):
+                data = text[len("data: ") :]
+                events.append(data if data == "[DONE]" else json.loads(data))
+    return events
+
+
+# ------------------------------------------------------------------------------------ front door
+
+
+def test_completion_carries_the_output_the_estimate_and_usage(tmp_path: Path) -> None:
+    async def body(st: LocalStack) -> None:
+        async with aiohttp.ClientSession() as http:
+            status, out, headers = await post(
+                http, f"{st.http_url}/v1/completions", {"model": MODEL, "prompt": "hello there", "max_tokens": 12}
+            )
+        assert status == 200, out
+        rid = out["qlm"]["request_id"]
+        assert headers["x-qlm-request-id"] == rid
+        assert float(headers["x-qlm-estimated-wait-ms"]) >= 0
+        assert 0 <= float(headers["x-qlm-p-meet"]) <= 1
+        assert out["object"] == "text_completion"
+        assert out["choices"][0]["text"] == synthetic_text(rid, 0, 12)
+        assert out["choices"][0]["finish_reason"] == "length"
+        assert out["usage"]["completion_tokens"] == 12
+        assert out["usage"]["total_tokens"] == out["usage"]["prompt_tokens"] + 12
+        assert out["qlm"]["slo_met"] is True and out["qlm"]["attempts"] == 1
+
+    run(tmp_path, body)
+
+
+def test_chat_streaming_delivers_every_token_once_in_order(tmp_path: Path) -> None:
+    async def body(st: LocalStack) -> None:
+        async with aiohttp.ClientSession() as http:
+            events = await sse(
+                http,
+                f"{st.http_url}/v1/chat/completions",
+                {
+                    "model": MODEL,
+                    "messages": [{"role": "user", "content": "hi"}],
+                    "max_tokens": 40,
+                    "stream": True,
+                    "stream_options": {"include_usage": True},
+                    "qlm": {"ttft_ms": 2000, "class": "interactive"},
+                },
+            )
+        assert events[-1] == "[DONE]"
+        chunks = [e for e in events[:-1] if e["choices"]]
+        assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+        assert "estimated_wait_ms" in chunks[0]["qlm"]
+        text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
+        rid = chunks[0]["qlm"]["request_id"]
+        assert text == synthetic_text(rid, 0, 40)
+        assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+        assert len(chunks) > 2  # streamed in pieces, not in one
+        assert events[-2]["usage"]["completion_tokens"] == 40
+
+    run(tmp_path, body)
+
+
+def test_models_health_and_metrics(tmp_path: Path) -> None:
+    async def body(st: LocalStack) -> None:
+        async with aiohttp.ClientSession() as http:
+            await post(http, f"{st.http_url}/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": 2})
+            async with http.get(f"{st.http_url}/v1/models") as r:
+                models = await r.json()
+            async with http.get(f"{st.http_url}/health") as r:
+                health = (r.status, await r.json())
+            async with http.get(f"{st.http_url}/metrics") as r:
+                metrics = await r.text()
+        assert [m["id"] for m in models["data"]] == [MODEL]
+        assert health == (200, {"status": "ok", "instances": 2})
+        assert 'qlm_requests_finished_total{model="llama-3.1-8b"' in metrics
+        assert "qlm_queue_depth" in metrics or "qlm_slo_attainment" in metrics
+
+    run(tmp_path, body)
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "status", "param"),
+    [
+        ("/v1/completions", {"prompt": "x"}, 400, "model"),
+        ("/v1/completions", {"model": MODEL}, 400, "prompt"),
+        ("/v1/completions", {"model": "gpt-9", "prompt": "x"}, 404, "model"),
+        ("/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": 0}, 400, "max_tokens"),
+        ("/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": "many"}, 400, "max_tokens"),
+        ("/v1/completions", {"model": MODEL, "prompt": "x" * 200_000}, 400, "prompt"),
+        ("/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": 40_000}, 400, "max_tokens"),
+        ("/v1/completions", {"model": MODEL, "prompt": "x", "n": 2}, 400, "n"),
+        ("/v1/completions", {"model": MODEL, "prompt": "x", "qlm": {"ttft_ms": -5}}, 400, "qlm.ttft_ms"),
+        ("/v1/completions", {"model": MODEL, "prompt": "x", "qlm": {"colour": 1}}, 400, "qlm.colour"),
+        ("/v1/completions", {"model": MODEL, "prompt": "x", "qlm": {"class": "gold"}}, 400, "slo.class"),
+        ("/v1/chat/completions", {"model": MODEL, "messages": []}, 400, "messages"),
+        ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user"}]}, 400, "messages[0].content"),
+        # no instance could prefill 20k tokens in 1 ms, even idle: refused at once, not served late
+        ("/v1/completions", {"model": MODEL, "prompt": "x" * 80_000, "qlm": {"ttft_ms": 1}}, 400, "slo.ttft_ms"),
+    ],
+)
+def test_bad_requests_get_a_4xx_naming_the_field(
+    tmp_path: Path, path: str, body: dict[str, Any], status: int, param: str
+) -> None:
+    async def check(st: LocalStack) -> None:
+        async with aiohttp.ClientSession() as http:
+            got, out, _ = await post(http, f"{st.http_url}{path}", body)
+        assert got == status, out
+        assert out["error"]["param"] == param, out
+        assert param in out["error"]["message"]
+        assert st.coordinator.jobs == {} or all(j.state != "queued" for j in st.coordinator.jobs.values())
+
+    run(tmp_path, check, instances=1)
+
+
+def test_malformed_json_is_a_400(tmp_path: Path) -> None:
+    async def body(st: LocalStack) -> None:
+        async with aiohttp.ClientSession() as http:
+            async with http.post(f"{st.http_url}/v1/completions", data=b"{not json") as r:
+                assert r.status == 400
+                assert "not valid JSON" in (await r.json())["error"]["message"]
+
+    run(tmp_path, body, instances=1)
+
+
+def test_unmeetable_slo_is_refused_with_the_estimate_when_asked_else_evicts_to_serve_it(tmp_path: Path) -> None:
+    async def body(st: LocalStack) -> None:
+        # Fill both engines with long batch work (real time: they stay busy for minutes).
+        async with CoordinatorClient(st.grpc_target) as client:
+            replies = await client.submit_batch(
+                [pb.RequestSpec(model=MODEL, prompt="y" * 4000, max_tokens=4000, slo=pb.SLO(slo_class="batch"))
+                 for _ in range(700)]  # fmt: skip
+            )
+        assert all(r.accepted for r in replies)
+        urgent = {"model": MODEL, "prompt": "x" * 16000, "max_tokens": 4, "qlm": {"ttft_ms": 400}}
+        async with aiohttp.ClientSession() as http:
+            status, out, _ = await post(http, f"{st.http_url}/v1/completions", {**urgent, "qlm": {**urgent["qlm"],
+                                                                                              "reject_if_late": True}})  # fmt: skip
+            assert status == 503, out
+            assert out["error"]["code"] == "slo_unattainable"
+            assert "estimated wait" in out["error"]["message"]
+            assert out["qlm"]["p_meet"] < 0.05
+            # Without reject_if_late it is accepted and flagged as expected late.
+            async with CoordinatorClient(st.grpc_target) as client:
+                reply = await client.submit(pb.RequestSpec(model=MODEL, prompt="x" * 16000, max_tokens=4,
+                                                           slo=pb.SLO(ttft_ms=400)))  # fmt: skip
+        # Without reject_if_late it is accepted; here QLM makes room at once by evicting batch work
+        # (a coordinator-ordered eviction, acknowledged by the engine), so it can meet its SLO.
+        assert reply.accepted
+        assert st.coordinator.queue_manager is not None
+        assert st.coordinator.queue_manager.counters["evictions"] >= 1
+        for _ in range(100):
+            if any(li.link.inst.counters["preemptions"] for li in st.instances.values()):
+                break
+            await asyncio.sleep(0.02)
+        assert any(li.link.inst.counters["preemptions"] for li in st.instances.values())
+        job = st.coordinator.jobs[reply.request_id]
+        await asyncio.wait_for(job.done.wait(), 10)
+        assert job.state == "finished" and job.outcome().met_ttft()
+
+    run(tmp_path, body, speed=1.0)
+
+
+def test_client_disconnect_cancels_the_request_everywhere(tmp_path: Path) -> None:
+    async def body(st: LocalStack) -> None:
+        async with aiohttp.ClientSession() as http:
+            async with http.post(
+                f"{st.http_url}/v1/completions",
+                json={"model": MODEL, "prompt": "x", "max_tokens": 30_000, "stream": True},
+            ) as r:
+                rid = r.headers["x-qlm-request-id"]
+                await r.content.readline()  # the first token arrived: it runs on an engine
+        job = st.coordinator.jobs[rid]
+        for _ in range(200):
+            if job.state == "cancelled":
+                break
+            await asyncio.sleep(0.01)
+        assert job.state == "cancelled"
+        for _ in range(200):  # the engine let it go
+            if all(rid not in li.link.attempts for li in st.instances.values()):
+                break
+            await asyncio.sleep(0.01)
+        assert all(rid not in li.link.attempts for li in st.instances.values())
+        assert st.coordinator.journal.get(rid).state == "cancelled"  # type: ignore[union-attr]
+
+    run(tmp_path, body, speed=1.0)
+
+
+def test_a_slow_client_does_not_stall_others(tmp_path: Path) -> None:
+    async def body(st: LocalStack) -> None:
+        conn = aiohttp.TCPConnector(limit=0)
+        async with aiohttp.ClientSession(connector=conn, read_bufsize=1024) as http:
+            slow = await http.post(
+                f"{st.http_url}/v1/completions",
+                json={"model": MODEL, "prompt": "x", "max_tokens": 3000, "stream": True},
+            )
+            # Never read from it; meanwhile others are served.
+            t0 = asyncio.get_running_loop().time()
+            results = await asyncio.gather(
+                *(post(http, f"{st.http_url}/v1/completions", {"model": MODEL, "prompt": "y", "max_tokens": 20})
+                  for _ in range(20))  # fmt: skip
+            )
+            elapsed = asyncio.get_running_loop().time() - t0
+            assert all(status == 200 for status, _, _ in results)
+            assert elapsed < 10
+            # The slow client still gets its whole answer once it reads.
+            text = []
+            async for line in slow.content:
+                s = line.decode().strip()
+                if s.startswith("data: {"):
+                    ch = json.loads(s[6:])["choices"]
+                    if ch:
+                        text.append(ch[0].get("text", ""))
+            rid = slow.headers["x-qlm-request-id"]
+            assert "".join(text) == synthetic_text(rid, 0, 3000)
+            slow.release()
+
+    run(tmp_path, body, speed=50.0)
+
+
+# ------------------------------------------------------------------------------------------ gRPC
+
+
+def test_grpc_submit_status_stream_cancel_and_idempotency(tmp_path: Path) -> None:
+    async def body(st: LocalStack) -> None:
+        async with CoordinatorClient(st.grpc_target) as c:
+            spec = pb.RequestSpec(model=MODEL, prompt="abc", max_tokens=25, idempotency_key="k1")
+            first = await c.submit(spec)
+            again = await c.submit(spec)
+            assert first.accepted and again.duplicate and again.request_id == first.request_id
+            chunks = [ch async for ch in c.stream(first.request_id, timeout_s=30)]
+            assert chunks[-1].finished and chunks[-1].finish_reason == "length"
+            assert "".join(ch.text for ch in chunks) == synthetic_text(first.request_id, 0, 25)
+            status = await c.status(first.request_id)
+            assert (status.state, status.output_tokens, status.attempt) == ("finished", 25, 1)
+            assert status.slo_met and status.ttft_ms > 0
+            long = await c.submit(pb.RequestSpec(model=MODEL, prompt="abc", max_tokens=30_000))
+            cancelled = await c.cancel(long.request_id)
+            assert cancelled.cancelled and cancelled.state == "cancelled"
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await c.status("no-such-request")
+            assert err.value.code() == grpc.StatusCode.NOT_FOUND
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await c.submit(pb.RequestSpec(model="nope", prompt="x"))
+            assert err.value.code() == grpc.StatusCode.NOT_FOUND and "model" in (err.value.details() or "")
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await c.submit(pb.RequestSpec(model=MODEL, prompt="x", max_tokens=10**6))
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert (err.value.details() or "").startswith("max_tokens")
+            batch = await c.submit_batch([pb.RequestSpec(model=MODEL, prompt="x", max_tokens=3),
+                                          pb.RequestSpec(model="nope", prompt="x")])  # fmt: skip
+            assert batch[0].accepted and not batch[1].accepted
+            assert (batch[1].code, batch[1].field) == ("unknown_model", "model")
+
+    run(tmp_path, body, speed=50.0)
+
+
+def test_admin_views_health_and_reflection(tmp_path: Path) -> None:
+    async def body(st: LocalStack) -> None:
+        async with CoordinatorClient(st.grpc_target) as c:
+            await c.submit_batch([pb.RequestSpec(model=MODEL, prompt="x" * 400, max_tokens=2000,
+                                                 slo=pb.SLO(slo_class="batch")) for _ in range(600)])  # fmt: skip
+            queue = await c.queue(limit=5)
+            assert queue.queued + queue.dispatched == 600
+            assert queue.dispatched > 0 and len(queue.requests) == 5
+            st.coordinator.tick()  # a replan with work queued
+            plan = await c.plan()
+            assert plan.made_at > 0 and plan.solver
+            instances = await c.instances()
+            assert sorted(i.instance_id for i in instances.instances) == ["sim-0", "sim-1"]
+            assert all(i.healthy and i.state.max_num_seqs > 0 for i in instances.instances)
+            assert sum(i.dispatched for i in instances.instances) == queue.dispatched
+            health = health_pb2_grpc.HealthStub(c.channel)
+            for service in ("", "qlm.v1.Requests", "qlm.v1.Instances"):
+                reply = await health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
+                assert reply.status == health_pb2.HealthCheckResponse.SERVING
+            refl = reflection_pb2_grpc.ServerReflectionStub(c.channel)
+            responses = refl.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]),
+                                                  timeout=5)  # fmt: skip
+            names = {s.name async for r in responses for s in r.list_services_response.service}
+            assert {"qlm.v1.Requests", "qlm.v1.Instances", "qlm.v1.Admin", "grpc.health.v1.Health"} <= names
+
+    run(tmp_path, body, speed=1.0)
+
+
+def test_requests_wait_for_an_instance_and_sustained_load_completes_once(tmp_path: Path) -> None:
+    async def body(st: LocalStack) -> None:
+        async with CoordinatorClient(st.grpc_target) as c:
+            ids: list[str] = []
+            for _ in range(10):  # sustained: 10 waves of 100
+                replies = await c.submit_batch(
+                    [pb.RequestSpec(model=MODEL, prompt="p" * 200, max_tokens=16) for _ in range(100)]
+                )
+                ids += [r.request_id for r in replies if r.accepted]
+                await asyncio.sleep(0.05)
+            assert len(ids) == 1000
+
+            async def done() -> None:
+                while any(st.coordinator.lookup(i).state != "finished" for i in ids):  # type: ignore[union-attr]
+                    await asyncio.sleep(0.1)
+
+            await asyncio.wait_for(done(), 60)
+        await st.coordinator.journal.flush()
+        counts = st.coordinator.journal.counts()
+        assert counts["finished"] == 1000 and counts["queued"] == counts["dispatched"] == 0
+        for rid in ids[::97]:
+            assert st.coordinator.lookup(rid).text == synthetic_text(rid, 0, 16)  # type: ignore[union-attr]
+
+    run(tmp_path, body, speed=50.0)
+
+
+# ------------------------------------------------------------------------------------ instances
+
+
+def test_a_crashed_instance_gives_its_requests_back_and_clients_see_one_answer(tmp_path: Path) -> None:
+    async def body(st: LocalStack) -> None:
+        async with aiohttp.ClientSession() as http:
+
+            async def stream_text() -> tuple[str, str]:
+                events = await sse(http, f"{st.http_url}/v1/completions",
+                                   {"model": MODEL, "prompt": "x", "max_tokens": 600, "stream": True})  # fmt: skip
+                rid = events[0]["qlm"]["request_id"]
+                return rid, "".join(e["choices"][0]["text"] for e in events[:-1] if e.get("choices"))
+
+            tasks = [asyncio.create_task(stream_text()) for _ in range(8)]
+            await asyncio.sleep(0.3)  # streaming on both instances
+            victims = [j.id for j in st.coordinator.jobs.values() if j.instance == "sim-0" and j.state == "dispatched"]
+            assert victims
+            await st.crash("sim-0")
+            results = await asyncio.wait_for(asyncio.gather(*tasks), 60)
+        for rid, text in results:
+            assert text == synthetic_text(rid, 0, 600)  # complete, nothing repeated
+        for rid in victims:
+            job = st.coordinator.jobs[rid]
+            assert job.state == "finished" and job.instance == "sim-1" and job.attempt == 2
+
+    run(tmp_path, body, speed=2.0)
+
+
+def test_an_instance_that_stops_heartbeating_is_drained(tmp_path: Path) -> None:
+    async def body(st: LocalStack) -> None:
+        async with CoordinatorClient(st.grpc_target) as c:
+            replies = await c.submit_batch([pb.RequestSpec(model=MODEL, prompt="x", max_tokens=300) for _ in range(6)])
+        ids = [r.request_id for r in replies]
+        li = st.instances["sim-1"]
+        # Its agent goes silent (a hung process); the engine itself keeps its work.
+        li.task.cancel()
+        held = [i for i in ids if st.coordinator.jobs[i].instance == "sim-1"]
+        assert held
+
+        async def all_done() -> None:
+            while any(st.coordinator.jobs[i].state != "finished" for i in ids):
+                await asyncio.sleep(0.05)
+
+        await asyncio.wait_for(all_done(), 30)
+        assert "sim-1" not in st.coordinator.fleet.sessions
+        for i in held:
+            assert st.coordinator.jobs[i].instance == "sim-0"
+            assert st.coordinator.jobs[i].text == synthetic_text(i, 0, 300)
+
+    run(tmp_path, body, speed=5.0)

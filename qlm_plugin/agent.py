@@ -1,0 +1,263 @@
+"""The instance side of the control plane: an agent that connects one serving engine to the
+coordinator (register, heartbeats with state reports, pulling work, carrying out serving
+operations, reporting progress) and reconnects with backoff when the coordinator goes away.
+
+The engine is reached through :class:`EngineLink`, which each adapter implements (the simulator's
+in ``qlm_plugin.adapters.sim.process``). Progress events are kept until the coordinator has
+acknowledged them (it does so once they are journaled), and resent after a reconnect, so a
+coordinator restart loses nothing; the coordinator drops duplicates.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import grpc
+
+from qlm_plugin.proto.qlm.v1 import qlm_pb2 as pb
+from qlm_plugin.proto.qlm.v1 import qlm_pb2_grpc as pb_grpc
+
+log = logging.getLogger("qlm_plugin.agent")
+
+#: Deadline of each unary call to the coordinator, seconds.
+CALL_TIMEOUT_S = 5.0
+#: Reconnect backoff: first wait, cap (seconds); doubled per failure, with jitter.
+BACKOFF_S = (0.1, 5.0)
+
+
+class EngineLink(Protocol):
+    """What the agent needs of an engine. Called on the agent's event loop; implementations must
+    not block it (an engine in another thread or process is reached through queues)."""
+
+    instance_id: str
+    backend: str
+    gpu: str
+    capabilities: Sequence[str]
+    endpoint: str
+
+    def state(self) -> pb.StateReport: ...
+
+    def free_slots(self) -> int: ...
+
+    def held(self) -> list[pb.HeldRequest]:
+        """The requests the engine holds, unfinished (reclaimed after a reconnect)."""
+        ...
+
+    def start(self, assignment: pb.Assignment, emit: Callable[[pb.RequestEvent], None]) -> bool:
+        """Begin serving an assignment; progress goes to ``emit``. False: refused (reported FAILED)."""
+        ...
+
+    def execute(self, command: pb.Command) -> pb.CommandAck:
+        """Carry out a serving operation (evict, swap in, load or unload a model, abort)."""
+        ...
+
+    def abort(self, request_id: str) -> None:
+        """Drop a request without reporting it (the coordinator no longer counts it here)."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class AgentSettings:
+    target: str  # host:port of the coordinator's gRPC server
+    token: str | None = None  # bearer token with the instance scope
+    root_certificates: bytes | None = None  # TLS: the CA to trust (None: plaintext)
+    client_cert: tuple[bytes, bytes] | None = None  # TLS client certificate (key, chain)
+
+
+class InstanceAgent:
+    def __init__(self, settings: AgentSettings, engine: EngineLink) -> None:
+        self.settings = settings
+        self.engine = engine
+        self._events: list[pb.RequestEvent] = []
+        self._unacked: deque[pb.EventBatch] = deque()
+        self._seq = 0
+        self._wake_report = asyncio.Event()
+        self._wake_credit = asyncio.Event()
+        self._report_lock = asyncio.Lock()
+        self.session = ""
+        self.connected = asyncio.Event()
+        self.sessions_started = 0
+        self._received = 0
+
+    # ------------------------------------------------------------------ engine-facing
+    def emit(self, event: pb.RequestEvent) -> None:
+        self._events.append(event)
+        self._wake_report.set()
+        if event.kind in (pb.RequestEvent.FINISHED, pb.RequestEvent.FAILED):
+            self.room()
+
+    def room(self) -> None:
+        """The engine may have room: send a pull credit soon."""
+        self._wake_credit.set()
+
+    # ------------------------------------------------------------------ connection
+    def _metadata(self) -> list[tuple[str, str]]:
+        return [("authorization", f"Bearer {self.settings.token}")] if self.settings.token else []
+
+    def _channel(self) -> grpc.aio.Channel:
+        s = self.settings
+        options = [("grpc.keepalive_time_ms", 10_000), ("grpc.keepalive_timeout_ms", 5_000)]
+        if s.root_certificates is None:
+            return grpc.aio.insecure_channel(s.target, options=options)
+        key, chain = s.client_cert or (None, None)
+        creds = grpc.ssl_channel_credentials(s.root_certificates, key, chain)
+        return grpc.aio.secure_channel(s.target, creds, options=options)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Serve until ``stop`` is set: connect, and reconnect with backoff whenever the
+        connection breaks. The engine keeps serving what it holds meanwhile."""
+        delay = BACKOFF_S[0]
+        while not stop.is_set():
+            try:
+                await self._session(stop)
+                delay = BACKOFF_S[0]
+            except (grpc.aio.AioRpcError, ConnectionError, OSError, SessionLost) as exc:
+                self.connected.clear()
+                log.warning("%s: coordinator connection lost (%s); retrying in %.1f s", self.engine.instance_id,
+                            _brief(exc), delay)  # fmt: skip
+                try:
+                    await asyncio.wait_for(stop.wait(), delay * random.uniform(0.8, 1.2))
+                except asyncio.TimeoutError:
+                    pass
+                delay = min(BACKOFF_S[1], delay * 2)
+
+    async def _session(self, stop: asyncio.Event) -> None:
+        async with self._channel() as channel:
+            stub = pb_grpc.InstancesStub(channel)
+            e = self.engine
+            reply = await stub.Register(
+                pb.RegisterRequest(
+                    instance_id=e.instance_id,
+                    backend=e.backend,
+                    gpu=e.gpu,
+                    capabilities=list(e.capabilities),
+                    state=e.state(),
+                    held=e.held(),
+                    endpoint=e.endpoint,
+                ),
+                timeout=CALL_TIMEOUT_S,
+                metadata=self._metadata(),
+            )
+            for h in reply.abandon:
+                e.abort(h.request_id)
+            self.session = reply.session
+            self.sessions_started += 1
+            self._received = 0
+            self.connected.set()
+            tasks = [
+                asyncio.create_task(self._heartbeats(stub, reply.heartbeat_interval_s)),
+                asyncio.create_task(self._pull(stub, reply.heartbeat_interval_s)),
+                asyncio.create_task(self._commands(stub)),
+                asyncio.create_task(self._reports(stub)),
+                asyncio.create_task(stop.wait()),
+            ]
+            try:
+                done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+                for t in done:
+                    if not t.cancelled() and t.exception() is not None:
+                        raise t.exception()  # type: ignore[misc]
+            finally:
+                for t in tasks:
+                    t.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+            if stop.is_set():  # a clean stop: report what finished before leaving
+                await self._flush_reports(stub)
+                self.connected.clear()
+
+    async def _heartbeats(self, stub: pb_grpc.InstancesStub, interval: float) -> None:
+        while True:
+            report = self.engine.state()
+            report.session = self.session
+            reply = await stub.Heartbeat(report, timeout=CALL_TIMEOUT_S, metadata=self._metadata())
+            if not reply.known:
+                raise SessionLost("the coordinator does not know this session")
+            self.room()  # a periodic credit too: room may have appeared without an event
+            await asyncio.sleep(interval)
+
+    async def _pull(self, stub: pb_grpc.InstancesStub, interval: float) -> None:
+        async def credits() -> AsyncIterator[pb.PullCredit]:
+            yield pb.PullCredit(
+                session=self.session, free_slots=self.engine.free_slots(), received=self._received
+            )
+            while True:
+                await self._wake_credit.wait()
+                self._wake_credit.clear()
+                free = self.engine.free_slots()
+                if free > 0:
+                    yield pb.PullCredit(session=self.session, free_slots=free, received=self._received)
+
+        call = stub.Pull(credits(), metadata=self._metadata())
+        async for a in call:
+            self._received += 1
+            if not self.engine.start(a, self.emit):
+                self.emit(pb.RequestEvent(request_id=a.request.request_id, attempt=a.attempt,
+                                          kind=pb.RequestEvent.FAILED, error="the engine refused it"))  # fmt: skip
+        raise SessionLost("the coordinator closed the pull stream")
+
+    async def _commands(self, stub: pb_grpc.InstancesStub) -> None:
+        acks: asyncio.Queue[pb.CommandAck] = asyncio.Queue()
+
+        async def outgoing() -> AsyncIterator[pb.CommandAck]:
+            yield pb.CommandAck(session=self.session)
+            while True:
+                yield await acks.get()
+
+        call = stub.Commands(outgoing(), metadata=self._metadata())
+        async for cmd in call:
+            try:
+                ack = self.engine.execute(cmd)
+            except Exception as exc:  # a failed operation is acknowledged as failed, not fatal
+                ack = pb.CommandAck(ok=False, error=f"{type(exc).__name__}: {exc}")
+            ack.command_id = cmd.command_id
+            ack.session = self.session
+            acks.put_nowait(ack)
+        raise SessionLost("the coordinator closed the command stream")
+
+    def _batch(self) -> None:
+        if self._events:
+            self._seq += 1
+            self._unacked.append(pb.EventBatch(seq=self._seq, events=self._events))
+            self._events = []
+
+    async def _send_unacked(self, stub: pb_grpc.InstancesStub) -> None:
+        async with self._report_lock:  # the report loop and the final flush must not interleave
+            while self._unacked:
+                batch = self._unacked[0]
+                batch.session = self.session
+                ack = await stub.Report(batch, timeout=CALL_TIMEOUT_S, metadata=self._metadata())
+                if not ack.known:
+                    raise SessionLost("the coordinator does not know this session")
+                self._unacked.popleft()
+
+    async def _reports(self, stub: pb_grpc.InstancesStub) -> None:
+        # No timer: a report goes out as soon as there is something to say, and what happens while
+        # one is in flight goes out together in the next (batching only under load).
+        while True:
+            self._batch()
+            await self._send_unacked(stub)
+            await self._wake_report.wait()
+            self._wake_report.clear()
+
+    async def _flush_reports(self, stub: pb_grpc.InstancesStub) -> None:
+        self._batch()
+        await self._send_unacked(stub)
+
+    @property
+    def pending_events(self) -> int:
+        return len(self._events) + sum(len(b.events) for b in self._unacked)
+
+
+class SessionLost(Exception):
+    """The coordinator forgot this session (it restarted, or declared the instance lost)."""
+
+
+def _brief(exc: BaseException) -> str:
+    if isinstance(exc, grpc.aio.AioRpcError):
+        return f"{exc.code().name}: {exc.details()}"
+    return str(exc) or type(exc).__name__

@@ -1,0 +1,1 @@
+"""The coordinator: gRPC control plane, HTTP front door, durable queue."""

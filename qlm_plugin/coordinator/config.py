@@ -1,0 +1,121 @@
+"""The coordinator's settings: addresses, journal, timeouts, auth, TLS and tenant limits.
+
+A YAML file (``qlm serve --config FILE``) or the embedded defaults; the fleet (models, SLO classes,
+simulated instances) comes from a scenario file (``scenario:``, the packaged default when unset).
+Secrets never live in the file itself: tokens are named by environment variable (``token_env``) or
+read from a file (``token_file``).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+#: The scopes a bearer token can carry.
+SCOPES = ("client", "instance", "admin")
+#: Environment variables read when the config names no tokens: one token per scope.
+SCOPE_ENV = {"client": "QLM_CLIENT_TOKEN", "instance": "QLM_INSTANCE_TOKEN", "admin": "QLM_ADMIN_TOKEN"}
+
+
+class ConfigError(ValueError):
+    """A configuration problem, with the file and key path in the message."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Listen(_Strict):
+    host: str = "127.0.0.1"
+    port: int = Field(ge=0, le=65535)
+
+
+class TokenEntry(_Strict):
+    """One bearer token: its scopes, and for client tokens optionally the tenant it acts for."""
+
+    token_env: str | None = None  # the token is this environment variable's value
+    token_file: str | None = None  # or the first line of this file
+    scopes: list[Literal["client", "instance", "admin"]] = Field(min_length=1)
+    tenant: str | None = None  # client tokens: requests are this tenant's, whatever the request says
+    name: str = ""  # for logs
+
+    @model_validator(mode="after")
+    def _one_source(self) -> TokenEntry:
+        if (self.token_env is None) == (self.token_file is None):
+            raise ValueError("give exactly one of token_env or token_file")
+        return self
+
+
+class TLS(_Strict):
+    cert: str  # PEM certificate chain of the server
+    key: str  # PEM private key
+    client_ca: str | None = None  # PEM CA bundle: when set, clients must present a certificate it signed
+
+
+class TenantLimits(_Strict):
+    max_queued_requests: int = Field(default=10_000, ge=1)
+    max_queued_tokens: int = Field(default=50_000_000, ge=1)  # prompt + max_tokens of unfinished requests
+
+
+class JournalSettings(_Strict):
+    path: str = "qlm-journal.db"
+    synchronous: Literal["normal", "full"] = "normal"  # normal survives a process crash; full, power loss
+
+
+class CoordinatorConfig(_Strict):
+    http: Listen = Listen(port=8000)
+    grpc: Listen = Listen(port=50051)
+    policy: str = "qlm"
+    scenario: str | None = None  # fleet: models, classes, simulated instances (packaged default if None)
+    journal: JournalSettings = JournalSettings()
+    heartbeat_interval_s: float = Field(default=0.5, gt=0)
+    heartbeat_timeout_s: float = Field(default=3.0, gt=0)
+    recovery_grace_s: float = Field(default=3.0, ge=0)  # after a restart, instances reclaim their work
+    drain_timeout_s: float = Field(default=30.0, ge=0)
+    max_attempts: int = Field(default=3, ge=1)  # dispatches of one request before it fails
+    reject_below_p_meet: float = Field(default=0.05, ge=0, le=1)  # reject_if_late threshold
+    tokens: list[TokenEntry] = []
+    tls: TLS | None = None
+    tenant_limits: TenantLimits = TenantLimits()
+    tenants: dict[str, TenantLimits] = {}  # per-tenant overrides
+    metrics_public: bool = False  # /metrics without a token even when tokens are configured
+
+    @model_validator(mode="after")
+    def _timeouts(self) -> CoordinatorConfig:
+        if self.heartbeat_timeout_s <= self.heartbeat_interval_s:
+            raise ValueError("heartbeat_timeout_s must be longer than heartbeat_interval_s")
+        return self
+
+    def limits_for(self, tenant: str) -> TenantLimits:
+        return self.tenants.get(tenant, self.tenant_limits)
+
+
+def load_config(path: str | os.PathLike[str] | None = None) -> CoordinatorConfig:
+    """The settings in ``path`` (YAML), or the embedded defaults for None."""
+    if path is None:
+        return CoordinatorConfig()
+    p = Path(path)
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except OSError as exc:
+        raise ConfigError(f"{p}: cannot read config: {exc.strerror or exc}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{p}: not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: the config is a YAML mapping")
+    try:
+        cfg = CoordinatorConfig.model_validate(data)
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            where = ".".join(str(x) for x in err["loc"]) or "(top)"
+            msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+            lines.append(f"{p}: {where}: {msg}")
+        raise ConfigError("\n".join(lines)) from None
+    if cfg.scenario is not None and not Path(cfg.scenario).is_absolute():
+        cfg = cfg.model_copy(update={"scenario": str(p.parent / cfg.scenario)})
+    return cfg

@@ -1,0 +1,310 @@
+"""The gRPC services (``qlm.v1.Requests``, ``Instances``, ``Admin``) over a :class:`Coordinator`,
+and the interceptor that checks each call's bearer token against the scope its service needs."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+
+from qlm_plugin.coordinator.auth import Authenticator, AuthError, Principal
+from qlm_plugin.coordinator.coordinator import Coordinator, Job, SubmitError, status_message
+from qlm_plugin.proto.qlm.v1 import qlm_pb2 as pb
+from qlm_plugin.proto.qlm.v1 import qlm_pb2_grpc as pb_grpc
+
+log = logging.getLogger("qlm_plugin.coordinator.grpc")
+
+#: The scope each service needs; services not listed (health, reflection) need none.
+SERVICE_SCOPE = {"qlm.v1.Requests": "client", "qlm.v1.Instances": "instance", "qlm.v1.Admin": "admin"}
+
+SUBMIT_STATUS = {
+    "invalid": grpc.StatusCode.INVALID_ARGUMENT,
+    "too_large": grpc.StatusCode.INVALID_ARGUMENT,
+    "unknown_model": grpc.StatusCode.NOT_FOUND,
+    "limit": grpc.StatusCode.RESOURCE_EXHAUSTED,
+    "unavailable": grpc.StatusCode.UNAVAILABLE,
+    "slo_unattainable": grpc.StatusCode.FAILED_PRECONDITION,
+}
+
+
+def scope_of(method: str) -> str | None:
+    service = method.lstrip("/").split("/", 1)[0]
+    return SERVICE_SCOPE.get(service)
+
+
+def _metadata(context: Any) -> dict[str, str]:
+    return {k: v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
+
+
+class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+    """Refuses a call without a token for its service's scope: UNAUTHENTICATED for a missing or
+    unknown token, PERMISSION_DENIED for a token of another scope."""
+
+    def __init__(self, auth: Authenticator) -> None:
+        self.auth = auth
+
+    async def intercept_service(self, continuation: Callable[[Any], Awaitable[Any]], details: Any) -> Any:
+        handler = await continuation(details)
+        scope = scope_of(details.method)
+        if scope is None or handler is None or not self.auth.enabled:
+            return handler
+        md = {k: v for k, v in (details.invocation_metadata or ()) if isinstance(v, str)}
+        try:
+            self.auth.authenticate(md.get("authorization"), scope)
+        except AuthError as exc:
+            code = (
+                grpc.StatusCode.UNAUTHENTICATED
+                if exc.status == "unauthenticated"
+                else grpc.StatusCode.PERMISSION_DENIED
+            )
+            return _refusal(handler, code, str(exc))
+        return handler
+
+
+def _refusal(handler: Any, code: grpc.StatusCode, message: str) -> Any:
+    async def unary(request: Any, context: Any) -> Any:
+        await context.abort(code, message)
+
+    async def streaming(request: Any, context: Any) -> AsyncIterator[Any]:
+        await context.abort(code, message)
+        yield  # pragma: no cover - abort raises
+
+    kw = {
+        "request_deserializer": handler.request_deserializer,
+        "response_serializer": handler.response_serializer,
+    }
+    if handler.request_streaming and handler.response_streaming:
+        return grpc.stream_stream_rpc_method_handler(streaming, **kw)
+    if handler.request_streaming:
+        return grpc.stream_unary_rpc_method_handler(unary, **kw)
+    if handler.response_streaming:
+        return grpc.unary_stream_rpc_method_handler(streaming, **kw)
+    return grpc.unary_unary_rpc_method_handler(unary, **kw)
+
+
+class RequestsService(pb_grpc.RequestsServicer):  # type: ignore[misc]
+    def __init__(self, coord: Coordinator, auth: Authenticator) -> None:
+        self.coord = coord
+        self.auth = auth
+
+    def _principal(self, context: Any) -> Principal:
+        return self.auth.authenticate(_metadata(context).get("authorization"), "client")
+
+    async def _job(self, request_id: str, context: Any) -> Job:
+        job = self.coord.lookup(request_id)
+        tenant = self._principal(context).tenant
+        if job is None or (tenant is not None and job.request.tenant != tenant):
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"no request {request_id!r}")
+        assert job is not None
+        return job
+
+    async def _submit(self, spec: pb.RequestSpec, tenant: str | None) -> pb.SubmitReply:
+        try:
+            job, duplicate = await self.coord.submit(spec, tenant=tenant)
+        except SubmitError as exc:
+            reply = pb.SubmitReply(accepted=False, can_meet_slo=False, reason=str(exc), code=exc.code,
+                                   field=exc.field or "")  # fmt: skip
+            if exc.estimate is not None:
+                reply.estimated_wait_ms = (exc.estimate.wait_mean_s or 0.0) * 1000
+                reply.p_meet = exc.estimate.p_meet or 0.0
+            return reply
+        adm = job.admission
+        reply = pb.SubmitReply(request_id=job.id, accepted=True, can_meet_slo=True, p_meet=1.0, duplicate=duplicate)
+        if adm is not None:
+            reply.can_meet_slo = adm.can_meet_slo
+            reply.estimated_wait_ms = (adm.wait_mean_s or 0.0) * 1000
+            reply.p_meet = adm.p_meet if adm.p_meet is not None else 1.0
+            reply.instance_id = adm.instance_id or ""
+            reply.reason = adm.reason
+        return reply
+
+    async def Submit(self, request: pb.SubmitRequest, context: Any) -> pb.SubmitReply:
+        reply = await self._submit(request.request, self._principal(context).tenant)
+        if not reply.accepted and reply.code != "slo_unattainable":
+            # A malformed or refused request is an error status; a late one is an answer with the estimate.
+            message = f"{reply.field}: {reply.reason}" if reply.field else reply.reason
+            await context.abort(SUBMIT_STATUS[reply.code], message)
+        return reply
+
+    async def SubmitBatch(self, request: pb.SubmitBatchRequest, context: Any) -> pb.SubmitBatchReply:
+        tenant = self._principal(context).tenant
+        # Concurrently, so the journal commits the whole batch at once.
+        replies = await asyncio.gather(*(self._submit(spec, tenant) for spec in request.requests))
+        return pb.SubmitBatchReply(replies=replies)
+
+    async def Status(self, request: pb.RequestRef, context: Any) -> pb.RequestStatus:
+        return status_message(await self._job(request.request_id, context))
+
+    async def Cancel(self, request: pb.RequestRef, context: Any) -> pb.CancelReply:
+        job = await self._job(request.request_id, context)
+        before = job.state
+        self.coord.cancel(job.id)
+        return pb.CancelReply(cancelled=before not in ("finished", "cancelled", "failed"), state=job.state)
+
+    async def Stream(self, request: pb.RequestRef, context: Any) -> AsyncIterator[pb.OutputChunk]:
+        job = await self._job(request.request_id, context)
+        async for chunk in self.coord.follow(job):
+            yield pb.OutputChunk(
+                text=chunk.text,
+                index=chunk.index,
+                tokens=chunk.tokens,
+                finished=chunk.finished,
+                finish_reason=chunk.finish_reason,
+            )
+
+
+class InstancesService(pb_grpc.InstancesServicer):  # type: ignore[misc]
+    def __init__(self, coord: Coordinator) -> None:
+        self.coord = coord
+
+    async def Register(self, request: pb.RegisterRequest, context: Any) -> pb.RegisterReply:
+        if not request.instance_id:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "instance_id: must be a non-empty string")
+        if not self.coord.accepting:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "the coordinator is draining")
+        s, keep, abandon = self.coord.instance_register(request)
+        cfg = self.coord.cfg
+        return pb.RegisterReply(
+            session=s.id,
+            heartbeat_interval_s=cfg.heartbeat_interval_s,
+            heartbeat_timeout_s=cfg.heartbeat_timeout_s,
+            keep=keep,
+            abandon=abandon,
+        )
+
+    async def Heartbeat(self, request: pb.StateReport, context: Any) -> pb.HeartbeatReply:
+        return pb.HeartbeatReply(known=self.coord.instance_heartbeat(request))
+
+    async def Pull(
+        self, request_iterator: AsyncIterator[pb.PullCredit], context: Any
+    ) -> AsyncIterator[pb.Assignment]:
+        first = await anext(request_iterator, None)
+        s = self.coord.session(first.session) if first is not None else None
+        if first is None or s is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, "unknown session: register again")
+        assert s is not None and first is not None
+        self.coord.instance_pull_opened(s)
+        self.coord.instance_credit(s, first.free_slots, first.received)
+
+        async def credits() -> None:
+            async for c in request_iterator:
+                if s.alive:
+                    self.coord.instance_credit(s, c.free_slots, c.received)
+
+        reader = asyncio.get_running_loop().create_task(credits())
+        try:
+            while True:
+                a = await s.assignments.get()
+                if a is None:
+                    return
+                yield a
+        finally:
+            reader.cancel()
+            s.pull_open = False
+
+    async def Commands(
+        self, request_iterator: AsyncIterator[pb.CommandAck], context: Any
+    ) -> AsyncIterator[pb.Command]:
+        first = await anext(request_iterator, None)
+        s = self.coord.session(first.session) if first is not None else None
+        if first is None or s is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, "unknown session: register again")
+        assert s is not None
+
+        async def acks() -> None:
+            async for ack in request_iterator:
+                if ack.command_id:
+                    self.coord.instance_ack(s, ack)
+
+        reader = asyncio.get_running_loop().create_task(acks())
+        try:
+            while True:
+                cmd = await s.commands.get()
+                if cmd is None:
+                    return
+                yield cmd
+        finally:
+            reader.cancel()
+
+    async def Report(self, request: pb.EventBatch, context: Any) -> pb.ReportAck:
+        s = self.coord.session(request.session)
+        if s is None:
+            return pb.ReportAck(seq=request.seq, known=False)
+        self.coord.instance_events(s, request)
+        # Acknowledged only once durable: an instance resends what was not acknowledged.
+        await self.coord.journal.flush()
+        return pb.ReportAck(seq=request.seq, known=True)
+
+
+class AdminService(pb_grpc.AdminServicer):  # type: ignore[misc]
+    def __init__(self, coord: Coordinator) -> None:
+        self.coord = coord
+
+    async def GetQueue(self, request: pb.QueueQuery, context: Any) -> pb.QueueSnapshot:
+        now = time.time()
+        jobs = [j for j in self.coord.jobs.values() if j.state in ("queued", "dispatched")]
+        if request.model:
+            jobs = [j for j in jobs if j.request.model == request.model]
+        jobs.sort(key=lambda j: (j.state != "queued", j.request.slo.first_deadline(), j.request.arrival_time))
+        limit = request.limit or 1000
+        return pb.QueueSnapshot(
+            queued=sum(j.state == "queued" for j in jobs),
+            dispatched=sum(j.state == "dispatched" for j in jobs),
+            requests=[
+                pb.QueuedRequest(
+                    request_id=j.id,
+                    model=j.request.model,
+                    slo_class=j.request.slo_class,
+                    tenant=j.request.tenant,
+                    state=j.state,
+                    instance_id=j.instance or "",
+                    age_s=now - j.request.arrival_time,
+                    deadline=min(j.request.slo.first_deadline(), 1e18),
+                    late=j.late,
+                )
+                for j in jobs[:limit]
+            ],
+        )
+
+    async def GetPlan(self, request: pb.PlanQuery, context: Any) -> pb.PlanSnapshot:
+        qm = self.coord.queue_manager
+        plan = qm.last_plan if qm is not None else None
+        if qm is None or plan is None:
+            return pb.PlanSnapshot()
+        return pb.PlanSnapshot(
+            made_at=qm.last_plan_at,
+            solver=plan.solver,
+            queues=[pb.PlannedQueue(instance_id=i, request_ids=list(r)) for i, r in plan.queues.items()],
+            actions=[repr(a) for a in plan.actions],
+        )
+
+    async def ListInstances(self, request: pb.InstancesQuery, context: Any) -> pb.InstancesSnapshot:
+        mono = time.monotonic()
+        out = []
+        for s, st in self.coord.instance_states():
+            report = pb.StateReport(instance_id=s.instance_id, session=s.id)
+            if st is not None:
+                report.models_loaded.extend(st.models_loaded)
+                report.models_warm.extend(st.models_warm)
+                report.loading_model = st.loading_model or ""
+                report.num_running, report.num_waiting = st.num_running, st.num_waiting
+                report.num_swapped, report.queued_tokens = st.num_swapped, st.queued_tokens
+                report.kv_blocks_used, report.kv_blocks_total = st.kv_blocks_used, st.kv_blocks_total
+                report.max_num_seqs = st.max_num_seqs
+                report.notes.extend(st.notes)
+            out.append(
+                pb.InstanceSnapshot(
+                    instance_id=s.instance_id,
+                    backend=s.backend,
+                    gpu=s.gpu,
+                    healthy=st is not None and st.healthy,
+                    state=report,
+                    dispatched=len(s.assigned),
+                    last_heartbeat_age_s=mono - s.last_seen,
+                )
+            )
+        return pb.InstancesSnapshot(instances=out)

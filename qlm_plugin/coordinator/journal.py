@@ -1,0 +1,507 @@
+"""The coordinator's durable queue: every accepted request in an embedded SQLite database (WAL mode).
+
+:meth:`Journal.accept` returns once the record is committed, so the coordinator acknowledges a client
+only for a request that survives a crash of the process; on restart :meth:`Journal.recover` hands back
+every record that is not terminal, and the coordinator rebuilds its queue from them. Later transitions
+(:meth:`~Journal.dispatched`, :meth:`~Journal.requeued`, :meth:`~Journal.finished`) are queued without
+waiting: losing the last few of them in a crash only makes a request run again, never lose it
+(at-least-once execution, every unfinished request recovered exactly once). A terminal record is final:
+later transitions for it are ignored.
+
+One writer thread owns the write connection and group-commits: it takes every pending write (up to
+``batch_max``), runs them in one transaction, commits, and only then resolves the waiters, so the cost of
+a commit (an fsync with ``synchronous="full"``) is shared by every write that arrived meanwhile. The
+event loop never touches SQLite for writes: it enqueues and awaits a future that the writer resolves with
+``call_soon_threadsafe``. Reads (:meth:`~Journal.get`, :meth:`~Journal.recover`, ...) use a second
+connection, which WAL lets read committed data while the writer writes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import queue
+import sqlite3
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final, NamedTuple
+
+__all__ = ["SCHEMA_VERSION", "STATES", "TERMINAL", "JobRecord", "Journal", "JournalError"]
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION: Final = 1
+STATES: Final = frozenset({"queued", "dispatched", "finished", "cancelled", "failed"})
+TERMINAL: Final = frozenset({"finished", "cancelled", "failed"})
+_SYNCHRONOUS: Final = {"normal": "NORMAL", "full": "FULL"}
+
+
+class JournalError(Exception):
+    """The journal cannot do what was asked: not a journal database, a newer schema, a duplicate
+    request id or idempotency key, a closed journal, or a failed commit."""
+
+
+@dataclass(slots=True)
+class JobRecord:
+    """One request as the journal keeps it. The field order is the column order of the table."""
+
+    request_id: str
+    tenant: str
+    spec: dict[str, Any]  # the request as a JSON-able dict, opaque to the journal
+    accepted_at: float  # unix seconds
+    state: str = "queued"  # queued | dispatched | finished | cancelled | failed
+    attempt: int = 0  # dispatches so far
+    instance_id: str | None = None
+    idempotency_key: str | None = None
+    output: str = ""
+    output_tokens: int = 0
+    first_token_at: float | None = None
+    finished_at: float | None = None
+    finish_reason: str = ""
+    error: str = ""
+
+
+_COLUMNS: Final = (
+    "request_id",
+    "tenant",
+    "spec",
+    "accepted_at",
+    "state",
+    "attempt",
+    "instance_id",
+    "idempotency_key",
+    "output",
+    "output_tokens",
+    "first_token_at",
+    "finished_at",
+    "finish_reason",
+    "error",
+)
+_STATE_LIST: Final = ", ".join(f"'{s}'" for s in sorted(STATES))
+_TERMINAL_LIST: Final = ", ".join(f"'{s}'" for s in sorted(TERMINAL))
+
+# seq (the rowid) keeps insertion order, the tie-break of recovery; rows are never deleted, so it only
+# grows. The UNIQUE index is partial: requests without an idempotency key never collide.
+_SCHEMA: Final = (
+    f"""CREATE TABLE jobs (
+        seq INTEGER PRIMARY KEY,
+        request_id TEXT NOT NULL UNIQUE,
+        tenant TEXT NOT NULL,
+        spec TEXT NOT NULL,
+        accepted_at REAL NOT NULL,
+        state TEXT NOT NULL CHECK (state IN ({_STATE_LIST})),
+        attempt INTEGER NOT NULL,
+        instance_id TEXT,
+        idempotency_key TEXT,
+        output TEXT NOT NULL,
+        output_tokens INTEGER NOT NULL,
+        first_token_at REAL,
+        finished_at REAL,
+        finish_reason TEXT NOT NULL,
+        error TEXT NOT NULL
+    )""",
+    "CREATE INDEX jobs_state ON jobs (state)",
+    "CREATE UNIQUE INDEX jobs_idempotency ON jobs (tenant, idempotency_key)"
+    " WHERE idempotency_key IS NOT NULL",
+)
+_SELECT: Final = f"SELECT {', '.join(_COLUMNS)} FROM jobs"
+_INSERT: Final = f"INSERT INTO jobs ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))})"
+_LIVE: Final = f"state NOT IN ({_TERMINAL_LIST})"
+_DISPATCHED: Final = (
+    f"UPDATE jobs SET state = 'dispatched', attempt = ?, instance_id = ? WHERE request_id = ? AND {_LIVE}"
+)
+_REQUEUED: Final = f"UPDATE jobs SET state = 'queued', instance_id = NULL WHERE request_id = ? AND {_LIVE}"
+_FINISHED: Final = (
+    "UPDATE jobs SET state = ?, output = ?, output_tokens = ?, first_token_at = ?, finished_at = ?,"
+    f" finish_reason = ?, error = ? WHERE request_id = ? AND {_LIVE}"
+)
+
+
+class _SyncWaiter:
+    """What a thread that is not an event loop waits on (:meth:`Journal.close_sync`)."""
+
+    __slots__ = ("_done", "error")
+
+    def __init__(self) -> None:
+        self._done = threading.Event()
+        self.error: BaseException | None = None
+
+    def settle(self, error: BaseException | None) -> None:
+        if not self._done.is_set():
+            self.error = error
+            self._done.set()
+
+    def wait(self) -> BaseException | None:
+        self._done.wait()
+        return self.error
+
+
+class _Op(NamedTuple):
+    kind: str  # accept | dispatched | requeued | finished | flush | stop
+    sql: str | None  # None: a marker, nothing to write
+    params: tuple[Any, ...]
+    waiter: asyncio.Future[None] | _SyncWaiter | None
+
+
+def _settle(items: list[tuple[asyncio.Future[None], BaseException | None]]) -> None:
+    """Runs on the waiters' event loop: one call per loop and batch, not one per waiter."""
+    for fut, error in items:
+        if fut.done():  # the caller was cancelled; its write went ahead regardless
+            continue
+        if error is None:
+            fut.set_result(None)
+        else:
+            fut.set_exception(error)
+
+
+class Journal:
+    """The durable queue of accepted requests (module docstring). Writes are applied in call order."""
+
+    def __init__(
+        self, path: str | os.PathLike[str], *, synchronous: str = "normal", batch_max: int = 512
+    ) -> None:
+        if synchronous not in _SYNCHRONOUS:
+            raise ValueError(f"synchronous must be one of {sorted(_SYNCHRONOUS)}, not {synchronous!r}")
+        if batch_max < 1:
+            raise ValueError(f"batch_max must be at least 1, not {batch_max}")
+        name = os.fspath(path)
+        if name in ("", ":memory:"):
+            raise JournalError(f"the journal needs a file path, not {name!r}: the point is durability")
+        self.path = Path(name)
+        self.synchronous = synchronous
+        self._batch_max = batch_max
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise JournalError(f"cannot create the journal's directory {self.path.parent}: {exc}") from exc
+        self._writer = self._open_writer(_SYNCHRONOUS[synchronous])
+        try:
+            self._reader: sqlite3.Connection | None = self._connect()
+        except BaseException:
+            self._writer.close()
+            raise
+        self._read_lock = threading.Lock()
+        # Guards the closed flag together with the enqueue, so that nothing is queued behind the stop marker.
+        self._lock = threading.Lock()
+        self._closing = False
+        self._queue: queue.SimpleQueue[_Op] = queue.SimpleQueue()
+        # Held while a batch is collected and committed; tests hold it to line several writes up in one batch.
+        self._batch_lock = threading.Lock()
+        self._batches = 0
+        self._largest_batch = 0
+        self._thread = threading.Thread(
+            target=self._run, name=f"journal-writer:{self.path.name}", daemon=True
+        )
+        self._thread.start()
+
+    # -- opening -------------------------------------------------------------------------------------
+
+    def _connect(self) -> sqlite3.Connection:
+        try:
+            # Autocommit (isolation_level=None): the writer issues BEGIN/COMMIT itself. Both connections are
+            # used from threads other than the one that opened them, each behind its own serialisation.
+            return sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=10.0)
+        except sqlite3.Error as exc:
+            raise JournalError(f"cannot open the journal {self.path}: {exc}") from exc
+
+    def _open_writer(self, synchronous: str) -> sqlite3.Connection:
+        conn = self._connect()
+        try:
+            self._prepare(conn, synchronous)
+        except sqlite3.DatabaseError as exc:
+            conn.close()
+            raise JournalError(f"{self.path} is not a usable journal database: {exc}") from exc
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    def _prepare(self, conn: sqlite3.Connection, synchronous: str) -> None:
+        # Reading the header first: a file that is not SQLite fails here ("file is not a database").
+        version = int(conn.execute("PRAGMA user_version").fetchone()[0])
+        if version > SCHEMA_VERSION:
+            raise JournalError(
+                f"{self.path} has journal schema version {version}, newer than this version of qlm-plugin "
+                f"understands ({SCHEMA_VERSION}); refusing to open it"
+            )
+        if version == 0 and conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]:
+            raise JournalError(f"{self.path} is a SQLite database but not a journal (no schema version)")
+        mode = str(conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]).lower()
+        if mode != "wal":
+            raise JournalError(f"{self.path}: cannot switch to WAL mode (journal_mode is {mode!r})")
+        # In WAL mode NORMAL survives a crash of the process (a power loss may take the last commits);
+        # FULL also fsyncs the WAL on every commit.
+        conn.execute(f"PRAGMA synchronous = {synchronous}")
+        if version == 0:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                for statement in _SCHEMA:
+                    conn.execute(statement)
+                conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+
+    # -- writes (event-loop and caller side) -----------------------------------------------------------
+
+    def _enqueue(self, op: _Op) -> None:
+        with self._lock:
+            if self._closing:
+                raise JournalError(f"the journal {self.path} is closed")
+            self._queue.put(op)
+
+    async def accept(self, rec: JobRecord) -> None:
+        """Write a new record; it is committed when this returns. A duplicate ``request_id``, or a
+        duplicate ``(tenant, idempotency_key)`` with a key, raises :class:`JournalError`. If the caller
+        is cancelled while waiting, the record may still be committed."""
+        if rec.state not in STATES:
+            raise ValueError(f"state must be one of {sorted(STATES)}, not {rec.state!r}")
+        # Encoded here, so that a spec that is not JSON-able fails in the caller (TypeError).
+        spec = json.dumps(rec.spec, separators=(",", ":"))
+        params = (
+            rec.request_id,
+            rec.tenant,
+            spec,
+            rec.accepted_at,
+            rec.state,
+            rec.attempt,
+            rec.instance_id,
+            rec.idempotency_key,
+            rec.output,
+            rec.output_tokens,
+            rec.first_token_at,
+            rec.finished_at,
+            rec.finish_reason,
+            rec.error,
+        )
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._enqueue(_Op("accept", _INSERT, params, fut))
+        await fut
+
+    def dispatched(self, request_id: str, attempt: int, instance_id: str) -> None:
+        """Queue: the request went to ``instance_id`` (its ``attempt``-th dispatch)."""
+        self._enqueue(_Op("dispatched", _DISPATCHED, (attempt, instance_id, request_id), None))
+
+    def requeued(self, request_id: str) -> None:
+        """Queue: the request is back in the queue, on no instance (its attempt count is kept)."""
+        self._enqueue(_Op("requeued", _REQUEUED, (request_id,), None))
+
+    def finished(
+        self,
+        request_id: str,
+        *,
+        state: str,
+        output: str,
+        output_tokens: int,
+        first_token_at: float | None,
+        finished_at: float,
+        finish_reason: str = "",
+        error: str = "",
+    ) -> None:
+        """Queue: the request ended in ``state`` (one of :data:`TERMINAL`)."""
+        if state not in TERMINAL:
+            raise ValueError(f"finished() needs a terminal state, one of {sorted(TERMINAL)}, not {state!r}")
+        params = (state, output, output_tokens, first_token_at, finished_at, finish_reason, error, request_id)
+        self._enqueue(_Op("finished", _FINISHED, params, None))
+
+    async def flush(self) -> None:
+        """Return once every write queued before the call is committed."""
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._enqueue(_Op("flush", None, (), fut))
+        await fut
+
+    # -- the writer thread -----------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        batch: list[_Op] = []
+        try:
+            while True:
+                first = self._queue.get()
+                with self._batch_lock:
+                    batch = [first]
+                    while len(batch) < self._batch_max:
+                        try:
+                            batch.append(self._queue.get_nowait())
+                        except queue.Empty:
+                            break
+                    self._batches += 1
+                    self._largest_batch = max(self._largest_batch, len(batch))
+                    if self._commit(batch):
+                        return
+        except BaseException as exc:  # a bug: fail every waiter rather than leave one hanging forever
+            log.exception("journal %s: the writer thread died", self.path)
+            with self._lock:
+                self._closing = True
+            error = JournalError(f"the journal {self.path} failed: {exc!r}")
+            while True:
+                try:
+                    batch.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            self._settle_batch(batch, {}, error)
+            with suppress(sqlite3.Error):
+                self._writer.close()
+
+    def _commit(self, batch: list[_Op]) -> bool:
+        """Run one batch in one transaction and resolve its waiters; True when it held the stop marker.
+
+        A failing write fails only its own waiter. Every write is a single SQL statement, and SQLite's
+        default conflict resolution (ABORT) backs out just the failing statement and keeps the transaction
+        open, which is what a SAVEPOINT per write would give, without its two extra statements. Any other
+        error (disk full, I/O) rolls the whole batch back and fails all of it.
+        """
+        conn = self._writer
+        errors: dict[int, BaseException] = {}
+        batch_error: BaseException | None = None
+        stop = any(op.kind == "stop" for op in batch)
+        writes = sum(op.sql is not None for op in batch)
+        try:
+            if writes:
+                conn.execute("BEGIN IMMEDIATE")
+                for i, op in enumerate(batch):
+                    if op.sql is None:
+                        continue
+                    try:
+                        cursor = conn.execute(op.sql, op.params)
+                    except sqlite3.IntegrityError as exc:
+                        if not conn.in_transaction:  # not a plain statement abort: fail the batch
+                            raise
+                        errors[i] = self._integrity_error(op, exc)
+                        if op.waiter is None:
+                            log.error("journal %s: %s dropped: %s", self.path, op.kind, errors[i])
+                    else:
+                        if op.waiter is None and cursor.rowcount == 0:
+                            # A transition for a terminal record (a report after a cancel) or an unknown id.
+                            log.debug("journal %s: %s ignored for %r", self.path, op.kind, op.params[-1])
+                conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            if conn.in_transaction:
+                with suppress(sqlite3.Error):
+                    conn.execute("ROLLBACK")
+            unawaited = sum(op.sql is not None and op.waiter is None for op in batch)
+            log.error(
+                "journal %s: a batch of %d writes was not committed (%d unawaited, lost): %s",
+                self.path,
+                writes,
+                unawaited,
+                exc,
+            )
+            batch_error = JournalError(f"the journal {self.path} could not commit: {exc}")
+        if stop:
+            with suppress(sqlite3.Error):
+                self._writer.close()
+        self._settle_batch(batch, errors, batch_error)
+        return stop
+
+    @staticmethod
+    def _integrity_error(op: _Op, exc: sqlite3.IntegrityError) -> JournalError:
+        if op.kind == "accept":
+            request_id, tenant, key = op.params[0], op.params[1], op.params[7]
+            if "idempotency_key" in str(exc):
+                return JournalError(f"duplicate idempotency key {key!r} for tenant {tenant!r}")
+            if "request_id" in str(exc):
+                return JournalError(f"duplicate request id {request_id!r}")
+        return JournalError(f"{op.kind} refused: {exc}")
+
+    @staticmethod
+    def _settle_batch(
+        batch: list[_Op], errors: dict[int, BaseException], batch_error: BaseException | None
+    ) -> None:
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[None], BaseException | None]]] = {}
+        for i, op in enumerate(batch):
+            waiter = op.waiter
+            if waiter is None:
+                continue
+            error = batch_error if batch_error is not None else errors.get(i)
+            if isinstance(waiter, _SyncWaiter):
+                waiter.settle(error)
+            else:
+                by_loop.setdefault(waiter.get_loop(), []).append((waiter, error))
+        for loop, items in by_loop.items():
+            with suppress(RuntimeError):  # the loop is closed: nobody is left waiting on it
+                loop.call_soon_threadsafe(_settle, items)
+
+    # -- reads (synchronous, committed data) -------------------------------------------------------------
+
+    @contextmanager
+    def _read(self) -> Iterator[sqlite3.Connection]:
+        with self._read_lock:
+            if self._reader is None:
+                raise JournalError(f"the journal {self.path} is closed")
+            yield self._reader
+
+    @staticmethod
+    def _record(row: tuple[Any, ...]) -> JobRecord:
+        return JobRecord(row[0], row[1], json.loads(row[2]), *row[3:])
+
+    def recover(self) -> list[JobRecord]:
+        """Every record that is not terminal, by ``accepted_at`` then insertion order. For start-up: it
+        reads committed data, so writes queued by this journal must be flushed first."""
+        with self._read() as conn:
+            rows = conn.execute(f"{_SELECT} WHERE {_LIVE} ORDER BY accepted_at, seq").fetchall()
+        return [self._record(row) for row in rows]
+
+    def get(self, request_id: str) -> JobRecord | None:
+        """The committed record of ``request_id``, or None."""
+        with self._read() as conn:
+            row = conn.execute(f"{_SELECT} WHERE request_id = ?", (request_id,)).fetchone()
+        return None if row is None else self._record(row)
+
+    def find_idempotent(self, tenant: str, key: str) -> str | None:
+        """The request id of the committed request of ``tenant`` with idempotency key ``key``, or None."""
+        with self._read() as conn:
+            row = conn.execute(
+                "SELECT request_id FROM jobs WHERE tenant = ? AND idempotency_key = ?", (tenant, key)
+            ).fetchone()
+        return None if row is None else str(row[0])
+
+    def counts(self) -> dict[str, int]:
+        """Committed records per state; every state is present, with 0 when it has none."""
+        with self._read() as conn:
+            rows = conn.execute("SELECT state, count(*) FROM jobs GROUP BY state").fetchall()
+        out = dict.fromkeys(sorted(STATES), 0)
+        out.update({str(state): int(n) for state, n in rows})
+        return out
+
+    # -- closing -------------------------------------------------------------------------------------------
+
+    def _begin_close(self, waiter: asyncio.Future[None] | _SyncWaiter) -> bool:
+        with self._lock:
+            if self._closing:
+                return False
+            self._closing = True
+            self._queue.put(_Op("stop", None, (), waiter))
+            return True
+
+    def _finish_close(self) -> None:
+        self._thread.join()
+        with self._read_lock:
+            if self._reader is not None:
+                self._reader.close()
+                self._reader = None
+
+    async def close(self) -> None:
+        """Commit every queued write, stop the writer thread, close both connections. Idempotent."""
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        try:
+            if self._begin_close(fut):
+                await fut
+            else:  # closed already, or another close is in flight
+                await asyncio.to_thread(self._thread.join)
+        finally:
+            # The writer resolves the stop marker as its last act, so this join is at once.
+            self._finish_close()
+
+    def close_sync(self) -> None:
+        """:meth:`close` for callers without an event loop (atexit, tests). Idempotent."""
+        waiter = _SyncWaiter()
+        error = waiter.wait() if self._begin_close(waiter) else None
+        self._finish_close()
+        if error is not None:
+            raise error

@@ -1,0 +1,177 @@
+"""``qlm loadtest``: the coordinator's submit throughput and the front door's added latency,
+measured against a real ``qlm serve`` process on loopback (this process is only the client).
+
+* **Submit throughput**: requests submitted over gRPC as fast as the coordinator takes them, in
+  batches (``SubmitBatch``) and one call per request (``Submit``); every one journaled and queued
+  before it is acknowledged.
+* **Front-door added latency**: open-loop Poisson arrivals at ``--rate`` of one-token completions
+  through the HTTP front door, with simulated engines running ``--speed`` times faster than real
+  time, so the engine's own time is microseconds and what is left is the serving system's
+  overhead (HTTP, queueing decision, journal, dispatch over gRPC, the instance's report back).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+MODEL = "llama-3.1-8b"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Served:
+    http_url: str
+    grpc_target: str
+    process: subprocess.Popen[bytes]
+
+
+@contextmanager
+def serve_process(*, instances: int = 2, speed: float = 1000.0, policy: str = "qlm", timeout_s: float = 60.0) -> Iterator[Served]:
+    """``qlm serve`` in a child process on free ports with a fresh journal; waits for /health."""
+    import urllib.request
+
+    with tempfile.TemporaryDirectory() as tmp:
+        http, grpc_port = free_port(), free_port()
+        cmd = [sys.executable, "-m", "qlm_plugin.cli", "serve", "--http-port", str(http), "--grpc-port", str(grpc_port),
+               "--instances", str(instances), "--speed", str(speed), "--policy", policy,
+               "--journal", str(Path(tmp) / "journal.db")]  # fmt: skip
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        try:
+            deadline = time.monotonic() + timeout_s
+            while True:
+                if proc.poll() is not None:
+                    raise RuntimeError(f"qlm serve exited with {proc.returncode}")
+                try:
+                    with urllib.request.urlopen(f"http://127.0.0.1:{http}/health", timeout=1) as r:
+                        if r.status == 200:
+                            break
+                except OSError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise RuntimeError("qlm serve did not become healthy")
+                time.sleep(0.1)
+            yield Served(f"http://127.0.0.1:{http}", f"127.0.0.1:{grpc_port}", proc)
+        finally:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+
+def _spec(i: int) -> Any:
+    from qlm_plugin.proto.qlm.v1 import qlm_pb2 as pb
+
+    return pb.RequestSpec(model=MODEL, prompt="x" * 400, max_tokens=32, slo=pb.SLO(slo_class="batch"))
+
+
+async def submit_throughput(target: str, n: int, *, batch: int, concurrency: int) -> dict[str, float]:
+    """Submit ``n`` requests, ``batch`` per call (1: unary Submit), ``concurrency`` calls in flight."""
+    from qlm_plugin.client import CoordinatorClient
+
+    async with CoordinatorClient(target, timeout_s=60) as client:
+        await client.submit(_spec(-1))  # warm the channel
+        sem = asyncio.Semaphore(concurrency)
+        accepted = 0
+
+        async def call(start: int) -> None:
+            nonlocal accepted
+            async with sem:
+                if batch == 1:
+                    replies = [await client.submit(_spec(start))]
+                else:
+                    replies = await client.submit_batch([_spec(start + k) for k in range(batch)])
+                accepted += sum(r.accepted for r in replies)  # after the await: no lost update
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(call(i) for i in range(0, n, batch)))
+        dt = time.perf_counter() - t0
+    return {"requests": n, "accepted": accepted, "seconds": dt, "per_s": n / dt}
+
+
+async def front_door_latency(url: str, *, rate: float, duration_s: float, seed: int = 0) -> dict[str, float]:
+    """Open-loop one-token completions at ``rate`` per second; latency percentiles in ms."""
+    import aiohttp
+
+    rng = random.Random(seed)
+    lat: list[float] = []
+    errors = 0
+    conn = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(connector=conn) as http:
+        body = {"model": MODEL, "prompt": "hello", "max_tokens": 1, "qlm": {"class": "interactive"}}
+        for _ in range(20):  # warm up connections and the coordinator's estimators
+            async with http.post(f"{url}/v1/completions", json=body) as r:
+                await r.read()
+
+        async def one() -> None:
+            nonlocal errors
+            t = time.perf_counter()
+            async with http.post(f"{url}/v1/completions", json=body) as r:
+                await r.read()
+                if r.status != 200:
+                    errors += 1
+                    return
+            lat.append((time.perf_counter() - t) * 1000)
+
+        tasks = []
+        start = time.perf_counter()
+        t_next = start
+        while t_next - start < duration_s:
+            t_next += rng.expovariate(rate)
+            delay = t_next - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.create_task(one()))
+        await asyncio.gather(*tasks)
+        elapsed = time.perf_counter() - start
+    lat.sort()
+    q = statistics.quantiles(lat, n=100) if len(lat) >= 2 else [float("nan")] * 99
+    return {
+        "rate": rate,
+        "achieved_rate": len(tasks) / elapsed,
+        "requests": len(tasks),
+        "errors": errors,
+        "p50_ms": q[49],
+        "p90_ms": q[89],
+        "p99_ms": q[98],
+        "max_ms": lat[-1] if lat else float("nan"),
+    }
+
+
+def run(*, n: int = 5000, rate: float = 1000.0, duration_s: float = 10.0, instances: int = 2) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    # Real time for the throughput tests: the queue manager's estimates work on realistic engines.
+    with serve_process(instances=instances, speed=1.0) as served:
+        out["submit_batch"] = asyncio.run(submit_throughput(served.grpc_target, n, batch=100, concurrency=4))
+    with serve_process(instances=instances, speed=1.0) as served:
+        out["submit_unary"] = asyncio.run(submit_throughput(served.grpc_target, n // 5, batch=1, concurrency=64))
+    with serve_process(instances=instances) as served:
+        out["front_door"] = asyncio.run(front_door_latency(served.http_url, rate=rate, duration_s=duration_s))
+    return out
+
+
+def main(args: Any) -> int:
+    result = run(n=args.requests, rate=args.rate, duration_s=args.duration, instances=args.instances)
+    print(json.dumps(result, indent=2))
+    return 0

@@ -1,0 +1,222 @@
+"""Instances connected over gRPC, seen by the policy plugins as one backend.
+
+Each registered instance has a :class:`Session`: its last state report, the work handed to it and
+not finished, and the two outboxes its streams drain (assignments for the pull stream, serving
+operations for the command stream). :class:`RemoteFleet` answers the backend hooks for those
+instances, so the queue manager drives remote engines exactly as it drives simulated ones.
+Not thread-safe: one event loop owns it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+
+from qlm_plugin.core import KV_BLOCKS_PER_REQUEST
+from qlm_plugin.hooks import hookimpl
+from qlm_plugin.proto.qlm.v1 import qlm_pb2 as pb
+from qlm_plugin.request import Request
+from qlm_plugin.state import EvictMode, EvictResult, InstanceInfo, InstanceState, LoadResult, StepTiming
+
+
+@dataclass(slots=True)
+class PendingCommand:
+    op: str
+    request_id: str | None
+    model: str | None
+    sent_at: float
+
+
+@dataclass(eq=False, slots=True)
+class Session:
+    """One registration of one instance (a reconnect makes a new session)."""
+
+    instance_id: str
+    backend: str
+    gpu: str
+    capabilities: frozenset[str]
+    endpoint: str
+    id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    report: InstanceState | None = None
+    last_seen: float = field(default_factory=time.monotonic)
+    assigned: dict[str, int] = field(default_factory=dict)  # request id -> attempt, not finished
+    assignments: asyncio.Queue[pb.Assignment | None] = field(default_factory=asyncio.Queue)
+    commands: asyncio.Queue[pb.Command | None] = field(default_factory=asyncio.Queue)
+    pending: dict[str, PendingCommand] = field(default_factory=dict)
+    pending_aborts: set[str] = field(default_factory=set)  # stale requests it was told to drop
+    sent: int = 0  # assignments put on the pull stream
+    received: int = 0  # assignments the instance said it had received (in its last credit)
+    pull_open: bool = False
+    alive: bool = True
+
+    def info(self) -> InstanceInfo:
+        return InstanceInfo(self.instance_id, self.backend, self.gpu, self.capabilities)
+
+    def in_transit(self) -> int:
+        return max(0, self.sent - self.received)
+
+    def close(self) -> None:
+        self.alive = False
+        self.assignments.put_nowait(None)
+        self.commands.put_nowait(None)
+
+
+def state_from_report(
+    msg: pb.StateReport, instance_id: str, backend: str, caps: frozenset[str]
+) -> InstanceState:
+    return InstanceState(
+        instance_id=instance_id,
+        backend=backend,
+        now=msg.now or time.time(),
+        models_loaded=tuple(msg.models_loaded),
+        models_warm=tuple(msg.models_warm),
+        loading_model=msg.loading_model or None,
+        num_running=msg.num_running,
+        num_waiting=msg.num_waiting,
+        num_swapped=msg.num_swapped,
+        queued_tokens=msg.queued_tokens,
+        kv_blocks_used=msg.kv_blocks_used,
+        kv_blocks_total=msg.kv_blocks_total,
+        max_num_seqs=msg.max_num_seqs,
+        capabilities=caps,
+        step_timings=tuple(
+            StepTiming(s.start, s.duration_s, s.prefill_tokens, s.decode_tokens, s.batch_size)
+            for s in msg.step_timings
+        ),
+        running_ids=tuple(msg.running_ids),
+        waiting_ids=tuple(msg.waiting_ids),
+        swapped_ids=tuple(msg.swapped_ids),
+        notes=tuple(msg.notes),
+        num_waiting_urgent=msg.num_waiting_urgent,
+    )
+
+
+class RemoteFleet:
+    """Backend hooks for the instances connected to this coordinator.
+
+    ``dispatch(session, request)`` is the coordinator's: it journals the dispatch and puts the
+    assignment on the session's pull stream (False when it cannot).
+    """
+
+    name = "remote"
+
+    def __init__(self, dispatch: Callable[[Session, Request], bool]) -> None:
+        self.sessions: dict[str, Session] = {}  # instance id -> its live session
+        self._dispatch = dispatch
+        self._command_ids = itertools.count(1)
+        self.on_command: Callable[[Session, str, pb.Command, PendingCommand], None] | None = None
+
+    def live(self, instance_id: str) -> Session | None:
+        s = self.sessions.get(instance_id)
+        return s if s is not None and s.alive else None
+
+    # ------------------------------------------------------------------ backend hooks
+    @hookimpl
+    def qlm_list_instances(self) -> list[InstanceInfo]:
+        return [s.info() for s in self.sessions.values() if s.alive]
+
+    @hookimpl
+    def qlm_instance_state(self, instance_id: str, detail: bool) -> InstanceState | None:
+        s = self.live(instance_id)
+        if s is None:
+            return None
+        rep = s.report
+        if rep is None:
+            return InstanceState(
+                instance_id, s.backend, time.time(), (), (), None, 0, 0, 0, 0, 0, 0, 0, healthy=False
+            )
+        # Work handed over since the report was made waits in the engine's queue: count it there,
+        # so the planner does not hand the same room out twice.
+        held = rep.num_running + rep.num_waiting + rep.num_swapped
+        extra = max(0, len(s.assigned) - held)
+        if extra:
+            rep = replace(
+                rep,
+                num_waiting=rep.num_waiting + extra,
+                kv_blocks_used=min(rep.kv_blocks_total, rep.kv_blocks_used + extra * KV_BLOCKS_PER_REQUEST),
+            )
+        if not detail and (rep.step_timings or rep.running_ids):
+            rep = replace(rep, step_timings=(), running_ids=(), waiting_ids=(), swapped_ids=())
+        return rep
+
+    @hookimpl
+    def qlm_dispatch(self, instance_id: str, request: Request) -> bool | None:
+        s = self.sessions.get(instance_id)
+        if s is None:
+            return None
+        return s.alive and s.pull_open and self._dispatch(s, request)
+
+    def command(
+        self, s: Session, op: str, request_id: str | None = None, model: str | None = None, **kw: object
+    ) -> str:
+        cid = f"c{next(self._command_ids)}"
+        if op == "evict":
+            cmd = pb.Command(command_id=cid, evict=pb.Evict(request_id=request_id, mode=str(kw["mode"])))
+        elif op == "swap_in":
+            cmd = pb.Command(command_id=cid, swap_in=pb.SwapIn(request_id=request_id))
+        elif op == "load_model":
+            cmd = pb.Command(command_id=cid, load_model=pb.LoadModel(model=model, target=str(kw["target"])))
+        elif op == "unload_model":
+            cmd = pb.Command(
+                command_id=cid, unload_model=pb.UnloadModel(model=model, keep_warm=bool(kw["keep_warm"]))
+            )
+        elif op == "abort":
+            cmd = pb.Command(
+                command_id=cid, abort=pb.Abort(request_id=request_id, attempt=int(kw["attempt"]))
+            )  # type: ignore[call-overload]
+        else:
+            raise ValueError(f"unknown serving operation {op!r}")
+        pending = s.pending[cid] = PendingCommand(op, request_id, model, time.time())
+        s.commands.put_nowait(cmd)
+        if self.on_command is not None:
+            self.on_command(s, cid, cmd, pending)
+        return cid
+
+    @hookimpl
+    def qlm_evict(self, instance_id: str, request_id: str, mode: EvictMode) -> EvictResult | None:
+        s = self.live(instance_id)
+        if s is None:
+            return None
+        if request_id not in s.assigned:
+            raise KeyError(f"request {request_id!r} is not on {instance_id}")
+        mode = EvictMode(mode)
+        if mode is EvictMode.SWAP and "swap" not in s.capabilities:
+            mode = EvictMode.RECOMPUTE
+        self.command(s, "evict", request_id, mode=mode.value)
+        # The engine reports what was really lost with the acknowledgement (and the EVICTED event).
+        return EvictResult(request_id, mode, 0)
+
+    @hookimpl
+    def qlm_swap_in(self, instance_id: str, request_id: str) -> bool | None:
+        s = self.live(instance_id)
+        if s is None:
+            return None
+        if request_id not in s.assigned:
+            return False
+        self.command(s, "swap_in", request_id)
+        return True
+
+    @hookimpl
+    def qlm_load_model(self, instance_id: str, model: str, target: str) -> LoadResult | None:
+        s = self.live(instance_id)
+        if s is None:
+            return None
+        if target not in ("gpu", "host"):
+            raise ValueError(f"target must be 'gpu' or 'host', got {target!r}")
+        self.command(s, "load_model", model=model, target=target)
+        warm = s.report is not None and model in s.report.models_warm
+        return LoadResult(instance_id, model, warm, time.time())
+
+    @hookimpl
+    def qlm_unload_model(self, instance_id: str, model: str, keep_warm: bool) -> bool | None:
+        s = self.live(instance_id)
+        if s is None:
+            return None
+        if s.report is None or model not in s.report.models_loaded:
+            return False
+        self.command(s, "unload_model", model=model, keep_warm=keep_warm)
+        return True

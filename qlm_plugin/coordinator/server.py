@@ -1,0 +1,135 @@
+"""Start and stop the coordinator: gRPC (with health and reflection) and HTTP servers around one
+:class:`Coordinator`, and the graceful drain on SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Callable
+from typing import Any
+
+import grpc
+from aiohttp import web
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from qlm_plugin.coordinator.auth import Authenticator, check_bind, grpc_server_credentials, http_ssl_context
+from qlm_plugin.coordinator.config import CoordinatorConfig
+from qlm_plugin.coordinator.coordinator import Coordinator
+from qlm_plugin.coordinator.grpc_api import AdminService, AuthInterceptor, InstancesService, RequestsService
+from qlm_plugin.coordinator.http_api import FrontDoor, make_runner
+from qlm_plugin.coordinator.journal import Journal
+from qlm_plugin.proto.qlm.v1 import qlm_pb2 as pb
+from qlm_plugin.proto.qlm.v1 import qlm_pb2_grpc as pb_grpc
+from qlm_plugin.scenario import Scenario, load_scenario
+from qlm_plugin.telemetry import Telemetry
+
+log = logging.getLogger("qlm_plugin.coordinator")
+
+SERVICES = ("qlm.v1.Requests", "qlm.v1.Instances", "qlm.v1.Admin")
+#: gRPC keepalive: a dead peer is noticed within seconds even on an idle stream.
+GRPC_OPTIONS = [
+    ("grpc.keepalive_time_ms", 10_000),
+    ("grpc.keepalive_timeout_ms", 5_000),
+    ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+]
+
+
+class CoordinatorServer:
+    """One coordinator with its servers. ``start`` binds (port 0 picks a free port: see
+    ``grpc_port`` and ``http_port``); ``stop`` drains."""
+
+    def __init__(
+        self,
+        cfg: CoordinatorConfig,
+        scenario: Scenario | None = None,
+        *,
+        telemetry: Telemetry | None = None,
+        env: dict[str, str] | None = None,
+        warn: Callable[[str], Any] = log.warning,
+    ) -> None:
+        self.cfg = cfg
+        self.scenario = scenario or load_scenario(cfg.scenario)
+        self.auth = Authenticator.from_config(cfg, env)
+        check_bind(cfg, self.auth, warn)
+        self._telemetry = telemetry
+        self.coordinator: Coordinator | None = None
+        self.grpc_port = 0
+        self.http_port = 0
+        self._grpc: Any = None
+        self._runner: web.AppRunner | None = None
+        self._health: Any = None
+        self.stopped = asyncio.Event()
+
+    async def start(self) -> None:
+        cfg = self.cfg
+        journal = Journal(cfg.journal.path, synchronous=cfg.journal.synchronous)
+        coord = self.coordinator = Coordinator(cfg, self.scenario, journal, self._telemetry)
+        if self._telemetry is None:
+            coord.telemetry = Telemetry(queue_depth=coord.queue_depth)
+        await coord.start()
+        server = self._grpc = grpc.aio.server(interceptors=[AuthInterceptor(self.auth)], options=GRPC_OPTIONS)
+        pb_grpc.add_RequestsServicer_to_server(RequestsService(coord, self.auth), server)
+        pb_grpc.add_InstancesServicer_to_server(InstancesService(coord), server)
+        pb_grpc.add_AdminServicer_to_server(AdminService(coord), server)
+        self._health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        names = [pb.DESCRIPTOR.services_by_name[s.split(".")[-1]].full_name for s in SERVICES]
+        reflection.enable_server_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+        address = f"{cfg.grpc.host}:{cfg.grpc.port}"
+        creds = grpc_server_credentials(cfg)
+        self.grpc_port = (
+            server.add_secure_port(address, creds) if creds else server.add_insecure_port(address)
+        )
+        if not self.grpc_port:
+            raise OSError(f"cannot bind gRPC to {address}")
+        await server.start()
+        for name in ("", *SERVICES):
+            await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        front = FrontDoor(coord, self.auth, metrics_public=cfg.metrics_public or not self.auth.enabled)
+        self._runner = make_runner(front)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, cfg.http.host, cfg.http.port, ssl_context=http_ssl_context(cfg))
+        await site.start()
+        self.http_port = self._runner.addresses[0][1]
+        log.info(
+            "coordinator ready: HTTP %s:%d, gRPC %s:%d, policy %s, journal %s",
+            cfg.http.host, self.http_port, cfg.grpc.host, self.grpc_port, cfg.policy, cfg.journal.path,
+        )  # fmt: skip
+
+    async def stop(self, drain_timeout_s: float | None = None) -> dict[str, int]:
+        """Graceful drain: health NOT_SERVING, refuse new work, let dispatched requests finish (or
+        leave them journaled for the next start), flush the journal, close the servers."""
+        left: dict[str, int] = {}
+        if self._health is not None:
+            await self._health.enter_graceful_shutdown()
+        if self.coordinator is not None:
+            left = await self.coordinator.drain(drain_timeout_s)
+        if self._runner is not None:
+            await self._runner.cleanup()
+        if self._grpc is not None:
+            await self._grpc.stop(grace=2.0)
+        if self.coordinator is not None:
+            await self.coordinator.journal.close()
+        self.stopped.set()
+        log.info("coordinator stopped: %s left in the journal", left or "nothing")
+        return left
+
+
+async def serve_until_signal(
+    server: CoordinatorServer, on_ready: Callable[[], Any] | None = None
+) -> dict[str, int]:
+    """Run until SIGTERM or SIGINT, then drain."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await server.start()
+    if on_ready is not None:
+        on_ready()
+    await stop.wait()
+    log.info("signal received: draining")
+    return await server.stop()

@@ -1,0 +1,133 @@
+"""A whole serving system in one event loop, for tests and examples: a coordinator on loopback
+(real gRPC and HTTP servers, a real SQLite journal) and simulated instances connected to it
+over gRPC by their agents, exactly as separate processes would be."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from qlm_plugin.adapters.sim.engine import SimInstance
+from qlm_plugin.adapters.sim.process import SimEngineLink
+from qlm_plugin.adapters.sim.realtime import RealtimeSim
+from qlm_plugin.agent import AgentSettings, InstanceAgent
+from qlm_plugin.coordinator.config import CoordinatorConfig, Listen
+from qlm_plugin.coordinator.coordinator import Coordinator
+from qlm_plugin.coordinator.server import CoordinatorServer
+from qlm_plugin.scenario import Scenario, load_scenario
+from qlm_plugin.telemetry import Telemetry
+
+
+@dataclass
+class LocalInstance:
+    link: SimEngineLink
+    agent: InstanceAgent
+    stop: asyncio.Event
+    task: asyncio.Task[None]
+
+    async def shutdown(self) -> None:
+        self.stop.set()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self.task
+
+
+@dataclass
+class LocalStack:
+    server: CoordinatorServer
+    sim: RealtimeSim
+    settings: AgentSettings
+    instances: dict[str, LocalInstance] = field(default_factory=dict)
+
+    @property
+    def coordinator(self) -> Coordinator:
+        assert self.server.coordinator is not None
+        return self.server.coordinator
+
+    @property
+    def http_url(self) -> str:
+        return f"http://127.0.0.1:{self.server.http_port}"
+
+    @property
+    def grpc_target(self) -> str:
+        return f"127.0.0.1:{self.server.grpc_port}"
+
+    async def wait_registered(self, count: int, timeout_s: float = 10.0) -> None:
+        async def registered() -> None:
+            while len(self.coordinator.fleet.qlm_list_instances()) < count:
+                await asyncio.sleep(0.01)
+
+        await asyncio.wait_for(registered(), timeout_s)
+
+    async def crash(self, instance_id: str) -> None:
+        """The instance dies: its agent stops talking and its engine drops everything it held."""
+        inst = self.instances.pop(instance_id)
+        inst.task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await inst.task
+        for rid in list(inst.link.attempts):
+            inst.link.abort(rid)
+        inst.link.inst.healthy = False
+
+
+@contextlib.asynccontextmanager
+async def local_stack(
+    tmp: Path,
+    *,
+    instances: int = 2,
+    speed: float = 20.0,
+    config: Mapping[str, Any] | None = None,
+    scenario: Scenario | None = None,
+    env: dict[str, str] | None = None,
+    token: str | None = None,
+    telemetry: Telemetry | None = None,
+) -> AsyncIterator[LocalStack]:
+    """Start a coordinator on free loopback ports (journal in ``tmp``) and ``instances`` simulated
+    H100s of the scenario's first model, ``speed`` times faster than real time."""
+    scenario = scenario or load_scenario()
+    base: dict[str, Any] = {
+        "http": Listen(port=0),
+        "grpc": Listen(port=0),
+        "journal": {"path": str(tmp / "journal.db")},
+        "heartbeat_interval_s": 0.2,
+        "heartbeat_timeout_s": 2.0,
+        "recovery_grace_s": 0.5,
+        "drain_timeout_s": 5.0,
+    }
+    base.update(config or {})
+    cfg = CoordinatorConfig.model_validate(base)
+    server = CoordinatorServer(cfg, scenario, telemetry=telemetry, env=env or {}, warn=lambda _m: None)
+    await server.start()
+    group = scenario.instances[0]
+    costs = scenario.cost_models_for(group.gpu)
+    sims = [
+        SimInstance(f"sim-{i}", group.gpu, costs, initial_model=group.models[0], warm_models=tuple(group.models[1:]))
+        for i in range(instances)
+    ]
+    sim = RealtimeSim(sims, speed=speed, stream_interval_s=0.02)
+    sim.start()
+    settings = AgentSettings(f"127.0.0.1:{server.grpc_port}", token=token)
+    stack = LocalStack(server, sim, settings)
+    for inst in sims:
+        add_instance(stack, inst)
+    try:
+        await stack.wait_registered(instances)
+        yield stack
+    finally:
+        for li in list(stack.instances.values()):
+            await li.shutdown()
+        await sim.stop()
+        if not server.stopped.is_set():
+            await server.stop(drain_timeout_s=0)
+
+
+def add_instance(stack: LocalStack, inst: SimInstance) -> LocalInstance:
+    link = SimEngineLink(stack.sim, inst)
+    agent = link.agent = InstanceAgent(stack.settings, link)
+    stop = asyncio.Event()
+    li = LocalInstance(link, agent, stop, asyncio.get_running_loop().create_task(agent.run(stop)))
+    stack.instances[inst.instance_id] = li
+    return li

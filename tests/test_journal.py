@@ -1,0 +1,347 @@
+"""The coordinator's durable queue: roundtrips across reopen, transitions, duplicates in a batch, refusals,
+WAL, a SIGKILL after acknowledgement, and an event loop that keeps running while accepts commit."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import select
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from qlm_plugin.coordinator.journal import SCHEMA_VERSION, TERMINAL, JobRecord, Journal, JournalError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _rec(i: int, *, tenant: str = "t", key: str | None = None, at: float | None = None) -> JobRecord:
+    spec: dict[str, Any] = {"model": "m", "prompt": f"p{i}", "max_tokens": 16, "slo": {"ttft": 1.5}}
+    return JobRecord(f"r{i}", tenant, spec, float(i) if at is None else at, idempotency_key=key)
+
+
+@contextmanager
+def _journal(path: Path, **kw: Any) -> Iterator[Journal]:
+    j = Journal(path, **kw)
+    try:
+        yield j
+    finally:
+        j.close_sync()
+
+
+async def _accept_all(j: Journal, recs: list[JobRecord]) -> list[BaseException | None]:
+    return await asyncio.gather(*(j.accept(r) for r in recs), return_exceptions=True)
+
+
+async def _in_one_batch(j: Journal, recs: list[JobRecord]) -> list[BaseException | None]:
+    """Accept ``recs`` as a single batch: the writer waits on its batch lock until all are queued."""
+    with j._batch_lock:
+        tasks = [asyncio.ensure_future(j.accept(r)) for r in recs]
+        await asyncio.sleep(0)  # every task runs up to its await: all are queued
+    return await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def test_accept_then_recover_across_reopen(tmp_path: Path) -> None:
+    path = tmp_path / "sub" / "dir" / "journal.db"  # parent folders are created
+    # r2 and r3 share accepted_at: insertion order breaks the tie; r9 was accepted earliest.
+    recs = [_rec(1), _rec(3, at=2.0), _rec(2, key="k"), _rec(9, at=0.5)]
+    with _journal(path) as j:
+        assert all(r is None for r in asyncio.run(_accept_all(j, recs)))
+        assert j.get("r3") == recs[1]  # committed when accept returned: no flush needed
+    with _journal(path) as j:
+        assert j.recover() == [recs[3], recs[0], recs[1], recs[2]]
+        assert j.get("nope") is None
+
+
+def test_transitions_are_visible_after_flush_and_survive_reopen(tmp_path: Path) -> None:
+    path = tmp_path / "j.db"
+
+    async def run(j: Journal) -> None:
+        await _accept_all(j, [_rec(1), _rec(2), _rec(3)])
+        j.dispatched("r1", 1, "i0")
+        j.dispatched("r2", 1, "i1")
+        j.requeued("r2")
+        j.dispatched("r3", 1, "i0")
+        j.finished(
+            "r1",
+            state="finished",
+            output="hello",
+            output_tokens=2,
+            first_token_at=10.5,
+            finished_at=11.0,
+            finish_reason="stop",
+        )
+        await j.flush()
+
+    def check(j: Journal) -> None:
+        r1, r2, r3 = j.get("r1"), j.get("r2"), j.get("r3")
+        assert r1 is not None and r2 is not None and r3 is not None
+        assert (r1.state, r1.attempt, r1.instance_id, r1.output, r1.output_tokens) == (
+            "finished",
+            1,
+            "i0",
+            "hello",
+            2,
+        )
+        assert (r1.first_token_at, r1.finished_at, r1.finish_reason, r1.error) == (10.5, 11.0, "stop", "")
+        assert (r2.state, r2.attempt, r2.instance_id) == ("queued", 1, None)  # attempt kept
+        assert (r3.state, r3.attempt, r3.instance_id) == ("dispatched", 1, "i0")
+        assert [r.request_id for r in j.recover()] == ["r2", "r3"]
+
+    with _journal(path) as j:
+        asyncio.run(run(j))
+        check(j)
+    with _journal(path) as j:
+        check(j)
+
+
+def test_terminal_records_are_not_recovered_and_stay_final(tmp_path: Path) -> None:
+    path = tmp_path / "j.db"
+
+    async def run(j: Journal) -> None:
+        await _accept_all(j, [_rec(i) for i in range(5)])
+        for i, state in enumerate(sorted(TERMINAL)):
+            j.finished(f"r{i}", state=state, output="", output_tokens=0, first_token_at=None, finished_at=9.0)
+        j.finished("r0", state="failed", output="x", output_tokens=1, first_token_at=None, finished_at=9.5)
+        j.dispatched("r1", 2, "late")  # a report after a cancel: ignored
+        j.requeued("r2")
+        j.dispatched("r3", 1, "i0")
+        j.requeued("unknown")  # ignored too
+        await j.flush()
+
+    with _journal(path) as j:
+        asyncio.run(run(j))
+        assert j.counts() == {"cancelled": 1, "dispatched": 1, "failed": 1, "finished": 1, "queued": 1}
+    with _journal(path) as j:
+        assert [r.request_id for r in j.recover()] == ["r3", "r4"]
+        r0, r1 = j.get("r0"), j.get("r1")
+        assert r0 is not None and (r0.state, r0.output, r0.finished_at) == ("cancelled", "", 9.0)
+        assert r1 is not None and (r1.state, r1.attempt, r1.instance_id) == ("failed", 0, None)
+
+
+def test_duplicates_are_refused_without_breaking_their_batch(tmp_path: Path) -> None:
+    recs = [
+        _rec(1),
+        _rec(1, at=5.0),  # duplicate request id
+        _rec(2, key="k"),
+        _rec(3, key="k"),  # duplicate (tenant, key)
+        _rec(4, key="k", tenant="other"),  # the same key for another tenant is fine
+        _rec(5),
+        _rec(6),  # no key: never a collision
+    ]
+    with _journal(tmp_path / "j.db") as j:
+        results = asyncio.run(_in_one_batch(j, recs))
+        assert j._largest_batch == len(recs)  # all seven went through one transaction
+        assert [type(r) for r in results] == [
+            type(None),
+            JournalError,
+            type(None),
+            JournalError,
+            type(None),
+            type(None),
+            type(None),
+        ]
+        assert "duplicate request id 'r1'" in str(results[1])
+        assert "duplicate idempotency key 'k' for tenant 't'" in str(results[3])
+        assert [r.request_id for r in j.recover()] == ["r1", "r2", "r4", "r5", "r6"]
+        stored = j.get("r1")
+        assert stored is not None and stored.accepted_at == 1.0  # the first one won
+        assert j.find_idempotent("t", "k") == "r2"
+        assert j.find_idempotent("other", "k") == "r4"
+        assert j.find_idempotent("t", "none") is None
+        # Against committed records, in a later batch, too.
+        with pytest.raises(JournalError, match="duplicate request id"):
+            asyncio.run(j.accept(_rec(5)))
+        with pytest.raises(JournalError, match="duplicate idempotency key"):
+            asyncio.run(j.accept(_rec(7, key="k")))
+        asyncio.run(j.accept(_rec(8, key="k2")))
+        assert j.counts()["queued"] == 6
+
+
+def test_batches_are_bounded_by_batch_max(tmp_path: Path) -> None:
+    with _journal(tmp_path / "j.db", batch_max=4) as j:
+        results = asyncio.run(_in_one_batch(j, [_rec(i) for i in range(10)]))
+        assert results == [None] * 10
+        assert j._largest_batch == 4
+        assert len(j.recover()) == 10
+
+
+@pytest.mark.parametrize("name", [":memory:", ""])
+def test_a_file_path_is_required(name: str) -> None:
+    with pytest.raises(JournalError, match="durability"):
+        Journal(name)
+
+
+def test_bad_arguments_are_refused(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"\['full', 'normal'\].*'off'"):
+        Journal(tmp_path / "j.db", synchronous="off")
+    with pytest.raises(ValueError, match="batch_max"):
+        Journal(tmp_path / "j.db", batch_max=0)
+    with _journal(tmp_path / "j.db") as j:
+        with pytest.raises(ValueError, match="terminal state"):
+            j.finished("r1", state="queued", output="", output_tokens=0, first_token_at=None, finished_at=1.0)
+        bad_state = _rec(1)
+        bad_state.state = "done"
+        with pytest.raises(ValueError, match="state must be one of"):
+            asyncio.run(j.accept(bad_state))
+        bad_spec = _rec(2)
+        bad_spec.spec = {"x": object()}
+        with pytest.raises(TypeError):
+            asyncio.run(j.accept(bad_spec))
+        assert j.recover() == []
+
+
+def test_a_file_that_is_not_a_database_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "notes.txt"
+    content = b"these are my notes, not a database\n" * 200
+    path.write_bytes(content)
+    with pytest.raises(
+        JournalError, match=r"notes\.txt is not a usable journal database: file is not a database"
+    ):
+        Journal(path)
+    assert path.read_bytes() == content
+
+
+def test_a_foreign_database_and_a_newer_schema_are_refused(tmp_path: Path) -> None:
+    foreign = tmp_path / "other.db"
+    with sqlite3.connect(foreign) as conn:
+        conn.execute("CREATE TABLE t (x)")
+    conn.close()
+    with pytest.raises(JournalError, match="not a journal"):
+        Journal(foreign)
+
+    newer = tmp_path / "newer.db"
+    Journal(newer).close_sync()
+    conn = sqlite3.connect(newer)
+    conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    conn.close()
+    with pytest.raises(JournalError, match=f"schema version {SCHEMA_VERSION + 1}, newer"):
+        Journal(newer)
+
+
+@pytest.mark.parametrize(("synchronous", "level"), [("normal", 1), ("full", 2)])
+def test_wal_mode_and_synchronous_level(tmp_path: Path, synchronous: str, level: int) -> None:
+    path = tmp_path / "j.db"
+    with _journal(path, synchronous=synchronous) as j:
+        asyncio.run(j.accept(_rec(1)))
+        conn = sqlite3.connect(path)
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        conn.close()
+        with j._batch_lock:  # the writer touches its connection only under this lock
+            assert j._writer.execute("PRAGMA synchronous").fetchone()[0] == level
+
+
+def test_a_closed_journal(tmp_path: Path) -> None:
+    path = tmp_path / "j.db"
+    j = Journal(path)
+    asyncio.run(j.accept(_rec(1)))
+    j.dispatched("r1", 1, "i0")  # queued, not awaited: close commits it
+    j.close_sync()
+    j.close_sync()
+    asyncio.run(j.close())
+    with pytest.raises(JournalError, match="closed"):
+        asyncio.run(j.accept(_rec(2)))
+    with pytest.raises(JournalError, match="closed"):
+        j.requeued("r1")
+    with pytest.raises(JournalError, match="closed"):
+        j.get("r1")
+    with _journal(path) as again:
+        r1 = again.get("r1")
+        assert r1 is not None and (r1.state, r1.instance_id) == ("dispatched", "i0")
+
+    async def async_close() -> None:
+        k = Journal(path)
+        k.requeued("r1")
+        await k.close()
+        await k.close()
+
+    asyncio.run(async_close())
+    with _journal(path) as again:
+        r1 = again.get("r1")
+        assert r1 is not None and (r1.state, r1.instance_id) == ("queued", None)
+
+
+_CHILD = textwrap.dedent(
+    """
+    import asyncio, sys, time
+    from qlm_plugin.coordinator.journal import JobRecord, Journal
+
+    async def main() -> None:
+        j = Journal(sys.argv[1], synchronous=sys.argv[2])
+        recs = [JobRecord(f"r{i}", "t", {"i": i}, float(i)) for i in range(int(sys.argv[3]))]
+        await asyncio.gather(*(j.accept(r) for r in recs))
+        print("ready", flush=True)
+        time.sleep(120)  # never closes: the parent kills it
+
+    asyncio.run(main())
+    """
+)
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs SIGKILL (POSIX)")
+@pytest.mark.parametrize("synchronous", ["normal", "full"])
+def test_acknowledged_accepts_survive_sigkill(tmp_path: Path, synchronous: str) -> None:
+    n = 300
+    path = tmp_path / "j.db"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _CHILD, str(path), synchronous, str(n)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        readable, _, _ = select.select([proc.stdout], [], [], 60.0)
+        assert readable, "the child never acknowledged"
+        line = proc.stdout.readline()
+        os.kill(proc.pid, signal.SIGKILL)
+        assert line == "ready\n", proc.stderr.read() if proc.stderr else ""
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL
+    assert Path(f"{path}-wal").exists()  # the commits sit in the WAL: reopening has to recover them
+    with _journal(path) as j:
+        recovered = j.recover()
+    assert [r.request_id for r in recovered] == [f"r{i}" for i in range(n)]
+    assert all(r.spec == {"i": i} for i, r in enumerate(recovered))
+
+
+def test_accept_does_not_block_the_event_loop(tmp_path: Path) -> None:
+    n = 500
+
+    async def run(j: Journal) -> int:
+        pending = n
+        ticks = 0  # passes of the ticker while some accept was still waiting
+
+        async def accept(rec: JobRecord) -> None:
+            nonlocal pending
+            await j.accept(rec)
+            pending -= 1
+
+        async def ticker() -> None:
+            nonlocal ticks
+            while pending:
+                ticks += 1
+                await asyncio.sleep(0)
+
+        # A journal writing on the loop thread would complete every accept within one pass of the loop:
+        # the ticker would see them pending once at most.
+        await asyncio.gather(ticker(), *(accept(_rec(i)) for i in range(n)))
+        return ticks
+
+    with _journal(tmp_path / "j.db", synchronous="full") as j:
+        ticks = asyncio.run(run(j))
+        assert ticks >= 5, ticks
+        assert len(j.recover()) == n

@@ -80,6 +80,9 @@ class InstanceAgent:
         self._wake_report = asyncio.Event()
         self._wake_credit = asyncio.Event()
         self._report_lock = asyncio.Lock()
+        # The output of each request until its end is acknowledged: a restarted coordinator lost
+        # what it had streamed, and gets it again from the start (it drops what it already has).
+        self._outputs: dict[tuple[str, int], list[pb.RequestEvent]] = {}
         self.session = ""
         self.connected = asyncio.Event()
         self.sessions_started = 0
@@ -87,6 +90,8 @@ class InstanceAgent:
 
     # ------------------------------------------------------------------ engine-facing
     def emit(self, event: pb.RequestEvent) -> None:
+        if event.kind == pb.RequestEvent.TOKENS:
+            self._outputs.setdefault((event.request_id, event.attempt), []).append(event)
         self._events.append(event)
         self._wake_report.set()
         if event.kind in (pb.RequestEvent.FINISHED, pb.RequestEvent.FAILED):
@@ -138,7 +143,7 @@ class InstanceAgent:
                     gpu=e.gpu,
                     capabilities=list(e.capabilities),
                     state=e.state(),
-                    held=e.held(),
+                    held=self._held(),
                     endpoint=e.endpoint,
                 ),
                 timeout=CALL_TIMEOUT_S,
@@ -146,6 +151,7 @@ class InstanceAgent:
             )
             for h in reply.abandon:
                 e.abort(h.request_id)
+            self._replay([(h.request_id, h.attempt) for h in reply.keep])
             self.session = reply.session
             self.sessions_started += 1
             self._received = 0
@@ -234,6 +240,9 @@ class InstanceAgent:
                 if not ack.known:
                     raise SessionLost("the coordinator does not know this session")
                 self._unacked.popleft()
+                for ev in batch.events:
+                    if ev.kind in (pb.RequestEvent.FINISHED, pb.RequestEvent.FAILED):
+                        self._outputs.pop((ev.request_id, ev.attempt), None)
 
     async def _reports(self, stub: pb_grpc.InstancesStub) -> None:
         # No timer: a report goes out as soon as there is something to say, and what happens while
@@ -247,6 +256,28 @@ class InstanceAgent:
     async def _flush_reports(self, stub: pb_grpc.InstancesStub) -> None:
         self._batch()
         await self._send_unacked(stub)
+
+    def _replay(self, kept: list[tuple[str, int]]) -> None:
+        """After a (re)registration: for each request the coordinator kept here, its whole output
+        so far, then what is still unreported of its end; reports for other requests are dropped
+        (the coordinator abandoned them)."""
+        keep = set(kept)
+        pending = [ev for batch in self._unacked for ev in batch.events] + self._events
+        replay: list[pb.RequestEvent] = []
+        for key in kept:
+            replay += self._outputs.get(key, [])
+        replay += [ev for ev in pending if ev.kind != pb.RequestEvent.TOKENS and (ev.request_id, ev.attempt) in keep]
+        self._outputs = {k: v for k, v in self._outputs.items() if k in keep}  # the rest were abandoned
+        self._unacked.clear()
+        self._events = replay
+
+    def _held(self) -> list[pb.HeldRequest]:
+        """What the engine still runs, and what it finished while the coordinator was away (the
+        finish is still to be reported): the coordinator keeps both here, not serving them twice."""
+        held = {(h.request_id, h.attempt) for h in self.engine.held()}
+        events = [ev for batch in self._unacked for ev in batch.events] + self._events
+        held |= {(ev.request_id, ev.attempt) for ev in events if ev.kind == pb.RequestEvent.FINISHED}
+        return [pb.HeldRequest(request_id=r, attempt=a) for r, a in sorted(held)]
 
     @property
     def pending_events(self) -> int:

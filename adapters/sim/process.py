@@ -14,6 +14,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Sequence
+from typing import TextIO
 
 from qlm_plugin.adapters.sim.engine import SimInstance
 from qlm_plugin.adapters.sim.realtime import Progress, RealtimeSim, synthetic_text
@@ -35,9 +36,10 @@ class SimEngineLink:
     endpoint = ""
     capabilities: Sequence[str] = CAPABILITIES
 
-    def __init__(self, sim: RealtimeSim, inst: SimInstance) -> None:
+    def __init__(self, sim: RealtimeSim, inst: SimInstance, record: TextIO | None = None) -> None:
         self.sim = sim
         self.inst = inst
+        self.record = record  # a line "request_id attempt" per generation completed (fault tests)
         self.instance_id = inst.instance_id
         self.gpu = inst.gpu
         self.attempts: dict[str, int] = {}
@@ -130,6 +132,9 @@ class SimEngineLink:
                 emit(Event(request_id=rid, attempt=attempt, kind=Event.TOKENS, index=pos, tokens=p.count,
                            text=synthetic_text(rid, pos, p.count), time=p.time))  # fmt: skip
             elif p.kind == "finished":
+                if self.record is not None:
+                    self.record.write(f"{rid} {attempt}\n")
+                    self.record.flush()
                 del self.attempts[rid]
                 self.urgency.pop(rid, None)
                 total = resume + p.index
@@ -192,6 +197,7 @@ async def run_instances(
     *,
     speed: float = 1.0,
     stop: asyncio.Event | None = None,
+    record: TextIO | None = None,
 ) -> None:
     """Run simulated instances, each with its own agent, until ``stop`` is set."""
     stop = stop or asyncio.Event()
@@ -199,7 +205,7 @@ async def run_instances(
     sim.start()
     agents = []
     for inst in instances:
-        link = SimEngineLink(sim, inst)
+        link = SimEngineLink(sim, inst, record)
         link.agent = InstanceAgent(settings, link)
         agents.append(link.agent)
     try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -176,7 +177,10 @@ def cmd_instance(args: argparse.Namespace) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        await run_instances(instances, settings, speed=args.speed, stop=stop)
+        # QLM_SIM_RECORD: append "request_id attempt" per completed generation (exactly-once tests)
+        path = os.environ.get("QLM_SIM_RECORD")
+        with open(path, "a") if path else contextlib.nullcontext() as record:
+            await run_instances(instances, settings, speed=args.speed, stop=stop, record=record)
 
     asyncio.run(main())
     return 0

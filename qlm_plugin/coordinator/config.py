@@ -74,7 +74,9 @@ class CoordinatorConfig(_Strict):
     journal: JournalSettings = JournalSettings()
     heartbeat_interval_s: float = Field(default=0.5, gt=0)
     heartbeat_timeout_s: float = Field(default=3.0, gt=0)
-    recovery_grace_s: float = Field(default=3.0, ge=0)  # after a restart, instances reclaim their work
+    # after a restart, instances have this long to come back and reclaim their work (longer than
+    # the agents' reconnect backoff, which is capped at 5 s)
+    recovery_grace_s: float = Field(default=10.0, ge=0)
     drain_timeout_s: float = Field(default=30.0, ge=0)
     max_attempts: int = Field(default=3, ge=1)  # dispatches of one request before it fails
     reject_below_p_meet: float = Field(default=0.05, ge=0, le=1)  # reject_if_late threshold

@@ -197,6 +197,7 @@ class Coordinator:
         self.accepting = False
         self.started_at = time.time()
         self.recovery_until = 0.0
+        self.awaiting: set[str] = set()  # instances that held recovered work, not back yet
         self._ids = 0
         self._tasks: list[asyncio.Task[None]] = []
         self._finished_order: list[tuple[float, str]] = []
@@ -212,7 +213,11 @@ class Coordinator:
             job.recovering = True
             self.jobs[job.id] = job
             self._count_tenant(job, +1)
-        self.recovery_until = time.monotonic() + self.cfg.recovery_grace_s
+            if job.state == "dispatched" and job.instance is not None:
+                self.awaiting.add(job.instance)
+        # Recovered work waits for the instances that held it to come back (they reconnect with
+        # backoff), at most the grace period: an instance reclaims what it still runs or finished.
+        self.recovery_until = time.monotonic() + self.cfg.recovery_grace_s if recovered else 0.0
         if recovered:
             log.info("recovered %d unfinished requests from the journal", len(recovered))
         self.accepting = True
@@ -510,11 +515,14 @@ class Coordinator:
             if job.state == "queued":
                 self._admit(job, now)
 
-    def _release_recovered(self) -> None:
-        """The recovery grace is over: recovered requests nobody reclaimed are queued again."""
+    def _release_recovered(self, instance_id: str | None = None) -> None:
+        """Recovered requests nobody reclaimed are queued again: those of one instance once it is
+        back (``instance_id``), or all of them when the grace is over."""
         now = time.time()
         for job in list(self.jobs.values()):
             if not job.recovering:
+                continue
+            if instance_id is not None and job.instance != instance_id:
                 continue
             job.recovering = False
             if job.state == "dispatched":  # its instance did not come back for it
@@ -719,6 +727,12 @@ class Coordinator:
             self.telemetry.instance_event(iid, "registered")
         else:
             self.telemetry.instance_event(iid, "reconnected")
+        if iid in self.awaiting:
+            self.awaiting.discard(iid)
+            self._release_recovered(iid)  # its recovered requests it did not reclaim
+            if not self.awaiting and self.recovery_until:
+                self.recovery_until = 0.0
+                self._release_recovered()  # every holder is back: the rest may go now
         for job in orphans:
             if job.state == "dispatched":
                 self._requeue(job, f"instance {iid} reconnected without it")

@@ -641,6 +641,11 @@ class Telemetry:
             self._error_cache[slo_class, over] = entry
             return entry
 
+    def set_queue_depth(self, queue_depth: Callable[[], Mapping[tuple[str, str], int]]) -> None:
+        """Name the queue-depth callback after construction (the coordinator that owns the queue
+        is built after its telemetry)."""
+        self._queue_depth = queue_depth
+
     def _depth_snapshot(self) -> Iterator[tuple[tuple[str, str], int]]:
         if self._queue_depth is None:
             return iter(())

@@ -187,7 +187,8 @@ class Coordinator:
         self.hook.qlm_configure(pm=self.pm)
         self.queue_manager = next((p for p in self.plugins if isinstance(p, QueueManager)), None)
         self.has_queue_manager = bool(self.hook.qlm_submit.get_hookimpls())
-        self.telemetry = telemetry or Telemetry(queue_depth=self.queue_depth)
+        self.telemetry = telemetry or Telemetry()
+        self.telemetry.set_queue_depth(self.queue_depth)
         if self.queue_manager is not None:
             self.queue_manager.on_replan = self._on_replan
         self.jobs: dict[str, Job] = {}
@@ -475,16 +476,17 @@ class Coordinator:
         if not any(self._serves(s, job.request.model) for s in self.fleet.sessions.values() if s.alive):
             self.parked[job.id] = job
             return
+        self.telemetry.request_event(job.id, "qlm.queued")
         if self.has_queue_manager:
             admission = self.hook.qlm_submit(request=job.request, now=now)
             if admission is not None and not admission.accepted:
                 self.parked[job.id] = job
                 return
             job.admission = admission
-            if admission is not None:
+            if admission is not None:  # (after "qlm.dispatched" when it was handed over at once)
                 self.telemetry.request_event(
                     job.id,
-                    "qlm.queued",
+                    "qlm.planned",
                     {
                         "qlm.estimate.wait_s": admission.wait_mean_s or 0.0,
                         "qlm.estimate.p_meet": admission.p_meet if admission.p_meet is not None else 1.0,
@@ -492,7 +494,6 @@ class Coordinator:
                     },
                 )
             return
-        self.telemetry.request_event(job.id, "qlm.queued")
         states = [
             st
             for s in self.fleet.sessions.values()
@@ -586,7 +587,7 @@ class Coordinator:
 
     def queue_depth(self) -> dict[tuple[str, str], int]:
         depth: dict[tuple[str, str], int] = {}
-        for job in self.jobs.values():
+        for job in list(self.jobs.values()):  # list() is atomic: scrapes run on other threads
             if job.state == "queued":
                 key = (job.request.model, job.request.slo_class)
                 depth[key] = depth.get(key, 0) + 1

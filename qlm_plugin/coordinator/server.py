@@ -68,8 +68,6 @@ class CoordinatorServer:
         cfg = self.cfg
         journal = Journal(cfg.journal.path, synchronous=cfg.journal.synchronous)
         coord = self.coordinator = Coordinator(cfg, self.scenario, journal, self._telemetry)
-        if self._telemetry is None:
-            coord.telemetry = Telemetry(queue_depth=coord.queue_depth)
         await coord.start()
         server = self._grpc = grpc.aio.server(interceptors=[AuthInterceptor(self.auth)], options=GRPC_OPTIONS)
         pb_grpc.add_RequestsServicer_to_server(RequestsService(coord, self.auth), server)

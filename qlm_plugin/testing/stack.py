@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -84,9 +85,12 @@ async def local_stack(
     env: dict[str, str] | None = None,
     token: str | None = None,
     telemetry: Telemetry | None = None,
+    agent_settings: AgentSettings | None = None,
 ) -> AsyncIterator[LocalStack]:
     """Start a coordinator on free loopback ports (journal in ``tmp``) and ``instances`` simulated
-    H100s of the scenario's first model, ``speed`` times faster than real time."""
+    H100s of the scenario's first model, ``speed`` times faster than real time. The agents use
+    ``agent_settings`` when given (its target is replaced by the coordinator's, known only once
+    bound: for TLS), else plaintext with ``token``."""
     scenario = scenario or load_scenario()
     base: dict[str, Any] = {
         "http": Listen(port=0),
@@ -109,7 +113,12 @@ async def local_stack(
     ]
     sim = RealtimeSim(sims, speed=speed, stream_interval_s=0.02)
     sim.start()
-    settings = AgentSettings(f"127.0.0.1:{server.grpc_port}", token=token)
+    target = f"127.0.0.1:{server.grpc_port}"
+    settings = (
+        AgentSettings(target, token=token)
+        if agent_settings is None
+        else dataclasses.replace(agent_settings, target=target)
+    )
     stack = LocalStack(server, sim, settings)
     for inst in sims:
         add_instance(stack, inst)

@@ -1,0 +1,80 @@
+"""What the coordinator records with OpenTelemetry: one span per request with its life as events,
+spans for replanning and serving operations, metrics; read back with the SDK's in-memory exporter
+and metric reader. Run with ``-s`` to print one request's trace."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import aiohttp
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind
+
+from qlm_plugin.client import CoordinatorClient
+from qlm_plugin.proto.qlm.v1 import qlm_pb2 as pb
+from qlm_plugin.telemetry import Telemetry
+from qlm_plugin.testing.stack import local_stack
+
+MODEL = "llama-3.1-8b"
+TRACEPARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+
+
+def test_a_request_life_is_one_span_with_its_events(tmp_path: Path) -> None:
+    exporter = InMemorySpanExporter()
+    tracer_provider = TracerProvider()
+    tracer_provider.add_span_processor(SimpleSpanProcessor(exporter))
+    reader = InMemoryMetricReader()
+    telemetry = Telemetry(tracer_provider=tracer_provider, meter_provider=MeterProvider(metric_readers=[reader]))
+
+    async def main() -> str:
+        async with local_stack(tmp_path, telemetry=telemetry, speed=20.0) as st:
+            async with CoordinatorClient(st.grpc_target) as c:  # batch work, so the planner has a queue
+                await c.submit_batch([pb.RequestSpec(model=MODEL, prompt="b" * 400, max_tokens=500,
+                                                     slo=pb.SLO(slo_class="batch")) for _ in range(600)])  # fmt: skip
+            st.coordinator.tick()
+            async with aiohttp.ClientSession() as http:
+                async with http.post(
+                    f"{st.http_url}/v1/chat/completions",
+                    json={"model": MODEL, "messages": [{"role": "user", "content": "hello"}], "max_tokens": 6,
+                          "qlm": {"ttft_ms": 2000}},  # fmt: skip
+                    headers={"traceparent": TRACEPARENT},
+                ) as r:
+                    body = await r.json()
+            return str(body["qlm"]["request_id"])
+
+    rid = asyncio.run(main())
+    spans = exporter.get_finished_spans()
+    mine = [s for s in spans if s.attributes and s.attributes.get("qlm.request.id") == rid and s.name.startswith("chat")]
+    assert len(mine) == 1
+    span = mine[0]
+    print(f"\nspan {span.name!r} kind={span.kind.name} trace={span.context.trace_id:032x} "
+          f"parent={span.parent.span_id:016x}" if span.parent else "")  # fmt: skip
+    for key, value in sorted((span.attributes or {}).items()):
+        print(f"  {key} = {value}")
+    assert span.start_time is not None
+    for ev in span.events:
+        print(f"  +{(ev.timestamp - span.start_time) / 1e6:8.3f} ms  {ev.name} {dict(ev.attributes or {})}")
+    assert span.kind == SpanKind.SERVER
+    assert span.name == f"chat {MODEL}"
+    assert f"{span.context.trace_id:032x}" == TRACEPARENT.split("-")[1]  # the client's trace continues
+    attrs = span.attributes or {}
+    assert attrs["gen_ai.operation.name"] == "chat" and attrs["gen_ai.request.model"] == MODEL
+    assert attrs["gen_ai.usage.output_tokens"] == 6 and attrs["qlm.slo.met"] is True
+    names = [ev.name for ev in span.events]
+    assert names[0] == "qlm.queued" and "qlm.dispatched" in names and "qlm.first_token" in names
+    assert names.index("qlm.dispatched") < names.index("qlm.first_token")
+    assert any(s.name == "qlm.replan" for s in spans)
+    metrics = {
+        m.name
+        for rm in reader.get_metrics_data().resource_metrics  # type: ignore[union-attr]
+        for sm in rm.scope_metrics
+        for m in sm.metrics
+    }
+    assert {"qlm.requests.finished", "gen_ai.server.time_to_first_token", "qlm.planner.duration",
+            "qlm.queue.depth", "qlm.slo.attainment"} <= metrics  # fmt: skip
+    assert telemetry.open_spans() >= 0

@@ -56,7 +56,9 @@ def test_completion_carries_the_output_the_estimate_and_usage(tmp_path: Path) ->
     async def body(st: LocalStack) -> None:
         async with aiohttp.ClientSession() as http:
             status, out, headers = await post(
-                http, f"{st.http_url}/v1/completions", {"model": MODEL, "prompt": "hello there", "max_tokens": 12}
+                http,
+                f"{st.http_url}/v1/completions",
+                {"model": MODEL, "prompt": "hello there", "max_tokens": 12},
             )
         assert status == 200, out
         rid = out["qlm"]["request_id"]
@@ -105,7 +107,9 @@ def test_chat_streaming_delivers_every_token_once_in_order(tmp_path: Path) -> No
 def test_models_health_and_metrics(tmp_path: Path) -> None:
     async def body(st: LocalStack) -> None:
         async with aiohttp.ClientSession() as http:
-            await post(http, f"{st.http_url}/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": 2})
+            await post(
+                http, f"{st.http_url}/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": 2}
+            )
             async with http.get(f"{st.http_url}/v1/models") as r:
                 models = await r.json()
             async with http.get(f"{st.http_url}/health") as r:
@@ -135,9 +139,19 @@ def test_models_health_and_metrics(tmp_path: Path) -> None:
         ("/v1/completions", {"model": MODEL, "prompt": "x", "qlm": {"colour": 1}}, 400, "qlm.colour"),
         ("/v1/completions", {"model": MODEL, "prompt": "x", "qlm": {"class": "gold"}}, 400, "slo.class"),
         ("/v1/chat/completions", {"model": MODEL, "messages": []}, 400, "messages"),
-        ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user"}]}, 400, "messages[0].content"),
+        (
+            "/v1/chat/completions",
+            {"model": MODEL, "messages": [{"role": "user"}]},
+            400,
+            "messages[0].content",
+        ),
         # no instance could prefill 20k tokens in 1 ms, even idle: refused at once, not served late
-        ("/v1/completions", {"model": MODEL, "prompt": "x" * 80_000, "qlm": {"ttft_ms": 1}}, 400, "slo.ttft_ms"),
+        (
+            "/v1/completions",
+            {"model": MODEL, "prompt": "x" * 80_000, "qlm": {"ttft_ms": 1}},
+            400,
+            "slo.ttft_ms",
+        ),
     ],
 )
 def test_bad_requests_get_a_4xx_naming_the_field(
@@ -156,35 +170,47 @@ def test_bad_requests_get_a_4xx_naming_the_field(
 
 def test_malformed_json_is_a_400(tmp_path: Path) -> None:
     async def body(st: LocalStack) -> None:
-        async with aiohttp.ClientSession() as http:
-            async with http.post(f"{st.http_url}/v1/completions", data=b"{not json") as r:
-                assert r.status == 400
-                assert "not valid JSON" in (await r.json())["error"]["message"]
+        async with (
+            aiohttp.ClientSession() as http,
+            http.post(f"{st.http_url}/v1/completions", data=b"{not json") as r,
+        ):
+            assert r.status == 400
+            assert "not valid JSON" in (await r.json())["error"]["message"]
 
     run(tmp_path, body, instances=1)
 
 
-def test_unmeetable_slo_is_refused_with_the_estimate_when_asked_else_evicts_to_serve_it(tmp_path: Path) -> None:
+def test_unmeetable_slo_is_refused_with_the_estimate_when_asked_else_evicts_to_serve_it(
+    tmp_path: Path,
+) -> None:
     async def body(st: LocalStack) -> None:
         # Fill both engines with long batch work (real time: they stay busy for minutes).
         async with CoordinatorClient(st.grpc_target) as client:
             replies = await client.submit_batch(
-                [pb.RequestSpec(model=MODEL, prompt="y" * 4000, max_tokens=4000, slo=pb.SLO(slo_class="batch"))
-                 for _ in range(700)]  # fmt: skip
+                [
+                    pb.RequestSpec(
+                        model=MODEL, prompt="y" * 4000, max_tokens=4000, slo=pb.SLO(slo_class="batch")
+                    )
+                    for _ in range(700)
+                ]
             )
         assert all(r.accepted for r in replies)
         urgent = {"model": MODEL, "prompt": "x" * 16000, "max_tokens": 4, "qlm": {"ttft_ms": 400}}
         async with aiohttp.ClientSession() as http:
-            status, out, _ = await post(http, f"{st.http_url}/v1/completions", {**urgent, "qlm": {**urgent["qlm"],
-                                                                                              "reject_if_late": True}})  # fmt: skip
+            status, out, _ = await post(
+                http,
+                f"{st.http_url}/v1/completions",
+                {**urgent, "qlm": {**urgent["qlm"], "reject_if_late": True}},
+            )
             assert status == 503, out
             assert out["error"]["code"] == "slo_unattainable"
             assert "estimated wait" in out["error"]["message"]
             assert out["qlm"]["p_meet"] < 0.05
             # Without reject_if_late it is accepted and flagged as expected late.
             async with CoordinatorClient(st.grpc_target) as client:
-                reply = await client.submit(pb.RequestSpec(model=MODEL, prompt="x" * 16000, max_tokens=4,
-                                                           slo=pb.SLO(ttft_ms=400)))  # fmt: skip
+                reply = await client.submit(
+                    pb.RequestSpec(model=MODEL, prompt="x" * 16000, max_tokens=4, slo=pb.SLO(ttft_ms=400))
+                )
         # Without reject_if_late it is accepted; here QLM makes room at once by evicting batch work
         # (a coordinator-ordered eviction, acknowledged by the engine), so it can meet its SLO.
         assert reply.accepted
@@ -205,13 +231,15 @@ def test_unmeetable_slo_is_refused_with_the_estimate_when_asked_else_evicts_to_s
 
 def test_client_disconnect_cancels_the_request_everywhere(tmp_path: Path) -> None:
     async def body(st: LocalStack) -> None:
-        async with aiohttp.ClientSession() as http:
-            async with http.post(
+        async with (
+            aiohttp.ClientSession() as http,
+            http.post(
                 f"{st.http_url}/v1/completions",
                 json={"model": MODEL, "prompt": "x", "max_tokens": 30_000, "stream": True},
-            ) as r:
-                rid = r.headers["x-qlm-request-id"]
-                await r.content.readline()  # the first token arrived: it runs on an engine
+            ) as r,
+        ):
+            rid = r.headers["x-qlm-request-id"]
+            await r.content.readline()  # the first token arrived: it runs on an engine
         job = st.coordinator.jobs[rid]
         for _ in range(200):
             if job.state == "cancelled":
@@ -239,8 +267,14 @@ def test_a_slow_client_does_not_stall_others(tmp_path: Path) -> None:
             # Never read from it; meanwhile others are served.
             t0 = asyncio.get_running_loop().time()
             results = await asyncio.gather(
-                *(post(http, f"{st.http_url}/v1/completions", {"model": MODEL, "prompt": "y", "max_tokens": 20})
-                  for _ in range(20))  # fmt: skip
+                *(
+                    post(
+                        http,
+                        f"{st.http_url}/v1/completions",
+                        {"model": MODEL, "prompt": "y", "max_tokens": 20},
+                    )
+                    for _ in range(20)
+                )
             )
             elapsed = asyncio.get_running_loop().time() - t0
             assert all(status == 200 for status, _, _ in results)
@@ -289,8 +323,12 @@ def test_grpc_submit_status_stream_cancel_and_idempotency(tmp_path: Path) -> Non
                 await c.submit(pb.RequestSpec(model=MODEL, prompt="x", max_tokens=10**6))
             assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
             assert (err.value.details() or "").startswith("max_tokens")
-            batch = await c.submit_batch([pb.RequestSpec(model=MODEL, prompt="x", max_tokens=3),
-                                          pb.RequestSpec(model="nope", prompt="x")])  # fmt: skip
+            batch = await c.submit_batch(
+                [
+                    pb.RequestSpec(model=MODEL, prompt="x", max_tokens=3),
+                    pb.RequestSpec(model="nope", prompt="x"),
+                ]
+            )
             assert batch[0].accepted and not batch[1].accepted
             assert (batch[1].code, batch[1].field) == ("unknown_model", "model")
 
@@ -300,8 +338,14 @@ def test_grpc_submit_status_stream_cancel_and_idempotency(tmp_path: Path) -> Non
 def test_admin_views_health_and_reflection(tmp_path: Path) -> None:
     async def body(st: LocalStack) -> None:
         async with CoordinatorClient(st.grpc_target) as c:
-            await c.submit_batch([pb.RequestSpec(model=MODEL, prompt="x" * 400, max_tokens=2000,
-                                                 slo=pb.SLO(slo_class="batch")) for _ in range(600)])  # fmt: skip
+            await c.submit_batch(
+                [
+                    pb.RequestSpec(
+                        model=MODEL, prompt="x" * 400, max_tokens=2000, slo=pb.SLO(slo_class="batch")
+                    )
+                    for _ in range(600)
+                ]
+            )
             queue = await c.queue(limit=5)
             assert queue.queued + queue.dispatched == 600
             assert queue.dispatched > 0 and len(queue.requests) == 5
@@ -317,8 +361,9 @@ def test_admin_views_health_and_reflection(tmp_path: Path) -> None:
                 reply = await health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
                 assert reply.status == health_pb2.HealthCheckResponse.SERVING
             refl = reflection_pb2_grpc.ServerReflectionStub(c.channel)
-            responses = refl.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]),
-                                                  timeout=5)  # fmt: skip
+            responses = refl.ServerReflectionInfo(
+                iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=5
+            )
             names = {s.name async for r in responses for s in r.list_services_response.service}
             assert {"qlm.v1.Requests", "qlm.v1.Instances", "qlm.v1.Admin", "grpc.health.v1.Health"} <= names
 
@@ -359,14 +404,21 @@ def test_a_crashed_instance_gives_its_requests_back_and_clients_see_one_answer(t
         async with aiohttp.ClientSession() as http:
 
             async def stream_text() -> tuple[str, str]:
-                events = await sse(http, f"{st.http_url}/v1/completions",
-                                   {"model": MODEL, "prompt": "x", "max_tokens": 600, "stream": True})  # fmt: skip
+                events = await sse(
+                    http,
+                    f"{st.http_url}/v1/completions",
+                    {"model": MODEL, "prompt": "x", "max_tokens": 600, "stream": True},
+                )
                 rid = events[0]["qlm"]["request_id"]
                 return rid, "".join(e["choices"][0]["text"] for e in events[:-1] if e.get("choices"))
 
             tasks = [asyncio.create_task(stream_text()) for _ in range(8)]
             await asyncio.sleep(0.3)  # streaming on both instances
-            victims = [j.id for j in st.coordinator.jobs.values() if j.instance == "sim-0" and j.state == "dispatched"]
+            victims = [
+                j.id
+                for j in st.coordinator.jobs.values()
+                if j.instance == "sim-0" and j.state == "dispatched"
+            ]
             assert victims
             await st.crash("sim-0")
             results = await asyncio.wait_for(asyncio.gather(*tasks), 60)
@@ -382,7 +434,9 @@ def test_a_crashed_instance_gives_its_requests_back_and_clients_see_one_answer(t
 def test_an_instance_that_stops_heartbeating_is_drained(tmp_path: Path) -> None:
     async def body(st: LocalStack) -> None:
         async with CoordinatorClient(st.grpc_target) as c:
-            replies = await c.submit_batch([pb.RequestSpec(model=MODEL, prompt="x", max_tokens=300) for _ in range(6)])
+            replies = await c.submit_batch(
+                [pb.RequestSpec(model=MODEL, prompt="x", max_tokens=300) for _ in range(6)]
+            )
         ids = [r.request_id for r in replies]
         li = st.instances["sim-1"]
         # Its agent goes silent (a hung process); the engine itself keeps its work.

@@ -36,20 +36,42 @@ drain_timeout_s: 5.0
 
 def _coordinator(tmp: Path, http: int, grpc_port: int) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
-        [sys.executable, "-m", "qlm_plugin.cli", "coordinator", "--config", str(tmp / "config.yaml"),
-         "--http-port", str(http), "--grpc-port", str(grpc_port), "--journal", str(tmp / "journal.db")],  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "qlm_plugin.cli",
+            "coordinator",
+            "--config",
+            str(tmp / "config.yaml"),
+            "--http-port",
+            str(http),
+            "--grpc-port",
+            str(grpc_port),
+            "--journal",
+            str(tmp / "journal.db"),
+        ],
         stdout=subprocess.PIPE,
-        stderr=open(tmp / "coordinator.log", "ab"),  # noqa: SIM115 - the child owns it
+        stderr=open(tmp / "coordinator.log", "ab"),
     )
 
 
 def _instance(tmp: Path, grpc_port: int, name: str) -> subprocess.Popen[bytes]:
     env = {**os.environ, "QLM_SIM_RECORD": str(tmp / f"{name}.done")}
     return subprocess.Popen(
-        [sys.executable, "-m", "qlm_plugin.cli", "instance", "--coordinator", f"127.0.0.1:{grpc_port}",
-         "--name", name, "--speed", "2"],  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "qlm_plugin.cli",
+            "instance",
+            "--coordinator",
+            f"127.0.0.1:{grpc_port}",
+            "--name",
+            name,
+            "--speed",
+            "2",
+        ],
         env=env,
-        stderr=open(tmp / f"{name}.log", "ab"),  # noqa: SIM115
+        stderr=open(tmp / f"{name}.log", "ab"),
     )
 
 
@@ -93,8 +115,15 @@ def test_kill_9_of_the_coordinator_loses_nothing_and_serves_nothing_twice(tmp_pa
             async with CoordinatorClient(target) as c:
                 for _ in range(N // 100):
                     replies = await c.submit_batch(
-                        [pb.RequestSpec(model=MODEL, prompt="q" * 300, max_tokens=TOKENS,
-                                        slo=pb.SLO(slo_class="batch")) for _ in range(100)]  # fmt: skip
+                        [
+                            pb.RequestSpec(
+                                model=MODEL,
+                                prompt="q" * 300,
+                                max_tokens=TOKENS,
+                                slo=pb.SLO(slo_class="batch"),
+                            )
+                            for _ in range(100)
+                        ]
                     )
                     ids += [r.request_id for r in replies if r.accepted]
             # mid-run: some finished, some on the engines, some queued
@@ -136,7 +165,9 @@ def test_kill_9_of_the_coordinator_loses_nothing_and_serves_nothing_twice(tmp_pa
 
     finished = [rid for rid, s in statuses.items() if s.state == "finished"]
     served = collections.Counter(
-        line.split()[0] for name in ("a", "b") for line in (tmp_path / f"{name}.done").read_text().splitlines()
+        line.split()[0]
+        for name in ("a", "b")
+        for line in (tmp_path / f"{name}.done").read_text().splitlines()
     )
     lost = N - len(finished)
     duplicated = sum(1 for rid in ids if served[rid] > 1)

@@ -29,31 +29,53 @@ def test_a_request_life_is_one_span_with_its_events(tmp_path: Path) -> None:
     tracer_provider = TracerProvider()
     tracer_provider.add_span_processor(SimpleSpanProcessor(exporter))
     reader = InMemoryMetricReader()
-    telemetry = Telemetry(tracer_provider=tracer_provider, meter_provider=MeterProvider(metric_readers=[reader]))
+    telemetry = Telemetry(
+        tracer_provider=tracer_provider, meter_provider=MeterProvider(metric_readers=[reader])
+    )
 
     async def main() -> str:
         async with local_stack(tmp_path, telemetry=telemetry, speed=20.0) as st:
             async with CoordinatorClient(st.grpc_target) as c:  # batch work, so the planner has a queue
-                await c.submit_batch([pb.RequestSpec(model=MODEL, prompt="b" * 400, max_tokens=500,
-                                                     slo=pb.SLO(slo_class="batch")) for _ in range(600)])  # fmt: skip
+                await c.submit_batch(
+                    [
+                        pb.RequestSpec(
+                            model=MODEL, prompt="b" * 400, max_tokens=500, slo=pb.SLO(slo_class="batch")
+                        )
+                        for _ in range(600)
+                    ]
+                )
             st.coordinator.tick()
-            async with aiohttp.ClientSession() as http:
-                async with http.post(
+            async with (
+                aiohttp.ClientSession() as http,
+                http.post(
                     f"{st.http_url}/v1/chat/completions",
-                    json={"model": MODEL, "messages": [{"role": "user", "content": "hello"}], "max_tokens": 6,
-                          "qlm": {"ttft_ms": 2000}},  # fmt: skip
+                    json={
+                        "model": MODEL,
+                        "messages": [{"role": "user", "content": "hello"}],
+                        "max_tokens": 6,
+                        "qlm": {"ttft_ms": 2000},
+                    },
                     headers={"traceparent": TRACEPARENT},
-                ) as r:
-                    body = await r.json()
+                ) as r,
+            ):
+                body = await r.json()
             return str(body["qlm"]["request_id"])
 
     rid = asyncio.run(main())
     spans = exporter.get_finished_spans()
-    mine = [s for s in spans if s.attributes and s.attributes.get("qlm.request.id") == rid and s.name.startswith("chat")]
+    mine = [
+        s
+        for s in spans
+        if s.attributes and s.attributes.get("qlm.request.id") == rid and s.name.startswith("chat")
+    ]
     assert len(mine) == 1
     span = mine[0]
-    print(f"\nspan {span.name!r} kind={span.kind.name} trace={span.context.trace_id:032x} "
-          f"parent={span.parent.span_id:016x}" if span.parent else "")  # fmt: skip
+    print(
+        f"\nspan {span.name!r} kind={span.kind.name} trace={span.context.trace_id:032x} "
+        f"parent={span.parent.span_id:016x}"
+        if span.parent
+        else ""
+    )
     for key, value in sorted((span.attributes or {}).items()):
         print(f"  {key} = {value}")
     assert span.start_time is not None
@@ -75,6 +97,11 @@ def test_a_request_life_is_one_span_with_its_events(tmp_path: Path) -> None:
         for sm in rm.scope_metrics
         for m in sm.metrics
     }
-    assert {"qlm.requests.finished", "gen_ai.server.time_to_first_token", "qlm.planner.duration",
-            "qlm.queue.depth", "qlm.slo.attainment"} <= metrics  # fmt: skip
+    assert {
+        "qlm.requests.finished",
+        "gen_ai.server.time_to_first_token",
+        "qlm.planner.duration",
+        "qlm.queue.depth",
+        "qlm.slo.attainment",
+    } <= metrics
     assert telemetry.open_spans() >= 0

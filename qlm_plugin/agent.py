@@ -11,6 +11,7 @@ coordinator restart loses nothing; the coordinator drops duplicates.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 from collections import deque
@@ -124,17 +125,19 @@ class InstanceAgent:
                 delay = BACKOFF_S[0]
             except (grpc.aio.AioRpcError, ConnectionError, OSError, SessionLost) as exc:
                 self.connected.clear()
-                log.warning("%s: coordinator connection lost (%s); retrying in %.1f s", self.engine.instance_id,
-                            _brief(exc), delay)  # fmt: skip
-                try:
+                log.warning(
+                    "%s: coordinator connection lost (%s); retrying in %.1f s",
+                    self.engine.instance_id,
+                    _brief(exc),
+                    delay,
+                )
+                with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(stop.wait(), delay * random.uniform(0.8, 1.2))
-                except asyncio.TimeoutError:
-                    pass
                 delay = min(BACKOFF_S[1], delay * 2)
 
     async def _session(self, stop: asyncio.Event) -> None:
         async with self._channel() as channel:
-            stub = pb_grpc.InstancesStub(channel)
+            stub = pb_grpc.InstancesStub(channel)  # type: ignore[no-untyped-call]  # generated stub
             e = self.engine
             reply = await stub.Register(
                 pb.RegisterRequest(
@@ -202,8 +205,14 @@ class InstanceAgent:
         async for a in call:
             self._received += 1
             if not self.engine.start(a, self.emit):
-                self.emit(pb.RequestEvent(request_id=a.request.request_id, attempt=a.attempt,
-                                          kind=pb.RequestEvent.FAILED, error="the engine refused it"))  # fmt: skip
+                self.emit(
+                    pb.RequestEvent(
+                        request_id=a.request.request_id,
+                        attempt=a.attempt,
+                        kind=pb.RequestEvent.FAILED,
+                        error="the engine refused it",
+                    )
+                )
         raise SessionLost("the coordinator closed the pull stream")
 
     async def _commands(self, stub: pb_grpc.InstancesStub) -> None:
@@ -266,7 +275,9 @@ class InstanceAgent:
         replay: list[pb.RequestEvent] = []
         for key in kept:
             replay += self._outputs.get(key, [])
-        replay += [ev for ev in pending if ev.kind != pb.RequestEvent.TOKENS and (ev.request_id, ev.attempt) in keep]
+        replay += [
+            ev for ev in pending if ev.kind != pb.RequestEvent.TOKENS and (ev.request_id, ev.attempt) in keep
+        ]
         self._outputs = {k: v for k, v in self._outputs.items() if k in keep}  # the rest were abandoned
         self._unacked.clear()
         self._events = replay

@@ -33,8 +33,8 @@ class CoordinatorClient:
             self.channel = grpc.aio.secure_channel(target, creds)
         self.metadata = [("authorization", f"Bearer {token}")] if token else []
         self.timeout_s = timeout_s
-        self.requests = pb_grpc.RequestsStub(self.channel)
-        self.admin = pb_grpc.AdminStub(self.channel)
+        self.requests = pb_grpc.RequestsStub(self.channel)  # type: ignore[no-untyped-call]  # generated stub
+        self.admin = pb_grpc.AdminStub(self.channel)  # type: ignore[no-untyped-call]  # generated stub
 
     async def __aenter__(self) -> CoordinatorClient:
         return self
@@ -53,7 +53,9 @@ class CoordinatorClient:
         )
         return reply
 
-    async def submit_batch(self, specs: list[pb.RequestSpec], timeout_s: float | None = None) -> list[pb.SubmitReply]:
+    async def submit_batch(
+        self, specs: list[pb.RequestSpec], timeout_s: float | None = None
+    ) -> list[pb.SubmitReply]:
         reply: pb.SubmitBatchReply = await self.requests.SubmitBatch(
             pb.SubmitBatchRequest(requests=specs), timeout=timeout_s or self.timeout_s, metadata=self.metadata
         )

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from qlm_plugin.coordinator.auth import AuthError, Authenticator
+from qlm_plugin.coordinator.auth import Authenticator, AuthError
 from qlm_plugin.coordinator.config import ConfigError, CoordinatorConfig, load_config
 
 
@@ -43,8 +43,12 @@ def test_relative_scenario_paths_follow_the_config_file(tmp_path: Path) -> None:
 def test_tokens_carry_scopes_and_tenants(tmp_path: Path) -> None:
     (tmp_path / "admin.token").write_text("adm\n")
     cfg = CoordinatorConfig.model_validate(
-        {"tokens": [{"token_env": "C", "scopes": ["client"], "tenant": "acme"},
-                    {"token_file": str(tmp_path / "admin.token"), "scopes": ["admin", "client"]}]}  # fmt: skip
+        {
+            "tokens": [
+                {"token_env": "C", "scopes": ["client"], "tenant": "acme"},
+                {"token_file": str(tmp_path / "admin.token"), "scopes": ["admin", "client"]},
+            ]
+        }
     )
     auth = Authenticator.from_config(cfg, {"C": "cli"})
     assert auth.enabled
@@ -64,7 +68,9 @@ def test_tokens_carry_scopes_and_tenants(tmp_path: Path) -> None:
 
 
 def test_environment_tokens_without_config() -> None:
-    auth = Authenticator.from_config(CoordinatorConfig(), {"QLM_CLIENT_TOKEN": "c", "QLM_INSTANCE_TOKEN": "i"})
+    auth = Authenticator.from_config(
+        CoordinatorConfig(), {"QLM_CLIENT_TOKEN": "c", "QLM_INSTANCE_TOKEN": "i"}
+    )
     assert auth.authenticate("Bearer c", "client").scopes == {"client"}
     with pytest.raises(AuthError):
         auth.authenticate("Bearer i", "client")

@@ -15,7 +15,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_generated_code_is_current(tmp_path: Path) -> None:
     if version("grpcio-tools") != regenerate.GRPCIO_TOOLS:
-        pytest.skip(f"grpcio-tools {version('grpcio-tools')} is not {regenerate.GRPCIO_TOOLS}, the generator pinned")
+        pytest.skip(
+            f"grpcio-tools {version('grpcio-tools')} is not {regenerate.GRPCIO_TOOLS}, the generator pinned"
+        )
     for fresh in regenerate.generate(ROOT, tmp_path):
         checked_in = ROOT / fresh.relative_to(tmp_path)
         assert checked_in.read_text() == fresh.read_text(), (

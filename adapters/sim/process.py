@@ -101,8 +101,16 @@ class SimEngineLink:
             self.abort(rid)  # a newer attempt replaces the old one
         remaining = spec.max_tokens - resume
         if remaining <= 0:  # everything was delivered before the earlier attempt was lost
-            emit(Event(request_id=rid, attempt=a.attempt, kind=Event.FINISHED, index=resume, time=time.time(),
-                       finish_reason="length"))  # fmt: skip
+            emit(
+                Event(
+                    request_id=rid,
+                    attempt=a.attempt,
+                    kind=Event.FINISHED,
+                    index=resume,
+                    time=time.time(),
+                    finish_reason="length",
+                )
+            )
             return True
         true_total = spec.true_output_tokens or spec.max_tokens
         now, wall = self.sim.now, time.time()
@@ -129,8 +137,17 @@ class SimEngineLink:
                 return
             if p.kind == "tokens":
                 pos = resume + p.index
-                emit(Event(request_id=rid, attempt=attempt, kind=Event.TOKENS, index=pos, tokens=p.count,
-                           text=synthetic_text(rid, pos, p.count), time=p.time))  # fmt: skip
+                emit(
+                    Event(
+                        request_id=rid,
+                        attempt=attempt,
+                        kind=Event.TOKENS,
+                        index=pos,
+                        tokens=p.count,
+                        text=synthetic_text(rid, pos, p.count),
+                        time=p.time,
+                    )
+                )
             elif p.kind == "finished":
                 if self.record is not None:
                     self.record.write(f"{rid} {attempt}\n")
@@ -138,9 +155,18 @@ class SimEngineLink:
                 del self.attempts[rid]
                 self.urgency.pop(rid, None)
                 total = resume + p.index
-                emit(Event(request_id=rid, attempt=attempt, kind=Event.FINISHED, index=total, time=p.time,
-                           finish_reason="length" if total >= spec.max_tokens else "stop",
-                           preemptions=p.outcome.preemptions, wasted_tokens=p.outcome.wasted_tokens))  # fmt: skip
+                emit(
+                    Event(
+                        request_id=rid,
+                        attempt=attempt,
+                        kind=Event.FINISHED,
+                        index=total,
+                        time=p.time,
+                        finish_reason="length" if total >= spec.max_tokens else "stop",
+                        preemptions=p.outcome.preemptions,
+                        wasted_tokens=p.outcome.wasted_tokens,
+                    )
+                )
 
         self.attempts[rid] = attempt
         self.urgency[rid] = a.urgency
@@ -167,7 +193,9 @@ class SimEngineLink:
                 # engine's): the order means "make a seat", so the engine preempts its own victim.
                 batch = [v for v in running if v.request.slo.ttft_deadline is None]
                 if not batch:
-                    return pb.CommandAck(ok=False, error=f"request {rid!r} is not running here, nor any batch request")
+                    return pb.CommandAck(
+                        ok=False, error=f"request {rid!r} is not running here, nor any batch request"
+                    )
                 rid = inst.select_victim(batch, self.instance_id, self.sim.now).request.id
             res = inst.evict(rid, mode)
             return pb.CommandAck(
@@ -177,8 +205,8 @@ class SimEngineLink:
             ok = inst.swap_in(cmd.swap_in.request_id)
             return pb.CommandAck(ok=ok, error="" if ok else "not swapped out here")
         if op == "load_model":
-            res = inst.load_model(cmd.load_model.model, cmd.load_model.target)
-            return pb.CommandAck(ok=True, ready_at=self.sim.wall_time(res.ready_at), warm=res.warm)
+            load = inst.load_model(cmd.load_model.model, cmd.load_model.target)
+            return pb.CommandAck(ok=True, ready_at=self.sim.wall_time(load.ready_at), warm=load.warm)
         if op == "unload_model":
             ok = inst.unload_model(cmd.unload_model.model, cmd.unload_model.keep_warm)
             return pb.CommandAck(ok=ok, error="" if ok else "model not loaded")

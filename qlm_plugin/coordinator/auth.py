@@ -74,6 +74,9 @@ class Authenticator:
         principals: dict[str, Principal] = {}
         for entry in cfg.tokens:
             token = _read_token(entry, env)
+            if token in principals:  # two entries, one secret: which scopes would it hold?
+                other = entry.name or entry.token_env or entry.token_file
+                raise ValueError(f"tokens {principals[token].name!r} and {other!r} have the same value")
             principals[token] = Principal(
                 entry.name or entry.token_env or entry.token_file or "token",
                 frozenset(entry.scopes),

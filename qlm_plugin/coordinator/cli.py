@@ -32,9 +32,13 @@ def _config(args: argparse.Namespace) -> CoordinatorConfig:
     update: dict[str, Any] = {}
     host = args.host or None
     if args.http_port is not None or host:
-        update["http"] = Listen(host=host or cfg.http.host, port=cfg.http.port if args.http_port is None else args.http_port)
+        update["http"] = Listen(
+            host=host or cfg.http.host, port=cfg.http.port if args.http_port is None else args.http_port
+        )
     if args.grpc_port is not None or host:
-        update["grpc"] = Listen(host=host or cfg.grpc.host, port=cfg.grpc.port if args.grpc_port is None else args.grpc_port)
+        update["grpc"] = Listen(
+            host=host or cfg.grpc.host, port=cfg.grpc.port if args.grpc_port is None else args.grpc_port
+        )
     if args.journal:
         update["journal"] = cfg.journal.model_copy(update={"path": args.journal})
     if args.policy:
@@ -53,14 +57,22 @@ def _telemetry_sdk(endpoint: str | None) -> Any:
 
 
 def _add_coordinator_args(p: argparse.ArgumentParser, *, defaults_note: str) -> None:
-    p.add_argument("--config", metavar="FILE", help=f"coordinator settings (YAML; docs/coordinator.md). {defaults_note}")
+    p.add_argument(
+        "--config", metavar="FILE", help=f"coordinator settings (YAML; docs/coordinator.md). {defaults_note}"
+    )
     p.add_argument("--host", help="address both servers bind (default 127.0.0.1)")
     p.add_argument("--http-port", type=int, metavar="N", help="HTTP front door port (default 8000)")
     p.add_argument("--grpc-port", type=int, metavar="N", help="gRPC control plane port (default 50051)")
-    p.add_argument("--journal", metavar="PATH", help="SQLite journal of accepted requests (default qlm-journal.db)")
+    p.add_argument(
+        "--journal", metavar="PATH", help="SQLite journal of accepted requests (default qlm-journal.db)"
+    )
     p.add_argument("--policy", help="scheduling policy (default qlm)")
-    p.add_argument("--scenario", metavar="FILE", help="fleet: models, SLO classes, instances (default: packaged)")
-    p.add_argument("--otlp-endpoint", metavar="URL", help="export traces and metrics over OTLP/gRPC (otel extra)")
+    p.add_argument(
+        "--scenario", metavar="FILE", help="fleet: models, SLO classes, instances (default: packaged)"
+    )
+    p.add_argument(
+        "--otlp-endpoint", metavar="URL", help="export traces and metrics over OTLP/gRPC (otel extra)"
+    )
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
 
 
@@ -69,8 +81,12 @@ def add_parsers(sub: Any) -> None:
         "serve", help="coordinator plus simulated instances: the whole system on one machine (HTTP :8000)"
     )
     _add_coordinator_args(serve, defaults_note="Embedded defaults without one.")
-    serve.add_argument("--instances", type=int, metavar="N", help="simulated instances (default: the scenario's)")
-    serve.add_argument("--speed", type=float, default=1.0, help="simulated time runs this much faster (default 1)")
+    serve.add_argument(
+        "--instances", type=int, metavar="N", help="simulated instances (default: the scenario's)"
+    )
+    serve.add_argument(
+        "--speed", type=float, default=1.0, help="simulated time runs this much faster (default 1)"
+    )
     serve.set_defaults(func=cmd_serve)
 
     coord = sub.add_parser("coordinator", help="the coordinator alone (instances connect over gRPC)")
@@ -78,14 +94,22 @@ def add_parsers(sub: Any) -> None:
     coord.set_defaults(func=cmd_coordinator)
 
     inst = sub.add_parser("instance", help="serving instances that connect to a coordinator")
-    inst.add_argument("--backend", choices=["sim"], default="sim", help="engine kind (sim: the simulator, real time)")
-    inst.add_argument("--coordinator", default="127.0.0.1:50051", metavar="HOST:PORT", help="its gRPC address")
+    inst.add_argument(
+        "--backend", choices=["sim"], default="sim", help="engine kind (sim: the simulator, real time)"
+    )
+    inst.add_argument(
+        "--coordinator", default="127.0.0.1:50051", metavar="HOST:PORT", help="its gRPC address"
+    )
     inst.add_argument("--count", type=int, default=1, help="instances in this process (default 1)")
     inst.add_argument("--name", default="sim", help="instance id prefix (ids are NAME-0, NAME-1, ...)")
-    inst.add_argument("--gpu", help="GPU kind of the cost model (default: the scenario's first instance group)")
+    inst.add_argument(
+        "--gpu", help="GPU kind of the cost model (default: the scenario's first instance group)"
+    )
     inst.add_argument("--model", action="append", help="model served first (repeat: the others start warm)")
     inst.add_argument("--scenario", metavar="FILE", help="where models and cost-model overrides come from")
-    inst.add_argument("--speed", type=float, default=1.0, help="simulated time runs this much faster (default 1)")
+    inst.add_argument(
+        "--speed", type=float, default=1.0, help="simulated time runs this much faster (default 1)"
+    )
     inst.add_argument("--token-env", default="QLM_INSTANCE_TOKEN", help="variable holding the instance token")
     inst.add_argument("--tls-ca", metavar="FILE", help="CA certificate of the coordinator (enables TLS)")
     inst.add_argument("--tls-cert", metavar="FILE", help="client certificate (with --tls-key)")
@@ -94,8 +118,12 @@ def add_parsers(sub: Any) -> None:
     inst.set_defaults(func=cmd_instance)
 
     lt = sub.add_parser("loadtest", help="submit throughput and front-door latency against a real qlm serve")
-    lt.add_argument("--requests", type=int, default=5000, help="requests of the throughput test (default 5000)")
-    lt.add_argument("--rate", type=float, default=1000.0, help="arrivals/s of the latency test (default 1000)")
+    lt.add_argument(
+        "--requests", type=int, default=5000, help="requests of the throughput test (default 5000)"
+    )
+    lt.add_argument(
+        "--rate", type=float, default=1000.0, help="arrivals/s of the latency test (default 1000)"
+    )
     lt.add_argument("--duration", type=float, default=10.0, help="seconds of the latency test (default 10)")
     lt.add_argument("--instances", type=int, default=2, help="simulated instances (default 2)")
     lt.set_defaults(func=cmd_loadtest)
@@ -110,16 +138,21 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
     server = CoordinatorServer(cfg)
 
     def ready() -> None:
-        print(f"qlm coordinator: HTTP http://{cfg.http.host}:{server.http_port}, gRPC {cfg.grpc.host}:{server.grpc_port}",
-              flush=True)  # fmt: skip
+        print(
+            f"qlm coordinator: HTTP http://{cfg.http.host}:{server.http_port}, "
+            f"gRPC {cfg.grpc.host}:{server.grpc_port}",
+            flush=True,
+        )
 
     left = asyncio.run(serve_until_signal(server, ready))
     if providers is not None:
         from qlm_plugin import telemetry_sdk
 
         telemetry_sdk.shutdown(providers)
-    print(f"qlm coordinator: stopped ({left.get('queued', 0)} queued, {left.get('dispatched', 0)} in flight kept in "
-          f"{cfg.journal.path})")  # fmt: skip
+    print(
+        f"qlm coordinator: stopped ({left.get('queued', 0)} queued, {left.get('dispatched', 0)} in flight "
+        f"kept in {cfg.journal.path})"
+    )
     return 0
 
 
@@ -134,7 +167,9 @@ def _instances(args: argparse.Namespace) -> list[Any]:
     costs = scenario.cost_models_for(gpu)
     unknown = [m for m in models if m not in costs]
     if unknown:
-        raise ValueError(f"no cost model for {', '.join(unknown)} on {gpu} (scenario models: {', '.join(costs)})")
+        raise ValueError(
+            f"no cost model for {', '.join(unknown)} on {gpu} (scenario models: {', '.join(costs)})"
+        )
     return [
         SimInstance(
             f"{args.name}-{i}",
@@ -200,8 +235,22 @@ def cmd_serve(args: argparse.Namespace) -> int:
     children: list[subprocess.Popen[bytes]] = []
 
     def ready() -> None:
-        cmd = [sys.executable, "-m", "qlm_plugin.cli", "instance", "--backend", "sim", "--coordinator",
-               f"127.0.0.1:{server.grpc_port}", "--count", "1", "--gpu", group.gpu, "--speed", str(args.speed)]  # fmt: skip
+        cmd = [
+            sys.executable,
+            "-m",
+            "qlm_plugin.cli",
+            "instance",
+            "--backend",
+            "sim",
+            "--coordinator",
+            f"127.0.0.1:{server.grpc_port}",
+            "--count",
+            "1",
+            "--gpu",
+            group.gpu,
+            "--speed",
+            str(args.speed),
+        ]
         for m in group.models:
             cmd += ["--model", m]
         if cfg.scenario or args.scenario:
@@ -209,8 +258,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         for i in range(count):
             children.append(subprocess.Popen([*cmd, "--name", f"sim{i}"]))
         print(
-            f"qlm serve: HTTP http://{cfg.http.host}:{server.http_port} (OpenAI API under /v1, /health, /metrics), "
-            f"gRPC {cfg.grpc.host}:{server.grpc_port}, {count} simulated {group.gpu} instances of "
+            f"qlm serve: HTTP http://{cfg.http.host}:{server.http_port} (OpenAI API under /v1, /health, "
+            f"/metrics), gRPC {cfg.grpc.host}:{server.grpc_port}, {count} simulated {group.gpu} instances of "
             f"{', '.join(group.models)}, policy {cfg.policy}; Ctrl-C to stop",
             flush=True,
         )

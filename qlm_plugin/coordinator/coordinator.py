@@ -140,7 +140,12 @@ def spec_to_dict(spec: pb.RequestSpec) -> dict[str, Any]:
         "prompt": spec.prompt,
         "prompt_tokens": spec.prompt_tokens,
         "max_tokens": spec.max_tokens,
-        "slo": {"ttft_ms": slo.ttft_ms, "e2e_ms": slo.e2e_ms, "slo_class": slo.slo_class, "priority": slo.priority},
+        "slo": {
+            "ttft_ms": slo.ttft_ms,
+            "e2e_ms": slo.e2e_ms,
+            "slo_class": slo.slo_class,
+            "priority": slo.priority,
+        },
         "tenant": spec.tenant,
         "operation": spec.operation,
     }
@@ -231,9 +236,14 @@ class Coordinator:
         except (json_format.ParseError, RequestValidationError, SubmitError) as exc:
             log.error("journal record %s cannot be rebuilt (%s): marked failed", rec.request_id, exc)
             self.journal.finished(
-                rec.request_id, state="failed", output="", output_tokens=0, first_token_at=None,
-                finished_at=time.time(), error=f"cannot be rebuilt after restart: {exc}",
-            )  # fmt: skip
+                rec.request_id,
+                state="failed",
+                output="",
+                output_tokens=0,
+                first_token_at=None,
+                finished_at=time.time(),
+                error=f"cannot be rebuilt after restart: {exc}",
+            )
             return None
         job = Job(request, spec, state=rec.state, attempt=rec.attempt, instance=rec.instance_id)
         if rec.idempotency_key:
@@ -385,7 +395,8 @@ class Coordinator:
         if load[0] + 1 > limits.max_queued_requests:
             raise SubmitError(
                 "limit",
-                f"tenant {request.tenant!r} has {load[0]} unfinished requests (limit {limits.max_queued_requests})",
+                f"tenant {request.tenant!r} has {load[0]} unfinished requests "
+                f"(limit {limits.max_queued_requests})",
             )
         if load[1] + tokens > limits.max_queued_tokens:
             raise SubmitError(
@@ -400,8 +411,8 @@ class Coordinator:
             )
             raise SubmitError(
                 "slo_unattainable",
-                f"the SLO cannot be met at the current load: estimated wait {estimate.wait_mean_s or 0:.2f} s, "
-                f"probability of meeting it {estimate.p_meet or 0:.2f}",
+                f"the SLO cannot be met at the current load: estimated wait "
+                f"{estimate.wait_mean_s or 0:.2f} s, probability of meeting it {estimate.p_meet or 0:.2f}",
                 estimate=estimate,
             )
         job = Job(request, spec)
@@ -412,12 +423,14 @@ class Coordinator:
             now,
             idempotency_key=spec.idempotency_key or None,
         )
+        # Counted before the await: requests arriving together must not all pass the tenant's limit.
+        self._count_tenant(job, +1)
         try:
             await self.journal.accept(record)
         except JournalError as exc:
+            self._count_tenant(job, -1)
             raise SubmitError("invalid", f"cannot accept: {exc}", "request_id") from None
         self.jobs[job.id] = job
-        self._count_tenant(job, +1)
         if spec.idempotency_key:
             self.by_key[(spec.tenant, spec.idempotency_key)] = job.id
         self.telemetry.request_started(
@@ -459,8 +472,14 @@ class Coordinator:
         return None if rec is None else self._finished_job(rec)
 
     def _estimate(self, request: Request, now: float) -> Admission | None:
-        states = [s for s in (self.hook.qlm_instance_state(instance_id=i.instance_id, detail=False)
-                              for i in self.fleet.qlm_list_instances()) if s is not None]  # fmt: skip
+        states = [
+            s
+            for s in (
+                self.hook.qlm_instance_state(instance_id=i.instance_id, detail=False)
+                for i in self.fleet.qlm_list_instances()
+            )
+            if s is not None
+        ]
         if not states:
             return None
         est = self.hook.qlm_estimate_wait(request=request, instance=states[0], ahead=(), now=now)
@@ -497,9 +516,11 @@ class Coordinator:
         states = [
             st
             for s in self.fleet.sessions.values()
-            if s.alive and s.pull_open and (st := self.fleet.qlm_instance_state(s.instance_id, False)) is not None
+            if s.alive
+            and s.pull_open
+            and (st := self.fleet.qlm_instance_state(s.instance_id, False)) is not None
             and self._serves(s, job.request.model)
-        ]  # fmt: skip
+        ]
         target = self.hook.qlm_choose_instance(request=job.request, instances=states, now=now)
         if target is None or not self.hook.qlm_dispatch(instance_id=target, request=job.request):
             self.parked[job.id] = job
@@ -803,12 +824,14 @@ class Coordinator:
                 or job.instance != s.instance_id
                 or job.attempt != ev.attempt
             ):
-                if ev.kind not in (Event.FINISHED, Event.FAILED) and (
-                    job is None or job.state in TERMINAL or job.attempt != ev.attempt
+                stale = job is None or job.state in TERMINAL or job.attempt != ev.attempt
+                if (
+                    stale
+                    and ev.kind not in (Event.FINISHED, Event.FAILED)
+                    and ev.request_id not in s.pending_aborts
                 ):
-                    if ev.request_id not in s.pending_aborts:
-                        s.pending_aborts.add(ev.request_id)
-                        self.fleet.command(s, "abort", ev.request_id, attempt=ev.attempt)
+                    s.pending_aborts.add(ev.request_id)  # the engine still works on it for nothing
+                    self.fleet.command(s, "abort", ev.request_id, attempt=ev.attempt)
                 continue
             if ev.kind == Event.TOKENS:
                 if ev.index + ev.tokens <= job.tokens:

@@ -86,7 +86,7 @@ def _refusal(handler: Any, code: grpc.StatusCode, message: str) -> Any:
     return grpc.unary_unary_rpc_method_handler(unary, **kw)
 
 
-class RequestsService(pb_grpc.RequestsServicer):  # type: ignore[misc]
+class RequestsService(pb_grpc.RequestsServicer):
     def __init__(self, coord: Coordinator, auth: Authenticator) -> None:
         self.coord = coord
         self.auth = auth
@@ -106,14 +106,17 @@ class RequestsService(pb_grpc.RequestsServicer):  # type: ignore[misc]
         try:
             job, duplicate = await self.coord.submit(spec, tenant=tenant)
         except SubmitError as exc:
-            reply = pb.SubmitReply(accepted=False, can_meet_slo=False, reason=str(exc), code=exc.code,
-                                   field=exc.field or "")  # fmt: skip
+            reply = pb.SubmitReply(
+                accepted=False, can_meet_slo=False, reason=str(exc), code=exc.code, field=exc.field or ""
+            )
             if exc.estimate is not None:
                 reply.estimated_wait_ms = (exc.estimate.wait_mean_s or 0.0) * 1000
                 reply.p_meet = exc.estimate.p_meet or 0.0
             return reply
         adm = job.admission
-        reply = pb.SubmitReply(request_id=job.id, accepted=True, can_meet_slo=True, p_meet=1.0, duplicate=duplicate)
+        reply = pb.SubmitReply(
+            request_id=job.id, accepted=True, can_meet_slo=True, p_meet=1.0, duplicate=duplicate
+        )
         if adm is not None:
             reply.can_meet_slo = adm.can_meet_slo
             reply.estimated_wait_ms = (adm.wait_mean_s or 0.0) * 1000
@@ -157,7 +160,7 @@ class RequestsService(pb_grpc.RequestsServicer):  # type: ignore[misc]
             )
 
 
-class InstancesService(pb_grpc.InstancesServicer):  # type: ignore[misc]
+class InstancesService(pb_grpc.InstancesServicer):
     def __init__(self, coord: Coordinator) -> None:
         self.coord = coord
 
@@ -240,7 +243,7 @@ class InstancesService(pb_grpc.InstancesServicer):  # type: ignore[misc]
         return pb.ReportAck(seq=request.seq, known=True)
 
 
-class AdminService(pb_grpc.AdminServicer):  # type: ignore[misc]
+class AdminService(pb_grpc.AdminServicer):
     def __init__(self, coord: Coordinator) -> None:
         self.coord = coord
 

@@ -151,8 +151,16 @@ def parse_openai(body: Any, headers: Mapping[str, str], chat: bool) -> tuple[pb.
     ext = body.get("qlm", {})
     if not isinstance(ext, dict):
         raise BadRequest("qlm", "must be an object")
-    unknown = set(ext) - {"ttft_ms", "e2e_ms", "class", "priority", "tenant", "reject_if_late", "idempotency_key",
-                          "true_output_tokens"}  # fmt: skip
+    unknown = set(ext) - {
+        "ttft_ms",
+        "e2e_ms",
+        "class",
+        "priority",
+        "tenant",
+        "reject_if_late",
+        "idempotency_key",
+        "true_output_tokens",
+    }
     if unknown:
         raise BadRequest(f"qlm.{sorted(unknown)[0]}", "unknown field of the qlm extension")
 
@@ -250,8 +258,10 @@ class FrontDoor:
     async def health(self, request: web.Request) -> web.Response:
         instances = len(self.coord.fleet.qlm_list_instances())
         ready = self.coord.accepting and instances > 0
-        body = {"status": "ok" if ready else ("draining" if not self.coord.accepting else "no instances"),
-                "instances": instances}  # fmt: skip
+        body = {
+            "status": "ok" if ready else ("draining" if not self.coord.accepting else "no instances"),
+            "instances": instances,
+        }
         return web.json_response(body, status=200 if ready else 503)
 
     async def metrics(self, request: web.Request) -> web.Response:
@@ -301,22 +311,26 @@ class FrontDoor:
         try:
             spec, stream, include_usage = parse_openai(body, request.headers, chat)
         except BadRequest as exc:
-            return error_response(exc.status, f"{exc.param}: {exc}" if exc.param else str(exc), param=exc.param,
-                                  code=exc.code)  # fmt: skip
+            return error_response(
+                exc.status, f"{exc.param}: {exc}" if exc.param else str(exc), param=exc.param, code=exc.code
+            )
         parent = propagate.extract(request.headers)
         try:
             job, _ = await self.coord.submit(spec, tenant=principal.tenant, parent=parent)
         except SubmitError as exc:
             extra = None
             if exc.estimate is not None:
-                extra = {"estimated_wait_ms": round((exc.estimate.wait_mean_s or 0.0) * 1000, 1),
-                         "p_meet": exc.estimate.p_meet}  # fmt: skip
+                extra = {
+                    "estimated_wait_ms": round((exc.estimate.wait_mean_s or 0.0) * 1000, 1),
+                    "p_meet": exc.estimate.p_meet,
+                }
             status = SUBMIT_HTTP[exc.code]
             if exc.code == "slo_unattainable" and exc.field is not None:
                 status = 400  # no instance could meet it even idle: retrying will not help
             param = {"prompt": "messages"}.get(exc.field or "", exc.field) if chat else exc.field
-            return error_response(status, f"{param}: {exc}" if param else str(exc), param=param, code=exc.code,
-                                  extra=extra)  # fmt: skip
+            return error_response(
+                status, f"{param}: {exc}" if param else str(exc), param=param, code=exc.code, extra=extra
+            )
         try:
             if stream:
                 return await self._stream(request, job, chat, include_usage)
@@ -336,13 +350,17 @@ class FrontDoor:
     def _complete(self, job: Job, chat: bool) -> web.Response:
         if job.state != "finished":
             status = 499 if job.state == "cancelled" else 500
-            return error_response(status, f"request {job.id} {job.state}: {job.error}", code=job.state,
-                                  extra=qlm_info(job))  # fmt: skip
+            return error_response(
+                status, f"request {job.id} {job.state}: {job.error}", code=job.state, extra=qlm_info(job)
+            )
         created = int(job.request.arrival_time)
         reason = job.finish_reason or "length"
         if chat:
-            choice: dict[str, Any] = {"index": 0, "message": {"role": "assistant", "content": job.text},
-                                      "finish_reason": reason}  # fmt: skip
+            choice: dict[str, Any] = {
+                "index": 0,
+                "message": {"role": "assistant", "content": job.text},
+                "finish_reason": reason,
+            }
             obj, prefix = "chat.completion", "chatcmpl"
         else:
             choice = {"index": 0, "text": job.text, "finish_reason": reason, "logprobs": None}
@@ -370,8 +388,12 @@ class FrontDoor:
         )
         await resp.prepare(request)
         obj, prefix = ("chat.completion.chunk", "chatcmpl") if chat else ("text_completion", "cmpl")
-        base = {"id": f"{prefix}-{job.id}", "object": obj, "created": int(job.request.arrival_time),
-                "model": job.request.model}  # fmt: skip
+        base = {
+            "id": f"{prefix}-{job.id}",
+            "object": obj,
+            "created": int(job.request.arrival_time),
+            "model": job.request.model,
+        }
 
         async def send(payload: Mapping[str, Any]) -> None:
             await resp.write(b"data: " + json.dumps(payload).encode() + b"\n\n")
@@ -395,13 +417,20 @@ class FrontDoor:
         await job.done.wait()
         if job.state == "finished":
             last: dict[str, Any] = {"index": 0, "finish_reason": job.finish_reason or "length"}
-            last.update({"delta": {}} if chat else {"text": "", "logprobs": None})
+            if chat:
+                last["delta"] = {}
+            else:
+                last.update(text="", logprobs=None)
             await send({**base, "choices": [last], "qlm": qlm_info(job)})
             if include_usage:
                 await send({**base, "choices": [], "usage": self._usage(job)})
         else:
-            await send({"error": {"message": f"request {job.id} {job.state}: {job.error}", "code": job.state},
-                        "qlm": qlm_info(job)})  # fmt: skip
+            await send(
+                {
+                    "error": {"message": f"request {job.id} {job.state}: {job.error}", "code": job.state},
+                    "qlm": qlm_info(job),
+                }
+            )
         await resp.write(b"data: [DONE]\n\n")
         await resp.write_eof()
         return resp

@@ -46,16 +46,35 @@ class Served:
 
 
 @contextmanager
-def serve_process(*, instances: int = 2, speed: float = 1000.0, policy: str = "qlm", timeout_s: float = 60.0) -> Iterator[Served]:
+def serve_process(
+    *, instances: int = 2, speed: float = 1000.0, policy: str = "qlm", timeout_s: float = 60.0
+) -> Iterator[Served]:
     """``qlm serve`` in a child process on free ports with a fresh journal; waits for /health."""
     import urllib.request
 
     with tempfile.TemporaryDirectory() as tmp:
         http, grpc_port = free_port(), free_port()
-        cmd = [sys.executable, "-m", "qlm_plugin.cli", "serve", "--http-port", str(http), "--grpc-port", str(grpc_port),
-               "--instances", str(instances), "--speed", str(speed), "--policy", policy,
-               "--journal", str(Path(tmp) / "journal.db")]  # fmt: skip
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        cmd = [
+            sys.executable,
+            "-m",
+            "qlm_plugin.cli",
+            "serve",
+            "--http-port",
+            str(http),
+            "--grpc-port",
+            str(grpc_port),
+            "--instances",
+            str(instances),
+            "--speed",
+            str(speed),
+            "--policy",
+            policy,
+            "--journal",
+            str(Path(tmp) / "journal.db"),
+        ]
+        proc = subprocess.Popen(
+            cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+        )
         try:
             deadline = time.monotonic() + timeout_s
             while True:
@@ -159,13 +178,17 @@ async def front_door_latency(url: str, *, rate: float, duration_s: float, seed: 
     }
 
 
-def run(*, n: int = 5000, rate: float = 1000.0, duration_s: float = 10.0, instances: int = 2) -> dict[str, Any]:
+def run(
+    *, n: int = 5000, rate: float = 1000.0, duration_s: float = 10.0, instances: int = 2
+) -> dict[str, Any]:
     out: dict[str, Any] = {}
     # Real time for the throughput tests: the queue manager's estimates work on realistic engines.
     with serve_process(instances=instances, speed=1.0) as served:
         out["submit_batch"] = asyncio.run(submit_throughput(served.grpc_target, n, batch=100, concurrency=4))
     with serve_process(instances=instances, speed=1.0) as served:
-        out["submit_unary"] = asyncio.run(submit_throughput(served.grpc_target, n // 5, batch=1, concurrency=64))
+        out["submit_unary"] = asyncio.run(
+            submit_throughput(served.grpc_target, n // 5, batch=1, concurrency=64)
+        )
     with serve_process(instances=instances) as served:
         out["front_door"] = asyncio.run(front_door_latency(served.http_url, rate=rate, duration_s=duration_s))
     return out

@@ -151,23 +151,29 @@ class RemoteFleet:
         return s.alive and s.pull_open and self._dispatch(s, request)
 
     def command(
-        self, s: Session, op: str, request_id: str | None = None, model: str | None = None, **kw: object
+        self,
+        s: Session,
+        op: str,
+        request_id: str | None = None,
+        model: str | None = None,
+        *,
+        mode: str = "",
+        target: str = "",
+        keep_warm: bool = False,
+        attempt: int = 0,
     ) -> str:
+        """Queue a serving operation on the instance's command stream; returns its command id."""
         cid = f"c{next(self._command_ids)}"
         if op == "evict":
-            cmd = pb.Command(command_id=cid, evict=pb.Evict(request_id=request_id, mode=str(kw["mode"])))
+            cmd = pb.Command(command_id=cid, evict=pb.Evict(request_id=request_id, mode=mode))
         elif op == "swap_in":
             cmd = pb.Command(command_id=cid, swap_in=pb.SwapIn(request_id=request_id))
         elif op == "load_model":
-            cmd = pb.Command(command_id=cid, load_model=pb.LoadModel(model=model, target=str(kw["target"])))
+            cmd = pb.Command(command_id=cid, load_model=pb.LoadModel(model=model, target=target))
         elif op == "unload_model":
-            cmd = pb.Command(
-                command_id=cid, unload_model=pb.UnloadModel(model=model, keep_warm=bool(kw["keep_warm"]))
-            )
+            cmd = pb.Command(command_id=cid, unload_model=pb.UnloadModel(model=model, keep_warm=keep_warm))
         elif op == "abort":
-            cmd = pb.Command(
-                command_id=cid, abort=pb.Abort(request_id=request_id, attempt=int(kw["attempt"]))
-            )  # type: ignore[call-overload]
+            cmd = pb.Command(command_id=cid, abort=pb.Abort(request_id=request_id, attempt=attempt))
         else:
             raise ValueError(f"unknown serving operation {op!r}")
         pending = s.pending[cid] = PendingCommand(op, request_id, model, time.time())

@@ -70,9 +70,9 @@ class CoordinatorServer:
         coord = self.coordinator = Coordinator(cfg, self.scenario, journal, self._telemetry)
         await coord.start()
         server = self._grpc = grpc.aio.server(interceptors=[AuthInterceptor(self.auth)], options=GRPC_OPTIONS)
-        pb_grpc.add_RequestsServicer_to_server(RequestsService(coord, self.auth), server)
-        pb_grpc.add_InstancesServicer_to_server(InstancesService(coord), server)
-        pb_grpc.add_AdminServicer_to_server(AdminService(coord), server)
+        pb_grpc.add_RequestsServicer_to_server(RequestsService(coord, self.auth), server)  # type: ignore[no-untyped-call]  # generated stub
+        pb_grpc.add_InstancesServicer_to_server(InstancesService(coord), server)  # type: ignore[no-untyped-call]  # generated stub
+        pb_grpc.add_AdminServicer_to_server(AdminService(coord), server)  # type: ignore[no-untyped-call]  # generated stub
         self._health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         names = [pb.DESCRIPTOR.services_by_name[s.split(".")[-1]].full_name for s in SERVICES]
@@ -95,8 +95,13 @@ class CoordinatorServer:
         self.http_port = self._runner.addresses[0][1]
         log.info(
             "coordinator ready: HTTP %s:%d, gRPC %s:%d, policy %s, journal %s",
-            cfg.http.host, self.http_port, cfg.grpc.host, self.grpc_port, cfg.policy, cfg.journal.path,
-        )  # fmt: skip
+            cfg.http.host,
+            self.http_port,
+            cfg.grpc.host,
+            self.grpc_port,
+            cfg.policy,
+            cfg.journal.path,
+        )
 
     async def stop(self, drain_timeout_s: float | None = None) -> dict[str, int]:
         """Graceful drain: health NOT_SERVING, refuse new work, let dispatched requests finish (or

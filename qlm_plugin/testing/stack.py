@@ -108,7 +108,9 @@ async def local_stack(
     group = scenario.instances[0]
     costs = scenario.cost_models_for(group.gpu)
     sims = [
-        SimInstance(f"sim-{i}", group.gpu, costs, initial_model=group.models[0], warm_models=tuple(group.models[1:]))
+        SimInstance(
+            f"sim-{i}", group.gpu, costs, initial_model=group.models[0], warm_models=tuple(group.models[1:])
+        )
         for i in range(instances)
     ]
     sim = RealtimeSim(sims, speed=speed, stream_interval_s=0.02)

@@ -109,3 +109,59 @@ def test_installed_console_script_runs_on_packaged_defaults(venv: Path, tmp_path
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
     assert out["policies"]["fcfs"]["overall"]["requests"] == out["requests"] > 2000
+
+
+def test_installed_qlm_serve_answers_a_completion(venv: Path, tmp_path: Path) -> None:
+    """The README's main command from the wheel: coordinator plus simulated instance processes,
+    ready on /health, a completion through the front door, a clean stop on SIGTERM."""
+    import signal
+    import socket
+    import time
+    import urllib.request
+
+    def free_port() -> int:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return int(s.getsockname()[1])
+
+    http, grpc_port = free_port(), free_port()
+    proc = subprocess.Popen(
+        [
+            str(venv / "bin" / "qlm"),
+            "serve",
+            "--http-port",
+            str(http),
+            "--grpc-port",
+            str(grpc_port),
+            "--speed",
+            "20",
+        ],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{http}/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            assert proc.poll() is None and time.monotonic() < deadline, "qlm serve never became healthy"
+            time.sleep(0.2)
+        body = json.dumps({"model": "llama-3.1-8b", "prompt": "hello", "max_tokens": 5}).encode()
+        req = urllib.request.Request(
+            f"http://127.0.0.1:{http}/v1/completions", body, {"Content-Type": "application/json"}
+        )
+        with urllib.request.urlopen(req, timeout=30) as r:
+            out = json.loads(r.read())
+        assert out["usage"]["completion_tokens"] == 5 and len(out["choices"][0]["text"].split()) == 5
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        stdout, stderr = proc.communicate(timeout=30)
+    assert proc.returncode == 0, stderr
+    assert "loopback only" in stderr and "qlm serve: stopped" in stdout
+    assert (tmp_path / "qlm-journal.db").exists()  # the default journal, in the working folder

@@ -24,6 +24,24 @@ MODEL = "llama-3.1-8b"
 TRACEPARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
 
 
+def _points(reader: InMemoryMetricReader, name: str) -> dict[tuple[str, str], float]:
+    """The data points of one metric now: (model, slo class) -> value."""
+    out: dict[tuple[str, str], float] = {}
+    data = reader.get_metrics_data()
+    for rm in data.resource_metrics if data is not None else ():
+        for sm in rm.scope_metrics:
+            for m in sm.metrics:
+                if m.name == name:
+                    for p in m.data.data_points:
+                        attrs = dict(p.attributes or {})
+                        out[(str(attrs.get("gen_ai.request.model")), str(attrs.get("qlm.slo.class")))] = (
+                            float(
+                                p.value  # type: ignore[union-attr]
+                            )
+                        )
+    return out
+
+
 def test_a_request_life_is_one_span_with_its_events(tmp_path: Path) -> None:
     exporter = InMemorySpanExporter()
     tracer_provider = TracerProvider()
@@ -45,6 +63,7 @@ def test_a_request_life_is_one_span_with_its_events(tmp_path: Path) -> None:
                     ]
                 )
             st.coordinator.tick()
+            queued_now.update(_points(reader, "qlm.queue.depth"))
             async with (
                 aiohttp.ClientSession() as http,
                 http.post(
@@ -61,7 +80,9 @@ def test_a_request_life_is_one_span_with_its_events(tmp_path: Path) -> None:
                 body = await r.json()
             return str(body["qlm"]["request_id"])
 
+    queued_now: dict[tuple[str, str], float] = {}
     rid = asyncio.run(main())
+    assert sum(queued_now.values()) > 0 and all(model == MODEL for model, _ in queued_now)
     spans = exporter.get_finished_spans()
     mine = [
         s
@@ -101,7 +122,6 @@ def test_a_request_life_is_one_span_with_its_events(tmp_path: Path) -> None:
         "qlm.requests.finished",
         "gen_ai.server.time_to_first_token",
         "qlm.planner.duration",
-        "qlm.queue.depth",
         "qlm.slo.attainment",
     } <= metrics
     assert telemetry.open_spans() >= 0

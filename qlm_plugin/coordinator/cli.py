@@ -122,7 +122,7 @@ def add_parsers(sub: Any) -> None:
         "--requests", type=int, default=5000, help="requests of the throughput test (default 5000)"
     )
     lt.add_argument(
-        "--rate", type=float, default=1000.0, help="arrivals/s of the latency test (default 1000)"
+        "--rates", default="100,250,1000", help="arrivals/s of the latency tests (default 100,250,1000)"
     )
     lt.add_argument("--duration", type=float, default=10.0, help="seconds of the latency test (default 10)")
     lt.add_argument("--instances", type=int, default=2, help="simulated instances (default 2)")

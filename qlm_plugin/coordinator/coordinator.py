@@ -607,7 +607,11 @@ class Coordinator:
             q.put_nowait(chunk)
 
     def queue_depth(self) -> dict[tuple[str, str], int]:
-        depth: dict[tuple[str, str], int] = {}
+        # Every configured (model, class) appears, at 0 when empty: dashboards see a series drop to
+        # zero instead of vanishing.
+        depth: dict[tuple[str, str], int] = dict.fromkeys(
+            ((m, c) for m in self.models for c in self.classes), 0
+        )
         for job in list(self.jobs.values()):  # list() is atomic: scrapes run on other threads
             if job.state == "queued":
                 key = (job.request.model, job.request.slo_class)

@@ -115,14 +115,10 @@ def test_installed_qlm_serve_answers_a_completion(venv: Path, tmp_path: Path) ->
     """The README's main command from the wheel: coordinator plus simulated instance processes,
     ready on /health, a completion through the front door, a clean stop on SIGTERM."""
     import signal
-    import socket
     import time
     import urllib.request
 
-    def free_port() -> int:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            return int(s.getsockname()[1])
+    from qlm_plugin.coordinator.loadtest import free_port
 
     http, grpc_port = free_port(), free_port()
     proc = subprocess.Popen(

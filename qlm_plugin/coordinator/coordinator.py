@@ -433,21 +433,26 @@ class Coordinator:
         self.jobs[job.id] = job
         if spec.idempotency_key:
             self.by_key[(spec.tenant, spec.idempotency_key)] = job.id
-        self.telemetry.request_started(
-            job.id,
-            model=request.model,
-            operation=spec.operation,
-            slo_class=request.slo_class,
-            tenant=request.tenant,
-            max_tokens=request.max_tokens,
-            input_tokens=request.prompt_tokens,
-            ttft_slo_s=spec.slo.ttft_ms / 1000 or None,
-            e2e_slo_s=spec.slo.e2e_ms / 1000 or None,
-            start_time=now,
-            parent=parent,
-        )
+        self._trace(job, parent)
         self._admit(job, time.time())
         return job, False
+
+    def _trace(self, job: Job, parent: Any = None) -> None:
+        """Open the request's span, from its arrival."""
+        r, slo = job.request, job.spec.slo
+        self.telemetry.request_started(
+            job.id,
+            model=r.model,
+            operation=job.spec.operation or "text_completion",
+            slo_class=r.slo_class,
+            tenant=r.tenant,
+            max_tokens=r.max_tokens,
+            input_tokens=r.prompt_tokens,
+            ttft_slo_s=slo.ttft_ms / 1000 or None,
+            e2e_slo_s=slo.e2e_ms / 1000 or None,
+            start_time=r.arrival_time,
+            parent=parent,
+        )
 
     def _finished_job(self, rec: JobRecord) -> Job:
         """A read-only job for a request that left memory (status of an old request)."""
@@ -551,18 +556,7 @@ class Coordinator:
                 job.state, job.instance = "queued", None
                 self.journal.requeued(job.id)
             if job.state == "queued":
-                self.telemetry.request_started(
-                    job.id,
-                    model=job.request.model,
-                    operation=job.spec.operation or "text_completion",
-                    slo_class=job.request.slo_class,
-                    tenant=job.request.tenant,
-                    max_tokens=job.request.max_tokens,
-                    input_tokens=job.request.prompt_tokens,
-                    ttft_slo_s=job.spec.slo.ttft_ms / 1000 or None,
-                    e2e_slo_s=job.spec.slo.e2e_ms / 1000 or None,
-                    start_time=job.request.arrival_time,
-                )
+                self._trace(job)  # a new span: the one of the crashed process is gone
                 self._admit(job, now)
 
     def cancel(self, request_id: str, reason: str = "cancelled by the client") -> Job | None:

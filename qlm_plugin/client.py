@@ -98,3 +98,9 @@ class CoordinatorClient:
             pb.InstancesQuery(), timeout=self.timeout_s, metadata=self.metadata
         )
         return reply
+
+    async def evict(self, request_id: str, mode: str = "") -> pb.EvictReply:
+        reply: pb.EvictReply = await self.admin.Evict(
+            pb.EvictOrder(request_id=request_id, mode=mode), timeout=self.timeout_s, metadata=self.metadata
+        )
+        return reply

@@ -128,6 +128,16 @@ def add_parsers(sub: Any) -> None:
     lt.add_argument("--instances", type=int, default=2, help="simulated instances (default 2)")
     lt.set_defaults(func=cmd_loadtest)
 
+    bv = sub.add_parser(
+        "bench-vllm", help="QLM's scheduler against vLLM FCFS and priority on a real vLLM engine"
+    )
+    bv.add_argument("--model", help="model folder (default: build the tiny random Llama)")
+    bv.add_argument("--policies", help="comma-separated: fcfs,priority,qlm (default: all three)")
+    bv.add_argument("--batch", type=int, default=400, help="batch requests at t=0 (default 400)")
+    bv.add_argument("--interactive", type=int, default=40, help="interactive requests at 2/s (default 40)")
+    bv.add_argument("--json", action="store_true", help="JSON instead of a table")
+    bv.set_defaults(func=cmd_bench_vllm)
+
 
 def cmd_coordinator(args: argparse.Namespace) -> int:
     from qlm_plugin.coordinator.server import CoordinatorServer, serve_until_signal
@@ -285,5 +295,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_loadtest(args: argparse.Namespace) -> int:
     from qlm_plugin.coordinator.loadtest import main
+
+    return main(args)
+
+
+def cmd_bench_vllm(args: argparse.Namespace) -> int:
+    from qlm_plugin.adapters.vllm.bench import main
 
     return main(args)

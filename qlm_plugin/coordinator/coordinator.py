@@ -207,6 +207,8 @@ class Coordinator:
         self._ids = 0
         self._tasks: list[asyncio.Task[None]] = []
         self._finished_order: list[tuple[float, str]] = []
+        self._http: Any = None  # aiohttp session for instances served over HTTP (forward.py)
+        self._forwards: dict[str, asyncio.Task[None]] = {}
 
     # ------------------------------------------------------------------ life cycle
     async def start(self) -> None:
@@ -265,6 +267,10 @@ class Coordinator:
             task.cancel()
         for s in list(self.fleet.sessions.values()):
             s.close()
+        for task in list(self._forwards.values()):
+            task.cancel()
+        if self._http is not None:
+            await self._http.close()
         await self.journal.flush()
         return left
 
@@ -568,6 +574,9 @@ class Coordinator:
             s = self.fleet.live(job.instance)
             if s is not None:
                 self.fleet.command(s, "abort", job.id, attempt=job.attempt)
+            task = self._forwards.pop(job.id, None)
+            if task is not None:
+                task.cancel()  # closing the stream makes the engine abort it
         self.parked.pop(job.id, None)
         self._finish(job, "cancelled", "cancelled", error=reason)
         return job
@@ -629,6 +638,12 @@ class Coordinator:
         s.assigned[job.id] = job.attempt
         s.sent += 1
         self.journal.dispatched(job.id, job.attempt, s.instance_id)
+        if s.endpoint:  # the instance serves HTTP itself (a vLLM engine): forward the request there
+            self._forward(s, job)
+            self.telemetry.request_event(
+                job.id, "qlm.dispatched", {"qlm.instance.id": s.instance_id, "qlm.attempt": job.attempt}
+            )
+            return True
         s.assignments.put_nowait(
             pb.Assignment(
                 request=job.spec,
@@ -643,6 +658,19 @@ class Coordinator:
             job.id, "qlm.dispatched", {"qlm.instance.id": s.instance_id, "qlm.attempt": job.attempt}
         )
         return True
+
+    def _forward(self, s: Session, job: Job) -> None:
+        import aiohttp
+
+        from qlm_plugin.coordinator.forward import forward
+
+        if self._http is None:
+            self._http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
+        task = asyncio.get_running_loop().create_task(forward(self, s, job, job.attempt, self._http))
+        self._forwards[job.id] = task
+        task.add_done_callback(
+            lambda t, rid=job.id: self._forwards.pop(rid, None) if self._forwards.get(rid) is t else None
+        )
 
     def _finish(self, job: Job, state: str, finish_reason: str, error: str = "") -> None:
         now = time.time()
@@ -698,6 +726,9 @@ class Coordinator:
             s = self.fleet.sessions.get(job.instance)
             if s is not None:
                 s.assigned.pop(job.id, None)
+        task = self._forwards.pop(job.id, None)
+        if task is not None and task is not asyncio.current_task():
+            task.cancel()
         # The policy forgets the old dispatch and takes the request again (same deadlines).
         self.hook.qlm_request_finished(outcome=job.outcome(), now=now)
         job.state, job.instance = "queued", None

@@ -311,3 +311,17 @@ class AdminService(pb_grpc.AdminServicer):
                 )
             )
         return pb.InstancesSnapshot(instances=out)
+
+    async def Evict(self, request: pb.EvictOrder, context: Any) -> pb.EvictReply:
+        job = self.coord.jobs.get(request.request_id)
+        if job is None or job.state != "dispatched" or job.instance is None:
+            state = "unknown" if job is None else job.state
+            return pb.EvictReply(
+                ordered=False, reason=f"request {request.request_id!r} is not running ({state})"
+            )
+        s = self.coord.fleet.live(job.instance)
+        if s is None:
+            return pb.EvictReply(ordered=False, reason=f"instance {job.instance} is not connected")
+        mode = request.mode or ("swap" if "swap" in s.capabilities else "recompute")
+        self.coord.fleet.command(s, "evict", job.id, mode=mode)
+        return pb.EvictReply(ordered=True, instance_id=s.instance_id)

@@ -35,7 +35,17 @@ SUBMIT_HTTP = {
     "unavailable": 503,
     "slo_unattainable": 503,
 }
-SAMPLING_KEYS = ("temperature", "top_p", "top_k", "stop", "seed", "presence_penalty", "frequency_penalty")
+SAMPLING_KEYS = (
+    "temperature",
+    "top_p",
+    "top_k",
+    "stop",
+    "seed",
+    "presence_penalty",
+    "frequency_penalty",
+    "ignore_eos",
+    "min_tokens",  # vLLM extensions, passed through
+)
 
 
 class BadRequest(Exception):

@@ -410,6 +410,24 @@ class ReportAck(_message.Message):
     known: bool
     def __init__(self, seq: _Optional[int] = ..., known: _Optional[bool] = ...) -> None: ...
 
+class EvictOrder(_message.Message):
+    __slots__ = ("request_id", "mode")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    mode: str
+    def __init__(self, request_id: _Optional[str] = ..., mode: _Optional[str] = ...) -> None: ...
+
+class EvictReply(_message.Message):
+    __slots__ = ("ordered", "instance_id", "reason")
+    ORDERED_FIELD_NUMBER: _ClassVar[int]
+    INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    ordered: bool
+    instance_id: str
+    reason: str
+    def __init__(self, ordered: _Optional[bool] = ..., instance_id: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+
 class QueueQuery(_message.Message):
     __slots__ = ("model", "limit")
     MODEL_FIELD_NUMBER: _ClassVar[int]

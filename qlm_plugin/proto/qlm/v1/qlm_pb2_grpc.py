@@ -560,6 +560,11 @@ class AdminStub:
                 request_serializer=qlm__plugin_dot_proto_dot_qlm_dot_v1_dot_qlm__pb2.InstancesQuery.SerializeToString,
                 response_deserializer=qlm__plugin_dot_proto_dot_qlm_dot_v1_dot_qlm__pb2.InstancesSnapshot.FromString,
                 _registered_method=True)
+        self.Evict = channel.unary_unary(
+                '/qlm.v1.Admin/Evict',
+                request_serializer=qlm__plugin_dot_proto_dot_qlm_dot_v1_dot_qlm__pb2.EvictOrder.SerializeToString,
+                response_deserializer=qlm__plugin_dot_proto_dot_qlm_dot_v1_dot_qlm__pb2.EvictReply.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -585,6 +590,14 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Evict(self, request, context):
+        """An operator's serving operation: evict a running request from its engine (it is served
+        again from its queue, on the same engine; by recompute unless the engine can keep its KV).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -602,6 +615,11 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.ListInstances,
                     request_deserializer=qlm__plugin_dot_proto_dot_qlm_dot_v1_dot_qlm__pb2.InstancesQuery.FromString,
                     response_serializer=qlm__plugin_dot_proto_dot_qlm_dot_v1_dot_qlm__pb2.InstancesSnapshot.SerializeToString,
+            ),
+            'Evict': grpc.unary_unary_rpc_method_handler(
+                    servicer.Evict,
+                    request_deserializer=qlm__plugin_dot_proto_dot_qlm_dot_v1_dot_qlm__pb2.EvictOrder.FromString,
+                    response_serializer=qlm__plugin_dot_proto_dot_qlm_dot_v1_dot_qlm__pb2.EvictReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -687,6 +705,33 @@ class Admin:
             '/qlm.v1.Admin/ListInstances',
             qlm__plugin_dot_proto_dot_qlm_dot_v1_dot_qlm__pb2.InstancesQuery.SerializeToString,
             qlm__plugin_dot_proto_dot_qlm_dot_v1_dot_qlm__pb2.InstancesSnapshot.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Evict(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/qlm.v1.Admin/Evict',
+            qlm__plugin_dot_proto_dot_qlm_dot_v1_dot_qlm__pb2.EvictOrder.SerializeToString,
+            qlm__plugin_dot_proto_dot_qlm_dot_v1_dot_qlm__pb2.EvictReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,78 @@
+"""A request's QLM fields as the engine sees them: from vLLM's ``priority`` and ``vllm_xargs``
+(``sampling_params.extra_args``). Flat keys, as the OpenAI API's ``vllm_xargs`` allows:
+
+=====================  ==================================================================
+``qlm_id``             the coordinator's request id (evictions it orders name this id)
+``qlm_attempt``        the coordinator's dispatch number
+``qlm_class``          SLO class (``interactive``, ``batch``, ...)
+``qlm_ttft_deadline``  unix seconds by which the first token is due
+``qlm_e2e_deadline``   unix seconds by which the request must finish
+``qlm_ttft_ms``        the same, relative to arrival (clients talking to the engine directly)
+``qlm_e2e_ms``
+``qlm_tenant``
+``qlm_predicted_tokens``  the coordinator's predicted output length
+=====================  ==================================================================
+
+Offline ``LLM.generate`` may also pass them nested: ``extra_args={"qlm": {...}}``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True, slots=True)
+class QLMFields:
+    qlm_id: str | None = None
+    attempt: int = 0
+    slo_class: str = ""
+    ttft_deadline: float | None = None
+    e2e_deadline: float | None = None
+    tenant: str = ""
+    predicted_tokens: float | None = None
+    priority: int = 0  # the client's own vLLM priority (a tie-break)
+
+    @property
+    def has_slo(self) -> bool:
+        return self.ttft_deadline is not None or self.e2e_deadline is not None
+
+
+def _num(value: Any) -> float | None:
+    try:
+        x = float(value)
+    except (TypeError, ValueError):
+        return None
+    return x if math.isfinite(x) and x > 0 else None
+
+
+def parse_fields(extra_args: Mapping[str, Any] | None, *, priority: int, arrival_time: float) -> QLMFields:
+    """Malformed values are ignored (the request still runs, at default urgency)."""
+    args: dict[str, Any] = {}
+    if extra_args:
+        nested = extra_args.get("qlm")
+        if isinstance(nested, Mapping):
+            args.update(
+                {f"qlm_{k}" if not str(k).startswith("qlm_") else str(k): v for k, v in nested.items()}
+            )
+        args.update({k: v for k, v in extra_args.items() if k.startswith("qlm_")})
+    ttft = _num(args.get("qlm_ttft_deadline"))
+    e2e = _num(args.get("qlm_e2e_deadline"))
+    if ttft is None and (ms := _num(args.get("qlm_ttft_ms"))) is not None:
+        ttft = arrival_time + ms / 1000
+    if e2e is None and (ms := _num(args.get("qlm_e2e_ms"))) is not None:
+        e2e = arrival_time + ms / 1000
+    attempt = _num(args.get("qlm_attempt"))
+    qid = args.get("qlm_id")
+    return QLMFields(
+        qlm_id=str(qid) if qid is not None else None,
+        attempt=int(attempt) if attempt is not None else 0,
+        slo_class=str(args.get("qlm_class", "")),
+        ttft_deadline=ttft,
+        e2e_deadline=e2e,
+        tenant=str(args.get("qlm_tenant", "")),
+        predicted_tokens=_num(args.get("qlm_predicted_tokens")),
+        priority=int(priority),
+    )

@@ -1,0 +1,108 @@
+"""Start a vLLM OpenAI server in a child process (tests, benchmarks, the GPU script).
+
+On a CPU-only machine the child gets ``cpu_compat`` on its ``PYTHONPATH`` (see its docstring),
+``VLLM_CPU_KVCACHE_SPACE`` and offline mode. ``python -m vllm.entrypoints.openai.api_server`` is used
+because the ``vllm`` command looks up the distribution named ``vllm``, absent under ``vllm-cpu``.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+CPU_COMPAT = Path(__file__).parent / "cpu_compat"
+
+
+@dataclass
+class Server:
+    process: subprocess.Popen[bytes]
+    port: int
+    log: Path
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def stop(self, timeout_s: float = 20.0) -> None:
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+
+
+def cpu_env(env: dict[str, str] | None = None) -> dict[str, str]:
+    env = dict(os.environ if env is None else env)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(CPU_COMPAT), env.get("PYTHONPATH", "")) if p)
+    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    env.setdefault("TRANSFORMERS_OFFLINE", "1")
+    env.setdefault("VLLM_SERVER_DEV_MODE", "1")  # /pause, /resume, /sleep, /wake_up
+    return env
+
+
+def start_server(
+    model: str | Path,
+    port: int,
+    log: Path,
+    *,
+    served_name: str = "tiny",
+    max_num_seqs: int = 8,
+    max_model_len: int = 512,
+    scheduler: bool = True,
+    policy: str = "fcfs",
+    extra_args: Sequence[str] = (),
+    env: dict[str, str] | None = None,
+) -> Server:
+    """Start a server; ``scheduler`` turns QLM on (``--scheduler-cls``). Returns at once: call
+    :func:`wait_ready`."""
+    cmd = [
+        sys.executable, "-m", "vllm.entrypoints.openai.api_server",
+        "--model", str(model), "--served-model-name", served_name,
+        "--host", "127.0.0.1", "--port", str(port),
+        "--dtype", "bfloat16", "--max-model-len", str(max_model_len), "--max-num-seqs", str(max_num_seqs),
+        "--enforce-eager", "--scheduling-policy", policy,
+    ]  # fmt: skip
+    if scheduler:
+        cmd += ["--scheduler-cls", "qlm_plugin.adapters.vllm.QLMScheduler"]
+    cmd += list(extra_args)
+    out = open(log, "ab")  # noqa: SIM115 - the child owns it
+    proc = subprocess.Popen(
+        cmd, env=cpu_env(env), stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+    )
+    return Server(proc, port, log)
+
+
+def wait_ready(servers: Sequence[Server], timeout_s: float = 300.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    pending = list(servers)
+    while pending:
+        for s in list(pending):
+            if s.process.poll() is not None:
+                tail = s.log.read_text(errors="replace")[-3000:]
+                raise RuntimeError(
+                    f"vLLM server on port {s.port} exited with {s.process.returncode}:\n{tail}"
+                )
+            try:
+                with urllib.request.urlopen(f"{s.url}/health", timeout=2) as r:
+                    if r.status == 200:
+                        pending.remove(s)
+            except OSError:
+                pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"vLLM servers not ready after {timeout_s} s: {[s.port for s in pending]}")
+        time.sleep(0.5)

@@ -1,0 +1,200 @@
+"""The engine-side agent: connects a vLLM engine to the coordinator from inside EngineCore.
+
+It runs :class:`~qlm_plugin.agent.InstanceAgent` on its own thread with its own event loop, so a
+scheduling step never waits on the network; the scheduler and the agent share only a state
+snapshot (replaced whole each step), a queue of step timings and a queue of eviction orders. If the
+coordinator is unreachable the engine keeps serving with its local policy while the agent
+reconnects with backoff.
+
+Requests reach the engine through its own OpenAI server: the coordinator forwards each dispatch
+there (``endpoint``), with the QLM fields in ``vllm_xargs``. Settings come from
+``--additional-config '{"qlm": {...}}'`` or the environment:
+
+==================  =====================  ==============================================
+key                 environment            meaning
+==================  =====================  ==============================================
+``coordinator``     ``QLM_COORDINATOR``    host:port of the coordinator's gRPC server
+``instance_id``     ``QLM_INSTANCE_ID``    this engine's name (default: hostname-port)
+``endpoint``        ``QLM_ENDPOINT``       base URL of this engine's OpenAI server
+``gpu``             ``QLM_GPU``            GPU kind of the cost model (default ``cpu``)
+``token_env``       --                     variable holding the instance token (``QLM_INSTANCE_TOKEN``)
+==================  =====================  ==============================================
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import threading
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from qlm_plugin.agent import AgentSettings, InstanceAgent
+from qlm_plugin.proto.qlm.v1 import qlm_pb2 as pb
+
+log = logging.getLogger("qlm_plugin.adapters.vllm")
+
+
+def settings_from(additional_config: Any, env: dict[str, str] | None = None) -> dict[str, str] | None:
+    """The agent's settings, or None when no coordinator is configured (local policy only)."""
+    env = dict(os.environ) if env is None else env
+    cfg = additional_config.get("qlm", {}) if isinstance(additional_config, dict) else {}
+    coordinator = cfg.get("coordinator") or env.get("QLM_COORDINATOR")
+    if not coordinator:
+        return None
+    endpoint = cfg.get("endpoint") or env.get("QLM_ENDPOINT", "")
+    default_id = f"{socket.gethostname()}-{endpoint.rsplit(':', 1)[-1].strip('/') or os.getpid()}"
+    return {
+        "coordinator": str(coordinator),
+        "instance_id": str(cfg.get("instance_id") or env.get("QLM_INSTANCE_ID") or default_id),
+        "endpoint": str(endpoint),
+        "gpu": str(cfg.get("gpu") or env.get("QLM_GPU", "cpu")),
+        "token": env.get(str(cfg.get("token_env", "QLM_INSTANCE_TOKEN")), ""),
+    }
+
+
+class VLLMEngineLink:
+    """The agent's view of the engine (see :class:`qlm_plugin.agent.EngineLink`). Its methods run on
+    the agent's thread and read only what the scheduler publishes."""
+
+    backend = "vllm"
+
+    def __init__(self, sched: Any, settings: dict[str, str]) -> None:
+        self.sched = sched
+        self.instance_id = settings["instance_id"]
+        self.endpoint = settings["endpoint"]
+        self.gpu = settings["gpu"]
+        model_cfg = sched.vllm_config.model_config
+        self.model = str(getattr(model_cfg, "served_model_name", None) or model_cfg.model)
+        if isinstance(getattr(model_cfg, "served_model_name", None), (list, tuple)):
+            self.model = str(model_cfg.served_model_name[0])
+        self.on_gpu = self.gpu != "cpu"
+        caps = ["evict"]
+        if self.on_gpu:
+            caps += ["load_model", "warm_start"]
+        if sched.vllm_config.kv_transfer_config is not None:
+            caps.append("swap")
+        self.capabilities: Sequence[str] = caps
+        self.notes = [] if self.on_gpu else ["no sleep mode on CPU: load and unload are pause and resume"]
+        self.num_blocks = int(sched.cache_config.num_gpu_blocks or 0)
+        self.paused = False
+
+    def state(self) -> pb.StateReport:
+        running, waiting, usage, at = self.sched.qlm_snapshot
+        steps = []
+        while self.sched.qlm_steps:
+            s = self.sched.qlm_steps.popleft()
+            steps.append(pb.StepTiming(start=s.start, duration_s=s.duration_s, prefill_tokens=s.prefill_tokens,
+                                       decode_tokens=s.decode_tokens, batch_size=s.batch_size))  # fmt: skip
+        return pb.StateReport(
+            instance_id=self.instance_id,
+            models_loaded=[] if self.paused else [self.model],
+            models_warm=[self.model] if self.paused else [],
+            num_running=running,
+            num_waiting=waiting,
+            kv_blocks_used=int(usage * self.num_blocks),
+            kv_blocks_total=self.num_blocks,
+            max_num_seqs=int(self.sched.max_num_running_reqs),
+            step_timings=steps[-256:],
+            notes=self.notes,
+            now=at,
+        )
+
+    def free_slots(self) -> int:
+        running, waiting, usage, _ = self.sched.qlm_snapshot
+        if self.paused:
+            return 0
+        return max(0, int(self.sched.max_num_running_reqs) - running - waiting) if usage < 0.95 else 0
+
+    def held(self) -> list[pb.HeldRequest]:
+        return []  # requests arrive over HTTP from the coordinator: a lost connection aborts them
+
+    def start(self, assignment: pb.Assignment, emit: Callable[[pb.RequestEvent], None]) -> bool:
+        return False  # dispatch goes through the OpenAI server (endpoint), not the pull stream
+
+    def abort(self, request_id: str) -> None:
+        pass  # the coordinator closes the HTTP stream: vLLM aborts the request itself
+
+    def execute(self, cmd: pb.Command) -> pb.CommandAck:
+        op = cmd.WhichOneof("op")
+        if op == "evict":
+            self.sched.qlm_orders.append(cmd.evict.request_id)  # carried out at the next step
+            return pb.CommandAck(ok=True)
+        if op == "abort":
+            return pb.CommandAck(ok=True)
+        if op in ("load_model", "unload_model"):
+            target = cmd.load_model.model if op == "load_model" else cmd.unload_model.model
+            if target != self.model:
+                return pb.CommandAck(
+                    ok=False, error=f"this engine serves {self.model!r} only (one engine per model)"
+                )
+            return self._sleep_or_wake(wake=op == "load_model", keep_warm=cmd.unload_model.keep_warm)
+        return pb.CommandAck(ok=False, error=f"{op} is not supported by the vLLM adapter")
+
+    def _sleep_or_wake(self, *, wake: bool, keep_warm: bool) -> pb.CommandAck:
+        """GPU: sleep level 1 (weights to host memory) or 2, ``/wake_up``; CPU: pause and resume."""
+        import urllib.request
+
+        if not self.endpoint:
+            return pb.CommandAck(ok=False, error="no endpoint configured for this engine")
+        if self.on_gpu:
+            path = "/wake_up" if wake else f"/sleep?level={1 if keep_warm else 2}"
+        else:
+            path = "/resume" if wake else "/pause?mode=keep"
+        try:
+            req = urllib.request.Request(self.endpoint.rstrip("/") + path, method="POST")
+            with urllib.request.urlopen(req, timeout=60) as r:
+                r.read()
+        except OSError as exc:
+            return pb.CommandAck(ok=False, error=f"{path}: {exc}")
+        self.paused = not wake
+        return pb.CommandAck(ok=True, warm=keep_warm or wake)
+
+
+class Link:
+    """The agent thread and its loop."""
+
+    def __init__(self, sched: Any, settings: dict[str, str]) -> None:
+        self.engine = VLLMEngineLink(sched, settings)
+        self.agent = InstanceAgent(AgentSettings(settings["coordinator"], token=settings["token"] or None),
+                                   self.engine)  # fmt: skip
+        self.loop = asyncio.new_event_loop()
+        self._stop: asyncio.Event | None = None
+        self._room = 0  # free slots at the last step (to notice when room appears)
+        self.thread = threading.Thread(target=self._run, name="qlm-agent", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+
+        async def main() -> None:
+            self._stop = asyncio.Event()
+            await self.agent.run(self._stop)
+
+        try:
+            self.loop.run_until_complete(main())
+        except Exception:
+            log.exception("the QLM agent stopped; the engine keeps serving with its local policy")
+
+    def step_done(self) -> None:
+        """Called by the scheduler after each step: wake the agent when room appeared."""
+        room = self.engine.free_slots()
+        if room > self._room:
+            self.loop.call_soon_threadsafe(self.agent.room)
+        self._room = room
+
+    def stop(self) -> None:
+        if self._stop is not None:
+            self.loop.call_soon_threadsafe(self._stop.set)
+        self.thread.join(timeout=5)
+
+
+def start_link(sched: Any) -> Link | None:
+    settings = settings_from(getattr(sched.vllm_config, "additional_config", None))
+    if settings is None:
+        log.info("QLM scheduler without a coordinator: local policy only")
+        return None
+    log.info("QLM agent: instance %s -> coordinator %s", settings["instance_id"], settings["coordinator"])
+    return Link(sched, settings)

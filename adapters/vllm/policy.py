@@ -1,0 +1,108 @@
+"""The in-engine policy: urgency of waiting requests, preemption victims, and when to evict.
+
+Pure Python over plain objects (anything with the attributes of :class:`RunningLike`), so it is
+tested with a fake clock and no engine. The scheduler subclass calls it on vLLM's own requests.
+Thread safety: not thread-safe; one scheduler thread calls it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from qlm_plugin.adapters.vllm.fields import QLMFields
+
+#: Requests without an SLO rank as if due this long after arrival (default urgency).
+DEFAULT_SLACK_S = 60.0
+#: A client's own vLLM priority shifts a request without an SLO by this much per unit.
+PRIORITY_STEP_S = 1.0
+#: vLLM's priority is an int: urgency keys are milliseconds after the scheduler's epoch.
+_INT_MAX = 2**62
+
+
+class RunningLike(Protocol):
+    request_id: str
+    arrival_time: float
+    num_output_tokens: int
+    max_tokens: int
+    num_prompt_tokens: int
+
+
+@dataclass(frozen=True, slots=True)
+class Eviction:
+    request_id: str
+    reason: str
+
+
+class InEnginePolicy:
+    """Least-slack ordering from deadlines and predicted remaining work.
+
+    ``step_s`` is the engine's measured time per decode step (each running request gains one
+    token per step), kept up to date by the scheduler."""
+
+    def __init__(self, epoch: float, step_s: float = 0.02) -> None:
+        self.epoch = epoch
+        self.step_s = step_s
+
+    def observe_step(self, duration_s: float, decode_tokens: int) -> None:
+        if decode_tokens > 0 and duration_s > 0:
+            self.step_s = 0.9 * self.step_s + 0.1 * duration_s
+
+    def remaining_tokens(self, r: RunningLike, f: QLMFields) -> float:
+        target = f.predicted_tokens if f.predicted_tokens is not None else r.max_tokens
+        return max(1.0, min(target, r.max_tokens) - r.num_output_tokens)
+
+    def urgency(self, r: RunningLike, f: QLMFields) -> float:
+        """When the request must start, at the latest (lower: more urgent)."""
+        if f.ttft_deadline is not None and r.num_output_tokens == 0:
+            return f.ttft_deadline
+        if f.e2e_deadline is not None:
+            return f.e2e_deadline - self.remaining_tokens(r, f) * self.step_s
+        return r.arrival_time + DEFAULT_SLACK_S + f.priority * PRIORITY_STEP_S
+
+    def rank(self, r: RunningLike, f: QLMFields) -> int:
+        """The urgency as vLLM's integer priority (its waiting heap and its victim choice use it)."""
+        ms = (self.urgency(r, f) - self.epoch) * 1000.0
+        return int(max(-_INT_MAX, min(_INT_MAX, ms)))
+
+    def slack(self, r: RunningLike, f: QLMFields, now: float) -> float:
+        """Seconds a running request could lose and still meet its SLO (inf without one)."""
+        if f.ttft_deadline is not None and r.num_output_tokens == 0:
+            return f.ttft_deadline - now - self.step_s
+        if f.e2e_deadline is None:
+            return math.inf
+        # A recompute costs the prompt and the tokens so far again (a prefill step or so).
+        return f.e2e_deadline - now - (self.remaining_tokens(r, f) + 1) * self.step_s - self.step_s
+
+    def choose_eviction(
+        self,
+        head: RunningLike,
+        head_fields: QLMFields,
+        running: Sequence[tuple[RunningLike, QLMFields]],
+        now: float,
+        seats: int,
+    ) -> Eviction | None:
+        """Evict only when the most urgent waiting request would otherwise miss its TTFT SLO: every
+        seat is taken and the first one to free (predicted) frees too late. The victim is the running
+        request with the most slack, provided it keeps enough to meet its own SLO after a recompute."""
+        deadline = head_fields.ttft_deadline
+        if deadline is None or head.num_output_tokens > 0 or len(running) < seats or not running:
+            return None
+        start_by = deadline - self.step_s  # its prefill takes about a step
+        if now > start_by:
+            return None  # too late whatever happens: evicting would only waste work
+        first_free = min(self.remaining_tokens(r, f) * self.step_s for r, f in running)
+        if now + first_free <= start_by:
+            return None  # a seat frees in time: no eviction
+        candidates = [
+            (self.slack(r, f, now), r) for r, f in running if f.ttft_deadline is None or r.num_output_tokens
+        ]
+        candidates = [(s, r) for s, r in candidates if s > 0]
+        if not candidates:
+            return None
+        _, victim = max(candidates, key=lambda c: (c[0], c[1].arrival_time))
+        return Eviction(
+            victim.request_id, f"{head.request_id} would start {first_free:.2f} s from now, after its TTFT"
+        )

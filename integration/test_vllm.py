@@ -28,6 +28,7 @@ from qlm_plugin.proto.qlm.v1 import qlm_pb2 as pb
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "tiny"
+BATCHED = 2048  # the engines' token budget per step (the calibrated simulator uses the same)
 
 pytestmark = pytest.mark.slow
 
@@ -55,9 +56,22 @@ class Stack:
         return f"127.0.0.1:{self.grpc}"
 
     def start_coordinator(self) -> None:
-        cmd = [sys.executable, "-m", "qlm_plugin.cli", "coordinator", "--config", str(self.tmp / "coordinator.yaml"),
-               "--scenario", str(ROOT / "scenarios/tiny_cpu.yaml"), "--journal", str(self.tmp / "journal.db"),
-               "--http-port", str(self.http), "--grpc-port", str(self.grpc)]  # fmt: skip
+        cmd = [
+            sys.executable,
+            "-m",
+            "qlm_plugin.cli",
+            "coordinator",
+            "--config",
+            str(self.tmp / "coordinator.yaml"),
+            "--scenario",
+            str(ROOT / "scenarios/tiny_cpu.yaml"),
+            "--journal",
+            str(self.tmp / "journal.db"),
+            "--http-port",
+            str(self.http),
+            "--grpc-port",
+            str(self.grpc),
+        ]
         log = open(self.tmp / "coordinator.log", "ab")  # noqa: SIM115 - the child owns it
         self.coordinator = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
@@ -92,16 +106,33 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     tmp = tmp_path_factory.mktemp("vllm")
     (tmp / "coordinator.yaml").write_text("heartbeat_interval_s: 0.5\nheartbeat_timeout_s: 4.0\n")
     model = tmp / "tiny-llama"
-    subprocess.run([sys.executable, "-m", "qlm_plugin.testing.tiny_model", str(model)], check=True,
-                   env=cpu_env(), capture_output=True, timeout=300)  # fmt: skip
+    subprocess.run(
+        [sys.executable, "-m", "qlm_plugin.testing.tiny_model", str(model)],
+        check=True,
+        env=cpu_env(),
+        capture_output=True,
+        timeout=300,
+    )
     st = Stack(tmp, free_port(), free_port(), None, {})  # type: ignore[arg-type]
     st.start_coordinator()
     try:
         for name in ("vllm-a", "vllm-b"):
             port = free_port()
-            env = {**os.environ, "QLM_COORDINATOR": st.target, "QLM_INSTANCE_ID": name,
-                   "QLM_ENDPOINT": f"http://127.0.0.1:{port}"}  # fmt: skip
-            st.engines[name] = start_server(model, port, tmp / f"{name}.log", served_name=MODEL, env=env)
+            env = {
+                **os.environ,
+                "QLM_COORDINATOR": st.target,
+                "QLM_INSTANCE_ID": name,
+                "QLM_ENDPOINT": f"http://127.0.0.1:{port}",
+                "QLM_VLLM_STEPS": str(tmp / f"{name}.steps"),
+            }
+            st.engines[name] = start_server(
+                model,
+                port,
+                tmp / f"{name}.log",
+                served_name=MODEL,
+                env=env,
+                extra_args=["--max-num-batched-tokens", str(BATCHED)],
+            )
         wait_ready(list(st.engines.values()), timeout_s=600)
         _wait_registered(st, 2)
         yield st
@@ -124,8 +155,11 @@ async def _complete(url: str, body: dict[str, Any]) -> tuple[float, dict[str, An
 def _preemptions(server: Any) -> float:
     with urllib.request.urlopen(f"{server.url}/metrics", timeout=5) as r:
         text = r.read().decode()
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if line.startswith("vllm:num_preemptions_total"))  # fmt: skip
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("vllm:num_preemptions_total")
+    )
 
 
 def test_one_flag_turns_qlm_on_and_the_engines_register(stack: Stack) -> None:
@@ -140,8 +174,18 @@ def test_one_flag_turns_qlm_on_and_the_engines_register(stack: Stack) -> None:
 
 
 def test_a_completion_through_the_front_door_runs_on_an_engine(stack: Stack) -> None:
-    _, out = asyncio.run(_complete(stack.url, {"model": MODEL, "prompt": "hello world", "max_tokens": 12,
-                                               "ignore_eos": True, "qlm": {"ttft_ms": 5000}}))  # fmt: skip
+    _, out = asyncio.run(
+        _complete(
+            stack.url,
+            {
+                "model": MODEL,
+                "prompt": "hello world",
+                "max_tokens": 12,
+                "ignore_eos": True,
+                "qlm": {"ttft_ms": 5000},
+            },
+        )
+    )
     assert out["usage"]["completion_tokens"] == 12
     assert out["qlm"]["instance_id"] in stack.engines and out["qlm"]["slo_met"] is True
 
@@ -149,18 +193,37 @@ def test_a_completion_through_the_front_door_runs_on_an_engine(stack: Stack) -> 
 def test_interactive_requests_overtake_queued_batch_work(stack: Stack) -> None:
     async def run() -> tuple[list[float], list[float], float]:
         async with CoordinatorClient(stack.target) as c:
-            replies = await c.submit_batch([
-                pb.RequestSpec(model=MODEL, prompt="the quick brown fox " * 4, max_tokens=160,
-                               true_output_tokens=160, slo=pb.SLO(slo_class="batch")) for _ in range(48)
-            ])  # fmt: skip
+            replies = await c.submit_batch(
+                [
+                    pb.RequestSpec(
+                        model=MODEL,
+                        prompt="the quick brown fox " * 4,
+                        max_tokens=160,
+                        true_output_tokens=160,
+                        slo=pb.SLO(slo_class="batch"),
+                    )
+                    for _ in range(48)
+                ]
+            )
             batch_ids = [r.request_id for r in replies]
             assert all(r.accepted for r in replies)
             await asyncio.sleep(1.0)  # the engines are full, batch work is queued
             t0 = time.monotonic()
-            interactive = await asyncio.gather(*(
-                _complete(stack.url, {"model": MODEL, "prompt": "hello", "max_tokens": 8, "ignore_eos": True,
-                                      "qlm": {"ttft_ms": 3000, "class": "interactive"}}) for _ in range(6)
-            ))  # fmt: skip
+            interactive = await asyncio.gather(
+                *(
+                    _complete(
+                        stack.url,
+                        {
+                            "model": MODEL,
+                            "prompt": "hello",
+                            "max_tokens": 8,
+                            "ignore_eos": True,
+                            "qlm": {"ttft_ms": 3000, "class": "interactive"},
+                        },
+                    )
+                    for _ in range(6)
+                )
+            )
             done_interactive = time.monotonic() - t0
             ttfts = [out["qlm"]["ttft_ms"] / 1000 for _, out in interactive]
             statuses = [await c.status(r) for r in batch_ids]
@@ -179,8 +242,15 @@ def test_interactive_requests_overtake_queued_batch_work(stack: Stack) -> None:
 def test_a_coordinator_ordered_eviction_happens_and_the_request_completes_once(stack: Stack) -> None:
     async def run() -> tuple[pb.EvictReply, pb.RequestStatus, float, str]:
         async with CoordinatorClient(stack.target) as c:
-            reply = await c.submit(pb.RequestSpec(model=MODEL, prompt="hello world", max_tokens=300,
-                                                  true_output_tokens=300, slo=pb.SLO(slo_class="batch")))  # fmt: skip
+            reply = await c.submit(
+                pb.RequestSpec(
+                    model=MODEL,
+                    prompt="hello world",
+                    max_tokens=300,
+                    true_output_tokens=300,
+                    slo=pb.SLO(slo_class="batch"),
+                )
+            )
             rid = reply.request_id
             while (st := await c.status(rid)).output_tokens < 20:
                 assert st.state != "finished"
@@ -205,8 +275,13 @@ def test_the_engines_serve_with_the_coordinator_down_and_reconnect(stack: Stack)
     os.killpg(stack.coordinator.pid, signal.SIGKILL)
     stack.coordinator.wait(10)
     server = stack.engines["vllm-a"]
-    body = {"model": MODEL, "prompt": "hello", "max_tokens": 10, "ignore_eos": True,
-            "vllm_xargs": {"qlm_ttft_ms": 2000, "qlm_class": "interactive"}}  # fmt: skip
+    body = {
+        "model": MODEL,
+        "prompt": "hello",
+        "max_tokens": 10,
+        "ignore_eos": True,
+        "vllm_xargs": {"qlm_ttft_ms": 2000, "qlm_class": "interactive"},
+    }
     _, out = asyncio.run(_complete(server.url, body))  # straight to the engine, local policy
     assert out["usage"]["completion_tokens"] == 10
     stack.start_coordinator()
@@ -214,13 +289,70 @@ def test_the_engines_serve_with_the_coordinator_down_and_reconnect(stack: Stack)
     assert {i.instance_id for i in got} == {"vllm-a", "vllm-b"}
 
 
+def test_the_simulator_calibrated_from_the_engine_reproduces_its_latencies(stack: Stack) -> None:
+    """Item 5: a short trace through the real engine, and through the simulator whose cost model
+    is fitted to that engine's own step timings; per-request latencies must agree within 20%."""
+    import random
+    import statistics
+
+    from qlm_plugin.adapters.vllm.fidelity import Replayed, calibrated_model, fit, read_steps, replay
+
+    server = stack.engines["vllm-a"]
+    rng = random.Random(7)
+    plan = [
+        (i * 0.3 + rng.uniform(0, 0.2), rng.choice([4, 16, 48]), rng.choice([24, 64, 128])) for i in range(24)
+    ]
+
+    async def run() -> tuple[float, list[tuple[float, int, int, float]]]:
+        t0 = time.monotonic()
+        wall0 = time.time()
+
+        async def one(at: float, words: int, out: int) -> tuple[float, int, int, float]:
+            await asyncio.sleep(at)
+            sent = time.monotonic() - t0
+            body = {
+                "model": MODEL,
+                "prompt": "the quick brown fox " * words,
+                "max_tokens": out,
+                "ignore_eos": True,
+            }
+            latency, resp = await _complete(server.url, body)
+            return sent, int(resp["usage"]["prompt_tokens"]), out, latency
+
+        return wall0, list(await asyncio.gather(*(one(*p) for p in plan)))
+
+    wall0, measured = asyncio.run(run())
+    steps = read_steps(stack.tmp / "vllm-a.steps", wall0, time.time())
+    coef = fit(steps)
+    cost = calibrated_model(coef, max_num_seqs=8, max_batched=BATCHED)
+    simulated = replay([Replayed(sent, prompt, out) for sent, prompt, out, _ in measured], cost)
+    errors = [
+        abs((o.e2e or 0.0) - real) / real for o, (_, _, _, real) in zip(simulated, measured, strict=True)
+    ]
+    median_error = statistics.median(errors)
+    print(
+        f"\nfidelity: {len(steps)} steps fitted, b0={coef[0]:.0f} us, b1={coef[1]:.2f} us/prefill token, "
+        f"b2={coef[2]:.1f} us/decode token; median abs error of per-request latency "
+        f"{median_error * 100:.1f}% "
+        f"(p90 {statistics.quantiles(errors, n=10)[8] * 100:.1f}%)"
+    )
+    assert len(steps) > 100
+    assert median_error <= 0.20
+
+
 def test_a_killed_engine_has_its_requests_finished_on_the_other(stack: Stack) -> None:
     async def run() -> list[dict[str, Any]]:
         async with aiohttp.ClientSession() as http:
 
             async def one() -> dict[str, Any]:
-                body = {"model": MODEL, "prompt": "the lazy dog", "max_tokens": 240, "ignore_eos": True,
-                        "stream": True, "stream_options": {"include_usage": True}}  # fmt: skip
+                body = {
+                    "model": MODEL,
+                    "prompt": "the lazy dog",
+                    "max_tokens": 240,
+                    "ignore_eos": True,
+                    "stream": True,
+                    "stream_options": {"include_usage": True},
+                }
                 text, usage, info = [], None, {}
                 async with http.post(f"{stack.url}/v1/completions", json=body) as r:
                     assert r.status == 200

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import pytest
 
@@ -25,13 +26,25 @@ class Req:
 
 
 def test_fields_from_vllm_xargs_and_nested_extra_args() -> None:
-    f = parse_fields({"qlm_id": "r1", "qlm_attempt": 2, "qlm_class": "interactive", "qlm_ttft_deadline": NOW + 1,
-                      "qlm_tenant": "acme", "qlm_predicted_tokens": 40, "other": 1}, priority=3, arrival_time=NOW)  # fmt: skip
+    f = parse_fields(
+        {
+            "qlm_id": "r1",
+            "qlm_attempt": 2,
+            "qlm_class": "interactive",
+            "qlm_ttft_deadline": NOW + 1,
+            "qlm_tenant": "acme",
+            "qlm_predicted_tokens": 40,
+            "other": 1,
+        },
+        priority=3,
+        arrival_time=NOW,
+    )
     assert f == QLMFields("r1", 2, "interactive", NOW + 1, None, "acme", 40.0, 3)
     rel = parse_fields({"qlm": {"ttft_ms": 500, "e2e_ms": 9000}}, priority=0, arrival_time=NOW)
     assert (rel.ttft_deadline, rel.e2e_deadline) == (NOW + 0.5, NOW + 9.0)
-    junk = parse_fields({"qlm_ttft_ms": "soon", "qlm_e2e_deadline": -5, "qlm_attempt": "x"}, priority=0,
-                        arrival_time=NOW)  # fmt: skip
+    junk = parse_fields(
+        {"qlm_ttft_ms": "soon", "qlm_e2e_deadline": -5, "qlm_attempt": "x"}, priority=0, arrival_time=NOW
+    )
     assert not junk.has_slo and junk.attempt == 0  # malformed values: default urgency, still served
     assert not parse_fields(None, priority=0, arrival_time=NOW).has_slo
 
@@ -51,37 +64,50 @@ def test_waiting_order_puts_ttft_bound_before_batch_and_no_slo_last() -> None:
     assert isinstance(ranks["i"], int)  # vLLM's priority is an int
 
 
+def _lookup(pairs: list[tuple[Req, QLMFields]]) -> tuple[list[Req], Any]:
+    table = {r.request_id: f for r, f in pairs}
+    return [r for r, _ in pairs], table.__getitem__
+
+
 def test_no_eviction_while_a_seat_frees_in_time() -> None:
     p = InEnginePolicy(epoch=NOW, step_s=0.02)
-    head = Req("i")
-    running = [(Req(f"b{k}", num_output_tokens=250), QLMFields()) for k in range(8)]  # 6 tokens left each
-    assert p.choose_eviction(head, QLMFields(ttft_deadline=NOW + 1.0), running, NOW, seats=8) is None
-    assert (
-        p.choose_eviction(head, QLMFields(ttft_deadline=NOW + 1.0), running[:7], NOW, seats=8) is None
-    )  # a free seat
+    head, urgent = Req("i"), QLMFields(ttft_deadline=NOW + 1.0)
+    running, fields = _lookup(
+        [(Req(f"b{k}", num_output_tokens=250), QLMFields()) for k in range(8)]
+    )  # 6 left
+    assert p.choose_eviction(head, urgent, running, fields, NOW, seats=8) is None
+    assert p.choose_eviction(head, urgent, running[:7], fields, NOW, seats=8) is None  # a free seat
 
 
 def test_eviction_only_when_the_ttft_would_be_missed_and_of_the_one_with_most_slack() -> None:
     p = InEnginePolicy(epoch=NOW, step_s=0.02)
-    running = [
+    urgent = QLMFields(ttft_deadline=NOW + 1.0)
+    pairs = [
         (
             Req("tight", num_output_tokens=10),
             QLMFields(e2e_deadline=NOW + 6.0),
-        ),  # 5 s of work left: 1 s slack
+        ),  # 5 s of work left, 1 s slack
         (Req("loose", num_output_tokens=10), QLMFields(e2e_deadline=NOW + 600.0)),
         (Req("none", num_output_tokens=10, arrival_time=NOW - 5), QLMFields()),  # no SLO: infinite slack
-        (Req("urgent", num_output_tokens=0), QLMFields(ttft_deadline=NOW + 0.5)),  # never evicted for another
+        (
+            Req("urgent", num_output_tokens=0, max_tokens=4096),
+            QLMFields(ttft_deadline=NOW + 0.5),
+        ),  # no victim
     ]
-    choice = p.choose_eviction(Req("i"), QLMFields(ttft_deadline=NOW + 1.0), running, NOW, seats=4)
+    running, fields = _lookup(pairs)
+    choice = p.choose_eviction(Req("i"), urgent, running, fields, NOW, seats=4)
     assert choice is not None and choice.request_id == "none"
-    assert p.slack(*running[2], NOW) == math.inf
+    assert p.slack(*pairs[2], NOW) == math.inf
     # Already too late: evicting would waste work for nothing.
-    assert p.choose_eviction(Req("i"), QLMFields(ttft_deadline=NOW - 0.1), running, NOW, seats=4) is None
+    late = QLMFields(ttft_deadline=NOW - 0.1)
+    assert p.choose_eviction(Req("i"), late, running, fields, NOW, seats=4) is None
     # No TTFT SLO at the head: never evict.
-    assert p.choose_eviction(Req("b"), QLMFields(e2e_deadline=NOW + 5), running, NOW, seats=4) is None
+    assert p.choose_eviction(Req("b"), QLMFields(e2e_deadline=NOW + 5), running, fields, NOW, seats=4) is None
     # Nobody can afford it: no eviction.
-    only_tight = [(Req(f"t{k}", num_output_tokens=10), QLMFields(e2e_deadline=NOW + 4.95)) for k in range(2)]
-    assert p.choose_eviction(Req("i"), QLMFields(ttft_deadline=NOW + 1.0), only_tight, NOW, seats=2) is None
+    tight, tight_fields = _lookup(
+        [(Req(f"t{k}", num_output_tokens=10), QLMFields(e2e_deadline=NOW + 4.95)) for k in range(2)]
+    )
+    assert p.choose_eviction(Req("i"), urgent, tight, tight_fields, NOW, seats=2) is None
 
 
 def test_step_time_follows_measurements() -> None:

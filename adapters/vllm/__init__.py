@@ -52,7 +52,8 @@ def check_vllm(version: str | None = None) -> str:
     if not low <= _parse(version) < high:
         raise UnsupportedVLLMError(
             f"qlm-plugin's vLLM adapter supports vLLM >={low[0]}.{low[1]},<{high[0]}.{high[1]}; "
-            f"vLLM {version} is installed (its scheduler interface is not public and changes between releases)"
+            f"vLLM {version} is installed (its scheduler interface is not public and changes between "
+            "releases)"
         )
     return version
 

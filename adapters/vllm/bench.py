@@ -41,12 +41,14 @@ def _metric(url: str, name: str) -> float:
     return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name))
 
 
-async def _workload(url: str, *, batch: int, batch_tokens: int, interactive: int, rate: float, slo_s: float,
-                    policy: str) -> tuple[list[float], float]:  # fmt: skip
+async def _workload(
+    url: str, *, batch: int, batch_tokens: int, interactive: int, rate: float, slo_s: float, policy: str
+) -> tuple[list[float], float]:
     import aiohttp
 
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0),
-                                     timeout=aiohttp.ClientTimeout(total=None)) as http:  # fmt: skip
+    async with aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=0), timeout=aiohttp.ClientTimeout(total=None)
+    ) as http:
         t0 = time.monotonic()
 
         async def one_batch() -> float:
@@ -82,26 +84,56 @@ async def _workload(url: str, *, batch: int, batch_tokens: int, interactive: int
                         ttft = time.monotonic() - sent
             return ttft
 
-        batch_tasks = [asyncio.create_task(one_batch()) for _ in range(batch)]
+        batch_tasks = []
+        for i in range(batch):  # in waves: 400 simultaneous connects overflow the listen backlog
+            batch_tasks.append(asyncio.create_task(one_batch()))
+            if i % 50 == 49:
+                await asyncio.sleep(0.05)
         await asyncio.sleep(0.5)  # the backlog is in the engine before the first interactive request
         ttfts = await asyncio.gather(*(one_interactive(i / rate) for i in range(interactive)))
         makespan = max(await asyncio.gather(*batch_tasks))
     return list(ttfts), makespan
 
 
-def run_policy(model: Path, policy: str, port: int, work: Path, *, batch: int = 400, batch_tokens: int = 256,
-               interactive: int = 40, rate: float = 2.0, slo_s: float = 1.0) -> BenchResult:  # fmt: skip
+def run_policy(
+    model: Path,
+    policy: str,
+    port: int,
+    work: Path,
+    *,
+    batch: int = 400,
+    batch_tokens: int = 256,
+    interactive: int = 40,
+    rate: float = 2.0,
+    slo_s: float = 1.0,
+    max_num_seqs: int = 8,
+) -> BenchResult:
     from qlm_plugin.adapters.vllm.launch import start_server, wait_ready
 
     stats = work / f"{policy}.stats.jsonl"
-    server = start_server(model, port, work / f"{policy}.log", scheduler=policy == "qlm",
-                          policy="priority" if policy == "priority" else "fcfs",
-                          env={**__import__("os").environ, "QLM_VLLM_STATS": str(stats)})  # fmt: skip
+    server = start_server(
+        model,
+        port,
+        work / f"{policy}.log",
+        max_num_seqs=max_num_seqs,
+        scheduler=policy == "qlm",
+        policy="priority" if policy == "priority" else "fcfs",
+        env={**__import__("os").environ, "QLM_VLLM_STATS": str(stats)},
+    )
     try:
         wait_ready([server], timeout_s=600)
         before = _metric(server.url, "vllm:num_preemptions_total")
-        ttfts, makespan = asyncio.run(_workload(server.url, batch=batch, batch_tokens=batch_tokens,
-                                                interactive=interactive, rate=rate, slo_s=slo_s, policy=policy))  # fmt: skip
+        ttfts, makespan = asyncio.run(
+            _workload(
+                server.url,
+                batch=batch,
+                batch_tokens=batch_tokens,
+                interactive=interactive,
+                rate=rate,
+                slo_s=slo_s,
+                policy=policy,
+            )
+        )
         preemptions = _metric(server.url, "vllm:num_preemptions_total") - before
     finally:
         server.stop()
@@ -136,14 +168,19 @@ def run(model: Path | None = None, policies: tuple[str, ...] = POLICIES, **kw: A
             from qlm_plugin.adapters.vllm.launch import cpu_env
 
             model = work / "tiny-llama"
-            subprocess.run([sys.executable, "-m", "qlm_plugin.testing.tiny_model", str(model)], check=True,
-                           env=cpu_env(), capture_output=True)  # fmt: skip
+            subprocess.run(
+                [sys.executable, "-m", "qlm_plugin.testing.tiny_model", str(model)],
+                check=True,
+                env=cpu_env(),
+                capture_output=True,
+            )
         return [run_policy(model, p, free_port(), work, **kw) for p in policies]
 
 
 def table(results: list[BenchResult]) -> str:
     lines = [
-        "| policy | interactive SLO met | TTFT p50 | TTFT p90 | batch makespan | preemptions | QLM µs/step | QLM share of step |",
+        "| policy | interactive SLO met | TTFT p50 | TTFT p90 | batch makespan | preemptions | QLM µs/step "
+        "| QLM share of step |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     base = next((r.batch_makespan_s for r in results if r.policy == "fcfs"), None)

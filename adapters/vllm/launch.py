@@ -8,6 +8,7 @@ because the ``vllm`` command looks up the distribution named ``vllm``, absent un
 from __future__ import annotations
 
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -71,15 +72,31 @@ def start_server(
     """Start a server; ``scheduler`` turns QLM on (``--scheduler-cls``). Returns at once: call
     :func:`wait_ready`."""
     cmd = [
-        sys.executable, "-m", "vllm.entrypoints.openai.api_server",
-        "--model", str(model), "--served-model-name", served_name,
-        "--host", "127.0.0.1", "--port", str(port),
-        "--dtype", "bfloat16", "--max-model-len", str(max_model_len), "--max-num-seqs", str(max_num_seqs),
-        "--enforce-eager", "--scheduling-policy", policy,
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        str(model),
+        "--served-model-name",
+        served_name,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--dtype",
+        "bfloat16",
+        "--max-model-len",
+        str(max_model_len),
+        "--max-num-seqs",
+        str(max_num_seqs),
+        "--enforce-eager",
+        "--scheduling-policy",
+        policy,
+    ]
     if scheduler:
         cmd += ["--scheduler-cls", "qlm_plugin.adapters.vllm.QLMScheduler"]
     cmd += list(extra_args)
+    cmd += shlex.split(os.environ.get("QLM_EXTRA_VLLM_ARGS", ""))  # e.g. --kv-offloading-size 32
     out = open(log, "ab")  # noqa: SIM115 - the child owns it
     proc = subprocess.Popen(
         cmd, env=cpu_env(env), stdout=out, stderr=subprocess.STDOUT, start_new_session=True

@@ -86,8 +86,15 @@ class VLLMEngineLink:
         steps = []
         while self.sched.qlm_steps:
             s = self.sched.qlm_steps.popleft()
-            steps.append(pb.StepTiming(start=s.start, duration_s=s.duration_s, prefill_tokens=s.prefill_tokens,
-                                       decode_tokens=s.decode_tokens, batch_size=s.batch_size))  # fmt: skip
+            steps.append(
+                pb.StepTiming(
+                    start=s.start,
+                    duration_s=s.duration_s,
+                    prefill_tokens=s.prefill_tokens,
+                    decode_tokens=s.decode_tokens,
+                    batch_size=s.batch_size,
+                )
+            )
         return pb.StateReport(
             instance_id=self.instance_id,
             models_loaded=[] if self.paused else [self.model],
@@ -158,8 +165,9 @@ class Link:
 
     def __init__(self, sched: Any, settings: dict[str, str]) -> None:
         self.engine = VLLMEngineLink(sched, settings)
-        self.agent = InstanceAgent(AgentSettings(settings["coordinator"], token=settings["token"] or None),
-                                   self.engine)  # fmt: skip
+        self.agent = InstanceAgent(
+            AgentSettings(settings["coordinator"], token=settings["token"] or None), self.engine
+        )
         self.loop = asyncio.new_event_loop()
         self._stop: asyncio.Event | None = None
         self._room = 0  # free slots at the last step (to notice when room appears)

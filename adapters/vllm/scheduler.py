@@ -69,6 +69,8 @@ class _QLMMixin:
         )  # running, waiting, kv, at
         self._qlm_step: tuple[float, float, int, int, int] | None = None
         self.qlm_link: Any = None
+        steps_path = os.environ.get("QLM_VLLM_STEPS")
+        self._qlm_steps_file = open(steps_path, "a", buffering=1) if steps_path else None  # noqa: SIM115
         from qlm_plugin.adapters.vllm.link import start_link
 
         self.qlm_link = start_link(self)
@@ -120,8 +122,15 @@ class _QLMMixin:
         head_fields = self.qlm_fields.get(head.request_id)
         if head_fields is None:
             return
-        running = [(r, self.qlm_fields.get(r.request_id, _NO_FIELDS)) for r in self.running]
-        choice = self.qlm_policy.choose_eviction(head, head_fields, running, now, self.max_num_running_reqs)
+        fields = self.qlm_fields
+        choice = self.qlm_policy.choose_eviction(
+            head,
+            head_fields,
+            self.running,
+            lambda rid: fields.get(rid, _NO_FIELDS),
+            now,
+            self.max_num_running_reqs,
+        )
         if choice is not None:
             victim = self.requests.get(choice.request_id)
             if victim is not None:
@@ -135,11 +144,12 @@ class _QLMMixin:
         t1 = time.perf_counter()
         out = super().schedule(*args, **kwargs)  # type: ignore[misc]
         t2 = time.perf_counter()
-        scheduled = out.num_scheduled_tokens
-        decode = sum(1 for n in scheduled.values() if n == 1)
         total = out.total_num_scheduled_tokens
         if total:
-            self._qlm_step = (time.time(), t2, total - decode, decode, len(scheduled))
+            # O(1): requests scheduled for the first time are prefills, the others (nearly all) decodes
+            batch = len(out.num_scheduled_tokens)
+            decode = batch - len(out.scheduled_new_reqs)
+            self._qlm_step = (time.time(), t2, total - decode, decode, batch)
         self.qlm_overhead_s += (t1 - t0) + (time.perf_counter() - t2)
         return out
 
@@ -156,6 +166,8 @@ class _QLMMixin:
             self.qlm_step_total_s += duration
             if self.qlm_counters["steps"] % 200 == 0:
                 _write_stats(self)
+            if self._qlm_steps_file is not None:  # QLM_VLLM_STEPS: every step, for calibration checks
+                self._qlm_steps_file.write(f"{start} {duration} {prefill} {decode} {batch}\n")
             if prefill == 0:
                 self.qlm_policy.observe_step(duration, decode)
         usage = float(self.kv_cache_manager.usage)

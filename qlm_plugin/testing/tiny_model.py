@@ -6,10 +6,30 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-WORDS = (
-    "the quick brown fox jumps over the lazy dog hello world vllm queue scheduler request token "
-    "cache model serve plugin latency slo"
-).split()
+WORDS = [
+    "the",
+    "quick",
+    "brown",
+    "fox",
+    "jumps",
+    "over",
+    "the",
+    "lazy",
+    "dog",
+    "hello",
+    "world",
+    "vllm",
+    "queue",
+    "scheduler",
+    "request",
+    "token",
+    "cache",
+    "model",
+    "serve",
+    "plugin",
+    "latency",
+    "slo",
+]
 
 
 def build_tiny_llama(out: str | Path, *, layers: int = 2, hidden: int = 128, seed: int = 0) -> Path:
@@ -40,11 +60,18 @@ def build_tiny_llama(out: str | Path, *, layers: int = 2, hidden: int = 128, see
     fast.save_pretrained(out)
     # CPU attention supports head sizes of 32, 64, 80, ... (16 fails at the first forward).
     cfg = LlamaConfig(
-        vocab_size=len(fast), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=2048,
-        bos_token_id=fast.bos_token_id, eos_token_id=fast.eos_token_id, pad_token_id=fast.pad_token_id,
+        vocab_size=len(fast),
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        bos_token_id=fast.bos_token_id,
+        eos_token_id=fast.eos_token_id,
+        pad_token_id=fast.pad_token_id,
         tie_word_embeddings=False,
-    )  # fmt: skip
+    )
     torch.manual_seed(seed)
     LlamaForCausalLM(cfg).to(torch.bfloat16).save_pretrained(out, safe_serialization=True)
     return out

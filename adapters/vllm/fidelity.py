@@ -1,0 +1,85 @@
+"""Calibration from a real engine: fit the simulator's cost model to the step timings a vLLM engine
+measured, and replay the same requests through the simulator (issue 5's fidelity check)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from qlm_plugin.adapters.sim.engine import SimInstance
+from qlm_plugin.adapters.sim.fleet import SimFleet
+from qlm_plugin.costmodel import CostModel, cost_model
+from qlm_plugin.request import Request
+from qlm_plugin.state import RequestOutcome, StepTiming
+
+
+@dataclass(frozen=True, slots=True)
+class Replayed:
+    """One request of the replay: when it arrived (seconds from the start), its sizes."""
+
+    arrival_s: float
+    prompt_tokens: int
+    output_tokens: int
+
+
+def read_steps(path: Path, start: float, end: float) -> list[StepTiming]:
+    """The steps a scheduler wrote (``QLM_VLLM_STEPS``) that began within [start, end] (unix s)."""
+    steps = []
+    for line in path.read_text().splitlines():
+        t, d, p, dec, b = line.split()
+        if start <= float(t) <= end:
+            steps.append(StepTiming(float(t), float(d), int(p), int(dec), int(b)))
+    return steps
+
+
+def fit(steps: Sequence[StepTiming]) -> tuple[float, float, float]:
+    """Least squares of step time = b0 + b1*prefill + b2*decode, in microseconds (non-negative)."""
+    x = np.array([[1.0, s.prefill_tokens, s.decode_tokens] for s in steps])
+    y = np.array([s.duration_s for s in steps])
+    coef, *_ = np.linalg.lstsq(x, y, rcond=None)
+    b0, b1, b2 = (max(0.0, float(c)) * 1e6 for c in coef)
+    return b0, b1, b2
+
+
+def calibrated_model(
+    coef_us: tuple[float, float, float], *, max_num_seqs: int, max_batched: int
+) -> CostModel:
+    b0, b1, b2 = coef_us
+    return cost_model(
+        "tiny",
+        "cpu",
+        {
+            "b0_us": b0,
+            "b1_us": b1,
+            "b2_us": b2,
+            "kv_blocks": 1_000_000,
+            "weights_gb": 0.001,
+            "kv_bytes_per_token": 1024,
+            "context_len": 4096,
+            "max_num_seqs": max_num_seqs,
+            "max_num_batched_tokens": max_batched,
+        },
+    )
+
+
+def replay(requests: Sequence[Replayed], cost: CostModel) -> list[RequestOutcome]:
+    """The requests through one simulated engine with ``cost``; outcomes in the input order."""
+    inst = SimInstance("replay", "cpu", {"tiny": cost}, initial_model="tiny")
+    fleet = SimFleet([inst])
+    reqs = [
+        Request(
+            f"r{i}", "tiny", r.prompt_tokens, r.output_tokens, r.arrival_s, true_output_tokens=r.output_tokens
+        )
+        for i, r in enumerate(requests)
+    ]
+    outcomes: dict[str, RequestOutcome] = {}
+
+    def arrive(req: Request) -> None:
+        out = outcomes[req.id] = RequestOutcome(req)
+        inst.dispatch(req, out)
+
+    fleet.run(sorted(reqs, key=lambda r: r.arrival_time), arrive)
+    return [outcomes[r.id] for r in reqs]

@@ -1,0 +1,132 @@
+#!/usr/bin/env python
+"""QLM on a real GPU: run it on a machine with an NVIDIA GPU and vLLM installed.
+
+    pip install -e ".[vllm]"          # the CUDA vLLM of the supported range
+    python integration/gpu/run_gpu_scenario.py --out gpu-results.json
+
+What it does (nothing is downloaded: the model is built here with random weights):
+1. builds a random-weight model with Llama-3.1-8B's shapes (``--layers`` trims it for a quick run);
+2. runs the issue-5 workload at scale on one engine under vLLM FCFS, vLLM priority and QLM
+   (``--scheduler-cls qlm_plugin.adapters.vllm.QLMScheduler``): a batch backlog, then interactive
+   requests with a TTFT SLO; reports SLO attainment, TTFT and the batch makespan;
+3. measures sleep mode: ``/sleep?level=1`` (weights to host memory), ``/wake_up``, and level 2;
+4. runs QLM with a KV offload tier (``--kv-offloading-size``) and reports the evictions whose KV
+   came back from host memory (the "swap" LSO) against recompute.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+from qlm_plugin.adapters.vllm.bench import run_policy
+from qlm_plugin.adapters.vllm.launch import start_server, wait_ready
+from qlm_plugin.coordinator.loadtest import free_port
+
+
+def build_model(out: Path, layers: int) -> Path:
+    """Llama-3.1-8B's shapes with random weights, and a locally trained tokenizer."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from qlm_plugin.testing.tiny_model import build_tiny_llama
+
+    build_tiny_llama(out)  # the tokenizer (and a config we replace)
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(out)
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=layers,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        max_position_embeddings=8192,
+        rope_theta=500000.0,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = LlamaForCausalLM(cfg).to(torch.bfloat16)
+    model.save_pretrained(out, safe_serialization=True)
+    return out
+
+
+def post(url: str, path: str) -> float:
+    t0 = time.perf_counter()
+    req = urllib.request.Request(url + path, method="POST")
+    with urllib.request.urlopen(req, timeout=600) as r:
+        r.read()
+    return time.perf_counter() - t0
+
+
+def sleep_wake(model: Path, work: Path) -> dict[str, float]:
+    port = free_port()
+    server = start_server(
+        model,
+        port,
+        work / "sleep.log",
+        scheduler=True,
+        max_num_seqs=256,
+        max_model_len=4096,
+        extra_args=["--enable-sleep-mode"],
+        env={**os.environ, "VLLM_SERVER_DEV_MODE": "1"},
+    )
+    try:
+        wait_ready([server], timeout_s=1200)
+        out = {
+            "sleep_level1_s": post(server.url, "/sleep?level=1"),
+            "wake_level1_s": post(server.url, "/wake_up"),
+        }
+        out["sleep_level2_s"] = post(server.url, "/sleep?level=2")
+        out["wake_level2_s"] = post(server.url, "/wake_up")
+        return out
+    finally:
+        server.stop()
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--layers", type=int, default=32, help="decoder layers (32: the real 8B depth)")
+    ap.add_argument("--batch", type=int, default=4000, help="batch requests at t=0")
+    ap.add_argument("--interactive", type=int, default=400, help="interactive requests")
+    ap.add_argument("--rate", type=float, default=20.0, help="interactive arrivals per second")
+    ap.add_argument("--kv-offload-gib", type=float, default=32.0, help="KV offload tier for the swap run")
+    ap.add_argument("--work", default="gpu-work", help="folder for the model and logs")
+    ap.add_argument("--out", default="gpu-results.json")
+    args = ap.parse_args()
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    model = work / "llama-8b-shapes"
+    if not (model / "config.json").exists():
+        build_model(model, args.layers)
+    results: dict[str, object] = {"layers": args.layers}
+    kw = {
+        "batch": args.batch,
+        "interactive": args.interactive,
+        "rate": args.rate,
+        "slo_s": 1.0,
+        "max_num_seqs": 256,
+    }
+    for policy in ("fcfs", "priority", "qlm"):
+        results[policy] = run_policy(model, policy, free_port(), work, **kw).__dict__
+        print(policy, results[policy], flush=True)
+    results["sleep_mode"] = sleep_wake(model, work)
+    print("sleep mode", results["sleep_mode"], flush=True)
+    os.environ["QLM_EXTRA_VLLM_ARGS"] = f"--kv-offloading-size {args.kv_offload_gib}"
+    results["qlm_kv_offload"] = run_policy(model, "qlm", free_port(), work, **kw).__dict__
+    Path(args.out).write_text(json.dumps(results, indent=2))
+    print(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

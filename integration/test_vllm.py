@@ -300,7 +300,7 @@ def test_the_simulator_calibrated_from_the_engine_reproduces_its_latencies(stack
     server = stack.engines["vllm-a"]
     rng = random.Random(7)
     plan = [
-        (i * 0.3 + rng.uniform(0, 0.2), rng.choice([4, 16, 48]), rng.choice([24, 64, 128])) for i in range(24)
+        (i * 0.3 + rng.uniform(0, 0.2), rng.choice([4, 16, 48]), rng.choice([24, 64, 128])) for i in range(32)
     ]
 
     async def run() -> tuple[float, list[tuple[float, int, int, float]]]:
@@ -348,7 +348,7 @@ def test_a_killed_engine_has_its_requests_finished_on_the_other(stack: Stack) ->
                 body = {
                     "model": MODEL,
                     "prompt": "the lazy dog",
-                    "max_tokens": 240,
+                    "max_tokens": 480,
                     "ignore_eos": True,
                     "stream": True,
                     "stream_options": {"include_usage": True},
@@ -366,11 +366,12 @@ def test_a_killed_engine_has_its_requests_finished_on_the_other(stack: Stack) ->
                                 text.append(ch.get("text", ""))
                 return {"text": "".join(text), "usage": usage, "qlm": info}
 
-            tasks = [asyncio.create_task(one()) for _ in range(8)]
-            await asyncio.sleep(3.0)  # streaming
+            tasks = [asyncio.create_task(one()) for _ in range(16)]
+            on: list[str] = []
             async with CoordinatorClient(stack.target) as c:
-                queue = await c.queue()
-            on = [r.instance_id for r in queue.requests if r.state == "dispatched"]
+                while len(on) < 4:  # streaming on the engines
+                    await asyncio.sleep(0.2)
+                    on = [r.instance_id for r in (await c.queue()).requests if r.state == "dispatched"]
             victim = max(set(on), key=on.count)  # the engine holding the most
             stack.engines[victim].kill()
             return await asyncio.wait_for(asyncio.gather(*tasks), 300)
@@ -379,6 +380,6 @@ def test_a_killed_engine_has_its_requests_finished_on_the_other(stack: Stack) ->
     moved = [r for r in results if r["qlm"].get("attempts", 1) > 1]
     assert moved, "no request was on the killed engine"
     for r in results:
-        assert r["usage"]["completion_tokens"] == 240  # complete, once
+        assert r["usage"]["completion_tokens"] == 480  # complete, once
     for r in moved:  # finished on the surviving engine
         assert stack.engines[r["qlm"]["instance_id"]].process.poll() is None

@@ -432,7 +432,7 @@ class QueueManager:
                 return cached[1]
             if 0 < age < self.repredict_min_s / 4:
                 # Wall clock: reused for a few ms (seats free as time passes), not rebuilt per call.
-                return np.maximum(cached[1] - age, 0.0)
+                return np.asarray(np.maximum(cached[1] - age, 0.0))
         busy = self._finishing.setdefault(model, [])
         self._repredict_overdue(busy, now)
         seats = 0
@@ -446,7 +446,9 @@ class QueueManager:
             else:
                 seats += n
         r = np.maximum(np.array([f for f, _ in busy[:seats]], dtype=float) - now, 0.0)
-        out = np.concatenate([np.zeros(max(0, seats - len(r))), r[: max(0, seats)], np.array(loading)])
+        out: np.ndarray = np.concatenate(
+            [np.zeros(max(0, seats - len(r))), r[: max(0, seats)], np.array(loading)]
+        )
         out.sort()
         self._residuals[model] = (now, out)
         return out

@@ -221,7 +221,7 @@ class QLMScheduler:
     """The one class to name in ``--scheduler-cls``: builds the QLM subclass of the scheduler base
     that matches the engine's ``async_scheduling``."""
 
-    def __new__(cls, *args: Any, **kwargs: Any) -> Any:  # type: ignore[misc]
+    def __new__(cls, *args: Any, **kwargs: Any) -> Any:
         config = kwargs.get("vllm_config", args[0] if args else None)
         async_on = bool(getattr(getattr(config, "scheduler_config", None), "async_scheduling", False))
         return (QLMAsyncScheduler if async_on else QLMSyncScheduler)(*args, **kwargs)

@@ -668,9 +668,12 @@ class Coordinator:
             self._http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
         task = asyncio.get_running_loop().create_task(forward(self, s, job, job.attempt, self._http))
         self._forwards[job.id] = task
-        task.add_done_callback(
-            lambda t, rid=job.id: self._forwards.pop(rid, None) if self._forwards.get(rid) is t else None
-        )
+
+        def forget(t: asyncio.Task[None], rid: str = job.id) -> None:
+            if self._forwards.get(rid) is t:
+                del self._forwards[rid]
+
+        task.add_done_callback(forget)
 
     def _finish(self, job: Job, state: str, finish_reason: str, error: str = "") -> None:
         now = time.time()

@@ -29,6 +29,11 @@ from qlm_plugin.request import Request, make_request
 from qlm_plugin.state import EvictMode, EvictResult, InstanceInfo, InstanceState, RequestOutcome, Status
 
 
+class HarnessUnavailable(Exception):
+    """An adapter's harness cannot run here (what it needs is said in the message): its
+    conformance tests are skipped with that reason, never passed."""
+
+
 class BackendHarness(Protocol):
     """How the suite drives one adapter."""
 

@@ -211,6 +211,41 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan_capacity(args: argparse.Namespace) -> int:
+    from qlm_plugin import capacity
+    from qlm_plugin.scenario import load_scenario
+
+    scenario = capacity.apply_workload_overrides(
+        load_scenario(args.slo_config),
+        trace=args.trace,
+        rate_scale=args.rate_scale,
+        target_rps=args.target_rps,
+        seed=args.seed,
+    )
+    report = capacity.plan_capacity(
+        scenario,
+        policy=args.policy,
+        targets=args.target,
+        max_instances=args.max_instances,
+        prices=args.price,
+        jobs=args.jobs,
+        progress=not args.no_progress,
+    )
+    if args.json:
+        json.dump(report.to_dict(), sys.stdout, indent=2)
+        print()
+    else:
+        print("\n".join(capacity.format_report(report)))
+    if report.recommended is None:
+        print(
+            f"qlm plan-capacity: error: no instance kind meets the target within {args.max_instances} "
+            "instances (raise --max-instances or relax --target)",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="qlm", description="SLO-aware queue management for LLM serving")
     parser.add_argument("--version", action="version", version=f"qlm-plugin {__version__}")
@@ -274,6 +309,42 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bn.add_argument("--json", action="store_true", help="print the whole result as one JSON object")
     bn.set_defaults(func=cmd_bench)
+
+    pc = sub.add_parser(
+        "plan-capacity",
+        help="how many instances of each GPU kind meet the SLOs at this load (docs/capacity.md)",
+    )
+    pc.add_argument(
+        "--slo-config",
+        required=True,
+        metavar="FILE",
+        help="scenario YAML: workload, models, SLO classes, engine; each instance group is a candidate kind",
+    )
+    pc.add_argument(
+        "--trace", metavar="PATH", help="replace the workload: CSV of the Azure schema, or 'conv'/'code'"
+    )
+    load = pc.add_mutually_exclusive_group()
+    load.add_argument(
+        "--rate-scale", type=float, metavar="X", help="compress (X>1) or stretch (X<1) arrivals"
+    )
+    load.add_argument("--target-rps", type=float, metavar="R", help="rescale arrivals to R requests/s")
+    pc.add_argument("--policy", default="qlm", help="scheduling policy of the simulated fleets (default qlm)")
+    pc.add_argument(
+        "--target",
+        metavar="T",
+        help="SLO attainment every class must reach: 0.99 (default) or interactive=0.99,batch=0.95",
+    )
+    pc.add_argument("--max-instances", type=int, default=64, metavar="N", help="largest fleet to try (64)")
+    pc.add_argument(
+        "--price", metavar="K=P", help="price per GPU-hour, e.g. h100=4.0,a100-80=2.5: rank by cost"
+    )
+    pc.add_argument("--seed", type=int, help="override the scenario's seed")
+    pc.add_argument(
+        "--jobs", type=int, default=1, metavar="J", help="plan up to J kinds in parallel processes"
+    )
+    pc.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    pc.add_argument("--no-progress", action="store_true", help="no progress lines on stderr")
+    pc.set_defaults(func=cmd_plan_capacity)
 
     from qlm_plugin.coordinator.cli import add_parsers
 

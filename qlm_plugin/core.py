@@ -746,7 +746,9 @@ class QueueManager:
             kv_free -= blocks
             if e.request.slo.ttft_deadline is None and reserve:
                 urgent = e.key[0] - now < 3 * e.service_s
-                if not urgent and running_batch + 1 > seats - reserve:
+                # The reserve never takes the last seat: an engine with few seats (a black box
+                # whose concurrency is being learned) must still run batch work.
+                if not urgent and running_batch + 1 > max(1, seats - reserve):
                     self.counters["held_back"] += 1
                     break  # the rest is batch too (interactive keys sort first)
                 running_batch += 1

@@ -95,7 +95,21 @@ def add_parsers(sub: Any) -> None:
 
     inst = sub.add_parser("instance", help="serving instances that connect to a coordinator")
     inst.add_argument(
-        "--backend", choices=["sim"], default="sim", help="engine kind (sim: the simulator, real time)"
+        "--backend",
+        choices=["sim", "openai"],
+        default="sim",
+        help="sim: simulated engines in real time; openai: an OpenAI-compatible server as a black box",
+    )
+    inst.add_argument("--endpoint", help="openai: the server's base URL, e.g. http://127.0.0.1:8000")
+    inst.add_argument("--served-model", help="openai: the model name the server knows (default: --model)")
+    inst.add_argument(
+        "--max-concurrency", type=int, default=256, help="openai: upper bound of the learned limit"
+    )
+    inst.add_argument(
+        "--load-command", default="", help="openai: shell command or 'POST <url>' to load the model"
+    )
+    inst.add_argument(
+        "--unload-command", default="", help="openai: shell command or 'POST <url>' to unload it"
     )
     inst.add_argument(
         "--coordinator", default="127.0.0.1:50051", metavar="HOST:PORT", help="its gRPC address"
@@ -215,6 +229,8 @@ def cmd_instance(args: argparse.Namespace) -> int:
         root_certificates=Path(args.tls_ca).read_bytes() if args.tls_ca else None,
         client_cert=cert,
     )
+    if args.backend == "openai":
+        return _run_openai(args, settings)
     instances = _instances(args)
 
     async def main() -> None:
@@ -303,3 +319,38 @@ def cmd_bench_vllm(args: argparse.Namespace) -> int:
     from qlm_plugin.adapters.vllm.bench import main
 
     return main(args)
+
+
+def _run_openai(args: argparse.Namespace, settings: Any) -> int:
+    from qlm_plugin.adapters.openai import OpenAIEngineLink, OpenAISettings
+    from qlm_plugin.agent import InstanceAgent
+
+    if not args.endpoint or not args.model:
+        raise ValueError("--backend openai needs --endpoint and --model")
+    link = OpenAIEngineLink(
+        OpenAISettings(
+            instance_id=args.name,
+            base_url=args.endpoint.rstrip("/"),
+            model=args.model[0],
+            served_model=args.served_model or "",
+            gpu=args.gpu or "h100",
+            max_concurrency=args.max_concurrency,
+            load_command=args.load_command,
+            unload_command=args.unload_command,
+        )
+    )
+    agent = InstanceAgent(settings, link)
+    link.on_room = agent.room
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        try:
+            await agent.run(stop)
+        finally:
+            await link.close()
+
+    asyncio.run(main())
+    return 0

@@ -96,6 +96,7 @@ class Job:
     error: str = ""
     preemptions: int = 0
     wasted_tokens: int = 0
+    failures: int = 0  # attempts that ended with the instance lost or failing (not evictions)
     admission: Admission | None = None
     recovering: bool = False  # rebuilt from the journal; its instance may still claim it
     listeners: list[asyncio.Queue[Chunk | None]] = field(default_factory=list)
@@ -719,10 +720,13 @@ class Coordinator:
         job.done.set()
         self._finished_order.append((now, job.id))
 
-    def _requeue(self, job: Job, reason: str) -> None:
-        """A dispatched job goes back to the queue (its instance was lost or gave it back)."""
+    def _requeue(self, job: Job, reason: str, *, failure: bool = True) -> None:
+        """A dispatched job goes back to the queue (its instance was lost, failed it, or gave it back
+        after an eviction: only failures count towards ``max_attempts``)."""
         now = time.time()
-        if job.attempt >= self.cfg.max_attempts:
+        if failure:
+            job.failures += 1
+        if job.failures >= self.cfg.max_attempts:
             self._finish(job, "failed", "error", error=f"gave up after {job.attempt} attempts: {reason}")
             return
         if job.instance is not None:
@@ -889,6 +893,8 @@ class Coordinator:
                 self.telemetry.request_event(job.id, "qlm.swapped_in")
             elif ev.kind == Event.FAILED:
                 self._requeue(job, f"instance {s.instance_id} failed it: {ev.error}")
+            elif ev.kind == Event.REQUEUED:
+                self._requeue(job, f"instance {s.instance_id} gave it back: {ev.error}", failure=False)
 
     def instance_ack(self, s: Session, ack: pb.CommandAck) -> None:
         pending = s.pending.pop(ack.command_id, None)

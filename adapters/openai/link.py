@@ -88,7 +88,9 @@ class OpenAIEngineLink:
         """The server's own view (running, waiting, KV use) from its Prometheus metrics, if any."""
         while True:
             try:
-                async with self._session().get(f"{self.settings.base_url}/metrics", timeout=5) as r:
+                async with self._session().get(
+                    f"{self.settings.base_url}/metrics", timeout=aiohttp.ClientTimeout(total=5)
+                ) as r:
                     text = await r.text() if r.status == 200 else ""
                 self.metrics = {
                     "running": _sum_series(text, RUNNING_METRICS),

@@ -87,6 +87,13 @@ def add_parsers(sub: Any) -> None:
     serve.add_argument(
         "--speed", type=float, default=1.0, help="simulated time runs this much faster (default 1)"
     )
+    serve.add_argument(
+        "--ray",
+        nargs="?",
+        const="local",
+        metavar="ADDRESS",
+        help="run the instances as Ray actors: on the cluster at ADDRESS, or on a new local Ray instance",
+    )
     serve.set_defaults(func=cmd_serve)
 
     coord = sub.add_parser("coordinator", help="the coordinator alone (instances connect over gRPC)")
@@ -130,6 +137,12 @@ def add_parsers(sub: Any) -> None:
     inst.add_argument("--tls-key", metavar="FILE", help="client key")
     inst.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     inst.set_defaults(func=cmd_instance)
+
+    sc = sub.add_parser("scale", help="resize the instances of a model of a `qlm serve --ray` deployment")
+    sc.add_argument("model")
+    sc.add_argument("count", type=int)
+    sc.add_argument("--ray", default="auto", metavar="ADDRESS", help="the Ray cluster (default: auto)")
+    sc.set_defaults(func=cmd_scale)
 
     lt = sub.add_parser("loadtest", help="submit throughput and front-door latency against a real qlm serve")
     lt.add_argument(
@@ -259,8 +272,45 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if count < 1:
         raise ValueError("--instances must be >= 1")
     children: list[subprocess.Popen[bytes]] = []
+    fleet: list[Any] = []
+
+    def ready_ray() -> None:
+        from qlm_plugin import ray_fleet
+
+        def start() -> None:
+            ray_fleet.connect(None if args.ray == "local" else args.ray)
+            host = (
+                cfg.grpc.host
+                if cfg.grpc.host not in ("0.0.0.0", "::")
+                else __import__("ray").util.get_node_ip_address()
+            )
+            groups = [(g.models[0], g.gpu, list(g.models[1:]), g.count) for g in server.scenario.instances]
+            if args.instances is not None:
+                groups = [(group.models[0], group.gpu, list(group.models[1:]), count)]
+            record = os.environ.get("QLM_SIM_RECORD")
+            fleet.append(
+                ray_fleet.start_fleet(
+                    f"{host}:{server.grpc_port}",
+                    groups,
+                    scenario=args.scenario or cfg.scenario,
+                    speed=args.speed,
+                    token=os.environ.get("QLM_INSTANCE_TOKEN") or None,
+                    record=record,
+                )
+            )
+            print(
+                f"qlm serve: {sum(g[3] for g in groups)} simulated instances as Ray actors "
+                f"({args.ray if args.ray != 'local' else 'a local Ray instance'}); HTTP http://{cfg.http.host}:"
+                f"{server.http_port}, gRPC {cfg.grpc.host}:{server.grpc_port}; `qlm scale MODEL N` to resize",
+                flush=True,
+            )
+
+        asyncio.get_running_loop().run_in_executor(None, start)  # Ray calls block: off the event loop
 
     def ready() -> None:
+        if args.ray is not None:
+            ready_ray()
+            return
         cmd = [
             sys.executable,
             "-m",
@@ -293,6 +343,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     try:
         left = asyncio.run(serve_until_signal(server, ready))
     finally:
+        if fleet:
+            from qlm_plugin import ray_fleet
+
+            ray_fleet.stop_fleet(fleet[0])
         for child in children:
             child.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + 10
@@ -353,4 +407,12 @@ def _run_openai(args: argparse.Namespace, settings: Any) -> int:
             await link.close()
 
     asyncio.run(main())
+    return 0
+
+
+def cmd_scale(args: argparse.Namespace) -> int:
+    from qlm_plugin import ray_fleet
+
+    ids = ray_fleet.scale(args.ray, args.model, args.count)
+    print(f"qlm scale: {args.model} runs on {len(ids)} instances: {', '.join(ids) or 'none'}")
     return 0

@@ -1,0 +1,179 @@
+"""``qlm serve --ray`` on a local Ray cluster (a head and two worker nodes on loopback): 8 simulated
+instances as Ray actors, a trace replayed through the coordinator, one actor killed mid-run; every
+request completes once."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from qlm_plugin.adapters.sim.realtime import synthetic_text
+from qlm_plugin.client import CoordinatorClient
+from qlm_plugin.coordinator.loadtest import free_port
+from qlm_plugin.proto.qlm.v1 import qlm_pb2 as pb
+
+pytestmark = pytest.mark.slow
+MODEL = "llama-3.1-8b"
+N = 400
+
+
+def _ray(*args: str, env: dict[str, str]) -> None:
+    subprocess.run(
+        [shutil.which("ray") or "ray", *args], check=True, env=env, capture_output=True, timeout=120
+    )
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, dict[str, str]]]:
+    pytest.importorskip("ray", reason="the ray extra is not installed")
+    tmp = tmp_path_factory.mktemp("ray")
+    port = free_port()
+    # A loopback test cluster: no token authentication (Ray >= 2.5x asks for one when a token file exists).
+    env = {**os.environ, "RAY_TMPDIR": str(tmp), "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
+    os.environ["RAY_AUTH_MODE"] = "disabled"  # this process joins the cluster too (to kill an actor)
+    address = f"127.0.0.1:{port}"
+    try:
+        _ray(
+            "start",
+            "--head",
+            f"--port={port}",
+            "--node-ip-address=127.0.0.1",
+            "--num-cpus=1",
+            "--include-dashboard=false",
+            "--disable-usage-stats",
+            env=env,
+        )
+        for _ in range(2):  # two worker nodes
+            _ray("start", f"--address={address}", "--node-ip-address=127.0.0.1", "--num-cpus=1", env=env)
+        yield address, env
+    finally:
+        subprocess.run(
+            [shutil.which("ray") or "ray", "stop", "--force"], env=env, capture_output=True, timeout=120
+        )
+
+
+def test_eight_actors_a_trace_and_a_killed_actor_every_request_once(
+    cluster: tuple[str, dict[str, str]], tmp_path: Path
+) -> None:
+    address, env = cluster
+    from qlm_plugin import workload as wl
+
+    http, grpc_port = free_port(), free_port()
+    target = f"127.0.0.1:{grpc_port}"
+    record = tmp_path / "served.txt"
+    serve = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "qlm_plugin.cli",
+            "serve",
+            "--ray",
+            address,
+            "--instances",
+            "8",
+            "--speed",
+            "5",
+            "--http-port",
+            str(http),
+            "--grpc-port",
+            str(grpc_port),
+            "--journal",
+            str(tmp_path / "journal.db"),
+        ],
+        env={**env, "QLM_SIM_RECORD": str(record)},
+        stdout=open(tmp_path / "serve.log", "ab"),  # noqa: SIM115 - the child owns it
+        stderr=subprocess.STDOUT,
+    )
+    records = wl.load_azure_trace(wl.packaged_trace_path("conv"))[:N]
+    t_first = records[0].arrival_s
+
+    async def run() -> tuple[dict[str, pb.RequestStatus], float, list[str]]:
+        async with CoordinatorClient(target, timeout_s=10) as c:
+            deadline = time.monotonic() + 120
+            while True:
+                try:
+                    if len((await c.instances()).instances) == 8:
+                        break
+                except Exception:
+                    pass
+                assert time.monotonic() < deadline, "8 actors never registered"
+                await asyncio.sleep(0.5)
+            ids: list[str] = []
+            t0 = time.monotonic()
+            killed = asyncio.get_running_loop().create_future()
+
+            async def kill_later() -> None:
+                await asyncio.sleep(2.0)  # mid-run, on an actor that holds work
+                while (
+                    victim := max((await c.instances()).instances, key=lambda i: i.dispatched)
+                ).dispatched < 2:
+                    await asyncio.sleep(0.05)
+                import ray
+
+                ray.init(address=address, namespace="qlm", log_to_driver=False)
+                actor = ray.get_actor(f"qlm-instance-{victim.instance_id}", namespace="qlm")
+                before = victim.state.session
+                ray.kill(actor, no_restart=False)  # Ray restarts it
+                t_kill = time.monotonic()
+                while True:  # recovered: the restarted actor registered again
+                    now = {i.instance_id: i for i in (await c.instances()).instances}
+                    if victim.instance_id in now and now[victim.instance_id].state.session != before:
+                        break
+                    await asyncio.sleep(0.05)
+                killed.set_result((victim.instance_id, time.monotonic() - t_kill))
+
+            killer = asyncio.create_task(kill_later())
+            for r in records:  # replay at 40x the (thinned) sample's rate: about 30 requests/s
+                delay = (r.arrival_s - t_first) / 40 - (time.monotonic() - t0)
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                reply = await c.submit(
+                    pb.RequestSpec(
+                        model=MODEL,
+                        prompt="x" * min(4 * r.prompt_tokens, 8000),
+                        max_tokens=max(1, min(r.output_tokens, 400)),
+                        slo=pb.SLO(slo_class="batch"),
+                    )
+                )
+                assert reply.accepted
+                ids.append(reply.request_id)
+            await killer
+            victim, recovery = killed.result()
+            deadline = time.monotonic() + 180
+            while True:
+                statuses = {i: await c.status(i) for i in ids}
+                if all(s.state == "finished" for s in statuses.values()) or time.monotonic() > deadline:
+                    return statuses, recovery, [victim]
+
+    try:
+        statuses, recovery, victims = asyncio.run(run())
+    finally:
+        serve.send_signal(signal.SIGTERM)
+        try:
+            serve.wait(60)
+        except subprocess.TimeoutExpired:
+            serve.kill()
+    served = collections.Counter(line.split()[0] for line in record.read_text().splitlines())
+    finished = [i for i, s in statuses.items() if s.state == "finished"]
+    twice = [i for i in statuses if served[i] > 1]
+    moved = [i for i, s in statuses.items() if s.attempt > 1]
+    print(
+        f"\nsubmitted {len(statuses)}, completed {len(finished)}, lost {len(statuses) - len(finished)}, "
+        f"served twice {len(twice)}; killed {victims[0]}, re-registered after {recovery:.2f} s; "
+        f"{len(moved)} requests re-served"
+    )
+    assert len(finished) == len(statuses) == N
+    assert not twice
+    assert moved  # the killed actor's requests went back to the queue
+    for i, s in statuses.items():
+        assert s.output == synthetic_text(i, 0, s.output_tokens)

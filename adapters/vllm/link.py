@@ -28,6 +28,7 @@ import logging
 import os
 import socket
 import threading
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -187,7 +188,19 @@ class Link:
             log.exception("the QLM agent stopped; the engine keeps serving with its local policy")
 
     def step_done(self) -> None:
-        """Called by the scheduler after each step: wake the agent when room appeared."""
+        """Called by the scheduler after each step: wake the agent when room appeared, and report
+        the evictions of coordinator requests."""
+        evicted = self.engine.sched.qlm_evicted
+        while evicted:
+            qid, attempt, wasted = evicted.popleft()
+            event = pb.RequestEvent(
+                request_id=qid,
+                attempt=attempt,
+                kind=pb.RequestEvent.EVICTED,
+                wasted_tokens=wasted,
+                time=time.time(),
+            )
+            self.loop.call_soon_threadsafe(self.agent.emit, event)
         room = self.engine.free_slots()
         if room > self._room:
             self.loop.call_soon_threadsafe(self.agent.room)

@@ -57,6 +57,7 @@ class _QLMMixin:
         self.qlm_fields: dict[str, QLMFields] = {}
         self.qlm_by_id: dict[str, str] = {}  # coordinator id -> vLLM request id
         self.qlm_orders: deque[str] = deque()  # coordinator-ordered evictions (coordinator ids), any thread
+        self.qlm_evicted: deque[tuple[str, int, int]] = deque()  # (coordinator id, attempt, wasted tokens)
         self.qlm_steps: deque[StepTiming] = deque(maxlen=512)  # read by the agent thread
         self.qlm_counters = {"evictions": 0, "ordered_evictions": 0, "wasted_tokens": 0, "steps": 0}
         self.qlm_overhead_s = 0.0  # time spent in QLM code around vLLM's own scheduling
@@ -104,6 +105,9 @@ class _QLMMixin:
         self.running.remove(request)
         self.qlm_counters["evictions"] += 1
         self.qlm_counters["wasted_tokens"] += request.num_computed_tokens
+        fields = self.qlm_fields.get(request.request_id)
+        if fields is not None and fields.qlm_id is not None:  # the agent reports it (EVICTED)
+            self.qlm_evicted.append((fields.qlm_id, fields.attempt, request.num_computed_tokens))
         self._preempt_request(request, now)  # type: ignore[attr-defined]
 
     def _qlm_before_step(self) -> None:

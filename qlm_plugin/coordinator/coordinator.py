@@ -884,16 +884,21 @@ class Coordinator:
                     self.telemetry.request_event(job.id, "qlm.first_token", time=now)
                 self._publish(job, Chunk(ev.text, ev.index, ev.tokens))
             elif ev.kind == Event.FINISHED:
-                job.preemptions += ev.preemptions
-                job.wasted_tokens += ev.wasted_tokens
+                # an engine that reports evictions one by one (EVICTED) and one that totals them at
+                # the end: both counted once
+                job.preemptions = max(job.preemptions, ev.preemptions)
+                job.wasted_tokens = max(job.wasted_tokens, ev.wasted_tokens)
                 self._finish(job, "finished", ev.finish_reason or "length")
-            elif ev.kind == Event.EVICTED:  # informational: FINISHED carries the totals
+            elif ev.kind == Event.EVICTED:
+                job.preemptions += 1
+                job.wasted_tokens += ev.wasted_tokens
                 self.telemetry.request_event(job.id, "qlm.evicted", {"qlm.wasted_tokens": ev.wasted_tokens})
             elif ev.kind == Event.SWAPPED_IN:
                 self.telemetry.request_event(job.id, "qlm.swapped_in")
             elif ev.kind == Event.FAILED:
                 self._requeue(job, f"instance {s.instance_id} failed it: {ev.error}")
             elif ev.kind == Event.REQUEUED:
+                job.preemptions += 1  # evicted by abort: its work there is lost
                 self._requeue(job, f"instance {s.instance_id} gave it back: {ev.error}", failure=False)
 
     def instance_ack(self, s: Session, ack: pb.CommandAck) -> None:

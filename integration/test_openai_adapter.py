@@ -63,7 +63,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
 
     server = reference_server()
     st = Setup(free_port(), free_port(), server, [])
-    (tmp / "coordinator.yaml").write_text("heartbeat_interval_s: 0.5\nheartbeat_timeout_s: 4.0\n")
+    (tmp / "coordinator.yaml").write_text("heartbeat_interval_s: 0.5\nheartbeat_timeout_s: 10.0\n")
     log = open(tmp / "coordinator.log", "ab")  # noqa: SIM115 - the child owns it
     st.procs.append(
         subprocess.Popen(

@@ -760,6 +760,10 @@ class Coordinator:
         orphans: list[Job] = []
         if old is not None:
             old.close()
+            for rid, attempt in old.assigned.items():
+                task = self._forwards.get(rid)
+                if rid not in held and task is not None and not task.done():
+                    held[rid] = attempt  # served over HTTP: the stream outlives the agent's session
             orphans = [self.jobs[r] for r in old.assigned if r in self.jobs and r not in held]
         self.fleet.sessions[iid] = s
         for rid, attempt in held.items():

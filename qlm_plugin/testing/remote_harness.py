@@ -91,7 +91,7 @@ class RemoteHarness:
             policy="fcfs",
             journal={"path": str(Path(self._tmp.name) / "journal.db")},  # type: ignore[arg-type]
             heartbeat_interval_s=0.2,
-            heartbeat_timeout_s=5.0,
+            heartbeat_timeout_s=15.0,
             recovery_grace_s=0.0,
         )
         self.server = CoordinatorServer(cfg, self.scenario, env={}, warn=lambda _m: None)

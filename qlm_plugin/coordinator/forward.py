@@ -103,6 +103,11 @@ async def forward(
                         finish_reason = choice["finish_reason"]
     except asyncio.CancelledError:
         raise  # cancelled: the closed stream aborts the request in vLLM
+    except (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
+        # The engine is gone (refused, or dropped mid-stream): drain it now rather than after the
+        # heartbeat timeout, or its requests would be dispatched to it again meanwhile.
+        coord.instance_lost(s, f"{s.endpoint} unreachable: {type(exc).__name__}")
+        return
     except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
         emit(kind=Event.FAILED, error=f"{s.endpoint}: {type(exc).__name__}: {exc}")
         return

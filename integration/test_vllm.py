@@ -344,7 +344,7 @@ def test_a_killed_engine_has_its_requests_finished_on_the_other(stack: Stack) ->
                 body = {
                     "model": MODEL,
                     "prompt": "the lazy dog",
-                    "max_tokens": 480,
+                    "max_tokens": 200,
                     "ignore_eos": True,
                     "stream": True,
                     "stream_options": {"include_usage": True},
@@ -376,6 +376,6 @@ def test_a_killed_engine_has_its_requests_finished_on_the_other(stack: Stack) ->
     moved = [r for r in results if r["qlm"].get("attempts", 1) > 1]
     assert moved, "no request was on the killed engine"
     for r in results:
-        assert r["usage"]["completion_tokens"] == 480  # complete, once
+        assert r["usage"]["completion_tokens"] == 200  # complete, once (a resumed prompt fits the context)
     for r in moved:  # finished on the surviving engine
         assert stack.engines[r["qlm"]["instance_id"]].process.poll() is None

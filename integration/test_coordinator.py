@@ -15,6 +15,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from qlm_plugin import agent as agent_module
 from qlm_plugin.adapters.sim.realtime import synthetic_text
 from qlm_plugin.client import CoordinatorClient
 from qlm_plugin.proto.qlm.v1 import qlm_pb2 as pb
@@ -429,6 +430,48 @@ def test_a_crashed_instance_gives_its_requests_back_and_clients_see_one_answer(t
             assert job.state == "finished" and job.instance == "sim-1" and job.attempt == 2
 
     run(tmp_path, body, speed=2.0)
+
+
+def test_a_report_that_times_out_is_sent_again_on_the_same_session_and_applied_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A busy coordinator (or an engine process that starves its agent) makes a report miss its
+    deadline: the agent sends the same batch again instead of dropping its session, and the
+    coordinator applies it once."""
+    monkeypatch.setattr(agent_module, "CALL_TIMEOUT_S", 0.4)
+
+    async def body(st: LocalStack) -> None:
+        coord = st.coordinator
+        applied: list[tuple[str, int]] = []
+        apply_events = coord.instance_events
+
+        def counting(s: Any, batch: pb.EventBatch) -> None:
+            applied.append((s.id, batch.seq))
+            apply_events(s, batch)
+
+        commit = coord.journal.flush
+        slow = 3
+
+        async def slow_commit() -> None:  # the next reports are acknowledged after their deadline
+            nonlocal slow
+            if slow > 0:
+                slow -= 1
+                await asyncio.sleep(1.0)
+            await commit()
+
+        coord.instance_events = counting  # type: ignore[method-assign]
+        coord.journal.flush = slow_commit  # type: ignore[method-assign]
+        sessions = {name: li.agent.sessions_started for name, li in st.instances.items()}
+        async with CoordinatorClient(st.grpc_target) as c:
+            reply = await c.submit(pb.RequestSpec(model=MODEL, prompt="x", max_tokens=40))
+            chunks = [ch async for ch in c.stream(reply.request_id, timeout_s=30)]
+        assert slow == 0 and chunks[-1].finished
+        assert len(applied) == len(set(applied)), "a batch sent again was applied twice"
+        assert {name: li.agent.sessions_started for name, li in st.instances.items()} == sessions
+        job = coord.jobs[reply.request_id]
+        assert job.attempt == 1 and job.text == synthetic_text(reply.request_id, 0, 40)
+
+    run(tmp_path, body, speed=5.0)
 
 
 def test_an_instance_that_stops_heartbeating_is_drained(tmp_path: Path) -> None:

@@ -230,6 +230,7 @@ def test_interactive_requests_overtake_queued_batch_work(stack: Stack) -> None:
             return ttfts, [s.e2e_ms / 1000 for s in statuses], batch_unfinished + 0.0 * done_interactive
 
     ttfts, batch_e2e, unfinished_when_interactive_done = asyncio.run(run())
+    print("TTFTS", ttfts, unfinished_when_interactive_done)
     assert sorted(ttfts)[len(ttfts) // 2] < 3.0, ttfts  # they met their SLO (median: CI machines stall) ...
     assert unfinished_when_interactive_done >= 16  # ... while much of the earlier batch work still waited
     assert all(e > 0 for e in batch_e2e)
@@ -238,32 +239,36 @@ def test_interactive_requests_overtake_queued_batch_work(stack: Stack) -> None:
 def test_a_coordinator_ordered_eviction_happens_and_the_request_completes_once(stack: Stack) -> None:
     async def run() -> tuple[pb.EvictReply, pb.RequestStatus, float, str]:
         async with CoordinatorClient(stack.target) as c:
-            reply = await c.submit(
-                pb.RequestSpec(
-                    model=MODEL,
-                    prompt="hello world",
-                    max_tokens=300,
-                    true_output_tokens=300,
-                    slo=pb.SLO(slo_class="batch"),
+            for _ in range(5):  # the tiny model is fast: try again if it finished before the order
+                # Read the engines' counters first: no call between the first token and the order.
+                before = {name: _preemptions(server) for name, server in stack.engines.items()}
+                reply = await c.submit(
+                    pb.RequestSpec(
+                        model=MODEL,
+                        prompt="hello world",
+                        max_tokens=450,
+                        true_output_tokens=450,
+                        slo=pb.SLO(slo_class="batch"),
+                    )
                 )
-            )
-            rid = reply.request_id
-            while (st := await c.status(rid)).output_tokens < 20:
-                assert st.state != "finished"
-                await asyncio.sleep(0.05)
-            server = stack.engines[st.instance_id]
-            before = _preemptions(server)
-            order = await c.evict(rid)
-            while (st := await c.status(rid)).state != "finished":
-                await asyncio.sleep(0.1)
-            return order, st, _preemptions(server) - before, rid
+                rid = reply.request_id
+                while (st := await c.status(rid)).output_tokens < 1:
+                    assert st.state != "finished"
+                    await asyncio.sleep(0.01)
+                order = await c.evict(rid)
+                while (st := await c.status(rid)).state != "finished":
+                    await asyncio.sleep(0.1)
+                preempted = _preemptions(stack.engines[st.instance_id]) - before[st.instance_id]
+                if order.ordered and preempted:
+                    break
+            return order, st, preempted, rid
 
     order, status, preempted, rid = asyncio.run(run())
     assert order.ordered, order.reason
     assert preempted >= 1  # the engine preempted it at its next step (vLLM's own counter)
     log = stack.engines[order.instance_id].log.read_text(errors="replace")
     assert f"evicting cmpl-{rid}.1" in log and "as the coordinator ordered" in log
-    assert status.output_tokens == 300 and status.attempt == 1  # served once, on the same engine
+    assert status.output_tokens == 450 and status.attempt == 1  # served once, on the same engine
     assert status.finish_reason == "length"
 
 

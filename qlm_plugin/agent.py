@@ -17,7 +17,7 @@ import random
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import grpc
 
@@ -30,6 +30,10 @@ log = logging.getLogger("qlm_plugin.agent")
 CALL_TIMEOUT_S = 5.0
 #: Reconnect backoff: first wait, cap (seconds); doubled per failure, with jitter.
 BACKOFF_S = (0.1, 5.0)
+#: A unary call that only ran out of time is sent again on the same session: the process (an
+#: engine whose scheduler holds the GIL) or the coordinator was slow, the connection is fine. A
+#: broken connection ends the streams, and the session with them; a forgotten one answers unknown.
+RETRIED_CODES = frozenset({grpc.StatusCode.DEADLINE_EXCEEDED})
 
 
 class EngineLink(Protocol):
@@ -183,11 +187,20 @@ class InstanceAgent:
         while True:
             report = self.engine.state()
             report.session = self.session
-            reply = await stub.Heartbeat(report, timeout=CALL_TIMEOUT_S, metadata=self._metadata())
+            reply = await self._call(stub.Heartbeat, report)
             if not reply.known:
                 raise SessionLost("the coordinator does not know this session")
             self.room()  # a periodic credit too: room may have appeared without an event
             await asyncio.sleep(interval)
+
+    async def _call(self, method: Callable[..., Any], message: Any) -> Any:
+        while True:
+            try:
+                return await method(message, timeout=CALL_TIMEOUT_S, metadata=self._metadata())
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() not in RETRIED_CODES:
+                    raise
+                log.warning("%s: %s; sending it again", self.engine.instance_id, _brief(exc))
 
     async def _pull(self, stub: pb_grpc.InstancesStub, interval: float) -> None:
         async def credits() -> AsyncIterator[pb.PullCredit]:
@@ -245,7 +258,7 @@ class InstanceAgent:
             while self._unacked:
                 batch = self._unacked[0]
                 batch.session = self.session
-                ack = await stub.Report(batch, timeout=CALL_TIMEOUT_S, metadata=self._metadata())
+                ack = await self._call(stub.Report, batch)  # resent as is: the seq makes it idempotent
                 if not ack.known:
                     raise SessionLost("the coordinator does not know this session")
                 self._unacked.popleft()

@@ -28,6 +28,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Hashable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
+from statistics import NormalDist
 from typing import Any
 
 import numpy as np
@@ -59,8 +60,26 @@ KV_BLOCKS_PER_REQUEST = 96
 STAGE_AGAIN_AFTER_S = 300.0
 #: Memory of the arrival-rate estimates, seconds.
 RATE_MEMORY_S = 10.0
+#: Seats held for TTFT-bound arrivals cover this quantile of those expected within a service time.
+RESERVE_QUANTILE = 0.9
 #: Laxity beyond which later TTFT-bound arrivals will overtake a request while it waits.
 OVERTAKE_HORIZON_S = 5.0
+
+
+def poisson_quantile(mean: float, q: float) -> int:
+    """The smallest k with P(X <= k) >= q for X ~ Poisson(mean) (a short sum: means here are small;
+    scipy's ``poisson.ppf`` costs ~100x more per call on this hot path)."""
+    if mean <= 0:
+        return 0
+    if mean > 100:  # exp(-mean) underflows further on; the normal approximation is close here
+        return math.ceil(mean + NormalDist().inv_cdf(q) * math.sqrt(mean))
+    term = cdf = math.exp(-mean)
+    k = 0
+    while cdf < q:
+        k += 1
+        term *= mean / k
+        cdf += term
+    return k
 
 
 @dataclass(slots=True)
@@ -698,15 +717,17 @@ class QueueManager:
         if now - self.last_plan_at >= self.replan_interval_s:
             self.replan(now)
 
-    def _interactive_reserve(self, view: InstanceView, model: str) -> int:
+    def _interactive_reserve(self, view: InstanceView, model: str, now: float) -> int:
         """Seats kept free for TTFT-bound arrivals expected on this instance (batch is held back)."""
-        rate = self._urgent_rates(model, 0.0 if view.state is None else view.state.now)[0]
+        rate = self._urgent_rates(model, now)[0]
         cost = view.costs.get(model)
         if cost is None or rate <= 0:
             return 0
         serving = len(self._serving(model)) or 1
         mean_service = cost.step_s(1024, 0) + 150 * cost.decode_tpot_s(REFERENCE_BATCH)
-        return math.ceil(1.5 * rate / serving * mean_service) + 1
+        # Urgent arrivals within a service time are Poisson: hold the seats that take them at once
+        # nine times in ten. One arrival long ago (a decayed rate) holds none: eviction covers it.
+        return poisson_quantile(1.5 * rate / serving * mean_service, RESERVE_QUANTILE)
 
     def _pull(self, view: InstanceView, slots: int, now: float) -> None:
         """Request pulling: hand ``view`` the most urgent requests it can serve (its own virtual
@@ -718,7 +739,7 @@ class QueueManager:
         s = view.state
         seats = s.max_num_seqs if s is not None else slots
         running_batch = view.running_batch
-        reserve = self._interactive_reserve(view, model) if self.hold_back_batch else 0
+        reserve = self._interactive_reserve(view, model, now) if self.hold_back_batch else 0
         # Requests past their deadline go to the late list: they still run, after all that can meet.
         while q.order and self._doomed(self.entries[q.order[0][1]], now):
             _, rid = q.order.pop(0)

@@ -77,6 +77,7 @@ class OpenAIEngineLink:
         self._scraper: asyncio.Task[None] | None = None
         self.on_room: Callable[[], None] | None = None
         self._evicted: set[str] = set()  # aborted because the coordinator ordered an eviction
+        self._freed = asyncio.Event()  # a request left the server: one waiting for a slot may go
 
     def _session(self) -> aiohttp.ClientSession:
         if self._http is None or self._http.closed:
@@ -111,7 +112,8 @@ class OpenAIEngineLink:
             models_loaded=[self.settings.model] if self.loaded else [],
             models_warm=[] if self.loaded else [self.settings.model],
             num_running=int(running) if running is not None else self.limiter.in_flight,
-            num_waiting=int(waiting) if waiting is not None else 0,
+            # the server's queue, and what waits here for room under the limit
+            num_waiting=(int(waiting) if waiting is not None else 0) + self.waiting_here(),
             kv_blocks_used=int((kv or 0.0) * 1000),
             kv_blocks_total=1000,
             max_num_seqs=self.limiter.limit,
@@ -119,10 +121,13 @@ class OpenAIEngineLink:
             now=time.time(),
         )
 
+    def waiting_here(self) -> int:
+        return max(0, len(self.tasks) - self.limiter.in_flight)
+
     def free_slots(self) -> int:
         if not self.loaded or (self.metrics["waiting"] or 0) > 0:
             return 0  # the server queues already: hand it nothing more
-        return self.limiter.free()
+        return max(0, self.limiter.free() - self.waiting_here())
 
     def held(self) -> list[pb.HeldRequest]:
         return [pb.HeldRequest(request_id=rid, attempt=att) for rid, (att, _) in self.tasks.items()]
@@ -133,9 +138,17 @@ class OpenAIEngineLink:
             self.abort(rid)
         task = asyncio.get_running_loop().create_task(self._serve(a, emit))
         self.tasks[rid] = (a.attempt, task)
-        self.limiter.started()
-        self.max_in_flight_seen = max(self.max_in_flight_seen, self.limiter.in_flight)
         return True
+
+    async def _slot(self) -> int:
+        """Wait for room under the limit (the coordinator may hand over more than that, on an
+        older view of it: the rest waits here, not on the server). Returns the limiter's token."""
+        while self.limiter.free() <= 0:
+            self._freed.clear()
+            await self._freed.wait()
+        token = self.limiter.started()
+        self.max_in_flight_seen = max(self.max_in_flight_seen, self.limiter.in_flight)
+        return token
 
     def abort(self, request_id: str) -> None:
         entry = self.tasks.pop(request_id, None)
@@ -182,10 +195,12 @@ class OpenAIEngineLink:
         if spec.true_output_tokens:
             body["ignore_eos"] = True
             body["max_tokens"] = max(1, min(spec.true_output_tokens, spec.max_tokens) - a.resume_tokens)
-        t0 = time.monotonic()
         finish, usage, delivered = "length", None, 0
         per_token: float | None = None
+        token: int | None = None
         try:
+            token = await self._slot()
+            t0 = time.monotonic()
             async with self._session().post(f"{self.settings.base_url}/v1/completions", json=body) as r:
                 if r.status != 200:
                     emit(
@@ -270,7 +285,9 @@ class OpenAIEngineLink:
         finally:
             if self.tasks.get(rid, (None, None))[1] is asyncio.current_task():
                 del self.tasks[rid]
-            self.limiter.finished(per_token)
+            if token is not None:
+                self.limiter.finished(per_token, token)
+                self._freed.set()
             if self.on_room is not None:
                 self.on_room()
 

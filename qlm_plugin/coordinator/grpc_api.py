@@ -237,7 +237,9 @@ class InstancesService(pb_grpc.InstancesServicer):
         s = self.coord.session(request.session)
         if s is None:
             return pb.ReportAck(seq=request.seq, known=False)
-        self.coord.instance_events(s, request)
+        if request.seq == 0 or request.seq > s.reported_seq:  # not a batch sent again after a timeout
+            s.reported_seq = request.seq
+            self.coord.instance_events(s, request)
         # Acknowledged only once durable: an instance resends what was not acknowledged.
         await self.coord.journal.flush()
         return pb.ReportAck(seq=request.seq, known=True)

@@ -50,6 +50,7 @@ class Session:
     pending_aborts: set[str] = field(default_factory=set)  # stale requests it was told to drop
     sent: int = 0  # assignments put on the pull stream
     received: int = 0  # assignments the instance said it had received (in its last credit)
+    reported_seq: int = 0  # the last event batch applied (a batch sent again is not applied twice)
     pull_open: bool = False
     alive: bool = True
 

@@ -28,6 +28,9 @@ from qlm_plugin.hooks import get_plugin_manager, hookimpl
 from qlm_plugin.request import Request, make_request
 from qlm_plugin.state import EvictMode, EvictResult, InstanceInfo, InstanceState, RequestOutcome, Status
 
+#: Requests an eviction check may take: a real engine can finish one before the order lands.
+EVICT_ATTEMPTS = 3
+
 
 class HarnessUnavailable(Exception):
     """An adapter's harness cannot run here (what it needs is said in the message): its
@@ -203,23 +206,34 @@ class AdapterConformance:
     ) -> None:
         harness, pm, recorder = wired
         iid = harness.instance_id()
-        r = self._request(harness, prompt=64, out=400)
-        assert pm.hook.qlm_dispatch(instance_id=iid, request=r) is True
-        assert _wait_until(harness, lambda: r.id in self._state(pm, iid).running_ids, 30.0, 0.01)
-        harness.advance(0.05)
-        result = pm.hook.qlm_evict(instance_id=iid, request_id=r.id, mode=mode)
-        assert isinstance(result, EvictResult)
-        assert result.request_id == r.id
-        assert result.mode in (mode, EvictMode.RECOMPUTE)
-        assert result.wasted_tokens >= 0
-        if result.mode is EvictMode.SWAP:
-            assert result.wasted_tokens == 0
-        assert _wait_until(harness, lambda: bool(recorder.finished), self.completion_budget_s)
-        harness.advance(0.1)
-        done = [o for o in recorder.finished if o.request.id == r.id]
-        assert len(done) == 1, "an evicted request still finishes, exactly once"
-        assert done[0].preemptions >= 1
-        assert done[0].output_tokens == r.max_tokens
+        # A real engine may finish the request before the order reaches it (the tiny test model
+        # is fast): that eviction is then a no-op, and the check is run again on a new request.
+        for _ in range(EVICT_ATTEMPTS):
+            r = self._request(harness, prompt=64, out=400)
+            assert pm.hook.qlm_dispatch(instance_id=iid, request=r) is True
+            running = lambda rid=r.id: rid in self._state(pm, iid).running_ids  # noqa: E731
+            assert _wait_until(harness, running, 30.0, 0.01)
+            harness.advance(0.05)
+            try:
+                result = pm.hook.qlm_evict(instance_id=iid, request_id=r.id, mode=mode)
+            except KeyError:
+                result = None  # it finished meanwhile
+            if result is not None:
+                assert isinstance(result, EvictResult)
+                assert result.request_id == r.id
+                assert result.mode in (mode, EvictMode.RECOMPUTE)
+                assert result.wasted_tokens >= 0
+                if result.mode is EvictMode.SWAP:
+                    assert result.wasted_tokens == 0
+            finished = lambda rid=r.id: any(o.request.id == rid for o in recorder.finished)  # noqa: E731
+            assert _wait_until(harness, finished, self.completion_budget_s)
+            harness.advance(0.1)
+            done = [o for o in recorder.finished if o.request.id == r.id]
+            assert len(done) == 1, "an evicted request still finishes, exactly once"
+            assert done[0].output_tokens == r.max_tokens
+            if result is not None and done[0].preemptions >= 1:
+                return
+        pytest.fail(f"no eviction took effect in {EVICT_ATTEMPTS} tries: each request finished first")
 
     def test_evict_of_a_request_not_running_raises_key_error(
         self, wired: tuple[BackendHarness, pluggy.PluginManager, _Recorder]

@@ -138,10 +138,10 @@ def test_eight_actors_a_trace_and_a_killed_actor_every_request_once(
                 ).dispatched < 2:
                     await asyncio.sleep(0.05)
                 before = victim.state.session
+                t_kill = time.monotonic()  # from the order: ray.kill returns once it is sent
                 killer.stdin.write(f"qlm-instance-{victim.instance_id}\n".encode())
                 await killer.stdin.drain()
                 assert await killer.wait() == 0  # killed; Ray restarts it
-                t_kill = time.monotonic()
                 while True:  # recovered: the restarted actor registered again
                     now = {i.instance_id: i for i in (await c.instances()).instances}
                     if victim.instance_id in now and now[victim.instance_id].state.session != before:
@@ -180,17 +180,26 @@ def test_eight_actors_a_trace_and_a_killed_actor_every_request_once(
             serve.wait(60)
         except subprocess.TimeoutExpired:
             serve.kill()
-    served = collections.Counter(line.split()[0] for line in record.read_text().splitlines())
+    generations = collections.defaultdict(list)  # request id -> [(attempt, instance)] completed
+    for line in record.read_text().splitlines():
+        rid, attempt, instance = line.split()
+        generations[rid].append((int(attempt), instance))
     finished = [i for i, s in statuses.items() if s.state == "finished"]
-    twice = [i for i in statuses if served[i] > 1]
     moved = [i for i, s in statuses.items() if s.attempt > 1]
+    # A generation the killed actor completed but had not yet reported died with it: the request is
+    # served again (after the tokens already delivered). Any other repeat is a bug.
+    again = [i for i in statuses if len(generations[i]) > 1]
     print(
         f"\nsubmitted {len(statuses)}, completed {len(finished)}, lost {len(statuses) - len(finished)}, "
-        f"served twice {len(twice)}; killed {victims[0]}, re-registered after {recovery:.2f} s; "
-        f"{len(moved)} requests re-served"
+        f"generated again after the kill {len(again)}; killed {victims[0]}, "
+        f"re-registered after {recovery:.2f} s; {len(moved)} requests re-served"
     )
     assert len(finished) == len(statuses) == N
-    assert not twice
+    for i in again:
+        *earlier, last = sorted(generations[i])
+        assert all(instance == victims[0] for _, instance in earlier), (i, generations[i])
+        assert last[0] == statuses[i].attempt > earlier[-1][0], (i, generations[i])
+    assert all(len(generations[i]) == 1 for i in statuses if i not in moved)
     assert moved  # the killed actor's requests went back to the queue
     for i, s in statuses.items():
         assert s.output == synthetic_text(i, 0, s.output_tokens)

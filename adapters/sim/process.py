@@ -39,7 +39,7 @@ class SimEngineLink:
     def __init__(self, sim: RealtimeSim, inst: SimInstance, record: TextIO | None = None) -> None:
         self.sim = sim
         self.inst = inst
-        self.record = record  # a line "request_id attempt" per generation completed (fault tests)
+        self.record = record  # "request_id attempt instance_id" per generation completed (fault tests)
         self.instance_id = inst.instance_id
         self.gpu = inst.gpu
         self.attempts: dict[str, int] = {}
@@ -150,7 +150,7 @@ class SimEngineLink:
                 )
             elif p.kind == "finished":
                 if self.record is not None:
-                    self.record.write(f"{rid} {attempt}\n")
+                    self.record.write(f"{rid} {attempt} {self.instance_id}\n")
                     self.record.flush()
                 del self.attempts[rid]
                 self.urgency.pop(rid, None)

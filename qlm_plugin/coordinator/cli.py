@@ -251,7 +251,7 @@ def cmd_instance(args: argparse.Namespace) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        # QLM_SIM_RECORD: append "request_id attempt" per completed generation (exactly-once tests)
+        # QLM_SIM_RECORD: append "request_id attempt instance_id" per completed generation (fault tests)
         path = os.environ.get("QLM_SIM_RECORD")
         with open(path, "a") if path else contextlib.nullcontext() as record:
             await run_instances(instances, settings, speed=args.speed, stop=stop, record=record)

@@ -296,13 +296,29 @@ def test_the_simulator_calibrated_from_the_engine_reproduces_its_latencies(stack
     import random
     import statistics
 
-    from qlm_plugin.adapters.vllm.fidelity import Replayed, calibrated_model, fit, read_steps, replay
+    from qlm_plugin.adapters.vllm.fidelity import (
+        Replayed,
+        calibrated_model,
+        fit,
+        front_end_s,
+        read_steps,
+        replay,
+    )
 
     server = stack.engines["vllm-a"]
     rng = random.Random(7)
     plan = [
         (i * 0.3 + rng.uniform(0, 0.2), rng.choice([4, 16, 48]), rng.choice([24, 64, 128])) for i in range(32)
     ]
+
+    async def probe() -> list[tuple[int, float]]:
+        """One-token requests, one at a time on the idle engine: the cost outside its steps."""
+        out = []
+        for words in (4, 16, 48, 4, 16, 48):
+            body = {"model": MODEL, "prompt": "the quick brown fox " * words, "max_tokens": 1}
+            latency, resp = await _complete(server.url, body)
+            out.append((int(resp["usage"]["prompt_tokens"]), latency))
+        return out
 
     async def run() -> tuple[float, list[tuple[float, int, int, float]]]:
         t0 = time.monotonic()
@@ -322,18 +338,22 @@ def test_the_simulator_calibrated_from_the_engine_reproduces_its_latencies(stack
 
         return wall0, list(await asyncio.gather(*(one(*p) for p in plan)))
 
+    probes = asyncio.run(probe())
     wall0, measured = asyncio.run(run())
     steps = read_steps(stack.tmp / "vllm-a.steps", wall0, time.time())
     coef = fit(steps)
     cost = calibrated_model(coef, max_num_seqs=8, max_batched=BATCHED)
+    outside = front_end_s(probes, cost)
     simulated = replay([Replayed(sent, prompt, out) for sent, prompt, out, _ in measured], cost)
     errors = [
-        abs((o.e2e or 0.0) - real) / real for o, (_, _, _, real) in zip(simulated, measured, strict=True)
+        abs((o.e2e or 0.0) + outside - real) / real
+        for o, (_, _, _, real) in zip(simulated, measured, strict=True)
     ]
     median_error = statistics.median(errors)
     print(
         f"\nfidelity: {len(steps)} steps fitted, b0={coef[0]:.0f} us, b1={coef[1]:.2f} us/prefill token, "
-        f"b2={coef[2]:.1f} us/decode token; median abs error of per-request latency "
+        f"b2={coef[2]:.1f} us/decode token, {outside * 1e3:.1f} ms per request outside the steps; "
+        "median abs error of per-request latency "
         f"{median_error * 100:.1f}% "
         f"(p90 {statistics.quantiles(errors, n=10)[8] * 100:.1f}%)"
     )

@@ -1,5 +1,6 @@
 """Calibration from a real engine: fit the simulator's cost model to the step timings a vLLM engine
-measured, and replay the same requests through the simulator (issue 5's fidelity check)."""
+measured, measure what a request costs outside the steps, and replay the same requests through
+the simulator (issue 5's fidelity check)."""
 
 from __future__ import annotations
 
@@ -83,3 +84,11 @@ def replay(requests: Sequence[Replayed], cost: CostModel) -> list[RequestOutcome
 
     fleet.run(sorted(reqs, key=lambda r: r.arrival_time), arrive)
     return [outcomes[r.id] for r in reqs]
+
+
+def front_end_s(probes: Sequence[tuple[int, float]], cost: CostModel) -> float:
+    """What a request costs outside the engine's steps (HTTP, tokenization, the trip into the engine
+    and back): the median of measured less simulated latency of one-token requests, each sent alone
+    to the idle engine. ``probes``: (prompt tokens, measured seconds)."""
+    extra = [seconds - (replay([Replayed(0.0, prompt, 1)], cost)[0].e2e or 0.0) for prompt, seconds in probes]
+    return max(0.0, float(np.median(extra))) if extra else 0.0

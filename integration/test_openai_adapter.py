@@ -19,6 +19,7 @@ import pytest
 from qlm_plugin.client import CoordinatorClient
 from qlm_plugin.coordinator.loadtest import free_port
 from qlm_plugin.proto.qlm.v1 import qlm_pb2 as pb
+from qlm_plugin.testing.tiny_model import CONTEXT_LEN
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "tiny"
@@ -64,6 +65,13 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
     server = reference_server()
     st = Setup(free_port(), free_port(), server, [])
     (tmp / "coordinator.yaml").write_text("heartbeat_interval_s: 0.5\nheartbeat_timeout_s: 10.0\n")
+    # The reference server serves the tiny model at its whole context (long requests for evictions).
+    scenario = tmp / "tiny.yaml"
+    scenario.write_text(
+        (ROOT / "scenarios/tiny_cpu.yaml")
+        .read_text()
+        .replace("context_len: 512", f"context_len: {CONTEXT_LEN}")
+    )
     log = open(tmp / "coordinator.log", "ab")  # noqa: SIM115 - the child owns it
     st.procs.append(
         subprocess.Popen(
@@ -75,7 +83,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
                 "--config",
                 str(tmp / "coordinator.yaml"),
                 "--scenario",
-                str(ROOT / "scenarios/tiny_cpu.yaml"),
+                str(scenario),
                 "--journal",
                 str(tmp / "journal.db"),
                 "--http-port",
@@ -155,11 +163,11 @@ def test_dispatch_is_bounded_by_a_limit_learned_from_latency(setup: Setup) -> No
                     pb.RequestSpec(
                         model=MODEL,
                         prompt="the quick brown fox",
-                        max_tokens=96,
-                        true_output_tokens=96,
+                        max_tokens=300,  # long next to the dispatch round trip: the limit fills
+                        true_output_tokens=300,
                         slo=pb.SLO(slo_class="batch"),
                     )
-                    for _ in range(60)
+                    for _ in range(48)
                 ]
             )
             ids = [r.request_id for r in replies]
@@ -172,7 +180,7 @@ def test_dispatch_is_bounded_by_a_limit_learned_from_latency(setup: Setup) -> No
                 await asyncio.sleep(0.1)
 
     samples, statuses = asyncio.run(run())
-    assert all(s.output_tokens == 96 for s in statuses)
+    assert all(s.output_tokens == 300 for s in statuses)
     limits = {lim for lim, _, _ in samples}
     assert len(limits) > 1, f"the limit never moved from {limits}"  # learned, not fixed
     # The server never holds more than the limit allows (its own running count, from its /metrics;
@@ -188,8 +196,10 @@ def test_eviction_aborts_on_the_server_and_requeues(setup: Setup) -> None:
                     pb.RequestSpec(
                         model=MODEL,
                         prompt="hello",
-                        max_tokens=400,
-                        true_output_tokens=400,
+                        # seconds on the tiny model, and the resumed prompt (the delivered text
+                        # tokenized again) still fits the context
+                        max_tokens=1000,
+                        true_output_tokens=1000,
                         slo=pb.SLO(slo_class="batch"),
                     )
                 )
@@ -205,4 +215,4 @@ def test_eviction_aborts_on_the_server_and_requeues(setup: Setup) -> None:
     order, status = asyncio.run(run())
     assert order.ordered, order.reason
     assert status.attempt == 2  # aborted on the server, queued again, served again
-    assert status.output_tokens == 400  # the second attempt continued after the delivered tokens
+    assert status.output_tokens == 1000  # the second attempt continued after the delivered tokens

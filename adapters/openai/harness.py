@@ -14,7 +14,7 @@ from typing import Any
 from qlm_plugin.testing.conformance import BackendHarness, HarnessUnavailable
 
 TINY_FLEET = """
-models: [{name: tiny, profile: llama-3.1-8b, context_len: 512}]
+models: [{name: tiny, profile: llama-3.1-8b, context_len: 2048}]
 instances: [{gpu: h100, models: [tiny], max_num_seqs: 8}]
 classes: [{name: interactive, share: 0.5, ttft_s: 2.0}, {name: batch, share: 0.5, e2e_s: 600}]
 """
@@ -32,10 +32,18 @@ def reference_server() -> Any:
         )
     from qlm_plugin.adapters.vllm.launch import build_tiny_model, start_server, wait_ready
     from qlm_plugin.coordinator.loadtest import free_port
+    from qlm_plugin.testing.tiny_model import CONTEXT_LEN
 
     work = Path(tempfile.mkdtemp(prefix="qlm-openai-conformance-"))
     model = build_tiny_model(work)
-    server = start_server(model, free_port(), work / "vllm.log", served_name="tiny-served", scheduler=False)
+    server = start_server(
+        model,
+        free_port(),
+        work / "vllm.log",
+        served_name="tiny-served",
+        scheduler=False,
+        max_model_len=CONTEXT_LEN,
+    )
     atexit.register(server.stop)
     wait_ready([server], timeout_s=600)
     _server = server
@@ -63,6 +71,12 @@ def conformance_harness() -> BackendHarness:
         await asyncio.wait_for(task, 30)
         await link.close()
 
+    # The tiny model runs 400 tokens in about a second: evicted requests must outlast the order's trip.
     return RemoteHarness(
-        parse_scenario(TINY_FLEET, "<openai harness>"), "blackbox-0", "tiny", connect, disconnect
+        parse_scenario(TINY_FLEET, "<openai harness>"),
+        "blackbox-0",
+        "tiny",
+        connect,
+        disconnect,
+        long_request_tokens=1800,
     )

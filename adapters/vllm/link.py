@@ -128,7 +128,8 @@ class VLLMEngineLink:
     def execute(self, cmd: pb.Command) -> pb.CommandAck:
         op = cmd.WhichOneof("op")
         if op == "evict":
-            self.sched.qlm_orders.append(cmd.evict.request_id)  # carried out at the next step
+            # carried out at the next step where the request runs
+            self.sched.qlm_orders.append((cmd.evict.request_id, time.monotonic()))
             return pb.CommandAck(ok=True)
         if op == "abort":
             return pb.CommandAck(ok=True)

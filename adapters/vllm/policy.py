@@ -41,17 +41,17 @@ class Eviction:
 class InEnginePolicy:
     """Least-slack ordering from deadlines and predicted remaining work.
 
-    ``step_s`` is the engine's measured time per decode step (each running request gains one
-    token per step), kept up to date by the scheduler."""
+    ``step_s`` is the engine's measured time from one decode step to the next (each running
+    request gains one token per step), kept up to date by the scheduler."""
 
     def __init__(self, epoch: float, step_s: float = 0.02) -> None:
         self.epoch = epoch
         self.step_s = step_s
         self._no_victim: tuple[str, float] = ("", -math.inf)  # (head, when): nobody could be evicted
 
-    def observe_step(self, duration_s: float, decode_tokens: int) -> None:
-        if decode_tokens > 0 and duration_s > 0:
-            self.step_s = 0.9 * self.step_s + 0.1 * duration_s
+    def observe_step(self, period_s: float, decode_tokens: int) -> None:
+        if decode_tokens > 0 and period_s > 0:
+            self.step_s = 0.9 * self.step_s + 0.1 * period_s
 
     def remaining_tokens(self, r: RunningLike, f: QLMFields) -> float:
         target = f.predicted_tokens if f.predicted_tokens is not None else r.max_tokens

@@ -15,6 +15,7 @@ Requests without QLM fields run at default urgency.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import threading
 import time
@@ -32,6 +33,10 @@ from qlm_plugin.state import StepTiming
 
 # A child of vLLM's logger: its handlers print it with the engine's own log lines.
 log = logging.getLogger("vllm.qlm_plugin")
+
+#: How long a coordinator's eviction order waits for its request to run (then it is dropped: the
+#: request finished, or never came).
+ORDER_WAIT_S = 10.0
 
 
 class _QLMMixin:
@@ -56,7 +61,8 @@ class _QLMMixin:
         self.qlm_policy = InEnginePolicy(epoch=time.time())
         self.qlm_fields: dict[str, QLMFields] = {}
         self.qlm_by_id: dict[str, str] = {}  # coordinator id -> vLLM request id
-        self.qlm_orders: deque[str] = deque()  # coordinator-ordered evictions (coordinator ids), any thread
+        # coordinator-ordered evictions: (coordinator id, when it came, monotonic); any thread appends
+        self.qlm_orders: deque[tuple[str, float]] = deque()
         self.qlm_evicted: deque[tuple[str, int, int]] = deque()  # (coordinator id, attempt, wasted tokens)
         self.qlm_steps: deque[StepTiming] = deque(maxlen=512)  # read by the agent thread
         self.qlm_counters = {"evictions": 0, "ordered_evictions": 0, "wasted_tokens": 0, "steps": 0}
@@ -69,6 +75,8 @@ class _QLMMixin:
             time.time(),
         )  # running, waiting, kv, at
         self._qlm_step: tuple[float, float, int, int, int] | None = None
+        self._qlm_carried: dict[str, float] = {}  # coordinator id -> when its eviction was carried out
+        self._qlm_last_began: float | None = None  # the previous step's start, while busy (perf_counter)
         self.qlm_link: Any = None
         steps_path = os.environ.get("QLM_VLLM_STEPS")
         self._qlm_steps_file = open(steps_path, "a", buffering=1) if steps_path else None  # noqa: SIM115
@@ -112,14 +120,24 @@ class _QLMMixin:
 
     def _qlm_before_step(self) -> None:
         now = time.time()
-        while self.qlm_orders:
-            qid = self.qlm_orders.popleft()
+        for _ in range(len(self.qlm_orders)):  # the agent thread may append meanwhile
+            qid, came = self.qlm_orders.popleft()
+            if came <= self._qlm_carried.get(qid, -math.inf):
+                continue  # carried out already (the same order, sent again)
             rid = self.qlm_by_id.get(qid, qid)
             request = self.requests.get(rid)
             if request is not None and request in self.running:
+                self._qlm_carried[qid] = time.monotonic()
+                if len(self._qlm_carried) > 256:  # only recent ones can be sent again
+                    cutoff = time.monotonic() - ORDER_WAIT_S
+                    self._qlm_carried = {q: t for q, t in self._qlm_carried.items() if t > cutoff}
                 self.qlm_counters["ordered_evictions"] += 1
                 log.info("QLM: evicting %s (%s) as the coordinator ordered", rid, qid)
                 self._qlm_evict(request, now)
+            elif time.monotonic() - came < ORDER_WAIT_S:
+                # Not running yet: the order overtook the request (commands and dispatch travel
+                # apart), or it waits for a seat. It is carried out once the request runs.
+                self.qlm_orders.append((qid, came))
         if not self.waiting or len(self.running) < self.max_num_running_reqs:
             return
         head = self.waiting.peek_request()
@@ -172,8 +190,13 @@ class _QLMMixin:
                 _write_stats(self)
             if self._qlm_steps_file is not None:  # QLM_VLLM_STEPS: every step, for calibration checks
                 self._qlm_steps_file.write(f"{start} {duration} {prefill} {decode} {batch}\n")
-            if prefill == 0:
-                self.qlm_policy.observe_step(duration, decode)
+            # The pace a running request sees is the time from one step to the next, not the step's
+            # own duration: on a loaded machine the engine waits for a CPU between steps.
+            last, self._qlm_last_began = self._qlm_last_began, began
+            if prefill == 0 and last is not None:
+                self.qlm_policy.observe_step(began - last, decode)
+        if not self.running:
+            self._qlm_last_began = None  # idle: the next step's pace starts afresh
         usage = float(self.kv_cache_manager.usage)
         self.qlm_snapshot = (len(self.running), len(self.waiting), usage, time.time())
         if self.qlm_link is not None:

@@ -57,6 +57,9 @@ class BackendHarness(Protocol):
 
     def close(self) -> None: ...
 
+    # Optional: ``long_request_tokens`` (int, default 400), the output length of the requests the
+    # eviction checks evict. A fast real engine wants them long enough to outlast the order's trip.
+
 
 class _Recorder:
     def __init__(self) -> None:
@@ -209,7 +212,7 @@ class AdapterConformance:
         # A real engine may finish the request before the order reaches it (the tiny test model
         # is fast): that eviction is then a no-op, and the check is run again on a new request.
         for _ in range(EVICT_ATTEMPTS):
-            r = self._request(harness, prompt=64, out=400)
+            r = self._request(harness, prompt=64, out=getattr(harness, "long_request_tokens", 400))
             assert pm.hook.qlm_dispatch(instance_id=iid, request=r) is True
             running = lambda rid=r.id: rid in self._state(pm, iid).running_ids  # noqa: E731
             assert _wait_until(harness, running, 30.0, 0.01)

@@ -53,8 +53,10 @@ class RemoteHarness:
         disconnect: Callable[[Any], Coroutine[Any, Any, None]],
         *,
         grpc_port: int = 0,
+        long_request_tokens: int = 400,
     ) -> None:
         self.grpc_port = grpc_port  # fixed: engines started once per process find each new coordinator
+        self.long_request_tokens = long_request_tokens
         self.scenario = scenario
         self._iid = instance_id
         self._model = model

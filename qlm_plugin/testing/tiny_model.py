@@ -32,6 +32,11 @@ WORDS = [
 ]
 
 
+#: Positions the tiny model has: the test engines serve it at this context, so the requests that
+#: must outlast an order on their way (evictions) can run for seconds.
+CONTEXT_LEN = 2048
+
+
 def build_tiny_llama(out: str | Path, *, layers: int = 2, hidden: int = 128, seed: int = 0) -> Path:
     """Write the model (bf16 safetensors) and its tokenizer to ``out``; returns ``out``."""
     import torch
@@ -66,7 +71,7 @@ def build_tiny_llama(out: str | Path, *, layers: int = 2, hidden: int = 128, see
         num_hidden_layers=layers,
         num_attention_heads=2,
         num_key_value_heads=2,
-        max_position_embeddings=2048,
+        max_position_embeddings=CONTEXT_LEN,
         bos_token_id=fast.bos_token_id,
         eos_token_id=fast.eos_token_id,
         pad_token_id=fast.pad_token_id,

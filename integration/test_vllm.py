@@ -10,6 +10,7 @@ import asyncio
 import json
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -227,12 +228,17 @@ def test_interactive_requests_overtake_queued_batch_work(stack: Stack) -> None:
                 await asyncio.sleep(0.5)
                 statuses = [await c.status(r) for r in batch_ids]
             assert all(s.state == "finished" for s in statuses), [s.error for s in statuses if s.error]
-            return ttfts, [s.e2e_ms / 1000 for s in statuses], batch_unfinished + 0.0 * done_interactive
+            return ttfts, [s.ttft_ms / 1000 for s in statuses], batch_unfinished + 0.0 * done_interactive
 
-    ttfts, batch_e2e, unfinished_when_interactive_done = asyncio.run(run())
-    assert sorted(ttfts)[len(ttfts) // 2] < 3.0, ttfts  # they met their SLO (median: CI machines stall) ...
-    assert unfinished_when_interactive_done >= 16  # ... while much of the earlier batch work still waited
-    assert all(e > 0 for e in batch_e2e)
+    ttfts, batch_ttfts, unfinished_when_interactive_done = asyncio.run(run())
+    # Batch work that was still queued when the interactive requests came (submitted 1 s earlier).
+    queued_batch = [t - 1.0 for t in batch_ttfts if t > 1.0]
+    assert len(queued_batch) >= 16 and unfinished_when_interactive_done >= 16, (batch_ttfts, ttfts)
+    # The interactive requests passed it: they waited far less than the batch work queued before them ...
+    assert statistics.median(ttfts) < statistics.median(queued_batch) / 2, (ttfts, queued_batch)
+    # ... and most met their 3 s TTFT. Not all on a starved 2-core machine: the engines, their API
+    # servers and the coordinator share two cores, and in some CI runs a few waited 3-8 s.
+    assert sum(t < 3.0 for t in ttfts) >= len(ttfts) // 2, ttfts
 
 
 def test_a_coordinator_ordered_eviction_happens_and_the_request_completes_once(stack: Stack) -> None:
@@ -294,7 +300,6 @@ def test_the_simulator_calibrated_from_the_engine_reproduces_its_latencies(stack
     """Item 5: a short trace through the real engine, and through the simulator whose cost model
     is fitted to that engine's own step timings; per-request latencies must agree within 20%."""
     import random
-    import statistics
 
     from qlm_plugin.adapters.vllm.fidelity import (
         Replayed,

@@ -116,6 +116,10 @@ class _QLMMixin:
         fields = self.qlm_fields.get(request.request_id)
         if fields is not None and fields.qlm_id is not None:  # the agent reports it (EVICTED)
             self.qlm_evicted.append((fields.qlm_id, fields.attempt, request.num_computed_tokens))
+        if fields is not None:
+            # Ranked again before it goes back to the waiting heap: a request past its first token
+            # is no longer due by its TTFT, and must not win back the seat it was evicted from.
+            request.priority = self.qlm_policy.rank(request, fields)
         self._preempt_request(request, now)  # type: ignore[attr-defined]
 
     def _qlm_before_step(self) -> None:

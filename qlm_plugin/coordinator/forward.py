@@ -26,6 +26,8 @@ if TYPE_CHECKING:
 Event = pb.RequestEvent
 #: Deadline of the connection to the engine (the stream itself runs as long as the request).
 CONNECT_TIMEOUT_S = 10.0
+#: How long a broken stream's engine has to answer its health check before it is drained.
+HEALTH_TIMEOUT_S = 3.0
 
 
 def request_body(job: Job, attempt: int, model: str) -> dict[str, Any]:
@@ -104,9 +106,13 @@ async def forward(
     except asyncio.CancelledError:
         raise  # cancelled: the closed stream aborts the request in vLLM
     except (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
-        # The engine is gone (refused, or dropped mid-stream): drain it now rather than after the
-        # heartbeat timeout, or its requests would be dispatched to it again meanwhile.
-        coord.instance_lost(s, f"{s.endpoint} unreachable: {type(exc).__name__}")
+        # A dropped stream alone proves little (a pooled keep-alive connection the server had just
+        # closed fails the same way): drain the engine at once only if it no longer answers, else
+        # serve this request again.
+        if isinstance(exc, aiohttp.ClientConnectorError) or not await _answers(http, s.endpoint):
+            coord.instance_lost(s, f"{s.endpoint} unreachable: {type(exc).__name__}")
+        else:
+            emit(kind=Event.FAILED, error=f"{s.endpoint}: stream broken: {type(exc).__name__}: {exc}")
         return
     except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
         emit(kind=Event.FAILED, error=f"{s.endpoint}: {type(exc).__name__}: {exc}")
@@ -116,3 +122,16 @@ async def forward(
         # Chunks are not always one token each (the detokenizer holds partial characters back).
         emit(kind=Event.TOKENS, index=index, tokens=usage_tokens - streamed, text="")
     emit(kind=Event.FINISHED, finish_reason=finish_reason)
+
+
+async def _answers(http: aiohttp.ClientSession, endpoint: str) -> bool:
+    """Whether the engine's server still answers its health check (on a fresh connection)."""
+    try:
+        async with http.get(
+            f"{endpoint.rstrip('/')}/health",
+            timeout=aiohttp.ClientTimeout(total=HEALTH_TIMEOUT_S),
+            headers={"Connection": "close"},
+        ) as r:
+            return r.status == 200
+    except (aiohttp.ClientError, asyncio.TimeoutError):
+        return False

@@ -10,6 +10,7 @@ import subprocess
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import aiohttp
 
@@ -25,6 +26,10 @@ WAITING_METRICS = ("vllm:num_requests_waiting",)
 KV_METRICS = ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc")
 #: How long an eviction order for a request not yet here waits for it.
 EARLY_EVICTION_WAIT_S = 10.0
+
+
+def _event(request_id: str, attempt: int, kind: pb.RequestEvent.Kind, **fields: Any) -> pb.RequestEvent:
+    return Event(request_id=request_id, attempt=attempt, kind=kind, time=time.time(), **fields)
 
 
 @dataclass
@@ -141,15 +146,7 @@ class OpenAIEngineLink:
         rid = a.request.request_id
         ordered = self._early_evictions.pop(rid, None)
         if ordered is not None and time.monotonic() - ordered < EARLY_EVICTION_WAIT_S:
-            emit(
-                Event(
-                    request_id=rid,
-                    attempt=a.attempt,
-                    kind=Event.REQUEUED,
-                    time=time.time(),
-                    error="evicted as it arrived (the order came first)",
-                )
-            )
+            emit(_event(rid, a.attempt, Event.REQUEUED, error="evicted as it arrived (the order came first)"))
             return True
         if rid in self.tasks:
             self.abort(rid)
@@ -225,13 +222,7 @@ class OpenAIEngineLink:
             async with self._session().post(f"{self.settings.base_url}/v1/completions", json=body) as r:
                 if r.status != 200:
                     emit(
-                        Event(
-                            request_id=rid,
-                            attempt=attempt,
-                            kind=Event.FAILED,
-                            time=time.time(),
-                            error=f"HTTP {r.status}: {(await r.text())[:300]}",
-                        )
+                        _event(rid, attempt, Event.FAILED, error=f"HTTP {r.status}: {(await r.text())[:300]}")
                     )
                     return
                 async for raw in r.content:
@@ -244,65 +235,21 @@ class OpenAIEngineLink:
                     for choice in chunk.get("choices") or ():
                         text = choice.get("text") or ""
                         if text:
-                            emit(
-                                Event(
-                                    request_id=rid,
-                                    attempt=attempt,
-                                    kind=Event.TOKENS,
-                                    index=index,
-                                    tokens=1,
-                                    text=text,
-                                    time=time.time(),
-                                )
-                            )
+                            emit(_event(rid, attempt, Event.TOKENS, index=index, tokens=1, text=text))
                             index += 1
                             delivered += 1
                         finish = choice.get("finish_reason") or finish
             if usage is not None and usage > delivered:
-                emit(
-                    Event(
-                        request_id=rid,
-                        attempt=attempt,
-                        kind=Event.TOKENS,
-                        index=index,
-                        tokens=usage - delivered,
-                        text="",
-                        time=time.time(),
-                    )
-                )
-            emit(
-                Event(
-                    request_id=rid,
-                    attempt=attempt,
-                    kind=Event.FINISHED,
-                    finish_reason=finish,
-                    time=time.time(),
-                )
-            )
+                emit(_event(rid, attempt, Event.TOKENS, index=index, tokens=usage - delivered, text=""))
+            emit(_event(rid, attempt, Event.FINISHED, finish_reason=finish))
             per_token = (time.monotonic() - t0) / max(1, usage or delivered)
         except asyncio.CancelledError:
             if rid in self._evicted:  # evicted by abort: the coordinator queues it again
                 self._evicted.discard(rid)
-                emit(
-                    Event(
-                        request_id=rid,
-                        attempt=attempt,
-                        kind=Event.REQUEUED,
-                        time=time.time(),
-                        error="evicted: aborted on the server",
-                    )
-                )
+                emit(_event(rid, attempt, Event.REQUEUED, error="evicted: aborted on the server"))
             raise
         except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
-            emit(
-                Event(
-                    request_id=rid,
-                    attempt=attempt,
-                    kind=Event.FAILED,
-                    time=time.time(),
-                    error=f"{type(exc).__name__}: {exc}",
-                )
-            )
+            emit(_event(rid, attempt, Event.FAILED, error=f"{type(exc).__name__}: {exc}"))
         finally:
             if self.tasks.get(rid, (None, None))[1] is asyncio.current_task():
                 del self.tasks[rid]

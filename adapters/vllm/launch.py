@@ -58,7 +58,7 @@ def cpu_env(env: dict[str, str] | None = None) -> dict[str, str]:
 
 def cpu_shares(count: int) -> list[str]:
     """``count`` disjoint sets of this process's CPUs, one per engine, as vLLM's
-    ``VLLM_CPU_OMP_THREADS_BIND`` writes them ("0-3"). vLLM's automatic binding assumes one engine
+    ``VLLM_CPU_OMP_THREADS_BIND`` writes them ("0,1"). vLLM's automatic binding assumes one engine
     per machine and pins every engine's worker to the same last core, where one busy engine starved
     another's runnable worker for 5-12 s at a time here. With fewer CPUs than engines they wrap
     around (engines then share, as they must)."""
@@ -70,6 +70,15 @@ def cpu_shares(count: int) -> list[str]:
         group = cpus[start : start + per]
         shares.append(",".join(str(c) for c in group))
     return shares
+
+
+def cpu_ids(cpus: str) -> set[int]:
+    """The CPU ids of a list in vLLM's ``VLLM_CPU_OMP_THREADS_BIND`` form ("0-3,6")."""
+    ids: set[int] = set()
+    for part in cpus.split(","):
+        low, _, high = part.partition("-")
+        ids.update(range(int(low), int(high or low) + 1))
+    return ids
 
 
 def build_tiny_model(folder: Path) -> Path:
@@ -134,6 +143,11 @@ def start_server(
         child_env["VLLM_CPU_OMP_THREADS_BIND"] = cpus
     out = open(log, "ab")  # noqa: SIM115 - the child owns it
     proc = subprocess.Popen(cmd, env=child_env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    if cpus is not None:
+        # The whole server, not only its worker: the engine's core process spins while its worker
+        # computes, and on another engine's CPU it slowed that engine tenfold. Set before the server
+        # starts its engine processes (seconds later), which inherit it.
+        os.sched_setaffinity(proc.pid, cpu_ids(cpus))
     return Server(proc, port, log)
 
 

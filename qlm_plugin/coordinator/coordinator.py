@@ -90,6 +90,12 @@ class Job:
     instance: str | None = None
     chunks: list[str] = field(default_factory=list)
     tokens: int = 0
+    # The engine's own token ids of the prompt and of the delivered output (an engine served over
+    # HTTP returns them), so that a resumed attempt continues from exactly those tokens: the
+    # delivered text, tokenized again, can come to more tokens and no longer fit the context.
+    # None (or a count that does not match ``tokens``): unknown, and a resume sends the text.
+    prompt_ids: list[int] | None = None
+    output_ids: list[int] | None = field(default_factory=list)
     first_token_at: float | None = None
     finished_at: float | None = None
     finish_reason: str = ""

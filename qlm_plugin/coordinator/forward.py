@@ -50,12 +50,19 @@ def request_body(job: Job, attempt: int, model: str) -> dict[str, Any]:
         xargs["qlm_ttft_deadline"] = r.slo.ttft_deadline
     if r.slo.e2e_deadline is not None:
         xargs["qlm_e2e_deadline"] = r.slo.e2e_deadline
+    # A resumed request continues after what was delivered: from the engine's own token ids where
+    # they are known, else from the text.
+    prompt: str | list[int] = spec.prompt + job.text
+    ids = job.output_ids
+    if job.tokens and job.prompt_ids is not None and ids is not None and len(ids) == job.tokens:
+        prompt = job.prompt_ids + ids
     body: dict[str, Any] = {
         "model": model,
-        "prompt": spec.prompt + job.text,  # a resumed request continues after what was delivered
+        "prompt": prompt,
         "max_tokens": max(1, r.max_tokens - job.tokens),
         "stream": True,
         "stream_options": {"include_usage": True},
+        "return_token_ids": True,
         "priority": spec.slo.priority,
         "vllm_xargs": xargs,
     }
@@ -82,6 +89,8 @@ async def forward(
         )
 
     finish_reason, usage_tokens = "length", None
+    prompt_ids: list[int] | None = None  # the engine's ids of the prompt, on an attempt from scratch
+    held: list[int] = []  # ids streamed whose text has not come yet
     in_transit = True  # until the engine's server answers (or the request fails on its way)
 
     def arrived() -> None:
@@ -114,10 +123,20 @@ async def forward(
                 if chunk.get("usage"):
                     usage_tokens = int(chunk["usage"].get("completion_tokens", 0))
                 for choice in chunk.get("choices") or ():
+                    if start == 0 and choice.get("prompt_token_ids") is not None:
+                        prompt_ids = list(choice["prompt_token_ids"])
                     text = choice.get("text") or ""
+                    ids = choice.get("token_ids")
+                    if ids is not None:
+                        held.extend(ids)  # the detokenizer may hold a token's text back a chunk
                     if text:
-                        emit(kind=Event.TOKENS, index=index, tokens=1, text=text)
-                        index += 1
+                        n = max(1, len(held)) if ids is not None else 1
+                        delivered = job.tokens
+                        emit(kind=Event.TOKENS, index=index, tokens=n, text=text)
+                        index += n
+                        if job.tokens == delivered + n:
+                            _keep_ids(job, prompt_ids, held if ids is not None else None, delivered, n)
+                        held = []
                     if choice.get("finish_reason"):
                         finish_reason = choice["finish_reason"]
     except asyncio.CancelledError:
@@ -140,6 +159,17 @@ async def forward(
         # Chunks are not always one token each (the detokenizer holds partial characters back).
         emit(kind=Event.TOKENS, index=index, tokens=usage_tokens - streamed, text="")
     emit(kind=Event.FINISHED, finish_reason=finish_reason)
+
+
+def _keep_ids(job: Job, prompt_ids: list[int] | None, ids: list[int] | None, delivered: int, n: int) -> None:
+    """Record the ids of the ``n`` tokens just delivered after ``delivered`` (``ids`` None or not
+    ``n`` of them: unknown from here on, so a resume falls back to the text)."""
+    if delivered == 0 and prompt_ids is not None:
+        job.prompt_ids, job.output_ids = prompt_ids, []
+    if ids is None or len(ids) != n or job.output_ids is None or len(job.output_ids) != delivered:
+        job.output_ids = None
+    else:
+        job.output_ids.extend(ids)
 
 
 async def _answers(http: aiohttp.ClientSession, endpoint: str) -> bool:

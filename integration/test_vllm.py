@@ -252,7 +252,9 @@ def test_the_simulator_calibrated_from_the_engine_reproduces_its_latencies(stack
     steps = read_steps(stack.tmp / "vllm-a.steps", wall0, time.time())
     served = read_served(stack.tmp / "vllm-a.requests")
     # vLLM names a request after the client's X-Request-Id: cmpl-<id>-<n>-<suffix>
-    engine = [next(s for r, s in served.items() if r.startswith(f"cmpl-fidelity-{i}-")) for i in range(32)]
+    engine = [
+        next(s for r, s in served.items() if r.startswith(f"cmpl-fidelity-{i}-")) for i in range(len(plan))
+    ]
     coef = fit(steps)
     cost = calibrated_model(coef, max_num_seqs=8, max_batched=BATCHED)
     simulated = replay([Replayed(e.added - wall0, e.prompt_tokens, e.output_tokens) for e in engine], cost)

@@ -110,8 +110,8 @@ def start_server(
     cpus: str | None = None,
 ) -> Server:
     """Start a server; ``scheduler`` turns QLM on (``--scheduler-cls``); ``cpus`` (CPU engines only)
-    binds its worker to those CPUs, from :func:`cpu_shares` when several engines share a machine.
-    Returns at once: call :func:`wait_ready`."""
+    runs the whole server on those CPUs and binds its worker there, from :func:`cpu_shares` when
+    several engines share a machine. Returns at once: call :func:`wait_ready`."""
     cmd = [
         sys.executable,
         "-m",

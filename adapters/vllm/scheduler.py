@@ -106,12 +106,13 @@ class _QLMMixin:
         super().add_request(request)  # type: ignore[misc]
 
     def _free_request(self, request: Request, *args: Any, **kwargs: Any) -> Any:
-        added = self._qlm_added.pop(request.request_id, None)
-        if added is not None and self._qlm_requests_file is not None:  # QLM_VLLM_REQUESTS
-            self._qlm_requests_file.write(
-                f"{request.request_id} {added} {time.time()} {request.num_prompt_tokens} "
-                f"{request.num_output_tokens}\n"
-            )
+        if self._qlm_requests_file is not None:  # QLM_VLLM_REQUESTS
+            added = self._qlm_added.pop(request.request_id, None)
+            if added is not None:
+                self._qlm_requests_file.write(
+                    f"{request.request_id} {added} {time.time()} {request.num_prompt_tokens} "
+                    f"{request.num_output_tokens}\n"
+                )
         fields = self.qlm_fields.pop(request.request_id, None)
         if fields is not None and fields.qlm_id is not None:
             self.qlm_by_id.pop(fields.qlm_id, None)

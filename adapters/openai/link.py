@@ -219,7 +219,10 @@ class OpenAIEngineLink:
         try:
             token = await self._slot()
             t0 = time.monotonic()
-            async with self._session().post(f"{self.settings.base_url}/v1/completions", json=body) as r:
+            # The server names the request after the coordinator's id (its logs, its /abort_requests).
+            headers = {"X-Request-Id": f"{rid}.{attempt}"}
+            url = f"{self.settings.base_url}/v1/completions"
+            async with self._session().post(url, json=body, headers=headers) as r:
                 if r.status != 200:
                     emit(
                         _event(rid, attempt, Event.FAILED, error=f"HTTP {r.status}: {(await r.text())[:300]}")

@@ -20,7 +20,7 @@ class SLO(_message.Message):
     def __init__(self, ttft_ms: _Optional[float] = ..., e2e_ms: _Optional[float] = ..., slo_class: _Optional[str] = ..., priority: _Optional[int] = ...) -> None: ...
 
 class RequestSpec(_message.Message):
-    __slots__ = ("request_id", "model", "prompt", "prompt_tokens", "max_tokens", "slo", "tenant", "reject_if_late", "sampling", "idempotency_key", "true_output_tokens", "operation")
+    __slots__ = ("request_id", "model", "prompt", "prompt_tokens", "max_tokens", "slo", "tenant", "reject_if_late", "sampling", "idempotency_key", "true_output_tokens", "operation", "prompt_token_ids")
     class SamplingEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -40,6 +40,7 @@ class RequestSpec(_message.Message):
     IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
     TRUE_OUTPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     OPERATION_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     model: str
     prompt: str
@@ -52,7 +53,8 @@ class RequestSpec(_message.Message):
     idempotency_key: str
     true_output_tokens: int
     operation: str
-    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., prompt: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., max_tokens: _Optional[int] = ..., slo: _Optional[_Union[SLO, _Mapping]] = ..., tenant: _Optional[str] = ..., reject_if_late: _Optional[bool] = ..., sampling: _Optional[_Mapping[str, str]] = ..., idempotency_key: _Optional[str] = ..., true_output_tokens: _Optional[int] = ..., operation: _Optional[str] = ...) -> None: ...
+    prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., prompt: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., max_tokens: _Optional[int] = ..., slo: _Optional[_Union[SLO, _Mapping]] = ..., tenant: _Optional[str] = ..., reject_if_late: _Optional[bool] = ..., sampling: _Optional[_Mapping[str, str]] = ..., idempotency_key: _Optional[str] = ..., true_output_tokens: _Optional[int] = ..., operation: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class SubmitRequest(_message.Message):
     __slots__ = ("request",)
@@ -265,20 +267,24 @@ class PullCredit(_message.Message):
     def __init__(self, session: _Optional[str] = ..., free_slots: _Optional[int] = ..., received: _Optional[int] = ...) -> None: ...
 
 class Assignment(_message.Message):
-    __slots__ = ("request", "attempt", "urgency", "deadline", "resume_tokens", "resume_text")
+    __slots__ = ("request", "attempt", "urgency", "deadline", "resume_tokens", "resume_text", "ttft_budget_s", "e2e_budget_s")
     REQUEST_FIELD_NUMBER: _ClassVar[int]
     ATTEMPT_FIELD_NUMBER: _ClassVar[int]
     URGENCY_FIELD_NUMBER: _ClassVar[int]
     DEADLINE_FIELD_NUMBER: _ClassVar[int]
     RESUME_TOKENS_FIELD_NUMBER: _ClassVar[int]
     RESUME_TEXT_FIELD_NUMBER: _ClassVar[int]
+    TTFT_BUDGET_S_FIELD_NUMBER: _ClassVar[int]
+    E2E_BUDGET_S_FIELD_NUMBER: _ClassVar[int]
     request: RequestSpec
     attempt: int
     urgency: float
     deadline: float
     resume_tokens: int
     resume_text: str
-    def __init__(self, request: _Optional[_Union[RequestSpec, _Mapping]] = ..., attempt: _Optional[int] = ..., urgency: _Optional[float] = ..., deadline: _Optional[float] = ..., resume_tokens: _Optional[int] = ..., resume_text: _Optional[str] = ...) -> None: ...
+    ttft_budget_s: float
+    e2e_budget_s: float
+    def __init__(self, request: _Optional[_Union[RequestSpec, _Mapping]] = ..., attempt: _Optional[int] = ..., urgency: _Optional[float] = ..., deadline: _Optional[float] = ..., resume_tokens: _Optional[int] = ..., resume_text: _Optional[str] = ..., ttft_budget_s: _Optional[float] = ..., e2e_budget_s: _Optional[float] = ...) -> None: ...
 
 class Command(_message.Message):
     __slots__ = ("command_id", "evict", "swap_in", "load_model", "unload_model", "abort")
@@ -297,12 +303,14 @@ class Command(_message.Message):
     def __init__(self, command_id: _Optional[str] = ..., evict: _Optional[_Union[Evict, _Mapping]] = ..., swap_in: _Optional[_Union[SwapIn, _Mapping]] = ..., load_model: _Optional[_Union[LoadModel, _Mapping]] = ..., unload_model: _Optional[_Union[UnloadModel, _Mapping]] = ..., abort: _Optional[_Union[Abort, _Mapping]] = ...) -> None: ...
 
 class Evict(_message.Message):
-    __slots__ = ("request_id", "mode")
+    __slots__ = ("request_id", "mode", "for_request_id")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
+    FOR_REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     mode: str
-    def __init__(self, request_id: _Optional[str] = ..., mode: _Optional[str] = ...) -> None: ...
+    for_request_id: str
+    def __init__(self, request_id: _Optional[str] = ..., mode: _Optional[str] = ..., for_request_id: _Optional[str] = ...) -> None: ...
 
 class SwapIn(_message.Message):
     __slots__ = ("request_id",)

@@ -9,6 +9,8 @@ dependencies through a .pth path entry (which does not run the editable install'
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -45,14 +47,43 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def venv(wheel: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def clone(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The repository's files as a fresh clone of them has them (tracked, and new files not ignored:
+    what a commit would take), symlinks kept as links."""
+    out = tmp_path_factory.mktemp("clone")
+    listed = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.split("\0")
+    for rel in filter(None, listed):
+        src, dst = ROOT / rel, out / rel
+        if not src.exists() and not src.is_symlink():
+            continue  # deleted in the working tree
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        if src.is_symlink():
+            os.symlink(os.readlink(src), dst)
+        else:
+            shutil.copy2(src, dst)
+    return out
+
+
+@pytest.fixture(scope="module")
+def venv(clone: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A fresh virtual environment where the README's ``pip install .`` ran inside the clone: a
+    non-editable install (offline: no build isolation; the dependencies come from this
+    interpreter's site-packages through a .pth path entry)."""
     env = tmp_path_factory.mktemp("venv")
     subprocess.run([sys.executable, "-m", "venv", str(env)], check=True, timeout=300)
     py = env / "bin" / "python"
     subprocess.run(
-        [str(py), "-m", "pip", "install", "-q", "--no-deps", "--no-index", str(wheel)],
+        [str(py), "-m", "pip", "install", "-q", "--no-deps", "--no-index", "--no-build-isolation", "."],
+        cwd=clone,
         check=True,
         timeout=300,
+        env={**os.environ, "PYTHONPATH": sysconfig.get_paths()["purelib"]},  # setuptools for the build
     )
     site = subprocess.run(
         [str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
@@ -111,9 +142,11 @@ def test_installed_console_script_runs_on_packaged_defaults(venv: Path, tmp_path
     assert out["policies"]["fcfs"]["overall"]["requests"] == out["requests"] > 2000
 
 
-def test_installed_qlm_serve_answers_a_completion(venv: Path, tmp_path: Path) -> None:
-    """The README's main command from the wheel: coordinator plus simulated instance processes,
-    ready on /health, a completion through the front door, a clean stop on SIGTERM."""
+def test_installed_qlm_serve_answers_a_completion_run_inside_the_clone(venv: Path, clone: Path) -> None:
+    """The README's main command, run inside the clone's own folder after a non-editable install:
+    coordinator plus simulated instance processes, ready on /health, a completion through the
+    front door, a clean stop on SIGTERM. (Its children once imported the clone's source tree, which
+    lacked the installed sub-packages, and died: /health said "no instances" and a completion hung.)"""
     import signal
     import time
     import urllib.request
@@ -132,7 +165,7 @@ def test_installed_qlm_serve_answers_a_completion(venv: Path, tmp_path: Path) ->
             "--speed",
             "20",
         ],
-        cwd=tmp_path,
+        cwd=clone,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -160,4 +193,26 @@ def test_installed_qlm_serve_answers_a_completion(venv: Path, tmp_path: Path) ->
         stdout, stderr = proc.communicate(timeout=30)
     assert proc.returncode == 0, stderr
     assert "loopback only" in stderr and "qlm serve: stopped" in stdout
-    assert (tmp_path / "qlm-journal.db").exists()  # the default journal, in the working folder
+    assert (clone / "qlm-journal.db").exists()  # the default journal, in the working folder
+
+
+def test_child_processes_import_the_installed_package_not_the_clone(venv: Path, clone: Path) -> None:
+    """Inside the clone, ``python -m`` would put the clone first on ``sys.path``; the product's
+    children import ``qlm_plugin`` from where their parent did (here: the installed package)."""
+    parent = (
+        "import json, subprocess; from qlm_plugin.child_process import python_command;"
+        "probe = python_command('qlm_plugin.child_process');"
+        "print(subprocess.run(probe, capture_output=True, text=True, check=True).stdout)"
+    )
+    # -I: the parent itself imports the installed package, as the `qlm` console script does
+    proc = subprocess.run(
+        [str(venv / "bin" / "python"), "-I", "-c", parent],
+        capture_output=True,
+        text=True,
+        cwd=clone,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    child_root, child_path = json.loads(proc.stdout)
+    assert child_root.startswith(str(venv)), f"the child imported qlm_plugin from {child_root}"
+    assert str(clone) not in child_path and "" not in child_path

@@ -11,12 +11,13 @@ import os
 import shlex
 import signal
 import subprocess
-import sys
 import time
 import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+from qlm_plugin.child_process import python_command
 
 CPU_COMPAT = Path(__file__).parent / "cpu_compat"
 
@@ -86,7 +87,7 @@ def build_tiny_model(folder: Path) -> Path:
     child process with :func:`cpu_env` (importing transformers here would need the same shims)."""
     model = folder / "tiny-llama"
     subprocess.run(
-        [sys.executable, "-m", "qlm_plugin.testing.tiny_model", str(model)],
+        python_command("qlm_plugin.testing.tiny_model", str(model)),
         check=True,
         env=cpu_env(),
         capture_output=True,
@@ -113,9 +114,7 @@ def start_server(
     runs the whole server on those CPUs and binds its worker there, from :func:`cpu_shares` when
     several engines share a machine. Returns at once: call :func:`wait_ready`."""
     cmd = [
-        sys.executable,
-        "-m",
-        "vllm.entrypoints.openai.api_server",
+        *python_command("vllm.entrypoints.openai.api_server"),
         "--model",
         str(model),
         "--served-model-name",

@@ -261,6 +261,7 @@ def cmd_instance(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from qlm_plugin.child_process import python_command
     from qlm_plugin.coordinator.server import CoordinatorServer, serve_until_signal
 
     _logging(args.verbose)
@@ -311,9 +312,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if args.ray is not None:
             ready_ray()
             return
-        cmd = [
-            sys.executable,
-            "-m",
+        cmd = python_command(
             "qlm_plugin.cli",
             "instance",
             "--backend",
@@ -326,7 +325,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             group.gpu,
             "--speed",
             str(args.speed),
-        ]
+        )
         for m in group.models:
             cmd += ["--model", m]
         if cfg.scenario or args.scenario:

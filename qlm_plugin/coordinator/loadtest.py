@@ -20,7 +20,6 @@ import signal
 import socket
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -28,6 +27,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from qlm_plugin.child_process import python_command
 
 MODEL = "llama-3.1-8b"
 
@@ -54,9 +55,7 @@ def serve_process(
 
     with tempfile.TemporaryDirectory() as tmp:
         http, grpc_port = free_port(), free_port()
-        cmd = [
-            sys.executable,
-            "-m",
+        cmd = python_command(
             "qlm_plugin.cli",
             "serve",
             "--http-port",
@@ -71,7 +70,7 @@ def serve_process(
             policy,
             "--journal",
             str(Path(tmp) / "journal.db"),
-        ]
+        )
         proc = subprocess.Popen(
             cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
         )

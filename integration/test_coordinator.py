@@ -336,6 +336,51 @@ def test_grpc_submit_status_stream_cancel_and_idempotency(tmp_path: Path) -> Non
     run(tmp_path, body, speed=50.0)
 
 
+def test_a_stream_opened_right_after_submit_gets_the_whole_text_every_time(tmp_path: Path) -> None:
+    """Tokens published while the stream's first chunk is on its way are not lost, and a request
+    that finishes meanwhile does not end the stream early: hundreds of gRPC and HTTP streams, opened
+    before, during and after generation, at high speed; and one follower held at its first chunk
+    until the request has finished."""
+
+    async def body(st: LocalStack) -> None:
+        async with CoordinatorClient(st.grpc_target) as c, aiohttp.ClientSession() as http:
+
+            async def by_grpc(n: int) -> tuple[str, str]:
+                reply = await c.submit(pb.RequestSpec(model=MODEL, prompt="abc", max_tokens=25))
+                await asyncio.sleep(n % 10 * 0.002)
+                chunks = [ch async for ch in c.stream(reply.request_id, timeout_s=30)]
+                assert chunks[-1].finished
+                return reply.request_id, "".join(ch.text for ch in chunks)
+
+            async def by_http(n: int) -> tuple[str, str]:
+                events = await sse(
+                    http,
+                    f"{st.http_url}/v1/completions",
+                    {"model": MODEL, "prompt": "abc", "max_tokens": 25, "stream": True},
+                )
+                assert events[-1] == "[DONE]"
+                rid = events[0]["qlm"]["request_id"]
+                return rid, "".join(e["choices"][0]["text"] for e in events[:-1] if e["choices"])
+
+            results = await asyncio.gather(
+                *(by_grpc(n) for n in range(200)), *(by_http(n) for n in range(200))
+            )
+            wrong = [rid for rid, text in results if text != synthetic_text(rid, 0, 25)]
+            assert not wrong, f"{len(wrong)} of {len(results)} streams lost tokens"
+
+            job, _ = await st.coordinator.submit(pb.RequestSpec(model=MODEL, prompt="abc", max_tokens=200))
+            while job.tokens < 5:
+                await asyncio.sleep(0.001)
+            follower = st.coordinator.follow(job)
+            first = await anext(follower)  # the text so far; the rest is generated while we hold it
+            await job.done.wait()
+            rest = [ch async for ch in follower]
+            assert rest[-1].finished
+            assert first.text + "".join(ch.text for ch in rest) == synthetic_text(job.id, 0, 200)
+
+    run(tmp_path, body, speed=50.0)
+
+
 def test_admin_views_health_and_reflection(tmp_path: Path) -> None:
     async def body(st: LocalStack) -> None:
         async with CoordinatorClient(st.grpc_target) as c:

@@ -591,16 +591,18 @@ class Coordinator:
     async def follow(self, job: Job) -> AsyncIterator[Chunk]:
         """The job's output from the start: what exists now, then each chunk as it arrives. An
         unbounded queue per follower: a slow reader never holds the coordinator up."""
-        text, index = job.text, 0
-        if text:
-            yield Chunk(text, 0, job.tokens)
-            index = job.tokens
-        if job.state in TERMINAL:
-            yield Chunk("", index, 0, True, job.finish_reason)
-            return
+        # The snapshot and the listener are taken together, before the first yield: a chunk
+        # published while the caller holds the snapshot goes to the queue, not nowhere.
+        text, tokens, finished = job.text, job.tokens, job.state in TERMINAL
         q: asyncio.Queue[Chunk | None] = asyncio.Queue()
-        job.listeners.append(q)
+        if not finished:
+            job.listeners.append(q)
         try:
+            if text:
+                yield Chunk(text, 0, tokens)
+            if finished:
+                yield Chunk("", tokens, 0, True, job.finish_reason)
+                return
             while True:
                 chunk = await q.get()
                 if chunk is None:

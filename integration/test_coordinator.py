@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from qlm_plugin import agent as agent_module
 from qlm_plugin.adapters.sim.realtime import synthetic_text
 from qlm_plugin.client import CoordinatorClient
 from qlm_plugin.proto.qlm.v1 import qlm_pb2 as pb
+from qlm_plugin.scenario import load_scenario
 from qlm_plugin.testing.stack import LocalStack, local_stack
 
 MODEL = "llama-3.1-8b"
@@ -179,6 +181,56 @@ def test_malformed_json_is_a_400(tmp_path: Path) -> None:
             assert "not valid JSON" in (await r.json())["error"]["message"]
 
     run(tmp_path, body, instances=1)
+
+
+async def raw_post(url: str, path: str, body: bytes, headers: bytes = b"") -> tuple[int, Any]:
+    """A POST written byte by byte: aiohttp's client refuses header values that are not latin-1."""
+    host, port = url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    head = (
+        f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\nConnection: close\r\n"
+    )
+    writer.write(head.encode() + headers + b"\r\n" + body)
+    response = await reader.read()
+    writer.close()
+    head, _, payload = response.partition(b"\r\n\r\n")
+    return int(head.split(b" ", 2)[1]), json.loads(payload)
+
+
+@pytest.mark.parametrize(
+    ("headers", "body", "param"),
+    [
+        (b"x-qlm-tenant: \xc3\xa9\xc3\xa9\r\n", b"", "x-qlm-tenant"),  # UTF-8: decoded, not ASCII
+        (b"x-qlm-tenant: caf\xff\r\n", b"", "x-qlm-tenant"),  # not UTF-8: surrogateescape
+        (b"idempotency-key: \xe2\x9c\x93\r\n", b"", "idempotency-key"),
+        (b"", b'"qlm": {"tenant": "\\udc00"}, ', "qlm.tenant"),  # a lone surrogate in the JSON text
+        (b"", b'"temperature": NaN, ', None),  # Python's json takes NaN; JSON does not
+        (b"", b'"max_tokens": ' + b"9" * 5000 + b", ", None),  # past Python's 4300 digits
+        (b"", b'"stop": ' + b"[" * 100_000 + b"]" * 100_000 + b", ", None),  # deeper than recursion
+    ],
+    ids=["utf8-tenant", "latin1-tenant", "utf8-key", "surrogate", "nan", "digits", "nesting"],
+)
+def test_bytes_no_client_library_would_send_get_a_400_naming_the_field(
+    tmp_path: Path, headers: bytes, body: bytes, param: str | None
+) -> None:
+    async def check(st: LocalStack) -> None:
+        payload = b"{" + body + b'"model": "' + MODEL.encode() + b'", "prompt": "x", "max_tokens": 2}'
+        status, out = await raw_post(st.http_url, "/v1/completions", payload, headers)
+        assert status == 400, out
+        assert out["error"]["param"] == param, out
+        assert out["error"]["message"].startswith(param or "the body"), out
+
+    run(tmp_path, check, instances=1)
+
+
+def test_a_body_that_does_not_decode_is_a_400(tmp_path: Path) -> None:
+    async def check(st: LocalStack) -> None:
+        gzip = b"Content-Encoding: gzip\r\n"
+        status, out = await raw_post(st.http_url, "/v1/completions", b"not gzip", gzip)
+        assert status == 400 and out["error"]["message"].startswith("the body could not be read"), out
+
+    run(tmp_path, check, instances=1)
 
 
 def test_unmeetable_slo_is_refused_with_the_estimate_when_asked_else_evicts_to_serve_it(
@@ -440,6 +492,91 @@ def test_requests_wait_for_an_instance_and_sustained_load_completes_once(tmp_pat
             assert st.coordinator.lookup(rid).text == synthetic_text(rid, 0, 16)  # type: ignore[union-attr]
 
     run(tmp_path, body, speed=50.0)
+
+
+# ------------------------------------------------------------------------------- no instance for a model
+
+TWO_MODELS = """
+name: two-models
+workload: {trace: conv}
+models:
+  - {name: llama-3.1-8b, profile: llama-3.1-8b}
+  - {name: phi-4, profile: phi-4}
+instances:
+  - {count: 2, gpu: h100, models: [llama-3.1-8b]}
+  - {name: other, count: 1, gpu: h100, models: [phi-4]}  # not started by the test stack
+classes:
+  - {name: interactive, share: 1.0, ttft_s: 2.0}
+"""
+
+
+def test_a_model_no_instance_serves_is_refused_within_the_bound_and_journaled_failed(tmp_path: Path) -> None:
+    """phi-4 is configured but no instance serves it: after ``instance_wait_s`` the request is
+    answered 503 (HTTP) and UNAVAILABLE (gRPC), naming the model and how many instances serve it,
+    and the journal holds it as failed, not queued (a restart would not serve it)."""
+    (tmp_path / "two.yaml").write_text(TWO_MODELS)
+    scenario = load_scenario(tmp_path / "two.yaml")
+
+    async def body(st: LocalStack) -> None:
+        async with aiohttp.ClientSession() as http, CoordinatorClient(st.grpc_target) as c:
+            t0 = time.monotonic()
+            status, out, _ = await post(
+                http, f"{st.http_url}/v1/completions", {"model": "phi-4", "prompt": "x", "max_tokens": 4}
+            )
+            waited = time.monotonic() - t0
+            assert status == 503, out
+            assert out["error"]["param"] == "model" and out["error"]["code"] == "unavailable"
+            assert (
+                "'phi-4'" in out["error"]["message"]
+                and "0 of 2 connected instances" in out["error"]["message"]
+            )
+            assert 0.5 <= waited < 5
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await c.submit(pb.RequestSpec(model="phi-4", prompt="x", max_tokens=4))
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "phi-4" in (err.value.details() or "")
+        await st.coordinator.journal.flush()
+        counts = st.coordinator.journal.counts()
+        assert counts["failed"] == 2 and counts["queued"] == 0
+        assert not st.coordinator.parked and not st.coordinator.jobs
+
+    run(tmp_path, body, scenario=scenario, config={"instance_wait_s": 0.5})
+
+
+def test_requests_wait_for_an_instance_to_come_back_within_the_bound(tmp_path: Path) -> None:
+    """Every instance gone: requests accepted while they served the model wait for them (their SLO
+    says late); a new request waits ``instance_return_wait_s`` for one to come back, is served if
+    one does, and refused if none does."""
+
+    async def body(st: LocalStack) -> None:
+        async with CoordinatorClient(st.grpc_target) as c:
+            kept = await c.submit(pb.RequestSpec(model=MODEL, prompt="x", max_tokens=400))
+            while st.coordinator.jobs[kept.request_id].tokens == 0:
+                await asyncio.sleep(0.01)
+            for name in list(st.instances):
+                await st.crash(name)
+            while st.coordinator.fleet.qlm_list_instances():  # until their heartbeats time out
+                await asyncio.sleep(0.05)
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await c.submit(pb.RequestSpec(model=MODEL, prompt="x", max_tokens=4))
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "instances left" in (
+                err.value.details() or ""
+            )
+            assert st.coordinator.jobs[kept.request_id].state == "queued"  # accepted before: it waits
+
+            async def return_later() -> None:
+                await asyncio.sleep(0.3)
+                st.restart("sim-0")
+
+            back = asyncio.create_task(return_later())
+            late = await c.submit(pb.RequestSpec(model=MODEL, prompt="x", max_tokens=4))  # waits for it
+            await back
+            for rid, n in ((kept.request_id, 400), (late.request_id, 4)):
+                chunks = [ch async for ch in c.stream(rid, timeout_s=30)]
+                job = st.coordinator.jobs[rid]
+                assert chunks[-1].finished, (job.state, job.tokens, job.error)
+                assert job.text == synthetic_text(rid, 0, n), (job.state, job.tokens, job.error)
+
+    run(tmp_path, body, speed=20.0, config={"instance_return_wait_s": 2.0})
 
 
 # ------------------------------------------------------------------------------------ instances

@@ -80,6 +80,12 @@ class CoordinatorConfig(_Strict):
     drain_timeout_s: float = Field(default=30.0, ge=0)
     max_attempts: int = Field(default=3, ge=1)  # dispatches of one request before it fails
     reject_below_p_meet: float = Field(default=0.05, ge=0, le=1)  # reject_if_late threshold
+    # A new request for a model no live instance serves waits this long for one to register, then
+    # is refused (HTTP 503, gRPC UNAVAILABLE): when no instance of the model was ever seen, and when
+    # the model's instances were seen but are all gone (a restarting engine takes tens of seconds).
+    # Requests accepted while an instance served the model wait for it, late by their own SLO.
+    instance_wait_s: float = Field(default=5.0, ge=0)
+    instance_return_wait_s: float = Field(default=60.0, ge=0)
     tokens: list[TokenEntry] = []
     tls: TLS | None = None
     tenant_limits: TenantLimits = TenantLimits()

@@ -12,6 +12,7 @@ loop owns it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import time
@@ -164,6 +165,8 @@ def spec_to_dict(spec: pb.RequestSpec) -> dict[str, Any]:
         out["idempotency_key"] = spec.idempotency_key
     if spec.true_output_tokens:
         out["true_output_tokens"] = spec.true_output_tokens
+    if spec.prompt_token_ids:
+        out["prompt_token_ids"] = list(spec.prompt_token_ids)
     return out
 
 
@@ -211,6 +214,8 @@ class Coordinator:
         self.started_at = time.time()
         self.recovery_until = 0.0
         self.awaiting: set[str] = set()  # instances that held recovered work, not back yet
+        self.models_seen: set[str] = set()  # models some instance served since the start (or journal)
+        self._fleet_waiters: list[asyncio.Future[None]] = []  # woken when instances come or change
         self._ids = 0
         self._tasks: list[asyncio.Task[None]] = []
         self._finished_order: list[tuple[float, str]] = []
@@ -228,6 +233,7 @@ class Coordinator:
             job.recovering = True
             self.jobs[job.id] = job
             self._count_tenant(job, +1)
+            self.models_seen.add(job.request.model)  # accepted while an instance served it
             if job.state == "dispatched" and job.instance is not None:
                 self.awaiting.add(job.instance)
         # Recovered work waits for the instances that held it to come back (they reconnect with
@@ -324,7 +330,11 @@ class Coordinator:
         for name, value in (("slo.ttft_ms", spec.slo.ttft_ms), ("slo.e2e_ms", spec.slo.e2e_ms)):
             if value < 0 or not math.isfinite(value):
                 raise SubmitError("invalid", f"must be a positive number of milliseconds, got {value}", name)
-        prompt_tokens = spec.prompt_tokens or estimate_prompt_tokens(spec.prompt)
+        if spec.prompt and spec.prompt_token_ids:
+            raise SubmitError("invalid", "give the prompt as text or as token ids, not both", "prompt")
+        prompt_tokens = (
+            spec.prompt_tokens or len(spec.prompt_token_ids) or estimate_prompt_tokens(spec.prompt)
+        )
         try:
             return make_request(
                 spec.request_id,
@@ -362,10 +372,55 @@ class Coordinator:
                 "slo.ttft_ms",
             )
 
-    def _count_tenant(self, job: Job, sign: int) -> None:
-        load = self.tenant_load.setdefault(job.request.tenant, [0, 0])
+    def _count_tenant(self, job: Job | Request, sign: int) -> None:
+        request = job.request if isinstance(job, Job) else job
+        load = self.tenant_load.setdefault(request.tenant, [0, 0])
         load[0] += sign
-        load[1] += sign * (job.request.prompt_tokens + job.request.max_tokens)
+        load[1] += sign * (request.prompt_tokens + request.max_tokens)
+
+    # ------------------------------------------------------------------ instances to serve a model
+    def _served(self, model: str) -> bool:
+        return any(self._serves(s, model) for s in self.fleet.sessions.values() if s.alive)
+
+    def _fleet_changed(self) -> None:
+        """An instance registered or reported: note the models it serves and wake the requests
+        waiting for one."""
+        for s in self.fleet.sessions.values():
+            rep = s.report
+            if not s.alive:
+                continue
+            if rep is None or not rep.models_loaded:
+                self.models_seen.update(self.models)  # serves whatever it is sent
+            else:
+                self.models_seen.update(rep.models_loaded, rep.models_warm)
+        waiters, self._fleet_waiters = self._fleet_waiters, []
+        for w in waiters:
+            if not w.done():
+                w.set_result(None)
+
+    async def _await_instance(self, request: Request) -> None:
+        """Wait until a live instance serves ``request.model``, at most the configured time; then
+        raise :class:`SubmitError` (``unavailable``). Nothing is queued meanwhile."""
+        seen = request.model in self.models_seen
+        bound = self.cfg.instance_return_wait_s if seen else self.cfg.instance_wait_s
+        deadline = time.monotonic() + bound
+        while not self._served(request.model) and self.accepting:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            waiter = asyncio.get_running_loop().create_future()
+            self._fleet_waiters.append(waiter)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(waiter, left)
+        if self._served(request.model):
+            return
+        live = [s for s in self.fleet.sessions.values() if s.alive]
+        raise SubmitError(
+            "unavailable",
+            f"no live instance serves model {request.model!r} (0 of {len(live)} connected instances "
+            f"serve it{'; its instances left' if seen else ''}; waited {bound:g} s for one)",
+            "model",
+        )
 
     async def submit(
         self, spec: pb.RequestSpec, *, tenant: str | None = None, parent: Any = None
@@ -417,6 +472,16 @@ class Coordinator:
                 f"tenant {request.tenant!r} has {load[1]} tokens queued; {tokens} more exceed the limit "
                 f"of {limits.max_queued_tokens}",
             )
+        if not self._served(request.model):
+            self._count_tenant(request, +1)  # held while it waits: concurrent ones must not pass
+            try:
+                await self._await_instance(request)
+            except SubmitError as exc:
+                await self._record_refusal(spec, request, now, str(exc))
+                raise
+            finally:
+                self._count_tenant(request, -1)
+            now = time.time()
         estimate = self._estimate(request, now) if spec.reject_if_late else None
         if estimate is not None and (estimate.p_meet or 0.0) < self.cfg.reject_below_p_meet:
             self.telemetry.request_rejected(
@@ -449,6 +514,27 @@ class Coordinator:
         self._trace(job, parent)
         self._admit(job, time.time())
         return job, False
+
+    async def _record_refusal(
+        self, spec: pb.RequestSpec, request: Request, accepted_at: float, error: str
+    ) -> None:
+        """A request refused after it waited (for an instance) is journaled as failed, never as queued,
+        so no restart serves it. Without its idempotency key: the client may submit it again."""
+        self.telemetry.request_rejected(
+            model=request.model, slo_class=request.slo_class, reason="unavailable"
+        )
+        record = JobRecord(
+            request.id,
+            request.tenant,
+            spec_to_dict(spec),
+            accepted_at,
+            state="failed",
+            finished_at=time.time(),
+            finish_reason="error",
+            error=error,
+        )
+        with contextlib.suppress(JournalError):  # a duplicate id: nothing to record
+            await self.journal.accept(record)
 
     def _trace(self, job: Job, parent: Any = None) -> None:
         """Open the request's span, from its arrival."""
@@ -653,6 +739,7 @@ class Coordinator:
                 job.id, "qlm.dispatched", {"qlm.instance.id": s.instance_id, "qlm.attempt": job.attempt}
             )
             return True
+        ttft_budget, e2e_budget = request.slo.budgets(now, started=job.tokens > 0)
         s.assignments.put_nowait(
             pb.Assignment(
                 request=job.spec,
@@ -661,6 +748,8 @@ class Coordinator:
                 deadline=request.slo.first_deadline() if math.isfinite(request.slo.first_deadline()) else 0.0,
                 resume_tokens=job.tokens,
                 resume_text=job.text,
+                ttft_budget_s=ttft_budget,
+                e2e_budget_s=e2e_budget,
             )
         )
         self.telemetry.request_event(
@@ -794,6 +883,7 @@ class Coordinator:
                 keep.append(pb.HeldRequest(request_id=rid, attempt=attempt))
             else:
                 abandon.append(pb.HeldRequest(request_id=rid, attempt=attempt))
+        self._fleet_changed()
         if old is None:
             self.hook.qlm_instance_joined(info=s.info(), now=now)
             self.telemetry.instance_event(iid, "registered")
@@ -829,7 +919,13 @@ class Coordinator:
         if s is None:
             return False
         s.last_seen = time.monotonic()
+        before = s.report
         s.report = state_from_report(msg, s.instance_id, s.backend, s.capabilities)
+        if before is None or (before.models_loaded, before.models_warm) != (
+            s.report.models_loaded,
+            s.report.models_warm,
+        ):
+            self._fleet_changed()
         return True
 
     def instance_credit(self, s: Session, free_slots: int, received: int) -> None:

@@ -73,6 +73,12 @@ class LocalStack:
             inst.link.abort(rid)
         inst.link.inst.healthy = False
 
+    def restart(self, instance_id: str) -> None:
+        """A crashed instance comes back: its engine, empty, with a new agent."""
+        engine = self.sim.instance(instance_id)
+        engine.healthy = True
+        add_instance(self, engine)
+
 
 @contextlib.asynccontextmanager
 async def local_stack(

@@ -15,7 +15,7 @@ import contextlib
 import logging
 import random
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -58,8 +58,10 @@ class EngineLink(Protocol):
         """Begin serving an assignment; progress goes to ``emit``. False: refused (reported FAILED)."""
         ...
 
-    def execute(self, command: pb.Command) -> pb.CommandAck:
-        """Carry out a serving operation (evict, swap in, load or unload a model, abort)."""
+    def execute(self, command: pb.Command) -> pb.CommandAck | Awaitable[pb.CommandAck]:
+        """Carry out a serving operation (evict, swap in, load or unload a model, abort). A quick one
+        answers at once; a slow one (a model load, a call to a server) returns an awaitable, which
+        the agent awaits beside its heartbeats and later commands."""
         ...
 
     def abort(self, request_id: str) -> None:
@@ -92,6 +94,9 @@ class InstanceAgent:
         self.connected = asyncio.Event()
         self.sessions_started = 0
         self._received = 0
+        # Operations still running (kept referenced); one that outlives its session acknowledges
+        # into the dead stream, and the engine's state reports tell the coordinator how it ended.
+        self._slow_commands: set[asyncio.Future[None]] = set()
 
     # ------------------------------------------------------------------ engine-facing
     def emit(self, event: pb.RequestEvent) -> None:
@@ -236,15 +241,33 @@ class InstanceAgent:
             while True:
                 yield await acks.get()
 
-        call = stub.Commands(outgoing(), metadata=self._metadata())
-        async for cmd in call:
-            try:
-                ack = self.engine.execute(cmd)
-            except Exception as exc:  # a failed operation is acknowledged as failed, not fatal
-                ack = pb.CommandAck(ok=False, error=f"{type(exc).__name__}: {exc}")
+        def send(cmd: pb.Command, ack: pb.CommandAck) -> None:
             ack.command_id = cmd.command_id
             ack.session = self.session
             acks.put_nowait(ack)
+
+        async def finish(cmd: pb.Command, pending: Awaitable[pb.CommandAck]) -> None:
+            try:
+                ack = await pending
+            except Exception as exc:  # a failed operation is acknowledged as failed, not fatal
+                ack = pb.CommandAck(ok=False, error=f"{type(exc).__name__}: {exc}")
+            send(cmd, ack)
+
+        call = stub.Commands(outgoing(), metadata=self._metadata())
+        async for cmd in call:
+            # Started in order; a slow one finishes in its own task, so that neither the heartbeats
+            # nor the commands after it wait for it.
+            try:
+                result = self.engine.execute(cmd)
+            except Exception as exc:
+                send(cmd, pb.CommandAck(ok=False, error=f"{type(exc).__name__}: {exc}"))
+                continue
+            if isinstance(result, pb.CommandAck):
+                send(cmd, result)
+            else:
+                task = asyncio.ensure_future(finish(cmd, result))
+                self._slow_commands.add(task)
+                task.add_done_callback(self._slow_commands.discard)
         raise SessionLost("the coordinator closed the command stream")
 
     def _batch(self) -> None:

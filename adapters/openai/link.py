@@ -6,9 +6,8 @@ import asyncio
 import json
 import logging
 import shlex
-import subprocess
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -169,7 +168,7 @@ class OpenAIEngineLink:
         if entry is not None:
             entry[1].cancel()  # closing the stream makes the server abort it
 
-    def execute(self, cmd: pb.Command) -> pb.CommandAck:
+    def execute(self, cmd: pb.Command) -> pb.CommandAck | Awaitable[pb.CommandAck]:
         op = cmd.WhichOneof("op")
         if op == "evict":
             entry = self.tasks.get(cmd.evict.request_id)
@@ -191,11 +190,14 @@ class OpenAIEngineLink:
             command = self.settings.load_command if op == "load_model" else self.settings.unload_command
             if not command:
                 return pb.CommandAck(ok=False, error=f"no {op.replace('_', ' ')} command configured")
-            error = _run(command)
-            if not error:
-                self.loaded = op == "load_model"
-            return pb.CommandAck(ok=not error, error=error)
+            return self._load_or_unload(command, load=op == "load_model")
         return pb.CommandAck(ok=False, error=f"{op} is not supported by the black-box adapter")
+
+    async def _load_or_unload(self, command: str, *, load: bool) -> pb.CommandAck:
+        error = await _run(command, self._session())
+        if not error:
+            self.loaded = load
+        return pb.CommandAck(ok=not error, error=error)
 
     async def _serve(self, a: pb.Assignment, emit: Callable[[pb.RequestEvent], None]) -> None:
         spec, rid, attempt = a.request, a.request.request_id, a.attempt
@@ -271,18 +273,36 @@ class OpenAIEngineLink:
             await self._http.close()
 
 
-def _run(command: str) -> str:
-    """Run a load/unload command: ``POST <url>`` (or GET/PUT) is an HTTP call, anything else a shell
-    command. Returns "" on success, else the error."""
-    import urllib.request
+#: How long a load or unload command may run (a cold model load takes minutes).
+COMMAND_TIMEOUT_S = 600.0
 
+
+async def _run(command: str, http: aiohttp.ClientSession) -> str:
+    """Run a load/unload command without blocking the agent's loop: ``POST <url>`` (or GET/PUT) is
+    an HTTP call, anything else a program run with its arguments. Returns "" on success, else the
+    error."""
     parts = command.split(maxsplit=1)
     if len(parts) == 2 and parts[0] in ("GET", "POST", "PUT"):
         try:
-            with urllib.request.urlopen(urllib.request.Request(parts[1], method=parts[0]), timeout=120) as r:
-                r.read()
-            return ""
-        except OSError as exc:
-            return f"{command}: {exc}"
-    proc = subprocess.run(shlex.split(command), capture_output=True, text=True, timeout=600)
-    return "" if proc.returncode == 0 else f"{command}: exit {proc.returncode}: {proc.stderr.strip()[:300]}"
+            async with http.request(
+                parts[0], parts[1], timeout=aiohttp.ClientTimeout(total=COMMAND_TIMEOUT_S)
+            ) as r:
+                body = await r.text()
+                return "" if r.status < 400 else f"{command}: HTTP {r.status}: {body[:300]}"
+        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            return f"{command}: {type(exc).__name__}: {exc}"
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            *shlex.split(command), stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE
+        )
+    except OSError as exc:
+        return f"{command}: {exc}"
+    try:
+        _, stderr = await asyncio.wait_for(proc.communicate(), COMMAND_TIMEOUT_S)
+    except asyncio.TimeoutError:
+        proc.kill()
+        await proc.wait()
+        return f"{command}: still running after {COMMAND_TIMEOUT_S:g} s: killed"
+    if proc.returncode == 0:
+        return ""
+    return f"{command}: exit {proc.returncode}: {stderr.decode(errors='replace').strip()[:300]}"

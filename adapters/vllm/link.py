@@ -29,13 +29,17 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
+
+import aiohttp
 
 from qlm_plugin.agent import AgentSettings, InstanceAgent
 from qlm_plugin.proto.qlm.v1 import qlm_pb2 as pb
 
 log = logging.getLogger("qlm_plugin.adapters.vllm")
+#: How long a sleep or wake of the engine may take (a cold wake reloads the weights).
+SWAP_TIMEOUT_S = 600.0
 
 
 def settings_from(additional_config: Any, env: dict[str, str] | None = None) -> dict[str, str] | None:
@@ -125,7 +129,7 @@ class VLLMEngineLink:
     def abort(self, request_id: str) -> None:
         pass  # the coordinator closes the HTTP stream: vLLM aborts the request itself
 
-    def execute(self, cmd: pb.Command) -> pb.CommandAck:
+    def execute(self, cmd: pb.Command) -> pb.CommandAck | Awaitable[pb.CommandAck]:
         op = cmd.WhichOneof("op")
         if op == "evict":
             # carried out at the next step where the request runs
@@ -142,10 +146,9 @@ class VLLMEngineLink:
             return self._sleep_or_wake(wake=op == "load_model", keep_warm=cmd.unload_model.keep_warm)
         return pb.CommandAck(ok=False, error=f"{op} is not supported by the vLLM adapter")
 
-    def _sleep_or_wake(self, *, wake: bool, keep_warm: bool) -> pb.CommandAck:
-        """GPU: sleep level 1 (weights to host memory) or 2, ``/wake_up``; CPU: pause and resume."""
-        import urllib.request
-
+    async def _sleep_or_wake(self, *, wake: bool, keep_warm: bool) -> pb.CommandAck:
+        """GPU: sleep level 1 (weights to host memory) or 2, ``/wake_up``; CPU: pause and resume.
+        Awaited on the agent's loop, beside its heartbeats (a wake can take a minute)."""
         if not self.endpoint:
             return pb.CommandAck(ok=False, error="no endpoint configured for this engine")
         if self.on_gpu:
@@ -153,11 +156,17 @@ class VLLMEngineLink:
         else:
             path = "/resume" if wake else "/pause?mode=keep"
         try:
-            req = urllib.request.Request(self.endpoint.rstrip("/") + path, method="POST")
-            with urllib.request.urlopen(req, timeout=60) as r:
-                r.read()
-        except OSError as exc:
-            return pb.CommandAck(ok=False, error=f"{path}: {exc}")
+            async with (
+                aiohttp.ClientSession() as http,
+                http.post(
+                    self.endpoint.rstrip("/") + path, timeout=aiohttp.ClientTimeout(total=SWAP_TIMEOUT_S)
+                ) as r,
+            ):
+                body = await r.text()
+                if r.status != 200:
+                    return pb.CommandAck(ok=False, error=f"{path}: HTTP {r.status}: {body[:300]}")
+        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            return pb.CommandAck(ok=False, error=f"{path}: {type(exc).__name__}: {exc}")
         self.paused = not wake
         return pb.CommandAck(ok=True, warm=keep_warm or wake)
 

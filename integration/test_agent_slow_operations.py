@@ -1,0 +1,129 @@
+"""An agent never blocks its own event loop: a serving operation that takes longer than the
+heartbeat timeout (a model load, a slow server) runs beside the heartbeats, and the instance stays
+connected. Real parts: a coordinator on loopback (gRPC, journal), the agents, and an HTTP server
+whose load and pause endpoints answer only after a while."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from pathlib import Path
+from types import SimpleNamespace
+
+from aiohttp import web
+
+from qlm_plugin.adapters.openai import OpenAIEngineLink, OpenAISettings
+from qlm_plugin.adapters.vllm.link import Link
+from qlm_plugin.agent import InstanceAgent
+from qlm_plugin.coordinator.remote import Session
+from qlm_plugin.testing.stack import LocalStack, local_stack
+
+MODEL = "llama-3.1-8b"
+#: The stack declares an instance lost after 2 s without a heartbeat; the operation takes longer.
+SLOW_S = 3.0
+
+
+@contextlib.asynccontextmanager
+async def slow_server() -> AsyncIterator[tuple[str, list[str]]]:
+    """An engine's server whose operations each take ``SLOW_S``; yields its URL and the calls."""
+    calls: list[str] = []
+
+    async def slow(request: web.Request) -> web.Response:
+        calls.append(request.path_qs)
+        await asyncio.sleep(SLOW_S)
+        return web.json_response({})
+
+    async def health(request: web.Request) -> web.Response:
+        return web.Response(text="")  # also the (empty) /metrics: no gauges
+
+    app = web.Application()
+    app.router.add_get("/health", health)
+    app.router.add_get("/metrics", health)
+    for path in ("/load", "/pause", "/resume"):
+        app.router.add_post(path, slow)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    try:
+        yield f"http://127.0.0.1:{port}", calls
+    finally:
+        await runner.cleanup()
+
+
+async def _session(st: LocalStack, instance_id: str) -> Session:
+    await st.wait_registered(1)
+    s = st.coordinator.fleet.live(instance_id)
+    assert s is not None
+    return s
+
+
+async def _outlives_the_heartbeat_timeout(st: LocalStack, s: Session, cid: str) -> None:
+    """The operation is acknowledged, ok, after more than the heartbeat timeout, and the session it
+    was ordered on is still the instance's (never declared lost, never registered again)."""
+    waited = 0.0
+    while cid in s.pending:
+        await asyncio.sleep(0.1)
+        waited += 0.1
+        assert waited < SLOW_S + 10, "the operation was never acknowledged"
+    assert waited > st.coordinator.cfg.heartbeat_timeout_s
+    assert s.alive and st.coordinator.fleet.live(s.instance_id) is s
+
+
+def test_a_slow_load_command_of_the_black_box_agent_does_not_lose_the_instance(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with slow_server() as (url, calls), local_stack(tmp_path, instances=0) as st:
+            link = OpenAIEngineLink(
+                OpenAISettings(instance_id="box", base_url=url, model=MODEL, load_command=f"POST {url}/load")
+            )
+            agent = InstanceAgent(st.settings, link)
+            stop = asyncio.Event()
+            task = asyncio.create_task(agent.run(stop))
+            try:
+                s = await _session(st, "box")
+                cid = st.coordinator.fleet.command(s, "load_model", model=MODEL, target="gpu")
+                await _outlives_the_heartbeat_timeout(st, s, cid)
+                assert calls == ["/load"] and agent.sessions_started == 1
+            finally:
+                stop.set()
+                await task
+                await link.close()
+
+    asyncio.run(main())
+
+
+def test_a_slow_sleep_of_the_vllm_engine_agent_does_not_lose_the_instance(tmp_path: Path) -> None:
+    """The engine-side agent of the vLLM adapter (its own thread and loop, as inside EngineCore)
+    pauses the engine through its server (``/pause`` on CPU, ``/sleep`` on GPU)."""
+    model_config = SimpleNamespace(served_model_name=MODEL, model="/models/tiny")
+    sched = SimpleNamespace(
+        vllm_config=SimpleNamespace(model_config=model_config, kv_transfer_config=None),
+        cache_config=SimpleNamespace(num_gpu_blocks=1000),
+        max_num_running_reqs=8,
+        qlm_snapshot=(0, 0, 0.0, 0.0),
+        qlm_steps=[],
+        qlm_evicted=[],
+    )
+
+    async def main() -> None:
+        async with slow_server() as (url, calls), local_stack(tmp_path, instances=0) as st:
+            settings = {
+                "coordinator": st.grpc_target,
+                "instance_id": "engine",
+                "endpoint": url,
+                "gpu": "cpu",
+                "token": "",
+            }
+            link = Link(sched, settings)
+            try:
+                s = await _session(st, "engine")
+                cid = st.coordinator.fleet.command(s, "unload_model", model=MODEL, keep_warm=True)
+                await _outlives_the_heartbeat_timeout(st, s, cid)
+                assert calls == ["/pause?mode=keep"] and link.agent.sessions_started == 1
+                assert link.engine.paused
+            finally:
+                await asyncio.to_thread(link.stop)
+
+    asyncio.run(main())

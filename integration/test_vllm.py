@@ -192,6 +192,26 @@ def test_a_completion_through_the_front_door_runs_on_an_engine(stack: Stack) -> 
     assert out["qlm"]["instance_id"] in stack.engines and out["qlm"]["slo_met"] is True
 
 
+def test_a_client_priority_is_served_by_an_engine_started_as_the_docs_say(stack: Stack) -> None:
+    """vLLM refuses its own ``priority`` field unless the engine runs ``--scheduling-policy
+    priority`` (these run the QLM scheduler on vLLM's default policy): the coordinator carries the
+    client's priority in the QLM fields instead."""
+    for priority in (-5, 7):
+        _, out = asyncio.run(
+            _complete(
+                stack.url,
+                {
+                    "model": MODEL,
+                    "prompt": "hello",
+                    "max_tokens": 4,
+                    "ignore_eos": True,
+                    "priority": priority,
+                },
+            )
+        )
+        assert out["usage"]["completion_tokens"] == 4 and out["qlm"]["attempts"] == 1
+
+
 def test_the_simulator_calibrated_from_the_engine_reproduces_its_latencies(stack: Stack) -> None:
     """Item 5: a short trace through the real engine, and through the simulator whose cost model
     is fitted to that engine's own step timings; per-request latencies must agree within 20%.

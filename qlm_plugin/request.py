@@ -49,6 +49,10 @@ DEFAULT_CLASSES: Mapping[str, SLOClass] = {
 }
 
 
+#: The budget sent for a deadline already past (0 would mean "no deadline").
+LATE_BUDGET_S = 1e-3
+
+
 @dataclass(frozen=True, slots=True)
 class SLO:
     """Absolute deadlines (seconds on the request's clock); None where the request has no such SLO."""
@@ -63,6 +67,17 @@ class SLO:
         if self.e2e_deadline is not None:
             return self.e2e_deadline
         return math.inf
+
+    def budgets(self, now: float, *, started: bool) -> tuple[float, float]:
+        """(TTFT, end-to-end) seconds left at ``now``, 0 for none: what an engine is sent instead of
+        the deadlines, to count from its own receipt on its own clock (hosts' clocks may disagree).
+        A deadline already past leaves the smallest budget, not 0; the TTFT deadline is over once the
+        request ``started`` (a token was delivered)."""
+        ttft = 0.0
+        if self.ttft_deadline is not None and not started:
+            ttft = max(self.ttft_deadline - now, LATE_BUDGET_S)
+        e2e = 0.0 if self.e2e_deadline is None else max(self.e2e_deadline - now, LATE_BUDGET_S)
+        return ttft, e2e
 
 
 @dataclass(slots=True, eq=False)

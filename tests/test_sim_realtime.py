@@ -9,6 +9,7 @@ import math
 import random
 import time
 from dataclasses import replace
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -22,7 +23,9 @@ from qlm_plugin.adapters.sim import (
     SimInstance,
     synthetic_text,
 )
+from qlm_plugin.adapters.sim.process import SimEngineLink
 from qlm_plugin.costmodel import CostModel, cost_model
+from qlm_plugin.proto.qlm.v1 import qlm_pb2 as pb
 from qlm_plugin.request import Request, make_request
 from qlm_plugin.state import EvictMode, RequestOutcome, Status
 
@@ -373,3 +376,32 @@ def test_fleet_speed_must_be_positive_and_maps_wall_to_simulated_time() -> None:
         fleet.close()
 
     asyncio.run(main())
+
+
+def test_an_engine_counts_deadline_budgets_on_its_own_clock() -> None:
+    """The coordinator's clock an hour behind the engine's: the absolute deadline it sends says the
+    TTFT is long past, the budget says 2 s are left. The engine takes the budget, from its receipt."""
+
+    async def main() -> tuple[Request, float]:
+        sim = RealtimeSim(_instances(1), speed=SPEED)
+        sim.start()
+        seen: list[Request] = []
+        submit = sim.submit
+
+        def recording(instance_id: str, request: Request, on_progress: Any) -> bool:
+            seen.append(request)
+            return submit(instance_id, request, on_progress)
+
+        sim.submit = recording  # type: ignore[method-assign]
+        link = SimEngineLink(sim, sim.instance("i0"))
+        spec = pb.RequestSpec(
+            request_id="r", model="m", prompt_tokens=10, max_tokens=5, slo=pb.SLO(ttft_ms=2000)
+        )
+        received = sim.now
+        behind = pb.Assignment(request=spec, attempt=1, deadline=time.time() - 3600, ttft_budget_s=2.0)
+        assert link.start(behind, lambda _e: None)
+        await sim.stop()
+        return seen[0], received
+
+    request, received = asyncio.run(main())
+    assert request.slo.ttft_deadline == pytest.approx(received + 2.0 * SPEED, abs=0.5)

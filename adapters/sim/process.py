@@ -113,12 +113,9 @@ class SimEngineLink:
             )
             return True
         true_total = spec.true_output_tokens or spec.max_tokens
-        now, wall = self.sim.now, time.time()
-        ttft = (
-            now + (a.deadline - wall) * self.sim.speed
-            if a.deadline and spec.slo.ttft_ms and not resume
-            else None
-        )
+        now = self.sim.now
+        # The budget counts from receipt, on this engine's clock (the coordinator's may differ).
+        ttft = now + a.ttft_budget_s * self.sim.speed if a.ttft_budget_s and not resume else None
         request = Request(
             id=rid,
             model=spec.model,

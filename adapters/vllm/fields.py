@@ -5,10 +5,14 @@
 ``qlm_id``             the coordinator's request id (evictions it orders name this id)
 ``qlm_attempt``        the coordinator's dispatch number
 ``qlm_class``          SLO class (``interactive``, ``batch``, ...)
-``qlm_ttft_deadline``  unix seconds by which the first token is due
+``qlm_ttft_ms``        milliseconds after the request reached the engine by which the first
+                       token is due (the coordinator sends the time left, so the engine's clock
+                       need not agree with the coordinator's)
+``qlm_e2e_ms``         the same for the end of the request
+``qlm_ttft_deadline``  unix seconds by which the first token is due (clients on a common clock)
 ``qlm_e2e_deadline``   unix seconds by which the request must finish
-``qlm_ttft_ms``        the same, relative to arrival (clients talking to the engine directly)
-``qlm_e2e_ms``
+``qlm_priority``       the client's priority, lower first (ties only); vLLM's own ``priority``
+                       field is refused unless the engine runs ``--scheduling-policy priority``
 ``qlm_tenant``
 ``qlm_predicted_tokens``  the coordinator's predicted output length
 =====================  ==================================================================
@@ -66,6 +70,10 @@ def parse_fields(extra_args: Mapping[str, Any] | None, *, priority: int, arrival
         e2e = arrival_time + ms / 1000
     attempt = _num(args.get("qlm_attempt"))
     qid = args.get("qlm_id")
+    try:
+        priority = int(args.get("qlm_priority", priority))
+    except (TypeError, ValueError):
+        pass  # malformed: the engine's own field stands
     return QLMFields(
         qlm_id=str(qid) if qid is not None else None,
         attempt=int(attempt) if attempt is not None else 0,

@@ -46,13 +46,19 @@ def request_body(job: Job, attempt: int, model: str) -> dict[str, Any]:
         "qlm_class": r.slo_class,
         "qlm_tenant": r.tenant,
     }
-    if r.slo.ttft_deadline is not None and not job.tokens:
-        xargs["qlm_ttft_deadline"] = r.slo.ttft_deadline
-    if r.slo.e2e_deadline is not None:
-        xargs["qlm_e2e_deadline"] = r.slo.e2e_deadline
+    # Budgets, not deadlines: the engine counts them from its own receipt of the request, on its
+    # own clock. The client's priority goes in the QLM fields too: vLLM's own `priority` field is
+    # refused by an engine whose scheduling policy is not `priority` (the QLM scheduler's default).
+    ttft_budget, e2e_budget = r.slo.budgets(time.time(), started=job.tokens > 0)
+    if ttft_budget:
+        xargs["qlm_ttft_ms"] = ttft_budget * 1000
+    if e2e_budget:
+        xargs["qlm_e2e_ms"] = e2e_budget * 1000
+    if spec.slo.priority:
+        xargs["qlm_priority"] = spec.slo.priority
     # A resumed request continues after what was delivered: from the engine's own token ids where
     # they are known, else from the text.
-    prompt: str | list[int] = spec.prompt + job.text
+    prompt: str | list[int] = list(spec.prompt_token_ids) if spec.prompt_token_ids else spec.prompt + job.text
     ids = job.output_ids
     if job.tokens and job.prompt_ids is not None and ids is not None and len(ids) == job.tokens:
         prompt = job.prompt_ids + ids
@@ -63,7 +69,6 @@ def request_body(job: Job, attempt: int, model: str) -> dict[str, Any]:
         "stream": True,
         "stream_options": {"include_usage": True},
         "return_token_ids": True,
-        "priority": spec.slo.priority,
         "vllm_xargs": xargs,
     }
     for key, value in spec.sampling.items():

@@ -1,0 +1,61 @@
+"""What the coordinator sends a vLLM engine it forwards a request to, read back the way the QLM
+scheduler reads it: deadlines as budgets from the engine's receipt (its clock may disagree with the
+coordinator's), and the client's priority among the QLM fields (vLLM refuses its own ``priority``
+field unless the engine runs ``--scheduling-policy priority``)."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from qlm_plugin.adapters.vllm.fields import parse_fields
+from qlm_plugin.coordinator.coordinator import Job
+from qlm_plugin.coordinator.forward import request_body
+from qlm_plugin.proto.qlm.v1 import qlm_pb2 as pb
+from qlm_plugin.request import SLO, Request
+
+
+def _job(*, ttft_s: float | None, e2e_s: float | None, priority: int = 0, tokens: int = 0) -> Job:
+    now = time.time()
+    request = Request(
+        "r1",
+        "m",
+        10,
+        100,
+        now,
+        SLO(now + ttft_s if ttft_s else None, now + e2e_s if e2e_s else None),
+        priority=priority,
+    )
+    spec = pb.RequestSpec(
+        request_id="r1", model="m", prompt="hi", max_tokens=100, slo=pb.SLO(priority=priority)
+    )
+    job = Job(request, spec)
+    job.tokens = tokens
+    job.chunks = [" x"] * tokens
+    return job
+
+
+def test_deadlines_go_to_the_engine_as_budgets_counted_from_its_receipt() -> None:
+    body = request_body(_job(ttft_s=2.0, e2e_s=60.0), 1, "m")
+    xargs = body["vllm_xargs"]
+    assert "qlm_ttft_deadline" not in xargs and "qlm_e2e_deadline" not in xargs
+    assert xargs["qlm_ttft_ms"] == pytest.approx(2000, abs=50)
+    engine_clock = time.time() + 3600.0  # the engine's host is an hour ahead
+    fields = parse_fields(xargs, priority=0, arrival_time=engine_clock)
+    assert fields.ttft_deadline == pytest.approx(engine_clock + 2.0, abs=0.05)
+    assert fields.e2e_deadline == pytest.approx(engine_clock + 60.0, abs=0.05)
+
+
+def test_a_resumed_request_has_no_ttft_budget_and_a_late_one_the_smallest() -> None:
+    resumed = request_body(_job(ttft_s=2.0, e2e_s=None, tokens=3), 2, "m")["vllm_xargs"]
+    assert "qlm_ttft_ms" not in resumed  # its first token was delivered already
+    late = _job(ttft_s=None, e2e_s=60.0)
+    late.request.slo = SLO(None, time.time() - 5)
+    assert request_body(late, 1, "m")["vllm_xargs"]["qlm_e2e_ms"] == pytest.approx(1.0)  # due now, not "none"
+
+
+def test_the_client_priority_rides_in_the_qlm_fields_not_in_vllms_own() -> None:
+    body = request_body(_job(ttft_s=None, e2e_s=None, priority=-3), 1, "m")
+    assert "priority" not in body
+    assert parse_fields(body["vllm_xargs"], priority=0, arrival_time=time.time()).priority == -3

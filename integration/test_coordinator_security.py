@@ -297,6 +297,55 @@ def test_an_agent_without_the_instance_token_never_registers(
     run(tmp_path, body, instances=1, speed=50.0, config=TOKENS, env=ENV, token="i-secret")
 
 
+def test_an_instance_bound_token_registers_and_reports_for_its_instances_only(tmp_path: Path) -> None:
+    """A token for gpu-1 cannot register gpu-2, nor act on gpu-2's session (its id leaked)."""
+    env = {**ENV, "T_GPU1": "gpu1-secret"}
+    cfg = {
+        "tokens": [
+            *TOKENS["tokens"],
+            {
+                "token_env": "T_GPU1",
+                "scopes": ["instance"],
+                "instances": ["gpu-1", "gpu-1-*"],
+                "name": "gpu1",
+            },
+        ]
+    }
+
+    async def body(st: LocalStack) -> None:
+        target = st.settings.target
+        own = start_agent(st, "gpu-1", AgentSettings(target, token="gpu1-secret"))
+        spare = start_agent(st, "gpu-1-b", AgentSettings(target, token="gpu1-secret"))
+        other = start_agent(st, "gpu-2", AgentSettings(target, token="gpu1-secret"))
+        await asyncio.wait_for(own.agent.connected.wait(), 10)
+        await asyncio.wait_for(spare.agent.connected.wait(), 10)
+        await asyncio.sleep(1.0)  # several refused retries of gpu-2
+        assert registered(st) == {"sim-0", "gpu-1", "gpu-1-b"}
+        assert other.agent.sessions_started == 0
+
+        victim = st.coordinator.fleet.live("sim-0")
+        assert victim is not None
+        async with grpc.aio.insecure_channel(target) as channel:
+            stub = pb_grpc.InstancesStub(channel)  # type: ignore[no-untyped-call]  # generated stub
+            err = await rpc_error(
+                stub.Heartbeat(
+                    pb.StateReport(session=victim.id), metadata=[("authorization", "Bearer gpu1-secret")]
+                )
+            )
+            assert err.code() == grpc.StatusCode.PERMISSION_DENIED
+            assert "'gpu1'" in (err.details() or "") and "'sim-0'" in (err.details() or "")
+            err = await rpc_error(
+                stub.Report(
+                    pb.EventBatch(session=victim.id, seq=99),
+                    metadata=[("authorization", "Bearer gpu1-secret")],
+                )
+            )
+            assert err.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert st.coordinator.fleet.live("sim-0") is victim and victim.reported_seq < 99
+
+    run(tmp_path, body, instances=1, speed=50.0, config=cfg, env=env, token="i-secret")
+
+
 # -------------------------------------------------------------------------- tenant-bound tokens
 
 

@@ -7,6 +7,7 @@ coordinator binds loopback addresses only (:func:`check_bind`).
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import ipaddress
 import os
@@ -32,6 +33,18 @@ class Principal:
     name: str
     scopes: frozenset[str]
     tenant: str | None = None  # client tokens bound to a tenant
+    instances: tuple[str, ...] | None = None  # instance tokens bound to these id patterns
+
+    def may_act_for(self, instance_id: str) -> bool:
+        """Whether this principal may register, and report for, the instance ``instance_id``."""
+        return self.instances is None or any(fnmatch.fnmatchcase(instance_id, p) for p in self.instances)
+
+    def check_instance(self, instance_id: str) -> None:
+        if not self.may_act_for(instance_id):
+            allowed = ", ".join(self.instances or ())
+            raise AuthError(
+                "forbidden", f"token {self.name!r} may act for instances {allowed}, not {instance_id!r}"
+            )
 
 
 #: What a caller is when authentication is off.
@@ -81,6 +94,7 @@ class Authenticator:
                 entry.name or entry.token_env or entry.token_file or "token",
                 frozenset(entry.scopes),
                 entry.tenant,
+                tuple(entry.instances) if entry.instances is not None else None,
             )
         if not cfg.tokens:
             for scope, var in SCOPE_ENV.items():

@@ -41,6 +41,9 @@ class TokenEntry(_Strict):
     token_file: str | None = None  # or the first line of this file
     scopes: list[Literal["client", "instance", "admin"]] = Field(min_length=1)
     tenant: str | None = None  # client tokens: requests are this tenant's, whatever the request says
+    # instance tokens: the instance ids it may register and act for (shell-style patterns, such as
+    # "gpu-1" or "node3-*"); unset: any
+    instances: list[str] | None = Field(default=None, min_length=1)
     name: str = ""  # for logs
 
     @model_validator(mode="after")

@@ -13,6 +13,7 @@ import grpc
 
 from qlm_plugin.coordinator.auth import Authenticator, AuthError, Principal
 from qlm_plugin.coordinator.coordinator import Coordinator, Job, SubmitError, status_message
+from qlm_plugin.coordinator.remote import Session
 from qlm_plugin.proto.qlm.v1 import qlm_pb2 as pb
 from qlm_plugin.proto.qlm.v1 import qlm_pb2_grpc as pb_grpc
 
@@ -161,12 +162,31 @@ class RequestsService(pb_grpc.RequestsServicer):
 
 
 class InstancesService(pb_grpc.InstancesServicer):
-    def __init__(self, coord: Coordinator) -> None:
+    """An instance token may be bound to instance ids: it registers only those, and every later
+    call of a session must come with a token allowed for the session's instance (a session id that
+    leaked does not let another instance's token report for it)."""
+
+    def __init__(self, coord: Coordinator, auth: Authenticator) -> None:
         self.coord = coord
+        self.auth = auth
+
+    async def _check(self, context: Any, instance_id: str) -> None:
+        principal = self.auth.authenticate(_metadata(context).get("authorization"), "instance")
+        try:
+            principal.check_instance(instance_id)
+        except AuthError as exc:
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, str(exc))
+
+    async def _session(self, context: Any, session_id: str) -> Session | None:
+        s = self.coord.session(session_id)
+        if s is not None:
+            await self._check(context, s.instance_id)
+        return s
 
     async def Register(self, request: pb.RegisterRequest, context: Any) -> pb.RegisterReply:
         if not request.instance_id:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "instance_id: must be a non-empty string")
+        await self._check(context, request.instance_id)
         if not self.coord.accepting:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "the coordinator is draining")
         s, keep, abandon = self.coord.instance_register(request)
@@ -180,13 +200,14 @@ class InstancesService(pb_grpc.InstancesServicer):
         )
 
     async def Heartbeat(self, request: pb.StateReport, context: Any) -> pb.HeartbeatReply:
+        await self._session(context, request.session)
         return pb.HeartbeatReply(known=self.coord.instance_heartbeat(request))
 
     async def Pull(
         self, request_iterator: AsyncIterator[pb.PullCredit], context: Any
     ) -> AsyncIterator[pb.Assignment]:
         first = await anext(request_iterator, None)
-        s = self.coord.session(first.session) if first is not None else None
+        s = await self._session(context, first.session) if first is not None else None
         if first is None or s is None:
             await context.abort(grpc.StatusCode.NOT_FOUND, "unknown session: register again")
         assert s is not None and first is not None
@@ -213,7 +234,7 @@ class InstancesService(pb_grpc.InstancesServicer):
         self, request_iterator: AsyncIterator[pb.CommandAck], context: Any
     ) -> AsyncIterator[pb.Command]:
         first = await anext(request_iterator, None)
-        s = self.coord.session(first.session) if first is not None else None
+        s = await self._session(context, first.session) if first is not None else None
         if first is None or s is None:
             await context.abort(grpc.StatusCode.NOT_FOUND, "unknown session: register again")
         assert s is not None
@@ -234,7 +255,7 @@ class InstancesService(pb_grpc.InstancesServicer):
             reader.cancel()
 
     async def Report(self, request: pb.EventBatch, context: Any) -> pb.ReportAck:
-        s = self.coord.session(request.session)
+        s = await self._session(context, request.session)
         if s is None:
             return pb.ReportAck(seq=request.seq, known=False)
         if request.seq == 0 or request.seq > s.reported_seq:  # not a batch sent again after a timeout

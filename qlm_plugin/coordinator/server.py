@@ -71,7 +71,7 @@ class CoordinatorServer:
         await coord.start()
         server = self._grpc = grpc.aio.server(interceptors=[AuthInterceptor(self.auth)], options=GRPC_OPTIONS)
         pb_grpc.add_RequestsServicer_to_server(RequestsService(coord, self.auth), server)  # type: ignore[no-untyped-call]  # generated stub
-        pb_grpc.add_InstancesServicer_to_server(InstancesService(coord), server)  # type: ignore[no-untyped-call]  # generated stub
+        pb_grpc.add_InstancesServicer_to_server(InstancesService(coord, self.auth), server)  # type: ignore[no-untyped-call]  # generated stub
         pb_grpc.add_AdminServicer_to_server(AdminService(coord), server)  # type: ignore[no-untyped-call]  # generated stub
         self._health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)

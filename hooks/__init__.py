@@ -19,16 +19,22 @@ import pluggy
 hookimpl = pluggy.HookimplMarker("qlm")
 
 from qlm_plugin.hooks.manager import (  # noqa: E402  (the marker must exist before built-ins import it)
+    ADAPTERS_ENV,
     DISABLE_AUTOLOAD_ENV,
     ENTRY_POINT_GROUP,
     PLUGINS_ALLOWLIST_ENV,
+    PluginManager,
     get_plugin_manager,
+    list_instances,
 )
 
 __all__ = [
+    "ADAPTERS_ENV",
     "DISABLE_AUTOLOAD_ENV",
     "ENTRY_POINT_GROUP",
     "PLUGINS_ALLOWLIST_ENV",
+    "PluginManager",
     "get_plugin_manager",
     "hookimpl",
+    "list_instances",
 ]

@@ -1,14 +1,21 @@
-"""The plugin manager: hook specs, built-in plugins, and third-party plugins from entry points."""
+"""The plugin manager: hook specs, built-in plugins, and third-party plugins from entry points.
+
+An installed adapter (an entry-point plugin that lists instances) is loaded into every run, but a
+run serves with its instances only when it asks for it (``adapters=``, or ``QLM_ADAPTERS``): a
+simulation or a coordinator must never hand work to engines that nothing in that run drives.
+"""
 
 from __future__ import annotations
 
 import importlib.metadata
 import logging
 import os
+from collections.abc import Iterable
 
 import pluggy
 
 from qlm_plugin.hooks import hookspecs
+from qlm_plugin.state import InstanceInfo
 
 log = logging.getLogger(__name__)
 
@@ -17,20 +24,50 @@ ENTRY_POINT_GROUP = "qlm"
 DISABLE_AUTOLOAD_ENV = "QLM_DISABLE_PLUGIN_AUTOLOAD"
 #: Comma-separated allow-list of entry-point names to load (unset: all).
 PLUGINS_ALLOWLIST_ENV = "QLM_PLUGINS"
+#: Comma-separated entry-point names of installed adapters whose instances the run serves with.
+ADAPTERS_ENV = "QLM_ADAPTERS"
+
+
+class PluginManager(pluggy.PluginManager):
+    """pluggy's plugin manager for project ``qlm``; it also knows which installed adapters the run
+    leaves idle (their instances are not the run's)."""
+
+    def __init__(self) -> None:
+        super().__init__("qlm")
+        self.idle_adapters: set[str] = set()
+
+
+def list_instances(pm: pluggy.PluginManager) -> list[InstanceInfo]:
+    """The instances a run serves with: what ``qlm_list_instances`` answers, except the instances
+    of installed adapters the run did not ask for. Use this, not the hook, to discover instances."""
+    idle = [pm.get_plugin(name) for name in getattr(pm, "idle_adapters", ())]
+    idle = [plugin for plugin in idle if plugin is not None]
+    caller = (
+        pm.subset_hook_caller("qlm_list_instances", remove_plugins=idle)
+        if idle
+        else pm.hook.qlm_list_instances
+    )
+    return [info for listed in caller() for info in listed]
 
 
 def _autoload_disabled() -> bool:
     return os.environ.get(DISABLE_AUTOLOAD_ENV, "").strip().lower() in {"1", "true", "yes", "on"}
 
 
-def load_entrypoint_plugins(pm: pluggy.PluginManager) -> list[str]:
-    """Register every plugin of the ``qlm`` entry-point group; return the names registered.
+def _names(value: str | None) -> set[str] | None:
+    return None if value is None else {n.strip() for n in value.split(",") if n.strip()}
+
+
+def load_entrypoint_plugins(pm: pluggy.PluginManager, adapters: Iterable[str] = ()) -> list[str]:
+    """Register every plugin of the ``qlm`` entry-point group; return the names registered. An
+    adapter among them that is not named in ``adapters`` (or ``QLM_ADAPTERS``) stays idle: see
+    :func:`list_instances`.
 
     A plugin that fails to import or register is logged and skipped: one broken package must not
     take the scheduler down.
     """
-    allow_raw = os.environ.get(PLUGINS_ALLOWLIST_ENV)
-    allow = None if allow_raw is None else {n.strip() for n in allow_raw.split(",") if n.strip()}
+    wanted = set(adapters) | (_names(os.environ.get(ADAPTERS_ENV)) or set())
+    allow = _names(os.environ.get(PLUGINS_ALLOWLIST_ENV))
     loaded: list[str] = []
     for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
         if allow is not None and ep.name not in allow:
@@ -48,22 +85,32 @@ def load_entrypoint_plugins(pm: pluggy.PluginManager) -> list[str]:
             log.exception("qlm plugin %r (%s) failed to load; skipped", ep.name, ep.value)
             continue
         loaded.append(ep.name)
+        lists = any(impl.plugin is plugin for impl in pm.hook.qlm_list_instances.get_hookimpls())
+        if lists and ep.name not in wanted and isinstance(pm, PluginManager):
+            pm.idle_adapters.add(ep.name)
+            log.debug(
+                "qlm adapter %s is installed but not used here (%s=%s uses it)",
+                ep.name,
+                ADAPTERS_ENV,
+                ep.name,
+            )
     return loaded
 
 
-def get_plugin_manager(*, autoload: bool = True) -> pluggy.PluginManager:
+def get_plugin_manager(*, autoload: bool = True, adapters: Iterable[str] = ()) -> PluginManager:
     """A new plugin manager with the hook specs and the built-in policy plugins registered.
 
     With ``autoload`` (and unless ``QLM_DISABLE_PLUGIN_AUTOLOAD`` is set), third-party plugins from
     the ``qlm`` entry-point group are registered too, after the built-ins, so their firstresult
-    implementations take precedence.
+    implementations take precedence. Installed adapters serve the run only if named in
+    ``adapters`` or ``QLM_ADAPTERS``.
     """
     from qlm_plugin.policies import builtin_plugins  # lazy: policies import the hookimpl marker
 
-    pm = pluggy.PluginManager("qlm")
+    pm = PluginManager()
     pm.add_hookspecs(hookspecs)
     for name, plugin in builtin_plugins():
         pm.register(plugin, name=name)
     if autoload and not _autoload_disabled():
-        load_entrypoint_plugins(pm)
+        load_entrypoint_plugins(pm, adapters)
     return pm

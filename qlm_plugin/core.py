@@ -38,7 +38,7 @@ from qlm_plugin.costmodel import CostModel
 from qlm_plugin.distributions import LengthDistribution, WaitEstimate
 from qlm_plugin.estimator import ResidualCalibrator, StepCalibrator, heavy_tail_factor, p_meet, pooled_start_s
 from qlm_plugin.groups import GroupKey, group_key
-from qlm_plugin.hooks import hookimpl
+from qlm_plugin.hooks import hookimpl, list_instances
 from qlm_plugin.plan import Evict, LoadModel, Plan
 from qlm_plugin.request import Request
 from qlm_plugin.state import Admission, EvictMode, InstanceInfo, InstanceState, RequestOutcome, RunningView
@@ -305,9 +305,8 @@ class QueueManager:
     def qlm_configure(self, pm: pluggy.PluginManager) -> None:
         self.pm = pm
         self._hook = pm.hook
-        for lst in pm.hook.qlm_list_instances():
-            for info in lst:
-                self.instances[info.instance_id] = InstanceView(info.instance_id, dict(self._ref_cost))
+        for info in list_instances(pm):
+            self.instances[info.instance_id] = InstanceView(info.instance_id, dict(self._ref_cost))
         for view in self.instances.values():
             self._refresh(view)
 

@@ -23,6 +23,8 @@ import pytest
 from qlm_plugin import hooks as qlm_hooks
 from qlm_plugin.policies import registry as policies_registry
 from qlm_plugin.request import Request, make_request
+from qlm_plugin.scenario import load_scenario
+from qlm_plugin.simulate import run_policy
 
 # Not ``from qlm_plugin.hooks import ...``: ruff resolves that path on disk (hooks/ lives at the repo
 # root, mapped by setuptools) and sorts it as third-party.
@@ -32,6 +34,8 @@ ENTRY_POINT_GROUP = qlm_hooks.ENTRY_POINT_GROUP
 get_plugin_manager = qlm_hooks.get_plugin_manager
 hookimpl = qlm_hooks.hookimpl
 load_entrypoint_plugins = qlm_hooks.manager.load_entrypoint_plugins
+list_instances = qlm_hooks.list_instances
+ADAPTERS_ENV = qlm_hooks.ADAPTERS_ENV
 policy_registry = policies_registry.policy_registry
 
 BUILTINS = {"qlm-defaults", "qlm-baselines"}
@@ -118,6 +122,43 @@ class WrongArg:
 
 
 plugin = WrongArg()
+"""
+
+
+TOY_ADAPTER = """
+import time
+
+from qlm_plugin.hooks import hookimpl
+from qlm_plugin.state import InstanceInfo, InstanceState
+
+
+class ToyBackend:
+    \"\"\"An installed adapter with an instance that accepts work and never runs it (no loop drives
+    it in the runs below).\"\"\"
+
+    def __init__(self):
+        self.dispatched = []
+
+    @hookimpl
+    def qlm_list_instances(self):
+        return [InstanceInfo("toy-0", "toy", "h100", frozenset())]
+
+    @hookimpl
+    def qlm_instance_state(self, instance_id, detail):
+        if instance_id != "toy-0":
+            return None
+        # idle, with every seat free: the most attractive instance of all
+        return InstanceState("toy-0", "toy", time.time(), ("llama-3.1-8b",), (), None, 0, 0, 0, 0, 0, 100_000, 256)
+
+    @hookimpl
+    def qlm_dispatch(self, instance_id, request):
+        if instance_id != "toy-0":
+            return None
+        self.dispatched.append(request.id)
+        return True
+
+
+plugin = ToyBackend()
 """
 
 
@@ -505,3 +546,32 @@ def test_importing_the_package_installs_no_top_level_hooks_or_adapters(tmp_path:
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "ok"
+
+
+# --- installed adapters serve only the runs that ask for them ---------------------------------------
+
+
+def test_an_installed_adapter_adopts_no_instance_in_a_run_that_did_not_ask_for_it(
+    site: Site, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv(ADAPTERS_ENV, raising=False)
+    site.install("qlmtest-toy", {"toy": "qlmtest_toy:plugin"}, {"qlmtest_toy": TOY_ADAPTER})
+    pm = get_plugin_manager()
+    assert pm.has_plugin("toy") and "toy" in pm.idle_adapters
+    assert [i.instance_id for i in list_instances(pm)] == []
+    assert [i.instance_id for i in list_instances(get_plugin_manager(adapters=["toy"]))] == ["toy-0"]
+    monkeypatch.setenv(ADAPTERS_ENV, "other,toy")
+    assert [i.instance_id for i in list_instances(get_plugin_manager())] == ["toy-0"]
+    monkeypatch.delenv(ADAPTERS_ENV)
+
+    # A whole simulation with the adapter installed: QLM serves every request on the simulated
+    # instances, none is handed to the toy engine that nothing drives.
+    scenario = load_scenario()
+    requests = [
+        make_request(f"r{k}", "llama-3.1-8b", prompt_tokens=200, max_tokens=32, arrival_time=k * 0.05)
+        for k in range(40)
+    ]
+    result = run_policy(scenario, "qlm", requests)
+    toy = sys.modules["qlmtest_toy"].plugin
+    assert toy.dispatched == []
+    assert result.overall.finished == len(requests), result.overall

@@ -24,7 +24,7 @@ from typing import Protocol
 import pluggy
 import pytest
 
-from qlm_plugin.hooks import get_plugin_manager, hookimpl
+from qlm_plugin.hooks import get_plugin_manager, hookimpl, list_instances
 from qlm_plugin.request import Request, make_request
 from qlm_plugin.state import EvictMode, EvictResult, InstanceInfo, InstanceState, RequestOutcome, Status
 
@@ -129,7 +129,7 @@ class AdapterConformance:
 
     @staticmethod
     def _caps(pm: pluggy.PluginManager, iid: str) -> frozenset[str]:
-        infos = [i for lst in pm.hook.qlm_list_instances() for i in lst if i.instance_id == iid]
+        infos = [i for i in list_instances(pm) if i.instance_id == iid]
         return infos[0].capabilities if infos else frozenset()
 
     # -------------------------------------------------------------- listing and state
@@ -137,7 +137,7 @@ class AdapterConformance:
         self, wired: tuple[BackendHarness, pluggy.PluginManager, _Recorder]
     ) -> None:
         harness, pm, _ = wired
-        infos: list[InstanceInfo] = [i for lst in pm.hook.qlm_list_instances() for i in lst]
+        infos: list[InstanceInfo] = list_instances(pm)
         ids = [i.instance_id for i in infos]
         assert harness.instance_id() in ids
         assert len(ids) == len(set(ids)), f"duplicate instance ids: {ids}"

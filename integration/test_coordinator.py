@@ -224,6 +224,16 @@ def test_bytes_no_client_library_would_send_get_a_400_naming_the_field(
     run(tmp_path, check, instances=1)
 
 
+def test_trace_context_that_is_not_ascii_is_ignored(tmp_path: Path) -> None:
+    async def check(st: LocalStack) -> None:
+        payload = json.dumps({"model": MODEL, "prompt": "x", "max_tokens": 2}).encode()
+        odd = b"baggage: a=caf\xff\r\ntraceparent: 00-\xc3\xa9-01\r\n"
+        status, out = await raw_post(st.http_url, "/v1/completions", payload, odd)
+        assert status == 200 and out["choices"][0]["finish_reason"] == "length", out
+
+    run(tmp_path, check, instances=1)
+
+
 def test_a_body_that_does_not_decode_is_a_400(tmp_path: Path) -> None:
     async def check(st: LocalStack) -> None:
         gzip = b"Content-Encoding: gzip\r\n"
@@ -520,11 +530,12 @@ def test_a_model_no_instance_serves_is_refused_within_the_bound_and_journaled_fa
     async def body(st: LocalStack) -> None:
         async with aiohttp.ClientSession() as http, CoordinatorClient(st.grpc_target) as c:
             t0 = time.monotonic()
-            status, out, _ = await post(
+            status, out, headers = await post(
                 http, f"{st.http_url}/v1/completions", {"model": "phi-4", "prompt": "x", "max_tokens": 4}
             )
             waited = time.monotonic() - t0
             assert status == 503, out
+            assert headers["Retry-After"] == "1"  # the wait bound, at least a second
             assert out["error"]["param"] == "model" and out["error"]["code"] == "unavailable"
             assert (
                 "'phi-4'" in out["error"]["message"]

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from qlm_plugin.coordinator.http_api import BadRequest, parse_openai
 
@@ -104,7 +107,7 @@ def test_chat_messages_are_rendered_with_text_parts() -> None:
         ({"prompt": "p"}, {}, False, "model"),
         ({"model": "", "prompt": "p"}, {}, False, "model"),
         ({"model": "m", "prompt": ""}, {}, False, "prompt"),
-        ({"model": "m", "prompt": [1, 2, 3]}, {}, False, "prompt"),
+        ({"model": "m", "prompt": [1, "2"]}, {}, False, "prompt"),
         ({"model": "m", "prompt": ["a", "b"]}, {}, False, "prompt"),
         ({"model": "m", "prompt": "p", "max_tokens": 1.5}, {}, False, "max_tokens"),
         ({"model": "m", "prompt": "p", "max_tokens": True}, {}, False, "max_tokens"),
@@ -113,7 +116,7 @@ def test_chat_messages_are_rendered_with_text_parts() -> None:
         ({"model": "m", "prompt": "p", "qlm": []}, {}, False, "qlm"),
         ({"model": "m", "prompt": "p", "qlm": {"ttft_ms": 0}}, {}, False, "qlm.ttft_ms"),
         ({"model": "m", "prompt": "p", "qlm": {"e2e_ms": "soon"}}, {}, False, "qlm.e2e_ms"),
-        ({"model": "m", "prompt": "p"}, {"x-slo-ttft-ms": "nan"}, False, "qlm.ttft_ms"),
+        ({"model": "m", "prompt": "p"}, {"x-slo-ttft-ms": "nan"}, False, "x-slo-ttft-ms"),
         ({"model": "m", "prompt": "p", "qlm": {"class": ""}}, {}, False, "qlm.class"),
         ({"model": "m", "prompt": "p", "qlm": {"priority": "high"}}, {}, False, "qlm.priority"),
         ({"model": "m", "prompt": "p", "qlm": {"speed": 1}}, {}, False, "qlm.speed"),
@@ -134,3 +137,339 @@ def test_invalid_input_names_the_field(
         parse(body, headers, chat)
     assert err.value.param == param
     assert err.value.status == 400
+
+
+# ------------------------------------------------------------- hardening: no 500 on bad input
+
+BASE: dict[str, Any] = {"model": "m", "prompt": "p"}
+CHAT: dict[str, Any] = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+
+
+def refused(body: Any, headers: dict[str, str] | None = None, chat: bool = False) -> BadRequest:
+    """The refusal of a request, which must be a 400 whose message the handler prefixes with the param."""
+    with pytest.raises(BadRequest) as err:
+        parse(body, headers, chat)
+    assert err.value.status == 400
+    assert len(str(err.value)) < 300  # values are quoted short, whatever their size
+    return err.value
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        "x-slo-ttft-ms",
+        "x-slo-e2e-ms",
+        "x-qlm-class",
+        "x-qlm-priority",
+        "x-qlm-tenant",
+        "x-qlm-reject-late",
+        "idempotency-key",
+    ],
+)
+@pytest.mark.parametrize(
+    "value",
+    [
+        "\udcc3\udca9",  # aiohttp's surrogateescape of bytes that are not UTF-8
+        "éé",  # valid UTF-8, not ASCII
+        "a\x7fb",  # a control character
+    ],
+)
+def test_header_values_must_be_printable_ascii(header: str, value: str) -> None:
+    err = refused(BASE, {header: value})
+    assert err.param == header
+    assert "printable ASCII" in str(err) and "qlm." in str(err)  # says where such text belongs
+
+
+@pytest.mark.parametrize(
+    ("body", "chat", "param"),
+    [
+        ({"model": "m", "prompt": "a\ud800b"}, False, "prompt"),
+        ({"model": "m", "prompt": ["\udfff"]}, False, "prompt"),
+        ({"model": "m\ud800", "prompt": "p"}, False, "model"),
+        ({**CHAT, "messages": [{"role": "user", "content": "\ud800"}]}, True, "messages[0].content"),
+        ({**CHAT, "messages": [{"role": "\ud800", "content": "x"}]}, True, "messages[0].role"),
+        (
+            {**CHAT, "messages": [{"role": "user", "content": [{"type": "text", "text": "\udc00"}]}]},
+            True,
+            "messages[0].content[0].text",
+        ),
+        ({**BASE, "stop": "\ud800"}, False, "stop"),
+        ({**BASE, "stop": ["ok", "\ud800"]}, False, "stop[1]"),
+        ({**BASE, "qlm": {"tenant": "\ud800"}}, False, "qlm.tenant"),
+        ({**BASE, "qlm": {"class": "\ud800"}}, False, "qlm.class"),
+        ({**BASE, "qlm": {"idempotency_key": "k\ud800"}}, False, "qlm.idempotency_key"),
+    ],
+)
+def test_lone_surrogates_in_body_strings_name_the_field(body: Any, chat: bool, param: str) -> None:
+    err = refused(body, chat=chat)
+    assert err.param == param
+    assert "surrogate" in str(err)
+
+
+@pytest.mark.parametrize(
+    ("body", "headers", "param"),
+    [
+        ({**BASE, "qlm": {"priority": 2**31}}, {}, "qlm.priority"),
+        ({**BASE, "qlm": {"priority": -(2**31) - 1}}, {}, "qlm.priority"),
+        ({**BASE, "priority": 2**40}, {}, "priority"),
+        (BASE, {"x-qlm-priority": "99999999999"}, "x-qlm-priority"),
+        ({**BASE, "qlm": {"true_output_tokens": 2**31}}, {}, "qlm.true_output_tokens"),
+        ({**BASE, "qlm": {"true_output_tokens": -1}}, {}, "qlm.true_output_tokens"),
+        ({**BASE, "max_tokens": 2**31}, {}, "max_tokens"),
+        ({**BASE, "max_tokens": 10**400}, {}, "max_tokens"),  # float() of it overflowed: a 500
+        ({**BASE, "qlm": {"ttft_ms": 10**400}}, {}, "qlm.ttft_ms"),
+        ({"model": "m", "prompt": [1, 2**31]}, {}, "prompt"),
+        ({"model": "m", "prompt": [-1]}, {}, "prompt"),
+    ],
+)
+def test_integers_that_do_not_fit_their_protobuf_field_are_refused(
+    body: Any, headers: dict[str, str], param: str
+) -> None:
+    assert refused(body, headers).param == param
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({**BASE, "qlm": {"tenant": "t" * 257}}, "qlm.tenant"),
+        ({**BASE, "qlm": {"class": "c" * 257}}, "qlm.class"),
+        ({**BASE, "qlm": {"idempotency_key": "k" * 257}}, "qlm.idempotency_key"),
+        ({"model": "m" * 257, "prompt": "p"}, "model"),
+    ],
+)
+def test_names_and_keys_are_bounded(body: Any, param: str) -> None:
+    err = refused(body)
+    assert err.param == param and "at most 256" in str(err)
+    at_most = {**BASE, "model": "m" * 256} if param == "model" else {**BASE, "qlm": {param[4:]: "x" * 256}}
+    parse(at_most)
+
+
+@pytest.mark.parametrize(
+    ("body", "chat", "param"),
+    [
+        ({**BASE, "stream_options": "yes"}, False, "stream_options"),
+        ({**BASE, "stream_options": {"include_usage": "yes"}}, False, "stream_options.include_usage"),
+        (
+            {**BASE, "stream_options": {"continuous_usage_stats": True}},
+            False,
+            "stream_options.continuous_usage_stats",
+        ),
+        ({**CHAT, "messages": {"role": "user"}}, True, "messages"),
+        ({**CHAT, "messages": [["user", "hi"]]}, True, "messages[0]"),
+        ({**CHAT, "messages": [{"role": 1, "content": "x"}]}, True, "messages[0]"),
+        ({**CHAT, "messages": [{"role": "user", "content": None}]}, True, "messages[0].content"),
+        ({**CHAT, "messages": [{"role": "user", "content": ["text"]}]}, True, "messages[0].content[0]"),
+        ({**BASE, "qlm": {"priority": "1.5"}}, False, "qlm.priority"),
+        ({**BASE, "qlm": {"ttft_ms": float("nan")}}, False, "qlm.ttft_ms"),
+        ({**BASE, "qlm": {"e2e_ms": float("inf")}}, False, "qlm.e2e_ms"),
+        ({**BASE, "qlm": {"ttft_ms": True}}, False, "qlm.ttft_ms"),
+        ({**BASE, "qlm": {"reject_if_late": "maybe"}}, False, "qlm.reject_if_late"),
+        ({**BASE, "qlm": {"idempotency_key": 42}}, False, "qlm.idempotency_key"),
+        ({**BASE, "qlm": {"\ud800": 1}}, False, "qlm.'\\ud800'"),
+        ({"model": ["m"], "prompt": "p"}, False, "model"),
+        ({"model": "m", "prompt": {"text": "p"}}, False, "prompt"),
+        ({"model": "m", "prompt": []}, False, "prompt"),
+        ({"model": "m", "prompt": [[]]}, False, "prompt"),
+        ({"model": "m", "prompt": [True, 2]}, False, "prompt"),
+    ],
+)
+def test_odd_shapes_and_values_name_the_field(body: Any, chat: bool, param: str) -> None:
+    assert refused(body, chat=chat).param == param
+
+
+def test_reject_late_header_is_a_flag() -> None:
+    assert parse(BASE, {"x-qlm-reject-late": "yes"})[0].reject_if_late is True
+    assert parse(BASE, {"x-qlm-reject-late": "0"})[0].reject_if_late is False
+    assert refused(BASE, {"x-qlm-reject-late": "maybe"}).param == "x-qlm-reject-late"
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("temperature", "hot", "must be a number in [0, 2], got 'hot'"),
+        ("temperature", 2.5, "in [0, 2]"),
+        ("temperature", -0.1, "in [0, 2]"),
+        ("temperature", True, "got true"),
+        ("temperature", "0.5", "got '0.5'"),  # JSON numbers only, as OpenAI's API
+        ("top_p", 0, "in (0, 1]"),
+        ("top_p", 1.5, "in (0, 1]"),
+        ("top_k", -2, "0 or -1 (disabled) or at least 1"),
+        ("top_k", 1.5, "an integer"),
+        ("top_k", 2**31, "an integer"),
+        ("min_p", 1.1, "in [0, 1]"),
+        ("presence_penalty", 3, "in [-2, 2]"),
+        ("frequency_penalty", -2.5, "in [-2, 2]"),
+        ("frequency_penalty", [1], "got a list"),
+        ("repetition_penalty", 0, "> 0"),
+        ("repetition_penalty", float("inf"), "> 0"),
+        ("seed", 2**63, "integer in"),
+        ("seed", -(2**63) - 1, "integer in"),
+        ("seed", "42", "integer in"),
+        ("stop", "", "non-empty"),
+        ("stop", ["a", ""], "non-empty"),
+        ("stop", [1], "non-empty string"),
+        ("stop", {"a": 1}, "got an object"),
+        ("stop_token_ids", [1, "2"], "token ids"),
+        ("stop_token_ids", 5, "token ids"),
+        ("ignore_eos", "yes", "true or false"),
+        ("ignore_eos", 1, "true or false"),
+        ("min_tokens", -1, "in [0,"),
+        ("logit_bias", [1], "object of token id"),
+        ("logit_bias", {"abc": 1}, "token ids"),
+        ("logit_bias", {"9" * 5000: 1}, "token ids"),  # int() of it would fail past 4300 digits
+        ("logit_bias", {"5": 101}, "in [-100, 100]"),
+        ("logit_bias", {"5": "1"}, "in [-100, 100]"),
+    ],
+)
+def test_sampling_parameters_are_checked_as_vllm_checks_them(field: str, value: Any, message: str) -> None:
+    err = refused({**BASE, field: value})
+    assert err.param is not None and err.param.startswith(field)
+    assert message in str(err), str(err)
+
+
+def test_min_tokens_is_at_most_max_tokens_or_the_default() -> None:
+    assert refused({**BASE, "max_tokens": 4, "min_tokens": 5}).param == "min_tokens"
+    assert refused({**BASE, "min_tokens": 17}).param == "min_tokens"  # the default max_tokens is 16
+    spec, _, _ = parse({**BASE, "max_tokens": 5, "min_tokens": 5})
+    assert spec.sampling["min_tokens"] == "5"
+
+
+def test_valid_sampling_parameters_are_forwarded() -> None:
+    body = {
+        **BASE,
+        "max_tokens": 32,
+        "temperature": 0,
+        "top_p": 1,
+        "top_k": -1,
+        "min_p": 0.05,
+        "presence_penalty": -2,
+        "frequency_penalty": 2.0,
+        "repetition_penalty": 1.1,
+        "seed": 2**63 - 1,
+        "stop": "END",
+        "stop_token_ids": [2, 7],
+        "ignore_eos": False,
+        "min_tokens": 3.0,  # an integral float is an integer, as pydantic takes it
+        "logit_bias": {"50256": -100, "11": 2.5},
+    }
+    spec, _, _ = parse(body)
+    assert {k: json.loads(v) for k, v in spec.sampling.items()} == {
+        **{k: v for k, v in body.items() if k not in ("model", "prompt", "max_tokens")},
+        "min_tokens": 3,
+        "logit_bias": {"50256": -100.0, "11": 2.5},
+    }
+    assert json.loads(spec.sampling["min_tokens"]) == 3 and isinstance(
+        json.loads(spec.sampling["min_tokens"]), int
+    )
+
+
+@pytest.mark.parametrize("prompt", [[1, 2, 3], [[1, 2, 3]], [0, 2**31 - 1]])
+def test_a_prompt_of_token_ids_is_accepted(prompt: Any) -> None:
+    spec, _, _ = parse({"model": "m", "prompt": prompt, "max_tokens": 2})
+    ids = prompt[0] if isinstance(prompt[0], list) else prompt
+    assert list(spec.prompt_token_ids) == ids
+    assert spec.prompt == ""
+
+
+@pytest.mark.parametrize(
+    ("body", "chat", "param"),
+    [
+        ({"model": "m", "prompt": ["a", "b"]}, False, "prompt"),
+        ({"model": "m", "prompt": [[1], [2]]}, False, "prompt"),
+        ({**BASE, "n": 2}, False, "n"),
+        ({**BASE, "n": True}, False, "n"),
+        ({**BASE, "best_of": 3}, False, "best_of"),
+        ({**BASE, "use_beam_search": True}, False, "use_beam_search"),
+        ({**BASE, "echo": True}, False, "echo"),
+        ({**BASE, "logprobs": 0}, False, "logprobs"),
+        ({**CHAT, "logprobs": True}, True, "logprobs"),
+        ({**CHAT, "top_logprobs": 3}, True, "top_logprobs"),
+        ({**BASE, "prompt_logprobs": 1}, False, "prompt_logprobs"),
+        ({**BASE, "suffix": "tail"}, False, "suffix"),
+        ({**CHAT, "tools": [{"type": "function", "function": {"name": "f"}}]}, True, "tools"),
+        ({**CHAT, "tool_choice": "required"}, True, "tool_choice"),
+        ({**CHAT, "tool_choice": {"type": "function", "function": {"name": "f"}}}, True, "tool_choice"),
+        ({**CHAT, "response_format": {"type": "json_object"}}, True, "response_format"),
+        ({**BASE, "stream_options": ["include_usage"]}, False, "stream_options"),
+    ],
+)
+def test_what_the_coordinator_cannot_carry_is_refused_saying_so(body: Any, chat: bool, param: str) -> None:
+    err = refused(body, chat=chat)
+    assert err.param == param
+    assert "not supported by the coordinator" in str(err)
+
+
+def test_harmless_openai_fields_are_accepted_and_unknown_ones_ignored() -> None:
+    harmless = {
+        "user": "u1",
+        "n": 1,
+        "best_of": 1,
+        "echo": False,
+        "logprobs": None,
+        "top_logprobs": 0,
+        "suffix": None,
+        "stream": None,
+        "stream_options": {"include_usage": False},
+        "metadata": {"k": "v"},
+        "store": False,
+        "parallel_tool_calls": True,
+        "tools": [],
+        "tool_choice": "none",
+        "response_format": {"type": "text"},
+        "service_tier": "auto",
+        "some_future_field": {"\ud800": [1e308]},
+    }
+    spec, stream, usage = parse({**CHAT, **harmless, "logprobs": False}, chat=True)
+    assert (spec.prompt, stream, usage) == ("user: hi\nassistant:", False, False)
+    parse({**BASE, **harmless})
+    assert refused({**BASE, "qlm": {"speed": 1}}).param == "qlm.speed"  # not inside qlm
+
+
+# Strings with lone surrogates (as JSON's \ud800 escapes and aiohttp's surrogateescape give them)
+# and integers past protobuf's and float's ranges, which plain st.text() and st.integers() rarely make.
+ODD_TEXT = st.text(st.characters(categories=["Cs"]) | st.characters(), max_size=8)
+ODD_INTS = st.integers() | st.sampled_from([2**31, -(2**31) - 1, 2**63, 10**400])
+QLM = st.dictionaries(
+    st.sampled_from(["ttft_ms", "priority", "tenant", "true_output_tokens"]), ODD_INTS | ODD_TEXT
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.dictionaries(
+        st.sampled_from(["model", "prompt", "max_tokens", "stream_options", "n", "stop", "seed", "top_k"]),
+        st.recursive(
+            st.none() | st.booleans() | ODD_INTS | st.floats() | ODD_TEXT,
+            lambda inner: st.lists(inner, max_size=3) | st.dictionaries(ODD_TEXT, inner, max_size=3),
+            max_leaves=6,
+        ),
+    )
+    | st.fixed_dictionaries({"model": st.just("m"), "prompt": ODD_TEXT, "qlm": QLM}),
+    st.dictionaries(st.sampled_from(["x-qlm-tenant", "x-qlm-priority", "x-slo-ttft-ms"]), ODD_TEXT),
+)
+def test_anything_is_parsed_or_refused_with_a_bad_request(
+    body: dict[str, Any], headers: dict[str, str]
+) -> None:
+    try:
+        spec, _, _ = parse(body, headers)
+    except BadRequest as exc:
+        assert exc.status == 400 and len(str(exc)) < 300
+        return
+    spec.SerializeToString()  # what protobuf took, it can send
+
+
+def test_an_authorization_header_that_is_not_ascii_is_a_401_not_a_crash() -> None:
+    from types import SimpleNamespace
+
+    from qlm_plugin.coordinator.auth import Authenticator, AuthError, Principal
+    from qlm_plugin.coordinator.http_api import FrontDoor
+
+    auth = Authenticator({"s3cret": Principal("c", frozenset({"client"}))})
+    front = FrontDoor(None, auth)  # type: ignore[arg-type]  # only the authenticator is used
+    # as aiohttp hands over header bytes that are not UTF-8: surrogateescape'd
+    request = SimpleNamespace(headers={"Authorization": "Bearer caf\udcc3"})
+    with pytest.raises(AuthError) as err:
+        front._principal(request, "client")  # type: ignore[arg-type]
+    assert err.value.status == "unauthenticated" and "printable ASCII" in str(err.value)
+    ok = SimpleNamespace(headers={"Authorization": "Bearer s3cret"})
+    assert front._principal(ok, "client").name == "c"  # type: ignore[arg-type]

@@ -148,7 +148,8 @@ class ToyBackend:
         if instance_id != "toy-0":
             return None
         # idle, with every seat free: the most attractive instance of all
-        return InstanceState("toy-0", "toy", time.time(), ("llama-3.1-8b",), (), None, 0, 0, 0, 0, 0, 100_000, 256)
+        models = ("llama-3.1-8b",)
+        return InstanceState("toy-0", "toy", time.time(), models, (), None, 0, 0, 0, 0, 0, 100_000, 256)
 
     @hookimpl
     def qlm_dispatch(self, instance_id, request):

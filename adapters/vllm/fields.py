@@ -22,6 +22,7 @@ Offline ``LLM.generate`` may also pass them nested: ``extra_args={"qlm": {...}}`
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -70,10 +71,8 @@ def parse_fields(extra_args: Mapping[str, Any] | None, *, priority: int, arrival
         e2e = arrival_time + ms / 1000
     attempt = _num(args.get("qlm_attempt"))
     qid = args.get("qlm_id")
-    try:
+    with contextlib.suppress(TypeError, ValueError):  # malformed: the engine's own field stands
         priority = int(args.get("qlm_priority", priority))
-    except (TypeError, ValueError):
-        pass  # malformed: the engine's own field stands
     return QLMFields(
         qlm_id=str(qid) if qid is not None else None,
         attempt=int(attempt) if attempt is not None else 0,

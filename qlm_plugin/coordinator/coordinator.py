@@ -58,11 +58,19 @@ class SubmitError(Exception):
     """A refused submission. ``code``: invalid, unknown_model, too_large, limit, unavailable,
     slo_unattainable; ``field`` names the offending request field where there is one."""
 
-    def __init__(self, code: str, message: str, field: str | None = None, estimate: Admission | None = None):
+    def __init__(
+        self,
+        code: str,
+        message: str,
+        field: str | None = None,
+        estimate: Admission | None = None,
+        retry_after_s: float | None = None,
+    ):
         super().__init__(message)
         self.code = code
         self.field = field
         self.estimate = estimate
+        self.retry_after_s = retry_after_s  # when a retry may succeed (limits, load, no instance)
 
 
 def estimate_prompt_tokens(text: str) -> int:
@@ -420,6 +428,7 @@ class Coordinator:
             f"no live instance serves model {request.model!r} (0 of {len(live)} connected instances "
             f"serve it{'; its instances left' if seen else ''}; waited {bound:g} s for one)",
             "model",
+            retry_after_s=max(bound, 1.0),
         )
 
     async def submit(
@@ -465,12 +474,14 @@ class Coordinator:
                 "limit",
                 f"tenant {request.tenant!r} has {load[0]} unfinished requests "
                 f"(limit {limits.max_queued_requests})",
+                retry_after_s=1.0,
             )
         if load[1] + tokens > limits.max_queued_tokens:
             raise SubmitError(
                 "limit",
                 f"tenant {request.tenant!r} has {load[1]} tokens queued; {tokens} more exceed the limit "
                 f"of {limits.max_queued_tokens}",
+                retry_after_s=1.0,
             )
         if not self._served(request.model):
             self._count_tenant(request, +1)  # held while it waits: concurrent ones must not pass
@@ -492,6 +503,7 @@ class Coordinator:
                 f"the SLO cannot be met at the current load: estimated wait "
                 f"{estimate.wait_mean_s or 0:.2f} s, probability of meeting it {estimate.p_meet or 0:.2f}",
                 estimate=estimate,
+                retry_after_s=max(1.0, estimate.wait_mean_s or 0.0),
             )
         job = Job(request, spec)
         record = JobRecord(

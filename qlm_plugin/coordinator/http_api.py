@@ -3,10 +3,15 @@ and not), ``/v1/models``, plus ``/health`` and Prometheus ``/metrics``.
 
 SLOs ride in an extension object of the body (``"qlm": {"ttft_ms": 500, "class": "interactive",
 ...}``) or in headers (``x-slo-ttft-ms``, ``x-slo-e2e-ms``, ``x-qlm-class``, ``x-qlm-priority``,
-``x-qlm-tenant``, ``x-qlm-reject-late``; the body wins). Every answer carries the request id and
-the wait estimate (``x-qlm-request-id``, ``x-qlm-estimated-wait-ms``, ``x-qlm-p-meet`` and the
-``qlm`` object of the body). Errors use OpenAI's shape, with ``param`` naming the field. A client
-that disconnects cancels its request everywhere.
+``x-qlm-tenant``, ``x-qlm-reject-late``, ``idempotency-key``; the body wins). Every answer carries
+the request id and the wait estimate (``x-qlm-request-id``, ``x-qlm-estimated-wait-ms``,
+``x-qlm-p-meet`` and the ``qlm`` object of the body). Errors use OpenAI's shape, with ``param``
+naming the field. A client that disconnects cancels its request everywhere.
+
+No input gives a 5xx: every field read is checked here (the OpenAI fields by
+:mod:`~qlm_plugin.coordinator.openai_params`, as vLLM's server checks them), header values must be
+printable ASCII, body strings valid Unicode, integers must fit their protobuf fields. A completion's
+prompt may be token ids (``spec.prompt_token_ids``).
 """
 
 from __future__ import annotations
@@ -18,10 +23,29 @@ from collections.abc import Mapping
 from typing import Any
 
 from aiohttp import web
+from multidict import CIMultiDict
 from opentelemetry import propagate
 
 from qlm_plugin.coordinator.auth import Authenticator, AuthError, Principal
-from qlm_plugin.coordinator.coordinator import Coordinator, Job, SubmitError
+from qlm_plugin.coordinator.coordinator import DEFAULT_MAX_TOKENS, Coordinator, Job, SubmitError
+from qlm_plugin.coordinator.openai_params import (
+    INT32_MAX,
+    INT32_MIN,
+    MAX_NAME_CHARS,
+    BadRequest,
+    check_supported,
+    check_unicode,
+    flag,
+    integer,
+    key_name,
+    number,
+    printable_ascii,
+    sampling,
+    show,
+    stream_options,
+    text,
+    token_ids,
+)
 from qlm_plugin.proto.qlm.v1 import qlm_pb2 as pb
 
 #: Largest request body accepted, bytes (a prompt of about 1M tokens).
@@ -35,27 +59,17 @@ SUBMIT_HTTP = {
     "unavailable": 503,
     "slo_unattainable": 503,
 }
-SAMPLING_KEYS = (
-    "temperature",
-    "top_p",
-    "top_k",
-    "stop",
-    "seed",
-    "presence_penalty",
-    "frequency_penalty",
-    "ignore_eos",
-    "min_tokens",  # vLLM extensions, passed through
-)
-
-
-class BadRequest(Exception):
-    def __init__(
-        self, param: str | None, message: str, status: int = 400, code: str = "invalid_value"
-    ) -> None:
-        super().__init__(message)
-        self.param = param
-        self.status = status
-        self.code = code
+#: The headers read, each standing for a field of the body's ``qlm`` object (which wins).
+QLM_HEADERS = {
+    "ttft_ms": "x-slo-ttft-ms",
+    "e2e_ms": "x-slo-e2e-ms",
+    "class": "x-qlm-class",
+    "priority": "x-qlm-priority",
+    "tenant": "x-qlm-tenant",
+    "reject_if_late": "x-qlm-reject-late",
+    "idempotency_key": "idempotency-key",
+}
+QLM_FIELDS = frozenset(QLM_HEADERS) | {"true_output_tokens"}
 
 
 def error_response(
@@ -85,16 +99,8 @@ def error_response(
     return web.json_response(body, status=status)
 
 
-def _number(value: Any, param: str, *, integer: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-        raise BadRequest(param, f"must be a number, got {value!r}")
-    try:
-        num = float(value)
-    except ValueError:
-        raise BadRequest(param, f"must be a number, got {value!r}") from None
-    if not math.isfinite(num) or (integer and num != int(num)):
-        raise BadRequest(param, f"must be a finite {'integer' if integer else 'number'}, got {value!r}")
-    return num
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")  # Python's json takes NaN and Infinity
 
 
 def _render_chat(messages: Any) -> str:
@@ -104,6 +110,7 @@ def _render_chat(messages: Any) -> str:
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or not isinstance(m.get("role"), str):
             raise BadRequest(f"messages[{i}]", "must be an object with a string 'role'")
+        role = check_unicode(m["role"], f"messages[{i}].role")
         content = m.get("content")
         if isinstance(content, list):  # content parts: only text is served
             texts = []
@@ -114,103 +121,103 @@ def _render_chat(messages: Any) -> str:
                     or not isinstance(part.get("text"), str)
                 ):
                     raise BadRequest(f"messages[{i}].content[{j}]", "only text content parts are supported")
-                texts.append(part["text"])
+                texts.append(check_unicode(part["text"], f"messages[{i}].content[{j}].text"))
             content = "".join(texts)
-        if not isinstance(content, str):
+        elif isinstance(content, str):
+            check_unicode(content, f"messages[{i}].content")
+        else:
             raise BadRequest(f"messages[{i}].content", "must be a string or a list of text parts")
-        lines.append(f"{m['role']}: {content}")
+        lines.append(f"{role}: {content}")
     return "\n".join(lines) + "\nassistant:"
+
+
+def _completion_prompt(prompt: Any) -> str | list[int]:
+    """A completion's one prompt: text, or token ids (``[1, 2]`` or ``[[1, 2]]``), as vLLM takes them."""
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+        prompt = prompt[0]  # a batch of one
+    elif isinstance(prompt, list) and prompt and all(isinstance(p, (str, list)) for p in prompt):
+        raise BadRequest("prompt", f"several prompts ({len(prompt)}) are not supported by the coordinator")
+    if isinstance(prompt, str):
+        return text(prompt, "prompt")
+    if isinstance(prompt, list):
+        if not prompt:
+            raise BadRequest("prompt", "must not be empty")
+        return token_ids(prompt, "prompt")
+    raise BadRequest("prompt", f"must be a non-empty string or a list of token ids, got {show(prompt)}")
 
 
 def parse_openai(body: Any, headers: Mapping[str, str], chat: bool) -> tuple[pb.RequestSpec, bool, bool]:
     """A front-door request as a :class:`pb.RequestSpec`; also (stream, include_usage)."""
     if not isinstance(body, dict):
         raise BadRequest(None, "the body must be a JSON object")
-    model = body.get("model")
-    if not isinstance(model, str) or not model:
-        raise BadRequest("model", "must be a non-empty string")
+    for key, header in QLM_HEADERS.items():
+        value = headers.get(header)
+        if value is not None and not printable_ascii(value):
+            raise BadRequest(
+                header,
+                f"must be printable ASCII (send other text in the body, as qlm.{key}), got {show(value)}",
+            )
+    model = text(body.get("model"), "model", max_chars=MAX_NAME_CHARS)
     spec = pb.RequestSpec(model=model, operation="chat" if chat else "text_completion")
     if chat:
         spec.prompt = _render_chat(body.get("messages"))
     else:
-        prompt = body.get("prompt")
-        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
-            prompt = prompt[0]
-        if isinstance(prompt, list):
-            raise BadRequest("prompt", "only one prompt per request is supported (a string)")
-        if not isinstance(prompt, str) or not prompt:
-            raise BadRequest("prompt", "must be a non-empty string")
-        spec.prompt = prompt
-    n = body.get("n", 1)
-    if n not in (1, None):
-        raise BadRequest("n", "only n=1 is supported")
-    max_key = "max_completion_tokens" if chat and "max_completion_tokens" in body else "max_tokens"
+        prompt = _completion_prompt(body.get("prompt"))
+        if isinstance(prompt, str):
+            spec.prompt = prompt
+        else:
+            spec.prompt_token_ids.extend(prompt)  # the coordinator counts them as the prompt's tokens
+    check_supported(body)
+    max_key = (
+        "max_completion_tokens" if chat and body.get("max_completion_tokens") is not None else "max_tokens"
+    )
     if body.get(max_key) is not None:
-        value = _number(body[max_key], max_key, integer=True)
-        if value < 1:
-            raise BadRequest(max_key, f"must be >= 1, got {body[max_key]!r}")
-        spec.max_tokens = int(min(value, 2**31 - 1))
-    stream = body.get("stream", False)
-    if not isinstance(stream, bool):
-        raise BadRequest("stream", "must be true or false")
-    opts = body.get("stream_options") or {}
-    include_usage = bool(isinstance(opts, dict) and opts.get("include_usage"))
-    for key in SAMPLING_KEYS:
-        if body.get(key) is not None:
-            spec.sampling[key] = json.dumps(body[key])
+        spec.max_tokens = integer(body[max_key], max_key, 1, INT32_MAX, strings=True)
+    stream = body.get("stream")
+    if stream is not None and not isinstance(stream, bool):
+        raise BadRequest("stream", f"must be true or false, got {show(stream)}")
+    include_usage = stream_options(body.get("stream_options"))
+    spec.sampling.update(sampling(body, spec.max_tokens or DEFAULT_MAX_TOKENS))
     ext = body.get("qlm", {})
     if not isinstance(ext, dict):
         raise BadRequest("qlm", "must be an object")
-    unknown = set(ext) - {
-        "ttft_ms",
-        "e2e_ms",
-        "class",
-        "priority",
-        "tenant",
-        "reject_if_late",
-        "idempotency_key",
-        "true_output_tokens",
-    }
+    unknown = set(ext) - QLM_FIELDS
     if unknown:
-        raise BadRequest(f"qlm.{sorted(unknown)[0]}", "unknown field of the qlm extension")
+        raise BadRequest(f"qlm.{key_name(min(unknown))}", "unknown field of the qlm extension")
 
-    def pick(key: str, header: str) -> Any:
-        return ext[key] if ext.get(key) is not None else headers.get(header)
+    def pick(key: str) -> tuple[Any, str]:
+        """The body's value of ``qlm.key``, else its header's; and the field that gave it."""
+        if ext.get(key) is not None:
+            return ext[key], f"qlm.{key}"
+        return headers.get(QLM_HEADERS[key]), QLM_HEADERS[key]
 
-    for key, header in (("ttft_ms", "x-slo-ttft-ms"), ("e2e_ms", "x-slo-e2e-ms")):
-        value = pick(key, header)
+    for key in ("ttft_ms", "e2e_ms"):
+        value, param = pick(key)
         if value is not None:
-            num = _number(value, f"qlm.{key}")
-            if num <= 0:
-                raise BadRequest(f"qlm.{key}", f"must be > 0 milliseconds, got {value!r}")
+            num = number(value, param, lo=0, lo_open=True, strings=True, what="a number of milliseconds > 0")
             setattr(spec.slo, key, num)
-    cls = pick("class", "x-qlm-class")
-    if cls is not None:
-        if not isinstance(cls, str) or not cls:
-            raise BadRequest("qlm.class", "must be a non-empty string")
-        spec.slo.slo_class = cls
-    priority = pick("priority", "x-qlm-priority")
-    if priority is None and body.get("priority") is not None:  # vLLM's own field
-        priority = body["priority"]
-    if priority is not None:
-        spec.slo.priority = int(_number(priority, "qlm.priority", integer=True))
-    tenant = pick("tenant", "x-qlm-tenant")
-    if tenant is not None:
-        if not isinstance(tenant, str) or not tenant:
-            raise BadRequest("qlm.tenant", "must be a non-empty string")
-        spec.tenant = tenant
-    reject = pick("reject_if_late", "x-qlm-reject-late")
-    if isinstance(reject, str):
-        reject = reject.strip().lower() in ("1", "true", "yes")
-    spec.reject_if_late = bool(reject)
-    key = pick("idempotency_key", "idempotency-key")
-    if key is not None:
-        spec.idempotency_key = str(key)
+    value, param = pick("class")
+    if value is not None:
+        spec.slo.slo_class = text(value, param, max_chars=MAX_NAME_CHARS)
+    value, param = pick("priority")
+    if value is None and body.get("priority") is not None:  # vLLM's own field
+        value, param = body["priority"], "priority"
+    if value is not None:  # int32 in the protocol (vLLM's is int64)
+        spec.slo.priority = integer(value, param, INT32_MIN, INT32_MAX, strings=True)
+    value, param = pick("tenant")
+    if value is not None:
+        spec.tenant = text(value, param, max_chars=MAX_NAME_CHARS)
+    value, param = pick("reject_if_late")
+    if value is not None:
+        spec.reject_if_late = flag(value, param)
+    value, param = pick("idempotency_key")
+    if value is not None:
+        spec.idempotency_key = text(value, param, max_chars=MAX_NAME_CHARS)
     if ext.get("true_output_tokens") is not None:
-        spec.true_output_tokens = int(
-            _number(ext["true_output_tokens"], "qlm.true_output_tokens", integer=True)
+        spec.true_output_tokens = integer(
+            ext["true_output_tokens"], "qlm.true_output_tokens", 0, INT32_MAX, strings=True
         )
-    return spec, stream, include_usage
+    return spec, bool(stream), include_usage
 
 
 def qlm_info(job: Job) -> dict[str, Any]:
@@ -263,7 +270,10 @@ class FrontDoor:
         return app
 
     def _principal(self, request: web.Request, scope: str) -> Principal:
-        return self.auth.authenticate(request.headers.get("Authorization"), scope)
+        authorization = request.headers.get("Authorization")
+        if authorization is not None and not printable_ascii(authorization) and self.auth.enabled:
+            raise AuthError("unauthenticated", "the Authorization header must be printable ASCII")
+        return self.auth.authenticate(authorization, scope)
 
     async def health(self, request: web.Request) -> web.Response:
         instances = len(self.coord.fleet.qlm_list_instances())
@@ -313,18 +323,26 @@ class FrontDoor:
         except AuthError as exc:
             return error_response(401 if exc.status == "unauthenticated" else 403, str(exc), code=exc.status)
         try:
-            body = await request.json(loads=json.loads)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            return error_response(400, f"the body is not valid JSON: {exc}", code="invalid_json")
+            raw = await request.read()
         except web.HTTPRequestEntityTooLarge:
             return error_response(413, f"the body exceeds {MAX_BODY_BYTES} bytes", code="too_large")
+        except web.RequestPayloadError as exc:  # e.g. a content-encoding that does not decode
+            return error_response(400, f"the body could not be read: {exc}", code="invalid_body")
+        try:
+            # From bytes, as vLLM's server reads it: UTF-8 (or -16/-32), whatever the charset says.
+            body = json.loads(raw, parse_constant=_reject_constant)
+        except ValueError as exc:  # also bad UTF-8, and integers past Python's 4300 digits
+            return error_response(400, f"the body is not valid JSON: {exc}", code="invalid_json")
+        except RecursionError:
+            return error_response(400, "the body is not valid JSON: nested too deeply", code="invalid_json")
         try:
             spec, stream, include_usage = parse_openai(body, request.headers, chat)
         except BadRequest as exc:
             return error_response(
                 exc.status, f"{exc.param}: {exc}" if exc.param else str(exc), param=exc.param, code=exc.code
             )
-        parent = propagate.extract(request.headers)
+        # Trace context that is not ASCII is invalid, so ignored (W3C), not an error (or a crash).
+        parent = propagate.extract(CIMultiDict((k, v) for k, v in request.headers.items() if v.isascii()))
         try:
             job, _ = await self.coord.submit(spec, tenant=principal.tenant, parent=parent)
         except SubmitError as exc:
@@ -334,13 +352,16 @@ class FrontDoor:
                     "estimated_wait_ms": round((exc.estimate.wait_mean_s or 0.0) * 1000, 1),
                     "p_meet": exc.estimate.p_meet,
                 }
-            status = SUBMIT_HTTP[exc.code]
+            status = SUBMIT_HTTP.get(exc.code, 400)
             if exc.code == "slo_unattainable" and exc.field is not None:
                 status = 400  # no instance could meet it even idle: retrying will not help
             param = {"prompt": "messages"}.get(exc.field or "", exc.field) if chat else exc.field
-            return error_response(
+            response = error_response(
                 status, f"{param}: {exc}" if param else str(exc), param=param, code=exc.code, extra=extra
             )
+            if status in (429, 503) and exc.retry_after_s is not None:
+                response.headers["Retry-After"] = str(math.ceil(exc.retry_after_s))
+            return response
         try:
             if stream:
                 return await self._stream(request, job, chat, include_usage)

@@ -1,0 +1,298 @@
+"""The values of an OpenAI request checked at the front door, as vLLM's OpenAI server checks them:
+a bad value is a 400 naming its field here, not a request that fails on an engine later (or a
+value that protobuf, the journal or the engine cannot take).
+
+Each sampling field has one rule in :data:`SAMPLING_RULES`; the fields that ask for what the
+coordinator cannot carry (several choices, log probabilities, tools...) are in :data:`UNSUPPORTED`,
+with the values that ask for nothing and so are accepted.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Mapping
+from typing import Any
+
+INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+#: Longest tenant, SLO class or idempotency key: they are journaled, indexed and shown in metrics.
+MAX_NAME_CHARS = 256
+#: Characters of a string value quoted in an error message (a prompt may be megabytes).
+SHOWN_CHARS = 40
+
+
+class BadRequest(Exception):
+    """A request refused before it is submitted; ``param`` names the field (``None``: the body)."""
+
+    def __init__(
+        self, param: str | None, message: str, status: int = 400, code: str = "invalid_value"
+    ) -> None:
+        super().__init__(message)
+        self.param = param
+        self.status = status
+        self.code = code
+
+
+def show(value: Any) -> str:
+    """``value`` for an error message: short, and without raw surrogates."""
+    if value is None or isinstance(value, bool):
+        return json.dumps(value)
+    if isinstance(value, str):
+        return repr(value[:SHOWN_CHARS]) + ("..." if len(value) > SHOWN_CHARS else "")
+    if isinstance(value, int) and value.bit_length() > 100:  # str() refuses beyond 4300 digits
+        return f"an integer of {int(value.bit_length() * math.log10(2)) + 1} digits"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    return "an object" if isinstance(value, dict) else "a list" if isinstance(value, list) else "a value"
+
+
+def printable_ascii(value: str) -> bool:
+    return value.isascii() and value.isprintable()
+
+
+def key_name(key: str) -> str:
+    """An object's key as a ``param`` names it: itself, or quoted where it is long or odd."""
+    return key if key and printable_ascii(key) and len(key) <= SHOWN_CHARS else show(key)
+
+
+def check_unicode(value: str, param: str) -> str:
+    """``value`` if UTF-8 can encode it; JSON's ``\\ud800`` escapes give lone surrogates it cannot."""
+    try:
+        value.encode()
+    except UnicodeEncodeError as exc:
+        raise BadRequest(
+            param,
+            f"must be valid Unicode text: it holds a lone surrogate ({value[exc.start]!r} at "
+            f"character {exc.start}; JSON \\ud800-\\udfff escapes must come in pairs)",
+        ) from None
+    return value
+
+
+def text(value: Any, param: str, *, max_chars: int | None = None) -> str:
+    """A non-empty string that UTF-8 (protobuf, the journal) can carry."""
+    if not isinstance(value, str) or not value:
+        raise BadRequest(param, f"must be a non-empty string, got {show(value)}")
+    if max_chars is not None and len(value) > max_chars:
+        raise BadRequest(param, f"must be at most {max_chars} characters, got {len(value)}")
+    return check_unicode(value, param)
+
+
+def _bound(x: float) -> str:
+    return f"{x:g}" if isinstance(x, float) else str(x)
+
+
+def number(
+    value: Any,
+    param: str,
+    *,
+    lo: float = -math.inf,
+    hi: float = math.inf,
+    lo_open: bool = False,
+    strings: bool = False,
+    what: str | None = None,
+) -> float:
+    """A finite number in [lo, hi] (``lo_open``: above ``lo``); not a boolean. ``strings``: its text
+    too, for values that may come from a header."""
+    what = what or f"a number in {'(' if lo_open else '['}{_bound(lo)}, {_bound(hi)}]"
+    num: float | None = None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        num = float(value) if not isinstance(value, int) or value.bit_length() < 1000 else math.inf
+    elif strings and isinstance(value, str):
+        try:
+            num = float(value)
+        except ValueError:
+            num = None
+    if num is None or not math.isfinite(num) or num < lo or num > hi or (lo_open and num == lo):
+        raise BadRequest(param, f"must be {what}, got {show(value)}")
+    return num
+
+
+def integer(
+    value: Any, param: str, lo: int, hi: int, *, strings: bool = False, what: str | None = None
+) -> int:
+    """An integer in [lo, hi]: a JSON integer or an integral number (as pydantic takes them for an
+    ``int`` field), not a boolean. ``strings``: its text too, for values that may come from a header."""
+    what = what or f"an integer in [{lo}, {hi}]"
+    num: int | None = None
+    if isinstance(value, int) and not isinstance(value, bool):
+        num = value
+    elif isinstance(value, float) and value.is_integer():  # false for inf and nan
+        num = int(value)
+    elif strings and isinstance(value, str) and len(value) <= 100:
+        try:
+            num = int(value)
+        except ValueError:
+            try:
+                as_float = float(value)
+            except ValueError:
+                as_float = math.nan
+            num = int(as_float) if as_float.is_integer() else None
+    if num is None or not lo <= num <= hi:
+        raise BadRequest(param, f"must be {what}, got {show(value)}")
+    return num
+
+
+def token_ids(value: Any, param: str) -> list[int]:
+    """A list of token ids: integers that fit protobuf's int32, none negative."""
+    if not isinstance(value, list) or not all(
+        isinstance(t, int) and not isinstance(t, bool) and 0 <= t <= INT32_MAX for t in value
+    ):
+        raise BadRequest(
+            param, f"must be a list of token ids (integers in [0, {INT32_MAX}]), got {show(value)}"
+        )
+    return list(value)
+
+
+def flag(value: Any, param: str) -> bool:
+    """A boolean; from a header (or a lenient body), its usual spellings."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in ("1", "true", "yes", "0", "false", "no"):
+        return value.strip().lower() in ("1", "true", "yes")
+    raise BadRequest(param, f"must be true or false (or 1/0, yes/no), got {show(value)}")
+
+
+# ------------------------------------------------------------------------------------ sampling
+
+#: A sampling field's rule: its value checked, as forwarded to the engine, or :class:`BadRequest`.
+Rule = Callable[[Any, str], Any]
+
+
+def _number_in(lo: float, hi: float, *, lo_open: bool = False, what: str | None = None) -> Rule:
+    return lambda value, param: number(value, param, lo=lo, hi=hi, lo_open=lo_open, what=what)
+
+
+def _integer_in(lo: int, hi: int, *, what: str | None = None) -> Rule:
+    return lambda value, param: integer(value, param, lo, hi, what=what)
+
+
+def _boolean(value: Any, param: str) -> bool:
+    if not isinstance(value, bool):
+        raise BadRequest(param, f"must be true or false, got {show(value)}")
+    return value
+
+
+def _stop(value: Any, param: str) -> str | list[str]:
+    strings = [value] if isinstance(value, str) else value  # vLLM takes one string as a list of one
+    if not isinstance(strings, list) or not all(isinstance(s, str) and s for s in strings):
+        raise BadRequest(
+            param, f"must be a non-empty string or a list of non-empty strings, got {show(value)}"
+        )
+    if isinstance(value, str):
+        return check_unicode(value, param)
+    return [check_unicode(s, f"{param}[{i}]") for i, s in enumerate(strings)]
+
+
+def _logit_bias(value: Any, param: str) -> dict[str, float]:
+    if not isinstance(value, dict):
+        raise BadRequest(param, f"must be an object of token id -> bias in [-100, 100], got {show(value)}")
+    checked: dict[str, float] = {}
+    for key, bias in value.items():
+        # at most 10 digits: int() of a long digit string is slow, or refused past 4300 digits
+        if not (key.isascii() and key.isdigit() and len(key) <= 10 and int(key) <= INT32_MAX):
+            raise BadRequest(param, f"keys must be token ids (integers in [0, {INT32_MAX}]), got {show(key)}")
+        checked[key] = number(bias, f"{param}.{key}", lo=-100, hi=100)
+    return checked
+
+
+#: The sampling fields forwarded to the engine, each with vLLM's check (``SamplingParams._verify_args``
+#: and the OpenAI protocol models). Values are JSON only: a number given as a string is refused, as
+#: OpenAI's API refuses it (vLLM's pydantic models would coerce it).
+SAMPLING_RULES: dict[str, Rule] = {
+    "temperature": _number_in(0, 2),
+    "top_p": _number_in(0, 1, lo_open=True),
+    "top_k": _integer_in(-1, INT32_MAX, what="an integer: 0 or -1 (disabled) or at least 1"),
+    "min_p": _number_in(0, 1),
+    "presence_penalty": _number_in(-2, 2),
+    "frequency_penalty": _number_in(-2, 2),
+    "repetition_penalty": _number_in(0, math.inf, lo_open=True, what="a finite number > 0"),
+    "seed": _integer_in(INT64_MIN, INT64_MAX),
+    "stop": _stop,
+    "stop_token_ids": token_ids,
+    "ignore_eos": _boolean,
+    "min_tokens": _integer_in(0, INT32_MAX),  # and at most max_tokens: see sampling()
+    "logit_bias": _logit_bias,
+}
+SAMPLING_KEYS = tuple(SAMPLING_RULES)
+
+
+def sampling(body: Mapping[str, Any], max_tokens: int) -> dict[str, str]:
+    """The sampling fields of ``body``, checked and JSON-encoded for ``RequestSpec.sampling``.
+    ``max_tokens``: the request's (the default where it gives none), which bounds ``min_tokens``."""
+    values = {key: rule(body[key], key) for key, rule in SAMPLING_RULES.items() if body.get(key) is not None}
+    if values.get("min_tokens", 0) > max_tokens:
+        raise BadRequest(
+            "min_tokens", f"must be at most max_tokens ({max_tokens}), got {show(values['min_tokens'])}"
+        )
+    return {key: json.dumps(value) for key, value in values.items()}
+
+
+# ------------------------------------------------------------------------------ unsupported
+
+
+def _is_one(value: Any) -> bool:
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and value == 1
+
+
+#: Fields that ask for what the coordinator cannot carry: field -> (whether a value asks for
+#: nothing, and so is accepted; what the field asks for; the values accepted). Checked on both
+#: endpoints: a field one of them lacks is harmless there.
+UNSUPPORTED: dict[str, tuple[Callable[[Any], bool], str, str]] = {
+    "n": (lambda v: v is None or _is_one(v), "several choices per request", "only 1"),
+    "best_of": (lambda v: v is None or _is_one(v), "several candidates per request", "only 1"),
+    "use_beam_search": (lambda v: v is None or v is False, "beam search", "only false"),
+    "echo": (lambda v: v is None or v is False, "echoing the prompt", "only false"),
+    # chat: a boolean; completions: how many (0 too: the sampled token's own log probability)
+    "logprobs": (lambda v: v is None or v is False, "log probabilities", "only null or false"),
+    "top_logprobs": (
+        lambda v: v is None or (v == 0 and not isinstance(v, bool)),
+        "log probabilities",
+        "only null or 0",
+    ),
+    "prompt_logprobs": (lambda v: v is None, "log probabilities", "only null"),
+    "suffix": (lambda v: v is None or v == "", "a suffix", "only null or ''"),
+    "tools": (lambda v: v is None or v == [], "tool calls", "only null or []"),
+    "tool_choice": (
+        lambda v: v is None or v in ("none", "auto"),
+        "tool calls",
+        "only null, 'none' or 'auto'",
+    ),
+    "response_format": (
+        lambda v: v is None or (isinstance(v, dict) and v.get("type") == "text"),
+        "structured output",
+        'only null or {"type": "text"}',
+    ),
+}
+
+
+def check_supported(body: Mapping[str, Any]) -> None:
+    for key, (harmless, feature, accepted) in UNSUPPORTED.items():
+        value = body.get(key)
+        if not harmless(value):
+            raise BadRequest(
+                key, f"{feature} is not supported by the coordinator ({accepted}), got {show(value)}"
+            )
+
+
+def stream_options(value: Any) -> bool:
+    """Whether ``stream_options`` asks for a last chunk with the usage."""
+    if value is None:
+        return False
+    if not isinstance(value, dict):
+        raise BadRequest(
+            "stream_options",
+            'must be an object such as {"include_usage": true}: other stream options are not supported '
+            f"by the coordinator, got {show(value)}",
+        )
+    if value.get("continuous_usage_stats"):
+        raise BadRequest(
+            "stream_options.continuous_usage_stats",
+            "usage in every chunk is not supported by the coordinator (only false)",
+        )
+    include_usage = value.get("include_usage")
+    if include_usage is not None and not isinstance(include_usage, bool):
+        raise BadRequest("stream_options.include_usage", f"must be true or false, got {show(include_usage)}")
+    return bool(include_usage)

@@ -192,7 +192,9 @@ def test_a_completion_through_the_front_door_runs_on_an_engine(stack: Stack) -> 
     assert out["qlm"]["instance_id"] in stack.engines and out["qlm"]["slo_met"] is True
 
 
-def test_a_client_priority_is_served_by_an_engine_started_as_the_docs_say(stack: Stack) -> None:
+def test_a_client_priority_and_a_token_id_prompt_are_served_by_an_engine_started_as_the_docs_say(
+    stack: Stack,
+) -> None:
     """vLLM refuses its own ``priority`` field unless the engine runs ``--scheduling-policy
     priority`` (these run the QLM scheduler on vLLM's default policy): the coordinator carries the
     client's priority in the QLM fields instead."""
@@ -210,6 +212,10 @@ def test_a_client_priority_is_served_by_an_engine_started_as_the_docs_say(stack:
             )
         )
         assert out["usage"]["completion_tokens"] == 4 and out["qlm"]["attempts"] == 1
+    _, out = asyncio.run(  # a prompt given as token ids, as vLLM's server takes it
+        _complete(stack.url, {"model": MODEL, "prompt": [11, 12, 13], "max_tokens": 4, "ignore_eos": True})
+    )
+    assert out["usage"]["completion_tokens"] == 4 and out["usage"]["prompt_tokens"] == 3
 
 
 def test_the_simulator_calibrated_from_the_engine_reproduces_its_latencies(stack: Stack) -> None:

@@ -59,3 +59,15 @@ def test_the_client_priority_rides_in_the_qlm_fields_not_in_vllms_own() -> None:
     body = request_body(_job(ttft_s=None, e2e_s=None, priority=-3), 1, "m")
     assert "priority" not in body
     assert parse_fields(body["vllm_xargs"], priority=0, arrival_time=time.time()).priority == -3
+
+
+def test_a_prompt_of_token_ids_is_sent_as_ids_and_resumes_after_the_delivered_ids() -> None:
+    job = _job(ttft_s=None, e2e_s=None)
+    job.spec.prompt = ""
+    job.spec.prompt_token_ids.extend([5, 6, 7])
+    assert request_body(job, 1, "m")["prompt"] == [5, 6, 7]
+    job.tokens, job.chunks = 2, [" a", " b"]
+    # the delivered text as the engine tokenized it (its /tokenize), when its own ids are unknown
+    assert request_body(job, 2, "m", resume_ids=[40, 41])["prompt"] == [5, 6, 7, 40, 41]
+    job.prompt_ids, job.output_ids = [1, 5, 6, 7], [40, 41]  # the engine's own ids, kept by the forward
+    assert request_body(job, 2, "m")["prompt"] == [1, 5, 6, 7, 40, 41]

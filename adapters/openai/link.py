@@ -14,6 +14,7 @@ from typing import Any
 import aiohttp
 
 from qlm_plugin.adapters.openai.limiter import ConcurrencyLimiter
+from qlm_plugin.openai_client import TokenizeError, tokenize
 from qlm_plugin.proto.qlm.v1 import qlm_pb2 as pb
 
 log = logging.getLogger("qlm_plugin.adapters.openai")
@@ -202,9 +203,10 @@ class OpenAIEngineLink:
     async def _serve(self, a: pb.Assignment, emit: Callable[[pb.RequestEvent], None]) -> None:
         spec, rid, attempt = a.request, a.request.request_id, a.attempt
         index = a.resume_tokens
+        model = self.settings.served_model or self.settings.model
         body: dict[str, object] = {
-            "model": self.settings.served_model or self.settings.model,
-            "prompt": spec.prompt + a.resume_text,
+            "model": model,
+            "prompt": spec.prompt + a.resume_text,  # a token-id prompt: set once the server is reached
             "max_tokens": max(1, spec.max_tokens - a.resume_tokens),
             "stream": True,
             "stream_options": {"include_usage": True},
@@ -220,6 +222,12 @@ class OpenAIEngineLink:
         token: int | None = None
         try:
             token = await self._slot()
+            if spec.prompt_token_ids:
+                body["prompt"] = list(spec.prompt_token_ids)
+                if a.resume_text:  # continues after the text delivered: as the server's own ids
+                    body["prompt"] += await tokenize(
+                        self._session(), self.settings.base_url, model, a.resume_text
+                    )
             t0 = time.monotonic()
             # The server names the request after the coordinator's id (its logs, its /abort_requests).
             headers = {"X-Request-Id": f"{rid}.{attempt}"}
@@ -253,7 +261,7 @@ class OpenAIEngineLink:
                 self._evicted.discard(rid)
                 emit(_event(rid, attempt, Event.REQUEUED, error="evicted: aborted on the server"))
             raise
-        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
+        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError, TokenizeError) as exc:
             emit(_event(rid, attempt, Event.FAILED, error=f"{type(exc).__name__}: {exc}"))
         finally:
             if self.tasks.get(rid, (None, None))[1] is asyncio.current_task():

@@ -13,10 +13,12 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
 
+from qlm_plugin.openai_client import TokenizeError, tokenize
 from qlm_plugin.proto.qlm.v1 import qlm_pb2 as pb
 
 if TYPE_CHECKING:
@@ -38,7 +40,13 @@ BROKEN = (
 )
 
 
-def request_body(job: Job, attempt: int, model: str) -> dict[str, Any]:
+def resumes_from_ids(job: Job) -> bool:
+    """Whether a resumed attempt continues from the engine's own ids of what was delivered."""
+    ids = job.output_ids
+    return job.tokens > 0 and job.prompt_ids is not None and ids is not None and len(ids) == job.tokens
+
+
+def request_body(job: Job, attempt: int, model: str, resume_ids: Sequence[int] = ()) -> dict[str, Any]:
     spec, r = job.spec, job.request
     xargs: dict[str, Any] = {
         "qlm_id": job.id,
@@ -57,11 +65,12 @@ def request_body(job: Job, attempt: int, model: str) -> dict[str, Any]:
     if spec.slo.priority:
         xargs["qlm_priority"] = spec.slo.priority
     # A resumed request continues after what was delivered: from the engine's own token ids where
-    # they are known, else from the text.
-    prompt: str | list[int] = list(spec.prompt_token_ids) if spec.prompt_token_ids else spec.prompt + job.text
-    ids = job.output_ids
-    if job.tokens and job.prompt_ids is not None and ids is not None and len(ids) == job.tokens:
-        prompt = job.prompt_ids + ids
+    # they are known, else from the text (a token-id prompt: ``resume_ids``, the text tokenized).
+    prompt: str | list[int] = spec.prompt + job.text
+    if spec.prompt_token_ids:
+        prompt = list(spec.prompt_token_ids) + list(resume_ids)
+    if resumes_from_ids(job):
+        prompt = [*(job.prompt_ids or ()), *(job.output_ids or ())]
     body: dict[str, Any] = {
         "model": model,
         "prompt": prompt,
@@ -105,10 +114,13 @@ async def forward(
             s.received += 1
 
     try:
+        resume_ids: list[int] = []
+        if job.spec.prompt_token_ids and job.tokens and not resumes_from_ids(job):
+            resume_ids = await tokenize(http, s.endpoint, model, job.text)
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=CONNECT_TIMEOUT_S)
         async with http.post(
             f"{s.endpoint.rstrip('/')}/v1/completions",
-            json=request_body(job, attempt, model),
+            json=request_body(job, attempt, model, resume_ids),
             headers={"X-Request-Id": f"{job.id}.{attempt}"},
             timeout=timeout,
         ) as resp:
@@ -154,7 +166,7 @@ async def forward(
         else:
             emit(kind=Event.FAILED, error=f"{s.endpoint}: stream broken: {type(exc).__name__}: {exc}")
         return
-    except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
+    except (aiohttp.ClientError, asyncio.TimeoutError, ValueError, TokenizeError) as exc:
         emit(kind=Event.FAILED, error=f"{s.endpoint}: {type(exc).__name__}: {exc}")
         return
     finally:

@@ -160,6 +160,22 @@ def qlm_instance_left(instance_id: str, now: float) -> None:
     """
 
 
+@_hookspec
+def qlm_operation_failed(
+    instance_id: str, operation: str, model: str | None, request_id: str | None, error: str, now: float
+) -> None:
+    """A serving operation ordered on ``instance_id`` failed there (the engine refused it or could
+    not carry it out): ``operation`` is ``evict``, ``swap_in``, ``load_model`` or ``unload_model``;
+    ``model`` or ``request_id`` names what it was about.
+
+    A queue manager acts on it: it plans nothing that depends on the operation having happened
+    (after a failed load, the model's groups are placed elsewhere and the load is not ordered there
+    again for a while), so no request waits for an operation that will not happen.
+
+    All implementations are called; results are ignored.
+    """
+
+
 # ---------------------------------------------------------------------------------------------------
 # Policy hooks
 # ---------------------------------------------------------------------------------------------------
@@ -280,13 +296,17 @@ def qlm_dispatch(instance_id: str, request: Request) -> bool | None:
 
 
 @_hookspec(firstresult=True)
-def qlm_evict(instance_id: str, request_id: str, mode: EvictMode) -> EvictResult | None:
+def qlm_evict(
+    instance_id: str, request_id: str, mode: EvictMode, for_request_id: str | None
+) -> EvictResult | None:
     """Preempt a running request at the next step boundary.
 
     ``mode`` ``swap`` keeps its KV cache in host memory (the request waits in the swapped set until
     :func:`qlm_swap_in`); ``recompute`` drops it and requeues the request, which re-prefills its
     prompt and the tokens generated so far. An adapter without a host KV tier answers a swap with a
-    recompute and says so in the result's ``mode``.
+    recompute and says so in the result's ``mode``. ``for_request_id`` names the urgent request the
+    seat is freed for (None: an operator's or a plan's eviction): an engine whose own policy already
+    freed a seat for that request skips the order, so one urgent request costs one eviction.
 
     :return: what was done, or ``None`` if the instance is not this adapter's. Raises ``KeyError``
         if the request is not running there.

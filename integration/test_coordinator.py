@@ -590,6 +590,54 @@ def test_requests_wait_for_an_instance_to_come_back_within_the_bound(tmp_path: P
     run(tmp_path, body, speed=20.0, config={"instance_return_wait_s": 2.0})
 
 
+WARM_SECOND_MODEL = """
+name: warm-second-model
+workload: {trace: conv}
+models:
+  - {name: llama-3.1-8b, profile: llama-3.1-8b}
+  - {name: phi-4, profile: phi-4}
+instances:
+  - {count: 2, gpu: h100, models: [llama-3.1-8b, phi-4]}  # phi-4 warm in host memory
+classes:
+  - {name: interactive, share: 1.0, ttft_s: 2.0}
+"""
+
+
+def test_a_failed_model_load_is_acted_on_and_no_request_is_stranded(tmp_path: Path) -> None:
+    """The engine the planner first orders a model load on refuses every load (its memory is
+    short): the queue manager places the model's requests elsewhere (that load is not ordered
+    there again for a while) and every request completes."""
+    (tmp_path / "warm.yaml").write_text(WARM_SECOND_MODEL)
+    refused: list[str] = []
+
+    async def body(st: LocalStack) -> None:
+        for name, li in st.instances.items():
+            execute = li.link.execute
+
+            def failing_first_load(cmd: pb.Command, execute: Any = execute, name: str = name) -> Any:
+                if cmd.WhichOneof("op") == "load_model" and set(refused) <= {name}:
+                    refused.append(name)
+                    return pb.CommandAck(ok=False, error="out of memory (test)")
+                return execute(cmd)
+
+            li.link.execute = failing_first_load  # type: ignore[method-assign]
+        async with CoordinatorClient(st.grpc_target) as c:
+            replies = await c.submit_batch(
+                [pb.RequestSpec(model="phi-4", prompt="x", max_tokens=20) for _ in range(6)]
+            )
+            for r in replies:
+                chunks = [ch async for ch in c.stream(r.request_id, timeout_s=60)]
+                assert chunks[-1].finished and "".join(ch.text for ch in chunks) == synthetic_text(
+                    r.request_id, 0, 20
+                )
+        qm = st.coordinator.queue_manager
+        assert qm is not None and qm.counters["lso_failed"] == 1
+        assert len(refused) == 1, "a load that failed is not ordered there again at once"
+        assert "phi-4" in qm.instances[refused[0]].failed_loads
+
+    run(tmp_path, body, scenario=load_scenario(tmp_path / "warm.yaml"), speed=20.0)
+
+
 # ------------------------------------------------------------------------------------ instances
 
 

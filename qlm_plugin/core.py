@@ -64,6 +64,12 @@ RATE_MEMORY_S = 10.0
 RESERVE_QUANTILE = 0.9
 #: Laxity beyond which later TTFT-bound arrivals will overtake a request while it waits.
 OVERTAKE_HORIZON_S = 5.0
+#: Below this probability of meeting its TTFT an urgent request gets a seat by eviction.
+EVICT_BELOW_P = 0.5
+#: Queued TTFT-bound requests whose chance is looked at again on each tick (the most urgent).
+RECHECK_URGENT = 4
+#: A model whose load failed on an instance is not ordered there again for this long, seconds.
+LOAD_RETRY_AFTER_S = 60.0
 
 
 def poisson_quantile(mean: float, q: float) -> int:
@@ -97,6 +103,7 @@ class Entry:
     late: bool = False  # can no longer meet its SLO: runs after every request that still can
     group: GroupKey = ("", "", -1)  # its request group (model, class, deadline window)
     finish_at: float = math.inf  # predicted, once dispatched
+    evicted_for: bool = False  # a seat was freed for it once: never a second eviction
 
 
 @dataclass(slots=True)
@@ -109,7 +116,11 @@ class InstanceView:
     switched_at: float = -math.inf
     running_batch: int = 0  # running requests without a TTFT SLO
     step_s: float | None = None  # measured time per engine step (decode and mixed-in prefill), EWMA
+    failed_loads: dict[str, float] = field(default_factory=dict)  # model -> not loaded here again until
     _last_step_start: float = -math.inf
+
+    def can_load(self, model: str, now: float) -> bool:
+        return model in self.costs and now >= self.failed_loads.get(model, -math.inf)
 
     def observe_steps(self, state: InstanceState) -> None:
         for s in state.step_timings:
@@ -281,6 +292,7 @@ class QueueManager:
             "milp_plans": 0,
             "prefetches": 0,
             "held_back": 0,
+            "lso_failed": 0,
         }
         self._arrivals: dict[str, tuple[float, float, float, float]] = {}  # (req/s, seat-s/s, tokens/s, at)
         # (request id, admitted at, predicted wait, p_meet): scored when the request finishes
@@ -299,6 +311,8 @@ class QueueManager:
         self._staged: dict[tuple[str, str], float] = {}  # (instance, model) -> when weights were staged
         # model -> (predicted finish, request id) of its running requests, sorted
         self._finishing: dict[str, list[tuple[float, str]]] = {}
+        # TTFT-bound requests handed to an engine's own queue before a seat was free there
+        self._bound_early: dict[str, Entry] = {}
 
     # ------------------------------------------------------------------ wiring
     @hookimpl
@@ -331,12 +345,42 @@ class QueueManager:
         for key in [k for k, iid in self.group_plan.items() if iid == instance_id]:
             del self.group_plan[key]
 
+    @hookimpl
+    def qlm_operation_failed(
+        self,
+        instance_id: str,
+        operation: str,
+        model: str | None,
+        request_id: str | None,
+        error: str,
+        now: float,
+    ) -> None:
+        view = self.instances.get(instance_id)
+        if view is None:
+            return
+        self.counters["lso_failed"] += 1
+        if operation != "load_model" or model is None:
+            return  # a failed eviction: the request it was for waits for a seat in the engine's queue
+        # The model is not coming there: its groups are placed elsewhere, the load is not ordered
+        # there again for a while, and the instance keeps its model as if just swapped in.
+        view.failed_loads[model] = now + LOAD_RETRY_AFTER_S
+        self._staged.pop((instance_id, model), None)
+        for key in [k for k, iid in self.group_plan.items() if iid == instance_id and k[0] == model]:
+            del self.group_plan[key]
+        for e in self.entries.values():
+            if e.planned == instance_id and e.dispatched_at is None and e.request.model == model:
+                e.planned = None
+        self._refresh(view)
+        self._residuals.clear()
+        self.replan(now)
+
     def requeue(self, request_id: str, now: float) -> bool:
         """Put a dispatched request back in the global queue (its engine was lost or gave it back):
         same deadlines and urgency, dispatched again by the next pull. False if it is not dispatched."""
         e = self.entries.get(request_id)
         if e is None or e.dispatched_at is None:
             return False
+        self._bound_early.pop(request_id, None)
         view = self.instances.get(e.instance) if e.instance is not None else None
         if view is not None and view.running.pop(request_id, None) is not None:
             view.running_batch -= e.request.slo.ttft_deadline is None
@@ -353,6 +397,13 @@ class QueueManager:
         self._residuals_changed(e.request.model)
         self.queue(e.request.model).add(e)
         return True
+
+    def refresh(self, instance_id: str) -> None:
+        """Read an instance's state again now (its model or health changed between ticks)."""
+        view = self.instances.get(instance_id)
+        if view is not None:
+            self._refresh(view)
+            self._residuals.clear()
 
     def _refresh(self, view: InstanceView, detail: bool = False) -> InstanceState:
         state: InstanceState = self._hook.qlm_instance_state(instance_id=view.instance_id, detail=detail)
@@ -507,8 +558,10 @@ class QueueManager:
         tpot = sum(self._tpot(v, model) for v in serving) / len(serving)
         return max(0.5, tpot / cost.decode_tpot_s(REFERENCE_BATCH))
 
-    def estimate(self, entry: Entry, now: float) -> WaitEstimate:
-        """Wait until first token and completion, pooled over the instances serving the model."""
+    def estimate(self, entry: Entry, now: float, *, record: bool = True) -> WaitEstimate:
+        """Wait until first token and completion, pooled over the instances serving the model.
+        ``record``: keep the raw prediction, to calibrate against the outcome (an admission's; a
+        later look at a queued request predicts from another time)."""
         r = entry.request
         if entry.dispatched_at is not None and entry.instance is not None:
             # on an engine with a seat: its prefill at the next step, then its decode
@@ -564,7 +617,8 @@ class QueueManager:
             probs.append(cd.p_within(raw_done, r.slo.e2e_deadline - now))
         if probs and all(p is not None for p in probs):
             pm = min(p for p in probs if p is not None)
-        self._raw[r.id] = (raw_wait, raw_done)
+        if record:
+            self._raw[r.id] = (raw_wait, raw_done)
         iid = serving[0].instance_id if serving else ""
         return WaitEstimate(iid, wait_mean, wait_std, done_mean, done_std, pm)
 
@@ -598,7 +652,7 @@ class QueueManager:
         if (
             self.evict_enabled
             and request.slo.ttft_deadline is not None
-            and est.p_meet < 0.5
+            and est.p_meet < EVICT_BELOW_P
             and self._evict_for(entry, now)
         ):
             # Handed to an engine with a seat made for it: it starts at the next step.
@@ -651,7 +705,8 @@ class QueueManager:
 
         for view in sorted(serving, key=load)[:2]:
             if urgent_waiting(view) < EARLY_BIND_MAX_WAITING:
-                self._dispatch(view, entry, now)
+                if self._dispatch(view, entry, now):
+                    self._bound_early[entry.request.id] = entry  # watched until it starts
                 return
 
     def _note_arrival(self, entry: Entry, now: float) -> None:
@@ -823,35 +878,113 @@ class QueueManager:
         )
 
     # ------------------------------------------------------------------ eviction
-    def _evict_for(self, entry: Entry, now: float) -> bool:
-        """Make a seat for an urgent request that would otherwise miss its TTFT: preempt the running
-        request with the most slack on an instance serving its model, if it can afford the delay."""
-        deadline = entry.request.slo.ttft_deadline
-        if deadline is None or now >= deadline:
-            return False
+    def _victim(self, views: Sequence[InstanceView], now: float) -> tuple[InstanceView, Entry] | None:
+        """The running batch request with the most spare time, among ``views``, that can afford a
+        recompute (it costs the whole service again) and still meet its own SLO."""
         best: tuple[float, InstanceView, Entry] | None = None
-        for view in self._serving(entry.request.model):
+        for view in views:
             if view.state is None or view.state.loading_model:
                 continue
             for e in view.running.values():
                 d = e.request.slo.e2e_deadline
                 if e.request.slo.ttft_deadline is not None or d is None:
                     continue
-                spare = d - now - 2.0 * e.service_s  # a recompute costs the whole service again
+                spare = d - now - 2.0 * e.service_s
                 if spare > 0 and (best is None or spare > best[0]):
                     best = (spare, view, e)
-        if best is None:
-            return False
-        _, view, victim = best
+        return None if best is None else (best[1], best[2])
+
+    def _order_eviction(self, view: InstanceView, victim: Entry, entry: Entry) -> bool:
+        """Preempt ``victim`` on ``view`` for the urgent ``entry``, once per urgent request: the
+        order names it, so an engine whose own policy already seated it skips the order."""
+        entry.evicted_for = True
         caps = view.state.capabilities if view.state is not None else frozenset()
         mode = EvictMode.SWAP if "swap" in caps else EvictMode.RECOMPUTE
         try:
-            self._hook.qlm_evict(instance_id=view.instance_id, request_id=victim.request.id, mode=mode)
+            self._hook.qlm_evict(
+                instance_id=view.instance_id,
+                request_id=victim.request.id,
+                mode=mode,
+                for_request_id=entry.request.id,
+            )
         except KeyError:
             return False  # it finished meanwhile
         self.counters["evictions"] += 1
+        return True
+
+    def _evict_for(self, entry: Entry, now: float) -> bool:
+        """Make a seat for a queued urgent request that would otherwise miss its TTFT: preempt the
+        running request with the most slack on an instance serving its model, and hand it the seat."""
+        deadline = entry.request.slo.ttft_deadline
+        if deadline is None or now >= deadline or entry.evicted_for:
+            return False
+        found = self._victim(self._serving(entry.request.model), now)
+        if found is None or not self._order_eviction(*found, entry):
+            return False
         # The victim waits in the engine's own queue, behind the urgent request handed over now.
-        return self._dispatch(view, entry, now)
+        return self._dispatch(found[0], entry, now)
+
+    def _evict_for_waiting(self, now: float) -> None:
+        """An urgent request whose chance has fallen since its admission (the load rose, a seat it
+        counted on did not free) gets a seat by eviction, as at admission, once: in the global
+        queue (the most urgent few, by their estimate), or bound early to an engine's own queue (when
+        no seat there frees before its deadline)."""
+        due: list[Entry] = []
+        for q in self.queues.values() if self.evict_enabled else ():
+            found = 0
+            for _, rid in q.order[: 4 * RECHECK_URGENT]:  # urgency order: TTFT-bound ones lead
+                e = self.entries[rid]
+                if e.request.slo.ttft_deadline is not None and not e.evicted_for:
+                    due.append(e)
+                    found += 1
+                    if found == RECHECK_URGENT:
+                        break
+        for e in due:
+            if e.dispatched_at is None and self.estimate(e, now, record=False).p_meet < EVICT_BELOW_P:
+                self._evict_for(e, now)
+        for rid, e in list(self._bound_early.items()):
+            view = self.instances.get(e.instance or "")
+            deadline = e.request.slo.ttft_deadline
+            if (
+                view is None
+                or e.evicted_for
+                or deadline is None
+                or now >= deadline
+                or self.entries.get(rid) is not e
+                or not self._waits_in_engine(view, e)
+            ):
+                del self._bound_early[rid]
+                continue
+            if self.evict_enabled and self._seat_free_at(view, e, now) + self._prefill_s(e) > deadline:
+                victim = self._victim([view], now)
+                if victim is not None:
+                    self._order_eviction(view, victim[1], e)
+                    del self._bound_early[rid]
+
+    @staticmethod
+    def _waits_in_engine(view: InstanceView, e: Entry) -> bool:
+        """Whether ``e`` may still wait in the engine's own queue (its report names the waiting
+        requests, or at least counts the urgent ones)."""
+        s = view.state
+        if s is None:
+            return False
+        if s.waiting_ids:
+            return e.request.id in s.waiting_ids
+        return s.num_waiting_urgent > 0 or s.num_waiting > 0
+
+    def _seat_free_at(self, view: InstanceView, e: Entry, now: float) -> float:
+        """When the first of ``view``'s busy seats frees, as predicted (overdue requests predicted
+        again from their progress)."""
+        self._seat_residuals(e.request.model, now)  # re-predicts the overdue
+        early = self._bound_early
+        return min(
+            (r.finish_at for rid, r in view.running.items() if rid not in early and rid != e.request.id),
+            default=now,
+        )
+
+    def _prefill_s(self, e: Entry) -> float:
+        cost = self._ref_cost.get(e.request.model)
+        return cost.step_s(e.request.prompt_tokens, 0) if cost is not None else 0.0
 
     # ------------------------------------------------------------------ completion and reports
     @hookimpl
@@ -870,6 +1003,7 @@ class QueueManager:
                     raw[1], outcome.finish_time - r.arrival_time
                 )
         e = self.entries.pop(rid, None)
+        self._bound_early.pop(rid, None)
         if e is None:
             return
         if e.dispatched_at is None:
@@ -909,7 +1043,8 @@ class QueueManager:
 
     # ------------------------------------------------------------------ planning
     def pending(self) -> bool:
-        return any(len(q) for q in self.queues.values())
+        """Whether work waits: in the global queue, or urgent in an engine's queue (watched)."""
+        return bool(self._bound_early) or any(len(q) for q in self.queues.values())
 
     @hookimpl
     def qlm_tick(self, now: float) -> bool:
@@ -922,6 +1057,7 @@ class QueueManager:
         for view in self.instances.values():
             if view.free_slots():
                 self._pull(view, view.free_slots(), now)
+        self._evict_for_waiting(now)
         return self.pending()
 
     def replan(self, now: float) -> None:
@@ -956,6 +1092,8 @@ class QueueManager:
             if view is None:
                 continue
             if isinstance(action, LoadModel):
+                if not view.can_load(action.model, now):
+                    continue  # it failed there lately: placed elsewhere
                 if action.target == "gpu":
                     current = view.model()
                     if current == action.model:
@@ -982,7 +1120,10 @@ class QueueManager:
             elif isinstance(action, Evict):
                 try:
                     self._hook.qlm_evict(
-                        instance_id=action.instance_id, request_id=action.request_id, mode=action.mode
+                        instance_id=action.instance_id,
+                        request_id=action.request_id,
+                        mode=action.mode,
+                        for_request_id=None,
                     )
                     self.counters["evictions"] += 1
                 except KeyError:

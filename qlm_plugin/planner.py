@@ -138,7 +138,9 @@ class Planner:
             anycost = next(iter(view.costs.values()))
             seats = max(1, min(s.max_num_seqs, anycost.max_num_seqs))
             running = sum(e.service_s for e in view.running.values()) / 2
-            loads = {m: c.load_s(warm=m in s.models_warm) for m, c in view.costs.items()}
+            # what it can serve: its model, and models whose load did not fail there lately
+            able = frozenset(m for m in view.costs if m == serving or view.can_load(m, now))
+            loads = {m: view.costs[m].load_s(warm=m in s.models_warm) for m in able}
             out.append(
                 Machine(
                     s.instance_id,
@@ -147,7 +149,7 @@ class Planner:
                     serving,
                     frozenset(s.models_warm),
                     loads,
-                    frozenset(view.costs),
+                    able,
                 )
             )
         return out

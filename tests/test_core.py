@@ -182,3 +182,25 @@ def test_late_requests_are_not_starved_under_sustained_overload() -> None:
     for i in range(3):
         assert out[f"late{i}"].status is Status.FINISHED
         assert out[f"late{i}"].first_token_time < last_stream_start, "served during the stream, not after"  # type: ignore[operator]
+
+
+def test_an_urgent_request_whose_chance_falls_after_admission_still_gets_a_seat_once() -> None:
+    """Admitted when a seat looked about to free (the batch work was predicted short), the urgent
+    request waits; as the batch work outlives its prediction, its chance falls and an eviction makes
+    its seat, before its deadline: one eviction, however many ticks look at it."""
+    h100 = {"m": cost_model("llama-3.1-8b", "h100", {"max_num_seqs": 4})}
+    qm, backend, fleet = _wired([SimInstance("i0", "h100", h100, initial_model="m")])
+    batch = DEFAULT_CLASSES["batch"]
+    for i in range(4):
+        r = make_request(f"b{i}", "m", 100, 4000, 0.0, slo_class=batch, true_output_tokens=4000)
+        assert qm.qlm_submit(r, 0.0).accepted
+    fleet.advance_to(1.0)
+    urgent = make_request("u", "m", 100, 20, 1.0, ttft_s=4.0, true_output_tokens=20)
+    admission = qm.qlm_submit(urgent, 1.0)
+    assert admission.accepted and admission.p_meet is not None and admission.p_meet > 0.5
+    assert qm.counters["evictions"] == 0  # not at admission
+    fleet.run([], lambda r: None, on_tick=lambda now: any([qm.qlm_tick(now)]))
+    out = backend.outcomes
+    assert out["u"].met_ttft(), out["u"]
+    assert qm.counters["evictions"] == 1 and sum(o.preemptions for o in out.values()) == 1
+    assert all(o.status is Status.FINISHED and o.output_tokens == o.request.max_tokens for o in out.values())

@@ -44,6 +44,7 @@ SECTION_OF = {
     "qlm_request_finished": "Request lifecycle",
     "qlm_instance_joined": "Fleet membership",
     "qlm_instance_left": "Fleet membership",
+    "qlm_operation_failed": "Fleet membership",
     "qlm_list_instances": "Backend hooks",
     **dict.fromkeys(BACKEND_HOOKS, "Backend hooks"),
 }

@@ -249,7 +249,10 @@ def test_a_request_swapped_in_by_the_planner_can_be_evicted_again() -> None:
         fleet.advance_to(t)
         assert pm.hook.qlm_dispatch(instance_id="i0", request=r)
     fleet.advance_to(2.0)
-    assert pm.hook.qlm_evict(instance_id="i0", request_id="r0", mode=EvictMode.SWAP).mode is EvictMode.SWAP
+    assert (
+        pm.hook.qlm_evict(instance_id="i0", request_id="r0", mode=EvictMode.SWAP, for_request_id=None).mode
+        is EvictMode.SWAP
+    )
     fleet.advance_to(2.1)
     assert inst.state(fleet.now, True).swapped_ids == ("r0",) and inst.state(fleet.now, True).running_ids == (
         "r1",
@@ -258,7 +261,7 @@ def test_a_request_swapped_in_by_the_planner_can_be_evicted_again() -> None:
     fleet.advance_to(4.0)
     assert backend.outcomes["r1"].status is Status.FINISHED
     assert inst.state(fleet.now, True).running_ids == ("r0",)
-    pm.hook.qlm_evict(instance_id="i0", request_id="r0", mode=EvictMode.SWAP)
+    pm.hook.qlm_evict(instance_id="i0", request_id="r0", mode=EvictMode.SWAP, for_request_id=None)
     fleet.advance_to(100.0)
     done = backend.outcomes["r0"]
     assert done.status is Status.FINISHED and done.preemptions == 2 and done.wasted_tokens == 0

@@ -11,7 +11,13 @@ import pytest
 
 from qlm_plugin.adapters.vllm import UnsupportedVLLMError, check_vllm, register
 from qlm_plugin.adapters.vllm.fields import QLMFields, parse_fields
-from qlm_plugin.adapters.vllm.policy import DEFAULT_SLACK_S, InEnginePolicy
+from qlm_plugin.adapters.vllm.policy import (
+    DEFAULT_SLACK_S,
+    EvictionOrder,
+    InEnginePolicy,
+    SeatsGiven,
+    order_action,
+)
 
 NOW = 1_000.0
 
@@ -137,3 +143,28 @@ def test_register_is_reentrant_and_imports_no_vllm() -> None:
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     register()
+
+
+def test_one_urgent_request_costs_one_eviction_whichever_side_acts_first() -> None:
+    """The engine's own policy and a coordinator's order may both free a seat for the same urgent
+    request: the second one is skipped. An order without a beneficiary (an operator's) is carried out."""
+    seats = SeatsGiven()
+    order = EvictionOrder("victim", "urgent", came=10.0)
+
+    def act(
+        o: EvictionOrder, given: SeatsGiven, *, victim: bool = True, urgent: bool = False, now: float = 10.1
+    ) -> str:
+        return order_action(
+            o, victim_running=victim, beneficiary_running=urgent, seats=given, now=now, wait_s=10.0
+        )
+
+    assert act(order, seats) == "evict"
+    seats.give("urgent", 10.0)  # the engine's policy freed a seat for it first
+    assert act(order, seats) == "skip"
+    assert act(order, SeatsGiven(), urgent=True) == "skip"  # it runs already
+    operator = EvictionOrder("victim", "", came=10.0)
+    assert act(operator, seats) == "evict"
+    # the victim is not running yet (the order overtook it): wait, then drop
+    early = EvictionOrder("later", "other", came=10.0)
+    assert act(early, seats, victim=False, now=12.0) == "wait"
+    assert act(early, seats, victim=False, now=21.0) == "drop"

@@ -34,6 +34,7 @@ from typing import Any
 
 import aiohttp
 
+from qlm_plugin.adapters.vllm.policy import EvictionOrder
 from qlm_plugin.agent import AgentSettings, InstanceAgent
 from qlm_plugin.proto.qlm.v1 import qlm_pb2 as pb
 
@@ -133,7 +134,8 @@ class VLLMEngineLink:
         op = cmd.WhichOneof("op")
         if op == "evict":
             # carried out at the next step where the request runs
-            self.sched.qlm_orders.append((cmd.evict.request_id, time.monotonic()))
+            ev = cmd.evict
+            self.sched.qlm_orders.append(EvictionOrder(ev.request_id, ev.for_request_id, time.monotonic()))
             return pb.CommandAck(ok=True)
         if op == "abort":
             return pb.CommandAck(ok=True)

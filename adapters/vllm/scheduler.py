@@ -28,7 +28,7 @@ from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.request import Request, RequestStatus
 
 from qlm_plugin.adapters.vllm.fields import QLMFields, parse_fields
-from qlm_plugin.adapters.vllm.policy import InEnginePolicy
+from qlm_plugin.adapters.vllm.policy import EvictionOrder, InEnginePolicy, SeatsGiven, order_action
 from qlm_plugin.state import StepTiming
 
 # A child of vLLM's logger: its handlers print it with the engine's own log lines.
@@ -61,11 +61,18 @@ class _QLMMixin:
         self.qlm_policy = InEnginePolicy(epoch=time.time())
         self.qlm_fields: dict[str, QLMFields] = {}
         self.qlm_by_id: dict[str, str] = {}  # coordinator id -> vLLM request id
-        # coordinator-ordered evictions: (coordinator id, when it came, monotonic); any thread appends
-        self.qlm_orders: deque[tuple[str, float]] = deque()
+        # coordinator-ordered evictions; the agent's thread appends
+        self.qlm_orders: deque[EvictionOrder] = deque()
+        self.qlm_seats = SeatsGiven()  # urgent requests a seat was freed for: one eviction each
         self.qlm_evicted: deque[tuple[str, int, int]] = deque()  # (coordinator id, attempt, wasted tokens)
         self.qlm_steps: deque[StepTiming] = deque(maxlen=512)  # read by the agent thread
-        self.qlm_counters = {"evictions": 0, "ordered_evictions": 0, "wasted_tokens": 0, "steps": 0}
+        self.qlm_counters = {
+            "evictions": 0,
+            "ordered_evictions": 0,
+            "orders_skipped": 0,
+            "wasted_tokens": 0,
+            "steps": 0,
+        }
         self.qlm_overhead_s = 0.0  # time spent in QLM code around vLLM's own scheduling
         self.qlm_step_total_s = 0.0  # time of the steps themselves (from schedule to update_from_output)
         self.qlm_snapshot: tuple[int, int, float, float] = (
@@ -134,32 +141,53 @@ class _QLMMixin:
             request.priority = self.qlm_policy.rank(request, fields)
         self._preempt_request(request, now)  # type: ignore[attr-defined]
 
+    def _qlm_running(self, qid: str) -> Request | None:
+        """The running request a coordinator id names (None: not here, or not running)."""
+        request = self.requests.get(self.qlm_by_id.get(qid, qid))
+        return request if request is not None and request in self.running else None
+
     def _qlm_before_step(self) -> None:
-        now = time.time()
+        now, mono = time.time(), time.monotonic()
         for _ in range(len(self.qlm_orders)):  # the agent thread may append meanwhile
-            qid, came = self.qlm_orders.popleft()
-            if came <= self._qlm_carried.get(qid, -math.inf):
+            order = self.qlm_orders.popleft()
+            if order.came <= self._qlm_carried.get(order.victim, -math.inf):
                 continue  # carried out already (the same order, sent again)
-            rid = self.qlm_by_id.get(qid, qid)
-            request = self.requests.get(rid)
-            if request is not None and request in self.running:
-                self._qlm_carried[qid] = time.monotonic()
+            victim = self._qlm_running(order.victim)
+            action = order_action(
+                order,
+                victim_running=victim is not None,
+                beneficiary_running=bool(order.for_request)
+                and self._qlm_running(order.for_request) is not None,
+                seats=self.qlm_seats,
+                now=mono,
+                wait_s=ORDER_WAIT_S,
+            )
+            if action == "evict" and victim is not None:
+                self._qlm_carried[order.victim] = mono
                 if len(self._qlm_carried) > 256:  # only recent ones can be sent again
-                    cutoff = time.monotonic() - ORDER_WAIT_S
-                    self._qlm_carried = {q: t for q, t in self._qlm_carried.items() if t > cutoff}
+                    self._qlm_carried = {
+                        q: t for q, t in self._qlm_carried.items() if t > mono - ORDER_WAIT_S
+                    }
+                if order.for_request:
+                    self.qlm_seats.give(order.for_request, mono)
                 self.qlm_counters["ordered_evictions"] += 1
-                log.info("QLM: evicting %s (%s) as the coordinator ordered", rid, qid)
-                self._qlm_evict(request, now)
-            elif time.monotonic() - came < ORDER_WAIT_S:
+                log.info("QLM: evicting %s (%s) as the coordinator ordered", victim.request_id, order.victim)
+                self._qlm_evict(victim, now)
+            elif action == "skip":
+                self.qlm_counters["orders_skipped"] += 1  # its urgent request has a seat already
+            elif action == "wait":
                 # Not running yet: the order overtook the request (commands and dispatch travel
                 # apart), or it waits for a seat. It is carried out once the request runs.
-                self.qlm_orders.append((qid, came))
+                self.qlm_orders.append(order)
         if not self.waiting or len(self.running) < self.max_num_running_reqs:
             return
         head = self.waiting.peek_request()
         head_fields = self.qlm_fields.get(head.request_id)
         if head_fields is None:
             return
+        head_key = head_fields.qlm_id or head.request_id
+        if self.qlm_seats.given(head_key):
+            return  # a seat was freed for it already (by an order, or a step ago): not a second one
         fields = self.qlm_fields
         choice = self.qlm_policy.choose_eviction(
             head,
@@ -173,6 +201,7 @@ class _QLMMixin:
             victim = self.requests.get(choice.request_id)
             if victim is not None:
                 log.info("QLM: evicting %s: %s", choice.request_id, choice.reason)
+                self.qlm_seats.give(head_key, mono)
                 self._qlm_evict(victim, now)
 
     # ------------------------------------------------------------------ the step

@@ -94,6 +94,7 @@ def state_from_report(
         swapped_ids=tuple(msg.swapped_ids),
         notes=tuple(msg.notes),
         num_waiting_urgent=msg.num_waiting_urgent,
+        healthy=not msg.down,
     )
 
 
@@ -168,11 +169,13 @@ class RemoteFleet:
         target: str = "",
         keep_warm: bool = False,
         attempt: int = 0,
+        for_request_id: str = "",
     ) -> str:
         """Queue a serving operation on the instance's command stream; returns its command id."""
         cid = f"c{next(self._command_ids)}"
         if op == "evict":
-            cmd = pb.Command(command_id=cid, evict=pb.Evict(request_id=request_id, mode=mode))
+            evict = pb.Evict(request_id=request_id, mode=mode, for_request_id=for_request_id)
+            cmd = pb.Command(command_id=cid, evict=evict)
         elif op == "swap_in":
             cmd = pb.Command(command_id=cid, swap_in=pb.SwapIn(request_id=request_id))
         elif op == "load_model":
@@ -190,7 +193,9 @@ class RemoteFleet:
         return cid
 
     @hookimpl
-    def qlm_evict(self, instance_id: str, request_id: str, mode: EvictMode) -> EvictResult | None:
+    def qlm_evict(
+        self, instance_id: str, request_id: str, mode: EvictMode, for_request_id: str | None
+    ) -> EvictResult | None:
         s = self.live(instance_id)
         if s is None:
             return None
@@ -199,7 +204,7 @@ class RemoteFleet:
         mode = EvictMode(mode)
         if mode is EvictMode.SWAP and "swap" not in s.capabilities:
             mode = EvictMode.RECOMPUTE
-        self.command(s, "evict", request_id, mode=mode.value)
+        self.command(s, "evict", request_id, mode=mode.value, for_request_id=for_request_id or "")
         # The engine reports what was really lost with the acknowledgement (and the EVICTED event).
         return EvictResult(request_id, mode, 0)
 

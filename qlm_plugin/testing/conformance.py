@@ -161,7 +161,12 @@ class AdapterConformance:
         foreign = "no-such-instance-\u2603"
         assert pm.hook.qlm_instance_state(instance_id=foreign, detail=False) is None
         assert pm.hook.qlm_dispatch(instance_id=foreign, request=self._request(harness)) is None
-        assert pm.hook.qlm_evict(instance_id=foreign, request_id="x", mode=EvictMode.RECOMPUTE) is None
+        assert (
+            pm.hook.qlm_evict(
+                instance_id=foreign, request_id="x", mode=EvictMode.RECOMPUTE, for_request_id=None
+            )
+            is None
+        )
         assert pm.hook.qlm_swap_in(instance_id=foreign, request_id="x") is None
         assert pm.hook.qlm_load_model(instance_id=foreign, model=harness.model(), target="gpu") is None
         assert pm.hook.qlm_unload_model(instance_id=foreign, model=harness.model(), keep_warm=True) is None
@@ -218,7 +223,7 @@ class AdapterConformance:
             assert _wait_until(harness, running, 30.0, 0.01)
             harness.advance(0.05)
             try:
-                result = pm.hook.qlm_evict(instance_id=iid, request_id=r.id, mode=mode)
+                result = pm.hook.qlm_evict(instance_id=iid, request_id=r.id, mode=mode, for_request_id=None)
             except KeyError:
                 result = None  # it finished meanwhile
             if result is not None:
@@ -244,7 +249,10 @@ class AdapterConformance:
         harness, pm, _ = wired
         with pytest.raises(KeyError):
             pm.hook.qlm_evict(
-                instance_id=harness.instance_id(), request_id="never-sent", mode=EvictMode.RECOMPUTE
+                instance_id=harness.instance_id(),
+                request_id="never-sent",
+                mode=EvictMode.RECOMPUTE,
+                for_request_id=None,
             )
 
     def test_swap_in_of_unknown_request_is_refused(

@@ -230,10 +230,13 @@ class _Bridge:
         return ok
 
     @hookimpl
-    def qlm_evict(self, instance_id: str, request_id: str, mode: EvictMode) -> EvictResult | None:
+    def qlm_evict(
+        self, instance_id: str, request_id: str, mode: EvictMode, for_request_id: str | None
+    ) -> EvictResult | None:
         if instance_id != self.h.instance_id():
             return None
-        return self.h.sync(lambda: self.h.coordinator.fleet.qlm_evict(instance_id, request_id, mode))
+        fleet = self.h.coordinator.fleet
+        return self.h.sync(lambda: fleet.qlm_evict(instance_id, request_id, mode, for_request_id))
 
     @hookimpl
     def qlm_swap_in(self, instance_id: str, request_id: str) -> bool | None:

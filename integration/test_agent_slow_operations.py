@@ -1,7 +1,8 @@
 """An agent never blocks its own event loop: a serving operation that takes longer than the
 heartbeat timeout (a model load, a slow server) runs beside the heartbeats, and the instance stays
-connected. Real parts: a coordinator on loopback (gRPC, journal), the agents, and an HTTP server
-whose load and pause endpoints answer only after a while."""
+connected; and an agent whose server is down takes no work. Real parts: a coordinator on loopback
+(gRPC, journal), the agents, and HTTP servers (one whose operations answer only after a while, one
+simulated OpenAI server)."""
 
 from __future__ import annotations
 
@@ -14,9 +15,14 @@ from types import SimpleNamespace
 from aiohttp import web
 
 from qlm_plugin.adapters.openai import OpenAIEngineLink, OpenAISettings
+from qlm_plugin.adapters.sim.realtime import synthetic_text
 from qlm_plugin.adapters.vllm.link import Link
 from qlm_plugin.agent import InstanceAgent
+from qlm_plugin.client import CoordinatorClient
+from qlm_plugin.coordinator.loadtest import free_port
 from qlm_plugin.coordinator.remote import Session
+from qlm_plugin.proto.qlm.v1 import qlm_pb2 as pb
+from qlm_plugin.testing.openai_stub import StubServer, serve
 from qlm_plugin.testing.stack import LocalStack, local_stack
 
 MODEL = "llama-3.1-8b"
@@ -127,3 +133,77 @@ def test_a_slow_sleep_of_the_vllm_engine_agent_does_not_lose_the_instance(tmp_pa
                 await asyncio.to_thread(link.stop)
 
     asyncio.run(main())
+
+
+def test_a_black_box_whose_server_is_down_takes_no_work_and_fails_nothing(tmp_path: Path) -> None:
+    """The server behind a black-box agent dies (the agent lives on): the requests handed to it
+    go back to the queue without counting as failures, the instance reports its server down and is
+    sent nothing more, and once the server is back every request completes, on its first failure-
+    free attempt. (They used to fail at once, the coordinator handing them straight back, until
+    ``max_attempts``.)"""
+
+    async def main() -> None:
+        port = free_port()
+
+        def start_server() -> tuple[asyncio.Event, asyncio.Task[None]]:
+            stop = asyncio.Event()
+            return stop, asyncio.create_task(serve(StubServer(tokens_per_s=200.0), "127.0.0.1", port, stop))
+
+        async with local_stack(tmp_path, instances=0, config={"instance_return_wait_s": 30.0}) as st:
+            stop_server, server = start_server()
+            link = OpenAIEngineLink(
+                OpenAISettings(
+                    instance_id="box",
+                    base_url=f"http://127.0.0.1:{port}",
+                    model=MODEL,
+                    metrics_interval_s=0.1,
+                )
+            )
+            agent = InstanceAgent(st.settings, link)
+            link.on_room, link.on_state = agent.room, agent.state_changed
+            stop_agent = asyncio.Event()
+            agent_task = asyncio.create_task(agent.run(stop_agent))
+            try:
+                await _session(st, "box")
+                while link.metrics["running"] is None:  # its first look at the server's metrics
+                    await asyncio.sleep(0.05)
+                stop_server.set()  # the server dies; its agent does not
+                await server
+                async with CoordinatorClient(st.grpc_target) as c:
+                    early = await c.submit_batch(  # handed over before the agent notices (its next scrape)
+                        [
+                            pb.RequestSpec(model=MODEL, prompt="x", max_tokens=8, true_output_tokens=8)
+                            for _ in range(5)
+                        ]
+                    )
+                    while link.down_since is None:
+                        await asyncio.sleep(0.05)
+                    await asyncio.sleep(0.5)  # several heartbeats: nothing is sent to a dead server
+
+                    async def later() -> list[pb.SubmitReply]:  # wait for an instance to serve them
+                        return await c.submit_batch(
+                            [
+                                pb.RequestSpec(model=MODEL, prompt="y", max_tokens=8, true_output_tokens=8)
+                                for _ in range(5)
+                            ]
+                        )
+
+                    waiting = asyncio.create_task(later())
+                    await asyncio.sleep(0.5)
+                    stop_server, server = start_server()  # back, on the same port
+                    replies = [*early, *await waiting]
+                    for r in replies:
+                        chunks = [ch async for ch in c.stream(r.request_id, timeout_s=30)]
+                        assert chunks[-1].finished
+                for r in replies:
+                    job = st.coordinator.jobs[r.request_id]
+                    assert job.state == "finished" and job.failures == 0, (job.state, job.failures, job.error)
+                    assert job.text == synthetic_text(r.request_id, 0, 8)
+            finally:
+                stop_agent.set()
+                await agent_task
+                await link.close()
+                stop_server.set()
+                await server
+
+    asyncio.run(asyncio.wait_for(main(), 120))

@@ -86,6 +86,7 @@ class InstanceAgent:
         self._seq = 0
         self._wake_report = asyncio.Event()
         self._wake_credit = asyncio.Event()
+        self._wake_heartbeat = asyncio.Event()
         self._report_lock = asyncio.Lock()
         # The output of each request until its end is acknowledged: a restarted coordinator lost
         # what it had streamed, and gets it again from the start (it drops what it already has).
@@ -110,6 +111,11 @@ class InstanceAgent:
     def room(self) -> None:
         """The engine may have room: send a pull credit soon."""
         self._wake_credit.set()
+
+    def state_changed(self) -> None:
+        """The engine's state changed in a way the coordinator must know at once (its server went
+        down or came back): send a heartbeat now, not at the next interval."""
+        self._wake_heartbeat.set()
 
     # ------------------------------------------------------------------ connection
     def _metadata(self) -> list[tuple[str, str]]:
@@ -196,7 +202,9 @@ class InstanceAgent:
             if not reply.known:
                 raise SessionLost("the coordinator does not know this session")
             self.room()  # a periodic credit too: room may have appeared without an event
-            await asyncio.sleep(interval)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._wake_heartbeat.wait(), interval)
+            self._wake_heartbeat.clear()
 
     async def _call(self, method: Callable[..., Any], message: Any) -> Any:
         while True:

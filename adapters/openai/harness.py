@@ -62,6 +62,7 @@ def conformance_harness() -> BackendHarness:
         link = OpenAIEngineLink(OpenAISettings("blackbox-0", server.url, "tiny", served_model="tiny-served"))
         agent = InstanceAgent(AgentSettings(target), link)
         link.on_room = agent.room
+        link.on_state = agent.state_changed
         stop = asyncio.Event()
         return link, stop, asyncio.get_running_loop().create_task(agent.run(stop))
 

@@ -24,6 +24,8 @@ Event = pb.RequestEvent
 RUNNING_METRICS = ("vllm:num_requests_running",)
 WAITING_METRICS = ("vllm:num_requests_waiting",)
 KV_METRICS = ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc")
+#: How often a server that is down is looked at, seconds.
+DOWN_PROBE_S = 0.5
 #: How long an eviction order for a request not yet here waits for it.
 EARLY_EVICTION_WAIT_S = 10.0
 
@@ -83,6 +85,10 @@ class OpenAIEngineLink:
         self._http: aiohttp.ClientSession | None = None
         self._scraper: asyncio.Task[None] | None = None
         self.on_room: Callable[[], None] | None = None
+        self.on_state: Callable[[], None] | None = None  # the state changed: report it now
+        # When the server stopped answering (None: it answers). While it is down, the instance
+        # reports so and takes no work: a request sent there would fail at once, again and again.
+        self.down_since: float | None = None
         self._evicted: set[str] = set()  # aborted because the coordinator ordered an eviction
         self._freed = asyncio.Event()  # a request left the server: one waiting for a slot may go
         # Evictions ordered before their request arrived (commands and assignments travel on
@@ -96,7 +102,8 @@ class OpenAIEngineLink:
         return self._http
 
     async def _scrape(self) -> None:
-        """The server's own view (running, waiting, KV use) from its Prometheus metrics, if any."""
+        """The server's own view (running, waiting, KV use) from its Prometheus metrics, if any;
+        and whether it answers at all."""
         while True:
             try:
                 async with self._session().get(
@@ -108,12 +115,34 @@ class OpenAIEngineLink:
                     "waiting": _sum_series(text, WAITING_METRICS),
                     "kv": _sum_series(text, KV_METRICS),
                 }
+                self._server_answers(True)
+            except (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError):
+                self._server_answers(False)
             except (aiohttp.ClientError, asyncio.TimeoutError):
-                pass
-            await asyncio.sleep(self.settings.metrics_interval_s)
+                pass  # slow or odd, not gone
+            # while it is down, looked at often: the instance serves again soon after it is back
+            down = self.down_since is not None
+            await asyncio.sleep(
+                min(self.settings.metrics_interval_s, DOWN_PROBE_S)
+                if down
+                else self.settings.metrics_interval_s
+            )
+
+    def _server_answers(self, answers: bool) -> None:
+        if answers == (self.down_since is None):
+            return
+        self.down_since = None if answers else time.monotonic()
+        log.warning(
+            "%s: %s %s", self.instance_id, self.settings.base_url, "answers again" if answers else "is down"
+        )
+        if self.on_state is not None:
+            self.on_state()
+        if answers and self.on_room is not None:
+            self.on_room()
 
     # ------------------------------------------------------------------ EngineLink
     def state(self) -> pb.StateReport:
+        self._session()  # starts the scraper: the server's health is known before any request
         running = self.metrics["running"]
         waiting = self.metrics["waiting"]
         kv = self.metrics["kv"]
@@ -129,13 +158,14 @@ class OpenAIEngineLink:
             max_num_seqs=self.limiter.limit,
             notes=["black box: concurrency limit learned from latency; eviction aborts (KV and work lost)"],
             now=time.time(),
+            down=self.down_since is not None,
         )
 
     def waiting_here(self) -> int:
         return max(0, len(self.tasks) - self.limiter.in_flight)
 
     def free_slots(self) -> int:
-        if not self.loaded or (self.metrics["waiting"] or 0) > 0:
+        if not self.loaded or self.down_since is not None or (self.metrics["waiting"] or 0) > 0:
             return 0  # the server queues already: hand it nothing more
         return max(0, self.limiter.free() - self.waiting_here())
 
@@ -223,11 +253,10 @@ class OpenAIEngineLink:
         try:
             token = await self._slot()
             if spec.prompt_token_ids:
-                body["prompt"] = list(spec.prompt_token_ids)
+                ids = list(spec.prompt_token_ids)
                 if a.resume_text:  # continues after the text delivered: as the server's own ids
-                    body["prompt"] += await tokenize(
-                        self._session(), self.settings.base_url, model, a.resume_text
-                    )
+                    ids += await tokenize(self._session(), self.settings.base_url, model, a.resume_text)
+                body["prompt"] = ids
             t0 = time.monotonic()
             # The server names the request after the coordinator's id (its logs, its /abort_requests).
             headers = {"X-Request-Id": f"{rid}.{attempt}"}
@@ -261,6 +290,11 @@ class OpenAIEngineLink:
                 self._evicted.discard(rid)
                 emit(_event(rid, attempt, Event.REQUEUED, error="evicted: aborted on the server"))
             raise
+        except aiohttp.ClientConnectorError as exc:
+            # The server is gone, not this request at fault: it goes back to the queue (no failure
+            # counted) and the instance reports its server down, so nothing more comes here.
+            self._server_answers(False)
+            emit(_event(rid, attempt, Event.REQUEUED, error=f"{self.settings.base_url} is down: {exc}"))
         except (aiohttp.ClientError, asyncio.TimeoutError, ValueError, TokenizeError) as exc:
             emit(_event(rid, attempt, Event.FAILED, error=f"{type(exc).__name__}: {exc}"))
         finally:

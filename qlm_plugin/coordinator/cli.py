@@ -394,6 +394,7 @@ def _run_openai(args: argparse.Namespace, settings: Any) -> int:
     )
     agent = InstanceAgent(settings, link)
     link.on_room = agent.room
+    link.on_state = agent.state_changed
 
     async def main() -> None:
         stop = asyncio.Event()

@@ -644,6 +644,8 @@ class Coordinator:
     @staticmethod
     def _serves(s: Session, model: str) -> bool:
         rep = s.report
+        if rep is not None and not rep.healthy:
+            return False  # its engine is down: nothing goes there until it is back
         return rep is None or not rep.models_loaded or model in rep.models_loaded or model in rep.models_warm
 
     def _unpark(self) -> None:
@@ -933,11 +935,14 @@ class Coordinator:
         s.last_seen = time.monotonic()
         before = s.report
         s.report = state_from_report(msg, s.instance_id, s.backend, s.capabilities)
-        if before is None or (before.models_loaded, before.models_warm) != (
+        if before is None or (before.models_loaded, before.models_warm, before.healthy) != (
             s.report.models_loaded,
             s.report.models_warm,
+            s.report.healthy,
         ):
             self._fleet_changed()
+            if self.queue_manager is not None and s.instance_id in self.queue_manager.instances:
+                self.queue_manager.refresh(s.instance_id)  # a swap, or its engine went down or came back
         return True
 
     def instance_credit(self, s: Session, free_slots: int, received: int) -> None:
@@ -1034,6 +1039,16 @@ class Coordinator:
         if ack.transfer_s:
             attrs["qlm.transfer_s"] = ack.transfer_s
         self.telemetry.lso_finished(ack.command_id, ok=ack.ok, error=ack.error, attributes=attrs)
+        if not ack.ok and pending.op != "abort":
+            log.warning("instance %s: %s failed: %s", s.instance_id, pending.op, ack.error)
+            self.hook.qlm_operation_failed(
+                instance_id=s.instance_id,
+                operation=pending.op,
+                model=pending.model,
+                request_id=pending.request_id,
+                error=ack.error,
+                now=time.time(),
+            )
 
     def _on_command(self, s: Session, cid: str, cmd: pb.Command, pending: PendingCommand) -> None:
         self.telemetry.lso_started(

@@ -314,8 +314,10 @@ def test_interactive_requests_overtake_queued_batch_work(stack: Stack) -> None:
                     pb.RequestSpec(
                         model=MODEL,
                         prompt="the quick brown fox " * 4,
-                        max_tokens=160,
-                        true_output_tokens=160,
+                        # enough work that, served first, it would keep an interactive request
+                        # past its 3 s TTFT on a fast CPU too (AMX: 0.8 s per wave of 160 tokens)
+                        max_tokens=320,
+                        true_output_tokens=320,
                         slo=pb.SLO(slo_class="batch"),
                     )
                     for _ in range(64)

@@ -12,6 +12,7 @@ This module imports nothing from vLLM until a scheduler class is asked for: vLLM
 from __future__ import annotations
 
 import logging
+import sys
 from typing import Any
 
 log = logging.getLogger("qlm_plugin.adapters.vllm")
@@ -69,6 +70,23 @@ def register() -> None:
         check_vllm()
     except UnsupportedVLLMError as exc:
         log.error("%s", exc)
+    _allow_amx()
+
+
+def _allow_amx() -> None:
+    """vLLM-CPU's bf16 attention runs AMX tile instructions in its worker without asking Linux for
+    them (``arch_prctl``); oneDNN asks, but only when one of its own kernels picks AMX, which the
+    tiny test model's shapes may not: the worker then dies of SIGILL at its first prefill. Asking
+    costs nothing where AMX is absent or already allowed."""
+    torch = sys.modules.get("torch")  # vLLM's processes have it; never imported here for this
+    init = getattr(getattr(getattr(torch, "_C", None), "_cpu", None), "_init_amx", None)
+    if init is None:
+        return
+    try:
+        if torch.cpu._is_amx_tile_supported():  # type: ignore[union-attr]
+            init()
+    except Exception:  # an old or odd torch: vLLM runs as it would without us
+        log.debug("could not ask for AMX", exc_info=True)
 
 
 def __getattr__(name: str) -> Any:

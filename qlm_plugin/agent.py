@@ -228,17 +228,20 @@ class InstanceAgent:
                     yield pb.PullCredit(session=self.session, free_slots=free, received=self._received)
 
         call = stub.Pull(credits(), metadata=self._metadata())
-        async for a in call:
-            self._received += 1
-            if not self.engine.start(a, self.emit):
-                self.emit(
-                    pb.RequestEvent(
-                        request_id=a.request.request_id,
-                        attempt=a.attempt,
-                        kind=pb.RequestEvent.FAILED,
-                        error="the engine refused it",
+        try:
+            async for a in call:
+                self._received += 1
+                if not self.engine.start(a, self.emit):
+                    self.emit(
+                        pb.RequestEvent(
+                            request_id=a.request.request_id,
+                            attempt=a.attempt,
+                            kind=pb.RequestEvent.FAILED,
+                            error="the engine refused it",
+                        )
                     )
-                )
+        finally:
+            call.cancel()  # and with it the task that reads our credits: nothing left pending
         raise SessionLost("the coordinator closed the pull stream")
 
     async def _commands(self, stub: pb_grpc.InstancesStub) -> None:
@@ -249,34 +252,40 @@ class InstanceAgent:
             while True:
                 yield await acks.get()
 
-        def send(cmd: pb.Command, ack: pb.CommandAck) -> None:
-            ack.command_id = cmd.command_id
-            ack.session = self.session
+        call = stub.Commands(outgoing(), metadata=self._metadata())
+        try:
+            async for cmd in call:
+                self._execute(cmd, acks)
+        finally:
+            call.cancel()  # and with it the task that reads our acknowledgements
+        raise SessionLost("the coordinator closed the command stream")
+
+    def _execute(self, cmd: pb.Command, acks: asyncio.Queue[pb.CommandAck]) -> None:
+        """Carry out one command and acknowledge it: started in order, a slow one finishing in a
+        task of its own, so that neither the heartbeats nor the commands after it wait for it. A
+        failed operation is acknowledged as failed, never fatal to the session."""
+
+        def send(ack: pb.CommandAck) -> None:
+            ack.command_id, ack.session = cmd.command_id, self.session
             acks.put_nowait(ack)
 
-        async def finish(cmd: pb.Command, pending: Awaitable[pb.CommandAck]) -> None:
+        async def finish(pending: Awaitable[pb.CommandAck]) -> None:
             try:
-                ack = await pending
-            except Exception as exc:  # a failed operation is acknowledged as failed, not fatal
-                ack = pb.CommandAck(ok=False, error=f"{type(exc).__name__}: {exc}")
-            send(cmd, ack)
-
-        call = stub.Commands(outgoing(), metadata=self._metadata())
-        async for cmd in call:
-            # Started in order; a slow one finishes in its own task, so that neither the heartbeats
-            # nor the commands after it wait for it.
-            try:
-                result = self.engine.execute(cmd)
+                send(await pending)
             except Exception as exc:
-                send(cmd, pb.CommandAck(ok=False, error=f"{type(exc).__name__}: {exc}"))
-                continue
-            if isinstance(result, pb.CommandAck):
-                send(cmd, result)
-            else:
-                task = asyncio.ensure_future(finish(cmd, result))
-                self._slow_commands.add(task)
-                task.add_done_callback(self._slow_commands.discard)
-        raise SessionLost("the coordinator closed the command stream")
+                send(pb.CommandAck(ok=False, error=f"{type(exc).__name__}: {exc}"))
+
+        try:
+            result = self.engine.execute(cmd)
+        except Exception as exc:
+            send(pb.CommandAck(ok=False, error=f"{type(exc).__name__}: {exc}"))
+            return
+        if isinstance(result, pb.CommandAck):
+            send(result)
+            return
+        task = asyncio.ensure_future(finish(result))
+        self._slow_commands.add(task)
+        task.add_done_callback(self._slow_commands.discard)
 
     def _batch(self) -> None:
         if self._events:

@@ -131,6 +131,7 @@ class RequestOutcome:
     wasted_tokens: int = 0
     reason: str = ""
     extra: dict[str, float] = field(default_factory=dict)
+    start_time: float | None = None  # first admitted to a running batch (its prefill began)
 
     @property
     def ttft(self) -> float | None:

@@ -770,6 +770,8 @@ class SimInstance:
                 self._pop_head(head)
                 head.phase = PREFILL
                 head.admitted_at = now
+                if head.outcome.start_time is None:
+                    head.outcome.start_time = now
                 head.computed = 0
                 head.blocks = blocks
                 self.kv_used += blocks

@@ -137,13 +137,13 @@ class Job:
         return RequestOutcome(
             self.request,
             status.get(self.state, Status.UNFINISHED),
-            self.instance,
-            self.first_token_at,
-            self.finished_at,
-            self.tokens,
-            self.preemptions,
-            self.wasted_tokens,
-            self.error,
+            instance_id=self.instance,
+            first_token_time=self.first_token_at,
+            finish_time=self.finished_at,
+            output_tokens=self.tokens,
+            preemptions=self.preemptions,
+            wasted_tokens=self.wasted_tokens,
+            reason=self.error,
         )
 
 

@@ -172,11 +172,11 @@ class _Reporter:
             outcome=RequestOutcome(
                 request,
                 outcome.status,
-                outcome.instance_id,
-                outcome.first_token_time,
-                outcome.finish_time,
-                outcome.output_tokens,
-                job.preemptions if job is not None else outcome.preemptions,
+                instance_id=outcome.instance_id,
+                first_token_time=outcome.first_token_time,
+                finish_time=outcome.finish_time,
+                output_tokens=outcome.output_tokens,
+                preemptions=job.preemptions if job is not None else outcome.preemptions,
             ),
             now=now,
         )

@@ -1,0 +1,34 @@
+"""Every policy's per-request outcomes on the packaged default scenario are the ones recorded in
+``tests/data/outcomes.json`` (``python -m qlm_plugin.outcomes record``): a change of behaviour
+is deliberate, and is recorded again with it. ``python -m qlm_plugin.outcomes check
+tests/data/outcomes.json`` checks the bench scenarios A-D too (about a minute)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+
+from qlm_plugin.outcomes import POLICIES, rows
+from qlm_plugin.scenario import load_scenario
+from qlm_plugin.simulate import build_requests, run_policy
+
+RECORDED = json.loads((Path(__file__).parent / "data" / "outcomes.json").read_text())["default"]
+
+
+@pytest.fixture(scope="module")
+def requests() -> tuple[object, list, list]:  # type: ignore[type-arg]
+    scenario = load_scenario(None)
+    return (scenario, *build_requests(scenario))
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_outcomes_on_the_default_scenario_are_the_recorded_ones(requests: tuple, policy: str) -> None:  # type: ignore[type-arg]
+    scenario, reqs, rejected = requests
+    result = run_policy(scenario, policy, reqs, rejected, autoload=False)
+    lines = rows(result.outcomes)
+    assert len(lines) == RECORDED[policy]["requests"]
+    assert round(result.overall.slo_attainment, 6) == RECORDED[policy]["slo_attainment"]
+    assert hashlib.sha256("\n".join(lines).encode()).hexdigest() == RECORDED[policy]["digest"]

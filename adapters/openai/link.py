@@ -116,10 +116,10 @@ class OpenAIEngineLink:
                     "kv": _sum_series(text, KV_METRICS),
                 }
                 self._server_answers(True)
-            except (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError):
-                self._server_answers(False)
+            except aiohttp.ClientConnectorError:
+                self._server_answers(False)  # refused: nothing listens there
             except (aiohttp.ClientError, asyncio.TimeoutError):
-                pass  # slow or odd, not gone
+                pass  # slow or odd (a keep-alive connection closed as it was reused), not gone
             # while it is down, looked at often: the instance serves again soon after it is back
             down = self.down_since is not None
             await asyncio.sleep(

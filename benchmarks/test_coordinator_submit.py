@@ -21,7 +21,7 @@ from qlm_plugin.coordinator.config import CoordinatorConfig
 from qlm_plugin.coordinator.coordinator import Coordinator
 from qlm_plugin.coordinator.journal import Journal
 from qlm_plugin.proto.qlm.v1 import qlm_pb2 as pb
-from qlm_plugin.scenario import load_scenario
+from qlm_plugin.workloads.scenario import load_scenario
 
 N = 2000
 RATES: dict[str, float] = {}

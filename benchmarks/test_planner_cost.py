@@ -15,12 +15,12 @@ import random
 import pytest
 
 from qlm_plugin.adapters.sim import SimBackend, SimFleet, SimInstance
-from qlm_plugin.core import QueueManager
-from qlm_plugin.costmodel import cost_model
+from qlm_plugin.brain.planner import Planner
+from qlm_plugin.brain.predictor import LengthPredictor, PredictorPlugin
+from qlm_plugin.brain.queue_manager import QueueManager
+from qlm_plugin.domain.costmodel import cost_model
+from qlm_plugin.domain.request import DEFAULT_CLASSES, Request, make_request
 from qlm_plugin.hooks import get_plugin_manager
-from qlm_plugin.planner import Planner
-from qlm_plugin.predictor import LengthPredictor, PredictorPlugin
-from qlm_plugin.request import DEFAULT_CLASSES, Request, make_request
 
 MODELS = {f"m{i}": cost_model("llama-3.1-8b", "h100", {"max_num_seqs": 1}) for i in range(4)}
 

@@ -19,8 +19,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from qlm_plugin.predictor import LengthPredictor
-from qlm_plugin.request import Request
+from qlm_plugin.brain.predictor import LengthPredictor
+from qlm_plugin.domain.request import Request
 
 WINDOW = 2048
 GROUP = f"length predictor (window {WINDOW}) vs statistics.fmean over the window"

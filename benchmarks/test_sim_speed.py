@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-import qlm_plugin.simulate as sim
-from qlm_plugin.scenario import load_scenario
+import qlm_plugin.tools.simulate as sim
+from qlm_plugin.workloads.scenario import load_scenario
 
 ROOT = Path(__file__).resolve().parents[1]
 FULL = ROOT / "scenarios" / "conv_full_4xh100.yaml"

@@ -24,7 +24,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import NoOpTracerProvider
 from opentelemetry.util.types import AttributeValue
 
-from qlm_plugin.telemetry import Telemetry
+from qlm_plugin.telemetry.instruments import Telemetry
 
 ROUNDS = 5000
 

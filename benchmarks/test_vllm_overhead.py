@@ -20,7 +20,7 @@ import pytest
 
 from qlm_plugin.adapters.vllm.fields import QLMFields
 from qlm_plugin.adapters.vllm.policy import InEnginePolicy
-from qlm_plugin.state import StepTiming
+from qlm_plugin.domain.instance import StepTiming
 
 RUNNING = 256
 

@@ -23,20 +23,19 @@ from typing import TYPE_CHECKING
 import pluggy
 
 if TYPE_CHECKING:
-    from qlm_plugin.distributions import LengthDistribution, WaitEstimate
-    from qlm_plugin.plan import Plan
-    from qlm_plugin.policies.registry import PolicyRegistry
-    from qlm_plugin.request import Request
-    from qlm_plugin.state import (
-        Admission,
+    from qlm_plugin.domain.distributions import LengthDistribution, WaitEstimate
+    from qlm_plugin.domain.instance import (
         EvictMode,
         EvictResult,
         InstanceInfo,
         InstanceState,
         LoadResult,
-        RequestOutcome,
         RunningView,
     )
+    from qlm_plugin.domain.outcome import Admission, RequestOutcome
+    from qlm_plugin.domain.plan import Plan
+    from qlm_plugin.domain.request import Request
+    from qlm_plugin.policies.registry import PolicyRegistry
 
 _hookspec = pluggy.HookspecMarker("qlm")
 
@@ -188,7 +187,7 @@ def qlm_predict_output_length(request: Request, generated_tokens: int) -> Length
     Called when a request is queued, and again while it runs (``generated_tokens`` > 0) so a
     predictor can condition on progress.
 
-    :return: a :class:`~qlm_plugin.distributions.LengthDistribution` of the *remaining* tokens
+    :return: a :class:`~qlm_plugin.domain.distributions.LengthDistribution` of the *remaining* tokens
         (never more than ``request.max_tokens - generated_tokens``).
 
     firstresult: the first non-None answer is used.
@@ -202,7 +201,7 @@ def qlm_estimate_wait(
     """Estimate how long ``request`` waits and runs on ``instance`` behind the requests ``ahead``.
 
     :param ahead: the requests that would be served before it on that instance, in order.
-    :return: a :class:`~qlm_plugin.distributions.WaitEstimate` (times relative to ``now``) with the
+    :return: a :class:`~qlm_plugin.domain.distributions.WaitEstimate` (times relative to ``now``) with the
         probability of meeting the request's SLOs.
 
     firstresult: the first non-None answer is used.
@@ -252,7 +251,7 @@ def qlm_plan(queue: Sequence[Request], instances: Sequence[InstanceState], now: 
 
     Called on replanning events (arrival bursts, predicted SLO violations, instance changes).
 
-    :return: a :class:`~qlm_plugin.plan.Plan`; ``None`` keeps the current plan.
+    :return: a :class:`~qlm_plugin.domain.plan.Plan`; ``None`` keeps the current plan.
 
     firstresult: the first non-None answer is used.
     """

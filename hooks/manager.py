@@ -14,8 +14,8 @@ from collections.abc import Iterable
 
 import pluggy
 
+from qlm_plugin.domain.instance import InstanceInfo
 from qlm_plugin.hooks import hookspecs
-from qlm_plugin.state import InstanceInfo
 
 log = logging.getLogger(__name__)
 

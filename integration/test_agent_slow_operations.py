@@ -16,14 +16,14 @@ from aiohttp import web
 
 from qlm_plugin.adapters.openai import OpenAIEngineLink, OpenAISettings
 from qlm_plugin.adapters.sim.realtime import synthetic_text
-from qlm_plugin.adapters.vllm.link import Link
-from qlm_plugin.agent import InstanceAgent
-from qlm_plugin.client import CoordinatorClient
+from qlm_plugin.adapters.vllm.engine_agent import Link
+from qlm_plugin.coordinator.instances import Session
 from qlm_plugin.coordinator.loadtest import free_port
-from qlm_plugin.coordinator.remote import Session
 from qlm_plugin.proto.qlm.v1 import qlm_pb2 as pb
 from qlm_plugin.testing.openai_stub import StubServer, serve
 from qlm_plugin.testing.stack import LocalStack, local_stack
+from qlm_plugin.transport.agent import InstanceAgent
+from qlm_plugin.transport.client import CoordinatorClient
 
 MODEL = "llama-3.1-8b"
 #: The stack declares an instance lost after 2 s without a heartbeat; the operation takes longer.

@@ -60,7 +60,6 @@ import grpc
 import pytest
 
 from qlm_plugin.adapters.sim.realtime import synthetic_text
-from qlm_plugin.client import CoordinatorClient
 from qlm_plugin.coordinator.loadtest import free_port
 from qlm_plugin.proto.qlm.v1 import qlm_pb2 as pb
 from qlm_plugin.testing.chaos import (
@@ -78,6 +77,7 @@ from qlm_plugin.testing.chaos import (
     plan_kills,
     words,
 )
+from qlm_plugin.transport.client import CoordinatorClient
 
 MODEL = "llama-3.1-8b"
 # QLM_CHAOS_SEEDS=4,5,6 and QLM_CHAOS_REQUESTS=N run other seeds, or more requests (a longer soak).

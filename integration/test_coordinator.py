@@ -16,12 +16,12 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from qlm_plugin import agent as agent_module
 from qlm_plugin.adapters.sim.realtime import synthetic_text
-from qlm_plugin.client import CoordinatorClient
 from qlm_plugin.proto.qlm.v1 import qlm_pb2 as pb
-from qlm_plugin.scenario import load_scenario
 from qlm_plugin.testing.stack import LocalStack, local_stack
+from qlm_plugin.transport import agent as agent_module
+from qlm_plugin.transport.client import CoordinatorClient
+from qlm_plugin.workloads.scenario import load_scenario
 
 MODEL = "llama-3.1-8b"
 

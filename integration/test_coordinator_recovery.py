@@ -17,9 +17,9 @@ import grpc
 import pytest
 
 from qlm_plugin.adapters.sim.realtime import synthetic_text
-from qlm_plugin.client import CoordinatorClient
 from qlm_plugin.coordinator.loadtest import free_port
 from qlm_plugin.proto.qlm.v1 import qlm_pb2 as pb
+from qlm_plugin.transport.client import CoordinatorClient
 
 MODEL = "llama-3.1-8b"
 N = 1000

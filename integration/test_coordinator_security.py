@@ -26,14 +26,14 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from qlm_plugin.adapters.sim.engine import SimInstance
 from qlm_plugin.adapters.sim.process import SimEngineLink
 from qlm_plugin.adapters.sim.realtime import synthetic_text
-from qlm_plugin.agent import AgentSettings, InstanceAgent
-from qlm_plugin.client import CoordinatorClient
 from qlm_plugin.coordinator.auth import Authenticator, AuthError, http_ssl_context
 from qlm_plugin.coordinator.config import CoordinatorConfig, Listen
 from qlm_plugin.coordinator.server import CoordinatorServer
 from qlm_plugin.proto.qlm.v1 import qlm_pb2 as pb
 from qlm_plugin.proto.qlm.v1 import qlm_pb2_grpc as pb_grpc
 from qlm_plugin.testing.stack import LocalInstance, LocalStack, local_stack
+from qlm_plugin.transport.agent import AgentSettings, InstanceAgent
+from qlm_plugin.transport.client import CoordinatorClient
 
 MODEL = "llama-3.1-8b"
 
@@ -266,7 +266,7 @@ def test_grpc_services_need_their_scopes_and_health_needs_none(tmp_path: Path) -
 def test_an_agent_without_the_instance_token_never_registers(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.WARNING, logger="qlm_plugin.agent")
+    caplog.set_level(logging.WARNING, logger="qlm_plugin.transport.agent")
 
     async def body(st: LocalStack) -> None:
         target = st.settings.target

@@ -15,10 +15,10 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind
 
-from qlm_plugin.client import CoordinatorClient
 from qlm_plugin.proto.qlm.v1 import qlm_pb2 as pb
-from qlm_plugin.telemetry import Telemetry
+from qlm_plugin.telemetry.instruments import Telemetry
 from qlm_plugin.testing.stack import local_stack
+from qlm_plugin.transport.client import CoordinatorClient
 
 MODEL = "llama-3.1-8b"
 TRACEPARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"

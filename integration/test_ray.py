@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 
 from qlm_plugin.adapters.sim.realtime import synthetic_text
-from qlm_plugin.client import CoordinatorClient
 from qlm_plugin.coordinator.loadtest import free_port
 from qlm_plugin.proto.qlm.v1 import qlm_pb2 as pb
+from qlm_plugin.transport.client import CoordinatorClient
 
 pytestmark = pytest.mark.slow
 KILLER = """
@@ -72,7 +72,7 @@ def test_eight_actors_a_trace_and_a_killed_actor_every_request_once(
     cluster: tuple[str, dict[str, str]], tmp_path: Path
 ) -> None:
     address, env = cluster
-    from qlm_plugin import workload as wl
+    from qlm_plugin import workloads as wl
 
     http, grpc_port = free_port(), free_port()
     target = f"127.0.0.1:{grpc_port}"

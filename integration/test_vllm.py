@@ -23,9 +23,9 @@ from typing import Any
 import aiohttp
 import pytest
 
-from qlm_plugin.client import CoordinatorClient
 from qlm_plugin.coordinator.loadtest import free_port
 from qlm_plugin.proto.qlm.v1 import qlm_pb2 as pb
+from qlm_plugin.transport.client import CoordinatorClient
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "tiny"

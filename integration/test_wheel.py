@@ -200,8 +200,8 @@ def test_child_processes_import_the_installed_package_not_the_clone(venv: Path, 
     """Inside the clone, ``python -m`` would put the clone first on ``sys.path``; the product's
     children import ``qlm_plugin`` from where their parent did (here: the installed package)."""
     parent = (
-        "import json, subprocess; from qlm_plugin.child_process import python_command;"
-        "probe = python_command('qlm_plugin.child_process');"
+        "import json, subprocess; from qlm_plugin.deploy.child_process import python_command;"
+        "probe = python_command('qlm_plugin.deploy.child_process');"
         "print(subprocess.run(probe, capture_output=True, text=True, check=True).stdout)"
     )
     # -I: the parent itself imports the installed package, as the `qlm` console script does

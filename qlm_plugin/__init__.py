@@ -1,6 +1,6 @@
 """qlm-plugin: SLO-aware queue management for LLM serving."""
 
-from qlm_plugin.request import (
+from qlm_plugin.domain.request import (
     SLO,
     ModelSpec,
     Request,

@@ -22,7 +22,7 @@ def _fmt(value: float | None, unit: str = "", digits: int = 2) -> str:
 
 
 def _print_table(results: dict[str, object]) -> None:
-    from qlm_plugin.simulate import PolicyResult
+    from qlm_plugin.tools.simulate import PolicyResult
 
     header = (
         f"{'policy':<10} {'class':<12} {'reqs':>6} {'SLO met':>8} {'goodput':>8} {'thrpt':>8} "
@@ -54,8 +54,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
     from qlm_plugin.hooks import get_plugin_manager
     from qlm_plugin.policies.registry import policy_registry
-    from qlm_plugin.scenario import load_scenario
-    from qlm_plugin.simulate import build_requests, run_policy
+    from qlm_plugin.tools.simulate import build_requests, run_policy
+    from qlm_plugin.workloads.scenario import load_scenario
 
     scenario = load_scenario(args.scenario)
     updates: dict[str, object] = {}
@@ -126,7 +126,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 
 def cmd_cost_check(args: argparse.Namespace) -> int:
-    from qlm_plugin.costcheck import cost_check
+    from qlm_plugin.tools.costcheck import cost_check
 
     rows = cost_check(args.model, args.gpu, [int(b) for b in args.batches.split(",")])
     if args.json:
@@ -148,7 +148,7 @@ def cmd_cost_check(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from qlm_plugin import bench
+    from qlm_plugin.tools import bench
 
     def names(text: str | None) -> list[str] | None:
         return None if text is None else [n.strip() for n in text.split(",") if n.strip()]
@@ -176,7 +176,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     )
 
     def progress(scenario: str, policy: str, multiplier: float, res: object) -> None:
-        from qlm_plugin.simulate import PolicyResult
+        from qlm_plugin.tools.simulate import PolicyResult
 
         assert isinstance(res, PolicyResult)
         print(
@@ -212,8 +212,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_plan_capacity(args: argparse.Namespace) -> int:
-    from qlm_plugin import capacity
-    from qlm_plugin.scenario import load_scenario
+    from qlm_plugin.tools import capacity
+    from qlm_plugin.workloads.scenario import load_scenario
 
     scenario = capacity.apply_workload_overrides(
         load_scenario(args.slo_config),
@@ -354,9 +354,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     from qlm_plugin.coordinator.config import ConfigError
-    from qlm_plugin.costmodel import UnknownProfileError
+    from qlm_plugin.domain.costmodel import UnknownProfileError
     from qlm_plugin.policies.registry import UnknownPolicyError
-    from qlm_plugin.scenario import ScenarioError
+    from qlm_plugin.workloads.scenario import ScenarioError
 
     parser = build_parser()
     args = parser.parse_args(argv)

@@ -1,4 +1,4 @@
-"""``qlm bench`` (qlm_plugin.bench): result structure, the highest-load interpolation, the Markdown
+"""``qlm bench`` (qlm_plugin.tools.bench): result structure, the highest-load interpolation, the Markdown
 writer, plots, merging a burst into a scenario's requests, skipped scenarios and command-line errors.
 
 Everything runs on tiny synthetic scenarios written to tmp_path (two policies, two load points).
@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from qlm_plugin import bench
 from qlm_plugin.cli import main
-from qlm_plugin.request import Request, make_request
-from qlm_plugin.scenario import load_scenario
-from qlm_plugin.simulate import PolicyResult
+from qlm_plugin.domain.request import Request, make_request
+from qlm_plugin.tools import bench
+from qlm_plugin.tools.simulate import PolicyResult
+from qlm_plugin.workloads.scenario import load_scenario
 
 ROOT = Path(__file__).resolve().parents[1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -336,7 +336,7 @@ def test_cli_fails_when_every_scenario_is_skipped(
 
 
 def test_queue_manager_table_lists_lsos_and_accuracy_only_for_queue_managers() -> None:
-    from qlm_plugin.bench import queue_manager_table
+    from qlm_plugin.tools.bench import queue_manager_table
 
     scenario = {
         "policies": {

@@ -1,4 +1,4 @@
-"""``qlm plan-capacity`` (qlm_plugin.capacity): the count search on a fake evaluator, the parsers of
+"""``qlm plan-capacity`` (qlm_plugin.tools.capacity): the count search on a fake evaluator, the parsers of
 ``--target`` and ``--price``, an end-to-end plan whose answer is cross-checked (N meets, N-1 does not),
 JSON output and one-line command-line errors.
 
@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from qlm_plugin import capacity
 from qlm_plugin.cli import main
-from qlm_plugin.scenario import load_scenario
-from qlm_plugin.simulate import build_requests, run_policy
+from qlm_plugin.tools import capacity
+from qlm_plugin.tools.simulate import build_requests, run_policy
+from qlm_plugin.workloads.scenario import load_scenario
 
 SMALL = """\
 name: small-capacity

@@ -7,15 +7,15 @@ from collections import Counter
 import pytest
 
 from qlm_plugin.adapters.sim import SimBackend, SimFleet, SimInstance
-from qlm_plugin.core import QueueManager
-from qlm_plugin.costmodel import cost_model
+from qlm_plugin.brain.planner import Planner
+from qlm_plugin.brain.predictor import LengthPredictor, PredictorPlugin
+from qlm_plugin.brain.queue_manager import QueueManager
+from qlm_plugin.domain.costmodel import cost_model
+from qlm_plugin.domain.outcome import Status
+from qlm_plugin.domain.request import DEFAULT_CLASSES, make_request
 from qlm_plugin.hooks import get_plugin_manager
-from qlm_plugin.planner import Planner
-from qlm_plugin.predictor import LengthPredictor, PredictorPlugin
-from qlm_plugin.request import DEFAULT_CLASSES, make_request
-from qlm_plugin.scenario import load_scenario, parse_scenario
-from qlm_plugin.simulate import build_requests, run_policy
-from qlm_plugin.state import Status
+from qlm_plugin.tools.simulate import build_requests, run_policy
+from qlm_plugin.workloads.scenario import load_scenario, parse_scenario
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +109,7 @@ def test_seats_are_held_for_urgent_arrivals_only_while_they_keep_coming() -> Non
 def test_the_seat_reserve_is_the_poisson_quantile_of_urgent_arrivals() -> None:
     from scipy.stats import poisson
 
-    from qlm_plugin.core import poisson_quantile
+    from qlm_plugin.brain.queue_manager import poisson_quantile
 
     for mean in (0.0, 0.01, 0.1, 0.27, 1.0, 2.5, 7.0, 40.0, 99.0, 150.0, 5000.0):
         for q in (0.5, 0.9, 0.99):

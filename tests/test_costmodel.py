@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from qlm_plugin.costmodel import UnknownProfileError, cost_model, known_profiles
+from qlm_plugin.domain.costmodel import UnknownProfileError, cost_model, known_profiles
 
 TABLE = {  # model/gpu -> (tp, b0, b1, b2, kv_blocks), as published
     "llama-3.1-8b/h100": (1, 5753, 17.25, 6.00, 29205),

@@ -8,17 +8,17 @@ import random
 import numpy as np
 import pytest
 
-from qlm_plugin.costmodel import cost_model
-from qlm_plugin.estimator import (
+from qlm_plugin.brain.waiting_time import (
     ResidualCalibrator,
     StepCalibrator,
     heavy_tail_factor,
     p_meet,
     pooled_start_s,
 )
-from qlm_plugin.request import make_request
-from qlm_plugin.state import StepTiming
-from qlm_plugin.workindex import WorkIndex
+from qlm_plugin.brain.work_index import WorkIndex
+from qlm_plugin.domain.costmodel import cost_model
+from qlm_plugin.domain.instance import StepTiming
+from qlm_plugin.domain.request import make_request
 
 
 def brute_force_start(residuals: list[float], work: float, inflow: float = 0.0, dt: float = 4e-3) -> float:

@@ -12,8 +12,8 @@ import pytest
 from qlm_plugin.adapters.vllm.fields import parse_fields
 from qlm_plugin.coordinator.coordinator import Job
 from qlm_plugin.coordinator.forward import request_body
+from qlm_plugin.domain.request import SLO, Request
 from qlm_plugin.proto.qlm.v1 import qlm_pb2 as pb
-from qlm_plugin.request import SLO, Request
 
 
 def _job(*, ttft_s: float | None, e2e_s: float | None, priority: int = 0, tokens: int = 0) -> Job:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from qlm_plugin.groups import VirtualQueue, group_key
-from qlm_plugin.request import DEFAULT_CLASSES, Request, make_request
+from qlm_plugin.domain.groups import VirtualQueue, group_key
+from qlm_plugin.domain.request import DEFAULT_CLASSES, Request, make_request
 
 
 def r(

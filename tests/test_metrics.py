@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from qlm_plugin.metrics import run_span, summarize
-from qlm_plugin.request import make_request
-from qlm_plugin.state import RequestOutcome, Status
+from qlm_plugin.domain.outcome import RequestOutcome, Status
+from qlm_plugin.domain.request import make_request
+from qlm_plugin.tools.metrics import run_span, summarize
 
 
 def outcome(

@@ -1,6 +1,6 @@
 """Every policy's per-request outcomes on the packaged default scenario are the ones recorded in
-``tests/data/outcomes.json`` (``python -m qlm_plugin.outcomes record``): a change of behaviour
-is deliberate, and is recorded again with it. ``python -m qlm_plugin.outcomes check
+``tests/data/outcomes.json`` (``python -m qlm_plugin.tools.outcomes record``): a change of behaviour
+is deliberate, and is recorded again with it. ``python -m qlm_plugin.tools.outcomes check
 tests/data/outcomes.json`` checks the bench scenarios A-D too (about a minute)."""
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from qlm_plugin.outcomes import POLICIES, rows
-from qlm_plugin.scenario import load_scenario
-from qlm_plugin.simulate import build_requests, run_policy
+from qlm_plugin.tools.outcomes import POLICIES, rows
+from qlm_plugin.tools.simulate import build_requests, run_policy
+from qlm_plugin.workloads.scenario import load_scenario
 
 RECORDED = json.loads((Path(__file__).parent / "data" / "outcomes.json").read_text())["default"]
 

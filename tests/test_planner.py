@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
-from qlm_plugin.plan import LoadModel
-from qlm_plugin.planner import GroupStat, Machine, Planner, _ready_at
+from qlm_plugin.brain.planner import GroupStat, Machine, Planner, _ready_at
+from qlm_plugin.domain.plan import LoadModel
 
 
 def machine(

@@ -21,10 +21,10 @@ import pluggy
 import pytest
 
 from qlm_plugin import hooks as qlm_hooks
+from qlm_plugin.domain.request import Request, make_request
 from qlm_plugin.policies import registry as policies_registry
-from qlm_plugin.request import Request, make_request
-from qlm_plugin.scenario import load_scenario
-from qlm_plugin.simulate import run_policy
+from qlm_plugin.tools.simulate import run_policy
+from qlm_plugin.workloads.scenario import load_scenario
 
 # Not ``from qlm_plugin.hooks import ...``: ruff resolves that path on disk (hooks/ lives at the repo
 # root, mapped by setuptools) and sorts it as third-party.
@@ -129,7 +129,7 @@ TOY_ADAPTER = """
 import time
 
 from qlm_plugin.hooks import hookimpl
-from qlm_plugin.state import InstanceInfo, InstanceState
+from qlm_plugin.domain.instance import InstanceInfo, InstanceState
 
 
 class ToyBackend:

@@ -8,13 +8,13 @@ from collections.abc import Hashable
 import pluggy
 import pytest
 
-from qlm_plugin.costmodel import cost_model
+from qlm_plugin.brain.contracts import OrderingPolicy, RoutingPolicy, VictimPolicy
+from qlm_plugin.domain.costmodel import cost_model
+from qlm_plugin.domain.instance import InstanceState, RunningView
+from qlm_plugin.domain.request import DEFAULT_CLASSES, Request, make_request
 from qlm_plugin.hooks import get_plugin_manager
-from qlm_plugin.policies.contracts import OrderingPolicy, RoutingPolicy, VictimPolicy
 from qlm_plugin.policies.defaults import Defaults
 from qlm_plugin.policies.registry import PolicyContext, policy_registry
-from qlm_plugin.request import DEFAULT_CLASSES, Request, make_request
-from qlm_plugin.state import InstanceState, RunningView
 
 CTX = PolicyContext({"m": cost_model("llama-3.1-8b", "h100")})
 REGISTRY = policy_registry(get_plugin_manager())

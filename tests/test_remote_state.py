@@ -7,9 +7,9 @@ import time
 
 import pytest
 
-from qlm_plugin.coordinator.remote import RemoteFleet, Session
-from qlm_plugin.core import InstanceView
-from qlm_plugin.state import InstanceState
+from qlm_plugin.brain.queue_manager import InstanceView
+from qlm_plugin.coordinator.instances import RemoteFleet, Session
+from qlm_plugin.domain.instance import InstanceState
 
 
 def _fleet(running: int, waiting: int, handed_over: int) -> tuple[RemoteFleet, InstanceState]:

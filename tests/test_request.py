@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from qlm_plugin.request import (
+from qlm_plugin.domain.request import (
     DEFAULT_CLASSES,
     ModelSpec,
     RequestValidationError,

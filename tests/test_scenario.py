@@ -1,5 +1,5 @@
-"""Scenario files (qlm_plugin.scenario): the packaged default, error messages that name file, line and
-key, cost-model overrides, trace paths, synthetic workloads, instance ids and context limits.
+"""Scenario files (qlm_plugin.workloads.scenario): the packaged default, error messages that name
+file, line and key, cost-model overrides, trace paths, synthetic workloads, instance ids and context limits.
 
 Fixture texts carry their 1-based line number as a YAML comment (``# 5``), so the expected line of
 every error can be read off the text.
@@ -17,8 +17,10 @@ from pathlib import Path
 import pytest
 
 from qlm_plugin.cli import main
-from qlm_plugin.costmodel import GPUS, MODELS, cost_model, known_profiles
-from qlm_plugin.scenario import (
+from qlm_plugin.domain.costmodel import GPUS, MODELS, cost_model, known_profiles
+from qlm_plugin.tools.simulate import build_fleet, build_requests, run_policy
+from qlm_plugin.workloads.records import load_azure_trace, packaged_trace_path
+from qlm_plugin.workloads.scenario import (
     ClassEntry,
     EngineSpec,
     InstanceGroup,
@@ -30,8 +32,6 @@ from qlm_plugin.scenario import (
     WorkloadSpec,
     load_scenario,
 )
-from qlm_plugin.simulate import build_fleet, build_requests, run_policy
-from qlm_plugin.workload import load_azure_trace, packaged_trace_path
 
 HEADER = "TIMESTAMP,ContextTokens,GeneratedTokens\n"
 

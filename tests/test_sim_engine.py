@@ -8,12 +8,13 @@ from dataclasses import replace
 import pytest
 
 from qlm_plugin.adapters.sim import SimBackend, SimFleet, SimInstance
-from qlm_plugin.costcheck import cost_check
-from qlm_plugin.costmodel import CostModel, cost_model
+from qlm_plugin.domain.costmodel import CostModel, cost_model
+from qlm_plugin.domain.instance import EvictMode
+from qlm_plugin.domain.outcome import RequestOutcome, Status
+from qlm_plugin.domain.request import DEFAULT_CLASSES, Request, make_request
 from qlm_plugin.hooks import get_plugin_manager
 from qlm_plugin.policies.baselines import FCFS, StaticPriority
-from qlm_plugin.request import DEFAULT_CLASSES, Request, make_request
-from qlm_plugin.state import EvictMode, RequestOutcome, Status
+from qlm_plugin.tools.costcheck import cost_check
 
 H100_8B = cost_model("llama-3.1-8b", "h100")
 
@@ -186,8 +187,8 @@ def test_macro_steps_match_single_steps_with_model_swaps() -> None:
 def test_macro_steps_match_single_steps_under_state_driven_routing() -> None:
     # The default router reads instance state between events; mid-macro-step reports must show the
     # decode progress a step-by-step engine would, or placements (and everything after) diverge.
-    import qlm_plugin.simulate as sim
-    from qlm_plugin.scenario import load_scenario
+    import qlm_plugin.tools.simulate as sim
+    from qlm_plugin.workloads.scenario import load_scenario
 
     scenario = load_scenario(None)
     scenario = scenario.model_copy(

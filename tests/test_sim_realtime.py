@@ -24,10 +24,11 @@ from qlm_plugin.adapters.sim import (
     synthetic_text,
 )
 from qlm_plugin.adapters.sim.process import SimEngineLink
-from qlm_plugin.costmodel import CostModel, cost_model
+from qlm_plugin.domain.costmodel import CostModel, cost_model
+from qlm_plugin.domain.instance import EvictMode
+from qlm_plugin.domain.outcome import RequestOutcome, Status
+from qlm_plugin.domain.request import Request, make_request
 from qlm_plugin.proto.qlm.v1 import qlm_pb2 as pb
-from qlm_plugin.request import Request, make_request
-from qlm_plugin.state import EvictMode, RequestOutcome, Status
 
 H100_8B = cost_model("llama-3.1-8b", "h100")
 

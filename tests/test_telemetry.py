@@ -24,8 +24,8 @@ from opentelemetry.trace import SpanKind, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from prometheus_client.parser import text_string_to_metric_families
 
-from qlm_plugin import telemetry_sdk
-from qlm_plugin.telemetry import LATENCY_BUCKETS, Telemetry
+from qlm_plugin.telemetry import sdk as telemetry_sdk
+from qlm_plugin.telemetry.instruments import LATENCY_BUCKETS, Telemetry
 
 NS = 1_000_000_000
 
@@ -492,8 +492,8 @@ def test_the_library_module_does_not_import_the_sdk() -> None:
     run_python(
         """
         import sys
-        import qlm_plugin.telemetry
-        tel = qlm_plugin.telemetry.Telemetry()
+        import qlm_plugin.telemetry.instruments
+        tel = qlm_plugin.telemetry.instruments.Telemetry()
         tel.request_started("r", model="m", operation="chat", slo_class="c", tenant="t", max_tokens=1,
                             input_tokens=1, ttft_slo_s=None, e2e_slo_s=None)
         tel.request_finished("r", status="completed", slo_met=True, model="m", slo_class="c", ttft_s=0.1,
@@ -528,8 +528,8 @@ def test_configure_sets_the_global_providers() -> None:
         from opentelemetry import metrics, trace
         from opentelemetry.sdk.trace.export import SimpleSpanProcessor
         from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-        from qlm_plugin import telemetry_sdk
-        from qlm_plugin.telemetry import LATENCY_BUCKETS, Telemetry
+        from qlm_plugin.telemetry import sdk as telemetry_sdk
+        from qlm_plugin.telemetry.instruments import LATENCY_BUCKETS, Telemetry
 
         tp, mp = telemetry_sdk.configure(otlp_endpoint=None, service_name="qlm-test")
         assert trace.get_tracer_provider() is tp and metrics.get_meter_provider() is mp

@@ -8,7 +8,7 @@ import random
 import pytest
 
 from qlm_plugin.adapters.vllm.fidelity import Replayed, calibrated_model, fit, front_end_s, replay
-from qlm_plugin.state import StepTiming
+from qlm_plugin.domain.instance import StepTiming
 
 
 def test_the_fit_recovers_the_step_cost_model() -> None:

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from qlm_plugin.request import DEFAULT_CLASSES, ModelSpec, SLOClass
-from qlm_plugin.workload import (
+from qlm_plugin.domain.request import DEFAULT_CLASSES, ModelSpec, SLOClass
+from qlm_plugin.workloads.records import (
     Rejected,
     Share,
     TraceError,

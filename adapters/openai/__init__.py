@@ -9,7 +9,7 @@ already delivered are kept and the next attempt continues after them), and loads
 through commands or HTTP calls given in its settings.
 """
 
+from qlm_plugin.adapters.openai.engine_link import OpenAIEngineLink, OpenAISettings
 from qlm_plugin.adapters.openai.limiter import ConcurrencyLimiter
-from qlm_plugin.adapters.openai.link import OpenAIEngineLink, OpenAISettings
 
 __all__ = ["ConcurrencyLimiter", "OpenAIEngineLink", "OpenAISettings"]

@@ -52,9 +52,9 @@ def reference_server() -> Any:
 
 def conformance_harness() -> BackendHarness:
     from qlm_plugin.adapters.openai import OpenAIEngineLink, OpenAISettings
-    from qlm_plugin.agent import AgentSettings, InstanceAgent
-    from qlm_plugin.scenario import parse_scenario
     from qlm_plugin.testing.remote_harness import RemoteHarness
+    from qlm_plugin.transport.agent import AgentSettings, InstanceAgent
+    from qlm_plugin.workloads.scenario import parse_scenario
 
     server = reference_server()
 

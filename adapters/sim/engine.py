@@ -4,7 +4,7 @@ Per step: running decodes first (one token each), then partial prefills, then ad
 waiting queue in policy order, within a token budget (chunked prefill) and ``max_num_seqs``; KV
 blocks of 16 tokens allocated as tokens are computed; when a step's decode blocks do not fit, victims
 chosen by the policy are preempted (recompute, or swap with a host-copy cost). Step time is
-``b0 + b1*prefill + b2*decode`` (:mod:`qlm_plugin.costmodel`).
+``b0 + b1*prefill + b2*decode`` (:mod:`qlm_plugin.domain.costmodel`).
 
 Speed: consecutive pure-decode steps with nothing to admit are simulated as one event ("macro step").
 Decode progress is kept lazily against a per-instance step counter, and KV growth is computed from a
@@ -24,18 +24,17 @@ from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from qlm_plugin.costmodel import BLOCK_SIZE, CostModel
-from qlm_plugin.request import Request
-from qlm_plugin.state import (
+from qlm_plugin.domain.costmodel import BLOCK_SIZE, CostModel
+from qlm_plugin.domain.instance import (
     EvictMode,
     EvictResult,
     InstanceState,
     LoadResult,
-    RequestOutcome,
     RunningView,
-    Status,
     StepTiming,
 )
+from qlm_plugin.domain.outcome import RequestOutcome, Status
+from qlm_plugin.domain.request import Request
 
 WAITING, PREFILL, DECODE, DONE = range(4)
 _MAX_MACRO_STEPS = 1 << 20
@@ -581,7 +580,9 @@ class SimInstance:
         self._schedule_step(now)
 
     #: KV blocks a pulled request is assumed to need (about 1.5k tokens) when counting free slots.
-    PULL_BLOCKS_PER_REQUEST = 96  # as the queue manager assumes (qlm_plugin.core.KV_BLOCKS_PER_REQUEST)
+    PULL_BLOCKS_PER_REQUEST = (
+        96  # as the queue manager assumes (qlm_plugin.brain.queue_manager.KV_BLOCKS_PER_REQUEST)
+    )
 
     def free_slots(self) -> int:
         """How many more requests this engine could start now: free seats, bounded by free KV, and

@@ -7,7 +7,7 @@ import math
 from collections.abc import Callable, Sequence
 
 from qlm_plugin.adapters.sim.engine import SimInstance
-from qlm_plugin.request import Request
+from qlm_plugin.domain.request import Request
 
 
 class SimFleet:

@@ -7,7 +7,7 @@ import pluggy
 from qlm_plugin.adapters.sim.engine import SimInstance
 from qlm_plugin.adapters.sim.fleet import SimFleet
 from qlm_plugin.adapters.sim.plugin import SimBackend
-from qlm_plugin.costmodel import cost_model
+from qlm_plugin.domain.costmodel import cost_model
 
 
 class SimHarness:

@@ -8,17 +8,17 @@ from typing import Any
 import pluggy
 
 from qlm_plugin.adapters.sim.fleet import SimFleet
-from qlm_plugin.hooks import hookimpl
-from qlm_plugin.request import Request
-from qlm_plugin.state import (
+from qlm_plugin.domain.instance import (
     EvictMode,
     EvictResult,
     InstanceInfo,
     InstanceState,
     LoadResult,
-    RequestOutcome,
     RunningView,
 )
+from qlm_plugin.domain.outcome import RequestOutcome
+from qlm_plugin.domain.request import Request
+from qlm_plugin.hooks import hookimpl
 
 
 class SimBackend:

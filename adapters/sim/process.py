@@ -1,7 +1,7 @@
 """Simulated instances as real processes: ``qlm instance --backend sim``.
 
 Each simulated engine runs in (optionally scaled) real time (:class:`RealtimeSim`) and connects to
-the coordinator through an :class:`~qlm_plugin.agent.InstanceAgent`, exactly as a real engine's
+the coordinator through an :class:`~qlm_plugin.transport.agent.InstanceAgent`, exactly as a real engine's
 adapter does: it registers, reports state and step timings, pulls work, streams synthetic tokens
 and carries out serving operations. Simulated seconds run ``speed`` times faster than wall
 seconds; everything the coordinator sees (step timings, token times) is in wall seconds.
@@ -18,10 +18,10 @@ from typing import TextIO
 
 from qlm_plugin.adapters.sim.engine import SimInstance
 from qlm_plugin.adapters.sim.realtime import Progress, RealtimeSim, synthetic_text
-from qlm_plugin.agent import AgentSettings, InstanceAgent
+from qlm_plugin.domain.instance import EvictMode
+from qlm_plugin.domain.request import SLO, Request
 from qlm_plugin.proto.qlm.v1 import qlm_pb2 as pb
-from qlm_plugin.request import SLO, Request
-from qlm_plugin.state import EvictMode
+from qlm_plugin.transport.agent import AgentSettings, InstanceAgent
 
 log = logging.getLogger("qlm_plugin.adapters.sim")
 
@@ -30,7 +30,7 @@ CAPABILITIES = ("evict", "swap", "load_model", "warm_start")
 
 
 class SimEngineLink:
-    """The agent's view of one simulated engine (see :class:`qlm_plugin.agent.EngineLink`)."""
+    """The agent's view of one simulated engine (see :class:`qlm_plugin.transport.agent.EngineLink`)."""
 
     backend = "sim"
     endpoint = ""

@@ -16,8 +16,8 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from qlm_plugin.adapters.sim.engine import SimInstance
-from qlm_plugin.request import Request
-from qlm_plugin.state import RequestOutcome
+from qlm_plugin.domain.outcome import RequestOutcome
+from qlm_plugin.domain.request import Request
 
 log = logging.getLogger(__name__)
 

@@ -14,9 +14,10 @@ import numpy as np
 
 from qlm_plugin.adapters.sim.engine import SimInstance
 from qlm_plugin.adapters.sim.fleet import SimFleet
-from qlm_plugin.costmodel import CostModel, cost_model
-from qlm_plugin.request import Request
-from qlm_plugin.state import RequestOutcome, StepTiming
+from qlm_plugin.domain.costmodel import CostModel, cost_model
+from qlm_plugin.domain.instance import StepTiming
+from qlm_plugin.domain.outcome import RequestOutcome
+from qlm_plugin.domain.request import Request
 
 
 @dataclass(frozen=True, slots=True)

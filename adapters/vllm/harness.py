@@ -54,8 +54,8 @@ def shutdown() -> None:
 
 
 def conformance_harness() -> BackendHarness:
-    from qlm_plugin.scenario import parse_scenario
     from qlm_plugin.testing.remote_harness import RemoteHarness
+    from qlm_plugin.workloads.scenario import parse_scenario
 
     _, grpc_port = _engine_and_port()
 

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from qlm_plugin.child_process import python_command
+from qlm_plugin.deploy.child_process import python_command
 
 CPU_COMPAT = Path(__file__).parent / "cpu_compat"
 

@@ -29,7 +29,7 @@ from vllm.v1.request import Request, RequestStatus
 
 from qlm_plugin.adapters.vllm.fields import QLMFields, parse_fields
 from qlm_plugin.adapters.vllm.policy import EvictionOrder, InEnginePolicy, SeatsGiven, order_action
-from qlm_plugin.state import StepTiming
+from qlm_plugin.domain.instance import StepTiming
 
 # A child of vLLM's logger: its handlers print it with the engine's own log lines.
 log = logging.getLogger("vllm.qlm_plugin")
@@ -90,7 +90,7 @@ class _QLMMixin:
         requests_path = os.environ.get("QLM_VLLM_REQUESTS")
         self._qlm_requests_file = open(requests_path, "a", buffering=1) if requests_path else None  # noqa: SIM115
         self._qlm_added: dict[str, float] = {}  # request id -> when it reached the engine (unix s)
-        from qlm_plugin.adapters.vllm.link import start_link
+        from qlm_plugin.adapters.vllm.engine_agent import start_link
 
         self.qlm_link = start_link(self)
 

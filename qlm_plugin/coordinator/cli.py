@@ -51,7 +51,7 @@ def _config(args: argparse.Namespace) -> CoordinatorConfig:
 def _telemetry_sdk(endpoint: str | None) -> Any:
     if not endpoint:
         return None
-    from qlm_plugin import telemetry_sdk
+    from qlm_plugin.telemetry import sdk as telemetry_sdk
 
     return telemetry_sdk.configure(otlp_endpoint=endpoint)
 
@@ -183,7 +183,7 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
 
     left = asyncio.run(serve_until_signal(server, ready))
     if providers is not None:
-        from qlm_plugin import telemetry_sdk
+        from qlm_plugin.telemetry import sdk as telemetry_sdk
 
         telemetry_sdk.shutdown(providers)
     print(
@@ -195,7 +195,7 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
 
 def _instances(args: argparse.Namespace) -> list[Any]:
     from qlm_plugin.adapters.sim.engine import SimInstance
-    from qlm_plugin.scenario import load_scenario
+    from qlm_plugin.workloads.scenario import load_scenario
 
     scenario = load_scenario(args.scenario)
     group = scenario.instances[0]
@@ -224,7 +224,7 @@ def _instances(args: argparse.Namespace) -> list[Any]:
 
 def cmd_instance(args: argparse.Namespace) -> int:
     from qlm_plugin.adapters.sim.process import run_instances
-    from qlm_plugin.agent import AgentSettings
+    from qlm_plugin.transport.agent import AgentSettings
 
     _logging(args.verbose)
     if args.count < 1:
@@ -261,8 +261,8 @@ def cmd_instance(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from qlm_plugin.child_process import python_command
     from qlm_plugin.coordinator.server import CoordinatorServer, serve_until_signal
+    from qlm_plugin.deploy.child_process import python_command
 
     _logging(args.verbose)
     cfg = _config(args)
@@ -276,7 +276,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     fleet: list[Any] = []
 
     def ready_ray() -> None:
-        from qlm_plugin import ray_fleet
+        from qlm_plugin.deploy import ray_fleet
 
         def start() -> None:
             ray_fleet.connect(None if args.ray == "local" else args.ray)
@@ -343,7 +343,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         left = asyncio.run(serve_until_signal(server, ready))
     finally:
         if fleet:
-            from qlm_plugin import ray_fleet
+            from qlm_plugin.deploy import ray_fleet
 
             ray_fleet.stop_fleet(fleet[0])
         for child in children:
@@ -355,7 +355,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             except subprocess.TimeoutExpired:
                 child.kill()
         if providers is not None:
-            from qlm_plugin import telemetry_sdk
+            from qlm_plugin.telemetry import sdk as telemetry_sdk
 
             telemetry_sdk.shutdown(providers)
     print(f"qlm serve: stopped ({left.get('queued', 0)} queued requests kept in {cfg.journal.path})")
@@ -376,7 +376,7 @@ def cmd_bench_vllm(args: argparse.Namespace) -> int:
 
 def _run_openai(args: argparse.Namespace, settings: Any) -> int:
     from qlm_plugin.adapters.openai import OpenAIEngineLink, OpenAISettings
-    from qlm_plugin.agent import InstanceAgent
+    from qlm_plugin.transport.agent import InstanceAgent
 
     if not args.endpoint or not args.model:
         raise ValueError("--backend openai needs --endpoint and --model")
@@ -411,7 +411,7 @@ def _run_openai(args: argparse.Namespace, settings: Any) -> int:
 
 
 def cmd_scale(args: argparse.Namespace) -> int:
-    from qlm_plugin import ray_fleet
+    from qlm_plugin.deploy import ray_fleet
 
     ids = ray_fleet.scale(args.ray, args.model, args.count)
     print(f"qlm scale: {args.model} runs on {len(ids)} instances: {', '.join(ids) or 'none'}")

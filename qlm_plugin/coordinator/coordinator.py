@@ -23,14 +23,14 @@ from typing import Any
 import pluggy
 from google.protobuf import json_format
 
+from qlm_plugin.brain.queue_manager import QueueManager
 from qlm_plugin.coordinator.config import CoordinatorConfig
+from qlm_plugin.coordinator.instances import PendingCommand, RemoteFleet, Session, state_from_report
 from qlm_plugin.coordinator.journal import TERMINAL, JobRecord, Journal, JournalError
-from qlm_plugin.coordinator.remote import PendingCommand, RemoteFleet, Session, state_from_report
-from qlm_plugin.core import QueueManager
-from qlm_plugin.plan import Plan
-from qlm_plugin.policies.registry import PolicyContext, policy_registry
-from qlm_plugin.proto.qlm.v1 import qlm_pb2 as pb
-from qlm_plugin.request import (
+from qlm_plugin.domain.instance import InstanceState
+from qlm_plugin.domain.outcome import Admission, RequestOutcome, Status
+from qlm_plugin.domain.plan import Plan
+from qlm_plugin.domain.request import (
     DEFAULT_CLASSES,
     ModelSpec,
     Request,
@@ -38,9 +38,10 @@ from qlm_plugin.request import (
     SLOClass,
     make_request,
 )
-from qlm_plugin.scenario import Scenario
-from qlm_plugin.state import Admission, InstanceState, RequestOutcome, Status
-from qlm_plugin.telemetry import Telemetry
+from qlm_plugin.policies.registry import PolicyContext, policy_registry
+from qlm_plugin.proto.qlm.v1 import qlm_pb2 as pb
+from qlm_plugin.telemetry.instruments import Telemetry
+from qlm_plugin.workloads.scenario import Scenario
 
 log = logging.getLogger("qlm_plugin.coordinator")
 

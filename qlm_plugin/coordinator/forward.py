@@ -18,12 +18,12 @@ from typing import TYPE_CHECKING, Any
 
 import aiohttp
 
-from qlm_plugin.openai_client import TokenizeError, tokenize
 from qlm_plugin.proto.qlm.v1 import qlm_pb2 as pb
+from qlm_plugin.transport.openai_client import TokenizeError, tokenize
 
 if TYPE_CHECKING:
     from qlm_plugin.coordinator.coordinator import Coordinator, Job
-    from qlm_plugin.coordinator.remote import Session
+    from qlm_plugin.coordinator.instances import Session
 
 Event = pb.RequestEvent
 #: Deadline of the connection to the engine (the stream itself runs as long as the request).

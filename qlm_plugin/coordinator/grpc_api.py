@@ -13,7 +13,7 @@ import grpc
 
 from qlm_plugin.coordinator.auth import Authenticator, AuthError, Principal
 from qlm_plugin.coordinator.coordinator import Coordinator, Job, SubmitError, status_message
-from qlm_plugin.coordinator.remote import Session
+from qlm_plugin.coordinator.instances import Session
 from qlm_plugin.proto.qlm.v1 import qlm_pb2 as pb
 from qlm_plugin.proto.qlm.v1 import qlm_pb2_grpc as pb_grpc
 

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from qlm_plugin.child_process import python_command
+from qlm_plugin.deploy.child_process import python_command
 
 MODEL = "llama-3.1-8b"
 
@@ -106,7 +106,7 @@ def _spec(i: int) -> Any:
 
 async def submit_throughput(target: str, n: int, *, batch: int, concurrency: int) -> dict[str, float]:
     """Submit ``n`` requests, ``batch`` per call (1: unary Submit), ``concurrency`` calls in flight."""
-    from qlm_plugin.client import CoordinatorClient
+    from qlm_plugin.transport.client import CoordinatorClient
 
     async with CoordinatorClient(target, timeout_s=60) as client:
         await client.submit(_spec(-1))  # warm the channel

@@ -22,8 +22,8 @@ from qlm_plugin.coordinator.http_api import FrontDoor, make_runner
 from qlm_plugin.coordinator.journal import Journal
 from qlm_plugin.proto.qlm.v1 import qlm_pb2 as pb
 from qlm_plugin.proto.qlm.v1 import qlm_pb2_grpc as pb_grpc
-from qlm_plugin.scenario import Scenario, load_scenario
-from qlm_plugin.telemetry import Telemetry
+from qlm_plugin.telemetry.instruments import Telemetry
+from qlm_plugin.workloads.scenario import Scenario, load_scenario
 
 log = logging.getLogger("qlm_plugin.coordinator")
 

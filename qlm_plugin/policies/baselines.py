@@ -4,7 +4,8 @@
 * ``edf``: earliest deadline first (the TTFT deadline, else the end-to-end one).
 * ``priority``: static priority, ``(priority, arrival)`` lower first, preempting the lowest priority
   (vLLM's ``--scheduling-policy priority``).
-* ``qlm``: the queue manager (:mod:`qlm_plugin.core`) with the online length predictor and the planner.
+* ``qlm``: the queue manager (:mod:`qlm_plugin.brain.queue_manager`) with the online length
+  predictor and the planner.
 * ``oracle``: the same queue manager and planner fed each request's *true* output length. A reference
   no deployment can run: the gap between ``qlm`` and it is the price of prediction.
 """
@@ -13,10 +14,10 @@ from __future__ import annotations
 
 from collections.abc import Hashable, Sequence
 
+from qlm_plugin.domain.instance import RunningView
+from qlm_plugin.domain.request import Request
 from qlm_plugin.hooks import hookimpl
 from qlm_plugin.policies.registry import PolicyContext, PolicyRegistry
-from qlm_plugin.request import Request
-from qlm_plugin.state import RunningView
 
 
 class FCFS:
@@ -73,17 +74,17 @@ class BaselinePolicies:
 
 
 def _make_qlm(ctx: PolicyContext) -> list[object]:
-    from qlm_plugin.core import QueueManager
-    from qlm_plugin.planner import Planner
-    from qlm_plugin.predictor import LengthPredictor, PredictorPlugin
+    from qlm_plugin.brain.planner import Planner
+    from qlm_plugin.brain.predictor import LengthPredictor, PredictorPlugin
+    from qlm_plugin.brain.queue_manager import QueueManager
 
     qm = QueueManager(dict(ctx.cost_models), repredict_min_s=0.1 if ctx.wall_clock else 0.0)
     return [PredictorPlugin(LengthPredictor()), qm, Planner(qm)]
 
 
 def _make_oracle(ctx: PolicyContext) -> list[object]:
-    from qlm_plugin.core import QueueManager
-    from qlm_plugin.planner import Planner
+    from qlm_plugin.brain.planner import Planner
+    from qlm_plugin.brain.queue_manager import QueueManager
 
     qm = QueueManager(dict(ctx.cost_models), clairvoyant=True, repredict_min_s=0.1 if ctx.wall_clock else 0.0)
     return [qm, Planner(qm)]

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 from collections.abc import Hashable, Sequence
 
+from qlm_plugin.domain.instance import InstanceState, RunningView
+from qlm_plugin.domain.request import Request
 from qlm_plugin.hooks import hookimpl
-from qlm_plugin.request import Request
-from qlm_plugin.state import InstanceState, RunningView
 
 
 class Defaults:

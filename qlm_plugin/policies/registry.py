@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import pluggy
 
-from qlm_plugin.costmodel import CostModel
+from qlm_plugin.domain.costmodel import CostModel
 
 
 @dataclass(frozen=True, slots=True)

@@ -24,9 +24,10 @@ from typing import Protocol
 import pluggy
 import pytest
 
+from qlm_plugin.domain.instance import EvictMode, EvictResult, InstanceInfo, InstanceState
+from qlm_plugin.domain.outcome import RequestOutcome, Status
+from qlm_plugin.domain.request import Request, make_request
 from qlm_plugin.hooks import get_plugin_manager, hookimpl, list_instances
-from qlm_plugin.request import Request, make_request
-from qlm_plugin.state import EvictMode, EvictResult, InstanceInfo, InstanceState, RequestOutcome, Status
 
 #: Requests an eviction check may take: a real engine can finish one before the order lands.
 EVICT_ATTEMPTS = 3

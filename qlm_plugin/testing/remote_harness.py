@@ -23,19 +23,12 @@ from qlm_plugin.coordinator.config import CoordinatorConfig, Listen
 from qlm_plugin.coordinator.coordinator import Coordinator, Job
 from qlm_plugin.coordinator.journal import JobRecord
 from qlm_plugin.coordinator.server import CoordinatorServer
+from qlm_plugin.domain.instance import EvictMode, EvictResult, InstanceInfo, InstanceState, LoadResult
+from qlm_plugin.domain.outcome import RequestOutcome, Status
+from qlm_plugin.domain.request import Request
 from qlm_plugin.hooks import hookimpl
 from qlm_plugin.proto.qlm.v1 import qlm_pb2 as pb
-from qlm_plugin.request import Request
-from qlm_plugin.scenario import Scenario
-from qlm_plugin.state import (
-    EvictMode,
-    EvictResult,
-    InstanceInfo,
-    InstanceState,
-    LoadResult,
-    RequestOutcome,
-    Status,
-)
+from qlm_plugin.workloads.scenario import Scenario
 
 T = TypeVar("T")
 

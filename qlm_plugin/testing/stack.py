@@ -15,12 +15,12 @@ from typing import Any
 from qlm_plugin.adapters.sim.engine import SimInstance
 from qlm_plugin.adapters.sim.process import SimEngineLink
 from qlm_plugin.adapters.sim.realtime import RealtimeSim
-from qlm_plugin.agent import AgentSettings, InstanceAgent
 from qlm_plugin.coordinator.config import CoordinatorConfig, Listen
 from qlm_plugin.coordinator.coordinator import Coordinator
 from qlm_plugin.coordinator.server import CoordinatorServer
-from qlm_plugin.scenario import Scenario, load_scenario
-from qlm_plugin.telemetry import Telemetry
+from qlm_plugin.telemetry.instruments import Telemetry
+from qlm_plugin.transport.agent import AgentSettings, InstanceAgent
+from qlm_plugin.workloads.scenario import Scenario, load_scenario
 
 
 @dataclass

@@ -14,17 +14,16 @@ from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from qlm_plugin.request import Request
-from qlm_plugin.state import (
+from qlm_plugin.domain.instance import (
     EvictMode,
     EvictResult,
     InstanceState,
     LoadResult,
-    RequestOutcome,
     RunningView,
-    Status,
     StepTiming,
 )
+from qlm_plugin.domain.outcome import RequestOutcome, Status
+from qlm_plugin.domain.request import Request
 
 STEP_S = 0.01
 BLOCK = 16  # tokens per KV block

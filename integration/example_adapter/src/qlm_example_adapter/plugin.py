@@ -9,9 +9,9 @@ from typing import Any
 import pluggy
 
 from qlm_example_adapter.engine import CAPABILITIES, MODELS, STEP_S, EchoInstance
+from qlm_plugin.domain.instance import EvictMode, EvictResult, InstanceInfo, InstanceState, LoadResult
+from qlm_plugin.domain.request import Request
 from qlm_plugin.hooks import hookimpl
-from qlm_plugin.request import Request
-from qlm_plugin.state import EvictMode, EvictResult, InstanceInfo, InstanceState, LoadResult
 
 #: How many instances the entry-point plugin serves (``echo-0``, ``echo-1``, ...).
 INSTANCES_ENV = "QLM_EXAMPLE_INSTANCES"

@@ -7,9 +7,9 @@ from functools import partial
 import pluggy
 
 from qlm_plugin.adapters.sim import SimBackend, SimFleet, SimInstance
-from qlm_plugin.costmodel import cost_model
+from qlm_plugin.domain.costmodel import cost_model
+from qlm_plugin.domain.request import Request, make_request
 from qlm_plugin.hooks import get_plugin_manager
-from qlm_plugin.request import Request, make_request
 
 PROMPT_TOKENS = 16  # small enough that a batch of 256 prefills in one step
 OUTPUT_TOKENS = 512

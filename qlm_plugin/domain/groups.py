@@ -13,7 +13,7 @@ import math
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
-from qlm_plugin.request import Request
+from qlm_plugin.domain.request import Request
 
 #: Requests whose first deadlines are within this many seconds of each other may share a group.
 DEFAULT_GROUP_WINDOW_S = 5.0

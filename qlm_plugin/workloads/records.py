@@ -5,7 +5,7 @@ by arrival. Sources are the Azure LLM inference trace 2023 (:func:`load_azure_tr
 with the package, see :func:`packaged_trace_path` and ``qlm_plugin/data/TRACES.md``) and
 :func:`synthetic` arrivals. :func:`scale_arrivals`, :func:`window` and :func:`sample` reshape a
 workload; :func:`assign` gives each record a model, an SLO class and a tenant and validates it into a
-:class:`~qlm_plugin.request.Request`.
+:class:`~qlm_plugin.domain.request.Request`.
 
 Every function that draws random numbers takes an explicit :class:`random.Random`, so a seeded
 generator makes the result reproducible.
@@ -26,7 +26,7 @@ from datetime import datetime, timezone
 from importlib.resources import files
 from typing import NoReturn
 
-from qlm_plugin.request import ModelSpec, Request, RequestValidationError, SLOClass, make_request
+from qlm_plugin.domain.request import ModelSpec, Request, RequestValidationError, SLOClass, make_request
 
 __all__ = [
     "PACKAGED_TRACES",

@@ -1,6 +1,6 @@
 """The engine-side agent: connects a vLLM engine to the coordinator from inside EngineCore.
 
-It runs :class:`~qlm_plugin.agent.InstanceAgent` on its own thread with its own event loop, so a
+It runs :class:`~qlm_plugin.transport.agent.InstanceAgent` on its own thread with its own event loop, so a
 scheduling step never waits on the network; the scheduler and the agent share only a state
 snapshot (replaced whole each step), a queue of step timings and a queue of eviction orders. If the
 coordinator is unreachable the engine keeps serving with its local policy while the agent
@@ -35,8 +35,8 @@ from typing import Any
 import aiohttp
 
 from qlm_plugin.adapters.vllm.policy import EvictionOrder
-from qlm_plugin.agent import AgentSettings, InstanceAgent
 from qlm_plugin.proto.qlm.v1 import qlm_pb2 as pb
+from qlm_plugin.transport.agent import AgentSettings, InstanceAgent
 
 log = logging.getLogger("qlm_plugin.adapters.vllm")
 #: How long a sleep or wake of the engine may take (a cold wake reloads the weights).
@@ -62,7 +62,7 @@ def settings_from(additional_config: Any, env: dict[str, str] | None = None) -> 
 
 
 class VLLMEngineLink:
-    """The agent's view of the engine (see :class:`qlm_plugin.agent.EngineLink`). Its methods run on
+    """The agent's view of the engine (see :class:`qlm_plugin.transport.agent.EngineLink`). Its methods run on
     the agent's thread and read only what the scheduler publishes."""
 
     backend = "vllm"

@@ -12,8 +12,8 @@ from __future__ import annotations
 from collections.abc import Hashable, Sequence
 from typing import Protocol, runtime_checkable
 
-from qlm_plugin.request import Request
-from qlm_plugin.state import InstanceState, RunningView
+from qlm_plugin.domain.instance import InstanceState, RunningView
+from qlm_plugin.domain.request import Request
 
 
 @runtime_checkable

@@ -13,8 +13,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from qlm_plugin.costmodel import GPUS, CostModel, UnknownProfileError, cost_model
-from qlm_plugin.request import ModelSpec, SLOClass
+from qlm_plugin.domain.costmodel import GPUS, CostModel, UnknownProfileError, cost_model
+from qlm_plugin.domain.request import ModelSpec, SLOClass
 
 DEFAULT_SCENARIO = "default_scenario.yaml"
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from qlm_plugin.state import EvictMode
+from qlm_plugin.domain.instance import EvictMode
 
 
 @dataclass(frozen=True, slots=True)

@@ -2,7 +2,7 @@
 
 :class:`LengthPredictor` learns the true output lengths of finished requests, per
 ``(model, slo_class, prompt-length bucket)``, and answers with a
-:class:`~qlm_plugin.distributions.LengthDistribution` of the tokens a request *still* has to generate:
+:class:`~qlm_plugin.domain.distributions.LengthDistribution` of the tokens a request *still* has to generate:
 the empirical distribution of the recent lengths of its key, conditioned on what the request already
 generated, and clipped to its ``max_tokens``. It scores its own predictions as the truth arrives
 (prequential evaluation, :meth:`LengthPredictor.report`).
@@ -26,10 +26,10 @@ from typing import Any, Final
 import numpy as np
 import numpy.typing as npt
 
-from qlm_plugin.distributions import LengthDistribution
+from qlm_plugin.domain.distributions import LengthDistribution
+from qlm_plugin.domain.outcome import RequestOutcome, Status
+from qlm_plugin.domain.request import Request
 from qlm_plugin.hooks import hookimpl
-from qlm_plugin.request import Request
-from qlm_plugin.state import RequestOutcome, Status
 
 __all__ = [
     "QUANTILES",

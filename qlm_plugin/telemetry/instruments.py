@@ -1,7 +1,7 @@
 """Traces and metrics of the coordinator: OpenTelemetry (API only) and Prometheus.
 
 This module imports the OpenTelemetry *API* only: with no SDK installed or configured every span and
-OTel instrument is a no-op and costs next to nothing. ``qlm_plugin.telemetry_sdk`` builds real SDK
+OTel instrument is a no-op and costs next to nothing. ``qlm_plugin.telemetry.sdk`` builds real SDK
 providers (``--otlp-endpoint``); tests pass their own SDK providers to :class:`Telemetry`.
 
 Prometheus metrics live in a :class:`prometheus_client.CollectorRegistry` owned by each

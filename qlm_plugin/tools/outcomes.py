@@ -1,11 +1,11 @@
 """Per-request outcomes of every policy on the reference scenarios, as digests: a refactoring that
 must not change behaviour is checked against the digests recorded before it.
 
-``python -m qlm_plugin.outcomes record FILE`` runs every built-in policy on the packaged default
+``python -m qlm_plugin.tools.outcomes record FILE`` runs every built-in policy on the packaged default
 scenario and on the bench scenarios A-D at base load (those whose trace is present), and writes, per
 scenario and policy, a digest of every request's outcome (status, instance, start, first token,
 finish, output tokens, preemptions; times to the microsecond) with the request count and the SLO
-attainment. ``python -m qlm_plugin.outcomes check FILE`` runs the same and compares; ``--rows DIR``
+attainment. ``python -m qlm_plugin.tools.outcomes check FILE`` runs the same and compares; ``--rows DIR``
 also writes each run's rows, to find where two runs part.
 """
 
@@ -18,12 +18,12 @@ import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from qlm_plugin.scenario import Scenario, ScenarioError, load_scenario
-from qlm_plugin.simulate import build_requests, run_policy
-from qlm_plugin.state import RequestOutcome
+from qlm_plugin.domain.outcome import RequestOutcome
+from qlm_plugin.tools.simulate import build_requests, run_policy
+from qlm_plugin.workloads.scenario import Scenario, ScenarioError, load_scenario
 
 POLICIES = ("fcfs", "edf", "priority", "qlm", "oracle")
-BENCH = Path(__file__).resolve().parents[1] / "scenarios" / "bench"
+BENCH = Path(__file__).resolve().parents[2] / "scenarios" / "bench"
 
 
 def _time(t: float | None) -> str:
@@ -72,7 +72,7 @@ def run(policies: Sequence[str] = POLICIES, rows_dir: Path | None = None) -> dic
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m qlm_plugin.outcomes", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m qlm_plugin.tools.outcomes", description=__doc__)
     parser.add_argument("action", choices=["record", "check"])
     parser.add_argument("file", type=Path)
     parser.add_argument("--rows", type=Path, metavar="DIR", help="also write each run's rows here")

@@ -1,7 +1,8 @@
 """OpenTelemetry SDK set-up for ``--otlp-endpoint``: the only module that imports the SDK and exporters.
 
-The library code (``qlm_plugin.telemetry``) uses the OpenTelemetry API only; an application that wants
-its spans and metrics exported calls :func:`configure` once at start-up and :func:`shutdown` at exit.
+The library code (``qlm_plugin.telemetry.instruments``) uses the OpenTelemetry API only; an
+application that wants its spans and metrics exported calls :func:`configure` once at start-up and
+:func:`shutdown` at exit.
 The SDK is an optional dependency: ``pip install 'qlm-plugin[otel]'``.
 """
 

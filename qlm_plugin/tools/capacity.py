@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 
 from qlm_plugin.hooks import get_plugin_manager
 from qlm_plugin.policies.registry import policy_registry
-from qlm_plugin.scenario import InstanceGroup, Scenario
-from qlm_plugin.simulate import build_requests, run_policy
+from qlm_plugin.tools.simulate import build_requests, run_policy
+from qlm_plugin.workloads.scenario import InstanceGroup, Scenario
 
 DEFAULT_TARGET = 0.99
 DEFAULT_MAX_INSTANCES = 64

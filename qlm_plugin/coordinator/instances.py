@@ -16,11 +16,18 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
-from qlm_plugin.core import KV_BLOCKS_PER_REQUEST
+from qlm_plugin.brain.queue_manager import KV_BLOCKS_PER_REQUEST
+from qlm_plugin.domain.instance import (
+    EvictMode,
+    EvictResult,
+    InstanceInfo,
+    InstanceState,
+    LoadResult,
+    StepTiming,
+)
+from qlm_plugin.domain.request import Request
 from qlm_plugin.hooks import hookimpl
 from qlm_plugin.proto.qlm.v1 import qlm_pb2 as pb
-from qlm_plugin.request import Request
-from qlm_plugin.state import EvictMode, EvictResult, InstanceInfo, InstanceState, LoadResult, StepTiming
 
 
 @dataclass(slots=True)

@@ -24,7 +24,7 @@ import grpc
 from qlm_plugin.proto.qlm.v1 import qlm_pb2 as pb
 from qlm_plugin.proto.qlm.v1 import qlm_pb2_grpc as pb_grpc
 
-log = logging.getLogger("qlm_plugin.agent")
+log = logging.getLogger("qlm_plugin.transport.agent")
 
 #: Deadline of each unary call to the coordinator, seconds.
 CALL_TIMEOUT_S = 5.0

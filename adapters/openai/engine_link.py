@@ -14,8 +14,8 @@ from typing import Any
 import aiohttp
 
 from qlm_plugin.adapters.openai.limiter import ConcurrencyLimiter
-from qlm_plugin.openai_client import TokenizeError, tokenize
 from qlm_plugin.proto.qlm.v1 import qlm_pb2 as pb
+from qlm_plugin.transport.openai_client import TokenizeError, tokenize
 
 log = logging.getLogger("qlm_plugin.adapters.openai")
 Event = pb.RequestEvent

@@ -1,5 +1,5 @@
 """Building blocks of request waiting time (RWT) estimation (QLM); the queue manager
-(:mod:`qlm_plugin.core`) combines them.
+(:mod:`qlm_plugin.brain.queue_manager`) combines them.
 
 * :func:`pooled_start_s`: when a request gets a seat. The seats of the instances serving its model
   free as their running requests finish, then work through the seat-seconds queued ahead of it, while
@@ -26,9 +26,9 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 from scipy.stats import t as student_t
 
-from qlm_plugin.costmodel import CostModel
-from qlm_plugin.request import Request
-from qlm_plugin.state import StepTiming
+from qlm_plugin.domain.costmodel import CostModel
+from qlm_plugin.domain.instance import StepTiming
+from qlm_plugin.domain.request import Request
 
 #: Below this many requests ahead, the waiting time's tail is widened (Student-t).
 HEAVY_TAIL_BELOW = 30

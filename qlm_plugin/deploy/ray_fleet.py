@@ -73,8 +73,8 @@ class InstanceActor:
     ) -> None:
         from qlm_plugin.adapters.sim.engine import SimInstance
         from qlm_plugin.adapters.sim.process import run_instances
-        from qlm_plugin.agent import AgentSettings
-        from qlm_plugin.scenario import load_scenario
+        from qlm_plugin.transport.agent import AgentSettings
+        from qlm_plugin.workloads.scenario import load_scenario
 
         sc = load_scenario(scenario)
         inst = SimInstance(

@@ -29,14 +29,14 @@ import numpy as np
 from scipy.optimize import Bounds, LinearConstraint, milp
 from scipy.sparse import lil_matrix
 
-from qlm_plugin.groups import DEFAULT_GROUP_WINDOW_S, GroupKey
+from qlm_plugin.domain.groups import DEFAULT_GROUP_WINDOW_S, GroupKey
+from qlm_plugin.domain.instance import InstanceState
+from qlm_plugin.domain.plan import LoadModel, Plan
+from qlm_plugin.domain.request import Request
 from qlm_plugin.hooks import hookimpl
-from qlm_plugin.plan import LoadModel, Plan
-from qlm_plugin.request import Request
-from qlm_plugin.state import InstanceState
 
 if TYPE_CHECKING:
-    from qlm_plugin.core import QueueManager
+    from qlm_plugin.brain.queue_manager import QueueManager
 
 
 @dataclass(slots=True)

@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from qlm_plugin.state import RequestOutcome, Status
+from qlm_plugin.domain.outcome import RequestOutcome, Status
 
 
 @dataclass(frozen=True, slots=True)

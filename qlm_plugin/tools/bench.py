@@ -34,12 +34,12 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
 
-from qlm_plugin import workload as wl
+from qlm_plugin import workloads as wl
+from qlm_plugin.domain.request import SLO, Request
 from qlm_plugin.hooks import get_plugin_manager
 from qlm_plugin.policies.registry import policy_registry
-from qlm_plugin.request import SLO, Request
-from qlm_plugin.scenario import Scenario, load_scenario
-from qlm_plugin.simulate import PolicyResult, build_requests, run_policy
+from qlm_plugin.tools.simulate import PolicyResult, build_requests, run_policy
+from qlm_plugin.workloads.scenario import Scenario, load_scenario
 
 DEFAULT_SWEEP: tuple[float, ...] = (0.5, 1.0, 1.5, 2.0, 2.5, 3.0)
 TARGET_ATTAINMENT = 0.9
@@ -74,7 +74,7 @@ def default_folder() -> Path:
     here = Path("scenarios") / "bench"
     if here.is_dir():
         return here
-    return Path(__file__).resolve().parents[1] / "scenarios" / "bench"
+    return Path(__file__).resolve().parents[2] / "scenarios" / "bench"
 
 
 def _burst_of(path: Path) -> Path | None:

@@ -8,14 +8,15 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from qlm_plugin import workload as wl
+from qlm_plugin import workloads as wl
 from qlm_plugin.adapters.sim import SimBackend, SimFleet, SimInstance
+from qlm_plugin.domain.instance import EvictMode
+from qlm_plugin.domain.outcome import RequestOutcome, Status
+from qlm_plugin.domain.request import Request
 from qlm_plugin.hooks import get_plugin_manager
-from qlm_plugin.metrics import Metrics, run_span, summarize
 from qlm_plugin.policies.registry import PolicyContext, policy_registry
-from qlm_plugin.request import Request
-from qlm_plugin.scenario import Scenario
-from qlm_plugin.state import EvictMode, RequestOutcome, Status
+from qlm_plugin.tools.metrics import Metrics, run_span, summarize
+from qlm_plugin.workloads.scenario import Scenario
 
 #: After the last arrival, how long the simulation may run before unfinished requests are reported.
 DRAIN_LIMIT_S = 24 * 3600.0

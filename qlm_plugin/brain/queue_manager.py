@@ -34,15 +34,22 @@ from typing import Any
 import numpy as np
 import pluggy
 
-from qlm_plugin.costmodel import CostModel
-from qlm_plugin.distributions import LengthDistribution, WaitEstimate
-from qlm_plugin.estimator import ResidualCalibrator, StepCalibrator, heavy_tail_factor, p_meet, pooled_start_s
-from qlm_plugin.groups import GroupKey, group_key
+from qlm_plugin.brain.waiting_time import (
+    ResidualCalibrator,
+    StepCalibrator,
+    heavy_tail_factor,
+    p_meet,
+    pooled_start_s,
+)
+from qlm_plugin.brain.work_index import WorkIndex
+from qlm_plugin.domain.costmodel import CostModel
+from qlm_plugin.domain.distributions import LengthDistribution, WaitEstimate
+from qlm_plugin.domain.groups import GroupKey, group_key
+from qlm_plugin.domain.instance import EvictMode, InstanceInfo, InstanceState, RunningView
+from qlm_plugin.domain.outcome import Admission, RequestOutcome
+from qlm_plugin.domain.plan import Evict, LoadModel, Plan
+from qlm_plugin.domain.request import Request
 from qlm_plugin.hooks import hookimpl, list_instances
-from qlm_plugin.plan import Evict, LoadModel, Plan
-from qlm_plugin.request import Request
-from qlm_plugin.state import Admission, EvictMode, InstanceInfo, InstanceState, RequestOutcome, RunningView
-from qlm_plugin.workindex import WorkIndex
 
 #: A request whose probability of meeting its SLO falls below this is flagged at admission.
 FLAG_BELOW_P = 0.05

@@ -1,0 +1,98 @@
+"""Instances as adapters report them: static facts, state snapshots, step timings, and what serving
+operations return."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+from qlm_plugin.domain.request import Request
+
+
+class EvictMode(str, enum.Enum):
+    """How a running request leaves the GPU: its KV cache kept in host memory, or dropped and recomputed."""
+
+    SWAP = "swap"
+    RECOMPUTE = "recompute"
+
+
+@dataclass(frozen=True, slots=True)
+class StepTiming:
+    """One engine step, as the engine measured it (for online calibration of the cost model)."""
+
+    start: float
+    duration_s: float
+    prefill_tokens: int
+    decode_tokens: int
+    batch_size: int
+
+
+@dataclass(frozen=True, slots=True)
+class InstanceInfo:
+    """The static facts of an instance, as listed by its adapter."""
+
+    instance_id: str
+    backend: str
+    gpu: str
+    capabilities: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True, slots=True)
+class InstanceState:
+    """A snapshot of one serving instance.
+
+    Counts are always filled; the id tuples only when the caller asked for ``detail`` (they cost a copy
+    of the queues).
+    """
+
+    instance_id: str
+    backend: str
+    now: float
+    models_loaded: tuple[str, ...]
+    models_warm: tuple[str, ...]
+    loading_model: str | None
+    num_running: int
+    num_waiting: int
+    num_swapped: int
+    queued_tokens: int  # prompt tokens still to prefill plus max output tokens still to decode, all queues
+    kv_blocks_used: int
+    kv_blocks_total: int
+    max_num_seqs: int
+    healthy: bool = True
+    capabilities: frozenset[str] = frozenset()
+    step_timings: tuple[StepTiming, ...] = ()
+    running_ids: tuple[str, ...] = ()
+    waiting_ids: tuple[str, ...] = ()
+    swapped_ids: tuple[str, ...] = ()
+    notes: tuple[str, ...] = ()  # what the backend cannot do here, e.g. "no sleep mode on CPU"
+    num_waiting_urgent: int = 0  # of num_waiting, those with a TTFT SLO (a queue manager binds early by it)
+
+    @property
+    def kv_free_fraction(self) -> float:
+        return 1.0 - self.kv_blocks_used / self.kv_blocks_total if self.kv_blocks_total else 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class RunningView:
+    """A running request as victim selection sees it."""
+
+    request: Request
+    generated_tokens: int
+    kv_tokens: int
+    admitted_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class EvictResult:
+    request_id: str
+    mode: EvictMode
+    wasted_tokens: int  # tokens whose KV is thrown away and must be recomputed (0 for a swap)
+    transfer_s: float = 0.0  # host copy time for a swap
+
+
+@dataclass(frozen=True, slots=True)
+class LoadResult:
+    instance_id: str
+    model: str
+    warm: bool  # loaded from host memory (sleep-mode wake) rather than from disk
+    ready_at: float  # when the model serves, on the backend's clock

@@ -33,7 +33,7 @@ def queue_manager(instances: int, queued: int, seed: int = 0) -> tuple[QueueMana
     backend = SimBackend(fleet)
     qm = QueueManager(dict(MODELS), replan_interval_s=1e9)
     pm = get_plugin_manager(autoload=False)
-    for n, p in enumerate([PredictorPlugin(LengthPredictor()), qm, Planner(qm), backend]):
+    for n, p in enumerate([PredictorPlugin(LengthPredictor()), qm, Planner(qm.queue, qm.fleet), backend]):
         pm.register(p, name=f"p{n}")
     pm.hook.qlm_configure(pm=pm)
     backend.attach(pm)
@@ -50,7 +50,7 @@ def queue_manager(instances: int, queued: int, seed: int = 0) -> tuple[QueueMana
         qm.qlm_submit(make_request(f"busy{k}", f"m{k % 4}", 10, 4000, 0.0, e2e_s=1e5), 0.0)
     for i in range(queued):  # batch work stays queued (urgent work would bind early to the engines)
         qm.qlm_submit(req(i, batch_only=True), 0.0)
-    assert sum(len(q) for q in qm.queues.values()) == queued, "everything stays queued"
+    assert sum(len(q) for q in qm.queue.queues.values()) == queued, "everything stays queued"
     return qm, [req(queued + i) for i in range(2000)]
 
 
@@ -69,7 +69,7 @@ def test_replanning(benchmark, instances: int, queued: int) -> None:  # type: ig
 @pytest.mark.parametrize("queued", [1_000, 10_000, 100_000])
 def test_baseline_sort_the_queue(benchmark, queued: int) -> None:  # type: ignore[no-untyped-def]
     qm, _ = queue_manager(64, queued)
-    keys = [qm.entries[rid].key for q in qm.queues.values() for _, rid in q.order]
+    keys = [qm.queue.entries[rid].key for q in qm.queue.queues.values() for _, rid in q.order]
     random.Random(1).shuffle(keys)
     benchmark.group = f"replan {queued} queued"
     benchmark(sorted, keys)
@@ -85,4 +85,4 @@ def test_enqueue_and_estimate_one_request(benchmark) -> None:  # type: ignore[no
 
     benchmark.group = "per request"
     benchmark.pedantic(submit, rounds=1500, iterations=1)
-    assert sum(len(q) for q in qm.queues.values()) > 10_000, "batch submissions stay queued"
+    assert sum(len(q) for q in qm.queue.queues.values()) > 10_000, "batch submissions stay queued"

@@ -195,14 +195,31 @@ def qlm_predict_output_length(request: Request, generated_tokens: int) -> Length
 
 
 @_hookspec(firstresult=True)
-def qlm_estimate_wait(
-    request: Request, instance: InstanceState, ahead: Sequence[Request], now: float
-) -> WaitEstimate | None:
-    """Estimate how long ``request`` waits and runs on ``instance`` behind the requests ``ahead``.
+def qlm_estimate_wait(request: Request, now: float) -> WaitEstimate | None:
+    """Estimate when ``request`` gets its first token and when it finishes, pooled over the instances
+    that serve its model, behind the work queued ahead of it: the waiting-time estimator's role.
 
-    :param ahead: the requests that would be served before it on that instance, in order.
-    :return: a :class:`~qlm_plugin.domain.distributions.WaitEstimate` (times relative to ``now``) with the
-        probability of meeting the request's SLOs.
+    Called on admission (the queue manager's own estimate goes through it, so a plugin replaces the
+    estimator there) and by the coordinator for ``reject_if_late``.
+
+    :return: a :class:`~qlm_plugin.domain.distributions.WaitEstimate` (times relative to ``now``)
+        with the probability of meeting the request's SLOs; ``None`` if this plugin cannot estimate
+        it (the next one is asked).
+
+    firstresult: the first non-None answer is used.
+    """
+
+
+@_hookspec(firstresult=True)
+def qlm_admit(request: Request, estimate: WaitEstimate, now: float) -> Admission | None:
+    """Decide whether a new request is taken, given its waiting-time estimate: the admission role.
+
+    Called once per arrival, after the estimate and before the request is queued.
+
+    :return: an :class:`~qlm_plugin.domain.outcome.Admission`: ``accepted`` False refuses the
+        request at once (with ``reason``; the front door answers 429/503 with the estimate);
+        ``can_meet_slo`` False accepts it but flags it as unlikely to meet its SLO. ``None``: the
+        queue manager's default (accept; flag below a 5% chance).
 
     firstresult: the first non-None answer is used.
     """

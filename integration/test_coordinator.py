@@ -633,7 +633,7 @@ def test_a_failed_model_load_is_acted_on_and_no_request_is_stranded(tmp_path: Pa
         qm = st.coordinator.queue_manager
         assert qm is not None and qm.counters["lso_failed"] == 1
         assert len(refused) == 1, "a load that failed is not ordered there again at once"
-        assert "phi-4" in qm.instances[refused[0]].failed_loads
+        assert "phi-4" in qm.fleet.instances[refused[0]].failed_loads
 
     run(tmp_path, body, scenario=load_scenario(tmp_path / "warm.yaml"), speed=20.0)
 

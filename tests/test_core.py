@@ -54,7 +54,7 @@ def _wired(instances: list[SimInstance], **qm_kw: object) -> tuple[QueueManager,
     costs = {m: c for inst in instances for m, c in inst.cost_models.items()}
     qm = QueueManager(costs, **qm_kw)  # type: ignore[arg-type]
     pm = get_plugin_manager(autoload=False)
-    for n, p in enumerate([PredictorPlugin(LengthPredictor()), qm, Planner(qm), backend]):
+    for n, p in enumerate([PredictorPlugin(LengthPredictor()), qm, Planner(qm.queue, qm.fleet), backend]):
         pm.register(p, name=f"p{n}")
     pm.hook.qlm_configure(pm=pm)
     backend.attach(pm)
@@ -92,7 +92,7 @@ def _batch_started_after_urgent_arrivals(urgent_times: list[float], at: float) -
     batch = DEFAULT_CLASSES["batch"]
     for i in range(4):
         qm.qlm_submit(make_request(f"b{i}", "m", 100, 3000, at, slo_class=batch, true_output_tokens=3000), at)
-    started = sum(rid.startswith("b") for rid in qm.instances["i0"].running)
+    started = sum(rid.startswith("b") for rid in qm.fleet.instances["i0"].running)
     return started, qm.counters["held_back"]
 
 
@@ -109,7 +109,7 @@ def test_seats_are_held_for_urgent_arrivals_only_while_they_keep_coming() -> Non
 def test_the_seat_reserve_is_the_poisson_quantile_of_urgent_arrivals() -> None:
     from scipy.stats import poisson
 
-    from qlm_plugin.brain.queue_manager import poisson_quantile
+    from qlm_plugin.brain.dispatch import poisson_quantile
 
     for mean in (0.0, 0.01, 0.1, 0.27, 1.0, 2.5, 7.0, 40.0, 99.0, 150.0, 5000.0):
         for q in (0.5, 0.9, 0.99):

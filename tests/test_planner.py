@@ -79,7 +79,7 @@ def test_milp_finds_the_optimum_of_small_problems(seed: int) -> None:
         )
         for k in range(4)
     ]
-    plan = Planner(qm=None, milp_time_limit_s=5.0).milp(groups, machines, 0.0)  # type: ignore[arg-type]
+    plan = Planner(None, None, milp_time_limit_s=5.0).milp(groups, machines, 0.0)  # type: ignore[arg-type]
     assert plan is not None and plan.solver == "milp"
     assert plan.objective == pytest.approx(exhaustive(groups, machines, 0.0))
     placed = sorted(rid for ids in plan.queues.values() for rid in ids)
@@ -89,12 +89,12 @@ def test_milp_finds_the_optimum_of_small_problems(seed: int) -> None:
 def test_heuristic_balances_load_and_counts_what_it_meets() -> None:
     machines = [machine("i0", "a", busy=0.0), machine("i1", "a", busy=10.0)]
     groups = [group(0, "a", 4.0, 2.0), group(1, "a", 4.0, 12.0)]
-    plan = Planner(qm=None).heuristic(groups, machines, 0.0)  # type: ignore[arg-type]
+    plan = Planner(None, None).heuristic(groups, machines, 0.0)  # type: ignore[arg-type]
     assert plan.solver == "heuristic"
     assert plan.queues == {"i0": ["g0-r", "g1-r"]}, "the busy instance would finish both later"
     assert plan.objective == 2.0
     busy = [machine("i0", "a", busy=0.0), machine("i1", "a", busy=0.0)]
-    plan = Planner(qm=None).heuristic([group(0, "a", 40.0, 10.0), group(1, "a", 40.0, 10.0)], busy, 0.0)  # type: ignore[arg-type]
+    plan = Planner(None, None).heuristic([group(0, "a", 40.0, 10.0), group(1, "a", 40.0, 10.0)], busy, 0.0)  # type: ignore[arg-type]
     assert plan.queues == {"i0": ["g0-r"], "i1": ["g1-r"]}, "two big groups: one per instance"
 
 
@@ -102,7 +102,7 @@ def test_a_model_nobody_serves_is_swapped_onto_the_least_needed_instance() -> No
     machines = [machine("i0", "a"), machine("i1", "b", warm=("c",), models=("a", "b", "c"))]
     machines[0] = machine("i0", "a", models=("a", "b", "c"))
     groups = [group(0, "a", 50.0, 100.0), group(1, "c", 5.0, 100.0)]  # nothing queued for b
-    plan = Planner(qm=None).heuristic(groups, machines, 0.0)  # type: ignore[arg-type]
+    plan = Planner(None, None).heuristic(groups, machines, 0.0)  # type: ignore[arg-type]
     assert LoadModel("i1", "c", "gpu") in plan.actions, "b has no work: its instance takes c"
     assert plan.queues["i1"] == ["g1-r"]
 
@@ -110,21 +110,21 @@ def test_a_model_nobody_serves_is_swapped_onto_the_least_needed_instance() -> No
 def test_a_busier_model_keeps_its_instance_and_the_swap_is_staged_warm() -> None:
     machines = [machine("i0", "a", models=("a", "c"))]
     groups = [group(0, "a", 500.0, 400.0), group(1, "c", 5.0, 1000.0)]  # a drains in 125 s; c can wait
-    plan = Planner(qm=None).heuristic(groups, machines, 0.0)  # type: ignore[arg-type]
+    plan = Planner(None, None).heuristic(groups, machines, 0.0)  # type: ignore[arg-type]
     assert plan.actions == [LoadModel("i0", "c", "host")], "weights staged for a later warm swap"
 
 
 def test_a_waiting_model_that_would_miss_its_deadline_gets_the_instance_now() -> None:
     machines = [machine("i0", "a", models=("a", "c"))]
     groups = [group(0, "a", 500.0, 400.0), group(1, "c", 5.0, 60.0)]  # c cannot wait 125 s
-    plan = Planner(qm=None).heuristic(groups, machines, 0.0)  # type: ignore[arg-type]
+    plan = Planner(None, None).heuristic(groups, machines, 0.0)  # type: ignore[arg-type]
     assert plan.actions == [LoadModel("i0", "c", "gpu")]
 
 
 def test_no_swap_when_every_model_is_served() -> None:
     machines = [machine("i0", "a"), machine("i1", "b")]
     groups = [group(0, "a", 5.0, 10.0), group(1, "b", 5.0, 10.0)]
-    planner = Planner(qm=None)  # type: ignore[arg-type]
+    planner = Planner(None, None)  # type: ignore[arg-type]
     assert planner.heuristic(groups, machines, 0.0).actions == []
     exact = planner.milp(groups, machines, 0.0)
     assert exact is not None and exact.actions == [] and exact.objective == 2.0
@@ -133,5 +133,5 @@ def test_no_swap_when_every_model_is_served() -> None:
 def test_milp_answers_none_rather_than_a_wrong_plan_when_it_cannot_solve() -> None:
     machines = [machine("i0", "a", models=("a",))]
     groups = [group(0, "z", 1.0, 5.0)]  # no instance can serve model z at all
-    result: Any = Planner(qm=None).milp(groups, machines, 0.0)  # type: ignore[arg-type]
+    result: Any = Planner(None, None).milp(groups, machines, 0.0)  # type: ignore[arg-type]
     assert result is None or math.isclose(result.objective, 0.0)

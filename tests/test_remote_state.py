@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from qlm_plugin.brain.queue_manager import InstanceView
+from qlm_plugin.brain.fleet_view import InstanceView
 from qlm_plugin.coordinator.instances import RemoteFleet, Session
 from qlm_plugin.domain.instance import InstanceState
 

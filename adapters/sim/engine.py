@@ -581,7 +581,7 @@ class SimInstance:
 
     #: KV blocks a pulled request is assumed to need (about 1.5k tokens) when counting free slots.
     PULL_BLOCKS_PER_REQUEST = (
-        96  # as the queue manager assumes (qlm_plugin.brain.queue_manager.KV_BLOCKS_PER_REQUEST)
+        96  # as the queue manager assumes (qlm_plugin.brain.fleet_view.KV_BLOCKS_PER_REQUEST)
     )
 
     def free_slots(self) -> int:

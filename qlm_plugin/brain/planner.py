@@ -23,20 +23,18 @@ import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import numpy as np
 from scipy.optimize import Bounds, LinearConstraint, milp
 from scipy.sparse import lil_matrix
 
-from qlm_plugin.domain.groups import DEFAULT_GROUP_WINDOW_S, GroupKey
+from qlm_plugin.brain.fleet_view import FleetView
+from qlm_plugin.brain.global_queue import GlobalQueue
+from qlm_plugin.domain.groups import GroupKey
 from qlm_plugin.domain.instance import InstanceState
 from qlm_plugin.domain.plan import LoadModel, Plan
 from qlm_plugin.domain.request import Request
 from qlm_plugin.hooks import hookimpl
-
-if TYPE_CHECKING:
-    from qlm_plugin.brain.queue_manager import QueueManager
 
 
 @dataclass(slots=True)
@@ -69,69 +67,50 @@ def _ready_at(m: Machine, model: str, now: float) -> float:
 
 
 class Planner:
-    """Default ``qlm_plan`` implementation, bound to a queue manager (it reads the predictions the
-    queue manager already holds, so planning 10,000 requests costs no prediction calls)."""
+    """Default ``qlm_plan`` implementation, over the queue manager's global queue and fleet view (it
+    reads the group totals and predictions they already hold, so planning 10,000 requests costs no
+    prediction calls)."""
 
     def __init__(
         self,
-        qm: QueueManager,
+        queue: GlobalQueue,
+        fleet: FleetView,
         *,
         milp_max_groups: int = 10,
         milp_max_instances: int = 8,
         milp_time_limit_s: float = 0.05,
-        window_s: float = DEFAULT_GROUP_WINDOW_S,
     ) -> None:
-        self.qm = qm
+        self.queue = queue
+        self.fleet = fleet
         self.milp_max_groups = milp_max_groups
         self.milp_max_instances = milp_max_instances
         self.milp_time_limit_s = milp_time_limit_s
-        self.window_s = window_s
 
     # ------------------------------------------------------------------ inputs
-    def groups(self, queue: Sequence[Request]) -> list[GroupStat]:
-        """Group statistics: the queue manager's running totals (a few hundred groups), or, for
-        a queue manager without them, computed from the queued requests."""
-        if getattr(self.qm, "groups", None) is not None:
-            out_stats = []
-            for key, agg in self.qm.groups.items():
-                agg.refresh()
-                head = next(iter(agg.ids.values()))
-                out_stats.append(
-                    GroupStat(
-                        key,
-                        key[0],
-                        [],
-                        agg.seat_s,
-                        agg.urgency,
-                        agg.deadline,
-                        head.request.slo.ttft_deadline is not None,
-                        agg.weight,
-                    )
+    def groups(self) -> list[GroupStat]:
+        """Group statistics, from the global queue's running totals (a few hundred groups)."""
+        out = []
+        for key, agg in self.queue.groups.items():
+            agg.refresh()
+            head = next(iter(agg.ids.values()))
+            out.append(
+                GroupStat(
+                    key,
+                    key[0],
+                    [],
+                    agg.seat_s,
+                    agg.urgency,
+                    agg.deadline,
+                    head.request.slo.ttft_deadline is not None,
+                    agg.weight,
                 )
-            return sorted(out_stats, key=lambda g: (g.urgency, g.key))
-        entries = self.qm.entries
-        window = self.window_s
-        out: dict[GroupKey, GroupStat] = {}
-        for r in queue:
-            e = entries[r.id]
-            first = r.slo.first_deadline()
-            key = (r.model, r.slo_class, -1 if math.isinf(first) else int(first // window))
-            g = out.get(key)
-            if g is None:
-                g = out[key] = GroupStat(key, r.model, ttft_bound=r.slo.ttft_deadline is not None)
-            g.ids.append(r.id)
-            g.seat_s += e.service_s
-            g.weight += r.weight
-            if e.key[0] < g.urgency:
-                g.urgency = e.key[0]
-            if first < g.deadline:
-                g.deadline = first
-        return sorted(out.values(), key=lambda g: (g.urgency, g.key))
+            )
+        return sorted(out, key=lambda g: (g.urgency, g.key))
 
     def machines(self, states: Sequence[InstanceState], now: float) -> list[Machine]:
         out = []
         for s in states:
-            view = self.qm.instances.get(s.instance_id)
+            view = self.fleet.instances.get(s.instance_id)
             if view is None or not s.healthy:
                 continue
             serving = s.loading_model or (s.models_loaded[0] if s.models_loaded else None)
@@ -160,7 +139,7 @@ class Planner:
         self, queue: Sequence[Request], instances: Sequence[InstanceState], now: float
     ) -> Plan | None:
         t0 = time.perf_counter()
-        groups = self.groups(queue)
+        groups = self.groups()
         machines = self.machines(instances, now)
         if not machines:
             return None

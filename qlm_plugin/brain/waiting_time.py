@@ -1,5 +1,5 @@
 """Building blocks of request waiting time (RWT) estimation (QLM); the queue manager
-(:mod:`qlm_plugin.brain.queue_manager`) combines them.
+(:mod:`qlm_plugin.brain.estimator`) combines them.
 
 * :func:`pooled_start_s`: when a request gets a seat. The seats of the instances serving its model
   free as their running requests finish, then work through the seat-seconds queued ahead of it, while

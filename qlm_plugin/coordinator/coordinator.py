@@ -599,7 +599,7 @@ class Coordinator:
         ]
         if not states:
             return None
-        est = self.hook.qlm_estimate_wait(request=request, instance=states[0], ahead=(), now=now)
+        est = self.hook.qlm_estimate_wait(request=request, now=now)
         if est is None:
             return None
         return Admission(
@@ -942,7 +942,7 @@ class Coordinator:
             s.report.healthy,
         ):
             self._fleet_changed()
-            if self.queue_manager is not None and s.instance_id in self.queue_manager.instances:
+            if self.queue_manager is not None and s.instance_id in self.queue_manager.fleet.instances:
                 self.queue_manager.refresh(s.instance_id)  # a swap, or its engine went down or came back
         return True
 

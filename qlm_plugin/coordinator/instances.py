@@ -16,7 +16,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
-from qlm_plugin.brain.queue_manager import KV_BLOCKS_PER_REQUEST
+from qlm_plugin.brain.fleet_view import KV_BLOCKS_PER_REQUEST
 from qlm_plugin.domain.instance import (
     EvictMode,
     EvictResult,

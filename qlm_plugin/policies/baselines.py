@@ -79,7 +79,7 @@ def _make_qlm(ctx: PolicyContext) -> list[object]:
     from qlm_plugin.brain.queue_manager import QueueManager
 
     qm = QueueManager(dict(ctx.cost_models), repredict_min_s=0.1 if ctx.wall_clock else 0.0)
-    return [PredictorPlugin(LengthPredictor()), qm, Planner(qm)]
+    return [PredictorPlugin(LengthPredictor()), qm, Planner(qm.queue, qm.fleet)]
 
 
 def _make_oracle(ctx: PolicyContext) -> list[object]:
@@ -87,4 +87,4 @@ def _make_oracle(ctx: PolicyContext) -> list[object]:
     from qlm_plugin.brain.queue_manager import QueueManager
 
     qm = QueueManager(dict(ctx.cost_models), clairvoyant=True, repredict_min_s=0.1 if ctx.wall_clock else 0.0)
-    return [qm, Planner(qm)]
+    return [qm, Planner(qm.queue, qm.fleet)]

@@ -1,0 +1,229 @@
+"""Request pulling and load balancing (LSOs): handing queued requests to engines.
+
+Instances *pull* when they have room, which binds placement late: an instance takes the most urgent
+requests it can serve, from its own virtual queue (the plan's placement of their groups), or from
+the virtual queue of an instance that cannot start them now (load balancing). Each pull is bounded
+by the engine's free KV (prompt plus predicted output), so no request waits in an engine's own queue
+where a later, more urgent arrival could not pass it; seats are held back from batch work for the
+urgent arrivals expected within a service time; late requests run after every request that can
+still meet its SLO, but one pull in ``LATE_SHARE`` serves the oldest first, so none starves. A
+TTFT-bound request with no room anywhere binds early to the shortest engine queue, which ranks it by
+urgency. Thread safety: none; one event loop owns it.
+"""
+
+from __future__ import annotations
+
+import math
+from statistics import NormalDist
+from typing import Any
+
+from qlm_plugin.brain.estimator import WaitEstimator
+from qlm_plugin.brain.fleet_view import FleetView, InstanceView
+from qlm_plugin.brain.global_queue import REFERENCE_BATCH, Entry, GlobalQueue
+from qlm_plugin.domain.groups import GroupKey
+
+#: A TTFT-bound request binds early to an engine whose own queue is shorter than this.
+EARLY_BIND_MAX_WAITING = 8  # TTFT-bound requests waiting there (batch waiting there does not count)
+#: One pull in this many serves the oldest late request first (no starvation under overload).
+LATE_SHARE = 16
+#: Seats held for TTFT-bound arrivals cover this quantile of those expected within a service time.
+RESERVE_QUANTILE = 0.9
+
+
+def poisson_quantile(mean: float, q: float) -> int:
+    """The smallest k with P(X <= k) >= q for X ~ Poisson(mean) (a short sum: means here are small;
+    scipy's ``poisson.ppf`` costs ~100x more per call on this hot path)."""
+    if mean <= 0:
+        return 0
+    if mean > 100:  # exp(-mean) underflows further on; the normal approximation is close here
+        return math.ceil(mean + NormalDist().inv_cdf(q) * math.sqrt(mean))
+    term = cdf = math.exp(-mean)
+    k = 0
+    while cdf < q:
+        k += 1
+        term *= mean / k
+        cdf += term
+    return k
+
+
+class Dispatcher:
+    """Pulls, early binding and the dispatch bookkeeping. ``group_plan`` is the last plan's
+    placement (group -> instance); ``bound_early`` the TTFT-bound requests handed to an engine's
+    own queue before a seat was free there (watched until they start)."""
+
+    def __init__(
+        self,
+        queue: GlobalQueue,
+        fleet: FleetView,
+        estimator: WaitEstimator,
+        counters: dict[str, float],
+        *,
+        hold_back_batch: bool = True,
+    ) -> None:
+        self.queue = queue
+        self.fleet = fleet
+        self.estimator = estimator
+        self.counters = counters
+        self.hold_back_batch = hold_back_batch
+        self.hook: Any = None
+        self.group_plan: dict[GroupKey, str] = {}
+        self.bound_early: dict[str, Entry] = {}
+        self._pull_count = 0
+
+    # ------------------------------------------------------------------ placement at arrival
+    def enqueue(self, entry: Entry) -> None:
+        """Into the global queue, planned (until a plan says otherwise) on the roomiest instance."""
+        self.queue.queue(entry.request.model).add(entry)
+        if entry.planned is None:
+            entry.planned = self.fleet.cached(
+                "roomiest", entry.request.model, lambda: self._roomiest(entry.request.model)
+            )
+
+    def _roomiest(self, model: str) -> str | None:
+        serving = self.fleet.serving(model)
+        if not serving:
+            return None
+        return min(serving, key=lambda v: (-v.free_slots(), v.instance_id)).instance_id
+
+    def bind_early(self, entry: Entry, now: float) -> None:
+        """A TTFT-bound request with no room anywhere joins the shortest engine queue at once: the
+        engine ranks it by urgency, so it passes the batch work waiting there the moment KV frees
+        (waiting for a pull would leave it behind work the engine already holds). Only while engine
+        queues are short: under overload the global queue, with its late list, keeps control."""
+        serving = [v for v in self.fleet.serving(entry.request.model) if v.state is not None]
+        if not serving:
+            return
+
+        def urgent_waiting(v: InstanceView) -> int:
+            # The engine's own queue, as it reports it now: the TTFT-bound requests waiting there.
+            if v.state is None or v.state.num_waiting == 0:
+                return 0
+            state = self.hook.qlm_instance_state(instance_id=v.instance_id, detail=False)
+            return int(state.num_waiting_urgent)
+
+        # Ask at most two engines (the least loaded first): the answer costs a copy of their queue.
+        def load(v: InstanceView) -> tuple[int, int, str]:
+            s = v.state
+            return (
+                (s.num_waiting, s.num_running, v.instance_id)
+                if s is not None
+                else (1 << 30, 0, v.instance_id)
+            )
+
+        for view in sorted(serving, key=load)[:2]:
+            if urgent_waiting(view) < EARLY_BIND_MAX_WAITING:
+                if self.dispatch(view, entry, now):
+                    self.bound_early[entry.request.id] = entry  # watched until it starts
+                return
+
+    # ------------------------------------------------------------------ pulling
+    def interactive_reserve(self, view: InstanceView, model: str, now: float) -> int:
+        """Seats kept free for TTFT-bound arrivals expected on this instance (batch is held back)."""
+        rate = self.estimator.urgent_rates(model, now)[0]
+        cost = view.costs.get(model)
+        if cost is None or rate <= 0:
+            return 0
+        serving = len(self.fleet.serving(model)) or 1
+        mean_service = cost.step_s(1024, 0) + 150 * cost.decode_tpot_s(REFERENCE_BATCH)
+        # Urgent arrivals within a service time are Poisson: hold the seats that take them at once
+        # nine times in ten. One arrival long ago (a decayed rate) holds none: eviction covers it.
+        return poisson_quantile(1.5 * rate / serving * mean_service, RESERVE_QUANTILE)
+
+    def pull(self, view: InstanceView, slots: int, now: float) -> None:
+        """Hand ``view`` the most urgent requests it can serve (its own virtual queue first in
+        urgency order; another instance's only if that one cannot start it now)."""
+        model = view.model()
+        if model is None or slots <= 0 or model not in self.queue.queues:
+            return
+        entries = self.queue.entries
+        q = self.queue.queues[model]
+        s = view.state
+        seats = s.max_num_seqs if s is not None else slots
+        running_batch = view.running_batch
+        reserve = self.interactive_reserve(view, model, now) if self.hold_back_batch else 0
+        # Requests past their deadline go to the late list: they still run, after all that can meet.
+        while q.order and doomed(entries[q.order[0][1]], now):
+            _, rid = q.order.pop(0)
+            q.make_late(entries[rid])
+        taken: list[Entry] = []
+        # No starvation: late requests run after every request that can still meet its SLO, but
+        # one pull in LATE_SHARE serves the oldest late request first, whatever the load.
+        self._pull_count += 1
+        if q.late and self._pull_count % LATE_SHARE == 0:
+            taken.append(entries[q.late[0]])
+        busy_elsewhere = {v.instance_id: v.free_slots() == 0 for v in self.fleet.instances.values()}
+        # KV budget: hand over only what the engine can hold (prompt and predicted output), so no
+        # request waits in the engine's own queue, where a more urgent later arrival cannot pass it.
+        kv_free = (s.kv_blocks_total - s.kv_blocks_used) if s is not None else math.inf
+        for _, rid in q.order:
+            if len(taken) >= slots:
+                break
+            e = entries[rid]
+            planned = self.group_plan.get(e.group, e.planned)
+            if planned not in (None, view.instance_id) and not busy_elsewhere.get(planned, True):
+                continue  # its own instance can start it now: leave it there
+            blocks = (e.request.prompt_tokens + e.length.mean) / 16.0
+            if taken and blocks > kv_free:
+                break
+            kv_free -= blocks
+            if e.request.slo.ttft_deadline is None and reserve:
+                urgent = e.key[0] - now < 3 * e.service_s
+                # The reserve never takes the last seat: an engine with few seats (a black box
+                # whose concurrency is being learned) must still run batch work.
+                if not urgent and running_batch + 1 > max(1, seats - reserve):
+                    self.counters["held_back"] += 1
+                    break  # the rest is batch too (interactive keys sort first)
+                running_batch += 1
+            taken.append(e)
+        for rid in list(q.late):
+            if len(taken) >= slots:
+                break
+            if not taken or taken[0].request.id != rid:
+                taken.append(entries[rid])
+        for e in taken:
+            self.dispatch(view, e, now)
+
+    def dispatch(self, view: InstanceView, e: Entry, now: float) -> bool:
+        """Hand ``e`` to ``view``'s engine (``qlm_dispatch``); False (and ``e`` queued again) if the
+        engine refuses it."""
+        queue = self.queue.queue(e.request.model)
+        if e.dispatched_at is None:
+            queue.remove(e)
+        ok = bool(self.hook.qlm_dispatch(instance_id=view.instance_id, request=e.request))
+        if not ok:
+            if e.dispatched_at is None:
+                e.late = False
+                queue.add(e)
+            return False
+        if self.group_plan.get(e.group, e.planned) not in (None, view.instance_id):
+            self.counters["steals"] += 1
+        e.instance = e.planned = view.instance_id
+        e.dispatched_at = now
+        view.running[e.request.id] = e
+        view.running_batch += e.request.slo.ttft_deadline is None
+        self.estimator.started(e, now)
+        self.counters["pulls"] += 1
+        self.fleet.count_running(view, +1)
+        return True
+
+    def undispatch(self, e: Entry) -> None:
+        """``e`` left its engine (finished, given back, or its engine was lost)."""
+        self.bound_early.pop(e.request.id, None)
+        view = self.fleet.instances.get(e.instance) if e.instance is not None else None
+        if view is not None and view.running.pop(e.request.id, None) is not None:
+            view.running_batch -= e.request.slo.ttft_deadline is None
+            self.fleet.count_running(view, -1)
+
+    def forget_instance(self, instance_id: str) -> None:
+        """The instance left: the plan's placement there no longer holds."""
+        for key in [k for k, iid in self.group_plan.items() if iid == instance_id]:
+            del self.group_plan[key]
+
+
+def doomed(e: Entry, now: float) -> bool:
+    """Whether ``e`` can no longer meet its SLO, whenever it starts."""
+    d = e.request.slo.ttft_deadline
+    if d is not None:
+        return now > d
+    d = e.request.slo.e2e_deadline
+    return d is not None and now + e.service_s > d

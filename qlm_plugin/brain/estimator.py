@@ -1,0 +1,374 @@
+"""The waiting-time estimator (QLM's RWT estimator): when a request gets its first token and when it
+finishes, as distributions, and so its probability of meeting its SLO.
+
+A pooled, fluid multi-server model: the seats of every instance serving the model free at the
+predicted finish of their running requests (overdue ones predicted again from their progress), then
+work through the seat-seconds queued ahead of the request (the global queue's work index), while
+more urgent work keeps arriving and is served first; the per-step prefill token budget is a second
+bottleneck. The variance is the central-limit sum of the predicted variances ahead over the seats,
+widened by a Student-t when few requests are ahead (:mod:`qlm_plugin.brain.waiting_time`).
+
+The estimator owns what it learns: the step-cost fit of each instance (from the step timings the
+backends report), the arrival rates of urgent work, the seats' predicted finish times, and the
+calibration of its estimates against outcomes (per class and magnitude band: corrected means, and an
+empirical P(meet)). Thread safety: none; one event loop owns it.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+from collections import deque
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from qlm_plugin.brain.fleet_view import FleetView, InstanceView
+from qlm_plugin.brain.global_queue import REFERENCE_BATCH, Entry, GlobalQueue
+from qlm_plugin.brain.waiting_time import (
+    ResidualCalibrator,
+    StepCalibrator,
+    heavy_tail_factor,
+    p_meet,
+    pooled_start_s,
+)
+from qlm_plugin.domain.costmodel import CostModel
+from qlm_plugin.domain.distributions import LengthDistribution, WaitEstimate
+from qlm_plugin.domain.instance import InstanceState
+from qlm_plugin.domain.outcome import RequestOutcome
+from qlm_plugin.domain.request import Request
+
+#: Memory of the arrival-rate estimates, seconds.
+RATE_MEMORY_S = 10.0
+#: Laxity beyond which later TTFT-bound arrivals will overtake a request while it waits.
+OVERTAKE_HORIZON_S = 5.0
+
+Predict = Callable[[Request, int], LengthDistribution]
+
+
+@dataclass(slots=True)
+class InstanceSteps:
+    """What an instance's step timings taught: its step-cost fit per model, and its measured time
+    per engine step (decode and mixed-in prefill), an exponential average."""
+
+    calibrators: dict[str, StepCalibrator] = field(default_factory=dict)
+    step_s: float | None = None
+    last_start: float = -math.inf
+
+    def calibrator(self, view: InstanceView, model: str) -> StepCalibrator:
+        cal = self.calibrators.get(model)
+        if cal is None:
+            cal = self.calibrators[model] = StepCalibrator(view.costs[model])
+        return cal
+
+    def observe(self, state: InstanceState) -> None:
+        for s in state.step_timings:
+            if s.start <= self.last_start or s.decode_tokens == 0:
+                continue
+            self.last_start = s.start
+            self.step_s = s.duration_s if self.step_s is None else 0.9 * self.step_s + 0.1 * s.duration_s
+
+
+class WaitEstimator:
+    """``predict(request, generated_tokens)``: the remaining output length (the predictor role).
+    ``repredict_min_s``: an overdue request is predicted again no sooner than this (on a wall clock,
+    every call comes at a new time: without it the same requests would be re-predicted on every
+    call)."""
+
+    def __init__(
+        self,
+        cost_models: Mapping[str, CostModel],
+        queue: GlobalQueue,
+        fleet: FleetView,
+        predict: Predict,
+        *,
+        repredict_min_s: float = 0.0,
+    ) -> None:
+        self._ref_cost = cost_models
+        self.queue = queue
+        self.fleet = fleet
+        self.predict = predict
+        self.repredict_min_s = repredict_min_s
+        self.clock = 0.0  # the latest time the queue manager was called with
+        self._steps: dict[str, InstanceSteps] = {}
+        self._arrivals: dict[str, tuple[float, float, float, float]] = {}  # (req/s, seat-s/s, tokens/s, at)
+        self._residuals: dict[str, tuple[float, np.ndarray]] = {}
+        # model -> (predicted finish, request id) of its running requests, sorted
+        self._finishing: dict[str, list[tuple[float, str]]] = {}
+        self._calib: dict[tuple[str, str, int], ResidualCalibrator] = {}
+        self._raw: dict[str, tuple[float, float]] = {}  # id -> raw model (wait, completion) predictions
+        # (request id, admitted at, predicted wait, p_meet): scored when the request finishes
+        self.wait_log: deque[tuple[str, float, float, float]] = deque(maxlen=200_000)
+        self._ttft: dict[str, float] = {}
+        self._met: dict[str, bool] = {}
+
+    # ------------------------------------------------------------------ step costs
+    def steps(self, instance_id: str) -> InstanceSteps:
+        steps = self._steps.get(instance_id)
+        if steps is None:
+            steps = self._steps[instance_id] = InstanceSteps()
+        return steps
+
+    def observe_steps(self, view: InstanceView, state: InstanceState) -> None:
+        """A detailed refresh brought step timings: refit the step cost, update the step time."""
+        model = view.model()
+        assert model is not None
+        steps = self.steps(view.instance_id)
+        steps.calibrator(view, model).observe(state.step_timings)
+        steps.observe(state)
+
+    def forget(self, instance_id: str) -> None:
+        """The instance left: what was learnt of it goes (it may come back as another engine)."""
+        self._steps.pop(instance_id, None)
+        self._residuals.clear()
+
+    def step_cost(self, view: InstanceView, model: str) -> StepCalibrator:
+        return self.steps(view.instance_id).calibrator(view, model)
+
+    def tpot(self, view: InstanceView, model: str) -> float:
+        """Time per output token on ``view`` now: the measured step time when there is one (it
+        includes the prefill mixed into decode steps under load), else the calibrated cost model."""
+        steps = self.steps(view.instance_id)
+        if steps.step_s is not None and view.running:
+            return steps.step_s
+        return steps.calibrator(view, model).step_s(0, max(1, len(view.running)))
+
+    def load_factor(self, model: str) -> float:
+        """Measured step time over the reference step time the queued seat-seconds were priced at."""
+        return self.fleet.recent("load", model, self.clock, lambda: self._compute_load_factor(model))
+
+    def _compute_load_factor(self, model: str) -> float:
+        cost = self._ref_cost.get(model)
+        serving = self.fleet.serving(model)
+        if cost is None or not serving:
+            return 1.0
+        tpot = sum(self.tpot(v, model) for v in serving) / len(serving)
+        return max(0.5, tpot / cost.decode_tpot_s(REFERENCE_BATCH))
+
+    def prefill_rate(self, model: str) -> float:
+        """Prompt tokens per second the model's serving instances can prefill at most: one over
+        the calibrated per-token prefill cost, less the share of each step the decodes take."""
+        return self.fleet.recent("prefill", model, self.clock, lambda: self._compute_prefill_rate(model))
+
+    def _compute_prefill_rate(self, model: str) -> float:
+        total = 0.0
+        for view in self.fleet.serving(model):
+            b0, b1, b2 = self.step_cost(view, model).coef
+            if b1 <= 0:
+                continue
+            step = self.tpot(view, model)
+            decode_share = min(0.9, (b0 + b2 * len(view.running)) / max(step, 1e-6))
+            total += (1.0 - decode_share) / b1
+        return total
+
+    # ------------------------------------------------------------------ urgent arrivals
+    def note_arrival(self, entry: Entry, now: float) -> None:
+        """Exponentially decayed rates (10 s memory) of TTFT-bound arrivals per model: requests/s
+        and seat-seconds/s (the urgent inflow that overtakes batch work while it waits)."""
+        if entry.request.slo.ttft_deadline is None:
+            return
+        m = entry.request.model
+        rate, work, prompt, last = self._arrivals.get(m, (0.0, 0.0, 0.0, now))
+        decay = math.exp(-(now - last) / RATE_MEMORY_S)
+        self._arrivals[m] = (
+            rate * decay + 1.0 / RATE_MEMORY_S,
+            work * decay + entry.service_s / RATE_MEMORY_S,
+            prompt * decay + entry.request.prompt_tokens / RATE_MEMORY_S,
+            now,
+        )
+
+    def urgent_rates(self, model: str, now: float) -> tuple[float, float, float]:
+        """(requests/s, seat-seconds/s, prompt tokens/s) of recent TTFT-bound arrivals."""
+        rate, work, prompt, last = self._arrivals.get(model, (0.0, 0.0, 0.0, now))
+        decay = math.exp(-(now - last) / RATE_MEMORY_S)
+        return rate * decay, work * decay, prompt * decay
+
+    # ------------------------------------------------------------------ seats
+    def started(self, e: Entry, now: float) -> None:
+        """``e`` took a seat: its seat frees at its predicted finish."""
+        model = e.request.model
+        e.finish_at = now + e.service_s * self.load_factor(model)
+        bisect.insort(self._finishing.setdefault(model, []), (e.finish_at, e.request.id))
+        self.residuals_changed(model)
+
+    def left(self, e: Entry) -> None:
+        """``e`` left its seat (finished, or back in the queue)."""
+        fin = self._finishing.get(e.request.model)
+        if fin:
+            i = bisect.bisect_left(fin, (e.finish_at, e.request.id))
+            if i < len(fin) and fin[i] == (e.finish_at, e.request.id):
+                del fin[i]
+
+    def residuals_changed(self, model: str) -> None:
+        """A dispatch or a completion changed the model's seats. On a wall clock the cached seats
+        expire with time instead (a few ms), or a busy queue would rebuild them on every call."""
+        if self.repredict_min_s == 0:
+            self._residuals.pop(model, None)
+
+    def fleet_changed(self) -> None:
+        """Seats appeared, went or changed model: every cached seat list is stale."""
+        self._residuals.clear()
+
+    def seat_residuals(self, model: str, now: float) -> np.ndarray:
+        """Seconds from now until each seat of the model's serving instances frees (sorted): free
+        seats at 0, busy ones at their request's predicted finish (kept sorted as requests are
+        dispatched and finish), seats of an instance still loading the model at its ready time."""
+        cached = self._residuals.get(model)
+        if cached is not None:
+            age = now - cached[0]
+            if age == 0:
+                return cached[1]
+            if 0 < age < self.repredict_min_s / 4:
+                # Wall clock: reused for a few ms (seats free as time passes), not rebuilt per call.
+                return np.asarray(np.maximum(cached[1] - age, 0.0))
+        busy = self._finishing.setdefault(model, [])
+        self._repredict_overdue(busy, now)
+        seats = 0
+        loading: list[float] = []
+        for view in self.fleet.serving(model):
+            s = view.state
+            assert s is not None
+            n = min(s.max_num_seqs, view.costs[model].max_num_seqs)
+            if s.loading_model == model:
+                loading.extend([view.costs[model].load_s(warm=model in s.models_warm)] * n)
+            else:
+                seats += n
+        r = np.maximum(np.array([f for f, _ in busy[:seats]], dtype=float) - now, 0.0)
+        out: np.ndarray = np.concatenate(
+            [np.zeros(max(0, seats - len(r))), r[: max(0, seats)], np.array(loading)]
+        )
+        out.sort()
+        self._residuals[model] = (now, out)
+        return out
+
+    def _repredict_overdue(self, busy: list[tuple[float, str]], now: float, limit: int = 64) -> None:
+        """Running requests that outlived their prediction: predict again from their progress
+        (the remaining length given the tokens generated so far), so their seat is not taken for
+        free while they keep running."""
+        while busy and busy[0][0] <= now and limit > 0:
+            _, rid = busy.pop(0)
+            limit -= 1
+            e = self.queue.entries.get(rid)
+            if e is None or e.instance is None:
+                continue
+            view = self.fleet.instances[e.instance]
+            tpot = self.tpot(view, e.request.model)
+            generated = int((now - (e.dispatched_at or now)) / max(tpot, 1e-6))
+            remaining = self.predict(e.request, min(generated, e.request.max_tokens - 1))
+            e.finish_at = now + max(max(remaining.mean, 1.0) * tpot, self.repredict_min_s)
+            bisect.insort(busy, (e.finish_at, rid))
+
+    # ------------------------------------------------------------------ the estimate
+    def estimate(self, entry: Entry, now: float, *, record: bool = True) -> WaitEstimate:
+        """Wait until first token and completion, pooled over the instances serving the model.
+        ``record``: keep the raw prediction, to calibrate against the outcome (an admission's; a
+        later look at a queued request predicts from another time)."""
+        r = entry.request
+        fleet = self.fleet
+        if entry.dispatched_at is not None and entry.instance is not None:
+            # on an engine with a seat: its prefill at the next step, then its decode
+            view = fleet.instances[entry.instance]
+            tpot = self.tpot(view, r.model)
+            wait = self.step_cost(view, r.model).step_s(r.prompt_tokens, len(view.running)) + tpot
+            done = wait + entry.length.mean * tpot
+            sd = math.sqrt(entry.length.var) * tpot
+            return WaitEstimate(entry.instance, wait, 0.0, done, sd, p_meet(r, now, wait, 0.0, done, sd))
+        q = self.queue.queue(r.model)
+        count, work, var = q.index.ahead(entry.key[0])
+        residuals = self.seat_residuals(r.model, now)
+        serving = fleet.serving(r.model)
+        if not serving:
+            # nobody serves it: the cheapest swap, then it runs first
+            cands = [v for v in fleet.instances.values() if r.model in v.costs and v.state is not None]
+            if not cands:
+                return WaitEstimate("", math.inf, 0.0, math.inf, 0.0, 0.0)
+            load = min(v.costs[r.model].load_s(warm=r.model in v.state.models_warm) for v in cands)  # type: ignore[union-attr]
+            seats = cands[0].costs[r.model].max_num_seqs
+            residuals = np.full(seats, load)
+        seats = max(1, len(residuals))
+        scale = self.load_factor(r.model)
+        inflow = 0.0
+        if entry.key[0] - now > OVERTAKE_HORIZON_S:
+            # capped: a transient burst must not make the wait infinite
+            inflow = min(self.urgent_rates(r.model, now)[1] * scale, 0.9 * seats)
+        start = pooled_start_s(residuals, work * scale, inflow)
+        # The other bottleneck: the per-step prefill token budget (prompt tokens ahead, plus urgent
+        # prompts arriving meanwhile, at the fleet's prefill rate).
+        capacity = self.prefill_rate(r.model)
+        if capacity > 0:
+            urgent_tokens = self.urgent_rates(r.model, now)[2] if inflow > 0 else 0.0
+            spare = max(capacity - urgent_tokens, 0.1 * capacity)
+            start = max(start, q.index.prompt_ahead(entry.key[0]) / spare)
+        cost = self._ref_cost.get(r.model)
+        prefill = cost.step_s(r.prompt_tokens, 0) if cost else 0.0
+        tpot = cost.decode_tpot_s(REFERENCE_BATCH) * scale if cost else 0.0
+        wait_std = math.sqrt(var) * scale / seats * heavy_tail_factor(count)
+        wait_mean = start + prefill
+        done_mean = wait_mean + entry.length.mean * tpot
+        done_std = math.sqrt(wait_std * wait_std + entry.length.var * tpot * tpot)
+        pm = p_meet(r, now, wait_mean, wait_std, done_mean, done_std)
+        # Online calibration against outcomes (per class): corrected means, empirical P(meet).
+        raw_wait, raw_done = wait_mean, done_mean
+        cw = self._calibrator(r.slo_class, "wait", raw_wait)
+        cd = self._calibrator(r.slo_class, "done", raw_done)
+        wait_mean, done_mean = cw.corrected(raw_wait), cd.corrected(raw_done)
+        probs = []
+        if r.slo.ttft_deadline is not None:
+            probs.append(cw.p_within(raw_wait, r.slo.ttft_deadline - now))
+        if r.slo.e2e_deadline is not None:
+            probs.append(cd.p_within(raw_done, r.slo.e2e_deadline - now))
+        if probs and all(p is not None for p in probs):
+            pm = min(p for p in probs if p is not None)
+        if record:
+            self._raw[r.id] = (raw_wait, raw_done)
+        iid = serving[0].instance_id if serving else ""
+        return WaitEstimate(iid, wait_mean, wait_std, done_mean, done_std, pm)
+
+    def _calibrator(self, slo_class: str, what: str, raw_s: float) -> ResidualCalibrator:
+        """The calibrator of a class, quantity and magnitude band of the raw prediction (errors of a
+        0.1 s wait and of a 30 s wait have different causes, so they are corrected apart)."""
+        band = -1 if not math.isfinite(raw_s) else max(-3, min(8, math.floor(math.log2(max(raw_s, 0.05)))))
+        key = (slo_class, what, band)
+        c = self._calib.get(key)
+        if c is None:
+            c = self._calib[key] = ResidualCalibrator(min_samples=30)
+        return c
+
+    # ------------------------------------------------------------------ outcomes
+    def admitted(self, request_id: str, now: float, estimate: WaitEstimate) -> None:
+        """The estimate a request was admitted with, scored when it finishes."""
+        self.wait_log.append((request_id, now, estimate.wait_mean_s, estimate.p_meet))
+
+    def observe(self, outcome: RequestOutcome) -> None:
+        """A request ended: calibrate the estimates made at its admission against what happened."""
+        rid = outcome.request.id
+        if outcome.first_token_time is not None:
+            self._ttft[rid] = outcome.first_token_time - outcome.request.arrival_time
+        r = outcome.request
+        self._met[rid] = outcome.met_ttft() if r.slo.ttft_deadline is not None else outcome.met_slo()
+        raw = self._raw.pop(rid, None)
+        if raw is not None and outcome.first_token_time is not None:
+            ttft = outcome.first_token_time - r.arrival_time
+            self._calibrator(r.slo_class, "wait", raw[0]).observe(raw[0], ttft)
+            if outcome.finish_time is not None:
+                self._calibrator(r.slo_class, "done", raw[1]).observe(
+                    raw[1], outcome.finish_time - r.arrival_time
+                )
+
+    def accuracy(self) -> dict[str, float]:
+        """Predicted (at admission) against measured time to first token: MAPE over waits above
+        1 s, and calibration: of requests given P(meet) near 0.9, the fraction that met."""
+        pairs = [(p, self._ttft[rid]) for rid, _t, p, _pm in self.wait_log if rid in self._ttft]
+        big = [(p, a) for p, a in pairs if a > 1.0]
+        out: dict[str, float] = {"est_samples": float(len(pairs))}
+        if big:
+            out["est_mape_over_1s"] = sum(abs(p - a) / a for p, a in big) / len(big)
+            out["est_samples_over_1s"] = float(len(big))
+        near = [
+            self._met[rid] for rid, _t, _p, pm in self.wait_log if rid in self._met and 0.85 <= pm <= 0.95
+        ]
+        if near:
+            out["est_p09_observed"] = sum(near) / len(near)
+            out["est_p09_samples"] = float(len(near))
+        return out

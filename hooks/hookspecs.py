@@ -164,7 +164,7 @@ def qlm_operation_failed(
     instance_id: str, operation: str, model: str | None, request_id: str | None, error: str, now: float
 ) -> None:
     """A serving operation ordered on ``instance_id`` failed there (the engine refused it or could
-    not carry it out): ``operation`` is ``evict``, ``swap_in``, ``load_model`` or ``unload_model``;
+    not carry it out): ``operation`` is ``evict`` or ``load_model``;
     ``model`` or ``request_id`` names what it was about.
 
     A queue manager acts on it: it plans nothing that depends on the operation having happened
@@ -317,26 +317,16 @@ def qlm_evict(
 ) -> EvictResult | None:
     """Preempt a running request at the next step boundary.
 
-    ``mode`` ``swap`` keeps its KV cache in host memory (the request waits in the swapped set until
-    :func:`qlm_swap_in`); ``recompute`` drops it and requeues the request, which re-prefills its
-    prompt and the tokens generated so far. An adapter without a host KV tier answers a swap with a
-    recompute and says so in the result's ``mode``. ``for_request_id`` names the urgent request the
-    seat is freed for (None: an operator's or a plan's eviction): an engine whose own policy already
-    freed a seat for that request skips the order, so one urgent request costs one eviction.
+    ``mode`` ``swap`` keeps its KV cache in host memory (the request resumes from it when a seat
+    frees, before the requests queued after it); ``recompute`` drops it and requeues the request,
+    which re-prefills its prompt and the tokens generated so far. An adapter without a host KV tier
+    answers a swap with a recompute and says so in the result's ``mode``. ``for_request_id`` names
+    the urgent request the seat is freed for (None: an operator's or a plan's eviction): an engine
+    whose own policy already freed a seat for that request skips the order, so one urgent request
+    costs one eviction.
 
     :return: what was done, or ``None`` if the instance is not this adapter's. Raises ``KeyError``
         if the request is not running there.
-
-    firstresult: the adapter that owns ``instance_id`` answers; the others return None.
-    """
-
-
-@_hookspec(firstresult=True)
-def qlm_swap_in(instance_id: str, request_id: str) -> bool | None:
-    """Bring a swapped-out request's KV cache back so it resumes without recompute.
-
-    :return: True when scheduled, False when it cannot be now (no free KV blocks); ``None`` if the
-        instance is not this adapter's.
 
     firstresult: the adapter that owns ``instance_id`` answers; the others return None.
     """
@@ -351,18 +341,6 @@ def qlm_load_model(instance_id: str, model: str, target: str) -> LoadResult | No
         finish); ``"host"`` to stage its weights in host memory only (warm model start).
     :return: when it will be ready and whether the load is warm; ``None`` if the instance is not
         this adapter's.
-
-    firstresult: the adapter that owns ``instance_id`` answers; the others return None.
-    """
-
-
-@_hookspec(firstresult=True)
-def qlm_unload_model(instance_id: str, model: str, keep_warm: bool) -> bool | None:
-    """Unload ``model`` from the GPU of ``instance_id``, keeping its weights in host memory when
-    ``keep_warm`` (and the host-memory budget allows), else dropping them.
-
-    :return: True when unloaded, False when the model was not loaded; ``None`` if the instance is
-        not this adapter's.
 
     firstresult: the adapter that owns ``instance_id`` answers; the others return None.
     """

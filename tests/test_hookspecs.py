@@ -24,9 +24,7 @@ BACKEND_HOOKS = (
     "qlm_instance_state",
     "qlm_dispatch",
     "qlm_evict",
-    "qlm_swap_in",
     "qlm_load_model",
-    "qlm_unload_model",
 )
 
 #: Section banners of hookspecs.py, in lifecycle order (each banner title starts with one of these).

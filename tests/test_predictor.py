@@ -17,7 +17,6 @@ from hypothesis import strategies as st
 from qlm_plugin.brain.predictor import (
     QUANTILES,
     LengthPredictor,
-    OraclePredictor,
     PredictorPlugin,
     PredictorReport,
 )
@@ -454,15 +453,3 @@ def test_plugin_answers_the_hook_and_learns_from_finished_requests() -> None:
     )
     rep = plugin.predictor.report()
     assert rep.n == 1 and rep.mae_tokens == pytest.approx(abs(first.mean - 400))
-
-
-def test_oracle_returns_the_true_remaining() -> None:
-    oracle = OraclePredictor()
-    assert oracle.qlm_predict_output_length(req(true=120), 20) == LengthDistribution.point(100.0)
-    assert oracle.qlm_predict_output_length(req(true=120), 130) == LengthDistribution.point(0.0)
-    assert oracle.qlm_predict_output_length(req(max_tokens=64), 4).mean == 60.0  # unknown: max_tokens
-    pm = get_plugin_manager(autoload=False)
-    pm.register(PredictorPlugin(), name="predictor")
-    pm.register(oracle, name="oracle")  # registered last: it answers first
-    d = pm.hook.qlm_predict_output_length(request=req(true=77), generated_tokens=7)
-    assert d == LengthDistribution.point(70.0)

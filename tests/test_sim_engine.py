@@ -235,9 +235,9 @@ def test_swapped_in_requests_are_counted_once_against_max_num_seqs() -> None:
     assert all(o.status is Status.FINISHED for o in outcomes.values())
 
 
-def test_a_request_swapped_in_by_the_planner_can_be_evicted_again() -> None:
-    # The LSO sequence a planner drives: swap out, swap in ahead of the policy order (the promotion
-    # deque), run, swap out again; the request finishes once, with no recompute.
+def test_a_request_swapped_in_ahead_of_order_can_be_evicted_again() -> None:
+    # Swap out, swap in ahead of the policy order (the engine's promotion deque), run, swap out
+    # again: the request finishes once, with no recompute.
     inst = SimInstance("i0", "h100", {"m": H100_8B}, initial_model="m", max_num_seqs=1)
     fleet = SimFleet([inst])
     backend = SimBackend(fleet)
@@ -258,7 +258,7 @@ def test_a_request_swapped_in_by_the_planner_can_be_evicted_again() -> None:
     assert inst.state(fleet.now, True).swapped_ids == ("r0",) and inst.state(fleet.now, True).running_ids == (
         "r1",
     )
-    assert pm.hook.qlm_swap_in(instance_id="i0", request_id="r0") is True
+    assert inst.swap_in("r0") is True
     fleet.advance_to(4.0)
     assert backend.outcomes["r1"].status is Status.FINISHED
     assert inst.state(fleet.now, True).running_ids == ("r0",)

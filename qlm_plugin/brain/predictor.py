@@ -8,8 +8,8 @@ generated, and clipped to its ``max_tokens``. It scores its own predictions as t
 (prequential evaluation, :meth:`LengthPredictor.report`).
 
 :class:`PredictorPlugin` puts a predictor behind the ``qlm_predict_output_length`` hook and teaches
-it from ``qlm_request_finished``; :class:`OraclePredictor` is the clairvoyant reference that answers
-with the true remaining length (it reads ``Request.true_output_tokens``: no deployment can run it).
+it from ``qlm_request_finished``. (The clairvoyant ``oracle`` policy reads each request's true length
+instead: :class:`~qlm_plugin.brain.queue_manager.QueueManager` with ``clairvoyant=True``.)
 """
 
 from __future__ import annotations
@@ -39,7 +39,6 @@ __all__ = [
     "SOURCE_PRIOR",
     "SOURCE_TAIL",
     "LengthPredictor",
-    "OraclePredictor",
     "PredictorPlugin",
     "PredictorReport",
 ]
@@ -563,16 +562,3 @@ class PredictorPlugin:
         for q, covered in report.coverage.items():
             out[f"pred_coverage_q{round(q * 100)}"] = covered
         return out
-
-
-class OraclePredictor:
-    """Clairvoyant reference: answers with the *true* remaining length, as a certain distribution.
-
-    It reads ``Request.true_output_tokens`` (falling back to ``max_tokens`` where unknown), which only
-    the simulator knows: no deployment can run it. It bounds what better prediction could buy.
-    """
-
-    @hookimpl
-    def qlm_predict_output_length(self, request: Request, generated_tokens: int) -> LengthDistribution:
-        true = request.true_output_tokens if request.true_output_tokens is not None else request.max_tokens
-        return LengthDistribution.point(float(max(true - generated_tokens, 0)))

@@ -183,12 +183,8 @@ class RemoteFleet:
         if op == "evict":
             evict = pb.Evict(request_id=request_id, mode=mode, for_request_id=for_request_id)
             cmd = pb.Command(command_id=cid, evict=evict)
-        elif op == "swap_in":
-            cmd = pb.Command(command_id=cid, swap_in=pb.SwapIn(request_id=request_id))
         elif op == "load_model":
             cmd = pb.Command(command_id=cid, load_model=pb.LoadModel(model=model, target=target))
-        elif op == "unload_model":
-            cmd = pb.Command(command_id=cid, unload_model=pb.UnloadModel(model=model, keep_warm=keep_warm))
         elif op == "abort":
             cmd = pb.Command(command_id=cid, abort=pb.Abort(request_id=request_id, attempt=attempt))
         else:
@@ -216,16 +212,6 @@ class RemoteFleet:
         return EvictResult(request_id, mode, 0)
 
     @hookimpl
-    def qlm_swap_in(self, instance_id: str, request_id: str) -> bool | None:
-        s = self.live(instance_id)
-        if s is None:
-            return None
-        if request_id not in s.assigned:
-            return False
-        self.command(s, "swap_in", request_id)
-        return True
-
-    @hookimpl
     def qlm_load_model(self, instance_id: str, model: str, target: str) -> LoadResult | None:
         s = self.live(instance_id)
         if s is None:
@@ -235,13 +221,3 @@ class RemoteFleet:
         self.command(s, "load_model", model=model, target=target)
         warm = s.report is not None and model in s.report.models_warm
         return LoadResult(instance_id, model, warm, time.time())
-
-    @hookimpl
-    def qlm_unload_model(self, instance_id: str, model: str, keep_warm: bool) -> bool | None:
-        s = self.live(instance_id)
-        if s is None:
-            return None
-        if s.report is None or model not in s.report.models_loaded:
-            return False
-        self.command(s, "unload_model", model=model, keep_warm=keep_warm)
-        return True

@@ -15,26 +15,13 @@ class Evict:
 
 
 @dataclass(frozen=True, slots=True)
-class SwapIn:
-    instance_id: str
-    request_id: str
-
-
-@dataclass(frozen=True, slots=True)
 class LoadModel:
     instance_id: str
     model: str
     target: str = "gpu"  # "gpu": serve it; "host": stage weights in host memory (warm start)
 
 
-@dataclass(frozen=True, slots=True)
-class UnloadModel:
-    instance_id: str
-    model: str
-    keep_warm: bool = True
-
-
-LSO = Evict | SwapIn | LoadModel | UnloadModel
+LSO = Evict | LoadModel
 
 
 @dataclass(slots=True)

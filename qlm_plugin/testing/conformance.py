@@ -168,9 +168,7 @@ class AdapterConformance:
             )
             is None
         )
-        assert pm.hook.qlm_swap_in(instance_id=foreign, request_id="x") is None
         assert pm.hook.qlm_load_model(instance_id=foreign, model=harness.model(), target="gpu") is None
-        assert pm.hook.qlm_unload_model(instance_id=foreign, model=harness.model(), keep_warm=True) is None
 
     # -------------------------------------------------------------- serving
     def test_dispatched_requests_finish_exactly_once(
@@ -256,12 +254,6 @@ class AdapterConformance:
                 for_request_id=None,
             )
 
-    def test_swap_in_of_unknown_request_is_refused(
-        self, wired: tuple[BackendHarness, pluggy.PluginManager, _Recorder]
-    ) -> None:
-        harness, pm, _ = wired
-        assert pm.hook.qlm_swap_in(instance_id=harness.instance_id(), request_id="never-sent") is False
-
     # -------------------------------------------------------------- models
     def test_load_other_model_then_serve_it(
         self, wired: tuple[BackendHarness, pluggy.PluginManager, _Recorder]
@@ -287,17 +279,3 @@ class AdapterConformance:
         assert _wait_until(
             harness, lambda: any(o.request.id == r.id for o in recorder.finished), self.completion_budget_s
         )
-
-    def test_unload_keeps_weights_warm(
-        self, wired: tuple[BackendHarness, pluggy.PluginManager, _Recorder]
-    ) -> None:
-        harness, pm, _ = wired
-        iid = harness.instance_id()
-        if "warm_start" not in self._caps(pm, iid):
-            pytest.skip("adapter keeps no weights in host memory")
-        assert pm.hook.qlm_unload_model(instance_id=iid, model=harness.model(), keep_warm=True) is True
-        assert _wait_until(
-            harness, lambda: harness.model() not in self._state(pm, iid).models_loaded, 30.0, 0.1
-        )
-        assert harness.model() in self._state(pm, iid).models_warm
-        assert pm.hook.qlm_unload_model(instance_id=iid, model=harness.model(), keep_warm=True) is False

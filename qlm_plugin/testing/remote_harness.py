@@ -232,19 +232,7 @@ class _Bridge:
         return self.h.sync(lambda: fleet.qlm_evict(instance_id, request_id, mode, for_request_id))
 
     @hookimpl
-    def qlm_swap_in(self, instance_id: str, request_id: str) -> bool | None:
-        if instance_id != self.h.instance_id():
-            return None
-        return self.h.sync(lambda: self.h.coordinator.fleet.qlm_swap_in(instance_id, request_id))
-
-    @hookimpl
     def qlm_load_model(self, instance_id: str, model: str, target: str) -> LoadResult | None:
         if instance_id != self.h.instance_id():
             return None
         return self.h.sync(lambda: self.h.coordinator.fleet.qlm_load_model(instance_id, model, target))
-
-    @hookimpl
-    def qlm_unload_model(self, instance_id: str, model: str, keep_warm: bool) -> bool | None:
-        if instance_id != self.h.instance_id():
-            return None
-        return self.h.sync(lambda: self.h.coordinator.fleet.qlm_unload_model(instance_id, model, keep_warm))

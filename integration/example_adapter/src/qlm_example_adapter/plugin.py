@@ -75,19 +75,9 @@ class EchoBackend:
         return None if inst is None else inst.evict(request_id, EvictMode(mode), self.now)
 
     @hookimpl
-    def qlm_swap_in(self, instance_id: str, request_id: str) -> bool | None:
-        inst = self.instances.get(instance_id)
-        return None if inst is None else inst.swap_in(request_id)
-
-    @hookimpl
     def qlm_load_model(self, instance_id: str, model: str, target: str) -> LoadResult | None:
         inst = self.instances.get(instance_id)
         return None if inst is None else inst.load_model(model, target, self.now)
-
-    @hookimpl
-    def qlm_unload_model(self, instance_id: str, model: str, keep_warm: bool) -> bool | None:
-        inst = self.instances.get(instance_id)
-        return None if inst is None else inst.unload_model(model, keep_warm)
 
 
 def _from_env() -> EchoBackend:

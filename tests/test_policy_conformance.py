@@ -8,9 +8,20 @@ from collections.abc import Hashable
 import pluggy
 import pytest
 
-from qlm_plugin.brain.contracts import OrderingPolicy, RoutingPolicy, VictimPolicy
+from qlm_plugin.adapters.sim import SimBackend, SimFleet, SimInstance
+from qlm_plugin.brain.contracts import (
+    AdmissionRole,
+    LengthPredictorRole,
+    OrderingPolicy,
+    PlannerRole,
+    RoutingPolicy,
+    VictimPolicy,
+    WaitEstimatorRole,
+)
 from qlm_plugin.domain.costmodel import cost_model
+from qlm_plugin.domain.distributions import WaitEstimate
 from qlm_plugin.domain.instance import InstanceState, RunningView
+from qlm_plugin.domain.plan import LoadModel, Plan
 from qlm_plugin.domain.request import DEFAULT_CLASSES, Request, make_request
 from qlm_plugin.hooks import get_plugin_manager
 from qlm_plugin.policies.defaults import Defaults
@@ -167,3 +178,87 @@ def test_oracle_prices_true_output_length() -> None:
     long_job = make_request("long", "m", 100, 2048, 0.0, slo_class=batch, true_output_tokens=2000)
     short_job = make_request("short", "m", 100, 2048, 0.0, slo_class=batch, true_output_tokens=5)
     assert key(pm, long_job) < key(pm, short_job), "same deadline: less laxity (more work) first"  # type: ignore[operator]
+
+
+# ---- the brain's other roles: every registered implementation, on a small simulated fleet
+
+
+def wired_to_a_fleet(name: str, submitted: int = 40) -> tuple[pluggy.PluginManager, list[object], SimFleet]:
+    """The policy's plugins with two simulated H100s, after ``submitted`` arrivals of the workload
+    (where the policy takes arrivals: a queue manager)."""
+    built = REGISTRY.get(name).factory(CTX)
+    plugins = built if isinstance(built, list) else [built]
+    fleet = SimFleet(
+        [SimInstance(f"i{k}", "h100", dict(CTX.cost_models), initial_model="m") for k in range(2)]
+    )
+    backend = SimBackend(fleet)
+    pm = get_plugin_manager(autoload=False)
+    for n, plugin in enumerate([*plugins, backend]):
+        pm.register(plugin, name=f"{name}:{n}")
+    pm.hook.qlm_configure(pm=pm)
+    backend.attach(pm)
+    if implements(plugins, "qlm_submit"):
+        for r in sorted(workload(3, submitted), key=lambda r: r.arrival_time):
+            fleet.advance_to(r.arrival_time)
+            pm.hook.qlm_submit(request=r, now=fleet.now)
+    return pm, plugins, fleet
+
+
+def role_policies(hook: str) -> list[str]:
+    return [n for n in POLICIES if implements(wired(n)[1], hook)]
+
+
+@pytest.mark.parametrize("name", role_policies("qlm_predict_output_length"))
+def test_length_predictions_are_distributions_within_the_room_left(name: str) -> None:
+    pm, plugins, _ = wired_to_a_fleet(name)
+    assert any(isinstance(p, LengthPredictorRole) for p in plugins)
+    for r in workload(4, 20):
+        for generated in (0, 7, r.max_tokens - 1):
+            d = pm.hook.qlm_predict_output_length(request=r, generated_tokens=generated)
+            room = r.max_tokens - generated
+            assert 0 <= d.mean <= room
+            qs = [d.quantile(p) for p in (0.5, 0.9, 0.99)]
+            assert all(0 <= q <= room for q in qs) and qs == sorted(qs)
+            assert d == pm.hook.qlm_predict_output_length(request=r, generated_tokens=generated)
+
+
+@pytest.mark.parametrize("name", role_policies("qlm_estimate_wait"))
+def test_wait_estimates_are_distributions_and_probabilities(name: str) -> None:
+    pm, plugins, fleet = wired_to_a_fleet(name)
+    assert any(isinstance(p, WaitEstimatorRole) for p in plugins)
+    for r in workload(5, 20):
+        est = pm.hook.qlm_estimate_wait(request=r, now=fleet.now)
+        assert isinstance(est, WaitEstimate)
+        assert 0.0 <= est.p_meet <= 1.0
+        assert 0.0 <= est.wait_mean_s <= est.completion_mean_s
+        assert est.wait_std_s >= 0 and est.completion_std_s >= 0
+    other = make_request("unknown", "no-such-model", 10, 10, fleet.now)
+    assert pm.hook.qlm_estimate_wait(request=other, now=fleet.now) is None
+
+
+@pytest.mark.parametrize("name", role_policies("qlm_admit"))
+def test_admission_answers_for_the_request_and_gives_its_reasons(name: str) -> None:
+    pm, plugins, _ = wired_to_a_fleet(name, submitted=0)
+    assert any(isinstance(p, AdmissionRole) for p in plugins)
+    for p_meet in (0.0, 0.01, 0.5, 1.0):
+        r = make_request(f"a{p_meet}", "m", 10, 10, 0.0, ttft_s=1.0)
+        est = WaitEstimate("i0", 0.5, 0.1, 0.6, 0.1, p_meet)
+        verdict = pm.hook.qlm_admit(request=r, estimate=est, now=0.0)
+        assert verdict.request_id == r.id
+        assert verdict.accepted or verdict.reason, "a refusal says why"
+        assert verdict.can_meet_slo or verdict.reason, "a flag says why"
+        assert verdict == pm.hook.qlm_admit(request=r, estimate=est, now=0.0)
+
+
+@pytest.mark.parametrize("name", role_policies("qlm_plan"))
+def test_plans_place_work_and_load_models_only_where_possible(name: str) -> None:
+    pm, plugins, fleet = wired_to_a_fleet(name, submitted=60)
+    assert any(isinstance(p, PlannerRole) for p in plugins)
+    states = [pm.hook.qlm_instance_state(instance_id=i, detail=False) for i in ("i0", "i1")]
+    plan = pm.hook.qlm_plan(queue=[], instances=states[:1], now=fleet.now)
+    assert isinstance(plan, Plan) and plan.solver in ("heuristic", "milp")
+    assert set(plan.groups) | set(plan.queues) <= {"i0"}
+    assert all(
+        a.instance_id == "i0" and a.model in CTX.cost_models for a in plan.actions if isinstance(a, LoadModel)
+    )
+    assert plan.objective <= sum(r.weight for r in workload(3, 60)) + 1e-9

@@ -10,13 +10,15 @@ from __future__ import annotations
 from qlm_plugin.domain.distributions import WaitEstimate
 from qlm_plugin.domain.outcome import Admission
 from qlm_plugin.domain.request import Request
+from qlm_plugin.hooks import hookimpl
 
 #: A request whose probability of meeting its SLO falls below this is flagged at admission.
 FLAG_BELOW_P = 0.05
 
 
 class AdmissionControl:
-    def admit(self, request: Request, estimate: WaitEstimate, now: float) -> Admission:
+    @hookimpl
+    def qlm_admit(self, request: Request, estimate: WaitEstimate, now: float) -> Admission:
         flagged = estimate.p_meet < FLAG_BELOW_P
         return Admission(
             request.id,

@@ -1,10 +1,13 @@
-"""Contracts of the policy roles. A named policy is a plugin object implementing one or more of them;
-``tests/test_policy_conformance.py`` checks every registered policy against these contracts.
+"""The contracts of the brain's roles, one small protocol each. A policy plugin fills one or more of
+them through the hooks (``qlm_plugin.hooks.hookspecs``); ``tests/test_policy_conformance.py`` checks
+every registered implementation against the contract of each role it fills.
 
-Safety: the core calls a policy from one thread at a time (its event loop, the simulator's loop, or
-vLLM's scheduler thread), so implementations need no locks for their own state; but the same object
-may be called from different threads over its life (the vLLM engine-side agent hands it over), so it
-must not keep thread-local state. Policies must not block: no I/O, no sleeping.
+Thread safety, for every role: the caller calls an implementation from one thread at a time (its
+event loop, the simulator's loop, or vLLM's scheduler thread), so implementations need no locks for
+their own state; the same object may be called from different threads over its life (the vLLM
+engine-side agent hands it over), so it must keep no thread-local state. No implementation blocks:
+no I/O, no sleeping. Times are seconds on the caller's clock, passed in (``now``): no role reads a
+clock of its own, so the simulator, the coordinator and the engine run the same code.
 """
 
 from __future__ import annotations
@@ -12,7 +15,10 @@ from __future__ import annotations
 from collections.abc import Hashable, Sequence
 from typing import Protocol, runtime_checkable
 
+from qlm_plugin.domain.distributions import LengthDistribution, WaitEstimate
 from qlm_plugin.domain.instance import InstanceState, RunningView
+from qlm_plugin.domain.outcome import Admission, RequestOutcome
+from qlm_plugin.domain.plan import Plan
 from qlm_plugin.domain.request import Request
 
 
@@ -42,7 +48,7 @@ class VictimPolicy(Protocol):
 
 @runtime_checkable
 class RoutingPolicy(Protocol):
-    """Places a request on an instance (load balancing).
+    """Places a request on an instance (load balancing, for runs without a queue manager).
 
     Contract: returns the id of one of ``instances``; prefers an instance with the request's model
     loaded when one exists (a model swap costs seconds to minutes).
@@ -51,3 +57,65 @@ class RoutingPolicy(Protocol):
     def qlm_choose_instance(
         self, request: Request, instances: Sequence[InstanceState], now: float
     ) -> str | None: ...
+
+
+@runtime_checkable
+class LengthPredictorRole(Protocol):
+    """Predicts the output tokens a request still has to generate, as a distribution, and learns
+    from the requests that finish.
+
+    Contract: a distribution with a mean and quantiles in ``[0, max_tokens - generated_tokens]``,
+    quantiles non-decreasing in their probability; deterministic between observations.
+    """
+
+    def qlm_predict_output_length(self, request: Request, generated_tokens: int) -> LengthDistribution: ...
+
+    def qlm_request_finished(self, outcome: RequestOutcome, now: float) -> None: ...
+
+
+@runtime_checkable
+class WaitEstimatorRole(Protocol):
+    """Estimates when a request gets its first token and when it finishes, as distributions.
+
+    Contract: times relative to ``now``, non-negative (infinite where nothing can serve the
+    request); completion no earlier than the first token; ``p_meet`` in ``[0, 1]``; ``None`` only for
+    a request it cannot estimate (a model it does not know).
+    """
+
+    def qlm_estimate_wait(self, request: Request, now: float) -> WaitEstimate | None: ...
+
+
+@runtime_checkable
+class AdmissionRole(Protocol):
+    """Decides whether a new request is taken, given its estimate.
+
+    Contract: answers for that request (same id); a refusal says why; deterministic for the same
+    request and estimate.
+    """
+
+    def qlm_admit(self, request: Request, estimate: WaitEstimate, now: float) -> Admission | None: ...
+
+
+@runtime_checkable
+class PlannerRole(Protocol):
+    """Places the queued request groups on instances, in order, and orders model swaps.
+
+    Contract: places groups and orders loads only on the ``instances`` given, loads only models
+    those instances can serve; names its solver; an objective no larger than the groups' weight.
+    """
+
+    def qlm_plan(
+        self, queue: Sequence[Request], instances: Sequence[InstanceState], now: float
+    ) -> Plan | None: ...
+
+
+class LSOExecutorRole(Protocol):
+    """Carries plans and decisions out through the backend hooks (``qlm_dispatch``, ``qlm_evict``,
+    ``qlm_load_model``): request pulling, load balancing, eviction, model swap and warm start.
+    Internal to a queue manager (its implementation: :class:`qlm_plugin.brain.lso.LSOExecutor`).
+
+    Contract: a backend refusal leaves the request queued, never lost; one urgent request costs at
+    most one eviction; a load that failed is not ordered on that instance again at once.
+    """
+
+    def apply(self, plan: Plan, now: float) -> None: ...

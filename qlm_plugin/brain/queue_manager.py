@@ -189,7 +189,8 @@ class QueueManager:
         # No state polling here: the cached instance states follow dispatches and completions, and
         # are refreshed when an instance reports room and on every tick.
         est: WaitEstimate = self._hook.qlm_estimate_wait(request=request, now=now)
-        verdict = self._hook.qlm_admit(request=request, estimate=est, now=now) or self.admission.admit(
+        # (the queue manager's own admission when no plugin answers, as when it is wired alone)
+        verdict = self._hook.qlm_admit(request=request, estimate=est, now=now) or self.admission.qlm_admit(
             request, est, now
         )
         if not verdict.accepted:

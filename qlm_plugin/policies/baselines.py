@@ -74,17 +74,19 @@ class BaselinePolicies:
 
 
 def _make_qlm(ctx: PolicyContext) -> list[object]:
+    from qlm_plugin.brain.admission import AdmissionControl
     from qlm_plugin.brain.planner import Planner
     from qlm_plugin.brain.predictor import LengthPredictor, PredictorPlugin
     from qlm_plugin.brain.queue_manager import QueueManager
 
     qm = QueueManager(dict(ctx.cost_models), repredict_min_s=0.1 if ctx.wall_clock else 0.0)
-    return [PredictorPlugin(LengthPredictor()), qm, Planner(qm.queue, qm.fleet)]
+    return [PredictorPlugin(LengthPredictor()), qm, Planner(qm.queue, qm.fleet), AdmissionControl()]
 
 
 def _make_oracle(ctx: PolicyContext) -> list[object]:
+    from qlm_plugin.brain.admission import AdmissionControl
     from qlm_plugin.brain.planner import Planner
     from qlm_plugin.brain.queue_manager import QueueManager
 
     qm = QueueManager(dict(ctx.cost_models), clairvoyant=True, repredict_min_s=0.1 if ctx.wall_clock else 0.0)
-    return [qm, Planner(qm.queue, qm.fleet)]
+    return [qm, Planner(qm.queue, qm.fleet), AdmissionControl()]

@@ -32,10 +32,10 @@ async def _submit_all(tmp: Path, policy: str) -> float:
     await coord.start()
     for i in range(2):
         state = pb.StateReport(models_loaded=["llama-3.1-8b"], max_num_seqs=256, kv_blocks_total=30_000)
-        s, _, _ = coord.instance_register(
+        s, _, _ = coord.registry.register(
             pb.RegisterRequest(instance_id=f"i{i}", backend="sim", gpu="h100", state=state)
         )
-        coord.instance_pull_opened(s)
+        coord.registry.pull_opened(s)
     specs = [
         pb.RequestSpec(model="llama-3.1-8b", prompt="x" * 400, max_tokens=32, slo=pb.SLO(slo_class="batch"))
         for _ in range(N)

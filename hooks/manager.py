@@ -26,6 +26,13 @@ DISABLE_AUTOLOAD_ENV = "QLM_DISABLE_PLUGIN_AUTOLOAD"
 PLUGINS_ALLOWLIST_ENV = "QLM_PLUGINS"
 #: Comma-separated entry-point names of installed adapters whose instances the run serves with.
 ADAPTERS_ENV = "QLM_ADAPTERS"
+#: The plugins every plugin manager registers before third-party ones: the fallbacks of the policy
+#: hooks and the baseline policies. Named, not imported (as pytest names its own): they implement
+#: these hooks, so the manager below them must not import them.
+BUILTIN_PLUGINS = (
+    ("qlm-defaults", "qlm_plugin.policies.defaults", "Defaults"),
+    ("qlm-baselines", "qlm_plugin.policies.baselines", "BaselinePolicies"),
+)
 
 
 class PluginManager(pluggy.PluginManager):
@@ -105,12 +112,10 @@ def get_plugin_manager(*, autoload: bool = True, adapters: Iterable[str] = ()) -
     implementations take precedence. Installed adapters serve the run only if named in
     ``adapters`` or ``QLM_ADAPTERS``.
     """
-    from qlm_plugin.policies import builtin_plugins  # lazy: policies import the hookimpl marker
-
     pm = PluginManager()
     pm.add_hookspecs(hookspecs)
-    for name, plugin in builtin_plugins():
-        pm.register(plugin, name=name)
+    for name, module, factory in BUILTIN_PLUGINS:
+        pm.register(getattr(importlib.import_module(module), factory)(), name=name)
     if autoload and not _autoload_disabled():
         load_entrypoint_plugins(pm, adapters)
     return pm

@@ -102,7 +102,7 @@ def test_a_slow_load_command_of_the_black_box_agent_does_not_lose_the_instance(t
 
 def test_a_slow_sleep_of_the_vllm_engine_agent_does_not_lose_the_instance(tmp_path: Path) -> None:
     """The engine-side agent of the vLLM adapter (its own thread and loop, as inside EngineCore)
-    pauses the engine through its server (``/pause`` on CPU, ``/sleep`` on GPU)."""
+    wakes the engine through its server (``/resume`` on CPU, ``/wake_up`` on GPU)."""
     model_config = SimpleNamespace(served_model_name=MODEL, model="/models/tiny")
     sched = SimpleNamespace(
         vllm_config=SimpleNamespace(model_config=model_config, kv_transfer_config=None),
@@ -125,10 +125,11 @@ def test_a_slow_sleep_of_the_vllm_engine_agent_does_not_lose_the_instance(tmp_pa
             link = Link(sched, settings)
             try:
                 s = await _session(st, "engine")
-                cid = st.coordinator.fleet.command(s, "unload_model", model=MODEL, keep_warm=True)
+                link.engine.paused = True  # as after a sleep: the order wakes it
+                cid = st.coordinator.fleet.command(s, "load_model", model=MODEL, target="gpu")
                 await _outlives_the_heartbeat_timeout(st, s, cid)
-                assert calls == ["/pause?mode=keep"] and link.agent.sessions_started == 1
-                assert link.engine.paused
+                assert calls == ["/resume"] and link.agent.sessions_started == 1
+                assert not link.engine.paused
             finally:
                 await asyncio.to_thread(link.stop)
 

@@ -548,7 +548,7 @@ def test_a_model_no_instance_serves_is_refused_within_the_bound_and_journaled_fa
         await st.coordinator.journal.flush()
         counts = st.coordinator.journal.counts()
         assert counts["failed"] == 2 and counts["queued"] == 0
-        assert not st.coordinator.parked and not st.coordinator.jobs
+        assert not st.coordinator.dispatcher.parked and not st.coordinator.jobs
 
     run(tmp_path, body, scenario=scenario, config={"instance_wait_s": 0.5})
 
@@ -684,7 +684,7 @@ def test_a_report_that_times_out_is_sent_again_on_the_same_session_and_applied_o
     async def body(st: LocalStack) -> None:
         coord = st.coordinator
         applied: list[tuple[str, int]] = []
-        apply_events = coord.instance_events
+        apply_events = coord.dispatcher.apply_events
 
         def counting(s: Any, batch: pb.EventBatch) -> None:
             applied.append((s.id, batch.seq))
@@ -700,7 +700,7 @@ def test_a_report_that_times_out_is_sent_again_on_the_same_session_and_applied_o
                 await asyncio.sleep(1.0)
             await commit()
 
-        coord.instance_events = counting  # type: ignore[method-assign]
+        coord.dispatcher.apply_events = counting  # type: ignore[method-assign]
         coord.journal.flush = slow_commit  # type: ignore[method-assign]
         sessions = {name: li.agent.sessions_started for name, li in st.instances.items()}
         async with CoordinatorClient(st.grpc_target) as c:

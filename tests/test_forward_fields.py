@@ -10,8 +10,8 @@ import time
 import pytest
 
 from qlm_plugin.adapters.vllm.fields import parse_fields
-from qlm_plugin.coordinator.coordinator import Job
 from qlm_plugin.coordinator.forward import request_body
+from qlm_plugin.coordinator.jobs import Job
 from qlm_plugin.domain.request import SLO, Request
 from qlm_plugin.proto.qlm.v1 import qlm_pb2 as pb
 

@@ -13,17 +13,19 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import aiohttp
 
+from qlm_plugin.coordinator.instances import Session
+from qlm_plugin.coordinator.jobs import Job
 from qlm_plugin.proto.qlm.v1 import qlm_pb2 as pb
 from qlm_plugin.transport.openai_client import TokenizeError, tokenize
 
-if TYPE_CHECKING:
-    from qlm_plugin.coordinator.coordinator import Coordinator, Job
-    from qlm_plugin.coordinator.instances import Session
+#: Where a forward reports: the events of its attempt (as an agent would), and an engine found gone.
+Report = Callable[[Session, pb.EventBatch], None]
+Lost = Callable[[Session, str], None]
 
 Event = pb.RequestEvent
 #: Deadline of the connection to the engine (the stream itself runs as long as the request).
@@ -89,18 +91,17 @@ def request_body(job: Job, attempt: int, model: str, resume_ids: Sequence[int] =
 
 
 async def forward(
-    coord: Coordinator, s: Session, job: Job, attempt: int, http: aiohttp.ClientSession
+    s: Session, job: Job, attempt: int, http: aiohttp.ClientSession, report: Report, lost: Lost
 ) -> None:
-    """Serve one attempt of ``job`` on ``s`` over HTTP, reporting as an agent would."""
+    """Serve one attempt of ``job`` on ``s`` over HTTP, reporting its events to ``report`` as an
+    agent would, and an engine that no longer answers to ``lost``."""
     model = (
         s.report.models_loaded[0] if s.report is not None and s.report.models_loaded else job.request.model
     )
     start = index = job.tokens
 
     def emit(**kw: Any) -> None:
-        coord.instance_events(
-            s, pb.EventBatch(events=[Event(request_id=job.id, attempt=attempt, time=time.time(), **kw)])
-        )
+        report(s, pb.EventBatch(events=[Event(request_id=job.id, attempt=attempt, time=time.time(), **kw)]))
 
     finish_reason, usage_tokens = "length", None
     prompt_ids: list[int] | None = None  # the engine's ids of the prompt, on an attempt from scratch
@@ -162,7 +163,7 @@ async def forward(
         # A dropped stream alone proves little (the server may have dropped only this request):
         # drain the engine at once only if it no longer answers, else serve this request again.
         if isinstance(exc, aiohttp.ClientConnectorError) or not await _answers(http, s.endpoint):
-            coord.instance_lost(s, f"{s.endpoint} unreachable: {type(exc).__name__}")
+            lost(s, f"{s.endpoint} unreachable: {type(exc).__name__}")
         else:
             emit(kind=Event.FAILED, error=f"{s.endpoint}: stream broken: {type(exc).__name__}: {exc}")
         return

@@ -12,8 +12,9 @@ from typing import Any
 import grpc
 
 from qlm_plugin.coordinator.auth import Authenticator, AuthError, Principal
-from qlm_plugin.coordinator.coordinator import Coordinator, Job, SubmitError, status_message
+from qlm_plugin.coordinator.coordinator import Coordinator
 from qlm_plugin.coordinator.instances import Session
+from qlm_plugin.coordinator.jobs import Job, SubmitError, status_message
 from qlm_plugin.proto.qlm.v1 import qlm_pb2 as pb
 from qlm_plugin.proto.qlm.v1 import qlm_pb2_grpc as pb_grpc
 
@@ -178,7 +179,7 @@ class InstancesService(pb_grpc.InstancesServicer):
             await context.abort(grpc.StatusCode.PERMISSION_DENIED, str(exc))
 
     async def _session(self, context: Any, session_id: str) -> Session | None:
-        s = self.coord.session(session_id)
+        s = self.coord.registry.session(session_id)
         if s is not None:
             await self._check(context, s.instance_id)
         return s
@@ -189,7 +190,7 @@ class InstancesService(pb_grpc.InstancesServicer):
         await self._check(context, request.instance_id)
         if not self.coord.accepting:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "the coordinator is draining")
-        s, keep, abandon = self.coord.instance_register(request)
+        s, keep, abandon = self.coord.registry.register(request)
         cfg = self.coord.cfg
         return pb.RegisterReply(
             session=s.id,
@@ -201,7 +202,7 @@ class InstancesService(pb_grpc.InstancesServicer):
 
     async def Heartbeat(self, request: pb.StateReport, context: Any) -> pb.HeartbeatReply:
         await self._session(context, request.session)
-        return pb.HeartbeatReply(known=self.coord.instance_heartbeat(request))
+        return pb.HeartbeatReply(known=self.coord.registry.heartbeat(request))
 
     async def Pull(
         self, request_iterator: AsyncIterator[pb.PullCredit], context: Any
@@ -211,13 +212,13 @@ class InstancesService(pb_grpc.InstancesServicer):
         if first is None or s is None:
             await context.abort(grpc.StatusCode.NOT_FOUND, "unknown session: register again")
         assert s is not None and first is not None
-        self.coord.instance_pull_opened(s)
-        self.coord.instance_credit(s, first.free_slots, first.received)
+        self.coord.registry.pull_opened(s)
+        self.coord.registry.credit(s, first.free_slots, first.received)
 
         async def credits() -> None:
             async for c in request_iterator:
                 if s.alive:
-                    self.coord.instance_credit(s, c.free_slots, c.received)
+                    self.coord.registry.credit(s, c.free_slots, c.received)
 
         reader = asyncio.get_running_loop().create_task(credits())
         try:
@@ -242,7 +243,7 @@ class InstancesService(pb_grpc.InstancesServicer):
         async def acks() -> None:
             async for ack in request_iterator:
                 if ack.command_id:
-                    self.coord.instance_ack(s, ack)
+                    self.coord.registry.ack(s, ack)
 
         reader = asyncio.get_running_loop().create_task(acks())
         try:
@@ -260,7 +261,7 @@ class InstancesService(pb_grpc.InstancesServicer):
             return pb.ReportAck(seq=request.seq, known=False)
         if request.seq == 0 or request.seq > s.reported_seq:  # not a batch sent again after a timeout
             s.reported_seq = request.seq
-            self.coord.instance_events(s, request)
+            self.coord.dispatcher.apply_events(s, request)
         # Acknowledged only once durable: an instance resends what was not acknowledged.
         await self.coord.journal.flush()
         return pb.ReportAck(seq=request.seq, known=True)
@@ -311,7 +312,7 @@ class AdminService(pb_grpc.AdminServicer):
     async def ListInstances(self, request: pb.InstancesQuery, context: Any) -> pb.InstancesSnapshot:
         mono = time.monotonic()
         out = []
-        for s, st in self.coord.instance_states():
+        for s, st in self.coord.registry.states():
             report = pb.StateReport(instance_id=s.instance_id, session=s.id)
             if st is not None:
                 report.models_loaded.extend(st.models_loaded)

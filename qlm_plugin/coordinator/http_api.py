@@ -27,7 +27,8 @@ from multidict import CIMultiDict
 from opentelemetry import propagate
 
 from qlm_plugin.coordinator.auth import Authenticator, AuthError, Principal
-from qlm_plugin.coordinator.coordinator import DEFAULT_MAX_TOKENS, Coordinator, Job, SubmitError
+from qlm_plugin.coordinator.coordinator import Coordinator
+from qlm_plugin.coordinator.jobs import DEFAULT_MAX_TOKENS, Job, SubmitError
 from qlm_plugin.coordinator.openai_params import (
     INT32_MAX,
     INT32_MIN,
@@ -298,7 +299,7 @@ class FrontDoor:
             self._principal(request, "client")
         except AuthError as exc:
             return error_response(401 if exc.status == "unauthenticated" else 403, str(exc))
-        created = int(self.coord.started_at)
+        created = int(self.coord.book.started_at)
         data = [
             {
                 "id": name,
@@ -307,7 +308,7 @@ class FrontDoor:
                 "owned_by": "qlm",
                 "max_model_len": spec.context_len,
             }
-            for name, spec in sorted(self.coord.models.items())
+            for name, spec in sorted(self.coord.book.models.items())
         ]
         return web.json_response({"object": "list", "data": data})
 

@@ -20,7 +20,8 @@ from typing import Any, TypeVar
 import pluggy
 
 from qlm_plugin.coordinator.config import CoordinatorConfig, Listen
-from qlm_plugin.coordinator.coordinator import Coordinator, Job
+from qlm_plugin.coordinator.coordinator import Coordinator
+from qlm_plugin.coordinator.jobs import Job
 from qlm_plugin.coordinator.journal import JobRecord
 from qlm_plugin.coordinator.server import CoordinatorServer
 from qlm_plugin.domain.instance import EvictMode, EvictResult, InstanceInfo, InstanceState, LoadResult
@@ -145,7 +146,7 @@ class RemoteHarness:
         )
         coord.jobs[request.id] = job
         self.requests[request.id] = request
-        return coord._dispatch(s, request)
+        return coord.dispatcher.dispatch(s, request)
 
 
 class _Reporter:

@@ -1,0 +1,326 @@
+"""Dispatch: accepted jobs to the policy, the policy's dispatches to instances, and what instances
+report back to the jobs.
+
+A job is handed to the queue manager's global queue (``qlm_submit``), or with no queue manager
+straight to the instance the router picks; it is parked while no live instance serves its model.
+Each dispatch is an *attempt*, numbered and journaled: the assignment goes down the instance's pull
+stream, or, for an instance that serves HTTP itself (a vLLM engine), the request is forwarded there
+(:mod:`.forward`). An instance's report counts only for the attempt the coordinator handed it, so a
+request re-served elsewhere is answered once. A job the instance fails, or gives back, is queued
+again (failures count towards ``max_attempts``). Not thread-safe: one event loop owns it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from collections.abc import Callable, Hashable
+from typing import Any
+
+import aiohttp
+
+from qlm_plugin.coordinator.config import CoordinatorConfig
+from qlm_plugin.coordinator.forward import forward
+from qlm_plugin.coordinator.instances import RemoteFleet, Session
+from qlm_plugin.coordinator.jobs import Chunk, Job, JobBook
+from qlm_plugin.coordinator.journal import TERMINAL
+from qlm_plugin.domain.request import Request
+from qlm_plugin.proto.qlm.v1 import qlm_pb2 as pb
+from qlm_plugin.telemetry.instruments import Telemetry
+
+log = logging.getLogger("qlm_plugin.coordinator")
+
+Event = pb.RequestEvent
+
+
+def serves(s: Session, model: str) -> bool:
+    """Whether an instance serves ``model`` now: loaded or warm (an instance that reports no model
+    serves what it is sent), and its engine up."""
+    rep = s.report
+    if rep is not None and not rep.healthy:
+        return False  # its engine is down: nothing goes there until it is back
+    return rep is None or not rep.models_loaded or model in rep.models_loaded or model in rep.models_warm
+
+
+class Dispatcher:
+    """``on_lost(session, reason)``: an engine served over HTTP stopped answering (the instance
+    registry drains it)."""
+
+    def __init__(
+        self,
+        cfg: CoordinatorConfig,
+        book: JobBook,
+        fleet: RemoteFleet,
+        hook: Any,
+        telemetry: Telemetry,
+        *,
+        has_queue_manager: bool,
+    ) -> None:
+        self.cfg = cfg
+        self.book = book
+        self.fleet = fleet
+        self.hook = hook
+        self.telemetry = telemetry
+        self.has_queue_manager = has_queue_manager
+        self.on_lost: Callable[[Session, str], None] = lambda s, reason: None
+        self.parked: dict[str, Job] = {}  # accepted, waiting for an instance that serves the model
+        self._forwards: dict[str, asyncio.Task[None]] = {}
+        self._http: aiohttp.ClientSession | None = None  # for instances served over HTTP
+
+    # ------------------------------------------------------------------ to the policy
+    def served(self, model: str) -> bool:
+        return any(serves(s, model) for s in self.fleet.sessions.values() if s.alive)
+
+    def trace(self, job: Job, parent: Any = None) -> None:
+        """Open the request's span, from its arrival."""
+        r, slo = job.request, job.spec.slo
+        self.telemetry.request_started(
+            job.id,
+            model=r.model,
+            operation=job.spec.operation or "text_completion",
+            slo_class=r.slo_class,
+            tenant=r.tenant,
+            max_tokens=r.max_tokens,
+            input_tokens=r.prompt_tokens,
+            ttft_slo_s=slo.ttft_ms / 1000 or None,
+            e2e_slo_s=slo.e2e_ms / 1000 or None,
+            start_time=r.arrival_time,
+            parent=parent,
+        )
+
+    def admit(self, job: Job, now: float) -> None:
+        """Hand a queued job to the policy: the queue manager's global queue, or (no queue manager)
+        straight to the instance the router picks. Parked while no instance serves its model."""
+        if not self.served(job.request.model):
+            self.parked[job.id] = job
+            return
+        self.telemetry.request_event(job.id, "qlm.queued")
+        if self.has_queue_manager:
+            admission = self.hook.qlm_submit(request=job.request, now=now)
+            if admission is not None and not admission.accepted:
+                self.parked[job.id] = job
+                return
+            job.admission = admission
+            if admission is not None:  # (after "qlm.dispatched" when it was handed over at once)
+                self.telemetry.request_event(
+                    job.id,
+                    "qlm.planned",
+                    {
+                        "qlm.estimate.wait_s": admission.wait_mean_s or 0.0,
+                        "qlm.estimate.p_meet": admission.p_meet if admission.p_meet is not None else 1.0,
+                        "qlm.instance.planned": admission.instance_id or "",
+                    },
+                )
+            return
+        states = [
+            st
+            for s in self.fleet.sessions.values()
+            if s.alive
+            and s.pull_open
+            and (st := self.fleet.qlm_instance_state(s.instance_id, False)) is not None
+            and serves(s, job.request.model)
+        ]
+        target = self.hook.qlm_choose_instance(request=job.request, instances=states, now=now)
+        if target is None or not self.hook.qlm_dispatch(instance_id=target, request=job.request):
+            self.parked[job.id] = job
+
+    def unpark(self) -> None:
+        now = time.time()
+        jobs, self.parked = list(self.parked.values()), {}
+        for job in jobs:
+            if job.state == "queued":
+                self.admit(job, now)
+
+    # ------------------------------------------------------------------ to the instances
+    def _rank(self, request: Request, instance_id: str, now: float) -> float:
+        key: Hashable = self.hook.qlm_rank_key(request=request, instance_id=instance_id, now=now)
+        head = key[0] if isinstance(key, tuple) and key else key
+        return float(head) if isinstance(head, (int, float)) else request.arrival_time
+
+    def dispatch(self, s: Session, request: Request) -> bool:
+        """A new attempt of the request's job on ``s`` (the instance fleet's ``qlm_dispatch``)."""
+        job = self.book.jobs.get(request.id)
+        if job is None or job.state != "queued":
+            return False
+        now = time.time()
+        job.attempt += 1
+        job.state, job.instance = "dispatched", s.instance_id
+        job.recovering = False
+        s.assigned[job.id] = job.attempt
+        s.sent += 1
+        self.book.journal.dispatched(job.id, job.attempt, s.instance_id)
+        if s.endpoint:  # the instance serves HTTP itself (a vLLM engine): forward the request there
+            self._forward(s, job)
+            self.telemetry.request_event(
+                job.id, "qlm.dispatched", {"qlm.instance.id": s.instance_id, "qlm.attempt": job.attempt}
+            )
+            return True
+        ttft_budget, e2e_budget = request.slo.budgets(now, started=job.tokens > 0)
+        s.assignments.put_nowait(
+            pb.Assignment(
+                request=job.spec,
+                attempt=job.attempt,
+                urgency=self._rank(request, s.instance_id, now),
+                deadline=request.slo.first_deadline() if math.isfinite(request.slo.first_deadline()) else 0.0,
+                resume_tokens=job.tokens,
+                resume_text=job.text,
+                ttft_budget_s=ttft_budget,
+                e2e_budget_s=e2e_budget,
+            )
+        )
+        self.telemetry.request_event(
+            job.id, "qlm.dispatched", {"qlm.instance.id": s.instance_id, "qlm.attempt": job.attempt}
+        )
+        return True
+
+    def _forward(self, s: Session, job: Job) -> None:
+        if self._http is None:
+            # A fresh connection per request: a pooled keep-alive connection the engine's server
+            # closes as it is reused fails the request, which then counts against its attempts.
+            self._http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0, force_close=True))
+        task = asyncio.get_running_loop().create_task(
+            forward(s, job, job.attempt, self._http, self.apply_events, self.on_lost)
+        )
+        self._forwards[job.id] = task
+
+        def forget(t: asyncio.Task[None], rid: str = job.id) -> None:
+            if self._forwards.get(rid) is t:
+                del self._forwards[rid]
+
+        task.add_done_callback(forget)
+
+    def forwarding(self, request_id: str) -> bool:
+        """Whether the request's stream from an engine served over HTTP is still open."""
+        task = self._forwards.get(request_id)
+        return task is not None and not task.done()
+
+    # ------------------------------------------------------------------ the end of an attempt
+    def finish(self, job: Job, state: str, finish_reason: str, error: str = "") -> None:
+        now = time.time()
+        self.book.close(job, state, finish_reason, error, now)
+        if job.instance is not None:
+            s = self.fleet.sessions.get(job.instance)
+            if s is not None:
+                s.assigned.pop(job.id, None)
+        outcome = job.outcome()
+        self.hook.qlm_request_finished(outcome=outcome, now=now)
+        ttft = job.first_token_at - job.request.arrival_time if job.first_token_at is not None else None
+        self.telemetry.request_finished(
+            job.id,
+            status=state,
+            slo_met=outcome.met_slo(),
+            model=job.request.model,
+            slo_class=job.request.slo_class,
+            ttft_s=ttft,
+            e2e_s=now - job.request.arrival_time,
+            output_tokens=job.tokens,
+            finish_reason=finish_reason,
+            predicted_wait_s=job.admission.wait_mean_s if job.admission is not None else None,
+            late=job.late,
+            error=error,
+            end_time=now,
+        )
+        self.book.announce(job, now)
+
+    def requeue(self, job: Job, reason: str, *, failure: bool = True) -> None:
+        """A dispatched job goes back to the queue (its instance was lost, failed it, or gave it back
+        after an eviction: only failures count towards ``max_attempts``)."""
+        now = time.time()
+        if failure:
+            job.failures += 1
+        if job.failures >= self.cfg.max_attempts:
+            self.finish(job, "failed", "error", error=f"gave up after {job.attempt} attempts: {reason}")
+            return
+        if job.instance is not None:
+            s = self.fleet.sessions.get(job.instance)
+            if s is not None:
+                s.assigned.pop(job.id, None)
+        task = self._forwards.pop(job.id, None)
+        if task is not None and task is not asyncio.current_task():
+            task.cancel()
+        # The policy forgets the old dispatch and takes the request again (same deadlines).
+        self.hook.qlm_request_finished(outcome=job.outcome(), now=now)
+        job.state, job.instance = "queued", None
+        self.book.journal.requeued(job.id)
+        self.telemetry.request_event(job.id, "qlm.requeued", {"qlm.reason": reason})
+        self.admit(job, now)
+
+    def cancel(self, request_id: str, reason: str = "cancelled by the client") -> Job | None:
+        """Cancel a request wherever it is; the instance serving it is told to abort."""
+        job = self.book.jobs.get(request_id)
+        if job is None or job.state in TERMINAL:
+            return job
+        if job.state == "dispatched" and job.instance is not None:
+            s = self.fleet.live(job.instance)
+            if s is not None:
+                self.fleet.command(s, "abort", job.id, attempt=job.attempt)
+            task = self._forwards.pop(job.id, None)
+            if task is not None:
+                task.cancel()  # closing the stream makes the engine abort it
+        self.parked.pop(job.id, None)
+        self.finish(job, "cancelled", "cancelled", error=reason)
+        return job
+
+    # ------------------------------------------------------------------ reports
+    def apply_events(self, s: Session, batch: pb.EventBatch) -> None:
+        """Apply an instance's report. Events for an attempt the coordinator no longer counts
+        (the request was re-served or cancelled) are dropped and the instance told to abort it."""
+        s.last_seen = time.monotonic()
+        now = time.time()
+        for ev in batch.events:
+            job = self.book.jobs.get(ev.request_id)
+            if (
+                job is None
+                or job.state != "dispatched"
+                or job.instance != s.instance_id
+                or job.attempt != ev.attempt
+            ):
+                stale = job is None or job.state in TERMINAL or job.attempt != ev.attempt
+                if (
+                    stale
+                    and ev.kind not in (Event.FINISHED, Event.FAILED)
+                    and ev.request_id not in s.pending_aborts
+                ):
+                    s.pending_aborts.add(ev.request_id)  # the engine still works on it for nothing
+                    self.fleet.command(s, "abort", ev.request_id, attempt=ev.attempt)
+                continue
+            if ev.kind == Event.TOKENS:
+                if ev.index + ev.tokens <= job.tokens:
+                    continue  # resent
+                if ev.index != job.tokens:
+                    log.warning(
+                        "request %s: tokens at %d, expected %d; chunk dropped", job.id, ev.index, job.tokens
+                    )
+                    continue
+                job.chunks.append(ev.text)
+                job.tokens += ev.tokens
+                if job.first_token_at is None:
+                    job.first_token_at = now
+                    self.telemetry.request_event(job.id, "qlm.first_token", time=now)
+                self.book.publish(job, Chunk(ev.text, ev.index, ev.tokens))
+            elif ev.kind == Event.FINISHED:
+                # an engine that reports evictions one by one (EVICTED) and one that totals them at
+                # the end: both counted once
+                job.preemptions = max(job.preemptions, ev.preemptions)
+                job.wasted_tokens = max(job.wasted_tokens, ev.wasted_tokens)
+                self.finish(job, "finished", ev.finish_reason or "length")
+            elif ev.kind == Event.EVICTED:
+                job.preemptions += 1
+                job.wasted_tokens += ev.wasted_tokens
+                self.telemetry.request_event(job.id, "qlm.evicted", {"qlm.wasted_tokens": ev.wasted_tokens})
+            elif ev.kind == Event.SWAPPED_IN:
+                self.telemetry.request_event(job.id, "qlm.swapped_in")
+            elif ev.kind == Event.FAILED:
+                self.requeue(job, f"instance {s.instance_id} failed it: {ev.error}")
+            elif ev.kind == Event.REQUEUED:
+                job.preemptions += 1  # evicted by abort: its work there is lost
+                self.requeue(job, f"instance {s.instance_id} gave it back: {ev.error}", failure=False)
+
+    async def close(self) -> None:
+        """Stop forwarding (the engines abort what they were streaming)."""
+        for task in list(self._forwards.values()):
+            task.cancel()
+        if self._http is not None:
+            await self._http.close()

@@ -1,0 +1,496 @@
+"""Jobs and their durable record: every accepted request (a :class:`Job`), the journal, idempotency
+keys and the tenants' limits.
+
+Requests are journaled before they are acknowledged (:meth:`JobBook.accept`); a request whose model
+no instance serves is refused and journaled as failed; a journal record survives a restart, and
+:meth:`JobBook.recover` rebuilds the jobs from it. A job's output streams to any number of followers,
+each with its own unbounded queue (a slow reader holds no one up). Not thread-safe: one event loop
+owns it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import time
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from google.protobuf import json_format
+
+from qlm_plugin.coordinator.config import CoordinatorConfig
+from qlm_plugin.coordinator.journal import TERMINAL, JobRecord, Journal, JournalError
+from qlm_plugin.domain.costmodel import CostModel
+from qlm_plugin.domain.outcome import Admission, RequestOutcome, Status
+from qlm_plugin.domain.request import (
+    DEFAULT_CLASSES,
+    ModelSpec,
+    Request,
+    RequestValidationError,
+    SLOClass,
+    make_request,
+)
+from qlm_plugin.proto.qlm.v1 import qlm_pb2 as pb
+
+log = logging.getLogger("qlm_plugin.coordinator")
+
+#: OpenAI's default for /v1/completions when the request names no max_tokens.
+DEFAULT_MAX_TOKENS = 16
+#: Finished requests stay in memory this long for status and streaming (then the journal answers).
+RETAIN_FINISHED_S = 120.0
+
+
+class SubmitError(Exception):
+    """A refused submission. ``code``: invalid, unknown_model, too_large, limit, unavailable,
+    slo_unattainable; ``field`` names the offending request field where there is one."""
+
+    def __init__(
+        self,
+        code: str,
+        message: str,
+        field: str | None = None,
+        estimate: Admission | None = None,
+        retry_after_s: float | None = None,
+    ):
+        super().__init__(message)
+        self.code = code
+        self.field = field
+        self.estimate = estimate
+        self.retry_after_s = retry_after_s  # when a retry may succeed (limits, load, no instance)
+
+
+def estimate_prompt_tokens(text: str) -> int:
+    """Tokens of a prompt when the client did not say: about 4 bytes of UTF-8 per token (the engine
+    reports the exact count with the answer; the estimate only feeds scheduling)."""
+    return max(1, math.ceil(len(text.encode()) / 4))
+
+
+@dataclass(frozen=True, slots=True)
+class Chunk:
+    text: str
+    index: int
+    tokens: int
+    finished: bool = False
+    finish_reason: str = ""
+
+
+@dataclass(eq=False, slots=True)
+class Job:
+    """One accepted request and everything that happened to it."""
+
+    request: Request
+    spec: pb.RequestSpec
+    state: str = "queued"
+    attempt: int = 0
+    instance: str | None = None
+    chunks: list[str] = field(default_factory=list)
+    tokens: int = 0
+    # The engine's own token ids of the prompt and of the delivered output (an engine served over
+    # HTTP returns them), so that a resumed attempt continues from exactly those tokens: the
+    # delivered text, tokenized again, can come to more tokens and no longer fit the context.
+    # None (or a count that does not match ``tokens``): unknown, and a resume sends the text.
+    prompt_ids: list[int] | None = None
+    output_ids: list[int] | None = field(default_factory=list)
+    first_token_at: float | None = None
+    finished_at: float | None = None
+    finish_reason: str = ""
+    error: str = ""
+    preemptions: int = 0
+    wasted_tokens: int = 0
+    failures: int = 0  # attempts that ended with the instance lost or failing (not evictions)
+    admission: Admission | None = None
+    recovering: bool = False  # rebuilt from the journal; its instance may still claim it
+    listeners: list[asyncio.Queue[Chunk | None]] = field(default_factory=list)
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def id(self) -> str:
+        return self.request.id
+
+    @property
+    def text(self) -> str:
+        return "".join(self.chunks)
+
+    @property
+    def late(self) -> bool:
+        slo = self.request.slo
+        if slo.ttft_deadline is not None and (self.first_token_at or math.inf) > slo.ttft_deadline:
+            return True
+        return slo.e2e_deadline is not None and (self.finished_at or math.inf) > slo.e2e_deadline
+
+    def outcome(self) -> RequestOutcome:
+        status = {"finished": Status.FINISHED, "cancelled": Status.CANCELLED, "failed": Status.REJECTED}
+        return RequestOutcome(
+            self.request,
+            status.get(self.state, Status.UNFINISHED),
+            instance_id=self.instance,
+            first_token_time=self.first_token_at,
+            finish_time=self.finished_at,
+            output_tokens=self.tokens,
+            preemptions=self.preemptions,
+            wasted_tokens=self.wasted_tokens,
+            reason=self.error,
+        )
+
+
+def spec_to_dict(spec: pb.RequestSpec) -> dict[str, Any]:
+    """The journal's copy of a request: the fields that are set (``json_format`` is 10x slower)."""
+    slo = spec.slo
+    out: dict[str, Any] = {
+        "request_id": spec.request_id,
+        "model": spec.model,
+        "prompt": spec.prompt,
+        "prompt_tokens": spec.prompt_tokens,
+        "max_tokens": spec.max_tokens,
+        "slo": {
+            "ttft_ms": slo.ttft_ms,
+            "e2e_ms": slo.e2e_ms,
+            "slo_class": slo.slo_class,
+            "priority": slo.priority,
+        },
+        "tenant": spec.tenant,
+        "operation": spec.operation,
+    }
+    if spec.reject_if_late:
+        out["reject_if_late"] = True
+    if spec.sampling:
+        out["sampling"] = dict(spec.sampling)
+    if spec.idempotency_key:
+        out["idempotency_key"] = spec.idempotency_key
+    if spec.true_output_tokens:
+        out["true_output_tokens"] = spec.true_output_tokens
+    if spec.prompt_token_ids:
+        out["prompt_token_ids"] = list(spec.prompt_token_ids)
+    return out
+
+
+class JobBook:
+    """Every job in memory (unfinished, and finished within ``RETAIN_FINISHED_S``), and the journal
+    behind them."""
+
+    def __init__(
+        self,
+        cfg: CoordinatorConfig,
+        journal: Journal,
+        models: Mapping[str, ModelSpec],
+        classes: Mapping[str, SLOClass],
+        costs: Mapping[str, CostModel],
+    ) -> None:
+        self.cfg = cfg
+        self.journal = journal
+        self.models = dict(models)
+        self.classes = dict(classes) or dict(DEFAULT_CLASSES)
+        self.default_class = "interactive" if "interactive" in self.classes else next(iter(self.classes))
+        self._costs = costs
+        self.jobs: dict[str, Job] = {}
+        self.by_key: dict[tuple[str, str], str] = {}  # (tenant, idempotency key) -> request id
+        self.tenant_load: dict[str, list[int]] = {}  # tenant -> [unfinished requests, their tokens]
+        self.accepting = False  # new requests are taken (started, not draining)
+        self.started_at = time.time()
+        self._ids = 0
+        self._finished_order: list[tuple[float, str]] = []
+
+    # ------------------------------------------------------------------ new requests
+    def new_id(self) -> str:
+        self._ids += 1
+        return f"req-{int(self.started_at * 1000):x}-{self._ids}"
+
+    def build_request(self, spec: pb.RequestSpec, arrival: float) -> Request:
+        if spec.model not in self.models:
+            known = ", ".join(sorted(self.models)) or "none"
+            raise SubmitError("unknown_model", f"unknown model {spec.model!r} (served: {known})", "model")
+        cls_name = spec.slo.slo_class or self.default_class
+        cls = self.classes.get(cls_name)
+        if cls is None:
+            known = ", ".join(sorted(self.classes))
+            raise SubmitError("invalid", f"unknown SLO class {cls_name!r} (classes: {known})", "slo.class")
+        for name, value in (("slo.ttft_ms", spec.slo.ttft_ms), ("slo.e2e_ms", spec.slo.e2e_ms)):
+            if value < 0 or not math.isfinite(value):
+                raise SubmitError("invalid", f"must be a positive number of milliseconds, got {value}", name)
+        if spec.prompt and spec.prompt_token_ids:
+            raise SubmitError("invalid", "give the prompt as text or as token ids, not both", "prompt")
+        prompt_tokens = (
+            spec.prompt_tokens or len(spec.prompt_token_ids) or estimate_prompt_tokens(spec.prompt)
+        )
+        try:
+            return make_request(
+                spec.request_id,
+                spec.model,
+                prompt_tokens,
+                spec.max_tokens or DEFAULT_MAX_TOKENS,
+                arrival,
+                slo_class=cls,
+                ttft_s=spec.slo.ttft_ms / 1000 if spec.slo.ttft_ms else None,
+                e2e_s=spec.slo.e2e_ms / 1000 if spec.slo.e2e_ms else None,
+                priority=spec.slo.priority if spec.slo.priority else None,
+                tenant=spec.tenant or "default",
+                true_output_tokens=spec.true_output_tokens or None,
+                models=self.models,
+            )
+        except RequestValidationError as exc:
+            code = "too_large" if exc.field in ("prompt_tokens", "max_tokens") else "invalid"
+            fld = {"prompt_tokens": "prompt", "slo.ttft_s": "slo.ttft_ms", "slo.e2e_s": "slo.e2e_ms"}.get(
+                exc.field, exc.field
+            )
+            raise SubmitError(code, exc.reason, fld) from None
+
+    def check_feasible(self, request: Request) -> None:
+        """An SLO no instance could meet even idle is refused at once, whatever the client asked."""
+        cost = self._costs.get(request.model)
+        if cost is None or request.slo.ttft_deadline is None:
+            return
+        budget = request.slo.ttft_deadline - request.arrival_time
+        floor = cost.step_s(request.prompt_tokens, 0)
+        if budget < floor:
+            raise SubmitError(
+                "slo_unattainable",
+                f"a TTFT SLO of {budget * 1000:.0f} ms cannot be met: a {request.prompt_tokens}-token prompt "
+                f"takes at least {floor * 1000:.0f} ms to prefill on an idle instance",
+                "slo.ttft_ms",
+            )
+
+    def count(self, job: Job | Request, sign: int) -> None:
+        """Count a job in (or out of) its tenant's unfinished requests and tokens."""
+        request = job.request if isinstance(job, Job) else job
+        load = self.tenant_load.setdefault(request.tenant, [0, 0])
+        load[0] += sign
+        load[1] += sign * (request.prompt_tokens + request.max_tokens)
+
+    def check_limits(self, request: Request) -> None:
+        """Refuse (:class:`SubmitError`, ``limit``) a request beyond its tenant's limits."""
+        limits = self.cfg.limits_for(request.tenant)
+        load = self.tenant_load.get(request.tenant, [0, 0])
+        tokens = request.prompt_tokens + request.max_tokens
+        if load[0] + 1 > limits.max_queued_requests:
+            raise SubmitError(
+                "limit",
+                f"tenant {request.tenant!r} has {load[0]} unfinished requests "
+                f"(limit {limits.max_queued_requests})",
+                retry_after_s=1.0,
+            )
+        if load[1] + tokens > limits.max_queued_tokens:
+            raise SubmitError(
+                "limit",
+                f"tenant {request.tenant!r} has {load[1]} tokens queued; {tokens} more exceed the limit "
+                f"of {limits.max_queued_tokens}",
+                retry_after_s=1.0,
+            )
+
+    def duplicate(self, spec: pb.RequestSpec) -> Job | None:
+        """The earlier request with the same idempotency key (of the same tenant), if any."""
+        if not spec.idempotency_key:
+            return None
+        rid = self.by_key.get((spec.tenant, spec.idempotency_key)) or self.journal.find_idempotent(
+            spec.tenant, spec.idempotency_key
+        )
+        if rid is None:
+            return None
+        job = self.jobs.get(rid)
+        if job is not None:
+            return job
+        rec = self.journal.get(rid)
+        return None if rec is None else self._finished_job(rec)
+
+    def claim_id(self, spec: pb.RequestSpec) -> None:
+        """The request's id: the client's, if not taken (:class:`SubmitError`), else a new one."""
+        if spec.request_id:
+            if spec.request_id in self.jobs or self.journal.get(spec.request_id) is not None:
+                raise SubmitError("invalid", f"request id {spec.request_id!r} is already taken", "request_id")
+        else:
+            spec.request_id = self.new_id()
+
+    async def accept(self, job: Job, now: float) -> None:
+        """Journal a new job (committed when this returns) and hold it."""
+        spec = job.spec
+        record = JobRecord(
+            job.id,
+            job.request.tenant,
+            spec_to_dict(spec),
+            now,
+            idempotency_key=spec.idempotency_key or None,
+        )
+        # Counted before the await: requests arriving together must not all pass the tenant's limit.
+        self.count(job, +1)
+        try:
+            await self.journal.accept(record)
+        except JournalError as exc:
+            self.count(job, -1)
+            raise SubmitError("invalid", f"cannot accept: {exc}", "request_id") from None
+        self.jobs[job.id] = job
+        if spec.idempotency_key:
+            self.by_key[(spec.tenant, spec.idempotency_key)] = job.id
+
+    async def record_refusal(
+        self, spec: pb.RequestSpec, request: Request, accepted_at: float, error: str
+    ) -> None:
+        """A request refused after it waited (for an instance) is journaled as failed, never as queued,
+        so no restart serves it. Without its idempotency key: the client may submit it again."""
+        record = JobRecord(
+            request.id,
+            request.tenant,
+            spec_to_dict(spec),
+            accepted_at,
+            state="failed",
+            finished_at=time.time(),
+            finish_reason="error",
+            error=error,
+        )
+        with contextlib.suppress(JournalError):  # a duplicate id: nothing to record
+            await self.journal.accept(record)
+
+    # ------------------------------------------------------------------ after a restart
+    def recover(self) -> list[Job]:
+        """The unfinished jobs of the journal, held again and marked ``recovering`` (their instance
+        may still claim them)."""
+        jobs = []
+        for rec in self.journal.recover():
+            job = self._from_record(rec)
+            if job is None:
+                continue
+            job.recovering = True
+            self.jobs[job.id] = job
+            self.count(job, +1)
+            jobs.append(job)
+        return jobs
+
+    def _from_record(self, rec: JobRecord) -> Job | None:
+        try:
+            spec = json_format.ParseDict(rec.spec, pb.RequestSpec())
+            request = self.build_request(spec, rec.accepted_at)
+        except (json_format.ParseError, RequestValidationError, SubmitError) as exc:
+            log.error("journal record %s cannot be rebuilt (%s): marked failed", rec.request_id, exc)
+            self.journal.finished(
+                rec.request_id,
+                state="failed",
+                output="",
+                output_tokens=0,
+                first_token_at=None,
+                finished_at=time.time(),
+                error=f"cannot be rebuilt after restart: {exc}",
+            )
+            return None
+        job = Job(request, spec, state=rec.state, attempt=rec.attempt, instance=rec.instance_id)
+        if rec.idempotency_key:
+            self.by_key[(rec.tenant, rec.idempotency_key)] = rec.request_id
+        return job
+
+    def _finished_job(self, rec: JobRecord) -> Job:
+        """A read-only job for a request that left memory (status of an old request)."""
+        spec = json_format.ParseDict(rec.spec, pb.RequestSpec())
+        req = Request(
+            rec.request_id, spec.model, max(1, spec.prompt_tokens), max(1, spec.max_tokens), rec.accepted_at
+        )
+        job = Job(req, spec, state=rec.state, attempt=rec.attempt, instance=rec.instance_id)
+        job.chunks = [rec.output]
+        job.tokens = rec.output_tokens
+        job.first_token_at, job.finished_at = rec.first_token_at, rec.finished_at
+        job.finish_reason, job.error = rec.finish_reason, rec.error
+        if rec.state in TERMINAL:
+            job.done.set()
+        return job
+
+    def lookup(self, request_id: str) -> Job | None:
+        job = self.jobs.get(request_id)
+        if job is not None:
+            return job
+        rec = self.journal.get(request_id)
+        return None if rec is None else self._finished_job(rec)
+
+    # ------------------------------------------------------------------ the end of a job
+    def close(self, job: Job, state: str, finish_reason: str, error: str, now: float) -> None:
+        """Record a job's end (journal, tenant counts); its followers hear of it by :meth:`announce`."""
+        job.state, job.finish_reason, job.error = state, finish_reason, error
+        job.finished_at = now
+        job.recovering = False
+        self.count(job, -1)
+        self.journal.finished(
+            job.id,
+            state=state,
+            output=job.text,
+            output_tokens=job.tokens,
+            first_token_at=job.first_token_at,
+            finished_at=now,
+            finish_reason=finish_reason,
+            error=error,
+        )
+
+    def announce(self, job: Job, now: float) -> None:
+        """Tell a closed job's followers, and keep it a while for status."""
+        self.publish(job, Chunk("", job.tokens, 0, True, job.finish_reason))
+        for q in job.listeners:
+            q.put_nowait(None)
+        job.done.set()
+        self._finished_order.append((now, job.id))
+
+    def forget_finished(self, now: float) -> None:
+        """Drop finished jobs kept longer than ``RETAIN_FINISHED_S`` (the journal answers for them)."""
+        while self._finished_order and now - self._finished_order[0][0] > RETAIN_FINISHED_S:
+            _, rid = self._finished_order.pop(0)
+            job = self.jobs.get(rid)
+            if job is not None and job.state in TERMINAL:
+                del self.jobs[rid]
+
+    # ------------------------------------------------------------------ output
+    async def follow(self, job: Job) -> AsyncIterator[Chunk]:
+        """The job's output from the start: what exists now, then each chunk as it arrives. An
+        unbounded queue per follower: a slow reader never holds the coordinator up."""
+        # The snapshot and the listener are taken together, before the first yield: a chunk
+        # published while the caller holds the snapshot goes to the queue, not nowhere.
+        text, tokens, finished = job.text, job.tokens, job.state in TERMINAL
+        q: asyncio.Queue[Chunk | None] = asyncio.Queue()
+        if not finished:
+            job.listeners.append(q)
+        try:
+            if text:
+                yield Chunk(text, 0, tokens)
+            if finished:
+                yield Chunk("", tokens, 0, True, job.finish_reason)
+                return
+            while True:
+                chunk = await q.get()
+                if chunk is None:
+                    return
+                yield chunk
+                if chunk.finished:
+                    return
+        finally:
+            if q in job.listeners:
+                job.listeners.remove(q)
+
+    def publish(self, job: Job, chunk: Chunk) -> None:
+        for q in job.listeners:
+            q.put_nowait(chunk)
+
+    def queue_depth(self) -> dict[tuple[str, str], int]:
+        # Every configured (model, class) appears, at 0 when empty: dashboards see a series drop to
+        # zero instead of vanishing.
+        depth: dict[tuple[str, str], int] = dict.fromkeys(
+            ((m, c) for m in self.models for c in self.classes), 0
+        )
+        for job in list(self.jobs.values()):  # list() is atomic: scrapes run on other threads
+            if job.state == "queued":
+                key = (job.request.model, job.request.slo_class)
+                depth[key] = depth.get(key, 0) + 1
+        return depth
+
+
+def status_message(job: Job) -> pb.RequestStatus:
+    ttft = (job.first_token_at - job.request.arrival_time) * 1000 if job.first_token_at is not None else 0.0
+    e2e = (job.finished_at - job.request.arrival_time) * 1000 if job.finished_at is not None else 0.0
+    return pb.RequestStatus(
+        request_id=job.id,
+        state=job.state,
+        instance_id=job.instance or "",
+        attempt=job.attempt,
+        output_tokens=job.tokens,
+        output=job.text,
+        ttft_ms=ttft,
+        e2e_ms=e2e,
+        slo_met=job.outcome().met_slo(),
+        late=job.late,
+        finish_reason=job.finish_reason,
+        error=job.error,
+    )

@@ -1,0 +1,284 @@
+"""The instance registry: one session per registration of an instance, its state reports, pull
+credits and serving-operation acknowledgements; lost instances; recovery after a restart; and new
+requests waiting (a bounded time) for an instance to serve their model.
+
+A (re)registration keeps the requests the instance still holds where the coordinator agrees they
+are its, and abandons the rest; an instance that misses heartbeats for ``heartbeat_timeout_s`` is
+drained (its requests go back to the queue). After a coordinator restart, recovered requests wait
+for the instances that held them, at most ``recovery_grace_s``. Not thread-safe: one event loop
+owns it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+from qlm_plugin.coordinator.config import CoordinatorConfig
+from qlm_plugin.coordinator.dispatch import Dispatcher
+from qlm_plugin.coordinator.instances import RemoteFleet, Session, state_from_report
+from qlm_plugin.coordinator.jobs import Job, JobBook, SubmitError
+from qlm_plugin.domain.instance import InstanceState
+from qlm_plugin.domain.request import ModelSpec, Request
+from qlm_plugin.proto.qlm.v1 import qlm_pb2 as pb
+from qlm_plugin.telemetry.instruments import Telemetry
+
+log = logging.getLogger("qlm_plugin.coordinator")
+
+
+class InstanceRegistry:
+    """``on_state_changed(instance_id)``: an instance's models or health changed between ticks (the
+    queue manager reads its state again)."""
+
+    def __init__(
+        self,
+        cfg: CoordinatorConfig,
+        book: JobBook,
+        fleet: RemoteFleet,
+        dispatcher: Dispatcher,
+        hook: Any,
+        telemetry: Telemetry,
+        models: Mapping[str, ModelSpec],
+    ) -> None:
+        self.cfg = cfg
+        self.book = book
+        self.fleet = fleet
+        self.dispatcher = dispatcher
+        self.hook = hook
+        self.telemetry = telemetry
+        self.models = models
+        self.on_state_changed: Callable[[str], None] = lambda instance_id: None
+        self.recovery_until = 0.0
+        self.awaiting: set[str] = set()  # instances that held recovered work, not back yet
+        self.models_seen: set[str] = set()  # models some instance served since the start (or journal)
+        self._fleet_waiters: list[asyncio.Future[None]] = []  # woken when instances come or change
+
+    # ------------------------------------------------------------------ sessions
+    def session(self, session_id: str) -> Session | None:
+        for s in self.fleet.sessions.values():
+            if s.id == session_id and s.alive:
+                return s
+        return None
+
+    def register(self, msg: pb.RegisterRequest) -> tuple[Session, list[pb.HeldRequest], list[pb.HeldRequest]]:
+        """A (re)registration: a new session; the requests it still holds are kept where the
+        coordinator agrees they are its, and abandoned otherwise."""
+        now = time.time()
+        iid = msg.instance_id
+        jobs = self.book.jobs
+        old = self.fleet.sessions.get(iid)
+        held = {h.request_id: h.attempt for h in msg.held}
+        s = Session(iid, msg.backend, msg.gpu, frozenset(msg.capabilities), msg.endpoint)
+        s.report = state_from_report(msg.state, iid, msg.backend, s.capabilities)
+        keep: list[pb.HeldRequest] = []
+        abandon: list[pb.HeldRequest] = []
+        orphans: list[Job] = []
+        if old is not None:
+            old.close()
+            for rid, attempt in old.assigned.items():
+                if rid not in held and self.dispatcher.forwarding(rid):
+                    held[rid] = attempt  # served over HTTP: the stream outlives the agent's session
+            orphans = [jobs[r] for r in old.assigned if r in jobs and r not in held]
+        self.fleet.sessions[iid] = s
+        for rid, attempt in held.items():
+            job = jobs.get(rid)
+            mine = (
+                job is not None
+                and job.state == "dispatched"
+                and job.instance == iid
+                and job.attempt == attempt
+            )
+            claim = job is not None and job.recovering and job.state == "queued" and attempt > job.attempt
+            if job is not None and (mine or claim):
+                if claim:  # its dispatch was acknowledged by the instance but not yet journaled
+                    job.attempt, job.state, job.instance = attempt, "dispatched", iid
+                    self.book.journal.dispatched(rid, attempt, iid)
+                job.recovering = False
+                s.assigned[rid] = attempt
+                keep.append(pb.HeldRequest(request_id=rid, attempt=attempt))
+            else:
+                abandon.append(pb.HeldRequest(request_id=rid, attempt=attempt))
+        self.fleet_changed()
+        if old is None:
+            self.hook.qlm_instance_joined(info=s.info(), now=now)
+            self.telemetry.instance_event(iid, "registered")
+        else:
+            self.telemetry.instance_event(iid, "reconnected")
+        if iid in self.awaiting:
+            self.awaiting.discard(iid)
+            self.release_recovered(iid)  # its recovered requests it did not reclaim
+            if not self.awaiting and self.recovery_until:
+                self.recovery_until = 0.0
+                self.release_recovered()  # every holder is back: the rest may go now
+        for job in orphans:
+            if job.state == "dispatched":
+                self.dispatcher.requeue(job, f"instance {iid} reconnected without it")
+        log.info(
+            "instance %s registered (%s, %s): kept %d, abandoned %d",
+            iid,
+            msg.backend,
+            msg.gpu,
+            len(keep),
+            len(abandon),
+        )
+        return s, keep, abandon
+
+    def heartbeat(self, msg: pb.StateReport) -> bool:
+        s = self.session(msg.session)
+        if s is None:
+            return False
+        s.last_seen = time.monotonic()
+        before = s.report
+        s.report = state_from_report(msg, s.instance_id, s.backend, s.capabilities)
+        if before is None or (before.models_loaded, before.models_warm, before.healthy) != (
+            s.report.models_loaded,
+            s.report.models_warm,
+            s.report.healthy,
+        ):
+            self.fleet_changed()
+            self.on_state_changed(s.instance_id)  # a swap, or its engine went down or came back
+        return True
+
+    def credit(self, s: Session, free_slots: int, received: int) -> None:
+        s.last_seen = time.monotonic()
+        if not s.endpoint:  # an engine served over HTTP gets its work there: forward counts it
+            s.received = received
+        free = free_slots - s.in_transit()
+        if free > 0 and self.dispatcher.has_queue_manager:
+            self.hook.qlm_instance_ready(instance_id=s.instance_id, free_slots=free, now=time.time())
+
+    def pull_opened(self, s: Session) -> None:
+        s.pull_open = True
+        if self.dispatcher.parked:
+            self.dispatcher.unpark()
+
+    def ack(self, s: Session, ack: pb.CommandAck) -> None:
+        pending = s.pending.pop(ack.command_id, None)
+        if pending is None:
+            return
+        attrs: dict[str, Any] = {}
+        if ack.wasted_tokens:
+            attrs["qlm.wasted_tokens"] = ack.wasted_tokens
+        if ack.transfer_s:
+            attrs["qlm.transfer_s"] = ack.transfer_s
+        self.telemetry.lso_finished(ack.command_id, ok=ack.ok, error=ack.error, attributes=attrs)
+        if not ack.ok and pending.op != "abort":
+            log.warning("instance %s: %s failed: %s", s.instance_id, pending.op, ack.error)
+            self.hook.qlm_operation_failed(
+                instance_id=s.instance_id,
+                operation=pending.op,
+                model=pending.model,
+                request_id=pending.request_id,
+                error=ack.error,
+                now=time.time(),
+            )
+
+    def lost(self, s: Session, reason: str) -> None:
+        """Drain an instance: its unfinished requests go back to the queue, to finish elsewhere."""
+        if self.fleet.sessions.get(s.instance_id) is not s:
+            return
+        s.close()
+        del self.fleet.sessions[s.instance_id]
+        log.warning(
+            "instance %s lost (%s): %d requests back to the queue", s.instance_id, reason, len(s.assigned)
+        )
+        jobs = [self.book.jobs[r] for r in list(s.assigned) if r in self.book.jobs]
+        self.hook.qlm_instance_left(instance_id=s.instance_id, now=time.time())
+        self.telemetry.instance_event(s.instance_id, "lost")
+        for job in jobs:
+            if job.state == "dispatched":
+                job.instance = None  # the lost session no longer owns it
+                self.dispatcher.requeue(job, f"instance {s.instance_id} lost: {reason}")
+
+    def expire(self) -> None:
+        """On the coordinator's timer: drain the instances that stopped heartbeating, and release
+        the recovered requests whose grace is over."""
+        mono = time.monotonic()
+        for s in list(self.fleet.sessions.values()):
+            if s.alive and mono - s.last_seen > self.cfg.heartbeat_timeout_s:
+                self.lost(s, f"no heartbeat for {mono - s.last_seen:.1f} s")
+        if self.recovery_until and mono >= self.recovery_until:
+            self.recovery_until = 0.0
+            self.release_recovered()
+
+    def states(self) -> list[tuple[Session, InstanceState | None]]:
+        return [
+            (s, self.fleet.qlm_instance_state(s.instance_id, True))
+            for s in self.fleet.sessions.values()
+            if s.alive
+        ]
+
+    # ------------------------------------------------------------------ recovery
+    def recovered(self, jobs: Iterable[Job]) -> None:
+        """Recovered work waits for the instances that held it to come back (they reconnect with
+        backoff), at most the grace period: an instance reclaims what it still runs or finished."""
+        any_ = False
+        for job in jobs:
+            any_ = True
+            self.models_seen.add(job.request.model)  # accepted while an instance served it
+            if job.state == "dispatched" and job.instance is not None:
+                self.awaiting.add(job.instance)
+        self.recovery_until = time.monotonic() + self.cfg.recovery_grace_s if any_ else 0.0
+
+    def release_recovered(self, instance_id: str | None = None) -> None:
+        """Recovered requests nobody reclaimed are queued again: those of one instance once it is
+        back (``instance_id``), or all of them when the grace is over."""
+        now = time.time()
+        for job in list(self.book.jobs.values()):
+            if not job.recovering:
+                continue
+            if instance_id is not None and job.instance != instance_id:
+                continue
+            job.recovering = False
+            if job.state == "dispatched":  # its instance did not come back for it
+                job.state, job.instance = "queued", None
+                self.book.journal.requeued(job.id)
+            if job.state == "queued":
+                self.dispatcher.trace(job)  # a new span: the one of the crashed process is gone
+                self.dispatcher.admit(job, now)
+
+    # ------------------------------------------------------------------ instances to serve a model
+    def fleet_changed(self) -> None:
+        """An instance registered or reported: note the models it serves and wake the requests
+        waiting for one."""
+        for s in self.fleet.sessions.values():
+            rep = s.report
+            if not s.alive:
+                continue
+            if rep is None or not rep.models_loaded:
+                self.models_seen.update(self.models)  # serves whatever it is sent
+            else:
+                self.models_seen.update(rep.models_loaded, rep.models_warm)
+        waiters, self._fleet_waiters = self._fleet_waiters, []
+        for w in waiters:
+            if not w.done():
+                w.set_result(None)
+
+    async def await_instance(self, request: Request) -> None:
+        """Wait until a live instance serves ``request.model``, at most the configured time; then
+        raise :class:`SubmitError` (``unavailable``). Nothing is queued meanwhile."""
+        seen = request.model in self.models_seen
+        bound = self.cfg.instance_return_wait_s if seen else self.cfg.instance_wait_s
+        deadline = time.monotonic() + bound
+        while not self.dispatcher.served(request.model) and self.book.accepting:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            waiter = asyncio.get_running_loop().create_future()
+            self._fleet_waiters.append(waiter)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(waiter, left)
+        if self.dispatcher.served(request.model):
+            return
+        live = [s for s in self.fleet.sessions.values() if s.alive]
+        raise SubmitError(
+            "unavailable",
+            f"no live instance serves model {request.model!r} (0 of {len(live)} connected instances "
+            f"serve it{'; its instances left' if seen else ''}; waited {bound:g} s for one)",
+            "model",
+            retry_after_s=max(bound, 1.0),
+        )

@@ -262,3 +262,40 @@ def test_plans_place_work_and_load_models_only_where_possible(name: str) -> None
         a.instance_id == "i0" and a.model in CTX.cost_models for a in plan.actions if isinstance(a, LoadModel)
     )
     assert plan.objective <= sum(r.weight for r in workload(3, 60)) + 1e-9
+
+
+# ---- the LSO executor: a plugin adds a serving operation by registering its action and runner
+
+
+def test_a_registered_lso_runs_with_its_instance_and_an_unknown_one_is_reported_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from dataclasses import dataclass
+
+    from qlm_plugin.brain.fleet_view import InstanceView
+    from qlm_plugin.brain.queue_manager import QueueManager
+
+    @dataclass(frozen=True)
+    class Drain:
+        instance_id: str
+
+    @dataclass(frozen=True)
+    class Mystery:
+        instance_id: str
+
+    _, plugins, fleet = wired_to_a_fleet("qlm", submitted=5)
+    qm = next(p for p in plugins if isinstance(p, QueueManager))
+    ran: list[tuple[str, str, float]] = []
+
+    def drain(view: InstanceView, action: Drain, now: float) -> None:
+        state = qm.lso.dispatcher.hook.qlm_instance_state(instance_id=view.instance_id, detail=False)
+        ran.append((view.instance_id, state.instance_id, now))
+
+    qm.lso.register(Drain, drain)
+    with pytest.raises(ValueError, match="already registered"):
+        qm.lso.register(Drain, drain)
+    plan = Plan(actions=[Drain("i1"), Drain("no-such-instance"), Mystery("i0"), Mystery("i1")])
+    qm.lso.apply(plan, fleet.now)
+    assert ran == [("i1", "i1", fleet.now)], "run once, on the instance it names, through the backend hooks"
+    errors = [r for r in caplog.records if "Mystery" in r.getMessage()]
+    assert len(errors) == 1 and errors[0].levelname == "ERROR"

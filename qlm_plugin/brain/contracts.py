@@ -12,8 +12,8 @@ clock of its own, so the simulator, the coordinator and the engine run the same 
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Sequence
-from typing import Protocol, runtime_checkable
+from collections.abc import Callable, Hashable, Sequence
+from typing import Any, Protocol, runtime_checkable
 
 from qlm_plugin.domain.distributions import LengthDistribution, WaitEstimate
 from qlm_plugin.domain.instance import InstanceState, RunningView
@@ -119,3 +119,6 @@ class LSOExecutorRole(Protocol):
     """
 
     def apply(self, plan: Plan, now: float) -> None: ...
+
+    def register(self, action_type: type, run: Callable[[Any, Any, float], None]) -> None:
+        """Plans may carry ``action_type``; ``run(instance_view, action, now)`` carries one out."""

@@ -71,7 +71,9 @@ class InstanceSteps:
 
 
 class WaitEstimator:
-    """``predict(request, generated_tokens)``: the remaining output length (the predictor role).
+    """The waiting-time estimator role: it owns its step-cost fits (per instance and model), its
+    residual calibrators (per class and magnitude band) and the arrival rates it tracks.
+    ``predict(request, generated_tokens)``: the remaining output length (the predictor role).
     ``repredict_min_s``: an overdue request is predicted again no sooner than this (on a wall clock,
     every call comes at a new time: without it the same requests would be re-predicted on every
     call)."""

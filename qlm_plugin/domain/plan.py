@@ -3,8 +3,18 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from qlm_plugin.domain.instance import EvictMode
+
+
+class PlanAction(Protocol):
+    """A serving operation a plan orders on one instance. The built-in ones are below; a plugin may
+    add its own, with the part of the LSO executor that runs it
+    (:meth:`qlm_plugin.brain.lso.LSOExecutor.register`)."""
+
+    @property
+    def instance_id(self) -> str: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -21,7 +31,7 @@ class LoadModel:
     target: str = "gpu"  # "gpu": serve it; "host": stage weights in host memory (warm start)
 
 
-LSO = Evict | LoadModel
+LSO = Evict | LoadModel  # the built-in actions
 
 
 @dataclass(slots=True)
@@ -36,7 +46,7 @@ class Plan:
 
     queues: dict[str, list[str]] = field(default_factory=dict)
     groups: dict[str, list[tuple[str, str, int]]] = field(default_factory=dict)  # instance -> group keys
-    actions: list[LSO] = field(default_factory=list)
+    actions: list[PlanAction] = field(default_factory=list)
     solver: str = "none"
     objective: float = 0.0
     solve_s: float = 0.0

@@ -292,6 +292,33 @@ def test_unmeetable_slo_is_refused_with_the_estimate_when_asked_else_evicts_to_s
     run(tmp_path, body, speed=1.0)
 
 
+def test_a_class_that_refuses_below_its_p_meet_answers_503_with_the_estimate(tmp_path: Path) -> None:
+    base = load_scenario()
+    classes = [
+        c.model_copy(update={"refuse_below_p_meet": 0.5}) if c.name == "interactive" else c
+        for c in base.classes
+    ]
+    scenario = base.model_copy(update={"classes": classes})
+
+    async def body(st: LocalStack) -> None:
+        async with CoordinatorClient(st.grpc_target) as client:  # engines busy for minutes
+            batch = pb.RequestSpec(
+                model=MODEL, prompt="y" * 4000, max_tokens=4000, slo=pb.SLO(slo_class="batch")
+            )
+            assert all(r.accepted for r in await client.submit_batch([batch] * 700))
+        urgent = {"model": MODEL, "prompt": "x" * 16000, "max_tokens": 4, "qlm": {"ttft_ms": 400}}
+        async with aiohttp.ClientSession() as http:
+            status, out, headers = await post(http, f"{st.http_url}/v1/completions", urgent)
+        assert status == 503, out
+        assert out["error"]["code"] == "slo_unattainable" and "refused below 0.50" in out["error"]["message"]
+        assert out["qlm"]["p_meet"] < 0.5 and out["qlm"]["estimated_wait_ms"] >= 0
+        assert int(headers["Retry-After"]) >= 1
+        refused = [j for j in st.coordinator.jobs.values() if j.request.slo_class == "interactive"]
+        assert refused == [], "a refused request is not journaled, queued or served"
+
+    run(tmp_path, body, speed=1.0, scenario=scenario)
+
+
 def test_client_disconnect_cancels_the_request_everywhere(tmp_path: Path) -> None:
     async def body(st: LocalStack) -> None:
         async with (
@@ -454,16 +481,23 @@ def test_admin_views_health_and_reflection(tmp_path: Path) -> None:
                     for _ in range(600)
                 ]
             )
-            queue = await c.queue(limit=5)
-            assert queue.queued + queue.dispatched == 600
-            assert queue.dispatched > 0 and len(queue.requests) == 5
             st.coordinator.tick()  # a replan with work queued
             plan = await c.plan()
             assert plan.made_at > 0 and plan.solver
+            queue = await c.queue(limit=5)
+            assert queue.queued + queue.dispatched == 600
+            assert queue.dispatched > 0 and len(queue.requests) == 5
             instances = await c.instances()
             assert sorted(i.instance_id for i in instances.instances) == ["sim-0", "sim-1"]
             assert all(i.healthy and i.state.max_num_seqs > 0 for i in instances.instances)
             assert sum(i.dispatched for i in instances.instances) == queue.dispatched
+            # The plan's virtual queues hold the queued requests themselves, each once, on the
+            # instances the fleet has.
+            planned = [rid for q in plan.queues for rid in q.request_ids]
+            assert len(planned) == len(set(planned)) >= 1
+            known = {r.request_id for r in (await c.queue(limit=1000)).requests}
+            assert set(planned) <= known | set(st.coordinator.jobs)
+            assert {q.instance_id for q in plan.queues} <= {"sim-0", "sim-1"}
             health = health_pb2_grpc.HealthStub(c.channel)
             for service in ("", "qlm.v1.Requests", "qlm.v1.Instances"):
                 reply = await health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from typing import NoReturn
@@ -173,6 +174,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             if value is not None
         )
         + (" --no-sweep" if args.no_sweep else "")
+        + (" --ablation" if args.ablation else "")
     )
 
     def progress(scenario: str, policy: str, multiplier: float, res: object) -> None:
@@ -189,19 +191,30 @@ def cmd_bench(args: argparse.Namespace) -> int:
     def skipped(scenario: str, why: str) -> None:
         print(f"qlm bench: skipping scenario {scenario}: {why}", file=sys.stderr, flush=True)
 
+    policies = names(args.policies)
+    if args.ablation and policies is None:
+        from qlm_plugin.tools import ablation
+
+        policies = ablation.ablation_policies()
     result = bench.run_bench(
         names(args.scenarios),
-        names(args.policies),
+        policies,
         sweep,
         args.seed,
         burst_at=args.burst_at,
         command=command,
+        jobs=args.jobs,
         on_run=progress,
         on_skip=skipped,
     )
     if not result.scenarios:
         raise ValueError("no scenario could run (every one was skipped; see above)")
-    written = bench.write_report(result, Path(args.out))
+    if args.ablation:
+        from qlm_plugin.tools import ablation
+
+        written = ablation.write_report(result, Path(args.out))
+    else:
+        written = bench.write_report(result, Path(args.out))
     if args.json:
         json.dump(result.to_dict(), sys.stdout, indent=2)
         print()
@@ -289,7 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
     bn.add_argument("--policies", metavar="A,B", help="comma-separated policy names (default: all available)")
     sweep = bn.add_mutually_exclusive_group()
     sweep.add_argument(
-        "--sweep", metavar="X,Y", help="load multipliers of the sweep (default: 0.5,1,1.5,2,2.5,3)"
+        "--sweep", metavar="X,Y", help="load multipliers of the sweep (default: 0.5,1,1.5,2,2.5,3,4)"
     )
     sweep.add_argument("--no-sweep", action="store_true", help="base load only: no sweep, no plots")
     bn.add_argument("--seed", type=int, help="override every scenario's seed")
@@ -308,6 +321,19 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: docs/benchmarks.md)",
     )
     bn.add_argument("--json", action="store_true", help="print the whole result as one JSON object")
+    bn.add_argument(
+        "--jobs",
+        type=int,
+        default=os.cpu_count() or 1,
+        metavar="N",
+        help="simulations run at once, one process each (default: the machine's cores)",
+    )
+    bn.add_argument(
+        "--ablation",
+        action="store_true",
+        help="QLM whole and without each of its parts (qlm-no-<part>), beside the baselines; "
+        "writes the ablation section of the report",
+    )
     bn.set_defaults(func=cmd_bench)
 
     pc = sub.add_parser(

@@ -38,7 +38,7 @@ def default_run() -> dict[str, Any]:
 
 def test_simulate_json_has_every_policy_class_and_metric(default_run: dict[str, Any]) -> None:
     policies = default_run["policies"]
-    assert list(policies)[:5] == ["fcfs", "edf", "priority", "qlm", "oracle"]
+    assert list(policies)[:6] == ["fcfs", "edf", "edf-shed", "priority", "qlm", "oracle"]
     for name, result in policies.items():
         assert result["overall"].keys() >= METRIC_KEYS, name
         assert 0.0 <= result["overall"]["slo_attainment"] <= 1.0
@@ -91,7 +91,7 @@ def test_table_output_names_policies_and_classes() -> None:
         (
             ["simulate", "--policies", "fcfs,magic"],
             1,
-            "unknown policy 'magic'; available: fcfs, edf, priority, qlm, oracle",
+            "unknown policy 'magic'; available: fcfs, edf, edf-shed, priority, qlm, oracle",
         ),
         (["simulate", "--scenario", "/no/such/scenario.yaml"], 1, "cannot read scenario"),
         (["frobnicate"], 2, "invalid choice: 'frobnicate'"),

@@ -72,7 +72,7 @@ def key(pm: pluggy.PluginManager, r: Request, now: float = 0.0) -> Hashable:
 
 
 def test_the_baselines_are_registered_first() -> None:
-    assert POLICIES[:5] == ["fcfs", "edf", "priority", "qlm", "oracle"]
+    assert POLICIES[:6] == ["fcfs", "edf", "edf-shed", "priority", "qlm", "oracle"]
     assert REGISTRY.get("oracle").reference and not REGISTRY.get("fcfs").reference
 
 

@@ -852,6 +852,8 @@ class SimInstance:
             num_waiting=self.num_waiting - self.num_swapped_waiting,
             num_swapped=self.num_swapped_waiting,
             num_waiting_urgent=self.num_waiting_urgent,
+            max_num_batched_tokens=self.max_batched,
+            prefill_tokens_pending=sum(r.prefill_target - r.computed for r in self.prefilling),
             queued_tokens=self.queued_tokens(now),
             kv_blocks_used=self._kv_used_at(now),
             kv_blocks_total=self.kv_total,

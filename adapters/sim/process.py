@@ -70,6 +70,8 @@ class SimEngineLink:
             kv_blocks_total=st.kv_blocks_total,
             max_num_seqs=st.max_num_seqs,
             num_waiting_urgent=st.num_waiting_urgent,
+            max_num_batched_tokens=st.max_num_batched_tokens,
+            prefill_tokens_pending=st.prefill_tokens_pending,
             running_ids=list(st.running_ids),
             waiting_ids=list(st.waiting_ids),
             swapped_ids=list(st.swapped_ids),

@@ -14,13 +14,13 @@ urgency. Thread safety: none; one event loop owns it.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from statistics import NormalDist
 from typing import Any
 
 from qlm_plugin.brain.estimator import WaitEstimator
 from qlm_plugin.brain.fleet_view import FleetView, InstanceView
 from qlm_plugin.brain.global_queue import REFERENCE_BATCH, Entry, GlobalQueue
-from qlm_plugin.domain.groups import GroupKey
 
 #: A TTFT-bound request binds early to an engine whose own queue is shorter than this.
 EARLY_BIND_MAX_WAITING = 8  # TTFT-bound requests waiting there (batch waiting there does not count)
@@ -47,9 +47,9 @@ def poisson_quantile(mean: float, q: float) -> int:
 
 
 class Dispatcher:
-    """Pulls, early binding and the dispatch bookkeeping. ``group_plan`` is the last plan's
-    placement (group -> instance); ``bound_early`` the TTFT-bound requests handed to an engine's
-    own queue before a seat was free there (watched until they start)."""
+    """Pulls, early binding and the dispatch bookkeeping. ``plan_queues`` are the last plan's
+    virtual queues (request ids in order, per instance); ``bound_early`` the TTFT-bound requests
+    handed to an engine's own queue before a seat was free there (watched until they start)."""
 
     def __init__(
         self,
@@ -59,14 +59,20 @@ class Dispatcher:
         counters: dict[str, float],
         *,
         hold_back_batch: bool = True,
+        late_list: bool = True,
+        step_budget: bool = True,
     ) -> None:
         self.queue = queue
+        self.late_list = late_list
+        self.step_budget = step_budget
         self.fleet = fleet
         self.estimator = estimator
         self.counters = counters
         self.hold_back_batch = hold_back_batch
         self.hook: Any = None
-        self.group_plan: dict[GroupKey, str] = {}
+        self.plan_epoch = 0
+        self.plan_queues: dict[str, list[str]] = {}  # the last plan's virtual queues
+        self.plan_cursor: dict[str, int] = {}  # per instance: ahead of it, all taken or gone
         self.bound_early: dict[str, Entry] = {}
         self._pull_count = 0
 
@@ -133,16 +139,19 @@ class Dispatcher:
         """Hand ``view`` the most urgent requests it can serve (its own virtual queue first in
         urgency order; another instance's only if that one cannot start it now)."""
         model = view.model()
-        if model is None or slots <= 0 or model not in self.queue.queues:
+        if model is None or slots <= 0:
+            return
+        q = self.queue.queues.get(model)
+        if q is None or not len(q):
+            self.pull_stranded(view, now)
             return
         entries = self.queue.entries
-        q = self.queue.queues[model]
         s = view.state
         seats = s.max_num_seqs if s is not None else slots
         running_batch = view.running_batch
         reserve = self.interactive_reserve(view, model, now) if self.hold_back_batch else 0
         # Requests past their deadline go to the late list: they still run, after all that can meet.
-        while q.order and doomed(entries[q.order[0][1]], now):
+        while self.late_list and q.order and doomed(entries[q.order[0][1]], now):
             _, rid = q.order.pop(0)
             q.make_late(entries[rid])
         taken: list[Entry] = []
@@ -151,17 +160,18 @@ class Dispatcher:
         self._pull_count += 1
         if q.late and self._pull_count % LATE_SHARE == 0:
             taken.append(entries[q.late[0]])
-        busy_elsewhere = {v.instance_id: v.free_slots() == 0 for v in self.fleet.instances.values()}
         # KV budget: hand over only what the engine can hold (prompt and predicted output), so no
         # request waits in the engine's own queue, where a more urgent later arrival cannot pass it.
         kv_free = (s.kv_blocks_total - s.kv_blocks_used) if s is not None else math.inf
-        for _, rid in q.order:
-            if len(taken) >= slots:
+        # Step budget: only the prompts the engine's next step can start; more would wait in the
+        # engine's own queue, out of reach of reordering and of the late list.
+        room = s.prefill_room if s is not None and self.step_budget else None
+        prefill_free = math.inf if room is None else room
+        if prefill_free <= 0:
+            return
+        for e in self._candidates(view, model, now):
+            if len(taken) >= slots or prefill_free <= 0:
                 break
-            e = entries[rid]
-            planned = self.group_plan.get(e.group, e.planned)
-            if planned not in (None, view.instance_id) and not busy_elsewhere.get(planned, True):
-                continue  # its own instance can start it now: leave it there
             blocks = (e.request.prompt_tokens + e.length.mean) / 16.0
             if taken and blocks > kv_free:
                 break
@@ -174,14 +184,104 @@ class Dispatcher:
                     self.counters["held_back"] += 1
                     break  # the rest is batch too (interactive keys sort first)
                 running_batch += 1
+            prefill_free -= e.request.prompt_tokens
             taken.append(e)
         for rid in list(q.late):
-            if len(taken) >= slots:
+            if len(taken) >= slots or prefill_free <= 0:
                 break
             if not taken or taken[0].request.id != rid:
                 taken.append(entries[rid])
+                prefill_free -= entries[rid].request.prompt_tokens
         for e in taken:
             self.dispatch(view, e, now)
+
+    def _candidates(self, view: InstanceView, model: str, now: float) -> Iterator[Entry]:
+        """What ``view`` may pull, in order: its virtual queue in the plan's order, merged with the
+        requests the plan has not seen yet (by urgency), and the requests planned on an instance
+        that cannot start them now (load balancing, by urgency)."""
+        iid = view.instance_id
+        entries = self.queue.entries
+
+        def own_ok(e: Entry | None) -> bool:
+            return (
+                e is not None
+                and e.dispatched_at is None
+                and not e.late
+                and e.planned == iid
+                and e.plan_epoch == self.plan_epoch
+                and e.request.model == model
+            )
+
+        ids = self.plan_queues.get(iid, [])
+        cursor = self.plan_cursor.get(iid, 0)
+        while cursor < len(ids) and not own_ok(entries.get(ids[cursor])):
+            cursor += 1  # taken or gone: never looked at again
+        self.plan_cursor[iid] = cursor
+        own = (entries[rid] for rid in ids[cursor:] if own_ok(entries.get(rid)))
+        can_start = {v.instance_id: self._can_start(v) for v in self.fleet.instances.values()}
+
+        def other_ok(e: Entry) -> bool:
+            if e.planned == iid and e.plan_epoch == self.plan_epoch:
+                return False  # in ``own``
+            # planned elsewhere (or, before any plan, placed there at arrival): only if that
+            # instance cannot start it now
+            return e.planned in (None, iid) or not can_start.get(e.planned, False)
+
+        other = (e for _, rid in self.queue.queues[model].order if other_ok(e := entries[rid]))
+        a, b = next(own, None), next(other, None)
+        while a is not None or b is not None:
+            if b is not None and (a is None or b.key < a.key):
+                yield b
+                b = next(other, None)
+            else:
+                assert a is not None
+                yield a
+                a = next(own, None)
+
+    def follow(self, queues: dict[str, list[str]]) -> None:
+        """A new plan: its virtual queues (request ids in order, per instance) are what pulls
+        follow from now on."""
+        self.plan_epoch += 1
+        self.plan_queues = {}
+        self.plan_cursor = {}
+        entries = self.queue.entries
+        for iid, rids in queues.items():
+            if iid not in self.fleet.instances:
+                continue
+            self.plan_queues[iid] = rids
+            for rid in rids:
+                e = entries.get(rid)
+                if e is not None and e.dispatched_at is None:
+                    e.planned = iid
+                    e.plan_epoch = self.plan_epoch
+
+    def pull_stranded(self, view: InstanceView, now: float) -> None:
+        """The engine-local model-swap rule: an instance with nothing queued for its model takes the
+        most urgent request of a model no instance serves (on time first, then late; under a
+        planner, late work only: the planner swaps for the rest, in batches), and its engine swaps
+        to that model once its own work is done. So no request waits for ever for a model."""
+        busy = {v.model() for v in self.fleet.instances.values()}
+        busy.update(e.request.model for v in self.fleet.instances.values() for e in v.running.values())
+        best: tuple[tuple[bool, float], Entry] | None = None
+        for m, q in self.queue.queues.items():
+            if m in busy or not len(q) or not view.can_load(m, now):
+                continue
+            if q.order and self.plan_epoch > 0:
+                continue  # a planner places on-time work (and swaps for it); it never sees late work
+            head = self.queue.entries[q.order[0][1] if q.order else q.late[0]]
+            rank = (not q.order, head.key[0])
+            if best is None or rank < best[0]:
+                best = (rank, head)
+        if best is not None:
+            self.counters["stranded_pulls"] += 1
+            self.dispatch(view, best[1], now)
+
+    def _can_start(self, view: InstanceView) -> bool:
+        """Whether ``view``'s engine could start a request now (a seat, KV and step room)."""
+        if view.free_slots() == 0:
+            return False
+        room = view.state.prefill_room if view.state is not None and self.step_budget else None
+        return room is None or room > 0
 
     def dispatch(self, view: InstanceView, e: Entry, now: float) -> bool:
         """Hand ``e`` to ``view``'s engine (``qlm_dispatch``); False (and ``e`` queued again) if the
@@ -195,7 +295,7 @@ class Dispatcher:
                 e.late = False
                 queue.add(e)
             return False
-        if self.group_plan.get(e.group, e.planned) not in (None, view.instance_id):
+        if e.planned not in (None, view.instance_id):
             self.counters["steals"] += 1
         e.instance = e.planned = view.instance_id
         e.dispatched_at = now
@@ -203,7 +303,7 @@ class Dispatcher:
         view.running_batch += e.request.slo.ttft_deadline is None
         self.estimator.started(e, now)
         self.counters["pulls"] += 1
-        self.fleet.count_running(view, +1)
+        self.fleet.count_running(view, +1, e.request.prompt_tokens)
         return True
 
     def undispatch(self, e: Entry) -> None:
@@ -216,8 +316,10 @@ class Dispatcher:
 
     def forget_instance(self, instance_id: str) -> None:
         """The instance left: the plan's placement there no longer holds."""
-        for key in [k for k, iid in self.group_plan.items() if iid == instance_id]:
-            del self.group_plan[key]
+        self.plan_queues.pop(instance_id, None)
+        for e in self.queue.entries.values():
+            if e.planned == instance_id and e.dispatched_at is None:
+                e.planned = None
 
 
 def doomed(e: Entry, now: float) -> bool:

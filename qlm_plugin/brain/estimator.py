@@ -41,6 +41,8 @@ from qlm_plugin.domain.request import Request
 
 #: Memory of the arrival-rate estimates, seconds.
 RATE_MEMORY_S = 10.0
+#: Window over which the queue's measured drain rate is taken, seconds.
+DRAIN_WINDOW_S = 30.0
 #: Laxity beyond which later TTFT-bound arrivals will overtake a request while it waits.
 OVERTAKE_HORIZON_S = 5.0
 
@@ -104,6 +106,10 @@ class WaitEstimator:
         self.wait_log: deque[tuple[str, float, float, float]] = deque(maxlen=200_000)
         self._ttft: dict[str, float] = {}
         self._met: dict[str, bool] = {}
+        # (model, TTFT-bound) -> dispatches made while work still waited behind them: (time,
+        # seat-seconds), and their sum over the window (the rate a backlog drains, as measured)
+        self._drained: dict[tuple[str, bool], deque[tuple[float, float]]] = {}
+        self._drained_sum: dict[tuple[str, bool], float] = {}
 
     # ------------------------------------------------------------------ step costs
     def steps(self, instance_id: str) -> InstanceSteps:
@@ -186,10 +192,32 @@ class WaitEstimator:
         decay = math.exp(-(now - last) / RATE_MEMORY_S)
         return rate * decay, work * decay, prompt * decay
 
+    def drain_rate(self, model: str, ttft_bound: bool, now: float) -> float | None:
+        """Seat-seconds per second of the model's work of one lane (TTFT-bound or not) handed to
+        engines over the last ``DRAIN_WINDOW_S`` while work still waited (whatever bounds it:
+        seats, KV, the step budget, held-back seats, the urgent work that overtakes); None when no
+        backlog was drained lately (the seat model answers alone)."""
+        lane = (model, ttft_bound)
+        window = self._drained.get(lane)
+        if not window:
+            return None
+        while window and window[0][0] < now - DRAIN_WINDOW_S:
+            self._drained_sum[lane] -= window.popleft()[1]
+        if len(window) < 8:
+            return None
+        span = max(now - window[0][0], 1.0)
+        return max(self._drained_sum[lane], 0.0) / span
+
     # ------------------------------------------------------------------ seats
     def started(self, e: Entry, now: float) -> None:
-        """``e`` took a seat: its seat frees at its predicted finish."""
+        """``e`` took a seat: its seat frees at its predicted finish. While work still waits for
+        the model, the dispatch counts toward the measured drain rate."""
         model = e.request.model
+        if len(self.queue.queue(model)):
+            lane = (model, e.request.slo.ttft_deadline is not None)
+            window = self._drained.setdefault(lane, deque())
+            window.append((now, e.service_s))
+            self._drained_sum[lane] = self._drained_sum.get(lane, 0.0) + e.service_s
         e.finish_at = now + e.service_s * self.load_factor(model)
         bisect.insort(self._finishing.setdefault(model, []), (e.finish_at, e.request.id))
         self.residuals_changed(model)
@@ -294,7 +322,14 @@ class WaitEstimator:
         if entry.key[0] - now > OVERTAKE_HORIZON_S:
             # capped: a transient burst must not make the wait infinite
             inflow = min(self.urgent_rates(r.model, now)[1] * scale, 0.9 * seats)
-        start = pooled_start_s(residuals, work * scale, inflow)
+        # Measured first: the rate this lane's backlog was handed to engines lately already holds
+        # what the seat model misses (KV, the step budget and held-back seats bind before the
+        # seats do; urgent work overtakes). The seat model adds when seats free.
+        drain = self.drain_rate(r.model, r.slo.ttft_deadline is not None, now) if serving else None
+        if drain is not None:
+            start = max(pooled_start_s(residuals, work * scale, 0.0), work / drain)
+        else:
+            start = pooled_start_s(residuals, work * scale, inflow)
         # The other bottleneck: the per-step prefill token budget (prompt tokens ahead, plus urgent
         # prompts arriving meanwhile, at the fleet's prefill rate).
         capacity = self.prefill_rate(r.model)

@@ -132,8 +132,9 @@ class FleetView:
             version=self.models_version,
         )
 
-    def count_running(self, view: InstanceView, delta: int) -> None:
-        """Keep an instance's cached counts honest between refreshes (a dispatch or a completion)."""
+    def count_running(self, view: InstanceView, delta: int, prompt_tokens: int = 0) -> None:
+        """Keep an instance's cached counts honest between refreshes (a dispatch or a completion;
+        a dispatched prompt is prefill the engine has still to do)."""
         if view.state is None:
             return
         self.version += 1
@@ -141,4 +142,5 @@ class FleetView:
             view.state,
             num_running=max(0, view.state.num_running + delta),
             kv_blocks_used=max(0, view.state.kv_blocks_used + delta * KV_BLOCKS_PER_REQUEST),
+            prefill_tokens_pending=view.state.prefill_tokens_pending + max(0, delta) * prompt_tokens,
         )

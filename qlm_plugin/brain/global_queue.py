@@ -45,12 +45,15 @@ class Entry:
     group: GroupKey = ("", "", -1)  # its request group (model, class, deadline window)
     finish_at: float = math.inf  # predicted, once dispatched
     evicted_for: bool = False  # a seat was freed for it once: never a second eviction
+    plan_epoch: int = -1  # the last plan that placed it (-1: no plan has seen it yet)
 
 
 def laxity_key(request: Request, length: LengthDistribution, cost: CostModel | None) -> Key:
-    """Least-laxity urgency with predicted work (90th percentile, to be safe): the TTFT deadline
-    less the prefill, and the end-to-end deadline less the whole predicted service, whichever binds.
-    Absolute, so it does not drift with time; requests without deadlines come last, by arrival."""
+    """Urgency: the TTFT deadline itself (earliest first: taking the prefill off it would put long
+    prompts first, which under overload meets fewer SLOs: 2.5 points fewer on the Azure code trace
+    at 16x), and the end-to-end deadline less the whole predicted service (least laxity, with the
+    90th percentile of the length, to be safe), whichever binds. Absolute, so it does not drift
+    with time; requests without deadlines come last, by arrival."""
     if cost is None:
         prefill, decode = 0.0, 0.0
     else:
@@ -58,7 +61,7 @@ def laxity_key(request: Request, length: LengthDistribution, cost: CostModel | N
         decode = length.quantile(0.9) * cost.decode_tpot_s(32)
     lax = math.inf
     if request.slo.ttft_deadline is not None:
-        lax = request.slo.ttft_deadline - prefill
+        lax = request.slo.ttft_deadline
     if request.slo.e2e_deadline is not None:
         lax = min(lax, request.slo.e2e_deadline - prefill - decode)
     return (lax, request.arrival_time, request.id)

@@ -37,11 +37,21 @@ class LSOExecutor:
         *,
         evict: bool = True,
         hold_back_batch: bool = True,
+        late_list: bool = True,
+        step_budget: bool = True,
         min_model_residency_s: float = 30.0,
     ) -> None:
         self.queue = queue
         self.fleet = fleet
-        self.dispatcher = Dispatcher(queue, fleet, estimator, counters, hold_back_batch=hold_back_batch)
+        self.dispatcher = Dispatcher(
+            queue,
+            fleet,
+            estimator,
+            counters,
+            hold_back_batch=hold_back_batch,
+            late_list=late_list,
+            step_budget=step_budget,
+        )
         self.evictor = Evictor(queue, fleet, estimator, self.dispatcher, counters, enabled=evict)
         self.swapper = ModelSwapper(
             queue, fleet, estimator, self.dispatcher, counters, min_model_residency_s=min_model_residency_s
@@ -62,19 +72,21 @@ class LSOExecutor:
         self.dispatcher.hook = self.evictor.hook = self.swapper.hook = hook
 
     def apply(self, plan: Plan, now: float) -> None:
-        """The plan's placement (its virtual queues, by group and by request) and its LSOs."""
+        """The plan's placement (its virtual queues) and its LSOs. A planner that places groups
+        only (``Plan.groups``, no ids) has each group's requests queued in urgency order."""
         instances = self.fleet.instances
+        queues = dict(plan.queues)
+        entries = self.queue.entries
         for iid, keys in plan.groups.items():
-            if iid in instances:
-                for k in keys:
-                    self.dispatcher.group_plan[k] = iid
-        for iid, rids in plan.queues.items():
-            if iid not in instances:
-                continue
-            for rid in rids:
-                e = self.queue.entries.get(rid)
-                if e is not None and e.dispatched_at is None:
-                    e.planned = iid
+            if iid not in queues:
+                wanted = set(keys)
+                queues[iid] = [
+                    rid
+                    for q in self.queue.queues.values()
+                    for _, rid in q.order
+                    if entries[rid].group in wanted
+                ]
+        self.dispatcher.follow(queues)
         for action in plan.actions:
             view = instances.get(action.instance_id)
             if view is not None:

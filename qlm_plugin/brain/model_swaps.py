@@ -73,9 +73,6 @@ class ModelSwapper:
         there again for a while, and the instance keeps its model as if just swapped in."""
         view.failed_loads[model] = now + LOAD_RETRY_AFTER_S
         self._staged.pop((view.instance_id, model), None)
-        plan = self.dispatcher.group_plan
-        for key in [k for k, iid in plan.items() if iid == view.instance_id and k[0] == model]:
-            del plan[key]
         for e in self.queue.entries.values():
             if e.planned == view.instance_id and e.dispatched_at is None and e.request.model == model:
                 e.planned = None

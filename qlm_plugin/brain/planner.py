@@ -58,6 +58,7 @@ class Machine:
     warm: frozenset[str]
     load_s: dict[str, float]  # model -> load time here (warm or cold)
     costs: frozenset[str]  # models it can serve
+    drain_s: float = 0.0  # before a swap, its running work must finish: about one request's service
 
 
 def _ready_at(m: Machine, model: str, now: float) -> float:
@@ -88,24 +89,30 @@ class Planner:
 
     # ------------------------------------------------------------------ inputs
     def groups(self) -> list[GroupStat]:
-        """Group statistics, from the global queue's running totals (a few hundred groups)."""
-        out = []
+        """Group statistics, from the global queue's running totals (a few hundred groups), each
+        with its request ids in urgency order (one pass over the queue: the plan's virtual queues
+        hold requests, so an instance can pull in the plan's order)."""
+        out: dict[GroupKey, GroupStat] = {}
         for key, agg in self.queue.groups.items():
             agg.refresh()
             head = next(iter(agg.ids.values()))
-            out.append(
-                GroupStat(
-                    key,
-                    key[0],
-                    [],
-                    agg.seat_s,
-                    agg.urgency,
-                    agg.deadline,
-                    head.request.slo.ttft_deadline is not None,
-                    agg.weight,
-                )
+            out[key] = GroupStat(
+                key,
+                key[0],
+                [],
+                agg.seat_s,
+                agg.urgency,
+                agg.deadline,
+                head.request.slo.ttft_deadline is not None,
+                agg.weight,
             )
-        return sorted(out, key=lambda g: (g.urgency, g.key))
+        entries = self.queue.entries
+        for q in self.queue.queues.values():
+            for _, rid in q.order:
+                g = out.get(entries[rid].group)
+                if g is not None:
+                    g.ids.append(rid)
+        return sorted(out.values(), key=lambda g: (g.urgency, g.key))
 
     def machines(self, states: Sequence[InstanceState], now: float) -> list[Machine]:
         out = []
@@ -117,6 +124,7 @@ class Planner:
             anycost = next(iter(view.costs.values()))
             seats = max(1, min(s.max_num_seqs, anycost.max_num_seqs))
             running = sum(e.service_s for e in view.running.values()) / 2
+            drain = max((e.service_s for e in view.running.values()), default=0.0) / 2
             # what it can serve: its model, and models whose load did not fail there lately
             able = frozenset(m for m in view.costs if m == serving or view.can_load(m, now))
             loads = {m: view.costs[m].load_s(warm=m in s.models_warm) for m in able}
@@ -129,6 +137,7 @@ class Planner:
                     frozenset(s.models_warm),
                     loads,
                     able,
+                    drain,
                 )
             )
         return out
@@ -146,62 +155,81 @@ class Planner:
         plan = self.heuristic(groups, machines, now)
         if groups and len(groups) <= self.milp_max_groups and len(machines) <= self.milp_max_instances:
             exact = self.milp(groups, machines, now)
-            if exact is not None and exact.objective >= plan.objective:
+            if exact is not None and exact.objective > plan.objective:  # strictly: ties keep urgency order
                 plan = exact
         plan.solve_s = time.perf_counter() - t0
         return plan
 
     # ------------------------------------------------------------------ heuristic
     def heuristic(self, groups: Sequence[GroupStat], machines: Sequence[Machine], now: float) -> Plan:
+        """List scheduling across models: groups in urgency order, each on the instance where it
+        finishes earliest, a model swap priced in (the drain of the work ahead of it, then the
+        load, warm or cold). So swaps are batched where they are dear, and made early where a
+        model's urgent work would otherwise wait behind another model's slack work. An instance
+        whose virtual queue starts with another model's group is ordered to swap now; models it
+        serves later are staged in host memory (warm start)."""
         plan = Plan(solver="heuristic")
-        avail = {m.instance_id: m for m in machines}
         clock = {m.instance_id: max(now, m.busy_until) for m in machines}
-        serving = {m.instance_id: m.serving for m in machines}
-        demand: dict[str, float] = {}
-        urgency: dict[str, float] = {}
-        for g in groups:
-            demand[g.model] = demand.get(g.model, 0.0) + g.seat_s
-            urgency[g.model] = min(urgency.get(g.model, math.inf), g.urgency)
-
-        def drain_s(m: Machine) -> float:
-            own = serving[m.instance_id]
-            if own is None:
-                return 0.0
-            sharing = sum(1 for s in serving.values() if s == own)
-            return demand.get(own, 0.0) / max(1, sharing) / m.seats + max(0.0, m.busy_until - now)
-
-        # Models nobody serves get an instance. Swaps are batched: an instance whose own model still
-        # has queued work keeps it (its queue drains first, one swap for the whole batch) unless the
-        # waiting model's most urgent group would miss its deadline by waiting that long.
-        for model in sorted(demand, key=lambda m: (urgency[m], -demand[m])):
-            if any(s == model for s in serving.values()):
-                continue
-            able = [m for m in machines if model in m.costs]
-            if not able:
-                continue
-            target = min(able, key=lambda m: (drain_s(m), m.load_s.get(model, math.inf), m.instance_id))
-            idle = demand.get(serving[target.instance_id] or "", 0.0) == 0.0
-            late = urgency[model] - now < drain_s(target) + target.load_s.get(model, 0.0)
-            if idle or late:
-                plan.actions.append(LoadModel(target.instance_id, model, target="gpu"))
-                clock[target.instance_id] += target.load_s.get(model, 0.0)
-                serving[target.instance_id] = model
-            elif model not in target.warm and model != target.serving:  # an unloaded model stays warm
-                # its turn comes once the current batch drains: stage the weights for a warm swap
-                plan.actions.append(LoadModel(target.instance_id, model, target="host"))
+        model = {m.instance_id: m.serving for m in machines}
+        drain = {m.instance_id: m.drain_s for m in machines}
         objective = 0.0
-        for g in groups:
-            able = [avail[i] for i, s in serving.items() if s == g.model]
-            if not able:
+        groups = sorted(groups, key=lambda g: (g.urgency, g.key))
+        placed: set[int] = set()
+        for i, g in enumerate(groups):
+            if i in placed:
                 continue
-            best = min(able, key=lambda m: (clock[m.instance_id] + g.seat_s / m.seats, m.instance_id))
-            start = clock[best.instance_id]
-            clock[best.instance_id] = start + g.seat_s / best.seats
-            plan.queues.setdefault(best.instance_id, []).extend(g.ids)
-            plan.groups.setdefault(best.instance_id, []).append(g.key)
-            end = start if g.ttft_bound else clock[best.instance_id]
-            if end <= g.deadline:
-                objective += g.weight
+            options: list[tuple[float, float, str]] = []
+            for m in machines:
+                if g.model not in m.costs:
+                    continue
+                iid = m.instance_id
+                switch = 0.0 if model[iid] == g.model else drain[iid] + m.load_s.get(g.model, math.inf)
+                end = clock[iid] + switch + g.seat_s / m.seats
+                if math.isfinite(end):
+                    options.append((end, switch, iid))
+            if not options:
+                continue
+
+            end, switch, iid = min(options)
+            m = next(mm for mm in machines if mm.instance_id == iid)
+            if switch:
+                if iid not in plan.queues:  # the head of its virtual queue: swap now
+                    plan.actions.append(LoadModel(iid, g.model, target="gpu"))
+                elif g.model not in m.warm and g.model != m.serving:
+                    plan.actions.append(LoadModel(iid, g.model, target="host"))  # its turn comes later
+                model[iid] = g.model
+            start = clock[iid] + switch
+            clock[iid] = end
+            drain[iid] = g.seat_s / max(1, len(g.ids))  # a swap after it waits for one request's work
+            batch = [(g, start, end)]
+            if switch:
+                # One swap for the batch: the model's next groups follow it on this instance while
+                # the most urgent waiting group of another model still meets its deadline after
+                # them (and a swap back).
+                for j in range(i + 1, len(groups)):
+                    h = groups[j]
+                    if j in placed or h.model != g.model:
+                        continue
+                    nxt = next(
+                        (
+                            p
+                            for k, p in enumerate(groups[i + 1 :], i + 1)
+                            if k not in placed and p.model != g.model
+                        ),
+                        None,
+                    )
+                    after = clock[iid] + h.seat_s / m.seats
+                    back = m.load_s.get(nxt.model, 0.0) + nxt.seat_s / m.seats if nxt is not None else 0.0
+                    if nxt is not None and after + back > nxt.deadline:
+                        break
+                    placed.add(j)
+                    batch.append((h, clock[iid], after))
+                    clock[iid] = after
+            for b, b_start, b_end in batch:
+                plan.queues.setdefault(iid, []).extend(b.ids)
+                plan.groups.setdefault(iid, []).append(b.key)
+                if (b_start if b.ttft_bound else b_end) <= b.deadline:
+                    objective += b.weight
         plan.objective = objective
         return plan
 

@@ -26,7 +26,7 @@ from qlm_plugin.brain.admission import AdmissionControl
 from qlm_plugin.brain.estimator import WaitEstimator
 from qlm_plugin.brain.eviction import EVICT_BELOW_P
 from qlm_plugin.brain.fleet_view import FleetView
-from qlm_plugin.brain.global_queue import GlobalQueue, laxity_key
+from qlm_plugin.brain.global_queue import Entry, GlobalQueue, laxity_key
 from qlm_plugin.brain.lso import LSOExecutor
 from qlm_plugin.domain.costmodel import CostModel
 from qlm_plugin.domain.distributions import LengthDistribution, WaitEstimate
@@ -42,6 +42,10 @@ class QueueManager:
 
     ``clairvoyant``: use true output lengths instead of the predictor (the ``oracle`` reference).
     ``repredict_min_s``: on a wall clock, how soon an overdue request is predicted again.
+    ``refuse_at_admission``: a request ``qlm_admit`` refuses is dropped here (the simulator); on the
+    coordinator the front door asks ``qlm_admit`` before it journals a request, and this is off.
+    ``length_prior``: the output length when no predictor answers: ``half`` of ``max_tokens`` (wide),
+    or ``max_tokens`` itself. The other switches turn one part off (``qlm bench --ablation``).
     """
 
     def __init__(
@@ -52,10 +56,22 @@ class QueueManager:
         min_model_residency_s: float = 30.0,
         evict: bool = True,
         hold_back_batch: bool = True,
+        early_binding: bool = True,
+        late_list: bool = True,
+        step_budget: bool = True,
+        estimate_at_admission: bool = True,
+        refuse_at_admission: bool = True,
+        length_prior: str = "half",
         clairvoyant: bool = False,
         repredict_min_s: float = 0.0,
     ) -> None:
+        if length_prior not in ("half", "max_tokens"):
+            raise ValueError(f"length_prior must be 'half' or 'max_tokens', got {length_prior!r}")
         self.cost_models = cost_models
+        self.early_binding = early_binding
+        self.estimate_at_admission = estimate_at_admission
+        self.refuse_at_admission = refuse_at_admission
+        self.length_prior = length_prior
         self.replan_interval_s = replan_interval_s
         self.evict_enabled = evict
         self.clairvoyant = clairvoyant
@@ -72,6 +88,8 @@ class QueueManager:
             "prefetches": 0,
             "held_back": 0,
             "lso_failed": 0,
+            "stranded_pulls": 0,
+            "refused": 0,
         }
         self.queue = GlobalQueue(cost_models)
         self.estimator: WaitEstimator
@@ -87,6 +105,8 @@ class QueueManager:
             self.counters,
             evict=evict,
             hold_back_batch=hold_back_batch,
+            late_list=late_list,
+            step_budget=step_budget,
             min_model_residency_s=min_model_residency_s,
         )
         self.last_plan_at = -math.inf
@@ -172,8 +192,11 @@ class QueueManager:
             )
             return LengthDistribution.point(max(0, true - generated))
         dist = self._hook.qlm_predict_output_length(request=request, generated_tokens=generated)
-        if dist is None:  # no predictor installed: half of max_tokens, with wide uncertainty
-            return LengthDistribution(request.max_tokens / 2, (request.max_tokens / 4) ** 2)
+        if dist is None:  # no predictor installed
+            room = max(0, request.max_tokens - generated)
+            if self.length_prior == "max_tokens":
+                return LengthDistribution.point(room)
+            return LengthDistribution(room / 2, (room / 4) ** 2)  # half, with wide uncertainty
         return dist  # type: ignore[no-any-return]
 
     # ------------------------------------------------------------------ admission
@@ -188,37 +211,34 @@ class QueueManager:
         self.estimator.note_arrival(entry, now)
         # No state polling here: the cached instance states follow dispatches and completions, and
         # are refreshed when an instance reports room and on every tick.
+        if not self.estimate_at_admission:
+            self._queue(entry, now)
+            return Admission(request.id, True, True, entry.planned)
         est: WaitEstimate = self._hook.qlm_estimate_wait(request=request, now=now)
         # (the queue manager's own admission when no plugin answers, as when it is wired alone)
         verdict = self._hook.qlm_admit(request=request, estimate=est, now=now) or self.admission.qlm_admit(
             request, est, now
         )
-        if not verdict.accepted:
-            del self.queue.entries[request.id]
-            return verdict
         flagged = not verdict.can_meet_slo
-        if flagged:
-            self.counters["flagged"] += 1
+        # Eviction first: a request an eviction can serve in time is not refused.
         if (
             self.evict_enabled
             and request.slo.ttft_deadline is not None
-            and est.p_meet < EVICT_BELOW_P
+            and est.p_meet < max(EVICT_BELOW_P, 0.0 if verdict.accepted else 1.0)
             and self.lso.evictor.evict_for(entry, now)
         ):
             # Handed to an engine with a seat made for it: it starts at the next step.
             after = self.estimator.estimate(entry, now)
             self.estimator.admitted(request.id, now, after)
             return Admission(request.id, True, True, entry.instance, after.wait_mean_s, after.p_meet)
+        if not verdict.accepted and self.refuse_at_admission:
+            del self.queue.entries[request.id]
+            self.counters["refused"] += 1
+            return verdict
+        if flagged:
+            self.counters["flagged"] += 1
         self.estimator.admitted(request.id, now, est)
-        dispatcher = self.lso.dispatcher
-        dispatcher.enqueue(entry)
-        planned = self.fleet.instances.get(entry.planned) if entry.planned is not None else None
-        if planned is not None and planned.free_slots() > 0:
-            dispatcher.pull(planned, planned.free_slots(), now)  # room now: it binds at once
-        elif request.slo.ttft_deadline is not None and now < request.slo.ttft_deadline:
-            dispatcher.bind_early(entry, now)
-        if now - self.last_plan_at >= self.replan_interval_s:
-            self.replan(now)
+        self._queue(entry, now)
         return Admission(
             request.id,
             True,
@@ -228,6 +248,19 @@ class QueueManager:
             est.p_meet,
             reason=verdict.reason,
         )
+
+    def _queue(self, entry: Entry, now: float) -> None:
+        """Into the global queue; bound at once where its planned instance has room, or early."""
+        dispatcher = self.lso.dispatcher
+        dispatcher.enqueue(entry)
+        request = entry.request
+        planned = self.fleet.instances.get(entry.planned) if entry.planned is not None else None
+        if planned is not None and planned.free_slots() > 0:
+            dispatcher.pull(planned, planned.free_slots(), now)  # room now: it binds at once
+        elif self.early_binding and request.slo.ttft_deadline is not None and now < request.slo.ttft_deadline:
+            dispatcher.bind_early(entry, now)
+        if now - self.last_plan_at >= self.replan_interval_s:
+            self.replan(now)
 
     # ------------------------------------------------------------------ pulling
     @hookimpl

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -60,7 +61,7 @@ class Coordinator:
         self.book = JobBook(cfg, journal, scenario.model_specs(), scenario.slo_classes(), costs)
         self.pm = pm or get_plugin_manager()
         info = policy_registry(self.pm).get(cfg.policy)
-        built = info.factory(PolicyContext(costs, wall_clock=True))
+        built = info.factory(PolicyContext(costs, scenario.slo_classes(), wall_clock=True))
         self.plugins = built if isinstance(built, list) else [built]
         for n, plugin in enumerate(self.plugins):
             self.pm.register(plugin, name=f"policy:{cfg.policy}:{n}")
@@ -182,17 +183,26 @@ class Coordinator:
             finally:
                 book.count(request, -1)
             now = time.time()
-        estimate = self._estimate(request, now) if spec.reject_if_late else None
-        if estimate is not None and (estimate.p_meet or 0.0) < self.cfg.reject_below_p_meet:
+        # Refused here, before the journal, when the client asked (reject_if_late) or its class
+        # refuses below a probability of meeting the SLO: once accepted, a request is served.
+        cls = self.scenario.slo_classes().get(request.slo_class)
+        threshold = max(
+            self.cfg.reject_below_p_meet if spec.reject_if_late else 0.0,
+            cls.refuse_below_p_meet if cls is not None else 0.0,
+        )
+        estimate = self._estimate(request, now) if threshold > 0 else None
+        if estimate is not None and (estimate.p_meet or 0.0) < threshold:
             self.telemetry.request_rejected(
                 model=request.model, slo_class=request.slo_class, reason="slo_unattainable"
             )
+            wait = estimate.wait_mean_s if estimate.wait_mean_s is not None else math.inf
             raise SubmitError(
                 "slo_unattainable",
                 f"the SLO cannot be met at the current load: estimated wait "
-                f"{estimate.wait_mean_s or 0:.2f} s, probability of meeting it {estimate.p_meet or 0:.2f}",
+                f"{wait:.2f} s, probability of meeting it {estimate.p_meet or 0:.2f} "
+                f"(refused below {threshold:.2f})",
                 estimate=estimate,
-                retry_after_s=max(1.0, estimate.wait_mean_s or 0.0),
+                retry_after_s=60.0 if not math.isfinite(wait) else max(1.0, wait),
             )
         job = Job(request, spec)
         await book.accept(job, now)

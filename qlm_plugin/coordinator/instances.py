@@ -101,6 +101,8 @@ def state_from_report(
         swapped_ids=tuple(msg.swapped_ids),
         notes=tuple(msg.notes),
         num_waiting_urgent=msg.num_waiting_urgent,
+        max_num_batched_tokens=msg.max_num_batched_tokens,
+        prefill_tokens_pending=msg.prefill_tokens_pending,
         healthy=not msg.down,
     )
 

@@ -66,6 +66,19 @@ class InstanceState:
     swapped_ids: tuple[str, ...] = ()
     notes: tuple[str, ...] = ()  # what the backend cannot do here, e.g. "no sleep mode on CPU"
     num_waiting_urgent: int = 0  # of num_waiting, those with a TTFT SLO (a queue manager binds early by it)
+    #: The engine's token budget per step (vLLM's max_num_batched_tokens); 0: not known.
+    max_num_batched_tokens: int = 0
+    #: Prompt tokens of running requests not computed yet (chunked prefill still to do).
+    prefill_tokens_pending: int = 0
+
+    @property
+    def prefill_room(self) -> int | None:
+        """Prompt tokens the engine's next step can start beside the work it already runs (its
+        decodes and pending prefill); None where the engine does not report its step budget.
+        Handing an engine more than this only queues it there, out of a global queue's reach."""
+        if self.max_num_batched_tokens <= 0:
+            return None
+        return max(0, self.max_num_batched_tokens - self.num_running - self.prefill_tokens_pending)
 
     @property
     def kv_free_fraction(self) -> float:

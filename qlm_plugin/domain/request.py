@@ -32,7 +32,9 @@ class ModelSpec:
 class SLOClass:
     """A named service class: relative SLO budgets, a weight in the attainment objective, a priority.
 
-    ``priority`` follows vLLM's convention: lower values are served first.
+    ``priority`` follows vLLM's convention: lower values are served first. ``refuse_below_p_meet``:
+    a new request the waiting-time estimator gives a lower probability of meeting its SLO is refused
+    at once (HTTP 429 with the estimate and a ``Retry-After``) instead of queued; 0 never refuses.
     """
 
     name: str
@@ -40,6 +42,7 @@ class SLOClass:
     e2e_s: float | None = None
     weight: float = 1.0
     priority: int = 0
+    refuse_below_p_meet: float = 0.0
 
 
 #: The two classes every deployment has unless its configuration names others.

@@ -2,6 +2,8 @@
 
 * ``fcfs``: first-come-first-served; preempts the most recently admitted request (vLLM's default).
 * ``edf``: earliest deadline first (the TTFT deadline, else the end-to-end one).
+* ``edf-shed``: EDF over a global queue that serves late requests only when nothing on time waits
+  (:mod:`qlm_plugin.policies.edf_shed`).
 * ``priority``: static priority, ``(priority, arrival)`` lower first, preempting the lowest priority
   (vLLM's ``--scheduling-policy priority``).
 * ``qlm``: the queue manager (:mod:`qlm_plugin.brain.queue_manager`) with the online length
@@ -17,7 +19,9 @@ from collections.abc import Hashable, Sequence
 from qlm_plugin.domain.instance import RunningView
 from qlm_plugin.domain.request import Request
 from qlm_plugin.hooks import hookimpl
-from qlm_plugin.policies.registry import PolicyContext, PolicyRegistry
+from qlm_plugin.policies.edf_shed import EDFShed
+from qlm_plugin.policies.qlm import add_qlm_policies
+from qlm_plugin.policies.registry import PolicyRegistry
 
 
 class FCFS:
@@ -66,27 +70,10 @@ class BaselinePolicies:
     def qlm_add_policies(self, registry: PolicyRegistry) -> None:
         registry.add("fcfs", lambda ctx: FCFS(), "first-come-first-served (vLLM default)")
         registry.add("edf", lambda ctx: EDF(), "earliest deadline first")
-        registry.add("priority", lambda ctx: StaticPriority(), "static priority (vLLM priority policy)")
-        registry.add("qlm", _make_qlm, "QLM: global queue, predicted lengths, RWT estimates, planner, LSOs")
         registry.add(
-            "oracle", _make_oracle, "REFERENCE: the QLM planner fed true output lengths", reference=True
+            "edf-shed",
+            lambda ctx: EDFShed(list(ctx.cost_models)),
+            "EDF over a global queue, late requests only when nothing on time waits (llm-d flow control)",
         )
-
-
-def _make_qlm(ctx: PolicyContext) -> list[object]:
-    from qlm_plugin.brain.admission import AdmissionControl
-    from qlm_plugin.brain.planner import Planner
-    from qlm_plugin.brain.predictor import LengthPredictor, PredictorPlugin
-    from qlm_plugin.brain.queue_manager import QueueManager
-
-    qm = QueueManager(dict(ctx.cost_models), repredict_min_s=0.1 if ctx.wall_clock else 0.0)
-    return [PredictorPlugin(LengthPredictor()), qm, Planner(qm.queue, qm.fleet), AdmissionControl()]
-
-
-def _make_oracle(ctx: PolicyContext) -> list[object]:
-    from qlm_plugin.brain.admission import AdmissionControl
-    from qlm_plugin.brain.planner import Planner
-    from qlm_plugin.brain.queue_manager import QueueManager
-
-    qm = QueueManager(dict(ctx.cost_models), clairvoyant=True, repredict_min_s=0.1 if ctx.wall_clock else 0.0)
-    return [qm, Planner(qm.queue, qm.fleet), AdmissionControl()]
+        registry.add("priority", lambda ctx: StaticPriority(), "static priority (vLLM priority policy)")
+        add_qlm_policies(registry)

@@ -8,14 +8,17 @@ from dataclasses import dataclass, field
 import pluggy
 
 from qlm_plugin.domain.costmodel import CostModel
+from qlm_plugin.domain.request import SLOClass
 
 
 @dataclass(frozen=True, slots=True)
 class PolicyContext:
     """What a policy may know when it is built for a run: the cost model of each served model (on the
-    fleet's first instance that serves it)."""
+    fleet's first instance that serves it), and the SLO classes."""
 
     cost_models: Mapping[str, CostModel] = field(default_factory=dict)
+    #: The SLO classes of the deployment (their weights, priorities and admission thresholds).
+    classes: Mapping[str, SLOClass] = field(default_factory=dict)
     #: The policy runs on a wall clock (the coordinator), not a simulator's event clock: calls come
     #: at distinct times, so per-time caches never hit and work must be amortised over time instead.
     wall_clock: bool = False
@@ -31,6 +34,7 @@ class PolicyInfo:
     factory: PolicyFactory
     description: str
     reference: bool = False  # a yardstick that uses knowledge no deployment has (true output lengths)
+    ablation: bool = False  # a policy with one part left out: run when named, not in "all policies"
 
 
 class UnknownPolicyError(KeyError):
@@ -42,12 +46,20 @@ class PolicyRegistry:
     def __init__(self) -> None:
         self._policies: dict[str, PolicyInfo] = {}
 
-    def add(self, name: str, factory: PolicyFactory, description: str, *, reference: bool = False) -> None:
+    def add(
+        self,
+        name: str,
+        factory: PolicyFactory,
+        description: str,
+        *,
+        reference: bool = False,
+        ablation: bool = False,
+    ) -> None:
         if not name or not name.replace("-", "").replace("_", "").isalnum():
             raise ValueError(f"policy name must be alphanumeric (with - or _), got {name!r}")
         if name in self._policies:
             raise ValueError(f"policy {name!r} is already registered")
-        self._policies[name] = PolicyInfo(name, factory, description, reference)
+        self._policies[name] = PolicyInfo(name, factory, description, reference, ablation)
 
     def get(self, name: str) -> PolicyInfo:
         try:
@@ -57,8 +69,9 @@ class PolicyRegistry:
                 f"unknown policy {name!r}; available: {', '.join(self.names())}"
             ) from None
 
-    def names(self) -> list[str]:
-        return list(self._policies)
+    def names(self, *, ablations: bool = False) -> list[str]:
+        """The registered policies, in registration order; ablation variants only if asked."""
+        return [n for n, info in self._policies.items() if ablations or not info.ablation]
 
     def __contains__(self, name: object) -> bool:
         return name in self._policies

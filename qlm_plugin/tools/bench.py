@@ -26,9 +26,11 @@ markers ``<!-- bench:start -->`` and ``<!-- bench:end -->``: text outside them s
 from __future__ import annotations
 
 import math
+import multiprocessing
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -41,7 +43,7 @@ from qlm_plugin.policies.registry import policy_registry
 from qlm_plugin.tools.simulate import PolicyResult, build_requests, run_policy
 from qlm_plugin.workloads.scenario import Scenario, load_scenario
 
-DEFAULT_SWEEP: tuple[float, ...] = (0.5, 1.0, 1.5, 2.0, 2.5, 3.0)
+DEFAULT_SWEEP: tuple[float, ...] = (0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 4.0)
 TARGET_ATTAINMENT = 0.9
 DEFAULT_BURST_AT = 0.3
 BURST_SUFFIX = "_burst"
@@ -338,6 +340,7 @@ def run_bench(
     folder: Path | None = None,
     command: str = "qlm bench",
     date: str | None = None,
+    jobs: int = 1,
     on_run: RunCallback | None = None,
     on_skip: Callable[[str, str], None] | None = None,
 ) -> BenchResult:
@@ -346,12 +349,15 @@ def run_bench(
     ``scenarios``: names or paths (:func:`find_scenarios`; ``None``: the whole folder). ``policies``:
     ``None`` for every registered one. ``sweep``: load multipliers (empty: base load only; the base,
     1, is always run and joins the sweep's points). ``seed`` replaces every scenario's (and burst's)
-    seed. ``on_run(scenario, policy, multiplier, result)`` after each simulation; ``on_skip(scenario,
+    seed. ``jobs``: simulations run at once, each in its own process (1: here, one after another).
+    ``on_run(scenario, policy, multiplier, result)`` after each simulation; ``on_skip(scenario,
     why)`` for a scenario whose trace is missing.
     """
     t0 = time.perf_counter()
     if not 0.0 <= burst_at <= 1.0:
         raise BenchError(f"burst_at must be in [0, 1], got {burst_at!r}")
+    if jobs < 1:
+        raise BenchError(f"jobs must be at least 1, got {jobs!r}")
     multipliers = sorted({float(m) for m in sweep})
     for m in multipliers:
         if not (math.isfinite(m) and m > 0):
@@ -372,6 +378,8 @@ def run_bench(
         burst_at=burst_at,
         policies=names,
     )
+    loads = sorted({1.0, *multipliers})
+    runs: list[_Run] = []
     for bs in found:
         scenario = load_scenario(bs.path)
         burst = load_scenario(bs.burst_path) if bs.burst_path is not None else None
@@ -385,72 +393,81 @@ def run_bench(
             if on_skip is not None:
                 on_skip(bs.key, why)
             continue
-        result.scenarios[bs.key] = _run_scenario(
-            bs, scenario, burst, names, multipliers, burst_at, target, on_run
-        )
+        result.scenarios[bs.key] = _describe(bs, scenario, burst, burst_at)
+        runs += [_Run(bs.key, scenario, burst, m, burst_at, p) for m in loads for p in names]
+    results = _simulate_all(runs, jobs)
+    points: dict[tuple[str, str], list[SweepPoint]] = {}
+    for run, res in zip(runs, results, strict=True):
+        if on_run is not None:
+            on_run(run.key, run.policy, run.multiplier, res)
+        out = result.scenarios[run.key]
+        if run.multiplier == 1.0:
+            out.policies[run.policy] = PolicyBench(run.policy, res.reference, res)
+        if multipliers:
+            classes = {c: v.slo_attainment for c, v in res.classes.items()}
+            point = SweepPoint(run.multiplier, res.overall.slo_attainment, classes, res.wall_s)
+            points.setdefault((run.key, run.policy), []).append(point)
+    for (key, policy), pts in points.items():
+        pb = result.scenarios[key].policies[policy]
+        pb.sweep = pts
+        pb.highest = highest_rate([(p.multiplier, p.slo_attainment) for p in pts], target)
     result.wall_s = time.perf_counter() - t0
     return result
 
 
-def _run_scenario(
-    bs: BenchScenario,
-    scenario: Scenario,
-    burst: Scenario | None,
-    policies: Sequence[str],
-    multipliers: Sequence[float],
-    burst_at: float,
-    target: float,
-    on_run: RunCallback | None,
+@dataclass(frozen=True, slots=True)
+class _Run:
+    """One simulation of the bench: a scenario at one load under one policy."""
+
+    key: str
+    scenario: Scenario
+    burst: Scenario | None
+    multiplier: float
+    burst_at: float
+    policy: str
+
+
+def _describe(
+    bs: BenchScenario, scenario: Scenario, burst: Scenario | None, burst_at: float
 ) -> ScenarioBench:
-    out: ScenarioBench | None = None
-    points: dict[str, list[SweepPoint]] = {p: [] for p in policies}
-    for m in sorted({1.0, *multipliers}):
-        sc = scale_load(scenario, m)
-        br = scale_load(burst, m) if burst is not None else None
-        requests, rejected = scenario_requests(sc, br, burst_at=burst_at)
-        if not requests:
-            raise BenchError(f"{bs.path}: the workload is empty (check the trace, window and sampling)")
-        if m == 1.0:
-            span = requests[-1].arrival_time - requests[0].arrival_time
-            starts = [r.arrival_time for r in requests if r.id.startswith(BURST_ID_PREFIX)]
-            out = ScenarioBench(
-                key=bs.key,
-                name=scenario.name,
-                description=" ".join(scenario.description.split()),
-                path=_show_path(bs.path),
-                burst_path=_show_path(bs.burst_path) if bs.burst_path is not None else None,
-                burst_at_s=min(starts) if starts else None,
-                requests=len(requests) + len(rejected),
-                rejected=len(rejected),
-                span_s=span,
-                base_rps=(len(requests) - 1) / span if span > 0 else 0.0,
-                instances=len(scenario.instance_ids()),
-                classes=sorted({r.slo_class for r in requests}),
-            )
-        for policy in policies:
-            res = run_policy(sc, policy, requests, rejected)
-            res = replace(res, outcomes=[])  # the metrics are all we keep; outcomes are large
-            if on_run is not None:
-                on_run(bs.key, policy, m, res)
-            if m == 1.0:
-                assert out is not None
-                out.policies[policy] = PolicyBench(policy, res.reference, res)
-            if multipliers:
-                points[policy].append(
-                    SweepPoint(
-                        m,
-                        res.overall.slo_attainment,
-                        {c: v.slo_attainment for c, v in res.classes.items()},
-                        res.wall_s,
-                    )
-                )
-    assert out is not None
-    for policy, pts in points.items():
-        pb = out.policies[policy]
-        pb.sweep = pts
-        if pts:
-            pb.highest = highest_rate([(p.multiplier, p.slo_attainment) for p in pts], target)
-    return out
+    requests, rejected = scenario_requests(scenario, burst, burst_at=burst_at)
+    if not requests:
+        raise BenchError(f"{bs.path}: the workload is empty (check the trace, window and sampling)")
+    span = requests[-1].arrival_time - requests[0].arrival_time
+    starts = [r.arrival_time for r in requests if r.id.startswith(BURST_ID_PREFIX)]
+    return ScenarioBench(
+        key=bs.key,
+        name=scenario.name,
+        description=" ".join(scenario.description.split()),
+        path=_show_path(bs.path),
+        burst_path=_show_path(bs.burst_path) if bs.burst_path is not None else None,
+        burst_at_s=min(starts) if starts else None,
+        requests=len(requests) + len(rejected),
+        rejected=len(rejected),
+        span_s=span,
+        base_rps=(len(requests) - 1) / span if span > 0 else 0.0,
+        instances=len(scenario.instance_ids()),
+        classes=sorted({r.slo_class for r in requests}),
+    )
+
+
+def _simulate_all(runs: Sequence[_Run], jobs: int) -> Iterator[PolicyResult]:
+    """Every run's result, in order, as each comes; ``jobs`` processes at once (each builds its
+    own requests)."""
+    if jobs == 1 or len(runs) <= 1:
+        yield from map(_simulate, runs)
+        return
+    # fork: the workers start with everything imported (the plugin manager is built per run)
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("fork")) as pool:
+        yield from pool.map(_simulate, runs)
+
+
+def _simulate(run: _Run) -> PolicyResult:
+    sc = scale_load(run.scenario, run.multiplier)
+    br = scale_load(run.burst, run.multiplier) if run.burst is not None else None
+    requests, rejected = scenario_requests(sc, br, burst_at=run.burst_at)
+    res = run_policy(sc, run.policy, requests, rejected)
+    return replace(res, outcomes=[])  # the metrics are all we keep; outcomes are large
 
 
 def _show_path(path: Path) -> str:
@@ -657,17 +674,19 @@ def queue_manager_table(
     ]
 
 
-def update_markdown(text: str | None, section: str) -> str:
-    """``text`` with the part between the bench markers (inclusive) replaced by ``section``; without
+def update_markdown(
+    text: str | None, section: str, mark_start: str = MARK_START, mark_end: str = MARK_END
+) -> str:
+    """``text`` with the part between the markers (inclusive) replaced by ``section``; without
     markers the section is appended; ``None`` (no file yet) gives a page with a title and the section."""
     if text is None:
         return "# Benchmarks\n\nGenerated by `qlm bench` (see `qlm bench --help`).\n\n" + section
-    start, end = text.find(MARK_START), text.find(MARK_END)
+    start, end = text.find(mark_start), text.find(mark_end)
     if start < 0 and end < 0:
         return text.rstrip("\n") + "\n\n" + section if text.strip() else section
-    if start < 0 or end < start or text.count(MARK_START) > 1 or text.count(MARK_END) > 1:
-        raise BenchError(f"the markers {MARK_START} ... {MARK_END} are unbalanced; fix them by hand")
-    tail = text[end + len(MARK_END) :]
+    if start < 0 or end < start or text.count(mark_start) > 1 or text.count(mark_end) > 1:
+        raise BenchError(f"the markers {mark_start} ... {mark_end} are unbalanced; fix them by hand")
+    tail = text[end + len(mark_end) :]
     if tail.startswith("\n"):
         tail = tail[1:]
     return text[:start] + section + tail

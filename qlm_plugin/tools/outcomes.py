@@ -22,7 +22,7 @@ from qlm_plugin.domain.outcome import RequestOutcome
 from qlm_plugin.tools.simulate import build_requests, run_policy
 from qlm_plugin.workloads.scenario import Scenario, ScenarioError, load_scenario
 
-POLICIES = ("fcfs", "edf", "priority", "qlm", "oracle")
+POLICIES = ("fcfs", "edf", "edf-shed", "priority", "qlm", "oracle")
 BENCH = Path(__file__).resolve().parents[2] / "scenarios" / "bench"
 
 

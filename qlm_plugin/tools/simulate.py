@@ -15,6 +15,8 @@ from qlm_plugin.domain.outcome import RequestOutcome, Status
 from qlm_plugin.domain.request import Request
 from qlm_plugin.hooks import get_plugin_manager
 from qlm_plugin.policies.registry import PolicyContext, policy_registry
+from qlm_plugin.tools.estimates import Told
+from qlm_plugin.tools.estimates import accuracy as estimate_accuracy
 from qlm_plugin.tools.metrics import Metrics, run_span, summarize
 from qlm_plugin.workloads.scenario import Scenario
 
@@ -32,6 +34,8 @@ class PolicyResult:
     counters: dict[str, float]
     wall_s: float
     outcomes: list[RequestOutcome] = field(repr=False, default_factory=list)
+    #: per class: how good the estimates told at admission were (:mod:`qlm_plugin.tools.estimates`)
+    estimates: dict[str, dict[str, float]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, object]:
         overall: dict[str, object] = {**self.overall.to_dict(), "gpu_busy_fraction": self.gpu_busy_fraction}
@@ -40,6 +44,7 @@ class PolicyResult:
             "overall": overall,
             "classes": {name: m.to_dict() for name, m in self.classes.items()},
             "lso": self.counters,
+            "estimates": self.estimates,
             "wall_s": self.wall_s,
         }
 
@@ -138,7 +143,7 @@ def run_policy(
     t0 = time.perf_counter()
     pm = get_plugin_manager(autoload=autoload)
     info = policy_registry(pm).get(policy)
-    built = info.factory(PolicyContext(scenario.reference_cost_models()))
+    built = info.factory(PolicyContext(scenario.reference_cost_models(), scenario.slo_classes()))
     for n, plugin in enumerate(built if isinstance(built, list) else [built]):
         pm.register(plugin, name=f"policy:{policy}:{n}")
     fleet = build_fleet(scenario, macro_steps=macro_steps)
@@ -150,11 +155,14 @@ def run_policy(
     ids = list(fleet.instances)
     outcomes: list[RequestOutcome] = []
     queue_manager = bool(hook.qlm_submit.get_hookimpls())
+    told: dict[str, Told] = {}  # what each request was told at admission
 
     def on_arrival(request: Request) -> None:
         now = fleet.now
         if queue_manager:
             admission = hook.qlm_submit(request=request, now=now)
+            if admission is not None:
+                told[request.id] = (admission.wait_mean_s, admission.p_meet)
             if admission is not None and not admission.accepted:
                 outcome = RequestOutcome(request, Status.REJECTED, reason=admission.reason)
                 outcomes.append(outcome)
@@ -182,6 +190,10 @@ def run_policy(
         on_tick=on_tick if queue_manager else None,
     )
     outcomes.extend(backend.outcomes.values())
+    # A request the policy never handed to an engine (still queued when the run ended) is missed,
+    # not left out: leaving it out would credit a policy for never serving a model at all.
+    seen = {o.request.id for o in outcomes}
+    outcomes.extend(RequestOutcome(r, Status.UNFINISHED) for r in requests if r.id not in seen)
     span = run_span([o for o in outcomes if o.status is not Status.REJECTED])
     by_class: dict[str, list[RequestOutcome]] = {}
     for o in outcomes:
@@ -210,4 +222,5 @@ def run_policy(
         counters=counters,
         wall_s=time.perf_counter() - t0,
         outcomes=outcomes,
+        estimates=estimate_accuracy(outcomes, told),
     )

@@ -87,6 +87,7 @@ class ClassEntry(_Strict):
     e2e_s: float | None = Field(default=None, gt=0)
     weight: float = Field(default=1.0, ge=0)
     priority: int = 0
+    refuse_below_p_meet: float = Field(default=0.0, ge=0, lt=1)
 
     @model_validator(mode="after")
     def _consistent(self) -> ClassEntry:
@@ -95,7 +96,9 @@ class ClassEntry(_Strict):
         return self
 
     def slo_class(self) -> SLOClass:
-        return SLOClass(self.name, self.ttft_s, self.e2e_s, self.weight, self.priority)
+        return SLOClass(
+            self.name, self.ttft_s, self.e2e_s, self.weight, self.priority, self.refuse_below_p_meet
+        )
 
 
 class TenantEntry(_Strict):

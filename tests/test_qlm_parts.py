@@ -1,0 +1,199 @@
+"""The parts of QLM's brain one by one: ablations that build and run, a plan that is obeyed, the
+step budget of a pull, the engine-local swap rule that strands no request, and admission that
+refuses below a class's P(meet)."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
+
+import pytest
+
+from qlm_plugin.brain.admission import AdmissionControl, retry_after_s
+from qlm_plugin.brain.dispatch import Dispatcher
+from qlm_plugin.brain.estimator import WaitEstimator
+from qlm_plugin.brain.fleet_view import FleetView
+from qlm_plugin.brain.global_queue import GlobalQueue
+from qlm_plugin.domain.distributions import LengthDistribution, WaitEstimate
+from qlm_plugin.domain.instance import InstanceState
+from qlm_plugin.domain.outcome import Status
+from qlm_plugin.domain.request import SLO, Request, SLOClass
+from qlm_plugin.hooks import get_plugin_manager
+from qlm_plugin.policies.qlm import PARTS, build_qlm
+from qlm_plugin.policies.registry import PolicyContext, policy_registry
+from qlm_plugin.tools.simulate import build_requests, run_policy
+from qlm_plugin.workloads.scenario import load_scenario, parse_scenario
+
+MODEL = "llama-3.1-8b"
+
+
+def state(iid: str = "i0", model: str = MODEL, **kw: Any) -> InstanceState:
+    base = dict(
+        instance_id=iid,
+        backend="test",
+        now=0.0,
+        models_loaded=(model,),
+        models_warm=(),
+        loading_model=None,
+        num_running=0,
+        num_waiting=0,
+        num_swapped=0,
+        queued_tokens=0,
+        kv_blocks_used=0,
+        kv_blocks_total=100_000,
+        max_num_seqs=64,
+    )
+    return InstanceState(**{**base, **kw})  # type: ignore[arg-type]
+
+
+class Engines:
+    """The backend side of the hooks the dispatcher calls: records what each engine was handed."""
+
+    def __init__(self) -> None:
+        self.handed: dict[str, list[str]] = {}
+
+    def qlm_dispatch(self, instance_id: str, request: Request) -> bool:
+        self.handed.setdefault(instance_id, []).append(request.id)
+        return True
+
+
+def dispatcher(*states: InstanceState) -> tuple[Dispatcher, GlobalQueue, FleetView, Engines]:
+    costs = load_scenario(None).reference_cost_models()
+    queue = GlobalQueue(costs)
+    fleet = FleetView(costs, lambda view, st: None)
+    estimator = WaitEstimator(costs, queue, fleet, lambda r, g: LengthDistribution.point(64))
+    d = Dispatcher(queue, fleet, estimator, {"pulls": 0, "steals": 0, "held_back": 0, "stranded_pulls": 0})
+    engines = Engines()
+    d.hook = engines
+    for s in states:
+        fleet.add(s.instance_id).state = s
+    return d, queue, fleet, engines
+
+
+def queued(d: Dispatcher, queue: GlobalQueue, rid: str, deadline: float, model: str = MODEL) -> None:
+    r = Request(rid, model, 100, 64, 0.0, SLO(None, deadline), slo_class="batch")
+    e = queue.entries[rid] = queue.entry(r, LengthDistribution.point(64))
+    d.enqueue(e)
+
+
+# ------------------------------------------------------------------------------------ ablations
+
+
+def test_every_ablation_is_registered_hidden_from_listings_and_runs() -> None:
+    registry = policy_registry(get_plugin_manager(autoload=False))
+    assert not any(n.startswith("qlm-no-") for n in registry.names())
+    assert {f"qlm-no-{p}" for p in PARTS} <= set(registry.names(ablations=True))
+    assert "edf-shed" in registry.names()
+    scenario = load_scenario(None)
+    scenario = scenario.model_copy(
+        update={"workload": scenario.workload.model_copy(update={"max_requests": 150})}
+    )
+    requests, rejected = build_requests(scenario)
+    for part in PARTS:
+        result = run_policy(scenario, f"qlm-no-{part}", requests, rejected, autoload=False)
+        assert len(result.outcomes) == len(requests), part
+        assert result.overall.slo_attainment > 0.5, part
+
+
+def test_an_unknown_part_is_named_in_the_error() -> None:
+    with pytest.raises(ValueError, match=r"unknown QLM parts.*'nonsense'"):
+        build_qlm(PolicyContext(), without=["nonsense"])
+
+
+# ------------------------------------------------------------------------------------ the plan
+
+
+def test_pulls_follow_the_plan_order_and_new_requests_by_urgency() -> None:
+    d, queue, _, engines = dispatcher(state())
+    for rid, deadline in (("a", 100.0), ("b", 200.0), ("c", 300.0)):
+        queued(d, queue, rid, deadline)
+    d.follow({"i0": ["c", "a", "b"]})  # not urgency order: the plan's is obeyed
+    # Requests the plan has not seen merge in by urgency: before the plan's head when more urgent
+    # than it, after the plan's requests when less urgent than all of them.
+    queued(d, queue, "urgent", 50.0)
+    queued(d, queue, "relaxed", 400.0)
+    view = d.fleet.instances["i0"]
+    d.pull(view, 5, 0.0)
+    assert engines.handed["i0"] == ["urgent", "c", "a", "b", "relaxed"]
+
+
+def test_another_instances_plan_is_left_to_it_unless_it_cannot_start_it() -> None:
+    d, queue, fleet, engines = dispatcher(state("i0"), state("i1"))
+    queued(d, queue, "x", 100.0)
+    d.follow({"i1": ["x"]})
+    d.pull(fleet.instances["i0"], 4, 0.0)
+    assert "i0" not in engines.handed, "i1 can start it: it is i1's"
+    fleet.instances["i1"].state = state("i1", num_running=64)  # i1 full: i0 balances the load
+    d.pull(fleet.instances["i0"], 4, 0.0)
+    assert engines.handed["i0"] == ["x"]
+
+
+def test_a_pull_hands_over_only_what_the_next_step_can_prefill() -> None:
+    s = state(max_num_batched_tokens=250, prefill_tokens_pending=0)
+    assert s.prefill_room == 250 and state().prefill_room is None
+    d, queue, fleet, engines = dispatcher(s)
+    for i in range(5):
+        queued(d, queue, f"r{i}", 100.0 + i)  # 100-token prompts
+    d.pull(fleet.instances["i0"], 5, 0.0)
+    assert engines.handed["i0"] == ["r0", "r1", "r2"], "250 tokens of room: three prompts start"
+    d.pull(fleet.instances["i0"], 5, 0.0)
+    assert len(engines.handed["i0"]) == 3, "the cached state counts what was handed over"
+
+
+def test_an_instance_with_nothing_queued_takes_a_stranded_model() -> None:
+    d, queue, fleet, engines = dispatcher(state("i0", model="phi-4"))
+    fleet.instances["i0"].costs.setdefault(MODEL, next(iter(fleet.instances["i0"].costs.values())))
+    queued(d, queue, "lonely", 100.0)  # nobody serves its model
+    d.pull(fleet.instances["i0"], 4, 0.0)
+    assert engines.handed["i0"] == ["lonely"]
+
+
+def test_no_request_waits_for_ever_for_a_model_without_a_planner() -> None:
+    text = """
+name: two-models-one-engine
+workload: {synthetic: {rate_rps: 2, duration_s: 30, prompt_mean: 200, output_mean: 50}}
+models:
+  - {name: llama-3.1-8b, profile: llama-3.1-8b, share: 0.5}
+  - {name: phi-4, profile: phi-4, share: 0.5}
+instances:
+  - {gpu: h100, models: [llama-3.1-8b, phi-4]}
+classes:
+  - {name: batch, share: 1, e2e_s: 600}
+"""
+    scenario = parse_scenario(text)
+    requests, rejected = build_requests(scenario)
+    result = run_policy(scenario, "qlm-no-planner", requests, rejected, autoload=False)
+    assert len(result.outcomes) == len(requests)
+    assert all(o.status is Status.FINISHED for o in result.outcomes), "both models served"
+
+
+# ------------------------------------------------------------------------------------ admission
+
+
+def test_a_class_refuses_below_its_p_meet_with_the_estimate() -> None:
+    control = AdmissionControl({"interactive": SLOClass("interactive", ttft_s=1.0, refuse_below_p_meet=0.5)})
+    r = Request("r", MODEL, 10, 10, 0.0, SLO(1.0, None))
+    low = WaitEstimate("i0", 4.0, 1.0, 5.0, 1.0, 0.2)
+    verdict = control.qlm_admit(r, low, 0.0)
+    assert not verdict.accepted and verdict.p_meet == 0.2 and verdict.wait_mean_s == 4.0
+    assert "slo_unattainable" in verdict.reason and "0.50" in verdict.reason
+    assert retry_after_s(low) == 4.0
+    assert control.qlm_admit(r, replace(low, p_meet=0.6), 0.0).accepted
+    other = replace(r, slo_class="batch")  # a class without a threshold is never refused
+    assert control.qlm_admit(other, replace(low, p_meet=0.0), 0.0).accepted
+
+
+def test_refused_requests_count_as_missed_in_the_simulator() -> None:
+    base = load_scenario(None)
+    classes = [c.model_copy(update={"refuse_below_p_meet": 0.5}) for c in base.classes]
+    workload = base.workload.model_copy(
+        update={"rate_scale": base.workload.rate_scale * 4, "max_requests": 3000}
+    )
+    scenario = base.model_copy(update={"classes": classes, "workload": workload})
+    requests, rejected = build_requests(scenario)
+    result = run_policy(scenario, "qlm", requests, rejected, autoload=False)
+    refused = [o for o in result.outcomes if o.status is Status.REJECTED]
+    assert refused, "at 4x load some requests are given less than 0.5"
+    assert all(not o.met_slo() for o in refused)
+    assert result.counters["refused"] == len(refused)
+    assert len(result.outcomes) == len(requests)

@@ -108,7 +108,7 @@ def test_a_slow_sleep_of_the_vllm_engine_agent_does_not_lose_the_instance(tmp_pa
         vllm_config=SimpleNamespace(model_config=model_config, kv_transfer_config=None),
         cache_config=SimpleNamespace(num_gpu_blocks=1000),
         max_num_running_reqs=8,
-        qlm_snapshot=(0, 0, 0.0, 0.0),
+        qlm_snapshot=(0, 0, 0.0, 0.0, 0),
         qlm_steps=[],
         qlm_evicted=[],
     )

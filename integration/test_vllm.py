@@ -456,11 +456,17 @@ def test_a_killed_engine_has_its_requests_finished_on_the_other(stack: Stack) ->
             # Kill the engine serving a request that is streaming, as soon as one is 300 tokens in
             # (polling the engines' /metrics or the coordinator lagged seconds behind on two loaded
             # cores: the kill once came after the victim had finished everything).
-            while True:
+            # On a loaded CI machine the client can read its 300th token after the engine sent
+            # the 450th: then the victim is any request still on an engine.
+            victim = ""
+            while not victim:
                 st = await c.status(await asyncio.wait_for(midway.get(), 120))
                 if st.state == "dispatched":
-                    break
-            stack.engines[st.instance_id].kill()
+                    victim = st.instance_id
+                else:
+                    busy = [q.instance_id for q in (await c.queue()).requests if q.state == "dispatched"]
+                    victim = busy[0] if busy else ""
+            stack.engines[victim].kill()
             return await asyncio.wait_for(asyncio.gather(*tasks), 300)
 
     results = asyncio.run(run())

@@ -363,3 +363,24 @@ def test_queue_manager_table_lists_lsos_and_accuracy_only_for_queue_managers() -
     assert len(rows) == 1 and not any(line.startswith("| fcfs") for line in lines)
     assert "| 2 |" in rows[0] and "25% (40)" in rows[0] and "90% (12)" in rows[0] and "101 / 91%" in rows[0]
     assert queue_manager_table({"policies": {"fcfs": scenario["policies"]["fcfs"]}}, ["fcfs"], {}) == []
+
+
+def test_estimator_table_reports_each_class_of_the_policies_that_estimate() -> None:
+    from qlm_plugin.tools.bench import estimator_table
+
+    told = {"n": 900.0, "n_long": 120.0, "mape": 0.42, "bias": -0.1, "calibration_gap": 0.031, "deciles": 4.0}
+    scenario = {
+        "policies": {
+            "edf": {"base": {"estimates": {}}},
+            "qlm": {
+                "base": {"estimates": {"all": told, "batch": told, "interactive": {"n": 5.0, "n_long": 0.0}}}
+            },
+        }
+    }
+    lines = estimator_table(scenario, ["edf", "qlm"], {})
+    rows = [line for line in lines if line.startswith("| qlm")]
+    assert rows == [
+        "| qlm | batch | 900 | 120 | 42% | -10% | 3.1 pt (4) |",
+        "| qlm | interactive | 5 | 0 | - | - | - |",
+    ]
+    assert estimator_table({"policies": {"edf": scenario["policies"]["edf"]}}, ["edf"], {}) == []

@@ -123,7 +123,7 @@ def test_a_request_that_cannot_meet_its_slo_is_flagged_at_admission() -> None:
     long = make_request("long", "m", 100, 4000, 0.0, ttft_s=1.0, true_output_tokens=4000)
     assert qm.qlm_submit(long, 0.0).can_meet_slo
     fleet.advance_to(1.0)
-    doomed = make_request("d", "m", 100, 10, 1.0, ttft_s=0.2, true_output_tokens=10)
+    doomed = make_request("d", "m", 100, 10, 1.0, ttft_s=0.05, true_output_tokens=10)
     admission = qm.qlm_submit(doomed, 1.0)
     assert admission.accepted and not admission.can_meet_slo
     assert "cannot be met" in admission.reason and admission.p_meet is not None and admission.p_meet < 0.05

@@ -927,7 +927,14 @@ def _synthetic(tmp_path: Path, seed: int, extra: str = "") -> list[tuple[float, 
     return [(r.arrival_time, r.prompt_tokens, r.max_tokens, r.model) for r in requests]
 
 
-@pytest.mark.parametrize("arrival", ["    arrival: poisson\n", "    arrival: gamma\n    cv: 2\n"])
+@pytest.mark.parametrize(
+    "arrival",
+    [
+        "    arrival: poisson\n",
+        "    arrival: gamma\n    cv: 2\n",
+        "    arrival: onoff\n    on_s: 5\n    off_s: 5\n",
+    ],
+)
 def test_synthetic_workload_is_deterministic_for_a_seed(tmp_path: Path, arrival: str) -> None:
     first = _synthetic(tmp_path, 7, arrival)
     again = _synthetic(tmp_path, 7, arrival)
@@ -956,6 +963,16 @@ def test_synthetic_lengths_from_a_packaged_trace(tmp_path: Path) -> None:
     code = {(r.prompt_tokens, r.output_tokens) for r in load_azure_trace(packaged_trace_path("code"))}
     prompts = {p for p, _ in code}
     assert {p for _, p, _, _ in rows} <= prompts
+
+
+def test_synthetic_length_sigma_widens_the_tail(tmp_path: Path) -> None:
+    narrow = sorted(
+        p for _, p, _, _ in _synthetic(tmp_path, 6, "    prompt_mean: 100\n    length_sigma: 0.3\n")
+    )
+    wide = sorted(
+        p for _, p, _, _ in _synthetic(tmp_path, 6, "    prompt_mean: 100\n    length_sigma: 1.5\n")
+    )
+    assert wide[int(len(wide) * 0.99)] > 3 * narrow[int(len(narrow) * 0.99)]
 
 
 def test_synthetic_prompt_mean_is_honoured(tmp_path: Path) -> None:
@@ -1092,6 +1109,20 @@ def test_explicit_conv_trace_and_synthetic_is_an_error(tmp_path: Path) -> None:
 
 def test_cv_without_gamma_is_a_scenario_error(tmp_path: Path) -> None:
     text = VALID.replace("    duration_s: 10               # 5\n", "    duration_s: 10\n    cv: 2\n")
+    errors = _errors(_write(tmp_path, _unnumbered(text)))
+    assert [key for _, key, _ in errors] == ["workload.synthetic"]
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        "    on_s: 5\n",
+        "    arrival: gamma\n    cv: 2\n    off_rate_fraction: 0.5\n",
+        "    lengths_from: code\n    length_sigma: 2\n",
+    ],
+)
+def test_an_option_without_its_arrival_or_lengths_is_a_scenario_error(tmp_path: Path, extra: str) -> None:
+    text = VALID.replace("    duration_s: 10               # 5\n", "    duration_s: 10\n" + extra)
     errors = _errors(_write(tmp_path, _unnumbered(text)))
     assert [key for _, key, _ in errors] == ["workload.synthetic"]
 

@@ -369,6 +369,44 @@ def test_bursty_arrivals_are_burstier_than_poisson() -> None:
     assert gaps_cv(bursty) > 2 * gaps_cv(poisson)
 
 
+def _per_window(records: list[TraceRecord], width_s: float, duration_s: float) -> list[int]:
+    counts = [0] * int(duration_s / width_s)
+    for r in records:
+        counts[int(r.arrival_s / width_s)] += 1
+    return counts
+
+
+def test_on_off_arrivals_keep_the_mean_rate_and_come_in_bursts() -> None:
+    records = synthetic(
+        rate_rps=20, duration_s=4000, rng=random.Random(2), arrival="onoff", on_s=10, off_s=30
+    )
+    assert len(records) / 4000 == pytest.approx(20, rel=0.1)
+    assert records[0].arrival_s == 0.0
+    assert all(a.arrival_s <= b.arrival_s for a, b in pairwise(records))
+    # 5-second windows: Poisson counts have a dispersion (variance / mean) of 1; bursts make it far larger
+    counts = _per_window(records, 5, 4000)
+    assert statistics.pvariance(counts) / statistics.fmean(counts) > 10
+    # Bursts run at (10 + 30) / (10 + 0.1 * 30) ~ 3.1x the mean rate, the quiet spells at a tenth of that.
+    busy = sorted(counts)
+    assert statistics.fmean(busy[-len(busy) // 8 :]) > 2.5 * 100
+    assert statistics.fmean(busy[: len(busy) // 2]) < 0.5 * 100
+
+
+def test_on_off_with_silent_quiet_spells() -> None:
+    records = synthetic(
+        rate_rps=10,
+        duration_s=2000,
+        rng=random.Random(4),
+        arrival="onoff",
+        on_s=5,
+        off_s=5,
+        off_rate_fraction=0,
+    )
+    assert len(records) / 2000 == pytest.approx(10, rel=0.15)
+    counts = _per_window(records, 1, 2000)
+    assert counts.count(0) > 0.3 * len(counts)  # about half the time is silent
+
+
 def test_synthetic_is_deterministic_per_seed() -> None:
     def make(seed: int) -> list[TraceRecord]:
         return synthetic(rate_rps=5, duration_s=60, rng=random.Random(seed), arrival="gamma", cv=2)
@@ -411,6 +449,10 @@ def test_synthetic_resamples_real_length_pairs() -> None:
         ({"prompt_mean": 0}, "prompt_mean"),
         ({"output_mean": -5}, "output_mean"),
         ({"sigma": -0.1}, "sigma"),
+        ({"arrival": "onoff", "on_s": 0}, "on_s"),
+        ({"arrival": "onoff", "off_s": float("nan")}, "off_s"),
+        ({"arrival": "onoff", "off_rate_fraction": 1.5}, "off_rate_fraction"),
+        ({"arrival": "onoff", "cv": 2.0}, "cv"),
     ],
 )
 def test_synthetic_rejects_bad_parameters(kwargs: dict[str, object], parameter: str) -> None:

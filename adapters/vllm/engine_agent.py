@@ -88,7 +88,7 @@ class VLLMEngineLink:
         self.paused = False
 
     def state(self) -> pb.StateReport:
-        running, waiting, usage, at = self.sched.qlm_snapshot
+        running, waiting, usage, at, pending = self.sched.qlm_snapshot
         steps = []
         while self.sched.qlm_steps:
             s = self.sched.qlm_steps.popleft()
@@ -110,13 +110,17 @@ class VLLMEngineLink:
             kv_blocks_used=int(usage * self.num_blocks),
             kv_blocks_total=self.num_blocks,
             max_num_seqs=int(self.sched.max_num_running_reqs),
+            # the step's token budget and the prefill still to do: a pull hands over only what the
+            # next step can start (vLLM's chunked prefill shares this budget with the decodes)
+            max_num_batched_tokens=int(getattr(self.sched, "max_num_scheduled_tokens", 0) or 0),
+            prefill_tokens_pending=pending,
             step_timings=steps[-256:],
             notes=self.notes,
             now=at,
         )
 
     def free_slots(self) -> int:
-        running, waiting, usage, _ = self.sched.qlm_snapshot
+        running, waiting, usage, _, _ = self.sched.qlm_snapshot
         if self.paused:
             return 0
         return max(0, int(self.sched.max_num_running_reqs) - running - waiting) if usage < 0.95 else 0

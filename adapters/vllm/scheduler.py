@@ -75,12 +75,8 @@ class _QLMMixin:
         }
         self.qlm_overhead_s = 0.0  # time spent in QLM code around vLLM's own scheduling
         self.qlm_step_total_s = 0.0  # time of the steps themselves (from schedule to update_from_output)
-        self.qlm_snapshot: tuple[int, int, float, float] = (
-            0,
-            0,
-            0.0,
-            time.time(),
-        )  # running, waiting, kv, at
+        # running, waiting, kv usage, at, prompt tokens of running requests not computed yet
+        self.qlm_snapshot: tuple[int, int, float, float, int] = (0, 0, 0.0, time.time(), 0)
         self._qlm_step: tuple[float, float, int, int, int] | None = None
         self._qlm_carried: dict[str, float] = {}  # coordinator id -> when its eviction was carried out
         self._qlm_last_began: float | None = None  # the previous step's start, while busy (perf_counter)
@@ -243,7 +239,8 @@ class _QLMMixin:
         if not self.running:
             self._qlm_last_began = None  # idle: the next step's pace starts afresh
         usage = float(self.kv_cache_manager.usage)
-        self.qlm_snapshot = (len(self.running), len(self.waiting), usage, time.time())
+        pending = sum(max(0, r.num_prompt_tokens - r.num_computed_tokens) for r in self.running)
+        self.qlm_snapshot = (len(self.running), len(self.waiting), usage, time.time(), pending)
         if self.qlm_link is not None:
             self.qlm_link.step_done()
         self.qlm_overhead_s += time.perf_counter() - t0

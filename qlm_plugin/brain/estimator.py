@@ -41,6 +41,10 @@ from qlm_plugin.domain.request import Request
 
 #: Memory of the arrival-rate estimates, seconds.
 RATE_MEMORY_S = 10.0
+#: The calibrator band that pools every magnitude of one class and quantity.
+POOLED = 99
+#: The waiting time's standard deviation is at least this fraction of its mean (model error).
+MODEL_CV = 0.5
 #: Window over which the queue's measured drain rate is taken, seconds.
 DRAIN_WINDOW_S = 30.0
 #: Laxity beyond which later TTFT-bound arrivals will overtake a request while it waits.
@@ -340,7 +344,9 @@ class WaitEstimator:
         cost = self._ref_cost.get(r.model)
         prefill = cost.step_s(r.prompt_tokens, 0) if cost else 0.0
         tpot = cost.decode_tpot_s(REFERENCE_BATCH) * scale if cost else 0.0
-        wait_std = math.sqrt(var) * scale / seats * heavy_tail_factor(count)
+        # The spread of the work ahead understates the model's own error (arrivals, the engines'
+        # batching): at least MODEL_CV of the mean, so a near miss is not told P(meet) = 0.
+        wait_std = max(math.sqrt(var) * scale / seats * heavy_tail_factor(count), MODEL_CV * start)
         wait_mean = start + prefill
         done_mean = wait_mean + entry.length.mean * tpot
         done_std = math.sqrt(wait_std * wait_std + entry.length.var * tpot * tpot)
@@ -364,13 +370,25 @@ class WaitEstimator:
 
     def _calibrator(self, slo_class: str, what: str, raw_s: float) -> ResidualCalibrator:
         """The calibrator of a class, quantity and magnitude band of the raw prediction (errors of a
-        0.1 s wait and of a 30 s wait have different causes, so they are corrected apart)."""
-        band = -1 if not math.isfinite(raw_s) else max(-3, min(8, math.floor(math.log2(max(raw_s, 0.05)))))
+        0.1 s wait and of a 30 s wait have different causes, so they are corrected apart); until a
+        band has seen enough outcomes, the class's pooled one over every band."""
+        c = self._band(slo_class, what, self._band_of(raw_s))
+        return c if c.ready else self._band(slo_class, what, POOLED)
+
+    @staticmethod
+    def _band_of(raw_s: float) -> int:
+        return -1 if not math.isfinite(raw_s) else max(-3, min(8, math.floor(math.log2(max(raw_s, 0.05)))))
+
+    def _band(self, slo_class: str, what: str, band: int) -> ResidualCalibrator:
         key = (slo_class, what, band)
         c = self._calib.get(key)
         if c is None:
             c = self._calib[key] = ResidualCalibrator(min_samples=30)
         return c
+
+    def _learn(self, slo_class: str, what: str, raw_s: float, actual_s: float) -> None:
+        self._band(slo_class, what, self._band_of(raw_s)).observe(raw_s, actual_s)
+        self._band(slo_class, what, POOLED).observe(raw_s, actual_s)
 
     # ------------------------------------------------------------------ outcomes
     def admitted(self, request_id: str, now: float, estimate: WaitEstimate) -> None:
@@ -387,11 +405,9 @@ class WaitEstimator:
         raw = self._raw.pop(rid, None)
         if raw is not None and outcome.first_token_time is not None:
             ttft = outcome.first_token_time - r.arrival_time
-            self._calibrator(r.slo_class, "wait", raw[0]).observe(raw[0], ttft)
+            self._learn(r.slo_class, "wait", raw[0], ttft)
             if outcome.finish_time is not None:
-                self._calibrator(r.slo_class, "done", raw[1]).observe(
-                    raw[1], outcome.finish_time - r.arrival_time
-                )
+                self._learn(r.slo_class, "done", raw[1], outcome.finish_time - r.arrival_time)
 
     def accuracy(self) -> dict[str, float]:
         """Predicted (at admission) against measured time to first token: MAPE over waits above

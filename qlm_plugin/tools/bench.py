@@ -613,6 +613,7 @@ def render_section(result: BenchResult, images: dict[str, str] | None = None) ->
             )
         lines.append("")
         lines += queue_manager_table(s.to_dict(), policies, marks)
+        lines += estimator_table(s.to_dict(), policies, marks)
         if s.key in images:
             lines += [f"![{s.key}: SLO attainment against load]({images[s.key]})", ""]
     if result.skipped:
@@ -669,6 +670,39 @@ def queue_manager_table(
         "",
         "| policy | " + " | ".join(titles) + " |",
         "| --- | " + " | ".join("---:" for _ in titles) + " |",
+        *rows,
+        "",
+    ]
+
+
+def estimator_table(scenario: dict[str, Any], policies: Sequence[str], marks: dict[str, str]) -> list[str]:
+    """Per policy and SLO class, how good the waiting-time estimates told at admission were, at
+    base load (:mod:`qlm_plugin.tools.estimates`), for the policies that tell one."""
+    rows = []
+    for p in policies:
+        for cls, e in scenario["policies"][p]["base"].get("estimates", {}).items():
+            if cls == "all":
+                continue
+            mape, bias = e.get("mape"), e.get("bias")
+            full = int(e.get("deciles", 0))
+            cells = [
+                _count(e.get("n", 0)),
+                _count(e.get("n_long", 0)),
+                "-" if mape is None else f"{mape * 100:.0f}%",
+                "-" if bias is None else f"{bias * 100:+.0f}%",
+                "-" if not full else f"{e.get('calibration_gap', 0.0) * 100:.1f} pt ({full})",
+            ]
+            rows.append(f"| {marks.get(p, p)} | {cls} | " + " | ".join(cells) + " |")
+    if not rows:
+        return []
+    return [
+        "Waiting-time estimates told at admission, at base load: error on the waits over 1 s (MAPE; bias",
+        "is the median relative error, + says longer than it turned out), and calibration: the largest",
+        "gap between the P(meet) told and the rate met, over the deciles of P(meet) with at least 50",
+        "requests (how many in brackets).",
+        "",
+        "| policy | class | told | waits > 1 s | MAPE | bias | calibration gap |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
         *rows,
         "",
     ]

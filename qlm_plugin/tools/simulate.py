@@ -70,6 +70,10 @@ def _records(scenario: Scenario, rng: random.Random) -> list[wl.TraceRecord]:
             lengths=lengths,
             prompt_mean=s.prompt_mean,
             output_mean=s.output_mean,
+            sigma=s.length_sigma,
+            on_s=s.on_s,
+            off_s=s.off_s,
+            off_rate_fraction=s.off_rate_fraction,
         )
     else:
         trace = w.trace or "conv"

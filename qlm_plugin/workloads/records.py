@@ -392,7 +392,7 @@ def sample(
 
 # --------------------------------------------------------------------------------------------- synthetic
 
-_ARRIVALS = ("poisson", "gamma")
+_ARRIVALS = ("poisson", "gamma", "onoff")
 
 
 def synthetic(
@@ -406,12 +406,18 @@ def synthetic(
     prompt_mean: float = 1024,
     output_mean: float = 128,
     sigma: float = 1.0,
+    on_s: float = 10.0,
+    off_s: float = 30.0,
+    off_rate_fraction: float = 0.1,
 ) -> list[TraceRecord]:
     """A synthetic workload over ``[0, duration_s)``: first arrival at 0, then i.i.d. gaps of mean 1/rate.
 
     ``arrival="poisson"``: exponential gaps (``cv`` must stay 1). ``arrival="gamma"``: gamma gaps with
     coefficient of variation ``cv`` (shape ``1/cv**2``); ``cv=1`` is Poisson, ``cv > 1`` bursty, ``cv < 1``
-    more regular.
+    more regular. ``arrival="onoff"``: bursts. Poisson arrivals whose rate switches between an on
+    phase and an off phase, with exponentially distributed phase lengths of means ``on_s`` and
+    ``off_s`` (the run starts in a burst); the off rate is ``off_rate_fraction`` of the on rate, and the
+    on rate is set so that the long-run mean stays ``rate_rps``.
 
     Lengths: with ``lengths``, each record takes the (prompt, output) pair of a record drawn from it with
     replacement, which keeps the real joint distribution; else both are lognormal with log-sigma ``sigma``
@@ -424,8 +430,12 @@ def synthetic(
     shape = _check_positive("cv", cv) ** -2
     if arrival not in _ARRIVALS:
         raise ValueError(f"arrival must be one of {', '.join(_ARRIVALS)}, got {arrival!r}")
-    if arrival == "poisson" and cv != 1.0:
+    if arrival != "gamma" and cv != 1.0:
         raise ValueError(f"cv applies to arrival='gamma' only (Poisson gaps have cv 1), got cv={cv!r}")
+    on = _check_positive("on_s", on_s)
+    off = _check_positive("off_s", off_s)
+    if not _is_real(off_rate_fraction) or not 0 <= off_rate_fraction <= 1:
+        raise ValueError(f"off_rate_fraction must be within [0, 1], got {off_rate_fraction!r}")
     pool = None if lengths is None else list(lengths)
     if pool is not None and not pool:
         raise ValueError("lengths must not be empty")
@@ -440,11 +450,13 @@ def synthetic(
 
         def gap() -> float:
             return rng.expovariate(rate)
-    else:
+    elif arrival == "gamma":
         scale = 1.0 / (rate * shape)
 
         def gap() -> float:
             return rng.gammavariate(shape, scale)
+    else:
+        gap = _on_off_gaps(rng, rate, on, off, off_rate_fraction)
 
     records: list[TraceRecord] = []
     t = 0.0
@@ -458,6 +470,31 @@ def synthetic(
         records.append(TraceRecord(t, prompt, output))
         t += gap()
     return records
+
+
+def _on_off_gaps(
+    rng: random.Random, rate: float, on_s: float, off_s: float, off_fraction: float
+) -> Callable[[], float]:
+    """Gaps of a two-phase Markov-modulated Poisson process whose long-run mean rate is ``rate``."""
+    burst = rate * (on_s + off_s) / (on_s + off_fraction * off_s)
+    rates = (burst, burst * off_fraction)
+    means = (on_s, off_s)
+    phase, left = 0, rng.expovariate(1.0 / on_s)
+
+    def gap() -> float:
+        nonlocal phase, left
+        waited = 0.0
+        while True:
+            # Memoryless: a draw cut short by the phase's end is redrawn at the next phase's rate.
+            step = rng.expovariate(rates[phase]) if rates[phase] > 0 else math.inf
+            if step <= left:
+                left -= step
+                return waited + step
+            waited += left
+            phase = 1 - phase
+            left = rng.expovariate(1.0 / means[phase])
+
+    return gap
 
 
 # --------------------------------------------------------------------------------------------- requests

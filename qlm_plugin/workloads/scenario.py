@@ -30,16 +30,25 @@ class _Strict(BaseModel):
 class SyntheticSpec(_Strict):
     rate_rps: float = Field(gt=0)
     duration_s: float = Field(gt=0)
-    arrival: Literal["poisson", "gamma"] = "poisson"
+    arrival: Literal["poisson", "gamma", "onoff"] = "poisson"
     cv: float = Field(default=1.0, gt=0)
+    on_s: float = Field(default=10.0, gt=0)  # onoff: mean burst length
+    off_s: float = Field(default=30.0, gt=0)  # onoff: mean quiet length
+    off_rate_fraction: float = Field(default=0.1, ge=0, le=1)  # onoff: quiet rate / burst rate
     lengths_from: str | None = None  # resample prompt/output lengths from this trace (name or path)
     prompt_mean: float = Field(default=1024, gt=0)
     output_mean: float = Field(default=128, gt=0)
+    length_sigma: float = Field(default=1.0, ge=0)  # log-sigma of the lognormal lengths
 
     @model_validator(mode="after")
-    def _cv_needs_gamma(self) -> SyntheticSpec:
-        if self.arrival == "poisson" and self.cv != 1.0:
+    def _options_need_their_arrival(self) -> SyntheticSpec:
+        if self.arrival != "gamma" and self.cv != 1.0:
             raise ValueError("cv applies to arrival: gamma only (Poisson arrivals have cv 1)")
+        onoff = {"on_s", "off_s", "off_rate_fraction"} & self.model_fields_set
+        if self.arrival != "onoff" and onoff:
+            raise ValueError(f"{', '.join(sorted(onoff))} apply to arrival: onoff only")
+        if self.lengths_from is not None and "length_sigma" in self.model_fields_set:
+            raise ValueError("length_sigma applies to lognormal lengths, not with lengths_from")
         return self
 
 

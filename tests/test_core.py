@@ -80,43 +80,6 @@ def test_an_urgent_request_evicts_batch_work_that_can_afford_it() -> None:
     assert all(o.status is Status.FINISHED and o.output_tokens == o.request.max_tokens for o in out.values())
 
 
-def _batch_started_after_urgent_arrivals(urgent_times: list[float], at: float) -> tuple[int, int]:
-    """Urgent one-token requests at ``urgent_times``, then 4 batch requests at ``at`` on a 4-seat
-    instance: (batch requests started at once, batch requests held back)."""
-    h100 = {"m": cost_model("llama-3.1-8b", "h100", {"max_num_seqs": 4})}
-    qm, _, fleet = _wired([SimInstance("i0", "h100", h100, initial_model="m")])
-    for i, t in enumerate(urgent_times):
-        fleet.advance_to(t)
-        qm.qlm_submit(make_request(f"u{i}", "m", 10, 1, t, ttft_s=1.0, true_output_tokens=1), t)
-    fleet.advance_to(at)
-    batch = DEFAULT_CLASSES["batch"]
-    for i in range(4):
-        qm.qlm_submit(make_request(f"b{i}", "m", 100, 3000, at, slo_class=batch, true_output_tokens=3000), at)
-    started = sum(rid.startswith("b") for rid in qm.fleet.instances["i0"].running)
-    return started, qm.counters["held_back"]
-
-
-def test_seats_are_held_for_urgent_arrivals_only_while_they_keep_coming() -> None:
-    # Two urgent arrivals a second until just now: batch work leaves seats free for the next ones.
-    started, held = _batch_started_after_urgent_arrivals([i * 0.5 for i in range(20)], 10.0)
-    assert started < 4 and held > 0
-    # One urgent request half a minute ago holds nothing back: batch work takes every seat (a
-    # black box whose concurrency is being learned must see its seats used to learn more).
-    started, held = _batch_started_after_urgent_arrivals([0.0], 30.0)
-    assert started == 4 and held == 0
-
-
-def test_the_seat_reserve_is_the_poisson_quantile_of_urgent_arrivals() -> None:
-    from scipy.stats import poisson
-
-    from qlm_plugin.brain.dispatch import poisson_quantile
-
-    for mean in (0.0, 0.01, 0.1, 0.27, 1.0, 2.5, 7.0, 40.0, 99.0, 150.0, 5000.0):
-        for q in (0.5, 0.9, 0.99):
-            expected = int(poisson.ppf(q, mean)) if mean > 0 else 0
-            assert abs(poisson_quantile(mean, q) - expected) <= (1 if mean > 100 else 0), (mean, q)
-
-
 def test_a_request_that_cannot_meet_its_slo_is_flagged_at_admission() -> None:
     h100 = {"m": cost_model("llama-3.1-8b", "h100", {"max_num_seqs": 1})}
     qm, _, fleet = _wired([SimInstance("i0", "h100", h100, initial_model="m")], evict=False)

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from qlm_plugin.brain.waiting_time import (
+    PMeetCalibrator,
     ResidualCalibrator,
     StepCalibrator,
     heavy_tail_factor,
@@ -107,3 +108,15 @@ def test_work_index_sums_what_is_ahead() -> None:
     idx.remove(2.0, 2.0, 0.2, prompt=200)
     assert idx.ahead(5.0)[:2] == (2, pytest.approx(9.0))
     assert idx.count == 3 and idx.work == pytest.approx(13.0)
+
+
+def test_the_p_meet_told_is_the_rate_met_by_requests_told_as_much() -> None:
+    c = PMeetCalibrator()
+    assert c.told(0.3) == 0.3  # nothing seen: the model's own value
+    for i in range(400):  # the model says 0.3; nine in ten of those requests meet their SLO
+        c.observe(0.32, i % 10 != 0)
+    assert abs(c.told(0.35) - 0.9) < 0.03
+    assert c.told(0.95) == 0.95  # another bin, still unseen
+    for _ in range(2000):  # the load changed: now none of them meets
+        c.observe(0.32, False)
+    assert c.told(0.35) < 0.05

@@ -121,6 +121,21 @@ def test_a_waiting_model_that_would_miss_its_deadline_gets_the_instance_now() ->
     assert plan.actions == [LoadModel("i0", "c", "gpu")]
 
 
+def test_no_swap_that_makes_more_work_late_than_it_saves() -> None:
+    # Overload: model a's three groups each just make their deadlines where they are; a warm swap
+    # to c and back (1 s each way, and c's 5 s) would make all three late to save c's one.
+    machines = [machine("i0", "a", models=("a", "c"), warm=("a", "c"))]
+    a_groups = [group(i, "a", 8.0, 2.0 * (i + 1) + 0.5) for i in range(3)]  # 4 seats: 2 s each
+    # c's laxity is the least (it is the most urgent) and it meets its deadline if it goes first
+    urgent_c = GroupStat(("c", "c", 9), "c", ["g9-r"], 20.0, 0.0, 6.5, False, 1.0)
+    plan = Planner(None, None).heuristic([urgent_c, *a_groups], machines, 0.0)  # type: ignore[arg-type]
+    assert plan.actions == [] and "i0" in plan.queues and "g9-r" not in plan.queues["i0"]
+    assert plan.objective == 3.0
+    # The same c group against one of a's: the swap saves as much as it costs, so c goes first.
+    plan = Planner(None, None).heuristic([urgent_c, a_groups[0]], machines, 0.0)  # type: ignore[arg-type]
+    assert plan.actions == [LoadModel("i0", "c", "gpu")]
+
+
 def test_no_swap_when_every_model_is_served() -> None:
     machines = [machine("i0", "a"), machine("i1", "b")]
     groups = [group(0, "a", 5.0, 10.0), group(1, "b", 5.0, 10.0)]

@@ -62,7 +62,7 @@ def dispatcher(*states: InstanceState) -> tuple[Dispatcher, GlobalQueue, FleetVi
     queue = GlobalQueue(costs)
     fleet = FleetView(costs, lambda view, st: None)
     estimator = WaitEstimator(costs, queue, fleet, lambda r, g: LengthDistribution.point(64))
-    d = Dispatcher(queue, fleet, estimator, {"pulls": 0, "steals": 0, "held_back": 0, "stranded_pulls": 0})
+    d = Dispatcher(queue, fleet, estimator, {"pulls": 0, "steals": 0, "stranded_pulls": 0})
     engines = Engines()
     d.hook = engines
     for s in states:

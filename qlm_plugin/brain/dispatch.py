@@ -15,35 +15,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
-from statistics import NormalDist
 from typing import Any
 
 from qlm_plugin.brain.estimator import WaitEstimator
 from qlm_plugin.brain.fleet_view import FleetView, InstanceView
-from qlm_plugin.brain.global_queue import REFERENCE_BATCH, Entry, GlobalQueue
+from qlm_plugin.brain.global_queue import Entry, GlobalQueue
 
 #: A TTFT-bound request binds early to an engine whose own queue is shorter than this.
 EARLY_BIND_MAX_WAITING = 8  # TTFT-bound requests waiting there (batch waiting there does not count)
 #: One pull in this many serves the oldest late request first (no starvation under overload).
 LATE_SHARE = 16
-#: Seats held for TTFT-bound arrivals cover this quantile of those expected within a service time.
-RESERVE_QUANTILE = 0.9
-
-
-def poisson_quantile(mean: float, q: float) -> int:
-    """The smallest k with P(X <= k) >= q for X ~ Poisson(mean) (a short sum: means here are small;
-    scipy's ``poisson.ppf`` costs ~100x more per call on this hot path)."""
-    if mean <= 0:
-        return 0
-    if mean > 100:  # exp(-mean) underflows further on; the normal approximation is close here
-        return math.ceil(mean + NormalDist().inv_cdf(q) * math.sqrt(mean))
-    term = cdf = math.exp(-mean)
-    k = 0
-    while cdf < q:
-        k += 1
-        term *= mean / k
-        cdf += term
-    return k
 
 
 class Dispatcher:
@@ -58,7 +39,6 @@ class Dispatcher:
         estimator: WaitEstimator,
         counters: dict[str, float],
         *,
-        hold_back_batch: bool = True,
         late_list: bool = True,
         step_budget: bool = True,
     ) -> None:
@@ -68,7 +48,6 @@ class Dispatcher:
         self.fleet = fleet
         self.estimator = estimator
         self.counters = counters
-        self.hold_back_batch = hold_back_batch
         self.hook: Any = None
         self.plan_epoch = 0
         self.plan_queues: dict[str, list[str]] = {}  # the last plan's virtual queues
@@ -123,18 +102,6 @@ class Dispatcher:
                 return
 
     # ------------------------------------------------------------------ pulling
-    def interactive_reserve(self, view: InstanceView, model: str, now: float) -> int:
-        """Seats kept free for TTFT-bound arrivals expected on this instance (batch is held back)."""
-        rate = self.estimator.urgent_rates(model, now)[0]
-        cost = view.costs.get(model)
-        if cost is None or rate <= 0:
-            return 0
-        serving = len(self.fleet.serving(model)) or 1
-        mean_service = cost.step_s(1024, 0) + 150 * cost.decode_tpot_s(REFERENCE_BATCH)
-        # Urgent arrivals within a service time are Poisson: hold the seats that take them at once
-        # nine times in ten. One arrival long ago (a decayed rate) holds none: eviction covers it.
-        return poisson_quantile(1.5 * rate / serving * mean_service, RESERVE_QUANTILE)
-
     def pull(self, view: InstanceView, slots: int, now: float) -> None:
         """Hand ``view`` the most urgent requests it can serve (its own virtual queue first in
         urgency order; another instance's only if that one cannot start it now)."""
@@ -147,9 +114,6 @@ class Dispatcher:
             return
         entries = self.queue.entries
         s = view.state
-        seats = s.max_num_seqs if s is not None else slots
-        running_batch = view.running_batch
-        reserve = self.interactive_reserve(view, model, now) if self.hold_back_batch else 0
         # Requests past their deadline go to the late list: they still run, after all that can meet.
         while self.late_list and q.order and doomed(entries[q.order[0][1]], now):
             _, rid = q.order.pop(0)
@@ -176,14 +140,6 @@ class Dispatcher:
             if taken and blocks > kv_free:
                 break
             kv_free -= blocks
-            if e.request.slo.ttft_deadline is None and reserve:
-                urgent = e.key[0] - now < 3 * e.service_s
-                # The reserve never takes the last seat: an engine with few seats (a black box
-                # whose concurrency is being learned) must still run batch work.
-                if not urgent and running_batch + 1 > max(1, seats - reserve):
-                    self.counters["held_back"] += 1
-                    break  # the rest is batch too (interactive keys sort first)
-                running_batch += 1
             prefill_free -= e.request.prompt_tokens
             taken.append(e)
         for rid in list(q.late):
@@ -300,7 +256,6 @@ class Dispatcher:
         e.instance = e.planned = view.instance_id
         e.dispatched_at = now
         view.running[e.request.id] = e
-        view.running_batch += e.request.slo.ttft_deadline is None
         self.estimator.started(e, now)
         self.counters["pulls"] += 1
         self.fleet.count_running(view, +1, e.request.prompt_tokens)
@@ -311,7 +266,6 @@ class Dispatcher:
         self.bound_early.pop(e.request.id, None)
         view = self.fleet.instances.get(e.instance) if e.instance is not None else None
         if view is not None and view.running.pop(e.request.id, None) is not None:
-            view.running_batch -= e.request.slo.ttft_deadline is None
             self.fleet.count_running(view, -1)
 
     def forget_instance(self, instance_id: str) -> None:

@@ -17,6 +17,7 @@ empirical P(meet)). Thread safety: none; one event loop owns it.
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import math
 from collections import deque
 from collections.abc import Callable, Mapping
@@ -27,6 +28,7 @@ import numpy as np
 from qlm_plugin.brain.fleet_view import FleetView, InstanceView
 from qlm_plugin.brain.global_queue import REFERENCE_BATCH, Entry, GlobalQueue
 from qlm_plugin.brain.waiting_time import (
+    PMeetCalibrator,
     ResidualCalibrator,
     StepCalibrator,
     heavy_tail_factor,
@@ -106,6 +108,8 @@ class WaitEstimator:
         self._finishing: dict[str, list[tuple[float, str]]] = {}
         self._calib: dict[tuple[str, str, int], ResidualCalibrator] = {}
         self._raw: dict[str, tuple[float, float]] = {}  # id -> raw model (wait, completion) predictions
+        self._told: dict[str, PMeetCalibrator] = {}  # per class: the P(meet) clients are told
+        self._p_model: dict[str, float] = {}  # id -> the model's P(meet) at admission
         # (request id, admitted at, predicted wait, p_meet): scored when the request finishes
         self.wait_log: deque[tuple[str, float, float, float]] = deque(maxlen=200_000)
         self._ttft: dict[str, float] = {}
@@ -390,10 +394,21 @@ class WaitEstimator:
         self._band(slo_class, what, self._band_of(raw_s)).observe(raw_s, actual_s)
         self._band(slo_class, what, POOLED).observe(raw_s, actual_s)
 
+    def told(self, request: Request, estimate: WaitEstimate) -> WaitEstimate:
+        """The estimate as told to a client: its P(meet) calibrated against how often requests of
+        the class told as much met their SLO lately (the queue manager acts on the model's own
+        P(meet), whose thresholds it was tuned on; a client and admission control get the rate)."""
+        c = self._told.get(request.slo_class)
+        if c is None:
+            c = self._told[request.slo_class] = PMeetCalibrator()
+        return dataclasses.replace(estimate, p_meet=c.told(estimate.p_meet))
+
     # ------------------------------------------------------------------ outcomes
-    def admitted(self, request_id: str, now: float, estimate: WaitEstimate) -> None:
-        """The estimate a request was admitted with, scored when it finishes."""
+    def admitted(self, request_id: str, now: float, estimate: WaitEstimate, p_model: float) -> None:
+        """The estimate a request was admitted with (as told), scored when it finishes, and the
+        model's own P(meet), to calibrate the next ones."""
         self.wait_log.append((request_id, now, estimate.wait_mean_s, estimate.p_meet))
+        self._p_model[request_id] = p_model
 
     def observe(self, outcome: RequestOutcome) -> None:
         """A request ended: calibrate the estimates made at its admission against what happened."""
@@ -402,6 +417,10 @@ class WaitEstimator:
             self._ttft[rid] = outcome.first_token_time - outcome.request.arrival_time
         r = outcome.request
         self._met[rid] = outcome.met_ttft() if r.slo.ttft_deadline is not None else outcome.met_slo()
+        p_model = self._p_model.pop(rid, None)
+        c = self._told.get(r.slo_class)
+        if p_model is not None and c is not None:
+            c.observe(p_model, outcome.met_slo())
         raw = self._raw.pop(rid, None)
         if raw is not None and outcome.first_token_time is not None:
             ttft = outcome.first_token_time - r.arrival_time

@@ -32,7 +32,6 @@ class InstanceView:
     state: InstanceState | None = None
     running: dict[str, Entry] = field(default_factory=dict)  # dispatched here, not finished
     switched_at: float = -math.inf
-    running_batch: int = 0  # running requests without a TTFT SLO
     failed_loads: dict[str, float] = field(default_factory=dict)  # model -> not loaded here again until
 
     def can_load(self, model: str, now: float) -> bool:

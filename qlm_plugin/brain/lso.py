@@ -36,7 +36,6 @@ class LSOExecutor:
         counters: dict[str, float],
         *,
         evict: bool = True,
-        hold_back_batch: bool = True,
         late_list: bool = True,
         step_budget: bool = True,
         min_model_residency_s: float = 30.0,
@@ -48,7 +47,6 @@ class LSOExecutor:
             fleet,
             estimator,
             counters,
-            hold_back_batch=hold_back_batch,
             late_list=late_list,
             step_budget=step_budget,
         )

@@ -36,6 +36,9 @@ from qlm_plugin.domain.plan import LoadModel, Plan
 from qlm_plugin.domain.request import Request
 from qlm_plugin.hooks import hookimpl
 
+#: How many of the next groups a swap's cost is weighed over (the plan is rebuilt every tick).
+SWAP_LOOKAHEAD_GROUPS = 64
+
 
 @dataclass(slots=True)
 class GroupStat:
@@ -59,6 +62,11 @@ class Machine:
     load_s: dict[str, float]  # model -> load time here (warm or cold)
     costs: frozenset[str]  # models it can serve
     drain_s: float = 0.0  # before a swap, its running work must finish: about one request's service
+
+
+def _meets(g: GroupStat, start: float, end: float) -> bool:
+    """Whether a group started at ``start`` and done at ``end`` meets its binding deadline."""
+    return (start if g.ttft_bound else end) <= g.deadline
 
 
 def _ready_at(m: Machine, model: str, now: float) -> float:
@@ -167,7 +175,8 @@ class Planner:
         load, warm or cold). So swaps are batched where they are dear, and made early where a
         model's urgent work would otherwise wait behind another model's slack work. An instance
         whose virtual queue starts with another model's group is ordered to swap now; models it
-        serves later are staged in host memory (warm start)."""
+        serves later are staged in host memory (warm start). A swap that would make more of the
+        served model's work late than it saves is not made (overload): that group stays unplanned."""
         plan = Plan(solver="heuristic")
         clock = {m.instance_id: max(now, m.busy_until) for m in machines}
         model = {m.instance_id: m.serving for m in machines}
@@ -192,6 +201,8 @@ class Planner:
 
             end, switch, iid = min(options)
             m = next(mm for mm in machines if mm.instance_id == iid)
+            if switch and self._swap_loses(groups, i, placed, m, model, clock[iid], end - clock[iid]):
+                continue  # unplanned: it waits for a swap that pays, or for the late list
             if switch:
                 if iid not in plan.queues:  # the head of its virtual queue: swap now
                     plan.actions.append(LoadModel(iid, g.model, target="gpu"))
@@ -228,10 +239,38 @@ class Planner:
             for b, b_start, b_end in batch:
                 plan.queues.setdefault(iid, []).extend(b.ids)
                 plan.groups.setdefault(iid, []).append(b.key)
-                if (b_start if b.ttft_bound else b_end) <= b.deadline:
+                if _meets(b, b_start, b_end):
                     objective += b.weight
         plan.objective = objective
         return plan
+
+    @staticmethod
+    def _swap_loses(
+        groups: Sequence[GroupStat],
+        i: int,
+        placed: set[int],
+        m: Machine,
+        model: dict[str, str | None],
+        clock: float,
+        delay: float,
+    ) -> bool:
+        """Whether swapping ``m`` to group ``i``'s model costs more SLOs than it wins: the weight of
+        the groups of the model it serves now (and that no other instance serves) that would meet
+        their deadline there without the swap but not after it, and a swap back, against group
+        ``i``'s weight. In overload this keeps an engine on the work it can still finish in time."""
+        current = model[m.instance_id]
+        if current is None or sum(v == current for v in model.values()) > 1:
+            return False
+        delay += m.load_s.get(current, 0.0)  # and the swap back
+        t, lost = clock, 0.0
+        for j in range(i + 1, min(len(groups), i + 1 + SWAP_LOOKAHEAD_GROUPS)):
+            h = groups[j]
+            if j in placed or h.model != current:  # placed ones are timed into ``clock`` already
+                continue
+            start, t = t, t + h.seat_s / m.seats
+            if _meets(h, start, t) and not _meets(h, start + delay, t + delay):
+                lost += h.weight
+        return lost > groups[i].weight
 
     # ------------------------------------------------------------------ exact
     def milp(self, groups: Sequence[GroupStat], machines: Sequence[Machine], now: float) -> Plan | None:

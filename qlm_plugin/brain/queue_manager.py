@@ -55,7 +55,6 @@ class QueueManager:
         replan_interval_s: float = 1.0,
         min_model_residency_s: float = 30.0,
         evict: bool = True,
-        hold_back_batch: bool = True,
         early_binding: bool = True,
         late_list: bool = True,
         step_budget: bool = True,
@@ -86,7 +85,6 @@ class QueueManager:
             "replans": 0,
             "milp_plans": 0,
             "prefetches": 0,
-            "held_back": 0,
             "lso_failed": 0,
             "stranded_pulls": 0,
             "refused": 0,
@@ -104,7 +102,6 @@ class QueueManager:
             self.estimator,
             self.counters,
             evict=evict,
-            hold_back_batch=hold_back_batch,
             late_list=late_list,
             step_budget=step_budget,
             min_model_residency_s=min_model_residency_s,
@@ -215,9 +212,12 @@ class QueueManager:
             self._queue(entry, now)
             return Admission(request.id, True, True, entry.planned)
         est: WaitEstimate = self._hook.qlm_estimate_wait(request=request, now=now)
+        # What the client and admission control get: the P(meet) calibrated against outcomes. The
+        # queue manager's own decisions below act on the model's.
+        told = self.estimator.told(request, est)
         # (the queue manager's own admission when no plugin answers, as when it is wired alone)
-        verdict = self._hook.qlm_admit(request=request, estimate=est, now=now) or self.admission.qlm_admit(
-            request, est, now
+        verdict = self._hook.qlm_admit(request=request, estimate=told, now=now) or self.admission.qlm_admit(
+            request, told, now
         )
         flagged = not verdict.can_meet_slo
         # Eviction first: a request an eviction can serve in time is not refused.
@@ -229,23 +229,24 @@ class QueueManager:
         ):
             # Handed to an engine with a seat made for it: it starts at the next step.
             after = self.estimator.estimate(entry, now)
-            self.estimator.admitted(request.id, now, after)
-            return Admission(request.id, True, True, entry.instance, after.wait_mean_s, after.p_meet)
+            told = self.estimator.told(request, after)
+            self.estimator.admitted(request.id, now, told, after.p_meet)
+            return Admission(request.id, True, True, entry.instance, told.wait_mean_s, told.p_meet)
         if not verdict.accepted and self.refuse_at_admission:
             del self.queue.entries[request.id]
             self.counters["refused"] += 1
             return verdict
         if flagged:
             self.counters["flagged"] += 1
-        self.estimator.admitted(request.id, now, est)
+        self.estimator.admitted(request.id, now, told, est.p_meet)
         self._queue(entry, now)
         return Admission(
             request.id,
             True,
             not flagged,
             entry.planned,
-            est.wait_mean_s,
-            est.p_meet,
+            told.wait_mean_s,
+            told.p_meet,
             reason=verdict.reason,
         )
 

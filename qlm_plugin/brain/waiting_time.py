@@ -192,3 +192,36 @@ class ResidualCalibrator:
             return 0.0
         threshold = math.log((budget_s + 0.05) / (predicted_s + 0.05))
         return bisect.bisect_right(self._sorted, threshold) / len(self._sorted)
+
+
+class PMeetCalibrator:
+    """Online calibration of a probability of meeting an SLO (reliability binning): the model's
+    P(meet) falls in one of ``bins`` equal bins, and what is told is the rate at which requests told
+    that bin's P(meet) lately met their SLO, shrunk towards the model's own value while the bin has
+    few outcomes. Recent outcomes weigh most (each bin forgets with a memory of ``memory`` outcomes),
+    so it follows a load that changes. Not thread-safe: one per estimator, used under its lock."""
+
+    def __init__(self, bins: int = 10, memory: float = 300.0, prior_weight: float = 10.0) -> None:
+        self.bins = bins
+        self.keep = 1.0 - 1.0 / memory
+        self.prior_weight = prior_weight
+        self._n = [0.0] * bins
+        self._met = [0.0] * bins
+
+    def _bin(self, p: float) -> int:
+        return min(self.bins - 1, max(0, int(p * self.bins)))
+
+    def observe(self, p_model: float, met: bool) -> None:
+        if not math.isfinite(p_model):
+            return
+        b = self._bin(p_model)
+        self._n[b] = self._n[b] * self.keep + 1.0
+        self._met[b] = self._met[b] * self.keep + float(met)
+
+    def told(self, p_model: float) -> float:
+        """The calibrated P(meet) for a model's ``p_model``."""
+        if not math.isfinite(p_model):
+            return p_model
+        b = self._bin(p_model)
+        k = self.prior_weight
+        return (self._met[b] + k * p_model) / (self._n[b] + k)

@@ -631,7 +631,6 @@ QM_COLUMNS = (
     ("swaps_ordered", "model swaps ordered"),
     ("prefetches", "weights staged (warm start)"),
     ("flagged", "flagged at admission"),
-    ("held_back", "batch held back"),
     ("replans", "replans"),
     ("milp_plans", "of them MILP"),
 )

@@ -199,7 +199,7 @@ class PMeetCalibrator:
     P(meet) falls in one of ``bins`` equal bins, and what is told is the rate at which requests told
     that bin's P(meet) lately met their SLO, shrunk towards the model's own value while the bin has
     few outcomes. Recent outcomes weigh most (each bin forgets with a memory of ``memory`` outcomes),
-    so it follows a load that changes. Not thread-safe: one per estimator, used under its lock."""
+    so it follows a load that changes. Not thread-safe: one per class, owned by its estimator's loop."""
 
     def __init__(self, bins: int = 10, memory: float = 300.0, prior_weight: float = 10.0) -> None:
         self.bins = bins

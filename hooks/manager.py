@@ -104,18 +104,23 @@ def load_entrypoint_plugins(pm: pluggy.PluginManager, adapters: Iterable[str] = 
     return loaded
 
 
-def get_plugin_manager(*, autoload: bool = True, adapters: Iterable[str] = ()) -> PluginManager:
+def get_plugin_manager(
+    *, autoload: bool = True, adapters: Iterable[str] = (), plugins: Iterable[tuple[str, object]] = ()
+) -> PluginManager:
     """A new plugin manager with the hook specs and the built-in policy plugins registered.
 
     With ``autoload`` (and unless ``QLM_DISABLE_PLUGIN_AUTOLOAD`` is set), third-party plugins from
     the ``qlm`` entry-point group are registered too, after the built-ins, so their firstresult
     implementations take precedence. Installed adapters serve the run only if named in
-    ``adapters`` or ``QLM_ADAPTERS``.
+    ``adapters`` or ``QLM_ADAPTERS``. ``plugins`` (name, plugin) are registered after the built-ins
+    and before the third-party plugins, which so override them (an engine's own roles).
     """
     pm = PluginManager()
     pm.add_hookspecs(hookspecs)
     for name, module, factory in BUILTIN_PLUGINS:
         pm.register(getattr(importlib.import_module(module), factory)(), name=name)
+    for name, plugin in plugins:
+        pm.register(plugin, name=name)
     if autoload and not _autoload_disabled():
         load_entrypoint_plugins(pm, adapters)
     return pm

@@ -71,3 +71,23 @@ def test_a_prompt_of_token_ids_is_sent_as_ids_and_resumes_after_the_delivered_id
     assert request_body(job, 2, "m", resume_ids=[40, 41])["prompt"] == [5, 6, 7, 40, 41]
     job.prompt_ids, job.output_ids = [1, 5, 6, 7], [40, 41]  # the engine's own ids, kept by the forward
     assert request_body(job, 2, "m")["prompt"] == [1, 5, 6, 7, 40, 41]
+
+
+def test_the_queue_managers_predicted_length_reaches_the_engine_which_uses_it_until_its_own_is_warm() -> None:
+    from qlm_plugin.adapters.vllm.engine_brain import EngineBrain
+    from qlm_plugin.domain.distributions import LengthDistribution
+
+    predicted = LengthDistribution(60.0, 900.0, ((0.5, 50.0), (0.9, 110.0), (0.99, 200.0)))
+    xargs = request_body(_job(ttft_s=None, e2e_s=60.0), 1, "m", predicted=predicted)["vllm_xargs"]
+    assert (xargs["qlm_predicted_tokens"], xargs["qlm_predicted_q90"]) == (50.0, 110.0)
+    fields = parse_fields(xargs, priority=0, arrival_time=time.time())
+    engine = EngineBrain("m", "e0", autoload=False)
+
+    class Arrived:
+        request_id, arrival_time, num_prompt_tokens, num_output_tokens = "r1", time.time(), 10, 0
+        num_computed_tokens, max_tokens, priority = 0, 100, 0
+
+    engine.admit(Arrived(), fields, time.time())
+    told = engine.policy.predict(engine.requests["r1"], 0)
+    assert (told.quantile(0.5), told.quantile(0.9)) == (50.0, 100.0)  # q90 clipped to max_tokens
+    assert "qlm_predicted_tokens" not in request_body(_job(ttft_s=None, e2e_s=60.0), 1, "m")["vllm_xargs"]

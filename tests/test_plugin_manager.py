@@ -39,7 +39,7 @@ ADAPTERS_ENV = qlm_hooks.ADAPTERS_ENV
 policy_registry = policies_registry.policy_registry
 
 BUILTINS = {"qlm-defaults", "qlm-baselines"}
-BUILTIN_POLICIES = ["fcfs", "edf", "edf-shed", "priority", "qlm", "oracle"]
+BUILTIN_POLICIES = ["fcfs", "edf", "edf-shed", "priority", "qlm", "oracle", "qlm-engine"]
 MANAGER_LOGGER = "qlm_plugin.hooks.manager"
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

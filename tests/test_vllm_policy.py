@@ -1,23 +1,19 @@
-"""The vLLM adapter's in-engine policy and request fields, on plain request objects with a fake
-clock (no engine); and the plugin entry point's version guard."""
+"""The brain inside vLLM's scheduler (the engine's plugin manager and roles) and the request fields,
+on plain request objects with a fake clock (no engine); and the plugin entry point's version guard."""
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
-from typing import Any
 
 import pytest
 
 from qlm_plugin.adapters.vllm import UnsupportedVLLMError, check_vllm, register
+from qlm_plugin.adapters.vllm.engine_brain import EngineBrain, RankedQueue, _Rank
 from qlm_plugin.adapters.vllm.fields import QLMFields, parse_fields
-from qlm_plugin.adapters.vllm.policy import (
-    DEFAULT_SLACK_S,
-    EvictionOrder,
-    InEnginePolicy,
-    SeatsGiven,
-    order_action,
-)
+from qlm_plugin.adapters.vllm.orders import EvictionOrder, SeatsGiven, order_action
+from qlm_plugin.brain.local_policy import LocalPolicy
+from qlm_plugin.domain.request import Request
+from qlm_plugin.hooks import hookimpl
 
 NOW = 1_000.0
 
@@ -29,6 +25,8 @@ class Req:
     num_output_tokens: int = 0
     max_tokens: int = 256
     num_prompt_tokens: int = 32
+    num_computed_tokens: int = 0
+    priority: int = 0
 
 
 def test_fields_from_vllm_xargs_and_nested_extra_args() -> None:
@@ -45,7 +43,7 @@ def test_fields_from_vllm_xargs_and_nested_extra_args() -> None:
         priority=3,
         arrival_time=NOW,
     )
-    assert f == QLMFields("r1", 2, "interactive", NOW + 1, None, "acme", 40.0, 3)
+    assert f == QLMFields("r1", 2, "interactive", NOW + 1, None, "acme", 40.0, None, 3)
     rel = parse_fields({"qlm": {"ttft_ms": 500, "e2e_ms": 9000}}, priority=0, arrival_time=NOW)
     assert (rel.ttft_deadline, rel.e2e_deadline) == (NOW + 0.5, NOW + 9.0)
     junk = parse_fields(
@@ -55,74 +53,230 @@ def test_fields_from_vllm_xargs_and_nested_extra_args() -> None:
     assert not parse_fields(None, priority=0, arrival_time=NOW).has_slo
 
 
-def test_waiting_order_puts_ttft_bound_before_batch_and_no_slo_last() -> None:
-    p = InEnginePolicy(epoch=NOW, step_s=0.02)
-    interactive = (Req("i"), QLMFields(ttft_deadline=NOW + 1.0))
-    batch_tight = (Req("b1"), QLMFields(e2e_deadline=NOW + 10.0))  # 256 tokens * 20 ms = 5.1 s of work
-    batch_loose = (Req("b2"), QLMFields(e2e_deadline=NOW + 600.0))
-    plain = (Req("p"), QLMFields())
-    plain_urgent = (Req("p0"), QLMFields(priority=-5))
-    ranks = {
-        r.request_id: p.rank(r, f) for r, f in (interactive, batch_tight, batch_loose, plain, plain_urgent)
-    }
-    assert sorted(ranks, key=ranks.__getitem__) == ["i", "b1", "p0", "p", "b2"]
-    assert p.urgency(*plain) == NOW + DEFAULT_SLACK_S
-    assert isinstance(ranks["i"], int)  # vLLM's priority is an int
+def brain() -> EngineBrain:
+    """The engine's brain as the scheduler builds it, without third-party plugins."""
+    return EngineBrain("tiny", "engine-0", autoload=False)
 
 
-def _lookup(pairs: list[tuple[Req, QLMFields]]) -> tuple[list[Req], Any]:
-    table = {r.request_id: f for r, f in pairs}
-    return [r for r, _ in pairs], table.__getitem__
+def admitted(b: EngineBrain, pairs: list[tuple[Req, QLMFields]]) -> list[Req]:
+    for r, f in pairs:
+        b.admit(r, f, NOW)
+    return [r for r, _ in pairs]
 
 
-def test_no_eviction_while_a_seat_frees_in_time() -> None:
-    p = InEnginePolicy(epoch=NOW, step_s=0.02)
-    head, urgent = Req("i"), QLMFields(ttft_deadline=NOW + 1.0)
-    running, fields = _lookup(
-        [(Req(f"b{k}", num_output_tokens=250), QLMFields()) for k in range(8)]
-    )  # 6 left
-    assert p.choose_eviction(head, urgent, running, fields, NOW, seats=8) is None
-    assert p.choose_eviction(head, urgent, running[:7], fields, NOW, seats=8) is None  # a free seat
-
-
-def test_eviction_only_when_the_ttft_would_be_missed_and_of_the_one_with_most_slack() -> None:
-    p = InEnginePolicy(epoch=NOW, step_s=0.02)
-    urgent = QLMFields(ttft_deadline=NOW + 1.0)
-    pairs = [
-        (
-            Req("tight", num_output_tokens=10),
-            QLMFields(e2e_deadline=NOW + 6.0),
-        ),  # 5 s of work left, 1 s slack
-        (Req("loose", num_output_tokens=10), QLMFields(e2e_deadline=NOW + 600.0)),
-        (Req("none", num_output_tokens=10, arrival_time=NOW - 5), QLMFields()),  # no SLO: infinite slack
-        (
-            Req("urgent", num_output_tokens=0, max_tokens=4096),
-            QLMFields(ttft_deadline=NOW + 0.5),
-        ),  # no victim
-    ]
-    running, fields = _lookup(pairs)
-    choice = p.choose_eviction(Req("i"), urgent, running, fields, NOW, seats=4)
-    assert choice is not None and choice.request_id == "none"
-    assert p.slack(*pairs[2], NOW) == math.inf
-    # Already too late: evicting would waste work for nothing.
-    late = QLMFields(ttft_deadline=NOW - 0.1)
-    assert p.choose_eviction(Req("i"), late, running, fields, NOW, seats=4) is None
-    # No TTFT SLO at the head: never evict.
-    assert p.choose_eviction(Req("b"), QLMFields(e2e_deadline=NOW + 5), running, fields, NOW, seats=4) is None
-    # Nobody can afford it: no eviction.
-    tight, tight_fields = _lookup(
-        [(Req(f"t{k}", num_output_tokens=10), QLMFields(e2e_deadline=NOW + 4.95)) for k in range(2)]
+def test_waiting_order_puts_ttft_bound_before_batch_and_a_preempted_request_keeps_its_rank() -> None:
+    b = brain()
+    reqs = admitted(
+        b,
+        [
+            (Req("b2"), QLMFields(e2e_deadline=NOW + 600.0)),
+            (Req("p"), QLMFields()),  # no SLO: due a minute after its virtual finish
+            (Req("p0"), QLMFields(priority=-5)),  # the client's priority moves it up
+            (Req("b1"), QLMFields(e2e_deadline=NOW + 10.0)),
+            (Req("i", arrival_time=NOW + 0.5), QLMFields(ttft_deadline=NOW + 1.5)),
+        ],
     )
-    assert p.choose_eviction(Req("i"), urgent, tight, tight_fields, NOW, seats=2) is None
+    q = RankedQueue(b.key)
+    for r in reqs:
+        q.add_request(r)
+    assert [r.request_id for r in q] == ["i", "b1", "p0", "p", "b2"]
+    head = q.pop_request()
+    q.prepend_request(head)  # preempted: back with the rank it had, not behind the others
+    assert q.peek_request().request_id == "i" and len(q) == 5
+    q.remove_requests([reqs[0], reqs[1]])
+    assert [r.request_id for r in q] == ["i", "b1", "p0"]
+
+
+def test_requests_without_slo_go_shortest_predicted_first_and_a_long_one_ages() -> None:
+    """ALISE's order with aging: the engine's predictor, once it has seen each class's lengths,
+    puts the short class first; a long request that waited its own service time goes before a
+    short one that comes after that."""
+    b = brain()
+    b.policy.step_s = 0.02
+    for k in range(40):  # finished requests teach the predictor: "short" ~10 tokens, "long" ~400
+        for cls, n in (("short", 10), ("long", 400)):
+            r = Req(f"{cls}-done-{k}", max_tokens=512)
+            b.admit(r, QLMFields(slo_class=cls), NOW)
+            r.num_output_tokens = n
+            b.finished(r, True, NOW)
+    long_r, short_r = Req("long", max_tokens=512), Req("short", arrival_time=NOW + 1, max_tokens=512)
+    admitted(b, [(long_r, QLMFields(slo_class="long")), (short_r, QLMFields(slo_class="short"))])
+    assert _Rank(b.key(short_r)) < _Rank(b.key(long_r))  # 0.2 s of work goes before 8 s
+    late = Req("short-late", arrival_time=NOW + 9, max_tokens=512)  # the long one waited its 8 s
+    admitted(b, [(late, QLMFields(slo_class="short"))])
+    assert _Rank(b.key(long_r)) < _Rank(b.key(late))
+
+
+def test_the_coordinators_prediction_stands_in_until_the_engine_knows_the_class() -> None:
+    b = brain()
+    r = Req("r", max_tokens=512)
+    b.admit(r, QLMFields(slo_class="chat", predicted_tokens=40, predicted_q90=90), NOW)
+    dist = b.policy.predict(b.requests["r"], 0)
+    assert dist.quantile(0.5) == pytest.approx(40) and dist.quantile(0.9) == pytest.approx(90)
+    assert b.policy.predict(b.requests["r"], 30).quantile(0.5) == pytest.approx(10)  # less what ran
+    for k in range(40):  # the engine's own lengths for the class: 200 tokens
+        done = Req(f"d{k}", max_tokens=512)
+        b.admit(done, QLMFields(slo_class="chat"), NOW)
+        done.num_output_tokens = 200
+        b.finished(done, True, NOW)
+    assert b.policy.predict(b.requests["r"], 0).quantile(0.5) == pytest.approx(200)
+    aborted = Req("a", max_tokens=512)
+    b.admit(aborted, QLMFields(slo_class="other"), NOW)
+    aborted.num_output_tokens = 3
+    b.finished(aborted, False, NOW)  # an aborted request teaches nothing: "other" has no lengths
+    assert b.predictor.source(Request("x", "tiny", 32, 512, NOW, slo_class="other")) == "model"
+
+
+def test_no_seat_eviction_while_a_seat_frees_in_time() -> None:
+    b = brain()
+    b.policy.step_s = 0.02
+    head = admitted(b, [(Req("i"), QLMFields(ttft_deadline=NOW + 1.0))])[0]
+    running = admitted(
+        b,
+        [
+            (Req(f"b{k}", num_output_tokens=250, num_computed_tokens=282), QLMFields(slo_class="b"))
+            for k in range(8)
+        ],
+    )
+    for k in range(40):  # the predictor learns these run 256 tokens: 6 left
+        done = Req(f"d{k}")
+        b.admit(done, QLMFields(slo_class="b"), NOW)
+        done.num_output_tokens = 256
+        b.finished(done, True, NOW)
+    assert b.seat_for([head], running, 8, NOW) is None
+    assert b.seat_for([head], running[:7], 8, NOW) is None  # a free seat
+
+
+def test_a_seat_is_taken_only_to_meet_a_ttft_from_a_request_that_still_meets_its_own_slo() -> None:
+    """Among the running requests that still meet their SLO after a recompute, the one with the
+    least work to redo; an urgent request before its first token never gives way."""
+    b = brain()
+    b.policy.step_s = 0.02
+    urgent = admitted(b, [(Req("i"), QLMFields(ttft_deadline=NOW + 1.0))])[0]
+    running = admitted(
+        b,
+        [
+            # 5 s of work left at the 90th percentile of a 256-token prior... and 1 s of slack: too tight
+            (Req("tight", num_output_tokens=10, num_computed_tokens=42), QLMFields(e2e_deadline=NOW + 3.0)),
+            (
+                Req("loose-big", num_output_tokens=200, num_computed_tokens=232),
+                QLMFields(e2e_deadline=NOW + 600),
+            ),
+            (
+                Req("loose-small", num_output_tokens=20, num_computed_tokens=52),
+                QLMFields(e2e_deadline=NOW + 600),
+            ),
+            (Req("urgent", num_output_tokens=0, max_tokens=4096), QLMFields(ttft_deadline=NOW + 0.5)),
+        ],
+    )
+    found = b.seat_for([urgent], running, 4, NOW)
+    assert found is not None and found[0].request_id == "loose-small"  # least work to redo
+    # Already too late: evicting would waste work for nothing.
+    late = admitted(b, [(Req("late"), QLMFields(ttft_deadline=NOW - 0.1))])[0]
+    assert b.seat_for([late], running, 4, NOW) is None
+    # No TTFT SLO at the head: never evict.
+    plain = admitted(b, [(Req("b"), QLMFields(e2e_deadline=NOW + 5))])[0]
+    assert b.seat_for([plain], running, 4, NOW) is None
+    # Nobody can afford it: no eviction.
+    tight = admitted(
+        b, [(Req(f"t{k}", num_output_tokens=10), QLMFields(e2e_deadline=NOW + 2.0)) for k in range(2)]
+    )
+    urgent2 = admitted(b, [(Req("i2"), QLMFields(ttft_deadline=NOW + 1.0))])[0]
+    assert b.seat_for([urgent2], tight, 2, NOW) is None
+
+
+def test_a_burst_of_urgent_requests_gets_the_seats_it_needs_not_one() -> None:
+    """Four interactive requests arrive together at an engine whose 4 seats run batch work that
+    frees a seat every second or so: the first two get seats in time (the second the one the first
+    frees after its 16 tokens), the third would not, so a seat is freed for it, by a request that
+    would not have finished in time anyway."""
+    b = brain()
+    b.policy.step_s = 0.02
+    for k in range(40):  # the engine knows its batch requests run 256 tokens, interactive ones 16
+        for cls, n in (("batch", 256), ("interactive", 16)):
+            done = Req(f"{cls}-{k}")
+            b.admit(done, QLMFields(slo_class=cls), NOW)
+            done.num_output_tokens = n
+            b.finished(done, True, NOW)
+    running = admitted(
+        b,
+        [
+            (
+                Req(f"b{k}", num_output_tokens=226 - 50 * k, num_computed_tokens=250),
+                QLMFields("q", 0, "batch", None, NOW + 600),
+            )
+            for k in range(4)
+        ],
+    )  # seats free in 0.6, 1.6, 2.6 and 3.6 s
+    burst = admitted(
+        b,
+        [
+            (
+                Req(f"i{k}", arrival_time=NOW + k * 1e-3),
+                QLMFields(slo_class="interactive", ttft_deadline=NOW + 1.0),
+            )
+            for k in range(4)
+        ],
+    )
+    found = b.seat_for(burst, running, 4, NOW)
+    assert found is not None and found[1].for_request == "i2" and found[0].request_id != "b0"
+    assert b.seat_for(burst[:1], running, 4, NOW) is None  # alone, the first seat is in time
+    assert b.seat_for(burst, running, 4, NOW, given=lambda rid: rid != "i0") is None  # the rest have seats
+
+
+def test_kv_victims_follow_qlm_select_victim_then_the_least_urgent() -> None:
+    b = brain()
+    running = admitted(
+        b,
+        [
+            (Req("i", num_output_tokens=0, num_computed_tokens=30), QLMFields(ttft_deadline=NOW + 1.0)),
+            (Req("big", num_output_tokens=100, num_computed_tokens=400), QLMFields(e2e_deadline=NOW + 600)),
+            (Req("small", num_output_tokens=5, num_computed_tokens=40), QLMFields(e2e_deadline=NOW + 600)),
+            (Req("soon", num_output_tokens=5, num_computed_tokens=40), QLMFields(e2e_deadline=NOW + 20)),
+        ],
+    )
+    order = [r.request_id for r in b.kv_victim_order(running, NOW)]
+    # the least work to redo among those that still meet their SLO; the urgent one before its first
+    # token only if nobody else can go
+    assert order[:2] == ["small", "soon"] and order[-1] == "i" and len(order) == 4
 
 
 def test_step_time_follows_measurements() -> None:
-    p = InEnginePolicy(epoch=NOW, step_s=0.02)
+    p = LocalPolicy(step_s=0.02)
     for _ in range(100):
         p.observe_step(0.05, decode_tokens=8)
     assert p.step_s == pytest.approx(0.05, rel=0.01)
     p.observe_step(10.0, decode_tokens=0)  # prefill-only steps do not count
     assert p.step_s == pytest.approx(0.05, rel=0.01)
+
+
+def test_a_user_plugin_overrides_the_engines_order_and_a_broken_one_does_not_stop_it() -> None:
+    class LongestPromptFirst:
+        @hookimpl
+        def qlm_rank_key(self, request: Request, instance_id: str, now: float) -> tuple[int]:
+            return (-request.prompt_tokens,)
+
+    b = EngineBrain("tiny", "engine-0", autoload=False, plugins=[("user", LongestPromptFirst())])
+    reqs = admitted(
+        b,
+        [
+            (Req("short", num_prompt_tokens=8), QLMFields(ttft_deadline=NOW + 1)),
+            (Req("long", num_prompt_tokens=300), QLMFields()),
+        ],
+    )
+    q = RankedQueue(b.key)
+    for r in reqs:
+        q.add_request(r)
+    assert [r.request_id for r in q] == ["long", "short"]
+
+    class Broken:
+        @hookimpl
+        def qlm_rank_key(self, request: Request, instance_id: str, now: float) -> tuple[int]:
+            raise RuntimeError("bug")
+
+    b = EngineBrain("tiny", "engine-0", autoload=False, plugins=[("broken", Broken())])
+    r = Req("x")
+    assert b.admit(r, QLMFields(), NOW)[1] == r.arrival_time  # arrival order
 
 
 def test_version_guard_gives_one_clear_error() -> None:

@@ -34,7 +34,7 @@ from typing import Any
 
 import aiohttp
 
-from qlm_plugin.adapters.vllm.policy import EvictionOrder
+from qlm_plugin.adapters.vllm.orders import EvictionOrder
 from qlm_plugin.proto.qlm.v1 import qlm_pb2 as pb
 from qlm_plugin.transport.agent import AgentSettings, InstanceAgent
 

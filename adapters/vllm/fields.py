@@ -14,7 +14,9 @@
 ``qlm_priority``       the client's priority, lower first (ties only); vLLM's own ``priority``
                        field is refused unless the engine runs ``--scheduling-policy priority``
 ``qlm_tenant``
-``qlm_predicted_tokens``  the coordinator's predicted output length
+``qlm_predicted_tokens``  the coordinator's predicted output length (median)
+``qlm_predicted_q90``  its 90th percentile (the engine uses both until its own predictor is
+                       warm for the request's class)
 =====================  ==================================================================
 
 Offline ``LLM.generate`` may also pass them nested: ``extra_args={"qlm": {...}}``.
@@ -38,6 +40,7 @@ class QLMFields:
     e2e_deadline: float | None = None
     tenant: str = ""
     predicted_tokens: float | None = None
+    predicted_q90: float | None = None
     priority: int = 0  # the client's own vLLM priority (a tie-break)
 
     @property
@@ -81,5 +84,6 @@ def parse_fields(extra_args: Mapping[str, Any] | None, *, priority: int, arrival
         e2e_deadline=e2e,
         tenant=str(args.get("qlm_tenant", "")),
         predicted_tokens=_num(args.get("qlm_predicted_tokens")),
+        predicted_q90=_num(args.get("qlm_predicted_q90")),
         priority=int(priority),
     )

@@ -4,12 +4,16 @@
 ``AsyncScheduler`` when the engine schedules asynchronously (the GPU default) and of the plain
 ``Scheduler`` otherwise (the CPU platform), so vLLM's own additions are inherited either way.
 
-What changes: vLLM's priority queue orders waiting requests by QLM urgency (each request's
-``priority`` is replaced by its rank), so its preemptions take the request with the most slack;
-before each step, an urgent request that would otherwise miss its TTFT gets a seat by evicting one
-(recompute: V1 has no swap; with ``--kv-offloading-size`` the KV stays in host memory and
-re-admission reloads it); evictions ordered by the coordinator are carried out at the next step.
-Requests without QLM fields run at default urgency.
+What changes: the brain runs inside the scheduler through the hooks, on the engine's own plugin
+manager (:mod:`qlm_plugin.adapters.vllm.engine_brain`). vLLM's waiting queue is ordered by
+``qlm_rank_key`` (a preempted request keeps its rank); before each step, an urgent request that would
+otherwise miss its TTFT takes a seat from a running request that still meets its own SLO after a
+recompute (``qlm_select_victim`` among those), when ``max_num_seqs`` binds; under KV pressure vLLM's
+own preemption takes the victims in the order ``qlm_select_victim`` gives (recompute: V1 has no
+swap; with ``--kv-offloading-size`` the KV stays in host memory and re-admission reloads it);
+evictions ordered by the coordinator are carried out at the next step. Lengths are predicted online
+from the engine's finished requests (the coordinator's prediction until then). Requests without QLM
+fields run at default urgency.
 """
 
 from __future__ import annotations
@@ -23,12 +27,13 @@ from collections import deque
 from typing import Any
 
 from vllm.v1.core.sched.async_scheduler import AsyncScheduler
-from vllm.v1.core.sched.request_queue import SchedulingPolicy, create_request_queue
+from vllm.v1.core.sched.request_queue import SchedulingPolicy
 from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.request import Request, RequestStatus
 
+from qlm_plugin.adapters.vllm.engine_brain import EngineBrain, RankedQueue
 from qlm_plugin.adapters.vllm.fields import QLMFields, parse_fields
-from qlm_plugin.adapters.vllm.policy import EvictionOrder, InEnginePolicy, SeatsGiven, order_action
+from qlm_plugin.adapters.vllm.orders import EvictionOrder, SeatsGiven, order_action
 from qlm_plugin.domain.instance import StepTiming
 
 # A child of vLLM's logger: its handlers print it with the engine's own log lines.
@@ -37,6 +42,13 @@ log = logging.getLogger("vllm.qlm_plugin")
 #: How long a coordinator's eviction order waits for its request to run (then it is dropped: the
 #: request finished, or never came).
 ORDER_WAIT_S = 10.0
+#: KV cache usage from which vLLM may preempt for room: the victims are ordered before the step.
+KV_PRESSURE = 0.9
+#: The KV victim order is brought up to date every this many steps (it scans every running request;
+#: the requests admitted meanwhile keep their client priority, below every ordered one).
+KV_ORDER_EVERY_STEPS = 8
+#: vLLM's finished statuses whose output length the predictor learns from.
+_COMPLETED = (RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH_CAPPED)
 
 
 class _QLMMixin:
@@ -54,11 +66,17 @@ class _QLMMixin:
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        # vLLM's priority queue orders by (priority, arrival): QLM ranks go into `priority`.
+        model_config = getattr(self.vllm_config, "model_config", None)
+        served = getattr(model_config, "served_model_name", None) or getattr(model_config, "model", "")
+        self.qlm_brain = EngineBrain(
+            str(served[0] if isinstance(served, (list, tuple)) else served),
+            os.environ.get("QLM_INSTANCE_ID", "vllm"),
+        )
+        # The waiting queues in QLM's order; vLLM's own KV preemption takes max(priority), which the
+        # step before sets from qlm_select_victim under KV pressure.
         self.policy = SchedulingPolicy.PRIORITY
-        self.waiting = create_request_queue(self.policy)
-        self.kv_holding_waiting = create_request_queue(self.policy)
-        self.qlm_policy = InEnginePolicy(epoch=time.time())
+        self.waiting = RankedQueue(self.qlm_brain.key)
+        self.kv_holding_waiting = RankedQueue(self.qlm_brain.key)
         self.qlm_fields: dict[str, QLMFields] = {}
         self.qlm_by_id: dict[str, str] = {}  # coordinator id -> vLLM request id
         # coordinator-ordered evictions; the agent's thread appends
@@ -78,6 +96,7 @@ class _QLMMixin:
         # running, waiting, kv usage, at, prompt tokens of running requests not computed yet
         self.qlm_snapshot: tuple[int, int, float, float, int] = (0, 0, 0.0, time.time(), 0)
         self._qlm_step: tuple[float, float, int, int, int] | None = None
+        self._qlm_kv_ordered_at = -KV_ORDER_EVERY_STEPS
         self._qlm_carried: dict[str, float] = {}  # coordinator id -> when its eviction was carried out
         self._qlm_last_began: float | None = None  # the previous step's start, while busy (perf_counter)
         self.qlm_link: Any = None
@@ -102,7 +121,7 @@ class _QLMMixin:
         self.qlm_fields[request.request_id] = fields
         if fields.qlm_id is not None:
             self.qlm_by_id[fields.qlm_id] = request.request_id
-        request.priority = self.qlm_policy.rank(request, fields)
+        self.qlm_brain.admit(request, fields, time.time())
         self.qlm_overhead_s += time.perf_counter() - t0
         if self._qlm_requests_file is not None:
             self._qlm_added[request.request_id] = time.time()
@@ -119,6 +138,9 @@ class _QLMMixin:
         fields = self.qlm_fields.pop(request.request_id, None)
         if fields is not None and fields.qlm_id is not None:
             self.qlm_by_id.pop(fields.qlm_id, None)
+        t0 = time.perf_counter()
+        self.qlm_brain.finished(request, request.status in _COMPLETED, time.time())
+        self.qlm_overhead_s += time.perf_counter() - t0
         return super()._free_request(request, *args, **kwargs)  # type: ignore[misc]
 
     # ------------------------------------------------------------------ evictions
@@ -131,10 +153,6 @@ class _QLMMixin:
         fields = self.qlm_fields.get(request.request_id)
         if fields is not None and fields.qlm_id is not None:  # the agent reports it (EVICTED)
             self.qlm_evicted.append((fields.qlm_id, fields.attempt, request.num_computed_tokens))
-        if fields is not None:
-            # Ranked again before it goes back to the waiting heap: a request past its first token
-            # is no longer due by its TTFT, and must not win back the seat it was evicted from.
-            request.priority = self.qlm_policy.rank(request, fields)
         self._preempt_request(request, now)  # type: ignore[attr-defined]
 
     def _qlm_running(self, qid: str) -> Request | None:
@@ -175,30 +193,36 @@ class _QLMMixin:
                 # Not running yet: the order overtook the request (commands and dispatch travel
                 # apart), or it waits for a seat. It is carried out once the request runs.
                 self.qlm_orders.append(order)
+        steps = self.qlm_counters["steps"]
+        if (
+            self.running
+            and steps - self._qlm_kv_ordered_at >= KV_ORDER_EVERY_STEPS
+            and float(self.kv_cache_manager.usage) >= KV_PRESSURE
+        ):
+            self._qlm_kv_ordered_at = steps
+            # vLLM preempts max(priority) when a step finds no room: the order QLM's victims give.
+            victims = self.qlm_brain.kv_victim_order(self.running, now)
+            for i, r in enumerate(victims):
+                r.priority = len(victims) - i
         if not self.waiting or len(self.running) < self.max_num_running_reqs:
             return
         head = self.waiting.peek_request()
         head_fields = self.qlm_fields.get(head.request_id)
-        if head_fields is None:
-            return
-        head_key = head_fields.qlm_id or head.request_id
-        if self.qlm_seats.given(head_key):
-            return  # a seat was freed for it already (by an order, or a step ago): not a second one
-        fields = self.qlm_fields
-        choice = self.qlm_policy.choose_eviction(
-            head,
-            head_fields,
-            self.running,
-            lambda rid: fields.get(rid, _NO_FIELDS),
-            now,
-            self.max_num_running_reqs,
-        )
-        if choice is not None:
-            victim = self.requests.get(choice.request_id)
-            if victim is not None:
-                log.info("QLM: evicting %s: %s", choice.request_id, choice.reason)
-                self.qlm_seats.give(head_key, mono)
-                self._qlm_evict(victim, now)
+        if head_fields is None or head_fields.ttft_deadline is None:
+            return  # urgent requests rank first: none waits (the common case, checked in O(1))
+
+        def given(request_id: str) -> bool:
+            fields = self.qlm_fields.get(request_id)
+            return self.qlm_seats.given(fields.qlm_id or request_id) if fields is not None else True
+
+        waiting = self.waiting.first(self.max_num_running_reqs)
+        found = self.qlm_brain.seat_for(waiting, self.running, self.max_num_running_reqs, now, given)
+        if found is not None:
+            victim, choice = found
+            log.info("QLM: evicting %s: %s", victim.request_id, choice.reason)
+            fields = self.qlm_fields.get(choice.for_request)
+            self.qlm_seats.give((fields.qlm_id if fields else None) or choice.for_request, mono)
+            self._qlm_evict(victim, now)
 
     # ------------------------------------------------------------------ the step
     def schedule(self, *args: Any, **kwargs: Any) -> Any:
@@ -235,7 +259,7 @@ class _QLMMixin:
             # own duration: on a loaded machine the engine waits for a CPU between steps.
             last, self._qlm_last_began = self._qlm_last_began, began
             if prefill == 0 and last is not None:
-                self.qlm_policy.observe_step(began - last, decode)
+                self.qlm_brain.observe_step(began - last, decode)
         if not self.running:
             self._qlm_last_began = None  # idle: the next step's pace starts afresh
         usage = float(self.kv_cache_manager.usage)
@@ -253,7 +277,6 @@ class _QLMMixin:
         super().shutdown()  # type: ignore[misc]
 
 
-_NO_FIELDS = QLMFields()
 _classes: dict[type, type] = {}
 _lock = threading.Lock()
 

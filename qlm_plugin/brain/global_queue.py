@@ -17,6 +17,7 @@ from collections import deque
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
+from qlm_plugin.brain.local_policy import Key, urgency_key
 from qlm_plugin.brain.work_index import WorkIndex
 from qlm_plugin.domain.costmodel import CostModel
 from qlm_plugin.domain.distributions import LengthDistribution
@@ -25,8 +26,6 @@ from qlm_plugin.domain.request import Request
 
 #: Decode batch at which a request's seat time is priced before the instance is known.
 REFERENCE_BATCH = 64
-
-Key = tuple[float, float, str]  # (laxity, arrival, id): lower is more urgent
 
 
 @dataclass(slots=True)
@@ -49,22 +48,11 @@ class Entry:
 
 
 def laxity_key(request: Request, length: LengthDistribution, cost: CostModel | None) -> Key:
-    """Urgency: the TTFT deadline itself (earliest first: taking the prefill off it would put long
-    prompts first, which under overload meets fewer SLOs: 2.5 points fewer on the Azure code trace
-    at 16x), and the end-to-end deadline less the whole predicted service (least laxity, with the
-    90th percentile of the length, to be safe), whichever binds. Absolute, so it does not drift
-    with time; requests without deadlines come last, by arrival."""
+    """Urgency (:func:`~qlm_plugin.brain.local_policy.urgency_key`) priced on the model's reference
+    cost model: its prefill, and decode at a batch of 32."""
     if cost is None:
-        prefill, decode = 0.0, 0.0
-    else:
-        prefill = cost.step_s(request.prompt_tokens, 0)
-        decode = length.quantile(0.9) * cost.decode_tpot_s(32)
-    lax = math.inf
-    if request.slo.ttft_deadline is not None:
-        lax = request.slo.ttft_deadline
-    if request.slo.e2e_deadline is not None:
-        lax = min(lax, request.slo.e2e_deadline - prefill - decode)
-    return (lax, request.arrival_time, request.id)
+        return urgency_key(request, length, 0.0, 0.0)
+    return urgency_key(request, length, cost.step_s(request.prompt_tokens, 0), cost.decode_tpot_s(32))
 
 
 @dataclass(slots=True)

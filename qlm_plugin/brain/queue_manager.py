@@ -27,6 +27,7 @@ from qlm_plugin.brain.estimator import WaitEstimator
 from qlm_plugin.brain.eviction import EVICT_BELOW_P
 from qlm_plugin.brain.fleet_view import FleetView
 from qlm_plugin.brain.global_queue import Entry, GlobalQueue, laxity_key
+from qlm_plugin.brain.local_policy import choose_victim, slack_after_recompute
 from qlm_plugin.brain.lso import LSOExecutor
 from qlm_plugin.domain.costmodel import CostModel
 from qlm_plugin.domain.distributions import LengthDistribution, WaitEstimate
@@ -341,12 +342,22 @@ class QueueManager:
     def qlm_select_victim(
         self, candidates: Sequence[RunningView], instance_id: str, now: float
     ) -> RunningView:
-        def lax(c: RunningView) -> tuple[float, float, str]:
-            return laxity_key(
-                c.request, self._predict(c.request, c.generated_tokens), self.cost_models.get(c.request.model)
-            )
+        view = self.fleet.instances.get(instance_id)
 
-        return max(candidates, key=lax)
+        def slack(c: RunningView) -> float:
+            cost = self.cost_models.get(c.request.model)
+            if cost is None:
+                return math.inf
+            step = (
+                self.estimator.tpot(view, c.request.model)
+                if view is not None and c.request.model in view.costs
+                else cost.decode_tpot_s(32)
+            )
+            redo = cost.step_s(c.request.prompt_tokens + c.generated_tokens, 0)
+            remaining = self._predict(c.request, c.generated_tokens)
+            return slack_after_recompute(c.request, c.generated_tokens, remaining, now, step, redo)
+
+        return choose_victim(candidates, slack)
 
     @hookimpl
     def qlm_estimate_wait(self, request: Request, now: float) -> WaitEstimate | None:

@@ -160,8 +160,22 @@ def add_parsers(sub: Any) -> None:
     )
     bv.add_argument("--model", help="model folder (default: build the tiny random Llama)")
     bv.add_argument("--policies", help="comma-separated: fcfs,priority,qlm (default: all three)")
-    bv.add_argument("--batch", type=int, default=400, help="batch requests at t=0 (default 400)")
-    bv.add_argument("--interactive", type=int, default=40, help="interactive requests at 2/s (default 40)")
+    bv.add_argument(
+        "--workload",
+        choices=("slo", "alise"),
+        default="slo",
+        help="slo: a batch backlog, then interactive requests with a TTFT SLO (default); alise: "
+        "requests without SLOs of mixed lengths (latency against FCFS)",
+    )
+    bv.add_argument("--seeds", type=int, default=3, help="repetitions, seeds 0..N-1 (default 3)")
+    bv.add_argument("--batch", type=int, default=400, help="slo: batch requests sent first (default 400)")
+    bv.add_argument(
+        "--batch-tokens", type=int, default=256, help="slo: output tokens of each batch request (default 256)"
+    )
+    bv.add_argument("--interactive", type=int, default=40, help="slo: interactive requests (default 40)")
+    bv.add_argument(
+        "--rate", type=float, default=2.0, help="slo: interactive arrivals per second, Poisson (default 2)"
+    )
     bv.add_argument("--json", action="store_true", help="JSON instead of a table")
     bv.set_defaults(func=cmd_bench_vllm)
 

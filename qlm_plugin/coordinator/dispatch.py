@@ -180,8 +180,9 @@ class Dispatcher:
             # A fresh connection per request: a pooled keep-alive connection the engine's server
             # closes as it is reused fails the request, which then counts against its attempts.
             self._http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0, force_close=True))
+        predicted = self.hook.qlm_predict_output_length(request=job.request, generated_tokens=job.tokens)
         task = asyncio.get_running_loop().create_task(
-            forward(s, job, job.attempt, self._http, self.apply_events, self.on_lost)
+            forward(s, job, job.attempt, self._http, self.apply_events, self.on_lost, predicted)
         )
         self._forwards[job.id] = task
 

@@ -20,6 +20,7 @@ import aiohttp
 
 from qlm_plugin.coordinator.instances import Session
 from qlm_plugin.coordinator.jobs import Job
+from qlm_plugin.domain.distributions import LengthDistribution
 from qlm_plugin.proto.qlm.v1 import qlm_pb2 as pb
 from qlm_plugin.transport.openai_client import TokenizeError, tokenize
 
@@ -48,7 +49,16 @@ def resumes_from_ids(job: Job) -> bool:
     return job.tokens > 0 and job.prompt_ids is not None and ids is not None and len(ids) == job.tokens
 
 
-def request_body(job: Job, attempt: int, model: str, resume_ids: Sequence[int] = ()) -> dict[str, Any]:
+def request_body(
+    job: Job,
+    attempt: int,
+    model: str,
+    resume_ids: Sequence[int] = (),
+    predicted: LengthDistribution | None = None,
+) -> dict[str, Any]:
+    """The OpenAI request an engine is sent for one attempt of ``job``, with the QLM fields in
+    ``vllm_xargs``; ``predicted``: the queue manager's predicted length of what is left (its median
+    and 90th percentile go along: the engine uses them until its own predictor knows the class)."""
     spec, r = job.spec, job.request
     xargs: dict[str, Any] = {
         "qlm_id": job.id,
@@ -66,6 +76,9 @@ def request_body(job: Job, attempt: int, model: str, resume_ids: Sequence[int] =
         xargs["qlm_e2e_ms"] = e2e_budget * 1000
     if spec.slo.priority:
         xargs["qlm_priority"] = spec.slo.priority
+    if predicted is not None and predicted.mean > 0:
+        xargs["qlm_predicted_tokens"] = round(predicted.quantile(0.5), 1)
+        xargs["qlm_predicted_q90"] = round(predicted.quantile(0.9), 1)
     # A resumed request continues after what was delivered: from the engine's own token ids where
     # they are known, else from the text (a token-id prompt: ``resume_ids``, the text tokenized).
     prompt: str | list[int] = spec.prompt + job.text
@@ -91,7 +104,13 @@ def request_body(job: Job, attempt: int, model: str, resume_ids: Sequence[int] =
 
 
 async def forward(
-    s: Session, job: Job, attempt: int, http: aiohttp.ClientSession, report: Report, lost: Lost
+    s: Session,
+    job: Job,
+    attempt: int,
+    http: aiohttp.ClientSession,
+    report: Report,
+    lost: Lost,
+    predicted: LengthDistribution | None = None,
 ) -> None:
     """Serve one attempt of ``job`` on ``s`` over HTTP, reporting its events to ``report`` as an
     agent would, and an engine that no longer answers to ``lost``."""
@@ -121,7 +140,7 @@ async def forward(
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=CONNECT_TIMEOUT_S)
         async with http.post(
             f"{s.endpoint.rstrip('/')}/v1/completions",
-            json=request_body(job, attempt, model, resume_ids),
+            json=request_body(job, attempt, model, resume_ids, predicted),
             headers={"X-Request-Id": f"{job.id}.{attempt}"},
             timeout=timeout,
         ) as resp:

@@ -58,6 +58,15 @@ def build_qlm(ctx: PolicyContext, *, without: Iterable[str] = (), clairvoyant: b
     return plugins
 
 
+def build_engine_policy(ctx: PolicyContext) -> list[object]:
+    """The roles vLLM's scheduler runs (:mod:`qlm_plugin.adapters.vllm.engine_brain`), without a
+    queue manager: the simulator runs them in its engines as vLLM does."""
+    from qlm_plugin.brain.local_policy import LocalPolicy
+    from qlm_plugin.brain.predictor import LengthPredictor, PredictorPlugin
+
+    return [PredictorPlugin(LengthPredictor()), LocalPolicy()]
+
+
 def add_qlm_policies(registry: PolicyRegistry) -> None:
     registry.add("qlm", build_qlm, "QLM: global queue, predicted lengths, RWT estimates, planner, LSOs")
     registry.add(
@@ -65,6 +74,12 @@ def add_qlm_policies(registry: PolicyRegistry) -> None:
         lambda ctx: build_qlm(ctx, clairvoyant=True),
         "REFERENCE: the QLM planner fed true output lengths",
         reference=True,
+    )
+    registry.add(
+        "qlm-engine",
+        build_engine_policy,
+        "QLM's engine-local roles alone (what runs inside vLLM without a coordinator): least laxity "
+        "on predicted lengths, least-waste victims",
     )
     for part, what in PARTS.items():
         registry.add(

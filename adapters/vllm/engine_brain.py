@@ -1,0 +1,314 @@
+"""The brain inside vLLM's scheduler, through the hooks: a thin adapter between vLLM's request objects
+and the roles the simulator and the coordinator run (:mod:`qlm_plugin.brain.local_policy`, the online
+length predictor), called through the engine's own plugin manager.
+
+The manager is built in the engine process as everywhere else (built-in plugins, then the ``qlm``
+entry-point group, honouring ``QLM_PLUGINS`` and ``QLM_DISABLE_PLUGIN_AUTOLOAD``), with the engine's
+roles registered before the third-party plugins, so a user's ``qlm_rank_key`` or
+``qlm_predict_output_length`` overrides them. The predictor learns from the engine's own finished
+requests (``qlm_request_finished``); until it is warm for a request's class, the coordinator's
+prediction sent with the request (``qlm_predicted_tokens``, ``qlm_predicted_q90``) stands in.
+
+Imports nothing from vLLM: tested on plain request objects with a fake clock. Thread safety: none;
+the scheduler's thread calls it.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import logging
+import math
+from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
+from typing import Any, Protocol
+
+from qlm_plugin.adapters.vllm.fields import QLMFields
+from qlm_plugin.brain.local_policy import LocalPolicy, SeatEviction
+from qlm_plugin.brain.predictor import SOURCE_BUCKET, SOURCE_CLASS, LengthPredictor, PredictorPlugin
+from qlm_plugin.domain.distributions import LengthDistribution
+from qlm_plugin.domain.instance import RunningView
+from qlm_plugin.domain.outcome import RequestOutcome, Status
+from qlm_plugin.domain.request import SLO, Request
+from qlm_plugin.hooks import get_plugin_manager, hookimpl
+
+log = logging.getLogger("vllm.qlm_plugin")
+
+#: How many requests a KV-pressure preemption may take in one step, chosen by ``qlm_select_victim``
+#: one after the other; any further ones go least urgent first.
+HOOK_VICTIMS = 2
+_Z90 = 1.2815515655446004
+
+
+class EngineRequest(Protocol):
+    """What the adapter reads of a vLLM request."""
+
+    request_id: str
+    arrival_time: float
+    num_prompt_tokens: int
+    num_output_tokens: int
+    num_computed_tokens: int
+    max_tokens: int
+    priority: int
+
+
+class CoordinatorHint:
+    """The coordinator's predicted length of a request (median and 90th percentile, sent with it),
+    used while the engine's own predictor has too few finished requests of its class."""
+
+    def __init__(self, predictor: LengthPredictor) -> None:
+        self.predictor = predictor
+        self.hints: dict[str, tuple[float, float]] = {}  # request id -> (median, q90)
+
+    @hookimpl
+    def qlm_predict_output_length(self, request: Request, generated_tokens: int) -> LengthDistribution | None:
+        hint = self.hints.get(request.id)
+        if hint is None or self.predictor.source(request, 0) in (SOURCE_BUCKET, SOURCE_CLASS):
+            return None
+        return hinted_length(hint[0], hint[1], generated_tokens, request.max_tokens)
+
+
+def hinted_length(median: float, q90: float, generated: int, max_tokens: int) -> LengthDistribution:
+    """A lognormal through the hint's median and 90th percentile, less what was generated, clipped to
+    what is left of ``max_tokens``."""
+    room = max(0, max_tokens - generated)
+    if room == 0:
+        return LengthDistribution.point(0.0)
+    sigma = max(math.log(max(q90, median) / median), 1e-3) / _Z90
+    mean = median * math.exp(sigma * sigma / 2)
+
+    def left(x: float) -> float:
+        return float(min(room, max(1.0, x - generated)))
+
+    m = left(mean)
+    spread = left(q90) - left(median)
+    return LengthDistribution(
+        m,
+        (spread / _Z90) ** 2,
+        ((0.5, left(median)), (0.9, left(q90)), (0.99, left(median * math.exp(2.326 * sigma)))),
+    )
+
+
+class EngineBrain:
+    """The roles of one engine behind its plugin manager: ranks, seat evictions, KV victims, and
+    learning from finished requests."""
+
+    def __init__(
+        self,
+        model: str,
+        instance_id: str,
+        *,
+        autoload: bool = True,
+        plugins: Sequence[tuple[str, object]] = (),
+    ) -> None:
+        self.model = model
+        self.instance_id = instance_id
+        self.predictor = LengthPredictor()
+        self.policy = LocalPolicy()
+        self.hint = CoordinatorHint(self.predictor)
+        own = [
+            ("qlm-engine-predictor", PredictorPlugin(self.predictor)),
+            ("qlm-engine-policy", self.policy),
+            ("qlm-engine-hint", self.hint),
+            *plugins,
+        ]
+        self.pm = get_plugin_manager(autoload=autoload, plugins=own)
+        self.hook = self.pm.hook
+        self.hook.qlm_configure(pm=self.pm)
+        self.requests: dict[str, Request] = {}
+        self.fields: dict[str, QLMFields] = {}
+        self.keys: dict[str, Hashable] = {}
+
+    # ------------------------------------------------------------------ requests
+    def admit(self, r: EngineRequest, fields: QLMFields, now: float) -> Hashable:
+        """A request reached the engine: its QLM view, and its rank (kept for its whole life here:
+        a preempted request keeps its place)."""
+        request = Request(
+            id=r.request_id,
+            model=self.model,
+            prompt_tokens=max(1, r.num_prompt_tokens),
+            max_tokens=max(1, r.max_tokens),
+            arrival_time=r.arrival_time,
+            slo=SLO(fields.ttft_deadline, fields.e2e_deadline),
+            slo_class=fields.slo_class or "default",
+            priority=fields.priority,
+            tenant=fields.tenant or "default",
+        )
+        self.requests[r.request_id] = request
+        self.fields[r.request_id] = fields
+        if fields.predicted_tokens is not None:
+            q90 = fields.predicted_q90 if fields.predicted_q90 is not None else fields.predicted_tokens * 2
+            self.hint.hints[r.request_id] = (fields.predicted_tokens, q90)
+        self.hook.qlm_request_queued(request=request, instance_id=self.instance_id, now=now)
+        try:
+            key: Hashable = self.hook.qlm_rank_key(request=request, instance_id=self.instance_id, now=now)
+        except Exception:  # a broken plugin must not take the engine down: arrival order
+            log.exception("qlm_rank_key failed for %s; ranked by arrival", r.request_id)
+            key = (math.inf, r.arrival_time, r.request_id)
+        self.keys[r.request_id] = key
+        return key
+
+    def key(self, r: EngineRequest) -> Hashable:
+        key = self.keys.get(r.request_id)
+        return key if key is not None else (math.inf, r.arrival_time, r.request_id)
+
+    def finished(self, r: EngineRequest, completed: bool, now: float) -> None:
+        """The request left the engine: the predictor learns its length if it completed."""
+        request = self.requests.pop(r.request_id, None)
+        self.fields.pop(r.request_id, None)
+        self.keys.pop(r.request_id, None)
+        self.hint.hints.pop(r.request_id, None)
+        if request is None:
+            return
+        outcome = RequestOutcome(
+            request,
+            Status.FINISHED if completed else Status.CANCELLED,
+            instance_id=self.instance_id,
+            finish_time=now,
+            output_tokens=r.num_output_tokens,
+        )
+        self.hook.qlm_request_finished(outcome=outcome, now=now)
+
+    def view(self, r: EngineRequest, admitted_at: float = 0.0) -> RunningView | None:
+        request = self.requests.get(r.request_id)
+        if request is None:
+            return None
+        return RunningView(request, r.num_output_tokens, r.num_computed_tokens, admitted_at)
+
+    def _views(self, running: Iterable[EngineRequest]) -> tuple[list[RunningView], dict[str, Any]]:
+        views, by_id = [], {}
+        for i, r in enumerate(running):
+            v = self.view(r, float(i))  # vLLM keeps running requests in admission order
+            if v is not None:
+                views.append(v)
+                by_id[r.request_id] = r
+        return views, by_id
+
+    def _select(self, now: float) -> Callable[[Sequence[RunningView]], RunningView | None]:
+        def select(candidates: Sequence[RunningView]) -> RunningView | None:
+            return self.hook.qlm_select_victim(  # type: ignore[no-any-return]
+                candidates=candidates, instance_id=self.instance_id, now=now
+            )
+
+        return select
+
+    # ------------------------------------------------------------------ preemption
+    def seat_for(
+        self,
+        waiting: Sequence[EngineRequest],
+        running: Sequence[EngineRequest],
+        seats: int,
+        now: float,
+        given: Callable[[str], bool] = lambda request_id: False,
+    ) -> tuple[Any, SeatEviction] | None:
+        """The running request to preempt so that a waiting urgent request meets its TTFT when every
+        seat is taken, or None (:meth:`LocalPolicy.seat_for`). ``waiting``: the first waiting
+        requests in rank order; ``given``: whether a seat was freed for a request already."""
+        queued = [
+            q
+            for r in waiting
+            if r.num_output_tokens == 0
+            and not given(r.request_id)
+            and (q := self.requests.get(r.request_id)) is not None
+        ]
+        if not queued or all(q.slo.ttft_deadline is None for q in queued):
+            return None
+        views, by_id = self._views(running)
+        choice = self.policy.seat_for(queued, views, seats, now, self._select(now))
+        if choice is None:
+            return None
+        return by_id[choice.victim.request.id], choice
+
+    def kv_victim_order(self, running: Sequence[EngineRequest], now: float) -> list[Any]:
+        """Running requests in the order KV pressure should preempt them: the first
+        :data:`HOOK_VICTIMS` by ``qlm_select_victim``, then the least urgent first."""
+        views, by_id = self._views(running)
+        order: list[Any] = []
+        select = self._select(now)
+        for _ in range(min(HOOK_VICTIMS, len(views))):
+            v = select(views)
+            if v is None:
+                break
+            views.remove(v)
+            order.append(by_id[v.request.id])
+        rest = sorted((by_id[v.request.id] for v in views), key=lambda r: _Rank(self.key(r)), reverse=True)
+        order.extend(rest)
+        known = {r.request_id for r in order}
+        order.extend(r for r in running if r.request_id not in known)  # not ours: last
+        return order
+
+    def observe_step(self, period_s: float, decode_tokens: int) -> None:
+        self.policy.observe_step(period_s, decode_tokens)
+
+
+class _Rank:
+    """A rank key that never raises when compared: keys of different plugins that cannot be compared
+    (a user's key beside the built-in one) fall back to their type names, so the engine's heap stays
+    valid instead of raising in the scheduler."""
+
+    __slots__ = ("key",)
+
+    def __init__(self, key: Hashable) -> None:
+        self.key = key
+
+    def __lt__(self, other: _Rank) -> bool:
+        try:
+            return bool(self.key < other.key)  # type: ignore[operator]
+        except TypeError:
+            return (type(self.key).__name__, repr(self.key)) < (type(other.key).__name__, repr(other.key))
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _Rank) and self.key == other.key
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+class RankedQueue:
+    """vLLM's waiting queue (the ``RequestQueue`` interface), ordered by the ``qlm_rank_key`` each
+    request got when it reached the engine; a preempted request goes back with the rank it had.
+    Ties: first come first served."""
+
+    def __init__(self, rank: Callable[[Any], Hashable]) -> None:
+        self._rank = rank
+        self._heap: list[tuple[_Rank, int, Any]] = []
+        self._seq = itertools.count()
+
+    def add_request(self, request: Any) -> None:
+        heapq.heappush(self._heap, (_Rank(self._rank(request)), next(self._seq), request))
+
+    def pop_request(self) -> Any:
+        if not self._heap:
+            raise IndexError("pop from empty queue")
+        return heapq.heappop(self._heap)[2]
+
+    def peek_request(self) -> Any:
+        if not self._heap:
+            raise IndexError("peek from empty queue")
+        return self._heap[0][2]
+
+    def prepend_request(self, request: Any) -> None:
+        self.add_request(request)  # its rank decides, as in vLLM's priority queue
+
+    def prepend_requests(self, requests: Iterable[Any]) -> None:
+        for r in requests:
+            self.add_request(r)
+
+    def remove_request(self, request: Any) -> None:
+        self.remove_requests((request,))
+
+    def remove_requests(self, requests: Iterable[Any]) -> None:
+        gone = {id(r) for r in requests}
+        self._heap = [e for e in self._heap if id(e[2]) not in gone]
+        heapq.heapify(self._heap)
+
+    def __bool__(self) -> bool:
+        return bool(self._heap)
+
+    def __len__(self) -> int:
+        return len(self._heap)
+
+    def __iter__(self) -> Iterator[Any]:
+        return (e[2] for e in sorted(self._heap))
+
+    def first(self, count: int) -> list[Any]:
+        """The first ``count`` requests in rank order."""
+        return [e[2] for e in heapq.nsmallest(count, self._heap)]

@@ -1,0 +1,58 @@
+"""Evictions the coordinator orders on an engine, as the scheduler carries them out: each order
+waits for its request to run, is skipped when the urgent request it was for has a seat already, and
+is dropped when its request never ran (:func:`order_action`). Pure Python, tested without an engine.
+Thread safety: the agent's thread appends orders; the scheduler's thread reads them (a deque).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class EvictionOrder:
+    """A coordinator's order: evict ``victim`` (its coordinator id), to free a seat for
+    ``for_request`` ("" for an operator's order); ``came``: when it reached the engine (monotonic)."""
+
+    victim: str
+    for_request: str
+    came: float
+
+
+class SeatsGiven:
+    """The urgent requests (coordinator ids, or the engine's own ids for requests without one) a
+    seat was freed for, by the engine's own policy or by a coordinator's order: one urgent request
+    costs one eviction, whichever side acts first. Not thread-safe: the scheduler's thread."""
+
+    def __init__(self, memory_s: float = 60.0) -> None:
+        self.memory_s = memory_s
+        self._given: dict[str, float] = {}
+
+    def give(self, request: str, now: float) -> None:
+        self._given[request] = now
+        if len(self._given) > 1024:  # only recent ones can be ordered again
+            self._given = {r: t for r, t in self._given.items() if now - t < self.memory_s}
+
+    def given(self, request: str) -> bool:
+        return request in self._given
+
+
+def order_action(
+    order: EvictionOrder,
+    *,
+    victim_running: bool,
+    beneficiary_running: bool,
+    seats: SeatsGiven,
+    now: float,
+    wait_s: float,
+) -> str:
+    """What the scheduler does with a coordinator's eviction order before a step: ``skip`` it (the
+    request it was for already has a seat: running, or given one by the engine's own policy),
+    ``evict`` the victim, ``wait`` for the victim to run (the order overtook the request: orders and
+    requests travel apart), or ``drop`` it (the victim never ran within ``wait_s``: it finished, or
+    never came)."""
+    if order.for_request and (beneficiary_running or seats.given(order.for_request)):
+        return "skip"
+    if victim_running:
+        return "evict"
+    return "wait" if now - order.came < wait_s else "drop"

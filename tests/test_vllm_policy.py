@@ -171,6 +171,19 @@ def test_a_seat_is_taken_only_to_meet_a_ttft_from_a_request_that_still_meets_its
     )
     found = b.seat_for([urgent], running, 4, NOW)
     assert found is not None and found[0].request_id == "loose-small"  # least work to redo
+    # A started interactive request with much left ranks before the newcomer (it keeps its rank):
+    # preempted, it would take the seat straight back, so it never gives way to it.
+    chat = admitted(
+        b,
+        [
+            (
+                Req("chat", arrival_time=NOW - 1, num_output_tokens=5, num_computed_tokens=37),
+                QLMFields(ttft_deadline=NOW),
+            )
+        ],
+    )[0]
+    found = b.seat_for([urgent], [chat, *running[:1], running[3]], 3, NOW)
+    assert found is None
     # Already too late: evicting would waste work for nothing.
     late = admitted(b, [(Req("late"), QLMFields(ttft_deadline=NOW - 0.1))])[0]
     assert b.seat_for([late], running, 4, NOW) is None

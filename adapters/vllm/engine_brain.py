@@ -213,7 +213,11 @@ class EngineBrain:
         if not queued or all(q.slo.ttft_deadline is None for q in queued):
             return None
         views, by_id = self._views(running)
-        choice = self.policy.seat_for(queued, views, seats, now, self._select(now))
+
+        def ranks_after(needy: Request, c: RunningView) -> bool:
+            return _Rank(self.keys.get(needy.id)) < _Rank(self.keys.get(c.request.id))
+
+        choice = self.policy.seat_for(queued, views, seats, now, self._select(now), ranks_after)
         if choice is None:
             return None
         return by_id[choice.victim.request.id], choice

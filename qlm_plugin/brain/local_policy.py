@@ -189,6 +189,7 @@ class LocalPolicy:
         seats: int,
         now: float,
         select: Callable[[Sequence[RunningView]], RunningView | None] | None = None,
+        ranks_after: Callable[[Request, RunningView], bool] | None = None,
     ) -> SeatEviction | None:
         """Whether a waiting request takes a running request's seat now (the engine's
         ``max_num_seqs`` binds, not its KV cache). ``waiting``: the first waiting requests in rank
@@ -197,7 +198,9 @@ class LocalPolicy:
         predicted service): the first TTFT-bound request before its first token that would get its
         seat after its deadline takes one now, from a running request that still meets its own SLO
         after a recompute, chosen by ``select`` (the ``qlm_select_victim`` hook; default
-        :func:`choose_victim`). A burst of urgent requests thus gets the seats it needs, not one.
+        :func:`choose_victim`) among those that ``ranks_after`` the waiting request (a preempted
+        request keeps its rank: one ranked first would take its seat straight back). A burst of
+        urgent requests thus gets the seats it needs, not one.
         The common case stops early: no urgent request waits, or its seat frees in time."""
         if len(running) < seats or not running:
             return None
@@ -231,6 +234,7 @@ class LocalPolicy:
             for c in running
             if not before_first_token(c)
             and not self.frees_within(c.request, c.generated_tokens, left)
+            and (ranks_after is None or ranks_after(needy, c))
             and self.slack(c, now) > 0
         ]
         if select is None:

@@ -28,6 +28,7 @@ import statistics
 import tempfile
 import time
 import urllib.request
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -35,7 +36,7 @@ from typing import Any
 
 POLICIES = ("fcfs", "priority", "qlm")
 WORKLOADS = ("slo", "alise")
-ERRORS: list[str] = []  # why requests failed, for the report
+ERRORS: list[str] = []  # why requests of the current run failed (run_policy resets it)
 _WORDS = ("the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog", "while", "seven", "wizards")
 
 
@@ -56,6 +57,7 @@ class BenchResult:
     latency_mean_s: float = 0.0
     latency_p90_s: float = 0.0
     qlm: dict[str, float] = field(default_factory=dict)  # the scheduler's own counters
+    failure_reasons: dict[str, int] = field(default_factory=dict)  # why requests failed, and how often
 
 
 def metrics(url: str) -> dict[str, float]:
@@ -232,6 +234,7 @@ def run_policy(
 ) -> BenchResult:
     from qlm_plugin.adapters.vllm.launch import start_server, wait_ready
 
+    ERRORS.clear()
     stats = work / f"{policy}-{workload}-{seed}.stats.jsonl"
     # The client on one CPU, the server on the others: on a small machine the engine's busy
     # processes otherwise starve the client for seconds, and its delays swamp the policies'.
@@ -288,6 +291,7 @@ def run_policy(
         workload=workload,
         seed=seed,
         failures=sum(r is None for rs in out.values() for r in rs),
+        failure_reasons=dict(Counter(ERRORS)),
         preemptions=delta("vllm:num_preemptions_total"),
         recomputed_tokens=recomputed,
     )
@@ -404,4 +408,9 @@ def main(args: Any) -> int:
         print(json.dumps([asdict(r) for r in results], indent=2))
     else:
         print(table(results))
+        reasons = Counter[str]()
+        for r in results:
+            reasons.update(r.failure_reasons)
+        for reason, n in reasons.most_common(5):
+            print(f"failed {n}x: {reason}")
     return 0

@@ -62,6 +62,19 @@ class TLS(_Strict):
 class TenantLimits(_Strict):
     max_queued_requests: int = Field(default=10_000, ge=1)
     max_queued_tokens: int = Field(default=50_000_000, ge=1)  # prompt + max_tokens of unfinished requests
+    max_file_bytes: int = Field(default=200 * 2**20, ge=1)  # one uploaded file (OpenAI's limit)
+    max_stored_bytes: int = Field(default=2 * 2**30, ge=1)  # all of a tenant's files, outputs included
+
+
+class BatchSettings(_Strict):
+    """The Batch API's store and pace."""
+
+    path: str | None = None  # files and batches; None: beside the journal (qlm-journal.batches.db)
+    max_requests: int = Field(default=50_000, ge=1)  # lines of one batch (OpenAI's limit)
+    # unfinished requests of one batch at a time (also at most half its tenant's max_queued_requests)
+    max_in_flight: int = Field(default=4096, ge=1)
+    # the shortest completion_window accepted (OpenAI's only window is 24h; shorter ones are ours)
+    min_window_s: float = Field(default=60.0, gt=0)
 
 
 class JournalSettings(_Strict):
@@ -93,6 +106,7 @@ class CoordinatorConfig(_Strict):
     tls: TLS | None = None
     tenant_limits: TenantLimits = TenantLimits()
     tenants: dict[str, TenantLimits] = {}  # per-tenant overrides
+    batches: BatchSettings = BatchSettings()
     metrics_public: bool = False  # /metrics without a token even when tokens are configured
 
     @model_validator(mode="after")

@@ -38,6 +38,8 @@ from qlm_plugin.workloads.scenario import Scenario
 
 log = logging.getLogger("qlm_plugin.coordinator")
 
+#: Idempotency keys the coordinator gives its own requests (batch lines); refused from clients.
+RESERVED_KEY_PREFIX = "qlm-batch/"
 #: Period of the coordinator's own timer: heartbeats, replanning, recovery.
 TICK_S = 0.25
 
@@ -146,11 +148,16 @@ class Coordinator:
 
     # ------------------------------------------------------------------ clients
     async def submit(
-        self, spec: pb.RequestSpec, *, tenant: str | None = None, parent: Any = None
+        self, spec: pb.RequestSpec, *, tenant: str | None = None, parent: Any = None, internal: bool = False
     ) -> tuple[Job, bool]:
         """Validate, journal and queue a request. Returns the job and whether it was a duplicate
-        (an earlier request with the same idempotency key). Raises :class:`SubmitError`."""
+        (an earlier request with the same idempotency key). Raises :class:`SubmitError`.
+        ``internal``: submitted by the coordinator itself (a batch line), which may use the
+        reserved idempotency keys."""
         book = self.book
+        if spec.idempotency_key.startswith(RESERVED_KEY_PREFIX) and not internal:
+            reserved = f"idempotency keys starting {RESERVED_KEY_PREFIX!r} are reserved"
+            raise SubmitError("invalid", reserved, "idempotency_key")
         if not book.accepting:
             raise SubmitError(
                 "unavailable", "the coordinator is not accepting requests (starting or draining)"

@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from aiohttp import web
@@ -253,13 +253,53 @@ def estimate_headers(job: Job) -> dict[str, str]:
     return headers
 
 
+def usage(job: Job) -> dict[str, int]:
+    return {
+        "prompt_tokens": job.request.prompt_tokens,
+        "completion_tokens": job.tokens,
+        "total_tokens": job.request.prompt_tokens + job.tokens,
+    }
+
+
+def completion_body(job: Job, chat: bool) -> dict[str, Any]:
+    """The OpenAI body of a finished job's answer (``chat.completion`` or ``text_completion``)."""
+    reason = job.finish_reason or "length"
+    if chat:
+        choice: dict[str, Any] = {
+            "index": 0,
+            "message": {"role": "assistant", "content": job.text},
+            "finish_reason": reason,
+        }
+        obj, prefix = "chat.completion", "chatcmpl"
+    else:
+        choice = {"index": 0, "text": job.text, "finish_reason": reason, "logprobs": None}
+        obj, prefix = "text_completion", "cmpl"
+    return {
+        "id": f"{prefix}-{job.id}",
+        "object": obj,
+        "created": int(job.request.arrival_time),
+        "model": job.request.model,
+        "choices": [choice],
+        "usage": usage(job),
+        "qlm": qlm_info(job),
+    }
+
+
 class FrontDoor:
     """aiohttp handlers over a :class:`Coordinator`; one instance per server."""
 
-    def __init__(self, coord: Coordinator, auth: Authenticator, *, metrics_public: bool = False) -> None:
+    def __init__(
+        self,
+        coord: Coordinator,
+        auth: Authenticator,
+        *,
+        metrics_public: bool = False,
+        extensions: Sequence[Callable[[web.Application], None]] = (),
+    ) -> None:
         self.coord = coord
         self.auth = auth
         self.metrics_public = metrics_public
+        self.extensions = extensions  # more routes (the Batch API's)
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=MAX_BODY_BYTES)
@@ -268,6 +308,8 @@ class FrontDoor:
         app.router.add_get("/v1/models", self.list_models)
         app.router.add_post("/v1/completions", self.completions)
         app.router.add_post("/v1/chat/completions", self.chat_completions)
+        for add_routes in self.extensions:
+            add_routes(app)
         return app
 
     def _principal(self, request: web.Request, scope: str) -> Principal:
@@ -372,41 +414,13 @@ class FrontDoor:
             self.coord.cancel(job.id, "the client disconnected")
             raise
 
-    def _usage(self, job: Job) -> dict[str, int]:
-        return {
-            "prompt_tokens": job.request.prompt_tokens,
-            "completion_tokens": job.tokens,
-            "total_tokens": job.request.prompt_tokens + job.tokens,
-        }
-
     def _complete(self, job: Job, chat: bool) -> web.Response:
         if job.state != "finished":
             status = 499 if job.state == "cancelled" else 500
             return error_response(
                 status, f"request {job.id} {job.state}: {job.error}", code=job.state, extra=qlm_info(job)
             )
-        created = int(job.request.arrival_time)
-        reason = job.finish_reason or "length"
-        if chat:
-            choice: dict[str, Any] = {
-                "index": 0,
-                "message": {"role": "assistant", "content": job.text},
-                "finish_reason": reason,
-            }
-            obj, prefix = "chat.completion", "chatcmpl"
-        else:
-            choice = {"index": 0, "text": job.text, "finish_reason": reason, "logprobs": None}
-            obj, prefix = "text_completion", "cmpl"
-        body = {
-            "id": f"{prefix}-{job.id}",
-            "object": obj,
-            "created": created,
-            "model": job.request.model,
-            "choices": [choice],
-            "usage": self._usage(job),
-            "qlm": qlm_info(job),
-        }
-        return web.json_response(body, headers=estimate_headers(job))
+        return web.json_response(completion_body(job, chat), headers=estimate_headers(job))
 
     async def _stream(
         self, request: web.Request, job: Job, chat: bool, include_usage: bool
@@ -455,7 +469,7 @@ class FrontDoor:
                 last.update(text="", logprobs=None)
             await send({**base, "choices": [last], "qlm": qlm_info(job)})
             if include_usage:
-                await send({**base, "choices": [], "usage": self._usage(job)})
+                await send({**base, "choices": [], "usage": usage(job)})
         else:
             await send(
                 {

@@ -15,6 +15,9 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from qlm_plugin.coordinator.auth import Authenticator, check_bind, grpc_server_credentials, http_ssl_context
+from qlm_plugin.coordinator.batch_api import BatchAPI
+from qlm_plugin.coordinator.batch_store import BatchStore
+from qlm_plugin.coordinator.batches import BatchService
 from qlm_plugin.coordinator.config import CoordinatorConfig
 from qlm_plugin.coordinator.coordinator import Coordinator
 from qlm_plugin.coordinator.grpc_api import AdminService, AuthInterceptor, InstancesService, RequestsService
@@ -62,6 +65,8 @@ class CoordinatorServer:
         self._grpc: Any = None
         self._runner: web.AppRunner | None = None
         self._health: Any = None
+        self.batch_store: BatchStore | None = None
+        self.batches: BatchService | None = None
         self.stopped = asyncio.Event()
 
     async def start(self) -> None:
@@ -69,6 +74,9 @@ class CoordinatorServer:
         journal = Journal(cfg.journal.path, synchronous=cfg.journal.synchronous)
         coord = self.coordinator = Coordinator(cfg, self.scenario, journal, self._telemetry)
         await coord.start()
+        store = self.batch_store = BatchStore(cfg.batches.path or BatchStore.beside(cfg.journal.path))
+        self.batches = BatchService(coord, store, cfg.batches)
+        await self.batches.start()
         server = self._grpc = grpc.aio.server(interceptors=[AuthInterceptor(self.auth)], options=GRPC_OPTIONS)
         pb_grpc.add_RequestsServicer_to_server(RequestsService(coord, self.auth), server)  # type: ignore[no-untyped-call]  # generated stub
         pb_grpc.add_InstancesServicer_to_server(InstancesService(coord, self.auth), server)  # type: ignore[no-untyped-call]  # generated stub
@@ -87,7 +95,13 @@ class CoordinatorServer:
         await server.start()
         for name in ("", *SERVICES):
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
-        front = FrontDoor(coord, self.auth, metrics_public=cfg.metrics_public or not self.auth.enabled)
+        batch_api = BatchAPI(self.batches, store, self.auth, cfg)
+        front = FrontDoor(
+            coord,
+            self.auth,
+            metrics_public=cfg.metrics_public or not self.auth.enabled,
+            extensions=[batch_api.add_routes],
+        )
         self._runner = make_runner(front)
         await self._runner.setup()
         site = web.TCPSite(self._runner, cfg.http.host, cfg.http.port, ssl_context=http_ssl_context(cfg))
@@ -111,12 +125,16 @@ class CoordinatorServer:
             await self._health.enter_graceful_shutdown()
         if self.coordinator is not None:
             left = await self.coordinator.drain(drain_timeout_s)
+        if self.batches is not None:  # after the drain: requests that finished in it are counted
+            await self.batches.close()
         if self._runner is not None:
             await self._runner.cleanup()
         if self._grpc is not None:
             await self._grpc.stop(grace=2.0)
         if self.coordinator is not None:
             await self.coordinator.journal.close()
+        if self.batch_store is not None:
+            self.batch_store.close()
         self.stopped.set()
         log.info("coordinator stopped: %s left in the journal", left or "nothing")
         return left

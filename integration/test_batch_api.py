@@ -1,0 +1,363 @@
+"""The OpenAI Batch API end to end, in one process: the official ``openai`` SDK against a real
+coordinator on loopback (real SQLite journal and batch store) with simulated instances."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import openai
+import pytest
+
+from qlm_plugin.adapters.sim.realtime import synthetic_text
+from qlm_plugin.coordinator.batch_store import BatchStore
+from qlm_plugin.testing.stack import LocalStack, local_stack
+
+MODEL = "llama-3.1-8b"
+
+
+def run(tmp_path: Path, body: Callable[[LocalStack], Awaitable[None]], **kw: Any) -> None:
+    async def main() -> None:
+        async with local_stack(tmp_path, **kw) as stack:
+            await body(stack)
+
+    asyncio.run(main())
+
+
+def client(st: LocalStack, key: str = "none") -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(base_url=f"{st.http_url}/v1", api_key=key, max_retries=0)
+
+
+def jsonl(rows: list[dict[str, Any]]) -> bytes:
+    return "".join(json.dumps(r) + "\n" for r in rows).encode()
+
+
+def completion_lines(n: int, tokens: int = 8, url: str = "/v1/completions") -> list[dict[str, Any]]:
+    return [
+        {
+            "custom_id": f"task-{i}",
+            "method": "POST",
+            "url": url,
+            "body": {"model": MODEL, "prompt": f"item {i}", "max_tokens": tokens + i % 3},
+        }
+        for i in range(n)
+    ]
+
+
+async def wait_status(
+    oa: openai.AsyncOpenAI, batch_id: str, statuses: set[str], timeout_s: float = 60
+) -> Any:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        batch = await oa.batches.retrieve(batch_id)
+        if batch.status in statuses:
+            return batch
+        assert time.monotonic() < deadline, f"batch still {batch.status}"
+        await asyncio.sleep(0.1)
+
+
+async def lines_of(oa: openai.AsyncOpenAI, file_id: str | None) -> list[dict[str, Any]]:
+    if file_id is None:
+        return []
+    content = await oa.files.content(file_id)
+    return [json.loads(x) for x in content.text.splitlines()]
+
+
+def test_the_openai_sdk_runs_a_batch_end_to_end(tmp_path: Path) -> None:
+    async def body(st: LocalStack) -> None:
+        oa = client(st)
+        rows = completion_lines(12)
+        f = await oa.files.create(file=("requests.jsonl", jsonl(rows)), purpose="batch")
+        assert f.purpose == "batch" and f.bytes == len(jsonl(rows))
+        batch = await oa.batches.create(
+            input_file_id=f.id,
+            endpoint="/v1/completions",
+            completion_window="24h",
+            metadata={"job": "nightly"},
+        )
+        assert batch.status in ("validating", "in_progress") and batch.metadata == {"job": "nightly"}
+        done = await wait_status(oa, batch.id, {"completed", "failed"})
+        assert done.status == "completed", done.errors
+        assert done.request_counts is not None
+        assert (done.request_counts.total, done.request_counts.completed, done.request_counts.failed) == (
+            12,
+            12,
+            0,
+        )
+        assert done.error_file_id is None
+        out = await lines_of(oa, done.output_file_id)
+        assert [o["custom_id"] for o in out] == [r["custom_id"] for r in rows]  # input order
+        for o, r in zip(out, rows, strict=True):
+            resp = o["response"]
+            assert resp["status_code"] == 200 and o["error"] is None
+            text = resp["body"]["choices"][0]["text"]
+            assert text == synthetic_text(resp["request_id"], 0, r["body"]["max_tokens"])
+            assert resp["body"]["usage"]["completion_tokens"] == r["body"]["max_tokens"]
+        assert done.usage is not None and done.usage.output_tokens == sum(
+            r["body"]["max_tokens"] for r in rows
+        )
+        listed = await oa.batches.list()
+        assert [b.id for b in listed.data] == [batch.id]
+        files = await oa.files.list()
+        assert {x.purpose for x in files.data} == {"batch", "batch_output"}
+        # the batch's requests were batch work: the class's deadline replaced by the window
+        jobs = [st.coordinator.lookup(o["response"]["request_id"]) for o in out]
+        assert all(j is not None and j.request.slo_class == "batch" for j in jobs)
+        e2e = [j.request.slo.e2e_deadline for j in jobs if j is not None]
+        assert all(d is not None and abs(d - (batch.created_at + 24 * 3600)) < 2 for d in e2e)
+        await oa.files.delete(f.id)
+        with pytest.raises(openai.NotFoundError):
+            await oa.files.retrieve(f.id)
+        await oa.close()
+
+    run(tmp_path, body)
+
+
+def test_a_chat_batch_answers_chat_completions(tmp_path: Path) -> None:
+    async def body(st: LocalStack) -> None:
+        oa = client(st)
+        rows = [
+            {
+                "custom_id": f"c{i}",
+                "method": "POST",
+                "url": "/v1/chat/completions",
+                "body": {"model": MODEL, "messages": [{"role": "user", "content": f"q{i}"}], "max_tokens": 5},
+            }
+            for i in range(4)
+        ]
+        f = await oa.files.create(file=("chat.jsonl", jsonl(rows)), purpose="batch")
+        batch = await oa.batches.create(
+            input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="1h"
+        )
+        done = await wait_status(oa, batch.id, {"completed", "failed"})
+        assert done.status == "completed"
+        out = await lines_of(oa, done.output_file_id)
+        assert [o["response"]["body"]["object"] for o in out] == ["chat.completion"] * 4
+        assert all(o["response"]["body"]["choices"][0]["message"]["role"] == "assistant" for o in out)
+        await oa.close()
+
+    run(tmp_path, body)
+
+
+def test_invalid_lines_fail_validation_with_their_line_numbers(tmp_path: Path) -> None:
+    async def body(st: LocalStack) -> None:
+        oa = client(st)
+        good = completion_lines(2)
+        rows = [
+            json.dumps(good[0]),
+            "{not json",
+            json.dumps({**good[1], "custom_id": "task-0"}),  # duplicate custom_id
+            json.dumps({**good[1], "custom_id": "x", "body": {**good[1]["body"], "model": "nope"}}),
+            json.dumps({**good[1], "custom_id": "y", "url": "/v1/chat/completions"}),
+            json.dumps({**good[1], "custom_id": "z", "body": {**good[1]["body"], "stream": True}}),
+            json.dumps({**good[1], "custom_id": "w", "body": {**good[1]["body"], "max_tokens": -1}}),
+        ]
+        f = await oa.files.create(file=("bad.jsonl", ("\n".join(rows) + "\n").encode()), purpose="batch")
+        batch = await oa.batches.create(
+            input_file_id=f.id, endpoint="/v1/completions", completion_window="24h"
+        )
+        done = await wait_status(oa, batch.id, {"failed", "completed"})
+        assert done.status == "failed" and done.failed_at is not None
+        assert done.errors is not None and done.errors.data is not None
+        by_line = {e.line: e for e in done.errors.data}
+        assert sorted(by_line) == [2, 3, 4, 5, 6, 7]
+        assert "custom_id" in (by_line[3].message or "")
+        assert by_line[4].param == "body.model" and "nope" in (by_line[4].message or "")
+        assert by_line[5].param == "url"
+        assert by_line[6].param == "body.stream"
+        assert by_line[7].param == "body.max_tokens"
+        # nothing of a failed batch was queued
+        assert not any(j.spec.idempotency_key for j in st.coordinator.jobs.values())
+        await oa.close()
+
+    run(tmp_path, body)
+
+
+def test_bad_batch_requests_get_precise_errors(tmp_path: Path) -> None:
+    async def body(st: LocalStack) -> None:
+        oa = client(st)
+        f = await oa.files.create(file=("r.jsonl", jsonl(completion_lines(1))), purpose="batch")
+        with pytest.raises(openai.BadRequestError, match="completion_window"):
+            await oa.batches.create(input_file_id=f.id, endpoint="/v1/completions", completion_window="3d")  # type: ignore[arg-type]
+        with pytest.raises(openai.BadRequestError, match="endpoint"):
+            await oa.batches.create(input_file_id=f.id, endpoint="/v1/embeddings", completion_window="24h")
+        with pytest.raises(openai.NotFoundError):
+            await oa.batches.create(
+                input_file_id="file-nope", endpoint="/v1/completions", completion_window="24h"
+            )
+        with pytest.raises(openai.NotFoundError):
+            await oa.batches.retrieve("batch_nope")
+        with pytest.raises(openai.BadRequestError, match="purpose"):
+            await oa.files.create(file=("r.jsonl", b"{}"), purpose="fine-tune")
+        async with aiohttp.ClientSession() as http:  # a client may not use the batches' keys
+            body = {
+                "model": MODEL,
+                "prompt": "x",
+                "max_tokens": 2,
+                "qlm": {"idempotency_key": "qlm-batch/b/0"},
+            }
+            async with http.post(f"{st.http_url}/v1/completions", json=body) as r:
+                assert r.status == 400 and "reserved" in (await r.json())["error"]["message"]
+        await oa.close()
+
+    run(tmp_path, body)
+
+
+def test_cancel_stops_queued_requests_and_keeps_finished_ones(tmp_path: Path) -> None:
+    async def body(st: LocalStack) -> None:
+        oa = client(st)
+        rows = completion_lines(200, tokens=400)
+        f = await oa.files.create(file=("many.jsonl", jsonl(rows)), purpose="batch")
+        batch = await oa.batches.create(
+            input_file_id=f.id, endpoint="/v1/completions", completion_window="24h"
+        )
+        deadline = time.monotonic() + 60
+        while (
+            b := await oa.batches.retrieve(batch.id)
+        ).request_counts is None or b.request_counts.completed < 3:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.05)
+        cancelling = await oa.batches.cancel(batch.id)
+        assert cancelling.status in ("cancelling", "cancelled")
+        done = await wait_status(oa, batch.id, {"cancelled"})
+        counts = done.request_counts
+        assert counts is not None and counts.total == 200 and counts.completed + counts.failed == 200
+        assert 3 <= counts.completed < 200
+        out = await lines_of(oa, done.output_file_id)
+        err = await lines_of(oa, done.error_file_id)
+        assert len(out) == counts.completed and len(err) == counts.failed
+        assert sorted(o["custom_id"] for o in out + err) == sorted(r["custom_id"] for r in rows)  # each once
+        assert {e["error"]["code"] for e in err} == {"batch_cancelled"}
+        # nothing of the batch is left queued or running
+        assert not [j for j in st.coordinator.jobs.values() if j.state in ("queued", "dispatched")]
+        await oa.close()
+
+    run(tmp_path, body, speed=2.0)
+
+
+def test_a_batch_past_its_window_expires_with_what_finished(tmp_path: Path) -> None:
+    async def body(st: LocalStack) -> None:
+        oa = client(st)
+        rows = completion_lines(120, tokens=1500)
+        for i, r in enumerate(rows):  # one in ten short enough to finish in the window
+            r["body"]["max_tokens"] = 10 if i % 10 == 0 else 1500
+        f = await oa.files.create(file=("slow.jsonl", jsonl(rows)), purpose="batch")
+        batch = await oa.batches.create(
+            input_file_id=f.id, endpoint="/v1/completions", completion_window="3s"
+        )
+        done = await wait_status(oa, batch.id, {"expired", "completed"}, timeout_s=30)
+        assert done.status == "expired" and done.expired_at is not None
+        out = await lines_of(oa, done.output_file_id)
+        err = await lines_of(oa, done.error_file_id)
+        assert out and err and len(out) + len(err) == 120
+        assert {e["error"]["code"] for e in err} == {"batch_expired"}
+        assert not [j for j in st.coordinator.jobs.values() if j.state in ("queued", "dispatched")]
+        await oa.close()
+
+    run(tmp_path, body, speed=1.0, config={"batches": {"min_window_s": 1}})
+
+
+def test_files_and_batches_are_visible_to_their_tenant_only(tmp_path: Path) -> None:
+    env = {"TOK_A": "token-a", "TOK_B": "token-b", "TOK_ADMIN": "token-admin", "TOK_I": "token-i"}
+    tokens = [
+        {"token_env": "TOK_A", "scopes": ["client"], "tenant": "a"},
+        {"token_env": "TOK_B", "scopes": ["client"], "tenant": "b"},
+        {"token_env": "TOK_ADMIN", "scopes": ["client", "admin"]},
+        {"token_env": "TOK_I", "scopes": ["instance"]},
+    ]
+
+    async def body(st: LocalStack) -> None:
+        a, b, admin = client(st, "token-a"), client(st, "token-b"), client(st, "token-admin")
+        f = await a.files.create(file=("a.jsonl", jsonl(completion_lines(2))), purpose="batch")
+        batch = await a.batches.create(
+            input_file_id=f.id, endpoint="/v1/completions", completion_window="24h"
+        )
+        with pytest.raises(openai.NotFoundError):
+            await b.files.retrieve(f.id)
+        with pytest.raises(openai.NotFoundError):
+            await b.files.content(f.id)
+        with pytest.raises(openai.NotFoundError):
+            await b.batches.retrieve(batch.id)
+        with pytest.raises(openai.NotFoundError):
+            await b.batches.cancel(batch.id)
+        with pytest.raises(openai.NotFoundError):  # b cannot run a's file either
+            await b.batches.create(input_file_id=f.id, endpoint="/v1/completions", completion_window="24h")
+        assert (await b.batches.list()).data == [] and (await b.files.list()).data == []
+        assert [x.id for x in (await admin.batches.list()).data] == [batch.id]
+        assert (await admin.files.retrieve(f.id)).id == f.id
+        with pytest.raises(openai.AuthenticationError):
+            await client(st, "wrong").files.list()
+        done = await wait_status(a, batch.id, {"completed"})
+        assert done.output_file_id is not None
+        with pytest.raises(openai.NotFoundError):
+            await b.files.content(done.output_file_id)
+        for c in (a, b, admin):
+            await c.close()
+
+    run(tmp_path, body, config={"tokens": tokens}, env=env, token="token-i")
+
+
+def test_file_size_limits_per_tenant(tmp_path: Path) -> None:
+    async def body(st: LocalStack) -> None:
+        oa = client(st)
+        with pytest.raises(openai.APIStatusError) as too_big:
+            await oa.files.create(file=("big.jsonl", b"x" * 2000), purpose="batch")
+        assert too_big.value.status_code == 413
+        await oa.files.create(file=("one.jsonl", b"y" * 900), purpose="batch")
+        with pytest.raises(openai.RateLimitError, match="limit"):
+            await oa.files.create(file=("two.jsonl", b"z" * 900), purpose="batch")
+        await oa.close()
+
+    limits = {"max_file_bytes": 1000, "max_stored_bytes": 1500}
+    run(tmp_path, body, config={"tenant_limits": limits})
+
+
+def test_a_batch_resumes_after_a_restart_in_any_state(tmp_path: Path) -> None:
+    """The store and the journal alone carry a batch over a restart: one left validating, and one
+    that finished but is set back to finalizing with its output files gone (a crash before the
+    finalizing transaction), both complete on the next start with every line answered once."""
+    rows = completion_lines(30)
+    ids: dict[str, str] = {}
+
+    async def first(st: LocalStack) -> None:
+        oa = client(st)
+        f = await oa.files.create(file=("r.jsonl", jsonl(rows)), purpose="batch")
+        b1 = await oa.batches.create(input_file_id=f.id, endpoint="/v1/completions", completion_window="24h")
+        done = await wait_status(oa, b1.id, {"completed"})
+        ids.update(finalized=b1.id, input=f.id, output=done.output_file_id or "")
+        await oa.close()
+
+    run(tmp_path, first)
+    store = BatchStore(BatchStore.beside(str(tmp_path / "journal.db")))
+    rec = store.get_batch(ids["finalized"])
+    assert rec is not None
+    output_before = store.file_content(ids["output"])
+    store.delete_file(ids["output"])
+    rec.status, rec.output_file_id, rec.completed_at = "finalizing", None, None
+    store.put_batch(rec)
+    from qlm_plugin.coordinator.batch_store import BatchRecord
+
+    pending = BatchRecord(
+        "batch_pending", "default", ids["input"], "/v1/completions", "24h", 86400.0, time.time()
+    )
+    store.put_batch(pending)
+    store.close()
+
+    async def second(st: LocalStack) -> None:
+        oa = client(st)
+        again = await wait_status(oa, ids["finalized"], {"completed"})
+        out = await lines_of(oa, again.output_file_id)
+        assert json.dumps(out).encode() and len(out) == 30
+        before = [json.loads(x) for x in (output_before or b"").splitlines()]
+        # the same answers: the same requests, found in the journal, not served again
+        assert [o["response"]["request_id"] for o in out] == [o["response"]["request_id"] for o in before]
+        fresh = await wait_status(oa, "batch_pending", {"completed"})
+        assert fresh.request_counts is not None and fresh.request_counts.completed == 30
+        await oa.close()
+
+    run(tmp_path, second)

@@ -1,0 +1,340 @@
+"""Durable files and batches of the Batch API: one SQLite file beside the journal (WAL).
+
+What lives here: uploaded files (their bytes too), each batch's record (its OpenAI object and its
+status), and the answer of every line that never became a request (refused at submission, expired
+or cancelled before it was sent). The answers of lines that did become requests live in the
+journal, found by their idempotency key, so a line is answered from one place only.
+
+Every method is synchronous and takes a lock: safe from any thread. The front door calls the ones
+that move file bytes through ``asyncio.to_thread``; the small updates are a few milliseconds and run
+on the event loop. A commit is durable against a crash of the process (``synchronous=NORMAL`` in
+WAL mode), as the journal's default.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Final
+
+SCHEMA_VERSION: Final = 1
+#: Statuses after which a batch changes no more.
+FINAL: Final = frozenset({"completed", "failed", "expired", "cancelled"})
+
+_SCHEMA: Final = (
+    """CREATE TABLE files (
+        id TEXT PRIMARY KEY,
+        tenant TEXT NOT NULL,
+        filename TEXT NOT NULL,
+        purpose TEXT NOT NULL,
+        bytes INTEGER NOT NULL,
+        created_at INTEGER NOT NULL,
+        content BLOB NOT NULL
+    )""",
+    "CREATE INDEX files_tenant ON files (tenant, created_at)",
+    """CREATE TABLE batches (
+        seq INTEGER PRIMARY KEY,
+        id TEXT NOT NULL UNIQUE,
+        tenant TEXT NOT NULL,
+        status TEXT NOT NULL,
+        record TEXT NOT NULL
+    )""",
+    "CREATE INDEX batches_tenant ON batches (tenant, seq)",
+    """CREATE TABLE line_answers (
+        batch_id TEXT NOT NULL,
+        line INTEGER NOT NULL,
+        answer TEXT NOT NULL,
+        PRIMARY KEY (batch_id, line)
+    )""",
+)
+
+
+class StoreError(Exception):
+    """Not a batch store, or a newer schema."""
+
+
+@dataclass(slots=True)
+class FileRecord:
+    """A stored file, without its bytes: OpenAI's ``file`` object and its owner."""
+
+    id: str
+    tenant: str
+    filename: str
+    purpose: str
+    bytes: int
+    created_at: int
+
+    def to_openai(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "object": "file",
+            "bytes": self.bytes,
+            "created_at": self.created_at,
+            "filename": self.filename,
+            "purpose": self.purpose,
+            "status": "processed",
+            "expires_at": None,
+            "status_details": None,
+        }
+
+
+@dataclass(slots=True)
+class BatchRecord:
+    """A batch as OpenAI's ``batch`` object holds it, with its owner and its deadline (unix seconds,
+    not rounded: the end-to-end deadline of every one of its requests)."""
+
+    id: str
+    tenant: str
+    input_file_id: str
+    endpoint: str
+    completion_window: str
+    window_s: float
+    created_at: float
+    status: str = "validating"
+    metadata: dict[str, str] | None = None
+    errors: list[dict[str, Any]] | None = None
+    output_file_id: str | None = None
+    error_file_id: str | None = None
+    in_progress_at: float | None = None
+    finalizing_at: float | None = None
+    completed_at: float | None = None
+    failed_at: float | None = None
+    expired_at: float | None = None
+    cancelling_at: float | None = None
+    cancelled_at: float | None = None
+    total: int = 0
+    completed: int = 0
+    failed: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    model: str | None = None
+    # why the batch is finalizing (the status it ends in): completed, expired or cancelled
+    ending: str = field(default="completed")
+
+    @property
+    def deadline(self) -> float:
+        return self.created_at + self.window_s
+
+    def to_openai(self) -> dict[str, Any]:
+        def ts(t: float | None) -> int | None:
+            return None if t is None else int(t)
+
+        return {
+            "id": self.id,
+            "object": "batch",
+            "endpoint": self.endpoint,
+            "model": self.model,
+            "errors": None if self.errors is None else {"object": "list", "data": self.errors},
+            "input_file_id": self.input_file_id,
+            "completion_window": self.completion_window,
+            "status": self.status,
+            "output_file_id": self.output_file_id,
+            "error_file_id": self.error_file_id,
+            "created_at": int(self.created_at),
+            "in_progress_at": ts(self.in_progress_at),
+            "expires_at": int(self.deadline),
+            "finalizing_at": ts(self.finalizing_at),
+            "completed_at": ts(self.completed_at),
+            "failed_at": ts(self.failed_at),
+            "expired_at": ts(self.expired_at),
+            "cancelling_at": ts(self.cancelling_at),
+            "cancelled_at": ts(self.cancelled_at),
+            "request_counts": {"total": self.total, "completed": self.completed, "failed": self.failed},
+            "usage": {
+                "input_tokens": self.input_tokens,
+                "output_tokens": self.output_tokens,
+                "total_tokens": self.input_tokens + self.output_tokens,
+                "input_tokens_details": {"cached_tokens": 0},
+                "output_tokens_details": {"reasoning_tokens": 0},
+            },
+            "metadata": self.metadata,
+        }
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}{uuid.uuid4().hex}"
+
+
+class BatchStore:
+    def __init__(self, path: str | Path) -> None:
+        self.path = str(path)
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        try:
+            self._prepare()
+        except sqlite3.DatabaseError as exc:
+            self._db.close()
+            raise StoreError(f"{self.path}: not a batch store: {exc}") from None
+
+    @staticmethod
+    def beside(journal_path: str) -> str:
+        """The store's path for a journal's (``qlm-journal.db`` -> ``qlm-journal.batches.db``)."""
+        if journal_path == ":memory:":
+            return ":memory:"
+        p = Path(journal_path)
+        return str(p.with_name(f"{p.stem}.batches{p.suffix or '.db'}"))
+
+    def _prepare(self) -> None:
+        db = self._db
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=NORMAL")
+        db.execute("PRAGMA busy_timeout=5000")
+        version = db.execute("PRAGMA user_version").fetchone()[0]
+        if version == 0:
+            if db.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]:
+                raise StoreError(f"{self.path}: holds other tables: not a batch store")
+            with self._transaction():
+                for statement in _SCHEMA:
+                    db.execute(statement)
+                db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        elif version > SCHEMA_VERSION:
+            raise StoreError(f"{self.path}: schema {version} is newer than this version's {SCHEMA_VERSION}")
+
+    def _transaction(self) -> Any:
+        db = self._db
+
+        class _Tx:
+            def __enter__(self) -> None:
+                db.execute("BEGIN IMMEDIATE")
+
+            def __exit__(self, kind: Any, *_: Any) -> None:
+                db.execute("COMMIT" if kind is None else "ROLLBACK")
+
+        return _Tx()
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    # ------------------------------------------------------------------ files
+    def put_file(self, tenant: str, filename: str, purpose: str, content: bytes) -> FileRecord:
+        rec = FileRecord(new_id("file-"), tenant, filename, purpose, len(content), int(time.time()))
+        with self._lock, self._transaction():
+            self._insert_file(rec, content)
+        return rec
+
+    def _insert_file(self, rec: FileRecord, content: bytes) -> None:
+        self._db.execute(
+            "INSERT INTO files (id, tenant, filename, purpose, bytes, created_at, content)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (rec.id, rec.tenant, rec.filename, rec.purpose, rec.bytes, rec.created_at, content),
+        )
+
+    def get_file(self, file_id: str) -> FileRecord | None:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT id, tenant, filename, purpose, bytes, created_at FROM files WHERE id = ?", (file_id,)
+            ).fetchone()
+        return None if row is None else FileRecord(*row)
+
+    def file_content(self, file_id: str) -> bytes | None:
+        with self._lock:
+            row = self._db.execute("SELECT content FROM files WHERE id = ?", (file_id,)).fetchone()
+        return None if row is None else bytes(row[0])
+
+    def list_files(
+        self,
+        tenant: str | None,
+        *,
+        purpose: str | None = None,
+        limit: int = 10_000,
+        newest_first: bool = True,
+    ) -> list[FileRecord]:
+        where, args = [], []
+        if tenant is not None:
+            where.append("tenant = ?")
+            args.append(tenant)
+        if purpose is not None:
+            where.append("purpose = ?")
+            args.append(purpose)
+        sql = "SELECT id, tenant, filename, purpose, bytes, created_at FROM files"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        direction = "DESC" if newest_first else "ASC"
+        sql += f" ORDER BY created_at {direction}, rowid {direction} LIMIT ?"
+        with self._lock:
+            rows = self._db.execute(sql, (*args, limit)).fetchall()
+        return [FileRecord(*r) for r in rows]
+
+    def delete_file(self, file_id: str) -> bool:
+        with self._lock, self._transaction():
+            return self._db.execute("DELETE FROM files WHERE id = ?", (file_id,)).rowcount > 0
+
+    def tenant_bytes(self, tenant: str) -> int:
+        with self._lock:
+            row = self._db.execute("SELECT coalesce(sum(bytes), 0) FROM files WHERE tenant = ?", (tenant,))
+            return int(row.fetchone()[0])
+
+    # ------------------------------------------------------------------ batches
+    def put_batch(self, batch: BatchRecord) -> None:
+        """Insert a new batch, or write a known one's current state."""
+        with self._lock, self._transaction():
+            self._write_batch(batch)
+
+    def _write_batch(self, batch: BatchRecord) -> None:
+        self._db.execute(
+            "INSERT INTO batches (id, tenant, status, record) VALUES (?, ?, ?, ?)"
+            " ON CONFLICT (id) DO UPDATE SET status = excluded.status, record = excluded.record",
+            (batch.id, batch.tenant, batch.status, json.dumps(asdict(batch))),
+        )
+
+    def get_batch(self, batch_id: str) -> BatchRecord | None:
+        with self._lock:
+            row = self._db.execute("SELECT record FROM batches WHERE id = ?", (batch_id,)).fetchone()
+        return None if row is None else BatchRecord(**json.loads(row[0]))
+
+    def list_batches(
+        self, tenant: str | None, *, limit: int = 20, after: str | None = None
+    ) -> list[BatchRecord]:
+        """Newest first; ``after``: the id of the last batch of the previous page."""
+        where, args = [], []
+        if tenant is not None:
+            where.append("tenant = ?")
+            args.append(tenant)
+        if after is not None:
+            where.append("seq < coalesce((SELECT seq FROM batches WHERE id = ?), -1)")
+            args.append(after)
+        sql = "SELECT record FROM batches"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY seq DESC LIMIT ?"
+        with self._lock:
+            rows = self._db.execute(sql, (*args, limit)).fetchall()
+        return [BatchRecord(**json.loads(r[0])) for r in rows]
+
+    def unfinished_batches(self) -> list[BatchRecord]:
+        finals = ", ".join(f"'{s}'" for s in sorted(FINAL))
+        with self._lock:
+            rows = self._db.execute(
+                f"SELECT record FROM batches WHERE status NOT IN ({finals}) ORDER BY seq"
+            ).fetchall()
+        return [BatchRecord(**json.loads(r[0])) for r in rows]
+
+    # ------------------------------------------------------------------ answers of lines never sent
+    def answer_line(self, batch_id: str, line: int, answer: dict[str, Any]) -> None:
+        """A line's answer when it never became a request; the first answer stands."""
+        with self._lock, self._transaction():
+            self._db.execute(
+                "INSERT OR IGNORE INTO line_answers (batch_id, line, answer) VALUES (?, ?, ?)",
+                (batch_id, line, json.dumps(answer)),
+            )
+
+    def line_answers(self, batch_id: str) -> dict[int, dict[str, Any]]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT line, answer FROM line_answers WHERE batch_id = ?", (batch_id,)
+            ).fetchall()
+        return {int(line): json.loads(answer) for line, answer in rows}
+
+    def finalize(self, batch: BatchRecord, files: list[tuple[FileRecord, bytes]]) -> None:
+        """The batch's output files and its final state, in one transaction: after a crash either
+        both are there or neither (and finalizing runs again)."""
+        with self._lock, self._transaction():
+            for rec, content in files:
+                self._insert_file(rec, content)
+            self._write_batch(batch)

@@ -1,0 +1,559 @@
+"""The Batch API's work: validate a batch's input file, feed its lines to the global queue as
+requests whose end-to-end deadline is the batch's completion window, follow them, and write the
+output and error files in input order.
+
+A line becomes a request with the idempotency key ``qlm-batch/<batch id>/<line>``, so every step is
+safe to repeat: after a crash of the coordinator the batch's task runs again from the top, each line
+submitted again finds its request in the journal (queued, running or finished), and finalizing builds
+the same files from the journal. A line that never became a request (refused, or the batch expired or
+was cancelled first) is answered in the batch store once. Each line is answered exactly once.
+
+Runs on the coordinator's event loop (not thread-safe), one task per unfinished batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import math
+import re
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from qlm_plugin.coordinator.batch_store import FINAL, BatchRecord, BatchStore, FileRecord, new_id
+from qlm_plugin.coordinator.config import BatchSettings
+from qlm_plugin.coordinator.coordinator import RESERVED_KEY_PREFIX, Coordinator
+from qlm_plugin.coordinator.http_api import SUBMIT_HTTP, completion_body, parse_openai
+from qlm_plugin.coordinator.jobs import Job, SubmitError
+from qlm_plugin.coordinator.openai_params import BadRequest
+from qlm_plugin.proto.qlm.v1 import qlm_pb2 as pb
+
+log = logging.getLogger("qlm_plugin.coordinator.batches")
+
+BATCH_KEY_PREFIX = RESERVED_KEY_PREFIX
+#: endpoint -> whether its bodies are chat requests
+ENDPOINTS = {"/v1/completions": False, "/v1/chat/completions": True}
+#: OpenAI's window is 24h; shorter ones (a number and s, m or h, down to the configured
+#: ``batches.min_window_s``) are this product's extension.
+MAX_WINDOW_S = 24 * 3600.0
+_WINDOW = re.compile(r"^([1-9][0-9]{0,5})([smh])$")
+#: Validation errors listed per batch (the count says how many there were).
+MAX_LISTED_ERRORS = 100
+#: Unfinished queued requests the estimator is asked about when a batch is read.
+ESTIMATE_SAMPLE = 32
+
+
+def parse_window(value: Any, min_s: float = 60.0) -> float:
+    """Seconds of a ``completion_window`` such as ``24h``, ``1h``, ``10m`` or ``90s``."""
+    match = _WINDOW.match(value) if isinstance(value, str) else None
+    if match is None:
+        raise BadRequest("completion_window", f"must be like '24h', '1h' or '10m', got {value!r}")
+    seconds = int(match[1]) * {"s": 1, "m": 60, "h": 3600}[match[2]]
+    if not min_s <= seconds <= MAX_WINDOW_S:
+        raise BadRequest("completion_window", f"must be between {min_s:g}s and 24h, got {value!r}")
+    return float(seconds)
+
+
+@dataclass(slots=True)
+class Line:
+    """One valid line of an input file: its position (0-based), ``custom_id`` and request."""
+
+    index: int
+    custom_id: str
+    spec: pb.RequestSpec
+
+
+@dataclass(slots=True)
+class Parsed:
+    lines: list[Line] = field(default_factory=list)
+    errors: list[dict[str, Any]] = field(default_factory=list)  # OpenAI's batch errors, 1-based lines
+    invalid: dict[int, dict[str, Any]] = field(default_factory=dict)  # index -> error, custom_id
+
+    def fail(self, index: int, custom_id: str | None, message: str, param: str | None = None) -> None:
+        error = {"code": "invalid_request", "message": message, "param": param, "line": index + 1}
+        self.errors.append(error)
+        self.invalid[index] = {**error, "custom_id": custom_id}
+
+
+def parse_input(
+    content: bytes, endpoint: str, coord: Coordinator, *, max_requests: int, now: float
+) -> Parsed:
+    """Every line of a batch input file checked as the front door checks a request, and as the
+    coordinator would refuse it (model, class, size, an SLO nobody meets); blank lines skipped."""
+    chat = ENDPOINTS[endpoint]
+    out = Parsed()
+    book = coord.book
+    default_class = "batch" if "batch" in book.classes else book.default_class
+    seen: set[str] = set()
+    try:
+        text = content.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        out.errors.append(
+            {"code": "invalid_file", "message": f"not UTF-8: {exc}", "param": None, "line": None}
+        )
+        return out
+    rows = text.splitlines()
+    if sum(1 for r in rows if r.strip()) > max_requests:
+        message = f"the file holds more than {max_requests} requests"
+        out.errors.append({"code": "too_many_requests", "message": message, "param": None, "line": None})
+        return out
+    for index, row in enumerate(rows):
+        if not row.strip():
+            continue
+        try:
+            obj = json.loads(row)
+        except (ValueError, RecursionError) as exc:
+            out.fail(index, None, f"not valid JSON: {exc}")
+            continue
+        if not isinstance(obj, dict):
+            out.fail(index, None, "each line must be a JSON object")
+            continue
+        custom_id = obj.get("custom_id")
+        if not isinstance(custom_id, str) or not custom_id or len(custom_id) > 512:
+            out.fail(
+                index, None, "custom_id must be a non-empty string of at most 512 characters", "custom_id"
+            )
+            continue
+        if custom_id in seen:
+            out.fail(index, custom_id, f"custom_id {custom_id!r} is used by an earlier line", "custom_id")
+            continue
+        seen.add(custom_id)
+        if obj.get("method") != "POST":
+            out.fail(index, custom_id, f"method must be 'POST', got {obj.get('method')!r}", "method")
+            continue
+        if obj.get("url") != endpoint:
+            out.fail(
+                index,
+                custom_id,
+                f"url must be the batch's endpoint {endpoint!r}, got {obj.get('url')!r}",
+                "url",
+            )
+            continue
+        body = obj.get("body")
+        if not isinstance(body, dict):
+            out.fail(index, custom_id, "body must be a JSON object", "body")
+            continue
+        if body.get("stream"):
+            out.fail(index, custom_id, "streaming is not supported in a batch", "body.stream")
+            continue
+        try:
+            spec, _, _ = parse_openai(body, {}, chat)
+        except BadRequest as exc:
+            out.fail(index, custom_id, f"{exc.param}: {exc}" if exc.param else str(exc), f"body.{exc.param}")
+            continue
+        if spec.idempotency_key:
+            out.fail(
+                index, custom_id, "the batch sets each line's idempotency key", "body.qlm.idempotency_key"
+            )
+            continue
+        if not spec.slo.slo_class:
+            spec.slo.slo_class = default_class
+        probe = pb.RequestSpec()
+        probe.CopyFrom(spec)
+        probe.request_id = f"line-{index + 1}"  # the request's own id is given when it is submitted
+        try:
+            request = book.build_request(probe, now)
+            book.check_feasible(request)
+        except SubmitError as exc:
+            out.fail(index, custom_id, str(exc), f"body.{exc.field}" if exc.field else "body")
+            continue
+        out.lines.append(Line(index, custom_id, spec))
+    if not out.lines and not out.errors:
+        out.errors.append(
+            {"code": "empty_file", "message": "the file holds no requests", "param": None, "line": None}
+        )
+    return out
+
+
+def _error_line(
+    custom_id: str | None, code: str, message: str, status: int | None = None, request_id: str | None = None
+) -> dict[str, Any]:
+    """An answer of the error file. With ``status``, the request got an HTTP error response;
+    without, it never ran (expired, cancelled)."""
+    response = None
+    if status is not None:
+        kind = "invalid_request_error" if status < 500 else "server_error"
+        body = {"error": {"message": message, "type": kind, "param": None, "code": code}}
+        response = {"status_code": status, "request_id": request_id, "body": body}
+    return {
+        "id": new_id("batch_req_"),
+        "custom_id": custom_id,
+        "response": response,
+        "error": None if status is not None else {"code": code, "message": message},
+    }
+
+
+def _job_answer(line: Line, job: Job, ending: str, chat: bool) -> tuple[bool, dict[str, Any]]:
+    """(whether it goes to the output file, the answer) of a line's request, which has ended."""
+    if job.state == "finished":
+        body = completion_body(job, chat)
+        answer = {"status_code": 200, "request_id": job.id, "body": body}
+        return True, {
+            "id": f"batch_req_{job.id}",
+            "custom_id": line.custom_id,
+            "response": answer,
+            "error": None,
+        }
+    if job.state == "cancelled" and ending in ("expired", "cancelled"):
+        code = "batch_expired" if ending == "expired" else "batch_cancelled"
+        message = (
+            "the request could not be executed before the completion window expired"
+            if ending == "expired"
+            else "the batch was cancelled before the request finished"
+        )
+        return False, {**_error_line(line.custom_id, code, message), "id": f"batch_req_{job.id}"}
+    status = 499 if job.state == "cancelled" else 500
+    message = f"request {job.id} {job.state}: {job.error}"
+    answer = _error_line(line.custom_id, job.state, message, status, job.id)
+    return False, {**answer, "id": f"batch_req_{job.id}"}
+
+
+@dataclass(slots=True)
+class _Running:
+    """A batch's task and what it follows."""
+
+    batch: BatchRecord
+    task: asyncio.Task[None] | None = None
+    jobs: dict[int, Job] = field(default_factory=dict)
+    unsent: int = 0  # valid lines not yet submitted
+    stop: asyncio.Event = field(default_factory=asyncio.Event)  # expired or cancelling
+
+
+class BatchService:
+    """Creates, runs, cancels and reports batches over one :class:`Coordinator` and its store."""
+
+    def __init__(self, coord: Coordinator, store: BatchStore, settings: BatchSettings) -> None:
+        self.coord = coord
+        self.store = store
+        self.settings = settings
+        self._running: dict[str, _Running] = {}
+
+    async def start(self) -> None:
+        """Take up every unfinished batch of the store (after a restart: from the top)."""
+        for batch in self.store.unfinished_batches():
+            self._spawn(batch)
+
+    async def close(self) -> None:
+        """Stop following batches; their state is in the store and the journal for the next start."""
+        tasks = [r.task for r in self._running.values() if r.task is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._running.clear()
+
+    # ------------------------------------------------------------------ API
+    async def create(
+        self, tenant: str, input_file_id: str, endpoint: str, window: Any, metadata: dict[str, str] | None
+    ) -> BatchRecord:
+        """A new batch (status ``validating``); raises :class:`BadRequest` for what is wrong."""
+        if endpoint not in ENDPOINTS:
+            raise BadRequest("endpoint", f"must be one of {', '.join(ENDPOINTS)}, got {endpoint!r}")
+        window_s = parse_window(window, self.settings.min_window_s)
+        info = self.store.get_file(input_file_id)
+        if info is None or info.tenant != tenant:
+            raise BadRequest("input_file_id", f"no file {input_file_id!r}", status=404, code="not_found")
+        if info.purpose != "batch":
+            raise BadRequest(
+                "input_file_id", f"file {input_file_id!r} has purpose {info.purpose!r}, not 'batch'"
+            )
+        if not self.coord.accepting:
+            raise BadRequest(None, "the coordinator is not accepting work (starting or draining)", status=503)
+        batch = BatchRecord(new_id("batch_"), tenant, input_file_id, endpoint, window, window_s, time.time())
+        batch.metadata = metadata
+        self.store.put_batch(batch)
+        self._spawn(batch)
+        return batch
+
+    def get(self, batch_id: str) -> BatchRecord | None:
+        running = self._running.get(batch_id)
+        return running.batch if running is not None else self.store.get_batch(batch_id)
+
+    def list_batches(self, tenant: str | None, *, limit: int, after: str | None) -> list[BatchRecord]:
+        return [
+            self._running[b.id].batch if b.id in self._running else b
+            for b in self.store.list_batches(tenant, limit=limit, after=after)
+        ]
+
+    def cancel(self, batch_id: str) -> BatchRecord | None:
+        """Stop the batch's queued and running requests; the finished ones are kept. A batch that
+        has ended is returned as it is."""
+        running = self._running.get(batch_id)
+        if running is None:
+            return self.store.get_batch(batch_id)
+        batch = running.batch
+        if batch.status in ("validating", "in_progress"):
+            batch.status, batch.cancelling_at, batch.ending = "cancelling", time.time(), "cancelled"
+            self.store.put_batch(batch)
+            self._stop(running, "the batch was cancelled")
+        return batch
+
+    def input_in_use(self, file_id: str) -> bool:
+        return any(r.batch.input_file_id == file_id for r in self._running.values())
+
+    def estimate(self, batch_id: str) -> dict[str, Any] | None:
+        """The estimator's view of an unfinished batch: when its last queued request completes and
+        the probability that all of it meets the window (the least of its requests' sampled)."""
+        running = self._running.get(batch_id)
+        if running is None or running.batch.status != "in_progress":
+            return None
+        now = time.time()
+        queued = [j for j in running.jobs.values() if j.state == "queued"]
+        step = max(1, len(queued) // ESTIMATE_SAMPLE)
+        sample = queued[::step][:ESTIMATE_SAMPLE] + queued[-1:]
+        completion: float | None = None
+        p_meet = 1.0
+        for job in sample:
+            est = self.coord.hook.qlm_estimate_wait(request=job.request, now=now)
+            if est is None:
+                continue
+            completion = max(completion or 0.0, now + est.completion_mean_s)
+            p_meet = min(p_meet, est.p_meet)
+        return {
+            "estimated_completion_at": None if completion is None else round(completion, 3),
+            "p_meet": round(p_meet, 4) if completion is not None or not queued else None,
+            "deadline": round(running.batch.deadline, 3),
+            "queued": len(queued),
+            "running": sum(j.state == "dispatched" for j in running.jobs.values()),
+            "not_yet_submitted": running.unsent,
+        }
+
+    # ------------------------------------------------------------------ the batch's task
+    def _spawn(self, batch: BatchRecord) -> None:
+        running = _Running(batch)
+        self._running[batch.id] = running
+        running.task = asyncio.get_running_loop().create_task(self._follow(running), name=f"batch {batch.id}")
+
+    async def _follow(self, running: _Running) -> None:
+        """Run the batch; an unexpected error is logged and the batch run again from the top (each
+        step is idempotent), not left stuck."""
+        while True:
+            try:
+                await self._run(running)
+                return
+            except Exception:
+                log.exception(
+                    "batch %s failed in %s: running it again", running.batch.id, running.batch.status
+                )
+                await asyncio.sleep(5.0)
+
+    def _stop(self, running: _Running, reason: str) -> None:
+        running.stop.set()
+        for job in list(running.jobs.values()):
+            if not job.done.is_set():
+                self.coord.cancel(job.id, reason)
+
+    async def _run(self, running: _Running) -> None:
+        batch = running.batch
+        try:
+            content = await asyncio.to_thread(self.store.file_content, batch.input_file_id)
+            if content is None:
+                self._fail(
+                    batch,
+                    [
+                        {
+                            "code": "file_not_found",
+                            "message": "the input file was deleted",
+                            "param": None,
+                            "line": None,
+                        }
+                    ],
+                )
+                return
+            limit = self.coord.cfg.limits_for(batch.tenant)
+            parsed = await asyncio.to_thread(
+                parse_input,
+                content,
+                batch.endpoint,
+                self.coord,
+                max_requests=self.settings.max_requests,
+                now=time.time(),
+            )
+            if batch.status == "validating":
+                if parsed.errors:
+                    self._fail(batch, parsed.errors)
+                    return
+                batch.status, batch.in_progress_at = "in_progress", time.time()
+                batch.total = len(parsed.lines)
+                batch.model = parsed.lines[0].spec.model
+                self.store.put_batch(batch)
+            else:  # after a restart: what no longer validates (a model gone) is answered, not dropped
+                batch.total = len(parsed.lines) + len(parsed.invalid)
+                for index, err in parsed.invalid.items():
+                    self.store.answer_line(
+                        batch.id, index, _error_line(err["custom_id"], "invalid_request", err["message"], 400)
+                    )
+            if batch.status != "cancelling" and time.time() >= batch.deadline:
+                batch.ending = "expired"
+            if batch.ending != "completed":
+                running.stop.set()
+            expiry = asyncio.get_running_loop().call_later(
+                max(0.0, batch.deadline - time.time()), self._expire, running
+            )
+            try:
+                await self._serve(running, parsed.lines, limit.max_queued_requests)
+            finally:
+                expiry.cancel()
+            await self._finalize(running, parsed.lines)
+        finally:
+            if batch.status in FINAL:
+                self._running.pop(batch.id, None)
+
+    def _fail(self, batch: BatchRecord, errors: list[dict[str, Any]]) -> None:
+        listed = errors[:MAX_LISTED_ERRORS]
+        if len(errors) > len(listed):
+            listed.append(
+                {
+                    "code": "more_errors",
+                    "message": f"{len(errors) - len(listed)} more errors",
+                    "param": None,
+                    "line": None,
+                }
+            )
+        batch.status, batch.failed_at, batch.errors = "failed", time.time(), listed
+        self.store.put_batch(batch)
+
+    def _expire(self, running: _Running) -> None:
+        if running.batch.status == "in_progress":
+            running.batch.ending = "expired"
+            self._stop(running, "the batch's completion window expired")
+
+    async def _serve(self, running: _Running, lines: list[Line], tenant_limit: int) -> None:
+        """Submit the lines in input order, at most ``max_in_flight`` unfinished at a time (and half
+        the tenant's request limit, so its other traffic still gets in), and wait for them all."""
+        batch = running.batch
+        answered = self.store.line_answers(batch.id)
+        batch.completed = batch.failed = batch.input_tokens = batch.output_tokens = 0
+        batch.failed += len(answered)
+        todo = [line for line in lines if line.index not in answered]
+        running.unsent = len(todo)
+        width = max(1, min(self.settings.max_in_flight, tenant_limit // 2, len(todo) or 1))
+        feed = iter(todo)
+
+        async def worker() -> None:
+            for line in feed:
+                running.unsent -= 1
+                job = await self._submit(running, line)
+                if job is None:
+                    batch.failed += 1
+                    continue
+                running.jobs[line.index] = job
+                if running.stop.is_set() and not job.done.is_set():  # accepted as the batch stopped
+                    self.coord.cancel(job.id, "the batch stopped")
+                await job.done.wait()
+                if job.state == "finished":
+                    batch.completed += 1
+                    batch.input_tokens += job.request.prompt_tokens
+                    batch.output_tokens += job.tokens
+                else:
+                    batch.failed += 1
+
+        await asyncio.gather(*(worker() for _ in range(width)))
+
+    async def _submit(self, running: _Running, line: Line) -> Job | None:
+        """The line's request (a new one, or the one an earlier run submitted); None when the line
+        was answered without one."""
+        batch = running.batch
+        spec = pb.RequestSpec()
+        spec.CopyFrom(line.spec)
+        spec.idempotency_key = f"{BATCH_KEY_PREFIX}{batch.id}/{line.index}"
+        while True:
+            now = time.time()
+            if running.stop.is_set():
+                earlier = self.coord.book.duplicate(self._keyed(batch, line))
+                if earlier is not None:
+                    return earlier
+                code = "batch_expired" if batch.ending == "expired" else "batch_cancelled"
+                message = (
+                    "the request could not be executed before the completion window expired"
+                    if batch.ending == "expired"
+                    else "the batch was cancelled before the request was sent"
+                )
+                self.store.answer_line(batch.id, line.index, _error_line(line.custom_id, code, message))
+                return None
+            left_ms = (batch.deadline - now) * 1000
+            spec.slo.e2e_ms = min(line.spec.slo.e2e_ms or math.inf, left_ms)
+            try:
+                job, _ = await self.coord.submit(spec, tenant=batch.tenant, internal=True)
+                return job
+            except SubmitError as exc:
+                if exc.code in ("limit", "unavailable", "slo_unattainable") and left_ms > 0:
+                    # the window is the deadline: wait for room (or an instance) while it lasts
+                    pause = min(exc.retry_after_s or 1.0, 5.0, max(0.05, left_ms / 1000))
+                    with contextlib.suppress(asyncio.TimeoutError):
+                        await asyncio.wait_for(running.stop.wait(), pause)
+                    continue
+                status = SUBMIT_HTTP.get(exc.code, 400)
+                answer = _error_line(line.custom_id, exc.code, str(exc), status)
+                self.store.answer_line(batch.id, line.index, answer)
+                return None
+
+    @staticmethod
+    def _keyed(batch: BatchRecord, line: Line) -> pb.RequestSpec:
+        return pb.RequestSpec(
+            tenant=batch.tenant, idempotency_key=f"{BATCH_KEY_PREFIX}{batch.id}/{line.index}"
+        )
+
+    async def _finalize(self, running: _Running, lines: list[Line]) -> None:
+        batch = running.batch
+        batch.status, batch.finalizing_at = "finalizing", batch.finalizing_at or time.time()
+        await self.coord.journal.flush()  # the finished requests' records are committed first
+        self.store.put_batch(batch)
+        answered = self.store.line_answers(batch.id)
+        chat = ENDPOINTS[batch.endpoint]
+        by_index: dict[int, dict[str, Any]] = dict(answered)
+        outputs: set[int] = set()
+        for line in lines:
+            if line.index in by_index:
+                continue
+            job = running.jobs.get(line.index) or self.coord.book.duplicate(self._keyed(batch, line))
+            if job is None:  # cannot happen: every unanswered line was submitted
+                by_index[line.index] = _error_line(line.custom_id, "lost", "the request was not found", 500)
+                continue
+            ok, answer = _job_answer(line, job, batch.ending, chat)
+            by_index[line.index] = answer
+            if ok:
+                outputs.add(line.index)
+        order = sorted(by_index)
+        out = "".join(json.dumps(by_index[i]) + "\n" for i in order if i in outputs).encode()
+        err = "".join(json.dumps(by_index[i]) + "\n" for i in order if i not in outputs).encode()
+        files: list[tuple[FileRecord, bytes]] = []
+        now = time.time()
+        for name, content in (("output", out), ("error", err)):
+            if content:
+                rec = FileRecord(
+                    new_id("file-"),
+                    batch.tenant,
+                    f"{batch.id}_{name}.jsonl",
+                    "batch_output",
+                    len(content),
+                    int(now),
+                )
+                files.append((rec, content))
+                setattr(batch, f"{name}_file_id", rec.id)
+        batch.completed, batch.failed = len(outputs), len(order) - len(outputs)
+        batch.status = batch.ending
+        setattr(batch, f"{batch.ending}_at", now)
+        await asyncio.to_thread(self.store.finalize, batch, files)
+        log.info(
+            "batch %s %s: %d completed, %d failed", batch.id, batch.status, batch.completed, batch.failed
+        )
+
+
+def visible(batch_or_file: BatchRecord | FileRecord, tenant: str, admin: bool) -> bool:
+    return admin or batch_or_file.tenant == tenant
+
+
+def metadata_param(value: Any) -> dict[str, str] | None:
+    """OpenAI's metadata: at most 16 pairs, keys up to 64 characters, values up to 512."""
+    if value is None:
+        return None
+    if not isinstance(value, Mapping) or len(value) > 16:
+        raise BadRequest("metadata", "must be an object of at most 16 string pairs")
+    for k, v in value.items():
+        if not isinstance(k, str) or not isinstance(v, str) or len(k) > 64 or len(v) > 512:
+            raise BadRequest("metadata", "keys must be strings up to 64 characters, values up to 512")
+    return dict(value)

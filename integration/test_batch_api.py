@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,17 +15,12 @@ import pytest
 
 from qlm_plugin.adapters.sim.realtime import synthetic_text
 from qlm_plugin.coordinator.batch_store import BatchStore
-from qlm_plugin.testing.stack import LocalStack, local_stack
+from qlm_plugin.testing.stack import LocalStack, run_with_stack
 
 MODEL = "llama-3.1-8b"
 
 
-def run(tmp_path: Path, body: Callable[[LocalStack], Awaitable[None]], **kw: Any) -> None:
-    async def main() -> None:
-        async with local_stack(tmp_path, **kw) as stack:
-            await body(stack)
-
-    asyncio.run(main())
+run = run_with_stack
 
 
 def client(st: LocalStack, key: str = "none") -> openai.AsyncOpenAI:
@@ -222,6 +216,11 @@ def test_cancel_stops_queued_requests_and_keeps_finished_ones(tmp_path: Path) ->
         ).request_counts is None or b.request_counts.completed < 3:
             assert time.monotonic() < deadline
             await asyncio.sleep(0.05)
+        estimate = (b.model_extra or {}).get("qlm")  # the estimator's view of the batch in progress
+        assert estimate is not None and estimate["deadline"] == pytest.approx(batch.created_at + 86400, abs=1)
+        assert estimate["queued"] + estimate["running"] > 0
+        assert time.time() - 1 < estimate["estimated_completion_at"] < estimate["deadline"]
+        assert estimate["p_meet"] > 0.9  # a day for a few seconds of work
         cancelling = await oa.batches.cancel(batch.id)
         assert cancelling.status in ("cancelling", "cancelled")
         done = await wait_status(oa, batch.id, {"cancelled"})

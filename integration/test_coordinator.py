@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +17,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from qlm_plugin.adapters.sim.realtime import synthetic_text
 from qlm_plugin.proto.qlm.v1 import qlm_pb2 as pb
-from qlm_plugin.testing.stack import LocalStack, local_stack
+from qlm_plugin.testing.stack import LocalStack, run_with_stack
 from qlm_plugin.transport import agent as agent_module
 from qlm_plugin.transport.client import CoordinatorClient
 from qlm_plugin.workloads.scenario import load_scenario
@@ -26,12 +25,7 @@ from qlm_plugin.workloads.scenario import load_scenario
 MODEL = "llama-3.1-8b"
 
 
-def run(tmp_path: Path, body: Callable[[LocalStack], Awaitable[None]], **kw: Any) -> None:
-    async def main() -> None:
-        async with local_stack(tmp_path, **kw) as stack:
-            await body(stack)
-
-    asyncio.run(main())
+run = run_with_stack
 
 
 async def post(http: aiohttp.ClientSession, url: str, body: Any, **kw: Any) -> tuple[int, Any, Any]:

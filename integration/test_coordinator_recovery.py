@@ -6,19 +6,22 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
-import grpc
 import pytest
 
 from qlm_plugin.adapters.sim.realtime import synthetic_text
 from qlm_plugin.coordinator.loadtest import free_port
 from qlm_plugin.proto.qlm.v1 import qlm_pb2 as pb
+from qlm_plugin.testing.processes import (
+    coordinator_process,
+    instance_process,
+    served_counts,
+    stop_all,
+    wait_ready,
+)
 from qlm_plugin.transport.client import CoordinatorClient
 
 MODEL = "llama-3.1-8b"
@@ -32,61 +35,6 @@ heartbeat_interval_s: 0.2
 heartbeat_timeout_s: 2.0
 drain_timeout_s: 5.0
 """
-
-
-def _coordinator(tmp: Path, http: int, grpc_port: int) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "qlm_plugin.cli",
-            "coordinator",
-            "--config",
-            str(tmp / "config.yaml"),
-            "--http-port",
-            str(http),
-            "--grpc-port",
-            str(grpc_port),
-            "--journal",
-            str(tmp / "journal.db"),
-        ],
-        stdout=subprocess.PIPE,
-        stderr=open(tmp / "coordinator.log", "ab"),
-    )
-
-
-def _instance(tmp: Path, grpc_port: int, name: str) -> subprocess.Popen[bytes]:
-    env = {**os.environ, "QLM_SIM_RECORD": str(tmp / f"{name}.done")}
-    return subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "qlm_plugin.cli",
-            "instance",
-            "--coordinator",
-            f"127.0.0.1:{grpc_port}",
-            "--name",
-            name,
-            "--speed",
-            "2",
-        ],
-        env=env,
-        stderr=open(tmp / f"{name}.log", "ab"),
-    )
-
-
-async def _wait_ready(target: str, timeout_s: float = 30) -> None:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            async with CoordinatorClient(target, timeout_s=2) as c:
-                if len((await c.instances()).instances) == 2:
-                    return
-        except grpc.aio.AioRpcError:
-            pass
-        if time.monotonic() > deadline:
-            raise TimeoutError("coordinator and instances not ready")
-        await asyncio.sleep(0.2)
 
 
 async def _statuses(target: str, ids: list[str]) -> dict[str, pb.RequestStatus]:
@@ -105,12 +53,12 @@ def test_kill_9_of_the_coordinator_loses_nothing_and_serves_nothing_twice(tmp_pa
     (tmp_path / "config.yaml").write_text(CONFIG)
     http, grpc_port = free_port(), free_port()
     target = f"127.0.0.1:{grpc_port}"
-    coord = _coordinator(tmp_path, http, grpc_port)
-    instances = [_instance(tmp_path, grpc_port, n) for n in ("a", "b")]
+    coord = coordinator_process(tmp_path, http, grpc_port)
+    instances = [instance_process(tmp_path, grpc_port, n) for n in ("a", "b")]
     try:
 
         async def first_half() -> list[str]:
-            await _wait_ready(target)
+            await wait_ready(target, 2)
             ids: list[str] = []
             async with CoordinatorClient(target) as c:
                 for _ in range(N // 100):
@@ -138,10 +86,10 @@ def test_kill_9_of_the_coordinator_loses_nothing_and_serves_nothing_twice(tmp_pa
         coord.send_signal(signal.SIGKILL)
         coord.wait(10)
         time.sleep(0.5)  # the instances notice and keep serving what they hold
-        coord = _coordinator(tmp_path, http, grpc_port)
+        coord = coordinator_process(tmp_path, http, grpc_port)
 
         async def second_half() -> dict[str, pb.RequestStatus]:
-            await _wait_ready(target)
+            await wait_ready(target, 2)
             deadline = time.monotonic() + 120
             while True:
                 statuses = await _statuses(target, ids)
@@ -154,21 +102,10 @@ def test_kill_9_of_the_coordinator_loses_nothing_and_serves_nothing_twice(tmp_pa
         coord.send_signal(signal.SIGTERM)
         assert coord.wait(20) == 0
     finally:
-        for p in [coord, *instances]:
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        for p in [coord, *instances]:
-            try:
-                p.wait(10)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        stop_all([coord, *instances])
 
     finished = [rid for rid, s in statuses.items() if s.state == "finished"]
-    served = collections.Counter(
-        line.split()[0]
-        for name in ("a", "b")
-        for line in (tmp_path / f"{name}.done").read_text().splitlines()
-    )
+    served = collections.Counter(served_counts(tmp_path, ("a", "b")))
     lost = N - len(finished)
     duplicated = sum(1 for rid in ids if served[rid] > 1)
     print(f"\naccepted {len(ids)}, completed {len(finished)}, lost {lost}, served twice {duplicated}")

@@ -108,6 +108,7 @@ def test_no_module_of_the_package_imports_itself_back() -> None:
 def test_the_coordinator_parts_import_one_way() -> None:
     layers = [
         "qlm_plugin.coordinator.journal",
+        "qlm_plugin.coordinator.batch_store",
         "qlm_plugin.coordinator.jobs",
         "qlm_plugin.coordinator.instances",
         "qlm_plugin.coordinator.forward",
@@ -115,6 +116,8 @@ def test_the_coordinator_parts_import_one_way() -> None:
         "qlm_plugin.coordinator.registry",
         "qlm_plugin.coordinator.coordinator",
         "qlm_plugin.coordinator.http_api",
+        "qlm_plugin.coordinator.batches",
+        "qlm_plugin.coordinator.batch_api",
         "qlm_plugin.coordinator.grpc_api",
         "qlm_plugin.coordinator.server",
     ]

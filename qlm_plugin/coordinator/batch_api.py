@@ -36,6 +36,21 @@ def _not_found(kind: str, ident: str) -> web.Response:
     return error_response(404, f"no {kind} {ident!r}", code="not_found")
 
 
+def _page(items: list[tuple[str, dict[str, Any]]], limit: int) -> web.Response:
+    """OpenAI's list object: the first ``limit`` of ``items`` ((id, object) pairs, one more than a
+    page when there are more)."""
+    page = items[:limit]
+    return web.json_response(
+        {
+            "object": "list",
+            "data": [obj for _, obj in page],
+            "first_id": page[0][0] if page else None,
+            "last_id": page[-1][0] if page else None,
+            "has_more": len(items) > limit,
+        }
+    )
+
+
 def _limit(value: str | None, default: int, hi: int) -> int:
     if value is None:
         return default
@@ -169,16 +184,7 @@ class BatchAPI:
         if after is not None:
             ids = [f.id for f in files]
             files = files[ids.index(after) + 1 :] if after in ids else []
-        page = files[:limit]
-        return web.json_response(
-            {
-                "object": "list",
-                "data": [f.to_openai() for f in page],
-                "first_id": page[0].id if page else None,
-                "last_id": page[-1].id if page else None,
-                "has_more": len(files) > limit,
-            }
-        )
+        return _page([(f.id, f.to_openai()) for f in files[: limit + 1]], limit)
 
     async def get_file(self, request: web.Request) -> web.Response:
         rec = await self._file(request)
@@ -278,13 +284,4 @@ class BatchAPI:
         batches = self.service.list_batches(
             None if admin else tenant, limit=limit + 1, after=request.query.get("after")
         )
-        page = batches[:limit]
-        return web.json_response(
-            {
-                "object": "list",
-                "data": [self._batch_json(b) for b in page],
-                "first_id": page[0].id if page else None,
-                "last_id": page[-1].id if page else None,
-                "has_more": len(batches) > limit,
-            }
-        )
+        return _page([(b.id, self._batch_json(b)) for b in batches[: limit + 1]], limit)

@@ -30,6 +30,7 @@ from qlm_plugin.coordinator.coordinator import RESERVED_KEY_PREFIX, Coordinator
 from qlm_plugin.coordinator.http_api import SUBMIT_HTTP, completion_body, parse_openai
 from qlm_plugin.coordinator.jobs import Job, SubmitError
 from qlm_plugin.coordinator.openai_params import BadRequest
+from qlm_plugin.domain.distributions import WaitEstimate
 from qlm_plugin.proto.qlm.v1 import qlm_pb2 as pb
 
 log = logging.getLogger("qlm_plugin.coordinator.batches")
@@ -295,31 +296,40 @@ class BatchService:
         return any(r.batch.input_file_id == file_id for r in self._running.values())
 
     def estimate(self, batch_id: str) -> dict[str, Any] | None:
-        """The estimator's view of an unfinished batch: when its last queued request completes and
-        the probability that all of it meets the window (the least of its requests' sampled)."""
+        """The estimator's view of a batch in progress: when its last unfinished request completes
+        (the latest of a sample of them, queued and running) and the probability that the batch
+        meets its window (the least of theirs)."""
         running = self._running.get(batch_id)
         if running is None or running.batch.status != "in_progress":
             return None
         now = time.time()
-        queued = [j for j in running.jobs.values() if j.state == "queued"]
-        step = max(1, len(queued) // ESTIMATE_SAMPLE)
-        sample = queued[::step][:ESTIMATE_SAMPLE] + queued[-1:]
+        open_jobs = [j for j in running.jobs.values() if not j.done.is_set()]
+        step = max(1, len(open_jobs) // ESTIMATE_SAMPLE)
+        sample = open_jobs[::step][:ESTIMATE_SAMPLE] + open_jobs[-1:]
         completion: float | None = None
-        p_meet = 1.0
+        p_meet: float | None = None
         for job in sample:
-            est = self.coord.hook.qlm_estimate_wait(request=job.request, now=now)
+            est = self._estimate(job, now)
             if est is None:
                 continue
-            completion = max(completion or 0.0, now + est.completion_mean_s)
-            p_meet = min(p_meet, est.p_meet)
+            completion = max(completion or now, now + est.completion_mean_s)
+            p_meet = est.p_meet if p_meet is None else min(p_meet, est.p_meet)
         return {
             "estimated_completion_at": None if completion is None else round(completion, 3),
-            "p_meet": round(p_meet, 4) if completion is not None or not queued else None,
+            "p_meet": None if p_meet is None else round(p_meet, 4),
             "deadline": round(running.batch.deadline, 3),
-            "queued": len(queued),
-            "running": sum(j.state == "dispatched" for j in running.jobs.values()),
+            "queued": sum(j.state == "queued" for j in open_jobs),
+            "running": sum(j.state == "dispatched" for j in open_jobs),
             "not_yet_submitted": running.unsent,
         }
+
+    def _estimate(self, job: Job, now: float) -> WaitEstimate | None:
+        qm = self.coord.queue_manager
+        entry = qm.queue.entries.get(job.id) if qm is not None else None
+        if qm is not None and entry is not None:  # not recorded: the admission's estimate is calibrated
+            return qm.estimator.estimate(entry, now, record=False)
+        est: WaitEstimate | None = self.coord.hook.qlm_estimate_wait(request=job.request, now=now)
+        return est
 
     # ------------------------------------------------------------------ the batch's task
     def _spawn(self, batch: BatchRecord) -> None:

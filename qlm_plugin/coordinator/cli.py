@@ -179,6 +179,22 @@ def add_parsers(sub: Any) -> None:
     bv.add_argument("--json", action="store_true", help="JSON instead of a table")
     bv.set_defaults(func=cmd_bench_vllm)
 
+    bb = sub.add_parser(
+        "bench-batch",
+        help="a Batch API batch beside steady interactive traffic (simulated instances, real time), "
+        "against the same work sent as plain requests under EDF and FCFS",
+    )
+    bb.add_argument("--runs", default="qlm,edf,fcfs", help="comma-separated: qlm,edf,fcfs (default: all)")
+    bb.add_argument("--requests", type=int, default=2000, help="lines of the batch (default 2000)")
+    bb.add_argument("--window", default="10m", help="the batch's completion_window (default 10m)")
+    bb.add_argument("--rate", type=float, default=20.0, help="interactive requests per second (default 20)")
+    bb.add_argument(
+        "--duration", type=float, default=120.0, help="seconds of interactive traffic (default 120)"
+    )
+    bb.add_argument("--seed", type=int, default=0)
+    bb.add_argument("--json", action="store_true", help="JSON instead of a table")
+    bb.set_defaults(func=cmd_bench_batch)
+
 
 def cmd_coordinator(args: argparse.Namespace) -> int:
     from qlm_plugin.coordinator.server import CoordinatorServer, serve_until_signal
@@ -380,6 +396,21 @@ def cmd_loadtest(args: argparse.Namespace) -> int:
     from qlm_plugin.coordinator.loadtest import main
 
     return main(args)
+
+
+def cmd_bench_batch(args: argparse.Namespace) -> int:
+    from qlm_plugin.coordinator.batch_bench import report, run_bench, to_json
+
+    results = run_bench(
+        [r.strip() for r in args.runs.split(",") if r.strip()],
+        requests=args.requests,
+        window=args.window,
+        rate=args.rate,
+        duration_s=args.duration,
+        seed=args.seed,
+    )
+    print(to_json(results) if args.json else report(results))
+    return 0
 
 
 def cmd_bench_vllm(args: argparse.Namespace) -> int:

@@ -240,6 +240,7 @@ def qlm_info(job: Job) -> dict[str, Any]:
             else None,
             instance_id=job.instance,
             attempts=job.attempt,
+            finished_at=job.finished_at,
         )
     return info
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -139,6 +139,16 @@ async def local_stack(
         await sim.stop()
         if not server.stopped.is_set():
             await server.stop(drain_timeout_s=0)
+
+
+def run_with_stack(tmp: Path, body: Callable[[LocalStack], Awaitable[None]], **kw: Any) -> None:
+    """``body(stack)`` on a fresh :func:`local_stack` (``kw`` its options), in a new event loop."""
+
+    async def main() -> None:
+        async with local_stack(tmp, **kw) as stack:
+            await body(stack)
+
+    asyncio.run(main())
 
 
 def add_instance(stack: LocalStack, inst: SimInstance) -> LocalInstance:

@@ -360,3 +360,17 @@ def test_a_batch_resumes_after_a_restart_in_any_state(tmp_path: Path) -> None:
         await oa.close()
 
     run(tmp_path, second)
+
+
+def test_bench_batch_measures_each_way_of_sending_the_batch() -> None:
+    from qlm_plugin.coordinator.batch_bench import report, run_bench
+
+    results = run_bench(["qlm", "fcfs"], requests=20, window="2m", rate=5.0, duration_s=3.0, warmup_s=0.5)
+    assert [r.sent_as for r in results] == ["Batch API", "plain requests"]
+    for r in results:
+        assert r.batch_completed == 20 and r.batch_in_window == 1.0
+        assert 0 < r.batch_completion_s < r.window_s == 120
+        assert r.interactive > 0 and r.interactive_failed == 0 and 0 <= r.interactive_met <= 1
+        assert 0 < r.busy_fraction <= 1
+    table = report(results)
+    assert "| qlm | Batch API |" in table and "| fcfs | plain requests |" in table

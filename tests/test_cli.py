@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import shutil
 import subprocess
@@ -144,3 +145,15 @@ def test_a_trace_named_on_the_command_line_replays_at_its_recorded_rate(tmp_path
     assert "50 requests over 49 s" in proc.stdout
     proc = qlm("simulate", "--trace", str(trace), "--policies", "fcfs", "--rate-scale", "7")
     assert "50 requests over 7 s" in proc.stdout
+
+
+def test_event_loop_is_uvloop_unless_asyncio_is_asked_for(monkeypatch: pytest.MonkeyPatch) -> None:
+    from qlm_plugin import event_loop
+
+    async def kind() -> str:
+        return type(asyncio.get_running_loop()).__module__.split(".")[0]
+
+    monkeypatch.delenv("QLM_EVENT_LOOP", raising=False)
+    assert event_loop.loop_kind() == "uvloop" and event_loop.run(kind()) == "uvloop"
+    monkeypatch.setenv("QLM_EVENT_LOOP", "asyncio")
+    assert event_loop.loop_kind() == "asyncio" and event_loop.run(kind()) == "asyncio"

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from qlm_plugin import event_loop
 from qlm_plugin.coordinator.config import CoordinatorConfig, Listen, load_config
 
 log = logging.getLogger("qlm_plugin.serve")
@@ -153,6 +154,7 @@ def add_parsers(sub: Any) -> None:
     )
     lt.add_argument("--duration", type=float, default=10.0, help="seconds of the latency test (default 10)")
     lt.add_argument("--instances", type=int, default=2, help="simulated instances (default 2)")
+    lt.add_argument("--json", action="store_true", help="JSON instead of a table")
     lt.set_defaults(func=cmd_loadtest)
 
     bv = sub.add_parser(
@@ -205,13 +207,14 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
     server = CoordinatorServer(cfg)
 
     def ready() -> None:
+        event_loop.freeze_startup_heap()
         print(
             f"qlm coordinator: HTTP http://{cfg.http.host}:{server.http_port}, "
             f"gRPC {cfg.grpc.host}:{server.grpc_port}",
             flush=True,
         )
 
-    left = asyncio.run(serve_until_signal(server, ready))
+    left = event_loop.run(serve_until_signal(server, ready))
     if providers is not None:
         from qlm_plugin.telemetry import sdk as telemetry_sdk
 
@@ -286,7 +289,7 @@ def cmd_instance(args: argparse.Namespace) -> int:
         with open(path, "a") if path else contextlib.nullcontext() as record:
             await run_instances(instances, settings, speed=args.speed, stop=stop, record=record)
 
-    asyncio.run(main())
+    event_loop.run(main())
     return 0
 
 
@@ -339,6 +342,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         asyncio.get_running_loop().run_in_executor(None, start)  # Ray calls block: off the event loop
 
     def ready() -> None:
+        event_loop.freeze_startup_heap()
         if args.ray is not None:
             ready_ray()
             return
@@ -370,7 +374,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         )
 
     try:
-        left = asyncio.run(serve_until_signal(server, ready))
+        left = event_loop.run(serve_until_signal(server, ready))
     finally:
         if fleet:
             from qlm_plugin.deploy import ray_fleet
@@ -451,7 +455,7 @@ def _run_openai(args: argparse.Namespace, settings: Any) -> int:
         finally:
             await link.close()
 
-    asyncio.run(main())
+    event_loop.run(main())
     return 0
 
 

@@ -22,6 +22,7 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import orjson
 from aiohttp import web
 from multidict import CIMultiDict
 from opentelemetry import propagate
@@ -97,7 +98,20 @@ def error_response(
     }
     if extra:
         body["qlm"] = dict(extra)
-    return web.json_response(body, status=status)
+    return json_response(body, status=status)
+
+
+def dumps(body: Any) -> bytes:
+    """JSON by orjson (the standard library's encoder took 4% of the event loop under load); the
+    standard library's where orjson refuses (a lone surrogate in an engine's output)."""
+    try:
+        return orjson.dumps(body)
+    except TypeError:
+        return json.dumps(body).encode()
+
+
+def json_response(body: Any, *, status: int = 200, headers: Mapping[str, str] | None = None) -> web.Response:
+    return web.Response(body=dumps(body), status=status, headers=headers, content_type="application/json")
 
 
 def _reject_constant(name: str) -> Any:
@@ -421,7 +435,7 @@ class FrontDoor:
             return error_response(
                 status, f"request {job.id} {job.state}: {job.error}", code=job.state, extra=qlm_info(job)
             )
-        return web.json_response(completion_body(job, chat), headers=estimate_headers(job))
+        return json_response(completion_body(job, chat), headers=estimate_headers(job))
 
     async def _stream(
         self, request: web.Request, job: Job, chat: bool, include_usage: bool
@@ -443,7 +457,7 @@ class FrontDoor:
         }
 
         async def send(payload: Mapping[str, Any]) -> None:
-            await resp.write(b"data: " + json.dumps(payload).encode() + b"\n\n")
+            await resp.write(b"data: " + dumps(payload) + b"\n\n")
 
         first = True
         async for chunk in self.coord.follow(job):

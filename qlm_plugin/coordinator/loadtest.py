@@ -8,12 +8,19 @@ measured against a real ``qlm serve`` process on loopback (this process is only 
   through the HTTP front door, with simulated engines running ``--speed`` times faster than real
   time, so the engine's own time is microseconds and what is left is the serving system's
   overhead (HTTP, queueing decision, journal, dispatch over gRPC, the instance's report back).
+  Beside each rate, the same test against a pass-through server (:mod:`.passthrough`: the same
+  HTTP stack answering at once, no queue), so each figure is also a ratio to what this machine's
+  HTTP stack does at all; and the coordinator process's own CPU per request (from /proc).
+
+Profile the coordinator under this load (the documented command, docs/coordinator.md):
+``py-spy record -p <qlm serve pid> -f raw -o prof.txt -d 15`` while ``qlm loadtest`` runs.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import math
 import os
 import random
 import signal
@@ -28,6 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from qlm_plugin import event_loop
 from qlm_plugin.deploy.child_process import python_command
 
 MODEL = "llama-3.1-8b"
@@ -47,12 +55,42 @@ class Served:
 
 
 @contextmanager
+def _child_server(
+    cmd: list[str], http: int, name: str, timeout_s: float = 60.0
+) -> Iterator[subprocess.Popen[bytes]]:
+    """A server in a child process (its own session), once its ``/health`` answers 200."""
+    import urllib.request
+
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"{name} exited with {proc.returncode}")
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{http}/health", timeout=1) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{name} did not become healthy")
+            time.sleep(0.1)
+        yield proc
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+@contextmanager
 def serve_process(
     *, instances: int = 2, speed: float = 1000.0, policy: str = "qlm", timeout_s: float = 60.0
 ) -> Iterator[Served]:
     """``qlm serve`` in a child process on free ports with a fresh journal; waits for /health."""
-    import urllib.request
-
     with tempfile.TemporaryDirectory() as tmp:
         http, grpc_port = free_port(), free_port()
         cmd = python_command(
@@ -71,31 +109,27 @@ def serve_process(
             "--journal",
             str(Path(tmp) / "journal.db"),
         )
-        proc = subprocess.Popen(
-            cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
-        )
-        try:
-            deadline = time.monotonic() + timeout_s
-            while True:
-                if proc.poll() is not None:
-                    raise RuntimeError(f"qlm serve exited with {proc.returncode}")
-                try:
-                    with urllib.request.urlopen(f"http://127.0.0.1:{http}/health", timeout=1) as r:
-                        if r.status == 200:
-                            break
-                except OSError:
-                    pass
-                if time.monotonic() > deadline:
-                    raise RuntimeError("qlm serve did not become healthy")
-                time.sleep(0.1)
+        with _child_server(cmd, http, "qlm serve", timeout_s) as proc:
             yield Served(f"http://127.0.0.1:{http}", f"127.0.0.1:{grpc_port}", proc)
-        finally:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+
+
+@contextmanager
+def passthrough_process() -> Iterator[Served]:
+    """The reference server (:mod:`.passthrough`) in a child process."""
+    http = free_port()
+    cmd = python_command("qlm_plugin.coordinator.passthrough", str(http))
+    with _child_server(cmd, http, "the pass-through server") as proc:
+        yield Served(f"http://127.0.0.1:{http}", "", proc)
+
+
+def cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) the process ``pid`` has used, its children not included; NaN
+    where /proc is not there."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return math.nan
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _spec(i: int) -> Any:
@@ -128,7 +162,7 @@ async def submit_throughput(target: str, n: int, *, batch: int, concurrency: int
     return {"requests": n, "accepted": accepted, "seconds": dt, "per_s": n / dt}
 
 
-async def front_door_latency(url: str, *, rate: float, duration_s: float, seed: int = 0) -> dict[str, float]:
+async def front_door_latency(url: str, *, rate: float, duration_s: float, seed: int = 0) -> dict[str, Any]:
     """Open-loop one-token completions at ``rate`` per second; latency percentiles in ms."""
     import aiohttp
 
@@ -145,11 +179,15 @@ async def front_door_latency(url: str, *, rate: float, duration_s: float, seed: 
         async def one() -> None:
             nonlocal errors
             t = time.perf_counter()
-            async with http.post(f"{url}/v1/completions", json=body) as r:
-                await r.read()
-                if r.status != 200:
-                    errors += 1
-                    return
+            try:
+                async with http.post(f"{url}/v1/completions", json=body) as r:
+                    await r.read()
+                    if r.status != 200:
+                        errors += 1
+                        return
+            except (aiohttp.ClientError, OSError):  # a refused or reset connection is an error too
+                errors += 1
+                return
             lat.append((time.perf_counter() - t) * 1000)
 
         tasks = []
@@ -184,25 +222,55 @@ def run(
     duration_s: float = 8.0,
     instances: int = 2,
 ) -> dict[str, Any]:
-    out: dict[str, Any] = {}
+    out: dict[str, Any] = {"event_loop": event_loop.loop_kind()}
     # Real time for the throughput tests: the queue manager's estimates work on realistic engines.
     with serve_process(instances=instances, speed=1.0) as served:
-        out["submit_batch"] = asyncio.run(submit_throughput(served.grpc_target, n, batch=100, concurrency=4))
+        out["submit_batch"] = event_loop.run(
+            submit_throughput(served.grpc_target, n, batch=100, concurrency=4)
+        )
     with serve_process(instances=instances, speed=1.0) as served:
-        out["submit_unary"] = asyncio.run(
+        out["submit_unary"] = event_loop.run(
             submit_throughput(served.grpc_target, n // 5, batch=1, concurrency=64)
         )
     out["front_door"] = []
     for rate in rates:  # a fresh system per rate: an overloaded run must not slow the next
+        with passthrough_process() as ref:
+            reference = event_loop.run(front_door_latency(ref.http_url, rate=rate, duration_s=duration_s))
         with serve_process(instances=instances) as served:
-            out["front_door"].append(
-                asyncio.run(front_door_latency(served.http_url, rate=rate, duration_s=duration_s))
-            )
+            before = cpu_s(served.process.pid)
+            result = event_loop.run(front_door_latency(served.http_url, rate=rate, duration_s=duration_s))
+            used = cpu_s(served.process.pid) - before
+        result["coordinator_cpu_ms_per_request"] = used * 1000 / max(1, result["requests"] + 20)
+        result["passthrough"] = reference
+        result["p99_over_passthrough"] = result["p99_ms"] / reference["p99_ms"]
+        result["p99_added_ms"] = result["p99_ms"] - reference["p99_ms"]
+        out["front_door"].append(result)
     return out
+
+
+def table(result: dict[str, Any]) -> str:
+    """The front-door figures as a Markdown table."""
+    lines = [
+        f"event loop: {result['event_loop']}; SubmitBatch {result['submit_batch']['per_s']:.0f}/s, "
+        f"unary Submit {result['submit_unary']['per_s']:.0f}/s",
+        "",
+        "| rate | achieved | errors | p50 / p99 ms | pass-through p50 / p99 ms | p99 ratio | p99 added "
+        "| CPU ms/request |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in result["front_door"]:
+        ref = r["passthrough"]
+        lines.append(
+            f"| {r['rate']:.0f} | {r['achieved_rate']:.0f} | {r['errors']} "
+            f"| {r['p50_ms']:.1f} / {r['p99_ms']:.1f} "
+            f"| {ref['p50_ms']:.1f} / {ref['p99_ms']:.1f} | {r['p99_over_passthrough']:.1f}x "
+            f"| {r['p99_added_ms']:.1f} | {r['coordinator_cpu_ms_per_request']:.2f} |"
+        )
+    return "\n".join(lines)
 
 
 def main(args: Any) -> int:
     rates = tuple(float(r) for r in str(args.rates).split(","))
     result = run(n=args.requests, rates=rates, duration_s=args.duration, instances=args.instances)
-    print(json.dumps(result, indent=2))
+    print(json.dumps(result, indent=2) if args.json else table(result))
     return 0

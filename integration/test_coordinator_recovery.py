@@ -1,6 +1,8 @@
-"""Exactly once across a coordinator crash: 1,000 requests, ``kill -9`` of the coordinator process
-mid-run, a restart on the same journal; simulated instances run as their own processes and keep
-serving meanwhile. Every acknowledged request completes once: none lost, none served twice."""
+"""Exactly once across a coordinator crash: 1,000 requests over gRPC and 100 streamed through the
+HTTP front door's two worker processes, ``kill -9`` of the coordinator process mid-run, a restart on
+the same journal; simulated instances run as their own processes and keep serving meanwhile. Every
+acknowledged request completes once: none lost, none served twice; an HTTP client whose stream
+broke gets its request's whole output by submitting again with its idempotency key."""
 
 from __future__ import annotations
 
@@ -9,7 +11,9 @@ import collections
 import signal
 import time
 from pathlib import Path
+from typing import Any
 
+import aiohttp
 import pytest
 
 from qlm_plugin.adapters.sim.realtime import synthetic_text
@@ -26,7 +30,9 @@ from qlm_plugin.transport.client import CoordinatorClient
 
 MODEL = "llama-3.1-8b"
 N = 1000
+HTTP_N = 100
 TOKENS = 300
+WORKERS = ("--http-workers", "2")
 
 pytestmark = pytest.mark.slow
 
@@ -49,17 +55,48 @@ async def _statuses(target: str, ids: list[str]) -> dict[str, pb.RequestStatus]:
     return dict(zip(ids, replies, strict=True))
 
 
+def _http_body(key: str, stream: bool) -> dict[str, Any]:
+    return {
+        "model": MODEL,
+        "prompt": "h" * 300,
+        "max_tokens": TOKENS,
+        "stream": stream,
+        "qlm": {"class": "batch", "idempotency_key": key},
+    }
+
+
+async def _stream_until_killed(
+    session: aiohttp.ClientSession, url: str, key: str, started: list[str]
+) -> None:
+    """A streaming client whose request is accepted, then whose stream breaks with the coordinator."""
+    async with session.post(f"{url}/v1/completions", json=_http_body(key, True)) as resp:
+        assert resp.status == 200, await resp.text()
+        started.append(resp.headers["x-qlm-request-id"])
+        try:
+            async for _ in resp.content:
+                pass
+        except aiohttp.ClientError:
+            pass
+
+
 def test_kill_9_of_the_coordinator_loses_nothing_and_serves_nothing_twice(tmp_path: Path) -> None:
     (tmp_path / "config.yaml").write_text(CONFIG)
     http, grpc_port = free_port(), free_port()
-    target = f"127.0.0.1:{grpc_port}"
-    coord = coordinator_process(tmp_path, http, grpc_port)
+    target, url = f"127.0.0.1:{grpc_port}", f"http://127.0.0.1:{http}"
+    coord = coordinator_process(tmp_path, http, grpc_port, *WORKERS)
     instances = [instance_process(tmp_path, grpc_port, n) for n in ("a", "b")]
+    http_ids: list[str] = []
+    streams: list[asyncio.Task[None]] = []
     try:
 
-        async def first_half() -> list[str]:
+        async def first_half(session: aiohttp.ClientSession) -> list[str]:
             await wait_ready(target, 2)
             ids: list[str] = []
+            for k in range(HTTP_N):
+                streams.append(asyncio.create_task(_stream_until_killed(session, url, f"h{k}", http_ids)))
+            while len(http_ids) < HTTP_N:
+                assert not any(t.done() and t.exception() for t in streams)
+                await asyncio.sleep(0.05)
             async with CoordinatorClient(target) as c:
                 for _ in range(N // 100):
                     replies = await c.submit_batch(
@@ -81,23 +118,39 @@ def test_kill_9_of_the_coordinator_loses_nothing_and_serves_nothing_twice(tmp_pa
                     return ids
                 await asyncio.sleep(0.05)
 
-        ids = asyncio.run(first_half())
+        async def crash() -> list[str]:
+            async with aiohttp.ClientSession() as session:
+                ids = await first_half(session)
+                coord.send_signal(signal.SIGKILL)  # the workers go with it: every stream breaks
+                await asyncio.wait_for(asyncio.gather(*streams), 30)
+            return ids
+
+        ids = asyncio.run(crash())
         assert len(ids) == N  # every one acknowledged, so every one journaled
-        coord.send_signal(signal.SIGKILL)
         coord.wait(10)
         time.sleep(0.5)  # the instances notice and keep serving what they hold
-        coord = coordinator_process(tmp_path, http, grpc_port)
+        coord = coordinator_process(tmp_path, http, grpc_port, *WORKERS)
 
-        async def second_half() -> dict[str, pb.RequestStatus]:
+        async def second_half() -> tuple[dict[str, pb.RequestStatus], list[dict[str, Any]]]:
             await wait_ready(target, 2)
+            # The HTTP clients submit again with their keys and wait for the answer.
+            async with aiohttp.ClientSession() as session:
+
+                async def again(k: int) -> dict[str, Any]:
+                    async with session.post(f"{url}/v1/completions", json=_http_body(f"h{k}", False)) as r:
+                        assert r.status == 200, await r.text()
+                        body: dict[str, Any] = await r.json()
+                        return body
+
+                answers = await asyncio.wait_for(asyncio.gather(*(again(k) for k in range(HTTP_N))), 120)
             deadline = time.monotonic() + 120
             while True:
                 statuses = await _statuses(target, ids)
                 if all(s.state == "finished" for s in statuses.values()) or time.monotonic() > deadline:
-                    return statuses
+                    return statuses, answers
                 await asyncio.sleep(0.2)
 
-        statuses = asyncio.run(second_half())
+        statuses, answers = asyncio.run(second_half())
         # Graceful stop: SIGTERM drains and exits cleanly.
         coord.send_signal(signal.SIGTERM)
         assert coord.wait(20) == 0
@@ -107,11 +160,21 @@ def test_kill_9_of_the_coordinator_loses_nothing_and_serves_nothing_twice(tmp_pa
     finished = [rid for rid, s in statuses.items() if s.state == "finished"]
     served = collections.Counter(served_counts(tmp_path, ("a", "b")))
     lost = N - len(finished)
-    duplicated = sum(1 for rid in ids if served[rid] > 1)
-    print(f"\naccepted {len(ids)}, completed {len(finished)}, lost {lost}, served twice {duplicated}")
+    duplicated = sum(1 for rid in [*ids, *http_ids] if served[rid] > 1)
+    print(
+        f"\naccepted {len(ids)} + {len(http_ids)} over HTTP, completed {len(finished)}, "
+        f"lost {lost}, served twice {duplicated}"
+    )
     assert lost == 0
     assert duplicated == 0
-    assert all(served[rid] == 1 for rid in ids)
+    assert all(served[rid] == 1 for rid in [*ids, *http_ids])
+    # Each HTTP client's retry found its own request, whole.
+    assert len(set(http_ids)) == HTTP_N
+    for answer in answers:
+        rid = answer["qlm"]["request_id"]
+        assert rid in http_ids
+        assert answer["choices"][0]["text"] == synthetic_text(rid, 0, TOKENS)
+        assert answer["usage"]["completion_tokens"] == TOKENS
     for rid in ids:
         assert statuses[rid].output == synthetic_text(rid, 0, TOKENS)
         assert statuses[rid].output_tokens == TOKENS

@@ -116,6 +116,8 @@ def test_the_coordinator_parts_import_one_way() -> None:
         "qlm_plugin.coordinator.registry",
         "qlm_plugin.coordinator.coordinator",
         "qlm_plugin.coordinator.http_api",
+        "qlm_plugin.coordinator.relay",
+        "qlm_plugin.coordinator.http_workers",
         "qlm_plugin.coordinator.batches",
         "qlm_plugin.coordinator.batch_api",
         "qlm_plugin.coordinator.grpc_api",

@@ -105,6 +105,31 @@ class Authenticator:
                     principals[token] = Principal(var if old is None else old.name, scopes)
         return cls(principals)
 
+    def export(self) -> list[list[Any]]:
+        """The table as JSON-able rows (digests, not tokens), for :meth:`from_export` in a
+        front-door worker process."""
+        return [
+            [
+                d.hex(),
+                p.name,
+                sorted(p.scopes),
+                p.tenant,
+                list(p.instances) if p.instances is not None else None,
+            ]
+            for d, p in self._by_digest.items()
+        ]
+
+    @classmethod
+    def from_export(cls, rows: list[list[Any]]) -> Authenticator:
+        auth = cls({})
+        auth._by_digest = {
+            bytes.fromhex(d): Principal(
+                name, frozenset(scopes), tenant, tuple(inst) if inst is not None else None
+            )
+            for d, name, scopes, tenant, inst in rows
+        }
+        return auth
+
     @property
     def enabled(self) -> bool:
         return bool(self._by_digest)
@@ -162,10 +187,14 @@ def _read(path: str) -> bytes:
 def http_ssl_context(cfg: CoordinatorConfig) -> ssl.SSLContext | None:
     if cfg.tls is None:
         return None
+    return tls_server_context(cfg.tls.cert, cfg.tls.key, cfg.tls.client_ca)
+
+
+def tls_server_context(cert: str, key: str, client_ca: str | None = None) -> ssl.SSLContext:
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ctx.load_cert_chain(cfg.tls.cert, cfg.tls.key)
-    if cfg.tls.client_ca:
-        ctx.load_verify_locations(cfg.tls.client_ca)
+    ctx.load_cert_chain(cert, key)
+    if client_ca:
+        ctx.load_verify_locations(client_ca)
         ctx.verify_mode = ssl.CERT_REQUIRED
     return ctx
 

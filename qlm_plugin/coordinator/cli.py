@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from qlm_plugin import event_loop
-from qlm_plugin.coordinator.config import CoordinatorConfig, Listen, load_config
+from qlm_plugin.coordinator.config import CoordinatorConfig, HTTPListen, Listen, load_config
 
 log = logging.getLogger("qlm_plugin.serve")
 
@@ -32,9 +32,12 @@ def _config(args: argparse.Namespace) -> CoordinatorConfig:
     cfg = load_config(args.config)
     update: dict[str, Any] = {}
     host = args.host or None
-    if args.http_port is not None or host:
-        update["http"] = Listen(
-            host=host or cfg.http.host, port=cfg.http.port if args.http_port is None else args.http_port
+    workers = getattr(args, "http_workers", None)
+    if args.http_port is not None or host or workers is not None:
+        update["http"] = HTTPListen(
+            host=host or cfg.http.host,
+            port=cfg.http.port if args.http_port is None else args.http_port,
+            workers=cfg.http.workers if workers is None else workers,
         )
     if args.grpc_port is not None or host:
         update["grpc"] = Listen(
@@ -64,6 +67,13 @@ def _add_coordinator_args(p: argparse.ArgumentParser, *, defaults_note: str) -> 
     p.add_argument("--host", help="address both servers bind (default 127.0.0.1)")
     p.add_argument("--http-port", type=int, metavar="N", help="HTTP front door port (default 8000)")
     p.add_argument("--grpc-port", type=int, metavar="N", help="gRPC control plane port (default 50051)")
+    p.add_argument(
+        "--http-workers",
+        type=int,
+        metavar="N",
+        help="HTTP front-door worker processes sharing the port; 0: the core serves HTTP itself "
+        "(default: $QLM_HTTP_WORKERS, else one per core past two, less one for the core)",
+    )
     p.add_argument(
         "--journal", metavar="PATH", help="SQLite journal of accepted requests (default qlm-journal.db)"
     )
@@ -154,6 +164,12 @@ def add_parsers(sub: Any) -> None:
     )
     lt.add_argument("--duration", type=float, default=10.0, help="seconds of the latency test (default 10)")
     lt.add_argument("--instances", type=int, default=2, help="simulated instances (default 2)")
+    lt.add_argument(
+        "--http-workers",
+        type=int,
+        metavar="N",
+        help="front-door workers of the qlm serve under test (default: as qlm serve decides)",
+    )
     lt.add_argument("--json", action="store_true", help="JSON instead of a table")
     lt.set_defaults(func=cmd_loadtest)
 

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 #: The scopes a bearer token can carry.
 SCOPES = ("client", "instance", "admin")
@@ -32,6 +32,12 @@ class _Strict(BaseModel):
 class Listen(_Strict):
     host: str = "127.0.0.1"
     port: int = Field(ge=0, le=65535)
+
+
+class HTTPListen(Listen):
+    # Front-door worker processes sharing the port (docs/coordinator.md, "Performance"); 0: the
+    # core process serves HTTP itself; None: $QLM_HTTP_WORKERS, else enough to use the machine.
+    workers: int | None = Field(default=None, ge=0, le=64)
 
 
 class TokenEntry(_Strict):
@@ -83,7 +89,7 @@ class JournalSettings(_Strict):
 
 
 class CoordinatorConfig(_Strict):
-    http: Listen = Listen(port=8000)
+    http: HTTPListen = HTTPListen(port=8000)
     grpc: Listen = Listen(port=50051)
     policy: str = "qlm"
     scenario: str | None = None  # fleet: models, classes, simulated instances (packaged default if None)
@@ -108,6 +114,13 @@ class CoordinatorConfig(_Strict):
     tenants: dict[str, TenantLimits] = {}  # per-tenant overrides
     batches: BatchSettings = BatchSettings()
     metrics_public: bool = False  # /metrics without a token even when tokens are configured
+
+    @field_validator("http", mode="before")
+    @classmethod
+    def _http(cls, value: Any) -> Any:
+        return (
+            value.model_dump() if isinstance(value, Listen) and not isinstance(value, HTTPListen) else value
+        )
 
     @model_validator(mode="after")
     def _timeouts(self) -> CoordinatorConfig:

@@ -19,8 +19,8 @@ from __future__ import annotations
 import asyncio
 import json
 import math
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from typing import Any, Protocol
 
 import orjson
 from aiohttp import web
@@ -29,7 +29,7 @@ from opentelemetry import propagate
 
 from qlm_plugin.coordinator.auth import Authenticator, AuthError, Principal
 from qlm_plugin.coordinator.coordinator import Coordinator
-from qlm_plugin.coordinator.jobs import DEFAULT_MAX_TOKENS, Job, SubmitError
+from qlm_plugin.coordinator.jobs import DEFAULT_MAX_TOKENS, Chunk, Job, SubmitError
 from qlm_plugin.coordinator.openai_params import (
     INT32_MAX,
     INT32_MIN,
@@ -300,27 +300,59 @@ def completion_body(job: Job, chat: bool) -> dict[str, Any]:
     }
 
 
+class Core(Protocol):
+    """What the completion handlers need of the coordinator: the :class:`Coordinator` itself, or in
+    a front-door worker process its link to the core
+    (:class:`~qlm_plugin.coordinator.relay.RelayClient`)."""
+
+    async def submit(
+        self, spec: pb.RequestSpec, *, tenant: str | None = None, parent: Any = None
+    ) -> tuple[Job, bool]: ...
+
+    def cancel(self, request_id: str, reason: str = ...) -> Any: ...
+
+    def follow(self, job: Job) -> AsyncIterator[Chunk]: ...
+
+
 class FrontDoor:
-    """aiohttp handlers over a :class:`Coordinator`; one instance per server."""
+    """aiohttp handlers over a :class:`Coordinator` (``coord``), or in a front-door worker over
+    its link to the core (``core``, with ``coord`` None: the worker serves the completions and
+    passes the rest to the core); one instance per server."""
 
     def __init__(
         self,
-        coord: Coordinator,
+        coord: Coordinator | None,
         auth: Authenticator,
         *,
+        core: Core | None = None,
         metrics_public: bool = False,
         extensions: Sequence[Callable[[web.Application], None]] = (),
     ) -> None:
-        self.coord = coord
+        self._coord = coord
+        self._core: Core | None = core or coord
         self.auth = auth
         self.metrics_public = metrics_public
-        self.extensions = extensions  # more routes (the Batch API's)
+        self.extensions = extensions  # more routes (the Batch API's; a worker's pass-through)
+        # Set when the server stops: the connections it closes then are not clients leaving, and
+        # their requests stay journaled for the next start (a retry with the key finds them).
+        self.closing = False
+
+    @property
+    def core(self) -> Core:
+        assert self._core is not None, "a front door without a coordinator serves only errors"
+        return self._core
+
+    @property
+    def coord(self) -> Coordinator:
+        assert self._coord is not None, "a front-door worker serves only the completions"
+        return self._coord
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=MAX_BODY_BYTES)
-        app.router.add_get("/health", self.health)
-        app.router.add_get("/metrics", self.metrics)
-        app.router.add_get("/v1/models", self.list_models)
+        if self._coord is not None:
+            app.router.add_get("/health", self.health)
+            app.router.add_get("/metrics", self.metrics)
+            app.router.add_get("/v1/models", self.list_models)
         app.router.add_post("/v1/completions", self.completions)
         app.router.add_post("/v1/chat/completions", self.chat_completions)
         for add_routes in self.extensions:
@@ -402,7 +434,7 @@ class FrontDoor:
         # Trace context that is not ASCII is invalid, so ignored (W3C), not an error (or a crash).
         parent = propagate.extract(CIMultiDict((k, v) for k, v in request.headers.items() if v.isascii()))
         try:
-            job, _ = await self.coord.submit(spec, tenant=principal.tenant, parent=parent)
+            job, _ = await self.core.submit(spec, tenant=principal.tenant, parent=parent)
         except SubmitError as exc:
             extra = None
             if exc.estimate is not None:
@@ -426,7 +458,8 @@ class FrontDoor:
             await job.done.wait()
             return self._complete(job, chat)
         except (asyncio.CancelledError, ConnectionResetError):
-            self.coord.cancel(job.id, "the client disconnected")
+            if not self.closing:
+                self.core.cancel(job.id, "the client disconnected")
             raise
 
     def _complete(self, job: Job, chat: bool) -> web.Response:
@@ -460,7 +493,7 @@ class FrontDoor:
             await resp.write(b"data: " + dumps(payload) + b"\n\n")
 
         first = True
-        async for chunk in self.coord.follow(job):
+        async for chunk in self.core.follow(job):
             if chunk.finished:
                 break
             if chat:
@@ -497,6 +530,12 @@ class FrontDoor:
         return resp
 
 
+#: On stop, how long handlers still waiting (for requests the drain left queued) may go on.
+SHUTDOWN_GRACE_S = 5.0
+
+
 def make_runner(front: FrontDoor) -> web.AppRunner:
     # handler_cancellation: a client that goes away cancels its handler, and so its request.
-    return web.AppRunner(front.app(), handler_cancellation=True, access_log=None)
+    return web.AppRunner(
+        front.app(), handler_cancellation=True, access_log=None, shutdown_timeout=SHUTDOWN_GRACE_S
+    )

@@ -17,7 +17,7 @@ import math
 import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from google.protobuf import json_format
 
@@ -68,6 +68,13 @@ def estimate_prompt_tokens(text: str) -> int:
     return max(1, math.ceil(len(text.encode()) / 4))
 
 
+class ChunkSink(Protocol):
+    """Where a job's output goes as it arrives (a follower's queue, a front-door worker's link):
+    each chunk, then None once the job has ended. Called on the event loop; must not block."""
+
+    def put_nowait(self, item: Chunk | None) -> None: ...
+
+
 @dataclass(frozen=True, slots=True)
 class Chunk:
     text: str
@@ -103,7 +110,7 @@ class Job:
     failures: int = 0  # attempts that ended with the instance lost or failing (not evictions)
     admission: Admission | None = None
     recovering: bool = False  # rebuilt from the journal; its instance may still claim it
-    listeners: list[asyncio.Queue[Chunk | None]] = field(default_factory=list)
+    listeners: list[ChunkSink] = field(default_factory=list)
     done: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property
@@ -434,35 +441,11 @@ class JobBook:
                 del self.jobs[rid]
 
     # ------------------------------------------------------------------ output
-    async def follow(self, job: Job) -> AsyncIterator[Chunk]:
-        """The job's output from the start: what exists now, then each chunk as it arrives. An
-        unbounded queue per follower: a slow reader never holds the coordinator up."""
-        # The snapshot and the listener are taken together, before the first yield: a chunk
-        # published while the caller holds the snapshot goes to the queue, not nowhere.
-        text, tokens, finished = job.text, job.tokens, job.state in TERMINAL
-        q: asyncio.Queue[Chunk | None] = asyncio.Queue()
-        if not finished:
-            job.listeners.append(q)
-        try:
-            if text:
-                yield Chunk(text, 0, tokens)
-            if finished:
-                yield Chunk("", tokens, 0, True, job.finish_reason)
-                return
-            while True:
-                chunk = await q.get()
-                if chunk is None:
-                    return
-                yield chunk
-                if chunk.finished:
-                    return
-        finally:
-            if q in job.listeners:
-                job.listeners.remove(q)
+    def follow(self, job: Job) -> AsyncIterator[Chunk]:
+        return follow(job)
 
     def publish(self, job: Job, chunk: Chunk) -> None:
-        for q in job.listeners:
-            q.put_nowait(chunk)
+        publish(job, chunk)
 
     def queue_depth(self) -> dict[tuple[str, str], int]:
         # Every configured (model, class) appears, at 0 when empty: dashboards see a series drop to
@@ -494,3 +477,35 @@ def status_message(job: Job) -> pb.RequestStatus:
         finish_reason=job.finish_reason,
         error=job.error,
     )
+
+
+async def follow(job: Job) -> AsyncIterator[Chunk]:
+    """The job's output from the start: what exists now, then each chunk as it arrives. An
+    unbounded queue per follower: a slow reader never holds the coordinator up."""
+    # The snapshot and the listener are taken together, before the first yield: a chunk
+    # published while the caller holds the snapshot goes to the queue, not nowhere.
+    text, tokens, finished = job.text, job.tokens, job.state in TERMINAL
+    q: asyncio.Queue[Chunk | None] = asyncio.Queue()
+    if not finished:
+        job.listeners.append(q)
+    try:
+        if text:
+            yield Chunk(text, 0, tokens)
+        if finished:
+            yield Chunk("", tokens, 0, True, job.finish_reason)
+            return
+        while True:
+            chunk = await q.get()
+            if chunk is None:
+                return
+            yield chunk
+            if chunk.finished:
+                return
+    finally:
+        if q in job.listeners:
+            job.listeners.remove(q)
+
+
+def publish(job: Job, chunk: Chunk) -> None:
+    for q in job.listeners:
+        q.put_nowait(chunk)

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from qlm_plugin import event_loop
+from qlm_plugin.coordinator.http_workers import resolve_workers
 from qlm_plugin.deploy.child_process import python_command
 
 MODEL = "llama-3.1-8b"
@@ -88,7 +89,12 @@ def _child_server(
 
 @contextmanager
 def serve_process(
-    *, instances: int = 2, speed: float = 1000.0, policy: str = "qlm", timeout_s: float = 60.0
+    *,
+    instances: int = 2,
+    speed: float = 1000.0,
+    policy: str = "qlm",
+    http_workers: int | None = None,
+    timeout_s: float = 60.0,
 ) -> Iterator[Served]:
     """``qlm serve`` in a child process on free ports with a fresh journal; waits for /health."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -108,6 +114,7 @@ def serve_process(
             policy,
             "--journal",
             str(Path(tmp) / "journal.db"),
+            *(() if http_workers is None else ("--http-workers", str(http_workers))),
         )
         with _child_server(cmd, http, "qlm serve", timeout_s) as proc:
             yield Served(f"http://127.0.0.1:{http}", f"127.0.0.1:{grpc_port}", proc)
@@ -130,6 +137,19 @@ def cpu_s(pid: int) -> float:
     except OSError:
         return math.nan
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def worker_pids(pid: int) -> list[int]:
+    """The front-door worker processes of the ``qlm serve`` process ``pid``."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            if ppid == pid and b"http_workers" in (stat.parent / "cmdline").read_bytes():
+                found.append(int(stat.parent.name))
+        except (OSError, ValueError, IndexError):
+            continue
+    return found
 
 
 def _spec(i: int) -> Any:
@@ -221,14 +241,16 @@ def run(
     rates: tuple[float, ...] = (100.0, 250.0, 1000.0),
     duration_s: float = 8.0,
     instances: int = 2,
+    http_workers: int | None = None,
 ) -> dict[str, Any]:
-    out: dict[str, Any] = {"event_loop": event_loop.loop_kind()}
+    workers = resolve_workers(http_workers)
+    out: dict[str, Any] = {"event_loop": event_loop.loop_kind(), "http_workers": workers}
     # Real time for the throughput tests: the queue manager's estimates work on realistic engines.
-    with serve_process(instances=instances, speed=1.0) as served:
+    with serve_process(instances=instances, speed=1.0, http_workers=workers) as served:
         out["submit_batch"] = event_loop.run(
             submit_throughput(served.grpc_target, n, batch=100, concurrency=4)
         )
-    with serve_process(instances=instances, speed=1.0) as served:
+    with serve_process(instances=instances, speed=1.0, http_workers=workers) as served:
         out["submit_unary"] = event_loop.run(
             submit_throughput(served.grpc_target, n // 5, batch=1, concurrency=64)
         )
@@ -236,11 +258,14 @@ def run(
     for rate in rates:  # a fresh system per rate: an overloaded run must not slow the next
         with passthrough_process() as ref:
             reference = event_loop.run(front_door_latency(ref.http_url, rate=rate, duration_s=duration_s))
-        with serve_process(instances=instances) as served:
-            before = cpu_s(served.process.pid)
+        with serve_process(instances=instances, http_workers=workers) as served:
+            pids = worker_pids(served.process.pid)
+            before = cpu_s(served.process.pid), sum(cpu_s(p) for p in pids)
             result = event_loop.run(front_door_latency(served.http_url, rate=rate, duration_s=duration_s))
-            used = cpu_s(served.process.pid) - before
-        result["coordinator_cpu_ms_per_request"] = used * 1000 / max(1, result["requests"] + 20)
+            used = cpu_s(served.process.pid) - before[0], sum(cpu_s(p) for p in pids) - before[1]
+        requests = max(1, result["requests"] + 20)
+        result["coordinator_cpu_ms_per_request"] = used[0] * 1000 / requests
+        result["workers_cpu_ms_per_request"] = used[1] * 1000 / requests
         result["passthrough"] = reference
         result["p99_over_passthrough"] = result["p99_ms"] / reference["p99_ms"]
         result["p99_added_ms"] = result["p99_ms"] - reference["p99_ms"]
@@ -251,12 +276,13 @@ def run(
 def table(result: dict[str, Any]) -> str:
     """The front-door figures as a Markdown table."""
     lines = [
-        f"event loop: {result['event_loop']}; SubmitBatch {result['submit_batch']['per_s']:.0f}/s, "
+        f"event loop: {result['event_loop']}; HTTP workers: {result['http_workers']}; "
+        f"SubmitBatch {result['submit_batch']['per_s']:.0f}/s, "
         f"unary Submit {result['submit_unary']['per_s']:.0f}/s",
         "",
         "| rate | achieved | errors | p50 / p99 ms | pass-through p50 / p99 ms | p99 ratio | p99 added "
-        "| CPU ms/request |",
-        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| CPU ms/request: core | workers |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in result["front_door"]:
         ref = r["passthrough"]
@@ -264,13 +290,20 @@ def table(result: dict[str, Any]) -> str:
             f"| {r['rate']:.0f} | {r['achieved_rate']:.0f} | {r['errors']} "
             f"| {r['p50_ms']:.1f} / {r['p99_ms']:.1f} "
             f"| {ref['p50_ms']:.1f} / {ref['p99_ms']:.1f} | {r['p99_over_passthrough']:.1f}x "
-            f"| {r['p99_added_ms']:.1f} | {r['coordinator_cpu_ms_per_request']:.2f} |"
+            f"| {r['p99_added_ms']:.1f} | {r['coordinator_cpu_ms_per_request']:.2f} "
+            f"| {r['workers_cpu_ms_per_request']:.2f} |"
         )
     return "\n".join(lines)
 
 
 def main(args: Any) -> int:
     rates = tuple(float(r) for r in str(args.rates).split(","))
-    result = run(n=args.requests, rates=rates, duration_s=args.duration, instances=args.instances)
+    result = run(
+        n=args.requests,
+        rates=rates,
+        duration_s=args.duration,
+        instances=args.instances,
+        http_workers=args.http_workers,
+    )
     print(json.dumps(result, indent=2) if args.json else table(result))
     return 0

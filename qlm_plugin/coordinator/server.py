@@ -4,8 +4,11 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import signal
+import socket
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -22,6 +25,7 @@ from qlm_plugin.coordinator.config import CoordinatorConfig
 from qlm_plugin.coordinator.coordinator import Coordinator
 from qlm_plugin.coordinator.grpc_api import AdminService, AuthInterceptor, InstancesService, RequestsService
 from qlm_plugin.coordinator.http_api import FrontDoor, make_runner
+from qlm_plugin.coordinator.http_workers import WorkerPool, resolve_workers
 from qlm_plugin.coordinator.journal import Journal
 from qlm_plugin.proto.qlm.v1 import qlm_pb2 as pb
 from qlm_plugin.proto.qlm.v1 import qlm_pb2_grpc as pb_grpc
@@ -64,6 +68,10 @@ class CoordinatorServer:
         self.http_port = 0
         self._grpc: Any = None
         self._runner: web.AppRunner | None = None
+        self._front: FrontDoor | None = None
+        self.http_workers = resolve_workers(cfg.http.workers)
+        self.workers: WorkerPool | None = None
+        self._listener: socket.socket | None = None
         self._health: Any = None
         self.batch_store: BatchStore | None = None
         self.batches: BatchService | None = None
@@ -102,15 +110,25 @@ class CoordinatorServer:
             metrics_public=cfg.metrics_public or not self.auth.enabled,
             extensions=[batch_api.add_routes],
         )
+        self._front = front
         self._runner = make_runner(front)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, cfg.http.host, cfg.http.port, ssl_context=http_ssl_context(cfg))
-        await site.start()
-        self.http_port = self._runner.addresses[0][1]
+        if self.http_workers == 0:
+            site = web.TCPSite(self._runner, cfg.http.host, cfg.http.port, ssl_context=http_ssl_context(cfg))
+            await site.start()
+            self.http_port = self._runner.addresses[0][1]
+        else:
+            # The workers accept on the public socket; the core answers what they pass on.
+            listener = self._listener = await _listen(cfg.http.host, cfg.http.port)
+            self.http_port = listener.getsockname()[1]
+            tls = cfg.tls.model_dump(include={"cert", "key", "client_ca"}) if cfg.tls is not None else None
+            self.workers = WorkerPool(self.http_workers, coord, self.auth, tls)
+            await self.workers.start(listener, self._runner)
         log.info(
-            "coordinator ready: HTTP %s:%d, gRPC %s:%d, policy %s, journal %s",
+            "coordinator ready: HTTP %s:%d (%s), gRPC %s:%d, policy %s, journal %s",
             cfg.http.host,
             self.http_port,
+            f"{self.http_workers} front-door workers" if self.http_workers else "served by the core",
             cfg.grpc.host,
             self.grpc_port,
             cfg.policy,
@@ -127,6 +145,12 @@ class CoordinatorServer:
             left = await self.coordinator.drain(drain_timeout_s)
         if self.batches is not None:  # after the drain: requests that finished in it are counted
             await self.batches.close()
+        if self._front is not None:
+            self._front.closing = True
+        if self.workers is not None:  # before the core's HTTP: the workers pass requests to it
+            await self.workers.stop()
+        if self._listener is not None:
+            self._listener.close()
         if self._runner is not None:
             await self._runner.cleanup()
         if self._grpc is not None:
@@ -138,6 +162,23 @@ class CoordinatorServer:
         self.stopped.set()
         log.info("coordinator stopped: %s left in the journal", left or "nothing")
         return left
+
+
+#: How long a restarted core waits for the port while the old core's workers let go of it.
+BIND_WAIT_S = 10.0
+
+
+async def _listen(host: str, port: int) -> socket.socket:
+    """The public HTTP socket, listening, for the workers to accept on."""
+    deadline = time.monotonic() + BIND_WAIT_S
+    while True:
+        try:
+            family = socket.AF_INET6 if ":" in host else socket.AF_INET
+            return socket.create_server((host, port), family=family, backlog=1024)
+        except OSError as exc:
+            if exc.errno != errno.EADDRINUSE or port == 0 or time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.2)
 
 
 async def serve_until_signal(

@@ -15,9 +15,9 @@ import grpc
 from qlm_plugin.transport.client import CoordinatorClient
 
 
-def coordinator_process(tmp: Path, http: int, grpc_port: int) -> subprocess.Popen[bytes]:
-    """``qlm coordinator`` with ``tmp/config.yaml`` and the journal ``tmp/journal.db``; its log is
-    appended to ``tmp/coordinator.log``."""
+def coordinator_process(tmp: Path, http: int, grpc_port: int, *args: str) -> subprocess.Popen[bytes]:
+    """``qlm coordinator`` with ``tmp/config.yaml``, the journal ``tmp/journal.db`` and ``args``;
+    its log is appended to ``tmp/coordinator.log``."""
     return subprocess.Popen(
         [
             sys.executable,
@@ -32,6 +32,7 @@ def coordinator_process(tmp: Path, http: int, grpc_port: int) -> subprocess.Pope
             str(grpc_port),
             "--journal",
             str(tmp / "journal.db"),
+            *args,
         ],
         stdout=subprocess.PIPE,
         stderr=open(tmp / "coordinator.log", "ab"),

@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 
 import pluggy
 
-from qlm_plugin.coordinator.config import CoordinatorConfig, Listen
+from qlm_plugin.coordinator.config import CoordinatorConfig, HTTPListen, Listen
 from qlm_plugin.coordinator.coordinator import Coordinator
 from qlm_plugin.coordinator.jobs import Job
 from qlm_plugin.coordinator.journal import JobRecord
@@ -82,7 +82,7 @@ class RemoteHarness:
     # ------------------------------------------------------------------ BackendHarness
     def start(self, pm: pluggy.PluginManager) -> None:
         cfg = CoordinatorConfig(
-            http=Listen(port=0),
+            http=HTTPListen(port=0),
             grpc=Listen(port=self.grpc_port),
             policy="fcfs",
             journal={"path": str(Path(self._tmp.name) / "journal.db")},  # type: ignore[arg-type]

@@ -535,3 +535,132 @@ class InstancesSnapshot(_message.Message):
     INSTANCES_FIELD_NUMBER: _ClassVar[int]
     instances: _containers.RepeatedCompositeFieldContainer[InstanceSnapshot]
     def __init__(self, instances: _Optional[_Iterable[_Union[InstanceSnapshot, _Mapping]]] = ...) -> None: ...
+
+class RelayCalls(_message.Message):
+    __slots__ = ("calls",)
+    CALLS_FIELD_NUMBER: _ClassVar[int]
+    calls: _containers.RepeatedCompositeFieldContainer[RelayCall]
+    def __init__(self, calls: _Optional[_Iterable[_Union[RelayCall, _Mapping]]] = ...) -> None: ...
+
+class RelayCall(_message.Message):
+    __slots__ = ("seq", "submit", "cancel", "cancel_reason", "trace")
+    class TraceEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    SUBMIT_FIELD_NUMBER: _ClassVar[int]
+    CANCEL_FIELD_NUMBER: _ClassVar[int]
+    CANCEL_REASON_FIELD_NUMBER: _ClassVar[int]
+    TRACE_FIELD_NUMBER: _ClassVar[int]
+    seq: int
+    submit: RequestSpec
+    cancel: str
+    cancel_reason: str
+    trace: _containers.ScalarMap[str, str]
+    def __init__(self, seq: _Optional[int] = ..., submit: _Optional[_Union[RequestSpec, _Mapping]] = ..., cancel: _Optional[str] = ..., cancel_reason: _Optional[str] = ..., trace: _Optional[_Mapping[str, str]] = ...) -> None: ...
+
+class RelayEvents(_message.Message):
+    __slots__ = ("events",)
+    EVENTS_FIELD_NUMBER: _ClassVar[int]
+    events: _containers.RepeatedCompositeFieldContainer[RelayEvent]
+    def __init__(self, events: _Optional[_Iterable[_Union[RelayEvent, _Mapping]]] = ...) -> None: ...
+
+class RelayEvent(_message.Message):
+    __slots__ = ("seq", "accepted", "refused", "chunk", "finished")
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    ACCEPTED_FIELD_NUMBER: _ClassVar[int]
+    REFUSED_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    FINISHED_FIELD_NUMBER: _ClassVar[int]
+    seq: int
+    accepted: RelayJob
+    refused: RelayRefusal
+    chunk: RelayChunk
+    finished: RelayJob
+    def __init__(self, seq: _Optional[int] = ..., accepted: _Optional[_Union[RelayJob, _Mapping]] = ..., refused: _Optional[_Union[RelayRefusal, _Mapping]] = ..., chunk: _Optional[_Union[RelayChunk, _Mapping]] = ..., finished: _Optional[_Union[RelayJob, _Mapping]] = ...) -> None: ...
+
+class RelayRefusal(_message.Message):
+    __slots__ = ("code", "field", "message", "has_estimate", "wait_mean_s", "p_meet", "retry_after_s")
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    FIELD_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    HAS_ESTIMATE_FIELD_NUMBER: _ClassVar[int]
+    WAIT_MEAN_S_FIELD_NUMBER: _ClassVar[int]
+    P_MEET_FIELD_NUMBER: _ClassVar[int]
+    RETRY_AFTER_S_FIELD_NUMBER: _ClassVar[int]
+    code: str
+    field: str
+    message: str
+    has_estimate: bool
+    wait_mean_s: float
+    p_meet: float
+    retry_after_s: float
+    def __init__(self, code: _Optional[str] = ..., field: _Optional[str] = ..., message: _Optional[str] = ..., has_estimate: _Optional[bool] = ..., wait_mean_s: _Optional[float] = ..., p_meet: _Optional[float] = ..., retry_after_s: _Optional[float] = ...) -> None: ...
+
+class RelayChunk(_message.Message):
+    __slots__ = ("request_id", "chunk")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    chunk: OutputChunk
+    def __init__(self, request_id: _Optional[str] = ..., chunk: _Optional[_Union[OutputChunk, _Mapping]] = ...) -> None: ...
+
+class RelayJob(_message.Message):
+    __slots__ = ("request_id", "model", "prompt_tokens", "max_tokens", "arrival_time", "ttft_deadline", "e2e_deadline", "slo_class", "priority", "weight", "tenant", "duplicate", "has_admission", "can_meet_slo", "planned_instance", "wait_mean_s", "p_meet", "state", "text", "tokens", "first_token_at", "finished_at", "finish_reason", "error", "instance_id", "attempt")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    ARRIVAL_TIME_FIELD_NUMBER: _ClassVar[int]
+    TTFT_DEADLINE_FIELD_NUMBER: _ClassVar[int]
+    E2E_DEADLINE_FIELD_NUMBER: _ClassVar[int]
+    SLO_CLASS_FIELD_NUMBER: _ClassVar[int]
+    PRIORITY_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    DUPLICATE_FIELD_NUMBER: _ClassVar[int]
+    HAS_ADMISSION_FIELD_NUMBER: _ClassVar[int]
+    CAN_MEET_SLO_FIELD_NUMBER: _ClassVar[int]
+    PLANNED_INSTANCE_FIELD_NUMBER: _ClassVar[int]
+    WAIT_MEAN_S_FIELD_NUMBER: _ClassVar[int]
+    P_MEET_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    FIRST_TOKEN_AT_FIELD_NUMBER: _ClassVar[int]
+    FINISHED_AT_FIELD_NUMBER: _ClassVar[int]
+    FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    model: str
+    prompt_tokens: int
+    max_tokens: int
+    arrival_time: float
+    ttft_deadline: float
+    e2e_deadline: float
+    slo_class: str
+    priority: int
+    weight: float
+    tenant: str
+    duplicate: bool
+    has_admission: bool
+    can_meet_slo: bool
+    planned_instance: str
+    wait_mean_s: float
+    p_meet: float
+    state: str
+    text: str
+    tokens: int
+    first_token_at: float
+    finished_at: float
+    finish_reason: str
+    error: str
+    instance_id: str
+    attempt: int
+    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., max_tokens: _Optional[int] = ..., arrival_time: _Optional[float] = ..., ttft_deadline: _Optional[float] = ..., e2e_deadline: _Optional[float] = ..., slo_class: _Optional[str] = ..., priority: _Optional[int] = ..., weight: _Optional[float] = ..., tenant: _Optional[str] = ..., duplicate: _Optional[bool] = ..., has_admission: _Optional[bool] = ..., can_meet_slo: _Optional[bool] = ..., planned_instance: _Optional[str] = ..., wait_mean_s: _Optional[float] = ..., p_meet: _Optional[float] = ..., state: _Optional[str] = ..., text: _Optional[str] = ..., tokens: _Optional[int] = ..., first_token_at: _Optional[float] = ..., finished_at: _Optional[float] = ..., finish_reason: _Optional[str] = ..., error: _Optional[str] = ..., instance_id: _Optional[str] = ..., attempt: _Optional[int] = ...) -> None: ...

@@ -741,3 +741,93 @@ class Admin:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class FrontDoorStub:
+    """------------------------------------------------------------------------- front-door workers
+
+    The link of one HTTP front-door worker process (`qlm serve --http-workers N`) to the core process,
+    which owns the queue, the plan and the journal. One long-lived stream per worker; each message
+    carries everything that queued on its side while the previous one was in flight, so the core pays
+    per batch, not per request. Served on a private Unix socket of the core, not on the public port.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.Relay = channel.stream_stream(
+                '/qlm.v1.FrontDoor/Relay',
+                request_serializer=qlm__plugin_dot_proto_dot_qlm_dot_v1_dot_qlm__pb2.RelayCalls.SerializeToString,
+                response_deserializer=qlm__plugin_dot_proto_dot_qlm_dot_v1_dot_qlm__pb2.RelayEvents.FromString,
+                _registered_method=True)
+
+
+class FrontDoorServicer:
+    """------------------------------------------------------------------------- front-door workers
+
+    The link of one HTTP front-door worker process (`qlm serve --http-workers N`) to the core process,
+    which owns the queue, the plan and the journal. One long-lived stream per worker; each message
+    carries everything that queued on its side while the previous one was in flight, so the core pays
+    per batch, not per request. Served on a private Unix socket of the core, not on the public port.
+    """
+
+    def Relay(self, request_iterator, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_FrontDoorServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'Relay': grpc.stream_stream_rpc_method_handler(
+                    servicer.Relay,
+                    request_deserializer=qlm__plugin_dot_proto_dot_qlm_dot_v1_dot_qlm__pb2.RelayCalls.FromString,
+                    response_serializer=qlm__plugin_dot_proto_dot_qlm_dot_v1_dot_qlm__pb2.RelayEvents.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'qlm.v1.FrontDoor', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('qlm.v1.FrontDoor', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class FrontDoor:
+    """------------------------------------------------------------------------- front-door workers
+
+    The link of one HTTP front-door worker process (`qlm serve --http-workers N`) to the core process,
+    which owns the queue, the plan and the journal. One long-lived stream per worker; each message
+    carries everything that queued on its side while the previous one was in flight, so the core pays
+    per batch, not per request. Served on a private Unix socket of the core, not on the public port.
+    """
+
+    @staticmethod
+    def Relay(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/qlm.v1.FrontDoor/Relay',
+            qlm__plugin_dot_proto_dot_qlm_dot_v1_dot_qlm__pb2.RelayCalls.SerializeToString,
+            qlm__plugin_dot_proto_dot_qlm_dot_v1_dot_qlm__pb2.RelayEvents.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)

@@ -1,0 +1,276 @@
+"""The HTTP front door in worker processes (``http.workers``, ``qlm serve --http-workers``): real
+worker processes on the shared port, each talking to the core over its relay stream. The whole
+suite also runs this way (``QLM_HTTP_WORKERS=2 python -m pytest``); these tests hold what only
+workers have: the work spread over them, a worker that dies, the relay's own checks."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import json
+import os
+import signal
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import grpc
+import pytest
+
+from qlm_plugin.adapters.sim.realtime import synthetic_text
+from qlm_plugin.coordinator.http_workers import resolve_workers
+from qlm_plugin.coordinator.relay import SECRET_KEY
+from qlm_plugin.proto.qlm.v1 import qlm_pb2 as pb
+from qlm_plugin.proto.qlm.v1 import qlm_pb2_grpc as pb_grpc
+from qlm_plugin.testing.stack import LocalStack, local_stack
+
+MODEL = "llama-3.1-8b"
+WORKERS = {"http": {"port": 0, "workers": 2}}
+ENV = {"T_CLIENT": "c-secret", "T_ADMIN": "a-secret", "T_INST": "i-secret"}
+TOKENS: dict[str, Any] = {
+    "tokens": [
+        {"token_env": "T_CLIENT", "scopes": ["client"], "tenant": "acme", "name": "client"},
+        {"token_env": "T_ADMIN", "scopes": ["admin"], "name": "admin"},
+        {"token_env": "T_INST", "scopes": ["instance"], "name": "instance"},
+    ]
+}
+
+
+def run(tmp_path: Path, body: Callable[[LocalStack], Awaitable[None]], **kw: Any) -> None:
+    async def main() -> None:
+        config = {**WORKERS, **kw.pop("config", {})}
+        async with local_stack(tmp_path, config=config, **kw) as stack:
+            assert stack.server.workers is not None and len(stack.server.workers.pids) == 2
+            await body(stack)
+
+    asyncio.run(main())
+
+
+def completion(tokens: int = 8, **kw: Any) -> dict[str, Any]:
+    return {"model": MODEL, "prompt": "hello", "max_tokens": tokens, **kw}
+
+
+def _serving_pid(response: aiohttp.ClientResponse, server_port: int, pids: list[int]) -> int:
+    """The worker process holding the server side of ``response``'s connection."""
+    assert response.connection is not None and response.connection.transport is not None
+    client_port = response.connection.transport.get_extra_info("sockname")[1]
+    inode = ""
+    for row in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        cols = row.split()
+        if int(cols[1].split(":")[1], 16) == server_port and int(cols[2].split(":")[1], 16) == client_port:
+            inode = cols[9]
+    for pid in pids:
+        for fd in Path(f"/proc/{pid}/fd").iterdir():
+            try:
+                if os.readlink(fd) == f"socket:[{inode}]":
+                    return pid
+            except OSError:
+                continue
+    raise AssertionError(f"no worker holds the connection from port {client_port}")
+
+
+def test_requests_are_served_by_every_worker_with_the_same_answers(tmp_path: Path) -> None:
+    async def body(stack: LocalStack) -> None:
+        assert stack.server.workers is not None
+        pids = stack.server.workers.pids
+        served_by: list[int] = []
+        # One connection per request: the kernel hands the connections to both workers.
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as s:
+
+            async def one(i: int) -> None:
+                stream = i % 2 == 0
+                async with s.post(f"{stack.http_url}/v1/completions", json=completion(stream=stream)) as r:
+                    assert r.status == 200
+                    rid = r.headers["x-qlm-request-id"]
+                    if stream:  # the connection is held while the stream is read
+                        served_by.append(_serving_pid(r, stack.server.http_port, pids))
+                        text = "".join(
+                            json.loads(line[6:])["choices"][0].get("text", "")
+                            for line in (await r.text()).splitlines()
+                            if line.startswith("data: {")
+                        )
+                    else:
+                        text = (await r.json())["choices"][0]["text"]
+                    assert text == synthetic_text(rid, 0, 8)
+
+            await asyncio.gather(*(one(i) for i in range(200)))
+        assert set(served_by) == set(pids), collections.Counter(served_by)
+
+    run(tmp_path, body, speed=200.0)
+
+
+def test_auth_tenants_and_the_routes_passed_to_the_core(tmp_path: Path) -> None:
+    async def body(stack: LocalStack) -> None:
+        url = stack.http_url
+        client = {"Authorization": "Bearer c-secret"}
+        async with aiohttp.ClientSession() as s:
+            async with s.post(f"{url}/v1/completions", json=completion()) as r:
+                assert r.status == 401
+                assert "missing bearer token" in (await r.json())["error"]["message"]
+            async with s.post(f"{url}/v1/completions", json=completion(), headers=client) as r:
+                assert r.status == 200
+                assert (await r.json())["qlm"]["tenant"] == "acme"  # the token's, whatever the request says
+            async with s.post(f"{url}/v1/completions", json=completion(model="nope"), headers=client) as r:
+                assert r.status == 404
+                assert (await r.json())["error"]["param"] == "model"
+            # Served by the core, through a worker.
+            async with s.get(f"{url}/health") as r:
+                assert r.status == 200 and (await r.json())["instances"] == 2
+            async with s.get(f"{url}/v1/models", headers=client) as r:
+                assert [m["id"] for m in (await r.json())["data"]] == [MODEL]
+            async with s.get(f"{url}/metrics") as r:
+                assert r.status == 401
+            async with s.get(f"{url}/metrics", headers={"Authorization": "Bearer a-secret"}) as r:
+                assert r.status == 200 and "qlm" in await r.text()
+            form = aiohttp.FormData()
+            form.add_field("purpose", "batch")
+            line = '{"custom_id": "a", "method": "POST", "url": "/v1/completions", "body": {"model": "%s"}}'
+            form.add_field("file", (line % MODEL).encode(), filename="in.jsonl")
+            async with s.post(f"{url}/v1/files", data=form, headers=client) as r:
+                assert r.status == 200, await r.text()
+                file_id = (await r.json())["id"]
+            async with s.get(f"{url}/v1/files/{file_id}/content", headers=client) as r:
+                assert (await r.read()).decode() == line % MODEL
+            async with s.get(f"{url}/v1/nowhere") as r:
+                assert r.status == 404
+
+    run(tmp_path, body, config=TOKENS, env=ENV, token="i-secret")
+
+
+def test_a_client_that_leaves_cancels_its_request_in_the_core(tmp_path: Path) -> None:
+    async def body(stack: LocalStack) -> None:
+        async with aiohttp.ClientSession() as s:
+            r = await s.post(f"{stack.http_url}/v1/completions", json=completion(5000, stream=True))
+            rid = r.headers["x-qlm-request-id"]
+            await r.content.readline()
+            r.close()  # the client goes away mid-stream
+        job = stack.coordinator.lookup(rid)
+        assert job is not None
+        await asyncio.wait_for(job.done.wait(), 10)
+        assert job.state == "cancelled"
+
+    run(tmp_path, body, speed=5.0)
+
+
+def test_a_dead_worker_is_replaced_and_its_requests_cancelled(tmp_path: Path) -> None:
+    async def body(stack: LocalStack) -> None:
+        pool = stack.server.workers
+        assert pool is not None
+        pids = pool.pids
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as s:
+            responses = []
+            for _ in range(8):
+                r = await s.post(f"{stack.http_url}/v1/completions", json=completion(5000, stream=True))
+                await r.content.readline()  # the stream is under way
+                responses.append(r)
+            owner = {
+                r.headers["x-qlm-request-id"]: _serving_pid(r, stack.server.http_port, pids)
+                for r in responses
+            }
+            victim = next(iter(owner.values()))
+            os.kill(victim, signal.SIGKILL)
+            deadline = time.monotonic() + 30
+            while victim in pool.pids or len(pool.pids) < 2:
+                assert time.monotonic() < deadline, "the worker was not replaced"
+                await asyncio.sleep(0.1)
+            # Its clients' requests are cancelled in the core; the other worker's go on.
+            for rid, pid in owner.items():
+                job = stack.coordinator.lookup(rid)
+                assert job is not None
+                if pid == victim:
+                    await asyncio.wait_for(job.done.wait(), 10)
+                    assert job.state == "cancelled" and "front-door worker" in job.error
+                else:
+                    assert job.state not in ("cancelled", "failed", "finished")
+            for r in responses:
+                r.close()
+            for _ in range(10):  # and the port serves on
+                async with s.post(f"{stack.http_url}/v1/completions", json=completion()) as r:
+                    assert r.status == 200
+
+    run(tmp_path, body, speed=5.0)
+
+
+def test_one_idempotency_key_twice_at_once_is_one_request(tmp_path: Path) -> None:
+    async def body(stack: LocalStack) -> None:
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as s:
+
+            async def one() -> dict[str, Any]:
+                body = completion(40, qlm={"idempotency_key": "k-1"})
+                async with s.post(f"{stack.http_url}/v1/completions", json=body) as r:
+                    assert r.status == 200
+                    answer: dict[str, Any] = await r.json()
+                    return answer
+
+            answers = await asyncio.gather(*(one() for _ in range(6)))
+        rids = {a["qlm"]["request_id"] for a in answers}
+        assert len(rids) == 1
+        (rid,) = rids
+        assert all(a["choices"][0]["text"] == synthetic_text(rid, 0, 40) for a in answers)
+
+    run(tmp_path, body, speed=50.0)
+
+
+def test_the_relay_refuses_a_caller_without_the_secret(tmp_path: Path) -> None:
+    async def body(stack: LocalStack) -> None:
+        pool = stack.server.workers
+        assert pool is not None
+        address = pool._settings["relay"]
+        async with grpc.aio.insecure_channel(address) as channel:
+            stub = pb_grpc.FrontDoorStub(channel)  # type: ignore[no-untyped-call]  # generated stub
+
+            async def calls() -> Any:
+                yield pb.RelayCalls(
+                    calls=[pb.RelayCall(seq=1, submit=pb.RequestSpec(model=MODEL, prompt="x"))]
+                )
+
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                async for _ in stub.Relay(calls(), metadata=((SECRET_KEY, "guess"),)):
+                    pass
+            assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert not stack.coordinator.jobs
+
+    run(tmp_path, body)
+
+
+def test_the_number_of_workers_comes_from_config_then_environment_then_the_machine() -> None:
+    assert resolve_workers(3, {"QLM_HTTP_WORKERS": "1"}) == 3
+    assert resolve_workers(None, {"QLM_HTTP_WORKERS": "1"}) == 1
+    assert resolve_workers(None, {"QLM_HTTP_WORKERS": "auto"}) == resolve_workers(None, {})
+    cores = len(os.sched_getaffinity(0))
+    assert resolve_workers(None, {}) == (0 if cores <= 2 else min(cores - 1, 16))
+    with pytest.raises(ValueError, match="QLM_HTTP_WORKERS='two'"):
+        resolve_workers(None, {"QLM_HTTP_WORKERS": "two"})
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_graceful_restart_keeps_the_requests_its_clients_were_waiting_for(
+    tmp_path: Path, workers: int
+) -> None:
+    """The server closing its connections on stop is not the clients leaving: their requests stay
+    journaled, and a client that submits again with its key after the restart gets its answer."""
+    config = {"http": {"port": 0, "workers": workers}, "drain_timeout_s": 0.2}
+    body = completion(4000, qlm={"idempotency_key": "restart-1"})
+
+    async def main() -> None:
+        async with local_stack(tmp_path, config=config, speed=20.0) as stack, aiohttp.ClientSession() as s:
+            waiting = asyncio.create_task(s.post(f"{stack.http_url}/v1/completions", json=body))
+            while not stack.coordinator.jobs:
+                await asyncio.sleep(0.01)
+            (rid,) = stack.coordinator.jobs
+            await stack.server.stop()
+            with pytest.raises(aiohttp.ClientError):
+                await waiting
+        async with local_stack(tmp_path, config=config, speed=20.0) as stack:
+            async with (
+                aiohttp.ClientSession() as s,
+                s.post(f"{stack.http_url}/v1/completions", json=body) as r,
+            ):
+                assert r.status == 200, await r.text()
+                answer = await r.json()
+            assert answer["qlm"]["request_id"] == rid
+            assert answer["choices"][0]["text"] == synthetic_text(rid, 0, 4000)
+
+    asyncio.run(main())

@@ -1,0 +1,429 @@
+"""The link between the HTTP front-door worker processes and the core (``qlm serve --http-workers``).
+
+The core serves ``qlm.v1.FrontDoor/Relay`` on a private Unix socket: one long-lived stream per
+worker. A worker sends submissions and cancellations; the core answers each submission (accepted,
+with the request as queued and its output so far, or refused, with the error the in-process front
+door would have raised) and then streams the request's output and its end. Each stream message
+carries everything that queued while the previous one was in flight, so the core's cost is per
+batch, not per request: that is what makes moving HTTP off the core worth it.
+
+:class:`RelayService` is the core's end; :class:`RelayClient` the worker's, with the
+``submit``/``cancel``/``follow`` calls of :class:`~qlm_plugin.coordinator.coordinator.Coordinator`
+that the front door's handlers use, so the handlers run unchanged in a worker. Both are used on one
+event loop (not thread-safe).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+from opentelemetry import propagate
+
+from qlm_plugin.coordinator.coordinator import Coordinator
+from qlm_plugin.coordinator.jobs import Chunk, Job, SubmitError, follow, publish
+from qlm_plugin.coordinator.journal import TERMINAL
+from qlm_plugin.domain.outcome import Admission
+from qlm_plugin.domain.request import SLO, Request
+from qlm_plugin.proto.qlm.v1 import qlm_pb2 as pb
+from qlm_plugin.proto.qlm.v1 import qlm_pb2_grpc as pb_grpc
+
+log = logging.getLogger("qlm_plugin.coordinator.relay")
+
+#: Metadata key of the secret a worker presents (the socket is private too: this is belt and braces).
+SECRET_KEY = "x-qlm-relay-secret"
+#: Channel options of both ends: a batch of events has no size limit of its own (a 4 MiB prompt,
+#: or the output of a long request answered to a duplicate, can be one event of many).
+CHANNEL_OPTIONS = [("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", -1)]
+#: Why the requests of a worker that went away are cancelled.
+WORKER_GONE = "the front-door worker serving the client went away"
+
+
+# ---------------------------------------------------------------------------------- conversion
+def relay_job(job: Job, *, duplicate: bool = False, text: bool = False) -> pb.RelayJob:
+    """A job as the worker needs it for the answer: the request, the estimate and the progress."""
+    r = job.request
+    out = pb.RelayJob(
+        request_id=r.id,
+        model=r.model,
+        prompt_tokens=r.prompt_tokens,
+        max_tokens=r.max_tokens,
+        arrival_time=r.arrival_time,
+        slo_class=r.slo_class,
+        priority=r.priority,
+        weight=r.weight,
+        tenant=r.tenant,
+        duplicate=duplicate,
+        state=job.state,
+        tokens=job.tokens,
+        finish_reason=job.finish_reason,
+        error=job.error,
+        instance_id=job.instance or "",
+        attempt=job.attempt,
+    )
+    if r.slo.ttft_deadline is not None:
+        out.ttft_deadline = r.slo.ttft_deadline
+    if r.slo.e2e_deadline is not None:
+        out.e2e_deadline = r.slo.e2e_deadline
+    adm = job.admission
+    if adm is not None:
+        out.has_admission = True
+        out.can_meet_slo = adm.can_meet_slo
+        out.planned_instance = adm.instance_id or ""
+        if adm.wait_mean_s is not None:
+            out.wait_mean_s = adm.wait_mean_s
+        if adm.p_meet is not None:
+            out.p_meet = adm.p_meet
+    if job.first_token_at is not None:
+        out.first_token_at = job.first_token_at
+    if job.finished_at is not None:
+        out.finished_at = job.finished_at
+    if text:
+        out.text = job.text
+    return out
+
+
+def _opt(msg: Any, name: str) -> Any:
+    return getattr(msg, name) if msg.HasField(name) else None
+
+
+def job_from_relay(m: pb.RelayJob, spec: pb.RequestSpec) -> Job:
+    """The worker's copy of a job, from the core's answer."""
+    request = Request(
+        id=m.request_id,
+        model=m.model,
+        prompt_tokens=m.prompt_tokens,
+        max_tokens=m.max_tokens,
+        arrival_time=m.arrival_time,
+        slo=SLO(_opt(m, "ttft_deadline"), _opt(m, "e2e_deadline")),
+        slo_class=m.slo_class,
+        priority=m.priority,
+        weight=m.weight,
+        tenant=m.tenant,
+    )
+    job = Job(request, spec)
+    if m.has_admission:
+        job.admission = Admission(
+            m.request_id,
+            True,
+            m.can_meet_slo,
+            m.planned_instance or None,
+            _opt(m, "wait_mean_s"),
+            _opt(m, "p_meet"),
+        )
+    if m.text:
+        job.chunks.append(m.text)
+    update_job(job, m)
+    return job
+
+
+def update_job(job: Job, m: pb.RelayJob) -> None:
+    job.state, job.tokens, job.attempt = m.state, m.tokens, m.attempt
+    job.instance = m.instance_id or None
+    job.first_token_at = _opt(m, "first_token_at")
+    job.finished_at = _opt(m, "finished_at")
+    job.finish_reason, job.error = m.finish_reason, m.error
+
+
+def refusal(exc: SubmitError) -> pb.RelayRefusal:
+    out = pb.RelayRefusal(
+        code=exc.code,
+        field=exc.field or "",
+        message=str(exc),
+        retry_after_s=exc.retry_after_s if exc.retry_after_s is not None else -1.0,
+    )
+    if exc.estimate is not None:
+        out.has_estimate = True
+        out.wait_mean_s = exc.estimate.wait_mean_s or 0.0
+        out.p_meet = exc.estimate.p_meet or 0.0
+    return out
+
+
+def submit_error(m: pb.RelayRefusal) -> SubmitError:
+    estimate = Admission("", False, False, None, m.wait_mean_s, m.p_meet) if m.has_estimate else None
+    return SubmitError(
+        m.code,
+        m.message,
+        m.field or None,
+        estimate=estimate,
+        retry_after_s=m.retry_after_s if m.retry_after_s >= 0 else None,
+    )
+
+
+# ---------------------------------------------------------------------------------- the core's end
+class _Outbox:
+    """What the core has for one worker, sent as one message per wake-up of the writer."""
+
+    def __init__(self) -> None:
+        self.events: list[pb.RelayEvent] = []
+        self.ready = asyncio.Event()
+        self.closed = False
+
+    def add(self, event: pb.RelayEvent) -> None:
+        self.events.append(event)
+        self.ready.set()
+
+    def close(self) -> None:
+        self.closed = True
+        self.ready.set()
+
+
+class _Follower:
+    """A job's output, for one worker's link: a :class:`~qlm_plugin.coordinator.jobs.ChunkSink`
+    that turns each chunk into an event, without a task per request."""
+
+    __slots__ = ("followed", "job", "outbox")
+
+    def __init__(self, job: Job, outbox: _Outbox, followed: dict[str, _Follower]) -> None:
+        self.job, self.outbox, self.followed = job, outbox, followed
+
+    def put_nowait(self, item: Chunk | None) -> None:
+        job = self.job
+        if item is not None and not item.finished:
+            chunk = pb.OutputChunk(text=item.text, index=item.index, tokens=item.tokens)
+            self.outbox.add(pb.RelayEvent(chunk=pb.RelayChunk(request_id=job.id, chunk=chunk)))
+            return
+        # The end: once, whichever of the two comes first. It stays a listener (removing it here
+        # would upset the loop that calls it); the job is dropped soon after anyway.
+        if self.followed.pop(job.id, None) is self:
+            self.outbox.add(pb.RelayEvent(finished=relay_job(job)))
+
+
+class RelayService(pb_grpc.FrontDoorServicer):
+    """The core's end of the workers' links."""
+
+    def __init__(self, coord: Coordinator, secret: str) -> None:
+        self.coord = coord
+        self.secret = secret
+        # Set when the server stops: a worker's link then ends because it was told to stop, not
+        # because its clients left, and their requests stay journaled for the next start.
+        self.closing = False
+
+    async def Relay(self, calls: AsyncIterator[pb.RelayCalls], context: Any) -> AsyncIterator[pb.RelayEvents]:
+        md = dict(context.invocation_metadata() or ())
+        if md.get(SECRET_KEY) != self.secret:
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "unknown front-door worker")
+        outbox = _Outbox()
+        followed: dict[str, _Follower] = {}
+        tasks: set[asyncio.Task[None]] = set()
+        reader = asyncio.get_running_loop().create_task(self._read(calls, outbox, followed, tasks))
+        try:
+            while True:
+                await outbox.ready.wait()
+                outbox.ready.clear()
+                if outbox.events:
+                    events, outbox.events = outbox.events, []
+                    yield pb.RelayEvents(events=events)
+                if outbox.closed:
+                    return
+        finally:
+            reader.cancel()
+            for task in tasks:
+                task.cancel()
+            for f in list(followed.values()):  # its HTTP clients are gone with it
+                if f in f.job.listeners:
+                    f.job.listeners.remove(f)
+                if not self.closing:
+                    self.coord.cancel(f.job.id, WORKER_GONE)
+            followed.clear()
+
+    async def _read(
+        self,
+        calls: AsyncIterator[pb.RelayCalls],
+        outbox: _Outbox,
+        followed: dict[str, _Follower],
+        tasks: set[asyncio.Task[None]],
+    ) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            async for batch in calls:
+                for call in batch.calls:
+                    if call.HasField("submit"):
+                        task = loop.create_task(self._submit(call, outbox, followed))
+                        tasks.add(task)
+                        task.add_done_callback(tasks.discard)
+                    elif call.cancel:
+                        self.coord.cancel(call.cancel, call.cancel_reason or "cancelled by the client")
+        except (grpc.aio.AioRpcError, asyncio.CancelledError):
+            pass
+        finally:
+            outbox.close()
+
+    async def _submit(self, call: pb.RelayCall, outbox: _Outbox, followed: dict[str, _Follower]) -> None:
+        parent = propagate.extract(dict(call.trace)) if call.trace else None
+        try:
+            job, duplicate = await self.coord.submit(call.submit, parent=parent)
+        except SubmitError as exc:
+            outbox.add(pb.RelayEvent(seq=call.seq, refused=refusal(exc)))
+            return
+        # The answer, with the output so far, and the follower are set up in one step: no chunk
+        # published in between is lost or sent twice.
+        outbox.add(pb.RelayEvent(seq=call.seq, accepted=relay_job(job, duplicate=duplicate, text=True)))
+        if job.id in followed:  # a duplicate on the same link: the follower there serves both
+            return
+        follower = _Follower(job, outbox, followed)
+        followed[job.id] = follower
+        if job.state in TERMINAL:
+            follower.put_nowait(None)
+        else:
+            job.listeners.append(follower)
+
+
+# ---------------------------------------------------------------------------------- the worker's end
+class CoreUnavailable(SubmitError):
+    def __init__(self, why: str) -> None:
+        super().__init__("unavailable", f"the coordinator core is unreachable: {why}", retry_after_s=1.0)
+
+
+class RelayClient:
+    """The worker's end: the core's ``submit``, ``cancel`` and ``follow`` over one stream.
+
+    ``closed`` is set when the link ends (the core stopped or died); every request still open on
+    this worker then ends failed, and new submissions are refused as unavailable."""
+
+    def __init__(self, address: str, secret: str) -> None:
+        self.address = address
+        self.secret = secret
+        self.closed = asyncio.Event()
+        self._why = "not connected"
+        self._seq = itertools.count(1)
+        self._pending: dict[int, tuple[asyncio.Future[pb.RelayEvent], pb.RequestSpec]] = {}
+        self._jobs: dict[str, list[Job]] = {}
+        self._calls: list[pb.RelayCall] = []
+        self._calls_ready = asyncio.Event()
+        self._channel: Any = None
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self, timeout_s: float = 30.0) -> None:
+        self._channel = grpc.aio.insecure_channel(self.address, options=CHANNEL_OPTIONS)
+        await asyncio.wait_for(self._channel.channel_ready(), timeout_s)
+        stub = pb_grpc.FrontDoorStub(self._channel)  # type: ignore[no-untyped-call]  # generated stub
+        call = stub.Relay(self._outgoing(), metadata=((SECRET_KEY, self.secret),))
+        self._why = ""
+        self._task = asyncio.get_running_loop().create_task(self._incoming(call))
+
+    async def close(self) -> None:
+        self._calls_ready.set()
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        if self._channel is not None:
+            await self._channel.close()
+        self._end("the front-door worker stopped")
+
+    # ------------------------------------------------------------------ the front door's calls
+    async def submit(
+        self, spec: pb.RequestSpec, *, tenant: str | None = None, parent: Any = None
+    ) -> tuple[Job, bool]:
+        if self._why:
+            raise CoreUnavailable(self._why)
+        if tenant is not None:
+            spec.tenant = tenant
+        carrier: dict[str, str] = {}
+        propagate.inject(carrier, context=parent)
+        seq = next(self._seq)
+        answer: asyncio.Future[pb.RelayEvent] = asyncio.get_running_loop().create_future()
+        self._pending[seq] = (answer, spec)
+        self._send(pb.RelayCall(seq=seq, submit=spec, trace=carrier))
+        # A client that leaves before the answer cancels the future; a request the core accepted
+        # meanwhile is then cancelled when its answer arrives (see _answer).
+        event = await answer
+        if event.HasField("refused"):
+            raise submit_error(event.refused)
+        job = job_from_relay(event.accepted, spec)
+        if job.state in TERMINAL:
+            _end_job(job)
+        else:
+            self._jobs.setdefault(job.id, []).append(job)
+        return job, event.accepted.duplicate
+
+    def cancel(self, request_id: str, reason: str = "cancelled by the client") -> None:
+        if not self._why:
+            self._send(pb.RelayCall(cancel=request_id, cancel_reason=reason))
+
+    def follow(self, job: Job) -> AsyncIterator[Chunk]:
+        return follow(job)
+
+    # ------------------------------------------------------------------ the stream
+    def _send(self, call: pb.RelayCall) -> None:
+        self._calls.append(call)
+        self._calls_ready.set()
+
+    async def _outgoing(self) -> AsyncIterator[pb.RelayCalls]:
+        while not self._why:
+            await self._calls_ready.wait()
+            self._calls_ready.clear()
+            if self._calls:
+                calls, self._calls = self._calls, []
+                yield pb.RelayCalls(calls=calls)
+
+    async def _incoming(self, call: Any) -> None:
+        why = "the core closed the link"
+        try:
+            async for batch in call:
+                for event in batch.events:
+                    kind = event.WhichOneof("event")
+                    if kind == "chunk":
+                        self._chunk(event.chunk)
+                    elif kind == "finished":
+                        self._finished(event.finished)
+                    else:
+                        self._answer(event)
+        except grpc.aio.AioRpcError as exc:
+            why = f"{exc.code().name}: {exc.details()}"
+        except asyncio.CancelledError:
+            why = "the front-door worker stopped"
+        finally:
+            self._end(why)
+
+    def _answer(self, event: pb.RelayEvent) -> None:
+        answer, _ = self._pending.pop(event.seq, (None, None))
+        if answer is None:
+            return
+        if not answer.done():
+            answer.set_result(event)
+        elif event.HasField("accepted") and event.accepted.state not in TERMINAL:
+            self.cancel(event.accepted.request_id, "the client disconnected")
+
+    def _chunk(self, m: pb.RelayChunk) -> None:
+        c = m.chunk
+        chunk = Chunk(c.text, c.index, c.tokens)
+        for job in self._jobs.get(m.request_id, ()):
+            job.chunks.append(c.text)
+            job.tokens = c.index + c.tokens
+            publish(job, chunk)
+
+    def _finished(self, m: pb.RelayJob) -> None:
+        for job in self._jobs.pop(m.request_id, ()):
+            update_job(job, m)
+            _end_job(job)
+
+    def _end(self, why: str) -> None:
+        """The link is gone: refuse what waits for an answer, fail what is open."""
+        if self._why and self.closed.is_set():
+            return
+        self._why = why or "the link ended"
+        self._calls_ready.set()
+        for answer, _ in self._pending.values():
+            if not answer.done():
+                answer.set_exception(CoreUnavailable(self._why))
+        self._pending.clear()
+        jobs, self._jobs = self._jobs, {}
+        for group in jobs.values():
+            for job in group:
+                job.state, job.error = "failed", f"the coordinator core went away ({self._why})"
+                _end_job(job)
+        self.closed.set()
+
+
+def _end_job(job: Job) -> None:
+    publish(job, Chunk("", job.tokens, 0, True, job.finish_reason))
+    for q in job.listeners:
+        q.put_nowait(None)
+    job.done.set()

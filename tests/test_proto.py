@@ -28,6 +28,6 @@ def test_generated_code_is_current(tmp_path: Path) -> None:
 def test_proto_mirrors_the_package_and_imports_from_one_root() -> None:
     assert pb.DESCRIPTOR.name == "qlm_plugin/proto/qlm/v1/qlm.proto"
     assert pb.DESCRIPTOR.package == "qlm.v1"
-    assert set(pb.DESCRIPTOR.services_by_name) == {"Requests", "Instances", "Admin", "FrontDoor"}
+    assert set(pb.DESCRIPTOR.services_by_name) == {"Requests", "Instances", "Admin"}
     grpc_code = (ROOT / "qlm_plugin/proto/qlm/v1/qlm_pb2_grpc.py").read_text()
     assert "from qlm_plugin.proto.qlm.v1 import qlm_pb2" in grpc_code

@@ -91,6 +91,7 @@ class Coordinator:
             self.queue_manager.on_replan = self._on_replan
             self.registry.on_state_changed = self._refresh_policy
         self._tasks: list[asyncio.Task[None]] = []
+        self._submitting: dict[tuple[str, str], asyncio.Future[None]] = {}
 
     @property
     def jobs(self) -> dict[str, Job]:
@@ -165,6 +166,23 @@ class Coordinator:
         if tenant is not None:
             spec.tenant = tenant
         spec.tenant = spec.tenant or "default"
+        if not spec.idempotency_key:
+            return await self._submit(spec, parent)
+        # Submissions with one key run one after the other: a second arriving while the first is
+        # being journaled finds it (a duplicate), instead of failing on the journal's unique key.
+        key = (spec.tenant, spec.idempotency_key)
+        while (earlier_submission := self._submitting.get(key)) is not None:
+            await asyncio.shield(earlier_submission)
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._submitting[key] = done
+        try:
+            return await self._submit(spec, parent)
+        finally:
+            del self._submitting[key]
+            done.set_result(None)
+
+    async def _submit(self, spec: pb.RequestSpec, parent: Any) -> tuple[Job, bool]:
+        book = self.book
         earlier = book.duplicate(spec)
         if earlier is not None:
             return earlier, True

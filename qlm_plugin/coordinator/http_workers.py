@@ -33,15 +33,13 @@ import time
 from typing import Any
 
 import aiohttp
-import grpc
 from aiohttp import web
 
 from qlm_plugin.coordinator.auth import Authenticator
 from qlm_plugin.coordinator.coordinator import Coordinator
 from qlm_plugin.coordinator.http_api import FrontDoor, error_response, make_runner
-from qlm_plugin.coordinator.relay import CHANNEL_OPTIONS, RelayClient, RelayService
+from qlm_plugin.coordinator.relay import RelayClient, RelayService
 from qlm_plugin.deploy.child_process import python_command
-from qlm_plugin.proto.qlm.v1 import qlm_pb2_grpc as pb_grpc
 
 log = logging.getLogger("qlm_plugin.coordinator.http_workers")
 
@@ -94,7 +92,6 @@ class WorkerPool:
         self.tls = tls
         self._secret = secrets.token_urlsafe(32)
         self._dir = ""
-        self._server: Any = None
         self._relay: RelayService | None = None
         self._settings: dict[str, Any] = {}
         self._fd = -1
@@ -111,14 +108,10 @@ class WorkerPool:
         start the workers on ``listener`` (the public one, listening) and wait until each accepts."""
         # A private folder for the sockets: only this user can connect.
         self._dir = tempfile.mkdtemp(prefix="qlm-front-")
-        address = f"unix:{self._dir}/relay.sock"
+        address = f"{self._dir}/relay.sock"
         await web.UnixSite(core_http, f"{self._dir}/http.sock").start()
-        server = self._server = grpc.aio.server(options=CHANNEL_OPTIONS)
         self._relay = RelayService(self.coord, self._secret)
-        pb_grpc.add_FrontDoorServicer_to_server(self._relay, server)  # type: ignore[no-untyped-call]  # generated stub
-        if not server.add_insecure_port(address):
-            raise OSError(f"cannot serve the front-door relay on {address}")
-        await server.start()
+        await self._relay.serve(address)
         self._fd = listener.fileno()
         self._settings = {
             "relay": address,
@@ -190,8 +183,8 @@ class WorkerPool:
                 with contextlib.suppress(ProcessLookupError):
                     p.kill()
                 await p.wait()
-        if self._server is not None:
-            await self._server.stop(grace=1.0)
+        if self._relay is not None:
+            await self._relay.close()
         if self._dir:
             shutil.rmtree(self._dir, ignore_errors=True)
 
@@ -296,7 +289,7 @@ def main() -> int:
 
     try:
         run(_serve_worker(settings))
-    except (OSError, grpc.aio.AioRpcError, TimeoutError) as exc:
+    except (OSError, TimeoutError) as exc:
         print(f"front-door worker {settings['index']}: {exc}", file=sys.stderr)
         return 1
     return 0

@@ -339,7 +339,7 @@ class RelayClient:
         self.closed = asyncio.Event()
         self._why = "not connected"
         self._seq = itertools.count(1)
-        self._pending: dict[int, tuple[asyncio.Future[pb.RelayEvent], pb.RequestSpec]] = {}
+        self._pending: dict[int, tuple[asyncio.Future[tuple[Job, bool]], pb.RequestSpec]] = {}
         self._jobs: dict[str, list[Job]] = {}
         self._calls: list[pb.RelayCall] = []
         self._calls_ready = asyncio.Event()
@@ -371,20 +371,12 @@ class RelayClient:
         carrier: dict[str, str] = {}
         propagate.inject(carrier, context=parent)
         seq = next(self._seq)
-        answer: asyncio.Future[pb.RelayEvent] = asyncio.get_running_loop().create_future()
+        answer: asyncio.Future[tuple[Job, bool]] = asyncio.get_running_loop().create_future()
         self._pending[seq] = (answer, spec)
         self._send(pb.RelayCall(seq=seq, submit=spec, trace=carrier))
         # A client that leaves before the answer cancels the future; a request the core accepted
         # meanwhile is then cancelled when its answer arrives (see _answer).
-        event = await answer
-        if event.HasField("refused"):
-            raise submit_error(event.refused)
-        job = job_from_relay(event.accepted, spec)
-        if job.state in TERMINAL:
-            _end_job(job)
-        else:
-            self._jobs.setdefault(job.id, []).append(job)
-        return job, event.accepted.duplicate
+        return await answer
 
     def cancel(self, request_id: str, reason: str = "cancelled by the client") -> None:
         if not self._why:
@@ -433,13 +425,26 @@ class RelayClient:
             self._end(why)
 
     def _answer(self, event: pb.RelayEvent) -> None:
-        answer, _ = self._pending.pop(event.seq, (None, None))
-        if answer is None:
+        answer, spec = self._pending.pop(event.seq, (None, None))
+        if answer is None or spec is None:
             return
-        if not answer.done():
-            answer.set_result(event)
-        elif event.HasField("accepted") and event.accepted.state not in TERMINAL:
-            self.cancel(event.accepted.request_id, "the client disconnected")
+        if event.HasField("refused"):
+            if not answer.done():
+                answer.set_exception(submit_error(event.refused))
+            return
+        accepted = event.accepted
+        if answer.done():  # the client left: so does its request
+            if accepted.state not in TERMINAL:
+                self.cancel(accepted.request_id, "the client disconnected")
+            return
+        # The job is set up here, not when the submitter resumes: the request's output and end
+        # may be in the same message, right behind this answer.
+        job = job_from_relay(accepted, spec)
+        if job.state in TERMINAL:
+            _end_job(job)
+        else:
+            self._jobs.setdefault(job.id, []).append(job)
+        answer.set_result((job, accepted.duplicate))
 
     def _chunk(self, m: pb.RelayChunk) -> None:
         c = m.chunk

@@ -4,9 +4,9 @@ The core process (the :class:`~qlm_plugin.coordinator.server.CoordinatorServer`)
 the plan, the journal and the gRPC servers. It opens the public HTTP socket and hands it to N
 worker processes (as vLLM's API server scale-out and pre-fork servers do), which all accept on it;
 each worker reads, authenticates and checks the OpenAI requests, writes the answers and the token
-streams, and reaches the core over one :mod:`~qlm_plugin.coordinator.relay` stream. What the
+streams, and reaches the core over one :mod:`~qlm_plugin.coordinator.relay` link. What the
 workers do not serve themselves (health, metrics, models, the Batch API) they pass to the core's
-own HTTP server on a private loopback port, so it is answered exactly as without workers.
+own HTTP server on a private Unix socket, so it is answered exactly as without workers.
 
 A worker that dies is started again (its clients' requests are cancelled, as for a client that
 disconnects); a worker whose core is gone stops, so the port is free for the next start.

@@ -24,10 +24,10 @@ import asyncio
 import hmac
 import itertools
 import logging
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Callable
+from typing import Any, Generic, TypeVar
 
-from google.protobuf.message import DecodeError
+from google.protobuf.message import DecodeError, Message
 from opentelemetry import propagate
 
 from qlm_plugin.coordinator.coordinator import Coordinator
@@ -39,6 +39,7 @@ from qlm_plugin.proto.qlm.v1 import qlm_pb2 as pb
 
 log = logging.getLogger("qlm_plugin.coordinator.relay")
 
+Item = TypeVar("Item")
 #: The largest frame read (a batch of submissions of 4 MiB prompts, or the output of long requests).
 MAX_FRAME = 1 << 30
 #: Why the requests of a worker that went away are cancelled.
@@ -176,21 +177,43 @@ def write_frame(writer: asyncio.StreamWriter, data: bytes) -> None:
 
 
 # ---------------------------------------------------------------------------------- the core's end
-class _Outbox:
-    """What the core has for one worker, sent as one message per wake-up of the writer."""
+class _Outbox(Generic[Item]):
+    """What one end has for the other: everything added while the last frame was being written
+    goes out as the next frame (``wrap`` makes the message of a list of items)."""
 
-    def __init__(self) -> None:
-        self.events: list[pb.RelayEvent] = []
+    def __init__(self, wrap: Callable[[list[Item]], Message]) -> None:
+        self.wrap = wrap
+        self.items: list[Item] = []
         self.ready = asyncio.Event()
         self.closed = False
 
-    def add(self, event: pb.RelayEvent) -> None:
-        self.events.append(event)
+    def add(self, item: Item) -> None:
+        self.items.append(item)
         self.ready.set()
 
     def close(self) -> None:
         self.closed = True
         self.ready.set()
+
+    async def pump(self, writer: asyncio.StreamWriter) -> None:
+        """Write frames until closed (what was added before the close goes out first)."""
+        while True:
+            await self.ready.wait()
+            self.ready.clear()
+            if self.items:
+                items, self.items = self.items, []
+                write_frame(writer, self.wrap(items).SerializeToString())
+                await writer.drain()
+            if self.closed:
+                return
+
+
+def _events(items: list[pb.RelayEvent]) -> Message:
+    return pb.RelayEvents(events=items)
+
+
+def _calls(items: list[pb.RelayCall]) -> Message:
+    return pb.RelayCalls(calls=items)
 
 
 class _Follower:
@@ -199,7 +222,7 @@ class _Follower:
 
     __slots__ = ("followed", "job", "outbox")
 
-    def __init__(self, job: Job, outbox: _Outbox, followed: dict[str, _Follower]) -> None:
+    def __init__(self, job: Job, outbox: _Outbox[pb.RelayEvent], followed: dict[str, _Follower]) -> None:
         self.job, self.outbox, self.followed = job, outbox, followed
 
     def put_nowait(self, item: Chunk | None) -> None:
@@ -253,20 +276,12 @@ class RelayService:
             writer.close()
 
     async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        outbox = _Outbox()
+        outbox: _Outbox[pb.RelayEvent] = _Outbox(_events)
         followed: dict[str, _Follower] = {}
         tasks: set[asyncio.Task[None]] = set()
         calls = asyncio.get_running_loop().create_task(self._read(reader, outbox, followed, tasks))
         try:
-            while True:
-                await outbox.ready.wait()
-                outbox.ready.clear()
-                if outbox.events:
-                    events, outbox.events = outbox.events, []
-                    write_frame(writer, pb.RelayEvents(events=events).SerializeToString())
-                    await writer.drain()
-                if outbox.closed:
-                    return
+            await outbox.pump(writer)
         finally:
             calls.cancel()
             for task in tasks:
@@ -281,7 +296,7 @@ class RelayService:
     async def _read(
         self,
         reader: asyncio.StreamReader,
-        outbox: _Outbox,
+        outbox: _Outbox[pb.RelayEvent],
         followed: dict[str, _Follower],
         tasks: set[asyncio.Task[None]],
     ) -> None:
@@ -301,7 +316,9 @@ class RelayService:
         finally:
             outbox.close()
 
-    async def _submit(self, call: pb.RelayCall, outbox: _Outbox, followed: dict[str, _Follower]) -> None:
+    async def _submit(
+        self, call: pb.RelayCall, outbox: _Outbox[pb.RelayEvent], followed: dict[str, _Follower]
+    ) -> None:
         parent = propagate.extract(dict(call.trace)) if call.trace else None
         try:
             job, duplicate = await self.coord.submit(call.submit, parent=parent)
@@ -341,8 +358,7 @@ class RelayClient:
         self._seq = itertools.count(1)
         self._pending: dict[int, tuple[asyncio.Future[tuple[Job, bool]], pb.RequestSpec]] = {}
         self._jobs: dict[str, list[Job]] = {}
-        self._calls: list[pb.RelayCall] = []
-        self._calls_ready = asyncio.Event()
+        self._outbox: _Outbox[pb.RelayCall] = _Outbox(_calls)
         self._tasks: list[asyncio.Task[None]] = []
 
     async def start(self, timeout_s: float = 30.0) -> None:
@@ -387,18 +403,11 @@ class RelayClient:
 
     # ------------------------------------------------------------------ the stream
     def _send(self, call: pb.RelayCall) -> None:
-        self._calls.append(call)
-        self._calls_ready.set()
+        self._outbox.add(call)
 
     async def _outgoing(self, writer: asyncio.StreamWriter) -> None:
         try:
-            while not self._why:
-                await self._calls_ready.wait()
-                self._calls_ready.clear()
-                if self._calls:
-                    calls, self._calls = self._calls, []
-                    write_frame(writer, pb.RelayCalls(calls=calls).SerializeToString())
-                    await writer.drain()
+            await self._outbox.pump(writer)
         except ConnectionError as exc:
             self._end(f"the link broke: {exc}")
         finally:
@@ -464,7 +473,7 @@ class RelayClient:
         if self._why and self.closed.is_set():
             return
         self._why = why or "the link ended"
-        self._calls_ready.set()
+        self._outbox.close()
         for answer, _ in self._pending.values():
             if not answer.done():
                 answer.set_exception(CoreUnavailable(self._why))

@@ -426,10 +426,7 @@ class JobBook:
 
     def announce(self, job: Job, now: float) -> None:
         """Tell a closed job's followers, and keep it a while for status."""
-        self.publish(job, Chunk("", job.tokens, 0, True, job.finish_reason))
-        for q in job.listeners:
-            q.put_nowait(None)
-        job.done.set()
+        tell_end(job)
         self._finished_order.append((now, job.id))
 
     def forget_finished(self, now: float) -> None:
@@ -509,3 +506,11 @@ async def follow(job: Job) -> AsyncIterator[Chunk]:
 def publish(job: Job, chunk: Chunk) -> None:
     for q in job.listeners:
         q.put_nowait(chunk)
+
+
+def tell_end(job: Job) -> None:
+    """A job has ended: its followers get the last chunk, then None, and ``done`` is set."""
+    publish(job, Chunk("", job.tokens, 0, True, job.finish_reason))
+    for q in job.listeners:
+        q.put_nowait(None)
+    job.done.set()

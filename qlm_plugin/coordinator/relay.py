@@ -31,7 +31,7 @@ from google.protobuf.message import DecodeError, Message
 from opentelemetry import propagate
 
 from qlm_plugin.coordinator.coordinator import Coordinator
-from qlm_plugin.coordinator.jobs import Chunk, Job, SubmitError, follow, publish
+from qlm_plugin.coordinator.jobs import Chunk, Job, SubmitError, follow, publish, tell_end
 from qlm_plugin.coordinator.journal import TERMINAL
 from qlm_plugin.domain.outcome import Admission
 from qlm_plugin.domain.request import SLO, Request
@@ -450,7 +450,7 @@ class RelayClient:
         # may be in the same message, right behind this answer.
         job = job_from_relay(accepted, spec)
         if job.state in TERMINAL:
-            _end_job(job)
+            tell_end(job)
         else:
             self._jobs.setdefault(job.id, []).append(job)
         answer.set_result((job, accepted.duplicate))
@@ -466,7 +466,7 @@ class RelayClient:
     def _finished(self, m: pb.RelayJob) -> None:
         for job in self._jobs.pop(m.request_id, ()):
             update_job(job, m)
-            _end_job(job)
+            tell_end(job)
 
     def _end(self, why: str) -> None:
         """The link is gone: refuse what waits for an answer, fail what is open."""
@@ -482,12 +482,5 @@ class RelayClient:
         for group in jobs.values():
             for job in group:
                 job.state, job.error = "failed", f"the coordinator core went away ({self._why})"
-                _end_job(job)
+                tell_end(job)
         self.closed.set()
-
-
-def _end_job(job: Job) -> None:
-    publish(job, Chunk("", job.tokens, 0, True, job.finish_reason))
-    for q in job.listeners:
-        q.put_nowait(None)
-    job.done.set()

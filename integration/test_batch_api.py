@@ -374,3 +374,36 @@ def test_bench_batch_measures_each_way_of_sending_the_batch() -> None:
         assert 0 < r.busy_fraction <= 1
     table = report(results)
     assert "| qlm | Batch API |" in table and "| fcfs | plain requests |" in table
+
+
+def test_a_finished_batch_is_shown_only_once_its_files_can_be_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A client polling the batch must never get an output file id it cannot download: the
+    final state is committed with its files before anyone sees it (slowed here to widen the gap)."""
+    finalize = BatchStore.finalize
+
+    def slow_finalize(self: BatchStore, *args: Any) -> None:
+        time.sleep(0.5)
+        finalize(self, *args)
+
+    monkeypatch.setattr(BatchStore, "finalize", slow_finalize)
+
+    async def body(st: LocalStack) -> None:
+        oa = client(st)
+        f = await oa.files.create(file=("few.jsonl", jsonl(completion_lines(4))), purpose="batch")
+        batch = await oa.batches.create(
+            input_file_id=f.id, endpoint="/v1/completions", completion_window="24h"
+        )
+        seen: set[str] = set()
+        deadline = time.monotonic() + 60
+        while (b := await oa.batches.retrieve(batch.id)).status != "completed":
+            seen.add(b.status)
+            assert b.output_file_id is None, b.status
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.02)
+        assert "finalizing" in seen  # the slow commit was watched
+        assert len(await lines_of(oa, b.output_file_id)) == 4
+        await oa.close()
+
+    run(tmp_path, body)

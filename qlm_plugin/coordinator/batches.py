@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -409,7 +410,7 @@ class BatchService:
                 expiry.cancel()
             await self._finalize(running, parsed.lines)
         finally:
-            if batch.status in FINAL:
+            if running.batch.status in FINAL:  # _finalize replaced the record
                 self._running.pop(batch.id, None)
 
     def _fail(self, batch: BatchRecord, errors: list[dict[str, Any]]) -> None:
@@ -532,6 +533,9 @@ class BatchService:
         err = "".join(json.dumps(by_index[i]) + "\n" for i in order if i not in outputs).encode()
         files: list[tuple[FileRecord, bytes]] = []
         now = time.time()
+        # the final state is built on a copy and shown only once committed: a client polling the
+        # batch must not see its output file before the file can be read
+        final = dataclasses.replace(batch)
         for name, content in (("output", out), ("error", err)):
             if content:
                 rec = FileRecord(
@@ -543,11 +547,12 @@ class BatchService:
                     int(now),
                 )
                 files.append((rec, content))
-                setattr(batch, f"{name}_file_id", rec.id)
-        batch.completed, batch.failed = len(outputs), len(order) - len(outputs)
-        batch.status = batch.ending
-        setattr(batch, f"{batch.ending}_at", now)
-        await asyncio.to_thread(self.store.finalize, batch, files)
+                setattr(final, f"{name}_file_id", rec.id)
+        final.completed, final.failed = len(outputs), len(order) - len(outputs)
+        final.status = batch.ending
+        setattr(final, f"{batch.ending}_at", now)
+        await asyncio.to_thread(self.store.finalize, final, files)
+        running.batch = batch = final
         log.info(
             "batch %s %s: %d completed, %d failed", batch.id, batch.status, batch.completed, batch.failed
         )

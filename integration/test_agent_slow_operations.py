@@ -18,7 +18,7 @@ from qlm_plugin.adapters.openai import OpenAIEngineLink, OpenAISettings
 from qlm_plugin.adapters.sim.realtime import synthetic_text
 from qlm_plugin.adapters.vllm.engine_agent import Link
 from qlm_plugin.coordinator.instances import Session
-from qlm_plugin.coordinator.loadtest import free_port
+from qlm_plugin.deploy.child_process import free_port
 from qlm_plugin.proto.qlm.v1 import qlm_pb2 as pb
 from qlm_plugin.testing.openai_stub import StubServer, serve
 from qlm_plugin.testing.stack import LocalStack, local_stack

@@ -16,7 +16,7 @@ import aiohttp
 import pytest
 
 from qlm_plugin.adapters.sim.realtime import synthetic_text
-from qlm_plugin.coordinator.loadtest import free_port
+from qlm_plugin.deploy.child_process import free_port
 from qlm_plugin.testing.processes import (
     coordinator_process,
     instance_process,

@@ -60,7 +60,7 @@ import grpc
 import pytest
 
 from qlm_plugin.adapters.sim.realtime import synthetic_text
-from qlm_plugin.coordinator.loadtest import free_port
+from qlm_plugin.deploy.child_process import free_port
 from qlm_plugin.proto.qlm.v1 import qlm_pb2 as pb
 from qlm_plugin.testing.chaos import (
     Child,

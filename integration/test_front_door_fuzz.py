@@ -27,7 +27,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from qlm_plugin.coordinator.loadtest import free_port
+from qlm_plugin.deploy.child_process import free_port
 
 MODEL = "llama-3.1-8b"
 EXAMPLES = 5000  # about a minute on 2 shared cores

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from qlm_plugin.adapters.sim.realtime import synthetic_text
-from qlm_plugin.coordinator.loadtest import free_port
+from qlm_plugin.deploy.child_process import free_port
 from qlm_plugin.proto.qlm.v1 import qlm_pb2 as pb
 from qlm_plugin.transport.client import CoordinatorClient
 

@@ -23,7 +23,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from qlm_plugin.coordinator.loadtest import free_port
+from qlm_plugin.deploy.child_process import free_port
 from qlm_plugin.proto.qlm.v1 import qlm_pb2 as pb
 from qlm_plugin.transport.client import CoordinatorClient
 

@@ -18,7 +18,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from qlm_plugin.coordinator.loadtest import free_port
+from qlm_plugin.deploy.child_process import free_port
 
 pytestmark = pytest.mark.slow
 

@@ -151,7 +151,7 @@ def test_installed_qlm_serve_answers_a_completion_run_inside_the_clone(venv: Pat
     import time
     import urllib.request
 
-    from qlm_plugin.coordinator.loadtest import free_port
+    from qlm_plugin.deploy.child_process import free_port
 
     http, grpc_port = free_port(), free_port()
     proc = subprocess.Popen(

@@ -31,7 +31,7 @@ def reference_server() -> Any:
             "the reference OpenAI server (vLLM) is not installed: pip install -e '.[test]'"
         )
     from qlm_plugin.adapters.vllm.launch import build_tiny_model, start_server, wait_ready
-    from qlm_plugin.coordinator.loadtest import free_port
+    from qlm_plugin.deploy.child_process import free_port
     from qlm_plugin.testing.tiny_model import CONTEXT_LEN
 
     work = Path(tempfile.mkdtemp(prefix="qlm-openai-conformance-"))

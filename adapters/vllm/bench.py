@@ -326,7 +326,7 @@ def run(
     seeds: Sequence[int] = (0, 1, 2),
     **kw: Any,
 ) -> list[BenchResult]:
-    from qlm_plugin.coordinator.loadtest import free_port
+    from qlm_plugin.deploy.child_process import free_port
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)

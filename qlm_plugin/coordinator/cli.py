@@ -89,11 +89,41 @@ def _add_coordinator_args(p: argparse.ArgumentParser, *, defaults_note: str) -> 
 
 def add_parsers(sub: Any) -> None:
     serve = sub.add_parser(
-        "serve", help="coordinator plus simulated instances: the whole system on one machine (HTTP :8000)"
+        "serve",
+        help="coordinator plus its engines (simulated, or vLLM): the whole system on one machine (:8000)",
+        description="The coordinator and its engines. `qlm serve`: simulated instances. `qlm serve --engine "
+        "vllm --model MODEL [--model MODEL2] [-- VLLM ARGS]`: one vLLM server per model (--instances N: N "
+        "each) with the QLM scheduler, stopped with the coordinator.",
     )
     _add_coordinator_args(serve, defaults_note="Embedded defaults without one.")
     serve.add_argument(
-        "--instances", type=int, metavar="N", help="simulated instances (default: the scenario's)"
+        "--engine",
+        choices=("sim", "vllm"),
+        default="sim",
+        help="sim: simulated instances (default); vllm: vLLM servers started and stopped with it",
+    )
+    serve.add_argument(
+        "--model",
+        action="append",
+        metavar="MODEL",
+        help="vllm: a model folder or Hugging Face id, or NAME=MODEL to serve it as NAME; repeat for more",
+    )
+    serve.add_argument(
+        "--instances",
+        type=int,
+        metavar="N",
+        help="sim: simulated instances (default: the scenario's); vllm: engines per model (default 1)",
+    )
+    serve.add_argument(
+        "--engine-logs",
+        metavar="DIR",
+        help="vllm: where each engine's output goes (default: qlm-engines beside the journal)",
+    )
+    serve.add_argument(
+        "engine_args",
+        nargs=argparse.REMAINDER,
+        metavar="-- VLLM ARGS",
+        help="vllm: arguments after -- go to every vLLM server as they are (e.g. -- --max-model-len 4096)",
     )
     serve.add_argument(
         "--speed", type=float, default=1.0, help="simulated time runs this much faster (default 1)"
@@ -315,6 +345,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     _logging(args.verbose)
     cfg = _config(args)
+    if args.engine == "vllm":
+        return _serve_vllm(args, cfg)
+    if args.model or args.engine_args or args.engine_logs:
+        raise ValueError("--model, --engine-logs and vLLM arguments go with --engine vllm")
     providers = _telemetry_sdk(args.otlp_endpoint)
     server = CoordinatorServer(cfg, warn=lambda msg: print(f"qlm serve: {msg}", file=sys.stderr, flush=True))
     group = server.scenario.instances[0]
@@ -408,6 +442,93 @@ def cmd_serve(args: argparse.Namespace) -> int:
             from qlm_plugin.telemetry import sdk as telemetry_sdk
 
             telemetry_sdk.shutdown(providers)
+    print(f"qlm serve: stopped ({left.get('queued', 0)} queued requests kept in {cfg.journal.path})")
+    return 0
+
+
+def _serve_vllm(args: argparse.Namespace, cfg: CoordinatorConfig) -> int:
+    """``qlm serve --engine vllm``: the coordinator, then its engines; on a signal the coordinator
+    drains (requests in flight finish on the engines), then the engines stop."""
+    from qlm_plugin.coordinator.server import CoordinatorServer, serve_until_signal
+    from qlm_plugin.deploy.vllm_fleet import (
+        FleetError,
+        VLLMFleet,
+        fleet_scenario,
+        parse_models,
+        strip_separator,
+    )
+    from qlm_plugin.workloads.scenario import load_scenario
+
+    if not args.model:
+        raise ValueError("--engine vllm needs --model MODEL (repeat it for more models)")
+    if args.ray is not None:
+        raise ValueError("--ray runs simulated instances only; vLLM engines as Ray actors are not built yet")
+    per_model = 1 if args.instances is None else args.instances
+    if per_model < 1:
+        raise ValueError("--instances must be >= 1")
+    models = parse_models(args.model)
+    engine_args = strip_separator(args.engine_args)
+    scenario = fleet_scenario(models, per_model, load_scenario(args.scenario or cfg.scenario), engine_args)
+    logs = (
+        Path(args.engine_logs)
+        if args.engine_logs
+        else Path(cfg.journal.path).resolve().parent / "qlm-engines"
+    )
+    try:
+        fleet = VLLMFleet(models, per_model, "", engine_args, logs)
+    except FleetError as exc:
+        print(f"qlm serve: error: {exc}", file=sys.stderr)
+        return 1
+    providers = _telemetry_sdk(args.otlp_endpoint)
+    server = CoordinatorServer(
+        cfg, scenario, warn=lambda msg: print(f"qlm serve: {msg}", file=sys.stderr, flush=True)
+    )
+    stop = asyncio.Event()
+    failures: list[str] = []
+    tasks: list[asyncio.Task[None]] = []
+
+    def registered(instance_id: str) -> bool:
+        assert server.coordinator is not None
+        s = server.coordinator.fleet.sessions.get(instance_id)
+        return s is not None and s.alive
+
+    async def watch() -> None:
+        try:
+            took = await fleet.wait_registered(registered)
+        except FleetError as exc:
+            failures.append(str(exc))
+            stop.set()
+            return
+        print(
+            f"qlm serve: {len(fleet.engines)} engines registered in {took:.0f} s; Ctrl-C to stop", flush=True
+        )
+        await fleet.supervise()
+
+    def ready() -> None:
+        event_loop.freeze_startup_heap()
+        fleet.coordinator = f"127.0.0.1:{server.grpc_port}"
+        fleet.start()
+        print(
+            f"qlm serve: HTTP http://{cfg.http.host}:{server.http_port} (OpenAI API under /v1, /health, "
+            f"/metrics), gRPC {cfg.grpc.host}:{server.grpc_port}, policy {cfg.policy}; starting "
+            f"{len(fleet.engines)} vLLM engines ({'CPU' if fleet.cpu else 'GPU'}):",
+            flush=True,
+        )
+        for line in fleet.describe():
+            print(f"qlm serve:   {line}", flush=True)
+        tasks.append(asyncio.get_running_loop().create_task(watch()))
+
+    try:
+        left = event_loop.run(serve_until_signal(server, ready, stop))
+    finally:
+        fleet.stop()
+        if providers is not None:
+            from qlm_plugin.telemetry import sdk as telemetry_sdk
+
+            telemetry_sdk.shutdown(providers)
+    if failures:
+        print(f"qlm serve: error: {failures[0]}", file=sys.stderr)
+        return 1
     print(f"qlm serve: stopped ({left.get('queued', 0)} queued requests kept in {cfg.journal.path})")
     return 0
 

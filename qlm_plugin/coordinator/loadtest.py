@@ -24,7 +24,6 @@ import math
 import os
 import random
 import signal
-import socket
 import statistics
 import subprocess
 import tempfile
@@ -37,15 +36,9 @@ from typing import Any
 
 from qlm_plugin import event_loop
 from qlm_plugin.coordinator.http_workers import resolve_workers
-from qlm_plugin.deploy.child_process import python_command
+from qlm_plugin.deploy.child_process import free_port, python_command
 
 MODEL = "llama-3.1-8b"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass

@@ -182,10 +182,10 @@ async def _listen(host: str, port: int) -> socket.socket:
 
 
 async def serve_until_signal(
-    server: CoordinatorServer, on_ready: Callable[[], Any] | None = None
+    server: CoordinatorServer, on_ready: Callable[[], Any] | None = None, stop: asyncio.Event | None = None
 ) -> dict[str, int]:
-    """Run until SIGTERM or SIGINT, then drain."""
-    stop = asyncio.Event()
+    """Run until SIGTERM or SIGINT (or ``stop`` is set), then drain."""
+    stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)

@@ -9,6 +9,7 @@ repository next to a non-editable install, the child would import the source tre
 
 from __future__ import annotations
 
+import socket
 import sys
 from pathlib import Path
 
@@ -31,6 +32,13 @@ def python_command(module: str, *args: str) -> list[str]:
     """``[python, ...]`` running ``module`` as ``python -m module args`` would, with this process's
     interpreter and this process's ``qlm_plugin``."""
     return [sys.executable, "-c", _BOOTSTRAP, IMPORT_ROOT, module, *args]
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free on ``host`` now, for a child to bind (another process may take it first)."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
 
 
 if __name__ == "__main__":  # a probe: where a child imports qlm_plugin from (integration/test_wheel.py)

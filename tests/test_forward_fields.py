@@ -5,12 +5,13 @@ field unless the engine runs ``--scheduling-policy priority``)."""
 
 from __future__ import annotations
 
+import json
 import time
 
 import pytest
 
 from qlm_plugin.adapters.vllm.fields import parse_fields
-from qlm_plugin.coordinator.forward import request_body
+from qlm_plugin.coordinator.forward import endpoint_path, request_body
 from qlm_plugin.coordinator.jobs import Job
 from qlm_plugin.domain.request import SLO, Request
 from qlm_plugin.proto.qlm.v1 import qlm_pb2 as pb
@@ -91,3 +92,22 @@ def test_the_queue_managers_predicted_length_reaches_the_engine_which_uses_it_un
     told = engine.policy.predict(engine.requests["r1"], 0)
     assert (told.quantile(0.5), told.quantile(0.9)) == (50.0, 100.0)  # q90 clipped to max_tokens
     assert "qlm_predicted_tokens" not in request_body(_job(ttft_s=None, e2e_s=60.0), 1, "m")["vllm_xargs"]
+
+
+def test_a_chat_goes_to_the_engines_chat_endpoint_and_resumes_as_the_assistants_message() -> None:
+    job = _job(ttft_s=None, e2e_s=None)
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
+    job.spec.operation, job.spec.chat_messages = "chat", json.dumps(messages)
+    body = request_body(job, 1, "m")
+    assert endpoint_path(body) == "/v1/chat/completions"  # the engine applies its chat template
+    assert body["messages"] == messages and "prompt" not in body and "continue_final_message" not in body
+    job.tokens, job.chunks = 2, [" Hello", " there"]  # served again after two tokens, ids unknown
+    body = request_body(job, 2, "m")
+    assert body["messages"] == [*messages, {"role": "assistant", "content": " Hello there"}]
+    assert body["continue_final_message"] is True and body["add_generation_prompt"] is False
+    assert body["max_tokens"] == 98
+    # with the engine's ids of the templated prompt and of the answer so far: exactly those
+    job.prompt_ids, job.output_ids = [9, 8, 7], [40, 41]
+    body = request_body(job, 2, "m")
+    assert endpoint_path(body) == "/v1/completions" and body["prompt"] == [9, 8, 7, 40, 41]
+    assert "messages" not in body

@@ -247,6 +247,15 @@ class OpenAIEngineLink:
         if spec.true_output_tokens:
             body["ignore_eos"] = True
             body["max_tokens"] = max(1, min(spec.true_output_tokens, spec.max_tokens) - a.resume_tokens)
+        path = "/v1/completions"
+        if spec.chat_messages:  # as a chat: the server applies its own chat template
+            path = "/v1/chat/completions"
+            messages = json.loads(spec.chat_messages)
+            if a.resume_text:  # served again: the answer so far as the assistant's turn, continued
+                messages.append({"role": "assistant", "content": a.resume_text})
+                body.update(continue_final_message=True, add_generation_prompt=False)
+            del body["prompt"]
+            body["messages"] = messages
         finish, usage, delivered = "length", None, 0
         per_token: float | None = None
         token: int | None = None
@@ -260,7 +269,7 @@ class OpenAIEngineLink:
             t0 = time.monotonic()
             # The server names the request after the coordinator's id (its logs, its /abort_requests).
             headers = {"X-Request-Id": f"{rid}.{attempt}"}
-            url = f"{self.settings.base_url}/v1/completions"
+            url = f"{self.settings.base_url}{path}"
             async with self._session().post(url, json=body, headers=headers) as r:
                 if r.status != 200:
                     emit(
@@ -275,7 +284,7 @@ class OpenAIEngineLink:
                     if chunk.get("usage"):
                         usage = int(chunk["usage"].get("completion_tokens", 0))
                     for choice in chunk.get("choices") or ():
-                        text = choice.get("text") or ""
+                        text = choice.get("text") or (choice.get("delta") or {}).get("content") or ""
                         if text:
                             emit(_event(rid, attempt, Event.TOKENS, index=index, tokens=1, text=text))
                             index += 1

@@ -27,6 +27,7 @@ from qlm_plugin.coordinator.dispatch import Dispatcher
 from qlm_plugin.coordinator.instances import PendingCommand, RemoteFleet, Session
 from qlm_plugin.coordinator.jobs import Chunk, Job, JobBook, SubmitError
 from qlm_plugin.coordinator.journal import Journal
+from qlm_plugin.coordinator.prompt_tokens import PromptCounter
 from qlm_plugin.coordinator.registry import InstanceRegistry
 from qlm_plugin.domain.outcome import Admission
 from qlm_plugin.domain.plan import Plan
@@ -61,6 +62,7 @@ class Coordinator:
         self.journal = journal
         costs = scenario.reference_cost_models()
         self.book = JobBook(cfg, journal, scenario.model_specs(), scenario.slo_classes(), costs)
+        self.book.prompts = PromptCounter({m.name: m.tokenizer for m in scenario.models if m.tokenizer})
         self.pm = pm or get_plugin_manager()
         info = policy_registry(self.pm).get(cfg.policy)
         built = info.factory(PolicyContext(costs, scenario.slo_classes(), wall_clock=True))
@@ -104,6 +106,7 @@ class Coordinator:
     # ------------------------------------------------------------------ life cycle
     async def start(self) -> None:
         """Rebuild the queue from the journal, then accept work."""
+        await asyncio.to_thread(self.book.prompts.load)
         recovered = self.book.recover()
         self.registry.recovered(recovered)
         if recovered:

@@ -79,16 +79,8 @@ def request_body(
     if predicted is not None and predicted.mean > 0:
         xargs["qlm_predicted_tokens"] = round(predicted.quantile(0.5), 1)
         xargs["qlm_predicted_q90"] = round(predicted.quantile(0.9), 1)
-    # A resumed request continues after what was delivered: from the engine's own token ids where
-    # they are known, else from the text (a token-id prompt: ``resume_ids``, the text tokenized).
-    prompt: str | list[int] = spec.prompt + job.text
-    if spec.prompt_token_ids:
-        prompt = list(spec.prompt_token_ids) + list(resume_ids)
-    if resumes_from_ids(job):
-        prompt = [*(job.prompt_ids or ()), *(job.output_ids or ())]
     body: dict[str, Any] = {
         "model": model,
-        "prompt": prompt,
         "max_tokens": max(1, r.max_tokens - job.tokens),
         "stream": True,
         "stream_options": {"include_usage": True},
@@ -100,7 +92,28 @@ def request_body(
     if spec.true_output_tokens:  # a benchmark's fixed output length: generate exactly that many
         body["ignore_eos"] = True
         body["max_tokens"] = max(1, min(spec.true_output_tokens, r.max_tokens) - job.tokens)
+    # A resumed request continues after what was delivered: from the engine's own token ids where
+    # they are known (a chat's too: its ids are the prompt the engine's template made), else from
+    # the text (a chat: the answer so far as the assistant's message, continued; a token-id
+    # prompt: ``resume_ids``, the text tokenized).
+    if resumes_from_ids(job):
+        body["prompt"] = [*(job.prompt_ids or ()), *(job.output_ids or ())]
+    elif spec.chat_messages:
+        messages = json.loads(spec.chat_messages)
+        if job.text:
+            messages.append({"role": "assistant", "content": job.text})
+            body.update(continue_final_message=True, add_generation_prompt=False)
+        body["messages"] = messages
+    elif spec.prompt_token_ids:
+        body["prompt"] = list(spec.prompt_token_ids) + list(resume_ids)
+    else:
+        body["prompt"] = spec.prompt + job.text
     return body
+
+
+def endpoint_path(body: dict[str, Any]) -> str:
+    """Where an engine's OpenAI server takes ``body``: its chat endpoint applies its chat template."""
+    return "/v1/chat/completions" if "messages" in body else "/v1/completions"
 
 
 async def forward(
@@ -138,9 +151,10 @@ async def forward(
         if job.spec.prompt_token_ids and job.tokens and not resumes_from_ids(job):
             resume_ids = await tokenize(http, s.endpoint, model, job.text)
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=CONNECT_TIMEOUT_S)
+        body = request_body(job, attempt, model, resume_ids, predicted)
         async with http.post(
-            f"{s.endpoint.rstrip('/')}/v1/completions",
-            json=request_body(job, attempt, model, resume_ids, predicted),
+            f"{s.endpoint.rstrip('/')}{endpoint_path(body)}",
+            json=body,
             headers={"X-Request-Id": f"{job.id}.{attempt}"},
             timeout=timeout,
         ) as resp:
@@ -159,10 +173,12 @@ async def forward(
                 chunk = json.loads(data)
                 if chunk.get("usage"):
                     usage_tokens = int(chunk["usage"].get("completion_tokens", 0))
+                if start == 0 and chunk.get("prompt_token_ids") is not None:  # a chat's: on the chunk
+                    prompt_ids = list(chunk["prompt_token_ids"])
                 for choice in chunk.get("choices") or ():
                     if start == 0 and choice.get("prompt_token_ids") is not None:
                         prompt_ids = list(choice["prompt_token_ids"])
-                    text = choice.get("text") or ""
+                    text = choice.get("text") or (choice.get("delta") or {}).get("content") or ""
                     ids = choice.get("token_ids")
                     if ids is not None:
                         held.extend(ids)  # the detokenizer may hold a token's text back a chunk

@@ -118,10 +118,13 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not a JSON number")  # Python's json takes NaN and Infinity
 
 
-def _render_chat(messages: Any) -> str:
+def _chat(messages: Any) -> tuple[str, list[dict[str, str]]]:
+    """A chat's messages rendered as plain text (for the backends without a chat template), and
+    as the engine's chat endpoint takes them (each content as one text)."""
     if not isinstance(messages, list) or not messages:
         raise BadRequest("messages", "must be a non-empty list of {role, content} objects")
     lines = []
+    normal = []
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or not isinstance(m.get("role"), str):
             raise BadRequest(f"messages[{i}]", "must be an object with a string 'role'")
@@ -143,7 +146,8 @@ def _render_chat(messages: Any) -> str:
         else:
             raise BadRequest(f"messages[{i}].content", "must be a string or a list of text parts")
         lines.append(f"{role}: {content}")
-    return "\n".join(lines) + "\nassistant:"
+        normal.append({"role": role, "content": content})
+    return "\n".join(lines) + "\nassistant:", normal
 
 
 def _completion_prompt(prompt: Any) -> str | list[int]:
@@ -175,7 +179,8 @@ def parse_openai(body: Any, headers: Mapping[str, str], chat: bool) -> tuple[pb.
     model = text(body.get("model"), "model", max_chars=MAX_NAME_CHARS)
     spec = pb.RequestSpec(model=model, operation="chat" if chat else "text_completion")
     if chat:
-        spec.prompt = _render_chat(body.get("messages"))
+        spec.prompt, messages = _chat(body.get("messages"))
+        spec.chat_messages = dumps(messages).decode()
     else:
         prompt = _completion_prompt(body.get("prompt"))
         if isinstance(prompt, str):

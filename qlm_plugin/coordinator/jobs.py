@@ -23,6 +23,7 @@ from google.protobuf import json_format
 
 from qlm_plugin.coordinator.config import CoordinatorConfig
 from qlm_plugin.coordinator.journal import TERMINAL, JobRecord, Journal, JournalError
+from qlm_plugin.coordinator.prompt_tokens import PromptCounter
 from qlm_plugin.domain.costmodel import CostModel
 from qlm_plugin.domain.outcome import Admission, RequestOutcome, Status
 from qlm_plugin.domain.request import (
@@ -60,12 +61,6 @@ class SubmitError(Exception):
         self.field = field
         self.estimate = estimate
         self.retry_after_s = retry_after_s  # when a retry may succeed (limits, load, no instance)
-
-
-def estimate_prompt_tokens(text: str) -> int:
-    """Tokens of a prompt when the client did not say: about 4 bytes of UTF-8 per token (the engine
-    reports the exact count with the answer; the estimate only feeds scheduling)."""
-    return max(1, math.ceil(len(text.encode()) / 4))
 
 
 class ChunkSink(Protocol):
@@ -192,6 +187,7 @@ class JobBook:
         self.classes = dict(classes) or dict(DEFAULT_CLASSES)
         self.default_class = "interactive" if "interactive" in self.classes else next(iter(self.classes))
         self._costs = costs
+        self.prompts = PromptCounter({})  # the coordinator's, with the scenario's tokenizers
         self.jobs: dict[str, Job] = {}
         self.by_key: dict[tuple[str, str], str] = {}  # (tenant, idempotency key) -> request id
         self.tenant_load: dict[str, list[int]] = {}  # tenant -> [unfinished requests, their tokens]
@@ -219,9 +215,7 @@ class JobBook:
                 raise SubmitError("invalid", f"must be a positive number of milliseconds, got {value}", name)
         if spec.prompt and spec.prompt_token_ids:
             raise SubmitError("invalid", "give the prompt as text or as token ids, not both", "prompt")
-        prompt_tokens = (
-            spec.prompt_tokens or len(spec.prompt_token_ids) or estimate_prompt_tokens(spec.prompt)
-        )
+        prompt_tokens = spec.prompt_tokens or len(spec.prompt_token_ids) or self.prompts.count(spec)
         try:
             return make_request(
                 spec.request_id,

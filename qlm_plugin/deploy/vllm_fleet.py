@@ -131,7 +131,15 @@ def fleet_scenario(
     for m in models:
         entry = known.get(m.name) or base.models[0]
         ctx = context_len(m, engine_args)
-        entries.append({"name": m.name, "profile": entry.profile, "context_len": ctx or entry.context_len})
+        entries.append(
+            {
+                "name": m.name,
+                "profile": entry.profile,
+                "context_len": ctx or entry.context_len,
+                # the engine's own tokenizer counts prompts at the coordinator
+                "tokenizer": engine_flag(engine_args, "--tokenizer") or m.source,
+            }
+        )
     doc = base.model_dump(mode="json", exclude_none=True)
     doc.update(
         name=f"vllm-fleet ({', '.join(m.name for m in models)})",

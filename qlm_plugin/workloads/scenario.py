@@ -77,6 +77,9 @@ class ModelEntry(_Strict):
     profile: str  # cost-model family, e.g. llama-3.1-8b
     share: float = Field(default=1.0, gt=0)
     context_len: int | None = Field(default=None, ge=2)
+    # a folder or Hugging Face id (local files only) whose tokenizer counts this model's prompts at
+    # the coordinator, chats through its chat template; default: estimated from their size
+    tokenizer: str | None = None
 
 
 class InstanceGroup(_Strict):

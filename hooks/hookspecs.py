@@ -253,10 +253,10 @@ def qlm_select_victim(candidates: Sequence[RunningView], instance_id: str, now: 
 def qlm_choose_instance(request: Request, instances: Sequence[InstanceState], now: float) -> str | None:
     """Route ``request`` to one of ``instances`` (the healthy ones of the fleet).
 
-    An instance that does not have the request's model loaded may be chosen: the backend then loads
-    it (a model swap) before serving.
+    An instance that does not have the request's model loaded may be chosen if it can serve it
+    (:meth:`InstanceState.can_serve`): the backend then loads it (a model swap) before serving.
 
-    :return: an ``instance_id`` from ``instances``.
+    :return: an ``instance_id`` from ``instances``; ``None``: none of them can serve it now.
 
     firstresult: the first non-None answer is used.
     """

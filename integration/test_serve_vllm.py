@@ -206,6 +206,10 @@ def test_a_killed_engine_is_started_again_and_its_models_requests_are_served(fle
     assert done.usage is not None and done.usage.completion_tokens == 4
     assert answers(url)
     assert "engine tiny-a-0 exited" in fleet.stderr.read_text()
+    # meanwhile the idle tiny-b engine was never ordered to load tiny-a (it serves only its own)
+    with urllib.request.urlopen(f"http://127.0.0.1:{fleet.http}/metrics", timeout=5) as r:
+        coordinator_metrics = r.read().decode()
+    assert 'op="load_model"' not in coordinator_metrics
 
 
 def test_ctrl_c_drains_and_stops_every_engine(fleet: Serve) -> None:

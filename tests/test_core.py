@@ -167,3 +167,26 @@ def test_an_urgent_request_whose_chance_falls_after_admission_still_gets_a_seat_
     assert out["u"].met_ttft(), out["u"]
     assert qm.counters["evictions"] == 1 and sum(o.preemptions for o in out.values()) == 1
     assert all(o.status is Status.FINISHED and o.output_tokens == o.request.max_tokens for o in out.values())
+
+
+def test_an_instance_is_never_ordered_to_load_a_model_it_cannot_serve() -> None:
+    # vLLM-like: one engine per model (each says it serves its own model only). With "b"'s engine
+    # down, its requests wait for it: the idle "a" engine is not ordered to swap "b" in (a real
+    # engine refuses; the simulated one raises), and they finish once "b"'s engine is back.
+    a = {"a": cost_model("llama-3.1-8b", "h100", {"max_num_seqs": 2})}
+    b = {"b": cost_model("llama-3.1-8b", "h100", {"max_num_seqs": 2})}
+    ia, ib = SimInstance("ia", "h100", a, initial_model="a"), SimInstance("ib", "h100", b, initial_model="b")
+    assert ia.state(0.0, False).models_servable == ("a",) and not ia.state(0.0, False).can_serve("b")
+    qm, backend, fleet = _wired([ia, ib])
+    ib.healthy = False
+    for i in range(10):
+        assert qm.qlm_submit(
+            make_request(f"b{i}", "b", 100, 50, 0.0, e2e_s=600, true_output_tokens=50), 0.0
+        ).accepted
+    tick = lambda now: any([qm.qlm_tick(now)])  # noqa: E731
+    fleet.run([], lambda r: None, on_tick=tick, until=30.0)
+    assert ia.model == "a" and qm.counters["swaps_ordered"] == 0 and qm.counters["lso_failed"] == 0
+    ib.healthy = True
+    fleet.run([], lambda r: None, on_tick=tick)
+    assert len(backend.outcomes) == 10
+    assert all(o.status is Status.FINISHED and o.instance_id == "ib" for o in backend.outcomes.values())

@@ -150,6 +150,7 @@ class OpenAIEngineLink:
             instance_id=self.instance_id,
             models_loaded=[self.settings.model] if self.loaded else [],
             models_warm=[] if self.loaded else [self.settings.model],
+            models_servable=[self.settings.model],
             num_running=int(running) if running is not None else self.limiter.in_flight,
             # the server's queue, and what waits here for room under the limit
             num_waiting=(int(waiting) if waiting is not None else 0) + self.waiting_here(),

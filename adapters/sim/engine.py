@@ -846,6 +846,7 @@ class SimInstance:
             backend="sim",
             now=now,
             models_loaded=(self.model,) if self.model is not None else (),
+            models_servable=tuple(self.cost_models),
             models_warm=tuple(self.warm),
             loading_model=self.loading[0] if self.loading else self.switch_to,
             num_running=self._running(),

@@ -105,6 +105,7 @@ class VLLMEngineLink:
             instance_id=self.instance_id,
             models_loaded=[] if self.paused else [self.model],
             models_warm=[self.model] if self.paused else [],
+            models_servable=[self.model],  # one engine per model: it wakes its own, loads no other
             num_running=running,
             num_waiting=waiting,
             kv_blocks_used=int(usage * self.num_blocks),

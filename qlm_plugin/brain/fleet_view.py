@@ -35,7 +35,10 @@ class InstanceView:
     failed_loads: dict[str, float] = field(default_factory=dict)  # model -> not loaded here again until
 
     def can_load(self, model: str, now: float) -> bool:
-        return model in self.costs and now >= self.failed_loads.get(model, -math.inf)
+        """Whether a load of ``model`` may be ordered here: the instance can serve it (its own
+        report says so) and its last load here did not fail lately."""
+        servable = self.state is None or self.state.can_serve(model)
+        return servable and model in self.costs and now >= self.failed_loads.get(model, -math.inf)
 
     def model(self) -> str | None:
         s = self.state

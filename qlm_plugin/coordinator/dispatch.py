@@ -37,11 +37,15 @@ Event = pb.RequestEvent
 
 def serves(s: Session, model: str) -> bool:
     """Whether an instance serves ``model`` now: loaded or warm (an instance that reports no model
-    serves what it is sent), and its engine up."""
+    loaded serves what it is sent, of the models it can serve), and its engine up."""
     rep = s.report
     if rep is not None and not rep.healthy:
         return False  # its engine is down: nothing goes there until it is back
-    return rep is None or not rep.models_loaded or model in rep.models_loaded or model in rep.models_warm
+    if rep is None:
+        return True
+    if not rep.models_loaded:
+        return rep.can_serve(model)
+    return model in rep.models_loaded or model in rep.models_warm
 
 
 class Dispatcher:

@@ -83,6 +83,7 @@ def state_from_report(
         now=msg.now or time.time(),
         models_loaded=tuple(msg.models_loaded),
         models_warm=tuple(msg.models_warm),
+        models_servable=tuple(msg.models_servable),
         loading_model=msg.loading_model or None,
         num_running=msg.num_running,
         num_waiting=msg.num_waiting,

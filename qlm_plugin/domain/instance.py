@@ -70,6 +70,11 @@ class InstanceState:
     max_num_batched_tokens: int = 0
     #: Prompt tokens of running requests not computed yet (chunked prefill still to do).
     prefill_tokens_pending: int = 0
+    #: Every model the instance can serve (loaded, warm, or loaded on an order); empty: any.
+    models_servable: tuple[str, ...] = ()
+
+    def can_serve(self, model: str) -> bool:
+        return not self.models_servable or model in self.models_servable
 
     @property
     def prefill_room(self) -> int | None:

@@ -34,7 +34,9 @@ class Defaults:
         serving = [
             i for i in instances if request.model in i.models_loaded or i.loading_model == request.model
         ]
-        pool = serving or list(instances)
+        pool = serving or [i for i in instances if i.can_serve(request.model)]
+        if not pool:
+            return None
         return min(
             pool, key=lambda i: (i.queued_tokens, i.num_running + i.num_waiting, i.instance_id)
         ).instance_id

@@ -124,8 +124,10 @@ class SimInstance:
         max_num_seqs: int | None = None,
         max_num_batched_tokens: int | None = None,
         max_macro_steps: int = _MAX_MACRO_STEPS,
+        device: str = "",
     ) -> None:
         self.instance_id = instance_id
+        self.device = device  # shared with other instances: one awake at a time (coordinator devices)
         self.gpu = gpu
         self.cost_models = cost_models
         self.host_mem_gb = host_mem_gb
@@ -847,6 +849,7 @@ class SimInstance:
             now=now,
             models_loaded=(self.model,) if self.model is not None else (),
             models_servable=tuple(self.cost_models),
+            device=self.device,
             models_warm=tuple(self.warm),
             loading_model=self.loading[0] if self.loading else self.switch_to,
             num_running=self._running(),

@@ -62,6 +62,7 @@ class SimEngineLink:
             models_loaded=list(st.models_loaded),
             models_warm=list(st.models_warm),
             models_servable=list(st.models_servable),
+            device=st.device,
             loading_model=st.loading_model or "",
             num_running=st.num_running,
             num_waiting=st.num_waiting,

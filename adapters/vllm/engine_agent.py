@@ -17,6 +17,8 @@ key                 environment            meaning
 ``instance_id``     ``QLM_INSTANCE_ID``    this engine's name (default: hostname-port)
 ``endpoint``        ``QLM_ENDPOINT``       base URL of this engine's OpenAI server
 ``gpu``             ``QLM_GPU``            GPU kind of the cost model (default ``cpu``)
+``device``          ``QLM_DEVICE``         the device this engine shares with others, one awake
+                                           at a time (the coordinator swaps them); default none
 ``token_env``       --                     variable holding the instance token (``QLM_INSTANCE_TOKEN``)
 ==================  =====================  ==============================================
 """
@@ -57,6 +59,7 @@ def settings_from(additional_config: Any, env: dict[str, str] | None = None) -> 
         "instance_id": str(cfg.get("instance_id") or env.get("QLM_INSTANCE_ID") or default_id),
         "endpoint": str(endpoint),
         "gpu": str(cfg.get("gpu") or env.get("QLM_GPU", "cpu")),
+        "device": str(cfg.get("device") or env.get("QLM_DEVICE", "")),
         "token": env.get(str(cfg.get("token_env", "QLM_INSTANCE_TOKEN")), ""),
     }
 
@@ -72,6 +75,7 @@ class VLLMEngineLink:
         self.instance_id = settings["instance_id"]
         self.endpoint = settings["endpoint"]
         self.gpu = settings["gpu"]
+        self.device = settings.get("device", "")
         model_cfg = sched.vllm_config.model_config
         self.model = str(getattr(model_cfg, "served_model_name", None) or model_cfg.model)
         if isinstance(getattr(model_cfg, "served_model_name", None), (list, tuple)):
@@ -106,6 +110,7 @@ class VLLMEngineLink:
             models_loaded=[] if self.paused else [self.model],
             models_warm=[self.model] if self.paused else [],
             models_servable=[self.model],  # one engine per model: it wakes its own, loads no other
+            device=self.device,
             num_running=running,
             num_waiting=waiting,
             kv_blocks_used=int(usage * self.num_blocks),

@@ -168,6 +168,12 @@ def add_parsers(sub: Any) -> None:
         "--gpu", help="GPU kind of the cost model (default: the scenario's first instance group)"
     )
     inst.add_argument("--model", action="append", help="model served first (repeat: the others start warm)")
+    inst.add_argument(
+        "--device",
+        default="",
+        help="sim: a device shared with other instances, one awake at a time (each serves only its --model; "
+        "the coordinator swaps them by sleeping one and waking another)",
+    )
     inst.add_argument("--scenario", metavar="FILE", help="where models and cost-model overrides come from")
     inst.add_argument(
         "--speed", type=float, default=1.0, help="simulated time runs this much faster (default 1)"
@@ -286,6 +292,10 @@ def _instances(args: argparse.Namespace) -> list[Any]:
         raise ValueError(
             f"no cost model for {', '.join(unknown)} on {gpu} (scenario models: {', '.join(costs)})"
         )
+    if args.device:  # an engine of one model, sharing its device: it serves that model only
+        if len(models) != 1:
+            raise ValueError("--device: give exactly one --model (an engine per model)")
+        costs = {models[0]: costs[models[0]]}
     return [
         SimInstance(
             f"{args.name}-{i}",
@@ -296,6 +306,7 @@ def _instances(args: argparse.Namespace) -> list[Any]:
             host_mem_gb=group.host_mem_gb,
             max_num_seqs=group.max_num_seqs,
             max_num_batched_tokens=group.max_num_batched_tokens,
+            device=args.device,
         )
         for i in range(args.count)
     ]

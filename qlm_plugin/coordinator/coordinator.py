@@ -92,6 +92,8 @@ class Coordinator:
         if self.queue_manager is not None:
             self.queue_manager.on_replan = self._on_replan
             self.registry.on_state_changed = self._refresh_policy
+        self.fleet.devices.on_failed = self._device_switch_failed
+        self.fleet.devices.on_changed = self._device_changed
         self._tasks: list[asyncio.Task[None]] = []
         self._submitting: dict[tuple[str, str], asyncio.Future[None]] = {}
 
@@ -272,6 +274,21 @@ class Coordinator:
         qm = self.queue_manager
         if qm is not None and instance_id in qm.fleet.instances:
             qm.refresh(instance_id)
+
+    def _device_switch_failed(self, device: str, model: str, error: str) -> None:
+        self.hook.qlm_operation_failed(
+            instance_id=device,
+            operation="load_model",
+            model=model,
+            request_id=None,
+            error=error,
+            now=time.time(),
+        )
+
+    def _device_changed(self, device: str) -> None:
+        self.registry.fleet_changed()
+        self.registry.on_state_changed(device)
+        self.dispatcher.unpark()
 
     def _on_command(self, s: Session, cid: str, cmd: pb.Command, pending: PendingCommand) -> None:
         self.telemetry.lso_started(

@@ -43,8 +43,8 @@ def serves(s: Session, model: str) -> bool:
         return False  # its engine is down: nothing goes there until it is back
     if rep is None:
         return True
-    if not rep.models_loaded:
-        return rep.can_serve(model)
+    if not rep.models_loaded:  # a device's sleeping engine is woken by a switch, not sent work
+        return not rep.device and rep.can_serve(model)
     return model in rep.models_loaded or model in rep.models_warm
 
 
@@ -75,7 +75,12 @@ class Dispatcher:
 
     # ------------------------------------------------------------------ to the policy
     def served(self, model: str) -> bool:
-        return any(serves(s, model) for s in self.fleet.sessions.values() if s.alive)
+        """Whether a live instance serves ``model`` now, or a device's sleeping engine can."""
+        return any(
+            serves(s, model) or (s.report is not None and s.report.device and s.report.can_serve(model))
+            for s in self.fleet.sessions.values()
+            if s.alive
+        )
 
     def trace(self, job: Job, parent: Any = None) -> None:
         """Open the request's span, from its arrival."""
@@ -129,6 +134,14 @@ class Dispatcher:
         target = self.hook.qlm_choose_instance(request=job.request, instances=states, now=now)
         if target is None or not self.hook.qlm_dispatch(instance_id=target, request=job.request):
             self.parked[job.id] = job
+            if not states:  # without a queue manager to plan swaps: wake a device's engine of the model
+                devices = self.fleet.devices
+                for device in devices.names():
+                    if any(
+                        s.report and s.report.can_serve(job.request.model) for s in devices.members(device)
+                    ):
+                        devices.load(device, job.request.model)
+                        break
 
     def unpark(self) -> None:
         now = time.time()

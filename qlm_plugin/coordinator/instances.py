@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 from qlm_plugin.brain.fleet_view import KV_BLOCKS_PER_REQUEST
+from qlm_plugin.coordinator.devices import Devices
 from qlm_plugin.domain.instance import (
     EvictMode,
     EvictResult,
@@ -84,6 +85,7 @@ def state_from_report(
         models_loaded=tuple(msg.models_loaded),
         models_warm=tuple(msg.models_warm),
         models_servable=tuple(msg.models_servable),
+        device=msg.device,
         loading_model=msg.loading_model or None,
         num_running=msg.num_running,
         num_waiting=msg.num_waiting,
@@ -122,6 +124,9 @@ class RemoteFleet:
         self._dispatch = dispatch
         self._command_ids = itertools.count(1)
         self.on_command: Callable[[Session, str, pb.Command, PendingCommand], None] | None = None
+        self.devices = Devices(
+            self.sessions, lambda s, op, model, warm: self.command(s, op, model=model, keep_warm=warm)
+        )
 
     def live(self, instance_id: str) -> Session | None:
         s = self.sessions.get(instance_id)
@@ -130,17 +135,24 @@ class RemoteFleet:
     # ------------------------------------------------------------------ backend hooks
     @hookimpl
     def qlm_list_instances(self) -> list[InstanceInfo]:
-        return [s.info() for s in self.sessions.values() if s.alive]
+        alone = [s.info() for s in self.sessions.values() if s.alive and not Devices.device_of(s)]
+        return alone + [i for d in self.devices.names() if (i := self.devices.info(d)) is not None]
 
     @hookimpl
     def qlm_instance_state(self, instance_id: str, detail: bool) -> InstanceState | None:
         s = self.live(instance_id)
         if s is None:
+            if instance_id in self.devices.names():
+                return self.devices.state(instance_id, lambda m: self.session_state(m, detail))
             return None
+        return self.session_state(s, detail)
+
+    def session_state(self, s: Session, detail: bool) -> InstanceState:
+        """What one instance reported, with the work handed to it since."""
         rep = s.report
         if rep is None:
             return InstanceState(
-                instance_id, s.backend, time.time(), (), (), None, 0, 0, 0, 0, 0, 0, 0, healthy=False
+                s.instance_id, s.backend, time.time(), (), (), None, 0, 0, 0, 0, 0, 0, 0, healthy=False
             )
         # Work handed over since the report was made is on its way: counted, so the planner does
         # not hand the same room out twice. It takes the free seats first, as the engine will admit
@@ -165,7 +177,11 @@ class RemoteFleet:
     def qlm_dispatch(self, instance_id: str, request: Request) -> bool | None:
         s = self.sessions.get(instance_id)
         if s is None:
-            return None
+            if instance_id not in self.devices.names():
+                return None
+            s = self.devices.target(instance_id, request.model)  # its awake engine of that model
+            if s is None:
+                return False
         return s.alive and s.pull_open and self._dispatch(s, request)
 
     def command(
@@ -187,7 +203,9 @@ class RemoteFleet:
             evict = pb.Evict(request_id=request_id, mode=mode, for_request_id=for_request_id)
             cmd = pb.Command(command_id=cid, evict=evict)
         elif op == "load_model":
-            cmd = pb.Command(command_id=cid, load_model=pb.LoadModel(model=model, target=target))
+            cmd = pb.Command(command_id=cid, load_model=pb.LoadModel(model=model, target=target or "gpu"))
+        elif op == "unload_model":
+            cmd = pb.Command(command_id=cid, unload_model=pb.UnloadModel(model=model, keep_warm=keep_warm))
         elif op == "abort":
             cmd = pb.Command(command_id=cid, abort=pb.Abort(request_id=request_id, attempt=attempt))
         else:
@@ -203,6 +221,10 @@ class RemoteFleet:
         self, instance_id: str, request_id: str, mode: EvictMode, for_request_id: str | None
     ) -> EvictResult | None:
         s = self.live(instance_id)
+        if s is None and instance_id in self.devices.names():
+            s = self.devices.member_for(instance_id, request_id)
+            if s is None:
+                raise KeyError(f"request {request_id!r} is not on {instance_id}")
         if s is None:
             return None
         if request_id not in s.assigned:
@@ -216,11 +238,18 @@ class RemoteFleet:
 
     @hookimpl
     def qlm_load_model(self, instance_id: str, model: str, target: str) -> LoadResult | None:
-        s = self.live(instance_id)
-        if s is None:
-            return None
         if target not in ("gpu", "host"):
             raise ValueError(f"target must be 'gpu' or 'host', got {target!r}")
+        s = self.live(instance_id)
+        if s is None and instance_id in self.devices.names():
+            # a device's sleeping engines are warm already: a warm start has nothing to do
+            if target == "gpu" and not self.devices.load(instance_id, model):
+                self.devices.on_failed(
+                    instance_id, model, f"no engine of device {instance_id} serves {model}"
+                )
+            return LoadResult(instance_id, model, True, time.time())
+        if s is None:
+            return None
         self.command(s, "load_model", model=model, target=target)
         warm = s.report is not None and model in s.report.models_warm
         return LoadResult(instance_id, model, warm, time.time())

@@ -103,8 +103,14 @@ class InstanceRegistry:
             else:
                 abandon.append(pb.HeldRequest(request_id=rid, attempt=attempt))
         self.fleet_changed()
+        device = self.fleet.devices.device_of(s)
         if old is None:
-            self.hook.qlm_instance_joined(info=s.info(), now=now)
+            if not device:
+                self.hook.qlm_instance_joined(info=s.info(), now=now)
+            elif len(self.fleet.devices.members(device)) == 1:  # the device appears with its first engine
+                info = self.fleet.devices.info(device)
+                if info is not None:
+                    self.hook.qlm_instance_joined(info=info, now=now)
             self.telemetry.instance_event(iid, "registered")
         else:
             self.telemetry.instance_event(iid, "reconnected")
@@ -134,13 +140,16 @@ class InstanceRegistry:
         s.last_seen = time.monotonic()
         before = s.report
         s.report = state_from_report(msg, s.instance_id, s.backend, s.capabilities)
+        device = s.report.device
+        if device:
+            self.fleet.devices.step(device)  # a switch waiting for its engine to finish its requests
         if before is None or (before.models_loaded, before.models_warm, before.healthy) != (
             s.report.models_loaded,
             s.report.models_warm,
             s.report.healthy,
         ):
             self.fleet_changed()
-            self.on_state_changed(s.instance_id)  # a swap, or its engine went down or came back
+            self.on_state_changed(device or s.instance_id)  # a swap, or its engine went down or came back
         return True
 
     def credit(self, s: Session, free_slots: int, received: int) -> None:
@@ -149,7 +158,8 @@ class InstanceRegistry:
             s.received = received
         free = free_slots - s.in_transit()
         if free > 0 and self.dispatcher.has_queue_manager:
-            self.hook.qlm_instance_ready(instance_id=s.instance_id, free_slots=free, now=time.time())
+            iid = self.fleet.devices.brain_id(s.instance_id)
+            self.hook.qlm_instance_ready(instance_id=iid, free_slots=free, now=time.time())
 
     def pull_opened(self, s: Session) -> None:
         s.pull_open = True
@@ -166,6 +176,8 @@ class InstanceRegistry:
         if ack.transfer_s:
             attrs["qlm.transfer_s"] = ack.transfer_s
         self.telemetry.lso_finished(ack.command_id, ok=ack.ok, error=ack.error, attributes=attrs)
+        if self.fleet.devices.on_ack(s, ack.command_id, pending.op, ack):
+            return  # a step of a device's switch: the switch goes on, or reports its failure
         if not ack.ok and pending.op != "abort":
             log.warning("instance %s: %s failed: %s", s.instance_id, pending.op, ack.error)
             self.hook.qlm_operation_failed(
@@ -183,11 +195,17 @@ class InstanceRegistry:
             return
         s.close()
         del self.fleet.sessions[s.instance_id]
+        device = self.fleet.devices.device_of(s)
+        if device:
+            self.fleet.devices.left(s)
         log.warning(
             "instance %s lost (%s): %d requests back to the queue", s.instance_id, reason, len(s.assigned)
         )
         jobs = [self.book.jobs[r] for r in list(s.assigned) if r in self.book.jobs]
-        self.hook.qlm_instance_left(instance_id=s.instance_id, now=time.time())
+        if not device or not self.fleet.devices.members(device):
+            self.hook.qlm_instance_left(instance_id=device or s.instance_id, now=time.time())
+        else:
+            self.on_state_changed(device)
         self.telemetry.instance_event(s.instance_id, "lost")
         for job in jobs:
             if job.state == "dispatched":
@@ -249,10 +267,10 @@ class InstanceRegistry:
             rep = s.report
             if not s.alive:
                 continue
-            if rep is None or not rep.models_loaded:
+            if rep is None or (not rep.models_loaded and not rep.models_servable):
                 self.models_seen.update(self.models)  # serves whatever it is sent
             else:
-                self.models_seen.update(rep.models_loaded, rep.models_warm)
+                self.models_seen.update(rep.models_loaded, rep.models_warm, rep.models_servable)
         waiters, self._fleet_waiters = self._fleet_waiters, []
         for w in waiters:
             if not w.done():

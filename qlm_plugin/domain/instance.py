@@ -72,6 +72,8 @@ class InstanceState:
     prefill_tokens_pending: int = 0
     #: Every model the instance can serve (loaded, warm, or loaded on an order); empty: any.
     models_servable: tuple[str, ...] = ()
+    #: The device whose memory it shares with other instances (one awake at a time); "": its own.
+    device: str = ""
 
     def can_serve(self, model: str) -> bool:
         return not self.models_servable or model in self.models_servable

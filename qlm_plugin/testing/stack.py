@@ -92,9 +92,12 @@ async def local_stack(
     token: str | None = None,
     telemetry: Telemetry | None = None,
     agent_settings: AgentSettings | None = None,
+    sims: list[SimInstance] | None = None,
 ) -> AsyncIterator[LocalStack]:
     """Start a coordinator on free loopback ports (journal in ``tmp``) and ``instances`` simulated
-    H100s of the scenario's first model, ``speed`` times faster than real time. The agents use
+    H100s of the scenario's first model (or the simulated instances ``sims``, then ``instances``
+    is how many the coordinator lists: a device's engines are one), ``speed`` times faster than
+    real time. The agents use
     ``agent_settings`` when given (its target is replaced by the coordinator's, known only once
     bound: for TLS), else plaintext with ``token``."""
     scenario = scenario or load_scenario()
@@ -113,7 +116,7 @@ async def local_stack(
     await server.start()
     group = scenario.instances[0]
     costs = scenario.cost_models_for(group.gpu)
-    sims = [
+    sims = sims or [
         SimInstance(
             f"sim-{i}", group.gpu, costs, initial_model=group.models[0], warm_models=tuple(group.models[1:])
         )

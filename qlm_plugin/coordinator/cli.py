@@ -8,6 +8,7 @@ import contextlib
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -113,6 +114,13 @@ def add_parsers(sub: Any) -> None:
         type=int,
         metavar="N",
         help="sim: simulated instances (default: the scenario's); vllm: engines per model (default 1)",
+    )
+    serve.add_argument(
+        "--max-awake",
+        type=int,
+        metavar="K",
+        help="vllm: the engines share this machine's device, at most K awake at a time; the coordinator "
+        "swaps models by sleeping one and waking another (K=1 is built; default: all awake)",
     )
     serve.add_argument(
         "--engine-logs",
@@ -358,8 +366,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     cfg = _config(args)
     if args.engine == "vllm":
         return _serve_vllm(args, cfg)
-    if args.model or args.engine_args or args.engine_logs:
-        raise ValueError("--model, --engine-logs and vLLM arguments go with --engine vllm")
+    if args.model or args.engine_args or args.engine_logs or args.max_awake is not None:
+        raise ValueError("--model, --max-awake, --engine-logs and vLLM arguments go with --engine vllm")
     providers = _telemetry_sdk(args.otlp_endpoint)
     server = CoordinatorServer(cfg, warn=lambda msg: print(f"qlm serve: {msg}", file=sys.stderr, flush=True))
     group = server.scenario.instances[0]
@@ -477,6 +485,10 @@ def _serve_vllm(args: argparse.Namespace, cfg: CoordinatorConfig) -> int:
     per_model = 1 if args.instances is None else args.instances
     if per_model < 1:
         raise ValueError("--instances must be >= 1")
+    if args.max_awake is not None and args.max_awake != 1:
+        raise ValueError(
+            "--max-awake: only 1 is built (one awake engine per device); leave it out for all awake"
+        )
     models = parse_models(args.model)
     engine_args = strip_separator(args.engine_args)
     scenario = fleet_scenario(models, per_model, load_scenario(args.scenario or cfg.scenario), engine_args)
@@ -486,7 +498,14 @@ def _serve_vllm(args: argparse.Namespace, cfg: CoordinatorConfig) -> int:
         else Path(cfg.journal.path).resolve().parent / "qlm-engines"
     )
     try:
-        fleet = VLLMFleet(models, per_model, "", engine_args, logs)
+        fleet = VLLMFleet(
+            models,
+            per_model,
+            "",
+            engine_args,
+            logs,
+            device=f"{socket.gethostname()}/0" if args.max_awake else "",
+        )
     except FleetError as exc:
         print(f"qlm serve: error: {exc}", file=sys.stderr)
         return 1

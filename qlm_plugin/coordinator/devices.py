@@ -34,6 +34,8 @@ if TYPE_CHECKING:  # instances.py holds the Devices of its fleet
 
 log = logging.getLogger("qlm_plugin.coordinator")
 
+#: How long a start-up sleep that failed waits before it is tried again, seconds.
+SETTLE_RETRY_S = 2.0
 #: Sends a serving operation to a session: (session, op, model, keep_warm) -> its command id.
 Send = Callable[["Session", str, str, bool], str]
 
@@ -62,6 +64,7 @@ class Devices:
         self.switches: dict[str, Switch] = {}
         self.switches_done = 0  # completed switches, all devices
         self.settling: set[str] = set()  # sleep commands of the start-up settling, by command id
+        self._settle_after: dict[str, float] = {}  # instance id -> no settling sleep before (monotonic)
         #: A switch failed: (device, model, error); the coordinator tells the queue manager.
         self.on_failed: Callable[[str, str, str], None] = lambda device, model, error: None
         #: A device's serving model changed: the coordinator refreshes the queue manager's view.
@@ -175,10 +178,14 @@ class Devices:
         up = [s for s in members if awake(s)]
         if switch is None:
             keeper = self._keeper(up)
+            now = time.monotonic()
             for s in up:
-                if s is not keeper and not s.assigned and not self._pending_sleep(s):
-                    cid = self.send(s, "unload_model", self._model(s), self.keep_warm)
-                    self.settling.add(cid)
+                if s is keeper or s.assigned or self._pending_sleep(s):
+                    continue
+                if now < self._settle_after.get(s.instance_id, 0.0):
+                    continue
+                self._settle_after[s.instance_id] = now + SETTLE_RETRY_S
+                self.settling.add(self.send(s, "unload_model", self._model(s), self.keep_warm))
             return
         if switch.phase != "draining":
             return
@@ -213,8 +220,8 @@ class Devices:
             self.settling.discard(command_id)
             if ack.ok:
                 self._mark(s, awake=False)
-            else:
-                log.warning("device %s: %s did not go to sleep: %s", device, s.instance_id, ack.error)
+            else:  # an engine registers before its HTTP server is up: tried again shortly
+                log.info("device %s: %s did not go to sleep yet: %s", device, s.instance_id, ack.error)
             self.on_changed(device)
             return True
         switch = self.switches.get(device)

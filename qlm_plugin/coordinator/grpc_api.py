@@ -318,6 +318,7 @@ class AdminService(pb_grpc.AdminServicer):
                 report.models_loaded.extend(st.models_loaded)
                 report.models_warm.extend(st.models_warm)
                 report.models_servable.extend(st.models_servable)
+                report.device = st.device
                 report.loading_model = st.loading_model or ""
                 report.num_running, report.num_waiting = st.num_running, st.num_waiting
                 report.num_swapped, report.queued_tokens = st.num_swapped, st.queued_tokens

@@ -186,6 +186,8 @@ class VLLMFleet:
     engine_args: Sequence[str]
     log_dir: Path
     env: dict[str, str] = field(default_factory=lambda: dict(os.environ))
+    #: the device every engine shares, one awake at a time (the coordinator swaps them); "": none
+    device: str = ""
     engines: list[Engine] = field(default_factory=list)
     stopping: bool = False
 
@@ -212,6 +214,11 @@ class VLLMFleet:
             QLM_ENDPOINT=e.url,
             VLLM_SERVER_DEV_MODE="1",  # /sleep, /wake_up, /pause, /resume: the coordinator's model swaps
         )
+        args = list(self.engine_args)
+        if self.device:
+            env["QLM_DEVICE"] = self.device
+            if not self.cpu and "--enable-sleep-mode" not in args:
+                args.append("--enable-sleep-mode")  # GPU: sleep level 1 or 2 to swap
         if self.cpu:
             env = launch.cpu_env(env)
             env.setdefault("QLM_GPU", "cpu")
@@ -220,7 +227,7 @@ class VLLMFleet:
             e.port,
             e.log,
             served_name=e.model.name,
-            args=self.engine_args,
+            args=args,
             env=env,
             cpus=e.cpus,
         )

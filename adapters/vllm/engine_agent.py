@@ -90,6 +90,7 @@ class VLLMEngineLink:
         self.notes = [] if self.on_gpu else ["no sleep mode on CPU: load and unload are pause and resume"]
         self.num_blocks = int(sched.cache_config.num_gpu_blocks or 0)
         self.paused = False
+        self.cold = False  # asleep at level 2: its weights dropped
 
     def state(self) -> pb.StateReport:
         running, waiting, usage, at, pending = self.sched.qlm_snapshot
@@ -108,7 +109,7 @@ class VLLMEngineLink:
         return pb.StateReport(
             instance_id=self.instance_id,
             models_loaded=[] if self.paused else [self.model],
-            models_warm=[self.model] if self.paused else [],
+            models_warm=[self.model] if self.paused and not self.cold else [],
             models_servable=[self.model],  # one engine per model: it wakes its own, loads no other
             device=self.device,
             num_running=running,
@@ -180,6 +181,7 @@ class VLLMEngineLink:
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
             return pb.CommandAck(ok=False, error=f"{path}: {type(exc).__name__}: {exc}")
         self.paused = not wake
+        self.cold = not wake and self.on_gpu and not keep_warm
         return pb.CommandAck(ok=True, warm=keep_warm or wake)
 
 

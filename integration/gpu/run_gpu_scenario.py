@@ -11,7 +11,10 @@ What it does (nothing is downloaded: the model is built here with random weights
    requests with a TTFT SLO; reports SLO attainment, TTFT and the batch makespan;
 3. measures sleep mode: ``/sleep?level=1`` (weights to host memory), ``/wake_up``, and level 2;
 4. runs QLM with a KV offload tier (``--kv-offloading-size``) and reports the evictions whose KV
-   came back from host memory (the "swap" LSO) against recompute.
+   came back from host memory (the "swap" LSO) against recompute;
+5. the multi-model swap scenario: ``qlm serve --engine vllm`` with the model under two names on
+   one GPU, ``--max-awake 1``, at sleep level 1 and then 2: bursts alternating the models; reports
+   the requests served (each once), the swaps and each swap's time.
 """
 
 from __future__ import annotations
@@ -93,6 +96,88 @@ def sleep_wake(model: Path, work: Path) -> dict[str, float]:
         server.stop()
 
 
+GPU_ENGINE_ARGS = ("--max-model-len", "4096", "--max-num-seqs", "64", "--gpu-memory-utilization", "0.45")
+
+
+def swap_scenario(
+    model: Path,
+    work: Path,
+    level: int,
+    bursts: int = 6,
+    per_burst: int = 32,
+    engine_args: tuple[str, ...] = GPU_ENGINE_ARGS,
+    tokens: int = 128,
+) -> dict[str, object]:
+    """Two models sharing the GPU, one awake: swaps at sleep ``level``, from ``qlm serve``'s log."""
+    import asyncio
+    import re
+    import signal
+    import subprocess
+
+    import openai
+
+    from qlm_plugin.deploy.child_process import python_command
+
+    http = free_port()
+    log = work / f"serve-swap-level{level}.log"
+    cmd = python_command(
+        "qlm_plugin.cli", "serve", "--engine", "vllm", "--model", f"llama-a={model}", "--model",
+        f"llama-b={model}", "--max-awake", "1", "--sleep-level", str(level), "--http-port", str(http),
+        "--grpc-port", str(free_port()), "--journal", str(work / f"swap{level}.db"), "--engine-logs",
+        str(work / f"swap{level}-engines"), "--", *engine_args,
+    )  # fmt: skip
+    with log.open("wb") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 1800
+        while "engines registered" not in log.read_text(errors="replace"):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"qlm serve did not start: {log.read_text(errors='replace')[-3000:]}")
+            time.sleep(2)
+
+        async def run() -> list[tuple[str, int]]:
+            oa = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{http}/v1", api_key="none", timeout=1800)
+
+            async def one(name: str, i: int) -> tuple[str, int]:
+                r = await oa.completions.create(
+                    model=name,
+                    prompt=f"burst {i}",
+                    max_tokens=tokens,
+                    extra_body={"qlm": {"true_output_tokens": tokens}},
+                )
+                return r.id, r.usage.completion_tokens if r.usage else 0
+
+            tasks = []
+            for b in range(bursts):
+                name = "llama-a" if b % 2 == 0 else "llama-b"
+                tasks += [asyncio.create_task(one(name, b * 1000 + i)) for i in range(per_burst)]
+                await asyncio.sleep(2.0)
+            return await asyncio.gather(*tasks)
+
+        t0 = time.perf_counter()
+        answers = asyncio.run(run())
+        took = time.perf_counter() - t0
+        text = log.read_text(errors="replace")
+        times = [float(t) for t in re.findall(r"switched in ([0-9.]+) s", text)]
+        return {
+            "sleep_level": level,
+            "requests": bursts * per_burst,
+            "served": len(answers),
+            "unique": len({rid for rid, _ in answers}),
+            "tokens_ok": sum(n == tokens for _, n in answers),
+            "swaps": len(times),
+            "swap_s": times,
+            "failed_switches": len(re.findall(r"switch to \S+ failed", text)),
+            "wall_s": round(took, 1),
+        }
+    finally:
+        os.killpg(proc.pid, signal.SIGINT)
+        try:
+            proc.wait(120)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layers", type=int, default=32, help="decoder layers (32: the real 8B depth)")
@@ -123,6 +208,10 @@ def main() -> int:
     print("sleep mode", results["sleep_mode"], flush=True)
     os.environ["QLM_EXTRA_VLLM_ARGS"] = f"--kv-offloading-size {args.kv_offload_gib}"
     results["qlm_kv_offload"] = run_policy(model, "qlm", free_port(), work, **kw).__dict__
+    os.environ.pop("QLM_EXTRA_VLLM_ARGS")
+    for level in (1, 2):
+        results[f"swap_level{level}"] = swap_scenario(model, work, level)
+        print(f"swap level {level}", results[f"swap_level{level}"], flush=True)
     Path(args.out).write_text(json.dumps(results, indent=2))
     print(json.dumps(results, indent=2))
     return 0

@@ -123,6 +123,13 @@ def add_parsers(sub: Any) -> None:
         "swaps models by sleeping one and waking another (K=1 is built; default: all awake)",
     )
     serve.add_argument(
+        "--sleep-level",
+        type=int,
+        choices=(1, 2),
+        help="vllm, with --max-awake: a swapped-out engine's sleep, 1: weights to host memory (warm, "
+        "default), 2: dropped (cold); config device_sleep_level",
+    )
+    serve.add_argument(
         "--engine-logs",
         metavar="DIR",
         help="vllm: where each engine's output goes (default: qlm-engines beside the journal)",
@@ -366,8 +373,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     cfg = _config(args)
     if args.engine == "vllm":
         return _serve_vllm(args, cfg)
-    if args.model or args.engine_args or args.engine_logs or args.max_awake is not None:
-        raise ValueError("--model, --max-awake, --engine-logs and vLLM arguments go with --engine vllm")
+    if args.model or args.engine_args or args.engine_logs or args.max_awake is not None or args.sleep_level:
+        raise ValueError(
+            "--model, --max-awake, --sleep-level, --engine-logs and vLLM arguments go with --engine vllm"
+        )
     providers = _telemetry_sdk(args.otlp_endpoint)
     server = CoordinatorServer(cfg, warn=lambda msg: print(f"qlm serve: {msg}", file=sys.stderr, flush=True))
     group = server.scenario.instances[0]
@@ -489,6 +498,10 @@ def _serve_vllm(args: argparse.Namespace, cfg: CoordinatorConfig) -> int:
         raise ValueError(
             "--max-awake: only 1 is built (one awake engine per device); leave it out for all awake"
         )
+    if args.sleep_level:
+        if args.max_awake is None:
+            raise ValueError("--sleep-level goes with --max-awake (the engines that sleep share a device)")
+        cfg = cfg.model_copy(update={"device_sleep_level": args.sleep_level})
     models = parse_models(args.model)
     engine_args = strip_separator(args.engine_args)
     scenario = fleet_scenario(models, per_model, load_scenario(args.scenario or cfg.scenario), engine_args)

@@ -108,6 +108,9 @@ class CoordinatorConfig(_Strict):
     # Requests accepted while an instance served the model wait for it, late by their own SLO.
     instance_wait_s: float = Field(default=5.0, ge=0)
     instance_return_wait_s: float = Field(default=60.0, ge=0)
+    # Engines sharing a device (docs/vllm.md): the sleep a swapped-out engine gets. 1: its weights
+    # to host memory (a warm wake); 2: dropped (a cold wake reloads them, host memory stays free).
+    device_sleep_level: Literal[1, 2] = 1
     tokens: list[TokenEntry] = []
     tls: TLS | None = None
     tenant_limits: TenantLimits = TenantLimits()

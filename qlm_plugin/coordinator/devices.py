@@ -22,22 +22,37 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING
+from typing import Generic, Protocol, TypeVar
 
 from qlm_plugin.domain.instance import InstanceInfo, InstanceState
 from qlm_plugin.proto.qlm.v1 import qlm_pb2 as pb
 
-if TYPE_CHECKING:  # instances.py holds the Devices of its fleet
-    from qlm_plugin.coordinator.instances import Session
+
+class Member(Protocol):
+    """What a device reads of an engine's session (``instances.Session``, which holds the devices)."""
+
+    instance_id: str
+    backend: str
+    gpu: str
+    capabilities: frozenset[str]
+    report: InstanceState | None
+    alive: bool
+
+    @property
+    def assigned(self) -> Mapping[str, int]: ...  # request id -> attempt, not finished
+
+    @property
+    def pending(self) -> Mapping[str, object]: ...  # command id -> the command not acknowledged
+
 
 log = logging.getLogger("qlm_plugin.coordinator")
 
+Session = TypeVar("Session", bound=Member)
+
 #: How long a start-up sleep that failed waits before it is tried again, seconds.
 SETTLE_RETRY_S = 2.0
-#: Sends a serving operation to a session: (session, op, model, keep_warm) -> its command id.
-Send = Callable[["Session", str, str, bool], str]
 
 
 @dataclass
@@ -54,10 +69,16 @@ def awake(s: Session) -> bool:
     return s.report is not None and bool(s.report.models_loaded)
 
 
-class Devices:
+class Devices(Generic[Session]):
     """The device groups among ``sessions`` (instance id -> live session)."""
 
-    def __init__(self, sessions: dict[str, Session], send: Send, *, keep_warm: bool = True) -> None:
+    def __init__(
+        self,
+        sessions: dict[str, Session],
+        send: Callable[[Session, str, str, bool], str],
+        *,
+        keep_warm: bool = True,
+    ) -> None:
         self.sessions = sessions
         self.send = send
         self.keep_warm = keep_warm
@@ -219,7 +240,7 @@ class Devices:
         if command_id in self.settling:
             self.settling.discard(command_id)
             if ack.ok:
-                self._mark(s, awake=False)
+                self._mark(s, awake=False, warm=self.keep_warm)
             else:  # an engine registers before its HTTP server is up: tried again shortly
                 log.info("device %s: %s did not go to sleep yet: %s", device, s.instance_id, ack.error)
             self.on_changed(device)
@@ -231,7 +252,7 @@ class Devices:
         if not ack.ok:
             self._fail(device, switch, f"{op} on {s.instance_id}: {ack.error}")
             return True
-        self._mark(s, awake=op == "load_model")
+        self._mark(s, awake=op == "load_model", warm=self.keep_warm)
         if switch.waiting:
             return True
         if switch.phase == "sleeping":
@@ -267,21 +288,20 @@ class Devices:
         return (rep.models_loaded or rep.models_servable or ("",))[0] if rep is not None else ""
 
     @staticmethod
-    def _mark(s: Session, *, awake: bool) -> None:
+    def _mark(s: Session, *, awake: bool, warm: bool) -> None:
         """What the engine's next report will say, at once (the switch goes on without waiting for it)."""
         rep = s.report
         if rep is None:
             return
         model = (rep.models_loaded or rep.models_warm or rep.models_servable or ("",))[0]
-        s.report = replace(
-            rep, models_loaded=(model,) if awake else (), models_warm=() if awake else (model,)
-        )
+        asleep = (model,) if warm else ()
+        s.report = replace(rep, models_loaded=(model,) if awake else (), models_warm=() if awake else asleep)
 
     def _done(self, device: str, switch: Switch) -> None:
         self.switches.pop(device, None)
         self.switches_done += 1
         log.info(
-            "device %s: serving %s (switched in %.1f s)",
+            "device %s: serving %s (switched in %.3f s)",
             device,
             switch.model,
             time.time() - switch.started_at,

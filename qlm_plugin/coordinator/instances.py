@@ -124,7 +124,8 @@ class RemoteFleet:
         self._dispatch = dispatch
         self._command_ids = itertools.count(1)
         self.on_command: Callable[[Session, str, pb.Command, PendingCommand], None] | None = None
-        self.devices = Devices(
+        # sends a serving operation: (session, op, model, keep_warm) -> its command id
+        self.devices: Devices[Session] = Devices(
             self.sessions, lambda s, op, model, warm: self.command(s, op, model=model, keep_warm=warm)
         )
 

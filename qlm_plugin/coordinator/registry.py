@@ -267,10 +267,10 @@ class InstanceRegistry:
             rep = s.report
             if not s.alive:
                 continue
-            if rep is None or (not rep.models_loaded and not rep.models_servable):
-                self.models_seen.update(self.models)  # serves whatever it is sent
+            if rep is None or (not rep.models_loaded and not rep.models_warm):
+                self.models_seen.update(m for m in self.models if rep is None or rep.can_serve(m))
             else:
-                self.models_seen.update(rep.models_loaded, rep.models_warm, rep.models_servable)
+                self.models_seen.update(rep.models_loaded, rep.models_warm)
         waiters, self._fleet_waiters = self._fleet_waiters, []
         for w in waiters:
             if not w.done():

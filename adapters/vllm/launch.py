@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from qlm_plugin.deploy.child_process import python_command
+from qlm_plugin.deploy.child_process import die_with_parent, python_command
 
 CPU_COMPAT = Path(__file__).parent / "cpu_compat"
 
@@ -151,13 +151,15 @@ def start_engine(
     env: dict[str, str] | None = None,
     cpus: str | None = None,
     host: str = "127.0.0.1",
+    tied: bool = False,
 ) -> Server:
     """Start a vLLM OpenAI server serving ``model`` as ``served_name`` on ``host:port``, its output
     appended to ``log``; ``scheduler`` turns QLM on (``--scheduler-cls``), ``args`` go to vLLM as
     they are, ``env`` is the whole environment (:func:`cpu_env` on a CPU machine); ``cpus`` (CPU
     engines only) runs the whole server on those CPUs and binds its worker there, from
-    :func:`cpu_shares` when several engines share a machine. Returns at once: call
-    :func:`wait_ready`."""
+    :func:`cpu_shares` when several engines share a machine; ``tied``: the server gets SIGTERM when
+    this process dies, even by SIGKILL (a Ray actor's server must not outlive it). Returns at once:
+    call :func:`wait_ready`."""
     cmd = [
         *python_command("vllm.entrypoints.openai.api_server"),
         "--model",
@@ -177,7 +179,14 @@ def start_engine(
         child_env["VLLM_CPU_OMP_THREADS_BIND"] = cpus
     log.parent.mkdir(parents=True, exist_ok=True)
     out = open(log, "ab")  # noqa: SIM115 - the child owns it
-    proc = subprocess.Popen(cmd, env=child_env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(
+        cmd,
+        env=child_env,
+        stdout=out,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        preexec_fn=die_with_parent if tied else None,  # it only calls prctl: safe after fork
+    )
     out.close()
     if cpus is not None:
         # The whole server, not only its worker: the engine's core process spins while its worker

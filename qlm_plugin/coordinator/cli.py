@@ -480,6 +480,7 @@ def _serve_vllm(args: argparse.Namespace, cfg: CoordinatorConfig) -> int:
     from qlm_plugin.coordinator.server import CoordinatorServer, serve_until_signal
     from qlm_plugin.deploy.vllm_fleet import (
         FleetError,
+        RayEngines,
         VLLMFleet,
         fleet_scenario,
         parse_models,
@@ -489,8 +490,8 @@ def _serve_vllm(args: argparse.Namespace, cfg: CoordinatorConfig) -> int:
 
     if not args.model:
         raise ValueError("--engine vllm needs --model MODEL (repeat it for more models)")
-    if args.ray is not None:
-        raise ValueError("--ray runs simulated instances only; vLLM engines as Ray actors are not built yet")
+    if args.ray is not None and args.max_awake is not None:
+        raise ValueError("--max-awake: engines sharing a device run as local processes, not with --ray")
     per_model = 1 if args.instances is None else args.instances
     if per_model < 1:
         raise ValueError("--instances must be >= 1")
@@ -510,15 +511,15 @@ def _serve_vllm(args: argparse.Namespace, cfg: CoordinatorConfig) -> int:
         if args.engine_logs
         else Path(cfg.journal.path).resolve().parent / "qlm-engines"
     )
+    fleet: VLLMFleet | RayEngines
     try:
-        fleet = VLLMFleet(
-            models,
-            per_model,
-            "",
-            engine_args,
-            logs,
-            device=f"{socket.gethostname()}/0" if args.max_awake else "",
-        )
+        if args.ray is not None:
+            address = None if args.ray == "local" else args.ray
+            token = os.environ.get("QLM_INSTANCE_TOKEN") or None
+            fleet = RayEngines(models, per_model, "", engine_args, logs, address, token)
+        else:
+            device = f"{socket.gethostname()}/0" if args.max_awake else ""
+            fleet = VLLMFleet(models, per_model, "", engine_args, logs, device=device)
     except FleetError as exc:
         print(f"qlm serve: error: {exc}", file=sys.stderr)
         return 1
@@ -537,9 +538,12 @@ def _serve_vllm(args: argparse.Namespace, cfg: CoordinatorConfig) -> int:
 
     async def watch() -> None:
         try:
+            await asyncio.get_running_loop().run_in_executor(None, fleet.start)  # Ray calls block
+            for line in fleet.describe():
+                print(f"qlm serve:   {line}", flush=True)
             took = await fleet.wait_registered(registered)
-        except FleetError as exc:
-            failures.append(str(exc))
+        except Exception as exc:  # an engine that cannot start, or Ray that cannot place one
+            failures.append(str(exc) if isinstance(exc, FleetError) else f"{type(exc).__name__}: {exc}")
             stop.set()
             return
         print(
@@ -549,22 +553,29 @@ def _serve_vllm(args: argparse.Namespace, cfg: CoordinatorConfig) -> int:
 
     def ready() -> None:
         event_loop.freeze_startup_heap()
-        fleet.coordinator = f"127.0.0.1:{server.grpc_port}"
-        fleet.start()
+        # Ray actors on other nodes reach the coordinator at the address it binds (--host)
+        host = (
+            cfg.grpc.host if args.ray is not None and cfg.grpc.host not in ("0.0.0.0", "::") else "127.0.0.1"
+        )
+        if args.ray is not None and cfg.grpc.host in ("0.0.0.0", "::"):
+            host = socket.gethostbyname(socket.gethostname())
+        fleet.coordinator = f"{host}:{server.grpc_port}"
+        where = " as Ray actors" if args.ray is not None else ""
         print(
             f"qlm serve: HTTP http://{cfg.http.host}:{server.http_port} (OpenAI API under /v1, /health, "
             f"/metrics), gRPC {cfg.grpc.host}:{server.grpc_port}, policy {cfg.policy}; starting "
-            f"{len(fleet.engines)} vLLM engines ({'CPU' if fleet.cpu else 'GPU'}):",
+            f"{len(models) * per_model} vLLM engines{where} ({'CPU' if fleet.cpu else 'GPU'}):",
             flush=True,
         )
-        for line in fleet.describe():
-            print(f"qlm serve:   {line}", flush=True)
         tasks.append(asyncio.get_running_loop().create_task(watch()))
 
     try:
         left = event_loop.run(serve_until_signal(server, ready, stop))
     finally:
-        fleet.stop()
+        try:
+            fleet.stop()
+        except Exception as exc:  # the engines are stopped as far as they can be: say what was left
+            print(f"qlm serve: stopping the engines: {type(exc).__name__}: {exc}", file=sys.stderr)
         if providers is not None:
             from qlm_plugin.telemetry import sdk as telemetry_sdk
 

@@ -334,6 +334,7 @@ class AdminService(pb_grpc.AdminServicer):
                     state=report,
                     dispatched=len(s.assigned),
                     last_heartbeat_age_s=mono - s.last_seen,
+                    endpoint=s.endpoint,
                 )
             )
         return pb.InstancesSnapshot(instances=out)

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import json
 import logging
 import os
@@ -39,7 +38,7 @@ from qlm_plugin.coordinator.auth import Authenticator
 from qlm_plugin.coordinator.coordinator import Coordinator
 from qlm_plugin.coordinator.http_api import FrontDoor, error_response, make_runner
 from qlm_plugin.coordinator.relay import RelayClient, RelayService
-from qlm_plugin.deploy.child_process import python_command
+from qlm_plugin.deploy.child_process import die_with_parent, python_command
 
 log = logging.getLogger("qlm_plugin.coordinator.http_workers")
 
@@ -236,14 +235,6 @@ class CoreProxy:
             return error_response(503, f"the coordinator core is unreachable: {exc}", code="unavailable")
 
 
-def _die_with_parent() -> None:
-    """Linux: SIGTERM this process when the core dies, even by SIGKILL (the link's end is noticed
-    too; this also covers a core stuck before it could notice anything)."""
-    with contextlib.suppress(OSError, AttributeError):
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-
 async def _serve_worker(settings: dict[str, Any]) -> None:
     from qlm_plugin.event_loop import freeze_startup_heap
 
@@ -281,7 +272,7 @@ async def _serve_worker(settings: dict[str, Any]) -> None:
 
 def main() -> int:
     settings = json.loads(sys.stdin.read())
-    _die_with_parent()
+    die_with_parent()  # the core's death, even by SIGKILL (its link's end is noticed too)
     logging.basicConfig(
         level=logging.WARNING, format=f"worker {settings['index']}: %(levelname)s %(name)s: %(message)s"
     )

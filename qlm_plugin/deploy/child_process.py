@@ -9,6 +9,9 @@ repository next to a non-editable install, the child would import the source tre
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import signal
 import socket
 import sys
 from pathlib import Path
@@ -32,6 +35,14 @@ def python_command(module: str, *args: str) -> list[str]:
     """``[python, ...]`` running ``module`` as ``python -m module args`` would, with this process's
     interpreter and this process's ``qlm_plugin``."""
     return [sys.executable, "-c", _BOOTSTRAP, IMPORT_ROOT, module, *args]
+
+
+def die_with_parent() -> None:
+    """Linux: SIGTERM this process when its parent dies, even by SIGKILL (elsewhere: nothing). Call
+    it first thing in a child, or as a ``Popen`` ``preexec_fn``."""
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 def free_port(host: str = "127.0.0.1") -> int:

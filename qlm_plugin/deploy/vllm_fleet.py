@@ -24,6 +24,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import yaml
@@ -329,3 +330,83 @@ def strip_separator(args: Sequence[str]) -> list[str]:
     """vLLM's arguments as ``qlm serve`` received them after ``--``."""
     args = list(args)
     return args[1:] if args[:1] == ["--"] else args
+
+
+@dataclass
+class RayEngines:
+    """The same engines as Ray actors (``qlm serve --ray [ADDRESS] --engine vllm``): each placed
+    with the GPUs it needs (a CPU on a CPU build), restarted by Ray when it dies (its requests go
+    back to the queue meanwhile), resized with ``qlm scale MODEL N``. Same surface as
+    :class:`VLLMFleet`; ``start`` blocks (run it off the event loop)."""
+
+    models: Sequence[EngineModel]
+    engines_per_model: int
+    coordinator: str
+    engine_args: Sequence[str]
+    log_dir: Path
+    address: str | None  # None: a new local Ray instance
+    token: str | None = None
+    handle: object = None
+    ids: list[str] = field(default_factory=list)
+    urls: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.cpu = on_cpu()
+        tp = engine_flag(self.engine_args, "--tensor-parallel-size") or engine_flag(self.engine_args, "-tp")
+        self.gpus = 0 if self.cpu else int(tp or 1)
+
+    @property
+    def engines(self) -> list[str]:
+        return self.ids
+
+    def start(self) -> None:
+        from qlm_plugin.deploy import ray_fleet
+
+        ray_fleet.connect(self.address)
+        spec = {
+            m.name: ray_fleet.VLLMModel(
+                m.source, tuple(self.engine_args), self.cpu, self.gpus, str(self.log_dir)
+            )
+            for m in self.models
+        }
+        groups: list[tuple[str, str, list[str], int]] = [
+            (m.name, "h100", [], self.engines_per_model) for m in self.models
+        ]
+        self.handle = ray_fleet.start_fleet(
+            self.coordinator, groups, scenario=None, token=self.token, vllm=spec
+        )
+        self.ids = [iid for ids in self._call("instances").values() for iid in ids]
+        self.urls = self._call("endpoints")
+
+    def _call(self, method: str) -> dict[str, Any]:
+        import ray
+
+        return dict(ray.get(getattr(self.handle, method).remote(), timeout=900))
+
+    async def wait_registered(
+        self, registered: Callable[[str], bool], timeout_s: float = REGISTER_TIMEOUT_S
+    ) -> float:
+        t0 = time.monotonic()
+        while True:
+            ready = [registered(iid) and await answers(self.urls[iid]) for iid in self.ids]
+            if all(ready):
+                return time.monotonic() - t0
+            if time.monotonic() - t0 > timeout_s:
+                late = [iid for iid, ok in zip(self.ids, ready, strict=True) if not ok]
+                raise FleetError(
+                    f"{len(late)} engines not registered after {timeout_s:.0f} s: {', '.join(late)} "
+                    f"(their logs: {self.log_dir} on their nodes)"
+                )
+            await asyncio.sleep(0.5)
+
+    async def supervise(self) -> None:
+        """Nothing to do: Ray restarts an engine's actor when it dies."""
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        if self.handle is not None:
+            from qlm_plugin.deploy import ray_fleet
+
+            ray_fleet.stop_fleet(self.handle)
+
+    def describe(self) -> list[str]:
+        return [f"engine {iid}: Ray actor, at {self.urls.get(iid, '(starting)')}" for iid in self.ids]

@@ -519,7 +519,7 @@ class InstancesQuery(_message.Message):
     def __init__(self) -> None: ...
 
 class InstanceSnapshot(_message.Message):
-    __slots__ = ("instance_id", "backend", "gpu", "healthy", "state", "dispatched", "last_heartbeat_age_s")
+    __slots__ = ("instance_id", "backend", "gpu", "healthy", "state", "dispatched", "last_heartbeat_age_s", "endpoint")
     INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
     BACKEND_FIELD_NUMBER: _ClassVar[int]
     GPU_FIELD_NUMBER: _ClassVar[int]
@@ -527,6 +527,7 @@ class InstanceSnapshot(_message.Message):
     STATE_FIELD_NUMBER: _ClassVar[int]
     DISPATCHED_FIELD_NUMBER: _ClassVar[int]
     LAST_HEARTBEAT_AGE_S_FIELD_NUMBER: _ClassVar[int]
+    ENDPOINT_FIELD_NUMBER: _ClassVar[int]
     instance_id: str
     backend: str
     gpu: str
@@ -534,7 +535,8 @@ class InstanceSnapshot(_message.Message):
     state: StateReport
     dispatched: int
     last_heartbeat_age_s: float
-    def __init__(self, instance_id: _Optional[str] = ..., backend: _Optional[str] = ..., gpu: _Optional[str] = ..., healthy: _Optional[bool] = ..., state: _Optional[_Union[StateReport, _Mapping]] = ..., dispatched: _Optional[int] = ..., last_heartbeat_age_s: _Optional[float] = ...) -> None: ...
+    endpoint: str
+    def __init__(self, instance_id: _Optional[str] = ..., backend: _Optional[str] = ..., gpu: _Optional[str] = ..., healthy: _Optional[bool] = ..., state: _Optional[_Union[StateReport, _Mapping]] = ..., dispatched: _Optional[int] = ..., last_heartbeat_age_s: _Optional[float] = ..., endpoint: _Optional[str] = ...) -> None: ...
 
 class InstancesSnapshot(_message.Message):
     __slots__ = ("instances",)

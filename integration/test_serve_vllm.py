@@ -53,12 +53,15 @@ class Serve:
         deadline = time.monotonic() + timeout_s
         while True:
             try:
-                line = self.lines.get(timeout=max(0.1, deadline - time.monotonic()))
+                line = self.lines.get(timeout=1.0)
             except queue.Empty:
-                raise AssertionError(
-                    f"no {text!r} from qlm serve after {timeout_s} s; stdout {self.out}; "
-                    f"stderr {self.stderr.read_text()[-3000:]}"
-                ) from None
+                ended = self.process.poll() is not None and self.lines.empty()
+                if ended or time.monotonic() > deadline:
+                    raise AssertionError(
+                        f"no {text!r} from qlm serve ({'it exited' if ended else f'after {timeout_s} s'}); "
+                        f"stdout {self.out}; stderr {self.stderr.read_text()[-3000:]}"
+                    ) from None
+                continue
             self.out.append(line)
             if m := ENGINE_LINE.search(line):
                 self.engines[m[2]] = (m[3], int(m[4]))

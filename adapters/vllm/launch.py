@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from qlm_plugin.deploy.child_process import die_with_parent, python_command
+from qlm_plugin.deploy.child_process import python_command
 
 CPU_COMPAT = Path(__file__).parent / "cpu_compat"
 
@@ -152,14 +152,17 @@ def start_engine(
     cpus: str | None = None,
     host: str = "127.0.0.1",
     tied: bool = False,
+    grouped: bool = False,
 ) -> Server:
     """Start a vLLM OpenAI server serving ``model`` as ``served_name`` on ``host:port``, its output
     appended to ``log``; ``scheduler`` turns QLM on (``--scheduler-cls``), ``args`` go to vLLM as
     they are, ``env`` is the whole environment (:func:`cpu_env` on a CPU machine); ``cpus`` (CPU
     engines only) runs the whole server on those CPUs and binds its worker there, from
-    :func:`cpu_shares` when several engines share a machine; ``tied``: the server gets SIGTERM when
-    this process dies, even by SIGKILL (a Ray actor's server must not outlive it). Returns at once:
-    call :func:`wait_ready`."""
+    :func:`cpu_shares` when several engines share a machine. ``grouped``: the server runs under a
+    process-group leader (``qlm_plugin.deploy.process_group``) that stops its engine core and
+    workers whenever the server ends (a server that ends alone can leave them running); ``tied``
+    (implies ``grouped``): and the whole group stops when this process dies, even by SIGKILL (a Ray
+    actor's server must not outlive it). Returns at once: call :func:`wait_ready`."""
     cmd = [
         *python_command("vllm.entrypoints.openai.api_server"),
         "--model",
@@ -174,6 +177,8 @@ def start_engine(
     if scheduler:
         cmd += ["--scheduler-cls", "qlm_plugin.adapters.vllm.QLMScheduler"]
     cmd += list(args)
+    if grouped or tied:
+        cmd = [*python_command("qlm_plugin.deploy.process_group", *(["--tied"] if tied else []), "--"), *cmd]
     child_env = dict(os.environ if env is None else env)
     if cpus is not None:
         child_env["VLLM_CPU_OMP_THREADS_BIND"] = cpus
@@ -185,7 +190,6 @@ def start_engine(
         stdout=out,
         stderr=subprocess.STDOUT,
         start_new_session=True,
-        preexec_fn=die_with_parent if tied else None,  # it only calls prctl: safe after fork
     )
     out.close()
     if cpus is not None:

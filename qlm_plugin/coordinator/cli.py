@@ -538,7 +538,11 @@ def _serve_vllm(args: argparse.Namespace, cfg: CoordinatorConfig) -> int:
 
     async def watch() -> None:
         try:
-            await asyncio.get_running_loop().run_in_executor(None, fleet.start)  # Ray calls block
+            loop = asyncio.get_running_loop()
+            await loop.run_in_executor(None, fleet.start)  # Ray calls block
+            if args.ray is not None:  # ray.init put its own SIGTERM handler in (it ends the process)
+                for sig in (signal.SIGTERM, signal.SIGINT):
+                    loop.add_signal_handler(sig, stop.set)
             for line in fleet.describe():
                 print(f"qlm serve:   {line}", flush=True)
             took = await fleet.wait_registered(registered)

@@ -231,6 +231,7 @@ class VLLMFleet:
             args=args,
             env=env,
             cpus=e.cpus,
+            grouped=True,
         )
         e.started_at = time.monotonic()
         log.info("engine %s: %s on %s (log %s)", e.instance_id, e.model.source, e.url, e.log)

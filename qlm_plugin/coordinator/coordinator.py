@@ -289,7 +289,8 @@ class Coordinator:
     def _device_changed(self, device: str) -> None:
         self.registry.fleet_changed()
         self.registry.on_state_changed(device)
-        self.dispatcher.unpark()
+        # not from inside the switch's own steps: a parked request may start the next switch
+        asyncio.get_running_loop().call_soon(self.dispatcher.unpark)
 
     def _on_command(self, s: Session, cid: str, cmd: pb.Command, pending: PendingCommand) -> None:
         self.telemetry.lso_started(

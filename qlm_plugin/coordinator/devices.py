@@ -180,12 +180,9 @@ class Devices(Generic[Session]):
         members = self.members(device)
         if not any(s.report is not None and model in s.report.models_servable for s in members):
             return False
-        current = self.switches.get(device)
-        if current is not None and current.model == model:
-            return True
-        if current is not None and current.phase != "draining":
-            return False  # an engine is already going to sleep or waking: finish that first
-        if current is None and self.target(device, model) is not None:
+        if device in self.switches:
+            return True  # one switch at a time: a load of another model is asked again after it
+        if self.target(device, model) is not None:
             return True  # serving it already
         self.switches[device] = Switch(model, time.time())
         log.info("device %s: switching to %s", device, model)
@@ -227,7 +224,7 @@ class Devices(Generic[Session]):
 
     def _wake(self, device: str, switch: Switch, engine: Session) -> None:
         if awake(engine):
-            self._done(device, switch)
+            self._done(device, switch, switched=False)  # nothing to wake: its engine is up
             return
         switch.phase = "waking"
         switch.waiting = {self.send(engine, "load_model", switch.model, False)}
@@ -297,9 +294,9 @@ class Devices(Generic[Session]):
         asleep = (model,) if warm else ()
         s.report = replace(rep, models_loaded=(model,) if awake else (), models_warm=() if awake else asleep)
 
-    def _done(self, device: str, switch: Switch) -> None:
+    def _done(self, device: str, switch: Switch, *, switched: bool = True) -> None:
         self.switches.pop(device, None)
-        self.switches_done += 1
+        self.switches_done += switched
         log.info(
             "device %s: serving %s (switched in %.3f s)",
             device,

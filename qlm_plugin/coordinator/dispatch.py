@@ -130,6 +130,7 @@ class Dispatcher:
             and s.pull_open
             and (st := self.fleet.qlm_instance_state(s.instance_id, False)) is not None
             and serves(s, job.request.model)
+            and st.device not in self.fleet.devices.switches  # a switching device takes no new work
         ]
         target = self.hook.qlm_choose_instance(request=job.request, instances=states, now=now)
         if target is None or not self.hook.qlm_dispatch(instance_id=target, request=job.request):

@@ -12,7 +12,10 @@ planner orders there is carried out as a switch:
 2. sleep the awake engine (``unload_model``, kept warm unless the device's engines sleep cold);
 3. wake the target model's engine (``load_model``); the device serves that model from then on.
 
-A step that fails ends the switch and reports the load as failed (the planner places the model's
+One switch runs at a time per device: a load of another model ordered meanwhile is accepted and
+asked again after it (by the planner's next plan, or the request still parked), so requests of two
+models arriving in turns cannot make the device swap back and forth inside a switch. A step that
+fails ends the switch and reports the load as failed (the planner places the model's
 work elsewhere for a while). At start all engines are awake: every engine but one (the one holding
 work) is put to sleep as soon as it holds no request. Not thread-safe: the coordinator's event
 loop owns it.
@@ -51,6 +54,9 @@ log = logging.getLogger("qlm_plugin.coordinator")
 
 Session = TypeVar("Session", bound=Member)
 
+#: How long an acknowledged sleep or wake outranks the engine's reports, seconds (a report made
+#: before the command can arrive after its acknowledgement).
+EXPECT_S = 5.0
 #: How long a start-up sleep that failed waits before it is tried again, seconds.
 SETTLE_RETRY_S = 2.0
 
@@ -86,6 +92,7 @@ class Devices(Generic[Session]):
         self.switches_done = 0  # completed switches, all devices
         self.settling: set[str] = set()  # sleep commands of the start-up settling, by command id
         self._settle_after: dict[str, float] = {}  # instance id -> no settling sleep before (monotonic)
+        self._expected: dict[str, tuple[bool, bool, float]] = {}  # id -> (awake, warm, until) acknowledged
         #: A switch failed: (device, model, error); the coordinator tells the queue manager.
         self.on_failed: Callable[[str, str, str], None] = lambda device, model, error: None
         #: A device's serving model changed: the coordinator refreshes the queue manager's view.
@@ -284,15 +291,29 @@ class Devices(Generic[Session]):
         rep = s.report
         return (rep.models_loaded or rep.models_servable or ("",))[0] if rep is not None else ""
 
-    @staticmethod
-    def _mark(s: Session, *, awake: bool, warm: bool) -> None:
-        """What the engine's next report will say, at once (the switch goes on without waiting for it)."""
+    def _mark(self, s: Session, *, awake: bool, warm: bool) -> None:
+        """What the engine's next report will say, at once (the switch goes on without waiting for it);
+        a report made before the command, arriving after it, does not undo it (:meth:`reported`)."""
         rep = s.report
         if rep is None:
             return
         model = (rep.models_loaded or rep.models_warm or rep.models_servable or ("",))[0]
         asleep = (model,) if warm else ()
         s.report = replace(rep, models_loaded=(model,) if awake else (), models_warm=() if awake else asleep)
+        self._expected[s.instance_id] = (awake, warm, time.monotonic() + EXPECT_S)
+
+    def reported(self, s: Session) -> None:
+        """An engine's state report arrived: one that contradicts a command it acknowledged lately
+        was made before that command, and is corrected."""
+        expected = self._expected.get(s.instance_id)
+        if expected is None or s.report is None:
+            return
+        want_awake, warm, until = expected
+        if awake(s) == want_awake or time.monotonic() > until:
+            del self._expected[s.instance_id]  # confirmed (or too old to hold against the engine)
+            return
+        self._mark(s, awake=want_awake, warm=warm)
+        self._expected[s.instance_id] = expected
 
     def _done(self, device: str, switch: Switch, *, switched: bool = True) -> None:
         self.switches.pop(device, None)

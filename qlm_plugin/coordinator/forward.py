@@ -29,6 +29,9 @@ Report = Callable[[Session, pb.EventBatch], None]
 Lost = Callable[[Session, str], None]
 
 Event = pb.RequestEvent
+#: vLLM's finish reasons for a request it dropped rather than finished (``FinishReason.ABORT``,
+#: ``ERROR``).
+ENGINE_DROPPED = ("abort", "error")
 #: Deadline of the connection to the engine (the stream itself runs as long as the request).
 CONNECT_TIMEOUT_S = 10.0
 #: How long a broken stream's engine has to answer its health check before it is drained.
@@ -135,7 +138,8 @@ async def forward(
     def emit(**kw: Any) -> None:
         report(s, pb.EventBatch(events=[Event(request_id=job.id, attempt=attempt, time=time.time(), **kw)]))
 
-    finish_reason, usage_tokens = "length", None
+    finish_reason: str | None = None  # the engine's; a stream that ends without one is not finished
+    usage_tokens = None
     prompt_ids: list[int] | None = None  # the engine's ids of the prompt, on an attempt from scratch
     held: list[int] = []  # ids streamed whose text has not come yet
     in_transit = True  # until the engine's server answers (or the request fails on its way)
@@ -211,6 +215,14 @@ async def forward(
     if usage_tokens is not None and usage_tokens > streamed:
         # Chunks are not always one token each (the detokenizer holds partial characters back).
         emit(kind=Event.TOKENS, index=index, tokens=usage_tokens - streamed, text="")
+    if finish_reason is None or finish_reason in ENGINE_DROPPED:
+        # The engine ended the stream without finishing the request: a server shutting down aborts
+        # what it runs, or ends the stream at once (a clean end, not a broken stream). Served again
+        # after what was delivered: "abort" or no reason is not the request's fault; "error" counts
+        # towards its attempts.
+        kind = Event.FAILED if finish_reason == "error" else Event.REQUEUED
+        emit(kind=kind, error=f"{s.endpoint} ended the stream with finish_reason {finish_reason!r}")
+        return
     emit(kind=Event.FINISHED, finish_reason=finish_reason)
 
 

@@ -142,6 +142,7 @@ class InstanceRegistry:
         s.report = state_from_report(msg, s.instance_id, s.backend, s.capabilities)
         device = s.report.device
         if device:
+            self.fleet.devices.reported(s)
             self.fleet.devices.step(device)  # a switch waiting for its engine to finish its requests
         if before is None or (before.models_loaded, before.models_warm, before.healthy) != (
             s.report.models_loaded,

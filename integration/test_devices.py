@@ -106,3 +106,75 @@ def test_a_device_serves_one_model_at_a_time_and_swaps_in_batches(tmp_path: Path
     run_with_stack(
         tmp_path, body, instances=1, scenario=SCENARIO, sims=engines(), speed=20.0, config={"policy": policy}
     )
+
+
+THREE = parse_scenario(
+    """
+name: three-models-one-gpu
+models:
+  - {name: chat-a, profile: llama-3.1-8b}
+  - {name: chat-b, profile: llama-3.1-8b}
+  - {name: chat-c, profile: llama-3.1-8b}
+instances:
+  - {count: 1, gpu: h100, models: [chat-a, chat-b, chat-c]}
+classes:
+  - {name: interactive, share: 0.5, ttft_s: 30}
+  - {name: batch, share: 0.5, e2e_s: 600}
+"""
+)
+
+
+def test_a_device_with_room_for_two_keeps_two_models_awake(tmp_path: Path) -> None:
+    """``device_max_awake: 2``: the planner sees two slots; two models alternating need no swap, a
+    third takes one slot over, and never more than two engines are awake."""
+
+    async def body(st: LocalStack) -> None:
+        fleet = st.coordinator.fleet
+        assert sorted(i.instance_id for i in fleet.qlm_list_instances()) == ["gpu0#0", "gpu0#1"]
+        deadline = time.monotonic() + 10
+        while len(awake(st)) > 2:  # all three start awake: one is put to sleep
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.05)
+        slots = [fleet.qlm_instance_state(f"gpu0#{j}", False) for j in (0, 1)]
+        loaded = sorted(m for s in slots if s is not None for m in s.models_loaded)
+        assert len(loaded) == 2
+        asleep = ({"chat-a", "chat-b", "chat-c"} - set(loaded)).pop()
+        for s in slots:  # each slot may wake the sleeping engine, and not the other slot's
+            assert s is not None and s.models_warm == (asleep,)
+            assert set(s.models_servable) == {*s.models_loaded, asleep}
+        most_awake = 0
+
+        async def watch() -> None:
+            nonlocal most_awake
+            while True:
+                most_awake = max(most_awake, len(running(st)))
+                await asyncio.sleep(0.01)
+
+        watcher = asyncio.create_task(watch())
+        async with aiohttp.ClientSession() as http:
+            first = []
+            for burst, model in enumerate(loaded * 2):
+                first += [asyncio.create_task(complete(http, st, model, burst * 10 + i)) for i in range(6)]
+                await asyncio.sleep(0.02)
+            answers = await asyncio.gather(*first)
+            assert fleet.devices.switches_done == 0  # both models stay awake: nothing to swap
+            third = [asyncio.create_task(complete(http, st, asleep, 100 + i)) for i in range(6)]
+            answers += await asyncio.gather(*third)
+        watcher.cancel()
+        assert len({a["id"] for a in answers}) == 30
+        assert {a["qlm"]["instance_id"] for a in answers} == {
+            "engine-chat-a",
+            "engine-chat-b",
+            "engine-chat-c",
+        }
+        assert fleet.devices.switches_done == 1  # the third model took one slot over
+        assert most_awake == 2
+
+    costs = THREE.cost_models_for("h100")
+    sims = [
+        SimInstance(f"engine-{m}", "h100", {m: costs[m]}, initial_model=m, device="gpu0")
+        for m in ("chat-a", "chat-b", "chat-c")
+    ]
+    run_with_stack(
+        tmp_path, body, instances=1, scenario=THREE, sims=sims, speed=20.0, config={"device_max_awake": 2}
+    )

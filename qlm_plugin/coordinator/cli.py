@@ -120,7 +120,7 @@ def add_parsers(sub: Any) -> None:
         type=int,
         metavar="K",
         help="vllm: the engines share this machine's device, at most K awake at a time; the coordinator "
-        "swaps models by sleeping one and waking another (K=1 is built; default: all awake)",
+        "swaps models by sleeping one and waking another (config device_max_awake; default: all awake)",
     )
     serve.add_argument(
         "--sleep-level",
@@ -495,10 +495,10 @@ def _serve_vllm(args: argparse.Namespace, cfg: CoordinatorConfig) -> int:
     per_model = 1 if args.instances is None else args.instances
     if per_model < 1:
         raise ValueError("--instances must be >= 1")
-    if args.max_awake is not None and args.max_awake != 1:
-        raise ValueError(
-            "--max-awake: only 1 is built (one awake engine per device); leave it out for all awake"
-        )
+    if args.max_awake is not None:
+        if args.max_awake < 1:
+            raise ValueError("--max-awake must be >= 1 (leave it out for every engine awake)")
+        cfg = cfg.model_copy(update={"device_max_awake": args.max_awake})
     if args.sleep_level:
         if args.max_awake is None:
             raise ValueError("--sleep-level goes with --max-awake (the engines that sleep share a device)")

@@ -111,6 +111,9 @@ class CoordinatorConfig(_Strict):
     # Engines sharing a device (docs/vllm.md): the sleep a swapped-out engine gets. 1: its weights
     # to host memory (a warm wake); 2: dropped (a cold wake reloads them, host memory stays free).
     device_sleep_level: Literal[1, 2] = 1
+    # How many of a device's engines are awake at once (K); the queue manager sees K instances
+    # ("slots") per device, each holding one model at a time.
+    device_max_awake: int = Field(default=1, ge=1)
     tokens: list[TokenEntry] = []
     tls: TLS | None = None
     tenant_limits: TenantLimits = TenantLimits()

@@ -1,31 +1,33 @@
-"""Engines that share a device, shown to the queue manager as one instance that swaps models.
+"""Engines that share a device, shown to the queue manager as instances that swap models.
 
 vLLM serves one model per engine. Several engines on one GPU cannot all hold their weights and KV
-cache: one is awake, the others sleep (level 1: weights in host memory, a warm swap; level 2:
-weights dropped, a cold one; paused on CPU, where sleep mode does not exist). Each such engine
-reports the ``device`` it shares; the coordinator then presents the device to the queue manager as
-one instance whose loaded model is the awake engine's and whose warm models are the sleeping
-engines', the instance the planner and the simulator already know how to plan swaps for. A load the
-planner orders there is carried out as a switch:
+cache: at most K are awake (the device's budget, config ``device_max_awake``), the others sleep
+(level 1: weights in host memory, a warm swap; level 2: weights dropped, a cold one; paused on CPU,
+where sleep mode does not exist). Each such engine reports the ``device`` it shares; the coordinator
+presents the device to the queue manager as K **slots**, each an instance that holds one model at a
+time: its loaded model is the awake engine's in it, its warm models are the sleeping engines' (those
+no other slot is waking). The planner and the simulator already know how to plan swaps for such
+instances. A slot is named as its device when K is 1, else ``DEVICE#j``. A load the planner orders
+on a slot is carried out as a switch:
 
-1. drain: no new request goes to the device; the awake engine finishes what it runs;
-2. sleep the awake engine (``unload_model``, kept warm unless the device's engines sleep cold);
-3. wake the target model's engine (``load_model``); the device serves that model from then on.
+1. drain: no new request goes to the slot; its awake engine finishes what it runs;
+2. sleep that engine (``unload_model``, kept warm unless the device's engines sleep cold);
+3. wake the target model's engine (``load_model``); the slot serves that model from then on.
 
-One switch runs at a time per device: a load of another model ordered meanwhile is accepted and
-asked again after it (by the planner's next plan, or the request still parked), so requests of two
-models arriving in turns cannot make the device swap back and forth inside a switch. A step that
-fails ends the switch and reports the load as failed (the planner places the model's
-work elsewhere for a while). At start all engines are awake: every engine but one (the one holding
-work) is put to sleep as soon as it holds no request. Not thread-safe: the coordinator's event
-loop owns it.
+So a device never has more than K engines awake after start. One switch runs at a time per slot: a
+load of another model ordered meanwhile is accepted and asked again after it (by the planner's next
+plan, or the request still parked), so requests of two models arriving in turns cannot make a slot
+swap back and forth inside a switch. A step that fails ends the switch and reports the load as
+failed (the planner places the model's work elsewhere for a while). At start all engines are
+awake: the K holding most work keep a slot each, every other one is put to sleep as soon as it
+holds no request. Not thread-safe: the coordinator's event loop owns it.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Generic, Protocol, TypeVar
 
@@ -59,20 +61,28 @@ Session = TypeVar("Session", bound=Member)
 EXPECT_S = 5.0
 #: How long a start-up sleep that failed waits before it is tried again, seconds.
 SETTLE_RETRY_S = 2.0
+#: Between a device's name and a slot's number, when a device has more than one slot.
+SLOT_SEP = "#"
 
 
 @dataclass
 class Switch:
-    """A device swapping to ``model``; ``waiting``: the command ids of the step under way."""
+    """A slot swapping to ``model`` by waking ``engine`` (an instance id, claimed: no other slot
+    wakes it); ``waiting``: the command ids of the step under way."""
 
     model: str
+    engine: str
     started_at: float
     phase: str = "draining"  # draining -> sleeping -> waking
     waiting: set[str] = field(default_factory=set)
 
 
-def awake(s: Session) -> bool:
+def awake(s: Member) -> bool:
     return s.report is not None and bool(s.report.models_loaded)
+
+
+def serves(s: Member, model: str) -> bool:
+    return s.report is not None and model in s.report.models_servable
 
 
 class Devices(Generic[Session]):
@@ -84,23 +94,26 @@ class Devices(Generic[Session]):
         send: Callable[[Session, str, str, bool], str],
         *,
         keep_warm: bool = True,
+        max_awake: int = 1,
     ) -> None:
         self.sessions = sessions
         self.send = send
         self.keep_warm = keep_warm
-        self.switches: dict[str, Switch] = {}
+        self.max_awake = max_awake  # K: engines awake at once on each device
+        self.switches: dict[str, Switch] = {}  # slot -> its switch under way
+        self.occupant: dict[str, str] = {}  # slot -> instance id of the awake engine it holds
         self.switches_done = 0  # completed switches, all devices
         self.settling: set[str] = set()  # sleep commands of the start-up settling, by command id
         self._settle_after: dict[str, float] = {}  # instance id -> no settling sleep before (monotonic)
         self._expected: dict[str, tuple[bool, bool, float]] = {}  # id -> (awake, warm, until) acknowledged
-        #: A switch failed: (device, model, error); the coordinator tells the queue manager.
-        self.on_failed: Callable[[str, str, str], None] = lambda device, model, error: None
-        #: A device's serving model changed: the coordinator refreshes the queue manager's view.
-        self.on_changed: Callable[[str], None] = lambda device: None
+        #: A switch failed: (slot, model, error); the coordinator tells the queue manager.
+        self.on_failed: Callable[[str, str, str], None] = lambda slot, model, error: None
+        #: A slot's serving model changed: the coordinator refreshes the queue manager's view.
+        self.on_changed: Callable[[str], None] = lambda slot: None
 
     # ------------------------------------------------------------------ membership
     @staticmethod
-    def device_of(s: Session) -> str:
+    def device_of(s: Member) -> str:
         return s.report.device if s.report is not None else ""
 
     def members(self, device: str) -> list[Session]:
@@ -110,128 +123,226 @@ class Devices(Generic[Session]):
         )
 
     def names(self) -> list[str]:
+        """The devices with a live engine."""
         return sorted({d for s in self.sessions.values() if s.alive and (d := self.device_of(s))})
 
-    def brain_id(self, instance_id: str) -> str:
-        """The id the queue manager knows an instance by: its device's, if it shares one."""
-        s = self.sessions.get(instance_id)
-        return (self.device_of(s) or instance_id) if s is not None else instance_id
+    def slots_of(self, device: str) -> list[str]:
+        if self.max_awake == 1:
+            return [device]
+        return [f"{device}{SLOT_SEP}{j}" for j in range(self.max_awake)]
 
-    def info(self, device: str) -> InstanceInfo | None:
-        members = self.members(device)
+    def slots(self) -> list[str]:
+        """Every slot of every device: the instance ids the queue manager knows devices by."""
+        return [slot for device in self.names() for slot in self.slots_of(device)]
+
+    def is_slot(self, instance_id: str) -> bool:
+        return self.device_of_slot(instance_id) in self.names()
+
+    def device_of_slot(self, slot: str) -> str:
+        return slot if self.max_awake == 1 else slot.rpartition(SLOT_SEP)[0]
+
+    def brain_id(self, instance_id: str) -> str:
+        """The id the queue manager knows an instance by: its slot's, if it shares a device."""
+        s = self.sessions.get(instance_id)
+        device = self.device_of(s) if s is not None else ""
+        if not device:
+            return instance_id
+        for slot in self.slots_of(device):
+            if self.occupant.get(slot) == instance_id:
+                return slot
+        return next(
+            (slot for slot, sw in self.switches.items() if sw.engine == instance_id), self.slots_of(device)[0]
+        )
+
+    def info(self, slot: str) -> InstanceInfo | None:
+        members = self.members(self.device_of_slot(slot))
         if not members:
             return None
         first = members[0]
         return InstanceInfo(
-            device, first.backend, first.gpu, frozenset.intersection(*(m.capabilities for m in members))
+            slot, first.backend, first.gpu, frozenset.intersection(*(m.capabilities for m in members))
         )
 
-    def member_for(self, device: str, request_id: str) -> Session | None:
-        return next((s for s in self.members(device) if request_id in s.assigned), None)
+    def member_for(self, slot: str, request_id: str) -> Session | None:
+        return next((s for s in self.members(self.device_of_slot(slot)) if request_id in s.assigned), None)
+
+    def switching(self, s: Member) -> bool:
+        """Whether ``s`` is the engine being drained, put to sleep or woken by a switch."""
+        return any(
+            sw.engine == s.instance_id or self.occupant.get(slot) == s.instance_id
+            for slot, sw in self.switches.items()
+        )
+
+    # ------------------------------------------------------------------ slots
+    def _assign(self, device: str) -> list[Session]:
+        """Keep each slot's occupant current (a slot whose engine went to sleep or left is free; a free
+        slot takes an awake engine without one, the one holding most work first); returns the awake
+        engines left without a slot (to be put to sleep)."""
+        members = self.members(device)
+        up = {s.instance_id: s for s in members if awake(s)}
+        slots = self.slots_of(device)
+        for slot in slots:
+            iid = self.occupant.get(slot)
+            if iid is not None and iid not in up and not self._going_to_sleep(slot):
+                del self.occupant[slot]
+        seated = set(self.occupant.values())
+        claimed = {sw.engine for sw in self.switches.values()}  # a switch seats its engine itself
+        loose = sorted(
+            (s for iid, s in up.items() if iid not in seated),
+            key=lambda s: (s.instance_id in claimed, -len(s.assigned), s.instance_id),
+        )
+        for slot in slots:
+            free = slot not in self.occupant and slot not in self.switches
+            if free and loose and loose[0].instance_id not in claimed:
+                self.occupant[slot] = loose.pop(0).instance_id
+        return loose
+
+    def _going_to_sleep(self, slot: str) -> bool:
+        sw = self.switches.get(slot)
+        return sw is not None and sw.phase == "sleeping"
+
+    def _occupant(self, slot: str) -> Session | None:
+        iid = self.occupant.get(slot)
+        s = self.sessions.get(iid) if iid is not None else None
+        return s if s is not None and s.alive else None
+
+    def _sleepers(self, slot: str) -> list[Session]:
+        """The device's sleeping engines this slot may wake: those no other slot holds or wakes."""
+        device = self.device_of_slot(slot)
+        taken = set(self.occupant.values()) | {
+            sw.engine for other, sw in self.switches.items() if other != slot
+        }
+        return [s for s in self.members(device) if not awake(s) and s.instance_id not in taken]
 
     # ------------------------------------------------------------------ the queue manager's view
     def state(
-        self, device: str, member_state: Callable[[Session], InstanceState | None]
+        self, slot: str, member_state: Callable[[Session], InstanceState | None]
     ) -> InstanceState | None:
-        """The device as one instance: the awake engine's state (its counts, its step timings),
-        the sleeping engines' models as warm ones, the switch's target as the model loading."""
+        """The slot as one instance: its awake engine's state (its counts, its step timings), the
+        sleeping engines' models as warm ones, the switch's target as the model loading."""
+        device = self.device_of_slot(slot)
         members = self.members(device)
         if not members:
             return None
-        switch = self.switches.get(device)
-        up = [s for s in members if awake(s)]
-        serving = self._keeper(up)
-        base = member_state(serving) if serving is not None else member_state(members[0])
+        loose = self._assign(device)
+        switch = self.switches.get(slot)
+        serving = self._occupant(slot)
+        sleepers = self._sleepers(slot)
+        base = member_state(serving) if serving is not None else member_state((sleepers or members)[0])
         if base is None:
             return None
-        loaded: tuple[str, ...] = (
-            serving.report.models_loaded[:1] if serving is not None and serving.report else ()
-        )
+        loaded: tuple[str, ...] = ()
+        if serving is not None and serving.report is not None and awake(serving):
+            loaded = serving.report.models_loaded[:1]
         if switch is not None and switch.phase != "draining":
             loaded = ()  # its engine is going to sleep
-        warm = tuple(
-            m for s in members if s is not serving for m in (s.report.models_warm if s.report else ())
+        warm = tuple(m for s in sleepers for m in (s.report.models_warm if s.report else ()))
+        mine = ([serving] if serving is not None else []) + sleepers
+        servable = tuple(m for s in mine for m in (s.report.models_servable if s.report else ()))
+        # engines still awake without a slot (settling at start) finish their requests: counted
+        # on the first slot
+        others = (
+            [st for s in loose if (st := member_state(s)) is not None]
+            if slot == self.slots_of(device)[0]
+            else []
         )
-        servable = tuple(m for s in members for m in (s.report.models_servable if s.report else ()))
-        # engines still awake beside it (settling at start) finish their requests: counted
-        others = [st for s in up if s is not serving and (st := member_state(s)) is not None]
         return replace(
             base,
-            instance_id=device,
+            instance_id=slot,
             models_loaded=loaded,
             models_warm=warm,
             models_servable=servable,
             loading_model=switch.model if switch is not None else None,
             num_running=base.num_running + sum(o.num_running + o.num_waiting for o in others),
             healthy=any(s.report is not None and s.report.healthy for s in members),
+            device=device,
         )
 
-    def target(self, device: str, model: str) -> Session | None:
-        """The member a request of ``model`` goes to now: the awake engine serving it, unless the
-        device is switching."""
-        if device in self.switches:
+    def target(self, slot: str, model: str) -> Session | None:
+        """The engine a request of ``model`` goes to now: the slot's awake engine, if it serves that
+        model and the slot is not switching."""
+        if slot in self.switches:
             return None
-        for s in self.members(device):
-            if awake(s) and s.report is not None and model in s.report.models_loaded:
-                return s
+        self._assign(self.device_of_slot(slot))
+        s = self._occupant(slot)
+        if s is not None and awake(s) and s.report is not None and model in s.report.models_loaded:
+            return s
         return None
 
-    @staticmethod
-    def _keeper(up: Iterable[Session]) -> Session | None:
-        """Of the awake engines, the one that stays awake: the one holding most work."""
-        return max(up, key=lambda s: (len(s.assigned), s.instance_id), default=None)
-
     # ------------------------------------------------------------------ switching
-    def load(self, device: str, model: str) -> bool:
-        """Start switching ``device`` to ``model`` (False: no engine of it serves that model)."""
-        members = self.members(device)
-        if not any(s.report is not None and model in s.report.models_servable for s in members):
+    def load(self, slot: str, model: str) -> bool:
+        """Start switching ``slot`` to ``model`` (False: no engine it holds or may wake serves it)."""
+        self._assign(self.device_of_slot(slot))
+        serving = self._occupant(slot)
+        mine = ([serving] if serving is not None else []) + self._sleepers(slot)
+        if not any(serves(s, model) for s in mine):
             return False
-        if device in self.switches:
+        if slot in self.switches:
             return True  # one switch at a time: a load of another model is asked again after it
-        if self.target(device, model) is not None:
+        if self.target(slot, model) is not None:
             return True  # serving it already
-        self.switches[device] = Switch(model, time.time())
-        log.info("device %s: switching to %s", device, model)
-        self.step(device)
+        engine = next((s for s in mine if serves(s, model) and s is not serving), None)
+        if engine is None:
+            return False
+        self.switches[slot] = Switch(model, engine.instance_id, time.time())
+        log.info("device %s: switching to %s (%s)", slot, model, engine.instance_id)
+        self.step(self.device_of_slot(slot))
         return True
 
-    def step(self, device: str) -> None:
-        """Move the device's switch (or its start-up settling) on as far as it can go now."""
-        members = self.members(device)
-        switch = self.switches.get(device)
-        up = [s for s in members if awake(s)]
-        if switch is None:
-            keeper = self._keeper(up)
-            now = time.monotonic()
-            for s in up:
-                if s is keeper or s.assigned or self._pending_sleep(s):
-                    continue
-                if now < self._settle_after.get(s.instance_id, 0.0):
-                    continue
-                self._settle_after[s.instance_id] = now + SETTLE_RETRY_S
-                self.settling.add(self.send(s, "unload_model", self._model(s), self.keep_warm))
+    def wake_for(self, device: str, model: str) -> None:
+        """Without a queue manager: a request of ``model`` waits; switch a slot of ``device`` to it,
+        the one holding least work (an idle slot is free at once)."""
+        slots = [slot for slot in self.slots_of(device) if slot not in self.switches]
+        if any(self.target(slot, model) is not None for slot in self.slots_of(device)):
             return
-        if switch.phase != "draining":
-            return
-        engine = next(
-            (s for s in members if s.report is not None and switch.model in s.report.models_servable), None
-        )
-        if engine is None:
-            self._fail(device, switch, "no engine of the device serves it any more")
-            return
-        others = [s for s in up if s is not engine]
-        if any(s.assigned for s in others):
-            return  # the awake engine finishes its requests first
-        if others:
-            switch.phase = "sleeping"
-            switch.waiting = {self.send(s, "unload_model", self._model(s), self.keep_warm) for s in others}
-        else:
-            self._wake(device, switch, engine)
+        if any(sw.model == model for slot, sw in self.switches.items() if slot in self.slots_of(device)):
+            return  # already on its way
+        for slot in sorted(slots, key=lambda slot: len(o.assigned) if (o := self._occupant(slot)) else -1):
+            if self.load(slot, model):
+                return
 
-    def _wake(self, device: str, switch: Switch, engine: Session) -> None:
+    def step(self, device: str) -> None:
+        """Move the device's switches (and its start-up settling) on as far as they can go now."""
+        loose = self._assign(device)
+        now = time.monotonic()
+        claimed = {sw.engine for sw in self.switches.values()}
+        for s in loose:  # awake beyond the budget: to sleep once idle
+            if s.instance_id in claimed or s.assigned or self._pending_sleep(s):
+                continue
+            if now < self._settle_after.get(s.instance_id, 0.0):
+                continue
+            self._settle_after[s.instance_id] = now + SETTLE_RETRY_S
+            self.settling.add(self.send(s, "unload_model", self._model(s), self.keep_warm))
+        for slot in self.slots_of(device):
+            switch = self.switches.get(slot)
+            if switch is not None and switch.phase == "draining":
+                self._drain(slot, switch)
+
+    def _drain(self, slot: str, switch: Switch) -> None:
+        engine = self._engine(slot, switch)
+        if engine is None:
+            self._fail(slot, switch, "no engine of the device serves it any more")
+            return
+        serving = self._occupant(slot)
+        if serving is None or serving is engine or not awake(serving):
+            self._wake(slot, switch, engine)
+        elif not serving.assigned:  # the awake engine finishes its requests first
+            switch.phase = "sleeping"
+            switch.waiting = {self.send(serving, "unload_model", self._model(serving), self.keep_warm)}
+
+    def _engine(self, slot: str, switch: Switch) -> Session | None:
+        """The switch's engine; if it left, another sleeping engine of the model, claimed instead."""
+        s = self.sessions.get(switch.engine)
+        if s is not None and s.alive and serves(s, switch.model):
+            return s
+        s = next((m for m in self._sleepers(slot) if serves(m, switch.model)), None)
+        if s is not None:
+            switch.engine = s.instance_id
+        return s
+
+    def _wake(self, slot: str, switch: Switch, engine: Session) -> None:
         if awake(engine):
-            self._done(device, switch, switched=False)  # nothing to wake: its engine is up
+            self._done(slot, switch, engine, switched=False)  # nothing to wake: its engine is up
             return
         switch.phase = "waking"
         switch.waiting = {self.send(engine, "load_model", switch.model, False)}
@@ -247,47 +358,50 @@ class Devices(Generic[Session]):
                 self._mark(s, awake=False, warm=self.keep_warm)
             else:  # an engine registers before its HTTP server is up: tried again shortly
                 log.info("device %s: %s did not go to sleep yet: %s", device, s.instance_id, ack.error)
-            self.on_changed(device)
+            for each in self.slots_of(device):
+                self.on_changed(each)
             return True
-        switch = self.switches.get(device)
-        if switch is None or command_id not in switch.waiting:
+        slot = next((x for x in self.slots_of(device) if command_id in self._waiting(x)), None)
+        if slot is None:
             return False
+        switch = self.switches[slot]
         switch.waiting.discard(command_id)
         if not ack.ok:
-            self._fail(device, switch, f"{op} on {s.instance_id}: {ack.error}")
+            self._fail(slot, switch, f"{op} on {s.instance_id}: {ack.error}")
             return True
         self._mark(s, awake=op == "load_model", warm=self.keep_warm)
         if switch.waiting:
             return True
         if switch.phase == "sleeping":
-            engine = next(
-                (
-                    m
-                    for m in self.members(device)
-                    if m.report is not None and switch.model in m.report.models_servable
-                ),
-                None,
-            )
+            self.occupant.pop(slot, None)
+            engine = self._engine(slot, switch)
             if engine is None:
-                self._fail(device, switch, "its engine left")
+                self._fail(slot, switch, "its engine left")
             else:
-                self._wake(device, switch, engine)
+                self._wake(slot, switch, engine)
         elif switch.phase == "waking":
-            self._done(device, switch)
+            self._done(slot, switch, s)
         return True
+
+    def _waiting(self, slot: str) -> set[str]:
+        sw = self.switches.get(slot)
+        return sw.waiting if sw is not None else set()
 
     def left(self, s: Session) -> None:
         """A member left: a switch waiting on it cannot finish."""
-        device = self.device_of(s)
-        switch = self.switches.get(device)
-        if switch is not None and switch.phase != "draining":
-            self._fail(device, switch, f"{s.instance_id} left")
+        for slot, switch in list(self.switches.items()):
+            involved = switch.engine == s.instance_id or self.occupant.get(slot) == s.instance_id
+            if involved and switch.phase != "draining":
+                self._fail(slot, switch, f"{s.instance_id} left")
+        for slot, iid in list(self.occupant.items()):
+            if iid == s.instance_id:
+                del self.occupant[slot]
 
     def _pending_sleep(self, s: Session) -> bool:
         return any(cid in self.settling for cid in s.pending)
 
     @staticmethod
-    def _model(s: Session) -> str:
+    def _model(s: Member) -> str:
         rep = s.report
         return (rep.models_loaded or rep.models_servable or ("",))[0] if rep is not None else ""
 
@@ -315,19 +429,20 @@ class Devices(Generic[Session]):
         self._mark(s, awake=want_awake, warm=warm)
         self._expected[s.instance_id] = expected
 
-    def _done(self, device: str, switch: Switch, *, switched: bool = True) -> None:
-        self.switches.pop(device, None)
+    def _done(self, slot: str, switch: Switch, engine: Session, *, switched: bool = True) -> None:
+        self.switches.pop(slot, None)
+        self.occupant[slot] = engine.instance_id
         self.switches_done += switched
         log.info(
             "device %s: serving %s (switched in %.3f s)",
-            device,
+            slot,
             switch.model,
             time.time() - switch.started_at,
         )
-        self.on_changed(device)
+        self.on_changed(slot)
 
-    def _fail(self, device: str, switch: Switch, error: str) -> None:
-        self.switches.pop(device, None)
-        log.warning("device %s: switch to %s failed: %s", device, switch.model, error)
-        self.on_failed(device, switch.model, error)
-        self.on_changed(device)
+    def _fail(self, slot: str, switch: Switch, error: str) -> None:
+        self.switches.pop(slot, None)
+        log.warning("device %s: switch to %s failed: %s", slot, switch.model, error)
+        self.on_failed(slot, switch.model, error)
+        self.on_changed(slot)

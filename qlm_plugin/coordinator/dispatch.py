@@ -130,7 +130,7 @@ class Dispatcher:
             and s.pull_open
             and (st := self.fleet.qlm_instance_state(s.instance_id, False)) is not None
             and serves(s, job.request.model)
-            and st.device not in self.fleet.devices.switches  # a switching device takes no new work
+            and not self.fleet.devices.switching(s)  # an engine being swapped takes no new work
         ]
         target = self.hook.qlm_choose_instance(request=job.request, instances=states, now=now)
         if target is None or not self.hook.qlm_dispatch(instance_id=target, request=job.request):
@@ -141,7 +141,7 @@ class Dispatcher:
                     if any(
                         s.report and s.report.can_serve(job.request.model) for s in devices.members(device)
                     ):
-                        devices.load(device, job.request.model)
+                        devices.wake_for(device, job.request.model)
                         break
 
     def unpark(self) -> None:

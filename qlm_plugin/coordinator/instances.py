@@ -137,13 +137,13 @@ class RemoteFleet:
     @hookimpl
     def qlm_list_instances(self) -> list[InstanceInfo]:
         alone = [s.info() for s in self.sessions.values() if s.alive and not Devices.device_of(s)]
-        return alone + [i for d in self.devices.names() if (i := self.devices.info(d)) is not None]
+        return alone + [i for slot in self.devices.slots() if (i := self.devices.info(slot)) is not None]
 
     @hookimpl
     def qlm_instance_state(self, instance_id: str, detail: bool) -> InstanceState | None:
         s = self.live(instance_id)
         if s is None:
-            if instance_id in self.devices.names():
+            if self.devices.is_slot(instance_id):
                 return self.devices.state(instance_id, lambda m: self.session_state(m, detail))
             return None
         return self.session_state(s, detail)
@@ -178,7 +178,7 @@ class RemoteFleet:
     def qlm_dispatch(self, instance_id: str, request: Request) -> bool | None:
         s = self.sessions.get(instance_id)
         if s is None:
-            if instance_id not in self.devices.names():
+            if not self.devices.is_slot(instance_id):
                 return None
             s = self.devices.target(instance_id, request.model)  # its awake engine of that model
             if s is None:
@@ -222,7 +222,7 @@ class RemoteFleet:
         self, instance_id: str, request_id: str, mode: EvictMode, for_request_id: str | None
     ) -> EvictResult | None:
         s = self.live(instance_id)
-        if s is None and instance_id in self.devices.names():
+        if s is None and self.devices.is_slot(instance_id):
             s = self.devices.member_for(instance_id, request_id)
             if s is None:
                 raise KeyError(f"request {request_id!r} is not on {instance_id}")
@@ -242,7 +242,7 @@ class RemoteFleet:
         if target not in ("gpu", "host"):
             raise ValueError(f"target must be 'gpu' or 'host', got {target!r}")
         s = self.live(instance_id)
-        if s is None and instance_id in self.devices.names():
+        if s is None and self.devices.is_slot(instance_id):
             # a device's sleeping engines are warm already: a warm start has nothing to do
             if target == "gpu" and not self.devices.load(instance_id, model):
                 self.devices.on_failed(

@@ -108,9 +108,9 @@ class InstanceRegistry:
             if not device:
                 self.hook.qlm_instance_joined(info=s.info(), now=now)
             elif len(self.fleet.devices.members(device)) == 1:  # the device appears with its first engine
-                info = self.fleet.devices.info(device)
-                if info is not None:
-                    self.hook.qlm_instance_joined(info=info, now=now)
+                for slot in self.fleet.devices.slots_of(device):
+                    if (info := self.fleet.devices.info(slot)) is not None:
+                        self.hook.qlm_instance_joined(info=info, now=now)
             self.telemetry.instance_event(iid, "registered")
         else:
             self.telemetry.instance_event(iid, "reconnected")
@@ -150,7 +150,8 @@ class InstanceRegistry:
             s.report.healthy,
         ):
             self.fleet_changed()
-            self.on_state_changed(device or s.instance_id)  # a swap, or its engine went down or came back
+            for iid in self.fleet.devices.slots_of(device) if device else [s.instance_id]:
+                self.on_state_changed(iid)  # a swap, or its engine went down or came back
         return True
 
     def credit(self, s: Session, free_slots: int, received: int) -> None:
@@ -203,10 +204,14 @@ class InstanceRegistry:
             "instance %s lost (%s): %d requests back to the queue", s.instance_id, reason, len(s.assigned)
         )
         jobs = [self.book.jobs[r] for r in list(s.assigned) if r in self.book.jobs]
-        if not device or not self.fleet.devices.members(device):
-            self.hook.qlm_instance_left(instance_id=device or s.instance_id, now=time.time())
+        if not device:
+            self.hook.qlm_instance_left(instance_id=s.instance_id, now=time.time())
+        elif not self.fleet.devices.members(device):
+            for slot in self.fleet.devices.slots_of(device):
+                self.hook.qlm_instance_left(instance_id=slot, now=time.time())
         else:
-            self.on_state_changed(device)
+            for slot in self.fleet.devices.slots_of(device):
+                self.on_state_changed(slot)
         self.telemetry.instance_event(s.instance_id, "lost")
         for job in jobs:
             if job.state == "dispatched":

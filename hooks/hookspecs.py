@@ -68,9 +68,14 @@ def qlm_configure(pm: pluggy.PluginManager) -> None:
     """
 
 
+#: How often a driver calls :func:`qlm_tick`, seconds: the coordinator's timer and the simulator's
+#: clock alike, so a simulated run plans when a real one does.
+TICK_S = 0.25
+
+
 @_hookspec
 def qlm_tick(now: float) -> bool | None:
-    """Periodic wake-up (the driver's timer, a few times a second): replan and run LSOs that no
+    """Periodic wake-up (the driver's timer, every :data:`TICK_S`): replan and run LSOs that no
     arrival or completion triggered, e.g. a model swap for requests already queued.
 
     :return: True while the plugin still holds work that needs time to pass (a driver with nothing

@@ -428,17 +428,21 @@ def test_a_killed_engine_has_its_requests_finished_on_the_other(stack: Stack) ->
         midway: asyncio.Queue[str] = asyncio.Queue()
         async with aiohttp.ClientSession() as http, CoordinatorClient(stack.target) as c:
 
-            async def one() -> dict[str, Any]:
-                body = {
+            async def one(chat: bool) -> dict[str, Any]:
+                body: dict[str, Any] = {
                     "model": MODEL,
-                    "prompt": "the lazy dog",
                     "max_tokens": 450,
                     "ignore_eos": True,
                     "stream": True,
                     "stream_options": {"include_usage": True},
                 }
-                text, usage, info = [], None, {}
-                async with http.post(f"{stack.url}/v1/completions", json=body) as r:
+                if chat:  # a chat resumes from the engine's ids of its templated prompt
+                    body["messages"] = [{"role": "user", "content": "the lazy dog"}]
+                else:
+                    body["prompt"] = "the lazy dog"
+                text, usage, info, kinds = [], None, {}, set()
+                path = "/v1/chat/completions" if chat else "/v1/completions"
+                async with http.post(f"{stack.url}{path}", json=body) as r:
                     assert r.status == 200
                     async for line in r.content:
                         s = line.decode().strip()
@@ -446,13 +450,16 @@ def test_a_killed_engine_has_its_requests_finished_on_the_other(stack: Stack) ->
                             chunk = json.loads(s[6:])
                             info = chunk.get("qlm", info)
                             usage = chunk.get("usage") or usage
+                            kinds.add(chunk["object"])
                             for ch in chunk.get("choices", []):
-                                text.append(ch.get("text", ""))
+                                text.append(ch["delta"].get("content", "") if chat else ch.get("text", ""))
                             if len(text) == 300:
                                 midway.put_nowait(info["request_id"])
-                return {"text": "".join(text), "usage": usage, "qlm": info}
+                return {"text": "".join(text), "usage": usage, "qlm": info, "chat": chat, "kinds": kinds}
 
-            tasks = [asyncio.create_task(one()) for _ in range(32)]
+            # half chats, in pairs: requests go to the two engines in turns, so every other one
+            # would put all the chats on one engine
+            tasks = [asyncio.create_task(one(chat=i % 4 in (1, 2))) for i in range(32)]
             # Kill the engine serving a request that is streaming, as soon as one is 300 tokens in
             # (polling the engines' /metrics or the coordinator lagged seconds behind on two loaded
             # cores: the kill once came after the victim had finished everything).
@@ -474,5 +481,8 @@ def test_a_killed_engine_has_its_requests_finished_on_the_other(stack: Stack) ->
     assert moved, "no request was on the killed engine"
     for r in results:
         assert r["usage"]["completion_tokens"] == 450, r["qlm"]  # complete, once
+        # a chat stays a chat across its re-serving (the resumed part comes as chat deltas too)
+        assert r["kinds"] == ({"chat.completion.chunk"} if r["chat"] else {"text_completion"}), r["kinds"]
     for r in moved:  # finished on the surviving engine
         assert stack.engines[r["qlm"]["instance_id"]].process.poll() is None
+    assert any(r["chat"] for r in moved), f"no chat was on the killed engine ({len(moved)} moved)"

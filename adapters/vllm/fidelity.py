@@ -65,11 +65,16 @@ def read_served(path: Path) -> dict[str, Served]:
 
 
 def fit(steps: Sequence[StepTiming]) -> tuple[float, float, float]:
-    """Least squares of step time = b0 + b1*prefill + b2*decode, in microseconds (non-negative)."""
+    """Non-negative least squares of step time = b0 + b1*prefill + b2*decode, in microseconds.
+    (Clipping an unconstrained fit instead is wrong: on a tiny model a step's time hardly grows with
+    its tokens, the free fit comes out with negative token costs and a large intercept, and clipping
+    the costs to 0 keeps that intercept: every step twice as long as measured.)"""
+    from scipy.optimize import nnls
+
     x = np.array([[1.0, s.prefill_tokens, s.decode_tokens] for s in steps])
     y = np.array([s.duration_s for s in steps])
-    coef, *_ = np.linalg.lstsq(x, y, rcond=None)
-    b0, b1, b2 = (max(0.0, float(c)) * 1e6 for c in coef)
+    coef, _ = nnls(x, y)
+    b0, b1, b2 = (float(c) * 1e6 for c in coef)
     return b0, b1, b2
 
 
@@ -120,3 +125,73 @@ def front_end_s(probes: Sequence[tuple[int, float]], cost: CostModel) -> float:
     to the idle engine. ``probes``: (prompt tokens, measured seconds)."""
     extra = [seconds - (replay([Replayed(0.0, prompt, 1)], cost)[0].e2e or 0.0) for prompt, seconds in probes]
     return max(0.0, float(np.median(extra))) if extra else 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceRun:
+    """What the simulator predicts for engines sharing one device: the model swaps it made and
+    each request's outcome (in the input order)."""
+
+    swaps: int
+    outcomes: list[RequestOutcome]
+
+
+def replay_device(
+    requests: Sequence[tuple[str, Replayed]],
+    models: Sequence[str],
+    coef_us: tuple[float, float, float],
+    swap_s: float,
+    slo_s: float,
+    *,
+    max_num_seqs: int,
+    max_batched: int,
+    policy: str = "qlm",
+) -> DeviceRun:
+    """``requests`` ((model, request) pairs, each with a TTFT and end-to-end SLO of ``slo_s``)
+    through the whole brain (``policy``) on one simulated instance that swaps ``models`` (the first
+    one loaded at the start) in ``swap_s``, with the step cost fitted to the engines (``coef_us``,
+    :func:`fit`): the simulator's prediction of a run on engines sharing a device."""
+    import yaml
+
+    from qlm_plugin.domain.request import SLO
+    from qlm_plugin.tools.simulate import run_policy
+    from qlm_plugin.workloads.scenario import parse_scenario
+
+    b0, b1, b2 = coef_us
+    profile = {
+        "b0_us": b0,
+        "b1_us": b1,
+        "b2_us": b2,
+        "kv_blocks": 1_000_000,
+        "weights_gb": 0.001,
+        "kv_bytes_per_token": 1024,
+        "context_len": 4096,
+        "max_num_seqs": max_num_seqs,
+        "max_num_batched_tokens": max_batched,
+        "warm_start_s": swap_s,
+        "host_link_gbps": 1000.0,  # the measured swap is the whole of it
+    }
+    doc = {
+        "name": "device replay",
+        "models": [{"name": m, "profile": "engine"} for m in models],
+        "profiles": {f"{m}/device": profile for m in models},
+        "instances": [{"count": 1, "gpu": "device", "models": list(models)}],
+        "classes": [{"name": "interactive", "share": 1.0, "ttft_s": slo_s}],
+    }
+    scenario = parse_scenario(yaml.safe_dump(doc), "<device replay>")
+    reqs = [
+        Request(
+            f"r{i}",
+            model,
+            r.prompt_tokens,
+            r.output_tokens,
+            r.arrival_s,
+            SLO(ttft_deadline=r.arrival_s + slo_s, e2e_deadline=r.arrival_s + slo_s),
+            true_output_tokens=r.output_tokens,
+        )
+        for i, (model, r) in enumerate(requests)
+    ]
+    result = run_policy(scenario, policy, sorted(reqs, key=lambda r: r.arrival_time))
+    by_id = {o.request.id: o for o in result.outcomes}
+    swaps = int(result.counters.get("model_loads_warm", 0) + result.counters.get("model_loads_cold", 0))
+    return DeviceRun(swaps, [by_id[r.id] for r in reqs])

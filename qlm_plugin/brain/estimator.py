@@ -269,7 +269,7 @@ class WaitEstimator:
             assert s is not None
             n = min(s.max_num_seqs, view.costs[model].max_num_seqs)
             if s.loading_model == model:
-                loading.extend([view.costs[model].load_s(warm=model in s.models_warm)] * n)
+                loading.extend([view.load_s(model)] * n)
             else:
                 seats += n
         r = np.maximum(np.array([f for f, _ in busy[:seats]], dtype=float) - now, 0.0)
@@ -321,7 +321,7 @@ class WaitEstimator:
             cands = [v for v in fleet.instances.values() if r.model in v.costs and v.state is not None]
             if not cands:
                 return WaitEstimate("", math.inf, 0.0, math.inf, 0.0, 0.0)
-            load = min(v.costs[r.model].load_s(warm=r.model in v.state.models_warm) for v in cands)  # type: ignore[union-attr]
+            load = min(v.load_s(r.model) for v in cands)
             seats = cands[0].costs[r.model].max_num_seqs
             residuals = np.full(seats, load)
         seats = max(1, len(residuals))

@@ -40,6 +40,15 @@ class InstanceView:
         servable = self.state is None or self.state.can_serve(model)
         return servable and model in self.costs and now >= self.failed_loads.get(model, -math.inf)
 
+    def load_s(self, model: str) -> float:
+        """Seconds from ordering ``model`` here until it serves: the swap time the instance
+        measured, where it reports one, else its cost model's (warm if the weights are in host
+        memory)."""
+        s = self.state
+        if s is not None and s.swap_s > 0:
+            return s.swap_s
+        return self.costs[model].load_s(warm=s is not None and model in s.models_warm)
+
     def model(self) -> str | None:
         s = self.state
         if s is None:

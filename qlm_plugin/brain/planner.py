@@ -135,7 +135,7 @@ class Planner:
             drain = max((e.service_s for e in view.running.values()), default=0.0) / 2
             # what it can serve: its model, and models whose load did not fail there lately
             able = frozenset(m for m in view.costs if m == serving or view.can_load(m, now))
-            loads = {m: view.costs[m].load_s(warm=m in s.models_warm) for m in able}
+            loads = {m: view.load_s(m) for m in able}
             out.append(
                 Machine(
                     s.instance_id,

@@ -25,7 +25,7 @@ import pluggy
 from qlm_plugin.brain.admission import AdmissionControl
 from qlm_plugin.brain.estimator import WaitEstimator
 from qlm_plugin.brain.eviction import EVICT_BELOW_P
-from qlm_plugin.brain.fleet_view import FleetView
+from qlm_plugin.brain.fleet_view import FleetView, InstanceView
 from qlm_plugin.brain.global_queue import Entry, GlobalQueue, laxity_key
 from qlm_plugin.brain.local_policy import choose_victim, slack_after_recompute
 from qlm_plugin.brain.lso import LSOExecutor
@@ -64,6 +64,7 @@ class QueueManager:
         length_prior: str = "half",
         clairvoyant: bool = False,
         repredict_min_s: float = 0.0,
+        plan_on_arrival: bool = True,
     ) -> None:
         if length_prior not in ("half", "max_tokens"):
             raise ValueError(f"length_prior must be 'half' or 'max_tokens', got {length_prior!r}")
@@ -73,6 +74,10 @@ class QueueManager:
         self.refuse_at_admission = refuse_at_admission
         self.length_prior = length_prior
         self.replan_interval_s = replan_interval_s
+        # A request of a model no instance serves is planned for at once (a swap can start now,
+        # not at the next tick), once per model per replan interval.
+        self.plan_on_arrival = plan_on_arrival
+        self._planned_for: dict[str, float] = {}  # model -> when its arrival last asked for a plan
         self.evict_enabled = evict
         self.clairvoyant = clairvoyant
         self.pm: pluggy.PluginManager | None = None
@@ -261,8 +266,31 @@ class QueueManager:
             dispatcher.pull(planned, planned.free_slots(), now)  # room now: it binds at once
         elif self.early_binding and request.slo.ttft_deadline is not None and now < request.slo.ttft_deadline:
             dispatcher.bind_early(entry, now)
-        if now - self.last_plan_at >= self.replan_interval_s:
+        if now - self.last_plan_at >= self.replan_interval_s or self._unserved(request.model, now):
             self.replan(now)
+
+    def _unserved(self, model: str, now: float) -> bool:
+        """Whether an arrival of ``model`` should be planned for now: no instance serves or loads
+        it, an instance that could load it sits idle (waiting for the tick would waste it; a busy
+        fleet's swaps wait for the tick's plan), and no arrival of it asked within the interval."""
+        if not self.plan_on_arrival or self.fleet.serving(model):
+            return False
+        if now - self._planned_for.get(model, -math.inf) < self.replan_interval_s:
+            return False
+        if not any(self._idle(v) and v.can_load(model, now) for v in self.fleet.instances.values()):
+            return False
+        self._planned_for[model] = now
+        return True
+
+    def _idle(self, view: InstanceView) -> bool:
+        s, current = view.state, view.model()
+        return (
+            s is not None
+            and s.healthy
+            and not view.running
+            and s.num_running + s.num_waiting == 0
+            and (current is None or not self.queue.queue(current))
+        )
 
     # ------------------------------------------------------------------ pulling
     @hookimpl

@@ -32,6 +32,7 @@ from qlm_plugin.coordinator.registry import InstanceRegistry
 from qlm_plugin.domain.outcome import Admission
 from qlm_plugin.domain.plan import Plan
 from qlm_plugin.domain.request import Request
+from qlm_plugin.hooks.hookspecs import TICK_S
 from qlm_plugin.policies.registry import PolicyContext, policy_registry
 from qlm_plugin.proto.qlm.v1 import qlm_pb2 as pb
 from qlm_plugin.telemetry.instruments import Telemetry
@@ -41,8 +42,6 @@ log = logging.getLogger("qlm_plugin.coordinator")
 
 #: Idempotency keys the coordinator gives its own requests (batch lines); refused from clients.
 RESERVED_KEY_PREFIX = "qlm-batch/"
-#: Period of the coordinator's own timer: heartbeats, replanning, recovery.
-TICK_S = 0.25
 
 
 class Coordinator:
@@ -287,11 +286,25 @@ class Coordinator:
             now=time.time(),
         )
 
-    def _device_changed(self, device: str) -> None:
+    def _device_changed(self, slot: str) -> None:
         self.registry.fleet_changed()
-        self.registry.on_state_changed(device)
+        self.registry.on_state_changed(slot)
         # not from inside the switch's own steps: a parked request may start the next switch
-        asyncio.get_running_loop().call_soon(self.dispatcher.unpark)
+        loop = asyncio.get_running_loop()
+        loop.call_soon(self.dispatcher.unpark)
+        loop.call_soon(self._pull_slot, slot)
+
+    def _pull_slot(self, slot: str) -> None:
+        """A device slot serves a model now: the queue manager hands it work at once (its woken
+        engine's first credit, or the next tick, would come a round trip or a tick later)."""
+        if not self.dispatcher.has_queue_manager:
+            return
+        st = self.fleet.qlm_instance_state(slot, False)
+        if st is None or not st.models_loaded or st.loading_model is not None or not st.healthy:
+            return
+        free = st.max_num_seqs - st.num_running - st.num_waiting
+        if free > 0:
+            self.hook.qlm_instance_ready(instance_id=slot, free_slots=free, now=time.time())
 
     def _on_command(self, s: Session, cid: str, cmd: pb.Command, pending: PendingCommand) -> None:
         self.telemetry.lso_started(

@@ -26,6 +26,7 @@ holds no request. Not thread-safe: the coordinator's event loop owns it.
 from __future__ import annotations
 
 import logging
+import statistics
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
@@ -63,6 +64,8 @@ EXPECT_S = 5.0
 SETTLE_RETRY_S = 2.0
 #: Between a device's name and a slot's number, when a device has more than one slot.
 SLOT_SEP = "#"
+#: A device's swap time is the median of its last switches (the first of an engine can be slow).
+SWAP_SAMPLES = 5
 
 
 @dataclass
@@ -75,6 +78,7 @@ class Switch:
     started_at: float
     phase: str = "draining"  # draining -> sleeping -> waking
     waiting: set[str] = field(default_factory=set)
+    swap_started: float = 0.0  # monotonic, when it stopped draining: the swap proper
 
 
 def awake(s: Member) -> bool:
@@ -103,6 +107,7 @@ class Devices(Generic[Session]):
         self.switches: dict[str, Switch] = {}  # slot -> its switch under way
         self.occupant: dict[str, str] = {}  # slot -> instance id of the awake engine it holds
         self.switches_done = 0  # completed switches, all devices
+        self.swap_times: dict[str, list[float]] = {}  # device -> its last switches' sleep + wake, s
         self.settling: set[str] = set()  # sleep commands of the start-up settling, by command id
         self._settle_after: dict[str, float] = {}  # instance id -> no settling sleep before (monotonic)
         self._expected: dict[str, tuple[bool, bool, float]] = {}  # id -> (awake, warm, until) acknowledged
@@ -256,6 +261,7 @@ class Devices(Generic[Session]):
             num_running=base.num_running + sum(o.num_running + o.num_waiting for o in others),
             healthy=any(s.report is not None and s.report.healthy for s in members),
             device=device,
+            swap_s=statistics.median(self.swap_times[device]) if self.swap_times.get(device) else 0.0,
         )
 
     def target(self, slot: str, model: str) -> Session | None:
@@ -328,6 +334,7 @@ class Devices(Generic[Session]):
             self._wake(slot, switch, engine)
         elif not serving.assigned:  # the awake engine finishes its requests first
             switch.phase = "sleeping"
+            switch.swap_started = time.monotonic()
             switch.waiting = {self.send(serving, "unload_model", self._model(serving), self.keep_warm)}
 
     def _engine(self, slot: str, switch: Switch) -> Session | None:
@@ -345,6 +352,7 @@ class Devices(Generic[Session]):
             self._done(slot, switch, engine, switched=False)  # nothing to wake: its engine is up
             return
         switch.phase = "waking"
+        switch.swap_started = switch.swap_started or time.monotonic()
         switch.waiting = {self.send(engine, "load_model", switch.model, False)}
 
     def on_ack(self, s: Session, command_id: str, op: str, ack: pb.CommandAck) -> bool:
@@ -433,11 +441,17 @@ class Devices(Generic[Session]):
         self.switches.pop(slot, None)
         self.occupant[slot] = engine.instance_id
         self.switches_done += switched
+        swap_s = time.monotonic() - switch.swap_started if switch.swap_started else 0.0
+        if switched and swap_s:
+            times = self.swap_times.setdefault(self.device_of_slot(slot), [])
+            times.append(swap_s)
+            del times[:-SWAP_SAMPLES]
         log.info(
-            "device %s: serving %s (switched in %.3f s)",
+            "device %s: serving %s (switched in %.3f s, the swap itself %.3f s)",
             slot,
             switch.model,
             time.time() - switch.started_at,
+            swap_s,
         )
         self.on_changed(slot)
 

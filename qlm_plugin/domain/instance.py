@@ -74,6 +74,9 @@ class InstanceState:
     models_servable: tuple[str, ...] = ()
     #: The device whose memory it shares with other instances (one awake at a time); "": its own.
     device: str = ""
+    #: A model swap as measured here (sleep one engine, wake another), seconds; 0: not measured
+    #: (the cost model's load time holds).
+    swap_s: float = 0.0
 
     def can_serve(self, model: str) -> bool:
         return not self.models_servable or model in self.models_servable

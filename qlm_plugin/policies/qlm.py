@@ -20,6 +20,7 @@ PARTS: dict[str, str] = {
     "late-list": "requests past their deadline keep their place in urgency order",
     "predictor": "output length taken as max_tokens",
     "admission-estimate": "no waiting-time estimate at admission: no flag, refusal or eviction on arrival",
+    "plan-on-arrival": "a request of a model no instance serves waits for the next tick's plan",
 }
 
 
@@ -44,6 +45,7 @@ def build_qlm(ctx: PolicyContext, *, without: Iterable[str] = (), clairvoyant: b
         step_budget="step-budget" not in off,
         length_prior="max_tokens" if "predictor" in off else "half",
         estimate_at_admission="admission-estimate" not in off,
+        plan_on_arrival="plan-on-arrival" not in off,
         # On a wall clock (the coordinator) a refusal comes from the front door, before the request
         # is journaled (with this same qlm_admit): once accepted, it is never dropped.
         refuse_at_admission=not ctx.wall_clock,

@@ -44,6 +44,18 @@ def running(st: LocalStack) -> list[str]:
     return sorted(iid for iid, li in st.instances.items() if li.link.inst.model is not None)
 
 
+def watch_running(st: LocalStack) -> tuple[asyncio.Task[None], list[int]]:
+    """Samples :func:`running` every 10 ms; the list's one item is the most engines seen at once."""
+    most = [0]
+
+    async def watch() -> None:
+        while True:
+            most[0] = max(most[0], len(running(st)))
+            await asyncio.sleep(0.01)
+
+    return asyncio.create_task(watch()), most
+
+
 def awake(st: LocalStack) -> list[str]:
     return sorted(
         s.instance_id
@@ -72,15 +84,7 @@ def test_a_device_serves_one_model_at_a_time_and_swaps_in_batches(tmp_path: Path
         state = fleet.qlm_instance_state("gpu0", False)
         assert state is not None and set(state.models_servable) == {"chat-a", "chat-b"}
         assert len(state.models_loaded) == 1 and len(state.models_warm) == 1
-        most_awake = 0
-
-        async def watch() -> None:
-            nonlocal most_awake
-            while True:
-                most_awake = max(most_awake, len(running(st)))
-                await asyncio.sleep(0.01)
-
-        watcher = asyncio.create_task(watch())
+        watcher, most = watch_running(st)
         async with aiohttp.ClientSession() as http:
             tasks = []
             for burst, model in enumerate(("chat-a", "chat-b", "chat-a", "chat-b")):
@@ -92,7 +96,7 @@ def test_a_device_serves_one_model_at_a_time_and_swaps_in_batches(tmp_path: Path
         assert all(a["usage"]["completion_tokens"] == 24 for a in answers)
         served = {a["qlm"]["instance_id"] for a in answers}
         assert served == {"engine-chat-a", "engine-chat-b"}  # each model on its own engine
-        assert most_awake == 1  # never two engines awake at once
+        assert most[0] == 1  # never two engines awake at once
         jobs = st.coordinator.jobs.values()
         assert sum(j.state == "finished" for j in jobs) == 32
         # batched: each model's requests served together (the bursts of a model overlap), not a
@@ -100,7 +104,7 @@ def test_a_device_serves_one_model_at_a_time_and_swaps_in_batches(tmp_path: Path
         # (without a queue manager, a parked request of the sleeping model wakes its engine once
         # the device is free: served, and with more swaps)
         switches = st.coordinator.fleet.devices.switches_done
-        print(f"{policy}: switches {switches}, most awake {most_awake}")
+        print(f"{policy}: switches {switches}, most awake {most[0]}")
         assert 1 <= switches <= (2 if policy == "qlm" else 31), switches
 
     run_with_stack(
@@ -142,15 +146,7 @@ def test_a_device_with_room_for_two_keeps_two_models_awake(tmp_path: Path) -> No
         for s in slots:  # each slot may wake the sleeping engine, and not the other slot's
             assert s is not None and s.models_warm == (asleep,)
             assert set(s.models_servable) == {*s.models_loaded, asleep}
-        most_awake = 0
-
-        async def watch() -> None:
-            nonlocal most_awake
-            while True:
-                most_awake = max(most_awake, len(running(st)))
-                await asyncio.sleep(0.01)
-
-        watcher = asyncio.create_task(watch())
+        watcher, most = watch_running(st)
         async with aiohttp.ClientSession() as http:
             first = []
             for burst, model in enumerate(loaded * 2):
@@ -168,7 +164,7 @@ def test_a_device_with_room_for_two_keeps_two_models_awake(tmp_path: Path) -> No
             "engine-chat-c",
         }
         assert fleet.devices.switches_done == 1  # the third model took one slot over
-        assert most_awake == 2
+        assert most[0] == 2
 
     costs = THREE.cost_models_for("h100")
     sims = [

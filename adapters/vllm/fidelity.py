@@ -78,24 +78,29 @@ def fit(steps: Sequence[StepTiming]) -> tuple[float, float, float]:
     return b0, b1, b2
 
 
+def fitted_profile(
+    coef_us: tuple[float, float, float], *, max_num_seqs: int, max_batched: int
+) -> dict[str, float]:
+    """Cost-model fields for a small engine with the fitted step cost (KV cache never the limit)."""
+    b0, b1, b2 = coef_us
+    return {
+        "b0_us": b0,
+        "b1_us": b1,
+        "b2_us": b2,
+        "kv_blocks": 1_000_000,
+        "weights_gb": 0.001,
+        "kv_bytes_per_token": 1024,
+        "context_len": 4096,
+        "max_num_seqs": max_num_seqs,
+        "max_num_batched_tokens": max_batched,
+    }
+
+
 def calibrated_model(
     coef_us: tuple[float, float, float], *, max_num_seqs: int, max_batched: int
 ) -> CostModel:
-    b0, b1, b2 = coef_us
     return cost_model(
-        "tiny",
-        "cpu",
-        {
-            "b0_us": b0,
-            "b1_us": b1,
-            "b2_us": b2,
-            "kv_blocks": 1_000_000,
-            "weights_gb": 0.001,
-            "kv_bytes_per_token": 1024,
-            "context_len": 4096,
-            "max_num_seqs": max_num_seqs,
-            "max_num_batched_tokens": max_batched,
-        },
+        "tiny", "cpu", fitted_profile(coef_us, max_num_seqs=max_num_seqs, max_batched=max_batched)
     )
 
 
@@ -157,17 +162,8 @@ def replay_device(
     from qlm_plugin.tools.simulate import run_policy
     from qlm_plugin.workloads.scenario import parse_scenario
 
-    b0, b1, b2 = coef_us
     profile = {
-        "b0_us": b0,
-        "b1_us": b1,
-        "b2_us": b2,
-        "kv_blocks": 1_000_000,
-        "weights_gb": 0.001,
-        "kv_bytes_per_token": 1024,
-        "context_len": 4096,
-        "max_num_seqs": max_num_seqs,
-        "max_num_batched_tokens": max_batched,
+        **fitted_profile(coef_us, max_num_seqs=max_num_seqs, max_batched=max_batched),
         "warm_start_s": swap_s,
         "host_link_gbps": 1000.0,  # the measured swap is the whole of it
     }

@@ -80,4 +80,6 @@ def test_serve_refuses_engine_arguments_without_an_engine_and_an_engine_without_
     with pytest.raises(ValueError, match="--sleep-level goes with --max-awake"):
         cmd_serve(parser.parse_args(["serve", "--engine", "vllm", "--model", "x", "--sleep-level", "2"]))
     with pytest.raises(ValueError, match="local processes, not with --ray"):
-        cmd_serve(parser.parse_args(["serve", "--engine", "vllm", "--model", "x", "--ray", "--max-awake", "2"]))
+        cmd_serve(
+            parser.parse_args(["serve", "--engine", "vllm", "--model", "x", "--ray", "--max-awake", "2"])
+        )

@@ -74,8 +74,8 @@ class QueueManager:
         self.refuse_at_admission = refuse_at_admission
         self.length_prior = length_prior
         self.replan_interval_s = replan_interval_s
-        # A request of a model no instance serves is planned for at once (a swap can start now,
-        # not at the next tick), once per model per replan interval.
+        # A request of a model no instance serves, while one that could load it is idle, is planned
+        # for at once (a swap can start now, not at the next tick), once per model per interval.
         self.plan_on_arrival = plan_on_arrival
         self._planned_for: dict[str, float] = {}  # model -> when its arrival last asked for a plan
         self.evict_enabled = evict

@@ -8,6 +8,7 @@ from collections.abc import Callable, Sequence
 
 from qlm_plugin.adapters.sim.engine import SimInstance
 from qlm_plugin.domain.request import Request
+from qlm_plugin.hooks.hookspecs import TICK_S
 
 
 class SimFleet:
@@ -57,7 +58,7 @@ class SimFleet:
         until: float = math.inf,
         on_progress: Callable[[int], None] | None = None,
         on_tick: Callable[[float], bool] | None = None,
-        tick_s: float = 0.5,
+        tick_s: float = TICK_S,
     ) -> None:
         """Replay ``arrivals`` (sorted by arrival time) and run until every instance is idle or the
         clock passes ``until``. An arrival at the same time as a step end is seen first, so it can

@@ -14,7 +14,6 @@ from qlm_plugin.domain.instance import EvictMode
 from qlm_plugin.domain.outcome import RequestOutcome, Status
 from qlm_plugin.domain.request import Request
 from qlm_plugin.hooks import get_plugin_manager
-from qlm_plugin.hooks.hookspecs import TICK_S
 from qlm_plugin.policies.registry import PolicyContext, policy_registry
 from qlm_plugin.tools.estimates import Told
 from qlm_plugin.tools.estimates import accuracy as estimate_accuracy
@@ -193,7 +192,6 @@ def run_policy(
         until=last_arrival + DRAIN_LIMIT_S,
         on_progress=on_progress,
         on_tick=on_tick if queue_manager else None,
-        tick_s=TICK_S,  # the coordinator's period: plans made when a real run makes them
     )
     outcomes.extend(backend.outcomes.values())
     # A request the policy never handed to an engine (still queued when the run ended) is missed,

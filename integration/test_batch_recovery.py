@@ -27,7 +27,6 @@ from qlm_plugin.testing.processes import (
 
 MODEL = "llama-3.1-8b"
 N = 400
-TOKENS = 200
 
 pytestmark = pytest.mark.slow
 
@@ -44,6 +43,11 @@ async def _get(http: aiohttp.ClientSession, url: str) -> Any:
         return await r.json(content_type=None)
 
 
+def _tokens(line: int) -> int:
+    # spread out, so the lines finish over seconds, never in one burst before the kill
+    return 40 + (line * 97) % 1600
+
+
 def test_kill_9_during_a_batch_answers_every_line_once(tmp_path: Path) -> None:
     (tmp_path / "config.yaml").write_text(CONFIG)
     http_port, grpc_port = free_port(), free_port()
@@ -55,7 +59,7 @@ def test_kill_9_during_a_batch_answers_every_line_once(tmp_path: Path) -> None:
             "custom_id": f"line-{i}",
             "method": "POST",
             "url": "/v1/completions",
-            "body": {"model": MODEL, "prompt": "q" * 300, "max_tokens": TOKENS},
+            "body": {"model": MODEL, "prompt": "q" * 300, "max_tokens": _tokens(i)},
         }
         for i in range(N)
     ]
@@ -121,6 +125,6 @@ def test_kill_9_during_a_batch_answers_every_line_once(tmp_path: Path) -> None:
     assert batch["error_file_id"] is None
     assert len(set(request_ids)) == N
     assert twice == 0
-    for o in out:
+    for i, o in enumerate(out):
         rid = o["response"]["request_id"]
-        assert o["response"]["body"]["choices"][0]["text"] == synthetic_text(rid, 0, TOKENS)
+        assert o["response"]["body"]["choices"][0]["text"] == synthetic_text(rid, 0, _tokens(i))

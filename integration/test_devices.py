@@ -13,7 +13,7 @@ import aiohttp
 import pytest
 
 from qlm_plugin.adapters.sim.engine import SimInstance
-from qlm_plugin.testing.stack import LocalStack, run_with_stack
+from qlm_plugin.testing.stack import LocalStack, SimEngineControl, run_with_stack
 from qlm_plugin.workloads.scenario import parse_scenario
 
 SCENARIO = parse_scenario(
@@ -109,6 +109,61 @@ def test_a_device_serves_one_model_at_a_time_and_swaps_in_batches(tmp_path: Path
 
     run_with_stack(
         tmp_path, body, instances=1, scenario=SCENARIO, sims=engines(), speed=20.0, config={"policy": policy}
+    )
+
+
+@pytest.mark.parametrize("fail_starts", [0, 1])
+def test_engines_without_sleep_mode_sleep_cold_by_being_stopped_and_started(
+    tmp_path: Path, fail_starts: int
+) -> None:
+    """``device_sleep_level: 2`` with a control that stops and starts engines (``qlm serve``'s on
+    CPU, here its stand-in for simulated engines): the engine put to sleep is stopped, the one woken
+    is started and serves once registered again; every request once, never two running. A start
+    that fails fails its switch, and the model's requests wait for the next one (nothing lost)."""
+    controls: list[SimEngineControl] = []
+
+    def control(st: LocalStack) -> SimEngineControl:
+        controls.append(SimEngineControl(st, fail_starts))
+        return controls[0]
+
+    async def body(st: LocalStack) -> None:
+        fleet = st.coordinator.fleet
+        deadline = time.monotonic() + 10
+        while len(st.instances) > 1 or len(fleet.devices.parked) != 1:  # one is stopped at start
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.05)
+        state = fleet.qlm_instance_state("gpu0", False)
+        assert state is not None and set(state.models_servable) == {"chat-a", "chat-b"}
+        assert len(state.models_loaded) == 1 and state.models_warm == ()  # the stopped one is cold
+        watcher, most = watch_running(st)
+        async with aiohttp.ClientSession() as http:
+            tasks = []
+            for burst, model in enumerate(("chat-a", "chat-b", "chat-a", "chat-b")):
+                tasks += [asyncio.create_task(complete(http, st, model, burst * 10 + i)) for i in range(8)]
+                await asyncio.sleep(0.02)
+            answers = await asyncio.gather(*tasks)
+        watcher.cancel()
+        assert len({a["id"] for a in answers}) == 32
+        assert {a["qlm"]["instance_id"] for a in answers} == {"engine-chat-a", "engine-chat-b"}
+        assert sum(j.state == "finished" for j in st.coordinator.jobs.values()) == 32
+        assert most[0] == 1  # never two engines running at once
+        (ctl,) = controls
+        switches = fleet.devices.switches_done
+        print(f"switches {switches}, stops {ctl.stops}, starts {ctl.starts}, swap {fleet.devices.swap_times}")
+        assert 1 <= switches <= 2
+        # each switch: a stop and a start; a failed start, a switch that failed after its stop
+        assert ctl.starts == switches + fail_starts and ctl.stops == switches + 1
+        assert len(st.instances) == 1 and len(fleet.devices.parked) == 1
+
+    run_with_stack(
+        tmp_path,
+        body,
+        instances=1,
+        scenario=SCENARIO,
+        sims=engines(),
+        speed=20.0,
+        config={"device_sleep_level": 2},
+        device_control=control,
     )
 
 

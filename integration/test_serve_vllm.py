@@ -372,3 +372,50 @@ def test_one_awake_engine_swaps_in_batches_as_the_simulator_predicts(
         assert abs(sim_met - met) <= 0.2 * met, (sim_met, met)
     finally:
         stop(serve)
+
+
+def test_engines_sleep_cold_on_cpu_by_being_stopped_and_started(tmp_path: Path, tiny: Path) -> None:
+    """``--max-awake 1 --sleep-level 2`` on CPU, where vLLM has no sleep mode: the engine put to
+    sleep is stopped (its server no longer answers), the one woken is started again and serves;
+    every request once, never two engines up at once."""
+    serve = start_serve(
+        tmp_path, f"tiny-a={tiny}", f"tiny-b={tiny}", options=("--max-awake", "1", "--sleep-level", "2")
+    )
+    try:
+        serve.wait_for("engines registered", 600)
+        urls = {m: url for m, (url, _) in serve.engines.items()}
+        deadline = time.monotonic() + 60
+        while sum(answers(u) for u in urls.values()) > 1:  # both start: one is stopped
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        (first,) = [m for m, u in urls.items() if answers(u)]
+        (second,) = [m for m in urls if m != first]
+        most_up, watching = 0, threading.Event()
+
+        def watch() -> None:
+            nonlocal most_up
+            while not watching.is_set():
+                most_up = max(most_up, sum(answers(u) for u in urls.values()))
+                time.sleep(0.05)
+
+        threading.Thread(target=watch, daemon=True).start()
+        client = serve.client()
+        began = time.monotonic()
+        texts = {}
+        for model in (first, second):  # the second model's engine is started for its requests
+            for i in range(4):
+                r = client.completions.create(model=model, prompt=f"cold {i}", max_tokens=8)
+                assert r.usage is not None and r.usage.completion_tokens == 8
+                texts[(model, i)] = r.choices[0].text
+        took = time.monotonic() - began
+        watching.set()
+        assert answers(urls[second]) and not answers(urls[first])  # the first one stopped for it
+        assert successes(urls[second]) == 4  # a fresh server: its counters start at zero
+        assert most_up == 1
+        log = serve.stderr.read_text()
+        assert "stopped (cold)" in log and "starting" in log
+        swap = [float(x) for x in re.findall(r"device \S+: serving .* the swap itself ([\d.]+) s", log)]
+        print(f"cold swap on CPU: {len(swap)} swaps of {swap} s; 8 requests in {took:.1f} s")
+        assert len(swap) == 1
+    finally:
+        stop(serve)

@@ -33,6 +33,7 @@ class InstanceView:
     running: dict[str, Entry] = field(default_factory=dict)  # dispatched here, not finished
     switched_at: float = -math.inf
     failed_loads: dict[str, float] = field(default_factory=dict)  # model -> not loaded here again until
+    load_failures: dict[str, int] = field(default_factory=dict)  # model -> its failed loads in a row
 
     def can_load(self, model: str, now: float) -> bool:
         """Whether a load of ``model`` may be ordered here: the instance can serve it (its own
@@ -101,6 +102,8 @@ class FleetView:
         view.state = state
         self.version += 1
         self.models_version += 1
+        if view.load_failures and state.models_loaded:
+            view.load_failures.pop(state.models_loaded[0], None)  # it loaded: the next failure is a first
         model = view.model()
         if detail and state.step_timings and model is not None and model in view.costs:
             self.on_steps(view, state)

@@ -20,7 +20,9 @@ from qlm_plugin.domain.plan import LoadModel
 
 #: A warm-start staging of the same weights on the same instance is not repeated within this time.
 STAGE_AGAIN_AFTER_S = 300.0
-#: A model whose load failed on an instance is not ordered there again for this long, seconds.
+#: A model whose load failed on an instance is not ordered there again for this long, seconds,
+#: doubled for each failure in a row up to the most (a crash at start is often not transient).
+LOAD_RETRY_FIRST_S = 5.0
 LOAD_RETRY_AFTER_S = 60.0
 
 
@@ -70,8 +72,11 @@ class ModelSwapper:
 
     def load_failed(self, view: InstanceView, model: str, now: float) -> None:
         """The model is not coming there: its groups are placed elsewhere, the load is not ordered
-        there again for a while, and the instance keeps its model as if just swapped in."""
-        view.failed_loads[model] = now + LOAD_RETRY_AFTER_S
+        there again for a while (longer after each failure in a row), and the instance keeps its
+        model as if just swapped in."""
+        failures = view.load_failures.get(model, 0)
+        view.load_failures[model] = failures + 1
+        view.failed_loads[model] = now + min(LOAD_RETRY_FIRST_S * 2**failures, LOAD_RETRY_AFTER_S)
         self._staged.pop((view.instance_id, model), None)
         for e in self.queue.entries.values():
             if e.planned == view.instance_id and e.dispatched_at is None and e.request.model == model:

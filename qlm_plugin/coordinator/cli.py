@@ -127,7 +127,8 @@ def add_parsers(sub: Any) -> None:
         type=int,
         choices=(1, 2),
         help="vllm, with --max-awake: a swapped-out engine's sleep, 1: weights to host memory (warm, "
-        "default), 2: dropped (cold); config device_sleep_level",
+        "default; paused on CPU), 2: dropped (cold; on CPU its server is stopped and started again); "
+        "config device_sleep_level",
     )
     serve.add_argument(
         "--engine-logs",
@@ -537,6 +538,9 @@ def _serve_vllm(args: argparse.Namespace, cfg: CoordinatorConfig) -> int:
         return s is not None and s.alive
 
     async def watch() -> None:
+        if isinstance(fleet, VLLMFleet) and fleet.device:
+            assert server.coordinator is not None
+            server.coordinator.fleet.devices.control = fleet  # cold sleeps on CPU: stop, start
         try:
             loop = asyncio.get_running_loop()
             await loop.run_in_executor(None, fleet.start)  # Ray calls block

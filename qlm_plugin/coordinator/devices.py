@@ -2,17 +2,20 @@
 
 vLLM serves one model per engine. Several engines on one GPU cannot all hold their weights and KV
 cache: at most K are awake (the device's budget, config ``device_max_awake``), the others sleep
-(level 1: weights in host memory, a warm swap; level 2: weights dropped, a cold one; paused on CPU,
-where sleep mode does not exist). Each such engine reports the ``device`` it shares; the coordinator
-presents the device to the queue manager as K **slots**, each an instance that holds one model at a
-time: its loaded model is the awake engine's in it, its warm models are the sleeping engines' (those
-no other slot is waking). The planner and the simulator already know how to plan swaps for such
-instances. A slot is named as its device when K is 1, else ``DEVICE#j``. A load the planner orders
-on a slot is carried out as a switch:
+(level 1: weights in host memory, a warm swap; level 2: weights dropped, a cold one; on CPU, where
+sleep mode does not exist, paused for a warm swap, its server stopped for a cold one: an
+:class:`EngineControl`, ``qlm serve``'s supervisor, stops and starts it). Each such engine reports
+the ``device`` it shares; the coordinator presents the device to the queue manager as K **slots**,
+each an instance that holds one model at a time: its loaded model is the awake engine's in it, its
+warm models are the sleeping engines' (those no other slot is waking). The planner and the simulator
+already know how to plan swaps for such instances. A slot is named as its device when K is 1, else
+``DEVICE#j``. A load the planner orders on a slot is carried out as a switch:
 
 1. drain: no new request goes to the slot; its awake engine finishes what it runs;
-2. sleep that engine (``unload_model``, kept warm unless the device's engines sleep cold);
-3. wake the target model's engine (``load_model``); the slot serves that model from then on.
+2. sleep that engine (``unload_model``, kept warm unless the device's engines sleep cold; an engine
+   without sleep mode sleeping cold is stopped, and kept as a *parked* member of its device);
+3. wake the target model's engine (``load_model``; a parked one is started and serves once it has
+   registered again); the slot serves that model from then on.
 
 So a device never has more than K engines awake after start. One switch runs at a time per slot: a
 load of another model ordered meanwhile is accepted and asked again after it (by the planner's next
@@ -53,6 +56,24 @@ class Member(Protocol):
     def pending(self) -> Mapping[str, object]: ...  # command id -> the command not acknowledged
 
 
+class EngineControl(Protocol):
+    """Stops and starts engines' servers, for a cold sleep where an engine has no sleep mode (vLLM on
+    CPU). ``qlm serve``'s supervisor of its engines is one. Called on the coordinator's event loop."""
+
+    def stop_engine(self, instance_id: str, done: Callable[[str | None], None]) -> bool:
+        """Stop the engine's server; ``done(None)`` once it has exited, ``done(error)`` if it could
+        not be stopped (later, never inside this call). False (and no call of ``done``): not an
+        engine this control runs, or one that sleeps cold on its own (sleep mode): it is sent
+        ``unload_model``."""
+        ...
+
+    def start_engine(self, instance_id: str, done: Callable[[str | None], None]) -> bool:
+        """Start the stopped engine's server again under its instance id (its agent registers as
+        any engine's does); ``done(None)`` once it answers requests, ``done(error)`` if it ends or
+        fails first. False (and no call of ``done``): not an engine this control runs."""
+        ...
+
+
 log = logging.getLogger("qlm_plugin.coordinator")
 
 Session = TypeVar("Session", bound=Member)
@@ -66,6 +87,8 @@ SETTLE_RETRY_S = 2.0
 SLOT_SEP = "#"
 #: A device's swap time is the median of its last switches (the first of an engine can be slow).
 SWAP_SAMPLES = 5
+#: How long a stopped engine has to start and register again before its switch fails, seconds.
+START_TIMEOUT_S = 900.0
 
 
 @dataclass
@@ -79,6 +102,7 @@ class Switch:
     phase: str = "draining"  # draining -> sleeping -> waking
     waiting: set[str] = field(default_factory=set)
     swap_started: float = 0.0  # monotonic, when it stopped draining: the swap proper
+    deadline: float = 0.0  # monotonic: a stopped engine started for it must have registered by then
 
 
 def awake(s: Member) -> bool:
@@ -104,6 +128,10 @@ class Devices(Generic[Session]):
         self.send = send
         self.keep_warm = keep_warm
         self.max_awake = max_awake  # K: engines awake at once on each device
+        #: stops and starts engines without sleep mode, to sleep them cold (None: they only pause)
+        self.control: EngineControl | None = None
+        self.parked: dict[str, Session] = {}  # instance id -> last session of an engine stopped cold
+        self.ready: set[str] = set()  # parked engines started again whose servers answer
         self.switches: dict[str, Switch] = {}  # slot -> its switch under way
         self.occupant: dict[str, str] = {}  # slot -> instance id of the awake engine it holds
         self.switches_done = 0  # completed switches, all devices
@@ -122,14 +150,17 @@ class Devices(Generic[Session]):
         return s.report.device if s.report is not None else ""
 
     def members(self, device: str) -> list[Session]:
-        return sorted(
-            (s for s in self.sessions.values() if s.alive and self.device_of(s) == device),
-            key=lambda s: s.instance_id,
-        )
+        """The device's engines: those connected, and those stopped cold (parked)."""
+        found = {iid: s for iid, s in self.parked.items() if self.device_of(s) == device}
+        for s in self.sessions.values():
+            if s.alive and self.device_of(s) == device and s.instance_id not in found:
+                found[s.instance_id] = s
+        return [found[iid] for iid in sorted(found)]
 
     def names(self) -> list[str]:
-        """The devices with a live engine."""
-        return sorted({d for s in self.sessions.values() if s.alive and (d := self.device_of(s))})
+        """The devices with a live or parked engine."""
+        engines = [s for s in self.sessions.values() if s.alive] + list(self.parked.values())
+        return sorted({d for s in engines if (d := self.device_of(s))})
 
     def slots_of(self, device: str) -> list[str]:
         if self.max_awake == 1:
@@ -318,11 +349,13 @@ class Devices(Generic[Session]):
             if now < self._settle_after.get(s.instance_id, 0.0):
                 continue
             self._settle_after[s.instance_id] = now + SETTLE_RETRY_S
-            self.settling.add(self.send(s, "unload_model", self._model(s), self.keep_warm))
+            self.settling.add(self._sleep(s))
         for slot in self.slots_of(device):
             switch = self.switches.get(slot)
             if switch is not None and switch.phase == "draining":
                 self._drain(slot, switch)
+            elif switch is not None and f"start:{switch.engine}" in switch.waiting:
+                self._start_complete(switch.engine)  # its agent's report says it is awake now
 
     def _drain(self, slot: str, switch: Switch) -> None:
         engine = self._engine(slot, switch)
@@ -335,12 +368,28 @@ class Devices(Generic[Session]):
         elif not serving.assigned:  # the awake engine finishes its requests first
             switch.phase = "sleeping"
             switch.swap_started = time.monotonic()
-            switch.waiting = {self.send(serving, "unload_model", self._model(serving), self.keep_warm)}
+            switch.waiting = {self._sleep(serving)}
+
+    def _sleep(self, s: Session) -> str:
+        """Put ``s`` to sleep; the id of the step to wait for: a command's, or a stop's."""
+        token = f"stop:{s.instance_id}"
+        stop = self.control.stop_engine if self.control is not None and not self.keep_warm else None
+        if stop is not None and stop(s.instance_id, lambda error: self._stopped(s, token, error)):
+            return token
+        return self.send(s, "unload_model", self._model(s), self.keep_warm)
+
+    def _stopped(self, s: Session, token: str, error: str | None) -> None:
+        """An engine stopped cold (or could not be): parked, then the step's switch goes on."""
+        if error is None:
+            self._mark(s, awake=False, warm=False)
+            self.parked[s.instance_id] = s
+            log.info("device %s: %s stopped (cold)", self.device_of(s), s.instance_id)
+        self._step_done(s, token, "stop", error)
 
     def _engine(self, slot: str, switch: Switch) -> Session | None:
         """The switch's engine; if it left, another sleeping engine of the model, claimed instead."""
-        s = self.sessions.get(switch.engine)
-        if s is not None and s.alive and serves(s, switch.model):
+        s = self.parked.get(switch.engine) or self.sessions.get(switch.engine)
+        if s is not None and (s.alive or s.instance_id in self.parked) and serves(s, switch.model):
             return s
         s = next((m for m in self._sleepers(slot) if serves(m, switch.model)), None)
         if s is not None:
@@ -353,31 +402,80 @@ class Devices(Generic[Session]):
             return
         switch.phase = "waking"
         switch.swap_started = switch.swap_started or time.monotonic()
+        iid = engine.instance_id
+        if iid in self.parked and self.control is not None:
+            token = f"start:{iid}"
+            switch.waiting = {token}
+            switch.deadline = time.monotonic() + START_TIMEOUT_S
+            if self.control.start_engine(iid, lambda error: self._started(iid, token, error)):
+                log.info("device %s: starting %s (stopped cold)", slot, iid)
+                return
+            switch.waiting = set()
+            self._fail(slot, switch, f"{iid} is stopped and its control cannot start it")
+            return
         switch.waiting = {self.send(engine, "load_model", switch.model, False)}
+
+    def _started(self, iid: str, token: str, error: str | None) -> None:
+        """The control started a parked engine (it answers requests), or failed to."""
+        if error is not None:
+            parked = self.parked.get(iid)
+            if parked is not None:
+                self._step_done(parked, token, "start", error)
+            return
+        self.ready.add(iid)
+        self._start_complete(iid)
+
+    def _start_complete(self, iid: str) -> None:
+        """A started engine serves once its server answers and its agent has registered, awake."""
+        s = self.sessions.get(iid)
+        if iid not in self.ready or s is None or not s.alive or not awake(s):
+            return
+        self.ready.discard(iid)
+        self.parked.pop(iid, None)
+        self._step_done(s, f"start:{iid}", "start", None)
+
+    def joined(self, s: Session) -> None:
+        """An engine registered: one started for a switch (stopped cold before) may complete it."""
+        if s.instance_id in self.parked:
+            self._start_complete(s.instance_id)
+
+    def expire(self) -> None:
+        """On the coordinator's timer: a stopped engine that has not registered in time fails its
+        switch (the planner places its model elsewhere; the engine, if it comes, is settled)."""
+        now = time.monotonic()
+        for slot, switch in list(self.switches.items()):
+            if switch.deadline and now > switch.deadline and f"start:{switch.engine}" in switch.waiting:
+                self._fail(slot, switch, f"{switch.engine} did not start in {START_TIMEOUT_S:.0f} s")
 
     def on_ack(self, s: Session, command_id: str, op: str, ack: pb.CommandAck) -> bool:
         """An engine acknowledged a command; True if it was one of a device's switch (handled)."""
-        device = self.device_of(s)
-        if not device:
+        if not self.device_of(s):
             return False
-        if command_id in self.settling:
-            self.settling.discard(command_id)
-            if ack.ok:
-                self._mark(s, awake=False, warm=self.keep_warm)
+        return self._step_done(s, command_id, op, None if ack.ok else ack.error)
+
+    def _step_done(self, s: Session, step: str, op: str, error: str | None) -> bool:
+        """A step of a switch or of the start-up settling ended (``error`` None: done): the switch
+        goes on, or fails. False: ``step`` is none of a device's."""
+        device = self.device_of(s)
+        if step in self.settling:
+            self.settling.discard(step)
+            if error is None:
+                self._mark(s, awake=False, warm=self.keep_warm and op != "stop")
             else:  # an engine registers before its HTTP server is up: tried again shortly
-                log.info("device %s: %s did not go to sleep yet: %s", device, s.instance_id, ack.error)
+                log.info("device %s: %s did not go to sleep yet: %s", device, s.instance_id, error)
             for each in self.slots_of(device):
                 self.on_changed(each)
             return True
-        slot = next((x for x in self.slots_of(device) if command_id in self._waiting(x)), None)
+        slot = next((x for x in self.slots_of(device) if step in self._waiting(x)), None)
         if slot is None:
             return False
         switch = self.switches[slot]
-        switch.waiting.discard(command_id)
-        if not ack.ok:
-            self._fail(slot, switch, f"{op} on {s.instance_id}: {ack.error}")
+        switch.waiting.discard(step)
+        if error is not None:
+            self._fail(slot, switch, f"{op} on {s.instance_id}: {error}")
             return True
-        self._mark(s, awake=op == "load_model", warm=self.keep_warm)
+        if op != "stop":  # a stopped engine is marked (parked) already
+            self._mark(s, awake=op in ("load_model", "start"), warm=self.keep_warm)
         if switch.waiting:
             return True
         if switch.phase == "sleeping":
@@ -388,7 +486,7 @@ class Devices(Generic[Session]):
             else:
                 self._wake(slot, switch, engine)
         elif switch.phase == "waking":
-            self._done(slot, switch, s)
+            self._done(slot, switch, self.sessions.get(s.instance_id) or s)
         return True
 
     def _waiting(self, slot: str) -> set[str]:
@@ -396,17 +494,31 @@ class Devices(Generic[Session]):
         return sw.waiting if sw is not None else set()
 
     def left(self, s: Session) -> None:
-        """A member left: a switch waiting on it cannot finish."""
+        """A member left: a switch waiting on it cannot finish (unless it was stopped on purpose:
+        parked, or being stopped)."""
+        iid = s.instance_id
         for slot, switch in list(self.switches.items()):
-            involved = switch.engine == s.instance_id or self.occupant.get(slot) == s.instance_id
+            if self.stopped_cold(s) or f"start:{iid}" in switch.waiting:
+                continue
+            involved = switch.engine == iid or self.occupant.get(slot) == iid
             if involved and switch.phase != "draining":
-                self._fail(slot, switch, f"{s.instance_id} left")
+                self._fail(slot, switch, f"{iid} left")
         for slot, iid in list(self.occupant.items()):
             if iid == s.instance_id:
                 del self.occupant[slot]
 
+    def stopped_cold(self, s: Member) -> bool:
+        """Whether the device stopped ``s``'s server (or is stopping it) to sleep it cold."""
+        iid = s.instance_id
+        token = f"stop:{iid}"
+        return (
+            iid in self.parked
+            or token in self.settling
+            or any(token in w.waiting for w in self.switches.values())
+        )
+
     def _pending_sleep(self, s: Session) -> bool:
-        return any(cid in self.settling for cid in s.pending)
+        return f"stop:{s.instance_id}" in self.settling or any(cid in self.settling for cid in s.pending)
 
     @staticmethod
     def _model(s: Member) -> str:

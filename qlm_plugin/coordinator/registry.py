@@ -114,6 +114,8 @@ class InstanceRegistry:
             self.telemetry.instance_event(iid, "registered")
         else:
             self.telemetry.instance_event(iid, "reconnected")
+        if device:
+            self.fleet.devices.joined(s)  # an engine stopped cold, started again for a switch
         if iid in self.awaiting:
             self.awaiting.discard(iid)
             self.release_recovered(iid)  # its recovered requests it did not reclaim
@@ -198,10 +200,15 @@ class InstanceRegistry:
         s.close()
         del self.fleet.sessions[s.instance_id]
         device = self.fleet.devices.device_of(s)
+        parked = self.fleet.devices.stopped_cold(s)  # its device stopped it to sleep it cold
         if device:
             self.fleet.devices.left(s)
-        log.warning(
-            "instance %s lost (%s): %d requests back to the queue", s.instance_id, reason, len(s.assigned)
+        log.log(
+            logging.INFO if parked else logging.WARNING,
+            "instance %s lost (%s): %d requests back to the queue",
+            s.instance_id,
+            "stopped cold by its device" if parked else reason,
+            len(s.assigned),
         )
         jobs = [self.book.jobs[r] for r in list(s.assigned) if r in self.book.jobs]
         if not device:
@@ -212,7 +219,7 @@ class InstanceRegistry:
         else:
             for slot in self.fleet.devices.slots_of(device):
                 self.on_state_changed(slot)
-        self.telemetry.instance_event(s.instance_id, "lost")
+        self.telemetry.instance_event(s.instance_id, "parked" if parked else "lost")
         for job in jobs:
             if job.state == "dispatched":
                 job.instance = None  # the lost session no longer owns it
@@ -225,6 +232,7 @@ class InstanceRegistry:
         for s in list(self.fleet.sessions.values()):
             if s.alive and mono - s.last_seen > self.cfg.heartbeat_timeout_s:
                 self.lost(s, f"no heartbeat for {mono - s.last_seen:.1f} s")
+        self.fleet.devices.expire()
         if self.recovery_until and mono >= self.recovery_until:
             self.recovery_until = 0.0
             self.release_recovered()

@@ -37,12 +37,12 @@ def python_command(module: str, *args: str) -> list[str]:
     return [sys.executable, "-c", _BOOTSTRAP, IMPORT_ROOT, module, *args]
 
 
-def die_with_parent() -> None:
-    """Linux: SIGTERM this process when its parent dies, even by SIGKILL (elsewhere: nothing). Call
-    it first thing in a child, or as a ``Popen`` ``preexec_fn``."""
+def die_with_parent(signum: int = signal.SIGTERM) -> None:
+    """Linux: send this process ``signum`` when its parent dies, even by SIGKILL (elsewhere:
+    nothing). Call it first thing in a child, or as a ``Popen`` ``preexec_fn``."""
     with contextlib.suppress(OSError, AttributeError):
         libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        libc.prctl(1, signum)  # PR_SET_PDEATHSIG
 
 
 def free_port(host: str = "127.0.0.1") -> int:

@@ -65,16 +65,18 @@ def stop_group(pgid: int, grace_s: float = GRACE_S) -> None:
 
 
 def guard(pgid: int) -> int:
-    """Wait for the leader to die (SIGTERM, by ``PR_SET_PDEATHSIG``), then stop the group."""
+    """Wait for the leader to die (SIGUSR1, by ``PR_SET_PDEATHSIG``), then stop the group. A
+    SIGTERM or SIGINT to the group is the leader's to handle: while it lives, it stops the group."""
     stopping = False
 
     def stop(_signum: int, _frame: FrameType | None) -> None:
         nonlocal stopping
         stopping = True
 
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C reaches the leader, which decides
-    die_with_parent()
+    signal.signal(signal.SIGUSR1, stop)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    die_with_parent(signal.SIGUSR1)
     while not stopping:
         signal.pause()
     stop_group(pgid)
@@ -108,8 +110,9 @@ def main(argv: list[str]) -> int:
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
     code = child.wait()
-    stop_group(pgid)  # the guard too: with the leader alive it has nothing to do
+    watcher.kill()  # with the leader alive the guard has nothing to do (and ignores SIGTERM)
     watcher.wait()
+    stop_group(pgid)
     return code if code >= 0 else 128 - code
 
 

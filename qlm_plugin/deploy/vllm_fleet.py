@@ -10,7 +10,9 @@ model that the engines' step timings recalibrate online.
 A supervisor restarts an engine whose process ends while the fleet serves (after a backoff), so a
 crashed engine comes back under its instance id; the coordinator has already put its requests back
 in the queue. Stopping stops the engines after the coordinator has drained (its requests in flight
-finish on them first).
+finish on them first). Engines that share a device on CPU, where vLLM has no sleep mode, sleep cold
+(``--sleep-level 2``) by being stopped and started by the fleet for the coordinator's devices
+(:class:`~qlm_plugin.coordinator.devices.EngineControl`); the supervisor leaves those alone.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,6 +44,8 @@ RESTART_BACKOFF_S = 5.0
 RESTART_BACKOFF_MAX_S = 120.0
 #: An engine that served this long before ending starts its backoff again from the first step.
 RESTART_RESET_S = 300.0
+#: How long an engine stopped for a cold sleep has to exit before it is killed, seconds.
+STOP_TIMEOUT_S = 30.0
 
 
 class FleetError(RuntimeError):
@@ -169,6 +173,7 @@ class Engine:
     started_at: float = 0.0
     restarts: int = 0
     retry_at: float = 0.0  # ended: when it is started again
+    parked: bool = False  # stopped for a cold sleep: started again by its device, not the supervisor
 
     @property
     def url(self) -> str:
@@ -191,6 +196,7 @@ class VLLMFleet:
     device: str = ""
     engines: list[Engine] = field(default_factory=list)
     stopping: bool = False
+    _tasks: set[asyncio.Task[None]] = field(default_factory=set, repr=False)
 
     def __post_init__(self) -> None:
         self.cpu = on_cpu()
@@ -246,7 +252,7 @@ class VLLMFleet:
         def exited() -> None:
             for e in self.engines:
                 assert e.server is not None
-                if e.server.process.poll() is not None:
+                if not e.parked and e.server.process.poll() is not None:
                     raise FleetError(
                         f"engine {e.instance_id} ({e.model.source}) exited with "
                         f"{e.server.process.returncode} before it registered; "
@@ -255,8 +261,14 @@ class VLLMFleet:
 
         logs = {e.instance_id: str(e.log) for e in self.engines}
         urls = {e.instance_id: e.url for e in self.engines}
+        parked = {e.instance_id: e for e in self.engines}
         return await wait_ready(
-            urls, registered, timeout_s, lambda late: ", ".join(logs[i] for i in late), exited
+            urls,
+            registered,
+            timeout_s,
+            lambda late: ", ".join(logs[i] for i in late),
+            exited,
+            lambda iid: parked[iid].parked,  # put to sleep (stopped) by its device once registered
         )
 
     async def supervise(self) -> None:
@@ -264,7 +276,7 @@ class VLLMFleet:
         while not self.stopping:
             now = time.monotonic()
             for e in self.engines:
-                if e.server is None or e.server.process.poll() is None:
+                if e.server is None or e.parked or e.server.process.poll() is None:
                     continue
                 if e.retry_at == 0.0:
                     if now - e.started_at > RESTART_RESET_S:
@@ -284,6 +296,67 @@ class VLLMFleet:
                     e.retry_at = 0.0
                     self._start(e)
             await asyncio.sleep(1.0)
+
+    # ------------------------------------------------------------------ cold sleep (EngineControl)
+    def stop_engine(self, instance_id: str, done: Callable[[str | None], None]) -> bool:
+        """Stop an engine's server for a cold sleep: on CPU only (a GPU engine sleeps at level 2
+        itself); ``done(None)`` once its processes have exited."""
+        e = self._engine(instance_id)
+        if not self.cpu or self.stopping or e is None or e.server is None or e.parked:
+            return False
+        e.parked = True
+        server = e.server
+        server.terminate()
+        log.info("engine %s: stopping (cold sleep)", instance_id)
+
+        async def stopped() -> None:
+            deadline = time.monotonic() + STOP_TIMEOUT_S
+            while server.process.poll() is None:
+                if time.monotonic() > deadline:
+                    server.kill()
+                await asyncio.sleep(0.1)
+            done(None)
+
+        self._spawn(stopped())
+        return True
+
+    def start_engine(self, instance_id: str, done: Callable[[str | None], None]) -> bool:
+        """Start an engine stopped for a cold sleep; ``done(None)`` once its server answers. One
+        that exits first, or does not answer in time, stays stopped (its device asks again)."""
+        e = self._engine(instance_id)
+        if self.stopping or e is None or not e.parked:
+            return False
+        e.parked = False
+        self._start(e)
+        server = e.server
+        assert server is not None
+
+        async def serving() -> None:
+            deadline = time.monotonic() + REGISTER_TIMEOUT_S
+            while not await answers(e.url):
+                ended = server.process.poll() is not None
+                if ended or time.monotonic() > deadline:
+                    server.terminate()
+                    e.parked = True
+                    why = f"exited with {server.process.returncode}" if ended else "did not answer in time"
+                    done(
+                        f"engine {instance_id} {why} after a cold start; "
+                        f"the end of {e.log}:\n{tail(e.log, 1500)}"
+                    )
+                    return
+                await asyncio.sleep(0.5)
+            done(None)
+
+        self._spawn(serving())
+        return True
+
+    def _engine(self, instance_id: str) -> Engine | None:
+        return next((e for e in self.engines if e.instance_id == instance_id), None)
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     def stop(self, timeout_s: float = 30.0) -> None:
         """SIGTERM every engine at once, then wait (SIGKILL after ``timeout_s``)."""
@@ -309,15 +382,17 @@ async def wait_ready(
     timeout_s: float,
     logs: Callable[[list[str]], str],
     check: Callable[[], None] = lambda: None,
+    asleep: Callable[[str], bool] = lambda iid: False,
 ) -> float:
     """Wait until every engine (instance id -> its server's URL) has registered with the
     coordinator and answers HTTP (its agent registers from the engine core, before the API server
-    binds); the seconds it took. ``check`` raises when an engine is known to have failed; a timeout
-    raises :class:`FleetError` naming the late engines and ``logs(late)``."""
+    binds), or is ``asleep`` (stopped cold once registered); the seconds it took. ``check`` raises
+    when an engine is known to have failed; a timeout raises :class:`FleetError` naming the late
+    engines and ``logs(late)``."""
     t0 = time.monotonic()
     while True:
         check()
-        ready = {iid: registered(iid) and await answers(url) for iid, url in urls.items()}
+        ready = {iid: asleep(iid) or (registered(iid) and await answers(url)) for iid, url in urls.items()}
         if all(ready.values()):
             return time.monotonic() - t0
         if time.monotonic() - t0 > timeout_s:

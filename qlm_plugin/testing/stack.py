@@ -17,6 +17,7 @@ from qlm_plugin.adapters.sim.process import SimEngineLink
 from qlm_plugin.adapters.sim.realtime import RealtimeSim
 from qlm_plugin.coordinator.config import CoordinatorConfig, Listen
 from qlm_plugin.coordinator.coordinator import Coordinator
+from qlm_plugin.coordinator.devices import EngineControl
 from qlm_plugin.coordinator.server import CoordinatorServer
 from qlm_plugin.telemetry.instruments import Telemetry
 from qlm_plugin.transport.agent import AgentSettings, InstanceAgent
@@ -93,11 +94,12 @@ async def local_stack(
     telemetry: Telemetry | None = None,
     agent_settings: AgentSettings | None = None,
     sims: list[SimInstance] | None = None,
+    device_control: Callable[[LocalStack], EngineControl] | None = None,
 ) -> AsyncIterator[LocalStack]:
     """Start a coordinator on free loopback ports (journal in ``tmp``) and ``instances`` simulated
     H100s of the scenario's first model (or the simulated instances ``sims``, then ``instances``
     is how many the coordinator lists: a device's engines are one), ``speed`` times faster than
-    real time. The agents use
+    real time; ``device_control`` makes the devices' control (:class:`SimEngineControl`). The agents use
     ``agent_settings`` when given (its target is replaced by the coordinator's, known only once
     bound: for TLS), else plaintext with ``token``."""
     scenario = scenario or load_scenario()
@@ -131,6 +133,8 @@ async def local_stack(
         else dataclasses.replace(agent_settings, target=target)
     )
     stack = LocalStack(server, sim, settings)
+    if device_control is not None:
+        stack.coordinator.fleet.devices.control = device_control(stack)
     for inst in sims:
         add_instance(stack, inst)
     try:
@@ -161,3 +165,61 @@ def add_instance(stack: LocalStack, inst: SimInstance) -> LocalInstance:
     li = LocalInstance(link, agent, stop, asyncio.get_running_loop().create_task(agent.run(stop)))
     stack.instances[inst.instance_id] = li
     return li
+
+
+class SimEngineControl:
+    """Stops and starts the stack's simulated engines as ``qlm serve`` stops and starts vLLM servers
+    for a cold sleep on CPU (:class:`~qlm_plugin.coordinator.devices.EngineControl`): a stop ends
+    the engine's agent and drops its model's weights; a start loads them from scratch (the cold
+    load time of its cost model) under a new agent, which registers as after a restart. The first
+    ``fail_starts`` starts fail (the server exits before it serves)."""
+
+    def __init__(self, stack: LocalStack, fail_starts: int = 0) -> None:
+        self.stack = stack
+        self.stops = 0
+        self.starts = 0
+        self.fail_starts = fail_starts
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def _spawn(self, work: Awaitable[None]) -> None:
+        task = asyncio.ensure_future(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def stop_engine(self, instance_id: str, done: Callable[[str | None], None]) -> bool:
+        li = self.stack.instances.get(instance_id)
+        if li is None:
+            return False
+        self.stops += 1
+
+        async def stop() -> None:
+            del self.stack.instances[instance_id]
+            await li.shutdown()
+            engine = li.link.inst
+            if engine.model is not None:
+                engine.unload_model(engine.model, keep_warm=False)
+            while engine.model is not None:
+                await asyncio.sleep(0.01)
+            done(None)
+
+        self._spawn(stop())
+        return True
+
+    def start_engine(self, instance_id: str, done: Callable[[str | None], None]) -> bool:
+        engine = self.stack.sim.instance(instance_id)
+        if instance_id in self.stack.instances:
+            return False
+        self.starts += 1
+
+        async def start() -> None:
+            if self.fail_starts > 0:
+                self.fail_starts -= 1
+                await asyncio.sleep(0.05)
+                done("the server exited with 1 before it served")
+                return
+            engine.load_model(next(iter(engine.cost_models)), "gpu")
+            add_instance(self.stack, engine)
+            done(None)
+
+        self._spawn(start())
+        return True

@@ -132,6 +132,9 @@ def test_engines_without_sleep_mode_sleep_cold_by_being_stopped_and_started(
         while len(st.instances) > 1 or len(fleet.devices.parked) != 1:  # one is stopped at start
             assert time.monotonic() < deadline
             await asyncio.sleep(0.05)
+        while any(s.instance_id in fleet.devices.parked for s in fleet.sessions.values()):
+            assert time.monotonic() < deadline  # its session gone too: only the device knows it
+            await asyncio.sleep(0.05)
         state = fleet.qlm_instance_state("gpu0", False)
         assert state is not None and set(state.models_servable) == {"chat-a", "chat-b"}
         assert len(state.models_loaded) == 1 and state.models_warm == ()  # the stopped one is cold

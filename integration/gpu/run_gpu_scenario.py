@@ -13,8 +13,9 @@ What it does (nothing is downloaded: the model is built here with random weights
 4. runs QLM with a KV offload tier (``--kv-offloading-size``) and reports the evictions whose KV
    came back from host memory (the "swap" LSO) against recompute;
 5. the multi-model swap scenario: ``qlm serve --engine vllm`` with the model under two names on
-   one GPU, ``--max-awake 1``, at sleep level 1 and then 2: bursts alternating the models; reports
-   the requests served (each once), the swaps and each swap's time.
+   one GPU, ``--max-awake 1``, at sleep level 1 and then 2, each engine with 85% of the GPU's
+   memory (they start one after another): bursts alternating the models; reports the requests
+   served (each once), the swaps and each swap's time.
 """
 
 from __future__ import annotations
@@ -97,6 +98,9 @@ def sleep_wake(model: Path, work: Path) -> dict[str, float]:
 
 
 GPU_ENGINE_ARGS = ("--max-model-len", "4096", "--max-num-seqs", "64", "--gpu-memory-utilization", "0.45")
+#: The swap scenario's engines each take most of the GPU: possible because ``qlm serve`` starts
+#: them one after another, each put to sleep before the next starts.
+SWAP_ENGINE_ARGS = ("--max-model-len", "4096", "--max-num-seqs", "64", "--gpu-memory-utilization", "0.85")
 
 
 def swap_scenario(
@@ -105,7 +109,7 @@ def swap_scenario(
     level: int,
     bursts: int = 6,
     per_burst: int = 32,
-    engine_args: tuple[str, ...] = GPU_ENGINE_ARGS,
+    engine_args: tuple[str, ...] = SWAP_ENGINE_ARGS,
     tokens: int = 128,
 ) -> dict[str, object]:
     """Two models sharing the GPU, one awake: swaps at sleep ``level``, from ``qlm serve``'s log."""
@@ -210,7 +214,7 @@ def main() -> int:
     results["qlm_kv_offload"] = run_policy(model, "qlm", free_port(), work, **kw).__dict__
     os.environ.pop("QLM_EXTRA_VLLM_ARGS")
     for level in (1, 2):
-        results[f"swap_level{level}"] = swap_scenario(model, work, level)
+        results[f"swap_level{level}"] = swap_scenario(model, work, level, engine_args=SWAP_ENGINE_ARGS)
         print(f"swap level {level}", results[f"swap_level{level}"], flush=True)
     Path(args.out).write_text(json.dumps(results, indent=2))
     print(json.dumps(results, indent=2))

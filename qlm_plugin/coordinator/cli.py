@@ -520,7 +520,16 @@ def _serve_vllm(args: argparse.Namespace, cfg: CoordinatorConfig) -> int:
             fleet = RayEngines(models, per_model, "", engine_args, logs, address, token)
         else:
             device = f"{socket.gethostname()}/0" if args.max_awake else ""
-            fleet = VLLMFleet(models, per_model, "", engine_args, logs, device=device)
+            fleet = VLLMFleet(
+                models,
+                per_model,
+                "",
+                engine_args,
+                logs,
+                device=device,
+                max_awake=cfg.device_max_awake,
+                sleep_level=cfg.device_sleep_level,
+            )
     except FleetError as exc:
         print(f"qlm serve: error: {exc}", file=sys.stderr)
         return 1
@@ -541,6 +550,7 @@ def _serve_vllm(args: argparse.Namespace, cfg: CoordinatorConfig) -> int:
         if isinstance(fleet, VLLMFleet) and fleet.device:
             assert server.coordinator is not None
             server.coordinator.fleet.devices.control = fleet  # cold sleeps on CPU: stop, start
+            fleet.budget = server.coordinator.fleet.devices  # engines started one by one sleep
         try:
             loop = asyncio.get_running_loop()
             await loop.run_in_executor(None, fleet.start)  # Ray calls block

@@ -23,7 +23,8 @@ plan, or the request still parked), so requests of two models arriving in turns 
 swap back and forth inside a switch. A step that fails ends the switch and reports the load as
 failed (the planner places the model's work elsewhere for a while). At start all engines are
 awake: the K holding most work keep a slot each, every other one is put to sleep as soon as it
-holds no request. Not thread-safe: the coordinator's event loop owns it.
+holds no request (``qlm serve`` may instead start them one after another, putting each to sleep
+before the next starts: :meth:`Devices.sleep_engine`). Not thread-safe: the coordinator's event loop owns it.
 """
 
 from __future__ import annotations
@@ -215,7 +216,7 @@ class Devices(Generic[Session]):
         slot takes an awake engine without one, the one holding most work first); returns the awake
         engines left without a slot (to be put to sleep)."""
         members = self.members(device)
-        up = {s.instance_id: s for s in members if awake(s)}
+        up = {s.instance_id: s for s in members if awake(s) and not self._pending_sleep(s)}
         slots = self.slots_of(device)
         for slot in slots:
             iid = self.occupant.get(slot)
@@ -506,6 +507,21 @@ class Devices(Generic[Session]):
         for slot, iid in list(self.occupant.items()):
             if iid == s.instance_id:
                 del self.occupant[slot]
+
+    # ------------------------------------------------------------------ start-up, one by one
+    def sleep_engine(self, instance_id: str) -> bool:
+        """Put a registered, awake engine to sleep now (``qlm serve`` starting engines one after
+        another, so that each may take the device's memory); False: not such an engine."""
+        s = self.sessions.get(instance_id)
+        if s is None or not s.alive or not self.device_of(s) or not awake(s) or s.assigned:
+            return False  # one holding requests finishes them first: asked again
+        if not self._pending_sleep(s):
+            self.settling.add(self._sleep(s))  # no longer seated (_assign): nothing more goes to it
+        return True
+
+    def engine_asleep(self, instance_id: str) -> bool:
+        s = self.parked.get(instance_id) or self.sessions.get(instance_id)
+        return s is not None and (instance_id in self.parked or (s.alive and not awake(s)))
 
     def stopped_cold(self, s: Member) -> bool:
         """Whether the device stopped ``s``'s server (or is stopping it) to sleep it cold."""

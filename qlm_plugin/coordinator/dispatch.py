@@ -75,11 +75,15 @@ class Dispatcher:
 
     # ------------------------------------------------------------------ to the policy
     def served(self, model: str) -> bool:
-        """Whether a live instance serves ``model`` now, or a device's sleeping engine can."""
+        """Whether a live instance serves ``model`` now, or a device's engine can once woken (one
+        asleep, or stopped for a cold sleep)."""
+        if any(serves(s, model) for s in self.fleet.sessions.values() if s.alive):
+            return True
+        devices = self.fleet.devices
         return any(
-            serves(s, model) or (s.report is not None and s.report.device and s.report.can_serve(model))
-            for s in self.fleet.sessions.values()
-            if s.alive
+            s.report is not None and s.report.can_serve(model)
+            for device in devices.names()
+            for s in devices.members(device)
         )
 
     def trace(self, job: Job, parent: Any = None) -> None:

@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import aiohttp
 import yaml
@@ -46,6 +46,19 @@ RESTART_BACKOFF_MAX_S = 120.0
 RESTART_RESET_S = 300.0
 #: How long an engine stopped for a cold sleep has to exit before it is killed, seconds.
 STOP_TIMEOUT_S = 30.0
+
+
+class DeviceBudget(Protocol):
+    """What the fleet asks of the coordinator's devices while its engines start one by one."""
+
+    def sleep_engine(self, instance_id: str) -> bool:
+        """Put the engine to sleep now, as the device puts its engines to sleep (False: it cannot
+        yet: not registered or not awake)."""
+        ...
+
+    def engine_asleep(self, instance_id: str) -> bool:
+        """Whether the engine sleeps (or is stopped, for a cold sleep)."""
+        ...
 
 
 class FleetError(RuntimeError):
@@ -192,15 +205,24 @@ class VLLMFleet:
     engine_args: Sequence[str]
     log_dir: Path
     env: dict[str, str] = field(default_factory=lambda: dict(os.environ))
-    #: the device every engine shares, one awake at a time (the coordinator swaps them); "": none
+    #: the device every engine shares, at most ``max_awake`` awake (the coordinator swaps them); "": none
     device: str = ""
+    max_awake: int = 1
+    sleep_level: int = 1
     engines: list[Engine] = field(default_factory=list)
     stopping: bool = False
+    #: the coordinator's devices: puts an engine to sleep at start (set before :meth:`start`)
+    budget: DeviceBudget | None = None
     _tasks: set[asyncio.Task[None]] = field(default_factory=set, repr=False)
 
     def __post_init__(self) -> None:
         self.cpu = on_cpu()
         count = len(self.models) * self.engines_per_model
+        # Where a sleeping engine frees its memory (GPU sleep mode; a stopped server on CPU), the
+        # engines start one after another, each put to sleep before the next starts once the
+        # budget is awake: each may then take the whole device's memory (--gpu-memory-utilization)
+        frees = not self.cpu or self.sleep_level == 2
+        self.sequential = bool(self.device) and self.max_awake < count and frees
         # CPU engines each get their own cores (vLLM's own binding puts every engine on the same ones)
         shares: list[str | None] = list(launch.cpu_shares(count)) if self.cpu else [None] * count
         for m in self.models:
@@ -210,7 +232,7 @@ class VLLMFleet:
                 self.engines.append(Engine(iid, m, free_port(), self.log_dir / f"{safe}.log", shares.pop(0)))
 
     def start(self) -> None:
-        for e in self.engines:
+        for e in self.engines[:1] if self.sequential else self.engines:
             self._start(e)
 
     def _start(self, e: Engine) -> None:
@@ -247,12 +269,11 @@ class VLLMFleet:
     ) -> float:
         """Wait until every engine has registered with the coordinator and answers HTTP; the
         seconds it took. An engine that exits first, or a timeout, raises :class:`FleetError` with
-        its log's end."""
+        its log's end. Engines that start one after another are started here."""
 
         def exited() -> None:
             for e in self.engines:
-                assert e.server is not None
-                if not e.parked and e.server.process.poll() is not None:
+                if e.server is not None and not e.parked and e.server.process.poll() is not None:
                     raise FleetError(
                         f"engine {e.instance_id} ({e.model.source}) exited with "
                         f"{e.server.process.returncode} before it registered; "
@@ -260,16 +281,42 @@ class VLLMFleet:
                     )
 
         logs = {e.instance_id: str(e.log) for e in self.engines}
-        urls = {e.instance_id: e.url for e in self.engines}
-        parked = {e.instance_id: e for e in self.engines}
-        return await wait_ready(
-            urls,
-            registered,
-            timeout_s,
-            lambda late: ", ".join(logs[i] for i in late),
-            exited,
-            lambda iid: parked[iid].parked,  # put to sleep (stopped) by its device once registered
-        )
+        engines = {e.instance_id: e for e in self.engines}
+        t0 = time.monotonic()
+        for group in [[e] for e in self.engines] if self.sequential else [self.engines]:
+            for e in group:
+                if e.server is None:
+                    self._start(e)
+            await wait_ready(
+                {e.instance_id: e.url for e in group},
+                registered,
+                timeout_s - (time.monotonic() - t0),
+                lambda late: ", ".join(logs[i] for i in late),
+                exited,
+                lambda iid: engines[iid].parked,  # put to sleep (stopped) by its device once registered
+            )
+            if self.sequential and group[0] is not self.engines[-1]:
+                await self._room_for_next(group[0], exited, t0 + timeout_s)
+        return time.monotonic() - t0
+
+    async def _room_for_next(self, started: Engine, check: Callable[[], None], deadline: float) -> None:
+        """Before the next engine starts: with the budget awake, the engine just started sleeps."""
+        budget = self.budget
+        if budget is None:
+            raise FleetError("engines that start one after another need the coordinator's devices")
+        up = [e for e in self.engines if e.server is not None and not budget.engine_asleep(e.instance_id)]
+        if len(up) < self.max_awake:
+            return
+        asked = 0.0
+        while not budget.engine_asleep(started.instance_id):
+            check()
+            if time.monotonic() > deadline:
+                raise FleetError(f"engine {started.instance_id} did not go to sleep before the next start")
+            if time.monotonic() - asked > 5.0:  # asked again: its server may not have been up
+                budget.sleep_engine(started.instance_id)
+                asked = time.monotonic()
+            await asyncio.sleep(0.2)
+        log.info("engine %s: asleep; starting the next one", started.instance_id)
 
     async def supervise(self) -> None:
         """Restart engines whose process ended, after a backoff, until :meth:`stop`."""
@@ -371,7 +418,8 @@ class VLLMFleet:
     def describe(self) -> list[str]:
         return [
             f"engine {e.instance_id}: model {e.model.name} at {e.url} "
-            f"(pid {e.server.process.pid if e.server else '-'}, log {e.log})"
+            f"(pid {e.server.process.pid if e.server else '-, started once the one before sleeps'}, "
+            f"log {e.log})"
             for e in self.engines
         ]
 

@@ -549,7 +549,7 @@ def _serve_vllm(args: argparse.Namespace, cfg: CoordinatorConfig) -> int:
     async def watch() -> None:
         if isinstance(fleet, VLLMFleet) and fleet.device:
             assert server.coordinator is not None
-            server.coordinator.fleet.devices.control = fleet  # cold sleeps on CPU: stop, start
+            server.coordinator.fleet.devices.sleep.control = fleet  # cold sleeps on CPU: stop, start
             fleet.budget = server.coordinator.fleet.devices  # engines started one by one sleep
         try:
             loop = asyncio.get_running_loop()

@@ -91,7 +91,7 @@ class Coordinator:
         if self.queue_manager is not None:
             self.queue_manager.on_replan = self._on_replan
             self.registry.on_state_changed = self._refresh_policy
-        self.fleet.devices.keep_warm = cfg.device_sleep_level == 1
+        self.fleet.devices.sleep.keep_warm = cfg.device_sleep_level == 1
         self.fleet.devices.max_awake = cfg.device_max_awake
         self.fleet.devices.on_failed = self._device_switch_failed
         self.fleet.devices.on_changed = self._device_changed

@@ -4,12 +4,13 @@ vLLM serves one model per engine. Several engines on one GPU cannot all hold the
 cache: at most K are awake (the device's budget, config ``device_max_awake``), the others sleep
 (level 1: weights in host memory, a warm swap; level 2: weights dropped, a cold one; on CPU, where
 sleep mode does not exist, paused for a warm swap, its server stopped for a cold one: an
-:class:`EngineControl`, ``qlm serve``'s supervisor, stops and starts it). Each such engine reports
-the ``device`` it shares; the coordinator presents the device to the queue manager as K **slots**,
-each an instance that holds one model at a time: its loaded model is the awake engine's in it, its
-warm models are the sleeping engines' (those no other slot is waking). The planner and the simulator
-already know how to plan swaps for such instances. A slot is named as its device when K is 1, else
-``DEVICE#j``. A load the planner orders on a slot is carried out as a switch:
+:class:`~.engine_sleep.EngineControl`, ``qlm serve``'s supervisor, stops and starts it: how one
+engine sleeps and wakes is :mod:`.engine_sleep`). Each such engine reports the ``device`` it shares;
+the coordinator presents the device to the queue manager as K **slots**, each an instance that holds
+one model at a time: its loaded model is the awake engine's in it, its warm models are the sleeping
+engines' (those no other slot is waking). The planner and the simulator already know how to plan
+swaps for such instances. A slot is named as its device when K is 1, else ``DEVICE#j``. A load the
+planner orders on a slot is carried out as a switch:
 
 1. drain: no new request goes to the slot; its awake engine finishes what it runs;
 2. sleep that engine (``unload_model``, kept warm unless the device's engines sleep cold; an engine
@@ -21,10 +22,10 @@ So a device never has more than K engines awake after start. One switch runs at 
 load of another model ordered meanwhile is accepted and asked again after it (by the planner's next
 plan, or the request still parked), so requests of two models arriving in turns cannot make a slot
 swap back and forth inside a switch. A step that fails ends the switch and reports the load as
-failed (the planner places the model's work elsewhere for a while). At start all engines are
-awake: the K holding most work keep a slot each, every other one is put to sleep as soon as it
-holds no request (``qlm serve`` may instead start them one after another, putting each to sleep
-before the next starts: :meth:`Devices.sleep_engine`). Not thread-safe: the coordinator's event loop owns it.
+failed (the planner places the model's work elsewhere for a while). At start all engines are awake:
+the K holding most work keep a slot each, every other one is put to sleep as soon as it holds no
+request (``qlm serve`` may instead start them one after another, putting each to sleep before the
+next starts: :meth:`Devices.sleep_engine`). Not thread-safe: the coordinator's event loop owns it.
 """
 
 from __future__ import annotations
@@ -32,56 +33,18 @@ from __future__ import annotations
 import logging
 import statistics
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Generic, Protocol, TypeVar
+from typing import Generic, TypeVar
 
+from qlm_plugin.coordinator.engine_sleep import EngineSleep, Member, awake, device_of
 from qlm_plugin.domain.instance import InstanceInfo, InstanceState
 from qlm_plugin.proto.qlm.v1 import qlm_pb2 as pb
-
-
-class Member(Protocol):
-    """What a device reads of an engine's session (``instances.Session``, which holds the devices)."""
-
-    instance_id: str
-    backend: str
-    gpu: str
-    capabilities: frozenset[str]
-    report: InstanceState | None
-    alive: bool
-
-    @property
-    def assigned(self) -> Mapping[str, int]: ...  # request id -> attempt, not finished
-
-    @property
-    def pending(self) -> Mapping[str, object]: ...  # command id -> the command not acknowledged
-
-
-class EngineControl(Protocol):
-    """Stops and starts engines' servers, for a cold sleep where an engine has no sleep mode (vLLM on
-    CPU). ``qlm serve``'s supervisor of its engines is one. Called on the coordinator's event loop."""
-
-    def stop_engine(self, instance_id: str, done: Callable[[str | None], None]) -> bool:
-        """Stop the engine's server; ``done(None)`` once it has exited, ``done(error)`` if it could
-        not be stopped (later, never inside this call). False (and no call of ``done``): not an
-        engine this control runs, or one that sleeps cold on its own (sleep mode): it is sent
-        ``unload_model``."""
-        ...
-
-    def start_engine(self, instance_id: str, done: Callable[[str | None], None]) -> bool:
-        """Start the stopped engine's server again under its instance id (its agent registers as
-        any engine's does); ``done(None)`` once it answers requests, ``done(error)`` if it ends or
-        fails first. False (and no call of ``done``): not an engine this control runs."""
-        ...
-
 
 log = logging.getLogger("qlm_plugin.coordinator")
 
 Session = TypeVar("Session", bound=Member)
 
-#: How long an acknowledged sleep or wake outranks the engine's reports, seconds (a report made
-#: before the command can arrive after its acknowledgement).
-EXPECT_S = 5.0
 #: How long a start-up sleep that failed waits before it is tried again, seconds.
 SETTLE_RETRY_S = 2.0
 #: Between a device's name and a slot's number, when a device has more than one slot.
@@ -106,10 +69,6 @@ class Switch:
     deadline: float = 0.0  # monotonic: a stopped engine started for it must have registered by then
 
 
-def awake(s: Member) -> bool:
-    return s.report is not None and bool(s.report.models_loaded)
-
-
 def serves(s: Member, model: str) -> bool:
     return s.report is not None and model in s.report.models_servable
 
@@ -126,29 +85,31 @@ class Devices(Generic[Session]):
         max_awake: int = 1,
     ) -> None:
         self.sessions = sessions
-        self.send = send
-        self.keep_warm = keep_warm
         self.max_awake = max_awake  # K: engines awake at once on each device
-        #: stops and starts engines without sleep mode, to sleep them cold (None: they only pause)
-        self.control: EngineControl | None = None
-        self.parked: dict[str, Session] = {}  # instance id -> last session of an engine stopped cold
-        self.ready: set[str] = set()  # parked engines started again whose servers answer
+        #: how an engine sleeps and wakes (its ``keep_warm``: the sleep level; its ``control``:
+        #: stops and starts engines without sleep mode for a cold sleep)
+        self.sleep: EngineSleep[Session] = EngineSleep(sessions, send, self._step_done)
+        self.sleep.keep_warm = keep_warm
         self.switches: dict[str, Switch] = {}  # slot -> its switch under way
         self.occupant: dict[str, str] = {}  # slot -> instance id of the awake engine it holds
         self.switches_done = 0  # completed switches, all devices
         self.swap_times: dict[str, list[float]] = {}  # device -> its last switches' sleep + wake, s
         self.settling: set[str] = set()  # sleep commands of the start-up settling, by command id
         self._settle_after: dict[str, float] = {}  # instance id -> no settling sleep before (monotonic)
-        self._expected: dict[str, tuple[bool, bool, float]] = {}  # id -> (awake, warm, until) acknowledged
         #: A switch failed: (slot, model, error); the coordinator tells the queue manager.
         self.on_failed: Callable[[str, str, str], None] = lambda slot, model, error: None
         #: A slot's serving model changed: the coordinator refreshes the queue manager's view.
         self.on_changed: Callable[[str], None] = lambda slot: None
 
     # ------------------------------------------------------------------ membership
+    @property
+    def parked(self) -> dict[str, Session]:
+        """Engines stopped for a cold sleep: instance id -> the last session of each."""
+        return self.sleep.parked
+
     @staticmethod
     def device_of(s: Member) -> str:
-        return s.report.device if s.report is not None else ""
+        return device_of(s)
 
     def members(self, device: str) -> list[Session]:
         """The device's engines: those connected, and those stopped cold (parked)."""
@@ -350,13 +311,11 @@ class Devices(Generic[Session]):
             if now < self._settle_after.get(s.instance_id, 0.0):
                 continue
             self._settle_after[s.instance_id] = now + SETTLE_RETRY_S
-            self.settling.add(self._sleep(s))
+            self.settling.add(self.sleep.sleep(s))
         for slot in self.slots_of(device):
             switch = self.switches.get(slot)
             if switch is not None and switch.phase == "draining":
                 self._drain(slot, switch)
-            elif switch is not None and f"start:{switch.engine}" in switch.waiting:
-                self._start_complete(switch.engine)  # its agent's report says it is awake now
 
     def _drain(self, slot: str, switch: Switch) -> None:
         engine = self._engine(slot, switch)
@@ -369,23 +328,7 @@ class Devices(Generic[Session]):
         elif not serving.assigned:  # the awake engine finishes its requests first
             switch.phase = "sleeping"
             switch.swap_started = time.monotonic()
-            switch.waiting = {self._sleep(serving)}
-
-    def _sleep(self, s: Session) -> str:
-        """Put ``s`` to sleep; the id of the step to wait for: a command's, or a stop's."""
-        token = f"stop:{s.instance_id}"
-        stop = self.control.stop_engine if self.control is not None and not self.keep_warm else None
-        if stop is not None and stop(s.instance_id, lambda error: self._stopped(s, token, error)):
-            return token
-        return self.send(s, "unload_model", self._model(s), self.keep_warm)
-
-    def _stopped(self, s: Session, token: str, error: str | None) -> None:
-        """An engine stopped cold (or could not be): parked, then the step's switch goes on."""
-        if error is None:
-            self._mark(s, awake=False, warm=False)
-            self.parked[s.instance_id] = s
-            log.info("device %s: %s stopped (cold)", self.device_of(s), s.instance_id)
-        self._step_done(s, token, "stop", error)
+            switch.waiting = {self.sleep.sleep(serving)}
 
     def _engine(self, slot: str, switch: Switch) -> Session | None:
         """The switch's engine; if it left, another sleeping engine of the model, claimed instead."""
@@ -403,42 +346,23 @@ class Devices(Generic[Session]):
             return
         switch.phase = "waking"
         switch.swap_started = switch.swap_started or time.monotonic()
-        iid = engine.instance_id
-        if iid in self.parked and self.control is not None:
-            token = f"start:{iid}"
-            switch.waiting = {token}
+        parked = engine.instance_id in self.parked
+        token = self.sleep.wake(engine, switch.model)
+        if token is None:
+            self._fail(slot, switch, f"{engine.instance_id} is stopped and its control cannot start it")
+            return
+        switch.waiting = {token}
+        if parked:
             switch.deadline = time.monotonic() + START_TIMEOUT_S
-            if self.control.start_engine(iid, lambda error: self._started(iid, token, error)):
-                log.info("device %s: starting %s (stopped cold)", slot, iid)
-                return
-            switch.waiting = set()
-            self._fail(slot, switch, f"{iid} is stopped and its control cannot start it")
-            return
-        switch.waiting = {self.send(engine, "load_model", switch.model, False)}
-
-    def _started(self, iid: str, token: str, error: str | None) -> None:
-        """The control started a parked engine (it answers requests), or failed to."""
-        if error is not None:
-            parked = self.parked.get(iid)
-            if parked is not None:
-                self._step_done(parked, token, "start", error)
-            return
-        self.ready.add(iid)
-        self._start_complete(iid)
-
-    def _start_complete(self, iid: str) -> None:
-        """A started engine serves once its server answers and its agent has registered, awake."""
-        s = self.sessions.get(iid)
-        if iid not in self.ready or s is None or not s.alive or not awake(s):
-            return
-        self.ready.discard(iid)
-        self.parked.pop(iid, None)
-        self._step_done(s, f"start:{iid}", "start", None)
 
     def joined(self, s: Session) -> None:
         """An engine registered: one started for a switch (stopped cold before) may complete it."""
-        if s.instance_id in self.parked:
-            self._start_complete(s.instance_id)
+        self.sleep.check_started(s.instance_id)
+
+    def reported(self, s: Session) -> None:
+        """An engine's state report arrived (see :meth:`EngineSleep.reported`)."""
+        self.sleep.reported(s)
+        self.sleep.check_started(s.instance_id)
 
     def expire(self) -> None:
         """On the coordinator's timer: a stopped engine that has not registered in time fails its
@@ -461,7 +385,7 @@ class Devices(Generic[Session]):
         if step in self.settling:
             self.settling.discard(step)
             if error is None:
-                self._mark(s, awake=False, warm=self.keep_warm and op != "stop")
+                self.sleep.acknowledged(s, op)
             else:  # an engine registers before its HTTP server is up: tried again shortly
                 log.info("device %s: %s did not go to sleep yet: %s", device, s.instance_id, error)
             for each in self.slots_of(device):
@@ -475,8 +399,7 @@ class Devices(Generic[Session]):
         if error is not None:
             self._fail(slot, switch, f"{op} on {s.instance_id}: {error}")
             return True
-        if op != "stop":  # a stopped engine is marked (parked) already
-            self._mark(s, awake=op in ("load_model", "start"), warm=self.keep_warm)
+        self.sleep.acknowledged(s, op)
         if switch.waiting:
             return True
         if switch.phase == "sleeping":
@@ -516,54 +439,18 @@ class Devices(Generic[Session]):
         if s is None or not s.alive or not self.device_of(s) or not awake(s) or s.assigned:
             return False  # one holding requests finishes them first: asked again
         if not self._pending_sleep(s):
-            self.settling.add(self._sleep(s))  # no longer seated (_assign): nothing more goes to it
+            self.settling.add(self.sleep.sleep(s))  # no longer seated (_assign): nothing more goes to it
         return True
 
     def engine_asleep(self, instance_id: str) -> bool:
-        s = self.parked.get(instance_id) or self.sessions.get(instance_id)
-        return s is not None and (instance_id in self.parked or (s.alive and not awake(s)))
+        return self.sleep.asleep(instance_id)
 
     def stopped_cold(self, s: Member) -> bool:
         """Whether the device stopped ``s``'s server (or is stopping it) to sleep it cold."""
-        iid = s.instance_id
-        token = f"stop:{iid}"
-        return (
-            iid in self.parked
-            or token in self.settling
-            or any(token in w.waiting for w in self.switches.values())
-        )
+        return self.sleep.stopped_cold(s)
 
     def _pending_sleep(self, s: Session) -> bool:
         return f"stop:{s.instance_id}" in self.settling or any(cid in self.settling for cid in s.pending)
-
-    @staticmethod
-    def _model(s: Member) -> str:
-        rep = s.report
-        return (rep.models_loaded or rep.models_servable or ("",))[0] if rep is not None else ""
-
-    def _mark(self, s: Session, *, awake: bool, warm: bool) -> None:
-        """What the engine's next report will say, at once (the switch goes on without waiting for it);
-        a report made before the command, arriving after it, does not undo it (:meth:`reported`)."""
-        rep = s.report
-        if rep is None:
-            return
-        model = (rep.models_loaded or rep.models_warm or rep.models_servable or ("",))[0]
-        asleep = (model,) if warm else ()
-        s.report = replace(rep, models_loaded=(model,) if awake else (), models_warm=() if awake else asleep)
-        self._expected[s.instance_id] = (awake, warm, time.monotonic() + EXPECT_S)
-
-    def reported(self, s: Session) -> None:
-        """An engine's state report arrived: one that contradicts a command it acknowledged lately
-        was made before that command, and is corrected."""
-        expected = self._expected.get(s.instance_id)
-        if expected is None or s.report is None:
-            return
-        want_awake, warm, until = expected
-        if awake(s) == want_awake or time.monotonic() > until:
-            del self._expected[s.instance_id]  # confirmed (or too old to hold against the engine)
-            return
-        self._mark(s, awake=want_awake, warm=warm)
-        self._expected[s.instance_id] = expected
 
     def _done(self, slot: str, switch: Switch, engine: Session, *, switched: bool = True) -> None:
         self.switches.pop(slot, None)

@@ -12,7 +12,7 @@ crashed engine comes back under its instance id; the coordinator has already put
 in the queue. Stopping stops the engines after the coordinator has drained (its requests in flight
 finish on them first). Engines that share a device on CPU, where vLLM has no sleep mode, sleep cold
 (``--sleep-level 2``) by being stopped and started by the fleet for the coordinator's devices
-(:class:`~qlm_plugin.coordinator.devices.EngineControl`); the supervisor leaves those alone.
+(:class:`~qlm_plugin.coordinator.engine_sleep.EngineControl`); the supervisor leaves those alone.
 """
 
 from __future__ import annotations

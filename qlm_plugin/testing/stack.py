@@ -17,7 +17,7 @@ from qlm_plugin.adapters.sim.process import SimEngineLink
 from qlm_plugin.adapters.sim.realtime import RealtimeSim
 from qlm_plugin.coordinator.config import CoordinatorConfig, Listen
 from qlm_plugin.coordinator.coordinator import Coordinator
-from qlm_plugin.coordinator.devices import EngineControl
+from qlm_plugin.coordinator.engine_sleep import EngineControl
 from qlm_plugin.coordinator.server import CoordinatorServer
 from qlm_plugin.telemetry.instruments import Telemetry
 from qlm_plugin.transport.agent import AgentSettings, InstanceAgent
@@ -134,7 +134,7 @@ async def local_stack(
     )
     stack = LocalStack(server, sim, settings)
     if device_control is not None:
-        stack.coordinator.fleet.devices.control = device_control(stack)
+        stack.coordinator.fleet.devices.sleep.control = device_control(stack)
     for inst in sims:
         add_instance(stack, inst)
     try:
@@ -169,7 +169,7 @@ def add_instance(stack: LocalStack, inst: SimInstance) -> LocalInstance:
 
 class SimEngineControl:
     """Stops and starts the stack's simulated engines as ``qlm serve`` stops and starts vLLM servers
-    for a cold sleep on CPU (:class:`~qlm_plugin.coordinator.devices.EngineControl`): a stop ends
+    for a cold sleep on CPU (:class:`~qlm_plugin.coordinator.engine_sleep.EngineControl`): a stop ends
     the engine's agent and drops its model's weights; a start loads them from scratch (the cold
     load time of its cost model) under a new agent, which registers as after a restart. The first
     ``fail_starts`` starts fail (the server exits before it serves)."""

@@ -140,6 +140,23 @@ def test_a_pull_hands_over_only_what_the_next_step_can_prefill() -> None:
     assert len(engines.handed["i0"]) == 3, "the cached state counts what was handed over"
 
 
+def test_an_arrival_also_binds_the_request_left_waiting_while_none_is_late() -> None:
+    d, queue, _, _ = dispatcher(state())
+
+    def interactive(rid: str, arrival: float) -> None:
+        r = Request(rid, MODEL, 100, 64, arrival, SLO(arrival + 1.0, None), slo_class="interactive")
+        d.enqueue(queue.entries.setdefault(rid, queue.entry(r, LengthDistribution.point(64))))
+
+    interactive("left", 0.0)  # found every engine queue long: it waits in the global queue
+    interactive("arrival", 0.3)
+    waiting = d.left_waiting(MODEL, 0.3)
+    assert waiting is not None and waiting.request.id == "left", "most urgent, 0.7 s of 1 s left"
+    waiting = d.left_waiting(MODEL, 0.6)
+    assert waiting is not None and waiting.request.id == "arrival", "under half its budget left: next"
+    queue.queue(MODEL).make_late(queue.entries["left"])
+    assert d.left_waiting(MODEL, 0.6) is None, "some are late already: only arrivals bind"
+
+
 def test_an_instance_with_nothing_queued_takes_a_stranded_model() -> None:
     d, queue, fleet, engines = dispatcher(state("i0", model="phi-4"))
     fleet.instances["i0"].costs.setdefault(MODEL, next(iter(fleet.instances["i0"].costs.values())))

@@ -23,6 +23,11 @@ from qlm_plugin.brain.global_queue import Entry, GlobalQueue
 
 #: A TTFT-bound request binds early to an engine whose own queue is shorter than this.
 EARLY_BIND_MAX_WAITING = 8  # TTFT-bound requests waiting there (batch waiting there does not count)
+#: How far into the urgency order an arrival looks for a request left waiting, to bind it too...
+BIND_LOOK_AHEAD = 64
+#: ... one with this share of its TTFT budget left (nearer its deadline it would likely miss in
+#: the engine's queue too).
+BIND_BUDGET_LEFT = 0.5
 #: One pull in this many serves the oldest late request first (no starvation under overload).
 LATE_SHARE = 16
 
@@ -69,6 +74,24 @@ class Dispatcher:
         if not serving:
             return None
         return min(serving, key=lambda v: (-v.free_slots(), v.instance_id)).instance_id
+
+    def left_waiting(self, model: str, now: float) -> Entry | None:
+        """A request to bind early beside an arrival of ``model``: the most urgent TTFT-bound one
+        in the global queue with at least half its TTFT budget left, while none is late yet. It
+        found every engine queue long when it came; an arrival binds only itself, so later ones
+        passed it for good (the engines fill freed seats from their own queues: no pull comes)
+        until it was late, and then it ran after all on-time work. Once requests are late, the
+        load is past what can be met, and fresher arrivals are the likelier to make it."""
+        q = self.queue.queues.get(model)
+        if q is None or q.late:
+            return None
+        entries = self.queue.entries
+        for _, rid in q.order[:BIND_LOOK_AHEAD]:
+            e = entries[rid]
+            due = e.request.slo.ttft_deadline
+            if due is not None and due - now >= BIND_BUDGET_LEFT * (due - e.request.arrival_time):
+                return e
+        return None
 
     def bind_early(self, entry: Entry, now: float) -> None:
         """A TTFT-bound request with no room anywhere joins the shortest engine queue at once: the

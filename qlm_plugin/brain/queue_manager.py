@@ -65,11 +65,13 @@ class QueueManager:
         clairvoyant: bool = False,
         repredict_min_s: float = 0.0,
         plan_on_arrival: bool = True,
+        bind_waiting: bool = True,
     ) -> None:
         if length_prior not in ("half", "max_tokens"):
             raise ValueError(f"length_prior must be 'half' or 'max_tokens', got {length_prior!r}")
         self.cost_models = cost_models
         self.early_binding = early_binding
+        self.bind_waiting = bind_waiting  # an arrival binds early the request left waiting too
         self.estimate_at_admission = estimate_at_admission
         self.refuse_at_admission = refuse_at_admission
         self.length_prior = length_prior
@@ -265,7 +267,10 @@ class QueueManager:
         if planned is not None and planned.free_slots() > 0:
             dispatcher.pull(planned, planned.free_slots(), now)  # room now: it binds at once
         elif self.early_binding and request.slo.ttft_deadline is not None and now < request.slo.ttft_deadline:
+            waiting = dispatcher.left_waiting(request.model, now) if self.bind_waiting else None
             dispatcher.bind_early(entry, now)
+            if waiting is not None and waiting is not entry and waiting.dispatched_at is None:
+                dispatcher.bind_early(waiting, now)
         if now - self.last_plan_at >= self.replan_interval_s or self._unserved(request.model, now):
             self.replan(now)
 

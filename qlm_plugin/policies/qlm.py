@@ -21,6 +21,7 @@ PARTS: dict[str, str] = {
     "predictor": "output length taken as max_tokens",
     "admission-estimate": "no waiting-time estimate at admission: no flag, refusal or eviction on arrival",
     "plan-on-arrival": "a request of a model no instance serves waits for the next tick's plan",
+    "bind-waiting": "an arrival binds only itself early, not the request left waiting in the global queue",
 }
 
 
@@ -46,6 +47,7 @@ def build_qlm(ctx: PolicyContext, *, without: Iterable[str] = (), clairvoyant: b
         length_prior="max_tokens" if "predictor" in off else "half",
         estimate_at_admission="admission-estimate" not in off,
         plan_on_arrival="plan-on-arrival" not in off,
+        bind_waiting="bind-waiting" not in off,
         # On a wall clock (the coordinator) a refusal comes from the front door, before the request
         # is journaled (with this same qlm_admit): once accepted, it is never dropped.
         refuse_at_admission=not ctx.wall_clock,

@@ -386,7 +386,7 @@ def test_a_finished_batch_is_shown_only_once_its_files_can_be_read(
     finalize = BatchStore.finalize
 
     def slow_finalize(self: BatchStore, *args: Any) -> None:
-        time.sleep(0.5)
+        time.sleep(1.5)  # longer than a stall of the polling client on a loaded machine
         finalize(self, *args)
 
     monkeypatch.setattr(BatchStore, "finalize", slow_finalize)

@@ -32,7 +32,7 @@ pytestmark = pytest.mark.slow
 
 CONFIG = """
 heartbeat_interval_s: 0.2
-heartbeat_timeout_s: 2.0
+heartbeat_timeout_s: 10.0
 drain_timeout_s: 5.0
 """
 

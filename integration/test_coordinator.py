@@ -365,8 +365,9 @@ def test_a_slow_client_does_not_stall_others(tmp_path: Path) -> None:
             assert elapsed < 10
             # The slow client still gets its whole answer once it reads.
             text = []
-            async for line in slow.content:
-                s = line.decode().strip()
+            # read whole: a chunk's line can outgrow the small read buffer when the loop runs late
+            for line in (await slow.read()).decode().splitlines():
+                s = line.strip()
                 if s.startswith("data: {"):
                     ch = json.loads(s[6:])["choices"]
                     if ch:
@@ -730,6 +731,8 @@ def test_a_report_that_times_out_is_sent_again_on_the_same_session_and_applied_o
 
         coord.dispatcher.apply_events = counting  # type: ignore[method-assign]
         coord.journal.flush = slow_commit  # type: ignore[method-assign]
+        # every agent's registration answered (the count goes up when the reply is in)
+        await asyncio.gather(*(li.agent.connected.wait() for li in st.instances.values()))
         sessions = {name: li.agent.sessions_started for name, li in st.instances.items()}
         async with CoordinatorClient(st.grpc_target) as c:
             reply = await c.submit(pb.RequestSpec(model=MODEL, prompt="x", max_tokens=40))

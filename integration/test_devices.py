@@ -64,6 +64,16 @@ def awake(st: LocalStack) -> list[str]:
     )
 
 
+async def settled(st: LocalStack, *, engines: int, up: int) -> None:
+    """Wait until every engine has registered (the stack is ready once the device is listed, with
+    its first engine) and the device has put all but ``up`` of them to sleep."""
+    deadline = time.monotonic() + 30
+    live = st.coordinator.fleet.sessions.values
+    while sum(s.alive for s in live()) < engines or len(awake(st)) != up:
+        assert time.monotonic() < deadline, (len(live()), awake(st))
+        await asyncio.sleep(0.05)
+
+
 async def complete(http: aiohttp.ClientSession, st: LocalStack, model: str, i: int) -> dict[str, Any]:
     body = {"model": model, "prompt": f"burst {i}", "max_tokens": 24, "qlm": {"true_output_tokens": 24}}
     async with http.post(f"{st.http_url}/v1/completions", json=body) as r:
@@ -77,10 +87,7 @@ def test_a_device_serves_one_model_at_a_time_and_swaps_in_batches(tmp_path: Path
         fleet = st.coordinator.fleet
         (info,) = fleet.qlm_list_instances()  # the two engines are one instance to the planner
         assert info.instance_id == "gpu0"
-        deadline = time.monotonic() + 10
-        while len(awake(st)) > 1:  # both start awake: one is put to sleep
-            assert time.monotonic() < deadline
-            await asyncio.sleep(0.05)
+        await settled(st, engines=2, up=1)  # both start awake: one is put to sleep
         state = fleet.qlm_instance_state("gpu0", False)
         assert state is not None and set(state.models_servable) == {"chat-a", "chat-b"}
         assert len(state.models_loaded) == 1 and len(state.models_warm) == 1
@@ -128,7 +135,7 @@ def test_engines_without_sleep_mode_sleep_cold_by_being_stopped_and_started(
 
     async def body(st: LocalStack) -> None:
         fleet = st.coordinator.fleet
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 30
         while len(st.instances) > 1 or len(fleet.devices.parked) != 1:  # one is stopped at start
             assert time.monotonic() < deadline
             await asyncio.sleep(0.05)
@@ -193,10 +200,7 @@ def test_a_device_with_room_for_two_keeps_two_models_awake(tmp_path: Path) -> No
     async def body(st: LocalStack) -> None:
         fleet = st.coordinator.fleet
         assert sorted(i.instance_id for i in fleet.qlm_list_instances()) == ["gpu0#0", "gpu0#1"]
-        deadline = time.monotonic() + 10
-        while len(awake(st)) > 2:  # all three start awake: one is put to sleep
-            assert time.monotonic() < deadline
-            await asyncio.sleep(0.05)
+        await settled(st, engines=3, up=2)  # all three start awake: one is put to sleep
         slots = [fleet.qlm_instance_state(f"gpu0#{j}", False) for j in (0, 1)]
         loaded = sorted(m for s in slots if s is not None for m in s.models_loaded)
         assert len(loaded) == 2

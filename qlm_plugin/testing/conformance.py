@@ -30,7 +30,7 @@ from qlm_plugin.domain.request import Request, make_request
 from qlm_plugin.hooks import get_plugin_manager, hookimpl, list_instances
 
 #: Requests an eviction check may take: a real engine can finish one before the order lands.
-EVICT_ATTEMPTS = 3
+EVICT_ATTEMPTS = 6
 
 
 class HarnessUnavailable(Exception):

@@ -110,6 +110,8 @@ def test_the_coordinator_parts_import_one_way() -> None:
         "qlm_plugin.coordinator.journal",
         "qlm_plugin.coordinator.batch_store",
         "qlm_plugin.coordinator.jobs",
+        "qlm_plugin.coordinator.engine_sleep",
+        "qlm_plugin.coordinator.devices",
         "qlm_plugin.coordinator.instances",
         "qlm_plugin.coordinator.forward",
         "qlm_plugin.coordinator.dispatch",

@@ -64,6 +64,15 @@ def awake(st: LocalStack) -> list[str]:
     )
 
 
+def awake_models(st: LocalStack) -> list[str]:
+    return [
+        m
+        for s in st.coordinator.fleet.sessions.values()
+        if s.alive and s.report
+        for m in s.report.models_loaded
+    ]
+
+
 async def settled(st: LocalStack, *, engines: int, up: int) -> None:
     """Wait until every engine has registered (the stack is ready once the device is listed, with
     its first engine) and the device has put all but ``up`` of them to sleep."""
@@ -175,6 +184,27 @@ def test_engines_without_sleep_mode_sleep_cold_by_being_stopped_and_started(
         config={"device_sleep_level": 2},
         device_control=control,
     )
+
+
+def test_switches_wait_while_the_engines_of_a_device_are_starting(tmp_path: Path) -> None:
+    """``qlm serve`` holds a device's switches while it starts the engines one by one (a wake then
+    could take the memory the next engine starts with): a request of the sleeping model waits, and
+    is served once they are let go."""
+
+    async def body(st: LocalStack) -> None:
+        fleet = st.coordinator.fleet
+        await settled(st, engines=2, up=1)
+        (asleep,) = {"chat-a", "chat-b"} - set(awake_models(st))
+        fleet.devices.hold_switches("gpu0", True)
+        async with aiohttp.ClientSession() as http:
+            waiting = asyncio.create_task(complete(http, st, asleep, 1))
+            await asyncio.sleep(1.0)
+            assert not waiting.done() and fleet.devices.switches_done == 0
+            fleet.devices.hold_switches("gpu0", False)
+            answer = await asyncio.wait_for(waiting, 30)
+        assert answer["qlm"]["instance_id"] == f"engine-{asleep}" and fleet.devices.switches_done == 1
+
+    run_with_stack(tmp_path, body, instances=1, scenario=SCENARIO, sims=engines(), speed=20.0)
 
 
 THREE = parse_scenario(

@@ -93,6 +93,7 @@ class Devices(Generic[Session]):
         self.switches: dict[str, Switch] = {}  # slot -> its switch under way
         self.occupant: dict[str, str] = {}  # slot -> instance id of the awake engine it holds
         self.switches_done = 0  # completed switches, all devices
+        self.held: set[str] = set()  # devices whose switches wait: their engines are starting
         self.swap_times: dict[str, list[float]] = {}  # device -> its last switches' sleep + wake, s
         self.settling: set[str] = set()  # sleep commands of the start-up settling, by command id
         self._settle_after: dict[str, float] = {}  # instance id -> no settling sleep before (monotonic)
@@ -318,6 +319,8 @@ class Devices(Generic[Session]):
                 self._drain(slot, switch)
 
     def _drain(self, slot: str, switch: Switch) -> None:
+        if self.device_of_slot(slot) in self.held:
+            return  # its engines are still starting one by one: a wake now could take their memory
         engine = self._engine(slot, switch)
         if engine is None:
             self._fail(slot, switch, "no engine of the device serves it any more")
@@ -441,6 +444,15 @@ class Devices(Generic[Session]):
         if not self._pending_sleep(s):
             self.settling.add(self.sleep.sleep(s))  # no longer seated (_assign): nothing more goes to it
         return True
+
+    def hold_switches(self, device: str, held: bool) -> None:
+        """While ``qlm serve`` starts a device's engines one by one, switches ordered on it wait
+        (a switch waking an engine then could take the memory the next one starts with)."""
+        if held:
+            self.held.add(device)
+            return
+        self.held.discard(device)
+        self.step(device)
 
     def engine_asleep(self, instance_id: str) -> bool:
         return self.sleep.asleep(instance_id)

@@ -60,6 +60,10 @@ class DeviceBudget(Protocol):
         """Whether the engine sleeps (or is stopped, for a cold sleep)."""
         ...
 
+    def hold_switches(self, device: str, held: bool) -> None:
+        """Make the device's model switches wait (True) until the engines have started (False)."""
+        ...
+
 
 class FleetError(RuntimeError):
     """The engines could not be started or did not register."""
@@ -283,20 +287,29 @@ class VLLMFleet:
         logs = {e.instance_id: str(e.log) for e in self.engines}
         engines = {e.instance_id: e for e in self.engines}
         t0 = time.monotonic()
-        for group in [[e] for e in self.engines] if self.sequential else [self.engines]:
-            for e in group:
-                if e.server is None:
-                    self._start(e)
-            await wait_ready(
-                {e.instance_id: e.url for e in group},
-                registered,
-                timeout_s - (time.monotonic() - t0),
-                lambda late: ", ".join(logs[i] for i in late),
-                exited,
-                lambda iid: engines[iid].parked,  # put to sleep (stopped) by its device once registered
-            )
-            if self.sequential and group[0] is not self.engines[-1]:
-                await self._room_for_next(group[0], exited, t0 + timeout_s)
+        held = self.sequential and self.budget is not None
+        if held:
+            assert self.budget is not None
+            self.budget.hold_switches(self.device, True)
+        try:
+            for group in [[e] for e in self.engines] if self.sequential else [self.engines]:
+                for e in group:
+                    if e.server is None:
+                        self._start(e)
+                await wait_ready(
+                    {e.instance_id: e.url for e in group},
+                    registered,
+                    timeout_s - (time.monotonic() - t0),
+                    lambda late: ", ".join(logs[i] for i in late),
+                    exited,
+                    lambda iid: engines[iid].parked,  # put to sleep (stopped) by its device once registered
+                )
+                if self.sequential and group[0] is not self.engines[-1]:
+                    await self._room_for_next(group[0], exited, t0 + timeout_s)
+        finally:
+            if held:
+                assert self.budget is not None
+                self.budget.hold_switches(self.device, False)
         return time.monotonic() - t0
 
     async def _room_for_next(self, started: Engine, check: Callable[[], None], deadline: float) -> None:

@@ -194,11 +194,14 @@ def test_switches_wait_while_the_engines_of_a_device_are_starting(tmp_path: Path
     async def body(st: LocalStack) -> None:
         fleet = st.coordinator.fleet
         await settled(st, engines=2, up=1)
-        (asleep,) = {"chat-a", "chat-b"} - set(awake_models(st))
+        (up,) = awake_models(st)
+        (asleep,) = {"chat-a", "chat-b"} - {up}
         fleet.devices.hold_switches("gpu0", True)
         async with aiohttp.ClientSession() as http:
             waiting = asyncio.create_task(complete(http, st, asleep, 1))
             await asyncio.sleep(1.0)
+            served = await asyncio.wait_for(complete(http, st, up, 2), 10)  # the awake one serves on
+            assert served["qlm"]["instance_id"] == f"engine-{up}"
             assert not waiting.done() and fleet.devices.switches_done == 0
             fleet.devices.hold_switches("gpu0", False)
             answer = await asyncio.wait_for(waiting, 30)

@@ -279,6 +279,8 @@ class Devices(Generic[Session]):
             return False
         if slot in self.switches:
             return True  # one switch at a time: a load of another model is asked again after it
+        if self.device_of_slot(slot) in self.held:
+            return True  # its engines are starting one by one: asked again once they have
         if self.target(slot, model) is not None:
             return True  # serving it already
         engine = next((s for s in mine if serves(s, model) and s is not serving), None)
@@ -319,8 +321,6 @@ class Devices(Generic[Session]):
                 self._drain(slot, switch)
 
     def _drain(self, slot: str, switch: Switch) -> None:
-        if self.device_of_slot(slot) in self.held:
-            return  # its engines are still starting one by one: a wake now could take their memory
         engine = self._engine(slot, switch)
         if engine is None:
             self._fail(slot, switch, "no engine of the device serves it any more")
@@ -446,13 +446,15 @@ class Devices(Generic[Session]):
         return True
 
     def hold_switches(self, device: str, held: bool) -> None:
-        """While ``qlm serve`` starts a device's engines one by one, switches ordered on it wait
-        (a switch waking an engine then could take the memory the next one starts with)."""
+        """While ``qlm serve`` starts a device's engines one by one, no switch starts on it (one
+        waking an engine then could take the memory the next one starts with); the awake engines
+        serve meanwhile, and the loads ordered are planned again once it is let go."""
         if held:
             self.held.add(device)
             return
         self.held.discard(device)
-        self.step(device)
+        for slot in self.slots_of(device):
+            self.on_changed(slot)  # the loads refused meanwhile are planned again
 
     def engine_asleep(self, instance_id: str) -> bool:
         return self.sleep.asleep(instance_id)

@@ -213,7 +213,7 @@ class InstanceRegistry:
         jobs = [self.book.jobs[r] for r in list(s.assigned) if r in self.book.jobs]
         if not device:
             self.hook.qlm_instance_left(instance_id=s.instance_id, now=time.time())
-        elif not self.fleet.devices.members(device):
+        elif not parked and not self.fleet.devices.members(device):  # one stopped cold still counts
             for slot in self.fleet.devices.slots_of(device):
                 self.hook.qlm_instance_left(instance_id=slot, now=time.time())
         else:

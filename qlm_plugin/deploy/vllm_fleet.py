@@ -370,11 +370,7 @@ class VLLMFleet:
         log.info("engine %s: stopping (cold sleep)", instance_id)
 
         async def stopped() -> None:
-            deadline = time.monotonic() + STOP_TIMEOUT_S
-            while server.process.poll() is None:
-                if time.monotonic() > deadline:
-                    server.kill()
-                await asyncio.sleep(0.1)
+            await asyncio.to_thread(server.wait_or_kill, STOP_TIMEOUT_S)
             done(None)
 
         self._spawn(stopped())
@@ -397,6 +393,7 @@ class VLLMFleet:
                 ended = server.process.poll() is not None
                 if ended or time.monotonic() > deadline:
                     server.terminate()
+                    await asyncio.to_thread(server.wait_or_kill, STOP_TIMEOUT_S)  # port and memory back
                     e.parked = True
                     why = f"exited with {server.process.returncode}" if ended else "did not answer in time"
                     done(

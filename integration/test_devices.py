@@ -83,8 +83,11 @@ async def settled(st: LocalStack, *, engines: int, up: int) -> None:
         await asyncio.sleep(0.05)
 
 
-async def complete(http: aiohttp.ClientSession, st: LocalStack, model: str, i: int) -> dict[str, Any]:
-    body = {"model": model, "prompt": f"burst {i}", "max_tokens": 24, "qlm": {"true_output_tokens": 24}}
+async def complete(
+    http: aiohttp.ClientSession, st: LocalStack, model: str, i: int, tokens: int = 24
+) -> dict[str, Any]:
+    qlm = {"true_output_tokens": tokens}
+    body = {"model": model, "prompt": f"burst {i}", "max_tokens": tokens, "qlm": qlm}
     async with http.post(f"{st.http_url}/v1/completions", json=body) as r:
         assert r.status == 200, await r.text()
         return dict(await r.json())
@@ -206,6 +209,39 @@ def test_switches_wait_while_the_engines_of_a_device_are_starting(tmp_path: Path
             fleet.devices.hold_switches("gpu0", False)
             answer = await asyncio.wait_for(waiting, 30)
         assert answer["qlm"]["instance_id"] == f"engine-{asleep}" and fleet.devices.switches_done == 1
+
+    run_with_stack(tmp_path, body, instances=1, scenario=SCENARIO, sims=engines(), speed=20.0)
+
+
+def test_an_engine_asked_to_sleep_while_serving_takes_no_more_and_sleeps_once_done(tmp_path: Path) -> None:
+    """``qlm serve`` puts each engine to sleep before it starts the next. One still serving is
+    unseated at once (under steady traffic it would never be idle otherwise): it finishes what it
+    holds and then sleeps; a request arriving meanwhile waits, and is served once switches may run."""
+
+    async def body(st: LocalStack) -> None:
+        fleet = st.coordinator.fleet
+        await settled(st, engines=2, up=1)
+        (up,) = awake_models(st)
+        engine = f"engine-{up}"
+        fleet.devices.hold_switches("gpu0", True)
+        async with aiohttp.ClientSession() as http:
+            first = [asyncio.create_task(complete(http, st, up, i, tokens=1000)) for i in range(3)]
+            deadline = time.monotonic() + 10
+            while len(fleet.sessions[engine].assigned) < 3:
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.01)
+            assert fleet.devices.sleep_engine(engine)
+            later = asyncio.create_task(complete(http, st, up, 9))
+            served = await asyncio.wait_for(asyncio.gather(*first), 30)
+            assert {a["qlm"]["instance_id"] for a in served} == {engine}
+            deadline = time.monotonic() + 10
+            while not fleet.devices.engine_asleep(engine):
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.02)
+            assert not later.done() and awake(st) == []
+            fleet.devices.hold_switches("gpu0", False)
+            answer = await asyncio.wait_for(later, 30)
+        assert answer["qlm"]["instance_id"] == engine  # woken again for it
 
     run_with_stack(tmp_path, body, instances=1, scenario=SCENARIO, sims=engines(), speed=20.0)
 

@@ -97,6 +97,8 @@ class Devices(Generic[Session]):
         self.swap_times: dict[str, list[float]] = {}  # device -> its last switches' sleep + wake, s
         self.settling: set[str] = set()  # sleep commands of the start-up settling, by command id
         self._settle_after: dict[str, float] = {}  # instance id -> no settling sleep before (monotonic)
+        #: engines asked to sleep while holding requests: unseated, they sleep once those finish
+        self.retiring: dict[str, Session] = {}
         #: A switch failed: (slot, model, error); the coordinator tells the queue manager.
         self.on_failed: Callable[[str, str, str], None] = lambda slot, model, error: None
         #: A slot's serving model changed: the coordinator refreshes the queue manager's view.
@@ -179,10 +181,13 @@ class Devices(Generic[Session]):
         engines left without a slot (to be put to sleep)."""
         members = self.members(device)
         up = {s.instance_id: s for s in members if awake(s) and not self._pending_sleep(s)}
+        for rid, r in list(self.retiring.items()):
+            if self.sessions.get(rid) is not r or not r.alive or not awake(r):
+                del self.retiring[rid]  # asleep (or gone): seated again once woken
         slots = self.slots_of(device)
         for slot in slots:
             iid = self.occupant.get(slot)
-            if iid is not None and iid not in up and not self._going_to_sleep(slot):
+            if iid is not None and (iid not in up or iid in self.retiring) and not self._going_to_sleep(slot):
                 del self.occupant[slot]
         seated = set(self.occupant.values())
         claimed = {sw.engine for sw in self.switches.values()}  # a switch seats its engine itself
@@ -190,10 +195,13 @@ class Devices(Generic[Session]):
             (s for iid, s in up.items() if iid not in seated),
             key=lambda s: (s.instance_id in claimed, -len(s.assigned), s.instance_id),
         )
+        seatable = [s for s in loose if s.instance_id not in claimed and s.instance_id not in self.retiring]
         for slot in slots:
             free = slot not in self.occupant and slot not in self.switches
-            if free and loose and loose[0].instance_id not in claimed:
-                self.occupant[slot] = loose.pop(0).instance_id
+            if free and seatable:
+                engine = seatable.pop(0)
+                loose.remove(engine)
+                self.occupant[slot] = engine.instance_id
         return loose
 
     def _going_to_sleep(self, slot: str) -> bool:
@@ -439,9 +447,14 @@ class Devices(Generic[Session]):
         """Put a registered, awake engine to sleep now (``qlm serve`` starting engines one after
         another, so that each may take the device's memory); False: not such an engine."""
         s = self.sessions.get(instance_id)
-        if s is None or not s.alive or not self.device_of(s) or not awake(s) or s.assigned:
-            return False  # one holding requests finishes them first: asked again
-        if not self._pending_sleep(s):
+        if s is None or not s.alive or not self.device_of(s) or not awake(s):
+            return False
+        if s.assigned:
+            # Unseated at once (_assign), so under steady traffic it does not keep taking requests:
+            # it finishes those it holds, then sleeps as an engine awake beyond the budget (step).
+            self.retiring[instance_id] = s
+            self.step(self.device_of(s))
+        elif not self._pending_sleep(s):
             self.settling.add(self.sleep.sleep(s))  # no longer seated (_assign): nothing more goes to it
         return True
 

@@ -184,6 +184,38 @@ classes:
     assert all(o.status is Status.FINISHED for o in result.outcomes), "both models served"
 
 
+# ------------------------------------------------------------------------------------ estimates told
+
+
+def test_a_client_is_told_its_lanes_head_of_line_delay_while_the_lane_has_a_backlog() -> None:
+    d, queue, fleet, _ = dispatcher(state())
+    est = d.estimator
+    entries = []
+    for i, at in enumerate((0.0, 1.0, 2.0, 10.0)):
+        r = Request(f"b{i}", MODEL, 100, 64, at, SLO(None, at + 600.0), slo_class="batch")
+        e = queue.entries[r.id] = queue.entry(r, LengthDistribution.point(64))
+        d.enqueue(e)
+        est.note_arrival(e, at)
+        entries.append(e)
+    model = WaitEstimate("i0", 0.5, 0.2, 3.0, 1.0, 0.9)
+    prefill = est._ref_cost[MODEL].step_s(100, 0)
+    told = est.told(entries[3].request, model, 10.0)
+    # the oldest request still waiting arrived 10 s ago: the newcomer waits about as long
+    assert told.wait_mean_s == pytest.approx(10.0 + prefill)
+    assert told.completion_mean_s == pytest.approx(3.0 + 10.0 + prefill - 0.5)
+    assert told.p_meet == 0.9 and told.wait_std_s == 0.2
+    # the head handed to an engine, the next one late (it runs after every on-time request): skipped
+    d.dispatch(fleet.instances["i0"], entries[0], 10.0)
+    queue.queue(MODEL).make_late(entries[1])
+    assert est.told(entries[3].request, model, 10.0).wait_mean_s == pytest.approx(8.0 + prefill)
+    # another class of the same model has its own lane: no backlog there, the model's estimate
+    other = Request("i", MODEL, 100, 64, 10.0, SLO(11.0, None), slo_class="interactive")
+    assert est.told(other, model, 10.0).wait_mean_s == 0.5
+    for e in entries[2:]:
+        d.dispatch(fleet.instances["i0"], e, 10.0)
+    assert est.told(entries[3].request, model, 10.0).wait_mean_s == 0.5  # backlog gone
+
+
 # ------------------------------------------------------------------------------------ admission
 
 

@@ -6,12 +6,14 @@ predicted finish of their running requests (overdue ones predicted again from th
 work through the seat-seconds queued ahead of the request (the global queue's work index), while
 more urgent work keeps arriving and is served first; the per-step prefill token budget is a second
 bottleneck. The variance is the central-limit sum of the predicted variances ahead over the seats,
-widened by a Student-t when few requests are ahead (:mod:`qlm_plugin.brain.waiting_time`).
+widened by a Student-t when few requests are ahead (:mod:`qlm_plugin.brain.waiting_time`). What a
+client is told is measured where it can be: while the request's lane (model and SLO class) has a
+backlog, the wait told is how long the lane's oldest waiting request has waited so far.
 
 The estimator owns what it learns: the step-cost fit of each instance (from the step timings the
-backends report), the arrival rates of urgent work, the seats' predicted finish times, and the
-calibration of its estimates against outcomes (per class and magnitude band: corrected means, and an
-empirical P(meet)). Thread safety: none; one event loop owns it.
+backends report), the arrival rates of urgent work, the seats' predicted finish times, each lane's
+delay history, and the calibration of its estimates against outcomes (per class and magnitude
+band: corrected means, and an empirical P(meet)). Thread safety: none; one event loop owns it.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import numpy as np
 from qlm_plugin.brain.fleet_view import FleetView, InstanceView
 from qlm_plugin.brain.global_queue import REFERENCE_BATCH, Entry, GlobalQueue
 from qlm_plugin.brain.waiting_time import (
+    HeadOfLine,
     PMeetCalibrator,
     ResidualCalibrator,
     StepCalibrator,
@@ -118,6 +121,7 @@ class WaitEstimator:
         # seat-seconds), and their sum over the window (the rate a backlog drains, as measured)
         self._drained: dict[tuple[str, bool], deque[tuple[float, float]]] = {}
         self._drained_sum: dict[tuple[str, bool], float] = {}
+        self._lanes: dict[tuple[str, str], HeadOfLine] = {}  # (model, class) -> its delay history
 
     # ------------------------------------------------------------------ step costs
     def steps(self, instance_id: str) -> InstanceSteps:
@@ -181,7 +185,9 @@ class WaitEstimator:
     # ------------------------------------------------------------------ urgent arrivals
     def note_arrival(self, entry: Entry, now: float) -> None:
         """Exponentially decayed rates (10 s memory) of TTFT-bound arrivals per model: requests/s
-        and seat-seconds/s (the urgent inflow that overtakes batch work while it waits)."""
+        and seat-seconds/s (the urgent inflow that overtakes batch work while it waits); and the
+        request joins its lane's delay history."""
+        self._lane(entry.request).arrived(entry.request.id, entry.request.arrival_time)
         if entry.request.slo.ttft_deadline is None:
             return
         m = entry.request.model
@@ -394,14 +400,36 @@ class WaitEstimator:
         self._band(slo_class, what, self._band_of(raw_s)).observe(raw_s, actual_s)
         self._band(slo_class, what, POOLED).observe(raw_s, actual_s)
 
-    def told(self, request: Request, estimate: WaitEstimate) -> WaitEstimate:
-        """The estimate as told to a client: its P(meet) calibrated against how often requests of
-        the class told as much met their SLO lately (the queue manager acts on the model's own
-        P(meet), whose thresholds it was tuned on; a client and admission control get the rate)."""
+    def _lane(self, request: Request) -> HeadOfLine:
+        key = (request.model, request.slo_class)
+        lane = self._lanes.get(key)
+        if lane is None:
+            lane = self._lanes[key] = HeadOfLine(self._waits_in_order)
+        return lane
+
+    def _waits_in_order(self, request_id: str) -> bool:
+        e = self.queue.entries.get(request_id)
+        return e is not None and e.dispatched_at is None and not e.late
+
+    def told(self, request: Request, estimate: WaitEstimate, now: float) -> WaitEstimate:
+        """The estimate as told to a client. Its P(meet): calibrated against how often requests of
+        the class told as much met their SLO lately. Its wait: while the request's lane has a
+        backlog, the lane's head-of-line delay (measured) and the prefill, not the model's (the
+        queue manager acts on the model's own estimate, whose thresholds it was tuned on; a client
+        and admission control get what was measured)."""
         c = self._told.get(request.slo_class)
         if c is None:
             c = self._told[request.slo_class] = PMeetCalibrator()
-        return dataclasses.replace(estimate, p_meet=c.told(estimate.p_meet))
+        wait, done = estimate.wait_mean_s, estimate.completion_mean_s
+        behind = self._lane(request).delay_s(now)
+        if behind > 0:
+            cost = self._ref_cost.get(request.model)
+            measured = behind + (cost.step_s(request.prompt_tokens, 0) if cost else 0.0)
+            done += measured - wait
+            wait = measured
+        return dataclasses.replace(
+            estimate, wait_mean_s=wait, completion_mean_s=done, p_meet=c.told(estimate.p_meet)
+        )
 
     # ------------------------------------------------------------------ outcomes
     def admitted(self, request_id: str, now: float, estimate: WaitEstimate, p_model: float) -> None:

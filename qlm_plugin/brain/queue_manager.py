@@ -222,7 +222,7 @@ class QueueManager:
         est: WaitEstimate = self._hook.qlm_estimate_wait(request=request, now=now)
         # What the client and admission control get: the P(meet) calibrated against outcomes. The
         # queue manager's own decisions below act on the model's.
-        told = self.estimator.told(request, est)
+        told = self.estimator.told(request, est, now)
         # (the queue manager's own admission when no plugin answers, as when it is wired alone)
         verdict = self._hook.qlm_admit(request=request, estimate=told, now=now) or self.admission.qlm_admit(
             request, told, now
@@ -237,7 +237,7 @@ class QueueManager:
         ):
             # Handed to an engine with a seat made for it: it starts at the next step.
             after = self.estimator.estimate(entry, now)
-            told = self.estimator.told(request, after)
+            told = self.estimator.told(request, after, now)
             self.estimator.admitted(request.id, now, told, after.p_meet)
             return Admission(request.id, True, True, entry.instance, told.wait_mean_s, told.p_meet)
         if not verdict.accepted and self.refuse_at_admission:

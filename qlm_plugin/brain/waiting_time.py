@@ -12,6 +12,7 @@
 * :class:`StepCalibrator`: step time calibrated online, as an exponentially weighted fit of
   ``b0 + b1*prefill + b2*decode`` to the step timings backends report, starting from the cost model.
 * :class:`ResidualCalibrator`: estimates calibrated online against outcomes (conformal-style).
+* :class:`HeadOfLine`: the delay history of one lane: how long its oldest waiting request has waited.
 
 Not thread-safe: owned by the queue manager's loop.
 """
@@ -21,7 +22,7 @@ from __future__ import annotations
 import bisect
 import math
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 from scipy.stats import t as student_t
@@ -148,6 +149,36 @@ def heavy_tail_factor(ahead: int) -> float:
 
 
 _T_FACTORS = [1.0] + [float(student_t.ppf(0.9, k) / 1.2815515655446004) for k in range(1, HEAVY_TAIL_BELOW)]
+
+
+#: Arrivals a lane's delay history keeps (a bound on its memory if its head never leaves).
+MAX_LANE_ARRIVALS = 100_000
+
+
+class HeadOfLine:
+    """The head-of-line delay of one lane (one model and SLO class, whose requests share a budget
+    and so are served first come, first served among themselves): how long the oldest request still
+    waiting has waited so far. Under a backlog a new arrival waits about as long as that (the HOL
+    predictor of Ibrahim & Whitt, "Real-time delay estimation based on delay history", 2009): it is
+    measured, so it holds what a model of the queue misses (the urgent work that keeps overtaking,
+    swaps, the engines' real pace), and it follows a load that changes, which a drain rate
+    extrapolated from the last seconds does not. ``waiting(request_id)`` says whether a request
+    still waits in order (not handed to an engine, not late, not gone); the others are dropped as
+    they reach the head (at most ``MAX_LANE_ARRIVALS`` are kept: the oldest go first)."""
+
+    def __init__(self, waiting: Callable[[str], bool]) -> None:
+        self._waiting = waiting
+        self._arrivals: deque[tuple[float, str]] = deque(maxlen=MAX_LANE_ARRIVALS)
+
+    def arrived(self, request_id: str, at: float) -> None:
+        self._arrivals.append((at, request_id))
+
+    def delay_s(self, now: float) -> float:
+        """How long the oldest request still waiting has waited; 0 with no backlog."""
+        arrivals = self._arrivals
+        while arrivals and not self._waiting(arrivals[0][1]):
+            arrivals.popleft()
+        return max(0.0, now - arrivals[0][0]) if arrivals else 0.0
 
 
 class ResidualCalibrator:

@@ -256,7 +256,7 @@ class Coordinator:
         if est is None:
             return None
         if self.queue_manager is not None:  # what a client is told: calibrated against outcomes
-            est = self.queue_manager.estimator.told(request, est)
+            est = self.queue_manager.estimator.told(request, est, now)
         return Admission(
             request.id, True, est.p_meet >= self.cfg.reject_below_p_meet, None, est.wait_mean_s, est.p_meet
         )

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from qlm_plugin.brain.admission import AdmissionControl, retry_after_s
-from qlm_plugin.brain.dispatch import Dispatcher
+from qlm_plugin.brain.dispatch import EARLY_BIND_MAX_WAITING, Dispatcher
 from qlm_plugin.brain.estimator import WaitEstimator
 from qlm_plugin.brain.fleet_view import FleetView
 from qlm_plugin.brain.global_queue import GlobalQueue
@@ -155,6 +155,22 @@ def test_an_arrival_also_binds_the_request_left_waiting_while_none_is_late() -> 
     assert waiting is not None and waiting.request.id == "arrival", "under half its budget left: next"
     queue.queue(MODEL).make_late(queue.entries["left"])
     assert d.left_waiting(MODEL, 0.6) is None, "some are late already: only arrivals bind"
+
+
+def test_the_request_left_waiting_binds_one_place_past_the_engine_queues_limit() -> None:
+    """An arrival binds early only to an engine queue with fewer than ``EARLY_BIND_MAX_WAITING``
+    urgent requests; the older request bound beside it gets one place more (where the arrival took
+    the last one, the more urgent request would otherwise be passed by every later arrival)."""
+    full = state(num_waiting=EARLY_BIND_MAX_WAITING, num_waiting_urgent=EARLY_BIND_MAX_WAITING)
+    d, queue, _, engines = dispatcher(full)
+    engines.qlm_instance_state = lambda instance_id, detail: full  # type: ignore[attr-defined]
+    r = Request("left", MODEL, 100, 64, 0.0, SLO(1.0, None), slo_class="interactive")
+    e = queue.entries["left"] = queue.entry(r, LengthDistribution.point(64))
+    d.enqueue(e)
+    d.bind_early(e, 0.3)
+    assert e.dispatched_at is None and "i0" not in engines.handed
+    d.bind_early(e, 0.3, max_waiting=EARLY_BIND_MAX_WAITING + 1)
+    assert e.dispatched_at == 0.3 and engines.handed["i0"] == ["left"] and "left" in d.bound_early
 
 
 def test_an_instance_with_nothing_queued_takes_a_stranded_model() -> None:

@@ -93,11 +93,12 @@ class Dispatcher:
                 return e
         return None
 
-    def bind_early(self, entry: Entry, now: float) -> None:
+    def bind_early(self, entry: Entry, now: float, *, max_waiting: int = EARLY_BIND_MAX_WAITING) -> None:
         """A TTFT-bound request with no room anywhere joins the shortest engine queue at once: the
         engine ranks it by urgency, so it passes the batch work waiting there the moment KV frees
         (waiting for a pull would leave it behind work the engine already holds). Only while engine
-        queues are short: under overload the global queue, with its late list, keeps control."""
+        queues are short (fewer than ``max_waiting`` TTFT-bound requests waiting there): under
+        overload the global queue, with its late list, keeps control."""
         serving = [v for v in self.fleet.serving(entry.request.model) if v.state is not None]
         if not serving:
             return
@@ -119,7 +120,7 @@ class Dispatcher:
             )
 
         for view in sorted(serving, key=load)[:2]:
-            if urgent_waiting(view) < EARLY_BIND_MAX_WAITING:
+            if urgent_waiting(view) < max_waiting:
                 if self.dispatch(view, entry, now):
                     self.bound_early[entry.request.id] = entry  # watched until it starts
                 return

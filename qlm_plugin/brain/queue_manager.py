@@ -23,6 +23,7 @@ from typing import Any
 import pluggy
 
 from qlm_plugin.brain.admission import AdmissionControl
+from qlm_plugin.brain.dispatch import EARLY_BIND_MAX_WAITING
 from qlm_plugin.brain.estimator import WaitEstimator
 from qlm_plugin.brain.eviction import EVICT_BELOW_P
 from qlm_plugin.brain.fleet_view import FleetView, InstanceView
@@ -270,7 +271,8 @@ class QueueManager:
             waiting = dispatcher.left_waiting(request.model, now) if self.bind_waiting else None
             dispatcher.bind_early(entry, now)
             if waiting is not None and waiting is not entry and waiting.dispatched_at is None:
-                dispatcher.bind_early(waiting, now)
+                # one place more: where the arrival took the last one, the older request still goes
+                dispatcher.bind_early(waiting, now, max_waiting=EARLY_BIND_MAX_WAITING + 1)
         if now - self.last_plan_at >= self.replan_interval_s or self._unserved(request.model, now):
             self.replan(now)
 

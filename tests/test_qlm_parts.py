@@ -224,6 +224,8 @@ def test_a_client_is_told_its_lanes_head_of_line_delay_while_the_lane_has_a_back
     d.dispatch(fleet.instances["i0"], entries[0], 10.0)
     queue.queue(MODEL).make_late(entries[1])
     assert est.told(entries[3].request, model, 10.0).wait_mean_s == pytest.approx(8.0 + prefill)
+    # one already handed to an engine (as an eviction at admission does) starts there: the model's
+    assert est.told(entries[0].request, model, 10.0).wait_mean_s == 0.5
     # another class of the same model has its own lane: no backlog there, the model's estimate
     other = Request("i", MODEL, 100, 64, 10.0, SLO(11.0, None), slo_class="interactive")
     assert est.told(other, model, 10.0).wait_mean_s == 0.5

@@ -421,7 +421,9 @@ class WaitEstimator:
         if c is None:
             c = self._told[request.slo_class] = PMeetCalibrator()
         wait, done = estimate.wait_mean_s, estimate.completion_mean_s
-        behind = self._lane(request).delay_s(now)
+        entry = self.queue.entries.get(request.id)
+        seated = entry is not None and entry.dispatched_at is not None  # an eviction made it a seat
+        behind = 0.0 if seated else self._lane(request).delay_s(now)
         if behind > 0:
             cost = self._ref_cost.get(request.model)
             measured = behind + (cost.step_s(request.prompt_tokens, 0) if cost else 0.0)

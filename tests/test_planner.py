@@ -1,15 +1,8 @@
-"""The planner: the exact MILP against exhaustive search, the heuristic, and the model-swap rules."""
+"""The planner: list scheduling of request groups, and the model-swap rules."""
 
 from __future__ import annotations
 
-import itertools
-import math
-import random
-from typing import Any
-
-import pytest
-
-from qlm_plugin.brain.planner import GroupStat, Machine, Planner, _ready_at
+from qlm_plugin.brain.planner import GroupStat, Machine, Planner
 from qlm_plugin.domain.plan import LoadModel
 
 
@@ -29,61 +22,6 @@ def group(
     i: int, model: str, seat_s: float, deadline: float, ttft: bool = False, weight: float = 1.0
 ) -> GroupStat:
     return GroupStat((model, "c", i), model, [f"g{i}-r"], seat_s, deadline, deadline, ttft, weight)
-
-
-def exhaustive(groups: list[GroupStat], machines: list[Machine], now: float) -> float:
-    """Best weighted on-time count over every assignment and order (the MILP's model)."""
-    best = 0.0
-    serving_models = {m.serving for m in machines}
-    for assign in itertools.product(range(len(machines)), repeat=len(groups)):
-        ok = True
-        for g, i in zip(groups, assign, strict=True):
-            if g.model in serving_models and machines[i].serving != g.model:
-                ok = False  # the MILP places groups only where their model serves
-        if not ok:
-            continue
-        per: dict[int, list[int]] = {}
-        for gi, i in enumerate(assign):
-            per.setdefault(i, []).append(gi)
-        total = 0.0
-        for i, gis in per.items():
-            m = machines[i]
-            best_here = 0.0
-            for order in itertools.permutations(gis):
-                t, score = now, 0.0
-                for gi in order:
-                    g = groups[gi]
-                    start = max(t, _ready_at(m, g.model, now))
-                    end = start + g.seat_s / m.seats
-                    if (start if g.ttft_bound else end) <= g.deadline:
-                        score += g.weight
-                    t = end
-                best_here = max(best_here, score)
-            total += best_here
-        best = max(best, total)
-    return best
-
-
-@pytest.mark.parametrize("seed", range(8))
-def test_milp_finds_the_optimum_of_small_problems(seed: int) -> None:
-    rng = random.Random(seed)
-    machines = [machine("i0", "a", busy=rng.uniform(0, 2)), machine("i1", "a", busy=rng.uniform(0, 2))]
-    groups = [
-        group(
-            k,
-            "a",
-            rng.uniform(1, 12),
-            rng.uniform(1, 6),
-            ttft=rng.random() < 0.3,
-            weight=rng.choice([1, 1, 3]),
-        )
-        for k in range(4)
-    ]
-    plan = Planner(None, None, milp_time_limit_s=5.0).milp(groups, machines, 0.0)  # type: ignore[arg-type]
-    assert plan is not None and plan.solver == "milp"
-    assert plan.objective == pytest.approx(exhaustive(groups, machines, 0.0))
-    placed = sorted(rid for ids in plan.queues.values() for rid in ids)
-    assert placed == sorted(r for g in groups for r in g.ids), "every request placed exactly once"
 
 
 def test_heuristic_balances_load_and_counts_what_it_meets() -> None:
@@ -139,14 +77,17 @@ def test_no_swap_that_makes_more_work_late_than_it_saves() -> None:
 def test_no_swap_when_every_model_is_served() -> None:
     machines = [machine("i0", "a"), machine("i1", "b")]
     groups = [group(0, "a", 5.0, 10.0), group(1, "b", 5.0, 10.0)]
-    planner = Planner(None, None)  # type: ignore[arg-type]
-    assert planner.heuristic(groups, machines, 0.0).actions == []
-    exact = planner.milp(groups, machines, 0.0)
-    assert exact is not None and exact.actions == [] and exact.objective == 2.0
+    plan = Planner(None, None).heuristic(groups, machines, 0.0)  # type: ignore[arg-type]
+    assert plan.actions == [] and plan.objective == 2.0
 
 
-def test_milp_answers_none_rather_than_a_wrong_plan_when_it_cannot_solve() -> None:
-    machines = [machine("i0", "a", models=("a",))]
-    groups = [group(0, "z", 1.0, 5.0)]  # no instance can serve model z at all
-    result: Any = Planner(None, None).milp(groups, machines, 0.0)  # type: ignore[arg-type]
-    assert result is None or math.isclose(result.objective, 0.0)
+def test_late_groups_are_planned_after_every_on_time_one_and_swap_nothing_in() -> None:
+    # c's group is already 5 s late: by laxity the most urgent, but its SLO is lost. Placed first,
+    # it had the instance swap to c at once and a's on-time group wait behind it.
+    machines = [machine("i0", "a", models=("a", "c"), warm=("a", "c"))]
+    late_c = GroupStat(("c", "c", 0), "c", ["late-r"], 8.0, -10.0, -5.0, False, 1.0)
+    on_time_a = group(1, "a", 8.0, 20.0)
+    plan = Planner(None, None).heuristic([late_c, on_time_a], machines, 0.0)  # type: ignore[arg-type]
+    assert plan.queues == {"i0": ["g1-r", "late-r"]}, "a's on-time group first, the late one after"
+    assert plan.actions == [], "no swap to c now: its weights are warm for when its turn comes"
+    assert plan.objective == 1.0

@@ -256,7 +256,7 @@ def test_plans_place_work_and_load_models_only_where_possible(name: str) -> None
     assert any(isinstance(p, PlannerRole) for p in plugins)
     states = [pm.hook.qlm_instance_state(instance_id=i, detail=False) for i in ("i0", "i1")]
     plan = pm.hook.qlm_plan(queue=[], instances=states[:1], now=fleet.now)
-    assert isinstance(plan, Plan) and plan.solver in ("heuristic", "milp")
+    assert isinstance(plan, Plan) and plan.solver not in ("", "none"), "a plan names its solver"
     assert set(plan.groups) | set(plan.queues) <= {"i0"}
     assert all(
         a.instance_id == "i0" and a.model in CTX.cost_models for a in plan.actions if isinstance(a, LoadModel)

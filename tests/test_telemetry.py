@@ -238,21 +238,21 @@ def test_starting_twice_closes_the_first_span(otel: Otel) -> None:
 
 def test_replan_span_and_planner_histogram(otel: Otel) -> None:
     tel = otel.telemetry()
-    tel.replan(duration_s=0.012, solver="milp", groups=3, actions=5, start_time=2000.0)
+    tel.replan(duration_s=0.012, solver="plugin", groups=3, actions=5, start_time=2000.0)
     tel.replan(duration_s=0.002, solver="heuristic", groups=1, actions=0)
-    milp, heuristic = otel.finished()
-    assert milp.name == "qlm.replan"
-    assert milp.kind is SpanKind.INTERNAL
-    assert milp.start_time == 2000 * NS
-    assert milp.end_time == 2000 * NS + 12_000_000
-    assert dict(milp.attributes or {}) == {
-        "qlm.plan.solver": "milp",
+    plugin, heuristic = otel.finished()
+    assert plugin.name == "qlm.replan"
+    assert plugin.kind is SpanKind.INTERNAL
+    assert plugin.start_time == 2000 * NS
+    assert plugin.end_time == 2000 * NS + 12_000_000
+    assert dict(plugin.attributes or {}) == {
+        "qlm.plan.solver": "plugin",
         "qlm.plan.groups": 3,
         "qlm.plan.actions": 5,
     }
     assert heuristic.end_time is not None and heuristic.start_time is not None
     assert heuristic.end_time - heuristic.start_time == 2_000_000
-    point = otel.point("qlm.planner.duration", **{"qlm.plan.solver": "milp"})
+    point = otel.point("qlm.planner.duration", **{"qlm.plan.solver": "plugin"})
     assert point.count == 1
     assert point.sum == pytest.approx(0.012)
 
@@ -409,7 +409,7 @@ def sample(
 def test_prometheus_text_parses_and_has_the_samples() -> None:
     tel = Telemetry(queue_depth=lambda: DEPTH)  # the no-op global OTel providers: Prometheus still counts
     run_workload(tel)
-    tel.replan(duration_s=0.004, solver="milp", groups=2, actions=1)
+    tel.replan(duration_s=0.004, solver="plugin", groups=2, actions=1)
     tel.lso_started("c1", op="swap_in", instance_id="i0")
     tel.lso_finished("c1", ok=True)
     s = prometheus_samples(tel)
@@ -438,8 +438,8 @@ def test_prometheus_text_parses_and_has_the_samples() -> None:
         sample(s, "qlm_estimator_error_seconds_bucket", slo_class="interactive", direction="under", le="0.1")
         == 0
     )
-    assert sample(s, "qlm_planner_duration_seconds_count", solver="milp") == 1
-    assert sample(s, "qlm_planner_duration_seconds_bucket", solver="milp", le="0.005") == 1
+    assert sample(s, "qlm_planner_duration_seconds_count", solver="plugin") == 1
+    assert sample(s, "qlm_planner_duration_seconds_bucket", solver="plugin", le="0.005") == 1
     assert sample(s, "qlm_lso_total", op="swap_in", ok="true") == 1
     assert sample(s, "qlm_instance_events_total", event="registered") == 2
     assert sample(s, "qlm_instance_events_total", event="lost") == 1

@@ -5,14 +5,11 @@ requests, which keeps it small. Each instance is modelled as processing its virt
 one after another with all its seats (a fluid model); a group's time is its predicted seat-seconds
 over the seats, after the model is ready (a swap costs its warm or cold load time).
 
-Two solvers behind one interface:
-
-* ``heuristic``: groups in least-laxity order, each placed on the instance where it finishes
-  earliest (load balancing), models swapped onto the least-needed instance when no instance serves
-  them (batching a model's groups there). Always answers; O(groups x instances).
-* ``milp``: assignment and order of groups as a mixed-integer program (scipy.optimize.milp, HiGHS)
-  maximising the weighted number of groups meeting their deadline, then throughput; used when the
-  problem is small enough for its time budget, and only when its plan is at least as good.
+The solver is list scheduling: groups in least-laxity order (late groups after every on-time one),
+each placed on the instance where it finishes earliest (load balancing), models swapped onto the
+least-needed instance when no instance serves them (batching a model's groups there). Always
+answers; O(groups x instances). An exact MILP over the same groups was measured and removed: on
+A-F it was never better on weighted SLOs met where it mattered (docs/benchmarks.md).
 
 Not thread-safe: called from the queue manager's loop.
 """
@@ -23,10 +20,6 @@ import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-
-import numpy as np
-from scipy.optimize import Bounds, LinearConstraint, milp
-from scipy.sparse import lil_matrix
 
 from qlm_plugin.brain.fleet_view import FleetView
 from qlm_plugin.brain.global_queue import GlobalQueue
@@ -69,31 +62,14 @@ def _meets(g: GroupStat, start: float, end: float) -> bool:
     return (start if g.ttft_bound else end) <= g.deadline
 
 
-def _ready_at(m: Machine, model: str, now: float) -> float:
-    if m.serving == model:
-        return max(now, m.busy_until)
-    return max(now, m.busy_until) + m.load_s.get(model, math.inf)
-
-
 class Planner:
     """Default ``qlm_plan`` implementation, over the queue manager's global queue and fleet view (it
     reads the group totals and predictions they already hold, so planning 10,000 requests costs no
     prediction calls)."""
 
-    def __init__(
-        self,
-        queue: GlobalQueue,
-        fleet: FleetView,
-        *,
-        milp_max_groups: int = 10,
-        milp_max_instances: int = 8,
-        milp_time_limit_s: float = 0.05,
-    ) -> None:
+    def __init__(self, queue: GlobalQueue, fleet: FleetView) -> None:
         self.queue = queue
         self.fleet = fleet
-        self.milp_max_groups = milp_max_groups
-        self.milp_max_instances = milp_max_instances
-        self.milp_time_limit_s = milp_time_limit_s
 
     # ------------------------------------------------------------------ inputs
     def groups(self) -> list[GroupStat]:
@@ -161,14 +137,9 @@ class Planner:
         if not machines:
             return None
         plan = self.heuristic(groups, machines, now)
-        if groups and len(groups) <= self.milp_max_groups and len(machines) <= self.milp_max_instances:
-            exact = self.milp(groups, machines, now)
-            if exact is not None and exact.objective > plan.objective:  # strictly: ties keep urgency order
-                plan = exact
         plan.solve_s = time.perf_counter() - t0
         return plan
 
-    # ------------------------------------------------------------------ heuristic
     def heuristic(self, groups: Sequence[GroupStat], machines: Sequence[Machine], now: float) -> Plan:
         """List scheduling across models: groups in urgency order, each on the instance where it
         finishes earliest, a model swap priced in (the drain of the work ahead of it, then the
@@ -182,7 +153,9 @@ class Planner:
         model = {m.instance_id: m.serving for m in machines}
         drain = {m.instance_id: m.drain_s for m in machines}
         objective = 0.0
-        groups = sorted(groups, key=lambda g: (g.urgency, g.key))
+        # Late groups after every on-time one (the late list's rule): the most late are the most
+        # urgent by laxity, and placed first they had engines swap models for work already lost.
+        groups = sorted(groups, key=lambda g: (g.deadline <= now, g.urgency, g.key))
         placed: set[int] = set()
         for i, g in enumerate(groups):
             if i in placed:
@@ -271,121 +244,3 @@ class Planner:
             if _meets(h, start, t) and not _meets(h, start + delay, t + delay):
                 lost += h.weight
         return lost > groups[i].weight
-
-    # ------------------------------------------------------------------ exact
-    def milp(self, groups: Sequence[GroupStat], machines: Sequence[Machine], now: float) -> Plan | None:
-        """Assignment x[g,i], pairwise order o[g,h], start S[g], on-time z[g]: maximise
-        sum w_g z_g - eps * sum S_g subject to one instance per group, groups on one instance not
-        overlapping, and z_g only if the group's binding time meets its deadline."""
-        G, M = len(groups), len(machines)
-        pairs = [(a, b) for a in range(G) for b in range(a + 1, G)]
-        nx, no = G * M, len(pairs)
-
-        def ix(g: int, i: int) -> int:
-            return g * M + i
-
-        io = nx
-        iS = nx + no
-        iz = iS + G
-        nvar = iz + G
-        proc = np.array([[g.seat_s / m.seats for m in machines] for g in groups])
-        ready = np.array([[_ready_at(m, g.model, now) - now for m in machines] for g in groups])
-        # Placement and order only: groups go to instances serving their model (swaps are decided
-        # by the swap rules, which weigh the stranded model's work; the fluid MILP cannot).
-        for gi, grp in enumerate(groups):
-            serving = [i for i, m in enumerate(machines) if m.serving == grp.model]
-            if serving:
-                for i in range(len(machines)):
-                    if i not in serving:
-                        ready[gi, i] = math.inf
-        horizon = float(np.nansum(np.where(np.isfinite(ready), ready, 0)).max() + proc.sum() + 1.0)
-        big = horizon * 2
-        c = np.zeros(nvar)
-        weights = np.array([max(g.weight, 1e-3) for g in groups])
-        c[iz : iz + G] = -weights
-        c[iS : iS + G] = 1e-4 / horizon
-        lb = np.zeros(nvar)
-        ub = np.ones(nvar)
-        ub[iS : iS + G] = horizon
-        integrality = np.ones(nvar)
-        integrality[iS : iS + G] = 0
-        for g in range(G):
-            for i in range(M):
-                if not math.isfinite(ready[g, i]):
-                    ub[ix(g, i)] = 0  # cannot serve that model
-        rows = G + G + 2 * no * M + G
-        A = lil_matrix((rows, nvar))
-        lo = np.full(rows, -np.inf)
-        hi = np.full(rows, np.inf)
-        r = 0
-        for g in range(G):  # exactly one instance
-            for i in range(M):
-                A[r, ix(g, i)] = 1
-            lo[r] = hi[r] = 1
-            r += 1
-        for g in range(G):  # start after the instance (and its model) is ready
-            A[r, iS + g] = 1
-            for i in range(M):
-                if math.isfinite(ready[g, i]):
-                    A[r, ix(g, i)] = -ready[g, i]
-            lo[r] = 0
-            r += 1
-        for p, (a, b) in enumerate(pairs):  # no overlap on a shared instance
-            for i in range(M):
-                pa = proc[a, i]
-                pb = proc[b, i]
-                # S_b >= S_a + p_a - big*(1 - o) - big*(2 - x_a - x_b)
-                A[r, iS + b] = 1
-                A[r, iS + a] = -1
-                A[r, io + p] = -big
-                A[r, ix(a, i)] = -big
-                A[r, ix(b, i)] = -big
-                lo[r] = pa - 3 * big
-                r += 1
-                # S_a >= S_b + p_b - big*o - big*(2 - x_a - x_b)
-                A[r, iS + a] = 1
-                A[r, iS + b] = -1
-                A[r, io + p] = big
-                A[r, ix(a, i)] = -big
-                A[r, ix(b, i)] = -big
-                lo[r] = pb - 2 * big
-                r += 1
-        for g in range(G):  # on time: binding time <= deadline + big*(1 - z)
-            grp = groups[g]
-            deadline = grp.deadline - now if math.isfinite(grp.deadline) else horizon * 4
-            A[r, iS + g] = 1
-            if not grp.ttft_bound:
-                for i in range(M):
-                    A[r, ix(g, i)] = proc[g, i]
-            A[r, iz + g] = big
-            hi[r] = deadline + big
-            r += 1
-        try:
-            res = milp(
-                c,
-                constraints=LinearConstraint(A.tocsr(), lo, hi),
-                integrality=integrality,
-                bounds=Bounds(lb, ub),
-                options={"time_limit": self.milp_time_limit_s, "disp": False},
-            )
-        except ValueError:
-            return None
-        if res.x is None:
-            return None
-        x = res.x
-        plan = Plan(solver="milp")
-        order: dict[str, list[tuple[float, int]]] = {}
-        for g in range(G):
-            i = int(np.argmax([x[ix(g, j)] for j in range(M)]))
-            order.setdefault(machines[i].instance_id, []).append((x[iS + g], g))
-        for iid, items in order.items():
-            items.sort()
-            plan.queues[iid] = [rid for _, g in items for rid in groups[g].ids]
-            plan.groups[iid] = [groups[g].key for _, g in items]
-            m = next(mm for mm in machines if mm.instance_id == iid)
-            for _, g in items:
-                if m.serving != groups[g].model:
-                    plan.actions.append(LoadModel(iid, groups[g].model, target="gpu"))
-                    break
-        plan.objective = float(sum(groups[g].weight for g in range(G) if x[iz + g] > 0.5))
-        return plan

@@ -92,7 +92,6 @@ class QueueManager:
             "steals": 0,
             "swaps_ordered": 0,
             "replans": 0,
-            "milp_plans": 0,
             "prefetches": 0,
             "lso_failed": 0,
             "stranded_pulls": 0,
@@ -359,8 +358,6 @@ class QueueManager:
         plan = self._hook.qlm_plan(queue=self.queue.requests(), instances=states, now=now)
         if plan is not None:
             self.last_plan = plan
-            if plan.solver == "milp":
-                self.counters["milp_plans"] += 1
             self.lso.apply(plan, now)
         if self.on_replan is not None:
             self.on_replan(time.perf_counter() - t0, plan, now)

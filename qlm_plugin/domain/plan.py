@@ -39,9 +39,9 @@ class Plan:
     """Virtual queues and the LSOs that carry the plan out.
 
     ``queues`` maps an instance to request ids in execution order; ``groups`` to request-group keys
-    (what a planner over groups produces: cheaper to apply than ids). ``solver`` says which solver
-    produced it (``milp`` or ``heuristic``); ``objective`` is the weighted number of SLOs the plan
-    expects to meet.
+    (what a planner over groups produces: cheaper to apply than ids). ``solver`` names what produced
+    it (``heuristic``, the built-in planner; a planner plugin names its own); ``objective`` is the
+    weighted number of SLOs the plan expects to meet.
     """
 
     queues: dict[str, list[str]] = field(default_factory=dict)

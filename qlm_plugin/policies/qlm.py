@@ -13,7 +13,6 @@ from qlm_plugin.policies.registry import PolicyContext, PolicyRegistry
 #: The parts of QLM's brain an ablation can leave out, and what is left without each.
 PARTS: dict[str, str] = {
     "planner": "no global plan: placement by urgency only, engines swap models on their own rule",
-    "milp": "the heuristic planner only",
     "eviction": "no eviction for urgent requests",
     "early-binding": "urgent requests wait in the global queue for a pull",
     "step-budget": "pulls bounded by seats and KV only, not by the engine's next step's token budget",
@@ -57,7 +56,7 @@ def build_qlm(ctx: PolicyContext, *, without: Iterable[str] = (), clairvoyant: b
         plugins.append(PredictorPlugin(LengthPredictor()))
     plugins.append(qm)
     if "planner" not in off:
-        plugins.append(Planner(qm.queue, qm.fleet, milp_max_groups=0 if "milp" in off else 10))
+        plugins.append(Planner(qm.queue, qm.fleet))
     plugins.append(AdmissionControl(ctx.classes))
     return plugins
 

@@ -632,7 +632,6 @@ QM_COLUMNS = (
     ("prefetches", "weights staged (warm start)"),
     ("flagged", "flagged at admission"),
     ("replans", "replans"),
-    ("milp_plans", "of them MILP"),
 )
 
 

@@ -205,7 +205,7 @@ def test_eight_actors_a_trace_and_a_killed_actor_every_request_once(
         assert s.output == synthetic_text(i, 0, s.output_tokens)
 
 
-N_VLLM = 96  # six waves of eight per engine: work is still running when the kill lands
+N_VLLM = 48  # three waves of eight per engine: work is still running when the kill lands
 VLLM_ARGS = ["--dtype", "bfloat16", "--max-model-len", "512", "--max-num-seqs", "8", "--enforce-eager"]
 
 

@@ -367,8 +367,9 @@ class Devices(Generic[Session]):
             switch.deadline = time.monotonic() + START_TIMEOUT_S
 
     def joined(self, s: Session) -> None:
-        """An engine registered: one started for a switch (stopped cold before) may complete it."""
-        self.sleep.check_started(s.instance_id)
+        """An engine registered: one started for a switch (stopped cold before) may complete it,
+        and its report is taken as it comes (:meth:`EngineSleep.joined`)."""
+        self.sleep.joined(s)
 
     def reported(self, s: Session) -> None:
         """An engine's state report arrived (see :meth:`EngineSleep.reported`)."""

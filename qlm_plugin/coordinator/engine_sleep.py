@@ -184,6 +184,13 @@ class EngineSleep(Generic[Session]):
         s.report = replace(rep, models_loaded=(model,) if awake else (), models_warm=() if awake else asleep)
         self._expected[s.instance_id] = (awake, warm, time.monotonic() + EXPECT_S)
 
+    def joined(self, s: Session) -> None:
+        """``s`` registered: a new process (a restart) or a new connection, whose first report is
+        made now. What a step acknowledged by the one before expected no longer holds against it: a
+        restarted engine is awake, whatever its last session was told."""
+        self._expected.pop(s.instance_id, None)
+        self.check_started(s.instance_id)
+
     def reported(self, s: Session) -> None:
         """An engine's state report arrived: one that contradicts a step it acknowledged lately
         was made before that step, and is corrected."""

@@ -115,7 +115,7 @@ class InstanceRegistry:
         else:
             self.telemetry.instance_event(iid, "reconnected")
         if device:
-            self.fleet.devices.joined(s)  # an engine stopped cold, started again for a switch
+            self.fleet.devices.joined(s)  # started again for a switch, or restarted: its report holds
         if iid in self.awaiting:
             self.awaiting.discard(iid)
             self.release_recovered(iid)  # its recovered requests it did not reclaim

@@ -482,7 +482,17 @@ def test_admin_views_health_and_reflection(tmp_path: Path) -> None:
             queue = await c.queue(limit=5)
             assert queue.queued + queue.dispatched == 600
             assert queue.dispatched > 0 and len(queue.requests) == 5
-            instances = await c.instances()
+            # The engines pull over several steps, so the two views agree once pulling has
+            # stopped (their seats full; nothing finishes this soon at speed 1).
+            deadline = time.monotonic() + 30
+            while True:
+                instances = await c.instances()
+                again = await c.queue(limit=5)
+                if again.dispatched == queue.dispatched:
+                    break
+                assert time.monotonic() < deadline, "the engines kept pulling"
+                queue = again
+                await asyncio.sleep(0.2)
             assert sorted(i.instance_id for i in instances.instances) == ["sim-0", "sim-1"]
             assert all(i.healthy and i.state.max_num_seqs > 0 for i in instances.instances)
             assert sum(i.dispatched for i in instances.instances) == queue.dispatched

@@ -14,6 +14,7 @@ from qlm_plugin.brain.dispatch import EARLY_BIND_MAX_WAITING, Dispatcher
 from qlm_plugin.brain.estimator import WaitEstimator
 from qlm_plugin.brain.fleet_view import FleetView
 from qlm_plugin.brain.global_queue import GlobalQueue
+from qlm_plugin.domain.costmodel import gpu_speed
 from qlm_plugin.domain.distributions import LengthDistribution, WaitEstimate
 from qlm_plugin.domain.instance import InstanceState
 from qlm_plugin.domain.outcome import Status
@@ -57,7 +58,9 @@ class Engines:
         return True
 
 
-def dispatcher(*states: InstanceState) -> tuple[Dispatcher, GlobalQueue, FleetView, Engines]:
+def dispatcher(
+    *states: InstanceState, gpus: dict[str, str] | None = None
+) -> tuple[Dispatcher, GlobalQueue, FleetView, Engines]:
     costs = load_scenario(None).reference_cost_models()
     queue = GlobalQueue(costs)
     fleet = FleetView(costs, lambda view, st: None)
@@ -66,7 +69,7 @@ def dispatcher(*states: InstanceState) -> tuple[Dispatcher, GlobalQueue, FleetVi
     engines = Engines()
     d.hook = engines
     for s in states:
-        fleet.add(s.instance_id).state = s
+        fleet.add(s.instance_id, (gpus or {}).get(s.instance_id)).state = s
     return d, queue, fleet, engines
 
 
@@ -171,6 +174,48 @@ def test_the_request_left_waiting_binds_one_place_past_the_engine_queues_limit()
     assert e.dispatched_at is None and "i0" not in engines.handed
     d.bind_early(e, 0.3, max_waiting=EARLY_BIND_MAX_WAITING + 1)
     assert e.dispatched_at == 0.3 and engines.handed["i0"] == ["left"] and "left" in d.bound_early
+
+
+# ------------------------------------------------------------------------------------ mixed GPUs
+
+
+def test_an_arrival_is_placed_on_the_fastest_gpu_with_a_free_seat() -> None:
+    """On an A100 a Llama-3.1-8B step takes about 2.8 times as long as on an H100: a request
+    placed there waits longer for its first token, though the A100 has more free seats."""
+    d, queue, fleet, _ = dispatcher(
+        state("a100", num_running=10), state("h100", num_running=60), gpus={"a100": "a100-80", "h100": "h100"}
+    )
+    assert fleet.instances["a100"].speed == pytest.approx(0.35, abs=0.02)
+    assert fleet.instances["h100"].speed == 1.0
+    queued(d, queue, "x", 100.0)
+    assert queue.entries["x"].planned == "h100"
+    fleet.instances["h100"].state = state("h100", num_running=64)  # no seat left there
+    fleet.version += 1
+    queued(d, queue, "y", 100.0)
+    assert queue.entries["y"].planned == "a100"
+
+
+def test_early_binding_picks_the_engine_that_starts_it_soonest_at_its_gpus_speed() -> None:
+    """Two A100 and one H100 engine queues: the H100 works through two waiting prompts before
+    the A100 works through one."""
+    states = {
+        "a100": state("a100", num_running=64, num_waiting=1, num_waiting_urgent=1),
+        "h100": state("h100", num_running=64, num_waiting=2, num_waiting_urgent=2),
+    }
+    d, queue, _, engines = dispatcher(*states.values(), gpus={"a100": "a100-80", "h100": "h100"})
+    engines.qlm_instance_state = lambda instance_id, detail: states[instance_id]  # type: ignore[attr-defined]
+    r = Request("urgent", MODEL, 100, 64, 0.0, SLO(1.0, None), slo_class="interactive")
+    e = queue.entries["urgent"] = queue.entry(r, LengthDistribution.point(64))
+    d.enqueue(e)
+    d.bind_early(e, 0.1)
+    assert engines.handed == {"h100": ["urgent"]}
+
+
+def test_gpu_speed_comes_from_the_catalogue_and_an_unknown_gpu_counts_as_the_reference() -> None:
+    costs = load_scenario(None).reference_cost_models()
+    assert gpu_speed(costs, "h100") == 1.0
+    assert gpu_speed(costs, "A100-80") == pytest.approx(0.35, abs=0.02)
+    assert gpu_speed(costs, "some-new-gpu") == 1.0
 
 
 def test_an_instance_with_nothing_queued_takes_a_stranded_model() -> None:

@@ -4,11 +4,11 @@ Instances *pull* when they have room, which binds placement late: an instance ta
 requests it can serve, from its own virtual queue (the plan's placement of their groups), or from
 the virtual queue of an instance that cannot start them now (load balancing). Each pull is bounded
 by the engine's free KV (prompt plus predicted output), so no request waits in an engine's own queue
-where a later, more urgent arrival could not pass it; seats are held back from batch work for the
-urgent arrivals expected within a service time; late requests run after every request that can
-still meet its SLO, but one pull in ``LATE_SHARE`` serves the oldest first, so none starves. A
-TTFT-bound request with no room anywhere binds early to the shortest engine queue, which ranks it by
-urgency. Thread safety: none; one event loop owns it.
+where a later, more urgent arrival could not pass it; late requests run after every request that
+can still meet its SLO, but one pull in ``LATE_SHARE`` serves the oldest first, so none starves. A
+TTFT-bound request with no room anywhere binds early to the engine queue that starts it soonest
+(its length at its GPU's speed), which ranks it by urgency. Thread safety: none; one event loop
+owns it.
 """
 
 from __future__ import annotations
@@ -73,7 +73,10 @@ class Dispatcher:
         serving = self.fleet.serving(model)
         if not serving:
             return None
-        return min(serving, key=lambda v: (-v.free_slots(), v.instance_id)).instance_id
+        # The fastest engine with a free seat (a request is served sooner there), then the roomiest.
+        return min(
+            serving, key=lambda v: (v.free_slots() == 0, -v.speed, -v.free_slots(), v.instance_id)
+        ).instance_id
 
     def left_waiting(self, model: str, now: float) -> Entry | None:
         """A request to bind early beside an arrival of ``model``: the most urgent TTFT-bound one
@@ -111,13 +114,12 @@ class Dispatcher:
             return int(state.num_waiting_urgent)
 
         # Ask at most two engines (the least loaded first): the answer costs a copy of their queue.
-        def load(v: InstanceView) -> tuple[int, int, str]:
+        # The engine that would start it soonest: its queue, at its GPU's speed.
+        def load(v: InstanceView) -> tuple[float, int, str]:
             s = v.state
-            return (
-                (s.num_waiting, s.num_running, v.instance_id)
-                if s is not None
-                else (1 << 30, 0, v.instance_id)
-            )
+            if s is None:
+                return (math.inf, 0, v.instance_id)
+            return ((s.num_waiting + 1) / v.speed, s.num_running, v.instance_id)
 
         for view in sorted(serving, key=load)[:2]:
             if urgent_waiting(view) < max_waiting:

@@ -13,7 +13,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
-from qlm_plugin.domain.costmodel import CostModel
+from qlm_plugin.domain.costmodel import CostModel, gpu_speed
 from qlm_plugin.domain.instance import InstanceState
 
 if TYPE_CHECKING:
@@ -34,6 +34,7 @@ class InstanceView:
     switched_at: float = -math.inf
     failed_loads: dict[str, float] = field(default_factory=dict)  # model -> not loaded here again until
     load_failures: dict[str, int] = field(default_factory=dict)  # model -> its failed loads in a row
+    speed: float = 1.0  # its GPU against the reference cost models' (a slower GPU < 1)
 
     def can_load(self, model: str, now: float) -> bool:
         """Whether a load of ``model`` may be ordered here: the instance can serve it (its own
@@ -86,8 +87,10 @@ class FleetView:
         self._memo: dict[tuple[str, str], tuple[int, Any]] = {}
         self._recent_memo: dict[tuple[str, str], tuple[float, float]] = {}
 
-    def add(self, instance_id: str) -> InstanceView:
+    def add(self, instance_id: str, gpu: str | None = None) -> InstanceView:
         view = self.instances[instance_id] = InstanceView(instance_id, dict(self.cost_models))
+        if gpu:
+            view.speed = gpu_speed(self.cost_models, gpu)
         return view
 
     def remove(self, instance_id: str) -> InstanceView | None:

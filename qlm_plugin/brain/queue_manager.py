@@ -126,7 +126,7 @@ class QueueManager:
         self._hook = self.fleet.hook = pm.hook
         self.lso.bind(pm.hook)
         for info in list_instances(pm):
-            self.fleet.add(info.instance_id)
+            self.fleet.add(info.instance_id, info.gpu)
         for view in self.fleet.instances.values():
             self.fleet.refresh(view)
 
@@ -134,7 +134,7 @@ class QueueManager:
     def qlm_instance_joined(self, info: InstanceInfo, now: float) -> None:
         if info.instance_id in self.fleet.instances:
             return
-        self.fleet.refresh(self.fleet.add(info.instance_id))
+        self.fleet.refresh(self.fleet.add(info.instance_id, info.gpu))
         self.estimator.fleet_changed()
 
     @hookimpl

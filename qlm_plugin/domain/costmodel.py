@@ -214,3 +214,18 @@ def _check(c: CostModel) -> None:
     for label, value in (("cold_start_s", g.cold_start_s), ("warm_start_s", g.warm_start_s)):
         if not math.isfinite(value) or value < 0:
             raise ValueError(f"{label} must be a finite number >= 0, got {value!r}")
+
+
+def gpu_speed(reference: Mapping[str, CostModel], gpu: str) -> float:
+    """How fast ``gpu`` serves against the GPUs of the ``reference`` cost models (a slower GPU < 1),
+    from the table: the geometric mean, over the models profiled on both, of the reference step
+    time over this GPU's, at a mixed step (a 512-token prompt chunk beside 32 decodes). 1 where
+    no model is profiled on both (an unknown GPU is taken as the reference)."""
+    ratios = []
+    for c in reference.values():
+        fit = _FITS.get((_norm(c.model.name), _norm(gpu)))
+        if fit is None:
+            continue
+        _, b0, b1, b2, _ = fit
+        ratios.append(c.step_s(512, 32) / ((b0 + 512 * b1 + 32 * b2) * 1e-6))
+    return math.exp(sum(map(math.log, ratios)) / len(ratios)) if ratios else 1.0

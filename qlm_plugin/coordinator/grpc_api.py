@@ -266,6 +266,13 @@ class InstancesService(pb_grpc.InstancesServicer):
         await self.coord.journal.flush()
         return pb.ReportAck(seq=request.seq, known=True)
 
+    async def Reports(
+        self, request_iterator: AsyncIterator[pb.EventBatch], context: Any
+    ) -> AsyncIterator[pb.ReportAck]:
+        # Report, on one stream per session: each batch acknowledged in order once durable.
+        async for batch in request_iterator:
+            yield await self.Report(batch, context)
+
 
 class AdminService(pb_grpc.AdminServicer):
     def __init__(self, coord: Coordinator) -> None:

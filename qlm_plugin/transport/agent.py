@@ -299,17 +299,47 @@ class InstanceAgent:
                 batch = self._unacked[0]
                 batch.session = self.session
                 ack = await self._call(stub.Report, batch)  # resent as is: the seq makes it idempotent
-                if not ack.known:
-                    raise SessionLost("the coordinator does not know this session")
-                self._unacked.popleft()
-                for ev in batch.events:
-                    if ev.kind in (pb.RequestEvent.FINISHED, pb.RequestEvent.FAILED):
-                        self._outputs.pop((ev.request_id, ev.attempt), None)
+                self._acknowledged(batch, ack)
+
+    def _acknowledged(self, batch: pb.EventBatch, ack: pb.ReportAck) -> None:
+        if not ack.known:
+            raise SessionLost("the coordinator does not know this session")
+        self._unacked.popleft()
+        for ev in batch.events:
+            if ev.kind in (pb.RequestEvent.FINISHED, pb.RequestEvent.FAILED):
+                self._outputs.pop((ev.request_id, ev.attempt), None)
 
     async def _reports(self, stub: pb_grpc.InstancesStub) -> None:
         # No timer: a report goes out as soon as there is something to say, and what happens while
-        # one is in flight goes out together in the next (batching only under load).
-        while True:
+        # one is in flight goes out together in the next (batching only under load). On one stream
+        # per session; by unary calls where the coordinator has no such stream (an older one).
+        # Liveness is the heartbeats' (unary, with deadlines): a stream read waits as long as the
+        # session lives, where a unary call would have been sent again after its deadline.
+        call = stub.Reports(metadata=self._metadata())
+        try:
+            while True:
+                self._batch()
+                async with self._report_lock:  # the final flush (unary) must not interleave
+                    while self._unacked:
+                        batch = self._unacked[0]
+                        batch.session = self.session
+                        with contextlib.suppress(asyncio.InvalidStateError):  # ended: read says why
+                            await call.write(batch)
+                        ack = await call.read()
+                        while ack is not grpc.aio.EOF and ack.seq < batch.seq:
+                            ack = await call.read()  # an earlier batch's, sent again
+                        if ack is grpc.aio.EOF:
+                            raise SessionLost("the coordinator closed the report stream")
+                        self._acknowledged(batch, ack)
+                await self._wake_report.wait()
+                self._wake_report.clear()
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() != grpc.StatusCode.UNIMPLEMENTED:
+                raise
+            log.info("%s: the coordinator has no report stream; reporting by calls", self.engine.instance_id)
+        finally:
+            call.cancel()
+        while True:  # a coordinator without the stream
             self._batch()
             await self._send_unacked(stub)
             await self._wake_report.wait()

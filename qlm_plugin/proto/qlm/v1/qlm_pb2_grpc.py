@@ -314,6 +314,11 @@ class InstancesStub:
                 request_serializer=qlm__plugin_dot_proto_dot_qlm_dot_v1_dot_qlm__pb2.EventBatch.SerializeToString,
                 response_deserializer=qlm__plugin_dot_proto_dot_qlm_dot_v1_dot_qlm__pb2.ReportAck.FromString,
                 _registered_method=True)
+        self.Reports = channel.stream_stream(
+                '/qlm.v1.Instances/Reports',
+                request_serializer=qlm__plugin_dot_proto_dot_qlm_dot_v1_dot_qlm__pb2.EventBatch.SerializeToString,
+                response_deserializer=qlm__plugin_dot_proto_dot_qlm_dot_v1_dot_qlm__pb2.ReportAck.FromString,
+                _registered_method=True)
 
 
 class InstancesServicer:
@@ -357,6 +362,15 @@ class InstancesServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Reports(self, request_iterator, context):
+        """The same reports on one stream per session (a stream message costs the coordinator less than
+        a call): one acknowledgement per batch, in order; a batch not acknowledged is sent again, on
+        a new stream or by Report.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_InstancesServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -382,6 +396,11 @@ def add_InstancesServicer_to_server(servicer, server):
             ),
             'Report': grpc.unary_unary_rpc_method_handler(
                     servicer.Report,
+                    request_deserializer=qlm__plugin_dot_proto_dot_qlm_dot_v1_dot_qlm__pb2.EventBatch.FromString,
+                    response_serializer=qlm__plugin_dot_proto_dot_qlm_dot_v1_dot_qlm__pb2.ReportAck.SerializeToString,
+            ),
+            'Reports': grpc.stream_stream_rpc_method_handler(
+                    servicer.Reports,
                     request_deserializer=qlm__plugin_dot_proto_dot_qlm_dot_v1_dot_qlm__pb2.EventBatch.FromString,
                     response_serializer=qlm__plugin_dot_proto_dot_qlm_dot_v1_dot_qlm__pb2.ReportAck.SerializeToString,
             ),
@@ -521,6 +540,33 @@ class Instances:
             request,
             target,
             '/qlm.v1.Instances/Report',
+            qlm__plugin_dot_proto_dot_qlm_dot_v1_dot_qlm__pb2.EventBatch.SerializeToString,
+            qlm__plugin_dot_proto_dot_qlm_dot_v1_dot_qlm__pb2.ReportAck.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Reports(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/qlm.v1.Instances/Reports',
             qlm__plugin_dot_proto_dot_qlm_dot_v1_dot_qlm__pb2.EventBatch.SerializeToString,
             qlm__plugin_dot_proto_dot_qlm_dot_v1_dot_qlm__pb2.ReportAck.FromString,
             options,

@@ -81,7 +81,7 @@ from qlm_plugin.transport.client import CoordinatorClient
 
 MODEL = "llama-3.1-8b"
 # QLM_CHAOS_SEEDS=4,5,6 and QLM_CHAOS_REQUESTS=N run other seeds, or more requests (a longer soak).
-SEEDS = tuple(int(s) for s in os.environ.get("QLM_CHAOS_SEEDS", "1,2").split(","))
+SEEDS = tuple(int(s) for s in os.environ.get("QLM_CHAOS_SEEDS", "1").split(","))
 REQUESTS = int(os.environ.get("QLM_CHAOS_REQUESTS", "2500"))  # per seed
 REPLAY_S = 24.0  # arrivals spread over this long
 KILL_WINDOW = (1.0, REPLAY_S - 1.0)  # from the start of the replay

@@ -223,9 +223,6 @@ def gpu_speed(reference: Mapping[str, CostModel], gpu: str) -> float:
     no model is profiled on both (an unknown GPU is taken as the reference)."""
     ratios = []
     for c in reference.values():
-        fit = _FITS.get((_norm(c.model.name), _norm(gpu)))
-        if fit is None:
-            continue
-        _, b0, b1, b2, _ = fit
-        ratios.append(c.step_s(512, 32) / ((b0 + 512 * b1 + 32 * b2) * 1e-6))
+        if (_norm(c.model.name), _norm(gpu)) in _FITS:
+            ratios.append(c.step_s(512, 32) / cost_model(c.model.name, gpu).step_s(512, 32))
     return math.exp(sum(map(math.log, ratios)) / len(ratios)) if ratios else 1.0

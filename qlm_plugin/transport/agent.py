@@ -325,9 +325,7 @@ class InstanceAgent:
                         batch.session = self.session
                         with contextlib.suppress(asyncio.InvalidStateError):  # ended: read says why
                             await call.write(batch)
-                        ack = await call.read()
-                        while ack is not grpc.aio.EOF and ack.seq < batch.seq:
-                            ack = await call.read()  # an earlier batch's, sent again
+                        ack = await call.read()  # in order: one batch in flight on this stream
                         if ack is grpc.aio.EOF:
                             raise SessionLost("the coordinator closed the report stream")
                         self._acknowledged(batch, ack)

@@ -260,8 +260,8 @@ def test_an_engine_that_cannot_start_stops_qlm_serve_with_its_log(tmp_path: Path
 SWAP_GROUPS = [("tiny-a", "tiny-b", "tiny-a"), ("tiny-b", "tiny-a", "tiny-b")] * 3
 SWAP_GAP_S = 0.02
 SWAP_TOKENS = 32
-#: Between the latencies of the bursts served at once (up to ~0.28 s here) and those that wait
-#: for a swap (from ~0.43 s): the attainment counts the planner's choices, not timing noise.
+#: Between the latencies of the bursts served at once (up to ~0.28 s here, 0.39 s on a loaded CI
+#: machine) and those that wait for a swap (from ~0.43 s).
 SWAP_SLO_S = 0.35
 
 
@@ -271,7 +271,8 @@ def test_one_awake_engine_swaps_in_batches_as_the_simulator_predicts(
     """Two models, a budget of one awake engine (paused and resumed on CPU), the swap trace: every
     request once, on its own model's engine, never two engines awake, swaps batched; and the
     simulator, given the step cost fitted to the engines and the measured swap time, predicts the
-    swaps and the SLO attainment within 20% of the real run."""
+    swaps within 20%, and the mean latency of each third of the requests (by rank) within 25% + 50
+    ms of the real run."""
     steps = tmp_path / "steps"
     monkeypatch.setenv("QLM_VLLM_STEPS", str(steps))  # each engine's scheduler appends its steps
     serve = start_serve(tmp_path, f"tiny-a={tiny}", f"tiny-b={tiny}", options=("--max-awake", "1"))
@@ -362,22 +363,38 @@ def test_one_awake_engine_swaps_in_batches_as_the_simulator_predicts(
             max_num_seqs=8,
             max_batched=2048,
         )
-        # what a request costs outside the engine (HTTP, the coordinator, the trip to the engine):
-        # the measured latency of the fastest requests less the simulated one
-        front = max(0.0, min(r[2] for r in out) - min(o.e2e or 1e9 for o in predicted.outcomes))
-        sim_met = sum((o.e2e or 1e9) + front <= SWAP_SLO_S for o in predicted.outcomes) / n
+        # What a request costs outside the engine (HTTP, the coordinator, the agent, the engine's API
+        # server), which the simulator does not model: the median gap between the real and the
+        # simulated latency, rank by rank. On two loaded cores it is not a constant (the fastest
+        # request's gap, used before, left the rest 20-50% slower than simulated on some days).
+        real_ranked = sorted(r[2] for r in out)
+        engine_ranked = sorted(o.e2e or 1e9 for o in predicted.outcomes)
+        front = max(0.0, statistics.median(r - e for r, e in zip(real_ranked, engine_ranked, strict=True)))
+        sim_ranked = [e + front for e in engine_ranked]
+        sim_met = sum(x <= SWAP_SLO_S for x in sim_ranked) / n
         print(
             f"swap trace: {n} requests; real: {swaps} swaps of {statistics.median(swap_times):.3f} s, "
             f"attainment {met:.3f}; simulated: {predicted.swaps} swaps, attainment {sim_met:.3f} "
-            f"(step cost {coef[0]:.0f} + {coef[1]:.1f}/prefill + {coef[2]:.1f}/decode token us)"
+            f"(step cost {coef[0]:.0f} + {coef[1]:.1f}/prefill + {coef[2]:.1f}/decode token us; "
+            f"front {front * 1000:.0f} ms)"
         )
-        print("latencies, every 6th: real", sorted(round(r[2], 2) for r in out)[::6])
-        print(
-            "                 simulated",
-            sorted(round((o.e2e or 1e9) + front, 2) for o in predicted.outcomes)[::6],
-        )
+        print("latencies, every 6th: real", [round(x, 2) for x in real_ranked[::6]])
+        print("                 simulated", [round(x, 2) for x in sim_ranked[::6]])
         assert abs(predicted.swaps - swaps) <= 0.2 * swaps, (predicted.swaps, swaps)
-        assert abs(sim_met - met) <= 0.2 * met, (sim_met, met)
+        # The mean latency of each third of the requests by rank (those served at once, after one
+        # swap, after two), within 25% + 50 ms: a simulator that serves a burst a swap earlier or
+        # later than the engines did moves its third by 0.2-0.6 s. Neither the attainment nor each
+        # rank: the SLO cuts the cluster of requests served at once, whose spread is the loaded
+        # machine's (0.14-0.28 s real where the simulator serves all at 0.27 s; on CI 0.21-0.39 s
+        # against 0.25-0.28 moved the attainment from 0.44 to 0.31).
+        third = n // 3
+        off = []
+        for k in range(3):
+            real_mean = statistics.mean(real_ranked[k * third : (k + 1) * third])
+            sim_mean = statistics.mean(sim_ranked[k * third : (k + 1) * third])
+            if abs(sim_mean - real_mean) > 0.25 * real_mean + 0.05:
+                off.append((k, round(real_mean, 3), round(sim_mean, 3)))
+        assert not off, off
     finally:
         stop(serve)
 

@@ -137,6 +137,22 @@ def test_seven_digit_timestamps_keep_their_precision(tmp_path: Path) -> None:
     assert arrivals[3] == pytest.approx(5 * 3600 + 44 * 60 + 13.4194100, abs=1e-6)
 
 
+def test_a_trace_read_again_in_the_same_process_gives_the_same_arrival_times(tmp_path: Path) -> None:
+    """The parser caches each minute's epoch second; a time read with its minute cached must be the
+    same float as one read without (they were up to 1e-14 s apart, and an overloaded simulation run after
+    another in one process, as ``qlm bench`` runs them, moved by 10 points)."""
+    from qlm_plugin.workloads import records
+
+    # the conversation trace's first request and the first of its next minute
+    path = write(
+        tmp_path, HEADER + "2023-11-16 18:15:46.6805900,374,44\n2023-11-16 18:16:00.7401400,181,154\n"
+    )
+    records._EPOCH_MINUTES.clear()
+    first = [r.arrival_s for r in load_azure_trace(path)]  # each minute's first time parsed in full
+    again = [r.arrival_s for r in load_azure_trace(path)]  # every minute cached
+    assert first == again  # exactly: the simulation's event order depends on the last bit
+
+
 def test_other_iso_forms_agree(tmp_path: Path) -> None:
     path = write(
         tmp_path,

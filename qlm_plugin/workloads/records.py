@@ -101,13 +101,13 @@ def _parse_datetime(cell: str) -> tuple[int, float]:
             and tail[:2].isdigit()
             and (len(tail) == 2 or (tail[2] == "." and tail[3:].isdigit()))
         ):
-            whole = int(tail[:2])
-            if whole < 60:
+            seconds = int(tail[:2])
+            if seconds < 60:
                 # The same split as the parse below (whole seconds, then the fraction), so a time
                 # parsed with its minute cached is the same float as one parsed without: the
-                # relative times were up to 1e-14 s apart between a process's first and later reads of
-                # a trace, enough to move an overloaded simulation by 10 points.
-                return minute + whole, int(tail[3:]) / 10 ** (len(tail) - 3) if len(tail) > 3 else 0.0
+                # relative times were up to 1e-14 s apart between a process's first and later
+                # reads of a trace, enough to move an overloaded simulation by 10 points.
+                return minute + seconds, int(tail[3:]) / 10 ** (len(tail) - 3) if len(tail) > 3 else 0.0
     match = _PLAIN_DATETIME.fullmatch(cell)
     if match is None:
         return _parse_iso(cell)

@@ -24,6 +24,20 @@ def test_the_fit_recovers_the_step_cost_model() -> None:
     assert b2 == pytest.approx(400, rel=0.1)
 
 
+def test_the_fit_counts_the_engines_time_between_back_to_back_steps() -> None:
+    """0.4 ms between steps run back to back is step time (its requests wait through it); a pause
+    before a step that found the engine idle is not."""
+    steps, t = [], 0.0
+    for i in range(400):
+        decode = 1 + i % 8
+        seconds = (3000 + 400 * decode) * 1e-6
+        steps.append(StepTiming(t, seconds, 0, decode, decode))
+        t += seconds + (0.0004 if i % 50 else 0.5)  # busy, with an idle pause every 50 steps
+    b0, _, b2 = fit(steps)
+    assert b0 == pytest.approx(3400, rel=0.03)
+    assert b2 == pytest.approx(400, rel=0.03)
+
+
 def test_the_cost_outside_the_steps_is_what_probes_measure_beyond_the_simulator() -> None:
     cost = calibrated_model((3000.0, 80.0, 400.0), max_num_seqs=8, max_batched=2048)
     alone = {p: replay([Replayed(0.0, p, 1)], cost)[0].e2e or 0.0 for p in (8, 40, 200)}

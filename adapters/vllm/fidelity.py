@@ -19,6 +19,9 @@ from qlm_plugin.domain.instance import StepTiming
 from qlm_plugin.domain.outcome import RequestOutcome
 from qlm_plugin.domain.request import Request
 
+#: Two steps this close (seconds from one's end to the next's start) ran back to back.
+BUSY_GAP_S = 0.002
+
 
 @dataclass(frozen=True, slots=True)
 class Replayed:
@@ -68,11 +71,21 @@ def fit(steps: Sequence[StepTiming]) -> tuple[float, float, float]:
     """Non-negative least squares of step time = b0 + b1*prefill + b2*decode, in microseconds.
     (Clipping an unconstrained fit instead is wrong: on a tiny model a step's time hardly grows with
     its tokens, the free fit comes out with negative token costs and a large intercept, and clipping
-    the costs to 0 keeps that intercept: every step twice as long as measured.)"""
+    the costs to 0 keeps that intercept: every step twice as long as measured.)
+
+    A step's time is from its start to the next step's start while the engine is busy (the next
+    starts within :data:`BUSY_GAP_S` of its end): the engine's own work between two steps (its
+    outputs to the API server, the next schedule) is time its requests wait too, about 10% of a
+    step on vLLM-CPU here. After an idle gap, the step's own duration."""
     from scipy.optimize import nnls
 
-    x = np.array([[1.0, s.prefill_tokens, s.decode_tokens] for s in steps])
-    y = np.array([s.duration_s for s in steps])
+    ordered = sorted(steps, key=lambda s: s.start)
+    x = np.array([[1.0, s.prefill_tokens, s.decode_tokens] for s in ordered])
+    y = np.array([s.duration_s for s in ordered])
+    for i in range(len(ordered) - 1):
+        gap = ordered[i + 1].start - (ordered[i].start + ordered[i].duration_s)
+        if 0.0 <= gap < BUSY_GAP_S:
+            y[i] += gap
     coef, _ = nnls(x, y)
     b0, b1, b2 = (float(c) * 1e6 for c in coef)
     return b0, b1, b2

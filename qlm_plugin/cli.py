@@ -169,6 +169,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                 ("--policies", args.policies),
                 ("--sweep", args.sweep),
                 ("--seed", args.seed),
+                ("--seeds", None if args.seeds == 1 else args.seeds),
                 ("--burst-at", None if args.burst_at == bench.DEFAULT_BURST_AT else args.burst_at),
             )
             if value is not None
@@ -206,6 +207,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         jobs=args.jobs,
         on_run=progress,
         on_skip=skipped,
+        seeds=args.seeds,
     )
     if not result.scenarios:
         raise ValueError("no scenario could run (every one was skipped; see above)")
@@ -306,6 +308,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sweep.add_argument("--no-sweep", action="store_true", help="base load only: no sweep, no plots")
     bn.add_argument("--seed", type=int, help="override every scenario's seed")
+    bn.add_argument(
+        "--seeds",
+        type=int,
+        default=1,
+        metavar="N",
+        help="each sweep point is the mean over N seeds: the scenario's (or --seed) and the next N-1 "
+        "(default 1); overloaded, one seed's point is one draw",
+    )
     bn.add_argument(
         "--burst-at",
         type=float,

@@ -119,6 +119,24 @@ def test_no_sweep_runs_the_base_load_only(tmp_path: Path) -> None:
     assert "base load only" in section and "Highest load" not in section
 
 
+def test_each_sweep_point_is_the_mean_over_the_seeds(tmp_path: Path, result: bench.BenchResult) -> None:
+    """``seeds=3``: each point holds its three seeds' attainments (the scenario's own seed first, the
+    same run as with one seed) and their mean; the tables at base load are the first seed's."""
+    folder = _folder(tmp_path)
+    res = bench.run_bench(["S"], ["fcfs", "edf"], [1.0, 2.0], folder=folder, seeds=3)
+    assert res.seeds == 3 and "mean over 3 seeds" in bench.render_section(res)
+    for name, pb in res.scenarios["S"].policies.items():
+        one = result.scenarios["S"].policies[name]
+        assert pb.base.overall == one.base.overall
+        for point, single in zip(pb.sweep, one.sweep, strict=True):
+            assert len(point.by_seed) == 3 and point.by_seed[0] == single.slo_attainment
+            assert point.slo_attainment == pytest.approx(sum(point.by_seed) / 3)
+    # other seeds draw other requests (models, classes): some point differs from the first seed's
+    assert any(len(set(p.by_seed)) > 1 for pb in res.scenarios["S"].policies.values() for p in pb.sweep)
+    with pytest.raises(bench.BenchError, match="seeds must be at least 1"):
+        bench.run_bench(["S"], ["fcfs"], [1.0], folder=folder, seeds=0)
+
+
 def test_scale_load_multiplies_rate_scale_or_target_rps(tmp_path: Path) -> None:
     sc = load_scenario(_folder(tmp_path) / "S.yaml")
     assert bench.scale_load(sc, 2.5).workload.rate_scale == 2.5

@@ -28,6 +28,7 @@ from __future__ import annotations
 import math
 import multiprocessing
 import os
+import statistics
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -213,9 +214,10 @@ def highest_rate(points: Sequence[tuple[float, float]], target: float = TARGET_A
 @dataclass(frozen=True, slots=True)
 class SweepPoint:
     multiplier: float
-    slo_attainment: float
+    slo_attainment: float  # the mean over the seeds
     classes: dict[str, float]
     wall_s: float
+    by_seed: tuple[float, ...] = ()  # each seed's attainment, the scenario's own seed first
 
     def to_dict(self) -> dict[str, object]:
         return {
@@ -223,6 +225,7 @@ class SweepPoint:
             "slo_attainment": self.slo_attainment,
             "classes": dict(self.classes),
             "wall_s": self.wall_s,
+            "slo_attainment_by_seed": list(self.by_seed),
         }
 
 
@@ -287,12 +290,14 @@ class BenchResult:
     scenarios: dict[str, ScenarioBench] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)  # key -> why
     wall_s: float = 0.0
+    seeds: int = 1  # each sweep point is the mean over this many seeds
 
     def to_dict(self) -> dict[str, object]:
         return {
             "command": self.command,
             "date": self.date,
             "seed": self.seed,
+            "seeds": self.seeds,
             "sweep": list(self.sweep),
             "target_attainment": self.target,
             "burst_at": self.burst_at,
@@ -343,13 +348,17 @@ def run_bench(
     jobs: int = 1,
     on_run: RunCallback | None = None,
     on_skip: Callable[[str, str], None] | None = None,
+    seeds: int = 1,
 ) -> BenchResult:
     """Run every scenario under every policy at base load and at each multiplier of ``sweep``.
 
     ``scenarios``: names or paths (:func:`find_scenarios`; ``None``: the whole folder). ``policies``:
     ``None`` for every registered one. ``sweep``: load multipliers (empty: base load only; the base,
     1, is always run and joins the sweep's points). ``seed`` replaces every scenario's (and burst's)
-    seed. ``jobs``: simulations run at once, each in its own process (1: here, one after another).
+    seed. ``seeds``: each sweep point is the mean attainment over the scenario's seed and the next
+    ``seeds - 1`` (overloaded, one seed's point is one draw: B at 4x spans 17 points over five); the
+    tables at base load are the first seed's. ``jobs``: simulations run at once, each in its own
+    process (1: here, one after another).
     ``on_run(scenario, policy, multiplier, result)`` after each simulation; ``on_skip(scenario,
     why)`` for a scenario whose trace is missing.
     """
@@ -358,6 +367,8 @@ def run_bench(
         raise BenchError(f"burst_at must be in [0, 1], got {burst_at!r}")
     if jobs < 1:
         raise BenchError(f"jobs must be at least 1, got {jobs!r}")
+    if seeds < 1:
+        raise BenchError(f"seeds must be at least 1, got {seeds!r}")
     multipliers = sorted({float(m) for m in sweep})
     for m in multipliers:
         if not (math.isfinite(m) and m > 0):
@@ -377,6 +388,7 @@ def run_bench(
         target=target,
         burst_at=burst_at,
         policies=names,
+        seeds=seeds,
     )
     loads = sorted({1.0, *multipliers})
     runs: list[_Run] = []
@@ -394,19 +406,35 @@ def run_bench(
                 on_skip(bs.key, why)
             continue
         result.scenarios[bs.key] = _describe(bs, scenario, burst, burst_at)
-        runs += [_Run(bs.key, scenario, burst, m, burst_at, p) for m in loads for p in names]
+        for k in range(seeds):
+            sc, br = scenario, burst
+            if k:  # the next seeds, for the sweep's points only
+                if not multipliers:
+                    break
+                sc = scenario.model_copy(update={"seed": scenario.seed + k})
+                br = burst.model_copy(update={"seed": burst.seed + k}) if burst is not None else None
+            runs += [_Run(bs.key, sc, br, m, burst_at, p, k) for m in loads for p in names]
     results = _simulate_all(runs, jobs)
-    points: dict[tuple[str, str], list[SweepPoint]] = {}
+    drawn: dict[tuple[str, str, float], list[PolicyResult]] = {}
     for run, res in zip(runs, results, strict=True):
         if on_run is not None:
             on_run(run.key, run.policy, run.multiplier, res)
         out = result.scenarios[run.key]
-        if run.multiplier == 1.0:
+        if run.multiplier == 1.0 and run.seed_offset == 0:
             out.policies[run.policy] = PolicyBench(run.policy, res.reference, res)
         if multipliers:
-            classes = {c: v.slo_attainment for c, v in res.classes.items()}
-            point = SweepPoint(run.multiplier, res.overall.slo_attainment, classes, res.wall_s)
-            points.setdefault((run.key, run.policy), []).append(point)
+            drawn.setdefault((run.key, run.policy, run.multiplier), []).append(res)
+    points: dict[tuple[str, str], list[SweepPoint]] = {}
+    for (key, policy, multiplier), draws in drawn.items():
+        classes = {
+            c: statistics.fmean(d.classes[c].slo_attainment for d in draws if c in d.classes)
+            for c in draws[0].classes
+        }
+        by_seed = tuple(d.overall.slo_attainment for d in draws)
+        point = SweepPoint(
+            multiplier, statistics.fmean(by_seed), classes, sum(d.wall_s for d in draws), by_seed
+        )
+        points.setdefault((key, policy), []).append(point)
     for (key, policy), pts in points.items():
         pb = result.scenarios[key].policies[policy]
         pb.sweep = pts
@@ -425,6 +453,7 @@ class _Run:
     multiplier: float
     burst_at: float
     policy: str
+    seed_offset: int = 0  # which of the bench's seeds (0: the scenario's own)
 
 
 def _describe(
@@ -542,6 +571,11 @@ def render_section(result: BenchResult, images: dict[str, str] | None = None) ->
         "",
         f"Seed: {'each scenario’s own' if result.seed is None else result.seed}; load sweep: "
         + (", ".join(f"{m:g}x" for m in result.sweep) if result.sweep else "none (base load only)")
+        + (
+            f", each point the mean over {result.seeds} seeds (the seed and the next {result.seeds - 1})"
+            if result.seeds > 1 and result.sweep
+            else ""
+        )
         + f"; bench wall time {result.wall_s:.0f} s. Policies marked `*` are references (they know true "
         "output lengths), not deployable.",
         "",

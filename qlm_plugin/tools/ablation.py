@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from qlm_plugin.policies.qlm import PARTS
-from qlm_plugin.tools.bench import BenchResult, PolicyBench, format_rate, update_markdown
+from qlm_plugin.tools.bench import BenchResult, PolicyBench, format_rate, seeds_note, update_markdown
 
 MARK_START = "<!-- ablation:start -->"
 MARK_END = "<!-- ablation:end -->"
@@ -108,7 +108,7 @@ def render_section(result: BenchResult, image: str | None = None) -> str:
         f"Generated on {result.date} by `{result.command}` (bench wall time {result.wall_s:.0f} s; "
         "load sweep "
         + (", ".join(f"{m:g}x" for m in result.sweep) if result.sweep else "none")
-        + (f", each point the mean over {result.seeds} seeds" if result.seeds > 1 and result.sweep else "")
+        + seeds_note(result)
         + ").",
         "",
         "SLO attainment at base load, and in brackets the highest load multiplier meeting "

@@ -211,6 +211,13 @@ def highest_rate(points: Sequence[tuple[float, float]], target: float = TARGET_A
     return "<min"
 
 
+def seeds_note(result: BenchResult) -> str:
+    """What a report says after its load sweep when each point is a mean over seeds ("" if not)."""
+    if result.seeds <= 1 or not result.sweep:
+        return ""
+    return f", each point the mean over {result.seeds} seeds (the seed and the next {result.seeds - 1})"
+
+
 @dataclass(frozen=True, slots=True)
 class SweepPoint:
     multiplier: float
@@ -571,11 +578,7 @@ def render_section(result: BenchResult, images: dict[str, str] | None = None) ->
         "",
         f"Seed: {'each scenario’s own' if result.seed is None else result.seed}; load sweep: "
         + (", ".join(f"{m:g}x" for m in result.sweep) if result.sweep else "none (base load only)")
-        + (
-            f", each point the mean over {result.seeds} seeds (the seed and the next {result.seeds - 1})"
-            if result.seeds > 1 and result.sweep
-            else ""
-        )
+        + seeds_note(result)
         + f"; bench wall time {result.wall_s:.0f} s. Policies marked `*` are references (they know true "
         "output lengths), not deployable.",
         "",

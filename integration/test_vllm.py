@@ -316,8 +316,8 @@ def test_interactive_requests_overtake_queued_batch_work(stack: Stack) -> None:
                         prompt="the quick brown fox " * 4,
                         # enough work that, served first, it would keep an interactive request
                         # past its 3 s TTFT on a fast CPU too (AMX: 0.8 s per wave of 160 tokens)
-                        max_tokens=320,
-                        true_output_tokens=320,
+                        max_tokens=384,
+                        true_output_tokens=384,
                         slo=pb.SLO(slo_class="batch"),
                     )
                     for _ in range(64)
@@ -440,7 +440,7 @@ def test_a_killed_engine_has_its_requests_finished_on_the_other(stack: Stack) ->
                     body["messages"] = [{"role": "user", "content": "the lazy dog"}]
                 else:
                     body["prompt"] = "the lazy dog"
-                text, usage, info, kinds = [], None, {}, set()
+                text, usage, info, kinds, told = [], None, {}, set(), False
                 path = "/v1/chat/completions" if chat else "/v1/completions"
                 async with http.post(f"{stack.url}{path}", json=body) as r:
                     assert r.status == 200
@@ -453,26 +453,33 @@ def test_a_killed_engine_has_its_requests_finished_on_the_other(stack: Stack) ->
                             kinds.add(chunk["object"])
                             for ch in chunk.get("choices", []):
                                 text.append(ch["delta"].get("content", "") if chat else ch.get("text", ""))
-                            if len(text) == 300:
+                            # vLLM's API server merges the tokens a slow reader has not taken
+                            # yet into one chunk: on a loaded machine 450 tokens can come in far
+                            # fewer than 300 chunks, so a third of them marks "far in".
+                            if len(text) >= 150 and not told:
+                                told = True
                                 midway.put_nowait(info["request_id"])
                 return {"text": "".join(text), "usage": usage, "qlm": info, "chat": chat, "kinds": kinds}
 
             # half chats, in pairs: requests go to the two engines in turns, so every other one
             # would put all the chats on one engine
             tasks = [asyncio.create_task(one(chat=i % 4 in (1, 2))) for i in range(32)]
-            # Kill the engine serving a request that is streaming, as soon as one is 300 tokens in
+            # Kill the engine serving a request that is streaming, as soon as one is a third of its chunks in
             # (polling the engines' /metrics or the coordinator lagged seconds behind on two loaded
             # cores: the kill once came after the victim had finished everything).
             # On a loaded CI machine the client can read its 300th token after the engine sent
             # the 450th: then the victim is any request still on an engine.
             victim = ""
             while not victim:
-                st = await c.status(await asyncio.wait_for(midway.get(), 120))
-                if st.state == "dispatched":
-                    victim = st.instance_id
-                else:
+                try:
+                    st = await c.status(await asyncio.wait_for(midway.get(), 60))
+                    victim = st.instance_id if st.state == "dispatched" else ""
+                except TimeoutError:  # no stream far in yet: any engine serving a request
+                    pass
+                if not victim:
                     busy = [q.instance_id for q in (await c.queue()).requests if q.state == "dispatched"]
                     victim = busy[0] if busy else ""
+                assert victim or not all(t.done() for t in tasks), "every request ended before the kill"
             stack.engines[victim].kill()
             return await asyncio.wait_for(asyncio.gather(*tasks), 300)
 

@@ -176,6 +176,48 @@ def test_the_request_left_waiting_binds_one_place_past_the_engine_queues_limit()
     assert e.dispatched_at == 0.3 and engines.handed["i0"] == ["left"] and "left" in d.bound_early
 
 
+def urgent(d: Dispatcher, queue: GlobalQueue, rid: str, prompt: int, deadline: float) -> Any:
+    r = Request(rid, MODEL, prompt, 16, 0.0, SLO(deadline, None), slo_class="interactive")
+    e = queue.entries[rid] = queue.entry(r, LengthDistribution.point(16))
+    d.enqueue(e)
+    return e
+
+
+@pytest.mark.parametrize("step_deadline", [True, False])
+def test_a_pull_starts_no_prompt_that_would_push_a_first_token_past_its_deadline(step_deadline: bool) -> None:
+    """Prompts that start in one step delay each other's first token: at 17 us a token, three
+    8,000-token prompts take 0.42 s, two 0.29 s. Those that would make the step miss a TTFT of
+    0.3 s wait for the next pull; a short batch prompt still fits beside them."""
+    d, queue, fleet, engines = dispatcher(state())
+    d.step_deadline = step_deadline
+    for i in range(3):
+        urgent(d, queue, f"u{i}", 8000, 0.3)
+    queued(d, queue, "batch", 100.0)  # 100 tokens, no TTFT
+    d.pull(fleet.instances["i0"], 8, 0.0)
+    expected = ["u0", "u1", "batch"] if step_deadline else ["u0", "u1", "u2", "batch"]
+    assert engines.handed["i0"] == expected
+
+
+@pytest.mark.parametrize("step_deadline", [True, False])
+def test_a_request_binds_early_only_where_its_first_token_can_come_in_time(step_deadline: bool) -> None:
+    """Three urgent requests already wait in the engine's queue: with a 20,000-token prompt of its
+    own size each, their step takes 1.4 s, past a 1 s TTFT. The request waits for a pull instead;
+    in an empty queue it would make it (0.35 s) and binds."""
+    busy = state(num_waiting=3, num_waiting_urgent=3)
+    d, queue, _, engines = dispatcher(busy)
+    d.step_deadline = step_deadline
+    engines.qlm_instance_state = lambda instance_id, detail: busy  # type: ignore[attr-defined]
+    e = urgent(d, queue, "long", 20_000, 1.0)
+    d.bind_early(e, 0.0)
+    assert (e.dispatched_at is None) is step_deadline
+    if step_deadline:
+        idle = state()
+        d.fleet.instances["i0"].state = idle
+        engines.qlm_instance_state = lambda instance_id, detail: idle  # type: ignore[attr-defined]
+        d.bind_early(e, 0.0)
+        assert engines.handed["i0"] == ["long"]
+
+
 # ------------------------------------------------------------------------------------ mixed GPUs
 
 

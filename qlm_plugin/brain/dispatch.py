@@ -5,10 +5,12 @@ requests it can serve, from its own virtual queue (the plan's placement of their
 the virtual queue of an instance that cannot start them now (load balancing). Each pull is bounded
 by the engine's free KV (prompt plus predicted output), so no request waits in an engine's own queue
 where a later, more urgent arrival could not pass it; late requests run after every request that
-can still meet its SLO, but one pull in ``LATE_SHARE`` serves the oldest first, so none starves. A
-TTFT-bound request with no room anywhere binds early to the engine queue that starts it soonest
-(its length at its GPU's speed), which ranks it by urgency. Thread safety: none; one event loop
-owns it.
+can still meet its SLO, but one pull in ``LATE_SHARE`` serves the oldest first, so none starves.
+Prompts that start in one step delay each other's first token, so a pull takes no prompt that would
+push a TTFT-bound request it takes past its deadline. A TTFT-bound request with no room anywhere
+binds early to the engine queue that starts it soonest (its length at its GPU's speed), which ranks
+it by urgency, if its first token can come in time there. Thread safety: none; one event loop owns
+it.
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ BIND_LOOK_AHEAD = 64
 BIND_BUDGET_LEFT = 0.5
 #: One pull in this many serves the oldest late request first (no starvation under overload).
 LATE_SHARE = 16
+#: A pull passes over at most this many prompts that would make its step miss a TTFT deadline.
+DEADLINE_SKIPS = 8
 
 
 class Dispatcher:
@@ -46,10 +50,12 @@ class Dispatcher:
         *,
         late_list: bool = True,
         step_budget: bool = True,
+        step_deadline: bool = True,
     ) -> None:
         self.queue = queue
         self.late_list = late_list
         self.step_budget = step_budget
+        self.step_deadline = step_deadline
         self.fleet = fleet
         self.estimator = estimator
         self.counters = counters
@@ -122,7 +128,14 @@ class Dispatcher:
             return ((s.num_waiting + 1) / v.speed, s.num_running, v.instance_id)
 
         for view in sorted(serving, key=load)[:2]:
-            if urgent_waiting(view) < max_waiting:
+            waiting = urgent_waiting(view)
+            if waiting < max_waiting:
+                # Only where its first token can come in time, were it to start in one step with
+                # the TTFT-bound requests waiting there (priced as its own prompt each): else it
+                # waits for a pull (a slow GPU's queue would make it miss).
+                step = _StepDeadline(self, view, entry.request.model, now) if self.step_deadline else None
+                if step is not None and not step.fits(entry, copies=waiting + 1):
+                    continue
                 if self.dispatch(view, entry, now):
                     self.bound_early[entry.request.id] = entry  # watched until it starts
                 return
@@ -159,21 +172,34 @@ class Dispatcher:
         prefill_free = math.inf if room is None else room
         if prefill_free <= 0:
             return
+        guard = _StepDeadline(self, view, model, now) if self.step_deadline and s is not None else None
+        skipped = 0
         for e in self._candidates(view, model, now):
             if len(taken) >= slots or prefill_free <= 0:
                 break
             blocks = (e.request.prompt_tokens + e.length.mean) / 16.0
             if taken and blocks > kv_free:
                 break
+            if taken and guard is not None and not guard.fits(e):
+                skipped += 1
+                if skipped >= DEADLINE_SKIPS:
+                    break
+                continue
             kv_free -= blocks
             prefill_free -= e.request.prompt_tokens
             taken.append(e)
+            if guard is not None:
+                guard.take(e)
         for rid in list(q.late):
             if len(taken) >= slots or prefill_free <= 0:
                 break
             if not taken or taken[0].request.id != rid:
+                if guard is not None and taken and not guard.fits(entries[rid]):
+                    break
                 taken.append(entries[rid])
                 prefill_free -= entries[rid].request.prompt_tokens
+                if guard is not None:
+                    guard.take(entries[rid])
         for e in taken:
             self.dispatch(view, e, now)
 
@@ -300,6 +326,43 @@ class Dispatcher:
         for e in self.queue.entries.values():
             if e.planned == instance_id and e.dispatched_at is None:
                 e.planned = None
+
+
+class _StepDeadline:
+    """Prompts that start in the same step delay each other's first token: the step's prefill
+    takes the time of all of them (on a slow GPU a full token budget takes over a second). So a pull
+    takes a prompt only if every TTFT-bound request it takes (this one included) still gets its
+    first token by its deadline, priced on the engine's fitted step cost (the first one taken
+    always goes), and a request binds early only to an engine where it would. Built per pull."""
+
+    __slots__ = ("cost", "decodes", "due", "start", "tokens")
+
+    def __init__(self, dispatcher: Dispatcher, view: InstanceView, model: str, now: float) -> None:
+        s = view.state
+        assert s is not None
+        self.cost = dispatcher.estimator.step_cost(view, model)
+        self.decodes = s.num_running
+        self.tokens = s.prefill_tokens_pending  # prompts handed over that have not started yet
+        # the step in flight ends first
+        self.start = now + dispatcher.estimator.tpot(view, model)
+        self.due = math.inf
+
+    def _due(self, e: Entry) -> float:
+        d = e.request.slo.ttft_deadline
+        return d if d is not None and d > self.start else math.inf  # a late one binds nothing
+
+    def fits(self, e: Entry, copies: int = 1) -> bool:
+        """Whether ``e`` may start in this step (with ``copies - 1`` more prompts of its size)."""
+        due = min(self.due, self._due(e))
+        if due == math.inf:
+            return True
+        return (
+            self.start + self.cost.step_s(self.tokens + copies * e.request.prompt_tokens, self.decodes) <= due
+        )
+
+    def take(self, e: Entry) -> None:
+        self.tokens += e.request.prompt_tokens
+        self.due = min(self.due, self._due(e))
 
 
 def doomed(e: Entry, now: float) -> bool:

@@ -38,6 +38,7 @@ class LSOExecutor:
         evict: bool = True,
         late_list: bool = True,
         step_budget: bool = True,
+        step_deadline: bool = True,
         min_model_residency_s: float = 30.0,
     ) -> None:
         self.queue = queue
@@ -49,6 +50,7 @@ class LSOExecutor:
             counters,
             late_list=late_list,
             step_budget=step_budget,
+            step_deadline=step_deadline,
         )
         self.evictor = Evictor(queue, fleet, estimator, self.dispatcher, counters, enabled=evict)
         self.swapper = ModelSwapper(

@@ -60,6 +60,7 @@ class QueueManager:
         early_binding: bool = True,
         late_list: bool = True,
         step_budget: bool = True,
+        step_deadline: bool = True,
         estimate_at_admission: bool = True,
         refuse_at_admission: bool = True,
         length_prior: str = "half",
@@ -112,6 +113,7 @@ class QueueManager:
             evict=evict,
             late_list=late_list,
             step_budget=step_budget,
+            step_deadline=step_deadline,
             min_model_residency_s=min_model_residency_s,
         )
         self.last_plan_at = -math.inf

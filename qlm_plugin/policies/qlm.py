@@ -16,6 +16,8 @@ PARTS: dict[str, str] = {
     "eviction": "no eviction for urgent requests",
     "early-binding": "urgent requests wait in the global queue for a pull",
     "step-budget": "pulls bounded by seats and KV only, not by the engine's next step's token budget",
+    "step-deadline": "prompts start together (pulled, or bound early)"
+    " whatever their step does to their TTFT deadlines",
     "late-list": "requests past their deadline keep their place in urgency order",
     "predictor": "output length taken as max_tokens",
     "admission-estimate": "no waiting-time estimate at admission: no flag, refusal or eviction on arrival",
@@ -43,6 +45,7 @@ def build_qlm(ctx: PolicyContext, *, without: Iterable[str] = (), clairvoyant: b
         early_binding="early-binding" not in off,
         late_list="late-list" not in off,
         step_budget="step-budget" not in off,
+        step_deadline="step-deadline" not in off,
         length_prior="max_tokens" if "predictor" in off else "half",
         estimate_at_admission="admission-estimate" not in off,
         plan_on_arrival="plan-on-arrival" not in off,

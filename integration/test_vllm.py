@@ -464,11 +464,12 @@ def test_a_killed_engine_has_its_requests_finished_on_the_other(stack: Stack) ->
             # half chats, in pairs: requests go to the two engines in turns, so every other one
             # would put all the chats on one engine
             tasks = [asyncio.create_task(one(chat=i % 4 in (1, 2))) for i in range(32)]
-            # Kill the engine serving a request that is streaming, as soon as one is a third of its chunks in
+            # Kill the engine serving a request that is streaming, as soon as one is 150 chunks in
             # (polling the engines' /metrics or the coordinator lagged seconds behind on two loaded
             # cores: the kill once came after the victim had finished everything).
-            # On a loaded CI machine the client can read its 300th token after the engine sent
-            # the 450th: then the victim is any request still on an engine.
+            # On a loaded CI machine the client can read its 150th chunk after the engine sent
+            # the last token, or no stream gets that far in 60 s: then the victim is any engine
+            # still serving a request.
             victim = ""
             while not victim:
                 try:

@@ -67,10 +67,12 @@ def test_no_swap_that_makes_more_work_late_than_it_saves() -> None:
     # c's laxity is the least (it is the most urgent) and it meets its deadline if it goes first
     urgent_c = GroupStat(("c", "c", 9), "c", ["g9-r"], 20.0, 0.0, 6.5, False, 1.0)
     plan = Planner(None, None).heuristic([urgent_c, *a_groups], machines, 0.0)  # type: ignore[arg-type]
-    assert plan.actions == [] and "i0" in plan.queues and "g9-r" not in plan.queues["i0"]
+    assert plan.actions == [], "no swap to c now"
+    assert plan.queues == {"i0": ["g0-r", "g1-r", "g2-r", "g9-r"]}, "c's group after a's: it is given up"
     assert plan.objective == 3.0
-    # The same c group against one of a's: the swap saves as much as it costs, so c goes first.
-    plan = Planner(None, None).heuristic([urgent_c, a_groups[0]], machines, 0.0)  # type: ignore[arg-type]
+    # A c group of two requests against one of a's: the swap wins more than it loses, so c goes first.
+    urgent_c2 = GroupStat(("c", "c", 9), "c", ["g9-r", "g9-s"], 20.0, 0.0, 6.5, False, 2.0)
+    plan = Planner(None, None).heuristic([urgent_c2, a_groups[0]], machines, 0.0)  # type: ignore[arg-type]
     assert plan.actions == [LoadModel("i0", "c", "gpu")]
 
 
@@ -91,3 +93,39 @@ def test_late_groups_are_planned_after_every_on_time_one_and_swap_nothing_in() -
     assert plan.queues == {"i0": ["g1-r", "late-r"]}, "a's on-time group first, the late one after"
     assert plan.actions == [], "no swap to c now: its weights are warm for when its turn comes"
     assert plan.objective == 1.0
+
+
+def test_in_overload_the_group_that_takes_the_most_time_per_slo_is_given_up() -> None:
+    # Moore-Hodgson: the slow group first (least laxity) would make both dense groups late; without
+    # it both meet. It is planned after them, where it misses: 10 SLOs met instead of 1.
+    machines = [machine("i0", "a", models=("a",))]
+    slow = group(0, "a", 40.0, 10.0, weight=1.0)  # 4 seats: 10 s
+    dense = [group(1, "a", 8.0, 11.0, weight=5.0), group(2, "a", 8.0, 12.0, weight=5.0)]  # 2 s each
+    plan = Planner(None, None).heuristic([slow, *dense], machines, 0.0)  # type: ignore[arg-type]
+    assert plan.queues == {"i0": ["g1-r", "g2-r", "g0-r"]}
+    assert plan.objective == 10.0
+    kept = Planner(None, None, overload_repair=False).heuristic([slow, *dense], machines, 0.0)  # type: ignore[arg-type]
+    assert kept.queues == {"i0": ["g0-r", "g1-r", "g2-r"]} and kept.objective == 1.0
+
+
+def test_a_group_stays_where_its_model_is_served_when_it_meets_its_deadline_there() -> None:
+    # i1 would finish it sooner after a warm swap, but i0 (busy 50 s) still meets its deadline: a
+    # swap costs what the plan's timeline does not show (the other model's TTFTs, its KV cache).
+    machines = [
+        machine("i0", "a", busy=50.0, models=("a", "b"), warm=("a", "b")),
+        machine("i1", "b", models=("a", "b"), warm=("a", "b")),
+    ]
+    plan = Planner(None, None).heuristic([group(0, "a", 8.0, 100.0)], machines, 0.0)  # type: ignore[arg-type]
+    assert plan.queues == {"i0": ["g0-r"]} and plan.actions == []
+    late = Planner(None, None).heuristic([group(0, "a", 8.0, 40.0)], machines, 0.0)  # type: ignore[arg-type]
+    assert late.queues == {"i1": ["g0-r"]} and late.actions == [LoadModel("i1", "a", "gpu")]
+
+
+def test_end_to_end_work_is_timed_at_the_pace_of_a_full_engine() -> None:
+    # Seat-seconds are priced at a reference batch; this engine, full, gets through 1 per second,
+    # not 4 (its seats): the group cannot meet its deadline and is given up (planned, not counted).
+    slow = Machine("i0", 4, 0.0, "a", frozenset(), {"a": 1.0}, frozenset({"a"}), 0.0, {"a": 1.0})
+    plan = Planner(None, None).heuristic([group(0, "a", 8.0, 5.0)], [slow], 0.0)  # type: ignore[arg-type]
+    assert plan.queues == {"i0": ["g0-r"]} and plan.objective == 0.0
+    fast = Machine("i0", 4, 0.0, "a", frozenset(), {"a": 1.0}, frozenset({"a"}), 0.0, {"a": 4.0})
+    assert Planner(None, None).heuristic([group(0, "a", 8.0, 5.0)], [fast], 0.0).objective == 1.0  # type: ignore[arg-type]

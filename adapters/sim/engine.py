@@ -148,6 +148,7 @@ class SimInstance:
         # model state
         self.model: str | None = None
         self.model_since = 0.0
+        self.ordered_model: str | None = None  # the last model a queue manager ordered loaded here
         self.warm: OrderedDict[str, float] = OrderedDict()  # host-cached weights: model -> GB
         self.loading: tuple[str, float] | None = None  # (model, ready_at)
         self.switch_to: str | None = None  # drain, then load this model
@@ -275,7 +276,7 @@ class SimInstance:
             return LoadResult(self.instance_id, model, self._last_load_warm, self.loading[1])
         self._promote_staged(now)
         warm = model in self.warm
-        self.switch_to = model
+        self.switch_to = self.ordered_model = model
         self.unload_pending = False
         self._kick()
         # Ready once the running requests drain; the estimate assumes they drain now.
@@ -580,6 +581,10 @@ class SimInstance:
             if slots > 0:
                 self.on_room(self.instance_id, slots, now)
         self._schedule_step(now)
+        if self.step is None and self.next_event_t is None and self.loading is None:
+            due = self._swap_due_at()
+            if due is not None and due > now:
+                self.fleet.schedule(self, due)  # type: ignore[union-attr]  # idle: wake when its swap is due
 
     #: KV blocks a pulled request is assumed to need (about 1.5k tokens) when counting free slots.
     PULL_BLOCKS_PER_REQUEST = (
@@ -665,6 +670,11 @@ class SimInstance:
         heads = {m: h for m in self.waiting if m != cur and (h := self._head(m)) is not None}
         if not heads:
             return None
+        if cur is not None and cur == self.ordered_model:
+            # A queue manager ordered this model here: it hands this engine that model's work (the
+            # others' left here are requests it preempted itself), so swapping back at once would
+            # undo the order; it swaps on its own only once the model has held the GPU for long.
+            return self.model_since + self.max_model_residency_s
         cur_head = self._head(cur) if cur is not None else None
         if cur_head is None:
             return self.model_since  # nothing left of the current model: now

@@ -2,14 +2,19 @@
 
 Planning is over *request groups* (same model, same class, first deadlines in one window), not
 requests, which keeps it small. Each instance is modelled as processing its virtual queue's groups
-one after another with all its seats (a fluid model); a group's time is its predicted seat-seconds
-over the seats, after the model is ready (a swap costs its warm or cold load time).
+one after another (a fluid model), after the model is ready (a swap costs the drain of the work
+ahead of it and the warm or cold load). An end-to-end-bound group takes its predicted seat-seconds
+over the pace of a full engine serving its model (its KV cache and step cost on the queued mix of
+requests: seat-seconds are priced at a reference batch, and a full engine is several times slower
+per request); a TTFT-bound group is timed over the seats (the engine starts it ahead of the rest).
 
 The solver is list scheduling: groups in least-laxity order (late groups after every on-time one),
-each placed on the instance where it finishes earliest (load balancing), models swapped onto the
-least-needed instance when no instance serves them (batching a model's groups there). Always
-answers; O(groups x instances). An exact MILP over the same groups was measured and removed: on
-A-F it was never better on weighted SLOs met where it mattered (docs/benchmarks.md).
+each placed where its model is served and it meets its deadline, else where it finishes earliest
+(load balancing, a model swap), batching a model's groups after a swap. In overload, Moore and
+Hodgson's rule gives up, on each instance, the groups that take the most time per SLO (they go
+after every other group; no engine swaps models for them). Always answers; O(groups x instances)
+plus the repairs. An exact MILP over the same groups was measured and removed: on A-F it was never
+better on weighted SLOs met where it mattered (docs/benchmarks.md).
 
 Not thread-safe: called from the queue manager's loop.
 """
@@ -21,16 +26,13 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from qlm_plugin.brain.fleet_view import FleetView
+from qlm_plugin.brain.fleet_view import FleetView, InstanceView
 from qlm_plugin.brain.global_queue import GlobalQueue
 from qlm_plugin.domain.groups import GroupKey
 from qlm_plugin.domain.instance import InstanceState
 from qlm_plugin.domain.plan import LoadModel, Plan
 from qlm_plugin.domain.request import Request
 from qlm_plugin.hooks import hookimpl
-
-#: How many of the next groups a swap's cost is weighed over (the plan is rebuilt every tick).
-SWAP_LOOKAHEAD_GROUPS = 64
 
 
 @dataclass(slots=True)
@@ -55,6 +57,69 @@ class Machine:
     load_s: dict[str, float]  # model -> load time here (warm or cold)
     costs: frozenset[str]  # models it can serve
     drain_s: float = 0.0  # before a swap, its running work must finish: about one request's service
+    pace: dict[str, float] = field(default_factory=dict)  # model -> seat-seconds it finishes per second
+
+    def rate(self, g: GroupStat) -> float:
+        """Predicted seat-seconds of ``g`` it gets through per second: an end-to-end-bound group's
+        at the pace of a full engine; a TTFT-bound group's at every seat's reference pace (an engine
+        starts those ahead of the rest, in the seats and steps the other work leaves, so how fast
+        a full engine drains work does not time them)."""
+        if g.ttft_bound:
+            return float(self.seats)
+        return self.pace.get(g.model, float(self.seats))
+
+
+@dataclass(slots=True)
+class _Slot:
+    """A group's turn on one instance in a plan: the model swap before it, and its start and end."""
+
+    group: GroupStat
+    switch: float
+    start: float
+    end: float
+
+
+def _timeline(
+    m: Machine, groups: Sequence[GroupStat], clock: float, model: str | None, drain: float
+) -> list[_Slot]:
+    """When each of ``groups`` runs on ``m``, one after another, from ``clock``: a group of another
+    model waits for the drain of the work ahead of it and the load."""
+    out = []
+    for g in groups:
+        switch = 0.0 if model == g.model else drain + m.load_s.get(g.model, math.inf)
+        start = clock + switch
+        clock = start + g.seat_s / m.rate(g)
+        out.append(_Slot(g, switch, start, clock))
+        model, drain = g.model, g.seat_s / max(1, len(g.ids))  # a swap after it waits for one request
+    return out
+
+
+def _moore_hodgson_victim(m: Machine, slots: Sequence[_Slot], clock: float) -> GroupStat | None:
+    """The group to move out of an instance's plan so that more of it meets its deadlines, or None
+    when every end-to-end-bound group there meets its own: the first that misses if it would miss
+    there even first in line (from ``clock``), else, of the end-to-end-bound groups up to it, the
+    one whose removal saves the most time per unit of SLO weight (Moore-Hodgson's rule, the longest
+    job first, weighted; a group's time counts the model swaps its removal saves). TTFT-bound
+    groups are neither: an engine starts them at once, among the work it runs (the plan's
+    one-after-another timeline cannot time their start)."""
+    for n, slot in enumerate(slots):
+        if slot.group.ttft_bound or _meets(slot.group, slot.start, slot.end):
+            continue
+        alone = _timeline(m, [slot.group], clock, m.serving, m.drain_s)[0]
+        if not _meets(slot.group, alone.start, alone.end):
+            return slot.group
+        best, victim = -math.inf, slot.group
+        for k, s in enumerate(slots[: n + 1]):
+            if s.group.ttft_bound:
+                continue
+            saved = s.end - s.start + s.switch
+            before = slots[k - 1].group.model if k > 0 else m.serving
+            if k + 1 < len(slots) and slots[k + 1].group.model == before:
+                saved += slots[k + 1].switch  # the swap back after it goes too
+            if saved / max(s.group.weight, 1e-9) > best:
+                best, victim = saved / max(s.group.weight, 1e-9), s.group
+        return victim
+    return None
 
 
 def _meets(g: GroupStat, start: float, end: float) -> bool:
@@ -67,9 +132,11 @@ class Planner:
     reads the group totals and predictions they already hold, so planning 10,000 requests costs no
     prediction calls)."""
 
-    def __init__(self, queue: GlobalQueue, fleet: FleetView) -> None:
+    def __init__(self, queue: GlobalQueue, fleet: FleetView, *, overload_repair: bool = True) -> None:
         self.queue = queue
         self.fleet = fleet
+        self.overload_repair = overload_repair
+        self._mix: dict[str, tuple[float, float, float]] = {}  # model -> mean seat-s, prompt, output
 
     # ------------------------------------------------------------------ inputs
     def groups(self) -> list[GroupStat]:
@@ -91,40 +158,76 @@ class Planner:
                 agg.weight,
             )
         entries = self.queue.entries
-        for q in self.queue.queues.values():
+        self._mix = {}
+        for model, q in self.queue.queues.items():
+            n = seat_s = prompt = output = 0.0
             for _, rid in q.order:
-                g = out.get(entries[rid].group)
+                e = entries[rid]
+                g = out.get(e.group)
                 if g is not None:
                     g.ids.append(rid)
+                n += 1
+                seat_s += e.service_s
+                prompt += e.request.prompt_tokens
+                output += e.length.mean
+            if n:
+                self._mix[model] = (seat_s / n, prompt / n, output / n)
         return sorted(out.values(), key=lambda g: (g.urgency, g.key))
 
     def machines(self, states: Sequence[InstanceState], now: float) -> list[Machine]:
+        views = [self.fleet.instances.get(s.instance_id) for s in states]
         out = []
-        for s in states:
-            view = self.fleet.instances.get(s.instance_id)
+        for s, view in zip(states, views, strict=True):
             if view is None or not s.healthy:
                 continue
             serving = s.loading_model or (s.models_loaded[0] if s.models_loaded else None)
             anycost = next(iter(view.costs.values()))
             seats = max(1, min(s.max_num_seqs, anycost.max_num_seqs))
-            running = sum(e.service_s for e in view.running.values()) / 2
-            drain = max((e.service_s for e in view.running.values()), default=0.0) / 2
             # what it can serve: its model, and models whose load did not fail there lately
             able = frozenset(m for m in view.costs if m == serving or view.can_load(m, now))
-            loads = {m: view.load_s(m) for m in able}
+            pace = {m: p for m in able if (p := self._pace(view, m, seats)) is not None}
+            # Its running work, and before a swap the drain of about its longest request, at the
+            # pace of a full engine serving its model.
+            speed = pace.get(serving, seats) if serving is not None else seats
+            running = sum(e.service_s for e in view.running.values()) / 2
+            drain = max((e.service_s for e in view.running.values()), default=0.0) / 2 * seats / speed
             out.append(
                 Machine(
                     s.instance_id,
                     seats,
-                    now + running / seats,
+                    now + running / speed,
                     serving,
                     frozenset(s.models_warm),
-                    loads,
+                    {m: view.load_s(m) for m in able},
                     able,
                     drain,
+                    pace,
                 )
             )
         return out
+
+    def _pace(self, view: InstanceView, model: str, seats: int) -> float | None:
+        """How many of the seat-seconds the groups are priced in ``view`` gets through per second
+        serving ``model``, full, on the model's queued mix of requests (None: nothing queued).
+
+        Seat-seconds are priced at a reference batch; a full engine runs as many requests as its
+        seats and KV cache hold, each step slower for every request in it and for the prompts mixed
+        in (each request's prompt over its output's steps). A plan that assumed every seat at the
+        reference pace (ten times too fast on long conversations) swapped models for work it could
+        not finish in time."""
+        mix = self._mix.get(model)
+        cost = view.costs.get(model)
+        if mix is None or cost is None:
+            return None
+        seat_s, prompt, output = mix
+        output = max(output, 1.0)
+        kv = cost.kv_blocks
+        if view.state is not None and view.model() == model and view.state.kv_blocks_total > 0:
+            kv = view.state.kv_blocks_total
+        held = max(1, cost.blocks_for(int(prompt + output / 2)))  # a running request, half done
+        running = max(1, min(seats, kv // held))
+        step = cost.step_s(int(running * prompt / output), running) / max(view.speed, 1e-6)
+        return running * (seat_s / output) / max(step, 1e-9)
 
     # ------------------------------------------------------------------ the hook
     @hookimpl
@@ -141,106 +244,123 @@ class Planner:
         return plan
 
     def heuristic(self, groups: Sequence[GroupStat], machines: Sequence[Machine], now: float) -> Plan:
-        """List scheduling across models: groups in urgency order, each on the instance where it
-        finishes earliest, a model swap priced in (the drain of the work ahead of it, then the
-        load, warm or cold). So swaps are batched where they are dear, and made early where a
-        model's urgent work would otherwise wait behind another model's slack work. An instance
-        whose virtual queue starts with another model's group is ordered to swap now; models it
-        serves later are staged in host memory (warm start). A swap that would make more of the
-        served model's work late than it saves is not made (overload): that group stays unplanned."""
+        """List scheduling across models: groups in urgency order, each where its model is served
+        and it meets its deadline, else on the instance where it finishes earliest, a model swap
+        priced in (the drain of the work ahead of it, then the load, warm or cold). So swaps are
+        batched where they are dear, and made early where a model's urgent work would otherwise
+        wait behind another model's slack work. An instance whose virtual queue starts with another
+        model's group is ordered to swap now; models it serves later are staged in host memory
+        (warm start).
+
+        Overload (Moore and Hodgson's rule for the most jobs on time): when an end-to-end-bound
+        group placed on an instance would miss its deadline there, the group up to it whose removal
+        saves the most time per SLO is moved out, until every one kept there meets its deadline.
+        The groups moved out, and those already late, follow every on-time group: the engines' time
+        goes to the work that meets the most SLOs per second (a slow model's requests wait where a
+        fast one's would be lost for them), and no engine swaps models for work the plan expects to
+        lose while it has other work."""
         plan = Plan(solver="heuristic")
+        by_id = {m.instance_id: m for m in machines}
+        seq: dict[str, list[GroupStat]] = {m.instance_id: [] for m in machines}
+        slots: dict[str, list[_Slot]] = {m.instance_id: [] for m in machines}
         clock = {m.instance_id: max(now, m.busy_until) for m in machines}
         model = {m.instance_id: m.serving for m in machines}
         drain = {m.instance_id: m.drain_s for m in machines}
-        objective = 0.0
+
+        def replay(iid: str) -> None:
+            m = by_id[iid]
+            slots[iid] = _timeline(m, seq[iid], max(now, m.busy_until), m.serving, m.drain_s)
+            if slots[iid]:
+                last = slots[iid][-1]
+                clock[iid], model[iid] = last.end, last.group.model
+                drain[iid] = last.group.seat_s / max(1, len(last.group.ids))
+            else:
+                clock[iid], model[iid], drain[iid] = max(now, m.busy_until), m.serving, m.drain_s
+
         # Late groups after every on-time one (the late list's rule): the most late are the most
         # urgent by laxity, and placed first they had engines swap models for work already lost.
-        groups = sorted(groups, key=lambda g: (g.deadline <= now, g.urgency, g.key))
-        placed: set[int] = set()
-        for i, g in enumerate(groups):
-            if i in placed:
-                continue
-            options: list[tuple[float, float, str]] = []
+        on_time = sorted((g for g in groups if g.deadline > now), key=lambda g: (g.urgency, g.key))
+        after = [g for g in groups if g.deadline <= now]
+
+        def options(g: GroupStat) -> list[tuple[bool, bool, float, float, str]]:
+            """Where ``g`` could go next: (misses there, needs a swap, its end, the swap, instance)."""
+            out = []
             for m in machines:
                 if g.model not in m.costs:
                     continue
                 iid = m.instance_id
                 switch = 0.0 if model[iid] == g.model else drain[iid] + m.load_s.get(g.model, math.inf)
-                end = clock[iid] + switch + g.seat_s / m.seats
+                start = clock[iid] + switch
+                end = start + g.seat_s / m.rate(g)
                 if math.isfinite(end):
-                    options.append((end, switch, iid))
-            if not options:
-                continue
+                    out.append((not _meets(g, start, end), switch > 0, end, switch, m.instance_id))
+            return out
 
-            end, switch, iid = min(options)
-            m = next(mm for mm in machines if mm.instance_id == iid)
-            if switch and self._swap_loses(groups, i, placed, m, model, clock[iid], end - clock[iid]):
-                continue  # unplanned: it waits for a swap that pays, or for the late list
-            if switch:
-                if iid not in plan.queues:  # the head of its virtual queue: swap now
-                    plan.actions.append(LoadModel(iid, g.model, target="gpu"))
-                elif g.model not in m.warm and g.model != m.serving:
-                    plan.actions.append(LoadModel(iid, g.model, target="host"))  # its turn comes later
-                model[iid] = g.model
-            start = clock[iid] + switch
-            clock[iid] = end
-            drain[iid] = g.seat_s / max(1, len(g.ids))  # a swap after it waits for one request's work
-            batch = [(g, start, end)]
+        placed: set[int] = set()
+        for i, g in enumerate(on_time):
+            if i in placed:
+                continue
+            where = options(g)
+            if not where:
+                continue
+            # An instance that serves the group's model and meets its deadline, if one does: a swap
+            # costs what the timeline does not show (the other model's TTFTs, its KV cache).
+            _, _, end, switch, iid = min(where)
+            m = by_id[iid]
+            seq[iid].append(g)
             if switch:
                 # One swap for the batch: the model's next groups follow it on this instance while
                 # the most urgent waiting group of another model still meets its deadline after
                 # them (and a swap back).
-                for j in range(i + 1, len(groups)):
-                    h = groups[j]
+                t = end
+                for j in range(i + 1, len(on_time)):
+                    h = on_time[j]
                     if j in placed or h.model != g.model:
                         continue
                     nxt = next(
                         (
                             p
-                            for k, p in enumerate(groups[i + 1 :], i + 1)
+                            for k, p in enumerate(on_time[i + 1 :], i + 1)
                             if k not in placed and p.model != g.model
                         ),
                         None,
                     )
-                    after = clock[iid] + h.seat_s / m.seats
-                    back = m.load_s.get(nxt.model, 0.0) + nxt.seat_s / m.seats if nxt is not None else 0.0
-                    if nxt is not None and after + back > nxt.deadline:
+                    t_after = t + h.seat_s / m.rate(h)
+                    back = 0.0
+                    if nxt is not None:
+                        back = m.load_s.get(nxt.model, 0.0) + nxt.seat_s / m.rate(nxt)
+                    if nxt is not None and t_after + back > nxt.deadline:
                         break
                     placed.add(j)
-                    batch.append((h, clock[iid], after))
-                    clock[iid] = after
-            for b, b_start, b_end in batch:
-                plan.queues.setdefault(iid, []).extend(b.ids)
-                plan.groups.setdefault(iid, []).append(b.key)
-                if _meets(b, b_start, b_end):
-                    objective += b.weight
+                    seq[iid].append(h)
+                    t = t_after
+            replay(iid)
+            while (
+                self.overload_repair
+                and (victim := _moore_hodgson_victim(m, slots[iid], max(now, m.busy_until))) is not None
+            ):
+                seq[iid].remove(victim)
+                after.append(victim)
+                replay(iid)
+        # What is expected to miss, in urgency order, where it finishes earliest (after the rest).
+        for g in sorted(after, key=lambda g: (g.urgency, g.key)):
+            where = options(g)
+            if where:
+                iid = min(where, key=lambda o: o[2:])[4]
+                seq[iid].append(g)
+                replay(iid)
+        objective = 0.0
+        for iid, its in slots.items():
+            m = by_id[iid]
+            for n, slot in enumerate(its):
+                g = slot.group
+                if n == 0 and slot.switch:
+                    plan.actions.append(LoadModel(iid, g.model, target="gpu"))  # its head: swap now
+                elif slot.switch and g.model not in m.warm and g.model != m.serving:
+                    plan.actions.append(LoadModel(iid, g.model, target="host"))  # its turn comes later
+                plan.queues.setdefault(iid, []).extend(g.ids)
+                plan.groups.setdefault(iid, []).append(g.key)
+                if _meets(g, slot.start, slot.end):
+                    objective += g.weight
         plan.objective = objective
         return plan
-
-    @staticmethod
-    def _swap_loses(
-        groups: Sequence[GroupStat],
-        i: int,
-        placed: set[int],
-        m: Machine,
-        model: dict[str, str | None],
-        clock: float,
-        delay: float,
-    ) -> bool:
-        """Whether swapping ``m`` to group ``i``'s model costs more SLOs than it wins: the weight of
-        the groups of the model it serves now (and that no other instance serves) that would meet
-        their deadline there without the swap but not after it, and a swap back, against group
-        ``i``'s weight. In overload this keeps an engine on the work it can still finish in time."""
-        current = model[m.instance_id]
-        if current is None or sum(v == current for v in model.values()) > 1:
-            return False
-        delay += m.load_s.get(current, 0.0)  # and the swap back
-        t, lost = clock, 0.0
-        for j in range(i + 1, min(len(groups), i + 1 + SWAP_LOOKAHEAD_GROUPS)):
-            h = groups[j]
-            if j in placed or h.model != current:  # placed ones are timed into ``clock`` already
-                continue
-            start, t = t, t + h.seat_s / m.seats
-            if _meets(h, start, t) and not _meets(h, start + delay, t + delay):
-                lost += h.weight
-        return lost > groups[i].weight

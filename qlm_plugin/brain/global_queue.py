@@ -82,6 +82,9 @@ class ModelQueue:
         self.late: deque[str] = deque()
         self.index = WorkIndex()
         self.groups = groups
+        # Totals over its requests in order (not late): count, seat-seconds, prompt tokens and
+        # predicted output tokens (the planner prices a full engine on this mix).
+        self.mix = [0.0, 0.0, 0.0, 0.0]
 
     def add(self, e: Entry) -> None:
         bisect.insort(self.order, (e.key, e.request.id))
@@ -90,6 +93,7 @@ class ModelQueue:
         if agg is None:
             agg = self.groups[e.group] = GroupAgg()
         agg.ids[e.request.id] = e
+        self._count(e, +1.0)
         agg.seat_s += e.service_s
         agg.weight += e.request.weight
         agg.urgency = min(agg.urgency, e.key[0])
@@ -99,6 +103,7 @@ class ModelQueue:
         agg = self.groups.get(e.group)
         if agg is None or agg.ids.pop(e.request.id, None) is None:
             return
+        self._count(e, -1.0)
         if not agg.ids:
             del self.groups[e.group]
             return
@@ -106,6 +111,13 @@ class ModelQueue:
         agg.weight -= e.request.weight
         if e.key[0] <= agg.urgency or e.request.slo.first_deadline() <= agg.deadline:
             agg.stale = True
+
+    def _count(self, e: Entry, sign: float) -> None:
+        mix = self.mix
+        mix[0] += sign
+        mix[1] += sign * e.service_s
+        mix[2] += sign * e.request.prompt_tokens
+        mix[3] += sign * e.length.mean
 
     def make_late(self, e: Entry) -> None:
         self.index.remove(e.key[0], e.service_s, e.service_var, prompt=e.request.prompt_tokens)

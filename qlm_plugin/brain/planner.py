@@ -158,20 +158,17 @@ class Planner:
                 agg.weight,
             )
         entries = self.queue.entries
-        self._mix = {}
-        for model, q in self.queue.queues.items():
-            n = seat_s = prompt = output = 0.0
+        for q in self.queue.queues.values():
             for _, rid in q.order:
-                e = entries[rid]
-                g = out.get(e.group)
+                g = out.get(entries[rid].group)
                 if g is not None:
                     g.ids.append(rid)
-                n += 1
-                seat_s += e.service_s
-                prompt += e.request.prompt_tokens
-                output += e.length.mean
-            if n:
-                self._mix[model] = (seat_s / n, prompt / n, output / n)
+        self._mix = {
+            model: (seat_s / n, prompt / n, output / n)
+            for model, q in self.queue.queues.items()
+            for n, seat_s, prompt, output in [q.mix]
+            if n >= 0.5
+        }
         return sorted(out.values(), key=lambda g: (g.urgency, g.key))
 
     def machines(self, states: Sequence[InstanceState], now: float) -> list[Machine]:
@@ -267,9 +264,13 @@ class Planner:
         model = {m.instance_id: m.serving for m in machines}
         drain = {m.instance_id: m.drain_s for m in machines}
 
-        def replay(iid: str) -> None:
+        def replay(iid: str, appended: int | None = None) -> None:
+            """Time ``iid``'s plan again: all of it, or only its last ``appended`` groups."""
             m = by_id[iid]
-            slots[iid] = _timeline(m, seq[iid], max(now, m.busy_until), m.serving, m.drain_s)
+            if appended is None:
+                slots[iid] = _timeline(m, seq[iid], max(now, m.busy_until), m.serving, m.drain_s)
+            else:
+                slots[iid] += _timeline(m, seq[iid][-appended:], clock[iid], model[iid], drain[iid])
             if slots[iid]:
                 last = slots[iid][-1]
                 clock[iid], model[iid] = last.end, last.group.model
@@ -307,6 +308,7 @@ class Planner:
             # costs what the timeline does not show (the other model's TTFTs, its KV cache).
             _, _, end, switch, iid = min(where)
             m = by_id[iid]
+            before = len(seq[iid])
             seq[iid].append(g)
             if switch:
                 # One swap for the batch: the model's next groups follow it on this instance while
@@ -334,9 +336,13 @@ class Planner:
                     placed.add(j)
                     seq[iid].append(h)
                     t = t_after
-            replay(iid)
+            replay(iid, len(seq[iid]) - before)
+            # Every group planned here before met its deadline: a repair only if a new one misses.
+            new = slots[iid][before:]
+            missed = any(not x.group.ttft_bound and not _meets(x.group, x.start, x.end) for x in new)
             while (
                 self.overload_repair
+                and missed
                 and (victim := _moore_hodgson_victim(m, slots[iid], max(now, m.busy_until))) is not None
             ):
                 seq[iid].remove(victim)
@@ -348,7 +354,7 @@ class Planner:
             if where:
                 iid = min(where, key=lambda o: o[2:])[4]
                 seq[iid].append(g)
-                replay(iid)
+                replay(iid, 1)
         objective = 0.0
         for iid, its in slots.items():
             m = by_id[iid]

@@ -709,6 +709,7 @@ class SimInstance:
         heads = {m: h for m in self.waiting if m != cur and (h := self._head(m)) is not None}
         best = min(heads, key=lambda m: heads[m].key)
         self.switch_to = best
+        self.ordered_model = None  # its own swap: the rule holds again
         if running == 0:
             self._start_load(best, now)
             self.fleet.schedule(self, self.loading[1])  # type: ignore[union-attr,index]

@@ -764,6 +764,115 @@ def test_a_slow_report_acknowledgement_keeps_the_session_and_the_report_is_appli
     run(tmp_path, body, speed=5.0)
 
 
+@pytest.mark.parametrize("method", ["PullBatches", "Pull"])
+def test_work_dispatched_together_reaches_an_instance_in_one_message(tmp_path: Path, method: str) -> None:
+    """On the batched pull stream, what the coordinator dispatched together (a SubmitBatch) comes
+    in one message, or a few; on the single stream (older instances) one message each. Either way
+    each request is sent once."""
+
+    async def body(st: LocalStack) -> None:
+        async with grpc.aio.insecure_channel(st.grpc_target) as channel:
+            stub = pb_grpc.InstancesStub(channel)  # type: ignore[no-untyped-call]  # generated stub
+            state = pb.StateReport(models_loaded=[MODEL], max_num_seqs=64, kv_blocks_total=30_000)
+            reply = await stub.Register(
+                pb.RegisterRequest(instance_id="raw", backend="sim", gpu="h100", state=state), timeout=5
+            )
+
+            async def credits() -> Any:
+                yield pb.PullCredit(session=reply.session, free_slots=64)
+                await asyncio.Event().wait()  # no more: the first credit has room for all
+
+            call = getattr(stub, method)(credits())
+            while not any(s.pull_open for s in st.coordinator.fleet.sessions.values()):
+                await asyncio.sleep(0.01)
+            async with CoordinatorClient(st.grpc_target) as c:
+                replies = await c.submit_batch(
+                    [pb.RequestSpec(model=MODEL, prompt="p", max_tokens=4) for _ in range(20)]
+                )
+            sizes: list[int] = []
+            received: list[str] = []
+            while len(received) < 20:
+                message = await asyncio.wait_for(call.read(), 5)
+                batch = list(message.assignments) if method == "PullBatches" else [message]
+                sizes.append(len(batch))
+                received += [a.request.request_id for a in batch]
+            call.cancel()
+        assert sorted(received) == sorted(r.request_id for r in replies)
+        if method == "PullBatches":
+            assert len(sizes) < 20, f"one message per assignment: {sizes}"
+        else:
+            assert sizes == [1] * 20
+
+    run(tmp_path, body, instances=0)
+
+
+@pytest.mark.parametrize("coordinator", ["current", "older"])
+def test_a_finished_requests_room_is_credited_once_on_its_report_or_by_the_pull_stream(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, coordinator: str
+) -> None:
+    """The credit for the seats that finished requests free rides on the report that says they
+    finished (one message, not two); to a coordinator that predates that (and the batched pull
+    stream), it goes on the pull stream as before. Every request is served once either way."""
+    if coordinator == "older":
+        monkeypatch.setattr(InstancesService, "PullBatches", pb_grpc.InstancesServicer.PullBatches)
+        report = InstancesService.Report
+
+        async def older_report(self: InstancesService, request: pb.EventBatch, context: Any) -> pb.ReportAck:
+            request.ClearField("credit")  # a field it does not know
+            ack = await report(self, request, context)
+            ack.ClearField("takes_credit")
+            return ack
+
+        monkeypatch.setattr(InstancesService, "Report", older_report)
+
+    async def body(st: LocalStack) -> None:
+        for li in st.instances.values():
+            li.link.inst.on_room = None  # room only from finished requests (not every step's end)
+        registry = st.coordinator.registry
+        credits = {"on reports": 0, "on the pull stream": 0}
+        credit, apply_events = registry.credit, st.coordinator.dispatcher.apply_events
+        carried = [False]  # the report being applied carries a credit (applied right after it)
+
+        def counting_credit(s: Any, free_slots: int, received: int) -> None:
+            credits["on reports" if carried[0] else "on the pull stream"] += 1
+            carried[0] = False
+            credit(s, free_slots, received)
+
+        def counting_events(s: Any, batch: pb.EventBatch) -> None:
+            carried[0] = batch.HasField("credit")
+            apply_events(s, batch)
+
+        registry.credit = counting_credit  # type: ignore[method-assign]
+        st.coordinator.dispatcher.apply_events = counting_events  # type: ignore[method-assign]
+        async with CoordinatorClient(st.grpc_target) as c:
+
+            async def serve(waves: int) -> list[str]:
+                ids = []
+                for _ in range(waves):
+                    replies = await c.submit_batch(
+                        [pb.RequestSpec(model=MODEL, prompt="p", max_tokens=8) for _ in range(40)]
+                    )
+                    ids += [r.request_id for r in replies]
+                    await asyncio.sleep(0.1)
+                while any(st.coordinator.lookup(i).state != "finished" for i in ids):  # type: ignore[union-attr]
+                    await asyncio.sleep(0.05)
+                return ids
+
+            ids = await asyncio.wait_for(serve(1), 20)  # the agents learn from the acknowledgements
+            for li in st.instances.values():
+                assert li.agent._credit_on_reports is (coordinator == "current")
+            credits.update({"on reports": 0, "on the pull stream": 0})
+            ids += await asyncio.wait_for(serve(5), 20)
+        if coordinator == "current":
+            assert credits["on reports"] >= 5 and credits["on the pull stream"] == 0, credits
+        else:
+            assert credits["on reports"] == 0 and credits["on the pull stream"] >= 5, credits
+        assert all(st.coordinator.jobs[i].attempt == 1 for i in ids)
+
+    # heartbeats, which carry a credit too, are too rare here to count
+    run(tmp_path, body, speed=50.0, config={"heartbeat_interval_s": 30.0, "heartbeat_timeout_s": 60.0})
+
+
 def test_an_instance_that_stops_heartbeating_is_drained(tmp_path: Path) -> None:
     async def body(st: LocalStack) -> None:
         async with CoordinatorClient(st.grpc_target) as c:

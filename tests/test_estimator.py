@@ -5,16 +5,15 @@ from __future__ import annotations
 import math
 import random
 
-import numpy as np
 import pytest
 
 from qlm_plugin.brain.waiting_time import (
     PMeetCalibrator,
     ResidualCalibrator,
+    SeatTimes,
     StepCalibrator,
     heavy_tail_factor,
     p_meet,
-    pooled_start_s,
 )
 from qlm_plugin.brain.work_index import WorkIndex
 from qlm_plugin.domain.costmodel import cost_model
@@ -42,18 +41,30 @@ def test_pooled_start_matches_a_brute_force_fluid_queue(seed: int) -> None:
     work = rng.uniform(0, 10)
     inflow = rng.choice([0.0, 0.5, 1.5])
     expected = brute_force_start(residuals, work, inflow)
-    assert pooled_start_s(residuals, work, inflow) == pytest.approx(expected, abs=8e-3)
+    assert SeatTimes(residuals).start_s(work, inflow) == pytest.approx(expected, abs=8e-3)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_seats_read_later_are_the_same_seats_freed_that_much_sooner(seed: int) -> None:
+    """A coordinator reuses its seats for a few ms: read ``age`` seconds later, they must give what
+    seats built then would (those free by then at 0, the others ``age`` sooner)."""
+    rng = random.Random(seed)
+    n = rng.choice([1, 3, 40, 300])
+    residuals = [0.0] * rng.randint(0, n) + [rng.uniform(0, 5) for _ in range(n)]
+    work, inflow, age = rng.uniform(0, 50), rng.choice([0.0, 0.5, 2.5, n + 1.0]), rng.uniform(0, 3)
+    later = SeatTimes([max(r - age, 0.0) for r in residuals])
+    assert SeatTimes(residuals).start_s(work, inflow, age) == pytest.approx(later.start_s(work, inflow))
+    assert SeatTimes(residuals).first_s(age) == pytest.approx(later.first_s())
 
 
 def test_pooled_start_edge_cases() -> None:
-    assert pooled_start_s([0.0, 0.0], 0.0) == 0.0, "a free seat and nothing ahead: now"
-    assert pooled_start_s([3.0, 5.0], 0.0) == 3.0, "nothing ahead: when the first seat frees"
-    assert pooled_start_s([0.0, 0.0], 4.0) == pytest.approx(2.0), "two seats share 4 seat-seconds"
-    assert pooled_start_s([], 1.0) == math.inf
-    assert pooled_start_s([0.0, 0.0], 1.0, inflow=2.5) == math.inf, "urgent work alone fills the seats"
-    assert pooled_start_s(np.array([0.0, 0.0]), 2.0, inflow=1.0) == pytest.approx(2.0), (
-        "half the capacity left"
-    )
+    assert SeatTimes([0.0, 0.0]).start_s(0.0) == 0.0, "a free seat and nothing ahead: now"
+    assert SeatTimes([5.0, 3.0]).start_s(0.0) == 3.0, "nothing ahead: when the first seat frees"
+    assert SeatTimes([0.0, 0.0]).start_s(4.0) == pytest.approx(2.0), "two seats share 4 seat-seconds"
+    assert SeatTimes([]).start_s(1.0) == math.inf
+    assert SeatTimes([0.0, 0.0]).start_s(1.0, inflow=2.5) == math.inf, "urgent work alone fills the seats"
+    assert SeatTimes([0.0, 0.0]).start_s(2.0, inflow=1.0) == pytest.approx(2.0), "half the capacity left"
+    assert SeatTimes([1.0, 4.0]).start_s(0.0, age=2.0) == 0.0, "the first seat freed meanwhile"
 
 
 def test_heavy_tail_widens_only_short_queues() -> None:

@@ -25,18 +25,16 @@ from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
-import numpy as np
-
 from qlm_plugin.brain.fleet_view import FleetView, InstanceView
 from qlm_plugin.brain.global_queue import REFERENCE_BATCH, Entry, GlobalQueue
 from qlm_plugin.brain.waiting_time import (
     HeadOfLine,
     PMeetCalibrator,
     ResidualCalibrator,
+    SeatTimes,
     StepCalibrator,
     heavy_tail_factor,
     p_meet,
-    pooled_start_s,
 )
 from qlm_plugin.domain.costmodel import CostModel
 from qlm_plugin.domain.distributions import LengthDistribution, WaitEstimate
@@ -106,7 +104,7 @@ class WaitEstimator:
         self.clock = 0.0  # the latest time the queue manager was called with
         self._steps: dict[str, InstanceSteps] = {}
         self._arrivals: dict[str, tuple[float, float, float, float]] = {}  # (req/s, seat-s/s, tokens/s, at)
-        self._residuals: dict[str, tuple[float, np.ndarray]] = {}
+        self._residuals: dict[str, tuple[float, SeatTimes]] = {}  # model -> (built at, seats)
         # model -> (predicted finish, request id) of its running requests, sorted
         self._finishing: dict[str, list[tuple[float, str]]] = {}
         self._calib: dict[tuple[str, str, int], ResidualCalibrator] = {}
@@ -254,18 +252,17 @@ class WaitEstimator:
         """Seats appeared, went or changed model: every cached seat list is stale."""
         self._residuals.clear()
 
-    def seat_residuals(self, model: str, now: float) -> np.ndarray:
-        """Seconds from now until each seat of the model's serving instances frees (sorted): free
-        seats at 0, busy ones at their request's predicted finish (kept sorted as requests are
-        dispatched and finish), seats of an instance still loading the model at its ready time."""
+    def seat_times(self, model: str, now: float) -> tuple[SeatTimes, float]:
+        """When each seat of the model's serving instances frees, and how long ago (seconds) those
+        times were taken: free seats at 0, busy ones at their request's predicted finish (kept
+        sorted as requests are dispatched and finish), seats of an instance still loading the model
+        at its ready time."""
         cached = self._residuals.get(model)
         if cached is not None:
             age = now - cached[0]
-            if age == 0:
-                return cached[1]
-            if 0 < age < self.repredict_min_s / 4:
+            if age == 0 or 0 < age < self.repredict_min_s / 4:
                 # Wall clock: reused for a few ms (seats free as time passes), not rebuilt per call.
-                return np.asarray(np.maximum(cached[1] - age, 0.0))
+                return cached[1], age
         busy = self._finishing.setdefault(model, [])
         self._repredict_overdue(busy, now)
         seats = 0
@@ -278,13 +275,10 @@ class WaitEstimator:
                 loading.extend([view.load_s(model)] * n)
             else:
                 seats += n
-        r = np.maximum(np.array([f for f, _ in busy[:seats]], dtype=float) - now, 0.0)
-        out: np.ndarray = np.concatenate(
-            [np.zeros(max(0, seats - len(r))), r[: max(0, seats)], np.array(loading)]
-        )
-        out.sort()
-        self._residuals[model] = (now, out)
-        return out
+        running = [max(f - now, 0.0) for f, _ in busy[:seats]]
+        times = SeatTimes([0.0] * max(0, seats - len(running)) + running + loading)
+        self._residuals[model] = (now, times)
+        return times, 0.0
 
     def _repredict_overdue(self, busy: list[tuple[float, str]], now: float, limit: int = 64) -> None:
         """Running requests that outlived their prediction: predict again from their progress
@@ -320,7 +314,7 @@ class WaitEstimator:
             return WaitEstimate(entry.instance, wait, 0.0, done, sd, p_meet(r, now, wait, 0.0, done, sd))
         q = self.queue.queue(r.model)
         count, work, var = q.index.ahead(entry.key[0])
-        residuals = self.seat_residuals(r.model, now)
+        residuals, age = self.seat_times(r.model, now)
         serving = fleet.serving(r.model)
         if not serving:
             # nobody serves it: the cheapest swap, then it runs first
@@ -329,7 +323,7 @@ class WaitEstimator:
                 return WaitEstimate("", math.inf, 0.0, math.inf, 0.0, 0.0)
             load = min(v.load_s(r.model) for v in cands)
             seats = cands[0].costs[r.model].max_num_seqs
-            residuals = np.full(seats, load)
+            residuals, age = SeatTimes([load] * seats), 0.0
         seats = max(1, len(residuals))
         scale = self.load_factor(r.model)
         inflow = 0.0
@@ -341,9 +335,9 @@ class WaitEstimator:
         # seats do; urgent work overtakes). The seat model adds when seats free.
         drain = self.drain_rate(r.model, r.slo.ttft_deadline is not None, now) if serving else None
         if drain is not None:
-            start = max(pooled_start_s(residuals, work * scale, 0.0), work / drain)
+            start = max(residuals.start_s(work * scale, 0.0, age), work / drain)
         else:
-            start = pooled_start_s(residuals, work * scale, inflow)
+            start = residuals.start_s(work * scale, inflow, age)
         # The other bottleneck: the per-step prefill token budget (prompt tokens ahead, plus urgent
         # prompts arriving meanwhile, at the fleet's prefill rate).
         capacity = self.prefill_rate(r.model)

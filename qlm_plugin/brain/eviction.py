@@ -146,7 +146,7 @@ class Evictor:
     def _seat_free_at(self, view: InstanceView, e: Entry, now: float) -> float:
         """When the first of ``view``'s busy seats frees, as predicted (overdue requests predicted
         again from their progress)."""
-        self.estimator.seat_residuals(e.request.model, now)  # re-predicts the overdue
+        self.estimator.seat_times(e.request.model, now)  # re-predicts the overdue
         early = self.dispatcher.bound_early
         return min(
             (r.finish_at for rid, r in view.running.items() if rid not in early and rid != e.request.id),

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from qlm_plugin.domain.costmodel import CostModel, gpu_speed
@@ -155,9 +155,9 @@ class FleetView:
         if view.state is None:
             return
         self.version += 1
-        view.state = replace(
-            view.state,
-            num_running=max(0, view.state.num_running + delta),
-            kv_blocks_used=max(0, view.state.kv_blocks_used + delta * KV_BLOCKS_PER_REQUEST),
-            prefill_tokens_pending=view.state.prefill_tokens_pending + max(0, delta) * prompt_tokens,
+        s = view.state
+        view.state = s.with_counts(
+            num_running=max(0, s.num_running + delta),
+            kv_blocks_used=max(0, s.kv_blocks_used + delta * KV_BLOCKS_PER_REQUEST),
+            prefill_tokens_pending=s.prefill_tokens_pending + max(0, delta) * prompt_tokens,
         )

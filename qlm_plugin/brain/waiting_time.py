@@ -1,7 +1,7 @@
 """Building blocks of request waiting time (RWT) estimation (QLM); the queue manager
 (:mod:`qlm_plugin.brain.estimator`) combines them.
 
-* :func:`pooled_start_s`: when a request gets a seat. The seats of the instances serving its model
+* :class:`SeatTimes`: when a request gets a seat. The seats of the instances serving its model
   free as their running requests finish, then work through the seat-seconds queued ahead of it, while
   more urgent work keeps arriving and is served first (a fluid multi-server priority queue).
 * :func:`heavy_tail_factor`: output lengths are random, so the work ahead is a sum of random service
@@ -20,9 +20,10 @@ Not thread-safe: owned by the queue manager's loop.
 from __future__ import annotations
 
 import bisect
+import itertools
 import math
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 
 import numpy as np
 from scipy.stats import t as student_t
@@ -99,45 +100,62 @@ def _cdf(slack: float, std: float) -> float:
     return 0.5 * (1.0 + math.erf(slack / (std * math.sqrt(2.0))))
 
 
-def pooled_start_s(
-    residuals: Sequence[float] | np.ndarray, ahead_seat_s: float, inflow: float = 0.0
-) -> float:
-    """When a seat takes a request that has ``ahead_seat_s`` seat-seconds queued before it: seats
-    free at ``residuals`` (seconds from now, one per seat, sorted; 0 for a free seat) and then work
-    through the queue (a fluid multi-server queue), while more urgent work keeps arriving at
-    ``inflow`` seat-seconds per second and is served first (a priority queue's lower class sees the
-    capacity the higher one leaves). Solves sum(max(0, t - r_i)) = work + inflow*t for t."""
-    n = len(residuals)
-    if n == 0:
-        return math.inf
-    if ahead_seat_s <= 0 and inflow <= 0:
-        return float(residuals[0])
-    if n <= 48:  # numpy's per-call overhead exceeds a plain loop on a few seats
-        if isinstance(residuals, np.ndarray):
-            residuals = residuals.tolist()  # indexing an array element by element is slow
-        prefix = 0.0
-        for k in range(n):
-            rk = float(residuals[k])
-            prefix += rk
+class SeatTimes:
+    """When each seat of a model's serving instances frees: seconds from the time it was built
+    (one per seat, sorted; 0 for a free seat), with their running sums, so that the start of any
+    request (:meth:`start_s`) takes O(log seats), at that time or later, without a copy: a
+    coordinator asks for every admission and keeps the seats for a few milliseconds."""
+
+    __slots__ = ("free_at", "prefix")
+
+    def __init__(self, free_at: Iterable[float]) -> None:
+        self.free_at = sorted(float(r) for r in free_at)
+        self.prefix = list(itertools.accumulate(self.free_at))  # sequential sums, as a loop adds
+
+    def __len__(self) -> int:
+        return len(self.free_at)
+
+    def first_s(self, age: float = 0.0) -> float:
+        """When the first seat frees, ``age`` seconds after the seats were built."""
+        return max(self.free_at[0] - age, 0.0) if self.free_at else math.inf
+
+    def start_s(self, ahead_seat_s: float, inflow: float = 0.0, age: float = 0.0) -> float:
+        """When a seat takes a request with ``ahead_seat_s`` seat-seconds queued before it, asked
+        ``age`` seconds after the seats were built: the seats free, then work through the queue
+        (a fluid multi-server queue), while more urgent work keeps arriving at ``inflow``
+        seat-seconds per second and is served first (a priority queue's lower class sees the
+        capacity the higher one leaves). Solves sum(max(0, t - r_i)) = work + inflow*t for t."""
+        r, n = self.free_at, len(self.free_at)
+        if n == 0:
+            return math.inf
+        if ahead_seat_s <= 0 and inflow <= 0:
+            return self.first_s(age)
+        # Seats free by ``age`` are free now; the others free ``age`` sooner.
+        zero = bisect.bisect_right(r, age) if age > 0 else 0
+        before = self.prefix[zero - 1] if zero else 0.0
+
+        def freed(k: int) -> float:  # sum of the first k+1 seats' times, as of ``age``
+            return 0.0 if k < zero else self.prefix[k] - before - (k - zero + 1) * age
+
+        def frees(k: int) -> float:
+            return math.inf if k >= n else max(r[k] - age, 0.0)
+
+        def starts(k: int) -> float:  # with seats 0..k free by then; inf where urgent work fills them
             active = k + 1 - inflow
-            if active <= 0:
-                continue
-            t = (ahead_seat_s + prefix) / active
-            if k + 1 == n or t <= residuals[k + 1]:
-                return max(t, rk)
-        return math.inf
-    r = np.asarray(residuals, dtype=float)
-    # With k+1 seats free by time t (r[k] <= t <= r[k+1]): (k+1)*t - sum(r[:k+1]) = work + inflow*t.
-    seats_free = np.arange(1, n + 1) - inflow
-    freed = np.cumsum(r)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        starts = np.where(seats_free > 0, (ahead_seat_s + freed) / seats_free, np.inf)
-    upper = np.append(r[1:], np.inf)
-    ok = np.nonzero((seats_free > 0) & (starts <= upper))[0]
-    if len(ok) == 0:
-        return math.inf  # more urgent work alone fills every seat
-    first = int(ok[0])
-    return float(max(starts[first], r[first]))
+            return (ahead_seat_s + freed(k)) / active if active > 0 else math.inf
+
+        # The first k whose start falls before seat k+1 frees: false, then true (the excess work
+        # sum(max(0, t - r_i)) - inflow*t is convex and starts at or below the work).
+        lo, hi = 0, n
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if starts(mid) <= frees(mid + 1):
+                hi = mid
+            else:
+                lo = mid + 1
+        if lo == n:
+            return math.inf  # more urgent work alone fills every seat
+        return max(starts(lo), frees(lo))
 
 
 def heavy_tail_factor(ahead: int) -> float:

@@ -58,6 +58,7 @@ class Coordinator:
 
         self.cfg = cfg
         self.scenario = scenario
+        self.slo_classes = scenario.slo_classes()  # looked up at every submit
         self.journal = journal
         costs = scenario.reference_cost_models()
         self.book = JobBook(cfg, journal, scenario.model_specs(), scenario.slo_classes(), costs)
@@ -216,7 +217,7 @@ class Coordinator:
             now = time.time()
         # Refused here, before the journal, when the client asked (reject_if_late) or its class
         # refuses below a probability of meeting the SLO: once accepted, a request is served.
-        cls = self.scenario.slo_classes().get(request.slo_class)
+        cls = self.slo_classes.get(request.slo_class)
         threshold = max(
             self.cfg.reject_below_p_meet if spec.reject_if_late else 0.0,
             cls.refuse_below_p_meet if cls is not None else 0.0,

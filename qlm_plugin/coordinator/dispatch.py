@@ -77,8 +77,9 @@ class Dispatcher:
     def served(self, model: str) -> bool:
         """Whether a live instance serves ``model`` now, or a device's engine can once woken (one
         asleep, or stopped for a cold sleep)."""
-        if any(serves(s, model) for s in self.fleet.sessions.values() if s.alive):
-            return True
+        for s in self.fleet.sessions.values():  # twice per submit: a loop, not a generator
+            if s.alive and serves(s, model):
+                return True
         devices = self.fleet.devices
         return any(
             s.report is not None and s.report.can_serve(model)

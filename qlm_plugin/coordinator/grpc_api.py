@@ -207,6 +207,20 @@ class InstancesService(pb_grpc.InstancesServicer):
     async def Pull(
         self, request_iterator: AsyncIterator[pb.PullCredit], context: Any
     ) -> AsyncIterator[pb.Assignment]:
+        async for batch in self._assignments(request_iterator, context):
+            for a in batch:
+                yield a
+
+    async def PullBatches(
+        self, request_iterator: AsyncIterator[pb.PullCredit], context: Any
+    ) -> AsyncIterator[pb.AssignmentBatch]:
+        async for batch in self._assignments(request_iterator, context):
+            yield pb.AssignmentBatch(assignments=batch)
+
+    async def _assignments(
+        self, request_iterator: AsyncIterator[pb.PullCredit], context: Any
+    ) -> AsyncIterator[list[pb.Assignment]]:
+        """A session's work as it is dispatched: what is ready together comes as one list."""
         first = await anext(request_iterator, None)
         s = await self._session(context, first.session) if first is not None else None
         if first is None or s is None:
@@ -221,12 +235,20 @@ class InstancesService(pb_grpc.InstancesServicer):
                     self.coord.registry.credit(s, c.free_slots, c.received)
 
         reader = asyncio.get_running_loop().create_task(credits())
+        queued = s.assignments
         try:
             while True:
-                a = await s.assignments.get()
+                a = await queued.get()
                 if a is None:
                     return
-                yield a
+                batch = [a]
+                while not queued.empty():
+                    a = queued.get_nowait()
+                    if a is None:
+                        yield batch
+                        return
+                    batch.append(a)
+                yield batch
         finally:
             reader.cancel()
             s.pull_open = False
@@ -262,9 +284,11 @@ class InstancesService(pb_grpc.InstancesServicer):
         if request.seq == 0 or request.seq > s.reported_seq:  # not a batch sent again after a timeout
             s.reported_seq = request.seq
             self.coord.dispatcher.apply_events(s, request)
+            if request.HasField("credit") and s.alive:
+                self.coord.registry.credit(s, request.credit.free_slots, request.credit.received)
         # Acknowledged only once durable: an instance resends what was not acknowledged.
         await self.coord.journal.flush()
-        return pb.ReportAck(seq=request.seq, known=True)
+        return pb.ReportAck(seq=request.seq, known=True, takes_credit=True)
 
     async def Reports(
         self, request_iterator: AsyncIterator[pb.EventBatch], context: Any

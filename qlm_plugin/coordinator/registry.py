@@ -159,7 +159,8 @@ class InstanceRegistry:
     def credit(self, s: Session, free_slots: int, received: int) -> None:
         s.last_seen = time.monotonic()
         if not s.endpoint:  # an engine served over HTTP gets its work there: forward counts it
-            s.received = received
+            # max: a credit on a report batch may arrive after a later one on the pull stream
+            s.received = max(s.received, received)
         free = free_slots - s.in_transit()
         if free > 0 and self.dispatcher.has_queue_manager:
             iid = self.fleet.devices.brain_id(s.instance_id)

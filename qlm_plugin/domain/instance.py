@@ -4,7 +4,7 @@ operations return."""
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 from qlm_plugin.domain.request import Request
 
@@ -81,6 +81,20 @@ class InstanceState:
     def can_serve(self, model: str) -> bool:
         return not self.models_servable or model in self.models_servable
 
+    def with_counts(
+        self, num_running: int, kv_blocks_used: int, prefill_tokens_pending: int
+    ) -> InstanceState:
+        """A copy with these counts (``dataclasses.replace`` re-runs the frozen ``__init__``, 2x the
+        cost; a queue manager adjusts the counts at every dispatch and completion)."""
+        new: InstanceState = object.__new__(InstanceState)
+        put = object.__setattr__
+        for name in _STATE_FIELDS:
+            put(new, name, getattr(self, name))
+        put(new, "num_running", num_running)
+        put(new, "kv_blocks_used", kv_blocks_used)
+        put(new, "prefill_tokens_pending", prefill_tokens_pending)
+        return new
+
     @property
     def prefill_room(self) -> int | None:
         """Prompt tokens the engine's next step can start beside the work it already runs (its
@@ -93,6 +107,9 @@ class InstanceState:
     @property
     def kv_free_fraction(self) -> float:
         return 1.0 - self.kv_blocks_used / self.kv_blocks_total if self.kv_blocks_total else 0.0
+
+
+_STATE_FIELDS = tuple(f.name for f in fields(InstanceState))
 
 
 @dataclass(frozen=True, slots=True)

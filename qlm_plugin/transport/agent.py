@@ -95,6 +95,9 @@ class InstanceAgent:
         self.connected = asyncio.Event()
         self.sessions_started = 0
         self._received = 0
+        # Whether this session's coordinator takes the pull credit carried by a report batch (its
+        # acknowledgements say so): then a finished request's room goes with its report alone.
+        self._credit_on_reports = False
         # Operations still running (kept referenced); one that outlives its session acknowledges
         # into the dead stream, and the engine's state reports tell the coordinator how it ended.
         self._slow_commands: set[asyncio.Future[None]] = set()
@@ -109,8 +112,12 @@ class InstanceAgent:
             self.room()
 
     def room(self) -> None:
-        """The engine may have room: send a pull credit soon."""
-        self._wake_credit.set()
+        """The engine may have room: send a pull credit soon, on the next report where one is
+        about to go (with what just finished) and the coordinator takes it there."""
+        if self._credit_on_reports and self._events:
+            self._wake_report.set()
+        else:
+            self._wake_credit.set()
 
     def state_changed(self) -> None:
         """The engine's state changed in a way the coordinator must know at once (its server went
@@ -173,6 +180,7 @@ class InstanceAgent:
             self.session = reply.session
             self.sessions_started += 1
             self._received = 0
+            self._credit_on_reports = False
             self.connected.set()
             tasks = [
                 asyncio.create_task(self._heartbeats(stub, reply.heartbeat_interval_s)),
@@ -217,32 +225,50 @@ class InstanceAgent:
 
     async def _pull(self, stub: pb_grpc.InstancesStub, interval: float) -> None:
         async def credits() -> AsyncIterator[pb.PullCredit]:
-            yield pb.PullCredit(
-                session=self.session, free_slots=self.engine.free_slots(), received=self._received
-            )
+            yield self._credit()
             while True:
                 await self._wake_credit.wait()
                 self._wake_credit.clear()
-                free = self.engine.free_slots()
-                if free > 0:
-                    yield pb.PullCredit(session=self.session, free_slots=free, received=self._received)
+                credit = self._credit()
+                if credit.free_slots > 0:
+                    yield credit
 
-        call = stub.Pull(credits(), metadata=self._metadata())
+        # What is dispatched together comes in one message; by one message each from a coordinator
+        # without the batched stream (an older one).
+        call = stub.PullBatches(credits(), metadata=self._metadata())
         try:
-            async for a in call:
-                self._received += 1
-                if not self.engine.start(a, self.emit):
-                    self.emit(
-                        pb.RequestEvent(
-                            request_id=a.request.request_id,
-                            attempt=a.attempt,
-                            kind=pb.RequestEvent.FAILED,
-                            error="the engine refused it",
-                        )
-                    )
+            async for batch in call:
+                for a in batch.assignments:
+                    self._start(a)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() != grpc.StatusCode.UNIMPLEMENTED:
+                raise
+            log.info("%s: the coordinator has no batched pull stream", self.engine.instance_id)
+            single = stub.Pull(credits(), metadata=self._metadata())
+            try:
+                async for a in single:
+                    self._start(a)
+            finally:
+                single.cancel()
         finally:
             call.cancel()  # and with it the task that reads our credits: nothing left pending
         raise SessionLost("the coordinator closed the pull stream")
+
+    def _credit(self) -> pb.PullCredit:
+        free = self.engine.free_slots()
+        return pb.PullCredit(session=self.session, free_slots=free, received=self._received)
+
+    def _start(self, a: pb.Assignment) -> None:
+        self._received += 1
+        if not self.engine.start(a, self.emit):
+            self.emit(
+                pb.RequestEvent(
+                    request_id=a.request.request_id,
+                    attempt=a.attempt,
+                    kind=pb.RequestEvent.FAILED,
+                    error="the engine refused it",
+                )
+            )
 
     async def _commands(self, stub: pb_grpc.InstancesStub) -> None:
         acks: asyncio.Queue[pb.CommandAck] = asyncio.Queue()
@@ -296,14 +322,21 @@ class InstanceAgent:
     async def _send_unacked(self, stub: pb_grpc.InstancesStub) -> None:
         async with self._report_lock:  # the report loop and the final flush must not interleave
             while self._unacked:
-                batch = self._unacked[0]
-                batch.session = self.session
+                batch = self._stamped(self._unacked[0])
                 ack = await self._call(stub.Report, batch)  # resent as is: the seq makes it idempotent
                 self._acknowledged(batch, ack)
+
+    def _stamped(self, batch: pb.EventBatch) -> pb.EventBatch:
+        """The batch as sent now: this session's, with the pull credit as of now (a batch sent
+        again carries the credit of its new sending, not its first)."""
+        batch.session = self.session
+        batch.credit.CopyFrom(self._credit())
+        return batch
 
     def _acknowledged(self, batch: pb.EventBatch, ack: pb.ReportAck) -> None:
         if not ack.known:
             raise SessionLost("the coordinator does not know this session")
+        self._credit_on_reports = ack.takes_credit
         self._unacked.popleft()
         for ev in batch.events:
             if ev.kind in (pb.RequestEvent.FINISHED, pb.RequestEvent.FAILED):
@@ -321,8 +354,7 @@ class InstanceAgent:
                 self._batch()
                 async with self._report_lock:  # the final flush (unary) must not interleave
                     while self._unacked:
-                        batch = self._unacked[0]
-                        batch.session = self.session
+                        batch = self._stamped(self._unacked[0])
                         with contextlib.suppress(asyncio.InvalidStateError):  # ended: read says why
                             await call.write(batch)
                         ack = await call.read()  # in order: one batch in flight on this stream

@@ -298,6 +298,12 @@ class Assignment(_message.Message):
     e2e_budget_s: float
     def __init__(self, request: _Optional[_Union[RequestSpec, _Mapping]] = ..., attempt: _Optional[int] = ..., urgency: _Optional[float] = ..., deadline: _Optional[float] = ..., resume_tokens: _Optional[int] = ..., resume_text: _Optional[str] = ..., ttft_budget_s: _Optional[float] = ..., e2e_budget_s: _Optional[float] = ...) -> None: ...
 
+class AssignmentBatch(_message.Message):
+    __slots__ = ("assignments",)
+    ASSIGNMENTS_FIELD_NUMBER: _ClassVar[int]
+    assignments: _containers.RepeatedCompositeFieldContainer[Assignment]
+    def __init__(self, assignments: _Optional[_Iterable[_Union[Assignment, _Mapping]]] = ...) -> None: ...
+
 class Command(_message.Message):
     __slots__ = ("command_id", "evict", "swap_in", "load_model", "unload_model", "abort")
     COMMAND_ID_FIELD_NUMBER: _ClassVar[int]
@@ -415,22 +421,26 @@ class RequestEvent(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., attempt: _Optional[int] = ..., kind: _Optional[_Union[RequestEvent.Kind, str]] = ..., index: _Optional[int] = ..., text: _Optional[str] = ..., tokens: _Optional[int] = ..., time: _Optional[float] = ..., finish_reason: _Optional[str] = ..., preemptions: _Optional[int] = ..., wasted_tokens: _Optional[int] = ..., error: _Optional[str] = ...) -> None: ...
 
 class EventBatch(_message.Message):
-    __slots__ = ("session", "seq", "events")
+    __slots__ = ("session", "seq", "events", "credit")
     SESSION_FIELD_NUMBER: _ClassVar[int]
     SEQ_FIELD_NUMBER: _ClassVar[int]
     EVENTS_FIELD_NUMBER: _ClassVar[int]
+    CREDIT_FIELD_NUMBER: _ClassVar[int]
     session: str
     seq: int
     events: _containers.RepeatedCompositeFieldContainer[RequestEvent]
-    def __init__(self, session: _Optional[str] = ..., seq: _Optional[int] = ..., events: _Optional[_Iterable[_Union[RequestEvent, _Mapping]]] = ...) -> None: ...
+    credit: PullCredit
+    def __init__(self, session: _Optional[str] = ..., seq: _Optional[int] = ..., events: _Optional[_Iterable[_Union[RequestEvent, _Mapping]]] = ..., credit: _Optional[_Union[PullCredit, _Mapping]] = ...) -> None: ...
 
 class ReportAck(_message.Message):
-    __slots__ = ("seq", "known")
+    __slots__ = ("seq", "known", "takes_credit")
     SEQ_FIELD_NUMBER: _ClassVar[int]
     KNOWN_FIELD_NUMBER: _ClassVar[int]
+    TAKES_CREDIT_FIELD_NUMBER: _ClassVar[int]
     seq: int
     known: bool
-    def __init__(self, seq: _Optional[int] = ..., known: _Optional[bool] = ...) -> None: ...
+    takes_credit: bool
+    def __init__(self, seq: _Optional[int] = ..., known: _Optional[bool] = ..., takes_credit: _Optional[bool] = ...) -> None: ...
 
 class EvictOrder(_message.Message):
     __slots__ = ("request_id", "mode")

@@ -304,6 +304,11 @@ class InstancesStub:
                 request_serializer=qlm__plugin_dot_proto_dot_qlm_dot_v1_dot_qlm__pb2.PullCredit.SerializeToString,
                 response_deserializer=qlm__plugin_dot_proto_dot_qlm_dot_v1_dot_qlm__pb2.Assignment.FromString,
                 _registered_method=True)
+        self.PullBatches = channel.stream_stream(
+                '/qlm.v1.Instances/PullBatches',
+                request_serializer=qlm__plugin_dot_proto_dot_qlm_dot_v1_dot_qlm__pb2.PullCredit.SerializeToString,
+                response_deserializer=qlm__plugin_dot_proto_dot_qlm_dot_v1_dot_qlm__pb2.AssignmentBatch.FromString,
+                _registered_method=True)
         self.Commands = channel.stream_stream(
                 '/qlm.v1.Instances/Commands',
                 request_serializer=qlm__plugin_dot_proto_dot_qlm_dot_v1_dot_qlm__pb2.CommandAck.SerializeToString,
@@ -343,6 +348,14 @@ class InstancesServicer:
 
     def Pull(self, request_iterator, context):
         """Request pulling: the instance sends credits when it has room, the coordinator sends work.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PullBatches(self, request_iterator, context):
+        """The same, with the assignments that are ready together in one message (a stream message costs
+        both sides about as much as its content): what an instance uses; Pull is kept for older ones.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -388,6 +401,11 @@ def add_InstancesServicer_to_server(servicer, server):
                     servicer.Pull,
                     request_deserializer=qlm__plugin_dot_proto_dot_qlm_dot_v1_dot_qlm__pb2.PullCredit.FromString,
                     response_serializer=qlm__plugin_dot_proto_dot_qlm_dot_v1_dot_qlm__pb2.Assignment.SerializeToString,
+            ),
+            'PullBatches': grpc.stream_stream_rpc_method_handler(
+                    servicer.PullBatches,
+                    request_deserializer=qlm__plugin_dot_proto_dot_qlm_dot_v1_dot_qlm__pb2.PullCredit.FromString,
+                    response_serializer=qlm__plugin_dot_proto_dot_qlm_dot_v1_dot_qlm__pb2.AssignmentBatch.SerializeToString,
             ),
             'Commands': grpc.stream_stream_rpc_method_handler(
                     servicer.Commands,
@@ -488,6 +506,33 @@ class Instances:
             '/qlm.v1.Instances/Pull',
             qlm__plugin_dot_proto_dot_qlm_dot_v1_dot_qlm__pb2.PullCredit.SerializeToString,
             qlm__plugin_dot_proto_dot_qlm_dot_v1_dot_qlm__pb2.Assignment.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PullBatches(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/qlm.v1.Instances/PullBatches',
+            qlm__plugin_dot_proto_dot_qlm_dot_v1_dot_qlm__pb2.PullCredit.SerializeToString,
+            qlm__plugin_dot_proto_dot_qlm_dot_v1_dot_qlm__pb2.AssignmentBatch.FromString,
             options,
             channel_credentials,
             insecure,

@@ -271,8 +271,8 @@ def test_one_awake_engine_swaps_in_batches_as_the_simulator_predicts(
     """Two models, a budget of one awake engine (paused and resumed on CPU), the swap trace: every
     request once, on its own model's engine, never two engines awake, swaps batched; and the
     simulator, given the step cost fitted to the engines and the measured swap time, predicts the
-    swaps within 20% (at least two), and the mean latency of each third of the requests (by rank) within 25% + 50
-    ms of the real run."""
+    swaps within 20% (at least two), and the mean latency of each third of the requests (by rank)
+    within 25% + 50 ms of the real run."""
     steps = tmp_path / "steps"
     monkeypatch.setenv("QLM_VLLM_STEPS", str(steps))  # each engine's scheduler appends its steps
     serve = start_serve(tmp_path, f"tiny-a={tiny}", f"tiny-b={tiny}", options=("--max-awake", "1"))

@@ -11,6 +11,7 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -18,6 +19,7 @@ from typing import Any
 
 import pytest
 
+from qlm_plugin.coordinator import journal as journal_module
 from qlm_plugin.coordinator.journal import SCHEMA_VERSION, TERMINAL, JobRecord, Journal, JournalError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -237,6 +239,26 @@ def test_wal_mode_and_synchronous_level(tmp_path: Path, synchronous: str, level:
         conn.close()
         with j._batch_lock:  # the writer touches its connection only under this lock
             assert j._writer.execute("PRAGMA synchronous").fetchone()[0] == level
+
+
+def test_the_wal_is_checkpointed_while_the_journal_stays_open(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Checkpoints run beside the writer, not inside its commits: what is committed reaches the
+    database file while the journal is open, so the WAL does not grow for as long as it runs."""
+    monkeypatch.setattr(journal_module, "CHECKPOINT_INTERVAL_S", 0.05)
+    path = tmp_path / "j.db"
+    with _journal(path) as j:
+        with j._batch_lock:
+            assert j._writer.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == 0
+        empty = path.stat().st_size
+        asyncio.run(_accept_all(j, [_rec(i) for i in range(2000)]))
+        asyncio.run(j.flush())
+        deadline = time.monotonic() + 10
+        while path.stat().st_size <= empty:  # the records are in the WAL until a checkpoint
+            assert time.monotonic() < deadline, "no checkpoint while the journal was open"
+            time.sleep(0.02)
+        assert len(j.recover()) == 2000
 
 
 def test_a_closed_journal(tmp_path: Path) -> None:

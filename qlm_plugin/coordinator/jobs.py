@@ -15,6 +15,7 @@ import contextlib
 import logging
 import math
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -194,7 +195,7 @@ class JobBook:
         self.accepting = False  # new requests are taken (started, not draining)
         self.started_at = time.time()
         self._ids = 0
-        self._finished_order: list[tuple[float, str]] = []
+        self._finished_order: deque[tuple[float, str]] = deque()  # popped from the left, 1,000s a second
 
     # ------------------------------------------------------------------ new requests
     def new_id(self) -> str:
@@ -426,7 +427,7 @@ class JobBook:
     def forget_finished(self, now: float) -> None:
         """Drop finished jobs kept longer than ``RETAIN_FINISHED_S`` (the journal answers for them)."""
         while self._finished_order and now - self._finished_order[0][0] > RETAIN_FINISHED_S:
-            _, rid = self._finished_order.pop(0)
+            _, rid = self._finished_order.popleft()
             job = self.jobs.get(rid)
             if job is not None and job.state in TERMINAL:
                 del self.jobs[rid]

@@ -22,7 +22,6 @@ import math
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import Any, Protocol
 
-import orjson
 from aiohttp import web
 from multidict import CIMultiDict
 from opentelemetry import propagate
@@ -30,6 +29,7 @@ from opentelemetry import propagate
 from qlm_plugin.coordinator.auth import Authenticator, AuthError, Principal
 from qlm_plugin.coordinator.coordinator import Coordinator
 from qlm_plugin.coordinator.jobs import DEFAULT_MAX_TOKENS, Chunk, Job, SubmitError
+from qlm_plugin.coordinator.json_codec import dumps
 from qlm_plugin.coordinator.openai_params import (
     INT32_MAX,
     INT32_MIN,
@@ -99,15 +99,6 @@ def error_response(
     if extra:
         body["qlm"] = dict(extra)
     return json_response(body, status=status)
-
-
-def dumps(body: Any) -> bytes:
-    """JSON by orjson (the standard library's encoder took 4% of the event loop under load); the
-    standard library's where orjson refuses (a lone surrogate in an engine's output)."""
-    try:
-        return orjson.dumps(body)
-    except TypeError:
-        return json.dumps(body).encode()
 
 
 def json_response(body: Any, *, status: int = 200, headers: Mapping[str, str] | None = None) -> web.Response:

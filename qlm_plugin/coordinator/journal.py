@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, NamedTuple
 
-import orjson
+from qlm_plugin.coordinator.json_codec import dumps
 
 #: How often the checkpointer copies what was committed from the WAL into the database, seconds.
 CHECKPOINT_INTERVAL_S: Final = 0.5
@@ -154,16 +154,6 @@ class _Op(NamedTuple):
     sql: str | None  # None: a marker, nothing to write
     params: tuple[Any, ...]
     waiter: asyncio.Future[None] | _SyncWaiter | None
-
-
-def _encode_spec(spec: dict[str, Any]) -> str:
-    """Compact JSON by orjson (the standard library's encoder was 10% of an admission); the
-    standard library's where orjson refuses what it can write (a lone surrogate in a prompt, an
-    integer past 64 bits)."""
-    try:
-        return orjson.dumps(spec).decode()
-    except TypeError:
-        return json.dumps(spec, separators=(",", ":"))
 
 
 def _settle(items: list[tuple[asyncio.Future[None], BaseException | None]]) -> None:
@@ -288,7 +278,7 @@ class Journal:
         if rec.state not in STATES:
             raise ValueError(f"state must be one of {sorted(STATES)}, not {rec.state!r}")
         # Encoded here, so that a spec that is not JSON-able fails in the caller (TypeError).
-        spec = _encode_spec(rec.spec)
+        spec = dumps(rec.spec).decode()
         params = (
             rec.request_id,
             rec.tenant,

@@ -20,7 +20,8 @@ from aiohttp import web
 
 from qlm_plugin import event_loop
 from qlm_plugin.adapters.sim.realtime import synthetic_text
-from qlm_plugin.coordinator.http_api import dumps, json_response
+from qlm_plugin.coordinator.http_api import json_response
+from qlm_plugin.coordinator.json_codec import dumps
 
 
 async def _answer(request: web.Request) -> web.StreamResponse:

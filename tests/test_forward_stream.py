@@ -11,7 +11,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from qlm_plugin.coordinator.forward import forward
+from qlm_plugin.coordinator.forward import forward, request_body, resumes_from_ids
 from qlm_plugin.coordinator.instances import Session
 from qlm_plugin.coordinator.jobs import Job
 from qlm_plugin.domain.request import SLO, Request
@@ -26,7 +26,13 @@ def job() -> Job:
     return Job(request, pb.RequestSpec(request_id="r1", model="m", prompt="hi", max_tokens=8))
 
 
-async def run(finish_reason: str | None, tokens: int = 3) -> list[pb.RequestEvent]:
+async def run(
+    finish_reason: str | None, tokens: int = 3, *, held_back: int = 0, served: Job | None = None
+) -> list[pb.RequestEvent]:
+    """The events of one attempt of ``served`` (default: a fresh job) on an engine that streams
+    ``tokens`` tokens, the text of the last ``held_back`` of them never coming (a partial character),
+    and ends with ``finish_reason``; the events are applied to the job as the dispatcher does."""
+
     async def completions(request: web.Request) -> web.StreamResponse:
         resp = web.StreamResponse(headers={"content-type": "text/event-stream"})
         await resp.prepare(request)
@@ -34,10 +40,12 @@ async def run(finish_reason: str | None, tokens: int = 3) -> list[pb.RequestEven
             last = i == tokens - 1
             choice = {
                 "index": 0,
-                "text": text,
+                "text": "" if i >= tokens - held_back else text,
                 "token_ids": [10 + i],
                 "finish_reason": finish_reason if last else None,
             }
+            if i == 0:
+                choice["prompt_token_ids"] = [1, 2, 3, 4]
             await resp.write(b"data: " + json.dumps({"choices": [choice]}).encode() + b"\n\n")
         usage = {"prompt_tokens": 4, "completion_tokens": tokens, "total_tokens": 4 + tokens}
         await resp.write(b"data: " + json.dumps({"choices": [], "usage": usage}).encode() + b"\n\n")
@@ -52,10 +60,19 @@ async def run(finish_reason: str | None, tokens: int = 3) -> list[pb.RequestEven
     await site.start()
     port = runner.addresses[0][1]
     events: list[pb.RequestEvent] = []
+    j = served or job()
+
+    def report(s: Session, batch: pb.EventBatch) -> None:
+        for e in batch.events:
+            events.append(e)
+            if e.kind == Event.TOKENS and e.index == j.tokens:
+                j.chunks.append(e.text)
+                j.tokens += e.tokens
+
     session = Session("engine", "vllm", "cpu", frozenset(), f"http://127.0.0.1:{port}")
     try:
         async with aiohttp.ClientSession() as http:
-            await forward(session, job(), 1, http, lambda s, b: events.extend(b.events), lambda s, why: None)
+            await forward(session, j, 1, http, report, lambda s, why: None)
     finally:
         await runner.cleanup()
     return events
@@ -89,3 +106,18 @@ def test_a_stream_that_ends_without_a_finish_reason_is_served_again() -> None:
     assert [e.kind for e in events] == [Event.FAILED]
     events = asyncio.run(run(None))
     assert events[-1].kind == Event.FAILED and "None" in events[-1].error
+
+
+def test_an_attempt_the_engine_dropped_resumes_from_the_ids_it_delivered() -> None:
+    """Tokens whose text the engine held back when it dropped the request are not counted as
+    delivered: the next attempt resumes from the engine's ids of what was (counted without their
+    ids, it resumed from the text tokenized again, ran into the context limit and finished short)."""
+    served = job()
+    events = asyncio.run(run("abort", held_back=1, served=served))
+    assert events[-1].kind == Event.FAILED
+    assert served.tokens == 2 and resumes_from_ids(served)
+    assert request_body(served, 2, "m")["prompt"] == [1, 2, 3, 4, 10, 11]
+    # a finished stream counts them (the engine's usage says they were made)
+    served = job()
+    events = asyncio.run(run("length", held_back=1, served=served))
+    assert served.tokens == 3 and events[-1].kind == Event.FINISHED

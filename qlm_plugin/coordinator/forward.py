@@ -211,17 +211,21 @@ async def forward(
         return
     finally:
         arrived()
-    streamed = index - start
-    if usage_tokens is not None and usage_tokens > streamed:
-        # Chunks are not always one token each (the detokenizer holds partial characters back).
-        emit(kind=Event.TOKENS, index=index, tokens=usage_tokens - streamed, text="")
     if finish_reason is None or finish_reason in ENGINE_DROPPED:
         # The engine ended the stream without finishing the request: a server shutting down aborts
         # what it runs, or ends the stream at once (a clean end, not a broken stream). Served again
         # after what was delivered, as a failed attempt: counted, so an engine that keeps doing it
-        # cannot keep a request going round for ever.
+        # cannot keep a request going round for ever. Tokens whose text was held back are not
+        # counted: the next attempt makes them again, after the ids that were delivered (counted
+        # without their ids, the attempt after would resume from the text, tokenized again, which
+        # can be longer than the ids were and run into the context limit short of the request's end).
         emit(kind=Event.FAILED, error=f"{s.endpoint} ended the stream with finish_reason {finish_reason!r}")
         return
+    streamed = index - start
+    if usage_tokens is not None and usage_tokens > streamed:
+        # Chunks are not always one token each: the detokenizer holds back the text of a partial
+        # character, which at the end of the output never comes.
+        emit(kind=Event.TOKENS, index=index, tokens=usage_tokens - streamed, text="")
     emit(kind=Event.FINISHED, finish_reason=finish_reason)
 
 

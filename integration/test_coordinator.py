@@ -4,6 +4,7 @@ SQLite journal, simulated instances connected over gRPC by their agents."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import time
 from pathlib import Path
@@ -897,3 +898,42 @@ def test_an_instance_that_stops_heartbeating_is_drained(tmp_path: Path) -> None:
             assert st.coordinator.jobs[i].text == synthetic_text(i, 0, 300)
 
     run(tmp_path, body, speed=5.0)
+
+
+def test_a_finished_request_is_kept_for_status_where_the_garbage_collector_does_not_walk(
+    tmp_path: Path,
+) -> None:
+    """Finished requests stay answerable for minutes (1,000s a second at load): kept as untracked
+    records, not as live objects a full collection must walk (at 1,000 req/s, two minutes of them
+    made its pauses 50-150 ms). Their status, rebuilt from the record and later from the journal,
+    is the one they finished with."""
+
+    async def body(st: LocalStack) -> None:
+        book = st.coordinator.book
+        async with CoordinatorClient(st.grpc_target) as c:
+            slos = [pb.SLO(ttft_ms=60_000), pb.SLO(slo_class="batch", e2e_ms=1), pb.SLO(slo_class="batch")]
+            specs = [pb.RequestSpec(model=MODEL, prompt="hi", max_tokens=8, slo=slo) for slo in slos]
+            specs[0].idempotency_key = "once"
+            ids = [(await c.submit(spec)).request_id for spec in specs]
+            live = {rid: st.coordinator.jobs[rid] for rid in ids}
+            await asyncio.wait_for(asyncio.gather(*(j.done.wait() for j in live.values())), 30)
+            kept = {rid: await c.status(rid) for rid in ids}
+            gc.collect()
+            for rid, job in live.items():
+                assert rid not in book.jobs and not gc.is_tracked(book.finished[rid])
+                status = kept[rid]
+                assert (status.state, status.output, status.output_tokens) == ("finished", job.text, 8)
+                assert (status.slo_met, status.late) == (job.outcome().met_slo(), job.late)
+            assert [kept[rid].slo_met for rid in ids] == [True, False, True]  # 1 ms end to end: missed
+            await st.coordinator.journal.flush()
+            book.forget_finished(time.time() + 3600)  # past the retention: the journal answers
+            assert not book.finished and not book.by_key
+            again = await c.submit(specs[0])  # a retry, after the retention: the same request
+            assert again.request_id == ids[0] and again.duplicate
+            for rid in ids:
+                again = await c.status(rid)
+                again.ClearField("e2e_ms")  # the journal's clock: the same to the millisecond
+                kept[rid].ClearField("e2e_ms")
+                assert again == kept[rid]
+
+    run(tmp_path, body, speed=1.0)

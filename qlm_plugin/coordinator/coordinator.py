@@ -25,7 +25,7 @@ from qlm_plugin.brain.queue_manager import QueueManager
 from qlm_plugin.coordinator.config import CoordinatorConfig
 from qlm_plugin.coordinator.dispatch import Dispatcher
 from qlm_plugin.coordinator.instances import PendingCommand, RemoteFleet, Session
-from qlm_plugin.coordinator.jobs import Chunk, Job, JobBook, SubmitError
+from qlm_plugin.coordinator.jobs import Chunk, Job, JobBook, JobsView, SubmitError
 from qlm_plugin.coordinator.journal import Journal
 from qlm_plugin.coordinator.prompt_tokens import PromptCounter
 from qlm_plugin.coordinator.registry import InstanceRegistry
@@ -100,8 +100,9 @@ class Coordinator:
         self._submitting: dict[tuple[str, str], asyncio.Future[None]] = {}
 
     @property
-    def jobs(self) -> dict[str, Job]:
-        return self.book.jobs
+    def jobs(self) -> JobsView:
+        """Every job by request id (a finished one: a read-only copy, rebuilt on each access)."""
+        return JobsView(self.book)
 
     @property
     def accepting(self) -> bool:

@@ -275,7 +275,7 @@ class Dispatcher:
         """Cancel a request wherever it is; the instance serving it is told to abort."""
         job = self.book.jobs.get(request_id)
         if job is None or job.state in TERMINAL:
-            return job
+            return job or self.book.lookup(request_id)  # finished already, or unknown
         if job.state == "dispatched" and job.instance is not None:
             s = self.fleet.live(job.instance)
             if s is not None:

@@ -304,7 +304,7 @@ class AdminService(pb_grpc.AdminServicer):
 
     async def GetQueue(self, request: pb.QueueQuery, context: Any) -> pb.QueueSnapshot:
         now = time.time()
-        jobs = [j for j in self.coord.jobs.values() if j.state in ("queued", "dispatched")]
+        jobs = [j for j in self.coord.book.jobs.values() if j.state in ("queued", "dispatched")]
         if request.model:
             jobs = [j for j in jobs if j.request.model == request.model]
         jobs.sort(key=lambda j: (j.state != "queued", j.request.slo.first_deadline(), j.request.arrival_time))
@@ -371,7 +371,7 @@ class AdminService(pb_grpc.AdminServicer):
         return pb.InstancesSnapshot(instances=out)
 
     async def Evict(self, request: pb.EvictOrder, context: Any) -> pb.EvictReply:
-        job = self.coord.jobs.get(request.request_id)
+        job = self.coord.book.jobs.get(request.request_id)
         if job is None or job.state != "dispatched" or job.instance is None:
             state = "unknown" if job is None else job.state
             return pb.EvictReply(

@@ -144,7 +144,7 @@ class RemoteHarness:
         await coord.journal.accept(
             JobRecord(request.id, request.tenant, {"request_id": request.id}, time.time())
         )
-        coord.jobs[request.id] = job
+        coord.book.jobs[request.id] = job
         self.requests[request.id] = request
         return coord.dispatcher.dispatch(s, request)
 
@@ -161,7 +161,7 @@ class _Reporter:
         request = self.harness.requests.get(outcome.request.id)
         if request is None or outcome.status not in (Status.FINISHED, Status.CANCELLED):
             return  # not the suite's, or only handed back to be served again
-        job = self.harness.coordinator.jobs.get(request.id)
+        job = self.harness.coordinator.book.jobs.get(request.id)
         self.suite.hook.qlm_request_finished(
             outcome=RequestOutcome(
                 request,

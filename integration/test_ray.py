@@ -322,4 +322,7 @@ def test_vllm_engines_as_ray_actors_a_killed_one_restarts_and_every_request_fini
     # not taken as finished (it was, and came back short)
     assert all(n == 400 for _, n, _ in answers), sorted((n, a) for _, n, a in answers if n != 400)
     assert again >= 1  # the killed engine's requests went back to the queue and finished elsewhere
+    # the kill costs a request one attempt: the engine is drained when its first stream ends, not
+    # offered the request again (CI once saw a third attempt; one more failure would have failed it)
+    assert max(a for _, _, a in answers) <= 2, sorted(a for _, _, a in answers if a > 1)
     assert serve.returncode == 0, log.read_text()[-3000:]

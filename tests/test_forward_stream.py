@@ -27,13 +27,27 @@ def job() -> Job:
 
 
 async def run(
-    finish_reason: str | None, tokens: int = 3, *, held_back: int = 0, served: Job | None = None
+    finish_reason: str | None,
+    tokens: int = 3,
+    *,
+    held_back: int = 0,
+    served: Job | None = None,
+    healthy: bool = True,
+    lost: list[str] | None = None,
+    status: int = 200,
 ) -> list[pb.RequestEvent]:
     """The events of one attempt of ``served`` (default: a fresh job) on an engine that streams
     ``tokens`` tokens, the text of the last ``held_back`` of them never coming (a partial character),
-    and ends with ``finish_reason``; the events are applied to the job as the dispatcher does."""
+    and ends with ``finish_reason``; the events are applied to the job as the dispatcher does.
+    ``healthy``: whether the engine's health check answers after; ``lost`` gets the reasons the
+    engine was reported lost; ``status``: the engine's answer (not 200: an error, no stream)."""
+
+    async def health(request: web.Request) -> web.Response:
+        return web.Response(status=200 if healthy else 503)
 
     async def completions(request: web.Request) -> web.StreamResponse:
+        if status != 200:
+            return web.Response(status=status, text="cannot schedule new futures after shutdown")
         resp = web.StreamResponse(headers={"content-type": "text/event-stream"})
         await resp.prepare(request)
         for i, text in enumerate((" a", " b", " c")[:tokens]):
@@ -54,6 +68,7 @@ async def run(
 
     app = web.Application()
     app.router.add_post("/v1/completions", completions)
+    app.router.add_get("/health", health)
     runner = web.AppRunner(app)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
@@ -72,7 +87,9 @@ async def run(
     session = Session("engine", "vllm", "cpu", frozenset(), f"http://127.0.0.1:{port}")
     try:
         async with aiohttp.ClientSession() as http:
-            await forward(session, j, 1, http, report, lambda s, why: None)
+            await forward(
+                session, j, 1, http, report, lambda s, why: (lost if lost is not None else []).append(why)
+            )
     finally:
         await runner.cleanup()
     return events
@@ -121,3 +138,31 @@ def test_an_attempt_the_engine_dropped_resumes_from_the_ids_it_delivered() -> No
     served = job()
     events = asyncio.run(run("length", held_back=1, served=served))
     assert served.tokens == 3 and events[-1].kind == Event.FINISHED
+
+
+@pytest.mark.parametrize("finish_reason", ["abort", None])
+def test_an_engine_that_dropped_the_stream_and_no_longer_answers_is_drained(
+    finish_reason: str | None,
+) -> None:
+    """A killed engine's server can end its streams cleanly before it goes: that engine is drained
+    at once (its requests go elsewhere), not left to take the request again for a second attempt."""
+    lost: list[str] = []
+    events = asyncio.run(run(finish_reason, healthy=False, lost=lost))
+    assert len(lost) == 1 and "no longer answers" in lost[0]
+    assert Event.FAILED not in [e.kind for e in events]  # drained: one attempt spent, not two
+    lost.clear()
+    events = asyncio.run(run(finish_reason, healthy=True, lost=lost))
+    assert not lost and events[-1].kind == Event.FAILED  # it answers: served again, anywhere
+
+
+def test_an_engine_that_answers_an_error_and_no_longer_answers_is_drained() -> None:
+    """An engine on its way down answers 500 (vLLM: "cannot schedule new futures after shutdown"):
+    drained at once if its health check fails too, else the request is served again; a 4xx is the
+    request's own fault (served again, counted, as before)."""
+    lost: list[str] = []
+    events = asyncio.run(run("length", healthy=False, lost=lost, status=500))
+    assert not events and len(lost) == 1 and "HTTP 500" in lost[0]
+    for healthy, status in ((True, 500), (False, 400)):
+        lost.clear()
+        events = asyncio.run(run("length", healthy=healthy, lost=lost, status=status))
+        assert not lost and [e.kind for e in events] == [Event.FAILED]

@@ -164,8 +164,11 @@ async def forward(
         ) as resp:
             arrived()
             if resp.status != 200:
-                text = (await resp.text())[:500]
-                emit(kind=Event.FAILED, error=f"HTTP {resp.status} from {s.endpoint}: {text}")
+                error = f"HTTP {resp.status} from {s.endpoint}: {(await resp.text())[:500]}"
+                if resp.status >= 500 and not await _answers(http, s.endpoint):
+                    lost(s, f"{error}, and it no longer answers")  # an engine shutting down
+                else:
+                    emit(kind=Event.FAILED, error=error)
                 return
             async for raw in resp.content:
                 line = raw.strip()
@@ -219,7 +222,13 @@ async def forward(
         # counted: the next attempt makes them again, after the ids that were delivered (counted
         # without their ids, the attempt after would resume from the text, tokenized again, which
         # can be longer than the ids were and run into the context limit short of the request's end).
-        emit(kind=Event.FAILED, error=f"{s.endpoint} ended the stream with finish_reason {finish_reason!r}")
+        # An engine that is gone (its server stopped, or was killed) is drained at once: otherwise
+        # the request, served again at once, could go back to it and spend a second attempt there.
+        ended = f"{s.endpoint} ended the stream with finish_reason {finish_reason!r}"
+        if not await _answers(http, s.endpoint):
+            lost(s, f"{ended} and no longer answers")
+            return
+        emit(kind=Event.FAILED, error=ended)
         return
     streamed = index - start
     if usage_tokens is not None and usage_tokens > streamed:

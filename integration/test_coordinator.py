@@ -4,6 +4,7 @@ SQLite journal, simulated instances connected over gRPC by their agents."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import gc
 import json
 import time
@@ -921,6 +922,11 @@ def test_a_finished_request_is_kept_for_status_where_the_garbage_collector_does_
             gc.collect()
             for rid, job in live.items():
                 assert rid not in book.jobs and not gc.is_tracked(book.finished[rid])
+                rebuilt = st.coordinator.jobs[rid].request  # as it was accepted, field by field
+                fields = dataclasses.fields(rebuilt)
+                assert [getattr(rebuilt, f.name) for f in fields] == [
+                    getattr(job.request, f.name) for f in fields
+                ]
                 status = kept[rid]
                 assert (status.state, status.output, status.output_tokens) == ("finished", job.text, 8)
                 assert (status.slo_met, status.late) == (job.outcome().met_slo(), job.late)

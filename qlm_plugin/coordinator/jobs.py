@@ -429,12 +429,14 @@ class JobBook:
 
     def _unpack(self, packed: Finished) -> Job:
         """A read-only job rebuilt from its packed form (:func:`pack`)."""
-        spec = pb.RequestSpec.FromString(packed[0])
-        (_, arrival, state, attempt, instance, text, tokens, first, last, reason, error, *counts) = packed
+        raw, arrival, prompt_tokens, state, attempt, instance = packed[:6]
+        text, tokens, first, last, reason, error, preemptions, wasted, failures = packed[6:]
+        spec = pb.RequestSpec.FromString(raw)
+        spec.prompt_tokens = spec.prompt_tokens or prompt_tokens  # counted once, not on each status read
         job = Job(self._past_request(spec, arrival), spec, state=state, attempt=attempt, instance=instance)
         job.chunks, job.tokens = [text], tokens
         job.first_token_at, job.finished_at, job.finish_reason, job.error = first, last, reason, error
-        job.preemptions, job.wasted_tokens, job.failures = counts
+        job.preemptions, job.wasted_tokens, job.failures = preemptions, wasted, failures
         job.output_ids = None
         job.done.set()
         return job
@@ -512,6 +514,7 @@ def pack(job: Job) -> Finished:
     return (
         job.spec.SerializeToString(),
         job.request.arrival_time,
+        job.request.prompt_tokens,
         job.state,
         job.attempt,
         job.instance,

@@ -58,14 +58,14 @@ class Coordinator:
 
         self.cfg = cfg
         self.scenario = scenario
-        self.slo_classes = scenario.slo_classes()  # looked up at every submit
         self.journal = journal
         costs = scenario.reference_cost_models()
-        self.book = JobBook(cfg, journal, scenario.model_specs(), scenario.slo_classes(), costs)
+        classes = scenario.slo_classes()
+        self.book = JobBook(cfg, journal, scenario.model_specs(), classes, costs)
         self.book.prompts = PromptCounter({m.name: m.tokenizer for m in scenario.models if m.tokenizer})
         self.pm = pm or get_plugin_manager()
         info = policy_registry(self.pm).get(cfg.policy)
-        built = info.factory(PolicyContext(costs, scenario.slo_classes(), wall_clock=True))
+        built = info.factory(PolicyContext(costs, classes, wall_clock=True))
         self.plugins = built if isinstance(built, list) else [built]
         for n, plugin in enumerate(self.plugins):
             self.pm.register(plugin, name=f"policy:{cfg.policy}:{n}")
@@ -218,7 +218,7 @@ class Coordinator:
             now = time.time()
         # Refused here, before the journal, when the client asked (reject_if_late) or its class
         # refuses below a probability of meeting the SLO: once accepted, a request is served.
-        cls = self.slo_classes.get(request.slo_class)
+        cls = self.book.classes.get(request.slo_class)  # the classes the request was resolved in
         threshold = max(
             self.cfg.reject_below_p_meet if spec.reject_if_late else 0.0,
             cls.refuse_below_p_meet if cls is not None else 0.0,

@@ -417,28 +417,24 @@ class JobBook:
     def _finished_job(self, rec: JobRecord) -> Job:
         """A read-only job for a request that left memory (status of an old request)."""
         spec = json_format.ParseDict(rec.spec, pb.RequestSpec())
-        req = self._past_request(spec, rec.accepted_at)
-        job = Job(req, spec, state=rec.state, attempt=rec.attempt, instance=rec.instance_id)
-        job.chunks = [rec.output]
-        job.tokens = rec.output_tokens
-        job.first_token_at, job.finished_at = rec.first_token_at, rec.finished_at
-        job.finish_reason, job.error = rec.finish_reason, rec.error
-        if rec.state in TERMINAL:
-            job.done.set()
-        return job
+        # pack()'s layout after the spec; the journal keeps no prompt count and no counters
+        fields = (rec.accepted_at, 0, rec.state, rec.attempt, rec.instance_id, rec.output, rec.output_tokens)
+        return self._read_only(
+            spec, (*fields, rec.first_token_at, rec.finished_at, rec.finish_reason, rec.error, 0, 0, 0)
+        )
 
-    def _unpack(self, packed: Finished) -> Job:
-        """A read-only job rebuilt from its packed form (:func:`pack`)."""
-        raw, arrival, prompt_tokens, state, attempt, instance = packed[:6]
-        text, tokens, first, last, reason, error, preemptions, wasted, failures = packed[6:]
-        spec = pb.RequestSpec.FromString(raw)
+    def _read_only(self, spec: pb.RequestSpec, fields: Finished) -> Job:
+        """A read-only job from ``spec`` and the rest of a packed job (:func:`pack`)."""
+        arrival, prompt_tokens, state, attempt, instance = fields[:5]
+        text, tokens, first, last, reason, error, preemptions, wasted, failures = fields[5:]
         spec.prompt_tokens = spec.prompt_tokens or prompt_tokens  # counted once, not on each status read
         job = Job(self._past_request(spec, arrival), spec, state=state, attempt=attempt, instance=instance)
         job.chunks, job.tokens = [text], tokens
         job.first_token_at, job.finished_at, job.finish_reason, job.error = first, last, reason, error
         job.preemptions, job.wasted_tokens, job.failures = preemptions, wasted, failures
         job.output_ids = None
-        job.done.set()
+        if state in TERMINAL:
+            job.done.set()
         return job
 
     def lookup(self, request_id: str) -> Job | None:
@@ -449,7 +445,7 @@ class JobBook:
             return job
         packed = self.finished.get(request_id)
         if packed is not None:
-            return self._unpack(packed)
+            return self._read_only(pb.RequestSpec.FromString(packed[0]), packed[1:])
         rec = self.journal.get(request_id)
         return None if rec is None else self._finished_job(rec)
 

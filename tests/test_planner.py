@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from qlm_plugin.brain.global_queue import ARRIVAL_MEMORY_S, GlobalQueue, LaneRate
 from qlm_plugin.brain.planner import GroupStat, Machine, Planner
+from qlm_plugin.domain.distributions import LengthDistribution
 from qlm_plugin.domain.plan import LoadModel
+from qlm_plugin.domain.request import SLO, Request
 
 
 def machine(
@@ -129,3 +132,60 @@ def test_end_to_end_work_is_timed_at_the_pace_of_a_full_engine() -> None:
     assert plan.queues == {"i0": ["g0-r"]} and plan.objective == 0.0
     fast = Machine("i0", 4, 0.0, "a", frozenset(), {"a": 1.0}, frozenset({"a"}), 0.0, {"a": 4.0})
     assert Planner(None, None).heuristic([group(0, "a", 8.0, 5.0)], [fast], 0.0).objective == 1.0  # type: ignore[arg-type]
+
+
+def test_in_sustained_overload_the_model_with_the_fewest_slos_per_engine_second_is_given_up() -> None:
+    # One engine, serving c, a warm. What arrives of a alone fills the engine (4 seat-seconds/s at a
+    # pace of 4), at 1 SLO a second; c brings as much work for 0.1 SLO a second. The queue as it
+    # stands misses one of its groups; with the minute ahead, serving c's work only after a's
+    # on-time work meets more SLOs than serving the queue in urgency order.
+    queue = GlobalQueue({})
+    engine = Machine(
+        "i0",
+        4,
+        0.0,
+        "c",
+        frozenset({"a", "c"}),
+        {"a": 1.0, "c": 1.0},
+        frozenset({"a", "c"}),
+        0.0,
+        {"a": 4.0, "c": 4.0},
+    )
+    queued = [
+        group(0, "a", 4.0, 10.0, weight=5.0),
+        group(1, "c", 8.0, 10.0, weight=5.0),
+        group(2, "a", 40.0, 15.0, weight=5.0),
+    ]
+    planner = Planner(queue, None)  # type: ignore[arg-type]
+    queue.arrivals[("a", "short")] = LaneRate(4.0, 1.0, 20.0, False, 0.0)
+    queue.arrivals[("c", "short")] = LaneRate(4.0, 0.1, 20.0, False, 0.0)
+    plan, misses = planner.schedule(queued, [engine], 0.0)
+    assert plan.objective == 10.0 and misses, "the queue alone: one end-to-end-bound group misses"
+    assert planner.given_up(queued, [engine], 0.0) == frozenset({"c"})
+    plan = planner.heuristic(queued, [engine], 0.0, frozenset({"c"}))
+    assert plan.queues == {"i0": ["g0-r", "g2-r", "g1-r"]}, "c's group after every on-time group of a"
+    assert plan.actions == [LoadModel("i0", "a", "gpu")]
+    assert Planner(queue, None, give_up=False).given_up(queued, [engine], 0.0) == frozenset()  # type: ignore[arg-type]
+    # What arrives fits the engine (a peak of the queue, not overload): nothing is given up.
+    queue.arrivals[("a", "short")] = LaneRate(2.0, 1.0, 20.0, False, 0.0)
+    queue.arrivals[("c", "short")] = LaneRate(1.0, 0.1, 20.0, False, 0.0)
+    assert planner.given_up(queued, [engine], 0.0) == frozenset()
+    # A TTFT-bound group that misses is not what giving a model up is for (it is never given up).
+    assert not planner.schedule([group(5, "a", 400.0, 1.0, ttft=True)], [engine], 0.0)[1]
+    # Nor is the only model queued.
+    queue.arrivals[("a", "short")] = LaneRate(8.0, 1.0, 20.0, False, 0.0)
+    assert planner.given_up([queued[0], queued[2]], [engine], 0.0) == frozenset()
+
+
+def test_arrival_rates_decay_with_time() -> None:
+    queue = GlobalQueue({})
+    for t in range(60):
+        request = Request(f"r{t}", "a", 10, 100, float(t), SLO(e2e_deadline=t + 120.0), slo_class="batch")
+        e = queue.entry(request, LengthDistribution.point(50))
+        e.service_s = 2.0
+        queue.note_arrival(e, float(t))
+    lane = queue.arrivals[("a", "batch")]
+    assert lane.budget_s == 120.0 and not lane.ttft_bound
+    # one arrival a second, 2 seat-seconds each, over the 60-s memory: about 63% of the rate
+    assert 1.1 < lane.seat_s * lane.decayed(60.0) < 1.4
+    assert lane.seat_s * lane.decayed(60.0 + ARRIVAL_MEMORY_S) < 0.5 * lane.seat_s * lane.decayed(60.0)

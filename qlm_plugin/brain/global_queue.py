@@ -26,6 +26,8 @@ from qlm_plugin.domain.request import Request
 
 #: Decode batch at which a request's seat time is priced before the instance is known.
 REFERENCE_BATCH = 64
+#: Memory of each lane's arrival rates (work and SLOs per second), seconds.
+ARRIVAL_MEMORY_S = 60.0
 
 
 @dataclass(slots=True)
@@ -53,6 +55,21 @@ def laxity_key(request: Request, length: LengthDistribution, cost: CostModel | N
     if cost is None:
         return urgency_key(request, length, 0.0, 0.0)
     return urgency_key(request, length, cost.step_s(request.prompt_tokens, 0), cost.decode_tpot_s(32))
+
+
+@dataclass(slots=True)
+class LaneRate:
+    """What arrives in one lane (model and SLO class) per second lately, decayed over
+    ``ARRIVAL_MEMORY_S``, and the lane's budget to its first deadline (its latest arrival's)."""
+
+    seat_s: float
+    weight: float
+    budget_s: float
+    ttft_bound: bool
+    at: float
+
+    def decayed(self, now: float) -> float:
+        return math.exp(-max(0.0, now - self.at) / ARRIVAL_MEMORY_S)
 
 
 @dataclass(slots=True)
@@ -148,6 +165,23 @@ class GlobalQueue:
         self.entries: dict[str, Entry] = {}
         self.queues: dict[str, ModelQueue] = {}
         self.groups: dict[GroupKey, GroupAgg] = {}  # queued request groups, kept incrementally
+        self.arrivals: dict[tuple[str, str], LaneRate] = {}  # (model, class) -> its arrival rates
+
+    def note_arrival(self, e: Entry, now: float) -> None:
+        """``e`` arrived: it counts toward its lane's arrival rates."""
+        r = e.request
+        lane = self.arrivals.get((r.model, r.slo_class))
+        budget = r.slo.first_deadline() - r.arrival_time
+        ttft_bound = r.slo.ttft_deadline is not None
+        if lane is None:
+            self.arrivals[(r.model, r.slo_class)] = LaneRate(
+                e.service_s / ARRIVAL_MEMORY_S, r.weight / ARRIVAL_MEMORY_S, budget, ttft_bound, now
+            )
+            return
+        decay = lane.decayed(now)
+        lane.seat_s = lane.seat_s * decay + e.service_s / ARRIVAL_MEMORY_S
+        lane.weight = lane.weight * decay + r.weight / ARRIVAL_MEMORY_S
+        lane.budget_s, lane.ttft_bound, lane.at = budget, ttft_bound, max(lane.at, now)
 
     def entry(self, request: Request, length: LengthDistribution) -> Entry:
         """A new entry for ``request``, its work priced at the reference batch."""

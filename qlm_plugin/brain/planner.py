@@ -12,8 +12,11 @@ The solver is list scheduling: groups in least-laxity order (late groups after e
 each placed where its model is served and it meets its deadline, else where it finishes earliest
 (load balancing, a model swap), batching a model's groups after a swap. In overload, Moore and
 Hodgson's rule gives up, on each instance, the groups that take the most time per SLO (they go
-after every other group; no engine swaps models for them). Always answers; O(groups x instances)
-plus the repairs. An exact MILP over the same groups was measured and removed: on A-F it was never
+after every other group; no engine swaps models for them). In sustained overload (the queue misses
+and what arrives is more than the fleet gets through) the plan also weighs the arrivals expected
+over the next minute, at each lane's recent rates, and gives up a whole model where that meets
+more SLOs. Always answers; O(groups x instances) plus the repairs (and, in overload, one plan per
+queued model). An exact MILP over the same groups was measured and removed: on A-F it was never
 better on weighted SLOs met where it mattered (docs/benchmarks.md).
 
 Not thread-safe: called from the queue manager's loop.
@@ -27,12 +30,17 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from qlm_plugin.brain.fleet_view import FleetView, InstanceView
-from qlm_plugin.brain.global_queue import GlobalQueue
+from qlm_plugin.brain.global_queue import ARRIVAL_MEMORY_S, GlobalQueue
 from qlm_plugin.domain.groups import GroupKey
 from qlm_plugin.domain.instance import InstanceState
 from qlm_plugin.domain.plan import LoadModel, Plan
 from qlm_plugin.domain.request import Request
 from qlm_plugin.hooks import hookimpl
+
+#: How far ahead a plan weighs the expected arrivals before giving a model up (no further than
+#: their rates were measured), and the span of one expected group, seconds.
+LOOK_AHEAD_S = ARRIVAL_MEMORY_S
+EXPECTED_GROUP_S = 10.0
 
 
 @dataclass(slots=True)
@@ -66,7 +74,11 @@ class Machine:
         a full engine drains work does not time them)."""
         if g.ttft_bound:
             return float(self.seats)
-        return self.pace.get(g.model, float(self.seats))
+        return self.rate_of(g.model)
+
+    def rate_of(self, model: str) -> float:
+        """Seat-seconds of ``model``'s end-to-end-bound work it gets through per second."""
+        return self.pace.get(model, float(self.seats))
 
 
 @dataclass(slots=True)
@@ -132,10 +144,13 @@ class Planner:
     reads the group totals and predictions they already hold, so planning 10,000 requests costs no
     prediction calls)."""
 
-    def __init__(self, queue: GlobalQueue, fleet: FleetView, *, overload_repair: bool = True) -> None:
+    def __init__(
+        self, queue: GlobalQueue, fleet: FleetView, *, overload_repair: bool = True, give_up: bool = True
+    ) -> None:
         self.queue = queue
         self.fleet = fleet
         self.overload_repair = overload_repair
+        self.give_up = give_up and overload_repair
         self._mix: dict[str, tuple[float, float, float]] = {}  # model -> mean seat-s, prompt, output
 
     # ------------------------------------------------------------------ inputs
@@ -236,12 +251,85 @@ class Planner:
         machines = self.machines(instances, now)
         if not machines:
             return None
-        plan = self.heuristic(groups, machines, now)
+        plan, misses = self.schedule(groups, machines, now)
+        if misses:
+            # End-to-end-bound work still on time is planned to miss: overload, or a peak (TTFT-bound
+            # work is never given up). A model given up?
+            given_up = self.given_up(groups, machines, now)
+            if given_up:
+                plan = self.heuristic(groups, machines, now, given_up)
         plan.solve_s = time.perf_counter() - t0
         return plan
 
-    def heuristic(self, groups: Sequence[GroupStat], machines: Sequence[Machine], now: float) -> Plan:
-        """List scheduling across models: groups in urgency order, each where its model is served
+    def expected(self, machines: Sequence[Machine], now: float) -> list[GroupStat] | None:
+        """The groups expected to arrive over the next ``LOOK_AHEAD_S``, one per lane (model and
+        class) and ``EXPECTED_GROUP_S``, at the lane's recent rates; None when the fleet, splitting
+        its time over the models at its best pace for each, gets through what arrives."""
+        lanes = [(lane, r, r.decayed(now)) for lane, r in self.queue.arrivals.items()]
+        work: dict[str, float] = {}
+        for (model, _), r, decay in lanes:
+            work[model] = work.get(model, 0.0) + r.seat_s * decay
+        need = 0.0
+        for model, w in work.items():
+            pace = max((m.rate_of(model) for m in machines if model in m.costs), default=0.0)
+            need += w / pace if pace > 0 else math.inf
+        if need <= len(machines):
+            return None
+        out = []
+        for (model, cls), r, decay in lanes:
+            seat_s, weight = r.seat_s * decay * EXPECTED_GROUP_S, r.weight * decay * EXPECTED_GROUP_S
+            for k in range(int(LOOK_AHEAD_S / EXPECTED_GROUP_S)):
+                due = now + (k + 0.5) * EXPECTED_GROUP_S + r.budget_s
+                out.append(GroupStat((model, cls, -2 - k), model, [], seat_s, due, due, r.ttft_bound, weight))
+        return out
+
+    def given_up(
+        self, groups: Sequence[GroupStat], machines: Sequence[Machine], now: float
+    ) -> frozenset[str]:
+        """The model whose work waits until every other model's on-time work is planned, if any.
+
+        Asked when the queue's end-to-end-bound work cannot all be served in time; only in overload, when
+        what arrives is also more than the fleet gets through (else it is a peak, which the
+        deadlines' slack absorbs). Then the queue is planned with the arrivals expected
+        over the next minute, once as it is and once with each queued model given up; the model
+        whose giving up meets the most SLOs over the minute (if that is more than none) is given
+        up. A plan of the queue alone cannot see this: in sustained overload the slow model's
+        groups still fit, the engines swap to them, and the fast models' next arrivals, several
+        SLOs per engine-second more, pile up behind them."""
+        models = {g.model for g in groups if not g.ttft_bound}
+        if not self.give_up or len({g.model for g in groups}) < 2:
+            return frozenset()
+        expected = self.expected(machines, now)
+        if expected is None:
+            return frozenset()
+        both = sorted([*groups, *expected], key=lambda g: (g.urgency, g.key))
+        best, choice = self.heuristic(both, machines, now).objective, frozenset[str]()
+        for model in sorted(models):
+            trial = self.heuristic(both, machines, now, frozenset([model])).objective
+            if trial > best:
+                best, choice = trial, frozenset([model])
+        return choice
+
+    def heuristic(
+        self,
+        groups: Sequence[GroupStat],
+        machines: Sequence[Machine],
+        now: float,
+        given_up: frozenset[str] = frozenset(),
+    ) -> Plan:
+        """The plan of ``groups`` (:meth:`schedule`), with the models in ``given_up`` given up."""
+        return self.schedule(groups, machines, now, given_up)[0]
+
+    def schedule(
+        self,
+        groups: Sequence[GroupStat],
+        machines: Sequence[Machine],
+        now: float,
+        given_up: frozenset[str] = frozenset(),
+    ) -> tuple[Plan, bool]:
+        """The plan, and whether an end-to-end-bound group still on time misses its deadline in it.
+
+        List scheduling across models: groups in urgency order, each where its model is served
         and it meets its deadline, else on the instance where it finishes earliest, a model swap
         priced in (the drain of the work ahead of it, then the load, warm or cold). So swaps are
         batched where they are dear, and made early where a model's urgent work would otherwise
@@ -280,8 +368,12 @@ class Planner:
 
         # Late groups after every on-time one (the late list's rule): the most late are the most
         # urgent by laxity, and placed first they had engines swap models for work already lost.
-        on_time = sorted((g for g in groups if g.deadline > now), key=lambda g: (g.urgency, g.key))
-        after = [g for g in groups if g.deadline <= now]
+        # A model given up: its end-to-end-bound groups (never its TTFT-bound ones) go after too.
+        def lost(g: GroupStat) -> bool:
+            return g.deadline <= now or (g.model in given_up and not g.ttft_bound)
+
+        on_time = sorted((g for g in groups if not lost(g)), key=lambda g: (g.urgency, g.key))
+        after = [g for g in groups if lost(g)]
 
         def options(g: GroupStat) -> list[tuple[bool, bool, float, float, str]]:
             """Where ``g`` could go next: (misses there, needs a swap, its end, the swap, instance)."""
@@ -355,7 +447,7 @@ class Planner:
                 iid = min(where, key=lambda o: o[2:])[4]
                 seq[iid].append(g)
                 replay(iid, 1)
-        objective = 0.0
+        objective, misses = 0.0, False
         for iid, its in slots.items():
             m = by_id[iid]
             for n, slot in enumerate(its):
@@ -368,5 +460,7 @@ class Planner:
                 plan.groups.setdefault(iid, []).append(g.key)
                 if _meets(g, slot.start, slot.end):
                     objective += g.weight
+                elif not g.ttft_bound and g.deadline > now:
+                    misses = True
         plan.objective = objective
-        return plan
+        return plan, misses

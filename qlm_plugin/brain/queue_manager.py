@@ -216,6 +216,7 @@ class QueueManager:
         self.estimator.clock = now
         entry = self.queue.entries[request.id] = self.queue.entry(request, self._predict(request))
         self.estimator.note_arrival(entry, now)
+        self.queue.note_arrival(entry, now)
         # No state polling here: the cached instance states follow dispatches and completions, and
         # are refreshed when an instance reports room and on every tick.
         if not self.estimate_at_admission:

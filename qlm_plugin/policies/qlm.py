@@ -23,6 +23,7 @@ PARTS: dict[str, str] = {
     "admission-estimate": "no waiting-time estimate at admission: no flag, refusal or eviction on arrival",
     "plan-on-arrival": "a request of a model no instance serves waits for the next tick's plan",
     "bind-waiting": "an arrival binds only itself early, not the request left waiting in the global queue",
+    "give-up": "in overload, no model's work is given up for the arrivals expected over the next minute",
 }
 
 
@@ -59,7 +60,7 @@ def build_qlm(ctx: PolicyContext, *, without: Iterable[str] = (), clairvoyant: b
         plugins.append(PredictorPlugin(LengthPredictor()))
     plugins.append(qm)
     if "planner" not in off:
-        plugins.append(Planner(qm.queue, qm.fleet))
+        plugins.append(Planner(qm.queue, qm.fleet, give_up="give-up" not in off))
     plugins.append(AdmissionControl(ctx.classes))
     return plugins
 

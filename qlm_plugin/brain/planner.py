@@ -288,9 +288,9 @@ class Planner:
     ) -> frozenset[str]:
         """The model whose work waits until every other model's on-time work is planned, if any.
 
-        Asked when the queue's end-to-end-bound work cannot all be served in time; only in overload, when
-        what arrives is also more than the fleet gets through (else it is a peak, which the
-        deadlines' slack absorbs). Then the queue is planned with the arrivals expected
+        Asked when the queue's end-to-end-bound work cannot all be served in time; only in
+        overload, when what arrives is also more than the fleet gets through (else it is a peak,
+        which the deadlines' slack absorbs). Then the queue is planned with the arrivals expected
         over the next minute, once as it is and once with each queued model given up; the model
         whose giving up meets the most SLOs over the minute (if that is more than none) is given
         up. A plan of the queue alone cannot see this: in sustained overload the slow model's

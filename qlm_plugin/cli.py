@@ -299,7 +299,10 @@ def build_parser() -> argparse.ArgumentParser:
     bn.add_argument(
         "--scenarios",
         metavar="A,B",
-        help="scenario names (files of scenarios/bench) or YAML paths (default: every scenario there)",
+        help=(
+            "scenario names (files of scenarios/bench; `default`: the packaged default scenario) "
+            "or YAML paths (default: every scenario there)"
+        ),
     )
     bn.add_argument("--policies", metavar="A,B", help="comma-separated policy names (default: all available)")
     sweep = bn.add_mutually_exclusive_group()

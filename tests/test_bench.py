@@ -261,6 +261,19 @@ def test_find_scenarios_skips_burst_companions(tmp_path: Path) -> None:
         bench.find_scenarios(["Z"], folder)
 
 
+def test_default_names_the_packaged_default_scenario_unless_the_folder_has_one(tmp_path: Path) -> None:
+    folder = _folder(tmp_path)
+    (found,) = bench.find_scenarios(["default"], folder)
+    assert found.path.is_file() and found.burst_path is None
+    # what `qlm simulate` runs when given none
+    assert load_scenario(found.path).model_dump() == load_scenario(None).model_dump()
+    with pytest.raises(bench.BenchError, match="default: the packaged default scenario"):
+        bench.find_scenarios(["Z"], folder)
+    (folder / "default.yaml").write_text(SMALL)
+    (own,) = bench.find_scenarios(["default"], folder)
+    assert own.path == folder / "default.yaml"
+
+
 def test_a_scenario_whose_trace_is_missing_is_skipped(tmp_path: Path) -> None:
     folder = _folder(tmp_path, burst=False)
     text = SMALL.replace("  synthetic:\n    rate_rps: 20\n    duration_s: 8\n", "  trace: ../nowhere.csv\n")

@@ -25,6 +25,7 @@ markers ``<!-- bench:start -->`` and ``<!-- bench:end -->``: text outside them s
 
 from __future__ import annotations
 
+import importlib.resources
 import math
 import multiprocessing
 import os
@@ -42,7 +43,7 @@ from qlm_plugin.domain.request import SLO, Request
 from qlm_plugin.hooks import get_plugin_manager
 from qlm_plugin.policies.registry import policy_registry
 from qlm_plugin.tools.simulate import PolicyResult, build_requests, run_policy
-from qlm_plugin.workloads.scenario import Scenario, load_scenario
+from qlm_plugin.workloads.scenario import DEFAULT_SCENARIO, Scenario, load_scenario
 
 DEFAULT_SWEEP: tuple[float, ...] = (0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 4.0)
 TARGET_ATTAINMENT = 0.9
@@ -85,10 +86,19 @@ def _burst_of(path: Path) -> Path | None:
     return burst if burst.is_file() else None
 
 
+PACKAGED_DEFAULT = "default"
+
+
+def packaged_default_path() -> Path:
+    """The packaged default scenario's file (installed packages keep their data files on disk)."""
+    return Path(str(importlib.resources.files("qlm_plugin.data").joinpath(DEFAULT_SCENARIO)))
+
+
 def find_scenarios(names: Sequence[str] | None = None, folder: Path | None = None) -> list[BenchScenario]:
     """The scenarios to run. ``None``: every ``*.yaml`` of ``folder`` (default :func:`default_folder`)
     except burst companions, sorted. A name with a ``/`` or a ``.yaml``/``.yml`` suffix is a path;
-    any other names ``<folder>/<name>.yaml``."""
+    any other names ``<folder>/<name>.yaml``, and ``default`` (where the folder has no such file)
+    the scenario ``qlm simulate`` runs when given none, from the installed package."""
     folder = default_folder() if folder is None else folder
     if names is None:
         paths = sorted(p for p in folder.glob("*.yaml") if p.is_file() and not p.stem.endswith(BURST_SUFFIX))
@@ -101,11 +111,14 @@ def find_scenarios(names: Sequence[str] | None = None, folder: Path | None = Non
                 path = Path(name)
             else:
                 path = folder / f"{name}.yaml"
+                if name == PACKAGED_DEFAULT and not path.is_file():
+                    path = packaged_default_path()
             if not path.is_file():
                 known = sorted(p.stem for p in folder.glob("*.yaml") if not p.stem.endswith(BURST_SUFFIX))
                 raise BenchError(
                     f"unknown scenario {name!r}: no file {path}"
-                    + (f" (in {folder}: {', '.join(known)})" if known else "")
+                    + (f" (in {folder}: {', '.join(known)}" if known else " (")
+                    + f"{'; ' if known else ''}{PACKAGED_DEFAULT}: the packaged default scenario)"
                 )
             paths.append(path)
     keys = [p.stem for p in paths]

@@ -115,10 +115,10 @@ def find_scenarios(names: Sequence[str] | None = None, folder: Path | None = Non
                     path = packaged_default_path()
             if not path.is_file():
                 known = sorted(p.stem for p in folder.glob("*.yaml") if not p.stem.endswith(BURST_SUFFIX))
+                listed = f"in {folder}: {', '.join(known)}; " if known else ""
                 raise BenchError(
-                    f"unknown scenario {name!r}: no file {path}"
-                    + (f" (in {folder}: {', '.join(known)}" if known else " (")
-                    + f"{'; ' if known else ''}{PACKAGED_DEFAULT}: the packaged default scenario)"
+                    f"unknown scenario {name!r}: no file {path} "
+                    f"({listed}{PACKAGED_DEFAULT}: the packaged default scenario)"
                 )
             paths.append(path)
     keys = [p.stem for p in paths]

@@ -273,7 +273,8 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument(
         "--trace",
         metavar="PATH",
-        help="CSV of the Azure schema, or 'conv'/'code' (packaged samples), replayed at its recorded rate "
+        help="a trace file (Azure or BurstGPT CSV, Mooncake JSON Lines) or 'conv'/'code' (packaged "
+        "samples), replayed at its recorded rate "
         "(the scenario's rate scale, window and sampling do not apply to it)",
     )
     sim.add_argument(
@@ -360,7 +361,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="scenario YAML: workload, models, SLO classes, engine; each instance group is a candidate kind",
     )
     pc.add_argument(
-        "--trace", metavar="PATH", help="replace the workload: CSV of the Azure schema, or 'conv'/'code'"
+        "--trace",
+        metavar="PATH",
+        help="replace the workload: a trace file (Azure or BurstGPT CSV, Mooncake JSON Lines) or "
+        "'conv'/'code'",
     )
     load = pc.add_mutually_exclusive_group()
     load.add_argument(

@@ -147,6 +147,19 @@ def test_a_trace_named_on_the_command_line_replays_at_its_recorded_rate(tmp_path
     assert "50 requests over 7 s" in proc.stdout
 
 
+def test_a_mooncake_trace_replays_in_milliseconds(tmp_path: Path) -> None:
+    trace = tmp_path / "mooncake.jsonl"
+    trace.write_text(
+        "".join(
+            f'{{"timestamp": {i * 500}, "input_length": 100, "output_length": 10, "hash_ids": [{i}]}}\n'
+            for i in range(41)
+        )
+    )
+    proc = qlm("simulate", "--trace", str(trace), "--policies", "fcfs")
+    assert proc.returncode == 0, proc.stderr
+    assert "41 requests over 20 s" in proc.stdout
+
+
 def test_event_loop_is_uvloop_unless_asyncio_is_asked_for(monkeypatch: pytest.MonkeyPatch) -> None:
     from qlm_plugin import event_loop
 

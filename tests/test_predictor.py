@@ -24,7 +24,8 @@ from qlm_plugin.domain.distributions import LengthDistribution
 from qlm_plugin.domain.outcome import RequestOutcome, Status
 from qlm_plugin.domain.request import DEFAULT_CLASSES, Request
 from qlm_plugin.hooks import get_plugin_manager
-from qlm_plugin.workloads.records import Share, assign, load_azure_trace
+from qlm_plugin.workloads.records import Share, assign
+from qlm_plugin.workloads.trace_files import load_azure_trace
 
 CONV = Path(__file__).resolve().parents[2] / "shared" / "traces" / "azure_llm_2023_conv.csv"
 needs_conv = pytest.mark.skipif(

@@ -19,7 +19,6 @@ import pytest
 from qlm_plugin.cli import main
 from qlm_plugin.domain.costmodel import GPUS, MODELS, cost_model, known_profiles
 from qlm_plugin.tools.simulate import build_fleet, build_requests, run_policy
-from qlm_plugin.workloads.records import load_azure_trace, packaged_trace_path
 from qlm_plugin.workloads.scenario import (
     ClassEntry,
     EngineSpec,
@@ -32,6 +31,7 @@ from qlm_plugin.workloads.scenario import (
     WorkloadSpec,
     load_scenario,
 )
+from qlm_plugin.workloads.trace_files import load_azure_trace, packaged_trace_path
 
 HEADER = "TIMESTAMP,ContextTokens,GeneratedTokens\n"
 

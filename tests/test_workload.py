@@ -12,18 +12,13 @@ from pathlib import Path
 import pytest
 
 from qlm_plugin.domain.request import DEFAULT_CLASSES, ModelSpec, SLOClass
-from qlm_plugin.workloads.records import (
-    Rejected,
-    Share,
+from qlm_plugin.workloads.records import Rejected, Share, assign, sample, scale_arrivals, synthetic, window
+from qlm_plugin.workloads.trace_files import (
     TraceError,
     TraceRecord,
-    assign,
     load_azure_trace,
+    load_trace,
     packaged_trace_path,
-    sample,
-    scale_arrivals,
-    synthetic,
-    window,
 )
 
 SHARED_TRACES = Path(__file__).resolve().parents[2] / "shared" / "traces"
@@ -141,7 +136,7 @@ def test_a_trace_read_again_in_the_same_process_gives_the_same_arrival_times(tmp
     """The parser caches each minute's epoch second; a time read with its minute cached must be the
     same float as one read without (they were up to 1e-14 s apart, and an overloaded simulation run after
     another in one process, as ``qlm bench`` runs them, moved by 10 points)."""
-    from qlm_plugin.workloads import records
+    from qlm_plugin.workloads import trace_files as records
 
     # the conversation trace's first request and the first of its next minute
     path = write(
@@ -233,7 +228,6 @@ def test_not_a_csv_header_at_all(tmp_path: Path) -> None:
         ("2023-11-16 18:15:47.1,12.5,5", "ContextTokens", "not an integer: '12.5'"),
         ("2023-11-16 18:15:47.1,0,5", "ContextTokens", "must be >= 1 token, got 0"),
         ("2023-11-16 18:15:47.1,10,-3", "GeneratedTokens", "negative token count: -3"),
-        ("2023-11-16 18:15:47.1,10,0", "GeneratedTokens", "must be >= 1 token, got 0"),
         ("2023-11-16 18:15:47.1,10,", "GeneratedTokens", "not an integer: ''"),
         ("2023-11-16 25:15:47.1,10,5", "TIMESTAMP", "not a date-time"),
         ("2023-02-30 18:15:47.1,10,5", "TIMESTAMP", "not a date-time"),
@@ -262,6 +256,91 @@ def test_short_row_names_the_line(tmp_path: Path) -> None:
 def test_bad_numeric_timestamp(tmp_path: Path) -> None:
     path = write(tmp_path, HEADER + "1.5,2,3\nnan,5,6\n")
     assert str(load_error(path)).startswith(f"{path}:3: TIMESTAMP: not a number of seconds")
+
+
+def test_rows_without_output_are_skipped_and_counted(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A request that generated nothing (a failure the service recorded) is not a workload request."""
+    path = write(tmp_path, HEADER + "1,10,5\n2,20,0\n3,30,7\n")
+    assert load_azure_trace(path) == [TraceRecord(0.0, 10, 5), TraceRecord(2.0, 30, 7)]
+    assert "skipped 1 requests with no output tokens (GeneratedTokens 0)" in caplog.text
+    only_failures = write(tmp_path, HEADER + "1,10,0\n", "failed.csv")
+    assert "no requests with output tokens" in str(load_error(only_failures))
+
+
+def test_burstgpt_csv_is_read_and_its_failed_requests_skipped(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        "Timestamp,Model,Request tokens,Response tokens,Total tokens,Log Type\n"
+        "5,ChatGPT,472,18,490,Conversation log\n"
+        "3.5,GPT-4,1020,0,1020,Conversation log\n"  # a failure: no response
+        "6.25,GPT-4,30,200,230,API log\n",
+        "burst.csv",
+    )
+    assert load_trace(path) == [TraceRecord(0.0, 472, 18), TraceRecord(1.25, 30, 200)]
+
+
+def test_mooncake_jsonl_is_read_in_milliseconds(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        '{"timestamp": 3052, "input_length": 7234, "output_length": 794, "hash_ids": [0, 28]}\n\n'
+        '{"timestamp": 0, "input_length": 6755, "output_length": 500, "hash_ids": [0, 1, 2]}\n'
+        '{"timestamp": 0, "input_length": 7319, "output_length": 490, "hash_ids": [0, 14]}\n',
+        "mooncake.jsonl",
+    )
+    assert load_trace(path) == [
+        TraceRecord(0.0, 6755, 500),
+        TraceRecord(0.0, 7319, 490),
+        TraceRecord(3.052, 7234, 794),
+    ]
+
+
+def test_load_trace_reads_the_azure_schema_as_load_azure_trace_does(tmp_path: Path) -> None:
+    path = write(tmp_path, HEADER + "2023-11-16 18:15:46.6805900,374,44\n2023-11-16 18:15:48.1,10,5\n")
+    assert load_trace(path) == load_azure_trace(path)
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ('{"timestamp": 1, "input_length": 5', "not JSON"),
+        ("[1, 2, 3]", "not a JSON object"),
+        ('{"timestamp": 1, "input_length": 5}', "missing key output_length"),
+        (
+            '{"timestamp": "soon", "input_length": 5, "output_length": 1}',
+            "timestamp: not a number >= 0: 'soon'",
+        ),
+        ('{"timestamp": -1, "input_length": 5, "output_length": 1}', "timestamp: not a number >= 0: -1"),
+        ('{"timestamp": 1, "input_length": 5.5, "output_length": 1}', "input_length: not an integer: 5.5"),
+        (
+            '{"timestamp": 1, "input_length": 0, "output_length": 1}',
+            "input_length: must be >= 1 token, got 0",
+        ),
+        ('{"timestamp": 1, "input_length": 5, "output_length": true}', "output_length: not an integer: True"),
+        (
+            '{"timestamp": 1, "input_length": 5, "output_length": -2}',
+            "output_length: negative token count: -2",
+        ),
+    ],
+)
+def test_a_bad_jsonl_line_names_file_and_line(tmp_path: Path, line: str, message: str) -> None:
+    path = write(
+        tmp_path, '{"timestamp": 0, "input_length": 5, "output_length": 1}\n' + line + "\n", "t.jsonl"
+    )
+    with pytest.raises(TraceError) as info:
+        load_trace(path)
+    assert str(info.value).startswith(f"{path}:2: {message}")
+
+
+def test_a_file_of_no_known_schema_lists_the_schemas(tmp_path: Path) -> None:
+    with pytest.raises(TraceError) as info:
+        load_trace(write(tmp_path, "time,prompt,output\n1,2,3\n"))
+    message = str(info.value)
+    for needle in ("TIMESTAMP, ContextTokens, GeneratedTokens", "Request tokens", "input_length"):
+        assert needle in message
+    with pytest.raises(TraceError, match="missing column Response tokens"):
+        load_trace(write(tmp_path, "Timestamp,Request tokens\n1,2\n", "half.csv"))
 
 
 def test_non_utf8_file(tmp_path: Path) -> None:

@@ -30,7 +30,7 @@ from typing import Any
 import aiohttp
 
 from qlm_plugin.testing.stack import LocalStack, local_stack
-from qlm_plugin.workloads.records import TraceRecord, load_azure_trace, packaged_trace_path
+from qlm_plugin.workloads.trace_files import TraceRecord, load_azure_trace, packaged_trace_path
 
 MODEL = "llama-3.1-8b"
 #: run name -> (coordinator policy, how the batch is sent)

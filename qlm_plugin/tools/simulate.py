@@ -60,7 +60,7 @@ def _records(scenario: Scenario, rng: random.Random) -> list[wl.TraceRecord]:
                 if s.lengths_from in ("conv", "code")
                 else s.lengths_from
             )
-            lengths = wl.load_azure_trace(path)
+            lengths = wl.load_trace(path)
         records = wl.synthetic(
             rate_rps=s.rate_rps,
             duration_s=s.duration_s,
@@ -78,7 +78,7 @@ def _records(scenario: Scenario, rng: random.Random) -> list[wl.TraceRecord]:
     else:
         trace = w.trace or "conv"
         path = wl.packaged_trace_path(trace) if trace in ("conv", "code") else trace
-        records = wl.load_azure_trace(path)
+        records = wl.load_trace(path)
     if w.start_s or w.duration_s is not None:
         records = wl.window(records, start_s=w.start_s, duration_s=w.duration_s)
     if w.sample_fraction is not None:

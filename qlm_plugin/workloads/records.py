@@ -1,11 +1,11 @@
-"""Workloads: real request traces, reshaping them, synthetic arrivals, and turning records into requests.
+"""Workloads: reshaping request records, synthetic arrivals, and turning records into requests.
 
-A workload is a list of :class:`TraceRecord` (arrival time, prompt length, true output length), sorted
-by arrival. Sources are the Azure LLM inference trace 2023 (:func:`load_azure_trace`; small samples ship
-with the package, see :func:`packaged_trace_path` and ``qlm_plugin/data/TRACES.md``) and
-:func:`synthetic` arrivals. :func:`scale_arrivals`, :func:`window` and :func:`sample` reshape a
-workload; :func:`assign` gives each record a model, an SLO class and a tenant and validates it into a
-:class:`~qlm_plugin.domain.request.Request`.
+A workload is a list of :class:`~qlm_plugin.workloads.trace_files.TraceRecord` (arrival time, prompt
+length, true output length), sorted by arrival. Sources are trace files
+(:mod:`~qlm_plugin.workloads.trace_files`: the Azure, BurstGPT and Mooncake schemas, and the samples
+shipped with the package) and :func:`synthetic` arrivals. :func:`scale_arrivals`, :func:`window` and
+:func:`sample` reshape a workload; :func:`assign` gives each record a model, an SLO class and a tenant
+and validates it into a :class:`~qlm_plugin.domain.request.Request`.
 
 Every function that draws random numbers takes an explicit :class:`random.Random`, so a seeded
 generator makes the result reproducible.
@@ -13,299 +13,24 @@ generator makes the result reproducible.
 
 from __future__ import annotations
 
-import csv
 import math
-import os
-import pathlib
 import random
-import re
 from bisect import bisect_right
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
-from importlib.resources import files
-from typing import NoReturn
 
 from qlm_plugin.domain.request import ModelSpec, Request, RequestValidationError, SLOClass, make_request
+from qlm_plugin.workloads.trace_files import TraceRecord
 
 __all__ = [
-    "PACKAGED_TRACES",
     "Rejected",
     "Share",
-    "TraceError",
-    "TraceRecord",
     "assign",
-    "load_azure_trace",
-    "packaged_trace_path",
     "sample",
     "scale_arrivals",
     "synthetic",
     "window",
 ]
-
-
-@dataclass(frozen=True, slots=True)
-class TraceRecord:
-    """One request of a workload."""
-
-    arrival_s: float
-    """Seconds since the first record of the trace (the first record of a loaded trace is at 0.0)."""
-    prompt_tokens: int
-    output_tokens: int
-    """The number of tokens the request really generated (its true output length)."""
-
-
-class TraceError(ValueError):
-    """A trace file could not be read; the message names the file and, where known, line and column.
-
-    Lines are 1-based (the header is line 1).
-
-    E.g. ``trace.csv:17: ContextTokens: not an integer: 'x'``.
-    """
-
-    def __init__(
-        self, path: str, message: str, *, line: int | None = None, column: str | None = None
-    ) -> None:
-        where = path if line is None else f"{path}:{line}"
-        what = message if column is None else f"{column}: {message}"
-        super().__init__(f"{where}: {what}")
-        self.path = path
-        self.line = line
-        self.column = column
-        self.reason = message
-
-
-# --------------------------------------------------------------------------------------------- loading
-
-_TIMESTAMP, _PROMPT, _OUTPUT = "TIMESTAMP", "ContextTokens", "GeneratedTokens"
-_COLUMNS = (_TIMESTAMP, _PROMPT, _OUTPUT)
-
-
-# Timestamps in the Azure traces' form, ``2023-11-16 18:15:46.6805900``, are parsed without datetime on the
-# hot path: the epoch second of each minute ("2023-11-16 18:15:") is cached, and only the seconds are parsed.
-_PLAIN_DATETIME = re.compile(r"\s*(\d{4}-\d\d-\d\d)[T ](\d\d):(\d\d):(\d\d)(?:\.(\d+))?\s*")
-_EPOCH_MINUTES: dict[str, int] = {}
-
-
-def _parse_datetime(cell: str) -> tuple[int, float]:
-    """A date-time -> (whole seconds since the epoch, seconds past them); their sum is the time.
-
-    Naive times are taken as UTC (the Azure traces' clock), so DST never bends the arrival gaps.
-    """
-    minute = _EPOCH_MINUTES.get(cell[:17])
-    if minute is not None:
-        tail = cell[17:]  # "46.6805900"
-        if (
-            len(tail) >= 2
-            and tail.isascii()
-            and tail[:2].isdigit()
-            and (len(tail) == 2 or (tail[2] == "." and tail[3:].isdigit()))
-        ):
-            seconds = int(tail[:2])
-            if seconds < 60:
-                # The same split as the parse below (whole seconds, then the fraction), so a time
-                # parsed with its minute cached is the same float as one parsed without: the
-                # relative times were up to 1e-14 s apart between a process's first and later
-                # reads of a trace, enough to move an overloaded simulation by 10 points.
-                return minute + seconds, int(tail[3:]) / 10 ** (len(tail) - 3) if len(tail) > 3 else 0.0
-    match = _PLAIN_DATETIME.fullmatch(cell)
-    if match is None:
-        return _parse_iso(cell)
-    day, hours, minutes, whole, digits = match.groups()
-    h, m, sec = int(hours), int(minutes), int(whole)
-    if h > 23 or m > 59 or sec > 59:
-        raise ValueError("time out of range")
-    minute = int(datetime.fromisoformat(day).replace(tzinfo=timezone.utc).timestamp()) + 3600 * h + 60 * m
-    if match.start(1) == 0:
-        _EPOCH_MINUTES[cell[:17]] = minute
-    return minute + sec, int(digits) / 10 ** len(digits) if digits else 0.0
-
-
-def _parse_iso(cell: str) -> tuple[int, float]:
-    """Any ISO date-time -> (whole seconds since the epoch, fraction of a second).
-
-    The fraction is parsed separately, so any number of fractional digits works on every Python (3.10's
-    ``datetime.fromisoformat`` accepts only 3 or 6) and none of the trace's 100 ns resolution is lost. Naive
-    times are taken as UTC (the Azure traces' clock), so DST never bends the arrival gaps.
-    """
-    text = cell.strip()
-    frac = 0.0
-    colon = text.find(":")
-    dot = text.find(".", colon) if colon > 0 else -1
-    if dot > 0:  # a fraction of the seconds field (ISO dates and offsets have no '.')
-        end = dot + 1
-        while end < len(text) and text[end].isdigit():
-            end += 1
-        digits = text[dot + 1 : end]
-        if not digits:
-            raise ValueError("empty fraction of a second")
-        frac = int(digits) / 10 ** len(digits)
-        text = text[:dot] + text[end:]
-    if text.endswith(("Z", "z")):  # 3.10's fromisoformat does not accept the 'Z' suffix
-        text = text[:-1] + "+00:00"
-    moment = datetime.fromisoformat(text)
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=timezone.utc)
-    return int(moment.timestamp()), frac
-
-
-def _parse_seconds(cell: str) -> tuple[int, float]:
-    value = float(cell)
-    if not math.isfinite(value):
-        raise ValueError("not finite")
-    whole = math.floor(value)
-    return whole, value - whole
-
-
-def _is_number(cell: str) -> bool:
-    try:
-        float(cell)
-    except ValueError:
-        return False
-    return True
-
-
-def load_azure_trace(path: str | os.PathLike[str]) -> list[TraceRecord]:
-    """Read a trace in the Azure LLM inference trace 2023 schema, sorted by arrival, relative to the first.
-
-    The file is a CSV with the header ``TIMESTAMP,ContextTokens,GeneratedTokens`` (other columns are
-    allowed and ignored, column order is free). ``TIMESTAMP`` is either an ISO date-time such as
-    ``2023-11-16 18:15:46.6805900`` (any number of fractional digits; naive times are UTC) or a number of
-    seconds; the kind is fixed by the first data row. Blank lines are skipped. Both token counts must be
-    integers >= 1: the Azure 2023 traces have no zero-token rows (the smallest output is 6 tokens), so a
-    zero is reported as a broken file rather than silently changed.
-
-    Raises :class:`TraceError` naming the file (and the 1-based line and the column, for a bad cell) when
-    the file is missing or unreadable, a required column is missing, a cell is malformed or out of range,
-    or the trace has no data rows.
-    """
-    name = os.fspath(path)
-    whole: list[int] = []
-    frac: list[float] = []
-    prompts: list[int] = []
-    outputs: list[int] = []
-    reader = None
-    try:
-        with open(name, encoding="utf-8-sig", newline="") as handle:
-            reader = csv.reader(handle)
-            header = next(reader, None)
-            if header is None:
-                raise TraceError(name, f"empty file: expected the header {','.join(_COLUMNS)}", line=1)
-            columns = [cell.strip() for cell in header]
-            missing = [column for column in _COLUMNS if column not in columns]
-            if missing:
-                raise TraceError(
-                    name,
-                    f"missing column{'s' if len(missing) > 1 else ''} {', '.join(missing)} "
-                    f"(header: {','.join(columns)!r}; expected {','.join(_COLUMNS)})",
-                    line=1,
-                )
-            i_time, i_prompt, i_output = (columns.index(column) for column in _COLUMNS)
-            width = max(i_time, i_prompt, i_output) + 1
-            parse_time: Callable[[str], tuple[int, float]] | None = None
-            for row in reader:
-                if parse_time is None:  # the first data row fixes the kind of timestamp
-                    if _is_blank(row):
-                        continue
-                    if len(row) >= width:
-                        parse_time = _parse_seconds if _is_number(row[i_time]) else _parse_datetime
-                    else:
-                        parse_time = _parse_datetime
-                # The fast path checks everything; _diagnose finds what is wrong with a row that fails.
-                try:
-                    seconds, fraction = parse_time(row[i_time])
-                    prompt = int(row[i_prompt])
-                    output = int(row[i_output])
-                    good = prompt >= 1 and output >= 1
-                except (ValueError, IndexError, OverflowError, OSError):
-                    good = False
-                if not good:
-                    if _is_blank(row):
-                        continue
-                    _diagnose(
-                        name, reader.line_num, row, len(columns), (i_time, i_prompt, i_output), parse_time
-                    )
-                whole.append(seconds)
-                frac.append(fraction)
-                prompts.append(prompt)
-                outputs.append(output)
-    except TraceError:
-        raise
-    except csv.Error as exc:
-        at = None if reader is None else reader.line_num
-        raise TraceError(name, f"malformed CSV: {exc}", line=at) from exc
-    except UnicodeDecodeError as exc:
-        raise TraceError(name, f"not UTF-8 text: {exc}") from exc
-    except OSError as exc:
-        raise TraceError(name, f"cannot read the trace: {exc.strerror or exc}") from exc
-    if not whole:
-        raise TraceError(name, "no data rows after the header")
-    # Relative to the file's first row first (small numbers, so float keeps sub-microsecond precision),
-    # then to the earliest arrival.
-    w0, f0 = whole[0], frac[0]
-    relative = [(w - w0) + (f - f0) for w, f in zip(whole, frac, strict=True)]
-    order = sorted(range(len(relative)), key=relative.__getitem__)  # stable: ties keep file order
-    first = relative[order[0]]
-    return [TraceRecord(relative[i] - first, prompts[i], outputs[i]) for i in order]
-
-
-def _is_blank(row: list[str]) -> bool:
-    return not row or (len(row) == 1 and not row[0].strip())
-
-
-def _diagnose(
-    name: str,
-    line: int,
-    row: list[str],
-    n_columns: int,
-    indices: tuple[int, int, int],
-    parse_time: Callable[[str], tuple[int, float]],
-) -> NoReturn:
-    """Raise the :class:`TraceError` for the first bad cell of a row the fast path could not take."""
-    i_time, i_prompt, i_output = indices
-    if len(row) <= max(indices):
-        raise TraceError(name, f"expected {n_columns} columns, got {len(row)}: {row!r}", line=line)
-    cell = row[i_time]
-    try:
-        parse_time(cell)
-    except (ValueError, OverflowError, OSError):
-        kind = "number of seconds" if parse_time is _parse_seconds else "date-time"
-        message = f"not a {kind} (as on the first data row): {cell!r}"
-        raise TraceError(name, message, line=line, column=_TIMESTAMP) from None
-    for column, index in ((_PROMPT, i_prompt), (_OUTPUT, i_output)):
-        cell = row[index]
-        try:
-            value = int(cell)
-        except ValueError:
-            raise TraceError(name, f"not an integer: {cell!r}", line=line, column=column) from None
-        if value < 0:
-            raise TraceError(name, f"negative token count: {value}", line=line, column=column)
-        if value < 1:
-            raise TraceError(name, f"must be >= 1 token, got {value}", line=line, column=column)
-    raise TraceError(name, f"cannot read the row {row!r}", line=line)  # unreachable in practice
-
-
-#: The trace samples shipped in ``qlm_plugin/data`` (see ``TRACES.md`` there), by name.
-PACKAGED_TRACES: Mapping[str, str] = {
-    "conv": "azure_conv_sample.csv",
-    "code": "azure_code_sample.csv",
-}
-
-
-def packaged_trace_path(name: str) -> pathlib.Path:
-    """The path of a packaged trace sample: ``"conv"`` (2,400 rows) or ``"code"`` (1,200 rows).
-
-    Raises ValueError for an unknown name, listing the known ones.
-    """
-    filename = PACKAGED_TRACES.get(name)
-    if filename is None:
-        known = ", ".join(repr(known) for known in sorted(PACKAGED_TRACES))
-        raise ValueError(f"unknown packaged trace {name!r} (known: {known})")
-    resource = files("qlm_plugin.data").joinpath(filename)
-    if isinstance(resource, pathlib.Path):
-        return resource
-    # Installed somewhere that is not a plain directory (a zip): no stable path exists.
-    raise RuntimeError(f"packaged trace {filename} is not on the file system ({resource!r})")
 
 
 # --------------------------------------------------------------------------------------------- transforming

@@ -53,7 +53,9 @@ class SyntheticSpec(_Strict):
 
 
 class WorkloadSpec(_Strict):
-    trace: str | None = "conv"  # packaged sample name (conv, code) or a CSV path of the Azure schema
+    trace: str | None = (
+        "conv"  # packaged sample name (conv, code) or a trace file's path (trace_files.SCHEMAS)
+    )
     synthetic: SyntheticSpec | None = None
     rate_scale: float = Field(default=1.0, gt=0)
     target_rps: float | None = Field(default=None, gt=0)

@@ -13,6 +13,7 @@ from typing import Any
 
 import aiohttp
 import grpc
+import openai
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
@@ -139,6 +140,8 @@ def test_models_health_and_metrics(tmp_path: Path) -> None:
         ("/v1/completions", {"model": MODEL, "prompt": "x", "qlm": {"ttft_ms": -5}}, 400, "qlm.ttft_ms"),
         ("/v1/completions", {"model": MODEL, "prompt": "x", "qlm": {"colour": 1}}, 400, "qlm.colour"),
         ("/v1/completions", {"model": MODEL, "prompt": "x", "qlm": {"class": "gold"}}, 400, "slo.class"),
+        ("/v1/completions", {"model": MODEL, "prompt": "x", "service_tier": "gold"}, 400, "service_tier"),
+        ("/v1/completions", {"model": MODEL, "prompt": "x", "service_tier": 1}, 400, "service_tier"),
         ("/v1/chat/completions", {"model": MODEL, "messages": []}, 400, "messages"),
         (
             "/v1/chat/completions",
@@ -167,6 +170,34 @@ def test_bad_requests_get_a_4xx_naming_the_field(
         assert st.coordinator.jobs == {} or all(j.state != "queued" for j in st.coordinator.jobs.values())
 
     run(tmp_path, check, instances=1)
+
+
+def test_openai_service_tier_picks_the_class_unless_one_is_named(tmp_path: Path) -> None:
+    """An OpenAI client asks for flex processing with ``service_tier``: that is the batch class."""
+
+    async def body(st: LocalStack) -> None:
+        async with aiohttp.ClientSession() as http:
+            classes = []
+            for tier, headers in [
+                ("flex", {}),
+                ("priority", {}),
+                ("auto", {}),
+                ("flex", {"x-qlm-class": "interactive"}),
+            ]:
+                request = {"model": MODEL, "prompt": "x", "max_tokens": 2, "service_tier": tier}
+                status, out, _ = await post(http, f"{st.http_url}/v1/completions", request, headers=headers)
+                assert status == 200, out
+                classes.append(out["qlm"]["slo_class"])
+        assert classes == ["batch", "interactive", "interactive", "interactive"]
+        # the official SDK's own parameter
+        oa = openai.AsyncOpenAI(base_url=f"{st.http_url}/v1", api_key="none", max_retries=0)
+        chat = await oa.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=2, service_tier="flex"
+        )
+        assert (chat.model_extra or {})["qlm"]["slo_class"] == "batch"
+        await oa.close()
+
+    run(tmp_path, body, instances=1)
 
 
 def test_malformed_json_is_a_400(tmp_path: Path) -> None:

@@ -367,3 +367,34 @@ def test_accept_does_not_block_the_event_loop(tmp_path: Path) -> None:
         ticks = asyncio.run(run(j))
         assert ticks >= 5, ticks
         assert len(j.recover()) == n
+
+
+def test_the_journal_copy_of_a_request_keeps_every_field_a_restart_rebuilds_it_from() -> None:
+    """A recovered request is rebuilt from its journaled spec: a field left out (a chat request's
+    messages were) changes how it is served after a coordinator restart."""
+    from google.protobuf import json_format
+
+    from qlm_plugin.coordinator.jobs import spec_to_dict
+    from qlm_plugin.proto.qlm.v1 import qlm_pb2 as pb
+
+    spec = pb.RequestSpec(
+        request_id="r1",
+        model="m",
+        prompt="user: hi\nassistant:",
+        prompt_tokens=7,
+        max_tokens=16,
+        slo=pb.SLO(ttft_ms=500, e2e_ms=9000, slo_class="batch", priority=3),
+        tenant="acme",
+        reject_if_late=True,
+        sampling={"temperature": "0.5"},
+        idempotency_key="k1",
+        true_output_tokens=12,
+        operation="chat",
+        prompt_token_ids=[1, 2, 3],
+        chat_messages='[{"role": "user", "content": "hi"}]',
+        service_tier="flex",
+    )
+    # every field is set here, so a field added to the protocol fails this test until it is journaled
+    assert {f.name for f, _ in spec.ListFields()} == {f.name for f in pb.RequestSpec.DESCRIPTOR.fields}
+    assert {f.name for f, _ in spec.slo.ListFields()} == {f.name for f in pb.SLO.DESCRIPTOR.fields}
+    assert json_format.ParseDict(spec_to_dict(spec), pb.RequestSpec()) == spec

@@ -210,6 +210,8 @@ def parse_openai(body: Any, headers: Mapping[str, str], chat: bool) -> tuple[pb.
     value, param = pick("class")
     if value is not None:
         spec.slo.slo_class = text(value, param, max_chars=MAX_NAME_CHARS)
+    if body.get("service_tier") is not None:  # OpenAI's; a class named above wins (JobBook)
+        spec.service_tier = text(body["service_tier"], "service_tier", max_chars=MAX_NAME_CHARS)
     value, param = pick("priority")
     if value is None and body.get("priority") is not None:  # vLLM's own field
         value, param = body["priority"], "priority"

@@ -41,6 +41,9 @@ log = logging.getLogger("qlm_plugin.coordinator")
 
 #: OpenAI's default for /v1/completions when the request names no max_tokens.
 DEFAULT_MAX_TOKENS = 16
+#: OpenAI's ``service_tier`` values, and the class each asks for when the request names none.
+SERVICE_TIERS = ("auto", "default", "flex", "scale", "priority")
+SERVICE_TIER_CLASSES = {"flex": "batch", "priority": "interactive"}
 #: Finished requests stay in memory this long for status and streaming (then the journal answers).
 RETAIN_FINISHED_S = 120.0
 
@@ -172,6 +175,10 @@ def spec_to_dict(spec: pb.RequestSpec) -> dict[str, Any]:
         out["true_output_tokens"] = spec.true_output_tokens
     if spec.prompt_token_ids:
         out["prompt_token_ids"] = list(spec.prompt_token_ids)
+    if spec.chat_messages:  # a recovered chat request still goes to the engine's chat template
+        out["chat_messages"] = spec.chat_messages
+    if spec.service_tier:
+        out["service_tier"] = spec.service_tier
     return out
 
 
@@ -230,11 +237,20 @@ class JobBook:
         self._ids += 1
         return f"req-{int(self.started_at * 1000):x}-{self._ids}"
 
+    def tier_class(self, tier: str) -> str:
+        """The class OpenAI's ``service_tier`` asks for, where this deployment has it ("" for the
+        default class): flex processing is what the batch class is for, priority the interactive one."""
+        if tier and tier not in SERVICE_TIERS:
+            known = ", ".join(SERVICE_TIERS)
+            raise SubmitError("invalid", f"unknown service tier {tier!r} (known: {known})", "service_tier")
+        name = SERVICE_TIER_CLASSES.get(tier, "")
+        return name if name in self.classes else ""
+
     def build_request(self, spec: pb.RequestSpec, arrival: float) -> Request:
         if spec.model not in self.models:
             known = ", ".join(sorted(self.models)) or "none"
             raise SubmitError("unknown_model", f"unknown model {spec.model!r} (served: {known})", "model")
-        cls_name = spec.slo.slo_class or self.default_class
+        cls_name = spec.slo.slo_class or self.tier_class(spec.service_tier) or self.default_class
         cls = self.classes.get(cls_name)
         if cls is None:
             known = ", ".join(sorted(self.classes))

@@ -321,7 +321,8 @@ def test_file_size_limits_per_tenant(tmp_path: Path) -> None:
 def test_a_batch_resumes_after_a_restart_in_any_state(tmp_path: Path) -> None:
     """The store and the journal alone carry a batch over a restart: one left validating, and one
     that finished but is set back to finalizing with its output files gone (a crash before the
-    finalizing transaction), both complete on the next start with every line answered once."""
+    finalizing transaction) and restarted after its window, both complete on the next start with
+    every line answered once."""
     rows = completion_lines(30)
     ids: dict[str, str] = {}
 
@@ -340,6 +341,7 @@ def test_a_batch_resumes_after_a_restart_in_any_state(tmp_path: Path) -> None:
     output_before = store.file_content(ids["output"])
     store.delete_file(ids["output"])
     rec.status, rec.output_file_id, rec.completed_at = "finalizing", None, None
+    rec.created_at -= rec.window_s + 60  # restarted after its window: it ended before, so not expired
     store.put_batch(rec)
     from qlm_plugin.coordinator.batch_store import BatchRecord
 

@@ -455,6 +455,80 @@ def test_grpc_submit_status_stream_cancel_and_idempotency(tmp_path: Path) -> Non
     run(tmp_path, body, speed=50.0)
 
 
+def test_a_submit_cancelled_during_its_journal_write_is_still_served_once(tmp_path: Path) -> None:
+    """A client that goes away (a disconnect, a deadline) while its request is being journaled:
+    the record commits all the same, so the request is accepted, and it is served. Its retry
+    with the same idempotency key finds it, and it is served once, not twice or never."""
+
+    async def body(st: LocalStack) -> None:
+        coord = st.coordinator
+
+        def spec() -> pb.RequestSpec:
+            return pb.RequestSpec(model=MODEL, prompt="abc", max_tokens=5, idempotency_key="k-cancel")
+
+        coord.journal._batch_lock.acquire()  # the writer is in a slow commit (an fsync)
+        try:
+            first = asyncio.create_task(coord.submit(spec()))
+            await asyncio.sleep(0.05)
+            first.cancel()
+            await asyncio.sleep(0.01)
+        finally:
+            coord.journal._batch_lock.release()
+        assert first.cancelled()
+        again, duplicate = await asyncio.wait_for(coord.submit(spec()), 10)
+        assert duplicate
+        await asyncio.wait_for(again.done.wait(), 10)
+        assert (again.state, again.tokens) == ("finished", 5)
+        assert coord.book.tenant_load.get("default", [0, 0])[0] == 0  # the tenant's count is back
+        assert coord.journal.counts()["finished"] == 1
+
+    run(tmp_path, body, speed=50.0)
+
+
+def test_a_grpc_cancel_is_told_only_once_it_is_journaled(tmp_path: Path) -> None:
+    """Cancelled means no restart serves it: the reply waits for the journal's commit."""
+
+    async def body(st: LocalStack) -> None:
+        coord = st.coordinator
+        async with CoordinatorClient(st.grpc_target) as c:
+            long = await c.submit(pb.RequestSpec(model=MODEL, prompt="abc", max_tokens=30_000))
+            await coord.journal.flush()
+            coord.journal._batch_lock.acquire()  # the writer is between commits
+            try:
+                reply = asyncio.create_task(c.cancel(long.request_id))
+                await asyncio.sleep(0.3)
+                assert not reply.done(), "told cancelled before the journal has it"
+            finally:
+                coord.journal._batch_lock.release()
+            assert (await reply).cancelled
+            assert coord.journal.get(long.request_id).state == "cancelled"
+
+    run(tmp_path, body, speed=50.0)
+
+
+def test_a_request_that_waited_for_an_instance_is_journaled_with_its_arrival(tmp_path: Path) -> None:
+    """Its deadlines after a restart are the ones it was accepted with, not later by the wait."""
+
+    async def body(st: LocalStack) -> None:
+        coord = st.coordinator
+        served = coord.dispatcher.served
+        coord.dispatcher.served = lambda model: False  # no instance now: it waits for one
+
+        async def instance_back(request: Any) -> None:
+            await asyncio.sleep(1.0)
+            coord.dispatcher.served = served
+
+        coord.registry.await_instance = instance_back  # type: ignore[method-assign]
+        job, _ = await coord.submit(
+            pb.RequestSpec(model=MODEL, prompt="abc", max_tokens=3, slo=pb.SLO(ttft_ms=3000))
+        )
+        await coord.journal.flush()
+        record = coord.journal.get(job.id)
+        assert record is not None and record.accepted_at == job.request.arrival_time
+
+    run(tmp_path, body, speed=50.0)
+
+
 def test_a_stream_opened_right_after_submit_gets_the_whole_text_every_time(tmp_path: Path) -> None:
     """Tokens published while the stream's first chunk is on its way are not lost, and a request
     that finishes meanwhile does not end the stream early: hundreds of gRPC and HTTP streams, opened

@@ -397,7 +397,8 @@ class BatchService:
                     self.store.answer_line(
                         batch.id, index, _error_line(err["custom_id"], "invalid_request", err["message"], 400)
                     )
-            if batch.status != "cancelling" and time.time() >= batch.deadline:
+            # a batch already finalizing (before the restart) ends as it was recorded, even past its window
+            if batch.status not in ("cancelling", "finalizing") and time.time() >= batch.deadline:
                 batch.ending = "expired"
             if batch.ending != "completed":
                 running.stop.set()

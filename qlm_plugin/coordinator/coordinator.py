@@ -16,7 +16,7 @@ import asyncio
 import logging
 import math
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from typing import Any
 
 import pluggy
@@ -97,7 +97,8 @@ class Coordinator:
         self.fleet.devices.on_failed = self._device_switch_failed
         self.fleet.devices.on_changed = self._device_changed
         self._tasks: list[asyncio.Task[None]] = []
-        self._submitting: dict[tuple[str, str], asyncio.Future[None]] = {}
+        # a keyed submission in flight: its validation, then its journal write (see _submit)
+        self._submitting: dict[tuple[str, str], asyncio.Future[Any]] = {}
 
     @property
     def jobs(self) -> JobsView:
@@ -179,14 +180,15 @@ class Coordinator:
         # Submissions with one key run one after the other: a second arriving while the first is
         # being journaled finds it (a duplicate), instead of failing on the journal's unique key.
         key = (spec.tenant, spec.idempotency_key)
-        while (earlier_submission := self._submitting.get(key)) is not None:
+        while (earlier_submission := self._submitting.get(key)) is not None and not earlier_submission.done():
             await asyncio.shield(earlier_submission)
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._submitting[key] = done
         try:
             return await self._submit(spec, parent)
         finally:
-            del self._submitting[key]
+            if self._submitting.get(key) is done:  # else its journal write holds the key (_submit)
+                del self._submitting[key]
             done.set_result(None)
 
     async def _submit(self, spec: pb.RequestSpec, parent: Any) -> tuple[Job, bool]:
@@ -238,10 +240,27 @@ class Coordinator:
                 retry_after_s=60.0 if not math.isfinite(wait) else max(1.0, wait),
             )
         job = Job(request, spec)
-        await book.accept(job, now)
+        # From the journal write on, the request is accepted whatever happens to the caller (a
+        # client that went away, a deadline): the write and the admission run to the end, so a
+        # committed record is served, once, and a retry with its key waits for them and finds it.
+        accepting = asyncio.get_running_loop().create_task(self._accept(job, parent))
+        if spec.idempotency_key:
+            key = (spec.tenant, spec.idempotency_key)
+            self._submitting[key] = accepting
+            accepting.add_done_callback(lambda _: self._release(key, accepting))
+        await asyncio.shield(accepting)
+        return job, False
+
+    async def _accept(self, job: Job, parent: Any) -> None:
+        # journaled with its arrival: a restart rebuilds its deadlines from it, so a wait for an
+        # instance before it was accepted must not move them
+        await self.book.accept(job, job.request.arrival_time)
         self.dispatcher.trace(job, parent)
         self.dispatcher.admit(job, time.time())
-        return job, False
+
+    def _release(self, key: tuple[str, str], holder: Awaitable[Any]) -> None:
+        if self._submitting.get(key) is holder:
+            del self._submitting[key]
 
     def _estimate(self, request: Request, now: float) -> Admission | None:
         states = [

@@ -148,6 +148,7 @@ class RequestsService(pb_grpc.RequestsServicer):
         job = await self._job(request.request_id, context)
         before = job.state
         self.coord.cancel(job.id)
+        await self.coord.journal.flush()  # told cancelled only once no restart can serve it
         return pb.CancelReply(cancelled=before not in ("finished", "cancelled", "failed"), state=job.state)
 
     async def Stream(self, request: pb.RequestRef, context: Any) -> AsyncIterator[pb.OutputChunk]:

@@ -18,7 +18,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from qlm_plugin.adapters.sim.realtime import synthetic_text
+from qlm_plugin.adapters.sim.realtime import natural_length, synthetic_text
 from qlm_plugin.coordinator.grpc_api import InstancesService
 from qlm_plugin.proto.qlm.v1 import qlm_pb2 as pb
 from qlm_plugin.proto.qlm.v1 import qlm_pb2_grpc as pb_grpc
@@ -75,6 +75,28 @@ def test_completion_carries_the_output_the_estimate_and_usage(tmp_path: Path) ->
         assert out["qlm"]["slo_met"] is True and out["qlm"]["attempts"] == 1
 
     run(tmp_path, body)
+
+
+def test_a_chat_that_names_no_limit_is_not_cut_at_16_tokens(tmp_path: Path) -> None:
+    """OpenAI's and vLLM's defaults: a chat with no max_tokens may run to the end of the context (the
+    simulated engine stops it where a chat model would); a text completion makes 16 tokens."""
+
+    async def body(st: LocalStack) -> None:
+        async with aiohttp.ClientSession() as http:
+            chat = {"model": MODEL, "messages": [{"role": "user", "content": "write an essay"}]}
+            status, out, _ = await post(http, f"{st.http_url}/v1/chat/completions", chat)
+            assert status == 200, out
+            rid = out["qlm"]["request_id"]
+            assert out["usage"]["completion_tokens"] == natural_length(rid)
+            assert out["choices"][0]["finish_reason"] == "stop"
+            assert st.coordinator.lookup(rid).request.max_tokens == 32768 - out["usage"]["prompt_tokens"]
+            status, out, _ = await post(
+                http, f"{st.http_url}/v1/completions", {"model": MODEL, "prompt": "x"}
+            )
+            assert status == 200, out
+            assert (out["usage"]["completion_tokens"], out["choices"][0]["finish_reason"]) == (16, "length")
+
+    run(tmp_path, body, speed=50.0)
 
 
 def test_chat_streaming_delivers_every_token_once_in_order(tmp_path: Path) -> None:
@@ -480,6 +502,7 @@ def test_a_submit_cancelled_during_its_journal_write_is_still_served_once(tmp_pa
         await asyncio.wait_for(again.done.wait(), 10)
         assert (again.state, again.tokens) == ("finished", 5)
         assert coord.book.tenant_load.get("default", [0, 0])[0] == 0  # the tenant's count is back
+        await coord.journal.flush()
         assert coord.journal.counts()["finished"] == 1
 
     run(tmp_path, body, speed=50.0)

@@ -238,16 +238,17 @@ class OpenAIEngineLink:
         body: dict[str, object] = {
             "model": model,
             "prompt": spec.prompt + a.resume_text,  # a token-id prompt: set once the server is reached
-            "max_tokens": max(1, spec.max_tokens - a.resume_tokens),
             "stream": True,
             "stream_options": {"include_usage": True},
             **self.settings.extra_body,
         }
+        if spec.max_tokens:  # else a chat that named none: the server's own limit (its context)
+            body["max_tokens"] = max(1, spec.max_tokens - a.resume_tokens)
         for key, value in spec.sampling.items():
             body[key] = json.loads(value)
         if spec.true_output_tokens:
             body["ignore_eos"] = True
-            body["max_tokens"] = max(1, min(spec.true_output_tokens, spec.max_tokens) - a.resume_tokens)
+            body["max_tokens"] = max(1, min(spec.true_output_tokens, spec.max_tokens or spec.true_output_tokens) - a.resume_tokens)
         path = "/v1/completions"
         if spec.chat_messages:  # as a chat: the server applies its own chat template
             path = "/v1/chat/completions"

@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 from typing import TextIO
 
 from qlm_plugin.adapters.sim.engine import SimInstance
-from qlm_plugin.adapters.sim.realtime import Progress, RealtimeSim, synthetic_text
+from qlm_plugin.adapters.sim.realtime import Progress, RealtimeSim, natural_length, synthetic_text
 from qlm_plugin.domain.instance import EvictMode
 from qlm_plugin.domain.request import SLO, Request
 from qlm_plugin.proto.qlm.v1 import qlm_pb2 as pb
@@ -98,12 +98,20 @@ class SimEngineLink:
         return [pb.HeldRequest(request_id=r, attempt=a) for r, a in self.attempts.items()]
 
     # ------------------------------------------------------------------ work
+    def _limit_of(self, spec: pb.RequestSpec) -> int:
+        """Its ``max_tokens``; for a chat that names none (0), the context left after its prompt."""
+        if spec.max_tokens:
+            return spec.max_tokens
+        cost = self.inst.cost_models.get(spec.model)
+        return max(1, (cost.model.context_len if cost else 32768) - max(1, spec.prompt_tokens))
+
     def start(self, a: pb.Assignment, emit: Callable[[pb.RequestEvent], None]) -> bool:
         spec = a.request
         rid, resume = spec.request_id, a.resume_tokens
         if rid in self.attempts:
             self.abort(rid)  # a newer attempt replaces the old one
-        remaining = spec.max_tokens - resume
+        limit = self._limit_of(spec)
+        remaining = limit - resume
         if remaining <= 0:  # everything was delivered before the earlier attempt was lost
             emit(
                 Event(
@@ -116,7 +124,9 @@ class SimEngineLink:
                 )
             )
             return True
-        true_total = spec.true_output_tokens or spec.max_tokens
+        # no end of sequence here: it generates up to its limit, but a chat that names none stops
+        # where a chat model would (a length of its own, drawn from its id: the same everywhere)
+        true_total = spec.true_output_tokens or (limit if spec.max_tokens else natural_length(rid))
         now = self.sim.now
         # The budget counts from receipt, on this engine's clock (the coordinator's may differ).
         ttft = now + a.ttft_budget_s * self.sim.speed if a.ttft_budget_s and not resume else None
@@ -129,7 +139,7 @@ class SimEngineLink:
             slo=SLO(ttft_deadline=ttft if ttft is not None and ttft > now else None),
             slo_class=spec.slo.slo_class or "interactive",
             tenant=spec.tenant or "default",
-            true_output_tokens=max(1, min(true_total, spec.max_tokens) - resume),
+            true_output_tokens=max(1, min(true_total, limit) - resume),
         )
         attempt = a.attempt
 
@@ -163,7 +173,7 @@ class SimEngineLink:
                         kind=Event.FINISHED,
                         index=total,
                         time=p.time,
-                        finish_reason="length" if total >= spec.max_tokens else "stop",
+                        finish_reason="length" if total >= limit else "stop",
                         preemptions=p.outcome.preemptions,
                         wasted_tokens=p.outcome.wasted_tokens,
                     )

@@ -11,6 +11,8 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import math
+import statistics
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -262,6 +264,18 @@ class RealtimeSim:
 # Synthetic output: one word per token, so text for [0, n) == text for [0, k) + text for [k, n).
 _SYLLABLES = ("ba", "de", "fi", "go", "ku", "la", "me", "ni", "po", "ru", "sa", "te", "vi", "wo", "ya", "zu")
 _MASK = (1 << 64) - 1
+
+
+#: A chat answer's length when nothing bounds it: lognormal, the median of the Azure conversation
+#: trace's outputs (129 tokens) and a log-sigma of 1.
+NATURAL_MEDIAN_TOKENS = 129.0
+
+
+def natural_length(request_id: str) -> int:
+    """Where a chat model would end this request's answer by itself (deterministic per id)."""
+    seed = int.from_bytes(hashlib.blake2b(request_id.encode(), digest_size=8, person=b"length").digest(), "little")
+    u = (seed + 0.5) / 2.0**64  # uniform in (0, 1)
+    return max(1, round(NATURAL_MEDIAN_TOKENS * math.exp(statistics.NormalDist().inv_cdf(u))))
 
 
 def synthetic_text(request_id: str, start: int, count: int) -> str:

@@ -202,7 +202,8 @@ class Coordinator:
         now = time.time()
         request = book.build_request(spec, now)
         spec.prompt_tokens = request.prompt_tokens
-        spec.max_tokens = request.max_tokens
+        if spec.max_tokens or spec.operation != "chat":  # a chat naming none keeps 0: the engine's own limit
+            spec.max_tokens = request.max_tokens
         book.check_feasible(request)
         book.check_limits(request)
         if not self.dispatcher.served(request.model):

@@ -188,7 +188,7 @@ def parse_openai(body: Any, headers: Mapping[str, str], chat: bool) -> tuple[pb.
     if stream is not None and not isinstance(stream, bool):
         raise BadRequest("stream", f"must be true or false, got {show(stream)}")
     include_usage = stream_options(body.get("stream_options"))
-    spec.sampling.update(sampling(body, spec.max_tokens or DEFAULT_MAX_TOKENS))
+    spec.sampling.update(sampling(body, spec.max_tokens or (INT32_MAX if chat else DEFAULT_MAX_TOKENS)))
     ext = body.get("qlm", {})
     if not isinstance(ext, dict):
         raise BadRequest("qlm", "must be an object")

@@ -39,7 +39,7 @@ from qlm_plugin.proto.qlm.v1 import qlm_pb2 as pb
 
 log = logging.getLogger("qlm_plugin.coordinator")
 
-#: OpenAI's default for /v1/completions when the request names no max_tokens.
+#: OpenAI's default for /v1/completions when the request names no max_tokens (a chat's: the context left).
 DEFAULT_MAX_TOKENS = 16
 #: OpenAI's ``service_tier`` values, and the class each asks for when the request names none.
 SERVICE_TIERS = ("auto", "default", "flex", "scale", "priority")
@@ -261,12 +261,18 @@ class JobBook:
         if spec.prompt and spec.prompt_token_ids:
             raise SubmitError("invalid", "give the prompt as text or as token ids, not both", "prompt")
         prompt_tokens = spec.prompt_tokens or len(spec.prompt_token_ids) or self.prompts.count(spec)
+        max_tokens = spec.max_tokens
+        if not max_tokens:
+            # OpenAI's and vLLM's defaults: a chat may run to the end of the context (the model
+            # stops it first), a text completion makes 16 tokens
+            context = self.models[spec.model].context_len
+            max_tokens = max(1, context - prompt_tokens) if spec.operation == "chat" else DEFAULT_MAX_TOKENS
         try:
             return make_request(
                 spec.request_id,
                 spec.model,
                 prompt_tokens,
-                spec.max_tokens or DEFAULT_MAX_TOKENS,
+                max_tokens,
                 arrival,
                 slo_class=cls,
                 ttft_s=spec.slo.ttft_ms / 1000 if spec.slo.ttft_ms else None,

@@ -104,6 +104,9 @@ def test_the_openai_sdk_runs_a_batch_end_to_end(tmp_path: Path) -> None:
         assert all(j is not None and j.request.slo_class == "batch" for j in jobs)
         e2e = [j.request.slo.e2e_deadline for j in jobs if j is not None]
         assert all(d is not None and abs(d - (batch.created_at + 24 * 3600)) < 2 for d in e2e)
+        with pytest.raises(openai.ConflictError) as conflict:  # not transient: SDKs told not to retry
+            await oa.batches.cancel(batch.id)
+        assert conflict.value.response.headers["x-should-retry"] == "false"
         await oa.files.delete(f.id)
         with pytest.raises(openai.NotFoundError):
             await oa.files.retrieve(f.id)

@@ -148,6 +148,43 @@ def test_models_health_and_metrics(tmp_path: Path) -> None:
     run(tmp_path, body)
 
 
+def test_one_model_and_unknown_paths_answer_as_openai_does(tmp_path: Path) -> None:
+    async def body(st: LocalStack) -> None:
+        async with aiohttp.ClientSession() as http:
+            answers = {}
+            for method, path in [
+                ("GET", f"/v1/models/{MODEL}"),
+                ("GET", "/v1/models/gpt-9"),
+                ("GET", "/v1/nothing"),
+                ("GET", "/v1/completions"),
+            ]:
+                async with http.request(method, f"{st.http_url}{path}") as r:
+                    answers[path] = (r.status, await r.json())
+        assert answers[f"/v1/models/{MODEL}"][0] == 200
+        assert answers[f"/v1/models/{MODEL}"][1]["id"] == MODEL
+        assert answers["/v1/models/gpt-9"][0] == 404
+        assert answers["/v1/models/gpt-9"][1]["error"]["code"] == "model_not_found"
+        assert (
+            answers["/v1/nothing"][0] == 404
+            and "no such path" in answers["/v1/nothing"][1]["error"]["message"]
+        )
+        assert answers["/v1/completions"][0] == 405
+        oa = openai.AsyncOpenAI(base_url=f"{st.http_url}/v1", api_key="none", max_retries=0)
+        assert (await oa.models.retrieve(MODEL)).id == MODEL
+        with pytest.raises(openai.NotFoundError):
+            await oa.models.retrieve("gpt-9")
+        # a context overflow in the words and code clients look for, to trim and retry
+        with pytest.raises(openai.BadRequestError) as err:
+            await oa.chat.completions.create(
+                model=MODEL, messages=[{"role": "user", "content": "hi"}], max_completion_tokens=40_000
+            )
+        assert err.value.code == "context_length_exceeded" and err.value.param == "max_completion_tokens"
+        assert "maximum context length" in err.value.message
+        await oa.close()
+
+    run(tmp_path, body, instances=1)
+
+
 @pytest.mark.parametrize(
     ("path", "body", "status", "param"),
     [

@@ -96,7 +96,7 @@ def test_chat_messages_are_rendered_with_text_parts() -> None:
         },
         chat=True,
     )
-    assert spec.prompt == "system: be brief\nuser: hi there\nassistant:"
+    assert spec.prompt == "system: be brief\nuser: hi \nthere\nassistant:"  # parts joined as vLLM does
     assert spec.operation == "chat" and spec.max_tokens == 3
 
 

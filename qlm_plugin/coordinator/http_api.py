@@ -61,6 +61,9 @@ SUBMIT_HTTP = {
     "unavailable": 503,
     "slo_unattainable": 503,
 }
+#: A refusal's code as OpenAI names it, where it has a name for it (clients act on these: a context
+#: overflow is trimmed and retried, an unknown model falls back to another).
+OPENAI_CODES = {"too_large": "context_length_exceeded", "unknown_model": "model_not_found"}
 #: The headers read, each standing for a field of the body's ``qlm`` object (which wins).
 QLM_HEADERS = {
     "ttft_ms": "x-slo-ttft-ms",
@@ -98,7 +101,8 @@ def error_response(
     }
     if extra:
         body["qlm"] = dict(extra)
-    return json_response(body, status=status)
+    # a conflict is not transient, but OpenAI's SDKs retry a 409 unless told not to
+    return json_response(body, status=status, headers={"x-should-retry": "false"} if status == 409 else None)
 
 
 def json_response(body: Any, *, status: int = 200, headers: Mapping[str, str] | None = None) -> web.Response:
@@ -131,7 +135,7 @@ def _chat(messages: Any) -> tuple[str, list[dict[str, str]]]:
                 ):
                     raise BadRequest(f"messages[{i}].content[{j}]", "only text content parts are supported")
                 texts.append(check_unicode(part["text"], f"messages[{i}].content[{j}].text"))
-            content = "".join(texts)
+            content = "\n".join(texts)  # as vLLM joins them
         elif isinstance(content, str):
             check_unicode(content, f"messages[{i}].content")
         else:
@@ -351,11 +355,21 @@ class FrontDoor:
             app.router.add_get("/health", self.health)
             app.router.add_get("/metrics", self.metrics)
             app.router.add_get("/v1/models", self.list_models)
+            app.router.add_get("/v1/models/{model}", self.get_model)
         app.router.add_post("/v1/completions", self.completions)
         app.router.add_post("/v1/chat/completions", self.chat_completions)
         for add_routes in self.extensions:
             add_routes(app)
+        # last: matched only when no route above is (no cost to those); an OpenAI client reads an
+        # error object where aiohttp's own answer is plain text
+        app.router.add_route("*", "/{path:.*}", self.no_route)
         return app
+
+    async def no_route(self, request: web.Request) -> web.Response:
+        known = {r.resource.canonical for r in request.app.router.routes() if r.resource is not None}
+        if request.path in known:
+            return error_response(405, f"{request.method} is not allowed on {request.path}")
+        return error_response(404, f"no such path: {request.method} {request.path}")
 
     def _principal(self, request: web.Request, scope: str) -> Principal:
         authorization = request.headers.get("Authorization")
@@ -381,13 +395,14 @@ class FrontDoor:
         body, content_type = self.coord.telemetry.prometheus_text()
         return web.Response(body=body, headers={"Content-Type": content_type})
 
-    async def list_models(self, request: web.Request) -> web.Response:
+    def _models(self, request: web.Request) -> list[dict[str, Any]] | web.Response:
+        """The served models as OpenAI's model objects, or the error answer for the caller."""
         try:
             self._principal(request, "client")
         except AuthError as exc:
             return error_response(401 if exc.status == "unauthenticated" else 403, str(exc))
         created = int(self.coord.book.started_at)
-        data = [
+        return [
             {
                 "id": name,
                 "object": "model",
@@ -397,7 +412,25 @@ class FrontDoor:
             }
             for name, spec in sorted(self.coord.book.models.items())
         ]
-        return web.json_response({"object": "list", "data": data})
+
+    async def list_models(self, request: web.Request) -> web.Response:
+        models = self._models(request)
+        return (
+            models
+            if isinstance(models, web.Response)
+            else web.json_response({"object": "list", "data": models})
+        )
+
+    async def get_model(self, request: web.Request) -> web.Response:
+        models = self._models(request)
+        if isinstance(models, web.Response):
+            return models
+        name = request.match_info["model"]
+        found = next((m for m in models if m["id"] == name), None)
+        if found is None:
+            message = f"model: the model {name!r} does not exist"
+            return error_response(404, message, param="model", code="model_not_found")
+        return web.json_response(found)
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
         return await self._generate(request, chat=False)
@@ -443,9 +476,17 @@ class FrontDoor:
             status = SUBMIT_HTTP.get(exc.code, 400)
             if exc.code == "slo_unattainable" and exc.field is not None:
                 status = 400  # no instance could meet it even idle: retrying will not help
-            param = {"prompt": "messages"}.get(exc.field or "", exc.field) if chat else exc.field
+            param = exc.field
+            if chat and param == "prompt":
+                param = "messages"
+            elif chat and param == "max_tokens" and body.get("max_completion_tokens") is not None:
+                param = "max_completion_tokens"
             response = error_response(
-                status, f"{param}: {exc}" if param else str(exc), param=param, code=exc.code, extra=extra
+                status,
+                f"{param}: {exc}" if param else str(exc),
+                param=param,
+                code=OPENAI_CODES.get(exc.code, exc.code),
+                extra=extra,
             )
             if status in (429, 503) and exc.retry_after_s is not None:
                 response.headers["Retry-After"] = str(math.ceil(exc.retry_after_s))

@@ -154,13 +154,13 @@ def validate_request(request: Request, models: Mapping[str, ModelSpec] | None = 
         raise RequestValidationError(
             "prompt_tokens",
             f"prompt of {request.prompt_tokens} tokens does not fit "
-            f"{spec.name}'s context of {spec.context_len}",
+            f"{spec.name}'s context of {spec.context_len} (its maximum context length)",
         )
     if request.prompt_tokens + request.max_tokens > spec.context_len:
         raise RequestValidationError(
             "max_tokens",
             f"prompt ({request.prompt_tokens}) + max_tokens ({request.max_tokens}) exceeds "
-            f"{spec.name}'s context of {spec.context_len}",
+            f"{spec.name}'s context of {spec.context_len} (its maximum context length)",
         )
 
 

@@ -15,7 +15,7 @@ import aiohttp
 
 from qlm_plugin.adapters.openai.limiter import ConcurrencyLimiter
 from qlm_plugin.proto.qlm.v1 import qlm_pb2 as pb
-from qlm_plugin.transport.openai_client import TokenizeError, tokenize
+from qlm_plugin.transport.openai_client import TokenizeError, sse_data, tokenize
 
 log = logging.getLogger("qlm_plugin.adapters.openai")
 Event = pb.RequestEvent
@@ -28,6 +28,16 @@ KV_METRICS = ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc")
 DOWN_PROBE_S = 0.5
 #: How long an eviction order for a request not yet here waits for it.
 EARLY_EVICTION_WAIT_S = 10.0
+#: A server silent this long in the middle of an answer (or before its first token) is stalled.
+READ_TIMEOUT_S = 600.0
+#: Answers of a server too loaded to take the request: it goes back to the queue, not failed, and
+#: the server gets nothing more for BUSY_BACKOFF_S.
+BUSY_STATUSES = (429, 503)
+BUSY_BACKOFF_S = 1.0
+#: Finish reasons of a stream that ended without finishing its request (a server shutting down).
+DROPPED = ("abort", "error")
+#: Other servers' names for OpenAI's finish reasons.
+FINISH_AS_OPENAI = {"eos": "stop", "eos_token": "stop", "stop_sequence": "stop", "max_tokens": "length"}
 
 
 def _event(request_id: str, attempt: int, kind: pb.RequestEvent.Kind, **fields: Any) -> pb.RequestEvent:
@@ -89,6 +99,7 @@ class OpenAIEngineLink:
         # When the server stopped answering (None: it answers). While it is down, the instance
         # reports so and takes no work: a request sent there would fail at once, again and again.
         self.down_since: float | None = None
+        self.busy_until = 0.0  # monotonic: the server refused work as overloaded until about then
         self._evicted: set[str] = set()  # aborted because the coordinator ordered an eviction
         self._freed = asyncio.Event()  # a request left the server: one waiting for a slot may go
         # Evictions ordered before their request arrived (commands and assignments travel on
@@ -97,7 +108,13 @@ class OpenAIEngineLink:
 
     def _session(self) -> aiohttp.ClientSession:
         if self._http is None or self._http.closed:
-            self._http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
+            # No total limit (a long generation, or one queued on the server, may take longer than
+            # any fixed bound), but a server silent for READ_TIMEOUT_S is stalled; and a connection
+            # per request: a kept-alive one the server closed meanwhile would fail the next request.
+            self._http = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=0, force_close=True),
+                timeout=aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=READ_TIMEOUT_S),
+            )
             self._scraper = asyncio.get_running_loop().create_task(self._scrape())
         return self._http
 
@@ -168,6 +185,8 @@ class OpenAIEngineLink:
     def free_slots(self) -> int:
         if not self.loaded or self.down_since is not None or (self.metrics["waiting"] or 0) > 0:
             return 0  # the server queues already: hand it nothing more
+        if time.monotonic() < self.busy_until:
+            return 0  # it answered 429 or 503 a moment ago
         return max(0, self.limiter.free() - self.waiting_here())
 
     def held(self) -> list[pb.HeldRequest]:
@@ -183,7 +202,21 @@ class OpenAIEngineLink:
             self.abort(rid)
         task = asyncio.get_running_loop().create_task(self._serve(a, emit))
         self.tasks[rid] = (a.attempt, task)
+        task.add_done_callback(lambda t: self._ended(rid, a.attempt, t, emit))
         return True
+
+    def _ended(
+        self, rid: str, attempt: int, task: asyncio.Task[None], emit: Callable[[pb.RequestEvent], None]
+    ) -> None:
+        """What :meth:`_serve`'s own handlers do, for a task cancelled before it ran (an eviction
+        in the same turn as its assignment): such a task never enters them."""
+        if self.tasks.get(rid, (None, None))[1] is task:
+            del self.tasks[rid]
+        if task.cancelled() and rid in self._evicted:
+            self._evicted.discard(rid)
+            emit(_event(rid, attempt, Event.REQUEUED, error="evicted before it reached the server"))
+            if self.on_room is not None:
+                self.on_room()
 
     async def _slot(self) -> int:
         """Wait for room under the limit (the coordinator may hand over more than that, on an
@@ -248,7 +281,9 @@ class OpenAIEngineLink:
             body[key] = json.loads(value)
         if spec.true_output_tokens:
             body["ignore_eos"] = True
-            body["max_tokens"] = max(1, min(spec.true_output_tokens, spec.max_tokens or spec.true_output_tokens) - a.resume_tokens)
+            body["max_tokens"] = max(
+                1, min(spec.true_output_tokens, spec.max_tokens or spec.true_output_tokens) - a.resume_tokens
+            )
         path = "/v1/completions"
         if spec.chat_messages:  # as a chat: the server applies its own chat template
             path = "/v1/chat/completions"
@@ -258,7 +293,8 @@ class OpenAIEngineLink:
                 body.update(continue_final_message=True, add_generation_prompt=False)
             del body["prompt"]
             body["messages"] = messages
-        finish, usage, delivered = "length", None, 0
+        finish: str | None = None
+        usage, delivered = None, 0
         per_token: float | None = None
         token: int | None = None
         try:
@@ -273,28 +309,44 @@ class OpenAIEngineLink:
             headers = {"X-Request-Id": f"{rid}.{attempt}"}
             url = f"{self.settings.base_url}{path}"
             async with self._session().post(url, json=body, headers=headers) as r:
+                if r.status in BUSY_STATUSES:
+                    # overloaded, not this request at fault: back to the queue (no failure counted),
+                    # and nothing more comes here for a moment
+                    self.busy_until = time.monotonic() + BUSY_BACKOFF_S
+                    emit(_event(rid, attempt, Event.REQUEUED, error=f"server busy: HTTP {r.status}"))
+                    return
                 if r.status != 200:
                     emit(
                         _event(rid, attempt, Event.FAILED, error=f"HTTP {r.status}: {(await r.text())[:300]}")
                     )
                     return
                 async for raw in r.content:
-                    line = raw.strip()
-                    if not line.startswith(b"data: ") or line == b"data: [DONE]":
+                    data = sse_data(raw)
+                    if data is None or data == b"[DONE]":
                         continue
-                    chunk = json.loads(line[6:])
-                    if chunk.get("usage"):
-                        usage = int(chunk["usage"].get("completion_tokens", 0))
+                    chunk = json.loads(data)
+                    if not isinstance(chunk, dict):
+                        raise ValueError(f"a stream chunk that is not an object: {data[:100]!r}")
+                    if chunk.get("error"):  # the server failed it mid-stream
+                        raise ValueError(f"the server's error: {str(chunk['error'])[:300]}")
+                    completion_tokens = (chunk.get("usage") or {}).get("completion_tokens")
+                    if isinstance(completion_tokens, int):
+                        usage = completion_tokens
                     for choice in chunk.get("choices") or ():
                         text = choice.get("text") or (choice.get("delta") or {}).get("content") or ""
+                        if not isinstance(text, str):
+                            raise ValueError(f"a token that is not text: {text!r:.100}")
                         if text:
                             emit(_event(rid, attempt, Event.TOKENS, index=index, tokens=1, text=text))
                             index += 1
                             delivered += 1
                         finish = choice.get("finish_reason") or finish
+            if finish is None or finish in DROPPED:
+                # the stream ended without finishing the request: served again, as a failed attempt
+                raise ValueError(f"the server ended the stream with finish_reason {finish!r}")
             if usage is not None and usage > delivered:
                 emit(_event(rid, attempt, Event.TOKENS, index=index, tokens=usage - delivered, text=""))
-            emit(_event(rid, attempt, Event.FINISHED, finish_reason=finish))
+            emit(_event(rid, attempt, Event.FINISHED, finish_reason=FINISH_AS_OPENAI.get(finish, finish)))
             per_token = (time.monotonic() - t0) / max(1, usage or delivered)
         except asyncio.CancelledError:
             if rid in self._evicted:  # evicted by abort: the coordinator queues it again
@@ -307,6 +359,9 @@ class OpenAIEngineLink:
             self._server_answers(False)
             emit(_event(rid, attempt, Event.REQUEUED, error=f"{self.settings.base_url} is down: {exc}"))
         except (aiohttp.ClientError, asyncio.TimeoutError, ValueError, TokenizeError) as exc:
+            emit(_event(rid, attempt, Event.FAILED, error=f"{type(exc).__name__}: {exc}"))
+        except Exception as exc:  # an answer no rule above foresaw: failed, never left hanging
+            log.exception("%s: serving %s", self.settings.base_url, rid)
             emit(_event(rid, attempt, Event.FAILED, error=f"{type(exc).__name__}: {exc}"))
         finally:
             if self.tasks.get(rid, (None, None))[1] is asyncio.current_task():

@@ -273,7 +273,9 @@ NATURAL_MEDIAN_TOKENS = 129.0
 
 def natural_length(request_id: str) -> int:
     """Where a chat model would end this request's answer by itself (deterministic per id)."""
-    seed = int.from_bytes(hashlib.blake2b(request_id.encode(), digest_size=8, person=b"length").digest(), "little")
+    seed = int.from_bytes(
+        hashlib.blake2b(request_id.encode(), digest_size=8, person=b"length").digest(), "little"
+    )
     u = (seed + 0.5) / 2.0**64  # uniform in (0, 1)
     return max(1, round(NATURAL_MEDIAN_TOKENS * math.exp(statistics.NormalDist().inv_cdf(u))))
 

@@ -22,7 +22,7 @@ from qlm_plugin.coordinator.instances import Session
 from qlm_plugin.coordinator.jobs import Job
 from qlm_plugin.domain.distributions import LengthDistribution
 from qlm_plugin.proto.qlm.v1 import qlm_pb2 as pb
-from qlm_plugin.transport.openai_client import TokenizeError, tokenize
+from qlm_plugin.transport.openai_client import TokenizeError, sse_data, tokenize
 
 #: Where a forward reports: the events of its attempt (as an agent would), and an engine found gone.
 Report = Callable[[Session, pb.EventBatch], None]
@@ -171,10 +171,9 @@ async def forward(
                     emit(kind=Event.FAILED, error=error)
                 return
             async for raw in resp.content:
-                line = raw.strip()
-                if not line.startswith(b"data: "):
+                data = sse_data(raw)
+                if data is None:
                     continue
-                data = line[6:]
                 if data == b"[DONE]":
                     break
                 chunk = json.loads(data)

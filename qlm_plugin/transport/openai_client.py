@@ -12,6 +12,16 @@ class TokenizeError(Exception):
     """The server could not tokenize (it has no ``/tokenize``, or refused the text)."""
 
 
+def sse_data(raw: bytes) -> bytes | None:
+    """The payload of one line of a server-sent event stream, or None for any other line (a
+    comment such as ``: ping``, an event name, a blank line). ``data:`` may be followed by one space
+    or none: axum's encoder (TGI's and other Rust servers') writes none."""
+    line = raw.strip()
+    if not line.startswith(b"data:"):
+        return None
+    return line[5:].lstrip()
+
+
 async def tokenize(http: aiohttp.ClientSession, base_url: str, model: str, text: str) -> list[int]:
     """``text`` as the server's token ids, without special tokens (vLLM's ``/tokenize``): how a
     request given as token ids resumes after the text an earlier attempt delivered."""
@@ -29,4 +39,6 @@ async def tokenize(http: aiohttp.ClientSession, base_url: str, model: str, text:
         raise TokenizeError(f"{base_url}/tokenize: {type(exc).__name__}: {exc}") from None
     if not isinstance(tokens, list) or not all(isinstance(t, int) for t in tokens):
         raise TokenizeError(f"{base_url}/tokenize answered no token ids")
+    if text and not tokens:  # a server that reads another field (llama.cpp's "content") answers []
+        raise TokenizeError(f"{base_url}/tokenize answered no token ids for {len(text)} characters")
     return tokens

@@ -1,0 +1,175 @@
+"""The black-box adapter against servers that answer in ways vLLM does not: a real aiohttp server on
+loopback plays each one, and the adapter's own link serves a request there. Whatever the server
+does, the request ends in exactly one of finished, failed (served again, counted) or requeued (served
+again, not counted), never in silence, and a stream that did not finish is never reported finished."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import pytest
+from aiohttp import web
+
+from qlm_plugin.adapters.openai import OpenAIEngineLink, OpenAISettings
+from qlm_plugin.proto.qlm.v1 import qlm_pb2 as pb
+
+Event = pb.RequestEvent
+KIND = {
+    Event.TOKENS: "tokens",
+    Event.FINISHED: "finished",
+    Event.FAILED: "failed",
+    Event.REQUEUED: "requeued",
+}
+
+
+def _chunk(text: str, finish: str | None = None) -> dict[str, Any]:
+    return {"object": "text_completion", "choices": [{"index": 0, "text": text, "finish_reason": finish}]}
+
+
+#: server behaviour -> the lines of its event stream (bytes, each sent with a blank line after)
+STREAMS: dict[str, list[bytes]] = {
+    # axum's SSE encoder (TGI, other Rust servers): no space after "data:"
+    "no space after data:": [b"data:" + json.dumps(_chunk(w)).encode() for w in (" a", " b")]
+    + [b"data:" + json.dumps(_chunk("", "stop")).encode(), b"data:[DONE]"],
+    "comments and CRLF": [
+        b": ping",
+        b"data: " + json.dumps(_chunk(" a", "stop")).encode() + b"\r",
+        b"data: [DONE]",
+    ],
+    "other names for the finish reasons": [b"data: " + json.dumps(_chunk(" a", "eos_token")).encode()],
+    "usage with a null count": [
+        b"data: " + json.dumps(_chunk(" a", "length")).encode(),
+        b'data: {"choices": [], "usage": {"completion_tokens": null}}',
+        b"data: [DONE]",
+    ],
+    # a stream that ended without finishing its request
+    "aborted by the server": [b"data: " + json.dumps(_chunk(" a", "abort")).encode(), b"data: [DONE]"],
+    "an error mid-stream": [
+        b"data: " + json.dumps(_chunk(" a")).encode(),
+        b'data: {"error": {"message": "boom", "code": 500}}',
+        b"data: [DONE]",
+    ],
+    "no finish reason": [b"data: " + json.dumps(_chunk(" a")).encode()],
+    "llama.cpp's error line": [
+        b"data: " + json.dumps(_chunk(" a")).encode(),
+        b'error: {"message": "slot died"}',
+    ],
+    "a token that is not text": [b'data: {"choices": [{"index": 0, "delta": {"content": ["x"]}}]}'],
+    "a chunk that is not an object": [b"data: [1, 2]"],
+}
+FINISHED = {
+    "no space after data:": (" a b", "stop"),
+    "comments and CRLF": (" a", "stop"),
+    "other names for the finish reasons": (" a", "stop"),
+    "usage with a null count": (" a", "length"),
+}
+
+
+async def _serve(
+    handler: Callable[[web.Request], Awaitable[web.StreamResponse]],
+    drive: Callable[[OpenAIEngineLink], Awaitable[None]],
+    **settings: Any,
+) -> None:
+    app = web.Application()
+    app.router.add_post("/v1/completions", handler)
+    app.router.add_post("/tokenize", _tokenize_like_llama_cpp)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    link = OpenAIEngineLink(
+        OpenAISettings("i0", f"http://127.0.0.1:{runner.addresses[0][1]}", "m", **settings)
+    )
+    try:
+        await drive(link)
+    finally:
+        await link.close()
+        await runner.cleanup()
+
+
+async def _tokenize_like_llama_cpp(request: web.Request) -> web.Response:
+    body = await request.json()
+    return web.json_response({"tokens": [1, 2] if "content" in body else []})  # it reads "content"
+
+
+def _stream(lines: list[bytes]) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+    async def handler(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        for line in lines:
+            await response.write(line + b"\n\n")
+        await response.write_eof()
+        return response
+
+    return handler
+
+
+async def _one(link: OpenAIEngineLink, assignment: pb.Assignment) -> list[pb.RequestEvent]:
+    events: list[pb.RequestEvent] = []
+    assert link.start(assignment, events.append)
+    for _ in range(500):
+        if any(e.kind != Event.TOKENS for e in events):
+            break
+        await asyncio.sleep(0.01)
+    await asyncio.sleep(0.05)  # nothing after the end
+    return events
+
+
+def _assignment(**spec: Any) -> pb.Assignment:
+    fields: dict[str, Any] = {"request_id": "r1", "model": "m", "prompt": "hi", "max_tokens": 10}
+    return pb.Assignment(request=pb.RequestSpec(**{**fields, **spec}), attempt=1)
+
+
+@pytest.mark.parametrize("behaviour", list(STREAMS))
+def test_a_request_ends_once_and_only_a_finished_stream_is_reported_finished(behaviour: str) -> None:
+    async def drive(link: OpenAIEngineLink) -> None:
+        events = await _one(link, _assignment())
+        ends = [KIND[e.kind] for e in events if e.kind != Event.TOKENS]
+        text = "".join(e.text for e in events if e.kind == Event.TOKENS)
+        if behaviour in FINISHED:
+            assert ends == ["finished"], events
+            assert (text, events[-1].finish_reason) == FINISHED[behaviour]
+        else:
+            assert ends == ["failed"], events
+        assert link.tasks == {} and link.limiter.in_flight == 0
+
+    asyncio.run(_serve(_stream(STREAMS[behaviour]), drive))
+
+
+def test_an_overloaded_server_gets_the_request_back_to_the_queue_and_a_pause() -> None:
+    async def busy(request: web.Request) -> web.Response:
+        return web.json_response({"error": {"message": "too many requests"}}, status=429)
+
+    async def drive(link: OpenAIEngineLink) -> None:
+        events = await _one(link, _assignment())
+        assert [KIND[e.kind] for e in events] == ["requeued"]
+        assert link.free_slots() == 0  # nothing more for a moment
+
+    asyncio.run(_serve(busy, drive))
+
+
+def test_an_eviction_in_the_same_turn_as_its_assignment_requeues_it() -> None:
+    async def drive(link: OpenAIEngineLink) -> None:
+        events: list[pb.RequestEvent] = []
+        link.start(_assignment(), events.append)
+        link.execute(pb.Command(evict=pb.Evict(request_id="r1")))  # before the task ran
+        await asyncio.sleep(0.1)
+        assert [KIND[e.kind] for e in events] == ["requeued"]
+        assert link.tasks == {} and link.held() == [] and link.waiting_here() == 0
+
+    asyncio.run(_serve(_stream([b"data: [DONE]"]), drive))
+
+
+def test_a_resume_whose_text_the_server_tokenizes_to_nothing_fails_rather_than_restarting() -> None:
+    async def drive(link: OpenAIEngineLink) -> None:
+        a = _assignment(prompt="", prompt_token_ids=[5, 6, 7])
+        a.attempt, a.resume_tokens, a.resume_text = 2, 2, " w x"
+        events = await _one(link, a)
+        assert [KIND[e.kind] for e in events] == ["failed"]
+        assert "no token ids" in events[-1].error
+
+    asyncio.run(_serve(_stream([b"data: " + json.dumps(_chunk(" z", "length")).encode()]), drive))

@@ -55,7 +55,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
     from qlm_plugin.hooks import get_plugin_manager
     from qlm_plugin.policies.registry import policy_registry
-    from qlm_plugin.tools.simulate import build_requests, run_policy
+    from qlm_plugin.tools.simulate import build_requests, empty_workload, run_policy
     from qlm_plugin.workloads.scenario import load_scenario
 
     scenario = load_scenario(args.scenario)
@@ -92,7 +92,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         registry.get(name)  # fail before any work on an unknown name
     requests, rejected = build_requests(scenario)
     if not requests:
-        raise ValueError("the workload is empty (check the trace, window and sampling settings)")
+        raise ValueError(empty_workload(rejected))
     results = {}
     show = not args.json and not args.no_progress and sys.stderr.isatty()
     for name in names:
@@ -119,7 +119,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         span = requests[-1].arrival_time - requests[0].arrival_time
         print(
             f"scenario {scenario.name!r}: {len(requests)} requests over {span:.0f} s "
-            f"({len(requests) / max(span, 1e-9):.2f} req/s), {len(scenario.instance_ids())} instances, "
+            f"({f'{len(requests) / span:.2f} req/s' if span > 0 else 'all at once'}), "
+            f"{len(scenario.instance_ids())} instances, "
             f"seed {scenario.seed}" + (f"; {len(rejected)} rejected at validation" if rejected else "")
         )
         _print_table(dict(results))

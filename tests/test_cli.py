@@ -160,6 +160,22 @@ def test_a_mooncake_trace_replays_in_milliseconds(tmp_path: Path) -> None:
     assert "41 requests over 20 s" in proc.stdout
 
 
+def test_a_trace_whose_every_record_is_refused_says_why(tmp_path: Path) -> None:
+    trace = tmp_path / "long.csv"
+    trace.write_text("TIMESTAMP,ContextTokens,GeneratedTokens\n0,40000,10\n1,50000,20\n")
+    proc = qlm("simulate", "--trace", str(trace))
+    assert proc.returncode == 1
+    assert "all 2 records were rejected at validation" in proc.stderr and "40000" in proc.stderr
+
+
+def test_requests_that_all_arrive_at_once_are_said_to(tmp_path: Path) -> None:
+    trace = tmp_path / "once.csv"
+    trace.write_text("TIMESTAMP,ContextTokens,GeneratedTokens\n5,100,10\n5,200,20\n")
+    proc = qlm("simulate", "--trace", str(trace), "--policies", "fcfs")
+    assert proc.returncode == 0, proc.stderr
+    assert "2 requests over 0 s (all at once)" in proc.stdout
+
+
 def test_event_loop_is_uvloop_unless_asyncio_is_asked_for(monkeypatch: pytest.MonkeyPatch) -> None:
     from qlm_plugin import event_loop
 

@@ -11,7 +11,7 @@ from qlm_plugin.brain.planner import Planner
 from qlm_plugin.brain.predictor import LengthPredictor, PredictorPlugin
 from qlm_plugin.brain.queue_manager import QueueManager
 from qlm_plugin.domain.costmodel import cost_model
-from qlm_plugin.domain.outcome import Status
+from qlm_plugin.domain.outcome import RequestOutcome, Status
 from qlm_plugin.domain.request import DEFAULT_CLASSES, make_request
 from qlm_plugin.hooks import get_plugin_manager
 from qlm_plugin.tools.simulate import build_requests, run_policy
@@ -190,3 +190,24 @@ def test_an_instance_is_never_ordered_to_load_a_model_it_cannot_serve() -> None:
     fleet.run([], lambda r: None, on_tick=tick)
     assert len(backend.outcomes) == 10
     assert all(o.status is Status.FINISHED and o.instance_id == "ib" for o in backend.outcomes.values())
+
+
+def test_idle_hours_of_a_sparse_trace_cost_no_ticks_and_change_no_tick_time() -> None:
+    """A trace with a long silence (a replay of days): the queue manager's tick, with nothing
+    pending, is not run through it (it was every 0.25 s: millions of calls); the ticks that run
+    fall on the same grid, the last before each arrival or engine event among them."""
+    inst = SimInstance("i0", "h100", {"m": cost_model("llama-3.1-8b", "h100")}, initial_model="m")
+    arrivals = [
+        make_request(f"r{i}", "m", 100, 10, t, true_output_tokens=10) for i, t in enumerate([0.0, 1.0, 1e6])
+    ]
+    ticks: list[float] = []
+
+    def tick(now: float) -> bool:
+        ticks.append(now)
+        return False
+
+    fleet = SimFleet([inst])
+    fleet.run(arrivals, lambda r: inst.dispatch(r, RequestOutcome(r, Status.FINISHED)), on_tick=tick)
+    assert len(ticks) < 100
+    assert all((t / 0.25).is_integer() for t in ticks[:-1])  # on the grid (the last: once the fleet is idle)
+    assert any(1e6 - 0.25 <= t < 1e6 for t in ticks)  # the last one before the arrival still runs

@@ -81,7 +81,18 @@ class SimFleet:
             if next_tick < min(next_arrival, next_event):
                 self.now = max(self.now, next_tick)
                 pending = on_tick(self.now)  # type: ignore[misc]
-                next_tick = self.now + tick_s if pending or i < n else math.inf
+                if pending:
+                    next_tick = self.now + tick_s
+                elif i < n:
+                    # Nothing pending: the ticks before the next arrival or engine event would find
+                    # nothing either. Skipped on the same grid (the same sums, so the same times): a
+                    # sparse trace's idle hours cost nothing.
+                    horizon = min(next_arrival, self._next_event_time())
+                    next_tick = self.now + tick_s
+                    while next_tick + tick_s < horizon:
+                        next_tick += tick_s
+                else:
+                    next_tick = math.inf
                 continue
             if next_arrival <= next_event:
                 self.now = max(self.now, next_arrival)

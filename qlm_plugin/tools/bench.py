@@ -42,7 +42,7 @@ from qlm_plugin import workloads as wl
 from qlm_plugin.domain.request import SLO, Request
 from qlm_plugin.hooks import get_plugin_manager
 from qlm_plugin.policies.registry import policy_registry
-from qlm_plugin.tools.simulate import PolicyResult, build_requests, run_policy
+from qlm_plugin.tools.simulate import PolicyResult, build_requests, empty_workload, run_policy
 from qlm_plugin.workloads.scenario import DEFAULT_SCENARIO, Scenario, load_scenario
 
 DEFAULT_SWEEP: tuple[float, ...] = (0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 4.0)
@@ -481,7 +481,7 @@ def _describe(
 ) -> ScenarioBench:
     requests, rejected = scenario_requests(scenario, burst, burst_at=burst_at)
     if not requests:
-        raise BenchError(f"{bs.path}: the workload is empty (check the trace, window and sampling)")
+        raise BenchError(f"{bs.path}: {empty_workload(rejected)}")
     span = requests[-1].arrival_time - requests[0].arrival_time
     starts = [r.arrival_time for r in requests if r.id.startswith(BURST_ID_PREFIX)]
     return ScenarioBench(

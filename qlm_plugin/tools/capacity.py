@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 from qlm_plugin.hooks import get_plugin_manager
 from qlm_plugin.policies.registry import policy_registry
-from qlm_plugin.tools.simulate import build_requests, run_policy
+from qlm_plugin.tools.simulate import build_requests, empty_workload, run_policy
 from qlm_plugin.workloads.scenario import InstanceGroup, Scenario
 
 DEFAULT_TARGET = 0.99
@@ -383,7 +383,7 @@ def plan_kind(
     # them per kind, once, and replay the same ones on every count.
     requests, rejected = build_requests(base)
     if not requests:
-        raise ValueError("the workload is empty (check the trace, window and sampling settings)")
+        raise ValueError(empty_workload(rejected))
     plan = KindPlan(
         kind=kind_name(group),
         gpu=group.gpu,
@@ -462,9 +462,9 @@ def plan_capacity(
     class_targets = parse_targets(targets, [c.name for c in scenario.classes])
     price_of = parse_prices(prices, scenario.instances)
     check_kinds(scenario)
-    requests, _ = build_requests(scenario)  # reads the trace: a bad one fails here, once
+    requests, rejected = build_requests(scenario)  # reads the trace: a bad one fails here, once
     if not requests:
-        raise ValueError("the workload is empty (check the trace, window and sampling settings)")
+        raise ValueError(empty_workload(rejected))
     span = requests[-1].arrival_time - requests[0].arrival_time
     indexes = range(len(scenario.instances))
     args = [(scenario, i, policy, class_targets, max_instances, progress) for i in indexes]

@@ -92,6 +92,17 @@ def _records(scenario: Scenario, rng: random.Random) -> list[wl.TraceRecord]:
     return records
 
 
+def empty_workload(rejected: Sequence[wl.Rejected]) -> str:
+    """Why a workload has no request to replay: every record refused at validation, or none read."""
+    if rejected:
+        first = rejected[0].error
+        return (
+            f"the workload is empty: all {len(rejected)} records were rejected at validation "
+            f"(the first, record {rejected[0].index}: {first.field}: {first.reason})"
+        )
+    return "the workload is empty (check the trace, window and sampling settings)"
+
+
 def build_requests(scenario: Scenario) -> tuple[list[Request], list[wl.Rejected]]:
     """The scenario's workload as validated requests (deterministic for the scenario's seed)."""
     rng = random.Random(scenario.seed)

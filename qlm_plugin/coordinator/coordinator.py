@@ -13,6 +13,7 @@ thread-safe: one event loop owns it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import time
@@ -241,23 +242,36 @@ class Coordinator:
                 retry_after_s=60.0 if not math.isfinite(wait) else max(1.0, wait),
             )
         job = Job(request, spec)
-        # From the journal write on, the request is accepted whatever happens to the caller (a
-        # client that went away, a deadline): the write and the admission run to the end, so a
-        # committed record is served, once, and a retry with its key waits for them and finds it.
-        accepting = asyncio.get_running_loop().create_task(self._accept(job, parent))
-        if spec.idempotency_key:
-            key = (spec.tenant, spec.idempotency_key)
-            self._submitting[key] = accepting
-            accepting.add_done_callback(lambda _: self._release(key, accepting))
-        await asyncio.shield(accepting)
+        # Journaled with its arrival: a restart rebuilds its deadlines from it, so a wait for an
+        # instance before it was accepted must not move them.
+        committed = book.journal_new(job, request.arrival_time)
+        try:
+            await asyncio.shield(committed)  # a future, not a task: nothing more per request
+        except asyncio.CancelledError:
+            # The caller went away (a client gone, a deadline) during the write: a record that
+            # commits is an accepted request, so it is held and admitted all the same, once, and a
+            # retry with its key waits for that and finds it.
+            held: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            if spec.idempotency_key:
+                key = (spec.tenant, spec.idempotency_key)
+                self._submitting[key] = held
+                held.add_done_callback(lambda _: self._release(key, held))
+            committed.add_done_callback(lambda _: self._accepted_late(job, parent, committed, held))
+            raise
+        self._accepted(job, parent, committed)
         return job, False
 
-    async def _accept(self, job: Job, parent: Any) -> None:
-        # journaled with its arrival: a restart rebuilds its deadlines from it, so a wait for an
-        # instance before it was accepted must not move them
-        await self.book.accept(job, job.request.arrival_time)
+    def _accepted(self, job: Job, parent: Any, committed: asyncio.Future[None]) -> None:
+        self.book.hold(job, committed)  # raises SubmitError if the journal refused the record
         self.dispatcher.trace(job, parent)
         self.dispatcher.admit(job, time.time())
+
+    def _accepted_late(
+        self, job: Job, parent: Any, committed: asyncio.Future[None], held: asyncio.Future[None]
+    ) -> None:
+        with contextlib.suppress(SubmitError):  # refused: nobody to tell, nothing held
+            self._accepted(job, parent, committed)
+        held.set_result(None)
 
     def _release(self, key: tuple[str, str], holder: Awaitable[Any]) -> None:
         if self._submitting.get(key) is holder:

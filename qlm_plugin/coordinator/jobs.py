@@ -351,26 +351,33 @@ class JobBook:
         else:
             spec.request_id = self.new_id()
 
-    async def accept(self, job: Job, now: float) -> None:
-        """Journal a new job (committed when this returns) and hold it."""
+    def journal_new(self, job: Job, accepted_at: float) -> asyncio.Future[None]:
+        """Start journaling a new job, counted against its tenant at once (requests arriving
+        together must not all pass its limit); the future is done when the record is committed
+        (or refused): then :meth:`hold` the job."""
         spec = job.spec
         record = JobRecord(
             job.id,
             job.request.tenant,
             spec_to_dict(spec),
-            now,
+            accepted_at,
             idempotency_key=spec.idempotency_key or None,
         )
-        # Counted before the await: requests arriving together must not all pass the tenant's limit.
         self.count(job, +1)
-        try:
-            await self.journal.accept(record)
-        except JournalError as exc:
+        return self.journal.accept_nowait(record)
+
+    def hold(self, job: Job, committed: asyncio.Future[None]) -> None:
+        """Hold a job whose record ``committed``; one the journal refused is not counted any more,
+        and raises :class:`SubmitError`."""
+        error = JournalError("the journal closed first") if committed.cancelled() else committed.exception()
+        if error is not None:
             self.count(job, -1)
-            raise SubmitError("invalid", f"cannot accept: {exc}", "request_id") from None
+            if isinstance(error, JournalError):
+                raise SubmitError("invalid", f"cannot accept: {error}", "request_id") from None
+            raise error
         self.jobs[job.id] = job
-        if spec.idempotency_key:
-            self.by_key[(spec.tenant, spec.idempotency_key)] = job.id
+        if job.spec.idempotency_key:
+            self.by_key[(job.spec.tenant, job.spec.idempotency_key)] = job.id
 
     async def record_refusal(
         self, spec: pb.RequestSpec, request: Request, accepted_at: float, error: str

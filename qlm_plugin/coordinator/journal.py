@@ -275,6 +275,11 @@ class Journal:
         """Write a new record; it is committed when this returns. A duplicate ``request_id``, or a
         duplicate ``(tenant, idempotency_key)`` with a key, raises :class:`JournalError`. If the caller
         is cancelled while waiting, the record may still be committed."""
+        await self.accept_nowait(rec)
+
+    def accept_nowait(self, rec: JobRecord) -> asyncio.Future[None]:
+        """Queue a new record; the future is done when it is committed, or fails as :meth:`accept`
+        does. The write goes ahead whatever happens to the future."""
         if rec.state not in STATES:
             raise ValueError(f"state must be one of {sorted(STATES)}, not {rec.state!r}")
         # Encoded here, so that a spec that is not JSON-able fails in the caller (TypeError).
@@ -297,7 +302,7 @@ class Journal:
         )
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._enqueue(_Op("accept", _INSERT, params, fut))
-        await fut
+        return fut
 
     def dispatched(self, request_id: str, attempt: int, instance_id: str) -> None:
         """Queue: the request went to ``instance_id`` (its ``attempt``-th dispatch)."""

@@ -86,7 +86,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     names = (
         registry.names()
         if args.policies is None
-        else [p.strip() for p in args.policies.split(",") if p.strip()]
+        else list(dict.fromkeys(p.strip() for p in args.policies.split(",") if p.strip()))  # each once
     )
     for name in names:
         registry.get(name)  # fail before any work on an unknown name

@@ -48,6 +48,9 @@ def test_attainment_counts_every_slo_and_every_request() -> None:
 def test_weighted_attainment_uses_request_weights() -> None:
     outs = [outcome(0, 0.5, 1.0, weight=3.0), outcome(1, 5.0, 6.0, weight=1.0)]
     assert summarize(outs, 1.0).weighted_attainment == pytest.approx(0.75)
+    # every weight 0: all weigh the same, so the plain attainment (it read 0 when every SLO was met)
+    free = [outcome(0, 0.5, 1.0, weight=0.0), outcome(1, 0.5, 1.0, weight=0.0)]
+    assert summarize(free, 1.0).weighted_attainment == 1.0
 
 
 def test_percentiles() -> None:

@@ -48,7 +48,12 @@ def summarize(outcomes: Sequence[RequestOutcome], span_s: float) -> Metrics:
         finished=len(finished),
         rejected=sum(1 for o in outcomes if o.status is Status.REJECTED),
         slo_attainment=len(met) / n if n else 0.0,
-        weighted_attainment=sum(o.request.weight for o in met) / total_w if total_w else 0.0,
+        # every weight 0: all weigh the same (the plain attainment, not 0)
+        weighted_attainment=sum(o.request.weight for o in met) / total_w
+        if total_w
+        else len(met) / n
+        if n
+        else 0.0,
         goodput_rps=len(met) / span,
         throughput_rps=len(finished) / span,
         output_tokens_per_s=sum(o.output_tokens for o in finished) / span,

@@ -769,6 +769,13 @@ def test_unknown_cost_model_field_is_an_error(tmp_path: Path) -> None:
     assert errors == [(6, "instances[0].models[0]", "unknown cost-model field(s): b0_uss")]
 
 
+def test_a_kv_cache_that_cannot_hold_one_context_is_an_error(tmp_path: Path) -> None:
+    """vLLM refuses to start so; a simulation of it would hold its requests, never serve or refuse them."""
+    errors = _errors(_write(tmp_path, PROFILED + "  llama-3.1-8b/h100: {kv_blocks: 20}\n"))
+    assert len(errors) == 1 and errors[0][1] == "instances[0].models[0]"
+    assert "a KV cache of 320 tokens cannot hold one request of its context (32768 tokens)" in errors[0][2]
+
+
 PAIR_ABSENT = """\
 seed: 2
 workload:

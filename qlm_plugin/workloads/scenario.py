@@ -13,7 +13,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from qlm_plugin.domain.costmodel import GPUS, CostModel, UnknownProfileError, cost_model
+from qlm_plugin.domain.costmodel import BLOCK_SIZE, GPUS, CostModel, UnknownProfileError, cost_model
 from qlm_plugin.domain.request import ModelSpec, SLOClass
 
 DEFAULT_SCENARIO = "default_scenario.yaml"
@@ -249,9 +249,19 @@ def _semantic_errors(sc: Scenario) -> list[tuple[tuple[Any, ...], str]]:
                 )
                 continue
             try:
-                sc._cost(model, g.gpu)
+                cost = sc._cost(model, g.gpu)
             except (UnknownProfileError, ValueError) as exc:
                 errors.append((("instances", gi, "models", mi), str(exc)))
+                continue
+            if cost.kv_blocks * BLOCK_SIZE < cost.model.context_len:  # vLLM refuses to start so
+                errors.append(
+                    (
+                        ("instances", gi, "models", mi),
+                        f"{model} on {g.gpu}: a KV cache of {cost.kv_blocks * BLOCK_SIZE} tokens cannot "
+                        f"hold one request of its context ({cost.model.context_len} tokens): lower the "
+                        "model's context_len or raise the profile's kv_blocks",
+                    )
+                )
     served = {m for g in sc.instances for m in g.models}
     for i, m in enumerate(sc.models):
         if m.name not in served:

@@ -4,6 +4,7 @@ SQLite journal, simulated instances connected over gRPC by their agents."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import gc
 import json
@@ -543,6 +544,37 @@ def test_a_submit_cancelled_during_its_journal_write_is_still_served_once(tmp_pa
         assert coord.journal.counts()["finished"] == 1
 
     run(tmp_path, body, speed=50.0)
+
+
+def test_an_http_client_gone_during_its_journal_write_has_its_request_cancelled(tmp_path: Path) -> None:
+    """An HTTP client that disconnects while its request is being journaled: accepted (the record
+    commits), then cancelled, as after any disconnect. No one is left to answer, so it is not
+    served, and it does not wait for ever."""
+
+    async def body(st: LocalStack) -> None:
+        coord = st.coordinator
+        coord.journal._batch_lock.acquire()  # the writer is in a slow commit (an fsync)
+        try:
+            async with aiohttp.ClientSession() as http:
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await http.post(
+                        f"{st.http_url}/v1/completions",
+                        json={"model": MODEL, "prompt": "x", "max_tokens": 30_000},
+                        timeout=aiohttp.ClientTimeout(total=0.3),
+                    )
+        finally:
+            coord.journal._batch_lock.release()
+        for _ in range(200):
+            if coord.jobs and all(j.state == "cancelled" for j in coord.jobs.values()):
+                break
+            await asyncio.sleep(0.01)
+        (job,) = coord.jobs.values()
+        assert (job.state, job.error) == ("cancelled", "the client disconnected")
+        assert all(job.id not in li.link.attempts for li in st.instances.values())
+        await coord.journal.flush()
+        assert coord.journal.get(job.id).state == "cancelled"  # type: ignore[union-attr]
+
+    run(tmp_path, body, speed=1.0)
 
 
 def test_a_grpc_cancel_is_told_only_once_it_is_journaled(tmp_path: Path) -> None:

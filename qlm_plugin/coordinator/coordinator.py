@@ -159,12 +159,21 @@ class Coordinator:
 
     # ------------------------------------------------------------------ clients
     async def submit(
-        self, spec: pb.RequestSpec, *, tenant: str | None = None, parent: Any = None, internal: bool = False
+        self,
+        spec: pb.RequestSpec,
+        *,
+        tenant: str | None = None,
+        parent: Any = None,
+        internal: bool = False,
+        cancel_if_caller_leaves: str | None = None,
     ) -> tuple[Job, bool]:
         """Validate, journal and queue a request. Returns the job and whether it was a duplicate
         (an earlier request with the same idempotency key). Raises :class:`SubmitError`.
         ``internal``: submitted by the coordinator itself (a batch line), which may use the
-        reserved idempotency keys."""
+        reserved idempotency keys. ``cancel_if_caller_leaves``: a caller cancelled while its
+        request is being journaled leaves it accepted (the record commits); with a reason here
+        it is then cancelled with it (an HTTP client gone: no one to answer), else it is served
+        (a gRPC retry with its idempotency key finds it)."""
         book = self.book
         if spec.idempotency_key.startswith(RESERVED_KEY_PREFIX) and not internal:
             reserved = f"idempotency keys starting {RESERVED_KEY_PREFIX!r} are reserved"
@@ -177,7 +186,7 @@ class Coordinator:
             spec.tenant = tenant
         spec.tenant = spec.tenant or "default"
         if not spec.idempotency_key:
-            return await self._submit(spec, parent)
+            return await self._submit(spec, parent, cancel_if_caller_leaves)
         # Submissions with one key run one after the other: a second arriving while the first is
         # being journaled finds it (a duplicate), instead of failing on the journal's unique key.
         key = (spec.tenant, spec.idempotency_key)
@@ -186,13 +195,15 @@ class Coordinator:
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._submitting[key] = done
         try:
-            return await self._submit(spec, parent)
+            return await self._submit(spec, parent, cancel_if_caller_leaves)
         finally:
             if self._submitting.get(key) is done:  # else its journal write holds the key (_submit)
                 del self._submitting[key]
             done.set_result(None)
 
-    async def _submit(self, spec: pb.RequestSpec, parent: Any) -> tuple[Job, bool]:
+    async def _submit(
+        self, spec: pb.RequestSpec, parent: Any, cancel_if_caller_leaves: str | None
+    ) -> tuple[Job, bool]:
         book = self.book
         earlier = book.duplicate(spec)
         if earlier is not None:
@@ -256,7 +267,9 @@ class Coordinator:
                 key = (spec.tenant, spec.idempotency_key)
                 self._submitting[key] = held
                 held.add_done_callback(lambda _: self._release(key, held))
-            committed.add_done_callback(lambda _: self._accepted_late(job, parent, committed, held))
+            committed.add_done_callback(
+                lambda _: self._accepted_late(job, parent, committed, held, cancel_if_caller_leaves)
+            )
             raise
         self._accepted(job, parent, committed)
         return job, False
@@ -267,10 +280,17 @@ class Coordinator:
         self.dispatcher.admit(job, time.time())
 
     def _accepted_late(
-        self, job: Job, parent: Any, committed: asyncio.Future[None], held: asyncio.Future[None]
+        self,
+        job: Job,
+        parent: Any,
+        committed: asyncio.Future[None],
+        held: asyncio.Future[None],
+        cancel_reason: str | None,
     ) -> None:
         with contextlib.suppress(SubmitError):  # refused: nobody to tell, nothing held
             self._accepted(job, parent, committed)
+            if cancel_reason is not None:
+                self.cancel(job.id, cancel_reason)
         held.set_result(None)
 
     def _release(self, key: tuple[str, str], holder: Awaitable[Any]) -> None:

@@ -50,6 +50,8 @@ from qlm_plugin.coordinator.openai_params import (
 )
 from qlm_plugin.proto.qlm.v1 import qlm_pb2 as pb
 
+#: Why the request of a client that went away is cancelled.
+CLIENT_GONE = "the client disconnected"
 #: Largest request body accepted, bytes (a prompt of about 1M tokens).
 MAX_BODY_BYTES = 4 * 1024 * 1024
 
@@ -308,7 +310,12 @@ class Core(Protocol):
     (:class:`~qlm_plugin.coordinator.relay.RelayClient`)."""
 
     async def submit(
-        self, spec: pb.RequestSpec, *, tenant: str | None = None, parent: Any = None
+        self,
+        spec: pb.RequestSpec,
+        *,
+        tenant: str | None = None,
+        parent: Any = None,
+        cancel_if_caller_leaves: str | None = None,
     ) -> tuple[Job, bool]: ...
 
     def cancel(self, request_id: str, reason: str = ...) -> Any: ...
@@ -465,7 +472,9 @@ class FrontDoor:
         # Trace context that is not ASCII is invalid, so ignored (W3C), not an error (or a crash).
         parent = propagate.extract(CIMultiDict((k, v) for k, v in request.headers.items() if v.isascii()))
         try:
-            job, _ = await self.core.submit(spec, tenant=principal.tenant, parent=parent)
+            job, _ = await self.core.submit(
+                spec, tenant=principal.tenant, parent=parent, cancel_if_caller_leaves=CLIENT_GONE
+            )
         except SubmitError as exc:
             extra = None
             if exc.estimate is not None:
@@ -498,7 +507,7 @@ class FrontDoor:
             return self._complete(job, chat)
         except (asyncio.CancelledError, ConnectionResetError):
             if not self.closing:
-                self.core.cancel(job.id, "the client disconnected")
+                self.core.cancel(job.id, CLIENT_GONE)
             raise
 
     def _complete(self, job: Job, chat: bool) -> web.Response:

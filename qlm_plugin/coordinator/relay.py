@@ -356,7 +356,7 @@ class RelayClient:
         self.closed = asyncio.Event()
         self._why = "not connected"
         self._seq = itertools.count(1)
-        self._pending: dict[int, tuple[asyncio.Future[tuple[Job, bool]], pb.RequestSpec]] = {}
+        self._pending: dict[int, tuple[asyncio.Future[tuple[Job, bool]], pb.RequestSpec, str]] = {}
         self._jobs: dict[str, list[Job]] = {}
         self._outbox: _Outbox[pb.RelayCall] = _Outbox(_calls)
         self._tasks: list[asyncio.Task[None]] = []
@@ -378,8 +378,16 @@ class RelayClient:
 
     # ------------------------------------------------------------------ the front door's calls
     async def submit(
-        self, spec: pb.RequestSpec, *, tenant: str | None = None, parent: Any = None
+        self,
+        spec: pb.RequestSpec,
+        *,
+        tenant: str | None = None,
+        parent: Any = None,
+        cancel_if_caller_leaves: str | None = None,
     ) -> tuple[Job, bool]:
+        """The core's answer. A caller that leaves first has the request cancelled once the core
+        accepts it (a worker's callers are HTTP clients: no one is left to answer), with
+        ``cancel_if_caller_leaves`` as the reason."""
         if self._why:
             raise CoreUnavailable(self._why)
         if tenant is not None:
@@ -388,7 +396,7 @@ class RelayClient:
         propagate.inject(carrier, context=parent)
         seq = next(self._seq)
         answer: asyncio.Future[tuple[Job, bool]] = asyncio.get_running_loop().create_future()
-        self._pending[seq] = (answer, spec)
+        self._pending[seq] = (answer, spec, cancel_if_caller_leaves or "the client disconnected")
         self._send(pb.RelayCall(seq=seq, submit=spec, trace=carrier))
         # A client that leaves before the answer cancels the future; a request the core accepted
         # meanwhile is then cancelled when its answer arrives (see _answer).
@@ -434,7 +442,7 @@ class RelayClient:
             self._end(why)
 
     def _answer(self, event: pb.RelayEvent) -> None:
-        answer, spec = self._pending.pop(event.seq, (None, None))
+        answer, spec, gone_reason = self._pending.pop(event.seq, (None, None, ""))
         if answer is None or spec is None:
             return
         if event.HasField("refused"):
@@ -444,7 +452,7 @@ class RelayClient:
         accepted = event.accepted
         if answer.done():  # the client left: so does its request
             if accepted.state not in TERMINAL:
-                self.cancel(accepted.request_id, "the client disconnected")
+                self.cancel(accepted.request_id, gone_reason)
             return
         # The job is set up here, not when the submitter resumes: the request's output and end
         # may be in the same message, right behind this answer.
@@ -474,7 +482,7 @@ class RelayClient:
             return
         self._why = why or "the link ended"
         self._outbox.close()
-        for answer, _ in self._pending.values():
+        for answer, _, _ in self._pending.values():
             if not answer.done():
                 answer.set_exception(CoreUnavailable(self._why))
         self._pending.clear()

@@ -16,6 +16,7 @@ import pytest
 from qlm_plugin.adapters.sim.realtime import synthetic_text
 from qlm_plugin.coordinator.batch_store import BatchStore
 from qlm_plugin.testing.stack import LocalStack, run_with_stack
+from qlm_plugin.workloads.scenario import load_scenario
 
 MODEL = "llama-3.1-8b"
 
@@ -41,6 +42,12 @@ def completion_lines(n: int, tokens: int = 8, url: str = "/v1/completions") -> l
         }
         for i in range(n)
     ]
+
+
+async def create(oa: openai.AsyncOpenAI, file_id: str, window: str) -> Any:
+    """A completions batch of ``file_id``."""
+    endpoint = "/v1/completions"
+    return await oa.batches.create(input_file_id=file_id, endpoint=endpoint, completion_window=window)
 
 
 async def wait_status(
@@ -414,3 +421,134 @@ def test_a_finished_batch_is_shown_only_once_its_files_can_be_read(
         await oa.close()
 
     run(tmp_path, body)
+
+
+def test_lines_end_at_newlines_only(tmp_path: Path) -> None:
+    """JSON allows U+2028, U+2029 and U+0085 raw inside strings (JSON.stringify and
+    json.dumps(ensure_ascii=False) write them so): they do not end a line. A byte-order mark and
+    CRLF line ends are read too."""
+
+    async def body(st: LocalStack) -> None:
+        oa = client(st)
+        rows = completion_lines(3)
+        rows[0]["body"]["prompt"] = "one\u2028two\u2029three\x85four"
+        content = "\ufeff" + "".join(json.dumps(r, ensure_ascii=False) + "\r\n" for r in rows)
+        f = await oa.files.create(file=("u.jsonl", content.encode()), purpose="batch")
+        batch = await create(oa, f.id, "1h")
+        done = await wait_status(oa, batch.id, {"completed", "failed"})
+        assert (done.status, done.errors) == ("completed", None)
+        assert done.request_counts is not None and done.request_counts.completed == 3
+        await oa.close()
+
+    run(tmp_path, body)
+
+
+def test_a_tenants_batches_together_leave_room_for_its_other_requests(tmp_path: Path) -> None:
+    """Half the tenant's request limit is for all its batches together, not for each: with two
+    batches running, its interactive requests still get in."""
+    limit = 40
+
+    async def body(st: LocalStack) -> None:
+        oa = client(st)
+        batches = []
+        for k in range(2):
+            rows = completion_lines(120, tokens=400)
+            f = await oa.files.create(file=(f"b{k}.jsonl", jsonl(rows)), purpose="batch")
+            batches.append(await create(oa, f.id, "24h"))
+        for b in batches:
+            await wait_status(oa, b.id, {"in_progress"})
+        await asyncio.sleep(0.5)
+        assert st.coordinator.book.tenant_load["default"][0] <= limit // 2
+        async with aiohttp.ClientSession() as http:
+            for _ in range(5):
+                req = {"model": MODEL, "prompt": "interactive", "max_tokens": 4}
+                async with http.post(f"{st.http_url}/v1/completions", json=req) as r:
+                    assert r.status == 200, await r.text()
+        for b in batches:
+            await oa.batches.cancel(b.id)
+        for b in batches:
+            assert (await wait_status(oa, b.id, {"cancelled"})).status == "cancelled"
+        await oa.close()
+
+    run(tmp_path, body, speed=5.0, config={"tenant_limits": {"max_queued_requests": limit}})
+
+
+def test_files_page_by_cursor_past_any_count(tmp_path: Path) -> None:
+    """Every file is reachable by pages (the cursor is in the query: the listing used to stop at
+    10,000 files with has_more false)."""
+
+    async def body(st: LocalStack) -> None:
+        oa = client(st)
+        ids = [(await oa.files.create(file=(f"f{i}.jsonl", b"{}\n"), purpose="batch")).id for i in range(7)]
+        pages: list[list[str]] = []
+        after: str | None = None
+        while True:
+            page = await oa.files.list(limit=3, order="asc", **({"after": after} if after else {}))
+            pages.append([f.id for f in page.data])
+            if not page.has_more:
+                break
+            after = page.data[-1].id
+        assert pages == [ids[:3], ids[3:6], ids[6:]]
+        newest = [f.id async for f in oa.files.list(limit=2)]  # the SDK's auto-paging, newest first
+        assert newest == ids[::-1]
+        assert (await oa.files.list(after="file-gone")).data == []
+        await oa.close()
+
+    run(tmp_path, body)
+
+
+def test_a_batch_larger_than_its_in_flight_width_is_estimated_with_its_unsent_lines(tmp_path: Path) -> None:
+    """Lines not yet submitted are in no queue: the estimate counts them at the batch's rate, so a
+    batch that cannot finish in its window is told so before it expires."""
+
+    async def body(st: LocalStack) -> None:
+        oa = client(st)
+        f = await oa.files.create(file=("r.jsonl", jsonl(completion_lines(300, tokens=200))), purpose="batch")
+        batch = await create(oa, f.id, "8s")
+        deadline = time.monotonic() + 30
+        while True:
+            extra = (await oa.batches.retrieve(batch.id)).model_extra or {}
+            q = extra.get("qlm")
+            if q and q["p_meet"] is not None and q["not_yet_submitted"] > 0:
+                break
+            assert time.monotonic() < deadline, extra
+            await asyncio.sleep(0.05)
+        assert q["estimated_completion_at"] > q["deadline"] and q["p_meet"] < 0.1, q
+        done = await wait_status(oa, batch.id, {"expired", "completed"})
+        assert done.status == "expired"
+        await oa.close()
+
+    run(tmp_path, body, speed=2.0, config={"batches": {"max_in_flight": 10, "min_window_s": 1}})
+
+
+TWO_MODELS = f"""
+name: two-models
+models:
+  - {{name: {MODEL}, profile: llama-3.1-8b}}
+  - {{name: other, profile: llama-3.1-8b}}
+instances:
+  - {{count: 2, gpu: h100, models: [{MODEL}, other]}}
+classes:
+  - {{name: interactive, share: 0.7, ttft_s: 1.0}}
+  - {{name: batch, share: 0.3, e2e_s: 600, priority: 1}}
+"""
+
+
+def test_a_file_of_several_models_runs_each_line_on_its_model(tmp_path: Path) -> None:
+    """OpenAI takes one model per file; here a file may name several (the batch's model is then
+    null)."""
+
+    async def body(st: LocalStack) -> None:
+        oa = client(st)
+        rows = completion_lines(2)
+        rows[1]["body"]["model"] = "other"
+        f = await oa.files.create(file=("m.jsonl", jsonl(rows)), purpose="batch")
+        batch = await create(oa, f.id, "1h")
+        done = await wait_status(oa, batch.id, {"completed", "failed"})
+        assert (done.status, done.model) == ("completed", None)
+        out = await lines_of(oa, done.output_file_id)
+        assert [o["response"]["body"]["model"] for o in out] == [MODEL, "other"]
+        await oa.close()
+
+    (tmp_path / "two.yaml").write_text(TWO_MODELS)
+    run(tmp_path, body, scenario=load_scenario(tmp_path / "two.yaml"))

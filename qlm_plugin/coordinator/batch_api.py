@@ -177,14 +177,15 @@ class BatchAPI:
                 raise BadRequest("order", f"must be 'asc' or 'desc', got {order!r}")
         except BadRequest as exc:
             return _bad(exc)
-        files = self.store.list_files(
-            None if admin else tenant, purpose=q.get("purpose"), limit=10_000, newest_first=order == "desc"
+        files = await asyncio.to_thread(
+            self.store.list_files,
+            None if admin else tenant,
+            purpose=q.get("purpose"),
+            limit=limit + 1,
+            newest_first=order == "desc",
+            after=q.get("after"),
         )
-        after = q.get("after")
-        if after is not None:
-            ids = [f.id for f in files]
-            files = files[ids.index(after) + 1 :] if after in ids else []
-        return _page([(f.id, f.to_openai()) for f in files[: limit + 1]], limit)
+        return _page([(f.id, f.to_openai()) for f in files], limit)
 
     async def get_file(self, request: web.Request) -> web.Response:
         rec = await self._file(request)

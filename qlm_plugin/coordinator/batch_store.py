@@ -244,7 +244,10 @@ class BatchStore:
         purpose: str | None = None,
         limit: int = 10_000,
         newest_first: bool = True,
+        after: str | None = None,
     ) -> list[FileRecord]:
+        """In creation order (``newest_first``: reversed); ``after``: the id of the last file of
+        the previous page (a file no longer there: an empty page)."""
         where, args = [], []
         if tenant is not None:
             where.append("tenant = ?")
@@ -252,10 +255,17 @@ class BatchStore:
         if purpose is not None:
             where.append("purpose = ?")
             args.append(purpose)
+        direction = "DESC" if newest_first else "ASC"
+        if after is not None:
+            # the cursor in SQL, on the listing's own order: every file is reachable by pages
+            where.append(
+                f"(created_at, rowid) {'<' if newest_first else '>'} "
+                "(SELECT created_at, rowid FROM files WHERE id = ?)"
+            )
+            args.append(after)
         sql = "SELECT id, tenant, filename, purpose, bytes, created_at FROM files"
         if where:
             sql += " WHERE " + " AND ".join(where)
-        direction = "DESC" if newest_first else "ASC"
         sql += f" ORDER BY created_at {direction}, rowid {direction} LIMIT ?"
         with self._lock:
             rows = self._db.execute(sql, (*args, limit)).fetchall()

@@ -43,6 +43,8 @@ ENDPOINTS = {"/v1/completions": False, "/v1/chat/completions": True}
 #: ``batches.min_window_s``) are this product's extension.
 MAX_WINDOW_S = 24 * 3600.0
 _WINDOW = re.compile(r"^([1-9][0-9]{0,5})([smh])$")
+#: Lines answered between yields of the event loop while a batch is finalized.
+FINALIZE_STRIDE = 500
 #: Validation errors listed per batch (the count says how many there were).
 MAX_LISTED_ERRORS = 100
 #: Unfinished queued requests the estimator is asked about when a batch is read.
@@ -92,13 +94,16 @@ def parse_input(
     default_class = "batch" if "batch" in book.classes else book.default_class
     seen: set[str] = set()
     try:
-        text = content.decode("utf-8")
+        text = content.decode("utf-8-sig")  # a byte-order mark (Windows tools write one) is no line
     except UnicodeDecodeError as exc:
         out.errors.append(
             {"code": "invalid_file", "message": f"not UTF-8: {exc}", "param": None, "line": None}
         )
         return out
-    rows = text.splitlines()
+    # JSON Lines end at "\n" only: splitlines() also cuts at U+2028, U+2029 and U+0085, which JSON
+    # allows raw inside strings (JSON.stringify, json.dumps(ensure_ascii=False)); a "\r" left at
+    # a line's end is whitespace to the JSON parser.
+    rows = text.split("\n")
     if sum(1 for r in rows if r.strip()) > max_requests:
         message = f"the file holds more than {max_requests} requests"
         out.errors.append({"code": "too_many_requests", "message": message, "param": None, "line": None})
@@ -214,6 +219,13 @@ def _job_answer(line: Line, job: Job, ending: str, chat: bool) -> tuple[bool, di
     return False, {**answer, "id": f"batch_req_{job.id}"}
 
 
+def _files(answers: dict[int, dict[str, Any]], order: list[int], outputs: set[int]) -> tuple[bytes, bytes]:
+    """The output and error files' content: the answers in input order."""
+    out = "".join(json.dumps(answers[i]) + "\n" for i in order if i in outputs).encode()
+    err = "".join(json.dumps(answers[i]) + "\n" for i in order if i not in outputs).encode()
+    return out, err
+
+
 @dataclass(slots=True)
 class _Running:
     """A batch's task and what it follows."""
@@ -233,6 +245,8 @@ class BatchService:
         self.store = store
         self.settings = settings
         self._running: dict[str, _Running] = {}
+        # per tenant: the unfinished requests all of its batches may have together
+        self._tenant_room: dict[str, asyncio.Semaphore] = {}
 
     async def start(self) -> None:
         """Take up every unfinished batch of the store (after a restart: from the top)."""
@@ -315,6 +329,10 @@ class BatchService:
                 continue
             completion = max(completion or now, now + est.completion_mean_s)
             p_meet = est.p_meet if p_meet is None else min(p_meet, est.p_meet)
+        if running.unsent:
+            # Lines not yet submitted are in no queue: they follow at the rate the batch has
+            # finished lines so far (unknown before the first: no estimate).
+            completion, p_meet = self._extrapolate(running, len(open_jobs), now, completion, p_meet)
         return {
             "estimated_completion_at": None if completion is None else round(completion, 3),
             "p_meet": None if p_meet is None else round(p_meet, 4),
@@ -323,6 +341,24 @@ class BatchService:
             "running": sum(j.state == "dispatched" for j in open_jobs),
             "not_yet_submitted": running.unsent,
         }
+
+    @staticmethod
+    def _extrapolate(
+        running: _Running, open_jobs: int, now: float, completion: float | None, p_meet: float | None
+    ) -> tuple[float | None, float | None]:
+        """The batch's completion with its unsent lines, at the rate it has finished lines so far,
+        and the probability that this is by the deadline: the count of lines finished is a
+        Poisson draw, so the rate's relative error is about one over its square root."""
+        batch = running.batch
+        ended = batch.completed + batch.failed
+        elapsed = now - (batch.in_progress_at or now)
+        if ended == 0 or elapsed <= 0:
+            return None, None
+        left_s = (open_jobs + running.unsent) * elapsed / ended
+        end = max(completion or now, now + left_s)
+        spread = left_s / math.sqrt(ended)
+        p_rate = 0.5 * math.erfc((end - batch.deadline) / (spread * math.sqrt(2))) if spread > 0 else 1.0
+        return end, min(p_rate, 1.0 if p_meet is None else p_meet)
 
     def _estimate(self, job: Job, now: float) -> WaitEstimate | None:
         qm = self.coord.queue_manager
@@ -389,7 +425,8 @@ class BatchService:
                     return
                 batch.status, batch.in_progress_at = "in_progress", time.time()
                 batch.total = len(parsed.lines)
-                batch.model = parsed.lines[0].spec.model
+                models = {line.spec.model for line in parsed.lines}
+                batch.model = models.pop() if len(models) == 1 else None  # several: our extension
                 self.store.put_batch(batch)
             else:  # after a restart: what no longer validates (a model gone) is answered, not dropped
                 batch.total = len(parsed.lines) + len(parsed.invalid)
@@ -434,28 +471,32 @@ class BatchService:
             self._stop(running, "the batch's completion window expired")
 
     async def _serve(self, running: _Running, lines: list[Line], tenant_limit: int) -> None:
-        """Submit the lines in input order, at most ``max_in_flight`` unfinished at a time (and half
-        the tenant's request limit, so its other traffic still gets in), and wait for them all."""
+        """Submit the lines in input order, at most ``max_in_flight`` unfinished at a time, and
+        all the tenant's batches together at most half its request limit (so its other traffic
+        still gets in), and wait for them all."""
         batch = running.batch
         answered = self.store.line_answers(batch.id)
         batch.completed = batch.failed = batch.input_tokens = batch.output_tokens = 0
         batch.failed += len(answered)
         todo = [line for line in lines if line.index not in answered]
         running.unsent = len(todo)
-        width = max(1, min(self.settings.max_in_flight, tenant_limit // 2, len(todo) or 1))
+        width = max(1, min(self.settings.max_in_flight, len(todo) or 1))
+        room = self._tenant_room.setdefault(batch.tenant, asyncio.Semaphore(max(1, tenant_limit // 2)))
         feed = iter(todo)
 
         async def worker() -> None:
             for line in feed:
-                running.unsent -= 1
-                job = await self._submit(running, line)
-                if job is None:
-                    batch.failed += 1
-                    continue
-                running.jobs[line.index] = job
-                if running.stop.is_set() and not job.done.is_set():  # accepted as the batch stopped
-                    self.coord.cancel(job.id, "the batch stopped")
-                await job.done.wait()
+                # a stopped batch answers its unsent lines without waiting for room
+                async with contextlib.nullcontext() if running.stop.is_set() else room:
+                    running.unsent -= 1
+                    job = await self._submit(running, line)
+                    if job is None:
+                        batch.failed += 1
+                        continue
+                    running.jobs[line.index] = job
+                    if running.stop.is_set() and not job.done.is_set():  # accepted as the batch stopped
+                        self.coord.cancel(job.id, "the batch stopped")
+                    await job.done.wait()
                 if job.state == "finished":
                     batch.completed += 1
                     batch.input_tokens += job.request.prompt_tokens
@@ -518,7 +559,9 @@ class BatchService:
         chat = ENDPOINTS[batch.endpoint]
         by_index: dict[int, dict[str, Any]] = dict(answered)
         outputs: set[int] = set()
-        for line in lines:
+        for n, line in enumerate(lines):
+            if n % FINALIZE_STRIDE == FINALIZE_STRIDE - 1:
+                await asyncio.sleep(0)  # 50,000 answers are seconds of work: others' requests go on
             if line.index in by_index:
                 continue
             job = running.jobs.get(line.index) or self.coord.book.duplicate(self._keyed(batch, line))
@@ -530,8 +573,7 @@ class BatchService:
             if ok:
                 outputs.add(line.index)
         order = sorted(by_index)
-        out = "".join(json.dumps(by_index[i]) + "\n" for i in order if i in outputs).encode()
-        err = "".join(json.dumps(by_index[i]) + "\n" for i in order if i not in outputs).encode()
+        out, err = await asyncio.to_thread(_files, by_index, order, outputs)  # the answers are plain data
         files: list[tuple[FileRecord, bytes]] = []
         now = time.time()
         # the final state is built on a copy and shown only once committed: a client polling the

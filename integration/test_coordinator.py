@@ -21,6 +21,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from qlm_plugin.adapters.sim.realtime import natural_length, synthetic_text
 from qlm_plugin.coordinator.grpc_api import InstancesService
+from qlm_plugin.coordinator.jobs import SubmitError
 from qlm_plugin.proto.qlm.v1 import qlm_pb2 as pb
 from qlm_plugin.proto.qlm.v1 import qlm_pb2_grpc as pb_grpc
 from qlm_plugin.testing.stack import LocalStack, run_with_stack
@@ -575,6 +576,37 @@ def test_an_http_client_gone_during_its_journal_write_has_its_request_cancelled(
         assert coord.journal.get(job.id).state == "cancelled"  # type: ignore[union-attr]
 
     run(tmp_path, body, speed=1.0)
+
+
+def test_one_request_id_submitted_together_is_accepted_once_and_counted_once(tmp_path: Path) -> None:
+    """Submits naming one request id at the same time all pass the first check (none is journaled
+    yet): the journal refuses all but one, each with a precise error, and the tenant's count holds
+    only the one accepted. Ids like the coordinator's own are refused: one could be taken."""
+
+    async def body(st: LocalStack) -> None:
+        coord = st.coordinator
+
+        def spec(rid: str) -> pb.RequestSpec:
+            return pb.RequestSpec(request_id=rid, model=MODEL, prompt="abc", max_tokens=5)
+
+        coord.journal._batch_lock.acquire()  # the writer is in a slow commit: none is journaled yet
+        try:
+            calls = [asyncio.create_task(coord.submit(spec("mine-1"))) for _ in range(3)]
+            await asyncio.sleep(0.05)
+        finally:
+            coord.journal._batch_lock.release()
+        results = await asyncio.gather(*calls, return_exceptions=True)
+        (job,) = [r[0] for r in results if isinstance(r, tuple)]
+        refused = [r for r in results if isinstance(r, SubmitError)]
+        assert len(refused) == 2 and all(e.field == "request_id" for e in refused), results
+        assert all("duplicate request id 'mine-1'" in str(e) for e in refused), refused
+        await asyncio.wait_for(job.done.wait(), 10)
+        assert coord.book.tenant_load["default"] == [0, 0]
+        with pytest.raises(SubmitError, match="the coordinator's own") as own:
+            await coord.submit(spec(coord.book.new_id()))
+        assert own.value.field == "request_id"
+
+    run(tmp_path, body, speed=50.0)
 
 
 def test_a_grpc_cancel_is_told_only_once_it_is_journaled(tmp_path: Path) -> None:

@@ -7,8 +7,15 @@ from __future__ import annotations
 import asyncio
 import datetime
 import ipaddress
+import json
 import logging
+import os
 import ssl
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,11 +36,13 @@ from qlm_plugin.adapters.sim.realtime import synthetic_text
 from qlm_plugin.coordinator.auth import Authenticator, AuthError, http_ssl_context
 from qlm_plugin.coordinator.config import CoordinatorConfig, Listen
 from qlm_plugin.coordinator.server import CoordinatorServer
+from qlm_plugin.deploy.child_process import free_port
 from qlm_plugin.proto.qlm.v1 import qlm_pb2 as pb
 from qlm_plugin.proto.qlm.v1 import qlm_pb2_grpc as pb_grpc
 from qlm_plugin.testing.stack import LocalInstance, LocalStack, local_stack
 from qlm_plugin.transport.agent import AgentSettings, InstanceAgent
 from qlm_plugin.transport.client import CoordinatorClient
+from qlm_plugin.workloads.scenario import load_scenario
 
 MODEL = "llama-3.1-8b"
 
@@ -400,6 +409,40 @@ def test_a_tenant_bound_token_acts_for_its_tenant_only(tmp_path: Path) -> None:
     run(tmp_path, body, speed=50.0, config=TOKENS, env=ENV, token="i-secret")
 
 
+def test_a_finished_request_stays_its_tenants_after_its_class_is_gone(tmp_path: Path) -> None:
+    """Restarted with a scenario that no longer has the request's class: its status is still
+    its tenant's, and no other tenant's."""
+    scenario = load_scenario()
+    rid = ""
+
+    async def first(st: LocalStack) -> None:
+        nonlocal rid
+        async with CoordinatorClient(st.grpc_target, token="ta-secret") as tenant_a:
+            reply = await tenant_a.submit(
+                pb.RequestSpec(model=MODEL, prompt="x", max_tokens=3, slo=pb.SLO(slo_class="batch"))
+            )
+            rid = reply.request_id
+            await asyncio.wait_for(st.coordinator.jobs[rid].done.wait(), 10)
+        await st.coordinator.journal.flush()
+
+    async def second(st: LocalStack) -> None:
+        async with (
+            CoordinatorClient(st.grpc_target, token="ta-secret") as tenant_a,
+            CoordinatorClient(st.grpc_target, token="tb-secret") as tenant_b,
+        ):
+            assert (await tenant_a.status(rid)).state == "finished"
+            err = await rpc_error(tenant_b.status(rid))
+            assert err.code() == grpc.StatusCode.NOT_FOUND, err
+
+    tokens = {"tokens": [*TOKENS["tokens"], {"token_env": "T_TENANT_B", "scopes": ["client"], "tenant": "b"}]}
+    env = {**ENV, "T_TENANT_B": "tb-secret"}
+    run(tmp_path, first, speed=50.0, config=tokens, env=env, token="i-secret", scenario=scenario)
+    without_batch = scenario.model_copy(
+        update={"classes": [c for c in scenario.classes if c.name != "batch"]}
+    )
+    run(tmp_path, second, speed=50.0, config=tokens, env=env, token="i-secret", scenario=without_batch)
+
+
 # ------------------------------------------------------------------- tokens from QLM_* variables
 
 
@@ -557,6 +600,11 @@ def test_per_tenant_limits_refuse_the_excess_of_one_tenant_only(tmp_path: Path) 
             assert (
                 await client.submit(spec(tenant="tok", max_tokens=400, prompt="x"))
             ).accepted  # still fits
+
+            # One that could never fit, even alone, is refused for what it is: a retry cannot help.
+            status, out = await call_http(http, "POST", url, completion("x", 3000, tenant="tok"))
+            msg = error_of(status, out, 400, "invalid_request_error")
+            assert out["error"]["param"] == "max_tokens" and "limit of 2500 queued tokens" in msg, out
 
             # A finished request frees its share.
             assert (await client.cancel(first.request_id)).cancelled
@@ -757,3 +805,55 @@ def test_mutual_tls_on_http_and_grpc(tmp_path: Path) -> None:
 async def call_http_tls(http: aiohttp.ClientSession, url: str, ctx: ssl.SSLContext) -> tuple[int, Any]:
     async with http.post(url, json=completion(), ssl=ctx) as r:
         return r.status, await r.json(content_type=None)
+
+
+def test_qlm_serve_with_a_client_token_alone_gives_its_own_instances_a_token(tmp_path: Path) -> None:
+    """`QLM_CLIENT_TOKEN=... qlm serve` protects the front door; the instances it starts itself
+    still register (they were started with no token and retried for ever), and a token written
+    with a trailing newline (`echo`, a Kubernetes secret) is the token without it."""
+    http, grpc_port = free_port(), free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("QLM_") or k == "QLM_PLUGINS"}
+    env["QLM_CLIENT_TOKEN"] = "front-secret\n"
+    log = tmp_path / "serve.log"
+    args = ["--http-port", str(http), "--grpc-port", str(grpc_port), "--instances", "1", "--speed", "20"]
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "qlm_plugin.cli", "serve", *args, "--journal", str(tmp_path / "j.db")],
+            cwd=tmp_path,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    url = f"http://127.0.0.1:{http}"
+
+    def call(path: str, body: dict[str, Any] | None = None, token: str | None = None) -> tuple[int, bytes]:
+        headers = {"content-type": "application/json"}
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
+        data = None if body is None else json.dumps(body).encode()
+        request = urllib.request.Request(f"{url}{path}", data=data, headers=headers)
+        try:
+            with urllib.request.urlopen(request, timeout=10) as r:
+                return int(r.status), r.read()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read()
+        except OSError:
+            return 0, b""
+
+    try:
+        deadline = time.monotonic() + 60
+        while call("/health")[0] != 200:
+            assert proc.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline, f"no instance registered: {log.read_text()[-3000:]}"
+            time.sleep(0.2)
+        body = {"model": "llama-3.1-8b", "prompt": "hi", "max_tokens": 4}
+        assert call("/v1/completions", body)[0] == 401
+        status, answer = call("/v1/completions", body, token="front-secret")
+        assert status == 200, answer
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from qlm_plugin.coordinator.auth import Authenticator, AuthError
-from qlm_plugin.coordinator.config import ConfigError, CoordinatorConfig, load_config
+from qlm_plugin.coordinator.auth import Authenticator, AuthError, own_instances_token
+from qlm_plugin.coordinator.config import ConfigError, CoordinatorConfig, load_config, with_overrides
 
 
 def test_embedded_defaults() -> None:
@@ -75,3 +75,53 @@ def test_environment_tokens_without_config() -> None:
     with pytest.raises(AuthError):
         auth.authenticate("Bearer i", "client")
     assert not Authenticator.from_config(CoordinatorConfig(), {}).enabled
+
+
+def test_tokens_that_no_client_could_send_or_settings_that_would_be_ignored_are_errors(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "c.yaml"
+    for tokens, words in [
+        ("[{token_env: '', scopes: [client]}]", "tokens.0.token_env"),
+        ("[{token_env: C, scopes: [client], tenant: ''}]", "tokens.0.tenant"),
+        ("[{token_env: C, scopes: [admin], tenant: acme}]", "tenant binds client tokens only"),
+        ("[{token_env: C, scopes: [client], instances: [gpu-1]}]", "instances binds instance tokens only"),
+    ]:
+        path.write_text(f"tokens: {tokens}\n")
+        with pytest.raises(ConfigError, match=words):
+            load_config(path)
+    path.write_text("http: {port: 9000}\ngrpc: {port: 9000}\n")
+    with pytest.raises(ConfigError, match=r"cannot both listen on 127\.0\.0\.1:9000"):
+        load_config(path)
+    cfg = CoordinatorConfig.model_validate({"tokens": [{"token_env": "C", "scopes": ["client"]}]})
+    with pytest.raises(ValueError, match="printable ASCII"):
+        Authenticator.from_config(cfg, {"C": "sécret"})
+    with pytest.raises(ValueError, match="printable ASCII"):
+        Authenticator.from_config(CoordinatorConfig(), {"QLM_CLIENT_TOKEN": "two words"})
+
+
+def test_a_token_from_the_environment_is_read_without_surrounding_whitespace() -> None:
+    cfg = CoordinatorConfig.model_validate({"tokens": [{"token_env": "C", "scopes": ["client"]}]})
+    assert Authenticator.from_config(cfg, {"C": "cli\n"}).authenticate("Bearer cli", "client")
+    auth = Authenticator.from_config(CoordinatorConfig(), {"QLM_CLIENT_TOKEN": " c\n"})
+    assert auth.authenticate("Bearer c", "client").scopes == {"client"}
+
+
+def test_own_instances_get_a_token_only_where_they_have_none_that_works() -> None:
+    client_only = CoordinatorConfig()
+    assert own_instances_token(client_only, {}) is None  # authentication off
+    env = {"QLM_CLIENT_TOKEN": "c"}
+    token = own_instances_token(client_only, env)
+    assert token is not None
+    auth = Authenticator.from_config(client_only, env, token)
+    assert auth.authenticate(f"Bearer {token}", "instance").scopes == {"instance"}
+    with pytest.raises(AuthError):
+        auth.authenticate(f"Bearer {token}", "client")
+    assert own_instances_token(client_only, {**env, "QLM_INSTANCE_TOKEN": "i"}) is None
+
+
+def test_command_line_settings_are_validated_as_the_file_is() -> None:
+    cfg = with_overrides(CoordinatorConfig(), {"http": {"port": 9001}}, "the command line")
+    assert cfg.http.port == 9001
+    with pytest.raises(ConfigError, match=r"the command line: http\.port: Input should be less than"):
+        with_overrides(CoordinatorConfig(), {"http": {"port": 70000}}, "the command line")

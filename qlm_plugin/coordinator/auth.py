@@ -11,6 +11,7 @@ import fnmatch
 import hashlib
 import ipaddress
 import os
+import secrets
 import ssl
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -55,9 +56,27 @@ def _digest(token: str) -> bytes:
     return hashlib.sha256(token.encode()).digest()
 
 
+def own_instances_token(cfg: CoordinatorConfig, env: Mapping[str, str]) -> str | None:
+    """A new instance token for the instances a command starts itself (``qlm serve``), where
+    authentication is on and ``QLM_INSTANCE_TOKEN`` holds none that the coordinator takes: a
+    front door protected by a client token alone, or instance tokens read from files."""
+    auth = Authenticator.from_config(cfg, env)
+    if not auth.enabled:
+        return None
+    given = env.get(SCOPE_ENV["instance"], "")
+    if given:
+        try:
+            auth.authenticate(f"Bearer {given}", "instance")
+            return None
+        except AuthError:
+            pass
+    return secrets.token_urlsafe(32)
+
+
 def _read_token(entry: TokenEntry, env: Mapping[str, str]) -> str:
     if entry.token_env is not None:
-        value = env.get(entry.token_env, "")
+        # stripped as a header's token is: a secret written with `echo` ends with a newline
+        value = env.get(entry.token_env, "").strip()
         if not value:
             raise ValueError(
                 f"token {entry.name or entry.token_env}: environment variable {entry.token_env} is unset"
@@ -75,6 +94,13 @@ def _read_token(entry: TokenEntry, env: Mapping[str, str]) -> str:
     return value
 
 
+def _check_usable(token: str, source: str) -> str:
+    """``token``, if a client can send it: HTTP headers and gRPC metadata carry printable ASCII."""
+    if not (token.isascii() and token.isprintable()) or " " in token:
+        raise ValueError(f"token {source}: must be printable ASCII without spaces (no header could carry it)")
+    return token
+
+
 class Authenticator:
     """Maps bearer tokens to principals. Immutable after construction: safe from any thread."""
 
@@ -82,11 +108,17 @@ class Authenticator:
         self._by_digest = {_digest(tok): p for tok, p in principals.items()}
 
     @classmethod
-    def from_config(cls, cfg: CoordinatorConfig, env: Mapping[str, str] | None = None) -> Authenticator:
+    def from_config(
+        cls, cfg: CoordinatorConfig, env: Mapping[str, str] | None = None, own_instances: str | None = None
+    ) -> Authenticator:
+        """The configured tokens (else the ``QLM_*_TOKEN`` variables of ``env``); ``own_instances``:
+        an instance token of the instances the coordinator's command starts itself."""
         env = os.environ if env is None else env
         principals: dict[str, Principal] = {}
         for entry in cfg.tokens:
-            token = _read_token(entry, env)
+            token = _check_usable(
+                _read_token(entry, env), entry.name or entry.token_env or entry.token_file or ""
+            )
             if token in principals:  # two entries, one secret: which scopes would it hold?
                 other = entry.name or entry.token_env or entry.token_file
                 raise ValueError(f"tokens {principals[token].name!r} and {other!r} have the same value")
@@ -98,11 +130,14 @@ class Authenticator:
             )
         if not cfg.tokens:
             for scope, var in SCOPE_ENV.items():
-                token = env.get(var, "")
+                token = env.get(var, "").strip()
                 if token:
+                    _check_usable(token, var)
                     old = principals.get(token)
                     scopes = (old.scopes if old else frozenset()) | {scope}
                     principals[token] = Principal(var if old is None else old.name, scopes)
+        if own_instances is not None and principals:
+            principals[own_instances] = Principal("own-instances", frozenset({"instance"}))
         return cls(principals)
 
     def export(self) -> list[list[Any]]:

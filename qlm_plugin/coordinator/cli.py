@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from qlm_plugin import event_loop
-from qlm_plugin.coordinator.config import CoordinatorConfig, HTTPListen, Listen, load_config
+from qlm_plugin.coordinator.config import CoordinatorConfig, load_config, with_overrides
 
 log = logging.getLogger("qlm_plugin.serve")
 
@@ -35,22 +35,23 @@ def _config(args: argparse.Namespace) -> CoordinatorConfig:
     host = args.host or None
     workers = getattr(args, "http_workers", None)
     if args.http_port is not None or host or workers is not None:
-        update["http"] = HTTPListen(
-            host=host or cfg.http.host,
-            port=cfg.http.port if args.http_port is None else args.http_port,
-            workers=cfg.http.workers if workers is None else workers,
-        )
+        update["http"] = {
+            "host": host or cfg.http.host,
+            "port": cfg.http.port if args.http_port is None else args.http_port,
+            "workers": cfg.http.workers if workers is None else workers,
+        }
     if args.grpc_port is not None or host:
-        update["grpc"] = Listen(
-            host=host or cfg.grpc.host, port=cfg.grpc.port if args.grpc_port is None else args.grpc_port
-        )
+        update["grpc"] = {
+            "host": host or cfg.grpc.host,
+            "port": cfg.grpc.port if args.grpc_port is None else args.grpc_port,
+        }
     if args.journal:
-        update["journal"] = cfg.journal.model_copy(update={"path": args.journal})
+        update["journal"] = {**cfg.journal.model_dump(), "path": args.journal}
     if args.policy:
         update["policy"] = args.policy
     if args.scenario:
         update["scenario"] = args.scenario
-    return cfg.model_copy(update=update) if update else cfg
+    return with_overrides(cfg, update, "the command line") if update else cfg
 
 
 def _telemetry_sdk(endpoint: str | None) -> Any:
@@ -366,6 +367,17 @@ def cmd_instance(args: argparse.Namespace) -> int:
     return 0
 
 
+def _own_instances_token(cfg: CoordinatorConfig) -> str | None:
+    """With authentication on and no instance token that works in ``QLM_INSTANCE_TOKEN``, a new one
+    for the instances ``qlm serve`` starts: they inherit it from this process's environment."""
+    from qlm_plugin.coordinator.auth import own_instances_token
+
+    token = own_instances_token(cfg, os.environ)
+    if token is not None:
+        os.environ["QLM_INSTANCE_TOKEN"] = token
+    return token
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from qlm_plugin.coordinator.server import CoordinatorServer, serve_until_signal
     from qlm_plugin.deploy.child_process import python_command
@@ -379,7 +391,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
             "--model, --max-awake, --sleep-level, --engine-logs and vLLM arguments go with --engine vllm"
         )
     providers = _telemetry_sdk(args.otlp_endpoint)
-    server = CoordinatorServer(cfg, warn=lambda msg: print(f"qlm serve: {msg}", file=sys.stderr, flush=True))
+    server = CoordinatorServer(
+        cfg,
+        warn=lambda msg: print(f"qlm serve: {msg}", file=sys.stderr, flush=True),
+        own_instances_token=_own_instances_token(cfg),
+    )
     group = server.scenario.instances[0]
     count = args.instances if args.instances is not None else sum(g.count for g in server.scenario.instances)
     if count < 1:
@@ -512,6 +528,7 @@ def _serve_vllm(args: argparse.Namespace, cfg: CoordinatorConfig) -> int:
         if args.engine_logs
         else Path(cfg.journal.path).resolve().parent / "qlm-engines"
     )
+    own_token = _own_instances_token(cfg)
     fleet: VLLMFleet | RayEngines
     try:
         if args.ray is not None:
@@ -535,7 +552,10 @@ def _serve_vllm(args: argparse.Namespace, cfg: CoordinatorConfig) -> int:
         return 1
     providers = _telemetry_sdk(args.otlp_endpoint)
     server = CoordinatorServer(
-        cfg, scenario, warn=lambda msg: print(f"qlm serve: {msg}", file=sys.stderr, flush=True)
+        cfg,
+        scenario,
+        warn=lambda msg: print(f"qlm serve: {msg}", file=sys.stderr, flush=True),
+        own_instances_token=own_token,
     )
     stop = asyncio.Event()
     failures: list[str] = []

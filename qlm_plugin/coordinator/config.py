@@ -43,10 +43,11 @@ class HTTPListen(Listen):
 class TokenEntry(_Strict):
     """One bearer token: its scopes, and for client tokens optionally the tenant it acts for."""
 
-    token_env: str | None = None  # the token is this environment variable's value
-    token_file: str | None = None  # or the first line of this file
+    token_env: str | None = Field(default=None, min_length=1)  # the token is this variable's value
+    token_file: str | None = Field(default=None, min_length=1)  # or the first line of this file
     scopes: list[Literal["client", "instance", "admin"]] = Field(min_length=1)
-    tenant: str | None = None  # client tokens: requests are this tenant's, whatever the request says
+    # client tokens: requests are this tenant's, whatever the request says
+    tenant: str | None = Field(default=None, min_length=1)
     # instance tokens: the instance ids it may register and act for (shell-style patterns, such as
     # "gpu-1" or "node3-*"); unset: any
     instances: list[str] | None = Field(default=None, min_length=1)
@@ -56,6 +57,11 @@ class TokenEntry(_Strict):
     def _one_source(self) -> TokenEntry:
         if (self.token_env is None) == (self.token_file is None):
             raise ValueError("give exactly one of token_env or token_file")
+        # settings that would be silently ignored are mistakes
+        if self.tenant is not None and "client" not in self.scopes:
+            raise ValueError("tenant binds client tokens only: this token has no 'client' scope")
+        if self.instances is not None and "instance" not in self.scopes:
+            raise ValueError("instances binds instance tokens only: this token has no 'instance' scope")
         return self
 
 
@@ -132,6 +138,8 @@ class CoordinatorConfig(_Strict):
     def _timeouts(self) -> CoordinatorConfig:
         if self.heartbeat_timeout_s <= self.heartbeat_interval_s:
             raise ValueError("heartbeat_timeout_s must be longer than heartbeat_interval_s")
+        if self.http.port and self.http.port == self.grpc.port and self.http.host == self.grpc.host:
+            raise ValueError(f"http and grpc cannot both listen on {self.http.host}:{self.http.port}")
         return self
 
     def limits_for(self, tenant: str) -> TenantLimits:
@@ -151,15 +159,24 @@ def load_config(path: str | os.PathLike[str] | None = None) -> CoordinatorConfig
         raise ConfigError(f"{p}: not valid YAML: {exc}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{p}: the config is a YAML mapping")
+    cfg = _validated(data, str(p))
+    if cfg.scenario is not None and not Path(cfg.scenario).is_absolute():
+        cfg = cfg.model_copy(update={"scenario": str(p.parent / cfg.scenario)})
+    return cfg
+
+
+def with_overrides(cfg: CoordinatorConfig, update: dict[str, Any], source: str) -> CoordinatorConfig:
+    """``cfg`` with ``update`` (settings given on the command line), validated as a file is."""
+    return _validated({**cfg.model_dump(), **update}, source)
+
+
+def _validated(data: dict[str, Any], source: str) -> CoordinatorConfig:
     try:
-        cfg = CoordinatorConfig.model_validate(data)
+        return CoordinatorConfig.model_validate(data)
     except ValidationError as exc:
         lines = []
         for err in exc.errors():
             where = ".".join(str(x) for x in err["loc"]) or "(top)"
             msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
-            lines.append(f"{p}: {where}: {msg}")
+            lines.append(f"{source}: {where}: {msg}")
         raise ConfigError("\n".join(lines)) from None
-    if cfg.scenario is not None and not Path(cfg.scenario).is_absolute():
-        cfg = cfg.model_copy(update={"scenario": str(p.parent / cfg.scenario)})
-    return cfg

@@ -259,6 +259,8 @@ class Coordinator:
         try:
             await asyncio.shield(committed)  # a future, not a task: nothing more per request
         except asyncio.CancelledError:
+            if committed.cancelled():  # the journal closed first: hold() refuses it below
+                self._accepted(job, parent, committed)
             # The caller went away (a client gone, a deadline) during the write: a record that
             # commits is an accepted request, so it is held and admitted all the same, once, and a
             # retry with its key waits for that and finds it.
@@ -271,6 +273,8 @@ class Coordinator:
                 lambda _: self._accepted_late(job, parent, committed, held, cancel_if_caller_leaves)
             )
             raise
+        except Exception:  # the journal refused the record: hold() below uncounts it and says why
+            pass
         self._accepted(job, parent, committed)
         return job, False
 

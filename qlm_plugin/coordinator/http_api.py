@@ -62,6 +62,7 @@ SUBMIT_HTTP = {
     "limit": 429,
     "unavailable": 503,
     "slo_unattainable": 503,
+    "internal": 500,
 }
 #: A refusal's code as OpenAI names it, where it has a name for it (clients act on these: a context
 #: overflow is trimmed and retried, an unknown model falls back to another).

@@ -53,9 +53,14 @@ RETAIN_FINISHED_S = 120.0
 Finished = tuple[Any, ...]
 
 
+#: The coordinator's own request ids start so; a client's may not.
+GENERATED_ID_PREFIX = "req-"
+
+
 class SubmitError(Exception):
     """A refused submission. ``code``: invalid, unknown_model, too_large, limit, unavailable,
-    slo_unattainable; ``field`` names the offending request field where there is one."""
+    slo_unattainable, internal (a failure of the coordinator's own); ``field`` names the offending
+    request field where there is one."""
 
     def __init__(
         self,
@@ -235,7 +240,7 @@ class JobBook:
     # ------------------------------------------------------------------ new requests
     def new_id(self) -> str:
         self._ids += 1
-        return f"req-{int(self.started_at * 1000):x}-{self._ids}"
+        return f"{GENERATED_ID_PREFIX}{int(self.started_at * 1000):x}-{self._ids}"
 
     def tier_class(self, tier: str) -> str:
         """The class OpenAI's ``service_tier`` asks for, where this deployment has it ("" for the
@@ -316,6 +321,13 @@ class JobBook:
         limits = self.cfg.limits_for(request.tenant)
         load = self.tenant_load.get(request.tenant, [0, 0])
         tokens = request.prompt_tokens + request.max_tokens
+        if tokens > limits.max_queued_tokens:  # never fits, even alone: a retry cannot help
+            raise SubmitError(
+                "invalid",
+                f"the request's {tokens} tokens (prompt and max_tokens) exceed tenant {request.tenant!r}'s "
+                f"limit of {limits.max_queued_tokens} queued tokens; ask for fewer",
+                "max_tokens",
+            )
         if load[0] + 1 > limits.max_queued_requests:
             raise SubmitError(
                 "limit",
@@ -346,6 +358,13 @@ class JobBook:
         """The request's id: the client's, if not taken (:class:`SubmitError`), else a new one."""
         if spec.request_id:
             rid = spec.request_id
+            if rid.startswith(GENERATED_ID_PREFIX):  # else one of its ids could be taken by a client's
+                raise SubmitError(
+                    "invalid",
+                    f"request ids starting {GENERATED_ID_PREFIX!r} are the coordinator's own; "
+                    "choose another or leave it empty",
+                    "request_id",
+                )
             if rid in self.jobs or rid in self.finished or self.journal.get(rid) is not None:
                 raise SubmitError("invalid", f"request id {spec.request_id!r} is already taken", "request_id")
         else:
@@ -439,8 +458,14 @@ class JobBook:
         try:
             return self.build_request(spec, arrival)
         except SubmitError:
-            return Request(
-                spec.request_id, spec.model, max(1, spec.prompt_tokens), max(1, spec.max_tokens), arrival
+            return Request(  # still its tenant's, for status and cancel
+                spec.request_id,
+                spec.model,
+                max(1, spec.prompt_tokens),
+                max(1, spec.max_tokens),
+                arrival,
+                slo_class=spec.slo.slo_class or "interactive",
+                tenant=spec.tenant or "default",
             )
 
     def _finished_job(self, rec: JobRecord) -> Job:

@@ -325,6 +325,11 @@ class RelayService:
         except SubmitError as exc:
             outbox.add(pb.RelayEvent(seq=call.seq, refused=refusal(exc)))
             return
+        except Exception as exc:  # a bug: the worker's client is answered all the same, not left waiting
+            log.exception("relay: submit failed")
+            failure = SubmitError("internal", f"the coordinator failed on this request: {exc!r}")
+            outbox.add(pb.RelayEvent(seq=call.seq, refused=refusal(failure)))
+            return
         # The answer, with the output so far, and the follower are set up in one step: no chunk
         # published in between is lost or sent twice.
         outbox.add(pb.RelayEvent(seq=call.seq, accepted=relay_job(job, duplicate=duplicate, text=True)))

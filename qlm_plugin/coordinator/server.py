@@ -57,10 +57,11 @@ class CoordinatorServer:
         telemetry: Telemetry | None = None,
         env: dict[str, str] | None = None,
         warn: Callable[[str], Any] = log.warning,
+        own_instances_token: str | None = None,
     ) -> None:
         self.cfg = cfg
         self.scenario = scenario or load_scenario(cfg.scenario)
-        self.auth = Authenticator.from_config(cfg, env)
+        self.auth = Authenticator.from_config(cfg, env, own_instances_token)
         check_bind(cfg, self.auth, warn)
         self._telemetry = telemetry
         self.coordinator: Coordinator | None = None

@@ -38,6 +38,9 @@ from qlm_plugin.domain.plan import Plan
 from qlm_plugin.domain.request import Request
 from qlm_plugin.hooks import hookimpl, list_instances
 
+#: With nothing waiting, how often a tick still reads the busy instances' step timings.
+IDLE_STEPS_REFRESH_S = 1.0
+
 
 class QueueManager:
     """QLM's queue manager as a plugin (see the module docstring).
@@ -117,6 +120,7 @@ class QueueManager:
             min_model_residency_s=min_model_residency_s,
         )
         self.last_plan_at = -math.inf
+        self.steps_read_at = -math.inf
         self.last_plan: Plan | None = None
         # (planning seconds, the plan or None, now): the coordinator's telemetry
         self.on_replan: Callable[[float, Plan | None, float], None] | None = None
@@ -342,7 +346,15 @@ class QueueManager:
     def qlm_tick(self, now: float) -> bool:
         self.estimator.clock = now
         if not self.pending():
+            # The step timings still feed the estimator, which admission answers and refuses by:
+            # a queue that refusals keep empty must not freeze them at one stale (prefill) step.
+            if now - self.steps_read_at >= IDLE_STEPS_REFRESH_S:
+                self.steps_read_at = now
+                for view in self.fleet.instances.values():
+                    if view.running:
+                        self.fleet.refresh(view, detail=True)
             return False
+        self.steps_read_at = now
         for view in self.fleet.instances.values():
             self.fleet.refresh(view, detail=True)
         self.replan(now)

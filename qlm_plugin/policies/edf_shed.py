@@ -36,6 +36,16 @@ def free_slots(state: InstanceState) -> int:
     return max(0, min(state.max_num_seqs - state.num_running, kv))
 
 
+def _served(states: Sequence[InstanceState]) -> set[str]:
+    """The models the instances hold or are loading."""
+    served: set[str] = set()
+    for state in states:
+        served.update(state.models_loaded)
+        if state.loading_model is not None:
+            served.add(state.loading_model)
+    return served
+
+
 class _ModelQueue:
     """Two heaps by deadline: on time, and late (the least late first). Entries of requests that
     left (cancelled, or queued again after a requeue) are dropped lazily."""
@@ -122,18 +132,25 @@ class EDFShed:
         self._pull_all(now)
         return bool(self.requests)
 
-    def _pull_all(self, now: float) -> None:
-        for iid in self.instances:
-            state = self.hook.qlm_instance_state(instance_id=iid, detail=False)
-            if state is not None:
-                self._pull(state, free_slots(state), now)
+    def _states(self) -> list[InstanceState]:
+        states = (self.hook.qlm_instance_state(instance_id=iid, detail=False) for iid in self.instances)
+        return [s for s in states if s is not None]
 
-    def _pull(self, state: InstanceState, slots: int, now: float) -> None:
+    def _pull_all(self, now: float) -> None:
+        states = self._states()
+        served = _served(states)
+        # The least busy first: work spreads over the fleet (in list order the first instance took
+        # every arrival until it was full, and queued them behind its own running work).
+        states.sort(key=lambda s: s.num_running / max(1, s.max_num_seqs))
+        for state in states:
+            self._pull(state, free_slots(state), now, served)
+
+    def _pull(self, state: InstanceState, slots: int, now: float, served: set[str] | None = None) -> None:
         if slots <= 0 or not state.models_loaded:
             return
         q = self.queues.get(state.models_loaded[0])
         if q is None or q.head() is None:
-            q = self._stranded_model_queue(now)
+            q = self._stranded_model_queue(now, _served(self._states()) if served is None else served)
             if q is None:
                 return
             slots = 1  # the engine swaps once its own work is done: one request asks for it
@@ -150,15 +167,8 @@ class EDFShed:
                 return
             slots -= 1
 
-    def _stranded_model_queue(self, now: float) -> _ModelQueue | None:
+    def _stranded_model_queue(self, now: float, served: set[str]) -> _ModelQueue | None:
         """The queue of the model with the most urgent request among models no instance serves."""
-        served: set[str] = set()
-        for iid in self.instances:
-            state = self.hook.qlm_instance_state(instance_id=iid, detail=False)
-            if state is not None:
-                served.update(state.models_loaded)
-                if state.loading_model is not None:
-                    served.add(state.loading_model)
         waiting = [
             (head, q) for m, q in self.queues.items() if m not in served and (head := q.head()) is not None
         ]

@@ -11,6 +11,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
+from qlm_plugin.coordinator import forward as forward_module
 from qlm_plugin.coordinator.forward import forward, request_body, resumes_from_ids
 from qlm_plugin.coordinator.instances import Session
 from qlm_plugin.coordinator.jobs import Job
@@ -166,3 +167,62 @@ def test_an_engine_that_answers_an_error_and_no_longer_answers_is_drained() -> N
         lost.clear()
         events = asyncio.run(run("length", healthy=healthy, lost=lost, status=status))
         assert not lost and [e.kind for e in events] == [Event.FAILED]
+
+
+def test_a_stalled_stream_fails_the_attempt_after_the_read_timeout(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An engine whose stream goes silent (a hung engine core, its server still up) is not waited on
+    for ever: after ``READ_TIMEOUT_S`` without a byte the attempt fails, to resume after what it
+    delivered; the engine, which still answers its health check, is not drained."""
+    monkeypatch.setattr(forward_module, "READ_TIMEOUT_S", 0.5)
+
+    async def main() -> tuple[list[pb.RequestEvent], list[str], Job, float]:
+        stalled = asyncio.Event()
+
+        async def health(request: web.Request) -> web.Response:
+            return web.Response(status=200)
+
+        async def completions(request: web.Request) -> web.StreamResponse:
+            resp = web.StreamResponse(headers={"content-type": "text/event-stream"})
+            await resp.prepare(request)
+            chunk = {"choices": [{"index": 0, "text": " a", "token_ids": [10]}]}
+            await resp.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
+            await stalled.wait()  # a hung engine: nothing more, the connection open
+            return resp
+
+        app = web.Application()
+        app.router.add_post("/v1/completions", completions)
+        app.router.add_get("/health", health)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = runner.addresses[0][1]
+        events: list[pb.RequestEvent] = []
+        lost: list[str] = []
+        j = job()
+
+        def report(s: Session, batch: pb.EventBatch) -> None:
+            for e in batch.events:
+                events.append(e)
+                if e.kind == Event.TOKENS and e.index == j.tokens:
+                    j.chunks.append(e.text)
+                    j.tokens += e.tokens
+
+        session = Session("engine", "vllm", "cpu", frozenset(), f"http://127.0.0.1:{port}")
+        t0 = time.monotonic()
+        try:
+            async with aiohttp.ClientSession() as http:
+                await asyncio.wait_for(
+                    forward(session, j, 1, http, report, lambda s, why: lost.append(why)), 10
+                )
+            took = time.monotonic() - t0
+        finally:
+            stalled.set()
+            await runner.cleanup()
+        return events, lost, j, took
+
+    events, lost, served, took = asyncio.run(main())
+    assert took < 5, took
+    assert [e.kind for e in events] == [Event.TOKENS, Event.FAILED] and not lost
+    assert "no answer for 0.5 s" in events[-1].error
+    assert served.tokens == 1 and served.text == " a"  # the next attempt resumes after it

@@ -205,7 +205,7 @@ class Dispatcher:
             self._http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0, force_close=True))
         predicted = self.hook.qlm_predict_output_length(request=job.request, generated_tokens=job.tokens)
         task = asyncio.get_running_loop().create_task(
-            forward(s, job, job.attempt, self._http, self.apply_events, self.on_lost, predicted)
+            forward(s, job, job.attempt, self._http, self.apply_events, self._engine_gone, predicted)
         )
         self._forwards[job.id] = task
 
@@ -214,6 +214,14 @@ class Dispatcher:
                 del self._forwards[rid]
 
         task.add_done_callback(forget)
+
+    def _engine_gone(self, s: Session, reason: str) -> None:
+        """An engine served over HTTP no longer answers: drain its instance's session as it is now
+        (its agent may have registered again since the stream began, the engine the same)."""
+        now = self.fleet.sessions.get(s.instance_id)
+        if now is not None and now is not s and now.endpoint == s.endpoint:
+            s = now
+        self.on_lost(s, reason)
 
     def forwarding(self, request_id: str) -> bool:
         """Whether the request's stream from an engine served over HTTP is still open."""
@@ -311,19 +319,28 @@ class Dispatcher:
                     self.fleet.command(s, "abort", ev.request_id, attempt=ev.attempt)
                 continue
             if ev.kind == Event.TOKENS:
+                if ev.tokens < 0 or (ev.tokens == 0 and ev.text):
+                    self._malformed(s, job, ev, f"{ev.tokens} tokens for {len(ev.text)} characters")
+                    continue
                 if ev.index + ev.tokens <= job.tokens:
                     continue  # resent
                 if ev.index != job.tokens:
+                    # Output missing (or overlapping): what follows cannot be trusted, and a FINISHED
+                    # after it would close the request truncated. Served again after what was delivered.
+                    self._malformed(s, job, ev, f"tokens at {ev.index}, expected {job.tokens}")
+                    continue
+                tokens = min(ev.tokens, job.request.max_tokens - job.tokens)  # an engine past the limit
+                if tokens <= 0:
                     log.warning(
-                        "request %s: tokens at %d, expected %d; chunk dropped", job.id, ev.index, job.tokens
+                        "request %s: tokens past max_tokens %d dropped", job.id, job.request.max_tokens
                     )
                     continue
                 job.chunks.append(ev.text)
-                job.tokens += ev.tokens
+                job.tokens += tokens
                 if job.first_token_at is None:
                     job.first_token_at = now
                     self.telemetry.request_event(job.id, "qlm.first_token", time=now)
-                self.book.publish(job, Chunk(ev.text, ev.index, ev.tokens))
+                self.book.publish(job, Chunk(ev.text, ev.index, tokens))
             elif ev.kind == Event.FINISHED:
                 # an engine that reports evictions one by one (EVICTED) and one that totals them at
                 # the end: both counted once
@@ -341,6 +358,17 @@ class Dispatcher:
             elif ev.kind == Event.REQUEUED:
                 job.preemptions += 1  # evicted by abort: its work there is lost
                 self.requeue(job, f"instance {s.instance_id} gave it back: {ev.error}", failure=False)
+
+    def _malformed(self, s: Session, job: Job, ev: pb.RequestEvent, what: str) -> None:
+        """A progress report that cannot be applied: the attempt fails (the engine is told to drop
+        it), and the request is served again after what was delivered."""
+        log.warning(
+            "request %s: instance %s reported %s: attempt %d failed", job.id, s.instance_id, what, ev.attempt
+        )
+        if s.alive:
+            s.pending_aborts.add(job.id)  # its later events are stale: no second abort
+            self.fleet.command(s, "abort", job.id, attempt=ev.attempt)
+        self.requeue(job, f"instance {s.instance_id} reported malformed progress: {what}")
 
     async def close(self) -> None:
         """Stop forwarding (the engines abort what they were streaming)."""

@@ -34,6 +34,9 @@ Event = pb.RequestEvent
 ENGINE_DROPPED = ("abort", "error")
 #: Deadline of the connection to the engine (the stream itself runs as long as the request).
 CONNECT_TIMEOUT_S = 10.0
+#: The longest an engine's stream may stay silent: no fixed bound fits a whole request, but a server
+#: silent this long is stalled (as the black-box adapter's ``engine_link.READ_TIMEOUT_S``).
+READ_TIMEOUT_S = 600.0
 #: How long a broken stream's engine has to answer its health check before it is drained.
 HEALTH_TIMEOUT_S = 3.0
 #: A connection or stream that ends early: the engine may be gone. A server killed mid-stream shows
@@ -144,6 +147,13 @@ async def forward(
     held: list[int] = []  # ids streamed whose text has not come yet
     in_transit = True  # until the engine's server answers (or the request fails on its way)
 
+    def gone(reason: str) -> None:
+        lost(s, reason)
+        if job.state == "dispatched" and job.attempt == attempt and job.instance == s.instance_id:
+            # Draining changed nothing (the agent registered again since the stream began, and the
+            # session now is another engine's): this attempt fails, and the request is served again.
+            emit(kind=Event.FAILED, error=reason)
+
     def arrived() -> None:
         nonlocal in_transit
         if in_transit:  # the session's credits count what is still on its way
@@ -154,7 +164,7 @@ async def forward(
         resume_ids: list[int] = []
         if job.spec.prompt_token_ids and job.tokens and not resumes_from_ids(job):
             resume_ids = await tokenize(http, s.endpoint, model, job.text)
-        timeout = aiohttp.ClientTimeout(total=None, sock_connect=CONNECT_TIMEOUT_S)
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=CONNECT_TIMEOUT_S, sock_read=READ_TIMEOUT_S)
         body = request_body(job, attempt, model, resume_ids, predicted)
         async with http.post(
             f"{s.endpoint.rstrip('/')}{endpoint_path(body)}",
@@ -166,7 +176,7 @@ async def forward(
             if resp.status != 200:
                 error = f"HTTP {resp.status} from {s.endpoint}: {(await resp.text())[:500]}"
                 if resp.status >= 500 and not await _answers(http, s.endpoint):
-                    lost(s, f"{error}, and it no longer answers")  # an engine shutting down
+                    gone(f"{error}, and it no longer answers")  # an engine shutting down
                 else:
                     emit(kind=Event.FAILED, error=error)
                 return
@@ -204,9 +214,19 @@ async def forward(
         # A dropped stream alone proves little (the server may have dropped only this request):
         # drain the engine at once only if it no longer answers, else serve this request again.
         if isinstance(exc, aiohttp.ClientConnectorError) or not await _answers(http, s.endpoint):
-            lost(s, f"{s.endpoint} unreachable: {type(exc).__name__}")
+            gone(f"{s.endpoint} unreachable: {type(exc).__name__}")
         else:
             emit(kind=Event.FAILED, error=f"{s.endpoint}: stream broken: {type(exc).__name__}: {exc}")
+        return
+    except aiohttp.ServerTimeoutError as exc:
+        # A stalled engine (or one out of reach): served again after what it delivered; drained
+        # first if its server no longer answers either.
+        bound = CONNECT_TIMEOUT_S if isinstance(exc, aiohttp.ConnectionTimeoutError) else READ_TIMEOUT_S
+        silent = f"{s.endpoint}: no answer for {bound:g} s ({type(exc).__name__})"
+        if not await _answers(http, s.endpoint):
+            gone(f"{silent}, and it no longer answers")
+        else:
+            emit(kind=Event.FAILED, error=silent)
         return
     except (aiohttp.ClientError, asyncio.TimeoutError, ValueError, TokenizeError) as exc:
         emit(kind=Event.FAILED, error=f"{s.endpoint}: {type(exc).__name__}: {exc}")
@@ -225,7 +245,7 @@ async def forward(
         # the request, served again at once, could go back to it and spend a second attempt there.
         ended = f"{s.endpoint} ended the stream with finish_reason {finish_reason!r}"
         if not await _answers(http, s.endpoint):
-            lost(s, f"{ended} and no longer answers")
+            gone(f"{ended} and no longer answers")
             return
         emit(kind=Event.FAILED, error=ended)
         return

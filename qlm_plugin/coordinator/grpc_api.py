@@ -15,6 +15,7 @@ from qlm_plugin.coordinator.auth import Authenticator, AuthError, Principal
 from qlm_plugin.coordinator.coordinator import Coordinator
 from qlm_plugin.coordinator.instances import Session
 from qlm_plugin.coordinator.jobs import Job, SubmitError, status_message
+from qlm_plugin.coordinator.registry import InstanceTaken
 from qlm_plugin.proto.qlm.v1 import qlm_pb2 as pb
 from qlm_plugin.proto.qlm.v1 import qlm_pb2_grpc as pb_grpc
 
@@ -22,6 +23,10 @@ log = logging.getLogger("qlm_plugin.coordinator.grpc")
 
 #: The scope each service needs; services not listed (health, reflection) need none.
 SERVICE_SCOPE = {"qlm.v1.Requests": "client", "qlm.v1.Instances": "instance", "qlm.v1.Admin": "admin"}
+
+#: The most assignments one message of the pull stream carries, serialized (one assignment alone
+#: may be larger: it goes by itself).
+MAX_BATCH_BYTES = 1024 * 1024
 
 SUBMIT_STATUS = {
     "invalid": grpc.StatusCode.INVALID_ARGUMENT,
@@ -191,7 +196,11 @@ class InstancesService(pb_grpc.InstancesServicer):
         await self._check(context, request.instance_id)
         if not self.coord.accepting:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "the coordinator is draining")
-        s, keep, abandon = self.coord.registry.register(request)
+        try:
+            s, keep, abandon = self.coord.registry.register(request)
+        except InstanceTaken as exc:
+            await context.abort(grpc.StatusCode.ALREADY_EXISTS, str(exc))
+            raise  # pragma: no cover - abort raises
         cfg = self.coord.cfg
         return pb.RegisterReply(
             session=s.id,
@@ -237,18 +246,27 @@ class InstancesService(pb_grpc.InstancesServicer):
 
         reader = asyncio.get_running_loop().create_task(credits())
         queued = s.assignments
+        carry: pb.Assignment | None = None  # taken from the queue, left for the next message
         try:
             while True:
-                a = await queued.get()
+                a = carry if carry is not None else await queued.get()
+                carry = None
                 if a is None:
                     return
-                batch = [a]
+                batch, size = [a], a.ByteSize()
                 while not queued.empty():
                     a = queued.get_nowait()
                     if a is None:
                         yield batch
                         return
+                    # Bounded: a receiver refuses a message over its limit (gRPC's default 4 MiB),
+                    # and a refused batch would fail the session again at every reconnect.
+                    n = a.ByteSize()
+                    if size + n > MAX_BATCH_BYTES:
+                        carry = a
+                        break
                     batch.append(a)
+                    size += n
                 yield batch
         finally:
             reader.cancel()

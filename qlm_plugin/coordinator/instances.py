@@ -48,6 +48,7 @@ class Session:
     gpu: str
     capabilities: frozenset[str]
     endpoint: str
+    agent_id: str = ""  # the agent process's own id, the same across its reconnects ("" unknown)
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
     report: InstanceState | None = None
     last_seen: float = field(default_factory=time.monotonic)

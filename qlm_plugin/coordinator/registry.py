@@ -30,6 +30,10 @@ from qlm_plugin.telemetry.instruments import Telemetry
 log = logging.getLogger("qlm_plugin.coordinator")
 
 
+class InstanceTaken(Exception):
+    """A registration of an instance id whose live session another agent holds."""
+
+
 class InstanceRegistry:
     """``on_state_changed(instance_id)``: an instance's models or health changed between ticks (the
     queue manager reads its state again)."""
@@ -56,34 +60,40 @@ class InstanceRegistry:
         self.awaiting: set[str] = set()  # instances that held recovered work, not back yet
         self.models_seen: set[str] = set()  # models some instance served since the start (or journal)
         self._fleet_waiters: list[asyncio.Future[None]] = []  # woken when instances come or change
+        # session id -> its session, for the live sessions in fleet.sessions: every heartbeat and
+        # report looks its session up (a scan cost 90 us at 5,000 instances)
+        self._by_id: dict[str, Session] = {}
 
     # ------------------------------------------------------------------ sessions
     def session(self, session_id: str) -> Session | None:
-        for s in self.fleet.sessions.values():
-            if s.id == session_id and s.alive:
-                return s
-        return None
+        s = self._by_id.get(session_id)
+        if s is None or not s.alive or self.fleet.sessions.get(s.instance_id) is not s:
+            return None
+        return s
 
     def register(self, msg: pb.RegisterRequest) -> tuple[Session, list[pb.HeldRequest], list[pb.HeldRequest]]:
         """A (re)registration: a new session; the requests it still holds are kept where the
-        coordinator agrees they are its, and abandoned otherwise."""
+        coordinator agrees they are its, and abandoned otherwise. Raises :class:`InstanceTaken`
+        while another agent holds a live session of the instance."""
         now = time.time()
         iid = msg.instance_id
         jobs = self.book.jobs
         old = self.fleet.sessions.get(iid)
+        if old is not None:
+            self._check_takeover(old, msg)
         held = {h.request_id: h.attempt for h in msg.held}
-        s = Session(iid, msg.backend, msg.gpu, frozenset(msg.capabilities), msg.endpoint)
+        s = Session(iid, msg.backend, msg.gpu, frozenset(msg.capabilities), msg.endpoint, msg.agent_id)
         s.report = state_from_report(msg.state, iid, msg.backend, s.capabilities)
         keep: list[pb.HeldRequest] = []
         abandon: list[pb.HeldRequest] = []
-        orphans: list[Job] = []
         if old is not None:
             old.close()
+            self._by_id.pop(old.id, None)
             for rid, attempt in old.assigned.items():
                 if rid not in held and self.dispatcher.forwarding(rid):
                     held[rid] = attempt  # served over HTTP: the stream outlives the agent's session
-            orphans = [jobs[r] for r in old.assigned if r in jobs and r not in held]
         self.fleet.sessions[iid] = s
+        self._by_id[s.id] = s
         for rid, attempt in held.items():
             job = jobs.get(rid)
             mine = (
@@ -102,6 +112,9 @@ class InstanceRegistry:
                 keep.append(pb.HeldRequest(request_id=rid, attempt=attempt))
             else:
                 abandon.append(pb.HeldRequest(request_id=rid, attempt=attempt))
+        # What the old session had and the new one did not keep (not held, or held with another
+        # attempt, which the instance now drops) is served again.
+        orphans = [jobs[r] for r in old.assigned if r in jobs and r not in s.assigned] if old else []
         self.fleet_changed()
         device = self.fleet.devices.device_of(s)
         if old is None:
@@ -123,7 +136,7 @@ class InstanceRegistry:
                 self.recovery_until = 0.0
                 self.release_recovered()  # every holder is back: the rest may go now
         for job in orphans:
-            if job.state == "dispatched":
+            if job.state == "dispatched" and job.instance == iid:
                 self.dispatcher.requeue(job, f"instance {iid} reconnected without it")
         log.info(
             "instance %s registered (%s, %s): kept %d, abandoned %d",
@@ -134,6 +147,28 @@ class InstanceRegistry:
             len(abandon),
         )
         return s, keep, abandon
+
+    def _check_takeover(self, old: Session, msg: pb.RegisterRequest) -> None:
+        """Two live agents with one instance id would take the session from each other at every
+        reconnect, each dropping the other's requests: while the session is heard from and its pull
+        stream open, only its own agent (the same ``agent_id``) may register the instance again."""
+        age = time.monotonic() - old.last_seen
+        same = bool(msg.agent_id) and msg.agent_id == old.agent_id
+        if same or not old.alive or not old.pull_open or age > self.cfg.heartbeat_timeout_s:
+            return
+        log.warning(
+            "instance %s: registration refused: its session is live (heard from %.1f s ago) and "
+            "held by another agent (%s, this one %s)",
+            old.instance_id,
+            age,
+            old.agent_id or "unnamed",
+            msg.agent_id or "unnamed",
+        )
+        raise InstanceTaken(
+            f"instance {old.instance_id!r} is connected already (another agent, heard from "
+            f"{age:.1f} s ago): give each instance its own id, or stop the other agent; a session "
+            f"silent for {self.cfg.heartbeat_timeout_s:g} s is taken over"
+        )
 
     def heartbeat(self, msg: pb.StateReport) -> bool:
         s = self.session(msg.session)
@@ -200,6 +235,7 @@ class InstanceRegistry:
             return
         s.close()
         del self.fleet.sessions[s.instance_id]
+        self._by_id.pop(s.id, None)
         device = self.fleet.devices.device_of(s)
         parked = self.fleet.devices.stopped_cold(s)  # its device stopped it to sleep it cold
         if device:

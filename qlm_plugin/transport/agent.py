@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import logging
 import random
+import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ import grpc
 
 from qlm_plugin.proto.qlm.v1 import qlm_pb2 as pb
 from qlm_plugin.proto.qlm.v1 import qlm_pb2_grpc as pb_grpc
+from qlm_plugin.transport import MAX_MESSAGE_BYTES
 
 log = logging.getLogger("qlm_plugin.transport.agent")
 
@@ -92,6 +94,8 @@ class InstanceAgent:
         # what it had streamed, and gets it again from the start (it drops what it already has).
         self._outputs: dict[tuple[str, int], list[pb.RequestEvent]] = {}
         self.session = ""
+        # Names this agent to the coordinator across its reconnects (see RegisterRequest.agent_id).
+        self.agent_id = uuid.uuid4().hex
         self.connected = asyncio.Event()
         self.sessions_started = 0
         self._received = 0
@@ -130,7 +134,11 @@ class InstanceAgent:
 
     def _channel(self) -> grpc.aio.Channel:
         s = self.settings
-        options = [("grpc.keepalive_time_ms", 10_000), ("grpc.keepalive_timeout_ms", 5_000)]
+        options = [
+            ("grpc.keepalive_time_ms", 10_000),
+            ("grpc.keepalive_timeout_ms", 5_000),
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+        ]
         if s.root_certificates is None:
             return grpc.aio.insecure_channel(s.target, options=options)
         key, chain = s.client_cert or (None, None)
@@ -147,9 +155,12 @@ class InstanceAgent:
                 delay = BACKOFF_S[0]
             except (grpc.aio.AioRpcError, ConnectionError, OSError, SessionLost) as exc:
                 self.connected.clear()
-                log.warning(
-                    "%s: coordinator connection lost (%s); retrying in %.1f s",
+                taken = isinstance(exc, grpc.aio.AioRpcError) and exc.code() == grpc.StatusCode.ALREADY_EXISTS
+                log.log(
+                    logging.ERROR if taken else logging.WARNING,
+                    "%s: %s (%s); retrying in %.1f s",
                     self.engine.instance_id,
+                    "registration refused" if taken else "coordinator connection lost",
                     _brief(exc),
                     delay,
                 )
@@ -170,6 +181,7 @@ class InstanceAgent:
                     state=e.state(),
                     held=self._held(),
                     endpoint=e.endpoint,
+                    agent_id=self.agent_id,
                 ),
                 timeout=CALL_TIMEOUT_S,
                 metadata=self._metadata(),

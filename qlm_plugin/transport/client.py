@@ -10,6 +10,7 @@ import grpc
 
 from qlm_plugin.proto.qlm.v1 import qlm_pb2 as pb
 from qlm_plugin.proto.qlm.v1 import qlm_pb2_grpc as pb_grpc
+from qlm_plugin.transport import MAX_MESSAGE_BYTES
 
 #: Default deadline of a unary call, seconds.
 TIMEOUT_S = 10.0
@@ -25,12 +26,13 @@ class CoordinatorClient:
         client_cert: tuple[bytes, bytes] | None = None,
         timeout_s: float = TIMEOUT_S,
     ) -> None:
+        options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)]  # a long output's status
         if root_certificates is None:
-            self.channel = grpc.aio.insecure_channel(target)
+            self.channel = grpc.aio.insecure_channel(target, options=options)
         else:
             key, chain = client_cert or (None, None)
             creds = grpc.ssl_channel_credentials(root_certificates, key, chain)
-            self.channel = grpc.aio.secure_channel(target, creds)
+            self.channel = grpc.aio.secure_channel(target, creds, options=options)
         self.metadata = [("authorization", f"Bearer {token}")] if token else []
         self.timeout_s = timeout_s
         self.requests = pb_grpc.RequestsStub(self.channel)  # type: ignore[no-untyped-call]  # generated stub

@@ -233,7 +233,7 @@ class HeldRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., attempt: _Optional[int] = ...) -> None: ...
 
 class RegisterRequest(_message.Message):
-    __slots__ = ("instance_id", "backend", "gpu", "capabilities", "state", "held", "endpoint")
+    __slots__ = ("instance_id", "backend", "gpu", "capabilities", "state", "held", "endpoint", "agent_id")
     INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
     BACKEND_FIELD_NUMBER: _ClassVar[int]
     GPU_FIELD_NUMBER: _ClassVar[int]
@@ -241,6 +241,7 @@ class RegisterRequest(_message.Message):
     STATE_FIELD_NUMBER: _ClassVar[int]
     HELD_FIELD_NUMBER: _ClassVar[int]
     ENDPOINT_FIELD_NUMBER: _ClassVar[int]
+    AGENT_ID_FIELD_NUMBER: _ClassVar[int]
     instance_id: str
     backend: str
     gpu: str
@@ -248,7 +249,8 @@ class RegisterRequest(_message.Message):
     state: StateReport
     held: _containers.RepeatedCompositeFieldContainer[HeldRequest]
     endpoint: str
-    def __init__(self, instance_id: _Optional[str] = ..., backend: _Optional[str] = ..., gpu: _Optional[str] = ..., capabilities: _Optional[_Iterable[str]] = ..., state: _Optional[_Union[StateReport, _Mapping]] = ..., held: _Optional[_Iterable[_Union[HeldRequest, _Mapping]]] = ..., endpoint: _Optional[str] = ...) -> None: ...
+    agent_id: str
+    def __init__(self, instance_id: _Optional[str] = ..., backend: _Optional[str] = ..., gpu: _Optional[str] = ..., capabilities: _Optional[_Iterable[str]] = ..., state: _Optional[_Union[StateReport, _Mapping]] = ..., held: _Optional[_Iterable[_Union[HeldRequest, _Mapping]]] = ..., endpoint: _Optional[str] = ..., agent_id: _Optional[str] = ...) -> None: ...
 
 class RegisterReply(_message.Message):
     __slots__ = ("session", "heartbeat_interval_s", "heartbeat_timeout_s", "keep", "abandon")

@@ -57,6 +57,16 @@ def list_instances(pm: pluggy.PluginManager) -> list[InstanceInfo]:
     return [info for listed in caller() for info in listed]
 
 
+def _unknown_hooks(pm: pluggy.PluginManager, plugin: object) -> list[str]:
+    """The hooks ``plugin`` implements that no spec declares (``optionalhook`` ones aside)."""
+    return sorted(
+        caller.name
+        for caller in pm.get_hookcallers(plugin) or []
+        if caller.spec is None
+        and any(impl.plugin is plugin and not impl.optionalhook for impl in caller.get_hookimpls())
+    )
+
+
 def _autoload_disabled() -> bool:
     return os.environ.get(DISABLE_AUTOLOAD_ENV, "").strip().lower() in {"1", "true", "yes", "on"}
 
@@ -84,7 +94,19 @@ def load_entrypoint_plugins(pm: pluggy.PluginManager, adapters: Iterable[str] = 
             continue
         try:
             plugin = ep.load()
+            if isinstance(plugin, type):  # the entry point names a class: its hooks are an instance's
+                plugin = plugin()
             pm.register(plugin, name=ep.name)
+            unknown = _unknown_hooks(pm, plugin)
+            if unknown:  # a misspelled hook would never be called: say so, and load none of it
+                pm.unregister(name=ep.name)
+                log.error(
+                    "qlm plugin %r (%s) implements hooks that do not exist: %s; skipped",
+                    ep.name,
+                    ep.value,
+                    ", ".join(unknown),
+                )
+                continue
         except Exception:
             # pluggy may have registered some hookimpls before validation failed: take them all back.
             if pm.has_plugin(ep.name):

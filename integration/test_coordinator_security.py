@@ -857,3 +857,28 @@ def test_qlm_serve_with_a_client_token_alone_gives_its_own_instances_a_token(tmp
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+def test_a_second_coordinator_on_a_taken_grpc_port_is_refused(tmp_path: Path) -> None:
+    """gRPC binds with SO_REUSEPORT by default: two coordinators on one port both started, and
+    instances and clients reached either at random."""
+
+    async def main() -> None:
+        port = free_port()
+
+        def cfg(name: str) -> CoordinatorConfig:
+            return CoordinatorConfig.model_validate(
+                {"http": {"port": 0}, "grpc": {"port": port}, "journal": {"path": str(tmp_path / name)}}
+            )
+
+        first = CoordinatorServer(cfg("a.db"))
+        await first.start()
+        second = CoordinatorServer(cfg("b.db"))
+        try:
+            with pytest.raises(OSError, match="address in use"):
+                await second.start()
+        finally:
+            await second.stop(drain_timeout_s=0)
+            await first.stop(drain_timeout_s=0)
+
+    asyncio.run(main())

@@ -514,6 +514,34 @@ def test_plugin_rejected_by_validation_leaves_nothing_registered(site: Site) -> 
     assert not pm.has_plugin("wrongarg")
 
 
+def test_an_entry_point_naming_a_class_registers_an_instance_of_it(site: Site, request_: Request) -> None:
+    """``spf = module:ShortestPromptFirst``: its hooks are methods; registered as the class, every
+    call raised for the missing ``self``."""
+    site.install(
+        "qlmtest-classplugin",
+        {"classplugin": "qlmtest_classplugin:RankPlugin"},
+        {"qlmtest_classplugin": RANK_PLUGIN.format(tag="class")},
+    )
+    pm = get_plugin_manager()
+    assert type(pm.get_plugin("classplugin")).__name__ == "RankPlugin"
+    assert pm.hook.qlm_rank_key(request=request_, instance_id="i0", now=0.0) == ("class", 512)
+
+
+def test_a_plugin_with_a_misspelled_hook_is_logged_and_skipped(
+    site: Site, request_: Request, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A hook no spec declares would never be called: the plugin is not half-loaded without it."""
+    typo = RANK_PLUGIN.format(tag="typo").replace("def qlm_rank_key(", "def qlm_rank_kye(")
+    site.install("qlmtest-typo", {"typo": "qlmtest_typo:plugin"}, {"qlmtest_typo": typo})
+    caplog.set_level(logging.DEBUG, logger=MANAGER_LOGGER)
+    pm = get_plugin_manager(autoload=False)
+    assert load_entrypoint_plugins(pm) == []
+    assert not pm.has_plugin("typo")
+    (error,) = [r for r in manager_errors(caplog) if "'typo'" in r.getMessage()]
+    assert "hooks that do not exist: qlm_rank_kye" in error.getMessage()
+    pm.check_pending()  # nothing of it is left
+
+
 # --- import hygiene --------------------------------------------------------------------------------
 
 

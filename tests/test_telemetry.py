@@ -233,6 +233,19 @@ def test_starting_twice_closes_the_first_span(otel: Otel) -> None:
     assert tel.open_spans() == 0
 
 
+def test_spans_still_open_when_the_coordinator_stops_are_ended_and_exported(otel: Otel) -> None:
+    """An unended span is never exported: the trace of a request still queued at a stop was lost."""
+    tel = otel.telemetry()
+    start(tel, "r1")
+    start(tel, "r2")
+    tel.lso_started("c1", op="evict", instance_id="i0", request_id="r1")
+    tel.close()
+    assert tel.open_spans() == 0
+    ended = {s.name: s for s in otel.finished()}
+    assert len(otel.finished()) == 3 and "qlm.lso.evict" in ended
+    assert all((s.attributes or {}).get("qlm.status") == "interrupted" for s in otel.finished())
+
+
 # ---------------------------------------------------------------- replan and LSO spans
 
 

@@ -9,9 +9,7 @@ import logging
 import os
 import signal
 import socket
-import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -381,6 +379,7 @@ def _own_instances_token(cfg: CoordinatorConfig) -> str | None:
 def cmd_serve(args: argparse.Namespace) -> int:
     from qlm_plugin.coordinator.server import CoordinatorServer, serve_until_signal
     from qlm_plugin.deploy.child_process import python_command
+    from qlm_plugin.deploy.instance_children import InstanceChildren
 
     _logging(args.verbose)
     cfg = _config(args)
@@ -400,7 +399,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     count = args.instances if args.instances is not None else sum(g.count for g in server.scenario.instances)
     if count < 1:
         raise ValueError("--instances must be >= 1")
-    children: list[subprocess.Popen[bytes]] = []
+    stop = asyncio.Event()
+    failures: list[str] = []
+    children: list[InstanceChildren] = []
+    supervisor: list[asyncio.Task[None]] = []  # held: the loop keeps only weak references to tasks
     fleet: list[Any] = []
 
     def ready_ray() -> None:
@@ -434,7 +436,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 flush=True,
             )
 
-        asyncio.get_running_loop().run_in_executor(None, start)  # Ray calls block: off the event loop
+        started = asyncio.get_running_loop().run_in_executor(None, start)  # Ray calls block
+
+        def failed(f: asyncio.Future[None]) -> None:
+            exc = None if f.cancelled() else f.exception()
+            if exc is not None:  # no instance would ever come: stop, saying why
+                failures.append(f"the Ray fleet did not start: {type(exc).__name__}: {exc}")
+                stop.set()
+
+        started.add_done_callback(failed)
 
     def ready() -> None:
         event_loop.freeze_startup_heap()
@@ -459,8 +469,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
             cmd += ["--model", m]
         if cfg.scenario or args.scenario:
             cmd += ["--scenario", str(args.scenario or cfg.scenario)]
-        for i in range(count):
-            children.append(subprocess.Popen([*cmd, "--name", f"sim{i}"]))
+        sims = InstanceChildren(cmd, [f"sim{i}" for i in range(count)])
+        sims.start()
+        children.append(sims)
+        supervisor.append(asyncio.get_running_loop().create_task(sims.supervise()))
         print(
             f"qlm serve: HTTP http://{cfg.http.host}:{server.http_port} (OpenAI API under /v1, /health, "
             f"/metrics), gRPC {cfg.grpc.host}:{server.grpc_port}, {count} simulated {group.gpu} instances of "
@@ -469,24 +481,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
         )
 
     try:
-        left = event_loop.run(serve_until_signal(server, ready))
+        left = event_loop.run(serve_until_signal(server, ready, stop))
     finally:
         if fleet:
             from qlm_plugin.deploy import ray_fleet
 
             ray_fleet.stop_fleet(fleet[0])
-        for child in children:
-            child.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + 10
-        for child in children:
-            try:
-                child.wait(max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                child.kill()
+        for sims in children:
+            sims.stop()
         if providers is not None:
             from qlm_plugin.telemetry import sdk as telemetry_sdk
 
             telemetry_sdk.shutdown(providers)
+    if failures:
+        print(f"qlm serve: error: {failures[0]}", file=sys.stderr)
+        return 1
     print(f"qlm serve: stopped ({left.get('queued', 0)} queued requests kept in {cfg.journal.path})")
     return 0
 

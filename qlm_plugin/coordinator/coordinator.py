@@ -139,6 +139,7 @@ class Coordinator:
             s.close()
         await self.dispatcher.close()
         await self.journal.flush()
+        self.telemetry.close()
         return left
 
     async def _timer(self) -> None:

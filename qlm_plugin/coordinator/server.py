@@ -42,6 +42,9 @@ GRPC_OPTIONS = [
     ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+    # gRPC sets SO_REUSEPORT by default: a second coordinator on the same port would bind too,
+    # silently, and instances and clients would reach either at random
+    ("grpc.so_reuseport", 0),
 ]
 
 
@@ -99,11 +102,14 @@ class CoordinatorServer:
         reflection.enable_server_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
         address = f"{cfg.grpc.host}:{cfg.grpc.port}"
         creds = grpc_server_credentials(cfg)
-        self.grpc_port = (
-            server.add_secure_port(address, creds) if creds else server.add_insecure_port(address)
-        )
+        try:
+            self.grpc_port = (
+                server.add_secure_port(address, creds) if creds else server.add_insecure_port(address)
+            )
+        except RuntimeError as exc:  # grpcio >= 1.6x raises where it returned 0
+            raise OSError(f"cannot bind gRPC to {address} (address in use?): {exc}") from None
         if not self.grpc_port:
-            raise OSError(f"cannot bind gRPC to {address}")
+            raise OSError(f"cannot bind gRPC to {address} (address in use?)")
         await server.start()
         for name in ("", *SERVICES):
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)

@@ -263,7 +263,7 @@ class VLLMFleet:
             args=args,
             env=env,
             cpus=e.cpus,
-            grouped=True,
+            tied=True,  # grouped, and the group stops with this process, even after a SIGKILL
         )
         e.started_at = time.monotonic()
         log.info("engine %s: %s on %s (log %s)", e.instance_id, e.model.source, e.url, e.log)

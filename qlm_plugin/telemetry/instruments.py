@@ -615,6 +615,19 @@ class Telemetry:
         """Requests whose span is still open (tests, leak checks)."""
         return len(self._requests)
 
+    def close(self) -> None:
+        """End every span still open, marked ``qlm.status`` ``interrupted`` (the coordinator
+        stops: its requests stay in the journal, and a restart opens new spans for them; an
+        unended span is never exported, so the trace up to the stop would be lost)."""
+        for span in self._requests.values():
+            span.set_attribute(QLM_STATUS, "interrupted")
+            span.end()
+        self._requests.clear()
+        for span, _ in self._lsos.values():
+            span.set_attribute(QLM_STATUS, "interrupted")
+            span.end()
+        self._lsos.clear()
+
     # ------------------------------------------------------------------ internals
 
     def _model_entry(self, model: str) -> tuple[Mapping[str, AttributeValue], _PromSeries, _PromSeries]:

@@ -26,7 +26,7 @@ def _print_table(results: dict[str, object]) -> None:
     from qlm_plugin.tools.simulate import PolicyResult
 
     header = (
-        f"{'policy':<10} {'class':<12} {'reqs':>6} {'SLO met':>8} {'goodput':>8} {'thrpt':>8} "
+        f"{'policy':<10} {'class':<12} {'reqs':>6} {'SLO met':>8} {'refused':>7} {'goodput':>8} {'thrpt':>8} "
         f"{'TTFT p50':>9} {'TTFT p99':>9} {'E2E p50':>8} {'E2E p99':>8} {'busy':>5}"
     )
     print(header)
@@ -40,12 +40,13 @@ def _print_table(results: dict[str, object]) -> None:
         ]
         for cls, m, busy in rows:
             print(
-                f"{label:<10} {cls:<12} {m.requests:>6} {m.slo_attainment * 100:>7.1f}% "
+                f"{label:<10} {cls:<12} {m.requests:>6} {m.slo_attainment * 100:>7.1f}% {m.rejected:>7} "
                 f"{m.goodput_rps:>7.2f}/s {m.throughput_rps:>6.2f}/s {_fmt(m.ttft_p50_s, 's'):>9} "
                 f"{_fmt(m.ttft_p99_s, 's'):>9} {_fmt(m.e2e_p50_s, 's', 1):>8} {_fmt(m.e2e_p99_s, 's', 1):>8} "
                 f"{'' if busy is None else f'{busy * 100:.0f}%':>5}"
             )
             label = ""
+    print("refused: at admission (a class's refuse_below_p_meet); refused and unfinished count as missed")
     if any(getattr(r, "reference", False) for r in results.values()):
         print("* reference: knows true output lengths; not a deployable policy")
 
@@ -120,7 +121,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         print(
             f"scenario {scenario.name!r}: {len(requests)} requests over {span:.0f} s "
             f"({f'{len(requests) / span:.2f} req/s' if span > 0 else 'all at once'}), "
-            f"{len(scenario.instance_ids())} instances, "
+            f"{len(scenario.instance_ids())} instance{'s' if len(scenario.instance_ids()) != 1 else ''}, "
             f"seed {scenario.seed}" + (f"; {len(rejected)} rejected at validation" if rejected else "")
         )
         _print_table(dict(results))
@@ -406,6 +407,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.func(args))
+    except BrokenPipeError:  # `qlm simulate | head`: the reader left; no error to report
+        # Python's advice: point stdout at devnull, or the flush at exit fails again
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except (ConfigError, ScenarioError, UnknownPolicyError, UnknownProfileError, ValueError, OSError) as exc:
         print(f"qlm {args.command}: error: {exc}", file=sys.stderr)
         return 1

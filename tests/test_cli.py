@@ -82,6 +82,24 @@ def test_table_output_names_policies_and_classes() -> None:
     assert "reference" in proc.stdout
 
 
+def test_the_table_says_how_many_requests_a_class_refused(tmp_path: Path) -> None:
+    """A policy's attainment can be low for its refusals: the table says so, not only --json."""
+    scenario = tmp_path / "refuse.yaml"
+    scenario.write_text(
+        "name: refuse\n"
+        "workload: {synthetic: {rate_rps: 40, duration_s: 20, prompt_mean: 800, output_mean: 200}}\n"
+        "models: [{name: m, profile: llama-3.1-8b}]\ninstances: [{gpu: h100, models: [m]}]\n"
+        "classes: [{name: chat, share: 1, ttft_s: 0.2, refuse_below_p_meet: 0.9}]\n"
+    )
+    proc = qlm("simulate", "--scenario", str(scenario), "--policies", "qlm", "--no-progress")
+    assert proc.returncode == 0, proc.stderr
+    header, _, overall, *_ = proc.stdout.splitlines()[1:]
+    assert header.split()[5] == "refused" and "1 instance," in proc.stdout.splitlines()[0]
+    refused = int(overall.split()[4])
+    as_json = json.loads(qlm("simulate", "--scenario", str(scenario), "--policies", "qlm", "--json").stdout)
+    assert refused == as_json["policies"]["qlm"]["overall"]["rejected"] > 0
+
+
 @pytest.mark.parametrize(
     ("args", "code", "needle"),
     [

@@ -214,7 +214,7 @@ classes:                         # 7
 """,
         10,
         "classes[0].ttft_s",
-        "greater than 0",
+        "greater than or equal to 0.001",
     ),
     (
         "zero synthetic rate",

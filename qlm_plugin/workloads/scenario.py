@@ -97,8 +97,9 @@ class InstanceGroup(_Strict):
 class ClassEntry(_Strict):
     name: str = Field(min_length=1)
     share: float = Field(gt=0)
-    ttft_s: float | None = Field(default=None, gt=0)
-    e2e_s: float | None = Field(default=None, gt=0)
+    # at least a millisecond: a budget below one makes the deadline the arrival (every request refused)
+    ttft_s: float | None = Field(default=None, ge=0.001)
+    e2e_s: float | None = Field(default=None, ge=0.001)
     weight: float = Field(default=1.0, ge=0)
     priority: int = 0
     refuse_below_p_meet: float = Field(default=0.0, ge=0, lt=1)

@@ -3,12 +3,13 @@ on plain request objects with a fake clock (no engine); and the plugin entry poi
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import pytest
 
 from qlm_plugin.adapters.vllm import UnsupportedVLLMError, check_vllm, register
-from qlm_plugin.adapters.vllm.engine_brain import EngineBrain, RankedQueue, _Rank
+from qlm_plugin.adapters.vllm.engine_brain import EngineBrain, RankedQueue, _Rank, hinted_length
 from qlm_plugin.adapters.vllm.fields import QLMFields, parse_fields
 from qlm_plugin.adapters.vllm.orders import EvictionOrder, SeatsGiven, order_action
 from qlm_plugin.brain.local_policy import LocalPolicy
@@ -335,3 +336,113 @@ def test_one_urgent_request_costs_one_eviction_whichever_side_acts_first() -> No
     early = EvictionOrder("later", "other", came=10.0)
     assert act(early, seats, victim=False, now=12.0) == "wait"
     assert act(early, seats, victim=False, now=21.0) == "drop"
+
+
+def test_malformed_numbers_are_ignored_and_integers_clamped() -> None:
+    """vLLM's engine died of an OverflowError on ``qlm_priority`` Infinity: every numeric field takes
+    finite numbers only (no bools), integers clamped to int32."""
+
+    def parse(**xargs: object) -> QLMFields:
+        return parse_fields({f"qlm_{k}": v for k, v in xargs.items()}, priority=7, arrival_time=NOW)
+
+    for bad in (float("inf"), float("-inf"), float("nan"), "Infinity", "1e400", True, [1], {"a": 1}, None):
+        f = parse(priority=bad, attempt=bad, ttft_ms=bad, e2e_deadline=bad, predicted_tokens=bad)
+        assert (f.priority, f.attempt, f.has_slo, f.predicted_tokens) == (7, 0, False, None), bad
+    assert parse(priority=10**400).priority == 2**31 - 1 and parse(priority=-1e300).priority == -(2**31)
+    assert parse(priority="-3").priority == -3 and parse(priority=2.9).priority == 2
+    assert parse(attempt=3e9).attempt == 2**31 - 1 and parse(attempt=-4).attempt == 0
+    assert parse(ttft_ms=10**400).ttft_deadline is None  # too large for a float
+    assert parse_fields(["qlm_priority"], priority=1, arrival_time=NOW).priority == 1  # type: ignore[arg-type]
+    assert parse_fields({1: 2, "qlm_priority": 4}, priority=0, arrival_time=NOW).priority == 4  # type: ignore[dict-item]
+
+
+def test_length_hints_are_clipped_and_never_overflow() -> None:
+    """A hint of 10 tokens with a 90th percentile of 1e30 overflowed in ``math.exp`` inside a step."""
+    f = parse_fields(
+        {"qlm_predicted_tokens": 0.001, "qlm_predicted_q90": 1e30},
+        priority=0,
+        arrival_time=NOW,
+        max_tokens=512,
+    )
+    assert (f.predicted_tokens, f.predicted_q90) == (1.0, 512.0)
+    dist = hinted_length(10, 1e30, 0, 1 << 30)
+    assert math.isfinite(dist.mean) and dist.quantile(0.5) == pytest.approx(10)
+    b = brain()  # unclipped fields straight to the brain: the sigma cap holds
+    b.admit(Req("r", max_tokens=1 << 20), QLMFields(predicted_tokens=10, predicted_q90=1e30), NOW)
+    assert math.isfinite(b.policy.predict(b.requests["r"], 0).mean)
+
+
+def test_a_broken_plugin_falls_back_and_is_logged_once_by_name(caplog: pytest.LogCaptureFixture) -> None:
+    """Only ``qlm_rank_key`` was guarded: a plugin raising in any other hook took the engine down."""
+
+    class Broken:
+        @hookimpl
+        def qlm_request_queued(self, request: Request, instance_id: str, now: float) -> None:
+            raise RuntimeError("queued")
+
+        @hookimpl
+        def qlm_request_finished(self, outcome: object, now: float) -> None:
+            raise RuntimeError("finished")
+
+        @hookimpl
+        def qlm_select_victim(self, candidates: object, instance_id: str, now: float) -> None:
+            raise RuntimeError("victim")
+
+        @hookimpl
+        def qlm_predict_output_length(self, request: Request, generated_tokens: int) -> None:
+            raise RuntimeError("predict")
+
+    b = EngineBrain("tiny", "engine-0", autoload=False, plugins=[("broken-plugin", Broken())])
+    b.policy.step_s = 0.02
+    urgent = Req("i")
+    b.admit(urgent, QLMFields(ttft_deadline=NOW + 0.5), NOW)
+    running = admitted(
+        b,
+        [
+            (Req(f"b{k}", num_output_tokens=5, num_computed_tokens=37, max_tokens=4000), QLMFields())
+            for k in range(2)
+        ],
+    )
+    assert b.policy.predict(b.requests["b0"], 5).mean == pytest.approx((4000 - 5) / 2)  # the fallback
+    assert b.seat_for([urgent], running, 2, NOW) is None  # no victim: no eviction
+    assert len(b.kv_victim_order(running, NOW)) == 2  # least urgent first
+    b.finished(running[0], True, NOW)
+    b.finished(running[1], True, NOW)
+    errors = [r for r in caplog.records if r.levelname == "ERROR"]
+    hooks = ("qlm_request_queued", "qlm_request_finished", "qlm_select_victim", "qlm_predict_output_length")
+    assert sorted(r.getMessage().split(" failed in ")[1].split(";")[0] for r in errors) == sorted(hooks)
+    assert all("broken-plugin" in r.getMessage() for r in errors)
+    assert b.failures["qlm_request_finished"] == 2 and not b.policy._remaining  # nothing left behind
+
+
+def test_the_ranked_queue_removes_lazily_counts_flagged_requests_and_walks_the_first_in_order() -> None:
+    ranks = {f"r{k}": (k * 7919) % 1000 for k in range(1000)}
+    q = RankedQueue(lambda r: ranks[r.request_id], flag=lambda r: r.priority == 1)
+    reqs = [Req(f"r{k}", priority=k % 2) for k in range(1000)]
+    for r in reqs:
+        q.add_request(r)
+    assert len(q) == 1000 and q.flagged == 500
+    q.remove_requests(reqs[:600])
+    q.remove_request(reqs[0])  # not there any more: nothing happens
+    alive = sorted(reqs[600:], key=lambda r: ranks[r.request_id])
+    assert len(q) == 400 and q.flagged == 200 and list(q) == alive
+    assert (
+        q.first(5) == alive[:5]
+        and q.first(3, lambda r: r.priority == 1) == [r for r in alive if r.priority == 1][:3]
+    )
+    assert q.first(10, lambda r: False, scan=50) == []
+    assert (
+        q.peek_request() is alive[0] and q.pop_request() is alive[0] and q.flagged == 200 - alive[0].priority
+    )
+    q.prepend_request(alive[0])  # preempted: back with its rank
+    assert [q.pop_request() for _ in range(400)] == alive and not q and q.flagged == 0
+    with pytest.raises(IndexError):
+        q.peek_request()
+
+
+def test_a_seat_not_taken_is_given_back_and_a_mark_expires() -> None:
+    seats = SeatsGiven(memory_s=60.0)
+    seats.give("urgent", 10.0)
+    assert seats.given("urgent", 11.0) and not seats.given("urgent", 70.0)
+    seats.take_back("urgent")
+    assert not seats.given("urgent", 11.0)

@@ -116,7 +116,7 @@ class VLLMEngineLink:
             num_waiting=waiting,
             kv_blocks_used=int(usage * self.num_blocks),
             kv_blocks_total=self.num_blocks,
-            max_num_seqs=int(self.sched.max_num_running_reqs),
+            max_num_seqs=self.seats(),
             # the step's token budget and the prefill still to do: a pull hands over only what the
             # next step can start (vLLM's chunked prefill shares this budget with the decodes)
             max_num_batched_tokens=int(getattr(self.sched, "max_num_scheduled_tokens", 0) or 0),
@@ -126,11 +126,16 @@ class VLLMEngineLink:
             now=at,
         )
 
+    def seats(self) -> int:
+        """The requests the engine runs at once: ``--max-num-active-seqs`` where vLLM has it, which
+        admits fewer than ``max_num_seqs``."""
+        return int(getattr(self.sched, "max_num_active_reqs", None) or self.sched.max_num_running_reqs)
+
     def free_slots(self) -> int:
         running, waiting, usage, _, _ = self.sched.qlm_snapshot
         if self.paused:
             return 0
-        return max(0, int(self.sched.max_num_running_reqs) - running - waiting) if usage < 0.95 else 0
+        return max(0, self.seats() - running - waiting) if usage < 0.95 else 0
 
     def held(self) -> list[pb.HeldRequest]:
         return []  # requests arrive over HTTP from the coordinator: a lost connection aborts them
@@ -217,13 +222,17 @@ class Link:
         evicted = self.engine.sched.qlm_evicted
         while evicted:
             qid, attempt, wasted = evicted.popleft()
-            event = pb.RequestEvent(
-                request_id=qid,
-                attempt=attempt,
-                kind=pb.RequestEvent.EVICTED,
-                wasted_tokens=wasted,
-                time=time.time(),
-            )
+            try:
+                event = pb.RequestEvent(
+                    request_id=qid,
+                    attempt=attempt,
+                    kind=pb.RequestEvent.EVICTED,
+                    wasted_tokens=wasted,
+                    time=time.time(),
+                )
+            except (TypeError, ValueError):  # out of the message's range: the scheduler's thread goes on
+                log.warning("QLM: cannot report the eviction of %r (attempt %r)", qid, attempt)
+                continue
             self.loop.call_soon_threadsafe(self.agent.emit, event)
         room = self.engine.free_slots()
         if room > self._room:

@@ -24,7 +24,6 @@ Offline ``LLM.generate`` may also pass them nested: ``extra_args={"qlm": {...}}`
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -48,42 +47,76 @@ class QLMFields:
         return self.ttft_deadline is not None or self.e2e_deadline is not None
 
 
+#: Bounds of the integer fields (the coordinator's int32 range; a larger attempt cannot be reported).
+INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
+
+
 def _num(value: Any) -> float | None:
+    """A finite positive number, or None (bools, strings that are no number, inf, nan, ints too large
+    for a float: all malformed)."""
+    if isinstance(value, bool):
+        return None
     try:
         x = float(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         return None
     return x if math.isfinite(x) and x > 0 else None
 
 
-def parse_fields(extra_args: Mapping[str, Any] | None, *, priority: int, arrival_time: float) -> QLMFields:
-    """Malformed values are ignored (the request still runs, at default urgency)."""
+def _int(value: Any, low: int, high: int) -> int | None:
+    """An integral value clamped to [low, high], or None when malformed."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return min(max(value, low), high)
+    try:
+        x = float(value)
+    except (TypeError, ValueError, OverflowError):
+        return None
+    return int(min(max(x, low), high)) if math.isfinite(x) else None
+
+
+def _hint(value: Any, max_tokens: int | None) -> float | None:
+    x = _num(value)
+    if x is None:
+        return None
+    return min(max(x, 1.0), float(max_tokens)) if max_tokens and max_tokens > 0 else max(x, 1.0)
+
+
+def parse_fields(
+    extra_args: Mapping[str, Any] | None,
+    *,
+    priority: int,
+    arrival_time: float,
+    max_tokens: int | None = None,
+) -> QLMFields:
+    """Malformed values are ignored (the request still runs, at default urgency); numbers are taken
+    only when finite, integers clamped to int32, predicted lengths to [1, ``max_tokens``]."""
     args: dict[str, Any] = {}
-    if extra_args:
+    if isinstance(extra_args, Mapping):
         nested = extra_args.get("qlm")
         if isinstance(nested, Mapping):
             args.update(
                 {f"qlm_{k}" if not str(k).startswith("qlm_") else str(k): v for k, v in nested.items()}
             )
-        args.update({k: v for k, v in extra_args.items() if k.startswith("qlm_")})
+        args.update({k: v for k, v in extra_args.items() if isinstance(k, str) and k.startswith("qlm_")})
     ttft = _num(args.get("qlm_ttft_deadline"))
     e2e = _num(args.get("qlm_e2e_deadline"))
     if ttft is None and (ms := _num(args.get("qlm_ttft_ms"))) is not None:
         ttft = arrival_time + ms / 1000
     if e2e is None and (ms := _num(args.get("qlm_e2e_ms"))) is not None:
         e2e = arrival_time + ms / 1000
-    attempt = _num(args.get("qlm_attempt"))
     qid = args.get("qlm_id")
-    with contextlib.suppress(TypeError, ValueError):  # malformed: the engine's own field stands
-        priority = int(args.get("qlm_priority", priority))
+    own = _int(priority, INT32_MIN, INT32_MAX)
+    client = _int(args.get("qlm_priority"), INT32_MIN, INT32_MAX)  # malformed: the engine's own stands
     return QLMFields(
         qlm_id=str(qid) if qid is not None else None,
-        attempt=int(attempt) if attempt is not None else 0,
+        attempt=_int(args.get("qlm_attempt"), 0, INT32_MAX) or 0,
         slo_class=str(args.get("qlm_class", "")),
         ttft_deadline=ttft,
         e2e_deadline=e2e,
         tenant=str(args.get("qlm_tenant", "")),
-        predicted_tokens=_num(args.get("qlm_predicted_tokens")),
-        predicted_q90=_num(args.get("qlm_predicted_q90")),
-        priority=int(priority),
+        predicted_tokens=_hint(args.get("qlm_predicted_tokens"), max_tokens),
+        predicted_q90=_hint(args.get("qlm_predicted_q90"), max_tokens),
+        priority=client if client is not None else (own or 0),
     )

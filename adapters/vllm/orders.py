@@ -22,7 +22,8 @@ class EvictionOrder:
 class SeatsGiven:
     """The urgent requests (coordinator ids, or the engine's own ids for requests without one) a
     seat was freed for, by the engine's own policy or by a coordinator's order: one urgent request
-    costs one eviction, whichever side acts first. Not thread-safe: the scheduler's thread."""
+    costs one eviction, whichever side acts first. A seat its request did not take is given back
+    (:meth:`take_back`); a mark lasts ``memory_s``. Not thread-safe: the scheduler's thread."""
 
     def __init__(self, memory_s: float = 60.0) -> None:
         self.memory_s = memory_s
@@ -33,8 +34,13 @@ class SeatsGiven:
         if len(self._given) > 1024:  # only recent ones can be ordered again
             self._given = {r: t for r, t in self._given.items() if now - t < self.memory_s}
 
-    def given(self, request: str) -> bool:
-        return request in self._given
+    def given(self, request: str, now: float | None = None) -> bool:
+        at = self._given.get(request)
+        return at is not None and (now is None or now - at < self.memory_s)
+
+    def take_back(self, request: str) -> None:
+        """The step did not seat ``request``: a seat may be freed for it again."""
+        self._given.pop(request, None)
 
 
 def order_action(
@@ -51,7 +57,7 @@ def order_action(
     ``evict`` the victim, ``wait`` for the victim to run (the order overtook the request: orders and
     requests travel apart), or ``drop`` it (the victim never ran within ``wait_s``: it finished, or
     never came)."""
-    if order.for_request and (beneficiary_running or seats.given(order.for_request)):
+    if order.for_request and (beneficiary_running or seats.given(order.for_request, now)):
         return "skip"
     if victim_running:
         return "evict"

@@ -826,13 +826,16 @@ def test_a_model_no_instance_serves_is_refused_within_the_bound_and_journaled_fa
 
 
 def test_requests_wait_for_an_instance_to_come_back_within_the_bound(tmp_path: Path) -> None:
-    """Every instance gone: requests accepted while they served the model wait for them (their SLO
-    says late); a new request waits ``instance_return_wait_s`` for one to come back, is served if
-    one does, and refused if none does."""
+    """Every instance gone: requests accepted while they served the model wait for them within
+    their deadline (a batch's window); one past its deadline fails, saying why, once no instance
+    has come for ``instance_return_wait_s``; a new request waits that long for one to come back,
+    is served if one does, and refused if none does."""
 
     async def body(st: LocalStack) -> None:
         async with CoordinatorClient(st.grpc_target) as c:
-            kept = await c.submit(pb.RequestSpec(model=MODEL, prompt="x", max_tokens=400))
+            batch = pb.SLO(slo_class="batch")
+            kept = await c.submit(pb.RequestSpec(model=MODEL, prompt="x", max_tokens=400, slo=batch))
+            doomed = await c.submit(pb.RequestSpec(model=MODEL, prompt="y", max_tokens=30_000))
             while st.coordinator.jobs[kept.request_id].tokens == 0:
                 await asyncio.sleep(0.01)
             for name in list(st.instances):
@@ -845,6 +848,10 @@ def test_requests_wait_for_an_instance_to_come_back_within_the_bound(tmp_path: P
                 err.value.details() or ""
             )
             assert st.coordinator.jobs[kept.request_id].state == "queued"  # accepted before: it waits
+            gone = st.coordinator.jobs.get(doomed.request_id) or st.coordinator.book.lookup(doomed.request_id)
+            await asyncio.wait_for(gone.done.wait(), 10)  # type: ignore[union-attr]
+            assert gone is not None and gone.state == "failed", gone
+            assert "no live instance has served model" in gone.error and "deadline has passed" in gone.error
 
             async def return_later() -> None:
                 await asyncio.sleep(0.3)

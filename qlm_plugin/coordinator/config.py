@@ -111,7 +111,8 @@ class CoordinatorConfig(_Strict):
     # A new request for a model no live instance serves waits this long for one to register, then
     # is refused (HTTP 503, gRPC UNAVAILABLE): when no instance of the model was ever seen, and when
     # the model's instances were seen but are all gone (a restarting engine takes tens of seconds).
-    # Requests accepted while an instance served the model wait for it, late by their own SLO.
+    # Requests accepted while an instance served the model wait for one within their own deadline;
+    # past it, once none has come for instance_return_wait_s, they fail (none waits for ever).
     instance_wait_s: float = Field(default=5.0, ge=0)
     instance_return_wait_s: float = Field(default=60.0, ge=0)
     # Engines sharing a device (docs/vllm.md): the sleep a swapped-out engine gets. 1: its weights

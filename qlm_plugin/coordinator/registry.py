@@ -63,6 +63,7 @@ class InstanceRegistry:
         # session id -> its session, for the live sessions in fleet.sessions: every heartbeat and
         # report looks its session up (a scan cost 90 us at 5,000 instances)
         self._by_id: dict[str, Session] = {}
+        self.unserved_since: dict[str, float] = {}  # model -> since when queued work has no instance
 
     # ------------------------------------------------------------------ sessions
     def session(self, session_id: str) -> Session | None:
@@ -273,6 +274,46 @@ class InstanceRegistry:
         if self.recovery_until and mono >= self.recovery_until:
             self.recovery_until = 0.0
             self.release_recovered()
+        if not self.recovery_until:
+            self.fail_unserved(mono)
+
+    def fail_unserved(self, mono: float) -> None:
+        """No request waits for ever: a queued request whose model no live instance has served for
+        ``instance_return_wait_s`` (what a new request for it waits before it is refused) fails once
+        its own deadline has passed too (a batch keeps waiting within its window)."""
+        unserved = {m for m in self.models if not self.dispatcher.served(m)}
+        for model in list(self.unserved_since):
+            if model not in unserved:
+                del self.unserved_since[model]
+        if not unserved:  # the usual case: no scan of the jobs
+            return
+        queued: dict[str, list[Job]] = {}
+        for job in self.book.jobs.values():
+            if job.state == "queued" and job.request.model in unserved:
+                queued.setdefault(job.request.model, []).append(job)
+        bound = self.cfg.instance_return_wait_s
+        now = time.time()
+        for model in unserved:
+            jobs = queued.get(model)
+            if not jobs:
+                self.unserved_since.pop(model, None)
+                continue
+            since = self.unserved_since.setdefault(model, mono)
+            if mono - since < bound:
+                continue
+            for job in jobs:
+                slo = job.request.slo
+                deadlines = (slo.e2e_deadline, slo.ttft_deadline, job.request.arrival_time)
+                deadline = max(d for d in deadlines if d is not None)
+                if now >= deadline:
+                    self.dispatcher.parked.pop(job.id, None)
+                    self.dispatcher.finish(
+                        job,
+                        "failed",
+                        "error",
+                        error=f"no live instance has served model {model!r} for {mono - since:.0f} s "
+                        "(its instances left) and the request's deadline has passed",
+                    )
 
     def states(self) -> list[tuple[Session, InstanceState | None]]:
         return [

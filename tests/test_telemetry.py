@@ -348,13 +348,18 @@ def test_otel_metrics_carry_values_and_attributes(otel: Otel) -> None:
     )
     assert rejected.value == 2
 
-    ttft = otel.point("gen_ai.server.time_to_first_token", **{"gen_ai.request.model": "llama"})
+    # the GenAI conventions require the operation's name on the gen_ai.server.* histograms
+    llama = {"gen_ai.request.model": "llama", "gen_ai.operation.name": "text_completion"}
+    ttft = otel.point("gen_ai.server.time_to_first_token", **llama)
     assert (ttft.count, ttft.sum) == (3, pytest.approx(4.5))
     bounds = list(ttft.explicit_bounds)
     assert bounds == list(LATENCY_BUCKETS)  # the bucket advice is taken
     counts = dict(zip([*bounds, float("inf")], ttft.bucket_counts, strict=True))
     assert (counts[0.5], counts[1.0], counts[5.0], sum(counts.values())) == (1, 1, 1, 3)  # (lo, hi] buckets
-    duration = otel.point("gen_ai.server.request.duration", **{"gen_ai.request.model": "mistral"})
+    duration = otel.point(
+        "gen_ai.server.request.duration",
+        **{"gen_ai.request.model": "mistral", "gen_ai.operation.name": "text_completion"},
+    )
     assert (duration.count, duration.sum) == (1, pytest.approx(100.0))
     assert max(duration.explicit_bounds) >= 600  # buckets reach minutes
 

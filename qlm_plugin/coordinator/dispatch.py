@@ -249,6 +249,7 @@ class Dispatcher:
             e2e_s=now - job.request.arrival_time,
             output_tokens=job.tokens,
             finish_reason=finish_reason,
+            operation=job.spec.operation or "text_completion",
             predicted_wait_s=job.admission.wait_mean_s if job.admission is not None else None,
             late=job.late,
             error=error,

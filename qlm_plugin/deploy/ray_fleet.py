@@ -5,8 +5,9 @@ simulated instances ask for a quarter of a CPU, vLLM engines (:class:`VLLMEngine
 server in a child process) their GPUs, or a CPU on a CPU build. Ray restarts
 an actor that dies (``max_restarts=-1``); the restarted actor registers again under the same
 instance id, so the coordinator gives its unfinished requests back to the queue at once, to finish
-elsewhere. A detached, named :class:`FleetManager` actor (``qlm-fleet`` in namespace ``qlm``) holds
-the actors, so ``qlm scale`` from any machine of the cluster adds or removes instances at run time.
+elsewhere. A named :class:`FleetManager` actor (``qlm-fleet`` in namespace ``qlm``), owned by the
+serve that started it (it dies with it), holds the actors, so ``qlm scale`` from any machine of the
+cluster adds or removes instances at run time.
 
 The coordinator is a plain process, not an actor: it owns the journal (a SQLite file on its local
 disk) and the public ports. An actor restarted by Ray on another node would find neither; as a
@@ -309,10 +310,14 @@ def start_fleet(
     record: str | None = None,
     vllm: dict[str, VLLMModel] | None = None,
 ) -> Any:
-    """The detached fleet manager, with ``groups`` of (model, gpu, warm models, count) started:
+    """The fleet manager (owned by this driver), with ``groups`` of (model, gpu, warm models, count) started:
     vLLM engines for the models in ``vllm``, simulated instances for the others."""
     fleet = FleetManager.options(  # type: ignore[attr-defined]
-        name=FLEET, namespace=NAMESPACE, lifetime="detached", get_if_exists=False
+        # owned by the serve (not detached): it and its actors die with it, even after a SIGKILL
+        # (a detached one outlived it, and the next serve's fleet could not take its name)
+        name=FLEET,
+        namespace=NAMESPACE,
+        get_if_exists=False,
     ).remote(coordinator, scenario, speed, token, record, vllm)
     for model, gpu, warm, count in groups:
         ray.get(fleet.scale.remote(model, count, gpu, warm))

@@ -264,7 +264,9 @@ class Telemetry:
         self._finished_cache: dict[
             tuple[str, str, str, bool], tuple[Mapping[str, AttributeValue], tuple[str, ...]]
         ] = {}
-        self._model_cache: dict[str, tuple[Mapping[str, AttributeValue], _PromSeries, _PromSeries]] = {}
+        self._model_cache: dict[
+            tuple[str, str], tuple[Mapping[str, AttributeValue], _PromSeries, _PromSeries]
+        ] = {}
         self._error_cache: dict[tuple[str, bool], tuple[Mapping[str, AttributeValue], _PromSeries]] = {}
 
         # ---- OpenTelemetry instruments
@@ -450,6 +452,7 @@ class Telemetry:
         e2e_s: float | None,
         output_tokens: int,
         finish_reason: str,
+        operation: str = "text_completion",
         predicted_wait_s: float | None = None,
         late: bool = False,
         error: str = "",
@@ -495,7 +498,7 @@ class Telemetry:
         self._prom_finished.inc(finished_labels)
 
         if ttft_s is not None or e2e_s is not None:
-            model_attrs, ttft_series, duration_series = self._model_entry(model)
+            model_attrs, ttft_series, duration_series = self._model_entry(model, operation)
             if ttft_s is not None:
                 self._otel_ttft.record(ttft_s, model_attrs)
                 ttft_series.observe(ttft_s)
@@ -630,16 +633,19 @@ class Telemetry:
 
     # ------------------------------------------------------------------ internals
 
-    def _model_entry(self, model: str) -> tuple[Mapping[str, AttributeValue], _PromSeries, _PromSeries]:
+    def _model_entry(
+        self, model: str, operation: str
+    ) -> tuple[Mapping[str, AttributeValue], _PromSeries, _PromSeries]:
         try:
-            return self._model_cache[model]
+            return self._model_cache[(model, operation)]
         except KeyError:
             entry = (
-                {GEN_AI_REQUEST_MODEL: model},
+                # gen_ai.server.* histograms: the GenAI conventions require the operation's name
+                {GEN_AI_REQUEST_MODEL: model, GEN_AI_OPERATION_NAME: operation},
                 self._prom_ttft.labels(model),
                 self._prom_duration.labels(model),
             )
-            self._model_cache[model] = entry
+            self._model_cache[(model, operation)] = entry
             return entry
 
     def _error_entry(self, slo_class: str, over: bool) -> tuple[Mapping[str, AttributeValue], _PromSeries]:

@@ -8,6 +8,7 @@ import contextlib
 import dataclasses
 import gc
 import json
+import sqlite3
 import time
 from pathlib import Path
 from typing import Any
@@ -605,6 +606,42 @@ def test_one_request_id_submitted_together_is_accepted_once_and_counted_once(tmp
         with pytest.raises(SubmitError, match="the coordinator's own") as own:
             await coord.submit(spec(coord.book.new_id()))
         assert own.value.field == "request_id"
+
+    run(tmp_path, body, speed=50.0)
+
+
+def test_a_journal_that_cannot_commit_refuses_as_unavailable_not_as_the_clients_mistake(
+    tmp_path: Path,
+) -> None:
+    """A full disk: the request is refused 503 with Retry-After (clients retry), not 400 naming
+    request_id (they would not), and nothing of it is counted or queued."""
+
+    class FullDisk:
+        def __init__(self, conn: Any) -> None:
+            self.conn = conn
+
+        def execute(self, sql: str, *args: Any) -> Any:
+            if sql == "COMMIT":
+                raise sqlite3.OperationalError("database or disk is full")
+            return self.conn.execute(sql, *args)
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self.conn, name)
+
+    async def body(st: LocalStack) -> None:
+        coord = st.coordinator
+        real = coord.journal._writer
+        coord.journal._writer = FullDisk(real)
+        try:
+            async with aiohttp.ClientSession() as http:
+                status, out, headers = await post(
+                    http, f"{st.http_url}/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": 4}
+                )
+        finally:
+            coord.journal._writer = real
+        assert status == 503 and out["error"]["code"] == "unavailable", out
+        assert "disk is full" in out["error"]["message"] and headers["Retry-After"] == "1"
+        assert not coord.jobs and coord.book.tenant_load.get("default", [0, 0]) == [0, 0]
 
     run(tmp_path, body, speed=50.0)
 

@@ -271,3 +271,26 @@ def test_a_graceful_restart_keeps_the_requests_its_clients_were_waiting_for(
             assert answer["choices"][0]["text"] == synthetic_text(rid, 0, 4000)
 
     asyncio.run(main())
+
+
+def test_sigterm_to_the_whole_process_group_leaves_the_workers_to_the_core(tmp_path: Path) -> None:
+    """systemd's KillMode=control-group (or `kill -TERM -PGID`) signals every process: a worker
+    that stopped on it cut its clients' streams and had their requests cancelled while the core
+    was still draining. The core stops its workers itself, once it has drained."""
+
+    async def body(st: LocalStack) -> None:
+        assert st.server.workers is not None
+        pids = list(st.server.workers.pids)
+        async with (
+            aiohttp.ClientSession() as s,
+            s.post(f"{st.http_url}/v1/completions", json=completion(300, stream=True)) as r,
+        ):
+            assert r.status == 200
+            await r.content.readline()  # streaming: it runs on an instance
+            for pid in pids:
+                os.kill(pid, signal.SIGTERM)
+            lines = [line async for line in r.content if line.strip()]
+        assert lines[-1].strip() == b"data: [DONE]", lines[-3:]
+        assert list(st.server.workers.pids) == pids, "the workers went on"
+
+    run(tmp_path, body, speed=20.0)

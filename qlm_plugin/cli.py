@@ -398,7 +398,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from qlm_plugin.coordinator.batch_store import StoreError
     from qlm_plugin.coordinator.config import ConfigError
+    from qlm_plugin.coordinator.journal import JournalError
     from qlm_plugin.domain.costmodel import UnknownProfileError
     from qlm_plugin.policies.registry import UnknownPolicyError
     from qlm_plugin.workloads.scenario import ScenarioError
@@ -411,7 +413,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Python's advice: point stdout at devnull, or the flush at exit fails again
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
-    except (ConfigError, ScenarioError, UnknownPolicyError, UnknownProfileError, ValueError, OSError) as exc:
+    except (
+        ConfigError,
+        ScenarioError,
+        UnknownPolicyError,
+        UnknownProfileError,
+        JournalError,
+        StoreError,
+        ValueError,
+        OSError,
+    ) as exc:
         print(f"qlm {args.command}: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -204,3 +204,12 @@ def test_event_loop_is_uvloop_unless_asyncio_is_asked_for(monkeypatch: pytest.Mo
     assert event_loop.loop_kind() == "uvloop" and event_loop.run(kind()) == "uvloop"
     monkeypatch.setenv("QLM_EVENT_LOOP", "asyncio")
     assert event_loop.loop_kind() == "asyncio" and event_loop.run(kind()) == "asyncio"
+
+
+def test_a_journal_that_is_no_database_is_a_one_line_error(tmp_path: Path) -> None:
+    journal = tmp_path / "j.db"
+    journal.write_text("not sqlite\n")
+    proc = qlm("coordinator", "--journal", str(journal), "--http-port", "0", "--grpc-port", "0")
+    assert proc.returncode == 1
+    assert f"qlm coordinator: error: {journal} is not a usable journal database" in proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -20,7 +20,15 @@ from typing import Any
 import pytest
 
 from qlm_plugin.coordinator import journal as journal_module
-from qlm_plugin.coordinator.journal import SCHEMA_VERSION, TERMINAL, JobRecord, Journal, JournalError
+from qlm_plugin.coordinator.batch_store import BatchStore, StoreError
+from qlm_plugin.coordinator.journal import (
+    SCHEMA_VERSION,
+    TERMINAL,
+    DuplicateRecord,
+    JobRecord,
+    Journal,
+    JournalError,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -144,9 +152,9 @@ def test_duplicates_are_refused_without_breaking_their_batch(tmp_path: Path) -> 
         assert j._largest_batch == len(recs)  # all seven went through one transaction
         assert [type(r) for r in results] == [
             type(None),
-            JournalError,
+            DuplicateRecord,  # the caller's mistake, not the journal's
             type(None),
-            JournalError,
+            DuplicateRecord,
             type(None),
             type(None),
             type(None),
@@ -398,3 +406,94 @@ def test_the_journal_copy_of_a_request_keeps_every_field_a_restart_rebuilds_it_f
     assert {f.name for f, _ in spec.ListFields()} == {f.name for f in pb.RequestSpec.DESCRIPTOR.fields}
     assert {f.name for f, _ in spec.slo.ListFields()} == {f.name for f in pb.SLO.DESCRIPTOR.fields}
     assert json_format.ParseDict(spec_to_dict(spec), pb.RequestSpec()) == spec
+
+
+def test_a_second_coordinator_cannot_open_a_journal_in_use(tmp_path: Path) -> None:
+    """Two coordinators on one journal both recovered its requests and served every one twice
+    (the default path is ./qlm-journal.db: a second `qlm serve` in the same folder)."""
+    path = tmp_path / "j.db"
+    busy = rf"in use by another process \(pid {os.getpid()}\)"
+    with _journal(path), pytest.raises(JournalError, match=busy):
+        Journal(path)
+    with _journal(path) as again:  # released on close (and by the kernel when a process dies)
+        assert again.counts() is not None
+
+
+def test_a_second_coordinator_cannot_open_a_batch_store_in_use(tmp_path: Path) -> None:
+    path = tmp_path / "b.db"
+    store = BatchStore(path)
+    try:
+        with pytest.raises(StoreError, match="in use by another process"):
+            BatchStore(path)
+    finally:
+        store.close()
+    BatchStore(path).close()
+
+
+class _FullDisk:
+    """The writer's connection, whose next COMMIT fails as on a full disk."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn = conn
+        self.fail_next = True
+
+    def execute(self, sql: str, *args: Any) -> Any:
+        if sql == "COMMIT" and self.fail_next:
+            self.fail_next = False
+            raise sqlite3.OperationalError("database or disk is full")
+        return self.conn.execute(sql, *args)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.conn, name)
+
+
+def test_a_transition_not_committed_is_kept_and_committed_once_it_can_be(tmp_path: Path) -> None:
+    """A full disk failed a commit: the finished transition nobody waited for was lost, and a
+    restart served the finished request again. Kept, it goes first in the next commit; the flush
+    that could not make it durable fails, and the next one succeeds."""
+    with _journal(tmp_path / "j.db") as j:
+        asyncio.run(j.accept(_rec(1)))
+        real = j._writer
+        j._writer = _FullDisk(real)  # type: ignore[assignment]
+
+        async def finish_then_flush() -> None:
+            j.finished(
+                "r1", state="finished", output="ok", output_tokens=2, first_token_at=1.0, finished_at=2.0
+            )
+            with pytest.raises(JournalError, match="disk is full"):
+                await j.flush()
+            await j.flush()  # the kept write, committed first
+
+        asyncio.run(finish_then_flush())
+        record = j.get("r1")
+        assert record is not None and (record.state, record.output) == ("finished", "ok")
+        j._writer = real
+
+
+def test_records_finished_before_their_retention_are_deleted_and_nothing_else(tmp_path: Path) -> None:
+    """A journal that only grew took 65 GB a day at 1,000 requests/s."""
+    with _journal(tmp_path / "j.db") as j:
+
+        async def fill() -> None:
+            for i in range(12):
+                await j.accept(_rec(i, at=float(i)))
+            for i in range(0, 12, 2):  # the even ones end at 100 + i, the odd ones stay live
+                j.finished(
+                    f"r{i}",
+                    state="finished",
+                    output="",
+                    output_tokens=1,
+                    first_token_at=None,
+                    finished_at=100.0 + i,
+                )
+            await j.flush()
+
+        asyncio.run(fill())
+        conn = j._connect()
+        try:
+            assert j.prune(conn, before=105.0) == 3  # r0, r2, r4: ended before 105
+            assert j.prune(conn, before=105.0) == 0
+            assert j.get("r4") is None and j.get("r6") is not None
+            assert {r.request_id for r in j.recover()} == {f"r{i}" for i in range(1, 12, 2)}
+        finally:
+            conn.close()

@@ -22,6 +22,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
+from qlm_plugin.coordinator.file_lock import FileInUse, lock_file, unlock_file
+
 SCHEMA_VERSION: Final = 1
 #: Statuses after which a batch changes no more.
 FINAL: Final = frozenset({"completed", "failed", "expired", "cancelled"})
@@ -164,12 +166,22 @@ class BatchStore:
     def __init__(self, path: str | Path) -> None:
         self.path = str(path)
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
         try:
+            memory = self.path == ":memory:"
+            self._file_lock = None if memory else lock_file(Path(self.path), "the batch store")
+        except FileInUse as exc:
+            raise StoreError(str(exc)) from None
+        db: sqlite3.Connection | None = None
+        try:
+            db = self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
             self._prepare()
-        except sqlite3.DatabaseError as exc:
-            self._db.close()
-            raise StoreError(f"{self.path}: not a batch store: {exc}") from None
+        except BaseException as exc:
+            if db is not None:
+                db.close()
+            unlock_file(self._file_lock)
+            if isinstance(exc, sqlite3.DatabaseError):
+                raise StoreError(f"{self.path}: not a batch store: {exc}") from None
+            raise
 
     @staticmethod
     def beside(journal_path: str) -> str:
@@ -210,6 +222,8 @@ class BatchStore:
     def close(self) -> None:
         with self._lock:
             self._db.close()
+            unlock_file(self._file_lock)
+            self._file_lock = None
 
     # ------------------------------------------------------------------ files
     def put_file(self, tenant: str, filename: str, purpose: str, content: bytes) -> FileRecord:

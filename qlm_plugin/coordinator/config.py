@@ -92,6 +92,9 @@ class BatchSettings(_Strict):
 class JournalSettings(_Strict):
     path: str = "qlm-journal.db"
     synchronous: Literal["normal", "full"] = "normal"  # normal survives a process crash; full, power loss
+    # how long a finished request's record is kept (its status, a retry with its idempotency key);
+    # past a day and an hour at least: a batch's answers are read back from it after a restart
+    retain_finished_s: float = Field(default=2 * 86400.0, ge=25 * 3600.0)
 
 
 class CoordinatorConfig(_Strict):

@@ -294,7 +294,7 @@ class Coordinator:
     ) -> None:
         with contextlib.suppress(SubmitError):  # refused: nobody to tell, nothing held
             self._accepted(job, parent, committed)
-            if cancel_reason is not None:
+            if cancel_reason is not None and self.book.accepting:  # draining: kept for the next start
                 self.cancel(job.id, cancel_reason)
         held.set_result(None)
 

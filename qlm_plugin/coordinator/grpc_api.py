@@ -15,6 +15,7 @@ from qlm_plugin.coordinator.auth import Authenticator, AuthError, Principal
 from qlm_plugin.coordinator.coordinator import Coordinator
 from qlm_plugin.coordinator.instances import Session
 from qlm_plugin.coordinator.jobs import Job, SubmitError, status_message
+from qlm_plugin.coordinator.journal import JournalError
 from qlm_plugin.coordinator.registry import InstanceTaken
 from qlm_plugin.proto.qlm.v1 import qlm_pb2 as pb
 from qlm_plugin.proto.qlm.v1 import qlm_pb2_grpc as pb_grpc
@@ -305,8 +306,13 @@ class InstancesService(pb_grpc.InstancesServicer):
             self.coord.dispatcher.apply_events(s, request)
             if request.HasField("credit") and s.alive:
                 self.coord.registry.credit(s, request.credit.free_slots, request.credit.received)
-        # Acknowledged only once durable: an instance resends what was not acknowledged.
-        await self.coord.journal.flush()
+        # Acknowledged only once durable: an instance resends what was not acknowledged (applied
+        # once: by its seq; the journal keeps the writes it could not commit and commits them
+        # first once it can, a full disk freed).
+        try:
+            await self.coord.journal.flush()
+        except JournalError as exc:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"not durable yet: {exc}")
         return pb.ReportAck(seq=request.seq, known=True, takes_credit=True)
 
     async def Reports(

@@ -44,6 +44,8 @@ log = logging.getLogger("qlm_plugin.coordinator.http_workers")
 
 #: Environment variable: the number of workers when neither the command line nor the config says.
 WORKERS_ENV = "QLM_HTTP_WORKERS"
+#: What the core sends a worker to stop it (SIGTERM may come to the whole group: the core decides).
+STOP_SIGNAL = signal.SIGUSR1
 #: Workers started again at most this often each (a worker that dies at start must not spin).
 RESTART_EVERY_S = 1.0
 READY_TIMEOUT_S = 60.0
@@ -152,7 +154,7 @@ class WorkerPool:
             assert proc is not None
             started = time.monotonic()
             code = await proc.wait()
-            if self._stopping:
+            if self._stopping or not self.coord.book.accepting:  # no new worker while the core drains
                 return
             log.error(
                 "front-door worker %d (pid %d) exited with %s: starting it again", index, proc.pid, code
@@ -174,7 +176,7 @@ class WorkerPool:
         procs = [p for p in self._procs if p is not None and p.returncode is None]
         for p in procs:
             with contextlib.suppress(ProcessLookupError):
-                p.send_signal(signal.SIGTERM)
+                p.send_signal(STOP_SIGNAL)
         for p in procs:
             try:
                 await asyncio.wait_for(p.wait(), timeout_s)
@@ -257,8 +259,11 @@ async def _serve_worker(settings: dict[str, Any]) -> None:
     await site.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    loop.add_signal_handler(signal.SIGTERM, stop.set)
-    loop.add_signal_handler(signal.SIGINT, lambda: None)  # Ctrl-C reaches the whole group: the core decides
+    loop.add_signal_handler(STOP_SIGNAL, stop.set)  # the core's, or its death (die_with_parent)
+    # SIGTERM or Ctrl-C to the whole process group (systemd's KillMode=control-group, a terminal)
+    # reaches the core too: it drains, its clients' streams still going through here, then stops us.
+    loop.add_signal_handler(signal.SIGTERM, lambda: None)
+    loop.add_signal_handler(signal.SIGINT, lambda: None)
     freeze_startup_heap()
     print("ready", flush=True)
     ended = loop.create_task(client.closed.wait())
@@ -272,7 +277,7 @@ async def _serve_worker(settings: dict[str, Any]) -> None:
 
 def main() -> int:
     settings = json.loads(sys.stdin.read())
-    die_with_parent()  # the core's death, even by SIGKILL (its link's end is noticed too)
+    die_with_parent(STOP_SIGNAL)  # the core's death, even by SIGKILL (its link's end is noticed too)
     logging.basicConfig(
         level=logging.WARNING, format=f"worker {settings['index']}: %(levelname)s %(name)s: %(message)s"
     )

@@ -23,7 +23,7 @@ from typing import Any, Protocol
 from google.protobuf import json_format
 
 from qlm_plugin.coordinator.config import CoordinatorConfig
-from qlm_plugin.coordinator.journal import TERMINAL, JobRecord, Journal, JournalError
+from qlm_plugin.coordinator.journal import TERMINAL, DuplicateRecord, JobRecord, Journal, JournalError
 from qlm_plugin.coordinator.prompt_tokens import PromptCounter
 from qlm_plugin.domain.costmodel import CostModel
 from qlm_plugin.domain.outcome import Admission, RequestOutcome, Status
@@ -391,8 +391,10 @@ class JobBook:
         error = JournalError("the journal closed first") if committed.cancelled() else committed.exception()
         if error is not None:
             self.count(job, -1)
-            if isinstance(error, JournalError):
+            if isinstance(error, DuplicateRecord):
                 raise SubmitError("invalid", f"cannot accept: {error}", "request_id") from None
+            if isinstance(error, JournalError):  # a full disk, a closed journal: not the client's doing
+                raise SubmitError("unavailable", f"cannot accept: {error}", retry_after_s=1.0) from None
             raise error
         self.jobs[job.id] = job
         if job.spec.idempotency_key:

@@ -289,7 +289,7 @@ class RelayService:
             for f in list(followed.values()):  # its HTTP clients are gone with it
                 if f in f.job.listeners:
                     f.job.listeners.remove(f)
-                if not self.closing:
+                if not self.closing and self.coord.book.accepting:  # draining: kept for the next start
                     self.coord.cancel(f.job.id, WORKER_GONE)
             followed.clear()
 
@@ -321,7 +321,10 @@ class RelayService:
     ) -> None:
         parent = propagate.extract(dict(call.trace)) if call.trace else None
         try:
-            job, duplicate = await self.coord.submit(call.submit, parent=parent)
+            # the worker's link may end while the request is journaled: its client is gone with it
+            job, duplicate = await self.coord.submit(
+                call.submit, parent=parent, cancel_if_caller_leaves=WORKER_GONE
+            )
         except SubmitError as exc:
             outbox.add(pb.RelayEvent(seq=call.seq, refused=refusal(exc)))
             return

@@ -83,7 +83,11 @@ class CoordinatorServer:
 
     async def start(self) -> None:
         cfg = self.cfg
-        journal = Journal(cfg.journal.path, synchronous=cfg.journal.synchronous)
+        journal = Journal(
+            cfg.journal.path,
+            synchronous=cfg.journal.synchronous,
+            retain_finished_s=cfg.journal.retain_finished_s,
+        )
         coord = self.coordinator = Coordinator(cfg, self.scenario, journal, self._telemetry)
         await coord.start()
         store = self.batch_store = BatchStore(cfg.batches.path or BatchStore.beside(cfg.journal.path))

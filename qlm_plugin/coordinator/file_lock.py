@@ -1,0 +1,45 @@
+"""An exclusive lock on a file's companion ``<file>.lock``, held while a process uses the file.
+
+The journal and the batch store are SQLite files that one coordinator owns: a second coordinator
+opening the same file would recover and serve the same requests again. SQLite's own locks only
+order single transactions. The lock is ``flock``: the kernel releases it when the process ends,
+however it ends, so a crashed coordinator leaves nothing to clean up.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: no lock (the coordinator is deployed on Linux)
+    fcntl = None  # type: ignore[assignment]
+
+
+class FileInUse(Exception):
+    """Another process holds the file (its pid in the message when it wrote one)."""
+
+
+def lock_file(path: Path, what: str) -> int | None:
+    """Hold the lock of ``path`` (``what`` names it in the error); the descriptor to pass to
+    :func:`unlock_file`. Raises :class:`FileInUse`."""
+    if fcntl is None:
+        return None
+    lock_path = path.with_name(path.name + ".lock")
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
+        os.close(fd)
+        by = f" (pid {holder})" if holder.isdigit() else ""
+        raise FileInUse(f"{what} {path} is in use by another process{by}: one coordinator per file") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, str(os.getpid()).encode(), 0)
+    return fd
+
+
+def unlock_file(fd: int | None) -> None:
+    if fd is not None:
+        os.close(fd)  # closing the descriptor releases the flock

@@ -7,15 +7,9 @@ from __future__ import annotations
 import asyncio
 import datetime
 import ipaddress
-import json
 import logging
 import os
 import ssl
-import subprocess
-import sys
-import time
-import urllib.error
-import urllib.request
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +33,7 @@ from qlm_plugin.coordinator.server import CoordinatorServer
 from qlm_plugin.deploy.child_process import free_port
 from qlm_plugin.proto.qlm.v1 import qlm_pb2 as pb
 from qlm_plugin.proto.qlm.v1 import qlm_pb2_grpc as pb_grpc
+from qlm_plugin.testing.processes import http_call, serve_process, stop_all, wait_healthy
 from qlm_plugin.testing.stack import LocalInstance, LocalStack, local_stack
 from qlm_plugin.transport.agent import AgentSettings, InstanceAgent
 from qlm_plugin.transport.client import CoordinatorClient
@@ -811,52 +806,19 @@ def test_qlm_serve_with_a_client_token_alone_gives_its_own_instances_a_token(tmp
     """`QLM_CLIENT_TOKEN=... qlm serve` protects the front door; the instances it starts itself
     still register (they were started with no token and retried for ever), and a token written
     with a trailing newline (`echo`, a Kubernetes secret) is the token without it."""
-    http, grpc_port = free_port(), free_port()
+    http = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("QLM_") or k == "QLM_PLUGINS"}
     env["QLM_CLIENT_TOKEN"] = "front-secret\n"
-    log = tmp_path / "serve.log"
-    args = ["--http-port", str(http), "--grpc-port", str(grpc_port), "--instances", "1", "--speed", "20"]
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "qlm_plugin.cli", "serve", *args, "--journal", str(tmp_path / "j.db")],
-            cwd=tmp_path,
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
+    proc = serve_process(tmp_path, http, free_port(), "--instances", "1", "--speed", "20", env=env)
     url = f"http://127.0.0.1:{http}"
-
-    def call(path: str, body: dict[str, Any] | None = None, token: str | None = None) -> tuple[int, bytes]:
-        headers = {"content-type": "application/json"}
-        if token:
-            headers["Authorization"] = f"Bearer {token}"
-        data = None if body is None else json.dumps(body).encode()
-        request = urllib.request.Request(f"{url}{path}", data=data, headers=headers)
-        try:
-            with urllib.request.urlopen(request, timeout=10) as r:
-                return int(r.status), r.read()
-        except urllib.error.HTTPError as exc:
-            return exc.code, exc.read()
-        except OSError:
-            return 0, b""
-
     try:
-        deadline = time.monotonic() + 60
-        while call("/health")[0] != 200:
-            assert proc.poll() is None, log.read_text()[-3000:]
-            assert time.monotonic() < deadline, f"no instance registered: {log.read_text()[-3000:]}"
-            time.sleep(0.2)
+        wait_healthy(url, proc, tmp_path / "serve.log")
         body = {"model": "llama-3.1-8b", "prompt": "hi", "max_tokens": 4}
-        assert call("/v1/completions", body)[0] == 401
-        status, answer = call("/v1/completions", body, token="front-secret")
+        assert http_call(f"{url}/v1/completions", body)[0] == 401
+        status, answer = http_call(f"{url}/v1/completions", body, token="front-secret")
         assert status == 200, answer
     finally:
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_all([proc])
 
 
 def test_a_second_coordinator_on_a_taken_grpc_port_is_refused(tmp_path: Path) -> None:

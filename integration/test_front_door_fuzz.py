@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import socket
 import subprocess
-import sys
 import time
 import urllib.request
 from collections import Counter
@@ -28,6 +27,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from qlm_plugin.deploy.child_process import free_port
+from qlm_plugin.testing.processes import serve_process, stop_all, wait_healthy
 
 MODEL = "llama-3.1-8b"
 EXAMPLES = 2000  # about 15 s on 2 shared cores (the suite keeps under 15 minutes)
@@ -57,45 +57,14 @@ class Served:
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     tmp = tmp_path_factory.mktemp("fuzz")
-    http, grpc_port = free_port(), free_port()
-    log = tmp / "serve.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "qlm_plugin.cli",
-                "serve",
-                "--http-port",
-                str(http),
-                "--grpc-port",
-                str(grpc_port),
-                "--instances",
-                "2",
-                "--speed",
-                "20",
-                "--journal",
-                str(tmp / "journal.db"),
-            ],
-            cwd=tmp,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
+    http = free_port()
+    proc = serve_process(tmp, http, free_port(), "--instances", "2", "--speed", "20")
     url = f"http://127.0.0.1:{http}"
     try:
-        deadline = time.monotonic() + 60
-        while health(url) != 200:
-            assert proc.poll() is None, log.read_text()[-3000:]
-            assert time.monotonic() < deadline, "qlm serve did not become healthy"
-            time.sleep(0.1)
-        yield Served(url, proc, log)
+        wait_healthy(url, proc, tmp / "serve.log")
+        yield Served(url, proc, tmp / "serve.log")
     finally:
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_all([proc])
 
 
 def health(url: str) -> int | None:

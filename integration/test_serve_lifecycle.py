@@ -7,37 +7,18 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import Any
 
 from qlm_plugin.deploy.child_process import free_port
+from qlm_plugin.testing.processes import http_call, serve_process, wait_healthy
 
 
 def _post(url: str, body: dict[str, Any], out: dict[str, Any]) -> None:
-    request = urllib.request.Request(url, json.dumps(body).encode(), {"content-type": "application/json"})
-    try:
-        with urllib.request.urlopen(request, timeout=60) as r:
-            out["status"], out["body"] = r.status, json.loads(r.read())
-    except urllib.error.HTTPError as exc:
-        out["status"], out["body"] = exc.code, exc.read()
-    except OSError as exc:
-        out["status"], out["body"] = 0, str(exc)
-
-
-def _health(url: str) -> int:
-    try:
-        with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
-            return int(r.status)
-    except urllib.error.HTTPError as exc:
-        return exc.code
-    except OSError:
-        return 0
+    status, answer = http_call(url, body, timeout_s=60)
+    out["status"], out["body"] = status, json.loads(answer) if status == 200 else answer
 
 
 def _children(pid: int) -> list[int]:
@@ -47,31 +28,24 @@ def _children(pid: int) -> list[int]:
 
 def test_ctrl_c_drains_while_instances_finish_and_a_dead_instance_comes_back(tmp_path: Path) -> None:
     http = free_port()
-    args = ["--http-port", str(http), "--grpc-port", str(free_port()), "--instances", "1", "--speed", "5"]
     env = {k: v for k, v in os.environ.items() if not k.startswith("QLM_") or k == "QLM_PLUGINS"}
+    args = ("--instances", "1", "--speed", "5")
+    # its own process group, as a terminal's foreground job
+    serve = serve_process(tmp_path, http, free_port(), *args, env=env, new_session=True)
     log = tmp_path / "serve.log"
-    with log.open("wb") as out:
-        serve = subprocess.Popen(
-            [sys.executable, "-m", "qlm_plugin.cli", "serve", *args, "--journal", str(tmp_path / "j.db")],
-            cwd=tmp_path,
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,  # its own process group, as a terminal's foreground job
-        )
     url = f"http://127.0.0.1:{http}"
     try:
-        deadline = time.monotonic() + 60
-        while _health(url) != 200:
-            assert serve.poll() is None, log.read_text()[-3000:]
-            assert time.monotonic() < deadline, log.read_text()[-3000:]
-            time.sleep(0.1)
+        wait_healthy(url, serve, log)
 
         # An instance killed is started again, and serves.
         (instance,) = _children(serve.pid)
         os.kill(instance, signal.SIGKILL)
         deadline = time.monotonic() + 30
-        while not (_children(serve.pid) and _children(serve.pid) != [instance] and _health(url) == 200):
+        while not (
+            _children(serve.pid)
+            and _children(serve.pid) != [instance]
+            and http_call(f"{url}/health")[0] == 200
+        ):
             assert time.monotonic() < deadline, log.read_text()[-3000:]
             time.sleep(0.1)
         assert "exited with status -9" in log.read_text()

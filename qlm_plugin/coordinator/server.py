@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import logging
 import signal
@@ -203,7 +204,12 @@ async def serve_until_signal(
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    await server.start()
+    try:
+        await server.start()
+    except BaseException:  # a port in use, a journal in use: what did start is closed cleanly
+        with contextlib.suppress(Exception):
+            await server.stop(drain_timeout_s=0)
+        raise
     if on_ready is not None:
         on_ready()
     await stop.wait()

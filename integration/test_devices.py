@@ -13,6 +13,7 @@ import aiohttp
 import pytest
 
 from qlm_plugin.adapters.sim.engine import SimInstance
+from qlm_plugin.coordinator import devices as devices_module
 from qlm_plugin.testing.stack import LocalStack, SimEngineControl, run_with_stack
 from qlm_plugin.workloads.scenario import parse_scenario
 
@@ -305,3 +306,44 @@ def test_a_device_with_room_for_two_keeps_two_models_awake(tmp_path: Path) -> No
     run_with_stack(
         tmp_path, body, instances=1, scenario=THREE, sims=sims, speed=20.0, config={"device_max_awake": 2}
     )
+
+
+def test_a_switch_whose_step_is_never_answered_fails_and_both_models_are_served(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The agent of the engine being woken reconnects mid-wake: its acknowledgement goes to the
+    replaced session, and the device stayed 'switching' for ever, serving neither model. A step
+    unanswered past its time now fails the switch, which is planned again from the reports."""
+    monkeypatch.setattr(devices_module, "STEP_TIMEOUT_S", 2.0)
+
+    async def body(st: LocalStack) -> None:
+        fleet = st.coordinator.fleet
+        await settled(st, engines=2, up=1)
+        (up,) = awake_models(st)
+        (asleep,) = {"chat-a", "chat-b"} - {up}
+        link = st.instances[f"engine-{asleep}"].link
+        execute = link.execute
+
+        def slow_wake(cmd: Any) -> Any:  # a real wake takes a while
+            if cmd.WhichOneof("op") != "load_model":
+                return execute(cmd)
+
+            async def later() -> Any:
+                await asyncio.sleep(1.0)
+                return execute(cmd)
+
+            return later()
+
+        link.execute = slow_wake
+        async with aiohttp.ClientSession() as http:
+            waiting = asyncio.create_task(complete(http, st, asleep, 1))
+            for _ in range(500):
+                switch = fleet.devices.switches.get("gpu0")
+                if switch is not None and switch.phase == "waking":
+                    break
+                await asyncio.sleep(0.01)
+            fleet.sessions[f"engine-{asleep}"].commands.put_nowait(None)  # the stream breaks
+            await asyncio.wait_for(waiting, 30)
+            await asyncio.wait_for(complete(http, st, up, 2), 30)
+
+    run_with_stack(tmp_path, body, instances=1, scenario=SCENARIO, sims=engines(), speed=20.0)

@@ -53,6 +53,9 @@ SLOT_SEP = "#"
 SWAP_SAMPLES = 5
 #: How long a stopped engine has to start and register again before its switch fails, seconds.
 START_TIMEOUT_S = 900.0
+#: How long a sleep or wake step may go unanswered before its switch fails (the agent gives the
+#: engine 600 s; an acknowledgement sent on a session that an agent's reconnect replaced is lost).
+STEP_TIMEOUT_S = 660.0
 
 
 @dataclass
@@ -67,6 +70,7 @@ class Switch:
     waiting: set[str] = field(default_factory=set)
     swap_started: float = 0.0  # monotonic, when it stopped draining: the swap proper
     deadline: float = 0.0  # monotonic: a stopped engine started for it must have registered by then
+    step_deadline: float = 0.0  # monotonic: the sleep or wake under way must be answered by then
 
 
 def serves(s: Member, model: str) -> bool:
@@ -340,6 +344,7 @@ class Devices(Generic[Session]):
             switch.phase = "sleeping"
             switch.swap_started = time.monotonic()
             switch.waiting = {self.sleep.sleep(serving)}
+            switch.step_deadline = time.monotonic() + STEP_TIMEOUT_S
 
     def _engine(self, slot: str, switch: Switch) -> Session | None:
         """The switch's engine; if it left, another sleeping engine of the model, claimed instead."""
@@ -365,6 +370,8 @@ class Devices(Generic[Session]):
         switch.waiting = {token}
         if parked:
             switch.deadline = time.monotonic() + START_TIMEOUT_S
+        else:
+            switch.step_deadline = time.monotonic() + STEP_TIMEOUT_S
 
     def joined(self, s: Session) -> None:
         """An engine registered: one started for a switch (stopped cold before) may complete it,
@@ -383,6 +390,9 @@ class Devices(Generic[Session]):
         for slot, switch in list(self.switches.items()):
             if switch.deadline and now > switch.deadline and f"start:{switch.engine}" in switch.waiting:
                 self._fail(slot, switch, f"{switch.engine} did not start in {START_TIMEOUT_S:.0f} s")
+            elif switch.step_deadline and now > switch.step_deadline and switch.waiting:
+                # stuck for ever otherwise: the failed switch is planned again from the reports
+                self._fail(slot, switch, f"its {switch.phase} step had no answer in {STEP_TIMEOUT_S:.0f} s")
 
     def on_ack(self, s: Session, command_id: str, op: str, ack: pb.CommandAck) -> bool:
         """An engine acknowledged a command; True if it was one of a device's switch (handled)."""

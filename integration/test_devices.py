@@ -14,6 +14,7 @@ import pytest
 
 from qlm_plugin.adapters.sim.engine import SimInstance
 from qlm_plugin.coordinator import devices as devices_module
+from qlm_plugin.proto.qlm.v1 import qlm_pb2 as pb
 from qlm_plugin.testing.stack import LocalStack, SimEngineControl, run_with_stack
 from qlm_plugin.workloads.scenario import parse_scenario
 
@@ -347,3 +348,42 @@ def test_a_switch_whose_step_is_never_answered_fails_and_both_models_are_served(
             await asyncio.wait_for(complete(http, st, up, 2), 30)
 
     run_with_stack(tmp_path, body, instances=1, scenario=SCENARIO, sims=engines(), speed=20.0)
+
+
+def test_without_a_queue_manager_a_wake_that_fails_backs_off_and_the_other_model_is_served(
+    tmp_path: Path,
+) -> None:
+    """fcfs: each failed switch re-admitted the parked requests of the broken model, which switched
+    again at once (8,087 failed switches in 6 s, the healthy model put to sleep each time: 1 of
+    its 50 requests served). A failed switch now holds that model's wakes back, 5 s doubling."""
+
+    async def body(st: LocalStack) -> None:
+        fleet = st.coordinator.fleet
+        await settled(st, engines=2, up=1)
+        (up,) = awake_models(st)
+        (asleep,) = {"chat-a", "chat-b"} - {up}
+        link = st.instances[f"engine-{asleep}"].link
+        execute = link.execute
+
+        def broken_wake(cmd: Any) -> Any:
+            if cmd.WhichOneof("op") == "load_model":
+                return pb.CommandAck(ok=False, error="wake_up: HTTP 500")
+            return execute(cmd)
+
+        link.execute = broken_wake
+        failed: list[str] = []
+        told = fleet.devices.on_failed
+        fleet.devices.on_failed = lambda slot, model, error: (failed.append(model), told(slot, model, error))
+        async with aiohttp.ClientSession() as http:
+            broken = [asyncio.create_task(complete(http, st, asleep, 1000 + i)) for i in range(3)]
+            served = await asyncio.wait_for(
+                asyncio.gather(*(complete(http, st, up, i) for i in range(20))), 30
+            )
+            assert len(served) == 20
+            assert 1 <= len(failed) <= 3, len(failed)
+            for task in broken:
+                task.cancel()
+
+    run_with_stack(
+        tmp_path, body, instances=1, scenario=SCENARIO, sims=engines(), speed=20.0, config={"policy": "fcfs"}
+    )

@@ -56,6 +56,10 @@ START_TIMEOUT_S = 900.0
 #: How long a sleep or wake step may go unanswered before its switch fails (the agent gives the
 #: engine 600 s; an acknowledgement sent on a session that an agent's reconnect replaced is lost).
 STEP_TIMEOUT_S = 660.0
+#: After a failed switch to a model, how long a request of it waits before it may wake an engine
+#: again (without a queue manager: each failure re-admitted its parked requests, which switched
+#: again at once, 8,000 times in 6 s, putting the healthy model to sleep each time): doubling.
+WAKE_BACKOFF_S = (5.0, 60.0)
 
 
 @dataclass
@@ -103,6 +107,8 @@ class Devices(Generic[Session]):
         self._settle_after: dict[str, float] = {}  # instance id -> no settling sleep before (monotonic)
         #: engines asked to sleep while holding requests: unseated, they sleep once those finish
         self.retiring: dict[str, Session] = {}
+        #: (device, model) -> (no wake for it before, the next backoff): after failed switches
+        self._wake_backoff: dict[tuple[str, str], tuple[float, float]] = {}
         #: A switch failed: (slot, model, error); the coordinator tells the queue manager.
         self.on_failed: Callable[[str, str, str], None] = lambda slot, model, error: None
         #: A slot's serving model changed: the coordinator refreshes the queue manager's view.
@@ -309,6 +315,8 @@ class Devices(Generic[Session]):
         slots = [slot for slot in self.slots_of(device) if slot not in self.switches]
         if any(self.target(slot, model) is not None for slot in self.slots_of(device)):
             return
+        if time.monotonic() < self._wake_backoff.get((device, model), (0.0, 0.0))[0]:
+            return  # its last switch failed: the tick asks again after the backoff
         if any(sw.model == model for slot, sw in self.switches.items() if slot in self.slots_of(device)):
             return  # already on its way
         for slot in sorted(slots, key=lambda slot: len(o.assigned) if (o := self._occupant(slot)) else -1):
@@ -492,6 +500,7 @@ class Devices(Generic[Session]):
 
     def _done(self, slot: str, switch: Switch, engine: Session, *, switched: bool = True) -> None:
         self.switches.pop(slot, None)
+        self._wake_backoff.pop((self.device_of_slot(slot), switch.model), None)
         self.occupant[slot] = engine.instance_id
         self.switches_done += switched
         swap_s = time.monotonic() - switch.swap_started if switch.swap_started else 0.0
@@ -510,6 +519,9 @@ class Devices(Generic[Session]):
 
     def _fail(self, slot: str, switch: Switch, error: str) -> None:
         self.switches.pop(slot, None)
+        key = (self.device_of_slot(slot), switch.model)
+        delay = self._wake_backoff.get(key, (0.0, WAKE_BACKOFF_S[0]))[1]
+        self._wake_backoff[key] = (time.monotonic() + delay, min(2 * delay, WAKE_BACKOFF_S[1]))
         log.warning("device %s: switch to %s failed: %s", slot, switch.model, error)
         self.on_failed(slot, switch.model, error)
         self.on_changed(slot)

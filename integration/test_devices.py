@@ -85,6 +85,14 @@ async def settled(st: LocalStack, *, engines: int, up: int) -> None:
         await asyncio.sleep(0.05)
 
 
+async def one_awake(st: LocalStack) -> tuple[str, str, Any]:
+    """Once the two engines have settled: the awake model, the sleeping one, and its engine's link."""
+    await settled(st, engines=2, up=1)
+    (up,) = awake_models(st)
+    (asleep,) = {"chat-a", "chat-b"} - {up}
+    return up, asleep, st.instances[f"engine-{asleep}"].link
+
+
 async def complete(
     http: aiohttp.ClientSession, st: LocalStack, model: str, i: int, tokens: int = 24
 ) -> dict[str, Any]:
@@ -319,10 +327,7 @@ def test_a_switch_whose_step_is_never_answered_fails_and_both_models_are_served(
 
     async def body(st: LocalStack) -> None:
         fleet = st.coordinator.fleet
-        await settled(st, engines=2, up=1)
-        (up,) = awake_models(st)
-        (asleep,) = {"chat-a", "chat-b"} - {up}
-        link = st.instances[f"engine-{asleep}"].link
+        up, asleep, link = await one_awake(st)
         execute = link.execute
 
         def slow_wake(cmd: Any) -> Any:  # a real wake takes a while
@@ -359,10 +364,7 @@ def test_without_a_queue_manager_a_wake_that_fails_backs_off_and_the_other_model
 
     async def body(st: LocalStack) -> None:
         fleet = st.coordinator.fleet
-        await settled(st, engines=2, up=1)
-        (up,) = awake_models(st)
-        (asleep,) = {"chat-a", "chat-b"} - {up}
-        link = st.instances[f"engine-{asleep}"].link
+        up, asleep, link = await one_awake(st)
         execute = link.execute
 
         def broken_wake(cmd: Any) -> Any:

@@ -389,3 +389,31 @@ def test_without_a_queue_manager_a_wake_that_fails_backs_off_and_the_other_model
     run_with_stack(
         tmp_path, body, instances=1, scenario=SCENARIO, sims=engines(), speed=20.0, config={"policy": "fcfs"}
     )
+
+
+def test_without_a_queue_manager_an_engine_asked_to_sleep_takes_no_new_request(tmp_path: Path) -> None:
+    """fcfs handed new requests to any awake engine, one asked to sleep once its requests end
+    included (qlm serve's one-by-one start): it took 40 of 40 and never slept."""
+
+    async def body(st: LocalStack) -> None:
+        fleet = st.coordinator.fleet
+        up, _, _ = await one_awake(st)
+        engine = f"engine-{up}"
+        fleet.devices.hold_switches("gpu0", True)
+        async with aiohttp.ClientSession() as http:
+            first = [asyncio.create_task(complete(http, st, up, i, tokens=3000)) for i in range(2)]
+            for _ in range(500):
+                if len(fleet.sessions[engine].assigned) == 2:
+                    break
+                await asyncio.sleep(0.01)
+            assert fleet.devices.sleep_engine(engine)
+            sent = fleet.sessions[engine].sent
+            later = [asyncio.create_task(complete(http, st, up, 100 + i)) for i in range(5)]
+            await asyncio.sleep(1.0)
+            assert fleet.sessions[engine].sent == sent, "a retiring engine took new work"
+            for task in first + later:
+                task.cancel()
+
+    run_with_stack(
+        tmp_path, body, instances=1, scenario=SCENARIO, sims=engines(), speed=20.0, config={"policy": "fcfs"}
+    )

@@ -184,6 +184,13 @@ class Devices(Generic[Session]):
             for slot, sw in self.switches.items()
         )
 
+    def takes_work(self, s: Session) -> bool:
+        """Whether new requests may go to ``s`` (without a queue manager, which plans this): not an
+        engine a switch is moving, being put to sleep, or asked to sleep once its requests end."""
+        if not self.device_of(s):
+            return True
+        return not (self.switching(s) or s.instance_id in self.retiring or self._pending_sleep(s))
+
     # ------------------------------------------------------------------ slots
     def _assign(self, device: str) -> list[Session]:
         """Keep each slot's occupant current (a slot whose engine went to sleep or left is free; a free

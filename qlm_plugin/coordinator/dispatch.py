@@ -135,7 +135,7 @@ class Dispatcher:
             and s.pull_open
             and (st := self.fleet.qlm_instance_state(s.instance_id, False)) is not None
             and serves(s, job.request.model)
-            and not self.fleet.devices.switching(s)  # an engine being swapped takes no new work
+            and self.fleet.devices.takes_work(s)  # not one being swapped or put to sleep
         ]
         target = self.hook.qlm_choose_instance(request=job.request, instances=states, now=now)
         if target is None or not self.hook.qlm_dispatch(instance_id=target, request=job.request):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from typing import Any
 
 import aiohttp
 import pytest
@@ -25,6 +26,17 @@ def job() -> Job:
     now = time.time()
     request = Request("r1", "m", 4, 8, now, SLO(None, None))
     return Job(request, pb.RequestSpec(request_id="r1", model="m", prompt="hi", max_tokens=8))
+
+
+async def engine_on_loopback(completions: Any, health: Any) -> tuple[web.AppRunner, int]:
+    """A fake engine's /v1/completions and /health on a free loopback port."""
+    app = web.Application()
+    app.router.add_post("/v1/completions", completions)
+    app.router.add_get("/health", health)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    return runner, runner.addresses[0][1]
 
 
 async def run(
@@ -67,14 +79,7 @@ async def run(
         await resp.write(b"data: [DONE]\n\n")
         return resp
 
-    app = web.Application()
-    app.router.add_post("/v1/completions", completions)
-    app.router.add_get("/health", health)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
+    runner, port = await engine_on_loopback(completions, health)
     events: list[pb.RequestEvent] = []
     j = served or job()
 
@@ -189,14 +194,7 @@ def test_a_stalled_stream_fails_the_attempt_after_the_read_timeout(monkeypatch: 
             await stalled.wait()  # a hung engine: nothing more, the connection open
             return resp
 
-        app = web.Application()
-        app.router.add_post("/v1/completions", completions)
-        app.router.add_get("/health", health)
-        runner = web.AppRunner(app)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        port = runner.addresses[0][1]
+        runner, port = await engine_on_loopback(completions, health)
         events: list[pb.RequestEvent] = []
         lost: list[str] = []
         j = job()

@@ -391,6 +391,45 @@ def test_without_a_queue_manager_a_wake_that_fails_backs_off_and_the_other_model
     )
 
 
+@pytest.mark.parametrize("policy", ["qlm", "fcfs"])
+def test_a_model_whose_engine_never_wakes_fails_its_requests_past_their_deadline(
+    tmp_path: Path, policy: str
+) -> None:
+    """An engine whose every wake fails still counted as serving its model: its requests waited
+    for ever on retries (5 s, doubling to 60 s). Such a model now counts as not served: its queued
+    requests fail, saying why, once ``instance_return_wait_s`` and their own deadline have passed,
+    and the other model is served throughout."""
+
+    async def body(st: LocalStack) -> None:
+        up, asleep, link = await one_awake(st)
+        execute = link.execute
+
+        def broken_wake(cmd: Any) -> Any:
+            if cmd.WhichOneof("op") == "load_model":
+                return pb.CommandAck(ok=False, error="wake_up: HTTP 500")
+            return execute(cmd)
+
+        link.execute = broken_wake
+        body = {"model": asleep, "prompt": "never", "max_tokens": 8, "qlm": {"ttft_ms": 500}}
+        async with aiohttp.ClientSession() as http:
+            async with http.post(f"{st.http_url}/v1/completions", json=body) as r:
+                answer = await asyncio.wait_for(r.json(), 30)
+                assert r.status >= 500, answer
+            error = answer["error"]["message"]
+            assert "failed to wake" in error and "wake_up: HTTP 500" in error, error
+            await asyncio.wait_for(complete(http, st, up, 1), 30)
+
+    run_with_stack(
+        tmp_path,
+        body,
+        instances=1,
+        scenario=SCENARIO,
+        sims=engines(),
+        speed=20.0,
+        config={"policy": policy, "instance_return_wait_s": 1.0},
+    )
+
+
 def test_without_a_queue_manager_an_engine_asked_to_sleep_takes_no_new_request(tmp_path: Path) -> None:
     """fcfs handed new requests to any awake engine, one asked to sleep once its requests end
     included (qlm serve's one-by-one start): it took 40 of 40 and never slept."""

@@ -109,6 +109,8 @@ class Devices(Generic[Session]):
         self.retiring: dict[str, Session] = {}
         #: (device, model) -> (no wake for it before, the next backoff): after failed switches
         self._wake_backoff: dict[tuple[str, str], tuple[float, float]] = {}
+        #: (device, model) -> the error of its last switch, while the switches to it fail
+        self.failing_wakes: dict[tuple[str, str], str] = {}
         #: A switch failed: (slot, model, error); the coordinator tells the queue manager.
         self.on_failed: Callable[[str, str, str], None] = lambda slot, model, error: None
         #: A slot's serving model changed: the coordinator refreshes the queue manager's view.
@@ -183,6 +185,24 @@ class Devices(Generic[Session]):
             sw.engine == s.instance_id or self.occupant.get(slot) == s.instance_id
             for slot, sw in self.switches.items()
         )
+
+    def wake_error(self, model: str) -> str | None:
+        """While every device engine that can serve ``model`` sleeps and the last switch to it on
+        each of their devices failed: the last error (its requests are then unserved, and fail past
+        their deadline rather than wait for ever on retries that keep failing); else None."""
+        if not self.failing_wakes:  # the usual case
+            return None
+        error = None
+        for device in self.names():
+            able = [s for s in self.members(device) if s.report is not None and s.report.can_serve(model)]
+            if not able:
+                continue
+            if any(s.alive and model in s.report.models_loaded for s in able if s.report is not None):
+                return None
+            error = self.failing_wakes.get((device, model))
+            if error is None:
+                return None
+        return error
 
     def takes_work(self, s: Session) -> bool:
         """Whether new requests may go to ``s`` (without a queue manager, which plans this): not an
@@ -508,6 +528,7 @@ class Devices(Generic[Session]):
     def _done(self, slot: str, switch: Switch, engine: Session, *, switched: bool = True) -> None:
         self.switches.pop(slot, None)
         self._wake_backoff.pop((self.device_of_slot(slot), switch.model), None)
+        self.failing_wakes.pop((self.device_of_slot(slot), switch.model), None)
         self.occupant[slot] = engine.instance_id
         self.switches_done += switched
         swap_s = time.monotonic() - switch.swap_started if switch.swap_started else 0.0
@@ -529,6 +550,7 @@ class Devices(Generic[Session]):
         key = (self.device_of_slot(slot), switch.model)
         delay = self._wake_backoff.get(key, (0.0, WAKE_BACKOFF_S[0]))[1]
         self._wake_backoff[key] = (time.monotonic() + delay, min(2 * delay, WAKE_BACKOFF_S[1]))
+        self.failing_wakes[key] = error
         log.warning("device %s: switch to %s failed: %s", slot, switch.model, error)
         self.on_failed(slot, switch.model, error)
         self.on_changed(slot)

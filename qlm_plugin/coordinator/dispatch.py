@@ -87,6 +87,16 @@ class Dispatcher:
             for s in devices.members(device)
         )
 
+    def wake_failing(self, model: str) -> str | None:
+        """Why ``model`` is not served after all: it is served only by engines sharing devices, and
+        every wake of one for it fails (the last error); None when it is served or may be."""
+        if not self.fleet.devices.failing_wakes:
+            return None
+        for s in self.fleet.sessions.values():
+            if s.alive and serves(s, model) and not self.fleet.devices.device_of(s):
+                return None
+        return self.fleet.devices.wake_error(model)
+
     def trace(self, job: Job, parent: Any = None) -> None:
         """Open the request's span, from its arrival."""
         r, slo = job.request, job.spec.slo

@@ -279,9 +279,16 @@ class InstanceRegistry:
 
     def fail_unserved(self, mono: float) -> None:
         """No request waits for ever: a queued request whose model no live instance has served for
-        ``instance_return_wait_s`` (what a new request for it waits before it is refused) fails once
-        its own deadline has passed too (a batch keeps waiting within its window)."""
-        unserved = {m for m in self.models if not self.dispatcher.served(m)}
+        ``instance_return_wait_s`` (what a new request for it waits before it is refused; a model
+        whose engines all fail to wake counts as not served) fails once its own deadline has passed
+        too (a batch keeps waiting within its window)."""
+        why: dict[str, str] = {}
+        for m in self.models:
+            if not self.dispatcher.served(m):
+                why[m] = "its instances left"
+            elif (error := self.dispatcher.wake_failing(m)) is not None:
+                why[m] = f"every engine that can serve it failed to wake, the last with: {error}"
+        unserved = set(why)
         for model in list(self.unserved_since):
             if model not in unserved:
                 del self.unserved_since[model]
@@ -312,7 +319,7 @@ class InstanceRegistry:
                         "failed",
                         "error",
                         error=f"no live instance has served model {model!r} for {mono - since:.0f} s "
-                        "(its instances left) and the request's deadline has passed",
+                        f"({why[model]}) and the request's deadline has passed",
                     )
 
     def states(self) -> list[tuple[Session, InstanceState | None]]:

@@ -5,9 +5,14 @@ register the plugin through the ``qlm`` entry-point group (or ``PluginManager.re
 
 Two families:
 
-* **policy hooks** the core calls and users may override (register a plugin whose implementation
-  returns a value; for ``firstresult`` hooks the most recently registered implementation that returns
-  something other than ``None`` wins, so a user plugin overrides the built-in one);
+* **policy hooks** the core calls and users may override. For ``firstresult`` hooks the first
+  answer other than ``None`` wins, asked in this order: installed plugins (the ``qlm`` entry-point
+  group; their policy hooks are ``tryfirst`` unless marked ``trylast``; among them, the one
+  registered last), then the run's policy (``--policies``, ``policy:`` in a config), then the
+  built-in fallbacks (``trylast``). So an installed plugin applies in every run: the simulator, the
+  coordinator and a vLLM engine alike. Its policy hooks are guarded (:mod:`.guard`): one that
+  raises, answers what its contract rules out, or is slow is logged once, naming it, and the next
+  implementation answers;
 * **backend hooks** an adapter implements for the instances it owns. They are ``firstresult``: an
   adapter returns ``None`` for an ``instance_id`` that is not its own, and the core asks the next one.
 
@@ -122,7 +127,10 @@ def qlm_instance_ready(instance_id: str, free_slots: int, now: float) -> None:
 
 @_hookspec
 def qlm_request_queued(request: Request, instance_id: str | None, now: float) -> None:
-    """A validated request entered a queue: the global queue (``instance_id`` None) or an instance's.
+    """A request entered an instance's waiting queue: called by the backend that accepted its
+    dispatch (the simulator's, the coordinator's for remote instances, the vLLM scheduler's), once
+    per attempt. ``instance_id`` is that instance (``None`` is reserved for a backend without
+    instance queues).
 
     All implementations are called; results are ignored.
     """
@@ -234,10 +242,14 @@ def qlm_admit(request: Request, estimate: WaitEstimate, now: float) -> Admission
 def qlm_rank_key(request: Request, instance_id: str, now: float) -> Hashable | None:
     """The sort key that ranks ``request`` in a waiting queue: lower keys are served first.
 
-    Called once each time a request enters (or re-enters, after preemption) a waiting queue, and for
-    every queued request when the core re-ranks a queue. Keys computed at different ``now`` are
+    Called once each time a request enters a waiting queue (and, in the simulator, re-enters it
+    after preemption); keys are not recomputed later. Keys computed at different ``now`` are
     compared with each other, so they must not drift with time (use absolute deadlines, not slack
-    relative to ``now``). Keys must be totally ordered among themselves (tuples of numbers are).
+    relative to ``now``). A key is a number, a string or a tuple of them (nested tuples too), not
+    NaN, and all keys a plugin gives must compare with each other (one shape for every request:
+    a plugin that answers ``None`` for some requests leaves them to the next implementation's
+    keys, which must compare with its own). A coordinator sends a remote instance the key's leading
+    numbers (the instance breaks ties by arrival).
 
     firstresult: the first non-None answer is used.
     """

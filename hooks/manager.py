@@ -16,6 +16,8 @@ import pluggy
 
 from qlm_plugin.domain.instance import InstanceInfo
 from qlm_plugin.hooks import hookspecs
+from qlm_plugin.hooks.guard import CHECKS as POLICY_HOOKS
+from qlm_plugin.hooks.guard import Guard
 
 log = logging.getLogger(__name__)
 
@@ -35,13 +37,43 @@ BUILTIN_PLUGINS = (
 )
 
 
+#: Entry points whose failure to load was logged with its traceback (each plugin manager loads them
+#: again: a simulation of three policies has several).
+_load_failures_logged: set[str] = set()
+
+
 class PluginManager(pluggy.PluginManager):
     """pluggy's plugin manager for project ``qlm``; it also knows which installed adapters the run
-    leaves idle (their instances are not the run's)."""
+    leaves idle (their instances are not the run's), and guards the installed plugins' policy hooks
+    (:mod:`.guard`)."""
 
     def __init__(self) -> None:
         super().__init__("qlm")
         self.idle_adapters: set[str] = set()
+        self.guard = Guard()
+        self._installed: set[int] = set()  # id() of the plugins registered from entry points
+
+    def register_installed(self, plugin: object, name: str) -> None:
+        """Register an entry-point plugin: its policy hooks are ``tryfirst`` (unless it marks them
+        ``trylast``), so they come before the run's own policy, which is registered later, in every
+        run (the simulator, the coordinator and the vLLM scheduler alike), and they are guarded."""
+        self._installed.add(id(plugin))
+        try:
+            self.register(plugin, name=name)
+        finally:
+            self._installed.discard(id(plugin))
+        self.guard.wrap(self, plugin)
+
+    def parse_hookimpl_opts(self, plugin: object, name: str) -> pluggy.HookimplOpts | None:
+        opts = super().parse_hookimpl_opts(plugin, name)
+        if (
+            opts is not None
+            and id(plugin) in self._installed
+            and name in POLICY_HOOKS
+            and not (opts.get("tryfirst") or opts.get("trylast"))
+        ):
+            opts = pluggy.HookimplOpts(**{**opts, "tryfirst": True})
+        return opts
 
 
 def list_instances(pm: pluggy.PluginManager) -> list[InstanceInfo]:
@@ -96,7 +128,10 @@ def load_entrypoint_plugins(pm: pluggy.PluginManager, adapters: Iterable[str] = 
             plugin = ep.load()
             if isinstance(plugin, type):  # the entry point names a class: its hooks are an instance's
                 plugin = plugin()
-            pm.register(plugin, name=ep.name)
+            if isinstance(pm, PluginManager):
+                pm.register_installed(plugin, ep.name)
+            else:
+                pm.register(plugin, name=ep.name)
             unknown = _unknown_hooks(pm, plugin)
             if unknown:  # a misspelled hook would never be called: say so, and load none of it
                 pm.unregister(name=ep.name)
@@ -111,7 +146,9 @@ def load_entrypoint_plugins(pm: pluggy.PluginManager, adapters: Iterable[str] = 
             # pluggy may have registered some hookimpls before validation failed: take them all back.
             if pm.has_plugin(ep.name):
                 pm.unregister(name=ep.name)
-            log.exception("qlm plugin %r (%s) failed to load; skipped", ep.name, ep.value)
+            first = ep.name not in _load_failures_logged
+            _load_failures_logged.add(ep.name)
+            log.error("qlm plugin %r (%s) failed to load; skipped", ep.name, ep.value, exc_info=first)
             continue
         loaded.append(ep.name)
         lists = any(impl.plugin is plugin for impl in pm.hook.qlm_list_instances.get_hookimpls())

@@ -8,6 +8,7 @@ mocked.
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 import logging
 import os
@@ -21,9 +22,13 @@ import pluggy
 import pytest
 
 from qlm_plugin import hooks as qlm_hooks
+from qlm_plugin.adapters.sim.engine import SimInstance
 from qlm_plugin.domain.request import Request, make_request
 from qlm_plugin.policies import registry as policies_registry
+from qlm_plugin.proto.qlm.v1 import qlm_pb2 as pb
+from qlm_plugin.testing.stack import LocalStack, run_with_stack
 from qlm_plugin.tools.simulate import run_policy
+from qlm_plugin.transport.client import CoordinatorClient
 from qlm_plugin.workloads.scenario import load_scenario
 
 # Not ``from qlm_plugin.hooks import ...``: ruff resolves that path on disk (hooks/ lives at the repo
@@ -604,3 +609,161 @@ def test_an_installed_adapter_adopts_no_instance_in_a_run_that_did_not_ask_for_i
     toy = sys.modules["qlmtest_toy"].plugin
     assert toy.dispatched == []
     assert result.overall.finished == len(requests), result.overall
+
+
+# --- installed plugins in every run, guarded -------------------------------------------------------
+
+COUNTING_RANK_PLUGIN = """
+from qlm_plugin.hooks import hookimpl
+
+calls = []
+
+
+class ShortestPromptFirst:
+    @hookimpl
+    def qlm_rank_key(self, request, instance_id, now):
+        calls.append(request.id)
+        return (request.prompt_tokens, request.arrival_time, request.id)
+
+
+plugin = ShortestPromptFirst()
+"""
+
+# Each hook answers something its contract rules out, or raises.
+BAD_ANSWERS_PLUGIN = """
+from qlm_plugin.hooks import hookimpl
+from qlm_plugin.domain.distributions import LengthDistribution
+from qlm_plugin.domain.outcome import Admission
+
+
+class Bad:
+    @hookimpl
+    def qlm_rank_key(self, request, instance_id, now):
+        return float("nan")
+
+    @hookimpl
+    def qlm_predict_output_length(self, request, generated_tokens):
+        return LengthDistribution(mean=1e9, var=0.0)
+
+    @hookimpl
+    def qlm_admit(self, request, estimate, now):
+        return Admission("someone-else", accepted=False, can_meet_slo=False)
+
+    @hookimpl
+    def qlm_select_victim(self, candidates, instance_id, now):
+        raise RuntimeError("victim exploded")
+
+
+plugin = Bad()
+"""
+
+
+ZERO_THEN_PROMPT_PLUGIN = """
+from qlm_plugin.hooks import hookimpl
+
+
+class ShortestPromptFirst:
+    @hookimpl
+    def qlm_rank_key(self, request, instance_id, now):
+        return (0, (request.prompt_tokens,), request.id)
+
+
+plugin = ShortestPromptFirst()
+"""
+
+
+def small_run(n: int = 40) -> list[Request]:
+    return [
+        make_request(
+            f"r{k}", "llama-3.1-8b", prompt_tokens=100 + 37 * (k % 7), max_tokens=32, arrival_time=k * 0.02
+        )
+        for k in range(n)
+    ]
+
+
+@pytest.mark.parametrize("policy", ["fcfs", "qlm"])
+def test_an_installed_plugin_overrides_the_runs_policy(site: Site, request_: Request, policy: str) -> None:
+    """The README's plugin, installed, changed nothing in ``qlm simulate`` or ``qlm serve``: the
+    run's policy, registered after it, answered first. Installed plugins now come before the run's
+    policy everywhere (as inside vLLM), and the policy before the built-in fallbacks."""
+    site.install("qlmtest-spf", {"spf": "qlmtest_spf:plugin"}, {"qlmtest_spf": COUNTING_RANK_PLUGIN})
+    pm = get_plugin_manager()
+    pm.register(
+        type("Fcfs", (), {"qlm_rank_key": hookimpl(lambda self, request, instance_id, now: (0.0,))})(),
+        name="policy:fcfs:0",
+    )
+    assert pm.hook.qlm_rank_key(request=request_, instance_id="i0", now=0.0) == (512, 3.0, "r1")
+    pm.unregister(name="spf")
+    assert pm.hook.qlm_rank_key(request=request_, instance_id="i0", now=0.0) == (0.0,)  # above the default
+
+    result = run_policy(load_scenario(), policy, small_run())
+    assert result.overall.finished == 40, result.overall
+    assert sys.modules["qlmtest_spf"].calls, f"the installed plugin was never asked under {policy}"
+
+
+def test_a_plugin_answering_what_its_hook_rules_out_is_logged_once_and_the_next_answer_used(
+    site: Site, request_: Request, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A NaN rank key, a length past max_tokens, another request's admission, a raising victim
+    choice: each crashed ``qlm simulate`` or was used as is. Each is now dropped, logged once
+    naming the plugin and the hook, and the next implementation answers."""
+    site.install("qlmtest-bad", {"bad": "qlmtest_bad:plugin"}, {"qlmtest_bad": BAD_ANSWERS_PLUGIN})
+    pm = get_plugin_manager()
+    for _ in range(3):
+        assert pm.hook.qlm_rank_key(request=request_, instance_id="i0", now=5.0) == (3.0, "r1")
+    assert pm.hook.qlm_predict_output_length(request=request_, generated_tokens=0) is None or (
+        pm.hook.qlm_predict_output_length(request=request_, generated_tokens=0).mean <= request_.max_tokens
+    )
+    assert pm.guard.failures[("bad", "qlm_rank_key")] == 3
+    logged = [r.getMessage() for r in caplog.records if "'bad'" in r.getMessage()]
+    assert len([m for m in logged if "qlm_rank_key" in m]) == 1, logged
+    assert any("qlm_predict_output_length" in m and "max_tokens" in m for m in logged), logged
+
+    caplog.clear()
+    result = run_policy(load_scenario(), "qlm", small_run())  # the whole run goes through
+    assert result.overall.finished == 40, result.overall
+    assert any("someone-else" in r.getMessage() for r in caplog.records)
+
+
+def test_a_slow_plugin_is_named(
+    site: Site, request_: Request, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    site.install("qlmtest-spf", {"spf": "qlmtest_spf:plugin"}, {"qlmtest_spf": COUNTING_RANK_PLUGIN})
+    monkeypatch.setattr(qlm_hooks.guard, "SLOW_CALL_S", 0.0)
+    pm = get_plugin_manager()
+    for _ in range(2):
+        assert pm.hook.qlm_rank_key(request=request_, instance_id="i0", now=0.0) == (512, 3.0, "r1")
+    slow = [r.getMessage() for r in caplog.records if "took" in r.getMessage()]
+    assert len(slow) == 1 and "'spf'" in slow[0] and "qlm_rank_key" in slow[0], slow
+
+
+def test_an_installed_rank_key_orders_a_coordinators_instance_by_its_whole_key(
+    site: Site, tmp_path: Path
+) -> None:
+    """``qlm serve`` sent an instance only a rank key's first number: shortest-prompt-first keyed
+    ``(0, prompt_tokens)`` ranked every request alike. The instance now gets the key's leading
+    numbers, and serves its waiting requests in that order."""
+    site.install("qlmtest-spf", {"spf": "qlmtest_spf:plugin"}, {"qlmtest_spf": ZERO_THEN_PROMPT_PLUGIN})
+    scenario = load_scenario()
+    model = scenario.models[0].name
+    one_seat = SimInstance(
+        "sim-0", "h100", scenario.cost_models_for("h100"), initial_model=model, max_num_seqs=1
+    )
+
+    async def body(st: LocalStack) -> None:
+        async with CoordinatorClient(st.grpc_target) as c:
+            blocker = await c.submit(pb.RequestSpec(model=model, prompt="hold the seat", max_tokens=400))
+            while st.coordinator.jobs[blocker.request_id].tokens == 0:
+                await asyncio.sleep(0.01)
+            words = (400, 300, 200, 100)  # arriving longest first: fcfs serves them in this order
+            ids = [
+                (await c.submit(pb.RequestSpec(model=model, prompt="word " * n, max_tokens=4))).request_id
+                for n in words
+            ]
+            for rid in ids:
+                async for _ in c.stream(rid, timeout_s=60):
+                    pass
+            first = {rid: st.coordinator.jobs[rid].first_token_at for rid in ids}
+            assert sorted(ids, key=lambda r: first[r]) == ids[::-1], first  # shortest prompt first
+
+    run_with_stack(tmp_path, body, instances=1, sims=[one_seat], config={"policy": "fcfs"})

@@ -20,6 +20,7 @@ from qlm_plugin.adapters.sim.engine import SimInstance
 from qlm_plugin.adapters.sim.realtime import Progress, RealtimeSim, natural_length, synthetic_text
 from qlm_plugin.domain.instance import EvictMode
 from qlm_plugin.domain.request import SLO, Request
+from qlm_plugin.hooks import get_plugin_manager
 from qlm_plugin.proto.qlm.v1 import qlm_pb2 as pb
 from qlm_plugin.transport.agent import AgentSettings, InstanceAgent
 
@@ -43,12 +44,16 @@ class SimEngineLink:
         self.instance_id = inst.instance_id
         self.gpu = inst.gpu
         self.attempts: dict[str, int] = {}
-        self.urgency: dict[str, float] = {}
+        self.urgency: dict[str, tuple[float, ...]] = {}
         self._reported_steps = 0
         self.agent: InstanceAgent | None = None
-        # The coordinator's urgency orders the engine's own queue (lower first).
-        inst.rank_key = lambda r, _i, _n: (self.urgency.get(r.id, math.inf), r.arrival_time, r.id)
+        # The coordinator's rank key orders the engine's own queue (lower first).
+        inst.rank_key = lambda r, _i, _n: (self.urgency.get(r.id, (math.inf,)), r.arrival_time, r.id)
         inst.on_room = lambda _i, _slots, _now: self.agent.room() if self.agent is not None else None
+        # The victim under KV pressure: the installed plugins' choice, else the default (the last
+        # admitted), as inside a vLLM engine running the QLM scheduler.
+        hook = get_plugin_manager().hook
+        inst.select_victim = lambda c, i, n: hook.qlm_select_victim(candidates=c, instance_id=i, now=n)
 
     # ------------------------------------------------------------------ state
     def state(self) -> pb.StateReport:
@@ -180,7 +185,7 @@ class SimEngineLink:
                 )
 
         self.attempts[rid] = attempt
-        self.urgency[rid] = a.urgency
+        self.urgency[rid] = tuple(a.rank) or (a.urgency,)
         if not self.sim.submit(self.instance_id, request, on_progress):
             del self.attempts[rid]
             self.urgency.pop(rid, None)

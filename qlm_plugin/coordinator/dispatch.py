@@ -35,6 +35,12 @@ log = logging.getLogger("qlm_plugin.coordinator")
 Event = pb.RequestEvent
 
 
+def _flat(key: Any) -> list[Any]:
+    if isinstance(key, tuple):
+        return [part for item in key for part in _flat(item)]
+    return [key]
+
+
 def serves(s: Session, model: str) -> bool:
     """Whether an instance serves ``model`` now: loaded or warm (an instance that reports no model
     loaded serves what it is sent, of the models it can serve), and its engine up."""
@@ -167,10 +173,17 @@ class Dispatcher:
                 self.admit(job, now)
 
     # ------------------------------------------------------------------ to the instances
-    def _rank(self, request: Request, instance_id: str, now: float) -> float:
+    def _rank(self, request: Request, instance_id: str, now: float) -> list[float]:
+        """The rank key as the instance compares it: its leading numbers, nested tuples flattened
+        (a key's strings, such as a request id breaking ties, cannot go: the instance breaks ties by
+        arrival); the arrival time if it starts with none."""
         key: Hashable = self.hook.qlm_rank_key(request=request, instance_id=instance_id, now=now)
-        head = key[0] if isinstance(key, tuple) and key else key
-        return float(head) if isinstance(head, (int, float)) else request.arrival_time
+        numbers: list[float] = []
+        for part in _flat(key):
+            if not isinstance(part, (int, float)) or isinstance(part, bool) or math.isnan(part):
+                break
+            numbers.append(float(part))
+        return numbers or [request.arrival_time]
 
     def dispatch(self, s: Session, request: Request) -> bool:
         """A new attempt of the request's job on ``s`` (the instance fleet's ``qlm_dispatch``)."""
@@ -178,6 +191,8 @@ class Dispatcher:
         if job is None or job.state != "queued":
             return False
         now = time.time()
+        # before any state changes: a policy hook that raises must not leave the job half-dispatched
+        rank = self._rank(request, s.instance_id, now) if not s.endpoint else []
         job.attempt += 1
         job.state, job.instance = "dispatched", s.instance_id
         job.recovering = False
@@ -186,25 +201,28 @@ class Dispatcher:
         self.book.journal.dispatched(job.id, job.attempt, s.instance_id)
         if s.endpoint:  # the instance serves HTTP itself (a vLLM engine): forward the request there
             self._forward(s, job)
-            self.telemetry.request_event(
-                job.id, "qlm.dispatched", {"qlm.instance.id": s.instance_id, "qlm.attempt": job.attempt}
+        else:
+            ttft_budget, e2e_budget = request.slo.budgets(now, started=job.tokens > 0)
+            deadline = request.slo.first_deadline()
+            s.assignments.put_nowait(
+                pb.Assignment(
+                    request=job.spec,
+                    attempt=job.attempt,
+                    urgency=rank[0],
+                    rank=rank,
+                    deadline=deadline if math.isfinite(deadline) else 0.0,
+                    resume_tokens=job.tokens,
+                    resume_text=job.text,
+                    ttft_budget_s=ttft_budget,
+                    e2e_budget_s=e2e_budget,
+                )
             )
-            return True
-        ttft_budget, e2e_budget = request.slo.budgets(now, started=job.tokens > 0)
-        s.assignments.put_nowait(
-            pb.Assignment(
-                request=job.spec,
-                attempt=job.attempt,
-                urgency=self._rank(request, s.instance_id, now),
-                deadline=request.slo.first_deadline() if math.isfinite(request.slo.first_deadline()) else 0.0,
-                resume_tokens=job.tokens,
-                resume_text=job.text,
-                ttft_budget_s=ttft_budget,
-                e2e_budget_s=e2e_budget,
-            )
-        )
         self.telemetry.request_event(
             job.id, "qlm.dispatched", {"qlm.instance.id": s.instance_id, "qlm.attempt": job.attempt}
+        )
+        # as the simulator's and vLLM's backends do: it entered that instance's queue
+        self.hook.qlm_request_queued(
+            request=request, instance_id=self.fleet.devices.brain_id(s.instance_id), now=now
         )
         return True
 

@@ -283,7 +283,7 @@ class PullCredit(_message.Message):
     def __init__(self, session: _Optional[str] = ..., free_slots: _Optional[int] = ..., received: _Optional[int] = ...) -> None: ...
 
 class Assignment(_message.Message):
-    __slots__ = ("request", "attempt", "urgency", "deadline", "resume_tokens", "resume_text", "ttft_budget_s", "e2e_budget_s")
+    __slots__ = ("request", "attempt", "urgency", "deadline", "resume_tokens", "resume_text", "ttft_budget_s", "e2e_budget_s", "rank")
     REQUEST_FIELD_NUMBER: _ClassVar[int]
     ATTEMPT_FIELD_NUMBER: _ClassVar[int]
     URGENCY_FIELD_NUMBER: _ClassVar[int]
@@ -292,6 +292,7 @@ class Assignment(_message.Message):
     RESUME_TEXT_FIELD_NUMBER: _ClassVar[int]
     TTFT_BUDGET_S_FIELD_NUMBER: _ClassVar[int]
     E2E_BUDGET_S_FIELD_NUMBER: _ClassVar[int]
+    RANK_FIELD_NUMBER: _ClassVar[int]
     request: RequestSpec
     attempt: int
     urgency: float
@@ -300,7 +301,8 @@ class Assignment(_message.Message):
     resume_text: str
     ttft_budget_s: float
     e2e_budget_s: float
-    def __init__(self, request: _Optional[_Union[RequestSpec, _Mapping]] = ..., attempt: _Optional[int] = ..., urgency: _Optional[float] = ..., deadline: _Optional[float] = ..., resume_tokens: _Optional[int] = ..., resume_text: _Optional[str] = ..., ttft_budget_s: _Optional[float] = ..., e2e_budget_s: _Optional[float] = ...) -> None: ...
+    rank: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, request: _Optional[_Union[RequestSpec, _Mapping]] = ..., attempt: _Optional[int] = ..., urgency: _Optional[float] = ..., deadline: _Optional[float] = ..., resume_tokens: _Optional[int] = ..., resume_text: _Optional[str] = ..., ttft_budget_s: _Optional[float] = ..., e2e_budget_s: _Optional[float] = ..., rank: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class AssignmentBatch(_message.Message):
     __slots__ = ("assignments",)

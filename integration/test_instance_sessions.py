@@ -478,3 +478,45 @@ def test_a_forwarded_request_whose_agent_registered_again_is_served_again_when_i
             await b.close()
 
     run(tmp_path, body, instances=0)
+
+
+def test_each_stale_attempt_is_aborted_once_and_forgotten_once_it_ends(tmp_path: Path) -> None:
+    """Stale progress of a request got the instance one abort, per request id for the session's
+    life: a later stale attempt of the same request was never aborted (the engine kept working on
+    it for nothing), and the set only grew. Each stale attempt is now aborted once, and forgotten
+    when the instance reports it ended."""
+
+    async def body(st: LocalStack) -> None:
+        async with CoordinatorClient(st.grpc_target) as c:
+            rid = (await c.submit(pb.RequestSpec(model=MODEL, prompt="x", max_tokens=2000))).request_id
+            job = st.coordinator.jobs[rid]
+            while job.state != "dispatched":
+                await asyncio.sleep(0.01)
+            s = st.coordinator.fleet.sessions[job.instance or ""]
+            aborts: list[tuple[str | None, int]] = []
+            command = st.coordinator.fleet.command
+
+            def spy(session: Any, op: str, request_id: str | None = None, *a: Any, **kw: Any) -> str:
+                if op == "abort":
+                    aborts.append((request_id, kw.get("attempt", 0)))
+                return command(session, op, request_id, *a, **kw)
+
+            st.coordinator.fleet.command = spy  # type: ignore[method-assign]
+            dispatcher = st.coordinator.dispatcher
+
+            def progress(attempt: int, kind: int = pb.RequestEvent.TOKENS) -> None:
+                ev = pb.RequestEvent(request_id=rid, attempt=attempt, kind=kind, index=0, text="a", tokens=1)
+                dispatcher.apply_events(s, pb.EventBatch(events=[ev]))
+
+            stale = job.attempt + 7
+            progress(stale)
+            progress(stale)
+            assert aborts == [(rid, stale)]
+            progress(stale + 1)  # another stale attempt of the same request
+            assert aborts == [(rid, stale), (rid, stale + 1)]
+            progress(stale, pb.RequestEvent.FINISHED)
+            progress(stale + 1, pb.RequestEvent.REQUEUED)
+            assert s.pending_aborts == set()
+            await c.cancel(rid)
+
+    run_with_stack(tmp_path, body, instances=1)

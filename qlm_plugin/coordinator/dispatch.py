@@ -339,12 +339,11 @@ class Dispatcher:
                 or job.attempt != ev.attempt
             ):
                 stale = job is None or job.state in TERMINAL or job.attempt != ev.attempt
-                if (
-                    stale
-                    and ev.kind not in (Event.FINISHED, Event.FAILED)
-                    and ev.request_id not in s.pending_aborts
-                ):
-                    s.pending_aborts.add(ev.request_id)  # the engine still works on it for nothing
+                attempt = (ev.request_id, ev.attempt)
+                if ev.kind in (Event.FINISHED, Event.FAILED, Event.REQUEUED):
+                    s.pending_aborts.discard(attempt)  # the engine is done with that attempt
+                elif stale and attempt not in s.pending_aborts:
+                    s.pending_aborts.add(attempt)  # the engine still works on it for nothing
                     self.fleet.command(s, "abort", ev.request_id, attempt=ev.attempt)
                 continue
             if ev.kind == Event.TOKENS:
@@ -395,7 +394,7 @@ class Dispatcher:
             "request %s: instance %s reported %s: attempt %d failed", job.id, s.instance_id, what, ev.attempt
         )
         if s.alive:
-            s.pending_aborts.add(job.id)  # its later events are stale: no second abort
+            s.pending_aborts.add((job.id, ev.attempt))  # its later events are stale: no second abort
             self.fleet.command(s, "abort", job.id, attempt=ev.attempt)
         self.requeue(job, f"instance {s.instance_id} reported malformed progress: {what}")
 

@@ -56,7 +56,8 @@ class Session:
     assignments: asyncio.Queue[pb.Assignment | None] = field(default_factory=asyncio.Queue)
     commands: asyncio.Queue[pb.Command | None] = field(default_factory=asyncio.Queue)
     pending: dict[str, PendingCommand] = field(default_factory=dict)
-    pending_aborts: set[str] = field(default_factory=set)  # stale requests it was told to drop
+    #: (request id, attempt) of the stale attempts it was told to drop, until it reports them ended
+    pending_aborts: set[tuple[str, int]] = field(default_factory=set)
     sent: int = 0  # assignments handed over: on the pull stream, or forwarded over HTTP
     # of those, received: as the instance said in its last credit, or (HTTP) answered by its server
     received: int = 0

@@ -497,3 +497,35 @@ def test_records_finished_before_their_retention_are_deleted_and_nothing_else(tm
             assert {r.request_id for r in j.recover()} == {f"r{i}" for i in range(1, 12, 2)}
         finally:
             conn.close()
+
+
+@contextmanager
+def _read_only_folder(tmp_path: Path) -> Iterator[Path]:
+    """A folder nothing may write in: without permission, or (as root, whom permissions do not
+    stop) a read-only tmpfs where mounting is allowed; else the test is skipped."""
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    folder.chmod(0o555)
+    if not os.access(folder, os.W_OK):
+        yield folder
+        folder.chmod(0o755)
+        return
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro", "tmpfs", str(folder)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip("no folder can be made read-only here (root, and mounting is not allowed)")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", str(folder)], check=False)
+
+
+def test_a_journal_or_batch_store_in_a_read_only_folder_says_so(tmp_path: Path) -> None:
+    """Said "cannot create the journal's directory" of a folder that exists (the journal), or gave
+    a bare errno (the batch store). Both now name the folder and why."""
+    with _read_only_folder(tmp_path) as folder:
+        with pytest.raises(
+            JournalError, match=r"cannot write in the folder of the journal .*give it a writable"
+        ):
+            Journal(folder / "j.db")
+        with pytest.raises(StoreError, match=r"cannot write in the folder of the batch store"):
+            BatchStore(folder / "b.db")

@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
-from qlm_plugin.coordinator.file_lock import FileInUse, lock_file, unlock_file
+from qlm_plugin.coordinator.file_lock import FileInUse, FolderNotWritable, lock_file, unlock_file
 
 SCHEMA_VERSION: Final = 1
 #: Statuses after which a batch changes no more.
@@ -169,7 +169,7 @@ class BatchStore:
         try:
             memory = self.path == ":memory:"
             self._file_lock = None if memory else lock_file(Path(self.path), "the batch store")
-        except FileInUse as exc:
+        except (FileInUse, FolderNotWritable) as exc:
             raise StoreError(str(exc)) from None
         db: sqlite3.Connection | None = None
         try:

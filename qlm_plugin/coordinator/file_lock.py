@@ -21,13 +21,24 @@ class FileInUse(Exception):
     """Another process holds the file (its pid in the message when it wrote one)."""
 
 
+class FolderNotWritable(Exception):
+    """The file's folder does not take the lock file (read-only, or no permission): SQLite could not
+    write its ``-wal`` file there either."""
+
+
 def lock_file(path: Path, what: str) -> int | None:
     """Hold the lock of ``path`` (``what`` names it in the error); the descriptor to pass to
-    :func:`unlock_file`. Raises :class:`FileInUse`."""
+    :func:`unlock_file`. Raises :class:`FileInUse` or :class:`FolderNotWritable`."""
     if fcntl is None:
         return None
     lock_path = path.with_name(path.name + ".lock")
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError as exc:
+        raise FolderNotWritable(
+            f"cannot write in the folder of {what} {path} ({exc.strerror or exc}): {what}, its lock "
+            "and SQLite's -wal file live there; give it a writable path"
+        ) from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, NamedTuple
 
-from qlm_plugin.coordinator.file_lock import FileInUse, lock_file, unlock_file
+from qlm_plugin.coordinator.file_lock import FileInUse, FolderNotWritable, lock_file, unlock_file
 from qlm_plugin.coordinator.json_codec import dumps
 
 #: How often the checkpointer copies what was committed from the WAL into the database, seconds.
@@ -213,11 +213,12 @@ class Journal:
         self._batch_max = batch_max
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._file_lock = lock_file(self.path, "the journal")
-        except FileInUse as exc:
-            raise JournalError(str(exc)) from None
         except OSError as exc:
             raise JournalError(f"cannot create the journal's directory {self.path.parent}: {exc}") from exc
+        try:
+            self._file_lock = lock_file(self.path, "the journal")
+        except (FileInUse, FolderNotWritable) as exc:
+            raise JournalError(str(exc)) from None
         try:
             self._writer = self._open_writer(_SYNCHRONOUS[synchronous])
             try:

@@ -12,7 +12,6 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from qlm_plugin.coordinator import forward as forward_module
 from qlm_plugin.coordinator.forward import forward, request_body, resumes_from_ids
 from qlm_plugin.coordinator.instances import Session
 from qlm_plugin.coordinator.jobs import Job
@@ -174,11 +173,10 @@ def test_an_engine_that_answers_an_error_and_no_longer_answers_is_drained() -> N
         assert not lost and [e.kind for e in events] == [Event.FAILED]
 
 
-def test_a_stalled_stream_fails_the_attempt_after_the_read_timeout(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_stalled_stream_fails_the_attempt_after_the_read_timeout() -> None:
     """An engine whose stream goes silent (a hung engine core, its server still up) is not waited on
-    for ever: after ``READ_TIMEOUT_S`` without a byte the attempt fails, to resume after what it
-    delivered; the engine, which still answers its health check, is not drained."""
-    monkeypatch.setattr(forward_module, "READ_TIMEOUT_S", 0.5)
+    for ever: after ``forward_read_timeout_s`` without a byte the attempt fails, to resume after what
+    it delivered; the engine, which still answers its health check, is not drained."""
 
     async def main() -> tuple[list[pb.RequestEvent], list[str], Job, float]:
         stalled = asyncio.Event()
@@ -211,7 +209,8 @@ def test_a_stalled_stream_fails_the_attempt_after_the_read_timeout(monkeypatch: 
         try:
             async with aiohttp.ClientSession() as http:
                 await asyncio.wait_for(
-                    forward(session, j, 1, http, report, lambda s, why: lost.append(why)), 10
+                    forward(session, j, 1, http, report, lambda s, why: lost.append(why), read_timeout_s=0.5),
+                    10,
                 )
             took = time.monotonic() - t0
         finally:

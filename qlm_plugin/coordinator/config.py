@@ -110,6 +110,10 @@ class CoordinatorConfig(_Strict):
     recovery_grace_s: float = Field(default=10.0, ge=0)
     drain_timeout_s: float = Field(default=30.0, ge=0)
     max_attempts: int = Field(default=3, ge=1)  # dispatches of one request before it fails
+    # An engine that serves HTTP itself (vLLM): how long its stream of a request may stay silent
+    # before the attempt fails as stalled (and resumes elsewhere after what was delivered). A
+    # request the engine queues gets no byte until it starts: above the longest queueing expected.
+    forward_read_timeout_s: float = Field(default=600.0, gt=0)
     reject_below_p_meet: float = Field(default=0.05, ge=0, le=1)  # reject_if_late threshold
     # A new request for a model no live instance serves waits this long for one to register, then
     # is refused (HTTP 503, gRPC UNAVAILABLE): when no instance of the model was ever seen, and when

@@ -233,7 +233,16 @@ class Dispatcher:
             self._http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0, force_close=True))
         predicted = self.hook.qlm_predict_output_length(request=job.request, generated_tokens=job.tokens)
         task = asyncio.get_running_loop().create_task(
-            forward(s, job, job.attempt, self._http, self.apply_events, self._engine_gone, predicted)
+            forward(
+                s,
+                job,
+                job.attempt,
+                self._http,
+                self.apply_events,
+                self._engine_gone,
+                predicted,
+                self.cfg.forward_read_timeout_s,
+            )
         )
         self._forwards[job.id] = task
 

@@ -34,9 +34,6 @@ Event = pb.RequestEvent
 ENGINE_DROPPED = ("abort", "error")
 #: Deadline of the connection to the engine (the stream itself runs as long as the request).
 CONNECT_TIMEOUT_S = 10.0
-#: The longest an engine's stream may stay silent: no fixed bound fits a whole request, but a server
-#: silent this long is stalled (as the black-box adapter's ``engine_link.READ_TIMEOUT_S``).
-READ_TIMEOUT_S = 600.0
 #: How long a broken stream's engine has to answer its health check before it is drained.
 HEALTH_TIMEOUT_S = 3.0
 #: A connection or stream that ends early: the engine may be gone. A server killed mid-stream shows
@@ -130,9 +127,12 @@ async def forward(
     report: Report,
     lost: Lost,
     predicted: LengthDistribution | None = None,
+    read_timeout_s: float = 600.0,
 ) -> None:
     """Serve one attempt of ``job`` on ``s`` over HTTP, reporting its events to ``report`` as an
-    agent would, and an engine that no longer answers to ``lost``."""
+    agent would, and an engine that no longer answers to ``lost``. A stream silent for
+    ``read_timeout_s`` is stalled (config ``forward_read_timeout_s``): no fixed bound fits a whole
+    request, but one on the silence does."""
     model = (
         s.report.models_loaded[0] if s.report is not None and s.report.models_loaded else job.request.model
     )
@@ -164,7 +164,7 @@ async def forward(
         resume_ids: list[int] = []
         if job.spec.prompt_token_ids and job.tokens and not resumes_from_ids(job):
             resume_ids = await tokenize(http, s.endpoint, model, job.text)
-        timeout = aiohttp.ClientTimeout(total=None, sock_connect=CONNECT_TIMEOUT_S, sock_read=READ_TIMEOUT_S)
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=CONNECT_TIMEOUT_S, sock_read=read_timeout_s)
         body = request_body(job, attempt, model, resume_ids, predicted)
         async with http.post(
             f"{s.endpoint.rstrip('/')}{endpoint_path(body)}",
@@ -221,7 +221,7 @@ async def forward(
     except aiohttp.ServerTimeoutError as exc:
         # A stalled engine (or one out of reach): served again after what it delivered; drained
         # first if its server no longer answers either.
-        bound = CONNECT_TIMEOUT_S if isinstance(exc, aiohttp.ConnectionTimeoutError) else READ_TIMEOUT_S
+        bound = CONNECT_TIMEOUT_S if isinstance(exc, aiohttp.ConnectionTimeoutError) else read_timeout_s
         silent = f"{s.endpoint}: no answer for {bound:g} s ({type(exc).__name__})"
         if not await _answers(http, s.endpoint):
             gone(f"{silent}, and it no longer answers")

@@ -8,6 +8,7 @@ import contextlib
 import dataclasses
 import gc
 import json
+import logging
 import sqlite3
 import time
 from pathlib import Path
@@ -19,6 +20,7 @@ import openai
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from prometheus_client.parser import text_string_to_metric_families
 
 from qlm_plugin.adapters.sim.realtime import natural_length, synthetic_text
 from qlm_plugin.coordinator.grpc_api import InstancesService
@@ -1216,3 +1218,155 @@ def test_a_finished_request_is_kept_for_status_where_the_garbage_collector_does_
                 assert again == kept[rid]
 
     run(tmp_path, body, speed=1.0)
+
+
+# ------------------------------------------------------------------------------- operators' views
+def _rejected(st: LocalStack) -> dict[tuple[str, str, str], float]:
+    """``qlm_requests_rejected_total`` now: (model, class, reason) -> count."""
+    body, _ = st.coordinator.telemetry.prometheus_text()
+    return {
+        (s.labels["model"], s.labels["slo_class"], s.labels["reason"]): s.value
+        for family in text_string_to_metric_families(body.decode())
+        for s in family.samples
+        if s.name == "qlm_requests_rejected_total"
+    }
+
+
+def test_every_refusal_a_client_gets_is_counted_by_its_code(tmp_path: Path) -> None:
+    """HTTP and gRPC refusals alike, one count each with the error code as the reason; a model
+    the deployment lacks is counted as ``unknown`` (clients cannot make series)."""
+
+    async def body(st: LocalStack) -> None:
+        url = f"{st.http_url}/v1/completions"
+        async with aiohttp.ClientSession() as http, CoordinatorClient(st.grpc_target) as c:
+            refusals = [
+                (http, {"model": "made-up-model-7f3a", "prompt": "x"}, 404),
+                (http, {"model": MODEL, "prompt": "x", "max_tokens": 10_000_000}, 400),  # context
+                (http, {"model": MODEL, "prompt": "x" * 40_000, "qlm": {"ttft_ms": 1}}, 400),  # infeasible
+            ]
+            for _, request, status in refusals:
+                assert (await post(http, url, request))[0] == status
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await c.submit(pb.RequestSpec(model=MODEL, prompt="x", idempotency_key="qlm-batch/x"))
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            held = await c.submit(pb.RequestSpec(model=MODEL, prompt="x", max_tokens=4000, tenant="small"))
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await c.submit(pb.RequestSpec(model=MODEL, prompt="x", tenant="small"))
+            assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            while st.coordinator.jobs[held.request_id].state != "dispatched":
+                await asyncio.sleep(0.02)
+            stopping = asyncio.create_task(st.server.stop(drain_timeout_s=2.0))  # it waits for `held`
+            await asyncio.sleep(0.1)
+            assert (await post(http, url, {"model": MODEL, "prompt": "x"}))[0] == 503
+            counted = _rejected(st)
+            await stopping
+        assert counted == {
+            ("unknown", "interactive", "unknown_model"): 1,
+            (MODEL, "interactive", "too_large"): 1,
+            (MODEL, "interactive", "slo_unattainable"): 1,
+            (MODEL, "interactive", "invalid"): 1,
+            (MODEL, "interactive", "limit"): 1,
+            (MODEL, "interactive", "unavailable"): 1,
+        }
+
+    run(tmp_path, body, speed=1.0, config={"tenants": {"small": {"max_queued_requests": 1}}})
+
+
+def test_grpc_health_of_requests_follows_http_health(tmp_path: Path) -> None:
+    """``qlm.v1.Requests`` is NOT_SERVING while no instance is connected, as ``/health`` says 503;
+    "" and ``qlm.v1.Instances`` stay SERVING (agents must be able to register); a drain turns
+    every one NOT_SERVING."""
+    serving, not_serving = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
+
+    async def body(st: LocalStack) -> None:
+        async with aiohttp.ClientSession() as http, CoordinatorClient(st.grpc_target) as c:
+            health = health_pb2_grpc.HealthStub(c.channel)
+
+            async def statuses() -> tuple[int, dict[str, int]]:
+                async with http.get(f"{st.http_url}/health") as r:
+                    code = r.status
+                services = ("", "qlm.v1.Requests", "qlm.v1.Instances")
+                checks = [health.Check(health_pb2.HealthCheckRequest(service=s), timeout=5) for s in services]
+                return code, {
+                    s: reply.status for s, reply in zip(services, await asyncio.gather(*checks), strict=True)
+                }
+
+            async def until(requests: int, http_status: int) -> None:
+                want = (http_status, {"": serving, "qlm.v1.Requests": requests, "qlm.v1.Instances": serving})
+                deadline = time.monotonic() + 15
+                while (now := await statuses()) != want:
+                    assert time.monotonic() < deadline, now
+                    await asyncio.sleep(0.05)
+
+            await until(serving, 200)
+            for iid in list(st.instances):
+                await st.crash(iid)  # lost after heartbeat_timeout_s
+            await until(not_serving, 503)
+            st.restart("sim-0")
+            await until(serving, 200)
+            held = await c.submit(pb.RequestSpec(model=MODEL, prompt="x", max_tokens=4000))
+            while st.coordinator.jobs[held.request_id].state != "dispatched":
+                await asyncio.sleep(0.02)
+            stopping = asyncio.create_task(st.server.stop(drain_timeout_s=1.0))
+            await asyncio.sleep(0.1)
+            assert set((await statuses())[1].values()) == {not_serving}
+            await stopping
+
+    run(tmp_path, body, speed=1.0)
+
+
+def test_admin_refuses_a_bad_evict_mode_an_unknown_request_and_a_negative_limit(tmp_path: Path) -> None:
+    async def body(st: LocalStack) -> None:
+        async with CoordinatorClient(st.grpc_target) as c:
+            reply = await c.submit(pb.RequestSpec(model=MODEL, prompt="x", max_tokens=4000))
+            while st.coordinator.jobs[reply.request_id].state != "dispatched":
+                await asyncio.sleep(0.02)
+            for call, code, message in [
+                (
+                    c.evict(reply.request_id, "bogus-mode"),
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    "mode: must be one of '', 'swap', 'recompute'",
+                ),
+                (
+                    c.evict("no-such-request"),
+                    grpc.StatusCode.NOT_FOUND,
+                    "request_id: no request 'no-such-request'",
+                ),
+                (c.queue(limit=-1), grpc.StatusCode.INVALID_ARGUMENT, "limit: must be 0"),
+            ]:
+                with pytest.raises(grpc.aio.AioRpcError) as err:
+                    await call
+                assert err.value.code() == code and (err.value.details() or "").startswith(message), err.value
+            assert not any(li.link.inst.counters["preemptions"] for li in st.instances.values())
+            assert len((await c.queue(limit=1)).requests) == 1
+            order = await c.evict(reply.request_id, "recompute")
+            assert order.ordered and order.instance_id == st.coordinator.jobs[reply.request_id].instance
+
+    run(tmp_path, body, speed=1.0)
+
+
+def test_a_request_that_fails_after_its_attempts_is_logged_with_its_id_and_reason(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def body(st: LocalStack) -> None:
+        async with CoordinatorClient(st.grpc_target) as c:
+            reply = await c.submit(pb.RequestSpec(model=MODEL, prompt="secret prompt", max_tokens=4000))
+            job = st.coordinator.jobs[reply.request_id]
+            while job.state != "dispatched":
+                await asyncio.sleep(0.02)
+            assert job.instance is not None
+            await st.crash(job.instance)
+            await asyncio.wait_for(job.done.wait(), 15)
+        assert job.state == "failed"
+        (line,) = [
+            r
+            for r in caplog.records
+            if r.name == "qlm_plugin.coordinator"
+            and reply.request_id in r.getMessage()
+            and r.levelno == logging.WARNING
+            and "gave up after 1 attempts" in r.getMessage()
+        ]
+        assert "secret prompt" not in line.getMessage()
+
+    caplog.set_level(logging.INFO, "qlm_plugin.coordinator")
+    run(tmp_path, body, speed=1.0, config={"max_attempts": 1})

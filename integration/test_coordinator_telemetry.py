@@ -8,6 +8,7 @@ import asyncio
 from pathlib import Path
 
 import aiohttp
+import pytest
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.trace import TracerProvider
@@ -125,3 +126,30 @@ def test_a_request_life_is_one_span_with_its_events(tmp_path: Path) -> None:
         "qlm.slo.attainment",
     } <= metrics
     assert telemetry.open_spans() == 0  # the stop ended every span still open
+
+
+def test_a_requests_span_carries_the_slo_of_its_class_when_the_client_names_none(tmp_path: Path) -> None:
+    exporter = InMemorySpanExporter()
+    tracer_provider = TracerProvider()
+    tracer_provider.add_span_processor(SimpleSpanProcessor(exporter))
+    telemetry = Telemetry(tracer_provider=tracer_provider, meter_provider=MeterProvider())
+
+    async def main() -> list[str]:
+        async with local_stack(tmp_path, telemetry=telemetry) as st, CoordinatorClient(st.grpc_target) as c:
+            specs = [
+                pb.RequestSpec(model=MODEL, prompt="x", max_tokens=2, slo=pb.SLO(slo_class=name))
+                for name in ("interactive", "batch")
+            ]
+            ids = [r.request_id for r in await c.submit_batch(specs)]
+            for rid in ids:
+                await asyncio.wait_for(st.coordinator.jobs[rid].done.wait(), 30)
+            return ids
+
+    interactive, batch = asyncio.run(main())
+    slos = {
+        attrs["qlm.request.id"]: (attrs.get("qlm.slo.ttft_s"), attrs.get("qlm.slo.e2e_s"))
+        for s in exporter.get_finished_spans()
+        if (attrs := dict(s.attributes or {})).get("qlm.request.id") in (interactive, batch)
+    }
+    assert slos[interactive][0] == pytest.approx(1.0) and slos[interactive][1] is None  # the class's TTFT
+    assert slos[batch][0] is None and slos[batch][1] == pytest.approx(600.0)  # the class's E2E

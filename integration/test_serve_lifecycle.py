@@ -4,6 +4,7 @@ again."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -14,6 +15,7 @@ from typing import Any
 
 from qlm_plugin.deploy.child_process import free_port
 from qlm_plugin.testing.processes import http_call, serve_process, wait_healthy
+from qlm_plugin.transport.client import CoordinatorClient
 
 
 def _post(url: str, body: dict[str, Any], out: dict[str, Any]) -> None:
@@ -63,4 +65,44 @@ def test_ctrl_c_drains_while_instances_finish_and_a_dead_instance_comes_back(tmp
     finally:
         if serve.poll() is None:
             os.killpg(serve.pid, signal.SIGKILL)
+            serve.wait()
+
+
+def test_a_stop_takes_the_drain_timeout_and_about_2_s_and_says_what_it_kept(tmp_path: Path) -> None:
+    """SIGTERM with requests still running past ``drain_timeout_s``: the process exits about 2 s
+    after the drain ends (not 10), saying that those requests are kept for the next start; no
+    gRPC INFO line in its log."""
+    http, grpc_port = free_port(), free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("QLM_", "GRPC_")) or k == "QLM_PLUGINS"}
+    (tmp_path / "config.yaml").write_text("drain_timeout_s: 3\n")
+    args = ("--instances", "1", "--speed", "1", "--config", str(tmp_path / "config.yaml"))
+    serve = serve_process(tmp_path, http, grpc_port, *args, env=env)
+    log = tmp_path / "serve.log"
+    url = f"http://127.0.0.1:{http}"
+    try:
+        wait_healthy(url, serve, log)
+        body = {"model": "llama-3.1-8b", "prompt": "hi", "max_tokens": 20000}
+        calls = [threading.Thread(target=_post, args=(f"{url}/v1/completions", body, {})) for _ in range(2)]
+        for call in calls:
+            call.start()
+
+        async def both_running() -> None:
+            async with CoordinatorClient(f"127.0.0.1:{grpc_port}") as c:
+                while (await c.queue()).dispatched < 2:
+                    await asyncio.sleep(0.05)
+
+        asyncio.run(asyncio.wait_for(both_running(), 30))
+        t0 = time.monotonic()
+        serve.send_signal(signal.SIGTERM)
+        assert serve.wait(30) == 0
+        took = time.monotonic() - t0
+        for call in calls:
+            call.join(10)
+        text = log.read_text()
+        assert 3.0 <= took < 3.0 + 3.0, (took, text[-3000:])  # the servers' grace: 2 s at most
+        assert "stopped (2 unfinished requests kept in" in text and "(0 queued, 2 dispatched))" in text
+        assert "fork_posix" not in text
+    finally:
+        if serve.poll() is None:
+            serve.kill()
             serve.wait()

@@ -25,9 +25,12 @@ def _fmt(value: float | None, unit: str = "", digits: int = 2) -> str:
 def _print_table(results: dict[str, object]) -> None:
     from qlm_plugin.tools.simulate import PolicyResult
 
+    # as wide as the longest policy and class names (a plugin's may be long)
+    pw = max([10, *(len(n) + 1 for n in results)])
+    cw = max([12, *(len(c) for r in results.values() for c in getattr(r, "classes", {}))])
     header = (
-        f"{'policy':<10} {'class':<12} {'reqs':>6} {'SLO met':>8} {'refused':>7} {'goodput':>8} {'thrpt':>8} "
-        f"{'TTFT p50':>9} {'TTFT p99':>9} {'E2E p50':>8} {'E2E p99':>8} {'busy':>5}"
+        f"{'policy':<{pw}} {'class':<{cw}} {'reqs':>6} {'SLO met':>8} {'refused':>7} {'goodput':>8} "
+        f"{'thrpt':>8} {'TTFT p50':>9} {'TTFT p99':>9} {'E2E p50':>8} {'E2E p99':>8} {'busy':>5}"
     )
     print(header)
     print("-" * len(header))
@@ -40,7 +43,7 @@ def _print_table(results: dict[str, object]) -> None:
         ]
         for cls, m, busy in rows:
             print(
-                f"{label:<10} {cls:<12} {m.requests:>6} {m.slo_attainment * 100:>7.1f}% {m.rejected:>7} "
+                f"{label:<{pw}} {cls:<{cw}} {m.requests:>6} {m.slo_attainment * 100:>7.1f}% {m.rejected:>7} "
                 f"{m.goodput_rps:>7.2f}/s {m.throughput_rps:>6.2f}/s {_fmt(m.ttft_p50_s, 's'):>9} "
                 f"{_fmt(m.ttft_p99_s, 's'):>9} {_fmt(m.e2e_p50_s, 's', 1):>8} {_fmt(m.e2e_p99_s, 's', 1):>8} "
                 f"{'' if busy is None else f'{busy * 100:.0f}%':>5}"
@@ -398,6 +401,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # gRPC's documented default, which its logging no longer keeps to: without it every fork of a
+    # child (instances, engines) logs a fork_posix.cc INFO line
+    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
     from qlm_plugin.coordinator.batch_store import StoreError
     from qlm_plugin.coordinator.config import ConfigError
     from qlm_plugin.coordinator.journal import JournalError

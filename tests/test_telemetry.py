@@ -131,6 +131,8 @@ def test_request_lifecycle_makes_one_genai_server_span(otel: Otel) -> None:
     attrs = dict(span.attributes or {})
     assert attrs == {
         "gen_ai.operation.name": "chat",
+        "gen_ai.provider.name": "qlm",
+        "gen_ai.response.id": "chatcmpl-r1",  # the id an OpenAI client gets
         "gen_ai.request.model": "llama",
         "gen_ai.request.max_tokens": 256,
         "gen_ai.usage.input_tokens": 1200,
@@ -190,6 +192,26 @@ def test_failed_request_has_error_status(otel: Otel) -> None:
     assert attrs["qlm.status"] == "failed"
     assert "gen_ai.response.finish_reasons" not in attrs
     assert "qlm.ttft_s" not in attrs
+
+
+def test_failed_and_cancelled_requests_carry_error_type_on_the_span_and_the_duration(otel: Otel) -> None:
+    tel = otel.telemetry()
+    for rid, status in [("ok", "finished"), ("f", "failed"), ("c", "cancelled")]:
+        start(tel, rid, operation="text_completion")
+        finish(tel, rid, status=status, slo_met=status == "finished", operation="text_completion")
+    spans = {dict(s.attributes or {})["qlm.request.id"]: dict(s.attributes or {}) for s in otel.finished()}
+    assert {rid: attrs.get("error.type") for rid, attrs in spans.items()} == {
+        "ok": None,
+        "f": "failed",
+        "c": "cancelled",
+    }
+    assert {attrs["gen_ai.response.id"] for attrs in spans.values()} == {"cmpl-ok", "cmpl-f", "cmpl-c"}
+    durations = {
+        p.attributes.get("error.type"): p.count
+        for p in otel.points("gen_ai.server.request.duration")
+        if p.attributes["gen_ai.provider.name"] == "qlm"
+    }
+    assert durations == {None: 1, "failed": 1, "cancelled": 1}
 
 
 def test_parent_context_joins_the_clients_trace(otel: Otel) -> None:
@@ -348,8 +370,12 @@ def test_otel_metrics_carry_values_and_attributes(otel: Otel) -> None:
     )
     assert rejected.value == 2
 
-    # the GenAI conventions require the operation's name on the gen_ai.server.* histograms
-    llama = {"gen_ai.request.model": "llama", "gen_ai.operation.name": "text_completion"}
+    # the GenAI conventions require the operation's and provider's names on the gen_ai.server.* histograms
+    llama = {
+        "gen_ai.request.model": "llama",
+        "gen_ai.operation.name": "text_completion",
+        "gen_ai.provider.name": "qlm",
+    }
     ttft = otel.point("gen_ai.server.time_to_first_token", **llama)
     assert (ttft.count, ttft.sum) == (3, pytest.approx(4.5))
     bounds = list(ttft.explicit_bounds)
@@ -358,7 +384,11 @@ def test_otel_metrics_carry_values_and_attributes(otel: Otel) -> None:
     assert (counts[0.5], counts[1.0], counts[5.0], sum(counts.values())) == (1, 1, 1, 3)  # (lo, hi] buckets
     duration = otel.point(
         "gen_ai.server.request.duration",
-        **{"gen_ai.request.model": "mistral", "gen_ai.operation.name": "text_completion"},
+        **{
+            "gen_ai.request.model": "mistral",
+            "gen_ai.operation.name": "text_completion",
+            "gen_ai.provider.name": "qlm",
+        },
     )
     assert (duration.count, duration.sum) == (1, pytest.approx(100.0))
     assert max(duration.explicit_bounds) >= 600  # buckets reach minutes
@@ -384,6 +414,30 @@ def test_otel_metrics_carry_values_and_attributes(otel: Otel) -> None:
 
     events = {p.attributes["qlm.instance.event"]: p.value for p in otel.points("qlm.instance.events")}
     assert events == {"registered": 2, "lost": 1}
+
+
+def test_a_request_cancelled_before_its_slo_was_missed_is_left_out_of_the_attainment(otel: Otel) -> None:
+    """A client that leaves says nothing of the SLO: its request is out of the ratio, unless its
+    SLO was missed by then (a batch whose window expired, a client that gave up late); a failed
+    request is a miss."""
+    tel = otel.telemetry()
+    start(tel, "met")
+    finish(tel, "met")
+    start(tel, "failed")
+    finish(tel, "failed", status="failed", slo_met=False, ttft_s=None, e2e_s=1.0)
+    start(tel, "left-early")  # TTFT SLO 2 s: cancelled after 1 s, no token yet
+    finish(tel, "left-early", status="cancelled", slo_met=False, ttft_s=None, e2e_s=1.0)
+    start(tel, "left-late")  # cancelled after 3 s, no token yet: the TTFT SLO was missed
+    finish(tel, "left-late", status="cancelled", slo_met=False, ttft_s=None, e2e_s=3.0)
+    start(tel, "expired", slo_class="batch", ttft_slo_s=None, e2e_slo_s=60.0)  # its window passed
+    finish(tel, "expired", slo_class="batch", status="cancelled", slo_met=False, ttft_s=5.0, e2e_s=61.0)
+    start(tel, "batch-left", slo_class="batch", ttft_slo_s=None, e2e_slo_s=60.0)
+    finish(tel, "batch-left", slo_class="batch", status="cancelled", slo_met=False, ttft_s=5.0, e2e_s=30.0)
+
+    want = {"interactive": pytest.approx(1 / 3), "batch": 0.0}
+    assert {p.attributes["qlm.slo.class"]: p.value for p in otel.points("qlm.slo.attainment")} == want
+    s = prometheus_samples(tel)
+    assert {c: sample(s, "qlm_slo_attainment", slo_class=c) for c in want} == want
 
 
 def test_queue_depth_is_read_at_collection_time(otel: Otel) -> None:

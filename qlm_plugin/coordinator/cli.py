@@ -266,7 +266,7 @@ def add_parsers(sub: Any) -> None:
 
 
 def cmd_coordinator(args: argparse.Namespace) -> int:
-    from qlm_plugin.coordinator.server import CoordinatorServer, serve_until_signal
+    from qlm_plugin.coordinator.server import CoordinatorServer, kept, serve_until_signal
 
     _logging(args.verbose)
     cfg = _config(args)
@@ -286,10 +286,7 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
         from qlm_plugin.telemetry import sdk as telemetry_sdk
 
         telemetry_sdk.shutdown(providers)
-    print(
-        f"qlm coordinator: stopped ({left.get('queued', 0)} queued, {left.get('dispatched', 0)} in flight "
-        f"kept in {cfg.journal.path})"
-    )
+    print(f"qlm coordinator: stopped ({kept(left, cfg.journal.path)})")
     return 0
 
 
@@ -377,7 +374,7 @@ def _own_instances_token(cfg: CoordinatorConfig) -> str | None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from qlm_plugin.coordinator.server import CoordinatorServer, serve_until_signal
+    from qlm_plugin.coordinator.server import CoordinatorServer, kept, serve_until_signal
     from qlm_plugin.deploy.child_process import python_command
     from qlm_plugin.deploy.instance_children import InstanceChildren
 
@@ -496,14 +493,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if failures:
         print(f"qlm serve: error: {failures[0]}", file=sys.stderr)
         return 1
-    print(f"qlm serve: stopped ({left.get('queued', 0)} queued requests kept in {cfg.journal.path})")
+    print(f"qlm serve: stopped ({kept(left, cfg.journal.path)})")
     return 0
 
 
 def _serve_vllm(args: argparse.Namespace, cfg: CoordinatorConfig) -> int:
     """``qlm serve --engine vllm``: the coordinator, then its engines; on a signal the coordinator
     drains (requests in flight finish on the engines), then the engines stop."""
-    from qlm_plugin.coordinator.server import CoordinatorServer, serve_until_signal
+    from qlm_plugin.coordinator.server import CoordinatorServer, kept, serve_until_signal
     from qlm_plugin.deploy.vllm_fleet import (
         FleetError,
         RayEngines,
@@ -630,7 +627,7 @@ def _serve_vllm(args: argparse.Namespace, cfg: CoordinatorConfig) -> int:
     if failures:
         print(f"qlm serve: error: {failures[0]}", file=sys.stderr)
         return 1
-    print(f"qlm serve: stopped ({left.get('queued', 0)} queued requests kept in {cfg.journal.path})")
+    print(f"qlm serve: stopped ({kept(left, cfg.journal.path)})")
     return 0
 
 

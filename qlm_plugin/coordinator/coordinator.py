@@ -17,7 +17,7 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import pluggy
@@ -30,9 +30,11 @@ from qlm_plugin.coordinator.jobs import Chunk, Job, JobBook, JobsView, SubmitErr
 from qlm_plugin.coordinator.journal import Journal
 from qlm_plugin.coordinator.prompt_tokens import PromptCounter
 from qlm_plugin.coordinator.registry import InstanceRegistry
-from qlm_plugin.domain.outcome import Admission
+from qlm_plugin.domain.instance import InstanceInfo
+from qlm_plugin.domain.outcome import Admission, RequestOutcome, Status
 from qlm_plugin.domain.plan import Plan
 from qlm_plugin.domain.request import Request
+from qlm_plugin.hooks import hookimpl
 from qlm_plugin.hooks.hookspecs import TICK_S
 from qlm_plugin.policies.registry import PolicyContext, policy_registry
 from qlm_plugin.proto.qlm.v1 import qlm_pb2 as pb
@@ -43,6 +45,29 @@ log = logging.getLogger("qlm_plugin.coordinator")
 
 #: Idempotency keys the coordinator gives its own requests (batch lines); refused from clients.
 RESERVED_KEY_PREFIX = "qlm-batch/"
+#: The model (and class) label of a refusal naming one the deployment lacks: clients cannot
+#: create metric series.
+UNKNOWN_LABEL = "unknown"
+
+
+class _Watch:
+    """The coordinator's own hooks: readiness follows the fleet, failed requests are logged."""
+
+    def __init__(self, coord: Coordinator) -> None:
+        self.coord = coord
+
+    @hookimpl
+    def qlm_instance_joined(self, info: InstanceInfo, now: float) -> None:
+        self.coord.check_ready()
+
+    @hookimpl
+    def qlm_instance_left(self, instance_id: str, now: float) -> None:
+        self.coord.check_ready()
+
+    @hookimpl
+    def qlm_request_finished(self, outcome: RequestOutcome, now: float) -> None:
+        if outcome.status is Status.REJECTED:  # a failed request (not its prompt: it is the client's)
+            log.warning("request %s failed: %s", outcome.request.id, outcome.reason)
 
 
 class Coordinator:
@@ -97,6 +122,10 @@ class Coordinator:
         self.fleet.devices.max_awake = cfg.device_max_awake
         self.fleet.devices.on_failed = self._device_switch_failed
         self.fleet.devices.on_changed = self._device_changed
+        #: called with the new value of :attr:`ready` when it changes (the gRPC health of Requests)
+        self.on_ready: Callable[[bool], None] = lambda ready: None
+        self._ready = False
+        self.pm.register(_Watch(self), name="coordinator-watch")
         self._tasks: list[asyncio.Task[None]] = []
         # a keyed submission in flight: its validation, then its journal write (see _submit)
         self._submitting: dict[tuple[str, str], asyncio.Future[Any]] = {}
@@ -110,6 +139,18 @@ class Coordinator:
     def accepting(self) -> bool:
         return self.book.accepting
 
+    @property
+    def ready(self) -> bool:
+        """Whether clients are served: work is accepted and an instance is connected (``/health``)."""
+        return self.book.accepting and bool(self.fleet.qlm_list_instances())
+
+    def check_ready(self) -> None:
+        """Tell :attr:`on_ready` when :attr:`ready` changed."""
+        ready = self.ready
+        if ready != self._ready:
+            self._ready = ready
+            self.on_ready(ready)
+
     # ------------------------------------------------------------------ life cycle
     async def start(self) -> None:
         """Rebuild the queue from the journal, then accept work."""
@@ -119,12 +160,14 @@ class Coordinator:
         if recovered:
             log.info("recovered %d unfinished requests from the journal", len(recovered))
         self.book.accepting = True
+        self.check_ready()
         self._tasks.append(asyncio.get_running_loop().create_task(self._timer()))
 
     async def drain(self, timeout_s: float | None = None) -> dict[str, int]:
         """Graceful stop: refuse new work, let dispatched requests finish (up to the timeout), keep
         the rest in the journal for the next start, and flush it."""
         self.book.accepting = False
+        self.check_ready()
         jobs = self.book.jobs
         deadline = time.monotonic() + (self.cfg.drain_timeout_s if timeout_s is None else timeout_s)
         while time.monotonic() < deadline and any(j.state == "dispatched" for j in jobs.values()):
@@ -157,6 +200,7 @@ class Coordinator:
             self.dispatcher.unpark()
         self.hook.qlm_tick(now=now)
         self.book.forget_finished(now)
+        self.check_ready()  # the hooks tell at once; this catches a device's engines coming and going
 
     # ------------------------------------------------------------------ clients
     async def submit(
@@ -174,7 +218,33 @@ class Coordinator:
         reserved idempotency keys. ``cancel_if_caller_leaves``: a caller cancelled while its
         request is being journaled leaves it accepted (the record commits); with a reason here
         it is then cancelled with it (an HTTP client gone: no one to answer), else it is served
-        (a gRPC retry with its idempotency key finds it)."""
+        (a gRPC retry with its idempotency key finds it). Every refusal a client gets is counted."""
+        try:
+            return await self._submit_keyed(spec, tenant, parent, internal, cancel_if_caller_leaves)
+        except SubmitError as exc:
+            if not internal:  # a batch line is offered again while it waits for room: not counted
+                model, slo_class = self._labels(spec)
+                self.telemetry.request_rejected(model=model, slo_class=slo_class, reason=exc.code)
+            raise
+
+    def _labels(self, spec: pb.RequestSpec) -> tuple[str, str]:
+        """The (model, class) labels of a refused request: only names the deployment has."""
+        book = self.book
+        model = spec.model if spec.model in book.models else UNKNOWN_LABEL
+        try:
+            name = spec.slo.slo_class or book.tier_class(spec.service_tier) or book.default_class
+        except SubmitError:  # an unknown service tier
+            name = book.default_class
+        return model, name if name in book.classes else UNKNOWN_LABEL
+
+    async def _submit_keyed(
+        self,
+        spec: pb.RequestSpec,
+        tenant: str | None,
+        parent: Any,
+        internal: bool,
+        cancel_if_caller_leaves: str | None,
+    ) -> tuple[Job, bool]:
         book = self.book
         if spec.idempotency_key.startswith(RESERVED_KEY_PREFIX) and not internal:
             reserved = f"idempotency keys starting {RESERVED_KEY_PREFIX!r} are reserved"
@@ -224,9 +294,6 @@ class Coordinator:
             try:
                 await self.registry.await_instance(request)
             except SubmitError as exc:
-                self.telemetry.request_rejected(
-                    model=request.model, slo_class=request.slo_class, reason="unavailable"
-                )
                 await book.record_refusal(spec, request, now, str(exc))
                 raise
             finally:
@@ -241,9 +308,6 @@ class Coordinator:
         )
         estimate = self._estimate(request, now) if threshold > 0 else None
         if estimate is not None and (estimate.p_meet or 0.0) < threshold:
-            self.telemetry.request_rejected(
-                model=request.model, slo_class=request.slo_class, reason="slo_unattainable"
-            )
             wait = estimate.wait_mean_s if estimate.wait_mean_s is not None else math.inf
             raise SubmitError(
                 "slo_unattainable",

@@ -105,7 +105,7 @@ class Dispatcher:
 
     def trace(self, job: Job, parent: Any = None) -> None:
         """Open the request's span, from its arrival."""
-        r, slo = job.request, job.spec.slo
+        r, slo = job.request, job.request.slo  # the deadlines: the client's SLO, else its class's
         self.telemetry.request_started(
             job.id,
             model=r.model,
@@ -114,8 +114,8 @@ class Dispatcher:
             tenant=r.tenant,
             max_tokens=r.max_tokens,
             input_tokens=r.prompt_tokens,
-            ttft_slo_s=slo.ttft_ms / 1000 or None,
-            e2e_slo_s=slo.e2e_ms / 1000 or None,
+            ttft_slo_s=None if slo.ttft_deadline is None else slo.ttft_deadline - r.arrival_time,
+            e2e_slo_s=None if slo.e2e_deadline is None else slo.e2e_deadline - r.arrival_time,
             start_time=r.arrival_time,
             parent=parent,
         )

@@ -17,6 +17,7 @@ from qlm_plugin.coordinator.instances import Session
 from qlm_plugin.coordinator.jobs import Job, SubmitError, status_message
 from qlm_plugin.coordinator.journal import JournalError
 from qlm_plugin.coordinator.registry import InstanceTaken
+from qlm_plugin.domain.instance import EvictMode
 from qlm_plugin.proto.qlm.v1 import qlm_pb2 as pb
 from qlm_plugin.proto.qlm.v1 import qlm_pb2_grpc as pb_grpc
 
@@ -28,6 +29,11 @@ SERVICE_SCOPE = {"qlm.v1.Requests": "client", "qlm.v1.Instances": "instance", "q
 #: The most assignments one message of the pull stream carries, serialized (one assignment alone
 #: may be larger: it goes by itself).
 MAX_BATCH_BYTES = 1024 * 1024
+
+#: Admin ``GetQueue`` rows when the query names no limit.
+DEFAULT_QUEUE_ROWS = 1000
+#: Admin ``Evict`` modes ("": the engine's best, swap where it can).
+EVICT_MODES = ("", *(m.value for m in EvictMode))
 
 SUBMIT_STATUS = {
     "invalid": grpc.StatusCode.INVALID_ARGUMENT,
@@ -328,12 +334,17 @@ class AdminService(pb_grpc.AdminServicer):
         self.coord = coord
 
     async def GetQueue(self, request: pb.QueueQuery, context: Any) -> pb.QueueSnapshot:
+        if request.limit < 0:
+            message = (
+                f"limit: must be 0 (the default, {DEFAULT_QUEUE_ROWS} rows) or more, got {request.limit}"
+            )
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, message)
         now = time.time()
         jobs = [j for j in self.coord.book.jobs.values() if j.state in ("queued", "dispatched")]
         if request.model:
             jobs = [j for j in jobs if j.request.model == request.model]
         jobs.sort(key=lambda j: (j.state != "queued", j.request.slo.first_deadline(), j.request.arrival_time))
-        limit = request.limit or 1000
+        limit = request.limit or DEFAULT_QUEUE_ROWS
         return pb.QueueSnapshot(
             queued=sum(j.state == "queued" for j in jobs),
             dispatched=sum(j.state == "dispatched" for j in jobs),
@@ -396,11 +407,17 @@ class AdminService(pb_grpc.AdminServicer):
         return pb.InstancesSnapshot(instances=out)
 
     async def Evict(self, request: pb.EvictOrder, context: Any) -> pb.EvictReply:
-        job = self.coord.book.jobs.get(request.request_id)
-        if job is None or job.state != "dispatched" or job.instance is None:
-            state = "unknown" if job is None else job.state
+        if request.mode not in EVICT_MODES:
+            modes = ", ".join(repr(m) for m in EVICT_MODES)
+            message = f"mode: must be one of {modes} ('': the engine's best), got {request.mode!r}"
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, message)
+        job = self.coord.lookup(request.request_id)
+        if job is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"request_id: no request {request.request_id!r}")
+        assert job is not None
+        if job.state != "dispatched" or job.instance is None:
             return pb.EvictReply(
-                ordered=False, reason=f"request {request.request_id!r} is not running ({state})"
+                ordered=False, reason=f"request {request.request_id!r} is not running ({job.state})"
             )
         s = self.coord.fleet.live(job.instance)
         if s is None:

@@ -579,8 +579,10 @@ class FrontDoor:
         return resp
 
 
-#: On stop, how long handlers still waiting (for requests the drain left queued) may go on.
-SHUTDOWN_GRACE_S = 5.0
+#: On stop, after the drain, how long handlers still open may go on (an answer being written;
+#: nothing they wait for finishes any more). aiohttp waits this long twice: before it cancels the
+#: request, and after, for the handler to end.
+SHUTDOWN_GRACE_S = 1.0
 
 
 def make_runner(front: FrontDoor) -> web.AppRunner:

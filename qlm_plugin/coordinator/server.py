@@ -36,6 +36,11 @@ from qlm_plugin.workloads.scenario import Scenario, load_scenario
 log = logging.getLogger("qlm_plugin.coordinator")
 
 SERVICES = ("qlm.v1.Requests", "qlm.v1.Instances", "qlm.v1.Admin")
+#: Its health follows ``/health``; "" and the others are SERVING while the process takes agents.
+REQUESTS = SERVICES[0]
+#: On stop, how long gRPC calls still in flight may go on (the report streams agents hold open
+#: always use it all: it runs beside the HTTP servers' own grace).
+GRPC_GRACE_S = 2.0
 #: gRPC keepalive: a dead peer is noticed within seconds even on an idle stream.
 GRPC_OPTIONS = [
     ("grpc.keepalive_time_ms", 10_000),
@@ -78,6 +83,8 @@ class CoordinatorServer:
         self.workers: WorkerPool | None = None
         self._listener: socket.socket | None = None
         self._health: Any = None
+        self._ready_changed = asyncio.Event()
+        self._health_task: asyncio.Task[None] | None = None
         self.batch_store: BatchStore | None = None
         self.batches: BatchService | None = None
         self.stopped = asyncio.Event()
@@ -116,8 +123,10 @@ class CoordinatorServer:
         if not self.grpc_port:
             raise OSError(f"cannot bind gRPC to {address} (address in use?)")
         await server.start()
-        for name in ("", *SERVICES):
+        for name in ("", *SERVICES[1:]):
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        coord.on_ready = lambda _ready: self._ready_changed.set()
+        self._health_task = asyncio.get_running_loop().create_task(self._follow_ready(coord))
         batch_api = BatchAPI(self.batches, store, self.auth, cfg)
         front = FrontDoor(
             coord,
@@ -150,33 +159,62 @@ class CoordinatorServer:
             cfg.journal.path,
         )
 
+    async def _follow_ready(self, coord: Coordinator) -> None:
+        """The health of ``qlm.v1.Requests`` follows ``/health``: SERVING while work is accepted and
+        an instance is connected, NOT_SERVING otherwise."""
+        serving, not_serving = (
+            health_pb2.HealthCheckResponse.SERVING,
+            health_pb2.HealthCheckResponse.NOT_SERVING,
+        )
+        while True:
+            self._ready_changed.clear()
+            await self._health.set(REQUESTS, serving if coord.ready else not_serving)
+            await self._ready_changed.wait()
+
     async def stop(self, drain_timeout_s: float | None = None) -> dict[str, int]:
         """Graceful drain: health NOT_SERVING, refuse new work, let dispatched requests finish (or
-        leave them journaled for the next start), flush the journal, close the servers."""
+        leave them journaled for the next start), flush the journal, close the servers. Takes at
+        most the drain's timeout plus about 2 s (the servers' grace for calls still open, HTTP and
+        gRPC side by side)."""
         left: dict[str, int] = {}
         if self._health is not None:
-            await self._health.enter_graceful_shutdown()
+            await self._health.enter_graceful_shutdown()  # NOT_SERVING from now on, whatever is set
+        if self._health_task is not None:
+            self._health_task.cancel()
         if self.coordinator is not None:
             left = await self.coordinator.drain(drain_timeout_s)
         if self.batches is not None:  # after the drain: requests that finished in it are counted
             await self.batches.close()
         if self._front is not None:
             self._front.closing = True
+        grpc_stopped = (
+            asyncio.ensure_future(self._grpc.stop(grace=GRPC_GRACE_S)) if self._grpc is not None else None
+        )
         if self.workers is not None:  # before the core's HTTP: the workers pass requests to it
             await self.workers.stop()
         if self._listener is not None:
             self._listener.close()
         if self._runner is not None:
             await self._runner.cleanup()
-        if self._grpc is not None:
-            await self._grpc.stop(grace=2.0)
+        if grpc_stopped is not None:
+            await grpc_stopped
         if self.coordinator is not None:
             await self.coordinator.journal.close()
         if self.batch_store is not None:
             self.batch_store.close()
         self.stopped.set()
-        log.info("coordinator stopped: %s left in the journal", left or "nothing")
+        log.info("coordinator stopped: %s", kept(left, "the journal"))
         return left
+
+
+def kept(left: dict[str, int], journal: str) -> str:
+    """What a stop left unfinished, in words: the queued requests and those still on instances
+    (dispatched), all kept in the ``journal`` for the next start."""
+    queued, dispatched = left.get("queued", 0), left.get("dispatched", 0)
+    return (
+        f"{queued + dispatched} unfinished requests kept in {journal} for the next start "
+        f"({queued} queued, {dispatched} dispatched)"
+    )
 
 
 #: How long a restarted core waits for the port while the old core's workers let go of it.

@@ -52,6 +52,9 @@ INSTRUMENTATION_NAME = "qlm_plugin"
 
 # ---- GenAI semantic conventions (https://opentelemetry.io/docs/specs/semconv/gen-ai/)
 GEN_AI_OPERATION_NAME = "gen_ai.operation.name"
+GEN_AI_PROVIDER_NAME = "gen_ai.provider.name"
+GEN_AI_RESPONSE_ID = "gen_ai.response.id"
+ERROR_TYPE = "error.type"
 GEN_AI_REQUEST_MODEL = "gen_ai.request.model"
 GEN_AI_REQUEST_MAX_TOKENS = "gen_ai.request.max_tokens"
 GEN_AI_USAGE_INPUT_TOKENS = "gen_ai.usage.input_tokens"
@@ -59,6 +62,11 @@ GEN_AI_USAGE_OUTPUT_TOKENS = "gen_ai.usage.output_tokens"
 GEN_AI_RESPONSE_FINISH_REASONS = "gen_ai.response.finish_reasons"
 GEN_AI_SERVER_TTFT = "gen_ai.server.time_to_first_token"
 GEN_AI_SERVER_REQUEST_DURATION = "gen_ai.server.request.duration"
+#: ``gen_ai.provider.name``, required on GenAI spans and ``gen_ai.server.*`` metrics: no well-known
+#: value names a self-hosted server (vLLM included), and the conventions allow a custom one.
+PROVIDER = "qlm"
+#: The response id an OpenAI client gets (the ``id`` of the body and of each chunk), per operation.
+RESPONSE_ID_PREFIX = {"chat": "chatcmpl"}
 
 # ---- our own attributes
 QLM_REQUEST_ID = "qlm.request.id"
@@ -112,9 +120,34 @@ PLANNER_BUCKETS: tuple[float, ...] = (
 )  # fmt: skip
 
 
+#: What the SLO attainment ratio counts (the Prometheus HELP and the OTel description).
+ATTAINMENT_HELP = (
+    "Requests that met their SLO / requests that ended, per SLO class; a failed request counts as a "
+    "miss, one cancelled before its SLO was missed is left out"
+)
+#: What the refusal counter counts.
+REJECTED_HELP = (
+    "Requests refused at admission, every refusal a client got, by reason (its error code); "
+    "model 'unknown' for a model not served"
+)
+
+
 def _ns(seconds: float | None) -> int | None:
     """Unix seconds -> the nanoseconds OpenTelemetry wants (None: let it take the current time)."""
     return None if seconds is None else int(seconds * 1e9)
+
+
+def _missed(
+    slos: tuple[float | None, float | None] | None, ttft_s: float | None, e2e_s: float | None
+) -> bool:
+    """Whether a request that ended ``e2e_s`` after its arrival (its first token after ``ttft_s``,
+    None: none yet) had missed its SLO (``slos``: TTFT, E2E seconds) by then."""
+    if slos is None or e2e_s is None:
+        return False
+    ttft_slo, e2e_slo = slos
+    if ttft_slo is not None and (e2e_s if ttft_s is None else ttft_s) > ttft_slo:
+        return True
+    return e2e_slo is not None and e2e_s > e2e_slo
 
 
 def _bool_label(value: bool) -> str:
@@ -211,11 +244,7 @@ class _PromCollector:
         depth = GaugeMetricFamily(
             "qlm_queue_depth", "Requests queued in the global queue", labels=["model", "slo_class"]
         )
-        attainment = GaugeMetricFamily(
-            "qlm_slo_attainment",
-            "Finished requests that met their SLO / finished requests, per SLO class",
-            labels=["slo_class"],
-        )
+        attainment = GaugeMetricFamily("qlm_slo_attainment", ATTAINMENT_HELP, labels=["slo_class"])
         owner = self._owner()
         if owner is not None:
             for (model, slo_class), n in owner._depth_snapshot():
@@ -256,6 +285,9 @@ class Telemetry:
         meter = mp.get_meter(INSTRUMENTATION_NAME, __version__)
         self._queue_depth = queue_depth
         self._requests: dict[str, Span] = {}
+        # request id -> its (TTFT, E2E) SLO in seconds from arrival: whether a cancelled request
+        # had missed its SLO already (then it counts in the attainment ratio)
+        self._slos: dict[str, tuple[float | None, float | None]] = {}
         self._lsos: dict[str, tuple[Span, str]] = {}
         # slo_class -> (met, finished); replaced whole so a reader on another thread sees a pair.
         self._attainment: dict[str, tuple[int, int]] = {}
@@ -265,7 +297,7 @@ class Telemetry:
             tuple[str, str, str, bool], tuple[Mapping[str, AttributeValue], tuple[str, ...]]
         ] = {}
         self._model_cache: dict[
-            tuple[str, str], tuple[Mapping[str, AttributeValue], _PromSeries, _PromSeries]
+            tuple[str, str, str | None], tuple[Mapping[str, AttributeValue], _PromSeries, _PromSeries]
         ] = {}
         self._error_cache: dict[tuple[str, bool], tuple[Mapping[str, AttributeValue], _PromSeries]] = {}
 
@@ -274,7 +306,7 @@ class Telemetry:
             "qlm.requests.finished", unit="{request}", description="Requests finished, by outcome"
         )
         self._otel_rejected = meter.create_counter(
-            "qlm.requests.rejected", unit="{request}", description="Requests refused at admission"
+            "qlm.requests.rejected", unit="{request}", description=REJECTED_HELP
         )
         self._otel_ttft = meter.create_histogram(
             GEN_AI_SERVER_TTFT,
@@ -331,7 +363,7 @@ class Telemetry:
             "qlm.slo.attainment",
             [observe_attainment],
             unit="1",
-            description="Finished requests that met their SLO / finished requests, per SLO class",
+            description=ATTAINMENT_HELP,
         )
 
         # ---- Prometheus, in a registry of our own
@@ -341,7 +373,7 @@ class Telemetry:
             ("model", "slo_class", "status", "slo_met"),
         )
         self._prom_rejected = _PromCounter(
-            "qlm_requests_rejected", "Requests refused at admission", ("model", "slo_class", "reason")
+            "qlm_requests_rejected", REJECTED_HELP, ("model", "slo_class", "reason")
         )
         self._prom_ttft = _PromHistogram(
             "qlm_time_to_first_token_seconds",
@@ -403,6 +435,8 @@ class Telemetry:
         W3C trace context, e.g. the client's ``traceparent``)."""
         attributes: dict[str, AttributeValue] = {
             GEN_AI_OPERATION_NAME: operation,
+            GEN_AI_PROVIDER_NAME: PROVIDER,
+            GEN_AI_RESPONSE_ID: f"{RESPONSE_ID_PREFIX.get(operation, 'cmpl')}-{request_id}",
             GEN_AI_REQUEST_MODEL: model,
             GEN_AI_REQUEST_MAX_TOKENS: max_tokens,
             GEN_AI_USAGE_INPUT_TOKENS: input_tokens,
@@ -414,6 +448,8 @@ class Telemetry:
             attributes[QLM_SLO_TTFT_S] = ttft_slo_s
         if e2e_slo_s is not None:
             attributes[QLM_SLO_E2E_S] = e2e_slo_s
+        if ttft_slo_s is not None or e2e_slo_s is not None:
+            self._slos[request_id] = (ttft_slo_s, e2e_slo_s)
         span = self._tracer.start_span(
             f"{operation} {model}",
             context=parent,
@@ -458,8 +494,10 @@ class Telemetry:
         error: str = "",
         end_time: float | None = None,
     ) -> None:
-        """End the request's span (ERROR status when ``status`` is ``"failed"``) and record the
-        request's metrics; the metrics are recorded even if :meth:`request_started` never ran."""
+        """End the request's span (ERROR status when ``status`` is ``"failed"``; ``error.type`` the
+        status when failed or cancelled) and record the request's metrics; the metrics are recorded
+        even if :meth:`request_started` never ran."""
+        error_type = status if status in ("failed", "cancelled") else None
         span = self._requests.pop(request_id, None)
         if span is not None:
             if span.is_recording():  # skips building the attributes when tracing is off
@@ -469,6 +507,8 @@ class Telemetry:
                     QLM_LATE: late,
                     GEN_AI_USAGE_OUTPUT_TOKENS: output_tokens,
                 }
+                if error_type is not None:
+                    attributes[ERROR_TYPE] = error_type
                 if finish_reason:
                     attributes[GEN_AI_RESPONSE_FINISH_REASONS] = (finish_reason,)
                 if ttft_s is not None:
@@ -498,7 +538,7 @@ class Telemetry:
         self._prom_finished.inc(finished_labels)
 
         if ttft_s is not None or e2e_s is not None:
-            model_attrs, ttft_series, duration_series = self._model_entry(model, operation)
+            model_attrs, ttft_series, duration_series = self._model_entry(model, operation, error_type)
             if ttft_s is not None:
                 self._otel_ttft.record(ttft_s, model_attrs)
                 ttft_series.observe(ttft_s)
@@ -513,8 +553,11 @@ class Telemetry:
             self._otel_estimator_error.record(size, error_attrs)
             error_series.observe(size)
 
-        met, finished = self._attainment.get(slo_class, (0, 0))
-        self._attainment[slo_class] = (met + 1 if slo_met else met, finished + 1)
+        slos = self._slos.pop(request_id, None)
+        # A request the client cancelled says nothing of the SLO, unless it was missed already.
+        if status != "cancelled" or _missed(slos, ttft_s, e2e_s):
+            met, finished = self._attainment.get(slo_class, (0, 0))
+            self._attainment[slo_class] = (met + 1 if slo_met else met, finished + 1)
 
     def request_rejected(self, *, model: str, slo_class: str, reason: str) -> None:
         """A request refused at admission (no span: it never entered the queue)."""
@@ -626,6 +669,7 @@ class Telemetry:
             span.set_attribute(QLM_STATUS, "interrupted")
             span.end()
         self._requests.clear()
+        self._slos.clear()
         for span, _ in self._lsos.values():
             span.set_attribute(QLM_STATUS, "interrupted")
             span.end()
@@ -634,18 +678,22 @@ class Telemetry:
     # ------------------------------------------------------------------ internals
 
     def _model_entry(
-        self, model: str, operation: str
+        self, model: str, operation: str, error_type: str | None
     ) -> tuple[Mapping[str, AttributeValue], _PromSeries, _PromSeries]:
         try:
-            return self._model_cache[(model, operation)]
+            return self._model_cache[(model, operation, error_type)]
         except KeyError:
-            entry = (
-                # gen_ai.server.* histograms: the GenAI conventions require the operation's name
-                {GEN_AI_REQUEST_MODEL: model, GEN_AI_OPERATION_NAME: operation},
-                self._prom_ttft.labels(model),
-                self._prom_duration.labels(model),
-            )
-            self._model_cache[(model, operation)] = entry
+            # gen_ai.server.* histograms: the GenAI conventions require the operation's and the
+            # provider's names, and error.type when the request ended in an error
+            attrs: dict[str, AttributeValue] = {
+                GEN_AI_REQUEST_MODEL: model,
+                GEN_AI_OPERATION_NAME: operation,
+                GEN_AI_PROVIDER_NAME: PROVIDER,
+            }
+            if error_type is not None:
+                attrs[ERROR_TYPE] = error_type
+            entry = (attrs, self._prom_ttft.labels(model), self._prom_duration.labels(model))
+            self._model_cache[(model, operation, error_type)] = entry
             return entry
 
     def _error_entry(self, slo_class: str, over: bool) -> tuple[Mapping[str, AttributeValue], _PromSeries]:

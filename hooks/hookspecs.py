@@ -227,7 +227,10 @@ def qlm_estimate_wait(request: Request, now: float) -> WaitEstimate | None:
 def qlm_admit(request: Request, estimate: WaitEstimate, now: float) -> Admission | None:
     """Decide whether a new request is taken, given its waiting-time estimate: the admission role.
 
-    Called once per arrival, after the estimate and before the request is queued.
+    Called once per arrival, after the estimate and before the request is queued: by a queue
+    manager, and in a coordinator also by its front door, before the request is journaled, when a
+    plugin other than the run's policy implements this hook (once accepted, a request is served).
+    Not called where nothing estimates waits (no queue manager and no :func:`qlm_estimate_wait`).
 
     :return: an :class:`~qlm_plugin.domain.outcome.Admission`: ``accepted`` False refuses the
         request at once (with ``reason``; the front door answers 429/503 with the estimate);

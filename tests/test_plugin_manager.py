@@ -767,3 +767,56 @@ def test_an_installed_rank_key_orders_a_coordinators_instance_by_its_whole_key(
             assert sorted(ids, key=lambda r: first[r]) == ids[::-1], first  # shortest prompt first
 
     run_with_stack(tmp_path, body, instances=1, sims=[one_seat], config={"policy": "fcfs"})
+
+
+REFUSE_BATCH_PLUGIN = """
+from qlm_plugin.hooks import hookimpl
+from qlm_plugin.domain.outcome import Admission
+
+
+class NoBatch:
+    @hookimpl
+    def qlm_admit(self, request, estimate, now):
+        if request.slo_class == "batch":
+            return Admission(request.id, accepted=False, can_meet_slo=False, reason="no batch here")
+        return None
+
+
+plugin = NoBatch()
+"""
+
+
+def test_an_installed_admission_refuses_in_a_coordinator_as_in_the_simulator(
+    site: Site, tmp_path: Path
+) -> None:
+    """A plugin's ``qlm_admit`` refused 400 of 400 requests in ``qlm simulate`` and none in ``qlm
+    serve``: the front door compared only the estimate with a threshold. It now asks the plugin,
+    before the journal, and the client is told its reason."""
+    site.install(
+        "qlmtest-nobatch", {"nobatch": "qlmtest_nobatch:plugin"}, {"qlmtest_nobatch": REFUSE_BATCH_PLUGIN}
+    )
+    model = load_scenario().models[0].name
+    batch = pb.SLO(slo_class="batch")
+
+    async def body(st: LocalStack) -> None:
+        assert st.coordinator._plugin_admits
+        async with CoordinatorClient(st.grpc_target) as c:
+            refused = await c.submit(pb.RequestSpec(model=model, prompt="x", max_tokens=4, slo=batch))
+            assert refused.code == "slo_unattainable" and "no batch here" in refused.reason, refused
+            assert refused.request_id not in st.coordinator.jobs
+            ok = await c.submit(pb.RequestSpec(model=model, prompt="x", max_tokens=4))
+            async for _ in c.stream(ok.request_id, timeout_s=30):
+                pass
+            assert st.coordinator.jobs[ok.request_id].state == "finished"
+
+    run_with_stack(tmp_path, body, instances=1, config={"policy": "qlm"})
+
+
+def test_without_an_installed_admission_the_front_door_makes_no_estimate(tmp_path: Path) -> None:
+    """(Asking for an estimate per request costs the front door: only a plugin's admission, a
+    class's refusal threshold or ``reject_if_late`` asks for one.)"""
+
+    async def body(st: LocalStack) -> None:
+        assert not st.coordinator._plugin_admits
+
+    run_with_stack(tmp_path, body, instances=1, config={"policy": "qlm"})

@@ -30,6 +30,7 @@ from qlm_plugin.coordinator.jobs import Chunk, Job, JobBook, JobsView, SubmitErr
 from qlm_plugin.coordinator.journal import Journal
 from qlm_plugin.coordinator.prompt_tokens import PromptCounter
 from qlm_plugin.coordinator.registry import InstanceRegistry
+from qlm_plugin.domain.distributions import WaitEstimate
 from qlm_plugin.domain.instance import InstanceInfo
 from qlm_plugin.domain.outcome import Admission, RequestOutcome, Status
 from qlm_plugin.domain.plan import Plan
@@ -45,6 +46,8 @@ log = logging.getLogger("qlm_plugin.coordinator")
 
 #: Idempotency keys the coordinator gives its own requests (batch lines); refused from clients.
 RESERVED_KEY_PREFIX = "qlm-batch/"
+#: The names the run's policy plugins are registered under (``policy:NAME:N``).
+POLICY_PREFIX = "policy:"
 #: The model (and class) label of a refusal naming one the deployment lacks: clients cannot
 #: create metric series.
 UNKNOWN_LABEL = "unknown"
@@ -94,11 +97,17 @@ class Coordinator:
         built = info.factory(PolicyContext(costs, classes, wall_clock=True))
         self.plugins = built if isinstance(built, list) else [built]
         for n, plugin in enumerate(self.plugins):
-            self.pm.register(plugin, name=f"policy:{cfg.policy}:{n}")
+            self.pm.register(plugin, name=f"{POLICY_PREFIX}{cfg.policy}:{n}")
         self.fleet = RemoteFleet(lambda s, request: self.dispatcher.dispatch(s, request))
         self.fleet.on_command = self._on_command
         self.pm.register(self.fleet, name="remote-fleet")
         self.hook: Any = self.pm.hook
+        # A plugin other than the run's policy implements admission (an installed one): the front
+        # door asks it where there is an estimate (none: no estimate is made for it). The policy's
+        # own admission is the class's refusal threshold, which the front door applies itself.
+        self._plugin_admits = any(
+            not impl.plugin_name.startswith(POLICY_PREFIX) for impl in self.hook.qlm_admit.get_hookimpls()
+        )
         self.hook.qlm_configure(pm=self.pm)
         self.queue_manager = next((p for p in self.plugins if isinstance(p, QueueManager)), None)
         self.telemetry = telemetry or Telemetry()
@@ -306,7 +315,29 @@ class Coordinator:
             self.cfg.reject_below_p_meet if spec.reject_if_late else 0.0,
             cls.refuse_below_p_meet if cls is not None else 0.0,
         )
-        estimate = self._estimate(request, now) if threshold > 0 else None
+        told = self._told(request, now) if threshold > 0 or self._plugin_admits else None
+        estimate = None
+        if told is not None:
+            estimate = Admission(
+                request.id,
+                True,
+                told.p_meet >= self.cfg.reject_below_p_meet,
+                None,
+                told.wait_mean_s,
+                told.p_meet,
+            )
+            # an installed plugin's admission decides here, before the journal (the queue manager
+            # asks it too, but only to flag: once accepted, a request is served)
+            verdict = (
+                self.hook.qlm_admit(request=request, estimate=told, now=now) if self._plugin_admits else None
+            )
+            if verdict is not None and not verdict.accepted:
+                raise SubmitError(
+                    "slo_unattainable",
+                    f"refused at admission: {verdict.reason or 'no reason given'}",
+                    estimate=estimate,
+                    retry_after_s=max(1.0, told.wait_mean_s),
+                )
         if estimate is not None and (estimate.p_meet or 0.0) < threshold:
             wait = estimate.wait_mean_s if estimate.wait_mean_s is not None else math.inf
             raise SubmitError(
@@ -366,7 +397,9 @@ class Coordinator:
         if self._submitting.get(key) is holder:
             del self._submitting[key]
 
-    def _estimate(self, request: Request, now: float) -> Admission | None:
+    def _told(self, request: Request, now: float) -> WaitEstimate | None:
+        """The waiting-time estimate a client is told (calibrated against outcomes under a queue
+        manager); None with no instance state to estimate on."""
         states = [
             s
             for s in (
@@ -377,14 +410,10 @@ class Coordinator:
         ]
         if not states:
             return None
-        est = self.hook.qlm_estimate_wait(request=request, now=now)
-        if est is None:
-            return None
-        if self.queue_manager is not None:  # what a client is told: calibrated against outcomes
+        est: WaitEstimate | None = self.hook.qlm_estimate_wait(request=request, now=now)
+        if est is not None and self.queue_manager is not None:
             est = self.queue_manager.estimator.told(request, est, now)
-        return Admission(
-            request.id, True, est.p_meet >= self.cfg.reject_below_p_meet, None, est.wait_mean_s, est.p_meet
-        )
+        return est
 
     def lookup(self, request_id: str) -> Job | None:
         return self.book.lookup(request_id)

@@ -820,3 +820,29 @@ def test_without_an_installed_admission_the_front_door_makes_no_estimate(tmp_pat
         assert not st.coordinator._plugin_admits
 
     run_with_stack(tmp_path, body, instances=1, config={"policy": "qlm"})
+
+
+TICKING_PLUGIN = """
+from qlm_plugin.hooks import hookimpl
+
+ticks = []
+
+
+class Ticks:
+    @hookimpl
+    def qlm_tick(self, now):
+        ticks.append(now)
+        return False
+
+
+plugin = Ticks()
+"""
+
+
+def test_a_plugins_tick_runs_in_the_simulator_without_a_queue_manager(site: Site) -> None:
+    """The coordinator's timer ticks every plugin under any policy; the simulator ticked only under
+    a queue manager, so a plugin's periodic work ran in ``qlm serve`` and never in ``qlm simulate``."""
+    site.install("qlmtest-ticks", {"ticks": "qlmtest_ticks:plugin"}, {"qlmtest_ticks": TICKING_PLUGIN})
+    result = run_policy(load_scenario(), "fcfs", small_run())
+    assert result.overall.finished == 40
+    assert len(sys.modules["qlmtest_ticks"].ticks) > 1

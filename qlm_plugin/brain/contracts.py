@@ -4,8 +4,8 @@ every registered implementation against the contract of each role it fills.
 
 Thread safety, for every role: the caller calls an implementation from one thread at a time (its
 event loop, the simulator's loop, or vLLM's scheduler thread), so implementations need no locks for
-their own state; the same object may be called from different threads over its life (the vLLM
-engine-side agent hands it over), so it must keep no thread-local state. No implementation blocks:
+their own state; it must keep no thread-local state all the same (a driver may move to another
+thread over its life, as an engine restarting its scheduler does). No implementation blocks:
 no I/O, no sleeping. Times are seconds on the caller's clock, passed in (``now``): no role reads a
 clock of its own, so the simulator, the coordinator and the engine run the same code.
 """

@@ -202,7 +202,7 @@ def run_policy(
         on_arrival,
         until=last_arrival + DRAIN_LIMIT_S,
         on_progress=on_progress,
-        on_tick=on_tick if queue_manager else None,
+        on_tick=on_tick if hook.qlm_tick.get_hookimpls() else None,  # as the coordinator's timer
     )
     outcomes.extend(backend.outcomes.values())
     # A request the policy never handed to an engine (still queued when the run ended) is missed,

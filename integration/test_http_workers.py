@@ -19,6 +19,7 @@ import aiohttp
 import pytest
 
 from qlm_plugin.adapters.sim.realtime import synthetic_text
+from qlm_plugin.coordinator import coordinator as coordinator_module
 from qlm_plugin.coordinator.http_workers import resolve_workers
 from qlm_plugin.coordinator.relay import write_frame
 from qlm_plugin.proto.qlm.v1 import qlm_pb2 as pb
@@ -294,3 +295,101 @@ def test_sigterm_to_the_whole_process_group_leaves_the_workers_to_the_core(tmp_p
         assert list(st.server.workers.pids) == pids, "the workers went on"
 
     run(tmp_path, body, speed=20.0)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_retry_with_its_idempotency_key_after_a_timeout_gets_the_whole_answer(
+    tmp_path: Path, workers: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The openai SDK times out, then retries with the same key: the timeout's disconnect had
+    cancelled the request, and the retry (and every later one, for days) got 499. Nor did a
+    second client sharing the key survive the first one leaving. A caller leaving a keyed request
+    now cancels it only if no caller waits for it and none comes back with the key in
+    ``ABANDON_GRACE_S``; without a key, or past that, it is cancelled as before."""
+    monkeypatch.setattr(coordinator_module, "ABANDON_GRACE_S", 1.5)
+
+    async def main() -> None:
+        config = {"http": {"port": 0, "workers": workers}}
+        async with (
+            local_stack(tmp_path, config=config, speed=2.0) as stack,
+            aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as s,
+        ):
+            url = f"{stack.http_url}/v1/completions"
+
+            async def gives_up(body: dict[str, Any]) -> None:
+                with pytest.raises(asyncio.TimeoutError):
+                    async with s.post(url, json=body, timeout=aiohttp.ClientTimeout(total=0.3)) as r:
+                        await r.read()
+
+            async def answer(body: dict[str, Any]) -> dict[str, Any]:
+                async with s.post(url, json=body) as r:
+                    assert r.status == 200, await r.text()
+                    return dict(await r.json())
+
+            keyed = completion(200, qlm={"idempotency_key": "retry-me"})
+            await gives_up(keyed)
+            await asyncio.sleep(0.5)  # the client's back-off
+            first = await answer(keyed)  # the retry: the same request, served once, whole
+            rid = first["qlm"]["request_id"]
+            assert first["choices"][0]["text"] == synthetic_text(rid, 0, 200)
+
+            shared = completion(200, qlm={"idempotency_key": "shared"})
+            other = asyncio.create_task(answer(shared))
+            await asyncio.sleep(0.2)
+            await gives_up(shared)  # one of two clients leaves: the other still gets the answer
+            shared_answer = await other
+            assert shared_answer["choices"][0]["text"] == synthetic_text(
+                shared_answer["qlm"]["request_id"], 0, 200
+            )
+
+            await gives_up(completion(3000, qlm={"idempotency_key": "nobody-comes-back"}))
+            await asyncio.sleep(2.5)
+            (job,) = [
+                j for j in stack.coordinator.jobs.values() if j.spec.idempotency_key == "nobody-comes-back"
+            ]
+            assert job.state == "cancelled" and "no retry came" in job.error, (job.state, job.error)
+
+            await gives_up(completion(3000, prompt="unkeyed"))
+            await asyncio.sleep(0.3)
+            (job,) = [j for j in stack.coordinator.jobs.values() if j.spec.prompt == "unkeyed"]
+            assert job.state == "cancelled", job.state
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_an_idempotency_key_reused_for_another_request_is_refused(tmp_path: Path, workers: int) -> None:
+    """The same key with another prompt, or on the chat endpoint, silently got the first request's
+    answer. It is now refused, 422, naming ``idempotency_key``; the same request again still gets
+    its answer."""
+
+    async def main() -> None:
+        config = {"http": {"port": 0, "workers": workers}}
+        async with (
+            local_stack(tmp_path, config=config, speed=50.0) as stack,
+            aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as s,
+        ):
+            url = stack.http_url
+            body = completion(8, qlm={"idempotency_key": "k"})
+            async with s.post(f"{url}/v1/completions", json=body) as r:
+                assert r.status == 200
+                rid = (await r.json())["qlm"]["request_id"]
+            async with s.post(f"{url}/v1/completions", json=body) as r:
+                assert r.status == 200 and (await r.json())["qlm"]["request_id"] == rid
+            for path, other in (
+                ("/v1/completions", {**body, "prompt": "another prompt"}),
+                (
+                    "/v1/chat/completions",
+                    {
+                        "model": MODEL,
+                        "messages": [{"role": "user", "content": "hi"}],
+                        "max_tokens": 8,
+                        "qlm": {"idempotency_key": "k"},
+                    },
+                ),
+            ):
+                async with s.post(f"{url}{path}", json=other) as r:
+                    error = (await r.json())["error"]
+                    assert r.status == 422 and error["param"] == "idempotency_key", (r.status, error)
+
+    asyncio.run(main())

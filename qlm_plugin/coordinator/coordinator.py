@@ -26,8 +26,8 @@ from qlm_plugin.brain.queue_manager import QueueManager
 from qlm_plugin.coordinator.config import CoordinatorConfig
 from qlm_plugin.coordinator.dispatch import Dispatcher
 from qlm_plugin.coordinator.instances import PendingCommand, RemoteFleet, Session
-from qlm_plugin.coordinator.jobs import Chunk, Job, JobBook, JobsView, SubmitError
-from qlm_plugin.coordinator.journal import Journal
+from qlm_plugin.coordinator.jobs import CALLER_GONE, Chunk, Job, JobBook, JobsView, SubmitError
+from qlm_plugin.coordinator.journal import TERMINAL, Journal
 from qlm_plugin.coordinator.prompt_tokens import PromptCounter
 from qlm_plugin.coordinator.registry import InstanceRegistry
 from qlm_plugin.domain.distributions import WaitEstimate
@@ -44,6 +44,9 @@ from qlm_plugin.workloads.scenario import Scenario
 
 log = logging.getLogger("qlm_plugin.coordinator")
 
+#: A request with an idempotency key whose caller left is cancelled only if no retry with the key
+#: came for it this long (seconds): the client that timed out is usually about to retry.
+ABANDON_GRACE_S = 30.0
 #: Idempotency keys the coordinator gives its own requests (batch lines); refused from clients.
 RESERVED_KEY_PREFIX = "qlm-batch/"
 #: The names the run's policy plugins are registered under (``policy:NAME:N``).
@@ -51,6 +54,25 @@ POLICY_PREFIX = "policy:"
 #: The model (and class) label of a refusal naming one the deployment lacks: clients cannot
 #: create metric series.
 UNKNOWN_LABEL = "unknown"
+
+
+def _differs(earlier: pb.RequestSpec, spec: pb.RequestSpec) -> str | None:
+    """What makes ``spec`` another request than ``earlier``, submitted under the same idempotency
+    key (None: the same request, sent again): what the engine is asked to do. (Not the SLO or the
+    tenant's own bookkeeping; ``max_tokens`` only where both name one: it is filled in on accept.)"""
+    if spec.model != earlier.model:
+        return "model"
+    if (spec.operation or "text_completion") != (earlier.operation or "text_completion"):
+        return "endpoint"
+    if spec.prompt != earlier.prompt or spec.chat_messages != earlier.chat_messages:
+        return "prompt" if spec.operation != "chat" else "messages"
+    if list(spec.prompt_token_ids) != list(earlier.prompt_token_ids):
+        return "prompt"
+    if dict(spec.sampling) != dict(earlier.sampling):
+        return "sampling"
+    if spec.max_tokens and earlier.max_tokens and spec.max_tokens != earlier.max_tokens:
+        return "max_tokens"
+    return None
 
 
 class _Watch:
@@ -229,12 +251,16 @@ class Coordinator:
         it is then cancelled with it (an HTTP client gone: no one to answer), else it is served
         (a gRPC retry with its idempotency key finds it). Every refusal a client gets is counted."""
         try:
-            return await self._submit_keyed(spec, tenant, parent, internal, cancel_if_caller_leaves)
+            job, duplicate = await self._submit_keyed(spec, tenant, parent, internal, cancel_if_caller_leaves)
         except SubmitError as exc:
             if not internal:  # a batch line is offered again while it waits for room: not counted
                 model, slo_class = self._labels(spec)
                 self.telemetry.request_rejected(model=model, slo_class=slo_class, reason=exc.code)
             raise
+        if cancel_if_caller_leaves is not None and job.state not in TERMINAL:
+            job.waiters += 1  # it cancels the request if it leaves (see cancel)
+            job.abandoned_at = None
+        return job, duplicate
 
     def _labels(self, spec: pb.RequestSpec) -> tuple[str, str]:
         """The (model, class) labels of a refused request: only names the deployment has."""
@@ -287,6 +313,14 @@ class Coordinator:
         book = self.book
         earlier = book.duplicate(spec)
         if earlier is not None:
+            differs = _differs(earlier.spec, spec)
+            if differs:
+                raise SubmitError(
+                    "idempotency_conflict",
+                    f"this idempotency key was used for a request with another {differs}: its answer "
+                    "is that request's; use a new key for a new request",
+                    "idempotency_key",
+                )
             return earlier, True
         book.claim_id(spec)
         if not spec.operation:
@@ -390,7 +424,7 @@ class Coordinator:
         with contextlib.suppress(SubmitError):  # refused: nobody to tell, nothing held
             self._accepted(job, parent, committed)
             if cancel_reason is not None and self.book.accepting:  # draining: kept for the next start
-                self.cancel(job.id, cancel_reason)
+                self._caller_left(job, cancel_reason)  # it never had the answer: no waiter to count
         held.set_result(None)
 
     def _release(self, key: tuple[str, str], holder: Awaitable[Any]) -> None:
@@ -419,7 +453,31 @@ class Coordinator:
         return self.book.lookup(request_id)
 
     def cancel(self, request_id: str, reason: str = "cancelled by the client") -> Job | None:
+        """Cancel a request. A caller that left (``reason`` in :data:`CALLER_GONE`) cancels it only
+        if no other caller waits for it, and one with an idempotency key only once none has come
+        back for it within :data:`ABANDON_GRACE_S`: its retry finds it and gets the whole answer."""
+        if reason in CALLER_GONE:
+            job = self.book.jobs.get(request_id)
+            if job is not None and job.state not in TERMINAL:
+                job.waiters = max(0, job.waiters - 1)
+                self._caller_left(job, reason)
+                return job
         return self.dispatcher.cancel(request_id, reason)
+
+    def _caller_left(self, job: Job, reason: str) -> None:
+        if job.waiters > 0:
+            return  # another client waits for it (its idempotency key's retry, or a second client)
+        if not job.spec.idempotency_key:
+            self.dispatcher.cancel(job.id, reason)
+            return
+        job.abandoned_at = left = time.monotonic()
+
+        def unless_claimed() -> None:
+            unclaimed = job.waiters == 0 and job.abandoned_at == left and job.state not in TERMINAL
+            if unclaimed and self.book.accepting:  # draining: kept for the next start
+                self.dispatcher.cancel(job.id, f"{reason}, and no retry came in {ABANDON_GRACE_S:g} s")
+
+        asyncio.get_running_loop().call_later(ABANDON_GRACE_S, unless_claimed)
 
     def follow(self, job: Job) -> AsyncIterator[Chunk]:
         return self.book.follow(job)

@@ -42,6 +42,8 @@ SUBMIT_STATUS = {
     "limit": grpc.StatusCode.RESOURCE_EXHAUSTED,
     "unavailable": grpc.StatusCode.UNAVAILABLE,
     "slo_unattainable": grpc.StatusCode.FAILED_PRECONDITION,
+    "idempotency_conflict": grpc.StatusCode.INVALID_ARGUMENT,
+    "internal": grpc.StatusCode.INTERNAL,
 }
 
 

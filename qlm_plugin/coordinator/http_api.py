@@ -28,7 +28,7 @@ from opentelemetry import propagate
 
 from qlm_plugin.coordinator.auth import Authenticator, AuthError, Principal
 from qlm_plugin.coordinator.coordinator import Coordinator
-from qlm_plugin.coordinator.jobs import DEFAULT_MAX_TOKENS, Chunk, Job, SubmitError
+from qlm_plugin.coordinator.jobs import CLIENT_GONE, DEFAULT_MAX_TOKENS, Chunk, Job, SubmitError
 from qlm_plugin.coordinator.json_codec import dumps
 from qlm_plugin.coordinator.openai_params import (
     INT32_MAX,
@@ -51,7 +51,6 @@ from qlm_plugin.coordinator.openai_params import (
 from qlm_plugin.proto.qlm.v1 import qlm_pb2 as pb
 
 #: Why the request of a client that went away is cancelled.
-CLIENT_GONE = "the client disconnected"
 #: Largest request body accepted, bytes (a prompt of about 1M tokens).
 MAX_BODY_BYTES = 4 * 1024 * 1024
 
@@ -62,6 +61,7 @@ SUBMIT_HTTP = {
     "limit": 429,
     "unavailable": 503,
     "slo_unattainable": 503,
+    "idempotency_conflict": 422,  # the IETF Idempotency-Key draft's answer to a key reused
     "internal": 500,
 }
 #: A refusal's code as OpenAI names it, where it has a name for it (clients act on these: a context

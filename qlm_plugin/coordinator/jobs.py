@@ -57,10 +57,17 @@ Finished = tuple[Any, ...]
 GENERATED_ID_PREFIX = "req-"
 
 
+#: Why a request is cancelled when its caller leaves: an HTTP client gone (no one to answer), or
+#: the front-door worker serving it (its clients are gone with it).
+CLIENT_GONE = "the client disconnected"
+WORKER_GONE = "the front-door worker serving the client went away"
+CALLER_GONE = frozenset({CLIENT_GONE, WORKER_GONE})
+
+
 class SubmitError(Exception):
     """A refused submission. ``code``: invalid, unknown_model, too_large, limit, unavailable,
-    slo_unattainable, internal (a failure of the coordinator's own); ``field`` names the offending
-    request field where there is one."""
+    slo_unattainable, idempotency_conflict (a key reused for another request), internal (a failure
+    of the coordinator's own); ``field`` names the offending request field where there is one."""
 
     def __init__(
         self,
@@ -121,6 +128,10 @@ class Job:
     recovering: bool = False  # rebuilt from the journal; its instance may still claim it
     listeners: list[ChunkSink] = field(default_factory=list)
     done: asyncio.Event = field(default_factory=asyncio.Event)
+    # callers waiting for its answer that cancel it if they leave (HTTP clients; a retry with its
+    # idempotency key is one more), and since when none has (monotonic; None while some wait)
+    waiters: int = 0
+    abandoned_at: float | None = None
 
     @property
     def id(self) -> str:

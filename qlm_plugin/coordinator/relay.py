@@ -31,7 +31,7 @@ from google.protobuf.message import DecodeError, Message
 from opentelemetry import propagate
 
 from qlm_plugin.coordinator.coordinator import Coordinator
-from qlm_plugin.coordinator.jobs import Chunk, Job, SubmitError, follow, publish, tell_end
+from qlm_plugin.coordinator.jobs import WORKER_GONE, Chunk, Job, SubmitError, follow, publish, tell_end
 from qlm_plugin.coordinator.journal import TERMINAL
 from qlm_plugin.domain.outcome import Admission
 from qlm_plugin.domain.request import SLO, Request
@@ -43,7 +43,6 @@ Item = TypeVar("Item")
 #: The largest frame read (a batch of submissions of 4 MiB prompts, or the output of long requests).
 MAX_FRAME = 1 << 30
 #: Why the requests of a worker that went away are cancelled.
-WORKER_GONE = "the front-door worker serving the client went away"
 
 
 # ---------------------------------------------------------------------------------- conversion

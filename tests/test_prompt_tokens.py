@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import grpc
 import pytest
 
 from qlm_plugin.coordinator.prompt_tokens import PromptCounter, estimate_prompt_tokens
@@ -70,3 +71,53 @@ def test_a_template_that_refuses_the_messages_falls_back_to_the_estimate(tmp_pat
     counter = PromptCounter({"m": str(tmp_path)})
     spec = chat(("system", "abcdefgh"))
     assert counter.count(spec) == estimate_prompt_tokens(spec.prompt)
+
+
+def test_a_long_prompt_is_counted_away_from_the_event_loop(tokenizer_folder: Path, tmp_path: Path) -> None:
+    """A 4 MiB prompt took the coordinator's event loop 4 s to count: every other request, and the
+    instances' heartbeats, waited (they were declared lost). A long prompt is now counted in a
+    thread of its own, with the same result, while the loop serves on."""
+    import asyncio
+
+    from qlm_plugin.testing.stack import local_stack
+    from qlm_plugin.transport.client import CoordinatorClient
+    from qlm_plugin.workloads.scenario import parse_scenario
+
+    scenario = parse_scenario(
+        f"""
+name: with-a-tokenizer
+models:
+  - {{name: m, profile: llama-3.1-8b, tokenizer: {tokenizer_folder}}}
+instances:
+  - {{count: 1, gpu: h100, models: [m]}}
+classes:
+  - {{name: batch, share: 1.0, e2e_s: 600}}
+"""
+    )
+    prompt = "hello world " * 300_000  # 600,000 tokens of this tokenizer: refused as too long
+
+    async def main() -> tuple[int, str]:
+        async with (
+            local_stack(tmp_path, instances=1, scenario=scenario) as st,
+            CoordinatorClient(st.grpc_target) as c,
+        ):
+            ticks = 0
+
+            async def heartbeat() -> None:
+                nonlocal ticks
+                while True:
+                    await asyncio.sleep(0.005)
+                    ticks += 1
+
+            beating = asyncio.create_task(heartbeat())
+            await asyncio.sleep(0.05)
+            before = ticks
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await c.submit(pb.RequestSpec(model="m", prompt=prompt, max_tokens=4), timeout_s=60)
+            during = ticks - before
+            beating.cancel()
+            return during, refused.value.details() or ""
+
+    ticks, error = asyncio.run(main())
+    assert "prompt of 600000 tokens does not fit" in error, error  # counted by the tokenizer
+    assert ticks > 3, "the event loop stood still while the prompt was counted"

@@ -163,6 +163,8 @@ def parse_input(
         probe.CopyFrom(spec)
         probe.request_id = f"line-{index + 1}"  # the request's own id is given when it is submitted
         try:
+            if not probe.prompt_token_ids and probe.model in book.models:  # (a thread: not the loop's)
+                probe.prompt_tokens = book.prompts.count_elsewhere(probe)
             request = book.build_request(probe, now)
             book.check_feasible(request)
         except SubmitError as exc:

@@ -325,6 +325,8 @@ class Coordinator:
         book.claim_id(spec)
         if not spec.operation:
             spec.operation = "text_completion"
+        if not spec.prompt_tokens and not spec.prompt_token_ids and book.prompts.long(spec):
+            spec.prompt_tokens = await book.prompts.count_off_loop(spec)  # seconds: not on the loop
         now = time.time()
         request = book.build_request(spec, now)
         spec.prompt_tokens = request.prompt_tokens

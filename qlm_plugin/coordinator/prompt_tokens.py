@@ -5,21 +5,35 @@ through the model's chat template as the engine will apply it; else estimated fr
 The count sizes the request for admission, the queue manager and the context check, so an estimate
 off by 2x misplaces long prompts. Tokenizers load from local files only (nothing is downloaded at
 run time) through ``transformers`` (which vLLM installs); one that cannot load is reported once and
-the model's prompts are estimated. Not thread-safe: the coordinator's event loop owns it.
+the model's prompts are estimated.
+
+Threads: :meth:`PromptCounter.count` is the event loop's (a tokenizer object must not be used by
+two threads at once: it keeps per-call settings). A long prompt costs seconds to count (4 MiB: 4 s),
+time every other request on the loop would wait, so the loop counts only prompts under
+:data:`OFF_LOOP_BYTES`; :meth:`PromptCounter.count_elsewhere` counts the others with a second copy
+of the tokenizer, one at a time, in a thread (the tokenizer releases the GIL while it counts), as
+it does for the lines of a batch file, which are parsed in a thread.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import math
+import threading
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 from qlm_plugin.proto.qlm.v1 import qlm_pb2 as pb
 
 log = logging.getLogger("qlm_plugin.coordinator")
+
+
+#: A prompt (or chat) at least this long is counted away from the event loop, bytes.
+OFF_LOOP_BYTES = 32 * 1024
 
 
 def estimate_prompt_tokens(text: str) -> int:
@@ -47,6 +61,9 @@ class PromptCounter:
     def __init__(self, sources: Mapping[str, str]) -> None:
         self.sources = dict(sources)
         self.tokenizers: dict[str, Any] = {}
+        self._elsewhere: PromptCounter | None = None  # the copy that counts in threads
+        self._elsewhere_lock = threading.Lock()
+        self._pool: ThreadPoolExecutor | None = None
 
     def load(self) -> None:
         """Load every tokenizer now (a first request should not wait for ``transformers``)."""
@@ -72,6 +89,30 @@ class PromptCounter:
                 )
         self.tokenizers[model] = tok
         return tok
+
+    def long(self, spec: pb.RequestSpec) -> bool:
+        """Whether ``spec``'s prompt is to be counted away from the event loop (a tokenizer counts
+        it, and it is :data:`OFF_LOOP_BYTES` or longer)."""
+        size = max(len(spec.prompt), len(spec.chat_messages))  # characters: at most the bytes
+        return (
+            size >= OFF_LOOP_BYTES // 4
+            and self.sources.get(spec.model) is not None
+            and (max(len(spec.prompt.encode()), len(spec.chat_messages.encode())) >= OFF_LOOP_BYTES)
+        )
+
+    def count_elsewhere(self, spec: pb.RequestSpec) -> int:
+        """:meth:`count`, from any thread but the event loop's: with a copy of the tokenizers of
+        its own, one count at a time."""
+        with self._elsewhere_lock:
+            if self._elsewhere is None:
+                self._elsewhere = PromptCounter(self.sources)
+            return self._elsewhere.count(spec)
+
+    async def count_off_loop(self, spec: pb.RequestSpec) -> int:
+        """:meth:`count_elsewhere` in this counter's own thread: the event loop goes on meanwhile."""
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="qlm-prompt-tokens")
+        return await asyncio.get_running_loop().run_in_executor(self._pool, self.count_elsewhere, spec)
 
     def count(self, spec: pb.RequestSpec) -> int:
         """The prompt's tokens as the engine will see them: a completion's text with the

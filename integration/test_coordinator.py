@@ -1370,3 +1370,48 @@ def test_a_request_that_fails_after_its_attempts_is_logged_with_its_id_and_reaso
 
     caplog.set_level(logging.INFO, "qlm_plugin.coordinator")
     run(tmp_path, body, speed=1.0, config={"max_attempts": 1})
+
+
+def test_what_one_grpc_client_or_agent_sends_is_bounded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Over gRPC, names had no length limit (an 8 MiB idempotency key grew the journal by 350 MB),
+    a client's own prompt count was trusted (a 30 MiB prompt passed as 1 token, past the context
+    check), one ``SubmitBatch`` could carry 300,000 requests (8 s of a stood-still event loop), and
+    each event an agent sent for a request it never had queued an abort (1 GB of the core). Each is
+    now refused precisely, or bounded."""
+    from qlm_plugin.coordinator import dispatch as dispatch_module
+    from qlm_plugin.coordinator.grpc_api import MAX_BATCH_REQUESTS
+
+    monkeypatch.setattr(dispatch_module, "MAX_PENDING_ABORTS", 5)
+
+    async def body(st: LocalStack) -> None:
+        async with CoordinatorClient(st.grpc_target) as c:
+            for spec, field in (
+                (pb.RequestSpec(model=MODEL, prompt="x", idempotency_key="k" * 300), "idempotency_key"),
+                (pb.RequestSpec(model=MODEL, prompt="x", tenant="a\x00b"), "tenant"),
+                (pb.RequestSpec(model=MODEL, prompt="x", request_id="r" * 300), "request_id"),
+                (pb.RequestSpec(model=MODEL, prompt="x" * 100_000, prompt_tokens=1), "prompt_tokens"),
+            ):
+                with pytest.raises(grpc.aio.AioRpcError) as refused:
+                    await c.submit(spec)
+                assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+                details = refused.value.details() or ""
+                assert details.startswith(f"{field}:") and len(details) < 400, details
+            too_many = [pb.RequestSpec(model=MODEL, prompt="x", max_tokens=1)] * (MAX_BATCH_REQUESTS + 1)
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await c.submit_batch(too_many)
+            assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert not st.coordinator.jobs  # none of them accepted
+
+        (s,) = [s for s in st.coordinator.fleet.sessions.values() if s.alive]
+        forged = [
+            pb.RequestEvent(
+                request_id=f"never-{i}", attempt=1, kind=pb.RequestEvent.TOKENS, text="a", tokens=1
+            )
+            for i in range(50)
+        ]
+        st.coordinator.dispatcher.apply_events(s, pb.EventBatch(events=forged))
+        assert len(s.pending_aborts) == 5
+
+    run_with_stack(tmp_path, body, instances=1)

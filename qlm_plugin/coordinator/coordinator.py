@@ -26,7 +26,7 @@ from qlm_plugin.brain.queue_manager import QueueManager
 from qlm_plugin.coordinator.config import CoordinatorConfig
 from qlm_plugin.coordinator.dispatch import Dispatcher
 from qlm_plugin.coordinator.instances import PendingCommand, RemoteFleet, Session
-from qlm_plugin.coordinator.jobs import CALLER_GONE, Chunk, Job, JobBook, JobsView, SubmitError
+from qlm_plugin.coordinator.jobs import CALLER_GONE, Chunk, Job, JobBook, JobsView, SubmitError, check_names
 from qlm_plugin.coordinator.journal import TERMINAL, Journal
 from qlm_plugin.coordinator.prompt_tokens import PromptCounter
 from qlm_plugin.coordinator.registry import InstanceRegistry
@@ -281,6 +281,7 @@ class Coordinator:
         cancel_if_caller_leaves: str | None,
     ) -> tuple[Job, bool]:
         book = self.book
+        check_names(spec)
         if spec.idempotency_key.startswith(RESERVED_KEY_PREFIX) and not internal:
             reserved = f"idempotency keys starting {RESERVED_KEY_PREFIX!r} are reserved"
             raise SubmitError("invalid", reserved, "idempotency_key")

@@ -33,6 +33,9 @@ from qlm_plugin.telemetry.instruments import Telemetry
 log = logging.getLogger("qlm_plugin.coordinator")
 
 Event = pb.RequestEvent
+#: Stale attempts one session is told to abort and has not yet reported ended: an agent reporting
+#: work on requests the coordinator never gave it must not grow the coordinator without bound.
+MAX_PENDING_ABORTS = 10_000
 
 
 def _flat(key: Any) -> list[Any]:
@@ -351,7 +354,7 @@ class Dispatcher:
                 attempt = (ev.request_id, ev.attempt)
                 if ev.kind in (Event.FINISHED, Event.FAILED, Event.REQUEUED):
                     s.pending_aborts.discard(attempt)  # the engine is done with that attempt
-                elif stale and attempt not in s.pending_aborts:
+                elif stale and attempt not in s.pending_aborts and len(s.pending_aborts) < MAX_PENDING_ABORTS:
                     s.pending_aborts.add(attempt)  # the engine still works on it for nothing
                     self.fleet.command(s, "abort", ev.request_id, attempt=ev.attempt)
                 continue

@@ -35,6 +35,8 @@ DEFAULT_QUEUE_ROWS = 1000
 #: Admin ``Evict`` modes ("": the engine's best, swap where it can).
 EVICT_MODES = ("", *(m.value for m in EvictMode))
 
+#: The most requests one ``SubmitBatch`` call may carry (300,000 held the event loop for 8 s).
+MAX_BATCH_REQUESTS = 10_000
 SUBMIT_STATUS = {
     "invalid": grpc.StatusCode.INVALID_ARGUMENT,
     "too_large": grpc.StatusCode.INVALID_ARGUMENT,
@@ -151,6 +153,11 @@ class RequestsService(pb_grpc.RequestsServicer):
 
     async def SubmitBatch(self, request: pb.SubmitBatchRequest, context: Any) -> pb.SubmitBatchReply:
         tenant = self._principal(context).tenant
+        if len(request.requests) > MAX_BATCH_REQUESTS:  # one call must not hold the loop for seconds
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"requests: {len(request.requests)} in one call, at most {MAX_BATCH_REQUESTS}: split them",
+            )
         # Concurrently, so the journal commits the whole batch at once.
         replies = await asyncio.gather(*(self._submit(spec, tenant) for spec in request.requests))
         return pb.SubmitBatchReply(replies=replies)

@@ -24,6 +24,7 @@ from google.protobuf import json_format
 
 from qlm_plugin.coordinator.config import CoordinatorConfig
 from qlm_plugin.coordinator.journal import TERMINAL, DuplicateRecord, JobRecord, Journal, JournalError
+from qlm_plugin.coordinator.openai_params import MAX_NAME_CHARS, show
 from qlm_plugin.coordinator.prompt_tokens import PromptCounter
 from qlm_plugin.domain.costmodel import CostModel
 from qlm_plugin.domain.outcome import Admission, RequestOutcome, Status
@@ -62,6 +63,26 @@ GENERATED_ID_PREFIX = "req-"
 CLIENT_GONE = "the client disconnected"
 WORKER_GONE = "the front-door worker serving the client went away"
 CALLER_GONE = frozenset({CLIENT_GONE, WORKER_GONE})
+
+
+#: No tokenizer makes fewer tokens of a prompt than one per this many bytes (the longest tokens
+#: of real vocabularies are runs of a few dozen spaces or dashes): a client's own count below that
+#: is refused, else a long prompt would pass the context and token limits as a short one.
+MAX_BYTES_PER_TOKEN = 64
+#: The names a request carries, each at most MAX_NAME_CHARS printable characters (they are keys
+#: of the journal, labels of telemetry and echoed in errors): the HTTP front door's limits, for
+#: every way in.
+NAMED_FIELDS = ("request_id", "idempotency_key", "tenant", "model", "service_tier")
+
+
+def check_names(spec: pb.RequestSpec) -> None:
+    """Raise :class:`SubmitError` naming the first of the request's names that is too long or not
+    printable."""
+    for name, value in (*((f, getattr(spec, f)) for f in NAMED_FIELDS), ("slo.class", spec.slo.slo_class)):
+        if len(value) > MAX_NAME_CHARS or not value.isprintable():
+            raise SubmitError(
+                "invalid", f"must be at most {MAX_NAME_CHARS} printable characters, got {show(value)}", name
+            )
 
 
 class SubmitError(Exception):
@@ -276,6 +297,15 @@ class JobBook:
                 raise SubmitError("invalid", f"must be a positive number of milliseconds, got {value}", name)
         if spec.prompt and spec.prompt_token_ids:
             raise SubmitError("invalid", "give the prompt as text or as token ids, not both", "prompt")
+        if spec.prompt_tokens and spec.prompt:
+            floor = math.ceil(len(spec.prompt.encode(errors="replace")) / MAX_BYTES_PER_TOKEN)
+            if spec.prompt_tokens < floor:
+                raise SubmitError(
+                    "invalid",
+                    f"{spec.prompt_tokens} is fewer tokens than any tokenizer makes of this prompt (at least "
+                    f"{floor}); leave it 0 to have the prompt counted",
+                    "prompt_tokens",
+                )
         prompt_tokens = spec.prompt_tokens or len(spec.prompt_token_ids) or self.prompts.count(spec)
         max_tokens = spec.max_tokens
         if not max_tokens:

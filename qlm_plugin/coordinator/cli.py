@@ -386,6 +386,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise ValueError(
             "--model, --max-awake, --sleep-level, --engine-logs and vLLM arguments go with --engine vllm"
         )
+    if args.ray is not None:
+        from qlm_plugin.deploy import ray_fleet
+
+        # here, on the main thread: a local Ray's processes die with the thread that started them
+        # (started by an executor's thread, they died when the loop ended, before the fleet stopped)
+        ray_fleet.connect(None if args.ray == "local" else args.ray)
     providers = _telemetry_sdk(args.otlp_endpoint)
     server = CoordinatorServer(
         cfg,
@@ -405,43 +411,47 @@ def cmd_serve(args: argparse.Namespace) -> int:
     def ready_ray() -> None:
         from qlm_plugin.deploy import ray_fleet
 
-        def start() -> None:
-            ray_fleet.connect(None if args.ray == "local" else args.ray)
-            host = (
-                cfg.grpc.host
-                if cfg.grpc.host not in ("0.0.0.0", "::")
-                else __import__("ray").util.get_node_ip_address()
-            )
-            groups = [(g.models[0], g.gpu, list(g.models[1:]), g.count) for g in server.scenario.instances]
-            if args.instances is not None:
-                groups = [(group.models[0], group.gpu, list(group.models[1:]), count)]
-            record = os.environ.get("QLM_SIM_RECORD")
-            fleet.append(
-                ray_fleet.start_fleet(
-                    f"{host}:{server.grpc_port}",
-                    groups,
-                    scenario=args.scenario or cfg.scenario,
-                    speed=args.speed,
-                    token=os.environ.get("QLM_INSTANCE_TOKEN") or None,
-                    record=record,
-                )
-            )
+        host = (
+            cfg.grpc.host
+            if cfg.grpc.host not in ("0.0.0.0", "::")
+            else __import__("ray").util.get_node_ip_address()
+        )
+        groups = [
+            (ray_fleet.Group(g.models[0], g.gpu, tuple(g.models[1:])), g.count)
+            for g in server.scenario.instances
+        ]
+        if args.instances is not None:
+            groups = [(ray_fleet.Group(group.models[0], group.gpu, tuple(group.models[1:])), count)]
+        actors = ray_fleet.Fleet(
+            f"{host}:{server.grpc_port}",
+            groups,
+            scenario=args.scenario or cfg.scenario,
+            speed=args.speed,
+            token=os.environ.get("QLM_INSTANCE_TOKEN") or None,
+            record=os.environ.get("QLM_SIM_RECORD"),
+        )
+        fleet.append(actors)  # stopped at the end, however far it got
+
+        async def run() -> None:
+            try:
+                await asyncio.to_thread(actors.start)  # Ray calls block
+            except Exception as exc:  # no instance would ever come: stop, saying why
+                failures.append(f"the Ray fleet did not start: {type(exc).__name__}: {exc}")
+                stop.set()
+                return
             print(
-                f"qlm serve: {sum(g[3] for g in groups)} simulated instances as Ray actors "
+                f"qlm serve: {actors.size} simulated instances as Ray actors "
                 f"({args.ray if args.ray != 'local' else 'a local Ray instance'}); HTTP http://{cfg.http.host}:"
                 f"{server.http_port}, gRPC {cfg.grpc.host}:{server.grpc_port}; `qlm scale MODEL N` to resize",
                 flush=True,
             )
-
-        started = asyncio.get_running_loop().run_in_executor(None, start)  # Ray calls block
-
-        def failed(f: asyncio.Future[None]) -> None:
-            exc = None if f.cancelled() else f.exception()
-            if exc is not None:  # no instance would ever come: stop, saying why
-                failures.append(f"the Ray fleet did not start: {type(exc).__name__}: {exc}")
+            try:
+                await actors.watch(lambda note: print(f"qlm serve: {note}", file=sys.stderr, flush=True))
+            except Exception as exc:  # its manager died and could not be made again
+                failures.append(f"the Ray fleet failed: {type(exc).__name__}: {exc}")
                 stop.set()
 
-        started.add_done_callback(failed)
+        supervisor.append(asyncio.get_running_loop().create_task(run()))
 
     def ready() -> None:
         event_loop.freeze_startup_heap()
@@ -481,9 +491,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         left = event_loop.run(serve_until_signal(server, ready, stop))
     finally:
         if fleet:
-            from qlm_plugin.deploy import ray_fleet
-
-            ray_fleet.stop_fleet(fleet[0])
+            fleet[0].stop()
         for sims in children:
             sims.stop()
         if providers is not None:
@@ -556,6 +564,11 @@ def _serve_vllm(args: argparse.Namespace, cfg: CoordinatorConfig) -> int:
     except FleetError as exc:
         print(f"qlm serve: error: {exc}", file=sys.stderr)
         return 1
+    if isinstance(fleet, RayEngines):
+        from qlm_plugin.deploy import ray_fleet
+
+        # on the main thread: a local Ray's processes die with the thread that started them
+        ray_fleet.connect(fleet.address)
     providers = _telemetry_sdk(args.otlp_endpoint)
     server = CoordinatorServer(
         cfg,
@@ -580,9 +593,6 @@ def _serve_vllm(args: argparse.Namespace, cfg: CoordinatorConfig) -> int:
         try:
             loop = asyncio.get_running_loop()
             await loop.run_in_executor(None, fleet.start)  # Ray calls block
-            if args.ray is not None:  # ray.init put its own SIGTERM handler in (it ends the process)
-                for sig in (signal.SIGTERM, signal.SIGINT):
-                    loop.add_signal_handler(sig, stop.set)
             for line in fleet.describe():
                 print(f"qlm serve:   {line}", flush=True)
             took = await fleet.wait_registered(registered)
@@ -593,7 +603,14 @@ def _serve_vllm(args: argparse.Namespace, cfg: CoordinatorConfig) -> int:
         print(
             f"qlm serve: {len(fleet.engines)} engines registered in {took:.0f} s; Ctrl-C to stop", flush=True
         )
-        await fleet.supervise()
+        try:
+            await fleet.supervise()
+        except Exception as exc:
+            if not isinstance(fleet, RayEngines):
+                raise
+            # Ray's fleet manager died and could not be made again
+            failures.append(f"the Ray fleet failed: {type(exc).__name__}: {exc}")
+            stop.set()
 
     def ready() -> None:
         event_loop.freeze_startup_heap()
@@ -695,8 +712,14 @@ def _run_openai(args: argparse.Namespace, settings: Any) -> int:
 
 
 def cmd_scale(args: argparse.Namespace) -> int:
+    if args.count < 0:  # before Ray is asked anything
+        raise ValueError(f"count must be >= 0 (0 stops the model's instances), got {args.count}")
     from qlm_plugin.deploy import ray_fleet
 
-    ids = ray_fleet.scale(args.ray, args.model, args.count)
+    try:
+        ids = ray_fleet.scale(args.ray, args.model, args.count)
+    except ray_fleet.FleetError as exc:
+        print(f"qlm scale: error: {exc}", file=sys.stderr)
+        return 1
     print(f"qlm scale: {args.model} runs on {len(ids)} instances: {', '.join(ids) or 'none'}")
     return 0

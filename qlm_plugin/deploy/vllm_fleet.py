@@ -501,7 +501,7 @@ class RayEngines:
     log_dir: Path
     address: str | None  # None: a new local Ray instance
     token: str | None = None
-    handle: object = None
+    handle: Any = None  # the ray_fleet.Fleet, once started
     ids: list[str] = field(default_factory=list)
     urls: dict[str, str] = field(default_factory=dict)
 
@@ -517,26 +517,27 @@ class RayEngines:
     def start(self) -> None:
         from qlm_plugin.deploy import ray_fleet
 
-        ray_fleet.connect(self.address)
+        ray_fleet.connect(self.address)  # at once where the serve connected already (main thread)
         spec = {
             m.name: ray_fleet.VLLMModel(
                 m.source, tuple(self.engine_args), self.cpu, self.gpus, str(self.log_dir)
             )
             for m in self.models
         }
-        groups: list[tuple[str, str, list[str], int]] = [
-            (m.name, "h100", [], self.engines_per_model) for m in self.models
-        ]
-        self.handle = ray_fleet.start_fleet(
-            self.coordinator, groups, scenario=None, token=self.token, vllm=spec
+        self.handle = ray_fleet.Fleet(
+            self.coordinator,
+            [(ray_fleet.Group(m.name), self.engines_per_model) for m in self.models],
+            token=self.token,
+            vllm=spec,
         )
+        self.handle.start()
         self.ids = [iid for ids in self._call("instances").values() for iid in ids]
         self.urls = self._call("endpoints")
 
     def _call(self, method: str) -> dict[str, Any]:
         import ray
 
-        return dict(ray.get(getattr(self.handle, method).remote(), timeout=900))
+        return dict(ray.get(getattr(self.handle.manager, method).remote(), timeout=900))
 
     async def wait_registered(
         self, registered: Callable[[str], bool], timeout_s: float = REGISTER_TIMEOUT_S
@@ -545,13 +546,18 @@ class RayEngines:
         return await wait_ready(urls, registered, timeout_s, lambda late: f"{self.log_dir} on their nodes")
 
     async def supervise(self) -> None:
-        """Nothing to do: Ray restarts an engine's actor when it dies."""
+        """Ray restarts an engine's actor when it dies; the fleet manager, whose death takes every
+        engine with it, is made again by the fleet's watch (which raises if it cannot be)."""
+
+        def said(note: str) -> None:
+            log.warning("%s", note)
+            self.urls.clear()  # the engines start again, on new ports
+
+        await self.handle.watch(said)
 
     def stop(self, timeout_s: float = 30.0) -> None:
         if self.handle is not None:
-            from qlm_plugin.deploy import ray_fleet
-
-            ray_fleet.stop_fleet(self.handle)
+            self.handle.stop()
 
     def describe(self) -> list[str]:
         return [f"engine {iid}: Ray actor, at {self.urls.get(iid, '(starting)')}" for iid in self.ids]

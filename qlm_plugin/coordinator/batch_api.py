@@ -4,18 +4,35 @@ content, delete) and ``/v1/batches`` (create, retrieve, list, cancel).
 Files and batches belong to a tenant (the client token's, else ``x-qlm-tenant``, else
 ``default``) and are visible only to it; a token with the admin scope sees all. Another tenant's
 file or batch is answered 404, as one that does not exist.
+
+File bytes stream both ways, a chunk at a time (a transfer holds a MiB or two, whatever the file's
+size): an upload is spooled to a temporary file as it arrives and copied into the store once whole;
+a download is read from the store as the client takes it. At most :data:`MAX_TRANSFERS_PER_TENANT`
+transfers of a tenant's files run at once (:data:`MAX_TRANSFERS` in all); one more is refused 429
+with ``Retry-After``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-from typing import Any
+import logging
+import sqlite3
+from collections import Counter
+from collections.abc import Awaitable
+from typing import IO, Any, TypeVar
 
 from aiohttp import BodyPartReader, web
 
 from qlm_plugin.coordinator.auth import Authenticator, AuthError, Principal
-from qlm_plugin.coordinator.batch_store import BatchRecord, BatchStore, FileRecord
+from qlm_plugin.coordinator.batch_store import (
+    CHUNK_BYTES,
+    BatchRecord,
+    BatchStore,
+    FileContent,
+    FileRecord,
+    StoredBytesExceeded,
+)
 from qlm_plugin.coordinator.batches import BatchService, metadata_param, visible
 from qlm_plugin.coordinator.config import CoordinatorConfig
 from qlm_plugin.coordinator.http_api import error_response
@@ -25,6 +42,21 @@ from qlm_plugin.coordinator.openai_params import MAX_NAME_CHARS, BadRequest, pri
 UPLOAD_PURPOSES = ("batch",)
 #: The body of a create-batch call (the file is uploaded apart).
 MAX_JSON_BYTES = 64 * 1024
+#: Uploads and downloads of one tenant's files at once; one more is refused 429 (``Retry-After``)
+#: rather than queued: each holds a connection, a chunk of memory and a spool file or a blob handle.
+MAX_TRANSFERS_PER_TENANT = 4
+#: ... and of all tenants together (with authentication off, ``x-qlm-tenant`` names any tenant).
+MAX_TRANSFERS = 32
+#: Seconds a refused transfer is told to wait (OpenAI's SDKs retry a 429 after ``Retry-After``).
+TRANSFER_RETRY_AFTER_S = 1
+#: An upload that sends nothing, or a download its client does not take, for this long is ended:
+#: it would hold its transfer slot for ever.
+TRANSFER_STALL_S = 60.0
+#: Bytes of the ``purpose`` field read (its only valid value is ``batch``).
+MAX_PURPOSE_BYTES = 1024
+
+log = logging.getLogger("qlm_plugin.coordinator.batch_api")
+T = TypeVar("T")
 
 
 def _bad(exc: BadRequest) -> web.Response:
@@ -51,12 +83,61 @@ def _page(items: list[tuple[str, dict[str, Any]]], limit: int) -> web.Response:
     )
 
 
+async def _stalling(step: Awaitable[T]) -> T:
+    """``step``, or :class:`TimeoutError` once it has waited :data:`TRANSFER_STALL_S`."""
+    return await asyncio.wait_for(step, TRANSFER_STALL_S)
+
+
+async def _read_small(part: BodyPartReader, limit: int) -> str:
+    """A form field's text, at most ``limit`` bytes of it (the rest is skipped, not held)."""
+    data = bytearray()
+    while (chunk := await _stalling(part.read_chunk(limit))) and len(data) <= limit:
+        data += chunk
+    return data[:limit].decode("utf-8", errors="replace")
+
+
+def _rewind(spool: IO[bytes]) -> None:
+    spool.seek(0)
+    spool.truncate()
+
+
 def _limit(value: str | None, default: int, hi: int) -> int:
     if value is None:
         return default
     if not value.isdigit() or not 1 <= int(value) <= hi:
         raise BadRequest("limit", f"must be an integer from 1 to {hi}, got {value!r}")
     return int(value)
+
+
+class Transfers:
+    """File transfers under way, per tenant and in all (the event loop's: not thread-safe)."""
+
+    def __init__(self, per_tenant: int = MAX_TRANSFERS_PER_TENANT, total: int = MAX_TRANSFERS) -> None:
+        self.per_tenant, self.total = per_tenant, total
+        self.running: Counter[str] = Counter()
+
+    def take(self, tenant: str) -> bool:
+        if self.running[tenant] >= self.per_tenant or self.running.total() >= self.total:
+            return False
+        self.running[tenant] += 1
+        return True
+
+    def give(self, tenant: str) -> None:
+        self.running[tenant] -= 1
+        if not self.running[tenant]:
+            del self.running[tenant]
+
+    def refusal(self, tenant: str) -> web.Response:
+        if self.running[tenant] >= self.per_tenant:
+            message = f"tenant {tenant!r} has {self.per_tenant} file transfers under way, the most at once"
+        else:
+            message = f"{self.total} file transfers are under way, the most at once"
+        return error_response(
+            429,
+            f"{message}: retry in a moment",
+            code="too_many_transfers",
+            headers={"Retry-After": str(TRANSFER_RETRY_AFTER_S)},
+        )
 
 
 class BatchAPI:
@@ -67,6 +148,7 @@ class BatchAPI:
         self.store = store
         self.auth = auth
         self.cfg = cfg
+        self.transfers = Transfers()
 
     def add_routes(self, app: web.Application) -> None:
         r = app.router
@@ -109,49 +191,77 @@ class BatchAPI:
         if isinstance(who, web.Response):
             return who
         tenant, _ = who
-        limits = self.cfg.limits_for(tenant)
         if not request.content_type.startswith("multipart/"):
             return error_response(400, "upload a file as multipart/form-data (fields 'purpose' and 'file')")
+        if not self.transfers.take(tenant):
+            return self.transfers.refusal(tenant)
+        spool: IO[bytes] | None = None
+        try:
+            spool = await asyncio.to_thread(self.store.spool)
+            return await self._upload(request, tenant, spool)
+        finally:
+            self.transfers.give(tenant)
+            if spool is not None:
+                await asyncio.to_thread(spool.close)  # frees its disk space: a big file's takes a while
+
+    async def _upload(self, request: web.Request, tenant: str, spool: IO[bytes]) -> web.Response:
+        limits = self.cfg.limits_for(tenant)
         purpose: str | None = None
         filename = "upload.jsonl"
-        content: bytes | None = None
+        size: int | None = None
         try:
             reader = await request.multipart()
             while (part := await reader.next()) is not None:
                 if isinstance(part, BodyPartReader) and part.name == "purpose":
-                    purpose = (await part.text()).strip()
+                    purpose = (await _read_small(part, MAX_PURPOSE_BYTES)).strip()
                 elif isinstance(part, BodyPartReader) and part.name == "file":
                     filename = part.filename or filename
-                    chunks, size = [], 0
-                    while chunk := await part.read_chunk(1 << 20):
+                    # written as it arrives, a MiB at a time off the event loop; a second file part
+                    # replaces the first, as when the whole body was read
+                    await asyncio.to_thread(_rewind, spool)
+                    size, buffer = 0, bytearray()
+                    while chunk := await _stalling(part.read_chunk(CHUNK_BYTES)):
                         size += len(chunk)
                         if size > limits.max_file_bytes:
                             return error_response(
                                 413, f"the file exceeds {limits.max_file_bytes} bytes", code="too_large"
                             )
-                        chunks.append(chunk)
-                    content = b"".join(chunks)
+                        buffer += chunk
+                        if len(buffer) >= CHUNK_BYTES:
+                            await asyncio.to_thread(spool.write, bytes(buffer))
+                            buffer.clear()
+                    await asyncio.to_thread(spool.write, bytes(buffer))
+        except TimeoutError:
+            return error_response(408, f"the upload sent nothing for {TRANSFER_STALL_S:g} s", code="timeout")
         except (ValueError, web.HTTPException) as exc:
             return error_response(400, f"the multipart body could not be read: {exc}", code="invalid_body")
         if purpose not in UPLOAD_PURPOSES:
             return error_response(
                 400, f"purpose: must be 'batch', got {purpose!r}", param="purpose", code="invalid_value"
             )
-        if content is None:
+        if size is None:
             return error_response(400, "file: missing", param="file", code="invalid_value")
         if len(filename) > MAX_NAME_CHARS or not filename.isprintable():
             return error_response(
                 400, "file: the file name must be printable, at most 256 characters", param="file"
             )
-        used = await asyncio.to_thread(self.store.tenant_bytes, tenant)
-        if used + len(content) > limits.max_stored_bytes:
+        try:
+            rec = await asyncio.to_thread(
+                self.store.put_file_from,
+                tenant,
+                filename,
+                purpose,
+                spool,
+                size,
+                max_stored_bytes=limits.max_stored_bytes,
+            )
+        except StoredBytesExceeded as exc:
             return error_response(
                 429,
-                f"tenant {tenant!r} stores {used} bytes of files; {len(content)} more exceed the limit of "
+                f"tenant {tenant!r} stores {exc.used} bytes of files; {size} more exceed the limit of "
                 f"{limits.max_stored_bytes} (delete some)",
                 code="limit",
             )
-        rec = await asyncio.to_thread(self.store.put_file, tenant, filename, purpose, content)
         return web.json_response(rec.to_openai())
 
     async def _file(self, request: web.Request) -> FileRecord | web.Response:
@@ -191,14 +301,46 @@ class BatchAPI:
         rec = await self._file(request)
         return rec if isinstance(rec, web.Response) else web.json_response(rec.to_openai())
 
-    async def file_content(self, request: web.Request) -> web.Response:
+    async def file_content(self, request: web.Request) -> web.StreamResponse:
         rec = await self._file(request)
         if isinstance(rec, web.Response):
             return rec
-        content = await asyncio.to_thread(self.store.file_content, rec.id)
-        if content is None:
-            return _not_found("file", rec.id)
-        return web.Response(body=content, content_type="application/octet-stream")
+        if not self.transfers.take(rec.tenant):  # the owner's: an admin's download counts for it
+            return self.transfers.refusal(rec.tenant)
+        try:
+            reader = await asyncio.to_thread(self.store.open_content, rec.id)
+            if reader is None:
+                return _not_found("file", rec.id)
+            try:
+                return await self._send(request, reader)
+            finally:
+                await asyncio.to_thread(reader.close)
+        finally:
+            self.transfers.give(rec.tenant)
+
+    async def _send(self, request: web.Request, reader: FileContent) -> web.StreamResponse:
+        """The file's bytes, a chunk at a time as the client takes them (``write`` waits for the
+        transport's buffer to drain)."""
+        resp = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
+        resp.content_length = reader.size
+        await resp.prepare(request)
+        if request.method == "HEAD":
+            return resp
+        try:
+            while chunk := await asyncio.to_thread(reader.read, CHUNK_BYTES):
+                await _stalling(resp.write(chunk))
+        except ConnectionError:
+            return resp  # the client left: aiohttp ends the request quietly
+        except (TimeoutError, sqlite3.Error) as exc:
+            # a client that stopped reading, or the file deleted (or the store closed) mid-way: the
+            # connection is cut, so the client sees the body end short of its length (aiohttp's
+            # write_eof then finds the transport closing and ends the request quietly)
+            log.info("download of %s cut: %s", request.path, str(exc) or "the client stopped reading")
+            if request.transport is not None:
+                request.transport.abort()
+            return resp
+        await resp.write_eof()
+        return resp
 
     async def delete_file(self, request: web.Request) -> web.Response:
         rec = await self._file(request)

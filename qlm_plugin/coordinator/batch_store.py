@@ -9,24 +9,38 @@ Every method is synchronous and takes a lock: safe from any thread. The front do
 that move file bytes through ``asyncio.to_thread``; the small updates are a few milliseconds and run
 on the event loop. A commit is durable against a crash of the process (``synchronous=NORMAL`` in
 WAL mode), as the journal's default.
+
+File bytes move in chunks of :data:`CHUNK_BYTES`, never whole: an upload is spooled to a temporary
+file (:meth:`BatchStore.spool`) and copied into its row by :meth:`BatchStore.put_file_from`; a file
+is read through :meth:`BatchStore.open_content`, an incremental blob handle.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import sqlite3
+import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Final
+from typing import IO, Any, Final
 
 from qlm_plugin.coordinator.file_lock import FileInUse, FolderNotWritable, lock_file, unlock_file
 
 SCHEMA_VERSION: Final = 1
 #: Statuses after which a batch changes no more.
 FINAL: Final = frozenset({"completed", "failed", "expired", "cancelled"})
+#: File bytes read or written at a time: a transfer holds about one chunk in memory, and the lock
+#: one chunk's read at a time (about a millisecond).
+CHUNK_BYTES: Final = 1 << 20
+#: Incremental blob I/O (Python 3.11's ``Connection.blobopen``). Without it (3.10) a file is held
+#: whole while it is stored or read, as before it streamed.
+BLOB_IO: Final = hasattr(sqlite3.Connection, "blobopen")
 
 _SCHEMA: Final = (
     """CREATE TABLE files (
@@ -58,6 +72,14 @@ _SCHEMA: Final = (
 
 class StoreError(Exception):
     """Not a batch store, or a newer schema."""
+
+
+class StoredBytesExceeded(Exception):
+    """A file would take its tenant past its ``max_stored_bytes``; ``used``: what it stores now."""
+
+    def __init__(self, used: int) -> None:
+        super().__init__(f"the tenant stores {used} bytes")
+        self.used = used
 
 
 @dataclass(slots=True)
@@ -232,6 +254,55 @@ class BatchStore:
             self._insert_file(rec, content)
         return rec
 
+    def spool(self) -> IO[bytes]:
+        """A temporary file for an upload on its way in, beside the store (on its disk, not in a
+        tmpfs that is memory); unnamed on Linux, so a crash leaves nothing behind."""
+        folder = None if self.path == ":memory:" else str(Path(self.path).resolve().parent)
+        return tempfile.TemporaryFile(dir=folder)
+
+    def put_file_from(
+        self,
+        tenant: str,
+        filename: str,
+        purpose: str,
+        source: IO[bytes],
+        size: int,
+        *,
+        max_stored_bytes: int | None = None,
+    ) -> FileRecord:
+        """Store the ``size`` bytes of ``source`` (from its start) as a new file, copied a chunk at
+        a time into a blob of that size. Raises :class:`StoredBytesExceeded` when the tenant would
+        store more than ``max_stored_bytes``: checked in the same transaction, so uploads at once
+        cannot pass it together. One transaction: on any error nothing is stored."""
+        rec = FileRecord(new_id("file-"), tenant, filename, purpose, size, int(time.time()))
+        source.seek(0)
+        with self._lock, self._transaction():
+            if max_stored_bytes is not None:
+                used = self._tenant_bytes(tenant)
+                if used + size > max_stored_bytes:
+                    raise StoredBytesExceeded(used)
+            if not BLOB_IO:
+                content = source.read(size)
+                if len(content) != size:
+                    raise ValueError(f"the upload's spool holds {len(content)} bytes, not {size}")
+                self._insert_file(rec, content)
+                return rec
+            rowid = self._db.execute(
+                "INSERT INTO files (id, tenant, filename, purpose, bytes, created_at, content)"
+                " VALUES (?, ?, ?, ?, ?, ?, zeroblob(?))",
+                (rec.id, rec.tenant, rec.filename, rec.purpose, size, rec.created_at, size),
+            ).lastrowid
+            assert rowid is not None
+            with self._db.blobopen("files", "content", rowid) as blob:
+                left = size
+                while left:
+                    chunk = source.read(min(CHUNK_BYTES, left))
+                    if not chunk:
+                        raise ValueError(f"the upload's spool holds {size - left} bytes, not {size}")
+                    blob.write(chunk)
+                    left -= len(chunk)
+        return rec
+
     def _insert_file(self, rec: FileRecord, content: bytes) -> None:
         self._db.execute(
             "INSERT INTO files (id, tenant, filename, purpose, bytes, created_at, content)"
@@ -247,9 +318,40 @@ class BatchStore:
         return None if row is None else FileRecord(*row)
 
     def file_content(self, file_id: str) -> bytes | None:
+        """The whole file: for small ones; :meth:`open_content` reads one a chunk at a time."""
         with self._lock:
             row = self._db.execute("SELECT content FROM files WHERE id = ?", (file_id,)).fetchone()
         return None if row is None else bytes(row[0])
+
+    def open_content(self, file_id: str) -> FileContent | None:
+        """A reader of the file's bytes (None: no such file); close it when done."""
+        with self._lock:
+            row = self._db.execute("SELECT rowid, bytes FROM files WHERE id = ?", (file_id,)).fetchone()
+            if row is None:
+                return None
+            rowid, size = row
+            if not BLOB_IO:
+                whole = self._db.execute("SELECT content FROM files WHERE rowid = ?", (rowid,)).fetchone()
+                return FileContent(self, io.BytesIO(whole[0]), size)
+            return FileContent(self, self._db.blobopen("files", "content", rowid, readonly=True), size)
+
+    def file_lines(self, file_id: str) -> Iterator[bytes]:
+        """The file's lines, split at ``\\n`` (which it leaves off), read a chunk at a time; a line
+        is held whole. Raises :class:`KeyError` when there is no such file."""
+        reader = self.open_content(file_id)
+        if reader is None:
+            raise KeyError(file_id)
+        with reader:
+            pending: list[bytes] = []  # a line's start, from earlier chunks
+            while chunk := reader.read(CHUNK_BYTES):
+                rows = chunk.split(b"\n")
+                if len(rows) == 1:
+                    pending.append(chunk)
+                    continue
+                yield b"".join([*pending, rows[0]])
+                yield from rows[1:-1]
+                pending = [rows[-1]]
+            yield b"".join(pending)
 
     def list_files(
         self,
@@ -291,8 +393,11 @@ class BatchStore:
 
     def tenant_bytes(self, tenant: str) -> int:
         with self._lock:
-            row = self._db.execute("SELECT coalesce(sum(bytes), 0) FROM files WHERE tenant = ?", (tenant,))
-            return int(row.fetchone()[0])
+            return self._tenant_bytes(tenant)
+
+    def _tenant_bytes(self, tenant: str) -> int:
+        row = self._db.execute("SELECT coalesce(sum(bytes), 0) FROM files WHERE tenant = ?", (tenant,))
+        return int(row.fetchone()[0])
 
     # ------------------------------------------------------------------ batches
     def put_batch(self, batch: BatchRecord) -> None:
@@ -362,3 +467,28 @@ class BatchStore:
             for rec, content in files:
                 self._insert_file(rec, content)
             self._write_batch(batch)
+
+
+class FileContent:
+    """A stored file's bytes, read a chunk at a time through an incremental blob handle on the
+    store's connection: each read takes the store's lock, so other work goes on between reads.
+    Deleting the file while it is read makes the next read raise :class:`sqlite3.OperationalError`."""
+
+    def __init__(self, store: BatchStore, blob: sqlite3.Blob | io.BytesIO, size: int) -> None:
+        self._store = store
+        self._blob = blob
+        self.size = size
+
+    def read(self, n: int = CHUNK_BYTES) -> bytes:
+        with self._store._lock:
+            return self._blob.read(n)
+
+    def close(self) -> None:
+        with self._store._lock, contextlib.suppress(sqlite3.ProgrammingError):
+            self._blob.close()  # the store closed first (shutdown): its connection closed the blob
+
+    def __enter__(self) -> FileContent:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()

@@ -16,12 +16,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import json
 import logging
 import math
 import re
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -84,31 +85,33 @@ class Parsed:
 
 
 def parse_input(
-    content: bytes, endpoint: str, coord: Coordinator, *, max_requests: int, now: float
+    rows: Callable[[], Iterable[bytes]], endpoint: str, coord: Coordinator, *, max_requests: int, now: float
 ) -> Parsed:
     """Every line of a batch input file checked as the front door checks a request, and as the
-    coordinator would refuse it (model, class, size, an SLO nobody meets); blank lines skipped."""
+    coordinator would refuse it (model, class, size, an SLO nobody meets); blank lines skipped.
+    ``rows()`` reads the file's lines afresh (split at ``\\n``, as JSON Lines end: ``splitlines()``
+    would also cut at U+2028, U+2029 and U+0085, which JSON allows raw inside strings; a ``\\r`` left
+    at a line's end is whitespace to the JSON parser). Read twice, a line at a time, never whole:
+    first to refuse a file that is not UTF-8 or holds too many requests before any line is parsed."""
     chat = ENDPOINTS[endpoint]
     out = Parsed()
     book = coord.book
     default_class = "batch" if "batch" in book.classes else book.default_class
     seen: set[str] = set()
-    try:
-        text = content.decode("utf-8-sig")  # a byte-order mark (Windows tools write one) is no line
-    except UnicodeDecodeError as exc:
-        out.errors.append(
-            {"code": "invalid_file", "message": f"not UTF-8: {exc}", "param": None, "line": None}
-        )
-        return out
-    # JSON Lines end at "\n" only: splitlines() also cuts at U+2028, U+2029 and U+0085, which JSON
-    # allows raw inside strings (JSON.stringify, json.dumps(ensure_ascii=False)); a "\r" left at
-    # a line's end is whitespace to the JSON parser.
-    rows = text.split("\n")
-    if sum(1 for r in rows if r.strip()) > max_requests:
+    count = 0
+    for index, raw in enumerate(rows()):
+        try:
+            count += bool(_decode(raw, index).strip())
+        except UnicodeDecodeError as exc:
+            message = f"not UTF-8 (line {index + 1}): {exc}"
+            out.errors.append({"code": "invalid_file", "message": message, "param": None, "line": index + 1})
+            return out
+    if count > max_requests:
         message = f"the file holds more than {max_requests} requests"
         out.errors.append({"code": "too_many_requests", "message": message, "param": None, "line": None})
         return out
-    for index, row in enumerate(rows):
+    for index, raw in enumerate(rows()):
+        row = _decode(raw, index)
         if not row.strip():
             continue
         try:
@@ -176,6 +179,11 @@ def parse_input(
             {"code": "empty_file", "message": "the file holds no requests", "param": None, "line": None}
         )
     return out
+
+
+def _decode(raw: bytes, index: int) -> str:
+    # a byte-order mark (Windows tools write one) starts the file, not its first line
+    return raw.decode("utf-8-sig" if index == 0 else "utf-8")
 
 
 def _error_line(
@@ -398,8 +406,7 @@ class BatchService:
     async def _run(self, running: _Running) -> None:
         batch = running.batch
         try:
-            content = await asyncio.to_thread(self.store.file_content, batch.input_file_id)
-            if content is None:
+            if await asyncio.to_thread(self.store.get_file, batch.input_file_id) is None:
                 self._fail(
                     batch,
                     [
@@ -415,7 +422,7 @@ class BatchService:
             limit = self.coord.cfg.limits_for(batch.tenant)
             parsed = await asyncio.to_thread(
                 parse_input,
-                content,
+                functools.partial(self.store.file_lines, batch.input_file_id),  # a line at a time
                 batch.endpoint,
                 self.coord,
                 max_requests=self.settings.max_requests,

@@ -564,7 +564,7 @@ def test_per_tenant_limits_refuse_the_excess_of_one_tenant_only(tmp_path: Path) 
 
                 status, out = await call_http(http, "POST", url, completion(max_tokens=LONG, tenant=tenant))
                 msg = error_of(status, out, 429, "rate_limit_error")
-                assert out["error"]["code"] == "limit", out
+                assert out["error"]["code"] == "rate_limit_exceeded", out
                 assert f"tenant {tenant!r} has {limit} unfinished requests (limit {limit})" in msg, msg
 
                 err = await rpc_error(client.submit(spec(tenant=tenant, max_tokens=LONG)))

@@ -17,8 +17,10 @@ prompt may be token ids (``spec.prompt_token_ids``).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import math
+import uuid
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import Any, Protocol
 
@@ -33,6 +35,7 @@ from qlm_plugin.coordinator.json_codec import dumps
 from qlm_plugin.coordinator.openai_params import (
     INT32_MAX,
     INT32_MIN,
+    MAX_MESSAGES,
     MAX_NAME_CHARS,
     BadRequest,
     check_supported,
@@ -53,6 +56,19 @@ from qlm_plugin.proto.qlm.v1 import qlm_pb2 as pb
 #: Why the request of a client that went away is cancelled.
 #: Largest request body accepted, bytes (a prompt of about 1M tokens).
 MAX_BODY_BYTES = 4 * 1024 * 1024
+#: A stream that has sent nothing for this long (its request waits in the queue) gets an SSE comment,
+#: which clients skip: clients and proxies with a read timeout (nginx: 60 s) drop a silent stream,
+#: and its request with it.
+KEEPALIVE_S = 15.0
+KEEPALIVE = b": keep-alive\n\n"
+#: A stream's write that has not drained for this long (the client stopped reading) aborts the
+#: connection: it, and its socket, would be held for ever.
+WRITE_STALL_S = 60.0
+#: A connection with no request under way is closed after this long: idle since its last answer, or,
+#: since it opened, without a whole request head (slowloris). Above the 60 s for which nginx's
+#: upstream keepalive and AWS's load balancers keep an idle connection, so that a proxy in front
+#: does not reuse one the server is closing.
+IDLE_TIMEOUT_S = 75.0
 
 SUBMIT_HTTP = {
     "invalid": 400,
@@ -66,7 +82,11 @@ SUBMIT_HTTP = {
 }
 #: A refusal's code as OpenAI names it, where it has a name for it (clients act on these: a context
 #: overflow is trimmed and retried, an unknown model falls back to another).
-OPENAI_CODES = {"too_large": "context_length_exceeded", "unknown_model": "model_not_found"}
+OPENAI_CODES = {
+    "too_large": "context_length_exceeded",
+    "unknown_model": "model_not_found",
+    "limit": "rate_limit_exceeded",
+}
 #: The headers read, each standing for a field of the body's ``qlm`` object (which wins).
 QLM_HEADERS = {
     "ttft_ms": "x-slo-ttft-ms",
@@ -80,6 +100,22 @@ QLM_HEADERS = {
 QLM_FIELDS = frozenset(QLM_HEADERS) | {"true_output_tokens"}
 
 
+ERROR_TYPES = {
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    429: "rate_limit_error",
+}
+
+
+def error_object(
+    status: int, message: str, param: str | None = None, code: str | None = None
+) -> dict[str, Any]:
+    """OpenAI's error object, for an answer of ``status`` (or a stream's error event)."""
+    kind = ERROR_TYPES.get(status, "invalid_request_error" if status < 500 else "server_error")
+    return {"message": message, "type": kind, "param": param, "code": code}
+
+
 def error_response(
     status: int,
     message: str,
@@ -87,25 +123,14 @@ def error_response(
     param: str | None = None,
     code: str | None = None,
     extra: Mapping[str, Any] | None = None,
+    headers: Mapping[str, str] | None = None,
 ) -> web.Response:
-    kind = {
-        401: "authentication_error",
-        403: "permission_error",
-        404: "not_found_error",
-        429: "rate_limit_error",
-    }
-    body: dict[str, Any] = {
-        "error": {
-            "message": message,
-            "type": kind.get(status, "invalid_request_error" if status < 500 else "server_error"),
-            "param": param,
-            "code": code,
-        }
-    }
+    body: dict[str, Any] = {"error": error_object(status, message, param, code)}
     if extra:
         body["qlm"] = dict(extra)
-    # a conflict is not transient, but OpenAI's SDKs retry a 409 unless told not to
-    return json_response(body, status=status, headers={"x-should-retry": "false"} if status == 409 else None)
+    if status == 409:  # a conflict is not transient, but OpenAI's SDKs retry a 409 unless told not to
+        headers = {**(headers or {}), "x-should-retry": "false"}
+    return json_response(body, status=status, headers=headers)
 
 
 def json_response(body: Any, *, status: int = 200, headers: Mapping[str, str] | None = None) -> web.Response:
@@ -121,6 +146,8 @@ def _chat(messages: Any) -> tuple[str, list[dict[str, str]]]:
     as the engine's chat endpoint takes them (each content as one text)."""
     if not isinstance(messages, list) or not messages:
         raise BadRequest("messages", "must be a non-empty list of {role, content} objects")
+    if len(messages) > MAX_MESSAGES:
+        raise BadRequest("messages", f"must be at most {MAX_MESSAGES} messages, got {len(messages)}")
     lines = []
     normal = []
     for i, m in enumerate(messages):
@@ -194,7 +221,7 @@ def parse_openai(body: Any, headers: Mapping[str, str], chat: bool) -> tuple[pb.
     stream = body.get("stream")
     if stream is not None and not isinstance(stream, bool):
         raise BadRequest("stream", f"must be true or false, got {show(stream)}")
-    include_usage = stream_options(body.get("stream_options"))
+    include_usage = stream_options(body.get("stream_options"), bool(stream))
     spec.sampling.update(sampling(body, spec.max_tokens or (INT32_MAX if chat else DEFAULT_MAX_TOKENS)))
     ext = body.get("qlm", {})
     if not isinstance(ext, dict):
@@ -337,12 +364,17 @@ class FrontDoor:
         core: Core | None = None,
         metrics_public: bool = False,
         extensions: Sequence[Callable[[web.Application], None]] = (),
+        timeouts: Mapping[str, float] | None = None,
     ) -> None:
         self._coord = coord
         self._core: Core | None = core or coord
         self.auth = auth
         self.metrics_public = metrics_public
         self.extensions = extensions  # more routes (the Batch API's; a worker's pass-through)
+        bounds = {**front_door_timeouts(), **(timeouts or {})}
+        self.keepalive_s = bounds["keepalive_s"]
+        self.write_stall_s = bounds["write_stall_s"]
+        self.idle_timeout_s = bounds["idle_timeout_s"]
         # Set when the server stops: the connections it closes then are not clients leaving, and
         # their requests stay journaled for the next start (a retry with the key finds them).
         self.closing = False
@@ -371,6 +403,7 @@ class FrontDoor:
         # last: matched only when no route above is (no cost to those); an OpenAI client reads an
         # error object where aiohttp's own answer is plain text
         app.router.add_route("*", "/{path:.*}", self.no_route)
+        app.on_response_prepare.append(_request_id_header)
         return app
 
     async def no_route(self, request: web.Request) -> web.Response:
@@ -513,9 +546,9 @@ class FrontDoor:
 
     def _complete(self, job: Job, chat: bool) -> web.Response:
         if job.state != "finished":
-            status = 499 if job.state == "cancelled" else 500
+            status, message = _unfinished(job)
             return error_response(
-                status, f"request {job.id} {job.state}: {job.error}", code=job.state, extra=qlm_info(job)
+                status, message, code=job.state, extra=qlm_info(job), headers=estimate_headers(job)
             )
         return json_response(completion_body(job, chat), headers=estimate_headers(job))
 
@@ -530,6 +563,16 @@ class FrontDoor:
             }
         )
         await resp.prepare(request)
+        if request.transport is None:  # gone already
+            raise ConnectionResetError(CLIENT_GONE)
+        out = _SseWriter(resp, request.transport, self.keepalive_s, self.write_stall_s)
+        try:
+            await self._events(out, job, chat, include_usage)
+        finally:
+            out.close()
+        return resp
+
+    async def _events(self, out: _SseWriter, job: Job, chat: bool, include_usage: bool) -> None:
         obj, prefix = ("chat.completion.chunk", "chatcmpl") if chat else ("text_completion", "cmpl")
         base = {
             "id": f"{prefix}-{job.id}",
@@ -539,7 +582,7 @@ class FrontDoor:
         }
 
         async def send(payload: Mapping[str, Any]) -> None:
-            await resp.write(b"data: " + dumps(payload) + b"\n\n")
+            await out.write(b"data: " + dumps(payload) + b"\n\n")
 
         first = True
         async for chunk in self.core.follow(job):
@@ -568,15 +611,114 @@ class FrontDoor:
             if include_usage:
                 await send({**base, "choices": [], "usage": usage(job)})
         else:
-            await send(
-                {
-                    "error": {"message": f"request {job.id} {job.state}: {job.error}", "code": job.state},
-                    "qlm": qlm_info(job),
-                }
-            )
-        await resp.write(b"data: [DONE]\n\n")
-        await resp.write_eof()
-        return resp
+            status, message = _unfinished(job)
+            await send({"error": error_object(status, message, code=job.state), "qlm": qlm_info(job)})
+        await out.write(b"data: [DONE]\n\n")
+        await out.end()
+
+
+def _unfinished(job: Job) -> tuple[int, str]:
+    """A request that did not finish: its status (499, as nginx logs a client that left, for a
+    cancelled one) and its message."""
+    return 499 if job.state == "cancelled" else 500, f"request {job.id} {job.state}: {job.error}"
+
+
+async def _request_id_header(request: web.Request, response: web.StreamResponse) -> None:
+    """``x-request-id`` on every answer, as OpenAI's API sends it (its SDKs show it as
+    ``_request_id``): the client's own where it sent a usable one, else the request's id."""
+    if "x-request-id" in response.headers:  # a worker passing on the core's answer
+        return
+    sent = request.headers.get("x-request-id")
+    if sent is None or len(sent) > MAX_NAME_CHARS or not printable_ascii(sent):
+        sent = response.headers.get("x-qlm-request-id") or uuid.uuid4().hex  # no request: an error
+    response.headers["x-request-id"] = sent
+
+
+class _SseWriter:
+    """A stream's writes, one at a time. While the stream has sent nothing for ``keepalive_s`` it
+    sends a keep-alive comment; a write (or the end) that has not drained for ``stall_s`` aborts
+    the connection, and the handler ends as for a client that left. One timer per stream, looked
+    at when it fires: nothing per write but a clock read."""
+
+    __slots__ = (
+        "keepalive_s",
+        "last",
+        "loop",
+        "pinging",
+        "resp",
+        "stall_s",
+        "timer",
+        "transport",
+        "writing_since",
+    )
+
+    def __init__(
+        self, resp: web.StreamResponse, transport: asyncio.Transport, keepalive_s: float, stall_s: float
+    ) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.resp, self.transport = resp, transport
+        self.keepalive_s, self.stall_s = keepalive_s, stall_s
+        self.last = self.loop.time()  # when the last write started
+        self.writing_since: float | None = None
+        self.pinging: asyncio.Task[None] | None = None
+        self.timer = self.loop.call_at(self.last + min(keepalive_s, stall_s), self._check)
+
+    async def write(self, data: bytes) -> None:
+        if self.pinging is not None:  # a keep-alive goes out first, whole
+            await self.pinging
+        self.writing_since = self.last = self.loop.time()
+        try:
+            await self.resp.write(data)
+        finally:
+            self.writing_since = None
+
+    async def end(self) -> None:
+        """The end of the stream, once every byte is with the client's kernel: unsent bytes left in
+        the transport would hold the connection (and its socket) after the handler, as a close
+        waits for them."""
+        if self.pinging is not None:
+            await self.pinging
+        transport = self.transport
+        if transport.is_closing():
+            raise ConnectionResetError(CLIENT_GONE)
+        low, high = transport.get_write_buffer_limits()
+        transport.set_write_buffer_limits(high=0)  # the drain now waits for an empty buffer
+        self.writing_since = self.loop.time()
+        try:
+            await self.resp.write_eof()
+        finally:
+            self.writing_since = None
+            if not transport.is_closing():
+                transport.set_write_buffer_limits(high, low)
+
+    def close(self) -> None:
+        self.timer.cancel()
+        if self.pinging is not None:
+            self.pinging.cancel()
+
+    def _check(self) -> None:
+        now = self.loop.time()
+        since = self.writing_since
+        if since is not None:
+            if now - since >= self.stall_s:
+                self.transport.abort()  # a close would wait for the unsent bytes
+                return
+            due = since + self.stall_s
+        elif now >= self.last + self.keepalive_s:
+            self.pinging = self.loop.create_task(self._ping())
+            due = now + min(self.keepalive_s, self.stall_s)
+        else:  # a write that starts before then is looked at then
+            due = min(self.last + self.keepalive_s, now + self.stall_s)
+        self.timer = self.loop.call_at(due, self._check)
+
+    async def _ping(self) -> None:
+        self.writing_since = self.last = self.loop.time()
+        try:
+            with contextlib.suppress(ConnectionError):  # the handler's next write says so
+                await self.resp.write(KEEPALIVE)
+        finally:
+            self.writing_since = None
+            self.pinging = None
 
 
 #: On stop, after the drain, how long handlers still open may go on (an answer being written;
@@ -585,8 +727,18 @@ class FrontDoor:
 SHUTDOWN_GRACE_S = 1.0
 
 
+def front_door_timeouts() -> dict[str, float]:
+    """The bounds on silent and slow connections, as a front-door worker is given them."""
+    return {"keepalive_s": KEEPALIVE_S, "write_stall_s": WRITE_STALL_S, "idle_timeout_s": IDLE_TIMEOUT_S}
+
+
 def make_runner(front: FrontDoor) -> web.AppRunner:
     # handler_cancellation: a client that goes away cancels its handler, and so its request.
+    # keepalive_timeout: aiohttp's idle bound, from the connection's start too (3630 s by default).
     return web.AppRunner(
-        front.app(), handler_cancellation=True, access_log=None, shutdown_timeout=SHUTDOWN_GRACE_S
+        front.app(),
+        handler_cancellation=True,
+        access_log=None,
+        shutdown_timeout=SHUTDOWN_GRACE_S,
+        keepalive_timeout=front.idle_timeout_s,
     )

@@ -36,7 +36,7 @@ from aiohttp import web
 
 from qlm_plugin.coordinator.auth import Authenticator
 from qlm_plugin.coordinator.coordinator import Coordinator
-from qlm_plugin.coordinator.http_api import FrontDoor, error_response, make_runner
+from qlm_plugin.coordinator.http_api import FrontDoor, error_response, front_door_timeouts, make_runner
 from qlm_plugin.coordinator.relay import RelayClient, RelayService
 from qlm_plugin.deploy.child_process import die_with_parent, python_command
 
@@ -121,6 +121,7 @@ class WorkerPool:
             "fd": self._fd,
             "auth": self.auth.export(),
             "tls": self.tls,
+            "timeouts": front_door_timeouts(),
         }
         self._procs = [None] * self.n
         await asyncio.gather(*(self._spawn(i) for i in range(self.n)))
@@ -245,7 +246,11 @@ async def _serve_worker(settings: dict[str, Any]) -> None:
     await client.start()
     proxy = CoreProxy(settings["core_http"])
     front = FrontDoor(
-        None, Authenticator.from_export(settings["auth"]), core=client, extensions=[proxy.add_routes]
+        None,
+        Authenticator.from_export(settings["auth"]),
+        core=client,
+        extensions=[proxy.add_routes],
+        timeouts=settings["timeouts"],
     )
     runner = make_runner(front)
     await runner.setup()

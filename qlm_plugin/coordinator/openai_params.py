@@ -20,6 +20,13 @@ INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 MAX_NAME_CHARS = 256
 #: Characters of a string value quoted in an error message (a prompt may be megabytes).
 SHOWN_CHARS = 40
+#: Most ``stop`` strings (OpenAI takes 4, vLLM any number): each is searched for in the output at
+#: every step, and a 4 MiB body holds 800,000 of them.
+MAX_STOP = 16
+#: Most ``logit_bias`` entries (OpenAI takes 300): the engine applies each at every step.
+MAX_LOGIT_BIAS = 1024
+#: Most chat ``messages`` (vLLM: no limit): each is checked, rendered and journaled here.
+MAX_MESSAGES = 10_000
 
 
 class BadRequest(Exception):
@@ -177,6 +184,8 @@ def _boolean(value: Any, param: str) -> bool:
 
 def _stop(value: Any, param: str) -> str | list[str]:
     strings = [value] if isinstance(value, str) else value  # vLLM takes one string as a list of one
+    if isinstance(strings, list) and len(strings) > MAX_STOP:  # before each is looked at
+        raise BadRequest(param, f"must be at most {MAX_STOP} strings, got {len(strings)}")
     if not isinstance(strings, list) or not all(isinstance(s, str) and s for s in strings):
         raise BadRequest(
             param, f"must be a non-empty string or a list of non-empty strings, got {show(value)}"
@@ -189,6 +198,8 @@ def _stop(value: Any, param: str) -> str | list[str]:
 def _logit_bias(value: Any, param: str) -> dict[str, float]:
     if not isinstance(value, dict):
         raise BadRequest(param, f"must be an object of token id -> bias in [-100, 100], got {show(value)}")
+    if len(value) > MAX_LOGIT_BIAS:
+        raise BadRequest(param, f"must have at most {MAX_LOGIT_BIAS} entries, got {len(value)}")
     checked: dict[str, float] = {}
     for key, bias in value.items():
         # at most 10 digits: int() of a long digit string is slow, or refused past 4300 digits
@@ -279,8 +290,9 @@ def check_supported(body: Mapping[str, Any]) -> None:
             )
 
 
-def stream_options(value: Any) -> bool:
-    """Whether ``stream_options`` asks for a last chunk with the usage."""
+def stream_options(value: Any, stream: bool) -> bool:
+    """Whether ``stream_options`` asks for a last chunk with the usage (``stream``: whether the
+    request streams)."""
     if value is None:
         return False
     if not isinstance(value, dict):
@@ -297,4 +309,6 @@ def stream_options(value: Any) -> bool:
     include_usage = value.get("include_usage")
     if include_usage is not None and not isinstance(include_usage, bool):
         raise BadRequest("stream_options.include_usage", f"must be true or false, got {show(include_usage)}")
+    if value and not stream:  # as OpenAI and vLLM refuse it (vLLM lets an empty object by)
+        raise BadRequest("stream_options", "is only allowed when stream is true")
     return bool(include_usage)

@@ -90,6 +90,7 @@ class CoordinatorServer:
         self.stopped = asyncio.Event()
 
     async def start(self) -> None:
+        raise_open_files_limit()
         cfg = self.cfg
         journal = Journal(
             cfg.journal.path,
@@ -205,6 +206,26 @@ class CoordinatorServer:
         self.stopped.set()
         log.info("coordinator stopped: %s", kept(left, "the journal"))
         return left
+
+
+def raise_open_files_limit() -> None:
+    """The soft limit of open files raised to the hard one, as vLLM's servers do at start: every
+    HTTP connection, gRPC channel and instance link holds one, and under the usual soft limit of
+    1,024 about 1,000 idle HTTP connections cut everyone else off, gRPC included."""
+    try:
+        import resource
+    except ImportError:  # not on Windows
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == hard:
+        log.debug("open files limit: %d (the hard limit)", soft)
+        return
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (ValueError, OSError) as exc:  # macOS: an unlimited hard limit is above what it allows
+        log.debug("open files limit: %d, not raised to the hard limit %d: %s", soft, hard, exc)
+        return
+    log.debug("open files limit: raised from %d to the hard limit %d", soft, hard)
 
 
 def kept(left: dict[str, int], journal: str) -> str:

@@ -208,8 +208,12 @@ class CoordinatorServer:
         return left
 
 
+#: The soft limit of open files the server asks for (vLLM's servers ask for 65,535).
+OPEN_FILES_TARGET = 65_536
+
+
 def raise_open_files_limit() -> None:
-    """The soft limit of open files raised to the hard one, as vLLM's servers do at start: every
+    """The soft limit of open files raised towards the hard one, as vLLM's servers do at start: every
     HTTP connection, gRPC channel and instance link holds one, and under the usual soft limit of
     1,024 about 1,000 idle HTTP connections cut everyone else off, gRPC included."""
     try:
@@ -217,15 +221,17 @@ def raise_open_files_limit() -> None:
     except ImportError:  # not on Windows
         return
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft == hard:
-        log.debug("open files limit: %d (the hard limit)", soft)
+    # at most vLLM's 65,536: children inherit it, and some programs walk every possible fd
+    target = min(hard, OPEN_FILES_TARGET) if hard != resource.RLIM_INFINITY else OPEN_FILES_TARGET
+    if soft >= target:
+        log.debug("open files limit: %d", soft)
         return
     try:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
     except (ValueError, OSError) as exc:  # macOS: an unlimited hard limit is above what it allows
-        log.debug("open files limit: %d, not raised to the hard limit %d: %s", soft, hard, exc)
+        log.debug("open files limit: %d, not raised to %d (hard %d): %s", soft, target, hard, exc)
         return
-    log.debug("open files limit: raised from %d to the hard limit %d", soft, hard)
+    log.debug("open files limit: raised from %d to %d (hard %d)", soft, target, hard)
 
 
 def kept(left: dict[str, int], journal: str) -> str:

@@ -30,7 +30,7 @@ from qlm_plugin.deploy.child_process import free_port
 from qlm_plugin.testing.processes import serve_process, stop_all, wait_healthy
 
 MODEL = "llama-3.1-8b"
-EXAMPLES = 2000  # about 15 s on 2 shared cores (the suite keeps under 15 minutes)
+EXAMPLES = 1000  # about 15 s on 2 shared cores (the suite keeps under 15 minutes)
 HEADERS = (
     "x-slo-ttft-ms",
     "x-slo-e2e-ms",

@@ -93,6 +93,18 @@ async def one_awake(st: LocalStack) -> tuple[str, str, Any]:
     return up, asleep, st.instances[f"engine-{asleep}"].link
 
 
+def break_wakes(link: Any) -> None:
+    """Every wake of ``link``'s engine fails, as a vLLM server whose ``wake_up`` answers 500."""
+    execute = link.execute
+
+    def broken_wake(cmd: Any) -> Any:
+        if cmd.WhichOneof("op") == "load_model":
+            return pb.CommandAck(ok=False, error="wake_up: HTTP 500")
+        return execute(cmd)
+
+    link.execute = broken_wake
+
+
 async def complete(
     http: aiohttp.ClientSession, st: LocalStack, model: str, i: int, tokens: int = 24
 ) -> dict[str, Any]:
@@ -365,14 +377,7 @@ def test_without_a_queue_manager_a_wake_that_fails_backs_off_and_the_other_model
     async def body(st: LocalStack) -> None:
         fleet = st.coordinator.fleet
         up, asleep, link = await one_awake(st)
-        execute = link.execute
-
-        def broken_wake(cmd: Any) -> Any:
-            if cmd.WhichOneof("op") == "load_model":
-                return pb.CommandAck(ok=False, error="wake_up: HTTP 500")
-            return execute(cmd)
-
-        link.execute = broken_wake
+        break_wakes(link)
         failed: list[str] = []
         told = fleet.devices.on_failed
         fleet.devices.on_failed = lambda slot, model, error: (failed.append(model), told(slot, model, error))
@@ -402,14 +407,7 @@ def test_a_model_whose_engine_never_wakes_fails_its_requests_past_their_deadline
 
     async def body(st: LocalStack) -> None:
         up, asleep, link = await one_awake(st)
-        execute = link.execute
-
-        def broken_wake(cmd: Any) -> Any:
-            if cmd.WhichOneof("op") == "load_model":
-                return pb.CommandAck(ok=False, error="wake_up: HTTP 500")
-            return execute(cmd)
-
-        link.execute = broken_wake
+        break_wakes(link)
         body = {"model": asleep, "prompt": "never", "max_tokens": 8, "qlm": {"ttft_ms": 500}}
         async with aiohttp.ClientSession() as http:
             async with http.post(f"{st.http_url}/v1/completions", json=body) as r:

@@ -37,6 +37,9 @@ BUILTIN_PLUGINS = (
 )
 
 
+#: The name a run's own policy plugins are registered under: ``policy:NAME:N`` (the simulator's
+#: and the coordinator's alike), so that other code can tell them from installed plugins.
+POLICY_PREFIX = "policy:"
 #: Entry points whose failure to load was logged with its traceback (each plugin manager loads them
 #: again: a simulation of three policies has several).
 _load_failures_logged: set[str] = set()

@@ -37,6 +37,7 @@ from qlm_plugin.domain.plan import Plan
 from qlm_plugin.domain.request import Request
 from qlm_plugin.hooks import hookimpl
 from qlm_plugin.hooks.hookspecs import TICK_S
+from qlm_plugin.hooks.manager import POLICY_PREFIX
 from qlm_plugin.policies.registry import PolicyContext, policy_registry
 from qlm_plugin.proto.qlm.v1 import qlm_pb2 as pb
 from qlm_plugin.telemetry.instruments import Telemetry
@@ -49,8 +50,6 @@ log = logging.getLogger("qlm_plugin.coordinator")
 ABANDON_GRACE_S = 30.0
 #: Idempotency keys the coordinator gives its own requests (batch lines); refused from clients.
 RESERVED_KEY_PREFIX = "qlm-batch/"
-#: The names the run's policy plugins are registered under (``policy:NAME:N``).
-POLICY_PREFIX = "policy:"
 #: The model (and class) label of a refusal naming one the deployment lacks: clients cannot
 #: create metric series.
 UNKNOWN_LABEL = "unknown"

@@ -14,6 +14,7 @@ from qlm_plugin.domain.instance import EvictMode
 from qlm_plugin.domain.outcome import RequestOutcome, Status
 from qlm_plugin.domain.request import Request
 from qlm_plugin.hooks import get_plugin_manager
+from qlm_plugin.hooks.manager import POLICY_PREFIX
 from qlm_plugin.policies.registry import PolicyContext, policy_registry
 from qlm_plugin.tools.estimates import Told
 from qlm_plugin.tools.estimates import accuracy as estimate_accuracy
@@ -160,7 +161,7 @@ def run_policy(
     info = policy_registry(pm).get(policy)
     built = info.factory(PolicyContext(scenario.reference_cost_models(), scenario.slo_classes()))
     for n, plugin in enumerate(built if isinstance(built, list) else [built]):
-        pm.register(plugin, name=f"policy:{policy}:{n}")
+        pm.register(plugin, name=f"{POLICY_PREFIX}{policy}:{n}")
     fleet = build_fleet(scenario, macro_steps=macro_steps)
     backend = SimBackend(fleet)
     pm.register(backend, name="sim-backend")

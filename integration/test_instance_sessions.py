@@ -204,6 +204,38 @@ def test_a_pull_message_is_capped_in_bytes_and_an_assignment_over_the_cap_goes_a
 # ------------------------------------------------------------------------------- registrations
 
 
+def test_an_agent_whose_session_was_up_retries_at_once_after_a_coordinator_restart(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The reconnect backoff starts over once a session was up: after one long outage an agent
+    kept the outage's backoff (5 s) for every later one, so a restarted coordinator's instances
+    came back seconds late."""
+    from qlm_plugin.coordinator.config import Listen
+    from qlm_plugin.coordinator.server import CoordinatorServer
+    from qlm_plugin.deploy.child_process import free_port
+
+    port = free_port()
+
+    async def body(st: LocalStack) -> None:
+        agent = st.instances["sim-0"].agent
+        server = st.server
+        for outage_s in (2.0, 0.0):  # a long outage (the backoff grows to 1.6 s), then a blip
+            sessions = agent.sessions_started
+            caplog.clear()
+            await server.stop(drain_timeout_s=0)
+            await asyncio.sleep(outage_s)
+            server = CoordinatorServer(st.server.cfg, st.server.scenario, env={}, warn=lambda _m: None)
+            await server.start()
+            await until(lambda: agent.sessions_started > sessions, timeout_s=15)  # noqa: B023 - awaited here
+        # the blip's first retry (it was 5 s: the long outage's backoff, doubled)
+        retries = [r.getMessage() for r in caplog.records if "retrying in" in r.getMessage()]
+        assert retries and retries[0].endswith("retrying in 0.1 s"), retries
+        await server.stop(drain_timeout_s=0)
+
+    with caplog.at_level(logging.WARNING, logger="qlm_plugin.transport.agent"):
+        run(tmp_path, body, instances=1, config={"grpc": Listen(port=port)})
+
+
 def test_a_request_held_with_another_attempt_on_reconnect_is_served_again(tmp_path: Path) -> None:
     """A re-registration that names an assigned request with another attempt: the instance is told
     to drop it, so the coordinator serves it again (it stayed dispatched for ever, on nobody)."""

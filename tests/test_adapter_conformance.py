@@ -15,12 +15,16 @@ ADAPTERS = sorted(m.name for m in pkgutil.iter_modules(qlm_plugin.adapters.__pat
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _stop_engines() -> Iterator[None]:
-    """Adapters whose harness starts real engines (once per process) stop them after this module."""
+def _engines() -> Iterator[None]:
+    """Adapters whose harness starts real engines (once per process) start them all at once before
+    this module's first test (``prestart``) and stop them after its last (``shutdown``)."""
+    harnesses = [importlib.import_module(f"qlm_plugin.adapters.{name}.harness") for name in ADAPTERS]
+    for h in harnesses:
+        if (start := getattr(h, "prestart", None)) is not None:
+            start()
     yield
-    for name in ADAPTERS:
-        stop = getattr(importlib.import_module(f"qlm_plugin.adapters.{name}.harness"), "shutdown", None)
-        if stop is not None:
+    for h in harnesses:
+        if (stop := getattr(h, "shutdown", None)) is not None:
             stop()
 
 

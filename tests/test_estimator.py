@@ -131,3 +131,19 @@ def test_the_p_meet_told_is_the_rate_met_by_requests_told_as_much() -> None:
     for _ in range(2000):  # the load changed: now none of them meets
         c.observe(0.32, False)
     assert c.told(0.35) < 0.05
+
+
+def test_a_batchs_chance_from_its_rate_so_far_is_skewed_when_few_lines_are_done() -> None:
+    """A batch's unsent lines follow at the rate it has finished lines so far, a rate known within
+    a factor of a few after one line: its P(meet) said 17% for a batch that needed a rate 30 times
+    its own (one line in 0.5 s, 299 left, 7 s to go). The same gap measured over 100 lines, and
+    more or less time than the rate needs, gives the coin flips the rate's spread allows."""
+    from qlm_plugin.coordinator.batches import p_rate_suffices
+
+    assert p_rate_suffices(1, 0.5, 299, 7.0) < 1e-6
+    assert p_rate_suffices(100, 10.0, 100, 10.0) == pytest.approx(0.5, abs=0.03)
+    assert 0.6 < p_rate_suffices(100, 10.0, 100, 10.5) < 0.75
+    assert 0.25 < p_rate_suffices(100, 10.0, 100, 9.5) < 0.35
+    assert p_rate_suffices(100, 10.0, 100, 20.0) > 0.999
+    assert p_rate_suffices(3, 1.0, 0, 0.0) == 1.0  # nothing left
+    assert p_rate_suffices(3, 1.0, 5, 0.0) == 0.0  # past the deadline with lines left

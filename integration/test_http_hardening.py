@@ -193,6 +193,47 @@ def test_idle_connections_and_slow_request_heads_are_closed(
     run(tmp_path, workers, body, instances=1)
 
 
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_body_that_stops_arriving_is_answered_408_and_its_connection_closed(
+    tmp_path: Path, workers: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A whole request head and then part of the body, then nothing: the handler waited for the
+    rest for ever (aiohttp bounds the head, not the body). Past ``BODY_STALL_S`` without a byte it
+    answers 408 with an OpenAI error object and ``Connection: close`` (aiohttp reads what still
+    comes for up to 10 s, so the client can read the answer, then closes), and took no request. A
+    body that keeps coming, slower than that bound in all but each of its pieces, is served."""
+    monkeypatch.setattr(http_api, "BODY_STALL_S", 0.5)
+
+    async def body(st: LocalStack) -> None:
+        loop = asyncio.get_running_loop()
+        whole = request_bytes({"model": MODEL, "prompt": "x", "max_tokens": 4})
+        head, _, data = whole.partition(b"\r\n\r\n")
+        stalled = await raw_socket(st)
+        await loop.sock_sendall(stalled, head + b"\r\n\r\n" + data[:10])
+        t0 = time.monotonic()
+        got = b""
+        while not got.endswith(b"}}"):  # the answer (the connection closes after aiohttp's linger)
+            got += await asyncio.wait_for(loop.sock_recv(stalled, 65536), 5)
+        stalled.close()
+        assert got.startswith(b"HTTP/1.1 408") and b"Connection: close" in got, got[:300]
+        error = json.loads(got.partition(b"\r\n\r\n")[2])["error"]
+        assert error["code"] == "timeout" and "sent nothing for 0.5 s" in error["message"], error
+        assert time.monotonic() - t0 < 5
+        assert not st.coordinator.jobs  # nothing was accepted
+        slow = await raw_socket(st)  # each piece within the bound, the whole body over it
+        await loop.sock_sendall(slow, head + b"\r\n\r\n")
+        for i in range(0, len(data), 8):
+            await asyncio.sleep(0.1)
+            await loop.sock_sendall(slow, data[i : i + 8])
+        answer = b""
+        while b"}}" not in answer and b'"usage"' not in answer:
+            answer += await asyncio.wait_for(loop.sock_recv(slow, 65536), 10)
+        slow.close()
+        assert answer.startswith(b"HTTP/1.1 200"), answer[:300]
+
+    run(tmp_path, workers, body, instances=1)
+
+
 def test_the_open_files_limit_is_raised_towards_the_hard_one(tmp_path: Path) -> None:
     """Under a soft limit of 1,024 open files, about 1,000 idle connections cut HTTP and gRPC off.
     It is raised to the hard limit, at most 65,536 (children inherit it)."""

@@ -35,7 +35,7 @@ from qlm_plugin.coordinator.batch_store import (
 )
 from qlm_plugin.coordinator.batches import BatchService, metadata_param, visible
 from qlm_plugin.coordinator.config import CoordinatorConfig
-from qlm_plugin.coordinator.http_api import error_response
+from qlm_plugin.coordinator.http_api import body_stalled, error_response, read_body
 from qlm_plugin.coordinator.openai_params import MAX_NAME_CHARS, BadRequest, printable_ascii, text
 
 #: Purposes a file may be uploaded with (outputs are the coordinator's own, ``batch_output``).
@@ -366,9 +366,12 @@ class BatchAPI:
         if isinstance(who, web.Response):
             return who
         tenant, _ = who
-        raw = await request.read()
-        if len(raw) > MAX_JSON_BYTES:
+        try:
+            raw = await read_body(request, MAX_JSON_BYTES, TRANSFER_STALL_S)
+        except web.HTTPRequestEntityTooLarge:
             return error_response(413, f"the body exceeds {MAX_JSON_BYTES} bytes", code="too_large")
+        except TimeoutError:
+            return body_stalled(TRANSFER_STALL_S)
         try:
             body = json.loads(raw)
         except (ValueError, RecursionError) as exc:

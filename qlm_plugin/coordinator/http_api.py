@@ -69,6 +69,9 @@ WRITE_STALL_S = 60.0
 #: upstream keepalive and AWS's load balancers keep an idle connection, so that a proxy in front
 #: does not reuse one the server is closing.
 IDLE_TIMEOUT_S = 75.0
+#: A request body that sends nothing for this long after its head is answered 408 and its
+#: connection closed (aiohttp bounds the head, not the body: a client could hold a handler for ever).
+BODY_STALL_S = 60.0
 
 SUBMIT_HTTP = {
     "invalid": 400,
@@ -131,6 +134,36 @@ def error_response(
     if status == 409:  # a conflict is not transient, but OpenAI's SDKs retry a 409 unless told not to
         headers = {**(headers or {}), "x-should-retry": "false"}
     return json_response(body, status=status, headers=headers)
+
+
+async def read_body(request: web.Request, limit: int, stall_s: float) -> bytes:
+    """The request's whole body: :class:`web.HTTPRequestEntityTooLarge` past ``limit`` bytes,
+    :class:`TimeoutError` once ``stall_s`` passes without a byte of it."""
+    content = request.content
+    if content.is_eof():  # all of it came with the head (most requests): no timer
+        data = content.read_nowait()
+        if len(data) > limit:
+            raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=len(data))
+        return data
+    parts: list[bytes] = []
+    size = 0
+    loop = asyncio.get_running_loop()
+    async with asyncio.timeout(stall_s) as bound:
+        while chunk := await content.readany():
+            size += len(chunk)
+            if size > limit:
+                raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=size)
+            parts.append(chunk)
+            bound.reschedule(loop.time() + stall_s)
+    return b"".join(parts)
+
+
+def body_stalled(stall_s: float) -> web.Response:
+    """A body that stopped arriving: 408, and the connection closed (what is left of the body
+    would otherwise be read as the next request)."""
+    response = error_response(408, f"the request body sent nothing for {stall_s:g} s", code="timeout")
+    response.force_close()
+    return response
 
 
 def json_response(body: Any, *, status: int = 200, headers: Mapping[str, str] | None = None) -> web.Response:
@@ -375,6 +408,7 @@ class FrontDoor:
         self.keepalive_s = bounds["keepalive_s"]
         self.write_stall_s = bounds["write_stall_s"]
         self.idle_timeout_s = bounds["idle_timeout_s"]
+        self.body_stall_s = bounds["body_stall_s"]
         # Set when the server stops: the connections it closes then are not clients leaving, and
         # their requests stay journaled for the next start (a retry with the key finds them).
         self.closing = False
@@ -485,11 +519,13 @@ class FrontDoor:
         except AuthError as exc:
             return error_response(401 if exc.status == "unauthenticated" else 403, str(exc), code=exc.status)
         try:
-            raw = await request.read()
+            raw = await read_body(request, MAX_BODY_BYTES, self.body_stall_s)
         except web.HTTPRequestEntityTooLarge:
             return error_response(413, f"the body exceeds {MAX_BODY_BYTES} bytes", code="too_large")
         except web.RequestPayloadError as exc:  # e.g. a content-encoding that does not decode
             return error_response(400, f"the body could not be read: {exc}", code="invalid_body")
+        except TimeoutError:
+            return body_stalled(self.body_stall_s)
         try:
             # From bytes, as vLLM's server reads it: UTF-8 (or -16/-32), whatever the charset says.
             body = json.loads(raw, parse_constant=_reject_constant)
@@ -729,7 +765,12 @@ SHUTDOWN_GRACE_S = 1.0
 
 def front_door_timeouts() -> dict[str, float]:
     """The bounds on silent and slow connections, as a front-door worker is given them."""
-    return {"keepalive_s": KEEPALIVE_S, "write_stall_s": WRITE_STALL_S, "idle_timeout_s": IDLE_TIMEOUT_S}
+    return {
+        "keepalive_s": KEEPALIVE_S,
+        "write_stall_s": WRITE_STALL_S,
+        "idle_timeout_s": IDLE_TIMEOUT_S,
+        "body_stall_s": BODY_STALL_S,
+    }
 
 
 def make_runner(front: FrontDoor) -> web.AppRunner:

@@ -171,6 +171,32 @@ def test_a_stream_the_client_does_not_read_is_cut_off_once_a_write_stalls(
 
 
 @pytest.mark.parametrize("workers", [0, 2])
+def test_a_whole_answer_the_client_does_not_read_is_cut_off_once_its_write_stalls(
+    tmp_path: Path, workers: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A long answer that is not streamed, to a client that never reads: aiohttp wrote it without
+    a bound, and the handler (and its socket) waited for ever. Past ``WRITE_STALL_S`` the
+    connection is aborted."""
+    monkeypatch.setattr(http_api, "WRITE_STALL_S", 0.5)
+
+    async def body(st: LocalStack) -> None:
+        shrink_send_buffers(st.server.http_port)
+        sock = await raw_socket(st, SO_RCVBUF=4096)
+        request = {"model": MODEL, "prompt": "x", "max_tokens": 30_000}
+        await asyncio.get_running_loop().sock_sendall(sock, request_bytes(request))
+        while not st.coordinator.jobs:
+            await asyncio.sleep(0.01)
+        (job,) = st.coordinator.jobs.values()
+        await asyncio.wait_for(job.done.wait(), 30)
+        await asyncio.sleep(1.5)  # past the stall bound, not reading
+        got, closed = await read_until_closed(sock, 5.0)
+        sock.close()
+        assert closed and len(got) < 30_000 * 4, len(got)  # cut off, not the whole answer
+
+    run(tmp_path, workers, body, speed=100.0, instances=1)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
 def test_idle_connections_and_slow_request_heads_are_closed(
     tmp_path: Path, workers: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:

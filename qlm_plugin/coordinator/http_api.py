@@ -574,7 +574,7 @@ class FrontDoor:
             if stream:
                 return await self._stream(request, job, chat, include_usage)
             await job.done.wait()
-            return self._complete(job, chat)
+            return await self._send(request, self._complete(job, chat))
         except (asyncio.CancelledError, ConnectionResetError):
             if not self.closing:
                 self.core.cancel(job.id, CLIENT_GONE)
@@ -587,6 +587,27 @@ class FrontDoor:
                 status, message, code=job.state, extra=qlm_info(job), headers=estimate_headers(job)
             )
         return json_response(completion_body(job, chat), headers=estimate_headers(job))
+
+    async def _send(self, request: web.Request, response: web.Response) -> web.Response:
+        """A whole answer, every byte with the client's kernel within ``write_stall_s``: a client
+        that does not read a long answer held its handler and connection for ever (aiohttp sends
+        a returned answer unbounded). Past the bound the connection is aborted."""
+        transport = request.transport
+        if transport is None or transport.is_closing():
+            raise ConnectionResetError(CLIENT_GONE)
+        low, high = transport.get_write_buffer_limits()
+        transport.set_write_buffer_limits(high=0)  # the drain waits for an empty buffer
+        try:
+            async with asyncio.timeout(self.write_stall_s):
+                await response.prepare(request)
+                await response.write_eof()
+        except TimeoutError:
+            transport.abort()  # a close would wait for the unsent bytes
+            raise ConnectionResetError(CLIENT_GONE) from None
+        finally:
+            if not transport.is_closing():
+                transport.set_write_buffer_limits(high, low)
+        return response
 
     async def _stream(
         self, request: web.Request, job: Job, chat: bool, include_usage: bool

@@ -15,12 +15,14 @@ ADAPTERS = sorted(m.name for m in pkgutil.iter_modules(qlm_plugin.adapters.__pat
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _engines() -> Iterator[None]:
+def _engines(request: pytest.FixtureRequest) -> Iterator[None]:
     """Adapters whose harness starts real engines (once per process) start them all at once before
-    this module's first test (``prestart``) and stop them after its last (``shutdown``)."""
+    this module's first test (``prestart``; only those with a test selected) and stop them after
+    its last (``shutdown``)."""
     harnesses = [importlib.import_module(f"qlm_plugin.adapters.{name}.harness") for name in ADAPTERS]
-    for h in harnesses:
-        if (start := getattr(h, "prestart", None)) is not None:
+    selected = {a for a in ADAPTERS for item in request.session.items if item.nodeid.endswith(f"[{a}]")}
+    for name, h in zip(ADAPTERS, harnesses, strict=True):
+        if name in selected and (start := getattr(h, "prestart", None)) is not None:
             start()
     yield
     for h in harnesses:

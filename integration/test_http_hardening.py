@@ -94,6 +94,23 @@ async def read_until_closed(sock: socket.socket, timeout_s: float) -> tuple[byte
     return bytes(got), True
 
 
+async def unread_answer(st: LocalStack, request: dict[str, Any]) -> tuple[bytes, bool]:
+    """Send ``request`` on a socket that then reads nothing (small buffers both ways) until the
+    request is done and the stall bound (shortened to 0.5 s) has passed; then what came, and
+    whether the server closed the connection."""
+    shrink_send_buffers(st.server.http_port)
+    sock = await raw_socket(st, SO_RCVBUF=4096)
+    await asyncio.get_running_loop().sock_sendall(sock, request_bytes(request))
+    while not st.coordinator.jobs:
+        await asyncio.sleep(0.01)
+    (job,) = st.coordinator.jobs.values()
+    await asyncio.wait_for(job.done.wait(), 30)
+    await asyncio.sleep(1.5)  # past the stall bound, not reading
+    got, closed = await read_until_closed(sock, 5.0)
+    sock.close()
+    return got, closed
+
+
 # ------------------------------------------------------------------------ silent and slow clients
 
 
@@ -154,17 +171,8 @@ def test_a_stream_the_client_does_not_read_is_cut_off_once_a_write_stalls(
     monkeypatch.setattr(http_api, "WRITE_STALL_S", 0.5)
 
     async def body(st: LocalStack) -> None:
-        shrink_send_buffers(st.server.http_port)
-        sock = await raw_socket(st, SO_RCVBUF=4096)
-        body = {"model": MODEL, "prompt": "x", "max_tokens": tokens, "stream": True}
-        await asyncio.get_running_loop().sock_sendall(sock, request_bytes(body))
-        while not st.coordinator.jobs:
-            await asyncio.sleep(0.01)
-        (job,) = st.coordinator.jobs.values()
-        await asyncio.wait_for(job.done.wait(), 30)
-        await asyncio.sleep(1.5)  # past the stall bound, not reading
-        got, closed = await read_until_closed(sock, 5.0)
-        sock.close()
+        request = {"model": MODEL, "prompt": "x", "max_tokens": tokens, "stream": True}
+        got, closed = await unread_answer(st, request)
         assert closed and b"data: [DONE]" not in got, got[-200:]
 
     run_with_stack(tmp_path, body, speed=100.0, instances=1)
@@ -180,17 +188,7 @@ def test_a_whole_answer_the_client_does_not_read_is_cut_off_once_its_write_stall
     monkeypatch.setattr(http_api, "WRITE_STALL_S", 0.5)
 
     async def body(st: LocalStack) -> None:
-        shrink_send_buffers(st.server.http_port)
-        sock = await raw_socket(st, SO_RCVBUF=4096)
-        request = {"model": MODEL, "prompt": "x", "max_tokens": 30_000}
-        await asyncio.get_running_loop().sock_sendall(sock, request_bytes(request))
-        while not st.coordinator.jobs:
-            await asyncio.sleep(0.01)
-        (job,) = st.coordinator.jobs.values()
-        await asyncio.wait_for(job.done.wait(), 30)
-        await asyncio.sleep(1.5)  # past the stall bound, not reading
-        got, closed = await read_until_closed(sock, 5.0)
-        sock.close()
+        got, closed = await unread_answer(st, {"model": MODEL, "prompt": "x", "max_tokens": 30_000})
         assert closed and len(got) < 30_000 * 4, len(got)  # cut off, not the whole answer
 
     run(tmp_path, workers, body, speed=100.0, instances=1)

@@ -1372,6 +1372,50 @@ def test_a_request_that_fails_after_its_attempts_is_logged_with_its_id_and_reaso
     run(tmp_path, body, speed=1.0, config={"max_attempts": 1})
 
 
+def test_a_requests_failed_attempts_count_across_a_coordinator_restart(tmp_path: Path) -> None:
+    """``max_attempts`` bounds a request's failed attempts across restarts: after one, the journal
+    kept no count, so a restarted coordinator gave a request that kept failing its engines a fresh
+    budget. Here (``max_attempts: 2``) the request's engine dies, it runs again on the other, the
+    coordinator restarts, and that engine dies too: the request fails at its second failure."""
+    from qlm_plugin.coordinator.config import Listen
+    from qlm_plugin.coordinator.server import CoordinatorServer
+    from qlm_plugin.deploy.child_process import free_port
+
+    port = free_port()
+
+    async def body(st: LocalStack) -> None:
+        async with CoordinatorClient(st.grpc_target) as c:
+            reply = await c.submit(pb.RequestSpec(model=MODEL, prompt="x", max_tokens=4000))
+        rid = reply.request_id
+        job = st.coordinator.jobs[rid]
+        while job.state != "dispatched":
+            await asyncio.sleep(0.02)
+        first = job.instance
+        assert first is not None
+        await st.crash(first)
+        while job.state != "dispatched" or job.instance == first:
+            await asyncio.sleep(0.02)
+        second = job.instance
+        assert second is not None and job.failures == 1
+        await st.server.stop(drain_timeout_s=0)
+        server = CoordinatorServer(st.server.cfg, st.server.scenario, env={}, warn=lambda _m: None)
+        await server.start()
+        try:
+            assert server.coordinator is not None
+            again = server.coordinator.jobs[rid]
+            assert again.failures == 1  # from the journal
+            while server.coordinator.fleet.live(second) is None or again.recovering:  # reclaimed
+                await asyncio.sleep(0.02)
+            assert (again.state, again.instance) == ("dispatched", second)
+            await st.crash(second)
+            await asyncio.wait_for(again.done.wait(), 15)
+            assert again.state == "failed" and "gave up after" in again.error, (again.state, again.error)
+        finally:
+            await server.stop(drain_timeout_s=0)
+
+    run(tmp_path, body, speed=1.0, config={"max_attempts": 2, "grpc": Listen(port=port)})
+
+
 def test_what_one_grpc_client_or_agent_sends_is_bounded(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -78,7 +78,7 @@ def test_transitions_are_visible_after_flush_and_survive_reopen(tmp_path: Path) 
         await _accept_all(j, [_rec(1), _rec(2), _rec(3)])
         j.dispatched("r1", 1, "i0")
         j.dispatched("r2", 1, "i1")
-        j.requeued("r2")
+        j.requeued("r2", 1)
         j.dispatched("r3", 1, "i0")
         j.finished(
             "r1",
@@ -103,6 +103,7 @@ def test_transitions_are_visible_after_flush_and_survive_reopen(tmp_path: Path) 
         )
         assert (r1.first_token_at, r1.finished_at, r1.finish_reason, r1.error) == (10.5, 11.0, "stop", "")
         assert (r2.state, r2.attempt, r2.instance_id) == ("queued", 1, None)  # attempt kept
+        assert (r1.failures, r2.failures, r3.failures) == (0, 1, 0)  # towards max_attempts, kept
         assert (r3.state, r3.attempt, r3.instance_id) == ("dispatched", 1, "i0")
         assert [r.request_id for r in j.recover()] == ["r2", "r3"]
 
@@ -122,9 +123,9 @@ def test_terminal_records_are_not_recovered_and_stay_final(tmp_path: Path) -> No
             j.finished(f"r{i}", state=state, output="", output_tokens=0, first_token_at=None, finished_at=9.0)
         j.finished("r0", state="failed", output="x", output_tokens=1, first_token_at=None, finished_at=9.5)
         j.dispatched("r1", 2, "late")  # a report after a cancel: ignored
-        j.requeued("r2")
+        j.requeued("r2", 1)
         j.dispatched("r3", 1, "i0")
-        j.requeued("unknown")  # ignored too
+        j.requeued("unknown", 0)  # ignored too
         await j.flush()
 
     with _journal(path) as j:
@@ -237,6 +238,41 @@ def test_a_foreign_database_and_a_newer_schema_are_refused(tmp_path: Path) -> No
         Journal(newer)
 
 
+def test_a_version_1_journal_is_opened_with_its_records_and_counts_failures_from_then_on(
+    tmp_path: Path,
+) -> None:
+    """Version 2 keeps each request's failed attempts (a restart gave a request that kept failing
+    its engines a fresh budget of ``max_attempts``); a journal written by version 1 is migrated in
+    place: its records are kept, with no failure counted."""
+    path = tmp_path / "v1.db"
+    conn = sqlite3.connect(path)
+    conn.execute(
+        "CREATE TABLE jobs (seq INTEGER PRIMARY KEY, request_id TEXT NOT NULL UNIQUE, tenant TEXT NOT NULL,"
+        " spec TEXT NOT NULL, accepted_at REAL NOT NULL, state TEXT NOT NULL, attempt INTEGER NOT NULL,"
+        " instance_id TEXT, idempotency_key TEXT, output TEXT NOT NULL, output_tokens INTEGER NOT NULL,"
+        " first_token_at REAL, finished_at REAL, finish_reason TEXT NOT NULL, error TEXT NOT NULL)"
+    )
+    conn.execute("CREATE INDEX jobs_state ON jobs (state)")
+    conn.execute(
+        "INSERT INTO jobs VALUES"
+        " (1, 'r1', '', '{}', 1.0, 'dispatched', 2, 'i0', NULL, '', 0, NULL, NULL, '', '')"
+    )
+    conn.execute("PRAGMA user_version = 1")
+    conn.commit()
+    conn.close()
+    with _journal(path) as j:
+        (r1,) = j.recover()
+        assert (r1.request_id, r1.state, r1.attempt, r1.failures) == ("r1", "dispatched", 2, 0)
+        j.requeued("r1", 1)
+        asyncio.run(j.flush())
+    with _journal(path) as j:
+        r1 = j.get("r1")
+        assert r1 is not None and (r1.state, r1.failures) == ("queued", 1)
+    conn = sqlite3.connect(path)
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
+    conn.close()
+
+
 @pytest.mark.parametrize(("synchronous", "level"), [("normal", 1), ("full", 2)])
 def test_wal_mode_and_synchronous_level(tmp_path: Path, synchronous: str, level: int) -> None:
     path = tmp_path / "j.db"
@@ -280,7 +316,7 @@ def test_a_closed_journal(tmp_path: Path) -> None:
     with pytest.raises(JournalError, match="closed"):
         asyncio.run(j.accept(_rec(2)))
     with pytest.raises(JournalError, match="closed"):
-        j.requeued("r1")
+        j.requeued("r1", 1)
     with pytest.raises(JournalError, match="closed"):
         j.get("r1")
     with _journal(path) as again:
@@ -289,7 +325,7 @@ def test_a_closed_journal(tmp_path: Path) -> None:
 
     async def async_close() -> None:
         k = Journal(path)
-        k.requeued("r1")
+        k.requeued("r1", 1)
         await k.close()
         await k.close()
 

@@ -316,7 +316,7 @@ class Dispatcher:
         # The policy forgets the old dispatch and takes the request again (same deadlines).
         self.hook.qlm_request_finished(outcome=job.outcome(), now=now)
         job.state, job.instance = "queued", None
-        self.book.journal.requeued(job.id)
+        self.book.journal.requeued(job.id, job.failures)
         self.telemetry.request_event(job.id, "qlm.requeued", {"qlm.reason": reason})
         self.admit(job, now)
 

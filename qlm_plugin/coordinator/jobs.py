@@ -490,7 +490,14 @@ class JobBook:
                 error=f"cannot be rebuilt after restart: {exc}",
             )
             return None
-        job = Job(request, spec, state=rec.state, attempt=rec.attempt, instance=rec.instance_id)
+        job = Job(
+            request,
+            spec,
+            state=rec.state,
+            attempt=rec.attempt,
+            instance=rec.instance_id,
+            failures=rec.failures,
+        )
         if rec.idempotency_key:
             self.by_key[(rec.tenant, rec.idempotency_key)] = rec.request_id
         return job

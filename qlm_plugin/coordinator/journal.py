@@ -50,7 +50,7 @@ __all__ = ["SCHEMA_VERSION", "STATES", "TERMINAL", "JobRecord", "Journal", "Jour
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION: Final = 1
+SCHEMA_VERSION: Final = 2  # 2: failures (a version-1 journal gets the column, 0)
 STATES: Final = frozenset({"queued", "dispatched", "finished", "cancelled", "failed"})
 TERMINAL: Final = frozenset({"finished", "cancelled", "failed"})
 _SYNCHRONOUS: Final = {"normal": "NORMAL", "full": "FULL"}
@@ -88,6 +88,7 @@ class JobRecord:
     finished_at: float | None = None
     finish_reason: str = ""
     error: str = ""
+    failures: int = 0  # attempts that failed (towards max_attempts, across restarts)
 
 
 _COLUMNS: Final = (
@@ -105,6 +106,7 @@ _COLUMNS: Final = (
     "finished_at",
     "finish_reason",
     "error",
+    "failures",
 )
 _STATE_LIST: Final = ", ".join(f"'{s}'" for s in sorted(STATES))
 _TERMINAL_LIST: Final = ", ".join(f"'{s}'" for s in sorted(TERMINAL))
@@ -127,7 +129,8 @@ _SCHEMA: Final = (
         first_token_at REAL,
         finished_at REAL,
         finish_reason TEXT NOT NULL,
-        error TEXT NOT NULL
+        error TEXT NOT NULL,
+        failures INTEGER NOT NULL DEFAULT 0
     )""",
     "CREATE INDEX jobs_state ON jobs (state)",
     "CREATE UNIQUE INDEX jobs_idempotency ON jobs (tenant, idempotency_key)"
@@ -143,7 +146,11 @@ _LIVE: Final = f"state NOT IN ({_TERMINAL_LIST})"
 _DISPATCHED: Final = (
     f"UPDATE jobs SET state = 'dispatched', attempt = ?, instance_id = ? WHERE request_id = ? AND {_LIVE}"
 )
-_REQUEUED: Final = f"UPDATE jobs SET state = 'queued', instance_id = NULL WHERE request_id = ? AND {_LIVE}"
+_REQUEUED: Final = (
+    f"UPDATE jobs SET state = 'queued', instance_id = NULL, failures = ? WHERE request_id = ? AND {_LIVE}"
+)
+#: Schema version 1 -> 2.
+_ADD_FAILURES: Final = "ALTER TABLE jobs ADD COLUMN failures INTEGER NOT NULL DEFAULT 0"
 _FINISHED: Final = (
     "UPDATE jobs SET state = ?, output = ?, output_tokens = ?, first_token_at = ?, finished_at = ?,"
     f" finish_reason = ?, error = ? WHERE request_id = ? AND {_LIVE}"
@@ -289,10 +296,11 @@ class Journal:
         # FULL also fsyncs the WAL on every commit.
         conn.execute(f"PRAGMA synchronous = {synchronous}")
         conn.execute("PRAGMA wal_autocheckpoint = 0")  # the checkpointer thread's (module docstring)
-        if version == 0:
+        if version < SCHEMA_VERSION:
             conn.execute("BEGIN IMMEDIATE")
             try:
-                for statement in _SCHEMA:
+                version = int(conn.execute("PRAGMA user_version").fetchone()[0])  # under the lock
+                for statement in _SCHEMA if version == 0 else (_ADD_FAILURES,) if version == 1 else ():
                     conn.execute(statement)
                 conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
                 conn.execute("COMMIT")
@@ -336,6 +344,7 @@ class Journal:
             rec.finished_at,
             rec.finish_reason,
             rec.error,
+            rec.failures,
         )
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._enqueue(_Op("accept", _INSERT, params, fut))
@@ -345,9 +354,10 @@ class Journal:
         """Queue: the request went to ``instance_id`` (its ``attempt``-th dispatch)."""
         self._enqueue(_Op("dispatched", _DISPATCHED, (attempt, instance_id, request_id), None))
 
-    def requeued(self, request_id: str) -> None:
-        """Queue: the request is back in the queue, on no instance (its attempt count is kept)."""
-        self._enqueue(_Op("requeued", _REQUEUED, (request_id,), None))
+    def requeued(self, request_id: str, failures: int) -> None:
+        """Queue: the request is back in the queue, on no instance (its attempt count is kept),
+        with ``failures`` attempts failed so far."""
+        self._enqueue(_Op("requeued", _REQUEUED, (failures, request_id), None))
 
     def finished(
         self,

@@ -353,7 +353,7 @@ class InstanceRegistry:
             job.recovering = False
             if job.state == "dispatched":  # its instance did not come back for it
                 job.state, job.instance = "queued", None
-                self.book.journal.requeued(job.id)
+                self.book.journal.requeued(job.id, job.failures)  # not a failure: the coordinator's restart
             if job.state == "queued":
                 self.dispatcher.trace(job)  # a new span: the one of the crashed process is gone
                 self.dispatcher.admit(job, now)

@@ -21,7 +21,7 @@ import contextlib
 import json
 import math
 import uuid
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from typing import Any, Protocol
 
 from aiohttp import web
@@ -595,18 +595,14 @@ class FrontDoor:
         transport = request.transport
         if transport is None or transport.is_closing():
             raise ConnectionResetError(CLIENT_GONE)
-        low, high = transport.get_write_buffer_limits()
-        transport.set_write_buffer_limits(high=0)  # the drain waits for an empty buffer
         try:
-            async with asyncio.timeout(self.write_stall_s):
-                await response.prepare(request)
-                await response.write_eof()
+            with until_sent(transport):
+                async with asyncio.timeout(self.write_stall_s):
+                    await response.prepare(request)
+                    await response.write_eof()
         except TimeoutError:
             transport.abort()  # a close would wait for the unsent bytes
             raise ConnectionResetError(CLIENT_GONE) from None
-        finally:
-            if not transport.is_closing():
-                transport.set_write_buffer_limits(high, low)
         return response
 
     async def _stream(
@@ -691,6 +687,20 @@ async def _request_id_header(request: web.Request, response: web.StreamResponse)
     response.headers["x-request-id"] = sent
 
 
+@contextlib.contextmanager
+def until_sent(transport: asyncio.Transport) -> Iterator[None]:
+    """Within it, a write's drain waits for an empty buffer: every byte with the client's kernel
+    (unsent bytes left in the transport would hold the connection, and its socket, after the
+    handler, as a close waits for them)."""
+    low, high = transport.get_write_buffer_limits()
+    transport.set_write_buffer_limits(high=0)
+    try:
+        yield
+    finally:
+        if not transport.is_closing():
+            transport.set_write_buffer_limits(high, low)
+
+
 class _SseWriter:
     """A stream's writes, one at a time. While the stream has sent nothing for ``keepalive_s`` it
     sends a keep-alive comment; a write (or the end) that has not drained for ``stall_s`` aborts
@@ -738,15 +748,12 @@ class _SseWriter:
         transport = self.transport
         if transport.is_closing():
             raise ConnectionResetError(CLIENT_GONE)
-        low, high = transport.get_write_buffer_limits()
-        transport.set_write_buffer_limits(high=0)  # the drain now waits for an empty buffer
         self.writing_since = self.loop.time()
         try:
-            await self.resp.write_eof()
+            with until_sent(transport):
+                await self.resp.write_eof()
         finally:
             self.writing_since = None
-            if not transport.is_closing():
-                transport.set_write_buffer_limits(high, low)
 
     def close(self) -> None:
         self.timer.cancel()

@@ -29,6 +29,8 @@ from hypothesis import strategies as st
 from qlm_plugin.deploy.child_process import free_port
 from qlm_plugin.testing.processes import serve_process, stop_all, wait_healthy
 
+pytestmark = pytest.mark.slow  # about 20 s of a server process and hypothesis
+
 MODEL = "llama-3.1-8b"
 EXAMPLES = 1000  # about 15 s on 2 shared cores (the suite keeps under 15 minutes)
 HEADERS = (

@@ -16,6 +16,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from qlm_plugin.adapters.sim.realtime import synthetic_text
-from qlm_plugin.deploy.child_process import free_port
+from qlm_plugin.deploy.child_process import free_port as any_free_port
 from qlm_plugin.proto.qlm.v1 import qlm_pb2 as pb
 from qlm_plugin.testing.processes import serve_process
 from qlm_plugin.transport.client import CoordinatorClient
@@ -37,6 +38,16 @@ ray.kill(ray.get_actor(sys.stdin.readline().strip(), namespace="qlm"), no_restar
 """
 MODEL = "llama-3.1-8b"
 N = 400
+
+#: Ports a Ray node takes by default whatever it is told (GCS, dashboard, client server, dashboard
+#: agent): a free port the test picks must not be one of them (52365 once was: ``ray start`` failed).
+RAY_DEFAULT_PORTS = frozenset({6379, 8265, 10001, 52365})
+
+
+def free_port() -> int:
+    while (port := any_free_port()) in RAY_DEFAULT_PORTS:
+        pass
+    return port
 
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -90,14 +101,23 @@ def _stop(serve: subprocess.Popen[bytes]) -> int | None:
         return None
 
 
+@pytest.fixture
+def short_tmp_path() -> Iterator[Path]:
+    """A folder for a Ray's sessions right under /tmp: Ray's socket paths must fit 107 characters,
+    and pytest's own folders can be longer (under pytest-xdist they were)."""
+    folder = Path(tempfile.mkdtemp(prefix="ray-", dir="/tmp"))
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
+
+
 def test_a_serve_with_a_local_ray_of_its_own_stops_cleanly_on_sigterm(
-    tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
+    tmp_path: Path, short_tmp_path: Path
 ) -> None:
     """Ray's local processes die with the thread that started them: the serve starts its Ray on
     the main thread (from an executor's thread they died as the loop ended, and the fleet's stop
     then aborted the process, exit 134)."""
     pytest.importorskip("ray", reason="the ray extra is not installed")
-    ray_tmp = tmp_path_factory.mktemp("ray")  # short: Ray's socket paths must fit 107 characters
+    ray_tmp = short_tmp_path
     http, grpc_port = free_port(), free_port()
     serve = serve_process(tmp_path, http, grpc_port, "--ray", "--instances", "2", env=_env(ray_tmp))
     log = tmp_path / "serve.log"
@@ -133,10 +153,12 @@ def _ray(*args: str, env: dict[str, str]) -> None:
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, dict[str, str]]]:
+def cluster(request: pytest.FixtureRequest) -> Iterator[tuple[str, dict[str, str]]]:
     pytest.importorskip("ray", reason="the ray extra is not installed")
     port = free_port()
-    env = _env(tmp_path_factory.mktemp("ray"))  # short: Ray's socket paths must fit 107 characters
+    ray_tmp = Path(tempfile.mkdtemp(prefix="ray-", dir="/tmp"))  # see short_tmp_path
+    request.addfinalizer(lambda: shutil.rmtree(ray_tmp, ignore_errors=True))
+    env = _env(ray_tmp)
     os.environ["RAY_AUTH_MODE"] = "disabled"  # this process joins the cluster too (to kill an actor)
     address = f"127.0.0.1:{port}"
     try:

@@ -27,12 +27,10 @@ from __future__ import annotations
 
 import importlib.resources
 import math
-import multiprocessing
 import os
 import statistics
 import time
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -42,6 +40,7 @@ from qlm_plugin import workloads as wl
 from qlm_plugin.domain.request import SLO, Request
 from qlm_plugin.hooks import get_plugin_manager
 from qlm_plugin.policies.registry import policy_registry
+from qlm_plugin.tools.pool import process_pool
 from qlm_plugin.tools.simulate import PolicyResult, build_requests, empty_workload, run_policy
 from qlm_plugin.workloads.scenario import DEFAULT_SCENARIO, Scenario, load_scenario
 
@@ -506,8 +505,7 @@ def _simulate_all(runs: Sequence[_Run], jobs: int) -> Iterator[PolicyResult]:
     if jobs == 1 or len(runs) <= 1:
         yield from map(_simulate, runs)
         return
-    # fork: the workers start with everything imported (the plugin manager is built per run)
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("fork")) as pool:
+    with process_pool(jobs) as pool:  # the plugin manager is built per run
         yield from pool.map(_simulate, runs)
 
 

@@ -16,11 +16,11 @@ from __future__ import annotations
 import math
 import sys
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 
 from qlm_plugin.hooks import get_plugin_manager
 from qlm_plugin.policies.registry import policy_registry
+from qlm_plugin.tools.pool import process_pool
 from qlm_plugin.tools.simulate import build_requests, empty_workload, run_policy
 from qlm_plugin.workloads.scenario import InstanceGroup, Scenario
 
@@ -470,7 +470,7 @@ def plan_capacity(
     args = [(scenario, i, policy, class_targets, max_instances, progress) for i in indexes]
     if jobs > 1 and len(args) > 1:
         # Kinds are independent; the search within one kind is sequential.
-        with ProcessPoolExecutor(max_workers=min(jobs, len(args))) as pool:
+        with process_pool(min(jobs, len(args))) as pool:
             kinds = list(pool.map(_plan_kind_job, *zip(*args, strict=True)))
     else:
         kinds = [_plan_kind_job(*a) for a in args]

@@ -101,23 +101,22 @@ def _stop(serve: subprocess.Popen[bytes]) -> int | None:
         return None
 
 
-@pytest.fixture
-def short_tmp_path() -> Iterator[Path]:
-    """A folder for a Ray's sessions right under /tmp: Ray's socket paths must fit 107 characters,
-    and pytest's own folders can be longer (under pytest-xdist they were)."""
+def _ray_tmp(request: pytest.FixtureRequest) -> Path:
+    """A folder for a Ray's sessions right under /tmp, removed after ``request``: Ray's socket paths
+    must fit 107 characters, and pytest's own folders can be longer (under pytest-xdist they were)."""
     folder = Path(tempfile.mkdtemp(prefix="ray-", dir="/tmp"))
-    yield folder
-    shutil.rmtree(folder, ignore_errors=True)
+    request.addfinalizer(lambda: shutil.rmtree(folder, ignore_errors=True))
+    return folder
 
 
 def test_a_serve_with_a_local_ray_of_its_own_stops_cleanly_on_sigterm(
-    tmp_path: Path, short_tmp_path: Path
+    tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
     """Ray's local processes die with the thread that started them: the serve starts its Ray on
     the main thread (from an executor's thread they died as the loop ended, and the fleet's stop
     then aborted the process, exit 134)."""
     pytest.importorskip("ray", reason="the ray extra is not installed")
-    ray_tmp = short_tmp_path
+    ray_tmp = _ray_tmp(request)
     http, grpc_port = free_port(), free_port()
     serve = serve_process(tmp_path, http, grpc_port, "--ray", "--instances", "2", env=_env(ray_tmp))
     log = tmp_path / "serve.log"
@@ -156,9 +155,7 @@ def _ray(*args: str, env: dict[str, str]) -> None:
 def cluster(request: pytest.FixtureRequest) -> Iterator[tuple[str, dict[str, str]]]:
     pytest.importorskip("ray", reason="the ray extra is not installed")
     port = free_port()
-    ray_tmp = Path(tempfile.mkdtemp(prefix="ray-", dir="/tmp"))  # see short_tmp_path
-    request.addfinalizer(lambda: shutil.rmtree(ray_tmp, ignore_errors=True))
-    env = _env(ray_tmp)
+    env = _env(_ray_tmp(request))
     os.environ["RAY_AUTH_MODE"] = "disabled"  # this process joins the cluster too (to kill an actor)
     address = f"127.0.0.1:{port}"
     try:

@@ -1,7 +1,7 @@
 """Batch API files stream through the store a chunk at a time: what goes in comes out byte for
-byte across chunk boundaries, a refused or broken upload leaves nothing stored, and a tenant's
-transfers at once are bounded. The routes run on a bare aiohttp app over a real store (no
-coordinator: file routes need none)."""
+byte across chunk boundaries, a refused, broken or killed upload leaves nothing stored, the store
+serves other work while a large upload copies in, and a tenant's transfers at once are bounded.
+The routes run on a bare aiohttp app over a real store (no coordinator: file routes need none)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,9 @@ import io
 import logging
 import random
 import sqlite3
+import subprocess
+import sys
+import threading
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, cast
@@ -121,6 +124,123 @@ def test_a_file_deleted_while_it_is_read_fails_the_next_read(tmp_path: Path) -> 
         with pytest.raises(sqlite3.OperationalError):
             reader.read(10)
         reader.close()
+    finally:
+        store.close()
+
+
+class _PausedSpool(io.BytesIO):
+    """An upload's spool whose second read waits until ``go`` is set (a slow disk, a large file)."""
+
+    def __init__(self, content: bytes) -> None:
+        super().__init__(content)
+        self.reads = 0
+        self.paused = threading.Event()
+        self.go = threading.Event()
+
+    def read(self, n: int | None = -1) -> bytes:
+        self.reads += 1
+        if self.reads == 2:
+            self.paused.set()
+            self.go.wait(30)
+        return super().read(n)
+
+
+def test_the_store_serves_other_work_while_a_large_upload_copies_in(tmp_path: Path) -> None:
+    """A batch's progress is written on the coordinator's event loop: an upload of many megabytes
+    must not hold the store for the whole copy (it held it about 0.9 s per 150 MB)."""
+    store = BatchStore(tmp_path / "b.db")
+    content = payload(3 * CHUNK_BYTES)
+    spool = _PausedSpool(content)
+    uploaded: list[batch_store.FileRecord] = []
+    upload = threading.Thread(
+        target=lambda: uploaded.append(store.put_file_from("t", "big.jsonl", "batch", spool, len(content)))
+    )
+    try:
+        upload.start()
+        assert spool.paused.wait(10)
+        seen: dict[str, Any] = {}
+
+        def other_work() -> None:  # what the event loop does meanwhile
+            store.put_batch(
+                batch_store.BatchRecord("batch-1", "t", "file-x", "/v1/chat/completions", "24h", 86400.0, 0.0)
+            )
+            seen["batch"] = store.get_batch("batch-1")
+            seen["listed"] = store.list_files("t")
+            seen["bytes"] = store.tenant_bytes("t")
+
+        beside = threading.Thread(target=other_work)
+        beside.start()
+        beside.join(5)
+        finished_beside = not beside.is_alive()
+        spool.go.set()
+        upload.join(30)
+        beside.join(30)
+        assert finished_beside, "the store was held for the whole upload"
+        assert seen["batch"] is not None and seen["batch"].id == "batch-1"
+        # half copied: not listed yet, but its bytes count against the tenant's limit already
+        assert (seen["listed"], seen["bytes"]) == ([], len(content))
+        assert [f.id for f in store.list_files("t")] == [uploaded[0].id]
+        assert store.file_content(uploaded[0].id) == content
+    finally:
+        spool.go.set()
+        store.close()
+
+
+def test_an_upload_killed_mid_copy_is_gone_when_the_store_opens_again(tmp_path: Path) -> None:
+    path = tmp_path / "b.db"
+    script = f"""
+import io, os, signal
+from qlm_plugin.coordinator.batch_store import CHUNK_BYTES, BatchStore
+
+class Dies(io.BytesIO):
+    reads = 0
+    def read(self, n=-1):
+        self.reads += 1
+        if self.reads == 3:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return super().read(n)
+
+store = BatchStore({str(path)!r})
+store.put_file_from("t", "kept.jsonl", "batch", io.BytesIO(b"kept"), 4)
+store.put_file_from("t", "cut.jsonl", "batch", Dies(b"x" * 4 * CHUNK_BYTES), 4 * CHUNK_BYTES)
+"""
+    done = subprocess.run([sys.executable, "-c", script], timeout=60, capture_output=True, text=True)
+    assert done.returncode == -9, done.stderr
+    store = BatchStore(path)
+    try:
+        assert [f.filename for f in store.list_files("t")] == ["kept.jsonl"]
+        assert store.tenant_bytes("t") == 4
+    finally:
+        store.close()
+    with sqlite3.connect(path) as db:  # and its chunks are not kept on disk
+        assert db.execute("SELECT sum(length(data)) FROM file_chunks").fetchone()[0] == 4
+
+
+def test_a_store_of_the_first_schema_opens_with_its_files(tmp_path: Path) -> None:
+    path = tmp_path / "b.db"
+    with sqlite3.connect(path) as db:  # schema 1: every file's bytes in its row
+        db.execute(
+            "CREATE TABLE files (id TEXT PRIMARY KEY, tenant TEXT NOT NULL, filename TEXT NOT NULL,"
+            " purpose TEXT NOT NULL, bytes INTEGER NOT NULL, created_at INTEGER NOT NULL,"
+            " content BLOB NOT NULL)"
+        )
+        db.execute(
+            "CREATE TABLE batches (seq INTEGER PRIMARY KEY, id TEXT NOT NULL UNIQUE,"
+            " tenant TEXT NOT NULL, status TEXT NOT NULL, record TEXT NOT NULL)"
+        )
+        db.execute(
+            "CREATE TABLE line_answers (batch_id TEXT NOT NULL, line INTEGER NOT NULL,"
+            " answer TEXT NOT NULL, PRIMARY KEY (batch_id, line))"
+        )
+        db.execute("INSERT INTO files VALUES ('file-old', 't', 'old.jsonl', 'batch', 6, 1, X'6f6c640a6f6c')")
+        db.execute("PRAGMA user_version=1")
+    store = BatchStore(path)
+    try:
+        assert [f.id for f in store.list_files("t")] == ["file-old"]
+        assert list(store.file_lines("file-old")) == [b"old", b"ol"]
+        new = store.put_file_from("t", "new.jsonl", "batch", io.BytesIO(b"new\n"), 4)
+        assert store.file_content(new.id) == b"new\n"
+        assert store.delete_file("file-old") and store.tenant_bytes("t") == 4
     finally:
         store.close()
 

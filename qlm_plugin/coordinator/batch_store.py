@@ -11,8 +11,10 @@ on the event loop. A commit is durable against a crash of the process (``synchro
 WAL mode), as the journal's default.
 
 File bytes move in chunks of :data:`CHUNK_BYTES`, never whole: an upload is spooled to a temporary
-file (:meth:`BatchStore.spool`) and copied into its row by :meth:`BatchStore.put_file_from`; a file
-is read through :meth:`BatchStore.open_content`, an incremental blob handle.
+file (:meth:`BatchStore.spool`) and copied in by :meth:`BatchStore.put_file_from`, one chunk row
+per transaction (the lock is free between chunks: a large upload does not hold up the small updates
+on the event loop), the file hidden until its last chunk is in; a file is read a chunk at a time
+through :meth:`BatchStore.open_content`.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from typing import IO, Any, Final
 
 from qlm_plugin.coordinator.file_lock import FileInUse, FolderNotWritable, lock_file, unlock_file
 
-SCHEMA_VERSION: Final = 1
+SCHEMA_VERSION: Final = 2
 #: Statuses after which a batch changes no more.
 FINAL: Final = frozenset({"completed", "failed", "expired", "cancelled"})
 #: File bytes read or written at a time: a transfer holds about one chunk in memory, and the lock
@@ -42,6 +44,15 @@ CHUNK_BYTES: Final = 1 << 20
 #: whole while it is stored or read, as before it streamed.
 BLOB_IO: Final = hasattr(sqlite3.Connection, "blobopen")
 
+#: An uploaded file's bytes, a chunk per row (a file written whole, such as a batch's output, keeps
+#: its bytes in ``files.content``): a chunk at a time, an upload never rewrites what it stored.
+_CHUNKS: Final = """CREATE TABLE file_chunks (
+        file_rowid INTEGER NOT NULL,
+        seq INTEGER NOT NULL,
+        data BLOB NOT NULL,
+        PRIMARY KEY (file_rowid, seq)
+    )"""
+
 _SCHEMA: Final = (
     """CREATE TABLE files (
         id TEXT PRIMARY KEY,
@@ -50,9 +61,11 @@ _SCHEMA: Final = (
         purpose TEXT NOT NULL,
         bytes INTEGER NOT NULL,
         created_at INTEGER NOT NULL,
-        content BLOB NOT NULL
+        content BLOB NOT NULL,
+        complete INTEGER NOT NULL DEFAULT 1
     )""",
     "CREATE INDEX files_tenant ON files (tenant, created_at)",
+    _CHUNKS,
     """CREATE TABLE batches (
         seq INTEGER PRIMARY KEY,
         id TEXT NOT NULL UNIQUE,
@@ -228,6 +241,14 @@ class BatchStore:
                 db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
         elif version > SCHEMA_VERSION:
             raise StoreError(f"{self.path}: schema {version} is newer than this version's {SCHEMA_VERSION}")
+        elif version == 1:  # files stored whole, in one transaction: every one is complete
+            with self._transaction():
+                db.execute("ALTER TABLE files ADD COLUMN complete INTEGER NOT NULL DEFAULT 1")
+                db.execute(_CHUNKS)
+                db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        with self._transaction():  # uploads a crash cut short
+            db.execute("DELETE FROM files WHERE complete = 0")
+            db.execute("DELETE FROM file_chunks WHERE file_rowid NOT IN (SELECT rowid FROM files)")
 
     def _transaction(self) -> Any:
         db = self._db
@@ -270,38 +291,50 @@ class BatchStore:
         *,
         max_stored_bytes: int | None = None,
     ) -> FileRecord:
-        """Store the ``size`` bytes of ``source`` (from its start) as a new file, copied a chunk at
-        a time into a blob of that size. Raises :class:`StoredBytesExceeded` when the tenant would
-        store more than ``max_stored_bytes``: checked in the same transaction, so uploads at once
-        cannot pass it together. One transaction: on any error nothing is stored."""
+        """Store the ``size`` bytes of ``source`` (from its start) as a new file, a chunk row per
+        transaction; the file is listed and read only once its last chunk is in. Raises
+        :class:`StoredBytesExceeded` when the tenant would store more than ``max_stored_bytes``:
+        checked in the transaction that adds the (hidden) file, whose bytes count from then on, so
+        uploads at once cannot pass it together. On any error nothing is stored (a crash mid-copy:
+        the next open removes what was copied)."""
         rec = FileRecord(new_id("file-"), tenant, filename, purpose, size, int(time.time()))
         source.seek(0)
+        # The row first, hidden (incomplete) but counted against the tenant's bytes, then its bytes
+        # a chunk per transaction: between chunks the lock is free for other work.
         with self._lock, self._transaction():
-            if max_stored_bytes is not None:
-                used = self._tenant_bytes(tenant)
-                if used + size > max_stored_bytes:
-                    raise StoredBytesExceeded(used)
-            if not BLOB_IO:
-                content = source.read(size)
-                if len(content) != size:
-                    raise ValueError(f"the upload's spool holds {len(content)} bytes, not {size}")
-                self._insert_file(rec, content)
-                return rec
+            self._check_room(tenant, size, max_stored_bytes)
             rowid = self._db.execute(
-                "INSERT INTO files (id, tenant, filename, purpose, bytes, created_at, content)"
-                " VALUES (?, ?, ?, ?, ?, ?, zeroblob(?))",
-                (rec.id, rec.tenant, rec.filename, rec.purpose, size, rec.created_at, size),
+                "INSERT INTO files (id, tenant, filename, purpose, bytes, created_at, content, complete)"
+                " VALUES (?, ?, ?, ?, ?, ?, X'', 0)",
+                (rec.id, rec.tenant, rec.filename, rec.purpose, size, rec.created_at),
             ).lastrowid
-            assert rowid is not None
-            with self._db.blobopen("files", "content", rowid) as blob:
-                left = size
-                while left:
-                    chunk = source.read(min(CHUNK_BYTES, left))
-                    if not chunk:
-                        raise ValueError(f"the upload's spool holds {size - left} bytes, not {size}")
-                    blob.write(chunk)
-                    left -= len(chunk)
+        assert rowid is not None
+        try:
+            done = seq = 0
+            while done < size:
+                chunk = source.read(min(CHUNK_BYTES, size - done))  # outside the lock
+                if not chunk:
+                    raise ValueError(f"the upload's spool holds {done} bytes, not {size}")
+                with self._lock:
+                    self._db.execute(
+                        "INSERT INTO file_chunks (file_rowid, seq, data) VALUES (?, ?, ?)",
+                        (rowid, seq, chunk),
+                    )
+                done += len(chunk)
+                seq += 1
+            with self._lock:
+                self._db.execute("UPDATE files SET complete = 1 WHERE rowid = ?", (rowid,))
+        except BaseException:
+            with self._lock, self._transaction():
+                self._delete(rowid)
+            raise
         return rec
+
+    def _check_room(self, tenant: str, size: int, max_stored_bytes: int | None) -> None:
+        if max_stored_bytes is not None:
+            used = self._tenant_bytes(tenant)
+            if used + size > max_stored_bytes:
+                raise StoredBytesExceeded(used)
 
     def _insert_file(self, rec: FileRecord, content: bytes) -> None:
         self._db.execute(
@@ -313,27 +346,37 @@ class BatchStore:
     def get_file(self, file_id: str) -> FileRecord | None:
         with self._lock:
             row = self._db.execute(
-                "SELECT id, tenant, filename, purpose, bytes, created_at FROM files WHERE id = ?", (file_id,)
+                "SELECT id, tenant, filename, purpose, bytes, created_at FROM files"
+                " WHERE id = ? AND complete",
+                (file_id,),
             ).fetchone()
         return None if row is None else FileRecord(*row)
 
     def file_content(self, file_id: str) -> bytes | None:
         """The whole file: for small ones; :meth:`open_content` reads one a chunk at a time."""
-        with self._lock:
-            row = self._db.execute("SELECT content FROM files WHERE id = ?", (file_id,)).fetchone()
-        return None if row is None else bytes(row[0])
+        reader = self.open_content(file_id)
+        if reader is None:
+            return None
+        with reader:
+            return reader.read(reader.size)
 
     def open_content(self, file_id: str) -> FileContent | None:
         """A reader of the file's bytes (None: no such file); close it when done."""
         with self._lock:
-            row = self._db.execute("SELECT rowid, bytes FROM files WHERE id = ?", (file_id,)).fetchone()
+            row = self._db.execute(
+                "SELECT rowid, bytes, length(content) FROM files WHERE id = ? AND complete", (file_id,)
+            ).fetchone()
             if row is None:
                 return None
-            rowid, size = row
-            if not BLOB_IO:
-                whole = self._db.execute("SELECT content FROM files WHERE rowid = ?", (rowid,)).fetchone()
-                return FileContent(self, io.BytesIO(whole[0]), size)
-            return FileContent(self, self._db.blobopen("files", "content", rowid, readonly=True), size)
+            rowid, size, whole = row
+            if whole or not size:  # written whole
+                if not BLOB_IO:
+                    content = self._db.execute(
+                        "SELECT content FROM files WHERE rowid = ?", (rowid,)
+                    ).fetchone()
+                    return FileContent(self, io.BytesIO(content[0]), size)
+                return FileContent(self, self._db.blobopen("files", "content", rowid, readonly=True), size)
+            return FileContent(self, _Chunks(self._db, rowid, file_id), size)
 
     def file_lines(self, file_id: str) -> Iterator[bytes]:
         """The file's lines, split at ``\\n`` (which it leaves off), read a chunk at a time; a line
@@ -364,7 +407,7 @@ class BatchStore:
     ) -> list[FileRecord]:
         """In creation order (``newest_first``: reversed); ``after``: the id of the last file of
         the previous page (a file no longer there: an empty page)."""
-        where, args = [], []
+        where, args = ["complete"], []
         if tenant is not None:
             where.append("tenant = ?")
             args.append(tenant)
@@ -380,8 +423,7 @@ class BatchStore:
             )
             args.append(after)
         sql = "SELECT id, tenant, filename, purpose, bytes, created_at FROM files"
-        if where:
-            sql += " WHERE " + " AND ".join(where)
+        sql += " WHERE " + " AND ".join(where)
         sql += f" ORDER BY created_at {direction}, rowid {direction} LIMIT ?"
         with self._lock:
             rows = self._db.execute(sql, (*args, limit)).fetchall()
@@ -389,7 +431,15 @@ class BatchStore:
 
     def delete_file(self, file_id: str) -> bool:
         with self._lock, self._transaction():
-            return self._db.execute("DELETE FROM files WHERE id = ?", (file_id,)).rowcount > 0
+            row = self._db.execute("SELECT rowid FROM files WHERE id = ? AND complete", (file_id,)).fetchone()
+            if row is None:
+                return False
+            self._delete(row[0])
+            return True
+
+    def _delete(self, rowid: int) -> None:
+        self._db.execute("DELETE FROM file_chunks WHERE file_rowid = ?", (rowid,))
+        self._db.execute("DELETE FROM files WHERE rowid = ?", (rowid,))
 
     def tenant_bytes(self, tenant: str) -> int:
         with self._lock:
@@ -469,12 +519,49 @@ class BatchStore:
             self._write_batch(batch)
 
 
+class _Chunks:
+    """An uploaded file's chunk rows read in order, as a file is (``read(n)``). Called with the
+    store's lock held."""
+
+    def __init__(self, db: sqlite3.Connection, rowid: int, file_id: str) -> None:
+        self._db = db
+        self._rowid = rowid
+        self._file_id = file_id  # a deleted file's rowid may be taken again
+        self._seq = 0
+        self._buffer = b""
+        self._offset = 0
+
+    def read(self, n: int) -> bytes:
+        if not self._db.execute(
+            "SELECT 1 FROM files WHERE rowid = ? AND id = ?", (self._rowid, self._file_id)
+        ).fetchone():
+            raise sqlite3.OperationalError("the file was deleted while it was read")
+        parts: list[bytes] = []
+        while n > 0:
+            if self._offset == len(self._buffer):
+                row = self._db.execute(
+                    "SELECT data FROM file_chunks WHERE file_rowid = ? AND seq = ?", (self._rowid, self._seq)
+                ).fetchone()
+                if row is None:
+                    break  # its end
+                self._buffer, self._offset = bytes(row[0]), 0
+                self._seq += 1
+            part = self._buffer[self._offset : self._offset + n]
+            self._offset += len(part)
+            n -= len(part)
+            parts.append(part)
+        return b"".join(parts)
+
+    def close(self) -> None:
+        self._buffer = b""
+
+
 class FileContent:
-    """A stored file's bytes, read a chunk at a time through an incremental blob handle on the
-    store's connection: each read takes the store's lock, so other work goes on between reads.
+    """A stored file's bytes, read a chunk at a time (chunk rows, or an incremental blob handle on
+    the store's connection): each read takes the store's lock, so other work goes on between reads.
     Deleting the file while it is read makes the next read raise :class:`sqlite3.OperationalError`."""
 
-    def __init__(self, store: BatchStore, blob: sqlite3.Blob | io.BytesIO, size: int) -> None:
+    def __init__(self, store: BatchStore, blob: sqlite3.Blob | io.BytesIO | _Chunks, size: int) -> None:
         self._store = store
         self._blob = blob
         self.size = size

@@ -143,7 +143,7 @@ def test_a_pull_hands_over_only_what_the_next_step_can_prefill() -> None:
     assert len(engines.handed["i0"]) == 3, "the cached state counts what was handed over"
 
 
-def test_an_arrival_also_binds_the_request_left_waiting_while_none_is_late() -> None:
+def test_an_arrival_also_binds_the_request_left_waiting_even_while_some_are_late() -> None:
     d, queue, _, _ = dispatcher(state())
 
     def interactive(rid: str, arrival: float) -> None:
@@ -157,7 +157,8 @@ def test_an_arrival_also_binds_the_request_left_waiting_while_none_is_late() -> 
     waiting = d.left_waiting(MODEL, 0.6)
     assert waiting is not None and waiting.request.id == "arrival", "under half its budget left: next"
     queue.queue(MODEL).make_late(queue.entries["left"])
-    assert d.left_waiting(MODEL, 0.6) is None, "some are late already: only arrivals bind"
+    waiting = d.left_waiting(MODEL, 0.6)
+    assert waiting is not None and waiting.request.id == "arrival", "a late request stops nothing"
 
 
 def test_the_request_left_waiting_binds_one_place_past_the_engine_queues_limit() -> None:
@@ -372,6 +373,33 @@ classes: [{name: e2e, share: 1, e2e_s: 4, refuse_below_p_meet: 0.5}]
         for p in ("edf", "qlm")
     }
     assert met["qlm"] >= met["edf"] - 0.005, met
+
+
+@pytest.mark.slow
+def test_late_requests_waiting_behind_batch_work_do_not_stop_binding_the_ones_left_waiting() -> None:
+    """At twice what two 64-seat engines take, a few interactive requests go late and then wait
+    minutes behind batch work with ten minutes of slack. While any was late, no arrival bound the
+    request left waiting beside it, and later arrivals passed those for good: QLM met 1.5 points
+    fewer SLOs than `edf-shed` (97.9% against 99.4%, seeds 0-1); now 99.4% against 99.4%."""
+    text = """
+name: late-behind-batch
+seed: 0
+workload:
+  synthetic: {rate_rps: 90, duration_s: 120, prompt_mean: 1000, output_mean: 200, length_sigma: 1.0}
+  max_tokens: 1024
+models: [{name: llama-3.1-8b, profile: llama-3.1-8b}]
+instances: [{count: 2, gpu: h100, models: [llama-3.1-8b], max_num_seqs: 64}]
+classes:
+  - {name: interactive, share: 0.6, ttft_s: 1.5}
+  - {name: batch, share: 0.4, e2e_s: 600, priority: 1}
+"""
+    met: dict[str, float] = {"qlm": 0.0, "edf-shed": 0.0}
+    for seed in (0, 1):
+        scenario = parse_scenario(text).model_copy(update={"seed": seed})
+        requests, rejected = build_requests(scenario)
+        for p in met:
+            met[p] += run_policy(scenario, p, requests, rejected, autoload=False).overall.slo_attainment / 2
+    assert met["qlm"] >= met["edf-shed"] - 0.005, met
 
 
 def test_edf_shed_spreads_arrivals_over_the_fleet() -> None:

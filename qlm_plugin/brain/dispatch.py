@@ -86,13 +86,15 @@ class Dispatcher:
 
     def left_waiting(self, model: str, now: float) -> Entry | None:
         """A request to bind early beside an arrival of ``model``: the most urgent TTFT-bound one
-        in the global queue with at least half its TTFT budget left, while none is late yet. It
-        found every engine queue long when it came; an arrival binds only itself, so later ones
-        passed it for good (the engines fill freed seats from their own queues: no pull comes)
-        until it was late, and then it ran after all on-time work. Once requests are late, the
-        load is past what can be met, and fresher arrivals are the likelier to make it."""
+        in the global queue with at least half its TTFT budget left. It found every engine queue
+        long when it came; an arrival binds only itself, so later ones passed it for good (the
+        engines fill freed seats from their own queues: no pull comes) until it was late, and then
+        it ran after all on-time work. Late requests waiting do not stop it: under a load whose
+        batch work has minutes of slack a few late ones wait behind that work for minutes, and
+        while they did, every arrival passed the requests left waiting (64 seats at twice the load:
+        97.8% met, 99.3% without that stop)."""
         q = self.queue.queues.get(model)
-        if q is None or q.late:
+        if q is None:
             return None
         entries = self.queue.entries
         for _, rid in q.order[:BIND_LOOK_AHEAD]:

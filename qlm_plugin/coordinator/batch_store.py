@@ -40,8 +40,9 @@ FINAL: Final = frozenset({"completed", "failed", "expired", "cancelled"})
 #: File bytes read or written at a time: a transfer holds about one chunk in memory, and the lock
 #: one chunk's read at a time (about a millisecond).
 CHUNK_BYTES: Final = 1 << 20
-#: Incremental blob I/O (Python 3.11's ``Connection.blobopen``). Without it (3.10) a file is held
-#: whole while it is stored or read, as before it streamed.
+#: Incremental blob I/O (Python 3.11's ``Connection.blobopen``), for the files written whole (a
+#: batch's output). Without it (3.10) such a file is held whole while it is read; uploads are chunk
+#: rows either way.
 BLOB_IO: Final = hasattr(sqlite3.Connection, "blobopen")
 
 #: An uploaded file's bytes, a chunk per row (a file written whole, such as a batch's output, keeps

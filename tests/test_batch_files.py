@@ -45,7 +45,8 @@ def payload(size: int, seed: int = 0) -> bytes:
 
 @pytest.fixture(params=[True, False], ids=["blob-io", "whole"])
 def blob_io(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> bool:
-    """Both ways of moving a file's bytes: chunks through a blob handle (Python 3.11), whole (3.10)."""
+    """Both ways of reading a file written whole (a batch's output): a chunk at a time through a blob
+    handle (Python 3.11), or whole (3.10). Uploads are stored as chunk rows either way."""
     monkeypatch.setattr(batch_store, "BLOB_IO", request.param)
     return cast(bool, request.param)
 
@@ -66,6 +67,11 @@ def test_a_file_larger_than_a_chunk_comes_back_byte_for_byte(tmp_path: Path, blo
         assert len(chunks) == 3 and b"".join(chunks) == content
         assert list(store.file_lines(rec.id)) == content.split(b"\n")
         assert store.open_content("file-nope") is None
+        whole = store.put_file("acme", "out.jsonl", "batch_output", content)  # as a batch's output
+        reader = store.open_content(whole.id)
+        assert reader is not None and reader.size == len(content)
+        with reader:
+            assert b"".join(iter(lambda: reader.read(CHUNK_BYTES), b"")) == content
     finally:
         store.close()
 
@@ -86,7 +92,7 @@ def test_lines_are_split_at_newlines_across_chunks(tmp_path: Path, content: byte
         store.close()
 
 
-def test_a_refused_or_broken_upload_leaves_nothing_stored(tmp_path: Path, blob_io: bool) -> None:
+def test_a_refused_or_broken_upload_leaves_nothing_stored(tmp_path: Path) -> None:
     store = BatchStore(tmp_path / "b.db")
     try:
         first = store.put_file_from(
@@ -281,7 +287,7 @@ def form(content: bytes, purpose: str = "batch") -> aiohttp.FormData:
     return data
 
 
-def test_an_upload_and_download_of_several_chunks_are_identical(tmp_path: Path, blob_io: bool) -> None:
+def test_an_upload_and_download_of_several_chunks_are_identical(tmp_path: Path) -> None:
     content = payload(3 * CHUNK_BYTES + 99, seed=1)
 
     async def body(api: BatchAPI, client: TestClient[Any, Any]) -> None:

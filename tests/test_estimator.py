@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 import random
+import subprocess
+import sys
 
 import pytest
 
@@ -147,3 +149,40 @@ def test_a_batchs_chance_from_its_rate_so_far_is_skewed_when_few_lines_are_done(
     assert p_rate_suffices(100, 10.0, 100, 20.0) > 0.999
     assert p_rate_suffices(3, 1.0, 0, 0.0) == 1.0  # nothing left
     assert p_rate_suffices(3, 1.0, 5, 0.0) == 0.0  # past the deadline with lines left
+
+
+def test_the_hand_written_distributions_agree_with_scipy() -> None:
+    """The coordinator computes its few distribution functions without scipy.stats and
+    scipy.special (a second of every process's start): the Poisson tail behind a batch's P(meet),
+    the Student-t quantiles that widen a short queue's wait, the normal quantile of a length."""
+    from scipy.special import gammaincc
+    from scipy.stats import norm, t
+
+    from qlm_plugin.brain.waiting_time import HEAVY_TAIL_BELOW, T_QUANTILES_90
+    from qlm_plugin.coordinator.batches import poisson_at_most
+    from qlm_plugin.domain.distributions import LengthDistribution
+
+    rng = random.Random(3)
+    for _ in range(3000):
+        done = rng.choice([1, 2, 3, 7, 40, 300, 5000, 100_000])
+        x = done * math.exp(rng.uniform(-4.0, 4.0))
+        assert poisson_at_most(done - 1, x) == pytest.approx(float(gammaincc(done, x)), abs=1e-8)
+    assert poisson_at_most(4, 0.0) == 1.0 and poisson_at_most(-1, 3.0) == 0.0
+    scipys = [t.ppf(0.9, k) for k in range(1, HEAVY_TAIL_BELOW)]
+    assert list(T_QUANTILES_90) == pytest.approx(scipys, rel=1e-12)
+    length = LengthDistribution(mean=200.0, var=900.0)
+    for p in (0.01, 0.3, 0.75, 0.95, 0.999):
+        assert length.quantile(p) == pytest.approx(max(0.0, 200.0 + norm.ppf(p) * 30.0), rel=1e-12)
+    assert LengthDistribution.point(7.0).quantile(0.8) == 7.0
+
+
+def test_starting_the_coordinator_does_not_import_scipy() -> None:
+    """scipy.stats and scipy.special took about a second of every start of ``qlm serve``, of each of
+    its HTTP workers and of every CLI command that builds the brain; the planner's MILP imports
+    scipy.optimize only when it runs."""
+    code = (
+        "import sys, qlm_plugin.coordinator.coordinator, qlm_plugin.coordinator.batches, "
+        "qlm_plugin.brain.queue_manager; print(sorted(m for m in sys.modules if m.startswith('scipy')))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

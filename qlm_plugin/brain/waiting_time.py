@@ -26,7 +26,6 @@ from collections import deque
 from collections.abc import Callable, Iterable
 
 import numpy as np
-from scipy.stats import t as student_t
 
 from qlm_plugin.domain.costmodel import CostModel
 from qlm_plugin.domain.instance import StepTiming
@@ -166,7 +165,19 @@ def heavy_tail_factor(ahead: int) -> float:
     return _T_FACTORS[ahead]
 
 
-_T_FACTORS = [1.0] + [float(student_t.ppf(0.9, k) / 1.2815515655446004) for k in range(1, HEAVY_TAIL_BELOW)]
+#: ``scipy.stats.t.ppf(0.9, k)`` for k = 1 .. HEAVY_TAIL_BELOW - 1, written out: importing
+#: ``scipy.stats`` took about a second of every process's start (tests/test_estimator.py checks them).
+T_QUANTILES_90 = (
+    3.0776835371752544, 1.8856180831641272, 1.637744353696209, 1.533206274058944,
+    1.4758840488244815, 1.4397557472651483, 1.4149239276505086, 1.3968153097438654,
+    1.3830287383966329, 1.372183641110336, 1.3634303180205407, 1.356217334023205,
+    1.3501712887800552, 1.345030374454651, 1.3406056078504558, 1.3367571673273153,
+    1.3333793897216268, 1.3303909435699093, 1.3277282090267986, 1.3253407069850465,
+    1.3231878738651728, 1.321236741613362, 1.3194602398161621, 1.3178359336731498,
+    1.31634507267387, 1.3149718642705175, 1.3137029128292737, 1.3125267815926664,
+    1.311433647301551,
+)  # fmt: skip
+_T_FACTORS = [1.0] + [q / 1.2815515655446004 for q in T_QUANTILES_90]
 
 
 #: Arrivals a lane's delay history keeps (a bound on its memory if its head never leaves).

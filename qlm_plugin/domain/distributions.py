@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from statistics import NormalDist
 
-from scipy.stats import norm
+#: The standard library's (exact to 1e-15 against scipy's, without scipy.stats' second of import).
+_STANDARD_NORMAL = NormalDist()
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,7 +36,11 @@ class LengthDistribution:
             if abs(q - p) < 1e-9:
                 return value
         # Normal approximation where the predictor did not give that quantile.
-        return max(0.0, self.mean + float(norm.ppf(p)) * self.std)
+        if self.var == 0.0:
+            return max(0.0, self.mean)
+        if not 0.0 < p < 1.0:
+            return 0.0 if p <= 0.0 else math.inf
+        return max(0.0, self.mean + _STANDARD_NORMAL.inv_cdf(p) * self.std)
 
 
 @dataclass(frozen=True, slots=True)

@@ -218,6 +218,40 @@ def test_a_client_priority_and_a_token_id_prompt_are_served_by_an_engine_started
     assert out["usage"]["completion_tokens"] == 4 and out["usage"]["prompt_tokens"] == 3
 
 
+def _cpu_seconds_by_process() -> dict[int, tuple[str, float]]:
+    """Each process's user + system CPU seconds so far, from /proc."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            name, fields = stat[stat.index("(") + 1 : stat.rindex(")")], stat[stat.rindex(")") + 2 :].split()
+            out[int(entry.name)] = (name, (int(fields[11]) + int(fields[12])) / tick)
+    return out
+
+
+def _busiest(before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]]) -> str:
+    used = sorted(((t - before.get(pid, (n, 0.0))[1], pid, n) for pid, (n, t) in after.items()), reverse=True)
+    return ", ".join(f"{name}[{pid}] {cpu:.1f} s" for cpu, pid, name in used[:6] if cpu >= 0.1)
+
+
+def _wait_for_a_quiet_machine(most_cores: float = 0.3, timeout_s: float = 60.0) -> str:
+    """Wait (at most ``timeout_s``) until the whole machine uses under ``most_cores`` over a second:
+    a run that starts while an earlier test's processes still wind down (an engine stopping, a
+    Ray cluster's daemons) times its steps on a shared CPU. Returns who was busy last."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        before, t0 = _cpu_seconds_by_process(), time.monotonic()
+        time.sleep(1.0)
+        after, took = _cpu_seconds_by_process(), time.monotonic() - t0
+        busy = sum(t - before.get(pid, (n, 0.0))[1] for pid, (n, t) in after.items()) / took
+        if busy < most_cores or time.monotonic() > deadline:
+            return f"{busy:.2f} cores busy before the trace ({_busiest(before, after) or 'nobody'})"
+
+
 def test_the_simulator_calibrated_from_the_engine_reproduces_its_latencies(stack: Stack) -> None:
     """Item 5: a short trace through the real engine, and through the simulator whose cost model
     is fitted to that engine's own step timings; per-request latencies must agree within 20%.
@@ -273,8 +307,11 @@ def test_the_simulator_calibrated_from_the_engine_reproduces_its_latencies(stack
 
         return wall0, list(await asyncio.gather(*(one(i, *p) for i, p in enumerate(plan))))
 
+    quiet = _wait_for_a_quiet_machine()
     probes = asyncio.run(probe())
+    cpu_before = _cpu_seconds_by_process()
     wall0, measured = asyncio.run(run())
+    cpu_during = _busiest(cpu_before, _cpu_seconds_by_process())
     steps = read_steps(stack.tmp / "vllm-a.steps", wall0, time.time())
     served = read_served(stack.tmp / "vllm-a.requests")
     # vLLM names a request after the client's X-Request-Id: cmpl-<id>-<n>-<suffix>
@@ -299,10 +336,11 @@ def test_the_simulator_calibrated_from_the_engine_reproduces_its_latencies(stack
         f"b2={coef[2]:.1f} us/decode token; median abs error of per-request latency in the engine "
         f"{median_error * 100:.1f}% (p90 {p90 * 100:.1f}%); as the client "
         f"saw it, with {outside * 1e3:.1f} ms per request outside the steps, "
-        f"{statistics.median(client_errors) * 100:.1f}% (p90 {client_p90 * 100:.1f}%)"
+        f"{statistics.median(client_errors) * 100:.1f}% (p90 {client_p90 * 100:.1f}%); {quiet}; "
+        f"CPU during the trace: {cpu_during}"
     )
     assert len(steps) > 100
-    assert median_error <= 0.20
+    assert median_error <= 0.20, f"{median_error:.1%}; {quiet}; CPU during the trace: {cpu_during}"
 
 
 def test_interactive_requests_overtake_queued_batch_work(stack: Stack) -> None:

@@ -45,8 +45,9 @@ def payload(size: int, seed: int = 0) -> bytes:
 
 @pytest.fixture(params=[True, False], ids=["blob-io", "whole"])
 def blob_io(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> bool:
-    """Both ways of reading a file written whole (a batch's output): a chunk at a time through a blob
-    handle (Python 3.11), or whole (3.10). Uploads are stored as chunk rows either way."""
+    """Both ways of reading a file written whole (a batch's output, as versions before stop 38 stored
+    it): a chunk at a time through a blob handle (Python 3.11), or whole (3.10). Uploads and outputs
+    are stored as chunk rows now."""
     monkeypatch.setattr(batch_store, "BLOB_IO", request.param)
     return cast(bool, request.param)
 
@@ -67,7 +68,7 @@ def test_a_file_larger_than_a_chunk_comes_back_byte_for_byte(tmp_path: Path, blo
         assert len(chunks) == 3 and b"".join(chunks) == content
         assert list(store.file_lines(rec.id)) == content.split(b"\n")
         assert store.open_content("file-nope") is None
-        whole = store.put_file("acme", "out.jsonl", "batch_output", content)  # as a batch's output
+        whole = store.put_file("acme", "out.jsonl", "batch_output", content)  # an earlier output
         reader = store.open_content(whole.id)
         assert reader is not None and reader.size == len(content)
         with reader:
@@ -190,6 +191,50 @@ def test_the_store_serves_other_work_while_a_large_upload_copies_in(tmp_path: Pa
     finally:
         spool.go.set()
         store.close()
+
+
+def test_a_batch_output_is_stored_a_chunk_at_a_time_and_shown_only_with_the_final_state(
+    tmp_path: Path,
+) -> None:
+    """A batch's output file of many megabytes is written as it is built (it was built whole in
+    memory, 3.5 times its size, then written in one transaction that held the store): hidden while
+    written, shown with the batch's final state in one commit, byte for byte; a crash before that
+    leaves no file when the store opens again, and finalizing runs again from the top."""
+    path = tmp_path / "b.db"
+    store = BatchStore(path)
+    batch = batch_store.BatchRecord("batch-1", "t", "file-x", "/v1/completions", "24h", 86400.0, 0.0)
+    store.put_batch(batch)
+    lines = [b'{"custom_id": "%d", "text": "%s"}\n' % (i, b"x" * (i % 997)) for i in range(6000)]
+    writer = store.new_file("t", "batch-1_output.jsonl", "batch_output")
+    for i, line in enumerate(lines):
+        writer.write(line)
+        if i == 4000:  # mid-way: chunks are stored, the file is not shown, other work goes on
+            assert store.get_file(writer.record.id) is None and store.list_files("t") == []
+            assert store.get_batch("batch-1") is not None
+    writer.flush()
+    chunks = store._db.execute("SELECT count(*) FROM file_chunks WHERE file_rowid = ?", (writer.rowid,))
+    assert chunks.fetchone()[0] >= 2
+    assert store.get_file(writer.record.id) is None
+    store.close()
+
+    store = BatchStore(path)  # a crash before the final commit: the hidden file is gone
+    assert store._db.execute("SELECT count(*) FROM files").fetchone()[0] == 0
+    assert store._db.execute("SELECT count(*) FROM file_chunks").fetchone()[0] == 0
+    writer = store.new_file("t", "batch-1_output.jsonl", "batch_output")
+    for line in lines:
+        writer.write(line)
+    writer.flush()
+    final = store.get_batch("batch-1")
+    assert final is not None
+    final.status, final.output_file_id, final.completed = "completed", writer.record.id, len(lines)
+    store.finalize(final, [writer])
+    shown = store.get_file(writer.record.id)
+    assert shown is not None and shown.bytes == sum(map(len, lines)) and shown.purpose == "batch_output"
+    assert store.file_content(writer.record.id) == b"".join(lines)
+    assert [x + b"\n" for x in store.file_lines(writer.record.id)][:-1] == lines
+    got = store.get_batch("batch-1")
+    assert got is not None and got.status == "completed" and got.output_file_id == writer.record.id
+    store.close()
 
 
 def test_an_upload_killed_mid_copy_is_gone_when_the_store_opens_again(tmp_path: Path) -> None:

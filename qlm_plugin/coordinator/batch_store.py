@@ -13,8 +13,10 @@ WAL mode), as the journal's default.
 File bytes move in chunks of :data:`CHUNK_BYTES`, never whole: an upload is spooled to a temporary
 file (:meth:`BatchStore.spool`) and copied in by :meth:`BatchStore.put_file_from`, one chunk row
 per transaction (the lock is free between chunks: a large upload does not hold up the small updates
-on the event loop), the file hidden until its last chunk is in; a file is read a chunk at a time
-through :meth:`BatchStore.open_content`.
+on the event loop), the file hidden until its last chunk is in; a batch's output is written the
+same way as it is built (:meth:`BatchStore.new_file`) and shown with the batch's final state
+(:meth:`BatchStore.finalize`); a file is read a chunk at a time through
+:meth:`BatchStore.open_content`.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO, Any, Final
@@ -271,6 +273,9 @@ class BatchStore:
 
     # ------------------------------------------------------------------ files
     def put_file(self, tenant: str, filename: str, purpose: str, content: bytes) -> FileRecord:
+        """A small file in one transaction, its bytes in the file's row (as versions before stop 38
+        wrote batch outputs, which stores keep): large ones go through :meth:`put_file_from` or
+        :meth:`new_file`."""
         rec = FileRecord(new_id("file-"), tenant, filename, purpose, len(content), int(time.time()))
         with self._lock, self._transaction():
             self._insert_file(rec, content)
@@ -316,11 +321,7 @@ class BatchStore:
                 chunk = source.read(min(CHUNK_BYTES, size - done))  # outside the lock
                 if not chunk:
                     raise ValueError(f"the upload's spool holds {done} bytes, not {size}")
-                with self._lock:
-                    self._db.execute(
-                        "INSERT INTO file_chunks (file_rowid, seq, data) VALUES (?, ?, ?)",
-                        (rowid, seq, chunk),
-                    )
+                self._append_chunk(rowid, seq, chunk)
                 done += len(chunk)
                 seq += 1
             with self._lock:
@@ -511,13 +512,70 @@ class BatchStore:
             ).fetchall()
         return {int(line): json.loads(answer) for line, answer in rows}
 
-    def finalize(self, batch: BatchRecord, files: list[tuple[FileRecord, bytes]]) -> None:
-        """The batch's output files and its final state, in one transaction: after a crash either
-        both are there or neither (and finalizing runs again)."""
+    def new_file(self, tenant: str, filename: str, purpose: str) -> FileWriter:
+        """A file to be written a chunk at a time (a batch's output), hidden until
+        :meth:`finalize` shows it with the batch's final state."""
+        rec = FileRecord(new_id("file-"), tenant, filename, purpose, 0, int(time.time()))
+        with self._lock:
+            rowid = self._db.execute(
+                "INSERT INTO files (id, tenant, filename, purpose, bytes, created_at, content, complete)"
+                " VALUES (?, ?, ?, ?, 0, ?, X'', 0)",
+                (rec.id, rec.tenant, rec.filename, rec.purpose, rec.created_at),
+            ).lastrowid
+        assert rowid is not None
+        return FileWriter(self, rec, rowid)
+
+    def finalize(self, batch: BatchRecord, files: Sequence[FileWriter]) -> None:
+        """Show the batch's output files (written in full) and write its final state, in one
+        transaction: after a crash either both are there or neither (the next open removes the
+        hidden files, and finalizing runs again)."""
         with self._lock, self._transaction():
-            for rec, content in files:
-                self._insert_file(rec, content)
+            for writer in files:
+                self._db.execute(
+                    "UPDATE files SET complete = 1, bytes = ? WHERE rowid = ?",
+                    (writer.record.bytes, writer.rowid),
+                )
             self._write_batch(batch)
+
+    def _append_chunk(self, rowid: int, seq: int, data: bytes) -> None:
+        with self._lock:
+            self._db.execute(
+                "INSERT INTO file_chunks (file_rowid, seq, data) VALUES (?, ?, ?)", (rowid, seq, data)
+            )
+
+    def discard(self, writer: FileWriter) -> None:
+        with self._lock, self._transaction():
+            self._delete(writer.rowid)
+
+
+class FileWriter:
+    """A hidden file written a chunk row at a time, each chunk its own transaction (the store's
+    lock is free between them); from :meth:`BatchStore.new_file`. One thread at a time."""
+
+    def __init__(self, store: BatchStore, record: FileRecord, rowid: int) -> None:
+        self.record = record  # its ``bytes``: what was written so far
+        self.rowid = rowid
+        self._store = store
+        self._pending: list[bytes] = []
+        self._pending_bytes = 0
+        self._seq = 0
+
+    def write(self, data: bytes) -> None:
+        self._pending.append(data)
+        self._pending_bytes += len(data)
+        self.record.bytes += len(data)
+        if self._pending_bytes >= CHUNK_BYTES:
+            self.flush()
+
+    def flush(self) -> None:
+        """Store what is written and not stored yet (call once the last write is done)."""
+        if not self._pending:
+            return
+        data = b"".join(self._pending)
+        self._pending.clear()
+        self._pending_bytes = 0
+        self._store._append_chunk(self.rowid, self._seq, data)
+        self._seq += 1
 
 
 class _Chunks:

@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from qlm_plugin.coordinator.batch_store import FINAL, BatchRecord, BatchStore, FileRecord, new_id
+from qlm_plugin.coordinator.batch_store import FINAL, BatchRecord, BatchStore, FileRecord, FileWriter, new_id
 from qlm_plugin.coordinator.config import BatchSettings
 from qlm_plugin.coordinator.coordinator import RESERVED_KEY_PREFIX, Coordinator
 from qlm_plugin.coordinator.http_api import SUBMIT_HTTP, completion_body, parse_openai
@@ -229,13 +229,6 @@ def _job_answer(line: Line, job: Job, ending: str, chat: bool) -> tuple[bool, di
     message = f"request {job.id} {job.state}: {job.error}"
     answer = _error_line(line.custom_id, job.state, message, status, job.id)
     return False, {**answer, "id": f"batch_req_{job.id}"}
-
-
-def _files(answers: dict[int, dict[str, Any]], order: list[int], outputs: set[int]) -> tuple[bytes, bytes]:
-    """The output and error files' content: the answers in input order."""
-    out = "".join(json.dumps(answers[i]) + "\n" for i in order if i in outputs).encode()
-    err = "".join(json.dumps(answers[i]) + "\n" for i in order if i not in outputs).encode()
-    return out, err
 
 
 def p_rate_suffices(done: int, elapsed_s: float, left: int, time_left_s: float) -> float:
@@ -592,54 +585,81 @@ class BatchService:
         )
 
     async def _finalize(self, running: _Running, lines: list[Line]) -> None:
+        """Write the output and error files in input order, a stride of lines at a time (their
+        chunks stored from a thread, the file hidden until the end), then show them with the
+        batch's final state in one transaction."""
         batch = running.batch
         batch.status, batch.finalizing_at = "finalizing", batch.finalizing_at or time.time()
         await self.coord.journal.flush()  # the finished requests' records are committed first
         self.store.put_batch(batch)
         answered = self.store.line_answers(batch.id)
         chat = ENDPOINTS[batch.endpoint]
-        by_index: dict[int, dict[str, Any]] = dict(answered)
-        outputs: set[int] = set()
-        for n, line in enumerate(lines):
-            if n % FINALIZE_STRIDE == FINALIZE_STRIDE - 1:
-                await asyncio.sleep(0)  # 50,000 answers are seconds of work: others' requests go on
-            if line.index in by_index:
-                continue
-            job = running.jobs.get(line.index) or self.coord.book.duplicate(self._keyed(batch, line))
-            if job is None:  # cannot happen: every unanswered line was submitted
-                by_index[line.index] = _error_line(line.custom_id, "lost", "the request was not found", 500)
-                continue
-            ok, answer = _job_answer(line, job, batch.ending, chat)
-            by_index[line.index] = answer
-            if ok:
-                outputs.add(line.index)
-        order = sorted(by_index)
-        out, err = await asyncio.to_thread(_files, by_index, order, outputs)  # the answers are plain data
-        files: list[tuple[FileRecord, bytes]] = []
-        now = time.time()
-        # the final state is built on a copy and shown only once committed: a client polling the
-        # batch must not see its output file before the file can be read
-        final = dataclasses.replace(batch)
-        for name, content in (("output", out), ("error", err)):
-            if content:
-                rec = FileRecord(
-                    new_id("file-"),
-                    batch.tenant,
-                    f"{batch.id}_{name}.jsonl",
-                    "batch_output",
-                    len(content),
-                    int(now),
-                )
-                files.append((rec, content))
-                setattr(final, f"{name}_file_id", rec.id)
-        final.completed, final.failed = len(outputs), len(order) - len(outputs)
-        final.status = batch.ending
-        setattr(final, f"{batch.ending}_at", now)
-        await asyncio.to_thread(self.store.finalize, final, files)
+        by_index = {line.index: line for line in lines}
+        files = _OutputFiles(self.store, batch)
+        completed = failed = 0
+        try:
+            outputs: list[dict[str, Any]] = []
+            errors: list[dict[str, Any]] = []
+            for n, index in enumerate(sorted(by_index.keys() | answered.keys())):
+                if n % FINALIZE_STRIDE == FINALIZE_STRIDE - 1:  # others' requests go on meanwhile
+                    await asyncio.to_thread(files.write, outputs, errors)
+                    outputs, errors = [], []
+                if index in answered:
+                    errors.append(answered[index])
+                    failed += 1
+                    continue
+                line = by_index[index]
+                job = running.jobs.get(index) or self.coord.book.duplicate(self._keyed(batch, line))
+                if job is None:  # cannot happen: every unanswered line was submitted
+                    ok, answer = False, _error_line(line.custom_id, "lost", "the request was not found", 500)
+                else:
+                    ok, answer = _job_answer(line, job, batch.ending, chat)
+                (outputs if ok else errors).append(answer)
+                completed += ok
+                failed += not ok
+            await asyncio.to_thread(files.write, outputs, errors, True)
+            # the final state is built on a copy and shown only once committed: a client polling
+            # the batch must not see its output file before the file can be read
+            final = dataclasses.replace(batch)
+            for name, writer in files.writers.items():
+                setattr(final, f"{name}_file_id", writer.record.id)
+            final.completed, final.failed = completed, failed
+            final.status = batch.ending
+            setattr(final, f"{batch.ending}_at", time.time())
+            await asyncio.to_thread(self.store.finalize, final, list(files.writers.values()))
+        except BaseException:
+            files.discard()
+            raise
         running.batch = batch = final
         log.info(
             "batch %s %s: %d completed, %d failed", batch.id, batch.status, batch.completed, batch.failed
         )
+
+
+class _OutputFiles:
+    """A batch's output and error files on their way into the store, each created with its first
+    line (a batch with no error has no error file)."""
+
+    def __init__(self, store: BatchStore, batch: BatchRecord) -> None:
+        self.store = store
+        self.batch = batch
+        self.writers: dict[str, FileWriter] = {}
+
+    def write(self, outputs: list[dict[str, Any]], errors: list[dict[str, Any]], last: bool = False) -> None:
+        for name, answers in (("output", outputs), ("error", errors)):
+            writer = self.writers.get(name)
+            if answers and writer is None:
+                filename = f"{self.batch.id}_{name}.jsonl"
+                writer = self.writers[name] = self.store.new_file(self.batch.tenant, filename, "batch_output")
+            if writer is not None:
+                if answers:
+                    writer.write("".join(json.dumps(a) + "\n" for a in answers).encode())
+                if last:
+                    writer.flush()
+
+    def discard(self) -> None:
+        for writer in self.writers.values():
+            self.store.discard(writer)
 
 
 def visible(batch_or_file: BatchRecord | FileRecord, tenant: str, admin: bool) -> bool:

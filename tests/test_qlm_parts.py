@@ -177,6 +177,34 @@ def test_the_request_left_waiting_binds_one_place_past_the_engine_queues_limit()
     assert e.dispatched_at == 0.3 and engines.handed["i0"] == ["left"] and "left" in d.bound_early
 
 
+def test_a_looser_tier_bound_early_does_not_keep_a_tighter_one_out() -> None:
+    """Three tiers of TTFT (0.5 s, 3 s, batch): the engine queue's places for urgent requests are
+    taken by 3-s requests bound early. A 0.5-s request arriving after them binds all the same,
+    since the engine ranks it ahead of them; another 3-s request does not. (A tier of 3-s requests
+    bound early kept the 0.5-s tier out: 94% of its TTFTs met at 3.5x the load where EDF met 99.9%.)"""
+    places = EARLY_BIND_MAX_WAITING
+    full = state(num_running=64, num_waiting=places, num_waiting_urgent=places)
+    d, queue, _, engines = dispatcher(full)
+    engines.qlm_instance_state = lambda instance_id, detail: full  # type: ignore[attr-defined]
+
+    def arrive(rid: str, at: float, ttft_s: float) -> Any:
+        r = Request(rid, MODEL, 100, 64, at, SLO(at + ttft_s, None), slo_class="t")
+        e = queue.entries[rid] = queue.entry(r, LengthDistribution.point(64))
+        d.enqueue(e)
+        return e
+
+    for i in range(places):  # what filled the queue: 3-s requests bound early
+        e = arrive(f"standard-{i}", 0.1 * i, 3.0)
+        e.instance, e.dispatched_at = "i0", 0.1 * i
+        d.bound_early[e.request.id] = e
+    later = arrive("standard-late", 1.0, 3.0)
+    d.bind_early(later, 1.0)
+    assert later.dispatched_at is None
+    premium = arrive("premium", 1.0, 0.5)
+    d.bind_early(premium, 1.0)
+    assert premium.dispatched_at == 1.0 and engines.handed["i0"] == ["premium"]
+
+
 def urgent(d: Dispatcher, queue: GlobalQueue, rid: str, prompt: int, deadline: float) -> Any:
     r = Request(rid, MODEL, prompt, 16, 0.0, SLO(deadline, None), slo_class="interactive")
     e = queue.entries[rid] = queue.entry(r, LengthDistribution.point(16))

@@ -114,12 +114,19 @@ class Dispatcher:
         if not serving:
             return
 
+        budget = _ttft_budget(entry)
+
         def urgent_waiting(v: InstanceView) -> int:
-            # The engine's own queue, as it reports it now: the TTFT-bound requests waiting there.
+            # The engine's own queue, as it reports it now: the TTFT-bound requests waiting there,
+            # less those of a looser tier bound early there, which the engine ranks behind this one
+            # (else a tier of 3-s requests bound early keeps out the 0.5-s ones arriving after them;
+            # within a tier the limit holds as it is).
             if v.state is None or v.state.num_waiting == 0:
                 return 0
             state = self.hook.qlm_instance_state(instance_id=v.instance_id, detail=False)
-            return int(state.num_waiting_urgent)
+            here = (e for e in self.bound_early.values() if e.instance == v.instance_id)
+            looser = sum(1 for e in here if _ttft_budget(e) > budget)
+            return max(0, int(state.num_waiting_urgent) - looser)
 
         # Ask at most two engines (the least loaded first): the answer costs a copy of their queue.
         # The engine that would start it soonest: its queue, at its GPU's speed.
@@ -374,3 +381,9 @@ def doomed(e: Entry, now: float) -> bool:
         return now > d
     d = e.request.slo.e2e_deadline
     return d is not None and now + e.service_s > d
+
+
+def _ttft_budget(e: Entry) -> float:
+    """The request's first-token budget from its arrival, rounded to a millisecond (its tier)."""
+    due = e.request.slo.ttft_deadline
+    return math.inf if due is None else round(due - e.request.arrival_time, 3)

@@ -301,6 +301,14 @@ def test_versioned_bench_scenarios_are_valid() -> None:
     assert len(b.instance_ids()) < len(b.models)  # B forces model swapping
 
 
+def test_the_probe_scenarios_are_valid_and_say_how_to_run_them() -> None:
+    probes = sorted((ROOT / "scenarios" / "probes").glob("*.yaml"))
+    assert len(probes) >= 5
+    for path in probes:
+        load_scenario(path)
+        assert f"qlm bench --scenarios scenarios/probes/{path.name}" in path.read_text()
+
+
 # ------------------------------------------------------------------------------------------ command line
 
 

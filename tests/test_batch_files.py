@@ -234,6 +234,17 @@ def test_a_batch_output_is_stored_a_chunk_at_a_time_and_shown_only_with_the_fina
     assert [x + b"\n" for x in store.file_lines(writer.record.id)][:-1] == lines
     got = store.get_batch("batch-1")
     assert got is not None and got.status == "completed" and got.output_file_id == writer.record.id
+    stopped = store.new_file("t", "batch-2_output.jsonl", "batch_output")  # a batch stopped mid-write
+    stopped.write(b"x" * 10)
+    store.discard(stopped)
+    stopped.flush()  # a write still running in its thread as the batch stopped: dropped
+    assert (
+        store._db.execute(
+            "SELECT count(*) FROM file_chunks WHERE file_rowid = ?", (stopped.rowid,)
+        ).fetchone()[0]
+        == 0
+    )
+    assert store.file_content(writer.record.id) == b"".join(lines)
     store.close()
 
 

@@ -537,14 +537,19 @@ class BatchStore:
                 )
             self._write_batch(batch)
 
-    def _append_chunk(self, rowid: int, seq: int, data: bytes) -> None:
+    def _append_chunk(self, rowid: int, seq: int, data: bytes, writer: FileWriter | None = None) -> None:
         with self._lock:
+            if writer is not None and writer.discarded:  # a write still running as its batch stopped
+                return
             self._db.execute(
                 "INSERT INTO file_chunks (file_rowid, seq, data) VALUES (?, ?, ?)", (rowid, seq, data)
             )
 
     def discard(self, writer: FileWriter) -> None:
+        """Delete a file being written; a chunk its writer stores later is dropped (its rowid may
+        belong to another file by then)."""
         with self._lock, self._transaction():
+            writer.discarded = True
             self._delete(writer.rowid)
 
 
@@ -555,6 +560,7 @@ class FileWriter:
     def __init__(self, store: BatchStore, record: FileRecord, rowid: int) -> None:
         self.record = record  # its ``bytes``: what was written so far
         self.rowid = rowid
+        self.discarded = False
         self._store = store
         self._pending: list[bytes] = []
         self._pending_bytes = 0
@@ -574,7 +580,7 @@ class FileWriter:
         data = b"".join(self._pending)
         self._pending.clear()
         self._pending_bytes = 0
-        self._store._append_chunk(self.rowid, self._seq, data)
+        self._store._append_chunk(self.rowid, self._seq, data, self)
         self._seq += 1
 
 

@@ -309,12 +309,7 @@ class BatchStore:
         # a chunk per transaction: between chunks the lock is free for other work.
         with self._lock, self._transaction():
             self._check_room(tenant, size, max_stored_bytes)
-            rowid = self._db.execute(
-                "INSERT INTO files (id, tenant, filename, purpose, bytes, created_at, content, complete)"
-                " VALUES (?, ?, ?, ?, ?, ?, X'', 0)",
-                (rec.id, rec.tenant, rec.filename, rec.purpose, size, rec.created_at),
-            ).lastrowid
-        assert rowid is not None
+            rowid = self._insert_hidden(rec)
         try:
             done = seq = 0
             while done < size:
@@ -337,6 +332,16 @@ class BatchStore:
             used = self._tenant_bytes(tenant)
             if used + size > max_stored_bytes:
                 raise StoredBytesExceeded(used)
+
+    def _insert_hidden(self, rec: FileRecord) -> int:
+        """A file's row without its bytes (its chunk rows follow), hidden until marked complete."""
+        rowid = self._db.execute(
+            "INSERT INTO files (id, tenant, filename, purpose, bytes, created_at, content, complete)"
+            " VALUES (?, ?, ?, ?, ?, ?, X'', 0)",
+            (rec.id, rec.tenant, rec.filename, rec.purpose, rec.bytes, rec.created_at),
+        ).lastrowid
+        assert rowid is not None
+        return rowid
 
     def _insert_file(self, rec: FileRecord, content: bytes) -> None:
         self._db.execute(
@@ -517,12 +522,7 @@ class BatchStore:
         :meth:`finalize` shows it with the batch's final state."""
         rec = FileRecord(new_id("file-"), tenant, filename, purpose, 0, int(time.time()))
         with self._lock:
-            rowid = self._db.execute(
-                "INSERT INTO files (id, tenant, filename, purpose, bytes, created_at, content, complete)"
-                " VALUES (?, ?, ?, ?, 0, ?, X'', 0)",
-                (rec.id, rec.tenant, rec.filename, rec.purpose, rec.created_at),
-            ).lastrowid
-        assert rowid is not None
+            rowid = self._insert_hidden(rec)
         return FileWriter(self, rec, rowid)
 
     def finalize(self, batch: BatchRecord, files: Sequence[FileWriter]) -> None:

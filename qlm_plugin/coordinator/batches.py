@@ -658,7 +658,7 @@ class _OutputFiles:
                     writer.flush()
 
     def discard(self) -> None:
-        for writer in self.writers.values():
+        for writer in list(self.writers.values()):  # a write may still run in its thread
             self.store.discard(writer)
 
 

@@ -137,6 +137,9 @@ class SimInstance:
         self._max_num_seqs_override = max_num_seqs
         self._max_batched_override = max_num_batched_tokens
         self.max_macro_steps = max_macro_steps  # 1: one event per engine step (the reference for tests)
+        # The host's slowness at a time (1: as the cost model says). A calibration replay sets it
+        # from the steps a real engine measured, with ``max_macro_steps`` 1 so each step reads it.
+        self.step_time_scale: Callable[[float], float] | None = None
         self.fleet: Driver | None = None
         self.rank_key: Callable[[Request, str, float], Hashable] = lambda r, i, n: (r.arrival_time, r.id)
         self.select_victim: Callable[[list[RunningView], str, float], RunningView] = lambda c, i, n: c[-1]
@@ -808,7 +811,10 @@ class SimInstance:
         n_dec = len(self.decoding)
         if n_dec == 0 and not prefill and transfer == 0.0:
             return  # idle until a dispatch or command wakes the instance
-        dt = cost.step_s(prefill_tokens, n_dec) + transfer
+        dt = cost.step_s(prefill_tokens, n_dec)
+        if self.step_time_scale is not None:
+            dt *= self.step_time_scale(now)
+        dt += transfer
         k = 1
         if not prefill and transfer == 0.0 and not admit_possible and not self.pending_evictions:
             k_finish = self.finish_heap[0][0] - self.ctr if self.finish_heap else self.max_macro_steps

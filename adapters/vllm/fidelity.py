@@ -67,6 +67,17 @@ def read_served(path: Path) -> dict[str, Served]:
     return served
 
 
+def _busy_times(steps: Sequence[StepTiming]) -> tuple[list[StepTiming], np.ndarray]:
+    """The steps by start, and each one's time as :func:`fit` counts it."""
+    ordered = sorted(steps, key=lambda s: s.start)
+    y = np.array([s.duration_s for s in ordered])
+    for i in range(len(ordered) - 1):
+        gap = ordered[i + 1].start - (ordered[i].start + ordered[i].duration_s)
+        if 0.0 <= gap < BUSY_GAP_S:
+            y[i] += gap
+    return ordered, y
+
+
 def fit(steps: Sequence[StepTiming]) -> tuple[float, float, float]:
     """Non-negative least squares of step time = b0 + b1*prefill + b2*decode, in microseconds.
     (Clipping an unconstrained fit instead is wrong: on a tiny model a step's time hardly grows with
@@ -77,18 +88,57 @@ def fit(steps: Sequence[StepTiming]) -> tuple[float, float, float]:
     starts within :data:`BUSY_GAP_S` of its end): the engine's own work between two steps (its
     outputs to the API server, the next schedule) is time its requests wait too, about 10% of a
     step on vLLM-CPU here. After an idle gap, the step's own duration."""
+    ordered, y = _busy_times(steps)
+    return _nnls(ordered, y)
+
+
+def _nnls(ordered: Sequence[StepTiming], y: np.ndarray) -> tuple[float, float, float]:
     from scipy.optimize import nnls
 
-    ordered = sorted(steps, key=lambda s: s.start)
     x = np.array([[1.0, s.prefill_tokens, s.decode_tokens] for s in ordered])
-    y = np.array([s.duration_s for s in ordered])
-    for i in range(len(ordered) - 1):
-        gap = ordered[i + 1].start - (ordered[i].start + ordered[i].duration_s)
-        if 0.0 <= gap < BUSY_GAP_S:
-            y[i] += gap
     coef, _ = nnls(x, y)
     b0, b1, b2 = (float(c) * 1e6 for c in coef)
     return b0, b1, b2
+
+
+@dataclass(frozen=True, slots=True)
+class HostSpeed:
+    """How slow the host ran in each window of a trace, against the fitted step cost: 1.2 means
+    its steps took 20% longer than the cost model says. A shared CPU's speed moves that much within
+    seconds (other tenants, frequency), which no step cost can follow."""
+
+    origin: float  #: unix seconds of time 0 of the replay
+    window_s: float
+    slowness: tuple[float, ...]
+
+    def __call__(self, t: float) -> float:
+        """The slowness at ``t`` seconds of the replay (the nearest window's outside the trace)."""
+        i = min(max(int(t // self.window_s), 0), len(self.slowness) - 1)
+        return self.slowness[i]
+
+
+def fit_with_host_speed(
+    steps: Sequence[StepTiming], origin: float, window_s: float
+) -> tuple[tuple[float, float, float], HostSpeed]:
+    """:func:`fit`, with the host's speed in each ``window_s`` window of the trace fitted alongside:
+    step time = slowness(window) * (b0 + b1*prefill + b2*decode). A few rounds of fitting one with
+    the other fixed; the slowness is normalised to a median of 1 so the step cost stays the typical
+    one. A window with few steps (under 20) takes the slowness of the whole trace."""
+    ordered, y = _busy_times(steps)
+    window = np.array([max(0, int((s.start - origin) // window_s)) for s in ordered])
+    x = np.array([[1.0, s.prefill_tokens, s.decode_tokens] for s in ordered])
+    n = int(window.max()) + 1 if len(ordered) else 1
+    slowness = np.ones(n)
+    coef = _nnls(ordered, y)
+    for _ in range(4):
+        predicted = x @ (np.array(coef) * 1e-6)
+        for w in range(n):
+            mask = window == w
+            slowness[w] = y[mask].sum() / predicted[mask].sum() if mask.sum() >= 20 else np.nan
+        slowness = np.where(np.isnan(slowness), 1.0, slowness)
+        slowness /= float(np.median(slowness))
+        coef = _nnls(ordered, y / slowness[window])
+    return coef, HostSpeed(origin, window_s, tuple(float(v) for v in slowness))
 
 
 def fitted_profile(
@@ -117,9 +167,13 @@ def calibrated_model(
     )
 
 
-def replay(requests: Sequence[Replayed], cost: CostModel) -> list[RequestOutcome]:
-    """The requests through one simulated engine with ``cost``; outcomes in the input order."""
-    inst = SimInstance("replay", "cpu", {"tiny": cost}, initial_model="tiny")
+def replay(
+    requests: Sequence[Replayed], cost: CostModel, host: HostSpeed | None = None
+) -> list[RequestOutcome]:
+    """The requests through one simulated engine with ``cost`` (each step scaled by the ``host``'s
+    slowness at its time, where given); outcomes in the input order."""
+    inst = SimInstance("replay", "cpu", {"tiny": cost}, initial_model="tiny", max_macro_steps=1)
+    inst.step_time_scale = host
     fleet = SimFleet([inst])
     reqs = [
         Request(

@@ -1,7 +1,8 @@
 """Start a vLLM OpenAI server in a child process (tests, benchmarks, the GPU script).
 
 On a CPU-only machine the child gets ``cpu_compat`` on its ``PYTHONPATH`` (see its docstring),
-``VLLM_CPU_KVCACHE_SPACE`` and offline mode. ``python -m vllm.entrypoints.openai.api_server`` is used
+``VLLM_CPU_KVCACHE_SPACE``, offline mode, and its model run in the engine core process (no worker
+process: :func:`cpu_env`). ``python -m vllm.entrypoints.openai.api_server`` is used
 because the ``vllm`` command looks up the distribution named ``vllm``, absent under ``vllm-cpu``.
 """
 
@@ -67,6 +68,13 @@ def cpu_env(env: dict[str, str] | None = None) -> dict[str, str]:
     env.setdefault("HF_HUB_OFFLINE", "1")
     env.setdefault("TRANSFORMERS_OFFLINE", "1")
     env.setdefault("VLLM_SERVER_DEV_MODE", "1")  # /pause, /resume, /sleep, /wake_up
+    if "VLLM_ENABLE_V1_MULTIPROCESSING" not in env:
+        # The model runs in the engine core process, as on a GPU with one device: vLLM-CPU otherwise
+        # starts a worker process too (about 10 s more per engine start here, one more import of
+        # torch) and the core busy-waits on it through every step. Its threads are then ours to
+        # set: all CPUs but one for the server, as vLLM's own binding of a worker would take.
+        env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        env.setdefault("OMP_NUM_THREADS", str(max(1, len(os.sched_getaffinity(0)) - 1)))
     return env
 
 
@@ -194,7 +202,9 @@ def start_engine(
         cmd = [*python_command("qlm_plugin.deploy.process_group", *(["--tied"] if tied else []), "--"), *cmd]
     child_env = dict(os.environ if env is None else env)
     if cpus is not None:
-        child_env["VLLM_CPU_OMP_THREADS_BIND"] = cpus
+        child_env["VLLM_CPU_OMP_THREADS_BIND"] = cpus  # the worker's, where vLLM starts one
+        if child_env.get("VLLM_ENABLE_V1_MULTIPROCESSING") == "0":
+            child_env["OMP_NUM_THREADS"] = str(len(cpu_ids(cpus)))  # the engine core computes
     log.parent.mkdir(parents=True, exist_ok=True)
     out = open(log, "ab")  # noqa: SIM115 - the child owns it
     proc = subprocess.Popen(

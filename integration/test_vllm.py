@@ -194,6 +194,50 @@ def test_a_completion_through_the_front_door_runs_on_an_engine(stack: Stack) -> 
     assert out["qlm"]["instance_id"] in stack.engines and out["qlm"]["slo_met"] is True
 
 
+def test_structured_output_is_honoured_by_the_engine_and_a_request_it_refuses_is_a_400(stack: Stack) -> None:
+    """``response_format`` and vLLM's ``structured_outputs`` reach the engine, whose grammar
+    backend constrains the tiny random model's output; a constraint the engine cannot compile is
+    its 400, at once (not three attempts on the engines, then a 500). The official SDK drives it."""
+    import openai
+
+    client = openai.OpenAI(base_url=f"{stack.url}/v1", api_key="unused", max_retries=0, timeout=120)
+    messages = [{"role": "user", "content": "yes or no?"}]
+    schema = {"type": "string", "enum": ["yes", "no"]}
+    for _ in range(3):  # a random model: unconstrained, it would not make these once
+        chat = client.chat.completions.create(
+            model=MODEL,
+            messages=messages,  # type: ignore[arg-type]
+            max_tokens=20,
+            response_format={"type": "json_schema", "json_schema": {"name": "answer", "schema": schema}},
+        )
+        assert json.loads(chat.choices[0].message.content or "") in ("yes", "no")
+        completion = client.completions.create(
+            model=MODEL,
+            prompt="colour:",
+            max_tokens=20,
+            extra_body={"structured_outputs": {"choice": ["red", "green", "blue"]}},
+        )
+        assert completion.choices[0].text in ("red", "green", "blue")
+    started = time.monotonic()
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.completions.create(
+            model=MODEL, prompt="x", max_tokens=5, extra_body={"structured_outputs": {"regex": "(("}}
+        )
+    assert "refused it" in str(refused.value) and "regex" in str(refused.value)
+    assert time.monotonic() - started < 30  # no retries on the other engine
+    with pytest.raises(openai.BadRequestError) as bad_schema:  # refused at the door: no engine asked
+        client.chat.completions.create(
+            model=MODEL,
+            messages=messages,  # type: ignore[arg-type]
+            max_tokens=5,
+            response_format={
+                "type": "json_schema",
+                "json_schema": {"name": "answer", "schema": {"type": "strin"}},
+            },
+        )
+    assert "response_format.json_schema.schema" in str(bad_schema.value)
+
+
 def test_a_client_priority_and_a_token_id_prompt_are_served_by_an_engine_started_as_the_docs_say(
     stack: Stack,
 ) -> None:

@@ -47,12 +47,14 @@ async def run(
     healthy: bool = True,
     lost: list[str] | None = None,
     status: int = 200,
+    error_chunk: dict[str, Any] | None = None,
 ) -> list[pb.RequestEvent]:
     """The events of one attempt of ``served`` (default: a fresh job) on an engine that streams
     ``tokens`` tokens, the text of the last ``held_back`` of them never coming (a partial character),
     and ends with ``finish_reason``; the events are applied to the job as the dispatcher does.
     ``healthy``: whether the engine's health check answers after; ``lost`` gets the reasons the
-    engine was reported lost; ``status``: the engine's answer (not 200: an error, no stream)."""
+    engine was reported lost; ``status``: the engine's answer (not 200: an error, no stream);
+    ``error_chunk``: an error the engine sends instead, once the stream has begun."""
 
     async def health(request: web.Request) -> web.Response:
         return web.Response(status=200 if healthy else 503)
@@ -62,6 +64,9 @@ async def run(
             return web.Response(status=status, text="cannot schedule new futures after shutdown")
         resp = web.StreamResponse(headers={"content-type": "text/event-stream"})
         await resp.prepare(request)
+        if error_chunk is not None:
+            await resp.write(b"data: " + json.dumps(error_chunk).encode() + b"\n\ndata: [DONE]\n\n")
+            return resp
         for i, text in enumerate((" a", " b", " c")[:tokens]):
             last = i == tokens - 1
             choice = {
@@ -162,15 +167,34 @@ def test_an_engine_that_dropped_the_stream_and_no_longer_answers_is_drained(
 
 def test_an_engine_that_answers_an_error_and_no_longer_answers_is_drained() -> None:
     """An engine on its way down answers 500 (vLLM: "cannot schedule new futures after shutdown"):
-    drained at once if its health check fails too, else the request is served again; a 4xx is the
-    request's own fault (served again, counted, as before)."""
+    drained at once if its health check fails too, else the request is served again."""
     lost: list[str] = []
     events = asyncio.run(run("length", healthy=False, lost=lost, status=500))
     assert not events and len(lost) == 1 and "HTTP 500" in lost[0]
-    for healthy, status in ((True, 500), (False, 400)):
-        lost.clear()
-        events = asyncio.run(run("length", healthy=healthy, lost=lost, status=status))
-        assert not lost and [e.kind for e in events] == [Event.FAILED]
+    lost.clear()
+    events = asyncio.run(run("length", healthy=True, lost=lost, status=500))
+    assert not lost and [e.kind for e in events] == [Event.FAILED]
+
+
+@pytest.mark.parametrize("status", [400, 413, 422])
+def test_a_request_the_engine_refuses_is_refused_not_served_again(status: int) -> None:
+    """A 4xx is the request's own fault (a schema its grammar backend cannot compile, a token id
+    past its vocabulary): another engine would refuse it too, so the request fails at once with the
+    engine's answer (it was served again, and failed after three attempts with a 500)."""
+    lost: list[str] = []
+    events = asyncio.run(run("length", healthy=False, lost=lost, status=status))
+    assert not lost and [e.kind for e in events] == [Event.REFUSED]
+    assert f"HTTP {status}: cannot schedule" in events[0].error
+
+
+@pytest.mark.parametrize(("code", "kind"), [(400, Event.REFUSED), (500, Event.FAILED), (None, Event.FAILED)])
+def test_an_error_sent_inside_the_stream_ends_the_attempt(code: int | None, kind: int) -> None:
+    """vLLM checks a structured-output request after its stream has begun: the error comes as a
+    chunk (it was read as a stream that ended without a finish reason, and served again)."""
+    error = {"error": {"message": "Grammar error: invalid regex", "type": "BadRequestError", "code": code}}
+    events = asyncio.run(run("length", error_chunk=error))
+    assert [e.kind for e in events] == [kind]
+    assert events[0].error.startswith(f"HTTP {code or 500}: Grammar error: invalid regex (from http://")
 
 
 def test_a_stalled_stream_fails_the_attempt_after_the_read_timeout() -> None:

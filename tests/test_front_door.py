@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from qlm_plugin.coordinator.http_api import BadRequest, parse_openai
+from qlm_plugin.coordinator.openai_params import structured_output_field
 
 
 def parse(body: Any, headers: dict[str, str] | None = None, chat: bool = False) -> Any:
@@ -389,7 +390,6 @@ def test_a_prompt_of_token_ids_is_accepted(prompt: Any) -> None:
         ({**CHAT, "tools": [{"type": "function", "function": {"name": "f"}}]}, True, "tools"),
         ({**CHAT, "tool_choice": "required"}, True, "tool_choice"),
         ({**CHAT, "tool_choice": {"type": "function", "function": {"name": "f"}}}, True, "tool_choice"),
-        ({**CHAT, "response_format": {"type": "json_object"}}, True, "response_format"),
         ({**BASE, "stream_options": ["include_usage"]}, False, "stream_options"),
     ],
 )
@@ -397,6 +397,73 @@ def test_what_the_coordinator_cannot_carry_is_refused_saying_so(body: Any, chat:
     err = refused(body, chat=chat)
     assert err.param == param
     assert "not supported by the coordinator" in str(err)
+
+
+SCHEMA = {"type": "object", "properties": {"answer": {"enum": ["yes", "no"]}}, "required": ["answer"]}
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "carried"),
+    [
+        ("response_format", {"type": "json_object"}, {"type": "json_object"}),
+        (
+            "response_format",
+            {"type": "json_schema", "json_schema": {"name": "a", "schema": SCHEMA, "strict": True, "x": 1}},
+            {"type": "json_schema", "json_schema": {"name": "a", "schema": SCHEMA, "strict": True}},
+        ),
+        ("structured_outputs", {"choice": ["red", "blue"]}, {"choice": ["red", "blue"]}),
+        ("structured_outputs", {"regex": "[0-9]+", "disable_any_whitespace": True}, None),
+        ("structured_outputs", {"json": json.dumps(SCHEMA)}, {"json": SCHEMA}),
+        ("structured_outputs", {"grammar": 'root ::= "a"'}, None),
+        ("structured_outputs", {"json_object": True}, None),
+    ],
+)
+def test_structured_output_is_carried_to_the_engine(field: str, value: Any, carried: Any) -> None:
+    for chat, body in ((True, CHAT), (False, BASE)):
+        spec, _, _ = parse({**body, field: value}, chat=chat)
+        assert json.loads(spec.sampling[field]) == (carried or value)
+        assert structured_output_field(spec.sampling) == field
+    spec, _, _ = parse({**CHAT, "response_format": {"type": "text"}}, chat=True)
+    assert structured_output_field(spec.sampling) is None  # asks for nothing: any instance serves it
+
+
+@pytest.mark.parametrize(
+    ("value", "param", "message"),
+    [
+        ({"response_format": "json"}, "response_format", "a type among text, json_object, json_schema"),
+        ({"response_format": {"type": "structural_tag"}}, "response_format", "a type among"),
+        ({"response_format": {"type": "json_schema"}}, "response_format.json_schema", "a name and a schema"),
+        (
+            {"response_format": {"type": "json_schema", "json_schema": {"schema": SCHEMA}}},
+            "response_format.json_schema.name",
+            "non-empty string",
+        ),
+        (
+            {"response_format": {"type": "json_schema", "json_schema": {"name": "a", "schema": {"type": 1}}}},
+            "response_format.json_schema.schema",
+            "not a valid JSON Schema at type",
+        ),
+        (
+            {"response_format": {"type": "json_schema", "json_schema": {"name": "a", "schema": [1]}}},
+            "response_format.json_schema.schema",
+            "a JSON Schema (an object)",
+        ),
+        ({"structured_outputs": {}}, "structured_outputs", "exactly one of json, regex"),
+        ({"structured_outputs": {"regex": "a", "choice": ["a"]}}, "structured_outputs", "got regex, choice"),
+        ({"structured_outputs": {"choice": []}}, "structured_outputs.choice", "non-empty list of strings"),
+        ({"structured_outputs": {"json": "{no"}}, "structured_outputs.json", "the text is not JSON"),
+        ({"structured_outputs": {"json_object": False}}, "structured_outputs.json_object", "must be true"),
+        ({"structured_outputs": {"regx": "a"}}, "structured_outputs.regx", "unknown field"),
+        (
+            {"structured_outputs": {"regex": "a", "disable_any_whitespace": "yes"}},
+            "structured_outputs.disable_any_whitespace",
+            "true or false",
+        ),
+    ],
+)
+def test_a_malformed_structured_output_names_its_field(value: Any, param: str, message: str) -> None:
+    err = refused({**CHAT, **value}, chat=True)
+    assert err.param == param and message in str(err)
 
 
 def test_harmless_openai_fields_are_accepted_and_unknown_ones_ignored() -> None:
@@ -437,7 +504,12 @@ QLM = st.dictionaries(
 @settings(max_examples=300, deadline=None)
 @given(
     st.dictionaries(
-        st.sampled_from(["model", "prompt", "max_tokens", "stream_options", "n", "stop", "seed", "top_k"]),
+        st.sampled_from(
+            [
+                *("model", "prompt", "max_tokens", "stream_options", "n", "stop", "seed", "top_k"),
+                *("response_format", "structured_outputs"),
+            ]
+        ),
         st.recursive(
             st.none() | st.booleans() | ODD_INTS | st.floats() | ODD_TEXT,
             lambda inner: st.lists(inner, max_size=3) | st.dictionaries(ODD_TEXT, inner, max_size=3),

@@ -15,7 +15,14 @@ import aiohttp
 
 from qlm_plugin.adapters.openai.limiter import ConcurrencyLimiter
 from qlm_plugin.proto.qlm.v1 import qlm_pb2 as pb
-from qlm_plugin.transport.openai_client import TokenizeError, sse_data, tokenize
+from qlm_plugin.transport.openai_client import (
+    REFUSED_STATUSES,
+    TokenizeError,
+    error_message,
+    sse_data,
+    stream_error,
+    tokenize,
+)
 
 log = logging.getLogger("qlm_plugin.adapters.openai")
 Event = pb.RequestEvent
@@ -81,7 +88,9 @@ class OpenAIEngineLink:
         self.instance_id = settings.instance_id
         self.gpu = settings.gpu
         self.endpoint = ""  # requests come over the pull stream: this agent calls the server itself
-        caps = ["evict"]
+        # structured output: the server is sent the request's response_format as given (one that
+        # cannot honour it refuses it, and the request fails with its answer)
+        caps = ["evict", "structured_output"]
         if settings.load_command or settings.unload_command:
             caps.append("load_model")
         self.capabilities: Sequence[str] = caps
@@ -316,9 +325,8 @@ class OpenAIEngineLink:
                     emit(_event(rid, attempt, Event.REQUEUED, error=f"server busy: HTTP {r.status}"))
                     return
                 if r.status != 200:
-                    emit(
-                        _event(rid, attempt, Event.FAILED, error=f"HTTP {r.status}: {(await r.text())[:300]}")
-                    )
+                    kind = Event.REFUSED if r.status in REFUSED_STATUSES else Event.FAILED
+                    emit(_event(rid, attempt, kind, error=error_message(r.status, await r.text())))
                     return
                 async for raw in r.content:
                     data = sse_data(raw)
@@ -327,7 +335,13 @@ class OpenAIEngineLink:
                     chunk = json.loads(data)
                     if not isinstance(chunk, dict):
                         raise ValueError(f"a stream chunk that is not an object: {data[:100]!r}")
-                    if chunk.get("error"):  # the server failed it mid-stream
+                    failed = stream_error(chunk)
+                    if failed is not None:  # the server failed (or refused) it once the stream began
+                        status, error = failed
+                        kind = Event.REFUSED if status in REFUSED_STATUSES else Event.FAILED
+                        emit(_event(rid, attempt, kind, error=error))
+                        return
+                    if chunk.get("error"):  # an error that is not an object
                         raise ValueError(f"the server's error: {str(chunk['error'])[:300]}")
                     completion_tokens = (chunk.get("usage") or {}).get("completion_tokens")
                     if isinstance(completion_tokens, int):

@@ -31,7 +31,7 @@ import numpy as np
 from qlm_plugin.coordinator.batch_store import FINAL, BatchRecord, BatchStore, FileRecord, FileWriter, new_id
 from qlm_plugin.coordinator.config import BatchSettings
 from qlm_plugin.coordinator.coordinator import RESERVED_KEY_PREFIX, Coordinator
-from qlm_plugin.coordinator.http_api import SUBMIT_HTTP, completion_body, parse_openai
+from qlm_plugin.coordinator.http_api import SUBMIT_HTTP, completion_body, parse_openai, unfinished
 from qlm_plugin.coordinator.jobs import Job, SubmitError
 from qlm_plugin.coordinator.openai_params import BadRequest
 from qlm_plugin.domain.distributions import WaitEstimate
@@ -225,8 +225,7 @@ def _job_answer(line: Line, job: Job, ending: str, chat: bool) -> tuple[bool, di
             else "the batch was cancelled before the request finished"
         )
         return False, {**_error_line(line.custom_id, code, message), "id": f"batch_req_{job.id}"}
-    status = 499 if job.state == "cancelled" else 500
-    message = f"request {job.id} {job.state}: {job.error}"
+    status, message = unfinished(job)
     answer = _error_line(line.custom_id, job.state, message, status, job.id)
     return False, {**answer, "id": f"batch_req_{job.id}"}
 

@@ -28,6 +28,7 @@ from qlm_plugin.coordinator.dispatch import Dispatcher
 from qlm_plugin.coordinator.instances import PendingCommand, RemoteFleet, Session
 from qlm_plugin.coordinator.jobs import CALLER_GONE, Chunk, Job, JobBook, JobsView, SubmitError, check_names
 from qlm_plugin.coordinator.journal import TERMINAL, Journal
+from qlm_plugin.coordinator.openai_params import STRUCTURED_OUTPUT, structured_output_field
 from qlm_plugin.coordinator.prompt_tokens import PromptCounter
 from qlm_plugin.coordinator.registry import InstanceRegistry
 from qlm_plugin.domain.distributions import WaitEstimate
@@ -344,6 +345,19 @@ class Coordinator:
             finally:
                 book.count(request, -1)
             now = time.time()
+        constrained = structured_output_field(spec.sampling)
+        if constrained is not None:
+            lacking = self.dispatcher.lacking(request.model, STRUCTURED_OUTPUT)
+            if lacking:
+                names = ", ".join(sorted(s.instance_id for s in lacking))
+                backends = ", ".join(sorted({s.backend for s in lacking}))
+                raise SubmitError(
+                    "invalid",
+                    f"structured output is not supported by the instances serving {request.model!r} "
+                    f"({names}; backend {backends}): only engines that declare it (vLLM) can "
+                    "constrain what they generate",
+                    constrained,
+                )
         # Refused here, before the journal, when the client asked (reject_if_late) or its class
         # refuses below a probability of meeting the SLO: once accepted, a request is served.
         cls = self.book.classes.get(request.slo_class)  # the classes the request was resolved in

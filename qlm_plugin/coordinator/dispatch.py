@@ -24,8 +24,9 @@ import aiohttp
 from qlm_plugin.coordinator.config import CoordinatorConfig
 from qlm_plugin.coordinator.forward import forward
 from qlm_plugin.coordinator.instances import RemoteFleet, Session
-from qlm_plugin.coordinator.jobs import Chunk, Job, JobBook
+from qlm_plugin.coordinator.jobs import REFUSED, Chunk, Job, JobBook
 from qlm_plugin.coordinator.journal import TERMINAL
+from qlm_plugin.coordinator.openai_params import STRUCTURED_OUTPUT, structured_output_field
 from qlm_plugin.domain.request import Request
 from qlm_plugin.proto.qlm.v1 import qlm_pb2 as pb
 from qlm_plugin.telemetry.instruments import Telemetry
@@ -95,6 +96,18 @@ class Dispatcher:
             for device in devices.names()
             for s in devices.members(device)
         )
+
+    def lacking(self, model: str, capability: str) -> list[Session]:
+        """The instances serving ``model`` (live, or a device's engine asleep) without ``capability``."""
+        sessions = [s for s in self.fleet.sessions.values() if s.alive and serves(s, model)]
+        devices = self.fleet.devices
+        sessions += [
+            s
+            for device in devices.names()
+            for s in devices.members(device)
+            if s.report is not None and s.report.can_serve(model) and s not in sessions
+        ]
+        return [s for s in sessions if capability not in s.capabilities]
 
     def wake_failing(self, model: str) -> str | None:
         """Why ``model`` is not served after all: it is served only by engines sharing devices, and
@@ -192,6 +205,12 @@ class Dispatcher:
         """A new attempt of the request's job on ``s`` (the instance fleet's ``qlm_dispatch``)."""
         job = self.book.jobs.get(request.id)
         if job is None or job.state != "queued":
+            return False
+        if STRUCTURED_OUTPUT not in s.capabilities and structured_output_field(job.spec.sampling):
+            # Refused at the door where an instance serving the model lacked it: this one came
+            # later. It fails once the queue manager's pass is over, rather than being served
+            # unconstrained.
+            asyncio.get_running_loop().call_soon(self._cannot_constrain, job, s.instance_id)
             return False
         now = time.time()
         # before any state changes: a policy hook that raises must not leave the job half-dispatched
@@ -297,6 +316,16 @@ class Dispatcher:
         )
         self.book.announce(job, now)
 
+    def _cannot_constrain(self, job: Job, instance_id: str) -> None:
+        if job.state == "queued":
+            self.finish(
+                job,
+                "failed",
+                "error",
+                error=f"structured output: instance {instance_id}, placed to serve it, cannot constrain "
+                "its output (no structured_output capability)",
+            )
+
     def requeue(self, job: Job, reason: str, *, failure: bool = True) -> None:
         """A dispatched job goes back to the queue (its instance was lost, failed it, or gave it back
         after an eviction: only failures count towards ``max_attempts``)."""
@@ -306,6 +335,22 @@ class Dispatcher:
         if job.failures >= self.cfg.max_attempts:
             self.finish(job, "failed", "error", error=f"gave up after {job.attempt} attempts: {reason}")
             return
+        if job.tokens and structured_output_field(job.spec.sampling):
+            # A constrained output cannot be continued: the next engine's grammar would start
+            # again after the text so far. Served again from the start, unless some of it was
+            # already streamed to the client.
+            if job.delivered:
+                self.finish(
+                    job,
+                    "failed",
+                    "error",
+                    error=f"{reason}; its structured output was streamed in part ({job.tokens} tokens) "
+                    "and cannot be continued on another engine: send the request again",
+                )
+                return
+            job.wasted_tokens += job.tokens
+            job.chunks.clear()
+            job.tokens, job.output_ids, job.first_token_at = 0, [], None
         if job.instance is not None:
             s = self.fleet.sessions.get(job.instance)
             if s is not None:
@@ -352,7 +397,7 @@ class Dispatcher:
             ):
                 stale = job is None or job.state in TERMINAL or job.attempt != ev.attempt
                 attempt = (ev.request_id, ev.attempt)
-                if ev.kind in (Event.FINISHED, Event.FAILED, Event.REQUEUED):
+                if ev.kind in (Event.FINISHED, Event.FAILED, Event.REFUSED, Event.REQUEUED):
                     s.pending_aborts.discard(attempt)  # the engine is done with that attempt
                 elif stale and attempt not in s.pending_aborts and len(s.pending_aborts) < MAX_PENDING_ABORTS:
                     s.pending_aborts.add(attempt)  # the engine still works on it for nothing
@@ -395,6 +440,8 @@ class Dispatcher:
                 self.telemetry.request_event(job.id, "qlm.swapped_in")
             elif ev.kind == Event.FAILED:
                 self.requeue(job, f"instance {s.instance_id} failed it: {ev.error}")
+            elif ev.kind == Event.REFUSED:  # the request's own fault: another engine would refuse it too
+                self.finish(job, "failed", REFUSED, error=f"instance {s.instance_id} refused it: {ev.error}")
             elif ev.kind == Event.REQUEUED:
                 job.preemptions += 1  # evicted by abort: its work there is lost
                 self.requeue(job, f"instance {s.instance_id} gave it back: {ev.error}", failure=False)

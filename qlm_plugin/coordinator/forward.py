@@ -22,7 +22,14 @@ from qlm_plugin.coordinator.instances import Session
 from qlm_plugin.coordinator.jobs import Job
 from qlm_plugin.domain.distributions import LengthDistribution
 from qlm_plugin.proto.qlm.v1 import qlm_pb2 as pb
-from qlm_plugin.transport.openai_client import TokenizeError, sse_data, tokenize
+from qlm_plugin.transport.openai_client import (
+    REFUSED_STATUSES,
+    TokenizeError,
+    error_message,
+    sse_data,
+    stream_error,
+    tokenize,
+)
 
 #: Where a forward reports: the events of its attempt (as an agent would), and an engine found gone.
 Report = Callable[[Session, pb.EventBatch], None]
@@ -174,8 +181,10 @@ async def forward(
         ) as resp:
             arrived()
             if resp.status != 200:
-                error = f"HTTP {resp.status} from {s.endpoint}: {(await resp.text())[:500]}"
-                if resp.status >= 500 and not await _answers(http, s.endpoint):
+                error = f"{error_message(resp.status, await resp.text())} (from {s.endpoint})"
+                if resp.status in REFUSED_STATUSES:
+                    emit(kind=Event.REFUSED, error=error)
+                elif resp.status >= 500 and not await _answers(http, s.endpoint):
                     gone(f"{error}, and it no longer answers")  # an engine shutting down
                 else:
                     emit(kind=Event.FAILED, error=error)
@@ -187,6 +196,12 @@ async def forward(
                 if data == b"[DONE]":
                     break
                 chunk = json.loads(data)
+                failed = stream_error(chunk)
+                if failed is not None:  # checked once the stream began: the same as an answer of it
+                    status, error = failed
+                    kind = Event.REFUSED if status in REFUSED_STATUSES else Event.FAILED
+                    emit(kind=kind, error=f"{error} (from {s.endpoint})")
+                    return
                 if chunk.get("usage"):
                     usage_tokens = int(chunk["usage"].get("completion_tokens", 0))
                 if start == 0 and chunk.get("prompt_token_ids") is not None:  # a chat's: on the chunk

@@ -30,7 +30,7 @@ from opentelemetry import propagate
 
 from qlm_plugin.coordinator.auth import Authenticator, AuthError, Principal
 from qlm_plugin.coordinator.coordinator import Coordinator
-from qlm_plugin.coordinator.jobs import CLIENT_GONE, DEFAULT_MAX_TOKENS, Chunk, Job, SubmitError
+from qlm_plugin.coordinator.jobs import CLIENT_GONE, DEFAULT_MAX_TOKENS, REFUSED, Chunk, Job, SubmitError
 from qlm_plugin.coordinator.json_codec import dumps
 from qlm_plugin.coordinator.openai_params import (
     INT32_MAX,
@@ -582,7 +582,7 @@ class FrontDoor:
 
     def _complete(self, job: Job, chat: bool) -> web.Response:
         if job.state != "finished":
-            status, message = _unfinished(job)
+            status, message = unfinished(job)
             return error_response(
                 status, message, code=job.state, extra=qlm_info(job), headers=estimate_headers(job)
             )
@@ -664,16 +664,17 @@ class FrontDoor:
             if include_usage:
                 await send({**base, "choices": [], "usage": usage(job)})
         else:
-            status, message = _unfinished(job)
+            status, message = unfinished(job)
             await send({"error": error_object(status, message, code=job.state), "qlm": qlm_info(job)})
         await out.write(b"data: [DONE]\n\n")
         await out.end()
 
 
-def _unfinished(job: Job) -> tuple[int, str]:
+def unfinished(job: Job) -> tuple[int, str]:
     """A request that did not finish: its status (499, as nginx logs a client that left, for a
-    cancelled one) and its message."""
-    return 499 if job.state == "cancelled" else 500, f"request {job.id} {job.state}: {job.error}"
+    cancelled one; 400 for one its engine refused) and its message."""
+    status = 499 if job.state == "cancelled" else 400 if job.finish_reason == REFUSED else 500
+    return status, f"request {job.id} {job.state}: {job.error}"
 
 
 async def _request_id_header(request: web.Request, response: web.StreamResponse) -> None:

@@ -63,6 +63,9 @@ GENERATED_ID_PREFIX = "req-"
 CLIENT_GONE = "the client disconnected"
 WORKER_GONE = "the front-door worker serving the client went away"
 CALLER_GONE = frozenset({CLIENT_GONE, WORKER_GONE})
+#: The finish reason of a failed request that an engine refused (a value it cannot take): a 400 to
+#: its client, as the engine answered, not a failure of the service.
+REFUSED = "refused"
 
 
 #: No tokenizer makes fewer tokens of a prompt than one per this many bytes (the longest tokens
@@ -145,6 +148,7 @@ class Job:
     preemptions: int = 0
     wasted_tokens: int = 0
     failures: int = 0  # attempts that ended with the instance lost or failing (not evictions)
+    delivered: bool = False  # some of its output went to a follower (a stream, a worker's client)
     admission: Admission | None = None
     recovering: bool = False  # rebuilt from the journal; its instance may still claim it
     listeners: list[ChunkSink] = field(default_factory=list)
@@ -660,6 +664,7 @@ async def follow(job: Job) -> AsyncIterator[Chunk]:
         job.listeners.append(q)
     try:
         if text:
+            job.delivered = True
             yield Chunk(text, 0, tokens)
         if finished:
             yield Chunk("", tokens, 0, True, job.finish_reason)
@@ -678,6 +683,7 @@ async def follow(job: Job) -> AsyncIterator[Chunk]:
 
 def publish(job: Job, chunk: Chunk) -> None:
     for q in job.listeners:
+        job.delivered = True
         q.put_nowait(chunk)
 
 

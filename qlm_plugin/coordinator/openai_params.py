@@ -4,7 +4,9 @@ value that protobuf, the journal or the engine cannot take).
 
 Each sampling field has one rule in :data:`SAMPLING_RULES`; the fields that ask for what the
 coordinator cannot carry (several choices, log probabilities, tools...) are in :data:`UNSUPPORTED`,
-with the values that ask for nothing and so are accepted.
+with the values that ask for nothing and so are accepted. Structured output (``response_format``,
+vLLM's ``structured_outputs``) is carried like a sampling field, but only engines that declare the
+:data:`STRUCTURED_OUTPUT` capability can honour it (:func:`structured_output_field`).
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ import json
 import math
 from collections.abc import Callable, Mapping
 from typing import Any
+
+import jsonschema
 
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
@@ -209,6 +213,125 @@ def _logit_bias(value: Any, param: str) -> dict[str, float]:
     return checked
 
 
+# ---------------------------------------------------------------------------- structured output
+
+#: The capability of an engine that constrains its output to a JSON schema, regex, choice or grammar.
+STRUCTURED_OUTPUT = "structured_output"
+#: ``response_format`` types: OpenAI's (vLLM's ``structural_tag`` is not carried).
+RESPONSE_FORMAT_TYPES = ("text", "json_object", "json_schema")
+#: vLLM's ``structured_outputs``: its constraints (exactly one) and its options, each with its check.
+_CONSTRAINTS = ("json", "regex", "choice", "grammar", "json_object", "structural_tag")
+_OPTIONS = ("disable_any_whitespace", "disable_additional_properties", "whitespace_pattern")
+
+
+def _json_schema(value: Any, param: str) -> dict[str, Any]:
+    """A JSON Schema (an object), checked against its metaschema: a bad schema is a 400 here, not
+    a request every engine refuses."""
+    if isinstance(value, str):  # vLLM's ``structured_outputs.json`` may be the schema's text
+        try:
+            value = json.loads(value)
+        except ValueError:
+            raise BadRequest(param, "must be a JSON Schema: the text is not JSON") from None
+    if not isinstance(value, dict):
+        raise BadRequest(param, f"must be a JSON Schema (an object), got {show(value)}")
+    if not isinstance(value.get("$schema", ""), str):
+        raise BadRequest(f"{param}.$schema", f"must be a metaschema's URI, got {show(value['$schema'])}")
+    try:
+        # a $schema it does not know: checked as the latest draft (the engines' backends ignore it)
+        validator = jsonschema.validators.validator_for(value, default=jsonschema.Draft202012Validator)
+        validator.check_schema(value)
+    except RecursionError:
+        raise BadRequest(param, "is nested too deeply to be checked") from None
+    except jsonschema.SchemaError as exc:
+        where = "/".join(str(p) for p in exc.path)
+        at = f" at {where}" if where else ""
+        raise BadRequest(param, f"is not a valid JSON Schema{at}: {exc.message}") from None
+    return value
+
+
+def _response_format(value: Any, param: str) -> dict[str, Any]:
+    kind = value.get("type") if isinstance(value, dict) else None
+    if kind not in RESPONSE_FORMAT_TYPES:
+        raise BadRequest(
+            param,
+            f"must be an object with a type among {', '.join(RESPONSE_FORMAT_TYPES)}, got "
+            f"{show(kind) if isinstance(value, dict) else show(value)}",
+        )
+    if kind != "json_schema":
+        return {"type": kind}
+    spec = value.get("json_schema")
+    if not isinstance(spec, dict):
+        raise BadRequest(
+            f"{param}.json_schema", f"must be an object with a name and a schema, got {show(spec)}"
+        )
+    name = text(spec.get("name"), f"{param}.json_schema.name", max_chars=MAX_NAME_CHARS)
+    checked: dict[str, Any] = {"name": name}
+    checked["schema"] = _json_schema(spec.get("schema"), f"{param}.json_schema.schema")
+    for key in ("description", "strict"):
+        if spec.get(key) is not None:
+            checked[key] = (
+                _boolean(spec[key], f"{param}.json_schema.strict")
+                if key == "strict"
+                else text(spec[key], f"{param}.json_schema.description")
+            )
+    return {"type": kind, "json_schema": checked}
+
+
+def _structured_outputs(value: Any, param: str) -> dict[str, Any]:
+    """vLLM's own field: exactly one constraint, and its options."""
+    if not isinstance(value, dict):
+        raise BadRequest(param, f"must be an object, got {show(value)}")
+    unknown = set(value) - {*_CONSTRAINTS, *_OPTIONS}
+    if unknown:
+        raise BadRequest(f"{param}.{key_name(min(unknown))}", "unknown field of structured_outputs")
+    given = [key for key in _CONSTRAINTS if value.get(key) is not None]
+    if len(given) != 1:
+        raise BadRequest(
+            param,
+            f"must hold exactly one of {', '.join(_CONSTRAINTS)}, got "
+            f"{', '.join(given) if given else 'none'}",
+        )
+    key = given[0]
+    checked: dict[str, Any] = {}
+    where = f"{param}.{key}"
+    if key == "json":
+        checked[key] = _json_schema(value[key], where)
+    elif key == "choice":
+        choices = value[key]
+        if not isinstance(choices, list) or not choices or not all(isinstance(c, str) for c in choices):
+            raise BadRequest(where, f"must be a non-empty list of strings, got {show(choices)}")
+        checked[key] = [check_unicode(c, f"{where}[{i}]") for i, c in enumerate(choices)]
+    elif key == "json_object":
+        if value[key] is not True:
+            raise BadRequest(where, f"must be true, got {show(value[key])}")
+        checked[key] = True
+    else:  # regex, grammar, structural_tag: text the engine's grammar backend compiles
+        checked[key] = text(value[key], where)
+    for option in _OPTIONS:
+        if value.get(option) is not None:
+            where = f"{param}.{option}"
+            check = text if option == "whitespace_pattern" else _boolean
+            checked[option] = check(value[option], where)
+    return checked
+
+
+def structured_output_field(sampling: Mapping[str, str]) -> str | None:
+    """The field of a request's sampling (as carried: JSON text) that constrains its output, which
+    only an engine with :data:`STRUCTURED_OUTPUT` honours; None when it asks for none."""
+    if "structured_outputs" in sampling:
+        return "structured_outputs"
+    fmt = sampling.get("response_format")
+    if fmt is None:
+        return None
+    try:
+        kind = json.loads(fmt).get("type")
+    except (ValueError, AttributeError):  # a gRPC client's own text: the engine judges it
+        kind = None
+    return None if kind == "text" else "response_format"  # {"type": "text"} asks for nothing
+
+
+# ------------------------------------------------------------------------------------ sampling rules
+
 #: The sampling fields forwarded to the engine, each with vLLM's check (``SamplingParams._verify_args``
 #: and the OpenAI protocol models). Values are JSON only: a number given as a string is refused, as
 #: OpenAI's API refuses it (vLLM's pydantic models would coerce it).
@@ -226,6 +349,8 @@ SAMPLING_RULES: dict[str, Rule] = {
     "ignore_eos": _boolean,
     "min_tokens": _integer_in(0, INT32_MAX),  # and at most max_tokens: see sampling()
     "logit_bias": _logit_bias,
+    "response_format": _response_format,
+    "structured_outputs": _structured_outputs,
 }
 SAMPLING_KEYS = tuple(SAMPLING_RULES)
 
@@ -270,11 +395,6 @@ UNSUPPORTED: dict[str, tuple[Callable[[Any], bool], str, str]] = {
         lambda v: v is None or v in ("none", "auto"),
         "tool calls",
         "only null, 'none' or 'auto'",
-    ),
-    "response_format": (
-        lambda v: v is None or (isinstance(v, dict) and v.get("type") == "text"),
-        "structured output",
-        'only null or {"type": "text"}',
     ),
 }
 

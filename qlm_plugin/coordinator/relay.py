@@ -335,6 +335,7 @@ class RelayService:
         # The answer, with the output so far, and the follower are set up in one step: no chunk
         # published in between is lost or sent twice.
         outbox.add(pb.RelayEvent(seq=call.seq, accepted=relay_job(job, duplicate=duplicate, text=True)))
+        job.delivered = job.delivered or job.tokens > 0  # the output so far went with the answer
         if job.id in followed:  # a duplicate on the same link: the follower there serves both
             return
         follower = _Follower(job, outbox, followed)

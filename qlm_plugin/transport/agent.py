@@ -26,6 +26,8 @@ from qlm_plugin.proto.qlm.v1 import qlm_pb2 as pb
 from qlm_plugin.proto.qlm.v1 import qlm_pb2_grpc as pb_grpc
 from qlm_plugin.transport import MAX_MESSAGE_BYTES
 
+#: The events after which an engine holds the request no more.
+ENDED = (pb.RequestEvent.FINISHED, pb.RequestEvent.FAILED, pb.RequestEvent.REFUSED)
 log = logging.getLogger("qlm_plugin.transport.agent")
 
 #: Deadline of each unary call to the coordinator, seconds.
@@ -112,7 +114,7 @@ class InstanceAgent:
             self._outputs.setdefault((event.request_id, event.attempt), []).append(event)
         self._events.append(event)
         self._wake_report.set()
-        if event.kind in (pb.RequestEvent.FINISHED, pb.RequestEvent.FAILED):
+        if event.kind in ENDED:
             self.room()
 
     def room(self) -> None:
@@ -356,7 +358,7 @@ class InstanceAgent:
         self._credit_on_reports = ack.takes_credit
         self._unacked.popleft()
         for ev in batch.events:
-            if ev.kind in (pb.RequestEvent.FINISHED, pb.RequestEvent.FAILED):
+            if ev.kind in ENDED:
                 self._outputs.pop((ev.request_id, ev.attempt), None)
 
     async def _reports(self, stub: pb_grpc.InstancesStub) -> None:

@@ -2,14 +2,43 @@
 
 from __future__ import annotations
 
+import json
+from typing import Any
+
 import aiohttp
 
 #: How long a tokenization may take.
 TOKENIZE_TIMEOUT_S = 30.0
+#: Answers of a server that refuses the request itself (a value it cannot take: a schema its grammar
+#: backend cannot compile, a token id past its vocabulary): serving it elsewhere cannot help.
+REFUSED_STATUSES = (400, 413, 422)
 
 
 class TokenizeError(Exception):
     """The server could not tokenize (it has no ``/tokenize``, or refused the text)."""
+
+
+def error_message(status: int, body: str) -> str:
+    """An error answer as one line: the server's own message where its body is OpenAI's error
+    object (``{"error": {"message": ...}}``, or vLLM's older ``{"message": ...}``), else the body."""
+    try:
+        doc = json.loads(body)
+    except ValueError:
+        doc = None
+    inner = doc.get("error") if isinstance(doc, dict) else None
+    message = (inner if isinstance(inner, dict) else doc if isinstance(doc, dict) else {}).get("message")
+    return f"HTTP {status}: {message if isinstance(message, str) and message else body[:500]}"
+
+
+def stream_error(chunk: dict[str, Any]) -> tuple[int, str] | None:
+    """An error sent inside a stream (vLLM checks a request after its stream has begun, and sends
+    ``{"error": {"message", "code"}}`` then ``[DONE]``): its status and message; None otherwise."""
+    inner = chunk.get("error")
+    if not isinstance(inner, dict):
+        return None
+    code = inner.get("code")
+    status = code if isinstance(code, int) and not isinstance(code, bool) else 500
+    return status, error_message(status, json.dumps(chunk))
 
 
 def sse_data(raw: bytes) -> bytes | None:

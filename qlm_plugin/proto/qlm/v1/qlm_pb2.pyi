@@ -396,12 +396,14 @@ class RequestEvent(_message.Message):
         SWAPPED_IN: _ClassVar[RequestEvent.Kind]
         FAILED: _ClassVar[RequestEvent.Kind]
         REQUEUED: _ClassVar[RequestEvent.Kind]
+        REFUSED: _ClassVar[RequestEvent.Kind]
     TOKENS: RequestEvent.Kind
     FINISHED: RequestEvent.Kind
     EVICTED: RequestEvent.Kind
     SWAPPED_IN: RequestEvent.Kind
     FAILED: RequestEvent.Kind
     REQUEUED: RequestEvent.Kind
+    REFUSED: RequestEvent.Kind
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     ATTEMPT_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]

@@ -24,7 +24,7 @@ from typing import IO, Any, TypeVar
 
 from aiohttp import BodyPartReader, web
 
-from qlm_plugin.coordinator.auth import Authenticator, AuthError, Principal
+from qlm_plugin.coordinator.auth import Authenticator, AuthError
 from qlm_plugin.coordinator.batch_store import (
     CHUNK_BYTES,
     BatchRecord,
@@ -35,8 +35,8 @@ from qlm_plugin.coordinator.batch_store import (
 )
 from qlm_plugin.coordinator.batches import BatchService, metadata_param, visible
 from qlm_plugin.coordinator.config import CoordinatorConfig
-from qlm_plugin.coordinator.http_api import body_stalled, error_response, read_body
-from qlm_plugin.coordinator.openai_params import MAX_NAME_CHARS, BadRequest, printable_ascii, text
+from qlm_plugin.coordinator.http_api import body_stalled, caller, error_response, read_body
+from qlm_plugin.coordinator.openai_params import MAX_NAME_CHARS, BadRequest, text
 
 #: Purposes a file may be uploaded with (outputs are the coordinator's own, ``batch_output``).
 UPLOAD_PURPOSES = ("batch",)
@@ -163,19 +163,7 @@ class BatchAPI:
         r.add_post("/v1/batches/{batch_id}/cancel", self.cancel_batch)
 
     def _who(self, request: web.Request) -> tuple[str, bool]:
-        """(tenant, admin) of the caller; raises :class:`AuthError`, or :class:`BadRequest` for a
-        tenant header that is not a name."""
-        authorization = request.headers.get("Authorization")
-        if authorization is not None and not printable_ascii(authorization) and self.auth.enabled:
-            raise AuthError("unauthenticated", "the Authorization header must be printable ASCII")
-        principal: Principal = self.auth.authenticate(authorization, "client")
-        tenant = principal.tenant
-        if tenant is None:
-            header = request.headers.get("x-qlm-tenant")
-            if header is not None and not printable_ascii(header):
-                raise BadRequest("x-qlm-tenant", "must be printable ASCII")
-            tenant = text(header, "x-qlm-tenant", max_chars=MAX_NAME_CHARS) if header else "default"
-        return tenant, "admin" in principal.scopes
+        return caller(self.auth, request)
 
     async def _guard(self, request: web.Request) -> tuple[str, bool] | web.Response:
         try:

@@ -28,10 +28,11 @@ from typing import Any
 
 import numpy as np
 
+from qlm_plugin.coordinator import responses_api
 from qlm_plugin.coordinator.batch_store import FINAL, BatchRecord, BatchStore, FileRecord, FileWriter, new_id
 from qlm_plugin.coordinator.config import BatchSettings
 from qlm_plugin.coordinator.coordinator import RESERVED_KEY_PREFIX, Coordinator
-from qlm_plugin.coordinator.http_api import SUBMIT_HTTP, completion_body, parse_openai, unfinished
+from qlm_plugin.coordinator.http_api import SUBMIT_HTTP, completion_body, parse_openai, qlm_info, unfinished
 from qlm_plugin.coordinator.jobs import Job, SubmitError
 from qlm_plugin.coordinator.openai_params import BadRequest
 from qlm_plugin.domain.distributions import WaitEstimate
@@ -40,8 +41,8 @@ from qlm_plugin.proto.qlm.v1 import qlm_pb2 as pb
 log = logging.getLogger("qlm_plugin.coordinator.batches")
 
 BATCH_KEY_PREFIX = RESERVED_KEY_PREFIX
-#: endpoint -> whether its bodies are chat requests
-ENDPOINTS = {"/v1/completions": False, "/v1/chat/completions": True}
+#: endpoint -> the API of its bodies: text completions, chat completions, or responses (chats)
+ENDPOINTS = {"/v1/completions": "text", "/v1/chat/completions": "chat", "/v1/responses": "responses"}
 #: OpenAI's window is 24h; shorter ones (a number and s, m or h, down to the configured
 #: ``batches.min_window_s``) are this product's extension.
 MAX_WINDOW_S = 24 * 3600.0
@@ -95,7 +96,7 @@ def parse_input(
     would also cut at U+2028, U+2029 and U+0085, which JSON allows raw inside strings; a ``\\r`` left
     at a line's end is whitespace to the JSON parser). Read twice, a line at a time, never whole:
     first to refuse a file that is not UTF-8 or holds too many requests before any line is parsed."""
-    chat = ENDPOINTS[endpoint]
+    api = ENDPOINTS[endpoint]
     out = Parsed()
     book = coord.book
     default_class = "batch" if "batch" in book.classes else book.default_class
@@ -153,9 +154,11 @@ def parse_input(
             out.fail(index, custom_id, "streaming is not supported in a batch", "body.stream")
             continue
         try:
-            spec, _, _ = parse_openai(body, {}, chat)
+            chat_body = responses_api.chat_body(body) if api == "responses" else body
+            spec, _, _ = parse_openai(chat_body, {}, api != "text")
         except BadRequest as exc:
-            out.fail(index, custom_id, f"{exc.param}: {exc}" if exc.param else str(exc), f"body.{exc.param}")
+            param = responses_api.param_name(exc.param) if api == "responses" else exc.param
+            out.fail(index, custom_id, f"{param}: {exc}" if param else str(exc), f"body.{param}")
             continue
         if spec.idempotency_key:
             out.fail(
@@ -206,10 +209,13 @@ def _error_line(
     }
 
 
-def _job_answer(line: Line, job: Job, ending: str, chat: bool) -> tuple[bool, dict[str, Any]]:
+def _job_answer(line: Line, job: Job, ending: str, api: str) -> tuple[bool, dict[str, Any]]:
     """(whether it goes to the output file, the answer) of a line's request, which has ended."""
     if job.state == "finished":
-        body = completion_body(job, chat)
+        if api == "responses":
+            body = responses_api.response_object(job, responses_api.asked(job), qlm_info(job))
+        else:
+            body = completion_body(job, api == "chat")
         answer = {"status_code": 200, "request_id": job.id, "body": body}
         return True, {
             "id": f"batch_req_{job.id}",
@@ -592,7 +598,7 @@ class BatchService:
         await self.coord.journal.flush()  # the finished requests' records are committed first
         self.store.put_batch(batch)
         answered = self.store.line_answers(batch.id)
-        chat = ENDPOINTS[batch.endpoint]
+        api = ENDPOINTS[batch.endpoint]
         by_index = {line.index: line for line in lines}
         files = _OutputFiles(self.store, batch)
         completed = failed = 0
@@ -612,7 +618,7 @@ class BatchService:
                 if job is None:  # cannot happen: every unanswered line was submitted
                     ok, answer = False, _error_line(line.custom_id, "lost", "the request was not found", 500)
                 else:
-                    ok, answer = _job_answer(line, job, batch.ending, chat)
+                    ok, answer = _job_answer(line, job, batch.ending, api)
                 (outputs if ok else errors).append(answer)
                 completed += ok
                 failed += not ok

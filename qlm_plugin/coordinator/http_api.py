@@ -1,5 +1,6 @@
-"""The OpenAI-compatible HTTP front door: ``/v1/completions``, ``/v1/chat/completions`` (streaming
-and not), ``/v1/models``, plus ``/health`` and Prometheus ``/metrics``.
+"""The OpenAI-compatible HTTP front door: ``/v1/completions``, ``/v1/chat/completions``,
+``/v1/responses`` (streaming and not; :mod:`.responses_api`), ``/v1/models``, plus ``/health`` and
+Prometheus ``/metrics``.
 
 SLOs ride in an extension object of the body (``"qlm": {"ttft_ms": 500, "class": "interactive",
 ...}``) or in headers (``x-slo-ttft-ms``, ``x-slo-e2e-ms``, ``x-qlm-class``, ``x-qlm-priority``,
@@ -28,6 +29,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 from opentelemetry import propagate
 
+from qlm_plugin.coordinator import responses_api
 from qlm_plugin.coordinator.auth import Authenticator, AuthError, Principal
 from qlm_plugin.coordinator.coordinator import Coordinator
 from qlm_plugin.coordinator.jobs import CLIENT_GONE, DEFAULT_MAX_TOKENS, REFUSED, Chunk, Job, SubmitError
@@ -432,6 +434,9 @@ class FrontDoor:
             app.router.add_get("/v1/models/{model}", self.get_model)
         app.router.add_post("/v1/completions", self.completions)
         app.router.add_post("/v1/chat/completions", self.chat_completions)
+        app.router.add_post("/v1/responses", self.responses)
+        if self._coord is not None:  # a worker passes it to the core, which keeps the requests
+            app.router.add_get("/v1/responses/{response_id}", self.get_response)
         for add_routes in self.extensions:
             add_routes(app)
         # last: matched only when no route above is (no cost to those); an OpenAI client reads an
@@ -513,7 +518,28 @@ class FrontDoor:
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
         return await self._generate(request, chat=True)
 
-    async def _generate(self, request: web.Request, chat: bool) -> web.StreamResponse:
+    async def responses(self, request: web.Request) -> web.StreamResponse:
+        return await self._generate(request, chat=True, responses=True)
+
+    async def get_response(self, request: web.Request) -> web.Response:
+        """A response by its id, as it stands (queued, in progress, or ended), for its tenant."""
+        try:
+            tenant, admin = caller(self.auth, request)
+        except AuthError as exc:
+            return error_response(401 if exc.status == "unauthenticated" else 403, str(exc), code=exc.status)
+        except BadRequest as exc:
+            return error_response(400, f"{exc.param}: {exc}", param=exc.param, code=exc.code)
+        response_id = request.match_info["response_id"]
+        rid = response_id.removeprefix(responses_api.ID_PREFIX)
+        job = self.coord.lookup(rid) if rid != response_id else None
+        if job is None or (not admin and job.request.tenant != tenant) or job.spec.operation != "chat":
+            message = f"no response {response_id!r} (or it is no longer kept)"
+            return error_response(404, message, param="response_id", code="not_found")
+        return json_response(responses_api.response_object(job, responses_api.asked(job), qlm_info(job)))
+
+    async def _generate(
+        self, request: web.Request, chat: bool, responses: bool = False
+    ) -> web.StreamResponse:
         try:
             principal = self._principal(request, "client")
         except AuthError as exc:
@@ -533,11 +559,15 @@ class FrontDoor:
             return error_response(400, f"the body is not valid JSON: {exc}", code="invalid_json")
         except RecursionError:
             return error_response(400, "the body is not valid JSON: nested too deeply", code="invalid_json")
+        asked = body  # a Responses request: echoed in its answer
         try:
+            if responses:
+                body = responses_api.chat_body(body)
             spec, stream, include_usage = parse_openai(body, request.headers, chat)
         except BadRequest as exc:
+            param = responses_api.param_name(exc.param) if responses else exc.param
             return error_response(
-                exc.status, f"{exc.param}: {exc}" if exc.param else str(exc), param=exc.param, code=exc.code
+                exc.status, f"{param}: {exc}" if param else str(exc), param=param, code=exc.code
             )
         # Trace context that is not ASCII is invalid, so ignored (W3C), not an error (or a crash).
         parent = propagate.extract(CIMultiDict((k, v) for k, v in request.headers.items() if v.isascii()))
@@ -560,6 +590,8 @@ class FrontDoor:
                 param = "messages"
             elif chat and param == "max_tokens" and body.get("max_completion_tokens") is not None:
                 param = "max_completion_tokens"
+            if responses:
+                param = responses_api.param_name(param)
             response = error_response(
                 status,
                 f"{param}: {exc}" if param else str(exc),
@@ -572,20 +604,24 @@ class FrontDoor:
             return response
         try:
             if stream:
-                return await self._stream(request, job, chat, include_usage)
+                return await self._stream(request, job, chat, include_usage, asked if responses else None)
             await job.done.wait()
-            return await self._send(request, self._complete(job, chat))
+            return await self._send(request, self._complete(job, chat, asked if responses else None))
         except (asyncio.CancelledError, ConnectionResetError):
             if not self.closing:
                 self.core.cancel(job.id, CLIENT_GONE)
             raise
 
-    def _complete(self, job: Job, chat: bool) -> web.Response:
+    def _complete(self, job: Job, chat: bool, response: Mapping[str, Any] | None = None) -> web.Response:
+        """The answer of an ended job; ``response``: the Responses request it came from, if so."""
         if job.state != "finished":
             status, message = unfinished(job)
             return error_response(
                 status, message, code=job.state, extra=qlm_info(job), headers=estimate_headers(job)
             )
+        if response is not None:
+            body = responses_api.response_object(job, response, qlm_info(job))
+            return json_response(body, headers=estimate_headers(job))
         return json_response(completion_body(job, chat), headers=estimate_headers(job))
 
     async def _send(self, request: web.Request, response: web.Response) -> web.Response:
@@ -606,7 +642,12 @@ class FrontDoor:
         return response
 
     async def _stream(
-        self, request: web.Request, job: Job, chat: bool, include_usage: bool
+        self,
+        request: web.Request,
+        job: Job,
+        chat: bool,
+        include_usage: bool,
+        response: Mapping[str, Any] | None = None,
     ) -> web.StreamResponse:
         resp = web.StreamResponse(
             headers={
@@ -620,7 +661,16 @@ class FrontDoor:
             raise ConnectionResetError(CLIENT_GONE)
         out = _SseWriter(resp, request.transport, self.keepalive_s, self.write_stall_s)
         try:
-            await self._events(out, job, chat, include_usage)
+            if response is None:
+                await self._events(out, job, chat, include_usage)
+            else:
+
+                async def send(kind: str, event: dict[str, Any]) -> None:
+                    await out.write(b"event: " + kind.encode() + b"\ndata: " + dumps(event) + b"\n\n")
+
+                follow = self.core.follow(job)
+                await responses_api.stream_events(job, follow, response, lambda: qlm_info(job), send)
+                await out.end()
         finally:
             out.close()
         return resp
@@ -668,6 +718,23 @@ class FrontDoor:
             await send({"error": error_object(status, message, code=job.state), "qlm": qlm_info(job)})
         await out.write(b"data: [DONE]\n\n")
         await out.end()
+
+
+def caller(auth: Authenticator, request: web.Request) -> tuple[str, bool]:
+    """(tenant, admin) of a request's caller: its token's tenant, else ``x-qlm-tenant``, else
+    ``default``. Raises :class:`AuthError`, or :class:`BadRequest` for a tenant header that is
+    not a name."""
+    authorization = request.headers.get("Authorization")
+    if authorization is not None and not printable_ascii(authorization) and auth.enabled:
+        raise AuthError("unauthenticated", "the Authorization header must be printable ASCII")
+    principal: Principal = auth.authenticate(authorization, "client")
+    tenant = principal.tenant
+    if tenant is None:
+        header = request.headers.get("x-qlm-tenant")
+        if header is not None and not printable_ascii(header):
+            raise BadRequest("x-qlm-tenant", "must be printable ASCII")
+        tenant = text(header, "x-qlm-tenant", max_chars=MAX_NAME_CHARS) if header else "default"
+    return tenant, "admin" in principal.scopes
 
 
 def unfinished(job: Job) -> tuple[int, str]:

@@ -1,0 +1,266 @@
+"""OpenAI's Responses API (``POST /v1/responses``, ``GET /v1/responses/{id}``) over the chat path.
+
+A Responses request is a chat with other names: ``input`` (a string, or message items whose
+content is text), ``instructions`` (a system message first), ``max_output_tokens``, ``text.format``
+(structured output). :func:`chat_body` turns it into the chat body the front door already checks
+and serves; what it asks for that the coordinator cannot carry (tools, items other than messages,
+images, stored conversation state, background mode, log probabilities) is a 400 naming the field.
+The answer is a ``response`` object, or in a stream OpenAI's typed events (``response.created``
+... ``response.output_text.delta`` ... ``response.completed``). A response is kept as long as its
+request is (``GET`` answers it from there); a conversation is continued by sending it whole, not by
+``previous_response_id``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from typing import Any
+
+from qlm_plugin.coordinator.jobs import Chunk, Job
+from qlm_plugin.coordinator.openai_params import MAX_MESSAGES, BadRequest, check_unicode, show, text
+
+#: The prefix of a response's id before its request's id (``GET /v1/responses/resp_<request id>``).
+ID_PREFIX = "resp_"
+#: Fields of a Responses request that are not the chat's: turned into chat fields here, or echoed.
+OWN_FIELDS = frozenset(
+    {
+        "input",
+        "instructions",
+        "max_output_tokens",
+        "text",
+        "store",
+        "metadata",
+        "include",
+        "previous_response_id",
+        "background",
+        "truncation",
+        "reasoning",
+        "conversation",
+        "prompt",
+        "stream_options",
+        "top_logprobs",
+        "max_tool_calls",
+        "safety_identifier",
+        "prompt_cache_key",
+    }
+)
+#: A response's status while its request is not finished (failed: any other state).
+STATUS = {"queued": "queued", "dispatched": "in_progress", "cancelled": "cancelled"}
+ROLES = {"user": "user", "assistant": "assistant", "system": "system", "developer": "system"}
+TEXT_PARTS = ("input_text", "output_text", "text")
+
+
+def _refuse(param: str, feature: str, value: Any) -> BadRequest:
+    return BadRequest(param, f"{feature} is not supported by the coordinator, got {show(value)}")
+
+
+def _content(content: Any, param: str) -> str:
+    if isinstance(content, str):
+        return check_unicode(content, param)
+    if not isinstance(content, list) or not content:
+        raise BadRequest(param, f"must be a string or a non-empty list of text parts, got {show(content)}")
+    texts = []
+    for j, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind not in TEXT_PARTS:
+            raise _refuse(f"{param}[{j}]", f"content of type {kind!r} (only text)", part)
+        texts.append(check_unicode(text(part.get("text"), f"{param}[{j}].text"), f"{param}[{j}].text"))
+    return "\n".join(texts)
+
+
+def _messages(body: Mapping[str, Any]) -> list[dict[str, str]]:
+    messages: list[dict[str, str]] = []
+    if body.get("instructions") is not None:
+        messages.append({"role": "system", "content": text(body["instructions"], "instructions")})
+    items = body.get("input")
+    if isinstance(items, str):
+        return [*messages, {"role": "user", "content": text(items, "input")}]
+    if not isinstance(items, list) or not items:
+        raise BadRequest(
+            "input", f"must be a non-empty string or a non-empty list of messages, got {show(items)}"
+        )
+    if len(items) > MAX_MESSAGES:
+        raise BadRequest("input", f"must be at most {MAX_MESSAGES} items, got {len(items)}")
+    for i, item in enumerate(items):
+        if not isinstance(item, dict):
+            raise BadRequest(f"input[{i}]", f"must be a message object, got {show(item)}")
+        kind = item.get("type", "message")
+        if kind != "message":
+            raise _refuse(f"input[{i}].type", f"an input item of type {kind!r} (only messages)", kind)
+        role = item.get("role")
+        role = ROLES.get(role) if isinstance(role, str) else None
+        if role is None:
+            raise BadRequest(
+                f"input[{i}].role", f"must be one of {', '.join(ROLES)}, got {show(item.get('role'))}"
+            )
+        messages.append({"role": role, "content": _content(item.get("content"), f"input[{i}].content")})
+    return messages
+
+
+def _response_format(fmt: Any) -> dict[str, Any]:
+    """``text.format`` as the chat's ``response_format`` (its schema is checked there)."""
+    if not isinstance(fmt, dict):
+        raise BadRequest("text.format", f"must be an object with a type, got {show(fmt)}")
+    if fmt.get("type") != "json_schema":
+        return dict(fmt)
+    inner = {key: fmt[key] for key in ("name", "schema", "strict", "description") if key in fmt}
+    return {"type": "json_schema", "json_schema": inner}
+
+
+def chat_body(body: Any) -> dict[str, Any]:
+    """The chat-completions body a Responses request asks for (:class:`BadRequest` naming the
+    Responses field where it cannot be served)."""
+    if not isinstance(body, dict):
+        raise BadRequest(None, "the body must be a JSON object")
+    kept = "conversation state kept by the server (send the whole conversation in input)"
+    for key, feature, harmless in (
+        ("previous_response_id", kept, None),
+        ("conversation", kept, None),
+        ("prompt", "a stored prompt template", None),
+        ("background", "background mode", False),
+        ("top_logprobs", "log probabilities", 0),
+    ):
+        if body.get(key) not in (None, harmless):
+            raise _refuse(key, feature, body[key])
+    include = body.get("include")
+    if include not in (None, []):
+        raise _refuse("include", "extra output (log probabilities, sources, encrypted reasoning)", include)
+    chat = {key: value for key, value in body.items() if key not in OWN_FIELDS}
+    chat["messages"] = _messages(body)
+    if body.get("max_output_tokens") is not None:
+        chat["max_tokens"] = body["max_output_tokens"]
+    fmt = (body.get("text") or {}).get("format") if isinstance(body.get("text"), dict) else None
+    if body.get("text") is not None and not isinstance(body["text"], dict):
+        raise BadRequest("text", f"must be an object, got {show(body['text'])}")
+    if fmt is not None:
+        chat["response_format"] = _response_format(fmt)
+    return chat
+
+
+#: A chat field named in an error, as the Responses request named it.
+_PARAMS = (
+    ("response_format.json_schema.", "text.format."),
+    ("response_format", "text.format"),
+    ("max_tokens", "max_output_tokens"),
+    ("messages", "input"),
+)
+
+
+def param_name(param: str | None) -> str | None:
+    """A chat field's name in an error, as the Responses request names it."""
+    for chat, own in _PARAMS:
+        if param is not None and param.startswith(chat):
+            return own + param[len(chat) :]
+    return param
+
+
+def _status(job: Job) -> str:
+    if job.state == "finished":
+        return "incomplete" if job.finish_reason == "length" else "completed"
+    return STATUS.get(job.state, "failed")
+
+
+def _message(job: Job, status: str) -> dict[str, Any]:
+    content = [{"type": "output_text", "text": job.text, "annotations": [], "logprobs": []}]
+    return {
+        "id": f"msg_{job.id}",
+        "type": "message",
+        "status": status,
+        "role": "assistant",
+        "content": content if status != "in_progress" else [],
+    }
+
+
+def asked(job: Job) -> dict[str, Any]:
+    """What a response echoes of its request, from the request as kept (``GET``)."""
+    sampling = job.spec.sampling
+    return {
+        "max_output_tokens": job.spec.max_tokens or None,
+        **{key: json.loads(sampling[key]) for key in ("temperature", "top_p") if key in sampling},
+    }
+
+
+def response_object(job: Job, request: Mapping[str, Any], qlm: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``response`` object of ``job`` as it stands (its request's ``request`` body echoed where
+    OpenAI echoes it)."""
+    status = _status(job)
+    ended = status in ("completed", "incomplete")
+    fmt = request.get("text") if isinstance(request.get("text"), dict) else None
+    return {
+        "id": f"{ID_PREFIX}{job.id}",
+        "object": "response",
+        "created_at": int(job.request.arrival_time),
+        "status": status,
+        "completed_at": int(job.finished_at) if ended and job.finished_at else None,
+        "error": {"code": "server_error", "message": job.error} if status == "failed" else None,
+        "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None,
+        "instructions": request.get("instructions"),
+        "max_output_tokens": request.get("max_output_tokens"),
+        "model": job.request.model,
+        "output": [_message(job, "completed" if ended else "in_progress")] if ended or job.tokens else [],
+        "parallel_tool_calls": False,
+        "previous_response_id": None,
+        "store": True,
+        "temperature": request.get("temperature"),
+        "text": fmt or {"format": {"type": "text"}},
+        "tool_choice": "none",
+        "tools": [],
+        "top_p": request.get("top_p"),
+        "truncation": "disabled",
+        "usage": {
+            "input_tokens": job.request.prompt_tokens,
+            "input_tokens_details": {"cached_tokens": 0},
+            "output_tokens": job.tokens,
+            "output_tokens_details": {"reasoning_tokens": 0},
+            "total_tokens": job.request.prompt_tokens + job.tokens,
+        },
+        "metadata": request.get("metadata") or {},
+        "qlm": dict(qlm),
+    }
+
+
+async def stream_events(
+    job: Job,
+    chunks: AsyncIterator[Chunk],
+    request: Mapping[str, Any],
+    qlm: Callable[[], Mapping[str, Any]],
+    send: Callable[[str, dict[str, Any]], Awaitable[None]],
+) -> None:
+    """OpenAI's events of a streamed response, from the job's ``chunks``; ``send(type, event)``
+    writes one. A request that fails ends with ``response.failed`` (its error in the response)."""
+    item, seq = f"msg_{job.id}", 0
+
+    async def event(kind: str, **fields: Any) -> None:
+        nonlocal seq
+        await send(kind, {"type": kind, "sequence_number": seq, **fields})
+        seq += 1
+
+    where = {"item_id": item, "output_index": 0, "content_index": 0}
+    await event("response.created", response=response_object(job, request, qlm()))
+    await event("response.in_progress", response=response_object(job, request, qlm()))
+    opened = False
+    async for chunk in chunks:
+        if chunk.finished:
+            break
+        if not chunk.text:
+            continue
+        if not opened:
+            opened = True
+            await event("response.output_item.added", output_index=0, item=_message(job, "in_progress"))
+            part = {"type": "output_text", "text": "", "annotations": [], "logprobs": []}
+            await event("response.content_part.added", **where, part=part)
+        await event("response.output_text.delta", **where, delta=chunk.text, logprobs=[])
+    await job.done.wait()
+    final = response_object(job, request, qlm())
+    if final["status"] not in ("completed", "incomplete"):
+        await event("response.failed", response=final)
+        return
+    message = final["output"][0]
+    if not opened:  # no text at all: the item is opened and closed all the same
+        await event("response.output_item.added", output_index=0, item=_message(job, "in_progress"))
+        await event("response.content_part.added", **where, part={**message["content"][0], "text": ""})
+    await event("response.output_text.done", **where, text=job.text, logprobs=[])
+    await event("response.content_part.done", **where, part=message["content"][0])
+    await event("response.output_item.done", output_index=0, item=message)
+    await event(f"response.{final['status']}", response=final)

@@ -1,0 +1,193 @@
+"""OpenAI's Responses API at the front door, driven by the official SDK against a coordinator and
+simulated instances on loopback: a response, its stream of typed events, its retrieval, a batch of
+responses, and a clear 400 for what the coordinator cannot carry."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import openai
+import pytest
+
+from qlm_plugin.testing.stack import LocalStack, run_with_stack
+
+MODEL = "llama-3.1-8b"
+
+
+def client(stack: LocalStack, token: str = "unused") -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(base_url=f"{stack.http_url}/v1", api_key=token, max_retries=0)
+
+
+def test_a_response_is_served_as_a_chat_and_kept(tmp_path: Path) -> None:
+    async def check(stack: LocalStack) -> None:
+        async with client(stack) as c:
+            answer = await c.responses.create(
+                model=MODEL,
+                instructions="Answer briefly.",
+                input=[
+                    {"role": "developer", "content": "No lists."},
+                    {"role": "user", "content": [{"type": "input_text", "text": "Hello?"}]},
+                ],
+                max_output_tokens=6,
+                metadata={"ticket": "42"},
+                extra_body={"qlm": {"class": "batch"}},
+            )
+            kept = await c.responses.retrieve(answer.id)
+            with pytest.raises(openai.NotFoundError):
+                await c.responses.retrieve("resp_nothing")
+        assert answer.object == "response" and answer.status == "incomplete"  # its max_output_tokens
+        assert answer.incomplete_details is not None
+        assert answer.incomplete_details.reason == "max_output_tokens"
+        assert answer.output_text and answer.usage is not None and answer.usage.output_tokens == 6
+        assert answer.metadata == {"ticket": "42"} and answer.max_output_tokens == 6
+        job = stack.coordinator.lookup(answer.id.removeprefix("resp_"))
+        assert job is not None and job.request.slo_class == "batch"
+        roles = [m["role"] for m in json.loads(job.spec.chat_messages)]
+        assert roles == ["system", "system", "user"]  # instructions first; a developer's is a system's
+        assert (kept.status, kept.output_text) == ("incomplete", answer.output_text)
+
+    run_with_stack(tmp_path, check, instances=2)
+
+
+def test_a_response_is_retrieved_by_its_own_tenant_only(tmp_path: Path) -> None:
+    tokens = [
+        {"token_env": "ACME", "scopes": ["client"], "tenant": "acme"},
+        {"token_env": "OTHER", "scopes": ["client"], "tenant": "other"},
+        {"token_env": "INSTANCES", "scopes": ["instance"]},
+    ]
+    env = {"ACME": "acme-token", "OTHER": "other-token", "INSTANCES": "instance-token"}
+
+    async def check(stack: LocalStack) -> None:
+        async with client(stack, "acme-token") as acme, client(stack, "other-token") as other:
+            answer = await acme.responses.create(model=MODEL, input="hi", max_output_tokens=2)
+            assert (await acme.responses.retrieve(answer.id)).id == answer.id
+            with pytest.raises(openai.NotFoundError):  # another tenant's: as if it did not exist
+                await other.responses.retrieve(answer.id)
+        async with client(stack, "nobody") as nobody:
+            with pytest.raises(openai.AuthenticationError):
+                await nobody.responses.retrieve(answer.id)
+
+    config = {"tokens": tokens}
+    run_with_stack(tmp_path, check, instances=1, config=config, env=env, token="instance-token")
+
+
+def test_a_streamed_response_sends_openais_events_in_order(tmp_path: Path) -> None:
+    async def check(stack: LocalStack) -> None:
+        async with client(stack) as c, c.responses.stream(model=MODEL, input="Tell me a story.") as stream:
+            events = [event async for event in stream]
+            final = await stream.get_final_response()
+        kinds = [e.type for e in events]
+        deltas = [e.delta for e in events if e.type == "response.output_text.delta"]
+        assert kinds[:4] == [
+            "response.created",
+            "response.in_progress",
+            "response.output_item.added",
+            "response.content_part.added",
+        ]
+        assert kinds[-4:] == [
+            "response.output_text.done",
+            "response.content_part.done",
+            "response.output_item.done",
+            "response.completed",  # it ended by itself (no max_output_tokens)
+        ]
+        assert deltas and "".join(deltas) == final.output_text
+        assert [e.sequence_number for e in events] == list(range(len(events)))
+        assert final.status == "completed" and final.usage is not None
+        assert final.usage.output_tokens >= len(deltas)
+
+    run_with_stack(tmp_path, check, instances=2)
+
+
+@pytest.mark.parametrize(
+    ("extra", "param", "message"),
+    [
+        ({"previous_response_id": "resp_x"}, "previous_response_id", "send the whole conversation in input"),
+        ({"tools": [{"type": "function", "name": "f", "parameters": {}}]}, "tools", "tool calls"),
+        (
+            {"input": [{"type": "function_call_output", "call_id": "c", "output": "1"}]},
+            "input[0].type",
+            "only messages",
+        ),
+        (
+            {
+                "input": [
+                    {"role": "user", "content": [{"type": "input_image", "image_url": "http://x/y.png"}]}
+                ]
+            },
+            "input[0].content[0]",
+            "only text",
+        ),
+        ({"input": [{"role": "tool", "content": "x"}]}, "input[0].role", "must be one of user, assistant"),
+        ({"input": []}, "input", "non-empty"),
+        ({"background": True}, "background", "background mode"),
+        ({"include": ["message.output_text.logprobs"]}, "include", "not supported"),
+        ({"max_output_tokens": 0}, "max_output_tokens", "integer in [1,"),
+        (
+            {"text": {"format": {"type": "json_schema", "name": "a", "schema": {"type": 1}}}},
+            "text.format.schema",
+            "not a valid JSON Schema",
+        ),
+        # valid, but the simulated instances cannot constrain their output
+        (
+            {"text": {"format": {"type": "json_object"}}},
+            "text.format",
+            "not supported by the instances serving",
+        ),
+    ],
+)
+def test_what_cannot_be_served_is_a_400_naming_the_responses_field(
+    tmp_path: Path, extra: dict[str, Any], param: str, message: str
+) -> None:
+    async def check(stack: LocalStack) -> None:
+        body: dict[str, Any] = {"model": MODEL, "input": "hi", **extra}
+        async with client(stack) as c:
+            with pytest.raises(openai.BadRequestError) as refused:
+                await c.responses.create(**body)
+        error = refused.value.body
+        assert isinstance(error, dict) and error["param"] == param and message in error["message"]
+
+    run_with_stack(tmp_path, check, instances=1)
+
+
+def test_a_batch_of_responses(tmp_path: Path) -> None:
+    """Lines of ``/v1/responses`` are checked as the endpoint checks them (a bad one fails the
+    batch before it runs, naming its line and field) and answered with ``response`` objects."""
+
+    async def run_batch(c: openai.AsyncOpenAI, bodies: list[dict[str, Any]]) -> Any:
+        lines = [
+            {"custom_id": f"r{i}", "method": "POST", "url": "/v1/responses", "body": body}
+            for i, body in enumerate(bodies)
+        ]
+        data = "\n".join(json.dumps(line) for line in lines).encode()
+        upload = await c.files.create(file=("in.jsonl", io.BytesIO(data)), purpose="batch")
+        batch = await c.batches.create(
+            input_file_id=upload.id, endpoint="/v1/responses", completion_window="24h"
+        )
+        while batch.status not in ("completed", "failed", "expired", "cancelled"):
+            await asyncio.sleep(0.1)
+            batch = await c.batches.retrieve(batch.id)
+        return batch
+
+    async def check(stack: LocalStack) -> None:
+        async with client(stack) as c:
+            batch = await run_batch(
+                c, [{"model": MODEL, "input": f"line {i}", "max_output_tokens": 3} for i in range(3)]
+            )
+            assert batch.status == "completed" and batch.output_file_id, batch.errors
+            out = [json.loads(x) for x in (await c.files.content(batch.output_file_id)).text.splitlines()]
+            assert [line["custom_id"] for line in out] == ["r0", "r1", "r2"]
+            for line in out:
+                body = line["response"]["body"]
+                assert line["response"]["status_code"] == 200 and body["object"] == "response"
+                assert body["output"][0]["content"][0]["text"] and body["usage"]["output_tokens"] == 3
+            reasoning = {"model": MODEL, "input": [{"type": "reasoning", "summary": []}]}
+            batch = await run_batch(c, [{"model": MODEL, "input": "fine"}, reasoning])
+            assert batch.status == "failed" and batch.errors is not None
+            (error,) = batch.errors.data
+            assert (error.line, error.param) == (2, "body.input[0].type")
+
+    run_with_stack(tmp_path, check, instances=2)

@@ -182,6 +182,27 @@ def test_a_chat_reaches_the_server_as_a_chat_and_streams_back(setup: Setup) -> N
     assert chunks[-1]["choices"][0]["finish_reason"] == "length"
 
 
+def test_structured_output_reaches_the_server_and_its_refusal_is_a_400(setup: Setup) -> None:
+    """The black-box agent declares structured output: the request's ``structured_outputs`` (or
+    ``response_format``) goes to the server as given, which constrains the tiny random model; a
+    constraint the server refuses fails the request at once, its client told why."""
+
+    async def post(body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        async with (
+            aiohttp.ClientSession() as http,
+            http.post(f"http://127.0.0.1:{setup.http}/v1/completions", json=body) as r,
+        ):
+            return r.status, dict(await r.json())
+
+    for _ in range(3):
+        body = {"model": MODEL, "prompt": "colour:", "max_tokens": 8}
+        status, out = asyncio.run(post({**body, "structured_outputs": {"choice": ["red", "green"]}}))
+        assert status == 200 and out["choices"][0]["text"] in ("red", "green"), out
+    status, out = asyncio.run(post({**body, "structured_outputs": {"regex": "(("}}))
+    assert status == 400 and "refused it: HTTP 400" in out["error"]["message"], out
+    assert out["qlm"]["attempts"] == 1
+
+
 def test_dispatch_is_bounded_by_a_limit_learned_from_latency(setup: Setup) -> None:
     async def run() -> tuple[list[tuple[int, int, int]], list[pb.RequestStatus]]:
         samples: list[tuple[int, int, int]] = []  # (limit, dispatched, server running)

@@ -16,7 +16,9 @@ import aiohttp
 import pytest
 
 from qlm_plugin.adapters.sim import process
+from qlm_plugin.coordinator.http_api import parse_openai
 from qlm_plugin.coordinator.jobs import Job
+from qlm_plugin.coordinator.relay import RelayClient, RelayService
 from qlm_plugin.testing.stack import LocalStack, run_with_stack
 
 MODEL = "llama-3.1-8b"
@@ -108,5 +110,36 @@ def test_a_constrained_output_already_streamed_in_part_fails_saying_why(tmp_path
         error = events[-1]["error"]
         assert error["code"] == "failed" and "cannot be continued on another engine" in error["message"]
         assert job.state == "failed" and job.attempt == 1
+
+    run_with_stack(tmp_path, check, instances=2, speed=1.0)
+
+
+@pytest.mark.usefixtures("constraining_sims")
+@pytest.mark.parametrize("streams", [False, True])
+def test_through_a_front_door_worker_only_a_stream_counts_as_shown(tmp_path: Path, streams: bool) -> None:
+    """A worker's link follows every request it relays (it builds even a whole answer from the
+    chunks), so the core is told whether the worker's client reads a stream: a whole answer can
+    still be made again from the start, a stream cannot."""
+
+    async def check(stack: LocalStack) -> None:
+        relay = RelayService(stack.coordinator, "secret")
+        path = str(tmp_path / "relay.sock")
+        await relay.serve(path)
+        worker = RelayClient(path, "secret")
+        await worker.start()
+        try:
+            spec, _, _ = parse_openai(body(120, response_format=JSON_MODE), {}, False)
+            mirror, _ = await worker.submit(spec, streams=streams)
+            job = await running_job(stack)
+            assert job.instance is not None
+            await stack.crash(job.instance)
+            await asyncio.wait_for(mirror.done.wait(), 30)
+        finally:
+            await worker.close()
+            await relay.close()
+        if streams:
+            assert mirror.state == "failed" and "cannot be continued" in mirror.error
+        else:
+            assert (mirror.state, mirror.tokens, mirror.attempt) == ("finished", 120, 2)
 
     run_with_stack(tmp_path, check, instances=2, speed=1.0)

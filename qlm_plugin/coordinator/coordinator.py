@@ -242,6 +242,7 @@ class Coordinator:
         parent: Any = None,
         internal: bool = False,
         cancel_if_caller_leaves: str | None = None,
+        streams: bool = False,
     ) -> tuple[Job, bool]:
         """Validate, journal and queue a request. Returns the job and whether it was a duplicate
         (an earlier request with the same idempotency key). Raises :class:`SubmitError`.
@@ -249,7 +250,10 @@ class Coordinator:
         reserved idempotency keys. ``cancel_if_caller_leaves``: a caller cancelled while its
         request is being journaled leaves it accepted (the record commits); with a reason here
         it is then cancelled with it (an HTTP client gone: no one to answer), else it is served
-        (a gRPC retry with its idempotency key finds it). Every refusal a client gets is counted."""
+        (a gRPC retry with its idempotency key finds it). Every refusal a client gets is counted.
+        ``streams`` (a front-door worker's, through its relay): here the followers of a job say
+        whether they show its output as it comes (:func:`~.jobs.publish`)."""
+        del streams
         try:
             job, duplicate = await self._submit_keyed(spec, tenant, parent, internal, cancel_if_caller_leaves)
         except SubmitError as exc:

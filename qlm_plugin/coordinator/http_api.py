@@ -379,6 +379,7 @@ class Core(Protocol):
         tenant: str | None = None,
         parent: Any = None,
         cancel_if_caller_leaves: str | None = None,
+        streams: bool = ...,
     ) -> tuple[Job, bool]: ...
 
     def cancel(self, request_id: str, reason: str = ...) -> Any: ...
@@ -573,7 +574,11 @@ class FrontDoor:
         parent = propagate.extract(CIMultiDict((k, v) for k, v in request.headers.items() if v.isascii()))
         try:
             job, _ = await self.core.submit(
-                spec, tenant=principal.tenant, parent=parent, cancel_if_caller_leaves=CLIENT_GONE
+                spec,
+                tenant=principal.tenant,
+                parent=parent,
+                cancel_if_caller_leaves=CLIENT_GONE,
+                streams=stream,
             )
         except SubmitError as exc:
             extra = None

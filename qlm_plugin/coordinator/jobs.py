@@ -110,7 +110,9 @@ class SubmitError(Exception):
 
 class ChunkSink(Protocol):
     """Where a job's output goes as it arrives (a follower's queue, a front-door worker's link):
-    each chunk, then None once the job has ended. Called on the event loop; must not block."""
+    each chunk, then None once the job has ended. Called on the event loop; must not block. One
+    with a ``streams`` attribute that is false only collects the output (it is shown to nobody
+    until the end), which lets a request whose output cannot be continued start again."""
 
     def put_nowait(self, item: Chunk | None) -> None: ...
 
@@ -683,7 +685,8 @@ async def follow(job: Job) -> AsyncIterator[Chunk]:
 
 def publish(job: Job, chunk: Chunk) -> None:
     for q in job.listeners:
-        job.delivered = True
+        # shown to a client, unless the follower says it only collects it (a worker's answer)
+        job.delivered = job.delivered or getattr(q, "streams", True)
         q.put_nowait(chunk)
 
 

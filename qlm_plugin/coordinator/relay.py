@@ -219,10 +219,13 @@ class _Follower:
     """A job's output, for one worker's link: a :class:`~qlm_plugin.coordinator.jobs.ChunkSink`
     that turns each chunk into an event, without a task per request."""
 
-    __slots__ = ("followed", "job", "outbox")
+    __slots__ = ("followed", "job", "outbox", "streams")
 
-    def __init__(self, job: Job, outbox: _Outbox[pb.RelayEvent], followed: dict[str, _Follower]) -> None:
+    def __init__(
+        self, job: Job, outbox: _Outbox[pb.RelayEvent], followed: dict[str, _Follower], streams: bool
+    ) -> None:
         self.job, self.outbox, self.followed = job, outbox, followed
+        self.streams = streams  # a client of the worker reads the output as it comes (jobs.publish)
 
     def put_nowait(self, item: Chunk | None) -> None:
         job = self.job
@@ -335,10 +338,12 @@ class RelayService:
         # The answer, with the output so far, and the follower are set up in one step: no chunk
         # published in between is lost or sent twice.
         outbox.add(pb.RelayEvent(seq=call.seq, accepted=relay_job(job, duplicate=duplicate, text=True)))
-        job.delivered = job.delivered or job.tokens > 0  # the output so far went with the answer
+        if call.streams and job.tokens:  # the output so far went with the answer, to a stream
+            job.delivered = True
         if job.id in followed:  # a duplicate on the same link: the follower there serves both
+            followed[job.id].streams |= call.streams
             return
-        follower = _Follower(job, outbox, followed)
+        follower = _Follower(job, outbox, followed, call.streams)
         followed[job.id] = follower
         if job.state in TERMINAL:
             follower.put_nowait(None)
@@ -392,10 +397,12 @@ class RelayClient:
         tenant: str | None = None,
         parent: Any = None,
         cancel_if_caller_leaves: str | None = None,
+        streams: bool = False,
     ) -> tuple[Job, bool]:
         """The core's answer. A caller that leaves first has the request cancelled once the core
         accepts it (a worker's callers are HTTP clients: no one is left to answer), with
-        ``cancel_if_caller_leaves`` as the reason."""
+        ``cancel_if_caller_leaves`` as the reason; ``streams``: the caller reads the output as it
+        comes (the core then knows that what it sent was shown)."""
         if self._why:
             raise CoreUnavailable(self._why)
         if tenant is not None:
@@ -405,7 +412,7 @@ class RelayClient:
         seq = next(self._seq)
         answer: asyncio.Future[tuple[Job, bool]] = asyncio.get_running_loop().create_future()
         self._pending[seq] = (answer, spec, cancel_if_caller_leaves or "the client disconnected")
-        self._send(pb.RelayCall(seq=seq, submit=spec, trace=carrier))
+        self._send(pb.RelayCall(seq=seq, submit=spec, trace=carrier, streams=streams))
         # A client that leaves before the answer cancels the future; a request the core accepted
         # meanwhile is then cancelled when its answer arrives (see _answer).
         return await answer

@@ -569,7 +569,7 @@ class RelayCalls(_message.Message):
     def __init__(self, calls: _Optional[_Iterable[_Union[RelayCall, _Mapping]]] = ...) -> None: ...
 
 class RelayCall(_message.Message):
-    __slots__ = ("seq", "submit", "cancel", "cancel_reason", "trace")
+    __slots__ = ("seq", "submit", "cancel", "cancel_reason", "trace", "streams")
     class TraceEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -582,12 +582,14 @@ class RelayCall(_message.Message):
     CANCEL_FIELD_NUMBER: _ClassVar[int]
     CANCEL_REASON_FIELD_NUMBER: _ClassVar[int]
     TRACE_FIELD_NUMBER: _ClassVar[int]
+    STREAMS_FIELD_NUMBER: _ClassVar[int]
     seq: int
     submit: RequestSpec
     cancel: str
     cancel_reason: str
     trace: _containers.ScalarMap[str, str]
-    def __init__(self, seq: _Optional[int] = ..., submit: _Optional[_Union[RequestSpec, _Mapping]] = ..., cancel: _Optional[str] = ..., cancel_reason: _Optional[str] = ..., trace: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    streams: bool
+    def __init__(self, seq: _Optional[int] = ..., submit: _Optional[_Union[RequestSpec, _Mapping]] = ..., cancel: _Optional[str] = ..., cancel_reason: _Optional[str] = ..., trace: _Optional[_Mapping[str, str]] = ..., streams: _Optional[bool] = ...) -> None: ...
 
 class RelayEvents(_message.Message):
     __slots__ = ("events",)

@@ -448,6 +448,16 @@ def test_structured_output_is_carried_to_the_engine(field: str, value: Any, carr
             "response_format.json_schema.schema",
             "a JSON Schema (an object)",
         ),
+        (  # its check would hold the event loop for seconds (found by review)
+            {"structured_outputs": {"json": {"properties": {f"p{i}": {} for i in range(4000)}}}},
+            "structured_outputs.json",
+            "at most 4000 nodes",
+        ),
+        (  # a regex past C's int: the metaschema's own check raised OverflowError (a 500)
+            {"structured_outputs": {"json": {"type": "string", "pattern": "a{4294967296}"}}},
+            "structured_outputs.json",
+            "not a valid JSON Schema: OverflowError",
+        ),
         ({"structured_outputs": {}}, "structured_outputs", "exactly one of json, regex"),
         ({"structured_outputs": {"regex": "a", "choice": ["a"]}}, "structured_outputs", "got regex, choice"),
         ({"structured_outputs": {"choice": []}}, "structured_outputs.choice", "non-empty list of strings"),

@@ -12,6 +12,7 @@ from typing import Any
 
 import openai
 import pytest
+from openai.types.responses import Response
 
 from qlm_plugin.testing.stack import LocalStack, run_with_stack
 
@@ -49,6 +50,8 @@ def test_a_response_is_served_as_a_chat_and_kept(tmp_path: Path) -> None:
         roles = [m["role"] for m in json.loads(job.spec.chat_messages)]
         assert roles == ["system", "system", "user"]  # instructions first; a developer's is a system's
         assert (kept.status, kept.output_text) == ("incomplete", answer.output_text)
+        # the SDK's own model of a response takes it as it is, strictly
+        Response.model_validate(answer.model_dump(exclude_unset=True))
 
     run_with_stack(tmp_path, check, instances=2)
 
@@ -97,6 +100,7 @@ def test_a_streamed_response_sends_openais_events_in_order(tmp_path: Path) -> No
         assert deltas and "".join(deltas) == final.output_text
         assert [e.sequence_number for e in events] == list(range(len(events)))
         assert final.status == "completed" and final.usage is not None
+        Response.model_validate(final.model_dump(exclude_unset=True))
         assert final.usage.output_tokens >= len(deltas)
 
     run_with_stack(tmp_path, check, instances=2)
@@ -124,6 +128,7 @@ def test_a_streamed_response_sends_openais_events_in_order(tmp_path: Path) -> No
         ({"input": [{"role": "tool", "content": "x"}]}, "input[0].role", "must be one of user, assistant"),
         ({"input": []}, "input", "non-empty"),
         ({"background": True}, "background", "background mode"),
+        ({"metadata": {"k": {"deep": ["x"]}}}, "metadata", "values up to 512"),  # it is echoed
         ({"include": ["message.output_text.logprobs"]}, "include", "not supported"),
         ({"max_output_tokens": 0}, "max_output_tokens", "integer in [1,"),
         (

@@ -139,7 +139,8 @@ def test_through_a_front_door_worker_only_a_stream_counts_as_shown(tmp_path: Pat
             await relay.close()
         if streams:
             assert mirror.state == "failed" and "cannot be continued" in mirror.error
-        else:
+        else:  # the worker's copy started again with it (its first words were kept before it)
             assert (mirror.state, mirror.tokens, mirror.attempt) == ("finished", 120, 2)
+            assert mirror.text == job.text
 
     run_with_stack(tmp_path, check, instances=2, speed=1.0)

@@ -33,10 +33,10 @@ from qlm_plugin.coordinator.batch_store import (
     FileRecord,
     StoredBytesExceeded,
 )
-from qlm_plugin.coordinator.batches import BatchService, metadata_param, visible
+from qlm_plugin.coordinator.batches import BatchService, visible
 from qlm_plugin.coordinator.config import CoordinatorConfig
 from qlm_plugin.coordinator.http_api import body_stalled, caller, error_response, read_body
-from qlm_plugin.coordinator.openai_params import MAX_NAME_CHARS, BadRequest, text
+from qlm_plugin.coordinator.openai_params import MAX_NAME_CHARS, BadRequest, metadata_param, text
 
 #: Purposes a file may be uploaded with (outputs are the coordinator's own, ``batch_output``).
 UPLOAD_PURPOSES = ("batch",)

@@ -22,7 +22,7 @@ import logging
 import math
 import re
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -159,6 +159,10 @@ def parse_input(
         except BadRequest as exc:
             param = responses_api.param_name(exc.param) if api == "responses" else exc.param
             out.fail(index, custom_id, f"{param}: {exc}" if param else str(exc), f"body.{param}")
+            continue
+        except Exception as exc:  # a bug of the checks: this line is refused, the batch goes on
+            log.exception("batch input line %d: its check failed", index + 1)
+            out.fail(index, custom_id, f"the body could not be checked: {type(exc).__name__}: {exc}", "body")
             continue
         if spec.idempotency_key:
             out.fail(
@@ -669,15 +673,3 @@ class _OutputFiles:
 
 def visible(batch_or_file: BatchRecord | FileRecord, tenant: str, admin: bool) -> bool:
     return admin or batch_or_file.tenant == tenant
-
-
-def metadata_param(value: Any) -> dict[str, str] | None:
-    """OpenAI's metadata: at most 16 pairs, keys up to 64 characters, values up to 512."""
-    if value is None:
-        return None
-    if not isinstance(value, Mapping) or len(value) > 16:
-        raise BadRequest("metadata", "must be an object of at most 16 string pairs")
-    for k, v in value.items():
-        if not isinstance(k, str) or not isinstance(v, str) or len(k) > 64 or len(v) > 512:
-            raise BadRequest("metadata", "keys must be strings up to 64 characters, values up to 512")
-    return dict(value)

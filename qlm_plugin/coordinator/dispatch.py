@@ -318,10 +318,10 @@ class Dispatcher:
 
     def _cannot_constrain(self, job: Job, instance_id: str) -> None:
         if job.state == "queued":
-            self.finish(
+            self.finish(  # refused, as the door refuses it (a 400): the fleet cannot serve it
                 job,
                 "failed",
-                "error",
+                REFUSED,
                 error=f"structured output: instance {instance_id}, placed to serve it, cannot constrain "
                 "its output (no structured_output capability)",
             )

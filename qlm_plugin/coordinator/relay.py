@@ -482,6 +482,8 @@ class RelayClient:
         c = m.chunk
         chunk = Chunk(c.text, c.index, c.tokens)
         for job in self._jobs.get(m.request_id, ()):
+            if c.index == 0 and job.tokens:  # made again from its start (a constrained output)
+                job.chunks.clear()
             job.chunks.append(c.text)
             job.tokens = c.index + c.tokens
             publish(job, chunk)

@@ -18,7 +18,14 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
 
 from qlm_plugin.coordinator.jobs import Chunk, Job
-from qlm_plugin.coordinator.openai_params import MAX_MESSAGES, BadRequest, check_unicode, show, text
+from qlm_plugin.coordinator.openai_params import (
+    MAX_MESSAGES,
+    BadRequest,
+    check_unicode,
+    metadata_param,
+    show,
+    text,
+)
 
 #: The prefix of a response's id before its request's id (``GET /v1/responses/resp_<request id>``).
 ID_PREFIX = "resp_"
@@ -126,6 +133,7 @@ def chat_body(body: Any) -> dict[str, Any]:
     include = body.get("include")
     if include not in (None, []):
         raise _refuse("include", "extra output (log probabilities, sources, encrypted reasoning)", include)
+    metadata_param(body.get("metadata"))  # echoed in the answer: OpenAI's shape only
     chat = {key: value for key, value in body.items() if key not in OWN_FIELDS}
     chat["messages"] = _messages(body)
     if body.get("max_output_tokens") is not None:
@@ -173,12 +181,23 @@ def _message(job: Job, status: str) -> dict[str, Any]:
 
 
 def asked(job: Job) -> dict[str, Any]:
-    """What a response echoes of its request, from the request as kept (``GET``)."""
+    """What a response echoes of its request, from the request as kept (``GET``, a batch's
+    answers): its limit and sampling (not its instructions nor metadata)."""
     sampling = job.spec.sampling
-    return {
+    echo: dict[str, Any] = {
         "max_output_tokens": job.spec.max_tokens or None,
         **{key: json.loads(sampling[key]) for key in ("temperature", "top_p") if key in sampling},
     }
+    return echo
+
+
+def _text_format(job: Job) -> dict[str, Any]:
+    """The response's ``text.format``, from the request's format as checked and kept."""
+    kept = job.spec.sampling.get("response_format")
+    if kept is None:
+        return {"type": "text"}
+    fmt = json.loads(kept)
+    return {"type": fmt["type"], **fmt.get("json_schema", {})}
 
 
 def response_object(job: Job, request: Mapping[str, Any], qlm: Mapping[str, Any]) -> dict[str, Any]:
@@ -186,7 +205,6 @@ def response_object(job: Job, request: Mapping[str, Any], qlm: Mapping[str, Any]
     OpenAI echoes it)."""
     status = _status(job)
     ended = status in ("completed", "incomplete")
-    fmt = request.get("text") if isinstance(request.get("text"), dict) else None
     return {
         "id": f"{ID_PREFIX}{job.id}",
         "object": "response",
@@ -203,19 +221,19 @@ def response_object(job: Job, request: Mapping[str, Any], qlm: Mapping[str, Any]
         "previous_response_id": None,
         "store": True,
         "temperature": request.get("temperature"),
-        "text": fmt or {"format": {"type": "text"}},
+        "text": {"format": _text_format(job)},
         "tool_choice": "none",
         "tools": [],
         "top_p": request.get("top_p"),
         "truncation": "disabled",
         "usage": {
             "input_tokens": job.request.prompt_tokens,
-            "input_tokens_details": {"cached_tokens": 0},
+            "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
             "output_tokens": job.tokens,
             "output_tokens_details": {"reasoning_tokens": 0},
             "total_tokens": job.request.prompt_tokens + job.tokens,
         },
-        "metadata": request.get("metadata") or {},
+        "metadata": metadata_param(request.get("metadata")) or {},
         "qlm": dict(qlm),
     }
 

@@ -72,7 +72,7 @@ def test_a_constrained_output_whose_engine_dies_is_made_again_from_the_start(tmp
         async with aiohttp.ClientSession() as http:
             arrived = time.time()
             answer = asyncio.ensure_future(
-                http.post(f"{stack.http_url}/v1/completions", json=body(120, response_format=JSON_MODE))
+                http.post(f"{stack.http_url}/v1/completions", json=body(60, response_format=JSON_MODE))
             )
             job = await running_job(stack)
             made, crashed_at = job.tokens, time.time()
@@ -81,7 +81,7 @@ def test_a_constrained_output_whose_engine_dies_is_made_again_from_the_start(tmp
             async with await answer as r:
                 out = await r.json()
         assert r.status == 200, out
-        assert out["usage"]["completion_tokens"] == 120 and out["qlm"]["attempts"] == 2
+        assert out["usage"]["completion_tokens"] == 60 and out["qlm"]["attempts"] == 2
         # its first token is the second engine's: made after the crash, not before it
         assert out["qlm"]["ttft_ms"] / 1000 > crashed_at - arrived
         assert job.wasted_tokens >= made
@@ -97,7 +97,7 @@ def test_a_constrained_output_already_streamed_in_part_fails_saying_why(tmp_path
     async def check(stack: LocalStack) -> None:
         async with aiohttp.ClientSession() as http:
             events: list[dict[str, Any]] = []
-            request = body(120, response_format=JSON_MODE, stream=True)
+            request = body(60, response_format=JSON_MODE, stream=True)
             async with http.post(f"{stack.http_url}/v1/completions", json=request) as r:
                 assert r.status == 200
                 job = await running_job(stack)
@@ -128,7 +128,7 @@ def test_through_a_front_door_worker_only_a_stream_counts_as_shown(tmp_path: Pat
         worker = RelayClient(path, "secret")
         await worker.start()
         try:
-            spec, _, _ = parse_openai(body(120, response_format=JSON_MODE), {}, False)
+            spec, _, _ = parse_openai(body(60, response_format=JSON_MODE), {}, False)
             mirror, _ = await worker.submit(spec, streams=streams)
             job = await running_job(stack)
             assert job.instance is not None
@@ -140,7 +140,7 @@ def test_through_a_front_door_worker_only_a_stream_counts_as_shown(tmp_path: Pat
         if streams:
             assert mirror.state == "failed" and "cannot be continued" in mirror.error
         else:  # the worker's copy started again with it (its first words were kept before it)
-            assert (mirror.state, mirror.tokens, mirror.attempt) == ("finished", 120, 2)
+            assert (mirror.state, mirror.tokens, mirror.attempt) == ("finished", 60, 2)
             assert mirror.text == job.text
 
     run_with_stack(tmp_path, check, instances=2, speed=1.0)

@@ -14,6 +14,10 @@ import openai
 import pytest
 from openai.types.responses import Response
 
+from qlm_plugin.coordinator import responses_api
+from qlm_plugin.coordinator.jobs import REFUSED, Job
+from qlm_plugin.domain.request import SLO, Request
+from qlm_plugin.proto.qlm.v1 import qlm_pb2 as pb
 from qlm_plugin.testing.stack import LocalStack, run_with_stack
 
 MODEL = "llama-3.1-8b"
@@ -196,3 +200,19 @@ def test_a_batch_of_responses(tmp_path: Path) -> None:
             assert (error.line, error.param) == (2, "body.input[0].type")
 
     run_with_stack(tmp_path, check, instances=2)
+
+
+def test_a_failed_response_says_whose_fault_it_was() -> None:
+    """An engine that refused the request (a value it cannot take) is the prompt's fault, as
+    OpenAI codes it; anything else is the server's."""
+    request = Request("r1", MODEL, 4, 8, 1.0, SLO(None, None))
+    for reason, code in ((REFUSED, "invalid_prompt"), ("error", "server_error")):
+        job = Job(request, pb.RequestSpec(request_id="r1", model=MODEL, operation="chat"))
+        job.state, job.finish_reason, job.error = (
+            "failed",
+            reason,
+            "instance e refused it: HTTP 400: bad regex",
+        )
+        answer = responses_api.response_object(job, {}, {})
+        assert answer["status"] == "failed" and answer["error"] == {"code": code, "message": job.error}
+        Response.model_validate(answer)

@@ -17,7 +17,7 @@ import json
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
 
-from qlm_plugin.coordinator.jobs import Chunk, Job
+from qlm_plugin.coordinator.jobs import REFUSED, Chunk, Job
 from qlm_plugin.coordinator.openai_params import (
     MAX_MESSAGES,
     BadRequest,
@@ -169,6 +169,11 @@ def _status(job: Job) -> str:
     return STATUS.get(job.state, "failed")
 
 
+def _error_code(job: Job) -> str:
+    """OpenAI's code of a failed response: the request's own fault (an engine refused it) or not."""
+    return "invalid_prompt" if job.finish_reason == REFUSED else "server_error"
+
+
 def _message(job: Job, status: str) -> dict[str, Any]:
     content = [{"type": "output_text", "text": job.text, "annotations": [], "logprobs": []}]
     return {
@@ -211,7 +216,7 @@ def response_object(job: Job, request: Mapping[str, Any], qlm: Mapping[str, Any]
         "created_at": int(job.request.arrival_time),
         "status": status,
         "completed_at": int(job.finished_at) if ended and job.finished_at else None,
-        "error": {"code": "server_error", "message": job.error} if status == "failed" else None,
+        "error": {"code": _error_code(job), "message": job.error} if status == "failed" else None,
         "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None,
         "instructions": request.get("instructions"),
         "max_output_tokens": request.get("max_output_tokens"),

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from qlm_plugin.coordinator.http_api import BadRequest, parse_openai
-from qlm_plugin.coordinator.openai_params import structured_output_field
+from qlm_plugin.transport.openai_client import structured_output_field
 
 
 def parse(body: Any, headers: dict[str, str] | None = None, chat: bool = False) -> Any:

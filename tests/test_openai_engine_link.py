@@ -164,6 +164,27 @@ def test_an_eviction_in_the_same_turn_as_its_assignment_requeues_it() -> None:
     asyncio.run(_serve(_stream([b"data: [DONE]"]), drive))
 
 
+def test_a_constrained_request_is_not_evicted_by_abort() -> None:
+    """Here an eviction is an abort: a structured output would then be made again from its start,
+    or fail where its client saw part of it. The order is declined; the request runs on."""
+
+    async def drive(link: OpenAIEngineLink) -> None:
+        events: list[pb.RequestEvent] = []
+        constrained = _assignment(sampling={"response_format": '{"type": "json_object"}'})
+        link.start(constrained, events.append)
+        ack = link.execute(pb.Command(evict=pb.Evict(request_id="r1")))
+        assert isinstance(ack, pb.CommandAck) and not ack.ok and "constrained" in ack.error
+        while "r1" in link.tasks:
+            await asyncio.sleep(0.01)
+        assert [KIND[e.kind] for e in events if e.kind != Event.TOKENS] == ["finished"]
+        plain = _assignment(request_id="r2", sampling={"response_format": '{"type": "text"}'})
+        link.start(plain, events.append)
+        ack = link.execute(pb.Command(evict=pb.Evict(request_id="r2")))
+        assert isinstance(ack, pb.CommandAck) and ack.ok  # asks for nothing: evicted as any
+
+    asyncio.run(_serve(_stream([b"data: " + json.dumps(_chunk(" a", "stop")).encode()]), drive))
+
+
 def test_a_resume_whose_text_the_server_tokenizes_to_nothing_fails_rather_than_restarting() -> None:
     async def drive(link: OpenAIEngineLink) -> None:
         a = _assignment(prompt="", prompt_token_ids=[5, 6, 7])

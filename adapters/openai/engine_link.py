@@ -21,6 +21,7 @@ from qlm_plugin.transport.openai_client import (
     error_message,
     sse_data,
     stream_error,
+    structured_output_field,
     tokenize,
 )
 
@@ -110,6 +111,9 @@ class OpenAIEngineLink:
         self.down_since: float | None = None
         self.busy_until = 0.0  # monotonic: the server refused work as overloaded until about then
         self._evicted: set[str] = set()  # aborted because the coordinator ordered an eviction
+        # Constrained outputs (structured output): an eviction here is an abort, after which the
+        # request would be served again from its start or, if its client saw part of it, fail.
+        self._constrained: set[str] = set()
         self._freed = asyncio.Event()  # a request left the server: one waiting for a slot may go
         # Evictions ordered before their request arrived (commands and assignments travel on
         # separate streams): request id -> when ordered (monotonic)
@@ -211,6 +215,8 @@ class OpenAIEngineLink:
             self.abort(rid)
         task = asyncio.get_running_loop().create_task(self._serve(a, emit))
         self.tasks[rid] = (a.attempt, task)
+        if structured_output_field(a.request.sampling):
+            self._constrained.add(rid)
         task.add_done_callback(lambda t: self._ended(rid, a.attempt, t, emit))
         return True
 
@@ -221,6 +227,7 @@ class OpenAIEngineLink:
         in the same turn as its assignment): such a task never enters them."""
         if self.tasks.get(rid, (None, None))[1] is task:
             del self.tasks[rid]
+            self._constrained.discard(rid)
         if task.cancelled() and rid in self._evicted:
             self._evicted.discard(rid)
             emit(_event(rid, attempt, Event.REQUEUED, error="evicted before it reached the server"))
@@ -254,6 +261,9 @@ class OpenAIEngineLink:
                 }
                 self._early_evictions[cmd.evict.request_id] = now
                 return pb.CommandAck(ok=True)
+            if cmd.evict.request_id in self._constrained:
+                error = "not evicted: its output is constrained and an eviction here is an abort"
+                return pb.CommandAck(ok=False, error=error)
             self._evicted.add(cmd.evict.request_id)
             entry[1].cancel()
             return pb.CommandAck(ok=True)

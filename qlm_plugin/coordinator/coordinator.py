@@ -28,7 +28,6 @@ from qlm_plugin.coordinator.dispatch import Dispatcher
 from qlm_plugin.coordinator.instances import PendingCommand, RemoteFleet, Session
 from qlm_plugin.coordinator.jobs import CALLER_GONE, Chunk, Job, JobBook, JobsView, SubmitError, check_names
 from qlm_plugin.coordinator.journal import TERMINAL, Journal
-from qlm_plugin.coordinator.openai_params import STRUCTURED_OUTPUT, structured_output_field
 from qlm_plugin.coordinator.prompt_tokens import PromptCounter
 from qlm_plugin.coordinator.registry import InstanceRegistry
 from qlm_plugin.domain.distributions import WaitEstimate
@@ -42,6 +41,7 @@ from qlm_plugin.hooks.manager import POLICY_PREFIX
 from qlm_plugin.policies.registry import PolicyContext, policy_registry
 from qlm_plugin.proto.qlm.v1 import qlm_pb2 as pb
 from qlm_plugin.telemetry.instruments import Telemetry
+from qlm_plugin.transport.openai_client import STRUCTURED_OUTPUT, structured_output_field
 from qlm_plugin.workloads.scenario import Scenario
 
 log = logging.getLogger("qlm_plugin.coordinator")

@@ -26,10 +26,10 @@ from qlm_plugin.coordinator.forward import forward
 from qlm_plugin.coordinator.instances import RemoteFleet, Session
 from qlm_plugin.coordinator.jobs import REFUSED, Chunk, Job, JobBook
 from qlm_plugin.coordinator.journal import TERMINAL
-from qlm_plugin.coordinator.openai_params import STRUCTURED_OUTPUT, structured_output_field
 from qlm_plugin.domain.request import Request
 from qlm_plugin.proto.qlm.v1 import qlm_pb2 as pb
 from qlm_plugin.telemetry.instruments import Telemetry
+from qlm_plugin.transport.openai_client import STRUCTURED_OUTPUT, structured_output_field
 
 log = logging.getLogger("qlm_plugin.coordinator")
 

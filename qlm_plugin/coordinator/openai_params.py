@@ -6,7 +6,8 @@ Each sampling field has one rule in :data:`SAMPLING_RULES`; the fields that ask 
 coordinator cannot carry (several choices, log probabilities, tools...) are in :data:`UNSUPPORTED`,
 with the values that ask for nothing and so are accepted. Structured output (``response_format``,
 vLLM's ``structured_outputs``) is carried like a sampling field, but only engines that declare the
-:data:`STRUCTURED_OUTPUT` capability can honour it (:func:`structured_output_field`).
+``structured_output`` capability can honour it
+(:func:`~qlm_plugin.transport.openai_client.structured_output_field`).
 """
 
 from __future__ import annotations
@@ -215,8 +216,6 @@ def _logit_bias(value: Any, param: str) -> dict[str, float]:
 
 # ---------------------------------------------------------------------------- structured output
 
-#: The capability of an engine that constrains its output to a JSON schema, regex, choice or grammar.
-STRUCTURED_OUTPUT = "structured_output"
 #: ``response_format`` types: OpenAI's (vLLM's ``structural_tag`` is not carried).
 RESPONSE_FORMAT_TYPES = ("text", "json_object", "json_schema")
 #: vLLM's ``structured_outputs``: its constraints (exactly one) and its options, each with its check.
@@ -348,21 +347,6 @@ def metadata_param(value: Any, param: str = "metadata") -> dict[str, str] | None
         check_unicode(k, param)
         check_unicode(v, f"{param}.{key_name(k)}")
     return dict(value)
-
-
-def structured_output_field(sampling: Mapping[str, str]) -> str | None:
-    """The field of a request's sampling (as carried: JSON text) that constrains its output, which
-    only an engine with :data:`STRUCTURED_OUTPUT` honours; None when it asks for none."""
-    if "structured_outputs" in sampling:
-        return "structured_outputs"
-    fmt = sampling.get("response_format")
-    if fmt is None:
-        return None
-    try:
-        kind = json.loads(fmt).get("type")
-    except (ValueError, AttributeError, RecursionError):  # a gRPC client's own text: the engine judges it
-        kind = None
-    return None if kind == "text" else "response_format"  # {"type": "text"} asks for nothing
 
 
 # ------------------------------------------------------------------------------------ sampling rules

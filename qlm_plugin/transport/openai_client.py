@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from typing import Any
 
 import aiohttp
@@ -12,10 +13,27 @@ TOKENIZE_TIMEOUT_S = 30.0
 #: Answers of a server that refuses the request itself (a value it cannot take: a schema its grammar
 #: backend cannot compile, a token id past its vocabulary): serving it elsewhere cannot help.
 REFUSED_STATUSES = (400, 413, 422)
+#: The capability of an engine that constrains its output to a JSON schema, regex, choice or grammar.
+STRUCTURED_OUTPUT = "structured_output"
 
 
 class TokenizeError(Exception):
     """The server could not tokenize (it has no ``/tokenize``, or refused the text)."""
+
+
+def structured_output_field(sampling: Mapping[str, str]) -> str | None:
+    """The field of a request's sampling (as carried: JSON text) that constrains its output, which
+    only an engine with :data:`STRUCTURED_OUTPUT` honours; None when it asks for none."""
+    if "structured_outputs" in sampling:
+        return "structured_outputs"
+    fmt = sampling.get("response_format")
+    if fmt is None:
+        return None
+    try:
+        kind = json.loads(fmt).get("type")
+    except (ValueError, AttributeError, RecursionError):  # a gRPC client's own text: the engine judges it
+        kind = None
+    return None if kind == "text" else "response_format"  # {"type": "text"} asks for nothing
 
 
 def error_message(status: int, body: str) -> str:

@@ -54,9 +54,10 @@ def stream_error(chunk: dict[str, Any]) -> tuple[int, str] | None:
     inner = chunk.get("error")
     if not isinstance(inner, dict):
         return None
-    code = inner.get("code")
+    code, message = inner.get("code"), inner.get("message")
     status = code if isinstance(code, int) and not isinstance(code, bool) else 500
-    return status, error_message(status, json.dumps(chunk))
+    said = message if isinstance(message, str) and message else json.dumps(inner)[:500]
+    return status, f"HTTP {status}: {said}"
 
 
 def sse_data(raw: bytes) -> bytes | None:

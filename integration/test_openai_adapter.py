@@ -203,6 +203,35 @@ def test_structured_output_reaches_the_server_and_its_refusal_is_a_400(setup: Se
     assert out["qlm"]["attempts"] == 1
 
 
+def test_a_tool_call_is_made_by_the_server_and_relayed(setup: Setup) -> None:
+    """The black-box agent declares ``tools``: a chat's tools go to the server as given, and its
+    streamed call comes back as OpenAI's ``tool_calls`` (the official SDK reads it)."""
+    import openai
+
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{setup.http}/v1", api_key="unused", max_retries=0)
+    tool = {
+        "type": "function",
+        "function": {
+            "name": "pick",
+            "parameters": {
+                "type": "object",
+                "properties": {"colour": {"enum": ["red", "green"]}},
+                "required": ["colour"],
+                "additionalProperties": False,
+            },
+        },
+    }
+    chat = client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "colour?"}],
+        tools=[tool],  # type: ignore[list-item]
+        tool_choice={"type": "function", "function": {"name": "pick"}},
+        max_tokens=60,
+    )
+    (call,) = chat.choices[0].message.tool_calls or []
+    assert call.function.name == "pick" and json.loads(call.function.arguments)["colour"] in ("red", "green")
+
+
 def test_dispatch_is_bounded_by_a_limit_learned_from_latency(setup: Setup) -> None:
     async def run() -> tuple[list[tuple[int, int, int]], list[pb.RequestStatus]]:
         samples: list[tuple[int, int, int]] = []  # (limit, dispatched, server running)

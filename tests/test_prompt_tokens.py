@@ -13,6 +13,7 @@ from qlm_plugin.coordinator.prompt_tokens import PromptCounter, estimate_prompt_
 from qlm_plugin.proto.qlm.v1 import qlm_pb2 as pb
 
 TEMPLATE = (
+    "{% if tools %}<|system|>{% for t in tools %}{{ t['function']['name'] }} {% endfor %}<|end|>{% endif %}"
     "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>{% endif %}"
 )
@@ -48,6 +49,22 @@ def test_a_chat_is_counted_through_the_models_chat_template(tokenizer_folder: Pa
     # <|system|> be brief <|end|> <|user|> hello world <|end|> <|assistant|>
     assert counter.count(chat(("system", "be brief"), ("user", "hello world"))) == 9
     assert counter.count(pb.RequestSpec(model="m", prompt="hello world hello")) == 3
+
+
+def test_the_tools_a_chat_offers_count_as_its_template_writes_them(tokenizer_folder: Path) -> None:
+    """The engine's template writes the tools into the prompt (a long tool list is thousands of
+    tokens): they are counted, through the template, or in the estimate without one."""
+    tools = json.dumps([{"type": "function", "function": {"name": "hello"}}])
+    counter = PromptCounter({"m": str(tokenizer_folder)})
+    counter.load()
+    spec = chat(("user", "hello world"))
+    spec.sampling["tools"] = tools
+    assert counter.count(spec) == 5 + 3  # <|system|> hello <|end|>
+    blind = PromptCounter({})
+    spec.model = "other"
+    assert (
+        blind.count(spec) == estimate_prompt_tokens(spec.prompt + tools) > estimate_prompt_tokens(spec.prompt)
+    )
 
 
 def test_without_a_tokenizer_the_prompt_is_estimated_from_its_bytes(

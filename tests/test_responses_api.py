@@ -114,11 +114,23 @@ def test_a_streamed_response_sends_openais_events_in_order(tmp_path: Path) -> No
     ("extra", "param", "message"),
     [
         ({"previous_response_id": "resp_x"}, "previous_response_id", "send the whole conversation in input"),
-        ({"tools": [{"type": "function", "name": "f", "parameters": {}}]}, "tools", "tool calls"),
+        # valid, but the simulated instances cannot call tools
         (
-            {"input": [{"type": "function_call_output", "call_id": "c", "output": "1"}]},
+            {"tools": [{"type": "function", "name": "f", "parameters": {}}]},
+            "tools",
+            "cannot serve tool calls",
+        ),
+        ({"tools": [{"type": "web_search"}]}, "tools[0].type", "only function tools"),
+        ({"tools": [{"type": "function", "name": "a b"}]}, "tools[0].name", "letters, digits"),
+        (
+            {"tools": [{"type": "function", "name": "f"}], "tool_choice": {"type": "function", "name": "g"}},
+            "tool_choice.name",
+            "names no tool given",
+        ),
+        (
+            {"input": [{"type": "reasoning", "summary": []}]},
             "input[0].type",
-            "only messages",
+            "only messages, function calls and their outputs",
         ),
         (
             {
@@ -144,7 +156,7 @@ def test_a_streamed_response_sends_openais_events_in_order(tmp_path: Path) -> No
         (
             {"text": {"format": {"type": "json_object"}}},
             "text.format",
-            "not supported by the instances serving",
+            "cannot serve structured output",
         ),
     ],
 )

@@ -53,8 +53,8 @@ def test_instances_that_cannot_constrain_their_output_refuse_it_at_the_door(tmp_
                     error = (await r.json())["error"]
                 assert r.status == 400 and error["param"] == field
                 assert (
-                    "not supported by the instances serving 'llama-3.1-8b' (sim-0, sim-1; backend sim)"
-                    in (error["message"])
+                    "the instances serving 'llama-3.1-8b' (sim-0, sim-1; backend sim) cannot serve "
+                    "structured output" in error["message"]
                 )
             text = {"response_format": {"type": "text"}}  # asks for nothing: served as any request
             async with http.post(f"{stack.http_url}/v1/completions", json=body(4, **text)) as r:

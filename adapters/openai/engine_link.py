@@ -18,11 +18,12 @@ from qlm_plugin.proto.qlm.v1 import qlm_pb2 as pb
 from qlm_plugin.transport.openai_client import (
     REFUSED_STATUSES,
     TokenizeError,
+    constraint,
     error_message,
     sse_data,
     stream_error,
-    structured_output_field,
     tokenize,
+    tool_call_deltas,
 )
 
 log = logging.getLogger("qlm_plugin.adapters.openai")
@@ -89,9 +90,9 @@ class OpenAIEngineLink:
         self.instance_id = settings.instance_id
         self.gpu = settings.gpu
         self.endpoint = ""  # requests come over the pull stream: this agent calls the server itself
-        # structured output: the server is sent the request's response_format as given (one that
-        # cannot honour it refuses it, and the request fails with its answer)
-        caps = ["evict", "structured_output"]
+        # structured output and tools: the server is sent the request's response_format and tools
+        # as given (one that cannot honour them refuses them, and the request fails with its answer)
+        caps = ["evict", "structured_output", "tools"]
         if settings.load_command or settings.unload_command:
             caps.append("load_model")
         self.capabilities: Sequence[str] = caps
@@ -215,7 +216,7 @@ class OpenAIEngineLink:
             self.abort(rid)
         task = asyncio.get_running_loop().create_task(self._serve(a, emit))
         self.tasks[rid] = (a.attempt, task)
-        if structured_output_field(a.request.sampling):
+        if constraint(a.request.sampling):
             self._constrained.add(rid)
         task.add_done_callback(lambda t: self._ended(rid, a.attempt, t, emit))
         return True
@@ -360,8 +361,20 @@ class OpenAIEngineLink:
                         text = choice.get("text") or (choice.get("delta") or {}).get("content") or ""
                         if not isinstance(text, str):
                             raise ValueError(f"a token that is not text: {text!r:.100}")
-                        if text:
-                            emit(_event(rid, attempt, Event.TOKENS, index=index, tokens=1, text=text))
+                        calls = tool_call_deltas(choice)
+                        if text or calls:
+                            tool_calls = json.dumps(calls) if calls else ""
+                            emit(
+                                _event(
+                                    rid,
+                                    attempt,
+                                    Event.TOKENS,
+                                    index=index,
+                                    tokens=1,
+                                    text=text,
+                                    tool_calls=tool_calls,
+                                )
+                            )
                             index += 1
                             delivered += 1
                         finish = choice.get("finish_reason") or finish

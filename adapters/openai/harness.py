@@ -28,7 +28,7 @@ def prestart() -> None:
     global _server
     if _server is not None or importlib.util.find_spec("vllm") is None:
         return
-    from qlm_plugin.adapters.vllm.launch import build_tiny_model, start_server
+    from qlm_plugin.adapters.vllm.launch import TINY_TOOL_ARGS, build_tiny_model, start_server
     from qlm_plugin.deploy.child_process import free_port
     from qlm_plugin.testing.tiny_model import CONTEXT_LEN
 
@@ -41,6 +41,7 @@ def prestart() -> None:
         served_name="tiny-served",
         scheduler=False,
         max_model_len=CONTEXT_LEN,
+        extra_args=TINY_TOOL_ARGS,
     )
     atexit.register(_server.stop)
 

@@ -81,7 +81,9 @@ class VLLMEngineLink:
         if isinstance(getattr(model_cfg, "served_model_name", None), (list, tuple)):
             self.model = str(model_cfg.served_model_name[0])
         self.on_gpu = self.gpu != "cpu"
-        caps = ["evict", "structured_output"]  # response_format and structured_outputs: its grammar backend
+        # response_format and structured_outputs: its grammar backend; tools: its OpenAI server (a
+        # named or required tool_choice by that grammar; "auto" needs the server's --tool-call-parser)
+        caps = ["evict", "structured_output", "tools"]
         if self.on_gpu:
             caps += ["load_model", "warm_start"]
         if sched.vllm_config.kv_transfer_config is not None:

@@ -127,6 +127,19 @@ def build_tiny_model(folder: Path) -> Path:
     return model
 
 
+#: Tool calls on the tiny model, which has no tool format of its own: a named or required
+#: ``tool_choice`` is made by the grammar backend, and vLLM wants a tool parser named for those too
+#: (any one that takes the tokenizer); no free whitespace in a grammar's JSON, which a random model
+#: would pad past any ``max_tokens``. A real model names its own parser (vLLM's tool calling docs).
+TINY_TOOL_ARGS = (
+    "--enable-auto-tool-choice",
+    "--tool-call-parser",
+    "pythonic",
+    "--structured-outputs-config",
+    '{"backend": "xgrammar", "disable_any_whitespace": true}',
+)
+
+
 def start_server(
     model: str | Path,
     port: int,

@@ -41,7 +41,7 @@ from qlm_plugin.hooks.manager import POLICY_PREFIX
 from qlm_plugin.policies.registry import PolicyContext, policy_registry
 from qlm_plugin.proto.qlm.v1 import qlm_pb2 as pb
 from qlm_plugin.telemetry.instruments import Telemetry
-from qlm_plugin.transport.openai_client import STRUCTURED_OUTPUT, structured_output_field
+from qlm_plugin.transport.openai_client import FEATURES, constraint
 from qlm_plugin.workloads.scenario import Scenario
 
 log = logging.getLogger("qlm_plugin.coordinator")
@@ -349,18 +349,18 @@ class Coordinator:
             finally:
                 book.count(request, -1)
             now = time.time()
-        constrained = structured_output_field(spec.sampling)
-        if constrained is not None:
-            lacking = self.dispatcher.lacking(request.model, STRUCTURED_OUTPUT)
+        needs = constraint(spec.sampling)
+        if needs is not None:
+            capability, param = needs
+            lacking = self.dispatcher.lacking(request.model, capability)
             if lacking:
                 names = ", ".join(sorted(s.instance_id for s in lacking))
                 backends = ", ".join(sorted({s.backend for s in lacking}))
                 raise SubmitError(
                     "invalid",
-                    f"structured output is not supported by the instances serving {request.model!r} "
-                    f"({names}; backend {backends}): only engines that declare it (vLLM) can "
-                    "constrain what they generate",
-                    constrained,
+                    f"the instances serving {request.model!r} ({names}; backend {backends}) cannot serve "
+                    f"{FEATURES[capability]}: only engines that declare {capability!r} (vLLM) can",
+                    param,
                 )
         # Refused here, before the journal, when the client asked (reject_if_late) or its class
         # refuses below a probability of meeting the SLO: once accepted, a request is served.

@@ -13,6 +13,7 @@ again (failures count towards ``max_attempts``). Not thread-safe: one event loop
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import math
 import time
@@ -29,7 +30,7 @@ from qlm_plugin.coordinator.journal import TERMINAL
 from qlm_plugin.domain.request import Request
 from qlm_plugin.proto.qlm.v1 import qlm_pb2 as pb
 from qlm_plugin.telemetry.instruments import Telemetry
-from qlm_plugin.transport.openai_client import STRUCTURED_OUTPUT, structured_output_field
+from qlm_plugin.transport.openai_client import FEATURES, constraint, merge_tool_calls
 
 log = logging.getLogger("qlm_plugin.coordinator")
 
@@ -206,11 +207,12 @@ class Dispatcher:
         job = self.book.jobs.get(request.id)
         if job is None or job.state != "queued":
             return False
-        if STRUCTURED_OUTPUT not in s.capabilities and structured_output_field(job.spec.sampling):
+        needs = constraint(job.spec.sampling)
+        if needs is not None and needs[0] not in s.capabilities:
             # Refused at the door where an instance serving the model lacked it: this one came
             # later. It fails once the queue manager's pass is over, rather than being served
-            # unconstrained.
-            asyncio.get_running_loop().call_soon(self._cannot_constrain, job, s.instance_id)
+            # without what it asked for.
+            asyncio.get_running_loop().call_soon(self._cannot_serve, job, s.instance_id, needs[0])
             return False
         now = time.time()
         # before any state changes: a policy hook that raises must not leave the job half-dispatched
@@ -316,14 +318,14 @@ class Dispatcher:
         )
         self.book.announce(job, now)
 
-    def _cannot_constrain(self, job: Job, instance_id: str) -> None:
+    def _cannot_serve(self, job: Job, instance_id: str, capability: str) -> None:
         if job.state == "queued":
             self.finish(  # refused, as the door refuses it (a 400): the fleet cannot serve it
                 job,
                 "failed",
                 REFUSED,
-                error=f"structured output: instance {instance_id}, placed to serve it, cannot constrain "
-                "its output (no structured_output capability)",
+                error=f"{FEATURES[capability]}: instance {instance_id}, placed to serve it, cannot serve "
+                f"them (no {capability} capability)",
             )
 
     def requeue(self, job: Job, reason: str, *, failure: bool = True) -> None:
@@ -335,21 +337,23 @@ class Dispatcher:
         if job.failures >= self.cfg.max_attempts:
             self.finish(job, "failed", "error", error=f"gave up after {job.attempt} attempts: {reason}")
             return
-        if job.tokens and structured_output_field(job.spec.sampling):
-            # A constrained output cannot be continued: the next engine's grammar would start
-            # again after the text so far. Served again from the start, unless some of it was
-            # already streamed to the client.
+        needs = constraint(job.spec.sampling) if job.tokens else None
+        if needs is not None:
+            # A constrained output or a tool call cannot be continued: the next engine's grammar
+            # would start again after the text so far, its tool parser would not see the call's
+            # start. Served again from the start, unless some of it was already streamed to the client.
             if job.delivered:
                 self.finish(
                     job,
                     "failed",
                     "error",
-                    error=f"{reason}; its structured output was streamed in part ({job.tokens} tokens) "
-                    "and cannot be continued on another engine: send the request again",
+                    error=f"{reason}; its answer ({FEATURES[needs[0]]}) was streamed in part ({job.tokens} "
+                    "tokens) and cannot be continued on another engine: send the request again",
                 )
                 return
             job.wasted_tokens += job.tokens
             job.chunks.clear()
+            job.tool_calls.clear()
             job.tokens, job.output_ids, job.first_token_at = 0, [], None
         if job.instance is not None:
             s = self.fleet.sessions.get(job.instance)
@@ -404,8 +408,14 @@ class Dispatcher:
                     self.fleet.command(s, "abort", ev.request_id, attempt=ev.attempt)
                 continue
             if ev.kind == Event.TOKENS:
-                if ev.tokens < 0 or (ev.tokens == 0 and ev.text):
+                if ev.tokens < 0 or (ev.tokens == 0 and (ev.text or ev.tool_calls)):
                     self._malformed(s, job, ev, f"{ev.tokens} tokens for {len(ev.text)} characters")
+                    continue
+                calls = _tool_calls(ev.tool_calls) if ev.tool_calls else None
+                if ev.tool_calls and calls is None:
+                    self._malformed(
+                        s, job, ev, f"tool calls that are not a JSON list: {ev.tool_calls[:80]!r}"
+                    )
                     continue
                 if ev.index + ev.tokens <= job.tokens:
                     continue  # resent
@@ -422,10 +432,12 @@ class Dispatcher:
                     continue
                 job.chunks.append(ev.text)
                 job.tokens += tokens
+                if calls:
+                    merge_tool_calls(job.tool_calls, calls)
                 if job.first_token_at is None:
                     job.first_token_at = now
                     self.telemetry.request_event(job.id, "qlm.first_token", time=now)
-                self.book.publish(job, Chunk(ev.text, ev.index, tokens))
+                self.book.publish(job, Chunk(ev.text, ev.index, tokens, tool_calls=calls))
             elif ev.kind == Event.FINISHED:
                 # an engine that reports evictions one by one (EVICTED) and one that totals them at
                 # the end: both counted once
@@ -463,3 +475,14 @@ class Dispatcher:
             task.cancel()
         if self._http is not None:
             await self._http.close()
+
+
+def _tool_calls(raw: str) -> list[dict[str, Any]] | None:
+    """An event's tool-call deltas (JSON text), or None where they are not a list of objects."""
+    try:
+        calls = json.loads(raw)
+    except (ValueError, RecursionError):
+        return None
+    if not isinstance(calls, list) or not all(isinstance(c, dict) for c in calls):
+        return None
+    return calls

@@ -29,6 +29,7 @@ from qlm_plugin.transport.openai_client import (
     sse_data,
     stream_error,
     tokenize,
+    tool_call_deltas,
 )
 
 #: Where a forward reports: the events of its attempt (as an agent would), and an engine found gone.
@@ -210,13 +211,15 @@ async def forward(
                     if start == 0 and choice.get("prompt_token_ids") is not None:
                         prompt_ids = list(choice["prompt_token_ids"])
                     text = choice.get("text") or (choice.get("delta") or {}).get("content") or ""
+                    calls = tool_call_deltas(choice)
                     ids = choice.get("token_ids")
                     if ids is not None:
                         held.extend(ids)  # the detokenizer may hold a token's text back a chunk
-                    if text:
+                    if text or calls:
                         n = max(1, len(held)) if ids is not None else 1
                         delivered = job.tokens
-                        emit(kind=Event.TOKENS, index=index, tokens=n, text=text)
+                        tool_calls = json.dumps(calls) if calls else ""
+                        emit(kind=Event.TOKENS, index=index, tokens=n, text=text, tool_calls=tool_calls)
                         index += n
                         if job.tokens == delivered + n:
                             _keep_ids(job, prompt_ids, held if ids is not None else None, delivered, n)

@@ -16,6 +16,7 @@ from qlm_plugin.coordinator.coordinator import Coordinator
 from qlm_plugin.coordinator.instances import Session
 from qlm_plugin.coordinator.jobs import Job, SubmitError, status_message
 from qlm_plugin.coordinator.journal import JournalError
+from qlm_plugin.coordinator.json_codec import dumps
 from qlm_plugin.coordinator.registry import InstanceTaken
 from qlm_plugin.domain.instance import EvictMode
 from qlm_plugin.proto.qlm.v1 import qlm_pb2 as pb
@@ -181,6 +182,7 @@ class RequestsService(pb_grpc.RequestsServicer):
                 tokens=chunk.tokens,
                 finished=chunk.finished,
                 finish_reason=chunk.finish_reason,
+                tool_calls=dumps(chunk.tool_calls).decode() if chunk.tool_calls else "",
             )
 
 

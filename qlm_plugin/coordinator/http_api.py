@@ -52,8 +52,11 @@ from qlm_plugin.coordinator.openai_params import (
     stream_options,
     text,
     token_ids,
+    tool_name,
+    tool_params,
 )
 from qlm_plugin.proto.qlm.v1 import qlm_pb2 as pb
+from qlm_plugin.transport.openai_client import message_tool_calls
 
 #: Why the request of a client that went away is cancelled.
 #: Largest request body accepted, bytes (a prompt of about 1M tokens).
@@ -176,9 +179,57 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not a JSON number")  # Python's json takes NaN and Infinity
 
 
-def _chat(messages: Any) -> tuple[str, list[dict[str, str]]]:
+def _content(content: Any, param: str, *, optional: bool = False) -> str | None:
+    """A message's content as one text (its text parts joined, as vLLM joins them); None where it
+    may be absent (``optional``: an assistant's message that holds tool calls)."""
+    if content is None and optional:
+        return None
+    if isinstance(content, list):  # content parts: only text is served
+        texts = []
+        for j, part in enumerate(content):
+            if (
+                not isinstance(part, dict)
+                or part.get("type") != "text"
+                or not isinstance(part.get("text"), str)
+            ):
+                raise BadRequest(f"{param}[{j}]", "only text content parts are supported")
+            texts.append(check_unicode(part["text"], f"{param}[{j}].text"))
+        return "\n".join(texts)
+    if isinstance(content, str):
+        return check_unicode(content, param)
+    raise BadRequest(param, "must be a string or a list of text parts")
+
+
+def _earlier_calls(calls: Any, param: str) -> list[dict[str, Any]]:
+    """An assistant message's ``tool_calls`` (the calls it made earlier in the conversation)."""
+    if not isinstance(calls, list) or not calls:
+        raise BadRequest(param, "must be a non-empty list of tool calls")
+    checked = []
+    for k, call in enumerate(calls):
+        where = f"{param}[{k}]"
+        fn = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(fn, dict) or call.get("type", "function") != "function":
+            raise BadRequest(where, 'must be {"id", "type": "function", "function": {"name", "arguments"}}')
+        args = fn.get("arguments")
+        if not isinstance(args, str):
+            raise BadRequest(f"{where}.function.arguments", f"must be a string (JSON text), got {show(args)}")
+        checked.append(
+            {
+                "id": text(call.get("id"), f"{where}.id", max_chars=MAX_NAME_CHARS),
+                "type": "function",
+                "function": {
+                    "name": tool_name(fn.get("name"), f"{where}.function.name"),
+                    "arguments": check_unicode(args, f"{where}.function.arguments"),
+                },
+            }
+        )
+    return checked
+
+
+def _chat(messages: Any) -> tuple[str, list[dict[str, Any]]]:
     """A chat's messages rendered as plain text (for the backends without a chat template), and
-    as the engine's chat endpoint takes them (each content as one text)."""
+    as the engine's chat endpoint takes them (each content as one text; an assistant's earlier
+    tool calls and a tool's answers with their ids)."""
     if not isinstance(messages, list) or not messages:
         raise BadRequest("messages", "must be a non-empty list of {role, content} objects")
     if len(messages) > MAX_MESSAGES:
@@ -189,24 +240,23 @@ def _chat(messages: Any) -> tuple[str, list[dict[str, str]]]:
         if not isinstance(m, dict) or not isinstance(m.get("role"), str):
             raise BadRequest(f"messages[{i}]", "must be an object with a string 'role'")
         role = check_unicode(m["role"], f"messages[{i}].role")
-        content = m.get("content")
-        if isinstance(content, list):  # content parts: only text is served
-            texts = []
-            for j, part in enumerate(content):
-                if (
-                    not isinstance(part, dict)
-                    or part.get("type") != "text"
-                    or not isinstance(part.get("text"), str)
-                ):
-                    raise BadRequest(f"messages[{i}].content[{j}]", "only text content parts are supported")
-                texts.append(check_unicode(part["text"], f"messages[{i}].content[{j}].text"))
-            content = "\n".join(texts)  # as vLLM joins them
-        elif isinstance(content, str):
-            check_unicode(content, f"messages[{i}].content")
-        else:
-            raise BadRequest(f"messages[{i}].content", "must be a string or a list of text parts")
-        lines.append(f"{role}: {content}")
-        normal.append({"role": role, "content": content})
+        calls = m.get("tool_calls")
+        has_calls = role == "assistant" and calls is not None and calls != []
+        content = _content(m.get("content"), f"messages[{i}].content", optional=has_calls)
+        message: dict[str, Any] = {"role": role, "content": content}
+        line = content or ""
+        if has_calls:
+            message["tool_calls"] = _earlier_calls(calls, f"messages[{i}].tool_calls")
+            said = ", ".join(
+                f"{c['function']['name']}({c['function']['arguments']})" for c in message["tool_calls"]
+            )
+            line = f"{line} [calls {said}]".lstrip()
+        if role == "tool":
+            message["tool_call_id"] = text(
+                m.get("tool_call_id"), f"messages[{i}].tool_call_id", max_chars=MAX_NAME_CHARS
+            )
+        lines.append(f"{role}: {line}")
+        normal.append(message)
     return "\n".join(lines) + "\nassistant:", normal
 
 
@@ -247,7 +297,9 @@ def parse_openai(body: Any, headers: Mapping[str, str], chat: bool) -> tuple[pb.
             spec.prompt = prompt
         else:
             spec.prompt_token_ids.extend(prompt)  # the coordinator counts them as the prompt's tokens
-    check_supported(body)
+    check_supported(body, chat=chat)
+    if chat:
+        spec.sampling.update(tool_params(body))
     max_key = (
         "max_completion_tokens" if chat and body.get("max_completion_tokens") is not None else "max_tokens"
     )
@@ -347,11 +399,10 @@ def completion_body(job: Job, chat: bool) -> dict[str, Any]:
     """The OpenAI body of a finished job's answer (``chat.completion`` or ``text_completion``)."""
     reason = job.finish_reason or "length"
     if chat:
-        choice: dict[str, Any] = {
-            "index": 0,
-            "message": {"role": "assistant", "content": job.text},
-            "finish_reason": reason,
-        }
+        message: dict[str, Any] = {"role": "assistant", "content": job.text}
+        if job.tool_calls:  # OpenAI: no content where the answer is only its calls
+            message.update(content=job.text or None, tool_calls=message_tool_calls(job.tool_calls))
+        choice: dict[str, Any] = {"index": 0, "message": message, "finish_reason": reason}
         obj, prefix = "chat.completion", "chatcmpl"
     else:
         choice = {"index": 0, "text": job.text, "finish_reason": reason, "logprobs": None}
@@ -698,6 +749,11 @@ class FrontDoor:
                 break
             if chat:
                 delta: dict[str, Any] = {"content": chunk.text}
+                if chunk.tool_calls:
+                    delta = {
+                        "tool_calls": chunk.tool_calls,
+                        **({"content": chunk.text} if chunk.text else {}),
+                    }
                 if first:
                     delta["role"] = "assistant"
                 choice: dict[str, Any] = {"index": 0, "delta": delta, "finish_reason": None}

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import math
 import time
@@ -24,6 +25,7 @@ from google.protobuf import json_format
 
 from qlm_plugin.coordinator.config import CoordinatorConfig
 from qlm_plugin.coordinator.journal import TERMINAL, DuplicateRecord, JobRecord, Journal, JournalError
+from qlm_plugin.coordinator.json_codec import dumps
 from qlm_plugin.coordinator.openai_params import MAX_NAME_CHARS, show
 from qlm_plugin.coordinator.prompt_tokens import PromptCounter
 from qlm_plugin.domain.costmodel import CostModel
@@ -37,6 +39,7 @@ from qlm_plugin.domain.request import (
     make_request,
 )
 from qlm_plugin.proto.qlm.v1 import qlm_pb2 as pb
+from qlm_plugin.transport.openai_client import message_tool_calls
 
 log = logging.getLogger("qlm_plugin.coordinator")
 
@@ -124,6 +127,7 @@ class Chunk:
     tokens: int
     finished: bool = False
     finish_reason: str = ""
+    tool_calls: list[dict[str, Any]] | None = None  # OpenAI's delta.tool_calls of these tokens
 
 
 @dataclass(eq=False, slots=True)
@@ -137,6 +141,7 @@ class Job:
     instance: str | None = None
     chunks: list[str] = field(default_factory=list)
     tokens: int = 0
+    tool_calls: list[dict[str, Any]] = field(default_factory=list)  # so far (merge_tool_calls)
     # The engine's own token ids of the prompt and of the delivered output (an engine served over
     # HTTP returns them), so that a resumed attempt continues from exactly those tokens: the
     # delivered text, tokenized again, can come to more tokens and no longer fit the context.
@@ -530,16 +535,28 @@ class JobBook:
         # pack()'s layout after the spec; the journal keeps no prompt count and no counters
         fields = (rec.accepted_at, 0, rec.state, rec.attempt, rec.instance_id, rec.output, rec.output_tokens)
         return self._read_only(
-            spec, (*fields, rec.first_token_at, rec.finished_at, rec.finish_reason, rec.error, 0, 0, 0)
+            spec,
+            (
+                *fields,
+                rec.first_token_at,
+                rec.finished_at,
+                rec.finish_reason,
+                rec.error,
+                0,
+                0,
+                0,
+                rec.tool_calls,
+            ),
         )
 
     def _read_only(self, spec: pb.RequestSpec, fields: Finished) -> Job:
         """A read-only job from ``spec`` and the rest of a packed job (:func:`pack`)."""
         arrival, prompt_tokens, state, attempt, instance = fields[:5]
-        text, tokens, first, last, reason, error, preemptions, wasted, failures = fields[5:]
+        text, tokens, first, last, reason, error, preemptions, wasted, failures, calls = fields[5:]
         spec.prompt_tokens = spec.prompt_tokens or prompt_tokens  # counted once, not on each status read
         job = Job(self._past_request(spec, arrival), spec, state=state, attempt=attempt, instance=instance)
         job.chunks, job.tokens = [text], tokens
+        job.tool_calls = json.loads(calls) if calls else []
         job.first_token_at, job.finished_at, job.finish_reason, job.error = first, last, reason, error
         job.preemptions, job.wasted_tokens, job.failures = preemptions, wasted, failures
         job.output_ids = None
@@ -575,6 +592,7 @@ class JobBook:
             finished_at=now,
             finish_reason=finish_reason,
             error=error,
+            tool_calls=dumps(job.tool_calls).decode() if job.tool_calls else "",
         )
 
     def announce(self, job: Job, now: float) -> None:
@@ -633,6 +651,7 @@ def pack(job: Job) -> Finished:
         job.preemptions,
         job.wasted_tokens,
         job.failures,
+        dumps(job.tool_calls).decode() if job.tool_calls else "",
     )
 
 
@@ -652,6 +671,7 @@ def status_message(job: Job) -> pb.RequestStatus:
         late=job.late,
         finish_reason=job.finish_reason,
         error=job.error,
+        tool_calls=dumps(message_tool_calls(job.tool_calls)).decode() if job.tool_calls else "",
     )
 
 
@@ -661,13 +681,14 @@ async def follow(job: Job) -> AsyncIterator[Chunk]:
     # The snapshot and the listener are taken together, before the first yield: a chunk
     # published while the caller holds the snapshot goes to the queue, not nowhere.
     text, tokens, finished = job.text, job.tokens, job.state in TERMINAL
+    calls = [dict(c, function=dict(c["function"])) for c in job.tool_calls] or None  # a copy: merged into
     q: asyncio.Queue[Chunk | None] = asyncio.Queue()
     if not finished:
         job.listeners.append(q)
     try:
-        if text:
+        if text or calls:
             job.delivered = True
-            yield Chunk(text, 0, tokens)
+            yield Chunk(text, 0, tokens, tool_calls=calls)
         if finished:
             yield Chunk("", tokens, 0, True, job.finish_reason)
             return

@@ -50,7 +50,7 @@ __all__ = ["SCHEMA_VERSION", "STATES", "TERMINAL", "JobRecord", "Journal", "Jour
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION: Final = 2  # 2: failures (a version-1 journal gets the column, 0)
+SCHEMA_VERSION: Final = 3  # 2: failures; 3: tool_calls (an older journal gets the columns it lacks)
 STATES: Final = frozenset({"queued", "dispatched", "finished", "cancelled", "failed"})
 TERMINAL: Final = frozenset({"finished", "cancelled", "failed"})
 _SYNCHRONOUS: Final = {"normal": "NORMAL", "full": "FULL"}
@@ -89,6 +89,7 @@ class JobRecord:
     finish_reason: str = ""
     error: str = ""
     failures: int = 0  # attempts that failed (towards max_attempts, across restarts)
+    tool_calls: str = ""  # finished: the tool calls of its answer (JSON, as the stream merged them)
 
 
 _COLUMNS: Final = (
@@ -107,6 +108,7 @@ _COLUMNS: Final = (
     "finish_reason",
     "error",
     "failures",
+    "tool_calls",
 )
 _STATE_LIST: Final = ", ".join(f"'{s}'" for s in sorted(STATES))
 _TERMINAL_LIST: Final = ", ".join(f"'{s}'" for s in sorted(TERMINAL))
@@ -130,7 +132,8 @@ _SCHEMA: Final = (
         finished_at REAL,
         finish_reason TEXT NOT NULL,
         error TEXT NOT NULL,
-        failures INTEGER NOT NULL DEFAULT 0
+        failures INTEGER NOT NULL DEFAULT 0,
+        tool_calls TEXT NOT NULL DEFAULT ''
     )""",
     "CREATE INDEX jobs_state ON jobs (state)",
     "CREATE UNIQUE INDEX jobs_idempotency ON jobs (tenant, idempotency_key)"
@@ -149,11 +152,14 @@ _DISPATCHED: Final = (
 _REQUEUED: Final = (
     f"UPDATE jobs SET state = 'queued', instance_id = NULL, failures = ? WHERE request_id = ? AND {_LIVE}"
 )
-#: Schema version 1 -> 2.
-_ADD_FAILURES: Final = "ALTER TABLE jobs ADD COLUMN failures INTEGER NOT NULL DEFAULT 0"
+#: What each older schema version lacks.
+_UPGRADES: Final = {
+    1: ("ALTER TABLE jobs ADD COLUMN failures INTEGER NOT NULL DEFAULT 0",),
+    2: ("ALTER TABLE jobs ADD COLUMN tool_calls TEXT NOT NULL DEFAULT ''",),
+}
 _FINISHED: Final = (
     "UPDATE jobs SET state = ?, output = ?, output_tokens = ?, first_token_at = ?, finished_at = ?,"
-    f" finish_reason = ?, error = ? WHERE request_id = ? AND {_LIVE}"
+    f" finish_reason = ?, error = ?, tool_calls = ? WHERE request_id = ? AND {_LIVE}"
 )
 
 
@@ -300,7 +306,12 @@ class Journal:
             conn.execute("BEGIN IMMEDIATE")
             try:
                 version = int(conn.execute("PRAGMA user_version").fetchone()[0])  # under the lock
-                for statement in _SCHEMA if version == 0 else (_ADD_FAILURES,) if version == 1 else ():
+                statements = (
+                    _SCHEMA
+                    if version == 0
+                    else [u for v in range(version, SCHEMA_VERSION) for u in _UPGRADES[v]]
+                )
+                for statement in statements:
                     conn.execute(statement)
                 conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
                 conn.execute("COMMIT")
@@ -345,6 +356,7 @@ class Journal:
             rec.finish_reason,
             rec.error,
             rec.failures,
+            rec.tool_calls,
         )
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._enqueue(_Op("accept", _INSERT, params, fut))
@@ -370,11 +382,23 @@ class Journal:
         finished_at: float,
         finish_reason: str = "",
         error: str = "",
+        tool_calls: str = "",
     ) -> None:
-        """Queue: the request ended in ``state`` (one of :data:`TERMINAL`)."""
+        """Queue: the request ended in ``state`` (one of :data:`TERMINAL`); ``tool_calls``: its
+        answer's (JSON), if any."""
         if state not in TERMINAL:
             raise ValueError(f"finished() needs a terminal state, one of {sorted(TERMINAL)}, not {state!r}")
-        params = (state, output, output_tokens, first_token_at, finished_at, finish_reason, error, request_id)
+        params = (
+            state,
+            output,
+            output_tokens,
+            first_token_at,
+            finished_at,
+            finish_reason,
+            error,
+            tool_calls,
+            request_id,
+        )
         self._enqueue(_Op("finished", _FINISHED, params, None))
 
     async def flush(self) -> None:

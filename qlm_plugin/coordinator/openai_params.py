@@ -3,11 +3,12 @@ a bad value is a 400 naming its field here, not a request that fails on an engin
 value that protobuf, the journal or the engine cannot take).
 
 Each sampling field has one rule in :data:`SAMPLING_RULES`; the fields that ask for what the
-coordinator cannot carry (several choices, log probabilities, tools...) are in :data:`UNSUPPORTED`,
+coordinator cannot carry (several choices, log probabilities...) are in :data:`UNSUPPORTED`,
 with the values that ask for nothing and so are accepted. Structured output (``response_format``,
 vLLM's ``structured_outputs``) is carried like a sampling field, but only engines that declare the
 ``structured_output`` capability can honour it
-(:func:`~qlm_plugin.transport.openai_client.structured_output_field`).
+(:func:`~qlm_plugin.transport.openai_client.structured_output_field`); a chat's tools
+(:func:`tool_params`) the same way, for engines that declare ``tools``.
 """
 
 from __future__ import annotations
@@ -335,6 +336,88 @@ def _structured_outputs(value: Any, param: str) -> dict[str, Any]:
     return checked
 
 
+# ------------------------------------------------------------------------------------ tools
+
+#: Most tools a request offers (OpenAI's limit); their parameter schemas count together towards
+#: :data:`MAX_SCHEMA_NODES`.
+MAX_TOOLS = 128
+TOOL_KEYS = ("tools", "tool_choice", "parallel_tool_calls")
+_TOOL_CHOICES = ("none", "auto", "required")
+
+
+def tool_name(value: Any, param: str) -> str:
+    """A function's name as OpenAI takes it: letters, digits, ``_`` and ``-``, at most 64."""
+    name = text(value, param, max_chars=64)
+    if not name.isascii() or not name.replace("_", "").replace("-", "").isalnum():
+        raise BadRequest(param, f"must hold only letters, digits, '_' and '-', got {show(name)}")
+    return name
+
+
+def _tool(value: Any, param: str) -> dict[str, Any]:
+    if (
+        not isinstance(value, dict)
+        or value.get("type") != "function"
+        or not isinstance(value.get("function"), dict)
+    ):
+        raise BadRequest(
+            param,
+            'must be {"type": "function", "function": {"name": ...}} (only function tools are served), '
+            f"got {show(value.get('type') if isinstance(value, dict) else value)}",
+        )
+    fn, where = value["function"], f"{param}.function"
+    checked: dict[str, Any] = {"name": tool_name(fn.get("name"), f"{where}.name")}
+    if fn.get("description") is not None:
+        checked["description"] = text(fn["description"], f"{where}.description")
+    if fn.get("parameters") is not None:
+        checked["parameters"] = _json_schema(fn["parameters"], f"{where}.parameters")
+    if fn.get("strict") is not None:
+        checked["strict"] = _boolean(fn["strict"], f"{where}.strict")
+    return {"type": "function", "function": checked}
+
+
+def tool_params(body: Mapping[str, Any]) -> dict[str, str]:
+    """A chat's ``tools``, ``tool_choice`` and ``parallel_tool_calls``, checked and JSON-encoded
+    for ``RequestSpec.sampling`` (empty when it offers no tools: a ``tool_choice`` of ``none`` or
+    ``auto`` then asks for nothing and is dropped, as before tools were served)."""
+    tools, choice = body.get("tools"), body.get("tool_choice")
+    if tools is None or tools == []:
+        if choice is not None and choice not in ("none", "auto"):
+            raise BadRequest("tool_choice", "is only allowed when tools are given")
+        return {}
+    if not isinstance(tools, list):
+        raise BadRequest("tools", f"must be a list of function tools, got {show(tools)}")
+    if len(tools) > MAX_TOOLS:
+        raise BadRequest("tools", f"must be at most {MAX_TOOLS} tools, got {len(tools)}")
+    if _nodes_over(tools, MAX_SCHEMA_NODES + 8 * len(tools)):
+        raise BadRequest(
+            "tools", f"the tools' parameter schemas must hold at most {MAX_SCHEMA_NODES} nodes in all"
+        )
+    checked = [_tool(t, f"tools[{i}]") for i, t in enumerate(tools)]
+    names = [t["function"]["name"] for t in checked]
+    if len(set(names)) != len(names):
+        twice = next(n for n in names if names.count(n) > 1)
+        raise BadRequest("tools", f"names each function once: {show(twice)} is given twice")
+    out = {"tools": json.dumps(checked)}
+    if choice is not None:
+        if isinstance(choice, dict):
+            fn = choice.get("function")
+            if choice.get("type") != "function" or not isinstance(fn, dict):
+                raise BadRequest("tool_choice", 'must be {"type": "function", "function": {"name": ...}}')
+            name = tool_name(fn.get("name"), "tool_choice.function.name")
+            if name not in names:
+                raise BadRequest("tool_choice.function.name", f"names no tool given: {show(name)}")
+            choice = {"type": "function", "function": {"name": name}}
+        elif choice not in _TOOL_CHOICES:
+            raise BadRequest(
+                "tool_choice",
+                f"must be one of {', '.join(_TOOL_CHOICES)} or a named function, got {show(choice)}",
+            )
+        out["tool_choice"] = json.dumps(choice)
+    if body.get("parallel_tool_calls") is not None:
+        out["parallel_tool_calls"] = json.dumps(_boolean(body["parallel_tool_calls"], "parallel_tool_calls"))
+    return out
+
+
 def metadata_param(value: Any, param: str = "metadata") -> dict[str, str] | None:
     """OpenAI's metadata: at most 16 pairs, keys up to 64 characters, values up to 512."""
     if value is None:
@@ -409,19 +492,24 @@ UNSUPPORTED: dict[str, tuple[Callable[[Any], bool], str, str]] = {
     ),
     "prompt_logprobs": (lambda v: v is None, "log probabilities", "only null"),
     "suffix": (lambda v: v is None or v == "", "a suffix", "only null or ''"),
-    "tools": (lambda v: v is None or v == [], "tool calls", "only null or []"),
+    # served on the chat endpoint (tool_params); on completions, as OpenAI's has none
+    "tools": (lambda v: v is None or v == [], "tool calls on /v1/completions", "only null or []"),
     "tool_choice": (
         lambda v: v is None or v in ("none", "auto"),
-        "tool calls",
+        "tool calls on /v1/completions",
         "only null, 'none' or 'auto'",
     ),
 }
 
 
-def check_supported(body: Mapping[str, Any]) -> None:
+def check_supported(body: Mapping[str, Any], *, chat: bool = False) -> None:
+    """Refuse a field of :data:`UNSUPPORTED` that asks for something; ``chat``: the tool fields are
+    served (:func:`tool_params` checks them)."""
     if not UNSUPPORTED.keys() & body.keys():  # most bodies name none of them: one set operation
         return
     for key, (harmless, feature, accepted) in UNSUPPORTED.items():
+        if chat and key in TOOL_KEYS:
+            continue
         value = body.get(key)
         if not harmless(value):
             raise BadRequest(

@@ -93,11 +93,15 @@ class PromptCounter:
     def long(self, spec: pb.RequestSpec) -> bool:
         """Whether ``spec``'s prompt is to be counted away from the event loop (a tokenizer counts
         it, and it is :data:`OFF_LOOP_BYTES` or longer)."""
-        size = max(len(spec.prompt), len(spec.chat_messages))  # characters: at most the bytes
+        tools = spec.sampling.get("tools", "")
+        size = max(len(spec.prompt), len(spec.chat_messages)) + len(tools)  # characters: at most the bytes
         return (
             size >= OFF_LOOP_BYTES // 4
             and self.sources.get(spec.model) is not None
-            and (max(len(spec.prompt.encode()), len(spec.chat_messages.encode())) >= OFF_LOOP_BYTES)
+            and (
+                max(len(spec.prompt.encode()), len(spec.chat_messages.encode())) + len(tools.encode())
+                >= OFF_LOOP_BYTES
+            )
         )
 
     def count_elsewhere(self, spec: pb.RequestSpec) -> int:
@@ -116,16 +120,19 @@ class PromptCounter:
 
     def count(self, spec: pb.RequestSpec) -> int:
         """The prompt's tokens as the engine will see them: a completion's text with the
-        tokenizer's special tokens (vLLM adds them), a chat's messages through the chat template
-        with the assistant's turn opened; the byte estimate where no tokenizer is known or the
-        tokenizer fails on this prompt."""
+        tokenizer's special tokens (vLLM adds them), a chat's messages (and the tools it offers,
+        which the template writes into the prompt) through the chat template with the assistant's
+        turn opened; the byte estimate where no tokenizer is known or the tokenizer fails on this
+        prompt."""
         tok = self._tokenizer(spec.model)
+        tools = spec.sampling.get("tools", "")
         if tok is None:
-            return estimate_prompt_tokens(spec.prompt)
+            return estimate_prompt_tokens(spec.prompt + tools)
         try:
             if spec.chat_messages:
                 ids = tok.apply_chat_template(
                     json.loads(spec.chat_messages),
+                    tools=json.loads(tools) if tools else None,
                     add_generation_prompt=True,
                     tokenize=True,
                     return_dict=False,
@@ -135,4 +142,4 @@ class PromptCounter:
             return max(1, len(ids))
         except Exception as exc:  # a template that refuses these messages: the engine will say so
             log.debug("model %s: tokenizer failed (%s); prompt estimated", spec.model, exc)
-            return estimate_prompt_tokens(spec.prompt)
+            return estimate_prompt_tokens(spec.prompt + tools)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import itertools
+import json
 import logging
 from collections.abc import AsyncIterator, Callable
 from typing import Any, Generic, TypeVar
@@ -33,9 +34,11 @@ from opentelemetry import propagate
 from qlm_plugin.coordinator.coordinator import Coordinator
 from qlm_plugin.coordinator.jobs import WORKER_GONE, Chunk, Job, SubmitError, follow, publish, tell_end
 from qlm_plugin.coordinator.journal import TERMINAL
+from qlm_plugin.coordinator.json_codec import dumps
 from qlm_plugin.domain.outcome import Admission
 from qlm_plugin.domain.request import SLO, Request
 from qlm_plugin.proto.qlm.v1 import qlm_pb2 as pb
+from qlm_plugin.transport.openai_client import merge_tool_calls
 
 log = logging.getLogger("qlm_plugin.coordinator.relay")
 
@@ -86,6 +89,8 @@ def relay_job(job: Job, *, duplicate: bool = False, text: bool = False) -> pb.Re
         out.finished_at = job.finished_at
     if text:
         out.text = job.text
+        if job.tool_calls:
+            out.tool_calls = dumps(job.tool_calls).decode()
     return out
 
 
@@ -119,6 +124,8 @@ def job_from_relay(m: pb.RelayJob, spec: pb.RequestSpec) -> Job:
         )
     if m.text:
         job.chunks.append(m.text)
+    if m.tool_calls:
+        job.tool_calls = json.loads(m.tool_calls)
     update_job(job, m)
     return job
 
@@ -231,6 +238,8 @@ class _Follower:
         job = self.job
         if item is not None and not item.finished:
             chunk = pb.OutputChunk(text=item.text, index=item.index, tokens=item.tokens)
+            if item.tool_calls:
+                chunk.tool_calls = dumps(item.tool_calls).decode()
             self.outbox.add(pb.RelayEvent(chunk=pb.RelayChunk(request_id=job.id, chunk=chunk)))
             return
         # The end: once, whichever of the two comes first. It stays a listener (removing it here
@@ -480,11 +489,15 @@ class RelayClient:
 
     def _chunk(self, m: pb.RelayChunk) -> None:
         c = m.chunk
-        chunk = Chunk(c.text, c.index, c.tokens)
+        calls = json.loads(c.tool_calls) if c.tool_calls else None
+        chunk = Chunk(c.text, c.index, c.tokens, tool_calls=calls)
         for job in self._jobs.get(m.request_id, ()):
             if c.index == 0 and job.tokens:  # made again from its start (a constrained output)
                 job.chunks.clear()
+                job.tool_calls.clear()
             job.chunks.append(c.text)
+            if calls:
+                merge_tool_calls(job.tool_calls, calls)
             job.tokens = c.index + c.tokens
             publish(job, chunk)
 

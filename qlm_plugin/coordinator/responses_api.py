@@ -1,12 +1,14 @@
 """OpenAI's Responses API (``POST /v1/responses``, ``GET /v1/responses/{id}``) over the chat path.
 
-A Responses request is a chat with other names: ``input`` (a string, or message items whose
-content is text), ``instructions`` (a system message first), ``max_output_tokens``, ``text.format``
-(structured output). :func:`chat_body` turns it into the chat body the front door already checks
-and serves; what it asks for that the coordinator cannot carry (tools, items other than messages,
-images, stored conversation state, background mode, log probabilities) is a 400 naming the field.
-The answer is a ``response`` object, or in a stream OpenAI's typed events (``response.created``
-... ``response.output_text.delta`` ... ``response.completed``). A response is kept as long as its
+A Responses request is a chat with other names: ``input`` (a string, message items whose content
+is text, and earlier function calls with their outputs), ``instructions`` (a system message
+first), ``max_output_tokens``, ``text.format`` (structured output), function ``tools`` and
+``tool_choice``. :func:`chat_body` turns it into the chat body the front door already checks and
+serves; what it asks for that the coordinator cannot carry (built-in tools, other items, images,
+stored conversation state, background mode, log probabilities) is a 400 naming the field. The
+answer is a ``response`` object (a message, and a ``function_call`` item per call), or in a stream
+OpenAI's typed events (``response.created`` ... ``response.output_text.delta``,
+``response.function_call_arguments.delta`` ... ``response.completed``). A response is kept as long as its
 request is (``GET`` answers it from there); a conversation is continued by sending it whole, not by
 ``previous_response_id``.
 """
@@ -76,8 +78,24 @@ def _content(content: Any, param: str) -> str:
     return "\n".join(texts)
 
 
-def _messages(body: Mapping[str, Any]) -> list[dict[str, str]]:
-    messages: list[dict[str, str]] = []
+def _call(item: Mapping[str, Any]) -> dict[str, Any]:
+    """An earlier ``function_call`` item as a chat tool call (checked by the chat's rules)."""
+    return {
+        "id": item.get("call_id"),
+        "type": "function",
+        "function": {"name": item.get("name"), "arguments": item.get("arguments")},
+    }
+
+
+def _call_output(item: Mapping[str, Any], param: str) -> dict[str, Any]:
+    """A ``function_call_output`` item as the chat's ``tool`` message."""
+    output = item.get("output")
+    content = output if isinstance(output, str) else _content(output, f"{param}.output")
+    return {"role": "tool", "tool_call_id": item.get("call_id"), "content": content}
+
+
+def _messages(body: Mapping[str, Any]) -> list[dict[str, Any]]:
+    messages: list[dict[str, Any]] = []
     if body.get("instructions") is not None:
         messages.append({"role": "system", "content": text(body["instructions"], "instructions")})
     items = body.get("input")
@@ -93,8 +111,22 @@ def _messages(body: Mapping[str, Any]) -> list[dict[str, str]]:
         if not isinstance(item, dict):
             raise BadRequest(f"input[{i}]", f"must be a message object, got {show(item)}")
         kind = item.get("type", "message")
+        if kind == "function_call":  # calls made together are one assistant message, as a chat has them
+            last = messages[-1] if messages else None
+            if last is not None and last["role"] == "assistant" and "tool_calls" in last:
+                last["tool_calls"].append(_call(item))
+            else:
+                messages.append({"role": "assistant", "content": None, "tool_calls": [_call(item)]})
+            continue
+        if kind == "function_call_output":
+            messages.append(_call_output(item, f"input[{i}]"))
+            continue
         if kind != "message":
-            raise _refuse(f"input[{i}].type", f"an input item of type {kind!r} (only messages)", kind)
+            raise _refuse(
+                f"input[{i}].type",
+                f"an input item of type {kind!r} (only messages, function calls and their outputs)",
+                kind,
+            )
         role = item.get("role")
         role = ROLES.get(role) if isinstance(role, str) else None
         if role is None:
@@ -143,11 +175,43 @@ def chat_body(body: Any) -> dict[str, Any]:
         raise BadRequest("text", f"must be an object, got {show(body['text'])}")
     if fmt is not None:
         chat["response_format"] = _response_format(fmt)
+    if body.get("tools") is not None:
+        chat["tools"] = _tools(body["tools"])
+    if body.get("tool_choice") is not None:
+        chat["tool_choice"] = _tool_choice(body["tool_choice"])
     return chat
+
+
+def _tools(tools: Any) -> Any:
+    """Function tools in the chat's form (``{"type": "function", "function": {...}}``); checked
+    there, but a built-in tool is refused here, by its Responses name."""
+    if not isinstance(tools, list):
+        return tools  # the chat's check names it
+    out = []
+    for i, tool in enumerate(tools):
+        kind = tool.get("type") if isinstance(tool, dict) else None
+        if kind != "function":
+            raise _refuse(f"tools[{i}].type", f"a tool of type {kind!r} (only function tools)", kind)
+        out.append({"type": "function", "function": {k: v for k, v in tool.items() if k in _FUNCTION_KEYS}})
+    return out
+
+
+_FUNCTION_KEYS = ("name", "description", "parameters", "strict")
+
+
+def _tool_choice(choice: Any) -> Any:
+    if isinstance(choice, dict):
+        if choice.get("type") != "function":
+            raise _refuse(
+                "tool_choice", f"a tool choice of type {choice.get('type')!r} (only functions)", choice
+            )
+        return {"type": "function", "function": {"name": choice.get("name")}}
+    return choice
 
 
 #: A chat field named in an error, as the Responses request named it.
 _PARAMS = (
+    ("tool_choice.function.", "tool_choice."),
     ("response_format.json_schema.", "text.format."),
     ("response_format", "text.format"),
     ("max_tokens", "max_output_tokens"),
@@ -157,6 +221,8 @@ _PARAMS = (
 
 def param_name(param: str | None) -> str | None:
     """A chat field's name in an error, as the Responses request names it."""
+    if param is not None and param.startswith("tools[") and ".function." in param:
+        return param.replace(".function.", ".", 1)  # tools[0].function.name: tools[0].name
     for chat, own in _PARAMS:
         if param is not None and param.startswith(chat):
             return own + param[len(chat) :]
@@ -185,14 +251,51 @@ def _message(job: Job, status: str) -> dict[str, Any]:
     }
 
 
+def _calls(job: Job, status: str) -> list[dict[str, Any]]:
+    """The job's tool calls as ``function_call`` output items."""
+    return [
+        _call_item(job, c["index"], c["id"], c["function"]["name"], c["function"]["arguments"], status)
+        for c in job.tool_calls
+    ]
+
+
+def _call_item(job: Job, index: Any, call_id: str, name: str, arguments: str, status: str) -> dict[str, Any]:
+    return {
+        "id": f"fc_{job.id}_{index}",
+        "type": "function_call",
+        "call_id": call_id,
+        "name": name,
+        "arguments": arguments,
+        "status": status,
+    }
+
+
+def _output(job: Job, ended: bool) -> list[dict[str, Any]]:
+    """A response's output items: its message (unless the answer is only calls), then its calls."""
+    status = "completed" if ended else "in_progress"
+    items = [_message(job, status)] if (job.text or not job.tool_calls) and (ended or job.tokens) else []
+    return items + _calls(job, status)
+
+
 def asked(job: Job) -> dict[str, Any]:
     """What a response echoes of its request, from the request as kept (``GET``, a batch's
     answers): its limit and sampling (not its instructions nor metadata)."""
     sampling = job.spec.sampling
     echo: dict[str, Any] = {
         "max_output_tokens": job.spec.max_tokens or None,
-        **{key: json.loads(sampling[key]) for key in ("temperature", "top_p") if key in sampling},
+        **{
+            key: json.loads(sampling[key])
+            for key in ("temperature", "top_p", "parallel_tool_calls")
+            if key in sampling
+        },
     }
+    if "tools" in sampling:  # back in the Responses form
+        echo["tools"] = [{"type": "function", **t["function"]} for t in json.loads(sampling["tools"])]
+    if "tool_choice" in sampling:
+        choice = json.loads(sampling["tool_choice"])
+        echo["tool_choice"] = (
+            {"type": "function", **choice["function"]} if isinstance(choice, dict) else choice
+        )
     return echo
 
 
@@ -221,14 +324,14 @@ def response_object(job: Job, request: Mapping[str, Any], qlm: Mapping[str, Any]
         "instructions": request.get("instructions"),
         "max_output_tokens": request.get("max_output_tokens"),
         "model": job.request.model,
-        "output": [_message(job, "completed" if ended else "in_progress")] if ended or job.tokens else [],
-        "parallel_tool_calls": False,
+        "output": _output(job, ended),
+        "parallel_tool_calls": request.get("parallel_tool_calls", True),
         "previous_response_id": None,
         "store": True,
         "temperature": request.get("temperature"),
         "text": {"format": _text_format(job)},
-        "tool_choice": "none",
-        "tools": [],
+        "tool_choice": request.get("tool_choice") or ("auto" if request.get("tools") else "none"),
+        "tools": request.get("tools") or [],
         "top_p": request.get("top_p"),
         "truncation": "disabled",
         "usage": {
@@ -259,31 +362,71 @@ async def stream_events(
         await send(kind, {"type": kind, "sequence_number": seq, **fields})
         seq += 1
 
-    where = {"item_id": item, "output_index": 0, "content_index": 0}
     await event("response.created", response=response_object(job, request, qlm()))
     await event("response.in_progress", response=response_object(job, request, qlm()))
-    opened = False
+    where: dict[str, Any] = {}  # the message item, once opened: its item id, output and content index
+    items = 0  # output items opened so far
+    calls: dict[Any, dict[str, Any]] = {}  # a call's stream index -> its item as opened
+
+    async def open_message() -> None:
+        nonlocal items
+        where.update(item_id=item, output_index=items, content_index=0)
+        items += 1
+        await event(
+            "response.output_item.added",
+            output_index=where["output_index"],
+            item=_message(job, "in_progress"),
+        )
+        part = {"type": "output_text", "text": "", "annotations": [], "logprobs": []}
+        await event("response.content_part.added", **where, part=part)
+
     async for chunk in chunks:
         if chunk.finished:
             break
-        if not chunk.text:
-            continue
-        if not opened:
-            opened = True
-            await event("response.output_item.added", output_index=0, item=_message(job, "in_progress"))
-            part = {"type": "output_text", "text": "", "annotations": [], "logprobs": []}
-            await event("response.content_part.added", **where, part=part)
-        await event("response.output_text.delta", **where, delta=chunk.text, logprobs=[])
+        if chunk.text:
+            if not where:
+                await open_message()
+            await event("response.output_text.delta", **where, delta=chunk.text, logprobs=[])
+        for delta in chunk.tool_calls or ():
+            given = delta.get("function")
+            fn: dict[str, Any] = given if isinstance(given, dict) else {}
+            call = calls.get(delta.get("index"))
+            if call is None:
+                call = _call_item(
+                    job, delta.get("index"), delta.get("id") or "", fn.get("name") or "", "", "in_progress"
+                )
+                call["output_index"] = items
+                items += 1
+                calls[delta.get("index")] = call
+                added = {k: v for k, v in call.items() if k != "output_index"}
+                await event("response.output_item.added", output_index=call["output_index"], item=added)
+            if isinstance(fn.get("arguments"), str) and fn["arguments"]:
+                await event(
+                    "response.function_call_arguments.delta",
+                    item_id=call["id"],
+                    output_index=call["output_index"],
+                    delta=fn["arguments"],
+                )
     await job.done.wait()
     final = response_object(job, request, qlm())
     if final["status"] not in ("completed", "incomplete"):
         await event("response.failed", response=final)
         return
-    message = final["output"][0]
-    if not opened:  # no text at all: the item is opened and closed all the same
-        await event("response.output_item.added", output_index=0, item=_message(job, "in_progress"))
-        await event("response.content_part.added", **where, part={**message["content"][0], "text": ""})
-    await event("response.output_text.done", **where, text=job.text, logprobs=[])
-    await event("response.content_part.done", **where, part=message["content"][0])
-    await event("response.output_item.done", output_index=0, item=message)
+    if not where and not calls:  # no output at all: a message is opened and closed all the same
+        await open_message()
+    if where:
+        message = _message(job, "completed")
+        await event("response.output_text.done", **where, text=job.text, logprobs=[])
+        await event("response.content_part.done", **where, part=message["content"][0])
+        await event("response.output_item.done", output_index=where["output_index"], item=message)
+    done = {c["id"]: c for c in _calls(job, "completed")}
+    for call in calls.values():
+        whole = done.get(call["id"], {k: v for k, v in call.items() if k != "output_index"})
+        await event(
+            "response.function_call_arguments.done",
+            item_id=call["id"],
+            output_index=call["output_index"],
+            arguments=whole["arguments"],
+        )
+        await event("response.output_item.done", output_index=call["output_index"], item=whole)
     await event(f"response.{final['status']}", response=final)

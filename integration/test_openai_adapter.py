@@ -203,9 +203,10 @@ def test_structured_output_reaches_the_server_and_its_refusal_is_a_400(setup: Se
     assert out["qlm"]["attempts"] == 1
 
 
-def test_a_tool_call_is_made_by_the_server_and_relayed(setup: Setup) -> None:
-    """The black-box agent declares ``tools``: a chat's tools go to the server as given, and its
-    streamed call comes back as OpenAI's ``tool_calls`` (the official SDK reads it)."""
+def test_a_tool_call_and_log_probabilities_are_made_by_the_server_and_relayed(setup: Setup) -> None:
+    """The black-box agent declares ``tools`` and ``logprobs``: a chat's tools go to the server as
+    given, and its streamed call comes back as OpenAI's ``tool_calls`` (the official SDK reads it);
+    log probabilities come back one entry per token."""
     import openai
 
     client = openai.OpenAI(base_url=f"http://127.0.0.1:{setup.http}/v1", api_key="unused", max_retries=0)
@@ -230,6 +231,12 @@ def test_a_tool_call_is_made_by_the_server_and_relayed(setup: Setup) -> None:
     )
     (call,) = chat.choices[0].message.tool_calls or []
     assert call.function.name == "pick" and json.loads(call.function.arguments)["colour"] in ("red", "green")
+    # log probabilities too: one entry per token, as the server gave them
+    scored = client.completions.create(
+        model=MODEL, prompt="hello", logprobs=2, max_tokens=6, extra_body={"ignore_eos": True}
+    )
+    lp = scored.choices[0].logprobs
+    assert lp is not None and lp.tokens is not None and len(lp.tokens) == 6
 
 
 def test_dispatch_is_bounded_by_a_limit_learned_from_latency(setup: Setup) -> None:

@@ -319,6 +319,58 @@ def test_a_tool_call_is_made_by_the_engine_and_answered_whole_and_streamed(stack
     assert after.usage.completion_tokens >= 1
 
 
+def test_log_probabilities_come_from_the_engine_whole_and_streamed(stack: Stack) -> None:
+    """``logprobs`` reach the engine on both endpoints; its entries come back one per token, in
+    each endpoint's form, whole and streamed (a held-back token's with the text that follows)."""
+    import openai
+
+    client = openai.OpenAI(base_url=f"{stack.url}/v1", api_key="unused", max_retries=0, timeout=120)
+    messages: list[Any] = [{"role": "user", "content": "hello"}]
+    chat = client.chat.completions.create(
+        model=MODEL,
+        messages=messages,
+        logprobs=True,
+        top_logprobs=3,
+        max_tokens=8,
+        extra_body={"ignore_eos": True},
+    )
+    assert chat.choices[0].logprobs is not None and chat.choices[0].logprobs.content is not None
+    content = chat.choices[0].logprobs.content
+    assert chat.usage is not None and len(content) == chat.usage.completion_tokens == 8
+    assert all(e.logprob <= 0 and len(e.top_logprobs) == 3 for e in content)
+    streamed = 0
+    for chunk in client.chat.completions.create(
+        model=MODEL,
+        messages=messages,
+        logprobs=True,
+        max_tokens=8,
+        stream=True,
+        extra_body={"ignore_eos": True},
+    ):
+        for choice in chunk.choices:
+            streamed += len(choice.logprobs.content or []) if choice.logprobs is not None else 0
+    assert streamed == 8
+    text = client.completions.create(
+        model=MODEL, prompt="hello", logprobs=2, max_tokens=8, extra_body={"ignore_eos": True}
+    )
+    lp = text.choices[0].logprobs
+    assert (
+        lp is not None
+        and lp.tokens is not None
+        and lp.text_offset is not None
+        and lp.top_logprobs is not None
+    )
+    assert len(lp.tokens) == 8 and lp.text_offset == sorted(lp.text_offset)
+    assert all(len(alternatives) >= 2 for alternatives in lp.top_logprobs)
+    tokens: list[str] = []
+    for piece in client.completions.create(
+        model=MODEL, prompt="hello", logprobs=0, max_tokens=8, stream=True, extra_body={"ignore_eos": True}
+    ):
+        for choice in piece.choices:
+            tokens += (choice.logprobs.tokens or []) if choice.logprobs is not None else []
+    assert len(tokens) == 8
+
+
 def test_a_client_priority_and_a_token_id_prompt_are_served_by_an_engine_started_as_the_docs_say(
     stack: Stack,
 ) -> None:

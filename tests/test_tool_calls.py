@@ -319,3 +319,123 @@ def test_the_responses_api_answers_a_call_as_a_function_call_item_whole_and_stre
         assert [m["role"] for m in json.loads(job.spec.chat_messages)] == ["user", "assistant", "tool"]
 
     run_with_stack(tmp_path, check, instances=2)
+
+
+def _call_delta(index: int, args: str, first: bool = False) -> dict[str, Any]:
+    delta: dict[str, Any] = {"index": index, "function": {"arguments": args}}
+    if first:
+        delta.update(id=f"call_{index}", type="function")
+        delta["function"]["name"] = "paint"
+    return delta
+
+
+@pytest.mark.parametrize("text_first", [True, False])
+def test_a_streamed_response_adds_each_item_after_the_last_is_done(text_first: bool) -> None:
+    """OpenAI's order, which the SDK's stream helper relies on: an item is added, streamed and done
+    before the next is added, and the completed response lists the items at the indices the stream
+    gave them, whichever came first, the text or the calls."""
+    from qlm_plugin.coordinator import responses_api
+    from qlm_plugin.coordinator.jobs import Chunk, Job
+    from qlm_plugin.domain.request import SLO, Request
+    from qlm_plugin.transport.openai_client import merge_tool_calls
+
+    job = Job(Request("r1", MODEL, 4, 8, 1.0, SLO(None, None)), pb.RequestSpec(request_id="r1", model=MODEL))
+    calls = [
+        Chunk("", 1, 1, tool_calls=[_call_delta(0, '{"a"', first=True)]),
+        Chunk("", 2, 1, tool_calls=[_call_delta(0, ": 1}")]),
+        Chunk("", 3, 1, tool_calls=[_call_delta(1, "{}", first=True)]),
+    ]
+    text = [Chunk("Sure", 0, 1)]
+    chunks = text + calls if text_first else calls + text
+    for chunk in chunks:
+        job.chunks.append(chunk.text)
+        merge_tool_calls(job.tool_calls, chunk.tool_calls or [])
+    job.tokens, job.state, job.finish_reason = 4, "finished", "tool_calls"
+    job.done.set()
+    events: list[dict[str, Any]] = []
+
+    async def gen() -> Any:
+        for chunk in chunks:
+            yield chunk
+
+    async def send(kind: str, event: dict[str, Any]) -> None:
+        events.append(event)
+
+    asyncio.run(responses_api.stream_events(job, gen(), {}, dict, send))
+    open_items: list[int] = []
+    order: list[str] = []
+    for e in events:
+        if e["type"] == "response.output_item.added":
+            assert not open_items, "an item added while another is open"
+            open_items.append(e["output_index"])
+            order.append(e["item"]["type"])
+        elif e["type"] == "response.output_item.done":
+            assert open_items == [e["output_index"]]
+            open_items.clear()
+    assert events[0]["response"]["output"] == []  # items come in their own events
+    final = events[-1]["response"]["output"]
+    assert [item["type"] for item in final] == order
+    assert order == (["message"] if text_first else []) + ["function_call"] * 2 + (
+        [] if text_first else ["message"]
+    )
+    assert [item.get("arguments") for item in final if item["type"] == "function_call"] == ['{"a": 1}', "{}"]
+    Response.model_validate(events[-1]["response"] | {"qlm": None})
+
+
+def test_what_clients_send_back_is_taken_as_the_model_made_it() -> None:
+    """An empty description (clients and tool bridges send it), a call the model named after no
+    tool (its history goes back as it was), and a Responses turn of text then calls: one assistant
+    message holding both, as a chat has it (templates that want turns to alternate refuse two)."""
+    from qlm_plugin.coordinator import responses_api
+
+    tool = {"type": "function", "function": {"name": "f", "description": ""}}
+    spec, _, _ = parse_openai({"model": MODEL, "messages": MESSAGES, "tools": [tool]}, {}, True)
+    assert json.loads(spec.sampling["tools"])[0]["function"]["description"] == ""
+    made = {"id": "c1", "type": "function", "function": {"name": "web.search", "arguments": "{}"}}
+    history = [
+        *MESSAGES,
+        {"role": "assistant", "tool_calls": [made]},
+        {"role": "tool", "tool_call_id": "c1", "content": "x"},
+    ]
+    spec, _, _ = parse_openai({"model": MODEL, "messages": history}, {}, True)
+    assert json.loads(spec.chat_messages)[1]["tool_calls"] == [made]
+    turn = responses_api.chat_body(
+        {
+            "model": MODEL,
+            "input": [
+                {"role": "user", "content": "paint it"},
+                {
+                    "type": "message",
+                    "role": "assistant",
+                    "content": [{"type": "output_text", "text": "Sure"}],
+                },
+                {"type": "function_call", "call_id": "c1", "name": "paint", "arguments": "{}"},
+                {"type": "function_call", "call_id": "c2", "name": "paint", "arguments": "{}"},
+                {"type": "function_call_output", "call_id": "c1", "output": "done"},
+            ],
+        }
+    )
+    assert [(m["role"], m["content"], len(m.get("tool_calls", []))) for m in turn["messages"]] == [
+        ("user", "paint it", 0),
+        ("assistant", "Sure", 2),
+        ("tool", "done", 0),
+    ]
+
+
+def test_every_capability_a_request_needs_is_named_and_deltas_without_an_index_continue_a_call() -> None:
+    from qlm_plugin.transport.openai_client import merge_tool_calls, needs
+
+    sampling = {"response_format": '{"type": "json_object"}', "tools": "[]", "logprobs": "true"}
+    assert needs(sampling) == [
+        ("structured_output", "response_format"),
+        ("tools", "tools"),
+        ("logprobs", "logprobs"),
+    ]
+    calls: list[dict[str, Any]] = []
+    merge_tool_calls(calls, [{"id": "c", "type": "function", "function": {"name": "f", "arguments": "{"}}])
+    merge_tool_calls(calls, [{"function": {"arguments": "}"}}])
+    merge_tool_calls(calls, [{"id": "d", "function": {"name": "g", "arguments": ""}}])
+    assert [(c["id"], c["function"]["name"], c["function"]["arguments"]) for c in calls] == [
+        ("c", "f", "{}"),
+        ("d", "g", ""),
+    ]

@@ -20,6 +20,7 @@ from qlm_plugin.transport.openai_client import (
     TokenizeError,
     constraint,
     error_message,
+    logprob_entries,
     sse_data,
     stream_error,
     tokenize,
@@ -92,7 +93,7 @@ class OpenAIEngineLink:
         self.endpoint = ""  # requests come over the pull stream: this agent calls the server itself
         # structured output and tools: the server is sent the request's response_format and tools
         # as given (one that cannot honour them refuses them, and the request fails with its answer)
-        caps = ["evict", "structured_output", "tools"]
+        caps = ["evict", "structured_output", "tools", "logprobs"]
         if settings.load_command or settings.unload_command:
             caps.append("load_model")
         self.capabilities: Sequence[str] = caps
@@ -315,6 +316,7 @@ class OpenAIEngineLink:
             body["messages"] = messages
         finish: str | None = None
         usage, delivered = None, 0
+        held_logprobs: list[dict[str, Any]] = []
         per_token: float | None = None
         token: int | None = None
         try:
@@ -362,8 +364,13 @@ class OpenAIEngineLink:
                         if not isinstance(text, str):
                             raise ValueError(f"a token that is not text: {text!r:.100}")
                         calls = tool_call_deltas(choice)
+                        entries = logprob_entries(choice)
+                        if entries:
+                            held_logprobs.extend(entries)  # a token whose text comes in a later chunk
                         if text or calls:
                             tool_calls = json.dumps(calls) if calls else ""
+                            logprobs = json.dumps(held_logprobs) if held_logprobs else ""
+                            held_logprobs = []
                             emit(
                                 _event(
                                     rid,
@@ -373,6 +380,7 @@ class OpenAIEngineLink:
                                     tokens=1,
                                     text=text,
                                     tool_calls=tool_calls,
+                                    logprobs=logprobs,
                                 )
                             )
                             index += 1

@@ -41,7 +41,7 @@ from qlm_plugin.hooks.manager import POLICY_PREFIX
 from qlm_plugin.policies.registry import PolicyContext, policy_registry
 from qlm_plugin.proto.qlm.v1 import qlm_pb2 as pb
 from qlm_plugin.telemetry.instruments import Telemetry
-from qlm_plugin.transport.openai_client import FEATURES, constraint
+from qlm_plugin.transport.openai_client import FEATURES, needs
 from qlm_plugin.workloads.scenario import Scenario
 
 log = logging.getLogger("qlm_plugin.coordinator")
@@ -349,9 +349,7 @@ class Coordinator:
             finally:
                 book.count(request, -1)
             now = time.time()
-        needs = constraint(spec.sampling)
-        if needs is not None:
-            capability, param = needs
+        for capability, param in needs(spec.sampling):
             lacking = self.dispatcher.lacking(request.model, capability)
             if lacking:
                 names = ", ".join(sorted(s.instance_id for s in lacking))

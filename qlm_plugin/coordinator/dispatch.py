@@ -30,7 +30,7 @@ from qlm_plugin.coordinator.journal import TERMINAL
 from qlm_plugin.domain.request import Request
 from qlm_plugin.proto.qlm.v1 import qlm_pb2 as pb
 from qlm_plugin.telemetry.instruments import Telemetry
-from qlm_plugin.transport.openai_client import FEATURES, constraint, merge_tool_calls
+from qlm_plugin.transport.openai_client import FEATURES, constraint, merge_tool_calls, needs
 
 log = logging.getLogger("qlm_plugin.coordinator")
 
@@ -207,12 +207,12 @@ class Dispatcher:
         job = self.book.jobs.get(request.id)
         if job is None or job.state != "queued":
             return False
-        needs = constraint(job.spec.sampling)
-        if needs is not None and needs[0] not in s.capabilities:
+        missing = [cap for cap, _ in needs(job.spec.sampling) if cap not in s.capabilities]
+        if missing:
             # Refused at the door where an instance serving the model lacked it: this one came
             # later. It fails once the queue manager's pass is over, rather than being served
             # without what it asked for.
-            asyncio.get_running_loop().call_soon(self._cannot_serve, job, s.instance_id, needs[0])
+            asyncio.get_running_loop().call_soon(self._cannot_serve, job, s.instance_id, missing[0])
             return False
         now = time.time()
         # before any state changes: a policy hook that raises must not leave the job half-dispatched
@@ -337,8 +337,8 @@ class Dispatcher:
         if job.failures >= self.cfg.max_attempts:
             self.finish(job, "failed", "error", error=f"gave up after {job.attempt} attempts: {reason}")
             return
-        needs = constraint(job.spec.sampling) if job.tokens else None
-        if needs is not None:
+        kept_to_one = constraint(job.spec.sampling) if job.tokens else None
+        if kept_to_one is not None:
             # A constrained output or a tool call cannot be continued: the next engine's grammar
             # would start again after the text so far, its tool parser would not see the call's
             # start. Served again from the start, unless some of it was already streamed to the client.
@@ -347,13 +347,14 @@ class Dispatcher:
                     job,
                     "failed",
                     "error",
-                    error=f"{reason}; its answer ({FEATURES[needs[0]]}) was streamed in part ({job.tokens} "
-                    "tokens) and cannot be continued on another engine: send the request again",
+                    error=f"{reason}; its answer ({FEATURES[kept_to_one[0]]}) was streamed in part "
+                    f"({job.tokens} tokens) and cannot be continued on another engine: send it again",
                 )
                 return
             job.wasted_tokens += job.tokens
             job.chunks.clear()
             job.tool_calls.clear()
+            job.logprobs.clear()
             job.tokens, job.output_ids, job.first_token_at = 0, [], None
         if job.instance is not None:
             s = self.fleet.sessions.get(job.instance)
@@ -408,14 +409,14 @@ class Dispatcher:
                     self.fleet.command(s, "abort", ev.request_id, attempt=ev.attempt)
                 continue
             if ev.kind == Event.TOKENS:
-                if ev.tokens < 0 or (ev.tokens == 0 and (ev.text or ev.tool_calls)):
+                if ev.tokens < 0 or (ev.tokens == 0 and (ev.text or ev.tool_calls or ev.logprobs)):
                     self._malformed(s, job, ev, f"{ev.tokens} tokens for {len(ev.text)} characters")
                     continue
-                calls = _tool_calls(ev.tool_calls) if ev.tool_calls else None
-                if ev.tool_calls and calls is None:
-                    self._malformed(
-                        s, job, ev, f"tool calls that are not a JSON list: {ev.tool_calls[:80]!r}"
-                    )
+                calls = _json_list(ev.tool_calls) if ev.tool_calls else None
+                logprobs = _json_list(ev.logprobs) if ev.logprobs else None
+                if (ev.tool_calls and calls is None) or (ev.logprobs and logprobs is None):
+                    what = "tool calls" if ev.tool_calls and calls is None else "log probabilities"
+                    self._malformed(s, job, ev, f"{what} that are not a JSON list of objects")
                     continue
                 if ev.index + ev.tokens <= job.tokens:
                     continue  # resent
@@ -434,10 +435,12 @@ class Dispatcher:
                 job.tokens += tokens
                 if calls:
                     merge_tool_calls(job.tool_calls, calls)
+                if logprobs:
+                    job.logprobs.extend(logprobs)
                 if job.first_token_at is None:
                     job.first_token_at = now
                     self.telemetry.request_event(job.id, "qlm.first_token", time=now)
-                self.book.publish(job, Chunk(ev.text, ev.index, tokens, tool_calls=calls))
+                self.book.publish(job, Chunk(ev.text, ev.index, tokens, tool_calls=calls, logprobs=logprobs))
             elif ev.kind == Event.FINISHED:
                 # an engine that reports evictions one by one (EVICTED) and one that totals them at
                 # the end: both counted once
@@ -477,8 +480,9 @@ class Dispatcher:
             await self._http.close()
 
 
-def _tool_calls(raw: str) -> list[dict[str, Any]] | None:
-    """An event's tool-call deltas (JSON text), or None where they are not a list of objects."""
+def _json_list(raw: str) -> list[dict[str, Any]] | None:
+    """An event's tool-call deltas or log probabilities (JSON text), or None where they are not a
+    list of objects."""
     try:
         calls = json.loads(raw)
     except (ValueError, RecursionError):

@@ -26,6 +26,7 @@ from qlm_plugin.transport.openai_client import (
     REFUSED_STATUSES,
     TokenizeError,
     error_message,
+    logprob_entries,
     sse_data,
     stream_error,
     tokenize,
@@ -153,6 +154,7 @@ async def forward(
     usage_tokens = None
     prompt_ids: list[int] | None = None  # the engine's ids of the prompt, on an attempt from scratch
     held: list[int] = []  # ids streamed whose text has not come yet
+    held_logprobs: list[dict[str, Any]] = []  # and their log probabilities
     in_transit = True  # until the engine's server answers (or the request fails on its way)
 
     def gone(reason: str) -> None:
@@ -215,11 +217,21 @@ async def forward(
                     ids = choice.get("token_ids")
                     if ids is not None:
                         held.extend(ids)  # the detokenizer may hold a token's text back a chunk
+                    held_logprobs.extend(logprob_entries(choice) or ())
                     if text or calls:
                         n = max(1, len(held)) if ids is not None else 1
                         delivered = job.tokens
                         tool_calls = json.dumps(calls) if calls else ""
-                        emit(kind=Event.TOKENS, index=index, tokens=n, text=text, tool_calls=tool_calls)
+                        logprobs = json.dumps(held_logprobs) if held_logprobs else ""
+                        held_logprobs = []
+                        emit(
+                            kind=Event.TOKENS,
+                            index=index,
+                            tokens=n,
+                            text=text,
+                            tool_calls=tool_calls,
+                            logprobs=logprobs,
+                        )
                         index += n
                         if job.tokens == delivered + n:
                             _keep_ids(job, prompt_ids, held if ids is not None else None, delivered, n)

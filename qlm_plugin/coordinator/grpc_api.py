@@ -183,6 +183,7 @@ class RequestsService(pb_grpc.RequestsServicer):
                 finished=chunk.finished,
                 finish_reason=chunk.finish_reason,
                 tool_calls=dumps(chunk.tool_calls).decode() if chunk.tool_calls else "",
+                logprobs=dumps(chunk.logprobs).decode() if chunk.logprobs else "",
             )
 
 

@@ -45,6 +45,7 @@ from qlm_plugin.coordinator.openai_params import (
     flag,
     integer,
     key_name,
+    logprob_params,
     number,
     printable_ascii,
     sampling,
@@ -52,11 +53,10 @@ from qlm_plugin.coordinator.openai_params import (
     stream_options,
     text,
     token_ids,
-    tool_name,
     tool_params,
 )
 from qlm_plugin.proto.qlm.v1 import qlm_pb2 as pb
-from qlm_plugin.transport.openai_client import message_tool_calls
+from qlm_plugin.transport.openai_client import completion_logprobs, message_tool_calls
 
 #: Why the request of a client that went away is cancelled.
 #: Largest request body accepted, bytes (a prompt of about 1M tokens).
@@ -217,8 +217,8 @@ def _earlier_calls(calls: Any, param: str) -> list[dict[str, Any]]:
             {
                 "id": text(call.get("id"), f"{where}.id", max_chars=MAX_NAME_CHARS),
                 "type": "function",
-                "function": {
-                    "name": tool_name(fn.get("name"), f"{where}.function.name"),
+                "function": {  # the model's own words: any name it made, even one no tool has
+                    "name": text(fn.get("name"), f"{where}.function.name", max_chars=MAX_NAME_CHARS),
                     "arguments": check_unicode(args, f"{where}.function.arguments"),
                 },
             }
@@ -300,6 +300,7 @@ def parse_openai(body: Any, headers: Mapping[str, str], chat: bool) -> tuple[pb.
     check_supported(body, chat=chat)
     if chat:
         spec.sampling.update(tool_params(body))
+    spec.sampling.update(logprob_params(body, chat))
     max_key = (
         "max_completion_tokens" if chat and body.get("max_completion_tokens") is not None else "max_tokens"
     )
@@ -398,14 +399,22 @@ def usage(job: Job) -> dict[str, int]:
 def completion_body(job: Job, chat: bool) -> dict[str, Any]:
     """The OpenAI body of a finished job's answer (``chat.completion`` or ``text_completion``)."""
     reason = job.finish_reason or "length"
+    asked = "logprobs" in job.spec.sampling
     if chat:
         message: dict[str, Any] = {"role": "assistant", "content": job.text}
         if job.tool_calls:  # OpenAI: no content where the answer is only its calls
             message.update(content=job.text or None, tool_calls=message_tool_calls(job.tool_calls))
-        choice: dict[str, Any] = {"index": 0, "message": message, "finish_reason": reason}
+        logprobs = {"content": job.logprobs} if asked else None
+        choice: dict[str, Any] = {
+            "index": 0,
+            "message": message,
+            "logprobs": logprobs,
+            "finish_reason": reason,
+        }
         obj, prefix = "chat.completion", "chatcmpl"
     else:
-        choice = {"index": 0, "text": job.text, "finish_reason": reason, "logprobs": None}
+        logprobs = completion_logprobs(job.logprobs) if asked else None
+        choice = {"index": 0, "text": job.text, "finish_reason": reason, "logprobs": logprobs}
         obj, prefix = "text_completion", "cmpl"
     return {
         "id": f"{prefix}-{job.id}",
@@ -743,10 +752,12 @@ class FrontDoor:
         async def send(payload: Mapping[str, Any]) -> None:
             await out.write(b"data: " + dumps(payload) + b"\n\n")
 
-        first = True
+        first, chars = True, 0  # chars: of the output sent so far (a completion's text_offset)
         async for chunk in self.core.follow(job):
             if chunk.finished:
                 break
+            if not (first or chunk.text or chunk.tool_calls or chunk.logprobs):
+                continue  # tokens without text (a count made up at the end): nothing to show
             if chat:
                 delta: dict[str, Any] = {"content": chunk.text}
                 if chunk.tool_calls:
@@ -757,8 +768,12 @@ class FrontDoor:
                 if first:
                     delta["role"] = "assistant"
                 choice: dict[str, Any] = {"index": 0, "delta": delta, "finish_reason": None}
+                if chunk.logprobs:
+                    choice["logprobs"] = {"content": chunk.logprobs}
             else:
-                choice = {"index": 0, "text": chunk.text, "finish_reason": None, "logprobs": None}
+                logprobs = completion_logprobs(chunk.logprobs, chars) if chunk.logprobs else None
+                choice = {"index": 0, "text": chunk.text, "finish_reason": None, "logprobs": logprobs}
+            chars += len(chunk.text)
             payload: dict[str, Any] = {**base, "choices": [choice]}
             if first:
                 payload["qlm"] = qlm_info(job)

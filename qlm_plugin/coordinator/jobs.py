@@ -128,6 +128,7 @@ class Chunk:
     finished: bool = False
     finish_reason: str = ""
     tool_calls: list[dict[str, Any]] | None = None  # OpenAI's delta.tool_calls of these tokens
+    logprobs: list[dict[str, Any]] | None = None  # their log probabilities (OpenAI chat's entries)
 
 
 @dataclass(eq=False, slots=True)
@@ -142,6 +143,7 @@ class Job:
     chunks: list[str] = field(default_factory=list)
     tokens: int = 0
     tool_calls: list[dict[str, Any]] = field(default_factory=list)  # so far (merge_tool_calls)
+    logprobs: list[dict[str, Any]] = field(default_factory=list)  # per token, as OpenAI chat's entries
     # The engine's own token ids of the prompt and of the delivered output (an engine served over
     # HTTP returns them), so that a resumed attempt continues from exactly those tokens: the
     # delivered text, tokenized again, can come to more tokens and no longer fit the context.
@@ -546,17 +548,19 @@ class JobBook:
                 0,
                 0,
                 rec.tool_calls,
+                rec.logprobs,
             ),
         )
 
     def _read_only(self, spec: pb.RequestSpec, fields: Finished) -> Job:
         """A read-only job from ``spec`` and the rest of a packed job (:func:`pack`)."""
         arrival, prompt_tokens, state, attempt, instance = fields[:5]
-        text, tokens, first, last, reason, error, preemptions, wasted, failures, calls = fields[5:]
+        text, tokens, first, last, reason, error, preemptions, wasted, failures, calls, logprobs = fields[5:]
         spec.prompt_tokens = spec.prompt_tokens or prompt_tokens  # counted once, not on each status read
         job = Job(self._past_request(spec, arrival), spec, state=state, attempt=attempt, instance=instance)
         job.chunks, job.tokens = [text], tokens
         job.tool_calls = json.loads(calls) if calls else []
+        job.logprobs = json.loads(logprobs) if logprobs else []
         job.first_token_at, job.finished_at, job.finish_reason, job.error = first, last, reason, error
         job.preemptions, job.wasted_tokens, job.failures = preemptions, wasted, failures
         job.output_ids = None
@@ -593,6 +597,7 @@ class JobBook:
             finish_reason=finish_reason,
             error=error,
             tool_calls=dumps(job.tool_calls).decode() if job.tool_calls else "",
+            logprobs=dumps(job.logprobs).decode() if job.logprobs else "",
         )
 
     def announce(self, job: Job, now: float) -> None:
@@ -652,6 +657,7 @@ def pack(job: Job) -> Finished:
         job.wasted_tokens,
         job.failures,
         dumps(job.tool_calls).decode() if job.tool_calls else "",
+        dumps(job.logprobs).decode() if job.logprobs else "",
     )
 
 
@@ -682,13 +688,14 @@ async def follow(job: Job) -> AsyncIterator[Chunk]:
     # published while the caller holds the snapshot goes to the queue, not nowhere.
     text, tokens, finished = job.text, job.tokens, job.state in TERMINAL
     calls = [dict(c, function=dict(c["function"])) for c in job.tool_calls] or None  # a copy: merged into
+    logprobs = list(job.logprobs) or None
     q: asyncio.Queue[Chunk | None] = asyncio.Queue()
     if not finished:
         job.listeners.append(q)
     try:
         if text or calls:
             job.delivered = True
-            yield Chunk(text, 0, tokens, tool_calls=calls)
+            yield Chunk(text, 0, tokens, tool_calls=calls, logprobs=logprobs)
         if finished:
             yield Chunk("", tokens, 0, True, job.finish_reason)
             return

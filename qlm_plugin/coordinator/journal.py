@@ -50,7 +50,7 @@ __all__ = ["SCHEMA_VERSION", "STATES", "TERMINAL", "JobRecord", "Journal", "Jour
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION: Final = 3  # 2: failures; 3: tool_calls (an older journal gets the columns it lacks)
+SCHEMA_VERSION: Final = 3  # 2: failures; 3: tool_calls, logprobs (an older journal gets the columns it lacks)
 STATES: Final = frozenset({"queued", "dispatched", "finished", "cancelled", "failed"})
 TERMINAL: Final = frozenset({"finished", "cancelled", "failed"})
 _SYNCHRONOUS: Final = {"normal": "NORMAL", "full": "FULL"}
@@ -90,6 +90,7 @@ class JobRecord:
     error: str = ""
     failures: int = 0  # attempts that failed (towards max_attempts, across restarts)
     tool_calls: str = ""  # finished: the tool calls of its answer (JSON, as the stream merged them)
+    logprobs: str = ""  # finished: its tokens' log probabilities, if asked for (JSON, OpenAI chat's entries)
 
 
 _COLUMNS: Final = (
@@ -109,6 +110,7 @@ _COLUMNS: Final = (
     "error",
     "failures",
     "tool_calls",
+    "logprobs",
 )
 _STATE_LIST: Final = ", ".join(f"'{s}'" for s in sorted(STATES))
 _TERMINAL_LIST: Final = ", ".join(f"'{s}'" for s in sorted(TERMINAL))
@@ -133,7 +135,8 @@ _SCHEMA: Final = (
         finish_reason TEXT NOT NULL,
         error TEXT NOT NULL,
         failures INTEGER NOT NULL DEFAULT 0,
-        tool_calls TEXT NOT NULL DEFAULT ''
+        tool_calls TEXT NOT NULL DEFAULT '',
+        logprobs TEXT NOT NULL DEFAULT ''
     )""",
     "CREATE INDEX jobs_state ON jobs (state)",
     "CREATE UNIQUE INDEX jobs_idempotency ON jobs (tenant, idempotency_key)"
@@ -155,11 +158,14 @@ _REQUEUED: Final = (
 #: What each older schema version lacks.
 _UPGRADES: Final = {
     1: ("ALTER TABLE jobs ADD COLUMN failures INTEGER NOT NULL DEFAULT 0",),
-    2: ("ALTER TABLE jobs ADD COLUMN tool_calls TEXT NOT NULL DEFAULT ''",),
+    2: (
+        "ALTER TABLE jobs ADD COLUMN tool_calls TEXT NOT NULL DEFAULT ''",
+        "ALTER TABLE jobs ADD COLUMN logprobs TEXT NOT NULL DEFAULT ''",
+    ),
 }
 _FINISHED: Final = (
     "UPDATE jobs SET state = ?, output = ?, output_tokens = ?, first_token_at = ?, finished_at = ?,"
-    f" finish_reason = ?, error = ?, tool_calls = ? WHERE request_id = ? AND {_LIVE}"
+    f" finish_reason = ?, error = ?, tool_calls = ?, logprobs = ? WHERE request_id = ? AND {_LIVE}"
 )
 
 
@@ -357,6 +363,7 @@ class Journal:
             rec.error,
             rec.failures,
             rec.tool_calls,
+            rec.logprobs,
         )
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._enqueue(_Op("accept", _INSERT, params, fut))
@@ -383,9 +390,10 @@ class Journal:
         finish_reason: str = "",
         error: str = "",
         tool_calls: str = "",
+        logprobs: str = "",
     ) -> None:
-        """Queue: the request ended in ``state`` (one of :data:`TERMINAL`); ``tool_calls``: its
-        answer's (JSON), if any."""
+        """Queue: the request ended in ``state`` (one of :data:`TERMINAL`); ``tool_calls`` and
+        ``logprobs``: its answer's (JSON), if any."""
         if state not in TERMINAL:
             raise ValueError(f"finished() needs a terminal state, one of {sorted(TERMINAL)}, not {state!r}")
         params = (
@@ -397,6 +405,7 @@ class Journal:
             finish_reason,
             error,
             tool_calls,
+            logprobs,
             request_id,
         )
         self._enqueue(_Op("finished", _FINISHED, params, None))

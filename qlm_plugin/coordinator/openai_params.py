@@ -3,12 +3,13 @@ a bad value is a 400 naming its field here, not a request that fails on an engin
 value that protobuf, the journal or the engine cannot take).
 
 Each sampling field has one rule in :data:`SAMPLING_RULES`; the fields that ask for what the
-coordinator cannot carry (several choices, log probabilities...) are in :data:`UNSUPPORTED`,
+coordinator cannot carry (several choices, the prompt's log probabilities...) are in :data:`UNSUPPORTED`,
 with the values that ask for nothing and so are accepted. Structured output (``response_format``,
 vLLM's ``structured_outputs``) is carried like a sampling field, but only engines that declare the
 ``structured_output`` capability can honour it
 (:func:`~qlm_plugin.transport.openai_client.structured_output_field`); a chat's tools
-(:func:`tool_params`) the same way, for engines that declare ``tools``.
+(:func:`tool_params`) and the output's log probabilities (:func:`logprob_params`) the same way,
+for engines that declare ``tools`` and ``logprobs``.
 """
 
 from __future__ import annotations
@@ -366,8 +367,10 @@ def _tool(value: Any, param: str) -> dict[str, Any]:
         )
     fn, where = value["function"], f"{param}.function"
     checked: dict[str, Any] = {"name": tool_name(fn.get("name"), f"{where}.name")}
-    if fn.get("description") is not None:
-        checked["description"] = text(fn["description"], f"{where}.description")
+    if fn.get("description") is not None:  # "" too: clients send it
+        if not isinstance(fn["description"], str):
+            raise BadRequest(f"{where}.description", f"must be a string, got {show(fn['description'])}")
+        checked["description"] = check_unicode(fn["description"], f"{where}.description")
     if fn.get("parameters") is not None:
         checked["parameters"] = _json_schema(fn["parameters"], f"{where}.parameters")
     if fn.get("strict") is not None:
@@ -415,6 +418,37 @@ def tool_params(body: Mapping[str, Any]) -> dict[str, str]:
         out["tool_choice"] = json.dumps(choice)
     if body.get("parallel_tool_calls") is not None:
         out["parallel_tool_calls"] = json.dumps(_boolean(body["parallel_tool_calls"], "parallel_tool_calls"))
+    return out
+
+
+# ------------------------------------------------------------------------------ log probabilities
+
+#: Most alternatives per token (vLLM's default ``--max-logprobs``; OpenAI's chat takes 20).
+MAX_TOP_LOGPROBS = 20
+
+
+def logprob_params(body: Mapping[str, Any], chat: bool) -> dict[str, str]:
+    """The output's log probabilities asked for, checked and JSON-encoded for
+    ``RequestSpec.sampling``: a chat's ``logprobs`` (true or false) and ``top_logprobs`` (0-20,
+    only with ``logprobs`` true), a completion's ``logprobs`` (how many alternatives, 0-20; 0: the
+    sampled token's own); empty when none is asked for."""
+    logprobs, top = body.get("logprobs"), body.get("top_logprobs")
+    if not chat:
+        if logprobs is None or logprobs is False:
+            return {}
+        n = integer(logprobs, "logprobs", 0, MAX_TOP_LOGPROBS)
+        return {"logprobs": json.dumps(n)}
+    if logprobs is not None and not isinstance(logprobs, bool):
+        raise BadRequest("logprobs", f"must be true or false, got {show(logprobs)}")
+    if top is not None:
+        n = integer(top, "top_logprobs", 0, MAX_TOP_LOGPROBS)
+        if not logprobs and n:
+            raise BadRequest("top_logprobs", "needs logprobs true")
+    if not logprobs:
+        return {}
+    out = {"logprobs": "true"}
+    if top is not None:
+        out["top_logprobs"] = json.dumps(integer(top, "top_logprobs", 0, MAX_TOP_LOGPROBS))
     return out
 
 
@@ -483,14 +517,8 @@ UNSUPPORTED: dict[str, tuple[Callable[[Any], bool], str, str]] = {
     "best_of": (lambda v: v is None or _is_one(v), "several candidates per request", "only 1"),
     "use_beam_search": (lambda v: v is None or v is False, "beam search", "only false"),
     "echo": (lambda v: v is None or v is False, "echoing the prompt", "only false"),
-    # chat: a boolean; completions: how many (0 too: the sampled token's own log probability)
-    "logprobs": (lambda v: v is None or v is False, "log probabilities", "only null or false"),
-    "top_logprobs": (
-        lambda v: v is None or (v == 0 and not isinstance(v, bool)),
-        "log probabilities",
-        "only null or 0",
-    ),
-    "prompt_logprobs": (lambda v: v is None, "log probabilities", "only null"),
+    # the output's log probabilities are served (logprob_params); the prompt's are not
+    "prompt_logprobs": (lambda v: v is None, "log probabilities of the prompt", "only null"),
     "suffix": (lambda v: v is None or v == "", "a suffix", "only null or ''"),
     # served on the chat endpoint (tool_params); on completions, as OpenAI's has none
     "tools": (lambda v: v is None or v == [], "tool calls on /v1/completions", "only null or []"),

@@ -131,7 +131,7 @@ class PromptCounter:
         try:
             if spec.chat_messages:
                 ids = tok.apply_chat_template(
-                    json.loads(spec.chat_messages),
+                    _as_templates_take(json.loads(spec.chat_messages)),
                     tools=json.loads(tools) if tools else None,
                     add_generation_prompt=True,
                     tokenize=True,
@@ -143,3 +143,17 @@ class PromptCounter:
         except Exception as exc:  # a template that refuses these messages: the engine will say so
             log.debug("model %s: tokenizer failed (%s); prompt estimated", spec.model, exc)
             return estimate_prompt_tokens(spec.prompt + tools)
+
+
+def _as_templates_take(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Earlier tool calls' arguments as objects, as vLLM gives them to a chat template (the JSON text
+    as it came, where it is not an object)."""
+    for m in messages:
+        for call in m.get("tool_calls") or ():
+            try:
+                args = json.loads(call["function"]["arguments"])
+            except (ValueError, RecursionError):
+                continue
+            if isinstance(args, dict):
+                call["function"]["arguments"] = args
+    return messages

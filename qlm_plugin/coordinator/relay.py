@@ -91,6 +91,8 @@ def relay_job(job: Job, *, duplicate: bool = False, text: bool = False) -> pb.Re
         out.text = job.text
         if job.tool_calls:
             out.tool_calls = dumps(job.tool_calls).decode()
+        if job.logprobs:
+            out.logprobs = dumps(job.logprobs).decode()
     return out
 
 
@@ -126,6 +128,8 @@ def job_from_relay(m: pb.RelayJob, spec: pb.RequestSpec) -> Job:
         job.chunks.append(m.text)
     if m.tool_calls:
         job.tool_calls = json.loads(m.tool_calls)
+    if m.logprobs:
+        job.logprobs = json.loads(m.logprobs)
     update_job(job, m)
     return job
 
@@ -240,6 +244,8 @@ class _Follower:
             chunk = pb.OutputChunk(text=item.text, index=item.index, tokens=item.tokens)
             if item.tool_calls:
                 chunk.tool_calls = dumps(item.tool_calls).decode()
+            if item.logprobs:
+                chunk.logprobs = dumps(item.logprobs).decode()
             self.outbox.add(pb.RelayEvent(chunk=pb.RelayChunk(request_id=job.id, chunk=chunk)))
             return
         # The end: once, whichever of the two comes first. It stays a listener (removing it here
@@ -490,14 +496,18 @@ class RelayClient:
     def _chunk(self, m: pb.RelayChunk) -> None:
         c = m.chunk
         calls = json.loads(c.tool_calls) if c.tool_calls else None
-        chunk = Chunk(c.text, c.index, c.tokens, tool_calls=calls)
+        logprobs = json.loads(c.logprobs) if c.logprobs else None
+        chunk = Chunk(c.text, c.index, c.tokens, tool_calls=calls, logprobs=logprobs)
         for job in self._jobs.get(m.request_id, ()):
             if c.index == 0 and job.tokens:  # made again from its start (a constrained output)
                 job.chunks.clear()
                 job.tool_calls.clear()
+                job.logprobs.clear()
             job.chunks.append(c.text)
             if calls:
                 merge_tool_calls(job.tool_calls, calls)
+            if logprobs:
+                job.logprobs.extend(logprobs)
             job.tokens = c.index + c.tokens
             publish(job, chunk)
 

@@ -111,10 +111,10 @@ def _messages(body: Mapping[str, Any]) -> list[dict[str, Any]]:
         if not isinstance(item, dict):
             raise BadRequest(f"input[{i}]", f"must be a message object, got {show(item)}")
         kind = item.get("type", "message")
-        if kind == "function_call":  # calls made together are one assistant message, as a chat has them
+        if kind == "function_call":  # one assistant turn holds its text and its calls, as a chat's
             last = messages[-1] if messages else None
-            if last is not None and last["role"] == "assistant" and "tool_calls" in last:
-                last["tool_calls"].append(_call(item))
+            if last is not None and last["role"] == "assistant":
+                last.setdefault("tool_calls", []).append(_call(item))
             else:
                 messages.append({"role": "assistant", "content": None, "tool_calls": [_call(item)]})
             continue
@@ -270,11 +270,13 @@ def _call_item(job: Job, index: Any, call_id: str, name: str, arguments: str, st
     }
 
 
-def _output(job: Job, ended: bool) -> list[dict[str, Any]]:
-    """A response's output items: its message (unless the answer is only calls), then its calls."""
+def _output(job: Job, ended: bool, calls_first: bool = False) -> list[dict[str, Any]]:
+    """A response's output items: its message (unless the answer is only calls), then its calls;
+    ``calls_first``: the calls, then the message (a stream that began with a call showed them so)."""
     status = "completed" if ended else "in_progress"
-    items = [_message(job, status)] if (job.text or not job.tool_calls) and (ended or job.tokens) else []
-    return items + _calls(job, status)
+    message = [_message(job, status)] if (job.text or not job.tool_calls) and (ended or job.tokens) else []
+    calls = _calls(job, status)
+    return calls + message if calls_first else message + calls
 
 
 def asked(job: Job) -> dict[str, Any]:
@@ -308,9 +310,17 @@ def _text_format(job: Job) -> dict[str, Any]:
     return {"type": fmt["type"], **fmt.get("json_schema", {})}
 
 
-def response_object(job: Job, request: Mapping[str, Any], qlm: Mapping[str, Any]) -> dict[str, Any]:
+def response_object(
+    job: Job,
+    request: Mapping[str, Any],
+    qlm: Mapping[str, Any],
+    *,
+    output: bool = True,
+    calls_first: bool = False,
+) -> dict[str, Any]:
     """The ``response`` object of ``job`` as it stands (its request's ``request`` body echoed where
-    OpenAI echoes it)."""
+    OpenAI echoes it); ``output``: with its output items (a stream's first events have none: its
+    items are added by events after them); ``calls_first``: as :func:`_output`."""
     status = _status(job)
     ended = status in ("completed", "incomplete")
     return {
@@ -324,7 +334,7 @@ def response_object(job: Job, request: Mapping[str, Any], qlm: Mapping[str, Any]
         "instructions": request.get("instructions"),
         "max_output_tokens": request.get("max_output_tokens"),
         "model": job.request.model,
-        "output": _output(job, ended),
+        "output": _output(job, ended, calls_first) if output else [],
         "parallel_tool_calls": request.get("parallel_tool_calls", True),
         "previous_response_id": None,
         "store": True,
@@ -362,11 +372,16 @@ async def stream_events(
         await send(kind, {"type": kind, "sequence_number": seq, **fields})
         seq += 1
 
-    await event("response.created", response=response_object(job, request, qlm()))
-    await event("response.in_progress", response=response_object(job, request, qlm()))
+    await event("response.created", response=response_object(job, request, qlm(), output=False))
+    await event("response.in_progress", response=response_object(job, request, qlm(), output=False))
+    # OpenAI's order: each item is added, streamed and done before the next is added. The message
+    # holds all the text (text after the calls, rare, comes with the completed response only).
     where: dict[str, Any] = {}  # the message item, once opened: its item id, output and content index
-    items = 0  # output items opened so far
+    message_done = False
     calls: dict[Any, dict[str, Any]] = {}  # a call's stream index -> its item as opened
+    open_call: dict[str, Any] | None = None
+    items = 0  # output items opened so far
+    calls_first = False
 
     async def open_message() -> None:
         nonlocal items
@@ -380,27 +395,58 @@ async def stream_events(
         part = {"type": "output_text", "text": "", "annotations": [], "logprobs": []}
         await event("response.content_part.added", **where, part=part)
 
+    async def close_message() -> None:
+        nonlocal message_done
+        message_done = True
+        message = _message(job, "completed")
+        message["content"][0]["text"] = streamed_text
+        await event("response.output_text.done", **where, text=streamed_text, logprobs=[])
+        await event("response.content_part.done", **where, part=message["content"][0])
+        await event("response.output_item.done", output_index=where["output_index"], item=message)
+
+    async def close_call(call: dict[str, Any]) -> None:
+        whole = {k: v for k, v in call.items() if k not in ("output_index",)} | {"status": "completed"}
+        index = call["output_index"]
+        await event(
+            "response.function_call_arguments.done",
+            item_id=call["id"],
+            output_index=index,
+            arguments=call["arguments"],
+        )
+        await event("response.output_item.done", output_index=index, item=whole)
+
+    streamed_text = ""
     async for chunk in chunks:
         if chunk.finished:
             break
-        if chunk.text:
+        if chunk.text and not message_done:
+            if open_call is not None:
+                await close_call(open_call)
+                open_call = None
             if not where:
                 await open_message()
+            streamed_text += chunk.text
             await event("response.output_text.delta", **where, delta=chunk.text, logprobs=[])
         for delta in chunk.tool_calls or ():
             given = delta.get("function")
             fn: dict[str, Any] = given if isinstance(given, dict) else {}
             call = calls.get(delta.get("index"))
             if call is None:
+                if open_call is not None:
+                    await close_call(open_call)
+                elif where and not message_done:
+                    await close_message()
+                calls_first = calls_first or not where
                 call = _call_item(
                     job, delta.get("index"), delta.get("id") or "", fn.get("name") or "", "", "in_progress"
                 )
                 call["output_index"] = items
                 items += 1
-                calls[delta.get("index")] = call
+                calls[delta.get("index")] = open_call = call
                 added = {k: v for k, v in call.items() if k != "output_index"}
                 await event("response.output_item.added", output_index=call["output_index"], item=added)
             if isinstance(fn.get("arguments"), str) and fn["arguments"]:
+                call["arguments"] += fn["arguments"]
                 await event(
                     "response.function_call_arguments.delta",
                     item_id=call["id"],
@@ -408,25 +454,15 @@ async def stream_events(
                     delta=fn["arguments"],
                 )
     await job.done.wait()
-    final = response_object(job, request, qlm())
+    final = response_object(job, request, qlm(), calls_first=calls_first)
     if final["status"] not in ("completed", "incomplete"):
         await event("response.failed", response=final)
         return
-    if not where and not calls:  # no output at all: a message is opened and closed all the same
+    if open_call is not None:
+        await close_call(open_call)
+    elif not where and not calls:  # no output at all: a message is opened and closed all the same
         await open_message()
-    if where:
-        message = _message(job, "completed")
-        await event("response.output_text.done", **where, text=job.text, logprobs=[])
-        await event("response.content_part.done", **where, part=message["content"][0])
-        await event("response.output_item.done", output_index=where["output_index"], item=message)
-    done = {c["id"]: c for c in _calls(job, "completed")}
-    for call in calls.values():
-        whole = done.get(call["id"], {k: v for k, v in call.items() if k != "output_index"})
-        await event(
-            "response.function_call_arguments.done",
-            item_id=call["id"],
-            output_index=call["output_index"],
-            arguments=whole["arguments"],
-        )
-        await event("response.output_item.done", output_index=call["output_index"], item=whole)
+    if where and not message_done:
+        streamed_text = job.text
+        await close_message()
     await event(f"response.{final['status']}", response=final)

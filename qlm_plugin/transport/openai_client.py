@@ -17,8 +17,10 @@ REFUSED_STATUSES = (400, 413, 422)
 STRUCTURED_OUTPUT = "structured_output"
 #: The capability of an engine that takes OpenAI's ``tools`` on its chat endpoint (function calling).
 TOOLS = "tools"
+#: The capability of an engine that returns its tokens' log probabilities (``logprobs``).
+LOGPROBS = "logprobs"
 #: What a capability lets an engine do, as an error message names it.
-FEATURES = {STRUCTURED_OUTPUT: "structured output", TOOLS: "tool calls"}
+FEATURES = {STRUCTURED_OUTPUT: "structured output", TOOLS: "tool calls", LOGPROBS: "log probabilities"}
 
 
 class TokenizeError(Exception):
@@ -51,6 +53,71 @@ def constraint(sampling: Mapping[str, str]) -> tuple[str, str] | None:
     return (TOOLS, "tools") if "tools" in sampling else None
 
 
+def needs(sampling: Mapping[str, str]) -> list[tuple[str, str]]:
+    """Every capability a request needs of its engine, each with the field that asks for it: its
+    :func:`constraint`'s, and log probabilities (which, unlike those, continue on another engine)."""
+    out = []
+    field = structured_output_field(sampling)
+    if field is not None:
+        out.append((STRUCTURED_OUTPUT, field))
+    if "tools" in sampling:
+        out.append((TOOLS, "tools"))
+    if "logprobs" in sampling:
+        out.append((LOGPROBS, "logprobs"))
+    return out
+
+
+def logprob_entries(choice: Mapping[str, Any]) -> list[dict[str, Any]] | None:
+    """A streamed choice's log probabilities as OpenAI chat's per-token entries (``token``,
+    ``logprob``, ``bytes``, ``top_logprobs``), from either endpoint's form (a completion's are
+    parallel lists); None if it holds none."""
+    lp = choice.get("logprobs")
+    if not isinstance(lp, dict):
+        return None
+    content = lp.get("content")
+    if isinstance(content, list):
+        return [e for e in content if isinstance(e, dict)] or None
+    tokens = lp.get("tokens")
+    if not isinstance(tokens, list):
+        return None
+    values, tops = lp.get("token_logprobs") or [], lp.get("top_logprobs") or []
+    out = []
+    for i, token in enumerate(tokens):
+        top = tops[i] if i < len(tops) and isinstance(tops[i], dict) else {}
+        out.append(
+            {
+                "token": token,
+                "logprob": values[i] if i < len(values) else None,
+                "bytes": _bytes(token),
+                "top_logprobs": [{"token": t, "logprob": v, "bytes": _bytes(t)} for t, v in top.items()],
+            }
+        )
+    return out or None
+
+
+def _bytes(token: Any) -> list[int] | None:
+    return list(token.encode("utf-8", "surrogatepass")) if isinstance(token, str) else None
+
+
+def completion_logprobs(entries: list[dict[str, Any]], offset: int = 0) -> dict[str, Any]:
+    """Chat-form entries as a completion's ``logprobs`` object; ``offset``: the characters of the
+    output before the first of them (``text_offset`` counts from the output's start)."""
+    offsets = []
+    for e in entries:
+        offsets.append(offset)
+        token = e.get("token")
+        offset += len(token) if isinstance(token, str) else 0
+    return {
+        "text_offset": offsets,
+        "token_logprobs": [e.get("logprob") for e in entries],
+        "tokens": [e.get("token") for e in entries],
+        "top_logprobs": [
+            {t.get("token"): t.get("logprob") for t in e.get("top_logprobs") or () if isinstance(t, dict)}
+            for e in entries
+        ],
+    }
+
+
 def tool_call_deltas(choice: Mapping[str, Any]) -> list[dict[str, Any]] | None:
     """A streamed chat choice's ``delta.tool_calls`` (OpenAI's form: each with its ``index``; the
     first of a call has its ``id``, ``type`` and name, the next more of its arguments); None if none."""
@@ -68,6 +135,8 @@ def merge_tool_calls(calls: list[dict[str, Any]], deltas: list[dict[str, Any]]) 
         index = d.get("index")
         given = d.get("function")
         fn: dict[str, Any] = given if isinstance(given, dict) else {}
+        if (index is None or isinstance(index, bool)) and calls and not d.get("id") and not fn.get("name"):
+            index = calls[-1]["index"]  # no index (an engine that leaves it out): more of the last call
         call = next((c for c in calls if c["index"] == index), None)
         if call is None:
             if not isinstance(index, int) or isinstance(index, bool):

@@ -48,13 +48,15 @@ async def run(
     lost: list[str] | None = None,
     status: int = 200,
     error_chunk: dict[str, Any] | None = None,
+    logprobs: bool = False,
 ) -> list[pb.RequestEvent]:
     """The events of one attempt of ``served`` (default: a fresh job) on an engine that streams
     ``tokens`` tokens, the text of the last ``held_back`` of them never coming (a partial character),
     and ends with ``finish_reason``; the events are applied to the job as the dispatcher does.
     ``healthy``: whether the engine's health check answers after; ``lost`` gets the reasons the
     engine was reported lost; ``status``: the engine's answer (not 200: an error, no stream);
-    ``error_chunk``: an error the engine sends instead, once the stream has begun."""
+    ``error_chunk``: an error the engine sends instead, once the stream has begun; ``logprobs``:
+    each token comes with its log probability."""
 
     async def health(request: web.Request) -> web.Response:
         return web.Response(status=200 if healthy else 503)
@@ -77,6 +79,8 @@ async def run(
             }
             if i == 0:
                 choice["prompt_token_ids"] = [1, 2, 3, 4]
+            if logprobs:  # a completion's form, for this token (its text or not)
+                choice["logprobs"] = {"tokens": [text], "token_logprobs": [-0.5 * i], "top_logprobs": [{}]}
             await resp.write(b"data: " + json.dumps({"choices": [choice]}).encode() + b"\n\n")
         usage = {"prompt_tokens": 4, "completion_tokens": tokens, "total_tokens": 4 + tokens}
         await resp.write(b"data: " + json.dumps({"choices": [], "usage": usage}).encode() + b"\n\n")
@@ -247,3 +251,16 @@ def test_a_stalled_stream_fails_the_attempt_after_the_read_timeout() -> None:
     assert [e.kind for e in events] == [Event.TOKENS, Event.FAILED] and not lost
     assert "no answer for 0.5 s" in events[-1].error
     assert served.tokens == 1 and served.text == " a"  # the next attempt resumes after it
+
+
+@pytest.mark.parametrize("held_back", [0, 1, 2])
+def test_each_tokens_log_probability_comes_with_its_tokens_even_one_whose_text_never_came(
+    held_back: int,
+) -> None:
+    """An entry per token, in order: a held-back token's waits for the text that follows, and at
+    the end of the output, where that text never comes, goes with the tokens counted from usage."""
+    events = asyncio.run(run("length", held_back=held_back, logprobs=True))
+    tokens = [e for e in events if e.kind == Event.TOKENS]
+    entries = [entry for e in tokens for entry in json.loads(e.logprobs or "[]")]
+    assert [entry["logprob"] for entry in entries] == [0.0, -0.5, -1.0]
+    assert all(len(json.loads(e.logprobs or "[]")) == e.tokens for e in tokens)

@@ -390,7 +390,18 @@ class OpenAIEngineLink:
                 # the stream ended without finishing the request: served again, as a failed attempt
                 raise ValueError(f"the server ended the stream with finish_reason {finish!r}")
             if usage is not None and usage > delivered:
-                emit(_event(rid, attempt, Event.TOKENS, index=index, tokens=usage - delivered, text=""))
+                logprobs = json.dumps(held_logprobs) if held_logprobs else ""  # a token whose text never came
+                emit(
+                    _event(
+                        rid,
+                        attempt,
+                        Event.TOKENS,
+                        index=index,
+                        tokens=usage - delivered,
+                        text="",
+                        logprobs=logprobs,
+                    )
+                )
             emit(_event(rid, attempt, Event.FINISHED, finish_reason=FINISH_AS_OPENAI.get(finish, finish)))
             per_token = (time.monotonic() - t0) / max(1, usage or delivered)
         except asyncio.CancelledError:

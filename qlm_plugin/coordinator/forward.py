@@ -282,8 +282,9 @@ async def forward(
     streamed = index - start
     if usage_tokens is not None and usage_tokens > streamed:
         # Chunks are not always one token each: the detokenizer holds back the text of a partial
-        # character, which at the end of the output never comes.
-        emit(kind=Event.TOKENS, index=index, tokens=usage_tokens - streamed, text="")
+        # character, which at the end of the output never comes (its log probabilities did).
+        logprobs = json.dumps(held_logprobs) if held_logprobs else ""
+        emit(kind=Event.TOKENS, index=index, tokens=usage_tokens - streamed, text="", logprobs=logprobs)
     emit(kind=Event.FINISHED, finish_reason=finish_reason)
 
 

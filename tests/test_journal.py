@@ -289,7 +289,7 @@ def test_a_version_1_journal_is_opened_with_its_records_and_counts_failures_from
             calls,
         )
     conn = sqlite3.connect(path)
-    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 4
     conn.close()
 
 
@@ -585,3 +585,41 @@ def test_a_journal_or_batch_store_in_a_read_only_folder_says_so(tmp_path: Path) 
             Journal(folder / "j.db")
         with pytest.raises(StoreError, match=r"cannot write in the folder of the batch store"):
             BatchStore(folder / "b.db")
+
+
+def test_a_version_3_journal_gets_the_log_probabilities_column(tmp_path: Path) -> None:
+    """Version 3 (tool calls) was written before log probabilities were kept: opened, its records
+    are kept and a request that finishes then keeps its entries."""
+    path = tmp_path / "v3.db"
+    conn = sqlite3.connect(path)
+    conn.execute(
+        "CREATE TABLE jobs (seq INTEGER PRIMARY KEY, request_id TEXT NOT NULL UNIQUE, tenant TEXT NOT NULL,"
+        " spec TEXT NOT NULL, accepted_at REAL NOT NULL, state TEXT NOT NULL, attempt INTEGER NOT NULL,"
+        " instance_id TEXT, idempotency_key TEXT, output TEXT NOT NULL, output_tokens INTEGER NOT NULL,"
+        " first_token_at REAL, finished_at REAL, finish_reason TEXT NOT NULL, error TEXT NOT NULL,"
+        " failures INTEGER NOT NULL DEFAULT 0, tool_calls TEXT NOT NULL DEFAULT '')"
+    )
+    conn.execute(
+        "INSERT INTO jobs VALUES"
+        " (1, 'r1', '', '{}', 1.0, 'dispatched', 1, 'i0', NULL, '', 0, NULL, NULL, '', '', 0, '')"
+    )
+    conn.execute("PRAGMA user_version = 3")
+    conn.commit()
+    conn.close()
+    entries = '[{"token": "a", "logprob": -0.5, "bytes": [97], "top_logprobs": []}]'
+    with _journal(path) as j:
+        (r1,) = j.recover()
+        assert (r1.request_id, r1.logprobs) == ("r1", "")
+        j.finished(
+            "r1",
+            state="finished",
+            output="a",
+            output_tokens=1,
+            first_token_at=2.0,
+            finished_at=3.0,
+            logprobs=entries,
+        )
+        asyncio.run(j.flush())
+    with _journal(path) as j:
+        r1 = j.get("r1")
+        assert r1 is not None and r1.logprobs == entries

@@ -213,6 +213,7 @@ def test_instances_that_cannot_give_them_refuse_them_at_the_door(tmp_path: Path)
         ({"logprobs": 21}, False, "logprobs"),
         ({"logprobs": -1}, False, "logprobs"),
         ({"logprobs": True}, False, "logprobs"),
+        ({"top_logprobs": 3}, False, "top_logprobs"),  # a chat's field
         ({"prompt_logprobs": 1}, False, "prompt_logprobs"),
         ({"echo": True}, False, "echo"),
     ],
@@ -240,3 +241,59 @@ def test_what_is_asked_is_carried_to_the_engine(
     body = {"model": MODEL, **({"messages": MESSAGES} if chat else {"prompt": "x"}), **extra}
     spec, _, _ = parse_openai(body, {}, chat)
     assert {k: v for k, v in spec.sampling.items() if "logprobs" in k} == carried
+
+
+@pytest.mark.usefixtures("scoring_sims")
+def test_the_responses_api_gives_them_when_its_output_text_logprobs_are_included(tmp_path: Path) -> None:
+    from openai.types.responses import Response
+
+    async def check(stack: LocalStack) -> None:
+        async with client(stack) as c:
+            whole = await c.responses.create(
+                model=MODEL,
+                input="hello",
+                include=["message.output_text.logprobs"],
+                top_logprobs=2,
+                max_output_tokens=5,
+            )
+            kept = await c.responses.retrieve(whole.id)
+            async with c.responses.stream(
+                model=MODEL, input="hello", include=["message.output_text.logprobs"], max_output_tokens=4
+            ) as stream:
+                events = [e async for e in stream]
+            deltas = [e.logprobs for e in events if e.type == "response.output_text.delta"]
+            streamed = events[-1].response  # type: ignore[union-attr]  # incomplete: its max_output_tokens
+            without = await c.responses.create(
+                model=MODEL, input="hello", top_logprobs=3, max_output_tokens=2
+            )
+        part = whole.output[0].content[0]  # type: ignore[union-attr]
+        assert part.type == "output_text" and part.logprobs is not None
+        assert "".join(e.token for e in part.logprobs) == part.text and len(part.logprobs) == 5
+        assert all(len(e.top_logprobs) == 2 for e in part.logprobs) and whole.top_logprobs == 2
+        assert kept.output[0].content[0].logprobs == part.logprobs  # type: ignore[union-attr]
+        Response.model_validate(whole.model_dump(exclude_unset=True))
+        assert sum(len(d) for d in deltas) == 4
+        assert len(streamed.output[0].content[0].logprobs or []) == 4  # type: ignore[union-attr]
+        assert without.output[0].content[0].logprobs == []  # type: ignore[union-attr]  # not included: none
+
+    run_with_stack(tmp_path, check, instances=2)
+
+
+def test_a_chat_resumed_from_the_engines_ids_asks_the_completions_endpoint_in_its_form() -> None:
+    """A chat served again after the tokens it delivered continues from the engine's ids on the
+    completions endpoint, whose ``logprobs`` is how many alternatives (the chat's ``top_logprobs``)."""
+    import time
+
+    from qlm_plugin.coordinator.forward import request_body
+    from qlm_plugin.coordinator.jobs import Job
+    from qlm_plugin.domain.request import SLO, Request
+
+    spec, _, _ = parse_openai(
+        {"model": MODEL, "messages": MESSAGES, "logprobs": True, "top_logprobs": 5, "max_tokens": 9}, {}, True
+    )
+    job = Job(Request("r1", MODEL, 4, 9, time.time(), SLO(None, None)), spec)
+    job.prompt_ids, job.output_ids, job.tokens, job.chunks = [1, 2, 3], [7, 8], 2, [" a b"]
+    body = request_body(job, 2, MODEL)
+    assert body["prompt"] == [1, 2, 3, 7, 8] and body["logprobs"] == 5 and "top_logprobs" not in body
+    fresh = request_body(Job(job.request, spec), 1, MODEL)
+    assert fresh["logprobs"] is True and fresh["top_logprobs"] == 5 and "messages" in fresh

@@ -145,7 +145,14 @@ def test_a_streamed_response_sends_openais_events_in_order(tmp_path: Path) -> No
         ({"input": []}, "input", "non-empty"),
         ({"background": True}, "background", "background mode"),
         ({"metadata": {"k": {"deep": ["x"]}}}, "metadata", "values up to 512"),  # it is echoed
-        ({"include": ["message.output_text.logprobs"]}, "include", "not supported"),
+        # valid, but the simulated instances cannot give log probabilities
+        ({"include": ["message.output_text.logprobs"]}, "include", "cannot serve log probabilities"),
+        (
+            {"include": ["file_search_call.results"]},
+            "include[0]",
+            "other than 'message.output_text.logprobs'",
+        ),
+        ({"include": ["message.output_text.logprobs"], "top_logprobs": 21}, "top_logprobs", "[0, 20]"),
         ({"max_output_tokens": 0}, "max_output_tokens", "integer in [1,"),
         (
             {"text": {"format": {"type": "json_schema", "name": "a", "schema": {"type": 1}}}},

@@ -329,8 +329,15 @@ def _call_delta(index: int, args: str, first: bool = False) -> dict[str, Any]:
     return delta
 
 
-@pytest.mark.parametrize("text_first", [True, False])
-def test_a_streamed_response_adds_each_item_after_the_last_is_done(text_first: bool) -> None:
+SHAPES = {  # the order chunks come in (text, call 0 in two pieces, call 1), and the items it makes
+    "text, calls": ([3, 0, 1, 2], ["message", "function_call", "function_call"]),
+    "calls, text": ([0, 1, 2, 3], ["function_call", "function_call", "message"]),
+    "call, text, call": ([0, 1, 3, 2], ["function_call", "message", "function_call"]),
+}
+
+
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_a_streamed_response_adds_each_item_after_the_last_is_done(shape: str) -> None:
     """OpenAI's order, which the SDK's stream helper relies on: an item is added, streamed and done
     before the next is added, and the completed response lists the items at the indices the stream
     gave them, whichever came first, the text or the calls."""
@@ -345,8 +352,7 @@ def test_a_streamed_response_adds_each_item_after_the_last_is_done(text_first: b
         Chunk("", 2, 1, tool_calls=[_call_delta(0, ": 1}")]),
         Chunk("", 3, 1, tool_calls=[_call_delta(1, "{}", first=True)]),
     ]
-    text = [Chunk("Sure", 0, 1)]
-    chunks = text + calls if text_first else calls + text
+    chunks = [[*calls, Chunk("Sure", 0, 1)][i] for i in SHAPES[shape][0]]
     for chunk in chunks:
         job.chunks.append(chunk.text)
         merge_tool_calls(job.tool_calls, chunk.tool_calls or [])
@@ -375,9 +381,7 @@ def test_a_streamed_response_adds_each_item_after_the_last_is_done(text_first: b
     assert events[0]["response"]["output"] == []  # items come in their own events
     final = events[-1]["response"]["output"]
     assert [item["type"] for item in final] == order
-    assert order == (["message"] if text_first else []) + ["function_call"] * 2 + (
-        [] if text_first else ["message"]
-    )
+    assert order == SHAPES[shape][1]
     assert [item.get("arguments") for item in final if item["type"] == "function_call"] == ['{"a": 1}', "{}"]
     Response.model_validate(events[-1]["response"] | {"qlm": None})
 
@@ -433,9 +437,38 @@ def test_every_capability_a_request_needs_is_named_and_deltas_without_an_index_c
     ]
     calls: list[dict[str, Any]] = []
     merge_tool_calls(calls, [{"id": "c", "type": "function", "function": {"name": "f", "arguments": "{"}}])
-    merge_tool_calls(calls, [{"function": {"arguments": "}"}}])
+    shown = merge_tool_calls(calls, [{"function": {"arguments": "}"}}])
+    assert shown == [{"index": 0, "function": {"arguments": "}"}}]  # as clients are to see it
     merge_tool_calls(calls, [{"id": "d", "function": {"name": "g", "arguments": ""}}])
     assert [(c["id"], c["function"]["name"], c["function"]["arguments"]) for c in calls] == [
         ("c", "f", "{}"),
         ("d", "g", ""),
     ]
+
+
+@pytest.mark.usefixtures("calling_sims")
+def test_a_batch_line_offering_tools_is_answered_with_its_calls(tmp_path: Path) -> None:
+    import io
+
+    async def check(stack: LocalStack) -> None:
+        body = {"model": MODEL, "messages": MESSAGES, "tools": [PAINT], "max_tokens": 4}
+        line = {"custom_id": "a", "method": "POST", "url": "/v1/chat/completions", "body": body}
+        async with client(stack) as c:
+            upload = await c.files.create(
+                file=("in.jsonl", io.BytesIO(json.dumps(line).encode())), purpose="batch"
+            )
+            batch = await c.batches.create(
+                input_file_id=upload.id, endpoint="/v1/chat/completions", completion_window="24h"
+            )
+            while batch.status not in ("completed", "failed", "expired", "cancelled"):
+                await asyncio.sleep(0.1)
+                batch = await c.batches.retrieve(batch.id)
+            assert batch.status == "completed" and batch.output_file_id, batch.errors
+            (out,) = [json.loads(x) for x in (await c.files.content(batch.output_file_id)).text.splitlines()]
+        answer = ChatCompletion.model_validate(out["response"]["body"])
+        (call,) = answer.choices[0].message.tool_calls or []
+        rid = answer.id.removeprefix("chatcmpl-")
+        assert call.function.name == "paint" and call.function.arguments == synthetic_text(rid, 0, 4)
+        assert answer.choices[0].finish_reason == "tool_calls"
+
+    run_with_stack(tmp_path, check, instances=2)

@@ -434,8 +434,10 @@ class Dispatcher:
                 job.chunks.append(ev.text)
                 job.tokens += tokens
                 if calls:
-                    merge_tool_calls(job.tool_calls, calls)
+                    calls = merge_tool_calls(job.tool_calls, calls)
                 if logprobs:
+                    if tokens < ev.tokens:  # past max_tokens: their entries go with them
+                        logprobs = logprobs[:tokens]
                     job.logprobs.extend(logprobs)
                 if job.first_token_at is None:
                     job.first_token_at = now

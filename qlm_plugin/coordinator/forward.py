@@ -110,6 +110,8 @@ def request_body(
     # prompt: ``resume_ids``, the text tokenized).
     if resumes_from_ids(job):
         body["prompt"] = [*(job.prompt_ids or ()), *(job.output_ids or ())]
+        if spec.chat_messages and "logprobs" in body:  # a chat's fields, as a completion takes them
+            body["logprobs"] = body.pop("top_logprobs", 0)
     elif spec.chat_messages:
         messages = json.loads(spec.chat_messages)
         if job.text:

@@ -50,7 +50,7 @@ __all__ = ["SCHEMA_VERSION", "STATES", "TERMINAL", "JobRecord", "Journal", "Jour
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION: Final = 3  # 2: failures; 3: tool_calls, logprobs (an older journal gets the columns it lacks)
+SCHEMA_VERSION: Final = 4  # 2: failures; 3: tool_calls; 4: logprobs (an older journal gets what it lacks)
 STATES: Final = frozenset({"queued", "dispatched", "finished", "cancelled", "failed"})
 TERMINAL: Final = frozenset({"finished", "cancelled", "failed"})
 _SYNCHRONOUS: Final = {"normal": "NORMAL", "full": "FULL"}
@@ -158,10 +158,8 @@ _REQUEUED: Final = (
 #: What each older schema version lacks.
 _UPGRADES: Final = {
     1: ("ALTER TABLE jobs ADD COLUMN failures INTEGER NOT NULL DEFAULT 0",),
-    2: (
-        "ALTER TABLE jobs ADD COLUMN tool_calls TEXT NOT NULL DEFAULT ''",
-        "ALTER TABLE jobs ADD COLUMN logprobs TEXT NOT NULL DEFAULT ''",
-    ),
+    2: ("ALTER TABLE jobs ADD COLUMN tool_calls TEXT NOT NULL DEFAULT ''",),
+    3: ("ALTER TABLE jobs ADD COLUMN logprobs TEXT NOT NULL DEFAULT ''",),
 }
 _FINISHED: Final = (
     "UPDATE jobs SET state = ?, output = ?, output_tokens = ?, first_token_at = ?, finished_at = ?,"

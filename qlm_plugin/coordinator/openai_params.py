@@ -434,6 +434,10 @@ def logprob_params(body: Mapping[str, Any], chat: bool) -> dict[str, str]:
     sampled token's own); empty when none is asked for."""
     logprobs, top = body.get("logprobs"), body.get("top_logprobs")
     if not chat:
+        if top is not None and top != 0:
+            raise BadRequest(
+                "top_logprobs", "is a chat field: a completion's logprobs says how many alternatives"
+            )
         if logprobs is None or logprobs is False:
             return {}
         n = integer(logprobs, "logprobs", 0, MAX_TOP_LOGPROBS)

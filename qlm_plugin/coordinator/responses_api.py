@@ -29,6 +29,8 @@ from qlm_plugin.coordinator.openai_params import (
     text,
 )
 
+#: The one ``include`` served: the output's log probabilities.
+LOGPROBS_INCLUDE = "message.output_text.logprobs"
 #: The prefix of a response's id before its request's id (``GET /v1/responses/resp_<request id>``).
 ID_PREFIX = "resp_"
 #: Fields of a Responses request that are not the chat's: turned into chat fields here, or echoed.
@@ -48,8 +50,8 @@ OWN_FIELDS = frozenset(
         "conversation",
         "prompt",
         "stream_options",
-        "top_logprobs",
         "max_tool_calls",
+        "logprobs",  # a chat's field: the Responses API asks with include
         "safety_identifier",
         "prompt_cache_key",
     }
@@ -158,13 +160,15 @@ def chat_body(body: Any) -> dict[str, Any]:
         ("conversation", kept, None),
         ("prompt", "a stored prompt template", None),
         ("background", "background mode", False),
-        ("top_logprobs", "log probabilities", 0),
     ):
         if body.get(key) not in (None, harmless):
             raise _refuse(key, feature, body[key])
     include = body.get("include")
-    if include not in (None, []):
-        raise _refuse("include", "extra output (log probabilities, sources, encrypted reasoning)", include)
+    if include is not None and not isinstance(include, list):
+        raise BadRequest("include", f"must be a list, got {show(include)}")
+    for i, extra in enumerate(include or ()):
+        if extra != LOGPROBS_INCLUDE:
+            raise _refuse(f"include[{i}]", f"extra output other than {LOGPROBS_INCLUDE!r}", extra)
     metadata_param(body.get("metadata"))  # echoed in the answer: OpenAI's shape only
     chat = {key: value for key, value in body.items() if key not in OWN_FIELDS}
     chat["messages"] = _messages(body)
@@ -179,6 +183,10 @@ def chat_body(body: Any) -> dict[str, Any]:
         chat["tools"] = _tools(body["tools"])
     if body.get("tool_choice") is not None:
         chat["tool_choice"] = _tool_choice(body["tool_choice"])
+    if include:  # the output's log probabilities, with top_logprobs alternatives (checked as the chat's)
+        chat["logprobs"] = True
+    elif body.get("top_logprobs") not in (None, 0):  # alternatives of nothing asked for: as OpenAI, none
+        chat.pop("top_logprobs", None)
     return chat
 
 
@@ -212,6 +220,7 @@ def _tool_choice(choice: Any) -> Any:
 #: A chat field named in an error, as the Responses request named it.
 _PARAMS = (
     ("tool_choice.function.", "tool_choice."),
+    ("logprobs", "include"),
     ("response_format.json_schema.", "text.format."),
     ("response_format", "text.format"),
     ("max_tokens", "max_output_tokens"),
@@ -240,8 +249,29 @@ def _error_code(job: Job) -> str:
     return "invalid_prompt" if job.finish_reason == REFUSED else "server_error"
 
 
+def _logprobs(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Chat's log probability entries as the Responses API has them (``bytes`` always a list)."""
+
+    def one(e: Mapping[str, Any]) -> dict[str, Any]:
+        given = e.get("token")
+        token = given if isinstance(given, str) else ""
+        raw = e.get("bytes")
+        return {
+            "token": token,
+            "logprob": e.get("logprob"),
+            "bytes": raw if isinstance(raw, list) else list(token.encode("utf-8", "surrogatepass")),
+        }
+
+    return [
+        one(e) | {"top_logprobs": [one(t) for t in e.get("top_logprobs") or () if isinstance(t, dict)]}
+        for e in entries
+    ]
+
+
 def _message(job: Job, status: str) -> dict[str, Any]:
-    content = [{"type": "output_text", "text": job.text, "annotations": [], "logprobs": []}]
+    content = [
+        {"type": "output_text", "text": job.text, "annotations": [], "logprobs": _logprobs(job.logprobs)}
+    ]
     return {
         "id": f"msg_{job.id}",
         "type": "message",
@@ -270,13 +300,21 @@ def _call_item(job: Job, index: Any, call_id: str, name: str, arguments: str, st
     }
 
 
-def _output(job: Job, ended: bool, calls_first: bool = False) -> list[dict[str, Any]]:
+def _output(job: Job, ended: bool, order: list[Any] | None = None) -> list[dict[str, Any]]:
     """A response's output items: its message (unless the answer is only calls), then its calls;
-    ``calls_first``: the calls, then the message (a stream that began with a call showed them so)."""
+    ``order``: as a stream showed them (:data:`MESSAGE` and the calls' indexes), the rest after."""
     status = "completed" if ended else "in_progress"
-    message = [_message(job, status)] if (job.text or not job.tool_calls) and (ended or job.tokens) else []
-    calls = _calls(job, status)
-    return calls + message if calls_first else message + calls
+    items: dict[Any, dict[str, Any]] = {}
+    if (job.text or not job.tool_calls) and (ended or job.tokens):
+        items[MESSAGE] = _message(job, status)
+    for call, item in zip(job.tool_calls, _calls(job, status), strict=True):
+        items[call["index"]] = item
+    first = [items.pop(key) for key in order or () if key in items]
+    return first + list(items.values())
+
+
+#: The message's place in a stream's order of output items (a call's is its index).
+MESSAGE = "message"
 
 
 def asked(job: Job) -> dict[str, Any]:
@@ -287,7 +325,7 @@ def asked(job: Job) -> dict[str, Any]:
         "max_output_tokens": job.spec.max_tokens or None,
         **{
             key: json.loads(sampling[key])
-            for key in ("temperature", "top_p", "parallel_tool_calls")
+            for key in ("temperature", "top_p", "parallel_tool_calls", "top_logprobs")
             if key in sampling
         },
     }
@@ -316,11 +354,11 @@ def response_object(
     qlm: Mapping[str, Any],
     *,
     output: bool = True,
-    calls_first: bool = False,
+    order: list[Any] | None = None,
 ) -> dict[str, Any]:
     """The ``response`` object of ``job`` as it stands (its request's ``request`` body echoed where
     OpenAI echoes it); ``output``: with its output items (a stream's first events have none: its
-    items are added by events after them); ``calls_first``: as :func:`_output`."""
+    items are added by events after them); ``order``: as :func:`_output`."""
     status = _status(job)
     ended = status in ("completed", "incomplete")
     return {
@@ -334,7 +372,7 @@ def response_object(
         "instructions": request.get("instructions"),
         "max_output_tokens": request.get("max_output_tokens"),
         "model": job.request.model,
-        "output": _output(job, ended, calls_first) if output else [],
+        "output": _output(job, ended, order) if output else [],
         "parallel_tool_calls": request.get("parallel_tool_calls", True),
         "previous_response_id": None,
         "store": True,
@@ -343,6 +381,7 @@ def response_object(
         "tool_choice": request.get("tool_choice") or ("auto" if request.get("tools") else "none"),
         "tools": request.get("tools") or [],
         "top_p": request.get("top_p"),
+        "top_logprobs": request.get("top_logprobs"),
         "truncation": "disabled",
         "usage": {
             "input_tokens": job.request.prompt_tokens,
@@ -381,12 +420,13 @@ async def stream_events(
     calls: dict[Any, dict[str, Any]] = {}  # a call's stream index -> its item as opened
     open_call: dict[str, Any] | None = None
     items = 0  # output items opened so far
-    calls_first = False
+    order: list[Any] = []  # their keys, as opened: MESSAGE or a call's index
 
     async def open_message() -> None:
         nonlocal items
         where.update(item_id=item, output_index=items, content_index=0)
         items += 1
+        order.append(MESSAGE)
         await event(
             "response.output_item.added",
             output_index=where["output_index"],
@@ -400,7 +440,9 @@ async def stream_events(
         message_done = True
         message = _message(job, "completed")
         message["content"][0]["text"] = streamed_text
-        await event("response.output_text.done", **where, text=streamed_text, logprobs=[])
+        await event(
+            "response.output_text.done", **where, text=streamed_text, logprobs=_logprobs(job.logprobs)
+        )
         await event("response.content_part.done", **where, part=message["content"][0])
         await event("response.output_item.done", output_index=where["output_index"], item=message)
 
@@ -419,14 +461,16 @@ async def stream_events(
     async for chunk in chunks:
         if chunk.finished:
             break
-        if chunk.text and not message_done:
+        if (chunk.text or (chunk.logprobs and where)) and not message_done:
             if open_call is not None:
                 await close_call(open_call)
                 open_call = None
             if not where:
                 await open_message()
             streamed_text += chunk.text
-            await event("response.output_text.delta", **where, delta=chunk.text, logprobs=[])
+            await event(
+                "response.output_text.delta", **where, delta=chunk.text, logprobs=chunk.logprobs or []
+            )
         for delta in chunk.tool_calls or ():
             given = delta.get("function")
             fn: dict[str, Any] = given if isinstance(given, dict) else {}
@@ -436,7 +480,7 @@ async def stream_events(
                     await close_call(open_call)
                 elif where and not message_done:
                     await close_message()
-                calls_first = calls_first or not where
+                order.append(delta.get("index"))
                 call = _call_item(
                     job, delta.get("index"), delta.get("id") or "", fn.get("name") or "", "", "in_progress"
                 )
@@ -454,7 +498,7 @@ async def stream_events(
                     delta=fn["arguments"],
                 )
     await job.done.wait()
-    final = response_object(job, request, qlm(), calls_first=calls_first)
+    final = response_object(job, request, qlm(), order=order)
     if final["status"] not in ("completed", "incomplete"):
         await event("response.failed", response=final)
         return

@@ -128,9 +128,12 @@ def tool_call_deltas(choice: Mapping[str, Any]) -> list[dict[str, Any]] | None:
     return [c for c in calls if isinstance(c, dict)] or None
 
 
-def merge_tool_calls(calls: list[dict[str, Any]], deltas: list[dict[str, Any]]) -> None:
+def merge_tool_calls(calls: list[dict[str, Any]], deltas: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Add a chunk's ``delta.tool_calls`` to ``calls``, the calls so far (each with its ``index``,
-    ``id``, ``type`` and ``function``: ``name`` and the ``arguments`` text so far)."""
+    ``id``, ``type`` and ``function``: ``name`` and the ``arguments`` text so far). Returns the
+    deltas as clients are to see them: each with the index of the call it went to (an engine that
+    leaves the index out is not followed by OpenAI's clients)."""
+    shown = []
     for d in deltas:
         index = d.get("index")
         given = d.get("function")
@@ -151,6 +154,8 @@ def merge_tool_calls(calls: list[dict[str, Any]], deltas: list[dict[str, Any]]) 
             call["function"]["name"] = fn["name"]
         if isinstance(fn.get("arguments"), str):
             call["function"]["arguments"] += fn["arguments"]
+        shown.append(d if d.get("index") == call["index"] else {**d, "index": call["index"]})
+    return shown
 
 
 def message_tool_calls(calls: list[dict[str, Any]]) -> list[dict[str, Any]]:

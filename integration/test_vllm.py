@@ -369,6 +369,16 @@ def test_log_probabilities_come_from_the_engine_whole_and_streamed(stack: Stack)
         for choice in piece.choices:
             tokens += (choice.logprobs.tokens or []) if choice.logprobs is not None else []
     assert len(tokens) == 8
+    response = client.responses.create(  # the Responses API asks with include
+        model=MODEL,
+        input="hello",
+        include=["message.output_text.logprobs"],
+        top_logprobs=2,
+        max_output_tokens=6,
+        extra_body={"ignore_eos": True},
+    )
+    part = response.output[0].content[0]  # type: ignore[union-attr]
+    assert part.type == "output_text" and len(part.logprobs or []) == 6
 
 
 def test_a_client_priority_and_a_token_id_prompt_are_served_by_an_engine_started_as_the_docs_say(

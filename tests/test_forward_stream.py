@@ -12,6 +12,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
+from qlm_plugin.coordinator import forward as forward_module
 from qlm_plugin.coordinator.forward import forward, request_body, resumes_from_ids
 from qlm_plugin.coordinator.instances import Session
 from qlm_plugin.coordinator.jobs import Job
@@ -19,6 +20,11 @@ from qlm_plugin.domain.request import SLO, Request
 from qlm_plugin.proto.qlm.v1 import qlm_pb2 as pb
 
 Event = pb.RequestEvent
+
+
+@pytest.fixture(autouse=True)
+def short_grace(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(forward_module, "SHUTDOWN_GRACE_S", 0.05)
 
 
 def job() -> Job:
@@ -44,7 +50,7 @@ async def run(
     *,
     held_back: int = 0,
     served: Job | None = None,
-    healthy: bool = True,
+    healthy: bool | int = True,
     lost: list[str] | None = None,
     status: int = 200,
     error_chunk: dict[str, Any] | None = None,
@@ -53,13 +59,19 @@ async def run(
     """The events of one attempt of ``served`` (default: a fresh job) on an engine that streams
     ``tokens`` tokens, the text of the last ``held_back`` of them never coming (a partial character),
     and ends with ``finish_reason``; the events are applied to the job as the dispatcher does.
-    ``healthy``: whether the engine's health check answers after; ``lost`` gets the reasons the
-    engine was reported lost; ``status``: the engine's answer (not 200: an error, no stream);
+    ``healthy``: whether the engine's health check answers after (a number: how many times);
+    ``lost`` gets the reasons the engine was reported lost; ``status``: the engine's answer (not
+    200: an error, no stream);
     ``error_chunk``: an error the engine sends instead, once the stream has begun; ``logprobs``:
     each token comes with its log probability."""
 
+    checks = 0
+
     async def health(request: web.Request) -> web.Response:
-        return web.Response(status=200 if healthy else 503)
+        nonlocal checks
+        checks += 1  # healthy as a number: how many checks it answers before it goes down
+        up = healthy if isinstance(healthy, bool) else checks <= healthy
+        return web.Response(status=200 if up else 503)
 
     async def completions(request: web.Request) -> web.StreamResponse:
         if status != 200:
@@ -264,3 +276,27 @@ def test_each_tokens_log_probability_comes_with_its_tokens_even_one_whose_text_n
     entries = [entry for e in tokens for entry in json.loads(e.logprobs or "[]")]
     assert [entry["logprob"] for entry in entries] == [0.0, -0.5, -1.0]
     assert all(len(json.loads(e.logprobs or "[]")) == e.tokens for e in tokens)
+
+
+@pytest.mark.parametrize("finish_reason", ["abort", None])
+def test_an_engine_that_ends_its_streams_as_it_shuts_down_is_drained_not_offered_them_again(
+    finish_reason: str | None,
+) -> None:
+    """A server shutting down ends its streams a moment before it stops answering its health
+    check: asked again after ``SHUTDOWN_GRACE_S``, it is found gone and drained (a request served
+    again at once went back to it and failed a second time: integration/test_ray.py saw a third
+    attempt)."""
+    lost: list[str] = []
+    events = asyncio.run(run(finish_reason, healthy=1, lost=lost))
+    assert lost and "no longer answers" in lost[0]
+    assert all(e.kind != Event.FAILED for e in events)  # lost, not failed: no attempt counted here
+
+
+def test_an_engine_whose_core_died_says_so_in_its_streams_and_is_drained() -> None:
+    """vLLM sends "EngineCore encountered an issue" as a 500 inside every open stream when its
+    engine core dies, and its health check fails after: the engine is drained, not offered the
+    requests again (they failed there a second time)."""
+    error = {"error": {"message": "EngineCore encountered an issue.", "code": 500}}
+    lost: list[str] = []
+    events = asyncio.run(run("length", error_chunk=error, healthy=False, lost=lost))
+    assert lost and "EngineCore encountered an issue" in lost[0] and not events

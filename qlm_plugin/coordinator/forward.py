@@ -45,6 +45,10 @@ ENGINE_DROPPED = ("abort", "error")
 CONNECT_TIMEOUT_S = 10.0
 #: How long a broken stream's engine has to answer its health check before it is drained.
 HEALTH_TIMEOUT_S = 3.0
+#: An engine that dropped a stream but answered its health check is asked again after this long,
+#: seconds: a server shutting down aborts its streams (or drops them) a moment before it stops
+#: answering, and a request served again at once went back to it and failed a second time.
+SHUTDOWN_GRACE_S = 1.0
 #: A connection or stream that ends early: the engine may be gone. A server killed mid-stream shows
 #: as any of these, depending on where the response was.
 BROKEN = (
@@ -189,7 +193,7 @@ async def forward(
                 error = f"{error_message(resp.status, await resp.text())} (from {s.endpoint})"
                 if resp.status in REFUSED_STATUSES:
                     emit(kind=Event.REFUSED, error=error)
-                elif resp.status >= 500 and not await _answers(http, s.endpoint):
+                elif resp.status >= 500 and not await _still_answers(http, s.endpoint):
                     gone(f"{error}, and it no longer answers")  # an engine shutting down
                 else:
                     emit(kind=Event.FAILED, error=error)
@@ -204,8 +208,13 @@ async def forward(
                 failed = stream_error(chunk)
                 if failed is not None:  # checked once the stream began: the same as an answer of it
                     status, error = failed
-                    kind = Event.REFUSED if status in REFUSED_STATUSES else Event.FAILED
-                    emit(kind=kind, error=f"{error} (from {s.endpoint})")
+                    error = f"{error} (from {s.endpoint})"
+                    if status in REFUSED_STATUSES:
+                        emit(kind=Event.REFUSED, error=error)
+                    elif status >= 500 and not await _still_answers(http, s.endpoint):
+                        gone(f"{error}, and it no longer answers")  # its engine core died: vLLM says so
+                    else:
+                        emit(kind=Event.FAILED, error=error)
                     return
                 if chunk.get("usage"):
                     usage_tokens = int(chunk["usage"].get("completion_tokens", 0))
@@ -245,7 +254,7 @@ async def forward(
     except BROKEN as exc:
         # A dropped stream alone proves little (the server may have dropped only this request):
         # drain the engine at once only if it no longer answers, else serve this request again.
-        if isinstance(exc, aiohttp.ClientConnectorError) or not await _answers(http, s.endpoint):
+        if isinstance(exc, aiohttp.ClientConnectorError) or not await _still_answers(http, s.endpoint):
             gone(f"{s.endpoint} unreachable: {type(exc).__name__}")
         else:
             emit(kind=Event.FAILED, error=f"{s.endpoint}: stream broken: {type(exc).__name__}: {exc}")
@@ -276,7 +285,7 @@ async def forward(
         # An engine that is gone (its server stopped, or was killed) is drained at once: otherwise
         # the request, served again at once, could go back to it and spend a second attempt there.
         ended = f"{s.endpoint} ended the stream with finish_reason {finish_reason!r}"
-        if not await _answers(http, s.endpoint):
+        if not await _still_answers(http, s.endpoint):
             gone(f"{ended} and no longer answers")
             return
         emit(kind=Event.FAILED, error=ended)
@@ -299,6 +308,14 @@ def _keep_ids(job: Job, prompt_ids: list[int] | None, ids: list[int] | None, del
         job.output_ids = None
     else:
         job.output_ids.extend(ids)
+
+
+async def _still_answers(http: aiohttp.ClientSession, endpoint: str) -> bool:
+    """Whether the engine's server answers its health check now and :data:`SHUTDOWN_GRACE_S` later."""
+    if not await _answers(http, endpoint):
+        return False
+    await asyncio.sleep(SHUTDOWN_GRACE_S)
+    return await _answers(http, endpoint)
 
 
 async def _answers(http: aiohttp.ClientSession, endpoint: str) -> bool:

@@ -55,8 +55,11 @@ ROOT = Path(__file__).resolve().parents[1]
 PROBE = """
 import sys, ray
 ray.init(address=sys.argv[1], namespace="qlm", log_to_driver=False, logging_level="ERROR")
-if sys.argv[2:] == ["kill"]:
-    ray.kill(ray.get_actor("qlm-fleet", namespace="qlm"), no_restart=False)
+if sys.argv[2:3] == ["kill"]:
+    fleet = ray.get_actor("qlm-fleet", namespace="qlm")
+    if sys.argv[3:]:  # resized first, as qlm scale does, and killed at once
+        ray.get(fleet.scale.remote(sys.argv[3], int(sys.argv[4])))
+    ray.kill(fleet, no_restart=False)
 pgs = [v["state"] for v in ray.util.placement_group_table().values() if v["state"] != "REMOVED"]
 print("PGS", " ".join(sorted(pgs)))
 """
@@ -250,16 +253,19 @@ def test_scenario_groups_scale_like_their_group_bad_resizes_are_refused_and_a_de
         assert took < 60 and "Traceback" not in out, out
         assert probe() == ["CREATED"] * 5
 
-        # the manager dies (its instances with it): the serve makes it again, with the same five
+        # the manager dies (its instances with it) right after a resize the serve has not looked at
+        # yet (it looks every WATCH_S): the serve makes it again with what it ran, six (it made
+        # the five it had last seen, once the machine was loaded)
         before = {iid: i.state.session for iid, i in listed.items()}
-        assert probe("kill") == ["CREATED"] * 5
+        assert probe("kill", "phi-4", "3") == ["CREATED"] * 6
         deadline = time.monotonic() + 90
         while "made them again" not in log.read_text(errors="replace"):
             assert serve.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
             time.sleep(0.5)
-        again = asyncio.run(_instances(target, 5, new_since=before))  # new sessions
-        assert shape(again) == shape(listed)
-        assert probe() == ["CREATED"] * 5  # the dead manager's placement groups removed
+        again = asyncio.run(_instances(target, 6, new_since=before))  # new sessions
+        assert [m for m, _, _ in shape(again)] == ["llama-3.1-8b"] * 3 + ["phi-4"] * 3
+        assert all(one in shape(again) for one in shape(listed))
+        assert probe() == ["CREATED"] * 6  # the dead manager's placement groups removed
         rc, out, _ = qlm("scale", "phi-4", "1")  # and qlm scale finds the new one
         assert rc == 0 and "phi-4 runs on 1 instances" in out, out
     finally:

@@ -320,20 +320,30 @@ class FleetManager:
             if self.groups[m.group].model in self.vllm
         }
 
-    def reclaim(self) -> int:
+    def reclaim(self) -> dict[int, int]:
         """Remove the placement groups that a dead manager of this fleet left: its actors died with
-        it, but the groups live as long as the serve and hold their resources."""
+        it, but the groups live as long as the serve and hold their resources. Returns how many
+        each of its groups (by index) had: what it ran when it died, which the serve's last look
+        may not have seen yet (a ``qlm scale`` from another process just before)."""
         prefix = f"qlm-{self.fleet_id}-"
-        ours = {f"{prefix}{iid}" for iid in self.members}
+        ours = {self._pg_name(m.group, iid) for iid, m in self.members.items()}
         left = {
             info["name"]
             for info in ray.util.placement_group_table().values()
             if info["name"].startswith(prefix) and info["state"] != "REMOVED" and info["name"] not in ours
         }
+        held: dict[int, int] = {}
         for name in left:
             with contextlib.suppress(ValueError):  # removed meanwhile
                 remove_placement_group(ray.util.get_placement_group(name))
-        return len(left)
+            group = name[len(prefix) :].split("-", 1)[0]
+            if group[:1] == "g" and group[1:].isdigit():
+                held[int(group[1:])] = held.get(int(group[1:]), 0) + 1
+        return held
+
+    def _pg_name(self, group: int, iid: str) -> str:
+        """An instance's placement group: the fleet's, and the group it is in (:meth:`reclaim`)."""
+        return f"qlm-{self.fleet_id}-g{group}-{iid}"
 
     def shutdown(self) -> None:
         self._remove(list(self.members))
@@ -382,7 +392,7 @@ class FleetManager:
             serial = self._serial + 1
             iid = f"{group.model}-{serial}"
             bundle = self._bundle(group.model)
-            pg = placement_group([bundle], strategy="STRICT_PACK", name=f"qlm-{self.fleet_id}-{iid}")
+            pg = placement_group([bundle], strategy="STRICT_PACK", name=self._pg_name(g, iid))
             try:
                 ray.get(pg.ready(), timeout=PLACEMENT_TIMEOUT_S)
             except ray.exceptions.GetTimeoutError:
@@ -572,12 +582,14 @@ class Fleet:
             cause = str(exc).splitlines()[0][:200]
         self.manager = None  # a handle to the dead manager holds its name
         self.manager = self._make(wait_s=10)
-        reclaimed = self.call("reclaim")
+        held: dict[int, int] = self.call("reclaim")
+        if held:  # what it ran when it died (a group's index is its place in these counts)
+            self.counts = [(group, held.get(i, 0)) for i, (group, _) in enumerate(self.counts)]
         for group, count in self.counts:
             self.call("add", group, count)
         return (
             f"the Ray fleet manager died ({cause}), and its instances with it: made them again "
-            f"({self.size} instances; {reclaimed} placement groups left behind removed)"
+            f"({self.size} instances; {sum(held.values())} placement groups left behind removed)"
         )
 
     async def watch(self, said: Callable[[str], None]) -> None:

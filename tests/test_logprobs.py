@@ -20,9 +20,8 @@ from qlm_plugin.adapters.sim import process
 from qlm_plugin.adapters.sim.realtime import synthetic_text
 from qlm_plugin.coordinator.http_api import completion_body, parse_openai
 from qlm_plugin.coordinator.openai_params import BadRequest
-from qlm_plugin.coordinator.relay import RelayClient, RelayService
 from qlm_plugin.proto.qlm.v1 import qlm_pb2 as pb
-from qlm_plugin.testing.stack import LocalStack, run_with_stack
+from qlm_plugin.testing.stack import LocalStack, front_door_worker, run_with_stack
 
 MODEL = "llama-3.1-8b"
 MESSAGES: list[Any] = [{"role": "user", "content": "hello"}]
@@ -145,20 +144,12 @@ def test_log_probabilities_are_answered_whole_streamed_and_kept(tmp_path: Path) 
 @pytest.mark.parametrize("streams", [False, True])
 def test_a_front_door_workers_copy_holds_them(tmp_path: Path, streams: bool) -> None:
     async def check(stack: LocalStack) -> None:
-        relay = RelayService(stack.coordinator, "secret")
-        path = str(tmp_path / "relay.sock")
-        await relay.serve(path)
-        worker = RelayClient(path, "secret")
-        await worker.start()
-        try:
+        async with front_door_worker(stack, tmp_path) as worker:
             spec, _, _ = parse_openai(
                 {**{"model": MODEL, "prompt": "x"}, "logprobs": 1, "max_tokens": 5}, {}, False
             )
             mirror, _ = await worker.submit(spec, streams=streams)
             await asyncio.wait_for(mirror.done.wait(), 30)
-        finally:
-            await worker.close()
-            await relay.close()
         lp = completion_body(mirror, False)["choices"][0]["logprobs"]
         assert "".join(lp["tokens"]) == mirror.text and len(lp["tokens"]) == 5
 

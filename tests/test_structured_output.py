@@ -18,8 +18,7 @@ import pytest
 from qlm_plugin.adapters.sim import process
 from qlm_plugin.coordinator.http_api import parse_openai
 from qlm_plugin.coordinator.jobs import Job
-from qlm_plugin.coordinator.relay import RelayClient, RelayService
-from qlm_plugin.testing.stack import LocalStack, run_with_stack
+from qlm_plugin.testing.stack import LocalStack, front_door_worker, run_with_stack
 
 MODEL = "llama-3.1-8b"
 JSON_MODE = {"type": "json_object"}
@@ -122,21 +121,13 @@ def test_through_a_front_door_worker_only_a_stream_counts_as_shown(tmp_path: Pat
     still be made again from the start, a stream cannot."""
 
     async def check(stack: LocalStack) -> None:
-        relay = RelayService(stack.coordinator, "secret")
-        path = str(tmp_path / "relay.sock")
-        await relay.serve(path)
-        worker = RelayClient(path, "secret")
-        await worker.start()
-        try:
+        async with front_door_worker(stack, tmp_path) as worker:
             spec, _, _ = parse_openai(body(60, response_format=JSON_MODE), {}, False)
             mirror, _ = await worker.submit(spec, streams=streams)
             job = await running_job(stack)
             assert job.instance is not None
             await stack.crash(job.instance)
             await asyncio.wait_for(mirror.done.wait(), 30)
-        finally:
-            await worker.close()
-            await relay.close()
         if streams:
             assert mirror.state == "failed" and "cannot be continued" in mirror.error
         else:  # the worker's copy started again with it (its first words were kept before it)

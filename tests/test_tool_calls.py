@@ -21,9 +21,8 @@ from openai.types.responses import Response
 from qlm_plugin.adapters.sim import process
 from qlm_plugin.adapters.sim.realtime import synthetic_text
 from qlm_plugin.coordinator.http_api import completion_body, parse_openai
-from qlm_plugin.coordinator.relay import RelayClient, RelayService
 from qlm_plugin.proto.qlm.v1 import qlm_pb2 as pb
-from qlm_plugin.testing.stack import LocalStack, run_with_stack
+from qlm_plugin.testing.stack import LocalStack, front_door_worker, run_with_stack
 
 MODEL = "llama-3.1-8b"
 PAINT = {
@@ -128,19 +127,11 @@ def test_a_tool_call_is_answered_whole_streamed_and_kept(tmp_path: Path) -> None
 @pytest.mark.parametrize("streams", [False, True])
 def test_a_front_door_workers_copy_holds_the_calls(tmp_path: Path, streams: bool) -> None:
     async def check(stack: LocalStack) -> None:
-        relay = RelayService(stack.coordinator, "secret")
-        path = str(tmp_path / "relay.sock")
-        await relay.serve(path)
-        worker = RelayClient(path, "secret")
-        await worker.start()
-        try:
+        async with front_door_worker(stack, tmp_path) as worker:
             body = {"model": MODEL, "messages": MESSAGES, "tools": [PAINT], "max_tokens": 5}
             spec, _, _ = parse_openai(body, {}, True)
             mirror, _ = await worker.submit(spec, streams=streams)
             await asyncio.wait_for(mirror.done.wait(), 30)
-        finally:
-            await worker.close()
-            await relay.close()
         message = completion_body(mirror, True)["choices"][0]["message"]
         assert message["content"] is None and mirror.finish_reason == "tool_calls"
         assert message["tool_calls"][0]["function"]["arguments"] == synthetic_text(mirror.id, 0, 5)

@@ -50,6 +50,11 @@ DROPPED = ("abort", "error")
 FINISH_AS_OPENAI = {"eos": "stop", "eos_token": "stop", "stop_sequence": "stop", "max_tokens": "length"}
 
 
+def _json(value: list[dict[str, Any]] | None) -> str:
+    """Tool-call deltas or log probabilities as an event carries them ("": none)."""
+    return json.dumps(value) if value else ""
+
+
 def _event(request_id: str, attempt: int, kind: pb.RequestEvent.Kind, **fields: Any) -> pb.RequestEvent:
     return Event(request_id=request_id, attempt=attempt, kind=kind, time=time.time(), **fields)
 
@@ -368,20 +373,10 @@ class OpenAIEngineLink:
                         if entries:
                             held_logprobs.extend(entries)  # a token whose text comes in a later chunk
                         if text or calls:
-                            tool_calls = json.dumps(calls) if calls else ""
-                            logprobs = json.dumps(held_logprobs) if held_logprobs else ""
+                            shown = {"tool_calls": _json(calls), "logprobs": _json(held_logprobs)}
                             held_logprobs = []
                             emit(
-                                _event(
-                                    rid,
-                                    attempt,
-                                    Event.TOKENS,
-                                    index=index,
-                                    tokens=1,
-                                    text=text,
-                                    tool_calls=tool_calls,
-                                    logprobs=logprobs,
-                                )
+                                _event(rid, attempt, Event.TOKENS, index=index, tokens=1, text=text, **shown)
                             )
                             index += 1
                             delivered += 1
@@ -390,18 +385,8 @@ class OpenAIEngineLink:
                 # the stream ended without finishing the request: served again, as a failed attempt
                 raise ValueError(f"the server ended the stream with finish_reason {finish!r}")
             if usage is not None and usage > delivered:
-                logprobs = json.dumps(held_logprobs) if held_logprobs else ""  # a token whose text never came
-                emit(
-                    _event(
-                        rid,
-                        attempt,
-                        Event.TOKENS,
-                        index=index,
-                        tokens=usage - delivered,
-                        text="",
-                        logprobs=logprobs,
-                    )
-                )
+                last = {"tokens": usage - delivered, "logprobs": _json(held_logprobs)}  # text that never came
+                emit(_event(rid, attempt, Event.TOKENS, index=index, text="", **last))
             emit(_event(rid, attempt, Event.FINISHED, finish_reason=FINISH_AS_OPENAI.get(finish, finish)))
             per_token = (time.monotonic() - t0) / max(1, usage or delivered)
         except asyncio.CancelledError:

@@ -18,6 +18,7 @@ from qlm_plugin.adapters.sim.realtime import RealtimeSim
 from qlm_plugin.coordinator.config import CoordinatorConfig, Listen
 from qlm_plugin.coordinator.coordinator import Coordinator
 from qlm_plugin.coordinator.engine_sleep import EngineControl
+from qlm_plugin.coordinator.relay import RelayClient, RelayService
 from qlm_plugin.coordinator.server import CoordinatorServer
 from qlm_plugin.telemetry.instruments import Telemetry
 from qlm_plugin.transport.agent import AgentSettings, InstanceAgent
@@ -146,6 +147,22 @@ async def local_stack(
         await sim.stop()
         if not server.stopped.is_set():
             await server.stop(drain_timeout_s=0)
+
+
+@contextlib.asynccontextmanager
+async def front_door_worker(stack: LocalStack, folder: Path) -> AsyncIterator[RelayClient]:
+    """A front-door worker's link to the stack's coordinator, over a relay socket in ``folder``
+    (what ``qlm serve --http-workers N`` runs in each worker process)."""
+    relay = RelayService(stack.coordinator, "secret")
+    path = str(folder / "relay.sock")
+    await relay.serve(path)
+    worker = RelayClient(path, "secret")
+    await worker.start()
+    try:
+        yield worker
+    finally:
+        await worker.close()
+        await relay.close()
 
 
 def run_with_stack(tmp: Path, body: Callable[[LocalStack], Awaitable[None]], **kw: Any) -> None:

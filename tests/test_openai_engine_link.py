@@ -194,3 +194,25 @@ def test_a_resume_whose_text_the_server_tokenizes_to_nothing_fails_rather_than_r
         assert "no token ids" in events[-1].error
 
     asyncio.run(_serve(_stream([b"data: " + json.dumps(_chunk(" z", "length")).encode()]), drive))
+
+
+def test_a_chunk_of_several_tokens_counts_as_its_log_probabilities_say() -> None:
+    """A server may send several tokens in one chunk: counted as one, the request's count fell
+    short and its entries outnumbered its tokens. With log probabilities asked for, each token has
+    an entry, held with a token whose text comes later."""
+
+    def scored(text: str, tokens: list[str], finish: str | None = None) -> bytes:
+        chunk = _chunk(text, finish)
+        chunk["choices"][0]["logprobs"] = {"tokens": tokens, "token_logprobs": [-1.0] * len(tokens)}
+        return b"data: " + json.dumps(chunk).encode()
+
+    lines = [scored(" a b", [" a", " b"]), scored("", ["x"]), scored(" c", [" c"], "length"), b"data: [DONE]"]
+
+    async def drive(link: OpenAIEngineLink) -> None:
+        events = await _one(link, _assignment(sampling={"logprobs": "1"}))
+        tokens = [e for e in events if e.kind == Event.TOKENS]
+        assert [(e.index, e.tokens, e.text) for e in tokens] == [(0, 2, " a b"), (2, 2, " c")]
+        assert [len(json.loads(e.logprobs)) for e in tokens] == [2, 2]
+        assert events[-1].kind == Event.FINISHED
+
+    asyncio.run(_serve(_stream(lines), drive))

@@ -373,13 +373,14 @@ class OpenAIEngineLink:
                         if entries:
                             held_logprobs.extend(entries)  # a token whose text comes in a later chunk
                         if text or calls:
+                            n = max(1, len(held_logprobs))  # one token, unless its entries say how many
                             shown = {"tool_calls": _json(calls), "logprobs": _json(held_logprobs)}
                             held_logprobs = []
                             emit(
-                                _event(rid, attempt, Event.TOKENS, index=index, tokens=1, text=text, **shown)
+                                _event(rid, attempt, Event.TOKENS, index=index, tokens=n, text=text, **shown)
                             )
-                            index += 1
-                            delivered += 1
+                            index += n
+                            delivered += n
                         finish = choice.get("finish_reason") or finish
             if finish is None or finish in DROPPED:
                 # the stream ended without finishing the request: served again, as a failed attempt

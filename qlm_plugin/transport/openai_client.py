@@ -47,10 +47,7 @@ def constraint(sampling: Mapping[str, str]) -> tuple[str, str] | None:
     after another's output: (that capability, the field that asks for it); None when it asks for
     neither. A grammar's state and a tool call (parsed from the whole output, or forced by a grammar)
     are one engine's, from the first token."""
-    field = structured_output_field(sampling)
-    if field is not None:
-        return STRUCTURED_OUTPUT, field
-    return (TOOLS, "tools") if "tools" in sampling else None
+    return next((need for need in needs(sampling) if need[0] != LOGPROBS), None)
 
 
 def needs(sampling: Mapping[str, str]) -> list[tuple[str, str]]:

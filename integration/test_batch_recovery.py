@@ -43,6 +43,10 @@ async def _get(http: aiohttp.ClientSession, url: str) -> Any:
         return await r.json(content_type=None)
 
 
+def _choices(line: int) -> int:
+    return 2 if line % 10 == 0 else 1  # a line of several choices is several requests to find again
+
+
 def _tokens(line: int) -> int:
     # spread out, so the lines finish over seconds, never in one burst before the kill
     return 40 + (line * 97) % 1600
@@ -59,7 +63,7 @@ def test_kill_9_during_a_batch_answers_every_line_once(tmp_path: Path) -> None:
             "custom_id": f"line-{i}",
             "method": "POST",
             "url": "/v1/completions",
-            "body": {"model": MODEL, "prompt": "q" * 300, "max_tokens": _tokens(i)},
+            "body": {"model": MODEL, "prompt": "q" * 300, "max_tokens": _tokens(i), "n": _choices(i)},
         }
         for i in range(N)
     ]
@@ -113,7 +117,11 @@ def test_kill_9_during_a_batch_answers_every_line_once(tmp_path: Path) -> None:
         stop_all([coord, *instances])
 
     served = served_counts(tmp_path, ("a", "b"))
-    request_ids = [o["response"]["request_id"] for o in out]
+    request_ids = [
+        f["request_id"]
+        for o in out
+        for f in o["response"]["body"]["qlm"].get("choices", [o["response"]["body"]["qlm"]])
+    ]
     twice = sum(1 for rid in request_ids if served.get(rid, 0) > 1)
     print(
         f"\nbatch of {N}: {before['completed']} completed before kill -9; after restart "
@@ -123,8 +131,10 @@ def test_kill_9_during_a_batch_answers_every_line_once(tmp_path: Path) -> None:
     assert batch["request_counts"] == {"total": N, "completed": N, "failed": 0}
     assert [o["custom_id"] for o in out] == [r["custom_id"] for r in rows]  # each once, in input order
     assert batch["error_file_id"] is None
-    assert len(set(request_ids)) == N
+    assert len(set(request_ids)) == sum(map(_choices, range(N)))
     assert twice == 0
     for i, o in enumerate(out):
-        rid = o["response"]["request_id"]
-        assert o["response"]["body"]["choices"][0]["text"] == synthetic_text(rid, 0, _tokens(i))
+        body = o["response"]["body"]
+        assert len(body["choices"]) == _choices(i)
+        for choice, facts in zip(body["choices"], body["qlm"].get("choices", [body["qlm"]]), strict=True):
+            assert choice["text"] == synthetic_text(facts["request_id"], 0, _tokens(i))

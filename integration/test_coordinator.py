@@ -200,7 +200,7 @@ def test_one_model_and_unknown_paths_answer_as_openai_does(tmp_path: Path) -> No
         ("/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": "many"}, 400, "max_tokens"),
         ("/v1/completions", {"model": MODEL, "prompt": "x" * 200_000}, 400, "prompt"),
         ("/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": 40_000}, 400, "max_tokens"),
-        ("/v1/completions", {"model": MODEL, "prompt": "x", "n": 2}, 400, "n"),
+        ("/v1/completions", {"model": MODEL, "prompt": "x", "n": 0}, 400, "n"),
         ("/v1/completions", {"model": MODEL, "prompt": "x", "qlm": {"ttft_ms": -5}}, 400, "qlm.ttft_ms"),
         ("/v1/completions", {"model": MODEL, "prompt": "x", "qlm": {"colour": 1}}, 400, "qlm.colour"),
         ("/v1/completions", {"model": MODEL, "prompt": "x", "qlm": {"class": "gold"}}, 400, "slo.class"),

@@ -381,6 +381,46 @@ def test_log_probabilities_come_from_the_engine_whole_and_streamed(stack: Stack)
     assert part.type == "output_text" and len(part.logprobs or []) == 6
 
 
+def test_several_choices_are_sampled_by_the_engine_each_with_its_seed(stack: Stack) -> None:
+    """``n`` choices are that many requests on the engines, each sampled with ``seed + i``: they
+    differ, the same request again gives the same choices, and streamed each comes with its index."""
+    import openai
+
+    client = openai.OpenAI(base_url=f"{stack.url}/v1", api_key="unused", max_retries=0, timeout=120)
+
+    def ask() -> list[str]:
+        answer = client.completions.create(
+            model=MODEL,
+            prompt="hello",
+            n=3,
+            seed=11,
+            temperature=1.0,
+            max_tokens=10,
+            extra_body={"ignore_eos": True},
+        )
+        assert [c.index for c in answer.choices] == [0, 1, 2]
+        assert answer.usage is not None and answer.usage.completion_tokens == 30
+        return [c.text for c in answer.choices]
+
+    first = ask()
+    assert len(set(first)) == 3 and ask() == first
+    streamed: dict[int, int] = {}
+    for chunk in client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "hello"}],
+        n=2,
+        max_tokens=6,
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_body={"ignore_eos": True},
+    ):
+        for choice in chunk.choices:
+            streamed[choice.index] = streamed.get(choice.index, 0) + (choice.finish_reason is not None)
+        if chunk.usage is not None:
+            assert chunk.usage.completion_tokens == 12
+    assert streamed == {0: 1, 1: 1}
+
+
 def test_a_client_priority_and_a_token_id_prompt_are_served_by_an_engine_started_as_the_docs_say(
     stack: Stack,
 ) -> None:

@@ -28,11 +28,18 @@ from typing import Any
 
 import numpy as np
 
-from qlm_plugin.coordinator import responses_api
+from qlm_plugin.coordinator import choices, responses_api
 from qlm_plugin.coordinator.batch_store import FINAL, BatchRecord, BatchStore, FileRecord, FileWriter, new_id
 from qlm_plugin.coordinator.config import BatchSettings
 from qlm_plugin.coordinator.coordinator import RESERVED_KEY_PREFIX, Coordinator
-from qlm_plugin.coordinator.http_api import SUBMIT_HTTP, completion_body, parse_openai, qlm_info, unfinished
+from qlm_plugin.coordinator.http_api import (
+    SUBMIT_HTTP,
+    choices_body,
+    completion_body,
+    parse_openai,
+    qlm_info,
+    unfinished,
+)
 from qlm_plugin.coordinator.jobs import Job, SubmitError
 from qlm_plugin.coordinator.openai_params import BadRequest
 from qlm_plugin.domain.distributions import WaitEstimate
@@ -73,6 +80,7 @@ class Line:
     index: int
     custom_id: str
     spec: pb.RequestSpec
+    choices: int = 1  # the body's n: that many requests (coordinator.choices)
 
 
 @dataclass(slots=True)
@@ -156,6 +164,7 @@ def parse_input(
         try:
             chat_body = responses_api.chat_body(body) if api == "responses" else body
             spec, _, _ = parse_openai(chat_body, {}, api != "text")
+            n = choices.choices_asked(chat_body)
         except BadRequest as exc:
             param = responses_api.param_name(exc.param) if api == "responses" else exc.param
             out.fail(index, custom_id, f"{param}: {exc}" if param else str(exc), f"body.{param}")
@@ -182,7 +191,7 @@ def parse_input(
         except SubmitError as exc:
             out.fail(index, custom_id, str(exc), f"body.{exc.field}" if exc.field else "body")
             continue
-        out.lines.append(Line(index, custom_id, spec))
+        out.lines.append(Line(index, custom_id, spec, n))
     if not out.lines and not out.errors:
         out.errors.append(
             {"code": "empty_file", "message": "the file holds no requests", "param": None, "line": None}
@@ -213,13 +222,15 @@ def _error_line(
     }
 
 
-def _job_answer(line: Line, job: Job, ending: str, api: str) -> tuple[bool, dict[str, Any]]:
-    """(whether it goes to the output file, the answer) of a line's request, which has ended."""
+def _job_answer(line: Line, jobs: list[Job], ending: str, api: str) -> tuple[bool, dict[str, Any]]:
+    """(whether it goes to the output file, the answer) of a line's requests (one per choice),
+    which have ended: the first one that did not finish answers for the line."""
+    job = next((one for one in jobs if one.state != "finished"), jobs[0])
     if job.state == "finished":
         if api == "responses":
             body = responses_api.response_object(job, responses_api.asked(job), qlm_info(job))
         else:
-            body = completion_body(job, api == "chat")
+            body = choices_body(jobs, api == "chat") if len(jobs) > 1 else completion_body(job, api == "chat")
         answer = {"status_code": 200, "request_id": job.id, "body": body}
         return True, {
             "id": f"batch_req_{job.id}",
@@ -278,7 +289,7 @@ class _Running:
 
     batch: BatchRecord
     task: asyncio.Task[None] | None = None
-    jobs: dict[int, Job] = field(default_factory=dict)
+    jobs: dict[int, list[Job]] = field(default_factory=dict)  # line -> its requests, one per choice
     unsent: int = 0  # valid lines not yet submitted
     stop: asyncio.Event = field(default_factory=asyncio.Event)  # expired or cancelling
 
@@ -364,7 +375,7 @@ class BatchService:
         if running is None or running.batch.status != "in_progress":
             return None
         now = time.time()
-        open_jobs = [j for j in running.jobs.values() if not j.done.is_set()]
+        open_jobs = [j for jobs in running.jobs.values() for j in jobs if not j.done.is_set()]
         step = max(1, len(open_jobs) // ESTIMATE_SAMPLE)
         sample = open_jobs[::step][:ESTIMATE_SAMPLE] + open_jobs[-1:]
         completion: float | None = None
@@ -433,9 +444,10 @@ class BatchService:
 
     def _stop(self, running: _Running, reason: str) -> None:
         running.stop.set()
-        for job in list(running.jobs.values()):
-            if not job.done.is_set():
-                self.coord.cancel(job.id, reason)
+        for jobs in list(running.jobs.values()):
+            for job in jobs:
+                if not job.done.is_set():
+                    self.coord.cancel(job.id, reason)
 
     async def _run(self, running: _Running) -> None:
         batch = running.batch
@@ -532,34 +544,51 @@ class BatchService:
                 # a stopped batch answers its unsent lines without waiting for room
                 async with contextlib.nullcontext() if running.stop.is_set() else room:
                     running.unsent -= 1
-                    job = await self._submit(running, line)
-                    if job is None:
+                    jobs = await self._submit_line(running, line)
+                    if jobs is None:
                         batch.failed += 1
                         continue
-                    running.jobs[line.index] = job
-                    if running.stop.is_set() and not job.done.is_set():  # accepted as the batch stopped
-                        self.coord.cancel(job.id, "the batch stopped")
-                    await job.done.wait()
-                if job.state == "finished":
+                    running.jobs[line.index] = jobs
+                    for job in jobs:
+                        if running.stop.is_set() and not job.done.is_set():  # accepted as the batch stopped
+                            self.coord.cancel(job.id, "the batch stopped")
+                    if await choices.first_failed(jobs) is not None:
+                        for job in jobs:
+                            self.coord.cancel(job.id, choices.SIBLING_ENDED)
+                    for job in jobs:
+                        await job.done.wait()
+                if all(job.state == "finished" for job in jobs):
                     batch.completed += 1
-                    batch.input_tokens += job.request.prompt_tokens
-                    batch.output_tokens += job.tokens
+                    batch.input_tokens += jobs[0].request.prompt_tokens
+                    batch.output_tokens += sum(job.tokens for job in jobs)
                 else:
                     batch.failed += 1
 
         await asyncio.gather(*(worker() for _ in range(width)))
 
-    async def _submit(self, running: _Running, line: Line) -> Job | None:
-        """The line's request (a new one, or the one an earlier run submitted); None when the line
-        was answered without one."""
+    async def _submit_line(self, running: _Running, line: Line) -> list[Job] | None:
+        """The line's requests, one per choice (new, or those an earlier run submitted); None when
+        the line was answered without them (those accepted before are cancelled)."""
+        jobs: list[Job] = []
+        for spec in self._keyed(running.batch, line):
+            if jobs and not spec.prompt_token_ids:
+                spec.prompt_tokens = jobs[0].request.prompt_tokens  # counted once
+            job = await self._submit(running, line, spec)
+            if job is None:
+                for earlier in jobs:
+                    self.coord.cancel(earlier.id, choices.SIBLING_ENDED)
+                return None
+            jobs.append(job)
+        return jobs
+
+    async def _submit(self, running: _Running, line: Line, spec: pb.RequestSpec) -> Job | None:
+        """One of the line's requests (a new one, or the one an earlier run submitted); None when
+        the line was answered without it."""
         batch = running.batch
-        spec = pb.RequestSpec()
-        spec.CopyFrom(line.spec)
-        spec.idempotency_key = f"{BATCH_KEY_PREFIX}{batch.id}/{line.index}"
         while True:
             now = time.time()
             if running.stop.is_set():
-                earlier = self.coord.book.duplicate(self._keyed(batch, line))
+                earlier = self.coord.book.duplicate(spec)
                 if earlier is not None:
                     return earlier
                 code = "batch_expired" if batch.ending == "expired" else "batch_cancelled"
@@ -588,10 +617,12 @@ class BatchService:
                 return None
 
     @staticmethod
-    def _keyed(batch: BatchRecord, line: Line) -> pb.RequestSpec:
-        return pb.RequestSpec(
-            tenant=batch.tenant, idempotency_key=f"{BATCH_KEY_PREFIX}{batch.id}/{line.index}"
-        )
+    def _keyed(batch: BatchRecord, line: Line) -> list[pb.RequestSpec]:
+        """The line's requests, one per choice, with the idempotency keys that find them again."""
+        spec = pb.RequestSpec()
+        spec.CopyFrom(line.spec)
+        spec.tenant, spec.idempotency_key = batch.tenant, f"{BATCH_KEY_PREFIX}{batch.id}/{line.index}"
+        return choices.choice_specs(spec, line.choices)
 
     async def _finalize(self, running: _Running, lines: list[Line]) -> None:
         """Write the output and error files in input order, a stride of lines at a time (their
@@ -618,11 +649,14 @@ class BatchService:
                     failed += 1
                     continue
                 line = by_index[index]
-                job = running.jobs.get(index) or self.coord.book.duplicate(self._keyed(batch, line))
-                if job is None:  # cannot happen: every unanswered line was submitted
+                lookup = self.coord.book.duplicate
+                found = running.jobs.get(index) or [
+                    job for spec in self._keyed(batch, line) if (job := lookup(spec)) is not None
+                ]
+                if len(found) < line.choices:  # cannot happen: every unanswered line was submitted
                     ok, answer = False, _error_line(line.custom_id, "lost", "the request was not found", 500)
                 else:
-                    ok, answer = _job_answer(line, job, batch.ending, api)
+                    ok, answer = _job_answer(line, found, batch.ending, api)
                 (outputs if ok else errors).append(answer)
                 completed += ok
                 failed += not ok

@@ -29,7 +29,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 from opentelemetry import propagate
 
-from qlm_plugin.coordinator import responses_api
+from qlm_plugin.coordinator import choices, responses_api
 from qlm_plugin.coordinator.auth import Authenticator, AuthError, Principal
 from qlm_plugin.coordinator.coordinator import Coordinator
 from qlm_plugin.coordinator.jobs import CLIENT_GONE, DEFAULT_MAX_TOKENS, REFUSED, Chunk, Job, SubmitError
@@ -298,6 +298,7 @@ def parse_openai(body: Any, headers: Mapping[str, str], chat: bool) -> tuple[pb.
         else:
             spec.prompt_token_ids.extend(prompt)  # the coordinator counts them as the prompt's tokens
     check_supported(body, chat=chat)
+    choices.choices_asked(body)  # checked here for every caller; the front door and a batch serve it
     if chat:
         spec.sampling.update(tool_params(body))
     spec.sampling.update(logprob_params(body, chat))
@@ -425,6 +426,26 @@ def completion_body(job: Job, chat: bool) -> dict[str, Any]:
         "usage": usage(job),
         "qlm": qlm_info(job),
     }
+
+
+def choices_body(jobs: Sequence[Job], chat: bool) -> dict[str, Any]:
+    """The answer of a request for several choices, all finished (:mod:`.choices`): the first's
+    answer with every choice, the usage of all, and each choice's ``qlm`` facts under ``choices``."""
+    answer = completion_body(jobs[0], chat)
+    answer["choices"] = [
+        {**completion_body(job, chat)["choices"][0], "index": i} for i, job in enumerate(jobs)
+    ]
+    answer["usage"] = choices.merged_usage(jobs)
+    answer["qlm"]["choices"] = [qlm_info(job) for job in jobs]
+    return answer
+
+
+def choice_headers(jobs: Sequence[Job]) -> dict[str, str]:
+    """The first choice's estimate headers, and every choice's request id where there are several."""
+    headers = estimate_headers(jobs[0])
+    if len(jobs) > 1:
+        headers["x-qlm-request-ids"] = ",".join(job.id for job in jobs)
+    return headers
 
 
 class Core(Protocol):
@@ -625,6 +646,7 @@ class FrontDoor:
             if responses:
                 body = responses_api.chat_body(body)
             spec, stream, include_usage = parse_openai(body, request.headers, chat)
+            n = choices.choices_asked(body)
         except BadRequest as exc:
             param = responses_api.param_name(exc.param) if responses else exc.param
             return error_response(
@@ -633,13 +655,7 @@ class FrontDoor:
         # Trace context that is not ASCII is invalid, so ignored (W3C), not an error (or a crash).
         parent = propagate.extract(CIMultiDict((k, v) for k, v in request.headers.items() if v.isascii()))
         try:
-            job, _ = await self.core.submit(
-                spec,
-                tenant=principal.tenant,
-                parent=parent,
-                cancel_if_caller_leaves=CLIENT_GONE,
-                streams=stream,
-            )
+            jobs = await self._submit_choices(choices.choice_specs(spec, n), principal.tenant, parent, stream)
         except SubmitError as exc:
             extra = None
             if exc.estimate is not None:
@@ -669,13 +685,45 @@ class FrontDoor:
             return response
         try:
             if stream:
-                return await self._stream(request, job, chat, include_usage, asked if responses else None)
-            await job.done.wait()
-            return await self._send(request, self._complete(job, chat, asked if responses else None))
+                return await self._stream(request, jobs, chat, include_usage, asked if responses else None)
+            failed = await choices.first_failed(jobs)
+            if failed is not None and len(jobs) > 1:
+                self._cancel(jobs, choices.SIBLING_ENDED)
+            if failed is not None or len(jobs) == 1:
+                answer = self._complete(failed or jobs[0], chat, asked if responses else None)
+            else:
+                answer = json_response(choices_body(jobs, chat), headers=choice_headers(jobs))
+            return await self._send(request, answer)
         except (asyncio.CancelledError, ConnectionResetError):
             if not self.closing:
-                self.core.cancel(job.id, CLIENT_GONE)
+                self._cancel(jobs, CLIENT_GONE)
             raise
+
+    async def _submit_choices(
+        self, specs: list[pb.RequestSpec], tenant: str | None, parent: Any, stream: bool
+    ) -> list[Job]:
+        """Submit the requests of one answer's choices (:mod:`.choices`): all accepted, or none
+        left (those accepted before a refusal are cancelled, and the refusal raised)."""
+        jobs: list[Job] = []
+        try:
+            for spec in specs:
+                if jobs and not spec.prompt_token_ids:
+                    spec.prompt_tokens = jobs[0].request.prompt_tokens  # counted once
+                job, _ = await self.core.submit(
+                    spec, tenant=tenant, parent=parent, cancel_if_caller_leaves=CLIENT_GONE, streams=stream
+                )
+                jobs.append(job)
+        except asyncio.CancelledError:  # the client left: as it would leave the accepted ones
+            self._cancel(jobs, CLIENT_GONE)
+            raise
+        except Exception:
+            self._cancel(jobs, choices.SIBLING_ENDED)
+            raise
+        return jobs
+
+    def _cancel(self, jobs: Sequence[Job], reason: str) -> None:
+        for job in jobs:
+            self.core.cancel(job.id, reason)
 
     def _complete(self, job: Job, chat: bool, response: Mapping[str, Any] | None = None) -> web.Response:
         """The answer of an ended job; ``response``: the Responses request it came from, if so."""
@@ -709,7 +757,7 @@ class FrontDoor:
     async def _stream(
         self,
         request: web.Request,
-        job: Job,
+        jobs: list[Job],
         chat: bool,
         include_usage: bool,
         response: Mapping[str, Any] | None = None,
@@ -718,7 +766,7 @@ class FrontDoor:
             headers={
                 "Content-Type": "text/event-stream",
                 "Cache-Control": "no-cache",
-                **estimate_headers(job),
+                **choice_headers(jobs),
             }
         )
         await resp.prepare(request)
@@ -727,8 +775,9 @@ class FrontDoor:
         out = _SseWriter(resp, request.transport, self.keepalive_s, self.write_stall_s)
         try:
             if response is None:
-                await self._events(out, job, chat, include_usage)
+                await self._events(out, jobs, chat, include_usage)
             else:
+                job = jobs[0]  # the Responses API has one output (responses_api.chat_body)
 
                 async def send(kind: str, event: dict[str, Any]) -> None:
                     await out.write(b"event: " + kind.encode() + b"\ndata: " + dumps(event) + b"\n\n")
@@ -740,7 +789,10 @@ class FrontDoor:
             out.close()
         return resp
 
-    async def _events(self, out: _SseWriter, job: Job, chat: bool, include_usage: bool) -> None:
+    async def _events(self, out: _SseWriter, jobs: list[Job], chat: bool, include_usage: bool) -> None:
+        """A completion's stream: each choice's chunks as its request makes them, its last chunk
+        (finish reason) when it ends; an error event instead when one ends unfinished."""
+        job = jobs[0]
         obj, prefix = ("chat.completion.chunk", "chatcmpl") if chat else ("text_completion", "cmpl")
         base = {
             "id": f"{prefix}-{job.id}",
@@ -752,46 +804,54 @@ class FrontDoor:
         async def send(payload: Mapping[str, Any]) -> None:
             await out.write(b"data: " + dumps(payload) + b"\n\n")
 
-        first, chars = True, 0  # chars: of the output sent so far (a completion's text_offset)
-        async for chunk in self.core.follow(job):
-            if chunk.finished:
-                break
-            if not (first or chunk.text or chunk.tool_calls or chunk.logprobs):
-                continue  # tokens without text (a count made up at the end): nothing to show
-            if chat:
-                delta: dict[str, Any] = {"content": chunk.text}
-                if chunk.tool_calls:
-                    delta = {
-                        "tool_calls": chunk.tool_calls,
-                        **({"content": chunk.text} if chunk.text else {}),
-                    }
-                if first:
-                    delta["role"] = "assistant"
-                choice: dict[str, Any] = {"index": 0, "delta": delta, "finish_reason": None}
-                if chunk.logprobs:
-                    choice["logprobs"] = {"content": chunk.logprobs}
+        first = [True] * len(jobs)
+        chars = [0] * len(jobs)  # of each choice's output sent so far (a completion's text_offset)
+        async with contextlib.aclosing(choices.merged([self.core.follow(one) for one in jobs])) as chunks:
+            async for i, chunk in chunks:
+                job = jobs[i]
+                if chunk is None:  # this choice has no more: its end
+                    await job.done.wait()
+                    if job.state != "finished":
+                        if len(jobs) > 1:
+                            self._cancel(jobs, choices.SIBLING_ENDED)
+                        status, message = unfinished(job)
+                        await send(
+                            {"error": error_object(status, message, code=job.state), "qlm": qlm_info(job)}
+                        )
+                        break
+                    last: dict[str, Any] = {"index": i, "finish_reason": job.finish_reason or "length"}
+                    if chat:
+                        last["delta"] = {}
+                    else:
+                        last.update(text="", logprobs=None)
+                    await send({**base, "choices": [last], "qlm": qlm_info(job)})
+                    continue
+                if not (first[i] or chunk.text or chunk.tool_calls or chunk.logprobs):
+                    continue  # tokens without text (a count made up at the end): nothing to show
+                if chat:
+                    delta: dict[str, Any] = {"content": chunk.text}
+                    if chunk.tool_calls:
+                        delta = {
+                            "tool_calls": chunk.tool_calls,
+                            **({"content": chunk.text} if chunk.text else {}),
+                        }
+                    if first[i]:
+                        delta["role"] = "assistant"
+                    choice: dict[str, Any] = {"index": i, "delta": delta, "finish_reason": None}
+                    if chunk.logprobs:
+                        choice["logprobs"] = {"content": chunk.logprobs}
+                else:
+                    logprobs = completion_logprobs(chunk.logprobs, chars[i]) if chunk.logprobs else None
+                    choice = {"index": i, "text": chunk.text, "finish_reason": None, "logprobs": logprobs}
+                chars[i] += len(chunk.text)
+                payload: dict[str, Any] = {**base, "choices": [choice]}
+                if first[i]:
+                    payload["qlm"] = qlm_info(job)
+                    first[i] = False
+                await send(payload)
             else:
-                logprobs = completion_logprobs(chunk.logprobs, chars) if chunk.logprobs else None
-                choice = {"index": 0, "text": chunk.text, "finish_reason": None, "logprobs": logprobs}
-            chars += len(chunk.text)
-            payload: dict[str, Any] = {**base, "choices": [choice]}
-            if first:
-                payload["qlm"] = qlm_info(job)
-                first = False
-            await send(payload)
-        await job.done.wait()
-        if job.state == "finished":
-            last: dict[str, Any] = {"index": 0, "finish_reason": job.finish_reason or "length"}
-            if chat:
-                last["delta"] = {}
-            else:
-                last.update(text="", logprobs=None)
-            await send({**base, "choices": [last], "qlm": qlm_info(job)})
-            if include_usage:
-                await send({**base, "choices": [], "usage": usage(job)})
-        else:
-            status, message = unfinished(job)
-            await send({"error": error_object(status, message, code=job.state), "qlm": qlm_info(job)})
+                if include_usage:
+                    await send({**base, "choices": [], "usage": choices.merged_usage(jobs)})
         await out.write(b"data: [DONE]\n\n")
         await out.end()
 

@@ -517,7 +517,6 @@ def _is_one(value: Any) -> bool:
 #: nothing, and so is accepted; what the field asks for; the values accepted). Checked on both
 #: endpoints: a field one of them lacks is harmless there.
 UNSUPPORTED: dict[str, tuple[Callable[[Any], bool], str, str]] = {
-    "n": (lambda v: v is None or _is_one(v), "several choices per request", "only 1"),
     "best_of": (lambda v: v is None or _is_one(v), "several candidates per request", "only 1"),
     "use_beam_search": (lambda v: v is None or v is False, "beam search", "only false"),
     "echo": (lambda v: v is None or v is False, "echoing the prompt", "only false"),

@@ -160,6 +160,7 @@ def chat_body(body: Any) -> dict[str, Any]:
         ("conversation", kept, None),
         ("prompt", "a stored prompt template", None),
         ("background", "background mode", False),
+        ("n", "several choices (a chat completion's n)", 1),
     ):
         if body.get(key) not in (None, harmless):
             raise _refuse(key, feature, body[key])

@@ -1,0 +1,272 @@
+"""Several choices per request (OpenAI's ``n``) through the front door, driven by the official SDK
+against a coordinator and simulated instances on loopback: each choice its own request, merged in
+order whole and streamed (directly and through a front-door worker), the prompt counted once in
+the usage, seeds that differ per choice, all-or-nothing at submission and at the end, an idempotent
+retry that finds every choice, and a batch line asking for several."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import openai
+import pytest
+
+from qlm_plugin.adapters.sim.realtime import synthetic_text
+from qlm_plugin.coordinator import choices
+from qlm_plugin.coordinator.http_api import parse_openai
+from qlm_plugin.proto.qlm.v1 import qlm_pb2 as pb
+from qlm_plugin.testing.stack import LocalStack, run_with_stack
+
+MODEL = "llama-3.1-8b"
+MESSAGES: list[Any] = [{"role": "user", "content": "hello"}]
+
+
+def client(stack: LocalStack) -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(base_url=f"{stack.http_url}/v1", api_key="unused", max_retries=0)
+
+
+def test_choices_are_answered_whole_in_order_with_the_prompt_counted_once(tmp_path: Path) -> None:
+    async def check(stack: LocalStack) -> None:
+        async with client(stack) as c:
+            chat = await c.chat.completions.with_raw_response.create(
+                model=MODEL, messages=MESSAGES, n=3, max_tokens=6
+            )
+            text = await c.completions.create(model=MODEL, prompt="hello", n=2, max_tokens=4)
+            one = await c.completions.with_raw_response.create(model=MODEL, prompt="hello", max_tokens=4)
+        answer = chat.parse()
+        rids = chat.headers["x-qlm-request-ids"].split(",")
+        assert len(rids) == 3 and len(set(rids)) == 3 and answer.id == f"chatcmpl-{rids[0]}"
+        assert [c.index for c in answer.choices] == [0, 1, 2]
+        for choice, rid in zip(answer.choices, rids, strict=True):
+            assert choice.message.content == synthetic_text(rid, 0, 6)  # each its own request's output
+            assert choice.message.role == "assistant" and choice.finish_reason == "length"
+        assert answer.usage is not None
+        prompt = stack.coordinator.lookup(rids[0]).request.prompt_tokens  # type: ignore[union-attr]
+        assert (answer.usage.prompt_tokens, answer.usage.completion_tokens) == (prompt, 18)
+        assert answer.usage.total_tokens == prompt + 18
+        facts = answer.model_extra["qlm"]["choices"]  # type: ignore[index]
+        assert [f["request_id"] for f in facts] == rids and all(f["slo_met"] is not None for f in facts)
+        # each choice was a request of its own, queued and served: every one is kept finished
+        for rid in rids:
+            job = stack.coordinator.lookup(rid)
+            assert job is not None and job.state == "finished" and job.tokens == 6
+        assert [c.index for c in text.choices] == [0, 1]
+        assert text.choices[0].text != text.choices[1].text
+        assert text.usage is not None and text.usage.completion_tokens == 8
+        assert len(one.parse().choices) == 1 and "x-qlm-request-ids" not in one.headers
+        assert "choices" not in (one.parse().model_extra or {})["qlm"]
+
+    run_with_stack(tmp_path, check, instances=2)
+
+
+@pytest.mark.parametrize("via_worker", [False, True])
+def test_choices_stream_interleaved_each_with_its_index_and_its_end(tmp_path: Path, via_worker: bool) -> None:
+    async def check(stack: LocalStack) -> None:
+        if via_worker:
+            assert stack.server.workers is not None and len(stack.server.workers.pids) == 1
+        async with client(stack) as c:
+            stream = await c.chat.completions.create(
+                model=MODEL,
+                messages=MESSAGES,
+                n=3,
+                max_tokens=12,
+                stream=True,
+                stream_options={"include_usage": True},
+            )
+            chunks = [chunk async for chunk in stream]
+            texts = [
+                chunk
+                async for chunk in await c.completions.create(
+                    model=MODEL, prompt="hello", n=2, max_tokens=5, stream=True
+                )
+            ]
+        content: dict[int, str] = {}
+        roles: dict[int, int] = {}
+        ends: dict[int, str | None] = {}
+        for chunk in chunks[:-1]:
+            (choice,) = chunk.choices  # one choice a chunk, as vLLM sends them
+            content[choice.index] = content.get(choice.index, "") + (choice.delta.content or "")
+            roles[choice.index] = roles.get(choice.index, 0) + (choice.delta.role == "assistant")
+            if choice.finish_reason is not None:
+                ends[choice.index] = choice.finish_reason
+        assert sorted(content) == [0, 1, 2] and roles == {0: 1, 1: 1, 2: 1}
+        assert ends == {0: "length", 1: "length", 2: "length"}
+        assert len(set(content.values())) == 3  # three requests, three outputs
+        usage = chunks[-1].usage
+        assert chunks[-1].choices == [] and usage is not None and usage.completion_tokens == 36
+        by_index: dict[int, str] = {}
+        for piece in texts:
+            for part in piece.choices:
+                by_index[part.index] = by_index.get(part.index, "") + part.text
+        assert sorted(by_index) == [0, 1] and by_index[0] != by_index[1]
+
+    config = {"http": {"port": 0, "workers": 1}} if via_worker else None
+    run_with_stack(tmp_path, check, instances=2, config=config)
+
+
+def test_each_choice_is_sampled_with_its_own_seed_and_kept_under_its_own_key() -> None:
+    spec, _, _ = parse_openai(
+        {"model": MODEL, "prompt": "x", "n": 3, "seed": 7}, {"idempotency-key": "k"}, False
+    )
+    specs = choices.choice_specs(spec, choices.choices_asked({"n": 3}))
+    assert [json.loads(s.sampling["seed"]) for s in specs] == [7, 8, 9]
+    assert [s.idempotency_key for s in specs] == ["k#1/3", "k#2/3", "k#3/3"]
+    assert all(s.prompt == "x" and s.model == MODEL for s in specs)
+    top = pb.RequestSpec(model=MODEL, prompt="x", sampling={"seed": str(2**63 - 1)})
+    assert [json.loads(s.sampling["seed"]) for s in choices.choice_specs(top, 2)] == [2**63 - 1, 2**63 - 2]
+    unseeded = choices.choice_specs(pb.RequestSpec(model=MODEL, prompt="x"), 2)
+    assert all("seed" not in s.sampling and not s.idempotency_key for s in unseeded)
+    assert choices.choice_specs(spec, 1) == [spec]  # one choice: the request as it came
+
+
+def test_a_refused_choice_leaves_none_of_the_others_queued(tmp_path: Path) -> None:
+    async def check(stack: LocalStack) -> None:
+        async with client(stack) as c:
+            with pytest.raises(openai.RateLimitError) as refused:
+                await c.completions.create(model=MODEL, prompt="hello", n=3, max_tokens=50)
+            assert refused.value.status_code == 429
+            # the two accepted before the third was refused were cancelled: the tenant's room is free
+            jobs = list(stack.coordinator.book.jobs.values())
+            assert all(job.state == "cancelled" for job in jobs) and len(jobs) <= 2
+            answer = await c.completions.create(model=MODEL, prompt="hello", n=2, max_tokens=3)
+            assert [choice.index for choice in answer.choices] == [0, 1]
+
+    run_with_stack(tmp_path, check, instances=2, config={"tenant_limits": {"max_queued_requests": 2}})
+
+
+@pytest.mark.parametrize("streams", [False, True])
+def test_a_choice_that_fails_fails_the_answer_and_ends_the_others(tmp_path: Path, streams: bool) -> None:
+    async def check(stack: LocalStack) -> None:
+        async def cancel_one() -> None:
+            while len(stack.coordinator.book.jobs) < 3 or not any(
+                job.tokens for job in stack.coordinator.book.jobs.values()
+            ):
+                await asyncio.sleep(0.01)
+            stack.coordinator.cancel(next(iter(stack.coordinator.book.jobs)), "cancelled by an operator")
+
+        body = {"model": MODEL, "prompt": "hello", "n": 3, "max_tokens": 400, "ignore_eos": True}
+        async with aiohttp.ClientSession() as http:
+            canceller = asyncio.ensure_future(cancel_one())
+            async with http.post(f"{stack.http_url}/v1/completions", json={**body, "stream": streams}) as r:
+                raw = await r.text()
+            await canceller
+        if streams:
+            events = [json.loads(line[6:]) for line in raw.splitlines() if line.startswith("data: {")]
+            assert "error" in events[-1] and "cancelled by an operator" in events[-1]["error"]["message"]
+            assert raw.rstrip().endswith("data: [DONE]")
+        else:
+            assert r.status == 499 and "cancelled by an operator" in json.loads(raw)["error"]["message"]
+        for _ in range(200):  # the other two are cancelled, not served to their end for no one
+            if all(job.done.is_set() for job in stack.coordinator.book.jobs.values()):
+                break
+            await asyncio.sleep(0.01)
+        states = sorted(job.state for job in all_jobs(stack))
+        assert states == ["cancelled"] * 3, states
+        assert all(job.tokens < 400 for job in all_jobs(stack))
+
+    run_with_stack(tmp_path, check, instances=2)
+
+
+def all_jobs(stack: LocalStack) -> list[Any]:
+    """Every request the coordinator holds or has finished recently."""
+    book = stack.coordinator.book
+    ids = list(book.jobs) + [rid for rid in book.finished]
+    return [job for rid in dict.fromkeys(ids) if (job := stack.coordinator.lookup(rid)) is not None]
+
+
+def test_a_client_leaving_a_stream_of_choices_cancels_every_one(tmp_path: Path) -> None:
+    async def check(stack: LocalStack) -> None:
+        body = {"model": MODEL, "prompt": "hello", "n": 3, "max_tokens": 400, "ignore_eos": True}
+        url = f"{stack.http_url}/v1/completions"
+        async with aiohttp.ClientSession() as http, http.post(url, json={**body, "stream": True}) as r:
+            await r.content.readline()  # the first chunk: the requests are running
+        for _ in range(500):
+            if len(all_jobs(stack)) == 3 and all(job.state == "cancelled" for job in all_jobs(stack)):
+                break
+            await asyncio.sleep(0.01)
+        assert [job.state for job in all_jobs(stack)] == ["cancelled"] * 3
+
+    run_with_stack(tmp_path, check, instances=2)
+
+
+def test_a_retry_with_the_idempotency_key_gets_the_same_choices(tmp_path: Path) -> None:
+    async def check(stack: LocalStack) -> None:
+        async with client(stack) as c:
+            create = c.chat.completions.with_raw_response.create
+
+            async def ask(n: int, key: str) -> Any:
+                return await create(
+                    model=MODEL, messages=MESSAGES, n=n, max_tokens=5, extra_headers={"Idempotency-Key": key}
+                )
+
+            first, again, other = await ask(2, "order-17"), await ask(2, "order-17"), await ask(3, "order-18")
+        assert first.headers["x-qlm-request-ids"] == again.headers["x-qlm-request-ids"]
+        assert [ch.message.content for ch in first.parse().choices] == [
+            ch.message.content for ch in again.parse().choices
+        ]
+        assert len(all_jobs(stack)) == 5  # served once each: 2, then 3 of another key
+        assert len(other.parse().choices) == 3
+
+    run_with_stack(tmp_path, check, instances=2)
+
+
+def test_the_responses_api_and_bad_counts_are_refused_naming_n(tmp_path: Path) -> None:
+    async def check(stack: LocalStack) -> None:
+        async with aiohttp.ClientSession() as http:
+            for path, body in (
+                ("/v1/responses", {"model": MODEL, "input": "hi", "n": 2}),
+                ("/v1/completions", {"model": MODEL, "prompt": "hi", "n": 0}),
+                ("/v1/chat/completions", {"model": MODEL, "messages": MESSAGES, "n": 129}),
+                ("/v1/completions", {"model": MODEL, "prompt": "hi", "n": "2"}),
+            ):
+                async with http.post(f"{stack.http_url}{path}", json=body) as r:
+                    error = (await r.json())["error"]
+                    assert (r.status, error["param"]) == (400, "n"), (path, body, error)
+        assert not all_jobs(stack)
+
+    run_with_stack(tmp_path, check, instances=1)
+
+
+def test_a_batch_line_asking_for_several_choices_gets_them_in_its_answer(tmp_path: Path) -> None:
+    async def check(stack: LocalStack) -> None:
+        rows = [
+            {
+                "custom_id": f"line-{i}",
+                "method": "POST",
+                "url": "/v1/chat/completions",
+                "body": {"model": MODEL, "messages": MESSAGES, "n": i + 1, "max_tokens": 4, "seed": 3},
+            }
+            for i in range(3)
+        ]
+        data = "".join(json.dumps(row) + "\n" for row in rows).encode()
+        async with client(stack) as c:
+            f = await c.files.create(file=("in.jsonl", data), purpose="batch")
+            batch = await c.batches.create(
+                input_file_id=f.id,
+                endpoint="/v1/chat/completions",
+                completion_window="1h",  # type: ignore[arg-type]  # the SDK's type knows only 24h
+            )
+            for _ in range(600):
+                batch = await c.batches.retrieve(batch.id)
+                if batch.status in ("completed", "failed"):
+                    break
+                await asyncio.sleep(0.05)
+            assert batch.status == "completed" and batch.output_file_id is not None
+            out = [json.loads(x) for x in (await c.files.content(batch.output_file_id)).text.splitlines()]
+        assert batch.request_counts is not None and batch.request_counts.completed == 3
+        assert batch.usage is not None and batch.usage.output_tokens == 4 * (1 + 2 + 3)
+        for i, line in enumerate(out):
+            answer = line["response"]["body"]
+            assert [ch["index"] for ch in answer["choices"]] == list(range(i + 1))
+            assert answer["usage"]["completion_tokens"] == 4 * (i + 1)
+            seeds = [
+                json.loads(stack.coordinator.lookup(f["request_id"]).spec.sampling["seed"])  # type: ignore[union-attr]
+                for f in answer["qlm"].get("choices", [answer["qlm"]])
+            ]
+            assert seeds == [3 + k for k in range(i + 1)]
+
+    run_with_stack(tmp_path, check, instances=2)

@@ -133,6 +133,52 @@ def test_chat_streaming_delivers_every_token_once_in_order(tmp_path: Path) -> No
     run(tmp_path, body)
 
 
+@pytest.mark.parametrize("n", [1, 2])
+def test_continuous_usage_stats_put_each_choices_usage_so_far_in_every_chunk(tmp_path: Path, n: int) -> None:
+    """vLLM's ``stream_options.continuous_usage_stats`` (with ``include_usage``): every chunk holds
+    its choice's usage so far, growing to the whole, then the last chunk the usage of all."""
+
+    async def body(st: LocalStack) -> None:
+        async with aiohttp.ClientSession() as http:
+            events = await sse(
+                http,
+                f"{st.http_url}/v1/completions",
+                {
+                    "model": MODEL,
+                    "prompt": "hi",
+                    "max_tokens": 30,
+                    "n": n,
+                    "stream": True,
+                    "stream_options": {"include_usage": True, "continuous_usage_stats": True},
+                },
+            )
+            plain = await sse(
+                http,
+                f"{st.http_url}/v1/completions",
+                {"model": MODEL, "prompt": "hi", "max_tokens": 5, "stream": True},
+            )
+        chunks = [e for e in events[:-1] if e["choices"]]
+        made: dict[int, list[int]] = {}
+        text: dict[int, str] = {}
+        for chunk in chunks:
+            (choice,) = chunk["choices"]
+            made.setdefault(choice["index"], []).append(chunk["usage"]["completion_tokens"])
+            text[choice["index"]] = text.get(choice["index"], "") + choice["text"]
+            assert (
+                chunk["usage"]["total_tokens"] == chunk["usage"]["prompt_tokens"] + made[choice["index"]][-1]
+            )
+        assert sorted(made) == list(range(n))
+        for i, counts in made.items():
+            assert counts == sorted(counts) and counts[-1] == 30 and len(counts) > 2, counts
+            rid = chunks[0]["qlm"]["request_id"] if i == 0 else None
+            if rid is not None:
+                assert text[0] == synthetic_text(rid, 0, 30)
+        assert events[-2]["choices"] == [] and events[-2]["usage"]["completion_tokens"] == 30 * n
+        assert all("usage" not in e for e in plain[:-1])  # not asked for: none
+
+    run(tmp_path, body)
+
+
 def test_models_health_and_metrics(tmp_path: Path) -> None:
     async def body(st: LocalStack) -> None:
         async with aiohttp.ClientSession() as http:

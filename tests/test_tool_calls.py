@@ -435,6 +435,11 @@ def test_every_capability_a_request_needs_is_named_and_deltas_without_an_index_c
         ("c", "f", "{}"),
         ("d", "g", ""),
     ]
+    # an engine that gives a call no id: one is made, shown with the call's first delta and kept
+    shown = merge_tool_calls(calls, [{"index": 2, "function": {"name": "h", "arguments": "{"}}])
+    assert shown[0]["id"].startswith("call_") and shown[0]["type"] == "function"
+    assert calls[2]["id"] == shown[0]["id"]
+    assert "id" not in merge_tool_calls(calls, [{"index": 2, "function": {"arguments": "}"}}])[0]
 
 
 @pytest.mark.usefixtures("calling_sims")

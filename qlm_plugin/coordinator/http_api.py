@@ -40,6 +40,7 @@ from qlm_plugin.coordinator.openai_params import (
     MAX_MESSAGES,
     MAX_NAME_CHARS,
     BadRequest,
+    UsageChunks,
     check_supported,
     check_unicode,
     flag,
@@ -275,8 +276,11 @@ def _completion_prompt(prompt: Any) -> str | list[int]:
     raise BadRequest("prompt", f"must be a non-empty string or a list of token ids, got {show(prompt)}")
 
 
-def parse_openai(body: Any, headers: Mapping[str, str], chat: bool) -> tuple[pb.RequestSpec, bool, bool]:
-    """A front-door request as a :class:`pb.RequestSpec`; also (stream, include_usage)."""
+def parse_openai(
+    body: Any, headers: Mapping[str, str], chat: bool
+) -> tuple[pb.RequestSpec, bool, UsageChunks]:
+    """A front-door request as a :class:`pb.RequestSpec`; also whether it streams and where the
+    stream carries the usage."""
     if not isinstance(body, dict):
         raise BadRequest(None, "the body must be a JSON object")
     for key, header in QLM_HEADERS.items():
@@ -310,7 +314,7 @@ def parse_openai(body: Any, headers: Mapping[str, str], chat: bool) -> tuple[pb.
     stream = body.get("stream")
     if stream is not None and not isinstance(stream, bool):
         raise BadRequest("stream", f"must be true or false, got {show(stream)}")
-    include_usage = stream_options(body.get("stream_options"), bool(stream))
+    usage_chunks = stream_options(body.get("stream_options"), bool(stream))
     spec.sampling.update(sampling(body, spec.max_tokens or (INT32_MAX if chat else DEFAULT_MAX_TOKENS)))
     ext = body.get("qlm", {})
     if not isinstance(ext, dict):
@@ -353,7 +357,7 @@ def parse_openai(body: Any, headers: Mapping[str, str], chat: bool) -> tuple[pb.
         spec.true_output_tokens = integer(
             ext["true_output_tokens"], "qlm.true_output_tokens", 0, INT32_MAX, strings=True
         )
-    return spec, bool(stream), include_usage
+    return spec, bool(stream), usage_chunks
 
 
 def qlm_info(job: Job) -> dict[str, Any]:
@@ -645,7 +649,7 @@ class FrontDoor:
         try:
             if responses:
                 body = responses_api.chat_body(body)
-            spec, stream, include_usage = parse_openai(body, request.headers, chat)
+            spec, stream, usage_chunks = parse_openai(body, request.headers, chat)
             n = choices.choices_asked(body)
         except BadRequest as exc:
             param = responses_api.param_name(exc.param) if responses else exc.param
@@ -685,7 +689,7 @@ class FrontDoor:
             return response
         try:
             if stream:
-                return await self._stream(request, jobs, chat, include_usage, asked if responses else None)
+                return await self._stream(request, jobs, chat, usage_chunks, asked if responses else None)
             failed = await choices.first_failed(jobs)
             if failed is not None and len(jobs) > 1:
                 self._cancel(jobs, choices.SIBLING_ENDED)
@@ -759,7 +763,7 @@ class FrontDoor:
         request: web.Request,
         jobs: list[Job],
         chat: bool,
-        include_usage: bool,
+        usage_chunks: UsageChunks,
         response: Mapping[str, Any] | None = None,
     ) -> web.StreamResponse:
         resp = web.StreamResponse(
@@ -775,7 +779,7 @@ class FrontDoor:
         out = _SseWriter(resp, request.transport, self.keepalive_s, self.write_stall_s)
         try:
             if response is None:
-                await self._events(out, jobs, chat, include_usage)
+                await self._events(out, jobs, chat, usage_chunks)
             else:
                 job = jobs[0]  # the Responses API has one output (responses_api.chat_body)
 
@@ -789,9 +793,10 @@ class FrontDoor:
             out.close()
         return resp
 
-    async def _events(self, out: _SseWriter, jobs: list[Job], chat: bool, include_usage: bool) -> None:
+    async def _events(self, out: _SseWriter, jobs: list[Job], chat: bool, usage_chunks: UsageChunks) -> None:
         """A completion's stream: each choice's chunks as its request makes them, its last chunk
-        (finish reason) when it ends; an error event instead when one ends unfinished."""
+        (finish reason) when it ends; an error event instead when one ends unfinished. With
+        ``usage_chunks`` "every", each chunk also holds its choice's usage so far."""
         job = jobs[0]
         obj, prefix = ("chat.completion.chunk", "chatcmpl") if chat else ("text_completion", "cmpl")
         base = {
@@ -824,7 +829,10 @@ class FrontDoor:
                         last["delta"] = {}
                     else:
                         last.update(text="", logprobs=None)
-                    await send({**base, "choices": [last], "qlm": qlm_info(job)})
+                    end: dict[str, Any] = {**base, "choices": [last], "qlm": qlm_info(job)}
+                    if usage_chunks == "every":
+                        end["usage"] = usage(job)
+                    await send(end)
                     continue
                 if not (first[i] or chunk.text or chunk.tool_calls or chunk.logprobs):
                     continue  # tokens without text (a count made up at the end): nothing to show
@@ -845,12 +853,20 @@ class FrontDoor:
                     choice = {"index": i, "text": chunk.text, "finish_reason": None, "logprobs": logprobs}
                 chars[i] += len(chunk.text)
                 payload: dict[str, Any] = {**base, "choices": [choice]}
+                if usage_chunks == "every":
+                    made = chunk.index + chunk.tokens
+                    prompt = job.request.prompt_tokens
+                    payload["usage"] = {
+                        "prompt_tokens": prompt,
+                        "completion_tokens": made,
+                        "total_tokens": prompt + made,
+                    }
                 if first[i]:
                     payload["qlm"] = qlm_info(job)
                     first[i] = False
                 await send(payload)
             else:
-                if include_usage:
+                if usage_chunks != "none":
                     await send({**base, "choices": [], "usage": choices.merged_usage(jobs)})
         await out.write(b"data: [DONE]\n\n")
         await out.end()

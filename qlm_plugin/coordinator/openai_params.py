@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, Literal
 
 import jsonschema
 
@@ -548,25 +548,28 @@ def check_supported(body: Mapping[str, Any], *, chat: bool = False) -> None:
             )
 
 
-def stream_options(value: Any, stream: bool) -> bool:
-    """Whether ``stream_options`` asks for a last chunk with the usage (``stream``: whether the
-    request streams)."""
+#: Where a stream carries the usage (``stream_options``): nowhere, in a last chunk of its own
+#: (``include_usage``), or also in every chunk so far (``continuous_usage_stats`` too, vLLM's).
+UsageChunks = Literal["none", "last", "every"]
+
+
+def stream_options(value: Any, stream: bool) -> UsageChunks:
+    """Where a stream's usage goes, from ``stream_options`` (``stream``: whether the request
+    streams). As vLLM, ``continuous_usage_stats`` counts only with ``include_usage``."""
     if value is None:
-        return False
+        return "none"
     if not isinstance(value, dict):
         raise BadRequest(
             "stream_options",
             'must be an object such as {"include_usage": true}: other stream options are not supported '
             f"by the coordinator, got {show(value)}",
         )
-    if value.get("continuous_usage_stats"):
-        raise BadRequest(
-            "stream_options.continuous_usage_stats",
-            "usage in every chunk is not supported by the coordinator (only false)",
-        )
-    include_usage = value.get("include_usage")
-    if include_usage is not None and not isinstance(include_usage, bool):
-        raise BadRequest("stream_options.include_usage", f"must be true or false, got {show(include_usage)}")
+    for key in ("include_usage", "continuous_usage_stats"):
+        flag_value = value.get(key)
+        if flag_value is not None and not isinstance(flag_value, bool):
+            raise BadRequest(f"stream_options.{key}", f"must be true or false, got {show(flag_value)}")
     if value and not stream:  # as OpenAI and vLLM refuse it (vLLM lets an empty object by)
         raise BadRequest("stream_options", "is only allowed when stream is true")
-    return bool(include_usage)
+    if not value.get("include_usage"):
+        return "none"
+    return "every" if value.get("continuous_usage_stats") else "last"

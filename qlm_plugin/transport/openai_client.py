@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import uuid
 from collections.abc import Mapping
 from typing import Any
 
@@ -143,6 +144,9 @@ def merge_tool_calls(calls: list[dict[str, Any]], deltas: list[dict[str, Any]]) 
                 index = len(calls)
             call = {"index": index, "id": "", "type": "function", "function": {"name": "", "arguments": ""}}
             calls.append(call)
+            if not (isinstance(d.get("id"), str) and d["id"]):
+                # an engine that gives no id: the client's next turn must name the call it answers
+                d = {**d, "id": f"call_{uuid.uuid4().hex[:24]}", "type": d.get("type") or "function"}
         if isinstance(d.get("id"), str) and d["id"]:
             call["id"] = d["id"]
         if isinstance(d.get("type"), str) and d["type"]:

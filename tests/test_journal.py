@@ -457,6 +457,7 @@ def test_the_journal_copy_of_a_request_keeps_every_field_a_restart_rebuilds_it_f
         prompt_token_ids=[1, 2, 3],
         chat_messages='[{"role": "user", "content": "hi"}]',
         service_tier="flex",
+        response_echo='{"instructions": "be brief"}',
     )
     # every field is set here, so a field added to the protocol fails this test until it is journaled
     assert {f.name for f, _ in spec.ListFields()} == {f.name for f in pb.RequestSpec.DESCRIPTOR.fields}

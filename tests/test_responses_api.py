@@ -74,12 +74,95 @@ def test_a_response_is_retrieved_by_its_own_tenant_only(tmp_path: Path) -> None:
             assert (await acme.responses.retrieve(answer.id)).id == answer.id
             with pytest.raises(openai.NotFoundError):  # another tenant's: as if it did not exist
                 await other.responses.retrieve(answer.id)
+            with pytest.raises(openai.BadRequestError) as continued:  # nor can it be continued
+                await other.responses.create(model=MODEL, previous_response_id=answer.id, input="more")
+            assert continued.value.code == "previous_response_not_found"
+            more = await acme.responses.create(model=MODEL, previous_response_id=answer.id, input="more")
+            assert more.previous_response_id == answer.id
         async with client(stack, "nobody") as nobody:
             with pytest.raises(openai.AuthenticationError):
                 await nobody.responses.retrieve(answer.id)
 
     config = {"tokens": tokens}
     run_with_stack(tmp_path, check, instances=1, config=config, env=env, token="instance-token")
+
+
+@pytest.mark.parametrize("via_worker", [False, True])
+def test_a_response_continues_a_kept_one_named_by_its_id(tmp_path: Path, via_worker: bool) -> None:
+    """``previous_response_id``: the new request's conversation is the kept response's (its input
+    without its instructions, then its output), then the new input; chained, each goes on from
+    the last. Its instructions and metadata are echoed, also when retrieved."""
+
+    async def check(stack: LocalStack) -> None:
+        async with client(stack) as c:
+            first = await c.responses.create(
+                model=MODEL,
+                instructions="Be brief.",
+                input="Hello?",
+                max_output_tokens=4,
+                metadata={"k": "v"},
+            )
+            second = await c.responses.create(
+                model=MODEL,
+                previous_response_id=first.id,
+                instructions="Be kind.",
+                input="And?",
+                max_output_tokens=4,
+            )
+            third = await c.responses.create(
+                model=MODEL,
+                previous_response_id=second.id,
+                input=[{"role": "user", "content": "Last."}],
+                max_output_tokens=3,
+            )
+            kept_first, kept_second = (
+                await c.responses.retrieve(first.id),
+                await c.responses.retrieve(second.id),
+            )
+            running = await c.responses.create(
+                model=MODEL,
+                input="Long.",
+                max_output_tokens=400,
+                stream=True,
+                extra_body={"ignore_eos": True},
+            )
+            running_id = ""
+            async for event in running:
+                if event.type == "response.created":
+                    running_id = event.response.id
+                if event.type == "response.output_text.delta":
+                    break
+            with pytest.raises(openai.BadRequestError) as early:
+                await c.responses.create(model=MODEL, previous_response_id=running_id, input="x")
+            await running.close()
+
+        def conversation(answer: Any) -> list[tuple[str, str]]:
+            job = stack.coordinator.lookup(answer.id.removeprefix("resp_"))
+            assert job is not None
+            return [(m["role"], m["content"]) for m in json.loads(job.spec.chat_messages)]
+
+        said = [first.output_text, second.output_text]
+        assert conversation(second) == [
+            ("system", "Be kind."),
+            ("user", "Hello?"),
+            ("assistant", said[0]),
+            ("user", "And?"),
+        ]
+        assert conversation(third) == [
+            ("user", "Hello?"),
+            ("assistant", said[0]),
+            ("user", "And?"),
+            ("assistant", said[1]),
+            ("user", "Last."),
+        ]
+        assert (second.previous_response_id, third.previous_response_id) == (first.id, second.id)
+        assert (kept_first.instructions, kept_first.metadata) == ("Be brief.", {"k": "v"})
+        assert (kept_second.instructions, kept_second.previous_response_id) == ("Be kind.", first.id)
+        assert early.value.body["param"] == "previous_response_id"  # type: ignore[index]
+        assert "still in progress" in early.value.body["message"]  # type: ignore[index]
+
+    config = {"http": {"port": 0, "workers": 1}} if via_worker else None
+    run_with_stack(tmp_path, check, instances=2, config=config)
 
 
 def test_a_streamed_response_sends_openais_events_in_order(tmp_path: Path) -> None:
@@ -113,7 +196,8 @@ def test_a_streamed_response_sends_openais_events_in_order(tmp_path: Path) -> No
 @pytest.mark.parametrize(
     ("extra", "param", "message"),
     [
-        ({"previous_response_id": "resp_x"}, "previous_response_id", "send the whole conversation in input"),
+        ({"previous_response_id": "resp_x"}, "previous_response_id", "no response 'resp_x'"),
+        ({"previous_response_id": "x"}, "previous_response_id", "must be a response id"),
         # valid, but the simulated instances cannot call tools
         (
             {"tools": [{"type": "function", "name": "f", "parameters": {}}]},
@@ -213,10 +297,13 @@ def test_a_batch_of_responses(tmp_path: Path) -> None:
                 assert line["response"]["status_code"] == 200 and body["object"] == "response"
                 assert body["output"][0]["content"][0]["text"] and body["usage"]["output_tokens"] == 3
             reasoning = {"model": MODEL, "input": [{"type": "reasoning", "summary": []}]}
-            batch = await run_batch(c, [{"model": MODEL, "input": "fine"}, reasoning])
+            continuing = {"model": MODEL, "input": "more", "previous_response_id": body["id"]}
+            batch = await run_batch(c, [{"model": MODEL, "input": "fine"}, reasoning, continuing])
             assert batch.status == "failed" and batch.errors is not None
-            (error,) = batch.errors.data
-            assert (error.line, error.param) == (2, "body.input[0].type")
+            assert [(e.line, e.param) for e in batch.errors.data] == [
+                (2, "body.input[0].type"),
+                (3, "body.previous_response_id"),  # a line is not continued from a kept response
+            ]
 
     run_with_stack(tmp_path, check, instances=2)
 

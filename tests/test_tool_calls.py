@@ -312,6 +312,39 @@ def test_the_responses_api_answers_a_call_as_a_function_call_item_whole_and_stre
     run_with_stack(tmp_path, check, instances=2)
 
 
+@pytest.mark.usefixtures("calling_sims")
+def test_a_response_with_a_call_is_continued_by_its_id_with_the_calls_output(tmp_path: Path) -> None:
+    """The agent loop of the Responses API: a response makes a call, the next request names it
+    by ``previous_response_id`` and sends only the call's output; the engine gets the whole
+    conversation (the call as the assistant's turn, its output as the tool's)."""
+
+    async def check(stack: LocalStack) -> None:
+        async with client(stack) as c:
+            first = await c.responses.create(
+                model=MODEL,
+                input="paint it",
+                tools=[RESPONSES_PAINT],  # type: ignore[list-item]
+                tool_choice={"type": "function", "name": "paint"},
+                max_output_tokens=4,
+            )
+            (call,) = first.output
+            answer = [{"type": "function_call_output", "call_id": call.call_id, "output": "painted"}]  # type: ignore[union-attr]
+            after = await c.responses.create(
+                model=MODEL,
+                previous_response_id=first.id,
+                input=answer,  # type: ignore[arg-type]
+                max_output_tokens=3,
+            )
+        job = stack.coordinator.lookup(after.id.removeprefix("resp_"))
+        assert job is not None and after.previous_response_id == first.id
+        messages = json.loads(job.spec.chat_messages)
+        assert [m["role"] for m in messages] == ["user", "assistant", "tool"]
+        assert messages[1]["tool_calls"][0]["id"] == call.call_id == messages[2]["tool_call_id"]  # type: ignore[union-attr]
+        assert messages[1]["tool_calls"][0]["function"]["arguments"] == call.arguments  # type: ignore[union-attr]
+
+    run_with_stack(tmp_path, check, instances=2)
+
+
 def _call_delta(index: int, args: str, first: bool = False) -> dict[str, Any]:
     delta: dict[str, Any] = {"index": index, "function": {"arguments": args}}
     if first:

@@ -22,7 +22,7 @@ import contextlib
 import json
 import math
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from typing import Any, Protocol
 
 from aiohttp import web
@@ -486,12 +486,15 @@ class FrontDoor:
         metrics_public: bool = False,
         extensions: Sequence[Callable[[web.Application], None]] = (),
         timeouts: Mapping[str, float] | None = None,
+        pass_to_core: Callable[[web.Request, bytes], Awaitable[web.StreamResponse]] | None = None,
     ) -> None:
         self._coord = coord
         self._core: Core | None = core or coord
         self.auth = auth
         self.metrics_public = metrics_public
         self.extensions = extensions  # more routes (the Batch API's; a worker's pass-through)
+        # a worker's: a request only the core can serve (continuing a kept response), body read
+        self.pass_to_core = pass_to_core
         bounds = {**front_door_timeouts(), **(timeouts or {})}
         self.keepalive_s = bounds["keepalive_s"]
         self.write_stall_s = bounds["write_stall_s"]
@@ -648,9 +651,20 @@ class FrontDoor:
         asked = body  # a Responses request: echoed in its answer
         try:
             if responses:
-                body = responses_api.chat_body(body)
+                previous = responses_api.previous_id(body) if isinstance(body, dict) else None
+                if previous is not None and self._coord is None:  # the core keeps the responses
+                    assert self.pass_to_core is not None, "a front-door worker passes these on"
+                    return await self.pass_to_core(request, raw)
+                kept = None if previous is None else self.coord.lookup(previous)
+                history = None if previous is None else responses_api.continued(kept, previous)
+                body = responses_api.chat_body(body, history)
             spec, stream, usage_chunks = parse_openai(body, request.headers, chat)
             n = choices.choices_asked(body)
+            if responses:
+                spec.response_echo = responses_api.echoed(asked)
+                tenant = principal.tenant if principal.tenant is not None else spec.tenant or "default"
+                if kept is not None and previous is not None and kept.request.tenant != tenant:
+                    raise responses_api.not_kept(previous)  # another tenant's: as if none were kept
         except BadRequest as exc:
             param = responses_api.param_name(exc.param) if responses else exc.param
             return error_response(

@@ -207,7 +207,8 @@ class CoreProxy:
         if self._session is not None:
             await self._session.close()
 
-    async def forward(self, request: web.Request) -> web.StreamResponse:
+    async def forward(self, request: web.Request, read: bytes | None = None) -> web.StreamResponse:
+        """``request`` answered by the core (``read``: its body, where it was read already)."""
         if self._session is None:
             self._session = aiohttp.ClientSession(
                 connector=aiohttp.UnixConnector(self.unix_path, limit=0),
@@ -215,7 +216,9 @@ class CoreProxy:
                 auto_decompress=False,
             )
         headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP}
-        body = request.content if request.body_exists else None
+        body: bytes | aiohttp.StreamReader | None = read
+        if body is None and request.body_exists:
+            body = request.content
         try:
             async with self._session.request(
                 request.method,
@@ -251,6 +254,7 @@ async def _serve_worker(settings: dict[str, Any]) -> None:
         core=client,
         extensions=[proxy.add_routes],
         timeouts=settings["timeouts"],
+        pass_to_core=proxy.forward,
     )
     runner = make_runner(front)
     await runner.setup()

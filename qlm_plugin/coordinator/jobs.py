@@ -229,6 +229,8 @@ def spec_to_dict(spec: pb.RequestSpec) -> dict[str, Any]:
         out["chat_messages"] = spec.chat_messages
     if spec.service_tier:
         out["service_tier"] = spec.service_tier
+    if spec.response_echo:
+        out["response_echo"] = spec.response_echo
     return out
 
 

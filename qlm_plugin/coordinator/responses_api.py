@@ -5,12 +5,13 @@ is text, and earlier function calls with their outputs), ``instructions`` (a sys
 first), ``max_output_tokens``, ``text.format`` (structured output), function ``tools`` and
 ``tool_choice``. :func:`chat_body` turns it into the chat body the front door already checks and
 serves; what it asks for that the coordinator cannot carry (built-in tools, other items, images,
-stored conversation state, background mode, log probabilities) is a 400 naming the field. The
+conversation objects, background mode) is a 400 naming the field. The
 answer is a ``response`` object (a message, and a ``function_call`` item per call), or in a stream
 OpenAI's typed events (``response.created`` ... ``response.output_text.delta``,
 ``response.function_call_arguments.delta`` ... ``response.completed``). A response is kept as long as its
-request is (``GET`` answers it from there); a conversation is continued by sending it whole, not by
-``previous_response_id``.
+request is (``GET`` answers it from there), and a later request may continue it by
+``previous_response_id`` (:func:`continued`: its conversation and its output, without its
+instructions, before the new input) while it is kept.
 """
 
 from __future__ import annotations
@@ -22,12 +23,14 @@ from typing import Any
 from qlm_plugin.coordinator.jobs import REFUSED, Chunk, Job
 from qlm_plugin.coordinator.openai_params import (
     MAX_MESSAGES,
+    MAX_NAME_CHARS,
     BadRequest,
     check_unicode,
     metadata_param,
     show,
     text,
 )
+from qlm_plugin.transport.openai_client import message_tool_calls
 
 #: The one ``include`` served: the output's log probabilities.
 LOGPROBS_INCLUDE = "message.output_text.logprobs"
@@ -96,10 +99,11 @@ def _call_output(item: Mapping[str, Any], param: str) -> dict[str, Any]:
     return {"role": "tool", "tool_call_id": item.get("call_id"), "content": content}
 
 
-def _messages(body: Mapping[str, Any]) -> list[dict[str, Any]]:
+def _messages(body: Mapping[str, Any], history: list[dict[str, Any]]) -> list[dict[str, Any]]:
     messages: list[dict[str, Any]] = []
     if body.get("instructions") is not None:
         messages.append({"role": "system", "content": text(body["instructions"], "instructions")})
+    messages += history
     items = body.get("input")
     if isinstance(items, str):
         return [*messages, {"role": "user", "content": text(items, "input")}]
@@ -107,8 +111,10 @@ def _messages(body: Mapping[str, Any]) -> list[dict[str, Any]]:
         raise BadRequest(
             "input", f"must be a non-empty string or a non-empty list of messages, got {show(items)}"
         )
-    if len(items) > MAX_MESSAGES:
-        raise BadRequest("input", f"must be at most {MAX_MESSAGES} items, got {len(items)}")
+    if len(items) + len(history) > MAX_MESSAGES:
+        raise BadRequest(
+            "input", f"must be at most {MAX_MESSAGES} items with the previous response's, got more"
+        )
     for i, item in enumerate(items):
         if not isinstance(item, dict):
             raise BadRequest(f"input[{i}]", f"must be a message object, got {show(item)}")
@@ -149,14 +155,16 @@ def _response_format(fmt: Any) -> dict[str, Any]:
     return {"type": "json_schema", "json_schema": inner}
 
 
-def chat_body(body: Any) -> dict[str, Any]:
+def chat_body(body: Any, history: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """The chat-completions body a Responses request asks for (:class:`BadRequest` naming the
-    Responses field where it cannot be served)."""
+    Responses field where it cannot be served); ``history``: the conversation of the response it
+    continues (:func:`continued`), where it names one."""
     if not isinstance(body, dict):
         raise BadRequest(None, "the body must be a JSON object")
     kept = "conversation state kept by the server (send the whole conversation in input)"
+    if history is None and body.get("previous_response_id") is not None:  # a batch line
+        raise _refuse("previous_response_id", "continuing a kept response here", body["previous_response_id"])
     for key, feature, harmless in (
-        ("previous_response_id", kept, None),
         ("conversation", kept, None),
         ("prompt", "a stored prompt template", None),
         ("background", "background mode", False),
@@ -172,7 +180,7 @@ def chat_body(body: Any) -> dict[str, Any]:
             raise _refuse(f"include[{i}]", f"extra output other than {LOGPROBS_INCLUDE!r}", extra)
     metadata_param(body.get("metadata"))  # echoed in the answer: OpenAI's shape only
     chat = {key: value for key, value in body.items() if key not in OWN_FIELDS}
-    chat["messages"] = _messages(body)
+    chat["messages"] = _messages(body, history or [])
     if body.get("max_output_tokens") is not None:
         chat["max_tokens"] = body["max_output_tokens"]
     fmt = (body.get("text") or {}).get("format") if isinstance(body.get("text"), dict) else None
@@ -318,11 +326,23 @@ def _output(job: Job, ended: bool, order: list[Any] | None = None) -> list[dict[
 MESSAGE = "message"
 
 
+#: What a response echoes of its request that the chat request does not hold (kept in
+#: ``RequestSpec.response_echo``).
+ECHOED = ("instructions", "metadata", "previous_response_id")
+
+
+def echoed(body: Mapping[str, Any]) -> str:
+    """The part of a Responses request kept for its response's echo (``RequestSpec.response_echo``)."""
+    kept = {key: body[key] for key in ECHOED if body.get(key) is not None}
+    return json.dumps(kept, separators=(",", ":")) if kept else ""
+
+
 def asked(job: Job) -> dict[str, Any]:
     """What a response echoes of its request, from the request as kept (``GET``, a batch's
-    answers): its limit and sampling (not its instructions nor metadata)."""
+    answers, a response continued): its limit, sampling, instructions and metadata."""
     sampling = job.spec.sampling
     echo: dict[str, Any] = {
+        **(json.loads(job.spec.response_echo) if job.spec.response_echo else {}),
         "max_output_tokens": job.spec.max_tokens or None,
         **{
             key: json.loads(sampling[key])
@@ -375,7 +395,7 @@ def response_object(
         "model": job.request.model,
         "output": _output(job, ended, order) if output else [],
         "parallel_tool_calls": request.get("parallel_tool_calls", True),
-        "previous_response_id": None,
+        "previous_response_id": request.get("previous_response_id"),
         "store": True,
         "temperature": request.get("temperature"),
         "text": {"format": _text_format(job)},
@@ -511,3 +531,45 @@ async def stream_events(
         streamed_text = job.text
         await close_message()
     await event(f"response.{final['status']}", response=final)
+
+
+def previous_id(body: Mapping[str, Any]) -> str | None:
+    """The request id of the response a Responses request continues (``previous_response_id``),
+    None where it continues none (:class:`BadRequest` when the field is not such an id)."""
+    value = body.get("previous_response_id")
+    if value is None:
+        return None
+    name = text(value, "previous_response_id", max_chars=MAX_NAME_CHARS)
+    if not name.startswith(ID_PREFIX):
+        raise BadRequest("previous_response_id", f"must be a response id (resp_...), got {show(value)}")
+    return name.removeprefix(ID_PREFIX)
+
+
+def not_kept(request_id: str) -> BadRequest:
+    """The refusal of a ``previous_response_id`` naming no response kept for its caller."""
+    return BadRequest(
+        "previous_response_id",
+        f"no response '{ID_PREFIX}{request_id}' (or it is no longer kept)",
+        code="previous_response_not_found",
+    )
+
+
+def continued(previous: Job | None, request_id: str) -> list[dict[str, Any]]:
+    """The conversation a response continuing ``previous`` (the request ``request_id``) starts
+    from: its messages (without its instructions, which OpenAI does not carry over), then its
+    output as the assistant's turn. ``previous``: None where none is kept (a 400, as OpenAI's)."""
+    response_id = f"{ID_PREFIX}{request_id}"
+    if previous is None or previous.spec.operation != "chat":
+        raise not_kept(request_id)
+    if previous.state != "finished":
+        doing = "is still in progress" if previous.state in ("queued", "dispatched") else "did not complete"
+        raise BadRequest("previous_response_id", f"the response {response_id!r} {doing} ({previous.state})")
+    messages: list[dict[str, Any]] = json.loads(previous.spec.chat_messages)
+    if asked(previous).get("instructions") is not None and messages and messages[0]["role"] == "system":
+        messages = messages[1:]
+    turn: dict[str, Any] = {"role": "assistant", "content": previous.text or None}
+    if previous.tool_calls:
+        turn["tool_calls"] = message_tool_calls(previous.tool_calls)
+    elif turn["content"] is None:
+        turn["content"] = ""
+    return [*messages, turn]

@@ -114,7 +114,8 @@ def test_each_choice_is_sampled_with_its_own_seed_and_kept_under_its_own_key() -
     )
     specs = choices.choice_specs(spec, choices.choices_asked({"n": 3}))
     assert [json.loads(s.sampling["seed"]) for s in specs] == [7, 8, 9]
-    assert [s.idempotency_key for s in specs] == ["k#1/3", "k#2/3", "k#3/3"]
+    assert [s.idempotency_key for s in specs] == ["k", "k#2", "k#3"]
+    assert [(s.choices, s.choice) for s in specs] == [(3, 0), (3, 1), (3, 2)]
     assert all(s.prompt == "x" and s.model == MODEL for s in specs)
     top = pb.RequestSpec(model=MODEL, prompt="x", sampling={"seed": str(2**63 - 1)})
     assert [json.loads(s.sampling["seed"]) for s in choices.choice_specs(top, 2)] == [2**63 - 1, 2**63 - 2]
@@ -123,19 +124,97 @@ def test_each_choice_is_sampled_with_its_own_seed_and_kept_under_its_own_key() -
     assert choices.choice_specs(spec, 1) == [spec]  # one choice: the request as it came
 
 
-def test_a_refused_choice_leaves_none_of_the_others_queued(tmp_path: Path) -> None:
+def test_choices_are_accepted_only_where_the_tenant_has_room_for_all(tmp_path: Path) -> None:
+    """The first choice holds its tenant's room for every choice: with one slot of three taken, a
+    request for three is refused at once (429) with none of them queued, and its retry with the
+    same key is served once the room is there; more choices than the tenant may ever have
+    unfinished is a 400 naming ``n``."""
+
+    async def check(stack: LocalStack) -> None:
+        long = {"model": MODEL, "prompt": "hold", "max_tokens": 2000, "ignore_eos": True}
+        async with client(stack) as c, aiohttp.ClientSession() as http:
+            holder = asyncio.ensure_future(http.post(f"{stack.http_url}/v1/completions", json=long))
+            while not stack.coordinator.book.jobs:
+                await asyncio.sleep(0.01)
+            (held,) = stack.coordinator.book.jobs
+            keyed = {"extra_headers": {"Idempotency-Key": "three"}}
+            with pytest.raises(openai.RateLimitError) as refused:
+                await c.completions.create(model=MODEL, prompt="hello", n=3, max_tokens=5, **keyed)  # type: ignore[arg-type]
+            assert "3 more asked" in refused.value.message
+            assert list(stack.coordinator.book.jobs) == [held]  # none of the three was queued
+            stack.coordinator.cancel(held, "made room")
+            (await holder).close()
+            answer = await c.completions.create(model=MODEL, prompt="hello", n=3, max_tokens=5, **keyed)  # type: ignore[arg-type]
+            assert [choice.index for choice in answer.choices] == [0, 1, 2]
+            with pytest.raises(openai.BadRequestError) as never:
+                await c.completions.create(model=MODEL, prompt="hello", n=4, max_tokens=5)
+            assert never.value.body["param"] == "n"  # type: ignore[index]
+
+    run_with_stack(tmp_path, check, instances=2, config={"tenant_limits": {"max_queued_requests": 3}})
+
+
+def test_choices_accepted_before_another_was_refused_give_up_their_keys(tmp_path: Path) -> None:
+    """Where the room went to others between the first choice and the rest, the choices accepted
+    are cancelled and give up their keys, in memory and in the journal: the retry is new."""
+    from qlm_plugin.coordinator.jobs import CHOICE_REFUSED
+
+    async def check(stack: LocalStack) -> None:
+        coord = stack.coordinator
+        spec = pb.RequestSpec(model=MODEL, prompt="x", max_tokens=4, idempotency_key="k", choices=2)
+        job, _ = await coord.submit(spec)
+        coord.cancel(job.id, CHOICE_REFUSED)
+        await coord.journal.flush()
+        assert job.state == "cancelled" and coord.journal.find_idempotent("default", "k") is None
+        again, duplicate = await coord.submit(
+            pb.RequestSpec(model=MODEL, prompt="x", max_tokens=4, idempotency_key="k", choices=2)
+        )
+        assert not duplicate and again.id != job.id
+
+    run_with_stack(tmp_path, check, instances=1)
+
+
+def test_a_key_sent_again_with_another_n_is_a_conflict(tmp_path: Path) -> None:
     async def check(stack: LocalStack) -> None:
         async with client(stack) as c:
-            with pytest.raises(openai.RateLimitError) as refused:
-                await c.completions.create(model=MODEL, prompt="hello", n=3, max_tokens=50)
-            assert refused.value.status_code == 429
-            # the two accepted before the third was refused were cancelled: the tenant's room is free
-            jobs = list(stack.coordinator.book.jobs.values())
-            assert all(job.state == "cancelled" for job in jobs) and len(jobs) <= 2
-            answer = await c.completions.create(model=MODEL, prompt="hello", n=2, max_tokens=3)
-            assert [choice.index for choice in answer.choices] == [0, 1]
+            keyed = {"extra_headers": {"Idempotency-Key": "K"}}
+            await c.completions.create(model=MODEL, prompt="hello", n=2, max_tokens=3, **keyed)  # type: ignore[arg-type]
+            for n in (1, 3):
+                with pytest.raises(openai.UnprocessableEntityError) as conflict:
+                    await c.completions.create(model=MODEL, prompt="hello", n=n, max_tokens=3, **keyed)  # type: ignore[arg-type]
+                assert "another n" in conflict.value.message
+            with pytest.raises(openai.UnprocessableEntityError):  # a key of one of its choices
+                await c.completions.create(
+                    model=MODEL, prompt="hello", max_tokens=3, extra_headers={"Idempotency-Key": "K#2"}
+                )
+        assert len(all_jobs(stack)) == 2
 
-    run_with_stack(tmp_path, check, instances=2, config={"tenant_limits": {"max_queued_requests": 2}})
+    run_with_stack(tmp_path, check, instances=2)
+
+
+def test_a_batchs_share_of_its_tenant_counts_each_choice(tmp_path: Path) -> None:
+    """A tenant's batches hold at most half its limit: in requests, so lines of two choices take
+    two each and its interactive requests still get in."""
+
+    async def check(stack: LocalStack) -> None:
+        body = {"model": MODEL, "prompt": "hello", "n": 2, "max_tokens": 300, "ignore_eos": True}
+        rows = [
+            {"custom_id": f"l{i}", "method": "POST", "url": "/v1/completions", "body": body} for i in range(6)
+        ]
+        data = "".join(json.dumps(row) + "\n" for row in rows).encode()
+        async with client(stack) as c:
+            f = await c.files.create(file=("in.jsonl", data), purpose="batch")
+            batch = await c.batches.create(
+                input_file_id=f.id, endpoint="/v1/completions", completion_window="24h"
+            )
+            while len(stack.coordinator.book.jobs) < 2:
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(0.2)
+            assert sum(not job.done.is_set() for job in stack.coordinator.book.jobs.values()) <= 2
+            answer = await c.completions.create(model=MODEL, prompt="interactive", max_tokens=2)
+            assert answer.choices[0].finish_reason == "length"
+            await c.batches.cancel(batch.id)
+
+    run_with_stack(tmp_path, check, instances=2, config={"tenant_limits": {"max_queued_requests": 4}})
 
 
 @pytest.mark.parametrize("streams", [False, True])

@@ -22,7 +22,7 @@ import logging
 import math
 import re
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -224,8 +224,10 @@ def _error_line(
 
 def _job_answer(line: Line, jobs: list[Job], ending: str, api: str) -> tuple[bool, dict[str, Any]]:
     """(whether it goes to the output file, the answer) of a line's requests (one per choice),
-    which have ended: the first one that did not finish answers for the line."""
-    job = next((one for one in jobs if one.state != "finished"), jobs[0])
+    which have ended: one that did not finish answers for the line (not one cancelled for it)."""
+    ended = [one for one in jobs if one.state != "finished"]
+    siblings = (choices.SIBLING_FAILED, choices.SIBLING_REFUSED)
+    job = next((one for one in ended if one.error not in siblings), ended[0] if ended else jobs[0])
     if job.state == "finished":
         if api == "responses":
             body = responses_api.response_object(job, responses_api.asked(job), qlm_info(job))
@@ -283,6 +285,28 @@ def poisson_at_most(k: int, mean: float) -> float:
     return float(min(1.0, np.exp(i * math.log(mean) - mean - log_factorials).sum()))
 
 
+class _Room:
+    """A tenant's room for its batches' unfinished requests, taken a line's choices at a time
+    (a line larger than the whole room waits for all of it)."""
+
+    def __init__(self, units: int) -> None:
+        self.units = self.free = units
+        self._changed = asyncio.Condition()
+
+    @contextlib.asynccontextmanager
+    async def take(self, units: int) -> AsyncIterator[None]:
+        units = min(units, self.units)
+        async with self._changed:
+            await self._changed.wait_for(lambda: self.free >= units)
+            self.free -= units
+        try:
+            yield
+        finally:
+            async with self._changed:
+                self.free += units
+                self._changed.notify_all()
+
+
 @dataclass(slots=True)
 class _Running:
     """A batch's task and what it follows."""
@@ -303,7 +327,7 @@ class BatchService:
         self.settings = settings
         self._running: dict[str, _Running] = {}
         # per tenant: the unfinished requests all of its batches may have together
-        self._tenant_room: dict[str, asyncio.Semaphore] = {}
+        self._tenant_room: dict[str, _Room] = {}
 
     async def start(self) -> None:
         """Take up every unfinished batch of the store (after a restart: from the top)."""
@@ -536,13 +560,13 @@ class BatchService:
         todo = [line for line in lines if line.index not in answered]
         running.unsent = len(todo)
         width = max(1, min(self.settings.max_in_flight, len(todo) or 1))
-        room = self._tenant_room.setdefault(batch.tenant, asyncio.Semaphore(max(1, tenant_limit // 2)))
+        room = self._tenant_room.setdefault(batch.tenant, _Room(max(1, tenant_limit // 2)))
         feed = iter(todo)
 
         async def worker() -> None:
             for line in feed:
                 # a stopped batch answers its unsent lines without waiting for room
-                async with contextlib.nullcontext() if running.stop.is_set() else room:
+                async with contextlib.nullcontext() if running.stop.is_set() else room.take(line.choices):
                     running.unsent -= 1
                     jobs = await self._submit_line(running, line)
                     if jobs is None:
@@ -554,7 +578,7 @@ class BatchService:
                             self.coord.cancel(job.id, "the batch stopped")
                     if await choices.first_failed(jobs) is not None:
                         for job in jobs:
-                            self.coord.cancel(job.id, choices.SIBLING_ENDED)
+                            self.coord.cancel(job.id, choices.SIBLING_FAILED)
                     for job in jobs:
                         await job.done.wait()
                 if all(job.state == "finished" for job in jobs):
@@ -576,7 +600,7 @@ class BatchService:
             job = await self._submit(running, line, spec)
             if job is None:
                 for earlier in jobs:
-                    self.coord.cancel(earlier.id, choices.SIBLING_ENDED)
+                    self.coord.cancel(earlier.id, choices.SIBLING_REFUSED)
                 return None
             jobs.append(job)
         return jobs
@@ -587,6 +611,7 @@ class BatchService:
         batch = running.batch
         while True:
             now = time.time()
+            spec.request_id = ""  # a refused try had one given: the next is a new submission
             if running.stop.is_set():
                 earlier = self.coord.book.duplicate(spec)
                 if earlier is not None:

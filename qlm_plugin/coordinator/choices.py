@@ -8,11 +8,14 @@ once in the usage, as OpenAI and vLLM count them. Each choice has its own reques
 
 - **Seeds**: with a ``seed``, choice ``i`` is sampled with ``seed + i``, so the answer is
   reproducible and its choices differ (the same seed for each would make them the same).
-- **All or nothing**: a choice refused at submission (a tenant's limit, an SLO the queue cannot
-  meet) cancels the ones already accepted, and the client gets that refusal; a choice that fails
-  later fails the answer (whole: its error; streamed: an error event) and cancels the others.
-- **Idempotency**: with a key, choice ``i`` of ``n`` is kept under ``<key>#<i+1>/<n>``; a retry with
-  the same key and ``n`` finds all of them.
+- **All or nothing**: the first choice is accepted only where its tenant has room for all of them
+  (``RequestSpec.choices``; more choices than the tenant may ever have unfinished is a 400). One
+  refused all the same (others took the room meanwhile) cancels those accepted before it, which
+  give up their idempotency keys, and the client gets that refusal; a choice that fails later
+  fails the answer (whole: its error; streamed: an error event) and cancels the others.
+- **Idempotency**: with a key, the first choice is kept under it and choice ``i`` under
+  ``<key>#<i+1>``, each knowing ``n``: a retry with the key finds every choice, and the key sent
+  again with another ``n`` is a conflict (422, naming ``n``).
 """
 
 from __future__ import annotations
@@ -22,14 +25,15 @@ import json
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from typing import Any
 
-from qlm_plugin.coordinator.jobs import Chunk, Job
+from qlm_plugin.coordinator.jobs import CHOICE_REFUSED, Chunk, Job
 from qlm_plugin.coordinator.openai_params import INT64_MAX, integer
 from qlm_plugin.proto.qlm.v1 import qlm_pb2 as pb
 
 #: The most choices one request may ask for (OpenAI's own bound).
 MAX_CHOICES = 128
-#: Why the other choices of a request are cancelled when one is refused or fails.
-SIBLING_ENDED = "another choice of the same request was refused or failed"
+#: Why the other choices of a request are cancelled when one is refused, or fails.
+SIBLING_REFUSED = CHOICE_REFUSED
+SIBLING_FAILED = "another choice of the same request failed"
 #: Chunks of the choices waiting to be written to a slow client, before the choices wait for it.
 MERGE_BUFFER = 64
 
@@ -50,8 +54,9 @@ def choice_specs(spec: pb.RequestSpec, n: int) -> list[pb.RequestSpec]:
     for i in range(n):
         one = pb.RequestSpec()
         one.CopyFrom(spec)
-        if spec.idempotency_key:
-            one.idempotency_key = f"{spec.idempotency_key}#{i + 1}/{n}"
+        one.choices, one.choice = n, i
+        if spec.idempotency_key and i:  # the first keeps the key: sent again with another n, a conflict
+            one.idempotency_key = f"{spec.idempotency_key}#{i + 1}"
         if seed is not None and i:
             base = int(json.loads(seed))
             one.sampling["seed"] = str(base + i if base <= INT64_MAX - i else base - i)

@@ -26,7 +26,16 @@ from qlm_plugin.brain.queue_manager import QueueManager
 from qlm_plugin.coordinator.config import CoordinatorConfig
 from qlm_plugin.coordinator.dispatch import Dispatcher
 from qlm_plugin.coordinator.instances import PendingCommand, RemoteFleet, Session
-from qlm_plugin.coordinator.jobs import CALLER_GONE, Chunk, Job, JobBook, JobsView, SubmitError, check_names
+from qlm_plugin.coordinator.jobs import (
+    CALLER_GONE,
+    CHOICE_REFUSED,
+    Chunk,
+    Job,
+    JobBook,
+    JobsView,
+    SubmitError,
+    check_names,
+)
 from qlm_plugin.coordinator.journal import TERMINAL, Journal
 from qlm_plugin.coordinator.prompt_tokens import PromptCounter
 from qlm_plugin.coordinator.registry import InstanceRegistry
@@ -72,6 +81,8 @@ def _differs(earlier: pb.RequestSpec, spec: pb.RequestSpec) -> str | None:
         return "sampling"
     if spec.max_tokens and earlier.max_tokens and spec.max_tokens != earlier.max_tokens:
         return "max_tokens"
+    if max(1, spec.choices) != max(1, earlier.choices):
+        return "n"
     return None
 
 
@@ -338,7 +349,7 @@ class Coordinator:
         if spec.max_tokens or spec.operation != "chat":  # a chat naming none keeps 0: the engine's own limit
             spec.max_tokens = request.max_tokens
         book.check_feasible(request)
-        book.check_limits(request)
+        book.check_limits(request, max(1, spec.choices - spec.choice))  # room for the rest of its choices
         if not self.dispatcher.served(request.model):
             book.count(request, +1)  # held while it waits: concurrent ones must not pass
             try:
@@ -480,6 +491,8 @@ class Coordinator:
                 job.waiters = max(0, job.waiters - 1)
                 self._caller_left(job, reason)
                 return job
+        if reason == CHOICE_REFUSED and (job := self.book.jobs.get(request_id)) is not None:
+            self.book.release_key(job)  # first: its record must not keep the key when it ends
         return self.dispatcher.cancel(request_id, reason)
 
     def _caller_left(self, job: Job, reason: str) -> None:

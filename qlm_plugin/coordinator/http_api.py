@@ -706,7 +706,7 @@ class FrontDoor:
                 return await self._stream(request, jobs, chat, usage_chunks, asked if responses else None)
             failed = await choices.first_failed(jobs)
             if failed is not None and len(jobs) > 1:
-                self._cancel(jobs, choices.SIBLING_ENDED)
+                self._cancel(jobs, choices.SIBLING_FAILED)
             if failed is not None or len(jobs) == 1:
                 answer = self._complete(failed or jobs[0], chat, asked if responses else None)
             else:
@@ -720,24 +720,38 @@ class FrontDoor:
     async def _submit_choices(
         self, specs: list[pb.RequestSpec], tenant: str | None, parent: Any, stream: bool
     ) -> list[Job]:
-        """Submit the requests of one answer's choices (:mod:`.choices`): all accepted, or none
-        left (those accepted before a refusal are cancelled, and the refusal raised)."""
-        jobs: list[Job] = []
+        """Submit the requests of one answer's choices (:mod:`.choices`): the first (which holds
+        its tenant's room for all), then the others together. All accepted, or none left: those
+        accepted before a refusal are cancelled, and the refusal raised."""
+
+        async def submit(spec: pb.RequestSpec) -> Job:
+            job, _ = await self.core.submit(
+                spec, tenant=tenant, parent=parent, cancel_if_caller_leaves=CLIENT_GONE, streams=stream
+            )
+            return job
+
+        first = await submit(specs[0])
+        if len(specs) == 1:
+            return [first]
+        for spec in specs[1:]:
+            if not spec.prompt_token_ids:
+                spec.prompt_tokens = first.request.prompt_tokens  # counted once
+        tasks = [asyncio.ensure_future(submit(spec)) for spec in specs[1:]]
         try:
-            for spec in specs:
-                if jobs and not spec.prompt_token_ids:
-                    spec.prompt_tokens = jobs[0].request.prompt_tokens  # counted once
-                job, _ = await self.core.submit(
-                    spec, tenant=tenant, parent=parent, cancel_if_caller_leaves=CLIENT_GONE, streams=stream
-                )
-                jobs.append(job)
+            await asyncio.wait(tasks)
         except asyncio.CancelledError:  # the client left: as it would leave the accepted ones
-            self._cancel(jobs, CLIENT_GONE)
+            for task in tasks:
+                task.cancel()  # one still being journaled is cancelled by the coordinator itself
+            if not self.closing:
+                accepted = [t.result() for t in tasks if t.done() and not t.cancelled() and not t.exception()]
+                self._cancel([first, *accepted], CLIENT_GONE)
             raise
-        except Exception:
-            self._cancel(jobs, choices.SIBLING_ENDED)
-            raise
-        return jobs
+        refused = next((t.exception() for t in tasks if t.exception() is not None), None)
+        if refused is not None:
+            accepted = [t.result() for t in tasks if t.exception() is None]
+            self._cancel([first, *accepted], choices.SIBLING_REFUSED)
+            raise refused
+        return [first, *(task.result() for task in tasks)]
 
     def _cancel(self, jobs: Sequence[Job], reason: str) -> None:
         for job in jobs:
@@ -832,7 +846,7 @@ class FrontDoor:
                     await job.done.wait()
                     if job.state != "finished":
                         if len(jobs) > 1:
-                            self._cancel(jobs, choices.SIBLING_ENDED)
+                            self._cancel(jobs, choices.SIBLING_FAILED)
                         status, message = unfinished(job)
                         await send(
                             {"error": error_object(status, message, code=job.state), "qlm": qlm_info(job)}

@@ -64,6 +64,9 @@ GENERATED_ID_PREFIX = "req-"
 #: Why a request is cancelled when its caller leaves: an HTTP client gone (no one to answer), or
 #: the front-door worker serving it (its clients are gone with it).
 CLIENT_GONE = "the client disconnected"
+#: Why the choices of a request accepted before another of them was refused are cancelled; they
+#: give up their idempotency keys (:meth:`JobBook.release_key`), as a refused request holds none.
+CHOICE_REFUSED = "another choice of the same request was refused"
 WORKER_GONE = "the front-door worker serving the client went away"
 CALLER_GONE = frozenset({CLIENT_GONE, WORKER_GONE})
 #: The finish reason of a failed request that an engine refused (a value it cannot take): a 400 to
@@ -231,6 +234,8 @@ def spec_to_dict(spec: pb.RequestSpec) -> dict[str, Any]:
         out["service_tier"] = spec.service_tier
     if spec.response_echo:
         out["response_echo"] = spec.response_echo
+    if spec.choices:
+        out["choices"], out["choice"] = spec.choices, spec.choice
     return out
 
 
@@ -372,23 +377,33 @@ class JobBook:
         load[0] += sign
         load[1] += sign * (request.prompt_tokens + request.max_tokens)
 
-    def check_limits(self, request: Request) -> None:
-        """Refuse (:class:`SubmitError`, ``limit``) a request beyond its tenant's limits."""
+    def check_limits(self, request: Request, choices: int = 1) -> None:
+        """Refuse (:class:`SubmitError`, ``limit``) a request beyond its tenant's limits;
+        ``choices``: room is needed for that many like it (the rest of a request's choices)."""
         limits = self.cfg.limits_for(request.tenant)
         load = self.tenant_load.get(request.tenant, [0, 0])
         tokens = request.prompt_tokens + request.max_tokens
-        if tokens > limits.max_queued_tokens:  # never fits, even alone: a retry cannot help
+        if tokens * choices > limits.max_queued_tokens:  # never fits, even alone: a retry cannot help
+            each = f" for each of {choices} choices" if choices > 1 else ""
             raise SubmitError(
                 "invalid",
-                f"the request's {tokens} tokens (prompt and max_tokens) exceed tenant {request.tenant!r}'s "
-                f"limit of {limits.max_queued_tokens} queued tokens; ask for fewer",
+                f"the request's {tokens} tokens (prompt and max_tokens){each} exceed tenant "
+                f"{request.tenant!r}'s limit of {limits.max_queued_tokens} queued tokens; ask for fewer",
                 "max_tokens",
             )
-        if load[0] + 1 > limits.max_queued_requests:
+        if choices > limits.max_queued_requests:
+            raise SubmitError(
+                "invalid",
+                f"{choices} choices are more than tenant {request.tenant!r}'s limit of "
+                f"{limits.max_queued_requests} unfinished requests; ask for fewer",
+                "n",
+            )
+        tokens *= choices
+        if load[0] + choices > limits.max_queued_requests:
             raise SubmitError(
                 "limit",
                 f"tenant {request.tenant!r} has {load[0]} unfinished requests "
-                f"(limit {limits.max_queued_requests})",
+                f"(limit {limits.max_queued_requests})" + (f"; {choices} more asked" if choices > 1 else ""),
                 retry_after_s=1.0,
             )
         if load[1] + tokens > limits.max_queued_tokens:
@@ -409,6 +424,17 @@ class JobBook:
         if rid is None:
             return None
         return self.lookup(rid)
+
+    def release_key(self, job: Job) -> None:
+        """``job`` no longer holds its idempotency key: a new request with the key is a new one
+        (the choices accepted before another of their request was refused)."""
+        key = (job.spec.tenant, job.spec.idempotency_key)
+        if not key[1]:
+            return
+        if self.by_key.get(key) == job.id:
+            del self.by_key[key]
+        job.spec.idempotency_key = ""
+        self.journal.forget_key(job.id)
 
     def claim_id(self, spec: pb.RequestSpec) -> None:
         """The request's id: the client's, if not taken (:class:`SubmitError`), else a new one."""

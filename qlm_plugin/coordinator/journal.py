@@ -155,6 +155,7 @@ _DISPATCHED: Final = (
 _REQUEUED: Final = (
     f"UPDATE jobs SET state = 'queued', instance_id = NULL, failures = ? WHERE request_id = ? AND {_LIVE}"
 )
+_FORGET_KEY: Final = "UPDATE jobs SET idempotency_key = NULL WHERE request_id = ?"
 #: What each older schema version lacks.
 _UPGRADES: Final = {
     1: ("ALTER TABLE jobs ADD COLUMN failures INTEGER NOT NULL DEFAULT 0",),
@@ -187,7 +188,7 @@ class _SyncWaiter:
 
 
 class _Op(NamedTuple):
-    kind: str  # accept | dispatched | requeued | finished | flush | stop
+    kind: str  # accept | dispatched | requeued | forget_key | finished | flush | stop
     sql: str | None  # None: a marker, nothing to write
     params: tuple[Any, ...]
     waiter: asyncio.Future[None] | _SyncWaiter | None
@@ -375,6 +376,10 @@ class Journal:
         """Queue: the request is back in the queue, on no instance (its attempt count is kept),
         with ``failures`` attempts failed so far."""
         self._enqueue(_Op("requeued", _REQUEUED, (failures, request_id), None))
+
+    def forget_key(self, request_id: str) -> None:
+        """Queue: the request no longer holds its idempotency key (a new request may take it)."""
+        self._enqueue(_Op("forget_key", _FORGET_KEY, (request_id,), None))
 
     def finished(
         self,

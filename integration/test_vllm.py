@@ -381,6 +381,51 @@ def test_log_probabilities_come_from_the_engine_whole_and_streamed(stack: Stack)
     assert part.type == "output_text" and len(part.logprobs or []) == 6
 
 
+def test_an_echo_scores_the_prompt_as_evaluation_harnesses_ask(stack: Stack) -> None:
+    """lm-evaluation-harness's loglikelihood request (a token-id prompt, ``echo``, ``logprobs``,
+    one token): the answer's log probabilities are the prompt's (its first token's null) then the
+    output's, its text the engine's tokens of the prompt then the output; a text prompt's echo
+    starts with the text itself; and streamed the same."""
+    import openai
+
+    client = openai.OpenAI(base_url=f"{stack.url}/v1", api_key="unused", max_retries=0, timeout=120)
+    ids = [10, 20, 30, 40, 50]
+    scored = client.completions.create(
+        model=MODEL, prompt=ids, echo=True, logprobs=1, max_tokens=1, temperature=0.0, seed=1234
+    )
+    lp = scored.choices[0].logprobs
+    assert (
+        lp is not None
+        and lp.token_logprobs is not None
+        and lp.tokens is not None
+        and lp.top_logprobs is not None
+    )
+    assert len(lp.token_logprobs) == len(ids) + 1 and lp.token_logprobs[0] is None
+    assert all(v is not None and v <= 0 for v in lp.token_logprobs[1:])
+    assert lp.top_logprobs[0] is None and all(len(t) >= 1 for t in lp.top_logprobs[1:])
+    assert scored.choices[0].text == "".join(lp.tokens)
+    text = client.completions.create(model=MODEL, prompt="hello world", echo=True, logprobs=0, max_tokens=3)
+    assert text.choices[0].text.startswith("hello world")
+    tokens = text.choices[0].logprobs.tokens or []  # type: ignore[union-attr]
+    assert "".join(tokens[:-3]) == "hello world"  # the engine's tokens of the prompt, then 3 more
+    streamed: list[float | None] = []
+    first = ""
+    for chunk in client.completions.create(
+        model=MODEL,
+        prompt=ids,
+        echo=True,
+        logprobs=1,
+        max_tokens=2,
+        stream=True,
+        extra_body={"ignore_eos": True},
+    ):
+        for choice in chunk.choices:
+            first = first or choice.text
+            streamed += (choice.logprobs.token_logprobs or []) if choice.logprobs is not None else []
+    assert len(streamed) == len(ids) + 2 and streamed[0] is None
+    assert first.startswith(scored.choices[0].text[: len("".join(lp.tokens[:5]))])
+
+
 def test_several_choices_are_sampled_by_the_engine_each_with_its_seed(stack: Stack) -> None:
     """``n`` choices are that many requests on the engines, each sampled with ``seed + i``: they
     differ, the same request again gives the same choices, and streamed each comes with its index."""

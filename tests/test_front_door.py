@@ -382,7 +382,7 @@ def test_a_prompt_of_token_ids_is_accepted(prompt: Any) -> None:
         ({"model": "m", "prompt": [[1], [2]]}, False, "prompt"),
         ({**BASE, "best_of": 3}, False, "best_of"),
         ({**BASE, "use_beam_search": True}, False, "use_beam_search"),
-        ({**BASE, "echo": True}, False, "echo"),
+        ({**CHAT, "echo": True}, True, "echo"),
         ({**BASE, "prompt_logprobs": 1}, False, "prompt_logprobs"),
         ({**BASE, "suffix": "tail"}, False, "suffix"),
         ({**BASE, "tools": [{"type": "function", "function": {"name": "f"}}]}, False, "tools"),

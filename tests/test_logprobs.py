@@ -206,7 +206,9 @@ def test_instances_that_cannot_give_them_refuse_them_at_the_door(tmp_path: Path)
         ({"logprobs": True}, False, "logprobs"),
         ({"top_logprobs": 3}, False, "top_logprobs"),  # a chat's field
         ({"prompt_logprobs": 1}, False, "prompt_logprobs"),
-        ({"echo": True}, False, "echo"),
+        ({"echo": "yes"}, False, "echo"),
+        ({"echo": True}, True, "echo"),  # vLLM's chat echo (of the last message): not carried
+        ({"echo": True, "prompt": [1, 2]}, False, "echo"),  # token ids are echoed from their logprobs
     ],
 )
 def test_a_malformed_value_is_a_400_naming_it(extra: dict[str, Any], chat: bool, param: str) -> None:

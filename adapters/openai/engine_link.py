@@ -305,6 +305,7 @@ class OpenAIEngineLink:
             body["max_tokens"] = max(1, spec.max_tokens - a.resume_tokens)
         for key, value in spec.sampling.items():
             body[key] = json.loads(value)
+        body.pop("echo", None)  # the coordinator echoes the prompt (its log probabilities: not here)
         if spec.true_output_tokens:
             body["ignore_eos"] = True
             body["max_tokens"] = max(

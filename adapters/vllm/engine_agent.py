@@ -83,7 +83,7 @@ class VLLMEngineLink:
         self.on_gpu = self.gpu != "cpu"
         # response_format and structured_outputs: its grammar backend; tools: its OpenAI server (a
         # named or required tool_choice by that grammar; "auto" needs the server's --tool-call-parser)
-        caps = ["evict", "structured_output", "tools", "logprobs"]
+        caps = ["evict", "structured_output", "tools", "logprobs", "prompt_logprobs"]
         if self.on_gpu:
             caps += ["load_model", "warm_start"]
         if sched.vllm_config.kv_transfer_config is not None:

@@ -355,6 +355,7 @@ class Dispatcher:
             job.chunks.clear()
             job.tool_calls.clear()
             job.logprobs.clear()
+            job.prompt_logprobs = None
             job.tokens, job.output_ids, job.first_token_at = 0, [], None
         if job.instance is not None:
             s = self.fleet.sessions.get(job.instance)
@@ -431,6 +432,8 @@ class Dispatcher:
                         "request %s: tokens past max_tokens %d dropped", job.id, job.request.max_tokens
                     )
                     continue
+                if ev.prompt_logprobs and ev.index == 0:  # an echoed prompt's, with the first tokens
+                    job.prompt_logprobs = _json_list(ev.prompt_logprobs)
                 job.chunks.append(ev.text)
                 job.tokens += tokens
                 if calls:

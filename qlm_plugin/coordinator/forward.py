@@ -105,6 +105,10 @@ def request_body(
     }
     for key, value in spec.sampling.items():
         body[key] = json.loads(value)
+    if body.get("echo") and (job.tokens or body.get("logprobs") is None):
+        # The engine echoes only for the prompt's log probabilities, on an attempt from scratch
+        # (a resumed one's prompt holds output); the coordinator writes the prompt's text itself.
+        del body["echo"]
     if spec.true_output_tokens:  # a benchmark's fixed output length: generate exactly that many
         body["ignore_eos"] = True
         body["max_tokens"] = max(1, min(spec.true_output_tokens, r.max_tokens) - job.tokens)
@@ -161,6 +165,8 @@ async def forward(
     prompt_ids: list[int] | None = None  # the engine's ids of the prompt, on an attempt from scratch
     held: list[int] = []  # ids streamed whose text has not come yet
     held_logprobs: list[dict[str, Any]] = []  # and their log probabilities
+    echoed: list[dict[str, Any]] | None = None  # the prompt's, of an echo: sent with the first tokens
+    echoes = False  # set once the request is sent
     in_transit = True  # until the engine's server answers (or the request fails on its way)
 
     def gone(reason: str) -> None:
@@ -182,6 +188,7 @@ async def forward(
             resume_ids = await tokenize(http, s.endpoint, model, job.text)
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=CONNECT_TIMEOUT_S, sock_read=read_timeout_s)
         body = request_body(job, attempt, model, resume_ids, predicted)
+        echoes = bool(body.get("echo"))
         async with http.post(
             f"{s.endpoint.rstrip('/')}{endpoint_path(body)}",
             json=body,
@@ -228,7 +235,12 @@ async def forward(
                     ids = choice.get("token_ids")
                     if ids is not None:
                         held.extend(ids)  # the detokenizer may hold a token's text back a chunk
-                    held_logprobs.extend(logprob_entries(choice) or ())
+                    entries = logprob_entries(choice) or []
+                    if echoes and echoed is None and choice.get("prompt_token_ids") is not None:
+                        # vLLM's first chunk of an echo: the prompt's entries, then the output's
+                        count = len(choice["prompt_token_ids"])
+                        echoed, entries = entries[:count], entries[count:]
+                    held_logprobs.extend(entries)
                     if text or calls:
                         n = max(1, len(held)) if ids is not None else 1
                         delivered = job.tokens
@@ -242,6 +254,7 @@ async def forward(
                             text=text,
                             tool_calls=tool_calls,
                             logprobs=logprobs,
+                            prompt_logprobs=json.dumps(echoed) if echoed is not None and index == 0 else "",
                         )
                         index += n
                         if job.tokens == delivered + n:
@@ -295,7 +308,15 @@ async def forward(
         # Chunks are not always one token each: the detokenizer holds back the text of a partial
         # character, which at the end of the output never comes (its log probabilities did).
         logprobs = json.dumps(held_logprobs) if held_logprobs else ""
-        emit(kind=Event.TOKENS, index=index, tokens=usage_tokens - streamed, text="", logprobs=logprobs)
+        prompt_logprobs = json.dumps(echoed) if echoed is not None and index == 0 else ""
+        emit(
+            kind=Event.TOKENS,
+            index=index,
+            tokens=usage_tokens - streamed,
+            text="",
+            logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs,
+        )
     emit(kind=Event.FINISHED, finish_reason=finish_reason)
 
 

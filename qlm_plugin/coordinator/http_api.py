@@ -43,6 +43,7 @@ from qlm_plugin.coordinator.openai_params import (
     UsageChunks,
     check_supported,
     check_unicode,
+    echo_param,
     flag,
     integer,
     key_name,
@@ -306,6 +307,11 @@ def parse_openai(
     if chat:
         spec.sampling.update(tool_params(body))
     spec.sampling.update(logprob_params(body, chat))
+    spec.sampling.update(echo_param(body, chat))
+    if "echo" in spec.sampling and spec.prompt_token_ids and "logprobs" not in spec.sampling:
+        raise BadRequest(
+            "echo", "a prompt of token ids is echoed from its log probabilities: ask for logprobs too"
+        )
     max_key = (
         "max_completion_tokens" if chat and body.get("max_completion_tokens") is not None else "max_tokens"
     )
@@ -401,6 +407,14 @@ def usage(job: Job) -> dict[str, int]:
     }
 
 
+def echoed(job: Job) -> str:
+    """What a completion's answer starts with: its prompt where it asked for an echo, else nothing.
+    A prompt of token ids is echoed as the engine's tokens of it (from their log probabilities)."""
+    if "echo" not in job.spec.sampling:
+        return ""
+    return job.spec.prompt or "".join(str(e.get("token", "")) for e in job.prompt_logprobs or ())
+
+
 def completion_body(job: Job, chat: bool) -> dict[str, Any]:
     """The OpenAI body of a finished job's answer (``chat.completion`` or ``text_completion``)."""
     reason = job.finish_reason or "length"
@@ -418,8 +432,11 @@ def completion_body(job: Job, chat: bool) -> dict[str, Any]:
         }
         obj, prefix = "chat.completion", "chatcmpl"
     else:
-        logprobs = completion_logprobs(job.logprobs) if asked else None
-        choice = {"index": 0, "text": job.text, "finish_reason": reason, "logprobs": logprobs}
+        entries = (
+            [*(job.prompt_logprobs or ()), *job.logprobs] if "echo" in job.spec.sampling else job.logprobs
+        )
+        logprobs = completion_logprobs(entries) if asked else None
+        choice = {"index": 0, "text": echoed(job) + job.text, "finish_reason": reason, "logprobs": logprobs}
         obj, prefix = "text_completion", "cmpl"
     return {
         "id": f"{prefix}-{job.id}",
@@ -877,9 +894,13 @@ class FrontDoor:
                     if chunk.logprobs:
                         choice["logprobs"] = {"content": chunk.logprobs}
                 else:
-                    logprobs = completion_logprobs(chunk.logprobs, chars[i]) if chunk.logprobs else None
-                    choice = {"index": i, "text": chunk.text, "finish_reason": None, "logprobs": logprobs}
-                chars[i] += len(chunk.text)
+                    text, entries = chunk.text, chunk.logprobs
+                    if first[i] and "echo" in job.spec.sampling:  # the prompt first
+                        text = echoed(job) + text
+                        entries = [*(job.prompt_logprobs or ()), *(entries or ())]
+                    logprobs = completion_logprobs(entries, chars[i]) if entries else None
+                    choice = {"index": i, "text": text, "finish_reason": None, "logprobs": logprobs}
+                    chars[i] += len(text)
                 payload: dict[str, Any] = {**base, "choices": [choice]}
                 if usage_chunks == "every":
                     made = chunk.index + chunk.tokens

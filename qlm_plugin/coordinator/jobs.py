@@ -147,6 +147,7 @@ class Job:
     tokens: int = 0
     tool_calls: list[dict[str, Any]] = field(default_factory=list)  # so far (merge_tool_calls)
     logprobs: list[dict[str, Any]] = field(default_factory=list)  # per token, as OpenAI chat's entries
+    prompt_logprobs: list[dict[str, Any]] | None = None  # the prompt's, of a completion echoing it
     # The engine's own token ids of the prompt and of the delivered output (an engine served over
     # HTTP returns them), so that a resumed attempt continues from exactly those tokens: the
     # delivered text, tokenized again, can come to more tokens and no longer fit the context.
@@ -588,7 +589,7 @@ class JobBook:
         job = Job(self._past_request(spec, arrival), spec, state=state, attempt=attempt, instance=instance)
         job.chunks, job.tokens = [text], tokens
         job.tool_calls = json.loads(calls) if calls else []
-        job.logprobs = json.loads(logprobs) if logprobs else []
+        job.prompt_logprobs, job.logprobs = unpack_logprobs(logprobs)
         job.first_token_at, job.finished_at, job.finish_reason, job.error = first, last, reason, error
         job.preemptions, job.wasted_tokens, job.failures = preemptions, wasted, failures
         job.output_ids = None
@@ -625,7 +626,7 @@ class JobBook:
             finish_reason=finish_reason,
             error=error,
             tool_calls=dumps(job.tool_calls).decode() if job.tool_calls else "",
-            logprobs=dumps(job.logprobs).decode() if job.logprobs else "",
+            logprobs=pack_logprobs(job),
         )
 
     def announce(self, job: Job, now: float) -> None:
@@ -685,8 +686,24 @@ def pack(job: Job) -> Finished:
         job.wasted_tokens,
         job.failures,
         dumps(job.tool_calls).decode() if job.tool_calls else "",
-        dumps(job.logprobs).decode() if job.logprobs else "",
+        pack_logprobs(job),
     )
+
+
+def pack_logprobs(job: Job) -> str:
+    """A job's log probabilities as kept (the journal's ``logprobs``, a packed job): its output's
+    entries (JSON), or with an echoed prompt's ``{"prompt": [...], "output": [...]}``."""
+    if job.prompt_logprobs is not None:
+        return dumps({"prompt": job.prompt_logprobs, "output": job.logprobs}).decode()
+    return dumps(job.logprobs).decode() if job.logprobs else ""
+
+
+def unpack_logprobs(kept: str) -> tuple[list[dict[str, Any]] | None, list[dict[str, Any]]]:
+    """(the prompt's entries, the output's) of :func:`pack_logprobs`'s text."""
+    value = json.loads(kept) if kept else []
+    if isinstance(value, dict):
+        return value["prompt"], value["output"]
+    return None, value
 
 
 def status_message(job: Job) -> pb.RequestStatus:

@@ -456,6 +456,20 @@ def logprob_params(body: Mapping[str, Any], chat: bool) -> dict[str, str]:
     return out
 
 
+def echo_param(body: Mapping[str, Any], chat: bool) -> dict[str, str]:
+    """A completion's ``echo`` (the answer's text, and its log probabilities, start with the
+    prompt's), for ``RequestSpec.sampling``; empty when not asked for. The chat endpoint's (vLLM's,
+    which echoes the last message) is refused."""
+    echo = body.get("echo")
+    if echo is None or echo is False:
+        return {}
+    if not isinstance(echo, bool):
+        raise BadRequest("echo", f"must be true or false, got {show(echo)}")
+    if chat:
+        raise BadRequest("echo", "echoing the last message is not supported by the coordinator (only false)")
+    return {"echo": "true"}
+
+
 def metadata_param(value: Any, param: str = "metadata") -> dict[str, str] | None:
     """OpenAI's metadata: at most 16 pairs, keys up to 64 characters, values up to 512."""
     if value is None:
@@ -519,7 +533,6 @@ def _is_one(value: Any) -> bool:
 UNSUPPORTED: dict[str, tuple[Callable[[Any], bool], str, str]] = {
     "best_of": (lambda v: v is None or _is_one(v), "several candidates per request", "only 1"),
     "use_beam_search": (lambda v: v is None or v is False, "beam search", "only false"),
-    "echo": (lambda v: v is None or v is False, "echoing the prompt", "only false"),
     # the output's log probabilities are served (logprob_params); the prompt's are not
     "prompt_logprobs": (lambda v: v is None, "log probabilities of the prompt", "only null"),
     "suffix": (lambda v: v is None or v == "", "a suffix", "only null or ''"),

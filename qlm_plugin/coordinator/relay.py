@@ -93,6 +93,8 @@ def relay_job(job: Job, *, duplicate: bool = False, text: bool = False) -> pb.Re
             out.tool_calls = dumps(job.tool_calls).decode()
         if job.logprobs:
             out.logprobs = dumps(job.logprobs).decode()
+        if job.prompt_logprobs is not None:
+            out.prompt_logprobs = dumps(job.prompt_logprobs).decode()
     return out
 
 
@@ -130,6 +132,8 @@ def job_from_relay(m: pb.RelayJob, spec: pb.RequestSpec) -> Job:
         job.tool_calls = json.loads(m.tool_calls)
     if m.logprobs:
         job.logprobs = json.loads(m.logprobs)
+    if m.prompt_logprobs:
+        job.prompt_logprobs = json.loads(m.prompt_logprobs)
     update_job(job, m)
     return job
 
@@ -246,6 +250,8 @@ class _Follower:
                 chunk.tool_calls = dumps(item.tool_calls).decode()
             if item.logprobs:
                 chunk.logprobs = dumps(item.logprobs).decode()
+            if item.index == 0 and job.prompt_logprobs is not None:
+                chunk.prompt_logprobs = dumps(job.prompt_logprobs).decode()
             self.outbox.add(pb.RelayEvent(chunk=pb.RelayChunk(request_id=job.id, chunk=chunk)))
             return
         # The end: once, whichever of the two comes first. It stays a listener (removing it here
@@ -503,6 +509,8 @@ class RelayClient:
                 job.chunks.clear()
                 job.tool_calls.clear()
                 job.logprobs.clear()
+            if c.prompt_logprobs:
+                job.prompt_logprobs = json.loads(c.prompt_logprobs)
             job.chunks.append(c.text)
             if calls:
                 merge_tool_calls(job.tool_calls, calls)

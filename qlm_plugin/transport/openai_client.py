@@ -20,8 +20,15 @@ STRUCTURED_OUTPUT = "structured_output"
 TOOLS = "tools"
 #: The capability of an engine that returns its tokens' log probabilities (``logprobs``).
 LOGPROBS = "logprobs"
+#: The capability of an engine that gives a completion's prompt's log probabilities (``echo``).
+PROMPT_LOGPROBS = "prompt_logprobs"
 #: What a capability lets an engine do, as an error message names it.
-FEATURES = {STRUCTURED_OUTPUT: "structured output", TOOLS: "tool calls", LOGPROBS: "log probabilities"}
+FEATURES = {
+    STRUCTURED_OUTPUT: "structured output",
+    TOOLS: "tool calls",
+    LOGPROBS: "log probabilities",
+    PROMPT_LOGPROBS: "the prompt's log probabilities (echo with logprobs)",
+}
 
 
 class TokenizeError(Exception):
@@ -48,12 +55,13 @@ def constraint(sampling: Mapping[str, str]) -> tuple[str, str] | None:
     after another's output: (that capability, the field that asks for it); None when it asks for
     neither. A grammar's state and a tool call (parsed from the whole output, or forced by a grammar)
     are one engine's, from the first token."""
-    return next((need for need in needs(sampling) if need[0] != LOGPROBS), None)
+    return next((need for need in needs(sampling) if need[0] not in (LOGPROBS, PROMPT_LOGPROBS)), None)
 
 
 def needs(sampling: Mapping[str, str]) -> list[tuple[str, str]]:
     """Every capability a request needs of its engine, each with the field that asks for it: its
-    :func:`constraint`'s, and log probabilities (which, unlike those, continue on another engine)."""
+    :func:`constraint`'s, and log probabilities, of the output and of an echoed prompt (which,
+    unlike those, continue on another engine: the prompt's come with the first tokens)."""
     out = []
     field = structured_output_field(sampling)
     if field is not None:
@@ -62,6 +70,8 @@ def needs(sampling: Mapping[str, str]) -> list[tuple[str, str]]:
         out.append((TOOLS, "tools"))
     if "logprobs" in sampling:
         out.append((LOGPROBS, "logprobs"))
+        if "echo" in sampling:
+            out.append((PROMPT_LOGPROBS, "echo"))
     return out
 
 
@@ -109,11 +119,17 @@ def completion_logprobs(entries: list[dict[str, Any]], offset: int = 0) -> dict[
         "text_offset": offsets,
         "token_logprobs": [e.get("logprob") for e in entries],
         "tokens": [e.get("token") for e in entries],
-        "top_logprobs": [
-            {t.get("token"): t.get("logprob") for t in e.get("top_logprobs") or () if isinstance(t, dict)}
-            for e in entries
-        ],
+        "top_logprobs": [_alternatives(e) for e in entries],
     }
+
+
+def _alternatives(entry: Mapping[str, Any]) -> dict[Any, Any] | None:
+    """An entry's alternatives as a completion's ``top_logprobs`` item: null for a prompt's first
+    token, which has none (as vLLM and OpenAI answer)."""
+    tops = entry.get("top_logprobs")
+    if entry.get("logprob") is None and not tops:
+        return None
+    return {t.get("token"): t.get("logprob") for t in tops or () if isinstance(t, dict)}
 
 
 def tool_call_deltas(choice: Mapping[str, Any]) -> list[dict[str, Any]] | None:

@@ -153,7 +153,7 @@ class CancelReply(_message.Message):
     def __init__(self, cancelled: _Optional[bool] = ..., state: _Optional[str] = ...) -> None: ...
 
 class OutputChunk(_message.Message):
-    __slots__ = ("text", "index", "tokens", "finished", "finish_reason", "tool_calls", "logprobs")
+    __slots__ = ("text", "index", "tokens", "finished", "finish_reason", "tool_calls", "logprobs", "prompt_logprobs")
     TEXT_FIELD_NUMBER: _ClassVar[int]
     INDEX_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -161,6 +161,7 @@ class OutputChunk(_message.Message):
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
     TOOL_CALLS_FIELD_NUMBER: _ClassVar[int]
     LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     text: str
     index: int
     tokens: int
@@ -168,7 +169,8 @@ class OutputChunk(_message.Message):
     finish_reason: str
     tool_calls: str
     logprobs: str
-    def __init__(self, text: _Optional[str] = ..., index: _Optional[int] = ..., tokens: _Optional[int] = ..., finished: _Optional[bool] = ..., finish_reason: _Optional[str] = ..., tool_calls: _Optional[str] = ..., logprobs: _Optional[str] = ...) -> None: ...
+    prompt_logprobs: str
+    def __init__(self, text: _Optional[str] = ..., index: _Optional[int] = ..., tokens: _Optional[int] = ..., finished: _Optional[bool] = ..., finish_reason: _Optional[str] = ..., tool_calls: _Optional[str] = ..., logprobs: _Optional[str] = ..., prompt_logprobs: _Optional[str] = ...) -> None: ...
 
 class StepTiming(_message.Message):
     __slots__ = ("start", "duration_s", "prefill_tokens", "decode_tokens", "batch_size")
@@ -399,7 +401,7 @@ class CommandAck(_message.Message):
     def __init__(self, session: _Optional[str] = ..., command_id: _Optional[str] = ..., ok: _Optional[bool] = ..., error: _Optional[str] = ..., wasted_tokens: _Optional[int] = ..., transfer_s: _Optional[float] = ..., ready_at: _Optional[float] = ..., warm: _Optional[bool] = ...) -> None: ...
 
 class RequestEvent(_message.Message):
-    __slots__ = ("request_id", "attempt", "kind", "index", "text", "tokens", "time", "finish_reason", "preemptions", "wasted_tokens", "error", "tool_calls", "logprobs")
+    __slots__ = ("request_id", "attempt", "kind", "index", "text", "tokens", "time", "finish_reason", "preemptions", "wasted_tokens", "error", "tool_calls", "logprobs", "prompt_logprobs")
     class Kind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         TOKENS: _ClassVar[RequestEvent.Kind]
@@ -429,6 +431,7 @@ class RequestEvent(_message.Message):
     ERROR_FIELD_NUMBER: _ClassVar[int]
     TOOL_CALLS_FIELD_NUMBER: _ClassVar[int]
     LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     attempt: int
     kind: RequestEvent.Kind
@@ -442,7 +445,8 @@ class RequestEvent(_message.Message):
     error: str
     tool_calls: str
     logprobs: str
-    def __init__(self, request_id: _Optional[str] = ..., attempt: _Optional[int] = ..., kind: _Optional[_Union[RequestEvent.Kind, str]] = ..., index: _Optional[int] = ..., text: _Optional[str] = ..., tokens: _Optional[int] = ..., time: _Optional[float] = ..., finish_reason: _Optional[str] = ..., preemptions: _Optional[int] = ..., wasted_tokens: _Optional[int] = ..., error: _Optional[str] = ..., tool_calls: _Optional[str] = ..., logprobs: _Optional[str] = ...) -> None: ...
+    prompt_logprobs: str
+    def __init__(self, request_id: _Optional[str] = ..., attempt: _Optional[int] = ..., kind: _Optional[_Union[RequestEvent.Kind, str]] = ..., index: _Optional[int] = ..., text: _Optional[str] = ..., tokens: _Optional[int] = ..., time: _Optional[float] = ..., finish_reason: _Optional[str] = ..., preemptions: _Optional[int] = ..., wasted_tokens: _Optional[int] = ..., error: _Optional[str] = ..., tool_calls: _Optional[str] = ..., logprobs: _Optional[str] = ..., prompt_logprobs: _Optional[str] = ...) -> None: ...
 
 class EventBatch(_message.Message):
     __slots__ = ("session", "seq", "events", "credit")
@@ -654,7 +658,7 @@ class RelayChunk(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., chunk: _Optional[_Union[OutputChunk, _Mapping]] = ...) -> None: ...
 
 class RelayJob(_message.Message):
-    __slots__ = ("request_id", "model", "prompt_tokens", "max_tokens", "arrival_time", "ttft_deadline", "e2e_deadline", "slo_class", "priority", "weight", "tenant", "duplicate", "has_admission", "can_meet_slo", "planned_instance", "wait_mean_s", "p_meet", "state", "text", "tokens", "first_token_at", "finished_at", "finish_reason", "error", "instance_id", "attempt", "tool_calls", "logprobs")
+    __slots__ = ("request_id", "model", "prompt_tokens", "max_tokens", "arrival_time", "ttft_deadline", "e2e_deadline", "slo_class", "priority", "weight", "tenant", "duplicate", "has_admission", "can_meet_slo", "planned_instance", "wait_mean_s", "p_meet", "state", "text", "tokens", "first_token_at", "finished_at", "finish_reason", "error", "instance_id", "attempt", "tool_calls", "logprobs", "prompt_logprobs")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -683,6 +687,7 @@ class RelayJob(_message.Message):
     ATTEMPT_FIELD_NUMBER: _ClassVar[int]
     TOOL_CALLS_FIELD_NUMBER: _ClassVar[int]
     LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     model: str
     prompt_tokens: int
@@ -711,4 +716,5 @@ class RelayJob(_message.Message):
     attempt: int
     tool_calls: str
     logprobs: str
-    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., max_tokens: _Optional[int] = ..., arrival_time: _Optional[float] = ..., ttft_deadline: _Optional[float] = ..., e2e_deadline: _Optional[float] = ..., slo_class: _Optional[str] = ..., priority: _Optional[int] = ..., weight: _Optional[float] = ..., tenant: _Optional[str] = ..., duplicate: _Optional[bool] = ..., has_admission: _Optional[bool] = ..., can_meet_slo: _Optional[bool] = ..., planned_instance: _Optional[str] = ..., wait_mean_s: _Optional[float] = ..., p_meet: _Optional[float] = ..., state: _Optional[str] = ..., text: _Optional[str] = ..., tokens: _Optional[int] = ..., first_token_at: _Optional[float] = ..., finished_at: _Optional[float] = ..., finish_reason: _Optional[str] = ..., error: _Optional[str] = ..., instance_id: _Optional[str] = ..., attempt: _Optional[int] = ..., tool_calls: _Optional[str] = ..., logprobs: _Optional[str] = ...) -> None: ...
+    prompt_logprobs: str
+    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., max_tokens: _Optional[int] = ..., arrival_time: _Optional[float] = ..., ttft_deadline: _Optional[float] = ..., e2e_deadline: _Optional[float] = ..., slo_class: _Optional[str] = ..., priority: _Optional[int] = ..., weight: _Optional[float] = ..., tenant: _Optional[str] = ..., duplicate: _Optional[bool] = ..., has_admission: _Optional[bool] = ..., can_meet_slo: _Optional[bool] = ..., planned_instance: _Optional[str] = ..., wait_mean_s: _Optional[float] = ..., p_meet: _Optional[float] = ..., state: _Optional[str] = ..., text: _Optional[str] = ..., tokens: _Optional[int] = ..., first_token_at: _Optional[float] = ..., finished_at: _Optional[float] = ..., finish_reason: _Optional[str] = ..., error: _Optional[str] = ..., instance_id: _Optional[str] = ..., attempt: _Optional[int] = ..., tool_calls: _Optional[str] = ..., logprobs: _Optional[str] = ..., prompt_logprobs: _Optional[str] = ...) -> None: ...

@@ -423,6 +423,10 @@ def test_an_echo_scores_the_prompt_as_evaluation_harnesses_ask(stack: Stack) -> 
             first = first or choice.text
             streamed += (choice.logprobs.token_logprobs or []) if choice.logprobs is not None else []
     assert len(streamed) == len(ids) + 2 and streamed[0] is None
+    alone = client.completions.create(model=MODEL, prompt=ids, echo=True, logprobs=1, max_tokens=0)
+    assert alone.usage is not None and alone.usage.completion_tokens == 0  # the prompt scored alone
+    assert alone.choices[0].logprobs is not None
+    assert alone.choices[0].logprobs.token_logprobs == lp.token_logprobs[: len(ids)]
     assert first.startswith(scored.choices[0].text[: len("".join(lp.tokens[:5]))])
 
 

@@ -147,6 +147,43 @@ def test_an_echo_answers_the_prompt_and_its_log_probabilities_first(tmp_path: Pa
     run_with_stack(tmp_path, check, instances=2, config=config)
 
 
+@pytest.mark.usefixtures("echoing_sims")
+def test_a_prompt_is_scored_alone_with_max_tokens_0(tmp_path: Path) -> None:
+    """``echo`` with ``max_tokens`` 0 (scoring a text, as vLLM serves it): the engine makes one
+    token, which the answer leaves out: the prompt's text and log probabilities only, no output
+    tokens in the usage. Without ``echo``, 0 is refused as before."""
+
+    async def check(stack: LocalStack) -> None:
+        async with client(stack) as c:
+            whole = await c.completions.create(
+                model=MODEL, prompt="just score me", echo=True, logprobs=2, max_tokens=0
+            )
+            streamed = [
+                chunk
+                async for chunk in await c.completions.create(
+                    model=MODEL,
+                    prompt="just score me",
+                    echo=True,
+                    logprobs=2,
+                    max_tokens=0,
+                    stream=True,
+                    stream_options={"include_usage": True},
+                )
+            ]
+            with pytest.raises(openai.BadRequestError) as refused:
+                await c.completions.create(model=MODEL, prompt="x", max_tokens=0)
+        assert whole.usage is not None and whole.usage.completion_tokens == 0
+        lp = whole.choices[0].logprobs
+        assert whole.choices[0].text == "just score me" and lp is not None and lp.tokens is not None
+        assert "".join(lp.tokens) == "just score me" and len(lp.tokens) == whole.usage.prompt_tokens
+        text = "".join(ch.text for chunk in streamed for ch in chunk.choices)
+        assert text == "just score me" and streamed[-1].usage is not None
+        assert streamed[-1].usage.completion_tokens == 0
+        assert refused.value.body["param"] == "max_tokens"  # type: ignore[index]
+
+    run_with_stack(tmp_path, check, instances=1)
+
+
 def test_an_echo_with_log_probabilities_goes_only_to_engines_that_give_the_prompts(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -584,7 +584,7 @@ class BatchService:
                 if all(job.state == "finished" for job in jobs):
                     batch.completed += 1
                     batch.input_tokens += jobs[0].request.prompt_tokens
-                    batch.output_tokens += sum(job.tokens for job in jobs)
+                    batch.output_tokens += sum(job.answered_tokens for job in jobs)
                 else:
                     batch.failed += 1
 

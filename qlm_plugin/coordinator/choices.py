@@ -124,5 +124,5 @@ async def merged(follows: Sequence[AsyncIterator[Chunk]]) -> AsyncGenerator[tupl
 def merged_usage(jobs: Sequence[Job]) -> dict[str, int]:
     """The usage of an answer of several choices: the prompt once, every choice's output."""
     prompt = jobs[0].request.prompt_tokens
-    completion = sum(job.tokens for job in jobs)
+    completion = sum(job.answered_tokens for job in jobs)
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}

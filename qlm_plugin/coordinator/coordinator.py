@@ -81,6 +81,8 @@ def _differs(earlier: pb.RequestSpec, spec: pb.RequestSpec) -> str | None:
         return "sampling"
     if spec.max_tokens and earlier.max_tokens and spec.max_tokens != earlier.max_tokens:
         return "max_tokens"
+    if spec.prompt_only != earlier.prompt_only:
+        return "max_tokens"
     if max(1, spec.choices) != max(1, earlier.choices):
         return "n"
     return None

@@ -316,7 +316,10 @@ def parse_openai(
         "max_completion_tokens" if chat and body.get("max_completion_tokens") is not None else "max_tokens"
     )
     if body.get(max_key) is not None:
-        spec.max_tokens = integer(body[max_key], max_key, 1, INT32_MAX, strings=True)
+        if body[max_key] == 0 and "echo" in spec.sampling:  # the prompt scored alone
+            spec.max_tokens, spec.prompt_only = 1, True  # one token made, left out of the answer
+        else:
+            spec.max_tokens = integer(body[max_key], max_key, 1, INT32_MAX, strings=True)
     stream = body.get("stream")
     if stream is not None and not isinstance(stream, bool):
         raise BadRequest("stream", f"must be true or false, got {show(stream)}")
@@ -402,8 +405,8 @@ def estimate_headers(job: Job) -> dict[str, str]:
 def usage(job: Job) -> dict[str, int]:
     return {
         "prompt_tokens": job.request.prompt_tokens,
-        "completion_tokens": job.tokens,
-        "total_tokens": job.request.prompt_tokens + job.tokens,
+        "completion_tokens": job.answered_tokens,
+        "total_tokens": job.request.prompt_tokens + job.answered_tokens,
     }
 
 
@@ -432,11 +435,11 @@ def completion_body(job: Job, chat: bool) -> dict[str, Any]:
         }
         obj, prefix = "chat.completion", "chatcmpl"
     else:
-        entries = (
-            [*(job.prompt_logprobs or ()), *job.logprobs] if "echo" in job.spec.sampling else job.logprobs
-        )
+        output = [] if job.spec.prompt_only else job.logprobs
+        entries = [*(job.prompt_logprobs or ()), *output] if "echo" in job.spec.sampling else output
         logprobs = completion_logprobs(entries) if asked else None
-        choice = {"index": 0, "text": echoed(job) + job.text, "finish_reason": reason, "logprobs": logprobs}
+        text = echoed(job) + ("" if job.spec.prompt_only else job.text)
+        choice = {"index": 0, "text": text, "finish_reason": reason, "logprobs": logprobs}
         obj, prefix = "text_completion", "cmpl"
     return {
         "id": f"{prefix}-{job.id}",
@@ -895,6 +898,8 @@ class FrontDoor:
                         choice["logprobs"] = {"content": chunk.logprobs}
                 else:
                     text, entries = chunk.text, chunk.logprobs
+                    if job.spec.prompt_only:  # the prompt alone: its first chunk without the token
+                        text, entries = "", None
                     if first[i] and "echo" in job.spec.sampling:  # the prompt first
                         text = echoed(job) + text
                         entries = [*(job.prompt_logprobs or ()), *(entries or ())]
@@ -903,7 +908,7 @@ class FrontDoor:
                     chars[i] += len(text)
                 payload: dict[str, Any] = {**base, "choices": [choice]}
                 if usage_chunks == "every":
-                    made = chunk.index + chunk.tokens
+                    made = 0 if job.spec.prompt_only else chunk.index + chunk.tokens
                     prompt = job.request.prompt_tokens
                     payload["usage"] = {
                         "prompt_tokens": prompt,

@@ -176,6 +176,11 @@ class Job:
         return self.request.id
 
     @property
+    def answered_tokens(self) -> int:
+        """The output tokens its answer holds (none for a prompt scored alone: ``prompt_only``)."""
+        return 0 if self.spec.prompt_only else self.tokens
+
+    @property
     def text(self) -> str:
         return "".join(self.chunks)
 
@@ -237,6 +242,8 @@ def spec_to_dict(spec: pb.RequestSpec) -> dict[str, Any]:
         out["response_echo"] = spec.response_echo
     if spec.choices:
         out["choices"], out["choice"] = spec.choices, spec.choice
+    if spec.prompt_only:
+        out["prompt_only"] = True
     return out
 
 

@@ -423,6 +423,11 @@ def test_an_echo_scores_the_prompt_as_evaluation_harnesses_ask(stack: Stack) -> 
             first = first or choice.text
             streamed += (choice.logprobs.token_logprobs or []) if choice.logprobs is not None else []
     assert len(streamed) == len(ids) + 2 and streamed[0] is None
+    pair = client.completions.create(  # a harness's batch: several prompts, each scored on its own
+        model=MODEL, prompt=[ids, ids[:3]], echo=True, logprobs=1, max_tokens=1, temperature=0.0
+    )
+    assert [len(c.logprobs.token_logprobs or []) for c in pair.choices] == [6, 4]  # type: ignore[union-attr]
+    assert pair.choices[0].logprobs.token_logprobs == lp.token_logprobs  # type: ignore[union-attr]
     alone = client.completions.create(model=MODEL, prompt=ids, echo=True, logprobs=1, max_tokens=0)
     assert alone.usage is not None and alone.usage.completion_tokens == 0  # the prompt scored alone
     assert alone.choices[0].logprobs is not None

@@ -349,3 +349,72 @@ def test_a_batch_line_asking_for_several_choices_gets_them_in_its_answer(tmp_pat
             assert seeds == [3 + k for k in range(i + 1)]
 
     run_with_stack(tmp_path, check, instances=2)
+
+
+def test_a_completion_of_several_prompts_answers_each_prompts_choices_in_order(tmp_path: Path) -> None:
+    """A list of prompts is a request per prompt and choice, answered in vLLM's order (prompt 0's
+    choices, then prompt 1's), each prompt counted once in the usage; streamed the same; a seed
+    gives a prompt's choices the seeds it would get alone."""
+
+    async def check(stack: LocalStack) -> None:
+        async with client(stack) as c:
+            whole = await c.completions.with_raw_response.create(
+                model=MODEL, prompt=["first prompt", "second"], n=2, max_tokens=3, seed=5
+            )
+            alone = await c.completions.with_raw_response.create(model=MODEL, prompt="second", max_tokens=3)
+            streamed = [
+                chunk
+                async for chunk in await c.completions.create(
+                    model=MODEL,
+                    prompt=[[1, 2, 3], [4]],
+                    max_tokens=4,
+                    stream=True,
+                    stream_options={"include_usage": True},
+                )
+            ]
+        answer = whole.parse()
+        rids = whole.headers["x-qlm-request-ids"].split(",")
+        assert [ch.index for ch in answer.choices] == [0, 1, 2, 3] and len(rids) == 4
+        jobs = [stack.coordinator.lookup(rid) for rid in rids]
+        assert [job.spec.prompt for job in jobs if job is not None] == ["first prompt"] * 2 + ["second"] * 2
+        seeds = [json.loads(job.spec.sampling["seed"]) for job in jobs if job is not None]
+        assert seeds == [5, 6, 5, 6]  # each prompt's choices: seed + i
+        for choice, rid in zip(answer.choices, rids, strict=True):
+            assert choice.text == synthetic_text(rid, 0, 3)
+        alone_tokens = alone.parse().usage.prompt_tokens  # type: ignore[union-attr]
+        first_tokens = jobs[0].request.prompt_tokens  # type: ignore[union-attr]
+        assert answer.usage is not None and answer.usage.prompt_tokens == first_tokens + alone_tokens
+        assert answer.usage.completion_tokens == 12
+        by_index: dict[int, str] = {}
+        for piece in streamed:
+            for part in piece.choices:
+                by_index[part.index] = by_index.get(part.index, "") + part.text
+        assert sorted(by_index) == [0, 1] and all(by_index.values())
+        assert (
+            streamed[-1].usage is not None and streamed[-1].usage.prompt_tokens == 3 + 1
+        )  # token ids: exact
+
+    run_with_stack(tmp_path, check, instances=2)
+
+
+def test_a_batch_line_of_several_prompts_is_refused_naming_its_prompt(tmp_path: Path) -> None:
+    async def check(stack: LocalStack) -> None:
+        row = {
+            "custom_id": "l0",
+            "method": "POST",
+            "url": "/v1/completions",
+            "body": {"model": MODEL, "prompt": ["a", "b"]},
+        }
+        async with client(stack) as c:
+            f = await c.files.create(file=("in.jsonl", (json.dumps(row) + "\n").encode()), purpose="batch")
+            batch = await c.batches.create(
+                input_file_id=f.id, endpoint="/v1/completions", completion_window="24h"
+            )
+            while batch.status in ("validating", "in_progress"):
+                await asyncio.sleep(0.05)
+                batch = await c.batches.retrieve(batch.id)
+        assert batch.status == "failed" and batch.errors is not None and batch.errors.data is not None
+        (error,) = batch.errors.data
+        assert error.param == "body.prompt" and "a line per prompt" in (error.message or "")
+
+    run_with_stack(tmp_path, check, instances=1)

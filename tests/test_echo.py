@@ -103,6 +103,9 @@ def test_an_echo_answers_the_prompt_and_its_log_probabilities_first(tmp_path: Pa
                 model=MODEL, prompt=[5, 6, 7], echo=True, logprobs=1, max_tokens=2
             )
             plain = await c.completions.create(model=MODEL, prompt="no logprobs", echo=True, max_tokens=3)
+            batch = await c.completions.create(
+                model=MODEL, prompt=[[5, 6], [7]], echo=True, logprobs=1, max_tokens=1
+            )
             two = await c.completions.create(
                 model=MODEL, prompt="two ways", echo=True, logprobs=1, max_tokens=2, n=2
             )
@@ -135,6 +138,11 @@ def test_an_echo_answers_the_prompt_and_its_log_probabilities_first(tmp_path: Pa
         assert ids.choices[0].text.startswith("<5><6><7>")  # token ids: the engine's tokens of them
         check_echo(ids.choices[0].text, ids.choices[0].logprobs, "<5><6><7>", 3, 2)
         assert plain.choices[0].text.startswith("no logprobs") and plain.choices[0].logprobs is None
+        assert [ch.text[: len(p)] for ch, p in zip(batch.choices, ("<5><6>", "<7>"), strict=True)] == [
+            "<5><6>",
+            "<7>",
+        ]
+        check_echo(batch.choices[1].text, batch.choices[1].logprobs, "<7>", 1, 1)
         assert [ch.index for ch in two.choices] == [0, 1]
         for choice in two.choices:
             assert choice.text.startswith("two ways") and choice.logprobs is not None

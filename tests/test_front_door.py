@@ -109,7 +109,8 @@ def test_chat_messages_are_rendered_with_text_parts() -> None:
         ({"model": "", "prompt": "p"}, {}, False, "model"),
         ({"model": "m", "prompt": ""}, {}, False, "prompt"),
         ({"model": "m", "prompt": [1, "2"]}, {}, False, "prompt"),
-        ({"model": "m", "prompt": ["a", "b"]}, {}, False, "prompt"),
+        ({"model": "m", "prompt": ["a", ""]}, {}, False, "prompt[1]"),
+        ({"model": "m", "prompt": [[1, 2], []]}, {}, False, "prompt[1]"),
         ({"model": "m", "prompt": "p", "max_tokens": 1.5}, {}, False, "max_tokens"),
         ({"model": "m", "prompt": "p", "max_tokens": True}, {}, False, "max_tokens"),
         ({"model": "m", "prompt": "p", "stream": "yes"}, {}, False, "stream"),
@@ -378,8 +379,6 @@ def test_a_prompt_of_token_ids_is_accepted(prompt: Any) -> None:
 @pytest.mark.parametrize(
     ("body", "chat", "param"),
     [
-        ({"model": "m", "prompt": ["a", "b"]}, False, "prompt"),
-        ({"model": "m", "prompt": [[1], [2]]}, False, "prompt"),
         ({**BASE, "best_of": 3}, False, "best_of"),
         ({**BASE, "use_beam_search": True}, False, "use_beam_search"),
         ({**CHAT, "echo": True}, True, "echo"),

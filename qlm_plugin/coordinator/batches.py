@@ -38,6 +38,7 @@ from qlm_plugin.coordinator.http_api import (
     completion_body,
     parse_openai,
     qlm_info,
+    several_prompts,
     unfinished,
 )
 from qlm_plugin.coordinator.jobs import Job, SubmitError
@@ -165,6 +166,10 @@ def parse_input(
             chat_body = responses_api.chat_body(body) if api == "responses" else body
             spec, _, _ = parse_openai(chat_body, {}, api != "text")
             n = choices.choices_asked(chat_body)
+            if api == "text" and several_prompts(chat_body) is not None:
+                raise BadRequest(
+                    "prompt", "several prompts in one line are not supported: send a line per prompt"
+                )
         except BadRequest as exc:
             param = responses_api.param_name(exc.param) if api == "responses" else exc.param
             out.fail(index, custom_id, f"{param}: {exc}" if param else str(exc), f"body.{param}")
@@ -232,7 +237,11 @@ def _job_answer(line: Line, jobs: list[Job], ending: str, api: str) -> tuple[boo
         if api == "responses":
             body = responses_api.response_object(job, responses_api.asked(job), qlm_info(job))
         else:
-            body = choices_body(jobs, api == "chat") if len(jobs) > 1 else completion_body(job, api == "chat")
+            body = (
+                choices_body(jobs, api == "chat", len(jobs))
+                if len(jobs) > 1
+                else completion_body(job, api == "chat")
+            )
         answer = {"status_code": 200, "request_id": job.id, "body": body}
         return True, {
             "id": f"batch_req_{job.id}",

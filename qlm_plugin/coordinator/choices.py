@@ -1,13 +1,17 @@
-"""Several choices of one request (OpenAI's ``n``) as that many requests of the coordinator.
+"""Several choices of one request (OpenAI's ``n``), and several prompts of one completion, as that
+many requests of the coordinator.
 
 Every layer below the front door holds one output per request (the queue, the journal, an engine's
 relay), so a request for ``n`` choices is ``n`` requests with the same prompt and parameters, each
 queued, placed, journaled and served on its own (an engine with prefix caching computes the shared
 prompt once), and merged into one answer here: the choices in order, the prompt's tokens counted
 once in the usage, as OpenAI and vLLM count them. Each choice has its own request id and SLO.
+A completion of ``k`` prompts (a list of texts or of token-id lists) is ``k * n`` requests, the
+choices of prompt ``p`` at indexes ``p * n`` to ``p * n + n - 1`` (vLLM's order).
 
-- **Seeds**: with a ``seed``, choice ``i`` is sampled with ``seed + i``, so the answer is
-  reproducible and its choices differ (the same seed for each would make them the same).
+- **Seeds**: with a ``seed``, choice ``i`` of a prompt is sampled with ``seed + i``, so the answer
+  is reproducible, its choices differ (the same seed for each would make them the same), and a
+  prompt sent alone gets what it gets among others.
 - **All or nothing**: the first choice is accepted only where its tenant has room for all of them
   (``RequestSpec.choices``; more choices than the tenant may ever have unfinished is a 400). One
   refused all the same (others took the room meanwhile) cancels those accepted before it, which
@@ -26,11 +30,13 @@ from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from typing import Any
 
 from qlm_plugin.coordinator.jobs import CHOICE_REFUSED, Chunk, Job
-from qlm_plugin.coordinator.openai_params import INT64_MAX, integer
+from qlm_plugin.coordinator.openai_params import INT64_MAX, BadRequest, integer
 from qlm_plugin.proto.qlm.v1 import qlm_pb2 as pb
 
 #: The most choices one request may ask for (OpenAI's own bound).
 MAX_CHOICES = 128
+#: The most requests one completion may make (its prompts times its choices).
+MAX_REQUESTS = 1024
 #: Why the other choices of a request are cancelled when one is refused, or fails.
 SIBLING_REFUSED = CHOICE_REFUSED
 SIBLING_FAILED = "another choice of the same request failed"
@@ -45,18 +51,35 @@ def choices_asked(body: dict[str, Any]) -> int:
     return 1 if value is None else integer(value, "n", 1, MAX_CHOICES)
 
 
-def choice_specs(spec: pb.RequestSpec, n: int) -> list[pb.RequestSpec]:
-    """The ``n`` requests of one asking for ``n`` choices (the first is ``spec`` itself)."""
-    if n == 1:
+def choice_specs(
+    spec: pb.RequestSpec, n: int, prompts: Sequence[str | list[int]] | None = None
+) -> list[pb.RequestSpec]:
+    """The requests of one asking for ``n`` choices of each of its ``prompts`` (None: its own one),
+    in answer order (with one prompt and one choice, ``spec`` itself)."""
+    prompts = prompts or [spec.prompt or list(spec.prompt_token_ids)]
+    total = n * len(prompts)
+    if total == 1:
         return [spec]
+    if total > MAX_REQUESTS:
+        raise BadRequest(
+            "n", f"{len(prompts)} prompts of {n} choices are {total} requests, more than {MAX_REQUESTS}"
+        )
     seed = spec.sampling.get("seed")
     specs = []
-    for i in range(n):
+    for j in range(total):
+        i = j % n
         one = pb.RequestSpec()
         one.CopyFrom(spec)
-        one.choices, one.choice = n, i
-        if spec.idempotency_key and i:  # the first keeps the key: sent again with another n, a conflict
-            one.idempotency_key = f"{spec.idempotency_key}#{i + 1}"
+        prompt = prompts[j // n]
+        if isinstance(prompt, str):
+            one.prompt = prompt
+            del one.prompt_token_ids[:]
+        else:
+            one.prompt = ""
+            one.prompt_token_ids[:] = prompt
+        one.choices, one.choice = total, j
+        if spec.idempotency_key and j:  # the first keeps the key: sent again with another n, a conflict
+            one.idempotency_key = f"{spec.idempotency_key}#{j + 1}"
         if seed is not None and i:
             base = int(json.loads(seed))
             one.sampling["seed"] = str(base + i if base <= INT64_MAX - i else base - i)
@@ -121,8 +144,9 @@ async def merged(follows: Sequence[AsyncIterator[Chunk]]) -> AsyncGenerator[tupl
             task.cancel()
 
 
-def merged_usage(jobs: Sequence[Job]) -> dict[str, int]:
-    """The usage of an answer of several choices: the prompt once, every choice's output."""
-    prompt = jobs[0].request.prompt_tokens
+def merged_usage(jobs: Sequence[Job], n: int = 1) -> dict[str, int]:
+    """The usage of an answer of several choices (``n`` of each prompt): each prompt once, every
+    choice's output."""
+    prompt = sum(job.request.prompt_tokens for job in jobs[::n])
     completion = sum(job.answered_tokens for job in jobs)
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}

@@ -262,19 +262,25 @@ def _chat(messages: Any) -> tuple[str, list[dict[str, Any]]]:
     return "\n".join(lines) + "\nassistant:", normal
 
 
-def _completion_prompt(prompt: Any) -> str | list[int]:
-    """A completion's one prompt: text, or token ids (``[1, 2]`` or ``[[1, 2]]``), as vLLM takes them."""
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
-        prompt = prompt[0]  # a batch of one
-    elif isinstance(prompt, list) and prompt and all(isinstance(p, (str, list)) for p in prompt):
-        raise BadRequest("prompt", f"several prompts ({len(prompt)}) are not supported by the coordinator")
+def completion_prompts(prompt: Any) -> list[str | list[int]]:
+    """A completion's prompts, as vLLM takes them: one text or token-id list (``"a"``, ``[1, 2]``),
+    or a list of them (``["a", "b"]``, ``[[1, 2], [3]]``; each answered as its own choices)."""
+    if isinstance(prompt, list) and prompt and all(isinstance(p, (str, list)) for p in prompt):
+        return [
+            _completion_prompt(p, f"prompt[{i}]" if len(prompt) > 1 else "prompt")
+            for i, p in enumerate(prompt)
+        ]
+    return [_completion_prompt(prompt, "prompt")]
+
+
+def _completion_prompt(prompt: Any, param: str) -> str | list[int]:
     if isinstance(prompt, str):
-        return text(prompt, "prompt")
+        return text(prompt, param)
     if isinstance(prompt, list):
         if not prompt:
-            raise BadRequest("prompt", "must not be empty")
-        return token_ids(prompt, "prompt")
-    raise BadRequest("prompt", f"must be a non-empty string or a list of token ids, got {show(prompt)}")
+            raise BadRequest(param, "must not be empty")
+        return token_ids(prompt, param)
+    raise BadRequest(param, f"must be a non-empty string or a list of token ids, got {show(prompt)}")
 
 
 def parse_openai(
@@ -297,7 +303,7 @@ def parse_openai(
         spec.prompt, messages = _chat(body.get("messages"))
         spec.chat_messages = dumps(messages).decode()
     else:
-        prompt = _completion_prompt(body.get("prompt"))
+        prompt = completion_prompts(body.get("prompt"))[0]  # the others: several_prompts
         if isinstance(prompt, str):
             spec.prompt = prompt
         else:
@@ -452,14 +458,23 @@ def completion_body(job: Job, chat: bool) -> dict[str, Any]:
     }
 
 
-def choices_body(jobs: Sequence[Job], chat: bool) -> dict[str, Any]:
-    """The answer of a request for several choices, all finished (:mod:`.choices`): the first's
-    answer with every choice, the usage of all, and each choice's ``qlm`` facts under ``choices``."""
+def several_prompts(body: Mapping[str, Any]) -> list[str | list[int]] | None:
+    """A completion's prompts where it has several (checked by :func:`parse_openai`), else None."""
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) > 1 and isinstance(prompt[0], (str, list)):
+        return completion_prompts(prompt)
+    return None
+
+
+def choices_body(jobs: Sequence[Job], chat: bool, n: int = 1) -> dict[str, Any]:
+    """The answer of a request for several choices (``n`` of each prompt), all finished
+    (:mod:`.choices`): the first's answer with every choice, the usage of all, and each choice's
+    ``qlm`` facts under ``choices``."""
     answer = completion_body(jobs[0], chat)
     answer["choices"] = [
         {**completion_body(job, chat)["choices"][0], "index": i} for i, job in enumerate(jobs)
     ]
-    answer["usage"] = choices.merged_usage(jobs)
+    answer["usage"] = choices.merged_usage(jobs, n)
     answer["qlm"]["choices"] = [qlm_info(job) for job in jobs]
     return answer
 
@@ -680,6 +695,8 @@ class FrontDoor:
                 body = responses_api.chat_body(body, history)
             spec, stream, usage_chunks = parse_openai(body, request.headers, chat)
             n = choices.choices_asked(body)
+            prompts = None if chat else several_prompts(body)
+            specs = choices.choice_specs(spec, n, prompts)
             if responses:
                 spec.response_echo = responses_api.echoed(asked)
                 tenant = principal.tenant if principal.tenant is not None else spec.tenant or "default"
@@ -693,7 +710,7 @@ class FrontDoor:
         # Trace context that is not ASCII is invalid, so ignored (W3C), not an error (or a crash).
         parent = propagate.extract(CIMultiDict((k, v) for k, v in request.headers.items() if v.isascii()))
         try:
-            jobs = await self._submit_choices(choices.choice_specs(spec, n), principal.tenant, parent, stream)
+            jobs = await self._submit_choices(specs, principal.tenant, parent, stream)
         except SubmitError as exc:
             extra = None
             if exc.estimate is not None:
@@ -723,14 +740,14 @@ class FrontDoor:
             return response
         try:
             if stream:
-                return await self._stream(request, jobs, chat, usage_chunks, asked if responses else None)
+                return await self._stream(request, jobs, chat, usage_chunks, n, asked if responses else None)
             failed = await choices.first_failed(jobs)
             if failed is not None and len(jobs) > 1:
                 self._cancel(jobs, choices.SIBLING_FAILED)
             if failed is not None or len(jobs) == 1:
                 answer = self._complete(failed or jobs[0], chat, asked if responses else None)
             else:
-                answer = json_response(choices_body(jobs, chat), headers=choice_headers(jobs))
+                answer = json_response(choices_body(jobs, chat, n), headers=choice_headers(jobs))
             return await self._send(request, answer)
         except (asyncio.CancelledError, ConnectionResetError):
             if not self.closing:
@@ -754,8 +771,8 @@ class FrontDoor:
         if len(specs) == 1:
             return [first]
         for spec in specs[1:]:
-            if not spec.prompt_token_ids:
-                spec.prompt_tokens = first.request.prompt_tokens  # counted once
+            if spec.prompt == specs[0].prompt and not spec.prompt_token_ids:
+                spec.prompt_tokens = first.request.prompt_tokens  # the same prompt: counted once
         tasks = [asyncio.ensure_future(submit(spec)) for spec in specs[1:]]
         try:
             await asyncio.wait(tasks)
@@ -812,6 +829,7 @@ class FrontDoor:
         jobs: list[Job],
         chat: bool,
         usage_chunks: UsageChunks,
+        n: int,
         response: Mapping[str, Any] | None = None,
     ) -> web.StreamResponse:
         resp = web.StreamResponse(
@@ -827,7 +845,7 @@ class FrontDoor:
         out = _SseWriter(resp, request.transport, self.keepalive_s, self.write_stall_s)
         try:
             if response is None:
-                await self._events(out, jobs, chat, usage_chunks)
+                await self._events(out, jobs, chat, usage_chunks, n)
             else:
                 job = jobs[0]  # the Responses API has one output (responses_api.chat_body)
 
@@ -841,7 +859,9 @@ class FrontDoor:
             out.close()
         return resp
 
-    async def _events(self, out: _SseWriter, jobs: list[Job], chat: bool, usage_chunks: UsageChunks) -> None:
+    async def _events(
+        self, out: _SseWriter, jobs: list[Job], chat: bool, usage_chunks: UsageChunks, n: int = 1
+    ) -> None:
         """A completion's stream: each choice's chunks as its request makes them, its last chunk
         (finish reason) when it ends; an error event instead when one ends unfinished. With
         ``usage_chunks`` "every", each chunk also holds its choice's usage so far."""
@@ -921,7 +941,7 @@ class FrontDoor:
                 await send(payload)
             else:
                 if usage_chunks != "none":
-                    await send({**base, "choices": [], "usage": choices.merged_usage(jobs)})
+                    await send({**base, "choices": [], "usage": choices.merged_usage(jobs, n)})
         await out.write(b"data: [DONE]\n\n")
         await out.end()
 

@@ -5,11 +5,13 @@ responses, and a clear 400 for what the coordinator cannot carry."""
 from __future__ import annotations
 
 import asyncio
+import gzip
 import io
 import json
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import openai
 import pytest
 from openai.types.responses import Response
@@ -79,6 +81,19 @@ def test_a_response_is_retrieved_by_its_own_tenant_only(tmp_path: Path) -> None:
             assert continued.value.code == "previous_response_not_found"
             more = await acme.responses.create(model=MODEL, previous_response_id=answer.id, input="more")
             assert more.previous_response_id == answer.id
+            running = await acme.responses.create(
+                model=MODEL, input="long", max_output_tokens=400, stream=True, extra_body={"ignore_eos": True}
+            )
+            running_id = ""
+            async for event in running:
+                if event.type == "response.created":
+                    running_id = event.response.id
+                    break
+            for tries in ({"input": "x"}, {"input": "x", "temperature": 5}):  # nothing said of another's
+                with pytest.raises(openai.BadRequestError) as hidden:
+                    await other.responses.create(model=MODEL, previous_response_id=running_id, **tries)  # type: ignore[arg-type]
+                assert hidden.value.code == "previous_response_not_found"
+            await running.close()
         async with client(stack, "nobody") as nobody:
             with pytest.raises(openai.AuthenticationError):
                 await nobody.responses.retrieve(answer.id)
@@ -119,6 +134,17 @@ def test_a_response_continues_a_kept_one_named_by_its_id(tmp_path: Path, via_wor
                 await c.responses.retrieve(first.id),
                 await c.responses.retrieve(second.id),
             )
+            # compressed: a worker passes on the body it read (decoded), not the client's encoding
+            raw = json.dumps({"model": MODEL, "previous_response_id": first.id, "input": "Zip?"}).encode()
+            async with (
+                aiohttp.ClientSession() as http,
+                http.post(
+                    f"{stack.http_url}/v1/responses",
+                    data=gzip.compress(raw),
+                    headers={"Content-Encoding": "gzip", "Content-Type": "application/json"},
+                ) as zipped,
+            ):
+                assert zipped.status == 200, await zipped.text()
             running = await c.responses.create(
                 model=MODEL,
                 input="Long.",
@@ -287,7 +313,17 @@ def test_a_batch_of_responses(tmp_path: Path) -> None:
     async def check(stack: LocalStack) -> None:
         async with client(stack) as c:
             batch = await run_batch(
-                c, [{"model": MODEL, "input": f"line {i}", "max_output_tokens": 3} for i in range(3)]
+                c,
+                [
+                    {
+                        "model": MODEL,
+                        "input": f"line {i}",
+                        "max_output_tokens": 3,
+                        "instructions": f"I{i}",
+                        "metadata": {"i": str(i)},
+                    }
+                    for i in range(3)
+                ],
             )
             assert batch.status == "completed" and batch.output_file_id, batch.errors
             out = [json.loads(x) for x in (await c.files.content(batch.output_file_id)).text.splitlines()]
@@ -296,6 +332,8 @@ def test_a_batch_of_responses(tmp_path: Path) -> None:
                 body = line["response"]["body"]
                 assert line["response"]["status_code"] == 200 and body["object"] == "response"
                 assert body["output"][0]["content"][0]["text"] and body["usage"]["output_tokens"] == 3
+                i = line["custom_id"][1:]
+                assert (body["instructions"], body["metadata"]) == (f"I{i}", {"i": i})  # echoed as online
             reasoning = {"model": MODEL, "input": [{"type": "reasoning", "summary": []}]}
             continuing = {"model": MODEL, "input": "more", "previous_response_id": body["id"]}
             batch = await run_batch(c, [{"model": MODEL, "input": "fine"}, reasoning, continuing])

@@ -165,6 +165,8 @@ def parse_input(
         try:
             chat_body = responses_api.chat_body(body) if api == "responses" else body
             spec, _, _ = parse_openai(chat_body, {}, api != "text")
+            if api == "responses":
+                spec.response_echo = responses_api.echoed(body)
             n = choices.choices_asked(chat_body)
             if api == "text" and several_prompts(chat_body) is not None:
                 raise BadRequest(

@@ -184,6 +184,9 @@ class RequestsService(pb_grpc.RequestsServicer):
                 finish_reason=chunk.finish_reason,
                 tool_calls=dumps(chunk.tool_calls).decode() if chunk.tool_calls else "",
                 logprobs=dumps(chunk.logprobs).decode() if chunk.logprobs else "",
+                prompt_logprobs=dumps(job.prompt_logprobs).decode()
+                if chunk.index == 0 and job.prompt_logprobs is not None
+                else "",
             )
 
 

@@ -458,6 +458,17 @@ def completion_body(job: Job, chat: bool) -> dict[str, Any]:
     }
 
 
+def tenant_asked(principal: Principal, body: Mapping[str, Any], headers: Mapping[str, str]) -> str:
+    """The tenant a request will be submitted under, before it is parsed: its token's, else the
+    one it names (``qlm.tenant``, ``x-qlm-tenant``), else the default one."""
+    if principal.tenant is not None:
+        return principal.tenant
+    ext = body.get("qlm")
+    named = ext.get("tenant") if isinstance(ext, dict) else None
+    named = named if named is not None else headers.get(QLM_HEADERS["tenant"])
+    return named if isinstance(named, str) and named else "default"
+
+
 def several_prompts(body: Mapping[str, Any]) -> list[str | list[int]] | None:
     """A completion's prompts where it has several (checked by :func:`parse_openai`), else None."""
     prompt = body.get("prompt")
@@ -690,18 +701,20 @@ class FrontDoor:
                 if previous is not None and self._coord is None:  # the core keeps the responses
                     assert self.pass_to_core is not None, "a front-door worker passes these on"
                     return await self.pass_to_core(request, raw)
-                kept = None if previous is None else self.coord.lookup(previous)
-                history = None if previous is None else responses_api.continued(kept, previous)
+                history = None
+                if previous is not None:
+                    kept = self.coord.lookup(previous)
+                    tenant = tenant_asked(principal, body, request.headers)
+                    if kept is not None and kept.request.tenant != tenant:
+                        kept = None  # another tenant's: as if none were kept, before anything is said of it
+                    history = responses_api.continued(kept, previous)
                 body = responses_api.chat_body(body, history)
             spec, stream, usage_chunks = parse_openai(body, request.headers, chat)
+            if responses:
+                spec.response_echo = responses_api.echoed(asked)
             n = choices.choices_asked(body)
             prompts = None if chat else several_prompts(body)
             specs = choices.choice_specs(spec, n, prompts)
-            if responses:
-                spec.response_echo = responses_api.echoed(asked)
-                tenant = principal.tenant if principal.tenant is not None else spec.tenant or "default"
-                if kept is not None and previous is not None and kept.request.tenant != tenant:
-                    raise responses_api.not_kept(previous)  # another tenant's: as if none were kept
         except BadRequest as exc:
             param = responses_api.param_name(exc.param) if responses else exc.param
             return error_response(
@@ -925,7 +938,9 @@ class FrontDoor:
                         entries = [*(job.prompt_logprobs or ()), *(entries or ())]
                     logprobs = completion_logprobs(entries, chars[i]) if entries else None
                     choice = {"index": i, "text": text, "finish_reason": None, "logprobs": logprobs}
-                    chars[i] += len(text)
+                    # offsets count the tokens' text, as vLLM's (a token held back, or shown as
+                    # U+FFFD until its character is whole, makes the two differ)
+                    chars[i] += sum(len(str(e.get("token") or "")) for e in entries) if entries else len(text)
                 payload: dict[str, Any] = {**base, "choices": [choice]}
                 if usage_chunks == "every":
                     made = 0 if job.spec.prompt_only else chunk.index + chunk.tokens

@@ -216,6 +216,10 @@ class CoreProxy:
                 auto_decompress=False,
             )
         headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP}
+        if read is not None:  # read (and decoded) already: sent as it is now
+            headers = {
+                k: v for k, v in headers.items() if k.lower() not in ("content-encoding", "content-length")
+            }
         body: bytes | aiohttp.StreamReader | None = read
         if body is None and request.body_exists:
             body = request.content

@@ -404,7 +404,14 @@ def test_an_echo_scores_the_prompt_as_evaluation_harnesses_ask(stack: Stack) -> 
     assert all(v is not None and v <= 0 for v in lp.token_logprobs[1:])
     assert lp.top_logprobs[0] is None and all(len(t) >= 1 for t in lp.top_logprobs[1:])
     assert scored.choices[0].text == "".join(lp.tokens)
-    text = client.completions.create(model=MODEL, prompt="hello world", echo=True, logprobs=0, max_tokens=3)
+    text = client.completions.create(
+        model=MODEL,
+        prompt="hello world",
+        echo=True,
+        logprobs=0,
+        max_tokens=3,
+        extra_body={"ignore_eos": True},
+    )
     assert text.choices[0].text.startswith("hello world")
     tokens = text.choices[0].logprobs.tokens or []  # type: ignore[union-attr]
     assert "".join(tokens[:-3]) == "hello world"  # the engine's tokens of the prompt, then 3 more

@@ -335,8 +335,12 @@ def test_a_response_with_a_call_is_continued_by_its_id_with_the_calls_output(tmp
                 input=answer,  # type: ignore[arg-type]
                 max_output_tokens=3,
             )
+            with pytest.raises(openai.BadRequestError) as open_call:  # a call left unanswered
+                await c.responses.create(model=MODEL, previous_response_id=first.id, input="thanks")
         job = stack.coordinator.lookup(after.id.removeprefix("resp_"))
         assert job is not None and after.previous_response_id == first.id
+        assert open_call.value.body["param"] == "input"  # type: ignore[index]
+        assert "no function_call_output" in open_call.value.message
         messages = json.loads(job.spec.chat_messages)
         assert [m["role"] for m in messages] == ["user", "assistant", "tool"]
         assert messages[1]["tool_calls"][0]["id"] == call.call_id == messages[2]["tool_call_id"]  # type: ignore[union-attr]

@@ -434,6 +434,11 @@ class Dispatcher:
                     continue
                 if ev.prompt_logprobs and ev.index == 0:  # an echoed prompt's, with the first tokens
                     job.prompt_logprobs = _json_list(ev.prompt_logprobs)
+                    if job.prompt_logprobs is None:
+                        self._malformed(
+                            s, job, ev, "prompt log probabilities that are not a JSON list of objects"
+                        )
+                        continue
                 job.chunks.append(ev.text)
                 job.tokens += tokens
                 if calls:

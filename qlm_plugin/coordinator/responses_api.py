@@ -145,6 +145,18 @@ def _messages(body: Mapping[str, Any], history: list[dict[str, Any]]) -> list[di
     return messages
 
 
+def _check_answered(history: list[dict[str, Any]], messages: list[dict[str, Any]]) -> None:
+    """A response continued after its function calls must answer each (a ``function_call_output``
+    with its ``call_id``), as OpenAI requires: a chat template cannot render a call left open."""
+    calls = history[-1].get("tool_calls") if history else None
+    if not calls:
+        return
+    answered = {m.get("tool_call_id") for m in messages if m.get("role") == "tool"}
+    missing = [call["id"] for call in calls if call["id"] not in answered]
+    if missing:
+        raise BadRequest("input", f"no function_call_output for the previous response's call {missing[0]!r}")
+
+
 def _response_format(fmt: Any) -> dict[str, Any]:
     """``text.format`` as the chat's ``response_format`` (its schema is checked there)."""
     if not isinstance(fmt, dict):
@@ -181,6 +193,7 @@ def chat_body(body: Any, history: list[dict[str, Any]] | None = None) -> dict[st
     metadata_param(body.get("metadata"))  # echoed in the answer: OpenAI's shape only
     chat = {key: value for key, value in body.items() if key not in OWN_FIELDS}
     chat["messages"] = _messages(body, history or [])
+    _check_answered(history or [], chat["messages"])
     if body.get("max_output_tokens") is not None:
         chat["max_tokens"] = body["max_output_tokens"]
     fmt = (body.get("text") or {}).get("format") if isinstance(body.get("text"), dict) else None

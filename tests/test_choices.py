@@ -19,7 +19,7 @@ from qlm_plugin.adapters.sim.realtime import synthetic_text
 from qlm_plugin.coordinator import choices
 from qlm_plugin.coordinator.http_api import parse_openai
 from qlm_plugin.proto.qlm.v1 import qlm_pb2 as pb
-from qlm_plugin.testing.stack import LocalStack, run_with_stack
+from qlm_plugin.testing.stack import LocalStack, run_batch, run_with_stack
 
 MODEL = "llama-3.1-8b"
 MESSAGES: list[Any] = [{"role": "user", "content": "hello"}]
@@ -401,23 +401,14 @@ def test_a_batch_line_of_several_prompts_answers_each_prompts_choices(tmp_path: 
     """A line of several prompts is a request per prompt and choice, answered as one line in
     vLLM's order; a prompt too long for the model fails the batch's validation naming it."""
 
-    async def run_line(c: openai.AsyncOpenAI, body: dict[str, Any]) -> Any:
-        row = {"custom_id": "l0", "method": "POST", "url": "/v1/completions", "body": body}
-        f = await c.files.create(file=("in.jsonl", (json.dumps(row) + "\n").encode()), purpose="batch")
-        batch = await c.batches.create(
-            input_file_id=f.id, endpoint="/v1/completions", completion_window="24h"
-        )
-        while batch.status in ("validating", "in_progress", "finalizing"):
-            await asyncio.sleep(0.05)
-            batch = await c.batches.retrieve(batch.id)
-        return batch
-
     async def check(stack: LocalStack) -> None:
         async with client(stack) as c:
-            batch = await run_line(c, {"model": MODEL, "prompt": ["a b", "c"], "n": 2, "max_tokens": 3})
+            batch = await run_batch(c, [{"model": MODEL, "prompt": ["a b", "c"], "n": 2, "max_tokens": 3}])
             assert batch.status == "completed" and batch.output_file_id is not None
             (line,) = [json.loads(x) for x in (await c.files.content(batch.output_file_id)).text.splitlines()]
-            too_long = await run_line(c, {"model": MODEL, "prompt": ["fine", "x" * 200_000], "max_tokens": 3})
+            too_long = await run_batch(
+                c, [{"model": MODEL, "prompt": ["fine", "x" * 200_000], "max_tokens": 3}]
+            )
         answer = line["response"]["body"]
         rids = [f["request_id"] for f in answer["qlm"]["choices"]]
         prompts = [stack.coordinator.lookup(rid).spec.prompt for rid in rids]  # type: ignore[union-attr]

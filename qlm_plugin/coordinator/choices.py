@@ -56,10 +56,10 @@ def choice_specs(
 ) -> list[pb.RequestSpec]:
     """The requests of one asking for ``n`` choices of each of its ``prompts`` (None: its own one),
     in answer order (with one prompt and one choice, ``spec`` itself)."""
-    prompts = prompts or [spec.prompt or list(spec.prompt_token_ids)]
-    total = n * len(prompts)
-    if total == 1:
+    total = n * (len(prompts) if prompts else 1)
+    if total == 1:  # the common case: the request as it came, nothing copied
         return [spec]
+    prompts = prompts or [spec.prompt or list(spec.prompt_token_ids)]
     if total > MAX_REQUESTS:
         raise BadRequest(
             "n", f"{len(prompts)} prompts of {n} choices are {total} requests, more than {MAX_REQUESTS}"

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import json
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -173,6 +174,21 @@ def run_with_stack(tmp: Path, body: Callable[[LocalStack], Awaitable[None]], **k
             await body(stack)
 
     asyncio.run(main())
+
+
+async def run_batch(client: Any, bodies: list[dict[str, Any]], endpoint: str = "/v1/completions") -> Any:
+    """A Batch API batch of ``bodies`` (lines ``l0``, ``l1``, ...) through an OpenAI SDK ``client``,
+    once it has ended; the SDK's batch object."""
+    rows = [
+        {"custom_id": f"l{i}", "method": "POST", "url": endpoint, "body": b} for i, b in enumerate(bodies)
+    ]
+    data = "".join(json.dumps(row) + "\n" for row in rows).encode()
+    upload = await client.files.create(file=("in.jsonl", data), purpose="batch")
+    batch = await client.batches.create(input_file_id=upload.id, endpoint=endpoint, completion_window="24h")
+    while batch.status in ("validating", "in_progress", "finalizing", "cancelling"):
+        await asyncio.sleep(0.05)
+        batch = await client.batches.retrieve(batch.id)
+    return batch
 
 
 def add_instance(stack: LocalStack, inst: SimInstance) -> LocalInstance:

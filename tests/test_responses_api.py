@@ -252,6 +252,30 @@ def test_a_streamed_response_sends_openais_events_in_order(tmp_path: Path) -> No
             "only text",
         ),
         ({"input": [{"role": "tool", "content": "x"}]}, "input[0].role", "must be one of user, assistant"),
+        # an item's field, where instructions and a gathered assistant turn shift the chat's messages
+        (
+            {
+                "instructions": "be brief",
+                "input": [
+                    {"role": "user", "content": "hi"},
+                    {"type": "function_call", "call_id": "c1", "name": "f", "arguments": "{}"},
+                    {"type": "function_call", "call_id": "c2", "name": "g", "arguments": {"x": 1}},
+                ],
+            },
+            "input[2].arguments",
+            "must be a string",
+        ),
+        (
+            {
+                "instructions": "be brief",
+                "input": [
+                    {"role": "user", "content": "hi"},
+                    {"type": "function_call_output", "output": "42"},
+                ],
+            },
+            "input[1].call_id",
+            "must be a",
+        ),
         ({"input": []}, "input", "non-empty"),
         ({"background": True}, "background", "background mode"),
         ({"metadata": {"k": {"deep": ["x"]}}}, "metadata", "values up to 512"),  # it is echoed

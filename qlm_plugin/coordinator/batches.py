@@ -169,7 +169,8 @@ def parse_input(
             out.fail(index, custom_id, "streaming is not supported in a batch", "body.stream")
             continue
         try:
-            chat_body = responses_api.chat_body(body) if api == "responses" else body
+            origins: responses_api.Origins = []
+            chat_body = responses_api.chat_body(body, None, origins) if api == "responses" else body
             spec, _, _ = parse_openai(chat_body, {}, api != "text")
             if api == "responses":
                 spec.response_echo = responses_api.echoed(body)
@@ -177,7 +178,7 @@ def parse_input(
             prompts = several_prompts(chat_body) if api == "text" else None
             each = choices.choice_specs(spec, 1, prompts)  # each prompt's request, checked below
         except BadRequest as exc:
-            param = responses_api.param_name(exc.param) if api == "responses" else exc.param
+            param = responses_api.param_name(exc.param, origins) if api == "responses" else exc.param
             out.fail(index, custom_id, f"{param}: {exc}" if param else str(exc), f"body.{param}")
             continue
         except Exception as exc:  # a bug of the checks: this line is refused, the batch goes on

@@ -695,6 +695,7 @@ class FrontDoor:
         except RecursionError:
             return error_response(400, "the body is not valid JSON: nested too deeply", code="invalid_json")
         asked = body  # a Responses request: echoed in its answer
+        origins: responses_api.Origins = []  # where its chat's messages came from, for errors
         try:
             if responses:
                 previous = responses_api.previous_id(body) if isinstance(body, dict) else None
@@ -708,7 +709,7 @@ class FrontDoor:
                     if kept is not None and kept.request.tenant != tenant:
                         kept = None  # another tenant's: as if none were kept, before anything is said of it
                     history = responses_api.continued(kept, previous)
-                body = responses_api.chat_body(body, history)
+                body = responses_api.chat_body(body, history, origins)
             spec, stream, usage_chunks = parse_openai(body, request.headers, chat)
             if responses:
                 spec.response_echo = responses_api.echoed(asked)
@@ -716,7 +717,7 @@ class FrontDoor:
             prompts = None if chat else several_prompts(body)
             specs = choices.choice_specs(spec, n, prompts)
         except BadRequest as exc:
-            param = responses_api.param_name(exc.param) if responses else exc.param
+            param = responses_api.param_name(exc.param, origins) if responses else exc.param
             return error_response(
                 exc.status, f"{param}: {exc}" if param else str(exc), param=param, code=exc.code
             )
@@ -740,7 +741,7 @@ class FrontDoor:
             elif chat and param == "max_tokens" and body.get("max_completion_tokens") is not None:
                 param = "max_completion_tokens"
             if responses:
-                param = responses_api.param_name(param)
+                param = responses_api.param_name(param, origins)
             response = error_response(
                 status,
                 f"{param}: {exc}" if param else str(exc),

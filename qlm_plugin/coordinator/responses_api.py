@@ -17,6 +17,7 @@ instructions, before the new input) while it is kept.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
 
@@ -99,13 +100,23 @@ def _call_output(item: Mapping[str, Any], param: str) -> dict[str, Any]:
     return {"role": "tool", "tool_call_id": item.get("call_id"), "content": content}
 
 
-def _messages(body: Mapping[str, Any], history: list[dict[str, Any]]) -> list[dict[str, Any]]:
+#: Where each chat message of a Responses request came from, as the request names it: the
+#: message's field, and each of its tool calls' (an assistant turn gathers several call items).
+Origins = list[tuple[str, list[str]]]
+
+
+def _messages(
+    body: Mapping[str, Any], history: list[dict[str, Any]], origins: Origins
+) -> list[dict[str, Any]]:
     messages: list[dict[str, Any]] = []
     if body.get("instructions") is not None:
         messages.append({"role": "system", "content": text(body["instructions"], "instructions")})
+        origins.append(("instructions", []))
     messages += history
+    origins += [("previous_response_id", []) for _ in history]
     items = body.get("input")
     if isinstance(items, str):
+        origins.append(("input", []))
         return [*messages, {"role": "user", "content": text(items, "input")}]
     if not isinstance(items, list) or not items:
         raise BadRequest(
@@ -123,11 +134,14 @@ def _messages(body: Mapping[str, Any], history: list[dict[str, Any]]) -> list[di
             last = messages[-1] if messages else None
             if last is not None and last["role"] == "assistant":
                 last.setdefault("tool_calls", []).append(_call(item))
+                origins[-1][1].append(f"input[{i}]")
             else:
                 messages.append({"role": "assistant", "content": None, "tool_calls": [_call(item)]})
+                origins.append((f"input[{i}]", [f"input[{i}]"]))
             continue
         if kind == "function_call_output":
             messages.append(_call_output(item, f"input[{i}]"))
+            origins.append((f"input[{i}]", []))
             continue
         if kind != "message":
             raise _refuse(
@@ -142,6 +156,7 @@ def _messages(body: Mapping[str, Any], history: list[dict[str, Any]]) -> list[di
                 f"input[{i}].role", f"must be one of {', '.join(ROLES)}, got {show(item.get('role'))}"
             )
         messages.append({"role": role, "content": _content(item.get("content"), f"input[{i}].content")})
+        origins.append((f"input[{i}]", []))
     return messages
 
 
@@ -167,10 +182,13 @@ def _response_format(fmt: Any) -> dict[str, Any]:
     return {"type": "json_schema", "json_schema": inner}
 
 
-def chat_body(body: Any, history: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+def chat_body(
+    body: Any, history: list[dict[str, Any]] | None = None, origins: Origins | None = None
+) -> dict[str, Any]:
     """The chat-completions body a Responses request asks for (:class:`BadRequest` naming the
     Responses field where it cannot be served); ``history``: the conversation of the response it
-    continues (:func:`continued`), where it names one."""
+    continues (:func:`continued`), where it names one; ``origins`` is filled with where each of
+    the chat's messages came from (for :func:`param_name`)."""
     if not isinstance(body, dict):
         raise BadRequest(None, "the body must be a JSON object")
     kept = "conversation state kept by the server (send the whole conversation in input)"
@@ -192,7 +210,7 @@ def chat_body(body: Any, history: list[dict[str, Any]] | None = None) -> dict[st
             raise _refuse(f"include[{i}]", f"extra output other than {LOGPROBS_INCLUDE!r}", extra)
     metadata_param(body.get("metadata"))  # echoed in the answer: OpenAI's shape only
     chat = {key: value for key, value in body.items() if key not in OWN_FIELDS}
-    chat["messages"] = _messages(body, history or [])
+    chat["messages"] = _messages(body, history or [], [] if origins is None else origins)
     _check_answered(history or [], chat["messages"])
     if body.get("max_output_tokens") is not None:
         chat["max_tokens"] = body["max_output_tokens"]
@@ -250,8 +268,22 @@ _PARAMS = (
 )
 
 
-def param_name(param: str | None) -> str | None:
-    """A chat field's name in an error, as the Responses request names it."""
+_MESSAGE = re.compile(r"messages\[(\d+)\](?:\.tool_calls\[(\d+)\](?:\.function)?)?")
+
+
+def param_name(param: str | None, origins: Origins | None = None) -> str | None:
+    """A chat field's name in an error, as the Responses request names it (a message's by
+    ``origins``, where :func:`chat_body` filled them)."""
+    found = _MESSAGE.match(param) if param is not None and origins else None
+    if found is not None and origins is not None and int(found[1]) < len(origins):
+        assert param is not None
+        source, calls = origins[int(found[1])]
+        rest = param[found.end() :]
+        if found[2] is None:
+            return source + (".call_id" if rest == ".tool_call_id" else rest)
+        if int(found[2]) < len(calls):  # a call item's fields are named as the chat's function's
+            return calls[int(found[2])] + (".call_id" if rest == ".id" else rest)
+        return source
     if param is not None and param.startswith("tools[") and ".function." in param:
         return param.replace(".function.", ".", 1)  # tools[0].function.name: tools[0].name
     for chat, own in _PARAMS:

@@ -199,18 +199,33 @@ def test_models_health_and_metrics(tmp_path: Path) -> None:
     run(tmp_path, body)
 
 
+def test_a_request_while_the_coordinator_drains_is_a_503_to_retry_later(tmp_path: Path) -> None:
+    async def body(st: LocalStack) -> None:
+        st.coordinator.book.accepting = False  # as while it drains (or starts)
+        async with (
+            aiohttp.ClientSession() as http,
+            http.post(f"{st.http_url}/v1/completions", json={"model": MODEL, "prompt": "x"}) as r,
+        ):
+            assert r.status == 503 and r.headers["Retry-After"] == "1"  # the SDKs wait as told
+            assert "draining" in (await r.json())["error"]["message"]
+
+    run(tmp_path, body)
+
+
 def test_one_model_and_unknown_paths_answer_as_openai_does(tmp_path: Path) -> None:
     async def body(st: LocalStack) -> None:
         async with aiohttp.ClientSession() as http:
-            answers = {}
+            answers, allowed = {}, {}
             for method, path in [
                 ("GET", f"/v1/models/{MODEL}"),
                 ("GET", "/v1/models/gpt-9"),
                 ("GET", "/v1/nothing"),
                 ("GET", "/v1/completions"),
+                ("PUT", "/v1/responses/resp_x"),  # a path with a parameter, too
             ]:
                 async with http.request(method, f"{st.http_url}{path}") as r:
                     answers[path] = (r.status, await r.json())
+                    allowed[path] = r.headers.get("Allow")
         assert answers[f"/v1/models/{MODEL}"][0] == 200
         assert answers[f"/v1/models/{MODEL}"][1]["id"] == MODEL
         assert answers["/v1/models/gpt-9"][0] == 404
@@ -219,7 +234,9 @@ def test_one_model_and_unknown_paths_answer_as_openai_does(tmp_path: Path) -> No
             answers["/v1/nothing"][0] == 404
             and "no such path" in answers["/v1/nothing"][1]["error"]["message"]
         )
-        assert answers["/v1/completions"][0] == 405
+        assert answers["/v1/completions"][0] == 405 and allowed["/v1/completions"] == "POST"
+        assert answers["/v1/responses/resp_x"][0] == 405
+        assert allowed["/v1/responses/resp_x"] == "DELETE, GET, HEAD"
         oa = openai.AsyncOpenAI(base_url=f"{st.http_url}/v1", api_key="none", max_retries=0)
         assert (await oa.models.retrieve(MODEL)).id == MODEL
         with pytest.raises(openai.NotFoundError):
@@ -244,6 +261,18 @@ def test_one_model_and_unknown_paths_answer_as_openai_does(tmp_path: Path) -> No
         ("/v1/completions", {"model": "gpt-9", "prompt": "x"}, 404, "model"),
         ("/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": 0}, 400, "max_tokens"),
         ("/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": "many"}, 400, "max_tokens"),
+        (
+            "/v1/completions",
+            {"model": MODEL, "prompt": "x", "max_tokens": "5"},
+            400,
+            "max_tokens",
+        ),  # as OpenAI
+        (
+            "/v1/chat/completions",
+            {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "max_completion_tokens": "5"},
+            400,
+            "max_completion_tokens",
+        ),
         ("/v1/completions", {"model": MODEL, "prompt": "x" * 200_000}, 400, "prompt"),
         ("/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": 40_000}, 400, "max_tokens"),
         ("/v1/completions", {"model": MODEL, "prompt": "x", "n": 0}, 400, "n"),

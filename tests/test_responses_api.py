@@ -56,6 +56,8 @@ def test_a_response_is_served_as_a_chat_and_kept(tmp_path: Path) -> None:
         roles = [m["role"] for m in json.loads(job.spec.chat_messages)]
         assert roles == ["system", "system", "user"]  # instructions first; a developer's is a system's
         assert (kept.status, kept.output_text) == ("incomplete", answer.output_text)
+        assert answer.completed_at is None and answer.output[0].status == "incomplete"  # as OpenAI's
+        assert answer.tool_choice == "auto"
         # the SDK's own model of a response takes it as it is, strictly
         Response.model_validate(answer.model_dump(exclude_unset=True))
 
@@ -189,6 +191,93 @@ def test_a_response_continues_a_kept_one_named_by_its_id(tmp_path: Path, via_wor
 
     config = {"http": {"port": 0, "workers": 1}} if via_worker else None
     run_with_stack(tmp_path, check, instances=2, config=config)
+
+
+@pytest.mark.parametrize("via_worker", [False, True])
+def test_a_kept_response_is_listed_cancelled_deleted_or_not_kept_at_all(
+    tmp_path: Path, via_worker: bool
+) -> None:
+    """What the SDK does with a kept response besides ``retrieve``: its input items (its own
+    input only, paged as OpenAI's), ``cancel`` (one running ends cancelled), ``delete`` (gone for
+    good: not retrieved, not continued, not back after a restart of the lookup); and a response
+    asked with ``store: false`` is not kept for either."""
+
+    async def check(stack: LocalStack) -> None:
+        async with client(stack) as c:
+            first = await c.responses.create(
+                model=MODEL, instructions="Be brief.", input="Hello?", max_output_tokens=3
+            )
+            second = await c.responses.create(
+                model=MODEL,
+                previous_response_id=first.id,
+                instructions="Be kind.",
+                input=[
+                    {"role": "user", "content": "Call f."},
+                    {"type": "function_call", "call_id": "c1", "name": "f", "arguments": "{}"},
+                    {"type": "function_call_output", "call_id": "c1", "output": "42"},
+                ],
+                max_output_tokens=3,
+            )
+            newest_first = await c.responses.input_items.list(second.id)
+            oldest_first = await c.responses.input_items.list(second.id, order="asc", limit=2)
+            rest = await c.responses.input_items.list(second.id, order="asc", after=oldest_first.data[-1].id)
+            with pytest.raises(openai.BadRequestError) as bad_limit:
+                await c.responses.input_items.list(second.id, limit=101)
+            with pytest.raises(openai.BadRequestError) as no_call:  # answers no call made before it
+                await c.responses.create(
+                    model=MODEL, input=[{"type": "function_call_output", "call_id": "c9", "output": "1"}]
+                )
+
+            running = await c.responses.create(
+                model=MODEL,
+                input="Long.",
+                max_output_tokens=400,
+                stream=True,
+                extra_body={"ignore_eos": True},
+            )
+            running_id, ended = "", ""
+            async for event in running:
+                if event.type == "response.created":
+                    assert event.response.usage is None  # as OpenAI's: counted once ended
+                    running_id = event.response.id
+                if event.type == "response.output_text.delta" and not ended:
+                    with pytest.raises(openai.BadRequestError) as running_deleted:
+                        await c.responses.delete(running_id)
+                    cancelled = await c.responses.cancel(running_id)
+                    ended = cancelled.status
+            assert ended == "cancelled"
+            assert (await c.responses.cancel(running_id)).status == "cancelled"  # again: as it is
+
+            await c.responses.delete(first.id)
+            with pytest.raises(openai.NotFoundError):
+                await c.responses.retrieve(first.id)
+            with pytest.raises(openai.NotFoundError):
+                await c.responses.delete(first.id)
+            with pytest.raises(openai.BadRequestError) as deleted_continued:
+                await c.responses.create(model=MODEL, previous_response_id=first.id, input="x")
+
+            unkept = await c.responses.create(model=MODEL, input="Private.", store=False, max_output_tokens=2)
+            with pytest.raises(openai.NotFoundError):
+                await c.responses.retrieve(unkept.id)
+            with pytest.raises(openai.BadRequestError) as unkept_continued:
+                await c.responses.create(model=MODEL, previous_response_id=unkept.id, input="x")
+
+        kinds = [(i.type, getattr(i, "role", None)) for i in reversed(newest_first.data)]
+        assert kinds == [("message", "user"), ("function_call", None), ("function_call_output", None)]
+        assert [i.id for i in oldest_first.data + rest.data] == [i.id for i in reversed(newest_first.data)]
+        assert oldest_first.has_more and not rest.has_more and not newest_first.has_more
+        assert newest_first.first_id == newest_first.data[0].id
+        assert bad_limit.value.body["param"] == "limit"  # type: ignore[index]
+        assert no_call.value.body["param"] == "input[0].call_id"  # type: ignore[index]
+        assert running_deleted.value.code == "response_in_progress"
+        assert deleted_continued.value.code == "previous_response_not_found"
+        assert unkept_continued.value.code == "previous_response_not_found"
+        assert unkept.store is False and first.store is True
+        assert stack.coordinator.book.journal.get(first.id.removeprefix("resp_")) is None  # forgotten
+        assert stack.coordinator.lookup(second.id.removeprefix("resp_")) is not None
+
+    config = {"http": {"port": 0, "workers": 1}} if via_worker else None
+    run_with_stack(tmp_path, check, instances=1, config=config)
 
 
 def test_a_streamed_response_sends_openais_events_in_order(tmp_path: Path) -> None:

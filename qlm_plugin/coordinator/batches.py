@@ -173,7 +173,7 @@ def parse_input(
             chat_body = responses_api.chat_body(body, None, origins) if api == "responses" else body
             spec, _, _ = parse_openai(chat_body, {}, api != "text")
             if api == "responses":
-                spec.response_echo = responses_api.echoed(body)
+                spec.response_echo = responses_api.echoed(body, origins)
             n = choices.choices_asked(chat_body)
             prompts = several_prompts(chat_body) if api == "text" else None
             each = choices.choice_specs(spec, 1, prompts)  # each prompt's request, checked below

@@ -60,6 +60,8 @@ log = logging.getLogger("qlm_plugin.coordinator")
 ABANDON_GRACE_S = 30.0
 #: Idempotency keys the coordinator gives its own requests (batch lines); refused from clients.
 RESERVED_KEY_PREFIX = "qlm-batch/"
+#: The ``Retry-After`` of a request refused while the coordinator starts or drains, seconds.
+UNAVAILABLE_RETRY_AFTER_S = 1.0
 #: The model (and class) label of a refusal naming one the deployment lacks: clients cannot
 #: create metric series.
 UNKNOWN_LABEL = "unknown"
@@ -303,8 +305,10 @@ class Coordinator:
             reserved = f"idempotency keys starting {RESERVED_KEY_PREFIX!r} are reserved"
             raise SubmitError("invalid", reserved, "idempotency_key")
         if not book.accepting:
-            raise SubmitError(
-                "unavailable", "the coordinator is not accepting requests (starting or draining)"
+            raise SubmitError(  # a retry goes to the next start, or to another coordinator
+                "unavailable",
+                "the coordinator is not accepting requests (starting or draining)",
+                retry_after_s=UNAVAILABLE_RETRY_AFTER_S,
             )
         if tenant is not None:
             spec.tenant = tenant

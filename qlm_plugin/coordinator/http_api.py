@@ -33,6 +33,7 @@ from qlm_plugin.coordinator import choices, responses_api
 from qlm_plugin.coordinator.auth import Authenticator, AuthError, Principal
 from qlm_plugin.coordinator.coordinator import Coordinator
 from qlm_plugin.coordinator.jobs import CLIENT_GONE, DEFAULT_MAX_TOKENS, REFUSED, Chunk, Job, SubmitError
+from qlm_plugin.coordinator.journal import TERMINAL
 from qlm_plugin.coordinator.json_codec import dumps
 from qlm_plugin.coordinator.openai_params import (
     INT32_MAX,
@@ -325,7 +326,7 @@ def parse_openai(
         if body[max_key] == 0 and body[max_key] is not False and "echo" in spec.sampling:  # scored alone
             spec.max_tokens, spec.prompt_only = 1, True  # one token made, left out of the answer
         else:
-            spec.max_tokens = integer(body[max_key], max_key, 1, INT32_MAX, strings=True)
+            spec.max_tokens = integer(body[max_key], max_key, 1, INT32_MAX)
     stream = body.get("stream")
     if stream is not None and not isinstance(stream, bool):
         raise BadRequest("stream", f"must be true or false, got {show(stream)}")
@@ -572,6 +573,9 @@ class FrontDoor:
         app.router.add_post("/v1/responses", self.responses)
         if self._coord is not None:  # a worker passes it to the core, which keeps the requests
             app.router.add_get("/v1/responses/{response_id}", self.get_response)
+            app.router.add_delete("/v1/responses/{response_id}", self.delete_response)
+            app.router.add_post("/v1/responses/{response_id}/cancel", self.cancel_response)
+            app.router.add_get("/v1/responses/{response_id}/input_items", self.response_input_items)
         for add_routes in self.extensions:
             add_routes(app)
         # last: matched only when no route above is (no cost to those); an OpenAI client reads an
@@ -581,9 +585,14 @@ class FrontDoor:
         return app
 
     async def no_route(self, request: web.Request) -> web.Response:
-        known = {r.resource.canonical for r in request.app.router.routes() if r.resource is not None}
-        if request.path in known:
-            return error_response(405, f"{request.method} is not allowed on {request.path}")
+        allowed: set[str] = set()
+        for resource in request.app.router.resources():
+            if resource is not request.match_info.route.resource:  # not this catch-all
+                allowed |= (await resource.resolve(request))[1]
+        if allowed:
+            response = error_response(405, f"{request.method} is not allowed on {request.path}")
+            response.headers["Allow"] = ", ".join(sorted(allowed))
+            return response
         return error_response(404, f"no such path: {request.method} {request.path}")
 
     def _principal(self, request: web.Request, scope: str) -> Principal:
@@ -656,8 +665,8 @@ class FrontDoor:
     async def responses(self, request: web.Request) -> web.StreamResponse:
         return await self._generate(request, chat=True, responses=True)
 
-    async def get_response(self, request: web.Request) -> web.Response:
-        """A response by its id, as it stands (queued, in progress, or ended), for its tenant."""
+    def _kept_response(self, request: web.Request) -> Job | web.Response:
+        """The response the path names, kept for its caller's tenant; else the error to answer."""
         try:
             tenant, admin = caller(self.auth, request)
         except AuthError as exc:
@@ -667,10 +676,61 @@ class FrontDoor:
         response_id = request.match_info["response_id"]
         rid = response_id.removeprefix(responses_api.ID_PREFIX)
         job = self.coord.lookup(rid) if rid != response_id else None
-        if job is None or (not admin and job.request.tenant != tenant) or job.spec.operation != "chat":
+        if (
+            job is None
+            or (not admin and job.request.tenant != tenant)
+            or job.spec.operation != "chat"
+            or not responses_api.stored(job)
+        ):
             message = f"no response {response_id!r} (or it is no longer kept)"
             return error_response(404, message, param="response_id", code="not_found")
+        return job
+
+    def _response_answer(self, job: Job) -> web.Response:
         return json_response(responses_api.response_object(job, responses_api.asked(job), qlm_info(job)))
+
+    async def get_response(self, request: web.Request) -> web.Response:
+        """A response by its id, as it stands (queued, in progress, or ended), for its tenant."""
+        job = self._kept_response(request)
+        return job if isinstance(job, web.Response) else self._response_answer(job)
+
+    async def cancel_response(self, request: web.Request) -> web.Response:
+        """Cancel a response still queued or in progress (its stream, if any, ends with it); one
+        that has ended is answered as it is."""
+        job = self._kept_response(request)
+        if isinstance(job, web.Response):
+            return job
+        if job.state not in TERMINAL:
+            job = self.coord.cancel(job.id, "cancelled by the client (POST /v1/responses/{id}/cancel)") or job
+        return self._response_answer(job)
+
+    async def delete_response(self, request: web.Request) -> web.Response:
+        """Forget an ended response, its request and its answer (no longer retrievable or
+        continued; its idempotency key is free again). One still running must end (or be
+        cancelled) first."""
+        job = self._kept_response(request)
+        if isinstance(job, web.Response):
+            return job
+        response_id = f"{responses_api.ID_PREFIX}{job.id}"
+        if job.state not in TERMINAL:
+            message = (
+                f"the response {response_id!r} is {job.state}: cancel it, or wait until it ends, to delete it"
+            )
+            return error_response(400, message, param="response_id", code="response_in_progress")
+        self.coord.book.delete(job)
+        await self.coord.book.journal.flush()  # answered once a restart will not bring it back
+        return json_response({"id": response_id, "object": "response", "deleted": True})
+
+    async def response_input_items(self, request: web.Request) -> web.Response:
+        """The response's own input as items (OpenAI's list: ``limit``, ``order``, ``after``)."""
+        job = self._kept_response(request)
+        if isinstance(job, web.Response):
+            return job
+        try:
+            listed = responses_api.list_input_items(job, request.query)
+        except BadRequest as exc:
+            return error_response(400, f"{exc.param}: {exc}", param=exc.param, code=exc.code)
+        return json_response(listed)
 
     async def _generate(
         self, request: web.Request, chat: bool, responses: bool = False
@@ -712,7 +772,7 @@ class FrontDoor:
                 body = responses_api.chat_body(body, history, origins)
             spec, stream, usage_chunks = parse_openai(body, request.headers, chat)
             if responses:
-                spec.response_echo = responses_api.echoed(asked)
+                spec.response_echo = responses_api.echoed(asked, origins)
             n = choices.choices_asked(body)
             prompts = None if chat else several_prompts(body)
             specs = choices.choice_specs(spec, n, prompts)

@@ -433,6 +433,16 @@ class JobBook:
             return None
         return self.lookup(rid)
 
+    def delete(self, job: Job) -> None:
+        """Forget an ended ``job`` (its client deleted its response): its answer kept for status,
+        its idempotency key (a retry with it is a new request) and its journal row."""
+        assert job.state in TERMINAL and job.id not in self.jobs, "only an ended request is deleted"
+        self.finished.pop(job.id, None)
+        key = (job.spec.tenant, job.spec.idempotency_key)
+        if key[1] and self.by_key.get(key) == job.id:
+            del self.by_key[key]
+        self.journal.delete(job.id)
+
     def release_key(self, job: Job) -> None:
         """``job`` no longer holds its idempotency key: a new request with the key is a new one
         (the choices accepted before another of their request was refused)."""

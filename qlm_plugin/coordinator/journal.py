@@ -156,6 +156,7 @@ _REQUEUED: Final = (
     f"UPDATE jobs SET state = 'queued', instance_id = NULL, failures = ? WHERE request_id = ? AND {_LIVE}"
 )
 _FORGET_KEY: Final = "UPDATE jobs SET idempotency_key = NULL WHERE request_id = ?"
+_DELETE: Final = f"DELETE FROM jobs WHERE request_id = ? AND state IN ({_TERMINAL_LIST})"
 #: What each older schema version lacks.
 _UPGRADES: Final = {
     1: ("ALTER TABLE jobs ADD COLUMN failures INTEGER NOT NULL DEFAULT 0",),
@@ -380,6 +381,10 @@ class Journal:
     def forget_key(self, request_id: str) -> None:
         """Queue: the request no longer holds its idempotency key (a new request may take it)."""
         self._enqueue(_Op("forget_key", _FORGET_KEY, (request_id,), None))
+
+    def delete(self, request_id: str) -> None:
+        """Queue: forget an ended request, its prompt and its answer (its client deleted it)."""
+        self._enqueue(_Op("delete", _DELETE, (request_id,), None))
 
     def finished(
         self,

@@ -172,6 +172,20 @@ def _check_answered(history: list[dict[str, Any]], messages: list[dict[str, Any]
         raise BadRequest("input", f"no function_call_output for the previous response's call {missing[0]!r}")
 
 
+def _check_outputs_answer_calls(messages: list[dict[str, Any]], origins: Origins) -> None:
+    """Each ``function_call_output`` answers a call made before it (OpenAI's rule: a template
+    cannot render an answer to no call)."""
+    made: set[Any] = set()
+    for message, (source, _) in zip(messages, origins, strict=True):
+        made.update(call.get("id") for call in message.get("tool_calls") or ())
+        answered = message.get("tool_call_id")
+        if message["role"] == "tool" and isinstance(answered, str) and answered not in made:
+            raise BadRequest(
+                f"{source}.call_id",
+                f"answers no function call made before it, got {show(answered)}",
+            )
+
+
 def _response_format(fmt: Any) -> dict[str, Any]:
     """``text.format`` as the chat's ``response_format`` (its schema is checked there)."""
     if not isinstance(fmt, dict):
@@ -210,8 +224,10 @@ def chat_body(
             raise _refuse(f"include[{i}]", f"extra output other than {LOGPROBS_INCLUDE!r}", extra)
     metadata_param(body.get("metadata"))  # echoed in the answer: OpenAI's shape only
     chat = {key: value for key, value in body.items() if key not in OWN_FIELDS}
-    chat["messages"] = _messages(body, history or [], [] if origins is None else origins)
+    origins = [] if origins is None else origins
+    chat["messages"] = _messages(body, history or [], origins)
     _check_answered(history or [], chat["messages"])
+    _check_outputs_answer_calls(chat["messages"], origins)
     if body.get("max_output_tokens") is not None:
         chat["max_tokens"] = body["max_output_tokens"]
     fmt = (body.get("text") or {}).get("format") if isinstance(body.get("text"), dict) else None
@@ -360,7 +376,8 @@ def _output(job: Job, ended: bool, order: list[Any] | None = None) -> list[dict[
     status = "completed" if ended else "in_progress"
     items: dict[Any, dict[str, Any]] = {}
     if (job.text or not job.tool_calls) and (ended or job.tokens):
-        items[MESSAGE] = _message(job, status)
+        cut = ended and _status(job) == "incomplete"  # its text stopped at max_output_tokens
+        items[MESSAGE] = _message(job, "incomplete" if cut else status)
     for call, item in zip(job.tool_calls, _calls(job, status), strict=True):
         items[call["index"]] = item
     first = [items.pop(key) for key in order or () if key in items]
@@ -373,13 +390,98 @@ MESSAGE = "message"
 
 #: What a response echoes of its request that the chat request does not hold (kept in
 #: ``RequestSpec.response_echo``).
-ECHOED = ("instructions", "metadata", "previous_response_id")
+ECHOED = ("instructions", "metadata", "previous_response_id", "store")
+#: Kept beside them: where the request's own input starts among its chat's messages.
+INPUT_FROM = "input_from"
 
 
-def echoed(body: Mapping[str, Any]) -> str:
-    """The part of a Responses request kept for its response's echo (``RequestSpec.response_echo``)."""
+def echoed(body: Mapping[str, Any], origins: Origins) -> str:
+    """The part of a Responses request kept for its response's echo and its input items
+    (``RequestSpec.response_echo``); ``origins``: as :func:`chat_body` filled them."""
     kept = {key: body[key] for key in ECHOED if body.get(key) is not None}
+    start = sum(1 for source, _ in origins if not source.startswith("input"))
+    if start:
+        kept[INPUT_FROM] = start
     return json.dumps(kept, separators=(",", ":")) if kept else ""
+
+
+def input_items(job: Job) -> list[dict[str, Any]]:
+    """The request's own input (not its instructions, nor a continued response's conversation)
+    as Responses items, in order: messages, function calls and their outputs."""
+    messages = json.loads(job.spec.chat_messages or "[]")[asked(job).get(INPUT_FROM, 0) :]
+    items: list[dict[str, Any]] = []
+    for i, m in enumerate(messages):
+        item_id = f"{job.id}_{i}"
+        if m["role"] == "tool":
+            items.append(
+                {
+                    "id": f"fco_{item_id}",
+                    "type": "function_call_output",
+                    "call_id": m.get("tool_call_id"),
+                    "output": m.get("content") or "",
+                    "status": "completed",
+                }
+            )
+            continue
+        if m.get("content") or not m.get("tool_calls"):
+            part: dict[str, Any] = {"type": "input_text", "text": m.get("content") or ""}
+            if m["role"] == "assistant":
+                part = {"type": "output_text", "text": part["text"], "annotations": []}
+            items.append(
+                {
+                    "id": f"msg_{item_id}",
+                    "type": "message",
+                    "role": m["role"],
+                    "content": [part],
+                    "status": "completed",
+                }
+            )
+        for k, call in enumerate(m.get("tool_calls") or ()):
+            fn = call.get("function") or {}
+            items.append(
+                {
+                    "id": f"fc_{item_id}_{k}",
+                    "type": "function_call",
+                    "call_id": call.get("id"),
+                    "name": fn.get("name"),
+                    "arguments": fn.get("arguments"),
+                    "status": "completed",
+                }
+            )
+    return items
+
+
+def list_input_items(job: Job, query: Mapping[str, str]) -> dict[str, Any]:
+    """OpenAI's list of a response's input items: ``limit`` (1-100, 20), ``order`` (``desc``, the
+    default, or ``asc``), ``after`` (an item id: those after it in that order)."""
+    order = query.get("order", "desc")
+    if order not in ("asc", "desc"):
+        raise BadRequest("order", f"must be 'asc' or 'desc', got {show(order)}")
+    raw_limit = query.get("limit", "20")
+    if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= 100:
+        raise BadRequest("limit", f"must be an integer in [1, 100], got {show(raw_limit)}")
+    items = input_items(job)
+    if order == "desc":
+        items.reverse()
+    after = query.get("after")
+    if after is not None:
+        ids = [item["id"] for item in items]
+        if after not in ids:
+            raise BadRequest("after", f"names no input item of this response, got {show(after)}")
+        items = items[ids.index(after) + 1 :]
+    page = items[: int(raw_limit)]
+    return {
+        "object": "list",
+        "data": page,
+        "first_id": page[0]["id"] if page else None,
+        "last_id": page[-1]["id"] if page else None,
+        "has_more": len(items) > len(page),
+    }
+
+
+def stored(job: Job) -> bool:
+    """Whether the response is kept for ``GET`` and continuation (not asked with ``store: false``)."""
+    return asked(job).get("store") is not False
 
 
 def asked(job: Job) -> dict[str, Any]:
@@ -432,7 +534,7 @@ def response_object(
         "object": "response",
         "created_at": int(job.request.arrival_time),
         "status": status,
-        "completed_at": int(job.finished_at) if ended and job.finished_at else None,
+        "completed_at": int(job.finished_at) if status == "completed" and job.finished_at else None,
         "error": {"code": _error_code(job), "message": job.error} if status == "failed" else None,
         "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None,
         "instructions": request.get("instructions"),
@@ -441,15 +543,17 @@ def response_object(
         "output": _output(job, ended, order) if output else [],
         "parallel_tool_calls": request.get("parallel_tool_calls", True),
         "previous_response_id": request.get("previous_response_id"),
-        "store": True,
+        "store": request.get("store") is not False,
         "temperature": request.get("temperature"),
         "text": {"format": _text_format(job)},
-        "tool_choice": request.get("tool_choice") or ("auto" if request.get("tools") else "none"),
+        "tool_choice": request.get("tool_choice") or "auto",
         "tools": request.get("tools") or [],
         "top_p": request.get("top_p"),
         "top_logprobs": request.get("top_logprobs"),
         "truncation": "disabled",
-        "usage": {
+        "usage": None  # as OpenAI's: counted once the response has ended
+        if status in ("queued", "in_progress")
+        else {
             "input_tokens": job.request.prompt_tokens,
             "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
             "output_tokens": job.tokens,
@@ -501,10 +605,10 @@ async def stream_events(
         part = {"type": "output_text", "text": "", "annotations": [], "logprobs": []}
         await event("response.content_part.added", **where, part=part)
 
-    async def close_message() -> None:
+    async def close_message(status: str = "completed") -> None:
         nonlocal message_done
         message_done = True
-        message = _message(job, "completed")
+        message = _message(job, status)
         message["content"][0]["text"] = streamed_text
         await event(
             "response.output_text.done", **where, text=streamed_text, logprobs=_logprobs(job.logprobs)
@@ -574,7 +678,7 @@ async def stream_events(
         await open_message()
     if where and not message_done:
         streamed_text = job.text
-        await close_message()
+        await close_message("incomplete" if final["status"] == "incomplete" else "completed")
     await event(f"response.{final['status']}", response=final)
 
 
@@ -604,7 +708,7 @@ def continued(previous: Job | None, request_id: str) -> list[dict[str, Any]]:
     from: its messages (without its instructions, which OpenAI does not carry over), then its
     output as the assistant's turn. ``previous``: None where none is kept (a 400, as OpenAI's)."""
     response_id = f"{ID_PREFIX}{request_id}"
-    if previous is None or previous.spec.operation != "chat":
+    if previous is None or previous.spec.operation != "chat" or not stored(previous):
         raise not_kept(request_id)
     if previous.state != "finished":
         doing = "is still in progress" if previous.state in ("queued", "dispatched") else "did not complete"

@@ -80,6 +80,7 @@ def test_the_openai_sdk_runs_a_batch_end_to_end(tmp_path: Path) -> None:
             endpoint="/v1/completions",
             completion_window="24h",
             metadata={"job": "nightly"},
+            output_expires_after={"anchor": "created_at", "seconds": 7200},
         )
         assert batch.status in ("validating", "in_progress") and batch.metadata == {"job": "nightly"}
         done = await wait_status(oa, batch.id, {"completed", "failed"})
@@ -102,6 +103,8 @@ def test_the_openai_sdk_runs_a_batch_end_to_end(tmp_path: Path) -> None:
         assert done.usage is not None and done.usage.output_tokens == sum(
             r["body"]["max_tokens"] for r in rows
         )
+        output = await oa.files.retrieve(done.output_file_id or "")
+        assert output.expires_at == output.created_at + 7200  # as the batch asked
         listed = await oa.batches.list()
         assert [b.id for b in listed.data] == [batch.id]
         files = await oa.files.list()
@@ -196,6 +199,23 @@ def test_bad_batch_requests_get_precise_errors(tmp_path: Path) -> None:
             )
         with pytest.raises(openai.NotFoundError):
             await oa.batches.retrieve("batch_nope")
+        with pytest.raises(openai.BadRequestError) as short:
+            await oa.batches.create(
+                input_file_id=f.id,
+                endpoint="/v1/completions",
+                completion_window="24h",
+                output_expires_after={"anchor": "created_at", "seconds": 5},
+            )
+        assert short.value.param == "output_expires_after.seconds"
+        store = st.server.batch_store
+        assert store is not None
+        expired = store.put_file(
+            "default", "old.jsonl", "batch", jsonl(completion_lines(1)), expires_after_s=0
+        )
+        with pytest.raises(openai.NotFoundError):  # an expired file is gone for a new batch too
+            await oa.batches.create(
+                input_file_id=expired.id, endpoint="/v1/completions", completion_window="24h"
+            )
         with pytest.raises(openai.BadRequestError, match="purpose"):
             await oa.files.create(file=("r.jsonl", b"{}"), purpose="fine-tune")
         async with aiohttp.ClientSession() as http:  # a client may not use the batches' keys

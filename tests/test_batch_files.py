@@ -302,6 +302,7 @@ def test_a_store_of_the_first_schema_opens_with_its_files(tmp_path: Path) -> Non
         assert list(store.file_lines("file-old")) == [b"old", b"ol"]
         new = store.put_file_from("t", "new.jsonl", "batch", io.BytesIO(b"new\n"), 4)
         assert store.file_content(new.id) == b"new\n"
+        assert store.get_file("file-old").expires_at is None  # type: ignore[union-attr]  # kept, as before
         assert store.delete_file("file-old") and store.tenant_bytes("t") == 4
     finally:
         store.close()
@@ -358,6 +359,52 @@ def test_an_upload_and_download_of_several_chunks_are_identical(tmp_path: Path) 
             assert r.status == 200 and r.content_length == len(content)
         assert api.store.file_content(file_id) == content
         await given_back(api)
+
+    api_run(tmp_path, body)
+
+
+def test_a_file_expires_as_asked_or_after_30_days_and_is_then_gone_for_its_owner(tmp_path: Path) -> None:
+    """OpenAI's ``expires_after`` (the SDK sends it as form fields): the file's ``expires_at``; by
+    default 30 days, as OpenAI's batch files. Once expired, a file is not listed, read, counted
+    against its tenant or given to a new batch; the sweep removes it, but not one an unfinished
+    batch still reads."""
+
+    def expiring(seconds: Any, anchor: str = "created_at") -> aiohttp.FormData:
+        data = form(b"{}\n")
+        data.add_field("expires_after[anchor]", anchor)
+        data.add_field("expires_after[seconds]", str(seconds))
+        return data
+
+    async def body(api: BatchAPI, client: TestClient[Any, Any]) -> None:
+        async with client.post("/v1/files", data=expiring(3600)) as r:
+            hour = await r.json()
+        async with client.post("/v1/files", data=form(b"{}\n")) as r:
+            default = await r.json()
+        refused = []
+        for seconds, anchor in (
+            (60, "created_at"),
+            (31 * 86400, "created_at"),
+            ("soon", "created_at"),
+            (3600, "now"),
+        ):
+            async with client.post("/v1/files", data=expiring(seconds, anchor)) as r:
+                refused.append((r.status, (await r.json())["error"]["param"]))
+        assert hour["expires_at"] == hour["created_at"] + 3600
+        assert default["expires_at"] == default["created_at"] + 30 * 86400
+        assert refused == [(400, "expires_after.seconds")] * 3 + [(400, "expires_after.anchor")]
+
+        store = api.store
+        gone = store.put_file_from("default", "old.jsonl", "batch", io.BytesIO(b"x\n"), 2, expires_after_s=0)
+        read = store.put_file_from("default", "read.jsonl", "batch", io.BytesIO(b"y\n"), 2, expires_after_s=0)
+        async with client.get(f"/v1/files/{gone.id}") as r:
+            assert r.status == 404
+        async with client.get(f"/v1/files/{gone.id}/content") as r:
+            assert r.status == 404
+        async with client.get("/v1/files") as r:
+            assert {f["id"] for f in (await r.json())["data"]} == {hour["id"], default["id"]}
+        assert store.tenant_bytes("default") == 6  # the two unexpired files' bytes
+        assert store.sweep_expired(keep={read.id}) == [gone.id]
+        assert store.get_file(gone.id) is None and list(store.file_lines(read.id)) == [b"y", b""]
 
     api_run(tmp_path, body)
 

@@ -18,6 +18,7 @@ import asyncio
 import json
 import logging
 import sqlite3
+import time
 from collections import Counter
 from collections.abc import Awaitable
 from typing import IO, Any, TypeVar
@@ -36,7 +37,14 @@ from qlm_plugin.coordinator.batch_store import (
 from qlm_plugin.coordinator.batches import BatchService, visible
 from qlm_plugin.coordinator.config import CoordinatorConfig
 from qlm_plugin.coordinator.http_api import body_stalled, caller, error_response, read_body
-from qlm_plugin.coordinator.openai_params import MAX_NAME_CHARS, BadRequest, metadata_param, text
+from qlm_plugin.coordinator.openai_params import (
+    MAX_NAME_CHARS,
+    BadRequest,
+    integer,
+    metadata_param,
+    show,
+    text,
+)
 
 #: Purposes a file may be uploaded with (outputs are the coordinator's own, ``batch_output``).
 UPLOAD_PURPOSES = ("batch",)
@@ -54,9 +62,25 @@ TRANSFER_RETRY_AFTER_S = 1
 TRANSFER_STALL_S = 60.0
 #: Bytes of the ``purpose`` field read (its only valid value is ``batch``).
 MAX_PURPOSE_BYTES = 1024
+#: The life a file's ``expires_after`` may give it, seconds (OpenAI's bounds: an hour to 30 days).
+MIN_EXPIRY_S, MAX_EXPIRY_S = 3600, 30 * 86400
 
 log = logging.getLogger("qlm_plugin.coordinator.batch_api")
 T = TypeVar("T")
+
+
+#: The form fields of a file's ``expires_after``, as the SDKs send a nested field in a form.
+EXPIRY_FIELDS = {"expires_after[anchor]": "anchor", "expires_after[seconds]": "seconds"}
+
+
+def expires_after(policy: Any, param: str, *, form: bool = False) -> int:
+    """The life in seconds an ``expires_after`` policy (``{"anchor": "created_at", "seconds": N}``)
+    gives a file; ``form``: its fields as a form's text."""
+    if not isinstance(policy, dict):
+        raise BadRequest(param, f"must be an object with anchor and seconds, got {show(policy)}")
+    if policy.get("anchor") != "created_at":
+        raise BadRequest(f"{param}.anchor", f"must be 'created_at', got {show(policy.get('anchor'))}")
+    return integer(policy.get("seconds"), f"{param}.seconds", MIN_EXPIRY_S, MAX_EXPIRY_S, strings=form)
 
 
 def _bad(exc: BadRequest) -> web.Response:
@@ -197,11 +221,14 @@ class BatchAPI:
         purpose: str | None = None
         filename = "upload.jsonl"
         size: int | None = None
+        expiry: dict[str, str] = {}  # expires_after[anchor] and [seconds], as the SDKs send a form
         try:
             reader = await request.multipart()
             while (part := await reader.next()) is not None:
                 if isinstance(part, BodyPartReader) and part.name == "purpose":
                     purpose = (await _read_small(part, MAX_PURPOSE_BYTES)).strip()
+                elif isinstance(part, BodyPartReader) and part.name in EXPIRY_FIELDS:
+                    expiry[EXPIRY_FIELDS[part.name]] = (await _read_small(part, MAX_PURPOSE_BYTES)).strip()
                 elif isinstance(part, BodyPartReader) and part.name == "file":
                     filename = part.filename or filename
                     # written as it arrives, a MiB at a time off the event loop; a second file part
@@ -229,6 +256,14 @@ class BatchAPI:
             )
         if size is None:
             return error_response(400, "file: missing", param="file", code="invalid_value")
+        try:
+            expires_after_s = (
+                expires_after(expiry, "expires_after", form=True)
+                if expiry
+                else self.service.settings.file_expiry_s
+            )
+        except BadRequest as exc:
+            return _bad(exc)
         if len(filename) > MAX_NAME_CHARS or not filename.isprintable():
             return error_response(
                 400, "file: the file name must be printable, at most 256 characters", param="file"
@@ -242,6 +277,7 @@ class BatchAPI:
                 spool,
                 size,
                 max_stored_bytes=limits.max_stored_bytes,
+                expires_after_s=expires_after_s,
             )
         except StoredBytesExceeded as exc:
             return error_response(
@@ -258,7 +294,7 @@ class BatchAPI:
             return who
         file_id = request.match_info["file_id"]
         rec = self.store.get_file(file_id)
-        if rec is None or not visible(rec, *who):
+        if rec is None or not visible(rec, *who) or rec.expired(time.time()):
             return _not_found("file", file_id)
         return rec
 
@@ -374,8 +410,14 @@ class BatchAPI:
             file_id = text(body.get("input_file_id"), "input_file_id", max_chars=MAX_NAME_CHARS)
             endpoint = text(body.get("endpoint"), "endpoint", max_chars=MAX_NAME_CHARS)
             window = body.get("completion_window")
+            output_expiry = body.get("output_expires_after")
             batch = await self.service.create(
-                tenant, file_id, endpoint, window, metadata_param(body.get("metadata"))
+                tenant,
+                file_id,
+                endpoint,
+                window,
+                metadata_param(body.get("metadata")),
+                None if output_expiry is None else expires_after(output_expiry, "output_expires_after"),
             )
         except BadRequest as exc:
             return _bad(exc)

@@ -36,7 +36,7 @@ from typing import IO, Any, Final
 
 from qlm_plugin.coordinator.file_lock import FileInUse, FolderNotWritable, lock_file, unlock_file
 
-SCHEMA_VERSION: Final = 2
+SCHEMA_VERSION: Final = 3
 #: Statuses after which a batch changes no more.
 FINAL: Final = frozenset({"completed", "failed", "expired", "cancelled"})
 #: File bytes read or written at a time: a transfer holds about one chunk in memory, and the lock
@@ -65,7 +65,8 @@ _SCHEMA: Final = (
         bytes INTEGER NOT NULL,
         created_at INTEGER NOT NULL,
         content BLOB NOT NULL,
-        complete INTEGER NOT NULL DEFAULT 1
+        complete INTEGER NOT NULL DEFAULT 1,
+        expires_at INTEGER
     )""",
     "CREATE INDEX files_tenant ON files (tenant, created_at)",
     _CHUNKS,
@@ -108,6 +109,11 @@ class FileRecord:
     purpose: str
     bytes: int
     created_at: int
+    expires_at: int | None = None  # unix seconds; None: kept until deleted
+
+    def expired(self, now: float) -> bool:
+        """Gone for its owner (its bytes are removed by :meth:`BatchStore.sweep_expired`)."""
+        return self.expires_at is not None and self.expires_at <= now
 
     def to_openai(self) -> dict[str, Any]:
         return {
@@ -118,7 +124,7 @@ class FileRecord:
             "filename": self.filename,
             "purpose": self.purpose,
             "status": "processed",
-            "expires_at": None,
+            "expires_at": self.expires_at,
             "status_details": None,
         }
 
@@ -155,6 +161,7 @@ class BatchRecord:
     model: str | None = None
     # why the batch is finalizing (the status it ends in): completed, expired or cancelled
     ending: str = field(default="completed")
+    output_expires_after_s: int | None = None  # its output and error files' life (None: kept)
 
     @property
     def deadline(self) -> float:
@@ -194,6 +201,16 @@ class BatchRecord:
             },
             "metadata": self.metadata,
         }
+
+
+_FILE_COLUMNS: Final = "id, tenant, filename, purpose, bytes, created_at, expires_at"
+_UNEXPIRED: Final = "(expires_at IS NULL OR expires_at > ?)"
+
+
+def _record(tenant: str, filename: str, purpose: str, size: int, expires_after_s: int | None) -> FileRecord:
+    now = int(time.time())
+    expires_at = None if expires_after_s is None else now + expires_after_s
+    return FileRecord(new_id("file-"), tenant, filename, purpose, size, now, expires_at)
 
 
 def new_id(prefix: str) -> str:
@@ -244,10 +261,13 @@ class BatchStore:
                 db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
         elif version > SCHEMA_VERSION:
             raise StoreError(f"{self.path}: schema {version} is newer than this version's {SCHEMA_VERSION}")
-        elif version == 1:  # files stored whole, in one transaction: every one is complete
+        else:
             with self._transaction():
-                db.execute("ALTER TABLE files ADD COLUMN complete INTEGER NOT NULL DEFAULT 1")
-                db.execute(_CHUNKS)
+                if version == 1:  # files stored whole, in one transaction: every one is complete
+                    db.execute("ALTER TABLE files ADD COLUMN complete INTEGER NOT NULL DEFAULT 1")
+                    db.execute(_CHUNKS)
+                if version <= 2:  # the files stored before expiry: kept until deleted, as they were
+                    db.execute("ALTER TABLE files ADD COLUMN expires_at INTEGER")
                 db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
         with self._transaction():  # uploads a crash cut short
             db.execute("DELETE FROM files WHERE complete = 0")
@@ -272,11 +292,13 @@ class BatchStore:
             self._file_lock = None
 
     # ------------------------------------------------------------------ files
-    def put_file(self, tenant: str, filename: str, purpose: str, content: bytes) -> FileRecord:
+    def put_file(
+        self, tenant: str, filename: str, purpose: str, content: bytes, *, expires_after_s: int | None = None
+    ) -> FileRecord:
         """A small file in one transaction, its bytes in the file's row (as versions before stop 38
         wrote batch outputs, which stores keep): large ones go through :meth:`put_file_from` or
-        :meth:`new_file`."""
-        rec = FileRecord(new_id("file-"), tenant, filename, purpose, len(content), int(time.time()))
+        :meth:`new_file`. ``expires_after_s``: its life from its creation (None: until deleted)."""
+        rec = _record(tenant, filename, purpose, len(content), expires_after_s)
         with self._lock, self._transaction():
             self._insert_file(rec, content)
         return rec
@@ -296,6 +318,7 @@ class BatchStore:
         size: int,
         *,
         max_stored_bytes: int | None = None,
+        expires_after_s: int | None = None,
     ) -> FileRecord:
         """Store the ``size`` bytes of ``source`` (from its start) as a new file, a chunk row per
         transaction; the file is listed and read only once its last chunk is in. Raises
@@ -303,7 +326,7 @@ class BatchStore:
         checked in the transaction that adds the (hidden) file, whose bytes count from then on, so
         uploads at once cannot pass it together. On any error nothing is stored (a crash mid-copy:
         the next open removes what was copied)."""
-        rec = FileRecord(new_id("file-"), tenant, filename, purpose, size, int(time.time()))
+        rec = _record(tenant, filename, purpose, size, expires_after_s)
         source.seek(0)
         # The row first, hidden (incomplete) but counted against the tenant's bytes, then its bytes
         # a chunk per transaction: between chunks the lock is free for other work.
@@ -336,25 +359,35 @@ class BatchStore:
     def _insert_hidden(self, rec: FileRecord) -> int:
         """A file's row without its bytes (its chunk rows follow), hidden until marked complete."""
         rowid = self._db.execute(
-            "INSERT INTO files (id, tenant, filename, purpose, bytes, created_at, content, complete)"
-            " VALUES (?, ?, ?, ?, ?, ?, X'', 0)",
-            (rec.id, rec.tenant, rec.filename, rec.purpose, rec.bytes, rec.created_at),
+            "INSERT INTO files (id, tenant, filename, purpose, bytes, created_at, content, complete,"
+            " expires_at) VALUES (?, ?, ?, ?, ?, ?, X'', 0, ?)",
+            (rec.id, rec.tenant, rec.filename, rec.purpose, rec.bytes, rec.created_at, rec.expires_at),
         ).lastrowid
         assert rowid is not None
         return rowid
 
     def _insert_file(self, rec: FileRecord, content: bytes) -> None:
         self._db.execute(
-            "INSERT INTO files (id, tenant, filename, purpose, bytes, created_at, content)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (rec.id, rec.tenant, rec.filename, rec.purpose, rec.bytes, rec.created_at, content),
+            "INSERT INTO files (id, tenant, filename, purpose, bytes, created_at, content, expires_at)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                rec.id,
+                rec.tenant,
+                rec.filename,
+                rec.purpose,
+                rec.bytes,
+                rec.created_at,
+                content,
+                rec.expires_at,
+            ),
         )
 
     def get_file(self, file_id: str) -> FileRecord | None:
+        """The file, expired too until it is swept (its owner is told it is gone; a batch that
+        reads it still may)."""
         with self._lock:
             row = self._db.execute(
-                "SELECT id, tenant, filename, purpose, bytes, created_at FROM files"
-                " WHERE id = ? AND complete",
+                f"SELECT {_FILE_COLUMNS} FROM files WHERE id = ? AND complete",
                 (file_id,),
             ).fetchone()
         return None if row is None else FileRecord(*row)
@@ -413,8 +446,9 @@ class BatchStore:
         after: str | None = None,
     ) -> list[FileRecord]:
         """In creation order (``newest_first``: reversed); ``after``: the id of the last file of
-        the previous page (a file no longer there: an empty page)."""
-        where, args = ["complete"], []
+        the previous page (a file no longer there: an empty page). Expired files are left out."""
+        where: list[str] = ["complete", _UNEXPIRED]
+        args: list[Any] = [int(time.time())]
         if tenant is not None:
             where.append("tenant = ?")
             args.append(tenant)
@@ -429,7 +463,7 @@ class BatchStore:
                 "(SELECT created_at, rowid FROM files WHERE id = ?)"
             )
             args.append(after)
-        sql = "SELECT id, tenant, filename, purpose, bytes, created_at FROM files"
+        sql = f"SELECT {_FILE_COLUMNS} FROM files"
         sql += " WHERE " + " AND ".join(where)
         sql += f" ORDER BY created_at {direction}, rowid {direction} LIMIT ?"
         with self._lock:
@@ -453,8 +487,28 @@ class BatchStore:
             return self._tenant_bytes(tenant)
 
     def _tenant_bytes(self, tenant: str) -> int:
-        row = self._db.execute("SELECT coalesce(sum(bytes), 0) FROM files WHERE tenant = ?", (tenant,))
+        """What the tenant stores: its expired files no longer count, swept or not."""
+        row = self._db.execute(
+            f"SELECT coalesce(sum(bytes), 0) FROM files WHERE tenant = ? AND {_UNEXPIRED}",
+            (tenant, int(time.time())),
+        )
         return int(row.fetchone()[0])
+
+    def sweep_expired(self, keep: set[str] | frozenset[str] = frozenset()) -> list[str]:
+        """Remove the files expired by now, but those in ``keep`` (the inputs of unfinished
+        batches, read again after a restart), a file per transaction; their ids."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT rowid, id FROM files WHERE expires_at IS NOT NULL AND expires_at <= ?",
+                (int(time.time()),),
+            ).fetchall()
+        swept = []
+        for rowid, file_id in rows:
+            if file_id not in keep:
+                with self._lock, self._transaction():
+                    self._delete(rowid)
+                swept.append(file_id)
+        return swept
 
     # ------------------------------------------------------------------ batches
     def put_batch(self, batch: BatchRecord) -> None:
@@ -517,10 +571,12 @@ class BatchStore:
             ).fetchall()
         return {int(line): json.loads(answer) for line, answer in rows}
 
-    def new_file(self, tenant: str, filename: str, purpose: str) -> FileWriter:
+    def new_file(
+        self, tenant: str, filename: str, purpose: str, *, expires_after_s: int | None = None
+    ) -> FileWriter:
         """A file to be written a chunk at a time (a batch's output), hidden until
         :meth:`finalize` shows it with the batch's final state."""
-        rec = FileRecord(new_id("file-"), tenant, filename, purpose, 0, int(time.time()))
+        rec = _record(tenant, filename, purpose, 0, expires_after_s)
         with self._lock:
             rowid = self._insert_hidden(rec)
         return FileWriter(self, rec, rowid)

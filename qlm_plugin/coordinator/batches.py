@@ -21,6 +21,7 @@ import json
 import logging
 import math
 import re
+import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
@@ -54,6 +55,8 @@ ENDPOINTS = {"/v1/completions": "text", "/v1/chat/completions": "chat", "/v1/res
 #: OpenAI's window is 24h; shorter ones (a number and s, m or h, down to the configured
 #: ``batches.min_window_s``) are this product's extension.
 MAX_WINDOW_S = 24 * 3600.0
+#: How often expired files are removed, seconds (until then their owners no longer see them).
+SWEEP_INTERVAL_S = 600.0
 _WINDOW = re.compile(r"^([1-9][0-9]{0,5})([smh])$")
 #: Lines answered between yields of the event loop while a batch is finalized.
 FINALIZE_STRIDE = 500
@@ -350,14 +353,31 @@ class BatchService:
         self._running: dict[str, _Running] = {}
         # per tenant: the unfinished requests all of its batches may have together
         self._tenant_room: dict[str, _Room] = {}
+        self._sweeper: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
-        """Take up every unfinished batch of the store (after a restart: from the top)."""
+        """Take up every unfinished batch of the store (after a restart: from the top), and
+        sweep expired files from then on."""
         for batch in self.store.unfinished_batches():
             self._spawn(batch)
+        self._sweeper = asyncio.get_running_loop().create_task(self._sweep(), name="expired files")
+
+    async def _sweep(self) -> None:
+        while True:
+            keep = {r.batch.input_file_id for r in self._running.values()}  # read again after a restart
+            try:
+                swept = await asyncio.to_thread(self.store.sweep_expired, keep)
+            except sqlite3.Error:
+                log.exception("sweeping expired files failed; trying again in %g s", SWEEP_INTERVAL_S)
+            else:
+                if swept:
+                    log.info("removed %d expired files", len(swept))
+            await asyncio.sleep(SWEEP_INTERVAL_S)
 
     async def close(self) -> None:
         """Stop following batches; their state is in the store and the journal for the next start."""
+        if self._sweeper is not None:
+            self._sweeper.cancel()
         tasks = [r.task for r in self._running.values() if r.task is not None]
         for task in tasks:
             task.cancel()
@@ -366,14 +386,21 @@ class BatchService:
 
     # ------------------------------------------------------------------ API
     async def create(
-        self, tenant: str, input_file_id: str, endpoint: str, window: Any, metadata: dict[str, str] | None
+        self,
+        tenant: str,
+        input_file_id: str,
+        endpoint: str,
+        window: Any,
+        metadata: dict[str, str] | None,
+        output_expires_after_s: int | None = None,
     ) -> BatchRecord:
-        """A new batch (status ``validating``); raises :class:`BadRequest` for what is wrong."""
+        """A new batch (status ``validating``); raises :class:`BadRequest` for what is wrong.
+        ``output_expires_after_s``: its output files' life (None: the settings' default)."""
         if endpoint not in ENDPOINTS:
             raise BadRequest("endpoint", f"must be one of {', '.join(ENDPOINTS)}, got {endpoint!r}")
         window_s = parse_window(window, self.settings.min_window_s)
         info = self.store.get_file(input_file_id)
-        if info is None or info.tenant != tenant:
+        if info is None or info.tenant != tenant or info.expired(time.time()):
             raise BadRequest("input_file_id", f"no file {input_file_id!r}", status=404, code="not_found")
         if info.purpose != "batch":
             raise BadRequest(
@@ -383,6 +410,7 @@ class BatchService:
             raise BadRequest(None, "the coordinator is not accepting work (starting or draining)", status=503)
         batch = BatchRecord(new_id("batch_"), tenant, input_file_id, endpoint, window, window_s, time.time())
         batch.metadata = metadata
+        batch.output_expires_after_s = output_expires_after_s or self.settings.file_expiry_s
         self.store.put_batch(batch)
         self._spawn(batch)
         return batch
@@ -740,7 +768,12 @@ class _OutputFiles:
             writer = self.writers.get(name)
             if answers and writer is None:
                 filename = f"{self.batch.id}_{name}.jsonl"
-                writer = self.writers[name] = self.store.new_file(self.batch.tenant, filename, "batch_output")
+                writer = self.writers[name] = self.store.new_file(
+                    self.batch.tenant,
+                    filename,
+                    "batch_output",
+                    expires_after_s=self.batch.output_expires_after_s,
+                )
             if writer is not None:
                 if answers:
                     writer.write("".join(json.dumps(a) + "\n" for a in answers).encode())

@@ -87,6 +87,9 @@ class BatchSettings(_Strict):
     max_in_flight: int = Field(default=4096, ge=1)
     # the shortest completion_window accepted (OpenAI's only window is 24h; shorter ones are ours)
     min_window_s: float = Field(default=60.0, gt=0)
+    # a batch file's life when its upload or batch names none (OpenAI's default for batch files);
+    # null: kept until deleted
+    file_expiry_s: int | None = Field(default=30 * 86400, ge=60)
 
 
 class JournalSettings(_Strict):

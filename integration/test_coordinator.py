@@ -199,6 +199,26 @@ def test_models_health_and_metrics(tmp_path: Path) -> None:
     run(tmp_path, body)
 
 
+def test_an_end_to_end_budget_alone_shorter_than_the_class_ttft_is_served(tmp_path: Path) -> None:
+    """A short answer wanted within 0.9 s of the interactive class (TTFT 1 s): the client's budget
+    stands alone (it was a 400 naming a TTFT the client never sent)."""
+
+    async def body(st: LocalStack) -> None:
+        async with aiohttp.ClientSession() as http:
+            got, out, _ = await post(
+                http,
+                f"{st.http_url}/v1/completions",
+                {"model": MODEL, "prompt": "x", "max_tokens": 2},
+                headers={"x-slo-e2e-ms": "900"},
+            )
+        assert got == 200, out
+        job = st.coordinator.lookup(out["id"].removeprefix("cmpl-"))
+        assert job is not None and job.request.slo.ttft_deadline is None
+        assert job.request.slo.e2e_deadline == pytest.approx(job.request.arrival_time + 0.9)
+
+    run(tmp_path, body)
+
+
 def test_a_request_while_the_coordinator_drains_is_a_503_to_retry_later(tmp_path: Path) -> None:
     async def body(st: LocalStack) -> None:
         st.coordinator.book.accepting = False  # as while it drains (or starts)
@@ -278,7 +298,13 @@ def test_one_model_and_unknown_paths_answer_as_openai_does(tmp_path: Path) -> No
         ("/v1/completions", {"model": MODEL, "prompt": "x", "n": 0}, 400, "n"),
         ("/v1/completions", {"model": MODEL, "prompt": "x", "qlm": {"ttft_ms": -5}}, 400, "qlm.ttft_ms"),
         ("/v1/completions", {"model": MODEL, "prompt": "x", "qlm": {"colour": 1}}, 400, "qlm.colour"),
-        ("/v1/completions", {"model": MODEL, "prompt": "x", "qlm": {"class": "gold"}}, 400, "slo.class"),
+        ("/v1/completions", {"model": MODEL, "prompt": "x", "qlm": {"class": "gold"}}, 400, "qlm.class"),
+        (  # both budgets the client's, contradicting: named as sent
+            "/v1/completions",
+            {"model": MODEL, "prompt": "x", "qlm": {"ttft_ms": 900, "e2e_ms": 500}},
+            400,
+            "qlm.e2e_ms",
+        ),
         ("/v1/completions", {"model": MODEL, "prompt": "x", "service_tier": "gold"}, 400, "service_tier"),
         ("/v1/completions", {"model": MODEL, "prompt": "x", "service_tier": 1}, 400, "service_tier"),
         ("/v1/chat/completions", {"model": MODEL, "messages": []}, 400, "messages"),
@@ -293,7 +319,7 @@ def test_one_model_and_unknown_paths_answer_as_openai_does(tmp_path: Path) -> No
             "/v1/completions",
             {"model": MODEL, "prompt": "x" * 80_000, "qlm": {"ttft_ms": 1}},
             400,
-            "slo.ttft_ms",
+            "qlm.ttft_ms",
         ),
     ],
 )

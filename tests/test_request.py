@@ -37,6 +37,19 @@ def test_batch_class_has_only_an_end_to_end_deadline() -> None:
     assert r.slo.first_deadline() == 700.0
 
 
+def test_a_budget_given_is_not_contradicted_by_its_class() -> None:
+    """An end-to-end budget shorter than the class's TTFT (a short answer wanted within 0.9 s of
+    an interactive class with a 1 s TTFT), or a TTFT past the class's end-to-end budget: the
+    caller's stands alone, where it was a 400 naming a budget the caller never sent."""
+    interactive = SLOClass("interactive", ttft_s=1.0, e2e_s=60.0)
+    short = make_request("a", "llama", 10, 5, 0.0, slo_class=interactive, e2e_s=0.9)
+    assert (short.slo.ttft_deadline, short.slo.e2e_deadline) == (None, 0.9)
+    lax = make_request("b", "llama", 10, 5, 0.0, slo_class=DEFAULT_CLASSES["batch"], ttft_s=700.0)
+    assert (lax.slo.ttft_deadline, lax.slo.e2e_deadline) == (700.0, None)
+    fits = make_request("c", "llama", 10, 5, 0.0, slo_class=interactive, e2e_s=5.0)
+    assert (fits.slo.ttft_deadline, fits.slo.e2e_deadline) == (1.0, 5.0)  # the class's TTFT holds
+
+
 def test_no_slo_means_no_deadline() -> None:
     r = make_request("a", "llama", 10, 5, 0.0, slo_class=SLOClass("best-effort"))
     assert r.slo.first_deadline() == math.inf

@@ -376,6 +376,22 @@ def parse_openai(
     return spec, bool(stream), usage_chunks
 
 
+def slo_param(field: str | None, body: Mapping[str, Any], headers: Mapping[str, str]) -> str | None:
+    """A refusal's SLO field (``slo.ttft_ms``, ``slo.e2e_ms``, ``slo.class``) as the client gave
+    it: its ``qlm`` field or header, else what named the class that gave it."""
+    if field is None or not field.startswith("slo."):
+        return field
+    given = body.get("qlm")
+    ext: Mapping[str, Any] = given if isinstance(given, dict) else {}
+    for key in (field.removeprefix("slo."), "class"):
+        if ext.get(key) is not None:
+            return f"qlm.{key}"
+        header = QLM_HEADERS.get(key)
+        if header is not None and headers.get(header) is not None:
+            return header
+    return "service_tier" if body.get("service_tier") is not None else "qlm.class"
+
+
 def qlm_info(job: Job) -> dict[str, Any]:
     adm = job.admission
     info: dict[str, Any] = {
@@ -795,7 +811,7 @@ class FrontDoor:
             status = SUBMIT_HTTP.get(exc.code, 400)
             if exc.code == "slo_unattainable" and exc.field is not None:
                 status = 400  # no instance could meet it even idle: retrying will not help
-            param = exc.field
+            param = slo_param(exc.field, body, request.headers)
             if chat and param == "prompt":
                 param = "messages"
             elif chat and param == "max_tokens" and body.get("max_completion_tokens") is not None:

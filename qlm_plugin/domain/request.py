@@ -182,11 +182,18 @@ def make_request(
 ) -> Request:
     """Build and validate a request from relative SLO budgets.
 
-    Budgets given here override the class's; the class supplies the rest (and priority and weight).
+    Budgets given here override the class's; the class supplies the rest (and priority and weight),
+    but not a budget that contradicts one given (a class's TTFT beyond the end-to-end budget given,
+    or its end-to-end budget before the TTFT given): the caller's stands alone.
     """
     cls = slo_class or DEFAULT_CLASSES["interactive"]
     ttft_budget = ttft_s if ttft_s is not None else cls.ttft_s
     e2e_budget = e2e_s if e2e_s is not None else cls.e2e_s
+    if ttft_budget is not None and e2e_budget is not None and e2e_budget < ttft_budget:
+        if ttft_s is None and e2e_s is not None:
+            ttft_budget = None
+        elif e2e_s is None and ttft_s is not None:
+            e2e_budget = None
     _check_budget("slo.ttft_s", ttft_budget)
     _check_budget("slo.e2e_s", e2e_budget)
     if ttft_budget is not None and e2e_budget is not None and e2e_budget < ttft_budget:

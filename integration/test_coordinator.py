@@ -24,6 +24,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from qlm_plugin.adapters.sim.realtime import natural_length, synthetic_text
 from qlm_plugin.coordinator.grpc_api import InstancesService
+from qlm_plugin.coordinator.http_api import unfinished
 from qlm_plugin.coordinator.jobs import SubmitError
 from qlm_plugin.proto.qlm.v1 import qlm_pb2 as pb
 from qlm_plugin.proto.qlm.v1 import qlm_pb2_grpc as pb_grpc
@@ -513,7 +514,9 @@ def test_a_class_that_refuses_below_its_p_meet_answers_503_with_the_estimate(tmp
     run(tmp_path, body, speed=1.0, scenario=scenario)
 
 
-def test_client_disconnect_cancels_the_request_everywhere(tmp_path: Path) -> None:
+def test_client_disconnect_cancels_the_request_everywhere(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     async def body(st: LocalStack) -> None:
         async with (
             aiohttp.ClientSession() as http,
@@ -536,6 +539,9 @@ def test_client_disconnect_cancels_the_request_everywhere(tmp_path: Path) -> Non
             await asyncio.sleep(0.01)
         assert all(rid not in li.link.attempts for li in st.instances.values())
         assert st.coordinator.journal.get(rid).state == "cancelled"  # type: ignore[union-attr]
+        await asyncio.sleep(0.2)  # the handler's end
+        # a client's ordinary leaving is no server error (it was logged as one, with a traceback)
+        assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
 
     run(tmp_path, body, speed=1.0)
 
@@ -992,6 +998,7 @@ def test_requests_wait_for_an_instance_to_come_back_within_the_bound(tmp_path: P
             await asyncio.wait_for(gone.done.wait(), 10)  # type: ignore[union-attr]
             assert gone is not None and gone.state == "failed", gone
             assert "no live instance has served model" in gone.error and "deadline has passed" in gone.error
+            assert unfinished(gone)[0] == 503  # the fleet's fault, not the request's: to retry later
 
             async def return_later() -> None:
                 await asyncio.sleep(0.3)
@@ -1273,6 +1280,33 @@ def test_an_instance_that_stops_heartbeating_is_drained(tmp_path: Path) -> None:
         for i in held:
             assert st.coordinator.jobs[i].instance == "sim-0"
             assert st.coordinator.jobs[i].text == synthetic_text(i, 0, 300)
+
+    run(tmp_path, body, speed=5.0)
+
+
+def test_a_coordinator_that_stood_still_takes_no_instance_for_lost(tmp_path: Path) -> None:
+    """The coordinator's own pause (here its event loop blocked 5 s, past the 3 s heartbeat
+    timeout; a SIGSTOP, a swapped-out process) is not its instances' silence: none is drained and
+    no request spends an attempt (each was failed after two or three such pauses)."""
+
+    async def body(st: LocalStack) -> None:
+        async with CoordinatorClient(st.grpc_target) as c:
+            replies = await c.submit_batch(
+                [pb.RequestSpec(model=MODEL, prompt="x", max_tokens=1000) for _ in range(4)]
+            )
+        ids = [r.request_id for r in replies]
+        sessions = dict(st.coordinator.fleet.sessions)
+        await asyncio.sleep(0.5)
+        assert all(st.coordinator.jobs[i].state == "dispatched" for i in ids)
+        for _ in range(2):
+            time.sleep(st.coordinator.cfg.heartbeat_timeout_s + 2)  # the whole process stands still
+            await asyncio.sleep(1.0)
+        while any(st.coordinator.jobs[i].state != "finished" for i in ids if i in st.coordinator.jobs):
+            await asyncio.sleep(0.05)
+        for i in ids:
+            job = st.coordinator.lookup(i)
+            assert job is not None and job.state == "finished" and job.attempt == 1, job and job.error
+        assert st.coordinator.fleet.sessions == sessions  # the same sessions: none lost
 
     run(tmp_path, body, speed=5.0)
 

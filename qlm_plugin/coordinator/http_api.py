@@ -32,7 +32,16 @@ from opentelemetry import propagate
 from qlm_plugin.coordinator import choices, responses_api
 from qlm_plugin.coordinator.auth import Authenticator, AuthError, Principal
 from qlm_plugin.coordinator.coordinator import Coordinator
-from qlm_plugin.coordinator.jobs import CLIENT_GONE, DEFAULT_MAX_TOKENS, REFUSED, Chunk, Job, SubmitError
+from qlm_plugin.coordinator.jobs import (
+    CLIENT_GONE,
+    DEFAULT_MAX_TOKENS,
+    REFUSED,
+    UNSERVED,
+    UNSERVED_RETRY_AFTER_S,
+    Chunk,
+    Job,
+    SubmitError,
+)
 from qlm_plugin.coordinator.journal import TERMINAL
 from qlm_plugin.coordinator.json_codec import dumps
 from qlm_plugin.coordinator.openai_params import (
@@ -839,10 +848,16 @@ class FrontDoor:
             else:
                 answer = json_response(choices_body(jobs, chat, n), headers=choice_headers(jobs))
             return await self._send(request, answer)
-        except (asyncio.CancelledError, ConnectionResetError):
+        except asyncio.CancelledError:
             if not self.closing:
                 self._cancel(jobs, CLIENT_GONE)
             raise
+        except ConnectionResetError:  # the client left (or stalled and was cut off)
+            if not self.closing:
+                self._cancel(jobs, CLIENT_GONE)
+            # an answer for aiohttp to drop quietly on the closed connection: raised, it logged a
+            # client's ordinary leaving as an error, with a traceback
+            return web.Response(status=499)
 
     async def _submit_choices(
         self, specs: list[pb.RequestSpec], tenant: str | None, parent: Any, stream: bool
@@ -888,9 +903,10 @@ class FrontDoor:
         """The answer of an ended job; ``response``: the Responses request it came from, if so."""
         if job.state != "finished":
             status, message = unfinished(job)
-            return error_response(
-                status, message, code=job.state, extra=qlm_info(job), headers=estimate_headers(job)
-            )
+            headers = estimate_headers(job)
+            if status == 503:
+                headers["Retry-After"] = str(UNSERVED_RETRY_AFTER_S)
+            return error_response(status, message, code=job.state, extra=qlm_info(job), headers=headers)
         if response is not None:
             body = responses_api.response_object(job, response, qlm_info(job))
             return json_response(body, headers=estimate_headers(job))
@@ -1057,9 +1073,14 @@ def caller(auth: Authenticator, request: web.Request) -> tuple[str, bool]:
 
 def unfinished(job: Job) -> tuple[int, str]:
     """A request that did not finish: its status (499, as nginx logs a client that left, for a
-    cancelled one; 400 for one its engine refused) and its message."""
-    status = 499 if job.state == "cancelled" else 400 if job.finish_reason == REFUSED else 500
+    cancelled one; 400 for one its engine refused; 503 for one no instance was there to serve)
+    and its message."""
+    status = 499 if job.state == "cancelled" else UNFINISHED_STATUS.get(job.finish_reason, 500)
     return status, f"request {job.id} {job.state}: {job.error}"
+
+
+#: The status of a failed request by its finish reason (else 500).
+UNFINISHED_STATUS = {REFUSED: 400, UNSERVED: 503}
 
 
 async def _request_id_header(request: web.Request, response: web.StreamResponse) -> None:

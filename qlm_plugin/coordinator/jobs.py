@@ -72,6 +72,11 @@ CALLER_GONE = frozenset({CLIENT_GONE, WORKER_GONE})
 #: The finish reason of a failed request that an engine refused (a value it cannot take): a 400 to
 #: its client, as the engine answered, not a failure of the service.
 REFUSED = "refused"
+#: The finish reason of a queued request failed because no live instance served its model for
+#: ``instance_return_wait_s``: a 503 to its client (the fleet's, not the request's fault), to retry.
+UNSERVED = "unserved"
+#: The ``Retry-After`` of such a 503, seconds.
+UNSERVED_RETRY_AFTER_S = 5
 
 
 #: No tokenizer makes fewer tokens of a prompt than one per this many bytes (the longest tokens

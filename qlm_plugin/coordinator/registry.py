@@ -21,13 +21,18 @@ from typing import Any
 from qlm_plugin.coordinator.config import CoordinatorConfig
 from qlm_plugin.coordinator.dispatch import Dispatcher
 from qlm_plugin.coordinator.instances import RemoteFleet, Session, state_from_report
-from qlm_plugin.coordinator.jobs import Job, JobBook, SubmitError
+from qlm_plugin.coordinator.jobs import UNSERVED, Job, JobBook, SubmitError
 from qlm_plugin.domain.instance import InstanceState
 from qlm_plugin.domain.request import ModelSpec, Request
+from qlm_plugin.hooks.hookspecs import TICK_S
 from qlm_plugin.proto.qlm.v1 import qlm_pb2 as pb
 from qlm_plugin.telemetry.instruments import Telemetry
 
 log = logging.getLogger("qlm_plugin.coordinator")
+
+#: A gap this long between two of the timer's checks (seconds) means the coordinator itself stood
+#: still (a paused process, a blocked event loop): no instance could be heard meanwhile.
+STALL_S = 1.0
 
 
 class InstanceTaken(Exception):
@@ -64,6 +69,7 @@ class InstanceRegistry:
         # report looks its session up (a scan cost 90 us at 5,000 instances)
         self._by_id: dict[str, Session] = {}
         self.unserved_since: dict[str, float] = {}  # model -> since when queued work has no instance
+        self._checked_at = time.monotonic()  # the timer's last check (expire)
 
     # ------------------------------------------------------------------ sessions
     def session(self, session_id: str) -> Session | None:
@@ -267,6 +273,9 @@ class InstanceRegistry:
         """On the coordinator's timer: drain the instances that stopped heartbeating, and release
         the recovered requests whose grace is over."""
         mono = time.monotonic()
+        stood_still, self._checked_at = mono - self._checked_at, mono
+        if stood_still > STALL_S:
+            self._give_back(stood_still - TICK_S)  # beyond the timer's own interval
         for s in list(self.fleet.sessions.values()):
             if s.alive and mono - s.last_seen > self.cfg.heartbeat_timeout_s:
                 self.lost(s, f"no heartbeat for {mono - s.last_seen:.1f} s")
@@ -276,6 +285,21 @@ class InstanceRegistry:
             self.release_recovered()
         if not self.recovery_until:
             self.fail_unserved(mono)
+
+    def _give_back(self, seconds: float) -> None:
+        """The coordinator stood still ``seconds``: what its instances had to do in that time
+        (heartbeat, come back after a restart) is not held against them. Their reports that
+        waited meanwhile are read next; without this every instance was lost at once (and its
+        requests spent an attempt) after a pause of a few seconds of the coordinator alone."""
+        log.warning(
+            "the coordinator stood still for %.1f s (its process paused or its event loop blocked): "
+            "its instances get that time back before any is taken for lost",
+            seconds,
+        )
+        for s in self.fleet.sessions.values():
+            s.last_seen += seconds
+        if self.recovery_until:
+            self.recovery_until += seconds
 
     def fail_unserved(self, mono: float) -> None:
         """No request waits for ever: a queued request whose model no live instance has served for
@@ -317,7 +341,7 @@ class InstanceRegistry:
                     self.dispatcher.finish(
                         job,
                         "failed",
-                        "error",
+                        UNSERVED,
                         error=f"no live instance has served model {model!r} for {mono - since:.0f} s "
                         f"({why[model]}) and the request's deadline has passed",
                     )

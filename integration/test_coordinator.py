@@ -1450,6 +1450,54 @@ def test_grpc_health_of_requests_follows_http_health(tmp_path: Path) -> None:
     run(tmp_path, body, speed=1.0)
 
 
+@pytest.mark.parametrize("workers", [0, 1])
+def test_clients_a_stop_leaves_waiting_are_told_the_request_is_kept(tmp_path: Path, workers: int) -> None:
+    """A stop whose drain ends with requests unfinished keeps them for the next start; their
+    clients were cut off with no word (a broken stream, a dropped connection). Now each is told:
+    a 503 with ``Retry-After``, or an error event in its stream, saying the request is kept."""
+
+    async def body(st: LocalStack) -> None:
+        url = f"{st.http_url}/v1"
+        long = {"model": MODEL, "max_tokens": 5000}
+        async with aiohttp.ClientSession() as http:
+
+            async def whole() -> tuple[int, Any, Any]:
+                return await post(
+                    http, f"{url}/completions", {**long, "prompt": "a"}, headers={"Idempotency-Key": "k1"}
+                )
+
+            async def streamed(path: str, extra: dict[str, Any]) -> list[Any]:
+                events = []
+                async with http.post(f"{url}/{path}", json={**long, **extra, "stream": True}) as r:
+                    async for line in r.content:
+                        if line.startswith(b"data: {"):
+                            events.append(json.loads(line[6:]))
+                return events
+
+            tasks = [
+                asyncio.create_task(whole()),
+                asyncio.create_task(streamed("completions", {"prompt": "b", "n": 2})),
+                asyncio.create_task(streamed("responses", {"input": "c", "max_output_tokens": 5000})),
+            ]
+            while len(st.coordinator.jobs) < 4 or not all(j.tokens for j in st.coordinator.jobs.values()):
+                await asyncio.sleep(0.02)
+            left = await st.server.stop(drain_timeout_s=0.1)
+            (status, out, headers), completion_events, response_events = await asyncio.gather(*tasks)
+        assert left["dispatched"] + left["queued"] == 4  # kept for the next start, none cancelled
+        assert status == 503 and headers["Retry-After"] and out["error"]["code"] == "unavailable"
+        assert (
+            "shutting down" in out["error"]["message"] and "same idempotency key" in out["error"]["message"]
+        )
+        assert completion_events[-1]["error"]["code"] == "unavailable", completion_events[-1]
+        assert response_events[-1]["type"] == "error" and response_events[-1]["code"] == "unavailable"
+        with sqlite3.connect(tmp_path / "journal.db") as db:  # none cancelled or failed
+            states = dict(db.execute("SELECT state, count(*) FROM jobs GROUP BY state").fetchall())
+        assert set(states) <= {"queued", "dispatched"} and sum(states.values()) == 4, states
+
+    config = {"http": {"port": 0, "workers": workers}} if workers else None
+    run(tmp_path, body, speed=1.0, config=config)
+
+
 def test_admin_refuses_a_bad_evict_mode_an_unknown_request_and_a_negative_limit(tmp_path: Path) -> None:
     async def body(st: LocalStack) -> None:
         async with CoordinatorClient(st.grpc_target) as c:

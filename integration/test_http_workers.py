@@ -248,7 +248,8 @@ def test_a_graceful_restart_keeps_the_requests_its_clients_were_waiting_for(
     tmp_path: Path, workers: int
 ) -> None:
     """The server closing its connections on stop is not the clients leaving: their requests stay
-    journaled, and a client that submits again with its key after the restart gets its answer."""
+    journaled (each waiting client is told so: a 503 to retry), and a client that submits again
+    with its key after the restart gets its answer."""
     config = {"http": {"port": 0, "workers": workers}, "drain_timeout_s": 0.2}
     body = completion(4000, qlm={"idempotency_key": "restart-1"})
 
@@ -259,8 +260,9 @@ def test_a_graceful_restart_keeps_the_requests_its_clients_were_waiting_for(
                 await asyncio.sleep(0.01)
             (rid,) = stack.coordinator.jobs
             await stack.server.stop()
-            with pytest.raises(aiohttp.ClientError):
-                await waiting
+            told = await waiting
+            assert told.status == 503 and told.headers["Retry-After"]
+            assert "kept" in (await told.json())["error"]["message"]
         async with local_stack(tmp_path, config=config, speed=20.0) as stack:
             async with (
                 aiohttp.ClientSession() as s,

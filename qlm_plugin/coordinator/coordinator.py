@@ -35,6 +35,7 @@ from qlm_plugin.coordinator.jobs import (
     JobsView,
     SubmitError,
     check_names,
+    halt,
 )
 from qlm_plugin.coordinator.journal import TERMINAL, Journal
 from qlm_plugin.coordinator.prompt_tokens import PromptCounter
@@ -230,6 +231,14 @@ class Coordinator:
         await self.journal.flush()
         self.telemetry.close()
         return left
+
+    def halt_unfinished(self) -> int:
+        """After a drain: end every unfinished request's followers, each told the coordinator stops
+        with it kept (:func:`~qlm_plugin.coordinator.jobs.halt`); how many."""
+        unfinished = [job for job in self.book.jobs.values() if job.state not in TERMINAL]
+        for job in unfinished:
+            halt(job)
+        return len(unfinished)
 
     async def _timer(self) -> None:
         while True:

@@ -841,7 +841,7 @@ class FrontDoor:
             if stream:
                 return await self._stream(request, jobs, chat, usage_chunks, n, asked if responses else None)
             failed = await choices.first_failed(jobs)
-            if failed is not None and len(jobs) > 1:
+            if failed is not None and len(jobs) > 1 and not failed.halted:
                 self._cancel(jobs, choices.SIBLING_FAILED)
             if failed is not None or len(jobs) == 1:
                 answer = self._complete(failed or jobs[0], chat, asked if responses else None)
@@ -906,7 +906,9 @@ class FrontDoor:
             headers = estimate_headers(job)
             if status == 503:
                 headers["Retry-After"] = str(UNSERVED_RETRY_AFTER_S)
-            return error_response(status, message, code=job.state, extra=qlm_info(job), headers=headers)
+            return error_response(
+                status, message, code=unfinished_code(job), extra=qlm_info(job), headers=headers
+            )
         if response is not None:
             body = responses_api.response_object(job, response, qlm_info(job))
             return json_response(body, headers=estimate_headers(job))
@@ -991,11 +993,14 @@ class FrontDoor:
                 if chunk is None:  # this choice has no more: its end
                     await job.done.wait()
                     if job.state != "finished":
-                        if len(jobs) > 1:
+                        if len(jobs) > 1 and not job.halted:
                             self._cancel(jobs, choices.SIBLING_FAILED)
                         status, message = unfinished(job)
                         await send(
-                            {"error": error_object(status, message, code=job.state), "qlm": qlm_info(job)}
+                            {
+                                "error": error_object(status, message, code=unfinished_code(job)),
+                                "qlm": qlm_info(job),
+                            }
                         )
                         break
                     last: dict[str, Any] = {"index": i, "finish_reason": job.finish_reason or "length"}
@@ -1073,10 +1078,26 @@ def caller(auth: Authenticator, request: web.Request) -> tuple[str, bool]:
 
 def unfinished(job: Job) -> tuple[int, str]:
     """A request that did not finish: its status (499, as nginx logs a client that left, for a
-    cancelled one; 400 for one its engine refused; 503 for one no instance was there to serve)
-    and its message."""
+    cancelled one; 400 for one its engine refused; 503 for one no instance was there to serve, or
+    one the coordinator stopped with, kept for its next start) and its message."""
+    if job.halted:
+        again = (
+            "send it again with the same idempotency key for its answer"
+            if job.spec.idempotency_key
+            else f"its id is {job.id}"
+        )
+        return 503, (
+            f"request {job.id}: the coordinator is shutting down; the request is kept and served "
+            f"after it restarts ({again})"
+        )
     status = 499 if job.state == "cancelled" else UNFINISHED_STATUS.get(job.finish_reason, 500)
     return status, f"request {job.id} {job.state}: {job.error}"
+
+
+def unfinished_code(job: Job) -> str:
+    """The error code of a request that did not finish: its state, or ``unavailable`` for one the
+    coordinator stopped with."""
+    return "unavailable" if job.halted else job.state
 
 
 #: The status of a failed request by its finish reason (else 500).

@@ -167,6 +167,7 @@ class Job:
     wasted_tokens: int = 0
     failures: int = 0  # attempts that ended with the instance lost or failing (not evictions)
     delivered: bool = False  # some of its output went to a follower (a stream, a worker's client)
+    halted: bool = False  # unfinished when the coordinator stopped: kept for its next start (halt)
     admission: Admission | None = None
     recovering: bool = False  # rebuilt from the journal; its instance may still claim it
     listeners: list[ChunkSink] = field(default_factory=list)
@@ -783,6 +784,16 @@ def publish(job: Job, chunk: Chunk) -> None:
         # shown to a client, unless the follower says it only collects it (a worker's answer)
         job.delivered = job.delivered or getattr(q, "streams", True)
         q.put_nowait(chunk)
+
+
+def halt(job: Job) -> None:
+    """The coordinator stops with ``job`` unfinished (kept in the journal, served after its next
+    start): its followers end now and ``done`` is set, so each waiting client is told so (a 503)
+    instead of losing its connection with no word."""
+    job.halted = True
+    for q in job.listeners:
+        q.put_nowait(None)
+    job.done.set()
 
 
 def tell_end(job: Job) -> None:

@@ -69,6 +69,7 @@ def relay_job(job: Job, *, duplicate: bool = False, text: bool = False) -> pb.Re
         error=job.error,
         instance_id=job.instance or "",
         attempt=job.attempt,
+        halted=job.halted,
     )
     if r.slo.ttft_deadline is not None:
         out.ttft_deadline = r.slo.ttft_deadline
@@ -144,6 +145,7 @@ def update_job(job: Job, m: pb.RelayJob) -> None:
     job.first_token_at = _opt(m, "first_token_at")
     job.finished_at = _opt(m, "finished_at")
     job.finish_reason, job.error = m.finish_reason, m.error
+    job.halted = m.halted
 
 
 def refusal(exc: SubmitError) -> pb.RelayRefusal:

@@ -668,6 +668,12 @@ async def stream_events(
                     delta=fn["arguments"],
                 )
     await job.done.wait()
+    if job.halted:  # the coordinator stops with it kept: OpenAI's stream error event, to retry
+        message = (
+            f"the coordinator is shutting down; {ID_PREFIX}{job.id} is kept and served after it restarts"
+        )
+        await event("error", code="unavailable", message=message, param=None)
+        return
     final = response_object(job, request, qlm(), order=order)
     if final["status"] not in ("completed", "incomplete"):
         await event("response.failed", response=final)

@@ -41,6 +41,9 @@ REQUESTS = SERVICES[0]
 #: On stop, how long gRPC calls still in flight may go on (the report streams agents hold open
 #: always use it all: it runs beside the HTTP servers' own grace).
 GRPC_GRACE_S = 2.0
+#: How long the requests a stop leaves unfinished have their clients told so, before connections
+#: close, seconds (an answer each, through the relay to a worker's clients too).
+HALT_GRACE_S = 0.3
 #: gRPC keepalive: a dead peer is noticed within seconds even on an idle stream.
 GRPC_OPTIONS = [
     ("grpc.keepalive_time_ms", 10_000),
@@ -187,7 +190,9 @@ class CoordinatorServer:
         if self.batches is not None:  # after the drain: requests that finished in it are counted
             await self.batches.close()
         if self._front is not None:
-            self._front.closing = True
+            self._front.closing = True  # first: a client told below and leaving cancels nothing
+        if self.coordinator is not None and self.coordinator.halt_unfinished():
+            await asyncio.sleep(HALT_GRACE_S)  # their clients (a worker's too) are told before the close
         grpc_stopped = (
             asyncio.ensure_future(self._grpc.stop(grace=GRPC_GRACE_S)) if self._grpc is not None else None
         )

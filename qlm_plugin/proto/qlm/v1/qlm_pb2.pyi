@@ -660,7 +660,7 @@ class RelayChunk(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., chunk: _Optional[_Union[OutputChunk, _Mapping]] = ...) -> None: ...
 
 class RelayJob(_message.Message):
-    __slots__ = ("request_id", "model", "prompt_tokens", "max_tokens", "arrival_time", "ttft_deadline", "e2e_deadline", "slo_class", "priority", "weight", "tenant", "duplicate", "has_admission", "can_meet_slo", "planned_instance", "wait_mean_s", "p_meet", "state", "text", "tokens", "first_token_at", "finished_at", "finish_reason", "error", "instance_id", "attempt", "tool_calls", "logprobs", "prompt_logprobs")
+    __slots__ = ("request_id", "model", "prompt_tokens", "max_tokens", "arrival_time", "ttft_deadline", "e2e_deadline", "slo_class", "priority", "weight", "tenant", "duplicate", "has_admission", "can_meet_slo", "planned_instance", "wait_mean_s", "p_meet", "state", "text", "tokens", "first_token_at", "finished_at", "finish_reason", "error", "instance_id", "attempt", "tool_calls", "logprobs", "prompt_logprobs", "halted")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -690,6 +690,7 @@ class RelayJob(_message.Message):
     TOOL_CALLS_FIELD_NUMBER: _ClassVar[int]
     LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     PROMPT_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    HALTED_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     model: str
     prompt_tokens: int
@@ -719,4 +720,5 @@ class RelayJob(_message.Message):
     tool_calls: str
     logprobs: str
     prompt_logprobs: str
-    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., max_tokens: _Optional[int] = ..., arrival_time: _Optional[float] = ..., ttft_deadline: _Optional[float] = ..., e2e_deadline: _Optional[float] = ..., slo_class: _Optional[str] = ..., priority: _Optional[int] = ..., weight: _Optional[float] = ..., tenant: _Optional[str] = ..., duplicate: _Optional[bool] = ..., has_admission: _Optional[bool] = ..., can_meet_slo: _Optional[bool] = ..., planned_instance: _Optional[str] = ..., wait_mean_s: _Optional[float] = ..., p_meet: _Optional[float] = ..., state: _Optional[str] = ..., text: _Optional[str] = ..., tokens: _Optional[int] = ..., first_token_at: _Optional[float] = ..., finished_at: _Optional[float] = ..., finish_reason: _Optional[str] = ..., error: _Optional[str] = ..., instance_id: _Optional[str] = ..., attempt: _Optional[int] = ..., tool_calls: _Optional[str] = ..., logprobs: _Optional[str] = ..., prompt_logprobs: _Optional[str] = ...) -> None: ...
+    halted: bool
+    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., max_tokens: _Optional[int] = ..., arrival_time: _Optional[float] = ..., ttft_deadline: _Optional[float] = ..., e2e_deadline: _Optional[float] = ..., slo_class: _Optional[str] = ..., priority: _Optional[int] = ..., weight: _Optional[float] = ..., tenant: _Optional[str] = ..., duplicate: _Optional[bool] = ..., has_admission: _Optional[bool] = ..., can_meet_slo: _Optional[bool] = ..., planned_instance: _Optional[str] = ..., wait_mean_s: _Optional[float] = ..., p_meet: _Optional[float] = ..., state: _Optional[str] = ..., text: _Optional[str] = ..., tokens: _Optional[int] = ..., first_token_at: _Optional[float] = ..., finished_at: _Optional[float] = ..., finish_reason: _Optional[str] = ..., error: _Optional[str] = ..., instance_id: _Optional[str] = ..., attempt: _Optional[int] = ..., tool_calls: _Optional[str] = ..., logprobs: _Optional[str] = ..., prompt_logprobs: _Optional[str] = ..., halted: _Optional[bool] = ...) -> None: ...

@@ -309,6 +309,12 @@ def test_one_model_and_unknown_paths_answer_as_openai_does(tmp_path: Path) -> No
         ("/v1/completions", {"model": MODEL, "prompt": "x", "service_tier": "gold"}, 400, "service_tier"),
         ("/v1/completions", {"model": MODEL, "prompt": "x", "service_tier": 1}, 400, "service_tier"),
         ("/v1/chat/completions", {"model": MODEL, "messages": []}, 400, "messages"),
+        (  # OpenAI's deprecated function calling: refused, not dropped (the client would wait for a call)
+            "/v1/chat/completions",
+            {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "functions": [{"name": "f"}]},
+            400,
+            "functions",
+        ),
         (
             "/v1/chat/completions",
             {"model": MODEL, "messages": [{"role": "user"}]},

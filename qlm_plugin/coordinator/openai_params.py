@@ -543,6 +543,18 @@ UNSUPPORTED: dict[str, tuple[Callable[[Any], bool], str, str]] = {
         "tool calls on /v1/completions",
         "only null, 'none' or 'auto'",
     ),
+    # OpenAI's deprecated function calling, answered in its own shape (message.function_call):
+    # dropped, the model would answer as if no function were given, and its client wait for a call
+    "functions": (
+        lambda v: v is None or v == [],
+        "deprecated function calling (send tools)",
+        "only null or []",
+    ),
+    "function_call": (
+        lambda v: v is None or v in ("none", "auto"),
+        "deprecated function calling (send tool_choice)",
+        "only null, 'none' or 'auto'",
+    ),
 }
 
 

@@ -26,6 +26,7 @@ from qlm_plugin.adapters.sim.realtime import natural_length, synthetic_text
 from qlm_plugin.coordinator.grpc_api import InstancesService
 from qlm_plugin.coordinator.http_api import unfinished
 from qlm_plugin.coordinator.jobs import SubmitError
+from qlm_plugin.coordinator.prompt_tokens import PromptCounter
 from qlm_plugin.proto.qlm.v1 import qlm_pb2 as pb
 from qlm_plugin.proto.qlm.v1 import qlm_pb2_grpc as pb_grpc
 from qlm_plugin.testing.stack import LocalStack, run_with_stack
@@ -1315,6 +1316,26 @@ def test_a_coordinator_that_stood_still_takes_no_instance_for_lost(tmp_path: Pat
         assert st.coordinator.fleet.sessions == sessions  # the same sessions: none lost
 
     run(tmp_path, body, speed=5.0)
+
+
+def test_a_slow_start_is_not_taken_for_a_stall(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A start that takes seconds before the timer runs (a model's tokenizer loading, in a
+    thread) is no pause: the instances get no time back (the recovery grace was stretched by it)."""
+    load = PromptCounter.load
+
+    def slow_load(self: PromptCounter) -> None:
+        time.sleep(2.5)  # past the stall bound of the defaults (3 s timeout, 0.5 s heartbeats)
+        load(self)
+
+    monkeypatch.setattr(PromptCounter, "load", slow_load)
+
+    async def body(st: LocalStack) -> None:
+        await asyncio.sleep(0.6)  # a few ticks
+
+    run(tmp_path, body)
+    assert "stood still" not in caplog.text
 
 
 def test_a_finished_request_is_kept_for_status_where_the_garbage_collector_does_not_walk(

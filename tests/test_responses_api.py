@@ -211,10 +211,10 @@ def test_a_kept_response_is_listed_cancelled_deleted_or_not_kept_at_all(
                 model=MODEL,
                 previous_response_id=first.id,
                 instructions="Be kind.",
-                input=[
-                    {"role": "user", "content": "Call f."},
+                input=[  # a call first: its own turn, not the continued response's
                     {"type": "function_call", "call_id": "c1", "name": "f", "arguments": "{}"},
                     {"type": "function_call_output", "call_id": "c1", "output": "42"},
+                    {"role": "user", "content": "Thanks."},
                 ],
                 max_output_tokens=3,
             )
@@ -256,14 +256,35 @@ def test_a_kept_response_is_listed_cancelled_deleted_or_not_kept_at_all(
             with pytest.raises(openai.BadRequestError) as deleted_continued:
                 await c.responses.create(model=MODEL, previous_response_id=first.id, input="x")
 
-            unkept = await c.responses.create(model=MODEL, input="Private.", store=False, max_output_tokens=2)
+            unkept = await c.responses.create(
+                model=MODEL,
+                input="Private.",
+                store=False,
+                max_output_tokens=2,
+                extra_headers={"Idempotency-Key": "unkept"},
+            )
+            retried = await c.responses.create(  # sent again: the same response, not kept
+                model=MODEL,
+                input="Private.",
+                store=False,
+                max_output_tokens=2,
+                extra_headers={"Idempotency-Key": "unkept"},
+            )
+            with pytest.raises(openai.UnprocessableEntityError) as other:  # the key, another request
+                await c.responses.create(
+                    model=MODEL,
+                    input="Private.",
+                    store=True,
+                    max_output_tokens=2,
+                    extra_headers={"Idempotency-Key": "unkept"},
+                )
             with pytest.raises(openai.NotFoundError):
                 await c.responses.retrieve(unkept.id)
             with pytest.raises(openai.BadRequestError) as unkept_continued:
                 await c.responses.create(model=MODEL, previous_response_id=unkept.id, input="x")
 
         kinds = [(i.type, getattr(i, "role", None)) for i in reversed(newest_first.data)]
-        assert kinds == [("message", "user"), ("function_call", None), ("function_call_output", None)]
+        assert kinds == [("function_call", None), ("function_call_output", None), ("message", "user")]
         assert [i.id for i in oldest_first.data + rest.data] == [i.id for i in reversed(newest_first.data)]
         assert oldest_first.has_more and not rest.has_more and not newest_first.has_more
         assert newest_first.first_id == newest_first.data[0].id
@@ -273,6 +294,8 @@ def test_a_kept_response_is_listed_cancelled_deleted_or_not_kept_at_all(
         assert deleted_continued.value.code == "previous_response_not_found"
         assert unkept_continued.value.code == "previous_response_not_found"
         assert unkept.store is False and first.store is True
+        assert retried.id == unkept.id and retried.store is False
+        assert "store" in other.value.message  # what differs, named
         assert stack.coordinator.book.journal.get(first.id.removeprefix("resp_")) is None  # forgotten
         assert stack.coordinator.lookup(second.id.removeprefix("resp_")) is not None
 
@@ -367,6 +390,7 @@ def test_a_streamed_response_sends_openais_events_in_order(tmp_path: Path) -> No
         ),
         ({"input": []}, "input", "non-empty"),
         ({"background": True}, "background", "background mode"),
+        ({"store": "false"}, "store", "must be true or false"),
         ({"metadata": {"k": {"deep": ["x"]}}}, "metadata", "values up to 512"),  # it is echoed
         # valid, but the simulated instances cannot give log probabilities
         ({"include": ["message.output_text.logprobs"]}, "include", "cannot serve log probabilities"),

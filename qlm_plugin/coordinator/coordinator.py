@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import math
 import time
@@ -88,6 +89,12 @@ def _differs(earlier: pb.RequestSpec, spec: pb.RequestSpec) -> str | None:
         return "max_tokens"
     if max(1, spec.choices) != max(1, earlier.choices):
         return "n"
+    if spec.response_echo != earlier.response_echo:  # a response's own fields: store, metadata...
+        mine, kept = (
+            json.loads(echo) if echo else {} for echo in (spec.response_echo, earlier.response_echo)
+        )
+        key = min(k for k in mine.keys() | kept.keys() if mine.get(k) != kept.get(k))
+        return "input" if key == "input_from" else key
     return None
 
 

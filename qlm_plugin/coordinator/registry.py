@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -31,7 +32,9 @@ from qlm_plugin.telemetry.instruments import Telemetry
 log = logging.getLogger("qlm_plugin.coordinator")
 
 #: A gap this long between two of the timer's checks (seconds) means the coordinator itself stood
-#: still (a paused process, a blocked event loop): no instance could be heard meanwhile.
+#: still (a paused process, a blocked event loop): no instance could be heard meanwhile. Only a gap
+#: that could take a live instance for lost counts (longer than the heartbeat timeout less two
+#: heartbeats): a loop merely busy still finds a dead instance in time.
 STALL_S = 1.0
 
 
@@ -69,7 +72,7 @@ class InstanceRegistry:
         # report looks its session up (a scan cost 90 us at 5,000 instances)
         self._by_id: dict[str, Session] = {}
         self.unserved_since: dict[str, float] = {}  # model -> since when queued work has no instance
-        self._checked_at = time.monotonic()  # the timer's last check (expire)
+        self._checked_at = math.inf  # the timer's last check (expire); none before it runs
 
     # ------------------------------------------------------------------ sessions
     def session(self, session_id: str) -> Session | None:
@@ -274,7 +277,7 @@ class InstanceRegistry:
         the recovered requests whose grace is over."""
         mono = time.monotonic()
         stood_still, self._checked_at = mono - self._checked_at, mono
-        if stood_still > STALL_S:
+        if stood_still > max(STALL_S, self.cfg.heartbeat_timeout_s - 2 * self.cfg.heartbeat_interval_s):
             self._give_back(stood_still - TICK_S)  # beyond the timer's own interval
         for s in list(self.fleet.sessions.values()):
             if s.alive and mono - s.last_seen > self.cfg.heartbeat_timeout_s:

@@ -132,7 +132,8 @@ def _messages(
         kind = item.get("type", "message")
         if kind == "function_call":  # one assistant turn holds its text and its calls, as a chat's
             last = messages[-1] if messages else None
-            if last is not None and last["role"] == "assistant":
+            # (an input's own turn: one from the continued response stays as it was)
+            if last is not None and last["role"] == "assistant" and origins[-1][0].startswith("input["):
                 last.setdefault("tool_calls", []).append(_call(item))
                 origins[-1][1].append(f"input[{i}]")
             else:
@@ -223,6 +224,8 @@ def chat_body(
         if extra != LOGPROBS_INCLUDE:
             raise _refuse(f"include[{i}]", f"extra output other than {LOGPROBS_INCLUDE!r}", extra)
     metadata_param(body.get("metadata"))  # echoed in the answer: OpenAI's shape only
+    if body.get("store") is not None and not isinstance(body["store"], bool):
+        raise BadRequest("store", f"must be true or false, got {show(body['store'])}")
     chat = {key: value for key, value in body.items() if key not in OWN_FIELDS}
     origins = [] if origins is None else origins
     chat["messages"] = _messages(body, history or [], origins)
@@ -543,7 +546,7 @@ def response_object(
         "output": _output(job, ended, order) if output else [],
         "parallel_tool_calls": request.get("parallel_tool_calls", True),
         "previous_response_id": request.get("previous_response_id"),
-        "store": request.get("store") is not False,
+        "store": stored(job),  # as kept (an idempotent retry's body may say otherwise)
         "temperature": request.get("temperature"),
         "text": {"format": _text_format(job)},
         "tool_choice": request.get("tool_choice") or "auto",

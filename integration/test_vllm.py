@@ -115,7 +115,10 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     tmp = tmp_path_factory.mktemp("vllm")
     # The engine-side agent shares EngineCore's GIL with a busy scheduler: on a loaded 2-core CI
     # machine its heartbeats can lag seconds behind.
-    (tmp / "coordinator.yaml").write_text("heartbeat_interval_s: 0.5\nheartbeat_timeout_s: 15.0\n")
+    # A short drain: a stop leaves a request running (test_a_stop_keeps_a_running_request...).
+    (tmp / "coordinator.yaml").write_text(
+        "heartbeat_interval_s: 0.5\nheartbeat_timeout_s: 15.0\ndrain_timeout_s: 0.5\n"
+    )
     model = build_tiny_model(tmp)
     st = Stack(tmp, free_port(), free_port(), None, {})  # type: ignore[arg-type]
     st.start_coordinator()
@@ -765,6 +768,53 @@ def test_the_engines_serve_with_the_coordinator_down_and_reconnect(stack: Stack)
     stack.start_coordinator()
     got = _wait_registered(stack, 2, timeout_s=60)  # the agents reconnect by themselves
     assert {i.instance_id for i in got} == {"vllm-a", "vllm-b"}
+
+
+def test_a_stop_keeps_a_running_request_its_client_is_told_and_its_retry_is_answered_once(
+    stack: Stack,
+) -> None:
+    """SIGTERM to the coordinator while a real engine generates a keyed request: the drain ends
+    with it running, its client gets a 503 saying it is kept, and after the restart the retry with
+    the key gets the whole answer of that same request (its engine's agent reclaims it)."""
+    body = {"model": MODEL, "prompt": "hello", "max_tokens": 400, "ignore_eos": True}
+    headers = {"Idempotency-Key": "kept-across-a-stop"}
+
+    async def first() -> tuple[int, Any]:
+        async with (
+            aiohttp.ClientSession() as http,
+            http.post(f"{stack.url}/v1/completions", json=body, headers=headers) as r,
+        ):
+            return r.status, await r.json()
+
+    async def stop_while_it_runs() -> tuple[int, Any]:
+        waiting = asyncio.create_task(first())
+        async with CoordinatorClient(stack.target, timeout_s=5) as c:
+            while True:  # until the engine has begun it
+                queued = await c.queue(limit=10)
+                if any(q.state == "dispatched" for q in queued.requests):
+                    break
+                await asyncio.sleep(0.05)
+        os.killpg(stack.coordinator.pid, signal.SIGTERM)
+        return await waiting
+
+    status, told = asyncio.run(stop_while_it_runs())
+    assert stack.coordinator.wait(30) == 0
+    assert status == 503 and told["error"]["code"] == "unavailable", told
+    assert "kept" in told["error"]["message"]
+    rid = told["qlm"]["request_id"]
+    stack.start_coordinator()
+    _wait_registered(stack, 2, timeout_s=60)
+
+    async def retry() -> tuple[int, Any]:
+        async with (
+            aiohttp.ClientSession() as http,
+            http.post(f"{stack.url}/v1/completions", json=body, headers=headers) as r,
+        ):
+            return r.status, await r.json()
+
+    status, out = asyncio.run(retry())
+    assert status == 200, out
+    assert out["qlm"]["request_id"] == rid and out["usage"]["completion_tokens"] == 400
 
 
 def test_a_killed_engine_has_its_requests_finished_on_the_other(stack: Stack) -> None:

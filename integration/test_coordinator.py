@@ -1508,8 +1508,21 @@ def test_clients_a_stop_leaves_waiting_are_told_the_request_is_kept(tmp_path: Pa
             ]
             while len(st.coordinator.jobs) < 4 or not all(j.tokens for j in st.coordinator.jobs.values()):
                 await asyncio.sleep(0.02)
+
+            async def followed_over_grpc() -> grpc.StatusCode | None:
+                async with CoordinatorClient(st.grpc_target) as c:
+                    try:
+                        async for _ in c.stream(next(iter(st.coordinator.jobs)), timeout_s=30):
+                            pass
+                    except grpc.aio.AioRpcError as exc:
+                        return exc.code()
+                return None
+
+            follower = asyncio.create_task(followed_over_grpc())
+            await asyncio.sleep(0.2)
             left = await st.server.stop(drain_timeout_s=0.1)
             (status, out, headers), completion_events, response_events = await asyncio.gather(*tasks)
+            assert await follower == grpc.StatusCode.UNAVAILABLE  # not a stream that ended
         assert left["dispatched"] + left["queued"] == 4  # kept for the next start, none cancelled
         assert status == 503 and headers["Retry-After"] and out["error"]["code"] == "unavailable"
         assert (

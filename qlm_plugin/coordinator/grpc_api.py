@@ -188,6 +188,11 @@ class RequestsService(pb_grpc.RequestsServicer):
                 if chunk.index == 0 and job.prompt_logprobs is not None
                 else "",
             )
+        if job.halted:  # not its end: the coordinator stops with it kept for its next start
+            await context.abort(
+                grpc.StatusCode.UNAVAILABLE,
+                f"the coordinator is shutting down; request {job.id} is kept and served after it restarts",
+            )
 
 
 class InstancesService(pb_grpc.InstancesServicer):

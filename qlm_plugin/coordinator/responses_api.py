@@ -461,7 +461,7 @@ def list_input_items(job: Job, query: Mapping[str, str]) -> dict[str, Any]:
     if order not in ("asc", "desc"):
         raise BadRequest("order", f"must be 'asc' or 'desc', got {show(order)}")
     raw_limit = query.get("limit", "20")
-    if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= 100:
+    if not (raw_limit.isascii() and raw_limit.isdigit()) or not 1 <= int(raw_limit) <= 100:
         raise BadRequest("limit", f"must be an integer in [1, 100], got {show(raw_limit)}")
     items = input_items(job)
     if order == "desc":

@@ -34,6 +34,27 @@ def test_errors_name_the_file_and_key(tmp_path: Path) -> None:
         load_config(path)
 
 
+def test_a_listen_address_without_its_port_takes_the_default_port(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("http: {host: 0.0.0.0}\ngrpc: {host: 127.0.0.2}\n")
+    cfg = load_config(path)
+    assert (cfg.http.host, cfg.http.port, cfg.grpc.host, cfg.grpc.port) == ("0.0.0.0", 8000, "127.0.0.2", 50051)
+
+
+def test_tls_files_are_read_with_the_config_and_a_bad_one_is_named(tmp_path: Path) -> None:
+    """A TLS file missing, or not PEM, was reported by gRPC as its port being in use."""
+    path = tmp_path / "c.yaml"
+    junk = tmp_path / "junk.pem"
+    junk.write_text("not a certificate\n")
+    for tls, words in (
+        (f"{{cert: {tmp_path}/none.pem, key: {junk}}}", "tls: cert: no such file"),
+        (f"{{cert: {junk}, key: {junk}}}", "tls: cert and key do not load as a PEM certificate chain"),
+    ):
+        path.write_text(f"tls: {tls}\n")
+        with pytest.raises(ConfigError, match=words):
+            load_config(path)
+
+
 def test_relative_scenario_paths_follow_the_config_file(tmp_path: Path) -> None:
     path = tmp_path / "c.yaml"
     path.write_text("scenario: fleet.yaml\n")

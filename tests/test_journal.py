@@ -473,8 +473,12 @@ def test_a_second_coordinator_cannot_open_a_journal_in_use(tmp_path: Path) -> No
     (the default path is ./qlm-journal.db: a second `qlm serve` in the same folder)."""
     path = tmp_path / "j.db"
     busy = rf"in use by another process \(pid {os.getpid()}\)"
+    link = tmp_path / "link.db"
+    link.symlink_to(path)
     with _journal(path), pytest.raises(JournalError, match=busy):
         Journal(path)
+    with _journal(path), pytest.raises(JournalError, match=busy):  # by another name, a symlink
+        Journal(link)
     with _journal(path) as again:  # released on close (and by the kernel when a process dies)
         assert again.counts() is not None
 

@@ -9,12 +9,23 @@ read from a file (``token_file``).
 from __future__ import annotations
 
 import os
+import ssl
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
+#: The ports listened on when the config names none.
+DEFAULT_PORTS = {"http": 8000, "grpc": 50051}
 #: The scopes a bearer token can carry.
 SCOPES = ("client", "instance", "admin")
 #: Environment variables read when the config names no tokens: one token per scope.
@@ -70,6 +81,29 @@ class TLS(_Strict):
     key: str  # PEM private key
     client_ca: str | None = None  # PEM CA bundle: when set, clients must present a certificate it signed
 
+    @model_validator(mode="after")
+    def _loads(self) -> TLS:
+        """Read here, once: a file missing or not PEM was reported by gRPC as its port in use."""
+        for name in ("cert", "key", "client_ca"):
+            file = getattr(self, name)
+            if file is not None and not Path(file).is_file():
+                raise ValueError(
+                    f"{name}: no such file {file!r} (relative paths start from the working folder)"
+                )
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        try:
+            ctx.load_cert_chain(self.cert, self.key)
+        except (ssl.SSLError, OSError) as exc:
+            raise ValueError(
+                f"cert and key do not load as a PEM certificate chain and its key: {exc}"
+            ) from None
+        if self.client_ca is not None:
+            try:
+                ctx.load_verify_locations(self.client_ca)
+            except (ssl.SSLError, OSError) as exc:
+                raise ValueError(f"client_ca: does not load as PEM CA certificates: {exc}") from None
+        return self
+
 
 class TenantLimits(_Strict):
     max_queued_requests: int = Field(default=10_000, ge=1)
@@ -101,8 +135,8 @@ class JournalSettings(_Strict):
 
 
 class CoordinatorConfig(_Strict):
-    http: HTTPListen = HTTPListen(port=8000)
-    grpc: Listen = Listen(port=50051)
+    http: HTTPListen = HTTPListen(port=DEFAULT_PORTS["http"])
+    grpc: Listen = Listen(port=DEFAULT_PORTS["grpc"])
     policy: str = "qlm"
     scenario: str | None = None  # fleet: models, classes, simulated instances (packaged default if None)
     journal: JournalSettings = JournalSettings()
@@ -138,12 +172,14 @@ class CoordinatorConfig(_Strict):
     batches: BatchSettings = BatchSettings()
     metrics_public: bool = False  # /metrics without a token even when tokens are configured
 
-    @field_validator("http", mode="before")
+    @field_validator("http", "grpc", mode="before")
     @classmethod
-    def _http(cls, value: Any) -> Any:
-        return (
-            value.model_dump() if isinstance(value, Listen) and not isinstance(value, HTTPListen) else value
-        )
+    def _listen(cls, value: Any, info: ValidationInfo) -> Any:
+        if info.field_name == "http" and isinstance(value, Listen) and not isinstance(value, HTTPListen):
+            value = value.model_dump()
+        if isinstance(value, dict) and "port" not in value:  # `http: {host: ...}` alone: the default port
+            value = {**value, "port": DEFAULT_PORTS[str(info.field_name)]}
+        return value
 
     @model_validator(mode="after")
     def _timeouts(self) -> CoordinatorConfig:
@@ -188,6 +224,10 @@ def _validated(data: dict[str, Any], source: str) -> CoordinatorConfig:
         lines = []
         for err in exc.errors():
             where = ".".join(str(x) for x in err["loc"]) or "(top)"
-            msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+            msg = (
+                "unknown key"
+                if err["type"] == "extra_forbidden"
+                else err["msg"].removeprefix("Value error, ")
+            )
             lines.append(f"{source}: {where}: {msg}")
         raise ConfigError("\n".join(lines)) from None

@@ -3,7 +3,9 @@
 The journal and the batch store are SQLite files that one coordinator owns: a second coordinator
 opening the same file would recover and serve the same requests again. SQLite's own locks only
 order single transactions. The lock is ``flock``: the kernel releases it when the process ends,
-however it ends, so a crashed coordinator leaves nothing to clean up.
+however it ends, so a crashed coordinator leaves nothing to clean up. The lock is the real file's
+(symlinks resolved); a hard link to the file is another name SQLite would keep another ``-wal``
+for, and is not caught.
 """
 
 from __future__ import annotations
@@ -31,7 +33,8 @@ def lock_file(path: Path, what: str) -> int | None:
     :func:`unlock_file`. Raises :class:`FileInUse` or :class:`FolderNotWritable`."""
     if fcntl is None:
         return None
-    lock_path = path.with_name(path.name + ".lock")
+    real = path.resolve()  # a symlink to the file (or to its folder) names the same lock
+    lock_path = real.with_name(real.name + ".lock")
     try:
         fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
     except OSError as exc:

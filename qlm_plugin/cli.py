@@ -92,6 +92,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         if args.policies is None
         else list(dict.fromkeys(p.strip() for p in args.policies.split(",") if p.strip()))  # each once
     )
+    if not names:
+        raise ValueError(f"--policies names no policy; available: {', '.join(registry.names())}")
     for name in names:
         registry.get(name)  # fail before any work on an unknown name
     requests, rejected = build_requests(scenario)

@@ -114,6 +114,12 @@ def test_the_table_says_how_many_requests_a_class_refused(tmp_path: Path) -> Non
         ),
         (["simulate", "--scenario", "/no/such/scenario.yaml"], 1, "cannot read scenario"),
         (["frobnicate"], 2, "invalid choice: 'frobnicate'"),
+        (["simulate", "--policies", ","], 1, "--policies names no policy"),  # it ran nothing, exit 0
+        # each ran on (restarting its instances for ever, a traceback, negative rates), now refused
+        (["serve", "--speed", "0"], 2, "argument --speed: must be above 0"),
+        (["instance", "--coordinator", "127.0.0.1:70000"], 2, "port in 1-65535"),
+        (["bench-batch", "--window", "5x"], 2, "argument --window: must be like '24h'"),
+        (["loadtest", "--requests", "-1"], 2, "argument --requests: must be above 0"),
     ],
 )
 def test_bad_input_gives_one_clear_line_and_a_nonzero_exit(args: list[str], code: int, needle: str) -> None:

@@ -38,7 +38,12 @@ def test_a_listen_address_without_its_port_takes_the_default_port(tmp_path: Path
     path = tmp_path / "c.yaml"
     path.write_text("http: {host: 0.0.0.0}\ngrpc: {host: 127.0.0.2}\n")
     cfg = load_config(path)
-    assert (cfg.http.host, cfg.http.port, cfg.grpc.host, cfg.grpc.port) == ("0.0.0.0", 8000, "127.0.0.2", 50051)
+    assert (cfg.http.host, cfg.http.port, cfg.grpc.host, cfg.grpc.port) == (
+        "0.0.0.0",
+        8000,
+        "127.0.0.2",
+        50051,
+    )
 
 
 def test_tls_files_are_read_with_the_config_and_a_bad_one_is_named(tmp_path: Path) -> None:

@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import math
 import os
 import signal
 import socket
@@ -50,6 +51,42 @@ def _config(args: argparse.Namespace) -> CoordinatorConfig:
     if args.scenario:
         update["scenario"] = args.scenario
     return with_overrides(cfg, update, "the command line") if update else cfg
+
+
+def positive(kind: type[int] | type[float]) -> Any:
+    """An argparse type: a number of ``kind`` above 0 (else a usage error naming the value)."""
+
+    def parse(text: str) -> int | float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        if not (value > 0 and math.isfinite(value)):
+            raise argparse.ArgumentTypeError(f"must be above 0 (and finite), got {text}")
+        return value
+
+    return parse
+
+
+def host_port(text: str) -> str:
+    """An argparse type: ``HOST:PORT`` with a port in 1-65535."""
+    host, _, port = text.rpartition(":")
+    if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise argparse.ArgumentTypeError(f"must be HOST:PORT with a port in 1-65535, got {text!r}")
+    return text
+
+
+def completion_window(text: str) -> str:
+    """An argparse type: a Batch API ``completion_window`` (``10m``, ``1h``, ``24h``)."""
+    from qlm_plugin.coordinator.batches import parse_window
+    from qlm_plugin.coordinator.config import BatchSettings
+    from qlm_plugin.coordinator.openai_params import BadRequest
+
+    try:
+        parse_window(text, BatchSettings().min_window_s)
+    except BadRequest as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
 
 
 def _telemetry_sdk(endpoint: str | None) -> Any:
@@ -141,7 +178,7 @@ def add_parsers(sub: Any) -> None:
         help="vllm: arguments after -- go to every vLLM server as they are (e.g. -- --max-model-len 4096)",
     )
     serve.add_argument(
-        "--speed", type=float, default=1.0, help="simulated time runs this much faster (default 1)"
+        "--speed", type=positive(float), default=1.0, help="simulated time runs this much faster (default 1)"
     )
     serve.add_argument(
         "--ray",
@@ -175,7 +212,11 @@ def add_parsers(sub: Any) -> None:
         "--unload-command", default="", help="openai: shell command or 'POST <url>' to unload it"
     )
     inst.add_argument(
-        "--coordinator", default="127.0.0.1:50051", metavar="HOST:PORT", help="its gRPC address"
+        "--coordinator",
+        type=host_port,
+        default="127.0.0.1:50051",
+        metavar="HOST:PORT",
+        help="its gRPC address",
     )
     inst.add_argument("--count", type=int, default=1, help="instances in this process (default 1)")
     inst.add_argument("--name", default="sim", help="instance id prefix (ids are NAME-0, NAME-1, ...)")
@@ -191,7 +232,7 @@ def add_parsers(sub: Any) -> None:
     )
     inst.add_argument("--scenario", metavar="FILE", help="where models and cost-model overrides come from")
     inst.add_argument(
-        "--speed", type=float, default=1.0, help="simulated time runs this much faster (default 1)"
+        "--speed", type=positive(float), default=1.0, help="simulated time runs this much faster (default 1)"
     )
     inst.add_argument("--token-env", default="QLM_INSTANCE_TOKEN", help="variable holding the instance token")
     inst.add_argument("--tls-ca", metavar="FILE", help="CA certificate of the coordinator (enables TLS)")
@@ -208,7 +249,7 @@ def add_parsers(sub: Any) -> None:
 
     lt = sub.add_parser("loadtest", help="submit throughput and front-door latency against a real qlm serve")
     lt.add_argument(
-        "--requests", type=int, default=5000, help="requests of the throughput test (default 5000)"
+        "--requests", type=positive(int), default=5000, help="requests of the throughput test (default 5000)"
     )
     lt.add_argument(
         "--rates", default="100,250,1000", help="arrivals/s of the latency tests (default 100,250,1000)"
@@ -254,8 +295,10 @@ def add_parsers(sub: Any) -> None:
         "against the same work sent as plain requests under EDF and FCFS",
     )
     bb.add_argument("--runs", default="qlm,edf,fcfs", help="comma-separated: qlm,edf,fcfs (default: all)")
-    bb.add_argument("--requests", type=int, default=2000, help="lines of the batch (default 2000)")
-    bb.add_argument("--window", default="10m", help="the batch's completion_window (default 10m)")
+    bb.add_argument("--requests", type=positive(int), default=2000, help="lines of the batch (default 2000)")
+    bb.add_argument(
+        "--window", type=completion_window, default="10m", help="the batch's completion_window (default 10m)"
+    )
     bb.add_argument("--rate", type=float, default=20.0, help="interactive requests per second (default 20)")
     bb.add_argument(
         "--duration", type=float, default=120.0, help="seconds of interactive traffic (default 120)"

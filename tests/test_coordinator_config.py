@@ -29,6 +29,12 @@ def test_errors_name_the_file_and_key(tmp_path: Path) -> None:
         load_config(path)
     with pytest.raises(ConfigError, match="cannot read config"):
         load_config(tmp_path / "missing.yaml")
+    path.write_text("http: {port: 1}\nhttp: {port: 2}\n")  # YAML kept the last, silently
+    with pytest.raises(ConfigError, match=rf"{path}:2: http: given twice"):
+        load_config(path)
+    path.write_text("drain_timeout_s: .inf\n")
+    with pytest.raises(ConfigError, match="drain_timeout_s: Input should be a finite number"):
+        load_config(path)
     path.write_text("tokens: [{scopes: [client]}]\n")
     with pytest.raises(ConfigError, match="exactly one of token_env or token_file"):
         load_config(path)

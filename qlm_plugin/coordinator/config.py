@@ -37,7 +37,7 @@ class ConfigError(ValueError):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class Listen(_Strict):
@@ -197,13 +197,21 @@ def load_config(path: str | os.PathLike[str] | None = None) -> CoordinatorConfig
     """The settings in ``path`` (YAML), or the embedded defaults for None."""
     if path is None:
         return CoordinatorConfig()
+    from qlm_plugin.workloads.scenario import duplicate_keys
+
     p = Path(path)
     try:
-        data = yaml.safe_load(p.read_text()) or {}
+        text = p.read_text()
+        data = yaml.safe_load(text) or {}
+        twice = duplicate_keys(text)
     except OSError as exc:
         raise ConfigError(f"{p}: cannot read config: {exc.strerror or exc}") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{p}: not valid YAML: {exc}") from None
+    if twice:
+        raise ConfigError(
+            "\n".join(f"{p}:{line}: {key}: given twice (YAML keeps only the last)" for line, key in twice)
+        )
     if not isinstance(data, dict):
         raise ConfigError(f"{p}: the config is a YAML mapping")
     cfg = _validated(data, str(p))

@@ -141,13 +141,23 @@ class CoordinatorServer:
         self._front = front
         self._runner = make_runner(front)
         await self._runner.setup()
-        if self.http_workers == 0:
-            site = web.TCPSite(self._runner, cfg.http.host, cfg.http.port, ssl_context=http_ssl_context(cfg))
-            await site.start()
-            self.http_port = self._runner.addresses[0][1]
-        else:
-            # The workers accept on the public socket; the core answers what they pass on.
-            listener = self._listener = await _listen(cfg.http.host, cfg.http.port)
+        try:
+            if self.http_workers == 0:
+                site = web.TCPSite(
+                    self._runner, cfg.http.host, cfg.http.port, ssl_context=http_ssl_context(cfg)
+                )
+                await site.start()
+                self.http_port = self._runner.addresses[0][1]
+                listener = None
+            else:
+                # The workers accept on the public socket; the core answers what they pass on.
+                listener = self._listener = await _listen(cfg.http.host, cfg.http.port)
+        except OSError as exc:  # named as the gRPC port's is: which server, and what to change
+            raise OSError(
+                f"cannot bind HTTP to {cfg.http.host}:{cfg.http.port} ({exc.strerror or exc}; "
+                "another port with --http-port or http.port)"
+            ) from None
+        if listener is not None:
             self.http_port = listener.getsockname()[1]
             tls = cfg.tls.model_dump(include={"cert", "key", "client_ca"}) if cfg.tls is not None else None
             self.workers = WorkerPool(self.http_workers, coord, self.auth, tls)

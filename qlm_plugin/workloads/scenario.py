@@ -207,6 +207,18 @@ def _line_map(
             _line_map(item, (*path, i), out, dupes)
 
 
+def duplicate_keys(text: str) -> list[tuple[int, str]]:
+    """The keys a YAML text gives twice in one mapping (YAML keeps only the last): (line, key path)."""
+    node = yaml.compose(text, Loader=yaml.SafeLoader)
+    if node is None:
+        return []
+    lines: dict[tuple[Any, ...], int] = {}
+    dupes: list[tuple[Any, ...]] = []
+    _line_map(node, (), lines, dupes)
+    given = set(dupes)  # a key under one given twice is no more than that one
+    return [(lines[p], _fmt_path(p)) for p in dupes if not any(p[:n] in given for n in range(1, len(p)))]
+
+
 def _fmt_path(path: tuple[Any, ...]) -> str:
     text = ""
     for part in path:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -218,4 +219,18 @@ def test_a_journal_that_is_no_database_is_a_one_line_error(tmp_path: Path) -> No
     proc = qlm("coordinator", "--journal", str(journal), "--http-port", "0", "--grpc-port", "0")
     assert proc.returncode == 1
     assert f"qlm coordinator: error: {journal} is not a usable journal database" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_an_http_port_in_use_is_named_with_what_to_change(tmp_path: Path) -> None:
+    """It was a bare "[Errno 98] ... ('127.0.0.1', port)" that named neither HTTP nor the flag."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = qlm(
+            "coordinator", "--journal", str(tmp_path / "j.db"), "--http-port", str(port), "--grpc-port", "0"
+        )
+    assert proc.returncode == 1
+    assert f"cannot bind HTTP to 127.0.0.1:{port}" in proc.stderr and "--http-port" in proc.stderr
     assert "Traceback" not in proc.stderr

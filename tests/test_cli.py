@@ -121,6 +121,11 @@ def test_the_table_says_how_many_requests_a_class_refused(tmp_path: Path) -> Non
         (["instance", "--coordinator", "127.0.0.1:70000"], 2, "port in 1-65535"),
         (["bench-batch", "--window", "5x"], 2, "argument --window: must be like '24h'"),
         (["loadtest", "--requests", "-1"], 2, "argument --requests: must be above 0"),
+        (
+            ["coordinator", "--policy", "nosuch"],
+            1,
+            "unknown policy 'nosuch'; available: fcfs",
+        ),  # before a journal
     ],
 )
 def test_bad_input_gives_one_clear_line_and_a_nonzero_exit(args: list[str], code: int, needle: str) -> None:

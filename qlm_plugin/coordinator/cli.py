@@ -50,7 +50,18 @@ def _config(args: argparse.Namespace) -> CoordinatorConfig:
         update["policy"] = args.policy
     if args.scenario:
         update["scenario"] = args.scenario
-    return with_overrides(cfg, update, "the command line") if update else cfg
+    cfg = with_overrides(cfg, update, "the command line") if update else cfg
+    _check_policy(cfg.policy)
+    return cfg
+
+
+def _check_policy(name: str) -> None:
+    """An unknown policy, refused before anything starts (it left a journal behind, and a stop
+    line saying what it kept)."""
+    from qlm_plugin.hooks import get_plugin_manager
+    from qlm_plugin.policies.registry import policy_registry
+
+    policy_registry(get_plugin_manager()).get(name)  # its error names the policies available
 
 
 def positive(kind: type[int] | type[float]) -> Any:

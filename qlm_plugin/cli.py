@@ -133,10 +133,18 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _batch_sizes(text: str) -> list[int]:
+    """An argparse type: comma-separated batch sizes, each a whole number above 0."""
+    parts = [p.strip() for p in text.split(",")]
+    if not all(p.isascii() and p.isdigit() and int(p) > 0 for p in parts):
+        raise argparse.ArgumentTypeError(f"must be whole numbers above 0, comma-separated, got {text!r}")
+    return [int(p) for p in parts]
+
+
 def cmd_cost_check(args: argparse.Namespace) -> int:
     from qlm_plugin.tools.costcheck import cost_check
 
-    rows = cost_check(args.model, args.gpu, [int(b) for b in args.batches.split(",")])
+    rows = cost_check(args.model, args.gpu, args.batches)
     if args.json:
         json.dump(rows, sys.stdout, indent=2)
         print()
@@ -294,10 +302,16 @@ def build_parser() -> argparse.ArgumentParser:
     sim.set_defaults(func=cmd_simulate)
 
     cc = sub.add_parser("cost-check", help="check the simulator against its cost model (TPOT, throughput)")
-    cc.add_argument("--model", default="llama-3.1-8b")
-    cc.add_argument("--gpu", default="h100")
-    cc.add_argument("--batches", default="1,32,256", metavar="B,B")
-    cc.add_argument("--json", action="store_true")
+    cc.add_argument("--model", default="llama-3.1-8b", help="model profile (default llama-3.1-8b)")
+    cc.add_argument("--gpu", default="h100", help="GPU profile (default h100)")
+    cc.add_argument(
+        "--batches",
+        type=_batch_sizes,
+        default="1,32,256",
+        metavar="B,B",
+        help="decode batch sizes (default 1,32,256)",
+    )
+    cc.add_argument("--json", action="store_true", help="JSON instead of a table")
     cc.set_defaults(func=cmd_cost_check)
 
     bn = sub.add_parser(

@@ -126,6 +126,8 @@ def test_the_table_says_how_many_requests_a_class_refused(tmp_path: Path) -> Non
             1,
             "unknown policy 'nosuch'; available: fcfs",
         ),  # before a journal
+        (["cost-check", "--batches", "x"], 2, "argument --batches: must be whole numbers above 0"),
+        (["instance", "--gpu", "h900"], 1, "--gpu 'h900': no model of the scenario has a cost model on it"),
     ],
 )
 def test_bad_input_gives_one_clear_line_and_a_nonzero_exit(args: list[str], code: int, needle: str) -> None:

@@ -355,6 +355,11 @@ def _instances(args: argparse.Namespace) -> list[Any]:
     costs = scenario.cost_models_for(gpu)
     unknown = [m for m in models if m not in costs]
     if unknown:
+        if not costs:  # the GPU is what is unknown
+            known = ", ".join(sorted({g.gpu for g in scenario.instances}))
+            raise ValueError(
+                f"--gpu {gpu!r}: no model of the scenario has a cost model on it (its GPUs: {known})"
+            )
         raise ValueError(
             f"no cost model for {', '.join(unknown)} on {gpu} (scenario models: {', '.join(costs)})"
         )

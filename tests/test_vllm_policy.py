@@ -149,8 +149,8 @@ def test_no_seat_eviction_while_a_seat_frees_in_time() -> None:
 
 
 def test_a_seat_is_taken_only_to_meet_a_ttft_from_a_request_that_still_meets_its_own_slo() -> None:
-    """Among the running requests that still meet their SLO after a recompute, the one with the
-    least work to redo; an urgent request before its first token never gives way."""
+    """Among the running requests that still meet their SLO after a recompute, the one the order
+    serves last; an urgent request before its first token never gives way."""
     b = brain()
     b.policy.step_s = 0.02
     urgent = admitted(b, [(Req("i"), QLMFields(ttft_deadline=NOW + 1.0))])[0]
@@ -161,7 +161,7 @@ def test_a_seat_is_taken_only_to_meet_a_ttft_from_a_request_that_still_meets_its
             (Req("tight", num_output_tokens=10, num_computed_tokens=42), QLMFields(e2e_deadline=NOW + 3.0)),
             (
                 Req("loose-big", num_output_tokens=200, num_computed_tokens=232),
-                QLMFields(e2e_deadline=NOW + 600),
+                QLMFields(e2e_deadline=NOW + 900),
             ),
             (
                 Req("loose-small", num_output_tokens=20, num_computed_tokens=52),
@@ -171,7 +171,9 @@ def test_a_seat_is_taken_only_to_meet_a_ttft_from_a_request_that_still_meets_its
         ],
     )
     found = b.seat_for([urgent], running, 4, NOW)
-    assert found is not None and found[0].request_id == "loose-small"  # least work to redo
+    # the latest deadline, not the least work to redo ("loose-small" ranks first: preempted, it
+    # would be the first to come back)
+    assert found is not None and found[0].request_id == "loose-big"
     # A started interactive request with much left ranks before the newcomer (it keeps its rank):
     # preempted, it would take the seat straight back, so it never gives way to it.
     chat = admitted(
@@ -250,9 +252,10 @@ def test_kv_victims_follow_qlm_select_victim_then_the_least_urgent() -> None:
         ],
     )
     order = [r.request_id for r in b.kv_victim_order(running, NOW)]
-    # the least work to redo among those that still meet their SLO; the urgent one before its first
-    # token only if nobody else can go
-    assert order[:2] == ["small", "soon"] and order[-1] == "i" and len(order) == 4
+    # among those that still meet their SLO, the one the order serves last first: "soon", with the
+    # least work to redo but the earliest deadline, would come straight back and have another
+    # preempted for it; the urgent one before its first token only if nobody else can go
+    assert order[2:] == ["soon", "i"] and len(order) == 4
 
 
 def test_step_time_follows_measurements() -> None:

@@ -12,8 +12,9 @@ step pace instead of a reference cost model, and decides seat evictions (:meth:`
   arrival once it has waited its own service time (nothing starves). Keys are absolute: they do not
   drift with time.
 * **Victims**: among the running requests that still meet their own SLO after being preempted and
-  recomputed, the one with the least work to redo (its KV tokens); if none would, the one with the
-  most slack.
+  recomputed, the one whose deadline comes last (the one the order would serve last: a victim ranked
+  earlier than those waiting takes its seat straight back, and another is preempted for it); if none
+  would, the one with the most slack.
 
 Thread safety: none; one thread (the scheduler's, or the queue manager's loop) calls a policy.
 """
@@ -82,23 +83,22 @@ def before_first_token(c: RunningView) -> bool:
     return c.request.slo.ttft_deadline is not None and c.generated_tokens == 0
 
 
-def choose_victim(candidates: Sequence[RunningView], slack: Callable[[RunningView], float]) -> RunningView:
-    """Among ``candidates`` that still meet their SLO after a recompute (``slack`` > 0), the one with
-    the least work to redo (KV tokens; ties: the most slack, then the latest admitted), a TTFT-bound
-    request before its first token last of all; when none would, the one with the most slack."""
+def choose_victim(
+    candidates: Sequence[RunningView],
+    slack: Callable[[RunningView], float],
+    rank: Callable[[RunningView], Any],
+) -> RunningView:
+    """Among ``candidates`` that still meet their SLO after a recompute (``slack`` > 0), the one the
+    order serves last (the greatest ``rank``: the policy's own key), a TTFT-bound request before its
+    first token last of all; when none would, the one with the most slack.
+
+    The order, not the work to redo, decides: a preempted request waits again under its own rank,
+    and one ranked before the requests waiting (a fresh, short-KV request of a tight class) would
+    take its seat straight back and have another preempted for it, over and over."""
     scored = [(slack(c), c) for c in candidates]
-    safe = [(s, c) for s, c in scored if s > 0]
+    safe = [c for s, c in scored if s > 0]
     if safe:
-        return min(
-            safe,
-            key=lambda sc: (
-                before_first_token(sc[1]),
-                sc[1].kv_tokens,
-                -sc[0],
-                -sc[1].admitted_at,
-                sc[1].request.id,
-            ),
-        )[1]
+        return max(safe, key=lambda c: (not before_first_token(c), rank(c)))
     return max(scored, key=lambda sc: (sc[0], sc[1].admitted_at, sc[1].request.id))[1]
 
 
@@ -141,7 +141,9 @@ class LocalPolicy:
     def qlm_select_victim(
         self, candidates: Sequence[RunningView], instance_id: str, now: float
     ) -> RunningView:
-        return choose_victim(candidates, lambda c: self.slack(c, now))
+        return choose_victim(
+            candidates, lambda c: self.slack(c, now), lambda c: self.qlm_rank_key(c.request, instance_id, now)
+        )
 
     @hookimpl
     def qlm_request_finished(self, outcome: RequestOutcome, now: float) -> None:
@@ -238,7 +240,7 @@ class LocalPolicy:
             and self.slack(c, now) > 0
         ]
         if select is None:
-            select = lambda cs: choose_victim(cs, lambda c: self.slack(c, now))  # noqa: E731
+            select = lambda cs: self.qlm_select_victim(cs, "", now)  # noqa: E731
         victim = select(candidates) if candidates else None
         if victim is None:
             self._no_victim = (needy.id, now)

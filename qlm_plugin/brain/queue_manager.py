@@ -404,7 +404,7 @@ class QueueManager:
             remaining = self._predict(c.request, c.generated_tokens)
             return slack_after_recompute(c.request, c.generated_tokens, remaining, now, step, redo)
 
-        return choose_victim(candidates, slack)
+        return choose_victim(candidates, slack, lambda c: self.qlm_rank_key(c.request, instance_id, now))
 
     @hookimpl
     def qlm_estimate_wait(self, request: Request, now: float) -> WaitEstimate | None:

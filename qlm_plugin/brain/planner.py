@@ -10,13 +10,12 @@ per request); a TTFT-bound group is timed over the seats (the engine starts it a
 
 The solver is list scheduling: groups in least-laxity order (late groups after every on-time one),
 each placed where its model is served and it meets its deadline, else where it finishes earliest
-(load balancing, a model swap), batching a model's groups after a swap. In overload, Moore and
-Hodgson's rule gives up, on each instance, the groups that take the most time per SLO (they go
-after every other group; no engine swaps models for them). In sustained overload (the queue misses
+(load balancing, a model swap), batching a model's groups after a swap; late groups go after every
+on-time one (no engine swaps models for them). In sustained overload (the queue misses
 and what arrives is more than the fleet gets through) the plan also weighs the arrivals expected
 over the next minute, at each lane's recent rates, and gives up a whole model where that meets
 more SLOs, both with those arrivals and for the queue as it stands. Always answers;
-O(groups x instances) plus the repairs (and, in overload, one plan per queued model). An exact
+O(groups x instances) (and, in overload, one plan per queued model). An exact
 MILP over the same groups was measured and removed: on A-F it was never better on weighted SLOs
 met where it mattered (docs/benchmarks.md).
 
@@ -107,34 +106,6 @@ def _timeline(
     return out
 
 
-def _moore_hodgson_victim(m: Machine, slots: Sequence[_Slot], clock: float) -> GroupStat | None:
-    """The group to move out of an instance's plan so that more of it meets its deadlines, or None
-    when every end-to-end-bound group there meets its own: the first that misses if it would miss
-    there even first in line (from ``clock``), else, of the end-to-end-bound groups up to it, the
-    one whose removal saves the most time per unit of SLO weight (Moore-Hodgson's rule, the longest
-    job first, weighted; a group's time counts the model swaps its removal saves). TTFT-bound
-    groups are neither: an engine starts them at once, among the work it runs (the plan's
-    one-after-another timeline cannot time their start)."""
-    for n, slot in enumerate(slots):
-        if slot.group.ttft_bound or _meets(slot.group, slot.start, slot.end):
-            continue
-        alone = _timeline(m, [slot.group], clock, m.serving, m.drain_s)[0]
-        if not _meets(slot.group, alone.start, alone.end):
-            return slot.group
-        best, victim = -math.inf, slot.group
-        for k, s in enumerate(slots[: n + 1]):
-            if s.group.ttft_bound:
-                continue
-            saved = s.end - s.start + s.switch
-            before = slots[k - 1].group.model if k > 0 else m.serving
-            if k + 1 < len(slots) and slots[k + 1].group.model == before:
-                saved += slots[k + 1].switch  # the swap back after it goes too
-            if saved / max(s.group.weight, 1e-9) > best:
-                best, victim = saved / max(s.group.weight, 1e-9), s.group
-        return victim
-    return None
-
-
 def _meets(g: GroupStat, start: float, end: float) -> bool:
     """Whether a group started at ``start`` and done at ``end`` meets its binding deadline."""
     return (start if g.ttft_bound else end) <= g.deadline
@@ -145,13 +116,10 @@ class Planner:
     reads the group totals and predictions they already hold, so planning 10,000 requests costs no
     prediction calls)."""
 
-    def __init__(
-        self, queue: GlobalQueue, fleet: FleetView, *, overload_repair: bool = True, give_up: bool = True
-    ) -> None:
+    def __init__(self, queue: GlobalQueue, fleet: FleetView, *, give_up: bool = True) -> None:
         self.queue = queue
         self.fleet = fleet
-        self.overload_repair = overload_repair
-        self.give_up = give_up and overload_repair
+        self.give_up = give_up
         self._mix: dict[str, tuple[float, float, float]] = {}  # model -> mean seat-s, prompt, output
 
     # ------------------------------------------------------------------ inputs
@@ -350,13 +318,11 @@ class Planner:
         model's group is ordered to swap now; models it serves later are staged in host memory
         (warm start).
 
-        Overload (Moore and Hodgson's rule for the most jobs on time): when an end-to-end-bound
-        group placed on an instance would miss its deadline there, the group up to it whose removal
-        saves the most time per SLO is moved out, until every one kept there meets its deadline.
-        The groups moved out, and those already late, follow every on-time group: the engines' time
-        goes to the work that meets the most SLOs per second (a slow model's requests wait where a
-        fast one's would be lost for them), and no engine swaps models for work the plan expects to
-        lose while it has other work."""
+        Groups already late (and those of a model given up) follow every on-time group: no engine
+        swaps models for work already lost while it has other work. A group that would miss where
+        it is placed stays in urgency order: moving out the groups that take the most time per SLO
+        (Moore and Hodgson's rule) was measured and removed, as it cost more than it gained
+        (docs/benchmarks.md, stop 44)."""
         plan = Plan(solver="heuristic")
         by_id = {m.instance_id: m for m in machines}
         seq: dict[str, list[GroupStat]] = {m.instance_id: [] for m in machines}
@@ -365,19 +331,13 @@ class Planner:
         model = {m.instance_id: m.serving for m in machines}
         drain = {m.instance_id: m.drain_s for m in machines}
 
-        def replay(iid: str, appended: int | None = None) -> None:
-            """Time ``iid``'s plan again: all of it, or only its last ``appended`` groups."""
+        def replay(iid: str, appended: int) -> None:
+            """Time ``iid``'s last ``appended`` groups, after the rest of its plan."""
             m = by_id[iid]
-            if appended is None:
-                slots[iid] = _timeline(m, seq[iid], max(now, m.busy_until), m.serving, m.drain_s)
-            else:
-                slots[iid] += _timeline(m, seq[iid][-appended:], clock[iid], model[iid], drain[iid])
-            if slots[iid]:
-                last = slots[iid][-1]
-                clock[iid], model[iid] = last.end, last.group.model
-                drain[iid] = last.group.seat_s / max(1, len(last.group.ids))
-            else:
-                clock[iid], model[iid], drain[iid] = max(now, m.busy_until), m.serving, m.drain_s
+            slots[iid] += _timeline(m, seq[iid][-appended:], clock[iid], model[iid], drain[iid])
+            last = slots[iid][-1]
+            clock[iid], model[iid] = last.end, last.group.model
+            drain[iid] = last.group.seat_s / max(1, len(last.group.ids))
 
         # Late groups after every on-time one (the late list's rule): the most late are the most
         # urgent by laxity, and placed first they had engines swap models for work already lost.
@@ -442,17 +402,6 @@ class Planner:
                     seq[iid].append(h)
                     t = t_after
             replay(iid, len(seq[iid]) - before)
-            # Every group planned here before met its deadline: a repair only if a new one misses.
-            new = slots[iid][before:]
-            missed = any(not x.group.ttft_bound and not _meets(x.group, x.start, x.end) for x in new)
-            while (
-                self.overload_repair
-                and missed
-                and (victim := _moore_hodgson_victim(m, slots[iid], max(now, m.busy_until))) is not None
-            ):
-                seq[iid].remove(victim)
-                after.append(victim)
-                replay(iid)
         # What is expected to miss, in urgency order, where it finishes earliest (after the rest).
         for g in sorted(after, key=lambda g: (g.urgency, g.key)):
             where = options(g)

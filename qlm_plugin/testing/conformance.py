@@ -180,9 +180,12 @@ class AdapterConformance:
         for r in requests:
             assert pm.hook.qlm_dispatch(instance_id=iid, request=r) is True
         assert recorder.queued == [(r.id, iid) for r in requests], "qlm_request_queued once per dispatch"
+        # A real engine may finish a short request before the state is read: each one is running,
+        # waiting or finished (read after the state, so that one finishing in between is counted).
         s = self._state(pm, iid)
-        assert s.num_running + s.num_waiting == len(requests)
-        assert set(s.running_ids) | set(s.waiting_ids) == {r.id for r in requests}
+        done = {o.request.id for o in recorder.finished}
+        assert len(done) + s.num_running + s.num_waiting >= len(requests)
+        assert set(s.running_ids) | set(s.waiting_ids) | done == {r.id for r in requests}
         assert _wait_until(harness, lambda: len(recorder.finished) >= len(requests), self.completion_budget_s)
         harness.advance(0.1)
         ids = [o.request.id for o in recorder.finished]

@@ -9,10 +9,10 @@ from dataclasses import dataclass
 import pytest
 
 from qlm_plugin.adapters.vllm import UnsupportedVLLMError, check_vllm, register
-from qlm_plugin.adapters.vllm.engine_brain import EngineBrain, RankedQueue, _Rank, hinted_length
+from qlm_plugin.adapters.vllm.engine_brain import EngineBrain, RankedQueue, hinted_length
 from qlm_plugin.adapters.vllm.fields import QLMFields, parse_fields
 from qlm_plugin.adapters.vllm.orders import EvictionOrder, SeatsGiven, order_action
-from qlm_plugin.brain.local_policy import LocalPolicy
+from qlm_plugin.brain.local_policy import LocalPolicy, Rank
 from qlm_plugin.domain.request import Request
 from qlm_plugin.hooks import hookimpl
 
@@ -102,10 +102,10 @@ def test_requests_without_slo_go_shortest_predicted_first_and_a_long_one_ages() 
             b.finished(r, True, NOW)
     long_r, short_r = Req("long", max_tokens=512), Req("short", arrival_time=NOW + 1, max_tokens=512)
     admitted(b, [(long_r, QLMFields(slo_class="long")), (short_r, QLMFields(slo_class="short"))])
-    assert _Rank(b.key(short_r)) < _Rank(b.key(long_r))  # 0.2 s of work goes before 8 s
+    assert Rank(b.key(short_r)) < Rank(b.key(long_r))  # 0.2 s of work goes before 8 s
     late = Req("short-late", arrival_time=NOW + 9, max_tokens=512)  # the long one waited its 8 s
     admitted(b, [(late, QLMFields(slo_class="short"))])
-    assert _Rank(b.key(long_r)) < _Rank(b.key(late))
+    assert Rank(b.key(long_r)) < Rank(b.key(late))
 
 
 def test_the_coordinators_prediction_stands_in_until_the_engine_knows_the_class() -> None:
@@ -171,8 +171,8 @@ def test_a_seat_is_taken_only_to_meet_a_ttft_from_a_request_that_still_meets_its
         ],
     )
     found = b.seat_for([urgent], running, 4, NOW)
-    # the latest deadline, not the least work to redo ("loose-small" ranks first: preempted, it
-    # would be the first to come back)
+    # the one the order serves last (the later deadline), not the least work to redo
+    # ("loose-small" ranks first: preempted, it would be the first to come back)
     assert found is not None and found[0].request_id == "loose-big"
     # A started interactive request with much left ranks before the newcomer (it keeps its rank):
     # preempted, it would take the seat straight back, so it never gives way to it.
@@ -246,16 +246,34 @@ def test_kv_victims_follow_qlm_select_victim_then_the_least_urgent() -> None:
         b,
         [
             (Req("i", num_output_tokens=0, num_computed_tokens=30), QLMFields(ttft_deadline=NOW + 1.0)),
-            (Req("big", num_output_tokens=100, num_computed_tokens=400), QLMFields(e2e_deadline=NOW + 600)),
+            (Req("big", num_output_tokens=100, num_computed_tokens=400), QLMFields(e2e_deadline=NOW + 700)),
             (Req("small", num_output_tokens=5, num_computed_tokens=40), QLMFields(e2e_deadline=NOW + 600)),
             (Req("soon", num_output_tokens=5, num_computed_tokens=40), QLMFields(e2e_deadline=NOW + 20)),
         ],
     )
     order = [r.request_id for r in b.kv_victim_order(running, NOW)]
-    # among those that still meet their SLO, the one the order serves last first: "soon", with the
-    # least work to redo but the earliest deadline, would come straight back and have another
-    # preempted for it; the urgent one before its first token only if nobody else can go
-    assert order[2:] == ["soon", "i"] and len(order) == 4
+    # among those that still meet their SLO, the one the order serves last first ("big", with the
+    # most work to redo): "soon", with the least work to redo but the earliest deadline, would come
+    # straight back and have another preempted for it; the urgent one before its first token only
+    # if nobody else can go
+    assert order == ["big", "small", "soon", "i"]
+
+
+def test_kv_victims_follow_the_rank_the_engines_queue_holds() -> None:
+    """The victim is the request the engine's queue would serve last, by the key it got at
+    admission: a key priced again at a later pace would name a request the queue serves first."""
+    b = brain()
+    b.policy.step_s = 0.02
+    running = admitted(
+        b,
+        [
+            (Req("long", num_output_tokens=5, max_tokens=4096), QLMFields(e2e_deadline=NOW + 300)),
+            (Req("short", num_output_tokens=5, max_tokens=64), QLMFields(e2e_deadline=NOW + 250)),
+        ],
+    )
+    served_last = max(running, key=lambda r: Rank(b.key(r))).request_id
+    b.policy.step_s = 0.2  # the engine measured its pace: keys priced now would differ
+    assert b.kv_victim_order(running, NOW)[0].request_id == served_last
 
 
 def test_step_time_follows_measurements() -> None:

@@ -25,7 +25,7 @@ from types import SimpleNamespace
 from typing import Any, Protocol
 
 from qlm_plugin.adapters.vllm.fields import QLMFields
-from qlm_plugin.brain.local_policy import LocalPolicy, SeatEviction
+from qlm_plugin.brain.local_policy import LocalPolicy, Rank, SeatEviction, before_first_token
 from qlm_plugin.brain.predictor import SOURCE_BUCKET, SOURCE_CLASS, LengthPredictor, PredictorPlugin
 from qlm_plugin.domain.distributions import LengthDistribution
 from qlm_plugin.domain.instance import RunningView
@@ -126,6 +126,10 @@ class EngineBrain:
         self.requests: dict[str, Request] = {}
         self.fields: dict[str, QLMFields] = {}
         self.keys: dict[str, Hashable] = {}
+        # victims by the rank the engine's queue holds (a user's, and fixed at admission)
+        self.policy.rank_of = lambda request: Rank(
+            self.keys.get(request.id, (math.inf, request.arrival_time, request.id))
+        )
 
     # ------------------------------------------------------------------ requests
     def admit(self, r: EngineRequest, fields: QLMFields, now: float) -> Hashable:
@@ -242,7 +246,7 @@ class EngineBrain:
         views, by_id = self._views(running)
 
         def ranks_after(needy: Request, c: RunningView) -> bool:
-            return _Rank(self.keys.get(needy.id)) < _Rank(self.keys.get(c.request.id))
+            return Rank(self.keys.get(needy.id)) < Rank(self.keys.get(c.request.id))
 
         choice = self.policy.seat_for(queued, views, seats, now, self._select(now), ranks_after)
         if choice is None:
@@ -251,7 +255,8 @@ class EngineBrain:
 
     def kv_victim_order(self, running: Sequence[EngineRequest], now: float) -> list[Any]:
         """Running requests in the order KV pressure should preempt them: the first
-        :data:`HOOK_VICTIMS` by ``qlm_select_victim``, then the least urgent first."""
+        :data:`HOOK_VICTIMS` by ``qlm_select_victim``, then the least urgent first (an urgent request
+        before its first token last)."""
         views, by_id = self._views(running)
         order: list[Any] = []
         select = self._select(now)
@@ -261,8 +266,10 @@ class EngineBrain:
                 break
             views.remove(v)
             order.append(by_id[v.request.id])
-        rest = sorted((by_id[v.request.id] for v in views), key=lambda r: _Rank(self.key(r)), reverse=True)
-        order.extend(rest)
+        # the rest as the rule orders them: the one served last first, an urgent request before its
+        # first token after every other
+        views.sort(key=lambda v: (not before_first_token(v), Rank(self.key(by_id[v.request.id]))), reverse=True)
+        order.extend(by_id[v.request.id] for v in views)
         known = {r.request_id for r in order}
         order.extend(r for r in running if r.request_id not in known)  # not ours: last
         return order
@@ -298,28 +305,6 @@ def _culprit(hook: Any, exc: BaseException) -> str:
     return "?"
 
 
-class _Rank:
-    """A rank key that never raises when compared: keys of different plugins that cannot be compared
-    (a user's key beside the built-in one) fall back to their type names, so the engine's heap stays
-    valid instead of raising in the scheduler."""
-
-    __slots__ = ("key",)
-
-    def __init__(self, key: Hashable) -> None:
-        self.key = key
-
-    def __lt__(self, other: _Rank) -> bool:
-        try:
-            return bool(self.key < other.key)  # type: ignore[operator]
-        except TypeError:
-            return (type(self.key).__name__, repr(self.key)) < (type(other.key).__name__, repr(other.key))
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, _Rank) and self.key == other.key
-
-    __hash__ = None  # type: ignore[assignment]
-
-
 class RankedQueue:
     """vLLM's waiting queue (the ``RequestQueue`` interface), ordered by the ``qlm_rank_key`` each
     request got when it reached the engine; a preempted request goes back with the rank it had.
@@ -330,12 +315,12 @@ class RankedQueue:
     def __init__(self, rank: Callable[[Any], Hashable], flag: Callable[[Any], bool] | None = None) -> None:
         self._rank = rank
         self._flag = flag
-        self._heap: list[tuple[_Rank, int, Any]] = []
+        self._heap: list[tuple[Rank, int, Any]] = []
         self._live: dict[int, tuple[int, bool]] = {}  # id(request) -> (its entry's seq, flagged)
         self._seq = itertools.count()
         self.flagged = 0
 
-    def _alive(self, entry: tuple[_Rank, int, Any]) -> bool:
+    def _alive(self, entry: tuple[Rank, int, Any]) -> bool:
         live = self._live.get(id(entry[2]))
         return live is not None and live[0] == entry[1]
 
@@ -351,7 +336,7 @@ class RankedQueue:
             self.flagged -= old[1]
         self._live[id(request)] = (seq, flag)
         self.flagged += flag
-        heapq.heappush(self._heap, (_Rank(self._rank(request)), seq, request))
+        heapq.heappush(self._heap, (Rank(self._rank(request)), seq, request))
 
     def pop_request(self) -> Any:
         self._prune()

@@ -12,9 +12,9 @@ step pace instead of a reference cost model, and decides seat evictions (:meth:`
   arrival once it has waited its own service time (nothing starves). Keys are absolute: they do not
   drift with time.
 * **Victims**: among the running requests that still meet their own SLO after being preempted and
-  recomputed, the one whose deadline comes last (the one the order would serve last: a victim ranked
-  earlier than those waiting takes its seat straight back, and another is preempted for it); if none
-  would, the one with the most slack.
+  recomputed, the one the order serves last (the greatest rank key: a victim ranked earlier than
+  those waiting takes its seat straight back, and another is preempted for it); if none would, the
+  one with the most slack.
 
 Thread safety: none; one thread (the scheduler's, or the queue manager's loop) calls a policy.
 """
@@ -102,6 +102,28 @@ def choose_victim(
     return max(scored, key=lambda sc: (sc[0], sc[1].admitted_at, sc[1].request.id))[1]
 
 
+class Rank:
+    """A rank key that never raises when compared: keys of different plugins that cannot be compared
+    (a user's key beside the built-in one) fall back to their type names, so the engine's heap stays
+    valid instead of raising in the scheduler."""
+
+    __slots__ = ("key",)
+
+    def __init__(self, key: Hashable) -> None:
+        self.key = key
+
+    def __lt__(self, other: Rank) -> bool:
+        try:
+            return bool(self.key < other.key)  # type: ignore[operator]
+        except TypeError:
+            return (type(self.key).__name__, repr(self.key)) < (type(other.key).__name__, repr(other.key))
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Rank) and self.key == other.key
+
+    __hash__ = None  # type: ignore[assignment]
+
+
 @dataclass(frozen=True, slots=True)
 class SeatEviction:
     """A seat to free for ``for_request``: preempt ``victim``."""
@@ -125,6 +147,9 @@ class LocalPolicy:
         # prediction is reused for REPREDICT_TOKENS tokens (every step would ask for every request)
         self._remaining: dict[str, tuple[int, LengthDistribution]] = {}
         self._no_victim: tuple[str, float] = ("", -math.inf)  # (request, when): nobody could give way
+        # The rank a request waits under once preempted (the engine sets it to the key its queue
+        # holds); None: this policy's own key.
+        self.rank_of: Callable[[Request], Any] | None = None
 
     # ------------------------------------------------------------------ hooks
     @hookimpl
@@ -141,9 +166,8 @@ class LocalPolicy:
     def qlm_select_victim(
         self, candidates: Sequence[RunningView], instance_id: str, now: float
     ) -> RunningView:
-        return choose_victim(
-            candidates, lambda c: self.slack(c, now), lambda c: self.qlm_rank_key(c.request, instance_id, now)
-        )
+        rank_of = self.rank_of or (lambda r: self.qlm_rank_key(r, instance_id, now))
+        return choose_victim(candidates, lambda c: self.slack(c, now), lambda c: rank_of(c.request))
 
     @hookimpl
     def qlm_request_finished(self, outcome: RequestOutcome, now: float) -> None:
@@ -200,7 +224,7 @@ class LocalPolicy:
         predicted service): the first TTFT-bound request before its first token that would get its
         seat after its deadline takes one now, from a running request that still meets its own SLO
         after a recompute, chosen by ``select`` (the ``qlm_select_victim`` hook; default
-        :func:`choose_victim`) among those that ``ranks_after`` the waiting request (a preempted
+        :meth:`qlm_select_victim`) among those that ``ranks_after`` the waiting request (a preempted
         request keeps its rank: one ranked first would take its seat straight back). A burst of
         urgent requests thus gets the seats it needs, not one.
         The common case stops early: no urgent request waits, or its seat frees in time."""

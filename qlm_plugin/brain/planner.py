@@ -10,12 +10,12 @@ per request); a TTFT-bound group is timed over the seats (the engine starts it a
 
 The solver is list scheduling: groups in least-laxity order (late groups after every on-time one),
 each placed where its model is served and it meets its deadline, else where it finishes earliest
-(load balancing, a model swap), batching a model's groups after a swap; late groups go after every
-on-time one (no engine swaps models for them). In sustained overload (the queue misses
-and what arrives is more than the fleet gets through) the plan also weighs the arrivals expected
-over the next minute, at each lane's recent rates, and gives up a whole model where that meets
-more SLOs, both with those arrivals and for the queue as it stands. Always answers;
-O(groups x instances) (and, in overload, one plan per queued model). An exact
+(load balancing, a model swap), batching a model's groups after a swap; no engine swaps models for
+late groups. In sustained overload (the queue misses and what arrives is more than the fleet gets
+through) the plan also weighs the arrivals expected over the next minute, at each lane's recent
+rates, and gives up a whole model where that meets more SLOs, both with those arrivals and for the
+queue as it stands. Always answers; O(groups x instances) (and, in overload, one plan per queued
+model). An exact
 MILP over the same groups was measured and removed: on A-F it was never better on weighted SLOs
 met where it mattered (docs/benchmarks.md).
 

@@ -28,7 +28,7 @@ from qlm_plugin.brain.estimator import WaitEstimator
 from qlm_plugin.brain.eviction import EVICT_BELOW_P
 from qlm_plugin.brain.fleet_view import FleetView, InstanceView
 from qlm_plugin.brain.global_queue import Entry, GlobalQueue, laxity_key
-from qlm_plugin.brain.local_policy import choose_victim, slack_after_recompute
+from qlm_plugin.brain.local_policy import Rank, choose_victim, slack_after_recompute
 from qlm_plugin.brain.lso import LSOExecutor
 from qlm_plugin.domain.costmodel import CostModel
 from qlm_plugin.domain.distributions import LengthDistribution, WaitEstimate
@@ -404,7 +404,11 @@ class QueueManager:
             remaining = self._predict(c.request, c.generated_tokens)
             return slack_after_recompute(c.request, c.generated_tokens, remaining, now, step, redo)
 
-        return choose_victim(candidates, slack, lambda c: self.qlm_rank_key(c.request, instance_id, now))
+        def rank(c: RunningView) -> Rank:
+            # the rank it waits under once preempted: the engine's queue orders by the hook's key
+            return Rank(self._hook.qlm_rank_key(request=c.request, instance_id=instance_id, now=now))
+
+        return choose_victim(candidates, slack, rank)
 
     @hookimpl
     def qlm_estimate_wait(self, request: Request, now: float) -> WaitEstimate | None:

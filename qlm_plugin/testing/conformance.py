@@ -186,6 +186,7 @@ class AdapterConformance:
         done = {o.request.id for o in recorder.finished}
         assert len(done) + s.num_running + s.num_waiting >= len(requests)
         assert set(s.running_ids) | set(s.waiting_ids) | done == {r.id for r in requests}
+        assert len(s.running_ids) + len(s.waiting_ids) == len(set(s.running_ids) | set(s.waiting_ids)), "once"
         assert _wait_until(harness, lambda: len(recorder.finished) >= len(requests), self.completion_budget_s)
         harness.advance(0.1)
         ids = [o.request.id for o in recorder.finished]

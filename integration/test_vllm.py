@@ -364,7 +364,9 @@ def test_log_probabilities_come_from_the_engine_whole_and_streamed(stack: Stack)
         and lp.top_logprobs is not None
     )
     assert len(lp.tokens) == 8 and lp.text_offset == sorted(lp.text_offset)
-    assert all(len(alternatives) >= 2 for alternatives in lp.top_logprobs)
+    # the top 2, and the sampled token where it is not among them (as vLLM's server answers), keyed
+    # by text: alternatives that decode alike (the tiny model's empty tokens) are one entry
+    assert all(1 <= len(alternatives) <= 3 for alternatives in lp.top_logprobs), lp.top_logprobs
     tokens: list[str] = []
     for piece in client.completions.create(
         model=MODEL, prompt="hello", logprobs=0, max_tokens=8, stream=True, extra_body={"ignore_eos": True}

@@ -268,7 +268,9 @@ class EngineBrain:
             order.append(by_id[v.request.id])
         # the rest as the rule orders them: the one served last first, an urgent request before its
         # first token after every other
-        views.sort(key=lambda v: (not before_first_token(v), Rank(self.key(by_id[v.request.id]))), reverse=True)
+        views.sort(
+            key=lambda v: (not before_first_token(v), Rank(self.key(by_id[v.request.id]))), reverse=True
+        )
         order.extend(by_id[v.request.id] for v in views)
         known = {r.request_id for r in order}
         order.extend(r for r in running if r.request_id not in known)  # not ours: last

@@ -20,14 +20,20 @@ def test_loadtest_reports_each_rate_against_the_pass_through_server() -> None:
     result = loadtest.run(n=200, rates=(40.0,), duration_s=1.0, instances=1)
     assert result["event_loop"] == event_loop.loop_kind()
     assert result["submit_batch"]["accepted"] == 200
-    assert result["submit_unary"]["accepted"] == 40
+    assert result["submit_unary"]["accepted"] == 100
+    for name in ("submit_batch", "submit_unary"):  # each beside the gRPC pass-through, same calls
+        submits = result[name]
+        assert submits["passthrough"]["accepted"] == submits["requests"]
+        ratio = submits["per_s"] / submits["passthrough"]["per_s"]
+        assert math.isclose(submits["ratio_to_passthrough"], ratio)
+        assert submits["server_cpu_us_per_request"] > 0
     [row] = result["front_door"]
     assert row["errors"] == 0 and row["passthrough"]["errors"] == 0
     assert row["requests"] > 10 and row["passthrough"]["requests"] == row["requests"]  # same arrivals
     assert row["coordinator_cpu_ms_per_request"] > 0
     assert math.isclose(row["p99_over_passthrough"], row["p99_ms"] / row["passthrough"]["p99_ms"])
     table = loadtest.table(result)
-    assert "| 40 |" in table and "pass-through" in table
+    assert "| 40 |" in table and "pass-through" in table and "| unary Submit |" in table
 
 
 def test_pass_through_server_streams_openai_chunks() -> None:

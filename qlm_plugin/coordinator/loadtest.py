@@ -3,7 +3,9 @@ measured against a real ``qlm serve`` process on loopback (this process is only 
 
 * **Submit throughput**: requests submitted over gRPC as fast as the coordinator takes them, in
   batches (``SubmitBatch``) and one call per request (``Submit``); every one journaled and queued
-  before it is acknowledged.
+  before it is acknowledged. The same calls go first to the pass-through server's gRPC service
+  (:mod:`.passthrough`: accepted at once), so each figure is also a ratio to what this machine's
+  gRPC stack and this client do at all; and each server's own CPU per submission (from /proc).
 * **Front-door added latency**: open-loop Poisson arrivals at ``--rate`` of one-token completions
   through the HTTP front door, with simulated engines running ``--speed`` times faster than real
   time, so the engine's own time is microseconds and what is left is the serving system's
@@ -115,11 +117,11 @@ def serve_process(
 
 @contextmanager
 def passthrough_process() -> Iterator[Served]:
-    """The reference server (:mod:`.passthrough`) in a child process."""
-    http = free_port()
-    cmd = python_command("qlm_plugin.coordinator.passthrough", str(http))
+    """The reference servers (:mod:`.passthrough`, HTTP and gRPC) in a child process."""
+    http, grpc_port = free_port(), free_port()
+    cmd = python_command("qlm_plugin.coordinator.passthrough", str(http), str(grpc_port))
     with _child_server(cmd, http, "the pass-through server") as proc:
-        yield Served(f"http://127.0.0.1:{http}", "", proc)
+        yield Served(f"http://127.0.0.1:{http}", f"127.0.0.1:{grpc_port}", proc)
 
 
 def cpu_s(pid: int) -> float:
@@ -152,7 +154,8 @@ def _spec(i: int) -> Any:
 
 
 async def submit_throughput(target: str, n: int, *, batch: int, concurrency: int) -> dict[str, float]:
-    """Submit ``n`` requests, ``batch`` per call (1: unary Submit), ``concurrency`` calls in flight."""
+    """Submit ``n`` requests, ``batch`` per call (1: unary Submit), ``concurrency`` calls in flight
+    (warmed by one call first, not counted)."""
     from qlm_plugin.transport.client import CoordinatorClient
 
     async with CoordinatorClient(target, timeout_s=60) as client:
@@ -228,6 +231,16 @@ async def front_door_latency(url: str, *, rate: float, duration_s: float, seed: 
     }
 
 
+def _submits(served: Served, n: int, batch: int, concurrency: int) -> dict[str, Any]:
+    """:func:`submit_throughput` against ``served``, with the server process's CPU per submission."""
+    before = cpu_s(served.process.pid)
+    result: dict[str, Any] = event_loop.run(
+        submit_throughput(served.grpc_target, n, batch=batch, concurrency=concurrency)
+    )
+    result["server_cpu_us_per_request"] = (cpu_s(served.process.pid) - before) * 1e6 / (n + 1)
+    return result
+
+
 def run(
     *,
     n: int = 5000,
@@ -238,15 +251,14 @@ def run(
 ) -> dict[str, Any]:
     workers = resolve_workers(http_workers)
     out: dict[str, Any] = {"event_loop": event_loop.loop_kind(), "http_workers": workers}
-    # Real time for the throughput tests: the queue manager's estimates work on realistic engines.
-    with serve_process(instances=instances, speed=1.0, http_workers=workers) as served:
-        out["submit_batch"] = event_loop.run(
-            submit_throughput(served.grpc_target, n, batch=100, concurrency=4)
-        )
-    with serve_process(instances=instances, speed=1.0, http_workers=workers) as served:
-        out["submit_unary"] = event_loop.run(
-            submit_throughput(served.grpc_target, n // 5, batch=1, concurrency=64)
-        )
+    for name, count, batch, concurrency in (("submit_batch", n, 100, 4), ("submit_unary", n // 2, 1, 64)):
+        with passthrough_process() as ref:
+            reference = _submits(ref, count, batch, concurrency)
+        # Real time: the queue manager's estimates work on realistic engines.
+        with serve_process(instances=instances, speed=1.0, http_workers=workers) as served:
+            out[name] = _submits(served, count, batch, concurrency)
+        out[name]["passthrough"] = reference
+        out[name]["ratio_to_passthrough"] = out[name]["per_s"] / reference["per_s"]
     out["front_door"] = []
     for rate in rates:  # a fresh system per rate: an overloaded run must not slow the next
         with passthrough_process() as ref:
@@ -267,11 +279,20 @@ def run(
 
 
 def table(result: dict[str, Any]) -> str:
-    """The front-door figures as a Markdown table."""
-    lines = [
-        f"event loop: {result['event_loop']}; HTTP workers: {result['http_workers']}; "
-        f"SubmitBatch {result['submit_batch']['per_s']:.0f}/s, "
-        f"unary Submit {result['submit_unary']['per_s']:.0f}/s",
+    """The figures as Markdown tables: gRPC submissions, then the front door per rate."""
+    lines = [f"event loop: {result['event_loop']}; HTTP workers: {result['http_workers']}", ""]
+    lines += [
+        "| gRPC | submits/s | pass-through /s | ratio | server CPU us/submit | pass-through |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for name, label in (("submit_batch", "SubmitBatch (100 per call)"), ("submit_unary", "unary Submit")):
+        r = result[name]
+        ref = r["passthrough"]
+        lines.append(
+            f"| {label} | {r['per_s']:.0f} | {ref['per_s']:.0f} | {r['ratio_to_passthrough']:.2f} "
+            f"| {r['server_cpu_us_per_request']:.0f} | {ref['server_cpu_us_per_request']:.0f} |"
+        )
+    lines += [
         "",
         "| rate | achieved | errors | p50 / p99 ms | pass-through p50 / p99 ms | p99 ratio | p99 added "
         "| CPU ms/request: core | workers |",

@@ -16,6 +16,7 @@ import subprocess
 import sys
 import textwrap
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pluggy
@@ -699,6 +700,35 @@ def test_an_installed_plugin_overrides_the_runs_policy(site: Site, request_: Req
     result = run_policy(load_scenario(), policy, small_run())
     assert result.overall.finished == 40, result.overall
     assert sys.modules["qlmtest_spf"].calls, f"the installed plugin was never asked under {policy}"
+
+
+# Answers for some requests only: the others get the run's policy's key (a tuple), beside its ints.
+SOME_RANK_PLUGIN = """
+from qlm_plugin.hooks import hookimpl
+
+
+class LongPromptsByLength:
+    @hookimpl
+    def qlm_rank_key(self, request, instance_id, now):
+        return request.prompt_tokens if request.prompt_tokens > 200 else None
+
+
+plugin = LongPromptsByLength()
+"""
+
+
+@pytest.mark.parametrize("policy", ["fcfs", "qlm"])
+def test_a_plugin_ranking_some_requests_only_does_not_break_the_simulated_engines(
+    site: Site, policy: str
+) -> None:
+    """The simulated engines ordered their queue by the bare keys, so an int beside the policy's
+    tuple raised TypeError out of ``qlm simulate``; vLLM's scheduler already compared them safely.
+    A burst, so that the engine's queue holds both kinds at once."""
+    site.install("qlmtest-some", {"some": "qlmtest_some:plugin"}, {"qlmtest_some": SOME_RANK_PLUGIN})
+    burst = [replace(r, arrival_time=0.0) for r in small_run()]
+    result = run_policy(load_scenario(), policy, burst)
+    assert result.overall.finished == 40, result.overall
+    assert sorted(o.request.id for o in result.outcomes) == sorted(r.id for r in burst)
 
 
 def test_a_plugin_answering_what_its_hook_rules_out_is_logged_once_and_the_next_answer_used(

@@ -20,7 +20,7 @@ from __future__ import annotations
 import heapq
 import math
 from collections import OrderedDict, deque
-from collections.abc import Callable, Hashable
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -141,7 +141,8 @@ class SimInstance:
         # from the steps a real engine measured, with ``max_macro_steps`` 1 so each step reads it.
         self.step_time_scale: Callable[[float], float] | None = None
         self.fleet: Driver | None = None
-        self.rank_key: Callable[[Request, str, float], Hashable] = lambda r, i, n: (r.arrival_time, r.id)
+        # ordered (a heap's key), not necessarily hashable (the brain's Rank)
+        self.rank_key: Callable[[Request, str, float], Any] = lambda r, i, n: (r.arrival_time, r.id)
         self.select_victim: Callable[[list[RunningView], str, float], RunningView] = lambda c, i, n: c[-1]
         self.on_finished: Callable[[RequestOutcome], None] = lambda o: None
         self.on_first_token: Callable[[RequestOutcome], None] = lambda o: None
@@ -162,7 +163,7 @@ class SimInstance:
         if initial_model is not None:
             self._activate(initial_model, 0.0)
         # queues
-        self.waiting: dict[str, list[tuple[Hashable, int, _Run]]] = {}
+        self.waiting: dict[str, list[tuple[Any, int, _Run]]] = {}
         self.promoted: deque[_Run] = deque()  # swap-ins the planner asked for: before the heap
         self.prefilling: list[_Run] = []
         self.decoding: dict[int, _Run] = {}  # seq -> run

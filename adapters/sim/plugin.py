@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Hashable, Sequence
+from types import ModuleType
 from typing import Any
 
 import pluggy
 
 from qlm_plugin.adapters.sim.fleet import SimFleet
+from qlm_plugin.brain.local_policy import Rank
 from qlm_plugin.domain.instance import (
     EvictMode,
     EvictResult,
@@ -39,6 +41,14 @@ class SimBackend:
             key: Hashable = hook.qlm_rank_key(request=request, instance_id=instance_id, now=now)
             return key
 
+        def any_rank_key(request: Request, instance_id: str, now: float) -> Rank:
+            # Compared in the engine's heap: a third-party key that answers for some requests only
+            # (a number beside the queue manager's tuple) must order, not raise, as inside vLLM's
+            # scheduler. The built-in policies' keys are of one type each: compared bare (faster).
+            return Rank(hook.qlm_rank_key(request=request, instance_id=instance_id, now=now))
+
+        third_party = any(not _builtin(impl.plugin) for impl in hook.qlm_rank_key.get_hookimpls())
+
         def select_victim(candidates: Sequence[RunningView], instance_id: str, now: float) -> RunningView:
             return hook.qlm_select_victim(candidates=candidates, instance_id=instance_id, now=now)  # type: ignore[no-any-return]
 
@@ -50,7 +60,7 @@ class SimBackend:
 
         pulls = bool(hook.qlm_instance_ready.get_hookimpls())  # no queue manager: nobody pulls
         for inst in self.fleet.instances.values():
-            inst.rank_key = rank_key
+            inst.rank_key = any_rank_key if third_party else rank_key
             inst.select_victim = select_victim
             inst.on_finished = on_finished
             inst.on_room = on_room if pulls else None
@@ -91,3 +101,9 @@ class SimBackend:
     def qlm_load_model(self, instance_id: str, model: str, target: str) -> LoadResult | None:
         inst = self.fleet.instances.get(instance_id)
         return None if inst is None else inst.load_model(model, target)
+
+
+def _builtin(plugin: object) -> bool:
+    """Whether ``plugin`` (an object or a module) is one of this package's own."""
+    module = plugin.__name__ if isinstance(plugin, ModuleType) else type(plugin).__module__
+    return module == "qlm_plugin" or module.startswith("qlm_plugin.")

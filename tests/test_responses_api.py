@@ -44,6 +44,7 @@ def test_a_response_is_served_as_a_chat_and_kept(tmp_path: Path) -> None:
                 extra_body={"qlm": {"class": "batch"}},
             )
             kept = await c.responses.retrieve(answer.id)
+            items = await c.responses.input_items.list(answer.id, order="asc")
             with pytest.raises(openai.NotFoundError):
                 await c.responses.retrieve("resp_nothing")
         assert answer.object == "response" and answer.status == "incomplete"  # its max_output_tokens
@@ -55,6 +56,11 @@ def test_a_response_is_served_as_a_chat_and_kept(tmp_path: Path) -> None:
         assert job is not None and job.request.slo_class == "batch"
         roles = [m["role"] for m in json.loads(job.spec.chat_messages)]
         assert roles == ["system", "system", "user"]  # instructions first; a developer's is a system's
+        # ... for the engine only: its input items are the request's own, roles as it gave them
+        assert [(i.type, getattr(i, "role", None)) for i in items.data] == [
+            ("message", "developer"),
+            ("message", "user"),
+        ]
         assert (kept.status, kept.output_text) == ("incomplete", answer.output_text)
         assert answer.completed_at is None and answer.output[0].status == "incomplete"  # as OpenAI's
         assert answer.tool_choice == "auto"

@@ -394,24 +394,38 @@ MESSAGE = "message"
 #: What a response echoes of its request that the chat request does not hold (kept in
 #: ``RequestSpec.response_echo``).
 ECHOED = ("instructions", "metadata", "previous_response_id", "store")
-#: Kept beside them: where the request's own input starts among its chat's messages.
+#: Kept beside them: where the request's own input starts among its chat's messages...
 INPUT_FROM = "input_from"
+#: ... and which of its input's messages a developer wrote (the engine gets them as the system's).
+DEVELOPER = "developer"
 
 
 def echoed(body: Mapping[str, Any], origins: Origins) -> str:
     """The part of a Responses request kept for its response's echo and its input items
     (``RequestSpec.response_echo``); ``origins``: as :func:`chat_body` filled them."""
-    kept = {key: body[key] for key in ECHOED if body.get(key) is not None}
+    kept: dict[str, Any] = {key: body[key] for key in ECHOED if body.get(key) is not None}
     start = sum(1 for source, _ in origins if not source.startswith("input"))
     if start:
         kept[INPUT_FROM] = start
+    items = body.get("input")
+    developer = [
+        k - start
+        for k, (source, _) in enumerate(origins)
+        if source.startswith("input[")
+        and isinstance(items, list)
+        and items[int(source[6:-1])].get("role") == "developer"
+    ]
+    if developer:
+        kept[DEVELOPER] = developer
     return json.dumps(kept, separators=(",", ":")) if kept else ""
 
 
 def input_items(job: Job) -> list[dict[str, Any]]:
     """The request's own input (not its instructions, nor a continued response's conversation)
     as Responses items, in order: messages, function calls and their outputs."""
-    messages = json.loads(job.spec.chat_messages or "[]")[asked(job).get(INPUT_FROM, 0) :]
+    kept = asked(job)
+    messages = json.loads(job.spec.chat_messages or "[]")[kept.get(INPUT_FROM, 0) :]
+    developer = set(kept.get(DEVELOPER, ()))
     items: list[dict[str, Any]] = []
     for i, m in enumerate(messages):
         item_id = f"{job.id}_{i}"
@@ -434,7 +448,7 @@ def input_items(job: Job) -> list[dict[str, Any]]:
                 {
                     "id": f"msg_{item_id}",
                     "type": "message",
-                    "role": m["role"],
+                    "role": "developer" if i in developer else m["role"],
                     "content": [part],
                     "status": "completed",
                 }

@@ -400,11 +400,8 @@ def test_a_streamed_response_sends_openais_events_in_order(tmp_path: Path) -> No
         ({"metadata": {"k": {"deep": ["x"]}}}, "metadata", "values up to 512"),  # it is echoed
         # valid, but the simulated instances cannot give log probabilities
         ({"include": ["message.output_text.logprobs"]}, "include", "cannot serve log probabilities"),
-        (
-            {"include": ["file_search_call.results"]},
-            "include[0]",
-            "other than 'message.output_text.logprobs'",
-        ),
+        ({"include": ["file_search_call.result"]}, "include[0]", "must be one of code_interpreter_call"),
+        ({"truncation": "on"}, "truncation", "must be 'auto' or 'disabled'"),
         ({"include": ["message.output_text.logprobs"], "top_logprobs": 21}, "top_logprobs", "[0, 20]"),
         ({"max_output_tokens": 0}, "max_output_tokens", "integer in [1,"),
         (
@@ -503,3 +500,91 @@ def test_a_failed_response_says_whose_fault_it_was() -> None:
         answer = responses_api.response_object(job, {}, {})
         assert answer["status"] == "failed" and answer["error"] == {"code": code, "message": job.error}
         Response.model_validate(answer)
+
+
+def test_a_response_that_ended_short_shows_its_items_as_they_stand() -> None:
+    """Cancelled or failed after some text: the text so far, in an incomplete message (it was
+    dropped, the message shown as still in progress). Cut at max_output_tokens in a call's
+    arguments: that call is incomplete (its arguments may be cut mid-JSON), what came before it
+    completed."""
+    request = Request("r1", MODEL, 4, 8, 1.0, SLO(None, None))
+
+    def job(state: str, reason: str = "") -> Job:
+        j = Job(request, pb.RequestSpec(request_id="r1", model=MODEL, operation="chat", response_echo="{}"))
+        j.state, j.finish_reason, j.chunks, j.tokens = state, reason, ["ab", "c"], 3
+        return j
+
+    for state in ("cancelled", "failed"):
+        answer = responses_api.response_object(job(state), {}, {})
+        [message] = answer["output"]
+        assert message["status"] == "incomplete" and message["content"][0]["text"] == "abc"
+        Response.model_validate(answer)
+    cut = job("finished", "length")
+    cut.tool_calls = [
+        {"index": 0, "id": "c0", "type": "function", "function": {"name": "f", "arguments": "{}"}},
+        {"index": 1, "id": "c1", "type": "function", "function": {"name": "g", "arguments": '{"x":'}},
+    ]
+    answer = responses_api.response_object(cut, {}, {})
+    assert answer["status"] == "incomplete"
+    assert [(item["type"], item["status"]) for item in answer["output"]] == [
+        ("message", "completed"),
+        ("function_call", "completed"),
+        ("function_call", "incomplete"),
+    ]
+    Response.model_validate(answer)
+    whole = responses_api.response_object(job("finished", "stop"), {}, {})
+    assert [item["status"] for item in whole["output"]] == ["completed"]
+
+
+def test_a_chat_completion_is_not_a_response(tmp_path: Path) -> None:
+    """Its id under resp_ finds nothing: not retrieved, listed, continued or deleted as a response."""
+
+    async def check(stack: LocalStack) -> None:
+        async with client(stack) as c:
+            chat = await c.chat.completions.create(
+                model=MODEL,
+                messages=[{"role": "user", "content": "hi"}],
+                max_tokens=2,
+                extra_headers={"Idempotency-Key": "k1"},
+            )
+            as_response = "resp_" + chat.id.removeprefix("chatcmpl-")
+            with pytest.raises(openai.UnprocessableEntityError) as reused:  # its key, as a response
+                await c.responses.create(
+                    model=MODEL, input="hi", max_output_tokens=2, extra_headers={"Idempotency-Key": "k1"}
+                )
+            assert "another endpoint" in reused.value.message
+            with pytest.raises(openai.NotFoundError):
+                await c.responses.retrieve(as_response)
+            with pytest.raises(openai.NotFoundError):
+                await c.responses.input_items.list(as_response)
+            with pytest.raises(openai.NotFoundError):
+                await c.responses.delete(as_response)
+            with pytest.raises(openai.BadRequestError) as refused:
+                await c.responses.create(model=MODEL, input="more", previous_response_id=as_response)
+            assert isinstance(refused.value.body, dict)
+            assert refused.value.body["code"] == "previous_response_not_found"
+            # a response with nothing of its own to echo is one all the same
+            plain = await c.responses.create(model=MODEL, input="hi", max_output_tokens=2)
+            assert (await c.responses.retrieve(plain.id)).id == plain.id
+
+    run_with_stack(tmp_path, check, instances=1)
+
+
+def test_includes_for_items_never_produced_are_accepted(tmp_path: Path) -> None:
+    """A stateless client asks for encrypted reasoning with every request; no reasoning item is
+    ever produced here, so there is nothing to add, and no reason to refuse it."""
+
+    async def check(stack: LocalStack) -> None:
+        async with client(stack) as c:
+            answer = await c.responses.create(
+                model=MODEL,
+                input="hi",
+                store=False,
+                include=["reasoning.encrypted_content", "web_search_call.action.sources"],
+                truncation="auto",
+                max_output_tokens=2,
+            )
+        assert answer.status == "incomplete" and answer.output_text
+        assert answer.truncation == "disabled"  # as served: an input too long is refused, not cut
+
+    run_with_stack(tmp_path, check, instances=1)

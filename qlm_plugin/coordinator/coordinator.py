@@ -89,12 +89,14 @@ def _differs(earlier: pb.RequestSpec, spec: pb.RequestSpec) -> str | None:
         return "max_tokens"
     if max(1, spec.choices) != max(1, earlier.choices):
         return "n"
+    if bool(spec.response_echo) != bool(earlier.response_echo):  # only a response keeps one
+        return "endpoint (a response and a chat completion)"
     if spec.response_echo != earlier.response_echo:  # a response's own fields: store, metadata...
-        mine, kept = (
-            json.loads(echo) if echo else {} for echo in (spec.response_echo, earlier.response_echo)
-        )
-        key = min(k for k in mine.keys() | kept.keys() if mine.get(k) != kept.get(k))
-        return "input" if key == "input_from" else key
+        mine, kept = (json.loads(echo) for echo in (spec.response_echo, earlier.response_echo))
+        keys = [k for k in mine.keys() | kept.keys() if mine.get(k) != kept.get(k)]
+        if keys:
+            key = min(keys)
+            return "input" if key == "input_from" else key
     return None
 
 

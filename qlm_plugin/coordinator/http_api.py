@@ -704,7 +704,7 @@ class FrontDoor:
         if (
             job is None
             or (not admin and job.request.tenant != tenant)
-            or job.spec.operation != "chat"
+            or not responses_api.is_response(job)
             or not responses_api.stored(job)
         ):
             message = f"no response {response_id!r} (or it is no longer kept)"

@@ -35,6 +35,22 @@ from qlm_plugin.transport.openai_client import message_tool_calls
 
 #: The one ``include`` served: the output's log probabilities.
 LOGPROBS_INCLUDE = "message.output_text.logprobs"
+#: What a request may ask ``include`` to add. Only the log probabilities apply here: the others
+#: belong to items this server never produces (built-in tool calls, images, reasoning), so asking
+#: for them adds nothing, as at OpenAI for a response without such items (a stateless client asks
+#: for ``reasoning.encrypted_content`` with every request).
+INCLUDABLE = frozenset(
+    {
+        LOGPROBS_INCLUDE,
+        "reasoning.encrypted_content",
+        "web_search_call.action.sources",
+        "web_search_call.results",
+        "code_interpreter_call.outputs",
+        "computer_call_output.output.image_url",
+        "file_search_call.results",
+        "message.input_image.image_url",
+    }
+)
 #: The prefix of a response's id before its request's id (``GET /v1/responses/resp_<request id>``).
 ID_PREFIX = "resp_"
 #: Fields of a Responses request that are not the chat's: turned into chat fields here, or echoed.
@@ -221,8 +237,12 @@ def chat_body(
     if include is not None and not isinstance(include, list):
         raise BadRequest("include", f"must be a list, got {show(include)}")
     for i, extra in enumerate(include or ()):
-        if extra != LOGPROBS_INCLUDE:
-            raise _refuse(f"include[{i}]", f"extra output other than {LOGPROBS_INCLUDE!r}", extra)
+        if extra not in INCLUDABLE:
+            allowed = ", ".join(sorted(INCLUDABLE))
+            raise BadRequest(f"include[{i}]", f"must be one of {allowed}, got {show(extra)}")
+    truncation = body.get("truncation")
+    if truncation not in (None, "auto", "disabled"):
+        raise BadRequest("truncation", f"must be 'auto' or 'disabled', got {show(truncation)}")
     metadata_param(body.get("metadata"))  # echoed in the answer: OpenAI's shape only
     if body.get("store") is not None and not isinstance(body["store"], bool):
         raise BadRequest("store", f"must be true or false, got {show(body['store'])}")
@@ -242,7 +262,7 @@ def chat_body(
         chat["tools"] = _tools(body["tools"])
     if body.get("tool_choice") is not None:
         chat["tool_choice"] = _tool_choice(body["tool_choice"])
-    if include:  # the output's log probabilities, with top_logprobs alternatives (checked as the chat's)
+    if LOGPROBS_INCLUDE in (include or ()):  # with top_logprobs alternatives (checked as the chat's)
         chat["logprobs"] = True
     elif body.get("top_logprobs") not in (None, 0):  # alternatives of nothing asked for: as OpenAI, none
         chat.pop("top_logprobs", None)
@@ -373,18 +393,25 @@ def _call_item(job: Job, index: Any, call_id: str, name: str, arguments: str, st
     }
 
 
-def _output(job: Job, ended: bool, order: list[Any] | None = None) -> list[dict[str, Any]]:
+def _output(job: Job, status: str, order: list[Any] | None = None) -> list[dict[str, Any]]:
     """A response's output items: its message (unless the answer is only calls), then its calls;
-    ``order``: as a stream showed them (:data:`MESSAGE` and the calls' indexes), the rest after."""
-    status = "completed" if ended else "in_progress"
+    ``order``: as a stream showed them (:data:`MESSAGE` and the calls' indexes), the rest after.
+    ``status``: the response's. Once it has ended short (cut at ``max_output_tokens``, cancelled,
+    failed), the item being written when it stopped is ``incomplete`` (a call's arguments may be
+    cut mid-JSON) and those before it are ``completed``."""
+    running = status in ("queued", "in_progress")
+    whole = status == "completed"
+    each = "in_progress" if running else "completed"
     items: dict[Any, dict[str, Any]] = {}
-    if (job.text or not job.tool_calls) and (ended or job.tokens):
-        cut = ended and _status(job) == "incomplete"  # its text stopped at max_output_tokens
-        items[MESSAGE] = _message(job, "incomplete" if cut else status)
-    for call, item in zip(job.tool_calls, _calls(job, status), strict=True):
+    if (job.text or not job.tool_calls) and (whole or job.tokens):
+        items[MESSAGE] = _message(job, each)
+    for call, item in zip(job.tool_calls, _calls(job, each), strict=True):
         items[call["index"]] = item
-    first = [items.pop(key) for key in order or () if key in items]
-    return first + list(items.values())
+    out = [items.pop(key) for key in order or () if key in items]
+    out += items.values()
+    if out and not running and not whole:
+        out[-1]["status"] = "incomplete"
+    return out
 
 
 #: The message's place in a stream's order of output items (a call's is its index).
@@ -417,7 +444,7 @@ def echoed(body: Mapping[str, Any], origins: Origins) -> str:
     ]
     if developer:
         kept[DEVELOPER] = developer
-    return json.dumps(kept, separators=(",", ":")) if kept else ""
+    return json.dumps(kept, separators=(",", ":"))  # never empty: it marks the job a response
 
 
 def input_items(job: Job) -> list[dict[str, Any]]:
@@ -496,6 +523,13 @@ def list_input_items(job: Job, query: Mapping[str, str]) -> dict[str, Any]:
     }
 
 
+def is_response(job: Job) -> bool:
+    """Whether ``job`` was asked for through the Responses API (a chat completion is not a
+    response: ``GET``, continuing and deleting it as one find nothing). Every response keeps its
+    echo (:func:`echoed`), if only ``{}``."""
+    return job.spec.operation == "chat" and bool(job.spec.response_echo)
+
+
 def stored(job: Job) -> bool:
     """Whether the response is kept for ``GET`` and continuation (not asked with ``store: false``)."""
     return asked(job).get("store") is not False
@@ -545,7 +579,6 @@ def response_object(
     OpenAI echoes it); ``output``: with its output items (a stream's first events have none: its
     items are added by events after them); ``order``: as :func:`_output`."""
     status = _status(job)
-    ended = status in ("completed", "incomplete")
     return {
         "id": f"{ID_PREFIX}{job.id}",
         "object": "response",
@@ -557,7 +590,7 @@ def response_object(
         "instructions": request.get("instructions"),
         "max_output_tokens": request.get("max_output_tokens"),
         "model": job.request.model,
-        "output": _output(job, ended, order) if output else [],
+        "output": _output(job, status, order) if output else [],
         "parallel_tool_calls": request.get("parallel_tool_calls", True),
         "previous_response_id": request.get("previous_response_id"),
         "store": stored(job),  # as kept (an idempotent retry's body may say otherwise)
@@ -567,7 +600,7 @@ def response_object(
         "tools": request.get("tools") or [],
         "top_p": request.get("top_p"),
         "top_logprobs": request.get("top_logprobs"),
-        "truncation": "disabled",
+        "truncation": "disabled",  # "auto" is accepted, not honoured: an input too long is refused
         "usage": None  # as OpenAI's: counted once the response has ended
         if status in ("queued", "in_progress")
         else {
@@ -633,8 +666,8 @@ async def stream_events(
         await event("response.content_part.done", **where, part=message["content"][0])
         await event("response.output_item.done", output_index=where["output_index"], item=message)
 
-    async def close_call(call: dict[str, Any]) -> None:
-        whole = {k: v for k, v in call.items() if k not in ("output_index",)} | {"status": "completed"}
+    async def close_call(call: dict[str, Any], status: str = "completed") -> None:
+        whole = {k: v for k, v in call.items() if k not in ("output_index",)} | {"status": status}
         index = call["output_index"]
         await event(
             "response.function_call_arguments.done",
@@ -696,7 +729,7 @@ async def stream_events(
         await event("response.failed", response=final)
         return
     if open_call is not None:
-        await close_call(open_call)
+        await close_call(open_call, "incomplete" if final["status"] == "incomplete" else "completed")
     elif not where and not calls:  # no output at all: a message is opened and closed all the same
         await open_message()
     if where and not message_done:
@@ -731,7 +764,7 @@ def continued(previous: Job | None, request_id: str) -> list[dict[str, Any]]:
     from: its messages (without its instructions, which OpenAI does not carry over), then its
     output as the assistant's turn. ``previous``: None where none is kept (a 400, as OpenAI's)."""
     response_id = f"{ID_PREFIX}{request_id}"
-    if previous is None or previous.spec.operation != "chat" or not stored(previous):
+    if previous is None or not is_response(previous) or not stored(previous):
         raise not_kept(request_id)
     if previous.state != "finished":
         doing = "is still in progress" if previous.state in ("queued", "dispatched") else "did not complete"

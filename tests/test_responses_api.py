@@ -588,3 +588,18 @@ def test_includes_for_items_never_produced_are_accepted(tmp_path: Path) -> None:
         assert answer.truncation == "disabled"  # as served: an input too long is refused, not cut
 
     run_with_stack(tmp_path, check, instances=1)
+
+
+def test_a_kept_response_echoes_what_its_request_asked(tmp_path: Path) -> None:
+    """``top_logprobs`` without log probabilities asks for nothing (as OpenAI's), and is echoed all
+    the same, by ``GET`` too (the chat request kept does not hold it)."""
+
+    async def check(stack: LocalStack) -> None:
+        async with client(stack) as c:
+            answer = await c.responses.create(model=MODEL, input="hi", top_logprobs=3, max_output_tokens=2)
+            kept = await c.responses.retrieve(answer.id)
+        assert answer.top_logprobs == kept.top_logprobs == 3
+        mine, theirs = answer.model_dump(), kept.model_dump()
+        assert {k for k in mine if mine[k] != theirs[k]} <= {"qlm"}
+
+    run_with_stack(tmp_path, check, instances=1)

@@ -420,7 +420,7 @@ MESSAGE = "message"
 
 #: What a response echoes of its request that the chat request does not hold (kept in
 #: ``RequestSpec.response_echo``).
-ECHOED = ("instructions", "metadata", "previous_response_id", "store")
+ECHOED = ("instructions", "metadata", "previous_response_id", "store", "top_logprobs")
 #: Kept beside them: where the request's own input starts among its chat's messages...
 INPUT_FROM = "input_from"
 #: ... and which of its input's messages a developer wrote (the engine gets them as the system's).

@@ -491,3 +491,27 @@ def test_an_upload_that_stalls_is_answered_408_and_frees_its_transfer(
         await given_back(api)
 
     api_run(tmp_path, body)
+
+
+def test_a_listing_pages_on_past_the_files_deleted_from_it(tmp_path: Path) -> None:
+    """A client deleting every file it lists (the SDK's auto-paging, each page after the last id
+    of the one before) reaches them all: a cursor naming a deleted file goes on from where it
+    stood. The listing stopped there before (an empty page), leaving every later file."""
+    store = BatchStore(tmp_path / "b.db")
+    ids = {store.put_file("t", f"{i}.jsonl", "batch", b"{}\n").id for i in range(7)}
+    for newest_first in (True, False):
+        seen: list[str] = []
+        after: str | None = None
+        while page := store.list_files("t", limit=2, newest_first=newest_first, after=after):
+            for rec in page:
+                assert store.delete_file(rec.id)
+            seen += [rec.id for rec in page]
+            after = page[-1].id
+        assert sorted(seen) == sorted(ids) and len(seen) == len(ids)
+        ids = {store.put_file("t", f"{i}.jsonl", "batch", b"{}\n").id for i in range(7)}
+    assert store.list_files("t", after="file-never") == []
+    store.close()
+    reopened = BatchStore(tmp_path / "b.db")  # a cursor outlives a restart
+    (first,) = reopened.list_files("t", limit=1, newest_first=False)
+    assert reopened.delete_file(first.id)
+    assert len(reopened.list_files("t", newest_first=False, after=first.id)) == 6

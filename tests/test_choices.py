@@ -409,6 +409,18 @@ def test_a_batch_line_of_several_prompts_answers_each_prompts_choices(tmp_path: 
             too_long = await run_batch(
                 c, [{"model": MODEL, "prompt": ["fine", "x" * 200_000], "max_tokens": 3}]
             )
+            # each prompt counted as it is (the first's count was the others' too: a longer
+            # one after a short one failed as "fewer tokens than any tokenizer makes")
+            long = " ".join(f"word{i}" for i in range(300))
+            bodies = [{"model": MODEL, "prompt": p, "max_tokens": 2} for p in (["hi", long], [long, "hi"])]
+            online = [(await c.completions.create(**body)).usage for body in bodies]  # type: ignore[call-overload]
+            uneven = await run_batch(c, bodies)
+            assert uneven.output_file_id is not None
+            uneven_lines = (await c.files.content(uneven.output_file_id)).text.splitlines()
+        usages = [json.loads(x)["response"]["body"]["usage"]["prompt_tokens"] for x in uneven_lines]
+        assert uneven.status == "completed" and uneven.request_counts.completed == 2
+        assert [u.prompt_tokens for u in online] == usages and usages[0] == usages[1]
+        assert uneven.usage is not None and uneven.usage.input_tokens == sum(usages)
         answer = line["response"]["body"]
         rids = [f["request_id"] for f in answer["qlm"]["choices"]]
         prompts = [stack.coordinator.lookup(rid).spec.prompt for rid in rids]  # type: ignore[union-attr]

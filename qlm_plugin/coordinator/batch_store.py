@@ -36,7 +36,7 @@ from typing import IO, Any, Final
 
 from qlm_plugin.coordinator.file_lock import FileInUse, FolderNotWritable, lock_file, unlock_file
 
-SCHEMA_VERSION: Final = 3
+SCHEMA_VERSION: Final = 4
 #: Statuses after which a batch changes no more.
 FINAL: Final = frozenset({"completed", "failed", "expired", "cancelled"})
 #: File bytes read or written at a time: a transfer holds about one chunk in memory, and the lock
@@ -55,6 +55,18 @@ _CHUNKS: Final = """CREATE TABLE file_chunks (
         data BLOB NOT NULL,
         PRIMARY KEY (file_rowid, seq)
     )"""
+
+#: Where a deleted file stood in the listing's order, so that a page cursor naming it goes on from
+#: there (a client deleting every file it lists pages on from the last one it deleted). Kept for
+#: :data:`CURSOR_KEEP_S`.
+_CURSORS: Final = """CREATE TABLE file_cursors (
+        id TEXT PRIMARY KEY,
+        created_at INTEGER NOT NULL,
+        at_rowid INTEGER NOT NULL,
+        deleted_at INTEGER NOT NULL
+    )"""
+#: How long a deleted file's id stays a valid page cursor.
+CURSOR_KEEP_S: Final = 86_400
 
 _SCHEMA: Final = (
     """CREATE TABLE files (
@@ -84,6 +96,7 @@ _SCHEMA: Final = (
         answer TEXT NOT NULL,
         PRIMARY KEY (batch_id, line)
     )""",
+    _CURSORS,
 )
 
 
@@ -268,6 +281,8 @@ class BatchStore:
                     db.execute(_CHUNKS)
                 if version <= 2:  # the files stored before expiry: kept until deleted, as they were
                     db.execute("ALTER TABLE files ADD COLUMN expires_at INTEGER")
+                if version <= 3:
+                    db.execute(_CURSORS)
                 db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
         with self._transaction():  # uploads a crash cut short
             db.execute("DELETE FROM files WHERE complete = 0")
@@ -446,7 +461,8 @@ class BatchStore:
         after: str | None = None,
     ) -> list[FileRecord]:
         """In creation order (``newest_first``: reversed); ``after``: the id of the last file of
-        the previous page (a file no longer there: an empty page). Expired files are left out."""
+        the previous page, the page going on from where it stood if it was deleted since (an id
+        never listed: an empty page). Expired files are left out."""
         where: list[str] = ["complete", _UNEXPIRED]
         args: list[Any] = [int(time.time())]
         if tenant is not None:
@@ -460,9 +476,10 @@ class BatchStore:
             # the cursor in SQL, on the listing's own order: every file is reachable by pages
             where.append(
                 f"(created_at, rowid) {'<' if newest_first else '>'} "
-                "(SELECT created_at, rowid FROM files WHERE id = ?)"
+                "(SELECT created_at, rowid FROM files WHERE id = ?"
+                " UNION ALL SELECT created_at, at_rowid FROM file_cursors WHERE id = ? LIMIT 1)"
             )
-            args.append(after)
+            args += [after, after]
         sql = f"SELECT {_FILE_COLUMNS} FROM files"
         sql += " WHERE " + " AND ".join(where)
         sql += f" ORDER BY created_at {direction}, rowid {direction} LIMIT ?"
@@ -479,6 +496,13 @@ class BatchStore:
             return True
 
     def _delete(self, rowid: int) -> None:
+        now = int(time.time())
+        self._db.execute("DELETE FROM file_cursors WHERE deleted_at < ?", (now - CURSOR_KEEP_S,))
+        self._db.execute(
+            "INSERT OR REPLACE INTO file_cursors"
+            " SELECT id, created_at, rowid, ? FROM files WHERE rowid = ? AND complete",
+            (now, rowid),
+        )
         self._db.execute("DELETE FROM file_chunks WHERE file_rowid = ?", (rowid,))
         self._db.execute("DELETE FROM files WHERE rowid = ?", (rowid,))
 

@@ -633,7 +633,7 @@ class BatchService:
                         await job.done.wait()
                 if all(job.state == "finished" for job in jobs):
                     batch.completed += 1
-                    batch.input_tokens += jobs[0].request.prompt_tokens
+                    batch.input_tokens += sum(job.request.prompt_tokens for job in jobs[:: line.choices])
                     batch.output_tokens += sum(job.answered_tokens for job in jobs)
                 else:
                     batch.failed += 1
@@ -644,9 +644,10 @@ class BatchService:
         """The line's requests, one per choice (new, or those an earlier run submitted); None when
         the line was answered without them (those accepted before are cancelled)."""
         jobs: list[Job] = []
-        for spec in self._keyed(running.batch, line):
-            if jobs and not spec.prompt_token_ids:
-                spec.prompt_tokens = jobs[0].request.prompt_tokens  # counted once
+        specs = self._keyed(running.batch, line)
+        for spec in specs:
+            if jobs and spec.prompt == specs[0].prompt and not spec.prompt_token_ids:
+                spec.prompt_tokens = jobs[0].request.prompt_tokens  # the same prompt: counted once
             job = await self._submit(running, line, spec)
             if job is None:
                 for earlier in jobs:

@@ -600,6 +600,12 @@ def test_per_tenant_limits_refuse_the_excess_of_one_tenant_only(tmp_path: Path) 
             status, out = await call_http(http, "POST", url, completion("x", 3000, tenant="tok"))
             msg = error_of(status, out, 400, "invalid_request_error")
             assert out["error"]["param"] == "max_tokens" and "limit of 2500 queued tokens" in msg, out
+            assert "none was given" not in msg
+            # A chat naming no max_tokens may run to the end of the context: the refusal says so.
+            chat = {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "qlm": {"tenant": "tok"}}
+            status, out = await call_http(http, "POST", f"{st.http_url}/v1/chat/completions", chat)
+            msg = error_of(status, out, 400, "invalid_request_error")
+            assert out["error"]["param"] == "max_tokens" and "none was given" in msg, out
 
             # A finished request frees its share.
             assert (await client.cancel(first.request_id)).cancelled

@@ -98,6 +98,9 @@ def test_choices_stream_interleaved_each_with_its_index_and_its_end(tmp_path: Pa
         assert len(set(content.values())) == 3  # three requests, three outputs
         usage = chunks[-1].usage
         assert chunks[-1].choices == [] and usage is not None and usage.completion_tokens == 36
+        # as OpenAI's: every chunk before it has "usage": null; asked for no usage, none has the key
+        assert all("usage" in chunk.model_fields_set and chunk.usage is None for chunk in chunks[:-1])
+        assert not any("usage" in piece.model_fields_set for piece in texts)
         by_index: dict[int, str] = {}
         for piece in texts:
             for part in piece.choices:

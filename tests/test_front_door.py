@@ -551,3 +551,13 @@ def test_an_authorization_header_that_is_not_ascii_is_a_401_not_a_crash() -> Non
     assert err.value.status == "unauthenticated" and "printable ASCII" in str(err.value)
     ok = SimpleNamespace(headers={"Authorization": "Bearer s3cret"})
     assert front._principal(ok, "client").name == "c"  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("prompt", [[[1, 2, 3]], ["hello there", [1, 2, 3]], [[1, 2], "hello there"]])
+def test_an_echo_of_a_prompt_of_token_ids_needs_logprobs_whichever_prompt_it_is(prompt: Any) -> None:
+    """Token ids are echoed from their log probabilities: without them the echo is refused, for
+    any of a request's prompts (only the first was checked: a later one was answered unechoed)."""
+    err = refused({"model": "m", "prompt": prompt, "max_tokens": 2, "echo": True})
+    assert err.param == "echo" and "ask for logprobs too" in str(err)
+    spec, _, _ = parse({"model": "m", "prompt": prompt, "max_tokens": 2, "echo": True, "logprobs": 1})
+    assert "echo" in spec.sampling

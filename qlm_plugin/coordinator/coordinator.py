@@ -373,7 +373,9 @@ class Coordinator:
         if spec.max_tokens or spec.operation != "chat":  # a chat naming none keeps 0: the engine's own limit
             spec.max_tokens = request.max_tokens
         book.check_feasible(request)
-        book.check_limits(request, max(1, spec.choices - spec.choice))  # room for the rest of its choices
+        book.check_limits(  # room for the rest of its choices
+            request, max(1, spec.choices - spec.choice), defaulted=not spec.max_tokens
+        )
         if not self.dispatcher.served(request.model):
             book.count(request, +1)  # held while it waits: concurrent ones must not pass
             try:

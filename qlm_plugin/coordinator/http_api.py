@@ -324,7 +324,8 @@ def parse_openai(
         spec.sampling.update(tool_params(body))
     spec.sampling.update(logprob_params(body, chat))
     spec.sampling.update(echo_param(body, chat))
-    if "echo" in spec.sampling and spec.prompt_token_ids and "logprobs" not in spec.sampling:
+    ids_prompt = not chat and any(not isinstance(p, str) for p in completion_prompts(body.get("prompt")))
+    if "echo" in spec.sampling and ids_prompt and "logprobs" not in spec.sampling:  # any of them
         raise BadRequest(
             "echo", "a prompt of token ids is echoed from its log probabilities: ask for logprobs too"
         )
@@ -972,7 +973,8 @@ class FrontDoor:
     ) -> None:
         """A completion's stream: each choice's chunks as its request makes them, its last chunk
         (finish reason) when it ends; an error event instead when one ends unfinished. With
-        ``usage_chunks`` "every", each chunk also holds its choice's usage so far."""
+        ``usage_chunks`` "every", each chunk also holds its choice's usage so far; with "last",
+        ``usage: null`` until the usage chunk after the last one."""
         job = jobs[0]
         obj, prefix = ("chat.completion.chunk", "chatcmpl") if chat else ("text_completion", "cmpl")
         base = {
@@ -1009,8 +1011,8 @@ class FrontDoor:
                     else:
                         last.update(text="", logprobs=None)
                     end: dict[str, Any] = {**base, "choices": [last], "qlm": qlm_info(job)}
-                    if usage_chunks == "every":
-                        end["usage"] = usage(job)
+                    if usage_chunks != "none":  # "last": null but in the usage chunk, as OpenAI's
+                        end["usage"] = usage(job) if usage_chunks == "every" else None
                     await send(end)
                     continue
                 if not (first[i] or chunk.text or chunk.tool_calls or chunk.logprobs):
@@ -1048,6 +1050,8 @@ class FrontDoor:
                         "completion_tokens": made,
                         "total_tokens": prompt + made,
                     }
+                elif usage_chunks == "last":
+                    payload["usage"] = None
                 if first[i]:
                     payload["qlm"] = qlm_info(job)
                     first[i] = False

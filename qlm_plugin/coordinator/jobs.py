@@ -391,18 +391,25 @@ class JobBook:
         load[0] += sign
         load[1] += sign * (request.prompt_tokens + request.max_tokens)
 
-    def check_limits(self, request: Request, choices: int = 1) -> None:
+    def check_limits(self, request: Request, choices: int = 1, *, defaulted: bool = False) -> None:
         """Refuse (:class:`SubmitError`, ``limit``) a request beyond its tenant's limits;
-        ``choices``: room is needed for that many like it (the rest of a request's choices)."""
+        ``choices``: room is needed for that many like it (the rest of a request's choices);
+        ``defaulted``: its ``max_tokens`` was not asked for (the refusal says so)."""
         limits = self.cfg.limits_for(request.tenant)
         load = self.tenant_load.get(request.tenant, [0, 0])
         tokens = request.prompt_tokens + request.max_tokens
         if tokens * choices > limits.max_queued_tokens:  # never fits, even alone: a retry cannot help
             each = f" for each of {choices} choices" if choices > 1 else ""
+            unasked = (
+                " (none was given: a chat's max_tokens is the context left after its prompt)"
+                if defaulted
+                else ""
+            )
             raise SubmitError(
                 "invalid",
-                f"the request's {tokens} tokens (prompt and max_tokens){each} exceed tenant "
-                f"{request.tenant!r}'s limit of {limits.max_queued_tokens} queued tokens; ask for fewer",
+                f"the request's {tokens} tokens (prompt and max_tokens{unasked}){each} exceed tenant "
+                f"{request.tenant!r}'s limit of {limits.max_queued_tokens} queued tokens; ask for fewer "
+                "with max_tokens",
                 "max_tokens",
             )
         if choices > limits.max_queued_requests:

@@ -26,6 +26,7 @@ from qlm_plugin.adapters.sim.realtime import natural_length, synthetic_text
 from qlm_plugin.coordinator.grpc_api import InstancesService
 from qlm_plugin.coordinator.http_api import unfinished
 from qlm_plugin.coordinator.jobs import SubmitError
+from qlm_plugin.coordinator.journal import JournalError
 from qlm_plugin.coordinator.prompt_tokens import PromptCounter
 from qlm_plugin.proto.qlm.v1 import qlm_pb2 as pb
 from qlm_plugin.proto.qlm.v1 import qlm_pb2_grpc as pb_grpc
@@ -629,6 +630,53 @@ def test_grpc_submit_status_stream_cancel_and_idempotency(tmp_path: Path) -> Non
             )
             assert batch[0].accepted and not batch[1].accepted
             assert (batch[1].code, batch[1].field) == ("unknown_model", "model")
+            # an SLO no instance could meet even idle: the request's fault, as HTTP's 400 (it was
+            # an OK answer, accepted false, that a client checking the status took for queued)
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await c.submit(pb.RequestSpec(model=MODEL, prompt="x" * 4000, slo=pb.SLO(ttft_ms=0.01)))
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert (err.value.details() or "").startswith("slo.ttft_ms: a TTFT SLO of")
+            # a value below 1 is invalid, not too large; a client's own count is named as such
+            low = await c.submit_batch(
+                [
+                    pb.RequestSpec(model=MODEL, prompt="x", max_tokens=-5),
+                    pb.RequestSpec(model=MODEL, prompt="x", prompt_tokens=-5),
+                    pb.RequestSpec(model=MODEL, prompt="x" * 400_000),
+                ]
+            )
+            assert [(r.code, r.field) for r in low] == [
+                ("invalid", "max_tokens"),
+                ("invalid", "prompt_tokens"),
+                ("too_large", "prompt"),
+            ], low
+
+    run(tmp_path, body, speed=50.0)
+
+
+def test_a_cancel_the_journal_cannot_commit_is_unavailable_and_its_retry_answers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A cancellation whose record cannot be committed (a full disk) is not known to last: the
+    client is told UNAVAILABLE (it was an UNKNOWN naming a Python exception), and its retry,
+    once the journal commits again, answers with the request's state."""
+
+    async def body(st: LocalStack) -> None:
+        async with CoordinatorClient(st.grpc_target) as c:
+            long = await c.submit(pb.RequestSpec(model=MODEL, prompt="abc", max_tokens=30_000))
+            journal = st.coordinator.journal
+            flush = journal.flush
+
+            async def failing() -> None:
+                raise JournalError("the commit failed: database or disk is full")
+
+            monkeypatch.setattr(journal, "flush", failing)
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await c.cancel(long.request_id)
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert "the cancellation was not recorded" in (err.value.details() or "")
+            monkeypatch.setattr(journal, "flush", flush)
+            again = await c.cancel(long.request_id)
+            assert again.state == "cancelled"
 
     run(tmp_path, body, speed=50.0)
 

@@ -38,6 +38,33 @@ def test_errors_name_the_file_and_key(tmp_path: Path) -> None:
     path.write_text("tokens: [{scopes: [client]}]\n")
     with pytest.raises(ConfigError, match="exactly one of token_env or token_file"):
         load_config(path)
+    for not_a_mapping in ("[]\n", "false\n", "0\n", "- a\n"):  # were taken as the defaults
+        path.write_text(not_a_mapping)
+        with pytest.raises(ConfigError, match=f"{path}: the config must be a YAML mapping"):
+            load_config(path)
+    path.write_text("")
+    assert load_config(path) == CoordinatorConfig()  # an empty file: the defaults
+    path.write_bytes(b"grpc: {port: 1}\n# caf\xe9\n")
+    with pytest.raises(ConfigError, match=f"{path}: not UTF-8 text"):
+        load_config(path)
+
+
+def test_a_tenants_override_keeps_the_limits_it_does_not_name(tmp_path: Path) -> None:
+    """A tenant given more requests keeps the deployment's other limits (it got the built-in
+    defaults instead: 50 M queued tokens and 2 GiB of files where the deployment allowed less)."""
+    path = tmp_path / "c.yaml"
+    path.write_text(
+        "tenant_limits: {max_queued_tokens: 1000, max_stored_bytes: 1000000}\n"
+        "tenants: {batch-team: {max_queued_requests: 5000}, big: {max_queued_tokens: 9000}}\n"
+    )
+    cfg = load_config(path)
+    team, big, other = (cfg.limits_for(t) for t in ("batch-team", "big", "anyone"))
+    assert (team.max_queued_requests, team.max_queued_tokens, team.max_stored_bytes) == (5000, 1000, 1000000)
+    assert (big.max_queued_requests, big.max_queued_tokens) == (10_000, 9000)
+    assert other == cfg.tenant_limits and other.max_queued_tokens == 1000
+    path.write_text("tenants: {t: {max_queued_tokens: 0}}\n")
+    with pytest.raises(ConfigError, match=r"tenants\.t\.max_queued_tokens"):
+        load_config(path)
 
 
 def test_a_listen_address_without_its_port_takes_the_default_port(tmp_path: Path) -> None:

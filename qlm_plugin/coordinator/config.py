@@ -168,7 +168,26 @@ class CoordinatorConfig(_Strict):
     tokens: list[TokenEntry] = []
     tls: TLS | None = None
     tenant_limits: TenantLimits = TenantLimits()
-    tenants: dict[str, TenantLimits] = {}  # per-tenant overrides
+    # per-tenant overrides: a limit a tenant does not name is tenant_limits' (a tenant given more
+    # requests kept the built-in defaults of the others, looser than tenant_limits asked)
+    tenants: dict[str, TenantLimits] = {}
+
+    @model_validator(mode="before")
+    @classmethod
+    def _tenants_inherit(cls, data: Any) -> Any:
+        if isinstance(data, dict) and isinstance(data.get("tenants"), dict):
+            base = data.get("tenant_limits")
+            base = base.model_dump() if isinstance(base, TenantLimits) else base
+            if isinstance(base, dict):
+                data = {
+                    **data,
+                    "tenants": {
+                        name: {**base, **over} if isinstance(over, dict) else over
+                        for name, over in data["tenants"].items()
+                    },
+                }
+        return data
+
     batches: BatchSettings = BatchSettings()
     metrics_public: bool = False  # /metrics without a token even when tokens are configured
 
@@ -202,10 +221,13 @@ def load_config(path: str | os.PathLike[str] | None = None) -> CoordinatorConfig
     p = Path(path)
     try:
         text = p.read_text()
-        data = yaml.safe_load(text) or {}
+        data = yaml.safe_load(text)
+        data = {} if data is None else data  # an empty file: the defaults (a list or a value: refused)
         twice = duplicate_keys(text)
     except OSError as exc:
         raise ConfigError(f"{p}: cannot read config: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{p}: not UTF-8 text (byte {exc.start}): {exc.reason}") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{p}: not valid YAML: {exc}") from None
     if twice:
@@ -213,7 +235,7 @@ def load_config(path: str | os.PathLike[str] | None = None) -> CoordinatorConfig
             "\n".join(f"{p}:{line}: {key}: given twice (YAML keeps only the last)" for line, key in twice)
         )
     if not isinstance(data, dict):
-        raise ConfigError(f"{p}: the config is a YAML mapping")
+        raise ConfigError(f"{p}: the config must be a YAML mapping of settings, got a {type(data).__name__}")
     cfg = _validated(data, str(p))
     if cfg.scenario is not None and not Path(cfg.scenario).is_absolute():
         cfg = cfg.model_copy(update={"scenario": str(p.parent / cfg.scenario)})

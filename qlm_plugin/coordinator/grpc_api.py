@@ -146,10 +146,14 @@ class RequestsService(pb_grpc.RequestsServicer):
 
     async def Submit(self, request: pb.SubmitRequest, context: Any) -> pb.SubmitReply:
         reply = await self._submit(request.request, self._principal(context).tenant)
-        if not reply.accepted and reply.code != "slo_unattainable":
-            # A malformed or refused request is an error status; a late one is an answer with the estimate.
+        # A malformed or refused request is an error status; one the estimate says would be late
+        # (reject_if_late) is an answer with the estimate. An SLO no instance could meet even idle
+        # (it names its field) is the request's own fault, as the HTTP front door's 400.
+        if not reply.accepted and (reply.code != "slo_unattainable" or reply.field):
             message = f"{reply.field}: {reply.reason}" if reply.field else reply.reason
-            await context.abort(SUBMIT_STATUS[reply.code], message)
+            unmeetable = reply.code == "slo_unattainable"
+            status = grpc.StatusCode.INVALID_ARGUMENT if unmeetable else SUBMIT_STATUS[reply.code]
+            await context.abort(status, message)
         return reply
 
     async def SubmitBatch(self, request: pb.SubmitBatchRequest, context: Any) -> pb.SubmitBatchReply:
@@ -170,7 +174,10 @@ class RequestsService(pb_grpc.RequestsServicer):
         job = await self._job(request.request_id, context)
         before = job.state
         self.coord.cancel(job.id)
-        await self.coord.journal.flush()  # told cancelled only once no restart can serve it
+        try:
+            await self.coord.journal.flush()  # told cancelled only once no restart can serve it
+        except JournalError as exc:  # not known to stay cancelled: the client retries
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"the cancellation was not recorded: {exc}")
         return pb.CancelReply(cancelled=before not in ("finished", "cancelled", "failed"), state=job.state)
 
     async def Stream(self, request: pb.RequestRef, context: Any) -> AsyncIterator[pb.OutputChunk]:

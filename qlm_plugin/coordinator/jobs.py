@@ -363,8 +363,11 @@ class JobBook:
                 models=self.models,
             )
         except RequestValidationError as exc:
-            code = "too_large" if exc.field in ("prompt_tokens", "max_tokens") else "invalid"
-            fld = {"prompt_tokens": "prompt", "slo.ttft_s": "slo.ttft_ms", "slo.e2e_s": "slo.e2e_ms"}.get(
+            value = {"prompt_tokens": prompt_tokens, "max_tokens": max_tokens}.get(exc.field, 0)
+            code = "too_large" if value >= 1 else "invalid"  # past the context, or below 1
+            # a prompt too long is the prompt's fault; a count below 1 is the client's own count
+            prompt = "prompt" if value >= 1 or not spec.prompt_tokens else "prompt_tokens"
+            fld = {"prompt_tokens": prompt, "slo.ttft_s": "slo.ttft_ms", "slo.e2e_s": "slo.e2e_ms"}.get(
                 exc.field, exc.field
             )
             raise SubmitError(code, exc.reason, fld) from None

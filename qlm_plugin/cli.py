@@ -64,6 +64,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
     scenario = load_scenario(args.scenario)
     updates: dict[str, object] = {}
+    if args.trace == "":  # it replayed the conversation sample, unsaid
+        raise ValueError("--trace is empty: name a trace file or 'conv'/'code'")
     if args.trace is not None:
         # The scenario's reshaping (rate scale, window, sampling) was chosen for its own trace: a
         # trace named on the command line replays as recorded unless --rate-scale says otherwise.
@@ -175,6 +177,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if not 0.0 <= args.burst_at <= 1.0:
         raise ValueError(f"--burst-at must be a fraction in [0, 1], got {args.burst_at}")
     bench.require_matplotlib()  # before minutes of simulation, not after
+    if Path(args.out).is_dir():  # found only once every simulation had run
+        raise ValueError(f"--out: {args.out} is a folder; name the Markdown file to write")
+    if args.scenarios is not None and not names(args.scenarios):
+        raise ValueError(f"--scenarios names no scenario: {args.scenarios!r}")
     command = (
         "qlm bench"
         + "".join(

@@ -116,6 +116,10 @@ def test_the_table_says_how_many_requests_a_class_refused(tmp_path: Path) -> Non
         (["simulate", "--scenario", "/no/such/scenario.yaml"], 1, "cannot read scenario"),
         (["frobnicate"], 2, "invalid choice: 'frobnicate'"),
         (["simulate", "--policies", ","], 1, "--policies names no policy"),  # it ran nothing, exit 0
+        (["simulate", "--trace", ""], 1, "--trace is empty"),  # it replayed the conversation sample
+        (["bench", "--scenarios", ",", "--no-sweep"], 1, "--scenarios names no scenario"),
+        # found only after every simulation had run
+        (["bench", "--scenarios", "default", "--no-sweep", "--out", "/"], 1, "--out: / is a folder"),
         # each ran on (restarting its instances for ever, a traceback, negative rates), now refused
         (["serve", "--speed", "0"], 2, "argument --speed: must be above 0"),
         (["instance", "--coordinator", "127.0.0.1:70000"], 2, "port in 1-65535"),

@@ -1314,3 +1314,39 @@ def test_duplicate_keys_tenants_and_listed_twice_models_are_errors(tmp_path: Pat
     path.write_text("seed: 1\n" + text + "seed: 2\n")
     with pytest.raises(ScenarioError, match=r"dupes.yaml:13: seed: key given twice"):
         load_scenario(path)
+
+
+def test_what_was_ignored_unsaid_is_an_error(tmp_path: Path) -> None:
+    """A profile for a pair no instance runs (its values were never checked), lognormal means
+    beside lengths_from, and an empty trace (it replayed the conversation sample)."""
+    base = _unnumbered(VALID)
+    two = base.replace(
+        "  - name: m\n    profile: llama-3.1-8b\n",
+        "  - name: m\n    profile: llama-3.1-8b\n  - name: n\n    profile: mistral-small-24b\n",
+    ).replace(
+        "    models: [m]\n", "    models: [m]\n    name: h\n  - gpu: a100-80\n    models: [n]\n    name: a\n"
+    )
+    assert _scenario(tmp_path, two).instance_ids()  # m runs on the H100 only, n on the A100
+    with pytest.raises(ScenarioError, match=r"profiles\.m/a100-80"):
+        _scenario(tmp_path, two + "profiles:\n  m/a100-80: {kv_blocks: -3}\n")
+    means = base.replace(
+        "    duration_s: 10\n", "    duration_s: 10\n    lengths_from: conv\n    prompt_mean: 3000\n"
+    )
+    with pytest.raises(ScenarioError, match="prompt_mean apply to lognormal lengths, not with lengths_from"):
+        _scenario(tmp_path, means)
+    empty = base.replace("  synthetic:\n    rate_rps: 20\n    duration_s: 10\n", '  trace: ""\n')
+    with pytest.raises(ScenarioError, match="trace is empty"):
+        _scenario(tmp_path, empty)
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes(base.encode() + b"# caf\xe9\n")
+    with pytest.raises(ScenarioError, match=rf"{path}: cannot read scenario: not UTF-8 text"):
+        load_scenario(path)
+
+
+def test_a_model_named_with_a_slash_takes_a_profile_override(tmp_path: Path) -> None:
+    """A Hugging Face id holds '/': a 'name/gpu' key splits at its last one."""
+    text = _unnumbered(VALID).replace("name: m\n", "name: meta-llama/Llama-3.1-8B-Instruct\n")
+    text = text.replace("models: [m]", "models: [meta-llama/Llama-3.1-8B-Instruct]")
+    text += "profiles:\n  meta-llama/Llama-3.1-8B-Instruct/h100: {kv_blocks: 40000}\n"
+    scenario = _scenario(tmp_path, text)
+    assert scenario.cost_models_for("h100")["meta-llama/Llama-3.1-8B-Instruct"].kv_blocks == 40000

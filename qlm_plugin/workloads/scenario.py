@@ -47,8 +47,10 @@ class SyntheticSpec(_Strict):
         onoff = {"on_s", "off_s", "off_rate_fraction"} & self.model_fields_set
         if self.arrival != "onoff" and onoff:
             raise ValueError(f"{', '.join(sorted(onoff))} apply to arrival: onoff only")
-        if self.lengths_from is not None and "length_sigma" in self.model_fields_set:
-            raise ValueError("length_sigma applies to lognormal lengths, not with lengths_from")
+        lognormal = {"length_sigma", "prompt_mean", "output_mean"} & self.model_fields_set
+        if self.lengths_from is not None and lognormal:
+            named = ", ".join(sorted(lognormal))
+            raise ValueError(f"{named} apply to lognormal lengths, not with lengths_from")
         return self
 
 
@@ -67,6 +69,8 @@ class WorkloadSpec(_Strict):
 
     @model_validator(mode="after")
     def _one_source(self) -> WorkloadSpec:
+        if self.trace == "":  # it replayed the conversation sample, unsaid
+            raise ValueError("trace is empty: name a trace file or 'conv'/'code' (or give 'synthetic')")
         if self.synthetic is not None and "trace" in self.model_fields_set and self.trace is not None:
             raise ValueError("give either 'trace' or 'synthetic', not both")
         if self.target_rps is not None and self.rate_scale != 1.0:
@@ -285,8 +289,8 @@ def _semantic_errors(sc: Scenario) -> list[tuple[tuple[Any, ...], str]]:
     known_models = {m.name for m in sc.models} | {m.profile for m in sc.models}
     known_gpus = {g.gpu for g in sc.instances}
     for key in sc.profiles:
-        model, _, gpu = key.partition("/")
-        if not gpu:
+        model, _, gpu = key.rpartition("/")  # a model's name may hold '/' (a Hugging Face id)
+        if not model or not gpu:
             errors.append((("profiles", key), "profile keys are 'model/gpu', e.g. 'llama-3.1-8b/h100'"))
         elif model not in known_models or gpu not in known_gpus:
             errors.append(
@@ -296,6 +300,13 @@ def _semantic_errors(sc: Scenario) -> list[tuple[tuple[Any, ...], str]]:
                     f"{', '.join(sorted(known_models))}; gpus: {', '.join(sorted(known_gpus))})",
                 )
             )
+        else:  # a pair no instance runs: its values are checked here (an instance's, at the instance)
+            entries = [m for m in sc.models if model in (m.name, m.profile)]
+            if not any(m.name in g.models and g.gpu == gpu for m in entries for g in sc.instances):
+                try:
+                    sc._cost(entries[0].name, gpu)
+                except (UnknownProfileError, ValueError) as exc:
+                    errors.append((("profiles", key), str(exc)))
     return errors
 
 
@@ -346,9 +357,11 @@ def load_scenario(path: str | os.PathLike[str] | None = None) -> Scenario:
         return parse_scenario(text, f"<packaged {DEFAULT_SCENARIO}>")
     p = Path(path)
     try:
-        text = p.read_text()
+        text = p.read_text(encoding="utf-8")
     except OSError as exc:
         raise ScenarioError(f"{p}: cannot read scenario: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ScenarioError(f"{p}: cannot read scenario: not UTF-8 text (byte {exc.start})") from None
     scenario = parse_scenario(text, str(p))
     return _resolve_paths(scenario, p.parent)
 

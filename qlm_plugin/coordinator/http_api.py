@@ -309,11 +309,14 @@ def parse_openai(
             )
     model = text(body.get("model"), "model", max_chars=MAX_NAME_CHARS)
     spec = pb.RequestSpec(model=model, operation="chat" if chat else "text_completion")
+    ids_prompt = False  # a prompt of token ids, of any of the request's prompts
     if chat:
         spec.prompt, messages = _chat(body.get("messages"))
         spec.chat_messages = dumps(messages).decode()
     else:
-        prompt = completion_prompts(body.get("prompt"))[0]  # the others: several_prompts
+        prompts = completion_prompts(body.get("prompt"))
+        ids_prompt = any(not isinstance(p, str) for p in prompts)
+        prompt = prompts[0]  # the others: several_prompts
         if isinstance(prompt, str):
             spec.prompt = prompt
         else:
@@ -324,8 +327,7 @@ def parse_openai(
         spec.sampling.update(tool_params(body))
     spec.sampling.update(logprob_params(body, chat))
     spec.sampling.update(echo_param(body, chat))
-    ids_prompt = not chat and any(not isinstance(p, str) for p in completion_prompts(body.get("prompt")))
-    if "echo" in spec.sampling and ids_prompt and "logprobs" not in spec.sampling:  # any of them
+    if "echo" in spec.sampling and ids_prompt and "logprobs" not in spec.sampling:
         raise BadRequest(
             "echo", "a prompt of token ids is echoed from its log probabilities: ask for logprobs too"
         )

@@ -404,6 +404,43 @@ def test_a_tenant_bound_token_acts_for_its_tenant_only(tmp_path: Path) -> None:
     run(tmp_path, body, speed=50.0, config=TOKENS, env=ENV, token="i-secret")
 
 
+def test_a_tenant_chooses_its_request_ids_without_meeting_another_tenants(tmp_path: Path) -> None:
+    """Request ids a client chooses are kept under its tenant's name: another tenant's "job-1"
+    neither refuses this one's (an id taken was a 'yes' to "does anyone use this id?", and let one
+    tenant hold ids another would choose) nor is found by it. The client sees its own id."""
+
+    async def body(st: LocalStack) -> None:
+        jobs = st.coordinator.jobs
+        async with (
+            CoordinatorClient(st.grpc_target, token="ta-secret") as tenant_a,
+            CoordinatorClient(st.grpc_target, token="c-secret") as unbound,
+        ):
+            chosen = spec(tenant="tenant-b", max_tokens=LONG)
+            chosen.request_id = "job-1"
+            theirs = await unbound.submit(chosen)
+            mine = await tenant_a.submit(chosen)  # was: INVALID_ARGUMENT, "'job-1' is already taken"
+            assert (theirs.request_id, mine.request_id) == ("job-1", "job-1")
+            assert jobs["job-1"].request.tenant == "tenant-b"
+            assert jobs["tenant-a/job-1"].request.tenant == "tenant-a"
+            status = await tenant_a.status("job-1")
+            assert (status.request_id, status.state) == ("job-1", jobs["tenant-a/job-1"].state)
+            again = await rpc_error(tenant_a.submit(chosen))
+            assert again.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert again.details() == "request_id: request id 'job-1' is already taken", again
+            chosen.request_id = "tenant-b/job-1"  # no way into another tenant's names
+            slash = await rpc_error(tenant_a.submit(chosen))
+            assert slash.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert (slash.details() or "").startswith("request_id: must not contain '/'"), slash
+            assert (await rpc_error(tenant_a.status("tenant-b/job-1"))).code() == grpc.StatusCode.NOT_FOUND
+            assert (await tenant_a.cancel("job-1")).cancelled
+            assert jobs["job-1"].state in ("queued", "dispatched"), "the other tenant's was cancelled"
+            # the unbound token sees every tenant's requests, by the ids the coordinator keeps
+            assert (await unbound.status("tenant-a/job-1")).state == "cancelled"
+            assert (await unbound.cancel("job-1")).cancelled
+
+    run(tmp_path, body, speed=50.0, config=TOKENS, env=ENV, token="i-secret")
+
+
 def test_a_finished_request_stays_its_tenants_after_its_class_is_gone(tmp_path: Path) -> None:
     """Restarted with a scenario that no longer has the request's class: its status is still
     its tenant's, and no other tenant's."""

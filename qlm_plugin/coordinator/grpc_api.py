@@ -14,7 +14,7 @@ import grpc
 from qlm_plugin.coordinator.auth import Authenticator, AuthError, Principal
 from qlm_plugin.coordinator.coordinator import Coordinator
 from qlm_plugin.coordinator.instances import Session
-from qlm_plugin.coordinator.jobs import Job, SubmitError, status_message
+from qlm_plugin.coordinator.jobs import Job, SubmitError, scoped_id, shown_id, status_message
 from qlm_plugin.coordinator.journal import JournalError
 from qlm_plugin.coordinator.json_codec import dumps
 from qlm_plugin.coordinator.registry import InstanceTaken
@@ -114,8 +114,9 @@ class RequestsService(pb_grpc.RequestsServicer):
         return self.auth.authenticate(_metadata(context).get("authorization"), "client")
 
     async def _job(self, request_id: str, context: Any) -> Job:
-        job = self.coord.lookup(request_id)
         tenant = self._principal(context).tenant
+        # (by the id as it is too: one a client chose before ids were kept under their tenant's)
+        job = self.coord.lookup(scoped_id(tenant, request_id)) or self.coord.lookup(request_id)
         if job is None or (tenant is not None and job.request.tenant != tenant):
             await context.abort(grpc.StatusCode.NOT_FOUND, f"no request {request_id!r}")
         assert job is not None
@@ -123,6 +124,14 @@ class RequestsService(pb_grpc.RequestsServicer):
 
     async def _submit(self, spec: pb.RequestSpec, tenant: str | None) -> pb.SubmitReply:
         try:
+            if spec.request_id:
+                if "/" in spec.request_id:
+                    raise SubmitError(
+                        "invalid",
+                        "must not contain '/' (a tenant's ids are kept under its name)",
+                        "request_id",
+                    )
+                spec.request_id = scoped_id(tenant, spec.request_id)
             job, duplicate = await self.coord.submit(spec, tenant=tenant)
         except SubmitError as exc:
             reply = pb.SubmitReply(
@@ -134,7 +143,11 @@ class RequestsService(pb_grpc.RequestsServicer):
             return reply
         adm = job.admission
         reply = pb.SubmitReply(
-            request_id=job.id, accepted=True, can_meet_slo=True, p_meet=1.0, duplicate=duplicate
+            request_id=shown_id(tenant, job.id),
+            accepted=True,
+            can_meet_slo=True,
+            p_meet=1.0,
+            duplicate=duplicate,
         )
         if adm is not None:
             reply.can_meet_slo = adm.can_meet_slo
@@ -168,7 +181,9 @@ class RequestsService(pb_grpc.RequestsServicer):
         return pb.SubmitBatchReply(replies=replies)
 
     async def Status(self, request: pb.RequestRef, context: Any) -> pb.RequestStatus:
-        return status_message(await self._job(request.request_id, context))
+        status = status_message(await self._job(request.request_id, context))
+        status.request_id = shown_id(self._principal(context).tenant, status.request_id)
+        return status
 
     async def Cancel(self, request: pb.RequestRef, context: Any) -> pb.CancelReply:
         job = await self._job(request.request_id, context)
@@ -198,7 +213,8 @@ class RequestsService(pb_grpc.RequestsServicer):
         if job.halted:  # not its end: the coordinator stops with it kept for its next start
             await context.abort(
                 grpc.StatusCode.UNAVAILABLE,
-                f"the coordinator is shutting down; request {job.id} is kept and served after it restarts",
+                f"the coordinator is shutting down; request {request.request_id} is kept and served after it "
+                "restarts",
             )
 
 

@@ -61,6 +61,20 @@ Finished = tuple[Any, ...]
 GENERATED_ID_PREFIX = "req-"
 
 
+def scoped_id(tenant: str | None, request_id: str) -> str:
+    """The id the coordinator keeps for a request id a client chose, or asks about: under its
+    tenant's name where its token is bound to one, so that tenants' ids neither collide nor tell
+    one tenant which ids another uses. The coordinator's own ids are unique as they are."""
+    if tenant is None or request_id.startswith(GENERATED_ID_PREFIX):
+        return request_id
+    return f"{tenant}/{request_id}"
+
+
+def shown_id(tenant: str | None, request_id: str) -> str:
+    """The id as the client of ``tenant`` chose it (the reverse of :func:`scoped_id`)."""
+    return request_id.removeprefix(f"{tenant}/") if tenant is not None else request_id
+
+
 #: Why a request is cancelled when its caller leaves: an HTTP client gone (no one to answer), or
 #: the front-door worker serving it (its clients are gone with it).
 CLIENT_GONE = "the client disconnected"
@@ -482,7 +496,8 @@ class JobBook:
                     "request_id",
                 )
             if rid in self.jobs or rid in self.finished or self.journal.get(rid) is not None:
-                raise SubmitError("invalid", f"request id {spec.request_id!r} is already taken", "request_id")
+                mine = shown_id(spec.tenant, rid)
+                raise SubmitError("invalid", f"request id {mine!r} is already taken", "request_id")
         else:
             spec.request_id = self.new_id()
 
@@ -508,7 +523,10 @@ class JobBook:
         if error is not None:
             self.count(job, -1)
             if isinstance(error, DuplicateRecord):
-                raise SubmitError("invalid", f"cannot accept: {error}", "request_id") from None
+                said = str(error)
+                if error.field == "request_id":  # the id as its client chose it
+                    said = f"duplicate request id {shown_id(job.request.tenant, job.id)!r}"
+                raise SubmitError("invalid", f"cannot accept: {said}", error.field) from None
             if isinstance(error, JournalError):  # a full disk, a closed journal: not the client's doing
                 raise SubmitError("unavailable", f"cannot accept: {error}", retry_after_s=1.0) from None
             raise error

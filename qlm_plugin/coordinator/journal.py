@@ -67,7 +67,11 @@ class JournalError(Exception):
 
 class DuplicateRecord(JournalError):
     """A new record's request id, or its tenant's idempotency key, is taken: the caller's mistake
-    (any other :class:`JournalError` is the journal's)."""
+    (any other :class:`JournalError` is the journal's). ``field``: the request field taken."""
+
+    def __init__(self, message: str, field: str) -> None:
+        super().__init__(message)
+        self.field = field
 
 
 @dataclass(slots=True)
@@ -521,9 +525,11 @@ class Journal:
         if op.kind == "accept":
             request_id, tenant, key = op.params[0], op.params[1], op.params[7]
             if "idempotency_key" in str(exc):
-                return DuplicateRecord(f"duplicate idempotency key {key!r} for tenant {tenant!r}")
+                return DuplicateRecord(
+                    f"duplicate idempotency key {key!r} for tenant {tenant!r}", "idempotency_key"
+                )
             if "request_id" in str(exc):
-                return DuplicateRecord(f"duplicate request id {request_id!r}")
+                return DuplicateRecord(f"duplicate request id {request_id!r}", "request_id")
         return JournalError(f"{op.kind} refused: {exc}")
 
     @staticmethod

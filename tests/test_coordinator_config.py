@@ -44,6 +44,9 @@ def test_errors_name_the_file_and_key(tmp_path: Path) -> None:
             load_config(path)
     path.write_text("")
     assert load_config(path) == CoordinatorConfig()  # an empty file: the defaults
+    path.write_text("tenant_limits: &a\n  max_queued_requests: *a\n")  # was a RecursionError traceback
+    with pytest.raises(ConfigError, match=f"{path}: not valid YAML: an alias names a node that holds it"):
+        load_config(path)
     path.write_bytes(b"grpc: {port: 1}\n# caf\xe9\n")
     with pytest.raises(ConfigError, match=f"{path}: not UTF-8 text"):
         load_config(path)

@@ -629,6 +629,25 @@ classes:                         # 7
         load_scenario(path)
 
 
+def test_an_alias_inside_the_node_it_names_is_an_error_not_a_recursion_traceback(tmp_path: Path) -> None:
+    path = _write(
+        tmp_path,
+        """\
+models:                          # 1
+  - name: m                      # 2
+    profile: llama-3.1-8b        # 3
+instances: &all                  # 4
+  - gpu: h100                    # 5
+    models: *all                 # 6
+""",
+    )
+    with pytest.raises(ScenarioError, match=rf"^{path}:4: not valid YAML: an alias names a node that holds"):
+        load_scenario(path)
+    shared = path.read_text().replace("models: *all", "models: &m [m]").replace("&all", "")
+    path.write_text(shared + "classes: [{name: c, share: 1, ttft_s: 1}]\n")
+    assert load_scenario(path).instances[0].models == ["m"]  # an alias elsewhere is fine
+
+
 @pytest.mark.parametrize("text", ["- models\n- instances\n", "just a string\n", "", "# only a comment\n"])
 def test_a_document_that_is_not_a_mapping_is_an_error_at_line_1(tmp_path: Path, text: str) -> None:
     path = _write(tmp_path, text)

@@ -221,9 +221,9 @@ def load_config(path: str | os.PathLike[str] | None = None) -> CoordinatorConfig
     p = Path(path)
     try:
         text = p.read_text()
+        twice = duplicate_keys(text)  # first: it refuses an alias inside itself, which loads endless
         data = yaml.safe_load(text)
         data = {} if data is None else data  # an empty file: the defaults (a list or a value: refused)
-        twice = duplicate_keys(text)
     except OSError as exc:
         raise ConfigError(f"{p}: cannot read config: {exc.strerror or exc}") from None
     except UnicodeDecodeError as exc:

@@ -196,19 +196,30 @@ class Scenario(_Strict):
 
 
 def _line_map(
-    node: yaml.Node, path: tuple[Any, ...], out: dict[tuple[Any, ...], int], dupes: list[tuple[Any, ...]]
+    node: yaml.Node,
+    path: tuple[Any, ...],
+    out: dict[tuple[Any, ...], int],
+    dupes: list[tuple[Any, ...]],
+    within: frozenset[int] = frozenset(),
 ) -> None:
+    """Raises :class:`yaml.YAMLError` for an alias inside the node it names (the value would be
+    endless: validating it ended in a RecursionError traceback)."""
     out.setdefault(path, node.start_mark.line + 1)
+    if id(node) in within:
+        raise yaml.composer.ComposerError(
+            None, None, "an alias names a node that holds it (the value would never end)", node.start_mark
+        )
+    within = within | {id(node)}
     if isinstance(node, yaml.MappingNode):
         for key_node, value_node in node.value:
             key = key_node.value
             if (*path, key) in out:
                 dupes.append((*path, key))  # YAML would silently keep the last one
             out[(*path, key)] = key_node.start_mark.line + 1
-            _line_map(value_node, (*path, key), out, dupes)
+            _line_map(value_node, (*path, key), out, dupes, within)
     elif isinstance(node, yaml.SequenceNode):
         for i, item in enumerate(node.value):
-            _line_map(item, (*path, i), out, dupes)
+            _line_map(item, (*path, i), out, dupes, within)
 
 
 def duplicate_keys(text: str) -> list[tuple[int, str]]:
@@ -312,8 +323,12 @@ def _semantic_errors(sc: Scenario) -> list[tuple[tuple[Any, ...], str]]:
 
 def parse_scenario(text: str, source: str = "<string>") -> Scenario:
     """Parse and validate a scenario from YAML text; raise :class:`ScenarioError` on any problem."""
+    lines: dict[tuple[Any, ...], int] = {}
+    dupes: list[tuple[Any, ...]] = []
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
+        if node is not None:
+            _line_map(node, (), lines, dupes)
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
@@ -321,9 +336,6 @@ def parse_scenario(text: str, source: str = "<string>") -> Scenario:
         raise ScenarioError(f"{source}:{line}: not valid YAML: {getattr(exc, 'problem', exc)}") from None
     if not isinstance(data, dict) or node is None:
         raise ScenarioError(f"{source}:1: a scenario is a YAML mapping (models, instances, classes, ...)")
-    lines: dict[tuple[Any, ...], int] = {}
-    dupes: list[tuple[Any, ...]] = []
-    _line_map(node, (), lines, dupes)
     if dupes:
         raise ScenarioError(
             "\n".join(

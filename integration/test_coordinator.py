@@ -1707,6 +1707,7 @@ def test_what_one_grpc_client_or_agent_sends_is_bounded(
                 (pb.RequestSpec(model=MODEL, prompt="x", tenant="a\x00b"), "tenant"),
                 (pb.RequestSpec(model=MODEL, prompt="x", request_id="r" * 300), "request_id"),
                 (pb.RequestSpec(model=MODEL, prompt="x" * 100_000, prompt_tokens=1), "prompt_tokens"),
+                (pb.RequestSpec(model=MODEL, prompt="x", operation="x" * 300), "operation"),  # a span name
             ):
                 with pytest.raises(grpc.aio.AioRpcError) as refused:
                     await c.submit(spec)

@@ -8,13 +8,14 @@ import asyncio
 from pathlib import Path
 
 import aiohttp
+import grpc
 import pytest
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from opentelemetry.trace import SpanKind
+from opentelemetry.trace import SpanKind, StatusCode
 
 from qlm_plugin.proto.qlm.v1 import qlm_pb2 as pb
 from qlm_plugin.telemetry.instruments import Telemetry
@@ -153,3 +154,45 @@ def test_a_requests_span_carries_the_slo_of_its_class_when_the_client_names_none
     }
     assert slos[interactive][0] == pytest.approx(1.0) and slos[interactive][1] is None  # the class's TTFT
     assert slos[batch][0] is None and slos[batch][1] == pytest.approx(600.0)  # the class's E2E
+
+
+def test_grpc_callers_and_refused_requests_are_in_their_callers_trace(tmp_path: Path) -> None:
+    """A gRPC Submit's ``traceparent`` metadata is its span's parent, as an HTTP header is (it
+    was ignored: a trace of its own); a refused request, over either, has an ERROR span there
+    too (it had none)."""
+    exporter = InMemorySpanExporter()
+    tracer_provider = TracerProvider()
+    tracer_provider.add_span_processor(SimpleSpanProcessor(exporter))
+    telemetry = Telemetry(tracer_provider=tracer_provider, meter_provider=MeterProvider())
+    trace_id = TRACEPARENT.split("-")[1]
+
+    async def main() -> str:
+        async with local_stack(tmp_path, telemetry=telemetry, speed=50.0) as st:
+            async with CoordinatorClient(st.grpc_target) as c:
+                c.metadata = [("traceparent", TRACEPARENT)]
+                reply = await c.submit(pb.RequestSpec(model=MODEL, prompt="x", max_tokens=2))
+                with pytest.raises(grpc.aio.AioRpcError):
+                    await c.submit(pb.RequestSpec(model="no-such-model", prompt="x"))
+                await asyncio.wait_for(st.coordinator.jobs[reply.request_id].done.wait(), 10)
+            async with (
+                aiohttp.ClientSession() as http,
+                http.post(
+                    f"{st.http_url}/v1/completions",
+                    json={"model": MODEL, "prompt": "x", "max_tokens": 10**6},
+                    headers={"traceparent": TRACEPARENT},
+                ) as r,
+            ):
+                assert r.status == 400
+            return reply.request_id
+
+    rid = asyncio.run(main())
+    spans = [s for s in exporter.get_finished_spans() if s.kind == SpanKind.SERVER]
+    assert {f"{s.context.trace_id:032x}" for s in spans} == {trace_id}, [s.name for s in spans]
+    served, *refused = sorted(spans, key=lambda s: s.status.status_code.value)
+    assert (served.attributes or {})["qlm.request.id"] == rid
+    assert served.status.status_code is StatusCode.UNSET
+    reasons = sorted(str((s.attributes or {})["error.type"]) for s in refused)
+    assert reasons == ["too_large", "unknown_model"], [s.attributes for s in refused]
+    assert all(s.status.status_code is StatusCode.ERROR for s in refused)
+    unknown = next(s for s in refused if (s.attributes or {})["error.type"] == "unknown_model")
+    assert unknown.name == "text_completion unknown"  # no name a client made up

@@ -194,24 +194,94 @@ def test_failed_request_has_error_status(otel: Otel) -> None:
     assert "qlm.ttft_s" not in attrs
 
 
-def test_failed_and_cancelled_requests_carry_error_type_on_the_span_and_the_duration(otel: Otel) -> None:
+def test_failures_say_why_and_only_successes_count_in_the_token_latencies(otel: Otel) -> None:
+    """A failed request's span is an ERROR whose ``error.type`` says why; a cancelled one's is the
+    client's doing, not an error of the server's (``qlm.status`` says it). TTFT and time per token
+    count successful responses only, as the GenAI conventions define them (a request cancelled
+    after 120 s was in the TTFT histogram); the duration keeps the others apart by error.type."""
     tel = otel.telemetry()
-    for rid, status in [("ok", "finished"), ("f", "failed"), ("c", "cancelled")]:
+    ends = [
+        ("ok", "finished", "stop"),
+        ("f", "failed", ""),
+        ("gave-up", "failed", "error"),
+        ("unserved", "failed", "unserved"),
+        ("c", "cancelled", "cancelled"),
+    ]
+    for rid, status, reason in ends:
         start(tel, rid, operation="text_completion")
-        finish(tel, rid, status=status, slo_met=status == "finished", operation="text_completion")
-    spans = {dict(s.attributes or {})["qlm.request.id"]: dict(s.attributes or {}) for s in otel.finished()}
-    assert {rid: attrs.get("error.type") for rid, attrs in spans.items()} == {
+        finish(
+            tel,
+            rid,
+            status=status,
+            slo_met=status == "finished",
+            operation="text_completion",
+            finish_reason=reason,
+            ttft_s=0.5,
+            e2e_s=2.5,
+            output_tokens=5,
+        )
+    spans = {dict(s.attributes or {})["qlm.request.id"]: s for s in otel.finished()}
+    assert {rid: dict(span.attributes or {}).get("error.type") for rid, span in spans.items()} == {
         "ok": None,
         "f": "failed",
-        "c": "cancelled",
+        "gave-up": "attempts_exhausted",
+        "unserved": "unserved",
+        "c": None,
     }
-    assert {attrs["gen_ai.response.id"] for attrs in spans.values()} == {"cmpl-ok", "cmpl-f", "cmpl-c"}
+    assert {rid: span.status.status_code for rid, span in spans.items()} == {
+        "ok": StatusCode.UNSET,
+        "f": StatusCode.ERROR,
+        "gave-up": StatusCode.ERROR,
+        "unserved": StatusCode.ERROR,
+        "c": StatusCode.UNSET,
+    }
+    assert dict(spans["c"].attributes or {})["qlm.status"] == "cancelled"
+    assert {dict(s.attributes or {})["gen_ai.response.id"] for s in spans.values()} == {
+        f"cmpl-{rid}" for rid, _, _ in ends
+    }
     durations = {
         p.attributes.get("error.type"): p.count
         for p in otel.points("gen_ai.server.request.duration")
         if p.attributes["gen_ai.provider.name"] == "qlm"
     }
-    assert durations == {None: 1, "failed": 1, "cancelled": 1}
+    assert durations == {None: 1, "failed": 1, "attempts_exhausted": 1, "unserved": 1, "cancelled": 1}
+    (ttft,) = otel.points("gen_ai.server.time_to_first_token")
+    assert ttft.count == 1 and "error.type" not in ttft.attributes
+    (per_token,) = otel.points("gen_ai.server.time_per_output_token")
+    assert (per_token.count, per_token.sum) == (1, pytest.approx(0.5))  # (2.5 - 0.5) s / 4 tokens
+    s = prometheus_samples(tel)
+    assert sample(s, "qlm_time_to_first_token_seconds_count", model="llama", slo_class="interactive") == 1
+    assert sample(s, "qlm_time_per_output_token_seconds_sum", model="llama", slo_class="interactive") == 0.5
+    for status, n in [("finished", 1), ("failed", 3), ("cancelled", 1)]:
+        labels = {"model": "llama", "slo_class": "interactive", "status": status}
+        assert sample(s, "qlm_request_duration_seconds_count", **labels) == n
+
+
+def test_a_refused_request_has_an_error_span_in_its_clients_trace(otel: Otel) -> None:
+    trace_id, span_id = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
+    parent = TraceContextTextMapPropagator().extract({"traceparent": f"00-{trace_id}-{span_id}-01"})
+    tel = otel.telemetry()
+    tel.request_rejected(
+        model="llama",
+        slo_class="interactive",
+        reason="limit",
+        operation="chat",
+        message="tenant acme has 8 requests queued, its limit",
+        parent=parent,
+        start_time=1000.0,
+    )
+    (span,) = otel.finished()
+    assert (span.name, span.kind, span.start_time) == ("chat llama", SpanKind.SERVER, 1000 * NS)
+    assert span.parent is not None and span.parent.span_id == int(span_id, 16)
+    assert span.context is not None and span.context.trace_id == int(trace_id, 16)
+    assert span.status.status_code is StatusCode.ERROR
+    assert span.status.description == "tenant acme has 8 requests queued, its limit"
+    attrs = dict(span.attributes or {})
+    assert (attrs["error.type"], attrs["qlm.status"], attrs["qlm.slo.class"]) == (
+        "limit",
+        "rejected",
+        "interactive",
+    )
 
 
 def test_parent_context_joins_the_clients_trace(otel: Otel) -> None:
@@ -275,6 +345,7 @@ def test_replan_span_and_planner_histogram(otel: Otel) -> None:
     tel = otel.telemetry()
     tel.replan(duration_s=0.012, solver="plugin", groups=3, actions=5, start_time=2000.0)
     tel.replan(duration_s=0.002, solver="heuristic", groups=1, actions=0)
+    tel.replan(duration_s=0.001, solver="heuristic", groups=0, actions=0)  # idle: no trace, timed
     plugin, heuristic = otel.finished()
     assert plugin.name == "qlm.replan"
     assert plugin.kind is SpanKind.INTERNAL
@@ -290,6 +361,7 @@ def test_replan_span_and_planner_histogram(otel: Otel) -> None:
     point = otel.point("qlm.planner.duration", **{"qlm.plan.solver": "plugin"})
     assert point.count == 1
     assert point.sum == pytest.approx(0.012)
+    assert otel.point("qlm.planner.duration", **{"qlm.plan.solver": "heuristic"}).count == 2
 
 
 def test_lso_spans_are_children_of_their_request_and_counted(otel: Otel) -> None:
@@ -375,6 +447,7 @@ def test_otel_metrics_carry_values_and_attributes(otel: Otel) -> None:
         "gen_ai.request.model": "llama",
         "gen_ai.operation.name": "text_completion",
         "gen_ai.provider.name": "qlm",
+        "qlm.slo.class": "interactive",
     }
     ttft = otel.point("gen_ai.server.time_to_first_token", **llama)
     assert (ttft.count, ttft.sum) == (3, pytest.approx(4.5))
@@ -388,6 +461,7 @@ def test_otel_metrics_carry_values_and_attributes(otel: Otel) -> None:
             "gen_ai.request.model": "mistral",
             "gen_ai.operation.name": "text_completion",
             "gen_ai.provider.name": "qlm",
+            "qlm.slo.class": "batch",
         },
     )
     assert (duration.count, duration.sum) == (1, pytest.approx(100.0))
@@ -496,10 +570,12 @@ def test_prometheus_text_parses_and_has_the_samples() -> None:
     assert sample(s, "qlm_queue_depth", model="mistral", slo_class="batch") == 42
     assert sample(s, "qlm_slo_attainment", slo_class="interactive") == pytest.approx(2 / 3)
     assert sample(s, "qlm_slo_attainment", slo_class="batch") == 1.0
-    assert sample(s, "qlm_time_to_first_token_seconds_count", model="llama") == 3
-    assert sample(s, "qlm_time_to_first_token_seconds_bucket", model="llama", le="0.5") == 1
-    assert sample(s, "qlm_time_to_first_token_seconds_bucket", model="llama", le="1.0") == 2
-    assert sample(s, "qlm_request_duration_seconds_sum", model="mistral") == pytest.approx(100.0)
+    llama = {"model": "llama", "slo_class": "interactive"}
+    assert sample(s, "qlm_time_to_first_token_seconds_count", **llama) == 3
+    assert sample(s, "qlm_time_to_first_token_seconds_bucket", **llama, le="0.5") == 1
+    assert sample(s, "qlm_time_to_first_token_seconds_bucket", **llama, le="1.0") == 2
+    mistral = {"model": "mistral", "slo_class": "batch", "status": "completed"}
+    assert sample(s, "qlm_request_duration_seconds_sum", **mistral) == pytest.approx(100.0)
     assert sample(s, "qlm_estimator_error_seconds_count", slo_class="interactive", direction="over") == 1
     assert sample(s, "qlm_estimator_error_seconds_sum", slo_class="interactive", direction="over") == 0.5
     assert (
@@ -629,3 +705,50 @@ def test_configure_without_the_sdk_says_what_to_install(monkeypatch: pytest.Monk
     monkeypatch.setitem(sys.modules, "opentelemetry.sdk.metrics", None)
     with pytest.raises(RuntimeError, match=r"pip install 'qlm-plugin\[otel\]'"):
         telemetry_sdk.configure(otlp_endpoint=None)
+
+
+def test_the_standard_environment_names_the_service_and_secures_the_exporter(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """OTEL_SERVICE_NAME (or service.name in OTEL_RESOURCE_ATTRIBUTES) tells coordinators apart:
+    it was overridden by the built-in name; OTEL_EXPORTER_OTLP_INSECURE=false was ignored for a
+    bare host:port endpoint, exported in plaintext."""
+
+    def configured(endpoint: str | None = None) -> tuple[str, bool | None]:
+        tp, mp = telemetry_sdk.configure(otlp_endpoint=endpoint, set_global=False)
+        try:
+            name = str(tp.resource.attributes["service.name"])
+            processors = tp._active_span_processor._span_processors  # the exporter's own setting
+            return name, processors[0].span_exporter._insecure if processors else None  # type: ignore[attr-defined]
+        finally:
+            telemetry_sdk.shutdown((tp, mp), timeout_s=0.5)
+
+    for variable in ("OTEL_SERVICE_NAME", "OTEL_RESOURCE_ATTRIBUTES", "OTEL_EXPORTER_OTLP_INSECURE"):
+        monkeypatch.delenv(variable, raising=False)
+    assert configured("localhost:1") == ("qlm-coordinator", True)  # a collector beside it
+    assert configured("https://localhost:1")[1] is False
+    monkeypatch.setenv("OTEL_RESOURCE_ATTRIBUTES", "service.name=qlm-east,deployment.environment=prod")
+    assert configured()[0] == "qlm-east"
+    monkeypatch.setenv("OTEL_SERVICE_NAME", "qlm-west")
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_INSECURE", "false")
+    assert configured("localhost:1") == ("qlm-west", False)
+
+
+def test_the_cli_exports_where_the_environment_says_and_says_what_is_missing(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from qlm_plugin import cli
+    from qlm_plugin.coordinator import cli as coordinator_cli
+
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "http://localhost:1")
+    providers = coordinator_cli._telemetry_sdk(None)  # no --otlp-endpoint: the environment's
+    assert providers is not None
+    telemetry_sdk.shutdown(providers, timeout_s=0.5)
+    monkeypatch.setenv("OTEL_SDK_DISABLED", "true")
+    assert coordinator_cli._telemetry_sdk("localhost:1") is None
+    monkeypatch.delenv("OTEL_SDK_DISABLED")
+    monkeypatch.setitem(sys.modules, "opentelemetry.sdk.metrics", None)  # the otel extra left out
+    assert cli.main(["coordinator", "--otlp-endpoint", "localhost:1", "--grpc-port", "0"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("qlm coordinator: error: cannot export to localhost:1: the OpenTelemetry SDK")
+    assert "Traceback" not in err and "pip install 'qlm-plugin[otel]'" in err

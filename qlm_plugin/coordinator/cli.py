@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from qlm_plugin import event_loop
-from qlm_plugin.coordinator.config import CoordinatorConfig, load_config, with_overrides
+from qlm_plugin.coordinator.config import ConfigError, CoordinatorConfig, load_config, with_overrides
 
 log = logging.getLogger("qlm_plugin.serve")
 
@@ -101,11 +101,19 @@ def completion_window(text: str) -> str:
 
 
 def _telemetry_sdk(endpoint: str | None) -> Any:
+    """The SDK's providers exporting to ``endpoint``, else to the standard environment's
+    ``OTEL_EXPORTER_OTLP_ENDPOINT`` (unless ``OTEL_SDK_DISABLED``); None: nothing exported."""
+    if os.environ.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
+        return None
+    endpoint = endpoint or os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT", "").strip()
     if not endpoint:
         return None
     from qlm_plugin.telemetry import sdk as telemetry_sdk
 
-    return telemetry_sdk.configure(otlp_endpoint=endpoint)
+    try:
+        return telemetry_sdk.configure(otlp_endpoint=endpoint)
+    except RuntimeError as exc:  # the otel extra is not installed
+        raise ConfigError(f"cannot export to {endpoint}: {exc}") from None
 
 
 def _add_coordinator_args(p: argparse.ArgumentParser, *, defaults_note: str) -> None:

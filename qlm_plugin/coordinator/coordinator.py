@@ -39,6 +39,7 @@ from qlm_plugin.coordinator.jobs import (
     halt,
 )
 from qlm_plugin.coordinator.journal import TERMINAL, Journal
+from qlm_plugin.coordinator.openai_params import show
 from qlm_plugin.coordinator.prompt_tokens import PromptCounter
 from qlm_plugin.coordinator.registry import InstanceRegistry
 from qlm_plugin.domain.distributions import WaitEstimate
@@ -67,6 +68,10 @@ UNAVAILABLE_RETRY_AFTER_S = 1.0
 #: The model (and class) label of a refusal naming one the deployment lacks: clients cannot
 #: create metric series.
 UNKNOWN_LABEL = "unknown"
+
+
+#: What a request asks the engine for (``RequestSpec.operation``; empty: a text completion).
+OPERATIONS = ("text_completion", "chat")
 
 
 def _differs(earlier: pb.RequestSpec, spec: pb.RequestSpec) -> str | None:
@@ -287,12 +292,21 @@ class Coordinator:
         ``streams`` (a front-door worker's, through its relay): here the followers of a job say
         whether they show its output as it comes (:func:`~.jobs.publish`)."""
         del streams
+        started = time.time()
         try:
             job, duplicate = await self._submit_keyed(spec, tenant, parent, internal, cancel_if_caller_leaves)
         except SubmitError as exc:
             if not internal:  # a batch line is offered again while it waits for room: not counted
                 model, slo_class = self._labels(spec)
-                self.telemetry.request_rejected(model=model, slo_class=slo_class, reason=exc.code)
+                self.telemetry.request_rejected(
+                    model=model,
+                    slo_class=slo_class,
+                    reason=exc.code,
+                    operation=spec.operation if spec.operation in OPERATIONS else "text_completion",
+                    message=f"{exc.field}: {exc}" if exc.field else str(exc),
+                    parent=parent,
+                    start_time=started,
+                )
             raise
         if cancel_if_caller_leaves is not None and job.state not in TERMINAL:
             job.waiters += 1  # it cancels the request if it leaves (see cancel)
@@ -319,6 +333,10 @@ class Coordinator:
     ) -> tuple[Job, bool]:
         book = self.book
         check_names(spec)
+        if spec.operation not in OPERATIONS and spec.operation:  # a span's name and a metric's label
+            raise SubmitError(
+                "invalid", f"must be one of {', '.join(OPERATIONS)}, got {show(spec.operation)}", "operation"
+            )
         if spec.idempotency_key.startswith(RESERVED_KEY_PREFIX) and not internal:
             reserved = f"idempotency keys starting {RESERVED_KEY_PREFIX!r} are reserved"
             raise SubmitError("invalid", reserved, "idempotency_key")

@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
+from opentelemetry import propagate
 
 from qlm_plugin.coordinator.auth import Authenticator, AuthError, Principal
 from qlm_plugin.coordinator.coordinator import Coordinator
@@ -53,6 +54,13 @@ SUBMIT_STATUS = {
 def scope_of(method: str) -> str | None:
     service = method.lstrip("/").split("/", 1)[0]
     return SERVICE_SCOPE.get(service)
+
+
+def _trace_parent(context: Any) -> Any:
+    """The caller's trace context (W3C ``traceparent`` in the call's metadata), as the HTTP front
+    door takes it from the headers: the request's span joins the caller's trace."""
+    md = _metadata(context)
+    return propagate.extract(md) if "traceparent" in md else None
 
 
 def _metadata(context: Any) -> dict[str, str]:
@@ -122,7 +130,7 @@ class RequestsService(pb_grpc.RequestsServicer):
         assert job is not None
         return job
 
-    async def _submit(self, spec: pb.RequestSpec, tenant: str | None) -> pb.SubmitReply:
+    async def _submit(self, spec: pb.RequestSpec, tenant: str | None, parent: Any = None) -> pb.SubmitReply:
         try:
             if spec.request_id:
                 if "/" in spec.request_id:
@@ -132,7 +140,7 @@ class RequestsService(pb_grpc.RequestsServicer):
                         "request_id",
                     )
                 spec.request_id = scoped_id(tenant, spec.request_id)
-            job, duplicate = await self.coord.submit(spec, tenant=tenant)
+            job, duplicate = await self.coord.submit(spec, tenant=tenant, parent=parent)
         except SubmitError as exc:
             reply = pb.SubmitReply(
                 accepted=False, can_meet_slo=False, reason=str(exc), code=exc.code, field=exc.field or ""
@@ -158,7 +166,7 @@ class RequestsService(pb_grpc.RequestsServicer):
         return reply
 
     async def Submit(self, request: pb.SubmitRequest, context: Any) -> pb.SubmitReply:
-        reply = await self._submit(request.request, self._principal(context).tenant)
+        reply = await self._submit(request.request, self._principal(context).tenant, _trace_parent(context))
         # A malformed or refused request is an error status; one the estimate says would be late
         # (reject_if_late) is an answer with the estimate. An SLO no instance could meet even idle
         # (it names its field) is the request's own fault, as the HTTP front door's 400.
@@ -177,7 +185,8 @@ class RequestsService(pb_grpc.RequestsServicer):
                 f"requests: {len(request.requests)} in one call, at most {MAX_BATCH_REQUESTS}: split them",
             )
         # Concurrently, so the journal commits the whole batch at once.
-        replies = await asyncio.gather(*(self._submit(spec, tenant) for spec in request.requests))
+        parent = _trace_parent(context)
+        replies = await asyncio.gather(*(self._submit(spec, tenant, parent) for spec in request.requests))
         return pb.SubmitBatchReply(replies=replies)
 
     async def Status(self, request: pb.RequestRef, context: Any) -> pb.RequestStatus:

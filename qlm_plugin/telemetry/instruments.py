@@ -23,7 +23,7 @@ import time as _time
 import weakref
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from opentelemetry import metrics, trace
 from opentelemetry.metrics import CallbackOptions, Observation
@@ -62,6 +62,7 @@ GEN_AI_USAGE_OUTPUT_TOKENS = "gen_ai.usage.output_tokens"
 GEN_AI_RESPONSE_FINISH_REASONS = "gen_ai.response.finish_reasons"
 GEN_AI_SERVER_TTFT = "gen_ai.server.time_to_first_token"
 GEN_AI_SERVER_REQUEST_DURATION = "gen_ai.server.request.duration"
+GEN_AI_SERVER_TIME_PER_OUTPUT_TOKEN = "gen_ai.server.time_per_output_token"
 #: ``gen_ai.provider.name``, required on GenAI spans and ``gen_ai.server.*`` metrics: no well-known
 #: value names a self-hosted server (vLLM included), and the conventions allow a custom one.
 PROVIDER = "qlm"
@@ -114,6 +115,12 @@ LATENCY_BUCKETS: tuple[float, ...] = (
 # The estimator error predicted - actual is signed, but OpenTelemetry histograms drop negative values
 # and Prometheus ones lose their _sum: both record its size, the sign goes to a direction attribute.
 ERROR_BUCKETS: tuple[float, ...] = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 600.0)
+# The time per output token after the first: the GenAI conventions' buckets.
+TOKEN_TIME_BUCKETS: tuple[float, ...] = (
+    0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5,
+)  # fmt: skip
+#: The ``error.type`` of a failed request, by its finish reason (any other: ``failed``).
+FAILURE_TYPES = {"refused": "refused", "unserved": "unserved", "error": "attempts_exhausted"}
 # A replanning is meant to take milliseconds (20 ms at p99 with 10k queued requests).
 PLANNER_BUCKETS: tuple[float, ...] = (
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
@@ -127,8 +134,7 @@ ATTAINMENT_HELP = (
 )
 #: What the refusal counter counts.
 REJECTED_HELP = (
-    "Requests refused at admission, every refusal a client got, by reason (its error code); "
-    "model 'unknown' for a model not served"
+    "Requests refused at admission, by reason (its error code); model 'unknown' for a model not served"
 )
 
 
@@ -219,6 +225,15 @@ class _PromHistogram:
         return family
 
 
+class _ModelSeries(NamedTuple):
+    """What one request's latencies are recorded in, per (model, class, operation, status)."""
+
+    attributes: Mapping[str, AttributeValue]
+    ttft: _PromSeries
+    token_time: _PromSeries
+    duration: _PromSeries
+
+
 class _PromCollector:
     """The Prometheus side of one :class:`Telemetry`, collected at scrape time."""
 
@@ -296,9 +311,7 @@ class Telemetry:
         self._finished_cache: dict[
             tuple[str, str, str, bool], tuple[Mapping[str, AttributeValue], tuple[str, ...]]
         ] = {}
-        self._model_cache: dict[
-            tuple[str, str, str | None], tuple[Mapping[str, AttributeValue], _PromSeries, _PromSeries]
-        ] = {}
+        self._model_cache: dict[tuple[str, str, str, str, str | None], _ModelSeries] = {}
         self._error_cache: dict[tuple[str, bool], tuple[Mapping[str, AttributeValue], _PromSeries]] = {}
 
         # ---- OpenTelemetry instruments
@@ -311,8 +324,14 @@ class Telemetry:
         self._otel_ttft = meter.create_histogram(
             GEN_AI_SERVER_TTFT,
             unit="s",
-            description="Time to generate the first token, queueing included",
+            description="Time to generate the first token of a successful response, queueing included",
             explicit_bucket_boundaries_advisory=LATENCY_BUCKETS,
+        )
+        self._otel_token_time = meter.create_histogram(
+            GEN_AI_SERVER_TIME_PER_OUTPUT_TOKEN,
+            unit="s",
+            description="Time per output token after the first, of a successful response",
+            explicit_bucket_boundaries_advisory=TOKEN_TIME_BUCKETS,
         )
         self._otel_duration = meter.create_histogram(
             GEN_AI_SERVER_REQUEST_DURATION,
@@ -377,12 +396,21 @@ class Telemetry:
         )
         self._prom_ttft = _PromHistogram(
             "qlm_time_to_first_token_seconds",
-            "Time to first token, queueing included",
-            ("model",),
+            "Time to first token of a successful response, queueing included",
+            ("model", "slo_class"),
             LATENCY_BUCKETS,
         )
+        self._prom_token_time = _PromHistogram(
+            "qlm_time_per_output_token_seconds",
+            "Time per output token after the first, of a successful response",
+            ("model", "slo_class"),
+            TOKEN_TIME_BUCKETS,
+        )
         self._prom_duration = _PromHistogram(
-            "qlm_request_duration_seconds", "Time from arrival to the last token", ("model",), LATENCY_BUCKETS
+            "qlm_request_duration_seconds",
+            "Time from arrival to the last token, by status (finished, failed, cancelled)",
+            ("model", "slo_class", "status"),
+            LATENCY_BUCKETS,
         )
         self._prom_estimator_error = _PromHistogram(
             "qlm_estimator_error_seconds",
@@ -405,6 +433,7 @@ class Telemetry:
                     self._prom_finished,
                     self._prom_rejected,
                     self._prom_ttft,
+                    self._prom_token_time,
                     self._prom_duration,
                     self._prom_estimator_error,
                     self._prom_planner,
@@ -494,10 +523,14 @@ class Telemetry:
         error: str = "",
         end_time: float | None = None,
     ) -> None:
-        """End the request's span (ERROR status when ``status`` is ``"failed"``; ``error.type`` the
-        status when failed or cancelled) and record the request's metrics; the metrics are recorded
-        even if :meth:`request_started` never ran."""
-        error_type = status if status in ("failed", "cancelled") else None
+        """End the request's span and record the request's metrics; the metrics are recorded even
+        if :meth:`request_started` never ran. A failed request's span has ERROR status and an
+        ``error.type`` saying why (:data:`FAILURE_TYPES`); a cancelled one's is not an error of the
+        server's (the client's doing, as a 4xx) and says so in ``qlm.status``. The latency metrics
+        keep both apart from successes: TTFT and time per token count successful responses only,
+        as the GenAI conventions define them; the duration carries ``error.type``."""
+        failure = FAILURE_TYPES.get(finish_reason, "failed") if status == "failed" else None
+        error_type = failure or ("cancelled" if status == "cancelled" else None)
         span = self._requests.pop(request_id, None)
         if span is not None:
             if span.is_recording():  # skips building the attributes when tracing is off
@@ -507,8 +540,8 @@ class Telemetry:
                     QLM_LATE: late,
                     GEN_AI_USAGE_OUTPUT_TOKENS: output_tokens,
                 }
-                if error_type is not None:
-                    attributes[ERROR_TYPE] = error_type
+                if failure is not None:
+                    attributes[ERROR_TYPE] = failure
                 if finish_reason:
                     attributes[GEN_AI_RESPONSE_FINISH_REASONS] = (finish_reason,)
                 if ttft_s is not None:
@@ -538,13 +571,17 @@ class Telemetry:
         self._prom_finished.inc(finished_labels)
 
         if ttft_s is not None or e2e_s is not None:
-            model_attrs, ttft_series, duration_series = self._model_entry(model, operation, error_type)
-            if ttft_s is not None:
-                self._otel_ttft.record(ttft_s, model_attrs)
-                ttft_series.observe(ttft_s)
+            entry = self._model_entry(model, slo_class, operation, status, error_type)
+            if ttft_s is not None and error_type is None:
+                self._otel_ttft.record(ttft_s, entry.attributes)
+                entry.ttft.observe(ttft_s)
+                if e2e_s is not None and output_tokens > 1:
+                    per_token = max(0.0, e2e_s - ttft_s) / (output_tokens - 1)
+                    self._otel_token_time.record(per_token, entry.attributes)
+                    entry.token_time.observe(per_token)
             if e2e_s is not None:
-                self._otel_duration.record(e2e_s, model_attrs)
-                duration_series.observe(e2e_s)
+                self._otel_duration.record(e2e_s, entry.attributes)
+                entry.duration.observe(e2e_s)
         if predicted_wait_s is not None and ttft_s is not None:
             estimator_error = predicted_wait_s - ttft_s
             over = estimator_error >= 0.0
@@ -559,20 +596,54 @@ class Telemetry:
             met, finished = self._attainment.get(slo_class, (0, 0))
             self._attainment[slo_class] = (met + 1 if slo_met else met, finished + 1)
 
-    def request_rejected(self, *, model: str, slo_class: str, reason: str) -> None:
-        """A request refused at admission (no span: it never entered the queue)."""
+    def request_rejected(
+        self,
+        *,
+        model: str,
+        slo_class: str,
+        reason: str,
+        operation: str = "text_completion",
+        message: str = "",
+        parent: Context | None = None,
+        start_time: float | None = None,
+    ) -> None:
+        """A request refused at admission, counted by ``reason`` (its error code), and its span,
+        from ``start_time`` (unix seconds) to now, with ERROR status, ``error.type`` the reason
+        and the ``message`` the client got (``model`` and ``slo_class``: labels, names the
+        deployment has)."""
         self._otel_rejected.add(
             1, {GEN_AI_REQUEST_MODEL: model, QLM_SLO_CLASS: slo_class, QLM_REASON: reason}
         )
         self._prom_rejected.inc((model, slo_class, reason))
+        span = self._tracer.start_span(
+            f"{operation} {model}",
+            context=parent,
+            kind=SpanKind.SERVER,
+            attributes={
+                GEN_AI_OPERATION_NAME: operation,
+                GEN_AI_PROVIDER_NAME: PROVIDER,
+                GEN_AI_REQUEST_MODEL: model,
+                QLM_SLO_CLASS: slo_class,
+                QLM_STATUS: "rejected",
+                ERROR_TYPE: reason,
+            },
+            start_time=_ns(start_time),
+        )
+        span.set_status(Status(StatusCode.ERROR, message or reason))
+        span.end()
 
     # ------------------------------------------------------------------ planning and serving operations
 
     def replan(
         self, *, duration_s: float, solver: str, groups: int, actions: int, start_time: float | None = None
     ) -> None:
-        """One replanning, already done: a ``qlm.replan`` span of ``duration_s`` starting at
-        ``start_time`` (unix seconds; default: it ended now), and the planner-duration histogram."""
+        """One replanning, already done: the planner-duration histogram, and a ``qlm.replan`` span
+        of ``duration_s`` starting at ``start_time`` (unix seconds; default: it ended now) where it
+        planned anything (an idle coordinator replans every tick: a trace a second of nothing)."""
+        self._otel_planner.record(duration_s, {QLM_PLAN_SOLVER: solver})
+        self._prom_planner.labels(solver).observe(duration_s)
+        if not groups and not actions:
+            return
         if start_time is None:
             end_ns = _time.time_ns()
             start_ns = end_ns - int(duration_s * 1e9)
@@ -586,8 +657,6 @@ class Telemetry:
             start_time=start_ns,
         )
         span.end(end_time=end_ns)
-        self._otel_planner.record(duration_s, {QLM_PLAN_SOLVER: solver})
-        self._prom_planner.labels(solver).observe(duration_s)
 
     def lso_started(
         self,
@@ -678,10 +747,11 @@ class Telemetry:
     # ------------------------------------------------------------------ internals
 
     def _model_entry(
-        self, model: str, operation: str, error_type: str | None
-    ) -> tuple[Mapping[str, AttributeValue], _PromSeries, _PromSeries]:
+        self, model: str, slo_class: str, operation: str, status: str, error_type: str | None
+    ) -> _ModelSeries:
+        key = (model, slo_class, operation, status, error_type)
         try:
-            return self._model_cache[(model, operation, error_type)]
+            return self._model_cache[key]
         except KeyError:
             # gen_ai.server.* histograms: the GenAI conventions require the operation's and the
             # provider's names, and error.type when the request ended in an error
@@ -689,11 +759,17 @@ class Telemetry:
                 GEN_AI_REQUEST_MODEL: model,
                 GEN_AI_OPERATION_NAME: operation,
                 GEN_AI_PROVIDER_NAME: PROVIDER,
+                QLM_SLO_CLASS: slo_class,
             }
             if error_type is not None:
                 attrs[ERROR_TYPE] = error_type
-            entry = (attrs, self._prom_ttft.labels(model), self._prom_duration.labels(model))
-            self._model_cache[(model, operation, error_type)] = entry
+            entry = _ModelSeries(
+                attrs,
+                self._prom_ttft.labels(model, slo_class),
+                self._prom_token_time.labels(model, slo_class),
+                self._prom_duration.labels(model, slo_class, status),
+            )
+            self._model_cache[key] = entry
             return entry
 
     def _error_entry(self, slo_class: str, over: bool) -> tuple[Mapping[str, AttributeValue], _PromSeries]:

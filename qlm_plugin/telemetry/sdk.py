@@ -9,6 +9,7 @@ The SDK is an optional dependency: ``pip install 'qlm-plugin[otel]'``.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from typing import TYPE_CHECKING
@@ -30,7 +31,7 @@ def configure(
     *,
     otlp_endpoint: str | None,
     service_name: str = "qlm-coordinator",
-    insecure: bool = True,
+    insecure: bool | None = None,
     set_global: bool = True,
 ) -> tuple[TracerProvider, MeterProvider]:
     """SDK tracer and meter providers for the coordinator, made the global ones, and returned.
@@ -38,8 +39,14 @@ def configure(
     With ``otlp_endpoint`` (``host:port`` or ``http://host:port`` of an OTLP/gRPC collector) spans go
     through a batch processor and metrics through a periodic reader (``OTEL_METRIC_EXPORT_INTERVAL``,
     60 s by default) to that endpoint; without one the providers record but export nothing (a
-    processor or reader can still be added to them). The resource carries ``service.name`` and
-    ``service.version`` besides what ``OTEL_RESOURCE_ATTRIBUTES`` adds.
+    processor or reader can still be added to them). The resource carries ``service.version``,
+    what ``OTEL_RESOURCE_ATTRIBUTES`` adds, and ``service.name``: ``OTEL_SERVICE_NAME`` or the one
+    in ``OTEL_RESOURCE_ATTRIBUTES`` where the environment names one (so that coordinators can be
+    told apart), else ``service_name``.
+
+    ``insecure`` (None: as the environment says): an ``https://`` endpoint is TLS; else
+    ``OTEL_EXPORTER_OTLP_INSECURE`` decides, and without it the endpoint is plaintext (``http://``
+    or a bare ``host:port``), which a collector beside the coordinator usually is.
 
     OpenTelemetry lets the global providers be set once per process: a later call with ``set_global``
     leaves the first ones in place (the API logs a warning); pass the returned providers to
@@ -55,7 +62,11 @@ def configure(
     except ImportError as exc:
         raise RuntimeError(_MISSING.format(what="SDK")) from exc
 
-    resource = Resource.create({"service.name": service_name, "service.version": __version__})
+    resource = Resource.create({"service.version": __version__})
+    if str(resource.attributes.get("service.name", "")).startswith("unknown_service"):  # none named
+        resource = resource.merge(Resource({"service.name": service_name}))
+    if insecure is None and "OTEL_EXPORTER_OTLP_INSECURE" not in os.environ:
+        insecure = not (otlp_endpoint or "").startswith("https://")
     tracer_provider = TracerProvider(resource=resource)
     readers: list[MetricReader] = []
     if otlp_endpoint:

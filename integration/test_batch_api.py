@@ -299,8 +299,10 @@ def test_files_and_batches_are_visible_to_their_tenant_only(tmp_path: Path) -> N
         {"token_env": "TOK_A", "scopes": ["client"], "tenant": "a"},
         {"token_env": "TOK_B", "scopes": ["client"], "tenant": "b"},
         {"token_env": "TOK_ADMIN", "scopes": ["client", "admin"]},
+        {"token_env": "TOK_OPS", "scopes": ["admin"]},
         {"token_env": "TOK_I", "scopes": ["instance"]},
     ]
+    env["TOK_OPS"] = "token-ops"
 
     async def body(st: LocalStack) -> None:
         a, b, admin = client(st, "token-a"), client(st, "token-b"), client(st, "token-admin")
@@ -321,6 +323,9 @@ def test_files_and_batches_are_visible_to_their_tenant_only(tmp_path: Path) -> N
         assert (await b.batches.list()).data == [] and (await b.files.list()).data == []
         assert [x.id for x in (await admin.batches.list()).data] == [batch.id]
         assert (await admin.files.retrieve(f.id)).id == f.id
+        async with client(st, "token-ops") as ops:  # the admin scope alone sees all too (it was a 403)
+            assert f.id in [x.id for x in (await ops.files.list()).data]
+            assert (await ops.batches.retrieve(batch.id)).id == batch.id
         with pytest.raises(openai.AuthenticationError):
             await client(st, "wrong").files.list()
         done = await wait_status(a, batch.id, {"completed"})
@@ -333,6 +338,32 @@ def test_files_and_batches_are_visible_to_their_tenant_only(tmp_path: Path) -> N
     run(tmp_path, body, config={"tokens": tokens}, env=env, token="token-i")
 
 
+def test_without_authentication_each_caller_sees_the_tenant_it_names(tmp_path: Path) -> None:
+    """With authentication off a caller was an admin: asking as tenant b listed a's files and
+    read a's responses, where the docs say they are a's alone (and running a's file was a 404)."""
+
+    async def body(st: LocalStack) -> None:
+        a = openai.AsyncOpenAI(
+            base_url=f"{st.http_url}/v1", api_key="x", max_retries=0, default_headers={"x-qlm-tenant": "a"}
+        )
+        b = openai.AsyncOpenAI(
+            base_url=f"{st.http_url}/v1", api_key="x", max_retries=0, default_headers={"x-qlm-tenant": "b"}
+        )
+        f = await a.files.create(file=("a.jsonl", jsonl(completion_lines(1))), purpose="batch")
+        answer = await a.responses.create(model=MODEL, input="hi", max_output_tokens=2)
+        assert [x.id for x in (await a.files.list()).data] == [f.id]
+        assert (await b.files.list()).data == []
+        with pytest.raises(openai.NotFoundError):
+            await b.files.retrieve(f.id)
+        with pytest.raises(openai.NotFoundError):
+            await b.responses.retrieve(answer.id)
+        assert (await a.responses.retrieve(answer.id)).id == answer.id
+        await a.close()
+        await b.close()
+
+    run(tmp_path, body)
+
+
 def test_file_size_limits_per_tenant(tmp_path: Path) -> None:
     async def body(st: LocalStack) -> None:
         oa = client(st)
@@ -340,8 +371,10 @@ def test_file_size_limits_per_tenant(tmp_path: Path) -> None:
             await oa.files.create(file=("big.jsonl", b"x" * 2000), purpose="batch")
         assert too_big.value.status_code == 413
         await oa.files.create(file=("one.jsonl", b"y" * 900), purpose="batch")
-        with pytest.raises(openai.RateLimitError, match="limit"):
+        with pytest.raises(openai.RateLimitError, match="limit") as full:
             await oa.files.create(file=("two.jsonl", b"z" * 900), purpose="batch")
+        # a retry cannot help until files are deleted: the SDKs uploaded the whole file 3 times
+        assert full.value.response.headers["x-should-retry"] == "false"
         await oa.close()
 
     limits = {"max_file_bytes": 1000, "max_stored_bytes": 1500}

@@ -1604,6 +1604,7 @@ def test_admin_refuses_a_bad_evict_mode_an_unknown_request_and_a_negative_limit(
                     "request_id: no request 'no-such-request'",
                 ),
                 (c.queue(limit=-1), grpc.StatusCode.INVALID_ARGUMENT, "limit: must be 0"),
+                (c.evict(""), grpc.StatusCode.INVALID_ARGUMENT, "request_id: must be a non-empty"),
             ]:
                 with pytest.raises(grpc.aio.AioRpcError) as err:
                     await call
@@ -1699,15 +1700,36 @@ def test_what_one_grpc_client_or_agent_sends_is_bounded(
     from qlm_plugin.coordinator.grpc_api import MAX_BATCH_REQUESTS
 
     monkeypatch.setattr(dispatch_module, "MAX_PENDING_ABORTS", 5)
+    small_chat = json.dumps([{"role": "user", "content": "hi"}])
+    big_chat = json.dumps([{"role": "user", "content": "word " * 100_000}])
 
     async def body(st: LocalStack) -> None:
         async with CoordinatorClient(st.grpc_target) as c:
+            chat = await c.submit(pb.RequestSpec(model=MODEL, operation="chat", chat_messages=small_chat))
+            assert st.coordinator.jobs[chat.request_id].spec.prompt == "user: hi\nassistant:"  # as the door
+            await asyncio.wait_for(st.coordinator.jobs[chat.request_id].done.wait(), 10)
             for spec, field in (
                 (pb.RequestSpec(model=MODEL, prompt="x", idempotency_key="k" * 300), "idempotency_key"),
                 (pb.RequestSpec(model=MODEL, prompt="x", tenant="a\x00b"), "tenant"),
                 (pb.RequestSpec(model=MODEL, prompt="x", request_id="r" * 300), "request_id"),
                 (pb.RequestSpec(model=MODEL, prompt="x" * 100_000, prompt_tokens=1), "prompt_tokens"),
                 (pb.RequestSpec(model=MODEL, prompt="x", operation="x" * 300), "operation"),  # a span name
+                # its own count below its ids: 50,000 ids passed as 1 token, past the limits
+                (
+                    pb.RequestSpec(model=MODEL, prompt_token_ids=[7] * 50_000, prompt_tokens=1),
+                    "prompt_tokens",
+                ),
+                # a chat is counted from the messages the engine is sent, not a "prompt" beside them
+                (
+                    pb.RequestSpec(model=MODEL, operation="chat", prompt="hi", chat_messages=big_chat),
+                    "prompt",
+                ),
+                (pb.RequestSpec(model=MODEL, operation="chat", chat_messages="[{]"), "chat_messages"),
+                (
+                    pb.RequestSpec(model=MODEL, operation="chat", chat_messages='[{"x": 1}]'),
+                    "chat_messages[0]",
+                ),
+                (pb.RequestSpec(model=MODEL, chat_messages=small_chat), "chat_messages"),  # not a chat
             ):
                 with pytest.raises(grpc.aio.AioRpcError) as refused:
                     await c.submit(spec)
@@ -1718,7 +1740,7 @@ def test_what_one_grpc_client_or_agent_sends_is_bounded(
             with pytest.raises(grpc.aio.AioRpcError) as refused:
                 await c.submit_batch(too_many)
             assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-            assert not st.coordinator.jobs  # none of them accepted
+            assert list(st.coordinator.jobs) == [chat.request_id]  # none of them accepted
 
         (s,) = [s for s in st.coordinator.fleet.sessions.values() if s.alive]
         forged = [

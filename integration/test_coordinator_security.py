@@ -160,6 +160,12 @@ def test_http_needs_a_client_token_and_metrics_an_admin_token(tmp_path: Path) ->
             status, out = await call_http(http, "GET", f"{st.http_url}/v1/models")
             msg = error_of(status, out, 401, "authentication_error")
             assert "missing bearer token" in msg, msg
+            assert out["error"]["code"] == "unauthenticated", out  # it was null here, and on /metrics
+            for path in ("/v1/models", "/v1/files", "/metrics"):  # a 401 says how to authenticate
+                async with http.get(f"{st.http_url}{path}") as r:
+                    assert r.status == 401 and r.headers["WWW-Authenticate"] == 'Bearer realm="qlm"', path
+            async with http.get(f"{st.http_url}/metrics", headers=bearer("c-secret")) as r:
+                assert r.status == 403 and "WWW-Authenticate" not in r.headers
 
             assert not st.coordinator.jobs, "a refused request must not be queued"
 
@@ -185,6 +191,9 @@ def test_http_needs_a_client_token_and_metrics_an_admin_token(tmp_path: Path) ->
             assert status == 200 and "# TYPE" in out, out
             status, out = await call_http(http, "GET", metrics, headers=bearer("ops-secret"))  # token_file
             assert status == 200 and "# TYPE" in out, out
+            status, out = await call_http(http, "POST", url, completion(), bearer("ops-secret"))
+            msg = error_of(status, out, 403, "permission_error")  # named, but not where it is kept
+            assert msg.startswith("token 'ops.token' lacks") and str(tmp_path) not in msg, msg
 
             status, out = await call_http(http, "GET", f"{st.http_url}/health")
             assert status == 200 and out["status"] == "ok", out

@@ -122,8 +122,11 @@ class Authenticator:
             if token in principals:  # two entries, one secret: which scopes would it hold?
                 other = entry.name or entry.token_env or entry.token_file
                 raise ValueError(f"tokens {principals[token].name!r} and {other!r} have the same value")
-            principals[token] = Principal(
-                entry.name or entry.token_env or entry.token_file or "token",
+            principals[token] = Principal(  # named in refusals: a file's name, not where it is kept
+                entry.name
+                or entry.token_env
+                or (entry.token_file and Path(entry.token_file).name)
+                or "token",
                 frozenset(entry.scopes),
                 entry.tenant,
                 tuple(entry.instances) if entry.instances is not None else None,

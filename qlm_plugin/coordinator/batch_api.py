@@ -36,7 +36,7 @@ from qlm_plugin.coordinator.batch_store import (
 )
 from qlm_plugin.coordinator.batches import BatchService, visible
 from qlm_plugin.coordinator.config import CoordinatorConfig
-from qlm_plugin.coordinator.http_api import body_stalled, caller, error_response, read_body
+from qlm_plugin.coordinator.http_api import auth_refusal, body_stalled, caller, error_response, read_body
 from qlm_plugin.coordinator.openai_params import (
     MAX_NAME_CHARS,
     BadRequest,
@@ -193,7 +193,7 @@ class BatchAPI:
         try:
             return self._who(request)
         except AuthError as exc:
-            return error_response(401 if exc.status == "unauthenticated" else 403, str(exc), code=exc.status)
+            return auth_refusal(exc)
         except BadRequest as exc:
             return _bad(exc)
 
@@ -285,6 +285,7 @@ class BatchAPI:
                 f"tenant {tenant!r} stores {exc.used} bytes of files; {size} more exceed the limit of "
                 f"{limits.max_stored_bytes} (delete some)",
                 code="limit",
+                headers={"x-should-retry": "false"},  # the SDKs retried: 3 uploads of the whole file
             )
         return web.json_response(rec.to_openai())
 

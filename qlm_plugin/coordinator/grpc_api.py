@@ -4,6 +4,7 @@ and the interceptor that checks each call's bearer token against the scope its s
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -14,10 +15,12 @@ from opentelemetry import propagate
 
 from qlm_plugin.coordinator.auth import Authenticator, AuthError, Principal
 from qlm_plugin.coordinator.coordinator import Coordinator
+from qlm_plugin.coordinator.http_api import chat_prompt
 from qlm_plugin.coordinator.instances import Session
 from qlm_plugin.coordinator.jobs import Job, SubmitError, scoped_id, shown_id, status_message
 from qlm_plugin.coordinator.journal import JournalError
 from qlm_plugin.coordinator.json_codec import dumps
+from qlm_plugin.coordinator.openai_params import BadRequest
 from qlm_plugin.coordinator.registry import InstanceTaken
 from qlm_plugin.domain.instance import EvictMode
 from qlm_plugin.proto.qlm.v1 import qlm_pb2 as pb
@@ -54,6 +57,22 @@ SUBMIT_STATUS = {
 def scope_of(method: str) -> str | None:
     service = method.lstrip("/").split("/", 1)[0]
     return SERVICE_SCOPE.get(service)
+
+
+def _chat_as_the_door_takes_it(spec: pb.RequestSpec) -> None:
+    """A chat's messages checked and its ``prompt`` rendered from them, as the HTTP front door
+    does: a client's own ``prompt`` ("hi" beside 400 KB of messages, which the engine is sent)
+    would be what is counted against the context and its tenant's limits."""
+    if spec.operation != "chat":
+        raise SubmitError("invalid", "chat messages are for operation 'chat'", "chat_messages")
+    try:
+        spec.prompt, messages = chat_prompt(json.loads(spec.chat_messages))
+    except ValueError as exc:
+        raise SubmitError("invalid", f"not a JSON list of messages: {exc}", "chat_messages") from None
+    except BadRequest as exc:
+        where = (exc.param or "messages").replace("messages", "chat_messages", 1)
+        raise SubmitError("invalid", str(exc), where) from None
+    spec.chat_messages = dumps(messages).decode()
 
 
 def _trace_parent(context: Any) -> Any:
@@ -140,6 +159,8 @@ class RequestsService(pb_grpc.RequestsServicer):
                         "request_id",
                     )
                 spec.request_id = scoped_id(tenant, spec.request_id)
+            if spec.chat_messages:
+                _chat_as_the_door_takes_it(spec)
             job, duplicate = await self.coord.submit(spec, tenant=tenant, parent=parent)
         except SubmitError as exc:
             reply = pb.SubmitReply(
@@ -463,6 +484,8 @@ class AdminService(pb_grpc.AdminServicer):
             modes = ", ".join(repr(m) for m in EVICT_MODES)
             message = f"mode: must be one of {modes} ('': the engine's best), got {request.mode!r}"
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, message)
+        if not request.request_id:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "request_id: must be a non-empty string")
         job = self.coord.lookup(request.request_id)
         if job is None:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"request_id: no request {request.request_id!r}")

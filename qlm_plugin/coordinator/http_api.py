@@ -153,6 +153,16 @@ def error_response(
     return json_response(body, status=status, headers=headers)
 
 
+def auth_refusal(exc: AuthError) -> web.Response:
+    """A 401 (no usable token; with ``WWW-Authenticate: Bearer``, as RFC 6750 asks) or a 403 (a
+    token without the scope), its code the refusal's kind."""
+    if exc.status == "unauthenticated":
+        return error_response(
+            401, str(exc), code=exc.status, headers={"WWW-Authenticate": 'Bearer realm="qlm"'}
+        )
+    return error_response(403, str(exc), code=exc.status)
+
+
 async def read_body(request: web.Request, limit: int, stall_s: float) -> bytes:
     """The request's whole body: :class:`web.HTTPRequestEntityTooLarge` past ``limit`` bytes,
     :class:`TimeoutError` once ``stall_s`` passes without a byte of it."""
@@ -238,7 +248,7 @@ def _earlier_calls(calls: Any, param: str) -> list[dict[str, Any]]:
     return checked
 
 
-def _chat(messages: Any) -> tuple[str, list[dict[str, Any]]]:
+def chat_prompt(messages: Any) -> tuple[str, list[dict[str, Any]]]:
     """A chat's messages rendered as plain text (for the backends without a chat template), and
     as the engine's chat endpoint takes them (each content as one text; an assistant's earlier
     tool calls and a tool's answers with their ids)."""
@@ -311,7 +321,7 @@ def parse_openai(
     spec = pb.RequestSpec(model=model, operation="chat" if chat else "text_completion")
     ids_prompt = False  # a prompt of token ids, of any of the request's prompts
     if chat:
-        spec.prompt, messages = _chat(body.get("messages"))
+        spec.prompt, messages = chat_prompt(body.get("messages"))
         spec.chat_messages = dumps(messages).decode()
     else:
         prompts = completion_prompts(body.get("prompt"))
@@ -643,7 +653,7 @@ class FrontDoor:
             try:
                 self._principal(request, "admin")
             except AuthError as exc:
-                return error_response(401 if exc.status == "unauthenticated" else 403, str(exc))
+                return auth_refusal(exc)
         body, content_type = self.coord.telemetry.prometheus_text()
         return web.Response(body=body, headers={"Content-Type": content_type})
 
@@ -652,7 +662,7 @@ class FrontDoor:
         try:
             self._principal(request, "client")
         except AuthError as exc:
-            return error_response(401 if exc.status == "unauthenticated" else 403, str(exc))
+            return auth_refusal(exc)
         created = int(self.coord.book.started_at)
         return [
             {
@@ -698,7 +708,7 @@ class FrontDoor:
         try:
             tenant, admin = caller(self.auth, request)
         except AuthError as exc:
-            return error_response(401 if exc.status == "unauthenticated" else 403, str(exc), code=exc.status)
+            return auth_refusal(exc)
         except BadRequest as exc:
             return error_response(400, f"{exc.param}: {exc}", param=exc.param, code=exc.code)
         response_id = request.match_info["response_id"]
@@ -766,7 +776,7 @@ class FrontDoor:
         try:
             principal = self._principal(request, "client")
         except AuthError as exc:
-            return error_response(401 if exc.status == "unauthenticated" else 403, str(exc), code=exc.status)
+            return auth_refusal(exc)
         try:
             raw = await read_body(request, MAX_BODY_BYTES, self.body_stall_s)
         except web.HTTPRequestEntityTooLarge:
@@ -1067,19 +1077,29 @@ class FrontDoor:
 
 def caller(auth: Authenticator, request: web.Request) -> tuple[str, bool]:
     """(tenant, admin) of a request's caller: its token's tenant, else ``x-qlm-tenant``, else
-    ``default``. Raises :class:`AuthError`, or :class:`BadRequest` for a tenant header that is
+    ``default``; admin: a token with the admin scope (with it alone too), which sees every
+    tenant's. With authentication off a caller is the tenant it names, as any client (no token
+    says more). Raises :class:`AuthError`, or :class:`BadRequest` for a tenant header that is
     not a name."""
     authorization = request.headers.get("Authorization")
     if authorization is not None and not printable_ascii(authorization) and auth.enabled:
         raise AuthError("unauthenticated", "the Authorization header must be printable ASCII")
-    principal: Principal = auth.authenticate(authorization, "client")
+    try:
+        principal: Principal = auth.authenticate(authorization, "client")
+    except AuthError as exc:
+        if exc.status != "forbidden":
+            raise
+        try:
+            principal = auth.authenticate(authorization, "admin")
+        except AuthError:
+            raise exc from None
     tenant = principal.tenant
     if tenant is None:
         header = request.headers.get("x-qlm-tenant")
         if header is not None and not printable_ascii(header):
             raise BadRequest("x-qlm-tenant", "must be printable ASCII")
         tenant = text(header, "x-qlm-tenant", max_chars=MAX_NAME_CHARS) if header else "default"
-    return tenant, "admin" in principal.scopes
+    return tenant, auth.enabled and "admin" in principal.scopes
 
 
 def unfinished(job: Job) -> tuple[int, str]:

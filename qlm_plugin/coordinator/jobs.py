@@ -345,8 +345,11 @@ class JobBook:
                 raise SubmitError("invalid", f"must be a positive number of milliseconds, got {value}", name)
         if spec.prompt and spec.prompt_token_ids:
             raise SubmitError("invalid", "give the prompt as text or as token ids, not both", "prompt")
-        if spec.prompt_tokens and spec.prompt:
-            floor = math.ceil(len(spec.prompt.encode(errors="replace")) / MAX_BYTES_PER_TOKEN)
+        if spec.prompt_tokens and (spec.prompt or spec.prompt_token_ids):
+            # (the ids themselves, where it gave them: 50,000 ids passed as 1 token, past the limits)
+            floor = len(spec.prompt_token_ids) or math.ceil(
+                len(spec.prompt.encode(errors="replace")) / MAX_BYTES_PER_TOKEN
+            )
             if spec.prompt_tokens < floor:
                 raise SubmitError(
                     "invalid",

@@ -140,6 +140,14 @@ CHECKS: dict[str, Check] = {
 }
 
 
+#: Hooks guarded but not policy hooks (their implementations keep their place in the call order).
+GUARDED_TOO: dict[str, Check] = {
+    # a plugin that raises while it configures is logged and the run goes on without it (inside
+    # vLLM, it stopped the engine at start)
+    "qlm_configure": _anything,
+}
+
+
 class Guard:
     """Wraps the policy hook implementations of plugins as they are registered; counts what it
     caught (``failures``: (plugin, hook) -> calls whose answer was dropped; ``slow``: those that
@@ -151,7 +159,7 @@ class Guard:
 
     def wrap(self, pm: pluggy.PluginManager, plugin: object) -> None:
         for caller in pm.get_hookcallers(plugin) or []:
-            check = CHECKS.get(caller.name)
+            check = CHECKS.get(caller.name) or GUARDED_TOO.get(caller.name)
             if check is None:
                 continue
             for impl in caller.get_hookimpls():

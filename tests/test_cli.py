@@ -125,6 +125,13 @@ def test_the_table_says_how_many_requests_a_class_refused(tmp_path: Path) -> Non
         (["instance", "--coordinator", "127.0.0.1:70000"], 2, "port in 1-65535"),
         (["bench-batch", "--window", "5x"], 2, "argument --window: must be like '24h'"),
         (["loadtest", "--requests", "-1"], 2, "argument --requests: must be above 0"),
+        (["loadtest", "--duration", "0"], 2, "argument --duration: must be above 0"),  # a table of NaN
+        (["loadtest", "--instances", "0"], 2, "argument --instances: must be above 0"),  # "No such process"
+        (["bench-batch", "--rate", "0"], 2, "argument --rate: must be above 0"),  # ZeroDivisionError
+        # ZeroDivisionError after the whole benchmark, or an empty table
+        (["bench-vllm", "--interactive", "0"], 2, "argument --interactive: must be above 0"),
+        (["bench-vllm", "--rate", "0"], 2, "argument --rate: must be above 0"),
+        (["bench-vllm", "--seeds", "0"], 2, "argument --seeds: must be above 0"),
         (
             ["coordinator", "--policy", "nosuch"],
             1,

@@ -338,6 +338,35 @@ def test_broken_plugins_are_logged_and_skipped(
     assert noattr.exc_info is not None and isinstance(noattr.exc_info[1], AttributeError)
 
 
+def test_a_plugin_that_fails_to_configure_is_logged_and_the_run_goes_on(
+    site: Site, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Unguarded, a raise in ``qlm_configure`` stopped whatever configured it: inside vLLM, the
+    engine at start (docs/vllm.md: a plugin that raises in any hook is logged and left out)."""
+    site.install(
+        "qlmtest-unconfigurable",
+        {"unconfigurable": "qlmtest_unconfigurable:plugin"},
+        {
+            "qlmtest_unconfigurable": """
+                from qlm_plugin.hooks import hookimpl
+
+                class Unconfigurable:
+                    @hookimpl
+                    def qlm_configure(self, pm):
+                        raise RuntimeError("bad plugin configure")
+
+                plugin = Unconfigurable()
+            """
+        },
+    )
+    from qlm_plugin.adapters.vllm.engine_brain import EngineBrain
+
+    brain = EngineBrain("tiny", "engine-0")  # the engine's own plugin manager: autoloaded
+    assert brain.pm.has_plugin("unconfigurable")
+    said = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert any("'unconfigurable'" in m and "bad plugin configure" in m and "qlm_configure" in m for m in said)
+
+
 def test_broken_plugin_does_not_break_get_plugin_manager(
     site: Site, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -13,7 +13,8 @@ from qlm_plugin.adapters.vllm.engine_brain import EngineBrain, RankedQueue, hint
 from qlm_plugin.adapters.vllm.fields import QLMFields, parse_fields
 from qlm_plugin.adapters.vllm.orders import EvictionOrder, SeatsGiven, order_action
 from qlm_plugin.brain.local_policy import LocalPolicy, Rank
-from qlm_plugin.domain.request import Request
+from qlm_plugin.domain.instance import RunningView
+from qlm_plugin.domain.request import SLO, Request
 from qlm_plugin.hooks import hookimpl
 
 NOW = 1_000.0
@@ -283,6 +284,46 @@ def test_step_time_follows_measurements() -> None:
     assert p.step_s == pytest.approx(0.05, rel=0.01)
     p.observe_step(10.0, decode_tokens=0)  # prefill-only steps do not count
     assert p.step_s == pytest.approx(0.05, rel=0.01)
+    # a pause of the engine (vLLM's /pause with requests running) is one step of two minutes: it
+    # took the pace to 12 s, and ranked the requests admitted then to be due half an hour late
+    p.observe_step(120.0, decode_tokens=8)
+    assert p.step_s < 0.07
+    for _ in range(60):  # a real slowdown is still learned
+        p.observe_step(0.5, decode_tokens=8)
+    assert p.step_s == pytest.approx(0.5, rel=0.05)
+
+
+def test_a_victims_recompute_counts_its_context_once_prefill_is_measured() -> None:
+    """The engine never measured its prefill: a request of 100,000 context tokens and one of 32
+    were equally safe to preempt, and the long one, 3.7 s before its deadline, was chosen."""
+    p = LocalPolicy(step_s=0.02)
+    for _ in range(30):
+        p.observe_prefill(0.02 + 0.00005 * 2048, prefill_tokens=2048)  # 50 us a token
+    assert p.prefill_s_per_token == pytest.approx(0.00005, rel=0.01)
+    p.observe_prefill(600.0, prefill_tokens=1)  # one stalled step moves it a little only
+    assert p.prefill_s_per_token < 0.0003
+
+    def running(rid: str, prompt: int) -> RunningView:
+        r = Request(rid, "m", prompt, 64, NOW - 1, SLO(None, NOW + 3.7))
+        return RunningView(r, generated_tokens=8, kv_tokens=prompt + 8, admitted_at=NOW - 1)
+
+    short, long = running("short", 32), running("long", 100_000)  # 5 s to redo the long one
+    assert p.slack(short, NOW) > 0 > p.slack(long, NOW)
+    assert p.qlm_select_victim(candidates=[long, short], instance_id="e", now=NOW) is short
+
+
+def test_a_client_priority_moves_a_request_without_an_slo_by_a_minute_at_most() -> None:
+    """Priority moved a request by a second a unit without bound: -100 put a request without an
+    SLO before an interactive one due in 0.3 s, +1e9 made one due in 32 years."""
+    p = LocalPolicy(step_s=0.02)
+    due = Request("due", "m", 32, 16, NOW, SLO(NOW + 0.1, None))
+    eager = Request("eager", "m", 32, 16, NOW, SLO(None, None), priority=-100)
+    meek = Request("meek", "m", 32, 16, NOW, SLO(None, None), priority=10**9)
+    plain = Request("plain", "m", 32, 16, NOW, SLO(None, None))
+    key = {r.id: p.qlm_rank_key(request=r, instance_id="e", now=NOW) for r in (due, eager, meek, plain)}
+    assert key["due"] < key["eager"] < key["plain"] < key["meek"]  # still an order among them
+    assert key["plain"][0] - key["eager"][0] == pytest.approx(60.0)  # at its virtual finish at most
+    assert key["meek"][0] - key["plain"][0] == pytest.approx(60.0)
 
 
 def test_a_user_plugin_overrides_the_engines_order_and_a_broken_one_does_not_stop_it() -> None:
@@ -341,10 +382,22 @@ def test_one_urgent_request_costs_one_eviction_whichever_side_acts_first() -> No
     order = EvictionOrder("victim", "urgent", came=10.0)
 
     def act(
-        o: EvictionOrder, given: SeatsGiven, *, victim: bool = True, urgent: bool = False, now: float = 10.1
+        o: EvictionOrder,
+        given: SeatsGiven,
+        *,
+        victim: bool = True,
+        urgent: bool = False,
+        here: bool = True,
+        now: float = 10.1,
     ) -> str:
         return order_action(
-            o, victim_running=victim, beneficiary_running=urgent, seats=given, now=now, wait_s=10.0
+            o,
+            victim_running=victim,
+            beneficiary_running=urgent,
+            beneficiary_here=here,
+            seats=given,
+            now=now,
+            wait_s=10.0,
         )
 
     assert act(order, seats) == "evict"
@@ -357,6 +410,12 @@ def test_one_urgent_request_costs_one_eviction_whichever_side_acts_first() -> No
     early = EvictionOrder("later", "other", came=10.0)
     assert act(early, seats, victim=False, now=12.0) == "wait"
     assert act(early, seats, victim=False, now=21.0) == "drop"
+    # the order overtook the urgent request (the Evict is sent before the request): it waits for
+    # it (the seat went straight back to the victim, and its mark held the engine's own eviction
+    # off for a minute)
+    assert act(order, SeatsGiven(), here=False) == "wait"
+    assert act(order, SeatsGiven(), here=False, now=21.0) == "drop"
+    assert act(operator, SeatsGiven(), here=False) == "evict"  # an operator's is for no request
 
 
 def test_malformed_numbers_are_ignored_and_integers_clamped() -> None:
@@ -375,6 +434,23 @@ def test_malformed_numbers_are_ignored_and_integers_clamped() -> None:
     assert parse(ttft_ms=10**400).ttft_deadline is None  # too large for a float
     assert parse_fields(["qlm_priority"], priority=1, arrival_time=NOW).priority == 1  # type: ignore[arg-type]
     assert parse_fields({1: 2, "qlm_priority": 4}, priority=0, arrival_time=NOW).priority == 4  # type: ignore[dict-item]
+
+
+def test_a_field_the_engine_cannot_use_is_logged_once(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A TTFT of "soon", or a misspelt key, left the request without its SLO and nobody told."""
+    from qlm_plugin.adapters.vllm import fields
+
+    monkeypatch.setattr(fields, "_warned", set())
+    for _ in range(3):
+        parse_fields({"qlm_ttft_ms": "soon", "qlm_ttft": 300, "qlm_e2e_ms": -5}, priority=0, arrival_time=NOW)
+    parse_fields({"qlm_ttft_ms": 300, "qlm_priority": -3, "qlm_id": "x"}, priority=0, arrival_time=NOW)
+    said = sorted(r.getMessage() for r in caplog.records if r.levelname == "WARNING")
+    assert len(said) == 3, said
+    assert said[0].startswith("QLM: qlm_e2e_ms must be a number above 0, got -5")
+    assert said[1].startswith("QLM: qlm_ttft is not a field the engine reads")
+    assert said[2].startswith("QLM: qlm_ttft_ms must be a finite number, got 'soon'")
 
 
 def test_length_hints_are_clipped_and_never_overflow() -> None:

@@ -6,7 +6,10 @@ in one step and decodes one token per step."""
 from __future__ import annotations
 
 import enum
+import json
 import logging
+import os
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from types import SimpleNamespace
@@ -14,7 +17,8 @@ from typing import Any
 
 import pytest
 
-from qlm_plugin.adapters.vllm.engine_agent import Link, VLLMEngineLink
+from qlm_plugin.adapters.vllm.engine_agent import Link, VLLMEngineLink, settings_from
+from qlm_plugin.adapters.vllm.orders import EvictionOrder
 from qlm_plugin.adapters.vllm.scheduler import scheduler_class
 
 
@@ -319,3 +323,80 @@ def test_an_eviction_report_out_of_int32_range_is_dropped_not_raised(
     with caplog.at_level(logging.WARNING):
         link.step_done()
     assert [e[0].request_id for e in calls] == ["ok"] and "cannot report" in caplog.text
+
+
+class FakeV1Scheduler(FakeVLLMScheduler):
+    """vLLM 0.32's V1 runner bookkeeping: the requests the previous step scheduled, and the
+    preemption's ``drop_stale_output``."""
+
+    def __init__(self, **kw: Any) -> None:
+        super().__init__(**kw)
+        self.prev_step_scheduled_req_ids: set[str] = set()
+        self.requires_kv_delivery = True
+        self.dropped: list[bool] = []
+
+    def schedule(self) -> Any:
+        out = super().schedule()
+        self.prev_step_scheduled_req_ids = set(out.num_scheduled_tokens)
+        return out
+
+    def _preempt_request(self, r: VReq, now: float, drop_stale_output: bool = False) -> None:  # type: ignore[override]
+        self.dropped.append(drop_stale_output)
+        super()._preempt_request(r, now)
+
+
+def test_a_request_evicted_between_steps_is_not_taken_for_one_scheduled_in_the_previous_step() -> None:
+    """Evicted before a step and seated again in it (an operator's order while a seat is free),
+    it stayed in ``prev_step_scheduled_req_ids``: vLLM's V1 model runner then gets no token ids
+    for it (a KeyError in EngineCore on a GPU). vLLM's own reset_prefix_cache clears it so."""
+    s = scheduler_class(FakeV1Scheduler, request_status=Status, priority_policy="priority")(max_num_seqs=3)
+    s.qlm_brain.observe_step = lambda *a: None
+    a, b = batch(s, 2)
+    assert {a.request_id, b.request_id} <= s.prev_step_scheduled_req_ids
+    s.qlm_orders.append(EvictionOrder(b.request_id, "", came=time.monotonic()))  # an operator's
+    s._qlm_before_step()
+    assert s.qlm_counters["evictions"] == 1 and s.dropped == [True]  # vLLM's drop_stale_output
+    assert a.request_id in s.prev_step_scheduled_req_ids
+    assert b.request_id not in s.prev_step_scheduled_req_ids
+
+
+def test_settings_that_are_not_an_object_stop_the_engine_saying_why() -> None:
+    for bad in (None, "x", [1]):
+        with pytest.raises(ValueError, match="'qlm' must be an object of settings"):
+            settings_from({"qlm": bad}, env={})
+    assert settings_from({"qlm": {"coordinator": "h:1"}}, env={}) is not None
+
+
+def test_the_counters_are_written_when_the_engine_empties(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """vLLM's server kills EngineCore at SIGTERM before the scheduler's shutdown writes them: a
+    benchmark read counters up to 199 steps old, or none."""
+    stats = tmp_path / "stats.jsonl"
+    monkeypatch.setenv("QLM_VLLM_STATS", str(stats))
+    s = make()
+    s.add_request(req(max_tokens=3))
+    for _ in range(6):
+        step(s)
+    assert json.loads(stats.read_text().splitlines()[-1])["steps"] >= 3
+
+
+def test_the_scheduler_classes_pickle_by_reference() -> None:
+    """Named QLMScheduler, the built class pickled as the factory class of that name (a
+    PicklingError where vLLM spawns its engine with the class object rather than its path)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import qlm_plugin.adapters.vllm as vllm_adapter
+
+    shims = Path(vllm_adapter.__file__).parent / "cpu_compat"
+    code = (
+        "import pickle; from qlm_plugin.adapters.vllm import scheduler as s; "
+        "a, b = s.QLMSyncScheduler, s.QLMAsyncScheduler; "
+        "assert pickle.loads(pickle.dumps(a)) is a and pickle.loads(pickle.dumps(b)) is b; "
+        "assert (a.__name__, b.__name__) == ('QLMSyncScheduler', 'QLMAsyncScheduler')"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(shims), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]

@@ -45,10 +45,24 @@ log = logging.getLogger("qlm_plugin.adapters.vllm")
 SWAP_TIMEOUT_S = 600.0
 
 
+#: What ``--additional-config '{"qlm": {...}}'`` may set.
+AGENT_SETTINGS = ("coordinator", "endpoint", "instance_id", "gpu", "device", "token_env")
+
+
 def settings_from(additional_config: Any, env: dict[str, str] | None = None) -> dict[str, str] | None:
     """The agent's settings, or None when no coordinator is configured (local policy only)."""
     env = dict(os.environ) if env is None else env
     cfg = additional_config.get("qlm", {}) if isinstance(additional_config, dict) else {}
+    if not isinstance(cfg, dict):  # raised in the scheduler's constructor: the engine says why at start
+        raise ValueError(
+            f"--additional-config: 'qlm' must be an object of settings ({', '.join(AGENT_SETTINGS)}), "
+            f"got {type(cfg).__name__}"
+        )
+    unknown = sorted(str(k) for k in cfg if k not in AGENT_SETTINGS)
+    if unknown:
+        log.warning(
+            "--additional-config: qlm settings %s are not read (known: %s)", unknown, ", ".join(AGENT_SETTINGS)
+        )
     coordinator = cfg.get("coordinator") or env.get("QLM_COORDINATOR")
     if not coordinator:
         return None

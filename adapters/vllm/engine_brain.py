@@ -279,6 +279,9 @@ class EngineBrain:
     def observe_step(self, period_s: float, decode_tokens: int) -> None:
         self.policy.observe_step(period_s, decode_tokens)
 
+    def observe_prefill(self, duration_s: float, prefill_tokens: int) -> None:
+        self.policy.observe_prefill(duration_s, prefill_tokens)
+
 
 class _GuardedHooks:
     """The plugin manager's hooks as :class:`LocalPolicy` sees them: through :meth:`EngineBrain.call`."""

@@ -11,8 +11,9 @@
 ``qlm_e2e_ms``         the same for the end of the request
 ``qlm_ttft_deadline``  unix seconds by which the first token is due (clients on a common clock)
 ``qlm_e2e_deadline``   unix seconds by which the request must finish
-``qlm_priority``       the client's priority, lower first (ties only); vLLM's own ``priority``
-                       field is refused unless the engine runs ``--scheduling-policy priority``
+``qlm_priority``       the client's priority, lower first; it moves a request without an SLO by
+                       up to a minute either way (so it neither passes a due request nor
+                       starves); without it, vLLM's own ``priority`` field is taken
 ``qlm_tenant``
 ``qlm_predicted_tokens``  the coordinator's predicted output length (median)
 ``qlm_predicted_q90``  its 90th percentile (the engine uses both until its own predictor is
@@ -24,10 +25,13 @@ Offline ``LLM.generate`` may also pass them nested: ``extra_args={"qlm": {...}}`
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
+
+log = logging.getLogger("qlm_plugin.adapters.vllm")
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,6 +50,11 @@ class QLMFields:
     def has_slo(self) -> bool:
         return self.ttft_deadline is not None or self.e2e_deadline is not None
 
+
+_TEXT_FIELDS = frozenset({"qlm_id", "qlm_class", "qlm_tenant"})
+_POSITIVE_FIELDS = frozenset(
+    {"qlm_ttft_ms", "qlm_e2e_ms", "qlm_ttft_deadline", "qlm_e2e_deadline", "qlm_predicted_tokens", "qlm_predicted_q90"}
+)
 
 #: Bounds of the integer fields (the coordinator's int32 range; a larger attempt cannot be reported).
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
@@ -83,6 +92,33 @@ def _hint(value: Any, max_tokens: int | None) -> float | None:
     return min(max(x, 1.0), float(max_tokens)) if max_tokens and max_tokens > 0 else max(x, 1.0)
 
 
+#: The fields the engine reads (any other ``qlm_`` key is a mistake: logged, once per key).
+KNOWN_FIELDS = frozenset(
+    {
+        "qlm_id",
+        "qlm_attempt",
+        "qlm_class",
+        "qlm_ttft_ms",
+        "qlm_e2e_ms",
+        "qlm_ttft_deadline",
+        "qlm_e2e_deadline",
+        "qlm_priority",
+        "qlm_tenant",
+        "qlm_predicted_tokens",
+        "qlm_predicted_q90",
+    }
+)
+_warned: set[str] = set()
+
+
+def _warn_once(key: str, why: str) -> None:
+    """A field the engine cannot use: the request runs, at default urgency, and the operator is
+    told once per field (a client sending "soon" for a TTFT loses its SLO without a word else)."""
+    if key not in _warned and len(_warned) < 64:
+        _warned.add(key)
+        log.warning("QLM: %s %s; the request runs without it (logged once per field)", key, why)
+
+
 def parse_fields(
     extra_args: Mapping[str, Any] | None,
     *,
@@ -100,6 +136,13 @@ def parse_fields(
                 {f"qlm_{k}" if not str(k).startswith("qlm_") else str(k): v for k, v in nested.items()}
             )
         args.update({k: v for k, v in extra_args.items() if isinstance(k, str) and k.startswith("qlm_")})
+        for key, value in args.items():
+            if key not in KNOWN_FIELDS:
+                _warn_once(key, f"is not a field the engine reads (it reads {', '.join(sorted(KNOWN_FIELDS))})")
+            elif value is not None and key not in _TEXT_FIELDS and _num(value) is None and _int(value, 0, 1) is None:
+                _warn_once(key, f"must be a finite number, got {value!r:.40}")
+            elif key in _POSITIVE_FIELDS and _num(value) is None:
+                _warn_once(key, f"must be a number above 0, got {value!r:.40}")
     ttft = _num(args.get("qlm_ttft_deadline"))
     e2e = _num(args.get("qlm_e2e_deadline"))
     if ttft is None and (ms := _num(args.get("qlm_ttft_ms"))) is not None:

@@ -49,16 +49,18 @@ def order_action(
     victim_running: bool,
     beneficiary_running: bool,
     seats: SeatsGiven,
+    beneficiary_here: bool = True,
     now: float,
     wait_s: float,
 ) -> str:
     """What the scheduler does with a coordinator's eviction order before a step: ``skip`` it (the
     request it was for already has a seat: running, or given one by the engine's own policy),
-    ``evict`` the victim, ``wait`` for the victim to run (the order overtook the request: orders and
-    requests travel apart), or ``drop`` it (the victim never ran within ``wait_s``: it finished, or
-    never came)."""
+    ``evict`` the victim, ``wait`` for the victim to run and for the request it is for to be here
+    (the order overtook them: orders and requests travel apart; a seat freed before its request
+    came went straight back to the victim, and its mark held the engine's own eviction off for a
+    minute), or ``drop`` it (not both within ``wait_s``: the victim finished, or one never came)."""
     if order.for_request and (beneficiary_running or seats.given(order.for_request, now)):
         return "skip"
-    if victim_running:
+    if victim_running and (beneficiary_here or not order.for_request):
         return "evict"
     return "wait" if now - order.came < wait_s else "drop"

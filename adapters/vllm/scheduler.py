@@ -22,13 +22,14 @@ This module imports vLLM only when a scheduler class is built: the mixin is test
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 import os
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from qlm_plugin.adapters.vllm.engine_brain import EngineBrain, RankedQueue
@@ -87,6 +88,8 @@ class _QLMMixin:
         self._qlm_running_status = status.RUNNING
         self._qlm_completed = tuple(getattr(status, n) for n in _COMPLETED)
         self._qlm_blocked = tuple(getattr(status, n) for n in _BLOCKED if hasattr(status, n))
+        preempt = getattr(self, "_preempt_request", None)
+        self._qlm_drop_stale = preempt is not None and "drop_stale_output" in _parameters(preempt)
         self._qlm_grammar = getattr(status, _BLOCKED[0], None) or getattr(status, _BLOCKED[1], None)
         self._qlm_streaming = getattr(status, _STREAMING, None)
         # The waiting queues in QLM's order; vLLM's own KV preemption takes max(priority), which the
@@ -203,7 +206,17 @@ class _QLMMixin:
         if self.qlm_link is not None and fields is not None and fields.qlm_id is not None:
             # the agent reports it (EVICTED); without a coordinator nobody would read it
             self.qlm_evicted.append((fields.qlm_id, fields.attempt, request.num_computed_tokens))
-        self._preempt_request(request, now)  # type: ignore[attr-defined]
+        if self._qlm_drop_stale:  # as vLLM preempts: a KV producer's in-flight output is dropped
+            drop = bool(getattr(self, "requires_kv_delivery", False))
+            self._preempt_request(request, now, drop_stale_output=drop)  # type: ignore[attr-defined]
+        else:  # a vLLM without the argument
+            self._preempt_request(request, now)  # type: ignore[attr-defined]
+        # Preempted between steps, it may be seated again in the very next one: as vLLM's own
+        # reset_prefix_cache does, it must not count as scheduled in the previous step, or the
+        # V1 model runner gets no token ids for it (KeyError in the engine core).
+        prev = getattr(self, "prev_step_scheduled_req_ids", None)
+        if isinstance(prev, set):
+            prev.discard(request.request_id)
 
     def _qlm_requests(self, qid: str) -> list[Request]:
         """The requests here a coordinator id (or, failing that, a vLLM request id) names."""
@@ -258,6 +271,7 @@ class _QLMMixin:
             action = order_action(
                 order,
                 victim_running=victim is not None,
+                beneficiary_here=bool(order.for_request) and bool(self._qlm_requests(order.for_request)),
                 beneficiary_running=bool(order.for_request)
                 and self._qlm_running(order.for_request) is not None,
                 seats=self.qlm_seats,
@@ -279,8 +293,9 @@ class _QLMMixin:
             elif action == "skip":
                 self.qlm_counters["orders_skipped"] += 1  # its urgent request has a seat already
             elif action == "wait":
-                # Not running yet: the order overtook the request (commands and dispatch travel
-                # apart), or it waits for a seat. It is carried out once the request runs.
+                # Not running yet, or the request it is for not here yet: the order overtook the
+                # request (commands and dispatch travel apart), or it waits for a seat. It is
+                # carried out once both are here.
                 self.qlm_orders.append(order)
         steps = self.qlm_counters["steps"]
         if (
@@ -370,7 +385,9 @@ class _QLMMixin:
             self.qlm_steps.append(StepTiming(start, duration, prefill, decode, batch))
             self.qlm_counters["steps"] += 1
             self.qlm_step_total_s += duration
-            if self.qlm_counters["steps"] % 200 == 0:
+            if self.qlm_counters["steps"] % 200 == 0 or not self.running:
+                # and when the engine empties: vLLM's server kills EngineCore at SIGTERM before
+                # shutdown() writes them, and a benchmark read counters up to 199 steps old
                 _write_stats(self)
             if self._qlm_steps_file is not None:  # QLM_VLLM_STEPS: every step, for calibration checks
                 self._qlm_steps_file.write(f"{start} {duration} {prefill} {decode} {batch}\n")
@@ -379,6 +396,8 @@ class _QLMMixin:
             last, self._qlm_last_began = self._qlm_last_began, began
             if prefill == 0 and last is not None:
                 self.qlm_brain.observe_step(began - last, decode)
+            elif prefill > 0:  # what a recompute costs: victims are chosen by it
+                self.qlm_brain.observe_prefill(duration, prefill)
         if not self.running:
             self._qlm_last_began = None  # idle: the next step's pace starts afresh
         usage = float(self.kv_cache_manager.usage)
@@ -394,12 +413,20 @@ class _QLMMixin:
         super().shutdown()  # type: ignore[misc]
 
 
+def _parameters(function: Callable[..., Any]) -> Mapping[str, Any]:
+    try:
+        return inspect.signature(function).parameters
+    except (TypeError, ValueError):
+        return {}
+
+
 _classes: dict[type, type] = {}
 _lock = threading.Lock()
 
 
 def _write_stats(sched: Any) -> None:
-    """``QLM_VLLM_STATS=path``: the scheduler's counters at shutdown (benchmarks read them)."""
+    """``QLM_VLLM_STATS=path``: the scheduler's counters, a line every 200 steps, when the engine
+    empties and at shutdown (benchmarks read the last)."""
     path = os.environ.get("QLM_VLLM_STATS")
     if path:
         import json
@@ -431,8 +458,16 @@ def scheduler_class(base: type, *, request_status: Any = None, priority_policy: 
                 "qlm_status": request_status,
                 "qlm_priority_policy": priority_policy,
             }
-            cls = _classes[base] = type(f"QLM{base.__name__}", (_QLMMixin, base), attrs)
+            # named as this module gives it (``QLMSyncScheduler``): pickled by reference, the class
+            # object is found again (named ``QLMScheduler``, pickle found the factory instead)
+            name = EXPORTED_NAMES.get(base.__name__, f"QLM{base.__name__}")
+            attrs["__qualname__"] = name
+            cls = _classes[base] = type(name, (_QLMMixin, base), attrs)
         return cls
+
+
+#: The names this module exports the QLM scheduler classes under, by vLLM base class.
+EXPORTED_NAMES = {"Scheduler": "QLMSyncScheduler", "AsyncScheduler": "QLMAsyncScheduler"}
 
 
 def _vllm_class(async_on: bool) -> type:

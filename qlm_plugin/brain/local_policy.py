@@ -39,7 +39,8 @@ Key = tuple[float, float, str]  # (laxity, then virtual finish or arrival, id): 
 RETRY_S = 0.5
 #: A request without an SLO is due this long after its virtual finish (default urgency).
 DEFAULT_SLACK_S = 60.0
-#: A client's own priority moves a request without an SLO by this much per unit (lower first).
+#: A client's own priority moves a request without an SLO by this much per unit (lower first), by
+#: :data:`DEFAULT_SLACK_S` at most either way: it neither passes work already due nor starves.
 PRIORITY_STEP_S = 1.0
 #: A running request's predicted remaining length is asked again after this many more tokens.
 REPREDICT_TOKENS = 16
@@ -61,7 +62,8 @@ def urgency_key(request: Request, length: LengthDistribution, prefill_s: float, 
         lax = min(lax, request.slo.e2e_deadline - prefill_s - length.quantile(0.9) * tpot_s)
     if math.isinf(lax):
         virtual_finish = request.arrival_time + prefill_s + length.mean * tpot_s
-        lax = virtual_finish + DEFAULT_SLACK_S + request.priority * PRIORITY_STEP_S
+        moved = max(-DEFAULT_SLACK_S, min(DEFAULT_SLACK_S, request.priority * PRIORITY_STEP_S))
+        lax = virtual_finish + DEFAULT_SLACK_S + moved
     return (lax, request.arrival_time, request.id)
 
 
@@ -175,8 +177,24 @@ class LocalPolicy:
 
     # ------------------------------------------------------------------ the engine's pace
     def observe_step(self, period_s: float, decode_tokens: int) -> None:
+        """A decode step's period. One sample moves the estimate by at most 4x its value: a pause
+        of the engine (vLLM's ``/pause``, a stall) made the next period minutes long and ranked
+        the requests admitted then to be due half an hour late; a real slowdown is still learned
+        within a few steps."""
         if decode_tokens > 0 and period_s > 0:
-            self.step_s = 0.9 * self.step_s + 0.1 * period_s
+            self.step_s = 0.9 * self.step_s + 0.1 * min(period_s, 4 * self.step_s)
+
+    def observe_prefill(self, duration_s: float, prefill_tokens: int) -> None:
+        """A step that prefilled ``prefill_tokens``: its time past a decode step's, per token (what
+        a preempted request's recompute costs; bounded per sample as :meth:`observe_step`)."""
+        if prefill_tokens <= 0 or duration_s <= 0:
+            return
+        per_token = max(0.0, duration_s - self.step_s) / prefill_tokens
+        if self.prefill_s_per_token <= 0:
+            self.prefill_s_per_token = per_token
+        else:
+            sample = min(per_token, 4 * self.prefill_s_per_token)
+            self.prefill_s_per_token = 0.9 * self.prefill_s_per_token + 0.1 * sample
 
     def predict(self, request: Request, generated: int) -> LengthDistribution:
         """The remaining length of ``request`` after ``generated`` tokens (the predictor hook)."""

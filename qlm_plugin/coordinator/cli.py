@@ -273,8 +273,10 @@ def add_parsers(sub: Any) -> None:
     lt.add_argument(
         "--rates", default="100,250,1000", help="arrivals/s of the latency tests (default 100,250,1000)"
     )
-    lt.add_argument("--duration", type=float, default=10.0, help="seconds of the latency test (default 10)")
-    lt.add_argument("--instances", type=int, default=2, help="simulated instances (default 2)")
+    lt.add_argument(
+        "--duration", type=positive(float), default=10.0, help="seconds of the latency test (default 10)"
+    )
+    lt.add_argument("--instances", type=positive(int), default=2, help="simulated instances (default 2)")
     lt.add_argument(
         "--http-workers",
         type=int,
@@ -296,14 +298,22 @@ def add_parsers(sub: Any) -> None:
         help="slo: a batch backlog, then interactive requests with a TTFT SLO (default); alise: "
         "requests without SLOs of mixed lengths (latency against FCFS)",
     )
-    bv.add_argument("--seeds", type=int, default=3, help="repetitions, seeds 0..N-1 (default 3)")
+    bv.add_argument("--seeds", type=positive(int), default=3, help="repetitions, seeds 0..N-1 (default 3)")
     bv.add_argument("--batch", type=int, default=400, help="slo: batch requests sent first (default 400)")
     bv.add_argument(
-        "--batch-tokens", type=int, default=256, help="slo: output tokens of each batch request (default 256)"
+        "--batch-tokens",
+        type=positive(int),
+        default=256,
+        help="slo: output tokens of each batch request (default 256)",
     )
-    bv.add_argument("--interactive", type=int, default=40, help="slo: interactive requests (default 40)")
     bv.add_argument(
-        "--rate", type=float, default=2.0, help="slo: interactive arrivals per second, Poisson (default 2)"
+        "--interactive", type=positive(int), default=40, help="slo: interactive requests (default 40)"
+    )
+    bv.add_argument(
+        "--rate",
+        type=positive(float),
+        default=2.0,
+        help="slo: interactive arrivals per second, Poisson (default 2)",
     )
     bv.add_argument("--json", action="store_true", help="JSON instead of a table")
     bv.set_defaults(func=cmd_bench_vllm)
@@ -318,9 +328,11 @@ def add_parsers(sub: Any) -> None:
     bb.add_argument(
         "--window", type=completion_window, default="10m", help="the batch's completion_window (default 10m)"
     )
-    bb.add_argument("--rate", type=float, default=20.0, help="interactive requests per second (default 20)")
     bb.add_argument(
-        "--duration", type=float, default=120.0, help="seconds of interactive traffic (default 120)"
+        "--rate", type=positive(float), default=20.0, help="interactive requests per second (default 20)"
+    )
+    bb.add_argument(
+        "--duration", type=positive(float), default=120.0, help="seconds of interactive traffic (default 120)"
     )
     bb.add_argument("--seed", type=int, default=0)
     bb.add_argument("--json", action="store_true", help="JSON instead of a table")

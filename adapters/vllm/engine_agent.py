@@ -61,7 +61,9 @@ def settings_from(additional_config: Any, env: dict[str, str] | None = None) -> 
     unknown = sorted(str(k) for k in cfg if k not in AGENT_SETTINGS)
     if unknown:
         log.warning(
-            "--additional-config: qlm settings %s are not read (known: %s)", unknown, ", ".join(AGENT_SETTINGS)
+            "--additional-config: qlm settings %s are not read (known: %s)",
+            unknown,
+            ", ".join(AGENT_SETTINGS),
         )
     coordinator = cfg.get("coordinator") or env.get("QLM_COORDINATOR")
     if not coordinator:

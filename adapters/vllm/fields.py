@@ -53,7 +53,14 @@ class QLMFields:
 
 _TEXT_FIELDS = frozenset({"qlm_id", "qlm_class", "qlm_tenant"})
 _POSITIVE_FIELDS = frozenset(
-    {"qlm_ttft_ms", "qlm_e2e_ms", "qlm_ttft_deadline", "qlm_e2e_deadline", "qlm_predicted_tokens", "qlm_predicted_q90"}
+    {
+        "qlm_ttft_ms",
+        "qlm_e2e_ms",
+        "qlm_ttft_deadline",
+        "qlm_e2e_deadline",
+        "qlm_predicted_tokens",
+        "qlm_predicted_q90",
+    }
 )
 
 #: Bounds of the integer fields (the coordinator's int32 range; a larger attempt cannot be reported).
@@ -138,8 +145,15 @@ def parse_fields(
         args.update({k: v for k, v in extra_args.items() if isinstance(k, str) and k.startswith("qlm_")})
         for key, value in args.items():
             if key not in KNOWN_FIELDS:
-                _warn_once(key, f"is not a field the engine reads (it reads {', '.join(sorted(KNOWN_FIELDS))})")
-            elif value is not None and key not in _TEXT_FIELDS and _num(value) is None and _int(value, 0, 1) is None:
+                _warn_once(
+                    key, f"is not a field the engine reads (it reads {', '.join(sorted(KNOWN_FIELDS))})"
+                )
+            elif (
+                value is not None
+                and key not in _TEXT_FIELDS
+                and _num(value) is None
+                and _int(value, 0, 1) is None
+            ):
                 _warn_once(key, f"must be a finite number, got {value!r:.40}")
             elif key in _POSITIVE_FIELDS and _num(value) is None:
                 _warn_once(key, f"must be a number above 0, got {value!r:.40}")

@@ -1512,6 +1512,8 @@ def test_grpc_health_of_requests_follows_http_health(tmp_path: Path) -> None:
             for iid in list(st.instances):
                 await st.crash(iid)  # lost after heartbeat_timeout_s
             await until(not_serving, 503)
+            async with http.get(f"{st.http_url}/livez") as r:  # alive all the same: a liveness probe
+                assert r.status == 200 and (await r.json())["status"] == "alive"
             st.restart("sim-0")
             await until(serving, 200)
             held = await c.submit(pb.RequestSpec(model=MODEL, prompt="x", max_tokens=4000))
@@ -1520,6 +1522,8 @@ def test_grpc_health_of_requests_follows_http_health(tmp_path: Path) -> None:
             stopping = asyncio.create_task(st.server.stop(drain_timeout_s=1.0))
             await asyncio.sleep(0.1)
             assert set((await statuses())[1].values()) == {not_serving}
+            async with http.get(f"{st.http_url}/livez") as r:  # draining, and alive
+                assert r.status == 200 and (await r.json()) == {"status": "alive", "accepting": False}
             await stopping
 
     run(tmp_path, body, speed=1.0)
@@ -1529,7 +1533,9 @@ def test_grpc_health_of_requests_follows_http_health(tmp_path: Path) -> None:
 def test_clients_a_stop_leaves_waiting_are_told_the_request_is_kept(tmp_path: Path, workers: int) -> None:
     """A stop whose drain ends with requests unfinished keeps them for the next start; their
     clients were cut off with no word (a broken stream, a dropped connection). Now each is told:
-    a 503 with ``Retry-After``, or an error event in its stream, saying the request is kept."""
+    a 503 with ``Retry-After``, or an error event in its stream, saying the request is kept. One
+    no client could ask for later (a completion without an idempotency key) is not kept but
+    cancelled, its client told to send it again: kept, the OpenAI SDK's retry made it twice."""
 
     async def body(st: LocalStack) -> None:
         url = f"{st.http_url}/v1"
@@ -1571,19 +1577,74 @@ def test_clients_a_stop_leaves_waiting_are_told_the_request_is_kept(tmp_path: Pa
             left = await st.server.stop(drain_timeout_s=0.1)
             (status, out, headers), completion_events, response_events = await asyncio.gather(*tasks)
             assert await follower == grpc.StatusCode.UNAVAILABLE  # not a stream that ended
-        assert left["dispatched"] + left["queued"] == 4  # kept for the next start, none cancelled
+        assert left["dispatched"] + left["queued"] == 2  # kept for the next start
+        assert left["not_kept"] == 2  # the two choices of the streamed completion without a key
         assert status == 503 and headers["Retry-After"] and out["error"]["code"] == "unavailable"
         assert (
             "shutting down" in out["error"]["message"] and "same idempotency key" in out["error"]["message"]
         )
         assert completion_events[-1]["error"]["code"] == "unavailable", completion_events[-1]
+        assert "send it again" in completion_events[-1]["error"]["message"]
         assert response_events[-1]["type"] == "error" and response_events[-1]["code"] == "unavailable"
-        with sqlite3.connect(tmp_path / "journal.db") as db:  # none cancelled or failed
+        with sqlite3.connect(tmp_path / "journal.db") as db:  # none failed
             states = dict(db.execute("SELECT state, count(*) FROM jobs GROUP BY state").fetchall())
-        assert set(states) <= {"queued", "dispatched"} and sum(states.values()) == 4, states
+        assert states.pop("cancelled") == 2, states
+        assert set(states) <= {"queued", "dispatched"} and sum(states.values()) == 2, states
 
     config = {"http": {"port": 0, "workers": workers}} if workers else None
     run(tmp_path, body, speed=1.0, config=config)
+
+
+def test_a_drain_answers_retries_refuses_waiters_and_keeps_first_tokens(tmp_path: Path) -> None:
+    """During a drain: a retry with the key of a request already accepted gets its answer (it got
+    a 503), and a request waiting for an instance gets a 503 to retry (its connection was cut).
+    A request the stop kept keeps the time of its first token across the restart (it took the
+    one served again for it: an SLO met looked missed)."""
+    kept: dict[str, float] = {}
+
+    async def first(st: LocalStack) -> None:
+        coord = st.coordinator
+        done, _ = await coord.submit(
+            pb.RequestSpec(model=MODEL, prompt="a", max_tokens=3, idempotency_key="k-done")
+        )
+        await asyncio.wait_for(done.done.wait(), 10)
+        going, _ = await coord.submit(
+            pb.RequestSpec(model=MODEL, prompt="b", max_tokens=5000, idempotency_key="k-going")
+        )
+        while going.first_token_at is None:
+            await asyncio.sleep(0.02)
+        kept[going.id] = going.first_token_at
+        stopping = asyncio.create_task(st.server.stop(drain_timeout_s=1.0))
+        while coord.accepting:
+            await asyncio.sleep(0.01)
+        again, duplicate = await coord.submit(
+            pb.RequestSpec(model=MODEL, prompt="a", max_tokens=3, idempotency_key="k-done")
+        )
+        assert duplicate and again.id == done.id and again.state == "finished"
+        with pytest.raises(SubmitError) as refused:
+            await coord.submit(pb.RequestSpec(model=MODEL, prompt="c", max_tokens=3, idempotency_key="k-new"))
+        assert refused.value.code == "unavailable"
+        await stopping
+
+    async def after_restart(st: LocalStack) -> None:
+        ((rid, at),) = kept.items()
+        job = st.coordinator.lookup(rid)
+        assert job is not None and job.first_token_at == at
+        async with aiohttp.ClientSession() as http:  # no instance: it waits for one
+            waiting = asyncio.create_task(
+                post(http, f"{st.http_url}/v1/completions", {"model": "other-model", "prompt": "x"})
+            )
+            await asyncio.sleep(0.3)
+            await st.server.stop(drain_timeout_s=0.1)
+            status, out, headers = await asyncio.wait_for(waiting, 10)
+        assert status == 503 and headers["Retry-After"] and "draining" in out["error"]["message"], out
+
+    run(tmp_path, first, speed=1.0, instances=1)
+    scenario = load_scenario()
+    two_models = scenario.model_copy(
+        update={"models": [*scenario.models, scenario.models[0].model_copy(update={"name": "other-model"})]}
+    )
+    run(tmp_path, after_restart, speed=1.0, instances=1, scenario=two_models)
 
 
 def test_admin_refuses_a_bad_evict_mode_an_unknown_request_and_a_negative_limit(tmp_path: Path) -> None:

@@ -241,6 +241,9 @@ def test_the_number_of_workers_comes_from_config_then_environment_then_the_machi
     assert resolve_workers(None, {}) == (0 if cores <= 2 else min(cores - 1, 16))
     with pytest.raises(ValueError, match="QLM_HTTP_WORKERS='two'"):
         resolve_workers(None, {"QLM_HTTP_WORKERS": "two"})
+    with pytest.raises(ValueError, match="expected 0 to 64 workers"):  # 100 took 30 s to start
+        resolve_workers(None, {"QLM_HTTP_WORKERS": "100"})
+    assert resolve_workers("auto", {"QLM_HTTP_WORKERS": "1"}) == resolve_workers(None, {})  # as in the config
 
 
 @pytest.mark.parametrize("workers", [0, 2])

@@ -252,3 +252,4 @@ def test_an_http_port_in_use_is_named_with_what_to_change(tmp_path: Path) -> Non
     assert proc.returncode == 1
     assert f"cannot bind HTTP to 127.0.0.1:{port}" in proc.stderr and "--http-port" in proc.stderr
     assert "Traceback" not in proc.stderr
+    assert "coordinator stopped" not in proc.stderr  # "0 unfinished requests kept": it never started

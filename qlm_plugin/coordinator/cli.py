@@ -15,7 +15,14 @@ from pathlib import Path
 from typing import Any
 
 from qlm_plugin import event_loop
-from qlm_plugin.coordinator.config import ConfigError, CoordinatorConfig, load_config, with_overrides
+from qlm_plugin.coordinator.config import (
+    ConfigError,
+    CoordinatorConfig,
+    join_host_port,
+    load_config,
+    local_host,
+    with_overrides,
+)
 
 log = logging.getLogger("qlm_plugin.serve")
 
@@ -339,6 +346,15 @@ def add_parsers(sub: Any) -> None:
     bb.set_defaults(func=cmd_bench_batch)
 
 
+def _addresses(cfg: CoordinatorConfig, server: Any, *, described: bool = False) -> str:
+    """Where the servers listen, as a client names them (an IPv6 host in brackets)."""
+    what = " (OpenAI API under /v1, /health, /metrics)" if described else ""
+    return (
+        f"HTTP http://{join_host_port(cfg.http.host, server.http_port)}{what}, "
+        f"gRPC {join_host_port(cfg.grpc.host, server.grpc_port)}"
+    )
+
+
 def cmd_coordinator(args: argparse.Namespace) -> int:
     from qlm_plugin.coordinator.server import CoordinatorServer, kept, serve_until_signal
 
@@ -350,8 +366,7 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
     def ready() -> None:
         event_loop.freeze_startup_heap()
         print(
-            f"qlm coordinator: HTTP http://{cfg.http.host}:{server.http_port}, "
-            f"gRPC {cfg.grpc.host}:{server.grpc_port}",
+            f"qlm coordinator: {_addresses(cfg, server)}",
             flush=True,
         )
 
@@ -520,8 +535,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 return
             print(
                 f"qlm serve: {actors.size} simulated instances as Ray actors "
-                f"({args.ray if args.ray != 'local' else 'a local Ray instance'}); HTTP http://{cfg.http.host}:"
-                f"{server.http_port}, gRPC {cfg.grpc.host}:{server.grpc_port}; `qlm scale MODEL N` to resize",
+                f"({args.ray if args.ray != 'local' else 'a local Ray instance'}); "
+                f"{_addresses(cfg, server)}; `qlm scale MODEL N` to resize",
                 flush=True,
             )
             try:
@@ -543,7 +558,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             "--backend",
             "sim",
             "--coordinator",
-            f"127.0.0.1:{server.grpc_port}",
+            join_host_port(local_host(cfg.grpc.host), server.grpc_port),
             "--count",
             "1",
             "--gpu",
@@ -560,9 +575,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         children.append(sims)
         supervisor.append(asyncio.get_running_loop().create_task(sims.supervise()))
         print(
-            f"qlm serve: HTTP http://{cfg.http.host}:{server.http_port} (OpenAI API under /v1, /health, "
-            f"/metrics), gRPC {cfg.grpc.host}:{server.grpc_port}, {count} simulated {group.gpu} instances of "
-            f"{', '.join(group.models)}, policy {cfg.policy}; Ctrl-C to stop",
+            f"qlm serve: {_addresses(cfg, server, described=True)}, {count} simulated {group.gpu} "
+            f"instances of {', '.join(group.models)}, policy {cfg.policy}; Ctrl-C to stop",
             flush=True,
         )
 
@@ -695,15 +709,16 @@ def _serve_vllm(args: argparse.Namespace, cfg: CoordinatorConfig) -> int:
         event_loop.freeze_startup_heap()
         # Ray actors on other nodes reach the coordinator at the address it binds (--host)
         host = (
-            cfg.grpc.host if args.ray is not None and cfg.grpc.host not in ("0.0.0.0", "::") else "127.0.0.1"
+            cfg.grpc.host
+            if args.ray is not None and cfg.grpc.host not in ("0.0.0.0", "::")
+            else local_host(cfg.grpc.host)
         )
         if args.ray is not None and cfg.grpc.host in ("0.0.0.0", "::"):
             host = socket.gethostbyname(socket.gethostname())
-        fleet.coordinator = f"{host}:{server.grpc_port}"
+        fleet.coordinator = join_host_port(host, server.grpc_port)
         where = " as Ray actors" if args.ray is not None else ""
         print(
-            f"qlm serve: HTTP http://{cfg.http.host}:{server.http_port} (OpenAI API under /v1, /health, "
-            f"/metrics), gRPC {cfg.grpc.host}:{server.grpc_port}, policy {cfg.policy}; starting "
+            f"qlm serve: {_addresses(cfg, server, described=True)}, policy {cfg.policy}; starting "
             f"{len(models) * per_model} vLLM engines{where} ({'CPU' if fleet.cpu else 'GPU'}):",
             flush=True,
         )

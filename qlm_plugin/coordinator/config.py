@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import ssl
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
@@ -40,6 +40,18 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
+def join_host_port(host: str, port: int) -> str:
+    """``host:port``, an IPv6 address in brackets (gRPC and URLs read ``::1:50051`` as no address)."""
+    return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
+
+
+def local_host(bind_host: str) -> str:
+    """The address a client on this machine reaches a server bound at ``bind_host`` by."""
+    if bind_host in ("0.0.0.0", "", "localhost"):
+        return "127.0.0.1"
+    return "::1" if bind_host == "::" else bind_host
+
+
 class Listen(_Strict):
     host: str = "127.0.0.1"
     port: int = Field(ge=0, le=65535)
@@ -47,8 +59,9 @@ class Listen(_Strict):
 
 class HTTPListen(Listen):
     # Front-door worker processes sharing the port (docs/coordinator.md, "Performance"); 0: the
-    # core process serves HTTP itself; None: $QLM_HTTP_WORKERS, else enough to use the machine.
-    workers: int | None = Field(default=None, ge=0, le=64)
+    # core process serves HTTP itself; "auto": enough to use the machine; None: $QLM_HTTP_WORKERS,
+    # else "auto" (the variable's values, so that one can be moved to the other).
+    workers: Annotated[int, Field(ge=0, le=64)] | Literal["auto"] | None = None
 
 
 class TokenEntry(_Strict):

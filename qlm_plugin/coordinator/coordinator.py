@@ -30,6 +30,8 @@ from qlm_plugin.coordinator.instances import PendingCommand, RemoteFleet, Sessio
 from qlm_plugin.coordinator.jobs import (
     CALLER_GONE,
     CHOICE_REFUSED,
+    NOT_KEPT,
+    UNAVAILABLE_RETRY_AFTER_S,
     Chunk,
     Job,
     JobBook,
@@ -63,8 +65,6 @@ log = logging.getLogger("qlm_plugin.coordinator")
 ABANDON_GRACE_S = 30.0
 #: Idempotency keys the coordinator gives its own requests (batch lines); refused from clients.
 RESERVED_KEY_PREFIX = "qlm-batch/"
-#: The ``Retry-After`` of a request refused while the coordinator starts or drains, seconds.
-UNAVAILABLE_RETRY_AFTER_S = 1.0
 #: The model (and class) label of a refusal naming one the deployment lacks: clients cannot
 #: create metric series.
 UNKNOWN_LABEL = "unknown"
@@ -190,6 +190,7 @@ class Coordinator:
         self._tasks: list[asyncio.Task[None]] = []
         # a keyed submission in flight: its validation, then its journal write (see _submit)
         self._submitting: dict[tuple[str, str], asyncio.Future[Any]] = {}
+        self.stop_waiting = False  # a second signal: the drain stops waiting for dispatched requests
 
     @property
     def jobs(self) -> JobsView:
@@ -229,10 +230,17 @@ class Coordinator:
         the rest in the journal for the next start, and flush it."""
         self.book.accepting = False
         self.check_ready()
+        self.registry.wake_waiters()  # requests waiting for an instance: a 503 to retry, not a cut
         jobs = self.book.jobs
         deadline = time.monotonic() + (self.cfg.drain_timeout_s if timeout_s is None else timeout_s)
-        while time.monotonic() < deadline and any(j.state == "dispatched" for j in jobs.values()):
+        while (
+            time.monotonic() < deadline
+            and not self.stop_waiting
+            and any(j.state == "dispatched" for j in jobs.values())
+        ):
             await asyncio.sleep(0.05)
+        # what was streamed of the requests left (a TTFT is journaled only at the end otherwise)
+        self.book.keep_progress([j for j in jobs.values() if j.state not in TERMINAL])
         left = {
             "dispatched": sum(j.state == "dispatched" for j in jobs.values()),
             "queued": sum(j.state == "queued" for j in jobs.values()),
@@ -246,11 +254,21 @@ class Coordinator:
         self.telemetry.close()
         return left
 
-    def halt_unfinished(self) -> int:
+    def halt_unfinished(self, left: dict[str, int] | None = None) -> int:
         """After a drain: end every unfinished request's followers, each told the coordinator stops
-        with it kept (:func:`~qlm_plugin.coordinator.jobs.halt`); how many."""
+        with it kept (:func:`~qlm_plugin.coordinator.jobs.halt`); how many. A request only an HTTP
+        client waits for, with no idempotency key and no way to ask for it later (a completion or
+        a chat: no GET), is not kept but cancelled: its client is told to send it again, and the
+        OpenAI SDKs do so at once; kept, it was generated twice, once for nobody. ``left`` (the
+        drain's counts) is told of those: ``not_kept``."""
         unfinished = [job for job in self.book.jobs.values() if job.state not in TERMINAL]
+        now = time.time()
         for job in unfinished:
+            if job.waiters and not job.spec.idempotency_key and not job.spec.response_echo:
+                if left is not None:
+                    left[job.state] = left.get(job.state, 0) - 1
+                    left["not_kept"] = left.get("not_kept", 0) + 1
+                self.book.close(job, "cancelled", "cancelled", NOT_KEPT, now)
             halt(job)
         return len(unfinished)
 
@@ -340,15 +358,20 @@ class Coordinator:
         if spec.idempotency_key.startswith(RESERVED_KEY_PREFIX) and not internal:
             reserved = f"idempotency keys starting {RESERVED_KEY_PREFIX!r} are reserved"
             raise SubmitError("invalid", reserved, "idempotency_key")
+        if tenant is not None:
+            spec.tenant = tenant
+        spec.tenant = spec.tenant or "default"
         if not book.accepting:
+            # a retry of a request already accepted gets its answer (a client retrying the 503 of
+            # a drain found its request finished, and got another 503)
+            earlier = book.duplicate(spec)
+            if earlier is not None and not _differs(earlier.spec, spec):
+                return earlier, True
             raise SubmitError(  # a retry goes to the next start, or to another coordinator
                 "unavailable",
                 "the coordinator is not accepting requests (starting or draining)",
                 retry_after_s=UNAVAILABLE_RETRY_AFTER_S,
             )
-        if tenant is not None:
-            spec.tenant = tenant
-        spec.tenant = spec.tenant or "default"
         if not spec.idempotency_key:
             return await self._submit(spec, parent, cancel_if_caller_leaves)
         # Submissions with one key run one after the other: a second arriving while the first is

@@ -603,6 +603,7 @@ class FrontDoor:
         app = web.Application(client_max_size=MAX_BODY_BYTES)
         if self._coord is not None:
             app.router.add_get("/health", self.health)
+            app.router.add_get("/livez", self.live)
             app.router.add_get("/metrics", self.metrics)
             app.router.add_get("/v1/models", self.list_models)
             app.router.add_get("/v1/models/{model}", self.get_model)
@@ -638,6 +639,12 @@ class FrontDoor:
         if authorization is not None and not printable_ascii(authorization) and self.auth.enabled:
             raise AuthError("unauthenticated", "the Authorization header must be printable ASCII")
         return self.auth.authenticate(authorization, scope)
+
+    async def live(self, request: web.Request) -> web.Response:
+        """Liveness, apart from readiness (``/health``): 200 while the core answers, draining or
+        without instances too (a liveness probe on /health restarted a healthy coordinator
+        whenever its engines restarted)."""
+        return web.json_response({"status": "alive", "accepting": self.coord.accepting})
 
     async def health(self, request: web.Request) -> web.Response:
         instances = len(self.coord.fleet.qlm_list_instances())
@@ -1106,6 +1113,8 @@ def unfinished(job: Job) -> tuple[int, str]:
     """A request that did not finish: its status (499, as nginx logs a client that left, for a
     cancelled one; 400 for one its engine refused; 503 for one no instance was there to serve, or
     one the coordinator stopped with, kept for its next start) and its message."""
+    if job.halted and job.state == "cancelled":  # not kept (Coordinator.halt_unfinished)
+        return 503, f"request {job.id}: {job.error}"
     if job.halted:
         again = (
             "send it again with the same idempotency key for its answer"

@@ -55,6 +55,10 @@ HOP_BY_HOP = frozenset(
 )
 
 
+#: The most front-door workers (the config's bound).
+MAX_WORKERS = 64
+
+
 def auto_workers() -> int:
     """Enough workers to use the machine: one per core the process may run on, less the core's own;
     none on two cores or fewer, where a worker costs the core more than it takes off it (measured:
@@ -63,9 +67,12 @@ def auto_workers() -> int:
     return 0 if cores <= 2 else min(cores - 1, 16)
 
 
-def resolve_workers(configured: int | None, env: dict[str, str] | None = None) -> int:
-    """The config's (or command line's) number; else ``QLM_HTTP_WORKERS``; else :func:`auto_workers`."""
-    if configured is not None:
+def resolve_workers(configured: int | str | None, env: dict[str, str] | None = None) -> int:
+    """The config's (or command line's) number; else ``QLM_HTTP_WORKERS``; else :func:`auto_workers`
+    (``auto`` in either)."""
+    if configured == "auto":
+        return auto_workers()
+    if isinstance(configured, int):
         return configured
     value = (os.environ if env is None else env).get(WORKERS_ENV, "").strip()
     if value:
@@ -75,8 +82,8 @@ def resolve_workers(configured: int | None, env: dict[str, str] | None = None) -
             n = int(value)
         except ValueError:
             raise ValueError(f"{WORKERS_ENV}={value!r}: expected a number of workers or 'auto'") from None
-        if n < 0:
-            raise ValueError(f"{WORKERS_ENV}={value!r}: expected a number of workers >= 0")
+        if not 0 <= n <= MAX_WORKERS:  # as the config's and the command line's bound
+            raise ValueError(f"{WORKERS_ENV}={value!r}: expected 0 to {MAX_WORKERS} workers, or 'auto'")
         return n
     return auto_workers()
 
@@ -134,6 +141,9 @@ class WorkerPool:
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
             pass_fds=(self._fd,),
+            # a terminal's Ctrl-C goes to the core only, which stops its workers: reaching a worker
+            # still importing, it printed a KeyboardInterrupt traceback per worker
+            start_new_session=True,
         )
         self._procs[index] = proc
         assert proc.stdin is not None and proc.stdout is not None

@@ -17,7 +17,7 @@ import logging
 import math
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -57,6 +57,9 @@ RETAIN_FINISHED_S = 120.0
 Finished = tuple[Any, ...]
 
 
+#: The ``Retry-After`` of a request refused while the coordinator starts or drains, seconds.
+UNAVAILABLE_RETRY_AFTER_S = 1.0
+
 #: The coordinator's own request ids start so; a client's may not.
 GENERATED_ID_PREFIX = "req-"
 
@@ -78,6 +81,9 @@ def shown_id(tenant: str | None, request_id: str) -> str:
 #: Why a request is cancelled when its caller leaves: an HTTP client gone (no one to answer), or
 #: the front-door worker serving it (its clients are gone with it).
 CLIENT_GONE = "the client disconnected"
+#: Why a request the coordinator stopped with was not kept: only its HTTP client waited for it,
+#: and it could not ask for it later.
+NOT_KEPT = "the coordinator stopped before serving it, and kept nothing no one could ask for: send it again"
 #: Why the choices of a request accepted before another of them was refused are cancelled; they
 #: give up their idempotency keys (:meth:`JobBook.release_key`), as a refused request holds none.
 CHOICE_REFUSED = "another choice of the same request was refused"
@@ -594,6 +600,7 @@ class JobBook:
             instance=rec.instance_id,
             failures=rec.failures,
         )
+        job.first_token_at = rec.first_token_at  # its client saw it before the stop
         if rec.idempotency_key:
             self.by_key[(rec.tenant, rec.idempotency_key)] = rec.request_id
         return job
@@ -682,6 +689,14 @@ class JobBook:
             tool_calls=dumps(job.tool_calls).decode() if job.tool_calls else "",
             logprobs=pack_logprobs(job),
         )
+
+    def keep_progress(self, jobs: Iterable[Job]) -> None:
+        """The coordinator stops with ``jobs`` unfinished: journal the first tokens they had (a
+        TTFT is otherwise journaled at the end, and a restart took the first token of the request
+        served again for it: an SLO met looked missed)."""
+        for job in jobs:
+            if job.first_token_at is not None:
+                self.journal.first_token(job.id, job.first_token_at)
 
     def announce(self, job: Job, now: float) -> None:
         """Tell a closed job's followers, and keep it a while for status, packed."""

@@ -160,6 +160,7 @@ _REQUEUED: Final = (
     f"UPDATE jobs SET state = 'queued', instance_id = NULL, failures = ? WHERE request_id = ? AND {_LIVE}"
 )
 _FORGET_KEY: Final = "UPDATE jobs SET idempotency_key = NULL WHERE request_id = ?"
+_FIRST_TOKEN: Final = f"UPDATE jobs SET first_token_at = ? WHERE request_id = ? AND {_LIVE}"
 _DELETE: Final = f"DELETE FROM jobs WHERE request_id = ? AND state IN ({_TERMINAL_LIST})"
 #: What each older schema version lacks.
 _UPGRADES: Final = {
@@ -381,6 +382,11 @@ class Journal:
         """Queue: the request is back in the queue, on no instance (its attempt count is kept),
         with ``failures`` attempts failed so far."""
         self._enqueue(_Op("requeued", _REQUEUED, (failures, request_id), None))
+
+    def first_token(self, request_id: str, at: float) -> None:
+        """Queue: an unfinished request's first token came at ``at`` (unix seconds): kept when the
+        coordinator stops with it, so its TTFT survives the restart."""
+        self._enqueue(_Op("first_token", _FIRST_TOKEN, (at, request_id), None))
 
     def forget_key(self, request_id: str) -> None:
         """Queue: the request no longer holds its idempotency key (a new request may take it)."""

@@ -22,7 +22,7 @@ from typing import Any
 from qlm_plugin.coordinator.config import CoordinatorConfig
 from qlm_plugin.coordinator.dispatch import Dispatcher
 from qlm_plugin.coordinator.instances import RemoteFleet, Session, state_from_report
-from qlm_plugin.coordinator.jobs import UNSERVED, Job, JobBook, SubmitError
+from qlm_plugin.coordinator.jobs import UNAVAILABLE_RETRY_AFTER_S, UNSERVED, Job, JobBook, SubmitError
 from qlm_plugin.domain.instance import InstanceState
 from qlm_plugin.domain.request import ModelSpec, Request
 from qlm_plugin.hooks.hookspecs import TICK_S
@@ -402,6 +402,13 @@ class InstanceRegistry:
             if not w.done():
                 w.set_result(None)
 
+    def wake_waiters(self) -> None:
+        """Wake the requests waiting for an instance (the coordinator drains: they are refused)."""
+        waiters, self._fleet_waiters = self._fleet_waiters, []
+        for w in waiters:
+            if not w.done():
+                w.set_result(None)
+
     async def await_instance(self, request: Request) -> None:
         """Wait until a live instance serves ``request.model``, at most the configured time; then
         raise :class:`SubmitError` (``unavailable``). Nothing is queued meanwhile."""
@@ -418,6 +425,12 @@ class InstanceRegistry:
                 await asyncio.wait_for(waiter, left)
         if self.dispatcher.served(request.model):
             return
+        if not self.book.accepting:  # the coordinator drains: a retry goes to its next start
+            raise SubmitError(
+                "unavailable",
+                "the coordinator is draining (shutting down); send it again",
+                retry_after_s=UNAVAILABLE_RETRY_AFTER_S,
+            )
         live = [s for s in self.fleet.sessions.values() if s.alive]
         raise SubmitError(
             "unavailable",

@@ -32,7 +32,7 @@ from google.protobuf.message import DecodeError, Message
 from opentelemetry import propagate
 
 from qlm_plugin.coordinator.coordinator import Coordinator
-from qlm_plugin.coordinator.jobs import WORKER_GONE, Chunk, Job, SubmitError, follow, publish, tell_end
+from qlm_plugin.coordinator.jobs import WORKER_GONE, Chunk, Job, SubmitError, follow, halt, publish, tell_end
 from qlm_plugin.coordinator.journal import TERMINAL
 from qlm_plugin.coordinator.json_codec import dumps
 from qlm_plugin.domain.outcome import Admission
@@ -539,6 +539,9 @@ class RelayClient:
         jobs, self._jobs = self._jobs, {}
         for group in jobs.values():
             for job in group:
-                job.state, job.error = "failed", f"the coordinator core went away ({self._why})"
-                tell_end(job)
+                # accepted, it is in the core's journal and served after its restart: its client is
+                # told so, as at a graceful stop (it was told "failed", and the retry with its key
+                # found the whole answer)
+                job.error = f"the coordinator core went away ({self._why})"
+                halt(job)
         self.closed.set()

@@ -22,7 +22,7 @@ from qlm_plugin.coordinator.auth import Authenticator, check_bind, grpc_server_c
 from qlm_plugin.coordinator.batch_api import BatchAPI
 from qlm_plugin.coordinator.batch_store import BatchStore
 from qlm_plugin.coordinator.batches import BatchService
-from qlm_plugin.coordinator.config import CoordinatorConfig
+from qlm_plugin.coordinator.config import CoordinatorConfig, join_host_port
 from qlm_plugin.coordinator.coordinator import Coordinator
 from qlm_plugin.coordinator.grpc_api import AdminService, AuthInterceptor, InstancesService, RequestsService
 from qlm_plugin.coordinator.http_api import FrontDoor, make_runner
@@ -116,16 +116,16 @@ class CoordinatorServer:
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         names = [pb.DESCRIPTOR.services_by_name[s.split(".")[-1]].full_name for s in SERVICES]
         reflection.enable_server_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
-        address = f"{cfg.grpc.host}:{cfg.grpc.port}"
+        address = join_host_port(cfg.grpc.host, cfg.grpc.port)
         creds = grpc_server_credentials(cfg)
         try:
             self.grpc_port = (
                 server.add_secure_port(address, creds) if creds else server.add_insecure_port(address)
             )
         except RuntimeError as exc:  # grpcio >= 1.6x raises where it returned 0
-            raise OSError(f"cannot bind gRPC to {address} (address in use?): {exc}") from None
+            raise OSError(f"cannot bind gRPC to {address} (in use, or not an address here?): {exc}") from None
         if not self.grpc_port:
-            raise OSError(f"cannot bind gRPC to {address} (address in use?)")
+            raise OSError(f"cannot bind gRPC to {address} (in use, or not an address here?)")
         await server.start()
         for name in ("", *SERVICES[1:]):
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -163,12 +163,10 @@ class CoordinatorServer:
             self.workers = WorkerPool(self.http_workers, coord, self.auth, tls)
             await self.workers.start(listener, self._runner)
         log.info(
-            "coordinator ready: HTTP %s:%d (%s), gRPC %s:%d, policy %s, journal %s",
-            cfg.http.host,
-            self.http_port,
+            "coordinator ready: HTTP %s (%s), gRPC %s, policy %s, journal %s",
+            join_host_port(cfg.http.host, self.http_port),
             f"{self.http_workers} front-door workers" if self.http_workers else "served by the core",
-            cfg.grpc.host,
-            self.grpc_port,
+            join_host_port(cfg.grpc.host, self.grpc_port),
             cfg.policy,
             cfg.journal.path,
         )
@@ -185,7 +183,7 @@ class CoordinatorServer:
             await self._health.set(REQUESTS, serving if coord.ready else not_serving)
             await self._ready_changed.wait()
 
-    async def stop(self, drain_timeout_s: float | None = None) -> dict[str, int]:
+    async def stop(self, drain_timeout_s: float | None = None, *, started: bool = True) -> dict[str, int]:
         """Graceful drain: health NOT_SERVING, refuse new work, let dispatched requests finish (or
         leave them journaled for the next start), flush the journal, close the servers. Takes at
         most the drain's timeout plus about 2 s (the servers' grace for calls still open, HTTP and
@@ -201,7 +199,7 @@ class CoordinatorServer:
             await self.batches.close()
         if self._front is not None:
             self._front.closing = True  # first: a client told below and leaving cancels nothing
-        if self.coordinator is not None and self.coordinator.halt_unfinished():
+        if self.coordinator is not None and self.coordinator.halt_unfinished(left):
             await asyncio.sleep(HALT_GRACE_S)  # their clients (a worker's too) are told before the close
         grpc_stopped = (
             asyncio.ensure_future(self._grpc.stop(grace=GRPC_GRACE_S)) if self._grpc is not None else None
@@ -219,7 +217,8 @@ class CoordinatorServer:
         if self.batch_store is not None:
             self.batch_store.close()
         self.stopped.set()
-        log.info("coordinator stopped: %s", kept(left, "the journal"))
+        if started:  # a start that failed kept nothing (it may not have opened the journal)
+            log.info("coordinator stopped: %s", kept(left, "the journal"))
         return left
 
 
@@ -253,10 +252,13 @@ def kept(left: dict[str, int], journal: str) -> str:
     """What a stop left unfinished, in words: the queued requests and those still on instances
     (dispatched), all kept in the ``journal`` for the next start."""
     queued, dispatched = left.get("queued", 0), left.get("dispatched", 0)
-    return (
+    said = (
         f"{queued + dispatched} unfinished requests kept in {journal} for the next start "
         f"({queued} queued, {dispatched} dispatched)"
     )
+    if left.get("not_kept"):
+        said += f"; {left['not_kept']} cancelled (their clients were told to send them again)"
+    return said
 
 
 #: How long a restarted core waits for the port while the old core's workers let go of it.
@@ -282,16 +284,26 @@ async def serve_until_signal(
     """Run until SIGTERM or SIGINT (or ``stop`` is set), then drain."""
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
+
+    def signalled() -> None:
+        if not stop.is_set():
+            stop.set()
+            return
+        # a second one, as uvicorn and gunicorn take it: stop now, what is unfinished kept
+        log.warning("second signal: stopping now; unfinished requests are kept in the journal")
+        if server.coordinator is not None:
+            server.coordinator.stop_waiting = True
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, signalled)
     try:
         await server.start()
     except BaseException:  # a port in use, a journal in use: what did start is closed cleanly
         with contextlib.suppress(Exception):
-            await server.stop(drain_timeout_s=0)
+            await server.stop(drain_timeout_s=0, started=False)
         raise
     if on_ready is not None:
         on_ready()
     await stop.wait()
-    log.info("signal received: draining")
+    log.info("signal received: draining (a second signal stops at once)")
     return await server.stop()

@@ -165,7 +165,10 @@ def auth_refusal(exc: AuthError) -> web.Response:
 
 async def read_body(request: web.Request, limit: int, stall_s: float) -> bytes:
     """The request's whole body: :class:`web.HTTPRequestEntityTooLarge` past ``limit`` bytes,
-    :class:`TimeoutError` once ``stall_s`` passes without a byte of it."""
+    :class:`TimeoutError` once ``stall_s`` passes without a byte of it,
+    :class:`web.RequestPayloadError` for one that does not decode, marked read to its end (aiohttp,
+    reading the rest of it for a next request, logged the error as unhandled with 40 lines of
+    traceback, for any client that sent a bad gzip body): close the connection with the answer."""
     content = request.content
     if content.is_eof():  # all of it came with the head (most requests): no timer
         data = content.read_nowait()
@@ -175,13 +178,17 @@ async def read_body(request: web.Request, limit: int, stall_s: float) -> bytes:
     parts: list[bytes] = []
     size = 0
     loop = asyncio.get_running_loop()
-    async with asyncio.timeout(stall_s) as bound:
-        while chunk := await content.readany():
-            size += len(chunk)
-            if size > limit:
-                raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=size)
-            parts.append(chunk)
-            bound.reschedule(loop.time() + stall_s)
+    try:
+        async with asyncio.timeout(stall_s) as bound:
+            while chunk := await content.readany():
+                size += len(chunk)
+                if size > limit:
+                    raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=size)
+                parts.append(chunk)
+                bound.reschedule(loop.time() + stall_s)
+    except web.RequestPayloadError:
+        content.feed_eof()  # nothing more is read of it: the caller's answer closes the connection
+        raise
     return b"".join(parts)
 
 
@@ -789,7 +796,9 @@ class FrontDoor:
         except web.HTTPRequestEntityTooLarge:
             return error_response(413, f"the body exceeds {MAX_BODY_BYTES} bytes", code="too_large")
         except web.RequestPayloadError as exc:  # e.g. a content-encoding that does not decode
-            return error_response(400, f"the body could not be read: {exc}", code="invalid_body")
+            unreadable = error_response(400, f"the body could not be read: {exc}", code="invalid_body")
+            unreadable.force_close()  # what is left of the body cannot be read as a next request
+            return unreadable
         except TimeoutError:
             return body_stalled(self.body_stall_s)
         try:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import grpc
@@ -17,6 +18,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
 
+from qlm_plugin.adapters.sim.process import SimEngineLink
 from qlm_plugin.proto.qlm.v1 import qlm_pb2 as pb
 from qlm_plugin.telemetry.instruments import Telemetry
 from qlm_plugin.testing.stack import local_stack
@@ -165,6 +167,12 @@ def test_grpc_callers_and_refused_requests_are_in_their_callers_trace(tmp_path: 
     tracer_provider.add_span_processor(SimpleSpanProcessor(exporter))
     telemetry = Telemetry(tracer_provider=tracer_provider, meter_provider=MeterProvider())
     trace_id = TRACEPARENT.split("-")[1]
+    sent: list[dict[str, str]] = []  # the trace context each assignment carried to its instance
+    start = SimEngineLink.start
+
+    def recording(link: SimEngineLink, a: pb.Assignment, emit: Any) -> bool:
+        sent.append(dict(a.trace_context))
+        return start(link, a, emit)
 
     async def main() -> str:
         async with local_stack(tmp_path, telemetry=telemetry, speed=50.0) as st:
@@ -185,9 +193,13 @@ def test_grpc_callers_and_refused_requests_are_in_their_callers_trace(tmp_path: 
                 assert r.status == 400
             return reply.request_id
 
-    rid = asyncio.run(main())
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(SimEngineLink, "start", recording)
+        rid = asyncio.run(main())
     spans = [s for s in exporter.get_finished_spans() if s.kind == SpanKind.SERVER]
     assert {f"{s.context.trace_id:032x}" for s in spans} == {trace_id}, [s.name for s in spans]
+    # and its instance got the request span's context, to pass on to its engine
+    assert [c["traceparent"].split("-")[1] for c in sent] == [trace_id]
     served, *refused = sorted(spans, key=lambda s: s.status.status_code.value)
     assert (served.attributes or {})["qlm.request.id"] == rid
     assert served.status.status_code is StatusCode.UNSET

@@ -216,3 +216,26 @@ def test_a_chunk_of_several_tokens_counts_as_its_log_probabilities_say() -> None
         assert events[-1].kind == Event.FINISHED
 
     asyncio.run(_serve(_stream(lines), drive))
+
+
+def test_the_request_spans_trace_context_goes_to_the_server() -> None:
+    """The coordinator's trace context for the request reaches the engine's server as headers (it
+    had X-Request-Id only): a server that traces puts its spans in the client's trace."""
+    seen: list[Any] = []
+    ok = _stream([b"data: " + json.dumps(_chunk(" a", "stop")).encode(), b"data: [DONE]"])
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        seen.append(request.headers.copy())  # case-insensitive
+        return await ok(request)
+
+    parent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+
+    async def drive(link: OpenAIEngineLink) -> None:
+        a = _assignment()
+        a.trace_context["traceparent"] = parent
+        await _one(link, a)
+        await _one(link, _assignment(request_id="r2"))  # none while the coordinator does not trace
+
+    asyncio.run(_serve(handler, drive))
+    assert seen[0]["traceparent"] == parent and seen[0]["x-request-id"] == "r1.1"
+    assert "traceparent" not in seen[1]

@@ -257,6 +257,17 @@ def test_failures_say_why_and_only_successes_count_in_the_token_latencies(otel: 
         assert sample(s, "qlm_request_duration_seconds_count", **labels) == n
 
 
+def test_a_requests_trace_context_is_its_spans_for_the_engine(otel: Otel) -> None:
+    tel = otel.telemetry()
+    start(tel)
+    context = tel.trace_context("r1")
+    finish(tel)
+    (span,) = otel.finished()
+    assert span.context is not None
+    assert context["traceparent"].startswith(f"00-{span.context.trace_id:032x}-{span.context.span_id:016x}-")
+    assert tel.trace_context("r1") == {} and Telemetry().trace_context("x") == {}  # ended; no SDK
+
+
 def test_a_refused_request_has_an_error_span_in_its_clients_trace(otel: Otel) -> None:
     trace_id, span_id = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
     parent = TraceContextTextMapPropagator().extract({"traceparent": f"00-{trace_id}-{span_id}-01"})

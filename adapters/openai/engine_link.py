@@ -334,7 +334,8 @@ class OpenAIEngineLink:
                 body["prompt"] = ids
             t0 = time.monotonic()
             # The server names the request after the coordinator's id (its logs, its /abort_requests).
-            headers = {"X-Request-Id": f"{rid}.{attempt}"}
+            # ... and its spans join the client's trace, where the coordinator traces
+            headers = {**a.trace_context, "X-Request-Id": f"{rid}.{attempt}"}
             url = f"{self.settings.base_url}{path}"
             async with self._session().post(url, json=body, headers=headers) as r:
                 if r.status in BUSY_STATUSES:

@@ -239,6 +239,7 @@ class Dispatcher:
                     resume_text=job.text,
                     ttft_budget_s=ttft_budget,
                     e2e_budget_s=e2e_budget,
+                    trace_context=self.telemetry.trace_context(job.id),
                 )
             )
         self.telemetry.request_event(
@@ -266,6 +267,7 @@ class Dispatcher:
                 self._engine_gone,
                 predicted,
                 self.cfg.forward_read_timeout_s,
+                self.telemetry.trace_context(job.id),
             )
         )
         self._forwards[job.id] = task

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import aiohttp
@@ -147,11 +147,13 @@ async def forward(
     lost: Lost,
     predicted: LengthDistribution | None = None,
     read_timeout_s: float = 600.0,
+    trace_context: Mapping[str, str] | None = None,
 ) -> None:
     """Serve one attempt of ``job`` on ``s`` over HTTP, reporting its events to ``report`` as an
     agent would, and an engine that no longer answers to ``lost``. A stream silent for
     ``read_timeout_s`` is stalled (config ``forward_read_timeout_s``): no fixed bound fits a whole
-    request, but one on the silence does."""
+    request, but one on the silence does. ``trace_context``: the request span's, sent as headers
+    (an engine that traces puts its spans in the client's trace)."""
     model = (
         s.report.models_loaded[0] if s.report is not None and s.report.models_loaded else job.request.model
     )
@@ -192,7 +194,7 @@ async def forward(
         async with http.post(
             f"{s.endpoint.rstrip('/')}{endpoint_path(body)}",
             json=body,
-            headers={"X-Request-Id": f"{job.id}.{attempt}"},
+            headers={**(trace_context or {}), "X-Request-Id": f"{job.id}.{attempt}"},
             timeout=timeout,
         ) as resp:
             arrived()

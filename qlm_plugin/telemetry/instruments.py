@@ -25,7 +25,7 @@ from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, NamedTuple
 
-from opentelemetry import metrics, trace
+from opentelemetry import metrics, propagate, trace
 from opentelemetry.metrics import CallbackOptions, Observation
 from opentelemetry.trace import SpanKind, Status, StatusCode
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
@@ -490,6 +490,17 @@ class Telemetry:
         if previous is not None:  # started twice: close the first span rather than leak it
             previous.end()
         self._requests[request_id] = span
+
+    def trace_context(self, request_id: str) -> dict[str, str]:
+        """The W3C trace context (``traceparent``, ``tracestate``) of the request's span, for the
+        call that serves it: an engine that traces (vLLM's ``--otlp-traces-endpoint``) puts its
+        spans in the client's trace. Empty while nothing is traced."""
+        span = self._requests.get(request_id)
+        if span is None or not span.get_span_context().is_valid:
+            return {}
+        carrier: dict[str, str] = {}
+        propagate.inject(carrier, context=trace.set_span_in_context(span))
+        return carrier
 
     def request_event(
         self,

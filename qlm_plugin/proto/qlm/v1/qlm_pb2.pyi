@@ -299,7 +299,14 @@ class PullCredit(_message.Message):
     def __init__(self, session: _Optional[str] = ..., free_slots: _Optional[int] = ..., received: _Optional[int] = ...) -> None: ...
 
 class Assignment(_message.Message):
-    __slots__ = ("request", "attempt", "urgency", "deadline", "resume_tokens", "resume_text", "ttft_budget_s", "e2e_budget_s", "rank")
+    __slots__ = ("request", "attempt", "urgency", "deadline", "resume_tokens", "resume_text", "ttft_budget_s", "e2e_budget_s", "rank", "trace_context")
+    class TraceContextEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     REQUEST_FIELD_NUMBER: _ClassVar[int]
     ATTEMPT_FIELD_NUMBER: _ClassVar[int]
     URGENCY_FIELD_NUMBER: _ClassVar[int]
@@ -309,6 +316,7 @@ class Assignment(_message.Message):
     TTFT_BUDGET_S_FIELD_NUMBER: _ClassVar[int]
     E2E_BUDGET_S_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
+    TRACE_CONTEXT_FIELD_NUMBER: _ClassVar[int]
     request: RequestSpec
     attempt: int
     urgency: float
@@ -318,7 +326,8 @@ class Assignment(_message.Message):
     ttft_budget_s: float
     e2e_budget_s: float
     rank: _containers.RepeatedScalarFieldContainer[float]
-    def __init__(self, request: _Optional[_Union[RequestSpec, _Mapping]] = ..., attempt: _Optional[int] = ..., urgency: _Optional[float] = ..., deadline: _Optional[float] = ..., resume_tokens: _Optional[int] = ..., resume_text: _Optional[str] = ..., ttft_budget_s: _Optional[float] = ..., e2e_budget_s: _Optional[float] = ..., rank: _Optional[_Iterable[float]] = ...) -> None: ...
+    trace_context: _containers.ScalarMap[str, str]
+    def __init__(self, request: _Optional[_Union[RequestSpec, _Mapping]] = ..., attempt: _Optional[int] = ..., urgency: _Optional[float] = ..., deadline: _Optional[float] = ..., resume_tokens: _Optional[int] = ..., resume_text: _Optional[str] = ..., ttft_budget_s: _Optional[float] = ..., e2e_budget_s: _Optional[float] = ..., rank: _Optional[_Iterable[float]] = ..., trace_context: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class AssignmentBatch(_message.Message):
     __slots__ = ("assignments",)

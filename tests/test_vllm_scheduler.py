@@ -400,3 +400,20 @@ def test_the_scheduler_classes_pickle_by_reference() -> None:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(shims), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_no_seat_is_freed_while_vllm_would_give_it_to_a_request_holding_kv() -> None:
+    """vLLM seats the waiting requests that hold KV blocks first: a seat freed for an urgent request
+    went to one of them, and the urgent request cost an eviction at every step while they lasted."""
+    s = make()
+    batch(s, 2)
+    holding = req(extra_args={"qlm_e2e_ms": 3.6e6})
+    holding.num_computed_tokens = 16  # an async KV load's request: it waits holding its blocks
+    s.requests[holding.request_id] = holding
+    s.kv_holding_waiting.add_request(holding)
+    s.add_request(urgent())
+    s._qlm_before_step()
+    assert s.qlm_counters["evictions"] == 0
+    s.kv_holding_waiting.remove_requests([holding])
+    s._qlm_before_step()
+    assert s.qlm_counters["evictions"] == 1  # once it is seated, the urgent request's turn

@@ -319,8 +319,14 @@ class _QLMMixin:
         loras = None
         if getattr(self, "lora_config", None) is not None:
             loras = {r.lora_request.lora_int_id for r in self.running if getattr(r, "lora_request", None)}
+        ready = self._qlm_schedulable(loras)
+        if self.kv_holding_waiting.first(1, ready, scan=4 * seats):
+            # vLLM seats the requests that hold KV blocks (async or remote KV loads) first: a seat
+            # freed now would go to one of them, and the urgent request would cost another
+            # eviction at every step while they last
+            return
         # the first requests vLLM would seat, in rank order (an urgent one behind others counts too)
-        waiting = self.waiting.first(seats, self._qlm_schedulable(loras), scan=4 * seats)
+        waiting = self.waiting.first(seats, ready, scan=4 * seats)
         found = self.qlm_brain.seat_for(waiting, self.running, seats, now, given)
         if found is not None:
             victim, choice = found

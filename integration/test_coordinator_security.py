@@ -441,6 +441,9 @@ def test_a_tenant_chooses_its_request_ids_without_meeting_another_tenants(tmp_pa
             assert slash.code() == grpc.StatusCode.INVALID_ARGUMENT
             assert (slash.details() or "").startswith("request_id: must not contain '/'"), slash
             assert (await rpc_error(tenant_a.status("tenant-b/job-1"))).code() == grpc.StatusCode.NOT_FOUND
+            chosen.request_id = "j" * 256  # the longest id any client may choose, its tenant's name aside
+            assert (await tenant_a.submit(chosen)).request_id == "j" * 256
+            assert (await tenant_a.cancel("j" * 256)).cancelled
             assert (await tenant_a.cancel("job-1")).cancelled
             assert jobs["job-1"].state in ("queued", "dispatched"), "the other tenant's was cancelled"
             # the unbound token sees every tenant's requests, by the ids the coordinator keeps

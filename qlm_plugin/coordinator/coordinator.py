@@ -350,7 +350,9 @@ class Coordinator:
         cancel_if_caller_leaves: str | None,
     ) -> tuple[Job, bool]:
         book = self.book
-        check_names(spec)
+        if tenant is not None:
+            spec.tenant = tenant
+        check_names(spec)  # (with the tenant it is kept under: a request id is, scoped_id)
         if spec.operation not in OPERATIONS and spec.operation:  # a span's name and a metric's label
             raise SubmitError(
                 "invalid", f"must be one of {', '.join(OPERATIONS)}, got {show(spec.operation)}", "operation"
@@ -358,8 +360,6 @@ class Coordinator:
         if spec.idempotency_key.startswith(RESERVED_KEY_PREFIX) and not internal:
             reserved = f"idempotency keys starting {RESERVED_KEY_PREFIX!r} are reserved"
             raise SubmitError("invalid", reserved, "idempotency_key")
-        if tenant is not None:
-            spec.tenant = tenant
         spec.tenant = spec.tenant or "default"
         if not book.accepting:
             # a retry of a request already accepted gets its answer (a client retrying the 503 of

@@ -113,6 +113,8 @@ def check_names(spec: pb.RequestSpec) -> None:
     """Raise :class:`SubmitError` naming the first of the request's names that is too long or not
     printable."""
     for name, value in (*((f, getattr(spec, f)) for f in NAMED_FIELDS), ("slo.class", spec.slo.slo_class)):
+        if name == "request_id" and spec.tenant:  # kept under its tenant's name (scoped_id)
+            value = value.removeprefix(f"{spec.tenant}/")
         if len(value) > MAX_NAME_CHARS or not value.isprintable():
             raise SubmitError(
                 "invalid", f"must be at most {MAX_NAME_CHARS} printable characters, got {show(value)}", name

@@ -22,6 +22,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
+from qlm_plugin.adapters.sim.engine import SimInstance
 from qlm_plugin.adapters.sim.realtime import natural_length, synthetic_text
 from qlm_plugin.coordinator.grpc_api import InstancesService
 from qlm_plugin.coordinator.http_api import unfinished
@@ -30,7 +31,7 @@ from qlm_plugin.coordinator.journal import JournalError
 from qlm_plugin.coordinator.prompt_tokens import PromptCounter
 from qlm_plugin.proto.qlm.v1 import qlm_pb2 as pb
 from qlm_plugin.proto.qlm.v1 import qlm_pb2_grpc as pb_grpc
-from qlm_plugin.testing.stack import LocalStack, run_with_stack
+from qlm_plugin.testing.stack import LocalStack, add_instance, run_with_stack
 from qlm_plugin.transport import agent as agent_module
 from qlm_plugin.transport.client import CoordinatorClient
 from qlm_plugin.workloads.scenario import load_scenario
@@ -1651,6 +1652,49 @@ def test_a_drain_answers_retries_refuses_waiters_and_keeps_first_tokens(tmp_path
         update={"models": [*scenario.models, scenario.models[0].model_copy(update={"name": "other-model"})]}
     )
     run(tmp_path, after_restart, speed=1.0, instances=1, scenario=two_models)
+
+
+def test_an_instance_that_stops_hands_back_what_it_held(tmp_path: Path) -> None:
+    """An agent stopped cleanly (SIGTERM, `qlm scale` down) hands its requests back: they were
+    served again only once the heartbeat timeout (2 s here) declared the instance lost."""
+
+    async def body(st: LocalStack) -> None:
+        async with CoordinatorClient(st.grpc_target) as c:
+            reply = await c.submit(pb.RequestSpec(model=MODEL, prompt="x", max_tokens=4000))
+        job = st.coordinator.jobs[reply.request_id]
+        while job.state != "dispatched":
+            await asyncio.sleep(0.02)
+        holder = job.instance
+        assert holder is not None
+        t0 = time.monotonic()
+        await st.instances.pop(holder).shutdown()
+        while job.instance == holder:
+            await asyncio.sleep(0.02)
+        assert time.monotonic() - t0 < 1.0  # not the 2 s heartbeat timeout
+        assert job.failures == 0  # handed back: no failure counted
+
+    run(tmp_path, body, speed=1.0)
+
+
+def test_an_instance_of_no_served_model_is_logged_at_registration(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An instance that can serve none of the coordinator's models (an OpenAI server's adapter
+    given another --model) registered without a word, counted by /health, and got no request."""
+    caplog.set_level(logging.INFO, logger="qlm_plugin.coordinator")
+
+    async def body(st: LocalStack) -> None:
+        costs = st.server.scenario.cost_models_for("h100")
+        only = {"other-model": next(iter(costs.values()))}  # the one model it can serve
+        add_instance(st, SimInstance("stray", "h100", only, initial_model="other-model"))
+        await asyncio.wait_for(st.instances["stray"].agent.connected.wait(), 10)
+
+    run(tmp_path, body, instances=1)
+    said = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any(
+        m.startswith("instance stray serves other-model, none of this coordinator's models") for m in said
+    ), said
+    assert not any("sim-0" in m for m in said)
 
 
 def test_admin_refuses_a_bad_evict_mode_an_unknown_request_and_a_negative_limit(tmp_path: Path) -> None:

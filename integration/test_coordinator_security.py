@@ -7,9 +7,11 @@ from __future__ import annotations
 import asyncio
 import datetime
 import ipaddress
+import json
 import logging
 import os
 import ssl
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +37,7 @@ from qlm_plugin.proto.qlm.v1 import qlm_pb2 as pb
 from qlm_plugin.proto.qlm.v1 import qlm_pb2_grpc as pb_grpc
 from qlm_plugin.testing.processes import http_call, serve_process, stop_all, wait_healthy
 from qlm_plugin.testing.stack import LocalInstance, LocalStack, local_stack
-from qlm_plugin.transport.agent import AgentSettings, InstanceAgent
+from qlm_plugin.transport.agent import AgentRefused, AgentSettings, InstanceAgent
 from qlm_plugin.transport.client import CoordinatorClient
 from qlm_plugin.workloads.scenario import load_scenario
 
@@ -289,7 +291,7 @@ def test_an_agent_without_the_instance_token_never_registers(
         start_agent(st, "admin-token", AgentSettings(target, token="a-secret"))
         late = start_agent(st, "late-good", AgentSettings(target, token="i-secret"))  # the control
         await asyncio.wait_for(late.agent.connected.wait(), 10)
-        await asyncio.sleep(1.0)  # several retries of the refused agents (backoff 0.1, 0.2, 0.4 s...)
+        await asyncio.sleep(1.0)  # time for retries of the refused agents (backoff 0.1, 0.2, 0.4 s...)
 
         assert registered(st) == {"sim-0", "late-good"}
         for name in ("no-token", "wrong-token", "client-token", "admin-token"):
@@ -299,13 +301,19 @@ def test_an_agent_without_the_instance_token_never_registers(
             listed = await admin.instances()
         assert {i.instance_id for i in listed.instances} == {"sim-0", "late-good"}, listed
 
-        logs = {
-            name: [r.getMessage() for r in caplog.records if r.getMessage().startswith(f"{name}:")]
-            for name in ("no-token", "wrong-token", "client-token")
-        }
-        assert any("UNAUTHENTICATED: missing bearer token" in m for m in logs["no-token"]), logs
-        assert any("UNAUTHENTICATED: unknown bearer token" in m for m in logs["wrong-token"]), logs
-        assert any("PERMISSION_DENIED" in m and "'instance' scope" in m for m in logs["client-token"]), logs
+        # each gave up at once, saying why (it retried for ever, logged as a lost connection)
+        said = {}
+        for name in ("no-token", "wrong-token", "client-token", "admin-token"):
+            task = st.instances.pop(name).task
+            assert task.done() and isinstance(task.exception(), AgentRefused), name
+            said[name] = str(task.exception())
+        assert "UNAUTHENTICATED: missing bearer token" in said["no-token"], said
+        assert "UNAUTHENTICATED: unknown bearer token" in said["wrong-token"], said
+        assert "PERMISSION_DENIED" in said["client-token"] and "'instance' scope" in said["client-token"], (
+            said
+        )
+        assert all("give it an instance token" in m for m in said.values()), said
+        assert not [r for r in caplog.records if "retrying" in r.getMessage()]
 
     run(tmp_path, body, instances=1, speed=50.0, config=TOKENS, env=ENV, token="i-secret")
 
@@ -332,9 +340,11 @@ def test_an_instance_bound_token_registers_and_reports_for_its_instances_only(tm
         other = start_agent(st, "gpu-2", AgentSettings(target, token="gpu1-secret"))
         await asyncio.wait_for(own.agent.connected.wait(), 10)
         await asyncio.wait_for(spare.agent.connected.wait(), 10)
-        await asyncio.sleep(1.0)  # several refused retries of gpu-2
+        await asyncio.sleep(1.0)
         assert registered(st) == {"sim-0", "gpu-1", "gpu-1-b"}
         assert other.agent.sessions_started == 0
+        st.instances.pop("gpu-2")  # refused, it stopped at once
+        assert other.task.done() and "may act for instances gpu-1" in str(other.task.exception())
 
         victim = st.coordinator.fleet.live("sim-0")
         assert victim is not None
@@ -874,6 +884,31 @@ def test_qlm_serve_with_a_client_token_alone_gives_its_own_instances_a_token(tmp
         assert status == 200, answer
     finally:
         stop_all([proc])
+
+
+def test_qlm_serve_with_tls_starts_instances_that_connect_over_it(tmp_path: Path) -> None:
+    """With `tls:` its own instances were started without a CA: they retried for ever, and no
+    instance ever registered. They trust `tls.ca` now; with client certificates required, which
+    it cannot give them, `qlm serve` says so at once."""
+    pki = make_pki(tmp_path)
+    tls = {"cert": str(pki.server_cert), "key": str(pki.server_key), "ca": str(pki.ca)}
+    (tmp_path / "tls.yaml").write_text(json.dumps({"tls": tls}))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("QLM_") or k == "QLM_PLUGINS"}
+    args = ("--instances", "1", "--speed", "20", "--config", str(tmp_path / "tls.yaml"))
+    proc = serve_process(tmp_path, free_port(), free_port(), *args, env=env)
+    log = tmp_path / "serve.log"
+    try:
+        deadline = time.monotonic() + 60
+        while "instance sim0-0 registered" not in log.read_text():
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.2)
+        assert "retrying" not in log.read_text()
+    finally:
+        stop_all([proc])
+    (tmp_path / "tls.yaml").write_text(json.dumps({"tls": {**tls, "client_ca": str(pki.ca)}}))
+    refused = serve_process(tmp_path, free_port(), free_port(), *args, env=env)
+    assert refused.wait(30) == 1
+    assert "qlm serve cannot give its own instances what TLS needs" in log.read_text()
 
 
 def test_a_second_coordinator_on_a_taken_grpc_port_is_refused(tmp_path: Path) -> None:

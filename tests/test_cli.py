@@ -139,6 +139,23 @@ def test_the_table_says_how_many_requests_a_class_refused(tmp_path: Path) -> Non
         ),  # before a journal
         (["cost-check", "--batches", "x"], 2, "argument --batches: must be whole numbers above 0"),
         (["instance", "--gpu", "h900"], 1, "--gpu 'h900': no model of the scenario has a cost model on it"),
+        # each ran and failed every request, or dropped what it was given without a word
+        (
+            ["instance", "--backend", "openai", "--endpoint", "127.0.0.1:19000", "--model", "m"],
+            1,
+            "--endpoint must be an http:// or https:// URL, got '127.0.0.1:19000'",
+        ),
+        (
+            ["instance", "--backend", "openai", "--endpoint", "http://h:1", "--model", "m", "--count", "2"],
+            1,
+            "--count must be 1",
+        ),
+        (["instance", "--tls-cert", "c.pem", "--tls-key", "k.pem"], 1, "need --tls-ca"),
+        (
+            ["instance", "--token-env", "QLM_TEST_NO_SUCH_TOKEN"],
+            1,
+            "QLM_TEST_NO_SUCH_TOKEN: the variable is unset",
+        ),
     ],
 )
 def test_bad_input_gives_one_clear_line_and_a_nonzero_exit(args: list[str], code: int, needle: str) -> None:
@@ -253,3 +270,11 @@ def test_an_http_port_in_use_is_named_with_what_to_change(tmp_path: Path) -> Non
     assert f"cannot bind HTTP to 127.0.0.1:{port}" in proc.stderr and "--http-port" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert "coordinator stopped" not in proc.stderr  # "0 unfinished requests kept": it never started
+
+
+def test_an_openai_endpoint_is_its_servers_base_url() -> None:
+    from qlm_plugin.coordinator.cli import openai_base_url
+
+    assert openai_base_url("http://127.0.0.1:8000") == "http://127.0.0.1:8000"
+    assert openai_base_url("http://h:8000/v1/") == "http://h:8000"  # an OpenAI client's base URL
+    assert openai_base_url("https://h/llm/v1") == "https://h/llm"

@@ -108,10 +108,12 @@ def _stream(lines: list[bytes]) -> Callable[[web.Request], Awaitable[web.StreamR
     return handler
 
 
-async def _one(link: OpenAIEngineLink, assignment: pb.Assignment) -> list[pb.RequestEvent]:
+async def _one(
+    link: OpenAIEngineLink, assignment: pb.Assignment, timeout_s: float = 5.0
+) -> list[pb.RequestEvent]:
     events: list[pb.RequestEvent] = []
     assert link.start(assignment, events.append)
-    for _ in range(500):
+    for _ in range(int(timeout_s / 0.01)):
         if any(e.kind != Event.TOKENS for e in events):
             break
         await asyncio.sleep(0.01)
@@ -144,12 +146,50 @@ def test_an_overloaded_server_gets_the_request_back_to_the_queue_and_a_pause() -
     async def busy(request: web.Request) -> web.Response:
         return web.json_response({"error": {"message": "too many requests"}}, status=429)
 
+    asked: list[float] = []
+
+    async def counted(request: web.Request) -> web.Response:
+        asked.append(asyncio.get_running_loop().time())
+        return await busy(request)
+
     async def drive(link: OpenAIEngineLink) -> None:
         events = await _one(link, _assignment())
         assert [KIND[e.kind] for e in events] == ["requeued"]
         assert link.free_slots() == 0  # nothing more for a moment
+        # ... and a request the coordinator sends straight back waits here for that moment: it
+        # was sent again at once, 500 times a second while its client waited
+        again = await _one(link, _assignment(), timeout_s=3.0)
+        assert [KIND[e.kind] for e in again] == ["requeued"]
+        assert len(asked) == 2 and asked[1] - asked[0] >= 0.9, asked
 
-    asyncio.run(_serve(busy, drive))
+    asyncio.run(_serve(counted, drive))
+
+
+def test_the_limit_learns_from_the_pace_after_the_first_token() -> None:
+    """Total time over tokens counted the first token's wait (all of a 1-token answer's time): on
+    a server with room to spare, short answers looked 5x slow and the limit fell to 1."""
+    ttft_s, per_token_s = 0.05, 0.01
+
+    async def paced(request: web.Request) -> web.StreamResponse:
+        n = int((await request.json())["max_tokens"])
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        await asyncio.sleep(ttft_s)
+        for i in range(n):
+            if i:
+                await asyncio.sleep(per_token_s)
+            finish = "length" if i == n - 1 else None
+            await response.write(b"data: " + json.dumps(_chunk(" a", finish)).encode() + b"\n\n")
+        await response.write(b"data: [DONE]\n\n")
+        return response
+
+    async def drive(link: OpenAIEngineLink) -> None:
+        for i, n in enumerate([1, 1, 20, 1, 1, 20]):
+            await _one(link, _assignment(request_id=f"r{i}", max_tokens=n))
+        assert link.limiter.best is not None and link.limiter.best < 2 * per_token_s, link.limiter.best
+        assert link.limiter.limit >= 4  # never cut
+
+    asyncio.run(_serve(paced, drive))
 
 
 def test_an_eviction_in_the_same_turn_as_its_assignment_requeues_it() -> None:

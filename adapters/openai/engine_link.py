@@ -324,15 +324,19 @@ class OpenAIEngineLink:
         usage, delivered = None, 0
         held_logprobs: list[dict[str, Any]] = []
         per_token: float | None = None
+        first_at: float | None = None  # monotonic: its first token
         token: int | None = None
         try:
+            # A server that answered 429 or 503 a moment ago is asked again only after its back-off:
+            # the request waits here (the coordinator sent it straight back, 500 times a second)
+            while (wait := self.busy_until - time.monotonic()) > 0:
+                await asyncio.sleep(wait)
             token = await self._slot()
             if spec.prompt_token_ids:
                 ids = list(spec.prompt_token_ids)
                 if a.resume_text:  # continues after the text delivered: as the server's own ids
                     ids += await tokenize(self._session(), self.settings.base_url, model, a.resume_text)
                 body["prompt"] = ids
-            t0 = time.monotonic()
             # The server names the request after the coordinator's id (its logs, its /abort_requests).
             # ... and its spans join the client's trace, where the coordinator traces
             headers = {**a.trace_context, "X-Request-Id": f"{rid}.{attempt}"}
@@ -383,6 +387,8 @@ class OpenAIEngineLink:
                             )
                             index += n
                             delivered += n
+                            if first_at is None:
+                                first_at = time.monotonic()
                         finish = choice.get("finish_reason") or finish
             if finish is None or finish in DROPPED:
                 # the stream ended without finishing the request: served again, as a failed attempt
@@ -391,7 +397,12 @@ class OpenAIEngineLink:
                 last = {"tokens": usage - delivered, "logprobs": _json(held_logprobs)}  # text that never came
                 emit(_event(rid, attempt, Event.TOKENS, index=index, text="", **last))
             emit(_event(rid, attempt, Event.FINISHED, finish_reason=FINISH_AS_OPENAI.get(finish, finish)))
-            per_token = (time.monotonic() - t0) / max(1, usage or delivered)
+            # The pace of its tokens after the first: the time to the first one (its prefill, which
+            # a short answer is all of) made every 1-token request look 5x slow, and the limit fell
+            # to 1 on a server that had room for 16
+            made = usage or delivered
+            if first_at is not None and made >= 2:
+                per_token = (time.monotonic() - first_at) / (made - 1)
         except asyncio.CancelledError:
             if rid in self._evicted:  # evicted by abort: the coordinator queues it again
                 self._evicted.discard(rid)

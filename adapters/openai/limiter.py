@@ -42,8 +42,9 @@ class ConcurrencyLimiter:
         return self._decreases
 
     def finished(self, seconds_per_token: float | None, token: int | None = None) -> None:
-        """A request ended; ``seconds_per_token``: its time to finish over its tokens (None if it
-        failed or was aborted: no signal); ``token``: what :meth:`started` returned for it."""
+        """A request ended; ``seconds_per_token``: the pace of its tokens after the first (None if
+        it failed, was aborted or made one token: no signal); ``token``: what :meth:`started`
+        returned for it."""
         self.in_flight = max(0, self.in_flight - 1)
         if seconds_per_token is None or seconds_per_token <= 0:
             return

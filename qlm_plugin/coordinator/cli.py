@@ -71,6 +71,10 @@ def _check_policy(name: str) -> None:
     policy_registry(get_plugin_manager()).get(name)  # its error names the policies available
 
 
+#: Where ``qlm instance`` reads its token unless told another variable.
+TOKEN_ENV_DEFAULT = "QLM_INSTANCE_TOKEN"
+
+
 def positive(kind: type[int] | type[float]) -> Any:
     """An argparse type: a number of ``kind`` above 0 (else a usage error naming the value)."""
 
@@ -245,7 +249,11 @@ def add_parsers(sub: Any) -> None:
         help="its gRPC address",
     )
     inst.add_argument("--count", type=int, default=1, help="instances in this process (default 1)")
-    inst.add_argument("--name", default="sim", help="instance id prefix (ids are NAME-0, NAME-1, ...)")
+    inst.add_argument(
+        "--name",
+        help="sim: instance id prefix (ids are NAME-0, NAME-1, ...; default sim); openai: the instance "
+        "id (default openai)",
+    )
     inst.add_argument(
         "--gpu", help="GPU kind of the cost model (default: the scenario's first instance group)"
     )
@@ -260,7 +268,7 @@ def add_parsers(sub: Any) -> None:
     inst.add_argument(
         "--speed", type=positive(float), default=1.0, help="simulated time runs this much faster (default 1)"
     )
-    inst.add_argument("--token-env", default="QLM_INSTANCE_TOKEN", help="variable holding the instance token")
+    inst.add_argument("--token-env", default=TOKEN_ENV_DEFAULT, help="variable holding the instance token")
     inst.add_argument("--tls-ca", metavar="FILE", help="CA certificate of the coordinator (enables TLS)")
     inst.add_argument("--tls-cert", metavar="FILE", help="client certificate (with --tls-key)")
     inst.add_argument("--tls-key", metavar="FILE", help="client key")
@@ -419,22 +427,40 @@ def _instances(args: argparse.Namespace) -> list[Any]:
 
 
 def cmd_instance(args: argparse.Namespace) -> int:
+    from qlm_plugin.transport.agent import AgentRefused
+
+    try:
+        return _instance(args)
+    except AgentRefused as exc:  # no retry mends it: say so and stop
+        print(f"qlm instance: error: {exc}", file=sys.stderr)
+        return 1
+
+
+def _instance(args: argparse.Namespace) -> int:
     from qlm_plugin.adapters.sim.process import run_instances
     from qlm_plugin.transport.agent import AgentSettings
 
     _logging(args.verbose)
     if args.count < 1:
         raise ValueError("--count must be >= 1")
+    args.name = args.name or args.backend
     if not args.speed > 0:
         raise ValueError("--speed must be > 0")
     cert = None
     if args.tls_cert or args.tls_key:
         if not (args.tls_cert and args.tls_key):
             raise ValueError("--tls-cert and --tls-key go together")
+        if not args.tls_ca:  # they were read and dropped: the connection was plaintext
+            raise ValueError(
+                "--tls-cert and --tls-key need --tls-ca (the coordinator's CA): TLS is on with it"
+            )
         cert = (Path(args.tls_key).read_bytes(), Path(args.tls_cert).read_bytes())
+    token = os.environ.get(args.token_env, "").strip()
+    if args.token_env != TOKEN_ENV_DEFAULT and not token:  # named, so meant: not a silent no token
+        raise ValueError(f"--token-env {args.token_env}: the variable is unset or empty")
     settings = AgentSettings(
         args.coordinator,
-        token=os.environ.get(args.token_env) or None,
+        token=token or None,
         root_certificates=Path(args.tls_ca).read_bytes() if args.tls_ca else None,
         client_cert=cert,
     )
@@ -467,6 +493,21 @@ def _own_instances_token(cfg: CoordinatorConfig) -> str | None:
     return token
 
 
+def _own_instances_tls(cfg: CoordinatorConfig, how: str | None) -> None:
+    """With ``tls``, the instances ``qlm serve`` starts itself must reach the coordinator over TLS:
+    simulated ones trust ``tls.ca`` (else the server's own certificate, a self-signed one); client
+    certificates, Ray actors and vLLM engines it cannot give them (they retried for ever)."""
+    if cfg.tls is None:
+        return
+    if cfg.tls.client_ca is not None or how is not None:
+        where = how or "its own instances"
+        raise ConfigError(
+            f"tls: qlm serve cannot give {where} what TLS needs here (client certificates, or a CA on "
+            "other hosts): run `qlm coordinator` and start the instances with their own --tls-ca, "
+            "--tls-cert and --tls-key"
+        )
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from qlm_plugin.coordinator.server import CoordinatorServer, kept, serve_until_signal
     from qlm_plugin.deploy.child_process import python_command
@@ -474,6 +515,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     _logging(args.verbose)
     cfg = _config(args)
+    how = "vLLM engines" if args.engine == "vllm" else "Ray actors" if args.ray is not None else None
+    _own_instances_tls(cfg, how)
     if args.engine == "vllm":
         return _serve_vllm(args, cfg)
     if args.model or args.engine_args or args.engine_logs or args.max_awake is not None or args.sleep_level:
@@ -570,6 +613,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             cmd += ["--model", m]
         if cfg.scenario or args.scenario:
             cmd += ["--scenario", str(args.scenario or cfg.scenario)]
+        if cfg.tls is not None:  # they trust its CA, or its own certificate (_own_instances_tls)
+            cmd += ["--tls-ca", cfg.tls.ca or cfg.tls.cert]
         sims = InstanceChildren(cmd, [f"sim{i}" for i in range(count)])
         sims.start()
         children.append(sims)
@@ -775,14 +820,21 @@ def _run_openai(args: argparse.Namespace, settings: Any) -> int:
 
     if not args.endpoint or not args.model:
         raise ValueError("--backend openai needs --endpoint and --model")
+    if args.count != 1:
+        raise ValueError("--backend openai serves one server: --count must be 1 (start one per server)")
+    if len(args.model) > 1:
+        raise ValueError("--backend openai serves one model: give --model once (its server's)")
+    if args.max_concurrency < 1:
+        raise ValueError(f"--max-concurrency must be >= 1, got {args.max_concurrency}")
     link = OpenAIEngineLink(
         OpenAISettings(
             instance_id=args.name,
-            base_url=args.endpoint.rstrip("/"),
+            base_url=openai_base_url(args.endpoint),
             model=args.model[0],
             served_model=args.served_model or "",
             gpu=args.gpu or "h100",
             max_concurrency=args.max_concurrency,
+            initial_concurrency=min(OpenAISettings.initial_concurrency, args.max_concurrency),
             load_command=args.load_command,
             unload_command=args.unload_command,
         )
@@ -803,6 +855,19 @@ def _run_openai(args: argparse.Namespace, settings: Any) -> int:
 
     event_loop.run(main())
     return 0
+
+
+def openai_base_url(endpoint: str) -> str:
+    """The server's base URL from ``--endpoint``: http(s) only (a bare ``host:port`` registered and
+    failed every request), and without the ``/v1`` an OpenAI client's base URL ends with (the
+    adapter adds the paths; with it, every request was a 404)."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(endpoint.strip())
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ValueError(f"--endpoint must be an http:// or https:// URL, got {endpoint!r}")
+    path = parts.path.rstrip("/")
+    return f"{parts.scheme}://{parts.netloc}{path.removesuffix('/v1')}"
 
 
 def cmd_scale(args: argparse.Namespace) -> int:

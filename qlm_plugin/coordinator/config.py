@@ -93,11 +93,14 @@ class TLS(_Strict):
     cert: str  # PEM certificate chain of the server
     key: str  # PEM private key
     client_ca: str | None = None  # PEM CA bundle: when set, clients must present a certificate it signed
+    # PEM CA that signed ``cert``: what the instances ``qlm serve`` starts itself trust (default:
+    # ``cert`` itself, as for a self-signed one)
+    ca: str | None = None
 
     @model_validator(mode="after")
     def _loads(self) -> TLS:
         """Read here, once: a file missing or not PEM was reported by gRPC as its port in use."""
-        for name in ("cert", "key", "client_ca"):
+        for name in ("cert", "key", "client_ca", "ca"):
             file = getattr(self, name)
             if file is not None and not Path(file).is_file():
                 raise ValueError(

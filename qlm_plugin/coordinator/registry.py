@@ -156,6 +156,15 @@ class InstanceRegistry:
             len(keep),
             len(abandon),
         )
+        rep = msg.state
+        its = {*rep.models_loaded, *rep.models_warm, *rep.models_servable}
+        if its and not its & set(self.models):  # it gets no work, and /health counts it as ready
+            log.warning(
+                "instance %s serves %s, none of this coordinator's models (%s): it will get no requests",
+                iid,
+                ", ".join(sorted(its)),
+                ", ".join(sorted(self.models)),
+            )
         return s, keep, abandon
 
     def _check_takeover(self, old: Session, msg: pb.RegisterRequest) -> None:

@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import logging
 import random
+import time
 import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -38,6 +39,14 @@ BACKOFF_S = (0.1, 5.0)
 #: engine whose scheduler holds the GIL) or the coordinator was slow, the connection is fine. A
 #: broken connection ends the streams, and the session with them; a forgotten one answers unknown.
 RETRIED_CODES = frozenset({grpc.StatusCode.DEADLINE_EXCEEDED})
+#: What no retry mends: the coordinator refuses this instance's token (or lack of one).
+REFUSED_CODES = frozenset({grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED})
+#: How long a stopping agent tries to send its last reports (a hung coordinator held SIGTERM off).
+FINAL_FLUSH_S = 10.0
+
+
+class AgentRefused(RuntimeError):
+    """The coordinator refuses this instance (its token): retrying cannot help."""
 
 
 class EngineLink(Protocol):
@@ -158,6 +167,13 @@ class InstanceAgent:
                 delay = BACKOFF_S[0]
             except (grpc.aio.AioRpcError, ConnectionError, OSError, SessionLost) as exc:
                 self.connected.clear()
+                if isinstance(exc, grpc.aio.AioRpcError) and exc.code() in REFUSED_CODES:
+                    # it was retried for ever, logged as a lost connection
+                    raise AgentRefused(
+                        f"{self.engine.instance_id}: the coordinator at {self.settings.target} refuses "
+                        f"this instance ({_brief(exc)}): give it an instance token "
+                        "(QLM_INSTANCE_TOKEN, or the variable --token-env names)"
+                    ) from None
                 if self.sessions_started > registered:
                     # a session that was up is a fresh loss: retry soon, not after the earlier
                     # failures' backoff (a restarted coordinator's instances came back 5 s late)
@@ -217,8 +233,23 @@ class InstanceAgent:
                 for t in tasks:
                     t.cancel()
                 await asyncio.gather(*tasks, return_exceptions=True)
-            if stop.is_set():  # a clean stop: report what finished before leaving
-                await self._flush_reports(stub)
+            if stop.is_set():  # a clean stop: report what finished before leaving, if it listens
+                # ... and hand back what it still holds: its engine stops with it, and the
+                # coordinator waited out the heartbeat timeout before serving them again
+                for h in self.engine.held():
+                    self.emit(
+                        pb.RequestEvent(
+                            request_id=h.request_id,
+                            attempt=h.attempt,
+                            kind=pb.RequestEvent.REQUEUED,
+                            time=time.time(),
+                            error=f"instance {self.engine.instance_id} stopped",
+                        )
+                    )
+                try:
+                    await asyncio.wait_for(self._flush_reports(stub), FINAL_FLUSH_S)
+                except (asyncio.TimeoutError, grpc.aio.AioRpcError) as exc:
+                    log.warning("%s: last reports not sent (%s)", self.engine.instance_id, _brief(exc))
                 self.connected.clear()
 
     async def _heartbeats(self, stub: pb_grpc.InstancesStub, interval: float) -> None:

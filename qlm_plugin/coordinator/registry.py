@@ -194,6 +194,9 @@ class InstanceRegistry:
         if s is None:
             return False
         s.last_seen = time.monotonic()
+        if msg.leaving:
+            self.lost(s, "its agent stopped", failure=False)
+            return True
         before = s.report
         s.report = state_from_report(msg, s.instance_id, s.backend, s.capabilities)
         device = s.report.device
@@ -248,8 +251,9 @@ class InstanceRegistry:
                 now=time.time(),
             )
 
-    def lost(self, s: Session, reason: str) -> None:
-        """Drain an instance: its unfinished requests go back to the queue, to finish elsewhere."""
+    def lost(self, s: Session, reason: str, *, failure: bool = True) -> None:
+        """Drain an instance: its unfinished requests go back to the queue, to finish elsewhere
+        (``failure``: counted against their attempts; not for an instance that left cleanly)."""
         if self.fleet.sessions.get(s.instance_id) is not s:
             return
         s.close()
@@ -260,9 +264,10 @@ class InstanceRegistry:
         if device:
             self.fleet.devices.left(s)
         log.log(
-            logging.INFO if parked else logging.WARNING,
-            "instance %s lost (%s): %d requests back to the queue",
+            logging.INFO if parked or not failure else logging.WARNING,
+            "instance %s %s (%s): %d requests back to the queue",
             s.instance_id,
+            "lost" if failure else "left",
             "stopped cold by its device" if parked else reason,
             len(s.assigned),
         )
@@ -279,7 +284,7 @@ class InstanceRegistry:
         for job in jobs:
             if job.state == "dispatched":
                 job.instance = None  # the lost session no longer owns it
-                self.dispatcher.requeue(job, f"instance {s.instance_id} lost: {reason}")
+                self.dispatcher.requeue(job, f"instance {s.instance_id} lost: {reason}", failure=failure)
 
     def expire(self) -> None:
         """On the coordinator's timer: drain the instances that stopped heartbeating, and release

@@ -14,7 +14,6 @@ import asyncio
 import contextlib
 import logging
 import random
-import time
 import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -234,23 +233,20 @@ class InstanceAgent:
                     t.cancel()
                 await asyncio.gather(*tasks, return_exceptions=True)
             if stop.is_set():  # a clean stop: report what finished before leaving, if it listens
-                # ... and hand back what it still holds: its engine stops with it, and the
-                # coordinator waited out the heartbeat timeout before serving them again
-                for h in self.engine.held():
-                    self.emit(
-                        pb.RequestEvent(
-                            request_id=h.request_id,
-                            attempt=h.attempt,
-                            kind=pb.RequestEvent.REQUEUED,
-                            time=time.time(),
-                            error=f"instance {self.engine.instance_id} stopped",
-                        )
-                    )
                 try:
-                    await asyncio.wait_for(self._flush_reports(stub), FINAL_FLUSH_S)
+                    await asyncio.wait_for(self._leave(stub), FINAL_FLUSH_S)
                 except (asyncio.TimeoutError, grpc.aio.AioRpcError) as exc:
                     log.warning("%s: last reports not sent (%s)", self.engine.instance_id, _brief(exc))
                 self.connected.clear()
+
+    async def _leave(self, stub: pb_grpc.InstancesStub) -> None:
+        """The last reports (what finished is not served again), then a heartbeat saying it
+        leaves: the coordinator serves what it still held elsewhere at once (its engine stops with
+        it; that waited out the heartbeat timeout), those on their way to it too."""
+        await self._flush_reports(stub)
+        report = self.engine.state()
+        report.session, report.leaving = self.session, True
+        await self._call(stub.Heartbeat, report)
 
     async def _heartbeats(self, stub: pb_grpc.InstancesStub, interval: float) -> None:
         while True:

@@ -189,7 +189,7 @@ class StepTiming(_message.Message):
     def __init__(self, start: _Optional[float] = ..., duration_s: _Optional[float] = ..., prefill_tokens: _Optional[int] = ..., decode_tokens: _Optional[int] = ..., batch_size: _Optional[int] = ...) -> None: ...
 
 class StateReport(_message.Message):
-    __slots__ = ("instance_id", "session", "models_loaded", "models_warm", "loading_model", "num_running", "num_waiting", "num_swapped", "queued_tokens", "kv_blocks_used", "kv_blocks_total", "max_num_seqs", "step_timings", "notes", "num_waiting_urgent", "running_ids", "waiting_ids", "swapped_ids", "now", "down", "max_num_batched_tokens", "prefill_tokens_pending", "models_servable", "device")
+    __slots__ = ("instance_id", "session", "models_loaded", "models_warm", "loading_model", "num_running", "num_waiting", "num_swapped", "queued_tokens", "kv_blocks_used", "kv_blocks_total", "max_num_seqs", "step_timings", "notes", "num_waiting_urgent", "running_ids", "waiting_ids", "swapped_ids", "now", "down", "max_num_batched_tokens", "prefill_tokens_pending", "models_servable", "device", "leaving")
     INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
     SESSION_FIELD_NUMBER: _ClassVar[int]
     MODELS_LOADED_FIELD_NUMBER: _ClassVar[int]
@@ -214,6 +214,7 @@ class StateReport(_message.Message):
     PREFILL_TOKENS_PENDING_FIELD_NUMBER: _ClassVar[int]
     MODELS_SERVABLE_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
+    LEAVING_FIELD_NUMBER: _ClassVar[int]
     instance_id: str
     session: str
     models_loaded: _containers.RepeatedScalarFieldContainer[str]
@@ -238,7 +239,8 @@ class StateReport(_message.Message):
     prefill_tokens_pending: int
     models_servable: _containers.RepeatedScalarFieldContainer[str]
     device: str
-    def __init__(self, instance_id: _Optional[str] = ..., session: _Optional[str] = ..., models_loaded: _Optional[_Iterable[str]] = ..., models_warm: _Optional[_Iterable[str]] = ..., loading_model: _Optional[str] = ..., num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., num_swapped: _Optional[int] = ..., queued_tokens: _Optional[int] = ..., kv_blocks_used: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., max_num_seqs: _Optional[int] = ..., step_timings: _Optional[_Iterable[_Union[StepTiming, _Mapping]]] = ..., notes: _Optional[_Iterable[str]] = ..., num_waiting_urgent: _Optional[int] = ..., running_ids: _Optional[_Iterable[str]] = ..., waiting_ids: _Optional[_Iterable[str]] = ..., swapped_ids: _Optional[_Iterable[str]] = ..., now: _Optional[float] = ..., down: _Optional[bool] = ..., max_num_batched_tokens: _Optional[int] = ..., prefill_tokens_pending: _Optional[int] = ..., models_servable: _Optional[_Iterable[str]] = ..., device: _Optional[str] = ...) -> None: ...
+    leaving: bool
+    def __init__(self, instance_id: _Optional[str] = ..., session: _Optional[str] = ..., models_loaded: _Optional[_Iterable[str]] = ..., models_warm: _Optional[_Iterable[str]] = ..., loading_model: _Optional[str] = ..., num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., num_swapped: _Optional[int] = ..., queued_tokens: _Optional[int] = ..., kv_blocks_used: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., max_num_seqs: _Optional[int] = ..., step_timings: _Optional[_Iterable[_Union[StepTiming, _Mapping]]] = ..., notes: _Optional[_Iterable[str]] = ..., num_waiting_urgent: _Optional[int] = ..., running_ids: _Optional[_Iterable[str]] = ..., waiting_ids: _Optional[_Iterable[str]] = ..., swapped_ids: _Optional[_Iterable[str]] = ..., now: _Optional[float] = ..., down: _Optional[bool] = ..., max_num_batched_tokens: _Optional[int] = ..., prefill_tokens_pending: _Optional[int] = ..., models_servable: _Optional[_Iterable[str]] = ..., device: _Optional[str] = ..., leaving: _Optional[bool] = ...) -> None: ...
 
 class HeldRequest(_message.Message):
     __slots__ = ("request_id", "attempt")

@@ -82,8 +82,11 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     if args.rate_scale is not None:
         if args.rate_scale <= 0:
             raise ValueError(f"--rate-scale must be > 0, got {args.rate_scale}")
-        updates["rate_scale"] = args.rate_scale
-        updates["target_rps"] = None
+        own_rps = scenario.workload.target_rps if args.trace is None else None
+        if own_rps:  # the scenario's own rate, scaled (as qlm plan-capacity takes it)
+            updates.update(target_rps=own_rps * args.rate_scale, rate_scale=1.0)
+        else:
+            updates.update(rate_scale=args.rate_scale, target_rps=None)
     if updates:
         scenario = scenario.model_copy(update={"workload": scenario.workload.model_copy(update=updates)})
     if args.seed is not None:

@@ -112,6 +112,7 @@ def test_parse_targets() -> None:
         ("batch=x", "not a number"),
         ("bulk=0.9", "unknown class 'bulk'"),
         ("batch=0.9,batch=0.8", "twice"),
+        ("0.99,0.5", r"the default \(a bare number\) twice"),  # the second silently won
     ]:
         with pytest.raises(ValueError, match=message):
             capacity.parse_targets(bad, classes)
@@ -192,7 +193,10 @@ def test_no_kind_meets_within_max_instances(small: Path, capsys: pytest.CaptureF
         (["--target", "1.5"], 1, r"must be in (0, 1]"),
         (["--target", "0"], 1, r"must be in (0, 1]"),
         (["--trace", "/nonexistent/trace.csv"], 1, "/nonexistent/trace.csv"),
-        (["--max-instances", "0"], 1, "--max-instances must be >= 1"),
+        (["--max-instances", "0"], 1, "--max-instances must be in 1..4096"),
+        (["--max-instances", "100000"], 1, "--max-instances must be in 1..4096"),  # ran for minutes
+        (["--trace", ""], 1, "--trace is empty"),  # it planned on the conversation sample
+        (["--rate-scale", "inf"], 1, "--rate-scale must be > 0 and finite, got inf"),
         (["--price", "tpu=1"], 1, "unknown kind 'tpu'"),
         (["--rate-scale", "2", "--target-rps", "5"], 2, "not allowed with argument"),
         (["--max-instances", "many"], 2, "invalid int value"),
@@ -224,3 +228,56 @@ def test_unreadable_config_and_group_missing_a_model(
     assert main(["plan-capacity", "--slo-config", str(path), "--no-progress"]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "'only-n' does not list model(s) m" in err, err
+
+
+def test_rate_scale_scales_a_scenario_that_sets_its_own_rate(small: Path) -> None:
+    """--rate-scale on a scenario with target_rps dropped that rate: 1.2x of 72 req/s planned for
+    0.8 req/s, and more load came back as fewer GPUs."""
+    sc = load_scenario(small)
+    paced = sc.model_copy(update={"workload": sc.workload.model_copy(update={"target_rps": 72.0})})
+    assert capacity.apply_workload_overrides(paced, rate_scale=1.2).workload.target_rps == pytest.approx(86.4)
+    plain = capacity.apply_workload_overrides(sc, rate_scale=2.0).workload
+    assert (plain.rate_scale, plain.target_rps) == (2.0, None)  # no rate of its own: arrivals compressed
+
+
+def test_a_kind_that_refuses_requests_is_no_answer_and_one_that_takes_none_no_error(tmp_path: Path) -> None:
+    """A kind whose context fits fewer requests "met" the SLO on what it took (1,422 of 2,421
+    refused) and was recommended; one that fit none stopped the whole command."""
+    path = tmp_path / "ctx.yaml"
+    path.write_text(TWO_KINDS.replace("classes:", "profiles: {m/a100-80: {context_len: 256}}\nclasses:", 1))
+    report = capacity.plan_capacity(load_scenario(path), max_instances=16)
+    small_ctx = next(k for k in report.kinds if k.kind == "a100-80")
+    assert small_ctx.rejected_at_validation > 0 and small_ctx.instances is None
+    assert "refuses" in small_ctx.note and report.recommended is not None
+    assert report.recommended.kind == "h100"
+    path.write_text(TWO_KINDS.replace("classes:", "profiles: {m/a100-80: {context_len: 2}}\nclasses:", 1))
+    report = capacity.plan_capacity(load_scenario(path), max_instances=16)
+    none_fit = next(k for k in report.kinds if k.kind == "a100-80")
+    assert none_fit.instances is None and none_fit.note.startswith("serves none of the workload")
+    assert report.recommended is not None and report.recommended.kind == "h100"
+    assert any(line.startswith("  a100-80: serves none") for line in capacity.format_report(report))
+
+
+def test_an_slo_more_instances_cannot_meet_stops_the_search(small: Path) -> None:
+    """A TTFT below one engine step doubled the fleet up to --max-instances (minutes at 100,000)."""
+    sc = load_scenario(small)
+    tight = [c.model_copy(update={"ttft_s": 0.001}) if c.ttft_s else c for c in sc.classes]
+    report = capacity.plan_capacity(sc.model_copy(update={"classes": tight}), max_instances=64)
+    (kind,) = report.kinds
+    assert kind.instances is None and "more will not help" in kind.note
+    assert len(kind.evaluations) == 2  # 4 and 8 (the group's count, then twice it)
+
+
+def test_a_fleet_that_falls_behind_a_short_trace_is_flagged(tmp_path: Path) -> None:
+    """A 3.5 s burst at 692 req/s: one GPU met a 600 s SLO by working an extra minute after it, and
+    was recommended for that rate without a word."""
+    path = tmp_path / "burst.yaml"
+    path.write_text(
+        SMALL.replace("rate_scale: 120", "rate_scale: 20000")
+        .replace("    count: 4  # the search", "    count: 1  # the search")
+        .replace("    ttft_s: 1.0\n", "    e2e_s: 600\n")
+    )
+    report = capacity.plan_capacity(load_scenario(path), max_instances=4)
+    text = "\n".join(capacity.format_report(report))
+    assert report.recommended is not None and report.recommended.instances == 1
+    assert "warning: 1 x a100-80 ends the trace's requests" in text and "falls behind" in text

@@ -22,10 +22,15 @@ from qlm_plugin.hooks import get_plugin_manager
 from qlm_plugin.policies.registry import policy_registry
 from qlm_plugin.tools.pool import process_pool
 from qlm_plugin.tools.simulate import build_requests, empty_workload, run_policy
-from qlm_plugin.workloads.scenario import InstanceGroup, Scenario
+from qlm_plugin.workloads.scenario import MAX_GROUP_COUNT, InstanceGroup, Scenario
 
 DEFAULT_TARGET = 0.99
 DEFAULT_MAX_INSTANCES = 64
+#: A fleet whose last request ends this share of the trace's span after the last arrival falls
+#: behind its rate (a steady backlog, not the tail of one request).
+BEHIND = 0.5
+#: The most instances of a kind a search may try (a scenario's group holds at most that many).
+MAX_INSTANCES = MAX_GROUP_COUNT
 #: Attainment is a ratio of counts: allow for float rounding when comparing it with the target.
 _EPS = 1e-12
 
@@ -89,6 +94,7 @@ def parse_targets(text: str | None, classes: Sequence[str]) -> dict[str, float]:
     (classes not named get the default, 0.99) or both (``0.9,interactive=0.99``: a bare number is the
     default). Each value is a fraction in (0, 1]."""
     default = DEFAULT_TARGET
+    bare = False  # a bare number given (the default): a second one silently replaced the first
     named: dict[str, float] = {}
     for raw in (text or "").split(","):
         item = raw.strip()
@@ -98,7 +104,9 @@ def parse_targets(text: str | None, classes: Sequence[str]) -> dict[str, float]:
         name = name.strip()
         number = _fraction(value.strip(), f"--target {item!r}")
         if not sep:
-            default = number
+            if bare:
+                raise ValueError("--target gives the default (a bare number) twice")
+            bare, default = True, number
         elif name not in classes:
             raise ValueError(f"--target names unknown class {name!r}; classes: {', '.join(classes)}")
         elif name in named:
@@ -136,7 +144,7 @@ def parse_prices(text: str | None, kinds: Sequence[InstanceGroup]) -> dict[str, 
         except ValueError:
             raise ValueError(f"--price {item!r}: not a number") from None
         if not (math.isfinite(price) and price > 0):
-            raise ValueError(f"--price {item!r}: a price must be > 0")
+            raise ValueError(f"--price {item!r}: a price must be > 0 and finite")
         if key in by_key:
             raise ValueError(f"--price names {key!r} twice")
         by_key[key] = price
@@ -169,6 +177,9 @@ class FleetPoint:
     overall: float  # overall attainment (records rejected at validation count as misses)
     gpu_busy_fraction: float
     wall_s: float  # time the simulation took
+    # seconds from the last arrival to the last request's end: a fleet that falls behind a steady
+    # rate shows it here, and meets the SLO only because the trace ends first
+    drain_s: float = 0.0
 
     def to_dict(self) -> dict[str, object]:
         return {
@@ -178,6 +189,7 @@ class FleetPoint:
             "overall": self.overall,
             "gpu_busy_fraction": self.gpu_busy_fraction,
             "wall_s": self.wall_s,
+            "drain_s": self.drain_s,
         }
 
 
@@ -194,6 +206,7 @@ class KindPlan:
     instances: int | None  # the answer N; None: max_instances does not meet the target
     evaluations: list[FleetPoint] = field(default_factory=list)  # in the order simulated
     price_per_gpu_hour: float | None = None
+    note: str = ""  # why it has no answer, where it is not max_instances
 
     def point(self, n: int) -> FleetPoint | None:
         return next((p for p in self.evaluations if p.instances == n), None)
@@ -238,6 +251,7 @@ class KindPlan:
             "at_n_minus_1": None if below is None else below.to_dict(),
             "evaluations": [p.to_dict() for p in self.evaluations],
             "wall_s": self.wall_s,
+            "note": self.note,
         }
 
 
@@ -314,7 +328,9 @@ def apply_workload_overrides(
         raise ValueError("give --rate-scale or --target-rps, not both")
     for flag, value in (("--rate-scale", rate_scale), ("--target-rps", target_rps)):
         if value is not None and not (math.isfinite(value) and value > 0):
-            raise ValueError(f"{flag} must be > 0, got {value}")
+            raise ValueError(f"{flag} must be > 0 and finite, got {value}")
+    if trace is not None and not trace.strip():  # it replayed the packaged conversation sample
+        raise ValueError("--trace is empty: name a trace file or 'conv'/'code'")
     updates: dict[str, object] = {}
     if trace is not None:
         # The scenario's reshaping was chosen for its own trace: a trace named here replays as recorded.
@@ -329,7 +345,13 @@ def apply_workload_overrides(
             max_requests=None,
         )
     if rate_scale is not None:
-        updates.update(rate_scale=rate_scale, target_rps=None)
+        kept_rps = updates.get("target_rps", scenario.workload.target_rps)
+        if isinstance(kept_rps, float | int) and kept_rps:
+            # the scenario's own load, scaled (it was dropped: 1.2x of a 72 req/s scenario planned
+            # for 0.8 req/s, and more load came back as fewer GPUs)
+            updates.update(target_rps=kept_rps * rate_scale, rate_scale=1.0)
+        else:
+            updates.update(rate_scale=rate_scale, target_rps=None)
     if target_rps is not None:
         updates.update(target_rps=target_rps, rate_scale=1.0)
     if updates:
@@ -382,8 +404,6 @@ def plan_kind(
     # Requests can depend on the fleet (context windows come from the kind's cost models): build
     # them per kind, once, and replay the same ones on every count.
     requests, rejected = build_requests(base)
-    if not requests:
-        raise ValueError(empty_workload(rejected))
     plan = KindPlan(
         kind=kind_name(group),
         gpu=group.gpu,
@@ -393,10 +413,15 @@ def plan_kind(
         rejected_at_validation=len(rejected),
         instances=None,
     )
+    if not requests:  # its engines' context fits none of them: no count of it serves the workload
+        plan.note = f"serves none of the workload: {empty_workload(rejected)}"
+        return plan
+    last_arrival = requests[-1].arrival_time
 
     def evaluate(n: int) -> bool:
         res = run_policy(kind_scenario(scenario, group, n), policy, requests, rejected)
         classes = {c: m.slo_attainment for c, m in res.classes.items()}
+        ends = [o.finish_time for o in res.outcomes if o.finish_time is not None]
         point = FleetPoint(
             instances=n,
             meets=meets_targets(classes, targets),
@@ -404,14 +429,34 @@ def plan_kind(
             overall=res.overall.slo_attainment,
             gpu_busy_fraction=res.gpu_busy_fraction,
             wall_s=res.wall_s,
+            drain_s=max(0.0, max(ends, default=last_arrival) - last_arrival),
         )
+        half = plan.point(n // 2)
         plan.evaluations.append(point)
         if on_point is not None:
             on_point(plan.kind, point)
+        if not point.meets and half is not None and not half.meets and _same(half.classes, classes):
+            raise _NoGain(n // 2, n)  # twice the instances, not one request more on time
         return point.meets
 
-    plan.instances = find_min_count(evaluate, max_count=max_instances, start=group.count)
+    try:
+        plan.instances = find_min_count(evaluate, max_count=max_instances, start=group.count)
+    except _NoGain as no_gain:
+        plan.note = (
+            f"{no_gain.more} instances meet no more SLOs than {no_gain.fewer}: more will not help (an SLO "
+            "no request could meet even on an idle engine?)"
+        )
     return plan
+
+
+class _NoGain(Exception):
+    def __init__(self, fewer: int, more: int) -> None:
+        super().__init__(f"{fewer} -> {more}")
+        self.fewer, self.more = fewer, more
+
+
+def _same(a: Mapping[str, float], b: Mapping[str, float]) -> bool:
+    return a.keys() == b.keys() and all(abs(a[c] - b[c]) < 1e-9 for c in a)
 
 
 def _plan_kind_job(
@@ -454,8 +499,10 @@ def plan_capacity(
     progress: bool = False,
 ) -> CapacityReport:
     """Plan every candidate kind of ``scenario``. Checks every input before simulating anything."""
-    if max_instances < 1:
-        raise ValueError(f"--max-instances must be >= 1, got {max_instances}")
+    if not 1 <= max_instances <= MAX_INSTANCES:
+        raise ValueError(
+            f"--max-instances must be in 1..{MAX_INSTANCES} (a scenario's most), got {max_instances}"
+        )
     if jobs < 1:
         raise ValueError(f"--jobs must be >= 1, got {jobs}")
     policy_registry(get_plugin_manager()).get(policy)  # an unknown name fails before any work
@@ -474,8 +521,17 @@ def plan_capacity(
             kinds = list(pool.map(_plan_kind_job, *zip(*args, strict=True)))
     else:
         kinds = [_plan_kind_job(*a) for a in args]
+    fewest = min(k.rejected_at_validation for k in kinds)
     for k in kinds:
         k.price_per_gpu_hour = price_of.get(k.kind)
+        if k.rejected_at_validation > fewest and k.instances is not None:
+            # requests it cannot take at all (a smaller context) are lost, whatever its count: it
+            # was recommended with 1,422 of 2,421 requests refused
+            k.note = (
+                f"meets the target on what it takes, but refuses {k.rejected_at_validation} requests "
+                f"another kind serves ({k.rejected_at_validation - fewest} more): not an answer"
+            )
+            k.instances = None
     return CapacityReport(
         scenario=scenario.name,
         policy=policy,
@@ -502,9 +558,12 @@ def format_report(report: CapacityReport) -> list[str]:
     priced = any(k.price_per_gpu_hour is not None for k in report.kinds)
     rate = _rate(report.requests, report.span_s)
     targets = ", ".join(f"{c} {t * 100:g}%" for c, t in report.targets.items())
+    over = (
+        f"over {report.span_s:.0f} s ({rate:.2f} req/s)" if report.span_s > 0 else "all at once"
+    )  # (it said "over 0 s (0.00 req/s)")
     lines = [
-        f"scenario {report.scenario!r}: {report.requests} requests over {report.span_s:.0f} s "
-        f"({rate:.2f} req/s), policy {report.policy}, seed {report.seed}",
+        f"scenario {report.scenario!r}: {report.requests} requests {over}, policy {report.policy}, "
+        f"seed {report.seed}",
         f"target SLO attainment: {targets} (every class); up to {report.max_instances} instances per kind",
     ]
     cols: list[tuple[str, int]] = [("kind", 10), ("N", 4), ("GPUs", 5)]
@@ -520,10 +579,12 @@ def format_report(report: CapacityReport) -> list[str]:
         cells = [k.kind, "-" if k.instances is None else str(k.instances), str(k.gpus or "-")]
         if priced:
             cells.append("-" if k.cost_per_hour is None else f"{k.cost_per_hour:.2f}")
-        if at_n is None:
-            # No answer: show the largest fleet tried (max_instances), which still misses.
+        if at_n is None and not k.evaluations:  # it takes none of the workload
+            cells += ["-" for _ in classes] + ["" for _ in classes]
+        elif at_n is None:
+            # No answer: show the largest fleet tried, which misses (or refuses requests: its note)
             top = max(k.evaluations, key=lambda p: p.instances)
-            cells[1] = f">{top.instances}"
+            cells[1] = "-" if k.note else f">{top.instances}"
             cells += [_pct(top.classes.get(c)) for c in classes] + ["" for _ in classes]
         else:
             cells += [_pct(at_n.classes.get(c)) for c in classes]
@@ -538,7 +599,9 @@ def format_report(report: CapacityReport) -> list[str]:
     lines.append("")
     for k in report.kinds:
         steps = ", ".join(f"{p.instances} {'meets' if p.meets else 'misses'}" for p in k.evaluations)
-        lines.append(f"{k.kind} ({k.gpu}, {k.gpus_per_instance} GPU/instance): searched {steps}")
+        lines.append(f"{k.kind} ({k.gpu}, {k.gpus_per_instance} GPU/instance): searched {steps or 'nothing'}")
+        if k.note:
+            lines.append(f"  {k.kind}: {k.note}")
     best = report.recommended
     if best is not None:
         if report.ranked_by == "cost":
@@ -549,6 +612,15 @@ def format_report(report: CapacityReport) -> list[str]:
             basis = "fewest GPUs: no --price given"
         gpus = f"{best.gpus} GPU{'' if best.gpus == 1 else 's'}"
         lines.append(f"recommended: {best.instances} x {best.kind} ({gpus}; {basis})")
+        at_n = best.at_n
+        if at_n is not None and report.span_s > 0 and at_n.drain_s > BEHIND * report.span_s:
+            # the fleet falls behind the trace's rate: sustained, that rate would miss
+            lines.append(
+                f"warning: {best.instances} x {best.kind} ends the trace's requests {at_n.drain_s:.0f} s "
+                f"after the last arrival, on a trace of {report.span_s:.0f} s: it falls behind "
+                f"{rate:.2f} req/s and meets the SLO only because the trace ends first; plan on a "
+                "trace longer than the SLO budgets for a steady rate"
+            )
     ones = any(k.instances == 1 for k in report.kinds)
     lines.append(
         "N meets the target, N-1 misses it" + (" (N-1 = 0 serves nothing)" if ones else "") + "; the "

@@ -19,6 +19,10 @@ from qlm_plugin.domain.request import ModelSpec, SLOClass
 DEFAULT_SCENARIO = "default_scenario.yaml"
 
 
+#: The most instances one group of a scenario may have.
+MAX_GROUP_COUNT = 4096
+
+
 class ScenarioError(ValueError):
     """A scenario file is unreadable or invalid; the message names file, line and key."""
 
@@ -90,7 +94,7 @@ class ModelEntry(_Strict):
 
 class InstanceGroup(_Strict):
     name: str | None = None  # id prefix; default: the gpu name
-    count: int = Field(default=1, ge=1, le=4096)
+    count: int = Field(default=1, ge=1, le=MAX_GROUP_COUNT)
     gpu: str
     models: list[str] = Field(min_length=1)  # first serves at start; the rest are warm in host memory
     host_mem_gb: float = Field(default=256.0, ge=0)

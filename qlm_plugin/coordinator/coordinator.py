@@ -353,7 +353,7 @@ class Coordinator:
         if tenant is not None:
             spec.tenant = tenant
         check_names(spec)  # (with the tenant it is kept under: a request id is, scoped_id)
-        if spec.operation not in OPERATIONS and spec.operation:  # a span's name and a metric's label
+        if spec.operation and spec.operation not in OPERATIONS:  # a span's name and a metric's label
             raise SubmitError(
                 "invalid", f"must be one of {', '.join(OPERATIONS)}, got {show(spec.operation)}", "operation"
             )

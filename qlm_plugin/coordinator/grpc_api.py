@@ -75,10 +75,9 @@ def _chat_as_the_door_takes_it(spec: pb.RequestSpec) -> None:
     spec.chat_messages = dumps(messages).decode()
 
 
-def _trace_parent(context: Any) -> Any:
-    """The caller's trace context (W3C ``traceparent`` in the call's metadata), as the HTTP front
-    door takes it from the headers: the request's span joins the caller's trace."""
-    md = _metadata(context)
+def _trace_parent(md: dict[str, str]) -> Any:
+    """The caller's trace context (W3C ``traceparent`` in the call's metadata ``md``), as the HTTP
+    front door takes it from the headers: the request's span joins the caller's trace."""
     return propagate.extract(md) if "traceparent" in md else None
 
 
@@ -137,8 +136,9 @@ class RequestsService(pb_grpc.RequestsServicer):
         self.coord = coord
         self.auth = auth
 
-    def _principal(self, context: Any) -> Principal:
-        return self.auth.authenticate(_metadata(context).get("authorization"), "client")
+    def _principal(self, context: Any, md: dict[str, str] | None = None) -> Principal:
+        md = _metadata(context) if md is None else md
+        return self.auth.authenticate(md.get("authorization"), "client")
 
     async def _job(self, request_id: str, context: Any) -> Job:
         tenant = self._principal(context).tenant
@@ -187,7 +187,8 @@ class RequestsService(pb_grpc.RequestsServicer):
         return reply
 
     async def Submit(self, request: pb.SubmitRequest, context: Any) -> pb.SubmitReply:
-        reply = await self._submit(request.request, self._principal(context).tenant, _trace_parent(context))
+        md = _metadata(context)  # once: the hot path of a unary Submit
+        reply = await self._submit(request.request, self._principal(context, md).tenant, _trace_parent(md))
         # A malformed or refused request is an error status; one the estimate says would be late
         # (reject_if_late) is an answer with the estimate. An SLO no instance could meet even idle
         # (it names its field) is the request's own fault, as the HTTP front door's 400.
@@ -199,14 +200,15 @@ class RequestsService(pb_grpc.RequestsServicer):
         return reply
 
     async def SubmitBatch(self, request: pb.SubmitBatchRequest, context: Any) -> pb.SubmitBatchReply:
-        tenant = self._principal(context).tenant
+        md = _metadata(context)
+        tenant = self._principal(context, md).tenant
         if len(request.requests) > MAX_BATCH_REQUESTS:  # one call must not hold the loop for seconds
             await context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"requests: {len(request.requests)} in one call, at most {MAX_BATCH_REQUESTS}: split them",
             )
         # Concurrently, so the journal commits the whole batch at once.
-        parent = _trace_parent(context)
+        parent = _trace_parent(md)
         replies = await asyncio.gather(*(self._submit(spec, tenant, parent) for spec in request.requests))
         return pb.SubmitBatchReply(replies=replies)
 

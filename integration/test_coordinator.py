@@ -82,6 +82,8 @@ def test_completion_carries_the_output_the_estimate_and_usage(tmp_path: Path) ->
         assert out["usage"]["completion_tokens"] == 12
         assert out["usage"]["total_tokens"] == out["usage"]["prompt_tokens"] + 12
         assert out["qlm"]["slo_met"] is True and out["qlm"]["attempts"] == 1
+        job = st.coordinator.lookup(rid)
+        assert job is not None and job.spec.from_http  # not served for nobody after a crash
 
     run(tmp_path, body)
 
@@ -1652,6 +1654,33 @@ def test_a_drain_answers_retries_refuses_waiters_and_keeps_first_tokens(tmp_path
         update={"models": [*scenario.models, scenario.models[0].model_copy(update={"name": "other-model"})]}
     )
     run(tmp_path, after_restart, speed=1.0, instances=1, scenario=two_models)
+
+
+def test_after_a_restart_an_unkeyed_http_request_is_not_served_for_nobody(tmp_path: Path) -> None:
+    """After a crash, a request from the HTTP door without an idempotency key was recovered and
+    served to nobody (there is no GET for it), while its client's retry had it served again. It
+    is journaled cancelled at the restart; one with a key, or a gRPC one (its id asks for it), is
+    served."""
+    ids: dict[str, str] = {}
+
+    async def first(st: LocalStack) -> None:
+        coord = st.coordinator
+        for name, key, http in (("http", "", True), ("keyed", "k-1", True), ("grpc", "", False)):
+            spec = pb.RequestSpec(
+                model=MODEL, prompt=name, max_tokens=5000, idempotency_key=key, from_http=http
+            )
+            job, _ = await coord.submit(spec)  # no caller waits on it here: a graceful stop keeps it
+            ids[name] = job.id
+        await st.server.stop(drain_timeout_s=0)  # kept, as a crash leaves them
+
+    async def after(st: LocalStack) -> None:
+        coord = st.coordinator
+        gone = coord.lookup(ids["http"])
+        assert gone is not None and gone.state == "cancelled" and "send it again" in gone.error
+        assert {coord.lookup(ids[n]).state for n in ("keyed", "grpc")} <= {"queued", "dispatched"}  # type: ignore[union-attr]
+
+    run(tmp_path, first, speed=1.0, instances=1)
+    run(tmp_path, after, speed=1.0, instances=0)
 
 
 def test_an_instance_that_stops_hands_back_what_it_held(tmp_path: Path) -> None:

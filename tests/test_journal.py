@@ -461,6 +461,7 @@ def test_the_journal_copy_of_a_request_keeps_every_field_a_restart_rebuilds_it_f
         choices=3,
         choice=1,
         prompt_only=True,
+        from_http=True,
     )
     # every field is set here, so a field added to the protocol fails this test until it is journaled
     assert {f.name for f, _ in spec.ListFields()} == {f.name for f in pb.RequestSpec.DESCRIPTOR.fields}

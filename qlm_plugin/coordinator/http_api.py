@@ -829,6 +829,7 @@ class FrontDoor:
                 spec.response_echo = responses_api.echoed(asked, origins)
             n = choices.choices_asked(body)
             prompts = None if chat else several_prompts(body)
+            spec.from_http = True  # (its choices' too)
             specs = choices.choice_specs(spec, n, prompts)
         except BadRequest as exc:
             param = responses_api.param_name(exc.param, origins) if responses else exc.param

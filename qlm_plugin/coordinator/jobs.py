@@ -272,6 +272,8 @@ def spec_to_dict(spec: pb.RequestSpec) -> dict[str, Any]:
         out["choices"], out["choice"] = spec.choices, spec.choice
     if spec.prompt_only:
         out["prompt_only"] = True
+    if spec.from_http:
+        out["from_http"] = True
     return out
 
 
@@ -571,6 +573,20 @@ class JobBook:
         for rec in self.journal.recover():
             job = self._from_record(rec)
             if job is None:
+                continue
+            spec = job.spec
+            if spec.from_http and not spec.idempotency_key and not spec.response_echo:
+                # no one can ask for it, and its client, cut off by the crash, sends it again
+                self.journal.finished(
+                    job.id,
+                    state="cancelled",
+                    output="",
+                    output_tokens=0,
+                    first_token_at=rec.first_token_at,
+                    finished_at=time.time(),
+                    finish_reason="cancelled",
+                    error=f"{NOT_KEPT} (the coordinator restarted after a crash)",
+                )
                 continue
             job.recovering = True
             self.jobs[job.id] = job

@@ -20,7 +20,7 @@ class SLO(_message.Message):
     def __init__(self, ttft_ms: _Optional[float] = ..., e2e_ms: _Optional[float] = ..., slo_class: _Optional[str] = ..., priority: _Optional[int] = ...) -> None: ...
 
 class RequestSpec(_message.Message):
-    __slots__ = ("request_id", "model", "prompt", "prompt_tokens", "max_tokens", "slo", "tenant", "reject_if_late", "sampling", "idempotency_key", "true_output_tokens", "operation", "prompt_token_ids", "chat_messages", "service_tier", "response_echo", "choices", "choice", "prompt_only")
+    __slots__ = ("request_id", "model", "prompt", "prompt_tokens", "max_tokens", "slo", "tenant", "reject_if_late", "sampling", "idempotency_key", "true_output_tokens", "operation", "prompt_token_ids", "chat_messages", "service_tier", "response_echo", "choices", "choice", "prompt_only", "from_http")
     class SamplingEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -47,6 +47,7 @@ class RequestSpec(_message.Message):
     CHOICES_FIELD_NUMBER: _ClassVar[int]
     CHOICE_FIELD_NUMBER: _ClassVar[int]
     PROMPT_ONLY_FIELD_NUMBER: _ClassVar[int]
+    FROM_HTTP_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     model: str
     prompt: str
@@ -66,7 +67,8 @@ class RequestSpec(_message.Message):
     choices: int
     choice: int
     prompt_only: bool
-    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., prompt: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., max_tokens: _Optional[int] = ..., slo: _Optional[_Union[SLO, _Mapping]] = ..., tenant: _Optional[str] = ..., reject_if_late: _Optional[bool] = ..., sampling: _Optional[_Mapping[str, str]] = ..., idempotency_key: _Optional[str] = ..., true_output_tokens: _Optional[int] = ..., operation: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., chat_messages: _Optional[str] = ..., service_tier: _Optional[str] = ..., response_echo: _Optional[str] = ..., choices: _Optional[int] = ..., choice: _Optional[int] = ..., prompt_only: _Optional[bool] = ...) -> None: ...
+    from_http: bool
+    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., prompt: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., max_tokens: _Optional[int] = ..., slo: _Optional[_Union[SLO, _Mapping]] = ..., tenant: _Optional[str] = ..., reject_if_late: _Optional[bool] = ..., sampling: _Optional[_Mapping[str, str]] = ..., idempotency_key: _Optional[str] = ..., true_output_tokens: _Optional[int] = ..., operation: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., chat_messages: _Optional[str] = ..., service_tier: _Optional[str] = ..., response_echo: _Optional[str] = ..., choices: _Optional[int] = ..., choice: _Optional[int] = ..., prompt_only: _Optional[bool] = ..., from_http: _Optional[bool] = ...) -> None: ...
 
 class SubmitRequest(_message.Message):
     __slots__ = ("request",)

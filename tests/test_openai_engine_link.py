@@ -279,3 +279,35 @@ def test_the_request_spans_trace_context_goes_to_the_server() -> None:
     asyncio.run(_serve(handler, drive))
     assert seen[0]["traceparent"] == parent and seen[0]["x-request-id"] == "r1.1"
     assert "traceparent" not in seen[1]
+
+
+def test_a_late_abort_of_an_earlier_attempt_leaves_the_newer_one_running() -> None:
+    """The abort named an attempt, and the link ignored it: a stale abort for attempt 1 killed
+    attempt 2 of the same request, sent to this instance since."""
+    release = asyncio.Event()
+
+    async def slow(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        await release.wait()
+        await response.write(b"data: " + json.dumps(_chunk(" a", "stop")).encode() + b"\n\n")
+        return response
+
+    async def drive(link: OpenAIEngineLink) -> None:
+        events: list[pb.RequestEvent] = []
+        second = _assignment()
+        second.attempt = 2
+        assert link.start(second, events.append)
+        await asyncio.sleep(0.1)
+        ack = link.execute(pb.Command(abort=pb.Abort(request_id="r1", attempt=1)))
+        assert isinstance(ack, pb.CommandAck) and not ack.ok and "newer attempt" in ack.error
+        release.set()
+        for _ in range(200):
+            if any(e.kind == Event.FINISHED for e in events):
+                break
+            await asyncio.sleep(0.01)
+        assert [KIND[e.kind] for e in events][-1] == "finished"
+        assert link.execute(pb.Command(abort=pb.Abort(request_id="r1", attempt=2))).ok  # type: ignore[union-attr]
+
+    asyncio.run(_serve(slow, drive))

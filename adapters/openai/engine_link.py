@@ -275,6 +275,10 @@ class OpenAIEngineLink:
             entry[1].cancel()
             return pb.CommandAck(ok=True)
         if op == "abort":
+            entry = self.tasks.get(cmd.abort.request_id)
+            if entry is not None and cmd.abort.attempt and entry[0] > cmd.abort.attempt:
+                # a late abort of an earlier attempt: the one running now was sent since
+                return pb.CommandAck(ok=False, error="a newer attempt runs here")
             self.abort(cmd.abort.request_id)
             return pb.CommandAck(ok=True)
         if op in ("load_model", "unload_model"):

@@ -232,7 +232,7 @@ def test_an_agent_whose_session_was_up_retries_at_once_after_a_coordinator_resta
         assert retries and retries[0].endswith("retrying in 0.1 s"), retries
         await server.stop(drain_timeout_s=0)
 
-    with caplog.at_level(logging.WARNING, logger="qlm_plugin.transport.agent"):
+    with caplog.at_level(logging.INFO, logger="qlm_plugin.transport.agent"):  # quick retries: INFO
         run(tmp_path, body, instances=1, config={"grpc": Listen(port=port)})
 
 

@@ -105,6 +105,7 @@ def test_a_stop_takes_the_drain_timeout_and_about_2_s_and_says_what_it_kept(tmp_
         assert "stopped (0 unfinished requests kept in" in text, text[-3000:]
         assert "2 cancelled (their clients were told to send them again)" in text
         assert "fork_posix" not in text
+        assert "WARNING qlm_plugin.transport.agent" not in text  # a normal stop: no warning per instance
     finally:
         if serve.poll() is None:
             serve.kill()

@@ -40,6 +40,9 @@ BACKOFF_S = (0.1, 5.0)
 RETRIED_CODES = frozenset({grpc.StatusCode.DEADLINE_EXCEEDED})
 #: What no retry mends: the coordinator refuses this instance's token (or lack of one).
 REFUSED_CODES = frozenset({grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED})
+#: A lost connection is logged at INFO while the next retry comes sooner than this (about 6 s of
+#: retries: a stop, or a restart).
+QUIET_RETRIES_S = 5.0
 #: How long a stopping agent tries to send its last reports (a hung coordinator held SIGTERM off).
 FINAL_FLUSH_S = 10.0
 
@@ -178,8 +181,15 @@ class InstanceAgent:
                     # failures' backoff (a restarted coordinator's instances came back 5 s late)
                     delay = BACKOFF_S[0]
                 taken = isinstance(exc, grpc.aio.AioRpcError) and exc.code() == grpc.StatusCode.ALREADY_EXISTS
+                # The coordinator ending its streams, or not answering for a moment, is its stop or
+                # restart: a Ctrl-C of `qlm serve` printed WARNINGs per instance. Said at INFO while
+                # the retries are quick, a WARNING once it lasts.
+                passing = isinstance(exc, StreamClosed) or (
+                    isinstance(exc, grpc.aio.AioRpcError) and exc.code() == grpc.StatusCode.UNAVAILABLE
+                )
+                level = logging.INFO if passing and delay < QUIET_RETRIES_S else logging.WARNING
                 log.log(
-                    logging.ERROR if taken else logging.WARNING,
+                    logging.ERROR if taken else level,
                     "%s: %s (%s); retrying in %.1f s",
                     self.engine.instance_id,
                     "registration refused" if taken else "coordinator connection lost",
@@ -298,7 +308,7 @@ class InstanceAgent:
                 single.cancel()
         finally:
             call.cancel()  # and with it the task that reads our credits: nothing left pending
-        raise SessionLost("the coordinator closed the pull stream")
+        raise StreamClosed("the coordinator closed the pull stream")
 
     def _credit(self) -> pb.PullCredit:
         free = self.engine.free_slots()
@@ -330,7 +340,7 @@ class InstanceAgent:
                 self._execute(cmd, acks)
         finally:
             call.cancel()  # and with it the task that reads our acknowledgements
-        raise SessionLost("the coordinator closed the command stream")
+        raise StreamClosed("the coordinator closed the command stream")
 
     def _execute(self, cmd: pb.Command, acks: asyncio.Queue[pb.CommandAck]) -> None:
         """Carry out one command and acknowledge it: started in order, a slow one finishing in a
@@ -405,7 +415,7 @@ class InstanceAgent:
                             await call.write(batch)
                         ack = await call.read()  # in order: one batch in flight on this stream
                         if ack is grpc.aio.EOF:
-                            raise SessionLost("the coordinator closed the report stream")
+                            raise StreamClosed("the coordinator closed the report stream")
                         self._acknowledged(batch, ack)
                 await self._wake_report.wait()
                 self._wake_report.clear()
@@ -456,6 +466,11 @@ class InstanceAgent:
 
 class SessionLost(Exception):
     """The coordinator forgot this session (it restarted, or declared the instance lost)."""
+
+
+class StreamClosed(SessionLost):
+    """The coordinator ended one of the session's streams itself (it stops, or drained the
+    session): the agent reconnects, as after any loss."""
 
 
 def _brief(exc: BaseException) -> str:

@@ -12,3 +12,16 @@ worker process instead.
 import os
 
 os.environ.setdefault("QLM_HTTP_WORKERS", "0")
+
+
+import pytest
+
+
+@pytest.fixture(autouse=True)
+def _plugin_logs_once_per_test() -> None:
+    """A broken plugin is logged once per process (``hooks/guard.py``, ``hooks/manager.py``); each
+    test that checks that log starts as a fresh process would."""
+    from qlm_plugin.hooks import guard, manager
+
+    guard.reset_logged()
+    manager._load_failures_logged.clear()

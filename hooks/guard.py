@@ -1,12 +1,13 @@
 """Installed plugins' policy hooks, guarded: one broken plugin must not stop a simulation, strand a
 coordinator's request or kill an engine.
 
-An implementation of a policy hook from an entry-point plugin that raises, answers something the
+An implementation of a policy hook from an entry-point plugin that raises or answers something the
 hook's contract rules out (a NaN rank key, a victim that is not a candidate, a length past
-``max_tokens``, another request's admission...) or takes long is logged once per plugin and hook,
-naming both, and its answer counts as ``None``: the core asks the next implementation (the run's
-policy, then the built-in fallback). The same guard serves the simulator, the coordinator and the
-vLLM scheduler, since all three load plugins through :func:`~.manager.get_plugin_manager`.
+``max_tokens``, another request's admission...) is logged once per process, plugin and hook, naming
+both, and its answer counts as ``None``: the core asks the next implementation (the run's policy,
+then the built-in fallback). One that takes long is logged once too, and its answer used. The same
+guard serves the simulator, the coordinator and the vLLM scheduler, since all three load plugins
+through :func:`~.manager.get_plugin_manager`.
 
 Built-in and policy plugins are not guarded: their errors are bugs the tests must see.
 """
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import math
+import numbers
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -29,9 +31,21 @@ SLOW_CALL_S = 0.1
 
 Check = Callable[[Any, Mapping[str, Any]], str | None]
 
+#: (plugin, hook) pairs whose dropped answer or slowness was logged: once per process, though each
+#: run (a simulation of three policies, every engine of a fleet) builds plugin managers of its own.
+_logged_dropped: set[tuple[str, str]] = set()
+_logged_slow: set[tuple[str, str]] = set()
+
+
+def reset_logged() -> None:
+    """Log each broken or slow plugin again, as a new process would (tests)."""
+    _logged_dropped.clear()
+    _logged_slow.clear()
+
 
 def _number(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and not math.isnan(x)
+    """A real number, not NaN: ``int``, ``float``, ``bool``, numpy's scalars, ``Fraction``..."""
+    return isinstance(x, numbers.Real) and not math.isnan(x)
 
 
 def _ordered(key: Any) -> bool:
@@ -42,7 +56,9 @@ def _ordered(key: Any) -> bool:
 
 def _rank_key(key: Any, _: Mapping[str, Any]) -> str | None:
     if not _ordered(key):
-        return f"rank key {key!r}: not a number, a string or a non-empty tuple of them (NaN is not ordered)"
+        return (
+            f"rank key {key!r}: not a real number (NaN is not ordered), a string or a non-empty tuple of them"
+        )
     return None
 
 
@@ -145,6 +161,9 @@ GUARDED_TOO: dict[str, Check] = {
     # a plugin that raises while it configures is logged and the run goes on without it (inside
     # vLLM, it stopped the engine at start)
     "qlm_configure": _anything,
+    # nor while it adds its policies (one that raised, or added a name already taken, stopped every
+    # command: each builds the registry)
+    "qlm_add_policies": _anything,
 }
 
 
@@ -162,21 +181,36 @@ class Guard:
             check = CHECKS.get(caller.name) or GUARDED_TOO.get(caller.name)
             if check is None:
                 continue
+            spec = caller.spec.argnames if caller.spec is not None else None
             for impl in caller.get_hookimpls():
                 if impl.plugin is plugin and not (impl.wrapper or impl.hookwrapper):
-                    # pluggy calls ``impl.function``: the one per-implementation seam it has (the
-                    # plugin object stays the user's, as ``get_plugin`` returns it)
+                    # pluggy calls ``impl.function`` with ``impl.argnames``: the one
+                    # per-implementation seam it has (the plugin object stays the user's, as
+                    # ``get_plugin`` returns it). The guard takes every argument of the spec, so its
+                    # check sees the call whole, and passes the implementation those it names (it
+                    # may take a subset).
+                    own = impl.argnames
                     impl.function = self._guarded(  # type: ignore[misc]
-                        impl.plugin_name, caller.name, impl.argnames, impl.function, check
+                        impl.plugin_name, caller.name, spec or own, own, impl.function, check
                     )
+                    if spec is not None:
+                        impl.argnames = spec  # type: ignore[misc]
 
     def _guarded(
-        self, plugin: str, hook: str, argnames: tuple[str, ...], function: Callable[..., Any], check: Check
+        self,
+        plugin: str,
+        hook: str,
+        argnames: tuple[str, ...],
+        own: tuple[str, ...],
+        function: Callable[..., Any],
+        check: Check,
     ) -> Callable[..., Any]:
+        pick = None if own == argnames else [argnames.index(name) for name in own]
+
         def call(*args: Any) -> Any:
             started = time.perf_counter()
             try:
-                result = function(*args)
+                result = function(*args) if pick is None else function(*(args[i] for i in pick))
             except Exception as exc:
                 self._dropped(plugin, hook, f"raised {type(exc).__name__}: {exc}", exc)
                 return None
@@ -185,7 +219,10 @@ class Guard:
                 self._slow(plugin, hook, took)
             if result is None:
                 return None
-            problem = check(result, dict(zip(argnames, args, strict=False)))
+            try:
+                problem = check(result, dict(zip(argnames, args, strict=True)))
+            except Exception as exc:  # an answer odd enough to break the check is not one to use
+                problem = f"{result!r}, which could not be checked ({type(exc).__name__}: {exc})"
             if problem is not None:
                 self._dropped(plugin, hook, f"answered {problem}", None)
                 return None
@@ -195,8 +232,9 @@ class Guard:
 
     def _dropped(self, plugin: str, hook: str, what: str, exc: Exception | None) -> None:
         key = (plugin, hook)
-        n = self.failures[key] = self.failures.get(key, 0) + 1
-        if n == 1:
+        self.failures[key] = self.failures.get(key, 0) + 1
+        if key not in _logged_dropped:
+            _logged_dropped.add(key)
             log.error(
                 "qlm plugin %r %s in %s; its answer is ignored and the next implementation asked "
                 "(logged once; %s)",
@@ -211,9 +249,12 @@ class Guard:
         if (plugin, hook) in self.slow:
             return
         self.slow.add((plugin, hook))
+        if (plugin, hook) in _logged_slow:
+            return
+        _logged_slow.add((plugin, hook))
         log.warning(
-            "qlm plugin %r took %.3f s in %s (logged once): hooks run on the scheduler's loop, and "
-            "every request waits meanwhile",
+            "qlm plugin %r took %.3f s in %s (logged once; its answer is used): hooks run on the "
+            "scheduler's loop, and every request waits meanwhile",
             plugin,
             took,
             hook,

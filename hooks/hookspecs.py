@@ -11,8 +11,8 @@ Two families:
   registered last), then the run's policy (``--policies``, ``policy:`` in a config), then the
   built-in fallbacks (``trylast``). So an installed plugin applies in every run: the simulator, the
   coordinator and a vLLM engine alike. Its policy hooks are guarded (:mod:`.guard`): one that
-  raises, answers what its contract rules out, or is slow is logged once, naming it, and the next
-  implementation answers;
+  raises or answers what its contract rules out is logged once, naming it, and the next
+  implementation answers; one that is slow is logged once, and its answer used;
 * **backend hooks** an adapter implements for the instances it owns. They are ``firstresult``: an
   adapter returns ``None`` for an ``instance_id`` that is not its own, and the core asks the next one.
 
@@ -56,8 +56,10 @@ def qlm_add_policies(registry: PolicyRegistry) -> None:
     Called each time the policy registry is built (``policy_registry(pm)``), after all plugins are
     registered.
 
-    :param registry: call ``registry.add(name, factory, description)``; ``factory()`` returns a
-        plugin object implementing policy hooks, registered for the runs that use that policy.
+    :param registry: call ``registry.add(name, factory, description)``; ``factory(ctx)`` returns a
+        plugin object implementing policy hooks, registered for the runs that use that policy
+        (``ctx``: a :class:`~qlm_plugin.policies.registry.PolicyContext`, the run's cost models, SLO
+        classes and clock). A name already taken is a ``ValueError``.
 
     All implementations are called; results are ignored.
     """
@@ -260,7 +262,13 @@ def qlm_rank_key(request: Request, instance_id: str, now: float) -> Hashable | N
 
 @_hookspec(firstresult=True)
 def qlm_select_victim(candidates: Sequence[RunningView], instance_id: str, now: float) -> RunningView | None:
-    """Choose which running request to preempt when the instance runs out of KV cache.
+    """Choose which running request to preempt when the instance runs out of KV cache, or, in a
+    vLLM engine running QLM's scheduler, to free a seat for an urgent request that would miss its
+    TTFT (each step under KV pressure, it is asked for the first few victims in order).
+
+    Called by the engine, on the engine's clock: ``now`` and the candidates' times agree with each
+    other, not necessarily with the coordinator's. An instance of ``qlm serve`` sees the request's
+    SLO as deadlines on that clock, its class and priority; not the coordinator's rank.
 
     :param candidates: the running requests that may be preempted (never empty).
     :return: one element of ``candidates``.

@@ -40,8 +40,8 @@ BUILTIN_PLUGINS = (
 #: The name a run's own policy plugins are registered under: ``policy:NAME:N`` (the simulator's
 #: and the coordinator's alike), so that other code can tell them from installed plugins.
 POLICY_PREFIX = "policy:"
-#: Entry points whose failure to load was logged with its traceback (each plugin manager loads them
-#: again: a simulation of three policies has several).
+#: Entry points whose failure to load was logged (once per process, with its traceback: each plugin
+#: manager loads them again, and a simulation of three policies has several).
 _load_failures_logged: set[str] = set()
 
 
@@ -138,7 +138,10 @@ def load_entrypoint_plugins(pm: pluggy.PluginManager, adapters: Iterable[str] = 
             unknown = _unknown_hooks(pm, plugin)
             if unknown:  # a misspelled hook would never be called: say so, and load none of it
                 pm.unregister(name=ep.name)
-                log.error(
+                first = ep.name not in _load_failures_logged
+                _load_failures_logged.add(ep.name)
+                log.log(
+                    logging.ERROR if first else logging.DEBUG,
                     "qlm plugin %r (%s) implements hooks that do not exist: %s; skipped",
                     ep.name,
                     ep.value,
@@ -151,7 +154,13 @@ def load_entrypoint_plugins(pm: pluggy.PluginManager, adapters: Iterable[str] = 
                 pm.unregister(name=ep.name)
             first = ep.name not in _load_failures_logged
             _load_failures_logged.add(ep.name)
-            log.error("qlm plugin %r (%s) failed to load; skipped", ep.name, ep.value, exc_info=first)
+            log.log(
+                logging.ERROR if first else logging.DEBUG,
+                "qlm plugin %r (%s) failed to load; skipped",
+                ep.name,
+                ep.value,
+                exc_info=first,
+            )
             continue
         loaded.append(ep.name)
         lists = any(impl.plugin is plugin for impl in pm.hook.qlm_list_instances.get_hookimpls())

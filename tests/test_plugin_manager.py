@@ -24,6 +24,7 @@ import pytest
 
 from qlm_plugin import hooks as qlm_hooks
 from qlm_plugin.adapters.sim.engine import SimInstance
+from qlm_plugin.domain.instance import InstanceState
 from qlm_plugin.domain.request import Request, make_request
 from qlm_plugin.policies import registry as policies_registry
 from qlm_plugin.proto.qlm.v1 import qlm_pb2 as pb
@@ -467,18 +468,26 @@ def test_builtin_policies_lead_whatever_the_plugin_order(site: Site) -> None:
 
 
 @pytest.mark.parametrize("duplicate", BUILTIN_POLICIES)
-def test_plugin_policy_duplicating_a_builtin_name_raises(site: Site, duplicate: str) -> None:
+def test_plugin_policy_duplicating_a_builtin_name_is_logged_and_skipped(
+    site: Site, duplicate: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Every command builds the registry: a plugin taking a built-in's name must not stop them all
+    (it did, with an error that did not name the plugin), nor replace the built-in."""
     site.install(
         "qlmtest-dup",
         {"dup": "qlmtest_dup:plugin"},
         {"qlmtest_dup": POLICY_PLUGIN.format(names=[duplicate])},
     )
-    pm = get_plugin_manager()
-    with pytest.raises(ValueError, match=f"policy '{duplicate}' is already registered"):
-        policy_registry(pm)
+    registry = policy_registry(get_plugin_manager())
+    assert registry.names(ablations=True).count(duplicate) == 1
+    assert "test plugin" not in registry.get(duplicate).description
+    (error,) = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert "'dup'" in error and f"policy '{duplicate}' is already registered" in error
 
 
-def test_two_plugins_adding_the_same_policy_name_raise(site: Site) -> None:
+def test_two_plugins_adding_the_same_policy_name_keep_one(
+    site: Site, caplog: pytest.LogCaptureFixture
+) -> None:
     site.install(
         "qlmtest-dup",
         {"dup1": "qlmtest_dup1:plugin", "dup2": "qlmtest_dup2:plugin"},
@@ -487,8 +496,31 @@ def test_two_plugins_adding_the_same_policy_name_raise(site: Site) -> None:
             "qlmtest_dup2": POLICY_PLUGIN.format(names=["same"]),
         },
     )
-    with pytest.raises(ValueError, match="policy 'same' is already registered"):
-        policy_registry(get_plugin_manager())
+    assert "same" in policy_registry(get_plugin_manager())
+    (error,) = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert "policy 'same' is already registered" in error
+
+
+def test_a_plugin_whose_add_policies_raises_leaves_the_others(
+    site: Site, caplog: pytest.LogCaptureFixture
+) -> None:
+    site.install(
+        "qlmtest-addraises",
+        {"raises": "qlmtest_addraises:plugin", "good": "qlmtest_good:plugin"},
+        {
+            "qlmtest_addraises": "from qlm_plugin.hooks import hookimpl\n\n\n"
+            "class Raises:\n"
+            "    @hookimpl\n"
+            "    def qlm_add_policies(self, registry):\n"
+            "        raise RuntimeError('add_policies boom')\n\n\n"
+            "plugin = Raises()\n",
+            "qlmtest_good": POLICY_PLUGIN.format(names=["spf"]),
+        },
+    )
+    registry = policy_registry(get_plugin_manager())
+    assert "spf" in registry and all(name in registry for name in BUILTIN_POLICIES)
+    (error,) = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert "'raises'" in error and "add_policies boom" in error
 
 
 # --- hook validation -------------------------------------------------------------------------------
@@ -782,6 +814,80 @@ def test_a_plugin_answering_what_its_hook_rules_out_is_logged_once_and_the_next_
     result = run_policy(load_scenario(), "qlm", small_run())  # the whole run goes through
     assert result.overall.finished == 40, result.overall
     assert any("someone-else" in r.getMessage() for r in caplog.records)
+
+
+# Each hook takes a subset of its spec's arguments, as pluggy allows (and docs/adapters.md says).
+SUBSET_ARGS_PLUGIN = """
+import numpy as np
+from qlm_plugin.hooks import hookimpl
+from qlm_plugin.domain.distributions import LengthDistribution
+from qlm_plugin.domain.outcome import Admission
+
+
+class Subset:
+    @hookimpl
+    def qlm_predict_output_length(self, request):
+        return LengthDistribution(mean=min(7.0, request.max_tokens), var=1.0)
+
+    @hookimpl
+    def qlm_admit(self, request):
+        return Admission(request.id, accepted=True, can_meet_slo=True)
+
+    @hookimpl
+    def qlm_choose_instance(self, instances):
+        return instances[-1].instance_id
+
+    @hookimpl
+    def qlm_rank_key(self, request):
+        # an "interactive first" key: a bool, then numpy's numbers
+        return (request.slo.ttft_deadline is None, np.int64(request.prompt_tokens), np.float32(1.5))
+
+
+plugin = Subset()
+"""
+
+
+def test_a_plugin_taking_a_subset_of_the_arguments_is_checked_and_used(
+    site: Site, request_: Request, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The guard's checks read every argument of the spec, but pluggy passes an implementation
+    only those it names: a hook taking a subset raised KeyError out of ``qlm simulate`` and turned
+    every request of ``qlm serve`` into a 500. And keys of bools and numpy's numbers, real numbers
+    all, were refused as "not a number"."""
+    site.install(
+        "qlmtest-subset", {"subset": "qlmtest_subset:plugin"}, {"qlmtest_subset": SUBSET_ARGS_PLUGIN}
+    )
+    pm = get_plugin_manager()
+    dist = pm.hook.qlm_predict_output_length(request=request_, generated_tokens=0)
+    assert dist is not None and dist.mean == 7.0
+    key = pm.hook.qlm_rank_key(request=request_, instance_id="i0", now=0.0)
+    assert key == (request_.slo.ttft_deadline is None, 512, 1.5)
+    states = [InstanceState(f"i{k}", "sim", 0.0, ("m",), (), None, 0, 0, 0, 0, 0, 100, 4) for k in range(2)]
+    assert pm.hook.qlm_choose_instance(request=request_, instances=states, now=0.0) == "i1"
+    verdict = pm.hook.qlm_admit(request=request_, estimate=None, now=0.0)
+    assert verdict is not None and verdict.request_id == request_.id
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert not pm.guard.failures
+    # its answer is still checked against the arguments it did not take
+    assert pm.hook.qlm_predict_output_length(request=request_, generated_tokens=request_.max_tokens) is None
+    assert pm.guard.failures == {("subset", "qlm_predict_output_length"): 1}
+
+    result = run_policy(load_scenario(), "qlm", small_run())
+    assert result.overall.finished == 40, result.overall
+
+
+def test_a_broken_plugin_is_logged_once_per_process(
+    site: Site, request_: Request, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Each run builds plugin managers of its own (a simulation of two policies, every engine): the
+    same broken hook was logged, with its traceback, once per manager."""
+    site.install("qlmtest-bad", {"bad": "qlmtest_bad:plugin"}, {"qlmtest_bad": BAD_ANSWERS_PLUGIN})
+    for _ in range(3):
+        pm = get_plugin_manager()
+        assert pm.hook.qlm_rank_key(request=request_, instance_id="i0", now=5.0) == (3.0, "r1")
+        assert pm.guard.failures[("bad", "qlm_rank_key")] == 1
+    logged = [r for r in caplog.records if "'bad'" in r.getMessage() and "qlm_rank_key" in r.getMessage()]
+    assert len(logged) == 1, [r.getMessage() for r in logged]
 
 
 def test_a_slow_plugin_is_named(

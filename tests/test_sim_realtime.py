@@ -399,13 +399,22 @@ def test_an_engine_counts_deadline_budgets_on_its_own_clock() -> None:
         sim.submit = recording  # type: ignore[method-assign]
         link = SimEngineLink(sim, sim.instance("i0"))
         spec = pb.RequestSpec(
-            request_id="r", model="m", prompt_tokens=10, max_tokens=5, slo=pb.SLO(ttft_ms=2000)
+            request_id="r",
+            model="m",
+            prompt_tokens=10,
+            max_tokens=5,
+            slo=pb.SLO(ttft_ms=2000, e2e_ms=5000, priority=3, slo_class="interactive"),
         )
         received = sim.now
-        behind = pb.Assignment(request=spec, attempt=1, deadline=time.time() - 3600, ttft_budget_s=2.0)
+        behind = pb.Assignment(
+            request=spec, attempt=1, deadline=time.time() - 3600, ttft_budget_s=2.0, e2e_budget_s=5.0
+        )
         assert link.start(behind, lambda _e: None)
         await sim.stop()
         return seen[0], received
 
     request, received = asyncio.run(main())
     assert request.slo.ttft_deadline == pytest.approx(received + 2.0 * SPEED, abs=0.5)
+    # what a victim plugin of the instance sees of the request: its SLO whole, and its priority
+    assert request.slo.e2e_deadline == pytest.approx(received + 5.0 * SPEED, abs=0.5)
+    assert request.priority == 3

@@ -277,6 +277,32 @@ def test_kv_victims_follow_the_rank_the_engines_queue_holds() -> None:
     assert b.kv_victim_order(running, NOW)[0].request_id == served_last
 
 
+def test_a_victim_plugin_sees_when_each_request_was_admitted_on_the_engines_clock() -> None:
+    """``admitted_at`` was the request's position in vLLM's running list (0.0, 1.0, ...): a plugin
+    reading ``now - admitted_at`` got nonsense. It is now when the engine first saw the request
+    running, taken again when it runs again after a preemption (vLLM puts it last)."""
+    seen: list[dict[str, float]] = []
+
+    class Records:
+        @hookimpl
+        def qlm_select_victim(self, candidates: list[RunningView], instance_id: str, now: float) -> None:
+            seen.append({c.request.id: now - c.admitted_at for c in candidates})
+
+    b = EngineBrain("tiny", "engine-0", autoload=False, plugins=[("records", Records())])
+    a, c = admitted(b, [(Req("a"), QLMFields()), (Req("c"), QLMFields())])
+    b.kv_victim_order([a, c], NOW)
+    assert seen[0] == {"a": 0.0, "c": 0.0}  # (the first of the victims asked for, in order)
+    (d,) = admitted(b, [(Req("d"), QLMFields())])
+    seen.clear()
+    b.kv_victim_order([a, c, d], NOW + 5)
+    assert seen[0] == {"a": 5.0, "c": 5.0, "d": 0.0}
+    seen.clear()
+    b.kv_victim_order([c, d, a], NOW + 7)  # "a" was preempted and runs again: admitted again
+    assert seen[0] == {"c": 7.0, "d": 2.0, "a": 0.0}
+    b.finished(a, True, NOW + 8)
+    assert "a" not in b.admitted_at
+
+
 def test_step_time_follows_measurements() -> None:
     p = LocalPolicy(step_s=0.02)
     for _ in range(100):

@@ -134,15 +134,18 @@ class SimEngineLink:
         true_total = spec.true_output_tokens or (limit if spec.max_tokens else natural_length(rid))
         now = self.sim.now
         # The budget counts from receipt, on this engine's clock (the coordinator's may differ).
+        # A plugin choosing victims here sees them (its times are this engine's, as ``now`` is).
         ttft = now + a.ttft_budget_s * self.sim.speed if a.ttft_budget_s and not resume else None
+        e2e = now + a.e2e_budget_s * self.sim.speed if a.e2e_budget_s else None
         request = Request(
             id=rid,
             model=spec.model,
             prompt_tokens=max(1, spec.prompt_tokens) + resume,  # the delivered text is recomputed
             max_tokens=remaining,
             arrival_time=now,
-            slo=SLO(ttft_deadline=ttft if ttft is not None and ttft > now else None),
+            slo=SLO(ttft_deadline=ttft if ttft is not None and ttft > now else None, e2e_deadline=e2e),
             slo_class=spec.slo.slo_class or "interactive",
+            priority=spec.slo.priority,
             tenant=spec.tenant or "default",
             true_output_tokens=max(1, min(true_total, limit) - resume),
         )

@@ -126,6 +126,7 @@ class EngineBrain:
         self.requests: dict[str, Request] = {}
         self.fields: dict[str, QLMFields] = {}
         self.keys: dict[str, Hashable] = {}
+        self.admitted_at: dict[str, float] = {}  # request id -> when first seen running (_views)
         # victims by the rank the engine's queue holds (a user's, and fixed at admission)
         self.policy.rank_of = lambda request: Rank(
             self.keys.get(request.id, (math.inf, request.arrival_time, request.id))
@@ -167,6 +168,7 @@ class EngineBrain:
         request = self.requests.pop(r.request_id, None)
         self.fields.pop(r.request_id, None)
         self.keys.pop(r.request_id, None)
+        self.admitted_at.pop(r.request_id, None)
         self.hint.hints.pop(r.request_id, None)
         if request is None:
             return
@@ -204,13 +206,26 @@ class EngineBrain:
             return None
         return RunningView(request, r.num_output_tokens, r.num_computed_tokens, admitted_at)
 
-    def _views(self, running: Iterable[EngineRequest]) -> tuple[list[RunningView], dict[str, Any]]:
+    def _views(
+        self, running: Iterable[EngineRequest], now: float
+    ) -> tuple[list[RunningView], dict[str, Any]]:
+        """The running requests as victim selection sees them. vLLM does not keep when a request was
+        admitted, but keeps them in admission order (one resumed after a preemption goes last): a
+        request's ``admitted_at`` is when this engine first saw it running, taken again when it
+        shows up behind one seen later (it was admitted again)."""
         views, by_id = [], {}
-        for i, r in enumerate(running):
-            v = self.view(r, float(i))  # vLLM keeps running requests in admission order
-            if v is not None:
-                views.append(v)
-                by_id[r.request_id] = r
+        latest = -math.inf
+        for r in running:
+            if r.request_id not in self.requests:
+                continue  # not admitted through this brain: none of its business
+            at = self.admitted_at.get(r.request_id)
+            if at is None or at < latest:
+                at = self.admitted_at[r.request_id] = now
+            latest = at
+            v = self.view(r, at)
+            assert v is not None
+            views.append(v)
+            by_id[r.request_id] = r
         return views, by_id
 
     def _select(self, now: float) -> Callable[[Sequence[RunningView]], RunningView | None]:
@@ -243,7 +258,7 @@ class EngineBrain:
         ]
         if not queued or all(q.slo.ttft_deadline is None for q in queued):
             return None
-        views, by_id = self._views(running)
+        views, by_id = self._views(running, now)
 
         def ranks_after(needy: Request, c: RunningView) -> bool:
             return Rank(self.keys.get(needy.id)) < Rank(self.keys.get(c.request.id))
@@ -257,7 +272,7 @@ class EngineBrain:
         """Running requests in the order KV pressure should preempt them: the first
         :data:`HOOK_VICTIMS` by ``qlm_select_victim``, then the least urgent first (an urgent request
         before its first token last)."""
-        views, by_id = self._views(running)
+        views, by_id = self._views(running, now)
         order: list[Any] = []
         select = self._select(now)
         for _ in range(min(HOOK_VICTIMS, len(views))):

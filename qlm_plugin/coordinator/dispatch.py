@@ -16,6 +16,7 @@ import asyncio
 import json
 import logging
 import math
+import numbers
 import time
 from collections.abc import Callable, Hashable
 from typing import Any
@@ -195,12 +196,12 @@ class Dispatcher:
         (a key's strings, such as a request id breaking ties, cannot go: the instance breaks ties by
         arrival); the arrival time if it starts with none."""
         key: Hashable = self.hook.qlm_rank_key(request=request, instance_id=instance_id, now=now)
-        numbers: list[float] = []
+        leading: list[float] = []
         for part in _flat(key):
-            if not isinstance(part, (int, float)) or isinstance(part, bool) or math.isnan(part):
+            if not isinstance(part, numbers.Real) or math.isnan(part):
                 break
-            numbers.append(float(part))
-        return numbers or [request.arrival_time]
+            leading.append(float(part))
+        return leading or [request.arrival_time]
 
     def dispatch(self, s: Session, request: Request) -> bool:
         """A new attempt of the request's job on ``s`` (the instance fleet's ``qlm_dispatch``)."""

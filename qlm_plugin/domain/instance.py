@@ -114,12 +114,13 @@ _STATE_FIELDS = tuple(f.name for f in fields(InstanceState))
 
 @dataclass(frozen=True, slots=True)
 class RunningView:
-    """A running request as victim selection sees it."""
+    """A running request as victim selection sees it. Times are the engine's (the ``now`` its
+    ``qlm_select_victim`` is given), not necessarily the coordinator's."""
 
     request: Request
     generated_tokens: int
-    kv_tokens: int
-    admitted_at: float
+    kv_tokens: int  # tokens whose KV it holds
+    admitted_at: float  # when it was (last) admitted to run; in vLLM, when the engine first saw it running
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,70 +1,39 @@
-"""Every registered policy, built-in or from a plugin, against the contracts of its roles."""
+"""Every registered policy, built-in or from a plugin, against the contracts of its roles (the
+suite a plugin's author runs on theirs: ``qlm_plugin.testing.roles``), and what distinguishes each
+baseline."""
 
 from __future__ import annotations
 
-import random
 from collections.abc import Hashable
 
 import pluggy
 import pytest
 
-from qlm_plugin.adapters.sim import SimBackend, SimFleet, SimInstance
-from qlm_plugin.brain.contracts import (
-    AdmissionRole,
-    LengthPredictorRole,
-    OrderingPolicy,
-    PlannerRole,
-    RoutingPolicy,
-    VictimPolicy,
-    WaitEstimatorRole,
-)
+from qlm_plugin.brain.contracts import RoutingPolicy
 from qlm_plugin.domain.costmodel import cost_model
-from qlm_plugin.domain.distributions import WaitEstimate
-from qlm_plugin.domain.instance import InstanceState, RunningView
-from qlm_plugin.domain.plan import LoadModel, Plan
+from qlm_plugin.domain.instance import InstanceState
+from qlm_plugin.domain.plan import Plan
 from qlm_plugin.domain.request import DEFAULT_CLASSES, Request, make_request
 from qlm_plugin.hooks import get_plugin_manager
 from qlm_plugin.policies.defaults import Defaults
-from qlm_plugin.policies.registry import PolicyContext, policy_registry
+from qlm_plugin.policies.registry import PolicyContext, PolicyFactory, policy_registry
+from qlm_plugin.testing.roles import RoleConformance, Wired, workload
 
 CTX = PolicyContext({"m": cost_model("llama-3.1-8b", "h100")})
 REGISTRY = policy_registry(get_plugin_manager())
 POLICIES = REGISTRY.names()
 
 
+class TestEveryRegisteredPolicy(RoleConformance):
+    @pytest.fixture(params=POLICIES)
+    def factory(self, request: pytest.FixtureRequest) -> PolicyFactory:
+        return REGISTRY.get(request.param).factory
+
+
 def wired(name: str) -> tuple[pluggy.PluginManager, list[object]]:
     """The policy's plugins registered in a plugin manager, configured as a run configures them."""
-    built = REGISTRY.get(name).factory(CTX)
-    plugins = built if isinstance(built, list) else [built]
-    pm = get_plugin_manager(autoload=False)
-    for n, plugin in enumerate(plugins):
-        pm.register(plugin, name=f"{name}:{n}")
-    pm.hook.qlm_configure(pm=pm)
-    return pm, plugins
-
-
-def implements(plugins: list[object], hook: str) -> bool:
-    return any(hasattr(p, hook) for p in plugins)
-
-
-def workload(seed: int, n: int = 60) -> list[Request]:
-    rng = random.Random(seed)
-    out = []
-    for i in range(n):
-        cls = DEFAULT_CLASSES[rng.choice(["interactive", "batch"])]
-        out.append(
-            make_request(
-                f"r{i}",
-                "m",
-                rng.randint(1, 4000),
-                2048,
-                rng.uniform(0, 100),
-                slo_class=cls,
-                priority=rng.randint(0, 3),
-                true_output_tokens=rng.randint(1, 2000),
-            )
-        )
-    return out
+    w = Wired(REGISTRY.get(name).factory, CTX)
+    return w.pm, w.plugins
 
 
 def key(pm: pluggy.PluginManager, r: Request, now: float = 0.0) -> Hashable:
@@ -74,61 +43,6 @@ def key(pm: pluggy.PluginManager, r: Request, now: float = 0.0) -> Hashable:
 def test_the_baselines_are_registered_first() -> None:
     assert POLICIES[:6] == ["fcfs", "edf", "edf-shed", "priority", "qlm", "oracle"]
     assert REGISTRY.get("oracle").reference and not REGISTRY.get("fcfs").reference
-
-
-@pytest.mark.parametrize("name", POLICIES)
-def test_every_policy_fills_at_least_one_role(name: str) -> None:
-    _, plugins = wired(name)
-    roles = ("qlm_rank_key", "qlm_select_victim", "qlm_choose_instance", "qlm_submit")
-    assert any(implements(plugins, r) for r in roles)
-    for p in plugins:
-        if hasattr(p, "qlm_rank_key"):
-            assert isinstance(p, OrderingPolicy)
-        if hasattr(p, "qlm_select_victim"):
-            assert isinstance(p, VictimPolicy)
-
-
-@pytest.mark.parametrize("name", POLICIES)
-def test_ordering_keys_are_total_deterministic_and_do_not_drift(name: str) -> None:
-    pm, plugins = wired(name)
-    if not implements(plugins, "qlm_rank_key"):
-        pytest.skip("not an ordering policy")
-    reqs = workload(1)
-    keys = [key(pm, r) for r in reqs]
-    sorted(keys)  # type: ignore[type-var]  # totally ordered: raises TypeError otherwise
-    assert keys == [key(pm, r) for r in reqs], "same request, same key"
-    assert keys == [key(pm, r, now=12345.0) for r in reqs], "keys must not depend on now"
-    assert len(set(keys)) == len(keys), "ties are broken (arrival, id)"
-
-
-@pytest.mark.parametrize("name", POLICIES)
-def test_equal_standing_is_served_first_come_first_served(name: str) -> None:
-    pm, plugins = wired(name)
-    if not implements(plugins, "qlm_rank_key"):
-        pytest.skip("not an ordering policy")
-    early = make_request("x1", "m", 100, 100, 5.0, ttft_s=2.0, true_output_tokens=50)
-    late = make_request("x2", "m", 100, 100, 5.0, ttft_s=2.0, true_output_tokens=50)
-    later = make_request("x0", "m", 100, 100, 6.0, ttft_s=1.0, true_output_tokens=50)  # same deadline 7.0
-    assert key(pm, early) < key(pm, late), "same arrival: id order"  # type: ignore[operator]
-    if name != "fcfs":
-        # same deadline and work, later arrival: served after
-        assert key(pm, early) < key(pm, later)  # type: ignore[operator]
-
-
-@pytest.mark.parametrize("name", POLICIES)
-def test_victim_is_one_of_the_candidates_and_deterministic(name: str) -> None:
-    pm, plugins = wired(name)
-    if not implements(plugins, "qlm_select_victim"):
-        pytest.skip("not a victim policy")
-    reqs = workload(2, 20)
-    views = [
-        RunningView(r, generated_tokens=i * 3, kv_tokens=r.prompt_tokens + i, admitted_at=float(i))
-        for i, r in enumerate(reqs)
-    ]
-    victim = pm.hook.qlm_select_victim(candidates=views, instance_id="i0", now=50.0)
-    assert victim in views
-    assert pm.hook.qlm_select_victim(candidates=list(views), instance_id="i0", now=50.0) is victim
-    assert pm.hook.qlm_select_victim(candidates=views[:1], instance_id="i0", now=50.0) is views[0]
 
 
 def _state(iid: str, models: tuple[str, ...], queued: int) -> InstanceState:
@@ -180,90 +94,6 @@ def test_oracle_prices_true_output_length() -> None:
     assert key(pm, long_job) < key(pm, short_job), "same deadline: less laxity (more work) first"  # type: ignore[operator]
 
 
-# ---- the brain's other roles: every registered implementation, on a small simulated fleet
-
-
-def wired_to_a_fleet(name: str, submitted: int = 40) -> tuple[pluggy.PluginManager, list[object], SimFleet]:
-    """The policy's plugins with two simulated H100s, after ``submitted`` arrivals of the workload
-    (where the policy takes arrivals: a queue manager)."""
-    built = REGISTRY.get(name).factory(CTX)
-    plugins = built if isinstance(built, list) else [built]
-    fleet = SimFleet(
-        [SimInstance(f"i{k}", "h100", dict(CTX.cost_models), initial_model="m") for k in range(2)]
-    )
-    backend = SimBackend(fleet)
-    pm = get_plugin_manager(autoload=False)
-    for n, plugin in enumerate([*plugins, backend]):
-        pm.register(plugin, name=f"{name}:{n}")
-    pm.hook.qlm_configure(pm=pm)
-    backend.attach(pm)
-    if implements(plugins, "qlm_submit"):
-        for r in sorted(workload(3, submitted), key=lambda r: r.arrival_time):
-            fleet.advance_to(r.arrival_time)
-            pm.hook.qlm_submit(request=r, now=fleet.now)
-    return pm, plugins, fleet
-
-
-def role_policies(hook: str) -> list[str]:
-    return [n for n in POLICIES if implements(wired(n)[1], hook)]
-
-
-@pytest.mark.parametrize("name", role_policies("qlm_predict_output_length"))
-def test_length_predictions_are_distributions_within_the_room_left(name: str) -> None:
-    pm, plugins, _ = wired_to_a_fleet(name)
-    assert any(isinstance(p, LengthPredictorRole) for p in plugins)
-    for r in workload(4, 20):
-        for generated in (0, 7, r.max_tokens - 1):
-            d = pm.hook.qlm_predict_output_length(request=r, generated_tokens=generated)
-            room = r.max_tokens - generated
-            assert 0 <= d.mean <= room
-            qs = [d.quantile(p) for p in (0.5, 0.9, 0.99)]
-            assert all(0 <= q <= room for q in qs) and qs == sorted(qs)
-            assert d == pm.hook.qlm_predict_output_length(request=r, generated_tokens=generated)
-
-
-@pytest.mark.parametrize("name", role_policies("qlm_estimate_wait"))
-def test_wait_estimates_are_distributions_and_probabilities(name: str) -> None:
-    pm, plugins, fleet = wired_to_a_fleet(name)
-    assert any(isinstance(p, WaitEstimatorRole) for p in plugins)
-    for r in workload(5, 20):
-        est = pm.hook.qlm_estimate_wait(request=r, now=fleet.now)
-        assert isinstance(est, WaitEstimate)
-        assert 0.0 <= est.p_meet <= 1.0
-        assert 0.0 <= est.wait_mean_s <= est.completion_mean_s
-        assert est.wait_std_s >= 0 and est.completion_std_s >= 0
-    other = make_request("unknown", "no-such-model", 10, 10, fleet.now)
-    assert pm.hook.qlm_estimate_wait(request=other, now=fleet.now) is None
-
-
-@pytest.mark.parametrize("name", role_policies("qlm_admit"))
-def test_admission_answers_for_the_request_and_gives_its_reasons(name: str) -> None:
-    pm, plugins, _ = wired_to_a_fleet(name, submitted=0)
-    assert any(isinstance(p, AdmissionRole) for p in plugins)
-    for p_meet in (0.0, 0.01, 0.5, 1.0):
-        r = make_request(f"a{p_meet}", "m", 10, 10, 0.0, ttft_s=1.0)
-        est = WaitEstimate("i0", 0.5, 0.1, 0.6, 0.1, p_meet)
-        verdict = pm.hook.qlm_admit(request=r, estimate=est, now=0.0)
-        assert verdict.request_id == r.id
-        assert verdict.accepted or verdict.reason, "a refusal says why"
-        assert verdict.can_meet_slo or verdict.reason, "a flag says why"
-        assert verdict == pm.hook.qlm_admit(request=r, estimate=est, now=0.0)
-
-
-@pytest.mark.parametrize("name", role_policies("qlm_plan"))
-def test_plans_place_work_and_load_models_only_where_possible(name: str) -> None:
-    pm, plugins, fleet = wired_to_a_fleet(name, submitted=60)
-    assert any(isinstance(p, PlannerRole) for p in plugins)
-    states = [pm.hook.qlm_instance_state(instance_id=i, detail=False) for i in ("i0", "i1")]
-    plan = pm.hook.qlm_plan(queue=[], instances=states[:1], now=fleet.now)
-    assert isinstance(plan, Plan) and plan.solver not in ("", "none"), "a plan names its solver"
-    assert set(plan.groups) | set(plan.queues) <= {"i0"}
-    assert all(
-        a.instance_id == "i0" and a.model in CTX.cost_models for a in plan.actions if isinstance(a, LoadModel)
-    )
-    assert plan.objective <= sum(r.weight for r in workload(3, 60)) + 1e-9
-
-
 # ---- the LSO executor: a plugin adds a serving operation by registering its action and runner
 
 
@@ -283,7 +113,9 @@ def test_a_registered_lso_runs_with_its_instance_and_an_unknown_one_is_reported_
     class Mystery:
         instance_id: str
 
-    _, plugins, fleet = wired_to_a_fleet("qlm", submitted=5)
+    w = Wired(REGISTRY.get("qlm").factory, CTX)
+    w.submit(workload(3, 5))
+    plugins, fleet = w.plugins, w.fleet
     qm = next(p for p in plugins if isinstance(p, QueueManager))
     ran: list[tuple[str, str, float]] = []
 

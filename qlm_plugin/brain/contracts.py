@@ -1,6 +1,7 @@
 """The contracts of the brain's roles, one small protocol each. A policy plugin fills one or more of
-them through the hooks (``qlm_plugin.hooks.hookspecs``); ``tests/test_policy_conformance.py`` checks
-every registered implementation against the contract of each role it fills.
+them through the hooks (``qlm_plugin.hooks.hookspecs``); :mod:`qlm_plugin.testing.roles` checks an
+implementation against the contract of each role it fills (``tests/test_policy_conformance.py``
+runs it over every registered policy).
 
 Thread safety, for every role: the caller calls an implementation from one thread at a time (its
 event loop, the simulator's loop, or vLLM's scheduler thread), so implementations need no locks for

@@ -255,7 +255,15 @@ def test_cancel_stops_queued_requests_and_keeps_finished_ones(tmp_path: Path) ->
         assert estimate["p_meet"] > 0.9  # a day for a few seconds of work
         cancelling = await oa.batches.cancel(batch.id)
         assert cancelling.status in ("cancelling", "cancelled")
+        seen = set()
+        while (b := await oa.batches.retrieve(batch.id)).status != "cancelled":
+            seen.add(b.status)
+            await asyncio.sleep(0.01)
+        assert seen <= {"cancelling"}, (
+            "OpenAI's cancel: cancelling, then cancelled (it went through finalizing)"
+        )
         done = await wait_status(oa, batch.id, {"cancelled"})
+        assert done.finalizing_at is None and done.cancelled_at is not None
         counts = done.request_counts
         assert counts is not None and counts.total == 200 and counts.completed + counts.failed == 200
         assert 3 <= counts.completed < 200
@@ -269,6 +277,30 @@ def test_cancel_stops_queued_requests_and_keeps_finished_ones(tmp_path: Path) ->
         await oa.close()
 
     run(tmp_path, body, speed=2.0)
+
+
+def test_a_batch_cancelled_while_it_validates_is_cancelled(tmp_path: Path) -> None:
+    """Cancelled before its file was validated, a batch with an invalid line was taken for one
+    restarted after validation: the invalid line became a 400 answer among the cancelled ones."""
+
+    async def body(st: LocalStack) -> None:
+        oa = client(st)
+        rows = completion_lines(20_000, tokens=2)
+        content = jsonl(rows).replace(json.dumps(rows[3]).encode(), b"not json", 1)
+        f = await oa.files.create(file=("big.jsonl", content), purpose="batch")
+        batch = await create(oa, f.id, "24h")
+        cancelling = await oa.batches.cancel(batch.id)
+        if cancelling.status != "cancelling":
+            pytest.skip(f"validation ended before the cancel ({cancelling.status}): nothing to check")
+        done = await wait_status(oa, batch.id, {"cancelled", "failed"})
+        assert done.status == "cancelled" and done.in_progress_at is None
+        counts = done.request_counts
+        assert counts is not None and counts.total == counts.failed == 19_999 and counts.completed == 0
+        err = await lines_of(oa, done.error_file_id)
+        assert {e["error"]["code"] for e in err} == {"batch_cancelled"}
+        await oa.close()
+
+    run(tmp_path, body)
 
 
 def test_a_batch_past_its_window_expires_with_what_finished(tmp_path: Path) -> None:
@@ -524,6 +556,34 @@ def test_a_tenants_batches_together_leave_room_for_its_other_requests(tmp_path: 
         await oa.close()
 
     run(tmp_path, body, speed=5.0, config={"tenant_limits": {"max_queued_requests": limit}})
+
+
+def test_a_batch_waiting_for_room_another_holds_is_cancelled_at_once(tmp_path: Path) -> None:
+    """A batch whose lines waited for the tenant's room, held whole by another batch of the
+    tenant, stayed ``cancelling`` (and in progress past its window) until that batch ended."""
+    limit = 20  # the tenant's batches together: 10 unfinished requests
+
+    async def body(st: LocalStack) -> None:
+        oa = client(st)
+        hold = await oa.files.create(
+            file=("a.jsonl", jsonl(completion_lines(10, tokens=4000))), purpose="batch"
+        )
+        a = await create(oa, hold.id, "24h")
+        await wait_status(oa, a.id, {"in_progress"})
+        while st.coordinator.book.tenant_load["default"][0] < limit // 2:
+            await asyncio.sleep(0.05)
+        wait = await oa.files.create(file=("b.jsonl", jsonl(completion_lines(10, tokens=3))), purpose="batch")
+        b = await create(oa, wait.id, "24h")
+        await wait_status(oa, b.id, {"in_progress"})
+        await oa.batches.cancel(b.id)
+        done = await wait_status(oa, b.id, {"cancelled"}, timeout_s=10)
+        assert done.request_counts is not None and done.request_counts.failed == 10
+        assert (await oa.batches.retrieve(a.id)).status == "in_progress"  # the other one goes on
+        await oa.batches.cancel(a.id)
+        await wait_status(oa, a.id, {"cancelled"})
+        await oa.close()
+
+    run(tmp_path, body, speed=1.0, config={"tenant_limits": {"max_queued_requests": limit}})
 
 
 def test_files_page_by_cursor_past_any_count(tmp_path: Path) -> None:

@@ -23,6 +23,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
 from qlm_plugin.adapters.sim.engine import SimInstance
+from qlm_plugin.adapters.sim.process import SimEngineLink
 from qlm_plugin.adapters.sim.realtime import natural_length, synthetic_text
 from qlm_plugin.coordinator.grpc_api import InstancesService
 from qlm_plugin.coordinator.http_api import unfinished
@@ -1755,6 +1756,54 @@ def test_admin_refuses_a_bad_evict_mode_an_unknown_request_and_a_negative_limit(
             assert order.ordered and order.instance_id == st.coordinator.jobs[reply.request_id].instance
 
     run(tmp_path, body, speed=1.0)
+
+
+def test_admin_views_say_what_is_so_now(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found by review: ``late`` was true for every unfinished request with a deadline (an
+    unfinished request's times counted as infinite); ``GetPlan`` listed requests long finished
+    (the plan stays until the next, made only while work waits); ``Evict`` of a request waiting in
+    its engine's queue answered ``ordered`` and the engine evicted another request in its place;
+    ``swap`` on an instance that cannot was sent as it was."""
+
+    monkeypatch.setattr(SimEngineLink, "capabilities", ("evict",))  # no swap to host memory
+    costs = load_scenario().cost_models_for("h100")
+    small = SimInstance("small", "h100", costs, initial_model=MODEL, max_num_seqs=2)
+
+    async def body(st: LocalStack) -> None:
+        li = st.instances["small"]
+        async with CoordinatorClient(st.grpc_target) as c:
+            slo = pb.SLO(ttft_ms=60_000)  # interactive: no seat is taken from them
+            running = [
+                (await c.submit(pb.RequestSpec(model=MODEL, prompt="x" * 40, max_tokens=4000, slo=slo)))
+                for _ in range(2)
+            ]
+            urgent = await c.submit(
+                pb.RequestSpec(model=MODEL, prompt="x", max_tokens=4, slo=pb.SLO(ttft_ms=60_000))
+            )
+            session = st.coordinator.fleet.live("small")
+            assert session is not None
+            deadline = time.monotonic() + 30
+            while session.report is None or urgent.request_id not in session.report.waiting_ids:
+                assert time.monotonic() < deadline, "the urgent request never waited in the engine"
+                st.coordinator.tick()
+                await asyncio.sleep(0.05)
+            queue = await c.queue()
+            assert queue.requests and not any(r.late for r in queue.requests), queue
+            assert all(r.deadline > time.time() for r in queue.requests)
+
+            order = await c.evict(urgent.request_id)
+            assert not order.ordered and "waits in the queue of instance small" in order.reason, order
+            order = await c.evict(running[0].request_id, "swap")
+            assert not order.ordered and "cannot swap" in order.reason, order
+            assert not li.link.inst.counters["preemptions"]
+
+            plan = await c.plan()
+            finished = {rid for q in plan.queues for rid in q.request_ids} - {
+                j.id for j in st.coordinator.jobs.values() if j.state == "queued"
+            }
+            assert not finished, f"the plan shows requests no longer queued: {finished}"
+
+    run(tmp_path, body, sims=[small], instances=1, speed=1.0)
 
 
 def test_a_request_that_fails_after_its_attempts_is_logged_with_its_id_and_reason(

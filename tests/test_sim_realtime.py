@@ -418,3 +418,29 @@ def test_an_engine_counts_deadline_budgets_on_its_own_clock() -> None:
     # what a victim plugin of the instance sees of the request: its SLO whole, and its priority
     assert request.slo.e2e_deadline == pytest.approx(received + 5.0 * SPEED, abs=0.5)
     assert request.priority == 3
+
+
+def test_an_order_to_evict_a_request_not_running_makes_a_seat_only_for_an_urgent_request() -> None:
+    """The coordinator's view runs ahead of the engine's: an eviction for an urgent request names
+    a victim the engine may not run yet, and means "make a seat" (the engine picks a batch
+    request). An operator's order (no urgent request) names that request: the engine evicted
+    another one in its place."""
+
+    async def main() -> tuple[pb.CommandAck, pb.CommandAck]:
+        sim = RealtimeSim(_instances(1), speed=SPEED)
+        sim.start()
+        link = SimEngineLink(sim, sim.instance("i0"))
+        spec = pb.RequestSpec(request_id="b", model="m", prompt_tokens=10, max_tokens=5000)
+        assert link.start(pb.Assignment(request=spec, attempt=1), lambda _e: None)
+        while not sim.instance("i0")._views(sim.now):
+            await asyncio.sleep(0.01)
+        operator = link.execute(pb.Command(evict=pb.Evict(request_id="waiting", mode="recompute")))
+        urgent = link.execute(
+            pb.Command(evict=pb.Evict(request_id="waiting", mode="recompute", for_request_id="u"))
+        )
+        await sim.stop()
+        return operator, urgent
+
+    operator, urgent = asyncio.run(main())
+    assert not operator.ok and operator.error == "request 'waiting' is not running here"
+    assert urgent.ok and urgent.wasted_tokens > 0  # the batch request "b" gave its seat

@@ -208,6 +208,8 @@ class SimEngineLink:
             rid = cmd.evict.request_id
             running = inst._views(self.sim.now)
             if rid not in {v.request.id for v in running}:
+                if not cmd.evict.for_request_id:  # an operator's order, or a plan's: that request
+                    return pb.CommandAck(ok=False, error=f"request {rid!r} is not running here")
                 # Handed over but not admitted yet (the coordinator's view runs ahead of the
                 # engine's): the order means "make a seat", so the engine preempts its own victim.
                 batch = [v for v in running if v.request.slo.ttft_deadline is None]

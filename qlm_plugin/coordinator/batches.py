@@ -319,10 +319,15 @@ class _Room:
         self._changed = asyncio.Condition()
 
     @contextlib.asynccontextmanager
-    async def take(self, units: int) -> AsyncIterator[None]:
+    async def take(self, units: int, stop: asyncio.Event) -> AsyncIterator[None]:
+        """Hold ``units`` of the room; once ``stop`` is set (the batch expired or is cancelled),
+        go on without them (its lines are answered, not served: a batch waiting for room another
+        batch held stayed cancelling, or in progress past its window, until that one ended)."""
         units = min(units, self.units)
         async with self._changed:
-            await self._changed.wait_for(lambda: self.free >= units)
+            await self._changed.wait_for(lambda: self.free >= units or stop.is_set())
+            if stop.is_set():
+                units = 0
             self.free -= units
         try:
             yield
@@ -330,6 +335,11 @@ class _Room:
             async with self._changed:
                 self.free += units
                 self._changed.notify_all()
+
+    async def wake(self) -> None:
+        """Let the waiters look again (a batch of theirs stopped)."""
+        async with self._changed:
+            self._changed.notify_all()
 
 
 @dataclass(slots=True)
@@ -353,6 +363,7 @@ class BatchService:
         self._running: dict[str, _Running] = {}
         # per tenant: the unfinished requests all of its batches may have together
         self._tenant_room: dict[str, _Room] = {}
+        self._wakes: set[asyncio.Task[None]] = set()  # room wake-ups in flight (held: not collected)
         self._sweeper: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -518,6 +529,11 @@ class BatchService:
 
     def _stop(self, running: _Running, reason: str) -> None:
         running.stop.set()
+        room = self._tenant_room.get(running.batch.tenant)
+        if room is not None:  # its lines waiting for room go on, to be answered
+            task = asyncio.get_running_loop().create_task(room.wake())
+            self._wakes.add(task)
+            task.add_done_callback(self._wakes.discard)
         for jobs in list(running.jobs.values()):
             for job in jobs:
                 if not job.done.is_set():
@@ -548,11 +564,14 @@ class BatchService:
                 max_requests=self.settings.max_requests,
                 now=time.time(),
             )
-            if batch.status == "validating":
-                if parsed.errors:
+            if batch.in_progress_at is None:  # validated for the first time (cancelled meanwhile, maybe)
+                if parsed.errors and batch.status == "validating":
                     self._fail(batch, parsed.errors)
                     return
-                batch.status, batch.in_progress_at = "in_progress", time.time()
+                if batch.status == "validating":
+                    batch.status, batch.in_progress_at = "in_progress", time.time()
+                # (cancelled while it validated: its valid lines are answered cancelled, as they
+                # were; its invalid ones were lines of a batch that never ran)
                 batch.total = len(parsed.lines)
                 models = {line.spec.model for line in parsed.lines}
                 batch.model = models.pop() if len(models) == 1 else None  # several: our extension
@@ -616,7 +635,8 @@ class BatchService:
         async def worker() -> None:
             for line in feed:
                 # a stopped batch answers its unsent lines without waiting for room
-                async with contextlib.nullcontext() if running.stop.is_set() else room.take(line.requests):
+                held = room.take(line.requests, running.stop)
+                async with contextlib.nullcontext() if running.stop.is_set() else held:
                     running.unsent -= 1
                     jobs = await self._submit_line(running, line)
                     if jobs is None:
@@ -705,7 +725,8 @@ class BatchService:
         chunks stored from a thread, the file hidden until the end), then show them with the
         batch's final state in one transaction."""
         batch = running.batch
-        batch.status, batch.finalizing_at = "finalizing", batch.finalizing_at or time.time()
+        if batch.ending != "cancelled":  # OpenAI's cancel: cancelling, then cancelled (no finalizing)
+            batch.status, batch.finalizing_at = "finalizing", batch.finalizing_at or time.time()
         await self.coord.journal.flush()  # the finished requests' records are committed first
         self.store.put_batch(batch)
         answered = self.store.line_answers(batch.id)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -79,6 +80,11 @@ def _trace_parent(md: dict[str, str]) -> Any:
     """The caller's trace context (W3C ``traceparent`` in the call's metadata ``md``), as the HTTP
     front door takes it from the headers: the request's span joins the caller's trace."""
     return propagate.extract(md) if "traceparent" in md else None
+
+
+def _or_zero(deadline: float) -> float:
+    """A deadline as the protocol carries it: 0 for none."""
+    return deadline if math.isfinite(deadline) else 0.0
 
 
 def _metadata(context: Any) -> dict[str, str]:
@@ -432,7 +438,7 @@ class AdminService(pb_grpc.AdminServicer):
                     state=j.state,
                     instance_id=j.instance or "",
                     age_s=now - j.request.arrival_time,
-                    deadline=min(j.request.slo.first_deadline(), 1e18),
+                    deadline=_or_zero(j.request.slo.first_deadline()),
                     late=j.late,
                 )
                 for j in jobs[:limit]
@@ -444,10 +450,15 @@ class AdminService(pb_grpc.AdminServicer):
         plan = qm.last_plan if qm is not None else None
         if qm is None or plan is None:
             return pb.PlanSnapshot()
+        # The plan as made; its requests that have left the queue since (dispatched, finished,
+        # cancelled) are not shown: the plan stays until the next one, which is made only while
+        # work waits, and listed the requests of a drained queue for ever.
+        queued = {job.id for job in self.coord.book.jobs.values() if job.state == "queued"}
+        queues = {i: [r for r in ids if r in queued] for i, ids in plan.queues.items()}
         return pb.PlanSnapshot(
             made_at=qm.last_plan_at,
             solver=plan.solver,
-            queues=[pb.PlannedQueue(instance_id=i, request_ids=list(r)) for i, r in plan.queues.items()],
+            queues=[pb.PlannedQueue(instance_id=i, request_ids=r) for i, r in queues.items() if r],
             actions=[repr(a) for a in plan.actions],
         )
 
@@ -499,6 +510,19 @@ class AdminService(pb_grpc.AdminServicer):
         s = self.coord.fleet.live(job.instance)
         if s is None:
             return pb.EvictReply(ordered=False, reason=f"instance {job.instance} is not connected")
+        rep = s.report
+        if rep is not None and job.id in rep.waiting_ids:  # handed over, waiting in the engine's queue
+            return pb.EvictReply(
+                ordered=False,
+                reason=f"request {request.request_id!r} waits in the queue of instance {s.instance_id}: "
+                "not running, nothing to evict",
+            )
+        if request.mode == "swap" and "swap" not in s.capabilities:
+            return pb.EvictReply(
+                ordered=False,
+                reason=f"instance {s.instance_id} cannot swap a request to host memory: evict it with "
+                "mode 'recompute' (or '', the engine's best)",
+            )
         mode = request.mode or ("swap" if "swap" in s.capabilities else "recompute")
         self.coord.fleet.command(s, "evict", job.id, mode=mode)
         return pb.EvictReply(ordered=True, instance_id=s.instance_id)

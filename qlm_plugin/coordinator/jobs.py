@@ -214,10 +214,15 @@ class Job:
 
     @property
     def late(self) -> bool:
+        """Past a deadline: its first token came after the TTFT deadline, or has not come and the
+        deadline is gone; it ended after the end-to-end deadline, or has not ended and it is gone
+        (an unfinished request was always late: its times counted as infinite)."""
         slo = self.request.slo
-        if slo.ttft_deadline is not None and (self.first_token_at or math.inf) > slo.ttft_deadline:
+        end = self.finished_at if self.finished_at is not None else time.time()
+        first = self.first_token_at if self.first_token_at is not None else end
+        if slo.ttft_deadline is not None and first > slo.ttft_deadline:
             return True
-        return slo.e2e_deadline is not None and (self.finished_at or math.inf) > slo.e2e_deadline
+        return slo.e2e_deadline is not None and end > slo.e2e_deadline
 
     def outcome(self) -> RequestOutcome:
         status = {"finished": Status.FINISHED, "cancelled": Status.CANCELLED, "failed": Status.REJECTED}

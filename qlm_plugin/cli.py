@@ -49,9 +49,16 @@ def _print_table(results: dict[str, object]) -> None:
                 f"{'' if busy is None else f'{busy * 100:.0f}%':>5}"
             )
             label = ""
-    print("refused: at admission (a class's refuse_below_p_meet); refused and unfinished count as missed")
+    print(
+        "refused: at validation (a request no instance can take: see above) or at admission (a class's "
+        "refuse_below_p_meet); refused and unfinished count as missed"
+    )
     if any(getattr(r, "reference", False) for r in results.values()):
         print("* reference: knows true output lengths; not a deployable policy")
+
+
+#: Rejections at validation listed in ``qlm simulate --json`` (their count is whole).
+MAX_LISTED_REJECTIONS = 20
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
@@ -85,8 +92,9 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         own_rps = scenario.workload.target_rps if args.trace is None else None
         if own_rps:  # the scenario's own rate, scaled (as qlm plan-capacity takes it)
             updates.update(target_rps=own_rps * args.rate_scale, rate_scale=1.0)
-        else:
-            updates.update(rate_scale=args.rate_scale, target_rps=None)
+        else:  # the scenario's own compression, scaled (replaced, 2 on one compressed 110x ran at 2x)
+            own = 1.0 if "rate_scale" in updates else scenario.workload.rate_scale  # (reset by --trace)
+            updates.update(rate_scale=own * args.rate_scale, target_rps=None)
     if updates:
         scenario = scenario.model_copy(update={"workload": scenario.workload.model_copy(update=updates)})
     if args.seed is not None:
@@ -117,22 +125,32 @@ def cmd_simulate(args: argparse.Namespace) -> int:
                 done[0] = i
 
             results[name] = run_policy(scenario, name, requests, rejected, on_progress=progress)
+    span = requests[-1].arrival_time - requests[0].arrival_time
+    # the mean rate as target_rps and qlm bench count it: (requests - 1) over the span
+    rate = (len(requests) - 1) / span if span > 0 else None
+    instances = len(scenario.instance_ids())
     if args.json:
         out = {
             "scenario": scenario.name,
+            "seed": scenario.seed,
+            "instances": instances,
             "requests": len(requests) + len(rejected),
+            "span_s": span,
+            "rate_rps": rate,
             "rejected_at_validation": len(rejected),
+            "rejections": [
+                {"index": r.index, "reason": str(r.error)} for r in rejected[:MAX_LISTED_REJECTIONS]
+            ],
             "policies": {n: r.to_dict() for n, r in results.items()},
         }
         json.dump(out, sys.stdout, indent=2)
         print()
     else:
-        span = requests[-1].arrival_time - requests[0].arrival_time
         print(
             f"scenario {scenario.name!r}: {len(requests)} requests over {span:.0f} s "
-            f"({f'{len(requests) / span:.2f} req/s' if span > 0 else 'all at once'}), "
-            f"{len(scenario.instance_ids())} instance{'s' if len(scenario.instance_ids()) != 1 else ''}, "
-            f"seed {scenario.seed}" + (f"; {len(rejected)} rejected at validation" if rejected else "")
+            f"({f'{rate:.2f} req/s' if rate is not None else 'all at once'}), "
+            f"{instances} instance{'s' if instances != 1 else ''}, seed {scenario.seed}"
+            + (f"; {len(rejected)} rejected at validation (first: {rejected[0].error})" if rejected else "")
         )
         _print_table(dict(results))
     return 0
@@ -180,8 +198,26 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if not 0.0 <= args.burst_at <= 1.0:
         raise ValueError(f"--burst-at must be a fraction in [0, 1], got {args.burst_at}")
     bench.require_matplotlib()  # before minutes of simulation, not after
-    if Path(args.out).is_dir():  # found only once every simulation had run
+    # --out checked before the runs: its problems were found only once every simulation had run
+    if Path(args.out).is_dir():
         raise ValueError(f"--out: {args.out} is a folder; name the Markdown file to write")
+    if Path(args.out).exists():
+        from qlm_plugin.tools import ablation
+
+        marks = (
+            (ablation.MARK_START, ablation.MARK_END) if args.ablation else (bench.MARK_START, bench.MARK_END)
+        )
+        try:
+            bench.update_markdown(Path(args.out).read_text(), "", *marks)
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ValueError(f"--out: cannot read {args.out}: {exc}") from None
+        except bench.BenchError as exc:
+            raise ValueError(f"--out: {args.out}: {exc}") from None
+    if args.seeds > 1 and args.no_sweep:
+        raise ValueError(
+            "--seeds averages the sweep's load points, and --no-sweep runs none: for the base load over "
+            f"{args.seeds} seeds, give --sweep 1 --seeds {args.seeds}"
+        )
     if args.scenarios is not None and not names(args.scenarios):
         raise ValueError(f"--scenarios names no scenario: {args.scenarios!r}")
     command = (
@@ -221,6 +257,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from qlm_plugin.tools import ablation
 
         policies = ablation.ablation_policies()
+    elif (
+        args.ablation
+        and policies is not None
+        and ("qlm" not in policies or not any(p.startswith("qlm-no-") for p in policies))
+    ):
+        raise ValueError(
+            "--ablation compares qlm with qlm-no-<part>: --policies must name qlm and one of those at "
+            "least (or leave --policies out for every part)"
+        )
     result = bench.run_bench(
         names(args.scenarios),
         policies,
@@ -304,7 +349,12 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument(
         "--policies", metavar="A,B", help="comma-separated policy names (default: all available)"
     )
-    sim.add_argument("--rate-scale", type=float, metavar="X", help="compress (X>1) or stretch (X<1) arrivals")
+    sim.add_argument(
+        "--rate-scale",
+        type=float,
+        metavar="X",
+        help="X times the scenario's load: compress (X>1) or stretch (X<1) its arrivals",
+    )
     sim.add_argument("--seed", type=int, help="override the scenario's seed")
     sim.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     sim.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -359,10 +409,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bn.add_argument(
         "--out",
-        default="docs/benchmarks.md",
+        default="qlm-bench.md",
         metavar="FILE",
-        help="Markdown file whose generated section to rewrite; plots go to its img/ folder "
-        "(default: docs/benchmarks.md)",
+        help="Markdown file whose generated section to rewrite (created if missing); plots go to its "
+        "img/ folder (default: qlm-bench.md here; docs/benchmarks.md holds the published run)",
     )
     bn.add_argument("--json", action="store_true", help="print the whole result as one JSON object")
     bn.add_argument(
@@ -398,7 +448,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     load = pc.add_mutually_exclusive_group()
     load.add_argument(
-        "--rate-scale", type=float, metavar="X", help="compress (X>1) or stretch (X<1) arrivals"
+        "--rate-scale",
+        type=float,
+        metavar="X",
+        help="X times the scenario's load: compress (X>1) or stretch (X<1) its arrivals",
     )
     load.add_argument("--target-rps", type=float, metavar="R", help="rescale arrivals to R requests/s")
     pc.add_argument("--policy", default="qlm", help="scheduling policy of the simulated fleets (default qlm)")

@@ -324,8 +324,49 @@ def test_cli_writes_the_report_and_json(
     assert out["command"] == "qlm bench --scenarios S --policies fcfs,edf --sweep 1,2"
     assert set(out["scenarios"]["S"]["policies"]) == {"fcfs", "edf"}
     assert "S fcfs x2: SLO met" in cap.err  # one progress line per run
-    assert (tmp_path / "docs" / "benchmarks.md").read_text().count("bench_S.png") == 1
-    assert (tmp_path / "docs" / "img" / "bench_S.png").stat().st_size > 0
+    # here, not in docs/benchmarks.md: a run of one scenario replaced the published section of all
+    assert (tmp_path / "qlm-bench.md").read_text().count("bench_S.png") == 1
+    assert (tmp_path / "img" / "bench_S.png").stat().st_size > 0
+    assert not (tmp_path / "docs").exists()
+    assert out["sweep"] == [1.0, 2.0]
+
+
+def test_cli_checks_its_out_file_and_options_before_any_simulation(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An unbalanced --out was found after every simulation had run (the work lost); --seeds with
+    --no-sweep ran one seed and recorded five; --ablation without its parts gave a table of -inf."""
+    _folder(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    broken = tmp_path / "mine.md"
+    broken.write_text(f"{bench.MARK_START}\n{bench.MARK_START}\n")
+    for argv, message in [
+        (["--out", str(broken)], "markers"),
+        (["--no-sweep", "--seeds", "5"], "give --sweep 1 --seeds 5"),
+        (["--ablation", "--policies", "fcfs,qlm"], "must name qlm and one of those"),
+    ]:
+        assert main(["bench", "--scenarios", "S", "--policies", "fcfs", *argv]) != 0
+        err = capsys.readouterr().err
+        assert message in err and "SLO met" not in err, err  # refused before any run
+    assert not (tmp_path / "img").exists()
+
+
+def test_a_sweep_without_the_base_load_bounds_the_highest_load_by_the_loads_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The base load always runs: `--sweep 2` where 1x already misses is "< 1x", not "< 2x"."""
+    _folder(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    assert main(["bench", "--scenarios", "S", "--policies", "fcfs", "--sweep", "2", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["sweep"] == [1.0, 2.0]
+    result = bench.BenchResult(
+        command="", date="", seed=None, sweep=[1.0, 2.0], target=0.9, burst_at=0.3, policies=[]
+    )
+    assert (
+        bench.format_rate("<min", result.sweep) == "< 1x"
+        and bench.format_rate(">max", result.sweep) == "> 2x"
+    )
 
 
 @pytest.mark.parametrize(

@@ -237,7 +237,9 @@ def test_rate_scale_scales_a_scenario_that_sets_its_own_rate(small: Path) -> Non
     paced = sc.model_copy(update={"workload": sc.workload.model_copy(update={"target_rps": 72.0})})
     assert capacity.apply_workload_overrides(paced, rate_scale=1.2).workload.target_rps == pytest.approx(86.4)
     plain = capacity.apply_workload_overrides(sc, rate_scale=2.0).workload
-    assert (plain.rate_scale, plain.target_rps) == (2.0, None)  # no rate of its own: arrivals compressed
+    assert (plain.rate_scale, plain.target_rps) == (2.0 * sc.workload.rate_scale, None)  # compressed more
+    dense = sc.model_copy(update={"workload": sc.workload.model_copy(update={"rate_scale": 110.0})})
+    assert capacity.apply_workload_overrides(dense, rate_scale=2.0).workload.rate_scale == 220.0
 
 
 def test_a_kind_that_refuses_requests_is_no_answer_and_one_that_takes_none_no_error(tmp_path: Path) -> None:

@@ -77,7 +77,7 @@ def test_simulate_is_deterministic(tmp_path: Path) -> None:
 
 
 def test_table_output_names_policies_and_classes() -> None:
-    proc = qlm("simulate", "--policies", "fcfs,oracle", "--rate-scale", "20")
+    proc = qlm("simulate", "--policies", "fcfs,oracle", "--rate-scale", "0.2")
     assert proc.returncode == 0, proc.stderr
     assert "fcfs" in proc.stdout and "oracle*" in proc.stdout and "interactive" in proc.stdout
     assert "reference" in proc.stdout
@@ -278,3 +278,53 @@ def test_an_openai_endpoint_is_its_servers_base_url() -> None:
     assert openai_base_url("http://127.0.0.1:8000") == "http://127.0.0.1:8000"
     assert openai_base_url("http://h:8000/v1/") == "http://h:8000"  # an OpenAI client's base URL
     assert openai_base_url("https://h/llm/v1") == "https://h/llm"
+
+
+def test_a_trace_with_one_far_off_timestamp_simulates_without_ticking_through_the_gap(tmp_path: Path) -> None:
+    """One stray row dated decades off (1e9 s) made a queue-manager policy tick through the gap a
+    quarter second at a time: minutes for two requests."""
+    import threading
+
+    from qlm_plugin.tools.simulate import build_requests, run_policy
+    from qlm_plugin.workloads.scenario import load_scenario
+
+    trace = tmp_path / "stray.csv"
+    trace.write_text("TIMESTAMP,ContextTokens,GeneratedTokens\n0.0,100,10\n1000000000.0,100,10\n")
+    scenario = load_scenario()
+    scenario = scenario.model_copy(
+        update={
+            "workload": scenario.workload.model_copy(
+                update={"trace": str(trace), "rate_scale": 1.0, "target_rps": None, "duration_s": None}
+            )
+        }
+    )
+    requests, rejected = build_requests(scenario)
+    finished: list[int] = []
+    run = threading.Thread(
+        target=lambda: finished.append(run_policy(scenario, "qlm", requests, rejected).overall.finished),
+        daemon=True,
+    )
+    run.start()
+    run.join(60)  # a hang guard, not a speed target: it took minutes
+    assert finished == [2]
+
+
+def test_rate_scale_multiplies_the_scenarios_own_and_json_says_the_load(tmp_path: Path) -> None:
+    """`--rate-scale 2` replaced a scenario's own rate scale: on the default scenario, compressed
+    110x, it ran at 2x, a fiftieth of the load, where qlm bench's 2x doubles it."""
+    trace = tmp_path / "t.csv"
+    trace.write_text(
+        "TIMESTAMP,ContextTokens,GeneratedTokens\n" + "".join(f"{i}.0,100,10\n" for i in range(50))
+    )
+    scenario = tmp_path / "s.yaml"
+    scenario.write_text(
+        f"name: s\nworkload: {{trace: {trace}, rate_scale: 7}}\n"
+        "models: [{name: m, profile: llama-3.1-8b}]\ninstances: [{gpu: h100, models: [m]}]\n"
+        "classes: [{name: chat, share: 1, ttft_s: 1}]\n"
+    )
+    for extra, span in (([], 7.0), (["--rate-scale", "2"], 3.5)):
+        proc = qlm("simulate", "--scenario", str(scenario), "--policies", "fcfs", "--json", *extra)
+        assert proc.returncode == 0, proc.stderr
+        out = json.loads(proc.stdout)
+        assert out["span_s"] == pytest.approx(span) and out["rate_rps"] == pytest.approx(49 / span)
+        assert (out["seed"], out["instances"], out["rejections"]) == (0, 1, [])

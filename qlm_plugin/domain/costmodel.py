@@ -138,7 +138,7 @@ def cost_model(
         if not needed <= ov.keys():
             raise UnknownProfileError(
                 f"no cost profile for model {model!r} on gpu {gpu!r}; known: {', '.join(known_profiles())} "
-                f"(or give b0_us, b1_us, b2_us and kv_blocks)"
+                f"(a scenario may give its own: b0_us, b1_us, b2_us and kv_blocks in its profiles)"
             )
         fit = (int(ov.get("tp", 1)), ov["b0_us"], ov["b1_us"], ov["b2_us"], int(ov["kv_blocks"]))
     base_model = MODELS.get(m)
@@ -146,7 +146,8 @@ def cost_model(
         if not {"weights_gb", "kv_bytes_per_token", "context_len"} <= model_fields.keys():
             raise UnknownProfileError(
                 f"unknown model profile {model!r}; known: {', '.join(sorted(MODELS))} "
-                f"(or give weights_gb, kv_bytes_per_token and context_len)"
+                "(a scenario may give its own: weights_gb, kv_bytes_per_token and context_len in its "
+                "profiles)"
             )
         base_model = ModelProfile(m, 0.0, 0, 0)
     base_gpu = GPUS.get(g) or GPUSpec(g, host_link_gbps=25.0)

@@ -76,10 +76,12 @@ def verdicts(result: BenchResult) -> list[PartVerdict]:
     for part in PARTS:
         name = f"qlm-no-{part}"
         gain, gain_at, cost, cost_at, cap = -math.inf, "-", 0.0, "-", 0.0
+        ran = False
         for s in result.scenarios.values():
             whole, without = s.policies.get("qlm"), s.policies.get(name)
             if whole is None or without is None:
                 continue
+            ran = True
             a, b = _points(whole), _points(without)
             for m in sorted(a.keys() & b.keys()):
                 if a[m] - b[m] > gain:
@@ -90,7 +92,8 @@ def verdicts(result: BenchResult) -> list[PartVerdict]:
                 ca, cb = _capacity(whole, result.sweep), _capacity(without, result.sweep)
                 if cb > 0 and math.isfinite(ca) and math.isfinite(cb):
                     cap = max(cap, ca / cb - 1)
-        out.append(PartVerdict(part, gain, gain_at, cost, cost_at, cap))
+        if ran:  # a part left out of --policies has no verdict (it read -inf, "adds nothing")
+            out.append(PartVerdict(part, gain, gain_at, cost, cost_at, cap))
     return out
 
 

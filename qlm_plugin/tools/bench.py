@@ -403,7 +403,8 @@ def run_bench(
         command=command,
         date=date or datetime.now(timezone.utc).date().isoformat(),
         seed=seed,
-        sweep=multipliers,
+        # the loads run: the base load always is (a bound read off the sweep without it was wrong)
+        sweep=sorted({1.0, *multipliers}) if multipliers else [],
         target=target,
         burst_at=burst_at,
         policies=names,

@@ -350,8 +350,9 @@ def apply_workload_overrides(
             # the scenario's own load, scaled (it was dropped: 1.2x of a 72 req/s scenario planned
             # for 0.8 req/s, and more load came back as fewer GPUs)
             updates.update(target_rps=kept_rps * rate_scale, rate_scale=1.0)
-        else:
-            updates.update(rate_scale=rate_scale, target_rps=None)
+        else:  # the scenario's own compression, scaled (as qlm simulate and qlm bench take it)
+            own = 1.0 if "rate_scale" in updates else scenario.workload.rate_scale  # (reset by --trace)
+            updates.update(rate_scale=own * rate_scale, target_rps=None)
     if target_rps is not None:
         updates.update(target_rps=target_rps, rate_scale=1.0)
     if updates:

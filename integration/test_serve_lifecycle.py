@@ -146,3 +146,45 @@ def test_a_second_signal_stops_at_once_keeping_what_is_unfinished(tmp_path: Path
         if serve.poll() is None:
             serve.kill()
             serve.wait()
+
+
+def test_each_instance_group_of_the_scenario_gets_its_own_gpu_models_and_limits(tmp_path: Path) -> None:
+    """`qlm serve` started every simulated instance as the scenario's first group: a second group's
+    GPU, model order and engine limits were dropped (both engines came up serving the first
+    group's model, and the planner had to order a swap at once)."""
+    scenario = tmp_path / "two_groups.yaml"
+    scenario.write_text(
+        "name: two-groups\n"
+        "workload: {synthetic: {rate_rps: 1, duration_s: 10}}\n"
+        "models: [{name: llama-3.1-8b, profile: llama-3.1-8b}, {name: phi-4, profile: phi-4}]\n"
+        "instances:\n"
+        "  - {name: a, gpu: h100, models: [llama-3.1-8b, phi-4], max_num_seqs: 8}\n"
+        "  - {name: b, gpu: h100, count: 2, models: [phi-4, llama-3.1-8b], max_num_seqs: 16}\n"
+        "classes: [{name: chat, share: 1, ttft_s: 1}]\n"
+    )
+    http, grpc_port = free_port(), free_port()
+    proc = serve_process(tmp_path, http, grpc_port, "--scenario", str(scenario))
+    try:
+        wait_healthy(f"http://127.0.0.1:{http}", proc, tmp_path / "serve.log")
+
+        async def listed() -> dict[str, tuple[str, tuple[str, ...], int]]:
+            async with CoordinatorClient(f"127.0.0.1:{grpc_port}") as c:
+                deadline = time.monotonic() + 30
+                while True:
+                    snapshot = await c.instances()
+                    if len(snapshot.instances) == 3 or time.monotonic() > deadline:
+                        break
+                    await asyncio.sleep(0.1)
+            return {
+                i.instance_id: (i.gpu, tuple(i.state.models_loaded), i.state.max_num_seqs)
+                for i in snapshot.instances
+            }
+
+        assert asyncio.run(listed()) == {
+            "sim0-0": ("h100", ("llama-3.1-8b",), 8),
+            "sim1-0": ("h100", ("phi-4",), 16),
+            "sim2-0": ("h100", ("phi-4",), 16),
+        }
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(60)

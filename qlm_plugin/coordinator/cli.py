@@ -11,6 +11,7 @@ import os
 import signal
 import socket
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -255,7 +256,15 @@ def add_parsers(sub: Any) -> None:
         "id (default openai)",
     )
     inst.add_argument(
-        "--gpu", help="GPU kind of the cost model (default: the scenario's first instance group)"
+        "--gpu", help="GPU kind of the cost model (default: the scenario's instance group's, --group)"
+    )
+    inst.add_argument(
+        "--group",
+        type=int,
+        default=0,
+        metavar="N",
+        help="sim: the scenario's instance group (0: the first) whose GPU, models and engine limits "
+        "these instances take",
     )
     inst.add_argument("--model", action="append", help="model served first (repeat: the others start warm)")
     inst.add_argument(
@@ -275,10 +284,22 @@ def add_parsers(sub: Any) -> None:
     inst.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     inst.set_defaults(func=cmd_instance)
 
-    sc = sub.add_parser("scale", help="resize the instances of a model of a `qlm serve --ray` deployment")
-    sc.add_argument("model")
-    sc.add_argument("count", type=int)
-    sc.add_argument("--ray", default="auto", metavar="ADDRESS", help="the Ray cluster (default: auto)")
+    sc = sub.add_parser(
+        "scale",
+        help="resize the instances of a model of a `qlm serve --ray` deployment",
+        description="Resize the instances serving MODEL (first) of the `qlm serve --ray` that runs on "
+        "the Ray cluster: instances like the model's own are added, the newest removed (their "
+        "requests go back to the queue, none lost).",
+    )
+    sc.add_argument("model", help="a model the deployment serves")
+    sc.add_argument("count", type=int, help="how many instances in all (not a change); 0 stops them")
+    sc.add_argument(
+        "--ray",
+        default="auto",
+        metavar="ADDRESS",
+        help="the Ray cluster: HOST:PORT, ray://HOST:PORT or auto (RAY_ADDRESS, else the one "
+        "`ray start` made on this machine; the default)",
+    )
     sc.set_defaults(func=cmd_scale)
 
     lt = sub.add_parser("loadtest", help="submit throughput and front-door latency against a real qlm serve")
@@ -389,10 +410,16 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
 
 def _instances(args: argparse.Namespace) -> list[Any]:
     from qlm_plugin.adapters.sim.engine import SimInstance
+    from qlm_plugin.domain.instance import EvictMode
     from qlm_plugin.workloads.scenario import load_scenario
 
     scenario = load_scenario(args.scenario)
-    group = scenario.instances[0]
+    if not 0 <= args.group < len(scenario.instances):
+        raise ValueError(
+            f"--group {args.group}: the scenario has {len(scenario.instances)} instance group(s), 0 to "
+            f"{len(scenario.instances) - 1}"
+        )
+    group = scenario.instances[args.group]
     gpu = args.gpu or group.gpu
     models = args.model or group.models
     costs = scenario.cost_models_for(gpu)
@@ -421,6 +448,10 @@ def _instances(args: argparse.Namespace) -> list[Any]:
             max_num_seqs=group.max_num_seqs,
             max_num_batched_tokens=group.max_num_batched_tokens,
             device=args.device,
+            # the scenario's engine, as the simulator runs it (its residency rules were dropped)
+            preemption_mode=EvictMode(scenario.engine.preemption),
+            max_model_residency_s=scenario.engine.max_model_residency_s,
+            min_model_residency_s=scenario.engine.min_model_residency_s,
         )
         for i in range(args.count)
     ]
@@ -524,8 +555,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             "--model, --max-awake, --sleep-level, --engine-logs and vLLM arguments go with --engine vllm"
         )
     if args.ray is not None:
-        from qlm_plugin.deploy import ray_fleet
-
+        ray_fleet = _ray_fleet()
         # here, on the main thread: a local Ray's processes die with the thread that started them
         # (started by an executor's thread, they died when the loop ended, before the fleet stopped)
         ray_fleet.connect(None if args.ray == "local" else args.ray)
@@ -562,7 +592,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         actors = ray_fleet.Fleet(
             f"{host}:{server.grpc_port}",
             groups,
-            scenario=args.scenario or cfg.scenario,
+            # the scenario itself: its path, relative to here, named no file in the raylet's folder
+            # or on another node (the actors' engines never started, and nothing said so)
+            scenario=server.scenario,
             speed=args.speed,
             token=os.environ.get("QLM_INSTANCE_TOKEN") or None,
             record=os.environ.get("QLM_SIM_RECORD"),
@@ -576,9 +608,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 failures.append(f"the Ray fleet did not start: {type(exc).__name__}: {exc}")
                 stop.set()
                 return
+            problem = await _registered(server, actors)
+            if problem is not None:
+                failures.append(problem)
+                stop.set()
+                return
             print(
-                f"qlm serve: {actors.size} simulated instances as Ray actors "
-                f"({args.ray if args.ray != 'local' else 'a local Ray instance'}); "
+                f"qlm serve: {actors.size} simulated instance{'s' if actors.size != 1 else ''} as Ray "
+                f"actors ({args.ray if args.ray != 'local' else 'a local Ray instance'}); "
                 f"{_addresses(cfg, server)}; `qlm scale MODEL N` to resize",
                 flush=True,
             )
@@ -595,33 +632,45 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if args.ray is not None:
             ready_ray()
             return
-        cmd = python_command(
-            "qlm_plugin.cli",
-            "instance",
-            "--backend",
-            "sim",
-            "--coordinator",
-            join_host_port(local_host(cfg.grpc.host), server.grpc_port),
-            "--count",
-            "1",
-            "--gpu",
-            group.gpu,
-            "--speed",
-            str(args.speed),
+        # one process per instance, each group's GPU, models and engine limits its own
+        sized = (
+            [(0, group, count)]
+            if args.instances is not None  # --instances: that many of the first group
+            else [(i, g, g.count) for i, g in enumerate(server.scenario.instances)]
         )
-        for m in group.models:
-            cmd += ["--model", m]
-        if cfg.scenario or args.scenario:
-            cmd += ["--scenario", str(args.scenario or cfg.scenario)]
-        if cfg.tls is not None:  # they trust its CA, or its own certificate (_own_instances_tls)
-            cmd += ["--tls-ca", cfg.tls.ca or cfg.tls.cert]
-        sims = InstanceChildren(cmd, [f"sim{i}" for i in range(count)])
-        sims.start()
-        children.append(sims)
-        supervisor.append(asyncio.get_running_loop().create_task(sims.supervise()))
+        first = 0
+        for index, g, n in sized:
+            cmd = python_command(
+                "qlm_plugin.cli",
+                "instance",
+                "--backend",
+                "sim",
+                "--coordinator",
+                join_host_port(local_host(cfg.grpc.host), server.grpc_port),
+                "--count",
+                "1",
+                "--group",
+                str(index),
+                "--gpu",
+                g.gpu,
+                "--speed",
+                str(args.speed),
+            )
+            for m in g.models:
+                cmd += ["--model", m]
+            if cfg.scenario or args.scenario:
+                cmd += ["--scenario", str(args.scenario or cfg.scenario)]
+            if cfg.tls is not None:  # they trust its CA, or its own certificate (_own_instances_tls)
+                cmd += ["--tls-ca", cfg.tls.ca or cfg.tls.cert]
+            sims = InstanceChildren(cmd, [f"sim{i}" for i in range(first, first + n)])
+            first += n
+            sims.start()
+            children.append(sims)
+            supervisor.append(asyncio.get_running_loop().create_task(sims.supervise()))
+        what = "; ".join(f"{n} {g.gpu} serving {', '.join(g.models)}" for _, g, n in sized)
         print(
-            f"qlm serve: {_addresses(cfg, server, described=True)}, {count} simulated {group.gpu} "
-            f"instances of {', '.join(group.models)}, policy {cfg.policy}; Ctrl-C to stop",
+            f"qlm serve: {_addresses(cfg, server, described=True)}, {count} simulated "
+            f"instance{'s' if count != 1 else ''} ({what}), policy {cfg.policy}; Ctrl-C to stop",
             flush=True,
         )
 
@@ -641,6 +690,33 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 1
     print(f"qlm serve: stopped ({kept(left, cfg.journal.path)})")
     return 0
+
+
+#: How long `qlm serve --ray` waits for its simulated instances to register, seconds.
+RAY_REGISTER_WAIT_S = 120.0
+
+
+async def _registered(server: Any, actors: Any) -> str | None:
+    """Wait for the Ray fleet's instances to register; what is wrong when they do not (an engine
+    that stopped says why; the others may not reach the coordinator's address), else None."""
+
+    def joined() -> int:
+        return sum(s.alive for s in server.coordinator.fleet.sessions.values())
+
+    deadline = time.monotonic() + RAY_REGISTER_WAIT_S
+    while time.monotonic() < deadline:
+        if joined() >= actors.size:
+            return None
+        failed: dict[str, str] = await asyncio.to_thread(actors.call, "failures")
+        if failed:
+            iid, why = next(iter(failed.items()))
+            return f"{len(failed)} Ray instance(s) stopped at start ({iid}: {why})"
+        await asyncio.sleep(1.0)
+    return (
+        f"{joined()} of {actors.size} Ray instances registered in {RAY_REGISTER_WAIT_S:.0f} s: do the "
+        f"cluster's nodes reach the coordinator at {actors.coordinator}? (--host: an address they "
+        "reach, with tokens)"
+    )
 
 
 def _serve_vllm(args: argparse.Namespace, cfg: CoordinatorConfig) -> int:
@@ -873,12 +949,34 @@ def openai_base_url(endpoint: str) -> str:
 def cmd_scale(args: argparse.Namespace) -> int:
     if args.count < 0:  # before Ray is asked anything
         raise ValueError(f"count must be >= 0 (0 stops the model's instances), got {args.count}")
-    from qlm_plugin.deploy import ray_fleet
+    ray_fleet = _ray_fleet()
+    import ray
 
     try:
         ids = ray_fleet.scale(args.ray, args.model, args.count)
     except ray_fleet.FleetError as exc:
         print(f"qlm scale: error: {exc}", file=sys.stderr)
         return 1
-    print(f"qlm scale: {args.model} runs on {len(ids)} instances: {', '.join(ids) or 'none'}")
+    except ray.exceptions.RayActorError:  # the manager died during the call
+        print(
+            "qlm scale: error: the fleet manager died during the resize; qlm serve makes it again "
+            f"within {ray_fleet.WATCH_S:.0f} s: run qlm scale again",
+            file=sys.stderr,
+        )
+        return 1
+    print(
+        f"qlm scale: {args.model} runs on {len(ids)} instance{'s' if len(ids) != 1 else ''}: "
+        f"{', '.join(ids) or 'none'}"
+    )
     return 0
+
+
+def _ray_fleet() -> Any:
+    """:mod:`qlm_plugin.deploy.ray_fleet`, or a clear error where Ray is not installed."""
+    try:
+        from qlm_plugin.deploy import ray_fleet
+    except ModuleNotFoundError as exc:
+        if exc.name != "ray" and not (exc.name or "").startswith("ray."):
+            raise
+        raise ValueError("Ray is not installed here: pip install 'qlm-plugin[ray]'") from None
+    return ray_fleet

@@ -285,7 +285,10 @@ async def serve_until_signal(
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
 
+    signals: list[int] = []
+
     def signalled() -> None:
+        signals.append(1)
         if not stop.is_set():
             stop.set()
             return
@@ -305,5 +308,6 @@ async def serve_until_signal(
     if on_ready is not None:
         on_ready()
     await stop.wait()
-    log.info("signal received: draining (a second signal stops at once)")
+    if signals:  # (else a failure set it: whoever set it says why)
+        log.info("signal received: draining (a second signal stops at once)")
     return await server.stop()

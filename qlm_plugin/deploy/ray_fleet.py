@@ -28,14 +28,18 @@ import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 import ray
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+if TYPE_CHECKING:
+    from qlm_plugin.workloads.scenario import Scenario
+
 log = logging.getLogger("qlm_plugin.ray")
+
 
 NAMESPACE = "qlm"
 FLEET = "qlm-fleet"
@@ -72,7 +76,7 @@ class InstanceActor:
         instance_id: str,
         gpu: str,
         models: list[str],
-        scenario: str | None,
+        scenario: Scenario | str | None,
         coordinator: str,
         speed: float,
         token: str | None,
@@ -81,16 +85,24 @@ class InstanceActor:
         self.instance_id = instance_id
         self._stop: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self.failed: str | None = None  # why its engine stopped (ping raises it)
         args = (instance_id, gpu, models, scenario, coordinator, speed, token, record)
         self._thread = threading.Thread(target=self._run, args=args, name=f"qlm-{instance_id}", daemon=True)
         self._thread.start()
 
-    def _run(
+    def _run(self, *args: Any) -> None:
+        try:
+            self._serve(*args)
+        except BaseException as exc:  # the thread ended with the actor alive: say why on ping
+            self.failed = f"{type(exc).__name__}: {exc}"
+            log.exception("instance %s stopped", self.instance_id)
+
+    def _serve(
         self,
         instance_id: str,
         gpu: str,
         models: list[str],
-        scenario: str | None,
+        scenario: Scenario | str | None,
         coordinator: str,
         speed: float,
         token: str | None,
@@ -101,7 +113,7 @@ class InstanceActor:
         from qlm_plugin.transport.agent import AgentSettings
         from qlm_plugin.workloads.scenario import load_scenario
 
-        sc = load_scenario(scenario)
+        sc = scenario if scenario is not None and not isinstance(scenario, str) else load_scenario(scenario)
         inst = SimInstance(
             instance_id, gpu, sc.cost_models_for(gpu), initial_model=models[0], warm_models=tuple(models[1:])
         )
@@ -121,6 +133,8 @@ class InstanceActor:
         asyncio.run(main())
 
     def ping(self) -> str:
+        if self.failed is not None:
+            raise RuntimeError(f"instance {self.instance_id} stopped: {self.failed}")
         return self.instance_id
 
     def stop(self) -> None:
@@ -260,7 +274,7 @@ class FleetManager:
         self,
         fleet_id: str,
         coordinator: str,
-        scenario: str | None,
+        scenario: Scenario | str | None,
         speed: float,
         token: str | None,
         record: str | None,
@@ -279,6 +293,7 @@ class FleetManager:
 
     def add(self, group: Group, count: int) -> list[str]:
         """``count`` more instances of ``group`` (which becomes one of the fleet's, even with none)."""
+        self._could_fit(group.model, count)
         if group not in self.groups:
             self.groups.append(group)
         self._start([self.groups.index(group)] * count)
@@ -297,6 +312,7 @@ class FleetManager:
         for m in self.members.values():
             if m.group in sizes:
                 sizes[m.group].append(m.serial)
+        self._could_fit(model, count - sum(len(s) for s in sizes.values()))
         adds, leaving = plan_scale(sizes, count)
         self._start(adds)
         self._remove([iid for iid, m in self.members.items() if m.group in sizes and m.serial in leaving])
@@ -310,6 +326,24 @@ class FleetManager:
         out: dict[str, list[str]] = {g.model: [] for g in self.groups}
         for iid in self._ids():
             out[self.groups[self.members[iid].group].model].append(iid)
+        return out
+
+    def failures(self) -> dict[str, str]:
+        """Instance id -> why its engine stopped (a scenario it could not load...), for those that
+        answer so: Ray keeps an actor alive whose engine's thread ended, and nothing else says so."""
+        calls = {
+            iid: m.actor.ping.remote()
+            for iid, m in self.members.items()
+            if self.groups[m.group].model not in self.vllm  # (a vLLM engine's actor exits instead)
+        }
+        out = {}
+        for iid, call in calls.items():
+            try:
+                ray.get(call, timeout=5)
+            except ray.exceptions.RayTaskError as exc:
+                out[iid] = str(exc.cause)
+            except ray.exceptions.RayError as exc:  # not answering: it may be starting still
+                log.debug("instance %s did not answer: %s", iid, exc)
         return out
 
     def endpoints(self) -> dict[str, str]:
@@ -360,6 +394,19 @@ class FleetManager:
         if spec.gpus:
             return {"CPU": 1, "GPU": spec.gpus}
         return {"CPU": VLLM_CPU_CPUS}
+
+    def _could_fit(self, model: str, more: int) -> None:
+        """Refuse, before planning them one by one (ten million took minutes), more instances than
+        the whole cluster could hold."""
+        if more <= 0:
+            return
+        need = {k: v * more for k, v in self._bundle(model).items()}
+        total = ray.cluster_resources()
+        if any(total.get(k, 0.0) < v - 1e-9 for k, v in need.items()):
+            raise FleetError(
+                f"{more} more instance{'s' * (more > 1)} of {model} need {_resources(need)}; the Ray "
+                f"cluster has {_resources({k: total.get(k, 0.0) for k in need})} in all"
+            )
 
     def _room(self, groups: list[int]) -> None:
         """Refuse at once what the cluster has no room for (a placement group would wait for it,
@@ -486,7 +533,9 @@ def connect(address: str | None, timeout_s: float = CONNECT_TIMEOUT_S) -> None:
         return
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     if not address:
-        ray.init(namespace=NAMESPACE, include_dashboard=False, log_to_driver=False)
+        # "local": a Ray of its own (without it ray.init joined RAY_ADDRESS's cluster, with no bound
+        # when that one was down)
+        ray.init(address="local", namespace=NAMESPACE, include_dashboard=False, log_to_driver=False)
         return
     host, port = ray_address(address)
     try:  # ray.init would retry a port where nothing listens for ever, without a word
@@ -516,6 +565,15 @@ def connect(address: str | None, timeout_s: float = CONNECT_TIMEOUT_S) -> None:
         )
     if failed:
         raise failed[0]
+    if address == "auto":  # Ray resolves "auto" again, and may pick another cluster of this machine
+        joined = ray.get_runtime_context().gcs_address
+        if joined and joined.rpartition(":")[2] != str(port):
+            ray.shutdown()
+            raise ConnectionError(
+                f"--ray auto: this machine runs more than one Ray cluster ({host}:{port}, {joined}): "
+                "name the one to use, --ray HOST:PORT (a cluster with token authentication also "
+                "wants RAY_AUTH_MODE=token)"
+            )
 
 
 def _unwrapped(call: Any, timeout_s: float) -> Any:
@@ -535,7 +593,7 @@ class Fleet:
         coordinator: str,
         groups: Sequence[tuple[Group, int]],
         *,
-        scenario: str | None = None,
+        scenario: Scenario | str | None = None,
         speed: float = 1.0,
         token: str | None = None,
         record: str | None = None,
@@ -634,7 +692,10 @@ class Fleet:
                 )
             except ValueError:  # the name is taken: by another serve, or a dead manager for a moment
                 if time.monotonic() > deadline:
-                    raise
+                    raise FleetError(
+                        f"another `qlm serve --ray` runs on this Ray cluster (its fleet manager, "
+                        f"{FLEET!r}, is there): one per cluster; stop it, or use another cluster"
+                    ) from None
                 time.sleep(0.5)
 
 

@@ -8,6 +8,7 @@ from dataclasses import replace
 import pytest
 
 from qlm_plugin.adapters.sim import SimBackend, SimFleet, SimInstance
+from qlm_plugin.adapters.sim.engine import ORDERED_IDLE_HOLD_S
 from qlm_plugin.domain.costmodel import CostModel, cost_model
 from qlm_plugin.domain.instance import EvictMode
 from qlm_plugin.domain.outcome import RequestOutcome, Status
@@ -287,20 +288,23 @@ def test_state_counts_the_urgent_requests_waiting_in_the_engine() -> None:
     assert s.num_waiting == 3 and s.num_waiting_urgent == len(urgent & set(s.waiting_ids)) == 2
 
 
-def test_an_ordered_swap_is_not_undone_by_the_engines_own_rule() -> None:
+def test_an_ordered_swap_is_not_undone_by_the_engines_own_rule_nor_strands_the_other_models_work() -> None:
     # A queue manager swaps the engine to b while a request of a still waits there (one the engine
     # preempted, or handed over before the order). The engine's own rule (swap to the most urgent
     # waiting model) would swap back as soon as b is loaded, before the queue manager hands it b's
-    # work: the order holds for max_model_residency_s, then the request of a is served all the same.
+    # work: the order holds. But not for the whole max_model_residency_s while b has no work: the
+    # request of a waited five minutes on an idle engine (found by review, in qlm serve).
     costs = {"a": cost_model("llama-3.1-8b", "h100"), "b": cost_model("phi-4", "h100")}
-    inst = SimInstance("i0", "h100", costs, initial_model="a", warm_models=("b",), max_model_residency_s=60.0)
+    inst = SimInstance(
+        "i0", "h100", costs, initial_model="a", warm_models=("b",), max_model_residency_s=600.0
+    )
     fleet = SimFleet([inst])
     swap = inst.load_model("b", target="gpu")
     left = req(0, 10, 5, model="a")
     out = RequestOutcome(left)
     inst.on_finished = lambda o: None
     assert inst.dispatch(left, out)
-    fleet.advance_to(swap.ready_at + 30.0)
+    fleet.advance_to(swap.ready_at + 20.0)
     assert inst.model == "b" and out.status is Status.UNFINISHED, "the ordered model keeps the GPU"
-    fleet.advance_to(swap.ready_at + 60.0 + costs["a"].load_s(warm=True) + 1.0)
-    assert inst.model == "a" and out.status is Status.FINISHED, "no request waits for ever"
+    fleet.advance_to(swap.ready_at + ORDERED_IDLE_HOLD_S + costs["a"].load_s(warm=True) + 1.0)
+    assert inst.model == "a" and out.status is Status.FINISHED, "not stranded behind an idle model"

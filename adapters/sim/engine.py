@@ -38,6 +38,10 @@ from qlm_plugin.domain.request import Request
 
 WAITING, PREFILL, DECODE, DONE = range(4)
 _MAX_MACRO_STEPS = 1 << 20
+#: How long a model a queue manager ordered here may sit with none of its work, other models'
+#: requests waiting, before the engine swaps back for them, seconds: the queue manager hands an
+#: ordered model its work within a tick of the load, so this is no gap between its requests.
+ORDERED_IDLE_HOLD_S = 30.0
 
 
 class Driver(Protocol):
@@ -152,6 +156,7 @@ class SimInstance:
         # model state
         self.model: str | None = None
         self.model_since = 0.0
+        self.last_finish_at = -math.inf  # when a request last finished here
         self.ordered_model: str | None = None  # the last model a queue manager ordered loaded here
         self.warm: OrderedDict[str, float] = OrderedDict()  # host-cached weights: model -> GB
         self.loading: tuple[str, float] | None = None  # (model, ready_at)
@@ -657,6 +662,7 @@ class SimInstance:
         out = run.outcome
         out.status = Status.FINISHED
         out.finish_time = now
+        self.last_finish_at = now
         out.output_tokens = run.out_target
         self._queued_static -= run.req.max_tokens - run.generated if run.generated < run.req.max_tokens else 0
         self._seq_by_id.pop(run.req.id, None)
@@ -674,12 +680,18 @@ class SimInstance:
         heads = {m: h for m in self.waiting if m != cur and (h := self._head(m)) is not None}
         if not heads:
             return None
+        cur_head = self._head(cur) if cur is not None else None
         if cur is not None and cur == self.ordered_model:
             # A queue manager ordered this model here: it hands this engine that model's work (the
-            # others' left here are requests it preempted itself), so swapping back at once would
-            # undo the order; it swaps on its own only once the model has held the GPU for long.
+            # others' left here are requests it preempted itself, or handed over before it ordered
+            # the swap), so swapping back at once would undo the order; it swaps on its own once
+            # the model has held the GPU for long, or once none of its work has been here for a
+            # while (the others' requests waited the whole residency, minutes, on an engine with
+            # nothing else to do).
+            if cur_head is None and not self._running():  # idle since its last request ended
+                since = max(self.model_since, self.last_finish_at)
+                return min(since + ORDERED_IDLE_HOLD_S, self.model_since + self.max_model_residency_s)
             return self.model_since + self.max_model_residency_s
-        cur_head = self._head(cur) if cur is not None else None
         if cur_head is None:
             return self.model_since  # nothing left of the current model: now
         best_other = min(h.key for h in heads.values())

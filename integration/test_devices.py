@@ -147,6 +147,12 @@ def test_a_device_serves_one_model_at_a_time_and_swaps_in_batches(tmp_path: Path
         switches = st.coordinator.fleet.devices.switches_done
         print(f"{policy}: switches {switches}, most awake {most[0]}")
         assert 1 <= switches <= (2 if policy == "qlm" else 31), switches
+        # a swap lasts until the woken engine serves (it acknowledges the wake at once and loads
+        # after): measured to the acknowledgement, it was 500 times too short, and the planner
+        # priced swaps as free
+        load_s = SCENARIO.cost_models_for("h100")["chat-a"].load_s(warm=True) / st.sim.speed
+        swaps = st.coordinator.fleet.devices.swap_times["gpu0"]
+        assert swaps and min(swaps) >= 0.5 * load_s, (swaps, load_s)
 
     run_with_stack(
         tmp_path, body, instances=1, scenario=SCENARIO, sims=engines(), speed=20.0, config={"policy": policy}

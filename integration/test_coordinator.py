@@ -849,7 +849,7 @@ def test_a_request_that_waited_for_an_instance_is_journaled_with_its_arrival(tmp
         served = coord.dispatcher.served
         coord.dispatcher.served = lambda model: False  # no instance now: it waits for one
 
-        async def instance_back(request: Any) -> None:
+        async def instance_back(request: Any, wait_s: float | None = None) -> None:
             await asyncio.sleep(1.0)
             coord.dispatcher.served = served
 
@@ -1942,3 +1942,66 @@ def test_what_one_grpc_client_or_agent_sends_is_bounded(
         assert len(s.pending_aborts) == 5
 
     run_with_stack(tmp_path, body, instances=1)
+
+
+def test_a_grpc_client_is_checked_as_the_http_door_checks(tmp_path: Path) -> None:
+    """Found by review: a gRPC `sampling` map went to the engine unchecked (its `model` and
+    `max_tokens` over what the coordinator counted; a value not JSON left the request dispatched
+    for ever); one spec of a SubmitBatch that raised failed the call after the others were accepted;
+    an empty prompt, negative token ids, an empty model were accepted or misnamed; a model whose
+    instances left held a call past its deadline (DEADLINE_EXCEEDED, not UNAVAILABLE)."""
+
+    async def body(st: LocalStack) -> None:
+        async with CoordinatorClient(st.grpc_target) as c:
+
+            async def refused(spec: pb.RequestSpec, message: str) -> None:
+                with pytest.raises(grpc.aio.AioRpcError) as err:
+                    await c.submit(spec)
+                assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value
+                assert (err.value.details() or "").startswith(message), err.value.details()
+
+            def spec(**kw: Any) -> pb.RequestSpec:
+                return pb.RequestSpec(**{"model": MODEL, "prompt": "hi", "max_tokens": 4, **kw})
+
+            await refused(spec(sampling={"model": '"other"'}), "sampling.model: is not a sampling field")
+            await refused(spec(sampling={"max_tokens": "5000"}), "sampling.max_tokens: is not a sampling")
+            await refused(spec(sampling={"stop": "END"}), "sampling.stop: must be a JSON value")
+            await refused(spec(sampling={"temperature": "99"}), "sampling.temperature: must be a number")
+            await refused(spec(prompt=""), "prompt: must be a non-empty string")
+            await refused(spec(prompt="", prompt_token_ids=[-5, 2]), "prompt_token_ids: must be integers")
+            await refused(spec(model=""), "model: must be a non-empty string")
+            await refused(spec(choices=2, choice=5), "choices: choices must be in")
+            await refused(spec(prompt_only=True), "prompt_only: scores a completion's prompt")
+            await refused(spec(response_echo="not json"), "response_echo: must be a JSON object")
+            ok = await c.submit(spec(sampling={"temperature": "0.5", "stop": '["END"]'}, from_http=True))
+            assert ok.accepted
+            job = st.coordinator.jobs[ok.request_id]
+            assert dict(job.spec.sampling) == {"temperature": "0.5", "stop": '["END"]'}
+            assert not job.spec.from_http  # (only the HTTP door's requests are)
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await c.status("")
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            with pytest.raises(ValueError, match="timeout_s must be > 0"):
+                await c.submit(spec(), timeout_s=0)  # (it meant the 10-s default)
+
+            key = "echo-key"
+            assert (await c.submit(spec(idempotency_key=key))).accepted
+            replies = await c.submit_batch(
+                [spec(), spec(idempotency_key=key, response_echo="{bad"), spec(model="nope")]
+            )
+            assert [r.accepted for r in replies] == [True, False, False]
+            assert (replies[1].code, replies[1].field) == ("invalid", "response_echo")
+
+            for instance_id in list(st.instances):  # the model's instances leave
+                await st.crash(instance_id)
+            while st.coordinator.dispatcher.served(MODEL):  # found lost by their heartbeats
+                await asyncio.sleep(0.1)
+            t0 = time.monotonic()
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await c.submit(spec(), timeout_s=3.0)
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE, err.value
+            assert time.monotonic() - t0 < 3.0
+            trailing = {k: v for k, v in (err.value.trailing_metadata() or ())}
+            assert int(trailing.get("retry-after", "0")) >= 1, trailing
+
+    run(tmp_path, body, speed=20.0)

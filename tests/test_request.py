@@ -62,7 +62,7 @@ def test_no_slo_means_no_deadline() -> None:
         ({"e2e_s": -5.0}, "slo.e2e_s", "> 0"),
         ({"ttft_s": 0.0}, "slo.ttft_s", "> 0"),
         ({"ttft_s": math.nan}, "slo.ttft_s", "finite"),
-        ({"ttft_s": 10.0, "e2e_s": 5.0}, "slo.e2e_s", "shorter than slo.ttft_s"),
+        ({"ttft_s": 10.0, "e2e_s": 5.0}, "slo.e2e_s", "shorter than the TTFT SLO"),
         ({"max_tokens": 0}, "max_tokens", ">= 1"),
         ({"prompt_tokens": 0}, "prompt_tokens", ">= 1"),
         ({"model": "gpt-9"}, "model", "unknown model 'gpt-9' (served: llama)"),

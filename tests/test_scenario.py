@@ -832,7 +832,7 @@ def test_pair_absent_from_the_table_needs_all_four_fit_values(tmp_path: Path) ->
     [(line, key, message)] = _errors(path)
     assert (line, key) == (9, "instances[0].models[0]")
     assert "no cost profile for model 'phi-4' on gpu 'a100-80'" in message
-    assert "give b0_us, b1_us, b2_us and kv_blocks" in message
+    assert "its own: b0_us, b1_us, b2_us and kv_blocks" in message
 
 
 def test_unknown_gpu_is_allowed_when_a_profile_defines_it(tmp_path: Path) -> None:

@@ -16,6 +16,7 @@ import aiohttp
 from qlm_plugin.adapters.openai.limiter import ConcurrencyLimiter
 from qlm_plugin.proto.qlm.v1 import qlm_pb2 as pb
 from qlm_plugin.transport.openai_client import (
+    PROTECTED_KEYS,
     REFUSED_STATUSES,
     TokenizeError,
     constraint,
@@ -307,8 +308,13 @@ class OpenAIEngineLink:
         }
         if spec.max_tokens:  # else a chat that named none: the server's own limit (its context)
             body["max_tokens"] = max(1, spec.max_tokens - a.resume_tokens)
-        for key, value in spec.sampling.items():
-            body[key] = json.loads(value)
+        try:
+            for key, value in spec.sampling.items():
+                if key not in PROTECTED_KEYS:  # never over what the coordinator built and counted
+                    body[key] = json.loads(value)
+        except ValueError as exc:  # the request's own fault: refused, not left dispatched for ever
+            emit(_event(rid, attempt, Event.REFUSED, error=f"sampling {key!r} is not JSON: {exc}"))
+            return
         body.pop("echo", None)  # the coordinator echoes the prompt (its log probabilities: not here)
         if spec.true_output_tokens:
             body["ignore_eos"] = True

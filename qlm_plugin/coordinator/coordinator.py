@@ -299,6 +299,7 @@ class Coordinator:
         internal: bool = False,
         cancel_if_caller_leaves: str | None = None,
         streams: bool = False,
+        wait_s: float | None = None,
     ) -> tuple[Job, bool]:
         """Validate, journal and queue a request. Returns the job and whether it was a duplicate
         (an earlier request with the same idempotency key). Raises :class:`SubmitError`.
@@ -308,11 +309,15 @@ class Coordinator:
         it is then cancelled with it (an HTTP client gone: no one to answer), else it is served
         (a gRPC retry with its idempotency key finds it). Every refusal a client gets is counted.
         ``streams`` (a front-door worker's, through its relay): here the followers of a job say
-        whether they show its output as it comes (:func:`~.jobs.publish`)."""
+        whether they show its output as it comes (:func:`~.jobs.publish`). ``wait_s``: the most a
+        request of a model no live instance serves waits for one (a gRPC call's deadline; None: the
+        configured wait), before it is refused ``unavailable``."""
         del streams
         started = time.time()
         try:
-            job, duplicate = await self._submit_keyed(spec, tenant, parent, internal, cancel_if_caller_leaves)
+            job, duplicate = await self._submit_keyed(
+                spec, tenant, parent, internal, cancel_if_caller_leaves, wait_s
+            )
         except SubmitError as exc:
             if not internal:  # a batch line is offered again while it waits for room: not counted
                 model, slo_class = self._labels(spec)
@@ -348,6 +353,7 @@ class Coordinator:
         parent: Any,
         internal: bool,
         cancel_if_caller_leaves: str | None,
+        wait_s: float | None = None,
     ) -> tuple[Job, bool]:
         book = self.book
         if tenant is not None:
@@ -373,7 +379,7 @@ class Coordinator:
                 retry_after_s=UNAVAILABLE_RETRY_AFTER_S,
             )
         if not spec.idempotency_key:
-            return await self._submit(spec, parent, cancel_if_caller_leaves)
+            return await self._submit(spec, parent, cancel_if_caller_leaves, wait_s)
         # Submissions with one key run one after the other: a second arriving while the first is
         # being journaled finds it (a duplicate), instead of failing on the journal's unique key.
         key = (spec.tenant, spec.idempotency_key)
@@ -382,14 +388,18 @@ class Coordinator:
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._submitting[key] = done
         try:
-            return await self._submit(spec, parent, cancel_if_caller_leaves)
+            return await self._submit(spec, parent, cancel_if_caller_leaves, wait_s)
         finally:
             if self._submitting.get(key) is done:  # else its journal write holds the key (_submit)
                 del self._submitting[key]
             done.set_result(None)
 
     async def _submit(
-        self, spec: pb.RequestSpec, parent: Any, cancel_if_caller_leaves: str | None
+        self,
+        spec: pb.RequestSpec,
+        parent: Any,
+        cancel_if_caller_leaves: str | None,
+        wait_s: float | None = None,
     ) -> tuple[Job, bool]:
         book = self.book
         earlier = book.duplicate(spec)
@@ -420,7 +430,7 @@ class Coordinator:
         if not self.dispatcher.served(request.model):
             book.count(request, +1)  # held while it waits: concurrent ones must not pass
             try:
-                await self.registry.await_instance(request)
+                await self.registry.await_instance(request, wait_s)
             except SubmitError as exc:
                 await book.record_refusal(spec, request, now, str(exc))
                 raise

@@ -23,6 +23,7 @@ from qlm_plugin.coordinator.jobs import Job
 from qlm_plugin.domain.distributions import LengthDistribution
 from qlm_plugin.proto.qlm.v1 import qlm_pb2 as pb
 from qlm_plugin.transport.openai_client import (
+    PROTECTED_KEYS,
     REFUSED_STATUSES,
     TokenizeError,
     error_message,
@@ -104,7 +105,8 @@ def request_body(
         "vllm_xargs": xargs,
     }
     for key, value in spec.sampling.items():
-        body[key] = json.loads(value)
+        if key not in PROTECTED_KEYS:  # never over what the coordinator built and counted
+            body[key] = json.loads(value)
     if body.get("echo") and (job.tokens or body.get("logprobs") is None):
         # The engine echoes only for the prompt's log probabilities, on an attempt from scratch
         # (a resumed one's prompt holds output); the coordinator writes the prompt's text itself.

@@ -15,13 +15,21 @@ import grpc
 from opentelemetry import propagate
 
 from qlm_plugin.coordinator.auth import Authenticator, AuthError, Principal
+from qlm_plugin.coordinator.choices import MAX_CHOICES
 from qlm_plugin.coordinator.coordinator import Coordinator
 from qlm_plugin.coordinator.http_api import chat_prompt
 from qlm_plugin.coordinator.instances import Session
-from qlm_plugin.coordinator.jobs import Job, SubmitError, scoped_id, shown_id, status_message
+from qlm_plugin.coordinator.jobs import (
+    DEFAULT_MAX_TOKENS,
+    Job,
+    SubmitError,
+    scoped_id,
+    shown_id,
+    status_message,
+)
 from qlm_plugin.coordinator.journal import JournalError
 from qlm_plugin.coordinator.json_codec import dumps
-from qlm_plugin.coordinator.openai_params import BadRequest
+from qlm_plugin.coordinator.openai_params import INT32_MAX, BadRequest, sampling_map
 from qlm_plugin.coordinator.registry import InstanceTaken
 from qlm_plugin.domain.instance import EvictMode
 from qlm_plugin.proto.qlm.v1 import qlm_pb2 as pb
@@ -74,6 +82,76 @@ def _chat_as_the_door_takes_it(spec: pb.RequestSpec) -> None:
         where = (exc.param or "messages").replace("messages", "chat_messages", 1)
         raise SubmitError("invalid", str(exc), where) from None
     spec.chat_messages = dumps(messages).decode()
+
+
+def _as_the_door_checks_it(spec: pb.RequestSpec) -> None:
+    """What the HTTP front door checks, or sets itself, for a gRPC client's request: a prompt, token
+    ids in range, the sampling map (forwarded to the engine: a key such as ``model`` or
+    ``max_tokens`` went over what the coordinator built and counted; a value that is not JSON
+    failed on the instance, the request dispatched for ever), and the fields only the door sets."""
+    spec.from_http = False  # (a restart after a crash does not serve such a request again)
+    if not spec.model:
+        raise SubmitError("invalid", "must be a non-empty string", "model")
+    if spec.chat_messages:
+        if spec.prompt_token_ids:
+            raise SubmitError(
+                "invalid", "a chat's prompt is its messages (chat_messages)", "prompt_token_ids"
+            )
+        _chat_as_the_door_takes_it(spec)
+    elif not spec.prompt and not spec.prompt_token_ids:
+        raise SubmitError("invalid", "must be a non-empty string (or give prompt_token_ids)", "prompt")
+    if any(t < 0 for t in spec.prompt_token_ids):
+        raise SubmitError("invalid", f"must be integers in [0, {INT32_MAX}]", "prompt_token_ids")
+    if spec.true_output_tokens < 0:
+        raise SubmitError(
+            "invalid", f"must be 0 (not given) or more, got {spec.true_output_tokens}", "true_output_tokens"
+        )
+    if spec.response_echo:
+        try:
+            echo = json.loads(spec.response_echo)
+        except ValueError:
+            echo = None
+        if not isinstance(echo, dict):
+            raise SubmitError("invalid", "must be a JSON object (a Responses API request's)", "response_echo")
+    if (spec.choices or spec.choice) and not (
+        1 <= spec.choices <= MAX_CHOICES and 0 <= spec.choice < spec.choices
+    ):
+        raise SubmitError(
+            "invalid",
+            f"choices must be in [1, {MAX_CHOICES}] and choice in [0, choices), got choices "
+            f"{spec.choices}, choice {spec.choice}",
+            "choices",
+        )
+    chat = spec.operation == "chat"
+    try:
+        if spec.sampling:
+            checked = sampling_map(
+                spec.sampling,
+                chat=chat,
+                max_tokens=spec.max_tokens or (INT32_MAX if chat else DEFAULT_MAX_TOKENS),
+            )
+            spec.sampling.clear()
+            spec.sampling.update(checked)
+    except BadRequest as exc:
+        raise SubmitError("invalid", str(exc), exc.param) from None
+    if spec.prompt_only:  # scoring a prompt: the engine makes one token, left out of the answer
+        if chat or "echo" not in spec.sampling:
+            raise SubmitError(
+                "invalid", "scores a completion's prompt: needs sampling echo true", "prompt_only"
+            )
+        spec.max_tokens = 1
+
+
+#: Seconds before a call's deadline that a wait for an instance gives up, to answer in time.
+DEADLINE_MARGIN_S = 0.5
+
+
+def _time_left(context: Any) -> float | None:
+    """How long the call may still wait for a model's instance to come (its deadline, less the
+    time to answer); None without a deadline. With the client's default deadline (10 s) and the
+    wait's (60 s), a client got DEADLINE_EXCEEDED where UNAVAILABLE says what happened."""
+    left = context.time_remaining()
+    return None if left is None else max(0.0, left - DEADLINE_MARGIN_S)
 
 
 def _trace_parent(md: dict[str, str]) -> Any:
@@ -147,6 +225,8 @@ class RequestsService(pb_grpc.RequestsServicer):
         return self.auth.authenticate(md.get("authorization"), "client")
 
     async def _job(self, request_id: str, context: Any) -> Job:
+        if not request_id:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "request_id: must be a non-empty string")
         tenant = self._principal(context).tenant
         # (by the id as it is too: one a client chose before ids were kept under their tenant's)
         job = self.coord.lookup(scoped_id(tenant, request_id)) or self.coord.lookup(request_id)
@@ -155,7 +235,11 @@ class RequestsService(pb_grpc.RequestsServicer):
         assert job is not None
         return job
 
-    async def _submit(self, spec: pb.RequestSpec, tenant: str | None, parent: Any = None) -> pb.SubmitReply:
+    async def _submit(
+        self, spec: pb.RequestSpec, tenant: str | None, parent: Any = None, wait_s: float | None = None
+    ) -> pb.SubmitReply:
+        """One request of a call: its reply (a refusal, or anything unexpected, is its reply alone:
+        one spec of a SubmitBatch that raised failed the whole call, after the others were accepted)."""
         try:
             if spec.request_id:
                 if "/" in spec.request_id:
@@ -165,9 +249,8 @@ class RequestsService(pb_grpc.RequestsServicer):
                         "request_id",
                     )
                 spec.request_id = scoped_id(tenant, spec.request_id)
-            if spec.chat_messages:
-                _chat_as_the_door_takes_it(spec)
-            job, duplicate = await self.coord.submit(spec, tenant=tenant, parent=parent)
+            _as_the_door_checks_it(spec)
+            job, duplicate = await self.coord.submit(spec, tenant=tenant, parent=parent, wait_s=wait_s)
         except SubmitError as exc:
             reply = pb.SubmitReply(
                 accepted=False, can_meet_slo=False, reason=str(exc), code=exc.code, field=exc.field or ""
@@ -175,7 +258,17 @@ class RequestsService(pb_grpc.RequestsServicer):
             if exc.estimate is not None:
                 reply.estimated_wait_ms = (exc.estimate.wait_mean_s or 0.0) * 1000
                 reply.p_meet = exc.estimate.p_meet or 0.0
+            if exc.retry_after_s is not None:
+                reply.retry_after_s = exc.retry_after_s
             return reply
+        except Exception as exc:  # a bug: this request's answer, not the call's (nor the others')
+            log.exception("submit of %r failed", spec.request_id or spec.idempotency_key or "a request")
+            return pb.SubmitReply(
+                accepted=False,
+                can_meet_slo=False,
+                reason=f"internal error: {type(exc).__name__}",
+                code="internal",
+            )
         adm = job.admission
         reply = pb.SubmitReply(
             request_id=shown_id(tenant, job.id),
@@ -194,7 +287,9 @@ class RequestsService(pb_grpc.RequestsServicer):
 
     async def Submit(self, request: pb.SubmitRequest, context: Any) -> pb.SubmitReply:
         md = _metadata(context)  # once: the hot path of a unary Submit
-        reply = await self._submit(request.request, self._principal(context, md).tenant, _trace_parent(md))
+        reply = await self._submit(
+            request.request, self._principal(context, md).tenant, _trace_parent(md), _time_left(context)
+        )
         # A malformed or refused request is an error status; one the estimate says would be late
         # (reject_if_late) is an answer with the estimate. An SLO no instance could meet even idle
         # (it names its field) is the request's own fault, as the HTTP front door's 400.
@@ -202,7 +297,11 @@ class RequestsService(pb_grpc.RequestsServicer):
             message = f"{reply.field}: {reply.reason}" if reply.field else reply.reason
             unmeetable = reply.code == "slo_unattainable"
             status = grpc.StatusCode.INVALID_ARGUMENT if unmeetable else SUBMIT_STATUS[reply.code]
-            await context.abort(status, message)
+            # the HTTP door's Retry-After, as trailing metadata (seconds, as that header)
+            hint = (
+                (("retry-after", str(max(1, math.ceil(reply.retry_after_s)))),) if reply.retry_after_s else ()
+            )
+            await context.abort(status, message, trailing_metadata=hint)
         return reply
 
     async def SubmitBatch(self, request: pb.SubmitBatchRequest, context: Any) -> pb.SubmitBatchReply:
@@ -214,8 +313,10 @@ class RequestsService(pb_grpc.RequestsServicer):
                 f"requests: {len(request.requests)} in one call, at most {MAX_BATCH_REQUESTS}: split them",
             )
         # Concurrently, so the journal commits the whole batch at once.
-        parent = _trace_parent(md)
-        replies = await asyncio.gather(*(self._submit(spec, tenant, parent) for spec in request.requests))
+        parent, left = _trace_parent(md), _time_left(context)
+        replies = await asyncio.gather(
+            *(self._submit(spec, tenant, parent, left) for spec in request.requests)
+        )
         return pb.SubmitBatchReply(replies=replies)
 
     async def Status(self, request: pb.RequestRef, context: Any) -> pb.RequestStatus:

@@ -598,3 +598,42 @@ def stream_options(value: Any, stream: bool) -> UsageChunks:
     if not value.get("include_usage"):
         return "none"
     return "every" if value.get("continuous_usage_stats") else "last"
+
+
+# ------------------------------------------------------------------------------ a gRPC client's map
+
+#: The keys of ``RequestSpec.sampling`` a client may give (what the HTTP front door puts there):
+#: the sampling fields, and tools, log probabilities and echo, each checked as the door checks them.
+#: Anything else (``model``, ``prompt``, ``max_tokens``, ``stream``...) would go to the engine over
+#: the request the coordinator built, its limits and counts.
+SPEC_SAMPLING_KEYS = frozenset(SAMPLING_KEYS) | set(TOOL_KEYS) | {"logprobs", "top_logprobs", "echo"}
+
+
+def sampling_map(given: Mapping[str, str], *, chat: bool, max_tokens: int) -> dict[str, str]:
+    """``RequestSpec.sampling`` as a gRPC client gives it (each value JSON), checked as the HTTP
+    front door checks the same fields, re-encoded; :class:`BadRequest` names ``sampling.KEY``."""
+    body: dict[str, Any] = {}
+    for key, value in given.items():
+        if key not in SPEC_SAMPLING_KEYS:
+            raise BadRequest(
+                f"sampling.{key_name(key)}",
+                f"is not a sampling field the coordinator forwards ({', '.join(sorted(SPEC_SAMPLING_KEYS))})",
+            )
+        try:
+            body[key] = json.loads(value)
+        except ValueError:
+            raise BadRequest(
+                f"sampling.{key}", f"must be a JSON value (a string in quotes), got {show(value)}"
+            ) from None
+    out: dict[str, str] = {}
+    try:
+        if chat:
+            out.update(tool_params(body))
+        elif body.keys() & set(TOOL_KEYS):
+            raise BadRequest("tools", "tool calls are served on chat requests (operation chat)")
+        out.update(logprob_params(body, chat))
+        out.update(echo_param(body, chat))
+        out.update(sampling(body, max_tokens))
+    except BadRequest as exc:
+        raise BadRequest(f"sampling.{exc.param}" if exc.param else "sampling", str(exc)) from None
+    return out

@@ -423,11 +423,14 @@ class InstanceRegistry:
             if not w.done():
                 w.set_result(None)
 
-    async def await_instance(self, request: Request) -> None:
-        """Wait until a live instance serves ``request.model``, at most the configured time; then
-        raise :class:`SubmitError` (``unavailable``). Nothing is queued meanwhile."""
+    async def await_instance(self, request: Request, wait_s: float | None = None) -> None:
+        """Wait until a live instance serves ``request.model``, at most the configured time (or
+        ``wait_s``, the caller's deadline, when shorter); then raise :class:`SubmitError`
+        (``unavailable``). Nothing is queued meanwhile."""
         seen = request.model in self.models_seen
         bound = self.cfg.instance_return_wait_s if seen else self.cfg.instance_wait_s
+        if wait_s is not None:
+            bound = max(0.0, min(bound, wait_s))
         deadline = time.monotonic() + bound
         while not self.dispatcher.served(request.model) and self.book.accepting:
             left = deadline - time.monotonic()
@@ -449,7 +452,7 @@ class InstanceRegistry:
         raise SubmitError(
             "unavailable",
             f"no live instance serves model {request.model!r} (0 of {len(live)} connected instances "
-            f"serve it{'; its instances left' if seen else ''}; waited {bound:g} s for one)",
+            f"serve it{'; its instances left' if seen else ''}; waited {bound:.3g} s for one)",
             "model",
             retry_after_s=max(bound, 1.0),
         )

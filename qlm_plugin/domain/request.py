@@ -198,7 +198,7 @@ def make_request(
     _check_budget("slo.e2e_s", e2e_budget)
     if ttft_budget is not None and e2e_budget is not None and e2e_budget < ttft_budget:
         raise RequestValidationError(
-            "slo.e2e_s", f"({e2e_budget} s) is shorter than slo.ttft_s ({ttft_budget} s)"
+            "slo.e2e_s", f"({e2e_budget:g} s) is shorter than the TTFT SLO ({ttft_budget:g} s)"
         )
     request = Request(
         id=id,

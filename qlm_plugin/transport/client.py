@@ -3,7 +3,7 @@ stream a request's output, and the admin views. Every call carries a deadline.""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from types import TracebackType
 
 import grpc
@@ -25,7 +25,13 @@ class CoordinatorClient:
         root_certificates: bytes | None = None,
         client_cert: tuple[bytes, bytes] | None = None,
         timeout_s: float = TIMEOUT_S,
+        metadata: Sequence[tuple[str, str]] = (),
     ) -> None:
+        """``timeout_s``: each unary call's deadline (a call's own ``timeout_s`` overrides it);
+        ``metadata``: sent with every call besides the token (a ``traceparent``, ...). Errors are
+        grpc's ``AioRpcError``, with the status codes of ``docs/coordinator.md``'s gRPC API."""
+        if not timeout_s > 0:
+            raise ValueError(f"timeout_s must be > 0 seconds, got {timeout_s!r}")
         options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)]  # a long output's status
         if root_certificates is None:
             self.channel = grpc.aio.insecure_channel(target, options=options)
@@ -33,10 +39,17 @@ class CoordinatorClient:
             key, chain = client_cert or (None, None)
             creds = grpc.ssl_channel_credentials(root_certificates, key, chain)
             self.channel = grpc.aio.secure_channel(target, creds, options=options)
-        self.metadata = [("authorization", f"Bearer {token}")] if token else []
+        self.metadata = [*(("authorization", f"Bearer {token}"),) * bool(token), *metadata]
         self.timeout_s = timeout_s
         self.requests = pb_grpc.RequestsStub(self.channel)  # type: ignore[no-untyped-call]  # generated stub
         self.admin = pb_grpc.AdminStub(self.channel)  # type: ignore[no-untyped-call]  # generated stub
+
+    def _deadline(self, timeout_s: float | None) -> float:
+        if timeout_s is None:
+            return self.timeout_s
+        if not timeout_s > 0:  # 0 meant the default, silently
+            raise ValueError(f"timeout_s must be > 0 seconds, got {timeout_s!r}")
+        return timeout_s
 
     async def __aenter__(self) -> CoordinatorClient:
         return self
@@ -51,7 +64,7 @@ class CoordinatorClient:
 
     async def submit(self, spec: pb.RequestSpec, timeout_s: float | None = None) -> pb.SubmitReply:
         reply: pb.SubmitReply = await self.requests.Submit(
-            pb.SubmitRequest(request=spec), timeout=timeout_s or self.timeout_s, metadata=self.metadata
+            pb.SubmitRequest(request=spec), timeout=self._deadline(timeout_s), metadata=self.metadata
         )
         return reply
 
@@ -59,19 +72,19 @@ class CoordinatorClient:
         self, specs: list[pb.RequestSpec], timeout_s: float | None = None
     ) -> list[pb.SubmitReply]:
         reply: pb.SubmitBatchReply = await self.requests.SubmitBatch(
-            pb.SubmitBatchRequest(requests=specs), timeout=timeout_s or self.timeout_s, metadata=self.metadata
+            pb.SubmitBatchRequest(requests=specs), timeout=self._deadline(timeout_s), metadata=self.metadata
         )
         return list(reply.replies)
 
     async def status(self, request_id: str, timeout_s: float | None = None) -> pb.RequestStatus:
         reply: pb.RequestStatus = await self.requests.Status(
-            pb.RequestRef(request_id=request_id), timeout=timeout_s or self.timeout_s, metadata=self.metadata
+            pb.RequestRef(request_id=request_id), timeout=self._deadline(timeout_s), metadata=self.metadata
         )
         return reply
 
     async def cancel(self, request_id: str, timeout_s: float | None = None) -> pb.CancelReply:
         reply: pb.CancelReply = await self.requests.Cancel(
-            pb.RequestRef(request_id=request_id), timeout=timeout_s or self.timeout_s, metadata=self.metadata
+            pb.RequestRef(request_id=request_id), timeout=self._deadline(timeout_s), metadata=self.metadata
         )
         return reply
 

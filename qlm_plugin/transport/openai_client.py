@@ -234,3 +234,11 @@ async def tokenize(http: aiohttp.ClientSession, base_url: str, model: str, text:
     if text and not tokens:  # a server that reads another field (llama.cpp's "content") answers []
         raise TokenizeError(f"{base_url}/tokenize answered no token ids for {len(text)} characters")
     return tokens
+
+
+#: What an engine's request is built from by its sender, never from ``RequestSpec.sampling`` (a
+#: coordinator that did not check a client's map passed ``model`` or ``max_tokens`` over them).
+PROTECTED_KEYS = frozenset(
+    {"model", "prompt", "messages", "max_tokens", "max_completion_tokens", "stream", "stream_options"}
+    | {"vllm_xargs", "return_token_ids", "n", "continue_final_message", "add_generation_prompt"}
+)

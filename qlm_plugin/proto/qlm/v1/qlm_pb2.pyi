@@ -89,7 +89,7 @@ class SubmitBatchReply(_message.Message):
     def __init__(self, replies: _Optional[_Iterable[_Union[SubmitReply, _Mapping]]] = ...) -> None: ...
 
 class SubmitReply(_message.Message):
-    __slots__ = ("request_id", "accepted", "can_meet_slo", "estimated_wait_ms", "p_meet", "instance_id", "reason", "duplicate", "code", "field")
+    __slots__ = ("request_id", "accepted", "can_meet_slo", "estimated_wait_ms", "p_meet", "instance_id", "reason", "duplicate", "code", "field", "retry_after_s")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     ACCEPTED_FIELD_NUMBER: _ClassVar[int]
     CAN_MEET_SLO_FIELD_NUMBER: _ClassVar[int]
@@ -100,6 +100,7 @@ class SubmitReply(_message.Message):
     DUPLICATE_FIELD_NUMBER: _ClassVar[int]
     CODE_FIELD_NUMBER: _ClassVar[int]
     FIELD_FIELD_NUMBER: _ClassVar[int]
+    RETRY_AFTER_S_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     accepted: bool
     can_meet_slo: bool
@@ -110,7 +111,8 @@ class SubmitReply(_message.Message):
     duplicate: bool
     code: str
     field: str
-    def __init__(self, request_id: _Optional[str] = ..., accepted: _Optional[bool] = ..., can_meet_slo: _Optional[bool] = ..., estimated_wait_ms: _Optional[float] = ..., p_meet: _Optional[float] = ..., instance_id: _Optional[str] = ..., reason: _Optional[str] = ..., duplicate: _Optional[bool] = ..., code: _Optional[str] = ..., field: _Optional[str] = ...) -> None: ...
+    retry_after_s: float
+    def __init__(self, request_id: _Optional[str] = ..., accepted: _Optional[bool] = ..., can_meet_slo: _Optional[bool] = ..., estimated_wait_ms: _Optional[float] = ..., p_meet: _Optional[float] = ..., instance_id: _Optional[str] = ..., reason: _Optional[str] = ..., duplicate: _Optional[bool] = ..., code: _Optional[str] = ..., field: _Optional[str] = ..., retry_after_s: _Optional[float] = ...) -> None: ...
 
 class RequestRef(_message.Message):
     __slots__ = ("request_id",)

@@ -19,7 +19,10 @@ T = TypeVar("T")
 
 def loop_kind() -> str:
     """``uvloop`` or ``asyncio``: the loop :func:`run` uses here."""
-    if os.environ.get("QLM_EVENT_LOOP", "").lower() == "asyncio":
+    asked = os.environ.get("QLM_EVENT_LOOP", "").strip().lower()
+    if asked not in ("", "uvloop", "asyncio"):  # a typo ran uvloop, silently
+        raise ValueError(f"QLM_EVENT_LOOP={asked!r}: expected uvloop or asyncio")
+    if asked == "asyncio":
         return "asyncio"
     try:
         import uvloop  # noqa: F401

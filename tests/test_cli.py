@@ -122,6 +122,8 @@ def test_the_table_says_how_many_requests_a_class_refused(tmp_path: Path) -> Non
         (["bench", "--scenarios", "default", "--no-sweep", "--out", "/"], 1, "--out: / is a folder"),
         # each ran on (restarting its instances for ever, a traceback, negative rates), now refused
         (["serve", "--speed", "0"], 2, "argument --speed: must be above 0"),
+        # "auto" is one of the setting's values (the config's and $QLM_HTTP_WORKERS'): it was refused
+        (["serve", "--http-workers", "65"], 2, "expected 0 to 64 workers, or auto, got '65'"),
         (["instance", "--coordinator", "127.0.0.1:70000"], 2, "port in 1-65535"),
         (["bench-batch", "--window", "5x"], 2, "argument --window: must be like '24h'"),
         (["loadtest", "--requests", "-1"], 2, "argument --requests: must be above 0"),
@@ -328,3 +330,16 @@ def test_rate_scale_multiplies_the_scenarios_own_and_json_says_the_load(tmp_path
         out = json.loads(proc.stdout)
         assert out["span_s"] == pytest.approx(span) and out["rate_rps"] == pytest.approx(49 / span)
         assert (out["seed"], out["instances"], out["rejections"]) == (0, 1, [])
+
+
+def test_an_unknown_event_loop_is_an_error_not_uvloop(monkeypatch: pytest.MonkeyPatch) -> None:
+    from qlm_plugin import event_loop
+
+    monkeypatch.setenv("QLM_EVENT_LOOP", "asycnio")
+    with pytest.raises(ValueError, match="QLM_EVENT_LOOP='asycnio': expected uvloop or asyncio"):
+        event_loop.loop_kind()
+    monkeypatch.setenv("QLM_EVENT_LOOP", "asyncio")
+    assert event_loop.loop_kind() == "asyncio"
+    from qlm_plugin.coordinator.cli import _workers
+
+    assert _workers("auto") == "auto" and _workers("2") == 2

@@ -96,10 +96,75 @@ def test_tls_files_are_read_with_the_config_and_a_bad_one_is_named(tmp_path: Pat
             load_config(path)
 
 
-def test_relative_scenario_paths_follow_the_config_file(tmp_path: Path) -> None:
+def test_relative_paths_follow_the_config_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only the scenario did: run from another folder, a config opened a new journal there (the
+    requests the last stop kept were not served), and its TLS files were not found."""
+    conf, other = tmp_path / "conf", tmp_path / "other"
+    conf.mkdir()
+    other.mkdir()
+    (conf / "token").write_text("s3cret\n")
+    path = conf / "c.yaml"
+    path.write_text(
+        "scenario: fleet.yaml\njournal: {path: j.db}\nbatches: {path: store/b.db}\n"
+        "tokens: [{token_file: token, scopes: [client]}]\n"
+    )
+    monkeypatch.chdir(other)
+    cfg = load_config(Path("..") / "conf" / "c.yaml")
+    assert cfg.scenario == str(conf / "fleet.yaml")
+    assert (cfg.journal.path, cfg.batches.path) == (str(conf / "j.db"), str(conf / "store" / "b.db"))
+    assert cfg.tokens[0].token_file == str(conf / "token")
+    assert Authenticator.from_config(cfg).authenticate("Bearer s3cret", "client") is not None
+    absolute = other / "abs.db"
+    path.write_text(f"journal: {{path: {absolute}}}\n")
+    assert load_config(path).journal.path == str(absolute)  # an absolute one as it is
+
+
+def test_the_batch_store_is_as_durable_as_the_journal_and_apart_from_it(tmp_path: Path) -> None:
+    from qlm_plugin.coordinator.batch_store import BatchStore
+
+    store = BatchStore(tmp_path / "b.db", synchronous="full")  # (it kept NORMAL whatever the journal's)
+    assert store._db.execute("PRAGMA synchronous").fetchone()[0] == 2
     path = tmp_path / "c.yaml"
-    path.write_text("scenario: fleet.yaml\n")
-    assert load_config(path).scenario == str(tmp_path / "fleet.yaml")
+    path.write_text("journal: {path: same.db}\nbatches: {path: same.db}\n")
+    with pytest.raises(ConfigError, match=r"batches\.path: must be another file than journal\.path"):
+        load_config(path)
+    _self_signed(tmp_path / "c.pem", tmp_path / "k.pem")
+    (tmp_path / "junk.pem").write_text("garbage\n")
+    path.write_text("tls: {cert: c.pem, key: k.pem, ca: c.pem}\n")
+    assert load_config(path).tls is not None
+    path.write_text("tls: {cert: c.pem, key: k.pem, ca: junk.pem}\n")
+    with pytest.raises(ConfigError, match="tls: ca: does not load as PEM CA certificates"):
+        load_config(path)  # (it was checked as a file only: the instances qlm serve starts never connected)
+
+
+def _self_signed(cert: Path, key: Path) -> None:
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    private = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(private.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now)
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(private, hashes.SHA256())
+    )
+    cert.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    key.write_bytes(
+        private.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
 
 
 def test_tokens_carry_scopes_and_tenants(tmp_path: Path) -> None:

@@ -8,7 +8,7 @@ journal, found by their idempotency key, so a line is answered from one place on
 Every method is synchronous and takes a lock: safe from any thread. The front door calls the ones
 that move file bytes through ``asyncio.to_thread``; the small updates are a few milliseconds and run
 on the event loop. A commit is durable against a crash of the process (``synchronous=NORMAL`` in
-WAL mode), as the journal's default.
+WAL mode), or against power loss too (``full``), as the journal's setting says.
 
 File bytes move in chunks of :data:`CHUNK_BYTES`, never whole: an upload is spooled to a temporary
 file (:meth:`BatchStore.spool`) and copied in by :meth:`BatchStore.put_file_from`, one chunk row
@@ -231,8 +231,13 @@ def new_id(prefix: str) -> str:
 
 
 class BatchStore:
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, *, synchronous: str = "normal") -> None:
+        """``synchronous``: SQLite's, ``normal`` (a commit survives a crash of the process) or
+        ``full`` (power loss too), as the journal's (it holds the batches' requests)."""
+        if synchronous not in ("normal", "full"):
+            raise ValueError(f"synchronous must be 'normal' or 'full', not {synchronous!r}")
         self.path = str(path)
+        self._synchronous = synchronous.upper()
         self._lock = threading.Lock()
         try:
             memory = self.path == ":memory:"
@@ -262,7 +267,7 @@ class BatchStore:
     def _prepare(self) -> None:
         db = self._db
         db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA synchronous=NORMAL")
+        db.execute(f"PRAGMA synchronous={self._synchronous}")
         db.execute("PRAGMA busy_timeout=5000")
         version = db.execute("PRAGMA user_version").fetchone()[0]
         if version == 0:

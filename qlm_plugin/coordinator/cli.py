@@ -36,6 +36,19 @@ def _logging(verbose: bool) -> None:
     )
 
 
+def _workers(text: str) -> int | str:
+    """An argparse type: a number of front-door workers, 0 to 64, or ``auto``."""
+    if text == "auto":
+        return text
+    try:
+        n = int(text)
+    except ValueError:
+        n = -1
+    if not 0 <= n <= 64:
+        raise argparse.ArgumentTypeError(f"expected 0 to 64 workers, or auto, got {text!r}")
+    return n
+
+
 def _config(args: argparse.Namespace) -> CoordinatorConfig:
     cfg = load_config(args.config)
     update: dict[str, Any] = {}
@@ -137,10 +150,11 @@ def _add_coordinator_args(p: argparse.ArgumentParser, *, defaults_note: str) -> 
     p.add_argument("--grpc-port", type=int, metavar="N", help="gRPC control plane port (default 50051)")
     p.add_argument(
         "--http-workers",
-        type=int,
+        type=_workers,
         metavar="N",
-        help="HTTP front-door worker processes sharing the port; 0: the core serves HTTP itself "
-        "(default: $QLM_HTTP_WORKERS, else one per core past two, less one for the core)",
+        help="HTTP front-door worker processes sharing the port, 0 to 64 or auto; 0: the core serves "
+        "HTTP itself (default: the config's http.workers, else $QLM_HTTP_WORKERS, else auto: none "
+        "on two cores or fewer, else one per core but the core's own, at most 16)",
     )
     p.add_argument(
         "--journal", metavar="PATH", help="SQLite journal of accepted requests (default qlm-journal.db)"
@@ -315,9 +329,10 @@ def add_parsers(sub: Any) -> None:
     lt.add_argument("--instances", type=positive(int), default=2, help="simulated instances (default 2)")
     lt.add_argument(
         "--http-workers",
-        type=int,
+        type=_workers,
         metavar="N",
-        help="front-door workers of the qlm serve under test (default: as qlm serve decides)",
+        help="front-door workers of the qlm serve under test, 0 to 64 or auto (default: as qlm serve "
+        "decides)",
     )
     lt.add_argument("--json", action="store_true", help="JSON instead of a table")
     lt.set_defaults(func=cmd_loadtest)
@@ -378,8 +393,9 @@ def add_parsers(sub: Any) -> None:
 def _addresses(cfg: CoordinatorConfig, server: Any, *, described: bool = False) -> str:
     """Where the servers listen, as a client names them (an IPv6 host in brackets)."""
     what = " (OpenAI API under /v1, /health, /metrics)" if described else ""
+    scheme = "https" if cfg.tls is not None else "http"
     return (
-        f"HTTP http://{join_host_port(cfg.http.host, server.http_port)}{what}, "
+        f"HTTP {scheme}://{join_host_port(cfg.http.host, server.http_port)}{what}, "
         f"gRPC {join_host_port(cfg.grpc.host, server.grpc_port)}"
     )
 

@@ -104,7 +104,8 @@ class TLS(_Strict):
             file = getattr(self, name)
             if file is not None and not Path(file).is_file():
                 raise ValueError(
-                    f"{name}: no such file {file!r} (relative paths start from the working folder)"
+                    f"{name}: no such file {file!r} (relative paths start from the config file's "
+                    "folder; on the command line, from the working folder)"
                 )
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         try:
@@ -113,11 +114,14 @@ class TLS(_Strict):
             raise ValueError(
                 f"cert and key do not load as a PEM certificate chain and its key: {exc}"
             ) from None
-        if self.client_ca is not None:
+        for name in ("client_ca", "ca"):  # (ca: what the instances qlm serve starts trust)
+            file = getattr(self, name)
+            if file is None:
+                continue
             try:
-                ctx.load_verify_locations(self.client_ca)
+                ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(file)
             except (ssl.SSLError, OSError) as exc:
-                raise ValueError(f"client_ca: does not load as PEM CA certificates: {exc}") from None
+                raise ValueError(f"{name}: does not load as PEM CA certificates: {exc}") from None
         return self
 
 
@@ -143,7 +147,7 @@ class BatchSettings(_Strict):
 
 
 class JournalSettings(_Strict):
-    path: str = "qlm-journal.db"
+    path: str = Field(default="qlm-journal.db", min_length=1)
     synchronous: Literal["normal", "full"] = "normal"  # normal survives a process crash; full, power loss
     # how long a finished request's record is kept (its status, a retry with its idempotency key);
     # past a day and an hour at least: a batch's answers are read back from it after a restart
@@ -222,6 +226,10 @@ class CoordinatorConfig(_Strict):
             raise ValueError("heartbeat_timeout_s must be longer than heartbeat_interval_s")
         if self.http.port and self.http.port == self.grpc.port and self.http.host == self.grpc.host:
             raise ValueError(f"http and grpc cannot both listen on {self.http.host}:{self.http.port}")
+        if self.batches.path and Path(self.batches.path).resolve() == Path(self.journal.path).resolve():
+            raise ValueError(
+                "batches.path: must be another file than journal.path (each is its own database)"
+            )
         return self
 
     def limits_for(self, tenant: str) -> TenantLimits:
@@ -252,10 +260,45 @@ def load_config(path: str | os.PathLike[str] | None = None) -> CoordinatorConfig
         )
     if not isinstance(data, dict):
         raise ConfigError(f"{p}: the config must be a YAML mapping of settings, got a {type(data).__name__}")
-    cfg = _validated(data, str(p))
-    if cfg.scenario is not None and not Path(cfg.scenario).is_absolute():
-        cfg = cfg.model_copy(update={"scenario": str(p.parent / cfg.scenario)})
-    return cfg
+    return _validated(_paths_from(data, p.parent.resolve()), str(p))
+
+
+#: The file paths of a config: (section, key); section None: at the top.
+_PATHS = (
+    (None, "scenario"),
+    ("journal", "path"),
+    ("batches", "path"),
+    ("tls", "cert"),
+    ("tls", "key"),
+    ("tls", "client_ca"),
+    ("tls", "ca"),
+)
+
+
+def _paths_from(data: dict[str, Any], base: Path) -> dict[str, Any]:
+    """``data`` with its relative file paths made absolute from ``base``, the config's folder: all
+    of them, as the scenario was (the journal, the batch store, TLS files and token files went
+    from the working folder: run from another folder, a config opened a new journal, and the
+    requests the last stop kept were not served)."""
+    out = dict(data)
+
+    def absolute(value: Any) -> Any:
+        return (
+            str(base / value) if isinstance(value, str) and value and not Path(value).is_absolute() else value
+        )
+
+    for section, key in _PATHS:
+        if section is None:
+            if key in out:
+                out[key] = absolute(out[key])
+        elif isinstance(out.get(section), dict) and key in out[section]:
+            out[section] = {**out[section], key: absolute(out[section][key])}
+    if isinstance(out.get("tokens"), list):
+        out["tokens"] = [
+            {**t, "token_file": absolute(t["token_file"])} if isinstance(t, dict) and "token_file" in t else t
+            for t in out["tokens"]
+        ]
+    return out
 
 
 def with_overrides(cfg: CoordinatorConfig, update: dict[str, Any], source: str) -> CoordinatorConfig:

@@ -247,7 +247,7 @@ def run(
     rates: tuple[float, ...] = (100.0, 250.0, 1000.0),
     duration_s: float = 8.0,
     instances: int = 2,
-    http_workers: int | None = None,
+    http_workers: int | str | None = None,
 ) -> dict[str, Any]:
     workers = resolve_workers(http_workers)
     out: dict[str, Any] = {"event_loop": event_loop.loop_kind(), "http_workers": workers}

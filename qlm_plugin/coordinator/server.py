@@ -102,7 +102,9 @@ class CoordinatorServer:
         )
         coord = self.coordinator = Coordinator(cfg, self.scenario, journal, self._telemetry)
         await coord.start()
-        store = self.batch_store = BatchStore(cfg.batches.path or BatchStore.beside(cfg.journal.path))
+        store = self.batch_store = BatchStore(
+            cfg.batches.path or BatchStore.beside(cfg.journal.path), synchronous=cfg.journal.synchronous
+        )
         self.batches = BatchService(coord, store, cfg.batches)
         await self.batches.start()
         # No interceptor without tokens (they are fixed at start): it let every call through, at

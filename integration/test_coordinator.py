@@ -2005,3 +2005,23 @@ def test_a_grpc_client_is_checked_as_the_http_door_checks(tmp_path: Path) -> Non
             assert int(trailing.get("retry-after", "0")) >= 1, trailing
 
     run(tmp_path, body, speed=20.0)
+
+
+def test_what_aiohttp_cannot_parse_is_not_an_error_in_the_log(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Each request with an unknown content-coding (or a bad chunk size, no Host) wrote a dozen
+    lines of traceback at ERROR: any client, unauthenticated, could fill the log."""
+
+    async def body(st: LocalStack) -> None:
+        async with aiohttp.ClientSession() as s:
+            for _ in range(3):
+                async with s.post(
+                    f"{st.http_url}/v1/completions",
+                    data=b"\x00\x01garbage",
+                    headers={"content-type": "application/json", "content-encoding": "br"},
+                ) as r:
+                    assert r.status == 400
+
+    run(tmp_path, body)
+    assert not [r for r in caplog.records if r.name == "aiohttp.server" and r.levelno >= logging.ERROR]

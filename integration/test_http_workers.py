@@ -398,3 +398,38 @@ def test_an_idempotency_key_reused_for_another_request_is_refused(tmp_path: Path
                     assert r.status == 422 and error["param"] == "idempotency_key", (r.status, error)
 
     asyncio.run(main())
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_gzip_body_passed_to_the_core_is_read_once_and_a_bad_one_is_a_400(
+    tmp_path: Path, workers: int
+) -> None:
+    """Through a worker, a gzip body reached the core still marked gzip, already decoded: the core
+    answered 500 decoding it again; a body that does not decode was a 503 "core unreachable"
+    there, and a plain-text 500 without workers (the Batch API did not catch it)."""
+    import gzip
+
+    async def body(stack: LocalStack) -> None:
+        url = stack.http_url
+        async with aiohttp.ClientSession() as s:
+            form = aiohttp.FormData()
+            form.add_field("purpose", "batch")
+            line = '{"custom_id": "a", "method": "POST", "url": "/v1/completions", "body": {"model": "%s"}}'
+            form.add_field("file", (line % MODEL).encode(), filename="in.jsonl")
+            async with s.post(f"{url}/v1/files", data=form) as r:
+                file_id = (await r.json())["id"]
+            create = json.dumps(
+                {"input_file_id": file_id, "endpoint": "/v1/completions", "completion_window": "24h"}
+            ).encode()
+            gz = {"content-type": "application/json", "content-encoding": "gzip"}
+            async with s.post(f"{url}/v1/batches", data=gzip.compress(create), headers=gz) as r:
+                assert r.status == 200, await r.text()
+            async with s.post(f"{url}/v1/batches", data=b"not gzip at all", headers=gz) as r:
+                assert r.status == 400, await r.text()
+                assert (await r.json())["error"]["code"] == "invalid_body"
+
+    async def main() -> None:
+        async with local_stack(tmp_path, config={"http": {"port": 0, "workers": workers}}) as stack:
+            await body(stack)
+
+    asyncio.run(main())

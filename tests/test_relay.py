@@ -116,3 +116,44 @@ def test_a_core_that_goes_away_halts_what_is_open_and_refuses_what_comes(tmp_pat
         assert err.value.code == "unavailable"
 
     with_core(tmp_path, core, body)
+
+
+@pytest.mark.parametrize("case", ["two clients of one worker", "one left, another worker's stays"])
+def test_a_dead_workers_clients_leave_as_many_as_were_waiting(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, case: str
+) -> None:
+    """The core cancelled once per request when a worker's link ended: two clients of that worker
+    sharing a key left the request running for nobody; one that had already left took another
+    worker's client's answer with it (the coordinator counts each waiting client)."""
+    from qlm_plugin.coordinator import coordinator as coordinator_module
+    from qlm_plugin.coordinator.jobs import CLIENT_GONE, WORKER_GONE
+    from qlm_plugin.coordinator.relay import RelayService
+    from qlm_plugin.testing.stack import LocalStack, run_with_stack
+
+    monkeypatch.setattr(coordinator_module, "ABANDON_GRACE_S", 0.2)
+    spec = pb.RequestSpec(model="llama-3.1-8b", prompt="x", max_tokens=5000, idempotency_key="k")
+
+    async def body(st: LocalStack) -> None:
+        service = RelayService(st.coordinator, "secret")
+        path = str(tmp_path / "relay.sock")
+        await service.serve(path)
+        x, y = RelayClient(path, "secret"), RelayClient(path, "secret")
+        await x.start()
+        await y.start()
+        try:
+            first, _ = await x.submit(spec, cancel_if_caller_leaves=WORKER_GONE)
+            if case == "two clients of one worker":
+                await x.submit(spec, cancel_if_caller_leaves=WORKER_GONE)
+            else:
+                x.cancel(first.id, CLIENT_GONE)  # its client left; another worker's is waiting
+                await y.submit(spec, cancel_if_caller_leaves=WORKER_GONE)
+            await asyncio.sleep(0.1)
+            await x.close()  # the worker dies
+            await asyncio.sleep(1.0)  # past the grace a key's retry has
+            state = st.coordinator.jobs[first.id].state
+            assert state == ("cancelled" if case == "two clients of one worker" else "dispatched"), state
+        finally:
+            await y.close()
+            await service.close()
+
+    run_with_stack(tmp_path, body, speed=1.0)

@@ -36,7 +36,14 @@ from qlm_plugin.coordinator.batch_store import (
 )
 from qlm_plugin.coordinator.batches import BatchService, visible
 from qlm_plugin.coordinator.config import CoordinatorConfig
-from qlm_plugin.coordinator.http_api import auth_refusal, body_stalled, caller, error_response, read_body
+from qlm_plugin.coordinator.http_api import (
+    auth_refusal,
+    body_stalled,
+    body_unreadable,
+    caller,
+    error_response,
+    read_body,
+)
 from qlm_plugin.coordinator.openai_params import (
     MAX_NAME_CHARS,
     BadRequest,
@@ -248,6 +255,9 @@ class BatchAPI:
                     await asyncio.to_thread(spool.write, bytes(buffer))
         except TimeoutError:
             return error_response(408, f"the upload sent nothing for {TRANSFER_STALL_S:g} s", code="timeout")
+        except web.RequestPayloadError as exc:  # a content-encoding that does not decode: it was a 500
+            request.content.feed_eof()
+            return body_unreadable(exc)
         except (ValueError, web.HTTPException) as exc:
             return error_response(400, f"the multipart body could not be read: {exc}", code="invalid_body")
         if purpose not in UPLOAD_PURPOSES:
@@ -395,6 +405,8 @@ class BatchAPI:
             raw = await read_body(request, MAX_JSON_BYTES, TRANSFER_STALL_S)
         except web.HTTPRequestEntityTooLarge:
             return error_response(413, f"the body exceeds {MAX_JSON_BYTES} bytes", code="too_large")
+        except web.RequestPayloadError as exc:  # a content-encoding that does not decode: it was a 500
+            return body_unreadable(exc)
         except TimeoutError:
             return body_stalled(TRANSFER_STALL_S)
         try:

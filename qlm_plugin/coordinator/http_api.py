@@ -20,12 +20,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import math
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from typing import Any, Protocol
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from multidict import CIMultiDict
 from opentelemetry import propagate
 
@@ -70,7 +72,8 @@ from qlm_plugin.coordinator.openai_params import (
 from qlm_plugin.proto.qlm.v1 import qlm_pb2 as pb
 from qlm_plugin.transport.openai_client import completion_logprobs, message_tool_calls
 
-#: Why the request of a client that went away is cancelled.
+log = logging.getLogger("qlm_plugin.coordinator.http")
+
 #: Largest request body accepted, bytes (a prompt of about 1M tokens).
 MAX_BODY_BYTES = 4 * 1024 * 1024
 #: A stream that has sent nothing for this long (its request waits in the queue) gets an SSE comment,
@@ -190,6 +193,14 @@ async def read_body(request: web.Request, limit: int, stall_s: float) -> bytes:
         content.feed_eof()  # nothing more is read of it: the caller's answer closes the connection
         raise
     return b"".join(parts)
+
+
+def body_unreadable(exc: Exception) -> web.Response:
+    """A body that does not decode (a content-encoding that does not): 400, and the connection
+    closed (what is left of the body cannot be read as a next request)."""
+    response = error_response(400, f"the body could not be read: {exc}", code="invalid_body")
+    response.force_close()
+    return response
 
 
 def body_stalled(stall_s: float) -> web.Response:
@@ -796,9 +807,7 @@ class FrontDoor:
         except web.HTTPRequestEntityTooLarge:
             return error_response(413, f"the body exceeds {MAX_BODY_BYTES} bytes", code="too_large")
         except web.RequestPayloadError as exc:  # e.g. a content-encoding that does not decode
-            unreadable = error_response(400, f"the body could not be read: {exc}", code="invalid_body")
-            unreadable.force_close()  # what is left of the body cannot be read as a next request
-            return unreadable
+            return body_unreadable(exc)
         except TimeoutError:
             return body_stalled(self.body_stall_s)
         try:
@@ -1274,7 +1283,24 @@ def front_door_timeouts() -> dict[str, float]:
     }
 
 
+class _ClientsBadHttp(logging.Filter):
+    """aiohttp logs what a client sends that it cannot parse (a bad chunk size, an unknown
+    content-coding, a head without Host) as an ERROR with its traceback, a dozen lines each: any
+    client, unauthenticated, could fill the log. The client got its 400: one line at DEBUG."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, HttpProcessingError):
+            log.debug("a request aiohttp could not parse: %s", exc)
+            return False
+        return True
+
+
+_CLIENTS_BAD_HTTP = _ClientsBadHttp()
+
+
 def make_runner(front: FrontDoor) -> web.AppRunner:
+    logging.getLogger("aiohttp.server").addFilter(_CLIENTS_BAD_HTTP)  # (once: a set of filters)
     # handler_cancellation: a client that goes away cancels its handler, and so its request.
     # keepalive_timeout: aiohttp's idle bound, from the connection's start too (3630 s by default).
     return web.AppRunner(

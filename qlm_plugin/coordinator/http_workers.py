@@ -36,7 +36,14 @@ from aiohttp import web
 
 from qlm_plugin.coordinator.auth import Authenticator
 from qlm_plugin.coordinator.coordinator import Coordinator
-from qlm_plugin.coordinator.http_api import FrontDoor, error_response, front_door_timeouts, make_runner
+from qlm_plugin.coordinator.http_api import (
+    WRITE_STALL_S,
+    FrontDoor,
+    body_unreadable,
+    error_response,
+    front_door_timeouts,
+    make_runner,
+)
 from qlm_plugin.coordinator.relay import RelayClient, RelayService
 from qlm_plugin.deploy.child_process import die_with_parent, python_command
 
@@ -225,14 +232,18 @@ class CoreProxy:
                 timeout=aiohttp.ClientTimeout(total=None),
                 auto_decompress=False,
             )
-        headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP}
-        if read is not None:  # read (and decoded) already: sent as it is now
-            headers = {
-                k: v for k, v in headers.items() if k.lower() not in ("content-encoding", "content-length")
-            }
+        # The body goes decoded, read or as it is read (aiohttp decodes a content-encoding): its
+        # encoding and length are no longer its own (a gzip body reached the core as gzip, and it
+        # answered 500, decoding it again)
+        headers = {
+            k: v
+            for k, v in request.headers.items()
+            if k.lower() not in HOP_BY_HOP and k.lower() not in ("content-encoding", "content-length")
+        }
         body: bytes | aiohttp.StreamReader | None = read
         if body is None and request.body_exists:
             body = request.content
+        out: web.StreamResponse | None = None
         try:
             async with self._session.request(
                 request.method,
@@ -247,11 +258,24 @@ class CoreProxy:
                     headers={k: v for k, v in upstream.headers.items() if k.lower() not in HOP_BY_HOP},
                 )
                 await out.prepare(request)
+                # each write bounded as the core's own (a client that stopped reading held the
+                # worker's connection for as long as it stayed open)
                 async for data in upstream.content.iter_any():
-                    await out.write(data)
-                await out.write_eof()
+                    await asyncio.wait_for(out.write(data), WRITE_STALL_S)
+                await asyncio.wait_for(out.write_eof(), WRITE_STALL_S)
                 return out
+        except TimeoutError:  # (only a write times out: the answer has begun)
+            log.info(
+                "%s %s: the client stopped reading for %g s: cut", request.method, request.path, WRITE_STALL_S
+            )
+            if request.transport is not None:
+                request.transport.abort()
+            assert out is not None
+            return out
         except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as exc:
+            failed = request.content.exception() if body is request.content else None
+            if out is None and isinstance(failed, web.RequestPayloadError):  # the client's body
+                return body_unreadable(failed)
             return error_response(503, f"the coordinator core is unreachable: {exc}", code="unavailable")
 
 

@@ -32,7 +32,17 @@ from google.protobuf.message import DecodeError, Message
 from opentelemetry import propagate
 
 from qlm_plugin.coordinator.coordinator import Coordinator
-from qlm_plugin.coordinator.jobs import WORKER_GONE, Chunk, Job, SubmitError, follow, halt, publish, tell_end
+from qlm_plugin.coordinator.jobs import (
+    CALLER_GONE,
+    WORKER_GONE,
+    Chunk,
+    Job,
+    SubmitError,
+    follow,
+    halt,
+    publish,
+    tell_end,
+)
 from qlm_plugin.coordinator.journal import TERMINAL
 from qlm_plugin.coordinator.json_codec import dumps
 from qlm_plugin.domain.outcome import Admission
@@ -303,8 +313,13 @@ class RelayService:
     async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         outbox: _Outbox[pb.RelayEvent] = _Outbox(_events)
         followed: dict[str, _Follower] = {}
+        # request id -> this link's clients still waiting for it (each counted by the coordinator
+        # as a caller who cancels it by leaving): a dead worker's leave as many, not one per
+        # request (two of its clients sharing a key: the request ran on for nobody; one already
+        # gone: another worker's client lost its answer)
+        waiting: dict[str, int] = {}
         tasks: set[asyncio.Task[None]] = set()
-        calls = asyncio.get_running_loop().create_task(self._read(reader, outbox, followed, tasks))
+        calls = asyncio.get_running_loop().create_task(self._read(reader, outbox, followed, waiting, tasks))
         try:
             await outbox.pump(writer)
         finally:
@@ -314,15 +329,19 @@ class RelayService:
             for f in list(followed.values()):  # its HTTP clients are gone with it
                 if f in f.job.listeners:
                     f.job.listeners.remove(f)
-                if not self.closing and self.coord.book.accepting:  # draining: kept for the next start
-                    self.coord.cancel(f.job.id, WORKER_GONE)
             followed.clear()
+            if not self.closing and self.coord.book.accepting:  # draining: kept for the next start
+                for request_id, n in waiting.items():
+                    for _ in range(n):
+                        self.coord.cancel(request_id, WORKER_GONE)
+            waiting.clear()
 
     async def _read(
         self,
         reader: asyncio.StreamReader,
         outbox: _Outbox[pb.RelayEvent],
         followed: dict[str, _Follower],
+        waiting: dict[str, int],
         tasks: set[asyncio.Task[None]],
     ) -> None:
         loop = asyncio.get_running_loop()
@@ -331,18 +350,27 @@ class RelayService:
                 batch = pb.RelayCalls.FromString(await read_frame(reader))
                 for call in batch.calls:
                     if call.HasField("submit"):
-                        task = loop.create_task(self._submit(call, outbox, followed))
+                        task = loop.create_task(self._submit(call, outbox, followed, waiting))
                         tasks.add(task)
                         task.add_done_callback(tasks.discard)
                     elif call.cancel:
-                        self.coord.cancel(call.cancel, call.cancel_reason or "cancelled by the client")
+                        reason = call.cancel_reason or "cancelled by the client"
+                        if reason in CALLER_GONE:
+                            if not waiting.get(call.cancel):
+                                continue  # (none of this link's clients waits for it any more)
+                            waiting[call.cancel] -= 1
+                        self.coord.cancel(call.cancel, reason)
         except (LinkClosed, DecodeError, asyncio.CancelledError):
             pass
         finally:
             outbox.close()
 
     async def _submit(
-        self, call: pb.RelayCall, outbox: _Outbox[pb.RelayEvent], followed: dict[str, _Follower]
+        self,
+        call: pb.RelayCall,
+        outbox: _Outbox[pb.RelayEvent],
+        followed: dict[str, _Follower],
+        waiting: dict[str, int],
     ) -> None:
         parent = propagate.extract(dict(call.trace)) if call.trace else None
         try:
@@ -358,6 +386,8 @@ class RelayService:
             failure = SubmitError("internal", f"the coordinator failed on this request: {exc!r}")
             outbox.add(pb.RelayEvent(seq=call.seq, refused=refusal(failure)))
             return
+        if job.state not in TERMINAL:  # (the coordinator counted its caller: see Coordinator.submit)
+            waiting[job.id] = waiting.get(job.id, 0) + 1
         # The answer, with the output so far, and the follower are set up in one step: no chunk
         # published in between is lost or sent twice.
         outbox.add(pb.RelayEvent(seq=call.seq, accepted=relay_job(job, duplicate=duplicate, text=True)))

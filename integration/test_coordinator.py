@@ -2025,3 +2025,27 @@ def test_what_aiohttp_cannot_parse_is_not_an_error_in_the_log(
 
     run(tmp_path, body)
     assert not [r for r in caplog.records if r.name == "aiohttp.server" and r.levelno >= logging.ERROR]
+
+
+def test_expect_100_continue_gets_the_final_answer_when_the_body_would_be_refused(tmp_path: Path) -> None:
+    """aiohttp answered 100 Continue to everything: a client then sent 10 MB to be told 413."""
+
+    async def body(st: LocalStack) -> None:
+        host, port = st.http_url.removeprefix("http://").rsplit(":", 1)
+
+        async def first_line(headers: str) -> bytes:
+            reader, writer = await asyncio.open_connection(host, int(port))
+            head = "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            writer.write(f"{head}{headers}\r\n".encode())
+            line = await asyncio.wait_for(reader.readline(), 5)
+            writer.close()
+            return line
+
+        assert (await first_line("Content-Length: 10000000\r\nExpect: 100-continue\r\n")).startswith(
+            b"HTTP/1.1 413"
+        )
+        assert (await first_line("Content-Length: 40\r\nExpect: 100-continue\r\n")).startswith(
+            b"HTTP/1.1 100"
+        )
+
+    run(tmp_path, body)

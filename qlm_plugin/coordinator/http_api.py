@@ -625,9 +625,9 @@ class FrontDoor:
             app.router.add_get("/metrics", self.metrics)
             app.router.add_get("/v1/models", self.list_models)
             app.router.add_get("/v1/models/{model}", self.get_model)
-        app.router.add_post("/v1/completions", self.completions)
-        app.router.add_post("/v1/chat/completions", self.chat_completions)
-        app.router.add_post("/v1/responses", self.responses)
+        app.router.add_post("/v1/completions", self.completions, expect_handler=self._expect)
+        app.router.add_post("/v1/chat/completions", self.chat_completions, expect_handler=self._expect)
+        app.router.add_post("/v1/responses", self.responses, expect_handler=self._expect)
         if self._coord is not None:  # a worker passes it to the core, which keeps the requests
             app.router.add_get("/v1/responses/{response_id}", self.get_response)
             app.router.add_delete("/v1/responses/{response_id}", self.delete_response)
@@ -651,6 +651,28 @@ class FrontDoor:
             response.headers["Allow"] = ", ".join(sorted(allowed))
             return response
         return error_response(404, f"no such path: {request.method} {request.path}")
+
+    async def _expect(self, request: web.Request) -> web.StreamResponse | None:
+        """``Expect: 100-continue``: the final answer at once where the body would be refused (no
+        token, one too large), else 100 (a client sent 10 MB to be told 413; aiohttp answered 100
+        to everything)."""
+        expect = request.headers.get("Expect", "").lower()
+        if tuple(request.version) < (1, 1) or not expect:
+            return None
+        if expect != "100-continue":
+            return error_response(417, f"unknown Expect: {expect}", code="invalid_value")
+        refusal: web.Response | None = None
+        try:
+            self._principal(request, "client")
+        except AuthError as exc:
+            refusal = auth_refusal(exc)
+        if refusal is None and (request.content_length or 0) > MAX_BODY_BYTES:
+            refusal = error_response(413, f"the body exceeds {MAX_BODY_BYTES} bytes", code="too_large")
+        if refusal is not None:
+            refusal.force_close()  # the body, not sent, must not be read as a next request
+            return refusal
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        return None
 
     def _principal(self, request: web.Request, scope: str) -> Principal:
         authorization = request.headers.get("Authorization")

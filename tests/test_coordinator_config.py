@@ -252,3 +252,13 @@ def test_command_line_settings_are_validated_as_the_file_is() -> None:
     assert cfg.http.port == 9001
     with pytest.raises(ConfigError, match=r"the command line: http\.port: Input should be less than"):
         with_overrides(CoordinatorConfig(), {"http": {"port": 70000}}, "the command line")
+
+
+def test_the_settings_a_file_gives_are_known_after_command_line_overrides(tmp_path: Path) -> None:
+    """`qlm serve --engine vllm` shares a device when the file sets device_max_awake, as with
+    --max-awake (the key was ignored without the flag): what the file gave must stay known."""
+    path = tmp_path / "c.yaml"
+    path.write_text("device_max_awake: 2\n")
+    cfg = with_overrides(load_config(path), {"policy": "fcfs"}, "the command line")
+    assert {"device_max_awake", "policy"} <= cfg.model_fields_set
+    assert "device_max_awake" not in with_overrides(CoordinatorConfig(), {"policy": "fcfs"}, "x").model_fields_set

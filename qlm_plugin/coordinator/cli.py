@@ -760,10 +760,14 @@ def _serve_vllm(args: argparse.Namespace, cfg: CoordinatorConfig) -> int:
         if args.max_awake < 1:
             raise ValueError("--max-awake must be >= 1 (leave it out for every engine awake)")
         cfg = cfg.model_copy(update={"device_max_awake": args.max_awake})
+    # the config's device_max_awake turns sharing on as --max-awake does (it was ignored without it)
+    sharing = args.max_awake is not None or "device_max_awake" in cfg.model_fields_set
     if args.sleep_level:
-        if args.max_awake is None:
+        if not sharing:
             raise ValueError("--sleep-level goes with --max-awake (the engines that sleep share a device)")
         cfg = cfg.model_copy(update={"device_sleep_level": args.sleep_level})
+    if args.ray is not None and sharing:
+        raise ValueError("device_max_awake: engines sharing a device run as local processes, not with --ray")
     models = parse_models(args.model)
     engine_args = strip_separator(args.engine_args)
     scenario = fleet_scenario(models, per_model, load_scenario(args.scenario or cfg.scenario), engine_args)
@@ -780,7 +784,7 @@ def _serve_vllm(args: argparse.Namespace, cfg: CoordinatorConfig) -> int:
             token = os.environ.get("QLM_INSTANCE_TOKEN") or None
             fleet = RayEngines(models, per_model, "", engine_args, logs, address, token)
         else:
-            device = f"{socket.gethostname()}/0" if args.max_awake else ""
+            device = f"{socket.gethostname()}/0" if sharing else ""
             fleet = VLLMFleet(
                 models,
                 per_model,

@@ -302,8 +302,11 @@ def _paths_from(data: dict[str, Any], base: Path) -> dict[str, Any]:
 
 
 def with_overrides(cfg: CoordinatorConfig, update: dict[str, Any], source: str) -> CoordinatorConfig:
-    """``cfg`` with ``update`` (settings given on the command line), validated as a file is."""
-    return _validated({**cfg.model_dump(), **update}, source)
+    """``cfg`` with ``update`` (settings given on the command line), validated as a file is; the
+    settings it holds as given (``model_fields_set``) are the file's and the command line's."""
+    merged = _validated({**cfg.model_dump(), **update}, source)
+    merged.__pydantic_fields_set__ = cfg.model_fields_set | update.keys()
+    return merged
 
 
 def _validated(data: dict[str, Any], source: str) -> CoordinatorConfig:

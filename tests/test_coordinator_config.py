@@ -250,8 +250,19 @@ def test_own_instances_get_a_token_only_where_they_have_none_that_works() -> Non
 def test_command_line_settings_are_validated_as_the_file_is() -> None:
     cfg = with_overrides(CoordinatorConfig(), {"http": {"port": 9001}}, "the command line")
     assert cfg.http.port == 9001
-    with pytest.raises(ConfigError, match=r"the command line: http\.port: Input should be less than"):
+    # named as the flag given, not as the key it sets
+    with pytest.raises(ConfigError, match=r"the command line: --http-port: Input should be less than"):
         with_overrides(CoordinatorConfig(), {"http": {"port": 70000}}, "the command line")
+
+
+def test_a_value_that_may_be_a_number_or_auto_is_one_error_line(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("http: {workers: 100}\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert str(err.value) == (
+        f"{path}: http.workers: Input should be less than or equal to 64 or Input should be 'auto'"
+    )
 
 
 def test_the_settings_a_file_gives_are_known_after_command_line_overrides(tmp_path: Path) -> None:
@@ -261,4 +272,7 @@ def test_the_settings_a_file_gives_are_known_after_command_line_overrides(tmp_pa
     path.write_text("device_max_awake: 2\n")
     cfg = with_overrides(load_config(path), {"policy": "fcfs"}, "the command line")
     assert {"device_max_awake", "policy"} <= cfg.model_fields_set
-    assert "device_max_awake" not in with_overrides(CoordinatorConfig(), {"policy": "fcfs"}, "x").model_fields_set
+    assert (
+        "device_max_awake"
+        not in with_overrides(CoordinatorConfig(), {"policy": "fcfs"}, "x").model_fields_set
+    )

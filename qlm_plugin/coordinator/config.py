@@ -304,22 +304,44 @@ def _paths_from(data: dict[str, Any], base: Path) -> dict[str, Any]:
 def with_overrides(cfg: CoordinatorConfig, update: dict[str, Any], source: str) -> CoordinatorConfig:
     """``cfg`` with ``update`` (settings given on the command line), validated as a file is; the
     settings it holds as given (``model_fields_set``) are the file's and the command line's."""
-    merged = _validated({**cfg.model_dump(), **update}, source)
+    merged = _validated({**cfg.model_dump(), **update}, source, FLAGS)
     merged.__pydantic_fields_set__ = cfg.model_fields_set | update.keys()
     return merged
 
 
-def _validated(data: dict[str, Any], source: str) -> CoordinatorConfig:
+#: The command line's names of the settings it overrides (an error names the flag given).
+FLAGS = {
+    "http.port": "--http-port",
+    "grpc.port": "--grpc-port",
+    "http.host": "--host",
+    "grpc.host": "--host",
+    "http.workers": "--http-workers",
+    "journal.path": "--journal",
+    "policy": "--policy",
+    "scenario": "--scenario",
+}
+
+
+def _validated(data: dict[str, Any], source: str, names: dict[str, str] | None = None) -> CoordinatorConfig:
+    """``data`` as settings; :class:`ConfigError` names each bad key (``names``: what to call it
+    instead, a flag), one line per key: the branches of a value that may be a number or ``auto``
+    (``http.workers``) are one line, and pydantic's own words (``constrained-int``, a class name)
+    are left out."""
     try:
         return CoordinatorConfig.model_validate(data)
     except ValidationError as exc:
-        lines = []
+        said: dict[str, list[str]] = {}
         for err in exc.errors():
-            where = ".".join(str(x) for x in err["loc"]) or "(top)"
+            loc = [str(x) for x in err["loc"] if not str(x).startswith(("constrained-", "literal["))]
+            where = ".".join(loc) or "(top)"
             msg = (
                 "unknown key"
                 if err["type"] == "extra_forbidden"
-                else err["msg"].removeprefix("Value error, ")
+                else err["msg"].removeprefix("Value error, ").split(" or instance of ")[0]
             )
-            lines.append(f"{source}: {where}: {msg}")
+            said.setdefault(where, []).append(msg)
+        lines = [
+            f"{source}: {(names or {}).get(where, where)}: {' or '.join(dict.fromkeys(msgs))}"
+            for where, msgs in said.items()
+        ]
         raise ConfigError("\n".join(lines)) from None

@@ -276,3 +276,15 @@ def test_the_settings_a_file_gives_are_known_after_command_line_overrides(tmp_pa
         "device_max_awake"
         not in with_overrides(CoordinatorConfig(), {"policy": "fcfs"}, "x").model_fields_set
     )
+
+
+def test_a_bad_tenant_limit_is_one_error_not_one_per_tenant(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text(
+        "tenant_limits: {max_queued_request: 5, max_file_bytes: 0}\n"
+        "tenants: {acme: {max_queued_tokens: 10}, beta: {}}\n"
+    )
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    lines = str(err.value).splitlines()
+    assert len(lines) == 2 and all("tenant_limits." in line for line in lines), lines

@@ -199,6 +199,10 @@ class CoordinatorConfig(_Strict):
             base = data.get("tenant_limits")
             base = base.model_dump() if isinstance(base, TenantLimits) else base
             if isinstance(base, dict):
+                try:  # a bad base is its own error, once (it was one more per tenant, at its keys)
+                    TenantLimits.model_validate(base)
+                except ValidationError:
+                    return data
                 data = {
                     **data,
                     "tenants": {

@@ -33,7 +33,12 @@ def loop_kind() -> str:
 
 def run(main: Coroutine[Any, Any, T]) -> T:
     """``asyncio.run(main)`` on the loop :func:`loop_kind` names."""
-    if loop_kind() == "uvloop":
+    try:
+        kind = loop_kind()
+    except ValueError:
+        main.close()  # never run: no "coroutine was never awaited" warning after the error
+        raise
+    if kind == "uvloop":
         import uvloop
 
         return uvloop.run(main)

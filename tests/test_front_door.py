@@ -449,6 +449,16 @@ def test_structured_output_is_carried_to_the_engine(field: str, value: Any, carr
             "structured_outputs.json",
             "at most 4000 nodes",
         ),
+        (  # one 3-MB pattern held the event loop 8 s, every tenant waiting (found by review)
+            {"structured_outputs": {"json": {"type": "string", "pattern": "(a)" * 6000}}},
+            "structured_outputs.json",
+            "holds regular expressions of over 16384 characters in all",
+        ),
+        (
+            {"structured_outputs": {"json": {"enum": ["x" * 140_000]}}},
+            "structured_outputs.json",
+            "at most 131072 characters of text",
+        ),
         (  # a regex past C's int: the metaschema's own check raised OverflowError (a 500)
             {"structured_outputs": {"json": {"type": "string", "pattern": "a{4294967296}"}}},
             "structured_outputs.json",
@@ -561,3 +571,11 @@ def test_an_echo_of_a_prompt_of_token_ids_needs_logprobs_whichever_prompt_it_is(
     assert err.param == "echo" and "ask for logprobs too" in str(err)
     spec, _, _ = parse({"model": "m", "prompt": prompt, "max_tokens": 2, "echo": True, "logprobs": 1})
     assert "echo" in spec.sampling
+
+
+def test_the_tools_regular_expressions_are_bounded_together_not_each() -> None:
+    """Each tool's schema under the bound, 128 of them over it: their check compiled them all."""
+    pattern = {"type": "object", "properties": {"a": {"type": "string", "pattern": "(a)" * 1000}}}
+    tools = [{"type": "function", "function": {"name": f"f{i}", "parameters": pattern}} for i in range(128)]
+    err = refused({**CHAT, "tools": tools}, chat=True)
+    assert err.param == "tools" and "regular expressions of over 16384 characters in all" in str(err)

@@ -228,6 +228,12 @@ _OPTIONS = ("disable_any_whitespace", "disable_additional_properties", "whitespa
 #: Most nodes (objects, lists and values) of a request's JSON Schema: its check runs on the event
 #: loop, at about 10 us a node (OpenAI takes up to 5,000 object properties in all).
 MAX_SCHEMA_NODES = 4000
+#: Most characters of all of a schema's strings (keys and values), and of all its regular
+#: expressions together (``pattern``, ``patternProperties`` keys), which its check compiles (a few
+#: ms per 4,000 characters): the node count bounds neither, and one 3-MB pattern held the event
+#: loop 8 s, every tenant waiting.
+MAX_SCHEMA_CHARS = 128 * 1024
+MAX_PATTERN_CHARS = 16 * 1024
 
 
 def _nodes_over(value: Any, limit: int) -> bool:
@@ -245,6 +251,32 @@ def _nodes_over(value: Any, limit: int) -> bool:
     return False
 
 
+def _text_over(value: Any, param: str) -> None:
+    """:class:`BadRequest` when a schema's strings hold more than :data:`MAX_SCHEMA_CHARS`, or its
+    regular expressions more than :data:`MAX_PATTERN_CHARS` (walked without recursion)."""
+    todo, chars, regex_chars = [value], 0, 0
+    while todo:
+        node = todo.pop()
+        if isinstance(node, str):
+            chars += len(node)
+        elif isinstance(node, list):
+            todo.extend(node)
+        elif isinstance(node, dict):
+            for key, item in node.items():
+                chars += len(key)
+                if key == "pattern" and isinstance(item, str):
+                    regex_chars += len(item)
+                elif key == "patternProperties" and isinstance(item, dict):
+                    regex_chars += sum(len(k) for k in item)
+                todo.append(item)
+        if regex_chars > MAX_PATTERN_CHARS:
+            raise BadRequest(
+                param, f"holds regular expressions of over {MAX_PATTERN_CHARS} characters in all"
+            )
+        if chars > MAX_SCHEMA_CHARS:
+            raise BadRequest(param, f"must be a JSON Schema of at most {MAX_SCHEMA_CHARS} characters of text")
+
+
 def _json_schema(value: Any, param: str) -> dict[str, Any]:
     """A JSON Schema (an object), checked against the draft 7 metaschema (the engines' grammar
     backends ignore ``$schema``; what they cannot compile they refuse): a malformed schema is a
@@ -258,8 +290,9 @@ def _json_schema(value: Any, param: str) -> dict[str, Any]:
         raise BadRequest(param, f"must be a JSON Schema (an object), got {show(value)}")
     if _nodes_over(value, MAX_SCHEMA_NODES):
         raise BadRequest(param, f"must be a JSON Schema of at most {MAX_SCHEMA_NODES} nodes")
+    _text_over(value, param)
     try:
-        jsonschema.Draft7Validator.check_schema(value)
+        jsonschema.Draft7Validator.check_schema(value)  # (it compiles the patterns: bounded above)
     except RecursionError:
         raise BadRequest(param, "is nested too deeply to be checked") from None
     except jsonschema.SchemaError as exc:
@@ -395,6 +428,7 @@ def tool_params(body: Mapping[str, Any]) -> dict[str, str]:
         raise BadRequest(
             "tools", f"the tools' parameter schemas must hold at most {MAX_SCHEMA_NODES} nodes in all"
         )
+    _text_over(tools, "tools")  # all of them together, as the nodes
     checked = [_tool(t, f"tools[{i}]") for i, t in enumerate(tools)]
     names = [t["function"]["name"] for t in checked]
     if len(set(names)) != len(names):

@@ -665,3 +665,25 @@ def test_a_file_of_several_models_runs_each_line_on_its_model(tmp_path: Path) ->
 
     (tmp_path / "two.yaml").write_text(TWO_MODELS)
     run(tmp_path, body, scenario=load_scenario(tmp_path / "two.yaml"))
+
+
+def test_a_tenants_unfinished_batches_read_a_bounded_input_together(tmp_path: Path) -> None:
+    """Each batch holds its parsed lines in memory, and the batches of one file were not counted:
+    six batches of one 10-MB file took 260 MB, a tenant could take the coordinator down."""
+
+    async def body(st: LocalStack) -> None:
+        oa = client(st)
+        data = jsonl(completion_lines(40, tokens=4000))
+        f = await oa.files.create(file=("in.jsonl", data), purpose="batch")
+        first = await create(oa, f.id, "24h")
+        with pytest.raises(openai.RateLimitError) as err:
+            await create(oa, f.id, "24h")  # the same file again: its bytes count again
+        assert "batches.max_open_bytes" in str(err.value)
+        await oa.batches.cancel(first.id)
+        await wait_status(oa, first.id, {"cancelled"})
+        again = await create(oa, f.id, "24h")  # room again once it ended
+        await oa.batches.cancel(again.id)
+        await oa.close()
+
+    data_len = len(jsonl(completion_lines(40, tokens=4000)))
+    run(tmp_path, body, config={"batches": {"max_open_bytes": data_len + 1}})

@@ -92,7 +92,9 @@ def expires_after(policy: Any, param: str, *, form: bool = False) -> int:
 
 def _bad(exc: BadRequest) -> web.Response:
     message = f"{exc.param}: {exc}" if exc.param else str(exc)
-    return error_response(exc.status, message, param=exc.param, code=exc.code)
+    # a limit that holds until a batch ends: the SDKs' automatic retries would only repeat it
+    headers = {"x-should-retry": "false"} if exc.status == 429 else None
+    return error_response(exc.status, message, param=exc.param, code=exc.code, headers=headers)
 
 
 def _not_found(kind: str, ident: str) -> web.Response:

@@ -419,12 +419,31 @@ class BatchService:
             )
         if not self.coord.accepting:
             raise BadRequest(None, "the coordinator is not accepting work (starting or draining)", status=503)
+        open_bytes = self._open_bytes(tenant)
+        if open_bytes + info.bytes > self.settings.max_open_bytes:
+            raise BadRequest(
+                "input_file_id",
+                f"the tenant's unfinished batches read {open_bytes} bytes of input, and this file "
+                f"{info.bytes} more: at most {self.settings.max_open_bytes} (batches.max_open_bytes) at "
+                "a time; create it once one has ended",
+                status=429,
+                code="limit",
+            )
         batch = BatchRecord(new_id("batch_"), tenant, input_file_id, endpoint, window, window_s, time.time())
         batch.metadata = metadata
         batch.output_expires_after_s = output_expires_after_s or self.settings.file_expiry_s
         self.store.put_batch(batch)
         self._spawn(batch)
         return batch
+
+    def _open_bytes(self, tenant: str) -> int:
+        """The input bytes of the tenant's batches not ended yet (each counted, one file or not)."""
+        total = 0
+        for running in self._running.values():
+            if running.batch.tenant == tenant:
+                info = self.store.get_file(running.batch.input_file_id)
+                total += info.bytes if info is not None else 0
+        return total
 
     def get(self, batch_id: str) -> BatchRecord | None:
         running = self._running.get(batch_id)

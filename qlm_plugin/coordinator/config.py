@@ -144,6 +144,10 @@ class BatchSettings(_Strict):
     # a batch file's life when its upload or batch names none (OpenAI's default for batch files);
     # null: kept until deleted
     file_expiry_s: int | None = Field(default=30 * 86400, ge=60)
+    # the input files of a tenant's unfinished batches together, bytes: a batch holds its parsed
+    # lines in memory (about 4.5 times its file), and the batches of one file were not counted,
+    # so a tenant could take the coordinator's memory with a few API calls
+    max_open_bytes: int = Field(default=200 * 2**20, ge=1)
 
 
 class JournalSettings(_Strict):

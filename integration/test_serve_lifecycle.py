@@ -188,3 +188,24 @@ def test_each_instance_group_of_the_scenario_gets_its_own_gpu_models_and_limits(
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(60)
+
+
+def test_the_instances_qlm_serve_starts_hold_no_client_or_admin_token(tmp_path: Path) -> None:
+    """They inherited the serve's whole environment: every tenant's and the operator's tokens, in
+    processes that (with vLLM) run a model's code. Only their own instance token is theirs."""
+    http, grpc_port = free_port(), free_port()
+    env = {**os.environ, "QLM_CLIENT_TOKEN": "c-1", "QLM_ADMIN_TOKEN": "a-1", "QLM_INSTANCE_TOKEN": "i-1"}
+    proc = serve_process(tmp_path, http, grpc_port, "--instances", "1", env=env)
+    try:
+        wait_healthy(f"http://127.0.0.1:{http}", proc, tmp_path / "serve.log")
+        (child,) = _children(proc.pid)
+        held = dict(
+            line.split("=", 1)
+            for line in Path(f"/proc/{child}/environ").read_bytes().decode().split("\0")
+            if "=" in line
+        )
+        assert "QLM_CLIENT_TOKEN" not in held and "QLM_ADMIN_TOKEN" not in held
+        assert held.get("QLM_INSTANCE_TOKEN") == "i-1"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(60)

@@ -570,17 +570,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise ValueError(
             "--model, --max-awake, --sleep-level, --engine-logs and vLLM arguments go with --engine vllm"
         )
+    server = CoordinatorServer(
+        cfg,
+        warn=lambda msg: print(f"qlm serve: {msg}", file=sys.stderr, flush=True),
+        own_instances_token=_own_instances_token(cfg),
+    )
+    _withhold_client_tokens(cfg)  # (read: the instances, and a local Ray, start without them)
     if args.ray is not None:
         ray_fleet = _ray_fleet()
         # here, on the main thread: a local Ray's processes die with the thread that started them
         # (started by an executor's thread, they died when the loop ended, before the fleet stopped)
         ray_fleet.connect(None if args.ray == "local" else args.ray)
     providers = _telemetry_sdk(args.otlp_endpoint)
-    server = CoordinatorServer(
-        cfg,
-        warn=lambda msg: print(f"qlm serve: {msg}", file=sys.stderr, flush=True),
-        own_instances_token=_own_instances_token(cfg),
-    )
     group = server.scenario.instances[0]
     count = args.instances if args.instances is not None else sum(g.count for g in server.scenario.instances)
     if count < 1:
@@ -735,6 +736,19 @@ async def _registered(server: Any, actors: Any) -> str | None:
     )
 
 
+def _withhold_client_tokens(cfg: CoordinatorConfig) -> None:
+    """Take the client and admin tokens out of this process's environment once the coordinator
+    has read them: the engines and instances ``qlm serve`` starts (vLLM runs a model's code)
+    inherit it, and held every tenant's and the operator's secrets. Instance tokens stay."""
+    if cfg.tokens:
+        keep = {t.token_env for t in cfg.tokens if t.token_env and "instance" in t.scopes}
+        names = {t.token_env for t in cfg.tokens if t.token_env} - keep
+    else:
+        names = {"QLM_CLIENT_TOKEN", "QLM_ADMIN_TOKEN"}
+    for name in names:
+        os.environ.pop(name, None)
+
+
 def _serve_vllm(args: argparse.Namespace, cfg: CoordinatorConfig) -> int:
     """``qlm serve --engine vllm``: the coordinator, then its engines; on a signal the coordinator
     drains (requests in flight finish on the engines), then the engines stop."""
@@ -798,18 +812,19 @@ def _serve_vllm(args: argparse.Namespace, cfg: CoordinatorConfig) -> int:
     except FleetError as exc:
         print(f"qlm serve: error: {exc}", file=sys.stderr)
         return 1
-    if isinstance(fleet, RayEngines):
-        from qlm_plugin.deploy import ray_fleet
-
-        # on the main thread: a local Ray's processes die with the thread that started them
-        ray_fleet.connect(fleet.address)
-    providers = _telemetry_sdk(args.otlp_endpoint)
     server = CoordinatorServer(
         cfg,
         scenario,
         warn=lambda msg: print(f"qlm serve: {msg}", file=sys.stderr, flush=True),
         own_instances_token=own_token,
     )
+    _withhold_client_tokens(cfg)  # (read: the engines, and a local Ray, start without them)
+    if isinstance(fleet, RayEngines):
+        from qlm_plugin.deploy import ray_fleet
+
+        # on the main thread: a local Ray's processes die with the thread that started them
+        ray_fleet.connect(fleet.address)
+    providers = _telemetry_sdk(args.otlp_endpoint)
     stop = asyncio.Event()
     failures: list[str] = []
     tasks: list[asyncio.Task[None]] = []

@@ -687,3 +687,16 @@ def test_a_tenants_unfinished_batches_read_a_bounded_input_together(tmp_path: Pa
 
     data_len = len(jsonl(completion_lines(40, tokens=4000)))
     run(tmp_path, body, config={"batches": {"max_open_bytes": data_len + 1}})
+
+
+def test_an_empty_file_is_refused(tmp_path: Path) -> None:
+    """No batch reads one, and each counted nothing against its tenant's store: an endless supply."""
+
+    async def body(st: LocalStack) -> None:
+        oa = client(st)
+        with pytest.raises(openai.BadRequestError) as err:
+            await oa.files.create(file=("empty.jsonl", b""), purpose="batch")
+        assert "file: is empty" in str(err.value)
+        await oa.close()
+
+    run(tmp_path, body)

@@ -426,3 +426,36 @@ def test_every_answer_carries_an_x_request_id(tmp_path: Path, workers: int) -> N
         await oa.close()
 
     run(tmp_path, workers, check, instances=1)
+
+
+def test_a_body_trickled_past_its_whole_time_is_answered_408(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A byte every so often, each within the stall bound, kept a connection (and its handler) for
+    as long as the client liked: found by review. The whole body has BODY_TOTAL_S to arrive."""
+    monkeypatch.setattr(http_api, "BODY_STALL_S", 0.5)
+    monkeypatch.setattr(http_api, "BODY_TOTAL_S", 1.0)
+
+    async def body(st: LocalStack) -> None:
+        loop = asyncio.get_running_loop()
+        whole = request_bytes({"model": MODEL, "prompt": "x" * 200, "max_tokens": 4})
+        head, _, data = whole.partition(b"\r\n\r\n")
+        sock = await raw_socket(st)
+        await loop.sock_sendall(sock, head + b"\r\n\r\n")
+        got = b""
+        for i in range(len(data)):
+            await loop.sock_sendall(sock, data[i : i + 1])
+            await asyncio.sleep(0.2)
+            sock.setblocking(False)
+            try:
+                got += sock.recv(65536)
+            except BlockingIOError:
+                continue
+            if got:
+                break
+        sock.close()
+        assert got.startswith(b"HTTP/1.1 408"), got[:200]
+        assert b"over 1 s in all" in got
+        assert not st.coordinator.jobs
+
+    run(tmp_path, 0, body)

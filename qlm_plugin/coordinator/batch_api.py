@@ -268,6 +268,8 @@ class BatchAPI:
             )
         if size is None:
             return error_response(400, "file: missing", param="file", code="invalid_value")
+        if size == 0:  # no batch reads one, and they counted nothing against the tenant's store
+            return error_response(400, "file: is empty", param="file", code="invalid_value")
         try:
             expires_after_s = (
                 expires_after(expiry, "expires_after", form=True)

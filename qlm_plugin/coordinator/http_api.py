@@ -92,6 +92,8 @@ IDLE_TIMEOUT_S = 75.0
 #: A request body that sends nothing for this long after its head is answered 408 and its
 #: connection closed (aiohttp bounds the head, not the body: a client could hold a handler for ever).
 BODY_STALL_S = 60.0
+#: The longest a generation request's body may take to arrive in all, seconds (4 MiB at 14 KB/s).
+BODY_TOTAL_S = 300.0
 
 SUBMIT_HTTP = {
     "invalid": 400,
@@ -166,9 +168,10 @@ def auth_refusal(exc: AuthError) -> web.Response:
     return error_response(403, str(exc), code=exc.status)
 
 
-async def read_body(request: web.Request, limit: int, stall_s: float) -> bytes:
+async def read_body(request: web.Request, limit: int, stall_s: float, total_s: float | None = None) -> bytes:
     """The request's whole body: :class:`web.HTTPRequestEntityTooLarge` past ``limit`` bytes,
-    :class:`TimeoutError` once ``stall_s`` passes without a byte of it,
+    :class:`TimeoutError` once ``stall_s`` passes without a byte of it, or ``total_s`` since it
+    began (a byte every minute kept a connection for ever: the stall bound restarts at each),
     :class:`web.RequestPayloadError` for one that does not decode, marked read to its end (aiohttp,
     reading the rest of it for a next request, logged the error as unhandled with 40 lines of
     traceback, for any client that sent a bad gzip body): close the connection with the answer."""
@@ -181,14 +184,15 @@ async def read_body(request: web.Request, limit: int, stall_s: float) -> bytes:
     parts: list[bytes] = []
     size = 0
     loop = asyncio.get_running_loop()
+    end = math.inf if total_s is None else loop.time() + total_s
     try:
-        async with asyncio.timeout(stall_s) as bound:
+        async with asyncio.timeout(min(stall_s, total_s or stall_s)) as bound:
             while chunk := await content.readany():
                 size += len(chunk)
                 if size > limit:
                     raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=size)
                 parts.append(chunk)
-                bound.reschedule(loop.time() + stall_s)
+                bound.reschedule(min(loop.time() + stall_s, end))
     except web.RequestPayloadError:
         content.feed_eof()  # nothing more is read of it: the caller's answer closes the connection
         raise
@@ -203,10 +207,11 @@ def body_unreadable(exc: Exception) -> web.Response:
     return response
 
 
-def body_stalled(stall_s: float) -> web.Response:
-    """A body that stopped arriving: 408, and the connection closed (what is left of the body
-    would otherwise be read as the next request)."""
-    response = error_response(408, f"the request body sent nothing for {stall_s:g} s", code="timeout")
+def body_stalled(stall_s: float, total_s: float | None = None) -> web.Response:
+    """A body that stopped arriving (or took over ``total_s`` in all): 408, and the connection
+    closed (what is left of the body would otherwise be read as the next request)."""
+    also = f", or took over {total_s:g} s in all" if total_s is not None else ""
+    response = error_response(408, f"the request body sent nothing for {stall_s:g} s{also}", code="timeout")
     response.force_close()
     return response
 
@@ -825,13 +830,13 @@ class FrontDoor:
         except AuthError as exc:
             return auth_refusal(exc)
         try:
-            raw = await read_body(request, MAX_BODY_BYTES, self.body_stall_s)
+            raw = await read_body(request, MAX_BODY_BYTES, self.body_stall_s, BODY_TOTAL_S)
         except web.HTTPRequestEntityTooLarge:
             return error_response(413, f"the body exceeds {MAX_BODY_BYTES} bytes", code="too_large")
         except web.RequestPayloadError as exc:  # e.g. a content-encoding that does not decode
             return body_unreadable(exc)
         except TimeoutError:
-            return body_stalled(self.body_stall_s)
+            return body_stalled(self.body_stall_s, BODY_TOTAL_S)
         try:
             # From bytes, as vLLM's server reads it: UTF-8 (or -16/-32), whatever the charset says.
             body = json.loads(raw, parse_constant=_reject_constant)

@@ -178,3 +178,45 @@ def test_kill_9_of_the_coordinator_loses_nothing_and_serves_nothing_twice(tmp_pa
     for rid in ids:
         assert statuses[rid].output == synthetic_text(rid, 0, TOKENS)
         assert statuses[rid].output_tokens == TOKENS
+
+
+def test_a_request_claimed_after_a_crash_keeps_the_time_of_its_first_token(tmp_path: Path) -> None:
+    """The first token's time is journaled at a graceful stop, not as it comes: after a crash the
+    instance's replay of the output was taken as the first token, and a TTFT met looked missed by
+    the length of the outage (found by review). The replay keeps the time its engine stamped."""
+    (tmp_path / "config.yaml").write_text(CONFIG)
+    http, grpc_port = free_port(), free_port()
+    target = f"127.0.0.1:{grpc_port}"
+    coord = coordinator_process(tmp_path, http, grpc_port)
+    instance = instance_process(tmp_path, grpc_port, "a")
+    try:
+
+        async def before() -> tuple[str, float]:
+            await wait_ready(target, 1)
+            async with CoordinatorClient(target) as c:
+                slo = pb.SLO(ttft_ms=1500, e2e_ms=600_000)
+                reply = await c.submit(pb.RequestSpec(model=MODEL, prompt="q", max_tokens=4000, slo=slo))
+                while (status := await c.status(reply.request_id)).ttft_ms == 0:
+                    await asyncio.sleep(0.05)
+            return reply.request_id, status.ttft_ms
+
+        request_id, ttft_ms = asyncio.run(before())
+        coord.send_signal(signal.SIGKILL)
+        coord.wait(10)
+        time.sleep(2.0)  # longer than its TTFT SLO
+        coord = coordinator_process(tmp_path, http, grpc_port)
+
+        async def after() -> pb.RequestStatus:
+            await wait_ready(target, 1)
+            async with CoordinatorClient(target) as c:
+                deadline = time.monotonic() + 30
+                while (status := await c.status(request_id)).ttft_ms == 0:
+                    assert time.monotonic() < deadline, status
+                    await asyncio.sleep(0.05)
+            return status
+
+        status = asyncio.run(after())
+        assert status.attempt == 1, status  # claimed by its instance, not served again
+        assert status.ttft_ms == pytest.approx(ttft_ms, abs=300) and not status.late, (status, ttft_ms)
+    finally:
+        stop_all([coord, instance])

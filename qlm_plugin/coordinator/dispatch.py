@@ -451,7 +451,10 @@ class Dispatcher:
                         logprobs = logprobs[:tokens]
                     job.logprobs.extend(logprobs)
                 if job.first_token_at is None:
-                    job.first_token_at = now
+                    # A request claimed after a crash (its first token's time was not journaled):
+                    # the time its engine stamped it with, where it is plausible; else receipt.
+                    made = ev.time if job.replayed and ev.index == 0 else 0.0
+                    job.first_token_at = made if job.request.arrival_time <= made <= now else now
                     self.telemetry.request_event(job.id, "qlm.first_token", time=now)
                 self.book.publish(job, Chunk(ev.text, ev.index, tokens, tool_calls=calls, logprobs=logprobs))
             elif ev.kind == Event.FINISHED:

@@ -192,6 +192,7 @@ class Job:
     halted: bool = False  # unfinished when the coordinator stopped: kept for its next start (halt)
     admission: Admission | None = None
     recovering: bool = False  # rebuilt from the journal; its instance may still claim it
+    replayed: bool = False  # claimed after a restart: its instance reports its output again
     listeners: list[ChunkSink] = field(default_factory=list)
     done: asyncio.Event = field(default_factory=asyncio.Event)
     # callers waiting for its answer that cancel it if they leave (HTTP clients; a retry with its

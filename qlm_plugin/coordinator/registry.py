@@ -117,6 +117,7 @@ class InstanceRegistry:
                 if claim:  # its dispatch was acknowledged by the instance but not yet journaled
                     job.attempt, job.state, job.instance = attempt, "dispatched", iid
                     self.book.journal.dispatched(rid, attempt, iid)
+                job.replayed = job.recovering  # its output comes again, stamped when it was made
                 job.recovering = False
                 s.assigned[rid] = attempt
                 keep.append(pb.HeldRequest(request_id=rid, attempt=attempt))

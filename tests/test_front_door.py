@@ -122,6 +122,9 @@ def test_chat_messages_are_rendered_with_text_parts() -> None:
         ({"model": "m", "prompt": "p", "qlm": {"ttft_ms": 0}}, {}, False, "qlm.ttft_ms"),
         ({"model": "m", "prompt": "p", "qlm": {"e2e_ms": "soon"}}, {}, False, "qlm.e2e_ms"),
         ({"model": "m", "prompt": "p"}, {"x-slo-ttft-ms": "nan"}, False, "x-slo-ttft-ms"),
+        # Python's number syntax is not a header's (found by review)
+        ({"model": "m", "prompt": "p"}, {"x-slo-ttft-ms": "1_000"}, False, "x-slo-ttft-ms"),
+        ({"model": "m", "prompt": "p"}, {"x-qlm-priority": " 5 "}, False, "x-qlm-priority"),
         ({"model": "m", "prompt": "p", "qlm": {"class": ""}}, {}, False, "qlm.class"),
         ({"model": "m", "prompt": "p", "qlm": {"priority": "high"}}, {}, False, "qlm.priority"),
         ({"model": "m", "prompt": "p", "qlm": {"speed": 1}}, {}, False, "qlm.speed"),

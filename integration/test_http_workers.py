@@ -51,9 +51,11 @@ def completion(tokens: int = 8, **kw: Any) -> dict[str, Any]:
     return {"model": MODEL, "prompt": "hello", "max_tokens": tokens, **kw}
 
 
-def _serving_pid(response: aiohttp.ClientResponse, server_port: int, pids: list[int]) -> int:
-    """The worker process holding the server side of ``response``'s connection."""
-    assert response.connection is not None and response.connection.transport is not None
+def _serving_pid(response: aiohttp.ClientResponse, server_port: int, pids: list[int]) -> int | None:
+    """The worker process holding the server side of ``response``'s connection; None where the
+    whole answer came before this looked (a busy machine): the connection is closed by then."""
+    if response.connection is None or response.connection.transport is None:
+        return None
     client_port = response.connection.transport.get_extra_info("sockname")[1]
     inode = ""
     for row in Path("/proc/net/tcp").read_text().splitlines()[1:]:
@@ -84,7 +86,8 @@ def test_requests_are_served_by_every_worker_with_the_same_answers(tmp_path: Pat
                     assert r.status == 200
                     rid = r.headers["x-qlm-request-id"]
                     if stream:  # the connection is held while the stream is read
-                        served_by.append(_serving_pid(r, stack.server.http_port, pids))
+                        if (pid := _serving_pid(r, stack.server.http_port, pids)) is not None:
+                            served_by.append(pid)
                         text = "".join(
                             json.loads(line[6:])["choices"][0].get("text", "")
                             for line in (await r.text()).splitlines()
@@ -95,7 +98,7 @@ def test_requests_are_served_by_every_worker_with_the_same_answers(tmp_path: Pat
                     assert text == synthetic_text(rid, 0, 8)
 
             await asyncio.gather(*(one(i) for i in range(200)))
-        assert set(served_by) == set(pids), collections.Counter(served_by)
+        assert set(served_by) == set(pids) and len(served_by) >= 50, collections.Counter(served_by)
 
     run(tmp_path, body, speed=200.0)
 
@@ -169,6 +172,7 @@ def test_a_dead_worker_is_replaced_and_its_requests_cancelled(tmp_path: Path) ->
                 for r in responses
             }
             victim = next(iter(owner.values()))
+            assert victim is not None  # 5000 tokens: each stream is held open
             os.kill(victim, signal.SIGKILL)
             deadline = time.monotonic() + 30
             while victim in pool.pids or len(pool.pids) < 2:

@@ -1545,7 +1545,8 @@ def test_clients_a_stop_leaves_waiting_are_told_the_request_is_kept(tmp_path: Pa
     clients were cut off with no word (a broken stream, a dropped connection). Now each is told:
     a 503 with ``Retry-After``, or an error event in its stream, saying the request is kept. One
     no client could ask for later (a completion without an idempotency key) is not kept but
-    cancelled, its client told to send it again: kept, the OpenAI SDK's retry made it twice."""
+    cancelled, its client told to send it again: kept, the OpenAI SDK's retry made it twice. So is
+    a response not streamed (its client never learnt its id); a streamed one is kept (GET it)."""
 
     async def body(st: LocalStack) -> None:
         url = f"{st.http_url}/v1"
@@ -1557,9 +1558,15 @@ def test_clients_a_stop_leaves_waiting_are_told_the_request_is_kept(tmp_path: Pa
                     http, f"{url}/completions", {**long, "prompt": "a"}, headers={"Idempotency-Key": "k1"}
                 )
 
+            async def whole_response() -> tuple[int, Any, Any]:
+                return await post(
+                    http, f"{url}/responses", {"model": MODEL, "input": "d", "max_output_tokens": 5000}
+                )
+
             async def streamed(path: str, extra: dict[str, Any]) -> list[Any]:
                 events = []
-                async with http.post(f"{url}/{path}", json={**long, **extra, "stream": True}) as r:
+                sent = {"model": MODEL, **extra} if path == "responses" else {**long, **extra}
+                async with http.post(f"{url}/{path}", json={**sent, "stream": True}) as r:
                     async for line in r.content:
                         if line.startswith(b"data: {"):
                             events.append(json.loads(line[6:]))
@@ -1569,8 +1576,9 @@ def test_clients_a_stop_leaves_waiting_are_told_the_request_is_kept(tmp_path: Pa
                 asyncio.create_task(whole()),
                 asyncio.create_task(streamed("completions", {"prompt": "b", "n": 2})),
                 asyncio.create_task(streamed("responses", {"input": "c", "max_output_tokens": 5000})),
+                asyncio.create_task(whole_response()),
             ]
-            while len(st.coordinator.jobs) < 4 or not all(j.tokens for j in st.coordinator.jobs.values()):
+            while len(st.coordinator.jobs) < 5 or not all(j.tokens for j in st.coordinator.jobs.values()):
                 await asyncio.sleep(0.02)
 
             async def followed_over_grpc() -> grpc.StatusCode | None:
@@ -1585,10 +1593,12 @@ def test_clients_a_stop_leaves_waiting_are_told_the_request_is_kept(tmp_path: Pa
             follower = asyncio.create_task(followed_over_grpc())
             await asyncio.sleep(0.2)
             left = await st.server.stop(drain_timeout_s=0.1)
-            (status, out, headers), completion_events, response_events = await asyncio.gather(*tasks)
+            gathered = await asyncio.gather(*tasks)
+            (status, out, headers), completion_events, response_events, response = gathered
             assert await follower == grpc.StatusCode.UNAVAILABLE  # not a stream that ended
         assert left["dispatched"] + left["queued"] == 2  # kept for the next start
-        assert left["not_kept"] == 2  # the two choices of the streamed completion without a key
+        # the two choices of the streamed completion without a key, and the response not streamed
+        assert left["not_kept"] == 3
         assert status == 503 and headers["Retry-After"] and out["error"]["code"] == "unavailable"
         assert (
             "shutting down" in out["error"]["message"] and "same idempotency key" in out["error"]["message"]
@@ -1596,9 +1606,11 @@ def test_clients_a_stop_leaves_waiting_are_told_the_request_is_kept(tmp_path: Pa
         assert completion_events[-1]["error"]["code"] == "unavailable", completion_events[-1]
         assert "send it again" in completion_events[-1]["error"]["message"]
         assert response_events[-1]["type"] == "error" and response_events[-1]["code"] == "unavailable"
+        assert "resp_" in response_events[-1]["message"]  # the id to GET it by
+        assert response[0] == 503 and "send it again" in response[1]["error"]["message"]
         with sqlite3.connect(tmp_path / "journal.db") as db:  # none failed
             states = dict(db.execute("SELECT state, count(*) FROM jobs GROUP BY state").fetchall())
-        assert states.pop("cancelled") == 2, states
+        assert states.pop("cancelled") == 3, states
         assert set(states) <= {"queued", "dispatched"} and sum(states.values()) == 2, states
 
     config = {"http": {"port": 0, "workers": workers}} if workers else None

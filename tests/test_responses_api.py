@@ -316,6 +316,8 @@ def test_a_streamed_response_sends_openais_events_in_order(tmp_path: Path) -> No
             final = await stream.get_final_response()
         kinds = [e.type for e in events]
         deltas = [e.delta for e in events if e.type == "response.output_text.delta"]
+        # in progress from the first event, as OpenAI's (the request was queued: it said "queued")
+        assert [e.response.status for e in events[:2]] == ["in_progress", "in_progress"]  # type: ignore[union-attr]
         assert kinds[:4] == [
             "response.created",
             "response.in_progress",
@@ -403,6 +405,18 @@ def test_a_streamed_response_sends_openais_events_in_order(tmp_path: Path) -> No
         ({"include": ["file_search_call.result"]}, "include[0]", "must be one of code_interpreter_call"),
         ({"truncation": "on"}, "truncation", "must be 'auto' or 'disabled'"),
         ({"include": ["message.output_text.logprobs"], "top_logprobs": 21}, "top_logprobs", "[0, 20]"),
+        ({"top_logprobs": 50}, "top_logprobs", "[0, 20]"),  # echoed: checked though nothing is asked
+        # a chat's fields: taken silently, they outranked the response's own
+        (
+            {"max_output_tokens": 100, "max_completion_tokens": 5},
+            "max_completion_tokens",
+            "max_output_tokens",
+        ),
+        ({"max_tokens": 5}, "max_tokens", "a response's is max_output_tokens"),
+        ({"response_format": {"type": "json_object"}}, "response_format", "text.format"),
+        ({"reasoning": "high"}, "reasoning", "must be an object"),
+        ({"reasoning": {"effort": "max"}}, "reasoning.effort", "must be one of low, medium, high"),
+        ({"reasoning": {"summary": "auto"}}, "reasoning.summary", "reasoning summaries"),
         ({"max_output_tokens": 0}, "max_output_tokens", "integer in [1,"),
         (
             {"text": {"format": {"type": "json_schema", "name": "a", "schema": {"type": 1}}}},
@@ -421,10 +435,9 @@ def test_what_cannot_be_served_is_a_400_naming_the_responses_field(
     tmp_path: Path, extra: dict[str, Any], param: str, message: str
 ) -> None:
     async def check(stack: LocalStack) -> None:
-        body: dict[str, Any] = {"model": MODEL, "input": "hi", **extra}
         async with client(stack) as c:
-            with pytest.raises(openai.BadRequestError) as refused:
-                await c.responses.create(**body)
+            with pytest.raises(openai.BadRequestError) as refused:  # as sent (the SDK knows no chat fields)
+                await c.responses.create(model=MODEL, input="hi", extra_body=extra)
         error = refused.value.body
         assert isinstance(error, dict) and error["param"] == param and message in error["message"]
 
@@ -596,9 +609,20 @@ def test_a_kept_response_echoes_what_its_request_asked(tmp_path: Path) -> None:
 
     async def check(stack: LocalStack) -> None:
         async with client(stack) as c:
-            answer = await c.responses.create(model=MODEL, input="hi", top_logprobs=3, max_output_tokens=2)
+            answer = await c.responses.create(
+                model=MODEL,
+                input="hi",
+                top_logprobs=3,
+                max_output_tokens=2,
+                reasoning={"effort": "low"},
+            )
             kept = await c.responses.retrieve(answer.id)
+            with pytest.raises(openai.BadRequestError, match="not streamed again"):
+                await c.responses.retrieve(answer.id, stream=True)
         assert answer.top_logprobs == kept.top_logprobs == 3
+        assert answer.reasoning is not None and answer.reasoning.effort == "low"  # sent as the chat's
+        job = stack.coordinator.lookup(answer.id.removeprefix("resp_"))
+        assert job is not None and job.spec.sampling["reasoning_effort"] == '"low"'
         mine, theirs = answer.model_dump(), kept.model_dump()
         assert {k for k in mine if mine[k] != theirs[k]} <= {"qlm"}
 

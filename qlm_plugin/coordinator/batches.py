@@ -181,7 +181,7 @@ def parse_input(
             prompts = several_prompts(chat_body) if api == "text" else None
             each = choices.choice_specs(spec, 1, prompts)  # each prompt's request, checked below
         except BadRequest as exc:
-            param = responses_api.param_name(exc.param, origins) if api == "responses" else exc.param
+            param = responses_api.error_param(exc, origins) if api == "responses" else exc.param
             out.fail(index, custom_id, f"{param}: {exc}" if param else str(exc), f"body.{param}")
             continue
         except Exception as exc:  # a bug of the checks: this line is refused, the batch goes on

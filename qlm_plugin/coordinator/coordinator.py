@@ -31,12 +31,14 @@ from qlm_plugin.coordinator.jobs import (
     CALLER_GONE,
     CHOICE_REFUSED,
     NOT_KEPT,
+    STREAMED,
     UNAVAILABLE_RETRY_AFTER_S,
     Chunk,
     Job,
     JobBook,
     JobsView,
     SubmitError,
+    askable_later,
     check_names,
     halt,
 )
@@ -98,7 +100,8 @@ def _differs(earlier: pb.RequestSpec, spec: pb.RequestSpec) -> str | None:
         return "endpoint (a response and a chat completion)"
     if spec.response_echo != earlier.response_echo:  # a response's own fields: store, metadata...
         mine, kept = (json.loads(echo) for echo in (spec.response_echo, earlier.response_echo))
-        keys = [k for k in mine.keys() | kept.keys() if mine.get(k) != kept.get(k)]
+        # streamed or not: how the answer is sent, as for a chat (a stream retried whole is fine)
+        keys = [k for k in mine.keys() | kept.keys() if mine.get(k) != kept.get(k) and k != STREAMED]
         if keys:
             key = min(keys)
             return "input" if key == "input_from" else key
@@ -257,14 +260,14 @@ class Coordinator:
     def halt_unfinished(self, left: dict[str, int] | None = None) -> int:
         """After a drain: end every unfinished request's followers, each told the coordinator stops
         with it kept (:func:`~qlm_plugin.coordinator.jobs.halt`); how many. A request only an HTTP
-        client waits for, with no idempotency key and no way to ask for it later (a completion or
-        a chat: no GET), is not kept but cancelled: its client is told to send it again, and the
-        OpenAI SDKs do so at once; kept, it was generated twice, once for nobody. ``left`` (the
-        drain's counts) is told of those: ``not_kept``."""
+        client waits for, which it cannot ask for later (:func:`~qlm_plugin.coordinator.jobs.askable_later`),
+        is not kept but cancelled: its client is told to send it again, and the OpenAI SDKs do so at
+        once; kept, it was generated twice, once for nobody. ``left`` (the drain's counts) is told
+        of those: ``not_kept``."""
         unfinished = [job for job in self.book.jobs.values() if job.state not in TERMINAL]
         now = time.time()
         for job in unfinished:
-            if job.waiters and not job.spec.idempotency_key and not job.spec.response_echo:
+            if job.waiters and not askable_later(job.spec):
                 if left is not None:
                     left[job.state] = left.get(job.state, 0) - 1
                     left["not_kept"] = left.get("not_kept", 0) + 1

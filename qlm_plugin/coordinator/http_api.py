@@ -128,7 +128,6 @@ QLM_FIELDS = frozenset(QLM_HEADERS) | {"true_output_tokens"}
 ERROR_TYPES = {
     401: "authentication_error",
     403: "permission_error",
-    404: "not_found_error",
     429: "rate_limit_error",
 }
 
@@ -781,6 +780,13 @@ class FrontDoor:
 
     async def get_response(self, request: web.Request) -> web.Response:
         """A response by its id, as it stands (queued, in progress, or ended), for its tenant."""
+        if request.query.get("stream") not in (None, "false"):  # the SDK's retrieve(stream=True)
+            return error_response(
+                400,
+                "stream: a response is not streamed again (GET it whole, without stream)",
+                param="stream",
+                code="invalid_value",
+            )
         job = self._kept_response(request)
         return job if isinstance(job, web.Response) else self._response_answer(job)
 
@@ -862,13 +868,13 @@ class FrontDoor:
                 body = responses_api.chat_body(body, history, origins)
             spec, stream, usage_chunks = parse_openai(body, request.headers, chat)
             if responses:
-                spec.response_echo = responses_api.echoed(asked, origins)
+                spec.response_echo = responses_api.echoed(asked, origins, streamed=stream)
             n = choices.choices_asked(body)
             prompts = None if chat else several_prompts(body)
             spec.from_http = True  # (its choices' too)
             specs = choices.choice_specs(spec, n, prompts)
         except BadRequest as exc:
-            param = responses_api.param_name(exc.param, origins) if responses else exc.param
+            param = responses_api.error_param(exc, origins) if responses else exc.param
             return error_response(
                 exc.status, f"{param}: {exc}" if param else str(exc), param=param, code=exc.code
             )
@@ -1165,7 +1171,7 @@ def unfinished(job: Job) -> tuple[int, str]:
         again = (
             "send it again with the same idempotency key for its answer"
             if job.spec.idempotency_key
-            else f"its id is {job.id}"
+            else f"its id is {responses_api.ID_PREFIX if responses_api.is_response(job) else ''}{job.id}"
         )
         return 503, (
             f"request {job.id}: the coordinator is shutting down; the request is kept and served "

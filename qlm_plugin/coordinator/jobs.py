@@ -83,6 +83,9 @@ def shown_id(tenant: str | None, request_id: str) -> str:
 CLIENT_GONE = "the client disconnected"
 #: Why a request the coordinator stopped with was not kept: only its HTTP client waited for it,
 #: and it could not ask for it later.
+#: The key of a Responses request's echo (``RequestSpec.response_echo``) that says its client
+#: streamed it, so was told its id (``response.created``) and can ``GET`` it after a restart.
+STREAMED = "streamed"
 NOT_KEPT = "the coordinator stopped before serving it, and kept nothing no one could ask for: send it again"
 #: Why the choices of a request accepted before another of them was refused are cancelled; they
 #: give up their idempotency keys (:meth:`JobBook.release_key`), as a refused request holds none.
@@ -238,6 +241,19 @@ class Job:
             wasted_tokens=self.wasted_tokens,
             reason=self.error,
         )
+
+
+def askable_later(spec: pb.RequestSpec) -> bool:
+    """Whether an HTTP client can ask for the request after a coordinator restart: it gave an
+    idempotency key, or it is a stored response whose client streamed it (and so has its id). Any
+    other, cut off, is sent again by its client (the OpenAI SDKs retry at once): kept, it was
+    generated twice, once for nobody."""
+    if spec.idempotency_key:
+        return True
+    if not spec.response_echo:
+        return False
+    echo = json.loads(spec.response_echo)
+    return bool(echo.get(STREAMED)) and echo.get("store") is not False
 
 
 def spec_to_dict(spec: pb.RequestSpec) -> dict[str, Any]:
@@ -581,7 +597,7 @@ class JobBook:
             if job is None:
                 continue
             spec = job.spec
-            if spec.from_http and not spec.idempotency_key and not spec.response_echo:
+            if spec.from_http and not askable_later(spec):
                 # no one can ask for it, and its client, cut off by the crash, sends it again
                 self.journal.finished(
                     job.id,

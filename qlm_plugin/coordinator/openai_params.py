@@ -517,6 +517,16 @@ def metadata_param(value: Any, param: str = "metadata") -> dict[str, str] | None
 
 # ------------------------------------------------------------------------------------ sampling rules
 
+#: The reasoning efforts the engines' chat takes (vLLM's ``reasoning_effort``, for reasoning models).
+EFFORTS = ("low", "medium", "high")
+
+
+def reasoning_effort(value: Any, param: str) -> str:
+    if value not in EFFORTS:
+        raise BadRequest(param, f"must be one of {', '.join(EFFORTS)}, got {show(value)}")
+    return str(value)
+
+
 #: The sampling fields forwarded to the engine, each with vLLM's check (``SamplingParams._verify_args``
 #: and the OpenAI protocol models). Values are JSON only: a number given as a string is refused, as
 #: OpenAI's API refuses it (vLLM's pydantic models would coerce it).
@@ -536,6 +546,7 @@ SAMPLING_RULES: dict[str, Rule] = {
     "logit_bias": _logit_bias,
     "response_format": _response_format,
     "structured_outputs": _structured_outputs,
+    "reasoning_effort": reasoning_effort,
 }
 SAMPLING_KEYS = tuple(SAMPLING_RULES)
 

@@ -21,13 +21,17 @@ import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
 
-from qlm_plugin.coordinator.jobs import REFUSED, Chunk, Job
+from qlm_plugin.coordinator.jobs import REFUSED, STREAMED, Chunk, Job
 from qlm_plugin.coordinator.openai_params import (
     MAX_MESSAGES,
     MAX_NAME_CHARS,
+    MAX_TOP_LOGPROBS,
     BadRequest,
     check_unicode,
+    integer,
+    key_name,
     metadata_param,
+    reasoning_effort,
     show,
     text,
 )
@@ -76,10 +80,23 @@ OWN_FIELDS = frozenset(
         "prompt_cache_key",
     }
 )
+#: A chat's fields a Responses request may not carry, each with the Responses field to use.
+CHAT_ONLY = {
+    "messages": "input",
+    "max_tokens": "max_output_tokens",
+    "max_completion_tokens": "max_output_tokens",
+    "response_format": "text.format",
+    "reasoning_effort": "reasoning.effort",
+}
 #: A response's status while its request is not finished (failed: any other state).
 STATUS = {"queued": "queued", "dispatched": "in_progress", "cancelled": "cancelled"}
 ROLES = {"user": "user", "assistant": "assistant", "system": "system", "developer": "system"}
 TEXT_PARTS = ("input_text", "output_text", "text")
+
+
+class OwnFieldError(BadRequest):
+    """A refusal that names the Responses request's own field as it is (a chat's field it carries
+    where it may not), not one to name as the Responses API does (:func:`error_param`)."""
 
 
 def _refuse(param: str, feature: str, value: Any) -> BadRequest:
@@ -240,6 +257,12 @@ def chat_body(
         if extra not in INCLUDABLE:
             allowed = ", ".join(sorted(INCLUDABLE))
             raise BadRequest(f"include[{i}]", f"must be one of {allowed}, got {show(extra)}")
+    for key, instead in CHAT_ONLY.items():  # a chat's fields: taken silently, they outranked ours
+        if key in body:
+            raise OwnFieldError(key, f"is a chat completion's field: a response's is {instead}")
+    if body.get("top_logprobs") is not None:  # echoed: checked even where no logprobs are asked
+        integer(body["top_logprobs"], "top_logprobs", 0, MAX_TOP_LOGPROBS)
+    effort = _reasoning(body.get("reasoning"))
     truncation = body.get("truncation")
     if truncation not in (None, "auto", "disabled"):
         raise BadRequest("truncation", f"must be 'auto' or 'disabled', got {show(truncation)}")
@@ -262,11 +285,31 @@ def chat_body(
         chat["tools"] = _tools(body["tools"])
     if body.get("tool_choice") is not None:
         chat["tool_choice"] = _tool_choice(body["tool_choice"])
+    if effort is not None:
+        chat["reasoning_effort"] = effort
     if LOGPROBS_INCLUDE in (include or ()):  # with top_logprobs alternatives (checked as the chat's)
         chat["logprobs"] = True
     elif body.get("top_logprobs") not in (None, 0):  # alternatives of nothing asked for: as OpenAI, none
         chat.pop("top_logprobs", None)
     return chat
+
+
+def _reasoning(reasoning: Any) -> str | None:
+    """The effort a request's ``reasoning`` asks for, sent to the engine as the chat's
+    ``reasoning_effort`` (None: the model's own). Summaries are refused: this server never makes
+    the reasoning items they would be in."""
+    if reasoning is None:
+        return None
+    if not isinstance(reasoning, dict):
+        raise BadRequest("reasoning", f"must be an object, got {show(reasoning)}")
+    unknown = reasoning.keys() - {"effort", "summary", "generate_summary"}
+    if unknown:
+        raise BadRequest(f"reasoning.{key_name(min(unknown))}", "unknown field of reasoning")
+    for key in ("summary", "generate_summary"):
+        if reasoning.get(key) is not None:
+            raise _refuse(f"reasoning.{key}", "reasoning summaries", reasoning[key])
+    effort = reasoning.get("effort")
+    return None if effort is None else reasoning_effort(effort, "reasoning.effort")
 
 
 def _tools(tools: Any) -> Any:
@@ -308,6 +351,11 @@ _PARAMS = (
 
 
 _MESSAGE = re.compile(r"messages\[(\d+)\](?:\.tool_calls\[(\d+)\](?:\.function)?)?")
+
+
+def error_param(exc: BadRequest, origins: Origins) -> str | None:
+    """The field a refusal of a Responses request names (:func:`param_name`)."""
+    return exc.param if isinstance(exc, OwnFieldError) else param_name(exc.param, origins)
 
 
 def param_name(param: str | None, origins: Origins | None = None) -> str | None:
@@ -420,17 +468,27 @@ MESSAGE = "message"
 
 #: What a response echoes of its request that the chat request does not hold (kept in
 #: ``RequestSpec.response_echo``).
-ECHOED = ("instructions", "metadata", "previous_response_id", "store", "top_logprobs")
+ECHOED = (
+    "instructions",
+    "metadata",
+    "previous_response_id",
+    "reasoning",
+    "store",
+    "top_logprobs",
+)
 #: Kept beside them: where the request's own input starts among its chat's messages...
 INPUT_FROM = "input_from"
 #: ... and which of its input's messages a developer wrote (the engine gets them as the system's).
 DEVELOPER = "developer"
 
 
-def echoed(body: Mapping[str, Any], origins: Origins) -> str:
+def echoed(body: Mapping[str, Any], origins: Origins, *, streamed: bool = False) -> str:
     """The part of a Responses request kept for its response's echo and its input items
-    (``RequestSpec.response_echo``); ``origins``: as :func:`chat_body` filled them."""
+    (``RequestSpec.response_echo``); ``origins``: as :func:`chat_body` filled them; ``streamed``:
+    its client streams it (so is told its id at once: :func:`~qlm_plugin.coordinator.jobs.askable_later`)."""
     kept: dict[str, Any] = {key: body[key] for key in ECHOED if body.get(key) is not None}
+    if streamed:
+        kept[STREAMED] = True
     start = sum(1 for source, _ in origins if not source.startswith("input"))
     if start:
         kept[INPUT_FROM] = start
@@ -601,6 +659,7 @@ def response_object(
         "top_p": request.get("top_p"),
         "top_logprobs": request.get("top_logprobs"),
         "truncation": "disabled",  # "auto" is accepted, not honoured: an input too long is refused
+        "reasoning": request.get("reasoning") or {"effort": None, "summary": None},
         "usage": None  # as OpenAI's: counted once the response has ended
         if status in ("queued", "in_progress")
         else {
@@ -631,8 +690,17 @@ async def stream_events(
         await send(kind, {"type": kind, "sequence_number": seq, **fields})
         seq += 1
 
-    await event("response.created", response=response_object(job, request, qlm(), output=False))
-    await event("response.in_progress", response=response_object(job, request, qlm(), output=False))
+    # As OpenAI's: in progress from the first event (a queued request's too; a retry's of a request
+    # already done is told its end by the events that follow).
+    opening = response_object(job, request, qlm(), output=False) | {
+        "status": "in_progress",
+        "completed_at": None,
+        "error": None,
+        "incomplete_details": None,
+        "usage": None,
+    }
+    await event("response.created", response=opening)
+    await event("response.in_progress", response=opening)
     # OpenAI's order: each item is added, streamed and done before the next is added. The message
     # holds all the text (text after the calls, rare, comes with the completed response only).
     where: dict[str, Any] = {}  # the message item, once opened: its item id, output and content index

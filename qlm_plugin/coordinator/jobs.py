@@ -81,11 +81,11 @@ def shown_id(tenant: str | None, request_id: str) -> str:
 #: Why a request is cancelled when its caller leaves: an HTTP client gone (no one to answer), or
 #: the front-door worker serving it (its clients are gone with it).
 CLIENT_GONE = "the client disconnected"
-#: Why a request the coordinator stopped with was not kept: only its HTTP client waited for it,
-#: and it could not ask for it later.
 #: The key of a Responses request's echo (``RequestSpec.response_echo``) that says its client
 #: streamed it, so was told its id (``response.created``) and can ``GET`` it after a restart.
 STREAMED = "streamed"
+#: Why a request the coordinator stopped with was not kept: only its HTTP client waited for it,
+#: and it could not ask for it later.
 NOT_KEPT = "the coordinator stopped before serving it, and kept nothing no one could ask for: send it again"
 #: Why the choices of a request accepted before another of them was refused are cancelled; they
 #: give up their idempotency keys (:meth:`JobBook.release_key`), as a refused request holds none.

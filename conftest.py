@@ -10,9 +10,9 @@ worker process instead.
 
 The suite runs on two pytest-xdist workers (``-n 2`` in ``pyproject.toml``; ``-n 0`` runs it in one
 process): first the tests that start engines or Ray and check no latency (:data:`FIRST`, two units
-of work, one per worker), then the other modules a module at a time on either worker, then the
-tests of :data:`ALONE` on one worker, one after another, once the other worker is done. Measured
-on 2 cores, the same machine: 663 and 710 s (the last unit 107 s); 889 s with every module that starts an
+of work, one per worker), then the other modules a module at a time on either worker, then the tests
+of :data:`ALONE` on one worker, one after another, once the other worker is done. Measured on 2
+cores, the same machine: 663 and 710 s (the last unit 107 s); 889 s with every module that starts an
 engine or Ray in the last unit (630 s of it, on one worker, with about one core of two in use).
 """
 

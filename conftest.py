@@ -73,7 +73,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.xdist_group(units[item][0]))
 
 
-@pytest.hookimpl(tryfirst=True)
+@pytest.hookimpl(tryfirst=True, optionalhook=True)  # an xdist hook: pytest -p no:xdist runs too
 def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
     """xdist's ``loadgroup`` scheduling, except that the unit of :data:`ALONE` goes to the last
     worker left: a worker that reaches it while another still works stops (the other goes on to

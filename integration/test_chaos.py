@@ -21,9 +21,10 @@ same key, and learns the one request id. Accepted means the client holds a reque
 
 **Answered exactly once to its client.** The HTTP clients, and a sample of the gRPC ones that
 follow their output with ``Stream``, record every chunk of every connection. A connection reads the
-output from its start (position 0); one that breaks (the coordinator died) is followed by a new one
-(the HTTP client sends its request again with the same key, which answers the same request from its
-start; the gRPC client calls ``Stream`` again). The client received its answer exactly once when,
+output from its start (position 0); one that breaks (the coordinator died: the connection is lost,
+or, with front-door workers, ``QLM_HTTP_WORKERS``, the worker answers ``unavailable``, the request
+kept) is followed by a new one (the HTTP client sends its request again with the same key, which
+answers the same request from its start; the gRPC client calls ``Stream`` again). The client received its answer exactly once when,
 on every connection, each chunk starts where the one before ended and carries exactly the expected
 tokens there (no position twice, none skipped, nothing else: two connections agree on every
 position), exactly one connection, the last, delivers the end of the answer at its full length (with
@@ -450,7 +451,10 @@ async def http_client(run: Run, session: aiohttp.ClientSession, item: Item) -> N
                         break
                     payload = json.loads(line[6:])
                     if "error" in payload:
-                        conn.error = f"answer: {payload['error']}"
+                        # A front-door worker whose core died tells its clients that the request is
+                        # kept and to send it again with its key: a break, as a lost connection is.
+                        kept = payload["error"].get("code") == "unavailable"
+                        conn.error = f"{'unavailable' if kept else 'answer'}: {payload['error']}"
                     if payload.get("usage"):
                         conn.usage_tokens = int(payload["usage"]["completion_tokens"])
                     for choice in payload.get("choices") or ():
@@ -627,7 +631,8 @@ def check(
 
     # Clients
     def explained(conn: Connection) -> bool:
-        return conn.error.startswith("transport:") and run.coordinator_outage(conn.closed_at)
+        broke = conn.error.startswith(("transport:", "unavailable:"))
+        return broke and run.coordinator_outage(conn.closed_at)
 
     verdicts: dict[str, Verdict] = {}
     for key, view in run.views.items():

@@ -28,6 +28,10 @@ def _children(pid: int) -> list[int]:
     return [int(p) for p in path.read_text().split()] if path.exists() else []
 
 
+def _cmdline(pid: int) -> bytes:
+    return Path(f"/proc/{pid}/cmdline").read_bytes()
+
+
 def test_ctrl_c_drains_while_instances_finish_and_a_dead_instance_comes_back(tmp_path: Path) -> None:
     http = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("QLM_") or k == "QLM_PLUGINS"}
@@ -198,7 +202,8 @@ def test_the_instances_qlm_serve_starts_hold_no_client_or_admin_token(tmp_path: 
     proc = serve_process(tmp_path, http, grpc_port, "--instances", "1", env=env)
     try:
         wait_healthy(f"http://127.0.0.1:{http}", proc, tmp_path / "serve.log")
-        (child,) = _children(proc.pid)
+        # the instance; not the front door's workers (QLM_HTTP_WORKERS), which are the core's own
+        (child,) = [c for c in _children(proc.pid) if b"http_workers" not in _cmdline(c)]
         held = dict(
             line.split("=", 1)
             for line in Path(f"/proc/{child}/environ").read_bytes().decode().split("\0")

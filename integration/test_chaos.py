@@ -19,17 +19,17 @@ and through HTTP streaming completions, every one with an idempotency key: a cli
 know whether its submission was accepted (the coordinator died meanwhile) sends it again with the
 same key, and learns the one request id. Accepted means the client holds a request id.
 
-**Answered exactly once to its client.** The HTTP clients, and a sample of the gRPC ones that
-follow their output with ``Stream``, record every chunk of every connection. A connection reads the
-output from its start (position 0); one that breaks (the coordinator died: the connection is lost,
-or, with front-door workers, ``QLM_HTTP_WORKERS``, the worker answers ``unavailable``, the request
-kept) is followed by a new one (the HTTP client sends its request again with the same key, which
-answers the same request from its start; the gRPC client calls ``Stream`` again). The client received its answer exactly once when,
-on every connection, each chunk starts where the one before ended and carries exactly the expected
-tokens there (no position twice, none skipped, nothing else: two connections agree on every
-position), exactly one connection, the last, delivers the end of the answer at its full length (with
-the usage it reports), and every earlier connection broke off at a kill of the coordinator
-(:func:`qlm_plugin.testing.chaos.judge_answer`).
+**Answered exactly once to its client.** The HTTP clients, and a sample of the gRPC ones that follow
+their output with ``Stream``, record every chunk of every connection. A connection reads the output
+from its start (position 0); one that breaks (the coordinator died: the connection is lost, or, with
+front-door workers, ``QLM_HTTP_WORKERS``, the worker answers ``unavailable``, the request kept) is
+followed by a new one (the HTTP client sends its request again with the same key, which answers the
+same request from its start; the gRPC client calls ``Stream`` again). The client received its answer
+exactly once when, on every connection, each chunk starts where the one before ended and carries
+exactly the expected tokens there (no position twice, none skipped, nothing else: two connections
+agree on every position), exactly one connection, the last, delivers the end of the answer at its
+full length (with the usage it reports), and every earlier connection broke off at a kill of the
+coordinator (:func:`qlm_plugin.testing.chaos.judge_answer`).
 
 At the end every accepted request is ``finished`` with ``output == synthetic_text(id, 0, n)`` and
 ``output_tokens == n``; the journal holds one row per accepted request and no other; and the

@@ -91,7 +91,9 @@ def venv(clone: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
         capture_output=True,
         text=True,
     ).stdout.strip()
+    # this interpreter's site-packages, and those it reaches (a venv over the system's packages)
     deps = {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]}
+    deps |= {p for p in sys.path if p.endswith(("site-packages", "dist-packages"))}
     Path(site, "zz_outer_deps.pth").write_text("\n".join(sorted(deps)) + "\n")
     return env
 

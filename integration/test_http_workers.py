@@ -269,7 +269,8 @@ def test_a_graceful_restart_keeps_the_requests_its_clients_were_waiting_for(
             await stack.server.stop()
             told = await waiting
             assert told.status == 503 and told.headers["Retry-After"]
-            assert "kept" in (await told.json())["error"]["message"]
+            message = (await told.json())["error"]["message"]
+            assert "the coordinator is shutting down" in message and "kept" in message, message
         async with local_stack(tmp_path, config=config, speed=20.0) as stack:
             async with (
                 aiohttp.ClientSession() as s,

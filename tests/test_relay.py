@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from qlm_plugin.coordinator import http_api
 from qlm_plugin.coordinator.jobs import SubmitError
 from qlm_plugin.coordinator.relay import RelayClient, read_frame, write_frame
 from qlm_plugin.proto.qlm.v1 import qlm_pb2 as pb
@@ -110,7 +111,8 @@ def test_a_core_that_goes_away_halts_what_is_open_and_refuses_what_comes(tmp_pat
         submitted, _ = await client.submit(pb.RequestSpec(model="m"))
         await client.closed.wait()
         assert submitted.done.is_set() and submitted.halted and submitted.state == "queued"
-        assert "coordinator core went away" in submitted.error
+        assert "coordinator core went away" in submitted.halted_because
+        assert "coordinator core went away" in http_api.unfinished(submitted)[1]
         with pytest.raises(SubmitError) as err:
             await client.submit(pb.RequestSpec(model="m"))
         assert err.value.code == "unavailable"

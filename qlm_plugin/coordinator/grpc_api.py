@@ -352,8 +352,8 @@ class RequestsService(pb_grpc.RequestsServicer):
         if job.halted:  # not its end: the coordinator stops with it kept for its next start
             await context.abort(
                 grpc.StatusCode.UNAVAILABLE,
-                f"the coordinator is shutting down; request {request.request_id} is kept and served after it "
-                "restarts",
+                f"{job.halted_because}; request {request.request_id} is kept and served after the "
+                "coordinator restarts",
             )
 
 

@@ -1174,8 +1174,8 @@ def unfinished(job: Job) -> tuple[int, str]:
             else f"its id is {responses_api.ID_PREFIX if responses_api.is_response(job) else ''}{job.id}"
         )
         return 503, (
-            f"request {job.id}: the coordinator is shutting down; the request is kept and served "
-            f"after it restarts ({again})"
+            f"request {job.id}: {job.halted_because}; the request is kept and served after the "
+            f"coordinator restarts ({again})"
         )
     status = 499 if job.state == "cancelled" else UNFINISHED_STATUS.get(job.finish_reason, 500)
     return status, f"request {job.id} {job.state}: {job.error}"

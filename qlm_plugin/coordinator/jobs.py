@@ -164,6 +164,10 @@ class Chunk:
     logprobs: list[dict[str, Any]] | None = None  # their log probabilities (OpenAI chat's entries)
 
 
+#: Why a request was halted at a graceful stop.
+SHUTTING_DOWN = "the coordinator is shutting down"
+
+
 @dataclass(eq=False, slots=True)
 class Job:
     """One accepted request and everything that happened to it."""
@@ -193,6 +197,7 @@ class Job:
     failures: int = 0  # attempts that ended with the instance lost or failing (not evictions)
     delivered: bool = False  # some of its output went to a follower (a stream, a worker's client)
     halted: bool = False  # unfinished when the coordinator stopped: kept for its next start (halt)
+    halted_because: str = SHUTTING_DOWN  # why, as its client is told (a worker's core may crash)
     admission: Admission | None = None
     recovering: bool = False  # rebuilt from the journal; its instance may still claim it
     replayed: bool = False  # claimed after a restart: its instance reports its output again
@@ -872,11 +877,11 @@ def publish(job: Job, chunk: Chunk) -> None:
         q.put_nowait(chunk)
 
 
-def halt(job: Job) -> None:
+def halt(job: Job, because: str = SHUTTING_DOWN) -> None:
     """The coordinator stops with ``job`` unfinished (kept in the journal, served after its next
-    start): its followers end now and ``done`` is set, so each waiting client is told so (a 503)
-    instead of losing its connection with no word."""
-    job.halted = True
+    start): its followers end now and ``done`` is set, so each waiting client is told so (a 503),
+    and ``because``, instead of losing its connection with no word."""
+    job.halted, job.halted_because = True, because
     for q in job.listeners:
         q.put_nowait(None)
     job.done.set()

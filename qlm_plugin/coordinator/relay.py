@@ -571,7 +571,6 @@ class RelayClient:
             for job in group:
                 # accepted, it is in the core's journal and served after its restart: its client is
                 # told so, as at a graceful stop (it was told "failed", and the retry with its key
-                # found the whole answer)
-                job.error = f"the coordinator core went away ({self._why})"
-                halt(job)
+                # found the whole answer), with what happened
+                halt(job, f"the coordinator core went away ({self._why})")
         self.closed.set()

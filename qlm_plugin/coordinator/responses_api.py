@@ -788,7 +788,7 @@ async def stream_events(
     await job.done.wait()
     if job.halted:  # the coordinator stops with it kept: OpenAI's stream error event, to retry
         message = (
-            f"the coordinator is shutting down; {ID_PREFIX}{job.id} is kept and served after it restarts"
+            f"{job.halted_because}; {ID_PREFIX}{job.id} is kept and served after the coordinator restarts"
         )
         await event("error", code="unavailable", message=message, param=None)
         return

@@ -5,6 +5,7 @@ and metric reader. Run with ``-s`` to print one request's trace."""
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import SpanKind, StatusCode
 
 from qlm_plugin.adapters.sim.process import SimEngineLink
+from qlm_plugin.coordinator.instances import PendingCommand
 from qlm_plugin.proto.qlm.v1 import qlm_pb2 as pb
 from qlm_plugin.telemetry.instruments import Telemetry
 from qlm_plugin.testing.stack import local_stack
@@ -208,3 +210,35 @@ def test_grpc_callers_and_refused_requests_are_in_their_callers_trace(tmp_path: 
     assert all(s.status.status_code is StatusCode.ERROR for s in refused)
     unknown = next(s for s in refused if (s.attributes or {})["error.type"] == "unknown_model")
     assert unknown.name == "text_completion unknown"  # no name a client made up
+
+
+def test_an_instance_that_leaves_is_counted_left_and_one_lost_fails_its_unacknowledged_operations(
+    tmp_path: Path,
+) -> None:
+    """An operator alerts on lost instances: a clean leave (a rolling deploy) is not one. An
+    operation sent to an instance that dies before acknowledging it ends its span as failed (it
+    stayed open until the coordinator stopped) and counts as not ok."""
+    exporter = InMemorySpanExporter()
+    tracer_provider = TracerProvider()
+    tracer_provider.add_span_processor(SimpleSpanProcessor(exporter))
+    telemetry = Telemetry(tracer_provider=tracer_provider)
+
+    async def main() -> None:
+        async with local_stack(tmp_path, telemetry=telemetry) as st:
+            sessions = st.coordinator.fleet.sessions
+            # an abort on its way to sim-1 when it dies
+            telemetry.lso_started("c-unacked", op="abort", instance_id="sim-1")
+            sessions["sim-1"].pending["c-unacked"] = PendingCommand("abort", None, None, time.time())
+            await st.instances.pop("sim-0").shutdown()
+            await st.crash("sim-1")
+            while sessions:
+                await asyncio.sleep(0.05)
+            assert telemetry.open_spans() == 0
+            text = telemetry.prometheus_text()[0].decode()
+            assert 'qlm_instance_events_total{event="left"} 1.0' in text
+            assert 'qlm_instance_events_total{event="lost"} 1.0' in text
+            assert 'qlm_lso_total{ok="false",op="abort"} 1.0' in text
+
+    asyncio.run(main())
+    (span,) = [s for s in exporter.get_finished_spans() if s.name == "qlm.lso.abort"]
+    assert span.status.status_code == StatusCode.ERROR and "sim-1" in (span.status.description or "")

@@ -179,6 +179,19 @@ def test_evictions_and_requeues_are_events_too(otel: Otel) -> None:
     assert now_ns - 60 * NS < span.start_time <= span.end_time <= now_ns  # default times: now
 
 
+def test_a_preempted_requests_span_ends_with_its_preemptions_and_tokens_computed_again(otel: Otel) -> None:
+    """The simulator totals preemptions at the end (no ``qlm.evicted`` event): the span still says."""
+    tel = otel.telemetry()
+    start(tel, request_id="r1")
+    finish(tel, request_id="r1", preemptions=2, wasted_tokens=180)
+    start(tel, request_id="r2")
+    finish(tel, request_id="r2")
+    preempted, plain = otel.finished()
+    assert (preempted.attributes or {})["qlm.preemptions"] == 2
+    assert (preempted.attributes or {})["qlm.wasted_tokens"] == 180
+    assert "qlm.preemptions" not in (plain.attributes or {})
+
+
 def test_failed_request_has_error_status(otel: Otel) -> None:
     tel = otel.telemetry()
     start(tel)

@@ -318,6 +318,8 @@ class Dispatcher:
             late=job.late,
             error=error,
             end_time=now,
+            preemptions=job.preemptions,
+            wasted_tokens=job.wasted_tokens,
         )
         self.book.announce(job, now)
 

@@ -281,7 +281,10 @@ class InstanceRegistry:
         else:
             for slot in self.fleet.devices.slots_of(device):
                 self.on_state_changed(slot)
-        self.telemetry.instance_event(s.instance_id, "parked" if parked else "lost")
+        self.telemetry.instance_event(s.instance_id, "parked" if parked else "lost" if failure else "left")
+        for command_id in s.pending:  # never acknowledged now: its span ends, counted as failed
+            self.telemetry.lso_finished(command_id, ok=False, error=f"{s.instance_id} went before its ack")
+        s.pending.clear()
         for job in jobs:
             if job.state == "dispatched":
                 job.instance = None  # the lost session no longer owns it

@@ -66,6 +66,11 @@ GEN_AI_SERVER_TIME_PER_OUTPUT_TOKEN = "gen_ai.server.time_per_output_token"
 #: ``gen_ai.provider.name``, required on GenAI spans and ``gen_ai.server.*`` metrics: no well-known
 #: value names a self-hosted server (vLLM included), and the conventions allow a custom one.
 PROVIDER = "qlm"
+#: The events of ``qlm.instance.events`` (label ``event``).
+INSTANCE_EVENTS_HELP = (
+    "Serving instance sessions by event: registered, reconnected, left (its agent stopped), lost "
+    "(no heartbeat, a broken stream), parked (stopped cold by its device)"
+)
 #: The response id an OpenAI client gets (the ``id`` of the body and of each chunk), per operation.
 RESPONSE_ID_PREFIX = {"chat": "chatcmpl"}
 
@@ -89,6 +94,7 @@ QLM_INSTANCE_EVENT = "qlm.instance.event"
 QLM_ATTEMPT = "qlm.attempt"
 QLM_EVICT_MODE = "qlm.evict.mode"
 QLM_WASTED_TOKENS = "qlm.wasted_tokens"
+QLM_PREEMPTIONS = "qlm.preemptions"
 QLM_PLAN_SOLVER = "qlm.plan.solver"
 QLM_PLAN_GROUPS = "qlm.plan.groups"
 QLM_PLAN_ACTIONS = "qlm.plan.actions"
@@ -355,7 +361,7 @@ class Telemetry:
             "qlm.lso", unit="{operation}", description="LLM serving operations carried out"
         )
         self._otel_instance_events = meter.create_counter(
-            "qlm.instance.events", unit="{event}", description="Serving instances registered, drained, lost"
+            "qlm.instance.events", unit="{event}", description=INSTANCE_EVENTS_HELP
         )
         # Weak references: the (global) meter keeps its callbacks for the life of the process.
         ref = weakref.ref(self)
@@ -422,9 +428,7 @@ class Telemetry:
             "qlm_planner_duration_seconds", "Time of one replanning", ("solver",), PLANNER_BUCKETS
         )
         self._prom_lso = _PromCounter("qlm_lso", "LLM serving operations carried out", ("op", "ok"))
-        self._prom_instance_events = _PromCounter(
-            "qlm_instance_events", "Serving instances registered, drained, lost", ("event",)
-        )
+        self._prom_instance_events = _PromCounter("qlm_instance_events", INSTANCE_EVENTS_HELP, ("event",))
         self._registry = CollectorRegistry()
         self._registry.register(
             _PromCollector(
@@ -533,9 +537,13 @@ class Telemetry:
         late: bool = False,
         error: str = "",
         end_time: float | None = None,
+        preemptions: int = 0,
+        wasted_tokens: int = 0,
     ) -> None:
         """End the request's span and record the request's metrics; the metrics are recorded even
-        if :meth:`request_started` never ran. A failed request's span has ERROR status and an
+        if :meth:`request_started` never ran. ``preemptions`` and ``wasted_tokens`` (the tokens
+        computed again after them) go on the span: an engine that totals them at the end (the
+        simulator) reports no ``qlm.evicted`` event. A failed request's span has ERROR status and an
         ``error.type`` saying why (:data:`FAILURE_TYPES`); a cancelled one's is not an error of the
         server's (the client's doing, as a 4xx) and says so in ``qlm.status``. The latency metrics
         keep both apart from successes: TTFT and time per token count successful responses only,
@@ -561,6 +569,9 @@ class Telemetry:
                     attributes[QLM_E2E_S] = e2e_s
                 if predicted_wait_s is not None:
                     attributes[QLM_ESTIMATE_WAIT_S] = predicted_wait_s
+                if preemptions:
+                    attributes[QLM_PREEMPTIONS] = preemptions
+                    attributes[QLM_WASTED_TOKENS] = wasted_tokens
                 span.set_attributes(attributes)
                 if status == "failed":
                     span.set_status(Status(StatusCode.ERROR, error or "failed"))
@@ -721,8 +732,8 @@ class Telemetry:
         self._prom_lso.inc((op, _bool_label(ok)))
 
     def instance_event(self, instance_id: str, event: str) -> None:
-        """A serving instance was registered, drained or lost (counted by event, not by instance:
-        instance ids would multiply the series)."""
+        """A serving instance's session event (:data:`INSTANCE_EVENTS_HELP`), counted by event,
+        not by instance: instance ids would multiply the series."""
         self._otel_instance_events.add(1, {QLM_INSTANCE_EVENT: event})
         self._prom_instance_events.inc((event,))
 

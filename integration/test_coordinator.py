@@ -1492,6 +1492,37 @@ def test_every_refusal_a_client_gets_is_counted_by_its_code(tmp_path: Path) -> N
     run(tmp_path, body, speed=1.0, config={"tenants": {"small": {"max_queued_requests": 1}}})
 
 
+def test_a_journal_deleted_under_the_coordinator_turns_it_unready_and_refuses_requests(
+    tmp_path: Path,
+) -> None:
+    """It answered 200 on /health and accepted requests into a file no restart opens."""
+    serving = health_pb2.HealthCheckResponse.SERVING
+
+    async def body(st: LocalStack) -> None:
+        for suffix in ("", "-wal", "-shm"):
+            Path(f"{tmp_path / 'journal.db'}{suffix}").unlink(missing_ok=True)
+        async with aiohttp.ClientSession() as http, CoordinatorClient(st.grpc_target) as c:
+            deadline = time.monotonic() + 10
+            while True:
+                async with http.get(f"{st.http_url}/health") as r:
+                    if r.status == 503:
+                        said = await r.json()
+                        break
+                assert time.monotonic() < deadline, "still healthy"
+                await asyncio.sleep(0.05)
+            assert said["status"] == "journal failing" and "deleted or replaced" in said["error"]
+            async with http.post(
+                f"{st.http_url}/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 2}
+            ) as r:
+                assert r.status == 503 and r.headers["Retry-After"]
+                assert "deleted or replaced" in (await r.json())["error"]["message"]
+            health = health_pb2_grpc.HealthStub(c.channel)
+            reply = await health.Check(health_pb2.HealthCheckRequest(service="qlm.v1.Requests"), timeout=5)
+            assert reply.status != serving
+
+    run(tmp_path, body)
+
+
 def test_grpc_health_of_requests_follows_http_health(tmp_path: Path) -> None:
     """``qlm.v1.Requests`` is NOT_SERVING while no instance is connected, as ``/health`` says 503;
     "" and ``qlm.v1.Instances`` stay SERVING (agents must be able to register); a drain turns

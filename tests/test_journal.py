@@ -527,7 +527,9 @@ def test_a_transition_not_committed_is_kept_and_committed_once_it_can_be(tmp_pat
             )
             with pytest.raises(JournalError, match="disk is full"):
                 await j.flush()
+            assert j.failure is not None and "disk is full" in j.failure  # readiness says so
             await j.flush()  # the kept write, committed first
+            assert j.failure is None
 
         asyncio.run(finish_then_flush())
         record = j.get("r1")
@@ -632,3 +634,64 @@ def test_a_version_3_journal_gets_the_log_probabilities_column(tmp_path: Path) -
     with _journal(path) as j:
         r1 = j.get("r1")
         assert r1 is not None and r1.logprobs == entries
+
+
+def test_a_journal_file_this_user_cannot_write_is_refused_at_start(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SQLite opens a file it may not write read-only without a word: the coordinator started,
+    said it was healthy, and refused every request. (As root permissions do not stop a write, so
+    the read-only open SQLite falls back to is made here directly.)"""
+    path = tmp_path / "j.db"
+    with _journal(path):
+        pass
+    monkeypatch.setattr(
+        Journal,
+        "_connect",
+        lambda self: sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, isolation_level=None),
+    )
+    with pytest.raises(JournalError, match=r"cannot write to the journal .*j\.db: .*readonly.*writable"):
+        Journal(path)
+
+
+def test_a_journal_file_deleted_while_open_refuses_new_requests_and_says_why(tmp_path: Path) -> None:
+    """Deleted under a running coordinator, its commits went to a file no restart opens: accepted
+    requests were lost at the next restart."""
+    path = tmp_path / "j.db"
+    with _journal(path) as j:
+        asyncio.run(j.accept(_rec(1)))
+        assert j.failure is None
+        for suffix in ("", "-wal", "-shm"):
+            Path(f"{path}{suffix}").unlink(missing_ok=True)
+        deadline = time.monotonic() + 5
+        while j.failure is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert j.failure is not None and "deleted or replaced" in j.failure
+        with pytest.raises(JournalError, match="deleted or replaced"):
+            asyncio.run(j.accept(_rec(2)))
+
+
+def test_a_value_sqlite_cannot_bind_fails_its_own_write_not_the_journal(tmp_path: Path) -> None:
+    """An integer past 64 bits killed the writer thread: every later write failed, for good."""
+    with _journal(tmp_path / "j.db") as j:
+        huge = _rec(1)
+        huge.output_tokens = 2**64
+        errors = asyncio.run(_accept_all(j, [huge]))
+        assert isinstance(errors[0], JournalError) and "not written" in str(errors[0])
+        asyncio.run(j.accept(_rec(2)))
+        assert j.get("r2") is not None and j.get("r1") is None and j.failure is None
+
+
+def test_a_damaged_record_is_an_error_naming_the_file_and_the_request(tmp_path: Path) -> None:
+    path = tmp_path / "j.db"
+    with _journal(path) as j:
+        asyncio.run(j.accept(_rec(1)))
+    conn = sqlite3.connect(path)
+    conn.execute("UPDATE jobs SET spec = '{bad' WHERE request_id = 'r1'")
+    conn.commit()
+    conn.close()
+    with (
+        _journal(path) as j,
+        pytest.raises(JournalError, match=r"j\.db: the record of request 'r1' is damaged"),
+    ):
+        j.recover()

@@ -92,9 +92,12 @@ def test_a_refusal_is_the_core_s_error(tmp_path: Path) -> None:
     with_core(tmp_path, core, body)
 
 
-def test_a_core_that_goes_away_halts_what_is_open_and_refuses_what_comes(tmp_path: Path) -> None:
+@pytest.mark.parametrize("key", ["k1", ""])
+def test_a_core_that_goes_away_halts_what_is_open_and_refuses_what_comes(tmp_path: Path, key: str) -> None:
     """What is open was accepted, so journaled: its client is told it is kept (unavailable, as at a
-    graceful stop), not that it failed (its retry with its key found the whole answer)."""
+    graceful stop), not that it failed (its retry with its key found the whole answer). Without a
+    key no one can ask for it after the restart, which cancels it: its client is told to send it
+    again (it was told "kept")."""
 
     async def core(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         (call,) = pb.RelayCalls.FromString(await read_frame(reader)).calls
@@ -108,11 +111,15 @@ def test_a_core_that_goes_away_halts_what_is_open_and_refuses_what_comes(tmp_pat
         writer.close()
 
     async def body(client: RelayClient) -> None:
-        submitted, _ = await client.submit(pb.RequestSpec(model="m"))
+        submitted, _ = await client.submit(pb.RequestSpec(model="m", idempotency_key=key))
         await client.closed.wait()
-        assert submitted.done.is_set() and submitted.halted and submitted.state == "queued"
-        assert "coordinator core went away" in submitted.halted_because
-        assert "coordinator core went away" in http_api.unfinished(submitted)[1]
+        assert submitted.done.is_set() and submitted.halted
+        status, message = http_api.unfinished(submitted)
+        assert status == 503 and "coordinator core went away" in message
+        if key:
+            assert submitted.state == "queued" and "kept and served" in message
+        else:
+            assert submitted.state == "cancelled" and "send it again" in message and "kept and" not in message
         with pytest.raises(SubmitError) as err:
             await client.submit(pb.RequestSpec(model="m"))
         assert err.value.code == "unavailable"

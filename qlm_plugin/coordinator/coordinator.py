@@ -206,8 +206,19 @@ class Coordinator:
 
     @property
     def ready(self) -> bool:
-        """Whether clients are served: work is accepted and an instance is connected (``/health``)."""
-        return self.book.accepting and bool(self.fleet.qlm_list_instances())
+        """Whether clients are served: work is accepted, an instance is connected and the journal
+        keeps what it is given (``/health``)."""
+        return self.unready_because() is None
+
+    def unready_because(self) -> tuple[str, str] | None:
+        """Why clients are not served now, as ``/health`` says it (its status, and the journal's
+        error where it fails), or None."""
+        if not self.book.accepting:
+            return "draining", ""
+        if not self.fleet.qlm_list_instances():
+            return "no instances", ""
+        failure = self.journal.failure
+        return None if failure is None else ("journal failing", failure)
 
     def check_ready(self) -> None:
         """Tell :attr:`on_ready` when :attr:`ready` changed."""

@@ -692,12 +692,12 @@ class FrontDoor:
 
     async def health(self, request: web.Request) -> web.Response:
         instances = len(self.coord.fleet.qlm_list_instances())
-        ready = self.coord.accepting and instances > 0
-        body = {
-            "status": "ok" if ready else ("draining" if not self.coord.accepting else "no instances"),
-            "instances": instances,
-        }
-        return web.json_response(body, status=200 if ready else 503)
+        why = self.coord.unready_because()
+        status, error = why or ("ok", "")
+        body: dict[str, Any] = {"status": status, "instances": instances}
+        if error:
+            body["error"] = error
+        return web.json_response(body, status=200 if why is None else 503)
 
     async def metrics(self, request: web.Request) -> web.Response:
         if not self.metrics_public:

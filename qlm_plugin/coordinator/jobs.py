@@ -553,8 +553,13 @@ class JobBook:
             accepted_at,
             idempotency_key=spec.idempotency_key or None,
         )
-        self.count(job, +1)
-        return self.journal.accept_nowait(record)
+        try:
+            committed = self.journal.accept_nowait(record)
+        except JournalError as exc:  # closed, or its file gone: refused as a failed commit is
+            committed = asyncio.get_running_loop().create_future()
+            committed.set_exception(exc)
+        self.count(job, +1)  # hold() gives it back if the record is refused
+        return committed
 
     def hold(self, job: Job, committed: asyncio.Future[None]) -> None:
         """Hold a job whose record ``committed``; one the journal refused is not counted any more,

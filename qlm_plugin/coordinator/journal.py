@@ -45,6 +45,8 @@ CHECKPOINT_INTERVAL_S: Final = 0.5
 #: How often records past their retention are deleted, and how many per transaction.
 PRUNE_EVERY_S: Final = 600.0
 PRUNE_CHUNK: Final = 5000
+#: Bytes the WAL is cut back to once a checkpoint has copied all of it (a burst grew it to 600 MB).
+WAL_SIZE_LIMIT: Final = 64 * 1024 * 1024
 
 __all__ = ["SCHEMA_VERSION", "STATES", "TERMINAL", "JobRecord", "Journal", "JournalError"]
 
@@ -263,6 +265,14 @@ class Journal:
         self._batch_lock = threading.Lock()
         self._batches = 0
         self._largest_batch = 0
+        # Why the journal cannot keep what it is given now (None: it can); readiness reads it. Set by
+        # the writer (a commit failed, cleared by the next that succeeds; the writer died) and by the
+        # checkpointer (the file was deleted or replaced under it: what is written goes to a file
+        # nobody opens again).
+        self._commit_failure: str | None = None
+        self._file_failure: str | None = None
+        stat = os.stat(self.path)
+        self._file_identity = (stat.st_dev, stat.st_ino)
         self._thread = threading.Thread(
             target=self._run, name=f"journal-writer:{self.path.name}", daemon=True
         )
@@ -273,6 +283,12 @@ class Journal:
             target=self._checkpoints, name=f"journal-checkpoints:{self.path.name}", daemon=True
         )
         self._checkpointer.start()
+
+    @property
+    def failure(self) -> str | None:
+        """Why the journal cannot keep new writes now, or None: a failing commit (the disk full, the
+        file read-only or damaged) until one succeeds, a dead writer, or the file gone."""
+        return self._file_failure or self._commit_failure
 
     # -- opening -------------------------------------------------------------------------------------
 
@@ -313,22 +329,34 @@ class Journal:
         # FULL also fsyncs the WAL on every commit.
         conn.execute(f"PRAGMA synchronous = {synchronous}")
         conn.execute("PRAGMA wal_autocheckpoint = 0")  # the checkpointer thread's (module docstring)
-        if version < SCHEMA_VERSION:
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                version = int(conn.execute("PRAGMA user_version").fetchone()[0])  # under the lock
-                statements = (
-                    _SCHEMA
-                    if version == 0
-                    else [u for v in range(version, SCHEMA_VERSION) for u in _UPGRADES[v]]
-                )
-                for statement in statements:
-                    conn.execute(statement)
-                conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-                conn.execute("COMMIT")
-            except BaseException:
+        # A WAL that a burst grew is cut back to this when a checkpoint lets it start over.
+        conn.execute(f"PRAGMA journal_size_limit = {WAL_SIZE_LIMIT}")
+        # Always a write, even with the schema current: SQLite opens a file it may not write
+        # read-only without a word, and every commit would fail while the coordinator looked healthy.
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            version = int(conn.execute("PRAGMA user_version").fetchone()[0])  # under the lock
+            statements = (
+                _SCHEMA if version == 0 else [u for v in range(version, SCHEMA_VERSION) for u in _UPGRADES[v]]
+            )
+            for statement in statements:
+                conn.execute(statement)
+            conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            conn.execute("COMMIT")
+        except sqlite3.OperationalError as exc:
+            with suppress(sqlite3.Error):
                 conn.execute("ROLLBACK")
-                raise
+            hint = (
+                "another process holds it: an open sqlite3 session? (read it with sqlite3 -readonly)"
+                if "locked" in str(exc)
+                else "check that the file, its -wal and -shm files and their folder are writable by "
+                "this user, and the disk has room"
+            )
+            raise JournalError(f"cannot write to the journal {self.path}: {exc} ({hint})") from exc
+        except BaseException:
+            with suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
+            raise
 
     # -- writes (event-loop and caller side) -----------------------------------------------------------
 
@@ -349,6 +377,8 @@ class Journal:
         does. The write goes ahead whatever happens to the future."""
         if rec.state not in STATES:
             raise ValueError(f"state must be one of {sorted(STATES)}, not {rec.state!r}")
+        if self._file_failure is not None:
+            raise JournalError(self._file_failure)
         # Encoded here, so that a spec that is not JSON-able fails in the caller (TypeError).
         spec = dumps(rec.spec).decode()
         params = (
@@ -459,6 +489,7 @@ class Journal:
                         return
         except BaseException as exc:  # a bug: fail every waiter rather than leave one hanging forever
             log.exception("journal %s: the writer thread died", self.path)
+            self._commit_failure = f"the journal {self.path}'s writer died ({exc!r}): restart the coordinator"
             with self._lock:
                 self._closing = True
             error = JournalError(f"the journal {self.path} failed: {exc!r}")
@@ -498,12 +529,18 @@ class Journal:
                         errors[i] = self._integrity_error(op, exc)
                         if op.waiter is None:
                             log.error("journal %s: %s dropped: %s", self.path, op.kind, errors[i])
+                    except (OverflowError, sqlite3.InterfaceError, sqlite3.ProgrammingError) as exc:
+                        # a value SQLite cannot bind (an integer past 64 bits): that write fails,
+                        # not the writer thread (it failed every later write)
+                        errors[i] = JournalError(f"{op.kind} not written: {exc}")
+                        log.error("journal %s: %s not written: %s", self.path, op.kind, exc)
                     else:
                         if op.waiter is None and cursor.rowcount == 0:
                             # A transition for a terminal record (a report after a cancel) or an unknown id.
                             log.debug("journal %s: %s ignored for %r", self.path, op.kind, op.params[-1])
                 conn.execute("COMMIT")
                 self._written = True
+                self._commit_failure = None
         except sqlite3.Error as exc:
             if conn.in_transaction:
                 with suppress(sqlite3.Error):
@@ -520,6 +557,7 @@ class Journal:
                 exc,
             )
             batch_error = JournalError(f"the journal {self.path} could not commit: {exc}")
+            self._commit_failure = str(batch_error)
         if stop:
             with suppress(sqlite3.Error):
                 self._writer.close()
@@ -564,6 +602,7 @@ class Journal:
         pruned_at = time.monotonic()
         try:
             while not self._stop_checkpoints.wait(CHECKPOINT_INTERVAL_S):
+                self._check_file()
                 if self.retain_finished_s is not None and time.monotonic() - pruned_at >= PRUNE_EVERY_S:
                     pruned_at = time.monotonic()
                     try:
@@ -584,6 +623,22 @@ class Journal:
             if conn is not None:
                 with suppress(sqlite3.Error):
                     conn.close()
+
+    def _check_file(self) -> None:
+        """Whether the file open is still the journal's path: deleted or replaced (an operator, a
+        cleanup job), every commit would go where no restart finds it."""
+        try:
+            stat = os.stat(self.path)
+            same = (stat.st_dev, stat.st_ino) == self._file_identity
+        except FileNotFoundError:
+            same = False
+        if not same and self._file_failure is None:
+            self._file_failure = (
+                f"the journal file {self.path} was deleted or replaced while open: new requests are "
+                "refused, as a restart would lose them; what it held is in the open file only (copy "
+                f"it back from /proc/{os.getpid()}/fd before restarting)"
+            )
+            log.critical("journal %s", self._file_failure)
 
     def prune(self, conn: sqlite3.Connection, before: float) -> int:
         """Delete the records that ended before ``before`` (unix seconds); how many. Only the
@@ -625,9 +680,15 @@ class Journal:
             except sqlite3.DatabaseError as exc:  # a damaged file: say which, not a bare sqlite error
                 raise JournalError(f"the journal {self.path} cannot be read: {exc}") from exc
 
-    @staticmethod
-    def _record(row: tuple[Any, ...]) -> JobRecord:
-        return JobRecord(row[0], row[1], json.loads(row[2]), *row[3:])
+    def _record(self, row: tuple[Any, ...]) -> JobRecord:
+        try:
+            spec = json.loads(row[2])
+        except ValueError as exc:
+            raise JournalError(
+                f"the journal {self.path}: the record of request {row[0]!r} is damaged (its request is "
+                f"not JSON: {exc}); restore the file from a backup, or delete that record"
+            ) from exc
+        return JobRecord(row[0], row[1], spec, *row[3:])
 
     def recover(self) -> list[JobRecord]:
         """Every record that is not terminal, by ``accepted_at`` then insertion order. For start-up: it

@@ -34,10 +34,12 @@ from opentelemetry import propagate
 from qlm_plugin.coordinator.coordinator import Coordinator
 from qlm_plugin.coordinator.jobs import (
     CALLER_GONE,
+    NOT_KEPT,
     WORKER_GONE,
     Chunk,
     Job,
     SubmitError,
+    askable_later,
     follow,
     halt,
     publish,
@@ -571,6 +573,10 @@ class RelayClient:
             for job in group:
                 # accepted, it is in the core's journal and served after its restart: its client is
                 # told so, as at a graceful stop (it was told "failed", and the retry with its key
-                # found the whole answer), with what happened
-                halt(job, f"the coordinator core went away ({self._why})")
+                # found the whole answer), with what happened; unless no one can ask for it then,
+                # which the restart cancels (JobBook.recover): its client is told to send it again
+                went = f"the coordinator core went away ({self._why})"
+                if not askable_later(job.spec):
+                    job.state, job.error = "cancelled", f"{NOT_KEPT} ({went})"
+                halt(job, went)
         self.closed.set()

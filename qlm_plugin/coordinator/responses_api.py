@@ -786,9 +786,12 @@ async def stream_events(
                     delta=fn["arguments"],
                 )
     await job.done.wait()
-    if job.halted:  # the coordinator stops with it kept: OpenAI's stream error event, to retry
+    if job.halted:  # the coordinator stops: OpenAI's stream error event, to retry
         message = (
-            f"{job.halted_because}; {ID_PREFIX}{job.id} is kept and served after the coordinator restarts"
+            f"{ID_PREFIX}{job.id}: {job.error}"  # not kept (Coordinator.halt_unfinished)
+            if job.state == "cancelled"
+            else f"{job.halted_because}; {ID_PREFIX}{job.id} is kept and served after the coordinator "
+            "restarts"
         )
         await event("error", code="unavailable", message=message, param=None)
         return

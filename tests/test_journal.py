@@ -695,3 +695,44 @@ def test_a_damaged_record_is_an_error_naming_the_file_and_the_request(tmp_path: 
         pytest.raises(JournalError, match=r"j\.db: the record of request 'r1' is damaged"),
     ):
         j.recover()
+
+
+def test_a_transition_whose_commit_fails_at_the_close_gets_its_last_tries(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The close's own commit failing (a full disk) dropped the finished transitions it held: the
+    records stayed dispatched, and a restart served those requests again."""
+    monkeypatch.setattr(journal_module, "RETRY_S", 0.05)
+    path = tmp_path / "j.db"
+    j = Journal(path)
+    asyncio.run(j.accept(_rec(1)))
+    j._writer = _FullDisk(j._writer)  # type: ignore[assignment]
+    j.finished("r1", state="finished", output="ok", output_tokens=2, first_token_at=1.0, finished_at=2.0)
+    with pytest.raises(JournalError, match="disk is full"):  # the close says its commit failed
+        j.close_sync()
+    with _journal(path) as again:
+        record = again.get("r1")
+        assert record is not None and (record.state, record.output) == ("finished", "ok")
+
+
+def test_records_past_their_retention_are_pruned_soon_after_a_start(tmp_path: Path) -> None:
+    """The first prune came ten minutes after the start: a coordinator restarted more often (a
+    crash loop, frequent deploys) never pruned, and its journal only grew."""
+    path = tmp_path / "j.db"
+    with _journal(path) as j:
+
+        async def fill() -> None:
+            await j.accept(_rec(1, at=1.0))
+            j.finished(
+                "r1", state="finished", output="", output_tokens=1, first_token_at=None, finished_at=2.0
+            )
+            await j.accept(_rec(2, at=3.0))  # live: kept
+            await j.flush()
+
+        asyncio.run(fill())
+    with _journal(path, retain_finished_s=3600.0) as j:
+        deadline = time.monotonic() + 5
+        while j.get("r1") is not None:
+            assert time.monotonic() < deadline, "not pruned after the start"
+            time.sleep(0.05)
+        assert j.get("r2") is not None

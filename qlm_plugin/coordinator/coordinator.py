@@ -42,7 +42,7 @@ from qlm_plugin.coordinator.jobs import (
     check_names,
     halt,
 )
-from qlm_plugin.coordinator.journal import TERMINAL, Journal
+from qlm_plugin.coordinator.journal import TERMINAL, Journal, JournalError
 from qlm_plugin.coordinator.openai_params import show
 from qlm_plugin.coordinator.prompt_tokens import PromptCounter
 from qlm_plugin.coordinator.registry import InstanceRegistry
@@ -264,7 +264,10 @@ class Coordinator:
         for s in list(self.fleet.sessions.values()):
             s.close()
         await self.dispatcher.close()
-        await self.journal.flush()
+        try:
+            await self.journal.flush()
+        except JournalError as exc:  # a full disk: what it kept gets its last tries at the close
+            log.error("the drain's flush failed: %s", exc)
         self.telemetry.close()
         return left
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import os
 import queue
 import sqlite3
@@ -60,6 +61,8 @@ _SYNCHRONOUS: Final = {"normal": "NORMAL", "full": "FULL"}
 
 #: After a failed commit (a full disk), how soon the writes kept from it are tried again, seconds.
 RETRY_S = 1.0
+#: At the close, how long the writes a failed commit kept are tried again, seconds.
+CLOSE_RETRY_S = 5.0
 
 
 class JournalError(Exception):
@@ -548,7 +551,7 @@ class Journal:
             # Transitions nobody waits for (dispatched, finished, ...) are kept, in order, and
             # go first in the next commit: lost, a restart would serve a finished request again.
             # A new request's record fails its caller, who is told (unavailable) and may retry.
-            self._retry = [op for op in batch if op.sql is not None and op.waiter is None and not stop]
+            self._retry = [op for op in batch if op.sql is not None and op.waiter is None]
             log.error(
                 "journal %s: a batch of %d writes was not committed (%d kept to try again): %s",
                 self.path,
@@ -558,11 +561,40 @@ class Journal:
             )
             batch_error = JournalError(f"the journal {self.path} could not commit: {exc}")
             self._commit_failure = str(batch_error)
+            if stop:  # no next commit: the kept writes get their last tries now
+                self._last_tries()
         if stop:
             with suppress(sqlite3.Error):
                 self._writer.close()
         self._settle_batch(batch, errors, batch_error)
         return stop
+
+    def _last_tries(self) -> None:
+        """At the close, the transitions a failed commit kept: tried again for up to
+        :data:`CLOSE_RETRY_S` (a full disk may get room); what is still not committed then is
+        logged by request id (a finished one of them would be served again after a restart)."""
+        conn, kept, self._retry = self._writer, self._retry, []
+        deadline = time.monotonic() + CLOSE_RETRY_S
+        while kept and time.monotonic() < deadline:
+            time.sleep(RETRY_S)
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                for op in kept:
+                    with suppress(sqlite3.IntegrityError):
+                        conn.execute(op.sql or "", op.params)
+                conn.execute("COMMIT")
+                kept = []
+            except sqlite3.Error:
+                if conn.in_transaction:
+                    with suppress(sqlite3.Error):
+                        conn.execute("ROLLBACK")
+        if kept:
+            log.error(
+                "journal %s: %d transitions could not be committed before the close and are lost: %s",
+                self.path,
+                len(kept),
+                ", ".join(f"{op.kind} {op.params[-1]}" for op in kept),
+            )
 
     @staticmethod
     def _integrity_error(op: _Op, exc: sqlite3.IntegrityError) -> JournalError:
@@ -599,7 +631,8 @@ class Journal:
         what a reader still needs is copied by the next one). A failed checkpoint is logged and
         tried again: the WAL keeps every commit until then."""
         conn: sqlite3.Connection | None = None
-        pruned_at = time.monotonic()
+        pruned_at = -math.inf  # the first prune at once: a coordinator restarted often pruned never
+        failed_said_at = -math.inf
         try:
             while not self._stop_checkpoints.wait(CHECKPOINT_INTERVAL_S):
                 self._check_file()
@@ -617,7 +650,9 @@ class Journal:
                     conn = conn or self._connect()
                     conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
                 except (sqlite3.Error, JournalError) as exc:
-                    log.warning("journal %s: checkpoint failed (tried again): %s", self.path, exc)
+                    if time.monotonic() - failed_said_at >= 60.0:  # a full disk: every 0.5 s otherwise
+                        failed_said_at = time.monotonic()
+                        log.warning("journal %s: checkpoint failed (tried again): %s", self.path, exc)
                     self._written = True
         finally:
             if conn is not None:

@@ -27,7 +27,7 @@ from qlm_plugin.coordinator.coordinator import Coordinator
 from qlm_plugin.coordinator.grpc_api import AdminService, AuthInterceptor, InstancesService, RequestsService
 from qlm_plugin.coordinator.http_api import FrontDoor, make_runner
 from qlm_plugin.coordinator.http_workers import WorkerPool, resolve_workers
-from qlm_plugin.coordinator.journal import Journal
+from qlm_plugin.coordinator.journal import Journal, JournalError
 from qlm_plugin.proto.qlm.v1 import qlm_pb2 as pb
 from qlm_plugin.proto.qlm.v1 import qlm_pb2_grpc as pb_grpc
 from qlm_plugin.telemetry.instruments import Telemetry
@@ -215,7 +215,10 @@ class CoordinatorServer:
         if grpc_stopped is not None:
             await grpc_stopped
         if self.coordinator is not None:
-            await self.coordinator.journal.close()
+            try:
+                await self.coordinator.journal.close()
+            except JournalError as exc:  # logged with what was lost; the rest of the stop goes on
+                log.error("closing the journal: %s", exc)
         if self.batch_store is not None:
             self.batch_store.close()
         self.stopped.set()

@@ -1523,6 +1523,51 @@ def test_a_journal_deleted_under_the_coordinator_turns_it_unready_and_refuses_re
     run(tmp_path, body)
 
 
+class _DiskFullUntil:
+    """The journal writer's connection, every COMMIT failing as on a full disk until ``until``."""
+
+    def __init__(self, conn: sqlite3.Connection, until: float) -> None:
+        self.conn, self.until = conn, until
+
+    def execute(self, sql: str, *args: Any) -> Any:
+        if sql == "COMMIT" and time.monotonic() < self.until:
+            raise sqlite3.OperationalError("database or disk is full")
+        return self.conn.execute(sql, *args)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.conn, name)
+
+
+def test_reports_wait_for_a_full_disk_instead_of_breaking_the_instances_session(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The report's ack was an abort while the journal could not commit: the agent took it for a
+    lost connection and reconnected (and, with requests in flight, re-registered), several times a
+    second. It now waits until the report is durable; the request is served once."""
+    caplog.set_level(logging.INFO, logger="qlm_plugin.transport.agent")
+
+    async def body(st: LocalStack) -> None:
+        session = st.coordinator.fleet.sessions["sim-0"]
+        async with CoordinatorClient(st.grpc_target) as c:
+            reply = await c.submit(pb.RequestSpec(model=MODEL, prompt="x", max_tokens=40))
+            journal = st.coordinator.journal
+            real = journal._writer
+            journal._writer = _DiskFullUntil(real, time.monotonic() + 2.0)  # type: ignore[assignment]
+            try:
+                chunks = [ch async for ch in c.stream(reply.request_id, timeout_s=30)]
+                assert chunks and chunks[-1].finished
+            finally:
+                journal._writer = real
+            done = await c.status(reply.request_id)
+        assert done.state == "finished" and done.attempt == 1
+        assert st.coordinator.fleet.sessions["sim-0"] is session, "the instance registered again"
+        text = st.coordinator.telemetry.prometheus_text()[0].decode()
+        assert 'event="reconnected"' not in text
+        assert not [r for r in caplog.records if "connection lost" in r.getMessage()]
+
+    run(tmp_path, body, instances=1, speed=5.0)
+
+
 def test_grpc_health_of_requests_follows_http_health(tmp_path: Path) -> None:
     """``qlm.v1.Requests`` is NOT_SERVING while no instance is connected, as ``/health`` says 503;
     "" and ``qlm.v1.Instances`` stay SERVING (agents must be able to register); a drain turns

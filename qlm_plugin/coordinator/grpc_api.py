@@ -14,6 +14,7 @@ from typing import Any
 import grpc
 from opentelemetry import propagate
 
+from qlm_plugin.coordinator import journal as journal_module
 from qlm_plugin.coordinator.auth import Authenticator, AuthError, Principal
 from qlm_plugin.coordinator.choices import MAX_CHOICES
 from qlm_plugin.coordinator.coordinator import Coordinator
@@ -496,11 +497,17 @@ class InstancesService(pb_grpc.InstancesServicer):
                 self.coord.registry.credit(s, request.credit.free_slots, request.credit.received)
         # Acknowledged only once durable: an instance resends what was not acknowledged (applied
         # once: by its seq; the journal keeps the writes it could not commit and commits them
-        # first once it can, a full disk freed).
-        try:
-            await self.coord.journal.flush()
-        except JournalError as exc:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, f"not durable yet: {exc}")
+        # first once it can, a full disk freed). Until then the ack waits: an abort made every
+        # agent reconnect and re-register in a loop while the disk was full.
+        while True:
+            try:
+                await self.coord.journal.flush()
+                break
+            except JournalError as exc:
+                left = context.time_remaining()
+                if not s.alive or (left is not None and left < 2 * journal_module.RETRY_S):
+                    await context.abort(grpc.StatusCode.UNAVAILABLE, f"not durable yet: {exc}")
+                await asyncio.sleep(journal_module.RETRY_S)
         return pb.ReportAck(seq=request.seq, known=True, takes_credit=True)
 
     async def Reports(

@@ -321,9 +321,15 @@ def cmd_plan_capacity(args: argparse.Namespace) -> int:
     else:
         print("\n".join(capacity.format_report(report)))
     if report.recommended is None:
+        hopeless = all(kind.note for kind in report.kinds)  # more instances gained nothing anywhere
+        advice = (
+            "more instances meet no more SLOs: relax the SLOs in the file, or --target"
+            if hopeless
+            else "raise --max-instances or relax --target"
+        )
         print(
             f"qlm plan-capacity: error: no instance kind meets the target within {args.max_instances} "
-            "instances (raise --max-instances or relax --target)",
+            f"instances ({advice})",
             file=sys.stderr,
         )
         return 1

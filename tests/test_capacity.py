@@ -113,6 +113,8 @@ def test_parse_targets() -> None:
         ("bulk=0.9", "unknown class 'bulk'"),
         ("batch=0.9,batch=0.8", "twice"),
         ("0.99,0.5", r"the default \(a bare number\) twice"),  # the second silently won
+        ("", "names no target"),  # it planned for 0.99 without a word
+        (" , ", "names no target"),
     ]:
         with pytest.raises(ValueError, match=message):
             capacity.parse_targets(bad, classes)
@@ -268,6 +270,26 @@ def test_an_slo_more_instances_cannot_meet_stops_the_search(small: Path) -> None
     (kind,) = report.kinds
     assert kind.instances is None and "more will not help" in kind.note
     assert len(kind.evaluations) == 2  # 4 and 8 (the group's count, then twice it)
+
+
+def test_an_slo_no_fleet_can_meet_is_told_to_relax_the_slo_not_to_add_instances(
+    small: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    text = small.read_text()
+    assert "ttft_s: 1.0" in text
+    tight = tmp_path / "tight.yaml"
+    tight.write_text(text.replace("ttft_s: 1.0", "ttft_s: 0.001"))
+    rc = main(["plan-capacity", "--slo-config", str(tight), "--no-progress", "--max-instances", "64"])
+    err = capsys.readouterr().err
+    assert rc == 1 and "relax the SLOs in the file" in err and "raise --max-instances" not in err
+
+
+def test_a_share_that_rounds_onto_its_target_is_shown_on_its_side() -> None:
+    """98.99% against a 99% target was shown as 99.0% beside "misses"."""
+    assert capacity._pct(0.98989, 0.99) == "98.99%"
+    assert capacity._pct(0.99004, 0.99) == "99.0%"
+    assert capacity._pct(0.99, 0.99) == "99.0%"
+    assert capacity._pct(0.5, 0.99) == "50.0%" and capacity._pct(None) == "-"
 
 
 def test_a_fleet_that_falls_behind_a_short_trace_is_flagged(tmp_path: Path) -> None:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from qlm_plugin.tools import outcomes
 from qlm_plugin.tools.outcomes import POLICIES, rows
 from qlm_plugin.tools.simulate import build_requests, run_policy
 from qlm_plugin.workloads.scenario import load_scenario
@@ -32,3 +33,16 @@ def test_outcomes_on_the_default_scenario_are_the_recorded_ones(requests: tuple,
     assert len(lines) == RECORDED[policy]["requests"]
     assert round(result.overall.slo_attainment, 6) == RECORDED[policy]["slo_attainment"]
     assert hashlib.sha256("\n".join(lines).encode()).hexdigest() == RECORDED[policy]["digest"]
+
+
+@pytest.mark.parametrize("args", [["check", "missing.json"], ["check", "list.json"], ["record", "no/x.json"]])
+def test_the_tool_refuses_a_file_it_cannot_use_before_simulating(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, args: list[str]
+) -> None:
+    """It ran every simulation (almost two minutes) and then died with a traceback."""
+    (tmp_path / "list.json").write_text("[1]")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(outcomes, "run", lambda **_kw: pytest.fail("simulated before checking"))
+    with pytest.raises(SystemExit) as exit_:
+        outcomes.main(args)
+    assert exit_.value.code == 2

@@ -13,6 +13,7 @@ side (the bisection has simulated both), so the claim "N meets, N - 1 does not" 
 
 from __future__ import annotations
 
+import functools
 import math
 import sys
 from collections.abc import Callable, Mapping, Sequence
@@ -96,6 +97,8 @@ def parse_targets(text: str | None, classes: Sequence[str]) -> dict[str, float]:
     default = DEFAULT_TARGET
     bare = False  # a bare number given (the default): a second one silently replaced the first
     named: dict[str, float] = {}
+    if text is not None and not text.replace(",", "").strip():
+        raise ValueError(f"--target {text!r} names no target (give 0.99, or interactive=0.99,batch=0.95)")
     for raw in (text or "").split(","):
         item = raw.strip()
         if not item:
@@ -475,12 +478,12 @@ def _plan_kind_job(
         policy=policy,
         targets=targets,
         max_instances=max_instances,
-        on_point=print_point if progress else None,
+        on_point=functools.partial(print_point, targets=targets) if progress else None,
     )
 
 
-def print_point(kind: str, point: FleetPoint) -> None:
-    shares = ", ".join(f"{c} {a * 100:.1f}%" for c, a in point.classes.items())
+def print_point(kind: str, point: FleetPoint, targets: Mapping[str, float] | None = None) -> None:
+    shares = ", ".join(f"{c} {_pct(a, (targets or {}).get(c))}" for c, a in point.classes.items())
     verdict = "meets" if point.meets else "misses"
     print(
         f"qlm plan-capacity: {kind} x{point.instances}: {shares} ({verdict}; {point.wall_s:.1f} s)",
@@ -549,8 +552,16 @@ def plan_capacity(
 # Table
 
 
-def _pct(x: float | None) -> str:
-    return "-" if x is None else f"{x * 100:.1f}%"
+def _pct(x: float | None, target: float | None = None) -> str:
+    """A percentage to one decimal, or more where one would hide which side of ``target`` it is
+    (98.99% against 99% shown as 99.0%)."""
+    if x is None:
+        return "-"
+    for digits in (1, 2, 3):
+        shown = f"{x * 100:.{digits}f}"
+        if target is None or x == target or (float(shown) < target * 100) == (x < target):
+            break
+    return f"{shown}%"
 
 
 def format_report(report: CapacityReport) -> list[str]:
@@ -586,10 +597,13 @@ def format_report(report: CapacityReport) -> list[str]:
             # No answer: show the largest fleet tried, which misses (or refuses requests: its note)
             top = max(k.evaluations, key=lambda p: p.instances)
             cells[1] = "-" if k.note else f">{top.instances}"
-            cells += [_pct(top.classes.get(c)) for c in classes] + ["" for _ in classes]
+            cells += [_pct(top.classes.get(c), report.targets[c]) for c in classes]
+            cells += ["" for _ in classes]
         else:
-            cells += [_pct(at_n.classes.get(c)) for c in classes]
-            cells += [_pct(None if below is None else below.classes.get(c)) for c in classes]
+            cells += [_pct(at_n.classes.get(c), report.targets[c]) for c in classes]
+            cells += [
+                _pct(None if below is None else below.classes.get(c), report.targets[c]) for c in classes
+            ]
         cells += [str(len(k.evaluations)), f"{k.wall_s:.0f}s"]
         lines.append(
             " ".join(

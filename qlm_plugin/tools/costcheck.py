@@ -26,7 +26,9 @@ def cost_check(model: str, gpu: str, batches: list[int]) -> list[dict[str, float
     rows = []
     for batch in batches:
         if not 1 <= batch <= cm.max_num_seqs:
-            raise ValueError(f"batch must be in 1..{cm.max_num_seqs}, got {batch}")
+            raise ValueError(
+                f"--batches: {batch} is outside 1..{cm.max_num_seqs}, the batch sizes {model} runs on {gpu}"
+            )
         inst = SimInstance("check-0", gpu, {model: cm}, initial_model=model)
         fleet = SimFleet([inst])
         backend = SimBackend(fleet)

@@ -77,11 +77,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("file", type=Path)
     parser.add_argument("--rows", type=Path, metavar="DIR", help="also write each run's rows here")
     args = parser.parse_args(argv)
+    # The inputs checked before the minutes of simulation, not after them.
+    recorded: dict[str, dict[str, object]] = {}
+    if args.action == "check":
+        try:
+            recorded = json.loads(args.file.read_text())
+        except (OSError, ValueError) as exc:
+            parser.error(f"cannot read the recorded outcomes {args.file}: {exc}")
+        if not isinstance(recorded, dict):
+            parser.error(f"{args.file} holds no recorded outcomes (a JSON object by trace and policy)")
+    elif not args.file.parent.is_dir():
+        parser.error(f"cannot record into {args.file}: no folder {args.file.parent}")
     now = run(rows_dir=args.rows)
     if args.action == "record":
         args.file.write_text(json.dumps(now, indent=1, sort_keys=True) + "\n")
         return 0
-    recorded = json.loads(args.file.read_text())
     differ = [
         f"{name} {policy}"
         for name, policies in recorded.items()

@@ -1517,8 +1517,14 @@ def test_a_journal_deleted_under_the_coordinator_turns_it_unready_and_refuses_re
                 assert r.status == 503 and r.headers["Retry-After"]
                 assert "deleted or replaced" in (await r.json())["error"]["message"]
             health = health_pb2_grpc.HealthStub(c.channel)
-            reply = await health.Check(health_pb2.HealthCheckRequest(service="qlm.v1.Requests"), timeout=5)
-            assert reply.status != serving
+            ask = health_pb2.HealthCheckRequest(service="qlm.v1.Requests")
+            while True:  # set on the coordinator's next tick
+                reply = await health.Check(ask, timeout=5)
+                if reply.status != serving:
+                    break
+                assert time.monotonic() < deadline, "gRPC health still SERVING"
+                await asyncio.sleep(0.05)
+        assert not (tmp_path / "journal.db").exists()  # no new, empty journal made at the path
 
     run(tmp_path, body)
 

@@ -43,6 +43,9 @@ from qlm_plugin.transport.agent import AgentSettings, InstanceAgent
 log = logging.getLogger("qlm_plugin.adapters.vllm")
 #: How long a sleep or wake of the engine may take (a cold wake reloads the weights).
 SWAP_TIMEOUT_S = 600.0
+#: How long the agent waits for its engine's OpenAI server to answer before registering anyway
+#: (an endpoint this process cannot reach itself, behind a proxy without hairpin routing), seconds.
+SERVER_WAIT_S = 120.0
 
 
 #: What ``--additional-config '{"qlm": {...}}'`` may set.
@@ -227,12 +230,34 @@ class Link:
 
         async def main() -> None:
             self._stop = asyncio.Event()
+            await self._server_answers()
             await self.agent.run(self._stop)
 
         try:
             self.loop.run_until_complete(main())
         except Exception:
             log.exception("the QLM agent stopped; the engine keeps serving with its local policy")
+
+    async def _server_answers(self) -> None:
+        """Register only once the engine's OpenAI server answers: the engine core starts this agent
+        before the server binds, and requests sent to an instance that registered but refused
+        connections failed their attempts (three at once after an engine restart)."""
+        endpoint = self.engine.endpoint.rstrip("/")
+        if not endpoint:
+            return
+        deadline = time.monotonic() + SERVER_WAIT_S
+        async with aiohttp.ClientSession() as http:
+            while self._stop is not None and not self._stop.is_set():
+                try:
+                    async with http.get(f"{endpoint}/health", timeout=aiohttp.ClientTimeout(total=2)) as r:
+                        if r.status == 200:
+                            return
+                except (aiohttp.ClientError, asyncio.TimeoutError):
+                    pass
+                if time.monotonic() > deadline:
+                    log.warning("QLM: %s/health silent %.0f s: registering anyway", endpoint, SERVER_WAIT_S)
+                    return
+                await asyncio.sleep(0.2)
 
     def step_done(self) -> None:
         """Called by the scheduler after each step: wake the agent when room appeared, and report

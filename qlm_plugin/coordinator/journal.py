@@ -635,7 +635,8 @@ class Journal:
         failed_said_at = -math.inf
         try:
             while not self._stop_checkpoints.wait(CHECKPOINT_INTERVAL_S):
-                self._check_file()
+                if not self._check_file():
+                    continue  # a connection opened now would make a new, empty file at the path
                 if self.retain_finished_s is not None and time.monotonic() - pruned_at >= PRUNE_EVERY_S:
                     pruned_at = time.monotonic()
                     try:
@@ -659,7 +660,7 @@ class Journal:
                 with suppress(sqlite3.Error):
                     conn.close()
 
-    def _check_file(self) -> None:
+    def _check_file(self) -> bool:
         """Whether the file open is still the journal's path: deleted or replaced (an operator, a
         cleanup job), every commit would go where no restart finds it."""
         try:
@@ -674,6 +675,7 @@ class Journal:
                 f"it back from /proc/{os.getpid()}/fd before restarting)"
             )
             log.critical("journal %s", self._file_failure)
+        return same
 
     def prune(self, conn: sqlite3.Connection, before: float) -> int:
         """Delete the records that ended before ``before`` (unix seconds); how many. Only the

@@ -443,8 +443,8 @@ async def wait_ready(
     asleep: Callable[[str], bool] = lambda iid: False,
 ) -> float:
     """Wait until every engine (instance id -> its server's URL) has registered with the
-    coordinator and answers HTTP (its agent registers from the engine core, before the API server
-    binds), or is ``asleep`` (stopped cold once registered); the seconds it took. ``check`` raises
+    coordinator and answers HTTP (its agent, in the engine core, registers once the API server
+    answers), or is ``asleep`` (stopped cold once registered); the seconds it took. ``check`` raises
     when an engine is known to have failed; a timeout raises :class:`FleetError` naming the late
     engines and ``logs(late)``."""
     t0 = time.monotonic()

@@ -265,6 +265,9 @@ def test_rows_without_output_are_skipped_and_counted(
     path = write(tmp_path, HEADER + "1,10,5\n2,20,0\n3,30,7\n")
     assert load_azure_trace(path) == [TraceRecord(0.0, 10, 5), TraceRecord(2.0, 30, 7)]
     assert "skipped 1 requests with no output tokens (GeneratedTokens 0)" in caplog.text
+    caplog.clear()
+    load_azure_trace(path)  # read again (plan-capacity: once per GPU kind): said once
+    assert "skipped" not in caplog.text
     only_failures = write(tmp_path, HEADER + "1,10,0\n", "failed.csv")
     assert "no requests with output tokens" in str(load_error(only_failures))
 

@@ -37,6 +37,9 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+#: The skipped-rows warnings given in this process: a trace read again (plan-capacity reads it
+#: once to check it and once per GPU kind) says it once.
+_WARNED: set[tuple[str, int]] = set()
 
 
 @dataclass(frozen=True, slots=True)
@@ -252,7 +255,8 @@ class _Rows:
         self.outputs.append(output)
 
     def records(self) -> list[TraceRecord]:
-        if self.no_output:
+        if self.no_output and (self.name, self.no_output) not in _WARNED:
+            _WARNED.add((self.name, self.no_output))
             log.warning(
                 "%s: skipped %d requests with no output tokens (%s 0)",
                 self.name,

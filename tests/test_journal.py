@@ -652,6 +652,15 @@ def test_a_journal_file_this_user_cannot_write_is_refused_at_start(
     )
     with pytest.raises(JournalError, match=r"cannot write to the journal .*j\.db: .*readonly.*writable"):
         Journal(path)
+    store = tmp_path / "b.db"
+    BatchStore(store).close()
+    monkeypatch.setattr(
+        journal_module.sqlite3,
+        "connect",
+        lambda name, **kw: sqlite3.Connection(f"file:{name}?mode=ro", uri=True, **kw),
+    )
+    with pytest.raises(StoreError, match=r"cannot write to the batch store .*b\.db: .*readonly.*writable"):
+        BatchStore(store)  # it said "not a batch store"
 
 
 def test_a_journal_file_deleted_while_open_refuses_new_requests_and_says_why(tmp_path: Path) -> None:

@@ -252,6 +252,11 @@ class BatchStore:
             if db is not None:
                 db.close()
             unlock_file(self._file_lock)
+            if isinstance(exc, sqlite3.OperationalError) and "readonly" in str(exc):
+                raise StoreError(
+                    f"cannot write to the batch store {self.path}: {exc} (check that the file, its -wal "
+                    "and -shm files and their folder are writable by this user)"
+                ) from None
             if isinstance(exc, sqlite3.DatabaseError):
                 raise StoreError(f"{self.path}: not a batch store: {exc}") from None
             raise

@@ -58,6 +58,8 @@ MAX_WINDOW_S = 24 * 3600.0
 #: How often expired files are removed, seconds (until then their owners no longer see them).
 SWEEP_INTERVAL_S = 600.0
 _WINDOW = re.compile(r"^([1-9][0-9]{0,5})([smh])$")
+#: Requests cancelled between yields of the event loop when a batch stops (half a millisecond each).
+CANCEL_SLICE = 200
 #: Lines answered between yields of the event loop while a batch is finalized.
 FINALIZE_STRIDE = 500
 #: Validation errors listed per batch (the count says how many there were).
@@ -363,7 +365,8 @@ class BatchService:
         self._running: dict[str, _Running] = {}
         # per tenant: the unfinished requests all of its batches may have together
         self._tenant_room: dict[str, _Room] = {}
-        self._wakes: set[asyncio.Task[None]] = set()  # room wake-ups in flight (held: not collected)
+        # room wake-ups and cancellations in flight (held: not collected)
+        self._wakes: set[asyncio.Task[None]] = set()
         self._sweeper: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -553,10 +556,19 @@ class BatchService:
             task = asyncio.get_running_loop().create_task(room.wake())
             self._wakes.add(task)
             task.add_done_callback(self._wakes.discard)
-        for jobs in list(running.jobs.values()):
-            for job in jobs:
-                if not job.done.is_set():
-                    self.coord.cancel(job.id, reason)
+        jobs = [job for group in running.jobs.values() for job in group]
+        task = asyncio.get_running_loop().create_task(self._cancel(jobs, reason))
+        self._wakes.add(task)
+        task.add_done_callback(self._wakes.discard)
+
+    async def _cancel(self, jobs: list[Job], reason: str) -> None:
+        """Cancel a stopped batch's open requests, :data:`CANCEL_SLICE` per turn of the event loop:
+        the 4,096 of a large batch at once held it 2.4 s, every other client waiting."""
+        for i, job in enumerate(jobs):
+            if i and i % CANCEL_SLICE == 0:
+                await asyncio.sleep(0)
+            if not job.done.is_set():
+                self.coord.cancel(job.id, reason)
 
     async def _run(self, running: _Running) -> None:
         batch = running.batch

@@ -242,7 +242,10 @@ class InstanceRegistry:
         if self.fleet.devices.on_ack(s, ack.command_id, pending.op, ack):
             return  # a step of a device's switch: the switch goes on, or reports its failure
         if not ack.ok and pending.op != "abort":
-            log.warning("instance %s: %s failed: %s", s.instance_id, pending.op, ack.error)
+            # an eviction races the engine's own steps (its victim finished, or no batch request
+            # runs there to make a seat): expected under load, not an operator's concern
+            level = logging.INFO if pending.op == "evict" else logging.WARNING
+            log.log(level, "instance %s: %s failed: %s", s.instance_id, pending.op, ack.error)
             self.hook.qlm_operation_failed(
                 instance_id=s.instance_id,
                 operation=pending.op,

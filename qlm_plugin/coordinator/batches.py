@@ -23,7 +23,7 @@ import math
 import re
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -365,8 +365,7 @@ class BatchService:
         self._running: dict[str, _Running] = {}
         # per tenant: the unfinished requests all of its batches may have together
         self._tenant_room: dict[str, _Room] = {}
-        # room wake-ups and cancellations in flight (held: not collected)
-        self._wakes: set[asyncio.Task[None]] = set()
+        self._side_tasks: set[asyncio.Task[None]] = set()  # room wake-ups, cancellations (held)
         self._sweeper: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -553,13 +552,13 @@ class BatchService:
         running.stop.set()
         room = self._tenant_room.get(running.batch.tenant)
         if room is not None:  # its lines waiting for room go on, to be answered
-            task = asyncio.get_running_loop().create_task(room.wake())
-            self._wakes.add(task)
-            task.add_done_callback(self._wakes.discard)
-        jobs = [job for group in running.jobs.values() for job in group]
-        task = asyncio.get_running_loop().create_task(self._cancel(jobs, reason))
-        self._wakes.add(task)
-        task.add_done_callback(self._wakes.discard)
+            self._side_task(room.wake())
+        self._side_task(self._cancel([job for group in running.jobs.values() for job in group], reason))
+
+    def _side_task(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(work)
+        self._side_tasks.add(task)
+        task.add_done_callback(self._side_tasks.discard)
 
     async def _cancel(self, jobs: list[Job], reason: str) -> None:
         """Cancel a stopped batch's open requests, :data:`CANCEL_SLICE` per turn of the event loop:

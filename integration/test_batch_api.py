@@ -461,6 +461,51 @@ def test_a_batch_resumes_after_a_restart_in_any_state(tmp_path: Path) -> None:
     run(tmp_path, second)
 
 
+def test_a_batch_s_counts_never_fall_over_a_restart(tmp_path: Path) -> None:
+    """A client polling a batch across a restart of the coordinator sees its request counts go on
+    from where they were (they are saved while it runs and at the stop), never back to zero while
+    the next start follows the lines again; they end exact."""
+    total = 1000
+    rows = completion_lines(total, tokens=40)
+    seen: dict[str, Any] = {}
+
+    async def first(st: LocalStack) -> None:
+        oa = client(st)
+        f = await oa.files.create(file=("r.jsonl", jsonl(rows)), purpose="batch")
+        batch = await create(oa, f.id, "24h")
+        deadline = time.monotonic() + 60
+        while not 0 < (done := (await oa.batches.retrieve(batch.id)).request_counts.completed) < total:  # type: ignore[union-attr]
+            assert time.monotonic() < deadline and done < total, "no state caught between start and end"
+            await asyncio.sleep(0.02)
+        seen.update(id=batch.id, completed=done)
+        await oa.close()
+
+    run(tmp_path, first, instances=1, speed=1.0)
+    store = BatchStore(BatchStore.beside(str(tmp_path / "journal.db")))
+    saved = store.get_batch(seen["id"])
+    store.close()
+    assert saved is not None and saved.status == "in_progress"
+    assert saved.completed >= seen["completed"]  # written at the stop, not only when it began
+
+    async def second(st: LocalStack) -> None:
+        oa = client(st)
+        counts: list[int] = []
+        deadline = time.monotonic() + 60
+        while (b := await oa.batches.retrieve(seen["id"])).status != "completed":
+            assert b.request_counts is not None
+            counts.append(b.request_counts.completed)
+            assert time.monotonic() < deadline, f"batch still {b.status}"
+            await asyncio.sleep(0.02)
+        assert counts and counts[0] >= saved.completed
+        assert counts == sorted(counts), "a count went down"
+        assert b.request_counts is not None
+        assert (b.request_counts.completed, b.request_counts.failed) == (total, 0)
+        assert len(await lines_of(oa, b.output_file_id)) == total
+        await oa.close()
+
+    run(tmp_path, second, instances=1, speed=1.0)
+
+
 def test_bench_batch_measures_each_way_of_sending_the_batch() -> None:
     from qlm_plugin.coordinator.batch_bench import report, run_bench
 

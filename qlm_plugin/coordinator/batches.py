@@ -64,6 +64,9 @@ CANCEL_SLICE = 200
 FINALIZE_STRIDE = 500
 #: Validation errors listed per batch (the count says how many there were).
 MAX_LISTED_ERRORS = 100
+#: How often a running batch's request counts are written to the store, seconds: after a crash
+#: they show what was done (less this much) while the batch's lines are followed again.
+COUNTS_SAVE_S = 5.0
 #: Unfinished queued requests the estimator is asked about when a batch is read.
 ESTIMATE_SAMPLE = 32
 
@@ -353,6 +356,7 @@ class _Running:
     jobs: dict[int, list[Job]] = field(default_factory=dict)  # line -> its requests, one per choice
     unsent: int = 0  # valid lines not yet submitted
     stop: asyncio.Event = field(default_factory=asyncio.Event)  # expired or cancelling
+    saved_counts: tuple[int, int, int, int] | None = None  # as last written to the store
 
 
 class BatchService:
@@ -367,13 +371,35 @@ class BatchService:
         self._tenant_room: dict[str, _Room] = {}
         self._side_tasks: set[asyncio.Task[None]] = set()  # room wake-ups, cancellations (held)
         self._sweeper: asyncio.Task[None] | None = None
+        self._counts_saver: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
-        """Take up every unfinished batch of the store (after a restart: from the top), and
-        sweep expired files from then on."""
+        """Take up every unfinished batch of the store (after a restart: from the top), sweep
+        expired files and save the running batches' counts from then on."""
         for batch in self.store.unfinished_batches():
             self._spawn(batch)
-        self._sweeper = asyncio.get_running_loop().create_task(self._sweep(), name="expired files")
+        loop = asyncio.get_running_loop()
+        self._sweeper = loop.create_task(self._sweep(), name="expired files")
+        self._counts_saver = loop.create_task(self._save_counts_every(COUNTS_SAVE_S), name="batch counts")
+
+    async def _save_counts_every(self, interval_s: float) -> None:
+        while True:
+            await asyncio.sleep(interval_s)
+            try:
+                self._save_counts()
+            except sqlite3.Error:
+                log.exception("saving the batches' counts failed; trying again in %g s", interval_s)
+
+    def _save_counts(self) -> None:
+        """Write the counts of each running batch whose counts changed since they were written
+        (on the event loop, as every other write of a batch record: a write from a thread could
+        put back a state the batch has left)."""
+        for running in self._running.values():
+            batch = running.batch
+            counts = (batch.completed, batch.failed, batch.input_tokens, batch.output_tokens)
+            if batch.status in ("in_progress", "cancelling") and counts != running.saved_counts:
+                self.store.put_batch(batch)
+                running.saved_counts = counts
 
     async def _sweep(self) -> None:
         while True:
@@ -389,12 +415,17 @@ class BatchService:
 
     async def close(self) -> None:
         """Stop following batches; their state is in the store and the journal for the next start."""
-        if self._sweeper is not None:
-            self._sweeper.cancel()
+        for side in (self._sweeper, self._counts_saver):
+            if side is not None:
+                side.cancel()
         tasks = [r.task for r in self._running.values() if r.task is not None]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        try:
+            self._save_counts()  # the next start shows them while it follows the lines again
+        except sqlite3.Error:
+            log.exception("saving the batches' counts at the stop failed")
         self._running.clear()
 
     # ------------------------------------------------------------------ API
@@ -654,8 +685,19 @@ class BatchService:
         still gets in), and wait for them all."""
         batch = running.batch
         answered = self.store.line_answers(batch.id)
-        batch.completed = batch.failed = batch.input_tokens = batch.output_tokens = 0
-        batch.failed += len(answered)
+        # Counted again from the top as every line is followed (those done before a restart at
+        # once); what the record showed stays the floor meanwhile, so no count goes down.
+        floor = (batch.completed, batch.failed, batch.input_tokens, batch.output_tokens)
+        live = [0, len(answered), 0, 0]
+
+        def count(completed: int, failed: int, input_tokens: int = 0, output_tokens: int = 0) -> None:
+            for i, n in enumerate((completed, failed, input_tokens, output_tokens)):
+                live[i] += n
+            batch.completed, batch.failed, batch.input_tokens, batch.output_tokens = (
+                max(f, n) for f, n in zip(floor, live, strict=True)
+            )
+
+        count(0, 0)
         todo = [line for line in lines if line.index not in answered]
         running.unsent = len(todo)
         width = max(1, min(self.settings.max_in_flight, len(todo) or 1))
@@ -670,7 +712,7 @@ class BatchService:
                     running.unsent -= 1
                     jobs = await self._submit_line(running, line)
                     if jobs is None:
-                        batch.failed += 1
+                        count(0, 1)
                         continue
                     running.jobs[line.index] = jobs
                     for job in jobs:
@@ -682,13 +724,17 @@ class BatchService:
                     for job in jobs:
                         await job.done.wait()
                 if all(job.state == "finished" for job in jobs):
-                    batch.completed += 1
-                    batch.input_tokens += sum(job.request.prompt_tokens for job in jobs[:: line.choices])
-                    batch.output_tokens += sum(job.answered_tokens for job in jobs)
+                    count(
+                        1,
+                        0,
+                        sum(job.request.prompt_tokens for job in jobs[:: line.choices]),
+                        sum(job.answered_tokens for job in jobs),
+                    )
                 else:
-                    batch.failed += 1
+                    count(0, 1)
 
         await asyncio.gather(*(worker() for _ in range(width)))
+        batch.completed, batch.failed, batch.input_tokens, batch.output_tokens = live  # every line counted
 
     async def _submit_line(self, running: _Running, line: Line) -> list[Job] | None:
         """The line's requests, one per choice (new, or those an earlier run submitted); None when

@@ -506,6 +506,37 @@ def test_a_batch_s_counts_never_fall_over_a_restart(tmp_path: Path) -> None:
     run(tmp_path, second, instances=1, speed=1.0)
 
 
+def test_a_later_tenant_s_small_batch_is_not_held_behind_an_earlier_large_one(tmp_path: Path) -> None:
+    """Two tenants' batches share the seats: b's 20 lines, created a second after a's 1,500 (all
+    24 h windows), end while a has most of its lines still to do. In deadline order they ended
+    together, last: every line of a batch shares its window's end."""
+    big, small = completion_lines(1500, tokens=128), completion_lines(20, tokens=128)
+
+    async def body(st: LocalStack) -> None:
+        a, b = (
+            openai.AsyncOpenAI(
+                base_url=f"{st.http_url}/v1", api_key="x", max_retries=0, default_headers={"x-qlm-tenant": t}
+            )
+            for t in "ab"
+        )
+        fa = await a.files.create(file=("a.jsonl", jsonl(big)), purpose="batch")
+        batch_a = await create(a, fa.id, "24h")
+        await wait_status(a, batch_a.id, {"in_progress"})
+        await asyncio.sleep(1.0)
+        fb = await b.files.create(file=("b.jsonl", jsonl(small)), purpose="batch")
+        batch_b = await create(b, fb.id, "24h")
+        done_b = await wait_status(b, batch_b.id, {"completed"}, timeout_s=120)
+        assert done_b.request_counts is not None and done_b.request_counts.completed == 20
+        progress = (await a.batches.retrieve(batch_a.id)).request_counts
+        assert progress is not None and progress.completed < 0.7 * 1500, progress
+        done_a = await wait_status(a, batch_a.id, {"completed"}, timeout_s=120)
+        assert done_a.request_counts is not None and done_a.request_counts.completed == 1500
+        for c in (a, b):
+            await c.close()
+
+    run(tmp_path, body, instances=1, speed=1.0)
+
+
 def test_bench_batch_measures_each_way_of_sending_the_batch() -> None:
     from qlm_plugin.coordinator.batch_bench import report, run_bench
 

@@ -9,6 +9,7 @@ from types import SimpleNamespace
 from typing import Any
 
 from qlm_plugin.coordinator.batch_store import BatchRecord
+from qlm_plugin.coordinator.batch_turns import BatchTurns
 from qlm_plugin.coordinator.batches import BatchService, Line, _Running
 from qlm_plugin.proto.qlm.v1 import qlm_pb2 as pb
 
@@ -44,11 +45,12 @@ def test_counts_go_on_from_the_saved_ones_while_the_lines_are_followed_again() -
         running = _Running(batch)
         jobs = {i: _job(i, done=i < 6) for i in range(9)}  # 0-5 finished before; 6-8 still running
 
-        async def submit_line(running: _Running, line: Line) -> list[Any]:
+        async def submit_line(running: _Running, line: Line, specs: Any) -> list[Any]:
             await asyncio.sleep(0)
             return [jobs[line.index]]
 
         service._submit_line = submit_line  # type: ignore[method-assign]
+        service.turns = BatchTurns(lambda model: 100)
         lines = [Line(i, f"c{i}", pb.RequestSpec()) for i in range(10)]
         serving = asyncio.create_task(service._serve(running, lines, tenant_limit=100))
         shown: list[tuple[int, int, int, int]] = []

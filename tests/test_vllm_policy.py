@@ -352,6 +352,25 @@ def test_a_client_priority_moves_a_request_without_an_slo_by_a_minute_at_most() 
     assert key["meek"][0] - key["plain"][0] == pytest.approx(60.0)
 
 
+def test_beyond_an_hour_of_slack_requests_are_served_first_come_first_served() -> None:
+    """The lines of a batch all share its window's end: in deadline order an earlier 24 h batch's
+    lines all went before a later one's. Past FAR_HORIZON_S of slack the order is the arrival's;
+    shorter budgets keep their deadline order, and an hour-plus request still goes before one due
+    later than its own hour."""
+    from qlm_plugin.brain.local_policy import FAR_HORIZON_S
+
+    p = LocalPolicy(step_s=0.02)
+    day = 24 * 3600.0
+    first = Request("first", "m", 32, 16, NOW, SLO(None, NOW + day))  # the earlier batch
+    later = Request("later", "m", 32, 16, NOW + 5, SLO(None, NOW + 600 + day))  # created 10 min later
+    minutes = Request("minutes", "m", 32, 16, NOW + 10, SLO(None, NOW + 10 + 900))
+    after = Request("after", "m", 32, 16, NOW + 4000, SLO(None, NOW + 4000 + 2 * day))
+    key = {r.id: p.qlm_rank_key(request=r, instance_id="e", now=NOW) for r in (first, later, minutes, after)}
+    assert key["minutes"] < key["first"] < key["later"] < key["after"]
+    assert key["later"][0] == pytest.approx(NOW + 5 + FAR_HORIZON_S)  # not its deadline, a day away
+    assert key["minutes"][0] < NOW + 10 + 900  # its deadline less its service, as before
+
+
 def test_a_user_plugin_overrides_the_engines_order_and_a_broken_one_does_not_stop_it() -> None:
     class LongestPromptFirst:
         @hookimpl

@@ -6,11 +6,12 @@ The queue manager ranks its global queue with :func:`urgency_key` and picks KV v
 (``qlm_rank_key``, ``qlm_select_victim``) with the same functions, priced on the engine's measured
 step pace instead of a reference cost model, and decides seat evictions (:meth:`LocalPolicy.seat_for`).
 
-* **Order**: the TTFT deadline, or the end-to-end deadline less the predicted service (least laxity);
-  a request without deadlines is due a minute after its *virtual finish* (arrival plus predicted
-  service), so shorter predicted requests go first (ALISE) while a long one ages past every later
-  arrival once it has waited its own service time (nothing starves). Keys are absolute: they do not
-  drift with time.
+* **Order**: the TTFT deadline, or the end-to-end deadline less the predicted service (least laxity),
+  but no later than :data:`FAR_HORIZON_S` after its arrival (among requests with more slack than
+  that, first come first served); a request without deadlines is due a minute after its *virtual
+  finish* (arrival plus predicted service), so shorter predicted requests go first (ALISE) while a
+  long one ages past every later arrival once it has waited its own service time (nothing
+  starves). Keys are absolute: they do not drift with time.
 * **Victims**: among the running requests that still meet their own SLO after being preempted and
   recomputed, the one the order serves last (the greatest rank key: a victim ranked earlier than
   those waiting takes its seat straight back, and another is preempted for it); if none would, the
@@ -39,6 +40,12 @@ Key = tuple[float, float, str]  # (laxity, then virtual finish or arrival, id): 
 RETRY_S = 0.5
 #: A request without an SLO is due this long after its virtual finish (default urgency).
 DEFAULT_SLACK_S = 60.0
+#: A request with more end-to-end slack than this is ordered as if due this long after it came:
+#: beyond it, deadline order only makes the lines of a later batch (which all share their window's
+#: end) wait for every line of an earlier one, where first come first served lets the batches'
+#: lines, submitted in their tenants' turns, share the seats (coordinator/batch_turns.py). Shorter
+#: budgets (every scenario's: 20 s to 15 min) are ordered by their deadlines as before.
+FAR_HORIZON_S = 3600.0
 #: A client's own priority moves a request without an SLO by this much per unit (lower first), by
 #: :data:`DEFAULT_SLACK_S` at most either way: it neither passes work already due nor starves.
 PRIORITY_STEP_S = 1.0
@@ -51,7 +58,8 @@ DEFAULT_STEP_S = 0.02
 def urgency_key(request: Request, length: LengthDistribution, prefill_s: float, tpot_s: float) -> Key:
     """The rank of ``request`` (lower first): its TTFT deadline (earliest first: taking the prefill off
     it would put long prompts first, which under overload meets fewer SLOs), the end-to-end deadline
-    less the predicted service at the 90th percentile of its length, whichever binds. A request
+    less the predicted service at the 90th percentile of its length, whichever binds, and at the
+    latest :data:`FAR_HORIZON_S` after its arrival. A request
     without either is due :data:`DEFAULT_SLACK_S` after its *virtual finish* (arrival plus predicted
     mean service), moved by its client priority: among such requests the shorter go first (ALISE),
     and a long one ages past every later arrival once it has waited its own service time."""
@@ -60,6 +68,7 @@ def urgency_key(request: Request, length: LengthDistribution, prefill_s: float, 
         lax = request.slo.ttft_deadline
     if request.slo.e2e_deadline is not None:
         lax = min(lax, request.slo.e2e_deadline - prefill_s - length.quantile(0.9) * tpot_s)
+        lax = min(lax, request.arrival_time + FAR_HORIZON_S)
     if math.isinf(lax):
         virtual_finish = request.arrival_time + prefill_s + length.mean * tpot_s
         moved = max(-DEFAULT_SLACK_S, min(DEFAULT_SLACK_S, request.priority * PRIORITY_STEP_S))

@@ -31,6 +31,7 @@ import numpy as np
 
 from qlm_plugin.coordinator import choices, responses_api
 from qlm_plugin.coordinator.batch_store import FINAL, BatchRecord, BatchStore, FileRecord, FileWriter, new_id
+from qlm_plugin.coordinator.batch_turns import BatchTurns
 from qlm_plugin.coordinator.config import BatchSettings
 from qlm_plugin.coordinator.coordinator import RESERVED_KEY_PREFIX, Coordinator
 from qlm_plugin.coordinator.http_api import (
@@ -67,6 +68,12 @@ MAX_LISTED_ERRORS = 100
 #: How often a running batch's request counts are written to the store, seconds: after a crash
 #: they show what was done (less this much) while the batch's lines are followed again.
 COUNTS_SAVE_S = 5.0
+#: The fewest batch requests of a model let wait in the global queue (batch_turns): what one
+#: engine at vLLM's default ``max_num_seqs`` starts at once (also where no engine serves it yet,
+#: so that the planner sees work to load it for).
+MIN_TURN_DEPTH = 256
+#: How long the seats serving a model are taken as known, seconds.
+SEATS_MEMORY_S = 1.0
 #: Unfinished queued requests the estimator is asked about when a batch is read.
 ESTIMATE_SAMPLE = 32
 
@@ -372,6 +379,8 @@ class BatchService:
         self._side_tasks: set[asyncio.Task[None]] = set()  # room wake-ups, cancellations (held)
         self._sweeper: asyncio.Task[None] | None = None
         self._counts_saver: asyncio.Task[None] | None = None
+        self.turns = BatchTurns(self._turn_depth)
+        self._seats: dict[str, tuple[float, int]] = {}  # model -> (when counted, seats serving it)
 
     async def start(self) -> None:
         """Take up every unfinished batch of the store (after a restart: from the top), sweep
@@ -381,6 +390,22 @@ class BatchService:
         loop = asyncio.get_running_loop()
         self._sweeper = loop.create_task(self._sweep(), name="expired files")
         self._counts_saver = loop.create_task(self._save_counts_every(COUNTS_SAVE_S), name="batch counts")
+
+    def _turn_depth(self, model: str) -> int:
+        """How many of the model's batch requests may wait in the global queue: the seats of the
+        instances serving it, so that every seat that frees finds one."""
+        now = time.monotonic()
+        at, seats = self._seats.get(model, (-math.inf, 0))
+        if now - at > SEATS_MEMORY_S:
+            fleet = self.coord.fleet
+            seats = sum(
+                st.max_num_seqs
+                for info in fleet.qlm_list_instances()
+                if (st := fleet.qlm_instance_state(info.instance_id, False)) is not None
+                and model in st.models_loaded
+            )
+            self._seats[model] = (now, seats)
+        return max(MIN_TURN_DEPTH, seats)
 
     async def _save_counts_every(self, interval_s: float) -> None:
         while True:
@@ -581,6 +606,7 @@ class BatchService:
 
     def _stop(self, running: _Running, reason: str) -> None:
         running.stop.set()
+        self.turns.wake_stopped()
         room = self._tenant_room.get(running.batch.tenant)
         if room is not None:  # its lines waiting for room go on, to be answered
             self._side_task(room.wake())
@@ -617,6 +643,7 @@ class BatchService:
                 )
                 return
             limit = self.coord.cfg.limits_for(batch.tenant)
+            resumed = batch.in_progress_at is not None  # lines submitted before may be in the journal
             parsed = await asyncio.to_thread(
                 parse_input,
                 functools.partial(self.store.file_lines, batch.input_file_id),  # a line at a time
@@ -652,7 +679,7 @@ class BatchService:
                 max(0.0, batch.deadline - time.time()), self._expire, running
             )
             try:
-                await self._serve(running, parsed.lines, limit.max_queued_requests)
+                await self._serve(running, parsed.lines, limit.max_queued_requests, resumed=resumed)
             finally:
                 expiry.cancel()
             await self._finalize(running, parsed.lines)
@@ -679,10 +706,13 @@ class BatchService:
             running.batch.ending = "expired"
             self._stop(running, "the batch's completion window expired")
 
-    async def _serve(self, running: _Running, lines: list[Line], tenant_limit: int) -> None:
-        """Submit the lines in input order, at most ``max_in_flight`` unfinished at a time, and
-        all the tenant's batches together at most half its request limit (so its other traffic
-        still gets in), and wait for them all."""
+    async def _serve(
+        self, running: _Running, lines: list[Line], tenant_limit: int, *, resumed: bool = False
+    ) -> None:
+        """Submit the lines in input order, at most ``max_in_flight`` unfinished at a time, all
+        the tenant's batches together at most half its request limit (so its other traffic still
+        gets in), each new line in its tenant's turn (:mod:`batch_turns`), and wait for them all.
+        ``resumed``: after a restart, where a line submitted before goes on without a turn."""
         batch = running.batch
         answered = self.store.line_answers(batch.id)
         # Counted again from the top as every line is followed (those done before a restart at
@@ -710,7 +740,24 @@ class BatchService:
                 held = room.take(line.requests, running.stop)
                 async with contextlib.nullcontext() if running.stop.is_set() else held:
                     running.unsent -= 1
-                    jobs = await self._submit_line(running, line)
+                    specs = self._keyed(batch, line)
+                    model = line.spec.model
+                    turn = not running.stop.is_set() and not (
+                        resumed and self.coord.book.duplicate(specs[0]) is not None
+                    )
+                    if turn:
+                        turn = await self.turns.enter(model, batch.tenant, line.requests, running.stop)
+                    try:
+                        jobs = await self._submit_line(running, line, specs)
+                    except BaseException:
+                        if turn:
+                            self.turns.release(model, line.requests)
+                        raise
+                    if turn:
+                        if jobs is None:
+                            self.turns.release(model, line.requests)
+                        else:
+                            self.turns.hold(model, jobs, line.requests)
                     if jobs is None:
                         count(0, 1)
                         continue
@@ -723,6 +770,7 @@ class BatchService:
                             self.coord.cancel(job.id, choices.SIBLING_FAILED)
                     for job in jobs:
                         await job.done.wait()
+                    self.turns.forget(model, jobs)
                 if all(job.state == "finished" for job in jobs):
                     count(
                         1,
@@ -736,11 +784,13 @@ class BatchService:
         await asyncio.gather(*(worker() for _ in range(width)))
         batch.completed, batch.failed, batch.input_tokens, batch.output_tokens = live  # every line counted
 
-    async def _submit_line(self, running: _Running, line: Line) -> list[Job] | None:
-        """The line's requests, one per choice (new, or those an earlier run submitted); None when
-        the line was answered without them (those accepted before are cancelled)."""
+    async def _submit_line(
+        self, running: _Running, line: Line, specs: list[pb.RequestSpec]
+    ) -> list[Job] | None:
+        """The line's requests (``specs``, one per choice: new, or those an earlier run
+        submitted); None when the line was answered without them (those accepted before are
+        cancelled)."""
         jobs: list[Job] = []
-        specs = self._keyed(running.batch, line)
         for spec in specs:
             if jobs and spec.prompt == specs[0].prompt and not spec.prompt_token_ids:
                 spec.prompt_tokens = jobs[0].request.prompt_tokens  # the same prompt: counted once

@@ -221,6 +221,8 @@ class Dispatcher:
         job.attempt += 1
         job.state, job.instance = "dispatched", s.instance_id
         job.recovering = False
+        if job.on_dispatch is not None:
+            job.on_dispatch(job)
         s.assigned[job.id] = job.attempt
         s.sent += 1
         self.book.journal.dispatched(job.id, job.attempt, s.instance_id)

@@ -17,7 +17,7 @@ import logging
 import math
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -199,6 +199,8 @@ class Job:
     halted: bool = False  # unfinished when the coordinator stopped: kept for its next start (halt)
     halted_because: str = SHUTTING_DOWN  # why, as its client is told (a worker's core may crash)
     admission: Admission | None = None
+    # called once when an engine first takes it (a batch line's turn is then over: batch_turns)
+    on_dispatch: Callable[[Job], None] | None = None
     recovering: bool = False  # rebuilt from the journal; its instance may still claim it
     replayed: bool = False  # claimed after a restart: its instance reports its output again
     listeners: list[ChunkSink] = field(default_factory=list)

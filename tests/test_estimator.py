@@ -186,3 +186,35 @@ def test_starting_the_coordinator_does_not_import_scipy() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_the_estimates_scored_are_the_last_admissions_and_nothing_else_is_kept(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Each request's outcome was kept for ever (two dicts by request id: 150 B a request, found by
+    a review after 100,000 batch lines). The score reads the last WAIT_LOG_SIZE admissions, and
+    what a request left behind goes with its entry."""
+    from qlm_plugin.brain import estimator as est
+    from qlm_plugin.brain.fleet_view import FleetView
+    from qlm_plugin.brain.global_queue import GlobalQueue
+    from qlm_plugin.domain.distributions import WaitEstimate
+    from qlm_plugin.domain.outcome import RequestOutcome, Status
+
+    monkeypatch.setattr(est, "WAIT_LOG_SIZE", 10)
+    costs = {"m": cost_model("llama-3.1-8b", "h100")}
+    queue = GlobalQueue(costs)
+    fleet = FleetView(costs, lambda view, state: None)
+    e = est.WaitEstimator(costs, queue, fleet, predict=lambda r, g=0: None)  # type: ignore[arg-type,misc]
+    for i in range(25):
+        r = make_request(f"r{i}", "m", 32, 16, float(i), ttft_s=1.0)
+        e.admitted(r.id, float(i), WaitEstimate("x", 2.0, 1.0, 3.0, 1.0, 0.9), 0.9)
+        if i != 20:  # r20 never ends (its instance was lost, say)
+            e.observe(RequestOutcome(r, Status.FINISHED, "x", float(i) + 4.0, float(i) + 5.0, 16))
+    acc = e.accuracy()
+    assert acc["est_samples"] == 9 and acc["est_samples_over_1s"] == 9  # r15-r24 but r20
+    assert acc["est_mape_over_1s"] == pytest.approx(0.5)  # told 2 s, waited 4 s
+    assert acc["est_p09_samples"] == 9 and acc["est_p09_observed"] == 0.0  # all missed a 1 s TTFT
+    assert list(e._unended) == ["r20"]
+    for i in range(25, 40):  # r20 leaves the log: forgotten, ended or not
+        e.admitted(f"r{i}", float(i), WaitEstimate("x", 2.0, 1.0, 3.0, 1.0, 0.9), 0.9)
+    assert "r20" not in e._unended and len(e._unended) == 10

@@ -24,6 +24,7 @@ import math
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from qlm_plugin.brain.fleet_view import FleetView, InstanceView
 from qlm_plugin.brain.global_queue import REFERENCE_BATCH, Entry, GlobalQueue
@@ -50,6 +51,8 @@ POOLED = 99
 MODEL_CV = 0.5
 #: Window over which the queue's measured drain rate is taken, seconds.
 DRAIN_WINDOW_S = 30.0
+#: Admissions whose estimate is scored against what happened (``accuracy``): the last this many.
+WAIT_LOG_SIZE = 200_000
 #: Laxity beyond which later TTFT-bound arrivals will overtake a request while it waits.
 OVERTAKE_HORIZON_S = 5.0
 
@@ -112,9 +115,10 @@ class WaitEstimator:
         self._told: dict[str, PMeetCalibrator] = {}  # per class: the P(meet) clients are told
         self._p_model: dict[str, float] = {}  # id -> the model's P(meet) at admission
         # (request id, admitted at, predicted wait, p_meet): scored when the request finishes
-        self.wait_log: deque[tuple[str, float, float, float]] = deque(maxlen=200_000)
-        self._ttft: dict[str, float] = {}
-        self._met: dict[str, bool] = {}
+        # (request id, admitted at, wait told, P(meet) told, its time to first token, met): the
+        # last two filled in when it ends; kept for the last WAIT_LOG_SIZE admissions
+        self.wait_log: deque[list[Any]] = deque(maxlen=WAIT_LOG_SIZE)
+        self._unended: dict[str, list[Any]] = {}  # admitted, not ended: its entry of the log
         # (model, TTFT-bound) -> dispatches made while work still waited behind them: (time,
         # seat-seconds), and their sum over the window (the rate a backlog drains, as measured)
         self._drained: dict[tuple[str, bool], deque[tuple[float, float]]] = {}
@@ -431,16 +435,22 @@ class WaitEstimator:
     def admitted(self, request_id: str, now: float, estimate: WaitEstimate, p_model: float) -> None:
         """The estimate a request was admitted with (as told), scored when it finishes, and the
         model's own P(meet), to calibrate the next ones."""
-        self.wait_log.append((request_id, now, estimate.wait_mean_s, estimate.p_meet))
+        if len(self.wait_log) == self.wait_log.maxlen:  # the oldest leaves the log: forgotten
+            self._unended.pop(self.wait_log[0][0], None)
+        entry = [request_id, now, estimate.wait_mean_s, estimate.p_meet, None, None]
+        self.wait_log.append(entry)
+        self._unended[request_id] = entry
         self._p_model[request_id] = p_model
 
     def observe(self, outcome: RequestOutcome) -> None:
         """A request ended: calibrate the estimates made at its admission against what happened."""
         rid = outcome.request.id
-        if outcome.first_token_time is not None:
-            self._ttft[rid] = outcome.first_token_time - outcome.request.arrival_time
         r = outcome.request
-        self._met[rid] = outcome.met_ttft() if r.slo.ttft_deadline is not None else outcome.met_slo()
+        entry = self._unended.pop(rid, None)  # (each request's outcome was kept for ever: 150 B each)
+        if entry is not None:
+            if outcome.first_token_time is not None:
+                entry[4] = outcome.first_token_time - r.arrival_time
+            entry[5] = outcome.met_ttft() if r.slo.ttft_deadline is not None else outcome.met_slo()
         p_model = self._p_model.pop(rid, None)
         c = self._told.get(r.slo_class)
         if p_model is not None and c is not None:
@@ -455,14 +465,14 @@ class WaitEstimator:
     def accuracy(self) -> dict[str, float]:
         """Predicted (at admission) against measured time to first token: MAPE over waits above
         1 s, and calibration: of requests given P(meet) near 0.9, the fraction that met."""
-        pairs = [(p, self._ttft[rid]) for rid, _t, p, _pm in self.wait_log if rid in self._ttft]
+        pairs = [(p, ttft) for _rid, _t, p, _pm, ttft, _met in self.wait_log if ttft is not None]
         big = [(p, a) for p, a in pairs if a > 1.0]
         out: dict[str, float] = {"est_samples": float(len(pairs))}
         if big:
             out["est_mape_over_1s"] = sum(abs(p - a) / a for p, a in big) / len(big)
             out["est_samples_over_1s"] = float(len(big))
         near = [
-            self._met[rid] for rid, _t, _p, pm in self.wait_log if rid in self._met and 0.85 <= pm <= 0.95
+            met for _rid, _t, _p, pm, _ttft, met in self.wait_log if met is not None and 0.85 <= pm <= 0.95
         ]
         if near:
             out["est_p09_observed"] = sum(near) / len(near)

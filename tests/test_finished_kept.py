@@ -7,9 +7,9 @@ from typing import Any
 
 import pytest
 
-from qlm_plugin.coordinator.http_api import chat_prompt
 from qlm_plugin.coordinator.jobs import pack_spec, unpack_spec
 from qlm_plugin.coordinator.json_codec import dumps
+from qlm_plugin.coordinator.openai_params import chat_prompt
 from qlm_plugin.proto.qlm.v1 import qlm_pb2 as pb
 
 CHATS: list[list[dict[str, Any]]] = [

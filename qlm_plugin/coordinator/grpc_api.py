@@ -18,7 +18,6 @@ from qlm_plugin.coordinator import journal as journal_module
 from qlm_plugin.coordinator.auth import Authenticator, AuthError, Principal
 from qlm_plugin.coordinator.choices import MAX_CHOICES
 from qlm_plugin.coordinator.coordinator import Coordinator
-from qlm_plugin.coordinator.http_api import chat_prompt
 from qlm_plugin.coordinator.instances import Session
 from qlm_plugin.coordinator.jobs import (
     DEFAULT_MAX_TOKENS,
@@ -30,7 +29,7 @@ from qlm_plugin.coordinator.jobs import (
 )
 from qlm_plugin.coordinator.journal import JournalError
 from qlm_plugin.coordinator.json_codec import dumps
-from qlm_plugin.coordinator.openai_params import INT32_MAX, BadRequest, sampling_map
+from qlm_plugin.coordinator.openai_params import INT32_MAX, BadRequest, chat_prompt, sampling_map
 from qlm_plugin.coordinator.registry import InstanceTaken
 from qlm_plugin.domain.instance import EvictMode
 from qlm_plugin.proto.qlm.v1 import qlm_pb2 as pb

@@ -26,7 +26,7 @@ from google.protobuf import json_format
 from qlm_plugin.coordinator.config import CoordinatorConfig
 from qlm_plugin.coordinator.journal import TERMINAL, DuplicateRecord, JobRecord, Journal, JournalError
 from qlm_plugin.coordinator.json_codec import dumps
-from qlm_plugin.coordinator.openai_params import MAX_NAME_CHARS, show
+from qlm_plugin.coordinator.openai_params import MAX_NAME_CHARS, chat_prompt, show
 from qlm_plugin.coordinator.prompt_tokens import PromptCounter
 from qlm_plugin.domain.costmodel import CostModel
 from qlm_plugin.domain.outcome import Admission, RequestOutcome, Status
@@ -827,8 +827,6 @@ def unpack_spec(packed: bytes) -> pb.RequestSpec:
     """The spec :func:`pack_spec` kept, its chat's prompt rendered again."""
     spec = pb.RequestSpec.FromString(packed)
     if spec.chat_messages and not spec.prompt:
-        from qlm_plugin.coordinator.http_api import chat_prompt  # (http_api imports this module)
-
         spec.prompt = chat_prompt(json.loads(spec.chat_messages))[0]
     return spec
 

@@ -9,7 +9,8 @@ vLLM's ``structured_outputs``) is carried like a sampling field, but only engine
 ``structured_output`` capability can honour it
 (:func:`~qlm_plugin.transport.openai_client.structured_output_field`); a chat's tools
 (:func:`tool_params`) and the output's log probabilities (:func:`logprob_params`) the same way,
-for engines that declare ``tools`` and ``logprobs``.
+for engines that declare ``tools`` and ``logprobs``. A chat's messages are checked and rendered by
+:func:`chat_prompt`.
 """
 
 from __future__ import annotations
@@ -679,3 +680,84 @@ def sampling_map(given: Mapping[str, str], *, chat: bool, max_tokens: int) -> di
     except BadRequest as exc:
         raise BadRequest(f"sampling.{exc.param}" if exc.param else "sampling", str(exc)) from None
     return out
+
+
+def _content(content: Any, param: str, *, optional: bool = False) -> str | None:
+    """A message's content as one text (its text parts joined, as vLLM joins them); None where it
+    may be absent (``optional``: an assistant's message that holds tool calls)."""
+    if content is None and optional:
+        return None
+    if isinstance(content, list):  # content parts: only text is served
+        texts = []
+        for j, part in enumerate(content):
+            if (
+                not isinstance(part, dict)
+                or part.get("type") != "text"
+                or not isinstance(part.get("text"), str)
+            ):
+                raise BadRequest(f"{param}[{j}]", "only text content parts are supported")
+            texts.append(check_unicode(part["text"], f"{param}[{j}].text"))
+        return "\n".join(texts)
+    if isinstance(content, str):
+        return check_unicode(content, param)
+    raise BadRequest(param, "must be a string or a list of text parts")
+
+
+def _earlier_calls(calls: Any, param: str) -> list[dict[str, Any]]:
+    """An assistant message's ``tool_calls`` (the calls it made earlier in the conversation)."""
+    if not isinstance(calls, list) or not calls:
+        raise BadRequest(param, "must be a non-empty list of tool calls")
+    checked = []
+    for k, call in enumerate(calls):
+        where = f"{param}[{k}]"
+        fn = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(fn, dict) or call.get("type", "function") != "function":
+            raise BadRequest(where, 'must be {"id", "type": "function", "function": {"name", "arguments"}}')
+        args = fn.get("arguments")
+        if not isinstance(args, str):
+            raise BadRequest(f"{where}.function.arguments", f"must be a string (JSON text), got {show(args)}")
+        checked.append(
+            {
+                "id": text(call.get("id"), f"{where}.id", max_chars=MAX_NAME_CHARS),
+                "type": "function",
+                "function": {  # the model's own words: any name it made, even one no tool has
+                    "name": text(fn.get("name"), f"{where}.function.name", max_chars=MAX_NAME_CHARS),
+                    "arguments": check_unicode(args, f"{where}.function.arguments"),
+                },
+            }
+        )
+    return checked
+
+
+def chat_prompt(messages: Any) -> tuple[str, list[dict[str, Any]]]:
+    """A chat's messages rendered as plain text (for the backends without a chat template), and
+    as the engine's chat endpoint takes them (each content as one text; an assistant's earlier
+    tool calls and a tool's answers with their ids)."""
+    if not isinstance(messages, list) or not messages:
+        raise BadRequest("messages", "must be a non-empty list of {role, content} objects")
+    if len(messages) > MAX_MESSAGES:
+        raise BadRequest("messages", f"must be at most {MAX_MESSAGES} messages, got {len(messages)}")
+    lines = []
+    normal = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+            raise BadRequest(f"messages[{i}]", "must be an object with a string 'role'")
+        role = check_unicode(m["role"], f"messages[{i}].role")
+        calls = m.get("tool_calls")
+        has_calls = role == "assistant" and calls is not None and calls != []
+        content = _content(m.get("content"), f"messages[{i}].content", optional=has_calls)
+        message: dict[str, Any] = {"role": role, "content": content}
+        line = content or ""
+        if has_calls:
+            message["tool_calls"] = _earlier_calls(calls, f"messages[{i}].tool_calls")
+            said = ", ".join(
+                f"{c['function']['name']}({c['function']['arguments']})" for c in message["tool_calls"]
+            )
+            line = f"{line} [calls {said}]".lstrip()
+        if role == "tool":
+            message["tool_call_id"] = text(
+                m.get("tool_call_id"), f"messages[{i}].tool_call_id", max_chars=MAX_NAME_CHARS
+            )
+        lines.append(f"{role}: {line}")
+        normal.append(message)
+    return "\n".join(lines) + "\nassistant:", normal

@@ -132,3 +132,26 @@ def test_a_line_larger_than_the_depth_goes_in_alone_and_a_cancelled_grant_is_giv
         assert await asyncio.wait_for(turns.enter(MODEL, "b", 2, stop), 1)
 
     asyncio.run(main())
+
+
+def test_a_stopped_batch_behind_another_tenant_s_turn_goes_on_at_once() -> None:
+    """The waiters of a stopped batch are answered wherever they wait, not when their tenant's turn
+    comes: behind a tenant whose lines fill the depth it stayed cancelling for as long as those
+    took (a review: 32 s; without bound where no engine took them)."""
+
+    async def main() -> None:
+        turns = BatchTurns(lambda model: 1)
+        live = asyncio.Event()
+        assert await turns.enter(MODEL, "a", 1, live)
+        turns.hold(MODEL, [_job("a0")], 1)  # the depth is full, and stays so
+        ahead = asyncio.create_task(turns.enter(MODEL, "a", 1, live))
+        stop = asyncio.Event()
+        behind = [asyncio.create_task(turns.enter(MODEL, "b", 1, stop)) for _ in range(3)]
+        await _settle()
+        stop.set()
+        turns.wake_stopped()
+        assert await asyncio.wait_for(asyncio.gather(*behind), 1) == [False, False, False]
+        assert not ahead.done() and turns.waiting(MODEL) == 1
+        ahead.cancel()
+
+    asyncio.run(main())

@@ -98,8 +98,21 @@ class BatchTurns:
             self._give_back(model, m, gone)
 
     def wake_stopped(self) -> None:
-        """Answer False to the waiters whose batch stopped (expired, cancelled)."""
+        """Answer False to the waiters whose batch stopped (expired, cancelled), wherever they
+        wait: answered only when their turn came, a cancelled batch stayed cancelling while another
+        tenant's lines held the depth (32 s in a review, without bound on a model no engine took)."""
         for model, m in self._models.items():
+            for tenant in list(m.turns):
+                queue = m.waiting[tenant]
+                live = deque(w for w in queue if not (w.granted.done() or w.stop.is_set()))
+                for w in queue:
+                    if not w.granted.done() and w.stop.is_set():
+                        w.granted.set_result(False)  # goes on without a turn
+                if live:
+                    m.waiting[tenant] = live
+                else:
+                    del m.waiting[tenant]
+                    m.turns.remove(tenant)
             self._grant(model, m)
 
     def waiting(self, model: str) -> int:

@@ -114,7 +114,6 @@ class WaitEstimator:
         self._raw: dict[str, tuple[float, float]] = {}  # id -> raw model (wait, completion) predictions
         self._told: dict[str, PMeetCalibrator] = {}  # per class: the P(meet) clients are told
         self._p_model: dict[str, float] = {}  # id -> the model's P(meet) at admission
-        # (request id, admitted at, predicted wait, p_meet): scored when the request finishes
         # (request id, admitted at, wait told, P(meet) told, its time to first token, met): the
         # last two filled in when it ends; kept for the last WAIT_LOG_SIZE admissions
         self.wait_log: deque[list[Any]] = deque(maxlen=WAIT_LOG_SIZE)
@@ -446,7 +445,7 @@ class WaitEstimator:
         """A request ended: calibrate the estimates made at its admission against what happened."""
         rid = outcome.request.id
         r = outcome.request
-        entry = self._unended.pop(rid, None)  # (each request's outcome was kept for ever: 150 B each)
+        entry = self._unended.pop(rid, None)
         if entry is not None:
             if outcome.first_token_time is not None:
                 entry[4] = outcome.first_token_time - r.arrival_time

@@ -221,11 +221,11 @@ class Dispatcher:
         job.attempt += 1
         job.state, job.instance = "dispatched", s.instance_id
         job.recovering = False
-        if job.on_dispatch is not None:
-            job.on_dispatch(job)
         s.assigned[job.id] = job.attempt
         s.sent += 1
         self.book.journal.dispatched(job.id, job.attempt, s.instance_id)
+        if job.on_dispatch is not None:  # (a batch line's turn is over)
+            job.on_dispatch(job)
         if s.endpoint:  # the instance serves HTTP itself (a vLLM engine): forward the request there
             self._forward(s, job)
         else:

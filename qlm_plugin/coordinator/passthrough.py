@@ -86,7 +86,7 @@ class Requests(pb_grpc.RequestsServicer):
 async def serve(port: int, grpc_port: int | None = None) -> None:
     runner = web.AppRunner(app(), access_log=None)
     await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
+    await web.TCPSite(runner, "127.0.0.1", port, backlog=2048).start()  # as the coordinator's
     server = None
     if grpc_port is not None:
         server = grpc.aio.server()

@@ -38,6 +38,11 @@ log = logging.getLogger("qlm_plugin.coordinator")
 SERVICES = ("qlm.v1.Requests", "qlm.v1.Instances", "qlm.v1.Admin")
 #: Its health follows ``/health``; "" and the others are SERVING while the process takes agents.
 REQUESTS = SERVICES[0]
+#: Connections the kernel completes for the HTTP socket before the server accepts them (uvicorn's
+#: default, vLLM's API server's). aiohttp's 128 made a burst of connections arriving while the event
+#: loop was busy wait for the client's SYN to be sent again: 156 of 600 took 1-2 s to connect
+#: during a 2 s stall, none with 2,048 (the kernel caps it at ``net.core.somaxconn``).
+LISTEN_BACKLOG = 2048
 #: On stop, how long gRPC calls still in flight may go on (the report streams agents hold open
 #: always use it all: it runs beside the HTTP servers' own grace).
 GRPC_GRACE_S = 2.0
@@ -146,7 +151,11 @@ class CoordinatorServer:
         try:
             if self.http_workers == 0:
                 site = web.TCPSite(
-                    self._runner, cfg.http.host, cfg.http.port, ssl_context=http_ssl_context(cfg)
+                    self._runner,
+                    cfg.http.host,
+                    cfg.http.port,
+                    ssl_context=http_ssl_context(cfg),
+                    backlog=LISTEN_BACKLOG,
                 )
                 await site.start()
                 self.http_port = self._runner.addresses[0][1]
@@ -276,7 +285,7 @@ async def _listen(host: str, port: int) -> socket.socket:
     while True:
         try:
             family = socket.AF_INET6 if ":" in host else socket.AF_INET
-            return socket.create_server((host, port), family=family, backlog=1024)
+            return socket.create_server((host, port), family=family, backlog=LISTEN_BACKLOG)
         except OSError as exc:
             if exc.errno != errno.EADDRINUSE or port == 0 or time.monotonic() > deadline:
                 raise
